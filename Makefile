@@ -1,0 +1,53 @@
+# fedveil — set-up and entry points. `make demo` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fedveil-installed
+DEMO_OUT ?= demo-out
+
+.PHONY: demo test lint typecheck unit venv install browser proto bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# torch first, from the pinned CPU build, so the range in pyproject is already satisfied.
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+venv install: $(STAMP)
+
+# Debian's chromium for the dashboard's end-to-end tests; never a browser download.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing Debian chromium for browser tests"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	  || echo "WARNING: could not install chromium; browser tests will be skipped"; }
+
+lint: $(STAMP)
+	$(BIN)/ruff check fedveil tests benchmarks
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+unit: $(STAMP) browser
+	$(BIN)/python -m pytest -q
+
+test: lint typecheck unit
+
+demo: $(STAMP)
+	$(BIN)/fedveil demo healthcare --out $(DEMO_OUT)
+
+bench: $(STAMP)
+	$(BIN)/fedveil bench secagg --clients 100 --dim 100000 --graph harary --dropout 0.1 --dropout-stage masked
+
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I fedveil/protocol --python_out=fedveil/protocol \
+	  --grpc_python_out=fedveil/protocol --pyi_out=fedveil/protocol fedveil/protocol/fedveil.proto
+	sed -i 's/^import fedveil_pb2/from fedveil.protocol import fedveil_pb2/' fedveil/protocol/fedveil_pb2_grpc.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

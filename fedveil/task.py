@@ -1,0 +1,197 @@
+"""Tasks: what a federation trains, and on what data.
+
+A task bundles the model factory, the local training and evaluation functions, and the
+schema of a site's data file. The server uses it to build the initial global model and to
+evaluate; clients use it to load their local data and to train. Name one on the command line
+as ``--task package.module:attr`` or ``--task package.module`` (which must define ``task``).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import inspect
+import io
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+ColumnType = Literal["float", "int", "binary"]
+
+
+class SchemaError(ValueError):
+    """A data file does not match the task's schema. The message names the column or row at fault."""
+
+
+class TaskLoadError(ValueError):
+    """A ``--task`` reference cannot be resolved to a :class:`Task`."""
+
+
+@dataclass(frozen=True)
+class ColumnSpec:
+    name: str
+    dtype: ColumnType = "float"
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class DataSchema:
+    """Columns of a site's CSV file: the features, in model order, then the label."""
+
+    features: tuple[ColumnSpec, ...]
+    label: ColumnSpec
+    max_rows: int = 1_000_000
+
+    @property
+    def column_names(self) -> list[str]:
+        return [c.name for c in self.features] + [self.label.name]
+
+    def parse_csv(self, data: bytes | str | Path) -> tuple[np.ndarray, np.ndarray]:
+        """Parse and validate CSV content into float32 features and float32 labels.
+
+        Raises :class:`SchemaError` naming the problem (missing or extra columns, a value of the
+        wrong type, an empty file, a non-CSV file, too many rows).
+        """
+        if isinstance(data, Path):
+            raw = data.read_bytes()
+        elif isinstance(data, str):
+            raw = data.encode()
+        else:
+            raw = data
+        if not raw.strip():
+            raise SchemaError("the file is empty")
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as err:
+            raise SchemaError("the file is not UTF-8 text (is it a CSV file?)") from err
+        if "\x00" in text:
+            raise SchemaError("the file contains binary data (is it a CSV file?)")
+        reader = csv.reader(io.StringIO(text))
+        try:
+            header = [h.strip() for h in next(reader)]
+        except (StopIteration, csv.Error) as err:
+            raise SchemaError(f"the file is not valid CSV: {err}") from err
+        expected = self.column_names
+        missing = [c for c in expected if c not in header]
+        extra = [c for c in header if c not in expected]
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append("missing columns: " + ", ".join(missing))
+            if extra:
+                parts.append("unexpected columns: " + ", ".join(extra))
+            raise SchemaError("; ".join(parts))
+        if len(set(header)) != len(header):
+            raise SchemaError("duplicate column names in the header")
+        order = [header.index(c) for c in expected]
+        specs = [*self.features, self.label]
+        rows: list[list[float]] = []
+        try:
+            for line_no, row in enumerate(reader, start=2):
+                if not row or all(not cell.strip() for cell in row):
+                    continue
+                if len(row) != len(header):
+                    raise SchemaError(f"row {line_no}: expected {len(header)} values, found {len(row)}")
+                if len(rows) >= self.max_rows:
+                    raise SchemaError(f"too many rows (the limit is {self.max_rows})")
+                rows.append([_parse_cell(row[i], spec, line_no) for i, spec in zip(order, specs, strict=True)])
+        except csv.Error as err:
+            raise SchemaError(f"the file is not valid CSV: {err}") from err
+        if not rows:
+            raise SchemaError("the file has a header but no data rows")
+        table = np.asarray(rows, dtype=np.float32)
+        return table[:, :-1], table[:, -1]
+
+    def to_csv(self, features: np.ndarray, labels: np.ndarray) -> str:
+        """Render rows in this schema (the inverse of :meth:`parse_csv`)."""
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(self.column_names)
+        specs = [*self.features, self.label]
+        for x_row, y in zip(features, labels, strict=True):
+            values = [*x_row.tolist(), float(y)]
+            writer.writerow([_format_cell(v, s) for v, s in zip(values, specs, strict=True)])
+        return out.getvalue()
+
+
+def _parse_cell(cell: str, spec: ColumnSpec, line_no: int) -> float:
+    text = cell.strip()
+    try:
+        value = float(text)
+    except ValueError:
+        raise SchemaError(
+            f"row {line_no}, column {spec.name!r}: {text!r} is not a number ({spec.dtype} expected)"
+        ) from None
+    if not math.isfinite(value):
+        raise SchemaError(f"row {line_no}, column {spec.name!r}: {text!r} is not a finite number")
+    if spec.dtype in ("int", "binary") and value != int(value):
+        raise SchemaError(f"row {line_no}, column {spec.name!r}: {text!r} is not an integer")
+    if spec.dtype == "binary" and value not in (0.0, 1.0):
+        raise SchemaError(f"row {line_no}, column {spec.name!r}: {text!r} must be 0 or 1")
+    return value
+
+
+def _format_cell(value: float, spec: ColumnSpec) -> str:
+    if spec.dtype in ("int", "binary"):
+        return str(int(value))
+    return repr(float(value))
+
+
+TrainFn = Callable[[nn.Module, DataLoader, torch.optim.Optimizer], float]
+EvalFn = Callable[[nn.Module, TensorDataset], dict[str, float]]
+
+
+@dataclass
+class Task:
+    """A federated learning task.
+
+    ``train_epoch`` runs one local epoch with the optimizer and loader it is given (which may be
+    Opacus-wrapped) and returns the mean training loss. ``evaluate`` returns metrics, at least
+    ``loss`` and ``accuracy``. ``synthetic_data`` makes a client's data for simulations and tests.
+    """
+
+    name: str
+    schema: DataSchema
+    build_model: Callable[[], nn.Module]
+    train_epoch: TrainFn
+    evaluate: EvalFn
+    learning_rate: float = 0.1
+    batch_size: int = 32
+    local_epochs: int = 1
+    synthetic_data: Callable[[int, int, int], TensorDataset] | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def make_optimizer(self, params: Sequence[nn.Parameter] | object) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=self.learning_rate)  # type: ignore[arg-type]
+
+    def load_dataset(self, path: str | Path) -> TensorDataset:
+        features, labels = self.schema.parse_csv(Path(path))
+        return TensorDataset(torch.from_numpy(features), torch.from_numpy(labels))
+
+
+def load_task(reference: str) -> Task:
+    """Resolve ``module:attr`` or ``module`` (with a ``task`` attribute) to a :class:`Task`."""
+    module_name, _, attr = reference.partition(":")
+    if not module_name:
+        raise TaskLoadError(f"--task {reference!r}: expected 'package.module:attr' or 'package.module'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise TaskLoadError(f"--task {reference!r}: cannot import module {module_name!r}: {err}") from err
+    attr = attr or "task"
+    try:
+        obj = getattr(module, attr)
+    except AttributeError:
+        raise TaskLoadError(f"--task {reference!r}: module {module_name!r} has no attribute {attr!r}") from None
+    if inspect.isfunction(obj):  # a factory: ``module:make_task``
+        obj = obj()
+    if not isinstance(obj, Task):
+        raise TaskLoadError(f"--task {reference!r}: {attr!r} is a {type(obj).__name__}, not a fedveil Task")
+    return obj
