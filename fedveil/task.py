@@ -195,3 +195,37 @@ def load_task(reference: str) -> Task:
     if not isinstance(obj, Task):
         raise TaskLoadError(f"--task {reference!r}: {attr!r} is a {type(obj).__name__}, not a fedveil Task")
     return obj
+
+
+def model_to_vector(model: nn.Module | dict[str, torch.Tensor]) -> np.ndarray:
+    """The model's floating-point state (parameters and float buffers) as one flat float32 vector.
+
+    Entries follow ``state_dict()`` order; integer buffers (e.g. ``num_batches_tracked``) are not
+    federated. Opacus' ``_module.`` prefix makes no difference: only the order and shapes count.
+    """
+    state = model.state_dict() if isinstance(model, nn.Module) else model
+    parts = [t.detach().reshape(-1).to(torch.float32).cpu().numpy() for t in state.values() if t.is_floating_point()]
+    if not parts:
+        return np.zeros(0, dtype=np.float32)
+    return np.concatenate(parts).astype(np.float32, copy=False)
+
+
+def vector_to_model(vector: np.ndarray, model: nn.Module) -> nn.Module:
+    """Load a flat vector from :func:`model_to_vector` into ``model`` in place and return it."""
+    state = model.state_dict()
+    expected = sum(t.numel() for t in state.values() if t.is_floating_point())
+    flat = np.asarray(vector)
+    if flat.ndim != 1 or flat.shape[0] != expected:
+        raise ValueError(f"vector has shape {flat.shape}, the model needs ({expected},)")
+    offset = 0
+    new_state: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if tensor.is_floating_point():
+            n = tensor.numel()
+            chunk = torch.from_numpy(np.array(flat[offset : offset + n], dtype=np.float32))
+            new_state[key] = chunk.reshape(tensor.shape).to(tensor.dtype)
+            offset += n
+        else:
+            new_state[key] = tensor
+    model.load_state_dict(new_state)
+    return model
