@@ -1,0 +1,100 @@
+"""The fedveil wire protocol: versioned protobuf messages over gRPC, with TLS, auth and limits.
+
+``fedveil.proto`` (package ``fedveil.v1``, ``PROTOCOL_VERSION = 1``) defines one service,
+``Federation``. The generated modules ``fedveil_pb2`` / ``fedveil_pb2_grpc`` are committed
+(regenerate with ``make proto``). The protobuf message objects are also the *decoded* messages
+the transport-independent coordinator (``fedveil.server.coordinator``) takes and returns, so
+the in-process simulation passes the same objects without serializing them; the gRPC servicer
+(:mod:`fedveil.protocol.service`) is a thin adapter that parses bytes, authenticates, calls the
+coordinator and turns its exceptions into status codes. Transports carry messages; they never
+carry protocol logic.
+
+RPC flow (one client)
+---------------------
+1. ``Join(JoinRequest)`` → ``JoinResponse``: credentials are checked (bearer token in the
+   ``authorization: Bearer <token>`` metadata, issued by ``fedveil enroll``; or a mutual-TLS
+   client certificate whose common name is an enrolled client), then the protocol version and
+   the task name. The response carries a fresh 16-byte ``session_id`` and the ``run_id``. A new
+   Join replaces the client's previous session (an old process of the same client is refused);
+   if the client was mid-round, it is counted as a dropout of that round.
+2. Every later request carries a ``RequestHeader``: ``protocol_version``, ``session_id``,
+   ``run_id``, ``round`` and ``round_nonce`` (from ``RoundStart``; empty/0 when not in a
+   round) and a ``sequence`` number that strictly increases per session (1, 2, 3, ...). Send
+   one request at a time per session.
+3. ``Poll(PollRequest)`` → ``PollResponse`` is a long poll ("what next?"). It returns at once
+   when an instruction is pending, otherwise after ``max_wait_ms`` (capped by the server) with
+   ``Wait``. It is idempotent: polling again before acting returns the same instruction, so a
+   lost reply costs nothing. Instructions, in the order a round produces them:
+
+   - ``RoundStart``: the client is in round ``round``'s cohort with secagg id ``client_id``
+     (1-based). Carries the global ``Model`` (float32 little-endian, ``state_dict`` order, see
+     ``fedveil.task.model_to_vector``), ``EncodingParams`` (ring bits, clip range, fixed-point
+     bits, vector dimension and the extra coordinates appended after the update, e.g.
+     ``weight``), ``SecAggParams`` (graph, degree, threshold t, graph seed, cohort),
+     ``DpParams``, ``TrainingParams`` and ``deadline_unix_ms``. If
+     ``training.evaluate_global_model`` the client evaluates the received model on its data
+     and sends ``ReportMetrics`` (model_version = model.version). It trains, then calls
+     ``AdvertiseKeys`` (two X25519 public keys, 32 raw bytes each) before the deadline.
+   - ``PeerKeys``: the advertised keys of every client in U1 (including the caller). The
+     client computes the session id and calls ``ShareKeys`` with one AES-GCM ciphertext of
+     Shamir shares per neighbour (``peer_id`` = recipient).
+   - ``IncomingShares``: the ciphertexts addressed to this client (``peer_id`` = sender) from
+     U2. The client encodes its (clipped, possibly noised) update, masks it and calls
+     ``SubmitMaskedInput`` with ``dimension`` ring elements as raw little-endian uint32
+     (``ring_bits`` <= 32) or uint64 bytes.
+   - ``SurvivorCheck`` (active-adversary mode only): U3; the client signs it and calls
+     ``ConfirmSurvivors``.
+   - ``UnmaskingRequest``: ``survivors`` (U3) and ``dropped`` (U2 \\ U3). The client calls
+     ``Unmask`` with its share of each surviving neighbour's self-mask seed and of each dropped
+     neighbour's masking key; the secagg client refuses a request that would reveal both for
+     one peer.
+   - ``RoundResult``: how the round ended for this client (completed, aborted, or dropped).
+   - ``Evaluate``: after the last round, the final model to evaluate; answer with
+     ``ReportMetrics`` (header.round = ``Evaluate.phase``, header.round_nonce = its nonce).
+   - ``JobDone``: the job finished; the client exits 0.
+   - ``Wait``: nothing for this client yet (no cohort yet, or a round runs without it).
+
+Deadlines and dropouts
+----------------------
+The training stage ends at ``RoundStart.deadline_unix_ms`` (``--round-timeout``); every later
+stage closes ``stage_timeout_ms`` (``--stage-timeout``) after it opens, or as soon as every
+live participant has answered. A client that misses a stage is a dropout: the round goes on
+without it while at least t clients remain (its later messages get ``ABORTED``, and its next
+``Poll`` returns ``RoundResult`` with outcome DROPPED); below t the round aborts, reveals
+nothing, and the cohort gets ``RoundResult`` with outcome ABORTED. Aborted rounds are retried
+with a fresh cohort and nonce.
+
+Status codes
+------------
+- ``UNAUTHENTICATED``: missing, unknown or revoked credentials. Fatal: do not retry.
+- ``PERMISSION_DENIED``: authenticated, but the request is not this client's to make (e.g.
+  it is not in the round's cohort). Poll again.
+- ``INVALID_ARGUMENT``: malformed input: bytes that do not parse, a field of the wrong length
+  or value (the message names the field), a vector of the wrong size, an unknown peer id.
+- ``RESOURCE_EXHAUSTED``: the message exceeds the server's size limit
+  (``JoinResponse.max_message_bytes``), or the server has too many calls in flight.
+- ``FAILED_PRECONDITION``: at ``Join``, an incompatible protocol version or task (fatal). On
+  other RPCs, the client is out of sync: unknown/replaced session, another run, a stale round
+  or nonce, or a message for a stage that is not open for it (out of order). Join again.
+- ``ALREADY_EXISTS``: a replayed message (sequence number not above the last one seen) or a
+  second submission for a stage. Do not resend; Poll.
+- ``ABORTED``: the stage closed before the message arrived, or the round was aborted; the
+  client is a dropout of that round. Poll for the next instruction.
+- ``UNAVAILABLE``: the server is starting or shutting down (or unreachable): retry with backoff.
+- ``INTERNAL``: a server bug (logged server-side).
+
+Every refusal is logged server-side with the client name, RPC and reason, never with tokens,
+keys, shares or vectors.
+"""
+
+from __future__ import annotations
+
+PROTOCOL_VERSION = 1
+"""Bumped only for incompatible changes; see the compatibility rule in ``fedveil.proto``."""
+
+SERVICE_NAME = "fedveil.v1.Federation"
+AUTH_METADATA_KEY = "authorization"
+SESSION_ID_BYTES = 16
+ROUND_NONCE_BYTES = 16
+
+__all__ = ["AUTH_METADATA_KEY", "PROTOCOL_VERSION", "ROUND_NONCE_BYTES", "SERVICE_NAME", "SESSION_ID_BYTES"]

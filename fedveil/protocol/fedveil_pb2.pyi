@@ -1,0 +1,509 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Stage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STAGE_UNSPECIFIED: _ClassVar[Stage]
+    STAGE_TRAINING: _ClassVar[Stage]
+    STAGE_SHARE_KEYS: _ClassVar[Stage]
+    STAGE_MASKED_INPUT: _ClassVar[Stage]
+    STAGE_CONSISTENCY: _ClassVar[Stage]
+    STAGE_UNMASKING: _ClassVar[Stage]
+    STAGE_EVALUATION: _ClassVar[Stage]
+
+class ShareKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SHARE_KIND_UNSPECIFIED: _ClassVar[ShareKind]
+    SHARE_KIND_SELF_MASK_SEED: _ClassVar[ShareKind]
+    SHARE_KIND_MASKING_KEY: _ClassVar[ShareKind]
+
+class RoundOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROUND_OUTCOME_UNSPECIFIED: _ClassVar[RoundOutcome]
+    ROUND_OUTCOME_COMPLETED: _ClassVar[RoundOutcome]
+    ROUND_OUTCOME_ABORTED: _ClassVar[RoundOutcome]
+    ROUND_OUTCOME_DROPPED: _ClassVar[RoundOutcome]
+STAGE_UNSPECIFIED: Stage
+STAGE_TRAINING: Stage
+STAGE_SHARE_KEYS: Stage
+STAGE_MASKED_INPUT: Stage
+STAGE_CONSISTENCY: Stage
+STAGE_UNMASKING: Stage
+STAGE_EVALUATION: Stage
+SHARE_KIND_UNSPECIFIED: ShareKind
+SHARE_KIND_SELF_MASK_SEED: ShareKind
+SHARE_KIND_MASKING_KEY: ShareKind
+ROUND_OUTCOME_UNSPECIFIED: RoundOutcome
+ROUND_OUTCOME_COMPLETED: RoundOutcome
+ROUND_OUTCOME_ABORTED: RoundOutcome
+ROUND_OUTCOME_DROPPED: RoundOutcome
+
+class RequestHeader(_message.Message):
+    __slots__ = ("protocol_version", "session_id", "run_id", "round", "round_nonce", "sequence")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ROUND_NONCE_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    session_id: bytes
+    run_id: str
+    round: int
+    round_nonce: bytes
+    sequence: int
+    def __init__(self, protocol_version: _Optional[int] = ..., session_id: _Optional[bytes] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ..., round_nonce: _Optional[bytes] = ..., sequence: _Optional[int] = ...) -> None: ...
+
+class Ack(_message.Message):
+    __slots__ = ("round", "stage", "detail")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    stage: Stage
+    detail: str
+    def __init__(self, round: _Optional[int] = ..., stage: _Optional[_Union[Stage, str]] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class TensorSpec(_message.Message):
+    __slots__ = ("name", "shape")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class Model(_message.Message):
+    __slots__ = ("version", "tensors", "data", "sha256")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    data: bytes
+    sha256: bytes
+    def __init__(self, version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., data: _Optional[bytes] = ..., sha256: _Optional[bytes] = ...) -> None: ...
+
+class JoinRequest(_message.Message):
+    __slots__ = ("protocol_version", "task_name", "client_version", "num_examples", "identity_public_key")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TASK_NAME_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    task_name: str
+    client_version: str
+    num_examples: int
+    identity_public_key: bytes
+    def __init__(self, protocol_version: _Optional[int] = ..., task_name: _Optional[str] = ..., client_version: _Optional[str] = ..., num_examples: _Optional[int] = ..., identity_public_key: _Optional[bytes] = ...) -> None: ...
+
+class JoinResponse(_message.Message):
+    __slots__ = ("session_id", "run_id", "client_name", "job", "poll_interval_ms", "max_message_bytes")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    POLL_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    session_id: bytes
+    run_id: str
+    client_name: str
+    job: JobInfo
+    poll_interval_ms: int
+    max_message_bytes: int
+    def __init__(self, session_id: _Optional[bytes] = ..., run_id: _Optional[str] = ..., client_name: _Optional[str] = ..., job: _Optional[_Union[JobInfo, _Mapping]] = ..., poll_interval_ms: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+
+class JobInfo(_message.Message):
+    __slots__ = ("task_name", "total_rounds", "completed_rounds", "clients_per_round", "min_clients", "secagg_graph", "dp_mode", "active_adversary")
+    TASK_NAME_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    CLIENTS_PER_ROUND_FIELD_NUMBER: _ClassVar[int]
+    MIN_CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_GRAPH_FIELD_NUMBER: _ClassVar[int]
+    DP_MODE_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_ADVERSARY_FIELD_NUMBER: _ClassVar[int]
+    task_name: str
+    total_rounds: int
+    completed_rounds: int
+    clients_per_round: int
+    min_clients: int
+    secagg_graph: str
+    dp_mode: str
+    active_adversary: bool
+    def __init__(self, task_name: _Optional[str] = ..., total_rounds: _Optional[int] = ..., completed_rounds: _Optional[int] = ..., clients_per_round: _Optional[int] = ..., min_clients: _Optional[int] = ..., secagg_graph: _Optional[str] = ..., dp_mode: _Optional[str] = ..., active_adversary: _Optional[bool] = ...) -> None: ...
+
+class PollRequest(_message.Message):
+    __slots__ = ("header", "max_wait_ms")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    MAX_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    header: RequestHeader
+    max_wait_ms: int
+    def __init__(self, header: _Optional[_Union[RequestHeader, _Mapping]] = ..., max_wait_ms: _Optional[int] = ...) -> None: ...
+
+class PollResponse(_message.Message):
+    __slots__ = ("wait", "round_start", "peer_keys", "incoming_shares", "survivor_check", "unmasking", "round_result", "evaluate", "job_done")
+    WAIT_FIELD_NUMBER: _ClassVar[int]
+    ROUND_START_FIELD_NUMBER: _ClassVar[int]
+    PEER_KEYS_FIELD_NUMBER: _ClassVar[int]
+    INCOMING_SHARES_FIELD_NUMBER: _ClassVar[int]
+    SURVIVOR_CHECK_FIELD_NUMBER: _ClassVar[int]
+    UNMASKING_FIELD_NUMBER: _ClassVar[int]
+    ROUND_RESULT_FIELD_NUMBER: _ClassVar[int]
+    EVALUATE_FIELD_NUMBER: _ClassVar[int]
+    JOB_DONE_FIELD_NUMBER: _ClassVar[int]
+    wait: Wait
+    round_start: RoundStart
+    peer_keys: PeerKeys
+    incoming_shares: IncomingShares
+    survivor_check: SurvivorCheck
+    unmasking: UnmaskingRequest
+    round_result: RoundResult
+    evaluate: Evaluate
+    job_done: JobDone
+    def __init__(self, wait: _Optional[_Union[Wait, _Mapping]] = ..., round_start: _Optional[_Union[RoundStart, _Mapping]] = ..., peer_keys: _Optional[_Union[PeerKeys, _Mapping]] = ..., incoming_shares: _Optional[_Union[IncomingShares, _Mapping]] = ..., survivor_check: _Optional[_Union[SurvivorCheck, _Mapping]] = ..., unmasking: _Optional[_Union[UnmaskingRequest, _Mapping]] = ..., round_result: _Optional[_Union[RoundResult, _Mapping]] = ..., evaluate: _Optional[_Union[Evaluate, _Mapping]] = ..., job_done: _Optional[_Union[JobDone, _Mapping]] = ...) -> None: ...
+
+class Wait(_message.Message):
+    __slots__ = ("retry_after_ms", "reason")
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    retry_after_ms: int
+    reason: str
+    def __init__(self, retry_after_ms: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class EncodingParams(_message.Message):
+    __slots__ = ("ring_bits", "clip_range", "fractional_bits", "dimension", "extra_coordinates")
+    RING_BITS_FIELD_NUMBER: _ClassVar[int]
+    CLIP_RANGE_FIELD_NUMBER: _ClassVar[int]
+    FRACTIONAL_BITS_FIELD_NUMBER: _ClassVar[int]
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_COORDINATES_FIELD_NUMBER: _ClassVar[int]
+    ring_bits: int
+    clip_range: float
+    fractional_bits: int
+    dimension: int
+    extra_coordinates: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, ring_bits: _Optional[int] = ..., clip_range: _Optional[float] = ..., fractional_bits: _Optional[int] = ..., dimension: _Optional[int] = ..., extra_coordinates: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SecAggParams(_message.Message):
+    __slots__ = ("graph", "degree", "threshold", "graph_seed", "active_adversary", "cohort_size", "cohort")
+    GRAPH_FIELD_NUMBER: _ClassVar[int]
+    DEGREE_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_SEED_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_ADVERSARY_FIELD_NUMBER: _ClassVar[int]
+    COHORT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    COHORT_FIELD_NUMBER: _ClassVar[int]
+    graph: str
+    degree: int
+    threshold: int
+    graph_seed: bytes
+    active_adversary: bool
+    cohort_size: int
+    cohort: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, graph: _Optional[str] = ..., degree: _Optional[int] = ..., threshold: _Optional[int] = ..., graph_seed: _Optional[bytes] = ..., active_adversary: _Optional[bool] = ..., cohort_size: _Optional[int] = ..., cohort: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class DistributedDpParams(_message.Message):
+    __slots__ = ("mechanism", "l2_clip", "scale", "noise_stddev", "beta", "bits", "rotation_seed", "padded_dimension", "config_json")
+    MECHANISM_FIELD_NUMBER: _ClassVar[int]
+    L2_CLIP_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    NOISE_STDDEV_FIELD_NUMBER: _ClassVar[int]
+    BETA_FIELD_NUMBER: _ClassVar[int]
+    BITS_FIELD_NUMBER: _ClassVar[int]
+    ROTATION_SEED_FIELD_NUMBER: _ClassVar[int]
+    PADDED_DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    mechanism: str
+    l2_clip: float
+    scale: float
+    noise_stddev: float
+    beta: float
+    bits: int
+    rotation_seed: bytes
+    padded_dimension: int
+    config_json: str
+    def __init__(self, mechanism: _Optional[str] = ..., l2_clip: _Optional[float] = ..., scale: _Optional[float] = ..., noise_stddev: _Optional[float] = ..., beta: _Optional[float] = ..., bits: _Optional[int] = ..., rotation_seed: _Optional[bytes] = ..., padded_dimension: _Optional[int] = ..., config_json: _Optional[str] = ...) -> None: ...
+
+class LocalDpParams(_message.Message):
+    __slots__ = ("noise_multiplier", "max_grad_norm", "target_epsilon", "delta", "planned_rounds", "max_physical_batch_size")
+    NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    TARGET_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    PLANNED_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_PHYSICAL_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    noise_multiplier: float
+    max_grad_norm: float
+    target_epsilon: float
+    delta: float
+    planned_rounds: int
+    max_physical_batch_size: int
+    def __init__(self, noise_multiplier: _Optional[float] = ..., max_grad_norm: _Optional[float] = ..., target_epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., planned_rounds: _Optional[int] = ..., max_physical_batch_size: _Optional[int] = ...) -> None: ...
+
+class DpParams(_message.Message):
+    __slots__ = ("mode", "update_clip_norm", "adaptive_clipping", "local", "distributed")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    ADAPTIVE_CLIPPING_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_FIELD_NUMBER: _ClassVar[int]
+    DISTRIBUTED_FIELD_NUMBER: _ClassVar[int]
+    mode: str
+    update_clip_norm: float
+    adaptive_clipping: bool
+    local: LocalDpParams
+    distributed: DistributedDpParams
+    def __init__(self, mode: _Optional[str] = ..., update_clip_norm: _Optional[float] = ..., adaptive_clipping: _Optional[bool] = ..., local: _Optional[_Union[LocalDpParams, _Mapping]] = ..., distributed: _Optional[_Union[DistributedDpParams, _Mapping]] = ...) -> None: ...
+
+class TrainingParams(_message.Message):
+    __slots__ = ("local_epochs", "learning_rate", "batch_size", "evaluate_global_model", "seed")
+    LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    EVALUATE_GLOBAL_MODEL_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    local_epochs: int
+    learning_rate: float
+    batch_size: int
+    evaluate_global_model: bool
+    seed: int
+    def __init__(self, local_epochs: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., evaluate_global_model: _Optional[bool] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class RoundStart(_message.Message):
+    __slots__ = ("run_id", "round", "round_nonce", "client_id", "model", "encoding", "secagg", "dp", "training", "deadline_unix_ms", "stage_timeout_ms")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ROUND_NONCE_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_FIELD_NUMBER: _ClassVar[int]
+    DP_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    STAGE_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    round: int
+    round_nonce: bytes
+    client_id: int
+    model: Model
+    encoding: EncodingParams
+    secagg: SecAggParams
+    dp: DpParams
+    training: TrainingParams
+    deadline_unix_ms: int
+    stage_timeout_ms: int
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., round_nonce: _Optional[bytes] = ..., client_id: _Optional[int] = ..., model: _Optional[_Union[Model, _Mapping]] = ..., encoding: _Optional[_Union[EncodingParams, _Mapping]] = ..., secagg: _Optional[_Union[SecAggParams, _Mapping]] = ..., dp: _Optional[_Union[DpParams, _Mapping]] = ..., training: _Optional[_Union[TrainingParams, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., stage_timeout_ms: _Optional[int] = ...) -> None: ...
+
+class AdvertiseKeysRequest(_message.Message):
+    __slots__ = ("header", "encryption_public_key", "masking_public_key", "signature")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    ENCRYPTION_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    MASKING_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    header: RequestHeader
+    encryption_public_key: bytes
+    masking_public_key: bytes
+    signature: bytes
+    def __init__(self, header: _Optional[_Union[RequestHeader, _Mapping]] = ..., encryption_public_key: _Optional[bytes] = ..., masking_public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class AdvertisedKeys(_message.Message):
+    __slots__ = ("client_id", "encryption_public_key", "masking_public_key", "signature", "identity_public_key")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ENCRYPTION_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    MASKING_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    client_id: int
+    encryption_public_key: bytes
+    masking_public_key: bytes
+    signature: bytes
+    identity_public_key: bytes
+    def __init__(self, client_id: _Optional[int] = ..., encryption_public_key: _Optional[bytes] = ..., masking_public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., identity_public_key: _Optional[bytes] = ...) -> None: ...
+
+class PeerKeys(_message.Message):
+    __slots__ = ("round", "keys", "deadline_unix_ms")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    keys: _containers.RepeatedCompositeFieldContainer[AdvertisedKeys]
+    deadline_unix_ms: int
+    def __init__(self, round: _Optional[int] = ..., keys: _Optional[_Iterable[_Union[AdvertisedKeys, _Mapping]]] = ..., deadline_unix_ms: _Optional[int] = ...) -> None: ...
+
+class EncryptedShare(_message.Message):
+    __slots__ = ("peer_id", "ciphertext")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    peer_id: int
+    ciphertext: bytes
+    def __init__(self, peer_id: _Optional[int] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
+
+class ShareKeysRequest(_message.Message):
+    __slots__ = ("header", "shares")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    header: RequestHeader
+    shares: _containers.RepeatedCompositeFieldContainer[EncryptedShare]
+    def __init__(self, header: _Optional[_Union[RequestHeader, _Mapping]] = ..., shares: _Optional[_Iterable[_Union[EncryptedShare, _Mapping]]] = ...) -> None: ...
+
+class IncomingShares(_message.Message):
+    __slots__ = ("round", "shares", "deadline_unix_ms")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    shares: _containers.RepeatedCompositeFieldContainer[EncryptedShare]
+    deadline_unix_ms: int
+    def __init__(self, round: _Optional[int] = ..., shares: _Optional[_Iterable[_Union[EncryptedShare, _Mapping]]] = ..., deadline_unix_ms: _Optional[int] = ...) -> None: ...
+
+class MaskedInputRequest(_message.Message):
+    __slots__ = ("header", "masked_vector")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    MASKED_VECTOR_FIELD_NUMBER: _ClassVar[int]
+    header: RequestHeader
+    masked_vector: bytes
+    def __init__(self, header: _Optional[_Union[RequestHeader, _Mapping]] = ..., masked_vector: _Optional[bytes] = ...) -> None: ...
+
+class SurvivorCheck(_message.Message):
+    __slots__ = ("round", "survivors", "deadline_unix_ms")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    survivors: _containers.RepeatedScalarFieldContainer[int]
+    deadline_unix_ms: int
+    def __init__(self, round: _Optional[int] = ..., survivors: _Optional[_Iterable[int]] = ..., deadline_unix_ms: _Optional[int] = ...) -> None: ...
+
+class ConfirmSurvivorsRequest(_message.Message):
+    __slots__ = ("header", "signature")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    header: RequestHeader
+    signature: bytes
+    def __init__(self, header: _Optional[_Union[RequestHeader, _Mapping]] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class SurvivorSignature(_message.Message):
+    __slots__ = ("client_id", "signature")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    client_id: int
+    signature: bytes
+    def __init__(self, client_id: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class UnmaskingRequest(_message.Message):
+    __slots__ = ("round", "survivors", "dropped", "signatures", "deadline_unix_ms")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURES_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    survivors: _containers.RepeatedScalarFieldContainer[int]
+    dropped: _containers.RepeatedScalarFieldContainer[int]
+    signatures: _containers.RepeatedCompositeFieldContainer[SurvivorSignature]
+    deadline_unix_ms: int
+    def __init__(self, round: _Optional[int] = ..., survivors: _Optional[_Iterable[int]] = ..., dropped: _Optional[_Iterable[int]] = ..., signatures: _Optional[_Iterable[_Union[SurvivorSignature, _Mapping]]] = ..., deadline_unix_ms: _Optional[int] = ...) -> None: ...
+
+class RevealedShare(_message.Message):
+    __slots__ = ("owner_id", "kind", "share")
+    OWNER_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    owner_id: int
+    kind: ShareKind
+    share: bytes
+    def __init__(self, owner_id: _Optional[int] = ..., kind: _Optional[_Union[ShareKind, str]] = ..., share: _Optional[bytes] = ...) -> None: ...
+
+class UnmaskRequest(_message.Message):
+    __slots__ = ("header", "shares")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    header: RequestHeader
+    shares: _containers.RepeatedCompositeFieldContainer[RevealedShare]
+    def __init__(self, header: _Optional[_Union[RequestHeader, _Mapping]] = ..., shares: _Optional[_Iterable[_Union[RevealedShare, _Mapping]]] = ...) -> None: ...
+
+class RoundResult(_message.Message):
+    __slots__ = ("round", "outcome", "reason", "survivors", "new_model_version")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    NEW_MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    outcome: RoundOutcome
+    reason: str
+    survivors: int
+    new_model_version: int
+    def __init__(self, round: _Optional[int] = ..., outcome: _Optional[_Union[RoundOutcome, str]] = ..., reason: _Optional[str] = ..., survivors: _Optional[int] = ..., new_model_version: _Optional[int] = ...) -> None: ...
+
+class Evaluate(_message.Message):
+    __slots__ = ("round", "model", "deadline_unix_ms", "round_nonce", "phase")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_NONCE_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    model: Model
+    deadline_unix_ms: int
+    round_nonce: bytes
+    phase: int
+    def __init__(self, round: _Optional[int] = ..., model: _Optional[_Union[Model, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., round_nonce: _Optional[bytes] = ..., phase: _Optional[int] = ...) -> None: ...
+
+class Metric(_message.Message):
+    __slots__ = ("name", "value")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    value: float
+    def __init__(self, name: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+
+class LocalPrivacySpend(_message.Message):
+    __slots__ = ("epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "accountant")
+    EPSILON_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    ACCOUNTANT_FIELD_NUMBER: _ClassVar[int]
+    epsilon: float
+    delta: float
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    accountant: str
+    def __init__(self, epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., noise_multiplier: _Optional[float] = ..., sample_rate: _Optional[float] = ..., steps: _Optional[int] = ..., accountant: _Optional[str] = ...) -> None: ...
+
+class MetricsReport(_message.Message):
+    __slots__ = ("header", "model_version", "num_examples", "metrics", "privacy")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_FIELD_NUMBER: _ClassVar[int]
+    header: RequestHeader
+    model_version: int
+    num_examples: int
+    metrics: _containers.RepeatedCompositeFieldContainer[Metric]
+    privacy: LocalPrivacySpend
+    def __init__(self, header: _Optional[_Union[RequestHeader, _Mapping]] = ..., model_version: _Optional[int] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Iterable[_Union[Metric, _Mapping]]] = ..., privacy: _Optional[_Union[LocalPrivacySpend, _Mapping]] = ...) -> None: ...
+
+class JobDone(_message.Message):
+    __slots__ = ("run_id", "completed_rounds", "final_metrics", "summary")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    FINAL_METRICS_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    completed_rounds: int
+    final_metrics: _containers.RepeatedCompositeFieldContainer[Metric]
+    summary: str
+    def __init__(self, run_id: _Optional[str] = ..., completed_rounds: _Optional[int] = ..., final_metrics: _Optional[_Iterable[_Union[Metric, _Mapping]]] = ..., summary: _Optional[str] = ...) -> None: ...
