@@ -1,0 +1,103 @@
+"""Differential privacy for fedveil: the pure privacy math (no I/O, no global state).
+
+Stable interfaces (other packages build on these; change them only compatibly)
+==============================================================================
+
+Events (``fedveil.dp.accounting``) — frozen dataclasses, ``to_dict()`` / ``event_from_dict()``:
+
+- ``SubsampledGaussianEvent(sample_rate, noise_multiplier, steps=1)`` — Poisson-subsampled Gaussian,
+  self-composed ``steps`` times. User level: q = cohort ÷ population, one step per round.
+  Sample level: q = batch ÷ local dataset size, one step per optimizer step.
+- ``RdpCurveEvent.from_function(mechanism, rdp_fn, orders=DEFAULT_ORDERS, steps=1, params={...})`` —
+  any other mechanism given by its own RDP bound ``rdp_fn(orders: np.ndarray) -> np.ndarray`` for ONE
+  application (e.g. Skellam / distributed discrete Gaussian). Only the RDP accountant composes it; PRV
+  and PLD raise ``UnsupportedEventError`` (never a silent Gaussian stand-in).
+
+Accountants (``fedveil.dp.accounting``), interface ``PrivacyAccountant`` (after Opacus's):
+
+- ``compose(event)``, ``step(noise_multiplier=, sample_rate=, steps=1)``,
+  ``get_epsilon(delta)``, ``epsilon_after(events, delta)`` (what-if), ``state_dict()`` /
+  ``load_state_dict()`` (JSON-serializable), ``supports(event)``, ``history``, ``total_steps``.
+- ``RDPAccountant`` (Opacus RDP analysis; O(#orders) per compose, independent of ``steps``),
+  ``PRVAccountant`` (Opacus PRV; upper bound within ``eps_error``), ``PLDAccountant`` (Google
+  ``dp_accounting`` PLD; pessimistic discretization). ``make_accountant("rdp"|"prv"|"pld")``.
+- ``compute_epsilon(...)`` and ``solve_noise_multiplier(target_epsilon=, delta=, sample_rate=, steps=,
+  accountant=)`` → ``NoiseSolution`` with ε ≤ target and within 0.5 % of it.
+
+Ledger (``fedveil.dp.ledger``):
+
+- ``PrivacyLedger(LedgerConfig(accountant, federation_delta, client_delta, federation_epsilon_budget,
+  client_epsilon_budget))``.
+- ``reserve(round_index, federation=event, clients={client_id: event}, mechanism=label, details={...})``
+  checks every party's budget and records the round only if all fit, else raises
+  ``BudgetExceededError`` (attributes ``party``, ``epsilon_before``, ``epsilon_after``, ``budget``,
+  ``remaining``). ``check_budget(...)`` is the same check without recording; ``record(...)`` records
+  without checking; ``cancel_round(r)`` takes back an aborted latest round.
+- ``epsilon(party)``, ``remaining(party)``, ``party_history(party)``; party ``FEDERATION`` =
+  ``"federation"`` (user level) or a client id (sample level).
+- ``to_json()`` / ``PrivacyLedger.from_json(text)`` (``LedgerFormatError`` names the bad field).
+
+Reports (``fedveil.dp.report``): ``build_report(ledger)`` → ``PrivacyReport``; ``render_text``,
+``render_markdown``, ``report_to_dict`` (JSON with a ``rounds`` list), ``render_plot`` → a matplotlib
+``Figure`` (the caller saves it). A run-store reader hands ``build_report`` a ``PrivacyLedger``.
+
+Local DP-SGD (``fedveil.dp.local``, imports torch/opacus): ``LocalDPSession(LocalDPConfig(...))``;
+each round ``model, optimizer, loader = session.privatize(model, optimizer, loader)``, train, then
+``state = session.finish_round(model)`` (plain state dict) and ``session.epsilon(delta)``.
+
+Only the torch-free names are re-exported here, so ``import fedveil.dp`` stays light.
+"""
+
+from fedveil.dp.accounting import (
+    ACCOUNTANTS,
+    DEFAULT_ORDERS,
+    DpEvent,
+    NoiseSolution,
+    PLDAccountant,
+    PrivacyAccountant,
+    PRVAccountant,
+    RDPAccountant,
+    RdpCurveEvent,
+    SubsampledGaussianEvent,
+    UnsupportedEventError,
+    accountant_from_state_dict,
+    compute_epsilon,
+    event_from_dict,
+    make_accountant,
+    solve_noise_multiplier,
+)
+from fedveil.dp.ledger import (
+    FEDERATION,
+    BudgetExceededError,
+    LedgerConfig,
+    LedgerEntry,
+    LedgerFormatError,
+    PrivacyLedger,
+    RoundSpend,
+)
+
+__all__ = [
+    "ACCOUNTANTS",
+    "DEFAULT_ORDERS",
+    "FEDERATION",
+    "BudgetExceededError",
+    "DpEvent",
+    "LedgerConfig",
+    "LedgerEntry",
+    "LedgerFormatError",
+    "NoiseSolution",
+    "PLDAccountant",
+    "PRVAccountant",
+    "PrivacyAccountant",
+    "PrivacyLedger",
+    "RDPAccountant",
+    "RdpCurveEvent",
+    "RoundSpend",
+    "SubsampledGaussianEvent",
+    "UnsupportedEventError",
+    "accountant_from_state_dict",
+    "compute_epsilon",
+    "event_from_dict",
+    "make_accountant",
+    "solve_noise_multiplier",
+]
