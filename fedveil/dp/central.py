@@ -1,0 +1,257 @@
+"""Central Gaussian noise on the sum of clipped updates: the server side of DP-FedAvg.
+
+DP-FedAvg (McMahan, Ramage, Talwar and Zhang 2018, "Learning Differentially Private
+Recurrent Language Models", Algorithm 1) releases, each round,
+
+    Δ̄ = (Σ_i clip(Δ_i, S) + N(0, (z S)^2 I)) / m
+
+where ``m`` is the *expected* cohort size (a fixed denominator keeps the sensitivity of the
+mean at ``S / m``; dividing by the realised count would leak it).  One round is a Gaussian
+mechanism with noise multiplier ``z`` on a sum of L2 sensitivity ``S``; its Rényi DP curve is
+``ε(α) = α / (2 z^2)`` (Mironov 2017).  Cohort sampling (``q = m / N``) amplifies it; that is
+the accountant's job (``fedveil.dp.accounting``), which composes the per-round event.
+
+With adaptive clipping (:mod:`fedveil.dp.clipping`) the update sum is noised with ``z_Δ S``
+and the round is still accounted as one Gaussian event with multiplier ``z``.
+
+Randomness.  The noise source is explicit, never global: pass a ``numpy.random.Generator``
+(``make_generator(seed)`` gives a seeded PCG64 for reproducible tests and simulations;
+``make_generator()`` seeds PCG64 from ``os.urandom``).  DP noise is not key material, so an
+unpredictable PCG64 stream is acceptable, but an adversary who could reconstruct the
+generator state could subtract the noise; a cryptographically secure source is preferable
+in production and is offered by :class:`SecureNormalSampler` (the OS CSPRNG, Box–Muller).
+Floating-point Gaussian samples have the usual caveats of floating-point DP (Mironov 2012,
+"On Significance of the Least Significant Bits for Differential Privacy"); the distributed
+mechanisms in :mod:`fedveil.dp.distributed` work in the integer domain and avoid them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from fedveil.dp.clipping import (
+    AdaptiveClipper,
+    AdaptiveClippingConfig,
+    ClipResult,
+    NormalSource,
+    clip_update,
+)
+
+__all__ = [
+    "CentralGaussianMechanism",
+    "DPFedAvg",
+    "DPFedAvgRound",
+    "SecureNormalSampler",
+    "gaussian_rdp",
+    "make_generator",
+]
+
+
+def make_generator(seed: int | None = None) -> np.random.Generator:
+    """A PCG64 generator: seeded from ``seed`` (reproducible) or, when ``None``, from ``os.urandom``."""
+    if seed is None:
+        entropy = int.from_bytes(os.urandom(32), "little")
+        return np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy)))
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer or None (got {seed!r})")
+    return np.random.Generator(np.random.PCG64(int(seed)))
+
+
+class SecureNormalSampler:
+    """Standard normal samples from the operating system's CSPRNG (``os.urandom``).
+
+    Box–Muller on 53-bit uniforms: ``sqrt(−2 ln u1) · cos(2π u2)`` with ``u1 ∈ (0, 1]``.  Every
+    call reads fresh OS entropy, so the stream cannot be reproduced or predicted from earlier
+    output, unlike a seeded PCG64.  It implements ``standard_normal(size)`` like a numpy
+    ``Generator``, so it can be passed wherever a :class:`~fedveil.dp.clipping.NormalSource`
+    is expected.
+    """
+
+    def standard_normal(self, size: Any = None) -> NDArray[np.float64]:
+        shape: tuple[int, ...] = () if size is None else tuple(np.atleast_1d(np.asarray(size, dtype=np.int64)))
+        count = int(np.prod(shape)) if shape else 1
+        raw = np.frombuffer(os.urandom(16 * count), dtype=np.uint64).reshape(2, count)
+        scale = 2.0**-53
+        u1 = ((raw[0] >> np.uint64(11)).astype(np.float64) + 1.0) * scale  # in (0, 1]
+        u2 = (raw[1] >> np.uint64(11)).astype(np.float64) * scale  # in [0, 1)
+        samples = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * math.pi * u2)
+        return samples.reshape(shape) if shape else samples[:1].reshape(())
+
+
+def gaussian_rdp(noise_multiplier: float, orders: ArrayLike) -> NDArray[np.float64]:
+    """Rényi DP of one Gaussian mechanism with multiplier ``z``: ``ε(α) = α / (2 z^2)`` (Mironov 2017)."""
+    z = float(noise_multiplier)
+    if not math.isfinite(z) or z < 0:
+        raise ValueError(f"noise_multiplier must be a non-negative finite number (got {noise_multiplier!r})")
+    alphas = np.asarray(orders, dtype=np.float64)
+    if np.any(alphas <= 1.0):
+        raise ValueError("orders must all be greater than 1")
+    if z == 0.0:
+        return np.full(alphas.shape, np.inf)
+    return alphas / (2.0 * z * z)
+
+
+def _as_numpy(values: Any) -> tuple[NDArray[np.float64], Any]:
+    """Return ``(float64 numpy copy, torch template or None)``."""
+    if hasattr(values, "detach") and hasattr(values, "cpu"):
+        return np.array(values.detach().cpu().double().numpy(), dtype=np.float64), values
+    return np.array(values, dtype=np.float64, copy=True), None
+
+
+def _like(values: NDArray[np.float64], template: Any) -> Any:
+    if template is None:
+        return values
+    import torch
+
+    return torch.from_numpy(values).to(dtype=template.dtype, device=template.device)
+
+
+@dataclass(frozen=True)
+class CentralGaussianMechanism:
+    """Gaussian noise ``N(0, (z S)^2 I)`` on a sum of updates clipped to L2 norm ``S``."""
+
+    clip_norm: float
+    noise_multiplier: float
+
+    def __post_init__(self) -> None:
+        clip = float(self.clip_norm)
+        if not math.isfinite(clip) or clip <= 0.0:
+            raise ValueError(f"clip_norm must be a positive finite number (got {self.clip_norm!r})")
+        z = float(self.noise_multiplier)
+        if not math.isfinite(z) or z < 0.0:
+            raise ValueError(f"noise_multiplier must be a non-negative finite number (got {self.noise_multiplier!r})")
+
+    @property
+    def noise_stddev(self) -> float:
+        """Per-coordinate standard deviation ``z · S`` of the noise added to the sum."""
+        return float(self.noise_multiplier) * float(self.clip_norm)
+
+    def add_noise(self, update_sum: Any, rng: NormalSource) -> Any:
+        """Return ``update_sum + N(0, (z S)^2 I)`` (numpy in, numpy out; torch in, torch out)."""
+        values, template = _as_numpy(update_sum)
+        if self.noise_stddev > 0.0:
+            noise = np.asarray(rng.standard_normal(values.shape), dtype=np.float64)
+            values += self.noise_stddev * noise
+        return _like(values, template)
+
+    def noised_mean(self, update_sum: Any, expected_clients: float, rng: NormalSource) -> Any:
+        """DP-FedAvg's release: ``(sum + noise) / m`` with the *expected* cohort size ``m``."""
+        m = float(expected_clients)
+        if not math.isfinite(m) or m <= 0.0:
+            raise ValueError(f"expected_clients must be a positive number (got {expected_clients!r})")
+        return self.add_noise(update_sum, rng) / m
+
+    def rdp(self, orders: ArrayLike) -> NDArray[np.float64]:
+        """Per-round RDP curve (before subsampling amplification): ``α / (2 z^2)``."""
+        return gaussian_rdp(self.noise_multiplier, orders)
+
+
+@dataclass(frozen=True)
+class DPFedAvgRound:
+    """What the server learns and records from one DP-FedAvg round.
+
+    ``noise_multiplier`` is the multiplier to account (``z``); ``noise_stddev`` is the standard
+    deviation actually added to the update sum (``z_Δ · S`` under adaptive clipping).
+    """
+
+    noised_mean: Any
+    clip_norm: float
+    next_clip_norm: float
+    noise_multiplier: float
+    noise_stddev: float
+
+
+class DPFedAvg:
+    """User-level DP for FedAvg: per-client clipping plus central Gaussian noise on the sum.
+
+    ``DPFedAvg.fixed(S, z, m)`` clips at a constant ``S``; ``DPFedAvg.adaptive(config)`` follows
+    Andrew et al. 2021.  Clients call :meth:`clip` (``S`` is the current clip norm, which the
+    server broadcasts each round); the server, holding only the sums, calls :meth:`finish_round`.
+    """
+
+    def __init__(
+        self,
+        *,
+        noise_multiplier: float,
+        expected_clients_per_round: float,
+        clip_norm: float | None = None,
+        adaptive: AdaptiveClipper | None = None,
+    ) -> None:
+        if (clip_norm is None) == (adaptive is None):
+            raise ValueError("give exactly one of clip_norm (fixed clipping) or adaptive (adaptive clipping)")
+        m = float(expected_clients_per_round)
+        if not math.isfinite(m) or m <= 0.0:
+            raise ValueError(
+                f"expected_clients_per_round must be a positive number (got {expected_clients_per_round!r})"
+            )
+        # Validates noise_multiplier and the fixed clip norm.
+        CentralGaussianMechanism(clip_norm if clip_norm is not None else 1.0, noise_multiplier)
+        self.noise_multiplier = float(noise_multiplier)
+        self.expected_clients_per_round = m
+        self._fixed_clip = None if clip_norm is None else float(clip_norm)
+        self.adaptive = adaptive
+
+    @classmethod
+    def fixed(cls, clip_norm: float, noise_multiplier: float, expected_clients_per_round: float) -> DPFedAvg:
+        return cls(
+            noise_multiplier=noise_multiplier,
+            expected_clients_per_round=expected_clients_per_round,
+            clip_norm=clip_norm,
+        )
+
+    @classmethod
+    def with_adaptive_clipping(cls, config: AdaptiveClippingConfig) -> DPFedAvg:
+        return cls(
+            noise_multiplier=config.noise_multiplier,
+            expected_clients_per_round=config.expected_clients_per_round,
+            adaptive=AdaptiveClipper(config),
+        )
+
+    @property
+    def clip_norm(self) -> float:
+        """The clip norm of the current round."""
+        if self.adaptive is not None:
+            return self.adaptive.clip_norm
+        assert self._fixed_clip is not None
+        return self._fixed_clip
+
+    @property
+    def mechanism(self) -> CentralGaussianMechanism:
+        """The Gaussian mechanism applied to this round's update sum (multiplier ``z`` or ``z_Δ``)."""
+        if self.adaptive is not None:
+            return CentralGaussianMechanism(self.clip_norm, self.adaptive.config.update_noise_multiplier)
+        return CentralGaussianMechanism(self.clip_norm, self.noise_multiplier)
+
+    def clip(self, update: Any) -> ClipResult:
+        """Client side: clip one update with the current clip norm."""
+        return clip_update(update, self.clip_norm)
+
+    def finish_round(self, update_sum: Any, rng: NormalSource, unclipped_count: float | None = None) -> DPFedAvgRound:
+        """Server side: noise the sum, divide by ``m`` and (adaptive) move the clip norm.
+
+        ``unclipped_count`` is ``Σ b_i`` and is required with adaptive clipping.
+        """
+        mechanism = self.mechanism
+        clip_now = self.clip_norm
+        mean = mechanism.noised_mean(update_sum, self.expected_clients_per_round, rng)
+        if self.adaptive is not None:
+            if unclipped_count is None:
+                raise ValueError("unclipped_count is required with adaptive clipping (the sum of the clients' bits)")
+            self.adaptive.update(unclipped_count, rng)
+        return DPFedAvgRound(
+            noised_mean=mean,
+            clip_norm=clip_now,
+            next_clip_norm=self.clip_norm,
+            noise_multiplier=self.noise_multiplier,
+            noise_stddev=mechanism.noise_stddev,
+        )
+
+    def rdp(self, orders: ArrayLike) -> NDArray[np.float64]:
+        """Per-round RDP curve of the whole round (updates and, if adaptive, the count): ``α / (2 z^2)``."""
+        return gaussian_rdp(self.noise_multiplier, orders)
