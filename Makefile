@@ -28,7 +28,7 @@ browser:
 	  || echo "WARNING: could not install chromium; browser tests will be skipped"; }
 
 lint: $(STAMP)
-	$(BIN)/ruff check fedveil tests benchmarks
+	$(BIN)/ruff check fedveil tests $(wildcard benchmarks)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
