@@ -179,21 +179,25 @@ class Wait(_message.Message):
     def __init__(self, retry_after_ms: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class EncodingParams(_message.Message):
-    __slots__ = ("ring_bits", "clip_range", "fractional_bits", "dimension", "extra_coordinates")
+    __slots__ = ("ring_bits", "clip_range", "fractional_bits", "dimension", "extra_coordinates", "weighted", "max_weight")
     RING_BITS_FIELD_NUMBER: _ClassVar[int]
     CLIP_RANGE_FIELD_NUMBER: _ClassVar[int]
     FRACTIONAL_BITS_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     EXTRA_COORDINATES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTED_FIELD_NUMBER: _ClassVar[int]
+    MAX_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     ring_bits: int
     clip_range: float
     fractional_bits: int
     dimension: int
     extra_coordinates: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, ring_bits: _Optional[int] = ..., clip_range: _Optional[float] = ..., fractional_bits: _Optional[int] = ..., dimension: _Optional[int] = ..., extra_coordinates: _Optional[_Iterable[str]] = ...) -> None: ...
+    weighted: bool
+    max_weight: float
+    def __init__(self, ring_bits: _Optional[int] = ..., clip_range: _Optional[float] = ..., fractional_bits: _Optional[int] = ..., dimension: _Optional[int] = ..., extra_coordinates: _Optional[_Iterable[str]] = ..., weighted: _Optional[bool] = ..., max_weight: _Optional[float] = ...) -> None: ...
 
 class SecAggParams(_message.Message):
-    __slots__ = ("graph", "degree", "threshold", "graph_seed", "active_adversary", "cohort_size", "cohort")
+    __slots__ = ("graph", "degree", "threshold", "graph_seed", "active_adversary", "cohort_size", "cohort", "round_id", "context")
     GRAPH_FIELD_NUMBER: _ClassVar[int]
     DEGREE_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
@@ -201,6 +205,8 @@ class SecAggParams(_message.Message):
     ACTIVE_ADVERSARY_FIELD_NUMBER: _ClassVar[int]
     COHORT_SIZE_FIELD_NUMBER: _ClassVar[int]
     COHORT_FIELD_NUMBER: _ClassVar[int]
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
     graph: str
     degree: int
     threshold: int
@@ -208,7 +214,9 @@ class SecAggParams(_message.Message):
     active_adversary: bool
     cohort_size: int
     cohort: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, graph: _Optional[str] = ..., degree: _Optional[int] = ..., threshold: _Optional[int] = ..., graph_seed: _Optional[bytes] = ..., active_adversary: _Optional[bool] = ..., cohort_size: _Optional[int] = ..., cohort: _Optional[_Iterable[int]] = ...) -> None: ...
+    round_id: int
+    context: bytes
+    def __init__(self, graph: _Optional[str] = ..., degree: _Optional[int] = ..., threshold: _Optional[int] = ..., graph_seed: _Optional[bytes] = ..., active_adversary: _Optional[bool] = ..., cohort_size: _Optional[int] = ..., cohort: _Optional[_Iterable[int]] = ..., round_id: _Optional[int] = ..., context: _Optional[bytes] = ...) -> None: ...
 
 class DistributedDpParams(_message.Message):
     __slots__ = ("mechanism", "l2_clip", "scale", "noise_stddev", "beta", "bits", "rotation_seed", "padded_dimension", "config_json")

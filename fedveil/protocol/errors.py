@@ -1,0 +1,118 @@
+"""Protocol errors: one exception class per gRPC status the federation uses.
+
+The coordinator raises these; the gRPC servicer turns them into status codes with the
+exception's message as the details; the gRPC client transport turns status codes back into
+the same classes, so client code handles the in-process and the network transports alike.
+Messages name the field or stage at fault and never contain tokens, keys, shares or vectors.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ProtocolError(Exception):
+    """Base class. ``code`` is the gRPC status the error travels as."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    retryable: bool = False
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class Unauthenticated(ProtocolError):
+    """Missing, unknown or revoked credentials. Fatal for the client."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(ProtocolError):
+    """The authenticated client may not make this request (e.g. not in the round's cohort)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class MalformedMessage(ProtocolError):
+    """Unparseable bytes or a field with a wrong length/value; the message names the field."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class MessageTooLarge(ProtocolError):
+    """The message exceeds the server's size limit."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    retryable = True
+
+
+class Incompatible(ProtocolError):
+    """At Join: wrong protocol version or task. Fatal for the client."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class OutOfOrder(ProtocolError):
+    """The client is out of sync: unknown session, another run, stale round/nonce, or a message
+    for a stage that is not open for it. The client should Join again."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    retryable = True
+
+
+class Replayed(ProtocolError):
+    """A sequence number not above the last one seen, or a second submission for a stage."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class StageClosed(ProtocolError):
+    """The stage's deadline passed (the client is a dropout of the round) or the round aborted."""
+
+    code = grpc.StatusCode.ABORTED
+    retryable = True
+
+
+class Unavailable(ProtocolError):
+    """The server is starting, shutting down or unreachable."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    retryable = True
+
+
+class InternalError(ProtocolError):
+    code = grpc.StatusCode.INTERNAL
+
+
+_BY_CODE: dict[grpc.StatusCode, type[ProtocolError]] = {
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.INVALID_ARGUMENT: MalformedMessage,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: MessageTooLarge,
+    grpc.StatusCode.FAILED_PRECONDITION: OutOfOrder,
+    grpc.StatusCode.ALREADY_EXISTS: Replayed,
+    grpc.StatusCode.ABORTED: StageClosed,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
+    grpc.StatusCode.INTERNAL: InternalError,
+}
+
+
+def error_from_status(code: grpc.StatusCode, details: str | None, *, rpc: str = "") -> ProtocolError:
+    """The :class:`ProtocolError` for a status received by a client.
+
+    FAILED_PRECONDITION on ``Join`` means an incompatible client (:class:`Incompatible`);
+    elsewhere it means "out of sync, Join again" (:class:`OutOfOrder`).
+    """
+    cls = _BY_CODE.get(code, ProtocolError)
+    if code == grpc.StatusCode.FAILED_PRECONDITION and rpc == "Join":
+        cls = Incompatible
+    text = details or code.name
+    err = cls(text)
+    if cls is ProtocolError:
+        err.code = code
+    return err

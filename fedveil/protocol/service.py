@@ -1,0 +1,184 @@
+"""The gRPC servicer: a thin adapter from gRPC to a :class:`~fedveil.protocol.transport.FederationService`.
+
+It parses request bytes itself (so garbage gets INVALID_ARGUMENT instead of gRPC's generic
+INTERNAL), authenticates the caller (bearer token or mutual-TLS certificate), calls the
+service, and turns :class:`~fedveil.protocol.errors.ProtocolError` into the matching status.
+Any other exception is a server bug: it is logged with its traceback and answered INTERNAL;
+the server keeps serving. Size limits are enforced by gRPC itself
+(``grpc.max_receive_message_length``, answered RESOURCE_EXHAUSTED) and concurrency by
+``maximum_concurrent_rpcs`` (also RESOURCE_EXHAUSTED), so a flood cannot stall the server.
+Refusals are logged with the client name, peer address, RPC and reason, never with
+credentials or payloads.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+
+from fedveil.protocol import SERVICE_NAME
+from fedveil.protocol import fedveil_pb2 as pb
+from fedveil.protocol.auth import Authenticator, bearer_token
+from fedveil.protocol.errors import MalformedMessage, ProtocolError
+from fedveil.protocol.transport import FederationService
+
+log = logging.getLogger("fedveil.protocol")
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Resource limits of the gRPC server.
+
+    ``max_message_bytes`` bounds every inbound message (and outbound, so a server never builds a
+    reply its clients cannot take); ``max_concurrent_rpcs`` bounds calls in flight (long polls
+    included); ``workers`` is the handler thread pool.
+    """
+
+    max_message_bytes: int = 64 * MIB
+    max_concurrent_rpcs: int = 256
+    workers: int = 64
+
+    def __post_init__(self) -> None:
+        if self.max_message_bytes < 1024:
+            raise ValueError(f"max_message_bytes must be at least 1024 (got {self.max_message_bytes})")
+        if self.workers < 2 or self.max_concurrent_rpcs < self.workers:
+            raise ValueError(
+                f"need workers >= 2 and max_concurrent_rpcs >= workers (got {self.workers}, {self.max_concurrent_rpcs})"
+            )
+
+
+# RPC name -> (request class, service method name)
+RPCS: dict[str, tuple[type[Message], str]] = {
+    "Join": (pb.JoinRequest, "join"),
+    "Poll": (pb.PollRequest, "poll"),
+    "AdvertiseKeys": (pb.AdvertiseKeysRequest, "advertise_keys"),
+    "ShareKeys": (pb.ShareKeysRequest, "share_keys"),
+    "SubmitMaskedInput": (pb.MaskedInputRequest, "submit_masked_input"),
+    "ConfirmSurvivors": (pb.ConfirmSurvivorsRequest, "confirm_survivors"),
+    "Unmask": (pb.UnmaskRequest, "unmask"),
+    "ReportMetrics": (pb.MetricsReport, "report_metrics"),
+}
+
+
+class _Malformed:
+    """Stands in for a request whose bytes did not parse."""
+
+    def __init__(self, type_name: str, reason: str) -> None:
+        self.type_name = type_name
+        self.reason = reason
+
+
+def _deserializer(cls: type[Message]) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return cls.FromString(data)
+        except (DecodeError, ValueError, RuntimeError) as err:
+            return _Malformed(cls.__name__, str(err) or type(err).__name__)
+
+    return parse
+
+
+def _serialize(message: Message) -> bytes:
+    return message.SerializeToString()
+
+
+def _certificate_name(context: grpc.ServicerContext) -> str | None:
+    auth = context.auth_context()
+    names = auth.get("x509_common_name") if auth else None
+    if not names:
+        return None
+    value = names[0]
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+class FederationServicer:
+    """Builds the generic handler for ``fedveil.v1.Federation``."""
+
+    def __init__(self, service: FederationService, authenticator: Authenticator, *, mutual_tls: bool = False) -> None:
+        self._service = service
+        self._auth = authenticator
+        self._mutual_tls = mutual_tls
+
+    def _authenticate(self, context: grpc.ServicerContext) -> str:
+        token = bearer_token(context.invocation_metadata())
+        cert_name = _certificate_name(context) if self._mutual_tls else None
+        return self._auth.authenticate(token, cert_name)
+
+    def _handler(self, rpc: str, method_name: str) -> Callable[[Any, grpc.ServicerContext], Message]:
+        def handle(request: Any, context: grpc.ServicerContext) -> Message:
+            caller = "<unauthenticated>"
+            try:
+                caller = self._authenticate(context)
+                if isinstance(request, _Malformed):
+                    raise MalformedMessage(f"{rpc}: the request is not a valid {request.type_name} ({request.reason})")
+                result: Message = getattr(self._service, method_name)(caller, request)
+                return result
+            except ProtocolError as err:
+                log.warning("refused %s from %s at %s: %s: %s", rpc, caller, context.peer(), err.code.name, err.message)
+                context.abort(err.code, err.message)
+            except Exception:
+                log.exception("internal error in %s from %s", rpc, caller)
+                context.abort(grpc.StatusCode.INTERNAL, f"{rpc}: internal server error (logged on the server)")
+            raise AssertionError("unreachable: context.abort raises")
+
+        return handle
+
+    def generic_handler(self) -> grpc.GenericRpcHandler:
+        handlers = {
+            rpc: grpc.unary_unary_rpc_method_handler(
+                self._handler(rpc, method),
+                request_deserializer=_deserializer(cls),
+                response_serializer=_serialize,
+            )
+            for rpc, (cls, method) in RPCS.items()
+        }
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+
+def build_server(
+    service: FederationService,
+    authenticator: Authenticator,
+    listen: str,
+    *,
+    credentials: grpc.ServerCredentials | None,
+    limits: ServerLimits | None = None,
+    mutual_tls: bool = False,
+) -> tuple[grpc.Server, int]:
+    """Create and start a gRPC server. Returns (server, bound port); ``listen`` may use port 0.
+
+    ``credentials=None`` serves plaintext (``--insecure``, for trials on loopback only).
+    """
+    limits = limits or ServerLimits()
+    options = [
+        ("grpc.max_receive_message_length", limits.max_message_bytes),
+        ("grpc.max_send_message_length", limits.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ]
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="fedveil-rpc"),
+        options=options,
+        maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
+    )
+    servicer = FederationServicer(service, authenticator, mutual_tls=mutual_tls)
+    server.add_generic_rpc_handlers((servicer.generic_handler(),))
+    try:
+        port = server.add_insecure_port(listen) if credentials is None else server.add_secure_port(listen, credentials)
+    except RuntimeError as err:
+        raise OSError(f"cannot listen on {listen!r}: {err}") from None
+    if port == 0:
+        raise OSError(f"cannot listen on {listen!r} (address in use or invalid)")
+    server.start()
+    return server, port
