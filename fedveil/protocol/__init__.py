@@ -27,7 +27,8 @@ RPC flow (one client)
    lost reply costs nothing. Instructions, in the order a round produces them:
 
    - ``RoundStart``: the client is in round ``round``'s cohort with secagg id ``client_id``
-     (0 .. n-1, as in ``fedveil.secagg``; ``secagg.round_id`` is the secagg round id). Carries the global ``Model`` (float32 little-endian, ``state_dict`` order, see
+     (0 .. n-1, as in ``fedveil.secagg``; ``secagg.round_id`` is the secagg round id).
+     Carries the global ``Model`` (float32 little-endian, ``state_dict`` order, see
      ``fedveil.task.model_to_vector``), ``EncodingParams`` (ring bits, clip range, fixed-point
      bits, vector dimension and the extra coordinates appended after the update, e.g.
      ``weight``), ``SecAggParams`` (graph, degree, threshold t, graph seed, cohort),
