@@ -1,0 +1,343 @@
+"""Local (sample-level) DP-SGD for one client across federated rounds, on top of Opacus.
+
+DP-SGD (Abadi et al. 2016, "Deep Learning with Differential Privacy") clips each example's gradient to
+``max_grad_norm`` and adds Gaussian noise of std ``noise_multiplier × max_grad_norm`` to the sum of a
+Poisson-sampled batch. In federated learning a client trains a few local steps per round for many
+rounds, so the privacy of its records degrades over *all* rounds it joins. Hence one
+:class:`LocalDPSession` per client, created once, holding ONE accountant for the client's lifetime:
+each round it privatizes the user's own model, optimizer and data loader with Opacus's front door
+(``PrivacyEngine.make_private``), counts the noisy optimizer steps actually taken (through the
+``DPOptimizer`` step hook), and composes them into that accountant at :meth:`finish_round`.
+
+Usage (the client library and the demo call it this way)::
+
+    session = LocalDPSession(LocalDPConfig(max_grad_norm=1.0, target_epsilon=3.0, planned_rounds=10))
+    for each round:
+        model.load_state_dict(global_state)
+        model, optimizer, loader = session.privatize(model, optimizer, loader)
+        ...  # the user's ordinary training loop over ``loader``
+        state = session.finish_round(model)     # plain state dict: no ``_module.`` prefix
+        session.epsilon()                       # sample-level ε so far
+
+Noise: a fixed ``noise_multiplier``, or a ``target_epsilon`` over ``planned_rounds`` × ``local_epochs``
+epochs, solved ONCE at the first round for the whole plan (re-solving per round would let ε drift).
+In target mode, :meth:`privatize` refuses (``BudgetExceededError``) a round that would take ε past the
+target. Pass the ORIGINAL data loader each round; Poisson sampling (sample rate 1 / len(loader)) and,
+optionally, a physical batch cap via Opacus's ``BatchMemoryManager`` are applied here.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from opacus import GradSampleModule, PrivacyEngine
+from opacus.data_loader import DPDataLoader
+from opacus.optimizers import DPOptimizer
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from opacus.validators import ModuleValidator
+from torch import nn
+from torch.utils.data import DataLoader
+
+from fedveil.dp.accounting import (
+    ACCOUNTANTS,
+    PrivacyAccountant,
+    SubsampledGaussianEvent,
+    check_delta,
+    make_accountant,
+    solve_noise_multiplier,
+)
+from fedveil.dp.ledger import BudgetExceededError
+
+
+class UnsupportedLayerError(ValueError):
+    """The model contains layers DP-SGD cannot train (e.g. BatchNorm mixes examples in a batch)."""
+
+
+@dataclass(frozen=True)
+class LocalDPConfig:
+    """Configuration of one client's DP-SGD over the whole federation run.
+
+    Exactly one of ``noise_multiplier`` and ``target_epsilon`` is set; ``target_epsilon`` needs
+    ``planned_rounds``. ``local_epochs`` is the planned number of passes over the data per round (used
+    only to plan the noise and the budget; the accountant counts the steps actually taken).
+    """
+
+    max_grad_norm: float = 1.0
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    planned_rounds: int | None = None
+    local_epochs: int = 1
+    delta: float = 1e-5
+    accountant: str = "rdp"
+    max_physical_batch_size: int | None = None
+    fix_unsupported_layers: bool = True
+    seed: int | None = None
+    client_id: str = "client"
+
+    def __post_init__(self) -> None:
+        if not _is_pos_number(self.max_grad_norm):
+            raise ValueError(f"max_grad_norm must be a finite number > 0 (got {self.max_grad_norm!r})")
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("set exactly one of noise_multiplier and target_epsilon")
+        if self.noise_multiplier is not None and not (
+            _is_number(self.noise_multiplier) and self.noise_multiplier >= 0.0
+        ):
+            raise ValueError(f"noise_multiplier must be a finite number >= 0 (got {self.noise_multiplier!r})")
+        if self.target_epsilon is not None:
+            if not _is_pos_number(self.target_epsilon):
+                raise ValueError(f"target_epsilon must be a finite number > 0 (got {self.target_epsilon!r})")
+            if not _is_pos_int(self.planned_rounds):
+                raise ValueError(
+                    f"planned_rounds must be an integer >= 1 when target_epsilon is set (got {self.planned_rounds!r})"
+                )
+        if not _is_pos_int(self.local_epochs):
+            raise ValueError(f"local_epochs must be an integer >= 1 (got {self.local_epochs!r})")
+        check_delta(self.delta)
+        if self.accountant not in ACCOUNTANTS:
+            raise ValueError(f"accountant must be one of {', '.join(ACCOUNTANTS)} (got {self.accountant!r})")
+        if self.max_physical_batch_size is not None and not _is_pos_int(self.max_physical_batch_size):
+            raise ValueError(
+                f"max_physical_batch_size must be an integer >= 1 or None (got {self.max_physical_batch_size!r})"
+            )
+
+
+class PhysicalBatchLoader:
+    """Iterates a Poisson-sampled loader in physical batches of at most ``max_physical_batch_size``.
+
+    Each pass enters Opacus's ``BatchMemoryManager``, which splits every logical (Poisson) batch and tells
+    the ``DPOptimizer`` to take a real, noised step only at the last physical piece — so privacy
+    accounting is per logical batch, exactly as without the cap.
+    """
+
+    def __init__(self, loader: DataLoader, optimizer: DPOptimizer, max_physical_batch_size: int) -> None:
+        self.loader = loader
+        self.optimizer = optimizer
+        self.max_physical_batch_size = max_physical_batch_size
+
+    def __iter__(self) -> Iterator[Any]:
+        with BatchMemoryManager(
+            data_loader=self.loader, max_physical_batch_size=self.max_physical_batch_size, optimizer=self.optimizer
+        ) as physical:
+            yield from physical
+
+    def __len__(self) -> int:
+        with BatchMemoryManager(
+            data_loader=self.loader, max_physical_batch_size=self.max_physical_batch_size, optimizer=self.optimizer
+        ) as physical:
+            return len(physical)
+
+
+class LocalDPSession:
+    """One client's DP-SGD across rounds: privatize → train → :meth:`finish_round`, one accountant."""
+
+    def __init__(self, config: LocalDPConfig) -> None:
+        self.config = config
+        self.accountant: PrivacyAccountant = make_accountant(config.accountant)
+        self.noise_multiplier: float | None = config.noise_multiplier
+        self.sample_rate: float | None = None
+        self.rounds_completed = 0
+        self.round_events: list[SubsampledGaussianEvent] = []
+        self._engine = PrivacyEngine(accountant="rdp")  # its own accountant is unused; ours is attached
+        self._sampling_generator: torch.Generator | None = None
+        self._noise_generator: torch.Generator | None = None
+        if config.seed is not None:
+            self._sampling_generator = torch.Generator().manual_seed(int(config.seed))
+            self._noise_generator = torch.Generator().manual_seed(int(config.seed) + 1)
+        self._active: GradSampleModule | None = None
+        self._round_steps = 0
+        self._round_sample_rate: float | None = None
+        self._round_noise: float | None = None
+
+    # -- the round ----------------------------------------------------------------------------------
+    def privatize(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader | PhysicalBatchLoader
+    ) -> tuple[GradSampleModule, DPOptimizer, DataLoader | PhysicalBatchLoader]:
+        """Wrap the user's objects for one round of DP-SGD. Returns ``(model, optimizer, loader)`` to train
+        with exactly as before. Raises ``BudgetExceededError`` in target-ε mode if the planned round would
+        exceed the target, and :class:`UnsupportedLayerError` for layers that cannot be fixed."""
+        if self._active is not None:
+            raise RuntimeError("finish_round() must be called before privatize() starts the next round")
+        if isinstance(loader, PhysicalBatchLoader):
+            loader = loader.loader
+        if isinstance(model, GradSampleModule):
+            model = model._module
+        if isinstance(optimizer, DPOptimizer):
+            optimizer = optimizer.original_optimizer
+        if not isinstance(loader, DataLoader):
+            raise TypeError(f"loader must be a torch DataLoader (got {type(loader).__name__})")
+        model, optimizer = self._make_compatible(model, optimizer)
+
+        dp_loader = DPDataLoader.from_data_loader(loader, generator=self._sampling_generator)
+        steps_per_epoch = len(dp_loader)
+        if steps_per_epoch < 1:
+            raise ValueError("the data loader is empty")
+        if self.noise_multiplier is None:
+            self.noise_multiplier = self._plan_noise(1.0 / steps_per_epoch, steps_per_epoch)
+        self._check_plan(1.0 / steps_per_epoch, steps_per_epoch)
+
+        private_model, private_opt, private_loader = self._engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=dp_loader,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.config.max_grad_norm,
+            poisson_sampling=False,  # dp_loader already samples Poisson with our generator
+            noise_generator=self._noise_generator,
+        )
+        private_model.forbid_grad_accumulation()
+        private_opt.attach_step_hook(self._step_hook(1.0 / len(private_loader)))
+        self._active = private_model
+        self._round_steps = 0
+        self._round_sample_rate = None
+        self._round_noise = None
+        if self.config.max_physical_batch_size is not None:
+            return private_model, private_opt, PhysicalBatchLoader(
+                private_loader, private_opt, self.config.max_physical_batch_size
+            )
+        return private_model, private_opt, private_loader
+
+    def finish_round(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Account the round's noisy steps, detach Opacus from the model and return a plain state dict."""
+        if self._active is None:
+            raise RuntimeError("finish_round() called without a privatize() for this round")
+        wrapped = self._active
+        if model is not wrapped and model is not wrapped._module:
+            raise ValueError("finish_round() needs the model returned by privatize() for this round")
+        if self._round_steps > 0:
+            assert self._round_sample_rate is not None and self._round_noise is not None
+            event = SubsampledGaussianEvent(self._round_sample_rate, self._round_noise, self._round_steps)
+            self.accountant.compose(event)
+            self.round_events.append(event)
+            self.sample_rate = self._round_sample_rate
+        state = {k: v.detach().clone() for k, v in wrapped._module.state_dict().items()}
+        wrapped._close()
+        self._active = None
+        self.rounds_completed += 1
+        return state
+
+    @property
+    def last_round_event(self) -> SubsampledGaussianEvent | None:
+        """The round's sample-level event, for the federation's :class:`~fedveil.dp.ledger.PrivacyLedger`."""
+        return self.round_events[-1] if self.round_events else None
+
+    def epsilon(self, delta: float | None = None) -> float:
+        """Sample-level ε spent by this client so far (all rounds)."""
+        return self.accountant.get_epsilon(self.config.delta if delta is None else delta)
+
+    # -- internals ----------------------------------------------------------------------------------
+    def _step_hook(self, sample_rate: float) -> Callable[[DPOptimizer], None]:
+        """Hook run by the DPOptimizer after each noised (real) step — the same place and the same q
+        (1/len(Poisson loader) × accumulated iterations) as Opacus's own accountant hook."""
+
+        def hook(optimizer: DPOptimizer) -> None:
+            q = sample_rate * int(optimizer.accumulated_iterations)
+            z = float(optimizer.noise_multiplier)
+            if self._round_sample_rate is not None and (q != self._round_sample_rate or z != self._round_noise):
+                raise RuntimeError("sample rate or noise multiplier changed within a round")
+            self._round_sample_rate, self._round_noise = q, z
+            self._round_steps += 1
+
+        return hook
+
+    def _plan_noise(self, sample_rate: float, steps_per_epoch: int) -> float:
+        cfg = self.config
+        assert cfg.target_epsilon is not None and cfg.planned_rounds is not None
+        total = cfg.planned_rounds * cfg.local_epochs * steps_per_epoch
+        solution = solve_noise_multiplier(
+            target_epsilon=cfg.target_epsilon,
+            delta=cfg.delta,
+            sample_rate=sample_rate,
+            steps=total,
+            accountant=cfg.accountant,
+        )
+        return solution.noise_multiplier
+
+    def _check_plan(self, sample_rate: float, steps_per_epoch: int) -> None:
+        cfg = self.config
+        if cfg.target_epsilon is None:
+            return
+        assert self.noise_multiplier is not None
+        planned = SubsampledGaussianEvent(sample_rate, self.noise_multiplier, cfg.local_epochs * steps_per_epoch)
+        before = self.accountant.get_epsilon(cfg.delta)
+        after = self.accountant.epsilon_after([planned], cfg.delta)
+        if after > cfg.target_epsilon * (1.0 + 1e-9):
+            raise BudgetExceededError(
+                party=cfg.client_id,
+                round_index=self.rounds_completed,
+                epsilon_before=before,
+                epsilon_after=after,
+                budget=cfg.target_epsilon,
+                delta=cfg.delta,
+            )
+
+    def _make_compatible(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        errors = ModuleValidator.validate(model, strict=False)
+        if not errors:
+            return model, optimizer
+        summary = _summarize(errors)
+        if not self.config.fix_unsupported_layers:
+            raise UnsupportedLayerError(
+                f"the model has layers DP-SGD cannot train: {summary}. Replace them (e.g. BatchNorm → GroupNorm) "
+                "or set fix_unsupported_layers=True"
+            )
+        fixed = make_dp_compatible(model)
+        if len(optimizer.param_groups) != 1:
+            raise UnsupportedLayerError(
+                f"the model has layers DP-SGD cannot train: {summary}. Fixing them replaces parameters, and an "
+                "optimizer with several parameter groups cannot be rebuilt automatically: call "
+                "fedveil.dp.local.make_dp_compatible(model) before creating the optimizer"
+            )
+        warnings.warn(
+            f"DP-SGD: replaced unsupported layers ({summary}) with Opacus's fixes. The model's architecture "
+            "changed; apply fedveil.dp.local.make_dp_compatible() to the global model too so state dicts "
+            "match, and create the optimizer after fixing to keep its state",
+            UserWarning,
+            stacklevel=3,
+        )
+        group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+        rebuilt = type(optimizer)(fixed.parameters(), **group)
+        return fixed, rebuilt
+
+
+def make_dp_compatible(model: nn.Module) -> nn.Module:
+    """Return a copy of ``model`` with layers DP-SGD cannot train replaced by Opacus's
+    ``ModuleValidator.fix`` (BatchNorm → GroupNorm, LSTM → DPLSTM, ...). Raises
+    :class:`UnsupportedLayerError` listing what cannot be fixed."""
+    fixed = ModuleValidator.fix(model)
+    remaining = ModuleValidator.validate(fixed, strict=False)
+    if remaining:
+        raise UnsupportedLayerError(
+            "the model has layers DP-SGD cannot train and Opacus cannot fix automatically: " + _summarize(remaining)
+        )
+    return fixed
+
+
+def strip_module_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove Opacus's ``_module.`` wrapper prefix from state-dict keys."""
+    prefix = "_module."
+    return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state.items()}
+
+
+def _summarize(errors: list[Any]) -> str:
+    """First sentence of each Opacus validator error, deduplicated (the full texts are paragraphs)."""
+    firsts = [str(e).strip().split(". ")[0].rstrip(".") for e in errors]
+    return "; ".join(dict.fromkeys(firsts))
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_pos_number(x: Any) -> bool:
+    return _is_number(x) and x > 0
+
+
+def _is_pos_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1

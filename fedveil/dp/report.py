@@ -1,0 +1,259 @@
+"""Privacy reports from a :class:`~fedveil.dp.ledger.PrivacyLedger`: text, JSON, Markdown and a plot.
+
+Why: a privacy officer signs off on figures, so the report shows per round and cumulatively the
+federation's user-level ε and each client's sample-level ε, the mechanism and its parameters, and the
+budget remaining — the history behind the final number.
+
+All functions are pure: :func:`build_report` takes a ledger object (from a JSON file or handed in by a
+run-store reader), the renderers return strings / dicts, and :func:`render_plot` returns a matplotlib
+``Figure`` built without pyplot (no global state) that the caller saves.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from fedveil.dp.accounting import RdpCurveEvent, SubsampledGaussianEvent
+from fedveil.dp.ledger import FEDERATION, PartyRound, PrivacyLedger
+
+
+@dataclass(frozen=True)
+class PartyRoundReport:
+    """One party's figures for one round."""
+
+    mechanism: str
+    parameters: dict[str, Any]
+    epsilon_round: float
+    epsilon_cumulative: float
+    budget_remaining: float | None
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    round_index: int
+    federation: PartyRoundReport | None
+    clients: dict[str, PartyRoundReport] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PrivacyReport:
+    accountant: str
+    federation_delta: float
+    client_delta: float
+    federation_budget: float | None
+    client_budget: float | None
+    rounds: list[RoundReport]
+    federation_epsilon: float
+    client_epsilons: dict[str, float]
+
+
+def _parameters(pr: PartyRound) -> dict[str, Any]:
+    ev = pr.event
+    params: dict[str, Any]
+    if isinstance(ev, SubsampledGaussianEvent):
+        params = {"sample_rate": ev.sample_rate, "noise_multiplier": ev.noise_multiplier, "steps": ev.steps}
+    else:
+        assert isinstance(ev, RdpCurveEvent)
+        params = {**dict(ev.params), "steps": ev.steps}
+    params.update(dict(pr.details))
+    return params
+
+
+def build_report(ledger: PrivacyLedger) -> PrivacyReport:
+    """Compute per-round and cumulative ε for the federation and every client of ``ledger``."""
+    cfg = ledger.config
+    by_round: dict[int, dict[str, PartyRoundReport]] = {}
+    finals: dict[str, float] = {}
+    for party in [FEDERATION, *ledger.clients]:
+        budget = cfg.budget_for(party)
+        for pr in ledger.party_history(party):
+            by_round.setdefault(pr.round_index, {})[party] = PartyRoundReport(
+                mechanism=pr.mechanism,
+                parameters=_parameters(pr),
+                epsilon_round=pr.epsilon_round,
+                epsilon_cumulative=pr.epsilon_cumulative,
+                budget_remaining=None if budget is None else max(0.0, budget - pr.epsilon_cumulative),
+            )
+            finals[party] = pr.epsilon_cumulative
+    rounds = [
+        RoundReport(
+            round_index=r,
+            federation=parts.get(FEDERATION),
+            clients={p: v for p, v in sorted(parts.items()) if p != FEDERATION},
+        )
+        for r, parts in sorted(by_round.items())
+    ]
+    return PrivacyReport(
+        accountant=cfg.accountant,
+        federation_delta=cfg.federation_delta,
+        client_delta=cfg.client_delta,
+        federation_budget=cfg.federation_epsilon_budget,
+        client_budget=cfg.client_epsilon_budget,
+        rounds=rounds,
+        federation_epsilon=finals.get(FEDERATION, 0.0),
+        client_epsilons={p: v for p, v in sorted(finals.items()) if p != FEDERATION},
+    )
+
+
+def _num(x: float | None) -> float | None:
+    """JSON has no infinity: an infinite ε (zero noise) is written as null."""
+    return None if x is None or not math.isfinite(x) else x
+
+
+def _party_dict(p: PartyRoundReport) -> dict[str, Any]:
+    return {
+        "mechanism": p.mechanism,
+        "parameters": p.parameters,
+        "epsilon_round": _num(p.epsilon_round),
+        "epsilon_cumulative": _num(p.epsilon_cumulative),
+        "budget_remaining": _num(p.budget_remaining),
+    }
+
+
+def report_to_dict(report: PrivacyReport) -> dict[str, Any]:
+    """JSON-ready dict: configuration, final ε per party, and a ``rounds`` list."""
+    return {
+        "accountant": report.accountant,
+        "federation_delta": report.federation_delta,
+        "client_delta": report.client_delta,
+        "federation_budget": report.federation_budget,
+        "client_budget": report.client_budget,
+        "federation_epsilon": _num(report.federation_epsilon),
+        "client_epsilons": {k: _num(v) for k, v in report.client_epsilons.items()},
+        "rounds": [
+            {
+                "round": r.round_index,
+                "federation": None if r.federation is None else _party_dict(r.federation),
+                "clients": {cid: _party_dict(p) for cid, p in r.clients.items()},
+            }
+            for r in report.rounds
+        ],
+    }
+
+
+def _fmt(x: float | None) -> str:
+    if x is None:
+        return "-"
+    if math.isinf(x):
+        return "inf"
+    return f"{x:.4f}"
+
+
+def _fmt_params(params: dict[str, Any]) -> str:
+    short = {"sample_rate": "q", "noise_multiplier": "z", "steps": "T"}
+    parts = []
+    for k, v in params.items():
+        shown = f"{v:.4g}" if isinstance(v, float) else str(v)
+        parts.append(f"{short.get(k, k)}={shown}")
+    return ", ".join(parts)
+
+
+def _rows(report: PrivacyReport) -> list[tuple[str, str, str, str, str, str, str]]:
+    rows = []
+    for r in report.rounds:
+        parties: list[tuple[str, PartyRoundReport]] = []
+        if r.federation is not None:
+            parties.append((FEDERATION, r.federation))
+        parties.extend(r.clients.items())
+        for name, p in parties:
+            level = "user" if name == FEDERATION else "sample"
+            rows.append(
+                (
+                    str(r.round_index),
+                    name,
+                    level,
+                    f"{p.mechanism} ({_fmt_params(p.parameters)})",
+                    _fmt(p.epsilon_round),
+                    _fmt(p.epsilon_cumulative),
+                    _fmt(p.budget_remaining),
+                )
+            )
+    return rows
+
+
+_HEADERS = ("round", "party", "level", "mechanism", "ε round", "ε cumulative", "budget left")
+
+
+def _summary_lines(report: PrivacyReport) -> list[str]:
+    fb = "none" if report.federation_budget is None else f"{report.federation_budget:g}"
+    cb = "none" if report.client_budget is None else f"{report.client_budget:g}"
+    lines = [
+        f"accountant: {report.accountant}",
+        f"federation (user level): ε = {_fmt(report.federation_epsilon)} at δ = {report.federation_delta:g}, "
+        f"budget {fb}",
+    ]
+    for cid, eps in report.client_epsilons.items():
+        lines.append(f"client {cid} (sample level): ε = {_fmt(eps)} at δ = {report.client_delta:g}, budget {cb}")
+    return lines
+
+
+def render_text(report: PrivacyReport) -> str:
+    """Aligned plain-text table plus a summary."""
+    rows = _rows(report)
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(_HEADERS)]
+    out = [*_summary_lines(report), ""]
+    out.append("  ".join(h.ljust(w) for h, w in zip(_HEADERS, widths, strict=True)).rstrip())
+    out.append("  ".join("-" * w for w in widths))
+    for row in rows:
+        out.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    if not rows:
+        out.append("(no rounds recorded)")
+    return "\n".join(out) + "\n"
+
+
+def render_markdown(report: PrivacyReport) -> str:
+    """A Markdown section: summary bullets and a table."""
+    out = ["# Privacy report", ""]
+    out.extend(f"- {line}" for line in _summary_lines(report))
+    out.append("")
+    out.append("| " + " | ".join(_HEADERS) + " |")
+    out.append("|" + "|".join("---" for _ in _HEADERS) + "|")
+    for row in _rows(report):
+        out.append("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |")
+    return "\n".join(out) + "\n"
+
+
+_MAX_LEGEND_CLIENTS = 12
+
+
+def render_plot(report: PrivacyReport) -> Figure:
+    """Cumulative ε against rounds: one line for the federation (user level) and one per client (sample
+    level), with dashed budget lines. Returns the figure; the caller saves it (``fig.savefig(path)``)."""
+    fig = Figure(figsize=(8, 4.5), dpi=100)
+    ax = fig.subplots()
+    fed_x = [r.round_index for r in report.rounds if r.federation is not None]
+    fed_y = [r.federation.epsilon_cumulative for r in report.rounds if r.federation is not None]
+    if fed_x:
+        ax.plot(
+            fed_x,
+            fed_y,
+            marker="o",
+            linewidth=2.5,
+            color="black",
+            label=f"federation (user, δ={report.federation_delta:g})",
+        )
+    many = len(report.client_epsilons) > _MAX_LEGEND_CLIENTS
+    for i, cid in enumerate(report.client_epsilons):
+        xs = [r.round_index for r in report.rounds if cid in r.clients]
+        ys = [r.clients[cid].epsilon_cumulative for r in report.rounds if cid in r.clients]
+        if many:
+            label = f"clients ({len(report.client_epsilons)}, sample, δ={report.client_delta:g})" if i == 0 else None
+        else:
+            label = f"client {cid} (sample, δ={report.client_delta:g})"
+        ax.plot(xs, ys, marker=".", linewidth=1.2, label=label)
+    if report.federation_budget is not None and fed_x:
+        ax.axhline(report.federation_budget, color="black", linestyle="--", linewidth=1, label="federation budget")
+    if report.client_budget is not None and report.client_epsilons:
+        ax.axhline(report.client_budget, color="grey", linestyle=":", linewidth=1, label="client budget")
+    ax.set_xlabel("round")
+    ax.set_ylabel("cumulative ε")
+    ax.set_title(f"Privacy spent ({report.accountant.upper()} accountant)")
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper left", fontsize="small")
+    fig.tight_layout()
+    return fig
