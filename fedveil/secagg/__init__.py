@@ -1,0 +1,127 @@
+"""Secure aggregation (SecAgg, Bonawitz et al. CCS 2017; SecAgg+, Bell et al. CCS 2020).
+
+The server learns the sum of the surviving clients' vectors and nothing else, even when clients
+drop out at any stage, as long as at least ``threshold`` remain. This package is pure: no I/O,
+no global state; transports move its messages and never carry protocol logic.
+
+Modules: :mod:`~.encoding` (float → fixed point → Z_2^k and back), :mod:`~.prg` (AES-CTR mask
+expansion), :mod:`~.keys` (X25519, HKDF, session id, Ed25519), :mod:`~.shamir` (vectorized
+Shamir, AES-GCM share boxes), :mod:`~.graph` (complete / Harary graphs, parameter helper),
+:mod:`~.messages` (wire messages), :mod:`~.client` and :mod:`~.server` (state machines, one
+class per stage), :mod:`~.simulation` (in-process round runner).
+
+How a driver runs one round
+---------------------------
+Every party builds the same :class:`SecAggConfig`; client ids are ``0 .. n-1``::
+
+    config = SecAggConfig(num_clients=n, threshold=t, vector_length=m, round_id=r,
+                          graph=GraphSpec("harary", k))          # or GraphSpec() = complete
+    encoder = FixedPointEncoder.for_clients(n, clip=1.0)          # if inputs are floats
+
+    # client side
+    client = SecAggClient(client_id, config)                     # identity_key=... in active mode
+    client.set_input(encoder.encode(update, seed=os.urandom(16))) # or a ring vector (distributed DP)
+    send(client.advertise_keys())                                 # R0
+    for each server message msg:                                  # ShareKeysRequest, MaskedInputRequest, ...
+        reply = client.handle(msg)                                # accepts a Message or its bytes
+        if reply is not None: send(reply)
+    # client.completed / client.aborted / client.abort_reason tell how it ended.
+
+    # server side
+    server = SecAggServer(config)
+    while not (server.completed or server.aborted):
+        for each (client_id, msg) arriving before the stage deadline:
+            server.receive(client_id, msg)                        # client_id as authenticated by the transport
+            if not server.pending: break                          # everyone answered: close early
+        for client_id, out in server.close_stage().items():       # late clients are now dropouts
+            send_to(client_id, out)
+    ring_sum = server.result.ring_sum                             # survivors: server.result.survivors
+    mean = encoder.decode_mean(ring_sum, len(server.result.survivors))
+
+Wire format: ``msg.to_bytes()`` and :func:`decode_message` (raw little-endian ring elements,
+no pickle); ``msg.wire_size()`` is the exact byte count. ``server.expected`` lists the clients
+awaited in the current stage. Errors a peer can provoke (:class:`UnexpectedMessageError`,
+:class:`WrongRoundError`, :class:`MalformedMessageError`, …) are raised by ``receive`` /
+``handle`` and leave the state unchanged; a client that detects an attack or must refuse a
+request raises and moves to its Aborted state. A server abort sends :class:`RoundAborted` to
+every client still in the round.
+"""
+
+from fedveil.secagg.client import SecAggClient
+from fedveil.secagg.config import SecAggConfig
+from fedveil.secagg.encoding import FixedPointEncoder, Ring
+from fedveil.secagg.errors import (
+    ConfigError,
+    ConsistencyCheckError,
+    DoubleShareRequestError,
+    EncodingOverflowError,
+    InvalidSignatureError,
+    MalformedMessageError,
+    ProtocolError,
+    RoundAbortedError,
+    SecAggError,
+    ShareDecryptionError,
+    TooFewSurvivorsError,
+    UnexpectedMessageError,
+    UnmaskingRefusedError,
+    WrongRoundError,
+)
+from fedveil.secagg.graph import CompleteGraph, GraphParameters, GraphSpec, HararyGraph, secagg_plus_parameters
+from fedveil.secagg.messages import (
+    AdvertiseKeys,
+    ConsistencyCheckRequest,
+    ConsistencyCheckResponse,
+    MaskedInputRequest,
+    MaskedInputResponse,
+    Message,
+    RoundAborted,
+    ShareKeysRequest,
+    ShareKeysResponse,
+    UnmaskingRequest,
+    UnmaskingResponse,
+    decode_message,
+)
+from fedveil.secagg.server import AggregationResult, SecAggServer
+from fedveil.secagg.simulation import SimulationResult, run_round
+
+__all__ = [
+    "AdvertiseKeys",
+    "AggregationResult",
+    "CompleteGraph",
+    "ConfigError",
+    "ConsistencyCheckError",
+    "ConsistencyCheckRequest",
+    "ConsistencyCheckResponse",
+    "DoubleShareRequestError",
+    "EncodingOverflowError",
+    "FixedPointEncoder",
+    "GraphParameters",
+    "GraphSpec",
+    "HararyGraph",
+    "InvalidSignatureError",
+    "MalformedMessageError",
+    "MaskedInputRequest",
+    "MaskedInputResponse",
+    "Message",
+    "ProtocolError",
+    "Ring",
+    "RoundAborted",
+    "RoundAbortedError",
+    "SecAggClient",
+    "SecAggConfig",
+    "SecAggError",
+    "SecAggServer",
+    "ShareDecryptionError",
+    "ShareKeysRequest",
+    "ShareKeysResponse",
+    "SimulationResult",
+    "TooFewSurvivorsError",
+    "UnexpectedMessageError",
+    "UnmaskingRefusedError",
+    "UnmaskingRequest",
+    "UnmaskingResponse",
+    "WrongRoundError",
+    "decode_message",
+    "run_round",
+    "secagg_plus_parameters",
+]

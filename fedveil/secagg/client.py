@@ -1,0 +1,446 @@
+"""Client side of SecAgg / SecAgg+: one class per stage, each handler returns the next state.
+
+R0AdvertiseKeys → R1ShareKeys → R2MaskedInput → [ConsistencyCheck, active mode] → R3Unmasking
+→ Completed, or Aborted from any stage (Bonawitz et al., CCS 2017, Fig. 4; the state classes
+follow Google's fcp/secagg/client). :class:`SecAggClient` is the facade a driver uses; it holds
+the current state object and swaps it for whatever the state's handler returns.
+
+Errors: a message that does not belong to the current state raises
+:class:`UnexpectedMessageError`, one from another round :class:`WrongRoundError`, undecodable
+bytes :class:`MalformedMessageError`; these leave the state unchanged (the message is
+ignored). Any other :class:`SecAggError` — a tampered share, a bad signature, a refused
+unmasking request — moves the client to :class:`ClientAborted` before it propagates.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import ClassVar
+
+import numpy as np
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fedveil.secagg.config import SecAggConfig
+from fedveil.secagg.errors import (
+    ConfigError,
+    ConsistencyCheckError,
+    DoubleShareRequestError,
+    MalformedMessageError,
+    ProtocolError,
+    RoundAbortedError,
+    SecAggError,
+    ShareDecryptionError,
+    TooFewSurvivorsError,
+    UnexpectedMessageError,
+    UnmaskingRefusedError,
+    WrongRoundError,
+)
+from fedveil.secagg.keys import (
+    RoundKeys,
+    advertisement_payload,
+    generate_round_keys,
+    pairwise_mask_seed,
+    self_mask_prg_seed,
+    share_box_key,
+    sign,
+    survivor_set_payload,
+    verify,
+)
+from fedveil.secagg.messages import (
+    SELF_MASK_LIMBS,
+    SHARE_LIMBS,
+    AdvertiseKeys,
+    ConsistencyCheckRequest,
+    ConsistencyCheckResponse,
+    MaskedInputRequest,
+    MaskedInputResponse,
+    Message,
+    RoundAborted,
+    ShareKeysRequest,
+    ShareKeysResponse,
+    UnmaskingRequest,
+    UnmaskingResponse,
+    decode_message,
+)
+from fedveil.secagg.prg import SEED_BYTES, MaskExpander
+from fedveil.secagg.session import Session, check_advertisement
+from fedveil.secagg.shamir import PRIME, bytes_to_limbs, open_share, seal_share, share
+
+_NON_FATAL = (UnexpectedMessageError, WrongRoundError, MalformedMessageError)
+
+
+class _ClientContext:
+    """State shared by one client's stage objects (secrets included: never log it)."""
+
+    def __init__(self, client_id: int, config: SecAggConfig, identity_key: Ed25519PrivateKey | None,
+                 seed: bytes | None) -> None:
+        self.client_id = client_id
+        self.config = config
+        self.identity_key = identity_key
+        self.keys: RoundKeys = generate_round_keys(seed)
+        self.input: np.ndarray | None = None
+        self.advertisement: AdvertiseKeys | None = None
+        self.session: Session | None = None
+        self.own_share: np.ndarray | None = None
+        self.received: dict[int, np.ndarray] = {}  # peer id → this client's share of the peer's secrets
+        self.signed_survivors: frozenset[int] | None = None
+        self.revealed: dict[int, str] = {}  # peer id → "self_mask" | "mask_key"
+
+    def __repr__(self) -> str:
+        return f"_ClientContext(client_id={self.client_id}, <secrets>)"
+
+
+class ClientState:
+    """One stage of the client. ``handle`` returns ``(next_state, reply or None)``."""
+
+    name: ClassVar[str] = "?"
+
+    def __init__(self, ctx: _ClientContext) -> None:
+        self.ctx = ctx
+
+    def handle(self, msg: Message) -> tuple[ClientState, Message | None]:
+        if isinstance(msg, RoundAborted):
+            return ClientAborted(self.ctx, f"server aborted the round: {msg.reason}"), None
+        raise UnexpectedMessageError(f"client {self.ctx.client_id} in state {self.name} cannot handle "
+                                     f"{type(msg).__name__}")
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__}>"
+
+
+class ClientR0AdvertiseKeys(ClientState):
+    """R0: generate and advertise the round's two X25519 public keys."""
+
+    name = "R0AdvertiseKeys"
+
+    def advertise(self) -> tuple[ClientState, AdvertiseKeys]:
+        ctx = self.ctx
+        cfg = ctx.config
+        c_pk, s_pk = ctx.keys.share_public, ctx.keys.mask_public
+        signature = b""
+        if cfg.active:
+            assert ctx.identity_key is not None
+            signature = sign(ctx.identity_key,
+                             advertisement_payload(cfg.round_id, cfg.parameters_bytes(), ctx.client_id, c_pk, s_pk))
+        adv = AdvertiseKeys(cfg.round_id, ctx.client_id, c_pk, s_pk, signature)
+        ctx.advertisement = adv
+        return ClientR1ShareKeys(ctx), adv
+
+
+class ClientR1ShareKeys(ClientState):
+    """R1: check every advertised key, fix the session, Shamir-share b and s_sk to the holders."""
+
+    name = "R1ShareKeys"
+
+    def handle(self, msg: Message) -> tuple[ClientState, Message | None]:
+        if not isinstance(msg, ShareKeysRequest):
+            return super().handle(msg)
+        ctx = self.ctx
+        cfg = ctx.config
+        me = ctx.client_id
+        for adv in msg.advertisements:
+            check_advertisement(cfg, adv)  # active mode: every peer's signature is verified here
+        try:
+            session = Session.from_advertisements(cfg, msg.advertisements)
+        except ConfigError as err:
+            raise RoundAbortedError(str(err)) from err
+        mine = session.advertisements.get(me)
+        assert ctx.advertisement is not None
+        if mine is None or (mine.share_public, mine.mask_public) != (ctx.advertisement.share_public,
+                                                                     ctx.advertisement.mask_public):
+            raise ProtocolError(f"client {me}: the server did not forward this client's own keys unchanged")
+        holders = session.graph.holders(me)
+        if len(holders) < cfg.threshold:
+            raise RoundAbortedError(f"client {me} has {len(holders)} holders, fewer than threshold {cfg.threshold}")
+        ctx.session = session
+        sid = session.session_id
+        secrets = np.concatenate([bytes_to_limbs(ctx.keys.self_mask_seed),
+                                  bytes_to_limbs(ctx.keys.mask_private.private_bytes_raw())])
+        xs = np.asarray(holders, dtype=np.int64) + 1
+        shares = share(secrets, xs, cfg.threshold, seed=ctx.keys.sharing_seed[:SEED_BYTES])
+        boxes: dict[int, bytes] = {}
+        for row, holder in enumerate(holders):
+            plaintext = shares[row].astype("<u4").tobytes()
+            if holder == me:
+                ctx.own_share = shares[row].copy()
+                continue
+            key = share_box_key(ctx.keys.share_private, session.advertisements[holder].share_public, me, holder, sid)
+            boxes[holder] = seal_share(key, plaintext, me, holder, sid)
+        return ClientR2MaskedInput(ctx), ShareKeysResponse(cfg.round_id, me, boxes)
+
+
+class ClientR2MaskedInput(ClientState):
+    """R2: open the shares addressed to this client, then send x + self mask ± pairwise masks."""
+
+    name = "R2MaskedInput"
+
+    def handle(self, msg: Message) -> tuple[ClientState, Message | None]:
+        if not isinstance(msg, MaskedInputRequest):
+            return super().handle(msg)
+        ctx = self.ctx
+        cfg = ctx.config
+        me = ctx.client_id
+        if ctx.input is None:
+            raise UnexpectedMessageError(f"client {me}: set_input() must be called before the masked-input stage")
+        session = ctx.session
+        assert session is not None
+        sid = session.session_id
+        neighbours = set(session.graph.neighbors(me))
+        received: dict[int, np.ndarray] = {}
+        for sender, box in msg.boxes.items():
+            if sender not in neighbours:
+                raise ProtocolError(f"client {me} received a share box from non-neighbour {sender}")
+            key = share_box_key(ctx.keys.share_private, session.advertisements[sender].share_public, sender, me, sid)
+            plain = open_share(key, box, sender, me, sid)
+            values = np.frombuffer(plain, dtype="<u4").astype(np.int64)
+            if values.size != SHARE_LIMBS or values.max(initial=0) >= PRIME:
+                raise ShareDecryptionError(f"share from client {sender} has the wrong format")
+            received[sender] = values
+        alive_holders = len(received) + 1
+        if alive_holders < cfg.threshold:
+            raise RoundAbortedError(f"client {me}: only {alive_holders} of its holders remain, "
+                                    f"fewer than threshold {cfg.threshold}")
+        ctx.received = received
+        ring = cfg.ring
+        vec = ctx.input.copy()
+        expander = MaskExpander(cfg.vector_length, ring.dtype)
+        expander.add_mask(vec, self_mask_prg_seed(ctx.keys.self_mask_seed, me, sid))
+        for peer in sorted(received):
+            seed = pairwise_mask_seed(ctx.keys.mask_private, session.advertisements[peer].mask_public, me, peer, sid)
+            if me < peer:
+                expander.add_mask(vec, seed)
+            else:
+                expander.subtract_mask(vec, seed)
+        ring.reduce(vec)
+        ctx.input = None  # the plaintext is not needed any more
+        nxt: ClientState = ClientConsistencyCheck(ctx) if cfg.active else ClientR3Unmasking(ctx)
+        return nxt, MaskedInputResponse(cfg.round_id, me, vec)
+
+
+def _id_set(values: np.ndarray, what: str) -> frozenset[int]:
+    ids = [int(v) for v in np.asarray(values).tolist()]
+    out = frozenset(ids)
+    if len(out) != len(ids):
+        raise MalformedMessageError(f"{what} lists a client twice")
+    return out
+
+
+class ClientConsistencyCheck(ClientState):
+    """Active mode: sign the survivor set the server announced (Bonawitz et al., Round 3)."""
+
+    name = "ConsistencyCheck"
+
+    def handle(self, msg: Message) -> tuple[ClientState, Message | None]:
+        if not isinstance(msg, ConsistencyCheckRequest):
+            return super().handle(msg)
+        ctx = self.ctx
+        cfg = ctx.config
+        survivors = _id_set(msg.survivors, "survivor set")
+        _check_survivors(ctx, survivors)
+        assert ctx.session is not None and ctx.identity_key is not None
+        ctx.signed_survivors = survivors
+        signature = sign(ctx.identity_key, survivor_set_payload(ctx.session.session_id, survivors))
+        return ClientR3Unmasking(ctx), ConsistencyCheckResponse(cfg.round_id, ctx.client_id, signature)
+
+
+def _check_survivors(ctx: _ClientContext, survivors: frozenset[int]) -> None:
+    cfg = ctx.config
+    me = ctx.client_id
+    assert ctx.session is not None
+    if me not in survivors:
+        raise UnmaskingRefusedError(f"client {me} sent its masked input but is not in the announced survivor set")
+    if len(survivors) < cfg.threshold:
+        raise TooFewSurvivorsError(f"client {me}: announced survivor set has {len(survivors)} clients, "
+                                   f"fewer than threshold {cfg.threshold}")
+    local = len(survivors.intersection(ctx.session.graph.holders(me)))
+    if local < cfg.threshold:
+        raise TooFewSurvivorsError(f"client {me}: only {local} of its holders are announced as survivors, "
+                                   f"fewer than threshold {cfg.threshold}")
+
+
+class ClientR3Unmasking(ClientState):
+    """R3: reveal one share per peer — the self-mask share of a survivor or the masking-key share
+    of a dropped client, never both (that would unmask the peer's input)."""
+
+    name = "R3Unmasking"
+
+    def handle(self, msg: Message) -> tuple[ClientState, Message | None]:
+        if not isinstance(msg, UnmaskingRequest):
+            return super().handle(msg)
+        ctx = self.ctx
+        cfg = ctx.config
+        me = ctx.client_id
+        session = ctx.session
+        assert session is not None
+        survivors = _id_set(msg.survivors, "survivor set")
+        dropped = _id_set(msg.dropped, "dropped set")
+        both = survivors & dropped
+        if both:
+            raise DoubleShareRequestError(f"client {me} refuses: clients {sorted(both)} are listed both as survivors "
+                                          "and as dropped (answering would reveal both shares of each)")
+        if me in dropped:
+            raise DoubleShareRequestError(f"client {me} refuses: it is listed as dropped although it sent its "
+                                          "masked input (its masking key would be reconstructed)")
+        _check_survivors(ctx, survivors)
+        if cfg.active:
+            _check_consistency(ctx, survivors, msg.signatures)
+        for peer in survivors:
+            if ctx.revealed.get(peer, "self_mask") != "self_mask":
+                raise DoubleShareRequestError(f"client {me} already revealed the masking-key share of {peer}")
+        for peer in dropped:
+            if ctx.revealed.get(peer, "mask_key") != "mask_key":
+                raise DoubleShareRequestError(f"client {me} already revealed the self-mask share of {peer}")
+        assert ctx.own_share is not None
+        held = dict(ctx.received)
+        held[me] = ctx.own_share
+        sm_owners = sorted(p for p in survivors if p in held)
+        mk_owners = sorted(p for p in dropped if p in ctx.received)
+        for p in sm_owners:
+            ctx.revealed[p] = "self_mask"
+        for p in mk_owners:
+            ctx.revealed[p] = "mask_key"
+        sm = np.array([held[p][:SELF_MASK_LIMBS] for p in sm_owners], dtype=np.uint32).reshape(-1, SELF_MASK_LIMBS)
+        mk = np.array([held[p][SELF_MASK_LIMBS:] for p in mk_owners], dtype=np.uint32).reshape(
+            -1, SHARE_LIMBS - SELF_MASK_LIMBS)
+        reply = UnmaskingResponse(cfg.round_id, me, np.array(sm_owners, dtype=np.uint32), sm,
+                                  np.array(mk_owners, dtype=np.uint32), mk)
+        return ClientCompleted(ctx), reply
+
+
+def _check_consistency(ctx: _ClientContext, survivors: frozenset[int], signatures: dict[int, bytes]) -> None:
+    """Active mode: the unmasking request's survivor set must be the one this client signed, and
+    at least t survivors must have signed that same set — otherwise the server showed different
+    sets to different clients (Bonawitz et al., CCS 2017, Round 3 ConsistencyCheck)."""
+    cfg = ctx.config
+    me = ctx.client_id
+    assert ctx.session is not None and cfg.identity_keys is not None
+    if ctx.signed_survivors != survivors:
+        raise ConsistencyCheckError(f"client {me}: the unmasking request names a survivor set different from "
+                                    "the one this client signed")
+    if not set(signatures) <= survivors:
+        raise ConsistencyCheckError(f"client {me}: signatures from clients outside the survivor set")
+    if len(signatures) < cfg.threshold:
+        raise ConsistencyCheckError(f"client {me}: only {len(signatures)} survivor-set signatures, "
+                                    f"fewer than threshold {cfg.threshold}")
+    payload = survivor_set_payload(ctx.session.session_id, survivors)
+    for signer, sig in signatures.items():
+        try:
+            verify(cfg.identity_keys[signer], sig, payload, what=f"the survivor set signed by client {signer}")
+        except SecAggError as err:
+            raise ConsistencyCheckError(f"client {me}: client {signer} signed a different survivor set "
+                                        "(the server showed different sets to different clients)") from err
+
+
+class ClientCompleted(ClientState):
+    """The client answered the unmasking request; its part of the round is done."""
+
+    name = "Completed"
+
+
+class ClientAborted(ClientState):
+    """The round ended without a result for this client (server abort or client refusal)."""
+
+    name = "Aborted"
+
+    def __init__(self, ctx: _ClientContext, reason: str) -> None:
+        super().__init__(ctx)
+        self.reason = reason
+
+    def handle(self, msg: Message) -> tuple[ClientState, Message | None]:
+        if isinstance(msg, RoundAborted):
+            return self, None
+        raise UnexpectedMessageError(f"client {self.ctx.client_id} has aborted ({self.reason}); "
+                                     f"cannot handle {type(msg).__name__}")
+
+
+class SecAggClient:
+    """One client's side of one round. See :mod:`fedveil.secagg` for the driver loop.
+
+    Args:
+        client_id: this client's id in ``0 .. config.num_clients - 1``.
+        config: the round's parameters (identical at every party).
+        identity_key: Ed25519 identity key, required in active mode.
+        seed: 32 bytes from which all of this client's randomness for the round is derived
+            (reproducible simulations); ``None`` draws from ``os.urandom``.
+    """
+
+    def __init__(self, client_id: int, config: SecAggConfig, *, identity_key: Ed25519PrivateKey | None = None,
+                 seed: bytes | None = None) -> None:
+        if not isinstance(client_id, int) or not 0 <= client_id < config.num_clients:
+            raise ConfigError(f"client_id: must be in 0..{config.num_clients - 1} (got {client_id!r})")
+        if config.active:
+            if identity_key is None:
+                raise ConfigError("identity_key: active mode needs this client's Ed25519 identity key")
+            assert config.identity_keys is not None
+            pub = identity_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+            if pub != config.identity_keys[client_id]:
+                raise ConfigError(f"identity_key: does not match identity_keys[{client_id}] in the config")
+        self._ctx = _ClientContext(client_id, config, identity_key, seed if seed is not None else None)
+        self._state: ClientState = ClientR0AdvertiseKeys(self._ctx)
+
+    @property
+    def client_id(self) -> int:
+        return self._ctx.client_id
+
+    @property
+    def config(self) -> SecAggConfig:
+        return self._ctx.config
+
+    @property
+    def state(self) -> ClientState:
+        return self._state
+
+    @property
+    def stage(self) -> str:
+        return self._state.name
+
+    @property
+    def completed(self) -> bool:
+        return isinstance(self._state, ClientCompleted)
+
+    @property
+    def aborted(self) -> bool:
+        return isinstance(self._state, ClientAborted)
+
+    @property
+    def abort_reason(self) -> str | None:
+        return self._state.reason if isinstance(self._state, ClientAborted) else None
+
+    def set_input(self, vector: np.ndarray) -> None:
+        """This round's input: ``vector_length`` ring elements (e.g. from
+        :meth:`FixedPointEncoder.encode`, or a distributed-DP noised integer vector)."""
+        cfg = self._ctx.config
+        if isinstance(self._state, (ClientR3Unmasking, ClientConsistencyCheck, ClientCompleted, ClientAborted)):
+            raise UnexpectedMessageError(f"client {self.client_id}: input can no longer be set in state {self.stage}")
+        self._ctx.input = cfg.ring.check(vector, name="input", length=cfg.vector_length).copy()
+
+    def advertise_keys(self) -> AdvertiseKeys:
+        """Start the round: returns the R0 message for the server."""
+        if not isinstance(self._state, ClientR0AdvertiseKeys):
+            raise UnexpectedMessageError(f"client {self.client_id}: keys are advertised only in R0 "
+                                         f"(state is {self.stage})")
+        self._state, msg = self._state.advertise()
+        return msg
+
+    def handle(self, message: Message | bytes) -> Message | None:
+        """Process one server message; returns the reply for the server, or ``None``."""
+        msg = decode_message(message) if isinstance(message, (bytes, bytearray, memoryview)) else message
+        if msg.round_id != self._ctx.config.round_id:
+            raise WrongRoundError(f"client {self.client_id}: message for round {msg.round_id}, "
+                                  f"this is round {self._ctx.config.round_id}")
+        if msg.client_id != self.client_id:
+            raise UnexpectedMessageError(f"client {self.client_id}: message addressed to client {msg.client_id}")
+        try:
+            self._state, reply = self._state.handle(msg)
+        except _NON_FATAL:
+            raise
+        except SecAggError as err:
+            self._state = ClientAborted(self._ctx, str(err))
+            raise
+        return reply
+
+
+def fresh_client_seed() -> bytes:
+    """32 random bytes for :class:`SecAggClient`'s ``seed`` (convenience for simulations)."""
+    return os.urandom(32)

@@ -1,0 +1,152 @@
+"""Per-round key material: two X25519 key pairs per client, HKDF-derived seeds, session ids.
+
+Bonawitz et al. (CCS 2017, §4, Fig. 4): each client advertises two Diffie–Hellman public keys
+per round, ``c`` (to encrypt the Shamir shares it sends to peers) and ``s`` (to agree on
+pairwise masks). Every derived secret is bound with HKDF-SHA256 (RFC 5869) to the **session
+id**, a SHA-256 over the round id, the protocol parameters and every advertised public key (as
+in Google's fcp/secagg), so no mask, share or signature of one round is valid in another, and a
+server that shows different key sets to different clients produces different session ids.
+
+All randomness comes from ``os.urandom`` unless the caller passes a 32-byte ``seed``, in which
+case everything is derived from it with HKDF (deterministic tests, reproducible simulations).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from fedveil.secagg.errors import ConfigError, InvalidSignatureError
+from fedveil.secagg.prg import SEED_BYTES
+
+PUBLIC_KEY_BYTES = 32
+SIGNATURE_BYTES = 64
+SESSION_ID_BYTES = 32
+CLIENT_SEED_BYTES = 32
+_DOMAIN = b"fedveil/secagg/v1/"
+
+
+def hkdf(secret: bytes, *, salt: bytes, info: bytes, length: int = SEED_BYTES) -> bytes:
+    """HKDF-SHA256 (RFC 5869) with a domain-separated ``info``."""
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=_DOMAIN + info).derive(secret)
+
+
+@dataclass(frozen=True)
+class RoundKeys:
+    """One client's secrets for one round. Never logged, never serialized in the clear."""
+
+    share_private: X25519PrivateKey
+    mask_private: X25519PrivateKey
+    self_mask_seed: bytes
+    sharing_seed: bytes
+    """Seeds the Shamir polynomial coefficients (AES-CTR), so sharing is deterministic per seed."""
+
+    @property
+    def share_public(self) -> bytes:
+        return self.share_private.public_key().public_bytes_raw()
+
+    @property
+    def mask_public(self) -> bytes:
+        return self.mask_private.public_key().public_bytes_raw()
+
+    def __repr__(self) -> str:  # never print secrets
+        return "RoundKeys(<secret>)"
+
+
+def generate_round_keys(seed: bytes | None = None) -> RoundKeys:
+    """Fresh keys from the OS CSPRNG, or derived from a 32-byte ``seed`` for reproducibility."""
+    if seed is None:
+        return RoundKeys(X25519PrivateKey.generate(), X25519PrivateKey.generate(),
+                         os.urandom(SEED_BYTES), os.urandom(CLIENT_SEED_BYTES))
+    if not isinstance(seed, bytes) or len(seed) != CLIENT_SEED_BYTES:
+        raise ConfigError(f"seed: expected {CLIENT_SEED_BYTES} bytes or None")
+
+    def derive(label: bytes, length: int = 32) -> bytes:
+        return hkdf(seed, salt=b"", info=b"client-seed/" + label, length=length)
+
+    return RoundKeys(
+        X25519PrivateKey.from_private_bytes(derive(b"share-key")),
+        X25519PrivateKey.from_private_bytes(derive(b"mask-key")),
+        derive(b"self-mask", SEED_BYTES),
+        derive(b"shamir", CLIENT_SEED_BYTES),
+    )
+
+
+def check_public_key(value: bytes, name: str) -> bytes:
+    if not isinstance(value, bytes) or len(value) != PUBLIC_KEY_BYTES:
+        raise ConfigError(f"{name}: expected a {PUBLIC_KEY_BYTES}-byte X25519 public key")
+    return value
+
+
+def session_id(round_id: int, parameters: bytes, advertised: Iterable[tuple[int, bytes, bytes]]) -> bytes:
+    """SHA-256 over the round id, the protocol parameters and all advertised public keys.
+
+    ``advertised`` yields ``(client_id, share_public, mask_public)``; the order does not matter
+    (entries are sorted by client id).
+    """
+    h = hashlib.sha256()
+    h.update(_DOMAIN + b"session")
+    h.update(struct.pack("<Q", round_id))
+    h.update(struct.pack("<I", len(parameters)) + parameters)
+    for cid, c_pk, s_pk in sorted(advertised):
+        h.update(struct.pack("<I", cid) + c_pk + s_pk)
+    return h.digest()
+
+
+def _pair_info(label: bytes, a: int, b: int) -> bytes:
+    return label + struct.pack("<II", a, b)
+
+
+def pairwise_mask_seed(own_mask: X25519PrivateKey, peer_mask_public: bytes, own_id: int, peer_id: int,
+                       session: bytes) -> bytes:
+    """The PRG seed of the mask shared by ``own_id`` and ``peer_id`` (the same on both sides)."""
+    shared = own_mask.exchange(X25519PublicKey.from_public_bytes(peer_mask_public))
+    lo, hi = (own_id, peer_id) if own_id < peer_id else (peer_id, own_id)
+    return hkdf(shared, salt=session, info=_pair_info(b"pairwise-mask", lo, hi))
+
+
+def share_box_key(own_share: X25519PrivateKey, peer_share_public: bytes, sender: int, recipient: int,
+                  session: bytes) -> bytes:
+    """AES-128-GCM key for the share box from ``sender`` to ``recipient`` (direction-specific)."""
+    shared = own_share.exchange(X25519PublicKey.from_public_bytes(peer_share_public))
+    return hkdf(shared, salt=session, info=_pair_info(b"share-box", sender, recipient))
+
+
+def self_mask_prg_seed(self_mask_seed: bytes, client_id: int, session: bytes) -> bytes:
+    """PRG seed of a client's self mask, derived from its Shamir-shared seed ``b``."""
+    return hkdf(self_mask_seed, salt=session, info=b"self-mask" + struct.pack("<I", client_id))
+
+
+# --- active-adversary mode: Ed25519 identity signatures -------------------------------------------
+
+def advertisement_payload(round_id: int, parameters: bytes, client_id: int, share_public: bytes,
+                          mask_public: bytes) -> bytes:
+    return (_DOMAIN + b"advertise" + struct.pack("<QI", round_id, len(parameters)) + parameters
+            + struct.pack("<I", client_id) + share_public + mask_public)
+
+
+def survivor_set_payload(session: bytes, survivors: Iterable[int]) -> bytes:
+    ids = sorted(survivors)
+    return _DOMAIN + b"survivors" + session + struct.pack(f"<I{len(ids)}I", len(ids), *ids)
+
+
+def sign(identity: Ed25519PrivateKey, payload: bytes) -> bytes:
+    return identity.sign(payload)
+
+
+def verify(identity_public: bytes, signature: bytes, payload: bytes, *, what: str) -> None:
+    """Raise :class:`InvalidSignatureError` naming ``what`` unless ``signature`` verifies."""
+    from cryptography.exceptions import InvalidSignature
+
+    try:
+        Ed25519PublicKey.from_public_bytes(identity_public).verify(signature, payload)
+    except (InvalidSignature, ValueError) as err:
+        raise InvalidSignatureError(f"invalid Ed25519 signature on {what}") from err

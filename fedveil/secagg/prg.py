@@ -1,0 +1,127 @@
+"""AES-CTR pseudorandom generator that expands seeds straight into numpy buffers.
+
+Masks must be indistinguishable from uniform ring elements to anyone without the seed, so they
+come from AES-128 in counter mode (``cryptography``'s OpenSSL binding, AES-NI where available),
+never from numpy's or Python's ``random``. Bonawitz et al. (CCS 2017, §4) instantiate the PRG
+the same way; Google's fcp/secagg calls it ``AesCtrPrng``.
+
+Speed: the keystream is written with ``update_into`` into one preallocated byte buffer that
+numpy then views as ``uint32``/``uint64``, so expansion costs one AES pass and no allocation,
+and masks are added into an accumulator with wraparound ``+=``/``-=`` in place.
+:class:`MaskExpander` keeps that buffer (and a zero plaintext) for reuse across seeds.
+
+Each seed keys exactly one stream (the counter block starts at zero), so a seed must be used
+for one purpose only; :mod:`fedveil.secagg.keys` derives separate seeds per purpose with HKDF.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from fedveil.secagg.errors import ConfigError
+
+SEED_BYTES = 16
+"""AES-128 keys: 128-bit security, matching X25519's."""
+
+_ZERO_COUNTER = bytes(16)
+# Room for OpenSSL versions that want ``len(data) + block_size - 1`` bytes in ``update_into``.
+_PAD = 16
+# Expand and accumulate in chunks that stay in the L2 cache (the add then reads hot data).
+CHUNK_BYTES = 1 << 18
+
+
+def _check_seed(seed: bytes) -> None:
+    if not isinstance(seed, (bytes, bytearray)) or len(seed) != SEED_BYTES:
+        raise ConfigError(f"seed: expected {SEED_BYTES} bytes, got {type(seed).__name__} of length "
+                          f"{len(seed) if isinstance(seed, (bytes, bytearray)) else 'n/a'}")
+
+
+def _encryptor(seed: bytes):  # type: ignore[no-untyped-def]
+    return Cipher(algorithms.AES(bytes(seed)), modes.CTR(_ZERO_COUNTER)).encryptor()
+
+
+def expand(seed: bytes, count: int, dtype: np.dtype | type = np.uint32) -> np.ndarray:
+    """Return ``count`` pseudorandom elements of ``dtype`` (a fresh array) from ``seed``."""
+    _check_seed(seed)
+    dt = np.dtype(dtype)
+    nbytes = int(count) * dt.itemsize
+    raw = np.empty(nbytes + _PAD, dtype=np.uint8)
+    enc = _encryptor(seed)
+    if nbytes:
+        enc.update_into(np.zeros(nbytes, dtype=np.uint8), raw)
+    return raw[:nbytes].view(dt.newbyteorder("<")).astype(dt, copy=False)
+
+
+def uniform01(seed: bytes, count: int) -> np.ndarray:
+    """``count`` float64 values uniform on [0, 1) with 53 random bits each, from ``seed``."""
+    words = expand(seed, count, np.uint64)
+    return (words >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+class MaskExpander:
+    """Expands seeds into one reusable buffer of ``length`` ring elements and accumulates masks.
+
+    Memory is O(length) regardless of how many masks are expanded, which is what keeps the
+    server's unmasking at O(m) (issue 2: memory independent of n·m).
+    """
+
+    def __init__(self, length: int, dtype: np.dtype | type) -> None:
+        if length < 0:
+            raise ConfigError(f"length: must be >= 0 (got {length})")
+        self._dtype = np.dtype(dtype)
+        self._le = self._dtype.newbyteorder("<")
+        self._length = int(length)
+        self._nbytes = self._length * self._dtype.itemsize
+        chunk = min(self._nbytes, CHUNK_BYTES)
+        chunk -= chunk % 16  # keep AES blocks aligned with the chunk boundary
+        self._chunk_bytes = max(chunk, 16) if self._nbytes else 0
+        self._zeros = np.zeros(max(self._chunk_bytes, 16), dtype=np.uint8)
+        self._chunk_buf = np.empty(self._chunk_bytes + _PAD, dtype=np.uint8)
+        self._full: np.ndarray | None = None
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._dtype
+
+    def expand(self, seed: bytes) -> np.ndarray:
+        """The mask for ``seed`` in a buffer owned by the expander (valid until the next call)."""
+        _check_seed(seed)
+        if self._full is None:
+            self._full = np.empty(self._nbytes + _PAD, dtype=np.uint8)
+        enc = _encryptor(seed)
+        zeros = np.zeros(self._nbytes, dtype=np.uint8) if self._nbytes > self._zeros.size else None
+        if self._nbytes:
+            enc.update_into(zeros if zeros is not None else self._zeros[: self._nbytes], self._full)
+        return self._full[: self._nbytes].view(self._le)
+
+    def _accumulate(self, acc: np.ndarray, seed: bytes, subtract: bool) -> None:
+        _check_seed(seed)
+        if acc.dtype != self._dtype or acc.shape != (self._length,):
+            raise ConfigError(f"accumulator: expected {self._dtype} array of shape ({self._length},), "
+                              f"got {acc.dtype} {acc.shape}")
+        enc = _encryptor(seed)
+        step = self._chunk_bytes // self._dtype.itemsize
+        op = np.subtract if subtract else np.add
+        buf = self._chunk_buf
+        zeros = self._zeros
+        itemsize = self._dtype.itemsize
+        for start in range(0, self._length, step):
+            stop = min(start + step, self._length)
+            nb = (stop - start) * itemsize
+            enc.update_into(zeros[:nb], buf)
+            view = buf[:nb].view(self._le)
+            seg = acc[start:stop]
+            op(seg, view, out=seg)
+
+    def add_mask(self, acc: np.ndarray, seed: bytes) -> None:
+        """``acc += PRG(seed)`` with wraparound, in place."""
+        self._accumulate(acc, seed, subtract=False)
+
+    def subtract_mask(self, acc: np.ndarray, seed: bytes) -> None:
+        """``acc -= PRG(seed)`` with wraparound, in place."""
+        self._accumulate(acc, seed, subtract=True)

@@ -1,0 +1,66 @@
+"""What client and server derive identically once all public keys are known: the session."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import cached_property
+
+from fedveil.secagg.config import SecAggConfig
+from fedveil.secagg.errors import ConfigError, InvalidSignatureError, ProtocolError
+from fedveil.secagg.graph import MaskingGraph, build_graph
+from fedveil.secagg.keys import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, advertisement_payload, hkdf, session_id, verify
+from fedveil.secagg.messages import AdvertiseKeys
+
+
+def check_advertisement(config: SecAggConfig, adv: AdvertiseKeys) -> None:
+    """Shape checks on one advertisement, and its identity signature in active mode."""
+    if not 0 <= adv.client_id < config.num_clients:
+        raise ProtocolError(f"client_id {adv.client_id} is outside 0..{config.num_clients - 1}")
+    if len(adv.share_public) != PUBLIC_KEY_BYTES or len(adv.mask_public) != PUBLIC_KEY_BYTES:
+        raise ProtocolError(f"client {adv.client_id}: public keys must be {PUBLIC_KEY_BYTES} bytes")
+    if adv.share_public == adv.mask_public:
+        raise ProtocolError(f"client {adv.client_id}: share and mask public keys must differ")
+    if config.active:
+        assert config.identity_keys is not None
+        if len(adv.signature) != SIGNATURE_BYTES:
+            raise InvalidSignatureError(f"client {adv.client_id}: active mode needs a signed advertisement")
+        payload = advertisement_payload(config.round_id, config.parameters_bytes(), adv.client_id,
+                                        adv.share_public, adv.mask_public)
+        verify(config.identity_keys[adv.client_id], adv.signature, payload,
+               what=f"the key advertisement of client {adv.client_id}")
+
+
+@dataclass(frozen=True)
+class Session:
+    """The advertised keys of one round, its session id and its masking graph."""
+
+    config: SecAggConfig
+    advertisements: dict[int, AdvertiseKeys]
+
+    @classmethod
+    def from_advertisements(cls, config: SecAggConfig, advertisements: Iterable[AdvertiseKeys]) -> Session:
+        table: dict[int, AdvertiseKeys] = {}
+        for adv in advertisements:
+            if adv.round_id != config.round_id:
+                raise ProtocolError(f"advertisement of client {adv.client_id} is for round {adv.round_id}")
+            if adv.client_id in table:
+                raise ProtocolError(f"client {adv.client_id} advertised twice")
+            table[adv.client_id] = adv
+        if len(table) < config.threshold:
+            raise ConfigError(f"only {len(table)} clients advertised keys; threshold is {config.threshold}")
+        return cls(config, dict(sorted(table.items())))
+
+    @cached_property
+    def session_id(self) -> bytes:
+        return session_id(self.config.round_id, self.config.parameters_bytes(),
+                          ((cid, a.share_public, a.mask_public) for cid, a in self.advertisements.items()))
+
+    @cached_property
+    def graph(self) -> MaskingGraph:
+        seed = hkdf(self.session_id, salt=b"", info=b"graph-permutation")
+        return build_graph(self.config.graph, list(self.advertisements), seed)
+
+    @property
+    def members(self) -> tuple[int, ...]:
+        return tuple(self.advertisements)

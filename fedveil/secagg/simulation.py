@@ -1,0 +1,152 @@
+"""Pure in-process round runner: every client and the server, one after another.
+
+Used by ``fedveil bench secagg`` and the tests. Each party's work is timed separately with the
+caller's clock, so the figures say what one client and the server would spend on their own
+machine; no I/O happens here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fedveil.secagg.client import SecAggClient
+from fedveil.secagg.config import SecAggConfig
+from fedveil.secagg.errors import ConfigError, SecAggError
+from fedveil.secagg.messages import Message, decode_message
+from fedveil.secagg.server import AggregationResult, SecAggServer
+
+DROPOUT_STAGES = ("keys", "shares", "masked", "consistency", "unmask")
+"""Where a client can drop: before advertising keys, before sending shares, before sending its
+masked input, before signing the survivor set (active mode), before sending unmasking shares."""
+
+
+@dataclass
+class SimulationResult:
+    """What one simulated round produced, with per-party timings and upload sizes."""
+
+    config: SecAggConfig
+    result: AggregationResult | None
+    abort_reason: str | None
+    server_s: float
+    client_s: dict[int, float]
+    upload_bytes: dict[int, int]
+    download_bytes: dict[int, int]
+    client_errors: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def completed(self) -> bool:
+        return self.result is not None
+
+    @property
+    def total_s(self) -> float:
+        """Server time plus every client's time (the round's CPU cost in one process)."""
+        return self.server_s + sum(self.client_s.values())
+
+
+def _normalize_dropouts(dropouts: Mapping[str, Iterable[int]] | None, n: int) -> dict[str, frozenset[int]]:
+    plan: dict[str, frozenset[int]] = {}
+    seen: set[int] = set()
+    for stage, ids in (dropouts or {}).items():
+        if stage not in DROPOUT_STAGES:
+            raise ConfigError(f"dropouts: unknown stage {stage!r} (choose from {DROPOUT_STAGES})")
+        group = frozenset(int(i) for i in ids)
+        if any(not 0 <= i < n for i in group):
+            raise ConfigError(f"dropouts[{stage!r}]: client ids must be in 0..{n - 1}")
+        if group & seen:
+            raise ConfigError(f"dropouts: clients {sorted(group & seen)} drop at more than one stage")
+        seen |= group
+        plan[stage] = group
+    return plan
+
+
+def run_round(config: SecAggConfig, inputs: Mapping[int, np.ndarray], *,
+              dropouts: Mapping[str, Iterable[int]] | None = None,
+              seeds: Mapping[int, bytes] | None = None,
+              identity_keys: Mapping[int, Ed25519PrivateKey] | None = None,
+              wire: bool = False,
+              clock: Callable[[], float] = time.perf_counter) -> SimulationResult:
+    """Run one round with ``inputs`` (client id → ring vector) for clients ``0..n-1``.
+
+    ``dropouts`` maps a stage of :data:`DROPOUT_STAGES` to the clients that stop responding
+    there. ``wire=True`` sends every message through ``to_bytes``/``decode_message``.
+    """
+    n = config.num_clients
+    if set(inputs) != set(range(n)):
+        raise ConfigError(f"inputs: need one vector for each client 0..{n - 1}")
+    plan = _normalize_dropouts(dropouts, n)
+    gone: set[int] = set()
+    client_s = dict.fromkeys(range(n), 0.0)
+    upload = dict.fromkeys(range(n), 0)
+    download = dict.fromkeys(range(n), 0)
+    errors: dict[int, str] = {}
+    server_s = 0.0
+
+    def transfer(msg: Message, sizes: dict[int, int], who: int) -> Message:
+        sizes[who] += msg.wire_size()
+        return decode_message(msg.to_bytes()) if wire else msg
+
+    clients: dict[int, SecAggClient] = {}
+    for cid in range(n):
+        start = clock()
+        key = identity_keys[cid] if identity_keys is not None else None
+        clients[cid] = SecAggClient(cid, config, identity_key=key, seed=None if seeds is None else seeds[cid])
+        clients[cid].set_input(inputs[cid])
+        client_s[cid] += clock() - start
+    start = clock()
+    server = SecAggServer(config)
+    server_s += clock() - start
+
+    gone |= plan.get("keys", frozenset())
+    for cid in range(n):
+        if cid in gone:
+            continue
+        start = clock()
+        msg: Message | None = clients[cid].advertise_keys()
+        client_s[cid] += clock() - start
+        assert msg is not None
+        msg = transfer(msg, upload, cid)
+        start = clock()
+        server.receive(cid, msg)
+        server_s += clock() - start
+
+    stage_drops = iter((plan.get("shares", frozenset()), plan.get("masked", frozenset()),
+                        plan.get("consistency", frozenset()) if config.active else frozenset(),
+                        plan.get("unmask", frozenset())))
+    while True:
+        start = clock()
+        outgoing = server.close_stage()
+        server_s += clock() - start
+        if not outgoing:
+            break
+        if server.aborted:
+            for cid, out in outgoing.items():
+                if cid not in gone:
+                    clients[cid].handle(transfer(out, download, cid))
+            break
+        gone |= next(stage_drops, frozenset())
+        for cid, out in outgoing.items():
+            if cid in gone:
+                continue
+            out = transfer(out, download, cid)
+            start = clock()
+            try:
+                reply = clients[cid].handle(out)
+            except SecAggError as err:
+                errors[cid] = f"{type(err).__name__}: {err}"
+                gone.add(cid)
+                client_s[cid] += clock() - start
+                continue
+            client_s[cid] += clock() - start
+            if reply is None:
+                continue
+            reply = transfer(reply, upload, cid)
+            start = clock()
+            server.receive(cid, reply)
+            server_s += clock() - start
+    result = server.result if server.completed else None
+    return SimulationResult(config, result, server.abort_reason, server_s, client_s, upload, download, errors)
