@@ -1,0 +1,121 @@
+"""The front door for an existing PyTorch training loop: :func:`federate`.
+
+A data scientist keeps their loop; four lines change (see README, "Federating an existing
+PyTorch loop")::
+
+    for rnd in fedveil.federate(server="hospital-hub:7000", task="fedveil.tasks.synthetic",
+                                token=TOKEN, ca_cert="hub.pem", model=model):
+        model, optimizer, loader = rnd.privatize(model, optimizer, loader)  # local DP only
+        for x, y in loader:               # the user's own loop, unchanged
+            ...
+        rnd.submit(model)
+
+``rnd.model`` is the user's own module with the round's global weights loaded; ``rnd.submit``
+sends the masked update and returns when the round is over.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from fedveil.clients.backoff import BackoffPolicy
+from fedveil.clients.session import ClientOptions, EvaluateFn, Federation, Round, RoundOutcome
+from fedveil.protocol.client import ChannelConfig, GrpcTransport
+from fedveil.protocol.tls import read_pem
+from fedveil.protocol.transport import Transport
+from fedveil.task import Task, load_task
+
+
+def federate(
+    server: str | None = None,
+    *,
+    task: str | Task,
+    token: str | None = None,
+    model: nn.Module | None = None,
+    ca_cert: str | Path | None = None,
+    insecure: bool = False,
+    seed: int | bytes | None = None,
+    num_examples: int = 0,
+    evaluate: EvaluateFn | None = None,
+    backoff: BackoffPolicy | None = None,
+    transport: Transport | None = None,
+    server_name_override: str | None = None,
+) -> Federation:
+    """Join the job at ``server`` (``HOST:PORT``) and iterate over the rounds this client is in.
+
+    Args:
+        task: the job's task (``"module:attr"`` or a :class:`~fedveil.task.Task`); its name must
+            match the server's, and its ``build_model`` makes the model when ``model`` is None.
+        token: the client's enrolment token (``fedveil enroll``).
+        model: your own ``nn.Module``; each round loads the global weights into it.
+        ca_cert / insecure: verify the server's TLS certificate against ``ca_cert`` (else the
+            system roots), or use plaintext (tests and loopback only).
+        seed: the client's private seed, for reproducible runs (default: random).
+        num_examples: size of the local data set, reported to the server.
+        evaluate: ``fn(model) -> {"loss": ..., "accuracy": ...}`` for federated evaluation.
+        backoff: reconnect policy (default: jittered exponential, up to 10 s per wait, 5 min total).
+        transport: a ready transport instead of ``server`` (e.g. in-process, for simulations).
+    """
+    resolved = load_task(task) if isinstance(task, str) else task
+    if transport is None:
+        if server is None:
+            raise ValueError("server: required (HOST:PORT) unless a transport is given")
+        transport = GrpcTransport.connect(
+            ChannelConfig(
+                target=check_server_address(server),
+                ca_cert_pem=read_pem(Path(ca_cert), "--ca-cert") if ca_cert is not None else None,
+                insecure=insecure,
+                server_name_override=server_name_override,
+            ),
+            token,
+        )
+    options = ClientOptions(seed=seed, num_examples=num_examples, evaluate=evaluate)
+    if backoff is not None:
+        options.backoff = backoff
+    return Federation(transport, resolved.name, model if model is not None else resolved.build_model(), options)
+
+
+def check_server_address(server: str) -> str:
+    """``HOST:PORT`` with a port in 1..65535, else a ValueError naming the value."""
+    host, sep, port = server.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"server: expected HOST:PORT with a port in 1..65535 (got {server!r})")
+    return server
+
+
+def train_round(rnd: Round, task: Task, dataset: Dataset) -> RoundOutcome:
+    """The turnkey client's round: the task's own training function on the local data set."""
+    model = rnd.model
+    batch_size = rnd.batch_size or task.batch_size
+    loader: DataLoader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=rnd.generator)
+    optimizer = task.make_optimizer(model.parameters())
+    if rnd.learning_rate > 0:
+        for group in optimizer.param_groups:
+            group["lr"] = rnd.learning_rate
+    dp_model, dp_optimizer, dp_loader = rnd.privatize(model, optimizer, loader)
+    for _ in range(rnd.local_epochs or task.local_epochs):
+        task.train_epoch(dp_model, dp_loader, dp_optimizer)
+    return rnd.submit(dp_model, num_examples=len(dataset))  # type: ignore[arg-type]
+
+
+def evaluator(task: Task, dataset: TensorDataset) -> Callable[[nn.Module], dict[str, float]]:
+    """``fn(model)`` evaluating ``task`` on ``dataset`` (for ``federate(evaluate=...)``)."""
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        with torch.no_grad():
+            return task.evaluate(model, dataset)
+
+    return evaluate
+
+
+def run_client(federation: Federation, task: Task, dataset: TensorDataset) -> list[RoundOutcome]:
+    """Run the whole job with the task's training function; returns the per-round outcomes."""
+    with federation:
+        for rnd in federation:
+            train_round(rnd, task, dataset)
+    return federation.history

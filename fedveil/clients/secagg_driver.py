@@ -1,0 +1,122 @@
+"""Glue between the wire messages (``fedveil.protocol``) and the pure secagg client state machine.
+
+The state machine (:class:`fedveil.secagg.client.SecAggClient`) holds all protocol logic: key
+generation, Shamir sharing, share encryption, masking, and the refusal of dangerous unmasking
+requests. This driver only translates protobuf instructions into secagg messages and the
+replies back, so the same client code runs over gRPC and in-process.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from fedveil.protocol import fedveil_pb2 as pb
+from fedveil.protocol.codec import encode_ring_vector
+from fedveil.secagg.client import SecAggClient
+from fedveil.secagg.config import SecAggConfig
+from fedveil.secagg.graph import GraphSpec
+from fedveil.secagg.messages import (
+    AdvertiseKeys,
+    MaskedInputRequest,
+    MaskedInputResponse,
+    ShareKeysRequest,
+    ShareKeysResponse,
+    UnmaskingRequest,
+    UnmaskingResponse,
+)
+
+
+class UnsupportedRoundError(ValueError):
+    """The round asks for something this client does not support; the message names it."""
+
+
+def secagg_config(start: pb.RoundStart) -> SecAggConfig:
+    """The round's :class:`SecAggConfig`, built from ``RoundStart`` exactly as the server builds it.
+
+    Every field enters the session id, so a difference here means no shared session: the
+    graph's degree counts only for Harary graphs (0 for the complete graph).
+    """
+    params = start.secagg
+    kind = params.graph or "complete"
+    return SecAggConfig(
+        num_clients=int(params.cohort_size),
+        threshold=int(params.threshold),
+        vector_length=int(start.encoding.dimension),
+        round_id=int(params.round_id),
+        ring_bits=int(start.encoding.ring_bits),
+        graph=GraphSpec(kind, int(params.degree) if kind == "harary" else 0),
+        active=bool(params.active_adversary),
+        identity_keys=None,
+        context=bytes(params.context),
+    )
+
+
+class SecAggClientDriver:
+    """One round of the secagg client, fed with protobuf instructions."""
+
+    def __init__(self, start: pb.RoundStart, *, seed: bytes | None = None) -> None:
+        if start.secagg.active_adversary:
+            raise UnsupportedRoundError(
+                "secagg.active_adversary: this client has no enrolled identity key (active mode unsupported)"
+            )
+        self.config = secagg_config(start)
+        self.client_id = int(start.client_id)
+        self.client = SecAggClient(self.client_id, self.config, seed=seed)
+
+    @property
+    def round_id(self) -> int:
+        return self.config.round_id
+
+    def set_input(self, ring_vector: np.ndarray) -> None:
+        self.client.set_input(ring_vector)
+
+    def advertise(self) -> dict[str, Any]:
+        adv = self.client.advertise_keys()
+        return {
+            "encryption_public_key": adv.share_public,
+            "masking_public_key": adv.mask_public,
+            "signature": adv.signature,
+        }
+
+    def share_keys(self, peer_keys: pb.PeerKeys) -> list[pb.EncryptedShare]:
+        advertisements = tuple(
+            AdvertiseKeys(self.round_id, int(k.client_id), bytes(k.encryption_public_key),
+                          bytes(k.masking_public_key), bytes(k.signature))
+            for k in peer_keys.keys
+        )
+        reply = self.client.handle(ShareKeysRequest(self.round_id, self.client_id, advertisements))
+        assert isinstance(reply, ShareKeysResponse)
+        return [pb.EncryptedShare(peer_id=holder, ciphertext=box) for holder, box in sorted(reply.boxes.items())]
+
+    def masked_input(self, incoming: pb.IncomingShares) -> bytes:
+        boxes: dict[int, bytes] = {}
+        for item in incoming.shares:
+            boxes[int(item.peer_id)] = bytes(item.ciphertext)
+        reply = self.client.handle(MaskedInputRequest(self.round_id, self.client_id, boxes))
+        assert isinstance(reply, MaskedInputResponse)
+        return encode_ring_vector(reply.vector, self.config.ring_bits)
+
+    def unmask(self, request: pb.UnmaskingRequest) -> list[pb.RevealedShare]:
+        message = UnmaskingRequest(
+            self.round_id,
+            self.client_id,
+            np.asarray(list(request.survivors), dtype=np.uint32),
+            np.asarray(list(request.dropped), dtype=np.uint32),
+            {int(s.client_id): bytes(s.signature) for s in request.signatures},
+        )
+        reply = self.client.handle(message)
+        assert isinstance(reply, UnmaskingResponse)
+        out = [
+            pb.RevealedShare(owner_id=int(owner), kind=pb.SHARE_KIND_SELF_MASK_SEED, share=row.astype("<u4").tobytes())
+            for owner, row in zip(reply.self_mask_owners.tolist(), reply.self_mask_shares, strict=True)
+        ]
+        out += [
+            pb.RevealedShare(owner_id=int(owner), kind=pb.SHARE_KIND_MASKING_KEY, share=row.astype("<u4").tobytes())
+            for owner, row in zip(reply.mask_key_owners.tolist(), reply.mask_key_shares, strict=True)
+        ]
+        return out
+
+    def confirm_survivors(self, check: pb.SurvivorCheck) -> bytes:
+        raise UnsupportedRoundError("secagg.active_adversary: consistency checks need an identity key")

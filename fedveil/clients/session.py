@@ -1,0 +1,510 @@
+"""The client's protocol loop: join, poll, train when chosen, take part in secure aggregation.
+
+:class:`Federation` (what :func:`fedveil.clients.federate` returns) is an iterator of
+:class:`Round` objects. Each round hands the user's own training loop the current global model
+(loaded into the user's own ``nn.Module``); the loop trains it however it likes and calls
+:meth:`Round.submit`, which computes the update, clips and encodes it, and runs the
+secure-aggregation stages with the server until the round's result is known. Raw data never
+leaves the process: only the masked, encoded update does.
+
+Robustness: every call goes through :class:`fedveil.clients.backoff.Backoff`, so a server
+that is restarting (``UNAVAILABLE``) is retried with jittered exponential waits; a session the
+server no longer knows (``FAILED_PRECONDITION``, e.g. after a server restart) is re-joined; a
+stage that closed before the client answered (``ABORTED``) makes the client a dropout of that
+round, and it waits for the next one. Only a refused credential (``UNAUTHENTICATED``) or an
+incompatible job (``FAILED_PRECONDITION`` at Join) ends the client with an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import fedveil
+from fedveil.clients.backoff import Backoff, BackoffPolicy
+from fedveil.clients.secagg_driver import SecAggClientDriver, UnsupportedRoundError
+from fedveil.clients.update import (
+    PreparedUpdate,
+    derive_seed,
+    model_delta,
+    prepare_update,
+    seed_int,
+)
+from fedveil.protocol import PROTOCOL_VERSION
+from fedveil.protocol import fedveil_pb2 as pb
+from fedveil.protocol.errors import (
+    Incompatible,
+    OutOfOrder,
+    PermissionDenied,
+    ProtocolError,
+    Replayed,
+    StageClosed,
+    Unauthenticated,
+    Unavailable,
+)
+from fedveil.protocol.transport import Transport
+from fedveil.secagg.errors import SecAggError
+from fedveil.task import model_to_vector, vector_to_model
+
+log = logging.getLogger("fedveil.client")
+
+EvaluateFn = Callable[[nn.Module], dict[str, float]]
+
+
+class ClientError(RuntimeError):
+    """The client cannot continue (refused credentials, incompatible job, bad local set-up)."""
+
+
+class AuthenticationError(ClientError):
+    """The server refused this client's credentials (``UNAUTHENTICATED``)."""
+
+
+class RoundLost(Exception):
+    """This client is no longer part of the current round (a stage closed, or it re-joined)."""
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """How a round ended for this client."""
+
+    round: int
+    outcome: str  # "completed", "aborted" or "dropped"
+    reason: str = ""
+    survivors: int = 0
+    new_model_version: int = 0
+    update_norm: float = 0.0
+    clipped: bool = False
+
+
+@dataclass
+class ClientOptions:
+    """Client-side settings. ``seed`` (the client's private seed) makes the client reproducible:
+    data shuffling, stochastic rounding and noise all derive from it; left as None, a random one is
+    drawn. Keep a seed you set private in distributed-DP mode (it determines your noise)."""
+
+    seed: int | bytes | None = None
+    num_examples: int = 0
+    poll_wait_ms: int = 5_000
+    backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
+    evaluate: EvaluateFn | None = None
+    weight: float | None = None
+    """This client's weight when the server aggregates a weighted mean; default: the number of
+    examples the loop passes to :meth:`Round.submit` (capped at the server's ``max_weight``)."""
+
+    def private_seed(self) -> bytes:
+        if self.seed is None:
+            return os.urandom(32)
+        if isinstance(self.seed, bytes):
+            if len(self.seed) < 16:
+                raise ValueError(f"seed: at least 16 bytes (got {len(self.seed)})")
+            return self.seed
+        if self.seed < 0:
+            raise ValueError(f"seed: must be non-negative (got {self.seed})")
+        return self.seed.to_bytes(32, "little")
+
+
+class Round:
+    """One round for the user's training loop: the global model in, the trained model back.
+
+    Attributes:
+        number: the round (1-based); ``total_rounds`` how many the job has.
+        model: the user's model with the global weights loaded.
+        generator: a seeded ``torch.Generator`` for this client and round (pass it to a
+            ``DataLoader(..., shuffle=True, generator=rnd.generator)`` for reproducible runs).
+        learning_rate, batch_size, local_epochs: what the server suggests (0: the task's default).
+    """
+
+    def __init__(self, federation: Federation, start: pb.RoundStart, model: nn.Module) -> None:
+        self._federation = federation
+        self._start = start
+        self.number = int(start.round)
+        self.total_rounds = federation.total_rounds
+        self.model = model
+        self.global_vector = model_to_vector(model).copy()
+        self.learning_rate = float(start.training.learning_rate)
+        self.batch_size = int(start.training.batch_size)
+        self.local_epochs = int(start.training.local_epochs)
+        self.dp_mode = start.dp.mode or "none"
+        self.seed = seed_int(derive_seed(federation.private_seed, "shuffle", self.number, start.training.seed))
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.outcome: RoundOutcome | None = None
+        self._privatized: Any = None
+
+    def privatize(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any) -> tuple[Any, Any, Any]:
+        """Wrap ``(model, optimizer, loader)`` for local DP-SGD when the job uses local DP.
+
+        Returns them unchanged in every other DP mode, so a loop can always call it. The
+        client's own accountant (one across all rounds) records the steps taken.
+        """
+        if self.dp_mode != "local":
+            return model, optimizer, loader
+        wrapped = self._federation._local_dp().privatize(
+            self._start.dp.local, model, optimizer, loader, local_epochs=self.local_epochs or 1
+        )
+        self._privatized = wrapped
+        return wrapped
+
+    def submit(self, model: nn.Module | None = None, *, num_examples: int | None = None) -> RoundOutcome:
+        """Send the trained model's update (masked) and finish the round's secure aggregation.
+
+        Blocks until the server announces how the round ended, and returns that outcome. Raw
+        data and unmasked updates never leave the process.
+        """
+        if self.outcome is not None:
+            raise ClientError(f"round {self.number}: submit() was already called")
+        trained = model if model is not None else self.model
+        self.outcome = self._federation._finish_round(self, trained, num_examples)
+        return self.outcome
+
+    @property
+    def start_message(self) -> pb.RoundStart:
+        return self._start
+
+
+class Federation:
+    """An iterator of :class:`Round` objects over one job; see :func:`fedveil.clients.federate`."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        task_name: str,
+        model: nn.Module,
+        options: ClientOptions | None = None,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.transport = transport
+        self.task_name = task_name
+        self.model = model
+        self.options = options or ClientOptions()
+        self.private_seed = self.options.private_seed()
+        self._sleep = sleep
+        self._backoff_count = 0
+        self._session_id = b""
+        self._run_id = ""
+        self._sequence = 0
+        self.client_name = ""
+        self.total_rounds = 0
+        self.job: pb.JobInfo | None = None
+        self.job_done: pb.JobDone | None = None
+        self.history: list[RoundOutcome] = []
+        self.reconnects = 0
+        self._pending: pb.PollResponse | None = None
+        self._round_header: tuple[int, bytes] = (0, b"")
+        self._local_dp_session: Any = None
+        self._closed = False
+
+    # -- public -------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[Round]:
+        self._ensure_joined()
+        while True:
+            instruction = self._next_instruction()
+            kind = instruction.WhichOneof("instruction")
+            if kind == "round_start":
+                rnd = self._begin_round(instruction.round_start)
+                if rnd is None:
+                    continue
+                yield rnd
+                if rnd.outcome is None:
+                    log.warning("round %d: the loop did not call submit(); the server counts a dropout", rnd.number)
+                    self._round_header = (0, b"")
+            elif kind == "evaluate":
+                self._evaluate_final(instruction.evaluate)
+            elif kind == "job_done":
+                self.job_done = instruction.job_done
+                log.info("job %s done after %d rounds", self._run_id, instruction.job_done.completed_rounds)
+                return
+            elif kind == "round_result":
+                self._round_header = (0, b"")  # a result for a round we were dropped from
+            else:  # an instruction for a round this client has already left: ignore it
+                log.debug("ignoring a stale %s instruction", kind)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.transport.close()
+
+    def __enter__(self) -> Federation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def local_privacy(self) -> pb.LocalPrivacySpend | None:
+        """The client's own sample-level privacy spend so far (local DP only)."""
+        if self._local_dp_session is None:
+            return None
+        return self._local_dp_session.spend()
+
+    # -- connection -------------------------------------------------------------------------
+
+    def _with_backoff(self, what: str, call: Callable[[], Any]) -> Any:
+        def on_retry(attempt: int, delay: float, err: BaseException) -> None:
+            self._backoff_count += 1
+            log.warning("%s: %s; retry %d in %.2f s", what, err, attempt, delay)
+
+        backoff = Backoff(
+            self.options.backoff, seed=seed_int(derive_seed(self.private_seed, "backoff", 0, 0)) + self._backoff_count,
+            sleep=self._sleep, on_retry=on_retry,
+        )
+        return backoff.run(call, lambda e: isinstance(e, Unavailable))
+
+    def _ensure_joined(self) -> None:
+        if self._session_id:
+            return
+        request = pb.JoinRequest(
+            protocol_version=PROTOCOL_VERSION,
+            task_name=self.task_name,
+            client_version=fedveil.__version__,
+            num_examples=max(int(self.options.num_examples), 0),
+        )
+        try:
+            response: pb.JoinResponse = self._with_backoff("Join", lambda: self.transport.join(request))
+        except Unauthenticated as err:
+            raise AuthenticationError(f"the server refused this client's credentials: {err}") from None
+        except Incompatible as err:
+            raise ClientError(f"the server refused to let this client join: {err}") from None
+        except ProtocolError as err:
+            raise ClientError(f"cannot join the job: {err}") from None
+        self._session_id = bytes(response.session_id)
+        self._run_id = response.run_id
+        self._sequence = 0
+        self.client_name = response.client_name
+        self.job = response.job
+        self.total_rounds = int(response.job.total_rounds)
+        if response.poll_interval_ms:
+            self._poll_interval_s = response.poll_interval_ms / 1000.0
+        log.info("joined run %s as %r (task %s, %d rounds)", self._run_id, self.client_name,
+                 response.job.task_name, self.total_rounds)
+
+    def _rejoin(self, reason: str) -> None:
+        log.warning("re-joining: %s", reason)
+        self.reconnects += 1
+        self._session_id = b""
+        self._round_header = (0, b"")
+        self._ensure_joined()
+
+    def _header(self) -> pb.RequestHeader:
+        self._sequence += 1
+        round_number, nonce = self._round_header
+        return pb.RequestHeader(
+            protocol_version=PROTOCOL_VERSION,
+            session_id=self._session_id,
+            run_id=self._run_id,
+            round=round_number,
+            round_nonce=nonce,
+            sequence=self._sequence,
+        )
+
+    def _poll_once(self) -> pb.PollResponse:
+        wait_ms = self.options.poll_wait_ms
+        request = pb.PollRequest(header=self._header(), max_wait_ms=wait_ms)
+        return self._with_backoff("Poll", lambda: self.transport.poll(request))
+
+    def _next_instruction(self) -> pb.PollResponse:
+        """Poll until the server has something other than Wait for this client."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            return pending
+        while True:
+            self._ensure_joined()
+            try:
+                response = self._poll_once()
+            except Unauthenticated as err:
+                raise AuthenticationError(f"the server refused this client's credentials: {err}") from None
+            except OutOfOrder as err:
+                self._rejoin(str(err))
+                continue
+            except (PermissionDenied, StageClosed, Replayed):
+                self._sleep(0.05)
+                continue
+            except ProtocolError as err:
+                raise ClientError(f"polling failed: {err}") from None
+            if response.WhichOneof("instruction") == "wait":
+                if response.wait.retry_after_ms and response.wait.retry_after_ms > 0:
+                    self._sleep(min(response.wait.retry_after_ms / 1000.0, 5.0))
+                continue
+            return response
+
+    def _send(self, what: str, call: Callable[[pb.RequestHeader], pb.Ack]) -> None:
+        """Send one stage message; ALREADY_EXISTS (a retried message that had arrived) is success."""
+        try:
+            self._with_backoff(what, lambda: call(self._header()))
+        except Replayed:
+            return  # a retried message that had already arrived
+        except Unauthenticated as err:
+            raise AuthenticationError(f"the server refused this client's credentials: {err}") from None
+        except OutOfOrder as err:
+            self._rejoin(str(err))
+            raise RoundLost(f"{what}: {err}") from None
+        except (StageClosed, PermissionDenied) as err:
+            raise RoundLost(f"{what}: {err}") from None
+        except ProtocolError as err:
+            raise ClientError(f"{what} failed: {err}") from None
+
+    # -- rounds -----------------------------------------------------------------------------
+
+    def _begin_round(self, start: pb.RoundStart) -> Round | None:
+        vector = np.frombuffer(start.model.data, dtype="<f4")
+        try:
+            vector_to_model(vector, self.model)
+        except ValueError as err:
+            raise ClientError(
+                f"round {start.round}: the server's model does not fit this client's model ({err}); "
+                f"is the client running the job's task ({self.task_name})?"
+            ) from None
+        self._round_header = (int(start.round), bytes(start.round_nonce))
+        rnd = Round(self, start, self.model)
+        log.info("round %d/%d: training (secagg id %d)", rnd.number, self.total_rounds, start.client_id)
+        if start.training.evaluate_global_model and self.options.evaluate is not None:
+            metrics = self.options.evaluate(self.model)
+            self._report_metrics(int(start.model.version), metrics)
+        return rnd
+
+    def _report_metrics(self, model_version: int, metrics: dict[str, float]) -> None:
+        report = pb.MetricsReport(
+            model_version=model_version,
+            num_examples=max(int(self.options.num_examples), 0),
+            metrics=[pb.Metric(name=k, value=float(v)) for k, v in metrics.items()],
+        )
+        spend = self.local_privacy
+        if spend is not None:
+            report.privacy.CopyFrom(spend)
+
+        def call(header: pb.RequestHeader) -> pb.Ack:
+            report.header.CopyFrom(header)
+            return self.transport.report_metrics(report)
+
+        try:
+            self._send("ReportMetrics", call)
+        except RoundLost as err:
+            log.warning("metrics not accepted: %s", err)
+
+    def _evaluate_final(self, evaluate: pb.Evaluate) -> None:
+        if self.options.evaluate is None:
+            return
+        vector_to_model(np.frombuffer(evaluate.model.data, dtype="<f4"), self.model)
+        metrics = self.options.evaluate(self.model)
+        saved = self._round_header
+        self._round_header = (int(evaluate.phase), bytes(evaluate.round_nonce))
+        try:
+            self._report_metrics(int(evaluate.round), metrics)
+        finally:
+            self._round_header = saved
+
+    def _local_dp(self) -> Any:
+        if self._local_dp_session is None:
+            from fedveil.clients.local_dp import LocalDpClient
+
+            self._local_dp_session = LocalDpClient(seed=seed_int(derive_seed(self.private_seed, "dp-sgd", 0, 0)))
+        return self._local_dp_session
+
+    def _finish_round(self, rnd: Round, trained: nn.Module, num_examples: int | None) -> RoundOutcome:
+        start = rnd.start_message
+        if self._round_header != (rnd.number, bytes(start.round_nonce)):
+            outcome = RoundOutcome(rnd.number, "dropped", "the client re-joined during the round")
+            self.history.append(outcome)
+            return outcome
+        if rnd._privatized is not None:
+            local = model_to_vector(self._local_dp().finish_round())  # plain state dict, Opacus detached
+        else:
+            local = model_to_vector(trained)
+        delta = model_delta(local, rnd.global_vector)
+        weight = self.options.weight
+        if weight is None:
+            weight = float(num_examples if num_examples is not None else max(self.options.num_examples, 1))
+        prepared = self._prepare(delta, start, weight)
+        try:
+            outcome = self._run_secagg(rnd, prepared)
+        except RoundLost as err:
+            log.warning("round %d: dropped out (%s)", rnd.number, err)
+            outcome = RoundOutcome(rnd.number, "dropped", str(err), update_norm=prepared.norm, clipped=prepared.clipped)
+        self._round_header = (0, b"")
+        self.history.append(outcome)
+        log.info("round %d: %s%s", rnd.number, outcome.outcome, f" ({outcome.reason})" if outcome.reason else "")
+        return outcome
+
+    def _prepare(self, delta: np.ndarray, start: pb.RoundStart, weight: float) -> PreparedUpdate:
+        rounding_seed = derive_seed(self.private_seed, "rounding", int(start.round), start.training.seed)
+        if start.dp.mode == "distributed":
+            from fedveil.clients.distributed import prepare_distributed_update
+
+            noise_seed = derive_seed(self.private_seed, "dp-noise", int(start.round), start.training.seed, 32)
+            return prepare_distributed_update(delta, start, rounding_seed=rounding_seed, noise_seed=noise_seed)
+        return prepare_update(delta, start, rounding_seed=rounding_seed, weight=weight)
+
+    def _run_secagg(self, rnd: Round, prepared: PreparedUpdate) -> RoundOutcome:
+        start = rnd.start_message
+        try:
+            driver = SecAggClientDriver(start)
+            driver.set_input(prepared.ring_vector)
+            keys = driver.advertise()
+        except (SecAggError, UnsupportedRoundError) as err:
+            raise RoundLost(f"cannot take part in round {rnd.number}: {err}") from None
+
+        def advertise(header: pb.RequestHeader) -> pb.Ack:
+            return self.transport.advertise_keys(pb.AdvertiseKeysRequest(header=header, **keys))
+
+        self._send("AdvertiseKeys", advertise)
+        while True:
+            instruction = self._next_instruction()
+            kind = instruction.WhichOneof("instruction")
+            try:
+                done = self._secagg_step(driver, instruction, kind, rnd.number)
+            except (SecAggError, UnsupportedRoundError) as err:
+                # a tampered share, too few survivors, or a refused (dangerous) unmasking request
+                log.warning("round %d: secure aggregation stopped for this client: %s", rnd.number, err)
+                raise RoundLost(f"secure aggregation: {err}") from None
+            if done is not None:
+                return RoundOutcome(
+                    rnd.number, done[0], done[1], done[2], done[3], prepared.norm, prepared.clipped
+                )
+
+    def _secagg_step(
+        self, driver: SecAggClientDriver, instruction: pb.PollResponse, kind: str | None, round_number: int
+    ) -> tuple[str, str, int, int] | None:
+        """Act on one instruction during secure aggregation; returns the outcome when the round ends."""
+        if kind == "peer_keys":
+            shares = driver.share_keys(instruction.peer_keys)
+            self._send("ShareKeys", lambda h: self.transport.share_keys(pb.ShareKeysRequest(header=h, shares=shares)))
+        elif kind == "incoming_shares":
+            masked = driver.masked_input(instruction.incoming_shares)
+            self._send(
+                "SubmitMaskedInput",
+                lambda h: self.transport.submit_masked_input(pb.MaskedInputRequest(header=h, masked_vector=masked)),
+            )
+        elif kind == "survivor_check":
+            signature = driver.confirm_survivors(instruction.survivor_check)
+            self._send(
+                "ConfirmSurvivors",
+                lambda h: self.transport.confirm_survivors(pb.ConfirmSurvivorsRequest(header=h, signature=signature)),
+            )
+        elif kind == "unmasking":
+            revealed = driver.unmask(instruction.unmasking)
+            self._send("Unmask", lambda h: self.transport.unmask(pb.UnmaskRequest(header=h, shares=revealed)))
+        elif kind == "round_result":
+            result = instruction.round_result
+            if int(result.round) != round_number:
+                return None
+            names = {
+                pb.ROUND_OUTCOME_COMPLETED: "completed",
+                pb.ROUND_OUTCOME_ABORTED: "aborted",
+                pb.ROUND_OUTCOME_DROPPED: "dropped",
+            }
+            outcome = names.get(result.outcome, "unknown")
+            return outcome, result.reason, int(result.survivors), int(result.new_model_version)
+        elif kind in ("round_start", "evaluate", "job_done"):
+            self._pending = instruction  # the round went on without us
+            raise RoundLost(f"the server moved on ({kind}) before round {round_number} finished for this client")
+        return None
+

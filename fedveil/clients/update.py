@@ -1,0 +1,126 @@
+"""What a client sends: its model update, clipped, encoded into the ring (and noised in
+distributed-DP mode), ready for the secure-aggregation masks. Pure functions, no I/O.
+
+The update is ``Δ = w_local − w_global`` over the model's floating-point state (the layout of
+:func:`fedveil.task.model_to_vector`). Raw data never leaves the client; only Δ does, and only
+masked. Order of operations (McMahan et al. 2018; Kairouz et al. 2021):
+
+1. user-level clipping: ``Δ ← Δ · min(1, S/‖Δ‖)`` when the round has a clip norm ``S``;
+2. extra coordinates the server asked for, appended after Δ (``weight``: the client's weight in
+   the weighted mean; ``unclipped``: Andrew et al.'s adaptive-clipping bit ``1[‖Δ‖ ≤ S]``);
+3. either fixed-point encoding with stochastic rounding (``fedveil.secagg.encoding``) or, in
+   distributed-DP mode, the client side of the distributed discrete mechanism
+   (``fedveil.dp.distributed``): rotation, scaling, conditional rounding and this client's
+   share of the discrete noise, all in the integer domain.
+
+Seeds: everything random here derives from the client's private seed and the round, with
+SHA-256 domain separation, so a client run twice with the same seed sends the same encoded
+vector, while the server, which does not know the private seed, cannot predict the noise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedveil.dp.clipping import clip_update
+from fedveil.protocol import fedveil_pb2 as pb
+from fedveil.secagg.encoding import FixedPointEncoder
+
+KNOWN_EXTRA_COORDINATES = ("weight", "unclipped")
+"""``weight`` is appended by the secagg encoder itself (``EncodingParams.weighted``); the client appends the others."""
+
+
+class RoundConfigError(ValueError):
+    """The server's round parameters cannot be honoured by this client; the message names the field."""
+
+
+def derive_seed(private_seed: bytes, purpose: str, round_number: int, round_seed: int, length: int = 16) -> bytes:
+    """A per-round, per-purpose seed: SHA-256(domain ‖ purpose ‖ round ‖ round seed ‖ private seed)."""
+    if length > 32:
+        raise ValueError(f"length must be at most 32 (got {length})")
+    header = b"fedveil/client/v1/" + purpose.encode() + b"\x00" + struct.pack("<IQ", round_number, round_seed)
+    return hashlib.sha256(header + private_seed).digest()[:length]
+
+
+def seed_int(seed: bytes) -> int:
+    """A non-negative 63-bit integer from a seed (for ``torch.Generator.manual_seed``)."""
+    return int.from_bytes(seed[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass(frozen=True)
+class PreparedUpdate:
+    """An encoded update ready for masking, plus what the client may keep for its own records."""
+
+    ring_vector: np.ndarray
+    norm: float
+    clipped: bool
+    dimension: int
+
+
+def model_delta(local: np.ndarray, global_: np.ndarray) -> np.ndarray:
+    """``w_local − w_global`` in float64, after checking the two layouts agree."""
+    if local.shape != global_.shape:
+        raise RoundConfigError(f"model: the trained model has {local.size} values, the global model {global_.size}")
+    delta = local.astype(np.float64) - global_.astype(np.float64)
+    if not np.all(np.isfinite(delta)):
+        raise RoundConfigError("model: the trained model contains NaN or infinite values (training diverged?)")
+    return delta
+
+
+def encoder_for(encoding: pb.EncodingParams, cohort_size: int) -> FixedPointEncoder:
+    """The fixed-point encoder the server configured for this round."""
+    weighted = bool(encoding.weighted)
+    max_weight = float(encoding.max_weight) if weighted else 1.0
+    try:
+        return FixedPointEncoder(
+            clip=float(encoding.clip_range),
+            frac_bits=int(encoding.fractional_bits),
+            ring_bits=int(encoding.ring_bits),
+            max_clients=max(int(cohort_size), 1),
+            weighted=weighted,
+            max_weight=max_weight,
+        )
+    except ValueError as err:
+        raise RoundConfigError(f"encoding: {err}") from err
+
+
+def prepare_update(
+    delta: np.ndarray,
+    start: pb.RoundStart,
+    *,
+    rounding_seed: bytes,
+    weight: float = 1.0,
+) -> PreparedUpdate:
+    """Clip, append extra coordinates and encode Δ as ``start`` (the round's RoundStart) asks.
+
+    Distributed-DP rounds go through :func:`prepare_distributed_update` instead.
+    """
+    enc = start.encoding
+    extras = list(enc.extra_coordinates)
+    unknown = [e for e in extras if e not in KNOWN_EXTRA_COORDINATES]
+    if unknown:
+        raise RoundConfigError(f"encoding.extra_coordinates: unknown coordinate(s) {unknown}")
+    clip_norm = float(start.dp.update_clip_norm)
+    norm = float(np.linalg.norm(delta))
+    unclipped = 1.0
+    if clip_norm > 0:
+        result = clip_update(delta, clip_norm)
+        delta, unclipped = result.clipped, result.unclipped
+    values = delta
+    if "unclipped" in extras:
+        values = np.concatenate([values, [unclipped]])
+    encoder = encoder_for(enc, start.secagg.cohort_size)
+    if encoder.weighted:
+        ring = encoder.encode(values, rounding_seed, weight=min(weight, encoder.max_weight))
+    else:
+        ring = encoder.encode(values, rounding_seed)
+    if enc.dimension and ring.shape[0] != enc.dimension:
+        raise RoundConfigError(
+            f"encoding.dimension: the server expects {enc.dimension} ring elements, this client's model "
+            f"and extra coordinates {extras} give {ring.shape[0]} (is it the same task and model?)"
+        )
+    return PreparedUpdate(ring_vector=ring, norm=norm, clipped=unclipped < 1.0, dimension=int(ring.shape[0]))

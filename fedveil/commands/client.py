@@ -1,0 +1,133 @@
+"""``fedveil client``: join a federated job with local data (the turnkey client)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+import torch
+
+from fedveil.commands.common import eprint, fail, print_json_last_line
+
+EXIT_REFUSED = 3
+EXIT_FAILED = 1
+
+
+def register(group: click.Group) -> None:
+    group.add_command(client_command)
+
+
+@click.command("client")
+@click.option("--server", required=True, help="The coordinator, HOST:PORT.")
+@click.option("--task", "task_ref", required=True, help="The job's task, package.module[:attr].")
+@click.option("--data", "data_path", required=True, type=click.Path(path_type=Path),
+              help="Local data: a CSV file in the task's schema. It never leaves this machine.")
+@click.option("--token", default=None, help="Enrolment token from `fedveil enroll` (or set FEDVEIL_TOKEN).")
+@click.option("--token-file", type=click.Path(path_type=Path), default=None,
+              help="Read the token from this file (keeps it out of the process list).")
+@click.option("--ca-cert", type=click.Path(path_type=Path), default=None,
+              help="PEM CA certificate to verify the server's TLS certificate.")
+@click.option("--insecure", is_flag=True, help="Plaintext connection, no TLS (loopback tests only).")
+@click.option("--server-name", default=None, help="Expected name in the server's certificate, if not the host.")
+@click.option("--seed", type=int, default=None,
+              help="Private seed for reproducible runs (shuffling, rounding, noise). Default: random.")
+@click.option("--give-up-after", type=float, default=300.0, show_default=True,
+              help="Seconds to keep retrying an unreachable server before exiting.")
+@click.option("--max-backoff", type=float, default=10.0, show_default=True,
+              help="Longest wait between reconnection attempts, in seconds.")
+@click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True)
+def client_command(
+    server: str, task_ref: str, data_path: Path, token: str | None, token_file: Path | None,
+    ca_cert: Path | None, insecure: bool, server_name: str | None, seed: int | None, give_up_after: float,
+    max_backoff: float, threads: int, log_level: str,
+) -> int:
+    """Join the job at --server with the local data in --data and train until the job is done.
+
+    Only masked, encoded model updates leave this machine. The client reconnects with
+    exponential backoff when the server is unreachable, and exits 0 when the job completes,
+    3 when the server refuses its credentials, 1 on other failures.
+    """
+    from fedveil.clients.api import check_server_address, evaluator, federate, run_client
+    from fedveil.clients.backoff import BackoffPolicy
+    from fedveil.clients.session import AuthenticationError, ClientError
+    from fedveil.protocol.errors import ProtocolError
+    from fedveil.protocol.tls import TlsConfigError
+    from fedveil.task import SchemaError, TaskLoadError, load_task
+
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if threads < 1:
+        fail("--threads", f"must be at least 1 (got {threads})")
+    torch.set_num_threads(threads)
+    try:
+        check_server_address(server)
+    except ValueError:
+        fail("--server", f"expected HOST:PORT with a port in 1..65535 (got {server!r})")
+    if insecure and ca_cert is not None:
+        fail("--insecure", "cannot be combined with --ca-cert (choose TLS or plaintext)")
+    if token is not None and token_file is not None:
+        fail("--token-file", "give either --token or --token-file, not both")
+    if token_file is not None:
+        try:
+            token = token_file.read_text().strip()
+        except OSError as err:
+            fail("--token-file", f"cannot read {str(token_file)!r}: {err.strerror}")
+    token = token or os.environ.get("FEDVEIL_TOKEN") or None
+    if give_up_after < 0:
+        fail("--give-up-after", f"must be non-negative (got {give_up_after})")
+    if max_backoff < 0.2:
+        fail("--max-backoff", f"must be at least 0.2 s (got {max_backoff})")
+    if seed is not None and seed < 0:
+        fail("--seed", f"must be non-negative (got {seed})")
+    try:
+        task = load_task(task_ref)
+    except TaskLoadError as err:
+        fail("--task", str(err).removeprefix(f"--task {task_ref!r}: "))
+    if not data_path.is_file():
+        fail("--data", f"no such file {str(data_path)!r}")
+    try:
+        dataset = task.load_dataset(data_path)
+    except SchemaError as err:
+        fail("--data", f"{data_path}: {err}")
+    try:
+        federation = federate(
+            server,
+            task=task,
+            token=token,
+            ca_cert=ca_cert,
+            insecure=insecure,
+            seed=seed,
+            num_examples=len(dataset),
+            evaluate=evaluator(task, dataset),
+            backoff=BackoffPolicy(max_delay_s=max(max_backoff, 0.2), give_up_after_s=give_up_after),
+            server_name_override=server_name,
+        )
+    except TlsConfigError as err:
+        fail("--ca-cert", str(err).removeprefix("--ca-cert: "))
+    try:
+        history = run_client(federation, task, dataset)
+    except AuthenticationError as err:
+        eprint(f"error: {err}")
+        return EXIT_REFUSED
+    except (ClientError, ProtocolError, ConnectionError) as err:
+        eprint(f"error: {err}")
+        return EXIT_FAILED
+    done = federation.job_done
+    spend = federation.local_privacy
+    print_json_last_line(
+        {
+            "client": federation.client_name,
+            "run_id": done.run_id if done is not None else "",
+            "rounds_joined": len(history),
+            "rounds_completed": sum(1 for h in history if h.outcome == "completed"),
+            "outcomes": [h.outcome for h in history],
+            "reconnects": federation.reconnects,
+            "local_epsilon": spend.epsilon if spend is not None else None,
+        }
+    )
+    return 0
