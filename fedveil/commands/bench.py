@@ -1,0 +1,166 @@
+"""``fedveil bench``: measured runs of fedveil's engines.
+
+``fedveil bench secagg`` runs one whole secure-aggregation round in this process — every client
+and the server one after another, on random float32 updates, with the dropped clients chosen at
+random and dropping at the given stage — and reports timings, the upload size and exactness.
+Other benchmarks add subcommands to :data:`bench_group`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+import click
+import numpy as np
+
+from fedveil.commands.common import fail, print_json_last_line
+
+DROPOUT_STAGE_CHOICES = ("keys", "shares", "masked", "unmask")
+CLIP = 1.0
+
+
+@click.group(name="bench")
+def bench_group() -> None:
+    """Benchmarks that print measured figures (add --json for one machine-readable line)."""
+
+
+def register(group: click.Group) -> None:
+    group.add_command(bench_group)
+
+
+def secagg_round_parameters(clients: int, dropout: float, graph: str) -> tuple[int, int]:
+    """``(degree, threshold)`` for the bench: the SecAgg+ helper for Harary, majority for complete.
+
+    ``degree`` 0 means the complete graph.
+    """
+    from fedveil.secagg.graph import secagg_plus_parameters
+
+    if graph == "harary":
+        params = secagg_plus_parameters(clients, dropout)
+        return params.degree, params.threshold
+    return 0, max(2, clients // 2 + 1)
+
+
+def run_secagg_bench(clients: int, dim: int, dropout: float, dropout_stage: str, graph: str,
+                     seed: int | None = None) -> dict[str, Any]:
+    """Run the benchmark round and return the report (the JSON object of ``--json``)."""
+    from fedveil.secagg import FixedPointEncoder, GraphSpec, SecAggConfig
+    from fedveil.secagg.prg import SEED_BYTES
+    from fedveil.secagg.simulation import run_round
+
+    degree, threshold = secagg_round_parameters(clients, dropout, graph)
+    n_drop = round(dropout * clients)
+    if n_drop > clients - threshold:
+        fail("--dropout", f"{n_drop} dropouts of {clients} clients leave fewer than the threshold t={threshold} "
+                          f"(at most n - t = {clients - threshold} may drop; got dropout={dropout})")
+    rng = np.random.default_rng(seed)  # test data and the choice of dropouts only, never masks
+    updates = rng.uniform(-CLIP, CLIP, size=(clients, dim)).astype(np.float32)
+    dropped = sorted(int(i) for i in rng.choice(clients, size=n_drop, replace=False))
+    encoder = FixedPointEncoder.for_clients(clients, clip=CLIP, ring_bits=32)
+    spec = GraphSpec("harary", degree) if degree else GraphSpec("complete")
+    config = SecAggConfig(clients, threshold, encoder.encoded_length(dim), round_id=1, graph=spec)
+
+    wall_start = time.perf_counter()
+    encode_s: dict[int, float] = {}
+    inputs: dict[int, np.ndarray] = {}
+    for cid in range(clients):
+        start = time.perf_counter()
+        inputs[cid] = encoder.encode(updates[cid], os.urandom(SEED_BYTES))
+        encode_s[cid] = time.perf_counter() - start
+    sim = run_round(config, inputs, dropouts={dropout_stage: dropped} if dropped else None)
+    total_s = time.perf_counter() - wall_start
+
+    client_s = [sim.client_s[c] + encode_s[c] for c in range(clients)]
+    report: dict[str, Any] = {
+        "clients": clients, "dim": dim, "dropout": dropout, "dropout_stage": dropout_stage, "graph": graph,
+        "degree": degree if degree else clients - 1, "threshold": threshold, "dropped": n_drop,
+        "completed": sim.completed,
+        "total_s": total_s, "server_s": sim.server_s,
+        "client_s_mean": float(np.mean(client_s)), "client_s_max": float(np.max(client_s)),
+        "upload_bytes_per_client": max(sim.upload_bytes.values()),
+    }
+    if sim.result is None:
+        report.update(survivors=0, plaintext_sum_s=None, exact=False, max_abs_error=None,
+                      abort_reason=sim.abort_reason)
+        return report
+    survivors = list(sim.result.survivors)
+    selected = updates[survivors]
+    start = time.perf_counter()
+    plain_sum = np.sum(selected, axis=0)
+    report["plaintext_sum_s"] = time.perf_counter() - start
+    expected = np.zeros(config.vector_length, dtype=config.ring.dtype)
+    for cid in survivors:
+        config.ring.add(expected, inputs[cid])
+    mean = encoder.decode_mean(sim.result.ring_sum, len(survivors))
+    float_mean = selected.astype(np.float64).mean(axis=0)
+    del plain_sum
+    report.update(survivors=len(survivors), exact=bool(np.array_equal(expected, sim.result.ring_sum)),
+                  max_abs_error=float(np.max(np.abs(mean - float_mean))),
+                  error_bound=encoder.error_bound(len(survivors)))
+    return report
+
+
+def _print_table(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    graph = report["graph"]
+    title = (f"secure aggregation round: {report['clients']} clients, dim {report['dim']}, {graph} graph "
+             f"(degree {report['degree']}, threshold {report['threshold']}), "
+             f"{report['dropped']} dropped at stage '{report['dropout_stage']}'")
+    table = Table(title=title, show_header=True, header_style="bold")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+
+    def fmt(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.6g}"
+        return str(value)
+
+    rows = [
+        ("completed", report["completed"]), ("survivors", report["survivors"]),
+        ("total_s", report["total_s"]), ("server_s", report["server_s"]),
+        ("client_s_mean", report["client_s_mean"]), ("client_s_max", report["client_s_max"]),
+        ("upload_bytes_per_client", report["upload_bytes_per_client"]),
+        ("plaintext_sum_s", report["plaintext_sum_s"]),
+        ("exact (unmasked sum == sum of survivors' encodings)", report["exact"]),
+        ("max_abs_error (decoded mean vs float mean)", report["max_abs_error"]),
+    ]
+    if "error_bound" in report:
+        rows.append(("error bound (1 / fixed-point scale)", report["error_bound"]))
+    if report.get("abort_reason"):
+        rows.append(("abort reason", report["abort_reason"]))
+    for name, value in rows:
+        table.add_row(name, fmt(value))
+    Console().print(table)
+
+
+@bench_group.command("secagg")
+@click.option("--clients", type=int, default=100, show_default=True, help="number of clients n")
+@click.option("--dim", type=int, default=100_000, show_default=True, help="update dimension m")
+@click.option("--dropout", type=float, default=0.0, show_default=True, help="fraction of clients that drop")
+@click.option("--dropout-stage", type=click.Choice(DROPOUT_STAGE_CHOICES), default="masked", show_default=True,
+              help="stage at which the dropped clients stop responding")
+@click.option("--graph", type=click.Choice(("complete", "harary")), default="complete", show_default=True,
+              help="masking graph: complete (SecAgg) or Harary (SecAgg+)")
+@click.option("--seed", type=int, default=None, help="seed for the random updates and dropout choice")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object as the last line")
+def secagg_command(clients: int, dim: int, dropout: float, dropout_stage: str, graph: str, seed: int | None,
+                   as_json: bool) -> None:
+    """Run one whole secure-aggregation round in-process and report its cost and exactness."""
+    if clients < 2:
+        fail("--clients", f"need at least 2 clients (got {clients})")
+    if dim < 1:
+        fail("--dim", f"must be at least 1 (got {dim})")
+    if not (math.isfinite(dropout) and 0.0 <= dropout < 1.0):
+        fail("--dropout", f"must be in [0, 1) (got {dropout})")
+    report = run_secagg_bench(clients, dim, dropout, dropout_stage, graph, seed)
+    if as_json:
+        print_json_last_line(report)
+    else:
+        _print_table(report)
+    if not report["completed"]:
+        raise click.exceptions.Exit(1)
