@@ -1,0 +1,665 @@
+"""The web dashboard: runs and rounds live, hospitals' data upload, the clinician's risk view.
+
+Served by the standard library's :class:`http.server.ThreadingHTTPServer` (no web framework:
+the API is a dozen small JSON routes), with plain HTML/JS/CSS pages shipped in
+``fedveil/server/static`` (no Node build, nothing fetched from the internet; charts are drawn
+on ``<canvas>`` by ``static/charts.js``). It binds to 127.0.0.1 unless told otherwise.
+
+Where the data comes from is behind two small interfaces, so the same pages serve the demo
+(an in-memory record of the runs it drives) and ``fedveil server`` (the SQLite run store):
+
+- :class:`RunSource` — ``list_runs()``, ``get_run(run_id)`` and ``latest_model()``: runs and
+  their rounds as plain JSON-ready dicts (see :class:`MemoryRunSource` for the shapes), and
+  the current global model's state dict;
+- :class:`RunStarter` — ``start(settings)`` starts a run with :class:`RunSettings` from the
+  browser and returns its id; ``busy()`` says whether one is still going.
+
+Hospital uploads (:class:`HospitalDataDirs`) are validated against the task's
+:class:`~fedveil.task.DataSchema` *before* anything is written; a rejected upload leaves no
+trace, and an accepted one is written atomically to that hospital's own data directory and
+nowhere else: the coordinator and its store never see it. When a run starts, each hospital's
+client trains on its directory's ``site.csv`` if there is one.
+
+JSON API (all responses are JSON; errors are ``{"error": "..."}`` with a 4xx status):
+
+=======  ======================================  ==========================================
+GET      /api/status                             task, hospitals, whether runs can start
+GET      /api/runs                               run summaries, newest first
+GET      /api/runs/<id>                          one run: settings, status, rounds
+POST     /api/runs                               start a run: RunSettings as JSON
+GET      /api/schema                             the site CSV columns
+GET      /api/hospitals                          hospitals and their local data files
+POST     /api/hospitals/<name>/upload?filename=  the CSV as the request body
+DELETE   /api/hospitals/<name>/upload            remove the hospital's file
+GET      /api/clinician/examples                 example patients
+POST     /api/predict                            ``{"features": {...}}`` → risk and reasons
+=======  ======================================  ==========================================
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+import torch
+
+from fedveil.task import SchemaError, Task
+
+STATIC_FILES: dict[str, str] = {
+    "/": "index.html",
+    "/index.html": "index.html",
+    "/hospital.html": "hospital.html",
+    "/clinician.html": "clinician.html",
+    "/app.css": "app.css",
+    "/charts.js": "charts.js",
+    "/common.js": "common.js",
+    "/runs.js": "runs.js",
+    "/hospital.js": "hospital.js",
+    "/clinician.js": "clinician.js",
+}
+CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+}
+DP_MODES = ("local", "central", "distributed", "none")
+DEFAULT_MAX_UPLOAD_BYTES = 2 * 1024 * 1024
+MAX_JSON_BYTES = 64 * 1024
+MAX_DISCARD_BYTES = 64 * 1024 * 1024
+SITE_FILE = "site.csv"
+_HOSPITAL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class DashboardError(ValueError):
+    """A request the dashboard refuses; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: HTTPStatus = HTTPStatus.BAD_REQUEST) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# ---------------------------------------------------------------------------------------------
+# Run settings and the data interfaces
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What the browser's "start a run" form sends."""
+
+    rounds: int = 10
+    hospitals_per_round: int = 5
+    dp: str = "local"
+    epsilon_budget: float = 3.0
+
+    @classmethod
+    def from_json(cls, payload: Mapping[str, Any], *, max_hospitals: int, max_rounds: int = 200) -> RunSettings:
+        unknown = sorted(set(payload) - {"rounds", "hospitals_per_round", "dp", "epsilon_budget"})
+        if unknown:
+            raise DashboardError(f"unknown setting(s): {', '.join(unknown)}")
+        defaults = cls()
+        rounds = _int_field(payload, "rounds", defaults.rounds, 1, max_rounds)
+        per_round = _int_field(payload, "hospitals_per_round", min(defaults.hospitals_per_round, max_hospitals), 1,
+                               max_hospitals)
+        dp = payload.get("dp", defaults.dp)
+        if dp not in DP_MODES:
+            raise DashboardError(f"dp: must be one of {', '.join(DP_MODES)} (got {dp!r})")
+        budget_raw = payload.get("epsilon_budget", defaults.epsilon_budget)
+        try:
+            budget = float(budget_raw)
+        except (TypeError, ValueError):
+            raise DashboardError(f"epsilon_budget: not a number (got {budget_raw!r})") from None
+        if not (math.isfinite(budget) and 0.05 <= budget <= 100):
+            raise DashboardError(f"epsilon_budget: must be between 0.05 and 100 (got {budget_raw!r})")
+        return cls(rounds=rounds, hospitals_per_round=per_round, dp=str(dp), epsilon_budget=budget)
+
+
+def _int_field(payload: Mapping[str, Any], name: str, default: int, low: int, high: int) -> int:
+    raw = payload.get(name, default)
+    if isinstance(raw, bool):
+        raise DashboardError(f"{name}: not a whole number (got {raw!r})")
+    try:
+        value = int(raw)
+        if isinstance(raw, float | str) and float(raw) != value:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise DashboardError(f"{name}: not a whole number (got {raw!r})") from None
+    if not low <= value <= high:
+        raise DashboardError(f"{name}: must be between {low} and {high} (got {value})")
+    return value
+
+
+@runtime_checkable
+class RunSource(Protocol):
+    """Where the dashboard reads runs, rounds and the current global model."""
+
+    def list_runs(self) -> list[dict[str, Any]]: ...
+
+    def get_run(self, run_id: str) -> dict[str, Any] | None: ...
+
+    def latest_model(self) -> Mapping[str, torch.Tensor] | None: ...
+
+
+@runtime_checkable
+class RunStarter(Protocol):
+    """Starts a run from the browser's settings; returns its id."""
+
+    def start(self, settings: RunSettings) -> str: ...
+
+    def busy(self) -> bool: ...
+
+
+class MemoryRunSource:
+    """Runs recorded in memory by whoever drives them (the demo). Thread-safe.
+
+    A run is ``{"id", "status" ("running"|"completed"|"failed"), "settings", "started_at",
+    "finished_at", "hospitals", "epsilon_budget", "delta", "error", "rounds": [...]}``; a round is
+    ``{"round", "accuracy", "auc", "loss", "participants", "dropped", "epsilon_sample"
+    ({hospital: ε}), "epsilon_sample_max", "epsilon_user" (or None), "budget_remaining"}``.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._runs: dict[str, dict[str, Any]] = {}
+        self._order: list[str] = []
+        self._model: dict[str, torch.Tensor] | None = None
+
+    def begin_run(
+        self,
+        settings: Mapping[str, Any],
+        hospitals: Sequence[str],
+        *,
+        epsilon_budget: float | None,
+        delta: float,
+        run_id: str | None = None,
+    ) -> str:
+        rid = run_id or time.strftime("run-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+        with self._lock:
+            if rid in self._runs:
+                raise ValueError(f"run {rid!r} already exists")
+            self._runs[rid] = {
+                "id": rid,
+                "status": "running",
+                "settings": dict(settings),
+                "started_at": time.time(),
+                "finished_at": None,
+                "hospitals": list(hospitals),
+                "epsilon_budget": epsilon_budget,
+                "delta": delta,
+                "error": None,
+                "rounds": [],
+            }
+            self._order.append(rid)
+        return rid
+
+    def add_round(self, run_id: str, record: Mapping[str, Any]) -> None:
+        with self._lock:
+            self._runs[run_id]["rounds"].append(_jsonable(dict(record)))
+
+    def set_model(self, state: Mapping[str, torch.Tensor]) -> None:
+        with self._lock:
+            self._model = {k: v.detach().clone() for k, v in state.items()}
+
+    def finish_run(self, run_id: str, *, error: str | None = None, summary: Mapping[str, Any] | None = None) -> None:
+        with self._lock:
+            run = self._runs[run_id]
+            run["status"] = "failed" if error else "completed"
+            run["error"] = error
+            run["finished_at"] = time.time()
+            if summary is not None:
+                run["summary"] = _jsonable(dict(summary))
+
+    def list_runs(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [_summary(self._runs[rid]) for rid in reversed(self._order)]
+
+    def get_run(self, run_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            run = self._runs.get(run_id)
+            return json.loads(json.dumps(run)) if run is not None else None
+
+    def latest_model(self) -> Mapping[str, torch.Tensor] | None:
+        with self._lock:
+            return None if self._model is None else dict(self._model)
+
+
+def _summary(run: Mapping[str, Any]) -> dict[str, Any]:
+    rounds = run["rounds"]
+    last = rounds[-1] if rounds else {}
+    return {
+        "id": run["id"],
+        "status": run["status"],
+        "settings": run["settings"],
+        "started_at": run["started_at"],
+        "finished_at": run["finished_at"],
+        "rounds_done": len(rounds),
+        "accuracy": last.get("accuracy"),
+        "auc": last.get("auc"),
+        "epsilon_sample_max": last.get("epsilon_sample_max"),
+        "epsilon_user": last.get("epsilon_user"),
+        "error": run.get("error"),
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    """Floats that JSON can carry (NaN and ±∞ become None), numpy scalars as Python numbers."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Hospital data directories
+
+
+@dataclass
+class HospitalDataDirs:
+    """Each hospital's own data directory, ``root/<hospital>/site.csv``.
+
+    Stands for storage on the hospital's side: nothing here is sent to the coordinator; the
+    hospital's client reads the file when it trains.
+    """
+
+    root: Path
+    hospitals: tuple[str, ...]
+    task: Task
+    max_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in self.hospitals:
+            if not _HOSPITAL_NAME.match(name):
+                raise ValueError(f"hospital name {name!r} is not a safe directory name")
+
+    def path(self, hospital: str) -> Path:
+        if hospital not in self.hospitals:
+            raise DashboardError(f"unknown hospital {hospital!r}", HTTPStatus.NOT_FOUND)
+        return self.root / hospital / SITE_FILE
+
+    def site_file(self, hospital: str) -> Path | None:
+        p = self.path(hospital)
+        return p if p.is_file() else None
+
+    def describe(self) -> list[dict[str, Any]]:
+        out = []
+        for name in self.hospitals:
+            p = self.path(name)
+            info: dict[str, Any] = {"name": name, "has_upload": p.is_file(), "rows": None, "directory": str(p.parent)}
+            if p.is_file():
+                try:
+                    _, labels = self.task.schema.parse_csv(p)
+                    info["rows"] = len(labels)
+                except SchemaError as err:  # a file edited by hand since it was accepted
+                    info["error"] = str(err)
+            out.append(info)
+        return out
+
+    def accept(self, hospital: str, filename: str, body: bytes) -> dict[str, Any]:
+        """Validate ``body``; only if it is a good site file, write it atomically. Returns a summary."""
+        target = self.path(hospital)
+        if len(body) > self.max_bytes:
+            raise DashboardError(
+                f"the file is too large ({len(body)} bytes; the limit is {self.max_bytes})",
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+            )
+        if not filename.lower().endswith(".csv"):
+            raise DashboardError(f"{filename or 'the file'!s} is not a CSV file (expected a name ending in .csv)")
+        try:
+            features, labels = self.task.schema.parse_csv(body)
+        except SchemaError as err:
+            raise DashboardError(f"{filename}: {err}") from None
+        with self._lock:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".upload-", suffix=".csv", dir=target.parent)
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(body)
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        positives = float(labels.mean()) if len(labels) else 0.0
+        return {
+            "hospital": hospital,
+            "filename": filename,
+            "rows": len(labels),
+            "features": int(features.shape[1]),
+            "label_share": positives,
+            "stored_at": str(target),
+        }
+
+    def remove(self, hospital: str) -> bool:
+        p = self.path(hospital)
+        with self._lock:
+            if p.is_file():
+                p.unlink()
+                return True
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Predictions
+
+
+Assessor = Callable[[torch.nn.Module, np.ndarray], dict[str, Any]]
+
+
+def gradient_times_input(model: torch.nn.Module, features: np.ndarray, names: Sequence[str]) -> dict[str, Any]:
+    """Generic explanation for a model with one logit: gradient × input per feature (first order)."""
+    x = torch.as_tensor(np.asarray(features, dtype=np.float32)).reshape(1, -1).requires_grad_(True)
+    model.eval()
+    logit = model(x).reshape(-1)[0]
+    (grad,) = torch.autograd.grad(logit, x)
+    contrib = (grad * x).detach().numpy()[0].astype(np.float64)
+    prob = float(torch.sigmoid(logit).item())
+    order = np.argsort(-np.abs(contrib))
+    level = "low" if prob < 0.2 else "moderate" if prob < 0.5 else "high" if prob < 0.8 else "very high"
+    return {
+        "probability": prob,
+        "logit": float(logit.item()),
+        "risk_level": level,
+        "confidence": "approximate explanation (gradient × input)",
+        "top_features": [
+            {
+                "feature": names[i],
+                "value": float(features[i]),
+                "contribution": float(contrib[i]),
+                "direction": "raises risk" if contrib[i] > 0 else "lowers risk",
+            }
+            for i in order[:5]
+        ],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The dashboard application
+
+
+@dataclass
+class Dashboard:
+    """Everything the HTTP handler needs: the task, the data sources and the hospitals' dirs."""
+
+    task: Task
+    runs: RunSource
+    hospitals: HospitalDataDirs
+    starter: RunStarter | None = None
+    examples: Sequence[Mapping[str, Any]] = ()
+    assessor: Assessor | None = None
+    title: str = "fedveil dashboard"
+    _model_cache: tuple[int, torch.nn.Module] | None = field(default=None, repr=False)
+
+    # -- API handlers (each returns a JSON-ready object or raises DashboardError) --
+
+    def status(self) -> dict[str, Any]:
+        runs = self.runs.list_runs()
+        active = next((r["id"] for r in runs if r["status"] == "running"), None)
+        return {
+            "title": self.title,
+            "task": self.task.name,
+            "hospitals": list(self.hospitals.hospitals),
+            "can_start_runs": self.starter is not None,
+            "active_run": active,
+            "has_model": self.runs.latest_model() is not None,
+            "dp_modes": list(DP_MODES),
+            "defaults": asdict(RunSettings(hospitals_per_round=len(self.hospitals.hospitals))),
+        }
+
+    def start_run(self, payload: Any) -> dict[str, Any]:
+        if self.starter is None:
+            raise DashboardError("this dashboard cannot start runs (it only watches a server's store)",
+                                 HTTPStatus.CONFLICT)
+        if not isinstance(payload, dict):
+            raise DashboardError("the request body must be a JSON object of run settings")
+        settings = RunSettings.from_json(payload, max_hospitals=len(self.hospitals.hospitals))
+        if self.starter.busy():
+            raise DashboardError("a run is already in progress; wait for it to finish", HTTPStatus.CONFLICT)
+        run_id = self.starter.start(settings)
+        return {"run_id": run_id, "settings": asdict(settings)}
+
+    def get_run(self, run_id: str) -> dict[str, Any]:
+        run = self.runs.get_run(run_id)
+        if run is None:
+            raise DashboardError(f"no run {run_id!r}", HTTPStatus.NOT_FOUND)
+        return _jsonable(run)  # type: ignore[no-any-return]
+
+    def schema(self) -> dict[str, Any]:
+        s = self.task.schema
+        return {
+            "columns": [
+                {"name": c.name, "type": c.dtype, "description": c.description, "role": "feature"} for c in s.features
+            ]
+            + [{"name": s.label.name, "type": s.label.dtype, "description": s.label.description, "role": "label"}],
+            "max_bytes": self.hospitals.max_bytes,
+        }
+
+    def _current_model(self) -> torch.nn.Module:
+        state = self.runs.latest_model()
+        if state is None:
+            raise DashboardError("no global model yet: start a run and wait for its first round",
+                                 HTTPStatus.SERVICE_UNAVAILABLE)
+        key = id(state) if not state else hash(tuple(float(v.float().sum()) for v in state.values()))
+        if self._model_cache is not None and self._model_cache[0] == key:
+            return self._model_cache[1]
+        model = self.task.build_model()
+        model.load_state_dict(dict(state))
+        model.eval()
+        self._model_cache = (key, model)
+        return model
+
+    def predict(self, payload: Any) -> dict[str, Any]:
+        if not isinstance(payload, dict) or not isinstance(payload.get("features"), dict):
+            raise DashboardError('the request body must be {"features": {name: value, ...}}')
+        values = payload["features"]
+        names = [c.name for c in self.task.schema.features]
+        missing = [n for n in names if n not in values or values[n] in ("", None)]
+        extra = [k for k in values if k not in names]
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append("missing: " + ", ".join(missing))
+            if extra:
+                parts.append("unknown features: " + ", ".join(map(str, extra)))
+            raise DashboardError("; ".join(parts))
+        x = np.empty(len(names), dtype=np.float32)
+        for i, n in enumerate(names):
+            try:
+                v = float(values[n])
+            except (TypeError, ValueError):
+                raise DashboardError(f"{n}: {values[n]!r} is not a number") from None
+            if not math.isfinite(v):
+                raise DashboardError(f"{n}: {values[n]!r} is not a finite number")
+            x[i] = v
+        model = self._current_model()
+        try:
+            result = self.assessor(model, x) if self.assessor else gradient_times_input(model, x, names)
+        except ValueError as err:
+            raise DashboardError(str(err)) from None
+        return _jsonable(result)  # type: ignore[no-any-return]
+
+
+def make_handler(app: Dashboard) -> type[BaseHTTPRequestHandler]:
+    """An HTTP handler class bound to ``app``."""
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "fedveil-dashboard"
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return  # quiet: the demo prints its own progress
+
+        # -- plumbing --
+        def _send(self, status: int, body: bytes, content_type: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.send_header("Content-Security-Policy", "default-src 'self'; img-src 'self' data:")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def _json(self, status: int, payload: Any) -> None:
+            self._send(status, json.dumps(payload, allow_nan=False).encode(), "application/json")
+
+        def _error(self, status: int, message: str) -> None:
+            self._json(status, {"error": message})
+
+        def _read_body(self, limit: int) -> bytes:
+            length_raw = self.headers.get("Content-Length")
+            if length_raw is None:
+                raise DashboardError("the request needs a Content-Length header", HTTPStatus.LENGTH_REQUIRED)
+            try:
+                length = int(length_raw)
+            except ValueError:
+                raise DashboardError(f"bad Content-Length {length_raw!r}") from None
+            if length < 0:
+                raise DashboardError(f"bad Content-Length {length_raw!r}")
+            if length > limit:
+                self._discard(length)
+                raise DashboardError(
+                    f"the file is too large ({length} bytes; the limit is {limit})",
+                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                )
+            return self.rfile.read(length)
+
+        def _discard(self, length: int) -> None:
+            """Read and drop an oversized body (nothing is kept), so the client sees our answer.
+
+            Beyond :data:`MAX_DISCARD_BYTES` the connection is closed instead of read to the end.
+            """
+            if length > MAX_DISCARD_BYTES:
+                self.close_connection = True
+                return
+            left = length
+            while left > 0:
+                chunk = self.rfile.read(min(left, 1 << 16))
+                if not chunk:
+                    break
+                left -= len(chunk)
+
+        def _read_json(self) -> Any:
+            body = self._read_body(MAX_JSON_BYTES)
+            try:
+                return json.loads(body.decode("utf-8") or "null")
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise DashboardError(f"the request body is not valid JSON: {err}") from None
+
+        def _dispatch(self, method: str) -> None:
+            parts = urlsplit(self.path)
+            path = parts.path
+            try:
+                if method in ("GET", "HEAD") and path in STATIC_FILES:
+                    self._static(STATIC_FILES[path])
+                    return
+                if not path.startswith("/api/"):
+                    raise DashboardError(f"not found: {path}", HTTPStatus.NOT_FOUND)
+                self._json(HTTPStatus.OK, self._api(method, path, parse_qs(parts.query)))
+            except DashboardError as err:
+                self._error(err.status, str(err))
+            except Exception as err:  # never crash the server on one request
+                self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"internal error: {type(err).__name__}: {err}")
+
+        def _api(self, method: str, path: str, query: dict[str, list[str]]) -> Any:
+            seg = [s for s in path.split("/") if s][1:]  # drop "api"
+            if method == "GET" and seg == ["status"]:
+                return app.status()
+            if seg == ["runs"]:
+                if method == "GET":
+                    return {"runs": app.runs.list_runs()}
+                if method == "POST":
+                    return app.start_run(self._read_json())
+            if method == "GET" and len(seg) == 2 and seg[0] == "runs":
+                return app.get_run(seg[1])
+            if method == "GET" and seg == ["schema"]:
+                return app.schema()
+            if method == "GET" and seg == ["hospitals"]:
+                return {"hospitals": app.hospitals.describe()}
+            if len(seg) == 3 and seg[0] == "hospitals" and seg[2] == "upload":
+                hospital = seg[1]
+                app.hospitals.path(hospital)  # 404 for an unknown hospital, before reading a body
+                if method == "POST":
+                    filename = (query.get("filename") or [""])[0]
+                    body = self._read_body(app.hospitals.max_bytes)
+                    return app.hospitals.accept(hospital, filename, body)
+                if method == "DELETE":
+                    return {"removed": app.hospitals.remove(hospital)}
+            if method == "GET" and seg == ["clinician", "examples"]:
+                return {"examples": list(app.examples)}
+            if method == "POST" and seg == ["predict"]:
+                return app.predict(self._read_json())
+            raise DashboardError(f"no such endpoint: {method} {path}", HTTPStatus.NOT_FOUND)
+
+        def _static(self, name: str) -> None:
+            data = resources.files("fedveil.server").joinpath("static", name).read_bytes()
+            self._send(HTTPStatus.OK, data, CONTENT_TYPES[Path(name).suffix])
+
+        def do_GET(self) -> None:
+            self._dispatch("GET")
+
+        def do_HEAD(self) -> None:
+            self._dispatch("HEAD")
+
+        def do_POST(self) -> None:
+            self._dispatch("POST")
+
+        def do_DELETE(self) -> None:
+            self._dispatch("DELETE")
+
+    return Handler
+
+
+class DashboardServer:
+    """The dashboard's HTTP server on a background thread: ``start()``, ``url``, ``stop()``."""
+
+    def __init__(self, app: Dashboard, port: int = 0, host: str = "127.0.0.1") -> None:
+        self.app = app
+        self._httpd = ThreadingHTTPServer((host, port), make_handler(app))
+        self._httpd.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self._httpd.server_address[1])
+
+    @property
+    def url(self) -> str:
+        host = str(self._httpd.server_address[0])
+        return f"http://{host}:{self.port}/"
+
+    def start(self) -> DashboardServer:
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="fedveil-dashboard", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> DashboardServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,60 @@
+// Hospital page: upload a site CSV (validated by the server against the task schema) and list local files.
+"use strict";
+
+async function refreshHospitals() {
+  const data = await api("GET", "/api/hospitals");
+  const select = document.getElementById("hospital");
+  const current = select.value;
+  select.replaceChildren(...data.hospitals.map((h) => el("option", { value: h.name }, [h.name])));
+  if (current) select.value = current;
+  document.querySelector("#hospitals-table tbody").replaceChildren(...data.hospitals.map((h) => {
+    const remove = el("button", { type: "button", class: "small" }, ["remove"]);
+    remove.disabled = !h.has_upload;
+    remove.addEventListener("click", async () => {
+      await api("DELETE", "/api/hospitals/" + encodeURIComponent(h.name) + "/upload");
+      await refreshHospitals();
+    });
+    return el("tr", { "data-hospital": h.name }, [
+      el("td", {}, [h.name]),
+      el("td", { class: "upload-state" }, [h.has_upload ? (h.error ? "invalid: " + h.error : "site.csv") : "none (demo share)"]),
+      el("td", {}, [h.rows === null ? "–" : h.rows]),
+      el("td", { class: "mono" }, [h.directory]),
+      el("td", {}, [remove]),
+    ]);
+  }));
+}
+
+async function refreshSchema() {
+  const schema = await api("GET", "/api/schema");
+  document.getElementById("max-size").textContent = (schema.max_bytes / (1024 * 1024)).toFixed(1) + " MB";
+  document.querySelector("#schema-table tbody").replaceChildren(...schema.columns.map((c) => el("tr", {}, [
+    el("td", { class: "mono" }, [c.name + (c.role === "label" ? " (label)" : "")]), el("td", {}, [c.type]),
+    el("td", {}, [c.description]),
+  ])));
+}
+
+async function upload(event) {
+  event.preventDefault();
+  const message = document.getElementById("upload-message");
+  const hospital = document.getElementById("hospital").value;
+  const file = document.getElementById("file").files[0];
+  if (!file) { showMessage(message, "Choose a CSV file first.", "error"); return; }
+  showMessage(message, "Checking " + file.name + " …", "info");
+  try {
+    const res = await api("POST", "/api/hospitals/" + encodeURIComponent(hospital) + "/upload?filename=" +
+                          encodeURIComponent(file.name), file, { "Content-Type": "text/csv" });
+    showMessage(message, `Accepted ${res.filename}: ${res.rows} patients, ${res.features} features ` +
+                `(${(100 * res.label_share).toFixed(0)} % positive), kept at ${res.hospital}'s side.`, "ok");
+  } catch (err) {
+    showMessage(message, "Rejected: " + err.message, "error");
+  }
+  await refreshHospitals();
+}
+
+async function init() {
+  await loadTitle();
+  await Promise.all([refreshHospitals(), refreshSchema()]);
+  document.getElementById("upload-form").addEventListener("submit", upload);
+}
+
+init();
