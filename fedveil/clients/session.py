@@ -146,9 +146,18 @@ class Round:
         """
         if self.dp_mode != "local":
             return model, optimizer, loader
+        # A loop that rebinds its names (``model, optimizer, loader = rnd.privatize(...)``) hands
+        # last round's wrapped objects back: privatize the originals again instead.
+        originals = self._federation._dp_originals
+        model = originals.get(id(model), model)
+        optimizer = originals.get(id(optimizer), optimizer)
+        loader = originals.get(id(loader), loader)
         wrapped = self._federation._local_dp().privatize(
             self._start.dp.local, model, optimizer, loader, local_epochs=self.local_epochs or 1
         )
+        originals.clear()
+        originals.update({id(w): o for w, o in zip(wrapped, (model, optimizer, loader), strict=True)})
+        self._federation._dp_wrapped = wrapped  # keep them alive so their ids stay unique
         self._privatized = wrapped
         return wrapped
 
@@ -200,6 +209,8 @@ class Federation:
         self._pending: pb.PollResponse | None = None
         self._round_header: tuple[int, bytes] = (0, b"")
         self._local_dp_session: Any = None
+        self._dp_originals: dict[int, Any] = {}
+        self._dp_wrapped: Any = None
         self._closed = False
 
     # -- public -------------------------------------------------------------------------------
