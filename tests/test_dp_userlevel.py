@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from scipy import stats
 
+from fedveil.dp.accounting import RDPAccountant, compute_epsilon
 from fedveil.dp.central import (
     CentralGaussianMechanism,
     DPFedAvg,
@@ -247,6 +248,17 @@ def test_fixed_dpfedavg_round() -> None:
     out = dp.finish_round(clipped.sum(axis=0), make_generator(1))
     np.testing.assert_allclose(out.noised_mean, (clipped.sum(axis=0) + 1.0 * make_generator(1).standard_normal(8)) / 10)
     assert out.next_clip_norm == out.clip_norm == 0.5
+
+
+def test_dpfedavg_accounting_event_matches_the_accountant() -> None:
+    dp = DPFedAvg.with_adaptive_clipping(AdaptiveClippingConfig(0.5, 1.3, 100))
+    event = dp.dp_event(sample_rate=0.01, rounds=500)
+    assert event.noise_multiplier == 1.3  # the accounted z, not the larger z_Δ
+    accountant = RDPAccountant()
+    accountant.compose(event)
+    assert accountant.get_epsilon(1e-5) == pytest.approx(
+        compute_epsilon(sample_rate=0.01, noise_multiplier=1.3, steps=500, delta=1e-5), rel=1e-12
+    )
 
 
 def test_adaptive_state_round_trip() -> None:

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from fedveil.dp.accounting import SubsampledGaussianEvent
 from fedveil.dp.clipping import (
     AdaptiveClipper,
     AdaptiveClippingConfig,
@@ -255,3 +256,11 @@ class DPFedAvg:
     def rdp(self, orders: ArrayLike) -> NDArray[np.float64]:
         """Per-round RDP curve of the whole round (updates and, if adaptive, the count): ``α / (2 z^2)``."""
         return gaussian_rdp(self.noise_multiplier, orders)
+
+    def dp_event(self, sample_rate: float = 1.0, rounds: int = 1) -> SubsampledGaussianEvent:
+        """The accounting event of ``rounds`` rounds with cohort sampling rate ``q = m / N``.
+
+        Under adaptive clipping this is still the Gaussian event with the full ``z``: the update
+        and count releases together are exactly that mechanism (Andrew et al. 2021, Thm. 1).
+        """
+        return SubsampledGaussianEvent(sample_rate=sample_rate, noise_multiplier=self.noise_multiplier, steps=rounds)
