@@ -43,6 +43,7 @@ from fedveil.secagg.keys import (
     pairwise_mask_seed,
     self_mask_prg_seed,
     share_box_key,
+    share_secret,
     sign,
     survivor_set_payload,
     verify,
@@ -84,6 +85,7 @@ class _ClientContext:
         self.session: Session | None = None
         self.own_share: np.ndarray | None = None
         self.received: dict[int, np.ndarray] = {}  # peer id → this client's share of the peer's secrets
+        self.share_secrets: dict[int, bytes] = {}  # peer id → X25519 secret of the share keys (R1 → R2)
         self.signed_survivors: frozenset[int] | None = None
         self.revealed: dict[int, str] = {}  # peer id → "self_mask" | "mask_key"
 
@@ -165,7 +167,9 @@ class ClientR1ShareKeys(ClientState):
             if holder == me:
                 ctx.own_share = shares[row].copy()
                 continue
-            key = share_box_key(ctx.keys.share_private, session.advertisements[holder].share_public, me, holder, sid)
+            shared = share_secret(ctx.keys.share_private, session.advertisements[holder].share_public)
+            ctx.share_secrets[holder] = shared
+            key = share_box_key(shared, me, holder, sid)
             boxes[holder] = seal_share(key, plaintext, me, holder, sid)
         return ClientR2MaskedInput(ctx), ShareKeysResponse(cfg.round_id, me, boxes)
 
@@ -191,7 +195,10 @@ class ClientR2MaskedInput(ClientState):
         for sender, box in msg.boxes.items():
             if sender not in neighbours:
                 raise ProtocolError(f"client {me} received a share box from non-neighbour {sender}")
-            key = share_box_key(ctx.keys.share_private, session.advertisements[sender].share_public, sender, me, sid)
+            shared = ctx.share_secrets.get(sender)
+            if shared is None:
+                shared = share_secret(ctx.keys.share_private, session.advertisements[sender].share_public)
+            key = share_box_key(shared, sender, me, sid)
             plain = open_share(key, box, sender, me, sid)
             values = np.frombuffer(plain, dtype="<u4").astype(np.int64)
             if values.size != SHARE_LIMBS or values.max(initial=0) >= PRIME:
@@ -202,8 +209,9 @@ class ClientR2MaskedInput(ClientState):
             raise RoundAbortedError(f"client {me}: only {alive_holders} of its holders remain, "
                                     f"fewer than threshold {cfg.threshold}")
         ctx.received = received
+        ctx.share_secrets = {}
         ring = cfg.ring
-        vec = ctx.input.copy()
+        vec = ctx.input  # this client's own copy (set_input copied it): masked in place
         expander = MaskExpander(cfg.vector_length, ring.dtype)
         expander.add_mask(vec, self_mask_prg_seed(ctx.keys.self_mask_seed, me, sid))
         for peer in sorted(received):

@@ -194,8 +194,6 @@ class FixedPointEncoder:
             raise ConfigError(f"values: expected a 1-D vector (got shape {x.shape})")
         if not np.issubdtype(x.dtype, np.floating):
             raise ConfigError(f"values: expected floating point values (got {x.dtype})")
-        if not np.all(np.isfinite(x)):
-            raise ConfigError("values: contains NaN or infinity")
         if len(seed) != SEED_BYTES:
             raise ConfigError(f"seed: expected {SEED_BYTES} bytes (got {len(seed)})")
         factor = 1.0
@@ -206,15 +204,19 @@ class FixedPointEncoder:
         elif weight is not None:
             raise ConfigError("weight: this encoder is not weighted (construct it with weighted=True)")
         n = self.encoded_length(x.shape[0])
-        y = np.empty(n, dtype=np.float64)
-        np.clip(x, -self.clip, self.clip, out=y[: x.shape[0]])
-        y[: x.shape[0]] *= factor * self.scale
+        d = x.shape[0]
+        y = uniform01(seed, n)  # u ~ U[0, 1) per coordinate
+        scaled = np.multiply(x, factor * self.scale, dtype=np.float64)
+        if not math.isfinite(float(scaled.sum())):  # one pass; finite floats cannot overflow float64 here
+            raise ConfigError("values: contains NaN or infinity")
+        bound = self.clip * factor * self.scale
+        np.clip(scaled, -bound, bound, out=scaled)
+        y[:d] += scaled
         if self.weighted:
-            y[-1] = factor * self.scale
+            y[-1] += factor * self.scale
         # floor(y + u) with u ~ U[0, 1) rounds up with probability frac(y): unbiased stochastic rounding.
-        y += uniform01(seed, n)
-        np.floor(y, out=y)
-        ints = y.astype(np.int64)
+        ints = np.empty(n, dtype=np.int64)
+        np.floor(y, out=ints, casting="unsafe")
         ring = self.ring
         out = ints.astype(ring.dtype) if ring.bits <= 32 else ints.view(np.uint64)
         return ring.reduce(out)

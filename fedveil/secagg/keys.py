@@ -113,10 +113,17 @@ def pairwise_mask_seed(own_mask: X25519PrivateKey, peer_mask_public: bytes, own_
     return hkdf(shared, salt=session, info=_pair_info(b"pairwise-mask", lo, hi))
 
 
-def share_box_key(own_share: X25519PrivateKey, peer_share_public: bytes, sender: int, recipient: int,
-                  session: bytes) -> bytes:
-    """AES-128-GCM key for the share box from ``sender`` to ``recipient`` (direction-specific)."""
-    shared = own_share.exchange(X25519PublicKey.from_public_bytes(peer_share_public))
+def share_secret(own_share: X25519PrivateKey, peer_share_public: bytes) -> bytes:
+    """Raw X25519 secret of the share-encryption key pair (feed it to :func:`share_box_key`)."""
+    return own_share.exchange(X25519PublicKey.from_public_bytes(peer_share_public))
+
+
+def share_box_key(shared: bytes, sender: int, recipient: int, session: bytes) -> bytes:
+    """AES-128-GCM key for the share box from ``sender`` to ``recipient`` (direction-specific).
+
+    ``shared`` is the X25519 secret of the pair's share keys (:func:`share_secret`); both boxes of
+    a pair derive from it, so a client computes it once per peer.
+    """
     return hkdf(shared, salt=session, info=_pair_info(b"share-box", sender, recipient))
 
 

@@ -54,9 +54,13 @@ def expand(seed: bytes, count: int, dtype: np.dtype | type = np.uint32) -> np.nd
 
 
 def uniform01(seed: bytes, count: int) -> np.ndarray:
-    """``count`` float64 values uniform on [0, 1) with 53 random bits each, from ``seed``."""
-    words = expand(seed, count, np.uint64)
-    return (words >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+    """``count`` float64 values uniform on the grid {0, 2^-32, …, 1 − 2^-32}, from ``seed``.
+
+    32 random bits per value: ample for stochastic rounding, whose inputs carry at most ~21
+    fractional bits at the magnitudes :mod:`fedveil.secagg.encoding` allows.
+    """
+    words = expand(seed, count, np.uint32)
+    return np.multiply(words, 2.0**-32, dtype=np.float64)
 
 
 class MaskExpander:

@@ -79,6 +79,8 @@ def run_round(config: SecAggConfig, inputs: Mapping[int, np.ndarray], *,
     if set(inputs) != set(range(n)):
         raise ConfigError(f"inputs: need one vector for each client 0..{n - 1}")
     plan = _normalize_dropouts(dropouts, n)
+    if plan.get("consistency") and not config.active:
+        raise ConfigError("dropouts: the 'consistency' stage exists only in active mode")
     gone: set[int] = set()
     client_s = dict.fromkeys(range(n), 0.0)
     upload = dict.fromkeys(range(n), 0)
@@ -114,9 +116,9 @@ def run_round(config: SecAggConfig, inputs: Mapping[int, np.ndarray], *,
         server.receive(cid, msg)
         server_s += clock() - start
 
-    stage_drops = iter((plan.get("shares", frozenset()), plan.get("masked", frozenset()),
-                        plan.get("consistency", frozenset()) if config.active else frozenset(),
-                        plan.get("unmask", frozenset())))
+    # Which dropout stage applies once the server waits for a given kind of message.
+    stage_of_server_state = {"R1ShareKeys": "shares", "R2MaskedInputCollection": "masked",
+                             "ConsistencyCheck": "consistency", "R3Unmasking": "unmask"}
     while True:
         start = clock()
         outgoing = server.close_stage()
@@ -128,7 +130,7 @@ def run_round(config: SecAggConfig, inputs: Mapping[int, np.ndarray], *,
                 if cid not in gone:
                     clients[cid].handle(transfer(out, download, cid))
             break
-        gone |= next(stage_drops, frozenset())
+        gone |= plan.get(stage_of_server_state[server.stage], frozenset())
         for cid, out in outgoing.items():
             if cid in gone:
                 continue

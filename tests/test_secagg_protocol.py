@@ -1,0 +1,491 @@
+"""End-to-end behaviour of the SecAgg / SecAgg+ state machines."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fedveil.secagg import (
+    ConsistencyCheckError,
+    DoubleShareRequestError,
+    GraphSpec,
+    InvalidSignatureError,
+    MalformedMessageError,
+    RoundAborted,
+    RoundAbortedError,
+    SecAggClient,
+    SecAggConfig,
+    SecAggServer,
+    ShareDecryptionError,
+    TooFewSurvivorsError,
+    UnexpectedMessageError,
+    UnmaskingRefusedError,
+    WrongRoundError,
+    run_round,
+)
+from fedveil.secagg.client import ClientR1ShareKeys, ClientR2MaskedInput, ClientR3Unmasking
+from fedveil.secagg.messages import (
+    AdvertiseKeys,
+    ConsistencyCheckRequest,
+    MaskedInputRequest,
+    MaskedInputResponse,
+    ShareKeysRequest,
+    UnmaskingRequest,
+    UnmaskingResponse,
+    decode_message,
+)
+from fedveil.secagg.server import ServerR1ShareKeys, ServerR2MaskedInputCollection, ServerR3Unmasking
+from tests.secagg_helpers import ManualRound, random_inputs, ring_sum
+
+STAGES = ("keys", "shares", "masked", "unmask")
+
+
+def _survivors_expected(n: int, stage: str, dropped: set[int]) -> list[int]:
+    # Clients dropping at "unmask" already sent their masked input: they stay in the sum.
+    return list(range(n)) if stage == "unmask" else [c for c in range(n) if c not in dropped]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_exact_sum_for_random_sizes_dropouts_and_stages(data):
+    n = data.draw(st.integers(3, 14), label="n")
+    m = data.draw(st.integers(1, 300), label="m")
+    harary = data.draw(st.booleans(), label="harary") and n >= 6
+    bits = data.draw(st.sampled_from([32, 64, 20, 45]), label="ring_bits")
+    if harary:
+        spec = GraphSpec("harary", 2 * data.draw(st.integers(1, max(1, (n - 4) // 2)), label="half_degree"))
+        holders = spec.holders_count(n)
+    else:
+        spec, holders = GraphSpec(), n
+    t = data.draw(st.integers(2, holders), label="t")
+    stage = data.draw(st.sampled_from(STAGES), label="stage")
+    dropped = data.draw(st.sets(st.integers(0, n - 1), max_size=n), label="dropped")
+    config = SecAggConfig(n, t, m, round_id=data.draw(st.integers(0, 2**64 - 1)), ring_bits=bits, graph=spec)
+    inputs = random_inputs(config, seed=data.draw(st.integers(0, 1000)))
+    sim = run_round(config, inputs, dropouts={stage: dropped}, wire=data.draw(st.booleans()))
+    if sim.completed:
+        assert sim.result is not None
+        expected = _survivors_expected(n, stage, dropped)
+        assert list(sim.result.survivors) == expected
+        assert np.array_equal(sim.result.ring_sum, ring_sum(config, inputs, expected))
+    else:
+        # Aborts only happen when some neighbourhood really lost too many clients.
+        assert sim.abort_reason
+        survivors = set(range(n)) - dropped
+        if not harary:
+            assert len(survivors) < t
+        assert not sim.client_errors or all("Abort" in e or "TooFew" in e for e in sim.client_errors.values())
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("graph", [GraphSpec(), GraphSpec("harary", 4)])
+def test_dropouts_at_every_stage_with_t_remaining(stage, graph):
+    n = 10
+    t = 3 if graph.kind == "harary" else 6
+    config = SecAggConfig(n, t, 257, round_id=3, graph=graph)
+    inputs = random_inputs(config, 1)
+    dropped = {0, 5} if graph.kind == "harary" else {1, 2, 7, 9}
+    sim = run_round(config, inputs, dropouts={stage: dropped})
+    assert sim.completed, sim.abort_reason
+    expected = _survivors_expected(n, stage, dropped)
+    assert np.array_equal(sim.result.ring_sum, ring_sum(config, inputs, expected))
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_below_threshold_aborts_cleanly(stage):
+    n, t = 8, 5
+    config = SecAggConfig(n, t, 64, round_id=9)
+    sim = run_round(config, random_inputs(config), dropouts={stage: {0, 1, 2, 3}})
+    assert not sim.completed
+    assert sim.result is None
+    assert "threshold" in (sim.abort_reason or "")
+
+
+def test_abort_reveals_nothing_and_notifies_clients():
+    config = SecAggConfig(6, 5, 32, round_id=1)
+    r = ManualRound(config)
+    r.advertise()
+    out = r.close()
+    out = r.step(out)  # shares
+    out = r.step(out, skip={0, 1})  # two clients never send their masked input: 4 < t
+    assert r.server.aborted
+    assert set(out) == set(range(6))
+    assert all(isinstance(m, RoundAborted) for m in out.values())
+    with pytest.raises(RoundAbortedError):
+        _ = r.server.result
+    # The server discarded its running sum; no unmasking request was ever sent.
+    assert r.server.state.ctx.running_sum is None
+    for c in range(2, 6):
+        r.clients[c].handle(out[c])
+        assert r.clients[c].aborted
+
+
+def _round_until_unmasking(config, skip_masked=()):
+    r = ManualRound(config)
+    r.advertise()
+    out = r.step(r.close())
+    out = r.step(out, skip=skip_masked)
+    return r, out
+
+
+def test_client_refuses_double_share_request():
+    config = SecAggConfig(6, 3, 16, round_id=2)
+    r, out = _round_until_unmasking(config, skip_masked={5})
+    honest = out[0]
+    assert isinstance(honest, UnmaskingRequest)
+    # The server claims client 3 both survived and dropped: answering would give it both shares.
+    evil = dataclasses.replace(honest, dropped=np.array([3, 5], np.uint32))
+    with pytest.raises(DoubleShareRequestError):
+        r.clients[0].handle(evil)
+    assert r.clients[0].aborted
+    # Listing the client itself as dropped is refused too.
+    evil_self = dataclasses.replace(out[1], survivors=np.array([0, 2, 3, 4], np.uint32),
+                                    dropped=np.array([1, 5], np.uint32))
+    with pytest.raises(UnmaskingRefusedError):
+        r.clients[1].handle(evil_self)
+
+
+def test_client_answers_once_and_never_both_shares():
+    config = SecAggConfig(6, 3, 16, round_id=2)
+    r, out = _round_until_unmasking(config, skip_masked={5})
+    reply = r.clients[0].handle(out[0])
+    assert isinstance(reply, UnmaskingResponse)
+    assert set(reply.self_mask_owners.tolist()).isdisjoint(reply.mask_key_owners.tolist())
+    assert reply.mask_key_owners.tolist() == [5]
+    # A second request (say with 4 now "dropped") is out of state: the client has completed.
+    second = dataclasses.replace(out[0], survivors=np.array([0, 1, 2, 3], np.uint32),
+                                 dropped=np.array([4, 5], np.uint32))
+    with pytest.raises(UnexpectedMessageError):
+        r.clients[0].handle(second)
+
+
+def test_client_refuses_survivor_set_smaller_than_threshold():
+    config = SecAggConfig(6, 4, 16, round_id=2)
+    r, out = _round_until_unmasking(config)
+    small = dataclasses.replace(out[0], survivors=np.array([0, 1, 2], np.uint32), dropped=np.array([], np.uint32))
+    with pytest.raises(TooFewSurvivorsError):
+        r.clients[0].handle(small)
+    assert r.clients[0].aborted
+
+
+def test_tampered_share_ciphertext_rejected():
+    config = SecAggConfig(5, 3, 16, round_id=4)
+    r = ManualRound(config)
+    r.advertise()
+    out = r.step(r.close())
+    msg = out[2]
+    assert isinstance(msg, MaskedInputRequest)
+    sender = next(iter(msg.boxes))
+    box = bytearray(msg.boxes[sender])
+    box[7] ^= 0x01
+    tampered = dataclasses.replace(msg, boxes={**msg.boxes, sender: bytes(box)})
+    with pytest.raises(ShareDecryptionError, match=f"from client {sender}"):
+        r.clients[2].handle(tampered)
+    assert r.clients[2].aborted
+    # A box re-addressed to another recipient fails as well (recipient is associated data).
+    other = out[3]
+    swapped = {s: msg.boxes[s] for s in other.boxes if s in msg.boxes}
+    with pytest.raises(ShareDecryptionError):
+        r.clients[3].handle(dataclasses.replace(other, boxes={**other.boxes, **swapped}))
+
+
+def test_message_replayed_from_another_round_rejected():
+    config1 = SecAggConfig(5, 3, 16, round_id=1)
+    config2 = config1.for_round(2)
+    r1 = ManualRound(config1)
+    r1.advertise()
+    out1 = r1.step(r1.close())
+    r2 = ManualRound(config2)
+    old_adv = SecAggClient(0, config1).advertise_keys()
+    with pytest.raises(WrongRoundError):
+        r2.server.receive(0, old_adv)
+    with pytest.raises(WrongRoundError):
+        r2.server.receive(0, old_adv.to_bytes())
+    r2.advertise()
+    out2 = r2.close()
+    with pytest.raises(WrongRoundError):
+        r2.clients[1].handle(out1[1])  # round 1's MaskedInputRequest
+    assert not r2.clients[1].aborted  # the replay was ignored, the round goes on
+    out2 = r2.step(out2)
+    # Even with the header rewritten to round 2, round-1 share boxes fail (session id in the AD).
+    forged = dataclasses.replace(out1[1], round_id=2)
+    with pytest.raises(ShareDecryptionError):
+        r2.clients[1].handle(forged)
+
+
+def test_out_of_state_messages_rejected_and_ignored():
+    config = SecAggConfig(4, 3, 8, round_id=7)
+    r = ManualRound(config)
+    vec = np.zeros(8, np.uint32)
+    with pytest.raises(UnexpectedMessageError):
+        r.server.receive(0, MaskedInputResponse(7, 0, vec))
+    with pytest.raises(UnexpectedMessageError):
+        r.clients[0].handle(UnmaskingRequest(7, 0))
+    r.advertise()
+    with pytest.raises(UnexpectedMessageError):  # advertising twice
+        r.server.receive(0, AdvertiseKeys(7, 0, b"a" * 32, b"b" * 32))
+    with pytest.raises(UnexpectedMessageError):
+        r.clients[1].advertise_keys()
+    out = r.close()
+    assert isinstance(r.server.state, ServerR1ShareKeys)
+    assert isinstance(r.clients[0].state, ClientR1ShareKeys)
+    with pytest.raises(UnexpectedMessageError):
+        r.server.receive(1, MaskedInputResponse(7, 1, vec))
+    with pytest.raises(UnexpectedMessageError):
+        r.clients[0].handle(MaskedInputRequest(7, 0, {}))
+    with pytest.raises(MalformedMessageError):
+        r.clients[0].handle(b"garbage")
+    # None of that changed anything: the round completes exactly.
+    out = r.step(out)
+    assert isinstance(r.clients[0].state, ClientR2MaskedInput)
+    assert isinstance(r.server.state, ServerR2MaskedInputCollection)
+    out = r.step(out)
+    assert isinstance(r.clients[0].state, ClientR3Unmasking)
+    assert isinstance(r.server.state, ServerR3Unmasking)
+    with pytest.raises(UnexpectedMessageError):
+        r.clients[0].handle(ShareKeysRequest(7, 0, ()))
+    r.step(out)
+    assert r.server.completed
+    assert np.array_equal(r.server.result.ring_sum, ring_sum(config, r.inputs, range(4)))
+
+
+def test_server_rejects_spoofed_sender_and_bad_vectors():
+    config = SecAggConfig(4, 3, 8, round_id=7)
+    r = ManualRound(config)
+    r.advertise()
+    out = r.step(r.close())
+    replies = r.deliver(out)
+    from fedveil.secagg import ProtocolError
+
+    with pytest.raises(ProtocolError):
+        r.server.receive(1, replies[0])  # client 1 sending client 0's message
+    with pytest.raises(MalformedMessageError):
+        r.server.receive(0, MaskedInputResponse(7, 0, np.zeros(9, np.uint32)))
+    with pytest.raises(MalformedMessageError):
+        r.server.receive(0, MaskedInputResponse(7, 0, np.zeros(8, np.uint64)))
+    r.send(replies)
+    r.step(r.close())
+    assert np.array_equal(r.server.result.ring_sum, ring_sum(config, r.inputs, range(4)))
+
+
+def test_deadline_close_treats_silent_clients_as_dropouts():
+    config = SecAggConfig(6, 4, 32, round_id=11)
+    r = ManualRound(config)
+    r.advertise()
+    assert r.server.pending == ()
+    out = r.close()
+    replies = r.deliver(out)
+    for c in (0, 1, 2, 3, 4):  # client 5's reply arrives after the deadline
+        r.server.receive(c, replies[c])
+    assert r.server.pending == (5,)
+    out = r.close()
+    with pytest.raises(UnexpectedMessageError):
+        r.server.receive(5, replies[5])  # late
+    out = r.step(out)
+    r.step(out)
+    assert r.server.result.survivors == (0, 1, 2, 3, 4)
+    assert np.array_equal(r.server.result.ring_sum, ring_sum(config, r.inputs, range(5)))
+
+
+def test_masked_vector_is_indistinguishable_from_uniform():
+    """Chi-square on byte frequencies and per-bit balance of one client's masked input.
+
+    The input is all zeros, the worst case for leakage. 2^18 bytes, 255 degrees of freedom: the
+    0.999 quantile of chi2(255) is about 330.5; each bit's frequency within 5 sigma of 1/2.
+    """
+    m = 1 << 16
+    config = SecAggConfig(3, 2, m, round_id=5)
+    inputs = {c: np.zeros(m, np.uint32) for c in range(3)}
+    r = ManualRound(config, inputs)
+    r.advertise()
+    out = r.step(r.close())
+    masked = r.deliver(out)[0]
+    assert isinstance(masked, MaskedInputResponse)
+    data = masked.vector.view(np.uint8)
+    counts = np.bincount(data, minlength=256)
+    expected = data.size / 256
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 330.5
+    bits = np.unpackbits(data).reshape(-1, 8)
+    freq = bits.mean(axis=0)
+    sigma = 0.5 / np.sqrt(bits.shape[0])
+    assert np.all(np.abs(freq - 0.5) < 5 * sigma)
+    # And a biased vector would fail the same test (the test can fail).
+    biased = np.bincount((np.arange(data.size) % 200).astype(np.uint8), minlength=256)
+    assert float(((biased - expected) ** 2 / expected).sum()) > 330.5
+
+
+def test_server_memory_is_independent_of_n_times_m():
+    """Unmasking peak memory stays O(m): no per-client vectors are kept."""
+    import tracemalloc
+
+    m = 50_000
+    peaks = {}
+    for n in (6, 24):
+        config = SecAggConfig(n, n // 2 + 1, m, round_id=1)
+        inputs = random_inputs(config, 2)
+        r = ManualRound(config, inputs)
+        r.advertise()
+        out = r.step(r.close())
+        out = r.step(out, skip={0})
+        replies = r.deliver(out)
+        tracemalloc.start()
+        r.send(replies)
+        r.close()
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        peaks[n] = peak
+        assert r.server.completed
+    vector_bytes = 4 * m
+    assert peaks[24] < 3 * vector_bytes
+    assert peaks[24] < peaks[6] + vector_bytes
+
+
+def test_server_receive_accumulates_instead_of_storing():
+    config = SecAggConfig(8, 5, 1000, round_id=1)
+    r = ManualRound(config)
+    r.advertise()
+    out = r.step(r.close())
+    replies = r.deliver(out)
+    r.send(replies)
+    ctx = r.server.state.ctx
+    arrays = [v for v in vars(ctx).values() if isinstance(v, np.ndarray)]
+    assert len(arrays) == 1 and arrays[0].shape == (1000,)  # the running sum only
+    assert not any(isinstance(v, MaskedInputResponse) for v in vars(r.server.state).values())
+
+
+# --- active-adversary mode ------------------------------------------------------------------------
+
+def _active_config(n=6, t=4, m=16, round_id=3):
+    keys = [Ed25519PrivateKey.generate() for _ in range(n)]
+    config = SecAggConfig(n, t, m, round_id=round_id, active=True,
+                          identity_keys=tuple(k.public_key().public_bytes_raw() for k in keys))
+    return config, keys
+
+
+def test_active_mode_round_is_exact_with_dropouts():
+    config, keys = _active_config(n=7, t=4)
+    inputs = random_inputs(config)
+    for stage in ("keys", "shares", "masked", "consistency", "unmask"):
+        sim = run_round(config, inputs, dropouts={stage: {2}}, identity_keys=dict(enumerate(keys)), wire=True)
+        assert sim.completed, sim.abort_reason
+        expected = [c for c in range(7) if not (c == 2 and stage in ("keys", "shares", "masked"))]
+        assert np.array_equal(sim.result.ring_sum, ring_sum(config, inputs, expected))
+
+
+def test_active_mode_rejects_forged_advertisement():
+    config, keys = _active_config()
+    r = ManualRound(config, identity_key=dict(enumerate(keys)))
+    advs = {c: cl.advertise_keys() for c, cl in r.clients.items()}
+    forged = dataclasses.replace(advs[1], mask_public=advs[2].mask_public)
+    with pytest.raises(InvalidSignatureError):
+        r.server.receive(1, forged)
+    for c, adv in advs.items():
+        r.server.receive(c, adv)
+    out = r.close()
+    # A server that substitutes a key in the broadcast is caught by every client.
+    msg = out[0]
+    bad = tuple(dataclasses.replace(a, share_public=advs[4].mask_public) if a.client_id == 3 else a
+                for a in msg.advertisements)
+    with pytest.raises(InvalidSignatureError):
+        r.clients[0].handle(dataclasses.replace(msg, advertisements=bad))
+    assert r.clients[0].aborted
+
+
+def test_active_mode_catches_server_showing_different_survivor_sets():
+    config, keys = _active_config(n=6, t=3)
+    r = ManualRound(config, identity_key=dict(enumerate(keys)))
+    r.advertise()
+    out = r.step(r.close())
+    replies = r.deliver(out)
+    r.send({c: v for c, v in replies.items() if c != 5})
+    out = r.close()
+    assert all(isinstance(m, ConsistencyCheckRequest) for m in out.values())
+    # Malicious server: tells clients 0-2 that 4 dropped too, clients 3-4 the honest set.
+    lie = np.array([0, 1, 2, 3], np.uint32)
+    sigs = {}
+    for c in range(5):
+        msg = out[c] if c >= 3 else dataclasses.replace(out[c], survivors=lie)
+        sigs[c] = r.clients[c].handle(msg).signature
+    honest_set = out[0].survivors
+    # It then forwards an unmasking request to client 3 claiming 4 dropped (to get 4's key shares)
+    # with the signatures it collected: clients 0-2 signed the lie, 3-4 the honest set.
+    request = UnmaskingRequest(config.round_id, 3, lie, np.array([4, 5], np.uint32), sigs)
+    with pytest.raises(ConsistencyCheckError):
+        r.clients[3].handle(request)
+    assert r.clients[3].aborted
+    # Sending the honest set with the mixed signatures is caught too.
+    request0 = UnmaskingRequest(config.round_id, 4, honest_set, np.array([5], np.uint32), sigs)
+    with pytest.raises(ConsistencyCheckError):
+        r.clients[4].handle(request0)
+
+
+def test_active_mode_needs_enough_signatures():
+    config, keys = _active_config(n=5, t=4)
+    r = ManualRound(config, identity_key=dict(enumerate(keys)))
+    r.advertise()
+    out = r.step(r.close())
+    out = r.step(out)
+    sigs = {c: r.clients[c].handle(out[c]).signature for c in range(5)}
+    few = {c: sigs[c] for c in (0, 1, 2)}
+    request = UnmaskingRequest(config.round_id, 0, out[0].survivors, np.array([], np.uint32), few)
+    with pytest.raises(ConsistencyCheckError):
+        r.clients[0].handle(request)
+
+
+# --- property test of the state machines under arbitrary message sequences -----------------------
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 8)), max_size=25))
+def test_state_machines_survive_arbitrary_message_orders(script):
+    """Any message in any state either advances the machine or raises a named SecAggError;
+    a round whose honest messages are then delivered in order still ends exactly."""
+    from fedveil.secagg import SecAggError
+
+    config = SecAggConfig(4, 3, 8, round_id=1)
+    inputs = random_inputs(config)
+    # Reference messages of a different honest round, to throw at the machines.
+    ref = ManualRound(config, inputs)
+    ref.advertise()
+    o1 = ref.close()
+    r1 = ref.deliver(o1)
+    ref.send(r1)
+    o2 = ref.close()
+    r2 = ref.deliver(o2)
+    ref.send(r2)
+    o3 = ref.close()
+    r3 = ref.deliver(o3)
+    pool = [*o1.values(), *r1.values(), *o2.values(), *r2.values(), *o3.values(), *r3.values(),
+            AdvertiseKeys(1, 0, b"x" * 32, b"y" * 32)]
+    server = SecAggServer(config)
+    clients = {c: SecAggClient(c, config) for c in range(4)}
+    for c in clients:
+        clients[c].set_input(inputs[c])
+    for who, idx in script:
+        msg = pool[idx % len(pool)]
+        try:
+            if idx % 2:
+                server.receive(msg.client_id, msg)
+            else:
+                clients[who].handle(dataclasses.replace(msg, client_id=who))
+        except SecAggError:
+            pass
+    # The machines still run a round to completion or have aborted with a named reason.
+    for c, client in clients.items():
+        assert client.stage in {"R0AdvertiseKeys", "R1ShareKeys", "R2MaskedInput", "R3Unmasking", "Completed",
+                                "Aborted"}
+    assert server.stage in {"R0AdvertiseKeys", "Aborted", "R1ShareKeys"}
+
+
+def test_decoded_messages_drive_the_round():
+    config = SecAggConfig(5, 3, 33, round_id=12, ring_bits=64)
+    inputs = random_inputs(config)
+    sim = run_round(config, inputs, dropouts={"masked": {4}}, wire=True)
+    assert np.array_equal(sim.result.ring_sum, ring_sum(config, inputs, range(4)))
+    adv = SecAggClient(0, config).advertise_keys()
+    assert decode_message(adv.to_bytes()).share_public == adv.share_public
