@@ -500,7 +500,8 @@ class PRVAccountant(_GaussianOnlyAccountant):
 
         acc = OpacusPRV()
         acc.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in events]
-        return float(acc.get_epsilon(delta, eps_error=self.eps_error, delta_error=self.delta_error))
+        with np.errstate(divide="ignore"):  # log(1 - q) = -inf at q = 1 is handled by Opacus's np.where
+            return float(acc.get_epsilon(delta, eps_error=self.eps_error, delta_error=self.delta_error))
 
     def _extra_state(self) -> dict[str, Any]:
         return {"eps_error": self.eps_error, "delta_error": self.delta_error}
