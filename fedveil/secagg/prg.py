@@ -28,6 +28,7 @@ _ZERO_COUNTER = bytes(16)
 # Room for OpenSSL versions that want ``len(data) + block_size - 1`` bytes in ``update_into``.
 _PAD = 16
 # Expand and accumulate in chunks that stay in the L2 cache (the add then reads hot data).
+# CTR mode is a stream: consecutive update_into calls continue the keystream across chunks.
 CHUNK_BYTES = 1 << 18
 
 
@@ -77,11 +78,10 @@ class MaskExpander:
         self._le = self._dtype.newbyteorder("<")
         self._length = int(length)
         self._nbytes = self._length * self._dtype.itemsize
-        chunk = min(self._nbytes, CHUNK_BYTES)
-        chunk -= chunk % 16  # keep AES blocks aligned with the chunk boundary
-        self._chunk_bytes = max(chunk, 16) if self._nbytes else 0
-        self._zeros = np.zeros(max(self._chunk_bytes, 16), dtype=np.uint8)
-        self._chunk_buf = np.empty(self._chunk_bytes + _PAD, dtype=np.uint8)
+        self._step = max(1, min(self._length, CHUNK_BYTES // self._dtype.itemsize))  # elements per chunk
+        chunk_bytes = self._step * self._dtype.itemsize
+        self._zeros = np.zeros(chunk_bytes, dtype=np.uint8)
+        self._chunk_buf = np.empty(chunk_bytes + _PAD, dtype=np.uint8)
         self._full: np.ndarray | None = None
 
     @property
@@ -109,7 +109,7 @@ class MaskExpander:
             raise ConfigError(f"accumulator: expected {self._dtype} array of shape ({self._length},), "
                               f"got {acc.dtype} {acc.shape}")
         enc = _encryptor(seed)
-        step = self._chunk_bytes // self._dtype.itemsize
+        step = self._step
         op = np.subtract if subtract else np.add
         buf = self._chunk_buf
         zeros = self._zeros

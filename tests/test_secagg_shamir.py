@@ -1,0 +1,116 @@
+"""Vectorized Shamir sharing over GF(2^31 - 1) and AES-GCM share boxes."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedveil.secagg import ConfigError, ShareDecryptionError
+from fedveil.secagg.shamir import (
+    PRIME,
+    bytes_to_limbs,
+    lagrange_at_zero,
+    limbs_to_bytes,
+    open_share,
+    random_field_elements,
+    reconstruct,
+    seal_share,
+    share,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    secret=st.binary(min_size=2, max_size=64).filter(lambda b: len(b) % 2 == 0),
+    holders=st.integers(1, 30),
+    data=st.data(),
+)
+def test_any_t_shares_reconstruct(secret, holders, data):
+    t = data.draw(st.integers(1, holders))
+    ids = data.draw(st.lists(st.integers(0, 10_000), min_size=holders, max_size=holders, unique=True))
+    xs = np.array(ids, dtype=np.int64) + 1
+    limbs = bytes_to_limbs(secret)
+    shares = share(limbs, xs, t)
+    assert shares.shape == (holders, limbs.size)
+    assert shares.min() >= 0 and shares.max() < PRIME
+    pick = data.draw(st.lists(st.integers(0, holders - 1), min_size=t, max_size=t, unique=True))
+    out = reconstruct(xs[pick], shares[pick])
+    assert limbs_to_bytes(out) == secret
+
+
+def test_fewer_than_t_shares_reveal_nothing_about_the_secret():
+    """With t-1 shares every secret is equally consistent: interpolating t-1 points of two
+    different secrets' sharings gives independent, uniform-looking values, never the secret."""
+    xs = np.arange(1, 8, dtype=np.int64)
+    secret = bytes_to_limbs(os.urandom(32))
+    hits = 0
+    for _ in range(50):
+        shares = share(secret, xs, 4)
+        partial = reconstruct(xs[:3], shares[:3])
+        hits += int(np.array_equal(partial, secret))
+    assert hits == 0
+    # Marginals of a single share are uniform over the field: chi-square over 16 buckets.
+    many = np.concatenate([share(secret, xs, 4)[0] for _ in range(400)])
+    counts = np.bincount((many * 16 // PRIME).astype(np.int64), minlength=16)
+    expected = many.size / 16
+    assert float(((counts - expected) ** 2 / expected).sum()) < 40  # chi2(15) 0.999 quantile ≈ 37.7
+
+
+def test_deterministic_coefficients_from_seed_and_exact_uniform_range():
+    seed = os.urandom(16)
+    a = random_field_elements(1000, seed)
+    assert np.array_equal(a, random_field_elements(1000, seed))
+    assert a.min() >= 0 and a.max() < PRIME
+    xs = np.arange(1, 6)
+    s = bytes_to_limbs(b"abcd")
+    assert np.array_equal(share(s, xs, 3, seed), share(s, xs, 3, seed))
+    assert not np.array_equal(share(s, xs, 3, seed), share(s, xs, 3, os.urandom(16)))
+
+
+def test_lagrange_coefficients_sum_to_one():
+    for t in (1, 2, 5, 40):
+        xs = np.arange(3, 3 + t, dtype=np.int64)
+        assert int(lagrange_at_zero(xs).sum() % PRIME) == 1  # interpolating the constant 1
+
+
+def test_all_subsets_small_case():
+    xs = np.array([2, 5, 9, 11], dtype=np.int64)
+    secret = bytes_to_limbs(b"\x01\x02\xff\xfe")
+    shares = share(secret, xs, 2)
+    for pair in itertools.combinations(range(4), 2):
+        assert np.array_equal(reconstruct(xs[list(pair)], shares[list(pair)]), secret)
+
+
+def test_invalid_sharing_parameters():
+    with pytest.raises(ConfigError, match="threshold"):
+        share(np.array([1]), np.array([1, 2]), 3)
+    with pytest.raises(ConfigError, match="distinct"):
+        share(np.array([1]), np.array([1, 1]), 2)
+    with pytest.raises(ConfigError, match="distinct"):
+        share(np.array([1]), np.array([0, 1]), 2)
+
+
+def test_share_box_roundtrip_and_tamper_detection():
+    key = os.urandom(16)
+    session = os.urandom(32)
+    plain = os.urandom(96)
+    box = seal_share(key, plain, 3, 7, session)
+    assert open_share(key, box, 3, 7, session) == plain
+    for i in range(len(box)):
+        bad = bytearray(box)
+        bad[i] ^= 0x80
+        with pytest.raises(ShareDecryptionError):
+            open_share(key, bytes(bad), 3, 7, session)
+    with pytest.raises(ShareDecryptionError):
+        open_share(key, box, 4, 7, session)  # wrong sender
+    with pytest.raises(ShareDecryptionError):
+        open_share(key, box, 3, 8, session)  # wrong recipient
+    with pytest.raises(ShareDecryptionError):
+        open_share(key, box, 3, 7, os.urandom(32))  # another session
+    with pytest.raises(ShareDecryptionError):
+        open_share(os.urandom(16), box, 3, 7, session)
