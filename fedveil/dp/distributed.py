@@ -61,6 +61,8 @@ Privacy, each from the mechanism's own bound (never a Gaussian stand-in), in int
       ε(α) = min( α a_2^2 / 2 + τ D,  α (a_2^2 + 2 a_1 τ + τ^2 D) / 2,  α (a_2 + τ sqrt(D))^2 / 2 ).
 
 Both are evaluated for the number of clients that actually contributed noise (dropouts lower it).
+Poisson cohort sampling (rate ``q``) is credited with the generic subsampled-RDP bound of Zhu
+and Wang 2019 (:func:`poisson_subsampled_rdp`) applied to that same curve.
 :meth:`DistributedDPConfig.rdp_event` wraps the curve as an
 :class:`fedveil.dp.accounting.RdpCurveEvent` for the RDP accountant and the privacy ledger.
 
@@ -94,12 +96,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+from scipy import special
 
 from fedveil.dp.accounting import DEFAULT_ORDERS, RdpCurveEvent, check_delta, rdp_to_epsilon
 from fedveil.dp.clipping import clip_updates
@@ -110,16 +113,21 @@ __all__ = [
     "DEFAULT_BETA",
     "MECHANISMS",
     "DistributedDPConfig",
+    "centered",
     "conditional_randomized_round",
+    "ddg_rdp",
+    "ddg_tau",
     "decode_sum",
     "derive_parameters",
     "derive_rotation_seed",
     "discrete_gaussian_variance",
     "encode_update",
+    "poisson_subsampled_rdp",
     "rounded_l1_norm_bound",
     "rounded_l2_norm_bound",
     "sample_discrete_gaussian",
     "sample_skellam",
+    "skellam_rdp",
     "sum_encoded",
 ]
 
@@ -340,6 +348,54 @@ def ddg_rdp(
     return np.asarray(np.minimum(np.minimum(term1, term2), term3), dtype=np.float64)
 
 
+def poisson_subsampled_rdp(
+    rdp_fn: Callable[[NDArray[np.float64]], NDArray[np.float64]], sample_rate: float, orders: ArrayLike
+) -> NDArray[np.float64]:
+    """RDP at ``orders`` of a mechanism run on a Poisson sample (rate ``q``) of the clients.
+
+    Generic upper bound of Zhu and Wang 2019 ("Poisson Subsampled Rényi Differential Privacy",
+    Theorem 9; the bound the DDG and Skellam papers use for cohort sampling), for integer
+    ``α ≥ 2`` and the mechanism's own curve ``ε(·)`` at integer orders:
+
+        ε'(α) ≤ 1/(α−1) · log( (1−q)^(α−1) (αq − q + 1) + C(α,2) q² (1−q)^(α−2) e^(ε(2))
+                               + 3 Σ_{l=3}^{α} C(α,l) q^l (1−q)^(α−l) e^((l−1) ε(l)) ).
+
+    Fractional orders are charged at ``ceil(α)``; the result is never above the unamplified
+    curve (subsampling cannot hurt).  Log-space throughout, vectorized over ``l``.
+    """
+    alphas = _orders_array(orders)
+    q = _positive("sample_rate", sample_rate)
+    if q > 1.0:
+        raise ValueError(f"sample_rate must lie in (0, 1] (got {sample_rate!r})")
+    plain = np.asarray(rdp_fn(alphas), dtype=np.float64)
+    if q == 1.0:
+        return plain
+    ints = np.maximum(np.ceil(alphas).astype(np.int64), 2)
+    top = int(ints.max())
+    curve = np.asarray(rdp_fn(np.arange(2, top + 1, dtype=np.float64)), dtype=np.float64)  # ε(l), l = 2..top
+    log_q, log_1q = math.log(q), math.log1p(-q)
+    amplified: dict[int, float] = {}
+    for a in np.unique(ints).tolist():
+        ls = np.arange(3, a + 1, dtype=np.float64)
+        log_comb = special.gammaln(a + 1.0) - special.gammaln(ls + 1.0) - special.gammaln(a - ls + 1.0)
+        with np.errstate(invalid="ignore"):
+            terms = np.concatenate(
+                (
+                    [(a - 1) * log_1q + math.log(a * q - q + 1.0)],
+                    [math.log(a * (a - 1) / 2.0) + 2.0 * log_q + (a - 2) * log_1q + curve[0]],
+                    math.log(3.0)
+                    + log_comb
+                    + (a - ls) * log_1q
+                    + ls * log_q
+                    + (ls - 1.0) * curve[ls.astype(np.int64) - 2],
+                )
+            )
+        value = float(special.logsumexp(terms)) / (a - 1)
+        amplified[a] = value if math.isfinite(value) else math.inf
+    bound = np.array([amplified[a] for a in ints.tolist()], dtype=np.float64)
+    return np.minimum(bound, plain)
+
+
 # ----------------------------------------------------------------------------------------------
 # Configuration
 # ----------------------------------------------------------------------------------------------
@@ -450,32 +506,49 @@ class DistributedDPConfig:
         return self.padded_dim * per_coordinate / float(self.scale) ** 2
 
     # -- privacy -----------------------------------------------------------------------------------
-    def rdp(self, orders: ArrayLike, n_contributors: int | None = None) -> NDArray[np.float64]:
+    def rdp(
+        self, orders: ArrayLike, n_contributors: int | None = None, sample_rate: float = 1.0
+    ) -> NDArray[np.float64]:
         """RDP curve ε(α) of ONE round at ``orders``, from the mechanism's own bound.
 
         ``n_contributors`` is how many clients' noise shares entered the sum (default: all
-        ``n_clients``); with dropouts the noise, hence the privacy, is smaller.
+        ``n_clients``); with dropouts the noise, hence the privacy, is smaller.  ``sample_rate``
+        ``q < 1`` credits Poisson cohort sampling with :func:`poisson_subsampled_rdp`.
         """
         n = self._contributors(n_contributors)
         l2 = self.l2_sensitivity
         l1 = self.l1_sensitivity
-        if self.mechanism == "skellam":
-            return skellam_rdp(orders, l1, l2, n * self.local_variance)
-        return ddg_rdp(orders, l1, l2, self.local_stddev, n, self.padded_dim)
+
+        def curve(alphas: NDArray[np.float64]) -> NDArray[np.float64]:
+            if self.mechanism == "skellam":
+                return skellam_rdp(alphas, l1, l2, n * self.local_variance)
+            return ddg_rdp(alphas, l1, l2, self.local_stddev, n, self.padded_dim)
+
+        return poisson_subsampled_rdp(curve, sample_rate, orders)
 
     def rdp_event(
-        self, *, orders: Sequence[float] = DEFAULT_ORDERS, rounds: int = 1, n_contributors: int | None = None
+        self,
+        *,
+        orders: Sequence[float] = DEFAULT_ORDERS,
+        rounds: int = 1,
+        n_contributors: int | None = None,
+        sample_rate: float = 1.0,
     ) -> RdpCurveEvent:
-        """The round(s) as an :class:`RdpCurveEvent` for the RDP accountant and the ledger."""
+        """The round(s) as an :class:`RdpCurveEvent` for the RDP accountant and the ledger.
+
+        The curve already includes the cohort-sampling amplification when ``sample_rate < 1``
+        (the event itself has no sampling rate), so compose it as is.
+        """
         n = self._contributors(n_contributors)
         return RdpCurveEvent.from_function(
             f"distributed_{self.mechanism}",
-            lambda alphas: self.rdp(alphas, n),
+            lambda alphas: self.rdp(alphas, n, sample_rate),
             orders=orders,
             steps=rounds,
             params={
                 "mechanism": self.mechanism,
                 "n_contributors": n,
+                "sample_rate": float(sample_rate),
                 "dim": int(self.dim),
                 "padded_dim": self.padded_dim,
                 "clip_norm": float(self.clip_norm),
@@ -493,13 +566,14 @@ class DistributedDPConfig:
         *,
         rounds: int = 1,
         n_contributors: int | None = None,
+        sample_rate: float = 1.0,
         orders: Sequence[float] = DEFAULT_ORDERS,
     ) -> float:
-        """ε after ``rounds`` rounds (full participation, no subsampling amplification) at ``delta``."""
+        """ε after ``rounds`` rounds at ``delta`` (cohort sampling rate ``sample_rate``)."""
         check_delta(delta)
         steps = _positive_int("rounds", rounds)
         grid = np.asarray(orders, dtype=np.float64)
-        eps, _ = rdp_to_epsilon(grid, steps * self.rdp(grid, n_contributors), delta)
+        eps, _ = rdp_to_epsilon(grid, steps * self.rdp(grid, n_contributors, sample_rate), delta)
         return eps
 
     def ring_dtype(self, ring_bits: int | None = None) -> np.dtype:
@@ -537,6 +611,7 @@ def derive_parameters(
     target_epsilon: float | None = None,
     delta: float | None = None,
     rounds: int = 1,
+    sample_rate: float = 1.0,
     beta: float = DEFAULT_BETA,
     k_stddevs: float = 4.0,
     rho: float = 1.0,
@@ -551,9 +626,8 @@ def derive_parameters(
     - ``noise_multiplier`` ``z``: the summed noise has standard deviation ``z c`` in data units
       (each client adds ``z c / sqrt(n)``), as in central DP-FedAvg; or
     - ``target_epsilon`` with ``delta``: the noise is the smallest that keeps ``rounds`` rounds
-      (full participation, composed with the mechanism's own RDP bound) at ``(ε, δ)``.
-      Cohort subsampling is not credited here; compose :meth:`DistributedDPConfig.rdp_event`
-      with the accountant instead.
+      (composed with the mechanism's own RDP bound; cohorts Poisson-sampled at ``sample_rate``,
+      amplified with :func:`poisson_subsampled_rdp`) at ``(ε, δ)``.
 
     Raises ``ValueError`` naming the parameter at fault, in particular ``bits`` when the ring is
     too narrow for ``n_clients`` and ``dim`` (the sum does not fit, or rounding inflates the
@@ -571,6 +645,9 @@ def derive_parameters(
     if inflation_cap < 1.0:
         raise ValueError(f"max_norm_inflation must be at least 1 (got {max_norm_inflation!r})")
     steps = _positive_int("rounds", rounds)
+    q = _positive("sample_rate", sample_rate)
+    if q > 1.0:
+        raise ValueError(f"sample_rate must lie in (0, 1] (got {sample_rate!r})")
     if (noise_multiplier is None) == (target_epsilon is None):
         raise ValueError("give exactly one of noise_multiplier or target_epsilon")
     padded = padded_dim(d)
@@ -611,7 +688,7 @@ def derive_parameters(
 
     def epsilon_at(local_std_data: float, scale: float) -> float:
         config = DistributedDPConfig(mech, n, d, c, b, scale, local_std_data * scale, beta_v, k)
-        eps, _ = rdp_to_epsilon(grid, steps * config.rdp(grid), delta)
+        eps, _ = rdp_to_epsilon(grid, steps * config.rdp(grid, sample_rate=sample_rate), delta)
         return eps
 
     def solve_noise(scale: float) -> float:
