@@ -1,0 +1,180 @@
+"""The configuration of a federated training job (what ``fedveil server`` flags set).
+
+:class:`ServerConfig` is validated on construction (:class:`ServerConfigError` names the flag at
+fault). :meth:`ServerConfig.resume_key` is the part that must not change when a killed server is
+restarted on the same store: the job's identity. Timeouts and other operational settings may
+change between restarts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+GRAPHS = ("complete", "harary")
+DP_MODES = ("none", "local", "central", "distributed")
+OPTIMIZERS = ("fedavg", "fedadam", "fedyogi", "fedadagrad")
+ACCOUNTANTS = ("rdp", "prv", "pld")
+DISTRIBUTED_MECHANISMS = ("skellam", "ddg")
+
+# Flags that may differ between the first start and a restart of the same job.
+OPERATIONAL_FIELDS = frozenset(
+    {"round_timeout", "stage_timeout", "cohort_wait", "linger", "max_round_attempts", "poll_wait"}
+)
+
+
+class ServerConfigError(ValueError):
+    """A job parameter is invalid. ``flag`` is the command-line flag at fault."""
+
+    def __init__(self, flag: str, message: str) -> None:
+        super().__init__(f"{flag}: {message}")
+        self.flag = flag
+        self.detail = message
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """A federated training job.
+
+    Cohorts: each round samples ``clients_per_round`` (K) of the connected clients; a round starts
+    once K are connected, or ``min_clients`` (M) have been connected for ``cohort_wait`` seconds.
+    The secure-aggregation threshold t defaults to the majority ⌊n/2⌋ + 1 of the cohort for the
+    complete graph (Bonawitz et al. 2017) and to ``fedveil.secagg.graph.secagg_plus_parameters``
+    for the Harary graph (Bell et al. 2020); a round with fewer than t survivors aborts and is
+    retried with a fresh cohort, at most ``max_round_attempts`` times.
+
+    Deadlines: training plus key advertisement must finish within ``round_timeout`` seconds of
+    the round start, every later secure-aggregation stage within ``stage_timeout``.
+    """
+
+    task: str
+    rounds: int
+    clients_per_round: int
+    min_clients: int
+    round_timeout: float = 300.0
+    stage_timeout: float = 60.0
+    cohort_wait: float = 10.0
+    secagg: str = "complete"
+    secagg_degree: int = 0
+    threshold: int = 0
+    expected_dropout: float = 0.1
+    ring_bits: int = 32
+    clip_range: float = 1.0
+    weighted: bool = True
+    max_weight: float = 1000.0
+    dp: str = "none"
+    dp_clip: float = 1.0
+    dp_noise_multiplier: float = 1.0
+    dp_adaptive_clipping: bool = False
+    dp_target_quantile: float = 0.5
+    dp_clip_learning_rate: float = 0.2
+    dp_delta: float = 1e-5
+    dp_epsilon_budget: float | None = None
+    dp_accountant: str = "rdp"
+    dp_bits: int = 20
+    dp_mechanism: str = "skellam"
+    dp_local_noise_multiplier: float = 1.0
+    dp_local_max_grad_norm: float = 1.0
+    dp_local_target_epsilon: float = 0.0
+    dp_client_epsilon_budget: float | None = None
+    optimizer: str = "fedavg"
+    server_lr: float = 1.0
+    local_epochs: int = 0
+    learning_rate: float = 0.0
+    batch_size: int = 0
+    evaluate: bool = True
+    final_evaluation: bool = True
+    seed: int | None = None
+    active_adversary: bool = False
+    max_round_attempts: int = 5
+    linger: float = 5.0
+    poll_wait: float = 10.0
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, message: str) -> None:
+            if not ok:
+                raise ServerConfigError(_flag(name), f"{message} (got {getattr(self, name)!r})")
+
+        need(bool(self.task), "task", "must name a task (module:attr)")
+        need(self.rounds >= 1, "rounds", "must be at least 1")
+        need(self.clients_per_round >= 2, "clients_per_round", "must be at least 2 (secure aggregation needs 2)")
+        need(2 <= self.min_clients <= self.clients_per_round, "min_clients",
+             f"must be between 2 and --clients-per-round ({self.clients_per_round})")
+        for name in ("round_timeout", "stage_timeout"):
+            need(math.isfinite(getattr(self, name)) and getattr(self, name) > 0, name, "must be a positive number")
+        for name in ("cohort_wait", "linger", "poll_wait"):
+            need(math.isfinite(getattr(self, name)) and getattr(self, name) >= 0, name, "must be >= 0")
+        need(self.secagg in GRAPHS, "secagg", f"must be one of {', '.join(GRAPHS)}")
+        need(self.secagg_degree >= 0 and self.secagg_degree % 2 == 0, "secagg_degree", "must be even and >= 0")
+        need(self.threshold == 0 or 2 <= self.threshold <= self.clients_per_round, "threshold",
+             "must be 0 (derive) or between 2 and --clients-per-round")
+        need(0 <= self.expected_dropout < 1, "expected_dropout", "must be in [0, 1)")
+        need(8 <= self.ring_bits <= 64, "ring_bits", "must be between 8 and 64")
+        need(math.isfinite(self.clip_range) and self.clip_range > 0, "clip_range", "must be a positive number")
+        need(math.isfinite(self.max_weight) and self.max_weight > 0, "max_weight", "must be a positive number")
+        need(self.dp in DP_MODES, "dp", f"must be one of {', '.join(DP_MODES)}")
+        need(math.isfinite(self.dp_clip) and self.dp_clip > 0, "dp_clip", "must be a positive number")
+        need(math.isfinite(self.dp_noise_multiplier) and self.dp_noise_multiplier >= 0, "dp_noise_multiplier",
+             "must be a number >= 0")
+        need(0 <= self.dp_target_quantile <= 1, "dp_target_quantile", "must be in [0, 1]")
+        need(self.dp_clip_learning_rate > 0, "dp_clip_learning_rate", "must be positive")
+        need(0 < self.dp_delta < 1, "dp_delta", "must be in (0, 1)")
+        for name in ("dp_epsilon_budget", "dp_client_epsilon_budget"):
+            value = getattr(self, name)
+            need(value is None or (math.isfinite(value) and value > 0), name, "must be a positive number")
+        need(self.dp_accountant in ACCOUNTANTS, "dp_accountant", f"must be one of {', '.join(ACCOUNTANTS)}")
+        need(2 <= self.dp_bits <= 62, "dp_bits", "must be between 2 and 62")
+        need(self.dp_mechanism in DISTRIBUTED_MECHANISMS, "dp_mechanism",
+             f"must be one of {', '.join(DISTRIBUTED_MECHANISMS)}")
+        need(self.dp_local_noise_multiplier >= 0, "dp_local_noise_multiplier", "must be >= 0")
+        need(self.dp_local_max_grad_norm > 0, "dp_local_max_grad_norm", "must be positive")
+        need(self.dp_local_target_epsilon >= 0, "dp_local_target_epsilon", "must be >= 0")
+        need(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
+        need(math.isfinite(self.server_lr) and self.server_lr > 0, "server_lr", "must be a positive number")
+        need(self.local_epochs >= 0, "local_epochs", "must be >= 0 (0 = the task's default)")
+        need(self.learning_rate >= 0, "learning_rate", "must be >= 0 (0 = the task's default)")
+        need(self.batch_size >= 0, "batch_size", "must be >= 0 (0 = the task's default)")
+        need(self.seed is None or 0 <= self.seed < 2**63, "seed", "must be in [0, 2^63)")
+        need(self.max_round_attempts >= 1, "max_round_attempts", "must be at least 1")
+        if self.dp == "distributed" and self.dp_adaptive_clipping:
+            raise ServerConfigError("--dp-adaptive-clipping", "only with --dp central (got --dp distributed)")
+        if self.dp_adaptive_clipping and self.dp != "central":
+            raise ServerConfigError("--dp-adaptive-clipping", f"only with --dp central (got --dp {self.dp})")
+
+    @property
+    def user_level_dp(self) -> bool:
+        return self.dp in ("central", "distributed")
+
+    @property
+    def uses_weights(self) -> bool:
+        """Weighted means leak nothing extra but break the user-level sensitivity bound: off with DP."""
+        return self.weighted and not self.user_level_dp
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def resume_key(self) -> dict[str, Any]:
+        """The settings that identify the job: a restart must repeat them."""
+        return {k: v for k, v in self.to_dict().items() if k not in OPERATIONAL_FIELDS}
+
+    def differences(self, stored: dict[str, Any]) -> list[str]:
+        """Flags whose value differs from a stored job's ``resume_key`` (one line each)."""
+        mine = self.resume_key()
+        out = []
+        for key in sorted(set(mine) | set(stored)):
+            if key in OPERATIONAL_FIELDS:
+                continue
+            if mine.get(key) != stored.get(key):
+                out.append(f"{_flag(key)}: the run was started with {stored.get(key)!r}, now {mine.get(key)!r}")
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ServerConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})

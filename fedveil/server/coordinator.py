@@ -1,0 +1,944 @@
+"""The coordinator: the server's protocol logic, independent of any transport.
+
+:class:`Coordinator` implements :class:`fedveil.protocol.transport.FederationService`: every
+RPC is a method taking the authenticated caller's name and the decoded request (a protobuf
+message object). The gRPC servicer (``fedveil.protocol.service``) and the in-process
+simulation (``fedveil.protocol.transport.InProcessTransport``) call the same methods, so the
+network adds transport and nothing else.
+
+Two kinds of threads meet here, synchronised by one condition variable:
+
+- **RPC handlers** validate a request (session, sequence number, run, round, nonce, stage,
+  field sizes), hand secure-aggregation messages to the round's
+  :class:`fedveil.secagg.server.SecAggServer` (which adds masked inputs into its running sum
+  at once: the server holds O(m), never n vectors), and return. A poll waits on the condition
+  until the caller has something to do (bounded by ``poll_wait``).
+- **The driver** (:meth:`Coordinator.run`) runs the job: waits for a cohort, starts a round,
+  closes each stage when every live participant has answered or its deadline passes (the rest
+  are dropouts), applies the unmasked sum to the global model, and commits the round, its
+  checkpoint and the privacy ledger to the store in one transaction. Stage closing runs outside
+  the lock (unmasking is the heavy part) while late messages for that stage get ABORTED.
+
+Restart: a coordinator opened on a store whose latest run has the same job settings resumes it
+from the last completed round; rounds left running by a killed server are marked interrupted
+and redone with a new cohort and nonce.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedveil.dp.ledger import BudgetExceededError
+from fedveil.protocol import PROTOCOL_VERSION, ROUND_NONCE_BYTES, SESSION_ID_BYTES
+from fedveil.protocol import fedveil_pb2 as pb
+from fedveil.protocol.codec import decode_ring_vector, model_message
+from fedveil.protocol.errors import (
+    Incompatible,
+    MalformedMessage,
+    OutOfOrder,
+    PermissionDenied,
+    Replayed,
+    StageClosed,
+    Unavailable,
+)
+from fedveil.secagg import errors as sa_errors
+from fedveil.secagg import messages as sa
+from fedveil.secagg.config import SecAggConfig
+from fedveil.secagg.graph import GraphSpec, secagg_plus_parameters
+from fedveil.secagg.server import SecAggServer
+from fedveil.server.config import ServerConfig
+from fedveil.server.store import RunStore
+from fedveil.server.training import GlobalModel, RoundPlan, round_seed
+from fedveil.task import Task, model_to_vector
+
+log = logging.getLogger("fedveil.server")
+
+PUBLIC_KEY_BYTES = 32
+SIGNATURE_BYTES = 64
+MAX_SHARE_BOX_BYTES = 4096
+MAX_METRICS = 64
+MAX_METRIC_NAME = 64
+WAIT_RETRY_MS = 200
+
+
+class Stage(enum.IntEnum):
+    TRAINING = pb.STAGE_TRAINING
+    SHARE_KEYS = pb.STAGE_SHARE_KEYS
+    MASKED_INPUT = pb.STAGE_MASKED_INPUT
+    CONSISTENCY = pb.STAGE_CONSISTENCY
+    UNMASKING = pb.STAGE_UNMASKING
+    EVALUATION = pb.STAGE_EVALUATION
+
+    @property
+    def label(self) -> str:
+        return self.name.lower().replace("_", "-")
+
+
+class JobError(RuntimeError):
+    """The job cannot go on (e.g. every attempt at a round aborted); the message says why."""
+
+
+@dataclass
+class _Client:
+    name: str
+    session_id: bytes
+    last_sequence: int = 0
+    last_seen: float = 0.0
+    num_examples: int = 0
+    identity_key: bytes = b""
+    polling: int = 0
+    poll_token: object | None = None
+    pending_result: pb.RoundResult | None = None
+    job_done_sent: bool = False
+
+
+@dataclass
+class _Round:
+    number: int
+    attempt: int
+    nonce: bytes
+    plan: RoundPlan
+    secagg: SecAggServer
+    cohort: dict[str, int]
+    names: dict[int, str]
+    started_wall: float
+    stage: Stage = Stage.TRAINING
+    deadline: float = 0.0
+    deadline_wall: float = 0.0
+    closing: bool = False
+    outgoing: dict[int, sa.Message] = field(default_factory=dict)
+    submitted: dict[str, set[Stage]] = field(default_factory=dict)
+    dropped: dict[str, tuple[str, str]] = field(default_factory=dict)
+    evaluated: set[str] = field(default_factory=set)
+
+    def live_pending(self) -> list[int]:
+        return [sid for sid in self.secagg.pending if self.names[sid] not in self.dropped]
+
+
+@dataclass
+class _Evaluation:
+    version: int
+    nonce: bytes
+    phase: int
+    deadline: float
+    deadline_wall: float
+    participants: set[str]
+    reported: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    run_id: str
+    status: str
+    completed_rounds: int
+    total_rounds: int
+    resumed_from: int
+    aborted_attempts: int
+    dropouts: int
+    final_metrics: dict[str, float]
+    epsilon: float | None
+    delta: float | None
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "status": self.status,
+            "completed_rounds": self.completed_rounds,
+            "total_rounds": self.total_rounds,
+            "resumed_from": self.resumed_from,
+            "aborted_attempts": self.aborted_attempts,
+            "dropouts": self.dropouts,
+            "final_metrics": self.final_metrics,
+            "epsilon": self.epsilon,
+            "delta": self.delta,
+            "message": self.message,
+        }
+
+
+def _metrics_dict(items: Any) -> dict[str, float]:
+    return {m.name: float(m.value) for m in items}
+
+
+def _weighted_metrics(rows: list[tuple[str, int, dict[str, float]]]) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for _name, n, metrics in rows:
+        w = float(max(n, 1))
+        for key, value in metrics.items():
+            if np.isfinite(value):
+                totals[key] = totals.get(key, 0.0) + w * value
+                weights[key] = weights.get(key, 0.0) + w
+    return {k: totals[k] / weights[k] for k in sorted(totals)}
+
+
+class Coordinator:
+    """Runs one federated job against a :class:`RunStore`; see the module docstring."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        task: Task,
+        store: RunStore,
+        *,
+        new_run: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.task = task
+        self.store = store
+        self._clock = clock
+        self._cond = threading.Condition(threading.RLock())
+        self._clients: dict[str, _Client] = {}
+        self._round: _Round | None = None
+        self._evaluation: _Evaluation | None = None
+        self._past_nonces: set[bytes] = set()
+        self._done: pb.JobDone | None = None
+        self._stopping = False
+        self._stop_event = threading.Event()
+        self._aborted_attempts = 0
+        self._dropouts = 0
+        self._final_metrics: dict[str, float] = {}
+        self.resumed_from = 0
+        self._open_run(new_run)
+        self._model_cache: tuple[int, pb.Model] | None = None
+
+    # ------------------------------------------------------------------------------------------
+    # Run creation and resume
+    # ------------------------------------------------------------------------------------------
+    def _open_run(self, new_run: bool) -> None:
+        import torch
+
+        latest = self.store.latest_run()
+        mode = "new"
+        if latest is not None and not new_run:
+            wanted = self.config
+            if wanted.seed is None and latest.config.get("seed") is not None:
+                wanted = ServerConfig.from_dict({**wanted.to_dict(), "seed": latest.config["seed"]})
+            diffs = wanted.differences(latest.config)
+            if latest.status in ("running", "failed", "stopped"):
+                if diffs:
+                    raise JobError(
+                        f"store {str(self.store.path)!r} holds unfinished run {latest.run_id} with other settings; "
+                        "repeat the original command to resume it, or pass --new-run:\n  " + "\n  ".join(diffs)
+                    )
+                mode, self.config = "resume", wanted
+            elif not diffs:
+                mode, self.config = "finished", wanted
+        if self.config.seed is None:
+            self.config = ServerConfig.from_dict({**self.config.to_dict(), "seed": secrets.randbits(62)})
+        assert self.config.seed is not None
+        self.seed = int(self.config.seed)
+        torch.manual_seed(self.seed)
+        initial = model_to_vector(self.task.build_model())
+        self.model = GlobalModel(self.config, initial, self.seed)
+        self.finished: dict[str, Any] | None = None
+        if mode in ("resume", "finished") and latest is not None:
+            self.run_id = latest.run_id
+            interrupted = self.store.interrupt_unfinished_rounds(self.run_id)
+            ckpt = self.store.latest_checkpoint(self.run_id)
+            if ckpt is not None:
+                self.model.load(ckpt.model, ckpt.state, self.store.ledger_json(self.run_id))
+            self.resumed_from = self.model.version
+            if mode == "finished":
+                self.finished = dict(latest.summary or {})
+                log.info("run %s already finished (%s)", self.run_id, latest.status)
+            else:
+                log.info("resuming run %s after round %d (%d interrupted round(s) will be redone)",
+                         self.run_id, self.model.version, interrupted)
+        else:
+            self.run_id = f"run-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(4)}"
+            self.store.create_run(self.run_id, self.config.resume_key())
+            self.store.save_initial_checkpoint(self.run_id, self.model.params, self.model.state_dict())
+            log.info("started run %s: %d rounds of %d clients", self.run_id, self.config.rounds,
+                     self.config.clients_per_round)
+        self._attempts: dict[int, int] = {}
+        for rec in self.store.rounds(self.run_id):
+            self._attempts[rec.round] = max(self._attempts.get(rec.round, 0), rec.attempt)
+            if rec.status == "aborted":
+                self._aborted_attempts += 1
+        self._dropouts = len(self.store.dropouts(self.run_id))
+        self._max_message_bytes = self._compute_max_message_bytes()
+
+    @property
+    def completed_rounds(self) -> int:
+        return self.model.version
+
+    @property
+    def job_info(self) -> pb.JobInfo:
+        cfg = self.config
+        return pb.JobInfo(
+            task_name=self.task.name, total_rounds=cfg.rounds, completed_rounds=self.model.version,
+            clients_per_round=cfg.clients_per_round, min_clients=cfg.min_clients, secagg_graph=cfg.secagg,
+            dp_mode=cfg.dp, active_adversary=cfg.active_adversary,
+        )
+
+    def max_message_bytes(self) -> int:
+        """The inbound size limit: the largest legitimate message (a masked input) plus headroom."""
+        return self._max_message_bytes
+
+    def _compute_max_message_bytes(self) -> int:
+        plan = self.model.plan(1, self.config.clients_per_round, 2, b"size")
+        itemsize = 4 if plan.ring_bits <= 32 else 8
+        model_bytes = 4 * self.model.dim
+        return max(4 << 20, plan.dimension * itemsize + (1 << 20), model_bytes + (1 << 20))
+
+    # ------------------------------------------------------------------------------------------
+    # Validation helpers (called with the lock held)
+    # ------------------------------------------------------------------------------------------
+    def _session(self, caller: str, header: pb.RequestHeader, rpc: str) -> _Client:
+        if header.protocol_version != PROTOCOL_VERSION:
+            raise OutOfOrder(f"header.protocol_version: expected {PROTOCOL_VERSION}, got {header.protocol_version}")
+        if len(header.session_id) != SESSION_ID_BYTES:
+            raise MalformedMessage(
+                f"header.session_id: expected {SESSION_ID_BYTES} bytes, got {len(header.session_id)}"
+            )
+        client = self._clients.get(caller)
+        if client is None or not hmac.compare_digest(client.session_id, header.session_id):
+            raise OutOfOrder(f"{rpc}: unknown or replaced session (the server restarted or you joined again); Join")
+        if header.run_id != self.run_id:
+            raise OutOfOrder(f"header.run_id: {header.run_id!r} is not the current run {self.run_id!r}; Join again")
+        if header.sequence <= client.last_sequence:
+            raise Replayed(
+                f"{rpc}: replayed message (sequence {header.sequence}, last seen {client.last_sequence})"
+            )
+        client.last_sequence = header.sequence
+        client.last_seen = self._clock()
+        return client
+
+    def _round_for(self, client: _Client, header: pb.RequestHeader, stage: Stage, rpc: str) -> tuple[_Round, int]:
+        rnd = self._round
+        if len(header.round_nonce) != ROUND_NONCE_BYTES:
+            raise MalformedMessage(
+                f"header.round_nonce: expected {ROUND_NONCE_BYTES} bytes, got {len(header.round_nonce)}"
+            )
+        if rnd is None or header.round != rnd.number or not hmac.compare_digest(header.round_nonce, rnd.nonce):
+            if header.round_nonce in self._past_nonces or (rnd is not None and header.round < rnd.number):
+                raise StageClosed(f"{rpc}: round {header.round} is over")
+            raise OutOfOrder(f"{rpc}: round {header.round} with this nonce is not running; Join again")
+        sid = rnd.cohort.get(client.name)
+        if sid is None:
+            raise PermissionDenied(f"{rpc}: {client.name!r} is not in the cohort of round {rnd.number}")
+        if client.name in rnd.dropped:
+            where, _why = rnd.dropped[client.name]
+            raise StageClosed(f"{rpc}: you are a dropout of round {rnd.number} (at stage {where})")
+        done = rnd.submitted.setdefault(client.name, set())
+        if stage in done:
+            raise Replayed(f"{rpc}: already received for round {rnd.number}")
+        if stage != rnd.stage:
+            if stage < rnd.stage:
+                raise StageClosed(f"{rpc}: stage {stage.label} of round {rnd.number} is closed")
+            raise OutOfOrder(f"{rpc}: stage {stage.label} is not open; round {rnd.number} is at {rnd.stage.label}")
+        if rnd.closing:
+            raise StageClosed(f"{rpc}: stage {stage.label} of round {rnd.number} closed at its deadline")
+        if sid not in rnd.secagg.expected:
+            raise StageClosed(f"{rpc}: you are not part of stage {stage.label} of round {rnd.number}")
+        return rnd, sid
+
+    def _feed(self, rnd: _Round, sid: int, message: sa.Message, stage: Stage, name: str) -> pb.Ack:
+        try:
+            rnd.secagg.receive(sid, message)
+        except (sa_errors.MalformedMessageError, sa_errors.InvalidSignatureError) as err:
+            raise MalformedMessage(f"{stage.label}: {err}") from None
+        except sa_errors.WrongRoundError as err:
+            raise OutOfOrder(f"{stage.label}: {err}") from None
+        except sa_errors.UnexpectedMessageError as err:
+            raise OutOfOrder(f"{stage.label}: {err}") from None
+        except (sa_errors.SecAggError, ValueError) as err:
+            raise MalformedMessage(f"{stage.label}: {err}") from None
+        rnd.submitted.setdefault(name, set()).add(stage)
+        if not rnd.live_pending():
+            self._cond.notify_all()
+        return pb.Ack(round=rnd.number, stage=pb.Stage.Name(stage.value), detail="accepted")
+
+    # ------------------------------------------------------------------------------------------
+    # RPCs (FederationService)
+    # ------------------------------------------------------------------------------------------
+    def join(self, caller: str, request: pb.JoinRequest) -> pb.JoinResponse:
+        if request.protocol_version != PROTOCOL_VERSION:
+            raise Incompatible(
+                f"protocol_version: the server speaks version {PROTOCOL_VERSION}, the client {request.protocol_version}"
+            )
+        if request.task_name != self.task.name:
+            raise Incompatible(
+                f"task_name: the server runs task {self.task.name!r}, the client has {request.task_name!r}"
+            )
+        if request.identity_public_key and len(request.identity_public_key) != PUBLIC_KEY_BYTES:
+            raise MalformedMessage(f"identity_public_key: expected {PUBLIC_KEY_BYTES} bytes")
+        with self._cond:
+            if self._stopping:
+                raise Unavailable("the server is shutting down")
+            old = self._clients.get(caller)
+            client = _Client(name=caller, session_id=os.urandom(SESSION_ID_BYTES), last_seen=self._clock(),
+                             num_examples=int(request.num_examples),
+                             identity_key=bytes(request.identity_public_key))
+            if old is not None:
+                client.pending_result = old.pending_result
+                old.poll_token = None
+            rnd = self._round
+            if rnd is not None and caller in rnd.cohort and caller not in rnd.dropped:
+                if rnd.submitted.get(caller) or rnd.stage != Stage.TRAINING:
+                    rnd.dropped[caller] = (rnd.stage.label, "rejoined mid-round (its round state is lost)")
+                    client.pending_result = pb.RoundResult(
+                        round=rnd.number, outcome=pb.ROUND_OUTCOME_DROPPED, reason="rejoined mid-round"
+                    )
+                    self._cond.notify_all()
+            self._clients[caller] = client
+            self._cond.notify_all()
+            log.info("client %s joined (session %s…)", caller, client.session_id.hex()[:8])
+            return pb.JoinResponse(
+                session_id=client.session_id, run_id=self.run_id, client_name=caller, job=self.job_info,
+                poll_interval_ms=WAIT_RETRY_MS, max_message_bytes=self.max_message_bytes(),
+            )
+
+    def poll(self, caller: str, request: pb.PollRequest) -> pb.PollResponse:
+        wait_s = min(request.max_wait_ms / 1000.0, self.config.poll_wait)
+        with self._cond:
+            client = self._session(caller, request.header, "Poll")
+            token = object()
+            client.poll_token = token
+            client.polling += 1
+            try:
+                deadline = self._clock() + wait_s
+                while True:
+                    client.last_seen = self._clock()
+                    instruction = self._instruction_for(client)
+                    if instruction is not None:
+                        return instruction
+                    if client.poll_token is not token or self._clients.get(caller) is not client:
+                        return pb.PollResponse(wait=pb.Wait(retry_after_ms=0, reason="superseded by a newer poll"))
+                    remaining = deadline - self._clock()
+                    if remaining <= 0 or self._stopping:
+                        reason = self._wait_reason(client)
+                        return pb.PollResponse(wait=pb.Wait(retry_after_ms=WAIT_RETRY_MS, reason=reason))
+                    self._cond.wait(min(remaining, 1.0))
+            finally:
+                client.polling -= 1
+                client.last_seen = self._clock()
+
+    def advertise_keys(self, caller: str, request: pb.AdvertiseKeysRequest) -> pb.Ack:
+        for name in ("encryption_public_key", "masking_public_key"):
+            if len(getattr(request, name)) != PUBLIC_KEY_BYTES:
+                raise MalformedMessage(f"{name}: expected {PUBLIC_KEY_BYTES} bytes, got {len(getattr(request, name))}")
+        if len(request.signature) not in (0, SIGNATURE_BYTES):
+            raise MalformedMessage(f"signature: expected 0 or {SIGNATURE_BYTES} bytes, got {len(request.signature)}")
+        with self._cond:
+            client = self._session(caller, request.header, "AdvertiseKeys")
+            rnd, sid = self._round_for(client, request.header, Stage.TRAINING, "AdvertiseKeys")
+            msg = sa.AdvertiseKeys(rnd.secagg.config.round_id, sid, bytes(request.encryption_public_key),
+                                   bytes(request.masking_public_key), bytes(request.signature))
+            return self._feed(rnd, sid, msg, Stage.TRAINING, caller)
+
+    def share_keys(self, caller: str, request: pb.ShareKeysRequest) -> pb.Ack:
+        boxes: dict[int, bytes] = {}
+        for i, share in enumerate(request.shares):
+            if share.peer_id in boxes:
+                raise MalformedMessage(f"shares[{i}].peer_id: {share.peer_id} appears twice")
+            if not 0 < len(share.ciphertext) <= MAX_SHARE_BOX_BYTES:
+                raise MalformedMessage(f"shares[{i}].ciphertext: {len(share.ciphertext)} bytes is not a share box")
+            boxes[int(share.peer_id)] = bytes(share.ciphertext)
+        with self._cond:
+            client = self._session(caller, request.header, "ShareKeys")
+            rnd, sid = self._round_for(client, request.header, Stage.SHARE_KEYS, "ShareKeys")
+            if len(boxes) > rnd.plan.cohort_size:
+                raise MalformedMessage(f"shares: {len(boxes)} boxes for a cohort of {rnd.plan.cohort_size}")
+            msg = sa.ShareKeysResponse(rnd.secagg.config.round_id, sid, boxes)
+            return self._feed(rnd, sid, msg, Stage.SHARE_KEYS, caller)
+
+    def submit_masked_input(self, caller: str, request: pb.MaskedInputRequest) -> pb.Ack:
+        with self._cond:
+            client = self._session(caller, request.header, "SubmitMaskedInput")
+            rnd, sid = self._round_for(client, request.header, Stage.MASKED_INPUT, "SubmitMaskedInput")
+            vector = decode_ring_vector(request.masked_vector, rnd.plan.dimension, rnd.plan.ring_bits)
+            msg = sa.MaskedInputResponse(rnd.secagg.config.round_id, sid, vector)
+            return self._feed(rnd, sid, msg, Stage.MASKED_INPUT, caller)
+
+    def confirm_survivors(self, caller: str, request: pb.ConfirmSurvivorsRequest) -> pb.Ack:
+        if len(request.signature) != SIGNATURE_BYTES:
+            raise MalformedMessage(f"signature: expected {SIGNATURE_BYTES} bytes, got {len(request.signature)}")
+        with self._cond:
+            client = self._session(caller, request.header, "ConfirmSurvivors")
+            rnd, sid = self._round_for(client, request.header, Stage.CONSISTENCY, "ConfirmSurvivors")
+            msg = sa.ConsistencyCheckResponse(rnd.secagg.config.round_id, sid, bytes(request.signature))
+            return self._feed(rnd, sid, msg, Stage.CONSISTENCY, caller)
+
+    def unmask(self, caller: str, request: pb.UnmaskRequest) -> pb.Ack:
+        groups: dict[int, tuple[list[int], list[np.ndarray]]] = {
+            pb.SHARE_KIND_SELF_MASK_SEED: ([], []),
+            pb.SHARE_KIND_MASKING_KEY: ([], []),
+        }
+        limbs = {pb.SHARE_KIND_SELF_MASK_SEED: sa.SELF_MASK_LIMBS, pb.SHARE_KIND_MASKING_KEY: sa.MASK_KEY_LIMBS}
+        for i, share in enumerate(request.shares):
+            if share.kind not in groups:
+                raise MalformedMessage(f"shares[{i}].kind: {share.kind} is not a share kind")
+            want = 4 * limbs[share.kind]
+            if len(share.share) != want:
+                raise MalformedMessage(f"shares[{i}].share: expected {want} bytes, got {len(share.share)}")
+            owners, rows = groups[share.kind]
+            owners.append(int(share.owner_id))
+            rows.append(np.frombuffer(share.share, dtype="<u4").astype(np.uint32))
+        with self._cond:
+            client = self._session(caller, request.header, "Unmask")
+            rnd, sid = self._round_for(client, request.header, Stage.UNMASKING, "Unmask")
+            sm_owners, sm_rows = groups[pb.SHARE_KIND_SELF_MASK_SEED]
+            mk_owners, mk_rows = groups[pb.SHARE_KIND_MASKING_KEY]
+            msg = sa.UnmaskingResponse(
+                rnd.secagg.config.round_id, sid,
+                np.asarray(sm_owners, dtype=np.uint32),
+                np.stack(sm_rows) if sm_rows else np.zeros((0, sa.SELF_MASK_LIMBS), np.uint32),
+                np.asarray(mk_owners, dtype=np.uint32),
+                np.stack(mk_rows) if mk_rows else np.zeros((0, sa.MASK_KEY_LIMBS), np.uint32),
+            )
+            return self._feed(rnd, sid, msg, Stage.UNMASKING, caller)
+
+    def report_metrics(self, caller: str, request: pb.MetricsReport) -> pb.Ack:
+        if len(request.metrics) > MAX_METRICS:
+            raise MalformedMessage(f"metrics: at most {MAX_METRICS} metrics (got {len(request.metrics)})")
+        for i, m in enumerate(request.metrics):
+            if not m.name or len(m.name) > MAX_METRIC_NAME:
+                raise MalformedMessage(f"metrics[{i}].name: must be 1-{MAX_METRIC_NAME} characters")
+            if not np.isfinite(m.value):
+                raise MalformedMessage(f"metrics[{i}].value: {m.value!r} is not finite")
+        metrics = _metrics_dict(request.metrics)
+        with self._cond:
+            client = self._session(caller, request.header, "ReportMetrics")
+            header = request.header
+            ev = self._evaluation
+            if ev is not None and header.round == ev.phase and hmac.compare_digest(header.round_nonce, ev.nonce):
+                if caller not in ev.participants:
+                    raise PermissionDenied("ReportMetrics: you were not asked to evaluate the final model")
+                if caller in ev.reported:
+                    raise Replayed("ReportMetrics: already received for the final evaluation")
+                if request.model_version != ev.version:
+                    raise MalformedMessage(f"model_version: expected {ev.version}, got {request.model_version}")
+                self.store.record_evaluation(self.run_id, ev.version, caller, int(request.num_examples), metrics)
+                ev.reported.add(caller)
+                self._cond.notify_all()
+                return pb.Ack(round=ev.phase, stage=pb.STAGE_EVALUATION, detail="accepted")
+            rnd, _sid = self._round_for_metrics(client, header)
+            if caller in rnd.evaluated:
+                raise Replayed(f"ReportMetrics: already received for round {rnd.number}")
+            if request.model_version != self.model.version:
+                raise MalformedMessage(f"model_version: expected {self.model.version}, got {request.model_version}")
+            rnd.evaluated.add(caller)
+            if metrics:
+                self.store.record_evaluation(
+                    self.run_id, self.model.version, caller, int(request.num_examples), metrics
+                )
+            if request.HasField("privacy"):
+                report = request.privacy
+                recorded = self.model.record_client_privacy(rnd.number, caller, report)
+                self.store.record_client_privacy(self.run_id, rnd.number, caller, {
+                    "epsilon": report.epsilon, "delta": report.delta, "noise_multiplier": report.noise_multiplier,
+                    "sample_rate": report.sample_rate, "steps": report.steps, "accountant": report.accountant,
+                    "in_ledger": recorded,
+                })
+            return pb.Ack(round=rnd.number, stage=pb.Stage.Name(rnd.stage.value), detail="accepted")
+
+    def _round_for_metrics(self, client: _Client, header: pb.RequestHeader) -> tuple[_Round, int]:
+        rnd = self._round
+        if len(header.round_nonce) != ROUND_NONCE_BYTES:
+            raise MalformedMessage(
+                f"header.round_nonce: expected {ROUND_NONCE_BYTES} bytes, got {len(header.round_nonce)}"
+            )
+        if rnd is None or header.round != rnd.number or not hmac.compare_digest(header.round_nonce, rnd.nonce):
+            if header.round_nonce in self._past_nonces:
+                raise StageClosed(f"ReportMetrics: round {header.round} is over")
+            raise OutOfOrder(f"ReportMetrics: round {header.round} with this nonce is not running")
+        sid = rnd.cohort.get(client.name)
+        if sid is None:
+            raise PermissionDenied(f"ReportMetrics: {client.name!r} is not in the cohort of round {rnd.number}")
+        return rnd, sid
+
+    # ------------------------------------------------------------------------------------------
+    # Instructions
+    # ------------------------------------------------------------------------------------------
+    def _wait_reason(self, client: _Client) -> str:
+        rnd = self._round
+        if rnd is not None:
+            if client.name in rnd.cohort:
+                return f"round {rnd.number}: waiting for other clients at stage {rnd.stage.label}"
+            return f"round {rnd.number} is running without you"
+        return f"waiting for a cohort ({self._available_count()} of {self.config.clients_per_round} connected)"
+
+    def _model_pb(self) -> pb.Model:
+        if self._model_cache is None or self._model_cache[0] != self.model.version:
+            self._model_cache = (self.model.version, model_message(self.model.params, self.model.version))
+        return self._model_cache[1]
+
+    def _instruction_for(self, client: _Client) -> pb.PollResponse | None:
+        if client.pending_result is not None:
+            result, client.pending_result = client.pending_result, None
+            return pb.PollResponse(round_result=result)
+        if self._done is not None:
+            client.job_done_sent = True
+            self._cond.notify_all()
+            return pb.PollResponse(job_done=self._done)
+        ev = self._evaluation
+        if ev is not None:
+            if client.name in ev.participants and client.name not in ev.reported:
+                return pb.PollResponse(evaluate=pb.Evaluate(
+                    round=ev.version, model=self._model_pb(), deadline_unix_ms=int(ev.deadline_wall * 1000),
+                    round_nonce=ev.nonce, phase=ev.phase,
+                ))
+            return None
+        rnd = self._round
+        if rnd is None or client.name not in rnd.cohort or client.name in rnd.dropped or rnd.closing:
+            return None
+        sid = rnd.cohort[client.name]
+        done = rnd.submitted.get(client.name, set())
+        if rnd.stage in done or sid not in rnd.secagg.expected:
+            return None
+        deadline_ms = int(rnd.deadline_wall * 1000)
+        if rnd.stage == Stage.TRAINING:
+            return pb.PollResponse(round_start=self._round_start(rnd, sid))
+        out = rnd.outgoing.get(sid)
+        if isinstance(out, sa.ShareKeysRequest):
+            keys = [
+                pb.AdvertisedKeys(client_id=a.client_id, encryption_public_key=a.share_public,
+                                  masking_public_key=a.mask_public, signature=a.signature,
+                                  identity_public_key=self._identity_key(rnd.names[a.client_id]))
+                for a in out.advertisements
+            ]
+            return pb.PollResponse(peer_keys=pb.PeerKeys(round=rnd.number, keys=keys, deadline_unix_ms=deadline_ms))
+        if isinstance(out, sa.MaskedInputRequest):
+            shares = [pb.EncryptedShare(peer_id=s, ciphertext=box) for s, box in sorted(out.boxes.items())]
+            return pb.PollResponse(incoming_shares=pb.IncomingShares(round=rnd.number, shares=shares,
+                                                                     deadline_unix_ms=deadline_ms))
+        if isinstance(out, sa.ConsistencyCheckRequest):
+            return pb.PollResponse(survivor_check=pb.SurvivorCheck(
+                round=rnd.number, survivors=[int(v) for v in out.survivors], deadline_unix_ms=deadline_ms))
+        if isinstance(out, sa.UnmaskingRequest):
+            return pb.PollResponse(unmasking=pb.UnmaskingRequest(
+                round=rnd.number, survivors=[int(v) for v in out.survivors], dropped=[int(v) for v in out.dropped],
+                signatures=[pb.SurvivorSignature(client_id=c, signature=s) for c, s in sorted(out.signatures.items())],
+                deadline_unix_ms=deadline_ms,
+            ))
+        return None
+
+    def _identity_key(self, name: str) -> bytes:
+        client = self._clients.get(name)
+        if client is not None and client.identity_key:
+            return client.identity_key
+        return self.store.identity_key(name) or b""
+
+    def _round_start(self, rnd: _Round, sid: int) -> pb.RoundStart:
+        cfg = self.config
+        plan = rnd.plan
+        sc = rnd.secagg.config
+        return pb.RoundStart(
+            run_id=self.run_id, round=rnd.number, round_nonce=rnd.nonce, client_id=sid, model=self._model_pb(),
+            encoding=plan.encoding,
+            secagg=pb.SecAggParams(
+                graph=sc.graph.kind, degree=sc.graph.degree, threshold=sc.threshold, active_adversary=sc.active,
+                cohort_size=sc.num_clients, cohort=list(range(sc.num_clients)), round_id=sc.round_id,
+                context=sc.context,
+            ),
+            dp=plan.dp,
+            training=pb.TrainingParams(
+                local_epochs=cfg.local_epochs or self.task.local_epochs,
+                learning_rate=cfg.learning_rate or self.task.learning_rate,
+                batch_size=cfg.batch_size or self.task.batch_size,
+                evaluate_global_model=cfg.evaluate,
+                seed=round_seed(self.seed, rnd.number),
+            ),
+            deadline_unix_ms=int(rnd.deadline_wall * 1000),
+            stage_timeout_ms=int(cfg.stage_timeout * 1000),
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # The driver
+    # ------------------------------------------------------------------------------------------
+    def _available(self) -> list[str]:
+        now = self._clock()
+        window = self.config.poll_wait + 5.0
+        return sorted(c.name for c in self._clients.values() if c.polling > 0 or now - c.last_seen <= window)
+
+    def _available_count(self) -> int:
+        return len(self._available())
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to stop at the next opportunity (the store stays consistent)."""
+        self._stop_event.set()
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+
+    def _wait_until(self, predicate: Callable[[], bool], deadline: float | None) -> bool:
+        """Wait (lock held) until ``predicate`` or the deadline; False if stopping."""
+        while not predicate():
+            if self._stop_event.is_set():
+                return False
+            if deadline is not None:
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    return True
+                self._cond.wait(min(remaining, 0.5))
+            else:
+                self._cond.wait(0.5)
+        return True
+
+    def _threshold(self, n: int) -> tuple[GraphSpec, int]:
+        cfg = self.config
+        if cfg.secagg == "harary":
+            params = secagg_plus_parameters(n, cfg.expected_dropout)
+            degree = cfg.secagg_degree or params.degree
+            spec = GraphSpec("harary", degree) if degree > 0 and degree < n - 2 else GraphSpec("complete")
+            t = cfg.threshold or (params.threshold if degree == params.degree else degree // 2 + 1)
+        else:
+            spec = GraphSpec("complete")
+            t = cfg.threshold or n // 2 + 1
+        holders = spec.holders_count(n)
+        return spec, max(2, min(t, holders))
+
+    def _wait_for_cohort(self) -> list[str] | None:
+        cfg = self.config
+        ready_since: float | None = None
+        while not self._stop_event.is_set():
+            avail = self._available()
+            if len(avail) >= cfg.clients_per_round:
+                return avail
+            if len(avail) >= cfg.min_clients:
+                now = self._clock()
+                ready_since = ready_since if ready_since is not None else now
+                if now - ready_since >= cfg.cohort_wait:
+                    return avail
+            else:
+                ready_since = None
+            self._cond.wait(0.25)
+        return None
+
+    def _start_round(self, number: int, available: list[str]) -> _Round:
+        cfg = self.config
+        attempt = self._attempts.get(number, 0) + 1
+        self._attempts[number] = attempt
+        rng = np.random.default_rng([self.seed, number, attempt])
+        k = min(cfg.clients_per_round, len(available))
+        if k == len(available):
+            chosen = sorted(available)
+        else:
+            chosen = sorted(str(c) for c in rng.choice(available, k, replace=False))
+        cohort = {name: i for i, name in enumerate(chosen)}
+        spec, t = self._threshold(len(chosen))
+        nonce = os.urandom(ROUND_NONCE_BYTES)
+        round_id = int.from_bytes(hashlib.sha256(self.run_id.encode() + struct.pack("<II", number, attempt) + nonce)
+                                  .digest()[:8], "little")
+        context = f"fedveil/{self.run_id}/{self.task.name}".encode()
+        plan = self.model.plan(number, len(chosen), t, context)
+        identity_keys = None
+        if cfg.active_adversary:
+            keys = [self._identity_key(n) for n in chosen]
+            missing = [n for n, key in zip(chosen, keys, strict=True) if len(key) != PUBLIC_KEY_BYTES]
+            if missing:
+                raise JobError(f"--active-adversary: clients without an enrolled identity key: {', '.join(missing)}")
+            identity_keys = tuple(keys)
+        sconfig = SecAggConfig(
+            num_clients=len(chosen), threshold=t, vector_length=plan.dimension, round_id=round_id,
+            ring_bits=plan.ring_bits, graph=spec, active=cfg.active_adversary, identity_keys=identity_keys,
+            context=context,
+        )
+        now, wall = self._clock(), time.time()
+        rnd = _Round(number=number, attempt=attempt, nonce=nonce, plan=plan, secagg=SecAggServer(sconfig),
+                     cohort=cohort, names={i: n for n, i in cohort.items()}, started_wall=wall,
+                     deadline=now + cfg.round_timeout, deadline_wall=wall + cfg.round_timeout)
+        self.store.start_round(self.run_id, number, attempt, cohort, t)
+        log.info("round %d (attempt %d): cohort of %d, threshold %d, graph %s, dimension %d",
+                 number, attempt, len(chosen), t, spec.encode().decode(), plan.dimension)
+        return rnd
+
+    def _finish_round_for_clients(self, rnd: _Round, outcome: int, reason: str, survivors: tuple[int, ...]) -> None:
+        survivor_names = {rnd.names[s] for s in survivors}
+        for name in rnd.cohort:
+            client = self._clients.get(name)
+            if client is None:
+                continue
+            if outcome == pb.ROUND_OUTCOME_COMPLETED and name not in survivor_names:
+                client.pending_result = pb.RoundResult(round=rnd.number, outcome=pb.ROUND_OUTCOME_DROPPED,
+                                                       reason="your input is not in the sum (missed a deadline)",
+                                                       survivors=len(survivors), new_model_version=self.model.version)
+            else:
+                client.pending_result = pb.RoundResult(round=rnd.number, outcome=outcome, reason=reason,  # type: ignore[arg-type]
+                                                       survivors=len(survivors), new_model_version=self.model.version)
+        self._past_nonces.add(rnd.nonce)
+        self._round = None
+        self._cond.notify_all()
+
+    def _run_round(self, number: int, available: list[str]) -> str:
+        """One round attempt: 'completed', 'aborted', 'budget' or 'stopped'."""
+        with self._cond:
+            rnd = self._start_round(number, available)
+            try:
+                self.model.reserve_budget(rnd.plan, max(len(self.store.enrolled_clients()), len(available)))
+            except BudgetExceededError as err:
+                self.store.abort_round(self.run_id, number, rnd.attempt, f"privacy budget: {err}", None)
+                self._finish_round_for_clients(rnd, pb.ROUND_OUTCOME_ABORTED, f"privacy budget exhausted: {err}", ())
+                self._budget_message = str(err)
+                return "budget"
+            self._round = rnd
+            self._cond.notify_all()
+        stages = [Stage.TRAINING, Stage.SHARE_KEYS, Stage.MASKED_INPUT]
+        if self.config.active_adversary:
+            stages.append(Stage.CONSISTENCY)
+        stages.append(Stage.UNMASKING)
+        for index, stage in enumerate(stages):
+            with self._cond:
+                if not self._wait_until(lambda: not rnd.live_pending(), rnd.deadline):
+                    self._abandon(rnd, "server stopping")
+                    return "stopped"
+                missing = [rnd.names[s] for s in rnd.secagg.pending]
+                rnd.closing = True
+                for name in missing:
+                    rnd.dropped.setdefault(name, (stage.label, "missed the stage deadline"))
+            outgoing = rnd.secagg.close_stage()  # outside the lock: unmasking is the heavy part
+            with self._cond:
+                answered = [n for n in rnd.cohort if stage in rnd.submitted.get(n, set())]
+                self.store.record_stage(self.run_id, number, rnd.attempt, answered, stage.label)
+                new_drops = {n: rnd.dropped[n] for n in missing}
+                if new_drops:
+                    self.store.record_dropouts(self.run_id, number, rnd.attempt, new_drops)
+                    self._dropouts += len(new_drops)
+                    log.info("round %d: %d dropout(s) at %s: %s", number, len(new_drops), stage.label,
+                             ", ".join(sorted(new_drops)))
+                if rnd.secagg.aborted:
+                    reason = rnd.secagg.abort_reason or "aborted"
+                    self.model.cancel_budget(number)
+                    self.store.abort_round(self.run_id, number, rnd.attempt, reason, len(answered))
+                    self._aborted_attempts += 1
+                    log.warning("round %d attempt %d aborted: %s", number, rnd.attempt, reason)
+                    self._finish_round_for_clients(rnd, pb.ROUND_OUTCOME_ABORTED, reason, ())
+                    return "aborted"
+                if rnd.secagg.completed:
+                    break
+                rnd.stage = stages[index + 1]
+                rnd.outgoing = outgoing
+                now, wall = self._clock(), time.time()
+                rnd.deadline, rnd.deadline_wall = now + self.config.stage_timeout, wall + self.config.stage_timeout
+                rnd.closing = False
+                self._cond.notify_all()
+        result = rnd.secagg.result
+        applied = self.model.apply(rnd.plan, result.ring_sum, len(result.survivors))
+        state_after = {**self.model.state_dict(), "version": self.model.version + 1}
+        ledger_json = self.model.ledger.to_json() if self.model.ledger is not None else None
+        stats = {**applied.stats, "dropped": [rnd.names[d] for d in result.dropped], "threshold": rnd.plan.threshold,
+                 "duration_s": round(time.time() - rnd.started_wall, 3)}
+        self.store.complete_round(
+            self.run_id, number, rnd.attempt, survivors=len(result.survivors), aggregate=applied.aggregate,
+            aggregate_digest=applied.aggregate_digest, model=applied.params, state=state_after,
+            ledger_json=ledger_json, stats=stats,
+        )
+        with self._cond:
+            self.model.commit(applied)
+            log.info("round %d completed: %d survivors, update norm %.4g, %.2fs", number, len(result.survivors),
+                     applied.stats["update_norm"], stats["duration_s"])
+            self._finish_round_for_clients(rnd, pb.ROUND_OUTCOME_COMPLETED, "", result.survivors)
+        return "completed"
+
+    def _abandon(self, rnd: _Round, reason: str) -> None:
+        self.model.cancel_budget(rnd.number)
+        self.store.abort_round(self.run_id, rnd.number, rnd.attempt, reason, None)
+        self._finish_round_for_clients(rnd, pb.ROUND_OUTCOME_ABORTED, reason, ())
+
+    def _final_evaluation(self) -> None:
+        cfg = self.config
+        with self._cond:
+            participants = set(self._available())
+            if not participants:
+                return
+            now, wall = self._clock(), time.time()
+            ev = _Evaluation(version=self.model.version, nonce=os.urandom(ROUND_NONCE_BYTES), phase=cfg.rounds + 1,
+                             deadline=now + cfg.stage_timeout, deadline_wall=wall + cfg.stage_timeout,
+                             participants=participants)
+            self._evaluation = ev
+            self._cond.notify_all()
+            self._wait_until(lambda: ev.reported >= ev.participants, ev.deadline)
+            self._evaluation = None
+            self._past_nonces.add(ev.nonce)
+        rows = self.store.evaluations(self.run_id, ev.version)
+        self._final_metrics = _weighted_metrics(rows)
+        log.info("final evaluation of model %d by %d client(s): %s", ev.version, len(rows), self._final_metrics)
+
+    def run(self) -> JobSummary:
+        """Run the job to completion (or until :meth:`stop`); returns the summary."""
+        cfg = self.config
+        status = "completed"
+        message = ""
+        self._budget_message = ""
+        if self.finished is not None:
+            return self._report_finished()
+        while self.model.version < cfg.rounds:
+            with self._cond:
+                available = self._wait_for_cohort()
+            if available is None:
+                status, message = "stopped", "stopped before the job completed; restart with the same command"
+                break
+            number = self.model.version + 1
+            outcome = self._run_round(number, available)
+            if outcome == "stopped":
+                status, message = "stopped", "stopped before the job completed; restart with the same command"
+                break
+            if outcome == "budget":
+                status, message = "budget_exhausted", f"stopped early: {self._budget_message}"
+                break
+            if outcome == "aborted" and self._attempts.get(number, 0) >= cfg.max_round_attempts:
+                status = "failed"
+                message = f"round {number} aborted {cfg.max_round_attempts} times (see the store for reasons)"
+                break
+        if status in ("completed", "budget_exhausted") and cfg.final_evaluation and not self._stop_event.is_set():
+            self._final_evaluation()
+        if status == "completed" and not message:
+            message = f"completed {self.model.version} rounds" + (
+                f" (resumed after round {self.resumed_from})" if self.resumed_from else "")
+        ledger = self.model.ledger
+        epsilon = ledger.epsilon() if ledger is not None and cfg.user_level_dp else None
+        summary = JobSummary(
+            run_id=self.run_id, status=status, completed_rounds=self.model.version, total_rounds=cfg.rounds,
+            resumed_from=self.resumed_from, aborted_attempts=self._aborted_attempts, dropouts=self._dropouts,
+            final_metrics=self._final_metrics, epsilon=epsilon, delta=cfg.dp_delta if epsilon is not None else None,
+            message=message,
+        )
+        if status != "stopped":
+            self.store.finish_run(self.run_id, status, summary.to_dict())
+            self._announce_done(message)
+        return summary
+
+    def _announce_done(self, message: str) -> None:
+        """Tell every client the job is over; wait up to ``linger`` seconds for them to hear it."""
+        with self._cond:
+            self._done = pb.JobDone(
+                run_id=self.run_id, completed_rounds=self.model.version,
+                final_metrics=[pb.Metric(name=k, value=v) for k, v in self._final_metrics.items()],
+                summary=message,
+            )
+            self._cond.notify_all()
+            linger_until = self._clock() + self.config.linger
+            self._wait_until(
+                lambda: all(c.job_done_sent for c in self._clients.values() if c.name in self._available()),
+                linger_until,
+            )
+
+    def _report_finished(self) -> JobSummary:
+        data = self.finished or {}
+        self._final_metrics = {str(k): float(v) for k, v in (data.get("final_metrics") or {}).items()}
+        message = f"run {self.run_id} had already finished: {data.get('message', '')}".strip()
+        summary = JobSummary(
+            run_id=self.run_id, status=str(data.get("status", "completed")), completed_rounds=self.model.version,
+            total_rounds=self.config.rounds, resumed_from=self.model.version,
+            aborted_attempts=self._aborted_attempts, dropouts=self._dropouts, final_metrics=self._final_metrics,
+            epsilon=data.get("epsilon"), delta=data.get("delta"), message=message,
+        )
+        self._announce_done(message)
+        return summary
+

@@ -1,0 +1,269 @@
+"""The global model's side of a round: what clients must encode, and what the released sum does.
+
+:class:`GlobalModel` holds the flat float parameters (``fedveil.task.model_to_vector`` layout),
+the server optimizer (``fedveil.server.optimizers``), the user-level DP mechanism and the
+privacy ledger (``fedveil.dp``). For each round it produces a :class:`RoundPlan` (encoding and
+DP parameters sent to the cohort in ``RoundStart``) and, given the unmasked ring sum, applies
+the round: decode → (central noise | distributed-DP decode) → mean update → optimizer step.
+It never sees an individual client's update, only the secure sum.
+
+User-level DP (``--dp central``, DP-FedAvg, McMahan et al. 2018): clients clip their update to
+``S``; the server adds N(0, (zS)^2) to the sum and divides by the expected cohort size K; each
+round is one subsampled Gaussian event with q = K / N (N = enrolled clients), the usual
+approximation of uniform cohort sampling by Poisson sampling. ``--dp distributed``: clients
+add Skellam/discrete-Gaussian shares (``fedveil.dp.distributed``); the round is accounted with
+that mechanism's own RDP bound for the smallest number of contributors the round can complete
+with (the threshold t), which is conservative. ``--dp local``: clients run DP-SGD and report
+their sample-level spend, which the ledger records per client.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedveil.dp.accounting import SubsampledGaussianEvent
+from fedveil.dp.central import DPFedAvg, make_generator
+from fedveil.dp.clipping import AdaptiveClippingConfig
+from fedveil.dp.distributed import DistributedDPConfig, decode_sum, derive_parameters, derive_rotation_seed
+from fedveil.dp.ledger import LedgerConfig, PrivacyLedger, RoundSpend
+from fedveil.protocol import fedveil_pb2 as pb
+from fedveil.secagg.encoding import FixedPointEncoder
+from fedveil.server.config import ServerConfig
+from fedveil.server.optimizers import ServerOptimizer, make_optimizer
+
+
+def _derived_seed(seed: int, purpose: str, *parts: int) -> int:
+    data = f"fedveil/server/{purpose}/{seed}/" + "/".join(str(p) for p in parts)
+    return int.from_bytes(hashlib.sha256(data.encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def round_seed(seed: int, round_number: int) -> int:
+    """The public per-round seed sent to clients (``TrainingParams.seed``)."""
+    return _derived_seed(seed, "round", round_number)
+
+
+@dataclass
+class RoundPlan:
+    """What one round asks of its cohort, and how the server decodes the sum."""
+
+    round_number: int
+    cohort_size: int
+    threshold: int
+    dimension: int
+    ring_bits: int
+    encoding: pb.EncodingParams
+    dp: pb.DpParams
+    encoder: FixedPointEncoder | None = None
+    distributed: DistributedDPConfig | None = None
+    rotation_seed: int = 0
+    clip_norm: float = 0.0
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AppliedRound:
+    """The result of applying one round's secure sum to the global model."""
+
+    aggregate: np.ndarray
+    """The released mean update (after noise, before the server optimizer)."""
+    aggregate_digest: str
+    """SHA-256 of the unmasked ring sum (identical for identical inputs)."""
+    params: np.ndarray
+    stats: dict[str, Any]
+
+
+class GlobalModel:
+    """Parameters, server optimizer, user-level DP and the privacy ledger of one job."""
+
+    def __init__(self, config: ServerConfig, initial_params: np.ndarray, seed: int) -> None:
+        self.config = config
+        self.seed = seed
+        self.params = np.asarray(initial_params, dtype=np.float32).copy()
+        self.dim = int(self.params.shape[0])
+        self.version = 0
+        self.optimizer: ServerOptimizer = make_optimizer(config.optimizer, lr=config.server_lr)
+        self.ledger: PrivacyLedger | None = None
+        if config.dp != "none":
+            self.ledger = PrivacyLedger(
+                LedgerConfig(
+                    accountant=config.dp_accountant,
+                    federation_delta=config.dp_delta,
+                    client_delta=config.dp_delta,
+                    federation_epsilon_budget=config.dp_epsilon_budget,
+                    client_epsilon_budget=config.dp_client_epsilon_budget,
+                )
+            )
+        self.dpfedavg: DPFedAvg | None = None
+        if config.dp == "central":
+            k = float(config.clients_per_round)
+            if config.dp_adaptive_clipping:
+                self.dpfedavg = DPFedAvg.with_adaptive_clipping(
+                    AdaptiveClippingConfig(
+                        initial_clip_norm=config.dp_clip,
+                        noise_multiplier=config.dp_noise_multiplier,
+                        expected_clients_per_round=k,
+                        target_quantile=config.dp_target_quantile,
+                        learning_rate=config.dp_clip_learning_rate,
+                    )
+                )
+            else:
+                self.dpfedavg = DPFedAvg.fixed(config.dp_clip, config.dp_noise_multiplier, k)
+
+    # -- planning --------------------------------------------------------------------------------
+    def plan(self, round_number: int, cohort_size: int, threshold: int, context: bytes) -> RoundPlan:
+        cfg = self.config
+        dp = pb.DpParams(mode=cfg.dp)
+        if cfg.dp == "distributed":
+            dist = derive_parameters(
+                cohort_size, self.dim, cfg.dp_clip, mechanism=cfg.dp_mechanism, bits=cfg.dp_bits,
+                noise_multiplier=cfg.dp_noise_multiplier,
+            )
+            rotation = derive_rotation_seed(context + struct.pack("<I", round_number))
+            dp.update_clip_norm = cfg.dp_clip
+            dp.distributed.CopyFrom(
+                pb.DistributedDpParams(
+                    mechanism=dist.mechanism, l2_clip=dist.clip_norm, scale=dist.scale,
+                    noise_stddev=dist.local_stddev, beta=dist.beta, bits=dist.bits,
+                    rotation_seed=struct.pack("<Q", rotation), padded_dimension=dist.padded_dim,
+                    config_json=json.dumps(dataclasses.asdict(dist), sort_keys=True),
+                )
+            )
+            ring_bits = dist.bits
+            encoding = pb.EncodingParams(ring_bits=ring_bits, dimension=dist.padded_dim)
+            return RoundPlan(round_number, cohort_size, threshold, dist.padded_dim, ring_bits, encoding, dp,
+                             distributed=dist, rotation_seed=rotation, clip_norm=cfg.dp_clip,
+                             details={"mechanism": dist.mechanism, "bits": dist.bits, "scale": dist.scale,
+                                      "local_stddev": dist.local_stddev})
+        extras: list[str] = []
+        clip_norm = 0.0
+        clip_range = cfg.clip_range
+        weighted = cfg.uses_weights
+        if cfg.dp == "central":
+            assert self.dpfedavg is not None
+            clip_norm = self.dpfedavg.clip_norm
+            dp.update_clip_norm = clip_norm
+            clip_range = clip_norm  # |coordinate| <= ||Δ|| <= S: no extra clipping
+            if self.dpfedavg.adaptive is not None:
+                dp.adaptive_clipping = True
+                extras.append("unclipped")
+                clip_range = max(clip_norm, 1.0)  # the indicator must encode exactly
+        elif cfg.dp == "local":
+            dp.local.CopyFrom(
+                pb.LocalDpParams(
+                    noise_multiplier=0.0 if cfg.dp_local_target_epsilon else cfg.dp_local_noise_multiplier,
+                    max_grad_norm=cfg.dp_local_max_grad_norm, target_epsilon=cfg.dp_local_target_epsilon,
+                    delta=cfg.dp_delta, planned_rounds=cfg.rounds,
+                )
+            )
+        encoder = FixedPointEncoder.for_clients(
+            cohort_size, clip_range, cfg.ring_bits, weighted=weighted, max_weight=cfg.max_weight if weighted else 1.0
+        )
+        dimension = encoder.encoded_length(self.dim + len(extras))
+        encoding = pb.EncodingParams(
+            ring_bits=cfg.ring_bits, clip_range=clip_range, fractional_bits=encoder.frac_bits, dimension=dimension,
+            extra_coordinates=extras + (["weight"] if weighted else []), weighted=weighted,
+            max_weight=encoder.max_weight,
+        )
+        return RoundPlan(round_number, cohort_size, threshold, dimension, cfg.ring_bits, encoding, dp,
+                         encoder=encoder, clip_norm=clip_norm,
+                         details={"frac_bits": encoder.frac_bits, "clip_range": clip_range})
+
+    def reserve_budget(self, plan: RoundPlan, population: int) -> RoundSpend | None:
+        """Record the round's user-level DP event in the ledger, or raise ``BudgetExceededError``."""
+        cfg = self.config
+        if self.ledger is None or cfg.dp not in ("central", "distributed"):
+            return None
+        details: dict[str, Any] = {"cohort": plan.cohort_size, "population": population}
+        if cfg.dp == "central":
+            assert self.dpfedavg is not None
+            q = min(1.0, cfg.clients_per_round / max(population, cfg.clients_per_round))
+            event: Any = SubsampledGaussianEvent(q, cfg.dp_noise_multiplier)
+            details.update(clip_norm=plan.clip_norm, noise_multiplier=cfg.dp_noise_multiplier, sample_rate=q)
+            mechanism = "dp-fedavg" + ("-adaptive" if self.dpfedavg.adaptive is not None else "")
+        else:
+            assert plan.distributed is not None
+            event = plan.distributed.rdp_event(n_contributors=plan.threshold)
+            details.update(clip_norm=plan.clip_norm, min_contributors=plan.threshold, **plan.details)
+            mechanism = f"distributed-{plan.distributed.mechanism}"
+        return self.ledger.reserve(plan.round_number, federation=event, mechanism=mechanism, details=details)
+
+    def cancel_budget(self, round_number: int) -> None:
+        """Take back a reservation of a round that aborted before releasing anything."""
+        if self.ledger is not None and round_number in self.ledger.rounds:
+            self.ledger.cancel_round(round_number)
+
+    # -- applying ---------------------------------------------------------------------------------
+    def apply(self, plan: RoundPlan, ring_sum: np.ndarray, survivors: int) -> AppliedRound:
+        cfg = self.config
+        digest = hashlib.sha256(np.ascontiguousarray(ring_sum).tobytes()).hexdigest()
+        stats: dict[str, Any] = {"survivors": survivors}
+        if plan.distributed is not None:
+            total = decode_sum(plan.distributed, ring_sum, rotation_seed=plan.rotation_seed)
+            mean = total / float(cfg.clients_per_round)
+            stats["noise_stddev_sum"] = plan.distributed.central_stddev(survivors)
+        else:
+            assert plan.encoder is not None
+            enc = plan.encoder
+            if cfg.dp == "central":
+                assert self.dpfedavg is not None
+                total = enc.decode_sum(ring_sum)
+                rng = make_generator(_derived_seed(self.seed, "central-noise", plan.round_number))
+                unclipped = float(total[self.dim]) if self.dpfedavg.adaptive is not None else None
+                result = self.dpfedavg.finish_round(total[: self.dim], rng, unclipped)
+                mean = np.asarray(result.noised_mean, dtype=np.float64)
+                stats.update(clip_norm=result.clip_norm, next_clip_norm=result.next_clip_norm,
+                             noise_stddev_sum=result.noise_stddev)
+                if unclipped is not None:
+                    stats["unclipped_count"] = unclipped
+            elif enc.weighted:
+                mean, weight = enc.decode_weighted_mean(ring_sum)
+                stats["total_weight"] = weight
+            else:
+                mean = enc.decode_mean(ring_sum, survivors)
+        mean = np.asarray(mean[: self.dim], dtype=np.float64)
+        new_params = np.asarray(self.optimizer.step(self.params.astype(np.float64), mean), dtype=np.float32)
+        if not np.all(np.isfinite(new_params)):
+            raise FloatingPointError(f"round {plan.round_number}: the new global model has NaN or infinite values")
+        stats["update_norm"] = float(np.linalg.norm(mean))
+        return AppliedRound(mean.astype(np.float32), digest, new_params, stats)
+
+    def commit(self, applied: AppliedRound) -> None:
+        self.params = applied.params
+        self.version += 1
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"version": self.version, "optimizer": self.optimizer.state_dict()}
+        if self.dpfedavg is not None and self.dpfedavg.adaptive is not None:
+            state["adaptive_clipping"] = self.dpfedavg.adaptive.state_dict()
+        return state
+
+    def load(self, params: np.ndarray, state: dict[str, Any], ledger_json: str | None) -> None:
+        if params.shape != self.params.shape:
+            raise ValueError(f"checkpoint has {params.shape[0]} parameters, the task's model has {self.dim}")
+        self.params = np.asarray(params, dtype=np.float32).copy()
+        self.version = int(state.get("version", 0))
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+        if "adaptive_clipping" in state and self.dpfedavg is not None and self.dpfedavg.adaptive is not None:
+            self.dpfedavg.adaptive.load_state_dict(state["adaptive_clipping"])
+        if ledger_json is not None and self.ledger is not None:
+            self.ledger = PrivacyLedger.from_json(ledger_json)
+
+    def record_client_privacy(self, round_number: int, client: str, report: pb.LocalPrivacySpend) -> bool:
+        """Record a client's reported sample-level DP-SGD spend (no budget check: it is done)."""
+        if self.ledger is None or report.noise_multiplier <= 0 or not 0 < report.sample_rate <= 1 or report.steps < 1:
+            return False
+        event = SubsampledGaussianEvent(float(report.sample_rate), float(report.noise_multiplier), int(report.steps))
+        try:
+            self.ledger.record(round_number, clients={client: event})
+        except ValueError:
+            return False
+        return True
