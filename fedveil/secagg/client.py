@@ -161,12 +161,13 @@ class ClientR1ShareKeys(ClientState):
                                   bytes_to_limbs(ctx.keys.mask_private.private_bytes_raw())])
         xs = np.asarray(holders, dtype=np.int64) + 1
         shares = share(secrets, xs, cfg.threshold, seed=ctx.keys.sharing_seed[:SEED_BYTES])
+        rows = shares.astype("<u4")
         boxes: dict[int, bytes] = {}
         for row, holder in enumerate(holders):
-            plaintext = shares[row].astype("<u4").tobytes()
             if holder == me:
                 ctx.own_share = shares[row].copy()
                 continue
+            plaintext = rows[row].tobytes()
             shared = share_secret(ctx.keys.share_private, session.advertisements[holder].share_public)
             ctx.share_secrets[holder] = shared
             key = share_box_key(shared, me, holder, sid)
@@ -191,19 +192,23 @@ class ClientR2MaskedInput(ClientState):
         assert session is not None
         sid = session.session_id
         neighbours = set(session.graph.neighbors(me))
-        received: dict[int, np.ndarray] = {}
-        for sender, box in msg.boxes.items():
+        senders = sorted(msg.boxes)
+        plaintexts = []
+        for sender in senders:
             if sender not in neighbours:
                 raise ProtocolError(f"client {me} received a share box from non-neighbour {sender}")
             shared = ctx.share_secrets.get(sender)
             if shared is None:
                 shared = share_secret(ctx.keys.share_private, session.advertisements[sender].share_public)
             key = share_box_key(shared, sender, me, sid)
-            plain = open_share(key, box, sender, me, sid)
-            values = np.frombuffer(plain, dtype="<u4").astype(np.int64)
-            if values.size != SHARE_LIMBS or values.max(initial=0) >= PRIME:
-                raise ShareDecryptionError(f"share from client {sender} has the wrong format")
-            received[sender] = values
+            plain = open_share(key, msg.boxes[sender], sender, me, sid)
+            if len(plain) != 4 * SHARE_LIMBS:
+                raise ShareDecryptionError(f"share from client {sender} has the wrong length")
+            plaintexts.append(plain)
+        table = np.frombuffer(b"".join(plaintexts), dtype="<u4").astype(np.int64).reshape(len(senders), SHARE_LIMBS)
+        if table.size and table.max() >= PRIME:
+            raise ShareDecryptionError("a decrypted share is not a field element")
+        received = dict(zip(senders, table, strict=True))
         alive_holders = len(received) + 1
         if alive_holders < cfg.threshold:
             raise RoundAbortedError(f"client {me}: only {alive_holders} of its holders remain, "

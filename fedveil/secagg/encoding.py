@@ -96,11 +96,12 @@ class Ring:
 
     def to_signed(self, values: np.ndarray) -> np.ndarray:
         """Interpret ring elements as two's complement integers in [-2^(k-1), 2^(k-1))."""
-        v = values.astype(np.int64) if self.bits < 64 else values.view(np.int64).copy()
-        if self.bits < 64:
-            half = 1 << (self.bits - 1)
-            v[v >= half] -= self.modulus
-        return v
+        shift = 64 - self.bits
+        wide = values.astype(np.uint64)  # a copy: the caller's array is left alone
+        wide <<= np.uint64(shift)  # bit k-1 becomes the int64 sign bit ...
+        signed = wide.view(np.int64)
+        signed >>= np.int64(shift)  # ... and the arithmetic shift extends it
+        return signed
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 
@@ -80,22 +79,21 @@ class HararyGraph(MaskingGraph):
         order = np.argsort(keys, kind="stable")
         self._order = [self.nodes[int(i)] for i in order]
         self._position = {node: p for p, node in enumerate(self._order)}
+        self._cache: dict[int, tuple[int, ...]] = {}  # neighbours, computed on demand (O(k) per node)
 
     @property
     def degree(self) -> int:
         return self._degree
 
-    @cached_property
-    def _adjacency(self) -> dict[int, tuple[int, ...]]:
-        n = len(self._order)
-        half = self._degree // 2
-        adj: dict[int, tuple[int, ...]] = {}
-        for node, p in self._position.items():
-            adj[node] = tuple(sorted(self._order[(p + d) % n] for d in range(-half, half + 1) if d))
-        return adj
-
     def neighbors(self, node: int) -> tuple[int, ...]:
-        return self._adjacency[node]
+        cached = self._cache.get(node)
+        if cached is None:
+            p = self._position[node]
+            n = len(self._order)
+            half = self._degree // 2
+            cached = tuple(sorted(self._order[(p + d) % n] for d in range(-half, half + 1) if d))
+            self._cache[node] = cached
+        return cached
 
 
 @dataclass(frozen=True)

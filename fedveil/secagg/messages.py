@@ -264,6 +264,9 @@ class ShareKeysRequest(Message):
     TYPE: ClassVar[int] = 11
     advertisements: tuple[AdvertiseKeys, ...] = ()
 
+    def wire_size(self) -> int:
+        return HEADER_BYTES + 4 + sum(4 + 2 * PUBLIC_KEY_BYTES + 1 + len(a.signature) for a in self.advertisements)
+
     def _body(self) -> bytes:
         parts = [struct.pack("<I", len(self.advertisements))]
         for adv in self.advertisements:
