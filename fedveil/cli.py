@@ -10,7 +10,7 @@ import click
 from fedveil.commands.common import USAGE_EXIT_CODE, eprint
 
 # Each module defines ``register(group: click.Group) -> None``. Add a line when a command group lands.
-COMMAND_MODULES: tuple[str, ...] = ("fedveil.commands.budget", "fedveil.commands.bench")
+COMMAND_MODULES: tuple[str, ...] = ("fedveil.commands.budget", "fedveil.commands.bench", "fedveil.commands.server")
 
 
 @click.group(name="fedveil", context_settings={"help_option_names": ["-h", "--help"]})

@@ -1,0 +1,263 @@
+"""``fedveil enroll`` and ``fedveil server``: enrol clients, run a federated training job.
+
+- ``fedveil enroll --store PATH --name NAME`` creates the store if needed, enrols the client and
+  prints its token as the last line (shown once; the store keeps only its SHA-256 digest).
+- ``fedveil server --listen HOST:PORT --store PATH --task T --rounds R --clients-per-round K
+  --min-clients M [...] (--tls-cert C --tls-key K | --insecure)`` runs the job and prints a
+  summary; the same command resumes it after a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from fedveil.commands.common import eprint, fail, print_json_last_line
+
+EXIT_FAILED = 1
+EXIT_STOPPED = 130
+
+
+def _check_listen(listen: str) -> str:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        fail("--listen", f"expected HOST:PORT with a port in 0..65535 (got {listen!r})")
+    return listen
+
+
+def _store_path(store: str) -> Path:
+    path = Path(store)
+    if path.exists() and path.is_dir():
+        fail("--store", f"{store!r} is a directory; give a file path such as {str(path / 'run.db')!r}")
+    if not path.parent.exists():
+        fail("--store", f"directory {str(path.parent)!r} does not exist")
+    return path
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@click.command("enroll")
+@click.option("--store", required=True, help="Run store (SQLite file; created if missing).")
+@click.option("--name", required=True, help="The client's name (letters, digits, '.', '_', '-').")
+@click.option("--rotate", is_flag=True, help="Issue a new token for an enrolled client and revoke its old ones.")
+@click.option("--identity-public-key", default=None,
+              help="Hex Ed25519 public key of the client (active-adversary mode).")
+def enroll_command(store: str, name: str, rotate: bool, identity_public_key: str | None) -> None:
+    """Enrol a client and print its access token (last line)."""
+    from fedveil.server.store import EnrollmentError, RunStore, StoreError
+
+    path = _store_path(store)
+    key: bytes | None = None
+    if identity_public_key is not None:
+        try:
+            key = bytes.fromhex(identity_public_key)
+        except ValueError:
+            fail("--identity-public-key", f"not hexadecimal (got {identity_public_key[:16]!r}...)")
+        if len(key) != 32:
+            fail("--identity-public-key", f"expected 32 bytes (64 hex digits), got {len(key)} bytes")
+    try:
+        with RunStore(path) as run_store:
+            issued = run_store.enroll(name, rotate=rotate, identity_public_key=key)
+    except EnrollmentError as err:
+        fail("--name", str(err))
+    except StoreError as err:
+        fail("--store", str(err))
+    action = "issued a new token for" if rotate else "enrolled"
+    click.echo(f"{action} client {name!r} in {str(path)!r}; the token below is shown once "
+               "(the store keeps only its SHA-256 digest):")
+    click.echo(issued.token)
+
+
+_DP_OPTIONS: list[Any] = [
+    click.option("--dp", "dp", type=click.Choice(["none", "local", "central", "distributed"]), default="none",
+                 show_default=True, help="Differential privacy mode."),
+    click.option("--dp-clip", type=float, default=1.0, show_default=True,
+                 help="User-level L2 clip norm S of each client's update (central, distributed)."),
+    click.option("--dp-noise-multiplier", type=float, default=1.0, show_default=True,
+                 help="Noise multiplier z of the user-level mechanism."),
+    click.option("--dp-adaptive-clipping", is_flag=True, help="Adaptive clipping (Andrew et al. 2021; central)."),
+    click.option("--dp-target-quantile", type=float, default=0.5, show_default=True),
+    click.option("--dp-delta", type=float, default=1e-5, show_default=True),
+    click.option("--dp-epsilon-budget", type=float, default=None, help="Stop before the federation ε exceeds this."),
+    click.option("--dp-client-epsilon-budget", type=float, default=None,
+                 help="Per-client sample-level ε budget (local DP)."),
+    click.option("--dp-accountant", type=click.Choice(["rdp", "prv", "pld"]), default="rdp", show_default=True),
+    click.option("--dp-bits", type=int, default=20, show_default=True, help="Distributed DP: ring bit width b."),
+    click.option("--dp-mechanism", type=click.Choice(["skellam", "ddg"]), default="skellam", show_default=True,
+                 help="Distributed DP noise."),
+    click.option("--dp-local-noise-multiplier", type=float, default=1.0, show_default=True,
+                 help="Local DP-SGD noise multiplier."),
+    click.option("--dp-local-max-grad-norm", type=float, default=1.0, show_default=True),
+    click.option("--dp-local-target-epsilon", type=float, default=0.0,
+                 help="Local DP-SGD: solve the noise for this ε over the job instead."),
+]
+
+
+def _with_options(options: list[Any]) -> Any:
+    def wrap(fn: Any) -> Any:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return wrap
+
+
+@click.command("server")
+@click.option("--listen", required=True, help="HOST:PORT to listen on (port 0: any free port).")
+@click.option("--store", required=True, help="Run store (SQLite file, created if missing).")
+@click.option("--task", required=True, help="The task, module:attr (e.g. fedveil.tasks.synthetic:task).")
+@click.option("--rounds", type=int, required=True, help="Number of rounds.")
+@click.option("--clients-per-round", type=int, required=True, help="Cohort size K.")
+@click.option("--min-clients", type=int, default=None, help="Smallest cohort M to start a round [default: K].")
+@click.option("--round-timeout", type=float, default=300.0, show_default=True,
+              help="Seconds for training and key advertisement.")
+@click.option("--stage-timeout", type=float, default=60.0, show_default=True,
+              help="Seconds for each later secure-aggregation stage.")
+@click.option("--cohort-wait", type=float, default=10.0, show_default=True,
+              help="Seconds to wait for K clients once M are connected.")
+@click.option("--secagg", type=click.Choice(["complete", "harary"]), default="complete", show_default=True)
+@click.option("--secagg-degree", type=int, default=0, help="Harary graph degree (0: derive).")
+@click.option("--threshold", type=int, default=0, help="Secure-aggregation threshold t (0: derive).")
+@click.option("--expected-dropout", type=float, default=0.1, show_default=True)
+@click.option("--ring-bits", type=int, default=32, show_default=True)
+@click.option("--clip-range", type=float, default=1.0, show_default=True,
+              help="Per-coordinate clip of updates before fixed-point encoding (without user-level DP).")
+@click.option("--weighting", type=click.Choice(["examples", "uniform"]), default="examples", show_default=True,
+              help="Weight clients by their number of examples (off under user-level DP).")
+@click.option("--max-weight", type=float, default=1000.0, show_default=True)
+@_with_options(_DP_OPTIONS)
+@click.option("--optimizer", type=click.Choice(["fedavg", "fedadam", "fedyogi", "fedadagrad"]), default="fedavg",
+              show_default=True)
+@click.option("--server-lr", type=float, default=1.0, show_default=True)
+@click.option("--local-epochs", type=int, default=0, help="Local epochs per round (0: the task's default).")
+@click.option("--learning-rate", type=float, default=0.0, help="Client learning rate (0: the task's default).")
+@click.option("--batch-size", type=int, default=0, help="Client batch size (0: the task's default).")
+@click.option("--no-evaluate", is_flag=True, help="Skip the cohort's evaluation of each global model.")
+@click.option("--no-final-evaluation", is_flag=True, help="Skip the evaluation of the final model.")
+@click.option("--seed", type=int, default=None, help="Job seed (cohort sampling, round seeds, central noise).")
+@click.option("--active-adversary", is_flag=True, help="SecAgg active-adversary mode (enrolled identity keys).")
+@click.option("--max-round-attempts", type=int, default=5, show_default=True)
+@click.option("--linger", type=float, default=5.0, show_default=True,
+              help="Seconds to keep serving after the job so clients learn it is done.")
+@click.option("--tls-cert", default=None, help="Server certificate (PEM).")
+@click.option("--tls-key", default=None, help="Server private key (PEM).")
+@click.option("--client-ca", default=None, help="CA (PEM) of client certificates: turns on mutual TLS.")
+@click.option("--insecure", is_flag=True, help="No TLS (trials on a trusted network only).")
+@click.option("--max-message-mb", type=float, default=None, help="Inbound message limit [default: from the model].")
+@click.option("--new-run", is_flag=True, help="Start a new run even if the store holds an unfinished one.")
+@click.option("--port-file", default=None, help="Write the bound port to this file once listening.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object (last line).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True)
+def server_command(**opts: Any) -> int:
+    """Run a federated training job: enrolment checks, cohorts, secure aggregation, DP, store."""
+    from fedveil.protocol.tls import TlsConfigError, read_pem
+    from fedveil.server.config import ServerConfig, ServerConfigError
+    from fedveil.server.coordinator import JobError
+    from fedveil.server.runner import TlsSettings, serve
+    from fedveil.server.store import StoreError
+    from fedveil.task import TaskLoadError, load_task
+
+    _configure_logging(opts["log_level"])
+    listen = _check_listen(opts["listen"])
+    store = _store_path(opts["store"])
+    tls: TlsSettings | None = None
+    if opts["insecure"]:
+        if opts["tls_cert"] or opts["tls_key"] or opts["client_ca"]:
+            fail("--insecure", "cannot be combined with --tls-cert/--tls-key/--client-ca")
+    else:
+        if not opts["tls_cert"] or not opts["tls_key"]:
+            fail("--tls-cert", "give --tls-cert and --tls-key, or --insecure to run without TLS")
+        try:
+            tls = TlsSettings(
+                read_pem(opts["tls_cert"], "--tls-cert"), read_pem(opts["tls_key"], "--tls-key"),
+                read_pem(opts["client_ca"], "--client-ca") if opts["client_ca"] else None,
+            )
+        except TlsConfigError as err:
+            flag, _, detail = str(err).partition(": ")
+            fail(flag, detail)
+    try:
+        task = load_task(opts["task"])
+    except TaskLoadError as err:
+        fail("--task", str(err).removeprefix(f"--task {opts['task']!r}: "))
+    k = opts["clients_per_round"]
+    try:
+        config = ServerConfig(
+            task=opts["task"], rounds=opts["rounds"], clients_per_round=k,
+            min_clients=opts["min_clients"] if opts["min_clients"] is not None else k,
+            round_timeout=opts["round_timeout"], stage_timeout=opts["stage_timeout"], cohort_wait=opts["cohort_wait"],
+            secagg=opts["secagg"], secagg_degree=opts["secagg_degree"], threshold=opts["threshold"],
+            expected_dropout=opts["expected_dropout"], ring_bits=opts["ring_bits"], clip_range=opts["clip_range"],
+            weighted=opts["weighting"] == "examples", max_weight=opts["max_weight"],
+            dp=opts["dp"], dp_clip=opts["dp_clip"], dp_noise_multiplier=opts["dp_noise_multiplier"],
+            dp_adaptive_clipping=opts["dp_adaptive_clipping"], dp_target_quantile=opts["dp_target_quantile"],
+            dp_delta=opts["dp_delta"], dp_epsilon_budget=opts["dp_epsilon_budget"],
+            dp_accountant=opts["dp_accountant"], dp_bits=opts["dp_bits"], dp_mechanism=opts["dp_mechanism"],
+            dp_local_noise_multiplier=opts["dp_local_noise_multiplier"],
+            dp_local_max_grad_norm=opts["dp_local_max_grad_norm"],
+            dp_local_target_epsilon=opts["dp_local_target_epsilon"],
+            dp_client_epsilon_budget=opts["dp_client_epsilon_budget"],
+            optimizer=opts["optimizer"], server_lr=opts["server_lr"], local_epochs=opts["local_epochs"],
+            learning_rate=opts["learning_rate"], batch_size=opts["batch_size"],
+            evaluate=not opts["no_evaluate"], final_evaluation=not opts["no_final_evaluation"], seed=opts["seed"],
+            active_adversary=opts["active_adversary"], max_round_attempts=opts["max_round_attempts"],
+            linger=opts["linger"],
+        )
+    except ServerConfigError as err:
+        fail(err.flag, err.detail)
+    max_bytes = None
+    if opts["max_message_mb"] is not None:
+        if not opts["max_message_mb"] > 0:
+            fail("--max-message-mb", f"must be positive (got {opts['max_message_mb']})")
+        max_bytes = int(opts["max_message_mb"] * 1024 * 1024)
+    try:
+        summary = serve(
+            config, task, store, listen, tls=tls, new_run=opts["new_run"], max_message_bytes=max_bytes,
+            port_file=Path(opts["port_file"]) if opts["port_file"] else None,
+        )
+    except JobError as err:
+        eprint(f"error: {err}")
+        return 2
+    except StoreError as err:
+        fail("--store", str(err))
+    except OSError as err:
+        fail("--listen", str(err))
+    except ValueError as err:  # parameters the job cannot run with, e.g. an overflowing encoding
+        eprint(f"error: {err}")
+        return 2
+    _print_summary(summary.to_dict(), as_json=opts["as_json"])
+    if summary.status in ("completed", "budget_exhausted"):
+        return 0
+    return EXIT_STOPPED if summary.status == "stopped" else EXIT_FAILED
+
+
+def _print_summary(summary: dict[str, Any], *, as_json: bool) -> None:
+    lines = [
+        f"run {summary['run_id']}: {summary['status']} ({summary['message']})",
+        f"  rounds completed: {summary['completed_rounds']}/{summary['total_rounds']}"
+        + (f", resumed after round {summary['resumed_from']}" if summary["resumed_from"] else ""),
+        f"  aborted round attempts: {summary['aborted_attempts']}, dropouts: {summary['dropouts']}",
+    ]
+    if summary["final_metrics"]:
+        lines.append("  final evaluation: " + ", ".join(f"{k}={v:.4g}" for k, v in summary["final_metrics"].items()))
+    if summary["epsilon"] is not None:
+        lines.append(f"  user-level privacy: ε={summary['epsilon']:.4g} at δ={summary['delta']:g}")
+    for line in lines:
+        click.echo(line)
+    if as_json:
+        print_json_last_line(json.loads(json.dumps(summary)))
+
+
+def register(group: click.Group) -> None:
+    group.add_command(enroll_command)
+    group.add_command(server_command)

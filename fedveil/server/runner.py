@@ -1,0 +1,98 @@
+"""``fedveil server``: the coordinator behind the gRPC service, until the job is done.
+
+:func:`serve` opens the store, builds the coordinator (resuming an unfinished run of the same
+job), starts the gRPC server (TLS, optional mutual TLS, size limits derived from the model),
+runs the job in the calling thread and stops the server. SIGINT/SIGTERM stop the job cleanly
+between two store transactions; running the same command again resumes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+import grpc
+
+from fedveil.protocol.auth import Authenticator
+from fedveil.protocol.service import ServerLimits, build_server
+from fedveil.server.config import ServerConfig
+from fedveil.server.coordinator import Coordinator, JobSummary
+from fedveil.server.store import RunStore
+from fedveil.task import Task
+
+log = logging.getLogger("fedveil.server")
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """Server TLS: certificate and key (PEM); ``client_ca_pem`` turns on mutual TLS."""
+
+    cert_pem: bytes
+    key_pem: bytes
+    client_ca_pem: bytes | None = None
+
+
+def serve(
+    config: ServerConfig,
+    task: Task,
+    store_path: str | Path,
+    listen: str,
+    *,
+    tls: TlsSettings | None,
+    new_run: bool = False,
+    max_message_bytes: int | None = None,
+    port_file: Path | None = None,
+    on_listening: threading.Event | None = None,
+    install_signal_handlers: bool = True,
+) -> JobSummary:
+    """Run ``config``'s job on ``listen`` until it completes (or a signal stops it)."""
+    store = RunStore(store_path)
+    server: grpc.Server | None = None
+    try:
+        coordinator = Coordinator(config, task, store, new_run=new_run)
+        limit = max_message_bytes or coordinator.max_message_bytes()
+        workers = max(16, 2 * config.clients_per_round + 8)
+        limits = ServerLimits(max_message_bytes=limit, workers=workers, max_concurrent_rpcs=max(256, 4 * workers))
+        credentials = None
+        if tls is not None:
+            from fedveil.protocol.tls import server_credentials
+
+            credentials = server_credentials(tls.cert_pem, tls.key_pem, tls.client_ca_pem)
+        authenticator = Authenticator(store.credential, client_exists=store.client_enrolled)
+        server, port = build_server(
+            coordinator, authenticator, listen, credentials=credentials, limits=limits,
+            mutual_tls=tls is not None and tls.client_ca_pem is not None,
+        )
+        host = listen.rpartition(":")[0]
+        log.info("listening on %s:%d (%s), run %s, message limit %d bytes", host, port,
+                 "TLS" + (" + client certificates" if tls and tls.client_ca_pem else "") if tls else "INSECURE",
+                 coordinator.run_id, limit)
+        print(f"fedveil server listening on {host}:{port} (run {coordinator.run_id})", flush=True)
+        if port_file is not None:
+            tmp = port_file.with_name(port_file.name + ".tmp")
+            tmp.write_text(f"{port}\n")
+            tmp.replace(port_file)
+        if on_listening is not None:
+            on_listening.set()
+        previous: dict[signal.Signals, object] = {}
+        if install_signal_handlers and threading.current_thread() is threading.main_thread():
+
+            def handle(signum: int, _frame: FrameType | None) -> None:
+                log.warning("signal %d: stopping after the current step; rerun the command to resume", signum)
+                coordinator.stop()
+
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, handle)
+        try:
+            return coordinator.run()
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)  # type: ignore[arg-type]
+    finally:
+        if server is not None:
+            server.stop(grace=1.0).wait(5.0)
+        store.close()
