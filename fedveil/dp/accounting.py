@@ -344,6 +344,10 @@ class PrivacyAccountant(abc.ABC):
             trial.compose(e)
         return trial.get_epsilon(delta)
 
+    def fresh(self) -> PrivacyAccountant:
+        """An empty accountant of the same kind and settings (sharing caches where that is safe)."""
+        return self._empty_like()
+
     def copy(self) -> PrivacyAccountant:
         other = self._empty_like()
         other.load_state_dict(self.state_dict())

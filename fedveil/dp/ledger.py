@@ -176,6 +176,9 @@ class PrivacyLedger:
         self._entries: list[LedgerEntry] = []
         self._accountants: dict[str, PrivacyAccountant] = {}
         self._last_round: dict[str, int] = {}
+        # Every party's accountant comes from this prototype, so RDP curves of identical mechanisms are
+        # computed once per ledger, not once per client and round.
+        self._prototype = make_accountant(self.config.accountant)
 
     # -- reading ------------------------------------------------------------------------------------
     @property
@@ -207,11 +210,11 @@ class PrivacyLedger:
         for e in self._entries:
             if e.party == party:
                 by_round.setdefault(e.round_index, []).append(e)
-        running = make_accountant(self.config.accountant)
+        running = self._prototype.fresh()
         out: list[PartyRound] = []
         for r in sorted(by_round):
             items = by_round[r]
-            alone = make_accountant(self.config.accountant)
+            alone = self._prototype.fresh()
             for e in items:
                 alone.compose(e.event)
                 running.compose(e.event)
@@ -244,7 +247,7 @@ class PrivacyLedger:
         planned = self._planned(round_index, federation, clients)
         projected: dict[str, float] = {}
         for party, event in planned:
-            acc = self._accountants.get(party) or make_accountant(self.config.accountant)
+            acc = self._accountants.get(party) or self._prototype
             acc._check_supported(event)  # UnsupportedEventError with the accountant's own message
             delta = self.config.delta_for(party)
             after = acc.epsilon_after([event], delta)
@@ -305,7 +308,7 @@ class PrivacyLedger:
         """
         planned = self._planned(round_index, federation, clients)
         for party, event in planned:  # validate all before mutating anything
-            (self._accountants.get(party) or make_accountant(self.config.accountant))._check_supported(event)
+            (self._accountants.get(party) or self._prototype)._check_supported(event)
         for party, event in planned:
             if party == FEDERATION:
                 label = mechanism or _default_label(event)
@@ -324,7 +327,7 @@ class PrivacyLedger:
             if self._last_round.get(e.party, -1) != round_index:
                 raise ValueError(f"round {round_index} is not the latest round of party {e.party!r}")
         kept = [e for e in self._entries if e.round_index != round_index]
-        self._entries, self._accountants, self._last_round = [], {}, {}
+        self._entries, self._accountants, self._last_round = [], {}, {}  # prototype (cache) kept
         for e in kept:
             self._append(e)
         return len(hit)
@@ -332,7 +335,7 @@ class PrivacyLedger:
     def _append(self, entry: LedgerEntry) -> None:
         acc = self._accountants.get(entry.party)
         if acc is None:
-            acc = make_accountant(self.config.accountant)
+            acc = self._prototype.fresh()
             self._accountants[entry.party] = acc
         acc.compose(entry.event)
         self._entries.append(entry)

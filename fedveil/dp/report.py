@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from fedveil.dp.accounting import RdpCurveEvent, SubsampledGaussianEvent
 from fedveil.dp.ledger import FEDERATION, PartyRound, PrivacyLedger
@@ -249,11 +250,13 @@ def render_plot(report: PrivacyReport) -> Figure:
         ax.axhline(report.federation_budget, color="black", linestyle="--", linewidth=1, label="federation budget")
     if report.client_budget is not None and report.client_epsilons:
         ax.axhline(report.client_budget, color="grey", linestyle=":", linewidth=1, label="client budget")
+    ax.set_ylim(bottom=0.0)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("cumulative ε")
     ax.set_title(f"Privacy spent ({report.accountant.upper()} accountant)")
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="upper left", fontsize="small")
+        ax.legend(loc="lower right", fontsize="small")
     fig.tight_layout()
     return fig
