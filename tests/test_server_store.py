@@ -1,0 +1,154 @@
+"""The SQLite run store: enrolment, runs, rounds, dropouts, checkpoints and the ledger survive a reopen."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedveil.commands.common import USAGE_EXIT_CODE
+from fedveil.dp.accounting import SubsampledGaussianEvent
+from fedveil.dp.ledger import LedgerConfig, PrivacyLedger
+from fedveil.protocol.auth import Authenticator, parse_token, secret_digest
+from fedveil.protocol.errors import Unauthenticated
+from fedveil.server.store import EnrollmentError, RunStore, StoreError, load_ledger
+
+
+def test_enrolment_stores_only_a_digest_and_authenticates(tmp_path: Path) -> None:
+    path = tmp_path / "run.db"
+    with RunStore(path) as store:
+        issued = store.enroll("hospital-a")
+        other = store.enroll("hospital-b")
+        auth = Authenticator(store.credential, client_exists=store.client_enrolled)
+        assert auth.authenticate(issued.token) == "hospital-a"
+        assert auth.authenticate(other.token) == "hospital-b"
+        assert "redacted" in repr(issued) and issued.token not in repr(issued)
+    # The secret never reaches the file (nor the WAL); its SHA-256 digest does.
+    _, secret = parse_token(issued.token)
+    raw = b"".join(p.read_bytes() for p in tmp_path.iterdir())
+    assert secret not in raw and issued.token.encode() not in raw
+    conn = sqlite3.connect(path)
+    (digest,) = conn.execute("SELECT digest FROM tokens WHERE client_name='hospital-a'").fetchone()
+    conn.close()
+    assert bytes(digest) == secret_digest(secret)
+
+
+def test_wrong_revoked_and_rotated_tokens_are_refused(tmp_path: Path) -> None:
+    with RunStore(tmp_path / "run.db") as store:
+        issued = store.enroll("site1")
+        auth = Authenticator(store.credential, client_exists=store.client_enrolled)
+        forged = issued.token[:-4] + ("AAAA" if not issued.token.endswith("AAAA") else "BBBB")
+        with pytest.raises(Unauthenticated, match="unknown or wrong token"):
+            auth.authenticate(forged)
+        with pytest.raises(Unauthenticated, match="malformed token"):
+            auth.authenticate("not-a-token")
+        with pytest.raises(Unauthenticated, match="no credentials"):
+            auth.authenticate(None)
+        with pytest.raises(EnrollmentError, match="already enrolled"):
+            store.enroll("site1")
+        rotated = store.enroll("site1", rotate=True)
+        assert auth.authenticate(rotated.token) == "site1"
+        with pytest.raises(Unauthenticated, match="revoked"):
+            auth.authenticate(issued.token)
+        store.revoke("site1")
+        with pytest.raises(Unauthenticated, match="revoked"):
+            auth.authenticate(rotated.token)
+        assert not store.client_enrolled("site1")
+        with pytest.raises(EnrollmentError, match="must be 1-64 characters"):
+            store.enroll("bad name!")
+        # a certificate name must be an enrolled, unrevoked client
+        store.enroll("site2")
+        assert auth.authenticate(None, certificate_name="site2") == "site2"
+        with pytest.raises(Unauthenticated, match="not enrolled"):
+            auth.authenticate(None, certificate_name="site1")
+
+
+def test_run_history_round_trips_through_a_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "run.db"
+    model0 = np.arange(5, dtype=np.float32)
+    model1 = model0 + 0.5
+    agg = np.full(5, 0.5, dtype=np.float32)
+    ledger = PrivacyLedger(LedgerConfig(federation_delta=1e-5))
+    ledger.reserve(1, federation=SubsampledGaussianEvent(0.5, 1.1), mechanism="dp-fedavg")
+    with RunStore(path) as store:
+        store.create_run("run-1", {"rounds": 3, "task": "t"})
+        store.save_initial_checkpoint("run-1", model0, {"version": 0})
+        store.start_round("run-1", 1, 1, {"a": 0, "b": 1, "c": 2}, threshold=2)
+        store.record_stage("run-1", 1, 1, ["a", "b"], "training")
+        store.record_dropouts("run-1", 1, 1, {"c": ("training", "missed the stage deadline")})
+        store.abort_round("run-1", 1, 1, "only 1 clients completed", 1)
+        store.start_round("run-1", 1, 2, {"a": 0, "b": 1}, threshold=2)
+        store.complete_round("run-1", 1, 2, survivors=2, aggregate=agg, aggregate_digest="ab" * 32, model=model1,
+                             state={"version": 1, "optimizer": {"name": "fedavg"}}, ledger_json=ledger.to_json(),
+                             stats={"update_norm": 1.0})
+        store.start_round("run-1", 2, 1, {"a": 0, "b": 1}, threshold=2)  # left running: a crash
+        store.record_evaluation("run-1", 1, "a", 10, {"loss": 0.5, "accuracy": 0.75})
+    with RunStore(path) as store:
+        (run,) = store.runs()
+        assert run.run_id == "run-1" and run.status == "running" and run.config == {"rounds": 3, "task": "t"}
+        assert store.interrupt_unfinished_rounds("run-1") == 1
+        rounds = store.rounds("run-1")
+        assert [(r.round, r.attempt, r.status) for r in rounds] == [
+            (1, 1, "aborted"), (1, 2, "completed"), (2, 1, "interrupted")]
+        assert rounds[1].survivors == 2 and rounds[1].aggregate_sha256 == "ab" * 32 and rounds[1].threshold == 2
+        assert store.completed_rounds("run-1") == 1
+        ckpt = store.latest_checkpoint("run-1")
+        assert ckpt is not None and ckpt.version == 1
+        np.testing.assert_array_equal(ckpt.model, model1)
+        assert ckpt.state["optimizer"] == {"name": "fedavg"}
+        np.testing.assert_array_equal(store.aggregate("run-1", 1), agg)
+        assert store.dropouts("run-1") == [(1, 1, "c", "training", "missed the stage deadline")]
+        assert [p[1:] for p in store.participants("run-1", 1)] == [
+            ("a", 0, "training"), ("b", 1, "training"), ("c", 2, None), ("a", 0, None), ("b", 1, None)]
+        assert store.evaluations("run-1", 1) == [("a", 10, {"accuracy": 0.75, "loss": 0.5})]
+        store.finish_run("run-1", "completed", {"completed_rounds": 1})
+        assert store.run("run-1").status == "completed"  # type: ignore[union-attr]
+    loaded = load_ledger(path)
+    assert loaded.epsilon() == pytest.approx(ledger.epsilon())
+    assert loaded.rounds == [1]
+
+
+def test_completing_a_round_twice_changes_nothing(tmp_path: Path) -> None:
+    with RunStore(tmp_path / "run.db") as store:
+        store.create_run("r", {})
+        store.start_round("r", 1, 1, {"a": 0, "b": 1}, threshold=2)
+        kw = dict(survivors=2, aggregate=np.zeros(3, np.float32), aggregate_digest="0" * 64,
+                  model=np.ones(3, np.float32), state={"version": 1}, ledger_json=None, stats={})
+        store.complete_round("r", 1, 1, **kw)  # type: ignore[arg-type]
+        with pytest.raises((StoreError, sqlite3.IntegrityError)):
+            store.complete_round("r", 1, 1, **kw)  # type: ignore[arg-type]
+        assert store.completed_rounds("r") == 1
+
+
+def test_bad_store_paths_are_refused(tmp_path: Path) -> None:
+    not_db = tmp_path / "notes.txt"
+    not_db.write_text("hello, this is not a database at all" * 10)
+    with pytest.raises(StoreError, match="not a fedveil run store"):
+        RunStore(not_db)
+    with pytest.raises(StoreError, match="is a directory"):
+        RunStore(tmp_path)
+    with pytest.raises(StoreError, match="does not exist"):
+        RunStore(tmp_path / "missing" / "run.db")
+    with pytest.raises(StoreError, match="not a fedveil run store"):
+        load_ledger(not_db)
+    with RunStore(tmp_path / "empty.db"):
+        pass
+    with pytest.raises(StoreError, match="has no runs"):
+        load_ledger(tmp_path / "empty.db")
+
+
+def test_enroll_command_prints_the_token_last(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fedveil.cli import main
+
+    store = tmp_path / "run.db"
+    assert main(["enroll", "--store", str(store), "--name", "clinic-7"]) == 0
+    token = capsys.readouterr().out.strip().splitlines()[-1]
+    with RunStore(store) as s:
+        assert Authenticator(s.credential).authenticate(token) == "clinic-7"
+    assert main(["enroll", "--store", str(store), "--name", "clinic-7"]) == USAGE_EXIT_CODE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --name: client 'clinic-7' is already enrolled (use --rotate to issue a new token)"]
+    assert main(["enroll", "--store", str(tmp_path / "nowhere" / "x.db"), "--name", "a"]) == USAGE_EXIT_CODE
+    assert capsys.readouterr().err.startswith("error: --store:")
