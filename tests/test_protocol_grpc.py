@@ -1,0 +1,286 @@
+"""The gRPC service on 127.0.0.1 with TLS: authentication, validation, limits, ordering and replay.
+
+A real coordinator runs behind a real gRPC server with a certificate generated at test time;
+clients are real gRPC channels. Refused input must get the documented status code and leave
+the server serving everyone else.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from fedveil.clients.api import run_client
+from fedveil.clients.session import ClientOptions, Federation
+from fedveil.protocol import PROTOCOL_VERSION
+from fedveil.protocol import fedveil_pb2 as pb
+from fedveil.protocol.auth import Authenticator
+from fedveil.protocol.client import ChannelConfig, GrpcTransport
+from fedveil.protocol.errors import (
+    Incompatible,
+    MalformedMessage,
+    MessageTooLarge,
+    OutOfOrder,
+    PermissionDenied,
+    Replayed,
+    Unauthenticated,
+    Unavailable,
+)
+from fedveil.protocol.service import ServerLimits, build_server
+from fedveil.protocol.tls import PemPair, generate_ca, generate_certificate, server_credentials
+from fedveil.protocol.transport import ClientSession
+from fedveil.server.config import ServerConfig
+from fedveil.server.coordinator import Coordinator, JobSummary
+from fedveil.server.store import RunStore
+from fedveil.task import Task, load_task
+
+pytestmark = pytest.mark.timeout(180)
+TASK = "fedveil.tasks.synthetic:task"
+
+
+@dataclass
+class Federation_:
+    port: int
+    ca: PemPair
+    tokens: dict[str, str]
+    coordinator: Coordinator
+    task: Task
+    limit: int
+    summary: list[JobSummary]
+    thread: threading.Thread
+
+    def transport(self, name: str | None, *, ca: PemPair | None = None, token: str | None = None,
+                  insecure: bool = False, client: PemPair | None = None) -> GrpcTransport:
+        config = ChannelConfig(
+            target=f"127.0.0.1:{self.port}", ca_cert_pem=None if insecure else (ca or self.ca).cert_pem,
+            insecure=insecure, client_cert_pem=client.cert_pem if client else None,
+            client_key_pem=client.key_pem if client else None,
+        )
+        return GrpcTransport.connect(config, token if token is not None else (self.tokens[name] if name else None),
+                                     rpc_timeout_s=20.0)
+
+
+def _start(tmp_path: Path, *, rounds: int, client_ca: PemPair | None = None,
+           names: tuple[str, ...] = ("alice", "bob", "mallory")) -> tuple[Federation_, grpc.Server]:
+    torch.set_num_threads(1)
+    store = RunStore(tmp_path / "run.db")
+    tokens = {n: store.enroll(n).token for n in names}
+    task = load_task(TASK)
+    config = ServerConfig(task=TASK, rounds=rounds, clients_per_round=2, min_clients=2, round_timeout=60,
+                          stage_timeout=20, cohort_wait=0.0, linger=1.0, seed=11, final_evaluation=False,
+                          poll_wait=2.0)
+    coordinator = Coordinator(config, task, store)
+    ca = generate_ca()
+    cert = generate_certificate("localhost", ca, hostnames=["127.0.0.1", "localhost"])
+    limit = coordinator.max_message_bytes()
+    server, port = build_server(
+        coordinator, Authenticator(store.credential, client_exists=store.client_enrolled), "127.0.0.1:0",
+        credentials=server_credentials(cert.cert_pem, cert.key_pem, client_ca.cert_pem if client_ca else None),
+        limits=ServerLimits(max_message_bytes=limit, workers=16, max_concurrent_rpcs=64),
+        mutual_tls=client_ca is not None,
+    )
+    summary: list[JobSummary] = []
+    thread = threading.Thread(target=lambda: summary.append(coordinator.run()), daemon=True)
+    thread.start()
+    return Federation_(port, ca, tokens, coordinator, task, limit, summary, thread), server
+
+
+@pytest.fixture
+def fed(tmp_path: Path) -> Iterator[Federation_]:
+    f, server = _start(tmp_path, rounds=1)
+    yield f
+    f.coordinator.stop()
+    f.thread.join(30)
+    server.stop(0).wait(5)
+    f.coordinator.store.close()
+
+
+def _join(t: GrpcTransport) -> ClientSession:
+    resp = t.join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION, task_name="synthetic-logreg"))
+    return ClientSession.from_join(resp)
+
+
+def _poll_until(t: GrpcTransport, s: ClientSession, kind: str, timeout: float = 30.0) -> pb.PollResponse:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        resp = t.poll(pb.PollRequest(header=s.header(), max_wait_ms=1000))
+        if resp.WhichOneof("instruction") == kind:
+            return resp
+    raise AssertionError(f"no {kind} instruction within {timeout}s")
+
+
+def test_tls_and_token_authentication(fed: Federation_) -> None:
+    t = fed.transport("alice")
+    resp = t.join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION, task_name=fed.task.name))
+    assert resp.client_name == "alice" and len(resp.session_id) == 16 and resp.max_message_bytes == fed.limit
+    t.close()
+    # wrong token, malformed token, no token: UNAUTHENTICATED
+    wrong = fed.tokens["alice"][:-4] + ("AAAA" if not fed.tokens["alice"].endswith("AAAA") else "BBBB")
+    for token in (wrong, "fvt1.0123456789abcdef.AAAA"):
+        bad = fed.transport(None, token=token)
+        with pytest.raises(Unauthenticated) as info:
+            bad.join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION, task_name=fed.task.name))
+        assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
+        assert token not in str(info.value)
+        bad.close()
+    anonymous = fed.transport(None, token="")
+    with pytest.raises(Unauthenticated, match="no credentials"):
+        anonymous.join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION, task_name=fed.task.name))
+    anonymous.close()
+    # a server certificate from another CA, or no TLS at all, never reaches the service
+    for kwargs in ({"ca": generate_ca("someone else")}, {"insecure": True}):
+        other = fed.transport("alice", **kwargs)  # type: ignore[arg-type]
+        other._timeout = 5.0
+        with pytest.raises(Unavailable):
+            other.join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION, task_name=fed.task.name))
+        other.close()
+    # incompatible protocol version or task: FAILED_PRECONDITION at Join
+    t = fed.transport("alice")
+    with pytest.raises(Incompatible, match="protocol_version"):
+        t.join(pb.JoinRequest(protocol_version=99, task_name=fed.task.name))
+    with pytest.raises(Incompatible, match="task_name"):
+        t.join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION, task_name="another-task"))
+    t.close()
+
+
+def test_malformed_and_oversized_input_is_rejected_while_others_train(fed: Federation_) -> None:
+    attacker = fed.transport("mallory")
+    with pytest.raises(MalformedMessage, match="not a valid JoinRequest") as info:
+        attacker.call_raw("Join", b"\xff\xff\xff\xff garbage")
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(MalformedMessage):
+        attacker.call_raw("AdvertiseKeys", b"\x0a\xff")
+    with pytest.raises(MessageTooLarge) as big:
+        attacker.call_raw("SubmitMaskedInput", os.urandom(fed.limit + 1024))
+    assert big.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    with pytest.raises(MalformedMessage, match="encryption_public_key: expected 32 bytes, got 5"):
+        attacker.advertise_keys(pb.AdvertiseKeysRequest(encryption_public_key=b"12345", masking_public_key=b"x" * 32))
+    with pytest.raises(MalformedMessage, match=r"header\.session_id"):
+        attacker.poll(pb.PollRequest(header=pb.RequestHeader(protocol_version=PROTOCOL_VERSION, session_id=b"x")))
+    with pytest.raises(OutOfOrder, match="unknown or replaced session"):
+        attacker.poll(pb.PollRequest(header=pb.RequestHeader(protocol_version=PROTOCOL_VERSION,
+                                                             session_id=b"\x00" * 16)))
+
+    # Meanwhile the attacker keeps hammering; two honest clients run a whole job.
+    stop = threading.Event()
+    refused: list[str] = []
+
+    def hammer() -> None:
+        while not stop.is_set():
+            for rpc, payload in (("Join", os.urandom(64)), ("ShareKeys", b"\x0a\x05\x08\xff\xff\xff\xff"),
+                                 ("SubmitMaskedInput", os.urandom(fed.limit + 10))):
+                try:
+                    attacker.call_raw(rpc, payload, timeout=10)
+                except (MalformedMessage, MessageTooLarge, OutOfOrder) as err:
+                    refused.append(type(err).__name__)
+            time.sleep(0.05)
+
+    noise = threading.Thread(target=hammer, daemon=True)
+    noise.start()
+    outcomes: dict[str, list[str]] = {}
+
+    def honest(i: int, name: str) -> None:
+        data = fed.task.synthetic_data(i, 2, 11)  # type: ignore[misc]
+        client = Federation(fed.transport(name), fed.task.name, fed.task.build_model(),
+                            ClientOptions(seed=i, poll_wait_ms=1000))
+        outcomes[name] = [o.outcome for o in run_client(client, fed.task, data)]
+
+    threads = [threading.Thread(target=honest, args=(i, n), daemon=True) for i, n in enumerate(("alice", "bob"))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
+    fed.thread.join(60)
+    stop.set()
+    noise.join(30)
+    attacker.close()
+    assert outcomes == {"alice": ["completed"], "bob": ["completed"]}
+    assert fed.summary and fed.summary[0].status == "completed" and fed.summary[0].completed_rounds == 1
+    assert {"MalformedMessage", "MessageTooLarge"} <= set(refused)
+
+
+def test_out_of_order_replayed_and_foreign_messages(fed: Federation_) -> None:
+    alice, bob = fed.transport("alice"), fed.transport("bob")
+    sa, sb = _join(alice), _join(bob)
+    start = _poll_until(alice, sa, "round_start").round_start
+    _poll_until(bob, sb, "round_start")
+    rnd, nonce = start.round, start.round_nonce
+    keys = {"encryption_public_key": os.urandom(32), "masking_public_key": os.urandom(32)}
+
+    # a later stage's message while the round is training: FAILED_PRECONDITION
+    with pytest.raises(OutOfOrder, match="stage masked-input is not open") as info:
+        alice.submit_masked_input(pb.MaskedInputRequest(header=sa.header(rnd, nonce), masked_vector=b"\x00" * 48))
+    assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    # a wrong nonce or round: FAILED_PRECONDITION
+    with pytest.raises(OutOfOrder, match="not running"):
+        alice.advertise_keys(pb.AdvertiseKeysRequest(header=sa.header(rnd, os.urandom(16)), **keys))
+    with pytest.raises(OutOfOrder, match="not running"):
+        alice.advertise_keys(pb.AdvertiseKeysRequest(header=sa.header(rnd + 1, nonce), **keys))
+    # accepted once ...
+    header = sa.header(rnd, nonce)
+    ack = alice.advertise_keys(pb.AdvertiseKeysRequest(header=header, **keys))
+    assert ack.round == rnd and ack.stage == pb.STAGE_TRAINING
+    # ... the identical message again (same sequence number) is a replay: ALREADY_EXISTS
+    with pytest.raises(Replayed, match="replayed message") as info:
+        alice.advertise_keys(pb.AdvertiseKeysRequest(header=header, **keys))
+    assert info.value.code == grpc.StatusCode.ALREADY_EXISTS
+    # ... and a fresh copy for the same stage too
+    with pytest.raises(Replayed, match="already received"):
+        alice.advertise_keys(pb.AdvertiseKeysRequest(header=sa.header(rnd, nonce), **keys))
+    # an enrolled client outside the cohort may not speak for the round: PERMISSION_DENIED
+    mallory = fed.transport("mallory")
+    sm = _join(mallory)
+    with pytest.raises(PermissionDenied, match="not in the cohort"):
+        mallory.advertise_keys(pb.AdvertiseKeysRequest(header=sm.header(rnd, nonce), **keys))
+    # a session replaced by a new Join is refused; the client became a dropout of the round
+    sa2 = _join(alice)
+    with pytest.raises(OutOfOrder, match="unknown or replaced session"):
+        alice.poll(pb.PollRequest(header=sa.header(), max_wait_ms=10))
+    result = _poll_until(alice, sa2, "round_result").round_result
+    assert result.round == rnd and result.outcome == pb.ROUND_OUTCOME_DROPPED
+    # a header from another run
+    bad_run = pb.RequestHeader(protocol_version=PROTOCOL_VERSION, session_id=sb.session_id, run_id="run-other",
+                               sequence=10_000)
+    with pytest.raises(OutOfOrder, match="not the current run"):
+        bob.poll(pb.PollRequest(header=bad_run, max_wait_ms=10))
+    for t in (alice, bob, mallory):
+        t.close()
+
+
+def test_mutual_tls_identifies_the_client_by_certificate(tmp_path: Path) -> None:
+    client_ca = generate_ca("clinics CA")
+    fed, server = _start(tmp_path, rounds=1, client_ca=client_ca)
+    try:
+        cert = generate_certificate("bob", client_ca, client=True)
+        t = fed.transport(None, token="", client=cert)
+        assert t.join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION, task_name=fed.task.name)).client_name == "bob"
+        t.close()
+        stranger = generate_certificate("eve", client_ca, client=True)
+        t = fed.transport(None, token="", client=stranger)
+        with pytest.raises(Unauthenticated, match="not enrolled"):
+            t.join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION, task_name=fed.task.name))
+        t.close()
+        # a token naming a different client than the certificate is refused
+        t = fed.transport("alice", client=cert)
+        with pytest.raises(Unauthenticated, match="different clients"):
+            t.join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION, task_name=fed.task.name))
+        t.close()
+        # no client certificate at all: the TLS handshake fails
+        t = fed.transport("alice")
+        t._timeout = 5.0
+        with pytest.raises(Unavailable):
+            t.join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION, task_name=fed.task.name))
+        t.close()
+    finally:
+        fed.coordinator.stop()
+        fed.thread.join(30)
+        server.stop(0).wait(5)
+        fed.coordinator.store.close()
