@@ -217,14 +217,12 @@ class ClientR2MaskedInput(ClientState):
         ctx.share_secrets = {}
         ring = cfg.ring
         vec = ctx.input  # this client's own copy (set_input copied it): masked in place
-        expander = MaskExpander(cfg.vector_length, ring.dtype)
-        expander.add_mask(vec, self_mask_prg_seed(ctx.keys.self_mask_seed, me, sid))
+        plus = [self_mask_prg_seed(ctx.keys.self_mask_seed, me, sid)]
+        minus: list[bytes] = []
         for peer in sorted(received):
             seed = pairwise_mask_seed(ctx.keys.mask_private, session.advertisements[peer].mask_public, me, peer, sid)
-            if me < peer:
-                expander.add_mask(vec, seed)
-            else:
-                expander.subtract_mask(vec, seed)
+            (plus if me < peer else minus).append(seed)
+        MaskExpander(cfg.vector_length, ring.dtype).apply(vec, add=plus, subtract=minus)
         ring.reduce(vec)
         ctx.input = None  # the plaintext is not needed any more
         nxt: ClientState = ClientConsistencyCheck(ctx) if cfg.active else ClientR3Unmasking(ctx)

@@ -8,8 +8,8 @@ to the fractional part, so the encoding is unbiased and the error of one coordin
 masks, and the decoded sum is exact as long as ``|sum| < 2**(k-1)``; :class:`FixedPointEncoder`
 refuses any configuration where the sum of ``max_clients`` inputs could break that bound.
 
-Rounding randomness comes from a caller-supplied seed expanded with AES-CTR
-(:func:`fedveil.secagg.prg.uniform01`), never from global random state, so encoding is
+Rounding randomness comes from a caller-supplied seed expanded with AES-CTR (the same values
+as :func:`fedveil.secagg.prg.uniform01`), never from global random state, so encoding is
 deterministic given the seed.
 
 Weighted aggregation (FedAvg with example counts) sends ``weight * x`` and the weight itself as
@@ -24,11 +24,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedveil.secagg.errors import ConfigError, EncodingOverflowError
-from fedveil.secagg.prg import SEED_BYTES, uniform01
+from fedveil.secagg.prg import SEED_BYTES, KeyStream
 
 MAX_RING_BITS = 64
 # float64 keeps >= 12 fractional bits below this magnitude, enough for unbiased rounding.
 MAX_ENCODED_MAGNITUDE = 1 << 40
+ENCODE_CHUNK = 1 << 15  # elements per chunk: 4 buffers of 8 bytes each stay in L2
 
 
 @dataclass(frozen=True)
@@ -206,20 +207,40 @@ class FixedPointEncoder:
             raise ConfigError("weight: this encoder is not weighted (construct it with weighted=True)")
         n = self.encoded_length(x.shape[0])
         d = x.shape[0]
-        y = uniform01(seed, n)  # u ~ U[0, 1) per coordinate
-        scaled = np.multiply(x, factor * self.scale, dtype=np.float64)
-        if not math.isfinite(float(scaled.sum())):  # one pass; finite floats cannot overflow float64 here
-            raise ConfigError("values: contains NaN or infinity")
-        bound = self.clip * factor * self.scale
-        np.clip(scaled, -bound, bound, out=scaled)
-        y[:d] += scaled
-        if self.weighted:
-            y[-1] += factor * self.scale
-        # floor(y + u) with u ~ U[0, 1) rounds up with probability frac(y): unbiased stochastic rounding.
-        ints = np.empty(n, dtype=np.int64)
-        np.floor(y, out=ints, casting="unsafe")
         ring = self.ring
-        out = ints.astype(ring.dtype) if ring.bits <= 32 else ints.view(np.uint64)
+        out = np.empty(n, dtype=ring.dtype)
+        # Work in cache-sized chunks with buffers reused across chunks: a handful of passes over
+        # L2-resident data instead of several full-size temporaries.
+        chunk = max(1, min(n, ENCODE_CHUNK))
+        stream = KeyStream(seed)
+        raw = np.empty(4 * chunk + 16, dtype=np.uint8)
+        words = raw[: 4 * chunk].view("<u4")
+        y = np.empty(chunk, dtype=np.float64)
+        u = np.empty(chunk, dtype=np.float64)
+        ints = np.empty(chunk, dtype=np.int64)
+        mult = factor * self.scale
+        bound = self.clip * mult
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            size = stop - start
+            xs = x[start : min(stop, d)]
+            k = xs.shape[0]
+            yv = y[:size]
+            np.multiply(xs, mult, out=yv[:k], dtype=np.float64)
+            if not math.isfinite(float(yv[:k].sum())):  # finite float32/64 cannot overflow float64 here
+                raise ConfigError("values: contains NaN or infinity")
+            np.clip(yv[:k], -bound, bound, out=yv[:k])
+            if k < size:  # the weight coordinate (weighted encoders only)
+                yv[k:] = mult
+            # floor(y + u) with u ~ U[0, 1) rounds up with probability frac(y): unbiased stochastic rounding.
+            stream.fill(raw, 4 * size)
+            np.multiply(words[:size], 2.0**-32, out=u[:size])
+            yv += u[:size]
+            np.floor(yv, out=ints[:size], casting="unsafe")
+            if ring.bits <= 32:
+                out[start:stop] = ints[:size]  # int64 → uint32 keeps the low 32 bits (mod 2^32)
+            else:
+                out[start:stop] = ints[:size].view(np.uint64)
         return ring.reduce(out)
 
     def decode_sum(self, ring_sum: np.ndarray) -> np.ndarray:

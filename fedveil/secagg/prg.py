@@ -16,6 +16,8 @@ for one purpose only; :mod:`fedveil.secagg.keys` derives separate seeds per purp
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
@@ -29,7 +31,7 @@ _ZERO_COUNTER = bytes(16)
 _PAD = 16
 # Expand and accumulate in chunks that stay in the L2 cache (the add then reads hot data).
 # CTR mode is a stream: consecutive update_into calls continue the keystream across chunks.
-CHUNK_BYTES = 1 << 18
+CHUNK_BYTES = 1 << 16
 
 
 def _check_seed(seed: bytes) -> None:
@@ -62,6 +64,22 @@ def uniform01(seed: bytes, count: int) -> np.ndarray:
     """
     words = expand(seed, count, np.uint32)
     return np.multiply(words, 2.0**-32, dtype=np.float64)
+
+
+class KeyStream:
+    """One seed's AES-CTR keystream, consumed in pieces (consecutive calls continue the stream)."""
+
+    def __init__(self, seed: bytes) -> None:
+        _check_seed(seed)
+        self._enc = _encryptor(seed)
+        self._zeros = np.zeros(0, dtype=np.uint8)
+
+    def fill(self, buf: np.ndarray, nbytes: int) -> None:
+        """Write the next ``nbytes`` keystream bytes into ``buf`` (uint8, ``nbytes + 16`` long)."""
+        if self._zeros.size < nbytes:
+            self._zeros = np.zeros(nbytes, dtype=np.uint8)
+        if nbytes:
+            self._enc.update_into(self._zeros[:nbytes], buf)
 
 
 class MaskExpander:
@@ -103,29 +121,39 @@ class MaskExpander:
             enc.update_into(zeros if zeros is not None else self._zeros[: self._nbytes], self._full)
         return self._full[: self._nbytes].view(self._le)
 
-    def _accumulate(self, acc: np.ndarray, seed: bytes, subtract: bool) -> None:
-        _check_seed(seed)
+    def apply(self, acc: np.ndarray, add: Sequence[bytes] = (), subtract: Sequence[bytes] = ()) -> None:
+        """``acc += Σ PRG(a) − Σ PRG(s)`` with wraparound, in place.
+
+        The loop runs over chunks of ``acc`` on the outside and seeds on the inside (each seed
+        keeps its own AES-CTR context, so its stream simply continues chunk after chunk): the
+        accumulator chunk stays in cache while every mask is added to it, so the cost is the
+        AES keystream plus one pass over ``acc`` instead of one pass per mask.
+        """
+        for seed in (*add, *subtract):
+            _check_seed(seed)
         if acc.dtype != self._dtype or acc.shape != (self._length,):
             raise ConfigError(f"accumulator: expected {self._dtype} array of shape ({self._length},), "
                               f"got {acc.dtype} {acc.shape}")
-        enc = _encryptor(seed)
-        step = self._step
-        op = np.subtract if subtract else np.add
+        jobs = [(_encryptor(seed), np.add) for seed in add] + [(_encryptor(seed), np.subtract) for seed in subtract]
+        if not jobs:
+            return
         buf = self._chunk_buf
         zeros = self._zeros
         itemsize = self._dtype.itemsize
-        for start in range(0, self._length, step):
-            stop = min(start + step, self._length)
+        for start in range(0, self._length, self._step):
+            stop = min(start + self._step, self._length)
             nb = (stop - start) * itemsize
-            enc.update_into(zeros[:nb], buf)
+            data = zeros[:nb]
             view = buf[:nb].view(self._le)
             seg = acc[start:stop]
-            op(seg, view, out=seg)
+            for enc, op in jobs:
+                enc.update_into(data, buf)
+                op(seg, view, out=seg)
 
     def add_mask(self, acc: np.ndarray, seed: bytes) -> None:
         """``acc += PRG(seed)`` with wraparound, in place."""
-        self._accumulate(acc, seed, subtract=False)
+        self.apply(acc, add=(seed,))
 
     def subtract_mask(self, acc: np.ndarray, seed: bytes) -> None:
         """``acc -= PRG(seed)`` with wraparound, in place."""
-        self._accumulate(acc, seed, subtract=True)
+        self.apply(acc, subtract=(seed,))

@@ -340,18 +340,16 @@ class ServerR3Unmasking(ServerState):
                 raise RoundAbortedError(f"reconstructed masking key of client {d} does not match its advertised key")
             mask_keys[d] = key
         total = ctx.running_sum
-        expander = MaskExpander(cfg.vector_length, cfg.ring.dtype)
-        for u, seed in self_seeds.items():
-            expander.subtract_mask(total, self_mask_prg_seed(seed, u, sid))
+        plus: list[bytes] = []
+        minus = [self_mask_prg_seed(seed, u, sid) for u, seed in self_seeds.items()]
         for d, key in mask_keys.items():
             for peer in graph.neighbors(d):
                 if peer not in survivors_set:
                     continue
                 seed = pairwise_mask_seed(key, session.advertisements[peer].mask_public, d, peer, sid)
-                if peer < d:  # the survivor added +PRG(seed)
-                    expander.subtract_mask(total, seed)
-                else:  # the survivor subtracted it
-                    expander.add_mask(total, seed)
+                # The survivor added +PRG(seed) if its id is the smaller one, else subtracted it.
+                (minus if peer < d else plus).append(seed)
+        MaskExpander(cfg.vector_length, cfg.ring.dtype).apply(total, add=plus, subtract=minus)
         cfg.ring.reduce(total)
         ctx.running_sum = None
         return AggregationResult(total, ctx.u3, ctx.dropped)
