@@ -166,7 +166,8 @@ def test_report_bad_arguments(capsys: pytest.CaptureFixture[str], ledger_file: P
         (["budget", "report", str(corrupt)], "LEDGER", "entries[0]"),
         (["budget", "report", str(truncated)], "LEDGER", "not valid JSON"),
         (["budget", "report", str(binary)], "LEDGER", "UTF-8"),
-        (["budget", "report", str(store)], "LEDGER", "SQLite"),
+        (["budget", "report", str(store)], "LEDGER", "not a fedveil run store"),
+        (["budget", "report", str(ledger_file), "--run", "r1"], "--run", "only applies to a run store"),
         (["budget", "report", str(ledger_file), "--format", "html"], "--format", "html"),
         (["budget", "report", str(ledger_file), "--plot", str(tmp_path / "nodir" / "x.png")], "--plot", "directory"),
         (["budget", "report", str(ledger_file), "--plot", str(tmp_path / "x.pdf")], "--plot", ".png"),
@@ -177,6 +178,28 @@ def test_report_bad_arguments(capsys: pytest.CaptureFixture[str], ledger_file: P
         assert code == 2, args
         assert out == ""
         assert len(lines) == 1 and lines[0].startswith(f"error: {flag}:") and fragment in lines[0], (args, lines)
+
+
+def test_report_reads_a_run_store(capsys: pytest.CaptureFixture[str], ledger_file: Path, tmp_path: Path) -> None:
+    from fedveil.server.store import RunStore
+
+    db = tmp_path / "runs.sqlite"
+    with RunStore(db) as store:
+        store.create_run("run-a", {"task": "demo"})
+        store.save_ledger("run-a", ledger_file.read_text())
+    empty = tmp_path / "empty.sqlite"
+    with RunStore(empty) as store:
+        store.create_run("run-b", {"task": "demo"})
+    expected = PrivacyLedger.from_json(ledger_file.read_text()).epsilon()
+    code, out, err = run(capsys, ["budget", "report", str(db), "--run", "run-a", "--format", "json"])
+    assert code == 0, err
+    assert last_json(out)["federation_epsilon"] == pytest.approx(expected)
+    code, out, err = run(capsys, ["budget", "report", str(db)])  # the latest (only) run
+    assert code == 0 and "hospital-0" in out
+    code, out, err = run(capsys, ["budget", "report", str(empty)])  # its run has no ledger yet
+    assert code == 2 and err.startswith("error: LEDGER:") and "no privacy ledger" in err
+    code, out, err = run(capsys, ["budget", "report", str(db), "--run", "nope"])
+    assert code == 2 and err.startswith("error: LEDGER:")
 
 
 def test_entry_point_exit_status(ledger_file: Path) -> None:

@@ -173,13 +173,18 @@ def test_round_order_and_ids_are_validated() -> None:
         ledger.reserve(5)
 
 
-def test_cancel_round_takes_back_the_latest_round_only() -> None:
+def test_cancel_round_takes_back_the_federation_reservation_of_the_latest_round() -> None:
     ledger = three_round_ledger()
-    eps_two_rounds = eps_direct(FED, 2)
-    assert ledger.cancel_round(2) == 3
-    assert ledger.epsilon() == pytest.approx(eps_two_rounds)
+    assert ledger.cancel_round(2) == 1
+    assert ledger.epsilon() == pytest.approx(eps_direct(FED, 2))
+    assert ledger.epsilon("a") == pytest.approx(eps_direct(SGD_A, 3))  # local training did happen
     with pytest.raises(ValueError, match="latest"):
         ledger.cancel_round(0)
+    assert ledger.cancel_round(2, include_clients=True) == 2
+    assert ledger.epsilon("a") == pytest.approx(eps_direct(SGD_A, 2))
+    assert ledger.epsilon("b") == pytest.approx(eps_direct(SGD_B, 1))
+    ledger.reserve(2, federation=FED)  # the round can be retried
+    assert ledger.epsilon() == pytest.approx(eps_direct(FED, 3))
 
 
 def test_report_figures_and_renderings() -> None:

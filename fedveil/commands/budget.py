@@ -134,8 +134,10 @@ def noise_cmd(
 @click.argument("ledger_path", metavar="LEDGER", type=str)
 @click.option("--format", "fmt", default="text", show_default=True, help="text, json or markdown.")
 @click.option("--plot", "plot_path", type=str, default=None, help="Write a PNG of ε against rounds to this file.")
-def report_cmd(ledger_path: str, fmt: str, plot_path: str | None) -> None:
-    """Per-round and cumulative ε of a privacy ledger: federation (user level) and each client (sample level)."""
+@click.option("--run", "run_id", type=str, default=None, help="Run id in a run store (default: the latest run).")
+def report_cmd(ledger_path: str, fmt: str, plot_path: str | None, run_id: str | None) -> None:
+    """Per-round and cumulative ε of a privacy ledger (JSON file) or of a run in a run store (SQLite):
+    the federation (user level) and each client (sample level)."""
     if fmt not in _FORMATS:
         fail("--format", f"must be one of {', '.join(_FORMATS)} (got {fmt!r})")
     if plot_path is not None:
@@ -144,7 +146,7 @@ def report_cmd(ledger_path: str, fmt: str, plot_path: str | None) -> None:
             fail("--plot", f"directory does not exist (got {plot_path})")
         if Path(plot_path).suffix.lower() != ".png":
             fail("--plot", f"must be a .png file (got {plot_path})")
-    ledger = _load_ledger(ledger_path)
+    ledger = _load_ledger(ledger_path, run_id)
     from fedveil.dp.report import build_report, render_markdown, render_plot, render_text, report_to_dict
 
     report = build_report(ledger)
@@ -163,9 +165,8 @@ def report_cmd(ledger_path: str, fmt: str, plot_path: str | None) -> None:
         click.echo(render_text(report), nl=False)
 
 
-def _load_ledger(path: str) -> PrivacyLedger:
-    """Read a ledger JSON file. A SQLite run store is recognised but read by the server's store
-    (network issue); until then it is refused with a clear error."""
+def _load_ledger(path: str, run_id: str | None) -> PrivacyLedger:
+    """Read a ledger JSON file, or the ledger of a run in a SQLite run store (via the server's store)."""
     p = Path(path).expanduser()
     if not p.exists():
         fail("LEDGER", f"no such file (got {path})")
@@ -176,7 +177,19 @@ def _load_ledger(path: str) -> PrivacyLedger:
     except OSError as err:
         fail("LEDGER", f"cannot read {path}: {err.strerror or err}")
     if raw.startswith(_SQLITE_MAGIC):
-        fail("LEDGER", f"{path} is a SQLite run store; reading run stores is not available yet, pass a ledger JSON")
+        from fedveil.server.store import StoreError, load_ledger
+
+        try:
+            ledger = load_ledger(p, run_id)
+        except StoreError as err:
+            fail("LEDGER", str(err))
+        except LedgerFormatError as err:
+            fail("LEDGER", f"corrupt ledger in run store {path}: {err}")
+        if not isinstance(ledger, PrivacyLedger):
+            fail("LEDGER", f"run store {path} did not yield a privacy ledger")
+        return ledger
+    if run_id is not None:
+        fail("--run", f"only applies to a run store; {path} is a ledger file")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:

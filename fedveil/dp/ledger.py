@@ -13,7 +13,7 @@ number, and the coordinator must refuse to *start* a round that would overspend 
 :meth:`PrivacyLedger.reserve` checks the budget for every party first and records the round only if all
 fit; otherwise it raises :class:`BudgetExceededError` saying what would be spent and what is left.
 Reserving before the work is conservative: a round that aborts before releasing anything can be taken
-back with :meth:`PrivacyLedger.cancel_round`.
+back with :meth:`PrivacyLedger.cancel_round` (the federation's entry; clients' local spend stays).
 
 Serializable to and from JSON (``to_json`` / ``from_json``); a malformed document raises
 :class:`LedgerFormatError` naming the field. Pure: no I/O (callers persist the JSON, e.g. in SQLite).
@@ -318,15 +318,21 @@ class PrivacyLedger:
                 extra = ()
             self._append(LedgerEntry(round_index, party, label, event, extra))
 
-    def cancel_round(self, round_index: int) -> int:
-        """Remove every entry of ``round_index`` (a round that aborted before releasing anything).
-
-        Only the latest round of each affected party can be cancelled. Returns the number removed."""
-        hit = [e for e in self._entries if e.round_index == round_index]
+    def cancel_round(self, round_index: int, *, include_clients: bool = False) -> int:
+        """Take back the federation's reservation for ``round_index`` (a round that aborted before the
+        server released anything). Sample-level client entries stay unless ``include_clients``: their
+        local training already happened. Only a party's latest round can be cancelled. Returns the
+        number of entries removed."""
+        hit = [
+            e
+            for e in self._entries
+            if e.round_index == round_index and (include_clients or e.party == FEDERATION)
+        ]
         for e in hit:
             if self._last_round.get(e.party, -1) != round_index:
                 raise ValueError(f"round {round_index} is not the latest round of party {e.party!r}")
-        kept = [e for e in self._entries if e.round_index != round_index]
+        drop = {id(e) for e in hit}
+        kept = [e for e in self._entries if id(e) not in drop]
         self._entries, self._accountants, self._last_round = [], {}, {}  # prototype (cache) kept
         for e in kept:
             self._append(e)
