@@ -1,0 +1,144 @@
+"""``fedveil server`` and ``fedveil client`` as real processes on 127.0.0.1, with TLS.
+
+The server is killed with SIGKILL once round 1 is in the store, restarted with the same command,
+and must finish the job with the earlier history intact; the clients ride through the restart.
+A client with a wrong token is refused and exits non-zero, and the token never reaches the logs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedveil.protocol.tls import generate_ca, generate_certificate
+from fedveil.server.store import RunStore
+from fedveil.tasks.synthetic import write_site_csv
+
+pytestmark = pytest.mark.timeout(300)
+TASK = "fedveil.tasks.synthetic:task"
+# `fedveil client` (registered by the clients package; registered here too if it is not yet).
+CLIENT = (
+    "import sys\n"
+    "from fedveil.cli import cli, main\n"
+    "from fedveil.commands import client\n"
+    "client.register(cli)\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _completed_rounds(db: Path) -> dict[int, str]:
+    """Round → aggregate digest of completed rounds, read without writing to the store."""
+    if not db.exists():
+        return {}
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        try:
+            rows = conn.execute("SELECT round, aggregate_sha256 FROM rounds WHERE status='completed'").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError:
+        return {}
+    return {int(r): str(d) for r, d in rows}
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def test_server_killed_after_round_1_resumes_and_finishes(tmp_path: Path) -> None:
+    ca = generate_ca()
+    generate_certificate("localhost", ca, hostnames=["127.0.0.1"]).write(tmp_path / "srv.pem", tmp_path / "srv.key")
+    (tmp_path / "ca.pem").write_bytes(ca.cert_pem)
+    db = tmp_path / "run.db"
+    names = ["north", "south", "east"]
+    with RunStore(db) as store:
+        tokens = {n: store.enroll(n).token for n in names}
+    for i, n in enumerate(names):
+        write_site_csv(tmp_path / f"{n}.csv", i, len(names), 5)
+    port = _free_port()
+    server_cmd = [
+        sys.executable, "-m", "fedveil.cli", "server", "--listen", f"127.0.0.1:{port}", "--store", str(db),
+        "--task", TASK, "--rounds", "4", "--clients-per-round", "3", "--min-clients", "3",
+        "--round-timeout", "120", "--stage-timeout", "60", "--linger", "10", "--seed", "5",
+        "--tls-cert", str(tmp_path / "srv.pem"), "--tls-key", str(tmp_path / "srv.key"), "--json",
+    ]
+    logs = tmp_path / "logs"
+    logs.mkdir()
+
+    def spawn(cmd: list[str], name: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=(logs / f"{name}.out").open("wb"),
+                                stderr=(logs / f"{name}.err").open("wb"))
+
+    def client_cmd(name: str, token: str) -> list[str]:
+        return [sys.executable, "-c", CLIENT, "client", "--server", f"127.0.0.1:{port}", "--task", TASK,
+                "--data", str(tmp_path / f"{name}.csv"), "--token", token, "--ca-cert", str(tmp_path / "ca.pem"),
+                "--seed", str(names.index(name) if name in names else 99), "--give-up-after", "120",
+                "--max-backoff", "1"]
+
+    server = spawn(server_cmd, "server1")
+    clients: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        for n in names:
+            clients[n] = spawn(client_cmd(n, tokens[n]), n)
+        wrong = tokens["north"][:-4] + ("AAAA" if not tokens["north"].endswith("AAAA") else "BBBB")
+        intruder = spawn(client_cmd("north", wrong), "intruder")
+        assert intruder.wait(120) != 0
+        intruder_err = (logs / "intruder.err").read_text()
+        assert "credentials" in intruder_err or "UNAUTHENTICATED" in intruder_err, intruder_err
+
+        deadline = time.monotonic() + 180
+        while 1 not in _completed_rounds(db):
+            assert server.poll() is None, (logs / "server1.err").read_text()
+            assert time.monotonic() < deadline, "round 1 did not complete"
+            time.sleep(0.05)
+        server.send_signal(signal.SIGKILL)
+        server.wait(30)
+        before = _completed_rounds(db)
+        assert 1 in before and len(before) < 4
+
+        server = spawn(server_cmd, "server2")
+        assert server.wait(240) == 0, (logs / "server2.err").read_text()[-3000:]
+        for n, proc in clients.items():
+            assert proc.wait(120) == 0, f"client {n}: " + (logs / f"{n}.err").read_text()[-3000:]
+    finally:
+        for proc in [server, *clients.values()]:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
+    summary = json.loads((logs / "server2.out").read_text().strip().splitlines()[-1])
+    assert summary["status"] == "completed" and summary["completed_rounds"] == 4
+    assert summary["resumed_from"] == max(before)
+    after = _completed_rounds(db)
+    assert sorted(after) == [1, 2, 3, 4]
+    assert {r: after[r] for r in before} == before  # the history before the kill is untouched
+    with RunStore(db) as store:
+        (run,) = store.runs()
+        assert run.status == "completed"
+        rounds = store.rounds(run.run_id)
+        assert all(r.status in ("completed", "interrupted", "aborted") for r in rounds)
+        assert store.completed_rounds(run.run_id) == 4
+        ckpt = store.latest_checkpoint(run.run_id)
+        assert ckpt is not None and ckpt.version == 4
+        assert {p[1] for p in store.participants(run.run_id, 4)} == set(names)
+    server_logs = (logs / "server1.err").read_text() + (logs / "server2.err").read_text()
+    for token in [*tokens.values(), wrong]:
+        assert token.split(".")[-1] not in server_logs
+    assert "refused Join from <unauthenticated>" in (logs / "server1.err").read_text()
