@@ -1,0 +1,121 @@
+"""Key agreement, session ids, configuration checks, and rounds with encoded float inputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from fedveil.secagg import ConfigError, FixedPointEncoder, GraphSpec, SecAggClient, SecAggConfig, run_round
+from fedveil.secagg.keys import (
+    generate_round_keys,
+    pairwise_mask_seed,
+    session_id,
+    share_box_key,
+    share_secret,
+)
+from fedveil.secagg.messages import UnmaskingResponse
+from tests.secagg_helpers import ManualRound, random_inputs
+
+
+def test_pairwise_seed_is_symmetric_and_session_bound():
+    a, b = X25519PrivateKey.generate(), X25519PrivateKey.generate()
+    pa, pb = a.public_key().public_bytes_raw(), b.public_key().public_bytes_raw()
+    sid = os.urandom(32)
+    assert pairwise_mask_seed(a, pb, 3, 9, sid) == pairwise_mask_seed(b, pa, 9, 3, sid)
+    assert pairwise_mask_seed(a, pb, 3, 9, sid) != pairwise_mask_seed(a, pb, 3, 9, os.urandom(32))
+    assert len(pairwise_mask_seed(a, pb, 3, 9, sid)) == 16
+    shared = share_secret(a, pb)
+    assert shared == share_secret(b, pa)
+    assert share_box_key(shared, 3, 9, sid) != share_box_key(shared, 9, 3, sid)  # one key per direction
+
+
+def test_session_id_hashes_round_parameters_and_every_key():
+    keys = [(i, os.urandom(32), os.urandom(32)) for i in range(5)]
+    base = session_id(7, b"params", keys)
+    assert session_id(7, b"params", list(reversed(keys))) == base  # order-free
+    assert session_id(8, b"params", keys) != base
+    assert session_id(7, b"other", keys) != base
+    changed = [*keys[:4], (4, keys[4][1], os.urandom(32))]
+    assert session_id(7, b"params", changed) != base
+    assert session_id(7, b"params", keys[:4]) != base
+
+
+def test_seeded_clients_are_reproducible_and_unseeded_ones_are_not():
+    cfg = SecAggConfig(3, 2, 4, round_id=1)
+    seed = os.urandom(32)
+    a = SecAggClient(0, cfg, seed=seed).advertise_keys()
+    b = SecAggClient(0, cfg, seed=seed).advertise_keys()
+    c = SecAggClient(0, cfg).advertise_keys()
+    assert (a.share_public, a.mask_public) == (b.share_public, b.mask_public)
+    assert a.share_public != c.share_public and a.share_public != a.mask_public
+    k = generate_round_keys(seed)
+    assert repr(k) == "RoundKeys(<secret>)"
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ConfigError, match="num_clients"):
+        SecAggConfig(1, 1, 4)
+    with pytest.raises(ConfigError, match="threshold"):
+        SecAggConfig(5, 6, 4)
+    with pytest.raises(ConfigError, match="threshold"):
+        SecAggConfig(20, 8, 4, graph=GraphSpec("harary", 4))  # holders are k + 1 = 5
+    with pytest.raises(ConfigError, match="vector_length"):
+        SecAggConfig(5, 3, 0)
+    with pytest.raises(ConfigError, match="round_id"):
+        SecAggConfig(5, 3, 4, round_id=-1)
+    with pytest.raises(ConfigError, match="identity_keys"):
+        SecAggConfig(5, 3, 4, active=True)
+    with pytest.raises(ConfigError, match="client_id"):
+        SecAggClient(5, SecAggConfig(5, 3, 4))
+    with pytest.raises(ConfigError, match="input"):
+        SecAggClient(0, SecAggConfig(5, 3, 4)).set_input(np.zeros(5, np.uint32))
+
+
+def test_round_on_encoded_floats_decodes_to_the_mean():
+    n, dim = 9, 1000
+    enc = FixedPointEncoder.for_clients(n, clip=1.0)
+    rng = np.random.default_rng(3)
+    xs = rng.normal(0, 0.5, (n, dim)).astype(np.float32)
+    cfg = SecAggConfig(n, 4, enc.encoded_length(dim), round_id=2, graph=GraphSpec("harary", 4))
+    inputs = {c: enc.encode(xs[c], os.urandom(16)) for c in range(n)}
+    sim = run_round(cfg, inputs, dropouts={"masked": {4}})
+    survivors = list(sim.result.survivors)
+    mean = enc.decode_mean(sim.result.ring_sum, len(survivors))
+    expected = np.clip(xs[survivors].astype(np.float64), -1, 1).mean(axis=0)
+    assert np.max(np.abs(mean - expected)) < enc.error_bound(len(survivors))
+
+
+def test_weighted_round():
+    n, dim = 6, 50
+    enc = FixedPointEncoder.for_clients(n, clip=1.0, weighted=True, max_weight=1000.0)
+    rng = np.random.default_rng(4)
+    xs = rng.uniform(-1, 1, (n, dim)).astype(np.float32)
+    ws = rng.integers(1, 1000, n).astype(float)
+    cfg = SecAggConfig(n, 4, enc.encoded_length(dim), round_id=2)
+    inputs = {c: enc.encode(xs[c], os.urandom(16), weight=float(ws[c])) for c in range(n)}
+    sim = run_round(cfg, inputs, dropouts={"shares": {0}})
+    mean, weight = enc.decode_weighted_mean(sim.result.ring_sum)
+    keep = list(sim.result.survivors)
+    expected = (ws[keep, None] * xs[keep].astype(np.float64)).sum(axis=0) / ws[keep].sum()
+    assert weight == pytest.approx(ws[keep].sum(), abs=len(keep) / enc.scale)
+    assert np.allclose(mean, expected, atol=1e-6)
+
+
+def test_server_aborts_when_reconstructed_key_does_not_match():
+    cfg = SecAggConfig(6, 3, 16, round_id=5)
+    r = ManualRound(cfg, random_inputs(cfg))
+    r.advertise()
+    out = r.step(r.close())
+    out = r.step(out, skip={5})
+    replies = r.deliver(out)
+    for c, reply in replies.items():
+        assert isinstance(reply, UnmaskingResponse)
+        wrong = (reply.mask_key_shares.astype(np.int64) + 1).astype(np.uint32)
+        r.server.receive(c, dataclasses.replace(reply, mask_key_shares=wrong))
+    r.close()
+    assert r.server.aborted
+    assert "does not match" in r.server.abort_reason
