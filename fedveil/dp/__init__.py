@@ -32,7 +32,8 @@ Ledger (``fedveil.dp.ledger``):
   checks every party's budget and records the round only if all fit, else raises
   ``BudgetExceededError`` (attributes ``party``, ``epsilon_before``, ``epsilon_after``, ``budget``,
   ``remaining``). ``check_budget(...)`` is the same check without recording; ``record(...)`` records
-  without checking; ``cancel_round(r)`` takes back an aborted latest round.
+  without checking; ``cancel_round(r)`` takes back the federation's reservation of an aborted latest
+  round (``include_clients=True`` also drops clients' entries).
 - ``epsilon(party)``, ``remaining(party)``, ``party_history(party)``; party ``FEDERATION`` =
   ``"federation"`` (user level) or a client id (sample level).
 - ``to_json()`` / ``PrivacyLedger.from_json(text)`` (``LedgerFormatError`` names the bad field).
