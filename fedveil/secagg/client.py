@@ -14,7 +14,6 @@ unmasking request — moves the client to :class:`ClientAborted` before it propa
 
 from __future__ import annotations
 
-import os
 from typing import ClassVar
 
 import numpy as np
@@ -387,7 +386,7 @@ class SecAggClient:
             pub = identity_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
             if pub != config.identity_keys[client_id]:
                 raise ConfigError(f"identity_key: does not match identity_keys[{client_id}] in the config")
-        self._ctx = _ClientContext(client_id, config, identity_key, seed if seed is not None else None)
+        self._ctx = _ClientContext(client_id, config, identity_key, seed)
         self._state: ClientState = ClientR0AdvertiseKeys(self._ctx)
 
     @property
@@ -451,7 +450,3 @@ class SecAggClient:
             raise
         return reply
 
-
-def fresh_client_seed() -> bytes:
-    """32 random bytes for :class:`SecAggClient`'s ``seed`` (convenience for simulations)."""
-    return os.urandom(32)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 
 from fedveil.secagg.errors import ConfigError
 
@@ -40,7 +40,7 @@ def _check_seed(seed: bytes) -> None:
                           f"{len(seed) if isinstance(seed, (bytes, bytearray)) else 'n/a'}")
 
 
-def _encryptor(seed: bytes):  # type: ignore[no-untyped-def]
+def _encryptor(seed: bytes) -> CipherContext:
     return Cipher(algorithms.AES(bytes(seed)), modes.CTR(_ZERO_COUNTER)).encryptor()
 
 
@@ -50,9 +50,7 @@ def expand(seed: bytes, count: int, dtype: np.dtype | type = np.uint32) -> np.nd
     dt = np.dtype(dtype)
     nbytes = int(count) * dt.itemsize
     raw = np.empty(nbytes + _PAD, dtype=np.uint8)
-    enc = _encryptor(seed)
-    if nbytes:
-        enc.update_into(np.zeros(nbytes, dtype=np.uint8), raw)
+    KeyStream(seed).fill(raw, nbytes)
     return raw[:nbytes].view(dt.newbyteorder("<")).astype(dt, copy=False)
 
 
@@ -79,7 +77,7 @@ class KeyStream:
         if self._zeros.size < nbytes:
             self._zeros = np.zeros(nbytes, dtype=np.uint8)
         if nbytes:
-            self._enc.update_into(self._zeros[:nbytes], buf)
+            self._enc.update_into(self._zeros[:nbytes].data, buf.data)
 
 
 class MaskExpander:
@@ -112,13 +110,9 @@ class MaskExpander:
 
     def expand(self, seed: bytes) -> np.ndarray:
         """The mask for ``seed`` in a buffer owned by the expander (valid until the next call)."""
-        _check_seed(seed)
         if self._full is None:
             self._full = np.empty(self._nbytes + _PAD, dtype=np.uint8)
-        enc = _encryptor(seed)
-        zeros = np.zeros(self._nbytes, dtype=np.uint8) if self._nbytes > self._zeros.size else None
-        if self._nbytes:
-            enc.update_into(zeros if zeros is not None else self._zeros[: self._nbytes], self._full)
+        KeyStream(seed).fill(self._full, self._nbytes)
         return self._full[: self._nbytes].view(self._le)
 
     def apply(self, acc: np.ndarray, add: Sequence[bytes] = (), subtract: Sequence[bytes] = ()) -> None:
@@ -138,7 +132,8 @@ class MaskExpander:
         if not jobs:
             return
         buf = self._chunk_buf
-        zeros = self._zeros
+        out = buf.data
+        zeros = self._zeros.data
         itemsize = self._dtype.itemsize
         for start in range(0, self._length, self._step):
             stop = min(start + self._step, self._length)
@@ -147,7 +142,7 @@ class MaskExpander:
             view = buf[:nb].view(self._le)
             seg = acc[start:stop]
             for enc, op in jobs:
-                enc.update_into(data, buf)
+                enc.update_into(data, out)
                 op(seg, view, out=seg)
 
     def add_mask(self, acc: np.ndarray, seed: bytes) -> None:
