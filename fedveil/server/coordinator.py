@@ -407,6 +407,8 @@ class Coordinator:
     def poll(self, caller: str, request: pb.PollRequest) -> pb.PollResponse:
         wait_s = min(request.max_wait_ms / 1000.0, self.config.poll_wait)
         with self._cond:
+            if self._stopping:
+                raise Unavailable("the server is shutting down; retry later")
             client = self._session(caller, request.header, "Poll")
             token = object()
             client.poll_token = token
