@@ -149,6 +149,8 @@ def _with_options(options: list[Any]) -> Any:
 @click.option("--max-round-attempts", type=int, default=5, show_default=True)
 @click.option("--linger", type=float, default=5.0, show_default=True,
               help="Seconds to keep serving after the job so clients learn it is done.")
+@click.option("--poll-wait", type=float, default=10.0, show_default=True,
+              help="Longest a client's long poll is held, in seconds.")
 @click.option("--tls-cert", default=None, help="Server certificate (PEM).")
 @click.option("--tls-key", default=None, help="Server private key (PEM).")
 @click.option("--client-ca", default=None, help="CA (PEM) of client certificates: turns on mutual TLS.")
@@ -211,7 +213,7 @@ def server_command(**opts: Any) -> int:
             learning_rate=opts["learning_rate"], batch_size=opts["batch_size"],
             evaluate=not opts["no_evaluate"], final_evaluation=not opts["no_final_evaluation"], seed=opts["seed"],
             active_adversary=opts["active_adversary"], max_round_attempts=opts["max_round_attempts"],
-            linger=opts["linger"],
+            linger=opts["linger"], poll_wait=opts["poll_wait"],
         )
     except ServerConfigError as err:
         fail(err.flag, err.detail)
