@@ -77,6 +77,7 @@ def run_secagg_bench(clients: int, dim: int, dropout: float, dropout_stage: str,
     report: dict[str, Any] = {
         "clients": clients, "dim": dim, "dropout": dropout, "dropout_stage": dropout_stage, "graph": graph,
         "degree": degree if degree else clients - 1, "threshold": threshold, "dropped": n_drop,
+        "dropped_clients": dropped,
         "completed": sim.completed,
         "total_s": total_s, "server_s": sim.server_s,
         "client_s_mean": float(np.mean(client_s)), "client_s_max": float(np.max(client_s)),
@@ -99,7 +100,8 @@ def run_secagg_bench(clients: int, dim: int, dropout: float, dropout_stage: str,
     del plain_sum
     report.update(survivors=len(survivors), exact=bool(np.array_equal(expected, sim.result.ring_sum)),
                   max_abs_error=float(np.max(np.abs(mean - float_mean))),
-                  error_bound=encoder.error_bound(len(survivors)))
+                  error_bound=encoder.error_bound(len(survivors)),
+                  preview={"decoded_mean": mean[:3].tolist(), "float_mean": float_mean[:3].tolist()})
     return report
 
 
@@ -131,6 +133,13 @@ def _print_table(report: dict[str, Any]) -> None:
     ]
     if "error_bound" in report:
         rows.append(("error bound (1 / fixed-point scale)", report["error_bound"]))
+        preview = report["preview"]
+        rows.append(("decoded mean, first coordinates", ", ".join(f"{v:+.7f}" for v in preview["decoded_mean"])))
+        rows.append(("float mean, first coordinates", ", ".join(f"{v:+.7f}" for v in preview["float_mean"])))
+    if report["dropped_clients"]:
+        shown = report["dropped_clients"][:20]
+        more = " …" if len(report["dropped_clients"]) > 20 else ""
+        rows.insert(0, ("dropped clients", ", ".join(map(str, shown)) + more))
     if report.get("abort_reason"):
         rows.append(("abort reason", report["abort_reason"]))
     for name, value in rows:
