@@ -79,6 +79,8 @@ def test_exact_sum_for_random_sizes_dropouts_and_stages(data):
         survivors = set(range(n)) - dropped
         if not harary:
             assert len(survivors) < t
+        else:  # at most h - t dropouts can never starve a neighbourhood of h holders
+            assert len(dropped) > holders - t
         assert not sim.client_errors or all("Abort" in e or "TooFew" in e for e in sim.client_errors.values())
 
 
