@@ -543,6 +543,8 @@ class Coordinator:
             if request.HasField("privacy"):
                 report = request.privacy
                 recorded = self.model.record_client_privacy(rnd.number, caller, report)
+                if recorded and self.model.ledger is not None:
+                    self.store.save_ledger(self.run_id, self.model.ledger.to_json())
                 self.store.record_client_privacy(self.run_id, rnd.number, caller, {
                     "epsilon": report.epsilon, "delta": report.delta, "noise_multiplier": report.noise_multiplier,
                     "sample_rate": report.sample_rate, "steps": report.steps, "accountant": report.accountant,

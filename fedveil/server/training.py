@@ -256,6 +256,13 @@ class GlobalModel:
             self.dpfedavg.adaptive.load_state_dict(state["adaptive_clipping"])
         if ledger_json is not None and self.ledger is not None:
             self.ledger = PrivacyLedger.from_json(ledger_json)
+            # A federation reservation saved for a round that never completed (the server died
+            # mid-round) is taken back: that round is redone and reserves again.
+            for r in sorted((r for r in self.ledger.rounds if r > self.version), reverse=True):
+                try:
+                    self.ledger.cancel_round(r)
+                except ValueError:
+                    pass
 
     def record_client_privacy(self, round_number: int, client: str, report: pb.LocalPrivacySpend) -> bool:
         """Record a client's reported sample-level DP-SGD spend (no budget check: it is done)."""

@@ -1,0 +1,124 @@
+"""Coordinator modes: SecAgg+ (Harary graph), local-DP spend reports, distributed DP end to end,
+and ``fedveil server`` argument errors."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedveil.cli import main
+from fedveil.clients.api import run_client
+from fedveil.clients.session import ClientOptions, Federation
+from fedveil.commands.common import USAGE_EXIT_CODE
+from fedveil.protocol import fedveil_pb2 as pb
+from fedveil.protocol.transport import InProcessTransport
+from fedveil.server.store import load_ledger
+from fedveil.task import load_task
+from tests.server_helpers import TASK, Scripted, make_job, run_job, vectors
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def test_harary_graph_round_with_a_dropout_gives_the_exact_mean(tmp_path: Path) -> None:
+    names = [f"h{i}" for i in range(8)]
+    vecs = vectors(8)
+    coordinator, store = make_job(tmp_path, names, secagg="harary", secagg_degree=4, weighted=False)
+    clients = [Scripted(coordinator, n, v) for n, v in zip(names, vecs, strict=True)]
+    clients[5].silent_at[(1, 1)] = "share-keys"
+    summary = run_job(coordinator, clients)
+    assert summary.status == "completed"
+    (rec,) = store.rounds(coordinator.run_id)
+    assert rec.threshold == 3 and rec.survivors == 7 and rec.stats["dropped"] == []
+    assert store.dropouts(coordinator.run_id) == [(1, 1, "h5", "share-keys", "missed the stage deadline")]
+    expected = sum(v for i, v in enumerate(vecs) if i != 5) / 7
+    np.testing.assert_allclose(store.aggregate(coordinator.run_id, 1), expected, atol=1e-4)  # type: ignore[arg-type]
+    store.close()
+
+
+def test_local_dp_spend_reports_reach_the_ledger_and_the_budget_report(tmp_path: Path) -> None:
+    names = ["x", "y"]
+    coordinator, store = make_job(tmp_path, names, rounds=2, dp="local")
+    spend = pb.LocalPrivacySpend(epsilon=0.5, delta=1e-5, noise_multiplier=1.1, sample_rate=0.1, steps=20,
+                                 accountant="rdp")
+    clients = [Scripted(coordinator, "x", vectors(1)[0], privacy=spend), Scripted(coordinator, "y", vectors(2)[1])]
+    summary = run_job(coordinator, clients)
+    assert summary.status == "completed"
+    ledger = load_ledger(tmp_path / "run.db")
+    assert ledger.clients == ["x"] and ledger.rounds == [1, 2]
+    assert ledger.epsilon("x") > 0
+    reports = store.client_privacy(coordinator.run_id)
+    assert [(r, n) for r, n, _ in reports] == [(1, "x"), (2, "x")] and reports[0][2]["in_ledger"] is True
+    assert store.evaluations(coordinator.run_id, 0) == [("x", 100, {"loss": 0.5})]
+    store.close()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["budget", "report", str(tmp_path / "run.db"), "--format", "json"]) == 0
+    report = json.loads(out.getvalue().strip().splitlines()[-1])
+    assert len(report["rounds"]) == 2
+
+
+def test_distributed_dp_job_with_real_clients(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    names = ["p", "q", "r"]
+    coordinator, store = make_job(tmp_path, names, rounds=2, dp="distributed", dp_clip=1.0, dp_noise_multiplier=0.5,
+                              dp_bits=24, evaluate=True)
+    task = load_task(TASK)
+    outcomes: dict[str, list[str]] = {}
+
+    def client(i: int, name: str) -> None:
+        fed = Federation(InProcessTransport(coordinator, name), task.name, task.build_model(),
+                         ClientOptions(seed=i, poll_wait_ms=500))
+        outcomes[name] = [o.outcome for o in run_client(fed, task, task.synthetic_data(i, 3, 3))]  # type: ignore[misc]
+
+    threads = [threading.Thread(target=client, args=(i, n), daemon=True) for i, n in enumerate(names)]
+    for th in threads:
+        th.start()
+    summary = coordinator.run()
+    for th in threads:
+        th.join(60)
+    assert summary.status == "completed" and summary.completed_rounds == 2
+    assert outcomes == {n: ["completed", "completed"] for n in names}
+    ledger = load_ledger(tmp_path / "run.db")
+    assert {e.mechanism for e in ledger.entries} == {"distributed-skellam"}
+    assert summary.epsilon == pytest.approx(ledger.epsilon())
+    rec = store.rounds(coordinator.run_id)[0]
+    assert rec.stats["noise_stddev_sum"] > 0
+    assert np.isfinite(store.aggregate(coordinator.run_id, 2)).all()  # type: ignore[arg-type]
+    store.close()
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--clients-per-round", "3", "--min-clients", "5"], "error: --min-clients: must be between 2 and"),
+        (["--clients-per-round", "3", "--listen", "nowhere"], "error: --listen: expected HOST:PORT"),
+        (["--clients-per-round", "3", "--dp-adaptive-clipping"], "error: --dp-adaptive-clipping: only with"),
+        (["--clients-per-round", "1"], "error: --clients-per-round: must be at least 2"),
+        (["--clients-per-round", "3", "--insecure", "--tls-cert", "x.pem"], "error: --insecure: cannot be"),
+        (["--clients-per-round", "3", "--tls-cert", "missing.pem", "--tls-key", "k.pem", "--no-insecure"], None),
+    ],
+)
+def test_server_argument_errors(tmp_path: Path, extra: list[str], expected: str | None,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["server", "--listen", "127.0.0.1:0", "--store", str(tmp_path / "run.db"), "--task", TASK,
+            "--rounds", "1"]
+    if expected is None:  # an unreadable certificate
+        extra = [e for e in extra if e != "--no-insecure"]
+        expected = "error: --tls-cert: cannot read 'missing.pem'"
+    elif "--insecure" not in extra and "--tls-cert" not in extra:
+        extra = [*extra, "--insecure"]
+    if "--listen" in extra:
+        i = args.index("--listen")
+        args[i + 1] = extra[extra.index("--listen") + 1]
+        extra = [e for j, e in enumerate(extra) if e != "--listen" and extra[j - 1] != "--listen"]
+    assert main(args + extra) == USAGE_EXIT_CODE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(expected), err
+    assert not (tmp_path / "run.db").exists()
