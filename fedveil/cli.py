@@ -10,7 +10,14 @@ import click
 from fedveil.commands.common import USAGE_EXIT_CODE, eprint
 
 # Each module defines ``register(group: click.Group) -> None``. Add a line when a command group lands.
-COMMAND_MODULES: tuple[str, ...] = ("fedveil.commands.budget", "fedveil.commands.bench", "fedveil.commands.server")
+COMMAND_MODULES: tuple[str, ...] = (
+    "fedveil.commands.budget",
+    "fedveil.commands.bench",
+    "fedveil.commands.server",
+    "fedveil.commands.client",
+    "fedveil.commands.simulate",
+    "fedveil.commands.demo",
+)
 
 
 @click.group(name="fedveil", context_settings={"help_option_names": ["-h", "--help"]})

@@ -48,6 +48,9 @@ class ManagedProcess:
     name: str
     popen: subprocess.Popen[bytes]
     log_path: Path
+    """Standard output (the JSON summary line of fedveil commands)."""
+    err_path: Path
+    """Standard error (logs)."""
 
     @property
     def pid(self) -> int:
@@ -70,6 +73,12 @@ class ManagedProcess:
         except OSError:
             return ""
 
+    def errors(self) -> str:
+        try:
+            return self.err_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
     def last_line(self) -> str:
         lines = [ln for ln in self.log().splitlines() if ln.strip()]
         return lines[-1] if lines else ""
@@ -83,14 +92,14 @@ class ProcessGroup:
     env: dict[str, str] = field(default_factory=dict)
     processes: list[ManagedProcess] = field(default_factory=list)
 
-    def start(self, name: str, argv: Sequence[str], *, stdout_path: Path | None = None) -> ManagedProcess:
+    def start(self, name: str, argv: Sequence[str]) -> ManagedProcess:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        log_path = stdout_path or self.log_dir / f"{name}.log"
+        log_path = self.log_dir / f"{name}.out"
+        err_path = self.log_dir / f"{name}.log"
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **self.env}
-        with open(log_path, "wb") as log:
-            popen = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                     stdin=subprocess.DEVNULL)
-        proc = ManagedProcess(name, popen, log_path)
+        with open(log_path, "wb") as out, open(err_path, "wb") as err:
+            popen = subprocess.Popen(list(argv), stdout=out, stderr=err, env=env, stdin=subprocess.DEVNULL)
+        proc = ManagedProcess(name, popen, log_path, err_path)
         self.processes.append(proc)
         return proc
 

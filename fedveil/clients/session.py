@@ -378,7 +378,7 @@ class Federation:
         rnd = Round(self, start, self.model)
         log.info("round %d/%d: training (secagg id %d)", rnd.number, self.total_rounds, start.client_id)
         if start.training.evaluate_global_model and self.options.evaluate is not None:
-            metrics = self.options.evaluate(self.model)
+            metrics = self._run_evaluate()
             self._report_metrics(int(start.model.version), metrics)
         return rnd
 
@@ -405,13 +405,22 @@ class Federation:
         if self.options.evaluate is None:
             return
         vector_to_model(np.frombuffer(evaluate.model.data, dtype="<f4"), self.model)
-        metrics = self.options.evaluate(self.model)
+        metrics = self._run_evaluate()
         saved = self._round_header
         self._round_header = (int(evaluate.phase), bytes(evaluate.round_nonce))
         try:
             self._report_metrics(int(evaluate.round), metrics)
         finally:
             self._round_header = saved
+
+    def _run_evaluate(self) -> dict[str, float]:
+        """The user's evaluation function on the current model, leaving its train/eval mode as it was."""
+        assert self.options.evaluate is not None
+        training = self.model.training
+        try:
+            return self.options.evaluate(self.model)
+        finally:
+            self.model.train(training)
 
     def _local_dp(self) -> Any:
         if self._local_dp_session is None:

@@ -1,0 +1,331 @@
+"""A whole federation on one machine: the real coordinator and N real clients.
+
+In-process (:func:`simulate_in_process`): the coordinator (:class:`fedveil.server.coordinator.Coordinator`)
+runs its job in this process and every client runs the same client code as ``fedveil client``
+(:class:`fedveil.clients.session.Federation`) in its own thread, talking to the coordinator
+through :class:`fedveil.protocol.transport.InProcessTransport` — the same protobuf objects the
+gRPC servicer would pass, without serialization or sockets.
+
+Multi-process (:func:`simulate_processes`): ``fedveil server`` and N ``fedveil client`` processes
+over loopback gRPC, each client with its own CSV file written from the task's synthetic data.
+
+Both are deterministic given ``seed``: the server's seed fixes the initial model, the cohorts and
+the round seeds; client ``i`` gets private seed :func:`client_seed` and the data
+``task.synthetic_data(i, n, seed)``, so the two modes release identical aggregates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from fedveil.clients.api import evaluator, run_client
+from fedveil.clients.backoff import BackoffPolicy
+from fedveil.clients.processes import ManagedProcess, ProcessGroup, fedveil_argv, wait_for_port
+from fedveil.clients.session import ClientOptions, Federation, RoundOutcome
+from fedveil.protocol.transport import InProcessTransport
+from fedveil.server.config import ServerConfig
+from fedveil.server.coordinator import Coordinator, JobSummary
+from fedveil.server.store import RunStore
+from fedveil.task import Task, load_task
+
+log = logging.getLogger("fedveil.simulate")
+
+
+class SimulationError(RuntimeError):
+    """The simulation could not run to completion; the message says which party failed and why."""
+
+
+def client_name(index: int) -> str:
+    return f"client-{index:03d}"
+
+
+def client_seed(seed: int, index: int) -> int:
+    """Client ``index``'s private seed in a simulation with federation seed ``seed``."""
+    digest = hashlib.sha256(f"fedveil/simulate/client/{seed}/{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def job_seed(config: ServerConfig) -> int:
+    """The federation seed of a simulation (0 when the configuration leaves it unset)."""
+    return int(config.seed) if config.seed is not None else 0
+
+
+def client_dataset(task: Task, index: int, n_clients: int, seed: int) -> TensorDataset:
+    if task.synthetic_data is None:
+        raise SimulationError(
+            f"task {task.name!r} has no synthetic_data(client_index, n_clients, seed) to simulate with"
+        )
+    return task.synthetic_data(index, n_clients, seed)
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    survivors: int
+    aggregate: np.ndarray | None
+    stats: dict[str, Any]
+
+
+@dataclass
+class SimulationResult:
+    mode: str
+    summary: dict[str, Any]
+    rounds: list[RoundRecord]
+    client_histories: dict[str, list[str]]
+    store_path: Path
+    wall_s: float
+    client_errors: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "summary": self.summary,
+            "rounds": [
+                {"round": r.round, "survivors": r.survivors,
+                 **{k: v for k, v in r.stats.items() if isinstance(v, (int, float, str))}}
+                for r in self.rounds
+            ],
+            "clients": self.client_histories,
+            "client_errors": self.client_errors,
+            "store": str(self.store_path),
+            "wall_s": round(self.wall_s, 3),
+        }
+
+
+def read_rounds(store_path: Path, run_id: str) -> list[RoundRecord]:
+    """The completed rounds of ``run_id``, with their released aggregates, from a run store."""
+    out: list[RoundRecord] = []
+    with RunStore(store_path) as store:
+        for rec in store.rounds(run_id):
+            if rec.status != "completed":
+                continue
+            out.append(RoundRecord(rec.round, int(rec.survivors or 0), store.aggregate(run_id, rec.round),
+                                   dict(rec.stats or {})))
+    return out
+
+
+def simulate_in_process(
+    config: ServerConfig,
+    n_clients: int,
+    *,
+    store_path: Path | None = None,
+    client_timeout_s: float = 600.0,
+    on_round: Callable[[int], None] | None = None,
+) -> SimulationResult:
+    """Run the job with the real coordinator and ``n_clients`` client threads in this process."""
+    task = load_task(config.task)
+    if n_clients < config.min_clients:
+        raise SimulationError(f"--clients {n_clients} is fewer than --min-clients {config.min_clients}")
+    tmp: tempfile.TemporaryDirectory[str] | None = None
+    if store_path is None:
+        tmp = tempfile.TemporaryDirectory(prefix="fedveil-sim-")
+        store_path = Path(tmp.name) / "run.sqlite"
+    started = time.monotonic()
+    store = RunStore(store_path)
+    try:
+        coordinator = Coordinator(config, task, store, new_run=True)
+        histories: dict[str, list[RoundOutcome]] = {}
+        errors: dict[str, str] = {}
+        threads = []
+        federations = []
+        for i in range(n_clients):
+            name = client_name(i)
+            data = client_dataset(task, i, n_clients, job_seed(config))
+            options = ClientOptions(
+                seed=client_seed(job_seed(config), i), num_examples=len(data), evaluate=evaluator(task, data),
+                poll_wait_ms=int(max(config.poll_wait, 0.5) * 1000),
+                backoff=BackoffPolicy(initial_delay_s=0.05, max_delay_s=1.0, give_up_after_s=30.0),
+            )
+            fed = Federation(InProcessTransport(coordinator, name), task.name, task.build_model(), options)
+            federations.append(fed)
+
+            def client_main(fed: Federation = fed, name: str = name, data: TensorDataset = data) -> None:
+                try:
+                    histories[name] = run_client(fed, task, data)
+                except Exception as err:  # reported, and the coordinator treats the client as a dropout
+                    errors[name] = f"{type(err).__name__}: {err}"
+                    log.exception("client %s failed", name)
+
+            thread = threading.Thread(target=client_main, name=name, daemon=True)
+            threads.append(thread)
+        for thread in threads:
+            thread.start()
+        try:
+            summary: JobSummary = coordinator.run()
+        finally:
+            coordinator.stop()
+        deadline = time.monotonic() + client_timeout_s
+        for thread in threads:
+            thread.join(timeout=max(deadline - time.monotonic(), 0.1))
+        stuck = [t.name for t in threads if t.is_alive()]
+        if stuck:
+            errors.update({name: "still running after the job ended" for name in stuck})
+        rounds = read_rounds(store_path, summary.run_id)
+    finally:
+        store.close()
+    result = SimulationResult(
+        mode="in-process",
+        summary=summary.to_dict(),
+        rounds=rounds,
+        client_histories={k: [h.outcome for h in v] for k, v in sorted(histories.items())},
+        store_path=store_path,
+        wall_s=time.monotonic() - started,
+        client_errors=errors,
+    )
+    if tmp is not None:
+        result.store_path = Path("(temporary)")
+        tmp.cleanup()
+    return result
+
+
+def server_argv(config: ServerConfig, listen: str, store_path: Path, port_file: Path | None = None) -> list[str]:
+    """``fedveil server`` flags for ``config`` (plaintext on loopback, JSON summary)."""
+    argv = [
+        "server", "--listen", listen, "--store", str(store_path), "--task", config.task,
+        "--rounds", str(config.rounds), "--clients-per-round", str(config.clients_per_round),
+        "--min-clients", str(config.min_clients), "--round-timeout", str(config.round_timeout),
+        "--stage-timeout", str(config.stage_timeout), "--cohort-wait", str(config.cohort_wait),
+        "--secagg", config.secagg, "--dp", config.dp, "--optimizer", config.optimizer,
+        "--server-lr", str(config.server_lr), "--seed", str(job_seed(config)), "--linger", str(config.linger),
+        "--poll-wait", str(config.poll_wait), "--dp-clip", str(config.dp_clip),
+        "--dp-noise-multiplier", str(config.dp_noise_multiplier),
+        "--weighting", "examples" if config.weighted else "uniform", "--insecure", "--json",
+    ]
+    if port_file is not None:
+        argv += ["--port-file", str(port_file)]
+    return fedveil_argv(*argv)
+
+
+@dataclass
+class ProcessFederation:
+    """A running multi-process federation (server + clients) for tests and benchmarks."""
+
+    group: ProcessGroup
+    server: ManagedProcess
+    clients: list[ManagedProcess]
+    address: str
+    store_path: Path
+    tokens: list[str]
+    data_paths: list[Path]
+
+    def start_client(self, index: int, config: ServerConfig, *, extra: tuple[str, ...] = ()) -> ManagedProcess:
+        argv = fedveil_argv(
+            "client", "--server", self.address, "--task", config.task, "--data", str(self.data_paths[index]),
+            "--token", self.tokens[index], "--insecure", "--seed", str(client_seed(job_seed(config), index)),
+            "--give-up-after", "60", "--max-backoff", "1.0", *extra,
+        )
+        return self.group.start(client_name(index), argv)
+
+
+def start_process_federation(
+    config: ServerConfig, n_clients: int, workdir: Path, *, start_clients: bool = True, listen_timeout_s: float = 60.0
+) -> ProcessFederation:
+    """Enrol ``n_clients``, write their data, start ``fedveil server`` and the clients."""
+    from fedveil.tasks.synthetic import write_site_csv
+
+    task = load_task(config.task)
+    workdir.mkdir(parents=True, exist_ok=True)
+    store_path = workdir / "run.sqlite"
+    tokens: list[str] = []
+    with RunStore(store_path) as store:
+        for i in range(n_clients):
+            tokens.append(store.enroll(client_name(i)).token)
+    data_paths = [write_site_csv(workdir / f"{client_name(i)}.csv", i, n_clients, job_seed(config), task)
+                  for i in range(n_clients)]
+    port_file = workdir / "server.port"
+    port_file.unlink(missing_ok=True)
+    group = ProcessGroup(workdir / "logs")
+    try:
+        # port 0: the server binds a free ephemeral port and writes it to port_file (no race)
+        server = group.start("server", server_argv(config, "127.0.0.1:0", store_path, port_file))
+        port = read_port_file(port_file, listen_timeout_s, server)
+        address = f"127.0.0.1:{port}"
+        wait_for_port("127.0.0.1", port, listen_timeout_s, server.popen)
+        fed = ProcessFederation(group, server, [], address, store_path, tokens, data_paths)
+        if start_clients:
+            fed.clients = [fed.start_client(i, config) for i in range(n_clients)]
+        return fed
+    except BaseException:
+        group.close()
+        raise
+
+
+def read_port_file(path: Path, timeout_s: float, server: ManagedProcess) -> int:
+    """The port ``fedveil server --port-file`` wrote, once it is there."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not server.alive():
+            raise SimulationError(f"the server exited with status {server.popen.returncode}: {server.errors()[-2000:]}")
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            text = ""
+        if text.isdigit():
+            return int(text)
+        time.sleep(0.05)
+    raise SimulationError(f"the server did not report its port within {timeout_s:.0f} s")
+
+
+def simulate_processes(
+    config: ServerConfig, n_clients: int, *, workdir: Path | None = None, timeout_s: float = 900.0
+) -> SimulationResult:
+    """Run the job with ``fedveil server`` and ``n_clients`` ``fedveil client`` processes over loopback gRPC."""
+    tmp: tempfile.TemporaryDirectory[str] | None = None
+    if workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="fedveil-sim-")
+        workdir = Path(tmp.name)
+    started = time.monotonic()
+    fed = start_process_federation(config, n_clients, workdir)
+    errors: dict[str, str] = {}
+    histories: dict[str, list[str]] = {}
+    try:
+        try:
+            status = fed.server.wait(timeout_s)
+        except Exception as err:
+            raise SimulationError(f"the server did not finish within {timeout_s:.0f} s") from err
+        if status != 0:
+            raise SimulationError(f"the server exited with status {status}: {fed.server.errors()[-2000:]}")
+        for proc in fed.clients:
+            try:
+                code = proc.wait(max(config.linger, 1.0) + 30.0)
+            except Exception:
+                errors[proc.name] = "still running after the job ended"
+                continue
+            last = proc.last_line()
+            if code != 0:
+                errors[proc.name] = f"exit status {code}: {last}"
+                continue
+            try:
+                histories[proc.name] = list(json.loads(last).get("outcomes", []))
+            except ValueError:
+                errors[proc.name] = f"no summary line: {last}"
+        try:
+            summary = json.loads(fed.server.last_line())
+        except ValueError:
+            raise SimulationError(f"the server printed no summary: {fed.server.errors()[-2000:]}") from None
+        rounds = read_rounds(fed.store_path, str(summary.get("run_id", "")))
+    finally:
+        fed.group.close()
+    result = SimulationResult("processes", summary, rounds, histories, fed.store_path,
+                              time.monotonic() - started, errors)
+    if tmp is not None:
+        result.store_path = Path("(temporary)")
+        tmp.cleanup()
+    return result
+
+
+def set_torch_threads(threads: int) -> None:
+    torch.set_num_threads(max(threads, 1))
