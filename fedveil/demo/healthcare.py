@@ -127,10 +127,14 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
 def evaluate(model: nn.Module, dataset: TensorDataset) -> dict[str, float]:
     """Loss (mean binary cross-entropy), accuracy at probability 0.5, and ROC AUC."""
     features, labels = dataset.tensors[0], dataset.tensors[1].float()
+    was_training = model.training  # leave the model as we found it (DP-SGD needs training mode)
     model.eval()
-    with torch.no_grad():
-        logits = model(features)
-        loss = float(nn.functional.binary_cross_entropy_with_logits(logits, labels).item())
+    try:
+        with torch.no_grad():
+            logits = model(features)
+            loss = float(nn.functional.binary_cross_entropy_with_logits(logits, labels).item())
+    finally:
+        model.train(was_training)
     probs = torch.sigmoid(logits).numpy()
     y = labels.numpy()
     accuracy = float(((probs >= 0.5) == (y >= 0.5)).mean())
@@ -157,8 +161,8 @@ task = Task(
     build_model=build_model,
     train_epoch=train_epoch,
     evaluate=evaluate,
-    learning_rate=0.5,
-    batch_size=16,
+    learning_rate=2.0,
+    batch_size=32,
     local_epochs=1,
     synthetic_data=synthetic_data,
     metadata={

@@ -41,9 +41,9 @@ class Recipe:
     """Hyper-parameters of the healthcare federation (defaults: the tuned recipe)."""
 
     rounds: int = 20
-    batch_size: int = 16
+    batch_size: int = 32
     local_epochs: int = 1
-    local_lr: float = 1.0
+    local_lr: float = 2.0
     clip_norm: float = 1.0
     target_epsilon: float = 3.0
     delta: float = 1e-5

@@ -7,7 +7,9 @@ and ROC AUC are reported too but saturate on 91 patients). The test set is never
 
 Run ``python -m fedveil.demo.tuning --stage 1`` (then ``--stage 2``); each stage prints a
 table and writes ``tuning-stage-N.json``. The stages' grids are listed in :data:`STAGES`;
-stage 2 varies the rounds, local epochs and server optimizer around the best of stage 1.
+stage 2 starts from the best of stage 1 (``--base``) and varies one thing at a time: a larger
+step or batch, the clip norm, the rounds and local epochs, the feature transform and the
+server optimizer.
 """
 
 from __future__ import annotations
@@ -33,12 +35,13 @@ STAGES: dict[int, list[dict[str, Any]]] = {
         for c in (0.5, 1.0)
     ],
     2: [
-        {"rounds": 10},
+        {"local_lr": 4.0},
+        {"batch_size": 64},
+        {"clip_norm": 2.0},
         {"rounds": 30},
-        {"local_epochs": 2, "rounds": 10},
-        {"server_optimizer": "fedadam", "server_lr": 0.05},
+        {"rounds": 10, "local_epochs": 2},
+        {"feature_transform": "log"},
         {"server_optimizer": "fedadam", "server_lr": 0.1},
-        {"local_epochs": 2, "rounds": 20},
     ],
 }
 

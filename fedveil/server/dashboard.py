@@ -611,7 +611,7 @@ def make_handler(app: Dashboard) -> type[BaseHTTPRequestHandler]:
             raise DashboardError(f"no such endpoint: {method} {path}", HTTPStatus.NOT_FOUND)
 
         def _static(self, name: str) -> None:
-            data = resources.files("fedveil.server").joinpath("static", name).read_bytes()
+            data = resources.files("fedveil.server").joinpath("static").joinpath(name).read_bytes()
             self._send(HTTPStatus.OK, data, CONTENT_TYPES[Path(name).suffix])
 
         def do_GET(self) -> None:

@@ -1,0 +1,85 @@
+"""``fedveil demo healthcare``: the scripted breast-cancer federation (see :mod:`fedveil.demo.runner`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from fedveil.commands.common import fail, print_json_last_line
+
+MAX_HOSPITALS = 40
+
+
+def register(group: click.Group) -> None:
+    group.add_command(demo_group)
+
+
+@click.group(name="demo")
+def demo_group() -> None:
+    """Scripted demos."""
+
+
+@demo_group.command(name="healthcare")
+@click.option("--hospitals", type=int, default=5, show_default=True, help="Number of hospitals (clients).")
+@click.option("--rounds", type=int, default=None, help="Federated rounds [default: the tuned recipe's, 20].")
+@click.option("--dropout", type=float, default=0.1, show_default=True,
+              help="Probability that a hospital drops out of a round (mid-protocol, after the key exchange).")
+@click.option("--dp", "dp_mode", type=str, default="local", show_default=True,
+              help="local (patient-level DP-SGD per hospital), central or distributed (user-level), or none.")
+@click.option("--in-process", is_flag=True, help="Call the coordinator in-process instead of TLS gRPC on loopback.")
+@click.option("--dashboard", "dashboard_port", type=int, default=None, metavar="PORT",
+              help="Serve the web dashboard on 127.0.0.1:PORT during the demo (and after it, until Ctrl+C).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("demo-out"), show_default=True,
+              help="Directory for report.json, report.md/html, plots, the run store and the hospitals' data.")
+@click.option("--export-csv", type=click.Path(path_type=Path), default=None, metavar="DIR",
+              help="Only write each hospital's data as CSV (with SCHEMA.md) into DIR, then exit.")
+def healthcare_command(
+    hospitals: int, rounds: int | None, dropout: float, dp_mode: str, in_process: bool,
+    dashboard_port: int | None, out: Path, export_csv: Path | None,
+) -> None:
+    """Hospitals train a breast-cancer risk model with local DP-SGD and secure aggregation."""
+    if not 2 <= hospitals <= MAX_HOSPITALS:
+        fail("--hospitals", f"must be between 2 and {MAX_HOSPITALS} (got {hospitals})")
+    if rounds is not None and not 1 <= rounds <= 1000:
+        fail("--rounds", f"must be between 1 and 1000 (got {rounds})")
+    if not 0.0 <= dropout < 1.0:
+        fail("--dropout", f"must be a probability in [0, 1) (got {dropout})")
+    if dp_mode not in ("local", "central", "distributed", "none"):
+        fail("--dp", f"must be one of local, central, distributed, none (got {dp_mode!r})")
+    if dashboard_port is not None and not 0 <= dashboard_port <= 65535:
+        fail("--dashboard", f"must be a TCP port in 0..65535 (got {dashboard_port})")
+    if out.exists() and not out.is_dir():
+        fail("--out", f"{str(out)!r} exists and is not a directory")
+    if export_csv is not None and export_csv.exists() and not export_csv.is_dir():
+        fail("--export-csv", f"{str(export_csv)!r} exists and is not a directory")
+
+    from fedveil.demo.data import make_split
+    from fedveil.demo.runner import SPLIT_SEED, DemoOptions, run_demo
+    from fedveil.demo.runner import export_csv as do_export
+
+    try:
+        split = make_split(hospitals, seed=SPLIT_SEED)
+    except ValueError as err:
+        fail("--hospitals", str(err))
+    if export_csv is not None:
+        result = do_export(split, export_csv)
+        for f in result["files"]:
+            click.echo(f"{f['hospital']}: {f['rows']} patients -> {f['path']}")
+        click.echo(f"schema: {result['schema']}")
+        print_json_last_line(result)
+        return
+    options = DemoOptions(hospitals=hospitals, rounds=rounds, dropout=dropout, dp=dp_mode,  # type: ignore[arg-type]
+                          in_process=in_process, dashboard_port=dashboard_port, out=out)
+    try:
+        report = run_demo(options)
+    except OSError as err:
+        if dashboard_port is not None and "address" in str(err).lower():
+            fail("--dashboard", f"cannot listen on port {dashboard_port}: {err}")
+        raise
+    print_json_last_line({
+        "final_accuracy": report["final_accuracy"], "final_auc": report["final_auc"],
+        "epsilon_sample_max": report["epsilon_sample_max"], "epsilon_user": report["epsilon_user"],
+        "delta": report["delta"], "rounds": len(report["rounds"]), "status": report["status"],
+        "report": report["files"]["json"], "wall_seconds": report["wall_seconds"],
+    })

@@ -1,0 +1,401 @@
+"""One run of the healthcare federation through fedveil's real coordinator and clients.
+
+Nothing here is simulated: the server side is :class:`fedveil.server.coordinator.Coordinator`
+with its SQLite :class:`~fedveil.server.store.RunStore`, and each hospital is a
+:class:`fedveil.clients.Federation` client that trains with the task's training function and
+the turnkey :func:`fedveil.clients.train_round` (local DP-SGD through
+:class:`fedveil.dp.local.LocalDPSession` when ``dp="local"``), then takes part in secure
+aggregation. By default every hospital talks to the coordinator over **gRPC on loopback with
+TLS** (a throwaway CA and server certificate made for the run) and its own enrolment token;
+``transport="in-process"`` calls the coordinator directly instead (same validation, same
+protocol, no sockets).
+
+Each hospital reads its patients from its **own data directory** (a CSV file in the task's
+schema); the coordinator never sees that file, only masked updates.
+
+Dropouts: :class:`DropoutPlan` decides, before the run, which hospitals drop out of which
+rounds (each hospital with probability ``dropout`` per round, never so many that fewer than
+the secure-aggregation threshold would remain). A dropping hospital trains and takes part in
+the key exchange as usual, but its masked update is held back in its transport
+(:class:`_LateMaskedInput`) until the masked-input stage's deadline has passed: the
+coordinator closes the stage without it, the survivors reveal the Shamir shares that remove
+its pairwise masks, and the round completes with the others (Bonawitz et al. 2017, the
+dropout case secure aggregation exists for). The dropped hospital still counts the privacy
+spent on its local training, since it did train.
+
+Monitoring: the coordinator commits each round (model checkpoint, ledger, dropouts) to the
+store in one transaction; :class:`_ObservedStore` adds a read-only hook after that commit, which
+the demo uses to evaluate the new global model on the held-out test set and to read each
+hospital's own privacy accountant.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from fedveil.demo import healthcare
+from fedveil.demo.recipe import Recipe
+from fedveil.server.store import RunStore
+
+log = logging.getLogger("fedveil.demo")
+
+Transport = Literal["grpc", "in-process"]
+DpMode = Literal["local", "central", "distributed", "none"]
+TASK_REFERENCE = "fedveil.demo.healthcare:task"
+
+
+@dataclass(frozen=True)
+class FederationSettings:
+    """What one run of the federation does (the CLI flags and the dashboard's form map here)."""
+
+    rounds: int
+    hospitals_per_round: int
+    dp: DpMode = "local"
+    epsilon_budget: float = 3.0
+    dropout: float = 0.0
+    transport: Transport = "grpc"
+    seed: int = 0
+    round_timeout: float = 60.0
+    stage_timeout: float = 3.0
+    user_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be at least 1 (got {self.rounds})")
+        if self.hospitals_per_round < 2:
+            raise ValueError(
+                f"hospitals per round must be at least 2 for secure aggregation (got {self.hospitals_per_round})"
+            )
+        if self.dp not in ("local", "central", "distributed", "none"):
+            raise ValueError(f"dp must be local, central, distributed or none (got {self.dp!r})")
+        if not (math.isfinite(self.epsilon_budget) and self.epsilon_budget > 0):
+            raise ValueError(f"epsilon budget must be a positive number (got {self.epsilon_budget})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1) (got {self.dropout})")
+        if self.transport not in ("grpc", "in-process"):
+            raise ValueError(f"transport must be grpc or in-process (got {self.transport!r})")
+
+    @property
+    def threshold(self) -> int:
+        """The coordinator's default secure-aggregation threshold for this cohort (majority)."""
+        return self.hospitals_per_round // 2 + 1
+
+
+@dataclass(frozen=True)
+class DropoutPlan:
+    """Which hospitals stay silent in which round (1-based), fixed before the run."""
+
+    silent: Mapping[int, frozenset[str]]
+
+    @classmethod
+    def draw(cls, hospitals: Sequence[str], rounds: int, probability: float, max_silent: int, seed: int) -> DropoutPlan:
+        rng = np.random.default_rng([seed, 0xD209])
+        plan: dict[int, frozenset[str]] = {}
+        for r in range(1, rounds + 1):
+            drop = [h for h in hospitals if rng.random() < probability]
+            if len(drop) > max_silent:
+                keep = rng.choice(len(drop), size=max_silent, replace=False).tolist() if max_silent > 0 else []
+                drop = [drop[i] for i in sorted(int(k) for k in keep)]
+            if drop:
+                plan[r] = frozenset(drop)
+        return cls(plan)
+
+    def is_silent(self, hospital: str, round_number: int) -> bool:
+        return hospital in self.silent.get(round_number, frozenset())
+
+
+@dataclass
+class RoundReport:
+    """One completed round as the demo shows it."""
+
+    round: int
+    accuracy: float
+    auc: float
+    loss: float
+    participants: list[str]
+    dropped: list[str]
+    epsilon_sample: dict[str, float | None]
+    epsilon_sample_max: float | None
+    epsilon_user: float | None
+    budget_remaining: dict[str, float | None]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class FederationResult:
+    run_id: str
+    status: str
+    message: str
+    rounds: list[RoundReport]
+    model: torch.nn.Module
+    hospitals: dict[str, dict[str, Any]]
+    epsilon_user: float | None
+    client_errors: dict[str, str] = field(default_factory=dict)
+    wall_seconds: float = 0.0
+
+
+class _ObservedStore(RunStore):
+    """The coordinator's store, with a hook called after each round is committed."""
+
+    def __init__(self, path: Path, observer: Callable[[str, int, int, Mapping[str, Any]], None]) -> None:
+        super().__init__(path)
+        self._observer = observer
+
+    def complete_round(self, run_id: str, round_number: int, attempt: int, **kwargs: Any) -> None:  # type: ignore[override]
+        super().complete_round(run_id, round_number, attempt, **kwargs)
+        try:
+            self._observer(run_id, round_number, attempt, kwargs)
+        except Exception:  # monitoring must never break the job
+            log.exception("round observer failed")
+
+
+def server_config(settings: FederationSettings, recipe: Recipe, n_hospitals: int) -> Any:
+    """The coordinator's job configuration for this run."""
+    from fedveil.dp.accounting import solve_noise_multiplier
+    from fedveil.server.config import ServerConfig
+
+    k = settings.hospitals_per_round
+    common: dict[str, Any] = dict(
+        task=TASK_REFERENCE, rounds=settings.rounds, clients_per_round=k, min_clients=k,
+        round_timeout=settings.round_timeout, stage_timeout=settings.stage_timeout, cohort_wait=1.0,
+        optimizer=recipe.server_optimizer, server_lr=recipe.server_lr, learning_rate=recipe.local_lr,
+        batch_size=recipe.batch_size, local_epochs=recipe.local_epochs, dp_delta=recipe.delta,
+        dp_accountant=recipe.accountant, seed=settings.seed, clip_range=16.0, linger=2.0, poll_wait=2.0,
+        max_round_attempts=3,
+    )
+    if settings.dp == "local":
+        common.update(dp="local", dp_local_target_epsilon=settings.epsilon_budget,
+                      dp_local_max_grad_norm=recipe.clip_norm, dp_client_epsilon_budget=settings.epsilon_budget)
+    elif settings.dp in ("central", "distributed"):
+        q = min(1.0, k / n_hospitals)
+        z = solve_noise_multiplier(target_epsilon=settings.epsilon_budget, delta=recipe.delta, sample_rate=q,
+                                   steps=settings.rounds, accountant=recipe.accountant).noise_multiplier
+        if settings.dp == "distributed":
+            z *= 1.1  # the discrete mechanism's own bound is a little looser than the Gaussian's
+        common.update(dp=settings.dp, dp_clip=settings.user_clip, dp_noise_multiplier=z,
+                      dp_epsilon_budget=settings.epsilon_budget)
+    else:
+        common.update(dp="none")
+    return ServerConfig(**common)
+
+
+def run_federation(
+    *,
+    store_path: Path,
+    site_files: Mapping[str, Path],
+    test: TensorDataset,
+    settings: FederationSettings,
+    recipe: Recipe,
+    dropout_plan: DropoutPlan | None = None,
+    on_round: Callable[[RoundReport, torch.nn.Module], None] | None = None,
+    on_start: Callable[[str], None] | None = None,
+) -> FederationResult:
+    """Run one federation to completion; ``on_round`` is called after each committed round."""
+    from fedveil.clients import ClientOptions, Federation, train_round
+    from fedveil.clients.api import evaluator
+    from fedveil.clients.backoff import BackoffPolicy
+    from fedveil.dp.ledger import FEDERATION, BudgetExceededError, PrivacyLedger
+    from fedveil.protocol.transport import InProcessTransport
+    from fedveil.server.coordinator import Coordinator
+    from fedveil.task import vector_to_model
+
+    task = healthcare.task
+    names = sorted(site_files)
+    if len(names) < settings.hospitals_per_round:
+        raise ValueError(f"{len(names)} hospitals cannot fill cohorts of {settings.hospitals_per_round}")
+    data = {name: task.load_dataset(site_files[name]) for name in names}
+    plan = dropout_plan or DropoutPlan({})
+    started = time.monotonic()
+    federations: dict[str, Any] = {}
+    reports: list[RoundReport] = []
+    last_round_end = [started]
+    model_box: list[torch.nn.Module] = [task.build_model()]
+
+    def hospital_epsilons() -> dict[str, float | None]:
+        out: dict[str, float | None] = {}
+        for name in names:
+            fed = federations.get(name)
+            spend = fed.local_privacy if fed is not None else None
+            out[name] = float(spend.epsilon) if spend is not None else (0.0 if settings.dp == "local" else None)
+        return out
+
+    def observe(run_id: str, number: int, attempt: int, kw: Mapping[str, Any]) -> None:
+        model = task.build_model()
+        vector_to_model(np.asarray(kw["model"], dtype=np.float32), model)
+        metrics = healthcare.evaluate(model, test)
+        participants = sorted(n for a, n, _, _ in store.participants(run_id, number) if a == attempt)
+        drops = sorted({name for (r, a, name, _, _) in store.dropouts(run_id) if r == number and a == attempt})
+        participants = [p for p in participants if p not in drops]
+        eps_user = None
+        if settings.dp in ("central", "distributed") and kw.get("ledger_json"):
+            eps_user = float(PrivacyLedger.from_json(kw["ledger_json"]).epsilon(FEDERATION))
+        eps: dict[str, float | None] = hospital_epsilons() if settings.dp == "local" else dict.fromkeys(names)
+        finite = [e for e in eps.values() if e is not None]
+        eps_max = max(finite) if finite else (eps_user if settings.dp in ("central", "distributed") else None)
+        if settings.dp == "local":
+            remaining = {n: (settings.epsilon_budget - e if e is not None else None) for n, e in eps.items()}
+        elif eps_user is not None:
+            remaining = {"federation": settings.epsilon_budget - eps_user}
+        else:
+            remaining = {}
+        now = time.monotonic()
+        report = RoundReport(
+            round=number, accuracy=metrics["accuracy"], auc=metrics["auc"], loss=metrics["loss"],
+            participants=participants, dropped=drops, epsilon_sample=eps, epsilon_sample_max=eps_max,
+            epsilon_user=eps_user, budget_remaining=remaining, seconds=now - last_round_end[0],
+        )
+        last_round_end[0] = now
+        reports.append(report)
+        model_box[0] = model
+        if on_round is not None:
+            on_round(report, model)
+
+    store = _ObservedStore(store_path, observe)
+    grpc_server: Any = None
+    client_errors: dict[str, str] = {}
+    try:
+        tokens = {name: store.enroll(name, rotate=store.client_enrolled(name)).token for name in names}
+        config = server_config(settings, recipe, len(names))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            coordinator = Coordinator(config, task, store, new_run=True)
+        if on_start is not None:
+            on_start(coordinator.run_id)
+        make_transport: Callable[[str], Any]
+        if settings.transport == "grpc":
+            grpc_server, make_transport = _grpc(coordinator, store, tokens)
+        else:
+            def make_transport(name: str) -> Any:
+                return InProcessTransport(coordinator, name)
+
+        def hospital_main(name: str, index: int) -> None:
+            dataset = data[name]
+            options = ClientOptions(
+                seed=settings.seed * 1000 + index + 1, num_examples=len(dataset), evaluate=evaluator(task, dataset),
+                poll_wait_ms=1000, backoff=BackoffPolicy(initial_delay_s=0.05, max_delay_s=1.0, give_up_after_s=60.0),
+            )
+            fed = Federation(_LateMaskedInput(make_transport(name), name, plan), task.name, task.build_model(),
+                             options)
+            federations[name] = fed
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    with fed:
+                        for rnd in fed:
+                            try:
+                                train_round(rnd, task, dataset)
+                            except BudgetExceededError as err:
+                                # Possible only if a round was retried after an abort: the hospital
+                                # refuses to train past its budget and sits the round out.
+                                log.warning("%s: %s", name, err)
+                                deadline = rnd.start_message.deadline_unix_ms / 1000.0
+                                time.sleep(max(0.0, deadline - time.time()) + 0.3)
+            except Exception as err:  # the coordinator treats it as a dropout; reported at the end
+                client_errors[name] = f"{type(err).__name__}: {err}"
+                log.exception("hospital %s failed", name)
+
+        threads = [
+            threading.Thread(target=hospital_main, args=(n, i), name=n, daemon=True) for i, n in enumerate(names)
+        ]
+        for t in threads:
+            t.start()
+        try:
+            summary = coordinator.run()
+        finally:
+            coordinator.stop()
+        for t in threads:
+            t.join(timeout=30.0)
+        for t in threads:
+            if t.is_alive():
+                client_errors.setdefault(t.name, "still running after the job ended")
+        eps_now = hospital_epsilons()
+        hospitals = {
+            name: {
+                "patients": len(data[name]),
+                "malignant_share": float(data[name].tensors[1].float().mean()),
+                "rounds_joined": sum(1 for r in reports if name in r.participants),
+                "epsilon": eps_now.get(name),
+                "noise_multiplier": _noise_of(federations.get(name)),
+            }
+            for name in names
+        }
+        return FederationResult(
+            run_id=summary.run_id, status=summary.status, message=summary.message, rounds=reports,
+            model=model_box[0], hospitals=hospitals, epsilon_user=summary.epsilon, client_errors=client_errors,
+            wall_seconds=time.monotonic() - started,
+        )
+    finally:
+        if grpc_server is not None:
+            grpc_server.stop(grace=1.0)
+        store.close()
+
+
+class _LateMaskedInput:
+    """A hospital's transport that holds back its masked input in the rounds it drops out of.
+
+    Everything else passes straight through. In a dropout round the masked input is sent only
+    after the stage deadline (read from the server's ``IncomingShares``), so the coordinator has
+    closed the stage and answers ABORTED: the hospital is a dropout of that round.
+    """
+
+    def __init__(self, inner: Any, name: str, plan: DropoutPlan) -> None:
+        self._inner = inner
+        self._name = name
+        self._plan = plan
+        self._masked_deadline = 0.0
+
+    def poll(self, request: Any) -> Any:
+        response = self._inner.poll(request)
+        if response.WhichOneof("instruction") == "incoming_shares":
+            self._masked_deadline = response.incoming_shares.deadline_unix_ms / 1000.0
+        return response
+
+    def submit_masked_input(self, request: Any) -> Any:
+        if self._plan.is_silent(self._name, int(request.header.round)):
+            time.sleep(max(0.0, self._masked_deadline - time.time()) + 0.25)
+        return self._inner.submit_masked_input(request)
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._inner, attr)
+
+
+def _noise_of(fed: Any) -> float | None:
+    spend = fed.local_privacy if fed is not None else None
+    return float(spend.noise_multiplier) if spend is not None else None
+
+
+def _grpc(coordinator: Any, store: RunStore, tokens: Mapping[str, str]) -> tuple[Any, Callable[[str], Any]]:
+    """Serve the coordinator over TLS on 127.0.0.1 (ephemeral port); per-hospital token transports."""
+    from fedveil.protocol.auth import Authenticator
+    from fedveil.protocol.client import ChannelConfig, GrpcTransport, open_channel
+    from fedveil.protocol.service import ServerLimits, build_server
+    from fedveil.protocol.tls import generate_ca, generate_certificate, server_credentials
+
+    ca = generate_ca("fedveil demo CA", days=1)
+    leaf = generate_certificate("localhost", ca, hostnames=["localhost", "127.0.0.1"], days=1)
+    auth = Authenticator(store.credential, client_exists=store.client_enrolled)
+    limits = ServerLimits(max_message_bytes=max(coordinator.max_message_bytes(), 1 << 20))
+    server, port = build_server(coordinator, auth, "127.0.0.1:0",
+                                credentials=server_credentials(leaf.cert_pem, leaf.key_pem), limits=limits)
+
+    def make(name: str) -> Any:
+        channel = open_channel(ChannelConfig(target=f"127.0.0.1:{port}", ca_cert_pem=ca.cert_pem,
+                                             server_name_override="localhost"))
+        return GrpcTransport(channel, tokens[name], rpc_timeout_s=60.0)
+
+    return server, make

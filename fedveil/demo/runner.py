@@ -1,0 +1,471 @@
+"""``fedveil demo healthcare``: the scripted demo, end to end.
+
+1. Split WDBC (:mod:`fedveil.demo.data`) and write each hospital's share into its own data
+   directory, ``OUT/hospitals/<hospital>/demo-share.csv``.
+2. Run the federation (:mod:`fedveil.demo.federation`): the real coordinator and one client per
+   hospital, secure aggregation over TLS gRPC on loopback (or in-process), local DP-SGD per
+   hospital, some hospitals dropping out of some rounds. A progress bar and a live table show
+   each round: test accuracy, ROC AUC and loss of the new global model, each hospital's
+   patient-level ε, the user-level ε when a user-level mechanism is on, and who dropped.
+3. Compare with (a) centralized non-private training and (b) federated non-private training on
+   the same split with the same rounds and dropouts (:mod:`fedveil.demo.baselines`).
+4. Write ``report.json``, ``report.md``, ``report.html`` and the plots to ``OUT``.
+
+With a dashboard port the web dashboard (:mod:`fedveil.server.dashboard`) serves the demo's run
+live, lets the browser start further runs (which train on a hospital's uploaded ``site.csv``
+when it has one, else on its demo share), and keeps serving after the demo until Ctrl+C.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import threading
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from torch.utils.data import TensorDataset
+
+from fedveil.demo import healthcare
+from fedveil.demo.baselines import centralized, federated_non_private
+from fedveil.demo.data import FEATURE_NAMES, DemoSplit, make_split
+from fedveil.demo.federation import (
+    DpMode,
+    DropoutPlan,
+    FederationResult,
+    FederationSettings,
+    RoundReport,
+    Transport,
+    run_federation,
+)
+from fedveil.demo.recipe import Recipe
+from fedveil.demo.report import write_report
+
+log = logging.getLogger("fedveil.demo")
+
+DEMO_SHARE = "demo-share.csv"
+STORE_FILE = "runs.sqlite"
+SPLIT_SEED = 0
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    """The demo's settings: the CLI flags, with the tuned recipe's defaults."""
+
+    hospitals: int = 5
+    rounds: int | None = None
+    dropout: float = 0.1
+    dp: DpMode = "local"
+    in_process: bool = False
+    dashboard_port: int | None = None
+    out: Path = Path("demo-out")
+    seed: int = 0
+
+    @property
+    def recipe(self) -> Recipe:
+        base = Recipe()
+        return dataclasses.replace(base, rounds=self.rounds) if self.rounds is not None else base
+
+
+def hospital_dir(out: Path, hospital: str) -> Path:
+    return out / "hospitals" / hospital
+
+
+def write_hospital_shares(split: DemoSplit, out: Path) -> dict[str, Path]:
+    """Each hospital's demo share in its own data directory; returns hospital → file."""
+    files: dict[str, Path] = {}
+    for site in split.hospitals:
+        d = hospital_dir(out, site.name)
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / DEMO_SHARE
+        path.write_text(healthcare.SCHEMA.to_csv(site.features, site.labels))
+        files[site.name] = path
+    return files
+
+
+def export_csv(split: DemoSplit, directory: Path) -> dict[str, Any]:
+    """Write ``<hospital>.csv`` per hospital and ``SCHEMA.md`` describing the columns."""
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for site in split.hospitals:
+        path = directory / f"{site.name}.csv"
+        path.write_text(healthcare.SCHEMA.to_csv(site.features, site.labels))
+        written.append({"hospital": site.name, "path": str(path), "rows": site.size,
+                        "malignant_share": round(site.malignant_share, 4)})
+    (directory / "SCHEMA.md").write_text(schema_markdown())
+    return {"directory": str(directory), "files": written, "schema": str(directory / "SCHEMA.md")}
+
+
+def schema_markdown() -> str:
+    s = healthcare.SCHEMA
+    lines = [
+        "# Site CSV schema: fedveil.demo.healthcare:task",
+        "",
+        "One header row naming the columns (any order), then one row per patient. UTF-8 text,",
+        "comma-separated, numbers only. Features are raw measurements of the cell nuclei in a",
+        "fine-needle aspirate image (WDBC); the model scales them itself. The last column is the",
+        f"label. At most {s.max_rows} rows; the dashboard accepts files up to 2 MB.",
+        "",
+        "| column | type | meaning |",
+        "|---|---|---|",
+    ]
+    for c in [*s.features, s.label]:
+        lines.append(f"| `{c.name}` | {c.dtype} | {c.description} |")
+    lines += ["", "Try a file with `fedveil client --task fedveil.demo.healthcare:task --data FILE ...` or",
+              "upload it on the dashboard's Hospitals page.", ""]
+    return "\n".join(lines)
+
+
+def example_patients(split: DemoSplit) -> list[dict[str, Any]]:
+    """Three held-out patients for the clinician page: clearly benign, clearly malignant, borderline."""
+    x, y = split.test.features, split.test.labels
+    area = x[:, FEATURE_NAMES.index("worst_area")]
+    benign = np.where(y == 0)[0]
+    malignant = np.where(y == 1)[0]
+    picks = [
+        ("Example A (held-out patient, benign)", int(benign[np.argmin(area[benign])])),
+        ("Example B (held-out patient, malignant)", int(malignant[np.argmax(area[malignant])])),
+        ("Example C (held-out patient, borderline size)", int(np.argmin(np.abs(area - np.median(area))))),
+    ]
+    return [{"label": label, "features": dict(zip(FEATURE_NAMES, (float(v) for v in x[i]), strict=True))}
+            for label, i in picks]
+
+
+# ---------------------------------------------------------------------------------------------
+# Live display
+
+
+class LiveTable:
+    """A progress bar and a per-round table (rich), refreshed as rounds complete."""
+
+    def __init__(self, console: Console, hospitals: list[str], rounds: int, dp: str) -> None:
+        self.console = console
+        self.hospitals = hospitals
+        self.dp = dp
+        self.progress = Progress(TextColumn("[bold]federated training"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=console)
+        self.task_id = self.progress.add_task("rounds", total=rounds)
+        self.rows: list[RoundReport] = []
+        self._live: Live | None = None
+
+    def table(self) -> Table:
+        t = Table(title="rounds (test set: held-out patients)", header_style="bold", show_lines=False)
+        t.add_column("round", justify="right")
+        t.add_column("accuracy", justify="right")
+        t.add_column("ROC AUC", justify="right")
+        t.add_column("loss", justify="right")
+        for h in self.hospitals:
+            t.add_column(f"ε {h.replace('hospital-', 'H')}", justify="right")
+        t.add_column("user ε", justify="right")
+        t.add_column("dropped")
+        t.add_column("s", justify="right")
+        for r in self.rows[-25:]:
+            eps = [f"{v:.2f}" if (v := r.epsilon_sample.get(h)) is not None else "–" for h in self.hospitals]
+            t.add_row(str(r.round), f"{r.accuracy:.3f}", f"{r.auc:.3f}", f"{r.loss:.3f}", *eps,
+                      f"{r.epsilon_user:.2f}" if r.epsilon_user is not None else "–",
+                      ", ".join(d.replace("hospital-", "H") for d in r.dropped) or "–", f"{r.seconds:.1f}")
+        return t
+
+    def __enter__(self) -> LiveTable:
+        if self.console.is_terminal:
+            self._live = Live(Group(self.progress, self.table()), console=self.console, refresh_per_second=4)
+            self._live.__enter__()
+        return self
+
+    def add(self, report: RoundReport) -> None:
+        self.rows.append(report)
+        self.progress.update(self.task_id, completed=len(self.rows))
+        if self._live is not None:
+            self._live.update(Group(self.progress, self.table()))
+        else:
+            eps = " ".join(f"{h}={report.epsilon_sample[h]:.2f}" for h in self.hospitals
+                           if report.epsilon_sample.get(h) is not None)
+            user = f" user-ε={report.epsilon_user:.2f}" if report.epsilon_user is not None else ""
+            self.console.print(
+                f"round {report.round:>3}  acc {report.accuracy:.3f}  auc {report.auc:.3f}  loss {report.loss:.3f}"
+                f"  ε[{eps}]{user}  dropped: {', '.join(report.dropped) or '-'}", highlight=False, markup=False)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.__exit__(None, None, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs (the demo's own, and the ones the dashboard starts)
+
+
+class DemoRuns:
+    """Runs the federation for the demo and for the dashboard, recording them for the dashboard."""
+
+    def __init__(self, options: DemoOptions, split: DemoSplit, runs: Any, console: Console) -> None:
+        self.options = options
+        self.split = split
+        self.runs = runs  # a fedveil.server.dashboard.MemoryRunSource
+        self.console = console
+        self.test = TensorDataset(torch.from_numpy(split.test.features), torch.from_numpy(split.test.labels))
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return [h.name for h in self.split.hospitals]
+
+    def site_files(self, prefer_uploads: bool) -> dict[str, Path]:
+        files = {}
+        for name in self.names:
+            d = hospital_dir(self.options.out, name)
+            upload = d / "site.csv"
+            files[name] = upload if prefer_uploads and upload.is_file() else d / DEMO_SHARE
+        return files
+
+    def run(
+        self, settings: FederationSettings, recipe: Recipe, *, prefer_uploads: bool,
+        on_round: Callable[[RoundReport], None] | None = None,
+    ) -> FederationResult:
+        rid_box: list[str] = []
+        max_silent = settings.hospitals_per_round - settings.threshold
+        plan = DropoutPlan.draw(self.names, settings.rounds, settings.dropout, max_silent, settings.seed)
+
+        def started(run_id: str) -> None:
+            rid_box.append(run_id)
+            self.runs.begin_run(
+                {"rounds": settings.rounds, "hospitals_per_round": settings.hospitals_per_round, "dp": settings.dp,
+                 "epsilon_budget": settings.epsilon_budget, "dropout": settings.dropout,
+                 "transport": settings.transport},
+                self.names, epsilon_budget=settings.epsilon_budget if settings.dp != "none" else None,
+                delta=recipe.delta, run_id=run_id)
+
+        def observed(report: RoundReport, model: torch.nn.Module) -> None:
+            if rid_box:
+                self.runs.add_round(rid_box[0], report.to_dict())
+            self.runs.set_model(model.state_dict())
+            if on_round is not None:
+                on_round(report)
+
+        try:
+            result = run_federation(
+                store_path=self.options.out / STORE_FILE, site_files=self.site_files(prefer_uploads), test=self.test,
+                settings=settings, recipe=recipe, dropout_plan=plan, on_round=observed, on_start=started)
+        except Exception as err:
+            if rid_box:
+                self.runs.finish_run(rid_box[0], error=f"{type(err).__name__}: {err}")
+            raise
+        errors = "; ".join(f"{k}: {v}" for k, v in result.client_errors.items())
+        failed = result.status not in ("completed",)
+        self.runs.finish_run(result.run_id, error=(result.message if failed else None) or (errors or None),
+                             summary={"status": result.status, "message": result.message})
+        return result
+
+    # -- the dashboard's RunStarter interface --
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self, browser_settings: Any) -> str:
+        with self._lock:
+            if self.busy():
+                from fedveil.server.dashboard import DashboardError
+
+                raise DashboardError("a run is already in progress; wait for it to finish")
+            settings = FederationSettings(
+                rounds=browser_settings.rounds, hospitals_per_round=max(2, browser_settings.hospitals_per_round),
+                dp=browser_settings.dp, epsilon_budget=browser_settings.epsilon_budget, dropout=self.options.dropout,
+                transport="in-process" if self.options.in_process else "grpc",
+                seed=int(time.time()) % 100_000,
+            )
+            recipe = dataclasses.replace(self.options.recipe, rounds=settings.rounds,
+                                         target_epsilon=settings.epsilon_budget)
+            ready = threading.Event()
+            box: dict[str, Any] = {}
+
+            def on_start_wrapper() -> None:
+                try:
+                    self.run(settings, recipe, prefer_uploads=True)
+                except Exception as err:
+                    box["error"] = f"{type(err).__name__}: {err}"
+                    log.exception("dashboard run failed")
+                finally:
+                    ready.set()
+
+            before = {r["id"] for r in self.runs.list_runs()}
+            self._thread = threading.Thread(target=on_start_wrapper, name="dashboard-run", daemon=True)
+            self._thread.start()
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                new = [r["id"] for r in self.runs.list_runs() if r["id"] not in before]
+                if new:
+                    return str(new[0])
+                if ready.is_set():
+                    break
+                time.sleep(0.05)
+            from fedveil.server.dashboard import DashboardError
+
+            raise DashboardError(f"the run did not start: {box.get('error', 'timed out')}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo
+
+
+def run_demo(
+    options: DemoOptions,
+    console: Console | None = None,
+    *,
+    serve_forever: bool = True,
+    on_dashboard: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run the whole demo; returns the report (also written to ``options.out``)."""
+    from fedveil.server.dashboard import Dashboard, DashboardServer, HospitalDataDirs, MemoryRunSource
+
+    console = console or Console()
+    torch.set_num_threads(1)
+    logging.getLogger("fedveil").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="opacus")
+    warnings.filterwarnings("ignore", message=".*Full backward hook.*")
+    started = time.monotonic()
+    out = options.out
+    out.mkdir(parents=True, exist_ok=True)
+    recipe = options.recipe
+    split = make_split(options.hospitals, seed=SPLIT_SEED)
+    write_hospital_shares(split, out)
+    runs = MemoryRunSource()
+    demo_runs = DemoRuns(options, split, runs, console)
+    server: DashboardServer | None = None
+    if options.dashboard_port is not None:
+        dirs = HospitalDataDirs(out / "hospitals", tuple(demo_runs.names), healthcare.task)
+        app = Dashboard(task=healthcare.task, runs=runs, hospitals=dirs, starter=demo_runs,
+                        examples=example_patients(split),
+                        assessor=lambda m, x: healthcare.assess(m, x).to_dict(),
+                        title="fedveil healthcare demo")
+        server = DashboardServer(app, port=options.dashboard_port).start()
+        console.print(f"[bold]dashboard[/] {server.url}")
+        if on_dashboard is not None:
+            on_dashboard(server.url)
+
+    try:
+        console.print(
+            f"[bold]fedveil healthcare demo[/]: WDBC, {options.hospitals} hospitals "
+            + ", ".join(f"{h.name} ({h.size} patients, {100 * h.malignant_share:.0f}% malignant)"
+                        for h in split.hospitals)
+            + f"; test set {split.test.size}, validation {split.validation.size}", highlight=False)
+        transport: Transport = "in-process" if options.in_process else "grpc"
+        settings = FederationSettings(
+            rounds=recipe.rounds, hospitals_per_round=options.hospitals, dp=options.dp,
+            epsilon_budget=recipe.target_epsilon, dropout=options.dropout, transport=transport, seed=options.seed,
+        )
+        console.print(
+            f"secure aggregation over {'TLS gRPC on 127.0.0.1' if transport == 'grpc' else 'in-process calls'}; "
+            f"DP mode [bold]{options.dp}[/]; {recipe.rounds} rounds; dropout probability {options.dropout:g}",
+            highlight=False)
+        live = LiveTable(console, demo_runs.names, recipe.rounds, options.dp)
+        with live:
+            result = demo_runs.run(settings, recipe, prefer_uploads=False, on_round=live.add)
+        if not result.rounds:
+            raise RuntimeError(f"the federation completed no rounds: {result.message} {result.client_errors}")
+
+        participation = {r.round: [demo_runs.names.index(p) for p in r.participants] for r in result.rounds}
+        central, _ = centralized(split, recipe)
+        federated, _ = federated_non_private(
+            split, recipe, seed=options.seed,
+            participation=lambda r: participation.get(r + 1, list(range(len(demo_runs.names)))))
+        report = build_report(options, recipe, split, result, {"centralized": central.to_dict(),
+                                                               "federated_non_private": federated.to_dict()})
+        report["wall_seconds"] = round(time.monotonic() - started, 2)
+        paths = write_report(report, out)
+        report["files"] = {k: str(v) for k, v in paths.items()}
+        print_comparison(console, report)
+        if server is not None and serve_forever:
+            console.print(f"dashboard still serving at {server.url}; press Ctrl+C to stop")
+            try:
+                while True:
+                    time.sleep(0.5)
+            except KeyboardInterrupt:
+                pass
+        return report
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def build_report(
+    options: DemoOptions, recipe: Recipe, split: DemoSplit, result: FederationResult, baselines: Mapping[str, Any]
+) -> dict[str, Any]:
+    final = result.rounds[-1]
+    hospitals = []
+    for site in split.hospitals:
+        h = result.hospitals.get(site.name, {})
+        hospitals.append({"name": site.name, "patients": site.size, "malignant_share": site.malignant_share,
+                          "noise_multiplier": h.get("noise_multiplier"), "rounds_joined": h.get("rounds_joined", 0),
+                          "epsilon": h.get("epsilon")})
+    eps_local = [h["epsilon"] for h in hospitals if h["epsilon"] is not None]
+    user_level = options.dp in ("central", "distributed")
+    eps_user = result.epsilon_user if user_level else None
+    if options.dp == "local":
+        eps_sample_max: float | None = max(eps_local) if eps_local else None
+    elif user_level:
+        eps_sample_max = eps_user  # user-level DP covers every patient of a hospital with the same ε
+    else:
+        eps_sample_max = None
+    notes = [
+        "Accuracy, ROC AUC and loss are measured on the held-out test set, which no choice of the recipe looked at; "
+        "the recipe was tuned by cross-validation on the non-test patients (fedveil.demo.tuning).",
+        "Federated non-private baseline: the same hospitals, rounds, dropouts, local and server optimizers without "
+        "DP-SGD, aggregated in the clear (secure aggregation yields the same sum).",
+    ]
+    if user_level:
+        notes.append("No local DP-SGD in this mode: epsilon_sample_max reports the user-level ε, which bounds every "
+                     "patient's privacy too (a patient's records belong to one hospital).")
+    if result.status != "completed":
+        notes.append(f"The federation ended early: {result.status}: {result.message}")
+    if result.client_errors:
+        notes.append("Client errors: " + "; ".join(f"{k}: {v}" for k, v in result.client_errors.items()))
+    return {
+        "final_accuracy": final.accuracy,
+        "final_auc": final.auc,
+        "final_loss": final.loss,
+        "epsilon_sample_max": eps_sample_max,
+        "epsilon_user": eps_user,
+        "delta": recipe.delta,
+        "dp": options.dp,
+        "transport": "in-process" if options.in_process else "grpc+tls",
+        "run_id": result.run_id,
+        "status": result.status,
+        "rounds": [r.to_dict() for r in result.rounds],
+        "hospitals": hospitals,
+        "baselines": dict(baselines),
+        "recipe": recipe.to_dict(),
+        "settings": {"hospitals": options.hospitals, "rounds": recipe.rounds, "dropout": options.dropout,
+                     "dp": options.dp, "epsilon_budget": recipe.target_epsilon if options.dp != "none" else None,
+                     "seed": options.seed, "split_seed": SPLIT_SEED},
+        "split": {"test": split.test.size, "validation": split.validation.size,
+                  "hospitals": {h.name: h.size for h in split.hospitals}},
+        "secure_aggregation": {"graph": "complete", "threshold": options.hospitals // 2 + 1,
+                               "dropouts": sum(len(r.dropped) for r in result.rounds)},
+        "notes": notes,
+    }
+
+
+def print_comparison(console: Console, report: Mapping[str, Any]) -> None:
+    from fedveil.demo.report import comparison_rows
+
+    t = Table(title="privacy-utility comparison (held-out test set)", header_style="bold")
+    for col in ("model", "privacy", "accuracy", "ROC AUC", "loss"):
+        t.add_column(col, justify="left" if col in ("model", "privacy") else "right")
+    for row in comparison_rows(report):
+        loss = row.get("loss")
+        t.add_row(row["name"], row["privacy"], f"{row['accuracy']:.3f}", f"{row['auc']:.3f}",
+                  "–" if loss is None or (isinstance(loss, float) and math.isnan(loss)) else f"{loss:.3f}")
+    console.print(t)
+    files = report.get("files", {})
+    if files:
+        console.print(f"report: {files.get('markdown')} · {files.get('html')} · {files.get('json')}", highlight=False)

@@ -1,0 +1,225 @@
+"""The dashboard's JSON API and static pages over real HTTP (no browser)."""
+
+from __future__ import annotations
+
+import json
+import math
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from fedveil.demo import healthcare
+from fedveil.demo.data import FEATURE_NAMES, make_split
+from fedveil.server.dashboard import Dashboard, DashboardServer, HospitalDataDirs, MemoryRunSource, RunSettings
+
+torch.set_num_threads(1)
+HOSPITALS = ("hospital-1", "hospital-2")
+
+
+def call(url: str, method: str = "GET", body: bytes | None = None, ctype: str = "application/json") -> tuple[int, Any]:
+    req = urllib.request.Request(url, data=body, method=method, headers={"Content-Type": ctype})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            raw = resp.read()
+            status = resp.status
+            kind = resp.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as err:
+        raw, status, kind = err.read(), err.code, err.headers.get("Content-Type", "")
+    return status, json.loads(raw) if "json" in kind else raw.decode()
+
+
+@pytest.fixture
+def board(tmp_path: Path) -> Iterator[tuple[DashboardServer, MemoryRunSource, HospitalDataDirs]]:
+    runs = MemoryRunSource()
+    dirs = HospitalDataDirs(tmp_path / "hospitals", HOSPITALS, healthcare.task, max_bytes=20_000)
+    app = Dashboard(
+        task=healthcare.task, runs=runs, hospitals=dirs, assessor=lambda m, x: healthcare.assess(m, x).to_dict()
+    )
+    server = DashboardServer(app, port=0).start()
+    try:
+        yield server, runs, dirs
+    finally:
+        server.stop()
+
+
+def site_csv(rows: int = 20) -> str:
+    h = make_split(5, 0).hospitals[1]
+    return healthcare.SCHEMA.to_csv(h.features[:rows], h.labels[:rows])
+
+
+def upload(url: str, hospital: str, body: bytes, filename: str = "site.csv") -> tuple[int, Any]:
+    return call(f"{url}api/hospitals/{hospital}/upload?filename={filename}", "POST", body, "text/csv")
+
+
+def files_in(dirs: HospitalDataDirs, hospital: str) -> list[str]:
+    d = dirs.root / hospital
+    return sorted(p.name for p in d.iterdir()) if d.exists() else []
+
+
+def test_pages_and_assets_are_served(board: Any) -> None:
+    server, _, _ = board
+    for path, marker in [("", "Start a run"), ("hospital.html", "Upload a site"), ("clinician.html", "Assess risk"),
+                         ("charts.js", "drawLineChart"), ("app.css", "--accent")]:
+        status, text = call(server.url + path)
+        assert status == 200 and marker in text, path
+    assert call(server.url + "nope.html")[0] == 404
+    assert call(server.url + "../pyproject.toml")[0] == 404
+    status, st = call(server.url + "api/status")
+    assert status == 200 and st["task"] == "healthcare-wdbc" and st["hospitals"] == list(HOSPITALS)
+    assert st["can_start_runs"] is False
+
+
+def test_good_upload_is_kept_only_in_the_hospitals_directory(board: Any) -> None:
+    server, _, dirs = board
+    body = site_csv().encode()
+    status, res = upload(server.url, "hospital-2", body)
+    assert status == 200, res
+    assert res["rows"] == 20 and res["features"] == len(FEATURE_NAMES)
+    assert (dirs.root / "hospital-2" / "site.csv").read_bytes() == body
+    assert files_in(dirs, "hospital-2") == ["site.csv"]
+    assert files_in(dirs, "hospital-1") == []
+    _, listing = call(server.url + "api/hospitals")
+    by_name = {h["name"]: h for h in listing["hospitals"]}
+    assert by_name["hospital-2"]["has_upload"] and by_name["hospital-2"]["rows"] == 20
+    assert not by_name["hospital-1"]["has_upload"]
+    assert call(server.url + "api/hospitals/hospital-2/upload", "DELETE")[1] == {"removed": True}
+    assert files_in(dirs, "hospital-2") == []
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("missing", "missing columns: worst_symmetry"),
+        ("extra", "unexpected columns: favourite_colour"),
+        ("wrong_type", "'abc' is not a number"),
+        ("empty", "the file is empty"),
+        ("header_only", "no data rows"),
+        ("not_csv_name", "is not a CSV file"),
+        ("binary", "not UTF-8 text"),
+        ("too_large", "too large"),
+        ("bad_label", "must be 0 or 1"),
+    ],
+)
+def test_bad_uploads_are_refused_with_a_message_and_leave_nothing(board: Any, case: str, expected: str) -> None:
+    server, _, dirs = board
+    good = site_csv().encode()
+    assert upload(server.url, "hospital-1", good)[0] == 200  # an earlier accepted file must survive a bad upload
+    lines = site_csv().splitlines()
+    header = lines[0].split(",")
+    filename = "site.csv"
+    if case == "missing":
+        keep = [i for i, h in enumerate(header) if h != "worst_symmetry"]
+        body = "\n".join(",".join(line.split(",")[i] for i in keep) for line in lines).encode()
+    elif case == "extra":
+        body = "\n".join([lines[0] + ",favourite_colour"] + [line + ",3" for line in lines[1:]]).encode()
+    elif case == "wrong_type":
+        cells = lines[3].split(",")
+        cells[4] = "abc"
+        body = "\n".join([*lines[:3], ",".join(cells), *lines[4:]]).encode()
+    elif case == "empty":
+        body = b""
+    elif case == "header_only":
+        body = (lines[0] + "\n").encode()
+    elif case == "not_csv_name":
+        body, filename = good, "site.xlsx"
+    elif case == "binary":
+        body = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
+    elif case == "too_large":
+        body = (lines[0] + "\n" + "\n".join(lines[1:] * 300)).encode()
+        assert len(body) > dirs.max_bytes
+    else:  # bad_label
+        cells = lines[2].split(",")
+        cells[-1] = "2"
+        body = "\n".join([*lines[:2], ",".join(cells), *lines[3:]]).encode()
+    status, res = upload(server.url, "hospital-1", body, filename)
+    assert status in (400, 413), res
+    assert expected in res["error"], res["error"]
+    assert (status == 413) == (case == "too_large")
+    assert files_in(dirs, "hospital-1") == ["site.csv"]
+    assert (dirs.root / "hospital-1" / "site.csv").read_bytes() == good
+
+
+def test_upload_to_unknown_hospital_is_404(board: Any) -> None:
+    server, _, dirs = board
+    status, res = upload(server.url, "hospital-9", site_csv().encode())
+    assert status == 404 and "unknown hospital" in res["error"]
+    status, _ = upload(server.url, "..", site_csv().encode())
+    assert status == 404
+    assert not (dirs.root / "hospital-9").exists()
+
+
+def test_prediction_uses_the_current_model_and_explains_it(board: Any) -> None:
+    server, runs, _ = board
+    split = make_split(5, 0)
+    patient = dict(zip(FEATURE_NAMES, split.test.features[0].tolist(), strict=True))
+    status, res = call(server.url + "api/predict", "POST", json.dumps({"features": patient}).encode())
+    assert status == 503 and "no global model" in res["error"]
+    model = healthcare.build_model()
+    with torch.no_grad():
+        model.linear.weight.copy_(torch.linspace(-2, 3, len(FEATURE_NAMES)).reshape(1, -1))
+        model.linear.bias.fill_(-0.5)
+    runs.set_model(model.state_dict())
+    status, res = call(server.url + "api/predict", "POST", json.dumps({"features": patient}).encode())
+    assert status == 200, res
+    x = torch.from_numpy(split.test.features[:1])
+    with torch.no_grad():
+        expected = float(torch.sigmoid(model(x))[0])
+    assert math.isclose(res["probability"], expected, rel_tol=1e-5)
+    assert res["risk_level"] in ("low", "moderate", "high", "very high") and res["confidence"]
+    top = res["top_features"]
+    assert len(top) == 5
+    mags = [abs(f["contribution"]) for f in top]
+    assert mags == sorted(mags, reverse=True)
+    assert all(f["direction"] == ("raises risk" if f["contribution"] > 0 else "lowers risk") for f in top)
+    # exact decomposition: bias + all contributions = logit
+    full = healthcare.assess(model, split.test.features[0])
+    total = full.baseline_logit + sum(c.contribution for c in full.contributions)
+    assert math.isclose(total, res["logit"], abs_tol=1e-4)
+    bad = dict(patient, mean_radius="wide")
+    status, res = call(server.url + "api/predict", "POST", json.dumps({"features": bad}).encode())
+    assert status == 400 and "mean_radius" in res["error"]
+    missing = {k: v for k, v in patient.items() if k != "worst_area"}
+    status, res = call(server.url + "api/predict", "POST", json.dumps({"features": missing}).encode())
+    assert status == 400 and "worst_area" in res["error"]
+    status, res = call(server.url + "api/predict", "POST", b"{not json")
+    assert status == 400 and "not valid JSON" in res["error"]
+
+
+def test_runs_are_listed_with_their_rounds(board: Any) -> None:
+    server, runs, _ = board
+    rid = runs.begin_run({"rounds": 2, "dp": "local"}, HOSPITALS, epsilon_budget=3.0, delta=1e-5)
+    runs.add_round(rid, {"round": 1, "accuracy": 0.9, "auc": 0.95, "loss": 0.3, "participants": ["hospital-1"],
+                         "dropped": ["hospital-2"], "epsilon_sample": {"hospital-1": 1.2, "hospital-2": float("nan")},
+                         "epsilon_sample_max": 1.2, "epsilon_user": None, "budget_remaining": {"hospital-1": 1.8}})
+    _, listing = call(server.url + "api/runs")
+    assert [r["id"] for r in listing["runs"]] == [rid]
+    assert listing["runs"][0]["rounds_done"] == 1 and listing["runs"][0]["status"] == "running"
+    status, run = call(server.url + f"api/runs/{rid}")
+    assert status == 200 and run["rounds"][0]["dropped"] == ["hospital-2"]
+    assert run["rounds"][0]["epsilon_sample"]["hospital-2"] is None  # NaN is not JSON
+    assert call(server.url + "api/runs/nope")[0] == 404
+    status, res = call(server.url + "api/runs", "POST", json.dumps({"rounds": 2}).encode())
+    assert status == 409 and "cannot start runs" in res["error"]
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [({"rounds": 0}, "rounds"), ({"rounds": "ten"}, "rounds"), ({"hospitals_per_round": 9}, "hospitals_per_round"),
+     ({"dp": "magic"}, "dp"), ({"epsilon_budget": -1}, "epsilon_budget"), ({"colour": 1}, "colour"),
+     ({"rounds": 2.5}, "rounds")],
+)
+def test_run_settings_are_validated(payload: dict[str, Any], field: str) -> None:
+    from fedveil.server.dashboard import DashboardError
+
+    with pytest.raises(DashboardError, match=field):
+        RunSettings.from_json(payload, max_hospitals=5)
+    good = {"rounds": 3, "hospitals_per_round": 2, "dp": "none", "epsilon_budget": 1}
+    ok = RunSettings.from_json(good, max_hospitals=5)
+    assert (ok.rounds, ok.hospitals_per_round, ok.dp, ok.epsilon_budget) == (3, 2, "none", 1.0)
+    assert np.isfinite(ok.epsilon_budget)
