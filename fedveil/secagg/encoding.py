@@ -219,17 +219,16 @@ class FixedPointEncoder:
         u = np.empty(chunk, dtype=np.float64)
         ints = np.empty(chunk, dtype=np.int64)
         mult = factor * self.scale
-        bound = self.clip * mult
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
             size = stop - start
             xs = x[start : min(stop, d)]
             k = xs.shape[0]
             yv = y[:size]
-            np.multiply(xs, mult, out=yv[:k], dtype=np.float64)
-            if not math.isfinite(float(yv[:k].sum())):  # finite float32/64 cannot overflow float64 here
+            if not np.isfinite(xs).all():
                 raise ConfigError("values: contains NaN or infinity")
-            np.clip(yv[:k], -bound, bound, out=yv[:k])
+            np.clip(xs, -self.clip, self.clip, out=yv[:k])
+            yv[:k] *= mult
             if k < size:  # the weight coordinate (weighted encoders only)
                 yv[k:] = mult
             # floor(y + u) with u ~ U[0, 1) rounds up with probability frac(y): unbiased stochastic rounding.
