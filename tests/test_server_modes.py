@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -122,3 +123,32 @@ def test_server_argument_errors(tmp_path: Path, extra: list[str], expected: str 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(expected), err
     assert not (tmp_path / "run.db").exists()
+
+
+def test_long_polls_are_capped_so_they_cannot_take_every_worker(tmp_path: Path) -> None:
+    from fedveil.protocol import PROTOCOL_VERSION
+    from fedveil.protocol.transport import ClientSession
+
+    coordinator, store = make_job(tmp_path, ["a", "b"], poll_wait=3.0)
+    coordinator.max_waiting_polls = 1
+    sessions = {}
+    for name in ("a", "b"):
+        t = InProcessTransport(coordinator, name)
+        sessions[name] = (t, ClientSession.from_join(t.join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION,
+                                                                            task_name="synthetic-logreg"))))
+    held: list[pb.PollResponse] = []
+    ta, sa = sessions["a"]
+    waiter = threading.Thread(target=lambda: held.append(ta.poll(pb.PollRequest(header=sa.header(),
+                                                                                   max_wait_ms=1500))))
+    waiter.start()
+    deadline = time.monotonic() + 5
+    while coordinator._waiting_polls < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    tb, sb = sessions["b"]
+    started = time.monotonic()
+    busy = tb.poll(pb.PollRequest(header=sb.header(), max_wait_ms=1500))
+    assert time.monotonic() - started < 1.0
+    assert busy.WhichOneof("instruction") == "wait" and "busy" in busy.wait.reason
+    waiter.join(10)
+    assert held and held[0].WhichOneof("instruction") == "wait" and "waiting for a cohort" in held[0].wait.reason
+    store.close()

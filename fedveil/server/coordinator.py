@@ -212,6 +212,10 @@ class Coordinator:
         self._aborted_attempts = 0
         self._dropouts = 0
         self._final_metrics: dict[str, float] = {}
+        self._waiting_polls = 0
+        self.max_waiting_polls: int | None = None
+        """Cap on polls held at once (the gRPC runner sets it below its worker count, so long polls
+        can never occupy every worker and stall the submissions of a round)."""
         self.resumed_from = 0
         self._open_run(new_run)
         self._model_cache: tuple[int, pb.Model] | None = None
@@ -426,7 +430,14 @@ class Coordinator:
                     if remaining <= 0 or self._stopping:
                         reason = self._wait_reason(client)
                         return pb.PollResponse(wait=pb.Wait(retry_after_ms=WAIT_RETRY_MS, reason=reason))
-                    self._cond.wait(min(remaining, 1.0))
+                    if self.max_waiting_polls is not None and self._waiting_polls >= self.max_waiting_polls:
+                        return pb.PollResponse(wait=pb.Wait(retry_after_ms=2 * WAIT_RETRY_MS,
+                                                            reason="server busy: poll again shortly"))
+                    self._waiting_polls += 1
+                    try:
+                        self._cond.wait(min(remaining, 1.0))
+                    finally:
+                        self._waiting_polls -= 1
             finally:
                 client.polling -= 1
                 client.last_seen = self._clock()
@@ -889,7 +900,20 @@ class Coordinator:
                 status, message = "stopped", "stopped before the job completed; restart with the same command"
                 break
             number = self.model.version + 1
-            outcome = self._run_round(number, available)
+            try:
+                outcome = self._run_round(number, available)
+            except Exception:  # a bug or a store failure: abort this attempt, keep the server up
+                log.exception("round %d: unexpected error; the attempt is aborted", number)
+                with self._cond:
+                    rnd = self._round
+                    if rnd is not None:
+                        try:
+                            self._abandon(rnd, "internal server error (logged)")
+                        except Exception:
+                            log.exception("round %d: could not record the abort", number)
+                            self._finish_round_for_clients(rnd, pb.ROUND_OUTCOME_ABORTED, "internal error", ())
+                    self._aborted_attempts += 1
+                outcome = "aborted"
             if outcome == "stopped":
                 status, message = "stopped", "stopped before the job completed; restart with the same command"
                 break

@@ -55,8 +55,9 @@ def serve(
     try:
         coordinator = Coordinator(config, task, store, new_run=new_run)
         limit = max_message_bytes or coordinator.max_message_bytes()
-        workers = max(16, 2 * config.clients_per_round + 8)
+        workers = max(32, 2 * config.clients_per_round + 16)
         limits = ServerLimits(max_message_bytes=limit, workers=workers, max_concurrent_rpcs=max(256, 4 * workers))
+        coordinator.max_waiting_polls = workers - 8  # long polls never take the last workers
         credentials = None
         if tls is not None:
             from fedveil.protocol.tls import server_credentials
