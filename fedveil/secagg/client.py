@@ -140,8 +140,11 @@ class ClientR1ShareKeys(ClientState):
         ctx = self.ctx
         cfg = ctx.config
         me = ctx.client_id
+        # Active mode: every advertisement's identity signature is verified, not only the
+        # neighbours': the graph is derived from the session id, so an unsigned key of any client
+        # would let the server grind the permutation and choose a victim's neighbours.
         for adv in msg.advertisements:
-            check_advertisement(cfg, adv)  # active mode: every peer's signature is verified here
+            check_advertisement(cfg, adv)
         try:
             session = Session.from_advertisements(cfg, msg.advertisements)
         except ConfigError as err:
