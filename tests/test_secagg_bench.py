@@ -53,3 +53,11 @@ def test_invalid_arguments_one_line_exit_2(capsys, args, flag):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and err[0].startswith("error:") and flag in err[0]
+
+
+def test_active_mode_round(capsys):
+    code = main(["bench", "secagg", "--clients", "8", "--dim", "64", "--dropout", "0.25", "--dropout-stage", "unmask",
+                 "--active", "--json"])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and report["active"] is True and report["exact"] is True
+    assert report["survivors"] == 8

@@ -45,8 +45,10 @@ def secagg_round_parameters(clients: int, dropout: float, graph: str) -> tuple[i
 
 
 def run_secagg_bench(clients: int, dim: int, dropout: float, dropout_stage: str, graph: str,
-                     seed: int | None = None) -> dict[str, Any]:
+                     seed: int | None = None, active: bool = False) -> dict[str, Any]:
     """Run the benchmark round and return the report (the JSON object of ``--json``)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     from fedveil.secagg import FixedPointEncoder, GraphSpec, SecAggConfig
     from fedveil.secagg.prg import SEED_BYTES
     from fedveil.secagg.simulation import run_round
@@ -61,7 +63,10 @@ def run_secagg_bench(clients: int, dim: int, dropout: float, dropout_stage: str,
     dropped = sorted(int(i) for i in rng.choice(clients, size=n_drop, replace=False))
     encoder = FixedPointEncoder.for_clients(clients, clip=CLIP, ring_bits=32)
     spec = GraphSpec("harary", degree) if degree else GraphSpec("complete")
-    config = SecAggConfig(clients, threshold, encoder.encoded_length(dim), round_id=1, graph=spec)
+    identity = {c: Ed25519PrivateKey.generate() for c in range(clients)} if active else None
+    config = SecAggConfig(clients, threshold, encoder.encoded_length(dim), round_id=1, graph=spec, active=active,
+                          identity_keys=tuple(identity[c].public_key().public_bytes_raw() for c in range(clients))
+                          if identity else None)
 
     wall_start = time.perf_counter()
     encode_s: dict[int, float] = {}
@@ -70,12 +75,13 @@ def run_secagg_bench(clients: int, dim: int, dropout: float, dropout_stage: str,
         start = time.perf_counter()
         inputs[cid] = encoder.encode(updates[cid], os.urandom(SEED_BYTES))
         encode_s[cid] = time.perf_counter() - start
-    sim = run_round(config, inputs, dropouts={dropout_stage: dropped} if dropped else None)
+    sim = run_round(config, inputs, dropouts={dropout_stage: dropped} if dropped else None, identity_keys=identity)
     total_s = time.perf_counter() - wall_start
 
     client_s = [sim.client_s[c] + encode_s[c] for c in range(clients)]
     report: dict[str, Any] = {
         "clients": clients, "dim": dim, "dropout": dropout, "dropout_stage": dropout_stage, "graph": graph,
+        "active": active,
         "degree": degree if degree else clients - 1, "threshold": threshold, "dropped": n_drop,
         "dropped_clients": dropped,
         "completed": sim.completed,
@@ -110,8 +116,9 @@ def _print_table(report: dict[str, Any]) -> None:
     from rich.table import Table
 
     graph = report["graph"]
-    title = (f"secure aggregation round: {report['clients']} clients, dim {report['dim']}, {graph} graph "
-             f"(degree {report['degree']}, threshold {report['threshold']}), "
+    mode = "active-adversary" if report["active"] else "honest-but-curious"
+    title = (f"secure aggregation round ({mode} server): {report['clients']} clients, dim {report['dim']}, "
+             f"{graph} graph (degree {report['degree']}, threshold {report['threshold']}), "
              f"{report['dropped']} dropped at stage '{report['dropout_stage']}'")
     table = Table(title=title, show_header=True, header_style="bold")
     table.add_column("measure")
@@ -156,9 +163,10 @@ def _print_table(report: dict[str, Any]) -> None:
 @click.option("--graph", type=click.Choice(("complete", "harary")), default="complete", show_default=True,
               help="masking graph: complete (SecAgg) or Harary (SecAgg+)")
 @click.option("--seed", type=int, default=None, help="seed for the random updates and dropout choice")
+@click.option("--active", is_flag=True, help="active-adversary mode: signed keys and a consistency-check round")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object as the last line")
 def secagg_command(clients: int, dim: int, dropout: float, dropout_stage: str, graph: str, seed: int | None,
-                   as_json: bool) -> None:
+                   active: bool, as_json: bool) -> None:
     """Run one whole secure-aggregation round in-process and report its cost and exactness."""
     if clients < 2:
         fail("--clients", f"need at least 2 clients (got {clients})")
@@ -166,7 +174,7 @@ def secagg_command(clients: int, dim: int, dropout: float, dropout_stage: str, g
         fail("--dim", f"must be at least 1 (got {dim})")
     if not (math.isfinite(dropout) and 0.0 <= dropout < 1.0):
         fail("--dropout", f"must be in [0, 1) (got {dropout})")
-    report = run_secagg_bench(clients, dim, dropout, dropout_stage, graph, seed)
+    report = run_secagg_bench(clients, dim, dropout, dropout_stage, graph, seed, active)
     if as_json:
         print_json_last_line(report)
     else:
