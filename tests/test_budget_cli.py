@@ -105,6 +105,13 @@ def test_noise_bad_arguments(capsys: pytest.CaptureFixture[str], override: list[
     assert len(lines) == 1 and lines[0].startswith("error:") and flag in lines[0]
 
 
+def test_compute_refuses_a_prv_grid_that_would_not_fit(capsys: pytest.CaptureFixture[str]) -> None:
+    args = _with(_with(COMPUTE, ["--steps", "1000000"]), ["--accountant", "prv"])
+    code, out, err = run(capsys, args)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: --accountant:") and "grid" in err
+
+
 def test_missing_required_option_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, ["budget", "compute", "--sample-rate", "0.1"])
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--noise-multiplier" in err

@@ -111,6 +111,17 @@ def test_prv_and_pld_agree_within_stated_errors(q: float, z: float, steps: int) 
     assert eps_prv <= compute_epsilon(sample_rate=q, noise_multiplier=z, steps=steps, delta=DELTA, accountant="rdp")
 
 
+def test_prv_refuses_compositions_whose_grid_is_too_large() -> None:
+    acc = PRVAccountant()
+    acc.step(noise_multiplier=1.0, sample_rate=0.01, steps=1_000)
+    small = acc.domain_points(DELTA)
+    acc.step(noise_multiplier=1.0, sample_rate=0.01, steps=99_000)
+    assert acc.domain_points(DELTA) > 10 * small  # grows like sqrt(T) times the ε range
+    acc.max_domain_points = int(small)
+    with pytest.raises(ValueError, match="grid"):
+        acc.get_epsilon(DELTA)
+
+
 def test_pld_matches_dp_accounting_for_heterogeneous_history() -> None:
     events = [(0.01, 1.1, 300), (0.02, 0.9, 100), (0.01, 1.1, 50)]
     acc = PLDAccountant()

@@ -10,6 +10,7 @@ Bad arguments print one line ``error: --flag: ...`` and exit with status 2.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import click
@@ -74,13 +75,18 @@ def compute_cmd(
         "noise_multiplier": noise_multiplier,
         "steps": steps,
     }
-    if isinstance(acc, RDPAccountant):
-        eps, order = acc.get_privacy_spent(delta)
-        payload["optimal_order"] = order
-    else:
-        eps = acc.get_epsilon(delta)
-        if isinstance(acc, PRVAccountant):
-            payload["epsilon_error"] = acc.eps_error
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Opacus's RDP "optimal order at the edge" hints
+            if isinstance(acc, RDPAccountant):
+                eps, order = acc.get_privacy_spent(delta)
+                payload["optimal_order"] = order
+            else:
+                eps = acc.get_epsilon(delta)
+    except (ValueError, RuntimeError, MemoryError) as err:
+        fail("--accountant", f"the {accountant} accountant cannot evaluate this composition: {err}")
+    if isinstance(acc, PRVAccountant):
+        payload["epsilon_error"] = acc.eps_error
     payload["epsilon"] = eps
     click.echo(
         f"epsilon = {eps:.6g} at delta = {delta:g} ({accountant}; q = {sample_rate:g}, "
@@ -107,10 +113,12 @@ def noise_cmd(
     from fedveil.dp.accounting import solve_noise_multiplier
 
     try:
-        sol = solve_noise_multiplier(
-            target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant
-        )
-    except ValueError as err:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Opacus's RDP "optimal order at the edge" hints
+            sol = solve_noise_multiplier(
+                target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant
+            )
+    except (ValueError, RuntimeError, MemoryError) as err:
         fail("--target-epsilon", str(err))
     click.echo(
         f"noise multiplier = {sol.noise_multiplier:.6g} gives epsilon = {sol.epsilon:.6g} "

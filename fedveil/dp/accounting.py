@@ -485,6 +485,21 @@ class PRVAccountant(_GaussianOnlyAccountant):
     """
 
     name = "prv"
+    #: Refuse compositions whose discretization grid would exceed this many points (memory and minutes).
+    max_domain_points: int = 20_000_000
+
+    def domain_points(self, delta: float) -> float:
+        """Size of the grid Opacus's PRV accountant would discretize on (Gopi et al. 2021, Remark 5.6):
+        2L / mesh with mesh = eps_error / sqrt(T · log(12/δ_err) / 2)."""
+        from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV, compute_safe_domain_size
+
+        events = self._gaussian_history()
+        delta_error = self.delta_error if self.delta_error is not None else delta / 1000
+        prvs = [PoissonSubsampledGaussianPRV(e.sample_rate, e.noise_multiplier) for e in events]
+        steps = [e.steps for e in events]
+        half_width = compute_safe_domain_size(prvs, steps, eps_error=self.eps_error, delta_error=delta_error)
+        mesh = self.eps_error / math.sqrt(sum(steps) * math.log(12 / delta_error) / 2)
+        return 2.0 * float(half_width) / mesh
 
     def __init__(self, eps_error: float = 0.01, delta_error: float | None = None) -> None:
         super().__init__()
@@ -504,6 +519,12 @@ class PRVAccountant(_GaussianOnlyAccountant):
 
         acc = OpacusPRV()
         acc.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in events]
+        points = self.domain_points(delta)
+        if points > self.max_domain_points:
+            raise ValueError(
+                f"the PRV accountant would need a grid of {points:.3g} points for {self.total_steps} steps "
+                f"(limit {self.max_domain_points:.3g}); use the 'pld' or 'rdp' accountant or a larger eps_error"
+            )
         with np.errstate(divide="ignore"):  # log(1 - q) = -inf at q = 1 is handled by Opacus's np.where
             return float(acc.get_epsilon(delta, eps_error=self.eps_error, delta_error=self.delta_error))
 
