@@ -159,6 +159,8 @@ def _with_options(options: list[Any]) -> Any:
 @click.option("--new-run", is_flag=True, help="Start a new run even if the store holds an unfinished one.")
 @click.option("--port-file", default=None, help="Write the bound port to this file once listening.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object (last line).")
+@click.option("--dashboard", "dashboard_port", type=int, default=None, metavar="PORT",
+              help="Serve the web dashboard (runs, rounds, privacy, predictions) on 127.0.0.1:PORT.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 def server_command(**opts: Any) -> int:
@@ -222,6 +224,17 @@ def server_command(**opts: Any) -> int:
         if not opts["max_message_mb"] > 0:
             fail("--max-message-mb", f"must be positive (got {opts['max_message_mb']})")
         max_bytes = int(opts["max_message_mb"] * 1024 * 1024)
+    dashboard = None
+    if opts["dashboard_port"] is not None:
+        from fedveil.server.dashboard import start_store_dashboard
+
+        if not 0 <= opts["dashboard_port"] <= 65535:
+            fail("--dashboard", f"must be a TCP port in 0..65535 (got {opts['dashboard_port']})")
+        try:
+            dashboard = start_store_dashboard(store, task, opts["dashboard_port"])
+        except OSError as err:
+            fail("--dashboard", f"cannot listen on port {opts['dashboard_port']}: {err}")
+        click.echo(f"dashboard: {dashboard.url}")
     try:
         summary = serve(
             config, task, store, listen, tls=tls, new_run=opts["new_run"], max_message_bytes=max_bytes,
@@ -237,6 +250,9 @@ def server_command(**opts: Any) -> int:
     except ValueError as err:  # parameters the job cannot run with, e.g. an overflowing encoding
         eprint(f"error: {err}")
         return 2
+    finally:
+        if dashboard is not None:
+            dashboard.stop()
     _print_summary(summary.to_dict(), as_json=opts["as_json"])
     if summary.status in ("completed", "budget_exhausted"):
         return 0

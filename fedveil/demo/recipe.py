@@ -51,6 +51,9 @@ class Recipe:
     server_lr: float = 1.0
     accountant: str = "rdp"
     feature_transform: healthcare.FeatureTransform = healthcare.FEATURE_TRANSFORM
+    #: Serve the average of the last ``average_last`` global models (Polyak-Ruppert averaging on
+    #: the server: post-processing of released models, so it costs no privacy); 0 = the last one.
+    average_last: int = 0
 
     def __post_init__(self) -> None:
         checks: list[tuple[str, bool, object]] = [
@@ -63,6 +66,7 @@ class Recipe:
             ("delta", 0 < self.delta < 1, self.delta),
             ("server_optimizer", self.server_optimizer in ("fedavg", "fedadam"), self.server_optimizer),
             ("server_lr", math.isfinite(self.server_lr) and self.server_lr > 0, self.server_lr),
+            ("average_last", 0 <= self.average_last <= self.rounds, self.average_last),
         ]
         for name, ok, value in checks:
             if not ok:
@@ -189,6 +193,7 @@ def simulate(
     model = healthcare.RiskModel(recipe.feature_transform)
     server_opt = make_server_optimizer(recipe)
     history: list[dict[str, float]] = []
+    averager = ModelAverager(recipe.average_last)
     for r in range(recipe.rounds):
         chosen = list(participation(r)) if participation is not None else list(range(len(trainers)))
         global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -201,7 +206,31 @@ def simulate(
         if updates:
             new = server_opt.step(g, weighted_mean(updates, weights))
             model.load_state_dict(unflatten_state(new, global_state))
-        metrics = healthcare.evaluate(model, evaluation)
+        averager.add(model)
+        served = averager.model(model)
+        metrics = healthcare.evaluate(served, evaluation)
         metrics["round"] = float(r + 1)
         history.append(metrics)
-    return model, history, trainers
+    return averager.model(model), history, trainers
+
+
+class ModelAverager:
+    """Keeps the last ``k`` global models and serves their average (k = 0: the latest model)."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self._window: list[dict[str, torch.Tensor]] = []
+
+    def add(self, model: torch.nn.Module) -> None:
+        if self.k <= 0:
+            return
+        self._window.append({n: v.detach().clone() for n, v in model.state_dict().items()})
+        del self._window[: -self.k]
+
+    def model(self, latest: torch.nn.Module) -> torch.nn.Module:
+        if self.k <= 0 or not self._window:
+            return latest
+        out = copy.deepcopy(latest)
+        avg = {n: torch.stack([w[n] for w in self._window]).mean(dim=0) for n in self._window[0]}
+        out.load_state_dict(avg)
+        return out

@@ -9,7 +9,7 @@ Run ``python -m fedveil.demo.tuning --stage 1`` (then ``--stage 2``); each stage
 table and writes ``tuning-stage-N.json``. The stages' grids are listed in :data:`STAGES`;
 stage 2 starts from the best of stage 1 (``--base``) and varies one thing at a time: a larger
 step or batch, the clip norm, the rounds and local epochs, the feature transform and the
-server optimizer.
+server optimizer. Stage 3 serves the average of the last k global models (k = 0, 5, 10).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ STAGES: dict[int, list[dict[str, Any]]] = {
         {"feature_transform": "log"},
         {"server_optimizer": "fedadam", "server_lr": 0.1},
     ],
+    3: [{"average_last": 0}, {"average_last": 5}, {"average_last": 10}],
 }
 
 

@@ -82,6 +82,10 @@ DEFAULT_MAX_UPLOAD_BYTES = 2 * 1024 * 1024
 MAX_JSON_BYTES = 64 * 1024
 MAX_DISCARD_BYTES = 64 * 1024 * 1024
 SITE_FILE = "site.csv"
+NO_UPLOADS = (
+    "this dashboard runs beside the coordinator, which never receives hospital data: each hospital keeps its "
+    "file on its own machine (fedveil client --data FILE), or try uploads in fedveil demo healthcare --dashboard"
+)
 _HOSPITAL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -235,6 +239,131 @@ class MemoryRunSource:
     def latest_model(self) -> Mapping[str, torch.Tensor] | None:
         with self._lock:
             return None if self._model is None else dict(self._model)
+
+
+class StoreRunSource:
+    """Runs, rounds and the latest model read from a server's SQLite run store (read only).
+
+    Per round: the cohort's federated evaluation of the global model after that round
+    (examples-weighted means of the clients' reported metrics), the participants and dropouts,
+    each client's sample-level ε as recorded in the privacy ledger (clients report it), and the
+    federation's user-level ε from the ledger. Opens its own connection, so it can run beside
+    the coordinator in the same process.
+    """
+
+    def __init__(self, store_path: Path, task: Task) -> None:
+        from fedveil.server.store import RunStore
+
+        self.task = task
+        self._store = RunStore(store_path)
+
+    def close(self) -> None:
+        self._store.close()
+
+    def _settings(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        dp = str(config.get("dp", "none"))
+        if dp == "local":
+            budget = config.get("dp_client_epsilon_budget") or config.get("dp_local_target_epsilon") or None
+        else:
+            budget = config.get("dp_epsilon_budget")
+        return {"rounds": config.get("rounds"), "hospitals_per_round": config.get("clients_per_round"), "dp": dp,
+                "epsilon_budget": budget}
+
+    def _rounds(self, run_id: str, config: Mapping[str, Any]) -> list[dict[str, Any]]:
+        from fedveil.dp.ledger import FEDERATION, PrivacyLedger
+
+        store = self._store
+        ledger_text = store.ledger_json(run_id)
+        ledger = PrivacyLedger.from_json(ledger_text) if ledger_text else None
+        client_eps: dict[str, dict[int, float]] = {}
+        user_eps: dict[int, float] = {}
+        if ledger is not None:
+            for party in ledger.clients:
+                client_eps[party] = {h.round_index: h.epsilon_cumulative for h in ledger.party_history(party)}
+            user_eps = {h.round_index: h.epsilon_cumulative for h in ledger.party_history(FEDERATION)}
+        dropouts = store.dropouts(run_id)
+        settings = self._settings(config)
+        budget = settings["epsilon_budget"]
+        out: list[dict[str, Any]] = []
+        for rec in store.rounds(run_id):
+            if rec.status != "completed":
+                continue
+            r = rec.round
+            rows = store.evaluations(run_id, r)
+            metrics = _weighted(rows)
+            dropped = sorted({n for (rr, a, n, _, _) in dropouts if rr == r and a == rec.attempt})
+            participants = sorted(n for a, n, _, _ in store.participants(run_id, r) if a == rec.attempt)
+            eps_sample = {c: _latest_at(h, r) for c, h in client_eps.items()}
+            finite = [e for e in eps_sample.values() if e is not None]
+            eps_user = _latest_at(user_eps, r) if settings["dp"] in ("central", "distributed") else None
+            if budget and settings["dp"] == "local":
+                remaining = {c: (budget - e if e is not None else None) for c, e in eps_sample.items()}
+            elif budget and eps_user is not None:
+                remaining = {"federation": budget - eps_user}
+            else:
+                remaining = {}
+            out.append({
+                "round": r, "accuracy": metrics.get("accuracy"), "auc": metrics.get("auc"), "loss": metrics.get("loss"),
+                "participants": [p for p in participants if p not in dropped], "dropped": dropped,
+                "epsilon_sample": eps_sample, "epsilon_sample_max": max(finite) if finite else eps_user,
+                "epsilon_user": eps_user, "budget_remaining": remaining,
+            })
+        return out
+
+    def list_runs(self) -> list[dict[str, Any]]:
+        out = []
+        for rec in sorted(self._store.runs(), key=lambda r: r.created_at, reverse=True):
+            detail = self.get_run(rec.run_id)
+            if detail is not None:
+                out.append(_summary(detail))
+        return out
+
+    def get_run(self, run_id: str) -> dict[str, Any] | None:
+        rec = self._store.run(run_id)
+        if rec is None:
+            return None
+        rounds = self._rounds(run_id, rec.config)
+        status = "running" if rec.status == "running" else ("completed" if rec.status == "completed" else "failed")
+        seen = {p for r in rounds for p in [*r["participants"], *r["dropped"]]}
+        names = sorted(seen | set(self._store.enrolled_clients()))
+        settings = self._settings(rec.config)
+        return _jsonable({
+            "id": rec.run_id, "status": status, "settings": settings, "started_at": rec.created_at,
+            "finished_at": rec.finished_at, "hospitals": names, "epsilon_budget": settings["epsilon_budget"],
+            "delta": rec.config.get("dp_delta"), "rounds": rounds,
+            "error": None if status != "failed" else (rec.summary or {}).get("message", rec.status),
+        })
+
+    def latest_model(self) -> Mapping[str, torch.Tensor] | None:
+        from fedveil.task import vector_to_model
+
+        latest = self._store.latest_run()
+        if latest is None:
+            return None
+        ckpt = self._store.latest_checkpoint(latest.run_id)
+        if ckpt is None or ckpt.version == 0:
+            return None
+        model = self.task.build_model()
+        vector_to_model(np.asarray(ckpt.model, dtype=np.float32), model)
+        return model.state_dict()
+
+
+def _weighted(rows: Sequence[tuple[str, int, Mapping[str, float]]]) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for _, n, metrics in rows:
+        w = float(max(n, 1))
+        for k, v in metrics.items():
+            if isinstance(v, int | float) and math.isfinite(v):
+                totals[k] = totals.get(k, 0.0) + w * float(v)
+                weights[k] = weights.get(k, 0.0) + w
+    return {k: totals[k] / weights[k] for k in totals}
+
+
+def _latest_at(history: Mapping[int, float], round_number: int) -> float | None:
+    """Cumulative ε at ``round_number``: the last recorded value at or before it."""
+    known = [r for r in history if r <= round_number]
+    return history[max(known)] if known else None
 
 
 def _summary(run: Mapping[str, Any]) -> dict[str, Any]:
@@ -401,7 +530,7 @@ class Dashboard:
 
     task: Task
     runs: RunSource
-    hospitals: HospitalDataDirs
+    hospitals: HospitalDataDirs | None = None
     starter: RunStarter | None = None
     examples: Sequence[Mapping[str, Any]] = ()
     assessor: Assessor | None = None
@@ -413,16 +542,23 @@ class Dashboard:
     def status(self) -> dict[str, Any]:
         runs = self.runs.list_runs()
         active = next((r["id"] for r in runs if r["status"] == "running"), None)
+        names = list(self.hospitals.hospitals) if self.hospitals is not None else []
         return {
             "title": self.title,
             "task": self.task.name,
-            "hospitals": list(self.hospitals.hospitals),
+            "hospitals": names,
+            "uploads": self.hospitals is not None,
             "can_start_runs": self.starter is not None,
             "active_run": active,
             "has_model": self.runs.latest_model() is not None,
             "dp_modes": list(DP_MODES),
-            "defaults": asdict(RunSettings(hospitals_per_round=len(self.hospitals.hospitals))),
+            "defaults": asdict(RunSettings(hospitals_per_round=max(2, len(names)))),
         }
+
+    def site_dirs(self) -> HospitalDataDirs:
+        if self.hospitals is None:
+            raise DashboardError(NO_UPLOADS, HTTPStatus.CONFLICT)
+        return self.hospitals
 
     def start_run(self, payload: Any) -> dict[str, Any]:
         if self.starter is None:
@@ -430,7 +566,7 @@ class Dashboard:
                                  HTTPStatus.CONFLICT)
         if not isinstance(payload, dict):
             raise DashboardError("the request body must be a JSON object of run settings")
-        settings = RunSettings.from_json(payload, max_hospitals=len(self.hospitals.hospitals))
+        settings = RunSettings.from_json(payload, max_hospitals=len(self.site_dirs().hospitals))
         if self.starter.busy():
             raise DashboardError("a run is already in progress; wait for it to finish", HTTPStatus.CONFLICT)
         run_id = self.starter.start(settings)
@@ -449,7 +585,7 @@ class Dashboard:
                 {"name": c.name, "type": c.dtype, "description": c.description, "role": "feature"} for c in s.features
             ]
             + [{"name": s.label.name, "type": s.label.dtype, "description": s.label.description, "role": "label"}],
-            "max_bytes": self.hospitals.max_bytes,
+            "max_bytes": self.hospitals.max_bytes if self.hospitals is not None else DEFAULT_MAX_UPLOAD_BYTES,
         }
 
     def _current_model(self) -> torch.nn.Module:
@@ -594,16 +730,19 @@ def make_handler(app: Dashboard) -> type[BaseHTTPRequestHandler]:
             if method == "GET" and seg == ["schema"]:
                 return app.schema()
             if method == "GET" and seg == ["hospitals"]:
-                return {"hospitals": app.hospitals.describe()}
+                if app.hospitals is None:
+                    return {"hospitals": [], "uploads": False, "message": NO_UPLOADS}
+                return {"hospitals": app.hospitals.describe(), "uploads": True}
             if len(seg) == 3 and seg[0] == "hospitals" and seg[2] == "upload":
                 hospital = seg[1]
-                app.hospitals.path(hospital)  # 404 for an unknown hospital, before reading a body
+                dirs = app.site_dirs()
+                dirs.path(hospital)  # 404 for an unknown hospital, before reading a body
                 if method == "POST":
                     filename = (query.get("filename") or [""])[0]
-                    body = self._read_body(app.hospitals.max_bytes)
-                    return app.hospitals.accept(hospital, filename, body)
+                    body = self._read_body(dirs.max_bytes)
+                    return dirs.accept(hospital, filename, body)
                 if method == "DELETE":
-                    return {"removed": app.hospitals.remove(hospital)}
+                    return {"removed": dirs.remove(hospital)}
             if method == "GET" and seg == ["clinician", "examples"]:
                 return {"examples": list(app.examples)}
             if method == "POST" and seg == ["predict"]:
@@ -657,9 +796,18 @@ class DashboardServer:
         self._httpd.server_close()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        close = getattr(self.app.runs, "close", None)
+        if callable(close):
+            close()
 
     def __enter__(self) -> DashboardServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def start_store_dashboard(store_path: Path, task: Task, port: int, host: str = "127.0.0.1") -> DashboardServer:
+    """The dashboard of ``fedveil server --dashboard PORT``: watches the run store (no uploads, no run starts)."""
+    app = Dashboard(task=task, runs=StoreRunSource(Path(store_path), task), title="fedveil server")
+    return DashboardServer(app, port=port, host=host).start()

@@ -3,6 +3,10 @@
 
 async function refreshHospitals() {
   const data = await api("GET", "/api/hospitals");
+  if (!data.uploads) {
+    document.getElementById("upload-button").disabled = true;
+    showMessage(document.getElementById("upload-message"), data.message, "info");
+  }
   const select = document.getElementById("hospital");
   const current = select.value;
   select.replaceChildren(...data.hospitals.map((h) => el("option", { value: h.name }, [h.name])));

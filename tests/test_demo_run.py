@@ -1,0 +1,67 @@
+"""A reduced demo, end to end: real coordinator, real clients, secure aggregation, DP, report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from fedveil.demo.federation import DropoutPlan
+from fedveil.demo.runner import DemoOptions, run_demo
+
+torch.set_num_threads(1)
+
+
+def quiet() -> Console:
+    return Console(file=open("/dev/null", "w"), width=120)
+
+
+def test_dropout_plan_never_leaves_fewer_than_the_threshold() -> None:
+    names = [f"hospital-{i}" for i in range(1, 6)]
+    plan = DropoutPlan.draw(names, 200, 0.6, max_silent=2, seed=1)
+    counts = [len(plan.silent.get(r, ())) for r in range(1, 201)]
+    assert max(counts) == 2 and sum(counts) > 100
+    assert DropoutPlan.draw(names, 200, 0.6, 2, seed=1) == plan  # fixed by the seed
+    assert not DropoutPlan.draw(names, 50, 0.0, 2, seed=1).silent
+
+
+@pytest.mark.parametrize("transport", ["in-process", "grpc"])
+def test_reduced_demo_local_dp_with_dropouts(tmp_path: Path, transport: str) -> None:
+    options = DemoOptions(hospitals=3, rounds=3, dropout=0.5, dp="local", in_process=transport == "in-process",
+                          out=tmp_path / "out", seed=4)
+    report = run_demo(options, quiet(), serve_forever=False)
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["final_accuracy"] == report["final_accuracy"]
+    for key in ("final_accuracy", "final_auc", "epsilon_sample_max", "epsilon_user", "delta", "rounds"):
+        assert key in saved
+    assert saved["epsilon_user"] is None and saved["delta"] == 1e-5
+    assert len(saved["rounds"]) == 3 and [r["round"] for r in saved["rounds"]] == [1, 2, 3]
+    # the dropout plan with seed 4 drops someone; every round keeps at least the threshold (2 of 3)
+    plan = DropoutPlan.draw(["hospital-1", "hospital-2", "hospital-3"], 3, 0.5, 1, 4)
+    assert plan.silent, "this seed must exercise a dropout"
+    for r in saved["rounds"]:
+        assert set(r["dropped"]) == set(plan.silent.get(r["round"], ()))
+        assert sorted(r["participants"] + r["dropped"]) == ["hospital-1", "hospital-2", "hospital-3"]
+        assert r["epsilon_sample_max"] <= 3.0 + 1e-9
+    eps = [h["epsilon"] for h in saved["hospitals"]]
+    assert all(0 < e <= 3.0 + 1e-9 for e in eps) and saved["epsilon_sample_max"] == pytest.approx(max(eps))
+    assert 0.5 < saved["final_accuracy"] <= 1 and 0.5 < saved["final_auc"] <= 1
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"report.json", "report.md", "report.html", "accuracy_auc_by_round.png", "epsilon_by_round.png",
+            "privacy_utility.png", "runs.sqlite", "hospitals"} <= names
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "centralized, non-private" in md and "federated, non-private" in md
+    assert saved["baselines"]["centralized"]["accuracy"] > 0.9
+
+
+def test_reduced_demo_central_and_none(tmp_path: Path) -> None:
+    central = run_demo(DemoOptions(hospitals=3, rounds=2, dropout=0.0, dp="central", in_process=True,
+                                   out=tmp_path / "c"), quiet(), serve_forever=False)
+    assert central["epsilon_user"] is not None and 0 < central["epsilon_user"] <= 3.0 + 1e-9
+    assert central["rounds"][-1]["epsilon_user"] == pytest.approx(central["epsilon_user"], rel=1e-6)
+    none = run_demo(DemoOptions(hospitals=3, rounds=2, dropout=0.0, dp="none", in_process=True,
+                                out=tmp_path / "n"), quiet(), serve_forever=False)
+    assert none["epsilon_user"] is None and none["epsilon_sample_max"] is None
