@@ -146,3 +146,98 @@ def run_job(coordinator: Coordinator, clients: list[Scripted]) -> JobSummary:
 def vectors(n: int) -> list[np.ndarray]:
     rng = np.random.default_rng(0)
     return [rng.uniform(-0.5, 0.5, DIM) for _ in range(n)]
+
+
+@dataclass
+class ActiveScripted:
+    """Active-adversary mode: drives :class:`fedveil.secagg.client.SecAggClient` directly with an
+    Ed25519 identity key announced at Join (signed keys, consistency check, signed survivor sets)."""
+
+    coordinator: Coordinator
+    name: str
+    vector: np.ndarray
+    silent_at: str = ""
+    results: list[tuple[int, int]] = field(default_factory=list)
+    done: bool = False
+    error: BaseException | None = None
+
+    def __post_init__(self) -> None:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        self.identity = Ed25519PrivateKey.generate()
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except BaseException as err:
+            self.error = err
+
+    def _run(self) -> None:
+        from fedveil.secagg import messages as sa
+        from fedveil.secagg.client import SecAggClient
+        from fedveil.secagg.config import SecAggConfig
+        from fedveil.secagg.graph import GraphSpec
+
+        t = InProcessTransport(self.coordinator, self.name)
+        public = self.identity.public_key().public_bytes_raw()
+        s = ClientSession.from_join(t.join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION,
+                                                          task_name="synthetic-logreg", identity_public_key=public)))
+        client: SecAggClient | None = None
+        rnd, nonce, rid, me = 0, b"", 0, 0
+        while True:
+            resp = t.poll(pb.PollRequest(header=s.header(), max_wait_ms=500))
+            kind = resp.WhichOneof("instruction")
+            if kind == "round_start":
+                start = resp.round_start
+                p = start.secagg
+                rnd, nonce, rid, me = start.round, start.round_nonce, p.round_id, start.client_id
+                config = SecAggConfig(
+                    num_clients=p.cohort_size, threshold=p.threshold, vector_length=start.encoding.dimension,
+                    round_id=rid, ring_bits=start.encoding.ring_bits,
+                    graph=GraphSpec(p.graph, p.degree if p.graph == "harary" else 0), active=True,
+                    identity_keys=tuple(bytes(k) for k in p.identity_keys), context=bytes(p.context))
+                client = SecAggClient(me, config, identity_key=self.identity)
+                enc = encoder_for(start.encoding, p.cohort_size)
+                client.set_input(enc.encode(self.vector, os.urandom(16)))
+                adv = client.advertise_keys()
+                t.advertise_keys(pb.AdvertiseKeysRequest(
+                    header=s.header(rnd, nonce), encryption_public_key=adv.share_public,
+                    masking_public_key=adv.mask_public, signature=adv.signature))
+            elif kind == "peer_keys" and client is not None:
+                advs = tuple(sa.AdvertiseKeys(rid, k.client_id, k.encryption_public_key, k.masking_public_key,
+                                              k.signature) for k in resp.peer_keys.keys)
+                reply = client.handle(sa.ShareKeysRequest(rid, me, advs))
+                assert isinstance(reply, sa.ShareKeysResponse)
+                t.share_keys(pb.ShareKeysRequest(header=s.header(rnd, nonce), shares=[
+                    pb.EncryptedShare(peer_id=h, ciphertext=b) for h, b in sorted(reply.boxes.items())]))
+            elif kind == "incoming_shares" and client is not None and self.silent_at != "masked-input":
+                boxes = {x.peer_id: x.ciphertext for x in resp.incoming_shares.shares}
+                reply = client.handle(sa.MaskedInputRequest(rid, me, boxes))
+                assert isinstance(reply, sa.MaskedInputResponse)
+                t.submit_masked_input(pb.MaskedInputRequest(header=s.header(rnd, nonce),
+                                                            masked_vector=reply.vector.astype("<u4").tobytes()))
+            elif kind == "survivor_check" and client is not None:
+                reply = client.handle(sa.ConsistencyCheckRequest(
+                    rid, me, np.asarray(list(resp.survivor_check.survivors), dtype=np.uint32)))
+                assert isinstance(reply, sa.ConsistencyCheckResponse)
+                t.confirm_survivors(pb.ConfirmSurvivorsRequest(header=s.header(rnd, nonce), signature=reply.signature))
+            elif kind == "unmasking" and client is not None:
+                u = resp.unmasking
+                reply = client.handle(sa.UnmaskingRequest(
+                    rid, me, np.asarray(list(u.survivors), dtype=np.uint32),
+                    np.asarray(list(u.dropped), dtype=np.uint32),
+                    {x.client_id: x.signature for x in u.signatures}))
+                assert isinstance(reply, sa.UnmaskingResponse)
+                shares = [pb.RevealedShare(owner_id=int(o), kind=pb.SHARE_KIND_SELF_MASK_SEED,
+                                           share=row.astype("<u4").tobytes())
+                          for o, row in zip(reply.self_mask_owners.tolist(), reply.self_mask_shares, strict=True)]
+                shares += [pb.RevealedShare(owner_id=int(o), kind=pb.SHARE_KIND_MASKING_KEY,
+                                            share=row.astype("<u4").tobytes())
+                           for o, row in zip(reply.mask_key_owners.tolist(), reply.mask_key_shares, strict=True)]
+                t.unmask(pb.UnmaskRequest(header=s.header(rnd, nonce), shares=shares))
+            elif kind == "round_result":
+                self.results.append((resp.round_result.round, resp.round_result.outcome))
+                client = None
+            elif kind == "job_done":
+                self.done = True
+                return

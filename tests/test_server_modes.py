@@ -152,3 +152,37 @@ def test_long_polls_are_capped_so_they_cannot_take_every_worker(tmp_path: Path) 
     waiter.join(10)
     assert held and held[0].WhichOneof("instruction") == "wait" and "waiting for a cohort" in held[0].wait.reason
     store.close()
+
+
+def test_active_adversary_mode_with_signed_keys_and_consistency_check(tmp_path: Path) -> None:
+    from tests.server_helpers import ActiveScripted
+
+    names = ["a", "b", "c", "d"]
+    vecs = vectors(4)
+    coordinator, store = make_job(tmp_path, names, active_adversary=True, weighted=False)
+    clients = [ActiveScripted(coordinator, n, v) for n, v in zip(names, vecs, strict=True)]
+    clients[3].silent_at = "masked-input"
+    summary = run_job(coordinator, clients)  # type: ignore[arg-type]
+    assert summary.status == "completed"
+    (rec,) = store.rounds(coordinator.run_id)
+    assert rec.survivors == 3 and rec.stats["dropped"] == ["d"]
+    np.testing.assert_allclose(store.aggregate(coordinator.run_id, 1), sum(vecs[:3]) / 3, atol=1e-4)  # type: ignore[arg-type]
+    assert [c.results for c in clients] == [[(1, pb.ROUND_OUTCOME_COMPLETED)]] * 3 + [[(1, pb.ROUND_OUTCOME_DROPPED)]]
+    store.close()
+
+
+def test_active_adversary_mode_needs_identity_keys(tmp_path: Path) -> None:
+    names = ["a", "b"]
+    from fedveil.protocol import PROTOCOL_VERSION
+    from fedveil.protocol.errors import Incompatible, PermissionDenied
+
+    coordinator, store = make_job(tmp_path, names, active_adversary=True, weighted=False)
+    with pytest.raises(Incompatible, match="active-adversary mode"):
+        coordinator.join("a", pb.JoinRequest(protocol_version=PROTOCOL_VERSION, task_name="synthetic-logreg"))
+    store.enroll("a", rotate=True, identity_public_key=b"\x01" * 32)
+    with pytest.raises(PermissionDenied, match="differs from the key enrolled"):
+        coordinator.join("a", pb.JoinRequest(protocol_version=PROTOCOL_VERSION, task_name="synthetic-logreg",
+                                             identity_public_key=b"\x02" * 32))
+    joined = coordinator.join("a", pb.JoinRequest(protocol_version=PROTOCOL_VERSION, task_name="synthetic-logreg"))
+    assert joined.client_name == "a"
+    store.close()

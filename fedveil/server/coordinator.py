@@ -382,6 +382,14 @@ class Coordinator:
             )
         if request.identity_public_key and len(request.identity_public_key) != PUBLIC_KEY_BYTES:
             raise MalformedMessage(f"identity_public_key: expected {PUBLIC_KEY_BYTES} bytes")
+        enrolled_key = self.store.identity_key(caller)
+        if enrolled_key and request.identity_public_key and request.identity_public_key != enrolled_key:
+            raise PermissionDenied("identity_public_key: differs from the key enrolled for this client")
+        if self.config.active_adversary and not (request.identity_public_key or enrolled_key):
+            raise Incompatible(
+                "identity_public_key: this job runs in active-adversary mode; the client needs an Ed25519 "
+                "identity key (enrolled with fedveil enroll --identity-public-key, or sent at Join)"
+            )
         with self._cond:
             if self._stopping:
                 raise Unavailable("the server is shutting down")
@@ -660,7 +668,7 @@ class Coordinator:
             secagg=pb.SecAggParams(
                 graph=sc.graph.kind, degree=sc.graph.degree, threshold=sc.threshold, active_adversary=sc.active,
                 cohort_size=sc.num_clients, cohort=list(range(sc.num_clients)), round_id=sc.round_id,
-                context=sc.context,
+                context=sc.context, identity_keys=list(sc.identity_keys or ()),
             ),
             dp=plan.dp,
             training=pb.TrainingParams(
@@ -902,6 +910,8 @@ class Coordinator:
             number = self.model.version + 1
             try:
                 outcome = self._run_round(number, available)
+            except JobError:
+                raise
             except Exception:  # a bug or a store failure: abort this attempt, keep the server up
                 log.exception("round %d: unexpected error; the attempt is aborted", number)
                 with self._cond:
