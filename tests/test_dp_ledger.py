@@ -171,6 +171,9 @@ def test_round_order_and_ids_are_validated() -> None:
         ledger.reserve(-1, federation=FED)
     with pytest.raises(ValueError, match="needs"):
         ledger.reserve(5)
+    with pytest.raises(ValueError, match="details"):
+        ledger.reserve(5, federation=FED, details={"clip": float("nan")})
+    assert ledger.rounds == [0, 1, 2]
 
 
 def test_cancel_round_takes_back_the_federation_reservation_of_the_latest_round() -> None:

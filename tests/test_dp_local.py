@@ -177,11 +177,25 @@ def test_round_protocol_misuse_is_refused() -> None:
         ({"noise_multiplier": 1.0, "accountant": "gdp"}, "accountant"),
         ({"noise_multiplier": 1.0, "max_physical_batch_size": 0}, "max_physical_batch_size"),
         ({"noise_multiplier": 1.0, "local_epochs": 0}, "local_epochs"),
+        ({"noise_multiplier": 1.0, "secure_mode": True, "seed": 1}, "secure_mode"),
+        ({"noise_multiplier": 1.0, "seed": 1.5}, "seed"),
     ],
 )
 def test_config_validation_names_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         LocalDPConfig(**kwargs)
+
+
+def test_secure_mode_needs_torchcsprng() -> None:
+    try:
+        import torchcsprng  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="torchcsprng"):
+            LocalDPSession(LocalDPConfig(noise_multiplier=1.0, secure_mode=True))
+    else:  # pragma: no cover - only where torchcsprng is installed
+        session = LocalDPSession(LocalDPConfig(noise_multiplier=1.0, secure_mode=True))
+        train_rounds(session, 1)
+        assert session.accountant.total_steps == N // BATCH
 
 
 def test_pld_session_accounts_with_pld() -> None:

@@ -307,6 +307,10 @@ class PrivacyLedger:
         the RDP-curve event's mechanism name); ``details`` (e.g. clip norm, cohort size) go with it.
         """
         planned = self._planned(round_index, federation, clients)
+        try:
+            json.dumps(dict(details or {}), allow_nan=False)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"details must be JSON-serializable with finite numbers ({err})") from None
         for party, event in planned:  # validate all before mutating anything
             (self._accountants.get(party) or self._prototype)._check_supported(event)
         for party, event in planned:

@@ -21,6 +21,9 @@ Usage (the client library and the demo call it this way)::
 
 Noise: a fixed ``noise_multiplier``, or a ``target_epsilon`` over ``planned_rounds`` × ``local_epochs``
 epochs, solved ONCE at the first round for the whole plan (re-solving per round would let ε drift).
+Randomness: ``seed`` makes sampling and noise reproducible (torch generators, for tests and
+simulation); ``secure_mode=True`` draws both from Opacus's CSPRNG (needs ``torchcsprng``), which is
+what a production deployment should use.
 In target mode, :meth:`privatize` refuses (``BudgetExceededError``) a round that would take ε past the
 target. Pass the ORIGINAL data loader each round; Poisson sampling (sample rate 1 / len(loader)) and,
 optionally, a physical batch cap via Opacus's ``BatchMemoryManager`` are applied here.
@@ -77,6 +80,7 @@ class LocalDPConfig:
     max_physical_batch_size: int | None = None
     fix_unsupported_layers: bool = True
     seed: int | None = None
+    secure_mode: bool = False
     client_id: str = "client"
 
     def __post_init__(self) -> None:
@@ -100,6 +104,10 @@ class LocalDPConfig:
         check_delta(self.delta)
         if self.accountant not in ACCOUNTANTS:
             raise ValueError(f"accountant must be one of {', '.join(ACCOUNTANTS)} (got {self.accountant!r})")
+        if self.secure_mode and self.seed is not None:
+            raise ValueError("seed cannot be combined with secure_mode (secure noise comes from the OS CSPRNG)")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be an integer or None (got {self.seed!r})")
         if self.max_physical_batch_size is not None and not _is_pos_int(self.max_physical_batch_size):
             raise ValueError(
                 f"max_physical_batch_size must be an integer >= 1 or None (got {self.max_physical_batch_size!r})"
@@ -142,10 +150,19 @@ class LocalDPSession:
         self.sample_rate: float | None = None
         self.rounds_completed = 0
         self.round_events: list[SubsampledGaussianEvent] = []
-        self._engine = PrivacyEngine(accountant="rdp")  # its own accountant is unused; ours is attached
-        self._sampling_generator: torch.Generator | None = None
+        try:
+            # The engine's own accountant is unused: ours is attached to each optimizer's step hook.
+            self._engine = PrivacyEngine(accountant="rdp", secure_mode=config.secure_mode)
+        except ImportError as err:
+            raise ImportError(
+                "LocalDPConfig.secure_mode=True needs Opacus's secure RNG, which needs the torchcsprng package: "
+                f"{err}"
+            ) from err
+        self._sampling_generator: Any = None
         self._noise_generator: torch.Generator | None = None
-        if config.seed is not None:
+        if config.secure_mode:
+            self._sampling_generator = self._engine.secure_rng  # Opacus also uses it for the noise
+        elif config.seed is not None:
             self._sampling_generator = torch.Generator().manual_seed(int(config.seed))
             self._noise_generator = torch.Generator().manual_seed(int(config.seed) + 1)
         self._active: GradSampleModule | None = None
