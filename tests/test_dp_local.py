@@ -100,6 +100,29 @@ def test_seeded_sessions_are_deterministic() -> None:
     assert any(not torch.equal(a[-1][k], c[-1][k]) for k in a[-1])
 
 
+def test_seeded_rounds_draw_fresh_noise() -> None:
+    # Same start model in two rounds: the noise (and sampling) must differ, or rounds would repeat noise.
+    session = LocalDPSession(LocalDPConfig(noise_multiplier=5.0, seed=11))
+    states = [train_rounds(session, 1, model=make_model(seed=0))[0] for _ in range(2)]
+    assert any(not torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_seeded_session_on_cuda() -> None:  # pragma: no cover - CPU-only CI
+    session = LocalDPSession(LocalDPConfig(noise_multiplier=1.0, seed=3))
+    model = make_model().cuda()
+    loader = make_data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    m, o, dl = session.privatize(model, opt, loader)
+    for xb, yb in dl:
+        o.zero_grad()
+        nn.functional.cross_entropy(m(xb.cuda()), yb.cuda()).backward()
+        o.step()
+    state = session.finish_round(m)
+    assert all(v.is_cuda for v in state.values())
+    assert session.accountant.total_steps == N // BATCH
+
+
 def test_physical_batch_cap_keeps_logical_steps_and_epsilon() -> None:
     capped = LocalDPSession(LocalDPConfig(noise_multiplier=1.0, seed=3, max_physical_batch_size=4))
     model = make_model()

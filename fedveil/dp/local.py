@@ -31,6 +31,7 @@ optionally, a physical batch cap via Opacus's ``BatchMemoryManager`` are applied
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from collections.abc import Callable, Iterator
@@ -158,13 +159,6 @@ class LocalDPSession:
                 "LocalDPConfig.secure_mode=True needs Opacus's secure RNG, which needs the torchcsprng package: "
                 f"{err}"
             ) from err
-        self._sampling_generator: Any = None
-        self._noise_generator: torch.Generator | None = None
-        if config.secure_mode:
-            self._sampling_generator = self._engine.secure_rng  # Opacus also uses it for the noise
-        elif config.seed is not None:
-            self._sampling_generator = torch.Generator().manual_seed(int(config.seed))
-            self._noise_generator = torch.Generator().manual_seed(int(config.seed) + 1)
         self._active: GradSampleModule | None = None
         self._round_steps = 0
         self._round_sample_rate: float | None = None
@@ -189,7 +183,8 @@ class LocalDPSession:
             raise TypeError(f"loader must be a torch DataLoader (got {type(loader).__name__})")
         model, optimizer = self._make_compatible(model, optimizer)
 
-        dp_loader = DPDataLoader.from_data_loader(loader, generator=self._sampling_generator)
+        sampling_generator, noise_generator = self._round_generators(model)
+        dp_loader = DPDataLoader.from_data_loader(loader, generator=sampling_generator)
         steps_per_epoch = len(dp_loader)
         if steps_per_epoch < 1:
             raise ValueError("the data loader is empty")
@@ -204,7 +199,7 @@ class LocalDPSession:
             noise_multiplier=self.noise_multiplier,
             max_grad_norm=self.config.max_grad_norm,
             poisson_sampling=False,  # dp_loader already samples Poisson with our generator
-            noise_generator=self._noise_generator,
+            noise_generator=noise_generator,
         )
         private_model.forbid_grad_accumulation()
         private_opt.attach_step_hook(self._step_hook(1.0 / len(private_loader)))
@@ -247,6 +242,21 @@ class LocalDPSession:
         return self.accountant.get_epsilon(self.config.delta if delta is None else delta)
 
     # -- internals ----------------------------------------------------------------------------------
+    def _round_generators(self, model: nn.Module) -> tuple[Any, torch.Generator | None]:
+        """Generators for this round's Poisson sampling (CPU) and noise (on the parameters' device, as
+        Opacus draws the noise there). With a seed, each round gets fresh streams derived from (seed,
+        round), so rounds never reuse noise; in secure mode both come from Opacus's CSPRNG."""
+        if self.config.secure_mode:
+            return self._engine.secure_rng, None
+        if self.config.seed is None:
+            return None, None
+        first = next(model.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
+        r = self.rounds_completed
+        sampling = torch.Generator().manual_seed(_derive_seed(self.config.seed, "sampling", r))
+        noise = torch.Generator(device=device).manual_seed(_derive_seed(self.config.seed, "noise", r))
+        return sampling, noise
+
     def _step_hook(self, sample_rate: float) -> Callable[[DPOptimizer], None]:
         """Hook run by the DPOptimizer after each noised (real) step — the same place and the same q
         (1/len(Poisson loader) × accumulated iterations) as Opacus's own accountant hook."""
@@ -340,6 +350,12 @@ def strip_module_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     """Remove Opacus's ``_module.`` wrapper prefix from state-dict keys."""
     prefix = "_module."
     return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state.items()}
+
+
+def _derive_seed(seed: int, purpose: str, round_index: int) -> int:
+    """A 63-bit seed for one purpose and round, derived from the session seed by SHA-256."""
+    digest = hashlib.sha256(f"fedveil.dp.local|{seed}|{purpose}|{round_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def _summarize(errors: list[Any]) -> str:
