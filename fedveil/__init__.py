@@ -6,3 +6,12 @@ bounds what the released aggregate and the final model reveal.
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    """``fedveil.federate`` (the client API for existing PyTorch loops), imported on first use."""
+    if name == "federate":
+        from fedveil.clients.api import federate
+
+        return federate
+    raise AttributeError(f"module 'fedveil' has no attribute {name!r}")

@@ -137,6 +137,7 @@ class Round:
         self.generator = torch.Generator().manual_seed(self.seed)
         self.outcome: RoundOutcome | None = None
         self._privatized: Any = None
+        self._metrics: dict[str, float] | None = None
 
     def privatize(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any) -> tuple[Any, Any, Any]:
         """Wrap ``(model, optimizer, loader)`` for local DP-SGD when the job uses local DP.
@@ -378,17 +379,17 @@ class Federation:
         rnd = Round(self, start, self.model)
         log.info("round %d/%d: training (secagg id %d)", rnd.number, self.total_rounds, start.client_id)
         if start.training.evaluate_global_model and self.options.evaluate is not None:
-            metrics = self._run_evaluate()
-            self._report_metrics(int(start.model.version), metrics)
+            rnd._metrics = self._run_evaluate()  # of the global model, before local training
         return rnd
 
-    def _report_metrics(self, model_version: int, metrics: dict[str, float]) -> None:
+    def _report_metrics(
+        self, model_version: int, metrics: dict[str, float], spend: pb.LocalPrivacySpend | None = None
+    ) -> None:
         report = pb.MetricsReport(
             model_version=model_version,
             num_examples=max(int(self.options.num_examples), 0),
             metrics=[pb.Metric(name=k, value=float(v)) for k, v in metrics.items()],
         )
-        spend = self.local_privacy
         if spend is not None:
             report.privacy.CopyFrom(spend)
 
@@ -402,10 +403,12 @@ class Federation:
             log.warning("metrics not accepted: %s", err)
 
     def _evaluate_final(self, evaluate: pb.Evaluate) -> None:
-        if self.options.evaluate is None:
-            return
-        vector_to_model(np.frombuffer(evaluate.model.data, dtype="<f4"), self.model)
-        metrics = self._run_evaluate()
+        """Evaluate the final model; without an evaluation function, answer with no metrics so the
+        server need not wait for this client until the deadline."""
+        metrics: dict[str, float] = {}
+        if self.options.evaluate is not None:
+            vector_to_model(np.frombuffer(evaluate.model.data, dtype="<f4"), self.model)
+            metrics = self._run_evaluate()
         saved = self._round_header
         self._round_header = (int(evaluate.phase), bytes(evaluate.round_nonce))
         try:
@@ -435,10 +438,15 @@ class Federation:
             outcome = RoundOutcome(rnd.number, "dropped", "the client re-joined during the round")
             self.history.append(outcome)
             return outcome
+        spend = None
         if rnd._privatized is not None:
             local = model_to_vector(self._local_dp().finish_round())  # plain state dict, Opacus detached
+            spend = self.local_privacy
         else:
             local = model_to_vector(trained)
+        if rnd._metrics is not None or spend is not None:
+            # the global model's metrics on local data, and this client's own DP-SGD spend so far
+            self._report_metrics(int(start.model.version), rnd._metrics or {}, spend)
         delta = model_delta(local, rnd.global_vector)
         weight = self.options.weight
         if weight is None:
