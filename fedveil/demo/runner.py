@@ -138,7 +138,10 @@ def example_patients(split: DemoSplit) -> list[dict[str, Any]]:
         ("Example B (held-out patient, malignant)", int(malignant[np.argmax(area[malignant])])),
         ("Example C (held-out patient, borderline size)", int(np.argmin(np.abs(area - np.median(area))))),
     ]
-    return [{"label": label, "features": dict(zip(FEATURE_NAMES, (float(v) for v in x[i]), strict=True))}
+    def clean(v: np.float32) -> float:  # 21.71, not 21.709999084472656
+        return float(np.format_float_positional(np.float32(v), unique=True))
+
+    return [{"label": label, "features": dict(zip(FEATURE_NAMES, (clean(v) for v in x[i]), strict=True))}
             for label, i in picks]
 
 
