@@ -12,6 +12,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,6 +46,8 @@ class Scripted:
     sent: dict[int, np.ndarray] = field(default_factory=dict)
     privacy: pb.LocalPrivacySpend | None = None
     """A local DP-SGD spend to report (with a ``loss`` metric) in every round the client trains."""
+    transport: Any = None
+    """Talk through this transport (e.g. a ``GrpcTransport``) instead of calling the coordinator."""
     done: bool = False
     error: BaseException | None = None
 
@@ -55,7 +58,7 @@ class Scripted:
             self.error = err
 
     def _run(self) -> None:
-        t = InProcessTransport(self.coordinator, self.name)
+        t = self.transport or InProcessTransport(self.coordinator, self.name)
         s = ClientSession.from_join(t.join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION,
                                                           task_name="synthetic-logreg")))
         driver: SecAggClientDriver | None = None

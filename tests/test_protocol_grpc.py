@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import torch
 
@@ -41,6 +42,7 @@ from fedveil.server.config import ServerConfig
 from fedveil.server.coordinator import Coordinator, JobSummary
 from fedveil.server.store import RunStore
 from fedveil.task import Task, load_task
+from tests.server_helpers import Scripted, vectors
 
 pytestmark = pytest.mark.timeout(180)
 TASK = "fedveil.tasks.synthetic:task"
@@ -64,8 +66,9 @@ class Federation_:
             insecure=insecure, client_cert_pem=client.cert_pem if client else None,
             client_key_pem=client.key_pem if client else None,
         )
+        # 16-byte chunks: the 48-byte masked inputs of this task travel over the chunked upload.
         return GrpcTransport.connect(config, token if token is not None else (self.tokens[name] if name else None),
-                                     rpc_timeout_s=20.0)
+                                     rpc_timeout_s=20.0, chunk_bytes=16)
 
 
 def _start(tmp_path: Path, *, rounds: int, client_ca: PemPair | None = None,
@@ -78,6 +81,7 @@ def _start(tmp_path: Path, *, rounds: int, client_ca: PemPair | None = None,
                           stage_timeout=20, cohort_wait=0.0, linger=1.0, seed=11, final_evaluation=False,
                           poll_wait=2.0)
     coordinator = Coordinator(config, task, store)
+    coordinator.inline_model = False  # as fedveil server does: models are fetched with FetchModel
     ca = generate_ca()
     cert = generate_certificate("localhost", ca, hostnames=["127.0.0.1", "localhost"])
     limit = coordinator.max_message_bytes()
@@ -161,6 +165,16 @@ def test_malformed_and_oversized_input_is_rejected_while_others_train(fed: Feder
     with pytest.raises(MessageTooLarge) as big:
         attacker.call_raw("SubmitMaskedInput", os.urandom(fed.limit + 1024))
     assert big.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    raw_upload = attacker._channel.stream_unary("/fedveil.v1.Federation/UploadMaskedInput")
+    for stream, pattern in (([b"\xff\xfe garbage"], "chunk 0 is not a valid"), ([], "no chunks")):
+        with pytest.raises(grpc.RpcError) as rpc_err:
+            raw_upload(iter(stream), metadata=attacker._metadata, timeout=10)
+        assert rpc_err.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+        assert pattern in rpc_err.value.details()  # type: ignore[attr-defined]
+    raw_fetch = attacker._channel.unary_stream("/fedveil.v1.Federation/FetchModel")
+    with pytest.raises(grpc.RpcError) as rpc_err:
+        list(raw_fetch(b"\x0a\xff", metadata=attacker._metadata, timeout=10))
+    assert rpc_err.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
     with pytest.raises(MalformedMessage, match="encryption_public_key: expected 32 bytes, got 5"):
         attacker.advertise_keys(pb.AdvertiseKeysRequest(encryption_public_key=b"12345", masking_public_key=b"x" * 32))
     with pytest.raises(MalformedMessage, match=r"header\.session_id"):
@@ -207,6 +221,22 @@ def test_malformed_and_oversized_input_is_rejected_while_others_train(fed: Feder
     assert {"MalformedMessage", "MessageTooLarge"} <= set(refused)
 
 
+def test_chunked_transfers_carry_the_exact_updates(fed: Federation_) -> None:
+    vecs = vectors(2)
+    clients = [Scripted(fed.coordinator, n, v, w, transport=fed.transport(n))
+               for n, v, w in zip(("alice", "bob"), vecs, (1.0, 3.0), strict=True)]
+    threads = [threading.Thread(target=c.run, daemon=True) for c in clients]
+    for th in threads:
+        th.start()
+    fed.thread.join(60)
+    for th in threads:
+        th.join(30)
+    assert [c.error for c in clients] == [None, None] and all(c.done for c in clients)
+    assert fed.summary and fed.summary[0].status == "completed"
+    expected = (1.0 * vecs[0] + 3.0 * vecs[1]) / 4.0
+    np.testing.assert_allclose(fed.coordinator.store.aggregate(fed.coordinator.run_id, 1), expected, atol=1e-4)  # type: ignore[arg-type]
+
+
 def test_out_of_order_replayed_and_foreign_messages(fed: Federation_) -> None:
     alice, bob = fed.transport("alice"), fed.transport("bob")
     sa, sb = _join(alice), _join(bob)
@@ -219,6 +249,11 @@ def test_out_of_order_replayed_and_foreign_messages(fed: Federation_) -> None:
     with pytest.raises(OutOfOrder, match="stage masked-input is not open") as info:
         alice.submit_masked_input(pb.MaskedInputRequest(header=sa.header(rnd, nonce), masked_vector=b"\x00" * 48))
     assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    upload = pb.MaskedInputRequest(header=sa.header(rnd, nonce), masked_vector=b"\x00" * 48)
+    with pytest.raises(OutOfOrder, match="stage masked-input is not open"):
+        alice.submit_masked_input(upload)  # 48 bytes in 16-byte chunks: UploadMaskedInput
+    # the RoundStart arrived without model bytes, and the transport fetched them
+    assert len(start.model.data) == start.model.size_bytes == 44 and start.model.sha256
     # a wrong nonce or round: FAILED_PRECONDITION
     with pytest.raises(OutOfOrder, match="not running"):
         alice.advertise_keys(pb.AdvertiseKeysRequest(header=sa.header(rnd, os.urandom(16)), **keys))

@@ -7,7 +7,7 @@ plus a margin), and turns gRPC statuses into :mod:`fedveil.protocol.errors` exce
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -17,7 +17,7 @@ from google.protobuf.message import Message
 from fedveil.protocol import SERVICE_NAME
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.protocol.auth import bearer_metadata
-from fedveil.protocol.errors import error_from_status
+from fedveil.protocol.errors import MalformedMessage, error_from_status
 from fedveil.protocol.tls import channel_credentials
 
 MIB = 1024 * 1024
@@ -55,8 +55,22 @@ def open_channel(config: ChannelConfig) -> grpc.Channel:
 class GrpcTransport:
     """A :class:`~fedveil.protocol.transport.Transport` over a gRPC channel."""
 
-    def __init__(self, channel: grpc.Channel, token: str | None = None, *, rpc_timeout_s: float = 120.0) -> None:
+    def __init__(
+        self, channel: grpc.Channel, token: str | None = None, *, rpc_timeout_s: float = 120.0,
+        chunk_bytes: int = 1024 * 1024,
+    ) -> None:
         self._channel = channel
+        self._chunk_bytes = chunk_bytes
+        self._upload = channel.stream_unary(
+            f"/{SERVICE_NAME}/UploadMaskedInput",
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=pb.Ack.FromString,
+        )
+        self._fetch = channel.unary_stream(
+            f"/{SERVICE_NAME}/FetchModel",
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=pb.ModelChunk.FromString,
+        )
         self._metadata = bearer_metadata(token) if token else ()
         self._timeout = rpc_timeout_s
         self._calls: dict[str, Callable[..., Any]] = {}
@@ -77,8 +91,11 @@ class GrpcTransport:
             )
 
     @classmethod
-    def connect(cls, config: ChannelConfig, token: str | None = None, *, rpc_timeout_s: float = 120.0) -> GrpcTransport:
-        return cls(open_channel(config), token, rpc_timeout_s=rpc_timeout_s)
+    def connect(
+        cls, config: ChannelConfig, token: str | None = None, *, rpc_timeout_s: float = 120.0,
+        chunk_bytes: int = 1024 * 1024,
+    ) -> GrpcTransport:
+        return cls(open_channel(config), token, rpc_timeout_s=rpc_timeout_s, chunk_bytes=chunk_bytes)
 
     def _call(self, rpc: str, request: Message, timeout: float | None = None) -> Any:
         try:
@@ -93,8 +110,33 @@ class GrpcTransport:
         return result
 
     def poll(self, request: pb.PollRequest) -> pb.PollResponse:
+        """Poll; a model sent without its data (the server's default over gRPC) is fetched in
+        chunks with ``FetchModel`` and filled in, so callers always get ``Model.data``."""
         result: pb.PollResponse = self._call("Poll", request, timeout=request.max_wait_ms / 1000.0 + self._timeout)
+        kind = result.WhichOneof("instruction")
+        model = result.round_start.model if kind == "round_start" else result.evaluate.model if kind == "evaluate" \
+            else None
+        if model is not None and not model.data and model.size_bytes:
+            model.data = self.fetch_model(pb.FetchModelRequest(header=request.header, version=model.version),
+                                          model.size_bytes)
         return result
+
+    def fetch_model(self, request: pb.FetchModelRequest, size_bytes: int) -> bytes:
+        buffer = bytearray(size_bytes)
+        received = 0
+        try:
+            for chunk in self._fetch(request, metadata=self._metadata, timeout=self._timeout):
+                end = chunk.offset + len(chunk.data)
+                if chunk.total_bytes != size_bytes or end > size_bytes or chunk.offset != received:
+                    raise MalformedMessage(f"FetchModel: chunk at offset {chunk.offset} does not fit the "
+                                           f"{size_bytes}-byte model")
+                buffer[chunk.offset : end] = chunk.data
+                received = end
+        except grpc.RpcError as err:
+            raise error_from_status(err.code(), err.details(), rpc="FetchModel") from None  # type: ignore[attr-defined]
+        if received != size_bytes:
+            raise MalformedMessage(f"FetchModel: received {received} of {size_bytes} bytes")
+        return bytes(buffer)
 
     def advertise_keys(self, request: pb.AdvertiseKeysRequest) -> pb.Ack:
         result: pb.Ack = self._call("AdvertiseKeys", request)
@@ -105,8 +147,24 @@ class GrpcTransport:
         return result
 
     def submit_masked_input(self, request: pb.MaskedInputRequest) -> pb.Ack:
-        result: pb.Ack = self._call("SubmitMaskedInput", request)
-        return result
+        """Send the masked input: in chunks over ``UploadMaskedInput`` when it is large."""
+        data = request.masked_vector
+        if len(data) <= self._chunk_bytes:
+            result: pb.Ack = self._call("SubmitMaskedInput", request)
+            return result
+        view = memoryview(data)
+
+        def chunks() -> Iterator[pb.MaskedInputChunk]:
+            yield pb.MaskedInputChunk(header=request.header, total_bytes=len(data),
+                                      data=bytes(view[: self._chunk_bytes]))
+            for offset in range(self._chunk_bytes, len(data), self._chunk_bytes):
+                yield pb.MaskedInputChunk(data=bytes(view[offset : offset + self._chunk_bytes]))
+
+        try:
+            ack: pb.Ack = self._upload(chunks(), metadata=self._metadata, timeout=self._timeout)
+            return ack
+        except grpc.RpcError as err:
+            raise error_from_status(err.code(), err.details(), rpc="UploadMaskedInput") from None  # type: ignore[attr-defined]
 
     def confirm_survivors(self, request: pb.ConfirmSurvivorsRequest) -> pb.Ack:
         result: pb.Ack = self._call("ConfirmSurvivors", request)

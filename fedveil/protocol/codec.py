@@ -33,7 +33,9 @@ def encode_ring_vector(vector: np.ndarray, ring_bits: int) -> bytes:
     return arr.tobytes()
 
 
-def decode_ring_vector(data: bytes, dimension: int, ring_bits: int, field: str = "masked_vector") -> np.ndarray:
+def decode_ring_vector(
+    data: bytes | bytearray | memoryview, dimension: int, ring_bits: int, field: str = "masked_vector"
+) -> np.ndarray:
     """A read-only view of ``dimension`` ring elements; the element values are reduced mod 2^k."""
     dtype = ring_dtype(ring_bits)
     expected = dimension * dtype.itemsize
@@ -56,6 +58,7 @@ def model_message(vector: np.ndarray, version: int, tensors: Sequence[tuple[str,
         tensors=[pb.TensorSpec(name=name, shape=list(shape)) for name, shape in tensors],
         data=data,
         sha256=hashlib.sha256(data).digest(),
+        size_bytes=len(data),
     )
 
 

@@ -74,6 +74,16 @@ class FederationStub:
                 request_serializer=fedveil__pb2.MetricsReport.SerializeToString,
                 response_deserializer=fedveil__pb2.Ack.FromString,
                 _registered_method=True)
+        self.UploadMaskedInput = channel.stream_unary(
+                '/fedveil.v1.Federation/UploadMaskedInput',
+                request_serializer=fedveil__pb2.MaskedInputChunk.SerializeToString,
+                response_deserializer=fedveil__pb2.Ack.FromString,
+                _registered_method=True)
+        self.FetchModel = channel.unary_stream(
+                '/fedveil.v1.Federation/FetchModel',
+                request_serializer=fedveil__pb2.FetchModelRequest.SerializeToString,
+                response_deserializer=fedveil__pb2.ModelChunk.FromString,
+                _registered_method=True)
 
 
 class FederationServicer:
@@ -136,6 +146,21 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadMaskedInput(self, request_iterator, context):
+        """Large payloads in chunks, so the server holds O(m) however many clients send at once:
+        the masked input as a client stream (same meaning and checks as SubmitMaskedInput), and
+        the model of a RoundStart/Evaluate whose Model.data came empty (fetch it by version).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchModel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -178,6 +203,16 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.ReportMetrics,
                     request_deserializer=fedveil__pb2.MetricsReport.FromString,
                     response_serializer=fedveil__pb2.Ack.SerializeToString,
+            ),
+            'UploadMaskedInput': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadMaskedInput,
+                    request_deserializer=fedveil__pb2.MaskedInputChunk.FromString,
+                    response_serializer=fedveil__pb2.Ack.SerializeToString,
+            ),
+            'FetchModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchModel,
+                    request_deserializer=fedveil__pb2.FetchModelRequest.FromString,
+                    response_serializer=fedveil__pb2.ModelChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -396,6 +431,60 @@ class Federation:
             '/fedveil.v1.Federation/ReportMetrics',
             fedveil__pb2.MetricsReport.SerializeToString,
             fedveil__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadMaskedInput(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/fedveil.v1.Federation/UploadMaskedInput',
+            fedveil__pb2.MaskedInputChunk.SerializeToString,
+            fedveil__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fedveil.v1.Federation/FetchModel',
+            fedveil__pb2.FetchModelRequest.SerializeToString,
+            fedveil__pb2.ModelChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -13,8 +13,10 @@ credentials or payloads.
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
@@ -45,10 +47,15 @@ class ServerLimits:
     max_message_bytes: int = 64 * MIB
     max_concurrent_rpcs: int = 256
     workers: int = 64
+    max_concurrent_uploads: int = 2
+    """Chunked masked-input uploads reassembled at once; the others wait, held back by HTTP/2
+    flow control, so upload buffers take O(max_concurrent_uploads · m) however many clients send."""
 
     def __post_init__(self) -> None:
         if self.max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes must be at least 1024 (got {self.max_message_bytes})")
+        if self.max_concurrent_uploads < 1:
+            raise ValueError(f"max_concurrent_uploads must be at least 1 (got {self.max_concurrent_uploads})")
         if self.workers < 2 or self.max_concurrent_rpcs < self.workers:
             raise ValueError(
                 f"need workers >= 2 and max_concurrent_rpcs >= workers (got {self.workers}, {self.max_concurrent_rpcs})"
@@ -99,13 +106,25 @@ def _certificate_name(context: grpc.ServicerContext) -> str | None:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
+CHUNK_BYTES = 1 * MIB
+MAX_CHUNK_BYTES = 4 * MIB
+
+
 class FederationServicer:
     """Builds the generic handler for ``fedveil.v1.Federation``."""
 
-    def __init__(self, service: FederationService, authenticator: Authenticator, *, mutual_tls: bool = False) -> None:
+    def __init__(
+        self,
+        service: FederationService,
+        authenticator: Authenticator,
+        *,
+        mutual_tls: bool = False,
+        max_concurrent_uploads: int = 2,
+    ) -> None:
         self._service = service
         self._auth = authenticator
         self._mutual_tls = mutual_tls
+        self._upload_slots = threading.BoundedSemaphore(max_concurrent_uploads)
 
     def _authenticate(self, context: grpc.ServicerContext) -> str:
         token = bearer_token(context.invocation_metadata())
@@ -121,15 +140,67 @@ class FederationServicer:
                     raise MalformedMessage(f"{rpc}: the request is not a valid {request.type_name} ({request.reason})")
                 result: Message = getattr(self._service, method_name)(caller, request)
                 return result
-            except ProtocolError as err:
-                log.warning("refused %s from %s at %s: %s: %s", rpc, caller, context.peer(), err.code.name, err.message)
-                context.abort(err.code, err.message)
-            except Exception:
-                log.exception("internal error in %s from %s", rpc, caller)
-                context.abort(grpc.StatusCode.INTERNAL, f"{rpc}: internal server error (logged on the server)")
+            except Exception as err:
+                self._refuse(rpc, caller, context, err)
             raise AssertionError("unreachable: context.abort raises")
 
         return handle
+
+    def _refuse(self, rpc: str, caller: str, context: grpc.ServicerContext, err: Exception) -> None:
+        if isinstance(err, ProtocolError):
+            log.warning("refused %s from %s at %s: %s: %s", rpc, caller, context.peer(), err.code.name, err.message)
+            context.abort(err.code, err.message)
+        log.exception("internal error in %s from %s", rpc, caller)
+        context.abort(grpc.StatusCode.INTERNAL, f"{rpc}: internal server error (logged on the server)")
+
+    def _upload(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Message:
+        """``UploadMaskedInput``: reassemble the chunks, then hand the vector to the service."""
+        rpc, caller = "UploadMaskedInput", "<unauthenticated>"
+        try:
+            caller = self._authenticate(context)
+            first = next(requests, None)
+            if first is None:
+                raise MalformedMessage(f"{rpc}: the upload has no chunks")
+            if isinstance(first, _Malformed):
+                raise MalformedMessage(f"{rpc}: chunk 0 is not a valid {first.type_name} ({first.reason})")
+            expected = self._service.masked_input_size(caller, first.header)
+            if first.total_bytes != expected:
+                raise MalformedMessage(
+                    f"total_bytes: expected {expected} bytes of masked input, got {first.total_bytes}"
+                )
+            with self._upload_slots:
+                buffer = bytearray(expected)
+                view = memoryview(buffer)
+                pos = 0
+                for index, chunk in enumerate(itertools.chain([first], requests)):
+                    if isinstance(chunk, _Malformed):
+                        raise MalformedMessage(f"{rpc}: chunk {index} is not a valid {chunk.type_name}")
+                    n = len(chunk.data)
+                    if n > MAX_CHUNK_BYTES or pos + n > expected:
+                        raise MalformedMessage(f"chunk {index}.data: {n} bytes at offset {pos} overrun the "
+                                               f"{expected}-byte masked input (or exceed {MAX_CHUNK_BYTES})")
+                    view[pos : pos + n] = chunk.data
+                    pos += n
+                if pos != expected:
+                    raise MalformedMessage(f"{rpc}: the upload ended after {pos} of {expected} bytes")
+                result: Message = self._service.submit_masked_vector(caller, first.header, buffer)
+                return result
+        except Exception as err:
+            self._refuse(rpc, caller, context, err)
+        raise AssertionError("unreachable: context.abort raises")
+
+    def _fetch_model(self, request: Any, context: grpc.ServicerContext) -> Iterator[Message]:
+        """``FetchModel``: the current model in chunks, sliced from one shared buffer."""
+        rpc, caller = "FetchModel", "<unauthenticated>"
+        try:
+            caller = self._authenticate(context)
+            if isinstance(request, _Malformed):
+                raise MalformedMessage(f"{rpc}: the request is not a valid {request.type_name} ({request.reason})")
+            data = self._service.fetch_model(caller, request)
+        except Exception as err:
+            self._refuse(rpc, caller, context, err)
+            raise AssertionError("unreachable: context.abort raises") from err
+        return _model_chunks(data)
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
         handlers = {
@@ -140,7 +211,21 @@ class FederationServicer:
             )
             for rpc, (cls, method) in RPCS.items()
         }
+        handlers["UploadMaskedInput"] = grpc.stream_unary_rpc_method_handler(
+            self._upload, request_deserializer=_deserializer(pb.MaskedInputChunk), response_serializer=_serialize
+        )
+        handlers["FetchModel"] = grpc.unary_stream_rpc_method_handler(
+            self._fetch_model, request_deserializer=_deserializer(pb.FetchModelRequest),
+            response_serializer=_serialize,
+        )
         return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+
+def _model_chunks(data: bytes) -> Iterator[Message]:
+    total = len(data)
+    view = memoryview(data)
+    for offset in range(0, max(total, 1), CHUNK_BYTES):
+        yield pb.ModelChunk(offset=offset, data=bytes(view[offset : offset + CHUNK_BYTES]), total_bytes=total)
 
 
 def build_server(
@@ -172,7 +257,8 @@ def build_server(
         options=options,
         maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
     )
-    servicer = FederationServicer(service, authenticator, mutual_tls=mutual_tls)
+    servicer = FederationServicer(service, authenticator, mutual_tls=mutual_tls,
+                                  max_concurrent_uploads=limits.max_concurrent_uploads)
     server.add_generic_rpc_handlers((servicer.generic_handler(),))
     try:
         port = server.add_insecure_port(listen) if credentials is None else server.add_secure_port(listen, credentials)

@@ -217,8 +217,12 @@ class Coordinator:
         """Cap on polls held at once (the gRPC runner sets it below its worker count, so long polls
         can never occupy every worker and stall the submissions of a round)."""
         self.resumed_from = 0
+        self.inline_model = True
+        """Send the model inside RoundStart/Evaluate (in-process). The gRPC runner turns it off:
+        over the network clients fetch it in chunks (``FetchModel``), so concurrent downloads
+        share one buffer instead of one serialized copy per client."""
         self._open_run(new_run)
-        self._model_cache: tuple[int, pb.Model] | None = None
+        self._model_cache: tuple[int, pb.Model, pb.Model, bytes] | None = None
 
     # ------------------------------------------------------------------------------------------
     # Run creation and resume
@@ -303,7 +307,7 @@ class Coordinator:
     # ------------------------------------------------------------------------------------------
     # Validation helpers (called with the lock held)
     # ------------------------------------------------------------------------------------------
-    def _session(self, caller: str, header: pb.RequestHeader, rpc: str) -> _Client:
+    def _session(self, caller: str, header: pb.RequestHeader, rpc: str, *, consume: bool = True) -> _Client:
         if header.protocol_version != PROTOCOL_VERSION:
             raise OutOfOrder(f"header.protocol_version: expected {PROTOCOL_VERSION}, got {header.protocol_version}")
         if len(header.session_id) != SESSION_ID_BYTES:
@@ -315,6 +319,8 @@ class Coordinator:
             raise OutOfOrder(f"{rpc}: unknown or replaced session (the server restarted or you joined again); Join")
         if header.run_id != self.run_id:
             raise OutOfOrder(f"header.run_id: {header.run_id!r} is not the current run {self.run_id!r}; Join again")
+        if not consume:
+            return client
         if header.sequence <= client.last_sequence:
             raise Replayed(
                 f"{rpc}: replayed message (sequence {header.sequence}, last seen {client.last_sequence})"
@@ -480,12 +486,38 @@ class Coordinator:
             return self._feed(rnd, sid, msg, Stage.SHARE_KEYS, caller)
 
     def submit_masked_input(self, caller: str, request: pb.MaskedInputRequest) -> pb.Ack:
+        return self.submit_masked_vector(caller, request.header, request.masked_vector)
+
+    def submit_masked_vector(
+        self, caller: str, header: pb.RequestHeader, data: bytes | bytearray | memoryview
+    ) -> pb.Ack:
+        """The masked input (``SubmitMaskedInput``, or reassembled from ``UploadMaskedInput``)."""
         with self._cond:
-            client = self._session(caller, request.header, "SubmitMaskedInput")
-            rnd, sid = self._round_for(client, request.header, Stage.MASKED_INPUT, "SubmitMaskedInput")
-            vector = decode_ring_vector(request.masked_vector, rnd.plan.dimension, rnd.plan.ring_bits)
+            client = self._session(caller, header, "SubmitMaskedInput")
+            rnd, sid = self._round_for(client, header, Stage.MASKED_INPUT, "SubmitMaskedInput")
+            vector = decode_ring_vector(data, rnd.plan.dimension, rnd.plan.ring_bits)
             msg = sa.MaskedInputResponse(rnd.secagg.config.round_id, sid, vector)
             return self._feed(rnd, sid, msg, Stage.MASKED_INPUT, caller)
+
+    def masked_input_size(self, caller: str, header: pb.RequestHeader) -> int:
+        """Check, before an upload is received, that it is wanted; returns its exact byte size.
+
+        Nothing is consumed (the sequence number is checked when the upload completes)."""
+        with self._cond:
+            client = self._session(caller, header, "UploadMaskedInput", consume=False)
+            if header.sequence <= client.last_sequence:
+                raise Replayed(f"UploadMaskedInput: replayed message (sequence {header.sequence})")
+            rnd, _sid = self._round_for(client, header, Stage.MASKED_INPUT, "UploadMaskedInput")
+            return rnd.plan.dimension * (4 if rnd.plan.ring_bits <= 32 else 8)
+
+    def fetch_model(self, caller: str, request: pb.FetchModelRequest) -> bytes:
+        """The current model's bytes (``Model.data``) for a client holding a valid session."""
+        with self._cond:
+            self._session(caller, request.header, "FetchModel", consume=False)
+            if request.version != self.model.version:
+                raise StageClosed(f"FetchModel: version {request.version} is not the current model "
+                                  f"(version {self.model.version}); poll again")
+            return self._model_entry()[3]
 
     def confirm_survivors(self, caller: str, request: pb.ConfirmSurvivorsRequest) -> pb.Ack:
         if len(request.signature) != SIGNATURE_BYTES:
@@ -597,10 +629,17 @@ class Coordinator:
             return f"round {rnd.number} is running without you"
         return f"waiting for a cohort ({self._available_count()} of {self.config.clients_per_round} connected)"
 
-    def _model_pb(self) -> pb.Model:
+    def _model_entry(self) -> tuple[int, pb.Model, pb.Model, bytes]:
         if self._model_cache is None or self._model_cache[0] != self.model.version:
-            self._model_cache = (self.model.version, model_message(self.model.params, self.model.version))
-        return self._model_cache[1]
+            full = model_message(self.model.params, self.model.version)
+            stripped = pb.Model(version=full.version, tensors=full.tensors, sha256=full.sha256,
+                                size_bytes=full.size_bytes)
+            self._model_cache = (self.model.version, full, stripped, full.data)
+        return self._model_cache
+
+    def _model_pb(self) -> pb.Model:
+        entry = self._model_entry()
+        return entry[1] if self.inline_model else entry[2]
 
     def _instruction_for(self, client: _Client) -> pb.PollResponse | None:
         if client.pending_result is not None:

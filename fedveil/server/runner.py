@@ -58,6 +58,7 @@ def serve(
         workers = max(32, 2 * config.clients_per_round + 16)
         limits = ServerLimits(max_message_bytes=limit, workers=workers, max_concurrent_rpcs=max(256, 4 * workers))
         coordinator.max_waiting_polls = workers - 8  # long polls never take the last workers
+        coordinator.inline_model = False  # clients fetch the model in chunks (FetchModel)
         credentials = None
         if tls is not None:
             from fedveil.protocol.tls import server_credentials
