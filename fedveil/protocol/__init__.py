@@ -37,13 +37,20 @@ RPC flow (one client)
      ``training.evaluate_global_model`` the client evaluates the received model on its data
      and sends ``ReportMetrics`` (model_version = model.version). It trains, then calls
      ``AdvertiseKeys`` (two X25519 public keys, 32 raw bytes each) before the deadline.
+     Over gRPC the model comes without its bytes (``size_bytes`` and ``sha256`` set): fetch
+     them with ``FetchModel(version)``, a server stream of ``ModelChunk`` sliced from one shared
+     buffer (``GrpcTransport.poll`` does this transparently).
    - ``PeerKeys``: the advertised keys of every client in U1 (including the caller). The
      client computes the session id and calls ``ShareKeys`` with one AES-GCM ciphertext of
      Shamir shares per neighbour (``peer_id`` = recipient).
    - ``IncomingShares``: the ciphertexts addressed to this client (``peer_id`` = sender) from
      U2. The client encodes its (clipped, possibly noised) update, masks it and calls
      ``SubmitMaskedInput`` with ``dimension`` ring elements as raw little-endian uint32
-     (``ring_bits`` <= 32) or uint64 bytes.
+     (``ring_bits`` <= 32) or uint64 bytes. A large input goes as a client stream,
+     ``UploadMaskedInput`` (``MaskedInputChunk``: header and ``total_bytes`` in the first chunk,
+     then the bytes in order; ``GrpcTransport`` switches above 1 MiB). The server reassembles at
+     most two uploads at a time and HTTP/2 flow control holds the others back, so its memory stays
+     O(m) however many clients upload at once.
    - ``SurvivorCheck`` (active-adversary mode only): U3; the client signs it and calls
      ``ConfirmSurvivors``.
    - ``UnmaskingRequest``: ``survivors`` (U3) and ``dropped`` (U2 \\ U3). The client calls
