@@ -38,6 +38,7 @@ def _check_common(sample_rate: float, steps: int, delta: float, accountant: str)
 _accountant_option = click.option(
     "--accountant",
     default="rdp",
+    metavar="rdp|prv|pld",
     show_default=True,
     help="rdp (Opacus RDP), prv (Opacus PRV) or pld (Google dp-accounting PLD).",
 )
@@ -140,9 +141,13 @@ def noise_cmd(
 
 @budget.command(name="report")
 @click.argument("ledger_path", metavar="LEDGER", type=str)
-@click.option("--format", "fmt", default="text", show_default=True, help="text, json or markdown.")
-@click.option("--plot", "plot_path", type=str, default=None, help="Write a PNG of ε against rounds to this file.")
-@click.option("--run", "run_id", type=str, default=None, help="Run id in a run store (default: the latest run).")
+@click.option("--format", "fmt", default="text", show_default=True, metavar="text|json|markdown", help="Output format.")
+@click.option(
+    "--plot", "plot_path", type=str, default=None, metavar="FILE.png", help="Write a PNG of ε against rounds."
+)
+@click.option(
+    "--run", "run_id", type=str, default=None, metavar="RUN_ID", help="Run id in a run store (default: the latest run)."
+)
 def report_cmd(ledger_path: str, fmt: str, plot_path: str | None, run_id: str | None) -> None:
     """Per-round and cumulative ε of a privacy ledger (JSON file) or of a run in a run store (SQLite):
     the federation (user level) and each client (sample level)."""
