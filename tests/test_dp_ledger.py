@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
@@ -106,6 +107,17 @@ def test_json_round_trip_preserves_everything() -> None:
     for party in (FEDERATION, "a", "b"):
         assert restored.epsilon(party) == ledger.epsilon(party)
     assert json.loads(text)["entries"][0]["level"] == "user"
+
+
+def test_infinite_rdp_orders_survive_strict_json() -> None:
+    # A mechanism's bound may be infinite at high orders (e.g. Skellam/DDG outside their valid range).
+    curve = RdpCurveEvent.from_function("skellam", lambda a: np.where(a < 30, a * 0.01, np.inf))
+    ledger = PrivacyLedger()
+    ledger.reserve(0, federation=curve)
+    text = ledger.to_json()  # allow_nan=False inside: would raise on a bare inf
+    restored = PrivacyLedger.from_json(text)
+    assert restored.entries == ledger.entries
+    assert restored.epsilon() == ledger.epsilon() and np.isfinite(ledger.epsilon())
 
 
 def _valid_doc() -> dict:

@@ -203,7 +203,8 @@ class RdpCurveEvent:
             "kind": self.kind,
             "mechanism": self.mechanism,
             "orders": list(self.orders),
-            "rdp": list(self.rdp),
+            # JSON has no infinity: an order where the bound is infinite is written as null.
+            "rdp": [v if math.isfinite(v) else None for v in self.rdp],
             "steps": self.steps,
             "params": dict(self.params),
         }
@@ -231,7 +232,7 @@ def event_from_dict(data: Mapping[str, Any]) -> DpEvent:
             return RdpCurveEvent(
                 mechanism=str(data["mechanism"]),
                 orders=tuple(float(a) for a in data["orders"]),
-                rdp=tuple(float(v) for v in data["rdp"]),
+                rdp=tuple(math.inf if v is None else float(v) for v in data["rdp"]),
                 steps=_as_int(data["steps"], "steps"),
                 params=tuple(sorted(params.items())),
             )
