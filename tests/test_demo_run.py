@@ -62,6 +62,10 @@ def test_reduced_demo_central_and_none(tmp_path: Path) -> None:
                                    out=tmp_path / "c"), quiet(), serve_forever=False)
     assert central["epsilon_user"] is not None and 0 < central["epsilon_user"] <= 3.0 + 1e-9
     assert central["rounds"][-1]["epsilon_user"] == pytest.approx(central["epsilon_user"], rel=1e-6)
+    dist = run_demo(DemoOptions(hospitals=3, rounds=2, dropout=0.0, dp="distributed", in_process=True,
+                                out=tmp_path / "d"), quiet(), serve_forever=False)
+    assert dist["status"] == "completed" and len(dist["rounds"]) == 2
+    assert dist["epsilon_user"] is not None and 0 < dist["epsilon_user"] <= 3.0
     none = run_demo(DemoOptions(hospitals=3, rounds=2, dropout=0.0, dp="none", in_process=True,
                                 out=tmp_path / "n"), quiet(), serve_forever=False)
     assert none["epsilon_user"] is None and none["epsilon_sample_max"] is None

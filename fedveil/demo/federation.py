@@ -183,15 +183,45 @@ def server_config(settings: FederationSettings, recipe: Recipe, n_hospitals: int
                       dp_local_max_grad_norm=recipe.clip_norm, dp_client_epsilon_budget=settings.epsilon_budget)
     elif settings.dp in ("central", "distributed"):
         q = min(1.0, k / n_hospitals)
-        z = solve_noise_multiplier(target_epsilon=settings.epsilon_budget, delta=recipe.delta, sample_rate=q,
-                                   steps=settings.rounds, accountant=recipe.accountant).noise_multiplier
-        if settings.dp == "distributed":
-            z *= 1.1  # the discrete mechanism's own bound is a little looser than the Gaussian's
+        if settings.dp == "central":
+            z = solve_noise_multiplier(target_epsilon=settings.epsilon_budget, delta=recipe.delta, sample_rate=q,
+                                       steps=settings.rounds, accountant=recipe.accountant).noise_multiplier
+        else:
+            z = distributed_noise_multiplier(settings, recipe.delta, q)
         common.update(dp=settings.dp, dp_clip=settings.user_clip, dp_noise_multiplier=z,
                       dp_epsilon_budget=settings.epsilon_budget)
     else:
         common.update(dp="none")
     return ServerConfig(**common)
+
+
+def distributed_noise_multiplier(settings: FederationSettings, delta: float, sample_rate: float) -> float:
+    """Smallest z (bisection) whose distributed-DP rounds stay within the budget *as the server accounts them*:
+
+    the mechanism's own RDP bound (Skellam, 20-bit ring) for the smallest number of contributors a
+    round can complete with (the threshold), composed over all rounds.
+    """
+    from fedveil.dp.accounting import make_accountant
+    from fedveil.dp.distributed import derive_parameters
+
+    dim = sum(p.numel() for p in healthcare.build_model().parameters())
+
+    def epsilon(z: float) -> float:
+        cfg = derive_parameters(settings.hospitals_per_round, dim, settings.user_clip, noise_multiplier=z)
+        acc = make_accountant("rdp")
+        acc.compose(cfg.rdp_event(rounds=settings.rounds, n_contributors=settings.threshold, sample_rate=sample_rate))
+        return float(acc.get_epsilon(delta))
+
+    target = settings.epsilon_budget * 0.999  # stay clear of the ledger's budget stop by a hair
+    lo, hi = 0.1, 1.0
+    while epsilon(hi) > target:
+        lo, hi = hi, hi * 2
+        if hi > 1e4:
+            raise ValueError(f"no noise multiplier reaches ε = {settings.epsilon_budget} with distributed DP")
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if epsilon(mid) > target else (lo, mid)
+    return hi
 
 
 def run_federation(

@@ -1,0 +1,119 @@
+"""The dashboard reading a server's run store: StoreRunSource and ``fedveil server --dashboard``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from fedveil.demo import healthcare
+from fedveil.demo.data import make_split
+from fedveil.demo.federation import DropoutPlan, FederationSettings, run_federation
+from fedveil.demo.recipe import Recipe
+from fedveil.server.dashboard import StoreRunSource
+
+torch.set_num_threads(1)
+
+
+def test_store_source_shows_rounds_privacy_dropouts_and_the_model(tmp_path: Path) -> None:
+    split = make_split(3, 0)
+    files = {}
+    for h in split.hospitals:
+        p = tmp_path / h.name / "site.csv"
+        p.parent.mkdir()
+        p.write_text(healthcare.SCHEMA.to_csv(h.features, h.labels))
+        files[h.name] = p
+    test = TensorDataset(torch.from_numpy(split.test.features), torch.from_numpy(split.test.labels))
+    settings = FederationSettings(rounds=3, hospitals_per_round=3, dp="local", transport="in-process")
+    plan = DropoutPlan({2: frozenset({"hospital-3"})})
+    result = run_federation(store_path=tmp_path / "runs.sqlite", site_files=files, test=test, settings=settings,
+                            recipe=Recipe(rounds=3), dropout_plan=plan)
+    assert result.status == "completed"
+    source = StoreRunSource(tmp_path / "runs.sqlite", healthcare.task)
+    try:
+        runs = source.list_runs()
+        assert [r["id"] for r in runs] == [result.run_id] and runs[0]["status"] == "completed"
+        run = source.get_run(result.run_id)
+        assert run is not None and run["settings"]["dp"] == "local" and run["settings"]["epsilon_budget"] == 3.0
+        rounds = run["rounds"]
+        assert [r["round"] for r in rounds] == [1, 2, 3]
+        assert rounds[1]["dropped"] == ["hospital-3"] and "hospital-3" not in rounds[1]["participants"]
+        assert rounds[0]["dropped"] == [] and len(rounds[0]["participants"]) == 3
+        for r in rounds:  # the cohort's federated evaluation of each round's model
+            assert r["accuracy"] is not None and 0 <= r["accuracy"] <= 1 and r["loss"] is not None
+        # clients' reported sample-level ε, as the ledger recorded them, matching the hospitals' own accountants
+        last = rounds[-1]["epsilon_sample"]
+        for name, info in result.hospitals.items():
+            assert last[name] is not None and abs(last[name] - info["epsilon"]) < 1e-6
+        assert rounds[-1]["budget_remaining"]["hospital-1"] == 3.0 - last["hospital-1"]
+        assert rounds[-1]["epsilon_user"] is None
+        state = source.latest_model()
+        assert state is not None
+        for k, v in result.model.state_dict().items():
+            assert np.allclose(state[k].numpy(), v.numpy(), atol=1e-6)
+        assert source.get_run("nope") is None
+    finally:
+        source.close()
+
+
+def _get(url: str) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_fedveil_server_serves_the_dashboard(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedveil.cli", "server", "--listen", "127.0.0.1:0", "--store", str(tmp_path / "s.db"),
+         "--task", "fedveil.demo.healthcare:task", "--rounds", "1", "--clients-per-round", "2", "--insecure",
+         "--dashboard", "0", "--log-level", "error"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stdout is not None
+        url = ""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not url:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            if line.startswith("dashboard: "):
+                url = line.split(" ", 1)[1].strip()
+        assert url.startswith("http://127.0.0.1:"), "the server did not print its dashboard URL"
+        runs: list[Any] = []
+        while time.monotonic() < deadline and not runs:
+            runs = _get(url + "api/runs")[1]["runs"]
+            time.sleep(0.2)
+        assert runs and runs[0]["status"] == "running" and runs[0]["rounds_done"] == 0
+        status, st = _get(url + "api/status")
+        assert status == 200 and st["can_start_runs"] is False and st["uploads"] is False
+        status, hospitals = _get(url + "api/hospitals")
+        assert hospitals["uploads"] is False and "never receives hospital data" in hospitals["message"]
+        req = urllib.request.Request(url + "api/hospitals/x/upload?filename=a.csv", data=b"a", method="POST")
+        try:
+            urllib.request.urlopen(req, timeout=5)
+            raise AssertionError("upload accepted by the coordinator's dashboard")
+        except urllib.error.HTTPError as err:
+            assert err.code == 409
+        with urllib.request.urlopen(url + "clinician.html", timeout=5) as resp:
+            assert b"Assess risk" in resp.read()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
