@@ -191,7 +191,12 @@ def load_task(reference: str) -> Task:
     except AttributeError:
         raise TaskLoadError(f"--task {reference!r}: module {module_name!r} has no attribute {attr!r}") from None
     if inspect.isfunction(obj):  # a factory: ``module:make_task``
-        obj = obj()
+        try:
+            obj = obj()
+        except TypeError as err:
+            raise TaskLoadError(
+                f"--task {reference!r}: {attr!r} is a function that cannot build a task ({err})"
+            ) from None
     if not isinstance(obj, Task):
         raise TaskLoadError(f"--task {reference!r}: {attr!r} is a {type(obj).__name__}, not a fedveil Task")
     return obj

@@ -203,7 +203,13 @@ def server_argv(config: ServerConfig, listen: str, store_path: Path, port_file: 
         "--poll-wait", str(config.poll_wait), "--dp-clip", str(config.dp_clip),
         "--dp-noise-multiplier", str(config.dp_noise_multiplier),
         "--weighting", "examples" if config.weighted else "uniform", "--insecure", "--json",
+        "--local-epochs", str(config.local_epochs), "--learning-rate", str(config.learning_rate),
+        "--batch-size", str(config.batch_size), "--max-round-attempts", str(config.max_round_attempts),
     ]
+    if not config.evaluate:
+        argv.append("--no-evaluate")
+    if not config.final_evaluation:
+        argv.append("--no-final-evaluation")
     if port_file is not None:
         argv += ["--port-file", str(port_file)]
     return fedveil_argv(*argv)
