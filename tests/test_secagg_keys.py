@@ -119,3 +119,57 @@ def test_server_aborts_when_reconstructed_key_does_not_match():
     r.close()
     assert r.server.aborted
     assert "does not match" in r.server.abort_reason
+
+
+# X25519 public keys of small order (canonical u-coordinates and their non-canonical encodings):
+# any exchange with them yields the all-zero secret, which OpenSSL refuses with a bare ValueError.
+_P25519 = 2**255 - 19
+_SMALL_ORDER_U = (0, 1, _P25519 - 1, _P25519, _P25519 + 1,
+                  int.from_bytes(bytes.fromhex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800"),
+                                 "little"),
+                  int.from_bytes(bytes.fromhex("5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157"),
+                                 "little"))
+SMALL_ORDER_KEYS = [(u | high).to_bytes(32, "little") for u in _SMALL_ORDER_U for high in (0, 1 << 255)
+                    if (u | high) < 1 << 256]
+
+
+@pytest.mark.parametrize("bad", SMALL_ORDER_KEYS[::3], ids=lambda key: key[:4].hex())
+def test_server_rejects_small_order_public_keys_and_round_goes_on(bad):
+    from fedveil.secagg import ProtocolError
+
+    cfg = SecAggConfig(5, 3, 8, round_id=6, graph=GraphSpec())
+    r = ManualRound(cfg)
+    advs = {c: cl.advertise_keys() for c, cl in r.clients.items()}
+    for field in ("share_public", "mask_public"):
+        with pytest.raises(ProtocolError, match="small order"):
+            r.server.receive(4, dataclasses.replace(advs[4], **{field: bad}))
+    for c in range(4):
+        r.server.receive(c, advs[c])
+    out = r.step(r.close(), skip={4})
+    out = r.step(out)
+    r.step(out)
+    assert r.server.result.survivors == (0, 1, 2, 3)
+
+
+def test_client_names_a_small_order_key_forwarded_by_the_server():
+    from fedveil.secagg import ProtocolError
+
+    cfg = SecAggConfig(4, 3, 8, round_id=6)
+    r = ManualRound(cfg)
+    r.advertise()
+    out = r.close()
+    msg = out[0]
+    bad = tuple(dataclasses.replace(a, mask_public=SMALL_ORDER_KEYS[0]) if a.client_id == 2 else a
+                for a in msg.advertisements)
+    with pytest.raises(ProtocolError, match="client 2"):
+        r.clients[0].handle(dataclasses.replace(msg, advertisements=bad))
+    assert r.clients[0].aborted
+    # Also when the key reaches the Diffie-Hellman step directly: a named error, never ValueError.
+    from fedveil.secagg.keys import is_small_order, pairwise_mask_seed, share_secret
+
+    assert all(is_small_order(key) for key in SMALL_ORDER_KEYS)
+    assert not any(is_small_order(X25519PrivateKey.generate().public_key().public_bytes_raw()) for _ in range(50))
+    with pytest.raises(ProtocolError):
+        share_secret(X25519PrivateKey.generate(), SMALL_ORDER_KEYS[1])
+    with pytest.raises(ProtocolError):
+        pairwise_mask_seed(X25519PrivateKey.generate(), SMALL_ORDER_KEYS[2], 0, 1, bytes(32))

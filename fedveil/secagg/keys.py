@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from fedveil.secagg.errors import ConfigError, InvalidSignatureError
+from fedveil.secagg.errors import ConfigError, InvalidSignatureError, ProtocolError
 from fedveil.secagg.prg import SEED_BYTES
 
 PUBLIC_KEY_BYTES = 32
@@ -86,6 +86,31 @@ def check_public_key(value: bytes, name: str) -> bytes:
     return value
 
 
+# u-coordinates of the X25519 points of small order (on the curve and its twist). A Diffie-Hellman
+# exchange with any of them gives the all-zero secret, which OpenSSL refuses with a bare
+# ValueError; accepting such a key would let one party stop every neighbour's round with an
+# unnamed error. Encodings are read as RFC 7748 does: top bit ignored, values reduced mod p.
+_P25519 = (1 << 255) - 19
+_SMALL_ORDER_U = frozenset({
+    0, 1, _P25519 - 1,
+    0x00B8495F16056286FDB1329CEB8D09DA6AC49FF1FAE35616AEB8413B7C7AEBE0,
+    0x57119FD0DD4E22D8868E1C58C45C44045BEF839C55B1D0B1248C50A3BC959C5F,
+})
+
+
+def is_small_order(public: bytes) -> bool:
+    """True for an X25519 public key whose exchange with any private key is all zeros."""
+    u = (int.from_bytes(public, "little") & ((1 << 255) - 1)) % _P25519
+    return u in _SMALL_ORDER_U
+
+
+def _exchange(own: X25519PrivateKey, peer_public: bytes) -> bytes:
+    try:
+        return own.exchange(X25519PublicKey.from_public_bytes(peer_public))
+    except ValueError as err:  # small-order point or wrong length
+        raise ProtocolError("X25519 exchange failed: the peer's public key is invalid or of small order") from err
+
+
 def session_id(round_id: int, parameters: bytes, advertised: Iterable[tuple[int, bytes, bytes]]) -> bytes:
     """SHA-256 over the round id, the protocol parameters and all advertised public keys.
 
@@ -108,14 +133,14 @@ def _pair_info(label: bytes, a: int, b: int) -> bytes:
 def pairwise_mask_seed(own_mask: X25519PrivateKey, peer_mask_public: bytes, own_id: int, peer_id: int,
                        session: bytes) -> bytes:
     """The PRG seed of the mask shared by ``own_id`` and ``peer_id`` (the same on both sides)."""
-    shared = own_mask.exchange(X25519PublicKey.from_public_bytes(peer_mask_public))
+    shared = _exchange(own_mask, peer_mask_public)
     lo, hi = (own_id, peer_id) if own_id < peer_id else (peer_id, own_id)
     return hkdf(shared, salt=session, info=_pair_info(b"pairwise-mask", lo, hi))
 
 
 def share_secret(own_share: X25519PrivateKey, peer_share_public: bytes) -> bytes:
     """Raw X25519 secret of the share-encryption key pair (feed it to :func:`share_box_key`)."""
-    return own_share.exchange(X25519PublicKey.from_public_bytes(peer_share_public))
+    return _exchange(own_share, peer_share_public)
 
 
 def share_box_key(shared: bytes, sender: int, recipient: int, session: bytes) -> bytes:

@@ -9,7 +9,15 @@ from functools import cached_property
 from fedveil.secagg.config import SecAggConfig
 from fedveil.secagg.errors import ConfigError, InvalidSignatureError, ProtocolError
 from fedveil.secagg.graph import MaskingGraph, build_graph
-from fedveil.secagg.keys import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, advertisement_payload, hkdf, session_id, verify
+from fedveil.secagg.keys import (
+    PUBLIC_KEY_BYTES,
+    SIGNATURE_BYTES,
+    advertisement_payload,
+    hkdf,
+    is_small_order,
+    session_id,
+    verify,
+)
 from fedveil.secagg.messages import AdvertiseKeys
 
 
@@ -21,6 +29,8 @@ def check_advertisement(config: SecAggConfig, adv: AdvertiseKeys) -> None:
         raise ProtocolError(f"client {adv.client_id}: public keys must be {PUBLIC_KEY_BYTES} bytes")
     if adv.share_public == adv.mask_public:
         raise ProtocolError(f"client {adv.client_id}: share and mask public keys must differ")
+    if is_small_order(adv.share_public) or is_small_order(adv.mask_public):
+        raise ProtocolError(f"client {adv.client_id}: a public key is an X25519 point of small order")
     if config.active:
         assert config.identity_keys is not None
         if len(adv.signature) != SIGNATURE_BYTES:
