@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,9 @@ class Scripted:
     """A local DP-SGD spend to report (with a ``loss`` metric) in every round the client trains."""
     transport: Any = None
     """Talk through this transport (e.g. a ``GrpcTransport``) instead of calling the coordinator."""
+    stall_upload_s: float = 0.0
+    """With a ``GrpcTransport``: send the first chunk of the masked input, then stall this long."""
+    upload_error: Any = None
     done: bool = False
     error: BaseException | None = None
 
@@ -91,8 +95,13 @@ class Scripted:
                     t.share_keys(pb.ShareKeysRequest(header=s.header(rnd, nonce),
                                                      shares=driver.share_keys(resp.peer_keys)))
                 elif kind == "incoming_shares" and driver is not None and skip != "masked-input":
-                    t.submit_masked_input(pb.MaskedInputRequest(
-                        header=s.header(rnd, nonce), masked_vector=driver.masked_input(resp.incoming_shares)))
+                    masked = driver.masked_input(resp.incoming_shares)
+                    if self.stall_upload_s:
+                        self._stalled_upload(t, s.header(rnd, nonce), masked)
+                        driver, skip = None, "masked-input"  # this round is lost for this client
+                    else:
+                        t.submit_masked_input(pb.MaskedInputRequest(header=s.header(rnd, nonce),
+                                                                    masked_vector=masked))
                 elif kind == "unmasking" and driver is not None and skip != "unmasking":
                     t.unmask(pb.UnmaskRequest(header=s.header(rnd, nonce), shares=driver.unmask(resp.unmasking)))
                 elif kind == "round_result":
@@ -108,6 +117,20 @@ class Scripted:
                     return
             except ProtocolError:
                 driver = None  # a closed stage: wait for the round result
+
+
+    def _stalled_upload(self, t: Any, header: pb.RequestHeader, masked: bytes) -> None:
+        import grpc
+
+        def chunks() -> Any:
+            yield pb.MaskedInputChunk(header=header, total_bytes=len(masked), data=masked[:8])
+            time.sleep(self.stall_upload_s)
+            yield pb.MaskedInputChunk(data=masked[8:])
+
+        try:
+            t._upload(chunks(), metadata=t._metadata, timeout=self.stall_upload_s + 30)
+        except grpc.RpcError as err:
+            self.upload_error = err.code()
 
 
 def make_job(tmp_path: Path, names: list[str], **overrides: object) -> tuple[Coordinator, RunStore]:

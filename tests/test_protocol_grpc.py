@@ -72,13 +72,15 @@ class Federation_:
 
 
 def _start(tmp_path: Path, *, rounds: int, client_ca: PemPair | None = None,
-           names: tuple[str, ...] = ("alice", "bob", "mallory")) -> tuple[Federation_, grpc.Server]:
+           names: tuple[str, ...] = ("alice", "bob", "mallory"), clients_per_round: int = 2,
+           limits: ServerLimits | None = None, stage_timeout: float = 20.0) -> tuple[Federation_, grpc.Server]:
     torch.set_num_threads(1)
     store = RunStore(tmp_path / "run.db")
     tokens = {n: store.enroll(n).token for n in names}
     task = load_task(TASK)
-    config = ServerConfig(task=TASK, rounds=rounds, clients_per_round=2, min_clients=2, round_timeout=60,
-                          stage_timeout=20, cohort_wait=0.0, linger=1.0, seed=11, final_evaluation=False,
+    config = ServerConfig(task=TASK, rounds=rounds, clients_per_round=clients_per_round,
+                          min_clients=clients_per_round, round_timeout=60,
+                          stage_timeout=stage_timeout, cohort_wait=0.0, linger=1.0, seed=11, final_evaluation=False,
                           poll_wait=2.0)
     coordinator = Coordinator(config, task, store)
     coordinator.inline_model = False  # as fedveil server does: models are fetched with FetchModel
@@ -88,7 +90,7 @@ def _start(tmp_path: Path, *, rounds: int, client_ca: PemPair | None = None,
     server, port = build_server(
         coordinator, Authenticator(store.credential, client_exists=store.client_enrolled), "127.0.0.1:0",
         credentials=server_credentials(cert.cert_pem, cert.key_pem, client_ca.cert_pem if client_ca else None),
-        limits=ServerLimits(max_message_bytes=limit, workers=16, max_concurrent_rpcs=64),
+        limits=limits or ServerLimits(max_message_bytes=limit, workers=16, max_concurrent_rpcs=64),
         mutual_tls=client_ca is not None,
     )
     summary: list[JobSummary] = []
@@ -235,6 +237,35 @@ def test_chunked_transfers_carry_the_exact_updates(fed: Federation_) -> None:
     assert fed.summary and fed.summary[0].status == "completed"
     expected = (1.0 * vecs[0] + 3.0 * vecs[1]) / 4.0
     np.testing.assert_allclose(fed.coordinator.store.aggregate(fed.coordinator.run_id, 1), expected, atol=1e-4)  # type: ignore[arg-type]
+
+
+def test_a_stalled_upload_is_cancelled_and_the_round_goes_on(tmp_path: Path) -> None:
+    limits = ServerLimits(max_message_bytes=4 << 20, workers=16, max_concurrent_rpcs=64, max_concurrent_uploads=1,
+                          upload_timeout_s=1.0)
+    fed, server = _start(tmp_path, rounds=1, names=("a", "b", "c"), clients_per_round=3, limits=limits,
+                         stage_timeout=4.0)
+    try:
+        vecs = vectors(3)
+        clients = [Scripted(fed.coordinator, n, v, transport=fed.transport(n))
+                   for n, v in zip("abc", vecs, strict=True)]
+        clients[2].stall_upload_s = 5.0
+        threads = [threading.Thread(target=c.run, daemon=True) for c in clients]
+        for th in threads:
+            th.start()
+        fed.thread.join(90)
+        for th in threads:
+            th.join(30)
+        assert [c.error for c in clients] == [None, None, None]
+        assert clients[2].upload_error == grpc.StatusCode.CANCELLED
+        assert fed.summary and fed.summary[0].status == "completed"
+        store = fed.coordinator.store
+        assert store.dropouts(fed.coordinator.run_id) == [(1, 1, "c", "masked-input", "missed the stage deadline")]
+        np.testing.assert_allclose(store.aggregate(fed.coordinator.run_id, 1), (vecs[0] + vecs[1]) / 2, atol=1e-4)  # type: ignore[arg-type]
+    finally:
+        fed.coordinator.stop()
+        fed.thread.join(30)
+        server.stop(0).wait(5)
+        fed.coordinator.store.close()
 
 
 def test_out_of_order_replayed_and_foreign_messages(fed: Federation_) -> None:

@@ -18,6 +18,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +51,8 @@ class ServerLimits:
     max_concurrent_uploads: int = 2
     """Chunked masked-input uploads reassembled at once; the others wait, held back by HTTP/2
     flow control, so upload buffers take O(max_concurrent_uploads · m) however many clients send."""
+    upload_timeout_s: float = 60.0
+    """An upload holding a slot longer than this is cancelled (a stalled sender cannot block it)."""
 
     def __post_init__(self) -> None:
         if self.max_message_bytes < 1024:
@@ -120,11 +123,13 @@ class FederationServicer:
         *,
         mutual_tls: bool = False,
         max_concurrent_uploads: int = 2,
+        upload_timeout_s: float = 60.0,
     ) -> None:
         self._service = service
         self._auth = authenticator
         self._mutual_tls = mutual_tls
         self._upload_slots = threading.BoundedSemaphore(max_concurrent_uploads)
+        self._upload_timeout = upload_timeout_s
 
     def _authenticate(self, context: grpc.ServicerContext) -> str:
         token = bearer_token(context.invocation_metadata())
@@ -168,7 +173,7 @@ class FederationServicer:
                 raise MalformedMessage(
                     f"total_bytes: expected {expected} bytes of masked input, got {first.total_bytes}"
                 )
-            with self._upload_slots:
+            with self._upload_slots, _cancel_after(context, self._upload_timeout):
                 buffer = bytearray(expected)
                 view = memoryview(buffer)
                 pos = 0
@@ -185,6 +190,10 @@ class FederationServicer:
                     raise MalformedMessage(f"{rpc}: the upload ended after {pos} of {expected} bytes")
                 result: Message = self._service.submit_masked_vector(caller, first.header, buffer)
                 return result
+        except grpc.RpcError:  # the stream broke: the client went away, or a stall hit the timeout
+            log.warning("%s from %s at %s cancelled before it completed (stalled for %.0fs, or the client left)",
+                        rpc, caller, context.peer(), self._upload_timeout)
+            return pb.Ack(detail="cancelled")
         except Exception as err:
             self._refuse(rpc, caller, context, err)
         raise AssertionError("unreachable: context.abort raises")
@@ -219,6 +228,17 @@ class FederationServicer:
             response_serializer=_serialize,
         )
         return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+
+@contextmanager
+def _cancel_after(context: grpc.ServicerContext, seconds: float) -> Iterator[None]:
+    timer = threading.Timer(seconds, context.cancel)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def _model_chunks(data: bytes) -> Iterator[Message]:
@@ -258,7 +278,8 @@ def build_server(
         maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
     )
     servicer = FederationServicer(service, authenticator, mutual_tls=mutual_tls,
-                                  max_concurrent_uploads=limits.max_concurrent_uploads)
+                                  max_concurrent_uploads=limits.max_concurrent_uploads,
+                                  upload_timeout_s=limits.upload_timeout_s)
     server.add_generic_rpc_handlers((servicer.generic_handler(),))
     try:
         port = server.add_insecure_port(listen) if credentials is None else server.add_secure_port(listen, credentials)

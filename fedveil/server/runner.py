@@ -56,7 +56,8 @@ def serve(
         coordinator = Coordinator(config, task, store, new_run=new_run)
         limit = max_message_bytes or coordinator.max_message_bytes()
         workers = max(32, 2 * config.clients_per_round + 16)
-        limits = ServerLimits(max_message_bytes=limit, workers=workers, max_concurrent_rpcs=max(256, 4 * workers))
+        limits = ServerLimits(max_message_bytes=limit, workers=workers, max_concurrent_rpcs=max(256, 4 * workers),
+                              upload_timeout_s=config.stage_timeout)
         coordinator.max_waiting_polls = workers - 8  # long polls never take the last workers
         coordinator.inline_model = False  # clients fetch the model in chunks (FetchModel)
         credentials = None
