@@ -491,3 +491,31 @@ def test_decoded_messages_drive_the_round():
     assert np.array_equal(sim.result.ring_sum, ring_sum(config, inputs, range(4)))
     adv = SecAggClient(0, config).advertise_keys()
     assert decode_message(adv.to_bytes()).share_public == adv.share_public
+
+
+def test_client_refuses_survivors_it_knows_dropped_before_sharing():
+    """Bonawitz et al.'s check U3 ⊆ U2 in the client's own view: a survivor set padded with
+    neighbours that never sent this client their shares (or with ids outside the session)
+    must not count towards t, and a client refuses to answer it."""
+    config = SecAggConfig(7, 3, 16, round_id=2)
+    r = ManualRound(config)
+    r.advertise()
+    out = r.close()
+    out = r.step(out, skip={5, 6})  # 5 and 6 drop before sharing: U2 = {0, ..., 4}
+    out = r.step(out)
+    honest = out[0]
+    assert honest.survivors.tolist() == [0, 1, 2, 3, 4]
+    # Padded with 5 and 6 the set reaches t = 3 and lets the server name 1..4 as dropped.
+    padded = dataclasses.replace(honest, survivors=np.array([0, 5, 6], np.uint32),
+                                 dropped=np.array([1, 2, 3, 4], np.uint32))
+    with pytest.raises(UnmaskingRefusedError, match="never sent"):
+        r.clients[0].handle(padded)
+    assert r.clients[0].aborted
+    # Ids of clients that are not in the session are refused too.
+    bogus = dataclasses.replace(out[1], survivors=np.array([1, 2, 3, 4, 1000], np.uint32))
+    with pytest.raises(UnmaskingRefusedError, match="not in this round"):
+        r.clients[1].handle(bogus)
+    # The honest request is still answered by the others and the round completes exactly.
+    r.step({c: out[c] for c in (2, 3, 4)})
+    assert r.server.completed
+    assert np.array_equal(r.server.result.ring_sum, ring_sum(config, r.inputs, range(5)))

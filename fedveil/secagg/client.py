@@ -258,17 +258,35 @@ class ClientConsistencyCheck(ClientState):
 
 
 def _check_survivors(ctx: _ClientContext, survivors: frozenset[int]) -> None:
+    """Refuse a survivor set this client knows to be wrong or too small.
+
+    Bonawitz et al. (CCS 2017, Fig. 4) have the client check U3 ⊆ U2 and |U3| ≥ t. This client
+    knows U2 only within its neighbourhood (the neighbours whose shares reached it), so: every
+    announced survivor must be a member of the session, every announced survivor among its
+    holders must have sent it shares, and both the whole set and its holders among it must
+    number at least t. Otherwise a server could pad the set with clients that dropped before
+    sharing to reach t.
+    """
     cfg = ctx.config
     me = ctx.client_id
-    assert ctx.session is not None
+    session = ctx.session
+    assert session is not None
     if me not in survivors:
         raise UnmaskingRefusedError(f"client {me} sent its masked input but is not in the announced survivor set")
+    outside = survivors.difference(session.advertisements)
+    if outside:
+        raise UnmaskingRefusedError(f"client {me}: the announced survivor set names clients {sorted(outside)[:5]} "
+                                    "that are not in this round's session")
     if len(survivors) < cfg.threshold:
         raise TooFewSurvivorsError(f"client {me}: announced survivor set has {len(survivors)} clients, "
                                    f"fewer than threshold {cfg.threshold}")
-    local = len(survivors.intersection(ctx.session.graph.holders(me)))
-    if local < cfg.threshold:
-        raise TooFewSurvivorsError(f"client {me}: only {local} of its holders are announced as survivors, "
+    local = survivors.intersection(session.graph.holders(me))
+    unknown = sorted(p for p in local if p != me and p not in ctx.received)
+    if unknown:
+        raise UnmaskingRefusedError(f"client {me}: announced survivors {unknown[:5]} never sent it their shares "
+                                    "(they dropped before the masked-input stage)")
+    if len(local) < cfg.threshold:
+        raise TooFewSurvivorsError(f"client {me}: only {len(local)} of its holders are announced as survivors, "
                                    f"fewer than threshold {cfg.threshold}")
 
 
