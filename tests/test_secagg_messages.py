@@ -116,3 +116,21 @@ def test_bad_header_rejected():
             decode_message(bytes(bad))
     with pytest.raises(MalformedMessageError):
         AdvertiseKeys.from_bytes(bytes(raw))
+
+
+def test_reprs_never_show_shares_or_secrets():
+    """Shamir shares go to the server in the clear (by protocol), but never into logs via repr."""
+    from fedveil.secagg import SecAggClient, SecAggConfig
+
+    marker_sm, marker_mk = 1234567891, 1987654321
+    msg = UnmaskingResponse(1, 2, np.array([3], np.uint32), np.full((1, 8), marker_sm, np.uint32),
+                            np.array([4], np.uint32), np.full((1, 16), marker_mk, np.uint32))
+    text = repr(msg) + str(msg)
+    assert str(marker_sm) not in text and str(marker_mk) not in text
+    assert "UnmaskingResponse" in text and "client_id=2" in text
+    assert decode_message(msg.to_bytes()).self_mask_shares[0, 0] == marker_sm  # still on the wire
+    client = SecAggClient(0, SecAggConfig(3, 2, 4, round_id=1), seed=bytes(range(32)))
+    keys = client._ctx.keys
+    secrets = [keys.self_mask_seed.hex(), keys.sharing_seed.hex(), keys.mask_private.private_bytes_raw().hex()]
+    for obj in (client, client.state, client._ctx, keys):
+        assert not any(s in repr(obj) for s in secrets)

@@ -221,14 +221,17 @@ class UnmaskingResponse(Message):
 
     ``self_mask_shares[i]`` is this client's share of the self-mask seed of survivor
     ``self_mask_owners[i]``; ``mask_key_shares[i]`` its share of the masking key of dropped
-    client ``mask_key_owners[i]``. Never both for one owner.
+    client ``mask_key_owners[i]``. Never both for one owner. The shares are secrets (t of them
+    give a seed or key), so they are left out of ``repr``: a logged message shows owners only.
     """
 
     TYPE: ClassVar[int] = 5
     self_mask_owners: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint32))
-    self_mask_shares: np.ndarray = field(default_factory=lambda: np.zeros((0, SELF_MASK_LIMBS), np.uint32))
+    self_mask_shares: np.ndarray = field(default_factory=lambda: np.zeros((0, SELF_MASK_LIMBS), np.uint32),
+                                         repr=False)
     mask_key_owners: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint32))
-    mask_key_shares: np.ndarray = field(default_factory=lambda: np.zeros((0, MASK_KEY_LIMBS), np.uint32))
+    mask_key_shares: np.ndarray = field(default_factory=lambda: np.zeros((0, MASK_KEY_LIMBS), np.uint32),
+                                        repr=False)
 
     def _body(self) -> bytes:
         parts = []
