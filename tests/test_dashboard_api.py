@@ -211,6 +211,7 @@ def test_runs_are_listed_with_their_rounds(board: Any) -> None:
 @pytest.mark.parametrize(
     ("payload", "field"),
     [({"rounds": 0}, "rounds"), ({"rounds": "ten"}, "rounds"), ({"hospitals_per_round": 9}, "hospitals_per_round"),
+     ({"hospitals_per_round": 1}, "hospitals_per_round"),
      ({"dp": "magic"}, "dp"), ({"epsilon_budget": -1}, "epsilon_budget"), ({"colour": 1}, "colour"),
      ({"rounds": 2.5}, "rounds")],
 )

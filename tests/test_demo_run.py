@@ -69,3 +69,31 @@ def test_reduced_demo_central_and_none(tmp_path: Path) -> None:
     none = run_demo(DemoOptions(hospitals=3, rounds=2, dropout=0.0, dp="none", in_process=True,
                                 out=tmp_path / "n"), quiet(), serve_forever=False)
     assert none["epsilon_user"] is None and none["epsilon_sample_max"] is None
+
+
+def test_only_one_run_at_a_time(tmp_path: Path) -> None:
+    """While the demo's own run is going, the dashboard cannot start another on the same hospitals."""
+    from fedveil.demo.data import make_split
+    from fedveil.demo.federation import FederationSettings
+    from fedveil.demo.recipe import Recipe
+    from fedveil.demo.runner import DemoRuns, write_hospital_shares
+    from fedveil.server.dashboard import DashboardError, MemoryRunSource, RunSettings
+
+    options = DemoOptions(hospitals=3, rounds=1, dropout=0.0, in_process=True, out=tmp_path)
+    split = make_split(3, 0)
+    write_hospital_shares(split, tmp_path)
+    runs = MemoryRunSource()
+    demo_runs = DemoRuns(options, split, runs, quiet())
+    seen: list[bool] = []
+
+    def during(_: object) -> None:
+        seen.append(demo_runs.busy())
+        with pytest.raises(DashboardError, match="already in progress"):
+            demo_runs.start(RunSettings(rounds=1, hospitals_per_round=3))
+
+    assert not demo_runs.busy()
+    result = demo_runs.run(FederationSettings(rounds=1, hospitals_per_round=3, transport="in-process"),
+                           Recipe(rounds=1), prefer_uploads=False, on_round=during)
+    assert seen == [True] and not demo_runs.busy()
+    assert [r["id"] for r in runs.list_runs()] == [result.run_id]
+    assert runs.get_run(result.run_id)["status"] == "completed"

@@ -219,6 +219,7 @@ class DemoRuns:
         self.test = TensorDataset(torch.from_numpy(split.test.features), torch.from_numpy(split.test.labels))
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._active = 0  # runs in progress (the demo's own and the browser's): one at a time
 
     @property
     def names(self) -> list[str]:
@@ -233,6 +234,18 @@ class DemoRuns:
         return files
 
     def run(
+        self, settings: FederationSettings, recipe: Recipe, *, prefer_uploads: bool,
+        on_round: Callable[[RoundReport], None] | None = None,
+    ) -> FederationResult:
+        with self._lock:
+            self._active += 1
+        try:
+            return self._run(settings, recipe, prefer_uploads=prefer_uploads, on_round=on_round)
+        finally:
+            with self._lock:
+                self._active -= 1
+
+    def _run(
         self, settings: FederationSettings, recipe: Recipe, *, prefer_uploads: bool,
         on_round: Callable[[RoundReport], None] | None = None,
     ) -> FederationResult:
@@ -272,7 +285,7 @@ class DemoRuns:
 
     # -- the dashboard's RunStarter interface --
     def busy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._active > 0 or (self._thread is not None and self._thread.is_alive())
 
     def start(self, browser_settings: Any) -> str:
         with self._lock:

@@ -117,7 +117,7 @@ class RunSettings:
             raise DashboardError(f"unknown setting(s): {', '.join(unknown)}")
         defaults = cls()
         rounds = _int_field(payload, "rounds", defaults.rounds, 1, max_rounds)
-        per_round = _int_field(payload, "hospitals_per_round", min(defaults.hospitals_per_round, max_hospitals), 1,
+        per_round = _int_field(payload, "hospitals_per_round", min(defaults.hospitals_per_round, max_hospitals), 2,
                                max_hospitals)
         dp = payload.get("dp", defaults.dp)
         if dp not in DP_MODES:
