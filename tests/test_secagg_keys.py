@@ -18,6 +18,7 @@ from fedveil.secagg.keys import (
     share_secret,
 )
 from fedveil.secagg.messages import UnmaskingResponse
+from fedveil.secagg.shamir import PRIME
 from tests.secagg_helpers import ManualRound, random_inputs
 
 
@@ -112,9 +113,16 @@ def test_server_aborts_when_reconstructed_key_does_not_match():
     out = r.step(r.close())
     out = r.step(out, skip={5})
     replies = r.deliver(out)
+    # Shift the second 16-bit limb of client 5's key by one (the first holds bits X25519 clamps
+    # away), staying inside 0..0xFFFF so the shares interpolate to a well-formed key that is
+    # simply not the advertised one.
+    limb = r.clients[5]._ctx.keys.mask_private.private_bytes_raw()[2:4]
+    delta = 1 if int.from_bytes(limb, "little") < 0xFFFF else -1
     for c, reply in replies.items():
         assert isinstance(reply, UnmaskingResponse)
-        wrong = (reply.mask_key_shares.astype(np.int64) + 1).astype(np.uint32)
+        wrong = reply.mask_key_shares.astype(np.int64)
+        wrong[:, 1] = (wrong[:, 1] + delta) % PRIME
+        wrong = wrong.astype(np.uint32)
         r.server.receive(c, dataclasses.replace(reply, mask_key_shares=wrong))
     r.close()
     assert r.server.aborted

@@ -519,3 +519,23 @@ def test_client_refuses_survivors_it_knows_dropped_before_sharing():
     r.step({c: out[c] for c in (2, 3, 4)})
     assert r.server.completed
     assert np.array_equal(r.server.result.ring_sum, ring_sum(config, r.inputs, range(5)))
+
+
+def test_inconsistent_unmasking_shares_abort_cleanly():
+    """Shares that interpolate to no valid seed end the round as an abort (RoundAborted to
+    every client, sum discarded), not as an exception out of close_stage."""
+    config = SecAggConfig(5, 3, 16, round_id=8)
+    r, out = _round_until_unmasking(config, skip_masked={4})
+    replies = r.deliver(out)
+    for c, reply in replies.items():
+        assert isinstance(reply, UnmaskingResponse)
+        # Every share of every self-mask seed set to 2^20: they interpolate to limbs 2^20 >= 2^16.
+        junk = np.full_like(reply.self_mask_shares, 1 << 20)
+        r.server.receive(c, dataclasses.replace(reply, self_mask_shares=junk))
+    out = r.close()
+    assert r.server.aborted
+    assert "inconsistent" in (r.server.abort_reason or "")
+    assert r.server.state.ctx.running_sum is None
+    assert set(out) == {0, 1, 2, 3} and all(isinstance(m, RoundAborted) for m in out.values())
+    with pytest.raises(RoundAbortedError):
+        _ = r.server.result

@@ -326,7 +326,11 @@ class ServerR3Unmasking(ServerState):
             if lam is None:
                 lam = coeff_cache[key] = lagrange_at_zero(np.asarray(key, dtype=np.int64))
             secret = shamir_reconstruct(np.asarray(key), np.stack([rows[i] for i in order]), lam)
-            return limbs_to_bytes(secret)
+            try:
+                return limbs_to_bytes(secret)
+            except MalformedMessageError as err:  # a holder sent a wrong share: abort, do not raise
+                raise RoundAbortedError(f"the shares of the {what} of client {owner} are inconsistent "
+                                        "(they interpolate to no valid value)") from err
 
         # Recover every secret before touching the sum, so an abort reveals nothing.
         self_seeds = {u: recover(self.self_mask_shares, u, "self-mask seed") for u in ctx.u3}
