@@ -181,3 +181,20 @@ def test_client_names_a_small_order_key_forwarded_by_the_server():
         share_secret(X25519PrivateKey.generate(), SMALL_ORDER_KEYS[1])
     with pytest.raises(ProtocolError):
         pairwise_mask_seed(X25519PrivateKey.generate(), SMALL_ORDER_KEYS[2], 0, 1, bytes(32))
+
+
+def test_a_reused_seed_gives_fresh_secrets_in_every_round_and_for_every_client():
+    """A caller that passes the same seed again (another round, another client id) must not get
+    the same self-mask seed or masking key: a server that learnt b in one round (the client
+    survived) and s_sk in another (it was named dropped) would otherwise unmask its input."""
+    seed = os.urandom(32)
+    cfg = SecAggConfig(3, 2, 4, round_id=1)
+
+    def secrets(client_id, config):
+        keys = SecAggClient(client_id, config, seed=seed)._ctx.keys
+        return keys.self_mask_seed, keys.mask_private.private_bytes_raw(), keys.share_public, keys.sharing_seed
+
+    base = secrets(0, cfg)
+    assert secrets(0, cfg) == base  # reproducible within one round
+    for other in (secrets(0, cfg.for_round(2)), secrets(1, cfg), secrets(0, dataclasses.replace(cfg, threshold=3))):
+        assert all(a != b for a, b in zip(base, other, strict=True))

@@ -14,6 +14,7 @@ unmasking request — moves the client to :class:`ClientAborted` before it propa
 
 from __future__ import annotations
 
+import struct
 from typing import ClassVar
 
 import numpy as np
@@ -78,7 +79,8 @@ class _ClientContext:
         self.client_id = client_id
         self.config = config
         self.identity_key = identity_key
-        self.keys: RoundKeys = generate_round_keys(seed)
+        binding = struct.pack("<QI", config.round_id, client_id) + config.parameters_bytes()
+        self.keys: RoundKeys = generate_round_keys(seed, binding)
         self.input: np.ndarray | None = None
         self.advertisement: AdvertiseKeys | None = None
         self.session: Session | None = None
@@ -393,7 +395,8 @@ class SecAggClient:
         config: the round's parameters (identical at every party).
         identity_key: Ed25519 identity key, required in active mode.
         seed: 32 bytes from which all of this client's randomness for the round is derived
-            (reproducible simulations); ``None`` draws from ``os.urandom``.
+            (reproducible simulations), bound to the round id, parameters and client id so a
+            reused seed still gives fresh secrets; ``None`` draws from ``os.urandom``.
     """
 
     def __init__(self, client_id: int, config: SecAggConfig, *, identity_key: Ed25519PrivateKey | None = None,

@@ -61,8 +61,14 @@ class RoundKeys:
         return "RoundKeys(<secret>)"
 
 
-def generate_round_keys(seed: bytes | None = None) -> RoundKeys:
-    """Fresh keys from the OS CSPRNG, or derived from a 32-byte ``seed`` for reproducibility."""
+def generate_round_keys(seed: bytes | None = None, context: bytes = b"") -> RoundKeys:
+    """Fresh keys from the OS CSPRNG, or derived from a 32-byte ``seed`` for reproducibility.
+
+    ``context`` (the round id, parameters and client id, see :class:`~fedveil.secagg.client.SecAggClient`)
+    is the HKDF salt of a seeded derivation, so a seed passed again for another round or client
+    never yields the same self-mask seed or masking key (revealing ``b`` in one round and
+    ``s_sk`` in another would unmask an input).
+    """
     if seed is None:
         return RoundKeys(X25519PrivateKey.generate(), X25519PrivateKey.generate(),
                          os.urandom(SEED_BYTES), os.urandom(CLIENT_SEED_BYTES))
@@ -70,7 +76,7 @@ def generate_round_keys(seed: bytes | None = None) -> RoundKeys:
         raise ConfigError(f"seed: expected {CLIENT_SEED_BYTES} bytes or None")
 
     def derive(label: bytes, length: int = 32) -> bytes:
-        return hkdf(seed, salt=b"", info=b"client-seed/" + label, length=length)
+        return hkdf(seed, salt=context, info=b"client-seed/" + label, length=length)
 
     return RoundKeys(
         X25519PrivateKey.from_private_bytes(derive(b"share-key")),
