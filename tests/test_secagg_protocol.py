@@ -20,7 +20,6 @@ from fedveil.secagg import (
     RoundAbortedError,
     SecAggClient,
     SecAggConfig,
-    SecAggServer,
     ShareDecryptionError,
     TooFewSurvivorsError,
     UnexpectedMessageError,
@@ -35,6 +34,7 @@ from fedveil.secagg.messages import (
     MaskedInputRequest,
     MaskedInputResponse,
     ShareKeysRequest,
+    ShareKeysResponse,
     UnmaskingRequest,
     UnmaskingResponse,
     decode_message,
@@ -164,6 +164,38 @@ def test_client_answers_once_and_never_both_shares():
                                  dropped=np.array([4, 5], np.uint32))
     with pytest.raises(UnexpectedMessageError):
         r.clients[0].handle(second)
+
+
+@pytest.mark.parametrize("graph", [GraphSpec(), GraphSpec("harary", 4)])
+@pytest.mark.parametrize("stage", ["shares", "masked", "unmask"])
+def test_no_client_input_is_ever_unmaskable_from_what_the_server_receives(graph, stage):
+    """Over a whole round, the server never receives a self-mask share of a client whose masked
+    input it did not get, and never both kinds of share for one client (from anyone)."""
+    n = 11
+    config = SecAggConfig(n, 3, 16, round_id=21, graph=graph)
+    r = ManualRound(config)
+    r.advertise()
+    out = r.close()
+    dropped = {2, 7}
+    out = r.step(out, skip=dropped if stage == "shares" else ())
+    replies = r.deliver(out, skip=dropped if stage == "masked" else ())
+    r.send(replies)
+    masked_from = set(replies)
+    out = r.close()
+    unmask = r.deliver(out, skip=dropped if stage == "unmask" else ())
+    self_mask_of, mask_key_of = set(), set()
+    for reply in unmask.values():
+        assert isinstance(reply, UnmaskingResponse)
+        self_mask_of |= set(reply.self_mask_owners.tolist())
+        mask_key_of |= set(reply.mask_key_owners.tolist())
+    assert self_mask_of <= masked_from
+    assert not self_mask_of & mask_key_of
+    if stage == "masked":
+        assert mask_key_of & dropped  # the masks of the dropped clients really are removed
+    r.send(unmask)
+    r.close()
+    assert r.server.completed
+    assert np.array_equal(r.server.result.ring_sum, ring_sum(config, r.inputs, sorted(masked_from)))
 
 
 def test_client_refuses_survivor_set_smaller_than_threshold():
@@ -427,6 +459,51 @@ def test_active_mode_catches_server_showing_different_survivor_sets():
         r.clients[4].handle(request0)
 
 
+def test_active_mode_signatures_from_another_round_are_rejected():
+    """Signed advertisements carry the round id and parameters, survivor-set signatures the
+    session id: rewriting the header of a replay does not make its signature valid."""
+    config1, keys = _active_config(n=5, t=3, round_id=40)
+    config2 = config1.for_round(41)
+    old = SecAggClient(1, config1, identity_key=keys[1]).advertise_keys()
+    replay = dataclasses.replace(old, round_id=41)
+    r2 = ManualRound(config2, identity_key=dict(enumerate(keys)))
+    with pytest.raises(InvalidSignatureError):
+        r2.server.receive(1, replay)
+    # A server that forwards the replayed key to the others is caught by every client.
+    r2.advertise()
+    out2 = r2.close()
+    forged = tuple(replay if a.client_id == 1 else a for a in out2[0].advertisements)
+    with pytest.raises(InvalidSignatureError):
+        r2.clients[0].handle(dataclasses.replace(out2[0], advertisements=forged))
+    # Survivor-set signatures of round 40 on the very same ids do not pass round 41's check.
+    r1 = ManualRound(config1, identity_key=dict(enumerate(keys)))
+    r1.advertise()
+    out1 = r1.step(r1.step(r1.close()), skip={0})  # round 40's survivors are 1-4 as well
+    assert out1[1].survivors.tolist() == [1, 2, 3, 4]
+    old_sigs = {c: r1.clients[c].handle(out1[c]).signature for c in range(1, 5)}
+    out2 = r2.step(r2.step(out2, skip={0}))  # client 0 aborted above: 1-4 carry on
+    survivors = out2[2].survivors
+    assert survivors.tolist() == [1, 2, 3, 4]
+    r2.clients[2].handle(out2[2])  # signs round 41's set
+    request = UnmaskingRequest(41, 2, survivors, np.array([], np.uint32), old_sigs)
+    with pytest.raises(ConsistencyCheckError):
+        r2.clients[2].handle(request)
+
+
+def test_clients_refuse_unmasking_after_an_abort():
+    config = SecAggConfig(6, 5, 32, round_id=1)
+    r = ManualRound(config)
+    r.advertise()
+    out = r.step(r.step(r.close()), skip={0, 1})  # 4 masked inputs < t: the server aborts
+    assert r.server.aborted
+    for c in range(2, 6):
+        r.clients[c].handle(out[c])
+        late = UnmaskingRequest(1, c, np.arange(2, 6, dtype=np.uint32), np.array([0, 1], np.uint32))
+        with pytest.raises(UnexpectedMessageError):
+            r.clients[c].handle(late)
+        assert r.clients[c].aborted
+
+
 def test_active_mode_needs_enough_signatures():
     config, keys = _active_config(n=5, t=4)
     r = ManualRound(config, identity_key=dict(enumerate(keys)))
@@ -442,46 +519,82 @@ def test_active_mode_needs_enough_signatures():
 
 # --- property test of the state machines under arbitrary message sequences -----------------------
 
-@settings(max_examples=30, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 8)), max_size=25))
-def test_state_machines_survive_arbitrary_message_orders(script):
-    """Any message in any state either advances the machine or raises a named SecAggError;
-    a round whose honest messages are then delivered in order still ends exactly."""
+_CLIENT_TO_SERVER = (AdvertiseKeys, ShareKeysResponse, MaskedInputResponse, UnmaskingResponse)
+_AWAITED_BY_CLIENT = {"R1ShareKeys": ShareKeysRequest, "R2MaskedInput": MaskedInputRequest,
+                      "R3Unmasking": UnmaskingRequest}
+
+
+def _honest_round_messages(config, inputs):
+    """Every message, both directions, of one honest round."""
+    r = ManualRound(config, inputs)
+    msgs = [client.advertise_keys() for client in r.clients.values()]
+    for c, adv in enumerate(msgs):
+        r.server.receive(c, adv)
+    out = r.close()
+    while out:
+        msgs += out.values()
+        replies = r.deliver(out)
+        msgs += replies.values()
+        r.send(replies)
+        out = r.close()
+    assert r.server.completed
+    return msgs
+
+
+_FUZZ_CONFIG = SecAggConfig(4, 3, 8, round_id=1)
+_FUZZ_INPUTS = random_inputs(_FUZZ_CONFIG)
+# Replays: a run of this same round (other keys) and a run of the next round.
+_FUZZ_POOL = [*_honest_round_messages(_FUZZ_CONFIG, _FUZZ_INPUTS),
+              *_honest_round_messages(_FUZZ_CONFIG.for_round(2), _FUZZ_INPUTS)]
+
+
+def _throw(r, script, *, clients_only=False):
+    """Deliver foreign messages that cannot belong here; each must raise and change nothing."""
     from fedveil.secagg import SecAggError
 
-    config = SecAggConfig(4, 3, 8, round_id=1)
-    inputs = random_inputs(config)
-    # Reference messages of a different honest round, to throw at the machines.
-    ref = ManualRound(config, inputs)
-    ref.advertise()
-    o1 = ref.close()
-    r1 = ref.deliver(o1)
-    ref.send(r1)
-    o2 = ref.close()
-    r2 = ref.deliver(o2)
-    ref.send(r2)
-    o3 = ref.close()
-    r3 = ref.deliver(o3)
-    pool = [*o1.values(), *r1.values(), *o2.values(), *r2.values(), *o3.values(), *r3.values(),
-            AdvertiseKeys(1, 0, b"x" * 32, b"y" * 32)]
-    server = SecAggServer(config)
-    clients = {c: SecAggClient(c, config) for c in range(4)}
-    for c in clients:
-        clients[c].set_input(inputs[c])
     for who, idx in script:
-        msg = pool[idx % len(pool)]
-        try:
-            if idx % 2:
-                server.receive(msg.client_id, msg)
-            else:
-                clients[who].handle(dataclasses.replace(msg, client_id=who))
-        except SecAggError:
-            pass
-    # The machines still run a round to completion or have aborted with a named reason.
-    for c, client in clients.items():
-        assert client.stage in {"R0AdvertiseKeys", "R1ShareKeys", "R2MaskedInput", "R3Unmasking", "Completed",
-                                "Aborted"}
-    assert server.stage in {"R0AdvertiseKeys", "Aborted", "R1ShareKeys"}
+        msg = _FUZZ_POOL[idx % len(_FUZZ_POOL)]
+        if isinstance(msg, _CLIENT_TO_SERVER):
+            if clients_only:
+                continue
+            # Called only when every expected reply is in: a message of the right kind is a duplicate.
+            ctx = r.server.state.ctx
+            before = (r.server.stage, r.server.pending, None if ctx.running_sum is None else ctx.running_sum.copy())
+            with pytest.raises(SecAggError):
+                r.server.receive(msg.client_id, msg)
+            after = (r.server.stage, r.server.pending, ctx.running_sum)
+            assert after[:2] == before[:2]
+            assert (after[2] is None) == (before[2] is None)
+            assert before[2] is None or np.array_equal(after[2], before[2])
+        else:
+            client = r.clients[who]
+            fwd = dataclasses.replace(msg, client_id=who)
+            if fwd.round_id == _FUZZ_CONFIG.round_id and isinstance(fwd, _AWAITED_BY_CLIENT.get(client.stage, ())):
+                continue  # this round, the awaited kind: a forgery the client may rightly abort on
+            stage = client.stage
+            with pytest.raises((WrongRoundError, UnexpectedMessageError)):
+                client.handle(fwd)
+            assert client.stage == stage
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 10**6)), max_size=8), min_size=4, max_size=4))
+def test_foreign_and_out_of_state_messages_change_nothing(scripts):
+    """Messages replayed from another run or round, or of a kind the current state does not
+    take, raise a named error and leave every state machine as it was, at every stage; the
+    honest round then still ends exactly."""
+    r = ManualRound(_FUZZ_CONFIG, _FUZZ_INPUTS)
+    _throw(r, scripts[3], clients_only=True)  # the server still awaits every advertisement
+    r.advertise()
+    out = r.close()
+    for script in scripts[:3]:
+        replies = r.deliver(out)
+        r.send(replies)
+        _throw(r, script)
+        out = r.close()
+    _throw(r, scripts[3])
+    assert r.server.completed
+    assert np.array_equal(r.server.result.ring_sum, ring_sum(_FUZZ_CONFIG, _FUZZ_INPUTS, range(4)))
 
 
 def test_decoded_messages_drive_the_round():
