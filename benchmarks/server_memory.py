@@ -48,8 +48,12 @@ def main() -> int:
     parser.add_argument("--dim", type=int, default=1_000_000)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--in-process", action="store_true",
+                        help="Same job with the coordinator in this process (no gRPC): round times only.")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.in_process:
+        return _in_process(args)
     from fedveil.clients.session import ClientOptions, Federation
     from fedveil.protocol.client import ChannelConfig, GrpcTransport
     from fedveil.server.store import RunStore
@@ -127,6 +131,54 @@ def main() -> int:
     else:
         for key, value in result.items():
             print(f"{key:>26}: {value}")
+    return 0
+
+
+def _in_process(args: argparse.Namespace) -> int:
+    from fedveil.clients.session import ClientOptions, Federation
+    from fedveil.protocol.transport import InProcessTransport
+    from fedveil.server.config import ServerConfig
+    from fedveil.server.coordinator import Coordinator
+    from fedveil.server.store import RunStore
+    from fedveil.task import load_task
+
+    features = args.dim - 1
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        (work / "wide_task.py").write_text(TASK_MODULE.format(features=features))
+        sys.path.insert(0, str(work))
+        task = load_task("wide_task:task")
+        store = RunStore(work / "run.db")
+        for i in range(args.clients):
+            store.enroll(f"c{i}")
+        config = ServerConfig(task="wide_task:task", rounds=args.rounds, clients_per_round=args.clients,
+                              min_clients=args.clients, round_timeout=600, stage_timeout=600, evaluate=False,
+                              final_evaluation=False, linger=0.5, seed=1, weighted=False, cohort_wait=0.0)
+        coordinator = Coordinator(config, task, store)
+        times: list[float] = []
+
+        def client(i: int) -> None:
+            fed = Federation(InProcessTransport(coordinator, f"c{i}"), task.name, task.build_model(),
+                             ClientOptions(seed=i, poll_wait_ms=2000))
+            for rnd in fed:
+                with torch.no_grad():
+                    for p in rnd.model.parameters():
+                        p.add_(0.001 * (i + 1))
+                started = time.perf_counter()
+                rnd.submit(rnd.model, num_examples=8)
+                if i == 0:
+                    times.append(time.perf_counter() - started)
+
+        threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(args.clients)]
+        for th in threads:
+            th.start()
+        coordinator.run()
+        for th in threads:
+            th.join(60)
+        store.close()
+    result = {"clients": args.clients, "dim": args.dim, "rounds": args.rounds, "transport": "in-process",
+              "round_s_client0": [round(t, 2) for t in times]}
+    print(json.dumps(result, sort_keys=True) if args.json else "\n".join(f"{k:>16}: {v}" for k, v in result.items()))
     return 0
 
 
