@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -141,3 +141,36 @@ def test_invalid_parameters_named():
         Ring(32).check(np.zeros(3, np.int64))
     with pytest.raises(ConfigError, match="2\\^12"):
         Ring(12).check(np.array([5000], np.uint32))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 3000),
+    clip=st.sampled_from([0.25, 1.0, 3.0, 100.0]),
+    bits=st.sampled_from([16, 24, 32, 40, 64]),
+    weight=st.sampled_from([None, 0.5, 1.0, 7.0, 1000.0]),
+)
+def test_extreme_inputs_at_the_accepted_boundary_never_wrap(n, clip, bits, weight):
+    """The overflow rule, end to end: with the most precise encoder accepted for n clients,
+    n clients all at +clip (or -clip) with the largest weight decode to the true sums; one more
+    fractional bit is rejected as an overflow (unless the precision cap binds first)."""
+    weighted = weight is not None
+    try:
+        enc = FixedPointEncoder.for_clients(n, clip=clip, ring_bits=bits, weighted=weighted,
+                                            max_weight=weight if weighted else 1.0)
+    except EncodingOverflowError:
+        assume(False)
+    x = np.array([clip, -clip, 0.0], np.float32)
+    one = enc.encode(x, bytes(16), weight=weight)  # ±clip·w·scale are integers: encoded exactly
+    # The ring sum of n such encodings, computed exactly with Python integers.
+    total = np.array([(int(v) * n) % enc.ring.modulus for v in one], dtype=enc.ring.dtype)
+    decoded = enc.decode_sum(total)
+    w = weight if weighted else 1.0
+    assert decoded[0] == pytest.approx(n * clip * w, abs=n / enc.scale)
+    assert decoded[1] == pytest.approx(-n * clip * w, abs=n / enc.scale)
+    assert decoded[2] == pytest.approx(0.0, abs=n / enc.scale)
+    if weighted:
+        assert decoded[3] == pytest.approx(n * w, abs=n / enc.scale)
+    if enc.frac_bits < 40 and enc.max_abs_encoded * 2 <= 1 << 40:
+        with pytest.raises(EncodingOverflowError):
+            FixedPointEncoder(clip, enc.frac_bits + 1, bits, n, weighted, weight if weighted else 1.0)
