@@ -350,3 +350,23 @@ def test_mutual_tls_identifies_the_client_by_certificate(tmp_path: Path) -> None
         fed.thread.join(30)
         server.stop(0).wait(5)
         fed.coordinator.store.close()
+
+
+def test_a_client_whose_poll_is_cancelled_no_longer_counts_as_connected(fed: Federation_) -> None:
+    t = fed.transport("mallory")
+    session = _join(t)
+    assert "mallory" in fed.coordinator._available()
+    raw_poll = t._channel.unary_unary("/fedveil.v1.Federation/Poll", request_serializer=lambda m: m.SerializeToString(),
+                                      response_deserializer=pb.PollResponse.FromString)
+    with pytest.raises(grpc.RpcError) as info:  # the client gives up on a held poll: its process died
+        raw_poll(pb.PollRequest(header=session.header(), max_wait_ms=1500), metadata=t._metadata, timeout=0.3)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 5
+    while "mallory" in fed.coordinator._available() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "mallory" not in fed.coordinator._available()
+    # it comes back as soon as it speaks again
+    resp = t.poll(pb.PollRequest(header=session.header(), max_wait_ms=10))
+    assert resp.WhichOneof("instruction") == "wait"
+    assert "mallory" in fed.coordinator._available()
+    t.close()

@@ -143,8 +143,24 @@ class FederationServicer:
                 caller = self._authenticate(context)
                 if isinstance(request, _Malformed):
                     raise MalformedMessage(f"{rpc}: the request is not a valid {request.type_name} ({request.reason})")
-                result: Message = getattr(self._service, method_name)(caller, request)
-                return result
+                if rpc != "Poll":
+                    result: Message = getattr(self._service, method_name)(caller, request)
+                    return result
+                # A held poll cancelled before it returns means the client's process or connection
+                # is gone: tell the service, so it stops counting the client as connected.
+                finished = threading.Event()
+                session_id = bytes(request.header.session_id)
+
+                def on_end(name: str = caller) -> None:
+                    if not finished.is_set():
+                        self._service.client_disconnected(name, session_id)
+
+                context.add_callback(on_end)
+                try:
+                    polled: Message = self._service.poll(caller, request)
+                finally:
+                    finished.set()
+                return polled
             except Exception as err:
                 self._refuse(rpc, caller, context, err)
             raise AssertionError("unreachable: context.abort raises")

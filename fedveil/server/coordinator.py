@@ -103,6 +103,7 @@ class _Client:
     poll_token: object | None = None
     pending_result: pb.RoundResult | None = None
     job_done_sent: bool = False
+    disconnected: bool = False
 
 
 @dataclass
@@ -319,6 +320,7 @@ class Coordinator:
             raise OutOfOrder(f"{rpc}: unknown or replaced session (the server restarted or you joined again); Join")
         if header.run_id != self.run_id:
             raise OutOfOrder(f"header.run_id: {header.run_id!r} is not the current run {self.run_id!r}; Join again")
+        client.disconnected = False
         if not consume:
             return client
         if header.sequence <= client.last_sequence:
@@ -454,7 +456,22 @@ class Coordinator:
                         self._waiting_polls -= 1
             finally:
                 client.polling -= 1
-                client.last_seen = self._clock()
+                if not client.disconnected:
+                    client.last_seen = self._clock()
+
+    def client_disconnected(self, caller: str, session_id: bytes) -> None:
+        """The transport saw ``caller``'s held poll cancelled (its process or connection is gone):
+        it no longer counts as connected for cohorts, and its held poll is released at once.
+        A round it is in still waits for its deadline (it may reconnect in time)."""
+        with self._cond:
+            client = self._clients.get(caller)
+            if client is None or not hmac.compare_digest(client.session_id, session_id):
+                return
+            client.disconnected = True
+            client.last_seen = float("-inf")
+            client.poll_token = None
+            self._cond.notify_all()
+        log.info("client %s disconnected", caller)
 
     def advertise_keys(self, caller: str, request: pb.AdvertiseKeysRequest) -> pb.Ack:
         for name in ("encryption_public_key", "masking_public_key"):
@@ -727,7 +744,8 @@ class Coordinator:
     def _available(self) -> list[str]:
         now = self._clock()
         window = self.config.poll_wait + 5.0
-        return sorted(c.name for c in self._clients.values() if c.polling > 0 or now - c.last_seen <= window)
+        return sorted(c.name for c in self._clients.values()
+                      if not c.disconnected and (c.polling > 0 or now - c.last_seen <= window))
 
     def _available_count(self) -> int:
         return len(self._available())
