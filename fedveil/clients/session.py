@@ -447,6 +447,11 @@ class Federation:
         if rnd._metrics is not None or spend is not None:
             # the global model's metrics on local data, and this client's own DP-SGD spend so far
             self._report_metrics(int(start.model.version), rnd._metrics or {}, spend)
+            if self._round_header != (rnd.number, bytes(start.round_nonce)):
+                outcome = RoundOutcome(rnd.number, "dropped", "the client re-joined during the round")
+                self.history.append(outcome)
+                log.warning("round %d: dropped (the server lost this client's session)", rnd.number)
+                return outcome
         delta = model_delta(local, rnd.global_vector)
         weight = self.options.weight
         if weight is None:
