@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedveil.secagg import (
+    ConfigError,
     ConsistencyCheckError,
     DoubleShareRequestError,
     GraphSpec,
@@ -432,7 +433,7 @@ def test_active_mode_rejects_forged_advertisement():
 
 
 def test_active_mode_catches_server_showing_different_survivor_sets():
-    config, keys = _active_config(n=6, t=3)
+    config, keys = _active_config(n=6, t=4)
     r = ManualRound(config, identity_key=dict(enumerate(keys)))
     r.advertise()
     out = r.step(r.close())
@@ -457,6 +458,33 @@ def test_active_mode_catches_server_showing_different_survivor_sets():
     request0 = UnmaskingRequest(config.round_id, 4, honest_set, np.array([5], np.uint32), sigs)
     with pytest.raises(ConsistencyCheckError):
         r.clients[4].handle(request0)
+
+
+def test_active_mode_needs_a_majority_threshold_of_holders():
+    """Each honest holder reveals one kind of share per peer, so the server can only collect t of
+    each kind for a peer (and unmask it) by showing two groups of holders different survivor
+    sets. With 2t <= holders two such groups exist, both can gather t signatures on their own
+    set, and the consistency check passes: e.g. n = 6, t = 3, clients 0-2 shown {0, 1, 2} and
+    3-5 shown {3, 4, 5} give the server 3 self-mask shares and 3 masking-key shares of client 0.
+    Active mode therefore requires t > holders / 2, in the configuration and at run time."""
+    keys = tuple(Ed25519PrivateKey.generate().public_key().public_bytes_raw() for _ in range(9))
+    with pytest.raises(ConfigError, match="threshold"):
+        SecAggConfig(6, 3, 8, active=True, identity_keys=keys[:6])
+    with pytest.raises(ConfigError, match="threshold"):
+        SecAggConfig(9, 2, 8, graph=GraphSpec("harary", 4), active=True, identity_keys=keys)  # 5 holders
+    SecAggConfig(6, 4, 8, active=True, identity_keys=keys[:6])
+    SecAggConfig(9, 3, 8, graph=GraphSpec("harary", 4), active=True, identity_keys=keys)
+    SecAggConfig(6, 3, 8)  # honest-but-curious mode: the server's requests are consistent
+    # Harary k = 4 on 7 clients has 5 holders each (t = 3 is a majority) but if one client does
+    # not advertise, 6 clients make the graph complete: 6 holders, and t = 3 is no majority.
+    signing = [Ed25519PrivateKey.generate() for _ in range(7)]
+    public = tuple(k.public_key().public_bytes_raw() for k in signing)
+    config = SecAggConfig(7, 3, 8, round_id=4, graph=GraphSpec("harary", 4), active=True, identity_keys=public)
+    inputs = random_inputs(config)
+    sim = run_round(config, inputs, dropouts={"keys": {6}}, identity_keys=dict(enumerate(signing)))
+    assert not sim.completed and "majority" in (sim.abort_reason or "")
+    sim = run_round(config, inputs, dropouts={"masked": {6}}, identity_keys=dict(enumerate(signing)))
+    assert sim.completed and np.array_equal(sim.result.ring_sum, ring_sum(config, inputs, range(6)))
 
 
 def test_active_mode_signatures_from_another_round_are_rejected():

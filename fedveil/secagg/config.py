@@ -21,7 +21,8 @@ class SecAggConfig:
     Args:
         num_clients: n; client ids are ``0 .. n-1`` (a driver maps its own names onto them).
         threshold: t; Shamir threshold over each client's holders (neighbours + itself) and the
-            minimum number of survivors. Below t remaining clients the round aborts.
+            minimum number of survivors. Below t remaining clients the round aborts. Active mode
+            needs a majority, t > holders / 2 (see :func:`~fedveil.secagg.session.check_majority`).
         vector_length: m, ring elements per input (including a weight coordinate if any).
         round_id: distinct per round; bound into every message, signature and the session id.
         ring_bits: k of Z_2^k (≤ 64).
@@ -58,6 +59,11 @@ class SecAggConfig:
                               f"shares for num_clients={n}, graph={self.graph.kind}:{self.graph.degree}) "
                               f"(got {self.threshold!r})")
         if self.active:
+            if 2 * self.threshold <= holders:
+                raise ConfigError(
+                    f"threshold: active mode needs t > holders / 2 = {holders}/2 (got {self.threshold}); with "
+                    "2t <= holders a server can show two groups of holders different survivor sets, collect t "
+                    "signatures for each, and gather t self-mask shares and t masking-key shares of one client")
             keys = self.identity_keys
             if keys is None or len(keys) != n:
                 raise ConfigError(f"identity_keys: active mode needs one Ed25519 public key per client (n={n})")

@@ -49,7 +49,7 @@ from fedveil.secagg.messages import (
     decode_message,
 )
 from fedveil.secagg.prg import MaskExpander
-from fedveil.secagg.session import Session, check_advertisement
+from fedveil.secagg.session import Session, check_advertisement, check_majority
 from fedveil.secagg.shamir import BOX_OVERHEAD, PRIME, lagrange_at_zero, limbs_to_bytes
 from fedveil.secagg.shamir import reconstruct as shamir_reconstruct
 
@@ -141,6 +141,10 @@ class ServerR0AdvertiseKeys(ServerState):
         if isinstance(alive, str):
             return self._abort(alive, tuple(sorted(self.received)))
         session = Session.from_advertisements(self.ctx.config, (self.adverts[c] for c in alive))
+        try:
+            check_majority(self.ctx.config, len(session.graph.holders(alive[0])))
+        except RoundAbortedError as err:
+            return self._abort(str(err), alive)
         self.ctx.session = session
         rid = self.ctx.config.round_id
         advs = tuple(session.advertisements.values())

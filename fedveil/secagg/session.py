@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from fedveil.secagg.config import SecAggConfig
-from fedveil.secagg.errors import ConfigError, InvalidSignatureError, ProtocolError
+from fedveil.secagg.errors import ConfigError, InvalidSignatureError, ProtocolError, RoundAbortedError
 from fedveil.secagg.graph import MaskingGraph, build_graph
 from fedveil.secagg.keys import (
     PUBLIC_KEY_BYTES,
@@ -39,6 +39,20 @@ def check_advertisement(config: SecAggConfig, adv: AdvertiseKeys) -> None:
                                         adv.share_public, adv.mask_public)
         verify(config.identity_keys[adv.client_id], adv.signature, payload,
                what=f"the key advertisement of client {adv.client_id}")
+
+
+def check_majority(config: SecAggConfig, holders: int) -> None:
+    """Active mode: raise :class:`RoundAbortedError` unless t > holders / 2.
+
+    Each honest holder reveals one kind of share per peer, so t self-mask shares and t
+    masking-key shares of one client can come only from two groups of holders shown different
+    survivor sets; a majority threshold leaves no room for two such groups. The configuration
+    checks this for the configured graph; this run-time check covers a Harary graph that
+    became complete because fewer clients advertised keys (more holders than configured).
+    """
+    if config.active and 2 * config.threshold <= holders:
+        raise RoundAbortedError(f"active mode: threshold {config.threshold} is no majority of the {holders} holders "
+                                "of the graph built from the advertised clients")
 
 
 @dataclass(frozen=True)
