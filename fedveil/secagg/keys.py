@@ -95,19 +95,24 @@ def check_public_key(value: bytes, name: str) -> bytes:
 # u-coordinates of the X25519 points of small order (on the curve and its twist). A Diffie-Hellman
 # exchange with any of them gives the all-zero secret, which OpenSSL refuses with a bare
 # ValueError; accepting such a key would let one party stop every neighbour's round with an
-# unnamed error. Encodings are read as RFC 7748 does: top bit ignored, values reduced mod p.
+# unnamed error. RFC 7748 ignores the top bit and reduces mod p, so each point has up to four
+# 32-byte encodings (u, u + p when below 2^255, each with or without bit 255): 14 in all, kept
+# as a set of byte strings so the check is one hash lookup.
 _P25519 = (1 << 255) - 19
-_SMALL_ORDER_U = frozenset({
+_SMALL_ORDER_U = (
     0, 1, _P25519 - 1,
     0x00B8495F16056286FDB1329CEB8D09DA6AC49FF1FAE35616AEB8413B7C7AEBE0,
     0x57119FD0DD4E22D8868E1C58C45C44045BEF839C55B1D0B1248C50A3BC959C5F,
-})
+)
+_SMALL_ORDER_ENCODINGS = frozenset(
+    (v | high).to_bytes(32, "little")
+    for u in _SMALL_ORDER_U for v in (u, u + _P25519) if v < 1 << 255 for high in (0, 1 << 255)
+)
 
 
 def is_small_order(public: bytes) -> bool:
     """True for an X25519 public key whose exchange with any private key is all zeros."""
-    u = (int.from_bytes(public, "little") & ((1 << 255) - 1)) % _P25519
-    return u in _SMALL_ORDER_U
+    return public in _SMALL_ORDER_ENCODINGS
 
 
 def _exchange(own: X25519PrivateKey, peer_public: bytes) -> bytes:
