@@ -198,3 +198,25 @@ def test_a_reused_seed_gives_fresh_secrets_in_every_round_and_for_every_client()
     assert secrets(0, cfg) == base  # reproducible within one round
     for other in (secrets(0, cfg.for_round(2)), secrets(1, cfg), secrets(0, dataclasses.replace(cfg, threshold=3))):
         assert all(a != b for a, b in zip(base, other, strict=True))
+
+
+@pytest.mark.parametrize("change", [dict(context=b"another federation"), dict(threshold=4), dict(ring_bits=31),
+                                    dict(vector_length=9)])
+def test_parties_with_different_parameters_derive_different_sessions(change):
+    """The session id a client derives hashes the round parameters: a client configured with
+    any other parameter (and the same round id and keys) cannot open its peers' share boxes,
+    and they cannot open its boxes."""
+    from fedveil.secagg import ShareDecryptionError
+    from fedveil.secagg.messages import MaskedInputRequest
+
+    cfg = SecAggConfig(5, 3, 8, round_id=3)
+    odd = dataclasses.replace(cfg, **change)
+    r = ManualRound(cfg)
+    r.clients[0] = SecAggClient(0, odd)
+    r.clients[0].set_input(odd.ring.zeros(odd.vector_length))
+    r.advertise()
+    out = r.step(r.close())
+    assert all(isinstance(m, MaskedInputRequest) for m in out.values())
+    for c in (0, 1):
+        with pytest.raises(ShareDecryptionError, match="from client 0" if c else "failed authentication"):
+            r.clients[c].handle(out[c])
