@@ -23,7 +23,8 @@ HOSPITALS = ("hospital-1", "hospital-2")
 
 
 def call(url: str, method: str = "GET", body: bytes | None = None, ctype: str = "application/json") -> tuple[int, Any]:
-    req = urllib.request.Request(url, data=body, method=method, headers={"Content-Type": ctype})
+    req = urllib.request.Request(url, data=body, method=method,
+                                 headers={"Content-Type": ctype, "X-Fedveil-Request": "1"})
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
             raw = resp.read()
@@ -224,3 +225,18 @@ def test_run_settings_are_validated(payload: dict[str, Any], field: str) -> None
     ok = RunSettings.from_json(good, max_hospitals=5)
     assert (ok.rounds, ok.hospitals_per_round, ok.dp, ok.epsilon_budget) == (3, 2, "none", 1.0)
     assert np.isfinite(ok.epsilon_budget)
+
+
+def test_cross_site_and_rebinding_requests_are_refused(board: Any) -> None:
+    server, _, dirs = board
+    body = site_csv().encode()
+    req = urllib.request.Request(f"{server.url}api/hospitals/hospital-1/upload?filename=a.csv", data=body,
+                                 method="POST", headers={"Content-Type": "text/csv"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=5)
+    assert err.value.code == 403 and "X-Fedveil-Request" in json.loads(err.value.read())["error"]
+    assert files_in(dirs, "hospital-1") == []
+    req = urllib.request.Request(f"{server.url}api/status", headers={"Host": "evil.example:80"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=5)
+    assert err.value.code == 403

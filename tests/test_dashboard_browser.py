@@ -173,7 +173,8 @@ def test_a_run_started_from_the_browser_shows_its_rounds(demo: tuple[str, Path],
     page.select_option("#dp", "local")
     page.fill("#budget", "2.5")
     page.click("#start-button")
-    page.wait_for_selector("#start-message.ok")
+    page.wait_for_selector("#start-message.ok, #start-message.error")
+    assert "ok" in page.get_attribute("#start-message", "class"), page.inner_text("#start-message")
     new = wait_for(lambda: [r for r in get_json(url + "api/runs")["runs"] if r["id"] not in before], 30, "a new run")
     run_id = new[0]["id"]
     assert run_id in page.inner_text("#start-message")

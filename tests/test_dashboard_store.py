@@ -102,7 +102,8 @@ def test_fedveil_server_serves_the_dashboard(tmp_path: Path) -> None:
         assert status == 200 and st["can_start_runs"] is False and st["uploads"] is False
         status, hospitals = _get(url + "api/hospitals")
         assert hospitals["uploads"] is False and "never receives hospital data" in hospitals["message"]
-        req = urllib.request.Request(url + "api/hospitals/x/upload?filename=a.csv", data=b"a", method="POST")
+        req = urllib.request.Request(url + "api/hospitals/x/upload?filename=a.csv", data=b"a", method="POST",
+                                     headers={"X-Fedveil-Request": "1"})
         try:
             urllib.request.urlopen(req, timeout=5)
             raise AssertionError("upload accepted by the coordinator's dashboard")

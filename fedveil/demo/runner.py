@@ -220,6 +220,7 @@ class DemoRuns:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._active = 0  # runs in progress (the demo's own and the browser's): one at a time
+        self._count_lock = threading.Lock()
 
     @property
     def names(self) -> list[str]:
@@ -237,12 +238,12 @@ class DemoRuns:
         self, settings: FederationSettings, recipe: Recipe, *, prefer_uploads: bool,
         on_round: Callable[[RoundReport], None] | None = None,
     ) -> FederationResult:
-        with self._lock:
+        with self._count_lock:
             self._active += 1
         try:
             return self._run(settings, recipe, prefer_uploads=prefer_uploads, on_round=on_round)
         finally:
-            with self._lock:
+            with self._count_lock:
                 self._active -= 1
 
     def _run(

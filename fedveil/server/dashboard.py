@@ -3,7 +3,10 @@
 Served by the standard library's :class:`http.server.ThreadingHTTPServer` (no web framework:
 the API is a dozen small JSON routes), with plain HTML/JS/CSS pages shipped in
 ``fedveil/server/static`` (no Node build, nothing fetched from the internet; charts are drawn
-on ``<canvas>`` by ``static/charts.js``). It binds to 127.0.0.1 unless told otherwise.
+on ``<canvas>`` by ``static/charts.js``). It binds to 127.0.0.1 unless told otherwise; it
+answers only requests whose ``Host`` names that address (against DNS rebinding), and POST/DELETE
+only with an ``X-Fedveil-Request: 1`` header, which a page on another origin cannot send without
+a CORS preflight that this server never grants (against cross-site request forgery).
 
 Where the data comes from is behind two small interfaces, so the same pages serve the demo
 (an in-memory record of the runs it drives) and ``fedveil server`` (the SQLite run store):
@@ -81,6 +84,8 @@ DP_MODES = ("local", "central", "distributed", "none")
 DEFAULT_MAX_UPLOAD_BYTES = 2 * 1024 * 1024
 MAX_JSON_BYTES = 64 * 1024
 MAX_DISCARD_BYTES = 64 * 1024 * 1024
+REQUEST_HEADER = "X-Fedveil-Request"
+ALLOWED_HOSTS = ("127.0.0.1", "localhost", "::1")
 SITE_FILE = "site.csv"
 NO_UPLOADS = (
     "this dashboard runs beside the coordinator, which never receives hospital data: each hospital keeps its "
@@ -705,6 +710,16 @@ def make_handler(app: Dashboard) -> type[BaseHTTPRequestHandler]:
             parts = urlsplit(self.path)
             path = parts.path
             try:
+                host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
+                addr = self.server.server_address
+                bound = str(addr[0]) if isinstance(addr, tuple) else ""
+                if host not in ALLOWED_HOSTS and host != bound:
+                    # DNS rebinding: a page on another name must not reach this local server
+                    raise DashboardError(f"unexpected Host header {host!r}", HTTPStatus.FORBIDDEN)
+                if method in ("POST", "DELETE") and self.headers.get(REQUEST_HEADER) != "1":
+                    # cross-site requests cannot set custom headers without a CORS preflight we never grant
+                    raise DashboardError(f"state-changing requests need the {REQUEST_HEADER} header",
+                                         HTTPStatus.FORBIDDEN)
                 if method in ("GET", "HEAD") and path in STATIC_FILES:
                     self._static(STATIC_FILES[path])
                     return

@@ -2,7 +2,7 @@
 "use strict";
 
 async function api(method, path, body, headers) {
-  const init = { method: method, headers: headers || {} };
+  const init = { method: method, headers: Object.assign({ "X-Fedveil-Request": "1" }, headers || {}) };
   if (body !== undefined) {
     if (body instanceof Blob || body instanceof ArrayBuffer) {
       init.body = body;

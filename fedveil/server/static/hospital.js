@@ -28,8 +28,11 @@ async function refreshHospitals() {
   }));
 }
 
+let maxBytes = 0;
+
 async function refreshSchema() {
   const schema = await api("GET", "/api/schema");
+  maxBytes = schema.max_bytes;
   document.getElementById("max-size").textContent = (schema.max_bytes / (1024 * 1024)).toFixed(1) + " MB";
   document.querySelector("#schema-table tbody").replaceChildren(...schema.columns.map((c) => el("tr", {}, [
     el("td", { class: "mono" }, [c.name + (c.role === "label" ? " (label)" : "")]), el("td", {}, [c.type]),
@@ -43,6 +46,11 @@ async function upload(event) {
   const hospital = document.getElementById("hospital").value;
   const file = document.getElementById("file").files[0];
   if (!file) { showMessage(message, "Choose a CSV file first.", "error"); return; }
+  if (maxBytes && file.size > maxBytes) {
+    showMessage(message, `Rejected: ${file.name}: the file is too large (${file.size} bytes; the limit is ${maxBytes})`,
+                "error");
+    return;
+  }
   showMessage(message, "Checking " + file.name + " …", "info");
   try {
     const res = await api("POST", "/api/hospitals/" + encodeURIComponent(hospital) + "/upload?filename=" +
