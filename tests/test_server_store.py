@@ -152,3 +152,9 @@ def test_enroll_command_prints_the_token_last(tmp_path: Path, capsys: pytest.Cap
     assert err == ["error: --name: client 'clinic-7' is already enrolled (use --rotate to issue a new token)"]
     assert main(["enroll", "--store", str(tmp_path / "nowhere" / "x.db"), "--name", "a"]) == USAGE_EXIT_CODE
     assert capsys.readouterr().err.startswith("error: --store:")
+    assert main(["enroll", "--store", str(store), "--name", "clinic-7", "--revoke"]) == 0
+    capsys.readouterr()
+    with RunStore(store) as s, pytest.raises(Unauthenticated, match="revoked"):
+        Authenticator(s.credential).authenticate(token)
+    assert main(["enroll", "--store", str(store), "--name", "nobody", "--revoke"]) == USAGE_EXIT_CODE
+    assert capsys.readouterr().err.strip() == "error: --name: client 'nobody' is not enrolled"

@@ -50,13 +50,28 @@ def _configure_logging(level: str) -> None:
 @click.option("--store", required=True, help="Run store (SQLite file; created if missing).")
 @click.option("--name", required=True, help="The client's name (letters, digits, '.', '_', '-').")
 @click.option("--rotate", is_flag=True, help="Issue a new token for an enrolled client and revoke its old ones.")
+@click.option("--revoke", is_flag=True, help="Revoke the client: its tokens stop working at once.")
 @click.option("--identity-public-key", default=None,
               help="Hex Ed25519 public key of the client (active-adversary mode).")
-def enroll_command(store: str, name: str, rotate: bool, identity_public_key: str | None) -> None:
+def enroll_command(store: str, name: str, rotate: bool, revoke: bool, identity_public_key: str | None) -> None:
     """Enrol a client and print its access token (last line)."""
     from fedveil.server.store import EnrollmentError, RunStore, StoreError
 
     path = _store_path(store)
+    if revoke:
+        if rotate or identity_public_key is not None:
+            fail("--revoke", "cannot be combined with --rotate or --identity-public-key")
+        if not path.exists():
+            fail("--store", f"{store!r} does not exist")
+        try:
+            with RunStore(path) as run_store:
+                run_store.revoke(name)
+        except EnrollmentError as err:
+            fail("--name", str(err))
+        except StoreError as err:
+            fail("--store", str(err))
+        click.echo(f"revoked client {name!r} in {str(path)!r}; its tokens are refused from now on")
+        return
     key: bytes | None = None
     if identity_public_key is not None:
         try:
