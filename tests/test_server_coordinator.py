@@ -147,3 +147,24 @@ def _run_partial(coordinator: Coordinator, clients: list[Scripted]) -> JobSummar
     for th in threads:
         th.start()
     return coordinator.run()
+
+
+def test_a_round_that_keeps_aborting_fails_the_job_and_a_restart_tries_again(tmp_path: Path) -> None:
+    names = ["a", "b", "c"]
+    vecs = vectors(3)
+    coordinator, store = make_job(tmp_path, names, max_round_attempts=2, weighted=False)
+    clients = [Scripted(coordinator, n, v) for n, v in zip(names, vecs, strict=True)]
+    for c in clients[:2]:
+        c.silent_at.update({(1, 1): "share-keys", (1, 2): "share-keys"})
+    summary = run_job(coordinator, clients[:2] + clients[2:])
+    assert summary.status == "failed" and summary.completed_rounds == 0 and summary.aborted_attempts == 2
+    assert "aborted 2 times" in summary.message
+    assert store.runs()[0].status == "failed"
+    store.close()
+    coordinator2, store2 = make_job(tmp_path, names, max_round_attempts=2, weighted=False)
+    summary2 = run_job(coordinator2, [Scripted(coordinator2, n, v) for n, v in zip(names, vecs, strict=True)])
+    assert summary2.status == "completed" and summary2.resumed_from == 0
+    assert [(r.attempt, r.status) for r in store2.rounds(coordinator2.run_id)] == [
+        (1, "aborted"), (2, "aborted"), (3, "completed")]
+    np.testing.assert_allclose(store2.aggregate(coordinator2.run_id, 1), sum(vecs) / 3, atol=1e-4)  # type: ignore[arg-type]
+    store2.close()

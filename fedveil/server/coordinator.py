@@ -274,7 +274,8 @@ class Coordinator:
             self.store.save_initial_checkpoint(self.run_id, self.model.params, self.model.state_dict())
             log.info("started run %s: %d rounds of %d clients", self.run_id, self.config.rounds,
                      self.config.clients_per_round)
-        self._attempts: dict[int, int] = {}
+        self._attempts: dict[int, int] = {}  # round → last attempt number in the store (unique ids)
+        self._tries: dict[int, int] = {}  # round → attempts since this start (--max-round-attempts)
         for rec in self.store.rounds(self.run_id):
             self._attempts[rec.round] = max(self._attempts.get(rec.round, 0), rec.attempt)
             if rec.status == "aborted":
@@ -805,6 +806,7 @@ class Coordinator:
         cfg = self.config
         attempt = self._attempts.get(number, 0) + 1
         self._attempts[number] = attempt
+        self._tries[number] = self._tries.get(number, 0) + 1
         rng = np.random.default_rng([self.seed, number, attempt])
         k = min(cfg.clients_per_round, len(available))
         if k == len(available):
@@ -987,7 +989,7 @@ class Coordinator:
             if outcome == "budget":
                 status, message = "budget_exhausted", f"stopped early: {self._budget_message}"
                 break
-            if outcome == "aborted" and self._attempts.get(number, 0) >= cfg.max_round_attempts:
+            if outcome == "aborted" and self._tries.get(number, 0) >= cfg.max_round_attempts:
                 status = "failed"
                 message = f"round {number} aborted {cfg.max_round_attempts} times (see the store for reasons)"
                 break
