@@ -16,6 +16,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "fedveil.commands.server",
     "fedveil.commands.client",
     "fedveil.commands.simulate",
+    "fedveil.commands.bench_network",
     "fedveil.commands.demo",
 )
 

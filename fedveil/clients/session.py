@@ -330,6 +330,7 @@ class Federation:
             return pending
         while True:
             self._ensure_joined()
+            polled_at = time.monotonic()
             try:
                 response = self._poll_once()
             except Unauthenticated as err:
@@ -343,7 +344,10 @@ class Federation:
             except ProtocolError as err:
                 raise ClientError(f"polling failed: {err}") from None
             if response.WhichOneof("instruction") == "wait":
-                if response.wait.retry_after_ms and response.wait.retry_after_ms > 0:
+                # a long poll the server held until its limit: poll again at once (the next
+                # instruction may come any moment); a Wait returned at once: honour retry_after
+                held = time.monotonic() - polled_at >= 0.5
+                if not held and response.wait.retry_after_ms > 0:
                     self._sleep(min(response.wait.retry_after_ms / 1000.0, 5.0))
                 continue
             return response

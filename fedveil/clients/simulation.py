@@ -237,7 +237,13 @@ class ProcessFederation:
 
 
 def start_process_federation(
-    config: ServerConfig, n_clients: int, workdir: Path, *, start_clients: bool = True, listen_timeout_s: float = 60.0
+    config: ServerConfig,
+    n_clients: int,
+    workdir: Path,
+    *,
+    start_clients: bool = True,
+    listen_timeout_s: float = 60.0,
+    env: dict[str, str] | None = None,
 ) -> ProcessFederation:
     """Enrol ``n_clients``, write their data, start ``fedveil server`` and the clients."""
     from fedveil.tasks.synthetic import write_site_csv
@@ -253,7 +259,7 @@ def start_process_federation(
                   for i in range(n_clients)]
     port_file = workdir / "server.port"
     port_file.unlink(missing_ok=True)
-    group = ProcessGroup(workdir / "logs")
+    group = ProcessGroup(workdir / "logs", env=dict(env or {}))
     try:
         # port 0: the server binds a free ephemeral port and writes it to port_file (no race)
         server = group.start("server", server_argv(config, "127.0.0.1:0", store_path, port_file))

@@ -1,0 +1,190 @@
+"""``fedveil bench network``: one round over loopback gRPC with client processes vs the same round in-process.
+
+Both runs use the real coordinator and the real client code, on a synthetic MLP with about
+``dim`` parameters (generated into a small task module so every process builds the same model).
+The round's duration is the server's own measurement (round start to the released aggregate,
+stored with the round). The server process's memory is sampled from ``/proc`` during the job:
+its resident set before the clients arrive, and its peak (``VmHWM``) by the end; the peak
+increase is printed for two cohort sizes to show whether it grows with n·m.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedveil.clients.simulation import SimulationError, read_rounds, simulate_in_process, start_process_federation
+from fedveil.server.config import ServerConfig
+
+N_FEATURES = 10
+MIB = 1024 * 1024
+
+
+def hidden_for(dim: int) -> int:
+    """Hidden width of a 10-h-1 MLP with about ``dim`` parameters (12h + 1)."""
+    if dim < 13:
+        raise ValueError(f"dim must be at least 13 (got {dim})")
+    return (dim - 1) // 12
+
+
+def write_task_module(directory: Path, dim: int) -> str:
+    """Write ``fedveil_netbench_task.py`` defining ``task`` with about ``dim`` parameters; return its reference."""
+    hidden = hidden_for(dim)
+    (directory / "fedveil_netbench_task.py").write_text(
+        "from fedveil.tasks.synthetic import make_task\n\n"
+        f"task = make_task(n_features={N_FEATURES}, hidden={hidden}, samples=64, batch_size=64, local_epochs=1,\n"
+        f"                 name='synthetic-wide-{dim}')\n"
+    )
+    return "fedveil_netbench_task:task"
+
+
+def bench_config(task_ref: str, clients: int, rounds: int) -> ServerConfig:
+    return ServerConfig(
+        task=task_ref, rounds=rounds, clients_per_round=clients, min_clients=clients, seed=0,
+        round_timeout=900.0, stage_timeout=600.0, cohort_wait=2.0, linger=1.0, poll_wait=2.0,
+        evaluate=False, final_evaluation=False,
+    )
+
+
+def _status_kib(pid: int, field: str) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+class RssSampler:
+    """Samples a process's resident set size every ``interval_s`` until stopped."""
+
+    def __init__(self, pid: int, interval_s: float = 0.005) -> None:
+        self.pid = pid
+        self.interval_s = interval_s
+        self.peak_kib = 0
+        self.hwm_kib = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            rss = _status_kib(self.pid, "VmRSS")
+            if rss is None:
+                return
+            self.peak_kib = max(self.peak_kib, rss)
+            hwm = _status_kib(self.pid, "VmHWM")
+            if hwm is not None:
+                self.hwm_kib = max(self.hwm_kib, hwm)
+            time.sleep(self.interval_s)
+
+    def start(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2.0)
+
+
+@dataclass
+class NetworkRun:
+    mode: str
+    clients: int
+    round_s: list[float]
+    server_baseline_mib: float | None = None
+    server_peak_mib: float | None = None
+
+    @property
+    def best_round_s(self) -> float:
+        return min(self.round_s)
+
+    @property
+    def server_growth_mib(self) -> float | None:
+        if self.server_baseline_mib is None or self.server_peak_mib is None:
+            return None
+        return self.server_peak_mib - self.server_baseline_mib
+
+
+def run_in_process(task_ref: str, clients: int, rounds: int, workdir: Path) -> NetworkRun:
+    result = simulate_in_process(bench_config(task_ref, clients, rounds), clients,
+                                 store_path=workdir / f"inproc-{clients}.sqlite")
+    if result.summary.get("status") != "completed" or result.client_errors:
+        raise SimulationError(f"in-process run failed: {result.summary.get('message')} {result.client_errors}")
+    return NetworkRun("in-process", clients, [float(r.stats["duration_s"]) for r in result.rounds])
+
+
+def run_processes(task_ref: str, clients: int, rounds: int, workdir: Path, timeout_s: float) -> NetworkRun:
+    config = bench_config(task_ref, clients, rounds)
+    fed = start_process_federation(config, clients, workdir / f"net-{clients}", start_clients=False,
+                                   env={"PYTHONPATH": str(workdir)})
+    try:
+        baseline = _status_kib(fed.server.pid, "VmRSS")
+        sampler = RssSampler(fed.server.pid).start()
+        fed.clients = [fed.start_client(i, config, extra=("--log-level", "warning")) for i in range(clients)]
+        status = fed.server.wait(timeout_s)
+        sampler.stop()
+        if status != 0:
+            raise SimulationError(f"the server exited with status {status}: {fed.server.errors()[-2000:]}")
+        import json
+
+        summary = json.loads(fed.server.last_line())
+    finally:
+        fed.group.close()
+    rounds_done = read_rounds(fed.store_path, str(summary["run_id"]))
+    return NetworkRun(
+        "processes", clients, [float(r.stats["duration_s"]) for r in rounds_done],
+        server_baseline_mib=(baseline or 0) / 1024.0,
+        server_peak_mib=max(sampler.peak_kib, sampler.hwm_kib) / 1024.0,
+    )
+
+
+def run_network_bench(
+    clients: int, dim: int, *, rounds: int = 2, memory_clients: int | None = None, timeout_s: float = 900.0
+) -> dict[str, Any]:
+    """Run the benchmark; returns the report (the JSON object of ``--json``)."""
+    import torch
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="fedveil-netbench-") as tmp:
+        workdir = Path(tmp)
+        task_ref = write_task_module(workdir, dim)
+        sys.path.insert(0, str(workdir))
+        try:
+            from fedveil.task import load_task
+
+            params = sum(p.numel() for p in load_task(task_ref).build_model().parameters())
+            inproc = run_in_process(task_ref, clients, rounds, workdir)
+            net = run_processes(task_ref, clients, rounds, workdir, timeout_s)
+            small = None
+            if memory_clients is not None and memory_clients != clients:
+                small = run_processes(task_ref, memory_clients, rounds, workdir, timeout_s)
+        finally:
+            sys.path.remove(str(workdir))
+    report: dict[str, Any] = {
+        "clients": clients,
+        "dim": params,
+        "rounds": rounds,
+        "in_process_round_s": inproc.round_s,
+        "grpc_round_s": net.round_s,
+        "in_process_best_s": round(inproc.best_round_s, 3),
+        "grpc_best_s": round(net.best_round_s, 3),
+        "ratio": round(net.best_round_s / inproc.best_round_s, 3),
+        "target_ratio": 1.5,
+        "masked_input_mib": round(4 * params / MIB, 2),
+        "server_memory": [],
+    }
+    for run in [r for r in (small, net) if r is not None]:
+        report["server_memory"].append({
+            "clients": run.clients,
+            "baseline_mib": round(run.server_baseline_mib or 0.0, 1),
+            "peak_mib": round(run.server_peak_mib or 0.0, 1),
+            "growth_mib": round(run.server_growth_mib or 0.0, 1),
+            "n_times_m_mib": round(run.clients * 4 * params / MIB, 1),
+        })
+    return report
