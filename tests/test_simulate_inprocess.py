@@ -86,3 +86,48 @@ def test_cli_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str], args:
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and err[0].startswith(message), err
+
+
+def test_active_adversary_mode_signs_and_checks_and_releases_the_same_sum() -> None:
+    plain = simulate_in_process(config(rounds=2), 4)
+    active = simulate_in_process(config(rounds=2, active_adversary=True), 4)
+    assert active.summary["status"] == "completed" and not active.client_errors
+    for a, b in zip(plain.rounds, active.rounds, strict=True):
+        np.testing.assert_array_equal(a.aggregate, b.aggregate)
+
+
+def test_active_adversary_job_refuses_a_client_without_identity_key(tmp_path: Path) -> None:
+    from fedveil.clients import ClientError, federate
+    from fedveil.protocol.transport import InProcessTransport
+    from fedveil.server.coordinator import Coordinator
+    from fedveil.server.store import RunStore
+    from fedveil.tasks.synthetic import task
+
+    with RunStore(tmp_path / "run.sqlite") as store:
+        coordinator = Coordinator(config(active_adversary=True), task, store, new_run=True)
+        fed = federate(task=task, transport=InProcessTransport(coordinator, "site-0"))
+        with pytest.raises(ClientError, match="active-adversary mode"):
+            next(iter(fed))
+
+
+def test_identity_key_files(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from fedveil.clients.api import load_identity_key
+
+    def pem(key: object) -> bytes:
+        return key.private_bytes(  # type: ignore[attr-defined]
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+
+    good = Ed25519PrivateKey.generate()
+    (tmp_path / "id.pem").write_bytes(pem(good))
+    loaded = load_identity_key(tmp_path / "id.pem")
+    assert loaded.public_key().public_bytes_raw() == good.public_key().public_bytes_raw()
+    (tmp_path / "x.pem").write_bytes(pem(X25519PrivateKey.generate()))
+    with pytest.raises(ValueError, match="not an Ed25519 key"):
+        load_identity_key(tmp_path / "x.pem")
+    with pytest.raises(ValueError, match="cannot read"):
+        load_identity_key(tmp_path / "missing.pem")

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -45,6 +47,7 @@ def federate(
     backoff: BackoffPolicy | None = None,
     transport: Transport | None = None,
     server_name_override: str | None = None,
+    identity_key: Ed25519PrivateKey | str | Path | None = None,
 ) -> Federation:
     """Join the job at ``server`` (``HOST:PORT``) and iterate over the rounds this client is in.
 
@@ -60,6 +63,8 @@ def federate(
         evaluate: ``fn(model) -> {"loss": ..., "accuracy": ...}`` for federated evaluation.
         backoff: reconnect policy (default: jittered exponential, up to 10 s per wait, 5 min total).
         transport: a ready transport instead of ``server`` (e.g. in-process, for simulations).
+        identity_key: Ed25519 private key (or a PEM file) for active-adversary jobs; its public
+            key is announced at Join unless one is enrolled for this client.
     """
     resolved = load_task(task) if isinstance(task, str) else task
     if transport is None:
@@ -74,10 +79,27 @@ def federate(
             ),
             token,
         )
-    options = ClientOptions(seed=seed, num_examples=num_examples, evaluate=evaluate)
+    if isinstance(identity_key, (str, Path)):
+        identity_key = load_identity_key(Path(identity_key))
+    options = ClientOptions(seed=seed, num_examples=num_examples, evaluate=evaluate, identity_key=identity_key)
     if backoff is not None:
         options.backoff = backoff
     return Federation(transport, resolved.name, model if model is not None else resolved.build_model(), options)
+
+
+def load_identity_key(path: Path) -> Ed25519PrivateKey:
+    """An Ed25519 private key from a PEM (PKCS#8) file, e.g. ``openssl genpkey -algorithm ed25519``."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ValueError(f"identity key: cannot read {str(path)!r}: {err.strerror}") from None
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"identity key: {str(path)!r} is not an unencrypted PEM private key ({err})") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"identity key: {str(path)!r} holds a {type(key).__name__}, not an Ed25519 key")
+    return key
 
 
 def check_server_address(server: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.protocol.codec import encode_ring_vector
@@ -19,6 +20,8 @@ from fedveil.secagg.config import SecAggConfig
 from fedveil.secagg.graph import GraphSpec
 from fedveil.secagg.messages import (
     AdvertiseKeys,
+    ConsistencyCheckRequest,
+    ConsistencyCheckResponse,
     MaskedInputRequest,
     MaskedInputResponse,
     ShareKeysRequest,
@@ -40,6 +43,7 @@ def secagg_config(start: pb.RoundStart) -> SecAggConfig:
     """
     params = start.secagg
     kind = params.graph or "complete"
+    active = bool(params.active_adversary)
     return SecAggConfig(
         num_clients=int(params.cohort_size),
         threshold=int(params.threshold),
@@ -47,8 +51,8 @@ def secagg_config(start: pb.RoundStart) -> SecAggConfig:
         round_id=int(params.round_id),
         ring_bits=int(start.encoding.ring_bits),
         graph=GraphSpec(kind, int(params.degree) if kind == "harary" else 0),
-        active=bool(params.active_adversary),
-        identity_keys=None,
+        active=active,
+        identity_keys=tuple(bytes(k) for k in params.identity_keys) if active else None,
         context=bytes(params.context),
     )
 
@@ -56,14 +60,19 @@ def secagg_config(start: pb.RoundStart) -> SecAggConfig:
 class SecAggClientDriver:
     """One round of the secagg client, fed with protobuf instructions."""
 
-    def __init__(self, start: pb.RoundStart, *, seed: bytes | None = None) -> None:
-        if start.secagg.active_adversary:
+    def __init__(
+        self, start: pb.RoundStart, *, seed: bytes | None = None, identity_key: Ed25519PrivateKey | None = None
+    ) -> None:
+        if start.secagg.active_adversary and identity_key is None:
             raise UnsupportedRoundError(
-                "secagg.active_adversary: this client has no enrolled identity key (active mode unsupported)"
+                "secagg.active_adversary: the job runs in active-adversary mode and this client has no "
+                "Ed25519 identity key (federate(identity_key=...), fedveil client --identity-key)"
             )
         self.config = secagg_config(start)
         self.client_id = int(start.client_id)
-        self.client = SecAggClient(self.client_id, self.config, seed=seed)
+        self.client = SecAggClient(
+            self.client_id, self.config, seed=seed, identity_key=identity_key if self.config.active else None
+        )
 
     @property
     def round_id(self) -> int:
@@ -119,4 +128,10 @@ class SecAggClientDriver:
         return out
 
     def confirm_survivors(self, check: pb.SurvivorCheck) -> bytes:
-        raise UnsupportedRoundError("secagg.active_adversary: consistency checks need an identity key")
+        """Active mode: sign the announced survivor set (the state machine checks it first)."""
+        request = ConsistencyCheckRequest(
+            self.round_id, self.client_id, np.asarray(list(check.survivors), dtype=np.uint32)
+        )
+        reply = self.client.handle(request)
+        assert isinstance(reply, ConsistencyCheckResponse)
+        return reply.signature

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from torch import nn
 
 import fedveil
@@ -95,6 +96,8 @@ class ClientOptions:
     poll_wait_ms: int = 5_000
     backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
     evaluate: EvaluateFn | None = None
+    identity_key: Ed25519PrivateKey | None = None
+    """Ed25519 identity key for active-adversary jobs (announced at Join, or enrolled)."""
     weight: float | None = None
     """This client's weight when the server aggregates a weighted mean; default: the number of
     examples the loop passes to :meth:`Round.submit` (capped at the server's ``max_weight``)."""
@@ -280,6 +283,8 @@ class Federation:
             client_version=fedveil.__version__,
             num_examples=max(int(self.options.num_examples), 0),
         )
+        if self.options.identity_key is not None:
+            request.identity_public_key = self.options.identity_key.public_key().public_bytes_raw()
         try:
             response: pb.JoinResponse = self._with_backoff("Join", lambda: self.transport.join(request))
         except Unauthenticated as err:
@@ -483,7 +488,7 @@ class Federation:
     def _run_secagg(self, rnd: Round, prepared: PreparedUpdate) -> RoundOutcome:
         start = rnd.start_message
         try:
-            driver = SecAggClientDriver(start)
+            driver = SecAggClientDriver(start, identity_key=self.options.identity_key)
             driver.set_input(prepared.ring_vector)
             keys = driver.advertise()
         except (SecAggError, UnsupportedRoundError) as err:

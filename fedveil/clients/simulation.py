@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from torch.utils.data import TensorDataset
 
 from fedveil.clients.api import evaluator, run_client
@@ -144,8 +145,11 @@ def simulate_in_process(
         for i in range(n_clients):
             name = client_name(i)
             data = client_dataset(task, i, n_clients, job_seed(config))
+            # active-adversary jobs: an Ed25519 identity key per client, announced at Join (kept in memory)
+            identity = Ed25519PrivateKey.generate() if config.active_adversary else None
             options = ClientOptions(
                 seed=client_seed(job_seed(config), i), num_examples=len(data), evaluate=evaluator(task, data),
+                identity_key=identity,
                 poll_wait_ms=int(max(config.poll_wait, 0.5) * 1000),
                 backoff=BackoffPolicy(initial_delay_s=0.05, max_delay_s=1.0, give_up_after_s=30.0),
             )
@@ -295,6 +299,8 @@ def simulate_processes(
     config: ServerConfig, n_clients: int, *, workdir: Path | None = None, timeout_s: float = 900.0
 ) -> SimulationResult:
     """Run the job with ``fedveil server`` and ``n_clients`` ``fedveil client`` processes over loopback gRPC."""
+    if config.active_adversary:
+        raise SimulationError("--active-adversary: only in-process (client processes would need key files)")
     tmp: tempfile.TemporaryDirectory[str] | None = None
     if workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="fedveil-sim-")

@@ -32,6 +32,9 @@ def register(group: click.Group) -> None:
               help="PEM CA certificate to verify the server's TLS certificate.")
 @click.option("--insecure", is_flag=True, help="Plaintext connection, no TLS (loopback tests only).")
 @click.option("--server-name", default=None, help="Expected name in the server's certificate, if not the host.")
+@click.option("--identity-key", type=click.Path(path_type=Path), default=None,
+              help="Ed25519 private key (PEM) for active-adversary jobs, e.g. from "
+                   "`openssl genpkey -algorithm ed25519`.")
 @click.option("--seed", type=int, default=None,
               help="Private seed for reproducible runs (shuffling, rounding, noise). Default: random.")
 @click.option("--give-up-after", type=float, default=300.0, show_default=True,
@@ -43,7 +46,8 @@ def register(group: click.Group) -> None:
               show_default=True)
 def client_command(
     server: str, task_ref: str, data_path: Path, token: str | None, token_file: Path | None,
-    ca_cert: Path | None, insecure: bool, server_name: str | None, seed: int | None, give_up_after: float,
+    ca_cert: Path | None, insecure: bool, server_name: str | None, identity_key: Path | None, seed: int | None,
+    give_up_after: float,
     max_backoff: float, threads: int, log_level: str,
 ) -> int:
     """Join the job at --server with the local data in --data and train until the job is done.
@@ -52,7 +56,7 @@ def client_command(
     exponential backoff when the server is unreachable, and exits 0 when the job completes,
     3 when the server refuses its credentials, 1 on other failures.
     """
-    from fedveil.clients.api import check_server_address, evaluator, federate, run_client
+    from fedveil.clients.api import check_server_address, evaluator, federate, load_identity_key, run_client
     from fedveil.clients.backoff import BackoffPolicy
     from fedveil.clients.session import AuthenticationError, ClientError
     from fedveil.protocol.errors import ProtocolError
@@ -84,6 +88,12 @@ def client_command(
         fail("--max-backoff", f"must be at least 0.2 s (got {max_backoff})")
     if seed is not None and seed < 0:
         fail("--seed", f"must be non-negative (got {seed})")
+    identity = None
+    if identity_key is not None:
+        try:
+            identity = load_identity_key(identity_key)
+        except ValueError as err:
+            fail("--identity-key", str(err).removeprefix("identity key: "))
     try:
         task = load_task(task_ref)
     except TaskLoadError as err:
@@ -106,6 +116,7 @@ def client_command(
             evaluate=evaluator(task, dataset),
             backoff=BackoffPolicy(max_delay_s=max(max_backoff, 0.2), give_up_after_s=give_up_after),
             server_name_override=server_name,
+            identity_key=identity,
         )
     except TlsConfigError as err:
         fail("--ca-cert", str(err).removeprefix("--ca-cert: "))

@@ -33,6 +33,8 @@ def register(group: click.Group) -> None:
               help="User-level noise multiplier (central / distributed DP).")
 @click.option("--clip", type=float, default=1.0, show_default=True,
               help="User-level clip norm S (central / distributed DP).")
+@click.option("--active-adversary", is_flag=True,
+              help="SecAgg active-adversary mode: signed keys and consistency check (in-process only).")
 @click.option("--optimizer", type=click.Choice(["fedavg", "fedadam", "fedyogi", "fedadagrad"]), default="fedavg",
               show_default=True)
 @click.option("--server-lr", type=float, default=1.0, show_default=True)
@@ -44,7 +46,8 @@ def register(group: click.Group) -> None:
 @click.option("--verbose", is_flag=True, help="Log every client and server step.")
 def simulate_command(
     n_clients: int, rounds: int, task_ref: str, processes: bool, clients_per_round: int | None,
-    min_clients: int | None, seed: int, secagg: str, dp: str, noise_multiplier: float, clip: float, optimizer: str,
+    min_clients: int | None, seed: int, secagg: str, dp: str, noise_multiplier: float, clip: float,
+    active_adversary: bool, optimizer: str,
     server_lr: float, round_timeout: float, stage_timeout: float, store_path: Path | None, threads: int,
     verbose: bool,
 ) -> int:
@@ -81,6 +84,8 @@ def simulate_command(
         fail("--task", str(err).removeprefix(f"--task {task_ref!r}: "))
     if task.synthetic_data is None:
         fail("--task", f"task {task.name!r} has no synthetic_data(client_index, n_clients, seed) to simulate with")
+    if active_adversary and processes:
+        fail("--active-adversary", "only in-process (without --processes)")
     if store_path is not None and store_path.exists():
         fail("--store", f"{str(store_path)!r} already exists (choose a new path)")
     try:
@@ -88,7 +93,7 @@ def simulate_command(
             task=task_ref, rounds=rounds, clients_per_round=k, min_clients=m, round_timeout=round_timeout,
             stage_timeout=stage_timeout, cohort_wait=2.0, secagg=secagg, dp=dp, dp_clip=clip,
             dp_noise_multiplier=noise_multiplier, optimizer=optimizer, server_lr=server_lr, seed=seed,
-            linger=2.0, poll_wait=2.0,
+            linger=2.0, poll_wait=2.0, active_adversary=active_adversary,
         )
     except ServerConfigError as err:
         fail(err.flag, err.detail)
