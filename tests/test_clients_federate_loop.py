@@ -19,10 +19,12 @@ from torch.utils.data import DataLoader
 import fedveil
 from fedveil.clients import federate, run_client
 from fedveil.clients.api import evaluator
+from fedveil.clients.backoff import BackoffPolicy, GaveUp
+from fedveil.protocol.tls import generate_ca, generate_certificate
 from fedveil.protocol.transport import InProcessTransport
 from fedveil.server.config import ServerConfig
 from fedveil.server.coordinator import Coordinator
-from fedveil.server.runner import serve
+from fedveil.server.runner import TlsSettings, serve
 from fedveil.server.store import RunStore
 from fedveil.tasks.synthetic import task
 
@@ -36,7 +38,9 @@ def job(rounds: int, **kw: object) -> ServerConfig:
                         linger=1.0, poll_wait=1.0, round_timeout=120.0, stage_timeout=60.0, **kw)  # type: ignore[arg-type]
 
 
-def start_server(config: ServerConfig, tmp_path: Path) -> tuple[str, list[str], threading.Thread, dict]:
+def start_server(
+    config: ServerConfig, tmp_path: Path, tls: TlsSettings | None = None
+) -> tuple[str, list[str], threading.Thread, dict]:
     store_path = tmp_path / "run.sqlite"
     with RunStore(store_path) as store:
         tokens = [store.enroll(f"site-{i}").token for i in range(3)]
@@ -45,7 +49,7 @@ def start_server(config: ServerConfig, tmp_path: Path) -> tuple[str, list[str], 
 
     def run() -> None:
         try:
-            out["summary"] = serve(config, task, store_path, "127.0.0.1:0", tls=None, port_file=port_file,
+            out["summary"] = serve(config, task, store_path, "127.0.0.1:0", tls=tls, port_file=port_file,
                                    install_signal_handlers=False)
         except BaseException as err:  # surfaced below
             out["error"] = err
@@ -169,3 +173,32 @@ def test_a_client_whose_model_does_not_fit_the_job_gets_a_clear_error(tmp_path: 
     coordinator.stop()
     driver.join(timeout=30)
     store.close()
+
+
+def test_tls_clients_verify_the_server_against_their_ca_and_refuse_another(tmp_path: Path) -> None:
+    ca = generate_ca("hub CA")
+    leaf = generate_certificate("hub", ca, hostnames=["127.0.0.1", "localhost"])
+    (tmp_path / "ca.pem").write_bytes(ca.cert_pem)
+    (tmp_path / "other-ca.pem").write_bytes(generate_ca("someone else").cert_pem)
+    address, tokens, server, out = start_server(job(rounds=1), tmp_path, TlsSettings(leaf.cert_pem, leaf.key_pem))
+
+    impostor_view = federate(address, task=task, token=tokens[0], ca_cert=tmp_path / "other-ca.pem",
+                             backoff=BackoffPolicy(initial_delay_s=0.1, max_delay_s=0.5, give_up_after_s=2.0))
+    with pytest.raises(GaveUp):  # the server's certificate does not chain to this CA: no connection
+        next(iter(impostor_view))
+    impostor_view.close()
+
+    results = []
+    threads = []
+    for i in range(3):
+        assert task.synthetic_data is not None
+        data = task.synthetic_data(i, 3, SEED)
+        fed = federate(address, task=task, token=tokens[i], ca_cert=tmp_path / "ca.pem", seed=i, num_examples=200)
+        threads.append(threading.Thread(target=lambda f=fed, d=data: results.append(run_client(f, task, d))))
+        threads[-1].start()
+    server.join(timeout=120)
+    for t in threads:
+        t.join(timeout=60)
+    assert "error" not in out, out.get("error")
+    assert out["summary"].status == "completed"
+    assert sorted(len(r) for r in results) == [1, 1, 1]
