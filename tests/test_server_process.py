@@ -142,3 +142,50 @@ def test_server_killed_after_round_1_resumes_and_finishes(tmp_path: Path) -> Non
     for token in [*tokens.values(), wrong]:
         assert token.split(".")[-1] not in server_logs
     assert "refused Join from <unauthenticated>" in (logs / "server1.err").read_text()
+
+
+def test_sigterm_stops_cleanly_a_second_server_is_refused_and_a_restart_resumes(tmp_path: Path) -> None:
+    db = tmp_path / "run.db"
+    with RunStore(db) as store:
+        store.enroll("solo")
+    cmd = [sys.executable, "-m", "fedveil.cli", "server", "--listen", "127.0.0.1:0", "--store", str(db),
+           "--task", TASK, "--rounds", "2", "--clients-per-round", "2", "--insecure", "--json",
+           "--port-file", str(tmp_path / "port")]
+
+    def start() -> subprocess.Popen[str]:
+        (tmp_path / "port").unlink(missing_ok=True)
+        proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "port").exists():
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+        return proc
+
+    first = start()
+    try:
+        second = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2
+        assert second.stderr.strip().splitlines()[-1].startswith("error: --store:")
+        assert "in use by another fedveil server" in second.stderr
+        first.send_signal(signal.SIGTERM)
+        out, err = first.communicate(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 130, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["status"] == "stopped" and summary["completed_rounds"] == 0
+    run_id = summary["run_id"]
+
+    again = start()
+    try:
+        again.send_signal(signal.SIGINT)
+        out, err = again.communicate(timeout=60)
+    finally:
+        if again.poll() is None:
+            again.kill()
+    assert again.returncode == 130
+    assert json.loads(out.strip().splitlines()[-1])["run_id"] == run_id  # the same run, resumed
+    with RunStore(db) as store:
+        assert [r.run_id for r in store.runs()] == [run_id] and store.runs()[0].status == "running"

@@ -8,12 +8,15 @@ between two store transactions; running the same command again resumes it.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import TextIO
 
 import grpc
 
@@ -21,7 +24,7 @@ from fedveil.protocol.auth import Authenticator
 from fedveil.protocol.service import ServerLimits, build_server
 from fedveil.server.config import ServerConfig
 from fedveil.server.coordinator import Coordinator, JobSummary
-from fedveil.server.store import RunStore
+from fedveil.server.store import RunStore, StoreError
 from fedveil.task import Task
 
 log = logging.getLogger("fedveil.server")
@@ -50,6 +53,7 @@ def serve(
     install_signal_handlers: bool = True,
 ) -> JobSummary:
     """Run ``config``'s job on ``listen`` until it completes (or a signal stops it)."""
+    lock = _lock_store(Path(store_path))
     store = RunStore(store_path)
     server: grpc.Server | None = None
     try:
@@ -99,3 +103,26 @@ def serve(
         if server is not None:
             server.stop(grace=1.0).wait(5.0)
         store.close()
+        lock.close()
+
+
+def _lock_store(path: Path) -> TextIO:
+    """Hold an exclusive lock beside the store for the server's lifetime: two servers writing one
+    run would interleave its history. The OS drops the lock when the process dies (even SIGKILL)."""
+    lock_path = path.with_name(path.name + ".server-lock")
+    try:
+        handle = lock_path.open("a+")
+    except OSError as err:
+        raise StoreError(f"cannot create the lock file {str(lock_path)!r}: {err.strerror or err}") from None
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        raise StoreError(f"store {str(path)!r} is in use by another fedveil server (pid {holder})") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
