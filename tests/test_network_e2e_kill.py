@@ -16,9 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedveil.clients.simulation import read_rounds, simulate_in_process, start_process_federation
+from fedveil.clients.processes import ProcessGroup, fedveil_argv, free_port
+from fedveil.clients.simulation import client_name, client_seed, read_rounds, server_argv, simulate_in_process
 from fedveil.server.config import ServerConfig
 from fedveil.server.store import RunStore
+from fedveil.tasks.synthetic import write_site_csv
 
 torch.set_num_threads(1)
 N = 5
@@ -26,9 +28,10 @@ N = 5
 
 def config() -> ServerConfig:
     # round_timeout bounds how long round 2 waits for the killed client's keys (it is a dropout);
-    # 40 local epochs make a round last long enough (about a second) for the kill to land mid-job
+    # 40 local epochs make a round last long enough (about a second) for the kill to land mid-job;
+    # round 3 starts with the 4 survivors after cohort_wait
     return ServerConfig(task="fedveil.tasks.synthetic", rounds=3, clients_per_round=N, min_clients=3, seed=11,
-                        round_timeout=25.0, stage_timeout=30.0, cohort_wait=2.0, linger=2.0, poll_wait=2.0,
+                        round_timeout=15.0, stage_timeout=30.0, cohort_wait=4.0, linger=2.0, poll_wait=2.0,
                         local_epochs=40)
 
 
@@ -40,26 +43,42 @@ def completed_rounds(store_path: Path) -> int:
 
 def test_sigkilled_client_job_completes_and_rounds_before_the_kill_match_in_process(tmp_path: Path) -> None:
     cfg = config()
-    fed = start_process_federation(cfg, N, tmp_path / "net")
-    try:
+    work = tmp_path / "net"
+    work.mkdir()
+    store_path = work / "run.sqlite"
+    with RunStore(store_path) as store:
+        tokens = [store.enroll(client_name(i)).token for i in range(N)]
+    address = f"127.0.0.1:{free_port()}"
+    with ProcessGroup(work / "logs") as group:
+        # the clients start first (and back off) so that all five are connected when round 1 starts,
+        # however slowly their interpreters come up: round 1's cohort is then all five, as in-process
+        clients = []
+        for i in range(N):
+            data = write_site_csv(work / f"{client_name(i)}.csv", i, N, 11)
+            clients.append(group.start(client_name(i), fedveil_argv(
+                "client", "--server", address, "--task", cfg.task, "--data", str(data), "--token", tokens[i],
+                "--insecure", "--seed", str(client_seed(11, i)), "--give-up-after", "120", "--max-backoff", "0.5")))
+        deadline = time.monotonic() + 120
+        while not all("retry" in c.errors() for c in clients):
+            assert time.monotonic() < deadline and all(c.alive() for c in clients), [c.errors() for c in clients]
+            time.sleep(0.1)
+        server = group.start("server", server_argv(cfg, address, store_path))
         deadline = time.monotonic() + 240
-        while completed_rounds(fed.store_path) < 1:
-            assert time.monotonic() < deadline, "round 1 did not complete: " + fed.server.errors()[-3000:]
-            assert fed.server.alive(), fed.server.errors()[-3000:]
+        while completed_rounds(store_path) < 1:
+            assert time.monotonic() < deadline, "round 1 did not complete: " + server.errors()[-3000:]
+            assert server.alive(), server.errors()[-3000:]
             time.sleep(0.02)
-        victim = fed.clients[N - 1]
+        victim = clients[N - 1]
         victim.kill(signal.SIGKILL)
         assert victim.wait(10) == -signal.SIGKILL
-        rounds_at_kill = completed_rounds(fed.store_path)
+        rounds_at_kill = completed_rounds(store_path)
         assert rounds_at_kill < 3, "the job finished before the kill landed (machine too slow to poll?)"
-        assert fed.server.wait(300) == 0, fed.server.errors()[-3000:]
-        survivors_exit = [c.wait(60) for c in fed.clients[: N - 1]]
-        summary = json.loads(fed.server.last_line())
-    finally:
-        fed.group.close()
-    assert survivors_exit == [0] * (N - 1), [c.errors()[-2000:] for c in fed.clients]
+        assert server.wait(300) == 0, server.errors()[-3000:]
+        survivors_exit = [c.wait(60) for c in clients[: N - 1]]
+        summary = json.loads(server.last_line())
+    assert survivors_exit == [0] * (N - 1), [c.errors()[-2000:] for c in clients]
     assert summary["status"] == "completed" and summary["completed_rounds"] == 3
-    network = read_rounds(fed.store_path, summary["run_id"])
+    network = read_rounds(store_path, summary["run_id"])
     assert [r.round for r in network] == [1, 2, 3]
     assert network[0].survivors == N
     assert all(r.survivors == N - 1 for r in network[rounds_at_kill:])  # the killed client is not in the sum

@@ -12,6 +12,10 @@ over loopback gRPC, each client with its own CSV file written from the task's sy
 Both are deterministic given ``seed``: the server's seed fixes the initial model, the cohorts and
 the round seeds; client ``i`` gets private seed :func:`client_seed` and the data
 ``task.synthetic_data(i, n, seed)``, so the two modes release identical aggregates.
+
+Layering: this module (with :mod:`fedveil.clients.netbench`) is the only part of
+``fedveil.clients`` that imports ``fedveil.server``, because a simulation runs the real
+coordinator; the client library itself (``federate``, the session, the secagg driver) does not.
 """
 
 from __future__ import annotations
