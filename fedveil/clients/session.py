@@ -41,8 +41,10 @@ from fedveil.clients.update import (
 )
 from fedveil.protocol import PROTOCOL_VERSION
 from fedveil.protocol import fedveil_pb2 as pb
+from fedveil.protocol.codec import model_vector
 from fedveil.protocol.errors import (
     Incompatible,
+    MalformedMessage,
     OutOfOrder,
     PermissionDenied,
     ProtocolError,
@@ -299,8 +301,6 @@ class Federation:
         self.client_name = response.client_name
         self.job = response.job
         self.total_rounds = int(response.job.total_rounds)
-        if response.poll_interval_ms:
-            self._poll_interval_s = response.poll_interval_ms / 1000.0
         log.info("joined run %s as %r (task %s, %d rounds)", self._run_id, self.client_name,
                  response.job.task_name, self.total_rounds)
 
@@ -376,7 +376,11 @@ class Federation:
     # -- rounds -----------------------------------------------------------------------------
 
     def _begin_round(self, start: pb.RoundStart) -> Round | None:
-        vector = np.frombuffer(start.model.data, dtype="<f4")
+        try:
+            vector = model_vector(start.model)  # checks the digest, the layout and finiteness
+        except MalformedMessage as err:
+            log.error("round %d: unusable global model from the server (%s); skipping the round", start.round, err)
+            return None
         try:
             vector_to_model(vector, self.model)
         except ValueError as err:
@@ -416,8 +420,11 @@ class Federation:
         server need not wait for this client until the deadline."""
         metrics: dict[str, float] = {}
         if self.options.evaluate is not None:
-            vector_to_model(np.frombuffer(evaluate.model.data, dtype="<f4"), self.model)
-            metrics = self._run_evaluate()
+            try:
+                vector_to_model(model_vector(evaluate.model), self.model)
+                metrics = self._run_evaluate()
+            except (MalformedMessage, ValueError) as err:
+                log.error("final evaluation skipped: unusable model from the server (%s)", err)
         saved = self._round_header
         self._round_header = (int(evaluate.phase), bytes(evaluate.round_nonce))
         try:
