@@ -153,6 +153,27 @@ def test_rnd_privatize_wraps_the_users_objects_for_local_dp_and_the_client_accou
     assert 0 < epsilons[0] < epsilons[1]
 
 
+def test_local_dp_job_refuses_an_update_trained_without_privatize(tmp_path: Path) -> None:
+    config = job(rounds=1, dp="local")
+    store = RunStore(tmp_path / "run.sqlite")
+    coordinator = Coordinator(config, task, store, new_run=True)
+    driver = threading.Thread(target=coordinator.run, daemon=True)
+    driver.start()
+    helpers = []
+    for i in (1, 2):
+        assert task.synthetic_data is not None
+        data = task.synthetic_data(i, 3, SEED)
+        fed = federate(task=task, transport=InProcessTransport(coordinator, f"site-{i}"), seed=i, num_examples=200)
+        helpers.append(threading.Thread(target=run_client, args=(fed, task, data), daemon=True))
+        helpers[-1].start()
+    with pytest.raises(fedveil.clients.ClientError, match=r"call rnd\.privatize"):
+        for rnd in federate(task=TASK, transport=InProcessTransport(coordinator, "site-0")):
+            rnd.submit(rnd.model)
+    coordinator.stop()
+    driver.join(timeout=30)
+    store.close()
+
+
 def test_a_client_whose_model_does_not_fit_the_job_gets_a_clear_error(tmp_path: Path) -> None:
     config = job(rounds=1)
     store = RunStore(tmp_path / "run.sqlite")

@@ -175,6 +175,12 @@ class Round:
         """
         if self.outcome is not None:
             raise ClientError(f"round {self.number}: submit() was already called")
+        if self.dp_mode == "local" and self._privatized is None:
+            # the job promises sample-level DP for every site: an update trained without it must not leave
+            raise ClientError(
+                f"round {self.number}: the job runs local DP (--dp local); call "
+                "rnd.privatize(model, optimizer, loader) before training, then submit"
+            )
         trained = model if model is not None else self.model
         self.outcome = self._federation._finish_round(self, trained, num_examples)
         return self.outcome
