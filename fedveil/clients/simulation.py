@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from torch.utils.data import TensorDataset
 
@@ -252,13 +251,14 @@ def start_process_federation(
     start_clients: bool = True,
     listen_timeout_s: float = 60.0,
     env: dict[str, str] | None = None,
+    store_path: Path | None = None,
 ) -> ProcessFederation:
     """Enrol ``n_clients``, write their data, start ``fedveil server`` and the clients."""
     from fedveil.tasks.synthetic import write_site_csv
 
     task = load_task(config.task)
     workdir.mkdir(parents=True, exist_ok=True)
-    store_path = workdir / "run.sqlite"
+    store_path = store_path if store_path is not None else workdir / "run.sqlite"
     tokens: list[str] = []
     with RunStore(store_path) as store:
         for i in range(n_clients):
@@ -300,9 +300,18 @@ def read_port_file(path: Path, timeout_s: float, server: ManagedProcess) -> int:
 
 
 def simulate_processes(
-    config: ServerConfig, n_clients: int, *, workdir: Path | None = None, timeout_s: float = 900.0
+    config: ServerConfig,
+    n_clients: int,
+    *,
+    workdir: Path | None = None,
+    store_path: Path | None = None,
+    timeout_s: float = 900.0,
 ) -> SimulationResult:
-    """Run the job with ``fedveil server`` and ``n_clients`` ``fedveil client`` processes over loopback gRPC."""
+    """Run the job with ``fedveil server`` and ``n_clients`` ``fedveil client`` processes over loopback gRPC.
+
+    ``workdir`` holds the sites' CSV files and the processes' logs (default: a temporary
+    directory); the run store goes to ``store_path`` (default: inside ``workdir``).
+    """
     if config.active_adversary:
         raise SimulationError("--active-adversary: only in-process (client processes would need key files)")
     tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -310,7 +319,7 @@ def simulate_processes(
         tmp = tempfile.TemporaryDirectory(prefix="fedveil-sim-")
         workdir = Path(tmp.name)
     started = time.monotonic()
-    fed = start_process_federation(config, n_clients, workdir)
+    fed = start_process_federation(config, n_clients, workdir, store_path=store_path)
     errors: dict[str, str] = {}
     histories: dict[str, list[str]] = {}
     try:
@@ -343,11 +352,8 @@ def simulate_processes(
         fed.group.close()
     result = SimulationResult("processes", summary, rounds, histories, fed.store_path,
                               time.monotonic() - started, errors)
-    if tmp is not None:
+    if tmp is not None and store_path is None:
         result.store_path = Path("(temporary)")
+    if tmp is not None:
         tmp.cleanup()
     return result
-
-
-def set_torch_threads(threads: int) -> None:
-    torch.set_num_threads(max(threads, 1))

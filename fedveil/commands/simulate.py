@@ -100,8 +100,9 @@ def simulate_command(
     torch.set_num_threads(threads)
     try:
         if processes:
+            # the sites' CSV files and the processes' logs go next to a kept store
             workdir = store_path.parent / (store_path.stem + "-sim") if store_path is not None else None
-            result = simulate_processes(config, n_clients, workdir=workdir)
+            result = simulate_processes(config, n_clients, workdir=workdir, store_path=store_path)
         else:
             result = simulate_in_process(config, n_clients, store_path=store_path)
     except SimulationError as err:
