@@ -168,3 +168,32 @@ def test_a_round_that_keeps_aborting_fails_the_job_and_a_restart_tries_again(tmp
         (1, "aborted"), (2, "aborted"), (3, "completed")]
     np.testing.assert_allclose(store2.aggregate(coordinator2.run_id, 1), sum(vecs) / 3, atol=1e-4)  # type: ignore[arg-type]
     store2.close()
+
+
+def test_fedadam_moments_survive_a_restart(tmp_path: Path) -> None:
+    names = ["a", "b"]
+    vecs = vectors(2)
+    # uninterrupted: two rounds
+    (tmp_path / "ref").mkdir()
+    ref, ref_store = make_job(tmp_path / "ref", names, rounds=2, weighted=False, optimizer="fedadam", server_lr=0.1)
+    assert run_job(ref, [Scripted(ref, n, v) for n, v in zip(names, vecs, strict=True)]).completed_rounds == 2
+    expected = ref_store.latest_checkpoint(ref.run_id)
+    ref_store.close()
+    # interrupted after round 1, then resumed for round 2
+    (tmp_path / "cut").mkdir()
+    first, store1 = make_job(tmp_path / "cut", names, rounds=1, weighted=False, optimizer="fedadam", server_lr=0.1)
+    run_job(first, [Scripted(first, n, v) for n, v in zip(names, vecs, strict=True)])
+    store1._conn.execute("UPDATE runs SET status='running'")  # as if killed before the job's end
+    config = {**store1.runs()[0].config, "rounds": 2}
+    store1._conn.execute("UPDATE runs SET config_json=?", (json.dumps(config, sort_keys=True),))
+    store1.close()
+    second, store2 = make_job(tmp_path / "cut", names, rounds=2, weighted=False, optimizer="fedadam", server_lr=0.1)
+    assert second.resumed_from == 1
+    run_job(second, [Scripted(second, n, v) for n, v in zip(names, vecs, strict=True)])
+    got = store2.latest_checkpoint(second.run_id)
+    store2.close()
+    assert expected is not None and got is not None and got.version == expected.version == 2
+    m_ref, m_got = np.asarray(expected.state["optimizer"]["m"]), np.asarray(got.state["optimizer"]["m"])
+    assert m_got.shape == (11,) and np.abs(m_got).max() > 0
+    np.testing.assert_allclose(m_got, m_ref, atol=1e-4)
+    np.testing.assert_allclose(got.model, expected.model, atol=1e-3)

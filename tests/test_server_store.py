@@ -158,3 +158,26 @@ def test_enroll_command_prints_the_token_last(tmp_path: Path, capsys: pytest.Cap
         Authenticator(s.credential).authenticate(token)
     assert main(["enroll", "--store", str(store), "--name", "nobody", "--revoke"]) == USAGE_EXIT_CODE
     assert capsys.readouterr().err.strip() == "error: --name: client 'nobody' is not enrolled"
+
+
+def test_checkpoint_state_keeps_arrays_as_raw_bytes(tmp_path: Path) -> None:
+    from fedveil.server.store import pack_state, unpack_state
+
+    m = np.linspace(-1, 1, 1000)
+    state = {"version": 3, "optimizer": {"name": "fedadam", "m": m, "v": m**2, "steps": 3, "beta1": 0.9},
+             "adaptive_clipping": {"clip_norm": 0.5}, "ints": np.arange(4, dtype=np.int32)}
+    text, blob = pack_state(state)
+    assert blob is not None and len(blob) == 2 * 8000 + 16 and len(text) < 600
+    back = unpack_state(text, blob)
+    np.testing.assert_array_equal(back["optimizer"]["m"], m)
+    np.testing.assert_array_equal(back["optimizer"]["v"], m**2)
+    assert back["ints"].dtype == np.int32 and back["optimizer"]["steps"] == 3
+    assert back["adaptive_clipping"] == {"clip_norm": 0.5}
+    with pytest.raises(ValueError, match="outside"):
+        unpack_state(text, blob[:100])
+    with RunStore(tmp_path / "run.db") as store:
+        store.create_run("r", {})
+        store.save_initial_checkpoint("r", np.zeros(3, np.float32), state)
+        ckpt = store.latest_checkpoint("r")
+        assert ckpt is not None
+        np.testing.assert_array_equal(ckpt.state["optimizer"]["m"], m)

@@ -912,7 +912,7 @@ class Coordinator:
                 self._cond.notify_all()
         result = rnd.secagg.result
         applied = self.model.apply(rnd.plan, result.ring_sum, len(result.survivors))
-        state_after = {**self.model.state_dict(), "version": self.model.version + 1}
+        state_after = self.model.state_dict(applied)
         ledger_json = self.model.ledger.to_json() if self.model.ledger is not None else None
         stats = {**applied.stats, "dropped": [rnd.names[d] for d in result.dropped], "threshold": rnd.plan.threshold,
                  "duration_s": round(time.time() - rnd.started_wall, 3)}

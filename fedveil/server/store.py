@@ -123,6 +123,7 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     model BLOB NOT NULL,
     model_sha256 TEXT NOT NULL,
     state_json TEXT NOT NULL,
+    state_arrays BLOB,
     PRIMARY KEY (run_id, version)
 );
 """
@@ -418,22 +419,23 @@ class RunStore:
             )
             if cur.rowcount != 1:
                 raise StoreError(f"round {round_number} attempt {attempt} of run {run_id} is not running")
+            state_json, arrays = pack_state(state)
             c.execute(
-                "INSERT INTO checkpoints (run_id, version, created_at, model, model_sha256, state_json) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (run_id, round_number, now, model_blob, hashlib.sha256(model_blob).hexdigest(),
-                 json.dumps(dict(state), sort_keys=True)),
+                "INSERT INTO checkpoints (run_id, version, created_at, model, model_sha256, state_json, state_arrays) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (run_id, round_number, now, model_blob, hashlib.sha256(model_blob).hexdigest(), state_json, arrays),
             )
             if ledger_json is not None:
                 c.execute(_UPSERT_LEDGER, (run_id, ledger_json, now))
 
     def save_initial_checkpoint(self, run_id: str, model: np.ndarray, state: Mapping[str, Any]) -> None:
         blob = _float_blob(model)
+        state_json, arrays = pack_state(state)
         with self._tx() as c:
             c.execute(
-                "INSERT OR IGNORE INTO checkpoints (run_id, version, created_at, model, model_sha256, state_json) "
-                "VALUES (?, 0, ?, ?, ?, ?)",
-                (run_id, time.time(), blob, hashlib.sha256(blob).hexdigest(), json.dumps(dict(state), sort_keys=True)),
+                "INSERT OR IGNORE INTO checkpoints (run_id, version, created_at, model, model_sha256, state_json, "
+                "state_arrays) VALUES (?, 0, ?, ?, ?, ?, ?)",
+                (run_id, time.time(), blob, hashlib.sha256(blob).hexdigest(), state_json, arrays),
             )
 
     def save_ledger(self, run_id: str, ledger_json: str) -> None:
@@ -464,16 +466,22 @@ class RunStore:
 
     def latest_checkpoint(self, run_id: str) -> Checkpoint | None:
         rows = self._query(
-            "SELECT version, model, model_sha256, state_json FROM checkpoints WHERE run_id=? "
+            "SELECT version, model, model_sha256, state_json, state_arrays FROM checkpoints WHERE run_id=? "
             "ORDER BY version DESC LIMIT 1",
             (run_id,),
         )
         if not rows:
             return None
-        version, blob, digest, state_json = rows[0]
+        version, blob, digest, state_json, arrays = rows[0]
         if hashlib.sha256(blob).hexdigest() != digest:
             raise StoreError(f"store {str(self.path)!r}: checkpoint {version} of run {run_id} is corrupt (digest)")
-        return Checkpoint(run_id, int(version), np.frombuffer(blob, dtype="<f4").copy(), json.loads(state_json))
+        try:
+            state = unpack_state(state_json, arrays)
+        except (ValueError, KeyError, TypeError) as err:
+            raise StoreError(
+                f"store {str(self.path)!r}: checkpoint {version} of run {run_id} is corrupt ({err})"
+            ) from None
+        return Checkpoint(run_id, int(version), np.frombuffer(blob, dtype="<f4").copy(), state)
 
     def participants(self, run_id: str, round_number: int) -> list[tuple[int, str, int, str | None]]:
         """(attempt, client name, secagg id, last stage completed) for every participant of a round."""
@@ -541,6 +549,64 @@ class RunStore:
     def ledger_json(self, run_id: str) -> str | None:
         rows = self._query("SELECT ledger_json FROM ledger WHERE run_id=?", (run_id,))
         return str(rows[0][0]) if rows else None
+
+
+_ARRAY_TAG = "__ndarray__"
+
+
+def pack_state(state: Mapping[str, Any]) -> tuple[str, bytes | None]:
+    """Checkpoint state as JSON, with numpy arrays (e.g. FedAdam's moments) moved into one raw
+    little-endian blob instead of JSON number lists (8 bytes per value instead of ~20 and no
+    float formatting), referenced from the JSON by offset, dtype and shape. No pickle."""
+    parts: list[bytes] = []
+    offset = 0
+
+    def walk(value: Any) -> Any:
+        nonlocal offset
+        if isinstance(value, np.ndarray):
+            arr = np.ascontiguousarray(value)
+            if arr.dtype.kind not in "fiu":
+                raise ValueError(f"cannot store an array of dtype {arr.dtype} in a checkpoint")
+            dtype = arr.dtype.newbyteorder("<")
+            raw = arr.astype(dtype, copy=False).tobytes()
+            ref = {_ARRAY_TAG: dtype.str, "offset": offset, "shape": list(arr.shape)}
+            parts.append(raw)
+            offset += len(raw)
+            return ref
+        if isinstance(value, Mapping):
+            return {str(k): walk(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [walk(v) for v in value]
+        return value
+
+    packed = walk(dict(state))
+    return json.dumps(packed, sort_keys=True, allow_nan=False), (b"".join(parts) if parts else None)
+
+
+def unpack_state(state_json: str, arrays: bytes | None) -> dict[str, Any]:
+    """Inverse of :func:`pack_state` (arrays come back as numpy arrays)."""
+    blob = memoryview(arrays or b"")
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, dict):
+            if _ARRAY_TAG in value:
+                dtype = np.dtype(value[_ARRAY_TAG])
+                shape = tuple(int(n) for n in value["shape"])
+                count = int(np.prod(shape, dtype=np.int64))
+                start = int(value["offset"])
+                end = start + count * dtype.itemsize
+                if start < 0 or end > len(blob):
+                    raise ValueError("an array reference points outside the checkpoint's array blob")
+                return np.frombuffer(blob[start:end], dtype=dtype).reshape(shape).copy()
+            return {k: walk(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        return value
+
+    result = walk(json.loads(state_json))
+    if not isinstance(result, dict):
+        raise ValueError("checkpoint state is not a JSON object")
+    return result
 
 
 def is_run_store(path: str | Path) -> bool:

@@ -19,6 +19,7 @@ their sample-level spend, which the ledger records per client.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -77,6 +78,10 @@ class AppliedRound:
     """SHA-256 of the unmasked ring sum (identical for identical inputs)."""
     params: np.ndarray
     stats: dict[str, Any]
+    optimizer: ServerOptimizer
+    """The optimizer after this round's step (installed by :meth:`GlobalModel.commit`)."""
+    dpfedavg: DPFedAvg | None
+    """The DP-FedAvg state after this round (adaptive clipping moves the clip norm)."""
 
 
 class GlobalModel:
@@ -201,7 +206,11 @@ class GlobalModel:
 
     # -- applying ---------------------------------------------------------------------------------
     def apply(self, plan: RoundPlan, ring_sum: np.ndarray, survivors: int) -> AppliedRound:
+        """Decode the sum and step a *copy* of the optimizer (and DP state): nothing changes until
+        :meth:`commit`, so a round whose store transaction fails leaves the model as it was."""
         cfg = self.config
+        optimizer = copy.deepcopy(self.optimizer)
+        dpfedavg = copy.deepcopy(self.dpfedavg)
         digest = hashlib.sha256(np.ascontiguousarray(ring_sum).tobytes()).hexdigest()
         stats: dict[str, Any] = {"survivors": survivors}
         if plan.distributed is not None:
@@ -212,11 +221,11 @@ class GlobalModel:
             assert plan.encoder is not None
             enc = plan.encoder
             if cfg.dp == "central":
-                assert self.dpfedavg is not None
+                assert dpfedavg is not None
                 total = enc.decode_sum(ring_sum)
                 rng = make_generator(_derived_seed(self.seed, "central-noise", plan.round_number))
-                unclipped = float(total[self.dim]) if self.dpfedavg.adaptive is not None else None
-                result = self.dpfedavg.finish_round(total[: self.dim], rng, unclipped)
+                unclipped = float(total[self.dim]) if dpfedavg.adaptive is not None else None
+                result = dpfedavg.finish_round(total[: self.dim], rng, unclipped)
                 mean = np.asarray(result.noised_mean, dtype=np.float64)
                 stats.update(clip_norm=result.clip_norm, next_clip_norm=result.next_clip_norm,
                              noise_stddev_sum=result.noise_stddev)
@@ -228,21 +237,30 @@ class GlobalModel:
             else:
                 mean = enc.decode_mean(ring_sum, survivors)
         mean = np.asarray(mean[: self.dim], dtype=np.float64)
-        new_params = np.asarray(self.optimizer.step(self.params.astype(np.float64), mean), dtype=np.float32)
+        new_params = np.asarray(optimizer.step(self.params.astype(np.float64), mean), dtype=np.float32)
         if not np.all(np.isfinite(new_params)):
             raise FloatingPointError(f"round {plan.round_number}: the new global model has NaN or infinite values")
         stats["update_norm"] = float(np.linalg.norm(mean))
-        return AppliedRound(mean.astype(np.float32), digest, new_params, stats)
+        return AppliedRound(mean.astype(np.float32), digest, new_params, stats, optimizer, dpfedavg)
 
     def commit(self, applied: AppliedRound) -> None:
         self.params = applied.params
+        self.optimizer = applied.optimizer
+        self.dpfedavg = applied.dpfedavg
         self.version += 1
 
     # -- checkpoints -------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"version": self.version, "optimizer": self.optimizer.state_dict()}
-        if self.dpfedavg is not None and self.dpfedavg.adaptive is not None:
-            state["adaptive_clipping"] = self.dpfedavg.adaptive.state_dict()
+    def state_dict(self, applied: AppliedRound | None = None) -> dict[str, Any]:
+        """Checkpoint state now, or (with ``applied``) as it will be once that round is committed."""
+        opt = applied.optimizer if applied is not None else self.optimizer
+        dp = applied.dpfedavg if applied is not None else self.dpfedavg
+        # Long number lists (an adaptive optimizer's moments) become arrays: the store keeps them
+        # as raw bytes rather than JSON text.
+        optimizer = {k: np.asarray(v, dtype=np.float64) if isinstance(v, list) and len(v) > 64 else v
+                     for k, v in opt.state_dict().items()}
+        state: dict[str, Any] = {"version": self.version + (1 if applied is not None else 0), "optimizer": optimizer}
+        if dp is not None and dp.adaptive is not None:
+            state["adaptive_clipping"] = dp.adaptive.state_dict()
         return state
 
     def load(self, params: np.ndarray, state: dict[str, Any], ledger_json: str | None) -> None:
