@@ -8,6 +8,7 @@ between two store transactions; running the same command again resumes it.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import logging
 import os
@@ -53,6 +54,7 @@ def serve(
     install_signal_handlers: bool = True,
 ) -> JobSummary:
     """Run ``config``'s job on ``listen`` until it completes (or a signal stops it)."""
+    _limit_malloc_arenas()
     lock = _lock_store(Path(store_path))
     store = RunStore(store_path)
     server: grpc.Server | None = None
@@ -104,6 +106,20 @@ def serve(
             server.stop(grace=1.0).wait(5.0)
         store.close()
         lock.close()
+
+
+def _limit_malloc_arenas(arenas: int = 2) -> None:
+    """Cap glibc's malloc arenas (as MALLOC_ARENA_MAX does). By default every handler thread that
+    touches a multi-megabyte vector may get its own arena, whose freed memory is not returned, so
+    RSS grows with the number of threads that served uploads (i.e. with the cohort), though no
+    vector is kept. Without glibc this does nothing."""
+    if os.environ.get("MALLOC_ARENA_MAX"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-8, arenas)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        return
 
 
 def _lock_store(path: Path) -> TextIO:
