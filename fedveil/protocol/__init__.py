@@ -63,6 +63,9 @@ RPC flow (one client)
    - ``JobDone``: the job finished; the client exits 0.
    - ``Wait``: nothing for this client yet (no cohort yet, or a round runs without it).
 
+   A held poll that the client abandons (its process or connection gone) marks the client
+   disconnected: it is not chosen for cohorts until it sends another request.
+
 Deadlines and dropouts
 ----------------------
 The training stage ends at ``RoundStart.deadline_unix_ms`` (``--round-timeout``); every later
@@ -77,12 +80,14 @@ Status codes
 ------------
 - ``UNAUTHENTICATED``: missing, unknown or revoked credentials. Fatal: do not retry.
 - ``PERMISSION_DENIED``: authenticated, but the request is not this client's to make (e.g.
-  it is not in the round's cohort). Poll again.
+  it is not in the round's cohort, or its Join announces an identity key other than the enrolled
+  one). Poll again.
 - ``INVALID_ARGUMENT``: malformed input: bytes that do not parse, a field of the wrong length
   or value (the message names the field), a vector of the wrong size, an unknown peer id.
 - ``RESOURCE_EXHAUSTED``: the message exceeds the server's size limit
   (``JoinResponse.max_message_bytes``), or the server has too many calls in flight.
-- ``FAILED_PRECONDITION``: at ``Join``, an incompatible protocol version or task (fatal). On
+- ``FAILED_PRECONDITION``: at ``Join``, an incompatible protocol version or task, or no identity
+  key for an active-adversary job (fatal). On
   other RPCs, the client is out of sync: unknown/replaced session, another run, a stale round
   or nonce, or a message for a stage that is not open for it (out of order). Join again.
 - ``ALREADY_EXISTS``: a replayed message (sequence number not above the last one seen) or a
