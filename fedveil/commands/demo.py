@@ -22,7 +22,8 @@ def demo_group() -> None:
 
 @demo_group.command(name="healthcare")
 @click.option("--hospitals", type=int, default=5, show_default=True, help="Number of hospitals (clients).")
-@click.option("--rounds", type=int, default=None, help="Federated rounds [default: the tuned recipe's, 20].")
+@click.option("--rounds", type=int, default=None,
+              help="Federated rounds [default: the tuned recipe's, fedveil.demo.recipe.Recipe.rounds].")
 @click.option("--dropout", type=float, default=0.1, show_default=True,
               help="Probability that a hospital drops out of a round (mid-protocol, after the key exchange).")
 @click.option("--dp", "dp_mode", type=str, default="local", show_default=True,

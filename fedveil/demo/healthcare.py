@@ -37,7 +37,7 @@ SCHEMA = DataSchema(
 
 FeatureTransform = Literal["linear", "log"]
 #: The tuned choice (cross-validated in :mod:`fedveil.demo.tuning`).
-FEATURE_TRANSFORM: FeatureTransform = "linear"
+FEATURE_TRANSFORM: FeatureTransform = "log"
 
 
 class RangeScaler(nn.Module):

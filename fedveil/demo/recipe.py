@@ -40,7 +40,7 @@ ServerOptimizerName = Literal["fedavg", "fedadam"]
 class Recipe:
     """Hyper-parameters of the healthcare federation (defaults: the tuned recipe)."""
 
-    rounds: int = 20
+    rounds: int = 30
     batch_size: int = 32
     local_epochs: int = 1
     local_lr: float = 2.0

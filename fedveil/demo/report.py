@@ -140,9 +140,9 @@ def _comparison_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
             rows.append({"name": b["name"], "privacy": "no privacy", "accuracy": b["accuracy"], "auc": b["auc"],
                          "loss": b["loss"]})
     eps = report.get("epsilon_sample_max")
-    privacy = "no DP" if report.get("dp") == "none" else f"patient ε ≤ {eps:.2f}" if eps is not None else "DP"
+    privacy = "no DP" if report.get("dp") == "none" else f"patient ε ≤ {eps:.3f}" if eps is not None else "DP"
     if report.get("epsilon_user") is not None:
-        privacy += f", user ε = {report['epsilon_user']:.2f}"
+        privacy += f", user ε = {report['epsilon_user']:.3f}"
     rows.append({"name": f"federated, {report.get('dp', '?')} DP", "privacy": privacy,
                  "accuracy": report["final_accuracy"], "auc": report["final_auc"], "loss": report.get("final_loss")})
     return rows
@@ -171,8 +171,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "|---|---|",
         f"| final test accuracy | {_fmt(report['final_accuracy'])} |",
         f"| final test ROC AUC | {_fmt(report['final_auc'])} |",
-        f"| worst hospital's patient-level ε | {_fmt(report['epsilon_sample_max'], 2)} |",
-        f"| user-level ε | {_fmt(report['epsilon_user'], 2)} |",
+        f"| worst hospital's patient-level ε | {_fmt(report['epsilon_sample_max'], 3)} |",
+        f"| user-level ε | {_fmt(report['epsilon_user'], 3)} |",
         f"| δ | {report['delta']:g} |",
         f"| wall time | {_fmt(report.get('wall_seconds'), 1)} s |",
         "",

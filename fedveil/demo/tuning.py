@@ -5,11 +5,19 @@ Each candidate recipe is run with local DP-SGD at the target ε on every fold of
 across the hospitals) and scored by the mean validation loss (binary cross-entropy; accuracy
 and ROC AUC are reported too but saturate on 91 patients). The test set is never loaded here.
 
-Run ``python -m fedveil.demo.tuning --stage 1`` (then ``--stage 2``); each stage prints a
-table and writes ``tuning-stage-N.json``. The stages' grids are listed in :data:`STAGES`;
-stage 2 starts from the best of stage 1 (``--base``) and varies one thing at a time: a larger
-step or batch, the clip norm, the rounds and local epochs, the feature transform and the
-server optimizer. Stage 3 serves the average of the last k global models (k = 0, 5, 10).
+Run ``python -m fedveil.demo.tuning --stage N [--base JSON] [--seeds S]``; each stage prints a
+table and writes ``tuning-stage-N.json``. Candidates are overrides of :class:`Recipe`'s current
+defaults (which are the result), so to reproduce the search as it ran pass the defaults of the
+time with ``--base``:
+
+1. ``--base '{"rounds": 20, "feature_transform": "linear"}'``: learning rate × batch × clip norm;
+2. ``--base '{"rounds": 20, "feature_transform": "linear", "local_lr": 2.0, "batch_size": 32,
+   "clip_norm": 1.0}'``: one change at a time around the best of stage 1 (larger step or
+   batch, clip norm, rounds and local epochs, log-scaled features, FedAdam);
+3. same base: serve the mean of the last k global models (k = 0, 5, 10);
+4. same base, ``--seeds 3``: the closest candidates again, three seeds per fold;
+5. same base, ``--seeds 3``: the two best of stage 4 combined (30 rounds + log features), and
+   40 rounds.
 """
 
 from __future__ import annotations
@@ -44,6 +52,14 @@ STAGES: dict[int, list[dict[str, Any]]] = {
         {"server_optimizer": "fedadam", "server_lr": 0.1},
     ],
     3: [{"average_last": 0}, {"average_last": 5}, {"average_last": 10}],
+    4: [
+        {},
+        {"feature_transform": "log"},
+        {"rounds": 30},
+        {"server_optimizer": "fedadam", "server_lr": 0.1},
+        {"clip_norm": 0.5},
+    ],
+    5: [{"rounds": 30, "feature_transform": "log"}, {"rounds": 40}],
 }
 
 
