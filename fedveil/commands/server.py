@@ -159,7 +159,8 @@ def _with_options(options: list[Any]) -> Any:
 @click.option("--batch-size", type=int, default=0, help="Client batch size (0: the task's default).")
 @click.option("--no-evaluate", is_flag=True, help="Skip the cohort's evaluation of each global model.")
 @click.option("--no-final-evaluation", is_flag=True, help="Skip the evaluation of the final model.")
-@click.option("--seed", type=int, default=None, help="Job seed (cohort sampling, round seeds, central noise).")
+@click.option("--seed", type=int, default=None,
+              help="Job seed (initial model, cohort sampling, round seeds). DP noise never uses it.")
 @click.option("--active-adversary", is_flag=True, help="SecAgg active-adversary mode (enrolled identity keys).")
 @click.option("--max-round-attempts", type=int, default=5, show_default=True)
 @click.option("--linger", type=float, default=5.0, show_default=True,

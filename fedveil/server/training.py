@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from fedveil.dp.accounting import SubsampledGaussianEvent
-from fedveil.dp.central import DPFedAvg, make_generator
+from fedveil.dp.central import DPFedAvg, SecureNormalSampler
 from fedveil.dp.clipping import AdaptiveClippingConfig
 from fedveil.dp.distributed import DistributedDPConfig, decode_sum, derive_parameters, derive_rotation_seed
 from fedveil.dp.ledger import LedgerConfig, PrivacyLedger, RoundSpend
@@ -223,7 +223,9 @@ class GlobalModel:
             if cfg.dp == "central":
                 assert dpfedavg is not None
                 total = enc.decode_sum(ring_sum)
-                rng = make_generator(_derived_seed(self.seed, "central-noise", plan.round_number))
+                # The OS CSPRNG, never the job seed: the seed is stored with the run, and anyone who
+                # could regenerate the noise could subtract it from the released aggregate.
+                rng = SecureNormalSampler()
                 unclipped = float(total[self.dim]) if dpfedavg.adaptive is not None else None
                 result = dpfedavg.finish_round(total[: self.dim], rng, unclipped)
                 mean = np.asarray(result.noised_mean, dtype=np.float64)
