@@ -102,6 +102,8 @@ def test_distributed_dp_job_with_real_clients(tmp_path: Path) -> None:
         (["--clients-per-round", "3", "--listen", "nowhere"], "error: --listen: expected HOST:PORT"),
         (["--clients-per-round", "3", "--dp-adaptive-clipping"], "error: --dp-adaptive-clipping: only with"),
         (["--clients-per-round", "1"], "error: --clients-per-round: must be at least 2"),
+        (["--clients-per-round", "6", "--threshold", "3", "--active-adversary"],
+         "error: --threshold: must exceed half of a client's 6 share holders"),
         (["--clients-per-round", "3", "--insecure", "--tls-cert", "x.pem"], "error: --insecure: cannot be"),
         (["--clients-per-round", "3", "--tls-cert", "missing.pem", "--tls-key", "k.pem", "--no-insecure"], None),
     ],

@@ -142,6 +142,13 @@ class ServerConfig:
         need(self.batch_size >= 0, "batch_size", "must be >= 0 (0 = the task's default)")
         need(self.seed is None or 0 <= self.seed < 2**63, "seed", "must be in [0, 2^63)")
         need(self.max_round_attempts >= 1, "max_round_attempts", "must be at least 1")
+        if self.active_adversary and self.threshold:
+            # Active mode is only sound with a majority of each client's share holders (t > holders / 2):
+            # otherwise the server can show two disjoint groups different survivor sets.
+            explicit_degree = self.secagg == "harary" and self.secagg_degree > 0
+            holders = self.secagg_degree + 1 if explicit_degree else self.clients_per_round
+            need(2 * self.threshold > holders, "threshold",
+                 f"must exceed half of a client's {holders} share holders with --active-adversary")
         if self.dp == "distributed" and self.dp_adaptive_clipping:
             raise ServerConfigError("--dp-adaptive-clipping", "only with --dp central (got --dp distributed)")
         if self.dp_adaptive_clipping and self.dp != "central":
