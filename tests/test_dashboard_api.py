@@ -240,3 +240,27 @@ def test_cross_site_and_rebinding_requests_are_refused(board: Any) -> None:
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(req, timeout=5)
     assert err.value.code == 403
+
+
+def test_generic_explanation_is_gradient_times_input() -> None:
+    from fedveil.server.dashboard import gradient_times_input
+
+    class Linear(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x).squeeze(-1)
+
+    model = Linear()
+    with torch.no_grad():
+        model.lin.weight.copy_(torch.tensor([[1.0, -3.0, 0.5, 2.0]]))
+        model.lin.bias.fill_(-1.0)
+    x = np.array([2.0, 1.0, 4.0, -0.25], dtype=np.float32)
+    res = gradient_times_input(model, x, ["a", "b", "c", "d"])
+    # for a linear model gradient × input is exactly w_j x_j
+    assert [(f["feature"], f["contribution"]) for f in res["top_features"]] == [
+        ("b", -3.0), ("a", 2.0), ("c", 2.0), ("d", -0.5)]
+    assert math.isclose(res["logit"], -1.0 + 2.0 - 3.0 + 2.0 - 0.5)
+    assert res["top_features"][0]["direction"] == "lowers risk" and "approximations" in res["confidence"]

@@ -287,7 +287,7 @@ def assess(model: nn.Module, features: np.ndarray) -> RiskAssessment:
     lo, hi = public_ranges()
     raw = x[0].numpy()
     out_of_range = [FEATURE_NAMES[i] for i in range(len(FEATURE_NAMES)) if raw[i] < lo[i] or raw[i] > hi[i]]
-    order = np.argsort(-np.abs(contrib))
+    order = np.argsort(-np.abs(contrib), kind="stable")
     contributions = tuple(Contribution(FEATURE_NAMES[i], float(raw[i]), float(contrib[i])) for i in order)
     return RiskAssessment(
         probability=prob,

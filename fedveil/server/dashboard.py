@@ -506,13 +506,14 @@ def gradient_times_input(model: torch.nn.Module, features: np.ndarray, names: Se
     (grad,) = torch.autograd.grad(logit, x)
     contrib = (grad * x).detach().numpy()[0].astype(np.float64)
     prob = float(torch.sigmoid(logit).item())
-    order = np.argsort(-np.abs(contrib))
+    order = np.argsort(-np.abs(contrib), kind="stable")
     level = "low" if prob < 0.2 else "moderate" if prob < 0.5 else "high" if prob < 0.8 else "very high"
     return {
         "probability": prob,
         "logit": float(logit.item()),
         "risk_level": level,
-        "confidence": "approximate explanation (gradient × input)",
+        "confidence": _margin_words(abs(float(logit.item())))
+        + ". Contributions are first-order (gradient × input) approximations.",
         "top_features": [
             {
                 "feature": names[i],
@@ -523,6 +524,17 @@ def gradient_times_input(model: torch.nn.Module, features: np.ndarray, names: Se
             for i in order[:5]
         ],
     }
+
+
+def _margin_words(margin: float) -> str:
+    """Plain words for the distance from the decision boundary, |log-odds|."""
+    if margin >= 4.0:
+        return "confident: the measurements point clearly one way"
+    if margin >= 2.0:
+        return "fairly confident"
+    if margin >= 0.8:
+        return "uncertain: the measurements are mixed"
+    return "very uncertain: close to the decision boundary"
 
 
 # ---------------------------------------------------------------------------------------------
