@@ -42,6 +42,9 @@ function drawLineChart(canvas, series, options) {
   let yMin = opts.yMin !== undefined ? opts.yMin : Math.min(...pts.map((p) => p[1]), ...hl);
   let yMax = opts.yMax !== undefined ? opts.yMax : Math.max(...pts.map((p) => p[1]), ...hl);
   if (yMax === yMin) { yMax = yMin + 1; }
+  const span = yMax - yMin;  // breathing room where the caller did not fix the axis
+  if (opts.yMin === undefined) yMin -= 0.08 * span;
+  if (opts.yMax === undefined) yMax += 0.08 * span;
   const X = (x) => pad.left + ((x - xMin) / (xMax - xMin)) * w;
   const Y = (y) => pad.top + h - ((y - yMin) / (yMax - yMin)) * h;
   // grid and axes

@@ -4,7 +4,7 @@
 let selectedRun = null;
 let pollTimer = null;
 
-function epsilonText(value) { return value === null || value === undefined ? "–" : fmt(value, 2); }
+function epsilonText(value) { return value === null || value === undefined ? "–" : fmt(value, 3); }
 
 async function refreshRuns() {
   let data;
