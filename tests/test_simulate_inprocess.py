@@ -131,3 +131,13 @@ def test_identity_key_files(tmp_path: Path) -> None:
         load_identity_key(tmp_path / "x.pem")
     with pytest.raises(ValueError, match="cannot read"):
         load_identity_key(tmp_path / "missing.pem")
+
+
+def test_harary_graph_rounds_complete_and_match_the_complete_graph_sum() -> None:
+    # degree 4 on 8 clients is a real sparse SecAgg+ graph (not the complete-graph fallback)
+    sparse = simulate_in_process(config(rounds=1, clients_per_round=8, min_clients=8, secagg="harary",
+                                        secagg_degree=4), 8)
+    dense = simulate_in_process(config(rounds=1, clients_per_round=8, min_clients=8), 8)
+    assert sparse.summary["status"] == "completed" and not sparse.client_errors
+    assert sparse.rounds[0].survivors == 8
+    np.testing.assert_array_equal(sparse.rounds[0].aggregate, dense.rounds[0].aggregate)
