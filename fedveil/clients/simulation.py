@@ -212,7 +212,17 @@ def server_argv(config: ServerConfig, listen: str, store_path: Path, port_file: 
         "--weighting", "examples" if config.weighted else "uniform", "--insecure", "--json",
         "--local-epochs", str(config.local_epochs), "--learning-rate", str(config.learning_rate),
         "--batch-size", str(config.batch_size), "--max-round-attempts", str(config.max_round_attempts),
+        "--secagg-degree", str(config.secagg_degree), "--threshold", str(config.threshold),
+        "--ring-bits", str(config.ring_bits), "--clip-range", str(config.clip_range),
+        "--max-weight", str(config.max_weight), "--dp-delta", str(config.dp_delta),
+        "--dp-accountant", config.dp_accountant, "--dp-mechanism", config.dp_mechanism,
+        "--dp-bits", str(config.dp_bits), "--dp-local-noise-multiplier", str(config.dp_local_noise_multiplier),
+        "--dp-local-max-grad-norm", str(config.dp_local_max_grad_norm),
     ]
+    if config.dp_local_target_epsilon:
+        argv += ["--dp-local-target-epsilon", str(config.dp_local_target_epsilon)]
+    if config.dp_adaptive_clipping:
+        argv.append("--dp-adaptive-clipping")
     if not config.evaluate:
         argv.append("--no-evaluate")
     if not config.final_evaluation:
