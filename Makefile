@@ -39,7 +39,7 @@ unit: $(STAMP) browser
 test: lint typecheck unit
 
 demo: $(STAMP)
-	$(BIN)/fedveil bench secagg --clients 10 --dim 1000 --dropout 0.2 --dropout-stage masked --graph complete
+	$(BIN)/fedveil demo healthcare --out $(DEMO_OUT)
 
 bench: $(STAMP)
 	$(BIN)/fedveil bench secagg --clients 100 --dim 100000 --graph harary --dropout 0.1 --dropout-stage masked
