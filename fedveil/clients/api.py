@@ -111,8 +111,15 @@ def check_server_address(server: str) -> str:
 
 
 def train_round(rnd: Round, task: Task, dataset: Dataset) -> RoundOutcome:
-    """The turnkey client's round: the task's own training function on the local data set."""
+    """The turnkey client's round: the task's own training function on the local data set.
+
+    The model goes into train mode first: an evaluation (the site's own, or the task's, run on the
+    global model) may have left it in eval mode, which Opacus refuses for DP-SGD and which would
+    train with dropout off and frozen batch statistics otherwise. Nothing is restored afterwards:
+    the next round loads fresh global weights into the same module and trains it again.
+    """
     model = rnd.model
+    model.train()
     batch_size = rnd.batch_size or task.batch_size
     loader: DataLoader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=rnd.generator)
     optimizer = task.make_optimizer(model.parameters())

@@ -1,0 +1,117 @@
+"""How the client library treats a round's life cycle: train mode before (DP-)training, a round the
+loop does not submit, and a local privacy budget that cannot afford another round.
+
+Every test runs the real coordinator (``fedveil.server.coordinator.Coordinator`` on a SQLite store)
+and real clients (``fedveil.clients.session.Federation``) in this process over
+``InProcessTransport``, with one thread per client.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedveil.clients import ClientOptions, Federation, run_client
+from fedveil.clients.api import evaluator
+from fedveil.clients.backoff import BackoffPolicy
+from fedveil.protocol.transport import InProcessTransport
+from fedveil.server.config import ServerConfig
+from fedveil.server.coordinator import Coordinator, JobSummary
+from fedveil.server.store import RunStore
+from fedveil.task import Task
+from fedveil.tasks.synthetic import task as synthetic
+
+torch.set_num_threads(1)
+pytestmark = pytest.mark.timeout(180)
+SEED = 5
+
+
+def config(**kw: Any) -> ServerConfig:
+    base: dict[str, Any] = dict(task="fedveil.tasks.synthetic", rounds=1, clients_per_round=3, min_clients=3,
+                                seed=SEED, cohort_wait=0.5, linger=0.5, poll_wait=0.5, round_timeout=20.0,
+                                stage_timeout=20.0, final_evaluation=False, max_round_attempts=1)
+    base.update(kw)
+    return ServerConfig(**base)
+
+
+def data_for(index: int) -> TensorDataset:
+    assert synthetic.synthetic_data is not None
+    return synthetic.synthetic_data(index, 3, SEED)
+
+
+def federation(coordinator: Coordinator, task: Task, index: int, model: nn.Module | None = None,
+               **options: Any) -> Federation:
+    data = data_for(index)
+    opts = ClientOptions(seed=100 + index, num_examples=len(data), evaluate=evaluator(task, data), poll_wait_ms=500,
+                         backoff=BackoffPolicy(initial_delay_s=0.05, max_delay_s=0.5, give_up_after_s=30.0), **options)
+    return Federation(InProcessTransport(coordinator, f"site-{index}"), task.name,
+                      model if model is not None else task.build_model(), opts)
+
+
+def run_job(tmp_path: Path, cfg: ServerConfig, task: Task,
+            clients: list[Callable[[Coordinator], Any]]) -> tuple[JobSummary, list[Any], list[BaseException]]:
+    """Run the job with one thread per client function (given the coordinator); returns the
+    summary, what each client function returned, and the exceptions the clients raised."""
+    store = RunStore(tmp_path / "run.sqlite")
+    coordinator = Coordinator(cfg, task, store, new_run=True)
+    results: list[Any] = [None] * len(clients)
+    errors: list[BaseException] = []
+
+    def main(i: int) -> None:
+        try:
+            results[i] = clients[i](coordinator)
+        except BaseException as err:  # surfaced by the test
+            errors.append(err)
+
+    threads = [threading.Thread(target=main, args=(i,), daemon=True) for i in range(len(clients))]
+    for t in threads:
+        t.start()
+    try:
+        summary = coordinator.run()
+    finally:
+        coordinator.stop()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a client thread is still running after the job"
+    store.close()
+    return summary, results, errors
+
+
+def test_train_round_puts_a_model_left_in_eval_mode_back_in_train_mode_before_dp_sgd(tmp_path: Path) -> None:
+    seen: list[bool] = []
+
+    def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer) -> float:
+        """A task whose training function trusts the caller to have set train mode (many do)."""
+        seen.append(model.training)
+        loss_fn = nn.BCEWithLogitsLoss()
+        for x, y in loader:
+            if len(y) == 0:
+                continue
+            optimizer.zero_grad()
+            loss_fn(model(x).squeeze(-1), y).backward()
+            optimizer.step()
+        return 0.0
+
+    task = dataclasses.replace(synthetic, train_epoch=train_epoch)
+
+    def client(i: int) -> Callable[[Coordinator], Any]:
+        def go(coordinator: Coordinator) -> Any:
+            model = task.build_model()
+            model.eval()  # e.g. the site evaluated its model before joining
+            return run_client(federation(coordinator, task, i, model=model), task, data_for(i))
+        return go
+
+    summary, results, errors = run_job(tmp_path, config(dp="local", dp_local_noise_multiplier=1.0), task,
+                                       [client(i) for i in range(3)])
+    assert errors == [], errors
+    assert summary.status == "completed"
+    assert [[o.outcome for o in h] for h in results] == [["completed"]] * 3
+    assert seen == [True, True, True]
