@@ -115,3 +115,56 @@ def test_train_round_puts_a_model_left_in_eval_mode_back_in_train_mode_before_dp
     assert summary.status == "completed"
     assert [[o.outcome for o in h] for h in results] == [["completed"]] * 3
     assert seen == [True, True, True]
+
+
+class CountingTransport(InProcessTransport):
+    """Counts the client's polls."""
+
+    def __init__(self, coordinator: Coordinator, name: str) -> None:
+        super().__init__(coordinator, name)
+        self.polls = 0
+
+    def poll(self, request: Any) -> Any:
+        self.polls += 1
+        return super().poll(request)
+
+
+def test_a_loop_that_skips_submit_sits_the_round_out_without_spinning_and_gets_the_next_round(
+    tmp_path: Path,
+) -> None:
+    round_timeout = 4.0
+    seen: list[int] = []
+    polls: dict[str, int] = {}
+
+    def turnkey(i: int) -> Callable[[Coordinator], Any]:
+        return lambda coordinator: [o.outcome for o in run_client(federation(coordinator, synthetic, i),
+                                                                  synthetic, data_for(i))]
+
+    def skipper(coordinator: Coordinator) -> Any:
+        fed = federation(coordinator, synthetic, 2)
+        counting = CountingTransport(coordinator, "site-2")
+        fed.transport = counting
+        data = data_for(2)
+        with fed:
+            for rnd in fed:
+                seen.append(rnd.number)
+                if rnd.number == 1:
+                    polls["at_skip"] = counting.polls
+                    continue  # the user's loop skips this round without submitting
+                if "after_skip" not in polls:
+                    polls["after_skip"] = counting.polls
+                optimizer = synthetic.make_optimizer(rnd.model.parameters())
+                synthetic.train_epoch(rnd.model, DataLoader(data, batch_size=32), optimizer)
+                rnd.submit(rnd.model, num_examples=len(data))
+        return [(o.round, o.outcome) for o in fed.history]
+
+    cfg = config(rounds=2, min_clients=2, round_timeout=round_timeout)
+    summary, results, errors = run_job(tmp_path, cfg, synthetic, [turnkey(0), turnkey(1), skipper])
+    assert errors == [], errors
+    assert summary.status == "completed" and summary.completed_rounds == 2
+    assert seen == [1, 2]  # round 1 is handed to the loop once, not again and again until its deadline
+    assert results[2] == [(1, "dropped"), (2, "completed")]
+    assert results[0] == results[1] == ["completed", "completed"]
+    # sitting out until the training deadline drops the site takes a few relaxed polls (one per
+    # poll_wait = 0.5 s), not a tight loop of thousands
+    assert polls["after_skip"] - polls["at_skip"] <= 2 * round_timeout / 0.5 + 4

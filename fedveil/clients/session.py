@@ -174,7 +174,10 @@ class Round:
         data and unmasked updates never leave the process.
         """
         if self.outcome is not None:
-            raise ClientError(f"round {self.number}: submit() was already called")
+            raise ClientError(
+                f"round {self.number}: already over for this client ({self.outcome.outcome}: "
+                f"{self.outcome.reason or 'submit() was already called'})"
+            )
         if self.dp_mode == "local" and self._privatized is None:
             # the job promises sample-level DP for every site: an update trained without it must not leave
             raise ClientError(
@@ -223,6 +226,8 @@ class Federation:
         self._local_dp_session: Any = None
         self._dp_originals: dict[int, Any] = {}
         self._dp_wrapped: Any = None
+        self._sitting_out: tuple[int, bytes] = (0, b"")
+        """(round, nonce) of the round attempt this client dropped out of without submitting."""
         self._closed = False
 
     # -- public -------------------------------------------------------------------------------
@@ -233,13 +238,19 @@ class Federation:
             instruction = self._next_instruction()
             kind = instruction.WhichOneof("instruction")
             if kind == "round_start":
-                rnd = self._begin_round(instruction.round_start)
+                start = instruction.round_start
+                if self._sitting_out == (int(start.round), bytes(start.round_nonce)):
+                    # the server keeps offering a round this client left until the round's training
+                    # deadline drops it: poll at a relaxed pace instead of at once, so the client stays
+                    # reachable (for a new attempt, the next round, the final evaluation) without spinning
+                    self._sleep(self._sit_out_interval())
+                    continue
+                rnd = self._begin_round(start)
                 if rnd is None:
                     continue
                 yield rnd
                 if rnd.outcome is None:
-                    log.warning("round %d: the loop did not call submit(); the server counts a dropout", rnd.number)
-                    self._round_header = (0, b"")
+                    self._sit_out(rnd, "the loop did not call submit()")
             elif kind == "evaluate":
                 self._evaluate_final(instruction.evaluate)
             elif kind == "job_done":
@@ -250,6 +261,24 @@ class Federation:
                 self._round_header = (0, b"")  # a result for a round we were dropped from
             else:  # an instruction for a round this client has already left: ignore it
                 log.debug("ignoring a stale %s instruction", kind)
+
+    def _sit_out(self, rnd: Round, reason: str) -> None:
+        """This client drops out of ``rnd`` (the loop did not submit it): recorded as a dropout.
+
+        The protocol has no message to decline a round, so the server learns it the way it learns
+        of any dropout: the client sends nothing for the round, and the training deadline drops it
+        from the cohort (the other clients' round goes on if enough of them remain). Until then the
+        iterator does not hand the loop the same round again (see :meth:`__iter__`).
+        """
+        log.warning("round %d: sitting this round out (%s); the server counts a dropout", rnd.number, reason)
+        self._sitting_out = (rnd.number, bytes(rnd.start_message.round_nonce))
+        self._round_header = (0, b"")
+        rnd.outcome = RoundOutcome(rnd.number, "dropped", f"sat out: {reason}")
+        self.history.append(rnd.outcome)
+
+    def _sit_out_interval(self) -> float:
+        """Seconds between polls while the server still offers a round this client sat out."""
+        return min(max(self.options.poll_wait_ms / 1000.0, 0.2), 2.0)
 
     def close(self) -> None:
         if not self._closed:
