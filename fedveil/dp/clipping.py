@@ -41,6 +41,8 @@ from typing import Any, Protocol
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from fedveil.dp._checks import non_negative, positive
+
 __all__ = [
     "AdaptiveClipper",
     "AdaptiveClippingConfig",
@@ -61,26 +63,6 @@ class NormalSource(Protocol):
 
 
 _CLIP_MARGIN = 1.0 - 1e-10
-
-
-def _check_positive(name: str, value: float) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a positive number (got {value!r})") from None
-    if not math.isfinite(number) or number <= 0.0:
-        raise ValueError(f"{name} must be a positive finite number (got {value!r})")
-    return number
-
-
-def _check_non_negative(name: str, value: float) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a non-negative number (got {value!r})") from None
-    if not math.isfinite(number) or number < 0.0:
-        raise ValueError(f"{name} must be a non-negative finite number (got {value!r})")
-    return number
 
 
 @dataclass(frozen=True)
@@ -104,7 +86,7 @@ def clip_updates(updates: ArrayLike, clip_norm: float) -> tuple[NDArray[np.float
     ``clip_norm / norm`` (McMahan et al. 2018, the "flat clipping" of DP-FedAvg), times
     ``1 − 1e-10`` so that rounding can never leave a clipped norm above the bound.
     """
-    bound = _check_positive("clip_norm", clip_norm)
+    bound = positive("clip_norm", clip_norm)
     arr = np.array(updates, dtype=np.float64, copy=True)
     if arr.ndim not in (1, 2):
         raise ValueError(f"updates must be a vector or a (clients, dim) matrix (got shape {arr.shape})")
@@ -150,8 +132,8 @@ def update_noise_multiplier(noise_multiplier: float, count_noise_stddev: float) 
     ``σ_b > z / 2`` (otherwise the count query alone would spend more than the whole budget).
     ``z = 0`` (no privacy) gives ``z_Δ = 0``.
     """
-    z = _check_non_negative("noise_multiplier", noise_multiplier)
-    sigma_b = _check_non_negative("count_noise_stddev", count_noise_stddev)
+    z = non_negative("noise_multiplier", noise_multiplier)
+    sigma_b = non_negative("count_noise_stddev", count_noise_stddev)
     if z == 0.0:
         return 0.0
     if sigma_b <= z / 2.0:
@@ -182,15 +164,15 @@ class AdaptiveClippingConfig:
     count_noise_stddev: float | None = None
 
     def __post_init__(self) -> None:
-        _check_positive("initial_clip_norm", self.initial_clip_norm)
-        _check_non_negative("noise_multiplier", self.noise_multiplier)
-        _check_positive("expected_clients_per_round", self.expected_clients_per_round)
+        positive("initial_clip_norm", self.initial_clip_norm)
+        non_negative("noise_multiplier", self.noise_multiplier)
+        positive("expected_clients_per_round", self.expected_clients_per_round)
         quantile = float(self.target_quantile)
         if not 0.0 <= quantile <= 1.0:
             raise ValueError(f"target_quantile must lie in [0, 1] (got {self.target_quantile!r})")
-        _check_positive("learning_rate", self.learning_rate)
+        positive("learning_rate", self.learning_rate)
         if self.count_noise_stddev is not None:
-            _check_non_negative("count_noise_stddev", self.count_noise_stddev)
+            non_negative("count_noise_stddev", self.count_noise_stddev)
         # Fails early, naming count_noise_stddev, when it is too small for z.
         update_noise_multiplier(self.noise_multiplier, self.resolved_count_noise_stddev)
 
@@ -248,7 +230,7 @@ class AdaptiveClipper:
 
     def noised_unclipped_fraction(self, unclipped_count: float, rng: NormalSource) -> float:
         """``b̃ = (Σ b_i + N(0, σ_b^2)) / m`` (Andrew et al., Algorithm 1)."""
-        count = _check_non_negative("unclipped_count", unclipped_count)
+        count = non_negative("unclipped_count", unclipped_count)
         sigma_b = self.config.resolved_count_noise_stddev
         noise = float(np.asarray(rng.standard_normal(1), dtype=np.float64)[0]) * sigma_b if sigma_b > 0 else 0.0
         return (count + noise) / float(self.config.expected_clients_per_round)
@@ -265,4 +247,4 @@ class AdaptiveClipper:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         """Restore :meth:`state_dict`."""
-        self._clip_norm = _check_positive("clip_norm", state["clip_norm"])
+        self._clip_norm = positive("clip_norm", state["clip_norm"])

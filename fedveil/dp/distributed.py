@@ -104,6 +104,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy import special
 
+from fedveil.dp._checks import non_negative, positive
 from fedveil.dp.accounting import DEFAULT_ORDERS, RdpCurveEvent, check_delta, rdp_to_epsilon
 from fedveil.dp.clipping import clip_updates
 from fedveil.dp.hadamard import inverse_rotate, padded_dim, rotate
@@ -149,30 +150,6 @@ _MAX_ROUNDING_TRIES: Final[int] = 1000
 # ----------------------------------------------------------------------------------------------
 
 
-def _positive(name: str, value: Any) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a positive number (got {value!r})")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a positive number (got {value!r})") from None
-    if not math.isfinite(number) or number <= 0.0:
-        raise ValueError(f"{name} must be a positive finite number (got {value!r})")
-    return number
-
-
-def _non_negative(name: str, value: Any) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a non-negative number (got {value!r})")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a non-negative number (got {value!r})") from None
-    if not math.isfinite(number) or number < 0.0:
-        raise ValueError(f"{name} must be a non-negative finite number (got {value!r})")
-    return number
-
-
 def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer (got {value!r})")
@@ -186,7 +163,7 @@ def _check_bits(bits: Any) -> int:
 
 
 def _check_beta(beta: Any) -> float:
-    number = _non_negative("beta", beta)
+    number = non_negative("beta", beta)
     if number >= 1.0:
         raise ValueError(f"beta must lie in [0, 1) (got {beta!r})")
     return number
@@ -210,7 +187,7 @@ def rounded_l2_norm_bound(l2_norm: float, beta: float, dim: int) -> float:
     ``min(l2 + sqrt(D), sqrt(l2^2 + D/4 + sqrt(2 ln(1/β)) (l2 + sqrt(D)/2)))``; ``β = 0`` keeps
     only the deterministic first term (no resampling ever needed).
     """
-    norm = _non_negative("l2_norm", l2_norm)
+    norm = non_negative("l2_norm", l2_norm)
     b = _check_beta(beta)
     size = _positive_int("dim", dim)
     deterministic = norm + math.sqrt(size)
@@ -222,7 +199,7 @@ def rounded_l2_norm_bound(l2_norm: float, beta: float, dim: int) -> float:
 
 def rounded_l1_norm_bound(l2_bound: float, dim: int) -> float:
     """L1 bound of an integer vector with L2 norm ≤ ``l2_bound``: ``min(Δ_2^2, sqrt(D) Δ_2)``."""
-    norm = _non_negative("l2_bound", l2_bound)
+    norm = non_negative("l2_bound", l2_bound)
     size = _positive_int("dim", dim)
     return norm * min(norm, math.sqrt(size))
 
@@ -239,7 +216,7 @@ def sample_skellam(rng: np.random.Generator, variance: float, shape: int | tuple
     it a *distributed* mechanism: ``n`` shares of variance ``v`` sum to exactly ``Sk`` with
     variance ``n v`` (Agarwal et al. 2021).
     """
-    var = _non_negative("variance", variance)
+    var = non_negative("variance", variance)
     if var == 0.0:
         return np.zeros(shape, dtype=np.int64)
     mean = var / 2.0
@@ -258,7 +235,7 @@ def sample_discrete_gaussian(
     difference of two geometric variables) and accept with probability
     ``exp(−(|Y| − σ^2/t)^2 / (2σ^2))``.  Rejection runs in vectorized rounds.
     """
-    s = _non_negative("sigma", sigma)
+    s = non_negative("sigma", sigma)
     out_shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
     total = int(np.prod(out_shape)) if out_shape else 1
     out = np.zeros(total, dtype=np.int64)
@@ -280,7 +257,7 @@ def sample_discrete_gaussian(
 
 def discrete_gaussian_variance(sigma: float) -> float:
     """Exact variance of ``N_Z(0, σ^2)`` (slightly below ``σ^2`` for small ``σ``)."""
-    s = _non_negative("sigma", sigma)
+    s = non_negative("sigma", sigma)
     if s == 0.0:
         return 0.0
     if s > 50.0:
@@ -311,7 +288,7 @@ def skellam_rdp(orders: ArrayLike, l1: float, l2: float, total_variance: float) 
     at ``ceil(α)`` (RDP is non-decreasing in α).
     """
     alphas = np.ceil(_orders_array(orders))
-    var = _non_negative("total_variance", total_variance)
+    var = non_negative("total_variance", total_variance)
     if var == 0.0:
         return np.full(alphas.shape, np.inf)
     first = alphas * l2**2 / (2.0 * var)
@@ -321,7 +298,7 @@ def skellam_rdp(orders: ArrayLike, l1: float, l2: float, total_variance: float) 
 
 def ddg_tau(local_sigma: float, n_clients: int) -> float:
     """DDG's ``τ = 10 Σ_{k=1}^{n−1} exp(−2π^2 σ^2 k/(k+1))`` (Kairouz et al. 2021, Theorem 1)."""
-    s = _non_negative("local_sigma", local_sigma)
+    s = non_negative("local_sigma", local_sigma)
     n = _positive_int("n_clients", n_clients)
     if n == 1:
         return 0.0
@@ -334,7 +311,7 @@ def ddg_rdp(
 ) -> NDArray[np.float64]:
     """RDP of the distributed discrete Gaussian (Kairouz, Liu, Steinke 2021, Thm. 1 with Prop. 14)."""
     alphas = _orders_array(orders)
-    s = _non_negative("local_sigma", local_sigma)
+    s = non_negative("local_sigma", local_sigma)
     n = _positive_int("n_clients", n_clients)
     size = _positive_int("dim", dim)
     if s == 0.0:
@@ -364,7 +341,7 @@ def poisson_subsampled_rdp(
     curve (subsampling cannot hurt).  Log-space throughout, vectorized over ``l``.
     """
     alphas = _orders_array(orders)
-    q = _positive("sample_rate", sample_rate)
+    q = positive("sample_rate", sample_rate)
     if q > 1.0:
         raise ValueError(f"sample_rate must lie in (0, 1] (got {sample_rate!r})")
     plain = np.asarray(rdp_fn(alphas), dtype=np.float64)
@@ -431,12 +408,12 @@ class DistributedDPConfig:
         _check_mechanism(self.mechanism)
         _positive_int("n_clients", self.n_clients)
         _positive_int("dim", self.dim)
-        _positive("clip_norm", self.clip_norm)
+        positive("clip_norm", self.clip_norm)
         _check_bits(self.bits)
-        _positive("scale", self.scale)
-        _non_negative("local_stddev", self.local_stddev)
+        positive("scale", self.scale)
+        non_negative("local_stddev", self.local_stddev)
         _check_beta(self.beta)
-        _positive("k_stddevs", self.k_stddevs)
+        positive("k_stddevs", self.k_stddevs)
         if self.mechanism == "skellam" and self.local_stddev**2 / 2.0 > _MAX_POISSON_MEAN:
             raise ValueError(
                 f"local_stddev {self.local_stddev:g} is too large for exact Skellam sampling; use fewer bits"
@@ -636,16 +613,16 @@ def derive_parameters(
     mech = _check_mechanism(mechanism)
     n = _positive_int("n_clients", n_clients)
     d = _positive_int("dim", dim)
-    c = _positive("clip_norm", clip_norm)
+    c = positive("clip_norm", clip_norm)
     b = _check_bits(bits)
     beta_v = _check_beta(beta)
-    k = _positive("k_stddevs", k_stddevs)
-    rho_v = _positive("rho", rho)
-    inflation_cap = _positive("max_norm_inflation", max_norm_inflation)
+    k = positive("k_stddevs", k_stddevs)
+    rho_v = positive("rho", rho)
+    inflation_cap = positive("max_norm_inflation", max_norm_inflation)
     if inflation_cap < 1.0:
         raise ValueError(f"max_norm_inflation must be at least 1 (got {max_norm_inflation!r})")
     steps = _positive_int("rounds", rounds)
-    q = _positive("sample_rate", sample_rate)
+    q = positive("sample_rate", sample_rate)
     if q > 1.0:
         raise ValueError(f"sample_rate must lie in (0, 1] (got {sample_rate!r})")
     if (noise_multiplier is None) == (target_epsilon is None):
@@ -677,10 +654,10 @@ def derive_parameters(
         return config
 
     if noise_multiplier is not None:
-        z = _non_negative("noise_multiplier", noise_multiplier)
+        z = non_negative("noise_multiplier", noise_multiplier)
         return check_inflation(build(z * c / math.sqrt(n)))
 
-    eps_target = _positive("target_epsilon", target_epsilon)
+    eps_target = positive("target_epsilon", target_epsilon)
     if delta is None:
         raise ValueError("delta is required with target_epsilon")
     check_delta(delta)
