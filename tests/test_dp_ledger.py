@@ -238,7 +238,12 @@ def test_report_figures_and_renderings() -> None:
 
 def test_empty_ledger_reports_cleanly() -> None:
     report = build_report(PrivacyLedger())
-    assert report.rounds == [] and report.federation_epsilon == 0.0
-    assert "(no rounds recorded)" in render_text(report)
-    assert report_to_dict(report)["rounds"] == []
+    assert report.rounds == [] and report.federation_epsilon is None
+    text = render_text(report)
+    assert "(no rounds recorded)" in text
+    # No user-level mechanism must never read as ε = 0 to a privacy officer.
+    assert "no user-level mechanism recorded" in text and "ε = 0" not in text
+    as_dict = report_to_dict(report)
+    assert as_dict["rounds"] == [] and as_dict["federation_epsilon"] is None
+    assert as_dict["user_level_mechanism"] is False
     render_plot(report)

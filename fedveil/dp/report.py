@@ -48,7 +48,7 @@ class PrivacyReport:
     federation_budget: float | None
     client_budget: float | None
     rounds: list[RoundReport]
-    federation_epsilon: float
+    federation_epsilon: float | None  # None: no user-level mechanism was recorded (no user-level bound)
     client_epsilons: dict[str, float]
 
 
@@ -95,7 +95,7 @@ def build_report(ledger: PrivacyLedger) -> PrivacyReport:
         federation_budget=cfg.federation_epsilon_budget,
         client_budget=cfg.client_epsilon_budget,
         rounds=rounds,
-        federation_epsilon=finals.get(FEDERATION, 0.0),
+        federation_epsilon=finals.get(FEDERATION),
         client_epsilons={p: v for p, v in sorted(finals.items()) if p != FEDERATION},
     )
 
@@ -123,7 +123,8 @@ def report_to_dict(report: PrivacyReport) -> dict[str, Any]:
         "client_delta": report.client_delta,
         "federation_budget": report.federation_budget,
         "client_budget": report.client_budget,
-        "federation_epsilon": _num(report.federation_epsilon),
+        "federation_epsilon": None if report.federation_epsilon is None else _num(report.federation_epsilon),
+        "user_level_mechanism": report.federation_epsilon is not None,
         "client_epsilons": {k: _num(v) for k, v in report.client_epsilons.items()},
         "rounds": [
             {
@@ -184,8 +185,12 @@ def _summary_lines(report: PrivacyReport) -> list[str]:
     cb = "none" if report.client_budget is None else f"{report.client_budget:g}"
     lines = [
         f"accountant: {report.accountant}",
-        f"federation (user level): ε = {_fmt(report.federation_epsilon)} at δ = {report.federation_delta:g}, "
-        f"budget {fb}",
+        (
+            f"federation (user level): ε = {_fmt(report.federation_epsilon)} at δ = {report.federation_delta:g}, "
+            f"budget {fb}"
+            if report.federation_epsilon is not None
+            else "federation (user level): no user-level mechanism recorded, so no user-level ε bound holds"
+        ),
     ]
     for cid, eps in report.client_epsilons.items():
         lines.append(f"client {cid} (sample level): ε = {_fmt(eps)} at δ = {report.client_delta:g}, budget {cb}")
