@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from fedveil.clients import ClientOptions, Federation, run_client
 from fedveil.clients.api import evaluator
 from fedveil.clients.backoff import BackoffPolicy
+from fedveil.protocol.errors import StageClosed
 from fedveil.protocol.transport import InProcessTransport
 from fedveil.server.config import ServerConfig
 from fedveil.server.coordinator import Coordinator, JobSummary
@@ -168,3 +169,50 @@ def test_a_loop_that_skips_submit_sits_the_round_out_without_spinning_and_gets_t
     # sitting out until the training deadline drops the site takes a few relaxed polls (one per
     # poll_wait = 0.5 s), not a tight loop of thousands
     assert polls["after_skip"] - polls["at_skip"] <= 2 * round_timeout / 0.5 + 4
+
+
+class MaskedInputLostOnce(InProcessTransport):
+    """The first masked input never reaches the server (the stage closes without it)."""
+
+    def __init__(self, coordinator: Coordinator, name: str) -> None:
+        super().__init__(coordinator, name)
+        self.lost = False
+
+    def submit_masked_input(self, request: Any) -> Any:
+        if not self.lost:
+            self.lost = True
+            raise StageClosed("test: the masked input was lost on the way")
+        return super().submit_masked_input(request)
+
+
+def test_a_client_whose_local_budget_cannot_afford_a_retried_round_declines_it_and_finishes_cleanly(
+    tmp_path: Path,
+) -> None:
+    # Local DP with a target ε planned for exactly one round. Attempt 1 of round 1: both sites train
+    # (spending their whole budget), one masked input is lost, the round aborts (1 survivor <
+    # threshold 2). Attempt 2: neither site can afford a second training, so both decline it.
+    target = 2.0
+    feds: list[Federation] = []
+
+    def site(i: int) -> Callable[[Coordinator], Any]:
+        def go(coordinator: Coordinator) -> Any:
+            fed = federation(coordinator, synthetic, i)
+            if i == 0:
+                fed.transport = MaskedInputLostOnce(coordinator, "site-0")
+            feds.append(fed)
+            return run_client(fed, synthetic, data_for(i))
+        return go
+
+    cfg = config(rounds=1, clients_per_round=2, min_clients=2, dp="local", dp_local_target_epsilon=target,
+                 round_timeout=4.0, stage_timeout=3.0, max_round_attempts=2)
+    summary, results, errors = run_job(tmp_path, cfg, synthetic, [site(0), site(1)])
+    assert errors == [], errors  # before: BudgetExceededError escaped run_client and killed the client
+    assert summary.status == "failed" and summary.aborted_attempts == 2
+    for history in results:
+        assert [(o.round, o.outcome) for o in history][-1] == (1, "declined")
+        assert len(history) == 2 and history[0].outcome in ("aborted", "dropped")
+        assert "local privacy budget exhausted" in history[-1].reason and "would raise" in history[-1].reason
+    for fed in feds:
+        spend = fed.local_privacy
+        assert spend is not None and 0 < spend.epsilon <= target * (1 + 1e-6)  # spent once, never refunded
+        assert fed.job_done is not None  # the client stayed until the server ended the job

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from fedveil.clients.backoff import BackoffPolicy
 from fedveil.clients.session import ClientOptions, EvaluateFn, Federation, Round, RoundOutcome
+from fedveil.dp.ledger import BudgetExceededError
 from fedveil.protocol.client import ChannelConfig, GrpcTransport
 from fedveil.protocol.tls import read_pem
 from fedveil.protocol.transport import Transport
@@ -143,8 +144,19 @@ def evaluator(task: Task, dataset: TensorDataset) -> Callable[[nn.Module], dict[
 
 
 def run_client(federation: Federation, task: Task, dataset: TensorDataset) -> list[RoundOutcome]:
-    """Run the whole job with the task's training function; returns the per-round outcomes."""
+    """Run the whole job with the task's training function; returns the per-round outcomes.
+
+    A round the client's own privacy budget cannot afford (local DP with a target ε) is declined,
+    not fatal: Opacus's accountant refuses it in ``privatize`` before any training, the client
+    sits the round out (outcome ``"declined"``, logged with the ε figures) and keeps serving the
+    job (final evaluation, job end). This happens when the server retries a round after an abort:
+    the aborted attempt's local training really did use the data, so its ε stays spent (the
+    accounting is never refunded) and the plan has no room for a second training of that round.
+    """
     with federation:
         for rnd in federation:
-            train_round(rnd, task, dataset)
+            try:
+                train_round(rnd, task, dataset)
+            except BudgetExceededError as err:
+                rnd.decline(f"local privacy budget exhausted: {err}")
     return federation.history

@@ -79,7 +79,7 @@ class RoundOutcome:
     """How a round ended for this client."""
 
     round: int
-    outcome: str  # "completed", "aborted" or "dropped"
+    outcome: str  # "completed", "aborted", "dropped" or "declined" (sat out by the client's choice)
     reason: str = ""
     survivors: int = 0
     new_model_version: int = 0
@@ -148,7 +148,10 @@ class Round:
         """Wrap ``(model, optimizer, loader)`` for local DP-SGD when the job uses local DP.
 
         Returns them unchanged in every other DP mode, so a loop can always call it. The
-        client's own accountant (one across all rounds) records the steps taken.
+        client's own accountant (one across all rounds) records the steps taken. With a target
+        ε, a round the remaining budget cannot afford raises
+        :class:`fedveil.dp.ledger.BudgetExceededError` here, before any training; the loop can
+        then :meth:`decline` the round (as :func:`fedveil.clients.run_client` does).
         """
         if self.dp_mode != "local":
             return model, optimizer, loader
@@ -186,6 +189,19 @@ class Round:
             )
         trained = model if model is not None else self.model
         self.outcome = self._federation._finish_round(self, trained, num_examples)
+        return self.outcome
+
+    def decline(self, reason: str) -> RoundOutcome:
+        """Sit this round out instead of submitting (e.g. the local privacy budget cannot afford it).
+
+        Nothing is sent for the round; the server drops the client at the round's training
+        deadline, as it does any dropout, and the iterator moves on to the next instruction. The
+        round is recorded in :attr:`Federation.history` as ``"declined"`` with ``reason``.
+        """
+        if self.outcome is not None:
+            raise ClientError(f"round {self.number}: already over for this client ({self.outcome.outcome})")
+        self._federation._sit_out(self, reason, "declined")
+        assert self.outcome is not None
         return self.outcome
 
     @property
@@ -262,8 +278,8 @@ class Federation:
             else:  # an instruction for a round this client has already left: ignore it
                 log.debug("ignoring a stale %s instruction", kind)
 
-    def _sit_out(self, rnd: Round, reason: str) -> None:
-        """This client drops out of ``rnd`` (the loop did not submit it): recorded as a dropout.
+    def _sit_out(self, rnd: Round, reason: str, outcome: str = "dropped") -> None:
+        """This client drops out of ``rnd`` (declined, or the loop did not submit it).
 
         The protocol has no message to decline a round, so the server learns it the way it learns
         of any dropout: the client sends nothing for the round, and the training deadline drops it
@@ -273,7 +289,7 @@ class Federation:
         log.warning("round %d: sitting this round out (%s); the server counts a dropout", rnd.number, reason)
         self._sitting_out = (rnd.number, bytes(rnd.start_message.round_nonce))
         self._round_header = (0, b"")
-        rnd.outcome = RoundOutcome(rnd.number, "dropped", f"sat out: {reason}")
+        rnd.outcome = RoundOutcome(rnd.number, outcome, f"sat out: {reason}")
         self.history.append(rnd.outcome)
 
     def _sit_out_interval(self) -> float:

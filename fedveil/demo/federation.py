@@ -236,10 +236,10 @@ def run_federation(
     on_start: Callable[[str], None] | None = None,
 ) -> FederationResult:
     """Run one federation to completion; ``on_round`` is called after each committed round."""
-    from fedveil.clients import ClientOptions, Federation, train_round
+    from fedveil.clients import ClientOptions, Federation, run_client
     from fedveil.clients.api import evaluator
     from fedveil.clients.backoff import BackoffPolicy
-    from fedveil.dp.ledger import FEDERATION, BudgetExceededError, PrivacyLedger
+    from fedveil.dp.ledger import FEDERATION, PrivacyLedger
     from fedveil.protocol.transport import InProcessTransport
     from fedveil.server.coordinator import Coordinator
     from fedveil.task import vector_to_model
@@ -325,16 +325,9 @@ def run_federation(
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    with fed:
-                        for rnd in fed:
-                            try:
-                                train_round(rnd, task, dataset)
-                            except BudgetExceededError as err:
-                                # Possible only if a round was retried after an abort: the hospital
-                                # refuses to train past its budget and sits the round out.
-                                log.warning("%s: %s", name, err)
-                                deadline = rnd.start_message.deadline_unix_ms / 1000.0
-                                time.sleep(max(0.0, deadline - time.time()) + 0.3)
+                    # a round retried after an abort that the hospital's budget cannot afford is
+                    # declined inside run_client (the hospital sits it out and stays in the job)
+                    run_client(fed, task, dataset)
             except Exception as err:  # the coordinator treats it as a dropout; reported at the end
                 client_errors[name] = f"{type(err).__name__}: {err}"
                 log.exception("hospital %s failed", name)
