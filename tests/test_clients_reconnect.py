@@ -12,8 +12,9 @@ import pytest
 
 from fedveil.cli import main
 from fedveil.clients.processes import ProcessGroup, fedveil_argv, free_port, wait_for_port
-from fedveil.clients.simulation import client_name, client_seed, server_argv
+from fedveil.clients.simulation import client_name, client_seed
 from fedveil.server.config import ServerConfig
+from fedveil.server.simulation import server_argv
 from fedveil.server.store import RunStore
 from fedveil.tasks.synthetic import write_site_csv
 

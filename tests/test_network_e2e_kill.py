@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from fedveil.clients.processes import ProcessGroup, fedveil_argv, free_port
-from fedveil.clients.simulation import client_name, client_seed, read_rounds, server_argv, simulate_in_process
+from fedveil.clients.simulation import client_name, client_seed, simulate_in_process
 from fedveil.server.config import ServerConfig
+from fedveil.server.simulation import CoordinatorHost, read_rounds, server_argv
 from fedveil.server.store import RunStore
 from fedveil.tasks.synthetic import write_site_csv
 
@@ -86,7 +87,7 @@ def test_sigkilled_client_job_completes_and_rounds_before_the_kill_match_in_proc
         outcomes = json.loads((tmp_path / "net" / "logs" / f"{name}.out").read_text().splitlines()[-1])["outcomes"]
         assert outcomes == ["completed"] * 3
 
-    local = simulate_in_process(cfg, N, store_path=tmp_path / "inproc.sqlite")
+    local = simulate_in_process(cfg, N, host=CoordinatorHost(), store_path=tmp_path / "inproc.sqlite")
     assert local.summary["status"] == "completed" and not local.client_errors
     for before_kill in range(rounds_at_kill):
         a, b = network[before_kill].aggregate, local.rounds[before_kill].aggregate

@@ -10,6 +10,7 @@ import torch
 from fedveil.cli import main
 from fedveil.clients.simulation import client_seed, simulate_in_process
 from fedveil.server.config import ServerConfig
+from fedveil.server.simulation import CoordinatorHost
 
 torch.set_num_threads(1)
 
@@ -22,9 +23,9 @@ def config(**kw: object) -> ServerConfig:
 
 
 def test_same_seed_same_aggregates_other_seed_other_aggregates() -> None:
-    a = simulate_in_process(config(), 4)
-    b = simulate_in_process(config(), 4)
-    c = simulate_in_process(config(seed=6), 4)
+    a = simulate_in_process(config(), 4, host=CoordinatorHost())
+    b = simulate_in_process(config(), 4, host=CoordinatorHost())
+    c = simulate_in_process(config(seed=6), 4, host=CoordinatorHost())
     assert a.summary["status"] == "completed" and not a.client_errors
     assert a.client_histories == {f"client-{i:03d}": ["completed"] * 3 for i in range(4)}
     assert [r.survivors for r in a.rounds] == [4, 4, 4]
@@ -39,7 +40,8 @@ def test_same_seed_same_aggregates_other_seed_other_aggregates() -> None:
 
 @pytest.mark.parametrize("dp", ["central", "distributed"])
 def test_user_level_dp_modes_run_with_real_clients(dp: str) -> None:
-    result = simulate_in_process(config(rounds=2, dp=dp, dp_noise_multiplier=0.5, dp_clip=0.5), 4)
+    result = simulate_in_process(config(rounds=2, dp=dp, dp_noise_multiplier=0.5, dp_clip=0.5), 4,
+                                 host=CoordinatorHost())
     assert result.summary["status"] == "completed" and not result.client_errors
     assert result.summary["epsilon"] is not None and result.summary["epsilon"] > 0
     for rnd in result.rounds:
@@ -47,7 +49,7 @@ def test_user_level_dp_modes_run_with_real_clients(dp: str) -> None:
 
 
 def test_fedadam_server_optimizer_in_a_simulation() -> None:
-    result = simulate_in_process(config(rounds=2, optimizer="fedadam", server_lr=0.05), 3)
+    result = simulate_in_process(config(rounds=2, optimizer="fedadam", server_lr=0.05), 3, host=CoordinatorHost())
     assert result.summary["status"] == "completed"
     assert result.rounds[0].aggregate is not None
 
@@ -89,8 +91,8 @@ def test_cli_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str], args:
 
 
 def test_active_adversary_mode_signs_and_checks_and_releases_the_same_sum() -> None:
-    plain = simulate_in_process(config(rounds=2), 4)
-    active = simulate_in_process(config(rounds=2, active_adversary=True), 4)
+    plain = simulate_in_process(config(rounds=2), 4, host=CoordinatorHost())
+    active = simulate_in_process(config(rounds=2, active_adversary=True), 4, host=CoordinatorHost())
     assert active.summary["status"] == "completed" and not active.client_errors
     for a, b in zip(plain.rounds, active.rounds, strict=True):
         np.testing.assert_array_equal(a.aggregate, b.aggregate)
@@ -136,8 +138,8 @@ def test_identity_key_files(tmp_path: Path) -> None:
 def test_harary_graph_rounds_complete_and_match_the_complete_graph_sum() -> None:
     # degree 4 on 8 clients is a real sparse SecAgg+ graph (not the complete-graph fallback)
     sparse = simulate_in_process(config(rounds=1, clients_per_round=8, min_clients=8, secagg="harary",
-                                        secagg_degree=4), 8)
-    dense = simulate_in_process(config(rounds=1, clients_per_round=8, min_clients=8), 8)
+                                        secagg_degree=4), 8, host=CoordinatorHost())
+    dense = simulate_in_process(config(rounds=1, clients_per_round=8, min_clients=8), 8, host=CoordinatorHost())
     assert sparse.summary["status"] == "completed" and not sparse.client_errors
     assert sparse.rounds[0].survivors == 8
     np.testing.assert_array_equal(sparse.rounds[0].aggregate, dense.rounds[0].aggregate)

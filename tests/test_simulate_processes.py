@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fedveil.cli import main
-from fedveil.clients.simulation import read_rounds
+from fedveil.server.simulation import read_rounds
 
 torch.set_num_threads(1)
 

@@ -14,12 +14,21 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedveil.clients.simulation import SimulationError, read_rounds, simulate_in_process, start_process_federation
-from fedveil.server.config import ServerConfig
+from fedveil.clients.simulation import (
+    JobConfig,
+    SimulationError,
+    SimulationHost,
+    simulate_in_process,
+    start_process_federation,
+)
+
+MakeConfig = Callable[[str, int, int], JobConfig]
+"""``make_config(task_ref, clients, rounds)``: the job to measure (the command builds a ServerConfig)."""
 
 N_FEATURES = 10
 MIB = 1024 * 1024
@@ -41,14 +50,6 @@ def write_task_module(directory: Path, dim: int) -> str:
         f"                 name='synthetic-wide-{dim}')\n"
     )
     return "fedveil_netbench_task:task"
-
-
-def bench_config(task_ref: str, clients: int, rounds: int) -> ServerConfig:
-    return ServerConfig(
-        task=task_ref, rounds=rounds, clients_per_round=clients, min_clients=clients, seed=0,
-        round_timeout=900.0, stage_timeout=600.0, cohort_wait=2.0, linger=1.0, poll_wait=2.0,
-        evaluate=False, final_evaluation=False,
-    )
 
 
 def _status_kib(pid: int, field: str) -> int | None:
@@ -111,17 +112,22 @@ class NetworkRun:
         return self.server_peak_mib - self.server_baseline_mib
 
 
-def run_in_process(task_ref: str, clients: int, rounds: int, workdir: Path) -> NetworkRun:
-    result = simulate_in_process(bench_config(task_ref, clients, rounds), clients,
+def run_in_process(
+    task_ref: str, clients: int, rounds: int, workdir: Path, *, host: SimulationHost, make_config: MakeConfig
+) -> NetworkRun:
+    result = simulate_in_process(make_config(task_ref, clients, rounds), clients, host=host,
                                  store_path=workdir / f"inproc-{clients}.sqlite")
     if result.summary.get("status") != "completed" or result.client_errors:
         raise SimulationError(f"in-process run failed: {result.summary.get('message')} {result.client_errors}")
     return NetworkRun("in-process", clients, [float(r.stats["duration_s"]) for r in result.rounds])
 
 
-def run_processes(task_ref: str, clients: int, rounds: int, workdir: Path, timeout_s: float) -> NetworkRun:
-    config = bench_config(task_ref, clients, rounds)
-    fed = start_process_federation(config, clients, workdir / f"net-{clients}", start_clients=False,
+def run_processes(
+    task_ref: str, clients: int, rounds: int, workdir: Path, timeout_s: float, *, host: SimulationHost,
+    make_config: MakeConfig,
+) -> NetworkRun:
+    config = make_config(task_ref, clients, rounds)
+    fed = start_process_federation(config, clients, workdir / f"net-{clients}", host=host, start_clients=False,
                                    env={"PYTHONPATH": str(workdir)})
     try:
         baseline = _status_kib(fed.server.pid, "VmRSS")
@@ -136,7 +142,7 @@ def run_processes(task_ref: str, clients: int, rounds: int, workdir: Path, timeo
         summary = json.loads(fed.server.last_line())
     finally:
         fed.group.close()
-    rounds_done = read_rounds(fed.store_path, str(summary["run_id"]))
+    rounds_done = host.read_rounds(fed.store_path, str(summary["run_id"]))
     return NetworkRun(
         "processes", clients, [float(r.stats["duration_s"]) for r in rounds_done],
         server_baseline_mib=(baseline or 0) / 1024.0,
@@ -145,9 +151,14 @@ def run_processes(task_ref: str, clients: int, rounds: int, workdir: Path, timeo
 
 
 def run_network_bench(
-    clients: int, dim: int, *, rounds: int = 2, memory_clients: int | None = None, timeout_s: float = 900.0
+    clients: int, dim: int, *, host: SimulationHost, make_config: MakeConfig, rounds: int = 2,
+    memory_clients: int | None = None, timeout_s: float = 900.0,
 ) -> dict[str, Any]:
-    """Run the benchmark; returns the report (the JSON object of ``--json``)."""
+    """Run the benchmark; returns the report (the JSON object of ``--json``).
+
+    ``host`` is the server side (the real coordinator and run store) and ``make_config`` builds
+    the job; the command passes both, since ``fedveil.clients`` does not import ``fedveil.server``.
+    """
     import torch
 
     torch.set_num_threads(1)
@@ -159,11 +170,12 @@ def run_network_bench(
             from fedveil.task import load_task
 
             params = sum(p.numel() for p in load_task(task_ref).build_model().parameters())
-            inproc = run_in_process(task_ref, clients, rounds, workdir)
-            net = run_processes(task_ref, clients, rounds, workdir, timeout_s)
+            inproc = run_in_process(task_ref, clients, rounds, workdir, host=host, make_config=make_config)
+            net = run_processes(task_ref, clients, rounds, workdir, timeout_s, host=host, make_config=make_config)
             small = None
             if memory_clients is not None and memory_clients != clients:
-                small = run_processes(task_ref, memory_clients, rounds, workdir, timeout_s)
+                small = run_processes(task_ref, memory_clients, rounds, workdir, timeout_s, host=host,
+                                      make_config=make_config)
         finally:
             sys.path.remove(str(workdir))
     report: dict[str, Any] = {

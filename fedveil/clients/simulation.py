@@ -13,9 +13,11 @@ Both are deterministic given ``seed``: the server's seed fixes the initial model
 the round seeds; client ``i`` gets private seed :func:`client_seed` and the data
 ``task.synthetic_data(i, n, seed)``, so the two modes release identical aggregates.
 
-Layering: this module (with :mod:`fedveil.clients.netbench`) is the only part of
-``fedveil.clients`` that imports ``fedveil.server``, because a simulation runs the real
-coordinator; the client library itself (``federate``, the session, the secagg driver) does not.
+Layering: ``fedveil.clients`` may not import ``fedveil.server`` (DESIGN.md). The simulation runs
+the real coordinator all the same, through a :class:`SimulationHost` the caller hands in (the
+commands pass :class:`fedveil.server.simulation.CoordinatorHost`): it starts the in-process job,
+enrols clients in the run store, gives the ``fedveil server`` command line and reads the released
+rounds back.
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ import logging
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -39,13 +41,67 @@ from fedveil.clients.api import evaluator, run_client
 from fedveil.clients.backoff import BackoffPolicy
 from fedveil.clients.processes import ManagedProcess, ProcessGroup, fedveil_argv, wait_for_port
 from fedveil.clients.session import ClientOptions, Federation, RoundOutcome
-from fedveil.protocol.transport import InProcessTransport
-from fedveil.server.config import ServerConfig
-from fedveil.server.coordinator import Coordinator, JobSummary
-from fedveil.server.store import RunStore
+from fedveil.protocol.transport import FederationService, InProcessTransport
 from fedveil.task import Task, load_task
 
 log = logging.getLogger("fedveil.simulate")
+
+
+class JobConfig(Protocol):
+    """What the simulation reads of the job's configuration (a ``fedveil.server.config.ServerConfig``)."""
+
+    @property
+    def task(self) -> str: ...
+    @property
+    def min_clients(self) -> int: ...
+    @property
+    def seed(self) -> int | None: ...
+    @property
+    def poll_wait(self) -> float: ...
+    @property
+    def linger(self) -> float: ...
+    @property
+    def active_adversary(self) -> bool: ...
+
+
+class JobReport(Protocol):
+    """The coordinator's summary of a finished job."""
+
+    @property
+    def run_id(self) -> str: ...
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+class RunningJob(Protocol):
+    """A job the coordinator runs in this process; ``service`` answers the clients' RPCs."""
+
+    @property
+    def service(self) -> FederationService: ...
+    def run(self) -> JobReport: ...
+    def stop(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class RoundRecord(Protocol):
+    """A completed round as the run store holds it, with its released aggregate."""
+
+    @property
+    def round(self) -> int: ...
+    @property
+    def survivors(self) -> int: ...
+    @property
+    def aggregate(self) -> np.ndarray | None: ...
+    @property
+    def stats(self) -> dict[str, Any]: ...
+
+
+class SimulationHost(Protocol):
+    """The server side of a simulation (see the module docstring)."""
+
+    def start_job(self, config: Any, task: Task, store_path: Path) -> RunningJob: ...
+    def enroll(self, store_path: Path, names: list[str]) -> list[str]: ...
+    def server_argv(self, config: Any, listen: str, store_path: Path, port_file: Path | None) -> list[str]: ...
+    def read_rounds(self, store_path: Path, run_id: str) -> Sequence[RoundRecord]: ...
 
 
 class SimulationError(RuntimeError):
@@ -62,7 +118,7 @@ def client_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def job_seed(config: ServerConfig) -> int:
+def job_seed(config: JobConfig) -> int:
     """The federation seed of a simulation (0 when the configuration leaves it unset)."""
     return int(config.seed) if config.seed is not None else 0
 
@@ -73,14 +129,6 @@ def client_dataset(task: Task, index: int, n_clients: int, seed: int) -> TensorD
             f"task {task.name!r} has no synthetic_data(client_index, n_clients, seed) to simulate with"
         )
     return task.synthetic_data(index, n_clients, seed)
-
-
-@dataclass
-class RoundRecord:
-    round: int
-    survivors: int
-    aggregate: np.ndarray | None
-    stats: dict[str, Any]
 
 
 @dataclass
@@ -109,27 +157,17 @@ class SimulationResult:
         }
 
 
-def read_rounds(store_path: Path, run_id: str) -> list[RoundRecord]:
-    """The completed rounds of ``run_id``, with their released aggregates, from a run store."""
-    out: list[RoundRecord] = []
-    with RunStore(store_path) as store:
-        for rec in store.rounds(run_id):
-            if rec.status != "completed":
-                continue
-            out.append(RoundRecord(rec.round, int(rec.survivors or 0), store.aggregate(run_id, rec.round),
-                                   dict(rec.stats or {})))
-    return out
-
-
 def simulate_in_process(
-    config: ServerConfig,
+    config: JobConfig,
     n_clients: int,
     *,
+    host: SimulationHost,
     store_path: Path | None = None,
     client_timeout_s: float = 600.0,
     on_round: Callable[[int], None] | None = None,
 ) -> SimulationResult:
-    """Run the job with the real coordinator and ``n_clients`` client threads in this process."""
+    """Run the job with the real coordinator (started by ``host``) and ``n_clients`` client
+    threads in this process."""
     task = load_task(config.task)
     if n_clients < config.min_clients:
         raise SimulationError(f"--clients {n_clients} is fewer than --min-clients {config.min_clients}")
@@ -138,9 +176,8 @@ def simulate_in_process(
         tmp = tempfile.TemporaryDirectory(prefix="fedveil-sim-")
         store_path = Path(tmp.name) / "run.sqlite"
     started = time.monotonic()
-    store = RunStore(store_path)
+    job = host.start_job(config, task, store_path)
     try:
-        coordinator = Coordinator(config, task, store, new_run=True)
         histories: dict[str, list[RoundOutcome]] = {}
         errors: dict[str, str] = {}
         threads = []
@@ -156,7 +193,7 @@ def simulate_in_process(
                 poll_wait_ms=int(max(config.poll_wait, 0.5) * 1000),
                 backoff=BackoffPolicy(initial_delay_s=0.05, max_delay_s=1.0, give_up_after_s=30.0),
             )
-            fed = Federation(InProcessTransport(coordinator, name), task.name, task.build_model(), options)
+            fed = Federation(InProcessTransport(job.service, name), task.name, task.build_model(), options)
             federations.append(fed)
 
             def client_main(fed: Federation = fed, name: str = name, data: TensorDataset = data) -> None:
@@ -171,18 +208,18 @@ def simulate_in_process(
         for thread in threads:
             thread.start()
         try:
-            summary: JobSummary = coordinator.run()
+            summary = job.run()
         finally:
-            coordinator.stop()
+            job.stop()
         deadline = time.monotonic() + client_timeout_s
         for thread in threads:
             thread.join(timeout=max(deadline - time.monotonic(), 0.1))
         stuck = [t.name for t in threads if t.is_alive()]
         if stuck:
             errors.update({name: "still running after the job ended" for name in stuck})
-        rounds = read_rounds(store_path, summary.run_id)
     finally:
-        store.close()
+        job.close()
+    rounds = list(host.read_rounds(store_path, summary.run_id))
     result = SimulationResult(
         mode="in-process",
         summary=summary.to_dict(),
@@ -198,39 +235,6 @@ def simulate_in_process(
     return result
 
 
-def server_argv(config: ServerConfig, listen: str, store_path: Path, port_file: Path | None = None) -> list[str]:
-    """``fedveil server`` flags for ``config`` (plaintext on loopback, JSON summary)."""
-    argv = [
-        "server", "--listen", listen, "--store", str(store_path), "--task", config.task,
-        "--rounds", str(config.rounds), "--clients-per-round", str(config.clients_per_round),
-        "--min-clients", str(config.min_clients), "--round-timeout", str(config.round_timeout),
-        "--stage-timeout", str(config.stage_timeout), "--cohort-wait", str(config.cohort_wait),
-        "--secagg", config.secagg, "--dp", config.dp, "--optimizer", config.optimizer,
-        "--server-lr", str(config.server_lr), "--seed", str(job_seed(config)), "--linger", str(config.linger),
-        "--poll-wait", str(config.poll_wait), "--dp-clip", str(config.dp_clip),
-        "--dp-noise-multiplier", str(config.dp_noise_multiplier),
-        "--weighting", "examples" if config.weighted else "uniform", "--insecure", "--json",
-        "--local-epochs", str(config.local_epochs), "--learning-rate", str(config.learning_rate),
-        "--batch-size", str(config.batch_size), "--max-round-attempts", str(config.max_round_attempts),
-        "--secagg-degree", str(config.secagg_degree), "--threshold", str(config.threshold),
-        "--ring-bits", str(config.ring_bits), "--clip-range", str(config.clip_range),
-        "--max-weight", str(config.max_weight), "--dp-delta", str(config.dp_delta),
-        "--dp-accountant", config.dp_accountant, "--dp-mechanism", config.dp_mechanism,
-        "--dp-bits", str(config.dp_bits), "--dp-local-noise-multiplier", str(config.dp_local_noise_multiplier),
-        "--dp-local-max-grad-norm", str(config.dp_local_max_grad_norm),
-    ]
-    if config.dp_local_target_epsilon:
-        argv += ["--dp-local-target-epsilon", str(config.dp_local_target_epsilon)]
-    if config.dp_adaptive_clipping:
-        argv.append("--dp-adaptive-clipping")
-    if not config.evaluate:
-        argv.append("--no-evaluate")
-    if not config.final_evaluation:
-        argv.append("--no-final-evaluation")
-    if port_file is not None:
-        argv += ["--port-file", str(port_file)]
-    return fedveil_argv(*argv)
-
 
 @dataclass
 class ProcessFederation:
@@ -244,7 +248,7 @@ class ProcessFederation:
     tokens: list[str]
     data_paths: list[Path]
 
-    def start_client(self, index: int, config: ServerConfig, *, extra: tuple[str, ...] = ()) -> ManagedProcess:
+    def start_client(self, index: int, config: JobConfig, *, extra: tuple[str, ...] = ()) -> ManagedProcess:
         argv = fedveil_argv(
             "client", "--server", self.address, "--task", config.task, "--data", str(self.data_paths[index]),
             "--token", self.tokens[index], "--insecure", "--seed", str(client_seed(job_seed(config), index)),
@@ -254,10 +258,11 @@ class ProcessFederation:
 
 
 def start_process_federation(
-    config: ServerConfig,
+    config: JobConfig,
     n_clients: int,
     workdir: Path,
     *,
+    host: SimulationHost,
     start_clients: bool = True,
     listen_timeout_s: float = 60.0,
     env: dict[str, str] | None = None,
@@ -269,10 +274,7 @@ def start_process_federation(
     task = load_task(config.task)
     workdir.mkdir(parents=True, exist_ok=True)
     store_path = store_path if store_path is not None else workdir / "run.sqlite"
-    tokens: list[str] = []
-    with RunStore(store_path) as store:
-        for i in range(n_clients):
-            tokens.append(store.enroll(client_name(i)).token)
+    tokens = host.enroll(store_path, [client_name(i) for i in range(n_clients)])
     data_paths = [write_site_csv(workdir / f"{client_name(i)}.csv", i, n_clients, job_seed(config), task)
                   for i in range(n_clients)]
     port_file = workdir / "server.port"
@@ -280,7 +282,7 @@ def start_process_federation(
     group = ProcessGroup(workdir / "logs", env=dict(env or {}))
     try:
         # port 0: the server binds a free ephemeral port and writes it to port_file (no race)
-        server = group.start("server", server_argv(config, "127.0.0.1:0", store_path, port_file))
+        server = group.start("server", host.server_argv(config, "127.0.0.1:0", store_path, port_file))
         port = read_port_file(port_file, listen_timeout_s, server)
         address = f"127.0.0.1:{port}"
         wait_for_port("127.0.0.1", port, listen_timeout_s, server.popen)
@@ -310,9 +312,10 @@ def read_port_file(path: Path, timeout_s: float, server: ManagedProcess) -> int:
 
 
 def simulate_processes(
-    config: ServerConfig,
+    config: JobConfig,
     n_clients: int,
     *,
+    host: SimulationHost,
     workdir: Path | None = None,
     store_path: Path | None = None,
     timeout_s: float = 900.0,
@@ -329,7 +332,7 @@ def simulate_processes(
         tmp = tempfile.TemporaryDirectory(prefix="fedveil-sim-")
         workdir = Path(tmp.name)
     started = time.monotonic()
-    fed = start_process_federation(config, n_clients, workdir, store_path=store_path)
+    fed = start_process_federation(config, n_clients, workdir, host=host, store_path=store_path)
     errors: dict[str, str] = {}
     histories: dict[str, list[str]] = {}
     try:
@@ -357,7 +360,7 @@ def simulate_processes(
             summary = json.loads(fed.server.last_line())
         except ValueError:
             raise SimulationError(f"the server printed no summary: {fed.server.errors()[-2000:]}") from None
-        rounds = read_rounds(fed.store_path, str(summary.get("run_id", "")))
+        rounds = list(host.read_rounds(fed.store_path, str(summary.get("run_id", ""))))
     finally:
         fed.group.close()
     result = SimulationResult("processes", summary, rounds, histories, fed.store_path,

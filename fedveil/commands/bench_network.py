@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from fedveil.commands.bench import bench_group
 from fedveil.commands.common import eprint, fail, print_json_last_line
+
+if TYPE_CHECKING:
+    from fedveil.server.config import ServerConfig
+
+
+def bench_config(task_ref: str, clients: int, rounds: int) -> ServerConfig:
+    """The measured job: every client in every round, no evaluation, generous deadlines."""
+    from fedveil.server.config import ServerConfig
+
+    return ServerConfig(
+        task=task_ref, rounds=rounds, clients_per_round=clients, min_clients=clients, seed=0,
+        round_timeout=900.0, stage_timeout=600.0, cohort_wait=2.0, linger=1.0, poll_wait=2.0,
+        evaluate=False, final_evaluation=False,
+    )
 
 
 def register(group: click.Group) -> None:
@@ -28,6 +44,7 @@ def network_command(clients: int, dim: int, rounds: int, memory_clients: int, ti
     (target: growth O(m), not O(n*m))."""
     from fedveil.clients.netbench import run_network_bench
     from fedveil.clients.simulation import SimulationError
+    from fedveil.server.simulation import CoordinatorHost
 
     if clients < 2:
         fail("--clients", f"must be at least 2 (got {clients})")
@@ -40,8 +57,8 @@ def network_command(clients: int, dim: int, rounds: int, memory_clients: int, ti
     if timeout_s <= 0:
         fail("--timeout", f"must be positive (got {timeout_s})")
     try:
-        report = run_network_bench(clients, dim, rounds=rounds, memory_clients=memory_clients or None,
-                                   timeout_s=timeout_s)
+        report = run_network_bench(clients, dim, host=CoordinatorHost(), make_config=bench_config, rounds=rounds,
+                                   memory_clients=memory_clients or None, timeout_s=timeout_s)
     except SimulationError as err:
         eprint(f"error: {err}")
         return 1

@@ -1,0 +1,135 @@
+"""The server side of a simulation, handed to :mod:`fedveil.clients.simulation` by the commands.
+
+A simulation runs the real coordinator and the real clients on one machine. The clients package
+owns the simulation (it starts the client threads or processes) but may not import
+``fedveil.server`` (DESIGN.md: clients import only secagg, dp and protocol). So the parts that
+need the coordinator and the run store live here, behind :class:`CoordinatorHost`, and the
+command modules (``fedveil simulate``, ``fedveil bench network``), which may import everything,
+pass a host to the simulation (dependency injection). This module imports nothing from
+``fedveil.clients`` either: the server does not depend on the clients.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedveil.server.config import ServerConfig
+from fedveil.server.coordinator import Coordinator, JobSummary
+from fedveil.server.store import RunStore
+from fedveil.task import Task
+
+
+@dataclass(frozen=True)
+class StoredRound:
+    """A completed round of a run, with its released aggregate, as the run store holds it."""
+
+    round: int
+    survivors: int
+    aggregate: np.ndarray | None
+    stats: dict[str, Any]
+
+
+def read_rounds(store_path: Path, run_id: str) -> list[StoredRound]:
+    """The completed rounds of ``run_id``, with their released aggregates, from a run store."""
+    out: list[StoredRound] = []
+    with RunStore(store_path) as store:
+        for rec in store.rounds(run_id):
+            if rec.status != "completed":
+                continue
+            out.append(StoredRound(rec.round, int(rec.survivors or 0), store.aggregate(run_id, rec.round),
+                                   dict(rec.stats or {})))
+    return out
+
+
+def job_seed(config: ServerConfig) -> int:
+    """The federation seed of a simulation (0 when the configuration leaves it unset)."""
+    return int(config.seed) if config.seed is not None else 0
+
+
+def server_args(config: ServerConfig, listen: str, store_path: Path, port_file: Path | None = None) -> list[str]:
+    """``fedveil server`` arguments (after ``fedveil``) for ``config``: plaintext on loopback, JSON summary."""
+    argv = [
+        "server", "--listen", listen, "--store", str(store_path), "--task", config.task,
+        "--rounds", str(config.rounds), "--clients-per-round", str(config.clients_per_round),
+        "--min-clients", str(config.min_clients), "--round-timeout", str(config.round_timeout),
+        "--stage-timeout", str(config.stage_timeout), "--cohort-wait", str(config.cohort_wait),
+        "--secagg", config.secagg, "--dp", config.dp, "--optimizer", config.optimizer,
+        "--server-lr", str(config.server_lr), "--seed", str(job_seed(config)), "--linger", str(config.linger),
+        "--poll-wait", str(config.poll_wait), "--dp-clip", str(config.dp_clip),
+        "--dp-noise-multiplier", str(config.dp_noise_multiplier),
+        "--weighting", "examples" if config.weighted else "uniform", "--insecure", "--json",
+        "--local-epochs", str(config.local_epochs), "--learning-rate", str(config.learning_rate),
+        "--batch-size", str(config.batch_size), "--max-round-attempts", str(config.max_round_attempts),
+        "--secagg-degree", str(config.secagg_degree), "--threshold", str(config.threshold),
+        "--ring-bits", str(config.ring_bits), "--clip-range", str(config.clip_range),
+        "--max-weight", str(config.max_weight), "--dp-delta", str(config.dp_delta),
+        "--dp-accountant", config.dp_accountant, "--dp-mechanism", config.dp_mechanism,
+        "--dp-bits", str(config.dp_bits), "--dp-local-noise-multiplier", str(config.dp_local_noise_multiplier),
+        "--dp-local-max-grad-norm", str(config.dp_local_max_grad_norm),
+    ]
+    if config.dp_local_target_epsilon:
+        argv += ["--dp-local-target-epsilon", str(config.dp_local_target_epsilon)]
+    if config.dp_adaptive_clipping:
+        argv.append("--dp-adaptive-clipping")
+    if not config.evaluate:
+        argv.append("--no-evaluate")
+    if not config.final_evaluation:
+        argv.append("--no-final-evaluation")
+    if port_file is not None:
+        argv += ["--port-file", str(port_file)]
+    return argv
+
+
+def server_argv(config: ServerConfig, listen: str, store_path: Path, port_file: Path | None = None) -> list[str]:
+    """Command line running ``fedveil server`` for ``config`` with this interpreter (no PATH lookup)."""
+    return [sys.executable, "-m", "fedveil.cli", *server_args(config, listen, store_path, port_file)]
+
+
+class CoordinatorJob:
+    """A job run by the real coordinator in this process, on its own run store."""
+
+    def __init__(self, config: ServerConfig, task: Task, store_path: Path) -> None:
+        self.store = RunStore(store_path)
+        try:
+            self.coordinator = Coordinator(config, task, self.store, new_run=True)
+        except BaseException:
+            self.store.close()
+            raise
+
+    @property
+    def service(self) -> Coordinator:
+        """The RPC handler the clients' ``InProcessTransport`` calls."""
+        return self.coordinator
+
+    def run(self) -> JobSummary:
+        return self.coordinator.run()
+
+    def stop(self) -> None:
+        self.coordinator.stop()
+
+    def close(self) -> None:
+        self.store.close()
+
+
+class CoordinatorHost:
+    """What :mod:`fedveil.clients.simulation` needs of the server side: start a job in process,
+    enrol clients, the ``fedveil server`` command line, and the released rounds of a run."""
+
+    def start_job(self, config: ServerConfig, task: Task, store_path: Path) -> CoordinatorJob:
+        return CoordinatorJob(config, task, store_path)
+
+    def enroll(self, store_path: Path, names: list[str]) -> list[str]:
+        """Enrol ``names`` in the store at ``store_path``; returns their tokens, in order."""
+        with RunStore(store_path) as store:
+            return [store.enroll(name).token for name in names]
+
+    def server_argv(self, config: ServerConfig, listen: str, store_path: Path, port_file: Path | None) -> list[str]:
+        return server_argv(config, listen, store_path, port_file)
+
+    def read_rounds(self, store_path: Path, run_id: str) -> list[StoredRound]:
+        return read_rounds(store_path, run_id)
