@@ -133,7 +133,7 @@ class CountingTransport(InProcessTransport):
 def test_a_loop_that_skips_submit_sits_the_round_out_without_spinning_and_gets_the_next_round(
     tmp_path: Path,
 ) -> None:
-    round_timeout = 4.0
+    round_timeout = 5.0
     seen: list[int] = []
     polls: dict[str, int] = {}
 
@@ -204,7 +204,7 @@ def test_a_client_whose_local_budget_cannot_afford_a_retried_round_declines_it_a
         return go
 
     cfg = config(rounds=1, clients_per_round=2, min_clients=2, dp="local", dp_local_target_epsilon=target,
-                 round_timeout=4.0, stage_timeout=3.0, max_round_attempts=2)
+                 round_timeout=6.0, stage_timeout=3.0, max_round_attempts=2)
     summary, results, errors = run_job(tmp_path, cfg, synthetic, [site(0), site(1)])
     assert errors == [], errors  # before: BudgetExceededError escaped run_client and killed the client
     assert summary.status == "failed" and summary.aborted_attempts == 2
