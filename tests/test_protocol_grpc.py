@@ -11,8 +11,9 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -370,3 +371,85 @@ def test_a_client_whose_poll_is_cancelled_no_longer_counts_as_connected(fed: Fed
     assert resp.WhichOneof("instruction") == "wait"
     assert "mallory" in fed.coordinator._available()
     t.close()
+
+
+@dataclass
+class _SlotHolder(Scripted):
+    """Uploads the old way (data in the first chunk), then holds its upload slot until ``release``."""
+
+    granted: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
+
+    def _stalled_upload(self, t: Any, header: pb.RequestHeader, masked: bytes) -> None:
+        calls: list[Any] = []
+
+        def chunks() -> Iterator[pb.MaskedInputChunk]:
+            yield pb.MaskedInputChunk(header=header, total_bytes=len(masked), data=masked[:8])
+            while not calls:
+                time.sleep(0.01)
+            calls[0].initial_metadata()  # the server has granted this upload its slot
+            self.granted.set()
+            self.release.wait(60)
+            yield pb.MaskedInputChunk(data=masked[8:])
+
+        calls.append(t._upload.future(chunks(), metadata=t._metadata, timeout=90))
+        self.upload_error = calls[0].exception()
+
+
+class _RecordingUpload:
+    """Wraps ``GrpcTransport._upload``: records each chunk's data size as the client sends it."""
+
+    def __init__(self, upload: Any, before: threading.Event) -> None:
+        self._upload = upload
+        self._before = before
+        self.sent: list[int] = []
+        self.queued = threading.Event()
+
+    def _recorded(self, requests: Iterator[pb.MaskedInputChunk]) -> Iterator[pb.MaskedInputChunk]:
+        self._before.wait(60)
+        for chunk in requests:
+            self.sent.append(len(chunk.data))
+            self.queued.set()
+            yield chunk
+
+    def future(self, requests: Iterator[pb.MaskedInputChunk], **kwargs: Any) -> Any:
+        return self._upload.future(self._recorded(requests), **kwargs)
+
+    def __call__(self, requests: Iterator[pb.MaskedInputChunk], **kwargs: Any) -> Any:
+        return self._upload(self._recorded(requests), **kwargs)
+
+
+def test_a_queued_upload_sends_no_data_until_the_server_grants_it_a_slot(tmp_path: Path) -> None:
+    limits = ServerLimits(max_message_bytes=4 << 20, workers=16, max_concurrent_rpcs=64, max_concurrent_uploads=1)
+    fed, server = _start(tmp_path, rounds=1, names=("a", "b", "c"), clients_per_round=3, limits=limits,
+                         stage_timeout=5.0)
+    try:
+        vecs = vectors(3)
+        # b takes a slot (the only one) and holds it; it does not unmask, so c's shares stand in
+        holder = _SlotHolder(fed.coordinator, "b", vecs[1], transport=fed.transport("b"), stall_upload_s=1.0)
+        queued = Scripted(fed.coordinator, "a", vecs[0], transport=fed.transport("a"))
+        other = Scripted(fed.coordinator, "c", vecs[2], transport=fed.transport("c"))
+        recorder = _RecordingUpload(queued.transport._upload, holder.granted)
+        queued.transport._upload = recorder
+        threads = [threading.Thread(target=c.run, daemon=True) for c in (holder, queued, other)]
+        for th in threads:
+            th.start()
+        assert recorder.queued.wait(60), "client a never started its upload"
+        time.sleep(0.5)  # room for a client that does not wait for its slot to send its data
+        sent_while_queued = list(recorder.sent)
+        holder.release.set()
+        fed.thread.join(60)
+        for th in threads:
+            th.join(30)
+        assert sent_while_queued == [0]  # the header chunk only: the bytes waited on the client
+        assert recorder.sent == [0, 16, 16, 16]  # then the 48 bytes, once the slot was granted
+        assert [holder.error, queued.error, other.error, holder.upload_error] == [None, None, None, None]
+        assert fed.summary and fed.summary[0].status == "completed"
+        # b's upload (old style: data in the first chunk) counts, reassembled exactly
+        np.testing.assert_allclose(fed.coordinator.store.aggregate(fed.coordinator.run_id, 1),  # type: ignore[arg-type]
+                                   (vecs[0] + vecs[1] + vecs[2]) / 3, atol=1e-4)
+    finally:
+        fed.coordinator.stop()
+        fed.thread.join(30)
+        server.stop(0).wait(5)
+        fed.coordinator.store.close()

@@ -48,9 +48,13 @@ RPC flow (one client)
      ``SubmitMaskedInput`` with ``dimension`` ring elements as raw little-endian uint32
      (``ring_bits`` <= 32) or uint64 bytes. A large input goes as a client stream,
      ``UploadMaskedInput`` (``MaskedInputChunk``: header and ``total_bytes`` in the first chunk,
-     then the bytes in order; ``GrpcTransport`` switches above 1 MiB). The server reassembles at
-     most two uploads at a time and HTTP/2 flow control holds the others back, so its memory stays
-     O(m) however many clients upload at once.
+     then the bytes in order; ``GrpcTransport`` switches above 1 MiB). Admission: the client
+     sends the first chunk without data and waits; the server grants an upload slot (at most two
+     at a time) by sending the initial metadata ``fedveil-upload-slot: granted``, and only then
+     does the client send its bytes. So a queued uploader costs the server a stream and a thread,
+     not a vector in its HTTP/2 receive window, and its memory stays O(m) + O(n) however many
+     clients upload at once. A server that does not grant slots (older than this rule) is not
+     supported by these clients: their upload would wait until its deadline.
    - ``SurvivorCheck`` (active-adversary mode only): U3; the client signs it and calls
      ``ConfirmSurvivors``.
    - ``UnmaskingRequest``: ``survivors`` (U3) and ``dropped`` (U2 \\ U3). The client calls
@@ -108,7 +112,12 @@ PROTOCOL_VERSION = 1
 
 SERVICE_NAME = "fedveil.v1.Federation"
 AUTH_METADATA_KEY = "authorization"
+UPLOAD_GRANT_METADATA = "fedveil-upload-slot"
+"""Initial-metadata key the server sends on ``UploadMaskedInput`` once the upload holds a slot."""
 SESSION_ID_BYTES = 16
 ROUND_NONCE_BYTES = 16
 
-__all__ = ["AUTH_METADATA_KEY", "PROTOCOL_VERSION", "ROUND_NONCE_BYTES", "SERVICE_NAME", "SESSION_ID_BYTES"]
+__all__ = [
+    "AUTH_METADATA_KEY", "PROTOCOL_VERSION", "ROUND_NONCE_BYTES", "SERVICE_NAME", "SESSION_ID_BYTES",
+    "UPLOAD_GRANT_METADATA",
+]

@@ -7,6 +7,7 @@ plus a margin), and turns gRPC statuses into :mod:`fedveil.protocol.errors` exce
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -14,7 +15,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from fedveil.protocol import SERVICE_NAME
+from fedveil.protocol import SERVICE_NAME, UPLOAD_GRANT_METADATA
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.protocol.auth import bearer_metadata
 from fedveil.protocol.errors import MalformedMessage, error_from_status
@@ -147,24 +148,39 @@ class GrpcTransport:
         return result
 
     def submit_masked_input(self, request: pb.MaskedInputRequest) -> pb.Ack:
-        """Send the masked input: in chunks over ``UploadMaskedInput`` when it is large."""
+        """Send the masked input: in chunks over ``UploadMaskedInput`` when it is large.
+
+        The first chunk carries only the header and ``total_bytes``; the data follows once the
+        server grants an upload slot (initial metadata ``fedveil-upload-slot``), so while other
+        clients upload this one's bytes wait here, not in the server's receive buffers."""
         data = request.masked_vector
         if len(data) <= self._chunk_bytes:
             result: pb.Ack = self._call("SubmitMaskedInput", request)
             return result
         view = memoryview(data)
+        calls: list[grpc.Future] = []
+        call_made = threading.Event()
 
         def chunks() -> Iterator[pb.MaskedInputChunk]:
-            yield pb.MaskedInputChunk(header=request.header, total_bytes=len(data),
-                                      data=bytes(view[: self._chunk_bytes]))
-            for offset in range(self._chunk_bytes, len(data), self._chunk_bytes):
+            yield pb.MaskedInputChunk(header=request.header, total_bytes=len(data))
+            call_made.wait()
+            if not calls:
+                return
+            metadata = calls[0].initial_metadata() or ()  # type: ignore[attr-defined]
+            if not any(key == UPLOAD_GRANT_METADATA for key, _value in metadata):
+                return  # the call ended (refused, cancelled) without a slot: its status says why
+            for offset in range(0, len(data), self._chunk_bytes):
                 yield pb.MaskedInputChunk(data=bytes(view[offset : offset + self._chunk_bytes]))
 
         try:
-            ack: pb.Ack = self._upload(chunks(), metadata=self._metadata, timeout=self._timeout)
+            calls.append(self._upload.future(chunks(), metadata=self._metadata, timeout=self._timeout))
+            call_made.set()
+            ack: pb.Ack = calls[0].result()
             return ack
         except grpc.RpcError as err:
             raise error_from_status(err.code(), err.details(), rpc="UploadMaskedInput") from None  # type: ignore[attr-defined]
+        finally:
+            call_made.set()
 
     def confirm_survivors(self, request: pb.ConfirmSurvivorsRequest) -> pb.Ack:
         result: pb.Ack = self._call("ConfirmSurvivors", request)

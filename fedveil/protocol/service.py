@@ -25,7 +25,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from fedveil.protocol import SERVICE_NAME
+from fedveil.protocol import SERVICE_NAME, UPLOAD_GRANT_METADATA
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.protocol.auth import Authenticator, bearer_token
 from fedveil.protocol.errors import MalformedMessage, ProtocolError
@@ -49,8 +49,11 @@ class ServerLimits:
     max_concurrent_rpcs: int = 256
     workers: int = 64
     max_concurrent_uploads: int = 2
-    """Chunked masked-input uploads reassembled at once; the others wait, held back by HTTP/2
-    flow control, so upload buffers take O(max_concurrent_uploads · m) however many clients send."""
+    """Chunked masked-input uploads received at once. The others wait for a slot *before* they send
+    their data (the server grants a slot with the ``fedveil-upload-slot`` initial metadata; the
+    client sends only the header chunk until then), so upload buffers take
+    O(max_concurrent_uploads · m) and a waiting uploader costs the server a constant, not a vector
+    sitting in its HTTP/2 receive window."""
     upload_timeout_s: float = 60.0
     """An upload holding a slot longer than this is cancelled (a stalled sender cannot block it)."""
 
@@ -111,6 +114,7 @@ def _certificate_name(context: grpc.ServicerContext) -> str | None:
 
 CHUNK_BYTES = 1 * MIB
 MAX_CHUNK_BYTES = 4 * MIB
+SLOT_POLL_S = 0.25
 
 
 class FederationServicer:
@@ -130,6 +134,9 @@ class FederationServicer:
         self._mutual_tls = mutual_tls
         self._upload_slots = threading.BoundedSemaphore(max_concurrent_uploads)
         self._upload_timeout = upload_timeout_s
+        self._model_lock = threading.Lock()
+        self._model_chunks: tuple[bytes, list[bytes]] | None = None
+        """The current model's ``ModelChunk`` messages, serialized once and shared by every fetch."""
 
     def _authenticate(self, context: grpc.ServicerContext) -> str:
         token = bearer_token(context.invocation_metadata())
@@ -189,23 +196,14 @@ class FederationServicer:
                 raise MalformedMessage(
                     f"total_bytes: expected {expected} bytes of masked input, got {first.total_bytes}"
                 )
-            with self._upload_slots, _cancel_after(context, self._upload_timeout):
-                buffer = bytearray(expected)
-                view = memoryview(buffer)
-                pos = 0
-                for index, chunk in enumerate(itertools.chain([first], requests)):
-                    if isinstance(chunk, _Malformed):
-                        raise MalformedMessage(f"{rpc}: chunk {index} is not a valid {chunk.type_name}")
-                    n = len(chunk.data)
-                    if n > MAX_CHUNK_BYTES or pos + n > expected:
-                        raise MalformedMessage(f"chunk {index}.data: {n} bytes at offset {pos} overrun the "
-                                               f"{expected}-byte masked input (or exceed {MAX_CHUNK_BYTES})")
-                    view[pos : pos + n] = chunk.data
-                    pos += n
-                if pos != expected:
-                    raise MalformedMessage(f"{rpc}: the upload ended after {pos} of {expected} bytes")
-                result: Message = self._service.submit_masked_vector(caller, first.header, buffer)
-                return result
+            if not self._acquire_upload_slot(context):
+                log.warning("%s from %s at %s: the client left while waiting for an upload slot",
+                            rpc, caller, context.peer())
+                return pb.Ack(detail="cancelled")
+            try:
+                return self._receive_upload(rpc, caller, first, requests, expected, context)
+            finally:
+                self._upload_slots.release()
         except grpc.RpcError:  # the stream broke: the client went away, or a stall hit the timeout
             log.warning("%s from %s at %s cancelled before it completed (stalled for %.0fs, or the client left)",
                         rpc, caller, context.peer(), self._upload_timeout)
@@ -214,7 +212,42 @@ class FederationServicer:
             self._refuse(rpc, caller, context, err)
         raise AssertionError("unreachable: context.abort raises")
 
-    def _fetch_model(self, request: Any, context: grpc.ServicerContext) -> Iterator[Message]:
+    def _acquire_upload_slot(self, context: grpc.ServicerContext) -> bool:
+        """Wait for one of the ``max_concurrent_uploads`` slots; False if the client left meanwhile.
+
+        The client sends nothing but its header chunk until the slot is granted (initial metadata
+        ``fedveil-upload-slot``), so a waiting upload holds a worker thread and a stream, not its
+        data: the server's memory does not grow by a vector per queued client."""
+        while not self._upload_slots.acquire(timeout=SLOT_POLL_S):
+            if not context.is_active():
+                return False
+        return True
+
+    def _receive_upload(
+        self, rpc: str, caller: str, first: Any, requests: Iterator[Any], expected: int,
+        context: grpc.ServicerContext,
+    ) -> Message:
+        """Grant the slot, then reassemble the chunks (the first may carry data: older clients)."""
+        with _cancel_after(context, self._upload_timeout):
+            context.send_initial_metadata(((UPLOAD_GRANT_METADATA, "granted"),))
+            buffer = bytearray(expected)
+            view = memoryview(buffer)
+            pos = 0
+            for index, chunk in enumerate(itertools.chain([first], requests)):
+                if isinstance(chunk, _Malformed):
+                    raise MalformedMessage(f"{rpc}: chunk {index} is not a valid {chunk.type_name}")
+                n = len(chunk.data)
+                if n > MAX_CHUNK_BYTES or pos + n > expected:
+                    raise MalformedMessage(f"chunk {index}.data: {n} bytes at offset {pos} overrun the "
+                                           f"{expected}-byte masked input (or exceed {MAX_CHUNK_BYTES})")
+                view[pos : pos + n] = chunk.data
+                pos += n
+            if pos != expected:
+                raise MalformedMessage(f"{rpc}: the upload ended after {pos} of {expected} bytes")
+            result: Message = self._service.submit_masked_vector(caller, first.header, buffer)
+            return result
+
+    def _fetch_model(self, request: Any, context: grpc.ServicerContext) -> Iterator[bytes]:
         """``FetchModel``: the current model in chunks, sliced from one shared buffer."""
         rpc, caller = "FetchModel", "<unauthenticated>"
         try:
@@ -225,7 +258,18 @@ class FederationServicer:
         except Exception as err:
             self._refuse(rpc, caller, context, err)
             raise AssertionError("unreachable: context.abort raises") from err
-        return _model_chunks(data)
+        return iter(self._serialized_chunks(data))
+
+    def _serialized_chunks(self, data: bytes) -> list[bytes]:
+        """The model's chunks as serialized ``ModelChunk`` messages, built once per model.
+
+        Every client of a round fetches the same model at about the same time; slicing and
+        serializing per fetch would hold ~2 chunk copies per concurrent fetch, so the server's
+        memory would grow with the cohort. One shared serialized copy is O(m) in all."""
+        with self._model_lock:
+            if self._model_chunks is None or self._model_chunks[0] is not data:
+                self._model_chunks = (data, [m.SerializeToString() for m in _model_chunks(data)])
+            return self._model_chunks[1]
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
         handlers = {
@@ -241,7 +285,7 @@ class FederationServicer:
         )
         handlers["FetchModel"] = grpc.unary_stream_rpc_method_handler(
             self._fetch_model, request_deserializer=_deserializer(pb.FetchModelRequest),
-            response_serializer=_serialize,
+            response_serializer=None,  # the chunks are serialized already (shared, see _serialized_chunks)
         )
         return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
