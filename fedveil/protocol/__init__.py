@@ -48,13 +48,14 @@ RPC flow (one client)
      ``SubmitMaskedInput`` with ``dimension`` ring elements as raw little-endian uint32
      (``ring_bits`` <= 32) or uint64 bytes. A large input goes as a client stream,
      ``UploadMaskedInput`` (``MaskedInputChunk``: header and ``total_bytes`` in the first chunk,
-     then the bytes in order; ``GrpcTransport`` switches above 1 MiB). Admission: the client
-     sends the first chunk without data and waits; the server grants an upload slot (at most two
-     at a time) by sending the initial metadata ``fedveil-upload-slot: granted``, and only then
-     does the client send its bytes. So a queued uploader costs the server a stream and a thread,
-     not a vector in its HTTP/2 receive window, and its memory stays O(m) + O(n) however many
-     clients upload at once. A server that does not grant slots (older than this rule) is not
-     supported by these clients: their upload would wait until its deadline.
+     then the bytes in order; ``GrpcTransport`` switches above 64 KiB and sends 1 MiB chunks).
+     Admission: the client sends the first chunk without data and waits; the server grants an
+     upload slot (at most two at a time) by sending the initial metadata
+     ``fedveil-upload-slot: granted``, and only then does the client send its bytes. So a queued
+     uploader costs the server a stream and a thread, not a vector in its HTTP/2 receive window,
+     and its memory stays O(m) + O(n) however many clients upload at once. A server that does
+     not grant slots (older than this rule) is not supported by these clients: their upload
+     would wait until its deadline.
    - ``SurvivorCheck`` (active-adversary mode only): U3; the client signs it and calls
      ``ConfirmSurvivors``.
    - ``UnmaskingRequest``: ``survivors`` (U3) and ``dropped`` (U2 \\ U3). The client calls

@@ -23,6 +23,9 @@ from fedveil.protocol.tls import channel_credentials
 
 MIB = 1024 * 1024
 R = TypeVar("R", bound=Message)
+STREAM_ABOVE_BYTES = 64 * 1024
+"""A masked input larger than this goes over ``UploadMaskedInput`` and waits for an upload slot,
+so what a client can have in flight to the server without a slot is a constant, not O(m)."""
 
 
 @dataclass(frozen=True)
@@ -154,7 +157,7 @@ class GrpcTransport:
         server grants an upload slot (initial metadata ``fedveil-upload-slot``), so while other
         clients upload this one's bytes wait here, not in the server's receive buffers."""
         data = request.masked_vector
-        if len(data) <= self._chunk_bytes:
+        if len(data) <= min(self._chunk_bytes, STREAM_ABOVE_BYTES):
             result: pb.Ack = self._call("SubmitMaskedInput", request)
             return result
         view = memoryview(data)
