@@ -9,6 +9,7 @@ else runs on it: state both when you quote them.
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import statistics
@@ -44,7 +45,11 @@ def run(args: list[str]) -> dict:
 
 
 def main() -> None:
-    repeat = int(sys.argv[sys.argv.index("--repeat") + 1]) if "--repeat" in sys.argv else 3
+    parser = argparse.ArgumentParser(description="Run issue 2's secure-aggregation targets and print the figures.")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per configuration (fresh process each)")
+    parser.add_argument("--json", action="store_true", help="also print one JSON summary as the last line")
+    options = parser.parse_args()
+    repeat = options.repeat
     rows = []
     for args, target in TARGETS:
         reports = [run(args) for _ in range(repeat)]
@@ -61,7 +66,7 @@ def main() -> None:
     limit = 1.05 * 4 * UPLOAD_DIM + 64_000
     summary = {"targets": rows, "upload_bytes_per_client_m1e6": upload["upload_bytes_per_client"],
                "upload_limit": limit, "upload_met": upload["upload_bytes_per_client"] <= limit}
-    if "--json" in sys.argv:
+    if options.json:
         print(json.dumps(summary))
         return
     for row in rows:
