@@ -176,6 +176,22 @@ class Task:
         return TensorDataset(torch.from_numpy(features), torch.from_numpy(labels))
 
 
+def describe_margin(log_odds_margin: float) -> str:
+    """Plain words for how far a binary prediction is from undecided, by ``|log-odds|``.
+
+    The thresholds 0.8, 2 and 4 correspond to probabilities of about 0.69, 0.88 and 0.98 for the
+    more likely class. Shared by every explanation view so that the same margin reads the same.
+    """
+    margin = abs(log_odds_margin)
+    if margin >= 4.0:
+        return "confident: the measurements point clearly one way"
+    if margin >= 2.0:
+        return "fairly confident"
+    if margin >= 0.8:
+        return "moderately confident: some measurements point the other way"
+    return "uncertain: close to the decision boundary"
+
+
 def load_task(reference: str) -> Task:
     """Resolve ``module:attr`` or ``module`` (with a ``task`` attribute) to a :class:`Task`."""
     module_name, _, attr = reference.partition(":")

@@ -59,3 +59,14 @@ def test_load_task_errors() -> None:
         load_task("fedveil.task:nothing_here")
     with pytest.raises(TaskLoadError, match="not a fedveil Task"):
         load_task("fedveil.task:ColumnSpec")
+
+
+def test_describe_margin_is_symmetric_and_ordered() -> None:
+    from fedveil.task import describe_margin
+
+    # 86 % risk (log-odds 1.85) must not read as "uncertain" beside a "very high" risk level.
+    assert describe_margin(1.85).startswith("moderately confident")
+    assert describe_margin(-1.85) == describe_margin(1.85)
+    assert describe_margin(0.1).startswith("uncertain")
+    assert describe_margin(2.5) == "fairly confident"
+    assert describe_margin(6.0).startswith("confident")

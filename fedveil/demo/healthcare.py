@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedveil.demo.data import FEATURE_DESCRIPTIONS, FEATURE_NAMES, LABEL_NAME, public_ranges
-from fedveil.task import ColumnSpec, DataSchema, Task
+from fedveil.task import ColumnSpec, DataSchema, Task, describe_margin
 
 SCHEMA = DataSchema(
     features=tuple(ColumnSpec(name, "float", FEATURE_DESCRIPTIONS[name]) for name in FEATURE_NAMES),
@@ -228,15 +228,7 @@ def risk_level(probability: float) -> str:
 
 def confidence_description(probability: float, out_of_range: Sequence[str]) -> str:
     """Plain words for how far the model is from undecided (|log-odds|), and data caveats."""
-    margin = abs(math.log(max(probability, 1e-12)) - math.log(max(1.0 - probability, 1e-12)))
-    if margin >= 4.0:
-        text = "confident: the measurements point clearly one way"
-    elif margin >= 2.0:
-        text = "fairly confident"
-    elif margin >= 0.8:
-        text = "uncertain: the measurements are mixed"
-    else:
-        text = "very uncertain: close to the decision boundary"
+    text = describe_margin(math.log(max(probability, 1e-12)) - math.log(max(1.0 - probability, 1e-12)))
     if out_of_range:
         text += "; outside the reference range: " + ", ".join(out_of_range) + " (treat with caution)"
     return text + ". A screening aid, not a diagnosis."

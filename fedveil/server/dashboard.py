@@ -61,7 +61,7 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 import torch
 
-from fedveil.task import SchemaError, Task
+from fedveil.task import SchemaError, Task, describe_margin
 
 STATIC_FILES: dict[str, str] = {
     "/": "index.html",
@@ -512,7 +512,7 @@ def gradient_times_input(model: torch.nn.Module, features: np.ndarray, names: Se
         "probability": prob,
         "logit": float(logit.item()),
         "risk_level": level,
-        "confidence": _margin_words(abs(float(logit.item())))
+        "confidence": describe_margin(float(logit.item()))
         + ". Contributions are first-order (gradient × input) approximations.",
         "top_features": [
             {
@@ -524,17 +524,6 @@ def gradient_times_input(model: torch.nn.Module, features: np.ndarray, names: Se
             for i in order[:5]
         ],
     }
-
-
-def _margin_words(margin: float) -> str:
-    """Plain words for the distance from the decision boundary, |log-odds|."""
-    if margin >= 4.0:
-        return "confident: the measurements point clearly one way"
-    if margin >= 2.0:
-        return "fairly confident"
-    if margin >= 0.8:
-        return "uncertain: the measurements are mixed"
-    return "very uncertain: close to the decision boundary"
 
 
 # ---------------------------------------------------------------------------------------------
