@@ -128,6 +128,8 @@ def client_command(
     except (ClientError, ProtocolError, ConnectionError) as err:
         eprint(f"error: {err}")
         return EXIT_FAILED
+    for declined in (h for h in history if h.outcome == "declined"):
+        eprint(f"warning: round {declined.round} declined: {declined.reason}")
     done = federation.job_done
     spend = federation.local_privacy
     print_json_last_line(
