@@ -32,7 +32,7 @@ def rotation_seed_of(params: pb.DistributedDpParams) -> int:
     """The public rotation seed as the integer :mod:`fedveil.dp.hadamard` takes (first 8 bytes, LE)."""
     seed = bytes(params.rotation_seed)
     if len(seed) < 8:
-        raise RoundConfigError(f"dp.distributed.rotation_seed: expected 32 bytes (got {len(seed)})")
+        raise RoundConfigError(f"dp.distributed.rotation_seed: expected at least 8 bytes (got {len(seed)})")
     return int.from_bytes(seed[:8], "little")
 
 
