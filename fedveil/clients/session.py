@@ -53,7 +53,7 @@ from fedveil.protocol.errors import (
     Unauthenticated,
     Unavailable,
 )
-from fedveil.protocol.transport import Transport
+from fedveil.protocol.transport import ClientSession, Transport
 from fedveil.secagg.errors import SecAggError
 from fedveil.task import model_to_vector, vector_to_model
 
@@ -228,9 +228,7 @@ class Federation:
         self.private_seed = self.options.private_seed()
         self._sleep = sleep
         self._backoff_count = 0
-        self._session_id = b""
-        self._run_id = ""
-        self._sequence = 0
+        self._session: ClientSession | None = None  # header state (session id, run id, sequence) after Join
         self.client_name = ""
         self.total_rounds = 0
         self.job: pb.JobInfo | None = None
@@ -270,8 +268,8 @@ class Federation:
             elif kind == "evaluate":
                 self._evaluate_final(instruction.evaluate)
             elif kind == "job_done":
-                self.job_done = instruction.job_done
-                log.info("job %s done after %d rounds", self._run_id, instruction.job_done.completed_rounds)
+                done = self.job_done = instruction.job_done
+                log.info("job %s done after %d rounds", done.run_id, done.completed_rounds)
                 return
             elif kind == "round_result":
                 self._round_header = (0, b"")  # a result for a round we were dropped from
@@ -328,7 +326,7 @@ class Federation:
         return backoff.run(call, lambda e: isinstance(e, Unavailable))
 
     def _ensure_joined(self) -> None:
-        if self._session_id:
+        if self._session is not None:
             return
         request = pb.JoinRequest(
             protocol_version=PROTOCOL_VERSION,
@@ -346,33 +344,24 @@ class Federation:
             raise ClientError(f"the server refused to let this client join: {err}") from None
         except ProtocolError as err:
             raise ClientError(f"cannot join the job: {err}") from None
-        self._session_id = bytes(response.session_id)
-        self._run_id = response.run_id
-        self._sequence = 0
+        self._session = ClientSession.from_join(response)
         self.client_name = response.client_name
         self.job = response.job
         self.total_rounds = int(response.job.total_rounds)
-        log.info("joined run %s as %r (task %s, %d rounds)", self._run_id, self.client_name,
+        log.info("joined run %s as %r (task %s, %d rounds)", self._session.run_id, self.client_name,
                  response.job.task_name, self.total_rounds)
 
     def _rejoin(self, reason: str) -> None:
         log.warning("re-joining: %s", reason)
         self.reconnects += 1
-        self._session_id = b""
+        self._session = None
         self._round_header = (0, b"")
         self._ensure_joined()
 
     def _header(self) -> pb.RequestHeader:
-        self._sequence += 1
-        round_number, nonce = self._round_header
-        return pb.RequestHeader(
-            protocol_version=PROTOCOL_VERSION,
-            session_id=self._session_id,
-            run_id=self._run_id,
-            round=round_number,
-            round_nonce=nonce,
-            sequence=self._sequence,
-        )
+        if self._session is None:
+            raise ClientError("not joined: no session to send a request in")
+        return self._session.header(*self._round_header)
 
     def _poll_once(self) -> pb.PollResponse:
         wait_ms = self.options.poll_wait_ms
