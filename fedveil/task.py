@@ -79,15 +79,12 @@ class DataSchema:
         except (StopIteration, csv.Error) as err:
             raise SchemaError(f"the file is not valid CSV: {err}") from err
         expected = self.column_names
-        missing = [c for c in expected if c not in header]
-        extra = [c for c in header if c not in expected]
-        if missing or extra:
-            parts = []
-            if missing:
-                parts.append("missing columns: " + ", ".join(missing))
-            if extra:
-                parts.append("unexpected columns: " + ", ".join(extra))
-            raise SchemaError("; ".join(parts))
+        mismatch = describe_name_mismatch(
+            [c for c in expected if c not in header], [c for c in header if c not in expected],
+            missing_label="missing columns", extra_label="unexpected columns",
+        )
+        if mismatch:
+            raise SchemaError(mismatch)
         if len(set(header)) != len(header):
             raise SchemaError("duplicate column names in the header")
         order = [header.index(c) for c in expected]
@@ -119,6 +116,18 @@ class DataSchema:
             values = [*x_row.tolist(), float(y)]
             writer.writerow([_format_cell(v, s) for v, s in zip(values, specs, strict=True)])
         return out.getvalue()
+
+
+def describe_name_mismatch(
+    missing: Sequence[str], extra: Sequence[object], *, missing_label: str, extra_label: str
+) -> str:
+    """One message naming every missing and every unexpected name ("" when there are none)."""
+    parts = []
+    if missing:
+        parts.append(f"{missing_label}: " + ", ".join(missing))
+    if extra:
+        parts.append(f"{extra_label}: " + ", ".join(map(str, extra)))
+    return "; ".join(parts)
 
 
 def _parse_cell(cell: str, spec: ColumnSpec, line_no: int) -> float:

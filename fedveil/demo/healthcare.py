@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedveil.demo.data import FEATURE_DESCRIPTIONS, FEATURE_NAMES, LABEL_NAME, public_ranges
-from fedveil.task import ColumnSpec, DataSchema, Task, describe_margin
+from fedveil.task import ColumnSpec, DataSchema, Task, describe_margin, describe_name_mismatch
 
 SCHEMA = DataSchema(
     features=tuple(ColumnSpec(name, "float", FEATURE_DESCRIPTIONS[name]) for name in FEATURE_NAMES),
@@ -236,15 +236,12 @@ def confidence_description(probability: float, out_of_range: Sequence[str]) -> s
 
 def validate_patient(values: dict[str, object]) -> np.ndarray:
     """Check a patient's features (all 30, finite numbers, nothing else) and order them."""
-    missing = [n for n in FEATURE_NAMES if n not in values]
-    extra = [k for k in values if k not in FEATURE_NAMES]
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append("missing features: " + ", ".join(missing))
-        if extra:
-            parts.append("unknown features: " + ", ".join(str(e) for e in extra))
-        raise ValueError("; ".join(parts))
+    mismatch = describe_name_mismatch(
+        [n for n in FEATURE_NAMES if n not in values], [k for k in values if k not in FEATURE_NAMES],
+        missing_label="missing features", extra_label="unknown features",
+    )
+    if mismatch:
+        raise ValueError(mismatch)
     out = np.empty(len(FEATURE_NAMES), dtype=np.float32)
     for i, name in enumerate(FEATURE_NAMES):
         raw = values[name]

@@ -61,7 +61,7 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 import torch
 
-from fedveil.task import SchemaError, Task, describe_margin
+from fedveil.task import SchemaError, Task, describe_margin, describe_name_mismatch
 
 STATIC_FILES: dict[str, str] = {
     "/": "index.html",
@@ -613,15 +613,12 @@ class Dashboard:
             raise DashboardError('the request body must be {"features": {name: value, ...}}')
         values = payload["features"]
         names = [c.name for c in self.task.schema.features]
-        missing = [n for n in names if n not in values or values[n] in ("", None)]
-        extra = [k for k in values if k not in names]
-        if missing or extra:
-            parts = []
-            if missing:
-                parts.append("missing: " + ", ".join(missing))
-            if extra:
-                parts.append("unknown features: " + ", ".join(map(str, extra)))
-            raise DashboardError("; ".join(parts))
+        mismatch = describe_name_mismatch(
+            [n for n in names if n not in values or values[n] in ("", None)], [k for k in values if k not in names],
+            missing_label="missing", extra_label="unknown features",
+        )
+        if mismatch:
+            raise DashboardError(mismatch)
         x = np.empty(len(names), dtype=np.float32)
         for i, n in enumerate(names):
             try:
