@@ -39,7 +39,7 @@ from torch.utils.data import TensorDataset
 
 from fedveil.demo import healthcare
 from fedveil.demo.baselines import centralized, federated_non_private
-from fedveil.demo.data import FEATURE_NAMES, DemoSplit, make_split
+from fedveil.demo.data import DEMO_SPLIT_SEED, FEATURE_NAMES, DemoSplit, make_split
 from fedveil.demo.federation import (
     DpMode,
     DropoutPlan,
@@ -56,7 +56,7 @@ log = logging.getLogger("fedveil.demo")
 
 DEMO_SHARE = "demo-share.csv"
 STORE_FILE = "runs.sqlite"
-SPLIT_SEED = 0
+SPLIT_SEED = DEMO_SPLIT_SEED
 
 
 @dataclass(frozen=True)
