@@ -127,7 +127,7 @@ def test_export_csv_writes_each_hospital_and_a_schema(tmp_path: Path) -> None:
     assert main(["demo", "healthcare", "--hospitals", "3", "--export-csv", str(out)]) == 0
     files = sorted(p.name for p in out.iterdir())
     assert files == ["SCHEMA.md", "hospital-1.csv", "hospital-2.csv", "hospital-3.csv"]
-    split = make_split(3, 0)
+    split = make_split(3)  # the demo's split
     for h in split.hospitals:
         x, y = healthcare.SCHEMA.parse_csv(out / f"{h.name}.csv")
         assert np.allclose(x, h.features) and np.array_equal(y, h.labels)
