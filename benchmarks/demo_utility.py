@@ -34,9 +34,9 @@ def parse_seeds(text: str) -> list[int]:
     """``"0-9"`` or ``"0,3,5"`` -> the split seeds."""
     seeds: list[int] = []
     for part in text.split(","):
-        lo, _, hi = part.partition("-")
+        lo, dash, hi = part.partition("-")
         try:
-            seeds.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
+            seeds.extend(range(int(lo), int(hi) + 1) if dash else [int(lo)])
         except ValueError:
             raise SystemExit(f"error: --splits: {text!r} is not like 0-9 or 0,3,5") from None
     if not seeds:

@@ -163,7 +163,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "",
         f"WDBC breast-cancer data, {len(report['hospitals'])} hospitals, {s['rounds']} rounds, "
         f"DP mode `{report['dp']}`, transport `{report['transport']}`, dropout probability {s['dropout']:g}, "
-        f"seed {s['seed']}.",
+        f"training seed {s['seed']}, split seed {s.get('split_seed', '?')}.",
         "",
         "## Result",
         "",
