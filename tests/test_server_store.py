@@ -181,3 +181,33 @@ def test_checkpoint_state_keeps_arrays_as_raw_bytes(tmp_path: Path) -> None:
         ckpt = store.latest_checkpoint("r")
         assert ckpt is not None
         np.testing.assert_array_equal(ckpt.state["optimizer"]["m"], m)
+
+
+def test_a_store_missing_a_column_is_refused_up_front_naming_table_and_column(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with RunStore(path):
+        pass
+    conn = sqlite3.connect(str(path))
+    conn.execute("ALTER TABLE checkpoints DROP COLUMN state_arrays")  # as an earlier build wrote it
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match=r"table 'checkpoints' lacks column\(s\) state_arrays"):
+        RunStore(path)
+    assert "state_arrays" not in {r[1] for r in sqlite3.connect(str(path)).execute("PRAGMA table_info(checkpoints)")}
+
+
+def test_the_demo_refuses_an_old_store_in_out_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedveil.cli import main
+
+    with RunStore(tmp_path / "runs.sqlite"):
+        pass
+    conn = sqlite3.connect(str(tmp_path / "runs.sqlite"))
+    conn.execute("ALTER TABLE checkpoints DROP COLUMN state_arrays")
+    conn.commit()
+    conn.close()
+    assert main(["demo", "healthcare", "--in-process", "--rounds", "1", "--out", str(tmp_path)]) == USAGE_EXIT_CODE
+    err = capsys.readouterr().err
+    assert "--out" in err and "state_arrays" in err and "Traceback" not in err
+    assert not (tmp_path / "report.json").exists()

@@ -72,8 +72,12 @@ def healthcare_command(
         return
     options = DemoOptions(hospitals=hospitals, rounds=rounds, dropout=dropout, dp=dp_mode,  # type: ignore[arg-type]
                           in_process=in_process, dashboard_port=dashboard_port, out=out)
+    from fedveil.server.store import StoreError
+
     try:
         report = run_demo(options)
+    except StoreError as err:
+        fail("--out", str(err))
     except OSError as err:
         if dashboard_port is not None and "address" in str(err).lower():
             fail("--dashboard", f"cannot listen on port {dashboard_port}: {err}")

@@ -352,6 +352,9 @@ def run_demo(
     started = time.monotonic()
     out = options.out
     out.mkdir(parents=True, exist_ok=True)
+    from fedveil.server.store import RunStore
+
+    RunStore(out / STORE_FILE).close()  # refuse an unusable store (StoreError) before any work
     recipe = options.recipe
     split = make_split(options.hospitals, seed=SPLIT_SEED)
     write_hospital_shares(split, out)

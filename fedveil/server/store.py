@@ -17,6 +17,7 @@ No secret keys or Shamir shares are ever written here.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -181,6 +182,18 @@ def _float_blob(vector: np.ndarray) -> bytes:
     return np.ascontiguousarray(vector, dtype="<f4").tobytes()
 
 
+@functools.cache
+def _expected_columns() -> dict[str, tuple[str, ...]]:
+    """Each table's columns as this version's schema declares them (read from a scratch database)."""
+    scratch = sqlite3.connect(":memory:")
+    try:
+        scratch.executescript(_SCHEMA)
+        tables = [r[0] for r in scratch.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        return {t: tuple(r[1] for r in scratch.execute(f"PRAGMA table_info({t})")) for t in tables}
+    finally:
+        scratch.close()
+
+
 class RunStore:
     """Thread-safe access to a run store (one connection, serialized by a lock)."""
 
@@ -207,8 +220,24 @@ class RunStore:
                     raise StoreError(
                         f"store {str(self.path)!r} has schema version {row[0]}, this fedveil expects {SCHEMA_VERSION}"
                     )
+                self._check_columns()
         except sqlite3.DatabaseError as err:
             raise StoreError(f"store {str(self.path)!r} is not a fedveil run store ({err})") from None
+
+    def _check_columns(self) -> None:
+        """Refuse a store whose tables lack columns this version writes (an older development build's).
+
+        ``CREATE TABLE IF NOT EXISTS`` leaves an existing table as it is, so without this check a
+        missing column would surface only at the first write, in the middle of a round.
+        """
+        for table, columns in _expected_columns().items():
+            present = {r[1] for r in self._conn.execute(f"PRAGMA table_info({table})")}
+            missing = [c for c in columns if c not in present]
+            if missing:
+                raise StoreError(
+                    f"store {str(self.path)!r} was written by another fedveil version: table {table!r} lacks "
+                    f"column(s) {', '.join(missing)}; use a new store file"
+                )
 
     def close(self) -> None:
         with self._lock:
