@@ -66,6 +66,8 @@ def test_reduced_demo_central_and_none(tmp_path: Path) -> None:
                                 out=tmp_path / "d"), quiet(), serve_forever=False)
     assert dist["status"] == "completed" and len(dist["rounds"]) == 2
     assert dist["epsilon_user"] is not None and 0 < dist["epsilon_user"] <= 3.0
+    for report in (central, dist):  # three hospitals cannot drown user-level noise: the report says so
+        assert any("expect a model near chance" in n for n in report["notes"])
     none = run_demo(DemoOptions(hospitals=3, rounds=2, dropout=0.0, dp="none", in_process=True,
                                 out=tmp_path / "n"), quiet(), serve_forever=False)
     assert none["epsilon_user"] is None and none["epsilon_sample_max"] is None
@@ -97,3 +99,23 @@ def test_only_one_run_at_a_time(tmp_path: Path) -> None:
     assert seen == [True] and not demo_runs.busy()
     assert [r["id"] for r in runs.list_runs()] == [result.run_id]
     assert runs.get_run(result.run_id)["status"] == "completed"
+
+
+def test_user_level_noise_ratio_matches_the_mechanism() -> None:
+    import math
+
+    from fedveil.demo.federation import FederationSettings, server_config, user_level_noise_ratio
+    from fedveil.demo.recipe import Recipe
+
+    recipe = Recipe()
+    assert user_level_noise_ratio(FederationSettings(rounds=30, hospitals_per_round=5, dp="local"), recipe, 5) is None
+    assert user_level_noise_ratio(FederationSettings(rounds=30, hospitals_per_round=5, dp="none"), recipe, 5) is None
+    central = FederationSettings(rounds=30, hospitals_per_round=5, dp="central")
+    z = server_config(central, recipe, 5).dp_noise_multiplier
+    assert user_level_noise_ratio(central, recipe, 5) == pytest.approx(z * math.sqrt(31) / 5)
+    # fewer rounds spend less per round, so the same ε buys less noise
+    short = FederationSettings(rounds=3, hospitals_per_round=5, dp="central")
+    assert user_level_noise_ratio(short, recipe, 5) < user_level_noise_ratio(central, recipe, 5)  # type: ignore[operator]
+    distributed = FederationSettings(rounds=30, hospitals_per_round=5, dp="distributed")
+    zd = server_config(distributed, recipe, 5).dp_noise_multiplier
+    assert user_level_noise_ratio(distributed, recipe, 5) == pytest.approx(zd * math.sqrt(5 / 3) * math.sqrt(31) / 5)

@@ -195,6 +195,25 @@ def server_config(settings: FederationSettings, recipe: Recipe, n_hospitals: int
     return ServerConfig(**common)
 
 
+def user_level_noise_ratio(settings: FederationSettings, recipe: Recipe, n_hospitals: int) -> float | None:
+    """Norm of the user-level noise on one round's mean update, over the largest clipped update ``S``.
+
+    None without a user-level mechanism. Central DP adds ``N(0, (zS)²)`` per coordinate to the sum
+    of ``k`` updates and divides by ``k``; distributed DP sizes each share so that the threshold
+    ``t`` of contributors already carry the full noise, so ``k`` contributors carry ``k / t`` times
+    the variance. Above 1 the noise outweighs every hospital's contribution together in every round:
+    user-level DP over a handful of participants cannot train a useful model (McMahan et al. 2018
+    need thousands of users per round).
+    """
+    if settings.dp not in ("central", "distributed"):
+        return None
+    z = float(server_config(settings, recipe, n_hospitals).dp_noise_multiplier)
+    k = settings.hospitals_per_round
+    dim = sum(p.numel() for p in healthcare.build_model().parameters())
+    spread = math.sqrt(k / settings.threshold) if settings.dp == "distributed" else 1.0
+    return z * spread * math.sqrt(dim) / k
+
+
 def distributed_noise_multiplier(settings: FederationSettings, delta: float, sample_rate: float) -> float:
     """Smallest z (bisection) whose distributed-DP rounds stay within the budget *as the server accounts them*:
 

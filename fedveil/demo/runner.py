@@ -48,6 +48,7 @@ from fedveil.demo.federation import (
     RoundReport,
     Transport,
     run_federation,
+    user_level_noise_ratio,
 )
 from fedveil.demo.recipe import Recipe
 from fedveil.demo.report import write_report
@@ -378,15 +379,16 @@ def run_demo(
             + ", ".join(f"{h.name} ({h.size} patients, {100 * h.malignant_share:.0f}% malignant)"
                         for h in split.hospitals)
             + f"; test set {split.test.size}, validation {split.validation.size}", highlight=False)
-        transport: Transport = "in-process" if options.in_process else "grpc"
-        settings = FederationSettings(
-            rounds=recipe.rounds, hospitals_per_round=options.hospitals, dp=options.dp,
-            epsilon_budget=recipe.target_epsilon, dropout=options.dropout, transport=transport, seed=options.seed,
-        )
+        settings = _settings_of(options, recipe)
+        transport = settings.transport
         console.print(
             f"secure aggregation over {'TLS gRPC on 127.0.0.1' if transport == 'grpc' else 'in-process calls'}; "
             f"DP mode [bold]{options.dp}[/]; {recipe.rounds} rounds; dropout probability {options.dropout:g}",
             highlight=False)
+        noise_ratio = user_level_noise_ratio(settings, recipe, len(split.hospitals))
+        if noise_ratio is not None and noise_ratio > 1.0:
+            console.print(f"[bold yellow]warning[/]: {user_level_warning(options.hospitals, noise_ratio)}",
+                          highlight=False)
         live = LiveTable(console, demo_runs.names, recipe.rounds, options.dp)
         with live:
             result = demo_runs.run(settings, recipe, prefer_uploads=False, on_round=live.add)
@@ -417,6 +419,21 @@ def run_demo(
             server.stop()
 
 
+def user_level_warning(hospitals: int, noise_ratio: float) -> str:
+    return (f"user-level DP over {hospitals} hospitals: each round's noise has {noise_ratio:.1f}x the norm of the "
+            "largest possible mean update, so expect a model near chance. User-level DP needs hundreds of "
+            "participants per round; with a few hospitals, --dp local protects each patient at the same ε and "
+            "keeps a useful model.")
+
+
+def _settings_of(options: DemoOptions, recipe: Recipe) -> FederationSettings:
+    transport: Transport = "in-process" if options.in_process else "grpc"
+    return FederationSettings(
+        rounds=recipe.rounds, hospitals_per_round=options.hospitals, dp=options.dp,
+        epsilon_budget=recipe.target_epsilon, dropout=options.dropout, transport=transport, seed=options.seed,
+    )
+
+
 def build_report(
     options: DemoOptions, recipe: Recipe, split: DemoSplit, result: FederationResult, baselines: Mapping[str, Any]
 ) -> dict[str, Any]:
@@ -445,6 +462,9 @@ def build_report(
     if user_level:
         notes.append("No local DP-SGD in this mode: epsilon_sample_max reports the user-level ε, which bounds every "
                      "patient's privacy too (a patient's records belong to one hospital).")
+        ratio = user_level_noise_ratio(_settings_of(options, recipe), recipe, len(split.hospitals))
+        if ratio is not None and ratio > 1.0:
+            notes.append(user_level_warning(options.hospitals, ratio))
     if result.status != "completed":
         notes.append(f"The federation ended early: {result.status}: {result.message}")
     if result.client_errors:
