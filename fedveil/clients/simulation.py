@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -45,6 +45,8 @@ from fedveil.protocol.transport import FederationService, InProcessTransport
 from fedveil.task import Task, load_task
 
 log = logging.getLogger("fedveil.simulate")
+
+JobResult = TypeVar("JobResult")
 
 
 class JobConfig(Protocol):
@@ -157,6 +159,55 @@ class SimulationResult:
         }
 
 
+@dataclass(frozen=True)
+class ThreadedClient:
+    """One client of an in-process job: its federation session and its local data."""
+
+    name: str
+    federation: Federation
+    data: TensorDataset
+
+
+def run_with_client_threads(
+    run_job: Callable[[], JobResult],
+    stop_job: Callable[[], None],
+    task: Task,
+    clients: Sequence[ThreadedClient],
+    *,
+    join_timeout_s: float,
+) -> tuple[JobResult, dict[str, list[RoundOutcome]], dict[str, str]]:
+    """Run the job in this thread while each client runs :func:`run_client` in its own thread.
+
+    Returns the job's result, each client's round outcomes, and an error per client that failed
+    (the coordinator treats it as a dropout) or was still running ``join_timeout_s`` after the
+    job ended. Used by :func:`simulate_in_process` and the healthcare demo.
+    """
+    histories: dict[str, list[RoundOutcome]] = {}
+    errors: dict[str, str] = {}
+
+    def client_main(client: ThreadedClient) -> None:
+        try:
+            histories[client.name] = run_client(client.federation, task, client.data)
+        except Exception as err:  # reported, and the coordinator treats the client as a dropout
+            errors[client.name] = f"{type(err).__name__}: {err}"
+            log.exception("client %s failed", client.name)
+
+    threads = [threading.Thread(target=client_main, args=(c,), name=c.name, daemon=True) for c in clients]
+    for thread in threads:
+        thread.start()
+    try:
+        result = run_job()
+    finally:
+        stop_job()
+    deadline = time.monotonic() + join_timeout_s
+    for thread in threads:
+        thread.join(timeout=max(deadline - time.monotonic(), 0.1))
+    for thread in threads:
+        if thread.is_alive():
+            errors.setdefault(thread.name, "still running after the job ended")
+    return result, histories, errors
+
+
 def simulate_in_process(
     config: JobConfig,
     n_clients: int,
@@ -178,10 +229,7 @@ def simulate_in_process(
     started = time.monotonic()
     job = host.start_job(config, task, store_path)
     try:
-        histories: dict[str, list[RoundOutcome]] = {}
-        errors: dict[str, str] = {}
-        threads = []
-        federations = []
+        clients = []
         for i in range(n_clients):
             name = client_name(i)
             data = client_dataset(task, i, n_clients, job_seed(config))
@@ -194,29 +242,10 @@ def simulate_in_process(
                 backoff=BackoffPolicy(initial_delay_s=0.05, max_delay_s=1.0, give_up_after_s=30.0),
             )
             fed = Federation(InProcessTransport(job.service, name), task.name, task.build_model(), options)
-            federations.append(fed)
-
-            def client_main(fed: Federation = fed, name: str = name, data: TensorDataset = data) -> None:
-                try:
-                    histories[name] = run_client(fed, task, data)
-                except Exception as err:  # reported, and the coordinator treats the client as a dropout
-                    errors[name] = f"{type(err).__name__}: {err}"
-                    log.exception("client %s failed", name)
-
-            thread = threading.Thread(target=client_main, name=name, daemon=True)
-            threads.append(thread)
-        for thread in threads:
-            thread.start()
-        try:
-            summary = job.run()
-        finally:
-            job.stop()
-        deadline = time.monotonic() + client_timeout_s
-        for thread in threads:
-            thread.join(timeout=max(deadline - time.monotonic(), 0.1))
-        stuck = [t.name for t in threads if t.is_alive()]
-        if stuck:
-            errors.update({name: "still running after the job ended" for name in stuck})
+            clients.append(ThreadedClient(name, fed, data))
+        summary, histories, errors = run_with_client_threads(
+            job.run, job.stop, task, clients, join_timeout_s=client_timeout_s
+        )
     finally:
         job.close()
     rounds = list(host.read_rounds(store_path, summary.run_id))

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -255,9 +254,10 @@ def run_federation(
     on_start: Callable[[str], None] | None = None,
 ) -> FederationResult:
     """Run one federation to completion; ``on_round`` is called after each committed round."""
-    from fedveil.clients import ClientOptions, Federation, run_client
+    from fedveil.clients import ClientOptions, Federation
     from fedveil.clients.api import evaluator
     from fedveil.clients.backoff import BackoffPolicy
+    from fedveil.clients.simulation import ThreadedClient, run_with_client_threads
     from fedveil.dp.ledger import FEDERATION, PrivacyLedger
     from fedveil.protocol.transport import InProcessTransport
     from fedveil.server.coordinator import Coordinator
@@ -316,7 +316,6 @@ def run_federation(
 
     store = _ObservedStore(store_path, observe)
     grpc_server: Any = None
-    client_errors: dict[str, str] = {}
     try:
         tokens = {name: store.enroll(name, rotate=store.client_enrolled(name)).token for name in names}
         config = server_config(settings, recipe, len(names))
@@ -332,7 +331,8 @@ def run_federation(
             def make_transport(name: str) -> Any:
                 return InProcessTransport(coordinator, name)
 
-        def hospital_main(name: str, index: int) -> None:
+        clients = []
+        for index, name in enumerate(names):
             dataset = data[name]
             options = ClientOptions(
                 seed=settings.seed * 1000 + index + 1, num_examples=len(dataset), evaluate=evaluator(task, dataset),
@@ -341,30 +341,12 @@ def run_federation(
             fed = Federation(_LateMaskedInput(make_transport(name), name, plan), task.name, task.build_model(),
                              options)
             federations[name] = fed
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    # a round retried after an abort that the hospital's budget cannot afford is
-                    # declined inside run_client (the hospital sits it out and stays in the job)
-                    run_client(fed, task, dataset)
-            except Exception as err:  # the coordinator treats it as a dropout; reported at the end
-                client_errors[name] = f"{type(err).__name__}: {err}"
-                log.exception("hospital %s failed", name)
-
-        threads = [
-            threading.Thread(target=hospital_main, args=(n, i), name=n, daemon=True) for i, n in enumerate(names)
-        ]
-        for t in threads:
-            t.start()
-        try:
-            summary = coordinator.run()
-        finally:
-            coordinator.stop()
-        for t in threads:
-            t.join(timeout=30.0)
-        for t in threads:
-            if t.is_alive():
-                client_errors.setdefault(t.name, "still running after the job ended")
+            clients.append(ThreadedClient(name, fed, dataset))
+        # a round retried after an abort that a hospital's budget cannot afford is declined inside
+        # run_client (the hospital sits it out and stays in the job)
+        summary, _, client_errors = run_with_client_threads(
+            coordinator.run, coordinator.stop, task, clients, join_timeout_s=30.0
+        )
         eps_now = hospital_epsilons()
         hospitals = {
             name: {
