@@ -187,6 +187,7 @@ def test_a_run_started_from_the_browser_shows_its_rounds(demo: tuple[str, Path],
     assert run["settings"]["epsilon_budget"] == 2.5 and len(run["rounds"]) == 2
     assert all(e is not None and e <= 2.5 + 1e-9 for e in run["rounds"][-1]["epsilon_sample"].values())
     assert "budget ε = 2.5" in page.inner_text("#run-settings") or "ε budget 2.5" in page.inner_text("#run-settings")
+    assert not page.is_visible("#run-warning")  # local DP-SGD: no user-level noise warning
     shot(page, "browser-run")
     # a second start while one is running is refused with a message (here the run is over, so it starts)
     assert page.errors == []

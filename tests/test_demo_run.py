@@ -67,7 +67,7 @@ def test_reduced_demo_central_and_none(tmp_path: Path) -> None:
     assert dist["status"] == "completed" and len(dist["rounds"]) == 2
     assert dist["epsilon_user"] is not None and 0 < dist["epsilon_user"] <= 3.0
     for report in (central, dist):  # three hospitals cannot drown user-level noise: the report says so
-        assert any("expect a model near chance" in n for n in report["notes"])
+        assert any("dominated by noise" in n for n in report["notes"])
     none = run_demo(DemoOptions(hospitals=3, rounds=2, dropout=0.0, dp="none", in_process=True,
                                 out=tmp_path / "n"), quiet(), serve_forever=False)
     assert none["epsilon_user"] is None and none["epsilon_sample_max"] is None
@@ -99,6 +99,11 @@ def test_only_one_run_at_a_time(tmp_path: Path) -> None:
     assert seen == [True] and not demo_runs.busy()
     assert [r["id"] for r in runs.list_runs()] == [result.run_id]
     assert runs.get_run(result.run_id)["status"] == "completed"
+    assert runs.get_run(result.run_id)["settings"]["warning"] is None  # local DP: nothing to warn about
+    central = demo_runs.run(FederationSettings(rounds=1, hospitals_per_round=3, dp="central", transport="in-process"),
+                            Recipe(rounds=1), prefer_uploads=False)
+    warning = runs.get_run(central.run_id)["settings"]["warning"]
+    assert "user-level DP over 3 hospitals" in warning and "dominated by noise" in warning  # shown on the runs page
 
 
 def test_user_level_noise_ratio_matches_the_mechanism() -> None:

@@ -255,12 +255,17 @@ class DemoRuns:
         max_silent = settings.hospitals_per_round - settings.threshold
         plan = DropoutPlan.draw(self.names, settings.rounds, settings.dropout, max_silent, settings.seed)
 
+        noise_ratio = user_level_noise_ratio(settings, recipe, len(self.names))
+        warning = None
+        if noise_ratio is not None and noise_ratio > 1:
+            warning = user_level_warning(settings.hospitals_per_round, noise_ratio)
+
         def started(run_id: str) -> None:
             rid_box.append(run_id)
             self.runs.begin_run(
                 {"rounds": settings.rounds, "hospitals_per_round": settings.hospitals_per_round, "dp": settings.dp,
                  "epsilon_budget": settings.epsilon_budget, "dropout": settings.dropout,
-                 "transport": settings.transport},
+                 "transport": settings.transport, "warning": warning},
                 self.names, epsilon_budget=settings.epsilon_budget if settings.dp != "none" else None,
                 delta=recipe.delta, run_id=run_id)
 
@@ -421,9 +426,9 @@ def run_demo(
 
 def user_level_warning(hospitals: int, noise_ratio: float) -> str:
     return (f"user-level DP over {hospitals} hospitals: each round's noise has {noise_ratio:.1f}x the norm of the "
-            "largest possible mean update, so expect a model near chance. User-level DP needs hundreds of "
-            "participants per round; with a few hospitals, --dp local protects each patient at the same ε and "
-            "keeps a useful model.")
+            "largest possible mean update, so the model is dominated by noise and varies widely from run to run. "
+            "User-level DP needs hundreds of participants per round; with a few hospitals, --dp local protects "
+            "each patient at the same ε and keeps a useful model.")
 
 
 def _settings_of(options: DemoOptions, recipe: Recipe) -> FederationSettings:

@@ -64,6 +64,9 @@ async function refreshDetail() {
   const s = run.settings;
   document.getElementById("run-settings").textContent =
     `${s.rounds} rounds · ${s.hospitals_per_round} hospitals per round · DP ${s.dp} · ε budget ${s.epsilon_budget} · δ ${run.delta}`;
+  const warning = document.getElementById("run-warning");
+  warning.textContent = s.warning || "";
+  warning.hidden = !s.warning;
   const rounds = run.rounds;
   const xs = rounds.map((r) => r.round);
   drawLineChart(document.getElementById("chart-accuracy"), [
