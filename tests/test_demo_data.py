@@ -146,3 +146,18 @@ def test_bad_flags_are_one_line_errors(args: list[str], flag: str, capsys: pytes
     assert main(["demo", "healthcare", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {flag}:")
+
+
+@pytest.mark.parametrize("flag", ["--out", "--export-csv"])
+def test_output_directories_that_cannot_exist_are_one_line_errors(
+    flag: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedveil.cli import main
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    for target, words in ((a_file, "exists and is not a directory"), (a_file / "sub", "cannot create directory")):
+        assert main(["demo", "healthcare", flag, str(target)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {flag}:") and words in err[0], err
+    assert a_file.read_text() == "keep me"  # nothing replaced

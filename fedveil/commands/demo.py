@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -50,10 +51,10 @@ def healthcare_command(
         fail("--dp", f"must be one of local, central, distributed, none (got {dp_mode!r})")
     if dashboard_port is not None and not 0 <= dashboard_port <= 65535:
         fail("--dashboard", f"must be a TCP port in 0..65535 (got {dashboard_port})")
-    if out.exists() and not out.is_dir():
-        fail("--out", f"{str(out)!r} exists and is not a directory")
-    if export_csv is not None and export_csv.exists() and not export_csv.is_dir():
-        fail("--export-csv", f"{str(export_csv)!r} exists and is not a directory")
+    if export_csv is not None:
+        ensure_directory("--export-csv", export_csv)
+    else:
+        ensure_directory("--out", out)
 
     from fedveil.demo.data import make_split
     from fedveil.demo.runner import SPLIT_SEED, DemoOptions, run_demo
@@ -88,3 +89,15 @@ def healthcare_command(
         "delta": report["delta"], "rounds": len(report["rounds"]), "status": report["status"],
         "report": report["files"]["json"], "wall_seconds": report["wall_seconds"],
     })
+
+
+def ensure_directory(flag: str, path: Path) -> None:
+    """Create ``path`` (and parents) or fail naming ``flag``; a file in the way is refused, not replaced."""
+    if path.exists() and not path.is_dir():
+        fail(flag, f"{str(path)!r} exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        fail(flag, f"cannot create directory {str(path)!r}: {err.strerror or err}")
+    if not os.access(path, os.W_OK | os.X_OK):
+        fail(flag, f"directory {str(path)!r} is not writable")
