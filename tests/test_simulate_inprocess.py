@@ -81,6 +81,8 @@ def test_cli_simulate_prints_rounds_and_json(capsys: pytest.CaptureFixture[str],
         (["--clients", "3", "--rounds", "1", "--task", "fedveil.task:load_task"], "error: --task: 'load_task' is a"),
         (["--clients", "3", "--rounds", "1", "--task", "fedveil.tasks.synthetic:N_FEATURES"], "error: --task:"),
         (["--clients", "3", "--rounds", "1", "--server-lr", "-1"], "error: --server-lr:"),
+        (["--clients", "3", "--rounds", "1", "--store", "/nonexistent-dir/run.db"],
+         "error: --store: directory '/nonexistent-dir' does not exist"),
     ],
 )
 def test_cli_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str], args: list[str], message: str) -> None:

@@ -89,6 +89,8 @@ def simulate_command(
         fail("--active-adversary", "only in-process (without --processes)")
     if store_path is not None and store_path.exists():
         fail("--store", f"{str(store_path)!r} already exists (choose a new path)")
+    if store_path is not None and not store_path.parent.is_dir():
+        fail("--store", f"directory {str(store_path.parent)!r} does not exist")
     try:
         config = ServerConfig(
             task=task_ref, rounds=rounds, clients_per_round=k, min_clients=m, round_timeout=round_timeout,
