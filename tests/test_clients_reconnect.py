@@ -86,12 +86,13 @@ def test_a_refused_token_ends_the_client_with_status_3(tmp_path: Path) -> None:
     with ProcessGroup(tmp_path / "logs") as group:
         server = group.start("server", server_argv(config(), address, store_path))
         wait_for_port("127.0.0.1", port, 60, server.popen)
-        client = group.start("intruder", client_argv(address, "fv1.not-a-real-token", data[0], 0))
+        unknown = well_formed_token()  # well formed, never issued: the server must refuse it
+        client = group.start("intruder", client_argv(address, unknown, data[0], 0))
         code = client.wait(120)
         err = client.errors().strip().splitlines()
     assert code == 3
     assert err[-1].startswith("error: the server refused this client's credentials")
-    assert "fv1.not-a-real-token" not in client.errors()
+    assert unknown not in client.errors() and unknown.split(".")[2] not in client.errors()
 
 
 @pytest.mark.parametrize(
@@ -112,10 +113,41 @@ def test_client_usage_errors_are_one_line(
     bad = tmp_path / "bad.csv"
     bad.write_text("x0,y\n1,0\n")
     values = {"data": str(data), "missing": str(tmp_path / "none.csv"), "bad": str(bad)}
-    argv = ["client", "--task", "fedveil.tasks.synthetic", "--token", "t", *[a.format(**values) for a in args]]
+    token = well_formed_token()
+    argv = ["client", "--task", "fedveil.tasks.synthetic", "--token", token, *[a.format(**values) for a in args]]
     if "--task" in args:
-        argv = ["client", "--token", "t", *[a.format(**values) for a in args]]
+        argv = ["client", "--token", token, *[a.format(**values) for a in args]]
     code = main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2, err
     assert len(err) == 1 and err[0].startswith(message), err
+
+
+def well_formed_token() -> str:
+    import base64
+
+    from fedveil.protocol.auth import TOKEN_ID_BYTES, TOKEN_PREFIX, TOKEN_SECRET_BYTES
+
+    secret = base64.urlsafe_b64encode(bytes(range(TOKEN_SECRET_BYTES))).decode().rstrip("=")
+    return f"{TOKEN_PREFIX}.{'ab' * TOKEN_ID_BYTES}.{secret}"
+
+
+@pytest.mark.parametrize("source", ["--token", "--token-file", "FEDVEIL_TOKEN"])
+def test_a_malformed_token_fails_at_once_naming_its_source_without_echoing_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, source: str
+) -> None:
+    data = write_site_csv(tmp_path / "ok.csv", 0, 2, 0)
+    secret_looking = "fvt1.not-a-token-s3cr3t-value"
+    argv = ["client", "--server", "127.0.0.1:1", "--task", "fedveil.tasks.synthetic", "--data", str(data), "--insecure"]
+    monkeypatch.delenv("FEDVEIL_TOKEN", raising=False)
+    if source == "--token":
+        argv += ["--token", secret_looking]
+    elif source == "--token-file":
+        (tmp_path / "token").write_text(secret_looking + "\n")
+        argv += ["--token-file", str(tmp_path / "token")]
+    else:
+        monkeypatch.setenv("FEDVEIL_TOKEN", secret_looking)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {source}: malformed token"), err
+    assert "s3cr3t" not in err[0]

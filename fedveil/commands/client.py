@@ -59,7 +59,8 @@ def client_command(
     from fedveil.clients.api import check_server_address, evaluator, federate, load_identity_key, run_client
     from fedveil.clients.backoff import BackoffPolicy
     from fedveil.clients.session import AuthenticationError, ClientError
-    from fedveil.protocol.errors import ProtocolError
+    from fedveil.protocol.auth import parse_token
+    from fedveil.protocol.errors import ProtocolError, Unauthenticated
     from fedveil.protocol.tls import TlsConfigError
     from fedveil.task import SchemaError, TaskLoadError, load_task
 
@@ -81,7 +82,15 @@ def client_command(
             token = token_file.read_text().strip()
         except OSError as err:
             fail("--token-file", f"cannot read {str(token_file)!r}: {err.strerror}")
-    token = token or os.environ.get("FEDVEIL_TOKEN") or None
+    token_source = "--token-file" if token_file is not None else "--token"
+    if not token and os.environ.get("FEDVEIL_TOKEN"):
+        token, token_source = os.environ["FEDVEIL_TOKEN"], "FEDVEIL_TOKEN"
+    token = token or None
+    if token is not None:
+        try:  # checked here so that a mistyped token fails at once, not after connection retries
+            parse_token(token)
+        except Unauthenticated as err:
+            fail(token_source, str(err))  # the message never repeats the token
     if give_up_after < 0:
         fail("--give-up-after", f"must be non-negative (got {give_up_after})")
     if max_backoff < 0.2:
