@@ -223,3 +223,12 @@ def test_tls_clients_verify_the_server_against_their_ca_and_refuse_another(tmp_p
     assert "error" not in out, out.get("error")
     assert out["summary"].status == "completed"
     assert sorted(len(r) for r in results) == [1, 1, 1]
+
+
+def test_federate_refuses_a_malformed_token_before_connecting() -> None:
+    secret_looking = "fvt1.deadbeef.s3cr3t"
+    with pytest.raises(ValueError, match=r"^token: malformed token") as info:
+        fedveil.federate("127.0.0.1:1", task=TASK, token=secret_looking, insecure=True)
+    assert "s3cr3t" not in str(info.value)
+    with pytest.raises(ValueError, match=r"^server: expected HOST:PORT"):
+        fedveil.federate("nohost", task=TASK, token=None, insecure=True)

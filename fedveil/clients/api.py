@@ -28,7 +28,9 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from fedveil.clients.backoff import BackoffPolicy
 from fedveil.clients.session import ClientOptions, EvaluateFn, Federation, Round, RoundOutcome
 from fedveil.dp.ledger import BudgetExceededError
+from fedveil.protocol.auth import parse_token
 from fedveil.protocol.client import ChannelConfig, GrpcTransport
+from fedveil.protocol.errors import Unauthenticated
 from fedveil.protocol.tls import read_pem
 from fedveil.protocol.transport import Transport
 from fedveil.task import Task, load_task
@@ -71,6 +73,11 @@ def federate(
     if transport is None:
         if server is None:
             raise ValueError("server: required (HOST:PORT) unless a transport is given")
+        if token is not None:
+            try:  # fail at once on a mistyped token, not after the server refuses it
+                parse_token(token)
+            except Unauthenticated as err:
+                raise ValueError(f"token: {err}") from None  # the message never repeats the token
         transport = GrpcTransport.connect(
             ChannelConfig(
                 target=check_server_address(server),
