@@ -2,6 +2,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+# Extra pip arguments for the torch install. On the project's machines torch==2.13.0 resolves to
+# a local CPU wheel; elsewhere use TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+# to get the CPU build instead of PyPI's default (CUDA) build.
+TORCH_PIP_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedveil-installed
 DEMO_OUT ?= demo-out
@@ -12,9 +16,9 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-# torch first, from the pinned CPU build, so the range in pyproject is already satisfied.
+# torch first (pinned), so the range in pyproject is already satisfied and pip pulls nothing bigger.
 $(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 

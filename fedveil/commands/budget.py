@@ -1,7 +1,7 @@
 """``fedveil budget``: privacy accounting from the command line.
 
 - ``compute``: ε of T steps of the Poisson-subsampled Gaussian mechanism (q, z) at δ.
-- ``noise``: the noise multiplier that meets a target ε (within 1 %, never above it).
+- ``noise``: the noise multiplier that meets a target ε (within 0.5 %, never above it).
 - ``report``: per-round and cumulative ε of a privacy ledger (text, JSON, Markdown, PNG plot).
 
 Bad arguments print one line ``error: --flag: ...`` and exit with status 2.
@@ -107,7 +107,7 @@ def compute_cmd(
 def noise_cmd(
     target_epsilon: float, sample_rate: float, steps: int, delta: float, accountant: str, as_json: bool
 ) -> None:
-    """Print the noise multiplier whose ε is within 1 % of (and not above) TARGET_EPSILON."""
+    """Print the noise multiplier whose ε is within 0.5 % of (and not above) TARGET_EPSILON."""
     if not math.isfinite(target_epsilon) or target_epsilon <= 0.0:
         fail("--target-epsilon", f"must be a finite number > 0 (got {target_epsilon:g})")
     _check_common(sample_rate, steps, delta, accountant)
