@@ -13,7 +13,8 @@ import importlib
 import inspect
 import io
 import math
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -34,11 +35,33 @@ class TaskLoadError(ValueError):
     """A ``--task`` reference cannot be resolved to a :class:`Task`."""
 
 
+#: Magnitudes at or above this round to infinity in float32 (the model's precision): 2^128 - 2^103,
+#: halfway between the largest float32 and 2^128.
+FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
+_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+
+
 @dataclass(frozen=True)
 class ColumnSpec:
     name: str
     dtype: ColumnType = "float"
     description: str = ""
+    #: Smallest allowed value (e.g. 0 for a measurement that is never negative); None = no bound.
+    minimum: float | None = None
+
+    def check(self, value: float, where: str, shown: str) -> float:
+        """``value`` if it fits this column, else a :class:`SchemaError` naming ``where`` and the column."""
+        if not math.isfinite(value):
+            raise SchemaError(f"{where}{self.name!r}: {shown} is not a finite number")
+        if abs(value) >= FLOAT32_OVERFLOW:
+            raise SchemaError(f"{where}{self.name!r}: {shown} is out of range (magnitude above 3.4e+38)")
+        if self.dtype in ("int", "binary") and value != int(value):
+            raise SchemaError(f"{where}{self.name!r}: {shown} is not an integer")
+        if self.dtype == "binary" and value not in (0.0, 1.0):
+            raise SchemaError(f"{where}{self.name!r}: {shown} must be 0 or 1")
+        if self.minimum is not None and value < self.minimum:
+            raise SchemaError(f"{where}{self.name!r}: {shown} is below the minimum {self.minimum:g}")
+        return value
 
 
 @dataclass(frozen=True)
@@ -78,15 +101,17 @@ class DataSchema:
             header = [h.strip() for h in next(reader)]
         except (StopIteration, csv.Error) as err:
             raise SchemaError(f"the file is not valid CSV: {err}") from err
+        duplicates = sorted({h for h in header if header.count(h) > 1})
+        if duplicates:
+            raise SchemaError("duplicate columns in the header: " + ", ".join(repr(h) for h in duplicates))
         expected = self.column_names
         mismatch = describe_name_mismatch(
-            [c for c in expected if c not in header], [c for c in header if c not in expected],
+            [c for c in expected if c not in header],
+            [c if c else "(a column with an empty name)" for c in header if c not in expected],
             missing_label="missing columns", extra_label="unexpected columns",
         )
         if mismatch:
             raise SchemaError(mismatch)
-        if len(set(header)) != len(header):
-            raise SchemaError("duplicate column names in the header")
         order = [header.index(c) for c in expected]
         specs = [*self.features, self.label]
         rows: list[list[float]] = []
@@ -105,6 +130,24 @@ class DataSchema:
             raise SchemaError("the file has a header but no data rows")
         table = np.asarray(rows, dtype=np.float32)
         return table[:, :-1], table[:, -1]
+
+    def parse_values(self, values: Mapping[str, object]) -> np.ndarray:
+        """One row of features given by name (e.g. a form or JSON body) as float32, in model order.
+
+        Accepts numbers and plain decimal strings; refuses booleans, other types, missing or
+        unknown names, and values the column does not allow, naming the feature at fault.
+        """
+        names = [c.name for c in self.features]
+        mismatch = describe_name_mismatch(
+            [n for n in names if n not in values or values[n] in ("", None)], [k for k in values if k not in names],
+            missing_label="missing", extra_label="unknown features",
+        )
+        if mismatch:
+            raise SchemaError(mismatch)
+        out = np.empty(len(names), dtype=np.float32)
+        for i, spec in enumerate(self.features):
+            out[i] = spec.check(_strict_number(values[spec.name], spec.name), "feature ", repr(values[spec.name]))
+        return out
 
     def to_csv(self, features: np.ndarray, labels: np.ndarray) -> str:
         """Render rows in this schema (the inverse of :meth:`parse_csv`)."""
@@ -138,18 +181,28 @@ def _parse_cell(cell: str, spec: ColumnSpec, line_no: int) -> float:
         raise SchemaError(
             f"row {line_no}, column {spec.name!r}: {text!r} is not a number ({spec.dtype} expected)"
         ) from None
-    if not math.isfinite(value):
-        raise SchemaError(f"row {line_no}, column {spec.name!r}: {text!r} is not a finite number")
-    if spec.dtype in ("int", "binary") and value != int(value):
-        raise SchemaError(f"row {line_no}, column {spec.name!r}: {text!r} is not an integer")
-    if spec.dtype == "binary" and value not in (0.0, 1.0):
-        raise SchemaError(f"row {line_no}, column {spec.name!r}: {text!r} must be 0 or 1")
-    return value
+    return spec.check(value, f"row {line_no}, column ", repr(text))
+
+
+def _strict_number(value: object, name: str) -> float:
+    """A JSON/form value as a float: int, float or a plain decimal string (no bools, no ``1_000``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise SchemaError(f"feature {name!r}: {value!r} is not a number")
+    if isinstance(value, str) and not _NUMBER.match(value.strip()):
+        raise SchemaError(f"feature {name!r}: {value!r} is not a number")
+    try:
+        return float(value)
+    except OverflowError:
+        raise SchemaError(f"feature {name!r}: the value is out of range") from None
 
 
 def _format_cell(value: float, spec: ColumnSpec) -> str:
     if spec.dtype in ("int", "binary"):
         return str(int(value))
+    if float(np.float32(value)) == float(value):
+        text = str(np.float32(value))  # a float32 value's shortest decimal: 19.59, not 19.59000015258789
+        if float(np.float32(float(text))) == float(value):  # parse_csv reads via float64: check the round trip
+            return text
     return repr(float(value))
 
 

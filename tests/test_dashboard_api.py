@@ -105,6 +105,10 @@ def test_good_upload_is_kept_only_in_the_hospitals_directory(board: Any) -> None
         ("binary", "not UTF-8 text"),
         ("too_large", "too large"),
         ("bad_label", "must be 0 or 1"),
+        ("float32_overflow", "row 4, column 'mean_area': '1e39' is out of range"),
+        ("negative", "row 4, column 'mean_area': '-3' is below the minimum 0"),
+        ("duplicate", "duplicate columns in the header: 'mean_area'"),
+        ("trailing_comma", "unexpected columns: (a column with an empty name)"),
     ],
 )
 def test_bad_uploads_are_refused_with_a_message_and_leave_nothing(board: Any, case: str, expected: str) -> None:
@@ -134,6 +138,14 @@ def test_bad_uploads_are_refused_with_a_message_and_leave_nothing(board: Any, ca
     elif case == "too_large":
         body = (lines[0] + "\n" + "\n".join(lines[1:] * 300)).encode()
         assert len(body) > dirs.max_bytes
+    elif case in ("float32_overflow", "negative"):
+        cells = lines[3].split(",")
+        cells[header.index("mean_area")] = "1e39" if case == "float32_overflow" else "-3"
+        body = "\n".join([*lines[:3], ",".join(cells), *lines[4:]]).encode()
+    elif case == "duplicate":
+        body = "\n".join([lines[0] + ",mean_area"] + [line + ",1" for line in lines[1:]]).encode()
+    elif case == "trailing_comma":
+        body = "\n".join([lines[0] + ","] + [line + "," for line in lines[1:]]).encode()
     else:  # bad_label
         cells = lines[2].split(",")
         cells[-1] = "2"
@@ -264,3 +276,102 @@ def test_generic_explanation_is_gradient_times_input() -> None:
         ("b", -3.0), ("a", 2.0), ("c", 2.0), ("d", -0.5)]
     assert math.isclose(res["logit"], -1.0 + 2.0 - 3.0 + 2.0 - 0.5)
     assert res["top_features"][0]["direction"] == "lowers risk" and "approximations" in res["confidence"]
+
+
+def raw_exchange(url: str, request: bytes) -> bytes:
+    """Send raw bytes on one connection and return everything the server sends until it closes."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 80), timeout=10) as sock:
+        sock.sendall(request)
+        chunks = []
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                raise AssertionError("the server kept the connection open after a refused request") from None
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+
+
+@pytest.mark.parametrize("refusal", ["no_header", "foreign_host", "unknown_hospital"])
+def test_a_refused_request_cannot_smuggle_another_in_its_body(board: Any, refusal: str) -> None:
+    """A refused request's unread body must not be parsed as the next request on the connection."""
+    server, _, dirs = board
+    good = site_csv().encode()
+    assert upload(server.url, "hospital-1", good)[0] == 200
+    port = server.port
+    smuggled = (f"DELETE /api/hospitals/hospital-1/upload HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                "X-Fedveil-Request: 1\r\nContent-Length: 0\r\n\r\n").encode()
+    host = "evil.example" if refusal == "foreign_host" else f"127.0.0.1:{port}"
+    header = "" if refusal == "no_header" else "X-Fedveil-Request: 1\r\n"
+    target = "hospital-9" if refusal == "unknown_hospital" else "hospital-1"
+    outer = (f"POST /api/hospitals/{target}/upload?filename=a.csv HTTP/1.1\r\nHost: {host}\r\n{header}"
+             f"Content-Type: text/csv\r\nContent-Length: {len(smuggled)}\r\n\r\n").encode() + smuggled
+    reply = raw_exchange(server.url, outer)
+    assert reply.count(b"HTTP/1.1 ") == 1, reply  # one answer (the refusal), then the connection closes
+    assert reply.startswith((b"HTTP/1.1 403", b"HTTP/1.1 404")) and b"Connection: close" in reply
+    assert (dirs.root / "hospital-1" / "site.csv").read_bytes() == good  # the smuggled DELETE never ran
+
+
+def test_keep_alive_still_serves_several_plain_gets_on_one_connection(board: Any) -> None:
+    server, _, _ = board
+    one = f"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n\r\n".encode()
+    last = f"GET /api/schema HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nConnection: close\r\n\r\n".encode()
+    reply = raw_exchange(server.url, one + one + last)
+    assert reply.count(b"HTTP/1.1 200") == 3
+
+
+def test_other_methods_chunked_bodies_and_head_get_json_answers(board: Any) -> None:
+    server, _, _ = board
+    for method in ("PUT", "PATCH", "OPTIONS"):
+        status, res = call(server.url + "api/predict", method, b"{}")
+        assert status == 405 and f"method {method} is not supported" in res["error"]
+    req = urllib.request.Request(server.url + "api/status", method="HEAD")
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.status == 200 and resp.read() == b"" and "json" in resp.headers["Content-Type"]
+    chunked = (f"POST /api/runs HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nX-Fedveil-Request: 1\r\n"
+               "Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n").encode()
+    reply = raw_exchange(server.url, chunked)
+    assert reply.startswith(b"HTTP/1.1 411") and reply.count(b"HTTP/1.1 ") == 1 and b"chunked" in reply
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ('{"rounds": Infinity}', "rounds"),
+        ('{"rounds": 1e400}', "rounds"),
+        ('{"epsilon_budget": 1' + "0" * 400 + "}", "epsilon_budget"),
+        ('{"rounds": 1' + "0" * 400 + "}", "rounds"),
+        ('{"epsilon_budget": true}', "epsilon_budget"),
+    ],
+)
+def test_absurd_numbers_in_run_settings_name_the_field(body: str, field: str) -> None:
+    from fedveil.server.dashboard import DashboardError
+
+    with pytest.raises(DashboardError, match=f"^{field}: ") as info:
+        RunSettings.from_json(json.loads(body), max_hospitals=5)
+    assert len(str(info.value)) < 120  # a 400-digit value is not echoed back
+
+
+def test_a_json_integer_beyond_pythons_digit_limit_is_a_400(board: Any) -> None:
+    server, _, _ = board
+    status, res = call(server.url + "api/predict", "POST", b'{"features": {"mean_area": 1' + b"0" * 5000 + b"}}")
+    assert status == 400 and "not valid JSON" in res["error"]
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [(1e39, "out of range"), ("1e39", "out of range"), (-1.0, "below the minimum 0"), (True, "not a number"),
+     ("1_000", "not a number"), (10**400, "out of range")],
+)
+def test_predict_refuses_values_the_model_cannot_take(board: Any, value: Any, words: str) -> None:
+    server, runs, _ = board
+    runs.set_model(healthcare.build_model().state_dict())
+    patient = dict(zip(FEATURE_NAMES, make_split(5, 0).test.features[0].tolist(), strict=True))
+    body = json.dumps({"features": {**patient, "mean_area": value}}).encode()
+    status, res = call(server.url + "api/predict", "POST", body)
+    assert status == 400 and "mean_area" in res["error"] and words in res["error"], res

@@ -124,3 +124,28 @@ def test_user_level_noise_ratio_matches_the_mechanism() -> None:
     distributed = FederationSettings(rounds=30, hospitals_per_round=5, dp="distributed")
     zd = server_config(distributed, recipe, 5).dp_noise_multiplier
     assert user_level_noise_ratio(distributed, recipe, 5) == pytest.approx(zd * math.sqrt(5 / 3) * math.sqrt(31) / 5)
+
+
+def test_a_hospital_with_one_class_only_takes_part_without_crashing(tmp_path: Path) -> None:
+    """Its local ROC AUC is undefined (NaN): the client leaves it out of its report instead of failing."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from fedveil.demo import healthcare
+    from fedveil.demo.data import make_split
+    from fedveil.demo.federation import FederationSettings, run_federation
+    from fedveil.demo.recipe import Recipe
+
+    split = make_split(3)
+    files = {}
+    for site in split.hospitals:
+        keep = site.labels == 0 if site.name == "hospital-1" else slice(None)
+        path = tmp_path / f"{site.name}.csv"
+        path.write_text(healthcare.SCHEMA.to_csv(site.features[keep], site.labels[keep]))
+        files[site.name] = path
+    test = TensorDataset(torch.from_numpy(split.test.features), torch.from_numpy(split.test.labels))
+    result = run_federation(store_path=tmp_path / "runs.sqlite", site_files=files, test=test,
+                            settings=FederationSettings(rounds=2, hospitals_per_round=3, transport="in-process"),
+                            recipe=Recipe(rounds=2))
+    assert result.status == "completed" and not result.client_errors, (result.message, result.client_errors)
+    assert [r.participants for r in result.rounds] == [["hospital-1", "hospital-2", "hospital-3"]] * 2

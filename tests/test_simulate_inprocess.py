@@ -145,3 +145,40 @@ def test_harary_graph_rounds_complete_and_match_the_complete_graph_sum() -> None
     assert sparse.summary["status"] == "completed" and not sparse.client_errors
     assert sparse.rounds[0].survivors == 8
     np.testing.assert_array_equal(sparse.rounds[0].aggregate, dense.rounds[0].aggregate)
+
+
+def test_client_failures_that_leave_too_few_clients_stop_the_job_instead_of_hanging(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import threading
+
+    from fedveil.clients import simulation
+
+    def fake_run_client(fed: object, task: object, data: object) -> list[object]:
+        if fed == "broken":
+            raise RuntimeError("local data unusable")
+        stopped.wait(10)
+        return []
+
+    monkeypatch.setattr(simulation, "run_client", fake_run_client)
+    stopped = threading.Event()
+    clients = [simulation.ThreadedClient(n, f, None) for n, f in  # type: ignore[arg-type]
+               (("a", "ok"), ("b", "broken"), ("c", "ok"))]
+
+    def job() -> str:
+        return "stopped" if stopped.wait(10) else "hung"
+
+    result, _, errors = simulation.run_with_client_threads(job, stopped.set, None, clients,  # type: ignore[arg-type]
+                                                           join_timeout_s=5, min_live_clients=3)
+    assert result == "stopped" and errors == {"b": "RuntimeError: local data unusable"}
+    # with enough clients left, one failure is only a dropout: the job is not stopped
+    stopped.clear()
+    stop_calls: list[bool] = []
+    done = threading.Timer(0.5, stopped.set)  # the job ends on its own
+    done.start()
+    result, _, errors = simulation.run_with_client_threads(
+        job, lambda: stop_calls.append(stopped.is_set()), None, clients, join_timeout_s=5,  # type: ignore[arg-type]
+        min_live_clients=2,
+    )
+    done.join()
+    assert set(errors) == {"b"} and stop_calls == [True]  # only the usual stop after the job ended on its own

@@ -1,5 +1,8 @@
+import hypothesis.extra.numpy as hnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedveil.task import ColumnSpec, DataSchema, SchemaError, TaskLoadError, load_task
 
@@ -15,6 +18,24 @@ def test_round_trip() -> None:
     parsed_x, parsed_y = SCHEMA.parse_csv(SCHEMA.to_csv(x, y))
     np.testing.assert_array_equal(parsed_x, x)
     np.testing.assert_array_equal(parsed_y, y)
+
+
+FLOATS = DataSchema(features=(ColumnSpec("a"), ColumnSpec("b")), label=ColumnSpec("y", "binary"))
+
+
+@given(
+    hnp.arrays(np.float32, (3, 2), elements=st.floats(width=32, allow_nan=False, allow_infinity=False)),
+)
+@settings(max_examples=200, deadline=None)
+def test_float32_values_round_trip_exactly_through_csv(x: np.ndarray) -> None:
+    y = np.array([0, 1, 0], dtype=np.float32)
+    parsed_x, _ = FLOATS.parse_csv(FLOATS.to_csv(x, y))
+    np.testing.assert_array_equal(parsed_x, x)
+
+
+def test_csv_shows_float32_values_as_their_shortest_decimal() -> None:
+    text = FLOATS.to_csv(np.array([[19.59, 0.1]], dtype=np.float32), np.array([1], dtype=np.float32))
+    assert text.splitlines()[1] == "19.59,0.1,1"
 
 
 def test_column_order_is_free() -> None:

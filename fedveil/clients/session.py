@@ -18,6 +18,7 @@ incompatible job (``FAILED_PRECONDITION`` at Join) ends the client with an error
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -438,10 +439,15 @@ class Federation:
     def _report_metrics(
         self, model_version: int, metrics: dict[str, float], spend: pb.LocalPrivacySpend | None = None
     ) -> None:
+        finite = {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
+        if len(finite) < len(metrics):
+            # e.g. ROC AUC on local data with one class only: undefined, so not reported (the server
+            # refuses non-finite values, and the client must not fail over a metric)
+            log.info("not reporting undefined metric(s): %s", ", ".join(sorted(set(metrics) - set(finite))))
         report = pb.MetricsReport(
             model_version=model_version,
             num_examples=max(int(self.options.num_examples), 0),
-            metrics=[pb.Metric(name=k, value=float(v)) for k, v in metrics.items()],
+            metrics=[pb.Metric(name=k, value=v) for k, v in finite.items()],
         )
         if spend is not None:
             report.privacy.CopyFrom(spend)

@@ -175,22 +175,32 @@ def run_with_client_threads(
     clients: Sequence[ThreadedClient],
     *,
     join_timeout_s: float,
+    min_live_clients: int = 1,
 ) -> tuple[JobResult, dict[str, list[RoundOutcome]], dict[str, str]]:
     """Run the job in this thread while each client runs :func:`run_client` in its own thread.
 
     Returns the job's result, each client's round outcomes, and an error per client that failed
     (the coordinator treats it as a dropout) or was still running ``join_timeout_s`` after the
-    job ended. Used by :func:`simulate_in_process` and the healthcare demo.
+    job ended. When failures leave fewer than ``min_live_clients`` clients (the job's cohort), no
+    round could ever fill again, so the job is stopped instead of waiting for them forever.
+    Used by :func:`simulate_in_process` and the healthcare demo.
     """
     histories: dict[str, list[RoundOutcome]] = {}
     errors: dict[str, str] = {}
+    failed_lock = threading.Lock()
 
     def client_main(client: ThreadedClient) -> None:
         try:
             histories[client.name] = run_client(client.federation, task, client.data)
         except Exception as err:  # reported, and the coordinator treats the client as a dropout
-            errors[client.name] = f"{type(err).__name__}: {err}"
-            log.exception("client %s failed", client.name)
+            with failed_lock:
+                errors[client.name] = f"{type(err).__name__}: {err}"
+                live = len(clients) - len(errors)
+            log.error("client %s failed: %s: %s", client.name, type(err).__name__, err)
+            log.debug("client %s failure", client.name, exc_info=True)
+            if live < min_live_clients:
+                log.error("%d client(s) left, the job needs %d: stopping it", live, min_live_clients)
+                stop_job()
 
     threads = [threading.Thread(target=client_main, args=(c,), name=c.name, daemon=True) for c in clients]
     for thread in threads:
@@ -244,7 +254,7 @@ def simulate_in_process(
             fed = Federation(InProcessTransport(job.service, name), task.name, task.build_model(), options)
             clients.append(ThreadedClient(name, fed, data))
         summary, histories, errors = run_with_client_threads(
-            job.run, job.stop, task, clients, join_timeout_s=client_timeout_s
+            job.run, job.stop, task, clients, join_timeout_s=client_timeout_s, min_live_clients=config.min_clients
         )
     finally:
         job.close()

@@ -345,8 +345,13 @@ def run_federation(
         # a round retried after an abort that a hospital's budget cannot afford is declined inside
         # run_client (the hospital sits it out and stays in the job)
         summary, _, client_errors = run_with_client_threads(
-            coordinator.run, coordinator.stop, task, clients, join_timeout_s=30.0
+            coordinator.run, coordinator.stop, task, clients, join_timeout_s=30.0,
+            min_live_clients=settings.hospitals_per_round,
         )
+        message = summary.message
+        if summary.status == "stopped" and client_errors:
+            message = ("stopped: too few hospitals left to fill a round after "
+                       + "; ".join(f"{name} failed ({err})" for name, err in sorted(client_errors.items())))
         eps_now = hospital_epsilons()
         hospitals = {
             name: {
@@ -359,7 +364,7 @@ def run_federation(
             for name in names
         }
         return FederationResult(
-            run_id=summary.run_id, status=summary.status, message=summary.message, rounds=reports,
+            run_id=summary.run_id, status=summary.status, message=message, rounds=reports,
             model=model_box[0], hospitals=hospitals, epsilon_user=summary.epsilon, client_errors=client_errors,
             wall_seconds=time.monotonic() - started,
         )

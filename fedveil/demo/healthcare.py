@@ -26,10 +26,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedveil.demo.data import FEATURE_DESCRIPTIONS, FEATURE_NAMES, LABEL_NAME, public_ranges
-from fedveil.task import ColumnSpec, DataSchema, Task, describe_margin, describe_name_mismatch
+from fedveil.task import ColumnSpec, DataSchema, Task, describe_margin
 
 SCHEMA = DataSchema(
-    features=tuple(ColumnSpec(name, "float", FEATURE_DESCRIPTIONS[name]) for name in FEATURE_NAMES),
+    # every measurement is a size, a count or a ratio: never negative
+    features=tuple(ColumnSpec(name, "float", FEATURE_DESCRIPTIONS[name], minimum=0.0) for name in FEATURE_NAMES),
     label=ColumnSpec(LABEL_NAME, "binary", "1 if the mass is malignant, 0 if benign"),
     max_rows=100_000,
 )
@@ -234,29 +235,6 @@ def confidence_description(probability: float, out_of_range: Sequence[str]) -> s
     return text + ". A screening aid, not a diagnosis."
 
 
-def validate_patient(values: dict[str, object]) -> np.ndarray:
-    """Check a patient's features (all 30, finite numbers, nothing else) and order them."""
-    mismatch = describe_name_mismatch(
-        [n for n in FEATURE_NAMES if n not in values], [k for k in values if k not in FEATURE_NAMES],
-        missing_label="missing features", extra_label="unknown features",
-    )
-    if mismatch:
-        raise ValueError(mismatch)
-    out = np.empty(len(FEATURE_NAMES), dtype=np.float32)
-    for i, name in enumerate(FEATURE_NAMES):
-        raw = values[name]
-        try:
-            v = float(raw)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            raise ValueError(f"feature {name!r}: {raw!r} is not a number") from None
-        if not math.isfinite(v):
-            raise ValueError(f"feature {name!r}: {raw!r} is not a finite number")
-        if v < 0:
-            raise ValueError(f"feature {name!r}: {v} is negative; these measurements are never negative")
-        out[i] = v
-    return out
-
-
 def assess(model: nn.Module, features: np.ndarray) -> RiskAssessment:
     """Risk for one patient (raw units) with exact linear contributions to the log-odds.
 
@@ -272,6 +250,8 @@ def assess(model: nn.Module, features: np.ndarray) -> RiskAssessment:
         b = float(model.linear.bias[0])
         contrib = (w * z).numpy().astype(np.float64)
     logit = b + float(contrib.sum())
+    if not math.isfinite(logit):
+        raise ValueError("the model's output is not finite for these values; check the measurements' units")
     prob = 1.0 / (1.0 + math.exp(-logit)) if logit > -700 else 0.0
     lo, hi = public_ranges()
     raw = x[0].numpy()

@@ -42,9 +42,11 @@ POST     /api/predict                            ``{"features": {...}}`` → ris
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
+import sys
 import tempfile
 import threading
 import time
@@ -61,7 +63,9 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 import torch
 
-from fedveil.task import SchemaError, Task, describe_margin, describe_name_mismatch
+from fedveil.task import SchemaError, Task, describe_margin
+
+log = logging.getLogger("fedveil.dashboard")
 
 STATIC_FILES: dict[str, str] = {
     "/": "index.html",
@@ -129,11 +133,13 @@ class RunSettings:
             raise DashboardError(f"dp: must be one of {', '.join(DP_MODES)} (got {dp!r})")
         budget_raw = payload.get("epsilon_budget", defaults.epsilon_budget)
         try:
+            if isinstance(budget_raw, bool):
+                raise ValueError
             budget = float(budget_raw)
-        except (TypeError, ValueError):
-            raise DashboardError(f"epsilon_budget: not a number (got {budget_raw!r})") from None
+        except (TypeError, ValueError, OverflowError):
+            raise DashboardError(f"epsilon_budget: not a number (got {_shown(budget_raw)})") from None
         if not (math.isfinite(budget) and 0.05 <= budget <= 100):
-            raise DashboardError(f"epsilon_budget: must be between 0.05 and 100 (got {budget_raw!r})")
+            raise DashboardError(f"epsilon_budget: must be between 0.05 and 100 (got {_shown(budget_raw)})")
         return cls(rounds=rounds, hospitals_per_round=per_round, dp=str(dp), epsilon_budget=budget)
 
 
@@ -145,11 +151,19 @@ def _int_field(payload: Mapping[str, Any], name: str, default: int, low: int, hi
         value = int(raw)
         if isinstance(raw, float | str) and float(raw) != value:
             raise ValueError
-    except (TypeError, ValueError):
-        raise DashboardError(f"{name}: not a whole number (got {raw!r})") from None
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
+        raise DashboardError(f"{name}: not a whole number (got {_shown(raw)})") from None
     if not low <= value <= high:
-        raise DashboardError(f"{name}: must be between {low} and {high} (got {value})")
+        raise DashboardError(f"{name}: must be between {low} and {high} (got {_shown(value)})")
     return value
+
+
+def _shown(value: object, limit: int = 40) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error messages about hostile input."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @runtime_checkable
@@ -503,6 +517,8 @@ def gradient_times_input(model: torch.nn.Module, features: np.ndarray, names: Se
     x = torch.as_tensor(np.asarray(features, dtype=np.float32)).reshape(1, -1).requires_grad_(True)
     model.eval()
     logit = model(x).reshape(-1)[0]
+    if not math.isfinite(float(logit.item())):
+        raise ValueError("the model's output is not finite for these values; check the measurements' units")
     (grad,) = torch.autograd.grad(logit, x)
     contrib = (grad * x).detach().numpy()[0].astype(np.float64)
     prob = float(torch.sigmoid(logit).item())
@@ -611,23 +627,11 @@ class Dashboard:
     def predict(self, payload: Any) -> dict[str, Any]:
         if not isinstance(payload, dict) or not isinstance(payload.get("features"), dict):
             raise DashboardError('the request body must be {"features": {name: value, ...}}')
-        values = payload["features"]
+        try:
+            x = self.task.schema.parse_values(payload["features"])
+        except SchemaError as err:
+            raise DashboardError(str(err)) from None
         names = [c.name for c in self.task.schema.features]
-        mismatch = describe_name_mismatch(
-            [n for n in names if n not in values or values[n] in ("", None)], [k for k in values if k not in names],
-            missing_label="missing", extra_label="unknown features",
-        )
-        if mismatch:
-            raise DashboardError(mismatch)
-        x = np.empty(len(names), dtype=np.float32)
-        for i, n in enumerate(names):
-            try:
-                v = float(values[n])
-            except (TypeError, ValueError):
-                raise DashboardError(f"{n}: {values[n]!r} is not a number") from None
-            if not math.isfinite(v):
-                raise DashboardError(f"{n}: {values[n]!r} is not a finite number")
-            x[i] = v
         model = self._current_model()
         try:
             result = self.assessor(model, x) if self.assessor else gradient_times_input(model, x, names)
@@ -648,7 +652,13 @@ def make_handler(app: Dashboard) -> type[BaseHTTPRequestHandler]:
 
         # -- plumbing --
         def _send(self, status: int, body: bytes, content_type: str) -> None:
+            if status >= 400 or self._unread_body():
+                # A body we did not read to its end must never be parsed as the next request on
+                # this connection (request smuggling past the Host and header checks): close it.
+                self.close_connection = True
             self.send_response(status)
+            if self.close_connection:
+                self.send_header("Connection", "close")
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Cache-Control", "no-store")
@@ -664,7 +674,16 @@ def make_handler(app: Dashboard) -> type[BaseHTTPRequestHandler]:
         def _error(self, status: int, message: str) -> None:
             self._json(status, {"error": message})
 
+        def _unread_body(self) -> bool:
+            if self.headers.get("Transfer-Encoding"):
+                return True  # chunked bodies are never read
+            length = (self.headers.get("Content-Length") or "0").strip()
+            return not self._body_read and length != "0"
+
         def _read_body(self, limit: int) -> bytes:
+            if self.headers.get("Transfer-Encoding"):
+                raise DashboardError("chunked request bodies are not supported; send a Content-Length",
+                                     HTTPStatus.LENGTH_REQUIRED)
             length_raw = self.headers.get("Content-Length")
             if length_raw is None:
                 raise DashboardError("the request needs a Content-Length header", HTTPStatus.LENGTH_REQUIRED)
@@ -680,7 +699,9 @@ def make_handler(app: Dashboard) -> type[BaseHTTPRequestHandler]:
                     f"the file is too large ({length} bytes; the limit is {limit})",
                     HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                 )
-            return self.rfile.read(length)
+            body = self.rfile.read(length)
+            self._body_read = len(body) == length
+            return body
 
         def _discard(self, length: int) -> None:
             """Read and drop an oversized body (nothing is kept), so the client sees our answer.
@@ -701,13 +722,16 @@ def make_handler(app: Dashboard) -> type[BaseHTTPRequestHandler]:
             body = self._read_body(MAX_JSON_BYTES)
             try:
                 return json.loads(body.decode("utf-8") or "null")
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            except ValueError as err:  # bad UTF-8, bad JSON, or an integer beyond Python's digit limit
                 raise DashboardError(f"the request body is not valid JSON: {err}") from None
 
         def _dispatch(self, method: str) -> None:
+            self._body_read = False
             parts = urlsplit(self.path)
             path = parts.path
             try:
+                if method not in ("GET", "HEAD", "POST", "DELETE"):
+                    raise DashboardError(f"method {method} is not supported", HTTPStatus.METHOD_NOT_ALLOWED)
                 host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
                 addr = self.server.server_address
                 bound = str(addr[0]) if isinstance(addr, tuple) else ""
@@ -723,7 +747,8 @@ def make_handler(app: Dashboard) -> type[BaseHTTPRequestHandler]:
                     return
                 if not path.startswith("/api/"):
                     raise DashboardError(f"not found: {path}", HTTPStatus.NOT_FOUND)
-                self._json(HTTPStatus.OK, self._api(method, path, parse_qs(parts.query)))
+                api_method = "GET" if method == "HEAD" else method
+                self._json(HTTPStatus.OK, self._api(api_method, path, parse_qs(parts.query)))
             except DashboardError as err:
                 self._error(err.status, str(err))
             except Exception as err:  # never crash the server on one request
@@ -778,7 +803,27 @@ def make_handler(app: Dashboard) -> type[BaseHTTPRequestHandler]:
         def do_DELETE(self) -> None:
             self._dispatch("DELETE")
 
+        def do_PUT(self) -> None:
+            self._dispatch("PUT")
+
+        def do_PATCH(self) -> None:
+            self._dispatch("PATCH")
+
+        def do_OPTIONS(self) -> None:
+            self._dispatch("OPTIONS")
+
     return Handler
+
+
+class _QuietHTTPServer(ThreadingHTTPServer):
+    """A browser that goes away mid-reply is not an error worth a traceback on the demo's console."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        err = sys.exc_info()[1]
+        if isinstance(err, ConnectionError | TimeoutError):
+            log.debug("dashboard client %s went away: %s", client_address, err)
+            return
+        log.warning("dashboard request from %s failed", client_address, exc_info=True)
 
 
 class DashboardServer:
@@ -786,7 +831,7 @@ class DashboardServer:
 
     def __init__(self, app: Dashboard, port: int = 0, host: str = "127.0.0.1") -> None:
         self.app = app
-        self._httpd = ThreadingHTTPServer((host, port), make_handler(app))
+        self._httpd = _QuietHTTPServer((host, port), make_handler(app))
         self._httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
 
