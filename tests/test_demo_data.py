@@ -174,3 +174,19 @@ def test_output_directories_that_cannot_exist_are_one_line_errors(
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"error: {flag}:") and words in err[0], err
     assert a_file.read_text() == "keep me"  # nothing replaced
+
+
+@pytest.mark.parametrize("blocker", ["report.md", "privacy_utility.png", "hospitals"])
+def test_out_entries_of_the_wrong_kind_are_refused_before_any_training(
+    blocker: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedveil.cli import main
+
+    if blocker == "hospitals":
+        (tmp_path / blocker).write_text("not a directory")
+    else:
+        (tmp_path / blocker).mkdir()
+    assert main(["demo", "healthcare", "--in-process", "--rounds", "1", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --out:") and blocker in err[0], err
+    assert not (tmp_path / "report.json").exists()

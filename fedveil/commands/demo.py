@@ -57,7 +57,7 @@ def healthcare_command(
         ensure_directory("--out", out)
 
     from fedveil.demo.data import make_split
-    from fedveil.demo.runner import SPLIT_SEED, DemoOptions, run_demo
+    from fedveil.demo.runner import SPLIT_SEED, DemoOptions, OutputDirectoryError, run_demo
     from fedveil.demo.runner import export_csv as do_export
 
     try:
@@ -77,7 +77,7 @@ def healthcare_command(
 
     try:
         report = run_demo(options)
-    except StoreError as err:
+    except (StoreError, OutputDirectoryError) as err:
         fail("--out", str(err))
     except OSError as err:
         if dashboard_port is not None and "address" in str(err).lower():

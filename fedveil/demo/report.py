@@ -143,7 +143,9 @@ def _comparison_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
     privacy = "no DP" if report.get("dp") == "none" else f"patient ε ≤ {eps:.3f}" if eps is not None else "DP"
     if report.get("epsilon_user") is not None:
         privacy += f", user ε = {report['epsilon_user']:.3f}"
-    rows.append({"name": f"federated, {report.get('dp', '?')} DP", "privacy": privacy,
+    dp = report.get("dp", "?")
+    name = "federated, secure aggregation only" if dp == "none" else f"federated, {dp} DP"
+    rows.append({"name": name, "privacy": privacy,
                  "accuracy": report["final_accuracy"], "auc": report["final_auc"], "loss": report.get("final_loss")})
     return rows
 
@@ -259,6 +261,14 @@ def render_html(markdown_text: str, title: str = "fedveil healthcare demo report
              "img{max-width:100%}pre{background:#f1f5f9;padding:1em;overflow:auto}")
     return (f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n")
+
+
+REPORT_FILES: tuple[str, ...] = ("report.json", "report.md", "report.html", *PLOTS.values())
+
+
+def unwritable_outputs(out: Path) -> list[str]:
+    """The report files in ``out`` that something other than a file is in the way of (checked before a run)."""
+    return [name for name in REPORT_FILES if (out / name).exists() and not (out / name).is_file()]
 
 
 def write_report(report: Mapping[str, Any], out: Path) -> dict[str, Path]:

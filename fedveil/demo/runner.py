@@ -51,9 +51,13 @@ from fedveil.demo.federation import (
     user_level_noise_ratio,
 )
 from fedveil.demo.recipe import Recipe
-from fedveil.demo.report import write_report
+from fedveil.demo.report import unwritable_outputs, write_report
 
 log = logging.getLogger("fedveil.demo")
+
+
+class OutputDirectoryError(ValueError):
+    """``--out`` cannot take the demo's files (checked before any work, so nothing is lost)."""
 
 DEMO_SHARE = "demo-share.csv"
 STORE_FILE = "runs.sqlite"
@@ -113,10 +117,10 @@ def schema_markdown() -> str:
     lines = [
         "# Site CSV schema: fedveil.demo.healthcare:task",
         "",
-        "One header row naming the columns (any order), then one row per patient. UTF-8 text,",
-        "comma-separated, numbers only. Features are raw measurements of the cell nuclei in a",
-        "fine-needle aspirate image (WDBC); the model scales them itself. The last column is the",
-        f"label. At most {s.max_rows} rows; the dashboard accepts files up to 2 MB.",
+        "One header row naming the columns (in any order; the export puts the label last), then one",
+        "row per patient. UTF-8 text, comma-separated, numbers only. Features are raw measurements of",
+        "the cell nuclei in a fine-needle aspirate image (WDBC), never negative; the model scales them",
+        f"itself. At most {s.max_rows} rows; the dashboard accepts files up to 2 MiB.",
         "",
         "| column | type | meaning |",
         "|---|---|---|",
@@ -198,7 +202,8 @@ class LiveTable:
             user = f" user-ε={report.epsilon_user:.2f}" if report.epsilon_user is not None else ""
             self.console.print(
                 f"round {report.round:>3}  acc {report.accuracy:.3f}  auc {report.auc:.3f}  loss {report.loss:.3f}"
-                f"  ε[{eps}]{user}  dropped: {', '.join(report.dropped) or '-'}", highlight=False, markup=False)
+                + (f"  ε[{eps}]" if eps else "") + f"{user}  dropped: {', '.join(report.dropped) or '-'}",
+                highlight=False, markup=False)
 
     def __exit__(self, *exc: object) -> None:
         if self._live is not None:
@@ -264,8 +269,8 @@ class DemoRuns:
             rid_box.append(run_id)
             self.runs.begin_run(
                 {"rounds": settings.rounds, "hospitals_per_round": settings.hospitals_per_round, "dp": settings.dp,
-                 "epsilon_budget": settings.epsilon_budget, "dropout": settings.dropout,
-                 "transport": settings.transport, "warning": warning},
+                 "epsilon_budget": settings.epsilon_budget if settings.dp != "none" else None,
+                 "dropout": settings.dropout, "transport": settings.transport, "warning": warning},
                 self.names, epsilon_budget=settings.epsilon_budget if settings.dp != "none" else None,
                 delta=recipe.delta, run_id=run_id)
 
@@ -361,6 +366,14 @@ def run_demo(
     from fedveil.server.store import RunStore
 
     RunStore(out / STORE_FILE).close()  # refuse an unusable store (StoreError) before any work
+    blocked = unwritable_outputs(out)
+    hospitals_root = out / "hospitals"
+    if hospitals_root.exists() and not hospitals_root.is_dir():
+        blocked.append("hospitals")
+    if blocked:
+        raise OutputDirectoryError(
+            f"{str(out)!r} already has {', '.join(blocked)} of the wrong kind (a directory where the demo writes a "
+            "file, or a file where it needs a directory); choose another --out or move it")
     recipe = options.recipe
     split = make_split(options.hospitals, seed=SPLIT_SEED)
     write_hospital_shares(split, out)

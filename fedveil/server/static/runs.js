@@ -63,7 +63,8 @@ async function refreshDetail() {
   badge.className = "badge " + run.status;
   const s = run.settings;
   document.getElementById("run-settings").textContent =
-    `${s.rounds} rounds · ${s.hospitals_per_round} hospitals per round · DP ${s.dp} · ε budget ${s.epsilon_budget} · δ ${run.delta}`;
+    `${s.rounds} rounds · ${s.hospitals_per_round} hospitals per round · DP ${s.dp}` +
+    (s.epsilon_budget == null ? "" : ` · ε budget ${s.epsilon_budget} · δ ${run.delta}`);
   const warning = document.getElementById("run-warning");
   warning.textContent = s.warning || "";
   warning.hidden = !s.warning;
@@ -99,7 +100,7 @@ async function refreshDetail() {
   legend(document.getElementById("legend-participants"), partSeries);
   const box = document.getElementById("budget-box");
   const last = rounds[rounds.length - 1];
-  if (last && last.budget_remaining) {
+  if (last && last.budget_remaining && Object.keys(last.budget_remaining).length > 0) {
     box.replaceChildren(el("strong", {}, ["Privacy budget remaining: "]),
       ...Object.entries(last.budget_remaining).map(([party, left]) =>
         el("span", { class: "chip" + (left !== null && left <= 0.05 * (budget || 1) ? " low" : "") },
