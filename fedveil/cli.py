@@ -18,6 +18,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "fedveil.commands.simulate",
     "fedveil.commands.bench_network",
     "fedveil.commands.demo",
+    "fedveil.commands.dashboard",
 )
 
 

@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -217,6 +217,9 @@ class Task:
     ``train_epoch`` runs one local epoch with the optimizer and loader it is given (which may be
     Opacus-wrapped) and returns the mean training loss. ``evaluate`` returns metrics, at least
     ``loss`` and ``accuracy``. ``synthetic_data`` makes a client's data for simulations and tests.
+    ``explain`` (optional) turns the model and one row of features into the dashboard's risk view
+    (probability, level, confidence words, top contributing features); ``examples`` (optional)
+    lists example inputs for it (``{"label": ..., "features": {name: value}}``).
     """
 
     name: str
@@ -229,6 +232,8 @@ class Task:
     local_epochs: int = 1
     synthetic_data: Callable[[int, int, int], TensorDataset] | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    explain: Callable[[nn.Module, np.ndarray], dict[str, Any]] | None = None
+    examples: Callable[[], list[dict[str, Any]]] | None = None
 
     def make_optimizer(self, params: Sequence[nn.Parameter] | object) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=self.learning_rate)  # type: ignore[arg-type]

@@ -118,3 +118,52 @@ def test_fedveil_server_serves_the_dashboard(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_fedveil_dashboard_serves_a_finished_run_with_the_tasks_own_explanations(tmp_path: Path) -> None:
+    from fedveil.cli import main
+
+    split = make_split(3)
+    files = {}
+    for h in split.hospitals:
+        files[h.name] = tmp_path / f"{h.name}.csv"
+        files[h.name].write_text(healthcare.SCHEMA.to_csv(h.features, h.labels))
+    test = TensorDataset(torch.from_numpy(split.test.features), torch.from_numpy(split.test.labels))
+    result = run_federation(store_path=tmp_path / "runs.sqlite", site_files=files, test=test,
+                            settings=FederationSettings(rounds=1, hospitals_per_round=3, transport="in-process"),
+                            recipe=Recipe(rounds=1))
+    assert result.status == "completed"
+    for args, flag in (([ "--store", str(tmp_path / "none.db")], "--store"), (["--task", "no.such"], "--task"),
+                       (["--port", "70000"], "--port")):
+        argv = ["dashboard", "--store", str(tmp_path / "runs.sqlite"), "--task", "fedveil.demo.healthcare:task", *args]
+        assert main(argv) == 2, flag
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedveil.cli", "dashboard", "--store", str(tmp_path / "runs.sqlite"),
+         "--task", "fedveil.demo.healthcare:task", "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("dashboard: http://127.0.0.1:"), line
+        url = line.split()[1]
+        runs = _get(url + "api/runs")[1]["runs"]
+        assert [r["id"] for r in runs] == [result.run_id] and runs[0]["status"] == "completed"
+        examples = _get(url + "api/clinician/examples")[1]["examples"]
+        assert len(examples) == 3  # the task's own example patients
+        body = json.dumps({"features": examples[0]["features"]}).encode()
+        req = urllib.request.Request(url + "api/predict", data=body, method="POST",
+                                     headers={"X-Fedveil-Request": "1", "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            answer = json.loads(resp.read())
+        exact = healthcare.assess(result.model, healthcare.SCHEMA.parse_values(examples[0]["features"]))
+        assert abs(answer["logit"] - exact.logit) < 1e-4  # the task's exact explanation, not gradient x input
+        assert [f["feature"] for f in answer["top_features"]] == [c.feature for c in exact.contributions[:5]]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            assert proc.wait(timeout=20) == 0
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise

@@ -18,14 +18,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedveil.demo.data import FEATURE_DESCRIPTIONS, FEATURE_NAMES, LABEL_NAME, public_ranges
+from fedveil.demo.data import FEATURE_DESCRIPTIONS, FEATURE_NAMES, LABEL_NAME, DemoSplit, make_split, public_ranges
 from fedveil.task import ColumnSpec, DataSchema, Task, describe_margin
 
 SCHEMA = DataSchema(
@@ -166,6 +166,8 @@ task = Task(
     batch_size=32,
     local_epochs=1,
     synthetic_data=synthetic_data,
+    explain=lambda model, features: assess(model, features).to_dict(),
+    examples=lambda: example_patients(),
     metadata={
         "dataset": "Wisconsin Diagnostic Breast Cancer (scikit-learn load_breast_cancer)",
         "label": "malignant (1) or benign (0)",
@@ -266,3 +268,26 @@ def assess(model: nn.Module, features: np.ndarray) -> RiskAssessment:
         baseline_logit=b,
         contributions=contributions,
     )
+
+
+def example_patients(split: DemoSplit | None = None) -> list[dict[str, Any]]:
+    """Three held-out patients for the clinician page: clearly benign, clearly malignant, borderline.
+
+    From the test set of ``split`` (default: the demo's split), which no training ever sees.
+    """
+    split = split if split is not None else make_split()
+    x, y = split.test.features, split.test.labels
+    area = x[:, FEATURE_NAMES.index("worst_area")]
+    benign = np.where(y == 0)[0]
+    malignant = np.where(y == 1)[0]
+    picks = [
+        ("Example A (held-out patient, benign)", int(benign[np.argmin(area[benign])])),
+        ("Example B (held-out patient, malignant)", int(malignant[np.argmax(area[malignant])])),
+        ("Example C (held-out patient, borderline size)", int(np.argmin(np.abs(area - np.median(area))))),
+    ]
+
+    def clean(v: np.float32) -> float:  # 21.71, not 21.709999084472656
+        return float(np.format_float_positional(np.float32(v), unique=True))
+
+    return [{"label": label, "features": dict(zip(FEATURE_NAMES, (clean(v) for v in x[i]), strict=True))}
+            for label, i in picks]

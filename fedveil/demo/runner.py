@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from rich.console import Console, Group
 from rich.live import Live
@@ -39,7 +38,7 @@ from torch.utils.data import TensorDataset
 
 from fedveil.demo import healthcare
 from fedveil.demo.baselines import centralized, federated_non_private
-from fedveil.demo.data import DEMO_SPLIT_SEED, FEATURE_NAMES, DemoSplit, make_split
+from fedveil.demo.data import DEMO_SPLIT_SEED, DemoSplit, make_split
 from fedveil.demo.federation import (
     DpMode,
     DropoutPlan,
@@ -130,24 +129,6 @@ def schema_markdown() -> str:
     lines += ["", "Try a file with `fedveil client --task fedveil.demo.healthcare:task --data FILE ...` or",
               "upload it on the dashboard's Hospitals page.", ""]
     return "\n".join(lines)
-
-
-def example_patients(split: DemoSplit) -> list[dict[str, Any]]:
-    """Three held-out patients for the clinician page: clearly benign, clearly malignant, borderline."""
-    x, y = split.test.features, split.test.labels
-    area = x[:, FEATURE_NAMES.index("worst_area")]
-    benign = np.where(y == 0)[0]
-    malignant = np.where(y == 1)[0]
-    picks = [
-        ("Example A (held-out patient, benign)", int(benign[np.argmin(area[benign])])),
-        ("Example B (held-out patient, malignant)", int(malignant[np.argmax(area[malignant])])),
-        ("Example C (held-out patient, borderline size)", int(np.argmin(np.abs(area - np.median(area))))),
-    ]
-    def clean(v: np.float32) -> float:  # 21.71, not 21.709999084472656
-        return float(np.format_float_positional(np.float32(v), unique=True))
-
-    return [{"label": label, "features": dict(zip(FEATURE_NAMES, (clean(v) for v in x[i]), strict=True))}
-            for label, i in picks]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,8 +364,7 @@ def run_demo(
     if options.dashboard_port is not None:
         dirs = HospitalDataDirs(out / "hospitals", tuple(demo_runs.names), healthcare.task)
         app = Dashboard(task=healthcare.task, runs=runs, hospitals=dirs, starter=demo_runs,
-                        examples=example_patients(split),
-                        assessor=lambda m, x: healthcare.assess(m, x).to_dict(),
+                        examples=healthcare.example_patients(split),
                         title="fedveil healthcare demo")
         server = DashboardServer(app, port=options.dashboard_port).start()
         console.print(f"[bold]dashboard[/] {server.url}")

@@ -577,6 +577,12 @@ class Dashboard:
             "defaults": asdict(RunSettings(hospitals_per_round=max(2, len(names)))),
         }
 
+    def example_inputs(self) -> list[Mapping[str, Any]]:
+        """The examples given to the dashboard, else the task's own (computed once)."""
+        if not self.examples and self.task.examples is not None:
+            self.examples = tuple(self.task.examples())
+        return list(self.examples)
+
     def site_dirs(self) -> HospitalDataDirs:
         if self.hospitals is None:
             raise DashboardError(NO_UPLOADS, HTTPStatus.CONFLICT)
@@ -633,8 +639,9 @@ class Dashboard:
             raise DashboardError(str(err)) from None
         names = [c.name for c in self.task.schema.features]
         model = self._current_model()
+        assessor = self.assessor or self.task.explain
         try:
-            result = self.assessor(model, x) if self.assessor else gradient_times_input(model, x, names)
+            result = assessor(model, x) if assessor is not None else gradient_times_input(model, x, names)
         except ValueError as err:
             raise DashboardError(str(err)) from None
         return _jsonable(result)  # type: ignore[no-any-return]
@@ -782,7 +789,7 @@ def make_handler(app: Dashboard) -> type[BaseHTTPRequestHandler]:
                 if method == "DELETE":
                     return {"removed": dirs.remove(hospital)}
             if method == "GET" and seg == ["clinician", "examples"]:
-                return {"examples": list(app.examples)}
+                return {"examples": app.example_inputs()}
             if method == "POST" and seg == ["predict"]:
                 return app.predict(self._read_json())
             raise DashboardError(f"no such endpoint: {method} {path}", HTTPStatus.NOT_FOUND)

@@ -1,0 +1,54 @@
+"""``fedveil dashboard``: the read-only web dashboard of a run store, after (or beside) its server.
+
+``fedveil server --dashboard PORT`` serves the same view while the job runs and stops with it;
+this command keeps a finished run's rounds, privacy spend and clinician view available until
+Ctrl+C.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from fedveil.commands.common import fail
+
+
+def register(group: click.Group) -> None:
+    group.add_command(dashboard_command)
+
+
+@click.command(name="dashboard")
+@click.option("--store", "store_path", type=click.Path(path_type=Path), required=True,
+              help="The run store (SQLite) a fedveil server wrote.")
+@click.option("--task", "task_ref", required=True, help="The job's task, e.g. fedveil.demo.healthcare:task.")
+@click.option("--port", type=int, default=8050, show_default=True, help="Serve on 127.0.0.1:PORT (0: any free port).")
+def dashboard_command(store_path: Path, task_ref: str, port: int) -> None:
+    """Serve the read-only dashboard of --store on 127.0.0.1 until Ctrl+C."""
+    from fedveil.server.dashboard import start_store_dashboard
+    from fedveil.server.store import StoreError
+    from fedveil.task import TaskLoadError, load_task
+
+    if not 0 <= port <= 65535:
+        fail("--port", f"must be a TCP port in 0..65535 (got {port})")
+    if not store_path.is_file():
+        fail("--store", f"no run store at {str(store_path)!r}")
+    try:
+        task = load_task(task_ref)
+    except TaskLoadError as err:
+        fail("--task", str(err).removeprefix(f"--task {task_ref!r}: "))
+    try:
+        server = start_store_dashboard(store_path, task, port)
+    except StoreError as err:
+        fail("--store", str(err))
+    except OSError as err:
+        fail("--port", f"cannot listen on port {port}: {err.strerror or err}")
+    click.echo(f"dashboard: {server.url} (read only; Ctrl+C to stop)")
+    try:
+        while True:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
