@@ -47,6 +47,8 @@ from fedveil.task import Task, load_task
 log = logging.getLogger("fedveil.simulate")
 
 JobResult = TypeVar("JobResult")
+#: The error recorded for a client thread still running ``join_timeout_s`` after its job ended.
+STILL_RUNNING = "still running after the job ended"
 
 
 class JobConfig(Protocol):
@@ -214,7 +216,7 @@ def run_with_client_threads(
         thread.join(timeout=max(deadline - time.monotonic(), 0.1))
     for thread in threads:
         if thread.is_alive():
-            errors.setdefault(thread.name, "still running after the job ended")
+            errors.setdefault(thread.name, STILL_RUNNING)
     return result, histories, errors
 
 
@@ -385,7 +387,7 @@ def simulate_processes(
             try:
                 code = proc.wait(max(config.linger, 1.0) + 30.0)
             except Exception:
-                errors[proc.name] = "still running after the job ended"
+                errors[proc.name] = STILL_RUNNING
                 continue
             last = proc.last_line()
             if code != 0:

@@ -257,7 +257,7 @@ def run_federation(
     from fedveil.clients import ClientOptions, Federation
     from fedveil.clients.api import evaluator
     from fedveil.clients.backoff import BackoffPolicy
-    from fedveil.clients.simulation import ThreadedClient, run_with_client_threads
+    from fedveil.clients.simulation import STILL_RUNNING, ThreadedClient, run_with_client_threads
     from fedveil.dp.ledger import FEDERATION, PrivacyLedger
     from fedveil.protocol.transport import InProcessTransport
     from fedveil.server.coordinator import Coordinator
@@ -349,9 +349,10 @@ def run_federation(
             min_live_clients=settings.hospitals_per_round,
         )
         message = summary.message
-        if summary.status == "stopped" and client_errors:
+        failures = {n: e for n, e in client_errors.items() if e != STILL_RUNNING}
+        if summary.status == "stopped" and failures:
             message = ("stopped: too few hospitals left to fill a round after "
-                       + "; ".join(f"{name} failed ({err})" for name, err in sorted(client_errors.items())))
+                       + "; ".join(f"{name} failed ({err})" for name, err in sorted(failures.items())))
         eps_now = hospital_epsilons()
         hospitals = {
             name: {
