@@ -7,7 +7,8 @@ Ctrl+C.
 
 from __future__ import annotations
 
-import time
+import signal
+import threading
 from pathlib import Path
 
 import click
@@ -44,11 +45,13 @@ def dashboard_command(store_path: Path, task_ref: str, port: int) -> None:
         fail("--store", str(err))
     except OSError as err:
         fail("--port", f"cannot listen on port {port}: {err.strerror or err}")
+    # Explicit handlers: a process started in the background inherits SIGINT as ignored.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     click.echo(f"dashboard: {server.url} (read only; Ctrl+C to stop)")
     try:
-        while True:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
+        while not stop.wait(0.5):
+            pass
     finally:
         server.stop()
