@@ -104,6 +104,9 @@ def test_a_refused_token_ends_the_client_with_status_3(tmp_path: Path) -> None:
         (["--server", "127.0.0.1:1", "--data", "{data}", "--insecure", "--ca-cert", "{data}"], "error: --insecure:"),
         (["--server", "127.0.0.1:1", "--data", "{data}", "--ca-cert", "{data}"], "error: --ca-cert:"),
         (["--server", "127.0.0.1:1", "--data", "{data}", "--task", "nope.nope"], "error: --task:"),
+        (["--server", "127.0.0.1:1", "--data", "{data}", "--give-up-after", "nan"], "error: --give-up-after:"),
+        (["--server", "127.0.0.1:1", "--data", "{data}", "--max-backoff", "nan"], "error: --max-backoff:"),
+        (["--server", "127.0.0.1:1", "--data", "{data}", "--threads", "99999999999"], "error: --threads:"),
     ],
 )
 def test_client_usage_errors_are_one_line(

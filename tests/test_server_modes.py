@@ -106,6 +106,14 @@ def test_distributed_dp_job_with_real_clients(tmp_path: Path) -> None:
          "error: --threshold: must exceed half of a client's 6 share holders"),
         (["--clients-per-round", "3", "--insecure", "--tls-cert", "x.pem"], "error: --insecure: cannot be"),
         (["--clients-per-round", "3", "--tls-cert", "missing.pem", "--tls-key", "k.pem", "--no-insecure"], None),
+        # values that pass a sign check but overflow the wire format or gRPC
+        (["--clients-per-round", "3", "--stage-timeout", "5e6"], "error: --stage-timeout: must be a positive number"),
+        (["--clients-per-round", "3", "--round-timeout", "1e300"], "error: --round-timeout: must be a positive"),
+        (["--clients-per-round", "3", "--local-epochs", "99999999999999999999"], "error: --local-epochs: must be"),
+        (["--clients-per-round", "3", "--learning-rate", "inf"], "error: --learning-rate: must be a finite"),
+        (["--clients-per-round", "3", "--max-message-mb", "2048"], "error: --max-message-mb: must be at least 1"),
+        (["--clients-per-round", "3", "--max-message-mb", "1e-9"], "error: --max-message-mb: must be at least 1"),
+        (["--clients-per-round", "3", "--dp", "distributed", "--dp-bits", "62"], "error: --dp-bits: must be between"),
     ],
 )
 def test_server_argument_errors(tmp_path: Path, extra: list[str], expected: str | None,

@@ -211,3 +211,17 @@ def test_the_demo_refuses_an_old_store_in_out_before_training(
     err = capsys.readouterr().err
     assert "--out" in err and "state_arrays" in err and "Traceback" not in err
     assert not (tmp_path / "report.json").exists()
+
+
+def test_rotating_a_client_that_is_not_enrolled_is_refused(tmp_path: Path) -> None:
+    with RunStore(tmp_path / "run.db") as store:
+        with pytest.raises(EnrollmentError, match="'nobody' is not enrolled"):
+            store.enroll("nobody", rotate=True)
+        assert not store.client_enrolled("nobody")
+
+
+def test_the_config_bit_limit_matches_the_distributed_mechanism() -> None:
+    from fedveil.dp.distributed import MAX_BITS
+    from fedveil.server.config import DISTRIBUTED_MAX_BITS
+
+    assert DISTRIBUTED_MAX_BITS == MAX_BITS

@@ -10,6 +10,7 @@ increase is printed for two cohort sizes to show whether it grows with n·m.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import tempfile
 import threading
@@ -133,8 +134,12 @@ def run_processes(
         baseline = _status_kib(fed.server.pid, "VmRSS")
         sampler = RssSampler(fed.server.pid).start()
         fed.clients = [fed.start_client(i, config, extra=("--log-level", "warning")) for i in range(clients)]
-        status = fed.server.wait(timeout_s)
-        sampler.stop()
+        try:
+            status = fed.server.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            raise SimulationError(f"the gRPC run did not finish within --timeout {timeout_s:g} s") from None
+        finally:
+            sampler.stop()
         if status != 0:
             raise SimulationError(f"the server exited with status {status}: {fed.server.errors()[-2000:]}")
         import json

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import click
@@ -54,8 +55,8 @@ def network_command(clients: int, dim: int, rounds: int, memory_clients: int, ti
         fail("--rounds", f"must be at least 1 (got {rounds})")
     if memory_clients != 0 and not 2 <= memory_clients:
         fail("--memory-clients", f"must be 0 or at least 2 (got {memory_clients})")
-    if timeout_s <= 0:
-        fail("--timeout", f"must be positive (got {timeout_s})")
+    if not (math.isfinite(timeout_s) and timeout_s > 0):
+        fail("--timeout", f"must be a finite positive number of seconds (got {timeout_s})")
     try:
         report = run_network_bench(clients, dim, host=CoordinatorHost(), make_config=bench_config, rounds=rounds,
                                    memory_clients=memory_clients or None, timeout_s=timeout_s)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import click
 import torch
 
-from fedveil.commands.common import eprint, fail, print_json_last_line
+from fedveil.commands.common import MAX_THREADS, eprint, fail, print_json_last_line
 
 EXIT_REFUSED = 3
 EXIT_FAILED = 1
@@ -59,6 +60,7 @@ def client_command(
     from fedveil.clients.api import check_server_address, evaluator, federate, load_identity_key, run_client
     from fedveil.clients.backoff import BackoffPolicy
     from fedveil.clients.session import AuthenticationError, ClientError
+    from fedveil.clients.update import RoundConfigError
     from fedveil.protocol.auth import parse_token
     from fedveil.protocol.errors import ProtocolError, Unauthenticated
     from fedveil.protocol.tls import TlsConfigError
@@ -66,8 +68,8 @@ def client_command(
 
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if threads < 1:
-        fail("--threads", f"must be at least 1 (got {threads})")
+    if not 1 <= threads <= MAX_THREADS:
+        fail("--threads", f"must be between 1 and {MAX_THREADS} (got {threads})")
     torch.set_num_threads(threads)
     try:
         check_server_address(server)
@@ -91,10 +93,10 @@ def client_command(
             parse_token(token)
         except Unauthenticated as err:
             fail(token_source, str(err))  # the message never repeats the token
-    if give_up_after < 0:
-        fail("--give-up-after", f"must be non-negative (got {give_up_after})")
-    if max_backoff < 0.2:
-        fail("--max-backoff", f"must be at least 0.2 s (got {max_backoff})")
+    if not (math.isfinite(give_up_after) and give_up_after >= 0):
+        fail("--give-up-after", f"must be a finite number of seconds >= 0 (got {give_up_after})")
+    if not (math.isfinite(max_backoff) and max_backoff >= 0.2):
+        fail("--max-backoff", f"must be a finite number of seconds >= 0.2 (got {max_backoff})")
     if seed is not None and seed < 0:
         fail("--seed", f"must be non-negative (got {seed})")
     identity = None
@@ -134,7 +136,8 @@ def client_command(
     except AuthenticationError as err:
         eprint(f"error: {err}")
         return EXIT_REFUSED
-    except (ClientError, ProtocolError, ConnectionError) as err:
+    except (ClientError, ProtocolError, ConnectionError, RoundConfigError) as err:
+        # RoundConfigError: e.g. local training diverged (NaN weights) under the server's settings
         eprint(f"error: {err}")
         return EXIT_FAILED
     for declined in (h for h in history if h.outcome == "declined"):

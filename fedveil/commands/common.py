@@ -19,6 +19,10 @@ class CliUsageError(click.UsageError):
         self.param_name = param
 
 
+#: Upper bound for --threads (torch takes a C int; more threads than this helps nobody).
+MAX_THREADS = 1024
+
+
 def fail(param: str, message: str) -> NoReturn:
     """Abort the command because ``param`` is invalid (one-line error, exit status 2)."""
     raise CliUsageError(param, message)

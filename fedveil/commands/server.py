@@ -237,8 +237,8 @@ def server_command(**opts: Any) -> int:
         fail(err.flag, err.detail)
     max_bytes = None
     if opts["max_message_mb"] is not None:
-        if not opts["max_message_mb"] > 0:
-            fail("--max-message-mb", f"must be positive (got {opts['max_message_mb']})")
+        if not 1 <= opts["max_message_mb"] < 2048:  # gRPC takes the byte limit as a C int (< 2 GiB)
+            fail("--max-message-mb", f"must be at least 1 and below 2048 (got {opts['max_message_mb']})")
         max_bytes = int(opts["max_message_mb"] * 1024 * 1024)
     dashboard = None
     if opts["dashboard_port"] is not None:

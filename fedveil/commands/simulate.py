@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from fedveil.commands.common import eprint, fail, print_json_last_line
+from fedveil.commands.common import MAX_THREADS, eprint, fail, print_json_last_line
 
 
 def register(group: click.Group) -> None:
@@ -71,8 +71,8 @@ def simulate_command(
         fail("--clients", f"must be at least 2 (secure aggregation needs 2) (got {n_clients})")
     if rounds < 1:
         fail("--rounds", f"must be at least 1 (got {rounds})")
-    if threads < 1:
-        fail("--threads", f"must be at least 1 (got {threads})")
+    if not 1 <= threads <= MAX_THREADS:
+        fail("--threads", f"must be between 1 and {MAX_THREADS} (got {threads})")
     k = clients_per_round if clients_per_round is not None else n_clients
     if not 2 <= k <= n_clients:
         fail("--clients-per-round", f"must be between 2 and --clients ({n_clients}) (got {k})")

@@ -18,6 +18,8 @@ DP_MODES = ("none", "local", "central", "distributed")
 OPTIMIZERS = ("fedavg", "fedadam", "fedyogi", "fedadagrad")
 ACCOUNTANTS = ("rdp", "prv", "pld")
 DISTRIBUTED_MECHANISMS = ("skellam", "ddg")
+#: fedveil.dp.distributed.MAX_BITS (kept here so the config needs no numeric imports; a test pins them equal).
+DISTRIBUTED_MAX_BITS = 48
 
 # Flags that may differ between the first start and a restart of the same job.
 OPERATIONAL_FIELDS = frozenset(
@@ -32,6 +34,10 @@ class ServerConfigError(ValueError):
         super().__init__(f"{flag}: {message}")
         self.flag = flag
         self.detail = message
+
+
+#: Timeouts travel as uint32 milliseconds; a week is far beyond any sensible round.
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
 
 
 def _flag(name: str) -> str:
@@ -106,10 +112,12 @@ class ServerConfig:
         need(self.clients_per_round >= 2, "clients_per_round", "must be at least 2 (secure aggregation needs 2)")
         need(2 <= self.min_clients <= self.clients_per_round, "min_clients",
              f"must be between 2 and --clients-per-round ({self.clients_per_round})")
-        for name in ("round_timeout", "stage_timeout"):
-            need(math.isfinite(getattr(self, name)) and getattr(self, name) > 0, name, "must be a positive number")
+        for name in ("round_timeout", "stage_timeout"):  # sent as uint32 milliseconds: at most 49 days
+            need(math.isfinite(getattr(self, name)) and 0 < getattr(self, name) <= MAX_TIMEOUT_S, name,
+                 f"must be a positive number of seconds, at most {MAX_TIMEOUT_S:.0f} (7 days)")
         for name in ("cohort_wait", "linger", "poll_wait"):
-            need(math.isfinite(getattr(self, name)) and getattr(self, name) >= 0, name, "must be >= 0")
+            need(math.isfinite(getattr(self, name)) and 0 <= getattr(self, name) <= MAX_TIMEOUT_S, name,
+                 f"must be between 0 and {MAX_TIMEOUT_S:.0f} seconds")
         need(self.secagg in GRAPHS, "secagg", f"must be one of {', '.join(GRAPHS)}")
         need(self.secagg_degree >= 0 and self.secagg_degree % 2 == 0, "secagg_degree", "must be even and >= 0")
         need(self.threshold == 0 or 2 <= self.threshold <= self.clients_per_round, "threshold",
@@ -129,17 +137,21 @@ class ServerConfig:
             value = getattr(self, name)
             need(value is None or (math.isfinite(value) and value > 0), name, "must be a positive number")
         need(self.dp_accountant in ACCOUNTANTS, "dp_accountant", f"must be one of {', '.join(ACCOUNTANTS)}")
-        need(2 <= self.dp_bits <= 62, "dp_bits", "must be between 2 and 62")
+        need(2 <= self.dp_bits <= DISTRIBUTED_MAX_BITS, "dp_bits", f"must be between 2 and {DISTRIBUTED_MAX_BITS}")
         need(self.dp_mechanism in DISTRIBUTED_MECHANISMS, "dp_mechanism",
              f"must be one of {', '.join(DISTRIBUTED_MECHANISMS)}")
-        need(self.dp_local_noise_multiplier >= 0, "dp_local_noise_multiplier", "must be >= 0")
-        need(self.dp_local_max_grad_norm > 0, "dp_local_max_grad_norm", "must be positive")
-        need(self.dp_local_target_epsilon >= 0, "dp_local_target_epsilon", "must be >= 0")
+        need(math.isfinite(self.dp_local_noise_multiplier) and self.dp_local_noise_multiplier >= 0,
+             "dp_local_noise_multiplier", "must be a finite number >= 0")
+        need(math.isfinite(self.dp_local_max_grad_norm) and self.dp_local_max_grad_norm > 0,
+             "dp_local_max_grad_norm", "must be a finite positive number")
+        need(math.isfinite(self.dp_local_target_epsilon) and self.dp_local_target_epsilon >= 0,
+             "dp_local_target_epsilon", "must be a finite number >= 0")
         need(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
         need(math.isfinite(self.server_lr) and self.server_lr > 0, "server_lr", "must be a positive number")
-        need(self.local_epochs >= 0, "local_epochs", "must be >= 0 (0 = the task's default)")
-        need(self.learning_rate >= 0, "learning_rate", "must be >= 0 (0 = the task's default)")
-        need(self.batch_size >= 0, "batch_size", "must be >= 0 (0 = the task's default)")
+        need(0 <= self.local_epochs <= 10_000, "local_epochs", "must be between 0 (the task's default) and 10000")
+        need(math.isfinite(self.learning_rate) and self.learning_rate >= 0, "learning_rate",
+             "must be a finite number >= 0 (0 = the task's default)")
+        need(0 <= self.batch_size <= 2**31 - 1, "batch_size", "must be between 0 (the task's default) and 2^31 - 1")
         need(self.seed is None or 0 <= self.seed < 2**63, "seed", "must be in [0, 2^63)")
         need(self.max_round_attempts >= 1, "max_round_attempts", "must be at least 1")
         if self.active_adversary and self.threshold:

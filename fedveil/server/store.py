@@ -282,6 +282,8 @@ class RunStore:
             row = c.execute("SELECT revoked FROM clients WHERE name=?", (name,)).fetchone()
             if row is not None and not rotate:
                 raise EnrollmentError(f"client {name!r} is already enrolled (use --rotate to issue a new token)")
+            if row is None and rotate:  # a typo must not create a new identity and leave the old token valid
+                raise EnrollmentError(f"client {name!r} is not enrolled, so it has no token to rotate")
             if row is None:
                 c.execute(
                     "INSERT INTO clients (name, created_at, revoked, identity_public_key) VALUES (?, ?, 0, ?)",
