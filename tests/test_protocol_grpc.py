@@ -353,6 +353,38 @@ def test_mutual_tls_identifies_the_client_by_certificate(tmp_path: Path) -> None
         fed.coordinator.store.close()
 
 
+def test_federate_and_fedveil_client_take_a_client_certificate_for_mutual_tls(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedveil.cli import main
+    from fedveil.clients import federate
+
+    client_ca = generate_ca("clinics CA")
+    fed, server = _start(tmp_path, rounds=1, client_ca=client_ca)
+    try:
+        cert = generate_certificate("bob", client_ca, client=True)
+        for name, data in (("ca.pem", fed.ca.cert_pem), ("bob.pem", cert.cert_pem), ("bob.key", cert.key_pem)):
+            (tmp_path / name).write_bytes(data)
+        session = federate(f"127.0.0.1:{fed.port}", task=TASK, ca_cert=tmp_path / "ca.pem",
+                           client_cert=tmp_path / "bob.pem", client_key=tmp_path / "bob.key")
+        assert session.transport.join(
+            pb.JoinRequest(protocol_version=PROTOCOL_VERSION, task_name=fed.task.name)
+        ).client_name == "bob"  # identified by its certificate alone (no token)
+        session.close()
+        with pytest.raises(ValueError, match="client_cert and client_key together"):
+            federate(f"127.0.0.1:{fed.port}", task=TASK, ca_cert=tmp_path / "ca.pem", client_cert=tmp_path / "bob.pem")
+    finally:
+        fed.coordinator.stop()
+        fed.thread.join(30)
+        server.stop(0).wait(5)
+        fed.coordinator.store.close()
+    base = ["client", "--server", "127.0.0.1:1", "--task", TASK, "--data", str(tmp_path / "none.csv")]
+    for extra, flag in ((["--client-cert", str(tmp_path / "bob.pem")], "--client-key"),
+                        (["--insecure", "--client-cert", "a", "--client-key", "b"], "--insecure")):
+        assert main([*base, *extra]) == 2
+        assert capsys.readouterr().err.startswith(f"error: {flag}:")
+
+
 def test_a_client_whose_poll_is_cancelled_no_longer_counts_as_connected(fed: Federation_) -> None:
     t = fed.transport("mallory")
     session = _join(t)

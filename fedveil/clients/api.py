@@ -43,6 +43,8 @@ def federate(
     token: str | None = None,
     model: nn.Module | None = None,
     ca_cert: str | Path | None = None,
+    client_cert: str | Path | None = None,
+    client_key: str | Path | None = None,
     insecure: bool = False,
     seed: int | bytes | None = None,
     num_examples: int = 0,
@@ -61,6 +63,8 @@ def federate(
         model: your own ``nn.Module``; each round loads the global weights into it.
         ca_cert / insecure: verify the server's TLS certificate against ``ca_cert`` (else the
             system roots), or use plaintext (tests and loopback only).
+        client_cert / client_key: PEM certificate and key for a server that requires mutual TLS
+            (``fedveil server --client-ca``); the certificate's common name is this client.
         seed: the client's private seed, for reproducible runs (default: random).
         num_examples: size of the local data set, reported to the server.
         evaluate: ``fn(model) -> {"loss": ..., "accuracy": ...}`` for federated evaluation.
@@ -73,6 +77,8 @@ def federate(
     if transport is None:
         if server is None:
             raise ValueError("server: required (HOST:PORT) unless a transport is given")
+        if (client_cert is None) != (client_key is None):
+            raise ValueError("client_cert: give client_cert and client_key together for mutual TLS")
         if token is not None:
             try:  # fail at once on a mistyped token, not after the server refuses it
                 parse_token(token)
@@ -82,6 +88,8 @@ def federate(
             ChannelConfig(
                 target=check_server_address(server),
                 ca_cert_pem=read_pem(Path(ca_cert), "--ca-cert") if ca_cert is not None else None,
+                client_cert_pem=read_pem(Path(client_cert), "--client-cert") if client_cert is not None else None,
+                client_key_pem=read_pem(Path(client_key), "--client-key") if client_key is not None else None,
                 insecure=insecure,
                 server_name_override=server_name_override,
             ),

@@ -31,6 +31,10 @@ def register(group: click.Group) -> None:
               help="Read the token from this file (keeps it out of the process list).")
 @click.option("--ca-cert", type=click.Path(path_type=Path), default=None,
               help="PEM CA certificate to verify the server's TLS certificate.")
+@click.option("--client-cert", type=click.Path(path_type=Path), default=None,
+              help="PEM certificate for mutual TLS (a server started with --client-ca); its CN is this client.")
+@click.option("--client-key", type=click.Path(path_type=Path), default=None,
+              help="PEM private key of --client-cert.")
 @click.option("--insecure", is_flag=True, help="Plaintext connection, no TLS (loopback tests only).")
 @click.option("--server-name", default=None, help="Expected name in the server's certificate, if not the host.")
 @click.option("--identity-key", type=click.Path(path_type=Path), default=None,
@@ -47,7 +51,8 @@ def register(group: click.Group) -> None:
               show_default=True)
 def client_command(
     server: str, task_ref: str, data_path: Path, token: str | None, token_file: Path | None,
-    ca_cert: Path | None, insecure: bool, server_name: str | None, identity_key: Path | None, seed: int | None,
+    ca_cert: Path | None, client_cert: Path | None, client_key: Path | None, insecure: bool,
+    server_name: str | None, identity_key: Path | None, seed: int | None,
     give_up_after: float,
     max_backoff: float, threads: int, log_level: str,
 ) -> int:
@@ -77,6 +82,11 @@ def client_command(
         fail("--server", f"expected HOST:PORT with a port in 1..65535 (got {server!r})")
     if insecure and ca_cert is not None:
         fail("--insecure", "cannot be combined with --ca-cert (choose TLS or plaintext)")
+    if insecure and (client_cert is not None or client_key is not None):
+        fail("--insecure", "cannot be combined with --client-cert/--client-key (mutual TLS needs TLS)")
+    if (client_cert is None) != (client_key is None):
+        fail("--client-cert" if client_cert is None else "--client-key",
+             "give --client-cert and --client-key together")
     if token is not None and token_file is not None:
         fail("--token-file", "give either --token or --token-file, not both")
     if token_file is not None:
@@ -121,6 +131,8 @@ def client_command(
             task=task,
             token=token,
             ca_cert=ca_cert,
+            client_cert=client_cert,
+            client_key=client_key,
             insecure=insecure,
             seed=seed,
             num_examples=len(dataset),
@@ -130,7 +142,8 @@ def client_command(
             identity_key=identity,
         )
     except TlsConfigError as err:
-        fail("--ca-cert", str(err).removeprefix("--ca-cert: "))
+        flag = next((f for f in ("--client-cert", "--client-key") if str(err).startswith(f)), "--ca-cert")
+        fail(flag, str(err).removeprefix(f"{flag}: "))
     try:
         history = run_client(federation, task, dataset)
     except AuthenticationError as err:
