@@ -43,3 +43,25 @@ def test_processes_refuse_active_adversary(capsys: pytest.CaptureFixture[str]) -
     code = main(["simulate", "--clients", "3", "--rounds", "1", "--processes", "--active-adversary"])
     assert code == 2
     assert capsys.readouterr().err.strip().startswith("error: --active-adversary:")
+
+
+def test_a_server_outliving_every_client_is_stopped_with_their_exit_statuses(tmp_path: Path) -> None:
+    import sys
+    import time
+
+    from fedveil.clients.processes import ProcessGroup
+    from fedveil.clients.simulation import ProcessFederation, SimulationError, wait_for_server
+
+    group = ProcessGroup(tmp_path / "logs")
+    try:
+        server = group.start("server", [sys.executable, "-c", "import time; time.sleep(120)"])
+        failing = "print('local data unusable'); raise SystemExit(1)"
+        clients = [group.start(f"client-{i}", [sys.executable, "-c", failing]) for i in range(2)]
+        fed = ProcessFederation(group, server, clients, "127.0.0.1:1", tmp_path / "run.db", [], [])
+        started = time.monotonic()
+        with pytest.raises(SimulationError, match=r"every client exited .*client-0: exit 1: local data unusable"):
+            wait_for_server(fed, 60, grace_s=0.5)
+        assert time.monotonic() - started < 30  # not the 60 s timeout
+        server.popen.wait(10)  # and the server was told to stop
+    finally:
+        group.close()

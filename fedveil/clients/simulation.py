@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import signal
 import tempfile
 import threading
 import time
@@ -352,6 +353,27 @@ def read_port_file(path: Path, timeout_s: float, server: ManagedProcess) -> int:
     raise SimulationError(f"the server did not report its port within {timeout_s:.0f} s")
 
 
+def wait_for_server(fed: ProcessFederation, timeout_s: float, *, grace_s: float) -> int:
+    """The server's exit status; a :class:`SimulationError` if it outlives ``timeout_s``, or outlives
+    every client by ``grace_s`` (no round can complete without them, so it would only wait)."""
+    deadline = time.monotonic() + timeout_s
+    clients_gone_at: float | None = None
+    while True:
+        code = fed.server.popen.poll()
+        if code is not None:
+            return code
+        now = time.monotonic()
+        if now >= deadline:
+            raise SimulationError(f"the server did not finish within {timeout_s:.0f} s")
+        if fed.clients and not any(c.alive() for c in fed.clients):
+            clients_gone_at = clients_gone_at if clients_gone_at is not None else now
+            if now - clients_gone_at >= grace_s:
+                fed.server.kill(signal.SIGINT)
+                exits = "; ".join(f"{c.name}: exit {c.popen.returncode}: {c.last_line()[-300:]}" for c in fed.clients)
+                raise SimulationError(f"every client exited before the job finished ({exits})")
+        time.sleep(0.2)
+
+
 def simulate_processes(
     config: JobConfig,
     n_clients: int,
@@ -377,10 +399,7 @@ def simulate_processes(
     errors: dict[str, str] = {}
     histories: dict[str, list[str]] = {}
     try:
-        try:
-            status = fed.server.wait(timeout_s)
-        except Exception as err:
-            raise SimulationError(f"the server did not finish within {timeout_s:.0f} s") from err
+        status = wait_for_server(fed, timeout_s, grace_s=max(config.linger, 1.0) + 15.0)
         if status != 0:
             raise SimulationError(f"the server exited with status {status}: {fed.server.errors()[-2000:]}")
         for proc in fed.clients:
