@@ -105,6 +105,29 @@ def test_noise_bad_arguments(capsys: pytest.CaptureFixture[str], override: list[
     assert len(lines) == 1 and lines[0].startswith("error:") and flag in lines[0]
 
 
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [(["--noise-multiplier", "1e160"], "cannot evaluate"),  # overflows inside the RDP computation
+     (["--noise-multiplier", "0.01", "--sample-rate", "1", "--steps", "1", "--accountant", "pld"], "grid of")],
+)
+def test_compute_refuses_compositions_it_cannot_evaluate_quickly_or_at_all(
+    capsys: pytest.CaptureFixture[str], args: list[str], fragment: str
+) -> None:
+    base = {"--sample-rate": "0.1", "--noise-multiplier": "1", "--steps": "5", "--delta": "1e-5"}
+    for flag, value in zip(args[::2], args[1::2], strict=True):
+        base[flag] = value
+    code, _, err = run(capsys, ["budget", "compute", *[x for kv in base.items() for x in kv]])
+    assert code == 2 and err.startswith("error: --accountant:") and fragment in err, err
+
+
+def test_prv_never_reports_a_negative_epsilon(capsys: pytest.CaptureFixture[str]) -> None:
+    from fedveil.dp.accounting import PRVAccountant, SubsampledGaussianEvent
+
+    acc = PRVAccountant()
+    acc.compose(SubsampledGaussianEvent(1.0, 100.0, 1))
+    assert acc.get_epsilon(0.5) == 0.0  # Opacus's bound is -0.68 here
+
+
 def test_compute_refuses_a_prv_grid_that_would_not_fit(capsys: pytest.CaptureFixture[str]) -> None:
     args = _with(_with(COMPUTE, ["--steps", "1000000"]), ["--accountant", "prv"])
     code, out, err = run(capsys, args)
@@ -167,7 +190,13 @@ def test_report_bad_arguments(capsys: pytest.CaptureFixture[str], ledger_file: P
     binary.write_bytes(b"\xff\xfe\x00garbage")
     store = tmp_path / "run.sqlite"
     sqlite3.connect(store).execute("create table t (x)").connection.commit()
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000)
+    same = tmp_path / "same.png"
+    same.write_bytes(ledger_file.read_bytes())
     cases = [
+        (["budget", "report", str(deep)], "LEDGER", "nested too deeply"),
+        (["budget", "report", str(same), "--plot", str(same)], "--plot", "is the ledger being read"),
         (["budget", "report", str(tmp_path / "missing.json")], "LEDGER", "no such file"),
         (["budget", "report", str(tmp_path)], "LEDGER", "not a file"),
         (["budget", "report", str(corrupt)], "LEDGER", "entries[0]"),

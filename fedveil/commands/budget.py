@@ -68,7 +68,6 @@ def compute_cmd(
     from fedveil.dp.accounting import PRVAccountant, RDPAccountant, SubsampledGaussianEvent, make_accountant
 
     acc = make_accountant(accountant)
-    acc.compose(SubsampledGaussianEvent(sample_rate, noise_multiplier, steps))
     payload: dict[str, object] = {
         "accountant": accountant,
         "delta": delta,
@@ -77,6 +76,7 @@ def compute_cmd(
         "steps": steps,
     }
     try:
+        acc.compose(SubsampledGaussianEvent(sample_rate, noise_multiplier, steps))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Opacus's RDP "optimal order at the edge" hints
             if isinstance(acc, RDPAccountant):
@@ -84,7 +84,7 @@ def compute_cmd(
                 payload["optimal_order"] = order
             else:
                 eps = acc.get_epsilon(delta)
-    except (ValueError, RuntimeError, MemoryError) as err:
+    except (ValueError, RuntimeError, MemoryError, OverflowError) as err:
         fail("--accountant", f"the {accountant} accountant cannot evaluate this composition: {err}")
     if isinstance(acc, PRVAccountant):
         payload["epsilon_error"] = acc.eps_error
@@ -154,6 +154,8 @@ def report_cmd(ledger_path: str, fmt: str, plot_path: str | None, run_id: str | 
     if fmt not in _FORMATS:
         fail("--format", f"must be one of {', '.join(_FORMATS)} (got {fmt!r})")
     if plot_path is not None:
+        if Path(plot_path).expanduser().resolve() == Path(ledger_path).expanduser().resolve():
+            fail("--plot", f"is the ledger being read; writing the plot there would destroy it (got {plot_path})")
         parent = Path(plot_path).expanduser().resolve().parent
         if not parent.is_dir():
             fail("--plot", f"directory does not exist (got {plot_path})")
@@ -162,7 +164,10 @@ def report_cmd(ledger_path: str, fmt: str, plot_path: str | None, run_id: str | 
     ledger = _load_ledger(ledger_path, run_id)
     from fedveil.dp.report import build_report, render_markdown, render_plot, render_text, report_to_dict
 
-    report = build_report(ledger)
+    try:
+        report = build_report(ledger)
+    except (ValueError, OverflowError, MemoryError) as err:
+        fail("LEDGER", f"cannot account this ledger: {err}")
     if plot_path is not None:
         fig = render_plot(report)
         try:
@@ -211,6 +216,8 @@ def _load_ledger(path: str, run_id: str | None) -> PrivacyLedger:
         return PrivacyLedger.from_json(text)
     except LedgerFormatError as err:
         fail("LEDGER", f"corrupt ledger {path}: {err}")
+    except (OverflowError, RecursionError) as err:
+        fail("LEDGER", f"corrupt ledger {path}: {type(err).__name__}: a value is out of range or nested too deeply")
 
 
 def register(group: click.Group) -> None:

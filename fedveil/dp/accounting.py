@@ -527,7 +527,8 @@ class PRVAccountant(_GaussianOnlyAccountant):
                 f"(limit {self.max_domain_points:.3g}); use the 'pld' or 'rdp' accountant or a larger eps_error"
             )
         with np.errstate(divide="ignore"):  # log(1 - q) = -inf at q = 1 is handled by Opacus's np.where
-            return float(acc.get_epsilon(delta, eps_error=self.eps_error, delta_error=self.delta_error))
+            eps = float(acc.get_epsilon(delta, eps_error=self.eps_error, delta_error=self.delta_error))
+        return max(eps, 0.0)  # Opacus's upper bound can dip below 0 when δ is large; ε is never negative
 
     def _extra_state(self) -> dict[str, Any]:
         return {"eps_error": self.eps_error, "delta_error": self.delta_error}
@@ -580,9 +581,29 @@ class PLDAccountant(_GaussianOnlyAccountant):
             return 0.0
         from dp_accounting.pld import PLDAccountant as GooglePLD
 
+        events = self._gaussian_history()
+        if any(e.noise_multiplier == 0.0 for e in events):
+            return math.inf
+        points = max(self.base_grid_points(e.noise_multiplier) for e in events)
+        if points > self.max_grid_points:
+            z = min(e.noise_multiplier for e in events)
+            raise ValueError(
+                f"the PLD accountant would need a grid of {points:.3g} points for noise multiplier {z:g} "
+                f"(limit {self.max_grid_points:.3g}); ε at so little noise is very large anyway: use 'rdp'"
+            )
         acc = GooglePLD(value_discretization_interval=self.value_discretization_interval)
         acc.compose(self.to_dp_event())
         return float(acc.get_epsilon(delta))
+
+    #: Above this many grid points for one step's privacy loss distribution, time and memory explode
+    #: (about 10 s and 1 GB at 2e6 points; the count grows as 1 / z^2 for small z).
+    max_grid_points: float = 5e6
+
+    def base_grid_points(self, noise_multiplier: float) -> float:
+        """Grid points dp_accounting needs for one Gaussian step: its privacy loss spans about
+        2 t / z + 1 / (2 z^2) (tails truncated at t ~ 8.3 standard deviations), at this interval."""
+        z = noise_multiplier
+        return (2 * 8.3 / z + 1 / (2 * z * z)) / self.value_discretization_interval
 
     def _extra_state(self) -> dict[str, Any]:
         return {"value_discretization_interval": self.value_discretization_interval}
