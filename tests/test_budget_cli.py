@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import subprocess
 import sys
@@ -194,7 +195,14 @@ def test_report_bad_arguments(capsys: pytest.CaptureFixture[str], ledger_file: P
     deep.write_text("[" * 100_000)
     same = tmp_path / "same.png"
     same.write_bytes(ledger_file.read_bytes())
+    as_text = tmp_path / "as_text.json"  # a number written as a string must not be read as one
+    text = ledger_file.read_text()
+    as_text.write_text(re.sub(r'"noise_multiplier": ([0-9.e+-]+)', r'"noise_multiplier": "\1"', text, count=1))
+    as_bool = tmp_path / "as_bool.json"
+    as_bool.write_text(re.sub(r'"sample_rate": ([0-9.e+-]+)', '"sample_rate": true', text, count=1))
     cases = [
+        (["budget", "report", str(as_text)], "LEDGER", "noise_multiplier must be a number"),
+        (["budget", "report", str(as_bool)], "LEDGER", "sample_rate must be a number"),
         (["budget", "report", str(deep)], "LEDGER", "nested too deeply"),
         (["budget", "report", str(same), "--plot", str(same)], "--plot", "is the ledger being read"),
         (["budget", "report", str(tmp_path / "missing.json")], "LEDGER", "no such file"),
@@ -235,7 +243,7 @@ def test_report_reads_a_run_store(capsys: pytest.CaptureFixture[str], ledger_fil
     code, out, err = run(capsys, ["budget", "report", str(empty)])  # its run has no ledger yet
     assert code == 2 and err.startswith("error: LEDGER:") and "no privacy ledger" in err
     code, out, err = run(capsys, ["budget", "report", str(db), "--run", "nope"])
-    assert code == 2 and err.startswith("error: LEDGER:")
+    assert code == 2 and err.startswith("error: --run:") and "has no run 'nope'" in err
 
 
 def test_entry_point_exit_status(ledger_file: Path) -> None:

@@ -195,10 +195,12 @@ def _load_ledger(path: str, run_id: str | None) -> PrivacyLedger:
     except OSError as err:
         fail("LEDGER", f"cannot read {path}: {err.strerror or err}")
     if raw.startswith(_SQLITE_MAGIC):
-        from fedveil.server.store import StoreError, load_ledger
+        from fedveil.server.store import StoreError, UnknownRunError, load_ledger
 
         try:
             ledger = load_ledger(p, run_id)
+        except UnknownRunError as err:
+            fail("--run", str(err))
         except StoreError as err:
             fail("LEDGER", str(err))
         except LedgerFormatError as err:

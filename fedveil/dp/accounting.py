@@ -221,8 +221,8 @@ def event_from_dict(data: Mapping[str, Any]) -> DpEvent:
     try:
         if kind == "subsampled_gaussian":
             return SubsampledGaussianEvent(
-                sample_rate=float(data["sample_rate"]),
-                noise_multiplier=float(data["noise_multiplier"]),
+                sample_rate=_as_float(data["sample_rate"], "sample_rate"),
+                noise_multiplier=_as_float(data["noise_multiplier"], "noise_multiplier"),
                 steps=_as_int(data["steps"], "steps"),
             )
         if kind == "rdp_curve":
@@ -231,8 +231,8 @@ def event_from_dict(data: Mapping[str, Any]) -> DpEvent:
                 raise ValueError("params must be an object")
             return RdpCurveEvent(
                 mechanism=str(data["mechanism"]),
-                orders=tuple(float(a) for a in data["orders"]),
-                rdp=tuple(math.inf if v is None else float(v) for v in data["rdp"]),
+                orders=tuple(_as_float(a, "orders") for a in data["orders"]),
+                rdp=tuple(math.inf if v is None else _as_float(v, "rdp") for v in data["rdp"]),
                 steps=_as_int(data["steps"], "steps"),
                 params=tuple(sorted(params.items())),
             )
@@ -241,6 +241,16 @@ def event_from_dict(data: Mapping[str, Any]) -> DpEvent:
     except TypeError as err:
         raise ValueError(f"event of kind {kind!r} has a field of the wrong type: {err}") from None
     raise ValueError(f"unknown event kind {kind!r} (expected 'subsampled_gaussian' or 'rdp_curve')")
+
+
+def _as_float(value: Any, name: str) -> float:
+    """A JSON number as a float; booleans and strings are refused (a ledger holds numbers, not text)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be a number (got {value!r})")
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{name} is out of range") from None
 
 
 def _as_int(value: Any, name: str) -> int:

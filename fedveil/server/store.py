@@ -650,6 +650,10 @@ def is_run_store(path: str | Path) -> bool:
         return False
 
 
+class UnknownRunError(StoreError):
+    """``--run`` names no run in the store."""
+
+
 def load_ledger(path: str | Path, run_id: str | None = None) -> Any:
     """The privacy ledger (``fedveil.dp.ledger.PrivacyLedger``) of a run in a run store.
 
@@ -670,6 +674,8 @@ def load_ledger(path: str | Path, run_id: str | None = None) -> Any:
                 if row is None:
                     raise StoreError(f"run store {str(p)!r} has no runs")
                 run_id = str(row[0])
+            elif conn.execute("SELECT 1 FROM runs WHERE run_id=?", (run_id,)).fetchone() is None:
+                raise UnknownRunError(f"run store {str(p)!r} has no run {run_id!r}")
             row = conn.execute("SELECT ledger_json FROM ledger WHERE run_id=?", (run_id,)).fetchone()
         finally:
             conn.close()
