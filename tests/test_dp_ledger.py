@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -247,3 +248,17 @@ def test_empty_ledger_reports_cleanly() -> None:
     assert as_dict["rounds"] == [] and as_dict["federation_epsilon"] is None
     assert as_dict["user_level_mechanism"] is False
     render_plot(report)
+
+
+def test_the_plot_shows_an_infinite_epsilon_instead_of_dropping_it() -> None:
+    """A client whose round had no noise has ε = ∞: its line must still be drawn, marked as such."""
+    ledger = PrivacyLedger(LedgerConfig(client_epsilon_budget=3.0))
+    ledger.record(0, clients={"a": SGD_A, "b": SGD_B})
+    ledger.record(1, clients={"a": SGD_A, "b": SubsampledGaussianEvent(sample_rate=0.02, noise_multiplier=0.0)})
+    report = build_report(ledger)
+    assert math.isinf(report.client_epsilons["b"])
+    ax = render_plot(report).axes[0]
+    line_b = next(line for line in ax.get_lines() if line.get_label().startswith("client b"))
+    ys = list(line_b.get_ydata())
+    assert len(ys) == 2 and all(math.isfinite(y) for y in ys) and ys[1] > 3.0  # drawn, above the budget
+    assert "ε = ∞" in line_b.get_label() and any(t.get_text() == "ε = ∞" for t in ax.texts)
