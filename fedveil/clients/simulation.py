@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import signal
+import subprocess
 import tempfile
 import threading
 import time
@@ -368,7 +369,12 @@ def wait_for_server(fed: ProcessFederation, timeout_s: float, *, grace_s: float)
         if fed.clients and not any(c.alive() for c in fed.clients):
             clients_gone_at = clients_gone_at if clients_gone_at is not None else now
             if now - clients_gone_at >= grace_s:
-                fed.server.kill(signal.SIGINT)
+                # SIGTERM, not SIGINT: a process started in the background inherits SIGINT as ignored
+                fed.server.kill(signal.SIGTERM)
+                try:
+                    fed.server.popen.wait(10)
+                except subprocess.TimeoutExpired:
+                    fed.server.kill(signal.SIGKILL)
                 exits = "; ".join(f"{c.name}: exit {c.popen.returncode}: {c.last_line()[-300:]}" for c in fed.clients)
                 raise SimulationError(f"every client exited before the job finished ({exits})")
         time.sleep(0.2)
