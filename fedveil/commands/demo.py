@@ -56,12 +56,12 @@ def healthcare_command(
     else:
         ensure_directory("--out", out)
 
-    from fedveil.demo.data import make_split
-    from fedveil.demo.runner import SPLIT_SEED, DemoOptions, OutputDirectoryError, run_demo
+    from fedveil.demo.data import DEMO_SPLIT_SEED, make_split
+    from fedveil.demo.runner import DemoOptions, OutputDirectoryError, run_demo
     from fedveil.demo.runner import export_csv as do_export
 
     try:
-        split = make_split(hospitals, seed=SPLIT_SEED)
+        split = make_split(hospitals, seed=DEMO_SPLIT_SEED)
     except ValueError as err:
         fail("--hospitals", str(err))
     if export_csv is not None:

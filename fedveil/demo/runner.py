@@ -58,9 +58,9 @@ log = logging.getLogger("fedveil.demo")
 class OutputDirectoryError(ValueError):
     """``--out`` cannot take the demo's files (checked before any work, so nothing is lost)."""
 
+
 DEMO_SHARE = "demo-share.csv"
 STORE_FILE = "runs.sqlite"
-SPLIT_SEED = DEMO_SPLIT_SEED
 
 
 @dataclass(frozen=True)
@@ -241,10 +241,7 @@ class DemoRuns:
         max_silent = settings.hospitals_per_round - settings.threshold
         plan = DropoutPlan.draw(self.names, settings.rounds, settings.dropout, max_silent, settings.seed)
 
-        noise_ratio = user_level_noise_ratio(settings, recipe, len(self.names))
-        warning = None
-        if noise_ratio is not None and noise_ratio > 1:
-            warning = user_level_warning(settings.hospitals_per_round, noise_ratio)
+        warning = user_level_warning(settings, recipe, len(self.names))
 
         def started(run_id: str) -> None:
             rid_box.append(run_id)
@@ -356,7 +353,7 @@ def run_demo(
             f"{str(out)!r} already has {', '.join(blocked)} of the wrong kind (a directory where the demo writes a "
             "file, or a file where it needs a directory); choose another --out or move it")
     recipe = options.recipe
-    split = make_split(options.hospitals, seed=SPLIT_SEED)
+    split = make_split(options.hospitals, seed=DEMO_SPLIT_SEED)
     write_hospital_shares(split, out)
     runs = MemoryRunSource()
     demo_runs = DemoRuns(options, split, runs, console)
@@ -377,16 +374,18 @@ def run_demo(
             + ", ".join(f"{h.name} ({h.size} patients, {100 * h.malignant_share:.0f}% malignant)"
                         for h in split.hospitals)
             + f"; test set {split.test.size}, validation {split.validation.size}", highlight=False)
-        settings = _settings_of(options, recipe)
-        transport = settings.transport
+        transport: Transport = "in-process" if options.in_process else "grpc"
+        settings = FederationSettings(
+            rounds=recipe.rounds, hospitals_per_round=options.hospitals, dp=options.dp,
+            epsilon_budget=recipe.target_epsilon, dropout=options.dropout, transport=transport, seed=options.seed,
+        )
         console.print(
             f"secure aggregation over {'TLS gRPC on 127.0.0.1' if transport == 'grpc' else 'in-process calls'}; "
             f"DP mode [bold]{options.dp}[/]; {recipe.rounds} rounds; dropout probability {options.dropout:g}",
             highlight=False)
-        noise_ratio = user_level_noise_ratio(settings, recipe, len(split.hospitals))
-        if noise_ratio is not None and noise_ratio > 1.0:
-            console.print(f"[bold yellow]warning[/]: {user_level_warning(options.hospitals, noise_ratio)}",
-                          highlight=False)
+        warning = user_level_warning(settings, recipe, len(split.hospitals))
+        if warning is not None:
+            console.print(f"[bold yellow]warning[/]: {warning}", highlight=False)
         live = LiveTable(console, demo_runs.names, recipe.rounds, options.dp)
         with live:
             result = demo_runs.run(settings, recipe, prefer_uploads=False, on_round=live.add)
@@ -398,8 +397,8 @@ def run_demo(
         federated, _ = federated_non_private(
             split, recipe, seed=options.seed,
             participation=lambda r: participation.get(r + 1, list(range(len(demo_runs.names)))))
-        report = build_report(options, recipe, split, result, {"centralized": central.to_dict(),
-                                                               "federated_non_private": federated.to_dict()})
+        baselines = {"centralized": central.to_dict(), "federated_non_private": federated.to_dict()}
+        report = build_report(options, recipe, split, result, warning, baselines)
         report["wall_seconds"] = round(time.monotonic() - started, 2)
         paths = write_report(report, out)
         report["files"] = {k: str(v) for k, v in paths.items()}
@@ -417,23 +416,20 @@ def run_demo(
             server.stop()
 
 
-def user_level_warning(hospitals: int, noise_ratio: float) -> str:
-    return (f"user-level DP over {hospitals} hospitals: each round's noise has {noise_ratio:.1f}x the norm of the "
-            "largest possible mean update, so the model is dominated by noise and varies widely from run to run. "
-            "User-level DP needs hundreds of participants per round; with a few hospitals, --dp local protects "
-            "each patient at the same ε and keeps a useful model.")
-
-
-def _settings_of(options: DemoOptions, recipe: Recipe) -> FederationSettings:
-    transport: Transport = "in-process" if options.in_process else "grpc"
-    return FederationSettings(
-        rounds=recipe.rounds, hospitals_per_round=options.hospitals, dp=options.dp,
-        epsilon_budget=recipe.target_epsilon, dropout=options.dropout, transport=transport, seed=options.seed,
-    )
+def user_level_warning(settings: FederationSettings, recipe: Recipe, n_hospitals: int) -> str | None:
+    """The warning for a user-level DP run whose noise outweighs every update (None otherwise)."""
+    ratio = user_level_noise_ratio(settings, recipe, n_hospitals)
+    if ratio is None or ratio <= 1.0:
+        return None
+    return (f"user-level DP over {settings.hospitals_per_round} hospitals: each round's noise has {ratio:.1f}x "
+            "the norm of the largest possible mean update, so the model is dominated by noise and varies widely "
+            "from run to run. User-level DP needs hundreds of participants per round; with a few hospitals, "
+            "--dp local protects each patient at the same ε and keeps a useful model.")
 
 
 def build_report(
-    options: DemoOptions, recipe: Recipe, split: DemoSplit, result: FederationResult, baselines: Mapping[str, Any]
+    options: DemoOptions, recipe: Recipe, split: DemoSplit, result: FederationResult, warning: str | None,
+    baselines: Mapping[str, Any],
 ) -> dict[str, Any]:
     final = result.rounds[-1]
     hospitals = []
@@ -460,9 +456,8 @@ def build_report(
     if user_level:
         notes.append("No local DP-SGD in this mode: epsilon_sample_max reports the user-level ε, which bounds every "
                      "patient's privacy too (a patient's records belong to one hospital).")
-        ratio = user_level_noise_ratio(_settings_of(options, recipe), recipe, len(split.hospitals))
-        if ratio is not None and ratio > 1.0:
-            notes.append(user_level_warning(options.hospitals, ratio))
+        if warning is not None:
+            notes.append(warning)
     if result.status != "completed":
         notes.append(f"The federation ended early: {result.status}: {result.message}")
     if result.client_errors:
@@ -484,7 +479,7 @@ def build_report(
         "recipe": recipe.to_dict(),
         "settings": {"hospitals": options.hospitals, "rounds": recipe.rounds, "dropout": options.dropout,
                      "dp": options.dp, "epsilon_budget": recipe.target_epsilon if options.dp != "none" else None,
-                     "seed": options.seed, "split_seed": SPLIT_SEED},
+                     "seed": options.seed, "split_seed": DEMO_SPLIT_SEED},
         "split": {"test": split.test.size, "validation": split.validation.size,
                   "hospitals": {h.name: h.size for h in split.hospitals}},
         "secure_aggregation": {"graph": "complete", "threshold": options.hospitals // 2 + 1,
