@@ -10,7 +10,6 @@ increase is printed for two cohort sizes to show whether it grows with n·m.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import tempfile
 import threading
@@ -24,8 +23,10 @@ from fedveil.clients.simulation import (
     JobConfig,
     SimulationError,
     SimulationHost,
+    orphan_grace_s,
     simulate_in_process,
     start_process_federation,
+    wait_for_server,
 )
 
 MakeConfig = Callable[[str, int, int], JobConfig]
@@ -135,9 +136,7 @@ def run_processes(
         sampler = RssSampler(fed.server.pid).start()
         fed.clients = [fed.start_client(i, config, extra=("--log-level", "warning")) for i in range(clients)]
         try:
-            status = fed.server.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            raise SimulationError(f"the gRPC run did not finish within --timeout {timeout_s:g} s") from None
+            status = wait_for_server(fed, timeout_s, grace_s=orphan_grace_s(config))
         finally:
             sampler.stop()
         if status != 0:

@@ -229,7 +229,6 @@ def simulate_in_process(
     host: SimulationHost,
     store_path: Path | None = None,
     client_timeout_s: float = 600.0,
-    on_round: Callable[[int], None] | None = None,
 ) -> SimulationResult:
     """Run the job with the real coordinator (started by ``host``) and ``n_clients`` client
     threads in this process."""
@@ -354,6 +353,12 @@ def read_port_file(path: Path, timeout_s: float, server: ManagedProcess) -> int:
     raise SimulationError(f"the server did not report its port within {timeout_s:.0f} s")
 
 
+def orphan_grace_s(config: JobConfig) -> float:
+    """How long a server may outlive all its clients before :func:`wait_for_server` stops it: its
+    linger (it may still be saying goodbye) plus room for a slow final stage."""
+    return max(config.linger, 1.0) + 15.0
+
+
 def wait_for_server(fed: ProcessFederation, timeout_s: float, *, grace_s: float) -> int:
     """The server's exit status; a :class:`SimulationError` if it outlives ``timeout_s``, or outlives
     every client by ``grace_s`` (no round can complete without them, so it would only wait)."""
@@ -365,7 +370,7 @@ def wait_for_server(fed: ProcessFederation, timeout_s: float, *, grace_s: float)
             return code
         now = time.monotonic()
         if now >= deadline:
-            raise SimulationError(f"the server did not finish within {timeout_s:.0f} s")
+            raise SimulationError(f"the server did not finish within {timeout_s:g} s")
         if fed.clients and not any(c.alive() for c in fed.clients):
             clients_gone_at = clients_gone_at if clients_gone_at is not None else now
             if now - clients_gone_at >= grace_s:
@@ -405,7 +410,7 @@ def simulate_processes(
     errors: dict[str, str] = {}
     histories: dict[str, list[str]] = {}
     try:
-        status = wait_for_server(fed, timeout_s, grace_s=max(config.linger, 1.0) + 15.0)
+        status = wait_for_server(fed, timeout_s, grace_s=orphan_grace_s(config))
         if status != 0:
             raise SimulationError(f"the server exited with status {status}: {fed.server.errors()[-2000:]}")
         for proc in fed.clients:
