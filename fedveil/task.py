@@ -243,6 +243,17 @@ class Task:
         return TensorDataset(torch.from_numpy(features), torch.from_numpy(labels))
 
 
+def risk_level(probability: float) -> str:
+    """The risk band of a predicted probability: low < 0.2 <= moderate < 0.5 <= high < 0.8 <= very high."""
+    if probability < 0.2:
+        return "low"
+    if probability < 0.5:
+        return "moderate"
+    if probability < 0.8:
+        return "high"
+    return "very high"
+
+
 def describe_margin(log_odds_margin: float) -> str:
     """Plain words for how far a binary prediction is from undecided, by ``|log-odds|``.
 

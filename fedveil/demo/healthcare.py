@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedveil.demo.data import FEATURE_DESCRIPTIONS, FEATURE_NAMES, LABEL_NAME, DemoSplit, make_split, public_ranges
-from fedveil.task import ColumnSpec, DataSchema, Task, describe_margin
+from fedveil.task import ColumnSpec, DataSchema, Task, describe_margin, risk_level
 
 SCHEMA = DataSchema(
     # every measurement is a size, a count or a ratio: never negative
@@ -217,16 +217,6 @@ class RiskAssessment:
                 for c in self.contributions[:top]
             ],
         }
-
-
-def risk_level(probability: float) -> str:
-    if probability < 0.2:
-        return "low"
-    if probability < 0.5:
-        return "moderate"
-    if probability < 0.8:
-        return "high"
-    return "very high"
 
 
 def confidence_description(probability: float, out_of_range: Sequence[str]) -> str:

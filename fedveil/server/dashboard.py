@@ -63,7 +63,7 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 import torch
 
-from fedveil.task import SchemaError, Task, describe_margin
+from fedveil.task import SchemaError, Task, describe_margin, risk_level
 
 log = logging.getLogger("fedveil.dashboard")
 
@@ -517,18 +517,18 @@ def gradient_times_input(model: torch.nn.Module, features: np.ndarray, names: Se
     x = torch.as_tensor(np.asarray(features, dtype=np.float32)).reshape(1, -1).requires_grad_(True)
     model.eval()
     logit = model(x).reshape(-1)[0]
-    if not math.isfinite(float(logit.item())):
+    logit_value = float(logit.item())
+    if not math.isfinite(logit_value):
         raise ValueError("the model's output is not finite for these values; check the measurements' units")
     (grad,) = torch.autograd.grad(logit, x)
     contrib = (grad * x).detach().numpy()[0].astype(np.float64)
     prob = float(torch.sigmoid(logit).item())
     order = np.argsort(-np.abs(contrib), kind="stable")
-    level = "low" if prob < 0.2 else "moderate" if prob < 0.5 else "high" if prob < 0.8 else "very high"
     return {
         "probability": prob,
-        "logit": float(logit.item()),
-        "risk_level": level,
-        "confidence": describe_margin(float(logit.item()))
+        "logit": logit_value,
+        "risk_level": risk_level(prob),
+        "confidence": describe_margin(logit_value)
         + ". Contributions are first-order (gradient × input) approximations.",
         "top_features": [
             {
