@@ -196,14 +196,19 @@ def _strict_number(value: object, name: str) -> float:
         raise SchemaError(f"feature {name!r}: the value is out of range") from None
 
 
+def float32_decimal(value: float) -> str | None:
+    """The shortest decimal of a value that is exactly a float32 (19.59, not 19.59000015258789), if
+    reading it back through float64, as :meth:`DataSchema.parse_csv` does, gives the same float32."""
+    if float(np.float32(value)) != float(value):
+        return None
+    text = str(np.float32(value))
+    return text if float(np.float32(float(text))) == float(value) else None
+
+
 def _format_cell(value: float, spec: ColumnSpec) -> str:
     if spec.dtype in ("int", "binary"):
         return str(int(value))
-    if float(np.float32(value)) == float(value):
-        text = str(np.float32(value))  # a float32 value's shortest decimal: 19.59, not 19.59000015258789
-        if float(np.float32(float(text))) == float(value):  # parse_csv reads via float64: check the round trip
-            return text
-    return repr(float(value))
+    return float32_decimal(value) or repr(float(value))
 
 
 TrainFn = Callable[[nn.Module, DataLoader, torch.optim.Optimizer], float]

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedveil.demo.data import FEATURE_DESCRIPTIONS, FEATURE_NAMES, LABEL_NAME, DemoSplit, make_split, public_ranges
-from fedveil.task import ColumnSpec, DataSchema, Task, describe_margin, risk_level
+from fedveil.task import ColumnSpec, DataSchema, Task, describe_margin, float32_decimal, risk_level
 
 SCHEMA = DataSchema(
     # every measurement is a size, a count or a ratio: never negative
@@ -277,7 +277,7 @@ def example_patients(split: DemoSplit | None = None) -> list[dict[str, Any]]:
     ]
 
     def clean(v: np.float32) -> float:  # 21.71, not 21.709999084472656
-        return float(np.format_float_positional(np.float32(v), unique=True))
+        return float(float32_decimal(float(v)) or v)
 
     return [{"label": label, "features": dict(zip(FEATURE_NAMES, (clean(v) for v in x[i]), strict=True))}
             for label, i in picks]
