@@ -235,32 +235,31 @@ def render_plot(report: PrivacyReport) -> Figure:
     fed_y = [r.federation.epsilon_cumulative for r in report.rounds if r.federation is not None]
     # An infinite ε (a round without noise) would simply vanish from a line plot: draw it at a
     # ceiling above every finite value and budget, marked and labelled as ε = ∞.
-    finite = [v for v in fed_y if math.isfinite(v)]
-    finite += [r.clients[c].epsilon_cumulative for r in report.rounds for c in r.clients
-               if math.isfinite(r.clients[c].epsilon_cumulative)]
-    finite += [b for b in (report.federation_budget, report.client_budget) if b is not None and math.isfinite(b)]
+    values = fed_y + [r.clients[c].epsilon_cumulative for r in report.rounds for c in r.clients]
+    any_infinite = not all(math.isfinite(v) for v in values)
+    budgets = [b for b in (report.federation_budget, report.client_budget) if b is not None]
+    finite = [v for v in [*values, *budgets] if math.isfinite(v)]
     ceiling = (max(finite) if finite else 1.0) * 1.15 or 1.0
-    any_infinite = False
 
-    def at_ceiling(xs: list[int], ys: list[float], color: Any) -> list[float]:
-        nonlocal any_infinite
-        inf_x = [x for x, y in zip(xs, ys, strict=True) if not math.isfinite(y)]
-        if inf_x:
-            any_infinite = True
-            ax.scatter(inf_x, [ceiling] * len(inf_x), marker="^", s=60, color=color, zorder=3)
-            ax.annotate("ε = ∞", (inf_x[0], ceiling), textcoords="offset points", xytext=(4, 6), fontsize="small")
+    def clamped(ys: list[float]) -> list[float]:
         return [y if math.isfinite(y) else ceiling for y in ys]
 
+    def mark_infinite(xs: list[int], ys: list[float], color: Any) -> None:
+        inf_x = [x for x, y in zip(xs, ys, strict=True) if not math.isfinite(y)]
+        if inf_x:
+            ax.scatter(inf_x, [ceiling] * len(inf_x), marker="^", s=60, color=color, zorder=3)
+            ax.annotate("ε = ∞", (inf_x[0], ceiling), textcoords="offset points", xytext=(4, 6), fontsize="small")
+
     if fed_x:
-        fed_y = at_ceiling(fed_x, fed_y, "black")
         ax.plot(
             fed_x,
-            fed_y,
+            clamped(fed_y),
             marker="o",
             linewidth=2.5,
             color="black",
             label=f"federation (user, δ={report.federation_delta:g})",
         )
+        mark_infinite(fed_x, fed_y, "black")
     many = len(report.client_epsilons) > _MAX_LEGEND_CLIENTS
     for i, cid in enumerate(report.client_epsilons):
         xs = [r.round_index for r in report.rounds if cid in r.clients]
@@ -269,12 +268,10 @@ def render_plot(report: PrivacyReport) -> Figure:
             label = f"clients ({len(report.client_epsilons)}, sample, δ={report.client_delta:g})" if i == 0 else None
         else:
             label = f"client {cid} (sample, δ={report.client_delta:g})"
-        infinite = any(not math.isfinite(y) for y in ys)
-        if infinite and label is not None and not many:
-            label += ", ε = ∞"
-        line = ax.plot(xs, [y if math.isfinite(y) else ceiling for y in ys], marker=".", linewidth=1.2, label=label)
-        if infinite:
-            at_ceiling(xs, ys, line[0].get_color())
+            if not all(math.isfinite(y) for y in ys):
+                label += ", ε = ∞"
+        line = ax.plot(xs, clamped(ys), marker=".", linewidth=1.2, label=label)
+        mark_infinite(xs, ys, line[0].get_color())
     if report.federation_budget is not None and fed_x:
         ax.axhline(report.federation_budget, color="black", linestyle="--", linewidth=1, label="federation budget")
     if report.client_budget is not None and report.client_epsilons:
