@@ -108,10 +108,10 @@ def test_an_existing_pytorch_loop_joins_over_grpc_and_the_global_model_learns(tm
     assert accuracies[-1] > accuracies[0], accuracies
 
 
-def test_rnd_privatize_wraps_the_users_objects_for_local_dp_and_the_client_accounts_its_epsilon(
-    tmp_path: Path,
-) -> None:
-    config = job(rounds=2, dp="local", dp_local_noise_multiplier=1.0, dp_local_max_grad_norm=1.0)
+def start_job_with_two_turnkey_sites(
+    tmp_path: Path, config: ServerConfig
+) -> tuple[Coordinator, RunStore, threading.Thread, list[threading.Thread]]:
+    """The coordinator running ``config`` in a thread, and sites 1 and 2 as turnkey clients; site 0 is the test's."""
     store = RunStore(tmp_path / "run.sqlite")
     coordinator = Coordinator(config, task, store, new_run=True)
     driver = threading.Thread(target=coordinator.run, daemon=True)
@@ -123,6 +123,14 @@ def test_rnd_privatize_wraps_the_users_objects_for_local_dp_and_the_client_accou
         fed = federate(task=task, transport=InProcessTransport(coordinator, f"site-{i}"), seed=i, num_examples=200)
         helpers.append(threading.Thread(target=run_client, args=(fed, task, data), daemon=True))
         helpers[-1].start()
+    return coordinator, store, driver, helpers
+
+
+def test_rnd_privatize_wraps_the_users_objects_for_local_dp_and_the_client_accounts_its_epsilon(
+    tmp_path: Path,
+) -> None:
+    config = job(rounds=2, dp="local", dp_local_noise_multiplier=1.0, dp_local_max_grad_norm=1.0)
+    coordinator, store, driver, helpers = start_job_with_two_turnkey_sites(tmp_path, config)
 
     assert task.synthetic_data is not None
     dataset = task.synthetic_data(0, 3, SEED)
@@ -155,17 +163,7 @@ def test_rnd_privatize_wraps_the_users_objects_for_local_dp_and_the_client_accou
 
 def test_local_dp_job_refuses_an_update_trained_without_privatize(tmp_path: Path) -> None:
     config = job(rounds=1, dp="local")
-    store = RunStore(tmp_path / "run.sqlite")
-    coordinator = Coordinator(config, task, store, new_run=True)
-    driver = threading.Thread(target=coordinator.run, daemon=True)
-    driver.start()
-    helpers = []
-    for i in (1, 2):
-        assert task.synthetic_data is not None
-        data = task.synthetic_data(i, 3, SEED)
-        fed = federate(task=task, transport=InProcessTransport(coordinator, f"site-{i}"), seed=i, num_examples=200)
-        helpers.append(threading.Thread(target=run_client, args=(fed, task, data), daemon=True))
-        helpers[-1].start()
+    coordinator, store, driver, _ = start_job_with_two_turnkey_sites(tmp_path, config)
     with pytest.raises(fedveil.clients.ClientError, match=r"call rnd\.privatize"):
         for rnd in federate(task=TASK, transport=InProcessTransport(coordinator, "site-0")):
             rnd.submit(rnd.model)
@@ -176,17 +174,7 @@ def test_local_dp_job_refuses_an_update_trained_without_privatize(tmp_path: Path
 
 def test_a_client_whose_model_does_not_fit_the_job_gets_a_clear_error(tmp_path: Path) -> None:
     config = job(rounds=1)
-    store = RunStore(tmp_path / "run.sqlite")
-    coordinator = Coordinator(config, task, store, new_run=True)
-    driver = threading.Thread(target=coordinator.run, daemon=True)
-    driver.start()
-    helpers = []
-    for i in (1, 2):
-        assert task.synthetic_data is not None
-        data = task.synthetic_data(i, 3, SEED)
-        fed = federate(task=task, transport=InProcessTransport(coordinator, f"site-{i}"), seed=i, num_examples=200)
-        helpers.append(threading.Thread(target=run_client, args=(fed, task, data), daemon=True))
-        helpers[-1].start()
+    coordinator, store, driver, _ = start_job_with_two_turnkey_sites(tmp_path, config)
     wrong = nn.Sequential(nn.Linear(12, 1))
     with pytest.raises(fedveil.clients.ClientError, match="does not fit"):
         for _rnd in federate(task=TASK, transport=InProcessTransport(coordinator, "site-0"), model=wrong):
