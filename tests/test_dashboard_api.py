@@ -6,61 +6,19 @@ import json
 import math
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from dashboard_helpers import HOSPITALS, TOKEN, call, files_in, raw_exchange, site_csv, upload
 
 from fedveil.demo import healthcare
 from fedveil.demo.data import FEATURE_NAMES, make_split
-from fedveil.server.dashboard import Dashboard, DashboardServer, HospitalDataDirs, MemoryRunSource, RunSettings
+from fedveil.server.dashboard import RunSettings
 
 torch.set_num_threads(1)
-HOSPITALS = ("hospital-1", "hospital-2")
-
-
-def call(url: str, method: str = "GET", body: bytes | None = None, ctype: str = "application/json") -> tuple[int, Any]:
-    req = urllib.request.Request(url, data=body, method=method,
-                                 headers={"Content-Type": ctype, "X-Fedveil-Request": "1"})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            raw = resp.read()
-            status = resp.status
-            kind = resp.headers.get("Content-Type", "")
-    except urllib.error.HTTPError as err:
-        raw, status, kind = err.read(), err.code, err.headers.get("Content-Type", "")
-    return status, json.loads(raw) if "json" in kind else raw.decode()
-
-
-@pytest.fixture
-def board(tmp_path: Path) -> Iterator[tuple[DashboardServer, MemoryRunSource, HospitalDataDirs]]:
-    runs = MemoryRunSource()
-    dirs = HospitalDataDirs(tmp_path / "hospitals", HOSPITALS, healthcare.task, max_bytes=20_000)
-    app = Dashboard(
-        task=healthcare.task, runs=runs, hospitals=dirs, assessor=lambda m, x: healthcare.assess(m, x).to_dict()
-    )
-    server = DashboardServer(app, port=0).start()
-    try:
-        yield server, runs, dirs
-    finally:
-        server.stop()
-
-
-def site_csv(rows: int = 20) -> str:
-    h = make_split(5, 0).hospitals[1]
-    return healthcare.SCHEMA.to_csv(h.features[:rows], h.labels[:rows])
-
-
-def upload(url: str, hospital: str, body: bytes, filename: str = "site.csv") -> tuple[int, Any]:
-    return call(f"{url}api/hospitals/{hospital}/upload?filename={filename}", "POST", body, "text/csv")
-
-
-def files_in(dirs: HospitalDataDirs, hospital: str) -> list[str]:
-    d = dirs.root / hospital
-    return sorted(p.name for p in d.iterdir()) if d.exists() else []
+AUTH = f"Authorization: Bearer {TOKEN.value}\r\n"
 
 
 def test_pages_and_assets_are_served(board: Any) -> None:
@@ -243,12 +201,14 @@ def test_cross_site_and_rebinding_requests_are_refused(board: Any) -> None:
     server, _, dirs = board
     body = site_csv().encode()
     req = urllib.request.Request(f"{server.url}api/hospitals/hospital-1/upload?filename=a.csv", data=body,
-                                 method="POST", headers={"Content-Type": "text/csv"})
+                                 method="POST", headers={"Content-Type": "text/csv",
+                                                         "Authorization": f"Bearer {TOKEN.value}"})
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(req, timeout=5)
     assert err.value.code == 403 and "X-Fedveil-Request" in json.loads(err.value.read())["error"]
     assert files_in(dirs, "hospital-1") == []
-    req = urllib.request.Request(f"{server.url}api/status", headers={"Host": "evil.example:80"})
+    req = urllib.request.Request(f"{server.url}api/status", headers={"Host": "evil.example:80",
+                                                                     "Authorization": f"Bearer {TOKEN.value}"})
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(req, timeout=5)
     assert err.value.code == 403
@@ -278,25 +238,6 @@ def test_generic_explanation_is_gradient_times_input() -> None:
     assert res["top_features"][0]["direction"] == "lowers risk" and "approximations" in res["confidence"]
 
 
-def raw_exchange(url: str, request: bytes) -> bytes:
-    """Send raw bytes on one connection and return everything the server sends until it closes."""
-    import socket
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 80), timeout=10) as sock:
-        sock.sendall(request)
-        chunks = []
-        while True:
-            try:
-                chunk = sock.recv(65536)
-            except TimeoutError:
-                raise AssertionError("the server kept the connection open after a refused request") from None
-            if not chunk:
-                return b"".join(chunks)
-            chunks.append(chunk)
-
-
 @pytest.mark.parametrize("refusal", ["no_header", "foreign_host", "unknown_hospital"])
 def test_a_refused_request_cannot_smuggle_another_in_its_body(board: Any, refusal: str) -> None:
     """A refused request's unread body must not be parsed as the next request on the connection."""
@@ -304,12 +245,12 @@ def test_a_refused_request_cannot_smuggle_another_in_its_body(board: Any, refusa
     good = site_csv().encode()
     assert upload(server.url, "hospital-1", good)[0] == 200
     port = server.port
-    smuggled = (f"DELETE /api/hospitals/hospital-1/upload HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+    smuggled = (f"DELETE /api/hospitals/hospital-1/upload HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{AUTH}"
                 "X-Fedveil-Request: 1\r\nContent-Length: 0\r\n\r\n").encode()
     host = "evil.example" if refusal == "foreign_host" else f"127.0.0.1:{port}"
     header = "" if refusal == "no_header" else "X-Fedveil-Request: 1\r\n"
     target = "hospital-9" if refusal == "unknown_hospital" else "hospital-1"
-    outer = (f"POST /api/hospitals/{target}/upload?filename=a.csv HTTP/1.1\r\nHost: {host}\r\n{header}"
+    outer = (f"POST /api/hospitals/{target}/upload?filename=a.csv HTTP/1.1\r\nHost: {host}\r\n{AUTH}{header}"
              f"Content-Type: text/csv\r\nContent-Length: {len(smuggled)}\r\n\r\n").encode() + smuggled
     reply = raw_exchange(server.url, outer)
     assert reply.count(b"HTTP/1.1 ") == 1, reply  # one answer (the refusal), then the connection closes
@@ -319,8 +260,8 @@ def test_a_refused_request_cannot_smuggle_another_in_its_body(board: Any, refusa
 
 def test_keep_alive_still_serves_several_plain_gets_on_one_connection(board: Any) -> None:
     server, _, _ = board
-    one = f"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n\r\n".encode()
-    last = f"GET /api/schema HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nConnection: close\r\n\r\n".encode()
+    one = f"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n{AUTH}\r\n".encode()
+    last = f"GET /api/schema HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n{AUTH}Connection: close\r\n\r\n".encode()
     reply = raw_exchange(server.url, one + one + last)
     assert reply.count(b"HTTP/1.1 200") == 3
 
@@ -330,10 +271,11 @@ def test_other_methods_chunked_bodies_and_head_get_json_answers(board: Any) -> N
     for method in ("PUT", "PATCH", "OPTIONS"):
         status, res = call(server.url + "api/predict", method, b"{}")
         assert status == 405 and f"method {method} is not supported" in res["error"]
-    req = urllib.request.Request(server.url + "api/status", method="HEAD")
+    req = urllib.request.Request(server.url + "api/status", method="HEAD",
+                                 headers={"Authorization": f"Bearer {TOKEN.value}"})
     with urllib.request.urlopen(req, timeout=10) as resp:
         assert resp.status == 200 and resp.read() == b"" and "json" in resp.headers["Content-Type"]
-    chunked = (f"POST /api/runs HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nX-Fedveil-Request: 1\r\n"
+    chunked = (f"POST /api/runs HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n{AUTH}X-Fedveil-Request: 1\r\n"
                "Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n").encode()
     reply = raw_exchange(server.url, chunked)
     assert reply.startswith(b"HTTP/1.1 411") and reply.count(b"HTTP/1.1 ") == 1 and b"chunked" in reply

@@ -1,21 +1,23 @@
 """The dashboard in headless Chromium (Debian's, never a downloaded browser), end to end.
 
 Starts ``fedveil demo healthcare --dashboard PORT`` as a real process (3 hospitals, 2 rounds,
-in-process secure aggregation to keep it quick), then drives the pages: the demo's run and its
-rounds, a good and a bad site upload, a run started from the browser whose rounds appear, and a
-clinician's prediction. Screenshots go to ``test-artifacts/``.
+in-process secure aggregation to keep it quick), then drives the pages: logging in with the URL
+the demo printed, the demo's run and its rounds, a good and a bad site upload, a run started from
+the browser whose rounds appear, and a clinician's prediction. Screenshots go to ``test-artifacts/``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +36,22 @@ pytestmark = [
 ]
 
 
+@dataclass(frozen=True)
+class Demo:
+    url: str
+    """The dashboard's base URL (no token)."""
+    login_url: str
+    """The URL the demo printed, with the login token."""
+    token: str
+    out: Path
+
+
+TOKEN = secrets.token_urlsafe(32)
+
+
 def get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=5) as resp:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(req, timeout=5) as resp:
         return json.loads(resp.read())
 
 
@@ -54,21 +70,26 @@ def wait_for(predicate: Any, timeout: float, what: str) -> Any:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
     from fedveil.clients.processes import free_port
 
     out = tmp_path_factory.mktemp("demo")
     port = free_port()
+    token_file = out / "dashboard.token"
+    token_file.write_text(TOKEN + "\n")  # scripted use: the operator supplies the token
     log = open(out / "demo.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "fedveil.cli", "demo", "healthcare", "--hospitals", "3", "--rounds", "2",
-         "--dropout", "0", "--in-process", "--dashboard", str(port), "--out", str(out / "run")],
+         "--dropout", "0", "--in-process", "--dashboard", str(port), "--dashboard-token-file", str(token_file),
+         "--out", str(out / "run")],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     url = f"http://127.0.0.1:{port}/"
     try:
         wait_for(lambda: proc.poll() is None and get_json(url + "api/status"), 120, "the dashboard to answer")
-        yield url, out / "run"
+        printed = [line for line in (out / "demo.log").read_text().splitlines() if TOKEN in line]
+        assert printed == [f"dashboard {url}?token={TOKEN}"], printed  # printed once, as the login URL
+        yield Demo(url, f"{url}?token={TOKEN}", TOKEN, out / "run")
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -90,7 +111,8 @@ def browser() -> Iterator[Any]:
             b.close()
 
 
-def new_page(browser: Any) -> Any:
+def new_page(browser: Any, demo: Demo | None = None) -> Any:
+    """A page in a fresh browser context, logged in with the demo's login URL when ``demo`` is given."""
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
@@ -98,6 +120,9 @@ def new_page(browser: Any) -> Any:
     # nothing may be fetched from outside this server
     page.route("**/*", lambda route: route.continue_() if route.request.url.startswith("http://127.0.0.1")
                else route.abort())
+    if demo is not None:
+        page.goto(demo.login_url)
+        assert page.url == demo.url  # redirected: the token is not left in the address bar
     return page
 
 
@@ -106,11 +131,28 @@ def shot(page: Any, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"dashboard-{name}.png"), full_page=True)
 
 
-def test_runs_page_shows_the_demo_run_and_its_rounds(demo: tuple[str, Path], browser: Any) -> None:
-    url, _ = demo
-    wait_for(lambda: any(r["status"] == "completed" for r in get_json(url + "api/runs")["runs"]), 120, "the demo run")
+def test_the_login_url_sets_an_httponly_cookie_and_pages_refuse_without_it(demo: Demo, browser: Any) -> None:
     page = new_page(browser)
-    page.goto(url)
+    response = page.goto(demo.url + "clinician.html")
+    assert response is not None and response.status == 401
+    assert "Open the URL that was printed when the dashboard started" in page.inner_text("body")
+    page.goto(demo.url + f"?token={demo.token[:-1]}x")  # one character off
+    assert "Log in to the fedveil dashboard" in page.inner_text("body") and page.context.cookies() == []
+    page.goto(demo.login_url)
+    assert page.url == demo.url
+    (cookie,) = page.context.cookies()
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["value"] == demo.token
+    assert page.evaluate("document.cookie") == ""  # scripts on the page cannot read it
+    page.wait_for_selector("#runs-table tbody tr")  # the pages' API calls ride on the cookie
+    page.goto(demo.url + "clinician.html")
+    page.wait_for_selector("#example option", state="attached")
+    assert page.errors == []
+
+
+def test_runs_page_shows_the_demo_run_and_its_rounds(demo: Demo, browser: Any) -> None:
+    url = demo.url
+    wait_for(lambda: any(r["status"] == "completed" for r in get_json(url + "api/runs")["runs"]), 120, "the demo run")
+    page = new_page(browser, demo)
     page.wait_for_selector("#runs-table tbody tr")
     expect = pytest.importorskip("playwright.sync_api").expect
     expect(page.locator("#rounds-table tbody tr")).to_have_count(2)
@@ -126,19 +168,18 @@ def test_runs_page_shows_the_demo_run_and_its_rounds(demo: tuple[str, Path], bro
     assert page.errors == []
 
 
-def test_hospital_page_accepts_a_good_csv_and_rejects_a_bad_one(demo: tuple[str, Path], browser: Any,
-                                                                tmp_path: Path) -> None:
+def test_hospital_page_accepts_a_good_csv_and_rejects_a_bad_one(demo: Demo, browser: Any, tmp_path: Path) -> None:
     from fedveil.demo import healthcare
     from fedveil.demo.data import make_split
 
-    url, out = demo
+    url, out = demo.url, demo.out
     site = make_split(3, 0).hospitals[1]
     good = tmp_path / "good.csv"
     good.write_text(healthcare.SCHEMA.to_csv(site.features[:40], site.labels[:40]))
     lines = good.read_text().splitlines()
     bad = tmp_path / "bad.csv"
     bad.write_text("\n".join(",".join(line.split(",")[1:]) for line in lines))  # drops mean_radius
-    page = new_page(browser)
+    page = new_page(browser, demo)
     page.goto(url + "hospital.html")
     page.wait_for_selector("#hospitals-table tbody tr")
     page.select_option("#hospital", "hospital-2")
@@ -162,11 +203,10 @@ def test_hospital_page_accepts_a_good_csv_and_rejects_a_bad_one(demo: tuple[str,
     assert page.errors == []
 
 
-def test_a_run_started_from_the_browser_shows_its_rounds(demo: tuple[str, Path], browser: Any) -> None:
-    url, _ = demo
+def test_a_run_started_from_the_browser_shows_its_rounds(demo: Demo, browser: Any) -> None:
+    url = demo.url
     before = {r["id"] for r in get_json(url + "api/runs")["runs"]}
-    page = new_page(browser)
-    page.goto(url)
+    page = new_page(browser, demo)
     page.wait_for_selector("#runs-table tbody tr")
     page.fill("#rounds", "2")
     page.fill("#per-round", "3")
@@ -193,10 +233,9 @@ def test_a_run_started_from_the_browser_shows_its_rounds(demo: tuple[str, Path],
     assert page.errors == []
 
 
-def test_clinician_gets_a_prediction_with_reasons(demo: tuple[str, Path], browser: Any) -> None:
-    url, _ = demo
-    page = new_page(browser)
-    page.goto(url + "clinician.html")
+def test_clinician_gets_a_prediction_with_reasons(demo: Demo, browser: Any) -> None:
+    page = new_page(browser, demo)
+    page.goto(demo.url + "clinician.html")
     page.wait_for_selector("#example option", state="attached")
     page.select_option("#example", "1")
     page.click("#load-example")

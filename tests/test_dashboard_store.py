@@ -67,12 +67,21 @@ def test_store_source_shows_rounds_privacy_dropouts_and_the_model(tmp_path: Path
         source.close()
 
 
-def _get(url: str) -> tuple[int, Any]:
+def _get(url: str, token: str) -> tuple[int, Any]:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
     try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
+        with urllib.request.urlopen(req, timeout=5) as resp:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read())
+
+
+def _login_url(line: str) -> tuple[str, str]:
+    """(base URL, token) from the line ``dashboard: http://127.0.0.1:PORT/?token=...``."""
+    url = line.split()[1]
+    base, _, query = url.partition("?token=")
+    assert base.startswith("http://127.0.0.1:") and len(query) >= 43, line
+    return base, query
 
 
 def test_fedveil_server_serves_the_dashboard(tmp_path: Path) -> None:
@@ -82,42 +91,48 @@ def test_fedveil_server_serves_the_dashboard(tmp_path: Path) -> None:
          "--dashboard", "0", "--log-level", "error"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
+    output: list[str] = []
     try:
         assert proc.stdout is not None
-        url = ""
+        line = ""
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not url:
+        while time.monotonic() < deadline and not line.startswith("dashboard: "):
             line = proc.stdout.readline()
+            output.append(line)
             if not line:
                 break
-            if line.startswith("dashboard: "):
-                url = line.split(" ", 1)[1].strip()
-        assert url.startswith("http://127.0.0.1:"), "the server did not print its dashboard URL"
+        assert line.startswith("dashboard: "), "the server did not print its dashboard URL"
+        url, token = _login_url(line)
+        assert _get(url + "api/runs", "x" * 43)[0] == 401
         runs: list[Any] = []
         while time.monotonic() < deadline and not runs:
-            runs = _get(url + "api/runs")[1]["runs"]
+            runs = _get(url + "api/runs", token)[1]["runs"]
             time.sleep(0.2)
         assert runs and runs[0]["status"] == "running" and runs[0]["rounds_done"] == 0
-        status, st = _get(url + "api/status")
+        status, st = _get(url + "api/status", token)
         assert status == 200 and st["can_start_runs"] is False and st["uploads"] is False
-        status, hospitals = _get(url + "api/hospitals")
+        status, hospitals = _get(url + "api/hospitals", token)
         assert hospitals["uploads"] is False and "never receives hospital data" in hospitals["message"]
         req = urllib.request.Request(url + "api/hospitals/x/upload?filename=a.csv", data=b"a", method="POST",
-                                     headers={"X-Fedveil-Request": "1"})
+                                     headers={"X-Fedveil-Request": "1", "Authorization": f"Bearer {token}"})
         try:
             urllib.request.urlopen(req, timeout=5)
             raise AssertionError("upload accepted by the coordinator's dashboard")
         except urllib.error.HTTPError as err:
             assert err.code == 409
-        with urllib.request.urlopen(url + "clinician.html", timeout=5) as resp:
+        req = urllib.request.Request(url + "clinician.html", headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(req, timeout=5) as resp:
             assert b"Assess risk" in resp.read()
     finally:
         proc.send_signal(signal.SIGINT)
         try:
-            proc.wait(timeout=20)
+            rest, _ = proc.communicate(timeout=20)
+            output.append(rest)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    # the login URL is the only place the token appears: not in the logs (stderr is merged here)
+    assert "".join(output).count(token) == 1
 
 
 def test_fedveil_dashboard_serves_a_finished_run_with_the_tasks_own_explanations(tmp_path: Path) -> None:
@@ -146,14 +161,15 @@ def test_fedveil_dashboard_serves_a_finished_run_with_the_tasks_own_explanations
         assert proc.stdout is not None
         line = proc.stdout.readline()
         assert line.startswith("dashboard: http://127.0.0.1:"), line
-        url = line.split()[1]
-        runs = _get(url + "api/runs")[1]["runs"]
+        url, token = _login_url(line)
+        runs = _get(url + "api/runs", token)[1]["runs"]
         assert [r["id"] for r in runs] == [result.run_id] and runs[0]["status"] == "completed"
-        examples = _get(url + "api/clinician/examples")[1]["examples"]
+        examples = _get(url + "api/clinician/examples", token)[1]["examples"]
         assert len(examples) == 3  # the task's own example patients
         body = json.dumps({"features": examples[0]["features"]}).encode()
         req = urllib.request.Request(url + "api/predict", data=body, method="POST",
-                                     headers={"X-Fedveil-Request": "1", "Content-Type": "application/json"})
+                                     headers={"X-Fedveil-Request": "1", "Content-Type": "application/json",
+                                              "Authorization": f"Bearer {token}"})
         with urllib.request.urlopen(req, timeout=10) as resp:
             answer = json.loads(resp.read())
         exact = healthcare.assess(result.model, healthcare.SCHEMA.parse_values(examples[0]["features"]))

@@ -31,7 +31,7 @@ from fedveil.dp.ledger import BudgetExceededError
 from fedveil.protocol.auth import parse_token
 from fedveil.protocol.client import ChannelConfig, GrpcTransport
 from fedveil.protocol.errors import Unauthenticated
-from fedveil.protocol.tls import read_pem
+from fedveil.protocol.tls import plaintext_refusal, read_pem
 from fedveil.protocol.transport import Transport
 from fedveil.task import Task, load_task
 
@@ -46,6 +46,7 @@ def federate(
     client_cert: str | Path | None = None,
     client_key: str | Path | None = None,
     insecure: bool = False,
+    allow_insecure_remote: bool = False,
     seed: int | bytes | None = None,
     num_examples: int = 0,
     evaluate: EvaluateFn | None = None,
@@ -62,7 +63,8 @@ def federate(
         token: the client's enrolment token (``fedveil enroll``).
         model: your own ``nn.Module``; each round loads the global weights into it.
         ca_cert / insecure: verify the server's TLS certificate against ``ca_cert`` (else the
-            system roots), or use plaintext (tests and loopback only).
+            system roots), or use plaintext: only to a loopback ``server`` (127.0.0.0/8, ::1,
+            localhost) unless ``allow_insecure_remote``, since the token would travel in the clear.
         client_cert / client_key: PEM certificate and key for a server that requires mutual TLS
             (``fedveil server --client-ca``); the certificate's common name is this client.
         seed: the client's private seed, for reproducible runs (default: random).
@@ -77,6 +79,10 @@ def federate(
     if transport is None:
         if server is None:
             raise ValueError("server: required (HOST:PORT) unless a transport is given")
+        target = check_server_address(server)
+        refusal = plaintext_refusal(target, "allow_insecure_remote=True") if insecure else None
+        if refusal is not None and not allow_insecure_remote:
+            raise ValueError(f"insecure: {refusal}")
         if (client_cert is None) != (client_key is None):
             raise ValueError("client_cert: give client_cert and client_key together for mutual TLS")
         if token is not None:
@@ -86,7 +92,7 @@ def federate(
                 raise ValueError(f"token: {err}") from None  # the message never repeats the token
         transport = GrpcTransport.connect(
             ChannelConfig(
-                target=check_server_address(server),
+                target=target,
                 ca_cert_pem=read_pem(Path(ca_cert), "--ca-cert") if ca_cert is not None else None,
                 client_cert_pem=read_pem(Path(client_cert), "--client-cert") if client_cert is not None else None,
                 client_key_pem=read_pem(Path(client_key), "--client-key") if client_key is not None else None,

@@ -35,7 +35,9 @@ def register(group: click.Group) -> None:
               help="PEM certificate for mutual TLS (a server started with --client-ca); its CN is this client.")
 @click.option("--client-key", type=click.Path(path_type=Path), default=None,
               help="PEM private key of --client-cert.")
-@click.option("--insecure", is_flag=True, help="Plaintext connection, no TLS (loopback tests only).")
+@click.option("--insecure", is_flag=True, help="Plaintext connection, no TLS (loopback only; see below).")
+@click.option("--allow-insecure-remote", is_flag=True,
+              help="Allow --insecure to a server that is not on loopback (the token then travels in the clear).")
 @click.option("--server-name", default=None, help="Expected name in the server's certificate, if not the host.")
 @click.option("--identity-key", type=click.Path(path_type=Path), default=None,
               help="Ed25519 private key (PEM) for active-adversary jobs, e.g. from "
@@ -52,7 +54,7 @@ def register(group: click.Group) -> None:
 def client_command(
     server: str, task_ref: str, data_path: Path, token: str | None, token_file: Path | None,
     ca_cert: Path | None, client_cert: Path | None, client_key: Path | None, insecure: bool,
-    server_name: str | None, identity_key: Path | None, seed: int | None,
+    allow_insecure_remote: bool, server_name: str | None, identity_key: Path | None, seed: int | None,
     give_up_after: float,
     max_backoff: float, threads: int, log_level: str,
 ) -> int:
@@ -68,7 +70,7 @@ def client_command(
     from fedveil.clients.update import RoundConfigError
     from fedveil.protocol.auth import parse_token
     from fedveil.protocol.errors import ProtocolError, Unauthenticated
-    from fedveil.protocol.tls import TlsConfigError
+    from fedveil.protocol.tls import TlsConfigError, plaintext_refusal
     from fedveil.task import SchemaError, TaskLoadError, load_task
 
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
@@ -80,6 +82,14 @@ def client_command(
         check_server_address(server)
     except ValueError:
         fail("--server", f"expected HOST:PORT with a port in 1..65535 (got {server!r})")
+    if allow_insecure_remote and not insecure:
+        fail("--allow-insecure-remote", "only applies together with --insecure")
+    refusal = plaintext_refusal(server, "--allow-insecure-remote") if insecure else None
+    if refusal is not None:
+        if not allow_insecure_remote:
+            fail("--insecure", refusal)
+        logging.getLogger("fedveil.client").warning(
+            "--insecure to %s with --allow-insecure-remote: this client's token and updates travel unencrypted", server)
     if insecure and ca_cert is not None:
         fail("--insecure", "cannot be combined with --ca-cert (choose TLS or plaintext)")
     if insecure and (client_cert is not None or client_key is not None):
@@ -134,6 +144,7 @@ def client_command(
             client_cert=client_cert,
             client_key=client_key,
             insecure=insecure,
+            allow_insecure_remote=allow_insecure_remote,
             seed=seed,
             num_examples=len(dataset),
             evaluate=evaluator(task, dataset),

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, NoReturn
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
+
+if TYPE_CHECKING:
+    from fedveil.server.dashboard_auth import LoginToken
 
 USAGE_EXIT_CODE = 2
 
@@ -41,6 +45,27 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return value.tolist()
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+DASHBOARD_TOKEN_FILE = "--dashboard-token-file"  # noqa: S105 (a flag name, not a secret)
+
+dashboard_token_option = click.option(
+    DASHBOARD_TOKEN_FILE, "dashboard_token_file", type=click.Path(path_type=Path), default=None, metavar="FILE",
+    help="Read the dashboard's login token from FILE (32+ characters of A-Z a-z 0-9 . _ ~ -) instead of "
+         "generating one; for scripts. Never give the token on the command line.",
+)
+
+
+def read_dashboard_token(path: Path | None) -> LoginToken | None:
+    """The login token in ``--dashboard-token-file``, or None (the dashboard then generates one)."""
+    if path is None:
+        return None
+    from fedveil.server.dashboard_auth import DashboardTokenError, LoginToken
+
+    try:
+        return LoginToken.from_file(path)
+    except DashboardTokenError as err:
+        fail(DASHBOARD_TOKEN_FILE, str(err))
 
 
 def eprint(message: str) -> None:

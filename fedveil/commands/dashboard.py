@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from fedveil.commands.common import fail
+from fedveil.commands.common import dashboard_token_option, fail, read_dashboard_token
 
 
 def register(group: click.Group) -> None:
@@ -25,8 +25,11 @@ def register(group: click.Group) -> None:
               help="The run store (SQLite) a fedveil server wrote.")
 @click.option("--task", "task_ref", required=True, help="The job's task, e.g. fedveil.demo.healthcare:task.")
 @click.option("--port", type=int, default=8050, show_default=True, help="Serve on 127.0.0.1:PORT (0: any free port).")
-def dashboard_command(store_path: Path, task_ref: str, port: int) -> None:
-    """Serve the read-only dashboard of --store on 127.0.0.1 until Ctrl+C."""
+@dashboard_token_option
+def dashboard_command(store_path: Path, task_ref: str, port: int, dashboard_token_file: Path | None) -> None:
+    """Serve the read-only dashboard of --store on 127.0.0.1 until Ctrl+C.
+
+    Prints the login URL (with its token) once; open it to log in."""
     from fedveil.server.dashboard import start_store_dashboard
     from fedveil.server.store import StoreError
     from fedveil.task import TaskLoadError, load_task
@@ -39,8 +42,9 @@ def dashboard_command(store_path: Path, task_ref: str, port: int) -> None:
         task = load_task(task_ref)
     except TaskLoadError as err:
         fail("--task", str(err).removeprefix(f"--task {task_ref!r}: "))
+    token = read_dashboard_token(dashboard_token_file)
     try:
-        server = start_store_dashboard(store_path, task, port)
+        server = start_store_dashboard(store_path, task, port, token=token)
     except StoreError as err:
         fail("--store", str(err))
     except OSError as err:
@@ -49,7 +53,7 @@ def dashboard_command(store_path: Path, task_ref: str, port: int) -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    click.echo(f"dashboard: {server.url} (read only; Ctrl+C to stop)")
+    click.echo(f"dashboard: {server.login_url} (read only; Ctrl+C to stop)")
     try:
         while not stop.wait(0.5):
             pass

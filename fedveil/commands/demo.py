@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from fedveil.commands.common import fail, print_json_last_line
+from fedveil.commands.common import dashboard_token_option, fail, print_json_last_line, read_dashboard_token
 
 MAX_HOSPITALS = 40
 
@@ -31,14 +31,16 @@ def demo_group() -> None:
               help="local (patient-level DP-SGD per hospital), central or distributed (user-level), or none.")
 @click.option("--in-process", is_flag=True, help="Call the coordinator in-process instead of TLS gRPC on loopback.")
 @click.option("--dashboard", "dashboard_port", type=int, default=None, metavar="PORT",
-              help="Serve the web dashboard on 127.0.0.1:PORT during the demo (and after it, until Ctrl+C).")
+              help="Serve the web dashboard on 127.0.0.1:PORT during the demo (and after it, until Ctrl+C); "
+                   "its login URL is printed once.")
+@dashboard_token_option
 @click.option("--out", type=click.Path(path_type=Path), default=Path("demo-out"), show_default=True,
               help="Directory for report.json, report.md/html, plots, the run store and the hospitals' data.")
 @click.option("--export-csv", type=click.Path(path_type=Path), default=None, metavar="DIR",
               help="Only write each hospital's data as CSV (with SCHEMA.md) into DIR, then exit.")
 def healthcare_command(
     hospitals: int, rounds: int | None, dropout: float, dp_mode: str, in_process: bool,
-    dashboard_port: int | None, out: Path, export_csv: Path | None,
+    dashboard_port: int | None, out: Path, export_csv: Path | None, dashboard_token_file: Path | None,
 ) -> None:
     """Hospitals train a breast-cancer risk model with local DP-SGD and secure aggregation."""
     if not 2 <= hospitals <= MAX_HOSPITALS:
@@ -51,6 +53,9 @@ def healthcare_command(
         fail("--dp", f"must be one of local, central, distributed, none (got {dp_mode!r})")
     if dashboard_port is not None and not 0 <= dashboard_port <= 65535:
         fail("--dashboard", f"must be a TCP port in 0..65535 (got {dashboard_port})")
+    if dashboard_token_file is not None and dashboard_port is None:
+        fail("--dashboard-token-file", "only applies together with --dashboard PORT")
+    dashboard_token = read_dashboard_token(dashboard_token_file)
     if export_csv is not None:
         ensure_directory("--export-csv", export_csv)
     else:
@@ -72,7 +77,8 @@ def healthcare_command(
         print_json_last_line(result)
         return
     options = DemoOptions(hospitals=hospitals, rounds=rounds, dropout=dropout, dp=dp_mode,  # type: ignore[arg-type]
-                          in_process=in_process, dashboard_port=dashboard_port, out=out)
+                          in_process=in_process, dashboard_port=dashboard_port, out=out,
+                          dashboard_token=dashboard_token)
     from fedveil.server.store import StoreError
 
     try:

@@ -17,9 +17,16 @@ from typing import Any
 
 import click
 
-from fedveil.commands.common import eprint, fail, print_json_last_line
+from fedveil.commands.common import (
+    dashboard_token_option,
+    eprint,
+    fail,
+    print_json_last_line,
+    read_dashboard_token,
+)
 
 EXIT_FAILED = 1
+log = logging.getLogger("fedveil.server")
 EXIT_STOPPED = 130
 
 
@@ -170,18 +177,22 @@ def _with_options(options: list[Any]) -> Any:
 @click.option("--tls-cert", default=None, help="Server certificate (PEM).")
 @click.option("--tls-key", default=None, help="Server private key (PEM).")
 @click.option("--client-ca", default=None, help="CA (PEM) of client certificates: turns on mutual TLS.")
-@click.option("--insecure", is_flag=True, help="No TLS (trials on a trusted network only).")
+@click.option("--insecure", is_flag=True, help="No TLS (loopback trials only; see --allow-insecure-remote).")
+@click.option("--allow-insecure-remote", is_flag=True,
+              help="Allow --insecure on an address that is not loopback (tokens then travel in the clear).")
 @click.option("--max-message-mb", type=float, default=None, help="Inbound message limit [default: from the model].")
 @click.option("--new-run", is_flag=True, help="Start a new run even if the store holds an unfinished one.")
 @click.option("--port-file", default=None, help="Write the bound port to this file once listening.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object (last line).")
 @click.option("--dashboard", "dashboard_port", type=int, default=None, metavar="PORT",
-              help="Serve the web dashboard (runs, rounds, privacy, predictions) on 127.0.0.1:PORT.")
+              help="Serve the web dashboard (runs, rounds, privacy, predictions) on 127.0.0.1:PORT; "
+                   "its login URL is printed once.")
+@dashboard_token_option
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 def server_command(**opts: Any) -> int:
     """Run a federated training job: enrolment checks, cohorts, secure aggregation, DP, store."""
-    from fedveil.protocol.tls import TlsConfigError, read_pem
+    from fedveil.protocol.tls import TlsConfigError, plaintext_refusal, read_pem
     from fedveil.server.config import ServerConfig, ServerConfigError
     from fedveil.server.coordinator import JobError
     from fedveil.server.runner import TlsSettings, serve
@@ -192,9 +203,17 @@ def server_command(**opts: Any) -> int:
     listen = _check_listen(opts["listen"])
     store = _store_path(opts["store"])
     tls: TlsSettings | None = None
+    if opts["allow_insecure_remote"] and not opts["insecure"]:
+        fail("--allow-insecure-remote", "only applies together with --insecure")
     if opts["insecure"]:
         if opts["tls_cert"] or opts["tls_key"] or opts["client_ca"]:
             fail("--insecure", "cannot be combined with --tls-cert/--tls-key/--client-ca")
+        refusal = plaintext_refusal(listen, "--allow-insecure-remote")
+        if refusal is not None:
+            if not opts["allow_insecure_remote"]:
+                fail("--insecure", refusal)
+            log.warning("--insecure on %s with --allow-insecure-remote: client tokens and model updates travel "
+                        "unencrypted; anyone on the network path can read them", listen)
     else:
         if not opts["tls_cert"] or not opts["tls_key"]:
             fail("--tls-cert", "give --tls-cert and --tls-key, or --insecure to run without TLS")
@@ -241,16 +260,19 @@ def server_command(**opts: Any) -> int:
             fail("--max-message-mb", f"must be at least 1 and below 2048 (got {opts['max_message_mb']})")
         max_bytes = int(opts["max_message_mb"] * 1024 * 1024)
     dashboard = None
+    if opts["dashboard_token_file"] is not None and opts["dashboard_port"] is None:
+        fail("--dashboard-token-file", "only applies together with --dashboard PORT")
     if opts["dashboard_port"] is not None:
         from fedveil.server.dashboard import start_store_dashboard
 
         if not 0 <= opts["dashboard_port"] <= 65535:
             fail("--dashboard", f"must be a TCP port in 0..65535 (got {opts['dashboard_port']})")
+        token = read_dashboard_token(opts["dashboard_token_file"])
         try:
-            dashboard = start_store_dashboard(store, task, opts["dashboard_port"])
+            dashboard = start_store_dashboard(store, task, opts["dashboard_port"], token=token)
         except OSError as err:
             fail("--dashboard", f"cannot listen on port {opts['dashboard_port']}: {err}")
-        click.echo(f"dashboard: {dashboard.url}")
+        click.echo(f"dashboard: {dashboard.login_url}")  # the console only: the URL carries the login token
     try:
         summary = serve(
             config, task, store, listen, tls=tls, new_run=opts["new_run"], max_message_bytes=max_bytes,

@@ -25,9 +25,9 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from rich.console import Console, Group
@@ -52,6 +52,9 @@ from fedveil.demo.federation import (
 from fedveil.demo.recipe import Recipe
 from fedveil.demo.report import unwritable_outputs, write_report
 
+if TYPE_CHECKING:
+    from fedveil.server.dashboard_auth import LoginToken
+
 log = logging.getLogger("fedveil.demo")
 
 
@@ -75,6 +78,8 @@ class DemoOptions:
     dashboard_port: int | None = None
     out: Path = Path("demo-out")
     seed: int = 0
+    dashboard_token: LoginToken | None = field(default=None, repr=False)
+    """The dashboard's login token (``--dashboard-token-file``); None: a fresh one."""
 
     @property
     def recipe(self) -> Recipe:
@@ -263,14 +268,12 @@ class DemoRuns:
             result = run_federation(
                 store_path=self.options.out / STORE_FILE, site_files=self.site_files(prefer_uploads), test=self.test,
                 settings=settings, recipe=recipe, dropout_plan=plan, on_round=observed, on_start=started)
-        except Exception as err:
-            if rid_box:
-                self.runs.finish_run(rid_box[0], error=f"{type(err).__name__}: {err}")
+        except Exception:
+            if rid_box:  # the dashboard shows runs to the browser: no exception text there
+                self.runs.finish_run(rid_box[0], error="the run failed with an internal error (see the demo's log)")
             raise
-        errors = "; ".join(f"{k}: {v}" for k, v in result.client_errors.items())
-        failed = result.status not in ("completed",)
-        self.runs.finish_run(result.run_id, error=(result.message if failed else None) or (errors or None),
-                             summary={"status": result.status, "message": result.message})
+        error, message = _public_outcome(result)
+        self.runs.finish_run(result.run_id, error=error, summary={"status": result.status, "message": message})
         return result
 
     # -- the dashboard's RunStarter interface --
@@ -297,8 +300,8 @@ class DemoRuns:
             def on_start_wrapper() -> None:
                 try:
                     self.run(settings, recipe, prefer_uploads=True)
-                except Exception as err:
-                    box["error"] = f"{type(err).__name__}: {err}"
+                except Exception:
+                    box["error"] = "internal error (see the demo's log)"
                     log.exception("dashboard run failed")
                 finally:
                     ready.set()
@@ -317,6 +320,20 @@ class DemoRuns:
             from fedveil.server.dashboard import DashboardError
 
             raise DashboardError(f"the run did not start: {box.get('error', 'timed out')}")
+
+
+def _public_outcome(result: FederationResult) -> tuple[str | None, str]:
+    """(the run's error, its summary message) as the dashboard may show them: hospitals' failures
+    by name, their exception text only in the demo's log."""
+    if not result.client_errors:
+        return (result.message if result.status != "completed" else None), result.message
+    for name, err in sorted(result.client_errors.items()):
+        log.error("run %s: hospital %s: %s", result.run_id, name, err)
+    names = ", ".join(sorted(result.client_errors))
+    if result.status == "completed":
+        return f"client errors at {names} (see the demo's log)", result.message
+    message = f"{result.status}: hospitals {names} failed (see the demo's log)"
+    return message, message
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,10 +380,11 @@ def run_demo(
         app = Dashboard(task=healthcare.task, runs=runs, hospitals=dirs, starter=demo_runs,
                         examples=healthcare.example_patients(split),
                         title="fedveil healthcare demo")
-        server = DashboardServer(app, port=options.dashboard_port).start()
-        console.print(f"[bold]dashboard[/] {server.url}")
+        server = DashboardServer(app, port=options.dashboard_port, token=options.dashboard_token).start()
+        # printed once, on the console only: the login URL carries the token
+        console.print(f"[bold]dashboard[/] {server.login_url}", highlight=False, soft_wrap=True)
         if on_dashboard is not None:
-            on_dashboard(server.url)
+            on_dashboard(server.login_url)
 
     try:
         console.print(
@@ -404,7 +422,8 @@ def run_demo(
         report["files"] = {k: str(v) for k, v in paths.items()}
         print_comparison(console, report)
         if server is not None and serve_forever:
-            console.print(f"dashboard still serving at {server.url}; press Ctrl+C to stop")
+            console.print(f"dashboard still serving at {server.url} (log in with the URL printed above); "
+                          "press Ctrl+C to stop", highlight=False)
             try:
                 while True:
                     time.sleep(0.5)

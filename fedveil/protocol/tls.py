@@ -149,3 +149,33 @@ def channel_credentials(
     return grpc.ssl_channel_credentials(
         root_certificates=ca_cert_pem, private_key=client_key_pem, certificate_chain=client_cert_pem
     )
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` names this machine only: an address in 127.0.0.0/8, ``::1`` (also
+    IPv4-mapped or in brackets) or ``localhost``. Other names are not resolved: a DNS answer is
+    not evidence that the traffic stays on this machine."""
+    name = host.strip().strip("[]").lower().split("%", 1)[0]
+    if name == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def plaintext_refusal(address: str, override: str) -> str | None:
+    """Why plaintext to or on ``address`` (``HOST:PORT``) is refused, or None on loopback.
+
+    Without TLS the bearer tokens in every call, and the masked updates, cross the network in the
+    clear: anyone on the path can take a site's token and act as that site. ``override`` names
+    the switch that accepts the risk (``--allow-insecure-remote`` or ``allow_insecure_remote=True``)."""
+    host = address.rpartition(":")[0] or address
+    if is_loopback_host(host):
+        return None
+    return (f"plaintext (no TLS) on {host!r}, which is not a loopback address (127.0.0.0/8, ::1, localhost): "
+            "the bearer tokens and model updates would cross the network unencrypted, so anyone on the path "
+            f"could take a site's token; use TLS, or add {override} on a network you trust")

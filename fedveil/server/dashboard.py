@@ -6,7 +6,10 @@ the API is a dozen small JSON routes), with plain HTML/JS/CSS pages shipped in
 on ``<canvas>`` by ``static/charts.js``). It binds to 127.0.0.1 unless told otherwise; it
 answers only requests whose ``Host`` names that address (against DNS rebinding), and POST/DELETE
 only with an ``X-Fedveil-Request: 1`` header, which a page on another origin cannot send without
-a CORS preflight that this server never grants (against cross-site request forgery).
+a CORS preflight that this server never grants (against cross-site request forgery). Every
+request must also carry the dashboard's login token (a cookie set by the login URL printed at
+start-up, or ``Authorization: Bearer``; see :mod:`fedveil.server.dashboard_auth`), because
+loopback is open to every local user and process.
 
 Where the data comes from is behind two small interfaces, so the same pages serve the demo
 (an in-memory record of the runs it drives) and ``fedveil server`` (the SQLite run store):
@@ -23,7 +26,9 @@ trace, and an accepted one is written atomically to that hospital's own data dir
 nowhere else: the coordinator and its store never see it. When a run starts, each hospital's
 client trains on its directory's ``site.csv`` if there is one.
 
-JSON API (all responses are JSON; errors are ``{"error": "..."}`` with a 4xx status):
+JSON API (all responses are JSON; errors are ``{"error": "..."}`` with a 4xx status, naming the
+field at fault but never a server path; 401 adds ``"field": "token"``; an unexpected failure is a
+500 ``internal error (logged; request ID)`` whose traceback goes only to the server's log):
 
 =======  ======================================  ==========================================
 GET      /api/status                             task, hospitals, whether runs can start
@@ -46,6 +51,7 @@ import logging
 import math
 import os
 import re
+import secrets
 import sys
 import tempfile
 import threading
@@ -63,6 +69,13 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 import torch
 
+from fedveil.server.dashboard_auth import (
+    UNAUTHORIZED_MESSAGE,
+    UNAUTHORIZED_PAGE,
+    LoginToken,
+    login_cookie,
+    presented_tokens,
+)
 from fedveil.task import SchemaError, Task, describe_margin, risk_level
 
 log = logging.getLogger("fedveil.dashboard")
@@ -452,7 +465,7 @@ class HospitalDataDirs:
         out = []
         for name in self.hospitals:
             p = self.path(name)
-            info: dict[str, Any] = {"name": name, "has_upload": p.is_file(), "rows": None, "directory": str(p.parent)}
+            info: dict[str, Any] = {"name": name, "has_upload": p.is_file(), "rows": None}
             if p.is_file():
                 try:
                     _, labels = self.task.schema.parse_csv(p)
@@ -493,7 +506,6 @@ class HospitalDataDirs:
             "rows": len(labels),
             "features": int(features.shape[1]),
             "label_share": positives,
-            "stored_at": str(target),
         }
 
     def remove(self, hospital: str) -> bool:
@@ -647,8 +659,8 @@ class Dashboard:
         return _jsonable(result)  # type: ignore[no-any-return]
 
 
-def make_handler(app: Dashboard) -> type[BaseHTTPRequestHandler]:
-    """An HTTP handler class bound to ``app``."""
+def make_handler(app: Dashboard, token: LoginToken) -> type[BaseHTTPRequestHandler]:
+    """An HTTP handler class bound to ``app``, open only to holders of ``token`` (see :mod:`.dashboard_auth`)."""
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "fedveil-dashboard"
@@ -658,7 +670,7 @@ def make_handler(app: Dashboard) -> type[BaseHTTPRequestHandler]:
             return  # quiet: the demo prints its own progress
 
         # -- plumbing --
-        def _send(self, status: int, body: bytes, content_type: str) -> None:
+        def _send(self, status: int, body: bytes, content_type: str, extra: Sequence[tuple[str, str]] = ()) -> None:
             if status >= 400 or self._unread_body():
                 # A body we did not read to its end must never be parsed as the next request on
                 # this connection (request smuggling past the Host and header checks): close it.
@@ -671,6 +683,9 @@ def make_handler(app: Dashboard) -> type[BaseHTTPRequestHandler]:
             self.send_header("Cache-Control", "no-store")
             self.send_header("X-Content-Type-Options", "nosniff")
             self.send_header("Content-Security-Policy", "default-src 'self'; img-src 'self' data:")
+            self.send_header("Referrer-Policy", "no-referrer")  # a login URL must never travel in a Referer
+            for name, value in extra:
+                self.send_header(name, value)
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(body)
@@ -680,6 +695,26 @@ def make_handler(app: Dashboard) -> type[BaseHTTPRequestHandler]:
 
         def _error(self, status: int, message: str) -> None:
             self._json(status, {"error": message})
+
+        def _port(self) -> int:
+            addr = self.server.server_address
+            return int(addr[1]) if isinstance(addr, tuple) else 0
+
+        def _login(self, path: str, candidates: list[str]) -> None:
+            """The login URL: a right token sets the cookie and redirects to ``path`` without it."""
+            if len(candidates) == 1 and token.matches(candidates[0]):
+                self._send(HTTPStatus.SEE_OTHER, b"", "text/plain; charset=utf-8",
+                           [("Location", path), ("Set-Cookie", login_cookie(token, self._port()))])
+            else:
+                self._unauthorized(page=True)
+
+        def _unauthorized(self, *, page: bool) -> None:
+            challenge = [("WWW-Authenticate", 'Bearer realm="fedveil dashboard"')]
+            if page:
+                self._send(HTTPStatus.UNAUTHORIZED, UNAUTHORIZED_PAGE, CONTENT_TYPES[".html"], challenge)
+            else:
+                body = json.dumps({"error": UNAUTHORIZED_MESSAGE, "field": "token"}).encode()
+                self._send(HTTPStatus.UNAUTHORIZED, body, "application/json", challenge)
 
         def _unread_body(self) -> bool:
             if self.headers.get("Transfer-Encoding"):
@@ -745,6 +780,14 @@ def make_handler(app: Dashboard) -> type[BaseHTTPRequestHandler]:
                 if host not in ALLOWED_HOSTS and host != bound:
                     # DNS rebinding: a page on another name must not reach this local server
                     raise DashboardError(f"unexpected Host header {host!r}", HTTPStatus.FORBIDDEN)
+                query = parse_qs(parts.query, keep_blank_values=True)
+                page = STATIC_FILES.get(path, "").endswith(".html")
+                if method in ("GET", "HEAD") and page and "token" in query:
+                    self._login(path, query["token"])
+                    return
+                if not any(token.matches(t) for t in presented_tokens(self.headers, self._port())):
+                    self._unauthorized(page=page)
+                    return
                 if method in ("POST", "DELETE") and self.headers.get(REQUEST_HEADER) != "1":
                     # cross-site requests cannot set custom headers without a CORS preflight we never grant
                     raise DashboardError(f"state-changing requests need the {REQUEST_HEADER} header",
@@ -755,11 +798,14 @@ def make_handler(app: Dashboard) -> type[BaseHTTPRequestHandler]:
                 if not path.startswith("/api/"):
                     raise DashboardError(f"not found: {path}", HTTPStatus.NOT_FOUND)
                 api_method = "GET" if method == "HEAD" else method
-                self._json(HTTPStatus.OK, self._api(api_method, path, parse_qs(parts.query)))
+                self._json(HTTPStatus.OK, self._api(api_method, path, query))
             except DashboardError as err:
                 self._error(err.status, str(err))
-            except Exception as err:  # never crash the server on one request
-                self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"internal error: {type(err).__name__}: {err}")
+            except Exception:  # never crash the server on one request, nor show its internals
+                request_id = secrets.token_hex(6)
+                log.exception("dashboard: internal error in %s %s (request %s)", method, path, request_id)
+                self._json(HTTPStatus.INTERNAL_SERVER_ERROR,
+                           {"error": f"internal error (logged; request {request_id})", "request_id": request_id})
 
         def _api(self, method: str, path: str, query: dict[str, list[str]]) -> Any:
             seg = [s for s in path.split("/") if s][1:]  # drop "api"
@@ -834,11 +880,17 @@ class _QuietHTTPServer(ThreadingHTTPServer):
 
 
 class DashboardServer:
-    """The dashboard's HTTP server on a background thread: ``start()``, ``url``, ``stop()``."""
+    """The dashboard's HTTP server on a background thread: ``start()``, ``login_url``, ``stop()``.
 
-    def __init__(self, app: Dashboard, port: int = 0, host: str = "127.0.0.1") -> None:
+    ``token`` is the login token (see :mod:`.dashboard_auth`); a fresh one is generated if none is
+    given. Print :attr:`login_url` once, to the console: it carries the token.
+    """
+
+    def __init__(self, app: Dashboard, port: int = 0, host: str = "127.0.0.1",
+                 token: LoginToken | None = None) -> None:
         self.app = app
-        self._httpd = _QuietHTTPServer((host, port), make_handler(app))
+        self.token = token or LoginToken.generate()
+        self._httpd = _QuietHTTPServer((host, port), make_handler(app, self.token))
         self._httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
 
@@ -850,6 +902,11 @@ class DashboardServer:
     def url(self) -> str:
         host = str(self._httpd.server_address[0])
         return f"http://{host}:{self.port}/"
+
+    @property
+    def login_url(self) -> str:
+        """The URL that logs a browser in (it carries the token: show it once, never log it)."""
+        return f"{self.url}?token={self.token.value}"
 
     def start(self) -> DashboardServer:
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="fedveil-dashboard", daemon=True)
@@ -872,7 +929,8 @@ class DashboardServer:
         self.stop()
 
 
-def start_store_dashboard(store_path: Path, task: Task, port: int, host: str = "127.0.0.1") -> DashboardServer:
+def start_store_dashboard(store_path: Path, task: Task, port: int, host: str = "127.0.0.1",
+                          token: LoginToken | None = None) -> DashboardServer:
     """The dashboard of ``fedveil server --dashboard PORT``: watches the run store (no uploads, no run starts)."""
     app = Dashboard(task=task, runs=StoreRunSource(Path(store_path), task), title="fedveil server")
-    return DashboardServer(app, port=port, host=host).start()
+    return DashboardServer(app, port=port, host=host, token=token).start()

@@ -22,7 +22,6 @@ async function refreshHospitals() {
       el("td", {}, [h.name]),
       el("td", { class: "upload-state" }, [h.has_upload ? (h.error ? "invalid: " + h.error : "site.csv") : "none (demo share)"]),
       el("td", {}, [h.rows === null ? "–" : h.rows]),
-      el("td", { class: "mono" }, [h.directory]),
       el("td", {}, [remove]),
     ]);
   }));

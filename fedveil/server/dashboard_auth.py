@@ -1,0 +1,129 @@
+"""Who may use the dashboard: one login token per dashboard, presented as Jupyter's is.
+
+The dashboard binds to loopback, but loopback is shared by every local user and process: without
+a secret any of them could read the runs, upload or delete a hospital's data, start runs and ask
+for predictions. So each dashboard has a login token: 256 bits from :mod:`secrets`, made at
+start-up (or read from a file the operator supplies for scripted use, never from the command
+line, where ``ps`` would show it). The command prints it once, inside the login URL
+``http://127.0.0.1:PORT/?token=...``; it is never logged.
+
+- Opening a page with ``?token=`` (the login URL) sets an ``HttpOnly``, ``SameSite=Strict`` cookie
+  and redirects to the same page without the token, so the token does not stay in the address
+  bar or the history. The cookie is named after the port: cookies are shared by every port of a
+  host, so two dashboards must not overwrite each other's.
+- Every other request (pages, assets, API) must carry the cookie or ``Authorization: Bearer
+  <token>``; a token in an API call's query string is not accepted (it would end up in logs and
+  histories). Otherwise: 401, with ``{"error": ..., "field": "token"}`` for the API and a short
+  page pointing at the start-up URL for pages.
+
+Tokens are compared as SHA-256 digests with :func:`hmac.compare_digest`, so the comparison takes
+the same time wherever a guess differs, and for guesses of any length.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from email.message import Message
+from http.cookies import CookieError, SimpleCookie
+from pathlib import Path
+
+TOKEN_BYTES = 32
+"""Random bytes in a generated token (256 bits; URL-safe base64, 43 characters)."""
+MIN_TOKEN_CHARS = 32
+"""Shortest token accepted from a file (32 characters of the alphabet below: at least 128 bits if random)."""
+MAX_TOKEN_CHARS = 256
+_TOKEN_ALPHABET = re.compile(r"^[A-Za-z0-9._~-]+$")
+"""Characters that need no escaping in a URL, a cookie or a header."""
+COOKIE_PREFIX = "fedveil-dashboard-"
+UNAUTHORIZED_MESSAGE = (
+    "this dashboard needs its login token: open the URL printed when it started "
+    "(http://127.0.0.1:PORT/?token=...), or send 'Authorization: Bearer <token>'"
+)
+UNAUTHORIZED_PAGE = b"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>fedveil dashboard: log in</title></head>
+<body><h1>Log in to the fedveil dashboard</h1>
+<p>This dashboard needs its login token. Open the URL that was printed when the dashboard started,
+<code>http://127.0.0.1:PORT/?token=...</code> (on the console of <code>fedveil demo</code>,
+<code>fedveil server --dashboard</code> or <code>fedveil dashboard</code>).</p></body></html>
+"""
+
+
+class DashboardTokenError(ValueError):
+    """A token file that cannot be used; the message never contains the token."""
+
+
+class LoginToken:
+    """The dashboard's secret. ``repr`` and ``str`` never show it; :attr:`value` does."""
+
+    __slots__ = ("_digest", "_value")
+
+    def __init__(self, value: str) -> None:
+        if not MIN_TOKEN_CHARS <= len(value) <= MAX_TOKEN_CHARS or not _TOKEN_ALPHABET.match(value):
+            raise DashboardTokenError(
+                f"the token must be {MIN_TOKEN_CHARS} to {MAX_TOKEN_CHARS} characters of A-Z a-z 0-9 . _ ~ - "
+                f"(got {len(value)} characters{'' if _TOKEN_ALPHABET.match(value or 'x') else ', some of them others'})"
+            )
+        self._value = value
+        self._digest = hashlib.sha256(value.encode("ascii")).digest()
+
+    @classmethod
+    def generate(cls) -> LoginToken:
+        return cls(secrets.token_urlsafe(TOKEN_BYTES))
+
+    @classmethod
+    def from_file(cls, path: Path) -> LoginToken:
+        """The token in ``path`` (surrounding whitespace ignored), for scripted use."""
+        try:
+            text = path.read_text(encoding="ascii")
+        except UnicodeDecodeError:
+            raise DashboardTokenError(f"{str(path)!r} holds characters other than ASCII") from None
+        except OSError as err:
+            raise DashboardTokenError(f"cannot read {str(path)!r}: {err.strerror or err}") from None
+        return cls(text.strip())
+
+    @property
+    def value(self) -> str:
+        return self._value
+
+    def matches(self, candidate: str | None) -> bool:
+        """Whether ``candidate`` is this token, in time independent of where (or whether) it differs."""
+        if candidate is None:
+            return False
+        digest = hashlib.sha256(candidate.encode("utf-8", "surrogateescape")).digest()
+        return hmac.compare_digest(digest, self._digest)
+
+    def __repr__(self) -> str:
+        return "LoginToken(<redacted>)"
+
+    __str__ = __repr__
+
+
+def cookie_name(port: int) -> str:
+    return f"{COOKIE_PREFIX}{port}"
+
+
+def login_cookie(token: LoginToken, port: int) -> str:
+    """The ``Set-Cookie`` value of a successful login: a session cookie scripts cannot read and
+    that other sites' requests never carry."""
+    return f"{cookie_name(port)}={token.value}; Path=/; HttpOnly; SameSite=Strict"
+
+
+def presented_tokens(headers: Message, port: int) -> list[str]:
+    """The tokens a request presents: its ``Authorization: Bearer`` value and its login cookie."""
+    found: list[str] = []
+    scheme, _, value = str(headers.get("Authorization") or "").strip().partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        found.append(value.strip())
+    for raw in headers.get_all("Cookie") or []:
+        jar: SimpleCookie = SimpleCookie()
+        try:
+            jar.load(str(raw))
+        except CookieError:
+            continue
+        morsel = jar.get(cookie_name(port))
+        if morsel is not None and morsel.value:
+            found.append(morsel.value)
+    return found
