@@ -1,10 +1,16 @@
-"""Shared helpers for CLI commands: one-line usage errors with exit status 2, JSON output."""
+"""Shared helpers for CLI commands: one-line usage errors with exit status 2, JSON output, and
+leaving a process within a deadline."""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
+import threading
+import time
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
@@ -70,3 +76,48 @@ def read_dashboard_token(path: Path | None) -> LoginToken | None:
 
 def eprint(message: str) -> None:
     print(message, file=sys.stderr)
+
+
+EXIT_DEADLINE_S = 10.0
+"""How long :func:`exit_within` lets threads still running finish before the process ends anyway."""
+
+
+def exit_within(code: int, deadline_s: float = EXIT_DEADLINE_S) -> NoReturn:
+    """End this process with ``code`` within about ``deadline_s`` seconds, whatever still runs.
+
+    For a command whose work is done (``fedveil server`` after its summary). Python's own exit
+    waits without limit for every non-daemon thread, and gRPC's handler pool is one
+    (:mod:`concurrent.futures` joins its workers at exit), so one handler that never returns (a
+    call a peer holds open, a write to a stderr nobody reads) would keep a finished server alive;
+    after them, tearing down gRPC's C core waits for calls still in flight. Here the threads get
+    ``deadline_s`` to finish; any still running are named in a WARNING with where they are, output
+    is flushed, and the process ends with :func:`os._exit` (the store and its lock are closed
+    already). A watchdog ends it even if flushing blocks.
+    """
+    watchdog = threading.Timer(deadline_s + 5.0, os._exit, args=(code,))
+    watchdog.daemon = True
+    watchdog.start()
+    deadline = time.monotonic() + deadline_s
+    me = threading.current_thread()
+    pending = [t for t in threading.enumerate() if t is not me and t is not watchdog and not t.daemon]
+    for thread in pending:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    stuck = [t for t in pending if t.is_alive()]
+    if stuck:
+        frames = sys._current_frames()
+        logging.getLogger("fedveil").warning(
+            "exiting with %d thread(s) still running %.0f s after the work ended: %s", len(stuck), deadline_s,
+            "; ".join(f"{t.name} in {_where(frames.get(t.ident or -1))}" for t in stuck))
+    for flush in [h.flush for h in logging.getLogger().handlers] + [sys.stdout.flush, sys.stderr.flush]:
+        try:
+            flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more can be said there
+            pass
+    os._exit(code)
+
+
+def _where(frame: FrameType | None) -> str:
+    """The innermost frame of a stuck thread, as ``function (file:line)``."""
+    if frame is None:
+        return "?"
+    return f"{frame.f_code.co_name} ({os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno})"

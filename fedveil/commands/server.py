@@ -13,13 +13,15 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
 from fedveil.commands.common import (
+    USAGE_EXIT_CODE,
     dashboard_token_option,
     eprint,
+    exit_within,
     fail,
     print_json_last_line,
     read_dashboard_token,
@@ -190,8 +192,11 @@ def _with_options(options: list[Any]) -> Any:
 @dashboard_token_option
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
-def server_command(**opts: Any) -> int:
-    """Run a federated training job: enrolment checks, cohorts, secure aggregation, DP, store."""
+def server_command(**opts: Any) -> NoReturn:
+    """Run a federated training job: enrolment checks, cohorts, secure aggregation, DP, store.
+
+    Once the job has run the command ends its process (see ``exit_within``): 0 when the job
+    completed or spent its privacy budget, 130 when a signal stopped it, 1 when it failed."""
     from fedveil.protocol.tls import TlsConfigError, plaintext_refusal, read_pem
     from fedveil.server.config import ServerConfig, ServerConfigError
     from fedveil.server.coordinator import JobError
@@ -273,28 +278,26 @@ def server_command(**opts: Any) -> int:
         except OSError as err:
             fail("--dashboard", f"cannot listen on port {opts['dashboard_port']}: {err}")
         click.echo(f"dashboard: {dashboard.login_url}")  # the console only: the URL carries the login token
+    # From here on the gRPC server has run: the command ends its process with exit_within, so that
+    # no thread left behind (a handler a peer holds open) can keep a finished server alive.
     try:
         summary = serve(
             config, task, store, listen, tls=tls, new_run=opts["new_run"], max_message_bytes=max_bytes,
             port_file=Path(opts["port_file"]) if opts["port_file"] else None,
         )
-    except JobError as err:
-        eprint(f"error: {err}")
-        return 2
-    except StoreError as err:
-        fail("--store", str(err))
-    except OSError as err:
-        fail("--listen", str(err))
-    except ValueError as err:  # parameters the job cannot run with, e.g. an overflowing encoding
-        eprint(f"error: {err}")
-        return 2
+    except (JobError, StoreError, OSError, ValueError) as err:
+        # ValueError: parameters the job cannot run with, e.g. an overflowing encoding
+        flag = "--store: " if isinstance(err, StoreError) else "--listen: " if isinstance(err, OSError) else ""
+        eprint(f"error: {flag}{err}")
+        code = USAGE_EXIT_CODE
+    else:
+        _print_summary(summary.to_dict(), as_json=opts["as_json"])
+        code = 0 if summary.status in ("completed", "budget_exhausted") else (
+            EXIT_STOPPED if summary.status == "stopped" else EXIT_FAILED)
     finally:
         if dashboard is not None:
             dashboard.stop()
-    _print_summary(summary.to_dict(), as_json=opts["as_json"])
-    if summary.status in ("completed", "budget_exhausted"):
-        return 0
-    return EXIT_STOPPED if summary.status == "stopped" else EXIT_FAILED
+    exit_within(code)
 
 
 def _print_summary(summary: dict[str, Any], *, as_json: bool) -> None:

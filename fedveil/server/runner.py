@@ -4,6 +4,12 @@
 job), starts the gRPC server (TLS, optional mutual TLS, size limits derived from the model),
 runs the job in the calling thread and stops the server. SIGINT/SIGTERM stop the job cleanly
 between two store transactions; running the same command again resumes it.
+
+Stopping is bounded: held long polls are released, calls still in flight get
+:data:`STOP_GRACE_S` and are then cancelled, and :func:`serve` waits at most
+:data:`STOP_WAIT_S` more for gRPC to finish (a warning says so when it does not). Handler threads
+that outlive that are the process's business: ``fedveil server`` ends with
+:func:`fedveil.commands.common.exit_within`, which does not wait for them without limit.
 """
 
 from __future__ import annotations
@@ -29,6 +35,12 @@ from fedveil.server.store import RunStore, StoreError
 from fedveil.task import Task
 
 log = logging.getLogger("fedveil.server")
+
+STOP_GRACE_S = 1.0
+"""Calls in flight when the job ends get this long to finish before they are cancelled (clients
+have heard JobDone during the linger already)."""
+STOP_WAIT_S = 5.0
+"""How long, after the grace, :func:`serve` waits for the gRPC server to report it has stopped."""
 
 
 @dataclass(frozen=True)
@@ -103,9 +115,22 @@ def serve(
                 signal.signal(sig, old)  # type: ignore[arg-type]
     finally:
         if server is not None:
-            server.stop(grace=1.0).wait(5.0)
+            stop_server(server, coordinator)
         store.close()
         lock.close()
+
+
+def stop_server(server: grpc.Server, coordinator: Coordinator) -> bool:
+    """Stop serving within ``STOP_GRACE_S + STOP_WAIT_S``; False (and a warning) if gRPC had not
+    finished by then. New calls are refused at once, held long polls are released, and calls still
+    in flight after the grace are cancelled (a client holding a stream open cannot keep it)."""
+    stopped = server.stop(grace=STOP_GRACE_S)
+    coordinator.stop()  # a poll held until poll_wait returns now
+    if stopped.wait(STOP_GRACE_S + STOP_WAIT_S):
+        return True
+    log.warning("the gRPC server had not stopped %.0f s after the job ended (calls still in flight); "
+                "going on without it", STOP_GRACE_S + STOP_WAIT_S)
+    return False
 
 
 def _limit_malloc_arenas(arenas: int = 2) -> None:
