@@ -9,6 +9,7 @@ dropout exactly there.
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
@@ -267,3 +268,17 @@ class ActiveScripted:
             elif kind == "job_done":
                 self.done = True
                 return
+
+
+def read_store(db: Path, sql: str) -> list[tuple[Any, ...]]:
+    """Rows of ``sql`` on a live server's store, read without writing to it ([] until it exists)."""
+    if not db.exists():
+        return []
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        try:
+            return list(conn.execute(sql).fetchall())
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError:
+        return []

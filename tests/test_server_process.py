@@ -11,13 +11,13 @@ import json
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from server_helpers import read_store
 
 from fedveil.protocol.tls import generate_ca, generate_certificate
 from fedveil.server.store import RunStore
@@ -42,17 +42,8 @@ def _free_port() -> int:
 
 
 def _completed_rounds(db: Path) -> dict[int, str]:
-    """Round → aggregate digest of completed rounds, read without writing to the store."""
-    if not db.exists():
-        return {}
-    try:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-        try:
-            rows = conn.execute("SELECT round, aggregate_sha256 FROM rounds WHERE status='completed'").fetchall()
-        finally:
-            conn.close()
-    except sqlite3.DatabaseError:
-        return {}
+    """Round → aggregate digest of completed rounds."""
+    rows = read_store(db, "SELECT round, aggregate_sha256 FROM rounds WHERE status='completed'")
     return {int(r): str(d) for r, d in rows}
 
 

@@ -15,13 +15,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from server_helpers import read_store
 
 from fedveil.commands.common import EXIT_DEADLINE_S
 from fedveil.server.runner import STOP_GRACE_S, STOP_WAIT_S
@@ -103,15 +103,8 @@ def test_a_handler_that_never_returns_holds_a_plain_exit_but_not_exit_within(end
 
 
 def _run_status(db: Path) -> str:
-    try:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-        try:
-            row = conn.execute("SELECT status FROM runs").fetchone()
-        finally:
-            conn.close()
-    except sqlite3.DatabaseError:
-        return ""
-    return str(row[0]) if row else ""
+    rows = read_store(db, "SELECT status FROM runs")
+    return str(rows[0][0]) if rows else ""
 
 
 def test_server_exits_after_a_job_with_a_killed_site_a_forged_token_and_a_frozen_long_poll(tmp_path: Path) -> None:
