@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedveil.clients.secagg_driver import SecAggClientDriver
+from fedveil.clients.secagg_driver import SecAggClientDriver, secagg_config
 from fedveil.clients.update import encoder_for
 from fedveil.protocol import PROTOCOL_VERSION
 from fedveil.protocol import fedveil_pb2 as pb
@@ -202,9 +202,6 @@ class ActiveScripted:
     def _run(self) -> None:
         from fedveil.secagg import messages as sa
         from fedveil.secagg.client import SecAggClient
-        from fedveil.secagg.config import SecAggConfig
-        from fedveil.secagg.graph import GraphSpec
-
         t = InProcessTransport(self.coordinator, self.name)
         public = self.identity.public_key().public_bytes_raw()
         s = ClientSession.from_join(t.join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION,
@@ -218,11 +215,8 @@ class ActiveScripted:
                 start = resp.round_start
                 p = start.secagg
                 rnd, nonce, rid, me = start.round, start.round_nonce, p.round_id, start.client_id
-                config = SecAggConfig(
-                    num_clients=p.cohort_size, threshold=p.threshold, vector_length=start.encoding.dimension,
-                    round_id=rid, ring_bits=start.encoding.ring_bits,
-                    graph=GraphSpec(p.graph, p.degree if p.graph == "harary" else 0), active=True,
-                    identity_keys=tuple(bytes(k) for k in p.identity_keys), context=bytes(p.context))
+                config = secagg_config(start)  # as a real site builds it (active mode from the server)
+                assert config.active
                 client = SecAggClient(me, config, identity_key=self.identity)
                 enc = encoder_for(start.encoding, p.cohort_size)
                 client.set_input(enc.encode(self.vector, os.urandom(16)))

@@ -159,7 +159,8 @@ def test_a_loop_that_skips_submit_sits_the_round_out_without_spinning_and_gets_t
                 rnd.submit(rnd.model, num_examples=len(data))
         return [(o.round, o.outcome) for o in fed.history]
 
-    cfg = config(rounds=2, min_clients=2, round_timeout=round_timeout)
+    # threshold 2 of 3 (passive mode: t > c = 1): round 1 completes without the skipping site
+    cfg = config(rounds=2, min_clients=2, round_timeout=round_timeout, threshold=2)
     summary, results, errors = run_job(tmp_path, cfg, synthetic, [turnkey(0), turnkey(1), skipper])
     assert errors == [], errors
     assert summary.status == "completed" and summary.completed_rounds == 2

@@ -30,7 +30,8 @@ def test_dropout_plan_never_leaves_fewer_than_the_threshold() -> None:
 
 @pytest.mark.parametrize("transport", ["in-process", "grpc"])
 def test_reduced_demo_local_dp_with_dropouts(tmp_path: Path, transport: str) -> None:
-    options = DemoOptions(hospitals=3, rounds=3, dropout=0.5, dp="local", in_process=transport == "in-process",
+    # four hospitals: the threshold is 3 (c = 1 colluder of 4, 2t > 4 + 1), so one may drop per round
+    options = DemoOptions(hospitals=4, rounds=3, dropout=0.5, dp="local", in_process=transport == "in-process",
                           out=tmp_path / "out", seed=4)
     report = run_demo(options, quiet(), serve_forever=False)
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -39,19 +40,21 @@ def test_reduced_demo_local_dp_with_dropouts(tmp_path: Path, transport: str) -> 
         assert key in saved
     assert saved["epsilon_user"] is None and saved["delta"] == 1e-5
     assert len(saved["rounds"]) == 3 and [r["round"] for r in saved["rounds"]] == [1, 2, 3]
-    # the dropout plan with seed 4 drops someone; every round keeps at least the threshold (2 of 3)
-    plan = DropoutPlan.draw(["hospital-1", "hospital-2", "hospital-3"], 3, 0.5, 1, 4)
+    # the dropout plan with seed 4 drops someone; every round keeps at least the threshold (3 of 4)
+    names = [f"hospital-{i}" for i in range(1, 5)]
+    assert saved["secure_aggregation"]["threshold"] == 3
+    plan = DropoutPlan.draw(names, 3, 0.5, 1, 4)
     assert plan.silent, "this seed must exercise a dropout"
     for r in saved["rounds"]:
         assert set(r["dropped"]) == set(plan.silent.get(r["round"], ()))
-        assert sorted(r["participants"] + r["dropped"]) == ["hospital-1", "hospital-2", "hospital-3"]
+        assert sorted(r["participants"] + r["dropped"]) == names
         assert r["epsilon_sample_max"] <= 3.0 + 1e-9
     eps = [h["epsilon"] for h in saved["hospitals"]]
     assert all(0 < e <= 3.0 + 1e-9 for e in eps) and saved["epsilon_sample_max"] == pytest.approx(max(eps))
     assert 0.5 < saved["final_accuracy"] <= 1 and 0.5 < saved["final_auc"] <= 1
-    names = {p.name for p in (tmp_path / "out").iterdir()}
+    files = {p.name for p in (tmp_path / "out").iterdir()}
     assert {"report.json", "report.md", "report.html", "accuracy_auc_by_round.png", "epsilon_by_round.png",
-            "privacy_utility.png", "runs.sqlite", "hospitals"} <= names
+            "privacy_utility.png", "runs.sqlite", "hospitals"} <= files
     md = (tmp_path / "out" / "report.md").read_text()
     assert "centralized, non-private" in md and "federated, non-private" in md
     assert saved["baselines"]["centralized"]["accuracy"] > 0.9
@@ -123,7 +126,8 @@ def test_user_level_noise_ratio_matches_the_mechanism() -> None:
     assert user_level_noise_ratio(short, recipe, 5) < user_level_noise_ratio(central, recipe, 5)  # type: ignore[operator]
     distributed = FederationSettings(rounds=30, hospitals_per_round=5, dp="distributed")
     zd = server_config(distributed, recipe, 5).dp_noise_multiplier
-    assert user_level_noise_ratio(distributed, recipe, 5) == pytest.approx(zd * math.sqrt(5 / 3) * math.sqrt(31) / 5)
+    # distributed DP sizes each share for t = 4 contributors (c = 1 of 5 hospitals: 2t > 5 + 1)
+    assert user_level_noise_ratio(distributed, recipe, 5) == pytest.approx(zd * math.sqrt(5 / 4) * math.sqrt(31) / 5)
 
 
 def test_a_hospital_with_one_class_only_takes_part_without_crashing(tmp_path: Path) -> None:

@@ -74,7 +74,8 @@ class Federation_:
 
 def _start(tmp_path: Path, *, rounds: int, client_ca: PemPair | None = None,
            names: tuple[str, ...] = ("alice", "bob", "mallory"), clients_per_round: int = 2,
-           limits: ServerLimits | None = None, stage_timeout: float = 20.0) -> tuple[Federation_, grpc.Server]:
+           limits: ServerLimits | None = None, stage_timeout: float = 20.0,
+           threshold: int = 0) -> tuple[Federation_, grpc.Server]:
     torch.set_num_threads(1)
     store = RunStore(tmp_path / "run.db")
     tokens = {n: store.enroll(n).token for n in names}
@@ -82,7 +83,7 @@ def _start(tmp_path: Path, *, rounds: int, client_ca: PemPair | None = None,
     config = ServerConfig(task=TASK, rounds=rounds, clients_per_round=clients_per_round,
                           min_clients=clients_per_round, round_timeout=60,
                           stage_timeout=stage_timeout, cohort_wait=0.0, linger=1.0, seed=11, final_evaluation=False,
-                          poll_wait=2.0)
+                          poll_wait=2.0, threshold=threshold)
     coordinator = Coordinator(config, task, store)
     coordinator.inline_model = False  # as fedveil server does: models are fetched with FetchModel
     ca = generate_ca()
@@ -243,8 +244,9 @@ def test_chunked_transfers_carry_the_exact_updates(fed: Federation_) -> None:
 def test_a_stalled_upload_is_cancelled_and_the_round_goes_on(tmp_path: Path) -> None:
     limits = ServerLimits(max_message_bytes=4 << 20, workers=16, max_concurrent_rpcs=64, max_concurrent_uploads=1,
                           upload_timeout_s=1.0)
+    # threshold 2 of 3 (passive mode: t > c = 1) so that the round survives the cancelled upload
     fed, server = _start(tmp_path, rounds=1, names=("a", "b", "c"), clients_per_round=3, limits=limits,
-                         stage_timeout=4.0)
+                         stage_timeout=4.0, threshold=2)
     try:
         vecs = vectors(3)
         clients = [Scripted(fed.coordinator, n, v, transport=fed.transport(n))
@@ -453,8 +455,9 @@ class _RecordingUpload:
 
 def test_a_queued_upload_sends_no_data_until_the_server_grants_it_a_slot(tmp_path: Path) -> None:
     limits = ServerLimits(max_message_bytes=4 << 20, workers=16, max_concurrent_rpcs=64, max_concurrent_uploads=1)
+    # threshold 2 of 3 (passive mode: t > c = 1): one client's shares are not needed
     fed, server = _start(tmp_path, rounds=1, names=("a", "b", "c"), clients_per_round=3, limits=limits,
-                         stage_timeout=5.0)
+                         stage_timeout=5.0, threshold=2)
     try:
         vecs = vectors(3)
         # b takes a slot (the only one) and holds it; it does not unmask, so c's shares stand in

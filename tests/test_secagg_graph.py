@@ -1,16 +1,15 @@
-"""Masking graphs and the SecAgg+ parameter helper."""
+"""Masking graphs (the choice of degree and threshold: tests/test_secagg_threshold.py)."""
 
 from __future__ import annotations
 
-import math
 import os
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedveil.secagg import CompleteGraph, ConfigError, GraphSpec, HararyGraph, secagg_plus_parameters
-from fedveil.secagg.graph import _log2_binom_tail_ge, build_graph
+from fedveil.secagg import CompleteGraph, ConfigError, GraphSpec, HararyGraph
+from fedveil.secagg.graph import build_graph, is_sparse
 
 
 @settings(max_examples=50, deadline=None)
@@ -44,6 +43,12 @@ def test_complete_graph_and_degeneration():
     assert isinstance(build_graph(GraphSpec("harary", 4), list(range(9)), os.urandom(16)), HararyGraph)
     assert GraphSpec("harary", 4).holders_count(9) == 5
     assert GraphSpec("harary", 8).holders_count(9) == 9
+    # One predicate decides sparse vs complete for building, holders and the collusion bound.
+    for n in range(3, 20):
+        for k in range(2, n + 2, 2):
+            sparse = isinstance(build_graph(GraphSpec("harary", k), list(range(n)), os.urandom(16)), HararyGraph)
+            assert sparse == is_sparse(k, n) == GraphSpec("harary", k).sparse(n)
+            assert GraphSpec("harary", k).holders_count(n) == (k + 1 if sparse else n)
 
 
 def test_graph_spec_validation():
@@ -53,37 +58,3 @@ def test_graph_spec_validation():
         GraphSpec("harary", 5)
     with pytest.raises(ConfigError, match="distinct"):
         CompleteGraph([1, 1])
-
-
-def test_binomial_tail_matches_direct_sum():
-    n, p = 20, 0.1
-    for t in (0, 1, 5, 12, 20):
-        direct = sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(t, n + 1))
-        assert _log2_binom_tail_ge(n, p, t) == pytest.approx(math.log2(direct), abs=1e-9)
-
-
-@pytest.mark.parametrize("n,dropout", [(100, 0.1), (500, 0.1), (1000, 0.05), (10_000, 0.2)])
-def test_parameters_meet_the_documented_bounds(n, dropout):
-    p = secagg_plus_parameters(n, dropout, 0.05, security_bits=40, correctness_bits=20)
-    assert p.degree > 0 and p.degree % 2 == 0 and p.degree < n
-    h = p.degree + 1
-    assert p.threshold > h / 2
-    assert math.log2(n) + _log2_binom_tail_ge(h, 0.05, p.threshold) <= -40
-    assert math.log2(n) + _log2_binom_tail_ge(h, dropout, h - p.threshold + 1) <= -20
-    assert p.leak_log2 <= -40 and p.failure_log2 <= -20
-    # Minimality: the next smaller even degree admits no threshold.
-    if p.degree > 2:
-        smaller = p.degree - 2 + 1
-        ok = any(math.log2(n) + _log2_binom_tail_ge(smaller, 0.05, t) <= -40
-                 and math.log2(n) + _log2_binom_tail_ge(smaller, dropout, smaller - t + 1) <= -20
-                 for t in range(smaller // 2 + 1, smaller + 1))
-        assert not ok
-    assert p.spec == GraphSpec("harary", p.degree)
-
-
-def test_parameters_fall_back_to_complete_graph_for_small_cohorts():
-    p = secagg_plus_parameters(20, 0.1)
-    assert p.degree == 0 and p.spec == GraphSpec("complete")
-    assert 20 // 2 < p.threshold <= 20
-    with pytest.raises(ConfigError, match="dropout_rate"):
-        secagg_plus_parameters(20, 1.0)

@@ -69,7 +69,11 @@ def test_config_validation_names_the_field():
     with pytest.raises(ConfigError, match="round_id"):
         SecAggConfig(5, 3, 4, round_id=-1)
     with pytest.raises(ConfigError, match="identity_keys"):
-        SecAggConfig(5, 3, 4, active=True)
+        SecAggConfig(5, 4, 4, active=True)
+    with pytest.raises(ConfigError, match="max_corrupt_fraction"):
+        SecAggConfig(5, 3, 4, max_corrupt_fraction=0.5)
+    with pytest.raises(ConfigError, match="max_corrupt_fraction"):
+        SecAggConfig(5, 3, 4, max_corrupt_fraction=float("nan"))
     with pytest.raises(ConfigError, match="client_id"):
         SecAggClient(5, SecAggConfig(5, 3, 4))
     with pytest.raises(ConfigError, match="input"):
@@ -201,7 +205,7 @@ def test_a_reused_seed_gives_fresh_secrets_in_every_round_and_for_every_client()
 
 
 @pytest.mark.parametrize("change", [dict(context=b"another federation"), dict(threshold=4), dict(ring_bits=31),
-                                    dict(vector_length=9)])
+                                    dict(vector_length=9), dict(max_corrupt_fraction=0.25)])
 def test_parties_with_different_parameters_derive_different_sessions(change):
     """The session id a client derives hashes the round parameters: a client configured with
     any other parameter (and the same round id and keys) cannot open its peers' share boxes,

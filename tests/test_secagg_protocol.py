@@ -26,6 +26,8 @@ from fedveil.secagg import (
     UnexpectedMessageError,
     UnmaskingRefusedError,
     WrongRoundError,
+    collusion_bound,
+    plan_threshold,
     run_round,
 )
 from fedveil.secagg.client import ClientR1ShareKeys, ClientR2MaskedInput, ClientR3Unmasking
@@ -44,6 +46,10 @@ from fedveil.secagg.server import ServerR1ShareKeys, ServerR2MaskedInputCollecti
 from tests.secagg_helpers import ManualRound, random_inputs, ring_sum
 
 STAGES = ("keys", "shares", "masked", "unmask")
+NO_COLLUSION = 0.0
+"""max_corrupt_fraction of an honest-but-curious server without colluding clients: any 2 <= t <= h is
+allowed. Tests of dropout handling use it to reach small thresholds; the collusion rule has its own tests
+(tests/test_secagg_threshold.py)."""
 
 
 def _survivors_expected(n: int, stage: str, dropped: set[int]) -> list[int]:
@@ -63,10 +69,13 @@ def test_exact_sum_for_random_sizes_dropouts_and_stages(data):
         holders = spec.holders_count(n)
     else:
         spec, holders = GraphSpec(), n
-    t = data.draw(st.integers(2, holders), label="t")
+    fraction = data.draw(st.sampled_from([NO_COLLUSION, 0.1, 1 / 3]), label="max_corrupt_fraction")
+    corrupt, _ = collusion_bound(n, spec.degree if spec.sparse(n) else 0, fraction)
+    t = data.draw(st.integers(max(2, corrupt + 1), holders), label="t")  # passive mode: t > c
     stage = data.draw(st.sampled_from(STAGES), label="stage")
     dropped = data.draw(st.sets(st.integers(0, n - 1), max_size=n), label="dropped")
-    config = SecAggConfig(n, t, m, round_id=data.draw(st.integers(0, 2**64 - 1)), ring_bits=bits, graph=spec)
+    config = SecAggConfig(n, t, m, round_id=data.draw(st.integers(0, 2**64 - 1)), ring_bits=bits, graph=spec,
+                          max_corrupt_fraction=fraction)
     inputs = random_inputs(config, seed=data.draw(st.integers(0, 1000)))
     sim = run_round(config, inputs, dropouts={stage: dropped}, wire=data.draw(st.booleans()))
     if sim.completed:
@@ -90,7 +99,7 @@ def test_exact_sum_for_random_sizes_dropouts_and_stages(data):
 def test_dropouts_at_every_stage_with_t_remaining(stage, graph):
     n = 10
     t = 3 if graph.kind == "harary" else 6
-    config = SecAggConfig(n, t, 257, round_id=3, graph=graph)
+    config = SecAggConfig(n, t, 257, round_id=3, graph=graph, max_corrupt_fraction=NO_COLLUSION)
     inputs = random_inputs(config, 1)
     dropped = {0, 5} if graph.kind == "harary" else {1, 2, 7, 9}
     sim = run_round(config, inputs, dropouts={stage: dropped})
@@ -173,7 +182,7 @@ def test_no_client_input_is_ever_unmaskable_from_what_the_server_receives(graph,
     """Over a whole round, the server never receives a self-mask share of a client whose masked
     input it did not get, and never both kinds of share for one client (from anyone)."""
     n = 11
-    config = SecAggConfig(n, 3, 16, round_id=21, graph=graph)
+    config = SecAggConfig(n, 3, 16, round_id=21, graph=graph, max_corrupt_fraction=NO_COLLUSION)
     r = ManualRound(config)
     r.advertise()
     out = r.close()
@@ -362,7 +371,7 @@ def test_server_memory_is_independent_of_n_times_m():
     m = 50_000
     peaks = {}
     for n in (6, 24):
-        config = SecAggConfig(n, n // 2 + 1, m, round_id=1)
+        config = SecAggConfig(n, plan_threshold(n).threshold, m, round_id=1)
         inputs = random_inputs(config, 2)
         r = ManualRound(config, inputs)
         r.advertise()
@@ -396,15 +405,18 @@ def test_server_receive_accumulates_instead_of_storing():
 
 # --- active-adversary mode ------------------------------------------------------------------------
 
-def _active_config(n=6, t=4, m=16, round_id=3):
+def _active_config(n=6, t=0, m=16, round_id=3, graph=None):
+    """Active mode with t = the smallest t with 2t > h + c (f = 1/3, complete graph) unless given."""
     keys = [Ed25519PrivateKey.generate() for _ in range(n)]
-    config = SecAggConfig(n, t, m, round_id=round_id, active=True,
+    config = SecAggConfig(n, t or plan_threshold(n).threshold, m, round_id=round_id, active=True,
+                          graph=graph or GraphSpec(),
                           identity_keys=tuple(k.public_key().public_bytes_raw() for k in keys))
     return config, keys
 
 
 def test_active_mode_round_is_exact_with_dropouts():
-    config, keys = _active_config(n=7, t=4)
+    config, keys = _active_config(n=7)
+    assert config.threshold == 5  # c = 2: 2t > 7 + 2
     inputs = random_inputs(config)
     for stage in ("keys", "shares", "masked", "consistency", "unmask"):
         sim = run_round(config, inputs, dropouts={stage: {2}}, identity_keys=dict(enumerate(keys)), wire=True)
@@ -433,64 +445,96 @@ def test_active_mode_rejects_forged_advertisement():
 
 
 def test_active_mode_catches_server_showing_different_survivor_sets():
-    config, keys = _active_config(n=6, t=4)
+    config, keys = _active_config(n=9)
+    assert config.threshold == 7  # c = 3: 2t > 9 + 3
     r = ManualRound(config, identity_key=dict(enumerate(keys)))
     r.advertise()
     out = r.step(r.close())
     replies = r.deliver(out)
-    r.send({c: v for c, v in replies.items() if c != 5})
+    r.send({c: v for c, v in replies.items() if c != 8})
     out = r.close()
     assert all(isinstance(m, ConsistencyCheckRequest) for m in out.values())
-    # Malicious server: tells clients 0-2 that 4 dropped too, clients 3-4 the honest set.
-    lie = np.array([0, 1, 2, 3], np.uint32)
+    # Malicious server: tells clients 0-3 that 7 dropped too, clients 4-7 the honest set.
+    lie = np.arange(7, dtype=np.uint32)
     sigs = {}
-    for c in range(5):
-        msg = out[c] if c >= 3 else dataclasses.replace(out[c], survivors=lie)
+    for c in range(8):
+        msg = out[c] if c >= 4 else dataclasses.replace(out[c], survivors=lie)
         sigs[c] = r.clients[c].handle(msg).signature
     honest_set = out[0].survivors
-    # It then forwards an unmasking request to client 3 claiming 4 dropped (to get 4's key shares)
-    # with the signatures it collected: clients 0-2 signed the lie, 3-4 the honest set.
-    request = UnmaskingRequest(config.round_id, 3, lie, np.array([4, 5], np.uint32), sigs)
+    # It then forwards an unmasking request to client 4 claiming 7 dropped (to get 7's key shares)
+    # with the signatures it collected: clients 0-3 signed the lie, 4-7 the honest set.
+    request = UnmaskingRequest(config.round_id, 4, lie, np.array([7, 8], np.uint32), sigs)
     with pytest.raises(ConsistencyCheckError):
-        r.clients[3].handle(request)
-    assert r.clients[3].aborted
+        r.clients[4].handle(request)
+    assert r.clients[4].aborted
     # Sending the honest set with the mixed signatures is caught too.
-    request0 = UnmaskingRequest(config.round_id, 4, honest_set, np.array([5], np.uint32), sigs)
+    request0 = UnmaskingRequest(config.round_id, 5, honest_set, np.array([8], np.uint32), sigs)
     with pytest.raises(ConsistencyCheckError):
-        r.clients[4].handle(request0)
+        r.clients[5].handle(request0)
+    # And the liars' group holds only 4 signatures on its set, fewer than t = 7.
+    request1 = UnmaskingRequest(config.round_id, 0, lie, np.array([7, 8], np.uint32),
+                                {c: sigs[c] for c in range(4)})
+    with pytest.raises(ConsistencyCheckError, match="fewer than threshold"):
+        r.clients[0].handle(request1)
 
 
-def test_active_mode_needs_a_majority_threshold_of_holders():
+def test_active_mode_needs_2t_above_holders_plus_colluders():
     """Each honest holder reveals one kind of share per peer, so the server can only collect t of
     each kind for a peer (and unmask it) by showing two groups of holders different survivor
-    sets. With 2t <= holders two such groups exist, both can gather t signatures on their own
-    set, and the consistency check passes: e.g. n = 6, t = 3, clients 0-2 shown {0, 1, 2} and
-    3-5 shown {3, 4, 5} give the server 3 self-mask shares and 3 masking-key shares of client 0.
-    Active mode therefore requires t > holders / 2, in the configuration and at run time."""
+    sets, each topped up by the c colluders, who reveal both: with 2t <= h + c two such groups
+    exist (tests/test_secagg_threshold.py runs the attack). Active mode therefore requires
+    2t > h + c, with c = floor(f n) on the complete graph, in the configuration and at run time;
+    passive mode t > c."""
     keys = tuple(Ed25519PrivateKey.generate().public_key().public_bytes_raw() for _ in range(9))
-    with pytest.raises(ConfigError, match="threshold"):
-        SecAggConfig(6, 3, 8, active=True, identity_keys=keys[:6])
-    with pytest.raises(ConfigError, match="threshold"):
-        SecAggConfig(9, 2, 8, graph=GraphSpec("harary", 4), active=True, identity_keys=keys)  # 5 holders
-    SecAggConfig(6, 4, 8, active=True, identity_keys=keys[:6])
-    SecAggConfig(9, 3, 8, graph=GraphSpec("harary", 4), active=True, identity_keys=keys)
-    SecAggConfig(6, 3, 8)  # honest-but-curious mode: the server's requests are consistent
-    # Harary k = 4 on 7 clients has 5 holders each (t = 3 is a majority) but if one client does
-    # not advertise, 6 clients make the graph complete: 6 holders, and t = 3 is no majority.
+    with pytest.raises(ConfigError, match=r"threshold: t=4 does not satisfy 2t > h \+ c = 6 \+ 2"):
+        SecAggConfig(6, 4, 8, active=True, identity_keys=keys[:6])  # a majority, but c = 2
+    with pytest.raises(ConfigError, match="threshold"):  # 5 holders, c = 3 (hypergeometric bound)
+        SecAggConfig(9, 4, 8, graph=GraphSpec("harary", 4), active=True, identity_keys=keys)
+    SecAggConfig(6, 5, 8, active=True, identity_keys=keys[:6])
+    SecAggConfig(9, 5, 8, graph=GraphSpec("harary", 4), active=True, identity_keys=keys)
+    SecAggConfig(6, 4, 8, active=True, identity_keys=keys[:6], max_corrupt_fraction=0.0)  # c = 0: majority
+    SecAggConfig(6, 3, 8)  # honest-but-curious mode: t > c = 2 suffices
+    with pytest.raises(ConfigError, match="does not exceed the c=2 colluders"):
+        SecAggConfig(6, 2, 8)
+    # Harary k = 4 on 7 clients: 5 holders, c = 2, t = 4 is safe. If one client does not
+    # advertise, 6 clients make the graph complete: 6 holders, c = 2, and t = 4 is not.
     signing = [Ed25519PrivateKey.generate() for _ in range(7)]
     public = tuple(k.public_key().public_bytes_raw() for k in signing)
-    config = SecAggConfig(7, 3, 8, round_id=4, graph=GraphSpec("harary", 4), active=True, identity_keys=public)
+    config = SecAggConfig(7, 4, 8, round_id=4, graph=GraphSpec("harary", 4), active=True, identity_keys=public)
     inputs = random_inputs(config)
     sim = run_round(config, inputs, dropouts={"keys": {6}}, identity_keys=dict(enumerate(signing)))
-    assert not sim.completed and "majority" in (sim.abort_reason or "")
+    assert not sim.completed and "2t > h + c = 6 + 2" in (sim.abort_reason or "")
     sim = run_round(config, inputs, dropouts={"masked": {6}}, identity_keys=dict(enumerate(signing)))
     assert sim.completed and np.array_equal(sim.result.ring_sum, ring_sum(config, inputs, range(6)))
+
+
+def test_fewer_advertisers_on_a_sparse_graph_raise_c_and_every_party_checks_it():
+    """A server that discards honest advertisements packs the cohort's floor(f n) colluders into
+    a smaller graph. Harary k = 26 on n = 69: c = 22 and t = 25 are safe for 69 advertisers;
+    with 65 the colluders' share rises, c = 23, and 2t = 50 <= 27 + 23. The server's state
+    machine aborts, and a client shown the 65 advertisements refuses too."""
+    n, k = 69, 26
+    plan = plan_threshold(n, "harary", degree=k, expected_dropout=0.0)
+    assert (plan.corrupt, plan.threshold) == (22, 25)
+    config, keys = _active_config(n, plan.threshold, round_id=8, graph=plan.spec)
+    assert config.threshold_problem(n) is None
+    assert "2t > h + c = 27 + 23" in (config.threshold_problem(65) or "")
+    r = ManualRound(config, identity_key=dict(enumerate(keys)))
+    advs = {c: cl.advertise_keys() for c, cl in r.clients.items()}
+    for c in range(65):
+        r.server.receive(c, advs[c])
+    out = r.close()
+    assert r.server.aborted and all(isinstance(m, RoundAborted) for m in out.values())
+    request = ShareKeysRequest(config.round_id, 0, tuple(advs[c] for c in range(65)))
+    with pytest.raises(RoundAbortedError, match="65 clients that advertised"):
+        r.clients[0].handle(request)
+    assert r.clients[0].aborted
 
 
 def test_active_mode_signatures_from_another_round_are_rejected():
     """Signed advertisements carry the round id and parameters, survivor-set signatures the
     session id: rewriting the header of a replay does not make its signature valid."""
-    config1, keys = _active_config(n=5, t=3, round_id=40)
+    config1, keys = _active_config(n=5, round_id=40)  # t = 4 (c = 1)
     config2 = config1.for_round(41)
     old = SecAggClient(1, config1, identity_key=keys[1]).advertise_keys()
     replay = dataclasses.replace(old, round_id=41)

@@ -56,7 +56,7 @@ def test_dropout_at_masked_input_leaves_the_exact_mean_of_the_survivors(tmp_path
 
 
 def test_too_few_survivors_abort_the_round_which_is_retried(tmp_path: Path) -> None:
-    names = ["a", "b", "c"]  # threshold 2
+    names = ["a", "b", "c"]  # threshold 3: c = 1 colluder of 3, 2t > 3 + 1
     vecs = vectors(3)
     coordinator, store = make_job(tmp_path, names, rounds=2, weighted=False)
     clients = [Scripted(coordinator, n, v) for n, v in zip(names, vecs, strict=True)]
@@ -67,7 +67,7 @@ def test_too_few_survivors_abort_the_round_which_is_retried(tmp_path: Path) -> N
     rounds = store.rounds(coordinator.run_id)
     assert [(r.round, r.attempt, r.status) for r in rounds] == [(1, 1, "aborted"), (1, 2, "completed"),
                                                                 (2, 1, "completed")]
-    assert "threshold is 2" in (rounds[0].reason or "")
+    assert "threshold is 3" in (rounds[0].reason or "")
     for number in (1, 2):
         expected = sum(v * number for v in vecs) / 3
         np.testing.assert_allclose(store.aggregate(coordinator.run_id, number), expected, atol=1e-4)  # type: ignore[arg-type]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import threading
 import time
 from pathlib import Path
@@ -20,6 +21,9 @@ from fedveil.clients.session import ClientOptions, Federation
 from fedveil.commands.common import USAGE_EXIT_CODE
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.protocol.transport import InProcessTransport
+from fedveil.secagg import ConfigError
+from fedveil.server.config import ServerConfig, ServerConfigError
+from fedveil.server.coordinator import JobError
 from fedveil.server.store import load_ledger
 from fedveil.task import load_task
 from tests.server_helpers import TASK, Scripted, make_job, run_job, vectors
@@ -27,7 +31,9 @@ from tests.server_helpers import TASK, Scripted, make_job, run_job, vectors
 pytestmark = pytest.mark.timeout(180)
 
 
-def test_harary_graph_round_with_a_dropout_gives_the_exact_mean(tmp_path: Path) -> None:
+def test_harary_graph_round_with_a_dropout_gives_the_exact_mean(tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="fedveil.server")
     names = [f"h{i}" for i in range(8)]
     vecs = vectors(8)
     coordinator, store = make_job(tmp_path, names, secagg="harary", secagg_degree=4, weighted=False)
@@ -36,10 +42,49 @@ def test_harary_graph_round_with_a_dropout_gives_the_exact_mean(tmp_path: Path) 
     summary = run_job(coordinator, clients)
     assert summary.status == "completed"
     (rec,) = store.rounds(coordinator.run_id)
-    assert rec.threshold == 3 and rec.survivors == 7 and rec.stats["dropped"] == []
+    # h = 5 holders, c = 2 of the cohort's floor(8/3) colluders may hold a client's shares: t = 4.
+    assert rec.threshold == 4 and rec.survivors == 7 and rec.stats["dropped"] == []
     assert store.dropouts(coordinator.run_id) == [(1, 1, "h5", "share-keys", "missed the stage deadline")]
+    (line,) = [r.getMessage() for r in caplog.records if "secure aggregation" in r.getMessage()]
+    assert "n=8, k=4, h=5, t=4, c=2 (f=0.3333), collusion failure 0, dropout failure 2^" in line
     expected = sum(v for i, v in enumerate(vecs) if i != 5) / 7
     np.testing.assert_allclose(store.aggregate(coordinator.run_id, 1), expected, atol=1e-4)  # type: ignore[arg-type]
+    store.close()
+
+
+def test_server_config_derives_safe_thresholds_in_both_modes() -> None:
+    """Default t: the smallest with 2t > h + c, active or not (secure by default); an explicit t
+    must satisfy the rule with --active-adversary and only t > c without, and is capped at h for
+    a smaller cohort."""
+    base = dict(task=TASK, rounds=1, clients_per_round=10, min_clients=4)
+    for active in (False, True):
+        plan = ServerConfig(**base, active_adversary=active).secagg_plan(10)  # type: ignore[arg-type]
+        assert (plan.holders, plan.corrupt, plan.threshold) == (10, 3, 7)
+        assert ServerConfig(**base, active_adversary=active).secagg_plan(4).threshold == 3  # c = 1
+    passive = ServerConfig(**base, threshold=4)  # type: ignore[arg-type]
+    assert passive.secagg_plan(10).threshold == 4 and passive.secagg_plan(4).threshold == 4  # capped at h = 4
+    assert ServerConfig(**base, threshold=6, max_corrupt_fraction=0.0,  # type: ignore[arg-type]
+                        active_adversary=True).secagg_plan(10).threshold == 6
+    with pytest.raises(ServerConfigError, match=r"--threshold: t=6 does not satisfy 2t > h \+ c = 10 \+ 3") as err:
+        ServerConfig(**base, threshold=6, active_adversary=True)  # type: ignore[arg-type]
+    assert err.value.flag == "--threshold"
+    with pytest.raises(ServerConfigError, match="--max-corrupt-fraction"):
+        ServerConfig(**base, max_corrupt_fraction=0.5)  # type: ignore[arg-type]
+    # Harary k = 16 with an explicit t = 12, valid for 20 clients (h = 17, c = 6); a cohort of 18
+    # makes the graph complete (h = 18, c = 6, t >= 13): that round refuses to start.
+    harary = ServerConfig(task=TASK, rounds=1, clients_per_round=20, min_clients=18, secagg="harary",
+                          secagg_degree=16, threshold=12, active_adversary=True)
+    assert (harary.secagg_plan(20).holders, harary.secagg_plan(20).corrupt) == (17, 6)
+    with pytest.raises(ConfigError, match=r"2t > h \+ c = 18 \+ 6"):
+        harary.secagg_plan(18)
+
+
+def test_an_explicit_threshold_unsafe_for_the_cohort_stops_the_job(tmp_path: Path) -> None:
+    names = [f"s{i}" for i in range(18)]
+    coordinator, store = make_job(tmp_path, names, clients_per_round=20, min_clients=18, secagg="harary",
+                                  secagg_degree=16, threshold=12, active_adversary=True)
+    with pytest.raises(JobError, match=r"--threshold: .*cohort of 18"):
+        coordinator._threshold(18)
     store.close()
 
 
@@ -102,8 +147,13 @@ def test_distributed_dp_job_with_real_clients(tmp_path: Path) -> None:
         (["--clients-per-round", "3", "--listen", "nowhere"], "error: --listen: expected HOST:PORT"),
         (["--clients-per-round", "3", "--dp-adaptive-clipping"], "error: --dp-adaptive-clipping: only with"),
         (["--clients-per-round", "1"], "error: --clients-per-round: must be at least 2"),
-        (["--clients-per-round", "6", "--threshold", "3", "--active-adversary"],
-         "error: --threshold: must exceed half of a client's 6 share holders"),
+        (["--clients-per-round", "6", "--threshold", "4", "--active-adversary"],
+         "error: --threshold: t=4 does not satisfy 2t > h + c = 6 + 2 (h holders of each client's shares, c "
+         "colluders among them); the smallest safe t is 5"),
+        (["--clients-per-round", "6", "--threshold", "2"],
+         "error: --threshold: t=2 does not exceed the c=2 colluders among a client's h=6 holders"),
+        (["--clients-per-round", "6", "--max-corrupt-fraction", "0.5"],
+         "error: --max-corrupt-fraction: must be in [0, 0.5)"),
         (["--clients-per-round", "3", "--insecure", "--tls-cert", "x.pem"], "error: --insecure: cannot be"),
         (["--clients-per-round", "3", "--tls-cert", "missing.pem", "--tls-key", "k.pem", "--no-insecure"], None),
         # values that pass a sign check but overflow the wire format or gRPC

@@ -225,3 +225,10 @@ def test_the_config_bit_limit_matches_the_distributed_mechanism() -> None:
     from fedveil.server.config import DISTRIBUTED_MAX_BITS
 
     assert DISTRIBUTED_MAX_BITS == MAX_BITS
+
+
+def test_the_config_collusion_default_matches_the_secagg_rule() -> None:
+    from fedveil.secagg.threshold import DEFAULT_MAX_CORRUPT_FRACTION as SECAGG_DEFAULT
+    from fedveil.server.config import DEFAULT_MAX_CORRUPT_FRACTION
+
+    assert DEFAULT_MAX_CORRUPT_FRACTION == SECAGG_DEFAULT

@@ -39,7 +39,9 @@ def secagg_config(start: pb.RoundStart) -> SecAggConfig:
     """The round's :class:`SecAggConfig`, built from ``RoundStart`` exactly as the server builds it.
 
     Every field enters the session id, so a difference here means no shared session: the
-    graph's degree counts only for Harary graphs (0 for the complete graph).
+    graph's degree counts only for Harary graphs (0 for the complete graph). The collusion
+    fraction f is the server's (``SecAggConfig`` refuses t unless 2t > h + c for it); a site has
+    no policy of its own for f yet.
     """
     params = start.secagg
     kind = params.graph or "complete"
@@ -54,6 +56,7 @@ def secagg_config(start: pb.RoundStart) -> SecAggConfig:
         active=active,
         identity_keys=tuple(bytes(k) for k in params.identity_keys) if active else None,
         context=bytes(params.context),
+        max_corrupt_fraction=float(params.max_corrupt_fraction),
     )
 
 

@@ -17,6 +17,7 @@ import click
 import numpy as np
 
 from fedveil.commands.common import fail, print_json_last_line
+from fedveil.server.config import DEFAULT_MAX_CORRUPT_FRACTION
 
 DROPOUT_STAGE_CHOICES = ("keys", "shares", "masked", "unmask")
 CLIP = 1.0
@@ -31,29 +32,26 @@ def register(group: click.Group) -> None:
     group.add_command(bench_group)
 
 
-def secagg_round_parameters(clients: int, dropout: float, graph: str) -> tuple[int, int]:
-    """``(degree, threshold)`` for the bench: the SecAgg+ helper for Harary, majority for complete.
+def secagg_round_plan(clients: int, dropout: float, graph: str, max_corrupt_fraction: float) -> Any:
+    """The bench's :class:`~fedveil.secagg.threshold.ThresholdPlan`: graph degree and the smallest
+    threshold with 2t > h + c, as the coordinator derives them (degree 0 = the complete graph)."""
+    from fedveil.secagg.threshold import plan_threshold
 
-    ``degree`` 0 means the complete graph.
-    """
-    from fedveil.secagg.graph import secagg_plus_parameters
-
-    if graph == "harary":
-        params = secagg_plus_parameters(clients, dropout)
-        return params.degree, params.threshold
-    return 0, max(2, clients // 2 + 1)
+    return plan_threshold(clients, graph, expected_dropout=dropout, max_corrupt_fraction=max_corrupt_fraction)
 
 
 def run_secagg_bench(clients: int, dim: int, dropout: float, dropout_stage: str, graph: str,
-                     seed: int | None = None, active: bool = False) -> dict[str, Any]:
+                     seed: int | None = None, active: bool = False,
+                     max_corrupt_fraction: float = DEFAULT_MAX_CORRUPT_FRACTION) -> dict[str, Any]:
     """Run the benchmark round and return the report (the JSON object of ``--json``)."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from fedveil.secagg import FixedPointEncoder, GraphSpec, SecAggConfig
+    from fedveil.secagg import FixedPointEncoder, SecAggConfig
     from fedveil.secagg.prg import SEED_BYTES
     from fedveil.secagg.simulation import run_round
 
-    degree, threshold = secagg_round_parameters(clients, dropout, graph)
+    plan = secagg_round_plan(clients, dropout, graph, max_corrupt_fraction)
+    degree, threshold = plan.degree, plan.threshold
     n_drop = round(dropout * clients)
     if n_drop > clients - threshold:
         fail("--dropout", f"{n_drop} dropouts of {clients} clients leave fewer than the threshold t={threshold} "
@@ -62,11 +60,10 @@ def run_secagg_bench(clients: int, dim: int, dropout: float, dropout_stage: str,
     updates = rng.uniform(-CLIP, CLIP, size=(clients, dim)).astype(np.float32)
     dropped = sorted(int(i) for i in rng.choice(clients, size=n_drop, replace=False))
     encoder = FixedPointEncoder.for_clients(clients, clip=CLIP, ring_bits=32)
-    spec = GraphSpec("harary", degree) if degree else GraphSpec("complete")
     identity = {c: Ed25519PrivateKey.generate() for c in range(clients)} if active else None
-    config = SecAggConfig(clients, threshold, encoder.encoded_length(dim), round_id=1, graph=spec, active=active,
+    config = SecAggConfig(clients, threshold, encoder.encoded_length(dim), round_id=1, graph=plan.spec, active=active,
                           identity_keys=tuple(identity[c].public_key().public_bytes_raw() for c in range(clients))
-                          if identity else None)
+                          if identity else None, max_corrupt_fraction=max_corrupt_fraction)
 
     wall_start = time.perf_counter()
     encode_s: dict[int, float] = {}
@@ -83,6 +80,9 @@ def run_secagg_bench(clients: int, dim: int, dropout: float, dropout_stage: str,
         "clients": clients, "dim": dim, "dropout": dropout, "dropout_stage": dropout_stage, "graph": graph,
         "active": active,
         "degree": degree if degree else clients - 1, "threshold": threshold, "dropped": n_drop,
+        "corrupt_bound": plan.corrupt, "max_corrupt_fraction": max_corrupt_fraction,
+        "collusion_failure_log2": plan.to_dict()["collusion_failure_log2"],
+        "dropout_failure_log2": plan.to_dict()["dropout_failure_log2"], "plan": plan.describe(),
         "dropped_clients": dropped,
         "completed": sim.completed,
         "total_s": total_s, "server_s": sim.server_s,
@@ -119,7 +119,7 @@ def _print_table(report: dict[str, Any]) -> None:
     mode = "active-adversary" if report["active"] else "honest-but-curious"
     title = (f"secure aggregation round ({mode} server): {report['clients']} clients, dim {report['dim']}, "
              f"{graph} graph (degree {report['degree']}, threshold {report['threshold']}), "
-             f"{report['dropped']} dropped at stage '{report['dropout_stage']}'")
+             f"{report['dropped']} dropped at stage '{report['dropout_stage']}'\n{report['plan']}")
     table = Table(title=title, show_header=True, header_style="bold")
     table.add_column("measure")
     table.add_column("value", justify="right")
@@ -164,9 +164,12 @@ def _print_table(report: dict[str, Any]) -> None:
               help="masking graph: complete (SecAgg) or Harary (SecAgg+)")
 @click.option("--seed", type=int, default=None, help="seed for the random updates and dropout choice")
 @click.option("--active", is_flag=True, help="active-adversary mode: signed keys and a consistency-check round")
+@click.option("--max-corrupt-fraction", type=float, default=DEFAULT_MAX_CORRUPT_FRACTION,
+              help="fraction of the clients the server may control: t is the smallest with 2t > h + c "
+                   "[default: 1/3]")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object as the last line")
 def secagg_command(clients: int, dim: int, dropout: float, dropout_stage: str, graph: str, seed: int | None,
-                   active: bool, as_json: bool) -> None:
+                   active: bool, max_corrupt_fraction: float, as_json: bool) -> None:
     """Run one whole secure-aggregation round in-process and report its cost and exactness."""
     if clients < 2:
         fail("--clients", f"need at least 2 clients (got {clients})")
@@ -174,7 +177,9 @@ def secagg_command(clients: int, dim: int, dropout: float, dropout_stage: str, g
         fail("--dim", f"must be at least 1 (got {dim})")
     if not (math.isfinite(dropout) and 0.0 <= dropout < 1.0):
         fail("--dropout", f"must be in [0, 1) (got {dropout})")
-    report = run_secagg_bench(clients, dim, dropout, dropout_stage, graph, seed, active)
+    if not (math.isfinite(max_corrupt_fraction) and 0.0 <= max_corrupt_fraction < 0.5):
+        fail("--max-corrupt-fraction", f"must be in [0, 0.5) (got {max_corrupt_fraction})")
+    report = run_secagg_bench(clients, dim, dropout, dropout_stage, graph, seed, active, max_corrupt_fraction)
     if as_json:
         print_json_last_line(report)
     else:

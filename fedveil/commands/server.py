@@ -26,6 +26,7 @@ from fedveil.commands.common import (
     print_json_last_line,
     read_dashboard_token,
 )
+from fedveil.server.config import DEFAULT_MAX_CORRUPT_FRACTION
 
 EXIT_FAILED = 1
 log = logging.getLogger("fedveil.server")
@@ -151,8 +152,13 @@ def _with_options(options: list[Any]) -> Any:
               help="Seconds to wait for K clients once M are connected.")
 @click.option("--secagg", type=click.Choice(["complete", "harary"]), default="complete", show_default=True)
 @click.option("--secagg-degree", type=int, default=0, help="Harary graph degree (0: derive).")
-@click.option("--threshold", type=int, default=0, help="Secure-aggregation threshold t (0: derive).")
+@click.option("--threshold", type=int, default=0,
+              help="Secure-aggregation threshold t (0: the smallest t with 2t > h + c; an explicit t must satisfy "
+                   "it with --active-adversary, and t > c without).")
 @click.option("--expected-dropout", type=float, default=0.1, show_default=True)
+@click.option("--max-corrupt-fraction", type=float, default=DEFAULT_MAX_CORRUPT_FRACTION,
+              help="Fraction of a cohort the server may control (colluding clients), in [0, 0.5); sets c in "
+                   "2t > h + c [default: 1/3].")
 @click.option("--ring-bits", type=int, default=32, show_default=True)
 @click.option("--clip-range", type=float, default=1.0, show_default=True,
               help="Per-coordinate clip of updates before fixed-point encoding (without user-level DP).")
@@ -241,7 +247,8 @@ def server_command(**opts: Any) -> NoReturn:
             min_clients=opts["min_clients"] if opts["min_clients"] is not None else k,
             round_timeout=opts["round_timeout"], stage_timeout=opts["stage_timeout"], cohort_wait=opts["cohort_wait"],
             secagg=opts["secagg"], secagg_degree=opts["secagg_degree"], threshold=opts["threshold"],
-            expected_dropout=opts["expected_dropout"], ring_bits=opts["ring_bits"], clip_range=opts["clip_range"],
+            expected_dropout=opts["expected_dropout"], max_corrupt_fraction=opts["max_corrupt_fraction"],
+            ring_bits=opts["ring_bits"], clip_range=opts["clip_range"],
             weighted=opts["weighting"] == "examples", max_weight=opts["max_weight"],
             dp=opts["dp"], dp_clip=opts["dp_clip"], dp_noise_multiplier=opts["dp_noise_multiplier"],
             dp_adaptive_clipping=opts["dp_adaptive_clipping"], dp_target_quantile=opts["dp_target_quantile"],

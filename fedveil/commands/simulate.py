@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from fedveil.commands.common import MAX_THREADS, eprint, fail, print_json_last_line
+from fedveil.server.config import DEFAULT_MAX_CORRUPT_FRACTION
 
 
 def register(group: click.Group) -> None:
@@ -27,6 +28,9 @@ def register(group: click.Group) -> None:
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Federation seed: model init, data, cohorts, client seeds. Same seed, same aggregates.")
 @click.option("--secagg", type=click.Choice(["complete", "harary"]), default="complete", show_default=True)
+@click.option("--max-corrupt-fraction", type=float, default=DEFAULT_MAX_CORRUPT_FRACTION,
+              help="Fraction of a cohort the server may control; secure-aggregation thresholds satisfy "
+                   "2t > h + c for it [default: 1/3].")
 @click.option("--dp", type=click.Choice(["none", "local", "central", "distributed"]), default="none",
               show_default=True)
 @click.option("--noise-multiplier", type=float, default=1.0, show_default=True,
@@ -46,8 +50,8 @@ def register(group: click.Group) -> None:
 @click.option("--verbose", is_flag=True, help="Log every client and server step.")
 def simulate_command(
     n_clients: int, rounds: int, task_ref: str, processes: bool, clients_per_round: int | None,
-    min_clients: int | None, seed: int, secagg: str, dp: str, noise_multiplier: float, clip: float,
-    active_adversary: bool, optimizer: str,
+    min_clients: int | None, seed: int, secagg: str, max_corrupt_fraction: float, dp: str, noise_multiplier: float,
+    clip: float, active_adversary: bool, optimizer: str,
     server_lr: float, round_timeout: float, stage_timeout: float, store_path: Path | None, threads: int,
     verbose: bool,
 ) -> int:
@@ -94,7 +98,8 @@ def simulate_command(
     try:
         config = ServerConfig(
             task=task_ref, rounds=rounds, clients_per_round=k, min_clients=m, round_timeout=round_timeout,
-            stage_timeout=stage_timeout, cohort_wait=2.0, secagg=secagg, dp=dp, dp_clip=clip,
+            stage_timeout=stage_timeout, cohort_wait=2.0, secagg=secagg, max_corrupt_fraction=max_corrupt_fraction,
+            dp=dp, dp_clip=clip,
             dp_noise_multiplier=noise_multiplier, optimizer=optimizer, server_lr=server_lr, seed=seed,
             linger=2.0, poll_wait=2.0, active_adversary=active_adversary,
         )

@@ -88,8 +88,11 @@ class FederationSettings:
 
     @property
     def threshold(self) -> int:
-        """The coordinator's default secure-aggregation threshold for this cohort (majority)."""
-        return self.hospitals_per_round // 2 + 1
+        """The coordinator's default secure-aggregation threshold for this cohort: the smallest t
+        with 2t > h + c on the complete graph (the demo's jobs keep the coordinator's defaults)."""
+        from fedveil.secagg import plan_threshold
+
+        return plan_threshold(self.hospitals_per_round).threshold
 
 
 @dataclass(frozen=True)

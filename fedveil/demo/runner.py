@@ -501,7 +501,7 @@ def build_report(
                      "seed": options.seed, "split_seed": DEMO_SPLIT_SEED},
         "split": {"test": split.test.size, "validation": split.validation.size,
                   "hospitals": {h.name: h.size for h in split.hospitals}},
-        "secure_aggregation": {"graph": "complete", "threshold": options.hospitals // 2 + 1,
+        "secure_aggregation": {"graph": "complete", "threshold": FederationSettings(1, options.hospitals).threshold,
                                "dropouts": sum(len(r.dropped) for r in result.rounds)},
         "notes": notes,
     }

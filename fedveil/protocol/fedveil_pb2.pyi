@@ -227,7 +227,7 @@ class EncodingParams(_message.Message):
     def __init__(self, ring_bits: _Optional[int] = ..., clip_range: _Optional[float] = ..., fractional_bits: _Optional[int] = ..., dimension: _Optional[int] = ..., extra_coordinates: _Optional[_Iterable[str]] = ..., weighted: _Optional[bool] = ..., max_weight: _Optional[float] = ...) -> None: ...
 
 class SecAggParams(_message.Message):
-    __slots__ = ("graph", "degree", "threshold", "graph_seed", "active_adversary", "cohort_size", "cohort", "round_id", "context", "identity_keys")
+    __slots__ = ("graph", "degree", "threshold", "graph_seed", "active_adversary", "cohort_size", "cohort", "round_id", "context", "identity_keys", "max_corrupt_fraction")
     GRAPH_FIELD_NUMBER: _ClassVar[int]
     DEGREE_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
@@ -238,6 +238,7 @@ class SecAggParams(_message.Message):
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_KEYS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CORRUPT_FRACTION_FIELD_NUMBER: _ClassVar[int]
     graph: str
     degree: int
     threshold: int
@@ -248,7 +249,8 @@ class SecAggParams(_message.Message):
     round_id: int
     context: bytes
     identity_keys: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, graph: _Optional[str] = ..., degree: _Optional[int] = ..., threshold: _Optional[int] = ..., graph_seed: _Optional[bytes] = ..., active_adversary: _Optional[bool] = ..., cohort_size: _Optional[int] = ..., cohort: _Optional[_Iterable[int]] = ..., round_id: _Optional[int] = ..., context: _Optional[bytes] = ..., identity_keys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    max_corrupt_fraction: float
+    def __init__(self, graph: _Optional[str] = ..., degree: _Optional[int] = ..., threshold: _Optional[int] = ..., graph_seed: _Optional[bytes] = ..., active_adversary: _Optional[bool] = ..., cohort_size: _Optional[int] = ..., cohort: _Optional[_Iterable[int]] = ..., round_id: _Optional[int] = ..., context: _Optional[bytes] = ..., identity_keys: _Optional[_Iterable[bytes]] = ..., max_corrupt_fraction: _Optional[float] = ...) -> None: ...
 
 class DistributedDpParams(_message.Message):
     __slots__ = ("mechanism", "l2_clip", "scale", "noise_stddev", "beta", "bits", "rotation_seed", "padded_dimension", "config_json")

@@ -6,7 +6,8 @@ no global state; transports move its messages and never carry protocol logic.
 
 Modules: :mod:`~.encoding` (float → fixed point → Z_2^k and back), :mod:`~.prg` (AES-CTR mask
 expansion), :mod:`~.keys` (X25519, HKDF, session id, Ed25519), :mod:`~.shamir` (vectorized
-Shamir, AES-GCM share boxes), :mod:`~.graph` (complete / Harary graphs, parameter helper),
+Shamir, AES-GCM share boxes), :mod:`~.graph` (complete / Harary graphs), :mod:`~.threshold`
+(the collusion rule 2t > h + c and the choice of graph degree and t),
 :mod:`~.messages` (wire messages), :mod:`~.client` and :mod:`~.server` (state machines, one
 class per stage), :mod:`~.simulation` (in-process round runner).
 
@@ -14,8 +15,9 @@ How a driver runs one round
 ---------------------------
 Every party builds the same :class:`SecAggConfig`; client ids are ``0 .. n-1``::
 
-    config = SecAggConfig(num_clients=n, threshold=t, vector_length=m, round_id=r,
-                          graph=GraphSpec("harary", k))          # or GraphSpec() = complete
+    plan = plan_threshold(n, "harary")                            # k, t with 2t > h + c (f = 1/3)
+    config = SecAggConfig(num_clients=n, threshold=plan.threshold, vector_length=m, round_id=r,
+                          graph=plan.spec)                        # GraphSpec("harary", k) or complete
     encoder = FixedPointEncoder.for_clients(n, clip=1.0)          # if inputs are floats
 
     # client side
@@ -66,7 +68,7 @@ from fedveil.secagg.errors import (
     UnmaskingRefusedError,
     WrongRoundError,
 )
-from fedveil.secagg.graph import CompleteGraph, GraphParameters, GraphSpec, HararyGraph, secagg_plus_parameters
+from fedveil.secagg.graph import CompleteGraph, GraphSpec, HararyGraph
 from fedveil.secagg.messages import (
     AdvertiseKeys,
     ConsistencyCheckRequest,
@@ -83,6 +85,7 @@ from fedveil.secagg.messages import (
 )
 from fedveil.secagg.server import AggregationResult, SecAggServer
 from fedveil.secagg.simulation import SimulationResult, run_round
+from fedveil.secagg.threshold import ThresholdPlan, collusion_bound, min_threshold, plan_threshold, satisfies
 
 __all__ = [
     "AdvertiseKeys",
@@ -95,7 +98,6 @@ __all__ = [
     "DoubleShareRequestError",
     "EncodingOverflowError",
     "FixedPointEncoder",
-    "GraphParameters",
     "GraphSpec",
     "HararyGraph",
     "InvalidSignatureError",
@@ -115,13 +117,17 @@ __all__ = [
     "ShareKeysRequest",
     "ShareKeysResponse",
     "SimulationResult",
+    "ThresholdPlan",
     "TooFewSurvivorsError",
     "UnexpectedMessageError",
     "UnmaskingRefusedError",
     "UnmaskingRequest",
     "UnmaskingResponse",
     "WrongRoundError",
+    "collusion_bound",
     "decode_message",
+    "min_threshold",
+    "plan_threshold",
     "run_round",
-    "secagg_plus_parameters",
+    "satisfies",
 ]

@@ -65,7 +65,7 @@ from fedveil.secagg.messages import (
     decode_message,
 )
 from fedveil.secagg.prg import SEED_BYTES, MaskExpander
-from fedveil.secagg.session import Session, check_advertisement, check_majority
+from fedveil.secagg.session import Session, check_advertisement, check_threshold
 from fedveil.secagg.shamir import PRIME, bytes_to_limbs, open_share, seal_share, share
 
 _NON_FATAL = (UnexpectedMessageError, WrongRoundError, MalformedMessageError)
@@ -159,7 +159,7 @@ class ClientR1ShareKeys(ClientState):
         holders = session.graph.holders(me)
         if len(holders) < cfg.threshold:
             raise RoundAbortedError(f"client {me} has {len(holders)} holders, fewer than threshold {cfg.threshold}")
-        check_majority(cfg, len(holders))
+        check_threshold(cfg, session.graph)
         ctx.session = session
         sid = session.session_id
         secrets = np.concatenate([bytes_to_limbs(ctx.keys.self_mask_seed),

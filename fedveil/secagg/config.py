@@ -10,6 +10,7 @@ from fedveil.secagg.encoding import Ring
 from fedveil.secagg.errors import ConfigError
 from fedveil.secagg.graph import GraphSpec
 from fedveil.secagg.keys import PUBLIC_KEY_BYTES
+from fedveil.secagg.threshold import DEFAULT_MAX_CORRUPT_FRACTION, collusion_bound, threshold_problem
 
 MAX_CLIENTS = 1 << 20
 
@@ -20,9 +21,13 @@ class SecAggConfig:
 
     Args:
         num_clients: n; client ids are ``0 .. n-1`` (a driver maps its own names onto them).
-        threshold: t; Shamir threshold over each client's holders (neighbours + itself) and the
-            minimum number of survivors. Below t remaining clients the round aborts. Active mode
-            needs a majority, t > holders / 2 (see :func:`~fedveil.secagg.session.check_majority`).
+        threshold: t; Shamir threshold over each client's h holders (neighbours + itself) and the
+            minimum number of survivors. Below t remaining clients the round aborts. With c a bound
+            on the colluders among the holders (:func:`~fedveil.secagg.threshold.collusion_bound`),
+            active mode needs 2t > h + c and passive mode t > c; :meth:`threshold_problem` checks
+            it here for the whole cohort and again, at run time, for the graph actually built
+            (:func:`~fedveil.secagg.session.check_threshold`). Pick t with
+            :func:`~fedveil.secagg.threshold.plan_threshold`.
         vector_length: m, ring elements per input (including a weight coordinate if any).
         round_id: distinct per round; bound into every message, signature and the session id.
         ring_bits: k of Z_2^k (≤ 64).
@@ -30,6 +35,8 @@ class SecAggConfig:
         active: active-adversary mode (signed keys, consistency check); needs ``identity_keys``.
         identity_keys: Ed25519 public keys (32 bytes) indexed by client id, from enrolment.
         context: free bytes (federation / task id) bound into the session id.
+        max_corrupt_fraction: f; the server may control up to ⌊f·n⌋ of the n clients (in [0, 1/2);
+            default 1/3). Every party must agree on it: it enters the session id and signatures.
     """
 
     num_clients: int
@@ -41,6 +48,7 @@ class SecAggConfig:
     active: bool = False
     identity_keys: tuple[bytes, ...] | None = None
     context: bytes = b""
+    max_corrupt_fraction: float = DEFAULT_MAX_CORRUPT_FRACTION
 
     def __post_init__(self) -> None:
         n = self.num_clients
@@ -53,17 +61,14 @@ class SecAggConfig:
         Ring(self.ring_bits)
         if not isinstance(self.graph, GraphSpec):
             raise ConfigError(f"graph: expected a GraphSpec (got {type(self.graph).__name__})")
-        holders = self.graph.holders_count(n)
-        if not isinstance(self.threshold, int) or not 2 <= self.threshold <= holders:
-            raise ConfigError(f"threshold: must be an integer in 2..{holders} (the holders of each client's "
-                              f"shares for num_clients={n}, graph={self.graph.kind}:{self.graph.degree}) "
-                              f"(got {self.threshold!r})")
+        if not isinstance(self.threshold, int):
+            raise ConfigError(f"threshold: must be an integer (got {self.threshold!r})")
+        problem = self.threshold_problem(n)  # also validates max_corrupt_fraction
+        if problem is not None:
+            raise ConfigError(f"threshold: {problem} (num_clients={n}, graph={self.graph.kind}:{self.graph.degree}, "
+                              f"max_corrupt_fraction={self.max_corrupt_fraction:.4g}, "
+                              f"{'active' if self.active else 'passive'} mode)")
         if self.active:
-            if 2 * self.threshold <= holders:
-                raise ConfigError(
-                    f"threshold: active mode needs t > holders / 2 = {holders}/2 (got {self.threshold}); with "
-                    "2t <= holders a server can show two groups of holders different survivor sets, collect t "
-                    "signatures for each, and gather t self-mask shares and t masking-key shares of one client")
             keys = self.identity_keys
             if keys is None or len(keys) != n:
                 raise ConfigError(f"identity_keys: active mode needs one Ed25519 public key per client (n={n})")
@@ -72,6 +77,17 @@ class SecAggConfig:
                     raise ConfigError(f"identity_keys[{i}]: expected {PUBLIC_KEY_BYTES} bytes")
         if not isinstance(self.context, bytes) or len(self.context) > 1024:
             raise ConfigError("context: expected at most 1024 bytes")
+
+    def threshold_problem(self, advertisers: int) -> str | None:
+        """Why t is unsafe on the graph built over ``advertisers`` of the n clients, or None.
+
+        h and c are those of that graph, with at most ⌊f·n⌋ colluders of the whole cohort among
+        the advertisers (a server can discard honest advertisements). The rule itself is
+        :func:`~fedveil.secagg.threshold.threshold_problem`.
+        """
+        degree = self.graph.degree if self.graph.sparse(advertisers) else 0
+        corrupt, _ = collusion_bound(advertisers, degree, self.max_corrupt_fraction, cohort=self.num_clients)
+        return threshold_problem(self.threshold, self.graph.holders_count(advertisers), corrupt, active=self.active)
 
     @property
     def ring(self) -> Ring:
@@ -82,7 +98,8 @@ class SecAggConfig:
         graph = self.graph.encode()
         head = struct.pack("<IIIB?H", self.num_clients, self.threshold, self.vector_length, self.ring_bits,
                            self.active, len(graph))
-        return head + graph + struct.pack("<H", len(self.context)) + self.context
+        return (head + graph + struct.pack("<H", len(self.context)) + self.context
+                + struct.pack("<d", self.max_corrupt_fraction))
 
     def for_round(self, round_id: int) -> SecAggConfig:
         """The same parameters for another round."""

@@ -11,12 +11,13 @@ hashes every advertised key, so it is fixed only once all keys are in and all pa
 the same graph without another message.
 
 A client's **holders** are its neighbours plus itself: they receive its Shamir shares, and the
-threshold t applies to that set (size k + 1; n for the complete graph).
+threshold t applies to that set (size h = k + 1; n for the complete graph). Against a server
+that controls some clients, t must satisfy 2t > h + c for c colluders among the holders; the
+bound on c and the choice of k and t live in :mod:`fedveil.secagg.threshold`.
 """
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +27,14 @@ import numpy as np
 from fedveil.secagg.errors import ConfigError
 
 GRAPH_KINDS = ("complete", "harary")
+
+
+def is_sparse(degree: int, num_nodes: int) -> bool:
+    """Whether a Harary degree gives a sparse graph on ``num_nodes`` nodes (2 ≤ k < n − 2).
+
+    Any other degree (0, or ≥ n − 2) means the complete graph.
+    """
+    return 2 <= degree < num_nodes - 2
 
 
 class MaskingGraph(ABC):
@@ -118,108 +127,15 @@ class GraphSpec:
 
     def holders_count(self, num_nodes: int) -> int:
         """Size of every client's holder set (neighbours + itself) on ``num_nodes`` nodes."""
-        if self.kind == "complete" or self.degree >= num_nodes - 2:
-            return num_nodes
-        return self.degree + 1
+        return self.degree + 1 if self.sparse(num_nodes) else num_nodes
+
+    def sparse(self, num_nodes: int) -> bool:
+        """Whether the graph on ``num_nodes`` nodes is a sparse Harary graph (else complete)."""
+        return self.kind == "harary" and is_sparse(self.degree, num_nodes)
 
 
 def build_graph(spec: GraphSpec, nodes: Sequence[int], permutation_seed: bytes) -> MaskingGraph:
     """The graph for ``nodes`` (the clients that advertised keys) under ``spec``."""
-    if spec.kind == "complete" or spec.degree >= len(nodes) - 2:
+    if not spec.sparse(len(nodes)):
         return CompleteGraph(nodes)
     return HararyGraph(nodes, spec.degree, permutation_seed)
-
-
-# --- choosing k and t ---------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class GraphParameters:
-    """Degree and threshold chosen by :func:`secagg_plus_parameters`, with the bounds they meet."""
-
-    degree: int
-    threshold: int
-    failure_log2: float
-    """log2 of the union bound on the probability that some neighbourhood loses too many holders."""
-    leak_log2: float
-    """log2 of the union bound on the probability that some neighbourhood has t corrupt holders."""
-
-    @property
-    def spec(self) -> GraphSpec:
-        return GraphSpec("harary", self.degree) if self.degree > 0 else GraphSpec("complete")
-
-
-def _log2_binom_tail_ge(n: int, p: float, t: int) -> float:
-    """log2 P[Binomial(n, p) ≥ t], exactly (log-sum-exp over the terms)."""
-    if t <= 0:
-        return 0.0
-    if t > n or p <= 0.0:
-        return -math.inf
-    if p >= 1.0:
-        return 0.0
-    terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)
-             + i * math.log(p) + (n - i) * math.log1p(-p) for i in range(t, n + 1)]
-    top = max(terms)
-    return (top + math.log(sum(math.exp(v - top) for v in terms))) / math.log(2)
-
-
-def secagg_plus_parameters(num_clients: int, dropout_rate: float, corruption_rate: float = 0.05, *,
-                           security_bits: float = 40.0, correctness_bits: float = 20.0) -> GraphParameters:
-    """Smallest even degree k and a threshold t for SecAgg+ on ``num_clients`` clients.
-
-    Derivation (the conditions of Bell et al., CCS 2020, §3–4, checked here with exact binomial
-    tails and a union bound over the n clients instead of their asymptotic constants). Each
-    client's secrets are Shamir-shared among its h = k + 1 holders (neighbours and itself);
-    holders drop out independently with probability δ = ``dropout_rate`` and are corrupt
-    (colluding with the server) independently with probability γ = ``corruption_rate``:
-
-    1. **Correctness** — every needed secret must be recoverable, i.e. at least t of its h
-       holders survive: n · P[Bin(h, 1 − δ) < t] ≤ 2^−η (η = ``correctness_bits``).
-    2. **Privacy against collusion** — no client's secret may be reconstructible by corrupt
-       holders alone: n · P[Bin(h, γ) ≥ t] ≤ 2^−σ (σ = ``security_bits``).
-    3. **No double reconstruction** — t > h / 2, so two disjoint sets of honest holders can never
-       both reach t; together with the clients' refusal to reveal both kinds of share for one
-       peer, the server cannot obtain a survivor's self-mask seed and its masking key.
-
-    The search takes the smallest even k in 2..n−3 for which some t satisfies all three (t is
-    then the smallest such t, which maximises the tolerated dropouts). When no sparse graph
-    qualifies — always for small n — it falls back to the complete graph (degree reported as
-    0, h = n; a single neighbourhood, so no union bound) with the smallest t meeting the same
-    conditions. Small cohorts often cannot meet both bounds at once; then t is the majority
-    ⌊n/2⌋ + 1 of Bonawitz et al.'s honest-but-curious setting, and ``failure_log2`` /
-    ``leak_log2`` report how far the result is from the requested bits. The Harary graph is
-    k-connected, so removing fewer than k clients cannot split the survivors into separately
-    unmaskable parts.
-    """
-    n = num_clients
-    if n < 2:
-        raise ConfigError(f"num_clients: need at least 2 clients (got {n})")
-    if not 0.0 <= dropout_rate < 1.0:
-        raise ConfigError(f"dropout_rate: must be in [0, 1) (got {dropout_rate})")
-    if not 0.0 <= corruption_rate < 1.0:
-        raise ConfigError(f"corruption_rate: must be in [0, 1) (got {corruption_rate})")
-    log2n = math.log2(n)
-
-    def pick(h: int, union: float) -> tuple[int, float, float] | None:
-        for t in range(h // 2 + 1, h + 1):
-            leak = union + _log2_binom_tail_ge(h, corruption_rate, t)
-            if leak > -security_bits:
-                continue
-            # P[Bin(h, 1-δ) < t] = P[Bin(h, δ) ≥ h - t + 1]
-            fail = union + _log2_binom_tail_ge(h, dropout_rate, h - t + 1)
-            if fail <= -correctness_bits:
-                return t, fail, leak
-            return None  # larger t only makes correctness worse
-        return None
-
-    for k in range(2, n - 2, 2):
-        found = pick(k + 1, log2n)
-        if found is not None:
-            t, fail, leak = found
-            return GraphParameters(k, t, fail, leak)
-    # Complete graph: one neighbourhood shared by all, so no union bound over clients.
-    found = pick(n, 0.0)
-    if found is None:
-        t = n // 2 + 1
-        found = (t, _log2_binom_tail_ge(n, dropout_rate, n - t + 1), _log2_binom_tail_ge(n, corruption_rate, t))
-    t, fail, leak = found
-    return GraphParameters(0, t, fail, leak)

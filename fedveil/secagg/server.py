@@ -49,7 +49,7 @@ from fedveil.secagg.messages import (
     decode_message,
 )
 from fedveil.secagg.prg import MaskExpander
-from fedveil.secagg.session import Session, check_advertisement, check_majority
+from fedveil.secagg.session import Session, check_advertisement, check_threshold
 from fedveil.secagg.shamir import BOX_OVERHEAD, PRIME, lagrange_at_zero, limbs_to_bytes
 from fedveil.secagg.shamir import reconstruct as shamir_reconstruct
 
@@ -142,7 +142,7 @@ class ServerR0AdvertiseKeys(ServerState):
             return self._abort(alive, tuple(sorted(self.received)))
         session = Session.from_advertisements(self.ctx.config, (self.adverts[c] for c in alive))
         try:
-            check_majority(self.ctx.config, len(session.graph.holders(alive[0])))
+            check_threshold(self.ctx.config, session.graph)
         except RoundAbortedError as err:
             return self._abort(str(err), alive)
         self.ctx.session = session

@@ -41,18 +41,19 @@ def check_advertisement(config: SecAggConfig, adv: AdvertiseKeys) -> None:
                what=f"the key advertisement of client {adv.client_id}")
 
 
-def check_majority(config: SecAggConfig, holders: int) -> None:
-    """Active mode: raise :class:`RoundAbortedError` unless t > holders / 2.
+def check_threshold(config: SecAggConfig, graph: MaskingGraph) -> None:
+    """Raise :class:`RoundAbortedError` unless t is safe on the graph actually built.
 
-    Each honest holder reveals one kind of share per peer, so t self-mask shares and t
-    masking-key shares of one client can come only from two groups of holders shown different
-    survivor sets; a majority threshold leaves no room for two such groups. The configuration
-    checks this for the configured graph; this run-time check covers a Harary graph that
-    became complete because fewer clients advertised keys (more holders than configured).
+    The rule (2t > h + c in active mode, t > c in passive mode; see
+    :mod:`fedveil.secagg.threshold`) is checked for the configured cohort when the config is
+    built. The graph is built over the clients that advertised keys, and fewer advertisers
+    change h (a Harary graph may become complete) and c (the cohort's ⌊f·n⌋ colluders may all
+    be among them, denser in a smaller graph), so every party checks again here.
     """
-    if config.active and 2 * config.threshold <= holders:
-        raise RoundAbortedError(f"active mode: threshold {config.threshold} is no majority of the {holders} holders "
-                                "of the graph built from the advertised clients")
+    problem = config.threshold_problem(len(graph.nodes))
+    if problem is not None:
+        raise RoundAbortedError(f"threshold unsafe on the graph of the {len(graph.nodes)} clients that advertised "
+                                f"keys: {problem}")
 
 
 @dataclass(frozen=True)

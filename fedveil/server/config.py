@@ -11,7 +11,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fedveil.secagg.threshold import ThresholdPlan
 
 GRAPHS = ("complete", "harary")
 DP_MODES = ("none", "local", "central", "distributed")
@@ -20,6 +23,8 @@ ACCOUNTANTS = ("rdp", "prv", "pld")
 DISTRIBUTED_MECHANISMS = ("skellam", "ddg")
 #: fedveil.dp.distributed.MAX_BITS (kept here so the config needs no numeric imports; a test pins them equal).
 DISTRIBUTED_MAX_BITS = 48
+#: fedveil.secagg.threshold.DEFAULT_MAX_CORRUPT_FRACTION (likewise; a test pins them equal).
+DEFAULT_MAX_CORRUPT_FRACTION = 1.0 / 3.0
 
 # Flags that may differ between the first start and a restart of the same job.
 OPERATIONAL_FIELDS = frozenset(
@@ -50,10 +55,16 @@ class ServerConfig:
 
     Cohorts: each round samples ``clients_per_round`` (K) of the connected clients; a round starts
     once K are connected, or ``min_clients`` (M) have been connected for ``cohort_wait`` seconds.
-    The secure-aggregation threshold t defaults to the majority ⌊n/2⌋ + 1 of the cohort for the
-    complete graph (Bonawitz et al. 2017) and to ``fedveil.secagg.graph.secagg_plus_parameters``
-    for the Harary graph (Bell et al. 2020); a round with fewer than t survivors aborts and is
-    retried with a fresh cohort, at most ``max_round_attempts`` times.
+    Secure aggregation (:meth:`secagg_plan`, :func:`fedveil.secagg.threshold.plan_threshold`):
+    the server may control up to ``max_corrupt_fraction`` f of a cohort, so c = ⌊f·n⌋ colluders
+    can hold a client's shares on the complete graph (a high-probability bound on a Harary
+    graph, whose degree is derived from the cohort size unless ``secagg_degree`` is set). The
+    threshold t defaults to the smallest t with 2t > h + c (h holders of each client's shares)
+    in both modes — secure by default, since a passive-mode job shares its clients with the
+    same server. An explicit ``threshold`` must satisfy 2t > h + c with ``active_adversary``
+    and only t > c without; for a cohort smaller than ``clients_per_round`` it is capped at h.
+    A round with fewer than t survivors aborts and is retried with a fresh cohort, at most
+    ``max_round_attempts`` times.
 
     Deadlines: training plus key advertisement must finish within ``round_timeout`` seconds of
     the round start, every later secure-aggregation stage within ``stage_timeout``.
@@ -70,6 +81,7 @@ class ServerConfig:
     secagg_degree: int = 0
     threshold: int = 0
     expected_dropout: float = 0.1
+    max_corrupt_fraction: float = DEFAULT_MAX_CORRUPT_FRACTION
     ring_bits: int = 32
     clip_range: float = 1.0
     weighted: bool = True
@@ -123,6 +135,8 @@ class ServerConfig:
         need(self.threshold == 0 or 2 <= self.threshold <= self.clients_per_round, "threshold",
              "must be 0 (derive) or between 2 and --clients-per-round")
         need(0 <= self.expected_dropout < 1, "expected_dropout", "must be in [0, 1)")
+        need(0 <= self.max_corrupt_fraction < 0.5, "max_corrupt_fraction",
+             "must be in [0, 0.5) (with half of the clients colluding no threshold is safe)")
         need(8 <= self.ring_bits <= 64, "ring_bits", "must be between 8 and 64")
         need(math.isfinite(self.clip_range) and self.clip_range > 0, "clip_range", "must be a positive number")
         need(math.isfinite(self.max_weight) and self.max_weight > 0, "max_weight", "must be a positive number")
@@ -154,17 +168,32 @@ class ServerConfig:
         need(0 <= self.batch_size <= 2**31 - 1, "batch_size", "must be between 0 (the task's default) and 2^31 - 1")
         need(self.seed is None or 0 <= self.seed < 2**63, "seed", "must be in [0, 2^63)")
         need(self.max_round_attempts >= 1, "max_round_attempts", "must be at least 1")
-        if self.active_adversary and self.threshold:
-            # Active mode is only sound with a majority of each client's share holders (t > holders / 2):
-            # otherwise the server can show two disjoint groups different survivor sets.
-            explicit_degree = self.secagg == "harary" and self.secagg_degree > 0
-            holders = self.secagg_degree + 1 if explicit_degree else self.clients_per_round
-            need(2 * self.threshold > holders, "threshold",
-                 f"must exceed half of a client's {holders} share holders with --active-adversary")
+        if self.threshold:
+            from fedveil.secagg.errors import ConfigError
+
+            try:
+                self.secagg_plan(self.clients_per_round, cap=False)
+            except ConfigError as err:
+                raise ServerConfigError("--threshold", str(err).removeprefix("threshold: ")) from None
         if self.dp == "distributed" and self.dp_adaptive_clipping:
             raise ServerConfigError("--dp-adaptive-clipping", "only with --dp central (got --dp distributed)")
         if self.dp_adaptive_clipping and self.dp != "central":
             raise ServerConfigError("--dp-adaptive-clipping", f"only with --dp central (got --dp {self.dp})")
+
+    def secagg_plan(self, cohort: int, *, cap: bool = True) -> ThresholdPlan:
+        """Masking graph and threshold for a cohort of ``cohort`` clients (see the class docstring).
+
+        An explicit ``threshold`` above the cohort's h holders is capped at h (``cap``) — still
+        safe, as c < h — and otherwise validated (:class:`fedveil.secagg.ConfigError`).
+        """
+        from fedveil.secagg.threshold import plan_threshold
+
+        plan = plan_threshold(cohort, self.secagg, degree=self.secagg_degree if self.secagg == "harary" else 0,
+                              expected_dropout=self.expected_dropout, max_corrupt_fraction=self.max_corrupt_fraction)
+        if not self.threshold:
+            return plan
+        t = min(self.threshold, plan.holders) if cap else self.threshold
+        return plan.with_threshold(t, active=self.active_adversary)
 
     @property
     def user_level_dp(self) -> bool:

@@ -57,8 +57,9 @@ from fedveil.protocol.errors import (
 from fedveil.secagg import errors as sa_errors
 from fedveil.secagg import messages as sa
 from fedveil.secagg.config import SecAggConfig
-from fedveil.secagg.graph import GraphSpec, secagg_plus_parameters
+from fedveil.secagg.errors import ConfigError
 from fedveil.secagg.server import SecAggServer
+from fedveil.secagg.threshold import ThresholdPlan
 from fedveil.server.config import ServerConfig
 from fedveil.server.store import RunStore
 from fedveil.server.training import GlobalModel, RoundPlan, round_seed
@@ -726,6 +727,7 @@ class Coordinator:
                 graph=sc.graph.kind, degree=sc.graph.degree, threshold=sc.threshold, active_adversary=sc.active,
                 cohort_size=sc.num_clients, cohort=list(range(sc.num_clients)), round_id=sc.round_id,
                 context=sc.context, identity_keys=list(sc.identity_keys or ()),
+                max_corrupt_fraction=sc.max_corrupt_fraction,
             ),
             dp=plan.dp,
             training=pb.TrainingParams(
@@ -772,18 +774,12 @@ class Coordinator:
                 self._cond.wait(0.5)
         return True
 
-    def _threshold(self, n: int) -> tuple[GraphSpec, int]:
-        cfg = self.config
-        if cfg.secagg == "harary":
-            params = secagg_plus_parameters(n, cfg.expected_dropout)
-            degree = cfg.secagg_degree or params.degree
-            spec = GraphSpec("harary", degree) if degree > 0 and degree < n - 2 else GraphSpec("complete")
-            t = cfg.threshold or (params.threshold if degree == params.degree else degree // 2 + 1)
-        else:
-            spec = GraphSpec("complete")
-            t = cfg.threshold or n // 2 + 1
-        holders = spec.holders_count(n)
-        return spec, max(2, min(t, holders))
+    def _threshold(self, n: int) -> ThresholdPlan:
+        """Masking graph and threshold for a cohort of ``n`` (the collusion rule, via the config)."""
+        try:
+            return self.config.secagg_plan(n)
+        except ConfigError as err:  # an explicit --threshold that a smaller cohort cannot use safely
+            raise JobError(f"--threshold: {str(err).removeprefix('threshold: ')} (cohort of {n})") from None
 
     def _wait_for_cohort(self) -> list[str] | None:
         cfg = self.config
@@ -814,7 +810,8 @@ class Coordinator:
         else:
             chosen = sorted(str(c) for c in rng.choice(available, k, replace=False))
         cohort = {name: i for i, name in enumerate(chosen)}
-        spec, t = self._threshold(len(chosen))
+        secagg_plan = self._threshold(len(chosen))
+        spec, t = secagg_plan.spec, secagg_plan.threshold
         nonce = os.urandom(ROUND_NONCE_BYTES)
         round_id = int.from_bytes(hashlib.sha256(self.run_id.encode() + struct.pack("<II", number, attempt) + nonce)
                                   .digest()[:8], "little")
@@ -830,15 +827,15 @@ class Coordinator:
         sconfig = SecAggConfig(
             num_clients=len(chosen), threshold=t, vector_length=plan.dimension, round_id=round_id,
             ring_bits=plan.ring_bits, graph=spec, active=cfg.active_adversary, identity_keys=identity_keys,
-            context=context,
+            context=context, max_corrupt_fraction=cfg.max_corrupt_fraction,
         )
         now, wall = self._clock(), time.time()
         rnd = _Round(number=number, attempt=attempt, nonce=nonce, plan=plan, secagg=SecAggServer(sconfig),
                      cohort=cohort, names={i: n for n, i in cohort.items()}, started_wall=wall,
                      deadline=now + cfg.round_timeout, deadline_wall=wall + cfg.round_timeout)
         self.store.start_round(self.run_id, number, attempt, cohort, t)
-        log.info("round %d (attempt %d): cohort of %d, threshold %d, graph %s, dimension %d",
-                 number, attempt, len(chosen), t, spec.encode().decode(), plan.dimension)
+        log.info("round %d (attempt %d): cohort of %d, dimension %d, secure aggregation %s",
+                 number, attempt, len(chosen), plan.dimension, secagg_plan.describe())
         return rnd
 
     def _finish_round_for_clients(self, rnd: _Round, outcome: int, reason: str, survivors: tuple[int, ...]) -> None:

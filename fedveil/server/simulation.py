@@ -66,6 +66,8 @@ def server_args(config: ServerConfig, listen: str, store_path: Path, port_file: 
         "--local-epochs", str(config.local_epochs), "--learning-rate", str(config.learning_rate),
         "--batch-size", str(config.batch_size), "--max-round-attempts", str(config.max_round_attempts),
         "--secagg-degree", str(config.secagg_degree), "--threshold", str(config.threshold),
+        "--expected-dropout", repr(config.expected_dropout),
+        "--max-corrupt-fraction", repr(config.max_corrupt_fraction),
         "--ring-bits", str(config.ring_bits), "--clip-range", str(config.clip_range),
         "--max-weight", str(config.max_weight), "--dp-delta", str(config.dp_delta),
         "--dp-accountant", config.dp_accountant, "--dp-mechanism", config.dp_mechanism,

@@ -1,0 +1,335 @@
+"""Secure-aggregation thresholds that hold against collusion: the one place the rule lives.
+
+**The rule.** Each client's two secrets (self-mask seed, masking key) are Shamir-shared among
+its h *holders* (its neighbours in the masking graph and itself) with threshold t. An honest
+holder reveals one kind of share per peer: the self-mask share of a survivor or the
+masking-key share of a dropout, never both. To unmask one victim's input, a malicious server
+needs t shares of each kind, so it must split the victim's honest holders into two groups
+shown different survivor sets (one with the victim, one without), topped up by the c
+colluding holders, who reveal both kinds: groups of a and b honest holders with a + b ≤ h − c,
+a + c ≥ t and b + c ≥ t. Such a split exists exactly when 2t ≤ h + c, so every threshold must
+satisfy **2t > h + c** (Bonawitz et al., CCS 2017, §6: t > 2n/3 for fewer than n/3 corrupt
+clients is this rule on the complete graph). A bare majority t > h/2 is the case c = 0 only;
+one colluder that signed both survivor sets broke it. Honest-but-curious (passive) mode needs
+only t > c: the colluders alone must not reconstruct a secret.
+
+**The model.** The server may control up to a fraction f (``max_corrupt_fraction``, default
+1/3) of a round's cohort of n clients, C = ⌊f·n⌋ colluders; f ≥ 1/2 admits no threshold. c bounds
+the colluders among one honest client's holders:
+
+- complete graph (SecAgg; h = n): c = C, always;
+- Harary graph H(k, n) (SecAgg+; h = k + 1): the node labels are permuted by a permutation drawn
+  from the session id, so an honest victim's k neighbours are a uniformly random k-subset of the
+  other n − 1 clients, and the colluders among them follow the hypergeometric law
+  H(N = n − 1, K = C, k). c is the smallest value with n · P[H > c] ≤ 2^−σ (σ =
+  ``security_bits``; union bound over the n possible victims, as in Bell et al., CCS 2020, §4),
+  computed with exact tails. The session id hashes the advertised keys, which colluders choose,
+  so a server that re-draws their keys 2^g times gains g bits: σ must cover that work.
+
+**Advertisers.** The graph is built over the clients that advertised keys, and a server can
+discard honest advertisements to raise the colluders' share of the graph; C stays ⌊f·n⌋ of the
+cohort. Every party therefore re-checks the rule for the graph actually built
+(:meth:`fedveil.secagg.config.SecAggConfig.threshold_problem`), and :func:`plan_threshold` sizes
+c for Harary graphs at the fewest advertisers the expected dropout leaves (with probability
+1 − 2^−η), so that ordinary dropouts before key advertisement do not abort the round.
+
+**Correctness.** With independent dropout δ, a round fails when fewer than t of some client's h
+holders survive: P[Bin(h, δ) ≥ h − t + 1], with a union bound over the n clients for Harary
+graphs. :func:`plan_threshold` reports it (small cohorts cannot meet 2^−η at once with the rule)
+and picks the smallest even Harary degree for which it meets η (``correctness_bits``).
+
+Pure functions of their arguments (no I/O, no global state); ``math`` only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+from fedveil.secagg.errors import ConfigError
+from fedveil.secagg.graph import GRAPH_KINDS, GraphSpec, is_sparse
+
+DEFAULT_MAX_CORRUPT_FRACTION = 1.0 / 3.0
+DEFAULT_SECURITY_BITS = 40.0
+"""σ for the collusion bound; also what configurations and run-time checks enforce."""
+DEFAULT_CORRECTNESS_BITS = 20.0
+DEFAULT_EXPECTED_DROPOUT = 0.1
+_LN2 = math.log(2.0)
+
+
+# --- exact tails in log space --------------------------------------------------------------------
+
+def _ln_comb(n: int, k: int) -> float:
+    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+
+
+def _ln_add(a: float, b: float) -> float:
+    """ln(e^a + e^b) without overflow."""
+    if a < b:
+        a, b = b, a
+    return a if b == -math.inf else a + math.log1p(math.exp(b - a))
+
+
+def log2_binomial_tail(n: int, p: float, t: int) -> float:
+    """log2 P[Bin(n, p) ≥ t], exactly (log-sum-exp over the terms).
+
+    Past the mode the terms fall, so the sum stops once one is below e^−60 / n of the total:
+    the rest cannot change it beyond that relative amount.
+    """
+    if t <= 0 or p >= 1.0:
+        return 0.0
+    if t > n or p <= 0.0:
+        return -math.inf
+    ln_p, ln_q, mode = math.log(p), math.log1p(-p), (n + 1) * p
+    cut = 60.0 + math.log(n)
+    total = -math.inf
+    for i in range(t, n + 1):
+        term = _ln_comb(n, i) + i * ln_p + (n - i) * ln_q
+        total = _ln_add(total, term)
+        if i > mode and term < total - cut:
+            break
+    return min(0.0, total / _LN2)
+
+
+def _ln_hypergeometric_pmf(population: int, successes: int, draws: int, i: int) -> float:
+    return (_ln_comb(successes, i) + _ln_comb(population - successes, draws - i)
+            - _ln_comb(population, draws))
+
+
+def log2_hypergeometric_tail(population: int, successes: int, draws: int, c: int) -> float:
+    """log2 P[H > c] for H ~ Hypergeometric(N = population, K = successes, draws), exactly."""
+    lo, hi = max(0, draws - (population - successes)), min(draws, successes)
+    if c < lo:
+        return 0.0
+    total = -math.inf
+    for i in range(c + 1, hi + 1):
+        total = _ln_add(total, _ln_hypergeometric_pmf(population, successes, draws, i))
+    return min(0.0, total / _LN2)
+
+
+# --- the rule --------------------------------------------------------------------------------------
+
+def _check_fraction(f: float) -> None:
+    if not (isinstance(f, (int, float)) and 0.0 <= f < 0.5):
+        raise ConfigError(f"max_corrupt_fraction: must be in [0, 1/2) (got {f!r}); with half of the clients "
+                          "colluding no threshold keeps a client's input private")
+
+
+def corrupt_clients(num_clients: int, max_corrupt_fraction: float) -> int:
+    """C = ⌊f·n⌋ (a 1e-9 tolerance keeps e.g. 1/3 · 9 at 3 despite rounding; it only errs upwards)."""
+    _check_fraction(max_corrupt_fraction)
+    return math.floor(max_corrupt_fraction * num_clients + 1e-9)
+
+
+def collusion_bound(num_clients: int, degree: int, max_corrupt_fraction: float, *,
+                    security_bits: float = DEFAULT_SECURITY_BITS, cohort: int = 0) -> tuple[int, float]:
+    """``(c, log2_failure)``: a bound c on the colluders among one honest client's holders.
+
+    ``num_clients`` are the graph's nodes and ``degree`` its Harary degree (0, or ≥ n − 2: the
+    complete graph). At most ⌊f · ``cohort``⌋ clients collude (``cohort`` defaults to the graph's
+    nodes; a graph built over fewer advertisers than the cohort keeps the cohort's count).
+    Complete graph: c = that count, ``log2_failure`` = −inf. Harary graph: the smallest c with
+    n · P[H > c] ≤ 2^−``security_bits``, H ~ Hypergeometric(n − 1, colluders, k), and
+    ``log2_failure`` = log2 of that union bound (see the module docstring).
+    """
+    n = num_clients
+    if not isinstance(n, int) or n < 2:
+        raise ConfigError(f"num_clients: need at least 2 clients (got {n!r})")
+    if not isinstance(degree, int) or degree < 0:
+        raise ConfigError(f"degree: must be an integer >= 0 (got {degree!r})")
+    cohort = cohort or n
+    if cohort < n:
+        raise ConfigError(f"cohort: the cohort ({cohort}) cannot be smaller than the graph's {n} clients")
+    colluders = min(corrupt_clients(cohort, max_corrupt_fraction), n - 1)  # an honest victim is not one
+    if not is_sparse(degree, n):
+        return colluders, -math.inf
+    union = math.log2(n)
+    c = min(colluders, degree)  # P[H > min(K, k)] = 0
+    failure, tail = -math.inf, -math.inf  # tail: ln P[H >= c], summed from the top
+    while c > 0:  # the tail grows as c falls: stop before it exceeds 2^-σ
+        tail = _ln_add(tail, _ln_hypergeometric_pmf(n - 1, colluders, degree, c))
+        smaller = union + min(0.0, tail / _LN2)  # log2 of n · P[H > c − 1]
+        if smaller > -security_bits:
+            break
+        c, failure = c - 1, smaller
+    return c, failure
+
+
+def min_threshold(holders: int, corrupt: int) -> int:
+    """The smallest t with 2t > h + c: ⌊(h + c)/2⌋ + 1 (at most h, since c < h)."""
+    if not isinstance(holders, int) or holders < 1:
+        raise ConfigError(f"holders: must be an integer >= 1 (got {holders!r})")
+    if not isinstance(corrupt, int) or not 0 <= corrupt < holders:
+        raise ConfigError(f"corrupt: must be an integer in 0..holders-1 = {holders - 1} (got {corrupt!r})")
+    return (holders + corrupt) // 2 + 1
+
+
+def threshold_problem(threshold: int, holders: int, corrupt: int, *, active: bool = True) -> str | None:
+    """Why t is unsafe for h holders with c colluders among them, or None when it is safe.
+
+    Active mode: 2t > h + c. Passive (honest-but-curious) mode: t > c. Both: 2 ≤ t ≤ h.
+    """
+    t, h, c = threshold, holders, corrupt
+    if t > h:
+        return f"t={t} exceeds the h={h} holders of each client's shares"
+    if t < 2:
+        return f"t={t} is below 2"
+    if active and 2 * t <= h + c:
+        return (f"t={t} does not satisfy 2t > h + c = {h} + {c} (h holders of each client's shares, c colluders "
+                f"among them); the smallest safe t is {min_threshold(h, c)}. With 2t <= h + c a server can show two "
+                "groups of holders different survivor sets and collect t self-mask shares and t masking-key "
+                "shares of one client")
+    if not active and t <= c:
+        return f"t={t} does not exceed the c={c} colluders among a client's h={h} holders (they could reconstruct)"
+    return None
+
+
+def satisfies(threshold: int, holders: int, corrupt: int, *, active: bool = True) -> bool:
+    """Whether t is safe (see :func:`threshold_problem`)."""
+    return threshold_problem(threshold, holders, corrupt, active=active) is None
+
+
+# --- planning ----------------------------------------------------------------------------------------
+
+def _log2_dropout_failure(n: int, degree: int, threshold: int, dropout: float) -> float:
+    """log2 of (n ·) P[fewer than t of a client's h holders survive], union over n for Harary."""
+    h = n if degree == 0 else degree + 1
+    tail = log2_binomial_tail(h, dropout, h - threshold + 1)  # ≥ h − t + 1 of h holders drop
+    return tail if degree == 0 else min(0.0, math.log2(n) + tail)
+
+
+def _min_advertisers(n: int, dropout: float, correctness_bits: float) -> int:
+    """The fewest advertisers independent dropout δ leaves with probability ≥ 1 − 2^−η.
+
+    That is n − d for the smallest d with P[Bin(n, δ) ≥ d + 1] ≤ 2^−η (binary search: the tail
+    falls as d grows).
+    """
+    lo, hi = 0, n  # d = n always qualifies (the tail at n + 1 is 0)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if log2_binomial_tail(n, dropout, mid + 1) <= -correctness_bits:
+            hi = mid
+        else:
+            lo = mid + 1
+    return n - lo
+
+
+@dataclass(frozen=True)
+class ThresholdPlan:
+    """A masking graph and a threshold for one cohort, with the bounds they meet."""
+
+    num_clients: int
+    """n, the cohort."""
+    degree: int
+    """Harary degree k; 0 for the complete graph."""
+    holders: int
+    """h, the holders of each client's shares (k + 1, or n)."""
+    corrupt: int
+    """c, the bound on colluders among a client's holders."""
+    threshold: int
+    """t; 2t > h + c unless an explicit passive-mode threshold was accepted with t > c."""
+    max_corrupt_fraction: float
+    collusion_failure_log2: float
+    """log2 of the (union-bound) probability that more than c colluders hold some client's shares."""
+    dropout_failure_log2: float
+    """log2 of the (union-bound) probability that fewer than t of some client's holders survive."""
+    expected_dropout: float
+    min_advertisers: int
+    """Advertisers for which c was sized (Harary: the fewest the expected dropout leaves)."""
+    security_bits: float = DEFAULT_SECURITY_BITS
+    correctness_bits: float = DEFAULT_CORRECTNESS_BITS
+
+    @property
+    def spec(self) -> GraphSpec:
+        return GraphSpec("harary", self.degree) if self.degree else GraphSpec("complete")
+
+    def with_threshold(self, threshold: int, *, active: bool = True) -> ThresholdPlan:
+        """The same graph with an explicit t, validated (:class:`ConfigError` naming ``threshold``)."""
+        if not isinstance(threshold, int):
+            raise ConfigError(f"threshold: must be an integer (got {threshold!r})")
+        problem = threshold_problem(threshold, self.holders, self.corrupt, active=active)
+        if problem is not None:
+            raise ConfigError(f"threshold: {problem} ({self._where()}, "
+                              f"{'active' if active else 'passive'} mode)")
+        return replace(self, threshold=threshold, dropout_failure_log2=_log2_dropout_failure(
+            self.num_clients, self.degree, threshold, self.expected_dropout))
+
+    def _where(self) -> str:
+        graph = f"harary k={self.degree}" if self.degree else "complete graph"
+        return f"n={self.num_clients}, {graph}, f={self.max_corrupt_fraction:.4g}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields; an impossible event's log2 probability (−inf) becomes None."""
+        out: dict[str, Any] = {
+            "num_clients": self.num_clients, "degree": self.degree, "holders": self.holders,
+            "corrupt_bound": self.corrupt, "threshold": self.threshold,
+            "max_corrupt_fraction": self.max_corrupt_fraction, "expected_dropout": self.expected_dropout,
+            "min_advertisers": self.min_advertisers,
+        }
+        for key in ("collusion_failure_log2", "dropout_failure_log2"):
+            value = getattr(self, key)
+            out[key] = None if value == -math.inf else value
+        return out
+
+    def describe(self) -> str:
+        """One line for logs: ``n=…, k=…, h=…, t=…, c=…, collusion failure 2^…, dropout failure 2^…``."""
+        def p(v: float) -> str:
+            return "0" if v == -math.inf else f"2^{v:.1f}"
+
+        k = str(self.degree) if self.degree else "complete"
+        return (f"n={self.num_clients}, k={k}, h={self.holders}, t={self.threshold}, c={self.corrupt} "
+                f"(f={self.max_corrupt_fraction:.4g}), collusion failure {p(self.collusion_failure_log2)}, "
+                f"dropout failure {p(self.dropout_failure_log2)} (dropout {self.expected_dropout:g})")
+
+
+def plan_threshold(num_clients: int, graph: str = "complete", *, degree: int = 0,
+                   expected_dropout: float = DEFAULT_EXPECTED_DROPOUT,
+                   max_corrupt_fraction: float = DEFAULT_MAX_CORRUPT_FRACTION,
+                   security_bits: float = DEFAULT_SECURITY_BITS, correctness_bits: float = DEFAULT_CORRECTNESS_BITS,
+                   threshold: int = 0, active: bool = True) -> ThresholdPlan:
+    """Graph and threshold for a cohort of ``num_clients`` under the collusion rule.
+
+    ``graph="complete"``: h = n, c = ⌊f·n⌋. ``graph="harary"``: the given even ``degree`` (a
+    degree ≥ n − 2 is the complete graph), or with ``degree=0`` the smallest even k for which
+    the collusion bound holds at 2^−``security_bits`` and every client keeps t holders with
+    probability 1 − 2^−``correctness_bits`` — falling back to the complete graph when none
+    does (always for small cohorts). ``threshold=0`` takes the smallest safe t (the active-mode
+    rule, also in passive mode: secure by default); an explicit t is validated instead — 2t > h +
+    c in active mode, only t > c with ``active=False`` — and the graph is chosen as for
+    ``threshold=0``. The dropout failure is reported, never enforced, for a given graph.
+    """
+    n = num_clients
+    if not isinstance(n, int) or n < 2:
+        raise ConfigError(f"num_clients: need at least 2 clients (got {n!r})")
+    if graph not in GRAPH_KINDS:
+        raise ConfigError(f"graph: must be one of {GRAPH_KINDS} (got {graph!r})")
+    if not isinstance(degree, int) or degree < 0 or degree % 2 or (graph == "complete" and degree):
+        raise ConfigError(f"degree: must be 0 (derive) or an even Harary degree >= 2 (got {degree!r} "
+                          f"for graph {graph!r})")
+    if not (isinstance(expected_dropout, (int, float)) and 0.0 <= expected_dropout < 1.0):
+        raise ConfigError(f"expected_dropout: must be in [0, 1) (got {expected_dropout!r})")
+    _check_fraction(max_corrupt_fraction)
+    for name, bits in (("security_bits", security_bits), ("correctness_bits", correctness_bits)):
+        if not (math.isfinite(bits) and bits > 0):
+            raise ConfigError(f"{name}: must be a positive number (got {bits!r})")
+    advertisers = _min_advertisers(n, expected_dropout, correctness_bits)
+
+    def make(k: int) -> ThresholdPlan:
+        k = k if is_sparse(k, n) else 0
+        # Harary: c for the fewest advertisers planned for (c only grows as they shrink), while
+        # the graph stays sparse; below that the run-time check decides.
+        nodes = max(advertisers, k + 3) if k else n
+        c, leak = collusion_bound(nodes, k, max_corrupt_fraction, security_bits=security_bits, cohort=n)
+        h = k + 1 if k else n
+        t = min_threshold(h, c)
+        fail = _log2_dropout_failure(n, k, t, expected_dropout)
+        return ThresholdPlan(n, k, h, c, t, max_corrupt_fraction, leak, fail, expected_dropout, nodes,
+                             security_bits, correctness_bits)
+
+    if graph == "complete" or degree:
+        plan = make(degree)
+    else:
+        plan = next((p for p in map(make, range(2, n - 2, 2)) if p.dropout_failure_log2 <= -correctness_bits),
+                    None) or make(0)
+    return plan.with_threshold(threshold, active=active) if threshold else plan
