@@ -202,6 +202,17 @@ def test_issue_accepts_pem_public_and_private_keys_and_hex(tmp_path: Path, capsy
         assert load_credential(tmp_path / f"{name}.cred").identity_public_key == raw
 
 
+@pytest.mark.parametrize("weak", ["01" + "00" * 31, "ec" + "ff" * 30 + "7f", "02" + "00" * 31])
+def test_issue_refuses_small_order_or_invalid_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                   authority: Path, weak: str) -> None:
+    for value in (weak, tmp_path / "weak.hex"):
+        (tmp_path / "weak.hex").write_text(weak + "\n")
+        line = usage_error(capsys, "--identity-public-key", "authority", "issue", "--authority", authority,
+                           "--site", "s", "--identity-public-key", value, "--out", tmp_path / "s.cred")
+        assert "small order" in line or "does not encode a point" in line
+    assert not (tmp_path / "s.cred").exists()
+
+
 def test_issue_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], authority: Path) -> None:
     _, site_hex = make_site(tmp_path, capsys, "s")
     base = ["authority", "issue", "--authority", authority, "--site", "s", "--identity-public-key", site_hex]
@@ -309,20 +320,25 @@ def test_show_and_verify_errors(tmp_path: Path, capsys: pytest.CaptureFixture[st
     line = usage_error(capsys, "FILE", "authority", "show", tmp_path / "cut.cred")
     assert "truncated" in line
     pub = json.loads((authority / "authority.pub").read_text())
-    pub["public_key_hex"] = "00" * 32
+    pub["public_key_hex"] = Ed25519PrivateKey.generate().public_key().public_bytes_raw().hex()
     (tmp_path / "tampered.pub").write_text(json.dumps(pub))
     line = usage_error(capsys, "--authority", "authority", "verify", "--authority", tmp_path / "tampered.pub",
                        "--credential", tmp_path / "cut.cred")
     assert "fingerprint" in line
     with pytest.raises(IdentityFileError, match="fingerprint"):
         load_authority_public(tmp_path / "tampered.pub")
+    pub["public_key_hex"] = "01" + "00" * 31  # the identity point: anyone could sign as the authority
+    (tmp_path / "weak.pub").write_text(json.dumps(pub))
+    with pytest.raises(IdentityFileError, match="small order"):
+        load_authority_public(tmp_path / "weak.pub")
 
 
 def test_verify_refuses_an_expired_credential(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                               authority: Path) -> None:
     key = serialization.load_pem_private_key((authority / "authority.key").read_bytes(), password=None)
     assert isinstance(key, Ed25519PrivateKey)
-    old = issue_credential(key, "eu-cardio", "s", bytes(32), not_before=1_000, not_after=2_000)
+    site = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
+    old = issue_credential(key, "eu-cardio", "s", site, not_before=1_000, not_after=2_000)
     (tmp_path / "old.cred").write_bytes(old.encode())  # the raw binary form loads too
     code, _, err = run(capsys, "authority", "verify", "--authority", authority, "--credential", tmp_path / "old.cred")
     assert code == 1 and "rejected: not_after: expired" in err

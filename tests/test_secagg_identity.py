@@ -82,10 +82,11 @@ times = st.integers(0, 2**63 - 2)
 # --- encodings ------------------------------------------------------------------------------------------------
 
 @settings(max_examples=60, deadline=None)
-@given(consortium=names, name=names, key=st.binary(min_size=32, max_size=32),
+@given(consortium=names, name=names, seed=st.binary(min_size=32, max_size=32),
        serial=st.binary(min_size=16, max_size=16), start=times, length=st.integers(1, 10**9))
-def test_credential_round_trips(consortium: str, name: str, key: bytes, serial: bytes, start: int,
+def test_credential_round_trips(consortium: str, name: str, seed: bytes, serial: bytes, start: int,
                                 length: int) -> None:
+    key = raw(Ed25519PrivateKey.from_private_bytes(seed))
     cred = issue_credential(AUTHORITY, consortium, name, key, not_before=start,
                             not_after=min(start + length, 2**63 - 1), serial=serial)
     data = cred.encode()
@@ -224,6 +225,57 @@ def test_issue_rejects_bad_fields(kwargs: dict[str, object], field: str) -> None
         issue_credential(AUTHORITY, args.pop("consortium"), args.pop("site_name"),  # type: ignore[arg-type]
                          args.pop("identity_public_key"), **args)  # type: ignore[arg-type]
     assert info.value.field == field
+
+
+# Encodings of Ed25519 points of small order: the identity, the points of order 2 and 4, and
+# two of order 8 (libsodium's blocklist), with and without the sign bit.
+SMALL_ORDER = [bytes.fromhex(h) for h in (
+    "01" + "00" * 31, "00" * 32, "00" * 31 + "80", "ec" + "ff" * 30 + "7f",
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc85",
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
+)]
+
+
+def test_openssl_accepts_forged_signatures_under_the_identity_point() -> None:
+    """Why small-order keys are refused: a signature under A = identity is forgeable for any
+    message (R = sB for any s), and OpenSSL's cofactorless check accepts it."""
+    seed = bytes(range(32))
+    h = bytearray(hashlib.sha512(seed).digest()[:32])
+    h[0] &= 248
+    h[31] = (h[31] & 127) | 64
+    order = 2**252 + 27742317777372353535851937790883648493
+    s = int.from_bytes(h, "little") % order
+    forged = raw(Ed25519PrivateKey.from_private_bytes(seed)) + s.to_bytes(32, "little")  # R = sB
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    Ed25519PublicKey.from_public_bytes(SMALL_ORDER[0]).verify(forged, b"any round keys the server likes")
+
+
+@pytest.mark.parametrize("key", SMALL_ORDER)
+def test_small_order_keys_are_refused_everywhere(key: bytes) -> None:
+    with pytest.raises(MalformedCredentialError, match="small order") as info:
+        issue_credential(AUTHORITY, CONSORTIUM, "s", key, not_before=0, not_after=1)
+    assert info.value.field == "identity_public_key"
+    encoded = bytearray(VALID.encode())
+    at = 6 + 2 + len(CONSORTIUM) + 2 + len(VALID.site_name)
+    encoded[at: at + 32] = key
+    with pytest.raises(MalformedCredentialError, match="small order"):
+        SiteCredential.decode(bytes(encoded))
+    with pytest.raises(MalformedCredentialError, match="small order"):
+        AuthorityPublicKey(key)
+
+
+@pytest.mark.parametrize("key", ["ed" + "ff" * 30 + "7f", "02" + "00" * 31, "01" + "00" * 30 + "80"])
+def test_encodings_of_no_point_are_refused(key: str) -> None:
+    with pytest.raises(MalformedCredentialError, match="does not encode a point") as info:
+        issue_credential(AUTHORITY, CONSORTIUM, "s", bytes.fromhex(key), not_before=0, not_after=1)
+    assert info.value.field == "identity_public_key"
+
+
+def test_real_keys_pass_the_point_check() -> None:
+    for i in range(200):
+        issue_credential(AUTHORITY, CONSORTIUM, "s", raw(site_key(i)), not_before=0, not_after=1)
 
 
 def test_issue_needs_an_ed25519_authority_key() -> None:
@@ -417,6 +469,8 @@ def test_authority_public_key_wraps_every_form() -> None:
     verify_credential(raw(AUTHORITY), VALID, consortium=CONSORTIUM, now=NOW, revocations=None)
     with pytest.raises(MalformedCredentialError):
         AuthorityPublicKey(b"\x00" * 33)
+    with pytest.raises(MalformedCredentialError):
+        AuthorityPublicKey(bytearray(raw(AUTHORITY)))  # type: ignore[arg-type]
 
 
 def test_local_authority_enrols_sites_the_roster_check_accepts() -> None:

@@ -109,6 +109,7 @@ def issue_command(
 ) -> None:
     """Sign a credential that vouches for one site's identity key."""
     from fedveil.protocol import identity_files as files
+    from fedveil.secagg.errors import CredentialError
     from fedveil.secagg.identity import NAME_PATTERN, fingerprint, issue_credential
 
     if not NAME_PATTERN.fullmatch(site):
@@ -123,8 +124,11 @@ def issue_command(
     if identity_key == pinned.public_key.raw:
         fail("--identity-public-key", "is the authority's own key; a site needs its own identity key")
     now = int(time.time())
-    credential = issue_credential(key, pinned.consortium, site, identity_key, not_before=now,
-                                  not_after=now + valid_days * 86400)
+    try:
+        credential = issue_credential(key, pinned.consortium, site, identity_key, not_before=now,
+                                      not_after=now + valid_days * 86400)
+    except CredentialError as err:
+        fail("--identity-public-key" if err.field == "identity_public_key" else "--valid-days", str(err))
     try:
         files.write_new_file(out_path, files.armor(credential.encode(), files.CREDENTIAL_LABEL).encode())
     except OSError as err:
@@ -309,10 +313,15 @@ def _prompt_passphrase(key_path: Path) -> bytes:
 
 def _identity_public_key(value: str) -> bytes:
     from fedveil.protocol import identity_files as files
+    from fedveil.secagg.keys import ed25519_public_key_problem
 
     path = Path(value)
     if not path.exists() and files.HEX_KEY.fullmatch(value.strip()):
-        return bytes.fromhex(value.strip())
+        key = bytes.fromhex(value.strip())
+        problem = ed25519_public_key_problem(key)
+        if problem is not None:
+            fail("--identity-public-key", f"the key {problem}")
+        return key
     try:
         key, from_private = files.read_identity_public_key(path)
     except files.IdentityFileError as err:

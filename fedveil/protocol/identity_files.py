@@ -46,6 +46,7 @@ from fedveil.secagg.identity import (
     RevocationList,
     SiteCredential,
 )
+from fedveil.secagg.keys import ed25519_public_key_problem
 
 AUTHORITY_KEY_FILE = "authority.key"
 AUTHORITY_PUBLIC_FILE = "authority.pub"
@@ -135,7 +136,10 @@ def load_authority_public(path: Path | str) -> PinnedAuthority:
     raw_hex = doc.get("public_key_hex")
     if not isinstance(raw_hex, str) or not HEX_KEY.fullmatch(raw_hex):
         raise IdentityFileError(path, "public_key_hex: expected 64 hexadecimal digits")
-    key = AuthorityPublicKey(bytes.fromhex(raw_hex))
+    try:
+        key = AuthorityPublicKey(bytes.fromhex(raw_hex))
+    except CredentialError as err:
+        raise IdentityFileError(path, f"public_key_hex: {err.detail}") from None
     if doc.get("fingerprint") != key.fingerprint:
         raise IdentityFileError(path, f"fingerprint: {doc.get('fingerprint')!r} does not match the key "
                                 f"({key.fingerprint}); the file was altered")
@@ -167,6 +171,14 @@ def read_identity_public_key(path: Path | str) -> tuple[bytes, bool]:
     it can warn that a site's private key should never leave the site.
     """
     path = Path(path)
+    key, from_private = _read_public_key(path)
+    problem = ed25519_public_key_problem(key)
+    if problem is not None:
+        raise IdentityFileError(path, f"the key {problem}")
+    return key, from_private
+
+
+def _read_public_key(path: Path) -> tuple[bytes, bool]:
     text = _read_text(path, _MAX_SMALL_FILE).strip()
     if HEX_KEY.fullmatch(text):
         return bytes.fromhex(text), False

@@ -52,7 +52,7 @@ from fedveil.secagg.errors import (
     RevocationListConflict,
     WrongConsortium,
 )
-from fedveil.secagg.keys import PUBLIC_KEY_BYTES, SIGNATURE_BYTES
+from fedveil.secagg.keys import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, ed25519_public_key_problem
 
 MAGIC = b"FVID"
 FORMAT_VERSION = 1
@@ -93,7 +93,7 @@ class AuthorityPublicKey:
     raw: bytes
 
     def __post_init__(self) -> None:
-        _check_bytes("authority_public_key", self.raw, PUBLIC_KEY_BYTES)
+        _check_point("authority_public_key", self.raw)
 
     @classmethod
     def of(cls, key: AuthorityPublicKey | Ed25519PublicKey | Ed25519PrivateKey | bytes) -> AuthorityPublicKey:
@@ -164,7 +164,7 @@ class SiteCredential(_Signed):
     def __post_init__(self) -> None:
         _check_name("consortium", self.consortium, CONSORTIUM_PATTERN)
         _check_name("site_name", self.site_name, NAME_PATTERN)
-        _check_bytes("identity_public_key", self.identity_public_key, PUBLIC_KEY_BYTES)
+        _check_point("identity_public_key", self.identity_public_key)
         _check_bytes("serial", self.serial, SERIAL_BYTES)
         _check_time("not_before", self.not_before)
         _check_time("not_after", self.not_after)
@@ -453,6 +453,15 @@ def _check_bytes(field: str, value: object, length: int) -> None:
         raise MalformedCredentialError(field, f"expected {length} bytes (got {type(value).__name__})")
     if len(value) != length:
         raise MalformedCredentialError(field, f"expected {length} bytes (got {len(value)})")
+
+
+def _check_point(field: str, value: object) -> None:
+    """32 bytes that encode an Ed25519 point not of small order (:func:`~.keys.ed25519_public_key_problem`)."""
+    _check_bytes(field, value, PUBLIC_KEY_BYTES)
+    assert isinstance(value, bytes)
+    problem = ed25519_public_key_problem(value)
+    if problem is not None:
+        raise MalformedCredentialError(field, problem)
 
 
 def _check_time(field: str, value: object) -> None:
