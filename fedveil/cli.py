@@ -19,6 +19,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "fedveil.commands.bench_network",
     "fedveil.commands.demo",
     "fedveil.commands.dashboard",
+    "fedveil.commands.authority",
+    "fedveil.commands.identity",
 )
 
 

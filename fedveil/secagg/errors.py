@@ -62,3 +62,62 @@ class TooFewSurvivorsError(UnmaskingRefusedError):
 
 class RoundAbortedError(SecAggError):
     """The round was aborted (too few clients remained); nothing about any input was revealed."""
+
+
+class IdentityError(SecAggError):
+    """A site credential, a revocation list or a roster of credentials is not acceptable.
+
+    ``field`` names the part at fault (``"not_after"``, ``"credentials[2].site_name"``, ...);
+    ``index`` is the position in a roster, when the error came from :func:`verify_roster`.
+    """
+
+    def __init__(self, field: str, message: str, *, index: int | None = None) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.detail = message
+        self.index = index
+
+
+class CredentialError(IdentityError):
+    """Base of every failure about a credential or a revocation list (see :mod:`~.identity`)."""
+
+
+class MalformedCredentialError(CredentialError, ValueError):
+    """Bytes or a field value that do not form a valid credential or revocation list."""
+
+
+class InvalidCredentialSignature(CredentialError):
+    """The authority's signature does not verify under the pinned authority key (forged, or
+    issued by another authority, e.g. one the aggregation server made itself)."""
+
+
+class CredentialNotYetValid(CredentialError):
+    """``now`` is before the credential's ``not_before``."""
+
+
+class CredentialExpired(CredentialError):
+    """``now`` is at or after the credential's ``not_after``."""
+
+
+class CredentialRevoked(CredentialError):
+    """The credential's serial is on the authority's revocation list."""
+
+
+class WrongConsortium(CredentialError):
+    """The credential or revocation list belongs to another consortium."""
+
+
+class CredentialMismatch(CredentialError):
+    """The credential vouches for another site name or another identity key than expected."""
+
+
+class InvalidRevocationList(CredentialError):
+    """A revocation list whose signature does not verify under the pinned authority key."""
+
+
+class RevocationListConflict(InvalidRevocationList):
+    """Two authentic revocation lists carry the same version but different contents."""
+
+
+class DuplicateRosterEntry(CredentialError):
+    """A roster gives one site name two slots, or one identity key two names."""

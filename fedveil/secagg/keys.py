@@ -115,6 +115,54 @@ def is_small_order(public: bytes) -> bool:
     return public in _SMALL_ORDER_ENCODINGS
 
 
+# Ed25519 points (RFC 8032 §5.1.3). A public key of small order (its order divides 8) signs
+# nothing by itself: with cofactorless verification, as OpenSSL does it, anyone finds a (R, s)
+# with sB = R + [k]A for any message in about eight tries (at once for the identity point). A
+# credential for such a key would let the server sign as that site, so identity and authority
+# keys of small order, and encodings of no point at all, are refused.
+_D25519 = (-121665 * pow(121666, _P25519 - 2, _P25519)) % _P25519
+_SQRT_M1 = pow(2, (_P25519 - 1) // 4, _P25519)
+
+
+def ed25519_public_key_problem(public: bytes) -> str | None:
+    """Why ``public`` (32 raw bytes) is unfit as an Ed25519 verification key, or None if it is fit."""
+    point = _ed25519_decode(public)
+    if point is None:
+        return "does not encode a point of Ed25519"
+    for _ in range(3):  # [8]P: the identity exactly when P has small order
+        point = _ed25519_add(point, point)
+    if point == (0, 1):
+        return "is a point of small order (anyone could forge signatures under it)"
+    return None
+
+
+def _ed25519_decode(raw: bytes) -> tuple[int, int] | None:
+    if len(raw) != PUBLIC_KEY_BYTES:
+        return None
+    y = int.from_bytes(raw, "little") & ((1 << 255) - 1)
+    sign = raw[31] >> 7
+    if y >= _P25519:  # non-canonical
+        return None
+    u, v = (y * y - 1) % _P25519, (_D25519 * y * y + 1) % _P25519
+    x = u * pow(v, 3, _P25519) * pow(u * pow(v, 7, _P25519), (_P25519 - 5) // 8, _P25519) % _P25519
+    if (v * x * x - u) % _P25519:
+        if (v * x * x + u) % _P25519:
+            return None  # x^2 = u/v has no root: not on the curve
+        x = x * _SQRT_M1 % _P25519
+    if x == 0 and sign:
+        return None
+    return (_P25519 - x if x & 1 != sign else x), y
+
+
+def _ed25519_add(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
+    """The complete twisted-Edwards addition law (a = -1) in affine coordinates."""
+    (x1, y1), (x2, y2) = a, b
+    t = _D25519 * x1 * x2 * y1 * y2 % _P25519
+    x3 = (x1 * y2 + y1 * x2) * pow(1 + t, _P25519 - 2, _P25519)
+    y3 = (y1 * y2 + x1 * x2) * pow(1 - t, _P25519 - 2, _P25519)
+    return x3 % _P25519, y3 % _P25519
+
+
 def _exchange(own: X25519PrivateKey, peer_public: bytes) -> bytes:
     try:
         return own.exchange(X25519PublicKey.from_public_bytes(peer_public))
