@@ -144,6 +144,8 @@ def collusion_bound(num_clients: int, degree: int, max_corrupt_fraction: float, 
         raise ConfigError(f"num_clients: need at least 2 clients (got {n!r})")
     if not isinstance(degree, int) or degree < 0:
         raise ConfigError(f"degree: must be an integer >= 0 (got {degree!r})")
+    if not (math.isfinite(security_bits) and security_bits > 0):
+        raise ConfigError(f"security_bits: must be a positive number (got {security_bits!r})")
     cohort = cohort or n
     if cohort < n:
         raise ConfigError(f"cohort: the cohort ({cohort}) cannot be smaller than the graph's {n} clients")
@@ -153,7 +155,8 @@ def collusion_bound(num_clients: int, degree: int, max_corrupt_fraction: float, 
     union = math.log2(n)
     c = min(colluders, degree)  # P[H > min(K, k)] = 0
     failure, tail = -math.inf, -math.inf  # tail: ln P[H >= c], summed from the top
-    while c > 0:  # the tail grows as c falls: stop before it exceeds 2^-σ
+    least = max(0, degree - (n - 1 - colluders))  # H cannot be smaller: P[H > least − 1] = 1
+    while c > least:  # the tail grows as c falls: stop before it exceeds 2^-σ
         tail = _ln_add(tail, _ln_hypergeometric_pmf(n - 1, colluders, degree, c))
         smaller = union + min(0.0, tail / _LN2)  # log2 of n · P[H > c − 1]
         if smaller > -security_bits:
