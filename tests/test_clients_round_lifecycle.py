@@ -159,8 +159,9 @@ def test_a_loop_that_skips_submit_sits_the_round_out_without_spinning_and_gets_t
                 rnd.submit(rnd.model, num_examples=len(data))
         return [(o.round, o.outcome) for o in fed.history]
 
-    # threshold 2 of 3 (passive mode: t > c = 1): round 1 completes without the skipping site
-    cfg = config(rounds=2, min_clients=2, round_timeout=round_timeout, threshold=2)
+    # no colluding sites (max_corrupt_fraction 0): threshold 2 of 3, and round 1 completes with the two
+    # others (with one colluder of 3 allowed, two sites alone would expose each other's update: refused)
+    cfg = config(rounds=2, min_clients=2, round_timeout=round_timeout, max_corrupt_fraction=0.0)
     summary, results, errors = run_job(tmp_path, cfg, synthetic, [turnkey(0), turnkey(1), skipper])
     assert errors == [], errors
     assert summary.status == "completed" and summary.completed_rounds == 2

@@ -161,3 +161,19 @@ def test_wrong_dimension_is_named() -> None:
     start = round_start(0, 3)
     with pytest.raises(RoundConfigError, match=r"encoding\.dimension"):
         prepare_update(np.zeros(DIM + 1), start, rounding_seed=b"\x00" * 16)
+
+
+def test_the_collusion_fraction_travels_into_the_config_and_an_unsafe_threshold_is_refused():
+    from fedveil.secagg import ConfigError
+
+    start = round_start(0, 5)
+    plain = secagg_config(start)
+    start.secagg.max_corrupt_fraction = 1 / 3
+    config = secagg_config(start)
+    assert config.max_corrupt_fraction == 1 / 3  # bound into the session id: both sides must agree
+    assert config.parameters_bytes() != plain.parameters_bytes()
+    start.secagg.max_corrupt_fraction = 0.4  # c = 2 of 5 colluders: t = 3 > c still holds
+    assert secagg_config(start).threshold == 3
+    start.secagg.threshold = 2  # ... t = 2 does not
+    with pytest.raises(ConfigError, match="threshold: t=2 does not exceed the c=2 colluders"):
+        SecAggClientDriver(start)

@@ -27,7 +27,7 @@ torch.set_num_threads(1)
 
 
 def test_store_source_shows_rounds_privacy_dropouts_and_the_model(tmp_path: Path) -> None:
-    split = make_split(3, 0)
+    split = make_split(4, 0)  # threshold 3 of 4 (c = 1 colluder, 2t > 4 + 1): one hospital may drop
     files = {}
     for h in split.hospitals:
         p = tmp_path / h.name / "site.csv"
@@ -35,7 +35,7 @@ def test_store_source_shows_rounds_privacy_dropouts_and_the_model(tmp_path: Path
         p.write_text(healthcare.SCHEMA.to_csv(h.features, h.labels))
         files[h.name] = p
     test = TensorDataset(torch.from_numpy(split.test.features), torch.from_numpy(split.test.labels))
-    settings = FederationSettings(rounds=3, hospitals_per_round=3, dp="local", transport="in-process")
+    settings = FederationSettings(rounds=3, hospitals_per_round=4, dp="local", transport="in-process")
     plan = DropoutPlan({2: frozenset({"hospital-3"})})
     result = run_federation(store_path=tmp_path / "runs.sqlite", site_files=files, test=test, settings=settings,
                             recipe=Recipe(rounds=3), dropout_plan=plan)
@@ -49,7 +49,7 @@ def test_store_source_shows_rounds_privacy_dropouts_and_the_model(tmp_path: Path
         rounds = run["rounds"]
         assert [r["round"] for r in rounds] == [1, 2, 3]
         assert rounds[1]["dropped"] == ["hospital-3"] and "hospital-3" not in rounds[1]["participants"]
-        assert rounds[0]["dropped"] == [] and len(rounds[0]["participants"]) == 3
+        assert rounds[0]["dropped"] == [] and len(rounds[0]["participants"]) == 4
         for r in rounds:  # the cohort's federated evaluation of each round's model
             assert r["accuracy"] is not None and 0 <= r["accuracy"] <= 1 and r["loss"] is not None
         # clients' reported sample-level ε, as the ledger recorded them, matching the hospitals' own accountants

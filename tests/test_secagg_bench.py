@@ -9,7 +9,8 @@ import pytest
 from fedveil.cli import main
 
 KEYS = {"total_s", "server_s", "client_s_mean", "client_s_max", "upload_bytes_per_client", "plaintext_sum_s",
-        "exact", "max_abs_error", "clients", "dim", "dropout", "dropout_stage", "graph"}
+        "exact", "max_abs_error", "clients", "dim", "dropout", "dropout_stage", "graph", "threshold", "degree",
+        "corrupt_bound", "collusion_failure_log2", "dropout_failure_log2", "max_corrupt_fraction"}
 
 
 @pytest.mark.parametrize("graph,stage", [("complete", "masked"), ("harary", "unmask"), ("harary", "keys"),
@@ -26,6 +27,10 @@ def test_json_report(capsys, graph, stage):
     assert report["dropout_stage"] == stage and report["dropout"] == 0.2
     assert report["max_abs_error"] <= report["error_bound"]
     assert report["survivors"] == (12 if stage == "unmask" else 10)
+    # 12 clients are too few for a sparse graph: complete, c = 4 of 12 colluders, 2t > 12 + 4
+    assert (report["threshold"], report["degree"], report["corrupt_bound"]) == (9, 11, 4)
+    assert report["max_corrupt_fraction"] == pytest.approx(1 / 3) and report["collusion_failure_log2"] is None
+    assert report["dropout_failure_log2"] < 0
     # The masked input alone is 500 ring elements of 4 bytes; the rest is keys, shares, headers.
     assert 4 * 500 < report["upload_bytes_per_client"] < 4 * 500 + 12 * 200 + 500
     assert report["client_s_max"] >= report["client_s_mean"] > 0
@@ -37,12 +42,23 @@ def test_table_output(capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "upload_bytes_per_client" in out and "exact" in out and "True" in out
+    assert "threshold t (smallest with 2t > h + c)" in out and "collusion failure" in out and "dropout failure" in out
+
+
+def test_max_corrupt_fraction_sets_the_threshold(capsys):
+    code = main(["bench", "secagg", "--clients", "12", "--dim", "20", "--dropout", "0.4", "--max-corrupt-fraction",
+                 "0", "--active", "--json"])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and report["exact"] is True  # no colluders: t = 7, and 5 of 12 may drop
+    assert (report["threshold"], report["corrupt_bound"], report["max_corrupt_fraction"]) == (7, 0, 0.0)
 
 
 @pytest.mark.parametrize("args,flag", [
     (["--dropout", "1.0"], "--dropout"),
     (["--dropout", "1.5"], "--dropout"),
-    (["--dropout", "0.6"], "--dropout"),  # 6 of 10 drop, t = 6: more than n - t
+    (["--dropout", "0.6"], "--dropout"),  # 6 of 10 drop, t = 7: more than n - t
+    (["--dropout", "0.4"], "--dropout"),  # 4 of 10 drop: more than n - t = 3 (c = 3 colluders)
+    (["--max-corrupt-fraction", "0.5"], "--max-corrupt-fraction"),
     (["--dim", "0"], "--dim"),
     (["--clients", "1"], "--clients"),
     (["--graph", "ring"], "--graph"),

@@ -71,6 +71,10 @@ def test_exact_sum_for_random_sizes_dropouts_and_stages(data):
         spec, holders = GraphSpec(), n
     fraction = data.draw(st.sampled_from([NO_COLLUSION, 0.1, 1 / 3]), label="max_corrupt_fraction")
     corrupt, _ = collusion_bound(n, spec.degree if spec.sparse(n) else 0, fraction)
+    if corrupt >= holders - 1:  # colluders could be all of a client's neighbours: refused whatever t
+        with pytest.raises(ConfigError, match="neighbours"):
+            SecAggConfig(n, holders, m, graph=spec, max_corrupt_fraction=fraction)
+        fraction, corrupt = NO_COLLUSION, 0
     t = data.draw(st.integers(max(2, corrupt + 1), holders), label="t")  # passive mode: t > c
     stage = data.draw(st.sampled_from(STAGES), label="stage")
     dropped = data.draw(st.sets(st.integers(0, n - 1), max_size=n), label="dropped")

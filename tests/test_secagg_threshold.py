@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from fedveil.secagg import ConfigError, GraphSpec, plan_threshold
+from fedveil.secagg import ConfigError, GraphSpec, SecAggConfig, plan_threshold
 from fedveil.secagg.graph import is_sparse
 from fedveil.secagg.threshold import (
     DEFAULT_MAX_CORRUPT_FRACTION,
@@ -24,6 +24,7 @@ from fedveil.secagg.threshold import (
     log2_hypergeometric_tail,
     min_threshold,
     satisfies,
+    surround_problem,
     threshold_problem,
 )
 
@@ -49,10 +50,14 @@ def test_min_threshold_is_the_smallest_t_with_2t_above_h_plus_c(h, data):
     t = min_threshold(h, c)
     assert 2 * t > h + c and t <= h
     assert 2 * (t - 1) <= h + c  # smallest
-    assert satisfies(t, h, c) == (t >= 2)
+    surrounded = c >= h - 1  # colluders may be all of a client's neighbours (or it has none)
+    assert (surround_problem(h, c) is not None) == surrounded
+    assert satisfies(t, h, c) == (t >= 2 and not surrounded)
     assert not satisfies(t - 1, h, c) and not satisfies(h + 1, h, c)
+    if not surrounded:  # every honest survivor keeps an honest surviving holder besides itself
+        assert t >= c + 2
     # passive mode: t > c only (colluders alone cannot reconstruct)
-    assert satisfies(max(2, c + 1), h, c, active=False) == (max(2, c + 1) <= h)
+    assert satisfies(max(2, c + 1), h, c, active=False) == (max(2, c + 1) <= h and not surrounded)
     assert not satisfies(c, h, c, active=False)
 
 
@@ -150,8 +155,13 @@ def test_tails_match_scipy_and_direct_sums():
 def test_plan_is_safe_and_an_explicit_threshold_is_checked(nk, f, dropout, data):
     n, k = nk
     graph = "harary" if k else "complete"
-    plan = plan_threshold(n, graph, degree=k, expected_dropout=dropout, max_corrupt_fraction=float(f))
+    try:
+        plan = plan_threshold(n, graph, degree=k, expected_dropout=dropout, max_corrupt_fraction=float(f))
+    except ConfigError as err:  # only a given sparse degree whose colluders could surround a client
+        assert str(err).startswith("degree: ") and "neighbours" in str(err) and is_sparse(k, n)
+        return
     h, c, t = plan.holders, plan.corrupt, plan.threshold
+    assert surround_problem(h, c) is None
     assert h == (k + 1 if is_sparse(k, n) else n) and plan.spec.holders_count(n) == h
     assert t <= h and satisfies(t, h, c) and t == min_threshold(h, c)
     assert plan.dropout_failure_log2 <= 0
@@ -207,6 +217,21 @@ def test_plan_validates_its_inputs():
         plan_threshold(10, threshold=6)
     assert plan_threshold(10, threshold=4, active=False).threshold == 4  # passive: t > c = 3
     assert DEFAULT_MAX_CORRUPT_FRACTION == pytest.approx(1 / 3)
+
+
+def test_colluders_that_could_surround_a_client_are_refused_whatever_t():
+    """All k neighbours colluding know the client's pairwise masks; the self-mask seed is revealed
+    for every survivor, so its input would be exposed. A sparse graph needs c < k."""
+    with pytest.raises(ConfigError, match=r"degree: c=4 colluders may be all 4 neighbours"):
+        plan_threshold(100, "harary", degree=4)
+    with pytest.raises(ConfigError, match="neighbours"):
+        SecAggConfig(20, 5, 8, graph=GraphSpec("harary", 4))  # passive mode too
+    assert threshold_problem(5, 5, 4) is not None and threshold_problem(5, 5, 3) is None
+    # with no expected dropout the derived degree is the smallest that leaves an honest neighbour
+    plan = plan_threshold(100, "harary", expected_dropout=0.0)
+    assert (plan.degree, plan.corrupt, plan.threshold) == (24, 23, 25)
+    with pytest.raises(ConfigError, match="degree: c=22 colluders may be all 22 neighbours"):
+        plan_threshold(100, "harary", degree=22, expected_dropout=0.0)
 
 
 def test_describe_and_to_dict_for_logs_and_bench_output():

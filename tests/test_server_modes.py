@@ -154,6 +154,8 @@ def test_distributed_dp_job_with_real_clients(tmp_path: Path) -> None:
          "error: --threshold: t=2 does not exceed the c=2 colluders among a client's h=6 holders"),
         (["--clients-per-round", "6", "--max-corrupt-fraction", "0.5"],
          "error: --max-corrupt-fraction: must be in [0, 0.5)"),
+        (["--clients-per-round", "100", "--secagg", "harary", "--secagg-degree", "4"],
+         "error: --secagg-degree: c=4 colluders may be all 4 neighbours of a client"),
         (["--clients-per-round", "3", "--insecure", "--tls-cert", "x.pem"], "error: --insecure: cannot be"),
         (["--clients-per-round", "3", "--tls-cert", "missing.pem", "--tls-key", "k.pem", "--no-insecure"], None),
         # values that pass a sign check but overflow the wire format or gRPC

@@ -119,7 +119,7 @@ def _print_table(report: dict[str, Any]) -> None:
     mode = "active-adversary" if report["active"] else "honest-but-curious"
     title = (f"secure aggregation round ({mode} server): {report['clients']} clients, dim {report['dim']}, "
              f"{graph} graph (degree {report['degree']}, threshold {report['threshold']}), "
-             f"{report['dropped']} dropped at stage '{report['dropout_stage']}'\n{report['plan']}")
+             f"{report['dropped']} dropped at stage '{report['dropout_stage']}'")
     table = Table(title=title, show_header=True, header_style="bold")
     table.add_column("measure")
     table.add_column("value", justify="right")
@@ -129,7 +129,14 @@ def _print_table(report: dict[str, Any]) -> None:
             return f"{value:.6g}"
         return str(value)
 
+    def log2p(value: float | None) -> str:
+        return "0 (impossible)" if value is None else f"2^{value:.1f}"
+
     rows = [
+        ("threshold t (smallest with 2t > h + c)", report["threshold"]),
+        (f"colluding holders c (f = {report['max_corrupt_fraction']:.4g})", report["corrupt_bound"]),
+        ("collusion failure (more than c colluders)", log2p(report["collusion_failure_log2"])),
+        ("dropout failure (fewer than t holders survive)", log2p(report["dropout_failure_log2"])),
         ("completed", report["completed"]), ("survivors", report["survivors"]),
         ("total_s", report["total_s"]), ("server_s", report["server_s"]),
         ("client_s_mean", report["client_s_mean"]), ("client_s_max", report["client_s_max"]),

@@ -32,7 +32,8 @@ RPC flow (one client)
      ``fedveil.task.model_to_vector``), ``EncodingParams`` (ring bits, clip range, fixed-point
      bits, vector dimension and the extra coordinates appended after the update, e.g.
      ``weight``), ``SecAggParams`` (graph, degree, threshold t, cohort, secagg round id,
-     context, and in active-adversary mode every member's Ed25519 identity key),
+     context, the collusion fraction f that t was chosen for (2t > h + c), and in
+     active-adversary mode every member's Ed25519 identity key),
      ``DpParams``, ``TrainingParams`` and ``deadline_unix_ms``. If
      ``training.evaluate_global_model`` the client evaluates the received model on its data
      and sends ``ReportMetrics`` (model_version = model.version). It trains, then calls

@@ -26,6 +26,12 @@ the colluders among one honest client's holders:
   computed with exact tails. The session id hashes the advertised keys, which colluders choose,
   so a server that re-draws their keys 2^g times gains g bits: σ must cover that work.
 
+**Honest neighbours.** Colluders that may be all of a client's neighbours (c ≥ h − 1) know its
+pairwise masks: no threshold helps, so c < h − 1 is required too (:func:`surround_problem`; a
+sparse graph needs enough degree). Then the smallest t of the rule is at least c + 2, so every
+honest survivor keeps an honest surviving neighbour whichever clients the server declares
+dropped.
+
 **Advertisers.** The graph is built over the clients that advertised keys, and a server can
 discard honest advertisements to raise the colluders' share of the graph; C stays ⌊f·n⌋ of the
 cohort. Every party therefore re-checks the rule for the graph actually built
@@ -138,6 +144,8 @@ def collusion_bound(num_clients: int, degree: int, max_corrupt_fraction: float, 
         raise ConfigError(f"num_clients: need at least 2 clients (got {n!r})")
     if not isinstance(degree, int) or degree < 0:
         raise ConfigError(f"degree: must be an integer >= 0 (got {degree!r})")
+    if not (math.isfinite(security_bits) and security_bits > 0):
+        raise ConfigError(f"security_bits: must be a positive number (got {security_bits!r})")
     cohort = cohort or n
     if cohort < n:
         raise ConfigError(f"cohort: the cohort ({cohort}) cannot be smaller than the graph's {n} clients")
@@ -147,7 +155,8 @@ def collusion_bound(num_clients: int, degree: int, max_corrupt_fraction: float, 
     union = math.log2(n)
     c = min(colluders, degree)  # P[H > min(K, k)] = 0
     failure, tail = -math.inf, -math.inf  # tail: ln P[H >= c], summed from the top
-    while c > 0:  # the tail grows as c falls: stop before it exceeds 2^-σ
+    least = max(0, degree - (n - 1 - colluders))  # H cannot be smaller: P[H > least − 1] = 1
+    while c > least:  # the tail grows as c falls: stop before it exceeds 2^-σ
         tail = _ln_add(tail, _ln_hypergeometric_pmf(n - 1, colluders, degree, c))
         smaller = union + min(0.0, tail / _LN2)  # log2 of n · P[H > c − 1]
         if smaller > -security_bits:
@@ -165,12 +174,30 @@ def min_threshold(holders: int, corrupt: int) -> int:
     return (holders + corrupt) // 2 + 1
 
 
+def surround_problem(holders: int, corrupt: int) -> str | None:
+    """Why c colluders could surround a client (c ≥ h − 1: all its neighbours), or None.
+
+    Then they know every pairwise mask of the client, and the self-mask seed it rightly lets the
+    server reconstruct as a survivor exposes its input, whatever t. With c < h − 1 and the
+    smallest t of the rule, t ≥ c + 2: every honest survivor keeps an honest surviving
+    neighbour, so the server only learns sums over several honest inputs.
+    """
+    if corrupt >= holders - 1:
+        return (f"c={corrupt} colluders may be all {holders - 1} neighbours of a client (h={holders} holders): they "
+                "know its pairwise masks, so no threshold protects its input; use a larger degree")
+    return None
+
+
 def threshold_problem(threshold: int, holders: int, corrupt: int, *, active: bool = True) -> str | None:
     """Why t is unsafe for h holders with c colluders among them, or None when it is safe.
 
-    Active mode: 2t > h + c. Passive (honest-but-curious) mode: t > c. Both: 2 ≤ t ≤ h.
+    Active mode: 2t > h + c. Passive (honest-but-curious) mode: t > c. Both: 2 ≤ t ≤ h, and
+    c < h − 1 (:func:`surround_problem`).
     """
     t, h, c = threshold, holders, corrupt
+    surrounded = surround_problem(h, c)
+    if surrounded is not None:
+        return surrounded
     if t > h:
         return f"t={t} exceeds the h={h} holders of each client's shares"
     if t < 2:
@@ -292,12 +319,15 @@ def plan_threshold(num_clients: int, graph: str = "complete", *, degree: int = 0
 
     ``graph="complete"``: h = n, c = ⌊f·n⌋. ``graph="harary"``: the given even ``degree`` (a
     degree ≥ n − 2 is the complete graph), or with ``degree=0`` the smallest even k for which
-    the collusion bound holds at 2^−``security_bits`` and every client keeps t holders with
-    probability 1 − 2^−``correctness_bits`` — falling back to the complete graph when none
-    does (always for small cohorts). ``threshold=0`` takes the smallest safe t (the active-mode
-    rule, also in passive mode: secure by default); an explicit t is validated instead — 2t > h +
-    c in active mode, only t > c with ``active=False`` — and the graph is chosen as for
-    ``threshold=0``. The dropout failure is reported, never enforced, for a given graph.
+    the collusion bound holds at 2^−``security_bits``, leaves every client an honest neighbour
+    (c < k), and every client keeps t holders with probability 1 − 2^−``correctness_bits`` —
+    falling back to the complete graph when none does (always for small cohorts).
+
+    ``threshold=0`` takes the smallest safe t (the active-mode rule, also in passive mode:
+    secure by default); an explicit t is validated instead — 2t > h + c in active mode, only
+    t > c with ``active=False`` — and the graph is chosen as for ``threshold=0``. The dropout
+    failure is reported, never enforced, for a given graph; a given degree whose colluders could
+    be all of a client's neighbours is refused (``degree``).
     """
     n = num_clients
     if not isinstance(n, int) or n < 2:
@@ -329,7 +359,11 @@ def plan_threshold(num_clients: int, graph: str = "complete", *, degree: int = 0
 
     if graph == "complete" or degree:
         plan = make(degree)
+        surrounded = surround_problem(plan.holders, plan.corrupt)
+        if surrounded is not None:
+            raise ConfigError(f"degree: {surrounded} (n={n}, k={degree}, f={max_corrupt_fraction:.4g})")
     else:
-        plan = next((p for p in map(make, range(2, n - 2, 2)) if p.dropout_failure_log2 <= -correctness_bits),
+        plan = next((p for p in map(make, range(2, n - 2, 2))
+                     if p.dropout_failure_log2 <= -correctness_bits and surround_problem(p.holders, p.corrupt) is None),
                     None) or make(0)
     return plan.with_threshold(threshold, active=active) if threshold else plan

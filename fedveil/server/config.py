@@ -168,13 +168,13 @@ class ServerConfig:
         need(0 <= self.batch_size <= 2**31 - 1, "batch_size", "must be between 0 (the task's default) and 2^31 - 1")
         need(self.seed is None or 0 <= self.seed < 2**63, "seed", "must be in [0, 2^63)")
         need(self.max_round_attempts >= 1, "max_round_attempts", "must be at least 1")
-        if self.threshold:
-            from fedveil.secagg.errors import ConfigError
+        from fedveil.secagg.errors import ConfigError
 
-            try:
-                self.secagg_plan(self.clients_per_round, cap=False)
-            except ConfigError as err:
-                raise ServerConfigError("--threshold", str(err).removeprefix("threshold: ")) from None
+        try:  # an explicit threshold, or a degree whose colluders could surround a client
+            self.secagg_plan(self.clients_per_round, cap=False)
+        except ConfigError as err:
+            field, _, detail = str(err).partition(": ")
+            raise ServerConfigError({"degree": "--secagg-degree"}.get(field, _flag(field)), detail) from None
         if self.dp == "distributed" and self.dp_adaptive_clipping:
             raise ServerConfigError("--dp-adaptive-clipping", "only with --dp central (got --dp distributed)")
         if self.dp_adaptive_clipping and self.dp != "central":
