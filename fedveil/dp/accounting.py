@@ -403,7 +403,12 @@ def sampled_without_replacement_gaussian_rdp(
 
     dp-accounting's bound (Wang, Balle, Kasiviswanathan 2019, Thm 27; non-integer orders interpolated by
     their Cor. 10), the function its ``RdpAccountant`` applies to ``SampledWithoutReplacementDpEvent``,
-    evaluated at the replace-one multiplier z / 2 (sensitivity 2S, see the event's docstring).
+    evaluated at the replace-one multiplier z / 2 (sensitivity 2S, see the event's docstring), and capped
+    order by order at the plain Gaussian's α / (2 (z/2)^2). The cap is itself a bound for the sampled
+    mechanism (couple both inputs on the same cohort: each pair of outputs is a Gaussian pair at most 2S
+    apart or identical, and exp((α−1) D_α) is jointly convex), so the pointwise minimum is one too.
+    dp-accounting's bound alone exceeds it at small orders, and at all orders up to ~10 when K is close
+    to N (e.g. 4 of 5): without the cap, "amplification" would cost more than taking everyone.
     """
     grid = np.asarray(orders, dtype=np.float64)
     z = noise_multiplier / 2.0
@@ -413,7 +418,7 @@ def sampled_without_replacement_gaussian_rdp(
 
     # A module-level function of dp-accounting (not exported): tests pin it to the public RdpAccountant.
     values = dpa_rdp._compute_rdp_sample_wor_gaussian(sample_size / population, z, [float(a) for a in grid])
-    return np.asarray(values, dtype=np.float64)
+    return np.minimum(np.asarray(values, dtype=np.float64), grid / (2.0 * z * z))
 
 
 def composed_relation(events: Iterable[DpEvent]) -> str:

@@ -214,8 +214,9 @@ class ServerConfig:
         for key in sorted(set(mine) | set(stored)):
             if key in OPERATIONAL_FIELDS:
                 continue
-            if mine.get(key) != stored.get(key, defaults.get(key)):
-                out.append(f"{_flag(key)}: the run was started with {stored.get(key)!r}, now {mine.get(key)!r}")
+            theirs = stored.get(key, defaults.get(key))
+            if mine.get(key) != theirs:
+                out.append(f"{_flag(key)}: the run was started with {theirs!r}, now {mine.get(key)!r}")
         return out
 
     @classmethod
