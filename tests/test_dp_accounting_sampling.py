@@ -433,3 +433,19 @@ def test_four_of_ten_online_with_amplification_is_still_the_plain_gaussian(tmp_p
     assert {e.event for e in ledger.entries} == {SubsampledGaussianEvent(1.0, Z)}
     assert ledger.relation() == ADD_REMOVE
     assert ledger.epsilon() == pytest.approx(dpa_rdp(times(G(Z))), rel=1e-9)
+
+
+def test_the_demo_calibrates_its_noise_for_the_accounting_the_server_does() -> None:
+    """Two of five hospitals per round: the demo used to solve z at q = 2/5, the server now accounts
+    q = 1, so the job would stop on its budget early. The demo's z must meet the budget at q = 1."""
+    from fedveil.demo.federation import FederationSettings, server_config
+    from fedveil.demo.recipe import Recipe
+
+    recipe = Recipe()
+    settings = FederationSettings(rounds=4, hospitals_per_round=2, dp="central", epsilon_budget=3.0)
+    config = server_config(settings, recipe, 5)
+    assert config.dp_sampling_amplification is False
+    model = GlobalModel(config, np.zeros(11, dtype=np.float32), seed=1)
+    for r in range(1, settings.rounds + 1):
+        model.reserve_budget(model.plan(r, 2, 2, b"ctx"), 5)  # raises BudgetExceededError if z is too small
+    assert model.ledger is not None and 0.99 * 3.0 <= model.ledger.epsilon() <= 3.0
