@@ -407,7 +407,7 @@ def sampled_without_replacement_gaussian_rdp(
     order by order at the plain Gaussian's α / (2 (z/2)^2). The cap is itself a bound for the sampled
     mechanism (couple both inputs on the same cohort: each pair of outputs is a Gaussian pair at most 2S
     apart or identical, and exp((α−1) D_α) is jointly convex), so the pointwise minimum is one too.
-    dp-accounting's bound alone exceeds it at small orders, and at all orders up to ~10 when K is close
+    dp-accounting's bound alone exceeds it at small orders, and at all orders up to 5-10 when K is close
     to N (e.g. 4 of 5): without the cap, "amplification" would cost more than taking everyone.
     """
     grid = np.asarray(orders, dtype=np.float64)
