@@ -18,6 +18,8 @@ import dp_accounting
 import numpy as np
 import pytest
 from dp_accounting import NeighboringRelation as Rel
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fedveil.cli import main
 from fedveil.dp.accounting import (
@@ -375,6 +377,29 @@ def test_a_run_started_before_the_flag_existed_resumes_with_the_default() -> Non
     assert on.differences(stored) == [
         "--dp-sampling-amplification: the run was started with False, now True"
     ]
+
+
+@given(
+    n=st.integers(1, 500), k=st.integers(1, 500), amplification=st.booleans(),
+    sampling=st.sampled_from(["fixed", "poisson"]), z=st.floats(0.0, 50.0),
+)
+def test_amplification_is_claimed_exactly_when_someone_available_was_left_out_and_it_is_allowed(
+    n: int, k: int, amplification: bool, sampling: str, z: float
+) -> None:
+    event, details = user_level_event(z, k, n, sampling=sampling, amplification=amplification)
+    json.dumps(details, allow_nan=False)  # the ledger stores it
+    assert details["available"] == n and details["cohort"] == k and details["amplification_reason"]
+    claimed = amplification and k < n
+    assert details["amplification"] is claimed
+    if not claimed:
+        assert event == SubsampledGaussianEvent(1.0, z) and details["sampling"] == "none"
+        assert details["sample_rate"] == 1.0 and details["relation"] == ADD_REMOVE
+    elif sampling == "fixed":
+        assert event == SampledWithoutReplacementGaussianEvent(n, k, z) and details["relation"] == REPLACE_ONE
+        assert details["sample_rate"] == k / n < 1.0 and details["sampling"] == "without_replacement"
+    else:
+        assert event == SubsampledGaussianEvent(k / n, z) and details["relation"] == ADD_REMOVE
+        assert details["sampling"] == "poisson"
 
 
 @pytest.mark.parametrize(

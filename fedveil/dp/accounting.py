@@ -14,8 +14,9 @@ dataclasses so that ledgers can serialize them:
 
 - :class:`SubsampledGaussianEvent` — the Poisson-subsampled Gaussian mechanism (sampling rate ``q``,
   noise multiplier ``z`` = noise std ÷ L2 sensitivity) composed ``steps`` times. This is one
-  DP-SGD run (sample level: q = batch ÷ local dataset) or DP-FedAvg rounds (user level:
-  q = cohort ÷ population, one step per round).
+  DP-SGD run (sample level: q = batch ÷ local dataset) or DP-FedAvg rounds (user level, one step
+  per round: q = 1 for the plain Gaussian, or a Poisson rate for a coordinator that samples each site
+  independently; see ``fedveil.dp.sampling``).
 - :class:`SampledWithoutReplacementGaussianEvent` — a fixed-size cohort: ``sample_size`` (K) of
   ``population`` (N) drawn uniformly without replacement, then the Gaussian mechanism on the sum,
   composed ``steps`` times. This is what fedveil's coordinator really does each round.
