@@ -117,6 +117,11 @@ _DP_OPTIONS: list[Any] = [
     click.option("--dp-client-epsilon-budget", type=float, default=None,
                  help="Per-client sample-level ε budget (local DP)."),
     click.option("--dp-accountant", type=click.Choice(["rdp", "prv", "pld"]), default="rdp", show_default=True),
+    click.option("--dp-sampling-amplification/--no-dp-sampling-amplification", default=False, show_default=True,
+                 help="Central DP: account each round as a cohort of K drawn without replacement from the N sites "
+                      "connected at the draw (replace-one relation, rdp accountant) instead of as the plain "
+                      "Gaussian (q = 1). Off by default: amplification needs random availability and participant "
+                      "lists nobody sees, and the operator, the dashboard and every cohort member see them."),
     click.option("--dp-bits", type=int, default=20, show_default=True, help="Distributed DP: ring bit width b."),
     click.option("--dp-mechanism", type=click.Choice(["skellam", "ddg"]), default="skellam", show_default=True,
                  help="Distributed DP noise."),
@@ -253,7 +258,8 @@ def server_command(**opts: Any) -> NoReturn:
             dp=opts["dp"], dp_clip=opts["dp_clip"], dp_noise_multiplier=opts["dp_noise_multiplier"],
             dp_adaptive_clipping=opts["dp_adaptive_clipping"], dp_target_quantile=opts["dp_target_quantile"],
             dp_delta=opts["dp_delta"], dp_epsilon_budget=opts["dp_epsilon_budget"],
-            dp_accountant=opts["dp_accountant"], dp_bits=opts["dp_bits"], dp_mechanism=opts["dp_mechanism"],
+            dp_accountant=opts["dp_accountant"], dp_sampling_amplification=opts["dp_sampling_amplification"],
+            dp_bits=opts["dp_bits"], dp_mechanism=opts["dp_mechanism"],
             dp_local_noise_multiplier=opts["dp_local_noise_multiplier"],
             dp_local_max_grad_norm=opts["dp_local_max_grad_norm"],
             dp_local_target_epsilon=opts["dp_local_target_epsilon"],

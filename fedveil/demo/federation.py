@@ -184,7 +184,9 @@ def server_config(settings: FederationSettings, recipe: Recipe, n_hospitals: int
         common.update(dp="local", dp_local_target_epsilon=settings.epsilon_budget,
                       dp_local_max_grad_norm=recipe.clip_norm, dp_client_epsilon_budget=settings.epsilon_budget)
     elif settings.dp in ("central", "distributed"):
-        q = min(1.0, k / n_hospitals)
+        # Calibrate for the accounting the server will do: it claims no sampling amplification (the
+        # default of --dp-sampling-amplification; distributed DP never does), so every round is q = 1.
+        q = 1.0
         if settings.dp == "central":
             z = solve_noise_multiplier(target_epsilon=settings.epsilon_budget, delta=recipe.delta, sample_rate=q,
                                        steps=settings.rounds, accountant=recipe.accountant).noise_multiplier

@@ -8,6 +8,12 @@ Events (``fedveil.dp.accounting``) — frozen dataclasses, ``to_dict()`` / ``eve
 - ``SubsampledGaussianEvent(sample_rate, noise_multiplier, steps=1)`` — Poisson-subsampled Gaussian,
   self-composed ``steps`` times. User level: q = cohort ÷ population, one step per round.
   Sample level: q = batch ÷ local dataset size, one step per optimizer step.
+- ``SampledWithoutReplacementGaussianEvent(population, sample_size, noise_multiplier, steps=1)`` — a
+  fixed-size cohort of K of N, uniformly without replacement, then the Gaussian (z = std ÷ clip norm);
+  replace-one relation, so the accountant uses z / 2 (sensitivity 2S). RDP accountant only.
+- ``fedveil.dp.sampling.user_level_event(noise_multiplier, cohort_size, available_at_draw,
+  sampling="fixed", amplification=True)`` → ``(event, details)``: the user-level event of one central-DP
+  round from the sampling that really happened (q = 1 when K >= N or without amplification).
 - ``RdpCurveEvent.from_function(mechanism, rdp_fn, orders=DEFAULT_ORDERS, steps=1, params={...})`` —
   any other mechanism given by its own RDP bound ``rdp_fn(orders: np.ndarray) -> np.ndarray`` for ONE
   application (e.g. Skellam / distributed discrete Gaussian). Only the RDP accountant composes it; PRV
@@ -18,6 +24,8 @@ Accountants (``fedveil.dp.accounting``), interface ``PrivacyAccountant`` (after 
 - ``compose(event)``, ``step(noise_multiplier=, sample_rate=, steps=1)``,
   ``get_epsilon(delta)``, ``epsilon_after(events, delta)`` (what-if), ``state_dict()`` /
   ``load_state_dict()`` (JSON-serializable), ``supports(event)``, ``history``, ``total_steps``.
+- ``relation``: ``"add_remove"``, or ``"replace_one"`` once a without-replacement event is composed
+  (plain Gaussian rounds are then re-expressed at z / 2; Poisson q < 1 and RDP curves are refused).
 - ``RDPAccountant`` (Opacus RDP analysis; O(#orders) per compose, independent of ``steps``),
   ``PRVAccountant`` (Opacus PRV; upper bound within ``eps_error``), ``PLDAccountant`` (Google
   ``dp_accounting`` PLD; pessimistic discretization). ``make_accountant("rdp"|"prv"|"pld")``.
@@ -51,7 +59,9 @@ Only the torch-free names are re-exported here, so ``import fedveil.dp`` stays l
 
 from fedveil.dp.accounting import (
     ACCOUNTANTS,
+    ADD_REMOVE,
     DEFAULT_ORDERS,
+    REPLACE_ONE,
     DpEvent,
     NoiseSolution,
     PLDAccountant,
@@ -59,6 +69,7 @@ from fedveil.dp.accounting import (
     PRVAccountant,
     RDPAccountant,
     RdpCurveEvent,
+    SampledWithoutReplacementGaussianEvent,
     SubsampledGaussianEvent,
     UnsupportedEventError,
     accountant_from_state_dict,
@@ -76,11 +87,14 @@ from fedveil.dp.ledger import (
     PrivacyLedger,
     RoundSpend,
 )
+from fedveil.dp.sampling import user_level_event
 
 __all__ = [
     "ACCOUNTANTS",
+    "ADD_REMOVE",
     "DEFAULT_ORDERS",
     "FEDERATION",
+    "REPLACE_ONE",
     "BudgetExceededError",
     "DpEvent",
     "LedgerConfig",
@@ -94,6 +108,7 @@ __all__ = [
     "RDPAccountant",
     "RdpCurveEvent",
     "RoundSpend",
+    "SampledWithoutReplacementGaussianEvent",
     "SubsampledGaussianEvent",
     "UnsupportedEventError",
     "accountant_from_state_dict",
@@ -101,4 +116,5 @@ __all__ = [
     "event_from_dict",
     "make_accountant",
     "solve_noise_multiplier",
+    "user_level_event",
 ]

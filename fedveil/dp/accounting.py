@@ -14,21 +14,34 @@ dataclasses so that ledgers can serialize them:
 
 - :class:`SubsampledGaussianEvent` — the Poisson-subsampled Gaussian mechanism (sampling rate ``q``,
   noise multiplier ``z`` = noise std ÷ L2 sensitivity) composed ``steps`` times. This is one
-  DP-SGD run (sample level: q = batch ÷ local dataset) or DP-FedAvg rounds (user level:
-  q = cohort ÷ population, one step per round).
+  DP-SGD run (sample level: q = batch ÷ local dataset) or DP-FedAvg rounds (user level, one step
+  per round: q = 1 for the plain Gaussian, or a Poisson rate for a coordinator that samples each site
+  independently; see ``fedveil.dp.sampling``).
+- :class:`SampledWithoutReplacementGaussianEvent` — a fixed-size cohort: ``sample_size`` (K) of
+  ``population`` (N) drawn uniformly without replacement, then the Gaussian mechanism on the sum,
+  composed ``steps`` times. This is what fedveil's coordinator really does each round.
 - :class:`RdpCurveEvent` — any other mechanism given only by its RDP curve ε(α) on a grid of orders
   (e.g. the Skellam or distributed discrete Gaussian mechanism). Only the RDP accountant can compose
   it; PRV and PLD raise :class:`UnsupportedEventError` rather than silently substituting a Gaussian.
 
-Neighbouring relation: add/remove one record (Opacus's and dp-accounting's default for Poisson
-sampling). Pure module: no I/O, no global state.
+Neighbouring relations. Poisson sampling, plain Gaussian rounds and RDP-curve events are analysed
+under add/remove one record (``"add_remove"``, Opacus's and dp-accounting's default): the output
+hardly changes whether a record (at user level: a site) is in the data or not. Sampling without
+replacement is only analysed under replace-one (``"replace_one"``, Balle, Barthe, Gaboardi 2018;
+Wang, Balle, Kasiviswanathan 2019): N is public and the output hardly changes when one record's data
+is replaced by anybody else's. Under replace-one the sum of updates clipped to norm S moves by up to
+2S, not S, so the Gaussian's multiplier is z / 2 (see :class:`SampledWithoutReplacementGaussianEvent`).
+An accountant composes its whole history under one relation (:attr:`PrivacyAccountant.relation`):
+add/remove while every event allows it, replace-one as soon as one event needs it; plain Gaussian
+rounds are then re-expressed at z / 2, and events that cannot be (Poisson-subsampled with q < 1, RDP
+curves) are refused with :class:`UnsupportedEventError`. Pure module: no I/O, no global state.
 """
 
 from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final, Literal, Union
 
@@ -42,6 +55,14 @@ DEFAULT_ORDERS: Final[tuple[float, ...]] = tuple(
 
 ACCOUNTANTS: Final[tuple[str, ...]] = ("rdp", "prv", "pld")
 AccountantName = Literal["rdp", "prv", "pld"]
+
+#: Neighbouring relations (dp-accounting's ``NeighboringRelation.ADD_OR_REMOVE_ONE`` / ``REPLACE_ONE``).
+ADD_REMOVE: Final[str] = "add_remove"
+REPLACE_ONE: Final[str] = "replace_one"
+RELATION_TEXT: Final[dict[str, str]] = {
+    ADD_REMOVE: "add/remove one",
+    REPLACE_ONE: "replace one (the number of candidates is public)",
+}
 
 
 class UnsupportedEventError(ValueError):
@@ -61,6 +82,11 @@ def _check_sample_rate(q: float, name: str = "sample_rate") -> None:
 def _check_noise(z: float, name: str = "noise_multiplier") -> None:
     if not isinstance(z, (int, float)) or isinstance(z, bool) or math.isnan(z) or z < 0.0 or math.isinf(z):
         raise ValueError(f"{name} must be a finite number >= 0 (got {z!r})")
+
+
+def _check_count(value: int, name: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1 (got {value!r})")
 
 
 def _check_steps(steps: int, name: str = "steps") -> None:
@@ -89,6 +115,7 @@ class SubsampledGaussianEvent:
     steps: int = 1
 
     kind: ClassVar[str] = "subsampled_gaussian"
+    relation: ClassVar[str] = ADD_REMOVE
 
     def __post_init__(self) -> None:
         _check_sample_rate(self.sample_rate)
@@ -119,6 +146,84 @@ class SubsampledGaussianEvent:
 
 
 @dataclass(frozen=True)
+class SampledWithoutReplacementGaussianEvent:
+    """A fixed-size cohort: ``sample_size`` (K) of ``population`` (N) candidates drawn uniformly without
+    replacement, then the Gaussian mechanism with noise std ``noise_multiplier · S`` on the sum of their
+    contributions, each of L2 norm at most ``S``; self-composed ``steps`` times.
+
+    Relation: replace-one only (dp-accounting refuses ``SampledWithoutReplacementDpEvent`` under any
+    other). N is public, and neighbouring inputs replace one candidate's data by another's: the sum then
+    moves by up to ‖Δ_a − Δ_b‖ ≤ 2S, so the Gaussian's multiplier under this relation is
+    :attr:`replace_one_noise_multiplier` = z / 2 (dp-accounting's PLD accountant makes the same
+    doubling itself for ``REPLACE_ONE``; its RDP accountant does not, and takes the multiplier over the
+    replace-one sensitivity, so z / 2 is what must be handed to it). The RDP curve is Wang, Balle,
+    Kasiviswanathan 2019 ("Subsampled Rényi DP and analytical moments accountant", Thm 27, with the
+    Gaussian's own bound), as computed by ``dp_accounting.rdp``. K = N is the plain Gaussian at z / 2.
+    """
+
+    population: int
+    sample_size: int
+    noise_multiplier: float
+    steps: int = 1
+
+    kind: ClassVar[str] = "sampled_without_replacement_gaussian"
+    relation: ClassVar[str] = REPLACE_ONE
+
+    def __post_init__(self) -> None:
+        _check_count(self.population, "population")
+        _check_count(self.sample_size, "sample_size")
+        if self.sample_size > self.population:
+            raise ValueError(
+                f"sample_size must be at most population {self.population} (got {self.sample_size!r})"
+            )
+        _check_noise(self.noise_multiplier)
+        _check_steps(self.steps)
+
+    @property
+    def mechanism(self) -> str:
+        return "sampled_without_replacement_gaussian"
+
+    @property
+    def sample_rate(self) -> float:
+        """K / N, the fraction of candidates in the cohort (not a Poisson rate)."""
+        return self.sample_size / self.population
+
+    @property
+    def replace_one_noise_multiplier(self) -> float:
+        """Noise std over the replace-one sensitivity 2S: z / 2."""
+        return self.noise_multiplier / 2.0
+
+    def with_steps(self, steps: int) -> SampledWithoutReplacementGaussianEvent:
+        return SampledWithoutReplacementGaussianEvent(self.population, self.sample_size, self.noise_multiplier, steps)
+
+    def same_mechanism(self, other: DpEvent) -> bool:
+        return (
+            isinstance(other, SampledWithoutReplacementGaussianEvent)
+            and other.population == self.population
+            and other.sample_size == self.sample_size
+            and other.noise_multiplier == self.noise_multiplier
+        )
+
+    def to_dp_accounting(self) -> Any:
+        """The same event in dp-accounting's terms (compose it with ``NeighboringRelation.REPLACE_ONE``)."""
+        import dp_accounting
+
+        inner = dp_accounting.SampledWithoutReplacementDpEvent(
+            self.population, self.sample_size, dp_accounting.GaussianDpEvent(self.replace_one_noise_multiplier)
+        )
+        return dp_accounting.SelfComposedDpEvent(inner, self.steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "population": self.population,
+            "sample_size": self.sample_size,
+            "noise_multiplier": self.noise_multiplier,
+            "steps": self.steps,
+        }
+
+
+@dataclass(frozen=True)
 class RdpCurveEvent:
     """A mechanism known only through its Rényi-DP curve: ``rdp[i]`` = ε at order ``orders[i]`` for ONE
     application, self-composed ``steps`` times (RDP composes additively).
@@ -135,6 +240,7 @@ class RdpCurveEvent:
     params: tuple[tuple[str, float | int | str], ...] = ()
 
     kind: ClassVar[str] = "rdp_curve"
+    relation: ClassVar[str] = ADD_REMOVE
 
     def __post_init__(self) -> None:
         if not isinstance(self.mechanism, str) or not self.mechanism:
@@ -210,7 +316,13 @@ class RdpCurveEvent:
         }
 
 
-DpEvent = Union[SubsampledGaussianEvent, RdpCurveEvent]
+DpEvent = Union[SubsampledGaussianEvent, SampledWithoutReplacementGaussianEvent, RdpCurveEvent]
+#: The event classes, for ``isinstance`` checks.
+DP_EVENT_TYPES: Final[tuple[type, ...]] = (
+    SubsampledGaussianEvent,
+    SampledWithoutReplacementGaussianEvent,
+    RdpCurveEvent,
+)
 
 
 def event_from_dict(data: Mapping[str, Any]) -> DpEvent:
@@ -222,6 +334,13 @@ def event_from_dict(data: Mapping[str, Any]) -> DpEvent:
         if kind == "subsampled_gaussian":
             return SubsampledGaussianEvent(
                 sample_rate=_as_float(data["sample_rate"], "sample_rate"),
+                noise_multiplier=_as_float(data["noise_multiplier"], "noise_multiplier"),
+                steps=_as_int(data["steps"], "steps"),
+            )
+        if kind == "sampled_without_replacement_gaussian":
+            return SampledWithoutReplacementGaussianEvent(
+                population=_as_int(data["population"], "population"),
+                sample_size=_as_int(data["sample_size"], "sample_size"),
                 noise_multiplier=_as_float(data["noise_multiplier"], "noise_multiplier"),
                 steps=_as_int(data["steps"], "steps"),
             )
@@ -240,7 +359,10 @@ def event_from_dict(data: Mapping[str, Any]) -> DpEvent:
         raise ValueError(f"event of kind {kind!r} lacks field {err.args[0]!r}") from None
     except TypeError as err:
         raise ValueError(f"event of kind {kind!r} has a field of the wrong type: {err}") from None
-    raise ValueError(f"unknown event kind {kind!r} (expected 'subsampled_gaussian' or 'rdp_curve')")
+    raise ValueError(
+        f"unknown event kind {kind!r} (expected 'subsampled_gaussian', 'sampled_without_replacement_gaussian' "
+        "or 'rdp_curve')"
+    )
 
 
 def _as_float(value: Any, name: str) -> float:
@@ -273,6 +395,64 @@ def subsampled_gaussian_rdp(sample_rate: float, noise_multiplier: float, orders:
         opacus_rdp.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(orders)),
         dtype=np.float64,
     )
+
+
+def sampled_without_replacement_gaussian_rdp(
+    population: int, sample_size: int, noise_multiplier: float, orders: np.ndarray
+) -> np.ndarray:
+    """RDP (replace-one) of ONE :class:`SampledWithoutReplacementGaussianEvent` at ``orders``.
+
+    dp-accounting's bound (Wang, Balle, Kasiviswanathan 2019, Thm 27; non-integer orders interpolated by
+    their Cor. 10), the function its ``RdpAccountant`` applies to ``SampledWithoutReplacementDpEvent``,
+    evaluated at the replace-one multiplier z / 2 (sensitivity 2S, see the event's docstring), and capped
+    order by order at the plain Gaussian's α / (2 (z/2)^2). The cap is itself a bound for the sampled
+    mechanism (couple both inputs on the same cohort: each pair of outputs is a Gaussian pair at most 2S
+    apart or identical, and exp((α−1) D_α) is jointly convex), so the pointwise minimum is one too.
+    dp-accounting's bound alone exceeds it at small orders, and at all orders up to 5-10 when K is close
+    to N (e.g. 4 of 5): without the cap, "amplification" would cost more than taking everyone.
+    """
+    grid = np.asarray(orders, dtype=np.float64)
+    z = noise_multiplier / 2.0
+    if z == 0.0:
+        return np.full(grid.shape, np.inf)
+    from dp_accounting.rdp import rdp_privacy_accountant as dpa_rdp
+
+    # A module-level function of dp-accounting (not exported): tests pin it to the public RdpAccountant.
+    values = dpa_rdp._compute_rdp_sample_wor_gaussian(sample_size / population, z, [float(a) for a in grid])
+    return np.minimum(np.asarray(values, dtype=np.float64), grid / (2.0 * z * z))
+
+
+def composed_relation(events: Iterable[DpEvent]) -> str:
+    """The relation ``events`` compose under: replace-one as soon as one event needs it, else add/remove."""
+    return REPLACE_ONE if any(e.relation == REPLACE_ONE for e in events) else ADD_REMOVE
+
+
+def _describe(event: DpEvent) -> str:
+    if isinstance(event, SubsampledGaussianEvent):
+        return f"a Poisson-subsampled Gaussian event (q = {event.sample_rate:g})"
+    if isinstance(event, SampledWithoutReplacementGaussianEvent):
+        return f"a without-replacement Gaussian event ({event.sample_size} of {event.population})"
+    return f"the RDP-curve event {event.mechanism!r}"
+
+
+def check_relations(history: Sequence[DpEvent], event: DpEvent) -> None:
+    """Raise :class:`UnsupportedEventError` unless ``event`` and ``history`` compose under one relation.
+
+    Under replace-one, a plain Gaussian round (q = 1, sensitivity S under add/remove) is the Gaussian
+    with sensitivity 2S, i.e. multiplier z / 2; a Poisson-subsampled event with q < 1 and an RDP curve
+    are bounds for add/remove only, and fedveil does not convert them.
+    """
+    events = [*history, event]
+    if composed_relation(events) == ADD_REMOVE:
+        return
+    for e in events:
+        if e.relation == REPLACE_ONE or (isinstance(e, SubsampledGaussianEvent) and e.sample_rate == 1.0):
+            continue
+        raise UnsupportedEventError(
+            f"cannot compose {_describe(e)} with sampling without replacement: a fixed-size cohort is accounted "
+            "under the replace-one relation, and this event is analysed only under add/remove (only plain "
+            "Gaussian rounds, q = 1, are re-expressed under replace-one, at noise multiplier z / 2)"
+        )
 
 
 def rdp_to_epsilon(orders: np.ndarray, rdp: np.ndarray, delta: float) -> tuple[float, float]:
@@ -340,6 +520,11 @@ class PrivacyAccountant(abc.ABC):
     def total_steps(self) -> int:
         return sum(e.steps for e in self.history)
 
+    @property
+    def relation(self) -> str:
+        """The neighbouring relation of :meth:`get_epsilon`: ``"add_remove"`` or ``"replace_one"``."""
+        return composed_relation(self.history)
+
     def __len__(self) -> int:
         return len(self.history)
 
@@ -381,9 +566,11 @@ class PrivacyAccountant(abc.ABC):
             self.compose(event_from_dict(item))
 
     # -- hooks for subclasses -----------------------------------------------------------------------
-    def _check_supported(self, event: DpEvent) -> None:
-        if not isinstance(event, (SubsampledGaussianEvent, RdpCurveEvent)):
+    def _check_supported(self, event: DpEvent, history: Sequence[DpEvent] | None = None) -> None:
+        """Raise :class:`UnsupportedEventError` unless ``event`` can follow ``history`` (default: ours)."""
+        if not isinstance(event, DP_EVENT_TYPES):
             raise UnsupportedEventError(f"not a DP event: {type(event).__name__}")
+        check_relations(self.history if history is None else history, event)
 
     def _on_compose(self, event: DpEvent) -> None:  # noqa: B027 - optional hook
         pass
@@ -406,7 +593,9 @@ class RDPAccountant(PrivacyAccountant):
     ``steps`` (RDP is linear in the number of compositions) and ``get_epsilon`` is O(#orders).
 
     Composes Poisson-subsampled Gaussian events (curve from Opacus's analysis; cached per (q, z) in this
-    instance) and any :class:`RdpCurveEvent`.
+    instance), any :class:`RdpCurveEvent` (add/remove) and :class:`SampledWithoutReplacementGaussianEvent`
+    (replace-one; curve from dp-accounting). When the first replace-one event arrives, the running RDP
+    is recomputed under replace-one (:func:`check_relations` says which events allow it).
     """
 
     name = "rdp"
@@ -418,23 +607,50 @@ class RDPAccountant(PrivacyAccountant):
             raise ValueError("orders must be a non-empty, strictly increasing sequence of numbers > 1")
         self.orders = grid
         self._rdp = np.zeros_like(grid)
-        self._curve_cache: dict[tuple[float, float], np.ndarray] = {}
+        self._rdp_relation = ADD_REMOVE  # the relation self._rdp is computed under
+        self._curve_cache: dict[tuple[Any, ...], np.ndarray] = {}
 
-    def _curve(self, event: DpEvent) -> np.ndarray:
-        if isinstance(event, SubsampledGaussianEvent):
+    def _curve(self, event: DpEvent, relation: str) -> np.ndarray:
+        """RDP of one application of ``event`` under ``relation`` (checked compatible beforehand)."""
+        if isinstance(event, RdpCurveEvent):
+            return event.rdp_at(self.orders)
+        key: tuple[Any, ...]
+        if isinstance(event, SampledWithoutReplacementGaussianEvent):
+            key = ("wor", event.population, event.sample_size, event.noise_multiplier)
+        elif relation == REPLACE_ONE:
+            key = ("gaussian_replace_one", event.noise_multiplier)
+        else:
             key = (event.sample_rate, event.noise_multiplier)
-            curve = self._curve_cache.get(key)
-            if curve is None:
+        curve = self._curve_cache.get(key)
+        if curve is None:
+            if isinstance(event, SampledWithoutReplacementGaussianEvent):
+                curve = sampled_without_replacement_gaussian_rdp(
+                    event.population, event.sample_size, event.noise_multiplier, self.orders
+                )
+            elif relation == REPLACE_ONE:  # a plain Gaussian round (q = 1): sensitivity 2S, multiplier z / 2
+                curve = subsampled_gaussian_rdp(1.0, event.noise_multiplier / 2.0, self.orders)
+            else:
                 curve = subsampled_gaussian_rdp(event.sample_rate, event.noise_multiplier, self.orders)
-                self._curve_cache[key] = curve
-            return curve
-        return event.rdp_at(self.orders)
+            self._curve_cache[key] = curve
+        return curve
+
+    def _rdp_of(self, events: Sequence[DpEvent], relation: str) -> np.ndarray:
+        total = np.zeros_like(self.orders)
+        for e in events:
+            total = total + e.steps * self._curve(e, relation)
+        return total
 
     def _on_compose(self, event: DpEvent) -> None:
-        self._rdp = self._rdp + event.steps * self._curve(event)
+        relation = self.relation
+        if relation != self._rdp_relation:  # the first replace-one event: recompute everything under it
+            self._rdp = self._rdp_of(self.history, relation)
+            self._rdp_relation = relation
+        else:
+            self._rdp = self._rdp + event.steps * self._curve(event, relation)
 
     def _reset(self) -> None:
         self._rdp = np.zeros_like(self.orders)
+        self._rdp_relation = ADD_REMOVE
 
     @property
     def rdp(self) -> np.ndarray:
@@ -449,10 +665,15 @@ class RDPAccountant(PrivacyAccountant):
         return self.get_privacy_spent(delta)[0]
 
     def epsilon_after(self, events: Sequence[DpEvent], delta: float) -> float:
-        rdp = self._rdp.copy()
+        seen = list(self.history)
         for e in events:
-            self._check_supported(e)
-            rdp = rdp + e.steps * self._curve(e)
+            self._check_supported(e, seen)
+            seen.append(e)
+        relation = composed_relation(seen)
+        if relation == self._rdp_relation:
+            rdp = self._rdp + self._rdp_of(events, relation)
+        else:
+            rdp = self._rdp_of(seen, relation)
         return rdp_to_epsilon(self.orders, rdp, delta)[0]
 
     def _extra_state(self) -> dict[str, Any]:
@@ -467,7 +688,7 @@ class RDPAccountant(PrivacyAccountant):
 
     def _empty_like(self) -> RDPAccountant:
         other = RDPAccountant(self.orders)
-        other._curve_cache = self._curve_cache  # curves depend only on (q, z, orders): safe to share
+        other._curve_cache = self._curve_cache  # curves depend only on the event and orders: safe to share
         return other
 
 
@@ -475,8 +696,17 @@ class _GaussianOnlyAccountant(PrivacyAccountant):
     """Base for accountants that represent the privacy loss distribution numerically and therefore only
     handle mechanisms whose distribution they know (here: the Poisson-subsampled Gaussian)."""
 
-    def _check_supported(self, event: DpEvent) -> None:
-        super()._check_supported(event)
+    #: Why this accountant cannot do sampling without replacement (for the error message).
+    _without_replacement_gap: ClassVar[str] = ""
+
+    def _check_supported(self, event: DpEvent, history: Sequence[DpEvent] | None = None) -> None:
+        super()._check_supported(event, history)
+        if isinstance(event, SampledWithoutReplacementGaussianEvent):
+            raise UnsupportedEventError(
+                f"the {self.name.upper()} accountant cannot account sampling without replacement (a fixed-size "
+                f"cohort of {event.sample_size} of {event.population}): {self._without_replacement_gap}; use the "
+                "'rdp' accountant, which composes it under the replace-one relation"
+            )
         if not isinstance(event, SubsampledGaussianEvent):
             raise UnsupportedEventError(
                 f"the {self.name.upper()} accountant only composes Poisson-subsampled Gaussian events; "
@@ -496,6 +726,7 @@ class PRVAccountant(_GaussianOnlyAccountant):
     """
 
     name = "prv"
+    _without_replacement_gap = "Opacus's PRV analysis knows only Poisson sampling (add/remove)"
     #: Refuse compositions whose discretization grid would exceed this many points (memory and minutes).
     max_domain_points: int = 20_000_000
 
@@ -562,6 +793,7 @@ class PLDAccountant(_GaussianOnlyAccountant):
     """
 
     name = "pld"
+    _without_replacement_gap = "dp-accounting's PLD accountant has no SampledWithoutReplacementDpEvent"
 
     def __init__(self, value_discretization_interval: float = 1e-4) -> None:
         super().__init__()

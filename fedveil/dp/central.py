@@ -8,8 +8,9 @@ Recurrent Language Models", Algorithm 1) releases, each round,
 where ``m`` is the *expected* cohort size (a fixed denominator keeps the sensitivity of the
 mean at ``S / m``; dividing by the realised count would leak it).  One round is a Gaussian
 mechanism with noise multiplier ``z`` on a sum of L2 sensitivity ``S``; its Rényi DP curve is
-``ε(α) = α / (2 z^2)`` (Mironov 2017).  Cohort sampling (``q = m / N``) amplifies it; that is
-the accountant's job (``fedveil.dp.accounting``), which composes the per-round event.
+``ε(α) = α / (2 z^2)`` (Mironov 2017).  Cohort sampling may amplify it, only for the sampling
+that really happened (``fedveil.dp.sampling.user_level_event``); the accountant
+(``fedveil.dp.accounting``) composes the per-round event.
 
 With adaptive clipping (:mod:`fedveil.dp.clipping`) the update sum is noised with ``z_Δ S``
 and the round is still accounted as one Gaussian event with multiplier ``z``.
@@ -258,7 +259,8 @@ class DPFedAvg:
         return gaussian_rdp(self.noise_multiplier, orders)
 
     def dp_event(self, sample_rate: float = 1.0, rounds: int = 1) -> SubsampledGaussianEvent:
-        """The accounting event of ``rounds`` rounds with cohort sampling rate ``q = m / N``.
+        """The accounting event of ``rounds`` rounds with Poisson cohort sampling rate ``sample_rate``
+        (1: no amplification; fedveil's server uses ``fedveil.dp.sampling.user_level_event`` instead).
 
         Under adaptive clipping this is still the Gaussian event with the full ``z``: the update
         and count releases together are exactly that mechanism (Andrew et al. 2021, Thm. 1).

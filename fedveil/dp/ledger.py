@@ -3,8 +3,9 @@
 Two levels of privacy are tracked side by side:
 
 - **user level** (party ``"federation"``): what the released aggregates reveal about any one client's
-  participation — DP-FedAvg central noise (McMahan et al. 2018, q = cohort ÷ population, one step per
-  round) or distributed noise inside the secure sum (an :class:`~fedveil.dp.accounting.RdpCurveEvent`);
+  participation — DP-FedAvg central noise (McMahan et al. 2018, one Gaussian event per round, with the
+  cohort sampling that really happened: see :func:`fedveil.dp.sampling.user_level_event`) or
+  distributed noise inside the secure sum (an :class:`~fedveil.dp.accounting.RdpCurveEvent`);
 - **sample level** (party = client id): what one client's DP-SGD training reveals about any one of its
   records (Abadi et al. 2016, q = batch ÷ local dataset, steps = local steps over all rounds it joined).
 
@@ -29,10 +30,11 @@ from typing import Any, Final
 
 from fedveil.dp.accounting import (
     ACCOUNTANTS,
+    ADD_REMOVE,
+    DP_EVENT_TYPES,
     DpEvent,
     PrivacyAccountant,
     RdpCurveEvent,
-    SubsampledGaussianEvent,
     UnsupportedEventError,
     check_delta,
     event_from_dict,
@@ -157,6 +159,8 @@ class PartyRound:
     epsilon_round: float
     epsilon_cumulative: float
     details: tuple[tuple[str, Any], ...] = ()
+    relation: str = ADD_REMOVE
+    """The neighbouring relation ``epsilon_cumulative`` holds under (``"add_remove"`` / ``"replace_one"``)."""
 
 
 @dataclass(frozen=True)
@@ -198,6 +202,12 @@ class PrivacyLedger:
         acc = self._accountants.get(party)
         return 0.0 if acc is None else acc.get_epsilon(self.config.delta_for(party))
 
+    def relation(self, party: str = FEDERATION) -> str:
+        """The neighbouring relation :meth:`epsilon` holds under for ``party`` (``"add_remove"`` unless a
+        fixed-size cohort was accounted with sampling amplification: ``"replace_one"``)."""
+        acc = self._accountants.get(party)
+        return ADD_REMOVE if acc is None else acc.relation
+
     def remaining(self, party: str = FEDERATION) -> float | None:
         """Budget left for ``party`` (``None`` when no budget is configured)."""
         budget = self.config.budget_for(party)
@@ -229,6 +239,7 @@ class PrivacyLedger:
                     epsilon_round=alone.get_epsilon(delta),
                     epsilon_cumulative=running.get_epsilon(delta),
                     details=tuple(sorted(details.items())),
+                    relation=running.relation,
                 )
             )
         return out
@@ -366,7 +377,7 @@ class PrivacyLedger:
         if not planned:
             raise ValueError("a round needs a federation event or at least one client event")
         for party, event in planned:
-            if not isinstance(event, (SubsampledGaussianEvent, RdpCurveEvent)):
+            if not isinstance(event, DP_EVENT_TYPES):
                 raise UnsupportedEventError(f"{party}: not a DP event ({type(event).__name__})")
             last = self._last_round.get(party)
             if last is not None and round_index < last:
@@ -425,7 +436,7 @@ class PrivacyLedger:
 
 
 def _default_label(event: DpEvent) -> str:
-    return "gaussian" if isinstance(event, SubsampledGaussianEvent) else event.mechanism
+    return event.mechanism if isinstance(event, RdpCurveEvent) else "gaussian"
 
 
 def _entry_from_dict(item: Any) -> LedgerEntry:

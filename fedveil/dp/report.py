@@ -1,8 +1,9 @@
 """Privacy reports from a :class:`~fedveil.dp.ledger.PrivacyLedger`: text, JSON, Markdown and a plot.
 
 Why: a privacy officer signs off on figures, so the report shows per round and cumulatively the
-federation's user-level ε and each client's sample-level ε, the mechanism and its parameters, and the
-budget remaining — the history behind the final number.
+federation's user-level ε and each client's sample-level ε, the mechanism and its parameters, the
+sampling each round's ε relies on (Poisson with rate q, K of N without replacement, or none) and the
+neighbouring relation the ε holds under, and the budget remaining — the history behind the final number.
 
 All functions are pure: :func:`build_report` takes a ledger object (from a JSON file or handed in by a
 run-store reader), the renderers return strings / dicts, and :func:`render_plot` returns a matplotlib
@@ -18,7 +19,14 @@ from typing import Any
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from fedveil.dp.accounting import RdpCurveEvent, SubsampledGaussianEvent
+from fedveil.dp.accounting import (
+    ADD_REMOVE,
+    REPLACE_ONE,
+    DpEvent,
+    RdpCurveEvent,
+    SampledWithoutReplacementGaussianEvent,
+    SubsampledGaussianEvent,
+)
 from fedveil.dp.ledger import FEDERATION, PartyRound, PrivacyLedger
 
 
@@ -31,6 +39,10 @@ class PartyRoundReport:
     epsilon_round: float
     epsilon_cumulative: float
     budget_remaining: float | None
+    sampling: str = "none"
+    """The sampling this round's ε relies on: ``"Poisson q=…"``, ``"without replacement K of N"`` or ``"none"``."""
+    relation: str = ADD_REMOVE
+    """The neighbouring relation of ``epsilon_cumulative``."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +62,20 @@ class PrivacyReport:
     rounds: list[RoundReport]
     federation_epsilon: float | None  # None: no user-level mechanism was recorded (no user-level bound)
     client_epsilons: dict[str, float]
+    federation_relation: str | None = None  # the neighbouring relation of federation_epsilon
+
+
+def sampling_text(event: DpEvent) -> str:
+    """How the event's sampling amplifies it, in words: Poisson with rate q, K of N without replacement,
+    or ``"none"`` (q = 1: everyone who could take part is accounted as taking part)."""
+    if isinstance(event, SampledWithoutReplacementGaussianEvent):
+        return f"without replacement {event.sample_size} of {event.population}"
+    if isinstance(event, SubsampledGaussianEvent):
+        q = event.sample_rate
+    else:
+        raw = dict(event.params).get("sample_rate", 1.0)
+        q = float(raw) if isinstance(raw, (int, float)) else 1.0
+    return "none" if q >= 1.0 else f"Poisson q={q:.4g}"
 
 
 def _parameters(pr: PartyRound) -> dict[str, Any]:
@@ -57,6 +83,9 @@ def _parameters(pr: PartyRound) -> dict[str, Any]:
     params: dict[str, Any]
     if isinstance(ev, SubsampledGaussianEvent):
         params = {"sample_rate": ev.sample_rate, "noise_multiplier": ev.noise_multiplier, "steps": ev.steps}
+    elif isinstance(ev, SampledWithoutReplacementGaussianEvent):
+        params = {"population": ev.population, "sample_size": ev.sample_size,
+                  "noise_multiplier": ev.noise_multiplier, "steps": ev.steps}
     else:
         assert isinstance(ev, RdpCurveEvent)
         params = {**dict(ev.params), "steps": ev.steps}
@@ -78,6 +107,8 @@ def build_report(ledger: PrivacyLedger) -> PrivacyReport:
                 epsilon_round=pr.epsilon_round,
                 epsilon_cumulative=pr.epsilon_cumulative,
                 budget_remaining=None if budget is None else max(0.0, budget - pr.epsilon_cumulative),
+                sampling=sampling_text(pr.event),
+                relation=pr.relation,
             )
             finals[party] = pr.epsilon_cumulative
     rounds = [
@@ -97,6 +128,7 @@ def build_report(ledger: PrivacyLedger) -> PrivacyReport:
         rounds=rounds,
         federation_epsilon=finals.get(FEDERATION),
         client_epsilons={p: v for p, v in sorted(finals.items()) if p != FEDERATION},
+        federation_relation=ledger.relation(FEDERATION) if FEDERATION in finals else None,
     )
 
 
@@ -112,6 +144,8 @@ def _party_dict(p: PartyRoundReport) -> dict[str, Any]:
         "epsilon_round": _num(p.epsilon_round),
         "epsilon_cumulative": _num(p.epsilon_cumulative),
         "budget_remaining": _num(p.budget_remaining),
+        "sampling": p.sampling,
+        "relation": p.relation,
     }
 
 
@@ -125,6 +159,7 @@ def report_to_dict(report: PrivacyReport) -> dict[str, Any]:
         "client_budget": report.client_budget,
         "federation_epsilon": None if report.federation_epsilon is None else _num(report.federation_epsilon),
         "user_level_mechanism": report.federation_epsilon is not None,
+        "federation_relation": report.federation_relation,
         "client_epsilons": {k: _num(v) for k, v in report.client_epsilons.items()},
         "rounds": [
             {
@@ -145,16 +180,22 @@ def _fmt(x: float | None) -> str:
     return f"{x:.4f}"
 
 
+#: Parameters with a column of their own, or too long for one cell (the JSON report keeps them).
+_NOT_IN_CELL = frozenset({"sampling", "relation", "amplification_reason"})
+
+
 def _fmt_params(params: dict[str, Any]) -> str:
-    short = {"sample_rate": "q", "noise_multiplier": "z", "steps": "T"}
+    short = {"sample_rate": "q", "noise_multiplier": "z", "steps": "T", "population": "N", "sample_size": "K"}
     parts = []
     for k, v in params.items():
+        if k in _NOT_IN_CELL:
+            continue
         shown = f"{v:.4g}" if isinstance(v, float) else str(v)
         parts.append(f"{short.get(k, k)}={shown}")
     return ", ".join(parts)
 
 
-def _rows(report: PrivacyReport) -> list[tuple[str, str, str, str, str, str, str]]:
+def _rows(report: PrivacyReport) -> list[tuple[str, str, str, str, str, str, str, str]]:
     rows = []
     for r in report.rounds:
         parties: list[tuple[str, PartyRoundReport]] = []
@@ -169,6 +210,7 @@ def _rows(report: PrivacyReport) -> list[tuple[str, str, str, str, str, str, str
                     name,
                     level,
                     f"{p.mechanism} ({_fmt_params(p.parameters)})",
+                    p.sampling,
                     _fmt(p.epsilon_round),
                     _fmt(p.epsilon_cumulative),
                     _fmt(p.budget_remaining),
@@ -177,7 +219,11 @@ def _rows(report: PrivacyReport) -> list[tuple[str, str, str, str, str, str, str
     return rows
 
 
-_HEADERS = ("round", "party", "level", "mechanism", "ε round", "ε cumulative", "budget left")
+_HEADERS = ("round", "party", "level", "mechanism", "sampling", "ε round", "ε cumulative", "budget left")
+_RELATION_WORDS = {
+    ADD_REMOVE: "add/remove one site",
+    REPLACE_ONE: "replace one site (the number of sites available at each draw is public)",
+}
 
 
 def _summary_lines(report: PrivacyReport) -> list[str]:
@@ -187,7 +233,8 @@ def _summary_lines(report: PrivacyReport) -> list[str]:
         f"accountant: {report.accountant}",
         (
             f"federation (user level): ε = {_fmt(report.federation_epsilon)} at δ = {report.federation_delta:g}, "
-            f"budget {fb}"
+            f"budget {fb}, neighbouring relation: "
+            f"{_RELATION_WORDS.get(report.federation_relation or ADD_REMOVE, report.federation_relation)}"
             if report.federation_epsilon is not None
             else "federation (user level): no user-level mechanism recorded, so no user-level ε bound holds"
         ),

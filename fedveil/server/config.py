@@ -68,6 +68,17 @@ class ServerConfig:
 
     Deadlines: training plus key advertisement must finish within ``round_timeout`` seconds of
     the round start, every later secure-aggregation stage within ``stage_timeout``.
+
+    User-level ε under central DP (``fedveil.dp.sampling.user_level_event``): by default
+    (``dp_sampling_amplification=False``) every round is accounted as the plain Gaussian (q = 1).
+    Amplification by sampling assumes that whether a site could be drawn is random and that nobody who
+    sees the results knows who was drawn; neither holds by default here: sites are online when their
+    operators keep them online, the server's operator (and the store, the dashboard, every cohort
+    member, who learns its peers in secure aggregation) sees the participant lists, and the cohort draw
+    is seeded by the job seed. ``dp_sampling_amplification=True`` claims it anyway for the K of N sites
+    connected at the draw (sampling without replacement, so the ε then holds under the replace-one
+    relation and needs the RDP accountant); whoever sets it must keep the participant lists and the
+    draw's randomness out of every adversary's sight.
     """
 
     task: str
@@ -95,6 +106,7 @@ class ServerConfig:
     dp_delta: float = 1e-5
     dp_epsilon_budget: float | None = None
     dp_accountant: str = "rdp"
+    dp_sampling_amplification: bool = False
     dp_bits: int = 20
     dp_mechanism: str = "skellam"
     dp_local_noise_multiplier: float = 1.0
@@ -179,6 +191,17 @@ class ServerConfig:
             raise ServerConfigError("--dp-adaptive-clipping", "only with --dp central (got --dp distributed)")
         if self.dp_adaptive_clipping and self.dp != "central":
             raise ServerConfigError("--dp-adaptive-clipping", f"only with --dp central (got --dp {self.dp})")
+        if self.dp_sampling_amplification and self.dp != "central":
+            raise ServerConfigError("--dp-sampling-amplification",
+                                    f"only with --dp central (got --dp {self.dp}); distributed DP claims no "
+                                    "sampling amplification")
+        if self.dp_sampling_amplification and self.dp_accountant != "rdp":
+            # A fixed-size cohort is sampling without replacement; of fedveil's accountants only RDP
+            # (dp-accounting's bound) can account it. PRV and PLD would refuse the first sampled round.
+            raise ServerConfigError("--dp-accountant",
+                                    "must be rdp with --dp-sampling-amplification: only the RDP accountant can "
+                                    f"account a fixed-size cohort (sampling without replacement) "
+                                    f"(got {self.dp_accountant!r})")
 
     def secagg_plan(self, cohort: int, *, cap: bool = True) -> ThresholdPlan:
         """Masking graph and threshold for a cohort of ``cohort`` clients (see the class docstring).
@@ -214,12 +237,15 @@ class ServerConfig:
     def differences(self, stored: dict[str, Any]) -> list[str]:
         """Flags whose value differs from a stored job's ``resume_key`` (one line each)."""
         mine = self.resume_key()
+        # A setting the stored run predates was, for it, the setting's default.
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
         out = []
         for key in sorted(set(mine) | set(stored)):
             if key in OPERATIONAL_FIELDS:
                 continue
-            if mine.get(key) != stored.get(key):
-                out.append(f"{_flag(key)}: the run was started with {stored.get(key)!r}, now {mine.get(key)!r}")
+            theirs = stored.get(key, defaults.get(key))
+            if mine.get(key) != theirs:
+                out.append(f"{_flag(key)}: the run was started with {theirs!r}, now {mine.get(key)!r}")
         return out
 
     @classmethod

@@ -78,6 +78,8 @@ def server_args(config: ServerConfig, listen: str, store_path: Path, port_file: 
         argv += ["--dp-local-target-epsilon", str(config.dp_local_target_epsilon)]
     if config.dp_adaptive_clipping:
         argv.append("--dp-adaptive-clipping")
+    if config.dp_sampling_amplification:
+        argv.append("--dp-sampling-amplification")
     if not config.evaluate:
         argv.append("--no-evaluate")
     if not config.final_evaluation:

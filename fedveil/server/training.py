@@ -9,12 +9,15 @@ It never sees an individual client's update, only the secure sum.
 
 User-level DP (``--dp central``, DP-FedAvg, McMahan et al. 2018): clients clip their update to
 ``S``; the server adds N(0, (zS)^2) to the sum and divides by the expected cohort size K; each
-round is one subsampled Gaussian event with q = K / N (N = enrolled clients), the usual
-approximation of uniform cohort sampling by Poisson sampling. ``--dp distributed``: clients
+round is one Gaussian event for the sampling that really happened
+(:func:`fedveil.dp.sampling.user_level_event`): the cohort is K of the N sites connected at the
+draw, uniformly without replacement, so without ``--dp-sampling-amplification`` (the default), or
+when K >= N, it is the plain Gaussian (q = 1); with it, sampling without replacement (K of N,
+replace-one relation). ``--dp distributed``: clients
 add Skellam/discrete-Gaussian shares (``fedveil.dp.distributed``); the round is accounted with
 that mechanism's own RDP bound for the smallest number of contributors the round can complete
-with (the threshold t), which is conservative. ``--dp local``: clients run DP-SGD and report
-their sample-level spend, which the ledger records per client.
+with (the threshold t), which is conservative, and claims no sampling amplification. ``--dp local``:
+clients run DP-SGD and report their sample-level spend, which the ledger records per client.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from fedveil.dp.central import DPFedAvg, SecureNormalSampler
 from fedveil.dp.clipping import AdaptiveClippingConfig
 from fedveil.dp.distributed import DistributedDPConfig, decode_sum, derive_parameters, derive_rotation_seed
 from fedveil.dp.ledger import LedgerConfig, PrivacyLedger, RoundSpend
+from fedveil.dp.sampling import user_level_event
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.secagg.encoding import FixedPointEncoder
 from fedveil.server.config import ServerConfig
@@ -180,22 +184,46 @@ class GlobalModel:
                          encoder=encoder, clip_norm=clip_norm,
                          details={"frac_bits": encoder.frac_bits, "clip_range": clip_range})
 
-    def reserve_budget(self, plan: RoundPlan, population: int) -> RoundSpend | None:
-        """Record the round's user-level DP event in the ledger, or raise ``BudgetExceededError``."""
+    def reserve_budget(
+        self, plan: RoundPlan, available_at_draw: int, *, amplification: bool | None = None
+    ) -> RoundSpend | None:
+        """Record the round's user-level DP event in the ledger, or raise ``BudgetExceededError``.
+
+        ``available_at_draw`` is the number of sites the cohort was drawn from (those connected at the
+        draw), never the enrolled ones: an offline site could not have been picked. ``amplification``
+        defaults to ``config.dp_sampling_amplification``; a caller may pass ``False`` to withdraw the
+        claim for this round (e.g. when the participant list has been shown), never ``True`` against
+        the configuration.
+        """
         cfg = self.config
         if self.ledger is None or cfg.dp not in ("central", "distributed"):
             return None
-        details: dict[str, Any] = {"cohort": plan.cohort_size, "population": population}
+        if amplification is None:
+            amplification = cfg.dp_sampling_amplification
+        elif amplification and not cfg.dp_sampling_amplification:
+            raise ValueError(
+                "--dp-sampling-amplification: this job does not claim sampling amplification, "
+                "so a round cannot claim it (got amplification=True)"
+            )
+        details: dict[str, Any] = {"cohort": plan.cohort_size}
         if cfg.dp == "central":
             assert self.dpfedavg is not None
-            q = min(1.0, cfg.clients_per_round / max(population, cfg.clients_per_round))
-            event: Any = SubsampledGaussianEvent(q, cfg.dp_noise_multiplier)
-            details.update(clip_norm=plan.clip_norm, noise_multiplier=cfg.dp_noise_multiplier, sample_rate=q)
+            event: Any
+            event, sampling = user_level_event(
+                cfg.dp_noise_multiplier, plan.cohort_size, available_at_draw, "fixed", amplification
+            )
+            details.update(clip_norm=plan.clip_norm, noise_multiplier=cfg.dp_noise_multiplier, **sampling)
             mechanism = "dp-fedavg" + ("-adaptive" if self.dpfedavg.adaptive is not None else "")
         else:
             assert plan.distributed is not None
             event = plan.distributed.rdp_event(n_contributors=plan.threshold)
             details.update(clip_norm=plan.clip_norm, min_contributors=plan.threshold, **plan.details)
+            details.update(
+                available=available_at_draw, sampling="none", sample_rate=1.0, relation=event.relation,
+                amplification=False,
+                amplification_reason="distributed DP claims no sampling amplification: the round is accounted "
+                "for its threshold of contributors whoever was drawn",
+            )
             mechanism = f"distributed-{plan.distributed.mechanism}"
         return self.ledger.reserve(plan.round_number, federation=event, mechanism=mechanism, details=details)
 
