@@ -54,6 +54,7 @@ from fedveil.protocol.errors import (
     StageClosed,
     Unavailable,
 )
+from fedveil.protocol.uploads import UploadReservation
 from fedveil.secagg import errors as sa_errors
 from fedveil.secagg import messages as sa
 from fedveil.secagg.config import SecAggConfig
@@ -62,6 +63,7 @@ from fedveil.secagg.server import SecAggServer
 from fedveil.server.config import ServerConfig
 from fedveil.server.store import RunStore
 from fedveil.server.training import GlobalModel, RoundPlan, round_seed
+from fedveil.server.uploads import UploadBook
 from fedveil.task import Task, model_to_vector
 
 log = logging.getLogger("fedveil.server")
@@ -507,26 +509,68 @@ class Coordinator:
         return self.submit_masked_vector(caller, request.header, request.masked_vector)
 
     def submit_masked_vector(
-        self, caller: str, header: pb.RequestHeader, data: bytes | bytearray | memoryview
+        self, caller: str, header: pb.RequestHeader, data: bytes | bytearray | memoryview,
+        reservation: UploadReservation | None = None,
     ) -> pb.Ack:
-        """The masked input (``SubmitMaskedInput``, or reassembled from ``UploadMaskedInput``)."""
+        """The masked input (``SubmitMaskedInput``, or reassembled from ``UploadMaskedInput`` under the
+        ``reservation`` that :meth:`masked_input_size` made, whose header's sequence number is spent)."""
         with self._cond:
-            client = self._session(caller, header, "SubmitMaskedInput")
+            if reservation is None:
+                client = self._session(caller, header, "SubmitMaskedInput")
+            else:
+                client = self._session(caller, header, "UploadMaskedInput", consume=False)
+                if not self._upload_book().holds(reservation) or reservation.site != caller:
+                    raise StageClosed("UploadMaskedInput: this upload no longer holds its reservation")
             rnd, sid = self._round_for(client, header, Stage.MASKED_INPUT, "SubmitMaskedInput")
+            if reservation is None and self._upload_book().active(caller, rnd.nonce, Stage.MASKED_INPUT):
+                raise Replayed("SubmitMaskedInput: an upload from this site for this stage is in progress")
             vector = decode_ring_vector(data, rnd.plan.dimension, rnd.plan.ring_bits)
             msg = sa.MaskedInputResponse(rnd.secagg.config.round_id, sid, vector)
-            return self._feed(rnd, sid, msg, Stage.MASKED_INPUT, caller)
+            ack = self._feed(rnd, sid, msg, Stage.MASKED_INPUT, caller)
+            if reservation is not None:
+                self._upload_book().complete(reservation)
+            return ack
 
-    def masked_input_size(self, caller: str, header: pb.RequestHeader) -> int:
-        """Check, before an upload is received, that it is wanted; returns its exact byte size.
+    def masked_input_size(
+        self, caller: str, header: pb.RequestHeader, alive: Callable[[], bool] = lambda: True
+    ) -> UploadReservation:
+        """Reserve, before an upload's data is received, this site's one upload for the stage.
 
-        Nothing is consumed (the sequence number is checked when the upload completes)."""
+        Checks that the upload is wanted and spends the header's sequence number, so the same header
+        cannot open a second stream; a second stream for the same site and stage is refused while this
+        one is open (``Replayed``: ALREADY_EXISTS). Returns the reservation (``size``: the exact byte
+        size of the masked input); the transport releases it if the upload fails
+        (:mod:`fedveil.protocol.uploads`)."""
         with self._cond:
-            client = self._session(caller, header, "UploadMaskedInput", consume=False)
-            if header.sequence <= client.last_sequence:
-                raise Replayed(f"UploadMaskedInput: replayed message (sequence {header.sequence})")
+            client = self._session(caller, header, "UploadMaskedInput")
             rnd, _sid = self._round_for(client, header, Stage.MASKED_INPUT, "UploadMaskedInput")
-            return rnd.plan.dimension * (4 if rnd.plan.ring_bits <= 32 else 8)
+            size = rnd.plan.dimension * (4 if rnd.plan.ring_bits <= 32 else 8)
+            res = self._upload_book().reserve(caller, rnd.number, rnd.nonce, Stage.MASKED_INPUT,
+                                              int(header.sequence), size, alive)
+            res.on_release = self._release_upload
+            res.still_wanted = self._upload_wanted
+            return res
+
+    # -- upload reservations (fedveil.protocol.uploads) -------------------------------------------
+    _uploads: UploadBook | None = None
+
+    def _upload_book(self) -> UploadBook:
+        if self._uploads is None:
+            self._uploads = UploadBook()
+        return self._uploads
+
+    def _release_upload(self, res: UploadReservation, counted: bool) -> None:
+        with self._cond:
+            self._upload_book().release(res, counted)
+
+    def _upload_wanted(self, res: UploadReservation) -> bool:
+        """Whether the stage ``res`` was reserved for still takes it (its waiting is over if not)."""
+        with self._cond:
+            rnd = self._round
+            client = self._clients.get(res.site)
+            return (self._upload_book().holds(res) and rnd is not None and rnd.nonce == res.nonce
+                    and rnd.stage == res.stage and not rnd.closing and res.site not in rnd.dropped
+                    and client is not None and not self._stopping)
 
     def fetch_model(self, caller: str, request: pb.FetchModelRequest) -> bytes:
         """The current model's bytes (``Model.data``) for a client holding a valid session."""
