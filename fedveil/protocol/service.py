@@ -218,6 +218,7 @@ class FederationServicer:
                     self._watchdog.watch(context.cancel, self._limits.upload_idle_timeout_s) as watch:
                 try:
                     first = next(requests, None)
+                    _raise_if_cancelled(watch)
                     if first is None:
                         raise MalformedMessage(f"{rpc}: the upload has no chunks")
                     if isinstance(first, _Malformed):
@@ -229,7 +230,7 @@ class FederationServicer:
                             f"total_bytes: expected {expected} bytes of masked input, got {first.total_bytes}"
                         )
                     return self._receive_upload(rpc, caller, first, requests, reservation, context, watch)
-                except grpc.RpcError:  # the stream broke: the client went away, or the watchdog cancelled it
+                except (grpc.RpcError, _Cancelled):  # the stream broke: the client left, or the watchdog cancelled it
                     if watch.reason:
                         self._count_refusal(caller, context, f"cancelled: it {watch.reason}")
                     else:
@@ -277,6 +278,7 @@ class FederationServicer:
                                            f"{expected}-byte masked input (or exceed {MAX_CHUNK_BYTES})")
                 view[pos : pos + n] = chunk.data
                 pos += n
+            _raise_if_cancelled(watch)  # a stream the server cancelled ends like one the client closed
             if pos != expected:
                 raise MalformedMessage(f"{rpc}: the upload ended after {pos} of {expected} bytes")
             watch.pause()  # the data is in: decoding and adding it is the server's time, not the client's
@@ -287,11 +289,10 @@ class FederationServicer:
 
     def _count_refusal(self, caller: str, context: grpc.ServicerContext, what: str) -> None:
         """One warning line per refused or cancelled upload stream, with the site's running count."""
-        with self._refusals_lock:
+        with self._refusals_lock:  # logged under the lock: the running counts appear in order
             self.upload_refusals[caller] += 1
-            count = self.upload_refusals[caller]
-        log.warning("UploadMaskedInput from %s at %s %s (%d refused upload stream(s) from this site)",
-                    caller, context.peer(), what, count)
+            log.warning("UploadMaskedInput from %s at %s %s (%d refused upload stream(s) from this site)",
+                        caller, context.peer(), what, self.upload_refusals[caller])
 
     def _fetch_model(self, request: Any, context: grpc.ServicerContext) -> Iterator[bytes]:
         """``FetchModel``: the current model in chunks, sliced from one shared buffer."""
@@ -334,6 +335,15 @@ class FederationServicer:
             response_serializer=None,  # the chunks are serialized already (shared, see _serialized_chunks)
         )
         return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+
+class _Cancelled(Exception):
+    """The upload watchdog cancelled the stream (gRPC then ends its request iterator quietly)."""
+
+
+def _raise_if_cancelled(watch: UploadWatch) -> None:
+    if watch.reason:
+        raise _Cancelled(watch.reason)
 
 
 def _model_chunks(data: bytes) -> Iterator[Message]:

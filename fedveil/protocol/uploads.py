@@ -213,10 +213,10 @@ class UploadWatch:
         """Cancel the stream if it is over a bound; True when it did (or had)."""
         if self.reason:
             return True
-        if self._deadline is not None and now > self._deadline:
-            self.reason = "held its upload slot past its overall time bound"
-        elif not self._paused and now - self._last > self._idle_s:
+        if not self._paused and now - self._last > self._idle_s:
             self.reason = f"sent no chunk for {self._idle_s:g} s"
+        elif not self._paused and self._deadline is not None and now > self._deadline:
+            self.reason = "held its upload slot past its overall time bound"
         else:
             return False
         self._cancel()
