@@ -38,6 +38,7 @@ from fedveil.server.uploads import UploadBook
 from fedveil.task import Task, load_task
 from fedveil.tasks.synthetic import make_task
 from tests.server_helpers import TASK, Scripted, vectors
+from tests.site_helpers import Renumbered
 
 pytestmark = pytest.mark.timeout(240)
 WIDE_FEATURES = 20_000  # 20 001 parameters: an 80 KB masked input, streamed at the client's default chunking
@@ -138,33 +139,6 @@ class _Abuser(Scripted):
         self.release.set()
 
 
-class _Renumbered:
-    """A site's transport that numbers every request itself: the abusive site spends sequence numbers
-    outside its ``ClientSession``, and its later requests must still count up."""
-
-    def __init__(self, inner: GrpcTransport) -> None:
-        self._inner = inner
-        self._sequence = 0
-        self._lock = threading.Lock()
-
-    def next_sequence(self) -> int:
-        with self._lock:
-            self._sequence += 1
-            return self._sequence
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._inner, name)
-        if name.startswith("_") or not callable(attr):
-            return attr
-
-        def call(request: Any, *args: Any, **kwargs: Any) -> Any:
-            if hasattr(request, "header"):
-                request.header.sequence = self.next_sequence()
-            return attr(request, *args, **kwargs)
-
-        return call
-
-
 def _refusal_counts(caplog: pytest.LogCaptureFixture, site: str) -> list[int]:
     pattern = re.compile(rf"UploadMaskedInput from {site} at .* \((\d+) refused upload stream\(s\) from this site\)")
     return [int(m.group(1)) for r in caplog.records if (m := pattern.search(r.getMessage()))]
@@ -197,7 +171,7 @@ def test_honest_sites_finish_while_one_site_floods_stalls_and_replays_uploads(
     # 16-byte chunks: the 48-byte masked inputs travel over UploadMaskedInput
     honest = [Scripted(job.coordinator, n, v, transport=job.transport(n, chunk_bytes=16))
               for n, v in zip(names[:3], vecs, strict=False)]
-    abuser = _Abuser(job.coordinator, "mallory", vecs[3], transport=_Renumbered(job.transport("mallory", 16)),
+    abuser = _Abuser(job.coordinator, "mallory", vecs[3], transport=Renumbered(job.transport("mallory", 16)),
                      stall_upload_s=60)
     summary = job.run([*honest, abuser])
     assert summary.status == "completed" and summary.completed_rounds == 1
@@ -221,7 +195,7 @@ def test_streamed_honest_vectors_get_the_only_slot_in_turn(serve: Any, caplog: p
     vecs = [rng.uniform(-0.5, 0.5, WIDE_FEATURES + 1) for _ in names]
     honest = [Scripted(job.coordinator, n, v, transport=job.transport(n))
               for n, v in zip(names[:2], vecs, strict=False)]
-    abuser = _Abuser(job.coordinator, "mallory", vecs[2], transport=_Renumbered(job.transport("mallory")),
+    abuser = _Abuser(job.coordinator, "mallory", vecs[2], transport=Renumbered(job.transport("mallory")),
                      stall_upload_s=60, replays=10)
     summary = job.run([*honest, abuser])
     assert len(abuser.payload) > 64 * 1024
@@ -262,7 +236,7 @@ def test_a_site_whose_upload_stream_broke_may_retry(serve: Any) -> None:
     vecs = vectors(3)
     clients = [Scripted(job.coordinator, n, v, transport=job.transport(n, 16))
                for n, v in zip("ab", vecs, strict=False)]
-    broken = _BrokenOnce(job.coordinator, "c", vecs[2], transport=_Renumbered(job.transport("c", 16)),
+    broken = _BrokenOnce(job.coordinator, "c", vecs[2], transport=Renumbered(job.transport("c", 16)),
                          stall_upload_s=1.0)
     summary = job.run([*clients, broken])
     assert summary.status == "completed" and broken.retried == ["accepted"]

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from fedveil.dp.ledger import BudgetExceededError
+from fedveil.dp.ledger import BudgetExceededError, PrivacyLedger
 from fedveil.protocol import PROTOCOL_VERSION, ROUND_NONCE_BYTES, SESSION_ID_BYTES
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.protocol.codec import decode_ring_vector, model_message
@@ -61,6 +61,14 @@ from fedveil.secagg.config import SecAggConfig
 from fedveil.secagg.graph import GraphSpec, secagg_plus_parameters
 from fedveil.secagg.server import SecAggServer
 from fedveil.server.config import ServerConfig
+from fedveil.server.reports import (
+    CheckedReport,
+    SpendContext,
+    check_report,
+    ledger_details,
+    spend_record,
+    verify_spend,
+)
 from fedveil.server.store import RunStore
 from fedveil.server.training import GlobalModel, RoundPlan, round_seed
 from fedveil.server.uploads import UploadBook
@@ -620,14 +628,7 @@ class Coordinator:
             return self._feed(rnd, sid, msg, Stage.UNMASKING, caller)
 
     def report_metrics(self, caller: str, request: pb.MetricsReport) -> pb.Ack:
-        if len(request.metrics) > MAX_METRICS:
-            raise MalformedMessage(f"metrics: at most {MAX_METRICS} metrics (got {len(request.metrics)})")
-        for i, m in enumerate(request.metrics):
-            if not m.name or len(m.name) > MAX_METRIC_NAME:
-                raise MalformedMessage(f"metrics[{i}].name: must be 1-{MAX_METRIC_NAME} characters")
-            if not np.isfinite(m.value):
-                raise MalformedMessage(f"metrics[{i}].value: {m.value!r} is not finite")
-        metrics = _metrics_dict(request.metrics)
+        report = check_report(request)  # every number range-checked before anything is recorded
         with self._cond:
             client = self._session(caller, request.header, "ReportMetrics")
             header = request.header
@@ -639,7 +640,7 @@ class Coordinator:
                     raise Replayed("ReportMetrics: already received for the final evaluation")
                 if request.model_version != ev.version:
                     raise MalformedMessage(f"model_version: expected {ev.version}, got {request.model_version}")
-                self.store.record_evaluation(self.run_id, ev.version, caller, int(request.num_examples), metrics)
+                self.store.record_evaluation(self.run_id, ev.version, caller, report.num_examples, report.metrics)
                 ev.reported.add(caller)
                 self._cond.notify_all()
                 return pb.Ack(round=ev.phase, stage=pb.STAGE_EVALUATION, detail="accepted")
@@ -648,22 +649,42 @@ class Coordinator:
                 raise Replayed(f"ReportMetrics: already received for round {rnd.number}")
             if request.model_version != self.model.version:
                 raise MalformedMessage(f"model_version: expected {self.model.version}, got {request.model_version}")
+            privacy, ledger = self._reported_spend(rnd.number, caller, report)
+            # stored in one transaction, and only then marked received: a failed store leaves the retry possible
+            self.store.record_client_report(
+                self.run_id, model_version=self.model.version, round_number=rnd.number, client_name=caller,
+                num_examples=report.num_examples, metrics=report.metrics, privacy=privacy,
+                ledger_json=ledger.to_json() if ledger is not None else None,
+            )
+            if ledger is not None:
+                self.model.ledger = ledger
             rnd.evaluated.add(caller)
-            if metrics:
-                self.store.record_evaluation(
-                    self.run_id, self.model.version, caller, int(request.num_examples), metrics
-                )
-            if request.HasField("privacy"):
-                report = request.privacy
-                recorded = self.model.record_client_privacy(rnd.number, caller, report)
-                if recorded and self.model.ledger is not None:
-                    self.store.save_ledger(self.run_id, self.model.ledger.to_json())
-                self.store.record_client_privacy(self.run_id, rnd.number, caller, {
-                    "epsilon": report.epsilon, "delta": report.delta, "noise_multiplier": report.noise_multiplier,
-                    "sample_rate": report.sample_rate, "steps": report.steps, "accountant": report.accountant,
-                    "in_ledger": recorded,
-                })
             return pb.Ack(round=rnd.number, stage=pb.Stage.Name(rnd.stage.value), detail="accepted")
+
+    def _reported_spend(
+        self, round_number: int, caller: str, report: CheckedReport
+    ) -> tuple[dict[str, Any] | None, PrivacyLedger | None]:
+        """A site's reported DP-SGD spend, checked against what the server knows (``fedveil.server.reports``):
+        the row to store (labelled as reported, with the verdict) and a copy of the ledger with the spend."""
+        spend = report.privacy
+        if spend is None:
+            return None, None
+        cfg = self.config
+        context = SpendContext(
+            delta=cfg.dp_delta,
+            noise_multiplier=cfg.dp_local_noise_multiplier if cfg.dp == "local" and not cfg.dp_local_target_epsilon
+            else None,
+            local_epochs=max(cfg.local_epochs or self.task.local_epochs, 1),
+        )
+        verdict = verify_spend(spend, report.num_examples, self.model.client_events(caller), context,
+                               self.model.verifier())
+        if not verdict.verified:
+            log.warning("round %d: the privacy spend %s reported is unverified: %s", round_number, caller,
+                        "; ".join(verdict.reasons))
+        event = spend.event()
+        ledger = None if event is None else self.model.ledger_with_client_spend(
+            round_number, caller, event, ledger_details(verdict))
+        return spend_record(spend, report.num_examples, verdict, ledger is not None), ledger
 
     def _round_for_metrics(self, client: _Client, header: pb.RequestHeader) -> tuple[_Round, int]:
         rnd = self._round
