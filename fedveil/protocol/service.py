@@ -7,6 +7,8 @@ Any other exception is a server bug: it is logged with its traceback and answere
 the server keeps serving. Size limits are enforced by gRPC itself
 (``grpc.max_receive_message_length``, answered RESOURCE_EXHAUSTED) and concurrency by
 ``maximum_concurrent_rpcs`` (also RESOURCE_EXHAUSTED), so a flood cannot stall the server.
+Chunked uploads are admitted by the rules of :mod:`fedveil.protocol.uploads` (one per site and
+stage, slots in arrival order, idle and overall timeouts), so one site cannot stall a round.
 Refusals are logged with the client name, peer address, RPC and reason, never with
 credentials or payloads.
 """
