@@ -42,11 +42,17 @@ Ledger (``fedveil.dp.ledger``):
   ``remaining``). ``check_budget(...)`` is the same check without recording; ``record(...)`` records
   without checking; ``cancel_round(r)`` takes back the federation's reservation of an aborted latest
   round (``include_clients=True`` also drops clients' entries).
-- ``epsilon(party)``, ``remaining(party)``, ``party_history(party)``; party ``FEDERATION`` =
-  ``"federation"`` (user level) or a client id (sample level).
-- ``to_json()`` / ``PrivacyLedger.from_json(text)`` (``LedgerFormatError`` names the bad field).
+- ``epsilon(party)``, ``remaining(party)``, ``party_history(party, bound=None)``; party ``FEDERATION`` =
+  ``"federation"`` (user level) or a client id (sample level). ``record(..., client_details={...})``
+  labels client entries (a server records a site's *reported* spend with its verdict: ``verified``).
+- ``to_json()`` / ``PrivacyLedger.from_json(text)`` (``LedgerFormatError`` names the bad field); ``copy()``.
 
-Reports (``fedveil.dp.report``): ``build_report(ledger)`` → ``PrivacyReport``; ``render_text``,
+Bounded work (``fedveil.dp.bounded``): ``WorkBound`` (limits, counters, memo; the caller's) and
+``bounded_epsilon(prototype, events, delta, bound)``: the ledger's accountant where its estimated work
+fits, RDP's bound elsewhere, for views of ledgers whose entries came from sites' reports.
+
+Reports (``fedveil.dp.report``): ``build_report(ledger, bound=None)`` → ``PrivacyReport`` (bounded;
+unverified client figures are labelled, not shown as facts); ``render_text``,
 ``render_markdown``, ``report_to_dict`` (JSON with a ``rounds`` list), ``render_plot`` → a matplotlib
 ``Figure`` (the caller saves it). A run-store reader hands ``build_report`` a ``PrivacyLedger``.
 

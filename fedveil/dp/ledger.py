@@ -40,6 +40,7 @@ from fedveil.dp.accounting import (
     event_from_dict,
     make_accountant,
 )
+from fedveil.dp.bounded import WorkBound, bounded_epsilon
 
 FEDERATION: Final[str] = "federation"
 LEDGER_FORMAT: Final[str] = "fedveil.privacy_ledger"
@@ -161,6 +162,9 @@ class PartyRound:
     details: tuple[tuple[str, Any], ...] = ()
     relation: str = ADD_REMOVE
     """The neighbouring relation ``epsilon_cumulative`` holds under (``"add_remove"`` / ``"replace_one"``)."""
+    accountant: str = ""
+    """The accountant that computed the ε figures: the ledger's, or ``"rdp"`` where the ledger's
+    would have exceeded the caller's work bound (:mod:`fedveil.dp.bounded`)."""
 
 
 @dataclass(frozen=True)
@@ -213,21 +217,33 @@ class PrivacyLedger:
         budget = self.config.budget_for(party)
         return None if budget is None else max(0.0, budget - self.epsilon(party))
 
-    def party_history(self, party: str) -> list[PartyRound]:
-        """Per-round and cumulative ε for ``party``, in round order (one item per round it took part in)."""
+    def party_history(self, party: str, bound: WorkBound | None = None) -> list[PartyRound]:
+        """Per-round and cumulative ε for ``party``, in round order (one item per round it took part in).
+
+        With ``bound`` (:class:`~fedveil.dp.bounded.WorkBound`), numerical accountants run only within
+        its limits and RDP's bound stands in elsewhere (``PartyRound.accountant`` says which): a view
+        of a ledger whose entries came from a site's reports must not compute for minutes."""
         delta = self.config.delta_for(party)
         by_round: dict[int, list[LedgerEntry]] = {}
         for e in self._entries:
             if e.party == party:
                 by_round.setdefault(e.round_index, []).append(e)
         running = self._prototype.fresh()
+        events: list[DpEvent] = []
         out: list[PartyRound] = []
         for r in sorted(by_round):
             items = by_round[r]
-            alone = self._prototype.fresh()
-            for e in items:
-                alone.compose(e.event)
-                running.compose(e.event)
+            events.extend(e.event for e in items)
+            if bound is None:
+                alone = self._prototype.fresh()
+                for e in items:
+                    alone.compose(e.event)
+                    running.compose(e.event)
+                eps_round, eps_total, used = alone.get_epsilon(delta), running.get_epsilon(delta), self._prototype.name
+            else:
+                eps_round, used_round = bounded_epsilon(self._prototype, [e.event for e in items], delta, bound)
+                eps_total, used = bounded_epsilon(self._prototype, events, delta, bound)
+                used = used if used == used_round else "rdp"
             details: dict[str, Any] = {}
             for e in items:
                 details.update(dict(e.details))
@@ -236,10 +252,11 @@ class PrivacyLedger:
                     round_index=r,
                     mechanism=" + ".join(dict.fromkeys(e.mechanism for e in items)),
                     event=items[-1].event,
-                    epsilon_round=alone.get_epsilon(delta),
-                    epsilon_cumulative=running.get_epsilon(delta),
+                    epsilon_round=eps_round,
+                    epsilon_cumulative=eps_total,
                     details=tuple(sorted(details.items())),
                     relation=running.relation,
+                    accountant=used,
                 )
             )
         return out
@@ -311,17 +328,21 @@ class PrivacyLedger:
         mechanism: str | None = None,
         client_mechanism: str = "dp-sgd",
         details: Mapping[str, Any] | None = None,
+        client_details: Mapping[str, Any] | None = None,
     ) -> None:
         """Record what a round did, without a budget check (e.g. sample-level spend reported afterwards).
 
         ``mechanism`` labels the federation event (default: ``"gaussian"`` for a subsampled Gaussian, else
-        the RDP-curve event's mechanism name); ``details`` (e.g. clip norm, cohort size) go with it.
+        the RDP-curve event's mechanism name); ``details`` (e.g. clip norm, cohort size) go with it, and
+        ``client_details`` with each client event (e.g. that the parameters were reported by the site,
+        and whether the server could verify them).
         """
         planned = self._planned(round_index, federation, clients)
-        try:
-            json.dumps(dict(details or {}), allow_nan=False)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"details must be JSON-serializable with finite numbers ({err})") from None
+        for name, extra_details in (("details", details), ("client_details", client_details)):
+            try:
+                json.dumps(dict(extra_details or {}), allow_nan=False)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{name} must be JSON-serializable with finite numbers ({err})") from None
         for party, event in planned:  # validate all before mutating anything
             (self._accountants.get(party) or self._prototype)._check_supported(event)
         for party, event in planned:
@@ -330,7 +351,7 @@ class PrivacyLedger:
                 extra = tuple(sorted((details or {}).items()))
             else:
                 label = client_mechanism
-                extra = ()
+                extra = tuple(sorted((client_details or {}).items()))
             self._append(LedgerEntry(round_index, party, label, event, extra))
 
     def cancel_round(self, round_index: int, *, include_clients: bool = False) -> int:
@@ -383,6 +404,15 @@ class PrivacyLedger:
             if last is not None and round_index < last:
                 raise ValueError(f"{party}: round {round_index} comes before its last recorded round {last}")
         return planned
+
+    def copy(self) -> PrivacyLedger:
+        """An independent copy with the same entries. It shares the accountant prototype, whose caches
+        (RDP curves per mechanism) are pure memos, so copying costs no curve computation."""
+        other = PrivacyLedger(self.config)
+        other._prototype = self._prototype
+        for e in self._entries:
+            other._append(e)
+        return other
 
     # -- serialization ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -461,6 +491,14 @@ def _entry_from_dict(item: Any) -> LedgerEntry:
     except ValueError as err:
         raise ValueError(f"event: {err}") from None
     return LedgerEntry(r, party, mech, event, tuple(sorted(details.items())))
+
+
+def unverified_reason(details: Mapping[str, Any]) -> str:
+    """Why a client entry is unverified ("" when its details do not say so). A server that records a
+    site's *reported* spend labels the entry with its verdict (``fedveil.server.reports``)."""
+    if details.get("verified") is False:
+        return str(details.get("unverified") or "not verified by the server")
+    return ""
 
 
 def parties(entries: Iterable[LedgerEntry]) -> list[str]:

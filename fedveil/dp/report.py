@@ -27,12 +27,18 @@ from fedveil.dp.accounting import (
     SampledWithoutReplacementGaussianEvent,
     SubsampledGaussianEvent,
 )
-from fedveil.dp.ledger import FEDERATION, PartyRound, PrivacyLedger
+from fedveil.dp.bounded import WorkBound
+from fedveil.dp.ledger import FEDERATION, PartyRound, PrivacyLedger, unverified_reason
 
 
 @dataclass(frozen=True)
 class PartyRoundReport:
-    """One party's figures for one round."""
+    """One party's figures for one round.
+
+    A client's figures are computed from parameters the client *reported*; ``unverified`` says why the
+    server could not confirm them (at this round or an earlier one), and then the figures are not shown
+    as facts. ``accountant`` is the accountant that computed them (RDP's bound where the ledger's own
+    would have exceeded the work bound, :mod:`fedveil.dp.bounded`)."""
 
     mechanism: str
     parameters: dict[str, Any]
@@ -43,6 +49,12 @@ class PartyRoundReport:
     """The sampling this round's ε relies on: ``"Poisson q=…"``, ``"without replacement K of N"`` or ``"none"``."""
     relation: str = ADD_REMOVE
     """The neighbouring relation of ``epsilon_cumulative``."""
+    accountant: str = ""
+    unverified: str = ""
+
+    @property
+    def verified(self) -> bool:
+        return not self.unverified
 
 
 @dataclass(frozen=True)
@@ -63,6 +75,8 @@ class PrivacyReport:
     federation_epsilon: float | None  # None: no user-level mechanism was recorded (no user-level bound)
     client_epsilons: dict[str, float]
     federation_relation: str | None = None  # the neighbouring relation of federation_epsilon
+    client_unverified: dict[str, str] = field(default_factory=dict)
+    """Clients whose final figure the server could not verify, and why."""
 
 
 def sampling_text(event: DpEvent) -> str:
@@ -78,6 +92,11 @@ def sampling_text(event: DpEvent) -> str:
     return "none" if q >= 1.0 else f"Poisson q={q:.4g}"
 
 
+SITE_REPORTED = "computed from parameters reported by the site"
+_LABELS = ("source", "verified", "unverified")
+
+
+
 def _parameters(pr: PartyRound) -> dict[str, Any]:
     ev = pr.event
     params: dict[str, Any]
@@ -89,18 +108,24 @@ def _parameters(pr: PartyRound) -> dict[str, Any]:
     else:
         assert isinstance(ev, RdpCurveEvent)
         params = {**dict(ev.params), "steps": ev.steps}
-    params.update(dict(pr.details))
+    params.update((k, v) for k, v in pr.details if k not in _LABELS)
     return params
 
 
-def build_report(ledger: PrivacyLedger) -> PrivacyReport:
-    """Compute per-round and cumulative ε for the federation and every client of ``ledger``."""
+def build_report(ledger: PrivacyLedger, bound: WorkBound | None = None) -> PrivacyReport:
+    """Compute per-round and cumulative ε for the federation and every client of ``ledger``, within
+    ``bound`` (a fresh :class:`~fedveil.dp.bounded.WorkBound` by default: a ledger with hostile entries
+    cannot make a report compute for minutes)."""
     cfg = ledger.config
+    bound = bound or WorkBound()
     by_round: dict[int, dict[str, PartyRoundReport]] = {}
     finals: dict[str, float] = {}
+    unverified: dict[str, str] = {}
     for party in [FEDERATION, *ledger.clients]:
         budget = cfg.budget_for(party)
-        for pr in ledger.party_history(party):
+        reason = ""
+        for pr in ledger.party_history(party, bound):
+            reason = reason or unverified_reason(dict(pr.details))
             by_round.setdefault(pr.round_index, {})[party] = PartyRoundReport(
                 mechanism=pr.mechanism,
                 parameters=_parameters(pr),
@@ -109,8 +134,12 @@ def build_report(ledger: PrivacyLedger) -> PrivacyReport:
                 budget_remaining=None if budget is None else max(0.0, budget - pr.epsilon_cumulative),
                 sampling=sampling_text(pr.event),
                 relation=pr.relation,
+                accountant=pr.accountant,
+                unverified=reason,
             )
             finals[party] = pr.epsilon_cumulative
+        if reason:
+            unverified[party] = reason
     rounds = [
         RoundReport(
             round_index=r,
@@ -129,6 +158,7 @@ def build_report(ledger: PrivacyLedger) -> PrivacyReport:
         federation_epsilon=finals.get(FEDERATION),
         client_epsilons={p: v for p, v in sorted(finals.items()) if p != FEDERATION},
         federation_relation=ledger.relation(FEDERATION) if FEDERATION in finals else None,
+        client_unverified=dict(sorted(unverified.items())),
     )
 
 
@@ -137,16 +167,25 @@ def _num(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else x
 
 
-def _party_dict(p: PartyRoundReport) -> dict[str, Any]:
-    return {
+def _party_dict(p: PartyRoundReport, client: bool) -> dict[str, Any]:
+    shown = p.verified  # an unverified figure is not a fact: its number moves to a labelled key
+    out: dict[str, Any] = {
         "mechanism": p.mechanism,
         "parameters": p.parameters,
-        "epsilon_round": _num(p.epsilon_round),
-        "epsilon_cumulative": _num(p.epsilon_cumulative),
-        "budget_remaining": _num(p.budget_remaining),
+        "epsilon_round": _num(p.epsilon_round) if shown else None,
+        "epsilon_cumulative": _num(p.epsilon_cumulative) if shown else None,
+        "budget_remaining": _num(p.budget_remaining) if shown else None,
         "sampling": p.sampling,
         "relation": p.relation,
+        "accountant": p.accountant,
     }
+    if client:
+        out["source"] = SITE_REPORTED
+        out["verified"] = p.verified
+    if not shown:
+        out["unverified"] = p.unverified
+        out["epsilon_cumulative_from_reported_parameters"] = _num(p.epsilon_cumulative)
+    return out
 
 
 def report_to_dict(report: PrivacyReport) -> dict[str, Any]:
@@ -160,12 +199,16 @@ def report_to_dict(report: PrivacyReport) -> dict[str, Any]:
         "federation_epsilon": None if report.federation_epsilon is None else _num(report.federation_epsilon),
         "user_level_mechanism": report.federation_epsilon is not None,
         "federation_relation": report.federation_relation,
-        "client_epsilons": {k: _num(v) for k, v in report.client_epsilons.items()},
+        "client_epsilons_source": SITE_REPORTED,
+        "client_epsilons": {
+            k: None if k in report.client_unverified else _num(v) for k, v in report.client_epsilons.items()
+        },
+        "client_epsilons_unverified": report.client_unverified,
         "rounds": [
             {
                 "round": r.round_index,
-                "federation": None if r.federation is None else _party_dict(r.federation),
-                "clients": {cid: _party_dict(p) for cid, p in r.clients.items()},
+                "federation": None if r.federation is None else _party_dict(r.federation, False),
+                "clients": {cid: _party_dict(p, True) for cid, p in r.clients.items()},
             }
             for r in report.rounds
         ],
@@ -203,18 +246,13 @@ def _rows(report: PrivacyReport) -> list[tuple[str, str, str, str, str, str, str
             parties.append((FEDERATION, r.federation))
         parties.extend(r.clients.items())
         for name, p in parties:
-            level = "user" if name == FEDERATION else "sample"
+            level = "user" if name == FEDERATION else "sample (reported)"
+            bound = f" [{p.accountant.upper()} bound]" if p.accountant == "rdp" and report.accountant != "rdp" else ""
+            figures = (_fmt(p.epsilon_round), _fmt(p.epsilon_cumulative), _fmt(p.budget_remaining)) if p.verified \
+                else ("unverified", "unverified", "-")
             rows.append(
-                (
-                    str(r.round_index),
-                    name,
-                    level,
-                    f"{p.mechanism} ({_fmt_params(p.parameters)})",
-                    p.sampling,
-                    _fmt(p.epsilon_round),
-                    _fmt(p.epsilon_cumulative),
-                    _fmt(p.budget_remaining),
-                )
+                (str(r.round_index), name, level, f"{p.mechanism} ({_fmt_params(p.parameters)}){bound}", p.sampling,
+                 *figures)
             )
     return rows
 
@@ -240,7 +278,9 @@ def _summary_lines(report: PrivacyReport) -> list[str]:
         ),
     ]
     for cid, eps in report.client_epsilons.items():
-        lines.append(f"client {cid} (sample level): ε = {_fmt(eps)} at δ = {report.client_delta:g}, budget {cb}")
+        reason = report.client_unverified.get(cid)
+        shown = f"UNVERIFIED ({reason})" if reason else f"ε = {_fmt(eps)} at δ = {report.client_delta:g}, budget {cb}"
+        lines.append(f"client {cid} (sample level): {shown}, {SITE_REPORTED}")
     return lines
 
 
@@ -314,7 +354,9 @@ def render_plot(report: PrivacyReport) -> Figure:
         if many:
             label = f"clients ({len(report.client_epsilons)}, sample, δ={report.client_delta:g})" if i == 0 else None
         else:
-            label = f"client {cid} (sample, δ={report.client_delta:g})"
+            label = f"client {cid} (sample, reported, δ={report.client_delta:g})"
+            if cid in report.client_unverified:
+                label += ", UNVERIFIED"
             if not all(math.isfinite(y) for y in ys):
                 label += ", ε = ∞"
         line = ax.plot(xs, clamped(ys), marker=".", linewidth=1.2, label=label)

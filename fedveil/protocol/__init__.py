@@ -56,7 +56,13 @@ RPC flow (one client)
      uploader costs the server a stream and a thread, not a vector in its HTTP/2 receive window,
      and its memory stays O(m) + O(n) however many clients upload at once. A server that does
      not grant slots (older than this rule) is not supported by these clients: their upload
-     would wait until its deadline.
+     would wait until its deadline. One upload per site and stage (``fedveil.protocol.uploads``):
+     the header chunk reserves the stage's upload and spends its sequence number, so a second
+     stream with the same or another header for that stage gets ALREADY_EXISTS at once (so does a
+     site with two upload streams open already); a stream that broke releases the reservation
+     and the site may retry with a new header (at most 3 uploads per stage). Slots are granted in
+     arrival order; a stream that sends no chunk for ``upload_idle_timeout_s`` (or holds its slot
+     past its bound) is cancelled (CANCELLED); when too many uploads wait already, UNAVAILABLE.
    - ``SurvivorCheck`` (active-adversary mode only): U3; the client signs it and calls
      ``ConfirmSurvivors``.
    - ``UnmaskingRequest``: ``survivors`` (U3) and ``dropped`` (U2 \\ U3). The client calls
@@ -97,7 +103,7 @@ Status codes
   other RPCs, the client is out of sync: unknown/replaced session, another run, a stale round
   or nonce, or a message for a stage that is not open for it (out of order). Join again.
 - ``ALREADY_EXISTS``: a replayed message (sequence number not above the last one seen) or a
-  second submission for a stage. Do not resend; Poll.
+  second submission for a stage (a second upload stream for a stage included). Do not resend; Poll.
 - ``ABORTED``: the stage closed before the message arrived, or the round was aborted; the
   client is a dropout of that round. Poll for the next instruction.
 - ``UNAVAILABLE``: the server is starting or shutting down (or unreachable): retry with backoff.

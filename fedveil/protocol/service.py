@@ -7,6 +7,8 @@ Any other exception is a server bug: it is logged with its traceback and answere
 the server keeps serving. Size limits are enforced by gRPC itself
 (``grpc.max_receive_message_length``, answered RESOURCE_EXHAUSTED) and concurrency by
 ``maximum_concurrent_rpcs`` (also RESOURCE_EXHAUSTED), so a flood cannot stall the server.
+Chunked uploads are admitted by the rules of :mod:`fedveil.protocol.uploads` (one per site and
+stage, slots in arrival order, idle and overall timeouts), so one site cannot stall a round.
 Refusals are logged with the client name, peer address, RPC and reason, never with
 credentials or payloads.
 """
@@ -16,9 +18,9 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,8 +30,9 @@ from google.protobuf.message import DecodeError, Message
 from fedveil.protocol import SERVICE_NAME, UPLOAD_GRANT_METADATA
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.protocol.auth import Authenticator, bearer_token
-from fedveil.protocol.errors import MalformedMessage, ProtocolError
+from fedveil.protocol.errors import MalformedMessage, ProtocolError, StageClosed, Unavailable
 from fedveil.protocol.transport import FederationService
+from fedveil.protocol.uploads import SlotGate, StreamCounter, UploadReservation, UploadWatch, UploadWatchdog
 
 log = logging.getLogger("fedveil.protocol")
 
@@ -56,16 +59,34 @@ class ServerLimits:
     sitting in its HTTP/2 receive window."""
     upload_timeout_s: float = 60.0
     """An upload holding a slot longer than this is cancelled (a stalled sender cannot block it)."""
+    upload_idle_timeout_s: float = 20.0
+    """An upload stream that sends no chunk for this long (its header chunk included, not while it
+    waits for a slot) is cancelled; an honest client sends 1 MiB chunks back to back."""
+    upload_min_rate_bytes_s: float = 256 * 1024
+    """A slot is held at most ``upload_idle_timeout_s + size / upload_min_rate_bytes_s`` (and at most
+    ``upload_timeout_s``): a site dripping bytes cannot keep a slot for the whole stage."""
+    max_waiting_uploads: int | None = None
+    """Uploads that may wait for a slot at once (each holds a worker thread); more are answered
+    UNAVAILABLE and retry. ``None``: half the workers."""
 
     def __post_init__(self) -> None:
         if self.max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes must be at least 1024 (got {self.max_message_bytes})")
         if self.max_concurrent_uploads < 1:
             raise ValueError(f"max_concurrent_uploads must be at least 1 (got {self.max_concurrent_uploads})")
+        for name in ("upload_timeout_s", "upload_idle_timeout_s", "upload_min_rate_bytes_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive (got {getattr(self, name)})")
+        if self.max_waiting_uploads is not None and self.max_waiting_uploads < 0:
+            raise ValueError(f"max_waiting_uploads must be 0 or more (got {self.max_waiting_uploads})")
         if self.workers < 2 or self.max_concurrent_rpcs < self.workers:
             raise ValueError(
                 f"need workers >= 2 and max_concurrent_rpcs >= workers (got {self.workers}, {self.max_concurrent_rpcs})"
             )
+
+    @property
+    def waiting_uploads(self) -> int:
+        return self.workers // 2 if self.max_waiting_uploads is None else self.max_waiting_uploads
 
 
 # RPC name -> (request class, service method name)
@@ -114,7 +135,6 @@ def _certificate_name(context: grpc.ServicerContext) -> str | None:
 
 CHUNK_BYTES = 1 * MIB
 MAX_CHUNK_BYTES = 4 * MIB
-SLOT_POLL_S = 0.25
 
 
 class FederationServicer:
@@ -126,14 +146,18 @@ class FederationServicer:
         authenticator: Authenticator,
         *,
         mutual_tls: bool = False,
-        max_concurrent_uploads: int = 2,
-        upload_timeout_s: float = 60.0,
+        limits: ServerLimits | None = None,
     ) -> None:
         self._service = service
         self._auth = authenticator
         self._mutual_tls = mutual_tls
-        self._upload_slots = threading.BoundedSemaphore(max_concurrent_uploads)
-        self._upload_timeout = upload_timeout_s
+        self._limits = limits = limits or ServerLimits()
+        self.upload_slots = SlotGate(limits.max_concurrent_uploads, limits.waiting_uploads)
+        self._upload_streams = StreamCounter()
+        self._watchdog = UploadWatchdog()
+        self._refusals_lock = threading.Lock()
+        self.upload_refusals: Counter[str] = Counter()
+        """Refused or cancelled upload streams per site (the running count the log lines show)."""
         self._model_lock = threading.Lock()
         self._model_chunks: tuple[bytes, list[bytes]] | None = None
         """The current model's ``ModelChunk`` messages, serialized once and shared by every fetch."""
@@ -176,64 +200,78 @@ class FederationServicer:
 
     def _refuse(self, rpc: str, caller: str, context: grpc.ServicerContext, err: Exception) -> None:
         if isinstance(err, ProtocolError):
-            log.warning("refused %s from %s at %s: %s: %s", rpc, caller, context.peer(), err.code.name, err.message)
+            if rpc == "UploadMaskedInput":
+                self._count_refusal(caller, context, f"refused: {err.code.name}: {err.message}")
+            else:
+                log.warning("refused %s from %s at %s: %s: %s", rpc, caller, context.peer(), err.code.name,
+                            err.message)
             context.abort(err.code, err.message)
         log.exception("internal error in %s from %s", rpc, caller)
         context.abort(grpc.StatusCode.INTERNAL, f"{rpc}: internal server error (logged on the server)")
 
     def _upload(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Message:
-        """``UploadMaskedInput``: reassemble the chunks, then hand the vector to the service."""
+        """``UploadMaskedInput``: admit the stream (:mod:`fedveil.protocol.uploads`), wait for a slot,
+        reassemble the chunks, then hand the vector to the service."""
         rpc, caller = "UploadMaskedInput", "<unauthenticated>"
+        reservation: UploadReservation | None = None
         try:
             caller = self._authenticate(context)
-            first = next(requests, None)
-            if first is None:
-                raise MalformedMessage(f"{rpc}: the upload has no chunks")
-            if isinstance(first, _Malformed):
-                raise MalformedMessage(f"{rpc}: chunk 0 is not a valid {first.type_name} ({first.reason})")
-            expected = self._service.masked_input_size(caller, first.header)
-            if first.total_bytes != expected:
-                raise MalformedMessage(
-                    f"total_bytes: expected {expected} bytes of masked input, got {first.total_bytes}"
-                )
-            if not self._acquire_upload_slot(context):
-                log.warning("%s from %s at %s: the client left while waiting for an upload slot",
-                            rpc, caller, context.peer())
-                return pb.Ack(detail="cancelled")
-            try:
-                return self._receive_upload(rpc, caller, first, requests, expected, context)
-            finally:
-                self._upload_slots.release()
-        except grpc.RpcError:  # the stream broke: the client went away, or a stall hit the timeout
-            log.warning("%s from %s at %s cancelled before it completed (stalled for %.0fs, or the client left)",
-                        rpc, caller, context.peer(), self._upload_timeout)
-            return pb.Ack(detail="cancelled")
+            with self._upload_streams.stream(caller), \
+                    self._watchdog.watch(context.cancel, self._limits.upload_idle_timeout_s) as watch:
+                try:
+                    first = next(requests, None)
+                    _raise_if_cancelled(watch)
+                    if first is None:
+                        raise MalformedMessage(f"{rpc}: the upload has no chunks")
+                    if isinstance(first, _Malformed):
+                        raise MalformedMessage(f"{rpc}: chunk 0 is not a valid {first.type_name} ({first.reason})")
+                    reservation = self._service.masked_input_size(caller, first.header, context.is_active)
+                    expected = reservation.size
+                    if first.total_bytes != expected:
+                        raise MalformedMessage(
+                            f"total_bytes: expected {expected} bytes of masked input, got {first.total_bytes}"
+                        )
+                    return self._receive_upload(rpc, caller, first, requests, reservation, context, watch)
+                except (grpc.RpcError, _Cancelled):  # the stream broke: the client left, or the watchdog cancelled it
+                    if watch.reason:
+                        self._count_refusal(caller, context, f"cancelled: it {watch.reason}")
+                    else:
+                        log.warning("%s from %s at %s: the stream ended before the upload completed",
+                                    rpc, caller, context.peer())
+                    return pb.Ack(detail="cancelled")
         except Exception as err:
+            if isinstance(err, Unavailable) and reservation is not None:
+                reservation.release(counted=False)  # the server's own limit: not the site's attempt
             self._refuse(rpc, caller, context, err)
+        finally:
+            if reservation is not None:
+                reservation.release()  # no-op once the input was accepted
         raise AssertionError("unreachable: context.abort raises")
 
-    def _acquire_upload_slot(self, context: grpc.ServicerContext) -> bool:
-        """Wait for one of the ``max_concurrent_uploads`` slots; False if the client left meanwhile.
-
-        The client sends nothing but its header chunk until the slot is granted (initial metadata
-        ``fedveil-upload-slot``), so a waiting upload holds a worker thread and a stream, not its
-        data: the server's memory does not grow by a vector per queued client."""
-        while not self._upload_slots.acquire(timeout=SLOT_POLL_S):
-            if not context.is_active():
-                return False
-        return True
-
     def _receive_upload(
-        self, rpc: str, caller: str, first: Any, requests: Iterator[Any], expected: int,
-        context: grpc.ServicerContext,
+        self, rpc: str, caller: str, first: Any, requests: Iterator[Any], reservation: UploadReservation,
+        context: grpc.ServicerContext, watch: UploadWatch,
     ) -> Message:
-        """Grant the slot, then reassemble the chunks (the first may carry data: older clients)."""
-        with _cancel_after(context, self._upload_timeout):
+        """Wait for a slot (sending nothing meanwhile), grant it, then reassemble the chunks (the first
+        may carry data: older clients)."""
+        watch.pause()
+        if not self.upload_slots.acquire(lambda: context.is_active() and reservation.wanted()):
+            if context.is_active():
+                raise StageClosed(f"{rpc}: the masked-input stage closed while the upload waited for a slot")
+            log.warning("%s from %s at %s: the client left while waiting for an upload slot",
+                        rpc, caller, context.peer())
+            return pb.Ack(detail="cancelled")
+        try:
+            limits = self._limits
+            expected = reservation.size
+            watch.resume(min(limits.upload_timeout_s,
+                             limits.upload_idle_timeout_s + expected / limits.upload_min_rate_bytes_s))
             context.send_initial_metadata(((UPLOAD_GRANT_METADATA, "granted"),))
             buffer = bytearray(expected)
             view = memoryview(buffer)
             pos = 0
             for index, chunk in enumerate(itertools.chain([first], requests)):
+                watch.touch()
                 if isinstance(chunk, _Malformed):
                     raise MalformedMessage(f"{rpc}: chunk {index} is not a valid {chunk.type_name}")
                 n = len(chunk.data)
@@ -242,10 +280,21 @@ class FederationServicer:
                                            f"{expected}-byte masked input (or exceed {MAX_CHUNK_BYTES})")
                 view[pos : pos + n] = chunk.data
                 pos += n
+            _raise_if_cancelled(watch)  # a stream the server cancelled ends like one the client closed
             if pos != expected:
                 raise MalformedMessage(f"{rpc}: the upload ended after {pos} of {expected} bytes")
-            result: Message = self._service.submit_masked_vector(caller, first.header, buffer)
+            watch.pause()  # the data is in: decoding and adding it is the server's time, not the client's
+            result: Message = self._service.submit_masked_vector(caller, first.header, buffer, reservation)
             return result
+        finally:
+            self.upload_slots.release()
+
+    def _count_refusal(self, caller: str, context: grpc.ServicerContext, what: str) -> None:
+        """One warning line per refused or cancelled upload stream, with the site's running count."""
+        with self._refusals_lock:  # logged under the lock: the running counts appear in order
+            self.upload_refusals[caller] += 1
+            log.warning("UploadMaskedInput from %s at %s %s (%d refused upload stream(s) from this site)",
+                        caller, context.peer(), what, self.upload_refusals[caller])
 
     def _fetch_model(self, request: Any, context: grpc.ServicerContext) -> Iterator[bytes]:
         """``FetchModel``: the current model in chunks, sliced from one shared buffer."""
@@ -290,15 +339,13 @@ class FederationServicer:
         return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
 
-@contextmanager
-def _cancel_after(context: grpc.ServicerContext, seconds: float) -> Iterator[None]:
-    timer = threading.Timer(seconds, context.cancel)
-    timer.daemon = True
-    timer.start()
-    try:
-        yield
-    finally:
-        timer.cancel()
+class _Cancelled(Exception):
+    """The upload watchdog cancelled the stream (gRPC then ends its request iterator quietly)."""
+
+
+def _raise_if_cancelled(watch: UploadWatch) -> None:
+    if watch.reason:
+        raise _Cancelled(watch.reason)
 
 
 def _model_chunks(data: bytes) -> Iterator[Message]:
@@ -337,9 +384,7 @@ def build_server(
         options=options,
         maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
     )
-    servicer = FederationServicer(service, authenticator, mutual_tls=mutual_tls,
-                                  max_concurrent_uploads=limits.max_concurrent_uploads,
-                                  upload_timeout_s=limits.upload_timeout_s)
+    servicer = FederationServicer(service, authenticator, mutual_tls=mutual_tls, limits=limits)
     server.add_generic_rpc_handlers((servicer.generic_handler(),))
     try:
         port = server.add_insecure_port(listen) if credentials is None else server.add_secure_port(listen, credentials)

@@ -14,11 +14,13 @@ the strictly increasing sequence number).
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from fedveil.protocol import PROTOCOL_VERSION
 from fedveil.protocol import fedveil_pb2 as pb
+from fedveil.protocol.uploads import UploadReservation
 
 
 class FederationService(Protocol):
@@ -34,9 +36,12 @@ class FederationService(Protocol):
     def report_metrics(self, caller: str, request: pb.MetricsReport) -> pb.Ack: ...
     # Chunked transfers (gRPC): the servicer reassembles uploads and slices downloads.
     def submit_masked_vector(
-        self, caller: str, header: pb.RequestHeader, data: bytes | bytearray | memoryview
+        self, caller: str, header: pb.RequestHeader, data: bytes | bytearray | memoryview,
+        reservation: UploadReservation | None = None,
     ) -> pb.Ack: ...
-    def masked_input_size(self, caller: str, header: pb.RequestHeader) -> int: ...
+    def masked_input_size(
+        self, caller: str, header: pb.RequestHeader, alive: Callable[[], bool] = ...
+    ) -> UploadReservation: ...
     def fetch_model(self, caller: str, request: pb.FetchModelRequest) -> bytes: ...
     def client_disconnected(self, caller: str, session_id: bytes) -> None: ...
 

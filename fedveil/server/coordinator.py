@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from fedveil.dp.ledger import BudgetExceededError
+from fedveil.dp.ledger import BudgetExceededError, PrivacyLedger
 from fedveil.protocol import PROTOCOL_VERSION, ROUND_NONCE_BYTES, SESSION_ID_BYTES
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.protocol.codec import decode_ring_vector, model_message
@@ -54,6 +54,7 @@ from fedveil.protocol.errors import (
     StageClosed,
     Unavailable,
 )
+from fedveil.protocol.uploads import UploadReservation
 from fedveil.secagg import errors as sa_errors
 from fedveil.secagg import messages as sa
 from fedveil.secagg.config import SecAggConfig
@@ -61,8 +62,17 @@ from fedveil.secagg.errors import ConfigError
 from fedveil.secagg.server import SecAggServer
 from fedveil.secagg.threshold import ThresholdPlan
 from fedveil.server.config import ServerConfig
+from fedveil.server.reports import (
+    CheckedReport,
+    SpendContext,
+    check_report,
+    ledger_details,
+    spend_record,
+    verify_spend,
+)
 from fedveil.server.store import RunStore
 from fedveil.server.training import GlobalModel, RoundPlan, round_seed
+from fedveil.server.uploads import UploadBook
 from fedveil.task import Task, model_to_vector
 
 log = logging.getLogger("fedveil.server")
@@ -508,26 +518,68 @@ class Coordinator:
         return self.submit_masked_vector(caller, request.header, request.masked_vector)
 
     def submit_masked_vector(
-        self, caller: str, header: pb.RequestHeader, data: bytes | bytearray | memoryview
+        self, caller: str, header: pb.RequestHeader, data: bytes | bytearray | memoryview,
+        reservation: UploadReservation | None = None,
     ) -> pb.Ack:
-        """The masked input (``SubmitMaskedInput``, or reassembled from ``UploadMaskedInput``)."""
+        """The masked input (``SubmitMaskedInput``, or reassembled from ``UploadMaskedInput`` under the
+        ``reservation`` that :meth:`masked_input_size` made, whose header's sequence number is spent)."""
         with self._cond:
-            client = self._session(caller, header, "SubmitMaskedInput")
+            if reservation is None:
+                client = self._session(caller, header, "SubmitMaskedInput")
+            else:
+                client = self._session(caller, header, "UploadMaskedInput", consume=False)
+                if not self._upload_book().holds(reservation) or reservation.site != caller:
+                    raise StageClosed("UploadMaskedInput: this upload no longer holds its reservation")
             rnd, sid = self._round_for(client, header, Stage.MASKED_INPUT, "SubmitMaskedInput")
+            if reservation is None and self._upload_book().active(caller, rnd.nonce, Stage.MASKED_INPUT):
+                raise Replayed("SubmitMaskedInput: an upload from this site for this stage is in progress")
             vector = decode_ring_vector(data, rnd.plan.dimension, rnd.plan.ring_bits)
             msg = sa.MaskedInputResponse(rnd.secagg.config.round_id, sid, vector)
-            return self._feed(rnd, sid, msg, Stage.MASKED_INPUT, caller)
+            ack = self._feed(rnd, sid, msg, Stage.MASKED_INPUT, caller)
+            if reservation is not None:
+                self._upload_book().complete(reservation)
+            return ack
 
-    def masked_input_size(self, caller: str, header: pb.RequestHeader) -> int:
-        """Check, before an upload is received, that it is wanted; returns its exact byte size.
+    def masked_input_size(
+        self, caller: str, header: pb.RequestHeader, alive: Callable[[], bool] = lambda: True
+    ) -> UploadReservation:
+        """Reserve, before an upload's data is received, this site's one upload for the stage.
 
-        Nothing is consumed (the sequence number is checked when the upload completes)."""
+        Checks that the upload is wanted and spends the header's sequence number, so the same header
+        cannot open a second stream; a second stream for the same site and stage is refused while this
+        one is open (``Replayed``: ALREADY_EXISTS). Returns the reservation (``size``: the exact byte
+        size of the masked input); the transport releases it if the upload fails
+        (:mod:`fedveil.protocol.uploads`)."""
         with self._cond:
-            client = self._session(caller, header, "UploadMaskedInput", consume=False)
-            if header.sequence <= client.last_sequence:
-                raise Replayed(f"UploadMaskedInput: replayed message (sequence {header.sequence})")
+            client = self._session(caller, header, "UploadMaskedInput")
             rnd, _sid = self._round_for(client, header, Stage.MASKED_INPUT, "UploadMaskedInput")
-            return rnd.plan.dimension * (4 if rnd.plan.ring_bits <= 32 else 8)
+            size = rnd.plan.dimension * (4 if rnd.plan.ring_bits <= 32 else 8)
+            res = self._upload_book().reserve(caller, rnd.number, rnd.nonce, Stage.MASKED_INPUT,
+                                              int(header.sequence), size, alive)
+            res.on_release = self._release_upload
+            res.still_wanted = self._upload_wanted
+            return res
+
+    # -- upload reservations (fedveil.protocol.uploads) -------------------------------------------
+    _uploads: UploadBook | None = None
+
+    def _upload_book(self) -> UploadBook:
+        if self._uploads is None:
+            self._uploads = UploadBook()
+        return self._uploads
+
+    def _release_upload(self, res: UploadReservation, counted: bool) -> None:
+        with self._cond:
+            self._upload_book().release(res, counted)
+
+    def _upload_wanted(self, res: UploadReservation) -> bool:
+        """Whether the stage ``res`` was reserved for still takes it (its waiting is over if not)."""
+        with self._cond:
+            rnd = self._round
+            client = self._clients.get(res.site)
+            return (self._upload_book().holds(res) and rnd is not None and rnd.nonce == res.nonce
+                    and rnd.stage == res.stage and not rnd.closing and res.site not in rnd.dropped
+                    and client is not None and not self._stopping)
 
     def fetch_model(self, caller: str, request: pb.FetchModelRequest) -> bytes:
         """The current model's bytes (``Model.data``) for a client holding a valid session."""
@@ -577,14 +629,7 @@ class Coordinator:
             return self._feed(rnd, sid, msg, Stage.UNMASKING, caller)
 
     def report_metrics(self, caller: str, request: pb.MetricsReport) -> pb.Ack:
-        if len(request.metrics) > MAX_METRICS:
-            raise MalformedMessage(f"metrics: at most {MAX_METRICS} metrics (got {len(request.metrics)})")
-        for i, m in enumerate(request.metrics):
-            if not m.name or len(m.name) > MAX_METRIC_NAME:
-                raise MalformedMessage(f"metrics[{i}].name: must be 1-{MAX_METRIC_NAME} characters")
-            if not np.isfinite(m.value):
-                raise MalformedMessage(f"metrics[{i}].value: {m.value!r} is not finite")
-        metrics = _metrics_dict(request.metrics)
+        report = check_report(request)  # every number range-checked before anything is recorded
         with self._cond:
             client = self._session(caller, request.header, "ReportMetrics")
             header = request.header
@@ -596,7 +641,7 @@ class Coordinator:
                     raise Replayed("ReportMetrics: already received for the final evaluation")
                 if request.model_version != ev.version:
                     raise MalformedMessage(f"model_version: expected {ev.version}, got {request.model_version}")
-                self.store.record_evaluation(self.run_id, ev.version, caller, int(request.num_examples), metrics)
+                self.store.record_evaluation(self.run_id, ev.version, caller, report.num_examples, report.metrics)
                 ev.reported.add(caller)
                 self._cond.notify_all()
                 return pb.Ack(round=ev.phase, stage=pb.STAGE_EVALUATION, detail="accepted")
@@ -605,22 +650,42 @@ class Coordinator:
                 raise Replayed(f"ReportMetrics: already received for round {rnd.number}")
             if request.model_version != self.model.version:
                 raise MalformedMessage(f"model_version: expected {self.model.version}, got {request.model_version}")
+            privacy, ledger = self._reported_spend(rnd.number, caller, report)
+            # stored in one transaction, and only then marked received: a failed store leaves the retry possible
+            self.store.record_client_report(
+                self.run_id, model_version=self.model.version, round_number=rnd.number, client_name=caller,
+                num_examples=report.num_examples, metrics=report.metrics, privacy=privacy,
+                ledger_json=ledger.to_json() if ledger is not None else None,
+            )
+            if ledger is not None:
+                self.model.ledger = ledger
             rnd.evaluated.add(caller)
-            if metrics:
-                self.store.record_evaluation(
-                    self.run_id, self.model.version, caller, int(request.num_examples), metrics
-                )
-            if request.HasField("privacy"):
-                report = request.privacy
-                recorded = self.model.record_client_privacy(rnd.number, caller, report)
-                if recorded and self.model.ledger is not None:
-                    self.store.save_ledger(self.run_id, self.model.ledger.to_json())
-                self.store.record_client_privacy(self.run_id, rnd.number, caller, {
-                    "epsilon": report.epsilon, "delta": report.delta, "noise_multiplier": report.noise_multiplier,
-                    "sample_rate": report.sample_rate, "steps": report.steps, "accountant": report.accountant,
-                    "in_ledger": recorded,
-                })
             return pb.Ack(round=rnd.number, stage=pb.Stage.Name(rnd.stage.value), detail="accepted")
+
+    def _reported_spend(
+        self, round_number: int, caller: str, report: CheckedReport
+    ) -> tuple[dict[str, Any] | None, PrivacyLedger | None]:
+        """A site's reported DP-SGD spend, checked against what the server knows (``fedveil.server.reports``):
+        the row to store (labelled as reported, with the verdict) and a copy of the ledger with the spend."""
+        spend = report.privacy
+        if spend is None:
+            return None, None
+        cfg = self.config
+        context = SpendContext(
+            delta=cfg.dp_delta,
+            noise_multiplier=cfg.dp_local_noise_multiplier if cfg.dp == "local" and not cfg.dp_local_target_epsilon
+            else None,
+            local_epochs=max(cfg.local_epochs or self.task.local_epochs, 1),
+        )
+        verdict = verify_spend(spend, report.num_examples, self.model.client_events(caller), context,
+                               self.model.verifier())
+        if not verdict.verified:
+            log.warning("round %d: the privacy spend %s reported is unverified: %s", round_number, caller,
+                        "; ".join(verdict.reasons))
+        event = spend.event()
+        ledger = None if event is None else self.model.ledger_with_client_spend(
+            round_number, caller, event, ledger_details(verdict))
+        return spend_record(spend, report.num_examples, verdict, ledger is not None), ledger
 
     def _round_for_metrics(self, client: _Client, header: pb.RequestHeader) -> tuple[_Round, int]:
         rnd = self._round

@@ -63,12 +63,13 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import torch
 
+from fedveil.dp.ledger import FEDERATION
 from fedveil.server.dashboard_auth import (
     UNAUTHORIZED_MESSAGE,
     UNAUTHORIZED_PAGE,
@@ -76,7 +77,10 @@ from fedveil.server.dashboard_auth import (
     login_cookie,
     presented_tokens,
 )
+from fedveil.server.privacy_view import LedgerViews
 from fedveil.task import SchemaError, Task, describe_margin, risk_level
+
+T = TypeVar("T")
 
 log = logging.getLogger("fedveil.dashboard")
 
@@ -278,9 +282,13 @@ class StoreRunSource:
 
     Per round: the cohort's federated evaluation of the global model after that round
     (examples-weighted means of the clients' reported metrics), the participants and dropouts,
-    each client's sample-level ε as recorded in the privacy ledger (clients report it), and the
-    federation's user-level ε from the ledger. Opens its own connection, so it can run beside
-    the coordinator in the same process.
+    each client's sample-level ε as the server computes it from the parameters the client
+    reported (``epsilon_sample``; ``None`` where the server could not verify them, with the reason
+    in ``epsilon_sample_unverified``), the ε each client itself claimed
+    (``epsilon_sample_reported``: reported by the site, not a fact), the parties whose figure is
+    RDP's bound because the ledger's accountant was over the work bound (``epsilon_rdp_bound``),
+    and the federation's user-level ε from the ledger. Opens its own connection, so it can run
+    beside the coordinator in the same process.
     """
 
     def __init__(self, store_path: Path, task: Task) -> None:
@@ -288,6 +296,8 @@ class StoreRunSource:
 
         self.task = task
         self._store = RunStore(store_path)
+        self.ledger_views = LedgerViews()
+        """ε figures per run, computed once per ledger version within a work bound."""
 
     def close(self) -> None:
         self._store.close()
@@ -302,17 +312,13 @@ class StoreRunSource:
                 "epsilon_budget": budget}
 
     def _rounds(self, run_id: str, config: Mapping[str, Any]) -> list[dict[str, Any]]:
-        from fedveil.dp.ledger import FEDERATION, PrivacyLedger
-
         store = self._store
-        ledger_text = store.ledger_json(run_id)
-        ledger = PrivacyLedger.from_json(ledger_text) if ledger_text else None
-        client_eps: dict[str, dict[int, float]] = {}
-        user_eps: dict[int, float] = {}
-        if ledger is not None:
-            for party in ledger.clients:
-                client_eps[party] = {h.round_index: h.epsilon_cumulative for h in ledger.party_history(party)}
-            user_eps = {h.round_index: h.epsilon_cumulative for h in ledger.party_history(FEDERATION)}
+        figures = self.ledger_views.figures(run_id, store.ledger_json(run_id))
+        client_figs = {p: f for p, f in figures.items() if p != FEDERATION}
+        claims: dict[str, dict[int, float | None]] = {}
+        for r, name, row in store.client_privacy(run_id):  # what each site said (its claim, not a fact)
+            claim = row.get("epsilon_reported", row.get("epsilon"))
+            claims.setdefault(name, {})[r] = float(claim) if isinstance(claim, int | float) else None
         dropouts = store.dropouts(run_id)
         settings = self._settings(config)
         budget = settings["epsilon_budget"]
@@ -325,9 +331,12 @@ class StoreRunSource:
             metrics = _weighted(rows)
             dropped = sorted({n for (rr, a, n, _, _) in dropouts if rr == r and a == rec.attempt})
             participants = sorted(n for a, n, _, _ in store.participants(run_id, r) if a == rec.attempt)
-            eps_sample = {c: _latest_at(h, r) for c, h in client_eps.items()}
+            at = {c: _latest_at(f, r) for c, f in client_figs.items()}
+            eps_sample = {c: f.epsilon if f is not None and f.verified else None for c, f in at.items()}
+            unverified = {c: f.reason for c, f in at.items() if f is not None and not f.verified}
             finite = [e for e in eps_sample.values() if e is not None]
-            eps_user = _latest_at(user_eps, r) if settings["dp"] in ("central", "distributed") else None
+            user = _latest_at(figures.get(FEDERATION, {}), r)
+            eps_user = user.epsilon if user is not None and settings["dp"] in ("central", "distributed") else None
             if budget and settings["dp"] == "local":
                 remaining = {c: (budget - e if e is not None else None) for c, e in eps_sample.items()}
             elif budget and eps_user is not None:
@@ -337,10 +346,20 @@ class StoreRunSource:
             out.append({
                 "round": r, "accuracy": metrics.get("accuracy"), "auc": metrics.get("auc"), "loss": metrics.get("loss"),
                 "participants": [p for p in participants if p not in dropped], "dropped": dropped,
-                "epsilon_sample": eps_sample, "epsilon_sample_max": max(finite) if finite else eps_user,
+                "epsilon_sample": eps_sample,
+                # no worst case while a site's figure is unverified: its ε is unknown
+                "epsilon_sample_max": None if unverified else (max(finite) if finite else eps_user),
+                "epsilon_sample_reported": {c: _latest_at(h, r) for c, h in claims.items()},
+                "epsilon_sample_unverified": unverified,
+                "epsilon_rdp_bound": sorted(p for p, f in {**at, FEDERATION: user}.items()
+                                            if f is not None and f.accountant == "rdp" and self._numeric(config)),
                 "epsilon_user": eps_user, "budget_remaining": remaining,
             })
         return out
+
+    @staticmethod
+    def _numeric(config: Mapping[str, Any]) -> bool:
+        return str(config.get("dp_accountant", "rdp")) != "rdp"
 
     def list_runs(self) -> list[dict[str, Any]]:
         out = []
@@ -392,8 +411,8 @@ def _weighted(rows: Sequence[tuple[str, int, Mapping[str, float]]]) -> dict[str,
     return {k: totals[k] / weights[k] for k in totals}
 
 
-def _latest_at(history: Mapping[int, float], round_number: int) -> float | None:
-    """Cumulative ε at ``round_number``: the last recorded value at or before it."""
+def _latest_at(history: Mapping[int, T], round_number: int) -> T | None:
+    """The last value recorded at or before ``round_number`` (cumulative ε, a site's latest claim)."""
     known = [r for r in history if r <= round_number]
     return history[max(known)] if known else None
 

@@ -130,6 +130,13 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 """
 
 
+_UPSERT_EVALUATION = (
+    "INSERT OR REPLACE INTO evaluations (run_id, model_version, client_name, num_examples, metrics_json, at) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
+)
+_UPSERT_CLIENT_PRIVACY = (
+    "INSERT OR REPLACE INTO client_privacy (run_id, round, client_name, report_json, at) VALUES (?, ?, ?, ?, ?)"
+)
 _UPSERT_LEDGER = (
     "INSERT INTO ledger (run_id, ledger_json, updated_at) VALUES (?, ?, ?) "
     "ON CONFLICT(run_id) DO UPDATE SET ledger_json=excluded.ledger_json, updated_at=excluded.updated_at"
@@ -541,12 +548,8 @@ class RunStore:
         self, run_id: str, model_version: int, client_name: str, num_examples: int, metrics: Mapping[str, float]
     ) -> None:
         with self._tx() as c:
-            c.execute(
-                "INSERT OR REPLACE INTO evaluations "
-                "(run_id, model_version, client_name, num_examples, metrics_json, at) VALUES (?, ?, ?, ?, ?, ?)",
-                (run_id, model_version, client_name, num_examples, json.dumps(dict(metrics), sort_keys=True),
-                 time.time()),
-            )
+            c.execute(_UPSERT_EVALUATION, (run_id, model_version, client_name, num_examples,
+                                           json.dumps(dict(metrics), sort_keys=True), time.time()))
 
     def evaluations(self, run_id: str, model_version: int) -> list[tuple[str, int, dict[str, float]]]:
         return [
@@ -562,11 +565,26 @@ class RunStore:
         self, run_id: str, round_number: int, client_name: str, report: Mapping[str, Any]
     ) -> None:
         with self._tx() as c:
-            c.execute(
-                "INSERT OR REPLACE INTO client_privacy (run_id, round, client_name, report_json, at) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (run_id, round_number, client_name, json.dumps(dict(report), sort_keys=True), time.time()),
-            )
+            c.execute(_UPSERT_CLIENT_PRIVACY, (run_id, round_number, client_name,
+                                               json.dumps(dict(report), sort_keys=True), time.time()))
+
+    def record_client_report(
+        self, run_id: str, *, model_version: int, round_number: int, client_name: str, num_examples: int,
+        metrics: Mapping[str, float] | None, privacy: Mapping[str, Any] | None, ledger_json: str | None,
+    ) -> None:
+        """One site's ``ReportMetrics`` in ONE transaction: its metrics (if any), its reported privacy
+        spend (if any) and the ledger with that spend recorded (if it was). All or nothing, so a report
+        that failed to store can be retried without being counted twice."""
+        now = time.time()
+        with self._tx() as c:
+            if metrics:
+                c.execute(_UPSERT_EVALUATION, (run_id, model_version, client_name, num_examples,
+                                               json.dumps(dict(metrics), sort_keys=True), now))
+            if privacy is not None:
+                c.execute(_UPSERT_CLIENT_PRIVACY, (run_id, round_number, client_name,
+                                                   json.dumps(dict(privacy), sort_keys=True, allow_nan=False), now))
+            if ledger_json is not None:
+                c.execute(_UPSERT_LEDGER, (run_id, ledger_json, now))
 
     def client_privacy(self, run_id: str) -> list[tuple[int, str, dict[str, Any]]]:
         return [

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from fedveil.dp.accounting import SubsampledGaussianEvent
+from fedveil.dp.accounting import DpEvent, RDPAccountant, SubsampledGaussianEvent
 from fedveil.dp.central import DPFedAvg, SecureNormalSampler
 from fedveil.dp.clipping import AdaptiveClippingConfig
 from fedveil.dp.distributed import DistributedDPConfig, decode_sum, derive_parameters, derive_rotation_seed
@@ -312,13 +312,32 @@ class GlobalModel:
                 except ValueError:
                     pass
 
-    def record_client_privacy(self, round_number: int, client: str, report: pb.LocalPrivacySpend) -> bool:
-        """Record a client's reported sample-level DP-SGD spend (no budget check: it is done)."""
-        if self.ledger is None or report.noise_multiplier <= 0 or not 0 < report.sample_rate <= 1 or report.steps < 1:
-            return False
-        event = SubsampledGaussianEvent(float(report.sample_rate), float(report.noise_multiplier), int(report.steps))
+    def verifier(self) -> RDPAccountant:
+        """An RDP accountant kept for checking sites' claims: its curve cache lives as long as the job."""
+        if self._verifier is None:
+            self._verifier = RDPAccountant()
+        return self._verifier
+
+    _verifier: RDPAccountant | None = None
+
+    def client_events(self, client: str) -> list[DpEvent]:
+        """The site's sample-level events in the ledger (its earlier reported rounds), in order."""
+        if self.ledger is None:
+            return []
+        return [e.event for e in self.ledger.entries if e.party == client]
+
+    def ledger_with_client_spend(
+        self, round_number: int, client: str, event: SubsampledGaussianEvent, details: dict[str, Any]
+    ) -> PrivacyLedger | None:
+        """A *copy* of the ledger with a site's reported sample-level DP-SGD spend recorded (no budget
+        check: it is done), or ``None`` when it cannot be recorded. The caller stores the copy and only
+        then adopts it (``self.ledger = ...``), so a failed store leaves the ledger as it was and the
+        site's retry is recorded once."""
+        if self.ledger is None:
+            return None
+        ledger = self.ledger.copy()
         try:
-            self.ledger.record(round_number, clients={client: event})
-        except ValueError:
-            return False
-        return True
+            ledger.record(round_number, clients={client: event}, client_details=details)
+        except (ValueError, ArithmeticError):
+            return None
+        return ledger
