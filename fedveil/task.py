@@ -224,7 +224,8 @@ class Task:
     ``loss`` and ``accuracy``. ``synthetic_data`` makes a client's data for simulations and tests.
     ``explain`` (optional) turns the model and one row of features into the dashboard's risk view
     (probability, level, confidence words, top contributing features); ``examples`` (optional)
-    lists example inputs for it (``{"label": ..., "features": {name: value}}``).
+    lists example inputs for it (``{"label": ..., "features": {name: value}}``). ``metrics`` names
+    the metrics federated evaluation sums securely over the cohort (example-weighted means).
     """
 
     name: str
@@ -239,6 +240,7 @@ class Task:
     metadata: dict[str, str] = field(default_factory=dict)
     explain: Callable[[nn.Module, np.ndarray], dict[str, Any]] | None = None
     examples: Callable[[], list[dict[str, Any]]] | None = None
+    metrics: tuple[str, ...] = ("loss", "accuracy")
 
     def make_optimizer(self, params: Sequence[nn.Parameter] | object) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=self.learning_rate)  # type: ignore[arg-type]

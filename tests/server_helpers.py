@@ -25,12 +25,15 @@ from fedveil.protocol import PROTOCOL_VERSION
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.protocol.errors import ProtocolError
 from fedveil.protocol.transport import ClientSession, InProcessTransport
+from fedveil.secagg import beacon
 from fedveil.server.config import ServerConfig
 from fedveil.server.coordinator import Coordinator, JobSummary
 from fedveil.server.store import RunStore
 from fedveil.task import load_task
+from tests.identity_helpers import TEST_AUTHORITY
 
 TASK = "fedveil.tasks.synthetic:task"
+
 DIM = 11  # the synthetic logistic regression: 10 weights + bias
 
 
@@ -64,32 +67,45 @@ class Scripted:
 
     def _run(self) -> None:
         t = self.transport or InProcessTransport(self.coordinator, self.name)
-        s = ClientSession.from_join(t.join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION,
-                                                          task_name="synthetic-logreg")))
+        joined = t.join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION, task_name="synthetic-logreg"))
+        s = ClientSession.from_join(joined)
+        # per-site metrics only where the job evaluates in the clear (the secure default refuses them)
+        metrics = [pb.Metric(name="loss", value=0.5)] if joined.job.evaluation == "clear" else []
         driver: SecAggClientDriver | None = None
         rnd, nonce, skip = 0, b"", ""
         starts: dict[int, int] = {}
+        start = pb.RoundStart()
+        mine, commitments = b"", {}
         while True:
             resp = t.poll(pb.PollRequest(header=s.header(), max_wait_ms=500))
             kind = resp.WhichOneof("instruction")
             try:
                 if kind == "round_start":
                     start = resp.round_start
-                    rnd, nonce = start.round, start.round_nonce
-                    starts[rnd] = starts.get(rnd, 0) + 1
-                    skip = self.silent_at.get((rnd, starts[rnd]), "")
+                    if (start.round, start.round_nonce) != (rnd, nonce):  # a new attempt (the server re-sends
+                        rnd, nonce = start.round, start.round_nonce  # its RoundStart until it is answered)
+                        starts[rnd] = starts.get(rnd, 0) + 1
+                        skip = self.silent_at.get((rnd, starts[rnd]), "")
                     if skip == "training":
                         continue
+                    mine = os.urandom(32)
+                    t.respond_to_round(pb.RoundResponse(
+                        header=s.header(rnd, nonce), accept=True,
+                        commitment=beacon.commitment(start.secagg.round_id, start.client_id, mine),
+                        weight=float(self.weight) if start.encoding.weighted else 0.0))
+                elif kind == "commitments":
+                    commitments = {c.client_id: c.commitment for c in resp.commitments.commitments}
+                    t.reveal_contribution(pb.RevealRequest(header=s.header(rnd, nonce), contribution=mine))
+                elif kind == "contributions":
+                    reveals = {r.client_id: r.contribution for r in resp.contributions.reveals}
+                    graph_seed = beacon.combine(start.secagg.round_id, commitments, reveals)
                     if self.privacy is not None:
                         t.report_metrics(pb.MetricsReport(
                             header=s.header(rnd, nonce), model_version=start.model.version, num_examples=100,
-                            metrics=[pb.Metric(name="loss", value=0.5)], privacy=self.privacy))
-                    driver = SecAggClientDriver(start, seed=os.urandom(32))
+                            metrics=metrics, privacy=self.privacy))
+                    driver = SecAggClientDriver(start, seed=os.urandom(32), graph_seed=graph_seed)
                     update = self.vector * rnd
-                    enc = encoder_for(start.encoding, start.secagg.cohort_size)
-                    ring = enc.encode(update, os.urandom(16), weight=self.weight) if enc.weighted else \
-                        enc.encode(update, os.urandom(16))
-                    driver.set_input(ring)
+                    driver.set_input(ring_input(start, update, self.weight))
                     self.sent[rnd] = update
                     t.advertise_keys(pb.AdvertiseKeysRequest(header=s.header(rnd, nonce), **driver.advertise()))
                 elif kind == "peer_keys" and driver is not None and skip != "share-keys":
@@ -134,6 +150,21 @@ class Scripted:
             self.upload_error = err.code()
 
 
+def ring_input(start: pb.RoundStart, update: np.ndarray, weight: float) -> np.ndarray:
+    """What a site masks: its encoded update and, when the round asks, evaluation sums (here the loss
+    ``weight`` over 10 examples), or only those in an evaluation-only round."""
+    from fedveil.clients.participation import evaluation_layout
+
+    layout = evaluation_layout(start.encoding)
+    dtype = np.dtype(np.uint32 if start.encoding.ring_bits <= 32 else np.uint64)
+    section = layout.encode({"loss": float(weight)}, 10, dtype) if layout is not None else np.zeros(0, dtype)
+    if start.purpose == pb.ROUND_PURPOSE_EVALUATE:
+        return section
+    enc = encoder_for(start.encoding, start.secagg.cohort_size)
+    ring = enc.encode(update, os.urandom(16), weight=weight) if enc.weighted else enc.encode(update, os.urandom(16))
+    return np.concatenate([ring.astype(dtype), section])
+
+
 def make_job(tmp_path: Path, names: list[str], **overrides: object) -> tuple[Coordinator, RunStore]:
     torch.set_num_threads(1)
     store = RunStore(tmp_path / "run.db")
@@ -142,8 +173,11 @@ def make_job(tmp_path: Path, names: list[str], **overrides: object) -> tuple[Coo
             store.enroll(n)
     settings: dict[str, object] = dict(task=TASK, rounds=1, clients_per_round=len(names), min_clients=len(names),
                                        round_timeout=30.0, stage_timeout=1.5, cohort_wait=0.0, linger=1.0, seed=3,
-                                       poll_wait=0.5, evaluate=False)
+                                       poll_wait=0.5, evaluate=False, final_evaluation=False, active_adversary=False)
     settings.update(overrides)
+    if settings.get("active_adversary"):
+        settings.setdefault("consortium", TEST_AUTHORITY.consortium)
+        settings.setdefault("authority_public_key", TEST_AUTHORITY.public_key.raw.hex())
     config = ServerConfig(**settings)  # type: ignore[arg-type]
     return Coordinator(config, load_task(TASK), store), store
 
@@ -189,9 +223,7 @@ class ActiveScripted:
     error: BaseException | None = None
 
     def __post_init__(self) -> None:
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-        self.identity = Ed25519PrivateKey.generate()
+        self.identity, self.credential = TEST_AUTHORITY.identity(self.name, now=int(time.time()))
 
     def run(self) -> None:
         try:
@@ -204,22 +236,32 @@ class ActiveScripted:
         from fedveil.secagg.client import SecAggClient
         t = InProcessTransport(self.coordinator, self.name)
         public = self.identity.public_key().public_bytes_raw()
-        s = ClientSession.from_join(t.join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION,
-                                                          task_name="synthetic-logreg", identity_public_key=public)))
+        s = ClientSession.from_join(t.join(pb.JoinRequest(
+            protocol_version=PROTOCOL_VERSION, task_name="synthetic-logreg", identity_public_key=public,
+            identity_credential=self.credential.encode())))
         client: SecAggClient | None = None
         rnd, nonce, rid, me = 0, b"", 0, 0
+        start = pb.RoundStart()
+        mine, commitments = b"", {}
         while True:
             resp = t.poll(pb.PollRequest(header=s.header(), max_wait_ms=500))
             kind = resp.WhichOneof("instruction")
             if kind == "round_start":
                 start = resp.round_start
-                p = start.secagg
-                rnd, nonce, rid, me = start.round, start.round_nonce, p.round_id, start.client_id
-                config = secagg_config(start)  # as a real site builds it (active mode from the server)
+                rnd, nonce, rid, me = start.round, start.round_nonce, start.secagg.round_id, start.client_id
+                mine = os.urandom(32)
+                t.respond_to_round(pb.RoundResponse(header=s.header(rnd, nonce), accept=True,
+                                                    commitment=beacon.commitment(rid, me, mine)))
+            elif kind == "commitments":
+                commitments = {c.client_id: c.commitment for c in resp.commitments.commitments}
+                t.reveal_contribution(pb.RevealRequest(header=s.header(rnd, nonce), contribution=mine))
+            elif kind == "contributions":
+                reveals = {r.client_id: r.contribution for r in resp.contributions.reveals}
+                # as a real site builds it (active mode from the server), with the seed it derived itself
+                config = secagg_config(start, beacon.combine(rid, commitments, reveals))
                 assert config.active
                 client = SecAggClient(me, config, identity_key=self.identity)
-                enc = encoder_for(start.encoding, p.cohort_size)
-                client.set_input(enc.encode(self.vector, os.urandom(16)))
+                client.set_input(ring_input(start, self.vector, 1.0))
                 adv = client.advertise_keys()
                 t.advertise_keys(pb.AdvertiseKeysRequest(
                     header=s.header(rnd, nonce), encryption_public_key=adv.share_public,

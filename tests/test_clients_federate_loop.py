@@ -7,9 +7,11 @@ turnkey clients; the user's loop runs in the test's thread, over real gRPC.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -27,6 +29,7 @@ from fedveil.server.coordinator import Coordinator
 from fedveil.server.runner import TlsSettings, serve
 from fedveil.server.store import RunStore
 from fedveil.tasks.synthetic import task
+from tests.identity_helpers import secure_federate, secure_job
 
 torch.set_num_threads(1)
 TASK = "fedveil.tasks.synthetic"
@@ -35,7 +38,8 @@ SEED = 3
 
 def job(rounds: int, **kw: object) -> ServerConfig:
     return ServerConfig(task=TASK, rounds=rounds, clients_per_round=3, min_clients=3, seed=SEED, cohort_wait=1.0,
-                        linger=1.0, poll_wait=1.0, round_timeout=120.0, stage_timeout=60.0, **kw)  # type: ignore[arg-type]
+                        linger=1.0, poll_wait=1.0, round_timeout=120.0, stage_timeout=60.0,
+                        **secure_job(**kw))  # type: ignore[arg-type]
 
 
 def start_server(
@@ -67,7 +71,7 @@ def start_turnkey(address: str, token: str, index: int) -> threading.Thread:
     assert task.synthetic_data is not None
     data = task.synthetic_data(index, 3, SEED)
     fed = federate(address, task=task, token=token, insecure=True, seed=100 + index, num_examples=len(data),
-                   evaluate=evaluator(task, data))
+                   evaluate=evaluator(task, data), **secure_federate(f"site-{index}"))
     thread = threading.Thread(target=run_client, args=(fed, task, data), daemon=True)
     thread.start()
     return thread
@@ -86,7 +90,8 @@ def test_an_existing_pytorch_loop_joins_over_grpc_and_the_global_model_learns(tm
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     loss_fn = nn.BCEWithLogitsLoss()
     global_losses, accuracies, outcomes = [], [], []
-    for rnd in fedveil.federate(address, task=TASK, token=tokens[0], insecure=True, model=model, seed=1):
+    for rnd in fedveil.federate(address, task=TASK, token=tokens[0], insecure=True, model=model, seed=1,
+                                **secure_federate("site-0")):
         with torch.no_grad():  # how good is the global model we just received, on our data?
             logits = model(features).squeeze(-1)
             global_losses.append(float(loss_fn(logits, labels)))
@@ -117,11 +122,18 @@ def start_job_with_two_turnkey_sites(
     driver = threading.Thread(target=coordinator.run, daemon=True)
     driver.start()
     helpers = []
+
+    def helper(fed: fedveil.clients.Federation, data: Any) -> None:
+        with contextlib.suppress(GaveUp):  # the tests that stop the job early leave the helpers to give up
+            run_client(fed, task, data)
+
     for i in (1, 2):
         assert task.synthetic_data is not None
         data = task.synthetic_data(i, 3, SEED)
-        fed = federate(task=task, transport=InProcessTransport(coordinator, f"site-{i}"), seed=i, num_examples=200)
-        helpers.append(threading.Thread(target=run_client, args=(fed, task, data), daemon=True))
+        fed = federate(task=task, transport=InProcessTransport(coordinator, f"site-{i}"), seed=i, num_examples=200,
+                       backoff=BackoffPolicy(initial_delay_s=0.1, max_delay_s=0.5, give_up_after_s=10.0),
+                       **secure_federate(f"site-{i}"))
+        helpers.append(threading.Thread(target=helper, args=(fed, data), daemon=True))
         helpers[-1].start()
     return coordinator, store, driver, helpers
 
@@ -138,7 +150,8 @@ def test_rnd_privatize_wraps_the_users_objects_for_local_dp_and_the_client_accou
     loader = DataLoader(dataset, batch_size=32)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     loss_fn = nn.BCEWithLogitsLoss()
-    federation = federate(task=TASK, transport=InProcessTransport(coordinator, "site-0"), model=model, seed=9)
+    federation = federate(task=TASK, transport=InProcessTransport(coordinator, "site-0"), model=model, seed=9,
+                          **secure_federate("site-0"))
     epsilons, kinds = [], []
     for rnd in federation:
         model, optimizer, loader = rnd.privatize(model, optimizer, loader)  # names rebound, as in the README
@@ -165,7 +178,8 @@ def test_local_dp_job_refuses_an_update_trained_without_privatize(tmp_path: Path
     config = job(rounds=1, dp="local")
     coordinator, store, driver, _ = start_job_with_two_turnkey_sites(tmp_path, config)
     with pytest.raises(fedveil.clients.ClientError, match=r"call rnd\.privatize"):
-        for rnd in federate(task=TASK, transport=InProcessTransport(coordinator, "site-0")):
+        for rnd in federate(task=TASK, transport=InProcessTransport(coordinator, "site-0"),
+                            **secure_federate("site-0")):
             rnd.submit(rnd.model)
     coordinator.stop()
     driver.join(timeout=30)
@@ -177,7 +191,8 @@ def test_a_client_whose_model_does_not_fit_the_job_gets_a_clear_error(tmp_path: 
     coordinator, store, driver, _ = start_job_with_two_turnkey_sites(tmp_path, config)
     wrong = nn.Sequential(nn.Linear(12, 1))
     with pytest.raises(fedveil.clients.ClientError, match="does not fit"):
-        for _rnd in federate(task=TASK, transport=InProcessTransport(coordinator, "site-0"), model=wrong):
+        for _rnd in federate(task=TASK, transport=InProcessTransport(coordinator, "site-0"), model=wrong,
+                             **secure_federate("site-0")):
             pass
     coordinator.stop()
     driver.join(timeout=30)
@@ -192,7 +207,8 @@ def test_tls_clients_verify_the_server_against_their_ca_and_refuse_another(tmp_p
     address, tokens, server, out = start_server(job(rounds=1), tmp_path, TlsSettings(leaf.cert_pem, leaf.key_pem))
 
     impostor_view = federate(address, task=task, token=tokens[0], ca_cert=tmp_path / "other-ca.pem",
-                             backoff=BackoffPolicy(initial_delay_s=0.1, max_delay_s=0.5, give_up_after_s=2.0))
+                             backoff=BackoffPolicy(initial_delay_s=0.1, max_delay_s=0.5, give_up_after_s=2.0),
+                             **secure_federate("site-0"))
     with pytest.raises(GaveUp):  # the server's certificate does not chain to this CA: no connection
         next(iter(impostor_view))
     impostor_view.close()
@@ -202,7 +218,8 @@ def test_tls_clients_verify_the_server_against_their_ca_and_refuse_another(tmp_p
     for i in range(3):
         assert task.synthetic_data is not None
         data = task.synthetic_data(i, 3, SEED)
-        fed = federate(address, task=task, token=tokens[i], ca_cert=tmp_path / "ca.pem", seed=i, num_examples=200)
+        fed = federate(address, task=task, token=tokens[i], ca_cert=tmp_path / "ca.pem", seed=i, num_examples=200,
+                       **secure_federate(f"site-{i}"))
         threads.append(threading.Thread(target=lambda f=fed, d=data: results.append(run_client(f, task, d))))
         threads[-1].start()
     server.join(timeout=120)
@@ -210,7 +227,8 @@ def test_tls_clients_verify_the_server_against_their_ca_and_refuse_another(tmp_p
         t.join(timeout=60)
     assert "error" not in out, out.get("error")
     assert out["summary"].status == "completed"
-    assert sorted(len(r) for r in results) == [1, 1, 1]
+    # one training round, then the final evaluation: an evaluation-only round numbered rounds + 1 (secure sums)
+    assert [[(o.round, o.outcome) for o in r] for r in results] == [[(1, "completed"), (2, "completed")]] * 3
 
 
 def test_federate_refuses_a_malformed_token_before_connecting() -> None:

@@ -14,7 +14,8 @@ from pathlib import Path
 import fedveil.clients
 
 CLIENTS_DIR = Path(fedveil.clients.__file__).parent
-ALLOWED = ("fedveil.clients", "fedveil.secagg", "fedveil.dp", "fedveil.protocol", "fedveil.task", "fedveil.tasks")
+ALLOWED = ("fedveil.clients", "fedveil.secagg", "fedveil.dp", "fedveil.protocol", "fedveil.task", "fedveil.tasks",
+           "fedveil.metrics")
 
 
 def module_name(path: Path) -> str:

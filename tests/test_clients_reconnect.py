@@ -12,11 +12,12 @@ import pytest
 
 from fedveil.cli import main
 from fedveil.clients.processes import ProcessGroup, fedveil_argv, free_port, wait_for_port
-from fedveil.clients.simulation import client_name, client_seed
+from fedveil.clients.simulation import SimulatedSites, client_name, client_seed
 from fedveil.server.config import ServerConfig
 from fedveil.server.simulation import server_argv
 from fedveil.server.store import RunStore
 from fedveil.tasks.synthetic import write_site_csv
+from tests.identity_helpers import write_authority
 
 N = 3
 
@@ -27,18 +28,21 @@ def config() -> ServerConfig:
                         local_epochs=40)
 
 
-def prepare(tmp_path: Path) -> tuple[Path, list[str], list[Path]]:
+def prepare(tmp_path: Path) -> tuple[Path, list[str], list[Path], dict[str, list[str]]]:
+    """The store with N enrolled sites, their data, and each process's identity flags (the secure
+    default: an authority vouches for every site; the server gets ``--authority``)."""
     store_path = tmp_path / "run.sqlite"
     with RunStore(store_path) as store:
         tokens = [store.enroll(client_name(i)).token for i in range(N)]
     data = [write_site_csv(tmp_path / f"site{i}.csv", i, N, 2) for i in range(N)]
-    return store_path, tokens, data
+    flags = SimulatedSites.create(config(), [client_name(i) for i in range(N)]).write_files(tmp_path)
+    return store_path, tokens, data, flags
 
 
-def client_argv(address: str, token: str, data: Path, index: int) -> list[str]:
+def client_argv(address: str, token: str, data: Path, index: int, flags: dict[str, list[str]]) -> list[str]:
     return fedveil_argv("client", "--server", address, "--task", "fedveil.tasks.synthetic", "--data", str(data),
                         "--token", token, "--insecure", "--seed", str(client_seed(2, index)),
-                        "--give-up-after", "120", "--max-backoff", "1.0")
+                        "--give-up-after", "120", "--max-backoff", "1.0", *flags[client_name(index)])
 
 
 def completed_rounds(store_path: Path) -> int:
@@ -48,14 +52,14 @@ def completed_rounds(store_path: Path) -> int:
 
 
 def test_clients_wait_for_a_late_server_and_survive_a_server_killed_mid_job(tmp_path: Path) -> None:
-    store_path, tokens, data = prepare(tmp_path)
+    store_path, tokens, data, flags = prepare(tmp_path)
     port = free_port()
     address = f"127.0.0.1:{port}"
     with ProcessGroup(tmp_path / "logs") as group:
-        clients = [group.start(client_name(i), client_argv(address, tokens[i], data[i], i)) for i in range(N)]
+        clients = [group.start(client_name(i), client_argv(address, tokens[i], data[i], i, flags)) for i in range(N)]
         time.sleep(3.0)  # nothing listens yet: the clients back off and retry
         assert all(c.alive() for c in clients)
-        server = group.start("server-1", server_argv(config(), address, store_path))
+        server = group.start("server-1", [*server_argv(config(), address, store_path), *flags["server"]])
         wait_for_port("127.0.0.1", port, 60, server.popen)
         deadline = time.monotonic() + 180
         while completed_rounds(store_path) < 1:
@@ -65,7 +69,7 @@ def test_clients_wait_for_a_late_server_and_survive_a_server_killed_mid_job(tmp_
         server.wait(10)
         assert completed_rounds(store_path) < 3, "the job finished before the kill landed"
         time.sleep(2.0)
-        restarted = group.start("server-2", server_argv(config(), address, store_path))  # ... and comes back
+        restarted = group.start("server-2", [*server_argv(config(), address, store_path), *flags["server"]])  # back
         assert restarted.wait(240) == 0, restarted.errors()[-3000:]
         codes = [c.wait(60) for c in clients]
         summaries = [json.loads(c.last_line()) for c in clients]
@@ -80,14 +84,14 @@ def test_clients_wait_for_a_late_server_and_survive_a_server_killed_mid_job(tmp_
 
 
 def test_a_refused_token_ends_the_client_with_status_3(tmp_path: Path) -> None:
-    store_path, _tokens, data = prepare(tmp_path)
+    store_path, _tokens, data, flags = prepare(tmp_path)
     port = free_port()
     address = f"127.0.0.1:{port}"
     with ProcessGroup(tmp_path / "logs") as group:
-        server = group.start("server", server_argv(config(), address, store_path))
+        server = group.start("server", [*server_argv(config(), address, store_path), *flags["server"]])
         wait_for_port("127.0.0.1", port, 60, server.popen)
         unknown = well_formed_token()  # well formed, never issued: the server must refuse it
-        client = group.start("intruder", client_argv(address, unknown, data[0], 0))
+        client = group.start("intruder", client_argv(address, unknown, data[0], 0, flags))
         code = client.wait(120)
         err = client.errors().strip().splitlines()
     assert code == 3
@@ -117,9 +121,12 @@ def test_client_usage_errors_are_one_line(
     bad.write_text("x0,y\n1,0\n")
     values = {"data": str(data), "missing": str(tmp_path / "none.csv"), "bad": str(bad)}
     token = well_formed_token()
-    argv = ["client", "--task", "fedveil.tasks.synthetic", "--token", token, *[a.format(**values) for a in args]]
+    # the authority pinned (the secure default needs it before anything is read), so each case fails on its own flag
+    pinned = ["--authority", str(write_authority(tmp_path / "authority.pub"))]
+    argv = ["client", "--task", "fedveil.tasks.synthetic", "--token", token, *pinned,
+            *[a.format(**values) for a in args]]
     if "--task" in args:
-        argv = ["client", "--token", token, *[a.format(**values) for a in args]]
+        argv = ["client", "--token", token, *pinned, *[a.format(**values) for a in args]]
     code = main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2, err

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedveil.clients import ClientOptions, Federation, run_client
+from fedveil.clients import Federation, run_client
 from fedveil.clients.api import evaluator
 from fedveil.clients.backoff import BackoffPolicy
 from fedveil.protocol.errors import StageClosed
@@ -29,6 +29,7 @@ from fedveil.server.coordinator import Coordinator, JobSummary
 from fedveil.server.store import RunStore
 from fedveil.task import Task
 from fedveil.tasks.synthetic import task as synthetic
+from tests.identity_helpers import secure_job, secure_options, site_policy
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.timeout(180)
@@ -40,19 +41,22 @@ def config(**kw: Any) -> ServerConfig:
                                 seed=SEED, cohort_wait=0.5, linger=0.5, poll_wait=0.5, round_timeout=20.0,
                                 stage_timeout=20.0, final_evaluation=False, max_round_attempts=1)
     base.update(kw)
-    return ServerConfig(**base)
+    return ServerConfig(**secure_job(**base))
 
 
-def data_for(index: int) -> TensorDataset:
+def data_for(index: int, n: int = 3) -> TensorDataset:
     assert synthetic.synthetic_data is not None
-    return synthetic.synthetic_data(index, 3, SEED)
+    return synthetic.synthetic_data(index, n, SEED)
 
 
-def federation(coordinator: Coordinator, task: Task, index: int, model: nn.Module | None = None,
+def federation(coordinator: Coordinator, task: Task, index: int, model: nn.Module | None = None, n: int = 3,
                **options: Any) -> Federation:
-    data = data_for(index)
-    opts = ClientOptions(seed=100 + index, num_examples=len(data), evaluate=evaluator(task, data), poll_wait_ms=500,
-                         backoff=BackoffPolicy(initial_delay_s=0.05, max_delay_s=0.5, give_up_after_s=30.0), **options)
+    """Site ``index`` of ``n``, with the secure default: its identity from the test authority, pinned."""
+    data = data_for(index, n)
+    opts = secure_options(f"site-{index}", seed=100 + index, num_examples=len(data), evaluate=evaluator(task, data),
+                          poll_wait_ms=500,
+                          backoff=BackoffPolicy(initial_delay_s=0.05, max_delay_s=0.5, give_up_after_s=30.0),
+                          **options)
     return Federation(InProcessTransport(coordinator, f"site-{index}"), task.name,
                       model if model is not None else task.build_model(), opts)
 
@@ -138,14 +142,14 @@ def test_a_loop_that_skips_submit_sits_the_round_out_without_spinning_and_gets_t
     polls: dict[str, int] = {}
 
     def turnkey(i: int) -> Callable[[Coordinator], Any]:
-        return lambda coordinator: [o.outcome for o in run_client(federation(coordinator, synthetic, i),
-                                                                  synthetic, data_for(i))]
+        return lambda coordinator: [o.outcome for o in run_client(federation(coordinator, synthetic, i, n=4),
+                                                                  synthetic, data_for(i, 4))]
 
     def skipper(coordinator: Coordinator) -> Any:
-        fed = federation(coordinator, synthetic, 2)
-        counting = CountingTransport(coordinator, "site-2")
+        fed = federation(coordinator, synthetic, 3, n=4)
+        counting = CountingTransport(coordinator, "site-3")
         fed.transport = counting
-        data = data_for(2)
+        data = data_for(3, 4)
         with fed:
             for rnd in fed:
                 seen.append(rnd.number)
@@ -159,15 +163,15 @@ def test_a_loop_that_skips_submit_sits_the_round_out_without_spinning_and_gets_t
                 rnd.submit(rnd.model, num_examples=len(data))
         return [(o.round, o.outcome) for o in fed.history]
 
-    # no colluding sites (max_corrupt_fraction 0): threshold 2 of 3, and round 1 completes with the two
-    # others (with one colluder of 3 allowed, two sites alone would expose each other's update: refused)
-    cfg = config(rounds=2, min_clients=2, round_timeout=round_timeout, max_corrupt_fraction=0.0)
-    summary, results, errors = run_job(tmp_path, cfg, synthetic, [turnkey(0), turnkey(1), skipper])
+    # four sites, threshold 3 of 4 (active mode: 2t > h + c = 4 + 1; a threshold of 2 of 3, as the passive
+    # rule t > c allowed, is unsafe against a malicious server): round 1 completes without the skipping site
+    cfg = config(rounds=2, clients_per_round=4, min_clients=3, round_timeout=round_timeout)
+    summary, results, errors = run_job(tmp_path, cfg, synthetic, [turnkey(0), turnkey(1), turnkey(2), skipper])
     assert errors == [], errors
     assert summary.status == "completed" and summary.completed_rounds == 2
     assert seen == [1, 2]  # round 1 is handed to the loop once, not again and again until its deadline
-    assert results[2] == [(1, "dropped"), (2, "completed")]
-    assert results[0] == results[1] == ["completed", "completed"]
+    assert results[3] == [(1, "dropped"), (2, "completed")]
+    assert results[0] == results[1] == results[2] == ["completed", "completed"]
     # sitting out until the training deadline drops the site takes a few relaxed polls (one per
     # poll_wait = 0.5 s), not a tight loop of thousands
     assert polls["after_skip"] - polls["at_skip"] <= 2 * round_timeout / 0.5 + 4
@@ -198,7 +202,7 @@ def test_a_client_whose_local_budget_cannot_afford_a_retried_round_declines_it_a
 
     def site(i: int) -> Callable[[Coordinator], Any]:
         def go(coordinator: Coordinator) -> Any:
-            fed = federation(coordinator, synthetic, i)
+            fed = federation(coordinator, synthetic, i, policy=site_policy(min_cohort=2))  # a cohort of two
             if i == 0:
                 fed.transport = MaskedInputLostOnce(coordinator, "site-0")
             feds.append(fed)

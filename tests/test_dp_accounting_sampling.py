@@ -450,8 +450,6 @@ def test_four_of_ten_online_is_reported_as_the_plain_gaussian(tmp_path: Path) ->
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.xfail(strict=True, reason="the coordinator still passes max(enrolled, connected) to reserve_budget; "
-                   "passing len(available) makes this pass (then drop this mark)")
 def test_four_of_ten_online_with_amplification_is_still_the_plain_gaussian(tmp_path: Path) -> None:
     """With amplification claimed, the population is still the 4 sites that could be drawn: all were."""
     ledger = _four_of_ten_online(tmp_path, dp_sampling_amplification=True)

@@ -18,6 +18,7 @@ from fedveil.cli import main
 from fedveil.clients.api import federate
 from fedveil.protocol.tls import is_loopback_host, plaintext_refusal
 from fedveil.tasks.synthetic import write_site_csv
+from tests.identity_helpers import secure_federate
 
 REMOTE = "192.0.2.7:7000"
 SERVER_ARGS = ["--store", "{store}", "--task", "fedveil.tasks.synthetic:task", "--rounds", "1",
@@ -89,5 +90,6 @@ def test_federate_refuses_insecure_to_a_non_loopback_address_unless_allowed() ->
         federate("[::]:7000", task="fedveil.tasks.synthetic", insecure=True)
     # loopback, and a remote address with the risk accepted, build a federation (gRPC connects lazily)
     for server, allow in (("127.0.0.1:7000", False), ("localhost:7000", False), (REMOTE, True)):
-        fed = federate(server, task="fedveil.tasks.synthetic", insecure=True, allow_insecure_remote=allow)
+        fed = federate(server, task="fedveil.tasks.synthetic", insecure=True, allow_insecure_remote=allow,
+                       **secure_federate("site-0"))  # the secure default needs the site's identity and authority
         fed.close()

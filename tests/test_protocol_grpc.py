@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from fedveil.clients.api import run_client
-from fedveil.clients.session import ClientOptions, Federation
+from fedveil.clients.session import Federation
 from fedveil.protocol import PROTOCOL_VERSION
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.protocol.auth import Authenticator
@@ -39,10 +39,12 @@ from fedveil.protocol.errors import (
 from fedveil.protocol.service import ServerLimits, build_server
 from fedveil.protocol.tls import PemPair, generate_ca, generate_certificate, server_credentials
 from fedveil.protocol.transport import ClientSession
+from fedveil.secagg import beacon
 from fedveil.server.config import ServerConfig
 from fedveil.server.coordinator import Coordinator, JobSummary
 from fedveil.server.store import RunStore
 from fedveil.task import Task, load_task
+from tests.identity_helpers import TEST_AUTHORITY, secure_federate, secure_job, secure_options, site_policy
 from tests.server_helpers import Scripted, vectors
 
 pytestmark = pytest.mark.timeout(180)
@@ -75,7 +77,10 @@ class Federation_:
 def _start(tmp_path: Path, *, rounds: int, client_ca: PemPair | None = None,
            names: tuple[str, ...] = ("alice", "bob", "mallory"), clients_per_round: int = 2,
            limits: ServerLimits | None = None, stage_timeout: float = 20.0,
-           threshold: int = 0) -> tuple[Federation_, grpc.Server]:
+           threshold: int = 0, active: bool = True) -> tuple[Federation_, grpc.Server]:
+    """The job behind TLS; ``active`` (the secure default) needs every site to present its identity
+    (``join_request``); passive jobs serve the scripted clients of :mod:`tests.server_helpers`,
+    which cannot sign."""
     torch.set_num_threads(1)
     store = RunStore(tmp_path / "run.db")
     tokens = {n: store.enroll(n).token for n in names}
@@ -83,7 +88,8 @@ def _start(tmp_path: Path, *, rounds: int, client_ca: PemPair | None = None,
     config = ServerConfig(task=TASK, rounds=rounds, clients_per_round=clients_per_round,
                           min_clients=clients_per_round, round_timeout=60,
                           stage_timeout=stage_timeout, cohort_wait=0.0, linger=1.0, seed=11, final_evaluation=False,
-                          poll_wait=2.0, threshold=threshold)
+                          poll_wait=2.0, threshold=threshold,
+                          **(secure_job() if active else {"active_adversary": False}))  # type: ignore[arg-type]
     coordinator = Coordinator(config, task, store)
     coordinator.inline_model = False  # as fedveil server does: models are fetched with FetchModel
     ca = generate_ca()
@@ -101,9 +107,8 @@ def _start(tmp_path: Path, *, rounds: int, client_ca: PemPair | None = None,
     return Federation_(port, ca, tokens, coordinator, task, limit, summary, thread), server
 
 
-@pytest.fixture
-def fed(tmp_path: Path) -> Iterator[Federation_]:
-    f, server = _start(tmp_path, rounds=1)
+def _serve(tmp_path: Path, active: bool) -> Iterator[Federation_]:
+    f, server = _start(tmp_path, rounds=1, active=active)
     yield f
     f.coordinator.stop()
     f.thread.join(30)
@@ -111,9 +116,31 @@ def fed(tmp_path: Path) -> Iterator[Federation_]:
     f.coordinator.store.close()
 
 
-def _join(t: GrpcTransport) -> ClientSession:
-    resp = t.join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION, task_name="synthetic-logreg"))
-    return ClientSession.from_join(resp)
+@pytest.fixture
+def fed(tmp_path: Path) -> Iterator[Federation_]:
+    """A one-round job on the secure default (active mode, the test authority's consortium)."""
+    yield from _serve(tmp_path, active=True)
+
+
+@pytest.fixture
+def passive_fed(tmp_path: Path) -> Iterator[Federation_]:
+    """A one-round passive job, for scripted clients and raw protocol messages that carry no signatures."""
+    yield from _serve(tmp_path, active=False)
+
+
+def join_request(name: str | None, task_name: str = "synthetic-logreg", **kw: Any) -> pb.JoinRequest:
+    """A Join as a site ``name`` on the secure default sends it: its identity key and authority credential
+    (None: a Join without them, for passive jobs)."""
+    request = pb.JoinRequest(protocol_version=PROTOCOL_VERSION, task_name=task_name, **kw)
+    if name is not None:
+        key, credential = TEST_AUTHORITY.identity(name, now=int(time.time()))
+        request.identity_public_key = key.public_key().public_bytes_raw()
+        request.identity_credential = credential.encode()
+    return request
+
+
+def _join(t: GrpcTransport, name: str | None = None) -> ClientSession:
+    return ClientSession.from_join(t.join(join_request(name)))
 
 
 def _poll_until(t: GrpcTransport, s: ClientSession, kind: str, timeout: float = 30.0) -> pb.PollResponse:
@@ -127,7 +154,7 @@ def _poll_until(t: GrpcTransport, s: ClientSession, kind: str, timeout: float = 
 
 def test_tls_and_token_authentication(fed: Federation_) -> None:
     t = fed.transport("alice")
-    resp = t.join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION, task_name=fed.task.name))
+    resp = t.join(join_request("alice", fed.task.name))
     assert resp.client_name == "alice" and len(resp.session_id) == 16 and resp.max_message_bytes == fed.limit
     t.close()
     # wrong token, malformed token, no token: UNAUTHENTICATED
@@ -135,27 +162,36 @@ def test_tls_and_token_authentication(fed: Federation_) -> None:
     for token in (wrong, "fvt1.0123456789abcdef.AAAA"):
         bad = fed.transport(None, token=token)
         with pytest.raises(Unauthenticated) as info:
-            bad.join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION, task_name=fed.task.name))
+            bad.join(join_request("alice", fed.task.name))
         assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
         assert token not in str(info.value)
         bad.close()
     anonymous = fed.transport(None, token="")
     with pytest.raises(Unauthenticated, match="no credentials"):
-        anonymous.join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION, task_name=fed.task.name))
+        anonymous.join(join_request("alice", fed.task.name))
     anonymous.close()
     # a server certificate from another CA, or no TLS at all, never reaches the service
     for kwargs in ({"ca": generate_ca("someone else")}, {"insecure": True}):
         other = fed.transport("alice", **kwargs)  # type: ignore[arg-type]
         other._timeout = 5.0
         with pytest.raises(Unavailable):
-            other.join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION, task_name=fed.task.name))
+            other.join(join_request("alice", fed.task.name))
         other.close()
     # incompatible protocol version or task: FAILED_PRECONDITION at Join
     t = fed.transport("alice")
+    request = join_request("alice", fed.task.name)
+    request.protocol_version = 99
     with pytest.raises(Incompatible, match="protocol_version"):
-        t.join(pb.JoinRequest(protocol_version=99, task_name=fed.task.name))
+        t.join(request)
     with pytest.raises(Incompatible, match="task_name"):
-        t.join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION, task_name="another-task"))
+        t.join(join_request("alice", "another-task"))
+    # the secure default: a site without an identity key, or without the authority's credential, is refused
+    with pytest.raises(Incompatible, match="identity_public_key: this job runs in active-adversary mode"):
+        t.join(join_request(None, fed.task.name))
+    request = join_request("alice", fed.task.name)
+    request.ClearField("identity_credential")
+    with pytest.raises(Incompatible, match="identity_credential"):
+        t.join(request)
     t.close()
 
 
@@ -169,13 +205,13 @@ def test_malformed_and_oversized_input_is_rejected_while_others_train(fed: Feder
     with pytest.raises(MessageTooLarge) as big:
         attacker.call_raw("SubmitMaskedInput", os.urandom(fed.limit + 1024))
     assert big.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    raw_upload = attacker._channel.stream_unary("/fedveil.v1.Federation/UploadMaskedInput")
+    raw_upload = attacker._channel.stream_unary("/fedveil.v2.Federation/UploadMaskedInput")
     for stream, pattern in (([b"\xff\xfe garbage"], "chunk 0 is not a valid"), ([], "no chunks")):
         with pytest.raises(grpc.RpcError) as rpc_err:
             raw_upload(iter(stream), metadata=attacker._metadata, timeout=10)
         assert rpc_err.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
         assert pattern in rpc_err.value.details()  # type: ignore[attr-defined]
-    raw_fetch = attacker._channel.unary_stream("/fedveil.v1.Federation/FetchModel")
+    raw_fetch = attacker._channel.unary_stream("/fedveil.v2.Federation/FetchModel")
     with pytest.raises(grpc.RpcError) as rpc_err:
         list(raw_fetch(b"\x0a\xff", metadata=attacker._metadata, timeout=10))
     assert rpc_err.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
@@ -207,8 +243,8 @@ def test_malformed_and_oversized_input_is_rejected_while_others_train(fed: Feder
 
     def honest(i: int, name: str) -> None:
         data = fed.task.synthetic_data(i, 2, 11)  # type: ignore[misc]
-        client = Federation(fed.transport(name), fed.task.name, fed.task.build_model(),
-                            ClientOptions(seed=i, poll_wait_ms=1000))
+        client = Federation(fed.transport(name), fed.task.name, fed.task.build_model(),  # a cohort of two
+                            secure_options(name, seed=i, poll_wait_ms=1000, policy=site_policy(min_cohort=2)))
         outcomes[name] = [o.outcome for o in run_client(client, fed.task, data)]
 
     threads = [threading.Thread(target=honest, args=(i, n), daemon=True) for i, n in enumerate(("alice", "bob"))]
@@ -225,7 +261,8 @@ def test_malformed_and_oversized_input_is_rejected_while_others_train(fed: Feder
     assert {"MalformedMessage", "MessageTooLarge"} <= set(refused)
 
 
-def test_chunked_transfers_carry_the_exact_updates(fed: Federation_) -> None:
+def test_chunked_transfers_carry_the_exact_updates(passive_fed: Federation_) -> None:
+    fed = passive_fed
     vecs = vectors(2)
     clients = [Scripted(fed.coordinator, n, v, w, transport=fed.transport(n))
                for n, v, w in zip(("alice", "bob"), vecs, (1.0, 3.0), strict=True)]
@@ -244,9 +281,10 @@ def test_chunked_transfers_carry_the_exact_updates(fed: Federation_) -> None:
 def test_a_stalled_upload_is_cancelled_and_the_round_goes_on(tmp_path: Path) -> None:
     limits = ServerLimits(max_message_bytes=4 << 20, workers=16, max_concurrent_rpcs=64, max_concurrent_uploads=1,
                           upload_timeout_s=1.0)
-    # threshold 2 of 3 (passive mode: t > c = 1) so that the round survives the cancelled upload
+    # threshold 2 of 3 (passive mode: t > c = 1; the scripted clients cannot sign) so that the round
+    # survives the cancelled upload
     fed, server = _start(tmp_path, rounds=1, names=("a", "b", "c"), clients_per_round=3, limits=limits,
-                         stage_timeout=4.0, threshold=2)
+                         stage_timeout=4.0, threshold=2, active=False)
     try:
         vecs = vectors(3)
         clients = [Scripted(fed.coordinator, n, v, transport=fed.transport(n))
@@ -271,21 +309,36 @@ def test_a_stalled_upload_is_cancelled_and_the_round_goes_on(tmp_path: Path) -> 
         fed.coordinator.store.close()
 
 
-def test_out_of_order_replayed_and_foreign_messages(fed: Federation_) -> None:
+def test_out_of_order_replayed_and_foreign_messages(passive_fed: Federation_) -> None:
+    fed = passive_fed  # raw key advertisements without signatures: a passive job
     alice, bob = fed.transport("alice"), fed.transport("bob")
     sa, sb = _join(alice), _join(bob)
     start = _poll_until(alice, sa, "round_start").round_start
-    _poll_until(bob, sb, "round_start")
+    start_b = _poll_until(bob, sb, "round_start").round_start
     rnd, nonce = start.round, start.round_nonce
     keys = {"encryption_public_key": os.urandom(32), "masking_public_key": os.urandom(32)}
 
-    # a later stage's message while the round is training: FAILED_PRECONDITION
-    with pytest.raises(OutOfOrder, match="stage masked-input is not open") as info:
+    # a later stage's message while the round is at its first stage (commit): FAILED_PRECONDITION
+    with pytest.raises(OutOfOrder, match="stage masked-input is not open; round 1 is at commit") as info:
         alice.submit_masked_input(pb.MaskedInputRequest(header=sa.header(rnd, nonce), masked_vector=b"\x00" * 48))
     assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
     upload = pb.MaskedInputRequest(header=sa.header(rnd, nonce), masked_vector=b"\x00" * 48)
     with pytest.raises(OutOfOrder, match="stage masked-input is not open"):
         alice.submit_masked_input(upload)  # 48 bytes in 16-byte chunks: UploadMaskedInput
+    # keys before the graph seed is agreed (commit, then reveal): FAILED_PRECONDITION too
+    with pytest.raises(OutOfOrder, match="stage training is not open; round 1 is at commit"):
+        alice.advertise_keys(pb.AdvertiseKeysRequest(header=sa.header(rnd, nonce), **keys))
+    # both commit to a contribution and reveal it: the round moves on to training
+    mine = {}
+    for t, s, st in ((alice, sa, start), (bob, sb, start_b)):
+        mine[t] = os.urandom(32)
+        t.respond_to_round(pb.RoundResponse(header=s.header(rnd, nonce), accept=True, commitment=beacon.commitment(
+            st.secagg.round_id, st.client_id, mine[t]), weight=1.0))
+    for t, s in ((alice, sa), (bob, sb)):
+        _poll_until(t, s, "commitments")
+        t.reveal_contribution(pb.RevealRequest(header=s.header(rnd, nonce), contribution=mine[t]))
+    for t, s in ((alice, sa), (bob, sb)):
+        _poll_until(t, s, "contributions")
     # the RoundStart arrived without model bytes, and the transport fetched them
     assert len(start.model.data) == start.model.size_bytes == 44 and start.model.sha256
     # a wrong nonce or round: FAILED_PRECONDITION
@@ -330,23 +383,23 @@ def test_mutual_tls_identifies_the_client_by_certificate(tmp_path: Path) -> None
     try:
         cert = generate_certificate("bob", client_ca, client=True)
         t = fed.transport(None, token="", client=cert)
-        assert t.join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION, task_name=fed.task.name)).client_name == "bob"
+        assert t.join(join_request("bob", fed.task.name)).client_name == "bob"
         t.close()
         stranger = generate_certificate("eve", client_ca, client=True)
         t = fed.transport(None, token="", client=stranger)
         with pytest.raises(Unauthenticated, match="not enrolled"):
-            t.join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION, task_name=fed.task.name))
+            t.join(join_request("eve", fed.task.name))
         t.close()
         # a token naming a different client than the certificate is refused
         t = fed.transport("alice", client=cert)
         with pytest.raises(Unauthenticated, match="different clients"):
-            t.join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION, task_name=fed.task.name))
+            t.join(join_request("bob", fed.task.name))
         t.close()
         # no client certificate at all: the TLS handshake fails
         t = fed.transport("alice")
         t._timeout = 5.0
         with pytest.raises(Unavailable):
-            t.join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION, task_name=fed.task.name))
+            t.join(join_request("alice", fed.task.name))
         t.close()
     finally:
         fed.coordinator.stop()
@@ -368,9 +421,9 @@ def test_federate_and_fedveil_client_take_a_client_certificate_for_mutual_tls(
         for name, data in (("ca.pem", fed.ca.cert_pem), ("bob.pem", cert.cert_pem), ("bob.key", cert.key_pem)):
             (tmp_path / name).write_bytes(data)
         session = federate(f"127.0.0.1:{fed.port}", task=TASK, ca_cert=tmp_path / "ca.pem",
-                           client_cert=tmp_path / "bob.pem", client_key=tmp_path / "bob.key")
+                           client_cert=tmp_path / "bob.pem", client_key=tmp_path / "bob.key", **secure_federate("bob"))
         assert session.transport.join(
-            pb.JoinRequest(protocol_version=PROTOCOL_VERSION, task_name=fed.task.name)
+            join_request("bob", fed.task.name)
         ).client_name == "bob"  # identified by its certificate alone (no token)
         session.close()
         with pytest.raises(ValueError, match="client_cert and client_key together"):
@@ -389,9 +442,9 @@ def test_federate_and_fedveil_client_take_a_client_certificate_for_mutual_tls(
 
 def test_a_client_whose_poll_is_cancelled_no_longer_counts_as_connected(fed: Federation_) -> None:
     t = fed.transport("mallory")
-    session = _join(t)
+    session = _join(t, "mallory")
     assert "mallory" in fed.coordinator._available()
-    raw_poll = t._channel.unary_unary("/fedveil.v1.Federation/Poll", request_serializer=lambda m: m.SerializeToString(),
+    raw_poll = t._channel.unary_unary("/fedveil.v2.Federation/Poll", request_serializer=lambda m: m.SerializeToString(),
                                       response_deserializer=pb.PollResponse.FromString)
     with pytest.raises(grpc.RpcError) as info:  # the client gives up on a held poll: its process died
         raw_poll(pb.PollRequest(header=session.header(), max_wait_ms=1500), metadata=t._metadata, timeout=0.3)
@@ -437,11 +490,14 @@ class _RecordingUpload:
         self._upload = upload
         self._before = before
         self.sent: list[int] = []
+        self.total = 0
+        """The upload's size as its header chunk announced it."""
         self.queued = threading.Event()
 
     def _recorded(self, requests: Iterator[pb.MaskedInputChunk]) -> Iterator[pb.MaskedInputChunk]:
         self._before.wait(60)
         for chunk in requests:
+            self.total = self.total or int(chunk.total_bytes)
             self.sent.append(len(chunk.data))
             self.queued.set()
             yield chunk
@@ -455,9 +511,10 @@ class _RecordingUpload:
 
 def test_a_queued_upload_sends_no_data_until_the_server_grants_it_a_slot(tmp_path: Path) -> None:
     limits = ServerLimits(max_message_bytes=4 << 20, workers=16, max_concurrent_rpcs=64, max_concurrent_uploads=1)
-    # threshold 2 of 3 (passive mode: t > c = 1): one client's shares are not needed
+    # threshold 2 of 3 (passive mode: t > c = 1; the scripted clients cannot sign): one client's shares
+    # are not needed
     fed, server = _start(tmp_path, rounds=1, names=("a", "b", "c"), clients_per_round=3, limits=limits,
-                         stage_timeout=5.0, threshold=2)
+                         stage_timeout=5.0, threshold=2, active=False)
     try:
         vecs = vectors(3)
         # b takes a slot (the only one) and holds it; it does not unmask, so c's shares stand in
@@ -477,7 +534,10 @@ def test_a_queued_upload_sends_no_data_until_the_server_grants_it_a_slot(tmp_pat
         for th in threads:
             th.join(30)
         assert sent_while_queued == [0]  # the header chunk only: the bytes waited on the client
-        assert recorder.sent == [0, 16, 16, 16]  # then the 48 bytes, once the slot was granted
+        # then the masked vector in 16-byte chunks, once the slot was granted: 11 update coordinates and, with
+        # secure evaluation (the default), the cohort's metric sums, so more than the bare update's 48 bytes
+        whole, rest = divmod(recorder.total, 16)
+        assert recorder.total > 48 and recorder.sent == [0] + [16] * whole + ([rest] if rest else [])
         assert [holder.error, queued.error, other.error, holder.upload_error] == [None, None, None, None]
         assert fed.summary and fed.summary[0].status == "completed"
         # b's upload (old style: data in the first chunk) counts, reassembled exactly

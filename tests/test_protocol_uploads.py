@@ -79,7 +79,10 @@ def serve(tmp_path: Path) -> Iterator[Any]:
         tokens = {n: store.enroll(n).token for n in names}
         config = ServerConfig(task=TASK, rounds=1, clients_per_round=len(names), min_clients=len(names),
                               round_timeout=60.0, stage_timeout=stage_timeout, cohort_wait=0.0, linger=1.0, seed=5,
-                              poll_wait=0.5, evaluate=False, final_evaluation=False)
+                              poll_wait=0.5, evaluate=False, final_evaluation=False,
+                              # the scripted sites speak passive secure aggregation; no colluders assumed
+                              # (these tests are about uploads): a cohort of 3 completes without its abuser
+                              active_adversary=False, max_corrupt_fraction=0.0)
         coordinator = Coordinator(config, task or load_task(TASK), store)
         coordinator.inline_model = False
         server, port = build_server(

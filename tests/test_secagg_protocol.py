@@ -45,6 +45,9 @@ from fedveil.secagg.messages import (
 from fedveil.secagg.server import ServerR1ShareKeys, ServerR2MaskedInputCollection, ServerR3Unmasking
 from tests.secagg_helpers import ManualRound, random_inputs, ring_sum
 
+SEED32 = bytes(range(32))
+"""Stands in for the cohort's commit-then-reveal graph seed (fedveil.secagg.beacon) in active mode."""
+
 STAGES = ("keys", "shares", "masked", "unmask")
 NO_COLLUSION = 0.0
 """max_corrupt_fraction of an honest-but-curious server without colluding clients: any 2 <= t <= h is
@@ -414,7 +417,7 @@ def _active_config(n=6, t=0, m=16, round_id=3, graph=None):
     keys = [Ed25519PrivateKey.generate() for _ in range(n)]
     config = SecAggConfig(n, t or plan_threshold(n).threshold, m, round_id=round_id, active=True,
                           graph=graph or GraphSpec(),
-                          identity_keys=tuple(k.public_key().public_bytes_raw() for k in keys))
+                          identity_keys=tuple(k.public_key().public_bytes_raw() for k in keys), graph_seed=SEED32)
     return config, keys
 
 
@@ -493,9 +496,9 @@ def test_active_mode_needs_2t_above_holders_plus_colluders():
     with pytest.raises(ConfigError, match=r"threshold: t=4 does not satisfy 2t > h \+ c = 6 \+ 2"):
         SecAggConfig(6, 4, 8, active=True, identity_keys=keys[:6])  # a majority, but c = 2
     with pytest.raises(ConfigError, match="threshold"):  # 5 holders, c = 3 (hypergeometric bound)
-        SecAggConfig(9, 4, 8, graph=GraphSpec("harary", 4), active=True, identity_keys=keys)
+        SecAggConfig(9, 4, 8, graph=GraphSpec("harary", 4), active=True, identity_keys=keys, graph_seed=SEED32)
     SecAggConfig(6, 5, 8, active=True, identity_keys=keys[:6])
-    SecAggConfig(9, 5, 8, graph=GraphSpec("harary", 4), active=True, identity_keys=keys)
+    SecAggConfig(9, 5, 8, graph=GraphSpec("harary", 4), active=True, identity_keys=keys, graph_seed=SEED32)
     SecAggConfig(6, 4, 8, active=True, identity_keys=keys[:6], max_corrupt_fraction=0.0)  # c = 0: majority
     SecAggConfig(6, 3, 8)  # honest-but-curious mode: t > c = 2 suffices
     with pytest.raises(ConfigError, match="does not exceed the c=2 colluders"):
@@ -504,7 +507,8 @@ def test_active_mode_needs_2t_above_holders_plus_colluders():
     # advertise, 6 clients make the graph complete: 6 holders, c = 2, and t = 4 is not.
     signing = [Ed25519PrivateKey.generate() for _ in range(7)]
     public = tuple(k.public_key().public_bytes_raw() for k in signing)
-    config = SecAggConfig(7, 4, 8, round_id=4, graph=GraphSpec("harary", 4), active=True, identity_keys=public)
+    config = SecAggConfig(7, 4, 8, round_id=4, graph=GraphSpec("harary", 4), active=True, identity_keys=public,
+                          graph_seed=SEED32)
     inputs = random_inputs(config)
     sim = run_round(config, inputs, dropouts={"keys": {6}}, identity_keys=dict(enumerate(signing)))
     assert not sim.completed and "2t > h + c = 6 + 2" in (sim.abort_reason or "")

@@ -83,7 +83,7 @@ def split_attack(config: SecAggConfig, colluders: int, group_a: int) -> Outcome:
     """
     n, t = config.num_clients, config.threshold
     signing = {c: Ed25519PrivateKey.generate() for c in range(n)}
-    config = SecAggConfig(**{**config.__dict__, "active": True, "identity_keys": tuple(
+    config = SecAggConfig(**{**config.__dict__, "active": True, "graph_seed": os.urandom(32), "identity_keys": tuple(
         signing[c].public_key().public_bytes_raw() for c in range(n))})
     inputs = random_inputs(config, seed=int.from_bytes(os.urandom(4), "little"))
     clients = {c: SecAggClient(c, config, identity_key=signing[c]) for c in range(n)}
@@ -163,7 +163,7 @@ def split_attack(config: SecAggConfig, colluders: int, group_a: int) -> Outcome:
 def _config(n: int, t: int, graph: GraphSpec, fraction: float) -> SecAggConfig:
     keys = tuple(Ed25519PrivateKey.generate().public_key().public_bytes_raw() for _ in range(n))
     return SecAggConfig(n, t, 8, round_id=77, graph=graph, active=True, identity_keys=keys,
-                        max_corrupt_fraction=fraction)
+                        max_corrupt_fraction=fraction, graph_seed=os.urandom(32))  # the cohort's beacon seed
 
 
 # The attacker report's cases: complete graphs and SecAgg+ on 50 clients with the degree the old

@@ -197,3 +197,17 @@ def test_fedadam_moments_survive_a_restart(tmp_path: Path) -> None:
     assert m_got.shape == (11,) and np.abs(m_got).max() > 0
     np.testing.assert_allclose(m_got, m_ref, atol=1e-4)
     np.testing.assert_allclose(got.model, expected.model, atol=1e-3)
+
+
+def test_a_site_silent_from_the_round_start_is_one_dropout_at_commit(tmp_path: Path) -> None:
+    """Counted once: it is out of the round at commit, not again when later stages close."""
+    names = ["a", "b", "c", "d"]
+    vecs = vectors(4)
+    coordinator, store = make_job(tmp_path, names, weighted=False)
+    clients = [Scripted(coordinator, n, v) for n, v in zip(names, vecs, strict=True)]
+    clients[3].silent_at[(1, 1)] = "training"  # never answers the RoundStart
+    summary = run_job(coordinator, clients)
+    assert summary.status == "completed" and summary.completed_rounds == 1 and summary.dropouts == 1
+    assert store.dropouts(coordinator.run_id) == [(1, 1, "d", "commit", "missed the stage deadline")]
+    np.testing.assert_allclose(store.aggregate(coordinator.run_id, 1), sum(vecs[:3]) / 3, atol=1e-4)  # type: ignore[arg-type]
+    store.close()

@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedveil.cli import main
 from fedveil.clients.api import run_client
-from fedveil.clients.session import ClientOptions, Federation
+from fedveil.clients.session import Federation
 from fedveil.commands.common import USAGE_EXIT_CODE
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.protocol.transport import InProcessTransport
@@ -26,6 +27,7 @@ from fedveil.server.config import ServerConfig, ServerConfigError
 from fedveil.server.coordinator import JobError
 from fedveil.server.store import load_ledger
 from fedveil.task import load_task
+from tests.identity_helpers import TEST_AUTHORITY, secure_options
 from tests.server_helpers import TASK, Scripted, make_job, run_job, vectors
 
 pytestmark = pytest.mark.timeout(180)
@@ -61,7 +63,7 @@ def test_server_config_derives_safe_thresholds_in_both_modes() -> None:
         plan = ServerConfig(**base, active_adversary=active).secagg_plan(10)  # type: ignore[arg-type]
         assert (plan.holders, plan.corrupt, plan.threshold) == (10, 3, 7)
         assert ServerConfig(**base, active_adversary=active).secagg_plan(4).threshold == 3  # c = 1
-    passive = ServerConfig(**base, threshold=4)  # type: ignore[arg-type]
+    passive = ServerConfig(**base, threshold=4, active_adversary=False)  # type: ignore[arg-type]  # active by default
     assert passive.secagg_plan(10).threshold == 4 and passive.secagg_plan(4).threshold == 4  # capped at h = 4
     assert ServerConfig(**base, threshold=6, max_corrupt_fraction=0.0,  # type: ignore[arg-type]
                         active_adversary=True).secagg_plan(10).threshold == 6
@@ -88,6 +90,20 @@ def test_an_explicit_threshold_unsafe_for_the_cohort_stops_the_job(tmp_path: Pat
     store.close()
 
 
+def test_per_site_metrics_are_refused_unless_the_job_evaluates_in_the_clear(tmp_path: Path) -> None:
+    from fedveil.protocol import PROTOCOL_VERSION
+    from fedveil.protocol.errors import MalformedMessage
+    from fedveil.protocol.transport import ClientSession
+
+    coordinator, store = make_job(tmp_path, ["x", "y"], rounds=1)
+    session = ClientSession.from_join(coordinator.join("x", pb.JoinRequest(
+        protocol_version=PROTOCOL_VERSION, task_name="synthetic-logreg")))
+    with pytest.raises(MalformedMessage, match="per-site metrics are not accepted"):
+        coordinator.report_metrics("x", pb.MetricsReport(header=session.header(1, b"n" * 16), model_version=0,
+                                                         num_examples=10, metrics=[pb.Metric(name="loss", value=1)]))
+    store.close()
+
+
 def test_local_dp_spend_reports_reach_the_ledger_and_the_budget_report(tmp_path: Path) -> None:
     names = ["x", "y"]
     coordinator, store = make_job(tmp_path, names, rounds=2, dp="local")
@@ -101,7 +117,7 @@ def test_local_dp_spend_reports_reach_the_ledger_and_the_budget_report(tmp_path:
     assert ledger.epsilon("x") > 0
     reports = store.client_privacy(coordinator.run_id)
     assert [(r, n) for r, n, _ in reports] == [(1, "x"), (2, "x")] and reports[0][2]["in_ledger"] is True
-    assert store.evaluations(coordinator.run_id, 0) == [("x", 100, {"loss": 0.5})]
+    assert store.evaluations(coordinator.run_id, 0) == []  # secure evaluation: no site's own row, ever
     store.close()
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -114,13 +130,13 @@ def test_distributed_dp_job_with_real_clients(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     names = ["p", "q", "r"]
     coordinator, store = make_job(tmp_path, names, rounds=2, dp="distributed", dp_clip=1.0, dp_noise_multiplier=0.5,
-                              dp_bits=24, evaluate=True)
+                              dp_bits=24, evaluate=True, active_adversary=True)  # real sites: the secure default
     task = load_task(TASK)
     outcomes: dict[str, list[str]] = {}
 
     def client(i: int, name: str) -> None:
         fed = Federation(InProcessTransport(coordinator, name), task.name, task.build_model(),
-                         ClientOptions(seed=i, poll_wait_ms=500))
+                         secure_options(name, seed=i, poll_wait_ms=500))
         outcomes[name] = [o.outcome for o in run_client(fed, task, task.synthetic_data(i, 3, 3))]  # type: ignore[misc]
 
     threads = [threading.Thread(target=client, args=(i, n), daemon=True) for i, n in enumerate(names)]
@@ -150,8 +166,10 @@ def test_distributed_dp_job_with_real_clients(tmp_path: Path) -> None:
         (["--clients-per-round", "6", "--threshold", "4", "--active-adversary"],
          "error: --threshold: t=4 does not satisfy 2t > h + c = 6 + 2 (h holders of each client's shares, c "
          "colluders among them); the smallest safe t is 5"),
-        (["--clients-per-round", "6", "--threshold", "2"],
+        (["--clients-per-round", "6", "--threshold", "2", "--passive"],
          "error: --threshold: t=2 does not exceed the c=2 colluders among a client's h=6 holders"),
+        (["--clients-per-round", "6", "--threshold", "4"],  # active mode is the default
+         "error: --threshold: t=4 does not satisfy 2t > h + c = 6 + 2"),
         (["--clients-per-round", "6", "--max-corrupt-fraction", "0.5"],
          "error: --max-corrupt-fraction: must be in [0, 0.5)"),
         (["--clients-per-round", "100", "--secagg", "harary", "--secagg-degree", "4"],
@@ -241,10 +259,22 @@ def test_active_adversary_mode_needs_identity_keys(tmp_path: Path) -> None:
     coordinator, store = make_job(tmp_path, names, active_adversary=True, weighted=False)
     with pytest.raises(Incompatible, match="active-adversary mode"):
         coordinator.join("a", pb.JoinRequest(protocol_version=PROTOCOL_VERSION, task_name="synthetic-logreg"))
-    store.enroll("a", rotate=True, identity_public_key=b"\x01" * 32)
+    now = int(time.time())
+    key_a, mine = TEST_AUTHORITY.identity("a", now=now)
+    public_a = key_a.public_key().public_bytes_raw()
+    stranger = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
+    store.enroll("a", rotate=True, identity_public_key=public_a)
     with pytest.raises(PermissionDenied, match="differs from the key enrolled"):
         coordinator.join("a", pb.JoinRequest(protocol_version=PROTOCOL_VERSION, task_name="synthetic-logreg",
-                                             identity_public_key=b"\x02" * 32))
-    joined = coordinator.join("a", pb.JoinRequest(protocol_version=PROTOCOL_VERSION, task_name="synthetic-logreg"))
+                                             identity_public_key=stranger))
+    # the enrolled key alone is not enough: the authority must vouch for it (a credential naming "a" and that key)
+    with pytest.raises(Incompatible, match="identity_credential"):
+        coordinator.join("a", pb.JoinRequest(protocol_version=PROTOCOL_VERSION, task_name="synthetic-logreg"))
+    other = TEST_AUTHORITY.issue("a", stranger, not_before=now - 60, not_after=now + 3600)
+    with pytest.raises(PermissionDenied, match="another site name or identity key"):
+        coordinator.join("a", pb.JoinRequest(protocol_version=PROTOCOL_VERSION, task_name="synthetic-logreg",
+                                             identity_credential=other.encode()))
+    joined = coordinator.join("a", pb.JoinRequest(protocol_version=PROTOCOL_VERSION, task_name="synthetic-logreg",
+                                                  identity_credential=mine.encode()))
     assert joined.client_name == "a"
     store.close()

@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 from server_helpers import read_store
 
+from fedveil.clients.simulation import SimulatedSites
 from fedveil.protocol.tls import generate_ca, generate_certificate
+from fedveil.server.config import ServerConfig
 from fedveil.server.store import RunStore
 from fedveil.tasks.synthetic import write_site_csv
 
@@ -63,12 +65,15 @@ def test_server_killed_after_round_1_resumes_and_finishes(tmp_path: Path) -> Non
         tokens = {n: store.enroll(n).token for n in names}
     for i, n in enumerate(names):
         write_site_csv(tmp_path / f"{n}.csv", i, len(names), 5)
+    # the secure default: an authority vouches for each site (identity files; --authority for everyone)
+    flags = SimulatedSites.create(ServerConfig(task=TASK, rounds=4, clients_per_round=3, min_clients=3),
+                                  names).write_files(tmp_path)
     port = _free_port()
     server_cmd = [
         sys.executable, "-m", "fedveil.cli", "server", "--listen", f"127.0.0.1:{port}", "--store", str(db),
         "--task", TASK, "--rounds", "4", "--clients-per-round", "3", "--min-clients", "3",
         "--round-timeout", "120", "--stage-timeout", "60", "--linger", "10", "--seed", "5",
-        "--tls-cert", str(tmp_path / "srv.pem"), "--tls-key", str(tmp_path / "srv.key"), "--json",
+        "--tls-cert", str(tmp_path / "srv.pem"), "--tls-key", str(tmp_path / "srv.key"), "--json", *flags["server"],
     ]
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -81,7 +86,7 @@ def test_server_killed_after_round_1_resumes_and_finishes(tmp_path: Path) -> Non
         return [sys.executable, "-c", CLIENT, "client", "--server", f"127.0.0.1:{port}", "--task", TASK,
                 "--data", str(tmp_path / f"{name}.csv"), "--token", token, "--ca-cert", str(tmp_path / "ca.pem"),
                 "--seed", str(names.index(name) if name in names else 99), "--give-up-after", "120",
-                "--max-backoff", "1"]
+                "--max-backoff", "1", *flags[name]]
 
     server = spawn(server_cmd, "server1")
     clients: dict[str, subprocess.Popen[bytes]] = {}
@@ -124,7 +129,9 @@ def test_server_killed_after_round_1_resumes_and_finishes(tmp_path: Path) -> Non
         (run,) = store.runs()
         assert run.status == "completed"
         rounds = store.rounds(run.run_id)
-        assert all(r.status in ("completed", "interrupted", "aborted") for r in rounds)
+        # and the final evaluation: an evaluation-only round numbered rounds + 1, stored as 'evaluated'
+        assert all(r.status in ("completed", "interrupted", "aborted", "evaluated") for r in rounds)
+        assert [r.round for r in rounds if r.status == "evaluated"] == [5]
         assert store.completed_rounds(run.run_id) == 4
         ckpt = store.latest_checkpoint(run.run_id)
         assert ckpt is not None and ckpt.version == 4

@@ -23,7 +23,9 @@ from pathlib import Path
 import pytest
 from server_helpers import read_store
 
+from fedveil.clients.simulation import SimulatedSites
 from fedveil.commands.common import EXIT_DEADLINE_S
+from fedveil.server.config import ServerConfig
 from fedveil.server.runner import STOP_GRACE_S, STOP_WAIT_S
 from fedveil.server.store import RunStore
 from fedveil.task import load_task
@@ -46,15 +48,21 @@ sys.exit(7)
 """
 # Joins with a valid token, opens calls that never send their request (one with a forged token,
 # which the server cannot check before the request arrives), opens a masked-input upload that
-# never sends a chunk, starts a long poll, then stops itself: it never reads a reply again.
+# never sends a chunk, starts a long poll, then stops itself: it never reads a reply again. It joins
+# as a vouched-for site (identity key and credential files), as the secure default requires.
 MALLORY = """
 import os, signal, sys, threading
+from pathlib import Path
 import grpc
+from fedveil.clients.api import load_identity_key
 from fedveil.protocol import PROTOCOL_VERSION, SERVICE_NAME
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.protocol.auth import bearer_metadata
+from fedveil.protocol.identity_files import load_credential
 from fedveil.protocol.transport import ClientSession
-address, token, forged, task_name = sys.argv[1:5]
+address, token, forged, task_name, key_file, credential_file = sys.argv[1:7]
+identity = load_identity_key(Path(key_file)).public_key().public_bytes_raw()
+credential = load_credential(Path(credential_file)).encode()
 channel = grpc.insecure_channel(address)
 never = threading.Event()
 def silent():
@@ -66,7 +74,8 @@ held = [stream(rpc).future(silent(), metadata=bearer_metadata(forged)) for rpc i
 held.append(stream("UploadMaskedInput").future(silent(), metadata=bearer_metadata(token)))
 join = channel.unary_unary(f"/{SERVICE_NAME}/Join", request_serializer=pb.JoinRequest.SerializeToString,
                            response_deserializer=pb.JoinResponse.FromString)
-session = ClientSession.from_join(join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION, task_name=task_name),
+session = ClientSession.from_join(join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION, task_name=task_name,
+                                                     identity_public_key=identity, identity_credential=credential),
                                        metadata=bearer_metadata(token), timeout=60))
 poll = channel.unary_unary(f"/{SERVICE_NAME}/Poll", request_serializer=pb.PollRequest.SerializeToString,
                            response_deserializer=pb.PollResponse.FromString)
@@ -114,6 +123,9 @@ def test_server_exits_after_a_job_with_a_killed_site_a_forged_token_and_a_frozen
         tokens = {n: store.enroll(n).token for n in [*honest, killed, "mallory"]}
     for i, name in enumerate([*honest, killed]):
         write_site_csv(tmp_path / f"{name}.csv", i, 4, 3)
+    # the secure default: an authority vouches for every site (identity files; --authority for everyone)
+    flags = SimulatedSites.create(ServerConfig(task=TASK, rounds=2, clients_per_round=3, min_clients=3),
+                                  [*honest, killed, "mallory"]).write_files(tmp_path)
     forged = tokens["north"][:-4] + ("AAAA" if not tokens["north"].endswith("AAAA") else "BBBB")
     linger = 2.0
     logs = tmp_path / "logs"
@@ -128,7 +140,8 @@ def test_server_exits_after_a_job_with_a_killed_site_a_forged_token_and_a_frozen
     def client(name: str, token: str, port: int) -> list[str]:
         return [sys.executable, "-m", "fedveil.cli", "client", "--server", f"127.0.0.1:{port}", "--task", TASK,
                 "--data", str(tmp_path / f"{name if name in tokens else 'north'}.csv"), "--token", token,
-                "--insecure", "--give-up-after", "120", "--max-backoff", "0.5"]
+                "--insecure", "--give-up-after", "120", "--max-backoff", "0.5",
+                *flags[name if name in flags else "north"]]
 
     def wait_for(what: str, predicate: object, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -150,13 +163,15 @@ def test_server_exits_after_a_job_with_a_killed_site_a_forged_token_and_a_frozen
             sys.executable, "-m", "fedveil.cli", "server", "--listen", f"127.0.0.1:{port}", "--store", str(db),
             "--task", TASK, "--rounds", "2", "--clients-per-round", "3", "--min-clients", "3",
             "--round-timeout", "10", "--stage-timeout", "10", "--cohort-wait", "1", "--linger", str(linger),
-            "--poll-wait", "2", "--seed", "3", "--insecure", "--json", "--port-file", str(port_file)])
+            "--poll-wait", "2", "--seed", "3", "--insecure", "--json", "--port-file", str(port_file), *flags["server"]])
         wait_for("the server to listen", lambda: port_file.exists() or server.poll() is not None)
         assert server.poll() is None, (logs / "server.err").read_text()
         intruder = spawn("intruder", client("intruder", forged, port))
         assert intruder.wait(120) == 3  # refused: a forged token is an authentication failure
+        identity = tmp_path / "identities"
         mallory = spawn("mallory", [sys.executable, "-c", MALLORY, f"127.0.0.1:{port}", tokens["mallory"], forged,
-                                    load_task(TASK).name])
+                                    load_task(TASK).name, str(identity / "mallory.key"),
+                                    str(identity / "mallory.cred")])
         wait_for("mallory to hold its calls", lambda: "holding" in (logs / "mallory.out").read_text()
                  or mallory.poll() is not None)
         assert mallory.poll() is None, (logs / "mallory.err").read_text()

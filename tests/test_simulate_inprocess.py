@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from fedveil.cli import main
-from fedveil.clients.simulation import client_seed, simulate_in_process
+from fedveil.clients.simulation import SimulatedSites, client_seed, simulate_in_process
 from fedveil.server.config import ServerConfig
 from fedveil.server.simulation import CoordinatorHost
+from tests.identity_helpers import site_policy
 
 torch.set_num_threads(1)
 
@@ -23,11 +24,13 @@ def config(**kw: object) -> ServerConfig:
 
 
 def test_same_seed_same_aggregates_other_seed_other_aggregates() -> None:
-    a = simulate_in_process(config(), 4, host=CoordinatorHost())
-    b = simulate_in_process(config(), 4, host=CoordinatorHost())
-    c = simulate_in_process(config(seed=6), 4, host=CoordinatorHost())
+    # bit-for-bit reproducible only with insecure_deterministic: by default the rounding comes from the OS
+    a = simulate_in_process(config(insecure_deterministic=True), 4, host=CoordinatorHost())
+    b = simulate_in_process(config(insecure_deterministic=True), 4, host=CoordinatorHost())
+    c = simulate_in_process(config(seed=6, insecure_deterministic=True), 4, host=CoordinatorHost())
     assert a.summary["status"] == "completed" and not a.client_errors
-    assert a.client_histories == {f"client-{i:03d}": ["completed"] * 3 for i in range(4)}
+    # three training rounds, then the final evaluation (an evaluation-only round 4, secure sums)
+    assert a.client_histories == {f"client-{i:03d}": ["completed"] * 4 for i in range(4)}
     assert [r.survivors for r in a.rounds] == [4, 4, 4]
     for ra, rb, rc in zip(a.rounds, b.rounds, c.rounds, strict=True):
         np.testing.assert_array_equal(ra.aggregate, rb.aggregate)
@@ -36,6 +39,17 @@ def test_same_seed_same_aggregates_other_seed_other_aggregates() -> None:
     assert a.summary["final_metrics"]["accuracy"] > 0.75
     norms = [r.stats["update_norm"] for r in a.rounds]
     assert norms[-1] < norms[0]
+
+
+def test_the_seed_alone_fixes_the_data_order_not_the_rounding() -> None:
+    """The secure default: a server that knows the job seed cannot predict a site's stochastic rounding
+    (or keys, masks, noise), so two runs with the same seed release different low-order bits."""
+    a = simulate_in_process(config(rounds=1), 4, host=CoordinatorHost())
+    b = simulate_in_process(config(rounds=1), 4, host=CoordinatorHost())
+    assert a.summary["status"] == b.summary["status"] == "completed"
+    ra, rb = a.rounds[0].aggregate, b.rounds[0].aggregate
+    assert ra is not None and rb is not None and not np.array_equal(ra, rb)
+    np.testing.assert_allclose(ra, rb, atol=1e-3)  # the same training: only the rounding differs
 
 
 @pytest.mark.parametrize("dp", ["central", "distributed"])
@@ -52,6 +66,25 @@ def test_fedadam_server_optimizer_in_a_simulation() -> None:
     result = simulate_in_process(config(rounds=2, optimizer="fedadam", server_lr=0.05), 3, host=CoordinatorHost())
     assert result.summary["status"] == "completed"
     assert result.rounds[0].aggregate is not None
+
+
+def test_simulated_sites_accept_their_own_jobs_cohort_and_colluding_fraction(tmp_path: Path) -> None:
+    """A simulation of 2 clients (the CLI allows it) once had every site decline the cohort of 2 (its
+    default minimum is 3), and ``--processes --max-corrupt-fraction 0.1`` had the site processes decline
+    a round the threads accepted: threads and processes now get the same policy, from the job."""
+    two = simulate_in_process(config(rounds=1, clients_per_round=2, min_clients=2), 2, host=CoordinatorHost())
+    assert two.summary["status"] == "completed"
+    assert two.client_histories == {f"client-{i:03d}": ["completed"] * 2 for i in range(2)}
+    names = ["client-000", "client-001"]
+    sites = SimulatedSites.create(config(clients_per_round=2, min_clients=2, max_corrupt_fraction=0.1), names)
+    policy = sites.policy()
+    assert (policy.min_cohort, policy.max_corrupt_fraction, policy.trust_server) == (2, 0.1, False)
+    flags = sites.write_files(tmp_path)
+    for name in names:
+        assert flags[name][-4:] == ["--max-corrupt-fraction", "0.1", "--min-cohort", "2"]
+    passive = SimulatedSites.create(config(active_adversary=False), names)
+    assert passive.policy().trust_server and passive.policy().min_cohort == 3  # min_clients 3: the default stays
+    assert passive.write_files(tmp_path)["client-000"][0] == "--trust-server"
 
 
 def test_client_seeds_differ_per_client_and_are_stable() -> None:
@@ -93,8 +126,12 @@ def test_cli_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str], args:
 
 
 def test_active_adversary_mode_signs_and_checks_and_releases_the_same_sum() -> None:
-    plain = simulate_in_process(config(rounds=2), 4, host=CoordinatorHost())
-    active = simulate_in_process(config(rounds=2, active_adversary=True), 4, host=CoordinatorHost())
+    # active is the default now: compare with an explicitly passive job; the same bits need insecure_deterministic
+    plain = simulate_in_process(config(rounds=2, active_adversary=False, insecure_deterministic=True), 4,
+                                host=CoordinatorHost())
+    active = simulate_in_process(config(rounds=2, active_adversary=True, insecure_deterministic=True), 4,
+                                 host=CoordinatorHost())
+    assert plain.summary["status"] == "completed" and not plain.client_errors
     assert active.summary["status"] == "completed" and not active.client_errors
     for a, b in zip(plain.rounds, active.rounds, strict=True):
         np.testing.assert_array_equal(a.aggregate, b.aggregate)
@@ -109,7 +146,8 @@ def test_active_adversary_job_refuses_a_client_without_identity_key(tmp_path: Pa
 
     with RunStore(tmp_path / "run.sqlite") as store:
         coordinator = Coordinator(config(active_adversary=True), task, store, new_run=True)
-        fed = federate(task=task, transport=InProcessTransport(coordinator, "site-0"))
+        # the site pins the authority (the secure default) but has no identity key: the server refuses its Join
+        fed = federate(task=task, transport=InProcessTransport(coordinator, "site-0"), policy=site_policy())
         with pytest.raises(ClientError, match="active-adversary mode"):
             next(iter(fed))
 
@@ -139,9 +177,11 @@ def test_identity_key_files(tmp_path: Path) -> None:
 
 def test_harary_graph_rounds_complete_and_match_the_complete_graph_sum() -> None:
     # degree 4 on 8 clients is a real sparse SecAgg+ graph (not the complete-graph fallback)
+    # (the same bits need insecure_deterministic: by default the rounding comes from the OS)
     sparse = simulate_in_process(config(rounds=1, clients_per_round=8, min_clients=8, secagg="harary",
-                                        secagg_degree=4), 8, host=CoordinatorHost())
-    dense = simulate_in_process(config(rounds=1, clients_per_round=8, min_clients=8), 8, host=CoordinatorHost())
+                                        secagg_degree=4, insecure_deterministic=True), 8, host=CoordinatorHost())
+    dense = simulate_in_process(config(rounds=1, clients_per_round=8, min_clients=8, insecure_deterministic=True), 8,
+                                host=CoordinatorHost())
     assert sparse.summary["status"] == "completed" and not sparse.client_errors
     assert sparse.rounds[0].survivors == 8
     np.testing.assert_array_equal(sparse.rounds[0].aggregate, dense.rounds[0].aggregate)

@@ -17,7 +17,9 @@ torch.set_num_threads(1)
 
 
 def run(capsys: pytest.CaptureFixture[str], store: Path, *extra: str) -> dict:
-    code = main(["simulate", "--clients", "3", "--rounds", "2", "--seed", "4", "--store", str(store), *extra])
+    # the same bits in both modes need --insecure-deterministic (by default rounding and keys come from the OS)
+    code = main(["simulate", "--clients", "3", "--rounds", "2", "--seed", "4", "--store", str(store),
+                 "--insecure-deterministic", *extra])
     out = capsys.readouterr().out.strip().splitlines()
     assert code == 0, out
     return json.loads(out[-1])
@@ -29,7 +31,8 @@ def test_processes_and_in_process_release_the_same_aggregates(
     net = run(capsys, tmp_path / "net.sqlite", "--processes")
     local = run(capsys, tmp_path / "local.sqlite")
     assert net["mode"] == "processes" and local["mode"] == "in-process"
-    assert net["clients"] == {f"client-{i:03d}": ["completed", "completed"] for i in range(3)}
+    # two training rounds, then the final evaluation (an evaluation-only round 3)
+    assert net["clients"] == {f"client-{i:03d}": ["completed"] * 3 for i in range(3)}
     assert (tmp_path / "net-sim" / "logs" / "server.log").exists()  # logs and CSVs kept next to the store
     net_rounds = read_rounds(tmp_path / "net.sqlite", net["summary"]["run_id"])
     local_rounds = read_rounds(tmp_path / "local.sqlite", local["summary"]["run_id"])
@@ -39,10 +42,21 @@ def test_processes_and_in_process_release_the_same_aggregates(
         np.testing.assert_array_equal(a.aggregate, b.aggregate)
 
 
-def test_processes_refuse_active_adversary(capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["simulate", "--clients", "3", "--rounds", "1", "--processes", "--active-adversary"])
-    assert code == 2
-    assert capsys.readouterr().err.strip().startswith("error: --active-adversary:")
+def test_processes_run_the_secure_default_with_vouched_identities(capsys: pytest.CaptureFixture[str],
+                                                                  tmp_path: Path) -> None:
+    """Active mode, once refused with --processes, is the default: an in-memory authority vouches for each
+    site, whose processes get their key and credential files (the authority's private key stays in memory)."""
+    code = main(["simulate", "--clients", "3", "--rounds", "1", "--processes", "--store", str(tmp_path / "run.db")])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert code == 0 and json.loads(out[-1])["summary"]["status"] == "completed"
+    folder = tmp_path / "run-sim" / "identities"
+    names = [f"client-{i:03d}" for i in range(3)]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["authority.pub", *(f"{n}.key" for n in names), *(f"{n}.cred" for n in names)])
+    assert all((folder / f"{n}.key").stat().st_mode & 0o077 == 0 for n in names)
+    joins = [line for line in (tmp_path / "run-sim" / "logs" / "server.log").read_text().splitlines()
+             if " joined " in line]
+    assert len(joins) == 3 and all("malicious-server checks, credential" in line for line in joins)
 
 
 def test_a_server_outliving_every_client_is_stopped_with_their_exit_statuses(tmp_path: Path) -> None:

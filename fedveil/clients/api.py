@@ -16,8 +16,10 @@ sends the masked update and returns when the round is over.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from cryptography.hazmat.primitives import serialization
@@ -26,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from fedveil.clients.backoff import BackoffPolicy
+from fedveil.clients.policy import SitePolicy
 from fedveil.clients.session import ClientOptions, EvaluateFn, Federation, Round, RoundOutcome
 from fedveil.dp.ledger import BudgetExceededError
 from fedveil.protocol.auth import parse_token
@@ -54,6 +57,13 @@ def federate(
     transport: Transport | None = None,
     server_name_override: str | None = None,
     identity_key: Ed25519PrivateKey | str | Path | None = None,
+    credential: bytes | str | Path | None = None,
+    authority: str | Path | None = None,
+    revocations: str | Path | None = None,
+    trust_server: bool = False,
+    policy: SitePolicy | None = None,
+    state: str | Path | None = None,
+    insecure_deterministic: bool = False,
 ) -> Federation:
     """Join the job at ``server`` (``HOST:PORT``) and iterate over the rounds this client is in.
 
@@ -72,8 +82,20 @@ def federate(
         evaluate: ``fn(model) -> {"loss": ..., "accuracy": ...}`` for federated evaluation.
         backoff: reconnect policy (default: jittered exponential, up to 10 s per wait, 5 min total).
         transport: a ready transport instead of ``server`` (e.g. in-process, for simulations).
-        identity_key: Ed25519 private key (or a PEM file) for active-adversary jobs; its public
-            key is announced at Join unless one is enrolled for this client.
+        identity_key: this site's Ed25519 identity key (or its PEM file, ``fedveil identity create``).
+        credential: this site's credential from the consortium authority (bytes or the file
+            ``fedveil authority issue`` wrote), sent at Join so peers can check the site's identity.
+        authority: the consortium authority's public file (``fedveil authority init``): pinned, every
+            cohort member's credential must verify against it. Required unless ``trust_server``.
+        revocations: the authority's latest revocation list this site holds.
+        trust_server: opt in to the honest-but-curious server model (passive secure aggregation, no
+            identity checks). Off by default: the site assumes a malicious server.
+        policy: the full :class:`~fedveil.clients.policy.SitePolicy` (minimum cohort, colluding
+            fraction, DP modes and noise floor, attempts, evaluation); ``authority``,
+            ``revocations`` and ``trust_server`` fill in its identity fields.
+        state: a file where the site keeps its attempts, releases and own privacy ledger across
+            restarts (``fedveil budget report`` reads it).
+        insecure_deterministic: derive keys, masks, rounding and noise from ``seed`` (tests only).
     """
     resolved = load_task(task) if isinstance(task, str) else task
     if transport is None:
@@ -103,10 +125,49 @@ def federate(
         )
     if isinstance(identity_key, (str, Path)):
         identity_key = load_identity_key(Path(identity_key))
-    options = ClientOptions(seed=seed, num_examples=num_examples, evaluate=evaluate, identity_key=identity_key)
+    options = ClientOptions(seed=seed, num_examples=num_examples, evaluate=evaluate, identity_key=identity_key,
+                            policy=site_policy(policy, authority=authority, revocations=revocations,
+                                               trust_server=trust_server),
+                            credential=load_credential_arg(credential), state_path=Path(state) if state else None,
+                            insecure_deterministic=insecure_deterministic)
     if backoff is not None:
         options.backoff = backoff
     return Federation(transport, resolved.name, model if model is not None else resolved.build_model(), options)
+
+
+def site_policy(policy: SitePolicy | None, *, authority: str | Path | None = None,
+                revocations: str | Path | None = None, trust_server: bool = False) -> SitePolicy:
+    """``policy`` (default: the malicious-server defaults) with the pinned authority and trust choice."""
+    from fedveil.protocol.identity_files import load_authority_public, load_revocations
+    from fedveil.secagg.identity import verify_revocations
+
+    changes: dict[str, Any] = {}
+    pinned = None
+    if authority is not None:
+        pinned = load_authority_public(Path(authority))
+        changes.update(consortium=pinned.consortium, authority_public_key=pinned.public_key.raw)
+    if revocations is not None:
+        if pinned is None:
+            raise ValueError("revocations: give the authority too (the list is checked against its key)")
+        revocation_list = load_revocations(Path(revocations))
+        verify_revocations(pinned.public_key, revocation_list, consortium=pinned.consortium)
+        changes["revocations"] = revocation_list
+    if trust_server:
+        changes["trust_server"] = True
+    if policy is None:
+        return SitePolicy(**changes)
+    return dataclasses.replace(policy, **changes)
+
+
+def load_credential_arg(credential: bytes | str | Path | None) -> bytes:
+    """A credential given as bytes, or the path of the file ``fedveil authority issue`` wrote."""
+    if credential is None:
+        return b""
+    if isinstance(credential, bytes):
+        return credential
+    from fedveil.protocol.identity_files import load_credential
+
+    return load_credential(Path(credential)).encode()
 
 
 def load_identity_key(path: Path) -> Ed25519PrivateKey:

@@ -37,17 +37,23 @@ def rotation_seed_of(params: pb.DistributedDpParams) -> int:
 
 
 def prepare_distributed_update(
-    delta: np.ndarray, start: pb.RoundStart, *, rounding_seed: bytes, noise_seed: bytes
+    delta: np.ndarray, start: pb.RoundStart, *, rounding_seed: bytes, noise_seed: bytes,
+    config: DistributedDPConfig | None = None,
 ) -> PreparedUpdate:
-    """Clip → rotate → scale → conditional rounding → + noise share → ring, as the round asks."""
-    config = distributed_config(start.dp.distributed)
+    """Clip → rotate → scale → conditional rounding → + noise share → ring, as the round asks.
+
+    ``config`` is the round's configuration with this site's own noise share (its policy's floor,
+    :func:`fedveil.clients.admission.own_noise_stddev`); default: the server's, unchanged.
+    """
+    config = config if config is not None else distributed_config(start.dp.distributed)
     if delta.shape[0] != config.dim:
         raise RoundConfigError(
             f"dp.distributed: the configuration is for updates of dimension {config.dim}, "
             f"this model has {delta.shape[0]}"
         )
     # numpy's PCG64 drives rounding and noise here, as in fedveil.dp.distributed; it is seeded
-    # from this client's private seed (never sent), so the server cannot reproduce the noise.
+    # with 384 fresh bits from the OS for every attempt (never sent), so the server cannot
+    # reproduce or predict the noise.
     rng = np.random.default_rng(np.frombuffer(noise_seed + rounding_seed, dtype=np.uint32))
     ring = encode_update(config, delta, rotation_seed=rotation_seed_of(start.dp.distributed), rng=rng,
                          ring_bits=int(start.encoding.ring_bits))

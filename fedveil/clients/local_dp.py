@@ -64,6 +64,11 @@ class LocalDpClient:
         self._wrapped = None
         return state
 
+    @property
+    def last_event(self) -> Any:
+        """The DP-SGD event of the round just finished (its sampling rate, noise and steps)."""
+        return self.session.last_round_event if self.session is not None else None
+
     def spend(self) -> pb.LocalPrivacySpend | None:
         if self.session is None or self.session.rounds_completed == 0:
             return None

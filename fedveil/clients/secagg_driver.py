@@ -35,7 +35,7 @@ class UnsupportedRoundError(ValueError):
     """The round asks for something this client does not support; the message names it."""
 
 
-def secagg_config(start: pb.RoundStart) -> SecAggConfig:
+def secagg_config(start: pb.RoundStart, graph_seed: bytes = b"") -> SecAggConfig:
     """The round's :class:`SecAggConfig`, built from ``RoundStart`` exactly as the server builds it.
 
     Every field enters the session id, so a difference here means no shared session: the
@@ -57,6 +57,7 @@ def secagg_config(start: pb.RoundStart) -> SecAggConfig:
         identity_keys=tuple(bytes(k) for k in params.identity_keys) if active else None,
         context=bytes(params.context),
         max_corrupt_fraction=float(params.max_corrupt_fraction),
+        graph_seed=graph_seed,
     )
 
 
@@ -64,14 +65,15 @@ class SecAggClientDriver:
     """One round of the secagg client, fed with protobuf instructions."""
 
     def __init__(
-        self, start: pb.RoundStart, *, seed: bytes | None = None, identity_key: Ed25519PrivateKey | None = None
+        self, start: pb.RoundStart, *, seed: bytes | None = None, identity_key: Ed25519PrivateKey | None = None,
+        graph_seed: bytes = b"",
     ) -> None:
         if start.secagg.active_adversary and identity_key is None:
             raise UnsupportedRoundError(
                 "secagg.active_adversary: the job runs in active-adversary mode and this client has no "
                 "Ed25519 identity key (federate(identity_key=...), fedveil client --identity-key)"
             )
-        self.config = secagg_config(start)
+        self.config = secagg_config(start, graph_seed)
         self.client_id = int(start.client_id)
         self.client = SecAggClient(
             self.client_id, self.config, seed=seed, identity_key=identity_key if self.config.active else None

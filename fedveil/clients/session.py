@@ -7,6 +7,14 @@
 secure-aggregation stages with the server until the round's result is known. Raw data never
 leaves the process: only the masked, encoded update does.
 
+Security: nothing is taken on the server's word. Every ``RoundStart`` is checked against the
+site's own :class:`~fedveil.clients.policy.SitePolicy` and the ``JobInfo`` it joined
+(:func:`fedveil.clients.admission.admit_round`) and declined with a one-line reason when it breaks
+them; the Harary layout comes from a commit-then-reveal seed the site helps draw
+(:mod:`fedveil.secagg.beacon`); every attempt uses fresh randomness; a round whose unmasking
+shares the site released is never joined again; evaluation travels as secure sums; and the site
+keeps its own ledger of what it released (:class:`~fedveil.clients.site_state.SiteState`).
+
 Robustness: every call goes through :class:`fedveil.clients.backoff.Backoff`, so a server
 that is restarting (``UNAVAILABLE``) is retried with jittered exponential waits; a session the
 server no longer knows (``FAILED_PRECONDITION``, e.g. after a server restart) is re-joined; a
@@ -23,6 +31,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,13 +40,19 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from torch import nn
 
 import fedveil
+from fedveil.clients import participation
+from fedveil.clients.admission import Admission
 from fedveil.clients.backoff import Backoff, BackoffPolicy
-from fedveil.clients.secagg_driver import SecAggClientDriver, UnsupportedRoundError
+from fedveil.clients.participation import RoundLost
+from fedveil.clients.policy import PolicyViolation, SitePolicy, check_job
+from fedveil.clients.privacy import SitePrivacy
+from fedveil.clients.secagg_driver import UnsupportedRoundError
+from fedveil.clients.site_state import SiteState
 from fedveil.clients.update import (
-    PreparedUpdate,
+    AttemptRandomness,
+    attempt_randomness,
     derive_seed,
     model_delta,
-    prepare_update,
     seed_int,
 )
 from fedveil.protocol import PROTOCOL_VERSION
@@ -55,7 +70,6 @@ from fedveil.protocol.errors import (
     Unavailable,
 )
 from fedveil.protocol.transport import ClientSession, Transport
-from fedveil.secagg.errors import SecAggError
 from fedveil.task import model_to_vector, vector_to_model
 
 log = logging.getLogger("fedveil.client")
@@ -69,10 +83,6 @@ class ClientError(RuntimeError):
 
 class AuthenticationError(ClientError):
     """The server refused this client's credentials (``UNAUTHENTICATED``)."""
-
-
-class RoundLost(Exception):
-    """This client is no longer part of the current round (a stage closed, or it re-joined)."""
 
 
 @dataclass(frozen=True)
@@ -90,9 +100,18 @@ class RoundOutcome:
 
 @dataclass
 class ClientOptions:
-    """Client-side settings. ``seed`` (the client's private seed) makes the client reproducible:
-    data shuffling, stochastic rounding and noise all derive from it; left as None, a random one is
-    drawn. Keep a seed you set private in distributed-DP mode (it determines your noise)."""
+    """Client-side settings.
+
+    ``seed`` fixes the site's data order (shuffling, per round and attempt); left as None, a random
+    one is drawn. Keys, masks, rounding and DP noise always come from the OS CSPRNG, fresh every
+    attempt, unless ``insecure_deterministic`` (tests and bit-for-bit simulations only: the server
+    could then predict them from a seed it knows).
+
+    ``policy`` is the site's security policy (default: :class:`SitePolicy`'s malicious-server
+    defaults, which need the consortium authority's key); ``credential`` the site's credential from
+    that authority; ``state_path`` where the site keeps its attempts, releases and own privacy
+    ledger across restarts (default: in memory).
+    """
 
     seed: int | bytes | None = None
     num_examples: int = 0
@@ -104,6 +123,10 @@ class ClientOptions:
     weight: float | None = None
     """This client's weight when the server aggregates a weighted mean; default: the number of
     examples the loop passes to :meth:`Round.submit` (capped at the server's ``max_weight``)."""
+    policy: SitePolicy | None = None
+    credential: bytes = b""
+    state_path: Path | None = None
+    insecure_deterministic: bool = False
 
     def private_seed(self) -> bytes:
         if self.seed is None:
@@ -128,9 +151,13 @@ class Round:
         learning_rate, batch_size, local_epochs: what the server suggests (0: the task's default).
     """
 
-    def __init__(self, federation: Federation, start: pb.RoundStart, model: nn.Module) -> None:
+    def __init__(self, federation: Federation, start: pb.RoundStart, model: nn.Module, admission: Admission,
+                 randomness: AttemptRandomness, graph_seed: bytes) -> None:
         self._federation = federation
         self._start = start
+        self.admission = admission
+        self._randomness = randomness
+        self._graph_seed = graph_seed
         self.number = int(start.round)
         self.total_rounds = federation.total_rounds
         self.model = model
@@ -139,11 +166,13 @@ class Round:
         self.batch_size = int(start.training.batch_size)
         self.local_epochs = int(start.training.local_epochs)
         self.dp_mode = start.dp.mode or "none"
-        self.seed = seed_int(derive_seed(federation.private_seed, "shuffle", self.number, start.training.seed))
+        self.seed = randomness.shuffle
         self.generator = torch.Generator().manual_seed(self.seed)
         self.outcome: RoundOutcome | None = None
         self._privatized: Any = None
         self._metrics: dict[str, float] | None = None
+        self._eval_examples = 0.0
+        self._members: frozenset[int] = frozenset()
 
     def privatize(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any) -> tuple[Any, Any, Any]:
         """Wrap ``(model, optimizer, loader)`` for local DP-SGD when the job uses local DP.
@@ -195,9 +224,9 @@ class Round:
     def decline(self, reason: str) -> RoundOutcome:
         """Sit this round out instead of submitting (e.g. the local privacy budget cannot afford it).
 
-        Nothing is sent for the round; the server drops the client at the round's training
-        deadline, as it does any dropout, and the iterator moves on to the next instruction. The
-        round is recorded in :attr:`Federation.history` as ``"declined"`` with ``reason``.
+        The server is told at once (``RespondToRound`` with ``accept=false``) and drops the client
+        from the round; the iterator moves on to the next instruction. The round is recorded in
+        :attr:`Federation.history` as ``"declined"`` with ``reason``.
         """
         if self.outcome is not None:
             raise ClientError(f"round {self.number}: already over for this client ({self.outcome.outcome})")
@@ -226,6 +255,10 @@ class Federation:
         self.task_name = task_name
         self.model = model
         self.options = options or ClientOptions()
+        self.policy = self.options.policy if self.options.policy is not None else SitePolicy()
+        self.state = SiteState.open(self.options.state_path)
+        self.verified_credentials: set[bytes] = set()
+        """Peer credentials whose authority signature this site already checked (once per job)."""
         self.private_seed = self.options.private_seed()
         self._sleep = sleep
         self._backoff_count = 0
@@ -255,13 +288,15 @@ class Federation:
             if kind == "round_start":
                 start = instruction.round_start
                 if self._sitting_out == (int(start.round), bytes(start.round_nonce)):
-                    # the server keeps offering a round this client left until the round's training
-                    # deadline drops it: poll at a relaxed pace instead of at once, so the client stays
-                    # reachable (for a new attempt, the next round, the final evaluation) without spinning
+                    # the server keeps offering a round this client left until it records the decline
+                    # (or the round's deadline): poll at a relaxed pace instead of at once
                     self._sleep(self._sit_out_interval())
                     continue
                 rnd = self._begin_round(start)
                 if rnd is None:
+                    continue
+                if start.purpose == pb.ROUND_PURPOSE_EVALUATE:
+                    rnd.outcome = self._finish_round(rnd, None, None)
                     continue
                 yield rnd
                 if rnd.outcome is None:
@@ -277,16 +312,39 @@ class Federation:
             else:  # an instruction for a round this client has already left: ignore it
                 log.debug("ignoring a stale %s instruction", kind)
 
-    def _sit_out(self, rnd: Round, reason: str, outcome: str = "dropped") -> None:
-        """This client drops out of ``rnd`` (declined, or the loop did not submit it).
+    @property
+    def run_id(self) -> str | None:
+        return self._session.run_id if self._session is not None else None
 
-        The protocol has no message to decline a round, so the server learns it the way it learns
-        of any dropout: the client sends nothing for the round, and the training deadline drops it
-        from the cohort (the other clients' round goes on if enough of them remain). Until then the
-        iterator does not hand the loop the same round again (see :meth:`__iter__`).
-        """
-        log.warning("round %d: sitting this round out (%s); the server counts a dropout", rnd.number, reason)
-        self._sitting_out = (rnd.number, bytes(rnd.start_message.round_nonce))
+    @property
+    def privacy(self) -> SitePrivacy:
+        """This site's privacy as it can vouch for it itself: sample-level (its DP-SGD accountant) and
+        user-level (its own ledger of releases); ε = 0 before the first release, in every DP mode."""
+        local = self._local_dp_session.spend() if self._local_dp_session is not None else None
+        return SitePrivacy.of(self.state, local, self.policy.trust_server)
+
+    def privacy_report(self) -> str:
+        """The site's own privacy report (what ``fedveil budget report --site-state`` prints)."""
+        return self.privacy.report()
+
+    def _decline_attempt(self, start: pb.RoundStart, reason: str) -> None:
+        """Tell the server at once that this site sits the attempt out (it becomes a dropout)."""
+        saved = self._round_header
+        self._round_header = (int(start.round), bytes(start.round_nonce))
+        try:
+            self._send("RespondToRound", lambda h: self.transport.respond_to_round(
+                pb.RoundResponse(header=h, accept=False, decline_reason=reason[:256])))
+        except RoundLost as err:
+            log.info("round %d: the decline was not needed (%s)", start.round, err)
+        finally:
+            self._round_header = saved
+        self._sitting_out = (int(start.round), bytes(start.round_nonce))
+
+    def _sit_out(self, rnd: Round, reason: str, outcome: str = "dropped") -> None:
+        """This client drops out of ``rnd`` (declined, or the loop did not submit it): the server is
+        told at once, so the others need not wait for the round's deadline."""
+        log.warning("round %d: sitting this round out (%s)", rnd.number, reason)
+        self._decline_attempt(rnd.start_message, reason)
         self._round_header = (0, b"")
         rnd.outcome = RoundOutcome(rnd.number, outcome, f"sat out: {reason}")
         self.history.append(rnd.outcome)
@@ -334,6 +392,8 @@ class Federation:
             task_name=self.task_name,
             client_version=fedveil.__version__,
             num_examples=max(int(self.options.num_examples), 0),
+            identity_credential=self.options.credential,
+            trust_server=self.policy.trust_server,
         )
         if self.options.identity_key is not None:
             request.identity_public_key = self.options.identity_key.public_key().public_bytes_raw()
@@ -345,12 +405,16 @@ class Federation:
             raise ClientError(f"the server refused to let this client join: {err}") from None
         except ProtocolError as err:
             raise ClientError(f"cannot join the job: {err}") from None
+        try:
+            check_job(self.policy, response.job)
+        except PolicyViolation as err:
+            raise ClientError(f"this site's policy refuses the job: {err}") from None
         self._session = ClientSession.from_join(response)
         self.client_name = response.client_name
         self.job = response.job
         self.total_rounds = int(response.job.total_rounds)
-        log.info("joined run %s as %r (task %s, %d rounds)", self._session.run_id, self.client_name,
-                 response.job.task_name, self.total_rounds)
+        log.info("joined run %s as %r (task %s, %d rounds); policy: %s", self._session.run_id, self.client_name,
+                 response.job.task_name, self.total_rounds, self.policy.describe())
 
     def _rejoin(self, reason: str) -> None:
         log.warning("re-joining: %s", reason)
@@ -417,10 +481,19 @@ class Federation:
     # -- rounds -----------------------------------------------------------------------------
 
     def _begin_round(self, start: pb.RoundStart) -> Round | None:
+        """Check the round against the policy, agree on the graph seed, load and evaluate the model."""
         try:
             vector = model_vector(start.model)  # checks the digest, the layout and finiteness
         except MalformedMessage as err:
             log.error("round %d: unusable global model from the server (%s); skipping the round", start.round, err)
+            self._decline_attempt(start, f"unusable global model ({err})")
+            return None
+        try:
+            admission = participation.admit(self, start)
+        except PolicyViolation as err:
+            log.warning("round %d (attempt %d): declined by this site's policy: %s", start.round, start.attempt, err)
+            self._decline_attempt(start, f"policy: {err}")
+            self.history.append(RoundOutcome(int(start.round), "declined", f"policy: {err}"))
             return None
         try:
             vector_to_model(vector, self.model)
@@ -429,11 +502,32 @@ class Federation:
                 f"round {start.round}: the server's model does not fit this client's model ({err}); "
                 f"is the client running the job's task ({self.task_name})?"
             ) from None
+        assert self.run_id is not None
+        self.state.joined(self.run_id, int(start.round))
+        attempt = self.state.record(self.run_id, int(start.round)).attempts
+        randomness = attempt_randomness(self.private_seed, int(start.round), attempt,
+                                        deterministic=self.options.insecure_deterministic)
         self._round_header = (int(start.round), bytes(start.round_nonce))
-        rnd = Round(self, start, self.model)
-        log.info("round %d/%d: training (secagg id %d)", rnd.number, self.total_rounds, start.client_id)
-        if start.training.evaluate_global_model and self.options.evaluate is not None:
+        try:
+            graph_seed, members = participation.agree_graph_seed(self, start, randomness)
+        except RoundLost as err:
+            outcome = err.outcome if isinstance(err, participation.RoundEnded) else "dropped"
+            log.warning("round %d: %s before training (%s)", start.round, outcome, err)
+            if not isinstance(err, participation.RoundEnded) and self._pending is None:
+                self._decline_attempt(start, str(err))  # the others need not wait for this site's deadline
+            self._round_header = (0, b"")
+            self.history.append(RoundOutcome(int(start.round), outcome, str(err)))
+            return None
+        rnd = Round(self, start, self.model, admission, randomness, graph_seed)
+        rnd._members = members
+        log.info("round %d/%d (attempt %d): %s (secagg id %d)", rnd.number, self.total_rounds, start.attempt,
+                 "evaluating" if start.purpose == pb.ROUND_PURPOSE_EVALUATE else "training", start.client_id)
+        wants_clear = start.training.evaluate_global_model and not start.encoding.evaluation.dimension \
+            and self.policy.evaluation == "clear"
+        if (admission.evaluate or wants_clear) and self.options.evaluate is not None \
+                and self.state.evaluated(self.run_id, rnd.number, self.policy.max_evaluations_per_round):
             rnd._metrics = self._run_evaluate()  # of the global model, before local training
+            rnd._eval_examples = float(rnd._metrics.get("examples", self.options.num_examples))
         return rnd
 
     def _report_metrics(
@@ -462,15 +556,18 @@ class Federation:
             log.warning("metrics not accepted: %s", err)
 
     def _evaluate_final(self, evaluate: pb.Evaluate) -> None:
-        """Evaluate the final model; without an evaluation function, answer with no metrics so the
-        server need not wait for this client until the deadline."""
+        """Per-site final evaluation in the clear: only when this site's policy opts in too. Otherwise
+        answer with no metrics, so the server need not wait for this client until the deadline."""
         metrics: dict[str, float] = {}
-        if self.options.evaluate is not None:
+        if self.options.evaluate is not None and self.policy.evaluation == "clear":
             try:
                 vector_to_model(model_vector(evaluate.model), self.model)
                 metrics = self._run_evaluate()
             except (MalformedMessage, ValueError) as err:
                 log.error("final evaluation skipped: unusable model from the server (%s)", err)
+        elif self.options.evaluate is not None:
+            log.info("per-site evaluation in the clear refused by this site's policy (evaluation=%s)",
+                     self.policy.evaluation)
         saved = self._round_header
         self._round_header = (int(evaluate.phase), bytes(evaluate.round_nonce))
         try:
@@ -491,115 +588,64 @@ class Federation:
         if self._local_dp_session is None:
             from fedveil.clients.local_dp import LocalDpClient
 
-            self._local_dp_session = LocalDpClient(seed=seed_int(derive_seed(self.private_seed, "dp-sgd", 0, 0)))
+            seed = seed_int(derive_seed(self.private_seed, "dp-sgd", 0, 0)) \
+                if self.options.insecure_deterministic else None
+            self._local_dp_session = LocalDpClient(seed=seed)
         return self._local_dp_session
 
-    def _finish_round(self, rnd: Round, trained: nn.Module, num_examples: int | None) -> RoundOutcome:
+    def _finish_round(self, rnd: Round, trained: nn.Module | None, num_examples: int | None) -> RoundOutcome:
+        """Encode the trained model's update (``trained`` None: an evaluation-only round) and run the
+        round's secure aggregation."""
         start = rnd.start_message
         if self._round_header != (rnd.number, bytes(start.round_nonce)):
             outcome = RoundOutcome(rnd.number, "dropped", "the client re-joined during the round")
             self.history.append(outcome)
             return outcome
-        spend = None
-        if rnd._privatized is not None:
-            local = model_to_vector(self._local_dp().finish_round())  # plain state dict, Opacus detached
-            spend = self.local_privacy
-        else:
-            local = model_to_vector(trained)
-        if rnd._metrics is not None or spend is not None:
-            # the global model's metrics on local data, and this client's own DP-SGD spend so far
-            self._report_metrics(int(start.model.version), rnd._metrics or {}, spend)
-            if self._round_header != (rnd.number, bytes(start.round_nonce)):
-                outcome = RoundOutcome(rnd.number, "dropped", "the client re-joined during the round")
-                self.history.append(outcome)
-                log.warning("round %d: dropped (the server lost this client's session)", rnd.number)
-                return outcome
-        delta = model_delta(local, rnd.global_vector)
-        weight = self.options.weight
-        if weight is None:
-            weight = float(num_examples if num_examples is not None else max(self.options.num_examples, 1))
-        prepared = self._prepare(delta, start, weight)
+        delta = None
+        if trained is not None:
+            spend = None
+            if rnd._privatized is not None:
+                local = model_to_vector(self._local_dp().finish_round())  # plain state dict, Opacus detached
+                spend = self.local_privacy
+                event = self._local_dp().last_event
+                if event is not None and self.run_id is not None:
+                    self.state.trained_with_local_dp(self.run_id, rnd.number, event)
+            else:
+                local = model_to_vector(trained)
+            clear = rnd._metrics if (rnd._metrics is not None and not start.encoding.evaluation.dimension) else None
+            if clear is not None or spend is not None:
+                # this site's own DP-SGD spend (a claim the server labels as reported by the site), and
+                # the global model's metrics in the clear only when both sides opted in to that
+                self._report_metrics(int(start.model.version), clear or {}, spend)
+                if self._round_header != (rnd.number, bytes(start.round_nonce)):
+                    outcome = RoundOutcome(rnd.number, "dropped", "the client re-joined during the round")
+                    self.history.append(outcome)
+                    log.warning("round %d: dropped (the server lost this client's session)", rnd.number)
+                    return outcome
+            delta = model_delta(local, rnd.global_vector)
+        # the weight this site declared when it accepted the round (the server checks the masked one against it)
+        weight = participation.declared_weight(self, start)
+        prepared = participation.encode_update(delta, start, rnd.admission, rnd._randomness, weight)
         try:
-            outcome = self._run_secagg(rnd, prepared)
+            section = participation.evaluation_section(start, rnd._metrics, rnd._eval_examples,
+                                                       prepared.ring_vector.dtype if delta is not None
+                                                       else _ring_dtype(start))
+            ring = np.concatenate([prepared.ring_vector.astype(section.dtype, copy=False), section]) \
+                if section.size else prepared.ring_vector
+            done = participation.run_secagg(self, start, ring, rnd.admission, rnd._randomness, rnd._graph_seed,
+                                            rnd._members)
+            outcome = RoundOutcome(rnd.number, done[0], done[1], done[2], done[3], prepared.norm, prepared.clipped)
         except RoundLost as err:
             log.warning("round %d: dropped out (%s)", rnd.number, err)
             outcome = RoundOutcome(rnd.number, "dropped", str(err), update_norm=prepared.norm, clipped=prepared.clipped)
+        except UnsupportedRoundError as err:
+            log.warning("round %d: cannot take part (%s)", rnd.number, err)
+            outcome = RoundOutcome(rnd.number, "dropped", str(err))
         self._round_header = (0, b"")
         self.history.append(outcome)
         log.info("round %d: %s%s", rnd.number, outcome.outcome, f" ({outcome.reason})" if outcome.reason else "")
         return outcome
 
-    def _prepare(self, delta: np.ndarray, start: pb.RoundStart, weight: float) -> PreparedUpdate:
-        rounding_seed = derive_seed(self.private_seed, "rounding", int(start.round), start.training.seed)
-        if start.dp.mode == "distributed":
-            from fedveil.clients.distributed import prepare_distributed_update
 
-            noise_seed = derive_seed(self.private_seed, "dp-noise", int(start.round), start.training.seed, 32)
-            return prepare_distributed_update(delta, start, rounding_seed=rounding_seed, noise_seed=noise_seed)
-        return prepare_update(delta, start, rounding_seed=rounding_seed, weight=weight)
-
-    def _run_secagg(self, rnd: Round, prepared: PreparedUpdate) -> RoundOutcome:
-        start = rnd.start_message
-        try:
-            driver = SecAggClientDriver(start, identity_key=self.options.identity_key)
-            driver.set_input(prepared.ring_vector)
-            keys = driver.advertise()
-        except (SecAggError, UnsupportedRoundError) as err:
-            raise RoundLost(f"cannot take part in round {rnd.number}: {err}") from None
-
-        def advertise(header: pb.RequestHeader) -> pb.Ack:
-            return self.transport.advertise_keys(pb.AdvertiseKeysRequest(header=header, **keys))
-
-        self._send("AdvertiseKeys", advertise)
-        while True:
-            instruction = self._next_instruction()
-            kind = instruction.WhichOneof("instruction")
-            try:
-                done = self._secagg_step(driver, instruction, kind, rnd.number)
-            except (SecAggError, UnsupportedRoundError) as err:
-                # a tampered share, too few survivors, or a refused (dangerous) unmasking request
-                log.warning("round %d: secure aggregation stopped for this client: %s", rnd.number, err)
-                raise RoundLost(f"secure aggregation: {err}") from None
-            if done is not None:
-                return RoundOutcome(
-                    rnd.number, done[0], done[1], done[2], done[3], prepared.norm, prepared.clipped
-                )
-
-    def _secagg_step(
-        self, driver: SecAggClientDriver, instruction: pb.PollResponse, kind: str | None, round_number: int
-    ) -> tuple[str, str, int, int] | None:
-        """Act on one instruction during secure aggregation; returns the outcome when the round ends."""
-        if kind == "peer_keys":
-            shares = driver.share_keys(instruction.peer_keys)
-            self._send("ShareKeys", lambda h: self.transport.share_keys(pb.ShareKeysRequest(header=h, shares=shares)))
-        elif kind == "incoming_shares":
-            masked = driver.masked_input(instruction.incoming_shares)
-            self._send(
-                "SubmitMaskedInput",
-                lambda h: self.transport.submit_masked_input(pb.MaskedInputRequest(header=h, masked_vector=masked)),
-            )
-        elif kind == "survivor_check":
-            signature = driver.confirm_survivors(instruction.survivor_check)
-            self._send(
-                "ConfirmSurvivors",
-                lambda h: self.transport.confirm_survivors(pb.ConfirmSurvivorsRequest(header=h, signature=signature)),
-            )
-        elif kind == "unmasking":
-            revealed = driver.unmask(instruction.unmasking)
-            self._send("Unmask", lambda h: self.transport.unmask(pb.UnmaskRequest(header=h, shares=revealed)))
-        elif kind == "round_result":
-            result = instruction.round_result
-            if int(result.round) != round_number:
-                return None
-            names = {
-                pb.ROUND_OUTCOME_COMPLETED: "completed",
-                pb.ROUND_OUTCOME_ABORTED: "aborted",
-                pb.ROUND_OUTCOME_DROPPED: "dropped",
-            }
-            outcome = names.get(result.outcome, "unknown")
-            return outcome, result.reason, int(result.survivors), int(result.new_model_version)
-        elif kind in ("round_start", "evaluate", "job_done"):
-            self._pending = instruction  # the round went on without us
-            raise RoundLost(f"the server moved on ({kind}) before round {round_number} finished for this client")
-        return None
-
+def _ring_dtype(start: pb.RoundStart) -> np.dtype:
+    return np.dtype(np.uint32 if int(start.encoding.ring_bits) <= 32 else np.uint64)

@@ -22,6 +22,7 @@ rounds back.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -41,9 +42,11 @@ from torch.utils.data import TensorDataset
 
 from fedveil.clients.api import evaluator, run_client
 from fedveil.clients.backoff import BackoffPolicy
+from fedveil.clients.policy import DEFAULT_MAX_CORRUPT_FRACTION, DEFAULT_MIN_COHORT, SitePolicy
 from fedveil.clients.processes import ManagedProcess, ProcessGroup, fedveil_argv, wait_for_port
 from fedveil.clients.session import ClientOptions, Federation, RoundOutcome
 from fedveil.protocol.transport import FederationService, InProcessTransport
+from fedveil.secagg.local_authority import LocalAuthority
 from fedveil.task import Task, load_task
 
 log = logging.getLogger("fedveil.simulate")
@@ -68,6 +71,8 @@ class JobConfig(Protocol):
     def linger(self) -> float: ...
     @property
     def active_adversary(self) -> bool: ...
+    @property
+    def insecure_deterministic(self) -> bool: ...
 
 
 class JobReport(Protocol):
@@ -127,6 +132,80 @@ def client_seed(seed: int, index: int) -> int:
 def job_seed(config: JobConfig) -> int:
     """The federation seed of a simulation (0 when the configuration leaves it unset)."""
     return int(config.seed) if config.seed is not None else 0
+
+
+SIMULATED_CONSORTIUM = "fedveil-simulation"
+
+
+@dataclass
+class SimulatedSites:
+    """The identities of a simulation's sites: an in-memory authority vouches for each (secure default)."""
+
+    config: Any
+    """The job's configuration, with the authority's consortium and key filled in (active mode)."""
+    authority: LocalAuthority | None
+    names: list[str]
+
+    @classmethod
+    def create(cls, config: Any, names: Sequence[str]) -> SimulatedSites:
+        names = list(names)
+        if not config.active_adversary:
+            return cls(config, None, names)
+        authority = LocalAuthority(SIMULATED_CONSORTIUM)
+        now = int(time.time())
+        for name in names:
+            authority.identity(name, now=now)
+        config = dataclasses.replace(config, consortium=SIMULATED_CONSORTIUM,
+                                     authority_public_key=authority.public_key.raw.hex())
+        return cls(config, authority, names)
+
+    def policy(self) -> SitePolicy:
+        if self.authority is None:  # a passive job: the sites opt in to trusting the server
+            return SitePolicy(trust_server=True, **self._accepted())
+        return SitePolicy(authority_public_key=self.authority.public_key.raw, consortium=self.authority.consortium,
+                          **self._accepted())
+
+    def _accepted(self) -> dict[str, Any]:
+        """What the simulated sites accept of their own job beyond a site's defaults: the job's colluding
+        fraction if it assumes fewer colluders, and its smallest cohort if below the default minimum
+        (the same for threads and processes)."""
+        return {"max_corrupt_fraction": min(self.config.max_corrupt_fraction, DEFAULT_MAX_CORRUPT_FRACTION),
+                "min_cohort": max(2, min(int(self.config.min_clients), DEFAULT_MIN_COHORT))}
+
+    def _policy_flags(self) -> list[str]:
+        accepted = self._accepted()
+        return ["--max-corrupt-fraction", repr(accepted["max_corrupt_fraction"]),
+                "--min-cohort", str(accepted["min_cohort"])]
+
+    def identity(self, name: str) -> tuple[Ed25519PrivateKey | None, bytes]:
+        if self.authority is None:
+            return None, b""
+        key, credential = self.authority.identity(name, now=int(time.time()))
+        return key, credential.encode()
+
+    def write_files(self, workdir: Path) -> dict[str, list[str]]:
+        """Key, credential and authority files for ``fedveil client``/``server`` processes: their extra flags."""
+        from cryptography.hazmat.primitives import serialization
+
+        from fedveil.protocol.identity_files import CREDENTIAL_LABEL, PinnedAuthority, armor, authority_public_text
+
+        if self.authority is None:
+            return {"server": ["--passive"], **{n: ["--trust-server", *self._policy_flags()] for n in self.names}}
+        folder = workdir / "identities"
+        folder.mkdir(parents=True, exist_ok=True)
+        pub = folder / "authority.pub"
+        pub.write_text(authority_public_text(PinnedAuthority(self.authority.consortium, self.authority.public_key)))
+        flags: dict[str, list[str]] = {"server": ["--authority", str(pub)]}
+        for name in self.names:
+            key, credential = self.authority.identity(name, now=int(time.time()))
+            key_path, cred_path = folder / f"{name}.key", folder / f"{name}.cred"
+            key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                   serialization.NoEncryption()))
+            key_path.chmod(0o600)
+            cred_path.write_text(armor(credential.encode(), CREDENTIAL_LABEL))
+            flags[name] = ["--identity-key", str(key_path), "--credential", str(cred_path), "--authority", str(pub),
+                           *self._policy_flags()]
+        return flags
 
 
 def client_dataset(task: Task, index: int, n_clients: int, seed: int) -> TensorDataset:
@@ -240,17 +319,19 @@ def simulate_in_process(
         tmp = tempfile.TemporaryDirectory(prefix="fedveil-sim-")
         store_path = Path(tmp.name) / "run.sqlite"
     started = time.monotonic()
+    sites = SimulatedSites.create(config, [client_name(i) for i in range(n_clients)])
+    config = sites.config
     job = host.start_job(config, task, store_path)
     try:
         clients = []
         for i in range(n_clients):
             name = client_name(i)
             data = client_dataset(task, i, n_clients, job_seed(config))
-            # active-adversary jobs: an Ed25519 identity key per client, announced at Join (kept in memory)
-            identity = Ed25519PrivateKey.generate() if config.active_adversary else None
+            identity, credential = sites.identity(name)
             options = ClientOptions(
                 seed=client_seed(job_seed(config), i), num_examples=len(data), evaluate=evaluator(task, data),
-                identity_key=identity,
+                identity_key=identity, credential=credential, policy=sites.policy(),
+                insecure_deterministic=config.insecure_deterministic,
                 poll_wait_ms=int(max(config.poll_wait, 0.5) * 1000),
                 backoff=BackoffPolicy(initial_delay_s=0.05, max_delay_s=1.0, give_up_after_s=30.0),
             )
@@ -289,12 +370,16 @@ class ProcessFederation:
     store_path: Path
     tokens: list[str]
     data_paths: list[Path]
+    identity_flags: dict[str, list[str]] = field(default_factory=dict)
+    """Per client name (and "server"): the identity flags of the secure default (or --trust-server)."""
 
     def start_client(self, index: int, config: JobConfig, *, extra: tuple[str, ...] = ()) -> ManagedProcess:
+        deterministic = ("--insecure-deterministic",) if config.insecure_deterministic else ()
         argv = fedveil_argv(
             "client", "--server", self.address, "--task", config.task, "--data", str(self.data_paths[index]),
             "--token", self.tokens[index], "--insecure", "--seed", str(client_seed(job_seed(config), index)),
-            "--give-up-after", "60", "--max-backoff", "1.0", *extra,
+            "--give-up-after", "60", "--max-backoff", "1.0", *self.identity_flags.get(client_name(index), []),
+            *deterministic, *extra,
         )
         return self.group.start(client_name(index), argv)
 
@@ -315,6 +400,9 @@ def start_process_federation(
 
     task = load_task(config.task)
     workdir.mkdir(parents=True, exist_ok=True)
+    sites = SimulatedSites.create(config, [client_name(i) for i in range(n_clients)])
+    config = sites.config
+    identity_flags = sites.write_files(workdir)
     store_path = store_path if store_path is not None else workdir / "run.sqlite"
     tokens = host.enroll(store_path, [client_name(i) for i in range(n_clients)])
     data_paths = [write_site_csv(workdir / f"{client_name(i)}.csv", i, n_clients, job_seed(config), task)
@@ -324,11 +412,12 @@ def start_process_federation(
     group = ProcessGroup(workdir / "logs", env=dict(env or {}))
     try:
         # port 0: the server binds a free ephemeral port and writes it to port_file (no race)
-        server = group.start("server", host.server_argv(config, "127.0.0.1:0", store_path, port_file))
+        server = group.start("server", host.server_argv(config, "127.0.0.1:0", store_path, port_file)
+                             + identity_flags["server"])
         port = read_port_file(port_file, listen_timeout_s, server)
         address = f"127.0.0.1:{port}"
         wait_for_port("127.0.0.1", port, listen_timeout_s, server.popen)
-        fed = ProcessFederation(group, server, [], address, store_path, tokens, data_paths)
+        fed = ProcessFederation(group, server, [], address, store_path, tokens, data_paths, identity_flags)
         if start_clients:
             fed.clients = [fed.start_client(i, config) for i in range(n_clients)]
         return fed
@@ -399,8 +488,6 @@ def simulate_processes(
     ``workdir`` holds the sites' CSV files and the processes' logs (default: a temporary
     directory); the run store goes to ``store_path`` (default: inside ``workdir``).
     """
-    if config.active_adversary:
-        raise SimulationError("--active-adversary: only in-process (client processes would need key files)")
     tmp: tempfile.TemporaryDirectory[str] | None = None
     if workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="fedveil-sim-")

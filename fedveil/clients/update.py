@@ -21,6 +21,7 @@ vector, while the server, which does not know the private seed, cannot predict t
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
 from dataclasses import dataclass
 
@@ -44,6 +45,44 @@ def derive_seed(private_seed: bytes, purpose: str, round_number: int, round_seed
         raise ValueError(f"length must be at most 32 (got {length})")
     header = b"fedveil/client/v1/" + purpose.encode() + b"\x00" + struct.pack("<IQ", round_number, round_seed)
     return hashlib.sha256(header + private_seed).digest()[:length]
+
+
+@dataclass(frozen=True)
+class AttemptRandomness:
+    """Everything random one round attempt needs (Bonawitz et al.: fresh randomness every attempt).
+
+    ``shuffle`` (data order) always derives from the private seed, the round and this site's own
+    count of attempts, so a seed reproduces a site's data order. Rounding, noise, secagg keys and
+    the graph-seed contribution come from the OS CSPRNG, fresh for every attempt — a retried
+    attempt then never repeats an earlier one, and the server, which may know the seed, cannot
+    predict them. Only ``insecure_deterministic`` (tests, bit-for-bit simulations) derives them
+    from the seed too.
+    """
+
+    shuffle: int
+    rounding: bytes
+    noise: bytes
+    secagg: bytes | None
+    """32 bytes for the secagg client's keys, or None: the client draws them from os.urandom."""
+    beacon: bytes
+
+    def __repr__(self) -> str:
+        return "AttemptRandomness(<secret>)"
+
+
+def attempt_randomness(private_seed: bytes, round_number: int, attempt: int, *,
+                       deterministic: bool) -> AttemptRandomness:
+    """Seeds for attempt ``attempt`` (this site's count, 1-based) of round ``round_number``."""
+    shuffle = seed_int(derive_seed(private_seed, "shuffle", round_number, attempt))
+    if not deterministic:
+        return AttemptRandomness(shuffle, os.urandom(16), os.urandom(32), None, os.urandom(32))
+    return AttemptRandomness(
+        shuffle,
+        derive_seed(private_seed, "rounding", round_number, attempt),
+        derive_seed(private_seed, "dp-noise", round_number, attempt, 32),
+        derive_seed(private_seed, "secagg", round_number, attempt, 32),
+        derive_seed(private_seed, "beacon", round_number, attempt, 32),
+    )
 
 
 def seed_int(seed: bytes) -> int:
@@ -118,9 +157,10 @@ def prepare_update(
         ring = encoder.encode(values, rounding_seed, weight=min(weight, encoder.max_weight))
     else:
         ring = encoder.encode(values, rounding_seed)
-    if enc.dimension and ring.shape[0] != enc.dimension:
+    update_dimension = int(enc.dimension) - int(enc.evaluation.dimension)
+    if enc.dimension and ring.shape[0] != update_dimension:
         raise RoundConfigError(
-            f"encoding.dimension: the server expects {enc.dimension} ring elements, this client's model "
+            f"encoding.dimension: the server expects {update_dimension} ring elements, this client's model "
             f"and extra coordinates {extras} give {ring.shape[0]} (is it the same task and model?)"
         )
     return PreparedUpdate(ring_vector=ring, norm=norm, clipped=unclipped < 1.0, dimension=int(ring.shape[0]))

@@ -60,10 +60,15 @@ def run_secagg_bench(clients: int, dim: int, dropout: float, dropout_stage: str,
     updates = rng.uniform(-CLIP, CLIP, size=(clients, dim)).astype(np.float32)
     dropped = sorted(int(i) for i in rng.choice(clients, size=n_drop, replace=False))
     encoder = FixedPointEncoder.for_clients(clients, clip=CLIP, ring_bits=32)
-    identity = {c: Ed25519PrivateKey.generate() for c in range(clients)} if active else None
+    identity: dict[int, Ed25519PrivateKey] | None = None
+    admission_s: dict[int, float] = dict.fromkeys(range(clients), 0.0)
+    warm_s: dict[int, float] = dict(admission_s)
+    graph_seed = b""
+    if active:
+        identity, admission_s, warm_s, graph_seed = _identities_and_admission(clients, plan, max_corrupt_fraction)
     config = SecAggConfig(clients, threshold, encoder.encoded_length(dim), round_id=1, graph=plan.spec, active=active,
                           identity_keys=tuple(identity[c].public_key().public_bytes_raw() for c in range(clients))
-                          if identity else None, max_corrupt_fraction=max_corrupt_fraction)
+                          if identity else None, max_corrupt_fraction=max_corrupt_fraction, graph_seed=graph_seed)
 
     wall_start = time.perf_counter()
     encode_s: dict[int, float] = {}
@@ -73,9 +78,9 @@ def run_secagg_bench(clients: int, dim: int, dropout: float, dropout_stage: str,
         inputs[cid] = encoder.encode(updates[cid], os.urandom(SEED_BYTES))
         encode_s[cid] = time.perf_counter() - start
     sim = run_round(config, inputs, dropouts={dropout_stage: dropped} if dropped else None, identity_keys=identity)
-    total_s = time.perf_counter() - wall_start
+    total_s = time.perf_counter() - wall_start + sum(admission_s.values())
 
-    client_s = [sim.client_s[c] + encode_s[c] for c in range(clients)]
+    client_s = [sim.client_s[c] + encode_s[c] + admission_s[c] for c in range(clients)]
     report: dict[str, Any] = {
         "clients": clients, "dim": dim, "dropout": dropout, "dropout_stage": dropout_stage, "graph": graph,
         "active": active,
@@ -85,7 +90,9 @@ def run_secagg_bench(clients: int, dim: int, dropout: float, dropout_stage: str,
         "dropout_failure_log2": plan.to_dict()["dropout_failure_log2"], "plan": plan.describe(),
         "dropped_clients": dropped,
         "completed": sim.completed,
-        "total_s": total_s, "server_s": sim.server_s,
+        "total_s": total_s, "server_s": sim.server_s, "admission_s_mean": float(np.mean(list(admission_s.values()))),
+        "total_s_warm": total_s - sum(admission_s.values()) + sum(warm_s.values()),
+        "admission_s_mean_warm": float(np.mean(list(warm_s.values()))),
         "client_s_mean": float(np.mean(client_s)), "client_s_max": float(np.max(client_s)),
         "upload_bytes_per_client": max(sim.upload_bytes.values()),
     }
@@ -109,6 +116,45 @@ def run_secagg_bench(clients: int, dim: int, dropout: float, dropout_stage: str,
                   error_bound=encoder.error_bound(len(survivors)),
                   preview={"decoded_mean": mean[:3].tolist(), "float_mean": float_mean[:3].tolist()})
     return report
+
+
+def _identities_and_admission(clients: int, plan: Any,
+                              fraction: float) -> tuple[Any, dict[int, float], dict[int, float], bytes]:
+    """Active mode as a real site runs it, timed per client: an authority vouches for every identity;
+    each client checks the whole roster and the threshold rule (its policy checks) and takes part in
+    the commit-then-reveal of the graph seed. Timed twice: cold (the site's first round, every peer
+    credential's signature checked) and warm (a later round: signatures already checked, validity
+    and revocation checked again)."""
+    from fedveil.secagg import beacon
+    from fedveil.secagg.identity import SiteCredential, verify_roster
+    from fedveil.secagg.local_authority import LocalAuthority
+    from fedveil.secagg.threshold import collusion_bound, threshold_problem
+
+    authority = LocalAuthority("fedveil-bench")
+    now = int(time.time())
+    enrolled = [authority.identity(f"site-{c}", now=now) for c in range(clients)]
+    roster = [credential.encode() for _, credential in enrolled]
+    values = {c: beacon.new_contribution() for c in range(clients)}
+    commitments = {c: beacon.commitment(1, c, v) for c, v in values.items()}
+    caches: dict[int, set[bytes]] = {c: set() for c in range(clients)}
+    seeds = set()
+
+    def admit(c: int) -> float:
+        start = time.perf_counter()
+        credentials = [SiteCredential.decode(raw) for raw in roster]
+        verify_roster(authority.public_key, credentials, consortium=authority.consortium, now=now,
+                      revocations=None, verified=caches[c])
+        corrupt, _ = collusion_bound(clients, plan.degree, fraction)
+        if threshold_problem(plan.threshold, plan.holders, corrupt) is not None:
+            raise RuntimeError("the bench's threshold fails the policy check")
+        beacon.check_commitments(commitments, own_id=c, own_commitment=commitments[c], num_clients=clients)
+        seeds.add(beacon.combine(1, commitments, values))
+        return time.perf_counter() - start
+
+    cold = {c: admit(c) for c in range(clients)}
+    warm = {c: admit(c) for c in range(clients)}
+    assert len(seeds) == 1
+    return {c: key for c, (key, _) in enumerate(enrolled)}, cold, warm, seeds.pop()
 
 
 def _print_table(report: dict[str, Any]) -> None:
@@ -139,6 +185,7 @@ def _print_table(report: dict[str, Any]) -> None:
         ("dropout failure (fewer than t holders survive)", log2p(report["dropout_failure_log2"])),
         ("completed", report["completed"]), ("survivors", report["survivors"]),
         ("total_s", report["total_s"]), ("server_s", report["server_s"]),
+        ("admission_s_mean (identities, policy, graph seed)", report["admission_s_mean"]),
         ("client_s_mean", report["client_s_mean"]), ("client_s_max", report["client_s_max"]),
         ("upload_bytes_per_client", report["upload_bytes_per_client"]),
         ("plaintext_sum_s", report["plaintext_sum_s"]),
@@ -154,6 +201,11 @@ def _print_table(report: dict[str, Any]) -> None:
         shown = report["dropped_clients"][:20]
         more = " …" if len(report["dropped_clients"]) > 20 else ""
         rows.insert(0, ("dropped clients", ", ".join(map(str, shown)) + more))
+    if "passive_total_s" in report:
+        rows.append(("passive round total_s (same run)", report["passive_total_s"]))
+        rows.append(("active / passive (first round: every credential checked)", report["active_over_passive"]))
+        rows.append(("active / passive (later rounds: credentials checked before)",
+                     report["active_over_passive_warm"]))
     if report.get("abort_reason"):
         rows.append(("abort reason", report["abort_reason"]))
     for name, value in rows:
@@ -187,6 +239,13 @@ def secagg_command(clients: int, dim: int, dropout: float, dropout_stage: str, g
     if not (math.isfinite(max_corrupt_fraction) and 0.0 <= max_corrupt_fraction < 0.5):
         fail("--max-corrupt-fraction", f"must be in [0, 0.5) (got {max_corrupt_fraction})")
     report = run_secagg_bench(clients, dim, dropout, dropout_stage, graph, seed, active, max_corrupt_fraction)
+    if active:
+        # the same round without identities, in the same run: what the malicious-server protections cost
+        passive = run_secagg_bench(clients, dim, dropout, dropout_stage, graph, seed, False, max_corrupt_fraction)
+        report["passive_total_s"] = passive["total_s"]
+        report["passive_client_s_max"] = passive["client_s_max"]
+        report["active_over_passive"] = report["total_s"] / passive["total_s"]
+        report["active_over_passive_warm"] = report["total_s_warm"] / passive["total_s"]
     if as_json:
         print_json_last_line(report)
     else:

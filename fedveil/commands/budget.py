@@ -12,11 +12,15 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from fedveil.commands.common import eprint, fail, print_json_last_line
 from fedveil.dp.ledger import LedgerFormatError, PrivacyLedger
+
+if TYPE_CHECKING:
+    from fedveil.clients.site_state import SiteState
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _FORMATS = ("text", "json", "markdown")
@@ -149,8 +153,9 @@ def noise_cmd(
     "--run", "run_id", type=str, default=None, metavar="RUN_ID", help="Run id in a run store (default: the latest run)."
 )
 def report_cmd(ledger_path: str, fmt: str, plot_path: str | None, run_id: str | None) -> None:
-    """Per-round and cumulative ε of a privacy ledger (JSON file) or of a run in a run store (SQLite):
-    the federation (user level) and each client (sample level)."""
+    """Per-round and cumulative ε of a privacy ledger (JSON file), of a run in a run store (SQLite) —
+    the federation (user level) and each client (sample level) — or of a site's own state file
+    (``fedveil client --state``): what the site itself can vouch for, the server's claims left out."""
     if fmt not in _FORMATS:
         fail("--format", f"must be one of {', '.join(_FORMATS)} (got {fmt!r})")
     if plot_path is not None:
@@ -161,7 +166,13 @@ def report_cmd(ledger_path: str, fmt: str, plot_path: str | None, run_id: str | 
             fail("--plot", f"directory does not exist (got {plot_path})")
         if Path(plot_path).suffix.lower() != ".png":
             fail("--plot", f"must be a .png file (got {plot_path})")
-    ledger = _load_ledger(ledger_path, run_id)
+    site = _load_site_state(ledger_path)
+    if site is not None and fmt == "text" and plot_path is None:
+        from fedveil.clients.privacy import SitePrivacy
+
+        click.echo(SitePrivacy.of(site, None, trust_server=False).report().replace(
+            "not trusting the server", "as recorded by the site"))
+    ledger = site.ledger if site is not None else _load_ledger(ledger_path, run_id)
     from fedveil.dp.report import build_report, render_markdown, render_plot, render_text, report_to_dict
 
     try:
@@ -181,6 +192,23 @@ def report_cmd(ledger_path: str, fmt: str, plot_path: str | None, run_id: str | 
         click.echo(render_markdown(report), nl=False)
     else:
         click.echo(render_text(report), nl=False)
+
+
+def _load_site_state(path: str) -> SiteState | None:
+    """A site's state file, or None if ``path`` is something else (a ledger or a run store)."""
+    from fedveil.clients.site_state import STATE_FORMAT, SiteState, SiteStateError
+
+    p = Path(path).expanduser()
+    try:
+        head = p.read_bytes()[:4096].decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    if f'"{STATE_FORMAT}"' not in head and STATE_FORMAT not in head:
+        return None
+    try:
+        return SiteState.open(p)
+    except SiteStateError as err:
+        fail("LEDGER", str(err))
 
 
 def _load_ledger(path: str, run_id: str | None) -> PrivacyLedger:

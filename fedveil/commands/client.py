@@ -7,11 +7,12 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 import torch
 
-from fedveil.commands.common import MAX_THREADS, eprint, fail, print_json_last_line
+from fedveil.commands.common import MAX_THREADS, eprint, fail, load_pinned_authority, print_json_last_line
 
 EXIT_REFUSED = 3
 EXIT_FAILED = 1
@@ -42,8 +43,33 @@ def register(group: click.Group) -> None:
 @click.option("--identity-key", type=click.Path(path_type=Path), default=None,
               help="Ed25519 private key (PEM) for active-adversary jobs, e.g. from "
                    "`openssl genpkey -algorithm ed25519`.")
+@click.option("--credential", type=click.Path(path_type=Path), default=None,
+              help="This site's credential from the consortium authority (fedveil authority issue).")
+@click.option("--authority", type=click.Path(path_type=Path), default=None,
+              help="The consortium authority's public file to pin (fedveil authority init); every cohort "
+                   "member must be vouched for by it. Required unless --trust-server.")
+@click.option("--revocations", type=click.Path(path_type=Path), default=None,
+              help="The authority's latest revocation list.")
+@click.option("--trust-server", is_flag=True, default=None,
+              help="Opt in to trusting the server (honest-but-curious, passive secure aggregation).")
+@click.option("--policy", "policy_path", type=click.Path(path_type=Path), default=None,
+              help="This site's security policy (TOML, [policy] table); the flags below override it.")
+@click.option("--min-cohort", type=int, default=None, help="Fewest cohort members of a round this site joins [3].")
+@click.option("--max-corrupt-fraction", type=float, default=None,
+              help="Fraction of a cohort this site assumes may collude with the server [1/3].")
+@click.option("--allow-dp", "allow_dp", multiple=True, type=click.Choice(["none", "local", "central", "distributed"]),
+              help="A DP mode this site accepts (repeat; default: all).")
+@click.option("--min-noise-multiplier", type=float, default=None,
+              help="User-level noise floor (multiple of the clip norm) this site requires of released sums.")
+@click.option("--max-attempts-per-round", type=int, default=None, help="Attempts of one round this site joins [3].")
+@click.option("--evaluation", type=click.Choice(["secure", "clear", "off"]), default=None,
+              help="Evaluation rule: secure sums only [default], per-site metrics in the clear, or off.")
+@click.option("--state", "state_path", type=click.Path(path_type=Path), default=None,
+              help="File where this site keeps its attempts, releases and own privacy ledger across restarts.")
 @click.option("--seed", type=int, default=None,
-              help="Private seed for reproducible runs (shuffling, rounding, noise). Default: random.")
+              help="Seed of this site's data order. Keys, masks and noise always come from the OS.")
+@click.option("--insecure-deterministic", is_flag=True,
+              help="Derive keys, masks, rounding and noise from --seed too (tests only).")
 @click.option("--give-up-after", type=float, default=300.0, show_default=True,
               help="Seconds to keep retrying an unreachable server before exiting.")
 @click.option("--max-backoff", type=float, default=10.0, show_default=True,
@@ -54,8 +80,12 @@ def register(group: click.Group) -> None:
 def client_command(
     server: str, task_ref: str, data_path: Path, token: str | None, token_file: Path | None,
     ca_cert: Path | None, client_cert: Path | None, client_key: Path | None, insecure: bool,
-    allow_insecure_remote: bool, server_name: str | None, identity_key: Path | None, seed: int | None,
-    give_up_after: float,
+    allow_insecure_remote: bool, server_name: str | None, identity_key: Path | None, credential: Path | None,
+    authority: Path | None,
+    revocations: Path | None, trust_server: bool | None, policy_path: Path | None, min_cohort: int | None,
+    max_corrupt_fraction: float | None, allow_dp: tuple[str, ...], min_noise_multiplier: float | None,
+    max_attempts_per_round: int | None, evaluation: str | None, state_path: Path | None, seed: int | None,
+    insecure_deterministic: bool, give_up_after: float,
     max_backoff: float, threads: int, log_level: str,
 ) -> int:
     """Join the job at --server with the local data in --data and train until the job is done.
@@ -70,6 +100,7 @@ def client_command(
     from fedveil.clients.update import RoundConfigError
     from fedveil.protocol.auth import parse_token
     from fedveil.protocol.errors import ProtocolError, Unauthenticated
+    from fedveil.protocol.identity_files import IdentityFileError, load_credential
     from fedveil.protocol.tls import TlsConfigError, plaintext_refusal
     from fedveil.task import SchemaError, TaskLoadError, load_task
 
@@ -125,6 +156,16 @@ def client_command(
             identity = load_identity_key(identity_key)
         except ValueError as err:
             fail("--identity-key", str(err).removeprefix("identity key: "))
+    policy = _site_policy(policy_path, authority, revocations, trust_server=trust_server, min_cohort=min_cohort,
+                          max_corrupt_fraction=max_corrupt_fraction, allowed_dp_modes=allow_dp or None,
+                          min_noise_multiplier=min_noise_multiplier, max_attempts_per_round=max_attempts_per_round,
+                          evaluation=evaluation)
+    site_credential = b""
+    if credential is not None:
+        try:
+            site_credential = load_credential(credential).encode()
+        except IdentityFileError as err:
+            fail("--credential", str(err))
     try:
         task = load_task(task_ref)
     except TaskLoadError as err:
@@ -151,6 +192,10 @@ def client_command(
             backoff=BackoffPolicy(max_delay_s=max(max_backoff, 0.2), give_up_after_s=give_up_after),
             server_name_override=server_name,
             identity_key=identity,
+            credential=site_credential or None,
+            policy=policy,
+            state=state_path,
+            insecure_deterministic=insecure_deterministic,
         )
     except TlsConfigError as err:
         flag = next((f for f in ("--client-cert", "--client-key") if str(err).startswith(f)), "--ca-cert")
@@ -177,6 +222,37 @@ def client_command(
             "outcomes": [h.outcome for h in history],
             "reconnects": federation.reconnects,
             "local_epsilon": spend.epsilon if spend is not None else None,
+            "site_user_epsilon": _finite_or_none(federation.privacy.user_epsilon),
         }
     )
     return 0
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+_FLAG_OF = {"trust_server": "--trust-server", "min_cohort": "--min-cohort",
+            "max_corrupt_fraction": "--max-corrupt-fraction", "allowed_dp_modes": "--allow-dp",
+            "min_noise_multiplier": "--min-noise-multiplier", "max_attempts_per_round": "--max-attempts-per-round",
+            "evaluation": "--evaluation", "authority_public_key": "--authority", "revocations": "--revocations"}
+
+
+def _site_policy(policy_path: Path | None, authority: Path | None, revocations: Path | None,
+                 **flags: Any) -> Any:
+    """The site's policy from --policy (TOML) and the flags; errors name the flag or TOML key at fault."""
+    from fedveil.clients.policy import PolicyError, SitePolicy, build_policy
+
+    settings: dict[str, Any] = {}
+    if policy_path is not None:
+        try:
+            settings = SitePolicy.from_toml(policy_path)
+        except PolicyError as err:
+            fail("--policy", err.detail)
+    pinned, revoked = load_pinned_authority(authority, revocations)
+    try:
+        return build_policy(settings, authority=(pinned.consortium, pinned.public_key.raw) if pinned else None,
+                            revocations=revoked, **flags)
+    except PolicyError as err:
+        where = _FLAG_OF.get(err.field) if err.field not in settings else f"--policy ({err.field})"
+        fail(where or "--policy", err.detail)

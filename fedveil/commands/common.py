@@ -121,3 +121,28 @@ def _where(frame: FrameType | None) -> str:
     if frame is None:
         return "?"
     return f"{frame.f_code.co_name} ({os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno})"
+
+
+def load_pinned_authority(authority_path: Path | None, revocations_path: Path | None) -> tuple[Any, Any]:
+    """``--authority`` (the consortium authority's public file) and ``--revocations`` (its signed list,
+    checked against that key): ``(PinnedAuthority | None, RevocationList | None)``; errors name the flag."""
+    from fedveil.protocol.identity_files import IdentityFileError, load_authority_public, load_revocations
+    from fedveil.secagg.errors import IdentityError
+    from fedveil.secagg.identity import verify_revocations
+
+    if revocations_path is not None and authority_path is None:
+        fail("--revocations", "needs --authority (the list is checked against the authority's key)")
+    if authority_path is None:
+        return None, None
+    try:
+        pinned = load_authority_public(authority_path)
+    except IdentityFileError as err:
+        fail("--authority", str(err))
+    revocations = None
+    if revocations_path is not None:
+        try:
+            revocations = load_revocations(revocations_path)
+            verify_revocations(pinned.public_key, revocations, consortium=pinned.consortium)
+        except (IdentityFileError, IdentityError) as err:
+            fail("--revocations", str(err))
+    return pinned, revocations

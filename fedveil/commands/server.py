@@ -23,6 +23,7 @@ from fedveil.commands.common import (
     eprint,
     exit_within,
     fail,
+    load_pinned_authority,
     print_json_last_line,
     read_dashboard_token,
 )
@@ -181,7 +182,20 @@ def _with_options(options: list[Any]) -> Any:
 @click.option("--no-final-evaluation", is_flag=True, help="Skip the evaluation of the final model.")
 @click.option("--seed", type=int, default=None,
               help="Job seed (initial model, cohort sampling, round seeds). DP noise never uses it.")
-@click.option("--active-adversary", is_flag=True, help="SecAgg active-adversary mode (enrolled identity keys).")
+@click.option("--active-adversary/--passive", "active_adversary", default=True, show_default=True,
+              help="Malicious-server protections (signed keys, consistency check, authority-vouched identities), "
+                   "or passive (honest-but-curious) secure aggregation, which only sites that opt in to "
+                   "trusting the server (fedveil client --trust-server) join.")
+@click.option("--authority", "authority_path", default=None, type=click.Path(path_type=Path),
+              help="The consortium authority's public file (fedveil authority init): site credentials are "
+                   "checked at Join and the consortium is announced to sites.")
+@click.option("--revocations", "revocations_path", default=None, type=click.Path(path_type=Path),
+              help="The authority's signed revocation list, for the Join checks.")
+@click.option("--evaluation", type=click.Choice(["secure", "clear", "off"]), default="secure", show_default=True,
+              help="Federated evaluation: as secure sums over the cohort, per site in the clear (only sites "
+                   "whose policy allows it answer), or off. Off under user-level DP.")
+@click.option("--insecure-deterministic", is_flag=True,
+              help="Derive round nonces from --seed (tests and bit-for-bit simulations only).")
 @click.option("--max-round-attempts", type=int, default=5, show_default=True)
 @click.option("--linger", type=float, default=5.0, show_default=True,
               help="Seconds to keep serving after the job so clients learn it is done.")
@@ -245,6 +259,7 @@ def server_command(**opts: Any) -> NoReturn:
         task = load_task(opts["task"])
     except TaskLoadError as err:
         fail("--task", str(err).removeprefix(f"--task {opts['task']!r}: "))
+    authority, revocations = _load_authority(opts["authority_path"], opts["revocations_path"])
     k = opts["clients_per_round"]
     try:
         config = ServerConfig(
@@ -268,7 +283,9 @@ def server_command(**opts: Any) -> NoReturn:
             learning_rate=opts["learning_rate"], batch_size=opts["batch_size"],
             evaluate=not opts["no_evaluate"], final_evaluation=not opts["no_final_evaluation"], seed=opts["seed"],
             active_adversary=opts["active_adversary"], max_round_attempts=opts["max_round_attempts"],
-            linger=opts["linger"], poll_wait=opts["poll_wait"],
+            linger=opts["linger"], poll_wait=opts["poll_wait"], evaluation=opts["evaluation"],
+            consortium=authority[0] if authority else "", authority_public_key=authority[1].hex() if authority else "",
+            insecure_deterministic=opts["insecure_deterministic"],
         )
     except ServerConfigError as err:
         fail(err.flag, err.detail)
@@ -296,7 +313,7 @@ def server_command(**opts: Any) -> NoReturn:
     try:
         summary = serve(
             config, task, store, listen, tls=tls, new_run=opts["new_run"], max_message_bytes=max_bytes,
-            port_file=Path(opts["port_file"]) if opts["port_file"] else None,
+            port_file=Path(opts["port_file"]) if opts["port_file"] else None, revocations=revocations,
         )
     except (JobError, StoreError, OSError, ValueError) as err:
         # ValueError: parameters the job cannot run with, e.g. an overflowing encoding
@@ -311,6 +328,12 @@ def server_command(**opts: Any) -> NoReturn:
         if dashboard is not None:
             dashboard.stop()
     exit_within(code)
+
+
+def _load_authority(authority_path: Path | None, revocations_path: Path | None) -> tuple[Any, Any]:
+    """(consortium, authority public key) from ``--authority`` and the revocation list, or Nones."""
+    pinned, revocations = load_pinned_authority(authority_path, revocations_path)
+    return ((pinned.consortium, pinned.public_key.raw) if pinned is not None else None), revocations
 
 
 def _print_summary(summary: dict[str, Any], *, as_json: bool) -> None:

@@ -26,7 +26,11 @@ def register(group: click.Group) -> None:
 @click.option("--clients-per-round", type=int, default=None, help="Cohort size K (default: all clients).")
 @click.option("--min-clients", type=int, default=None, help="Smallest cohort M (default: K).")
 @click.option("--seed", type=int, default=0, show_default=True,
-              help="Federation seed: model init, data, cohorts, client seeds. Same seed, same aggregates.")
+              help="Federation seed: model init, data, cohorts, the sites' data order. Keys, masks and noise come "
+                   "from the OS unless --insecure-deterministic.")
+@click.option("--insecure-deterministic", is_flag=True,
+              help="Derive keys, masks, rounding, noise and round nonces from --seed too: same seed, same released "
+                   "aggregates, bit for bit (benchmarks and tests only: anyone with the seed could unmask).")
 @click.option("--secagg", type=click.Choice(["complete", "harary"]), default="complete", show_default=True)
 @click.option("--max-corrupt-fraction", type=float, default=DEFAULT_MAX_CORRUPT_FRACTION,
               help="Fraction of a cohort the server may control; secure-aggregation thresholds satisfy "
@@ -37,8 +41,9 @@ def register(group: click.Group) -> None:
               help="User-level noise multiplier (central / distributed DP).")
 @click.option("--clip", type=float, default=1.0, show_default=True,
               help="User-level clip norm S (central / distributed DP).")
-@click.option("--active-adversary", is_flag=True,
-              help="SecAgg active-adversary mode: signed keys and consistency check (in-process only).")
+@click.option("--active-adversary/--passive", "active_adversary", default=True, show_default=True,
+              help="Malicious-server protections (an in-memory consortium authority vouches for the simulated "
+                   "sites), or passive secure aggregation with sites that trust the server.")
 @click.option("--optimizer", type=click.Choice(["fedavg", "fedadam", "fedyogi", "fedadagrad"]), default="fedavg",
               show_default=True)
 @click.option("--server-lr", type=float, default=1.0, show_default=True)
@@ -51,7 +56,7 @@ def register(group: click.Group) -> None:
 def simulate_command(
     n_clients: int, rounds: int, task_ref: str, processes: bool, clients_per_round: int | None,
     min_clients: int | None, seed: int, secagg: str, max_corrupt_fraction: float, dp: str, noise_multiplier: float,
-    clip: float, active_adversary: bool, optimizer: str,
+    clip: float, active_adversary: bool, insecure_deterministic: bool, optimizer: str,
     server_lr: float, round_timeout: float, stage_timeout: float, store_path: Path | None, threads: int,
     verbose: bool,
 ) -> int:
@@ -89,8 +94,6 @@ def simulate_command(
         fail("--task", str(err).removeprefix(f"--task {task_ref!r}: "))
     if task.synthetic_data is None:
         fail("--task", f"task {task.name!r} has no synthetic_data(client_index, n_clients, seed) to simulate with")
-    if active_adversary and processes:
-        fail("--active-adversary", "only in-process (without --processes)")
     if store_path is not None and store_path.exists():
         fail("--store", f"{str(store_path)!r} already exists (choose a new path)")
     if store_path is not None and not store_path.parent.is_dir():
@@ -102,6 +105,7 @@ def simulate_command(
             dp=dp, dp_clip=clip,
             dp_noise_multiplier=noise_multiplier, optimizer=optimizer, server_lr=server_lr, seed=seed,
             linger=2.0, poll_wait=2.0, active_adversary=active_adversary,
+            insecure_deterministic=insecure_deterministic,
         )
     except ServerConfigError as err:
         fail(err.flag, err.detail)

@@ -262,7 +262,7 @@ def run_federation(
     from fedveil.clients import ClientOptions, Federation
     from fedveil.clients.api import evaluator
     from fedveil.clients.backoff import BackoffPolicy
-    from fedveil.clients.simulation import STILL_RUNNING, ThreadedClient, run_with_client_threads
+    from fedveil.clients.simulation import STILL_RUNNING, SimulatedSites, ThreadedClient, run_with_client_threads
     from fedveil.dp.ledger import FEDERATION, PrivacyLedger
     from fedveil.protocol.transport import InProcessTransport
     from fedveil.server.coordinator import Coordinator
@@ -323,7 +323,9 @@ def run_federation(
     grpc_server: Any = None
     try:
         tokens = {name: store.enroll(name, rotate=store.client_enrolled(name)).token for name in names}
-        config = server_config(settings, recipe, len(names))
+        # the secure default: an in-memory consortium authority vouches for each simulated hospital
+        sites = SimulatedSites.create(server_config(settings, recipe, len(names)), names)
+        config = sites.config
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             coordinator = Coordinator(config, task, store, new_run=True)
@@ -339,8 +341,10 @@ def run_federation(
         clients = []
         for index, name in enumerate(names):
             dataset = data[name]
+            identity, credential = sites.identity(name)
             options = ClientOptions(
                 seed=settings.seed * 1000 + index + 1, num_examples=len(dataset), evaluate=evaluator(task, dataset),
+                identity_key=identity, credential=credential, policy=sites.policy(),
                 poll_wait_ms=1000, backoff=BackoffPolicy(initial_delay_s=0.05, max_delay_s=1.0, give_up_after_s=60.0),
             )
             fed = Federation(_LateMaskedInput(make_transport(name), name, plan), task.name, task.build_model(),

@@ -168,6 +168,7 @@ task = Task(
     synthetic_data=synthetic_data,
     explain=lambda model, features: assess(model, features).to_dict(),
     examples=lambda: example_patients(),
+    metrics=("loss", "accuracy", "auc"),
     metadata={
         "dataset": "Wisconsin Diagnostic Breast Cancer (scikit-learn load_breast_cancer)",
         "label": "malignant (1) or benign (0)",

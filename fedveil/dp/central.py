@@ -167,6 +167,8 @@ class DPFedAvgRound:
     next_clip_norm: float
     noise_multiplier: float
     noise_stddev: float
+    noised_unclipped_fraction: float | None = None
+    """Adaptive clipping: the noised fraction of unclipped clients (never the exact count)."""
 
 
 class DPFedAvg:
@@ -252,6 +254,7 @@ class DPFedAvg:
             next_clip_norm=self.clip_norm,
             noise_multiplier=self.noise_multiplier,
             noise_stddev=mechanism.noise_stddev,
+            noised_unclipped_fraction=self.adaptive.last_noised_fraction if self.adaptive is not None else None,
         )
 
     def rdp(self, orders: ArrayLike) -> NDArray[np.float64]:

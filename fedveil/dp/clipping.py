@@ -208,6 +208,7 @@ class AdaptiveClipper:
     def __init__(self, config: AdaptiveClippingConfig) -> None:
         self.config = config
         self._clip_norm = float(config.initial_clip_norm)
+        self.last_noised_fraction: float | None = None
 
     @property
     def clip_norm(self) -> float:
@@ -238,6 +239,7 @@ class AdaptiveClipper:
     def update(self, unclipped_count: float, rng: NormalSource) -> float:
         """Apply the geometric update from the round's unclipped count; returns the new clip norm."""
         fraction = self.noised_unclipped_fraction(unclipped_count, rng)
+        self.last_noised_fraction = fraction  # the only form of the count that may be kept or shown
         self._clip_norm *= math.exp(-self.config.learning_rate * (fraction - self.config.target_quantile))
         return self._clip_norm
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -248,11 +249,15 @@ class LocalDPSession:
         round), so rounds never reuse noise; in secure mode both come from Opacus's CSPRNG."""
         if self.config.secure_mode:
             return self._engine.secure_rng, None
-        if self.config.seed is None:
-            return None, None
         first = next(model.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
         r = self.rounds_completed
+        if self.config.seed is None:
+            # Fresh OS entropy each round, never torch's global generator: a process that shares it
+            # (an in-process simulation, user code calling torch.manual_seed) could predict the noise.
+            sampling = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+            noise = torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+            return sampling, noise
         sampling = torch.Generator().manual_seed(_derive_seed(self.config.seed, "sampling", r))
         noise = torch.Generator(device=device).manual_seed(_derive_seed(self.config.seed, "noise", r))
         return sampling, noise

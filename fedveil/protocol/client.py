@@ -81,6 +81,8 @@ class GrpcTransport:
         for rpc, response_cls in (
             ("Join", pb.JoinResponse),
             ("Poll", pb.PollResponse),
+            ("RespondToRound", pb.Ack),
+            ("RevealContribution", pb.Ack),
             ("AdvertiseKeys", pb.Ack),
             ("ShareKeys", pb.Ack),
             ("SubmitMaskedInput", pb.Ack),
@@ -141,6 +143,14 @@ class GrpcTransport:
         if received != size_bytes:
             raise MalformedMessage(f"FetchModel: received {received} of {size_bytes} bytes")
         return bytes(buffer)
+
+    def respond_to_round(self, request: pb.RoundResponse) -> pb.Ack:
+        result: pb.Ack = self._call("RespondToRound", request)
+        return result
+
+    def reveal_contribution(self, request: pb.RevealRequest) -> pb.Ack:
+        result: pb.Ack = self._call("RevealContribution", request)
+        return result
 
     def advertise_keys(self, request: pb.AdvertiseKeysRequest) -> pb.Ack:
         result: pb.Ack = self._call("AdvertiseKeys", request)

@@ -16,6 +16,13 @@ class Stage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STAGE_CONSISTENCY: _ClassVar[Stage]
     STAGE_UNMASKING: _ClassVar[Stage]
     STAGE_EVALUATION: _ClassVar[Stage]
+    STAGE_COMMIT: _ClassVar[Stage]
+    STAGE_REVEAL: _ClassVar[Stage]
+
+class RoundPurpose(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROUND_PURPOSE_TRAIN: _ClassVar[RoundPurpose]
+    ROUND_PURPOSE_EVALUATE: _ClassVar[RoundPurpose]
 
 class ShareKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -36,6 +43,10 @@ STAGE_MASKED_INPUT: Stage
 STAGE_CONSISTENCY: Stage
 STAGE_UNMASKING: Stage
 STAGE_EVALUATION: Stage
+STAGE_COMMIT: Stage
+STAGE_REVEAL: Stage
+ROUND_PURPOSE_TRAIN: RoundPurpose
+ROUND_PURPOSE_EVALUATE: RoundPurpose
 SHARE_KIND_UNSPECIFIED: ShareKind
 SHARE_KIND_SELF_MASK_SEED: ShareKind
 SHARE_KIND_MASKING_KEY: ShareKind
@@ -121,18 +132,22 @@ class MaskedInputChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[RequestHeader, _Mapping]] = ..., total_bytes: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("protocol_version", "task_name", "client_version", "num_examples", "identity_public_key")
+    __slots__ = ("protocol_version", "task_name", "client_version", "num_examples", "identity_public_key", "identity_credential", "trust_server")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TASK_NAME_FIELD_NUMBER: _ClassVar[int]
     CLIENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
+    TRUST_SERVER_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     task_name: str
     client_version: str
     num_examples: int
     identity_public_key: bytes
-    def __init__(self, protocol_version: _Optional[int] = ..., task_name: _Optional[str] = ..., client_version: _Optional[str] = ..., num_examples: _Optional[int] = ..., identity_public_key: _Optional[bytes] = ...) -> None: ...
+    identity_credential: bytes
+    trust_server: bool
+    def __init__(self, protocol_version: _Optional[int] = ..., task_name: _Optional[str] = ..., client_version: _Optional[str] = ..., num_examples: _Optional[int] = ..., identity_public_key: _Optional[bytes] = ..., identity_credential: _Optional[bytes] = ..., trust_server: _Optional[bool] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
     __slots__ = ("session_id", "run_id", "client_name", "job", "poll_interval_ms", "max_message_bytes")
@@ -151,7 +166,7 @@ class JoinResponse(_message.Message):
     def __init__(self, session_id: _Optional[bytes] = ..., run_id: _Optional[str] = ..., client_name: _Optional[str] = ..., job: _Optional[_Union[JobInfo, _Mapping]] = ..., poll_interval_ms: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
 
 class JobInfo(_message.Message):
-    __slots__ = ("task_name", "total_rounds", "completed_rounds", "clients_per_round", "min_clients", "secagg_graph", "dp_mode", "active_adversary")
+    __slots__ = ("task_name", "total_rounds", "completed_rounds", "clients_per_round", "min_clients", "secagg_graph", "dp_mode", "active_adversary", "consortium", "evaluation", "max_corrupt_fraction")
     TASK_NAME_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     COMPLETED_ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -160,6 +175,9 @@ class JobInfo(_message.Message):
     SECAGG_GRAPH_FIELD_NUMBER: _ClassVar[int]
     DP_MODE_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_ADVERSARY_FIELD_NUMBER: _ClassVar[int]
+    CONSORTIUM_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_FIELD_NUMBER: _ClassVar[int]
+    MAX_CORRUPT_FRACTION_FIELD_NUMBER: _ClassVar[int]
     task_name: str
     total_rounds: int
     completed_rounds: int
@@ -168,7 +186,10 @@ class JobInfo(_message.Message):
     secagg_graph: str
     dp_mode: str
     active_adversary: bool
-    def __init__(self, task_name: _Optional[str] = ..., total_rounds: _Optional[int] = ..., completed_rounds: _Optional[int] = ..., clients_per_round: _Optional[int] = ..., min_clients: _Optional[int] = ..., secagg_graph: _Optional[str] = ..., dp_mode: _Optional[str] = ..., active_adversary: _Optional[bool] = ...) -> None: ...
+    consortium: str
+    evaluation: str
+    max_corrupt_fraction: float
+    def __init__(self, task_name: _Optional[str] = ..., total_rounds: _Optional[int] = ..., completed_rounds: _Optional[int] = ..., clients_per_round: _Optional[int] = ..., min_clients: _Optional[int] = ..., secagg_graph: _Optional[str] = ..., dp_mode: _Optional[str] = ..., active_adversary: _Optional[bool] = ..., consortium: _Optional[str] = ..., evaluation: _Optional[str] = ..., max_corrupt_fraction: _Optional[float] = ...) -> None: ...
 
 class PollRequest(_message.Message):
     __slots__ = ("header", "max_wait_ms")
@@ -179,7 +200,7 @@ class PollRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[RequestHeader, _Mapping]] = ..., max_wait_ms: _Optional[int] = ...) -> None: ...
 
 class PollResponse(_message.Message):
-    __slots__ = ("wait", "round_start", "peer_keys", "incoming_shares", "survivor_check", "unmasking", "round_result", "evaluate", "job_done")
+    __slots__ = ("wait", "round_start", "peer_keys", "incoming_shares", "survivor_check", "unmasking", "round_result", "evaluate", "job_done", "commitments", "contributions")
     WAIT_FIELD_NUMBER: _ClassVar[int]
     ROUND_START_FIELD_NUMBER: _ClassVar[int]
     PEER_KEYS_FIELD_NUMBER: _ClassVar[int]
@@ -189,6 +210,8 @@ class PollResponse(_message.Message):
     ROUND_RESULT_FIELD_NUMBER: _ClassVar[int]
     EVALUATE_FIELD_NUMBER: _ClassVar[int]
     JOB_DONE_FIELD_NUMBER: _ClassVar[int]
+    COMMITMENTS_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
     wait: Wait
     round_start: RoundStart
     peer_keys: PeerKeys
@@ -198,7 +221,9 @@ class PollResponse(_message.Message):
     round_result: RoundResult
     evaluate: Evaluate
     job_done: JobDone
-    def __init__(self, wait: _Optional[_Union[Wait, _Mapping]] = ..., round_start: _Optional[_Union[RoundStart, _Mapping]] = ..., peer_keys: _Optional[_Union[PeerKeys, _Mapping]] = ..., incoming_shares: _Optional[_Union[IncomingShares, _Mapping]] = ..., survivor_check: _Optional[_Union[SurvivorCheck, _Mapping]] = ..., unmasking: _Optional[_Union[UnmaskingRequest, _Mapping]] = ..., round_result: _Optional[_Union[RoundResult, _Mapping]] = ..., evaluate: _Optional[_Union[Evaluate, _Mapping]] = ..., job_done: _Optional[_Union[JobDone, _Mapping]] = ...) -> None: ...
+    commitments: Commitments
+    contributions: Contributions
+    def __init__(self, wait: _Optional[_Union[Wait, _Mapping]] = ..., round_start: _Optional[_Union[RoundStart, _Mapping]] = ..., peer_keys: _Optional[_Union[PeerKeys, _Mapping]] = ..., incoming_shares: _Optional[_Union[IncomingShares, _Mapping]] = ..., survivor_check: _Optional[_Union[SurvivorCheck, _Mapping]] = ..., unmasking: _Optional[_Union[UnmaskingRequest, _Mapping]] = ..., round_result: _Optional[_Union[RoundResult, _Mapping]] = ..., evaluate: _Optional[_Union[Evaluate, _Mapping]] = ..., job_done: _Optional[_Union[JobDone, _Mapping]] = ..., commitments: _Optional[_Union[Commitments, _Mapping]] = ..., contributions: _Optional[_Union[Contributions, _Mapping]] = ...) -> None: ...
 
 class Wait(_message.Message):
     __slots__ = ("retry_after_ms", "reason")
@@ -209,7 +234,7 @@ class Wait(_message.Message):
     def __init__(self, retry_after_ms: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class EncodingParams(_message.Message):
-    __slots__ = ("ring_bits", "clip_range", "fractional_bits", "dimension", "extra_coordinates", "weighted", "max_weight")
+    __slots__ = ("ring_bits", "clip_range", "fractional_bits", "dimension", "extra_coordinates", "weighted", "max_weight", "evaluation")
     RING_BITS_FIELD_NUMBER: _ClassVar[int]
     CLIP_RANGE_FIELD_NUMBER: _ClassVar[int]
     FRACTIONAL_BITS_FIELD_NUMBER: _ClassVar[int]
@@ -217,6 +242,7 @@ class EncodingParams(_message.Message):
     EXTRA_COORDINATES_FIELD_NUMBER: _ClassVar[int]
     WEIGHTED_FIELD_NUMBER: _ClassVar[int]
     MAX_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_FIELD_NUMBER: _ClassVar[int]
     ring_bits: int
     clip_range: float
     fractional_bits: int
@@ -224,10 +250,29 @@ class EncodingParams(_message.Message):
     extra_coordinates: _containers.RepeatedScalarFieldContainer[str]
     weighted: bool
     max_weight: float
-    def __init__(self, ring_bits: _Optional[int] = ..., clip_range: _Optional[float] = ..., fractional_bits: _Optional[int] = ..., dimension: _Optional[int] = ..., extra_coordinates: _Optional[_Iterable[str]] = ..., weighted: _Optional[bool] = ..., max_weight: _Optional[float] = ...) -> None: ...
+    evaluation: EvaluationEncoding
+    def __init__(self, ring_bits: _Optional[int] = ..., clip_range: _Optional[float] = ..., fractional_bits: _Optional[int] = ..., dimension: _Optional[int] = ..., extra_coordinates: _Optional[_Iterable[str]] = ..., weighted: _Optional[bool] = ..., max_weight: _Optional[float] = ..., evaluation: _Optional[_Union[EvaluationEncoding, _Mapping]] = ...) -> None: ...
+
+class EvaluationEncoding(_message.Message):
+    __slots__ = ("metrics", "clip", "fractional_bits", "dimension", "limb_bits", "limbs", "max_examples")
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    CLIP_FIELD_NUMBER: _ClassVar[int]
+    FRACTIONAL_BITS_FIELD_NUMBER: _ClassVar[int]
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    LIMB_BITS_FIELD_NUMBER: _ClassVar[int]
+    LIMBS_FIELD_NUMBER: _ClassVar[int]
+    MAX_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    metrics: _containers.RepeatedScalarFieldContainer[str]
+    clip: float
+    fractional_bits: int
+    dimension: int
+    limb_bits: int
+    limbs: int
+    max_examples: int
+    def __init__(self, metrics: _Optional[_Iterable[str]] = ..., clip: _Optional[float] = ..., fractional_bits: _Optional[int] = ..., dimension: _Optional[int] = ..., limb_bits: _Optional[int] = ..., limbs: _Optional[int] = ..., max_examples: _Optional[int] = ...) -> None: ...
 
 class SecAggParams(_message.Message):
-    __slots__ = ("graph", "degree", "threshold", "graph_seed", "active_adversary", "cohort_size", "cohort", "round_id", "context", "identity_keys", "max_corrupt_fraction")
+    __slots__ = ("graph", "degree", "threshold", "graph_seed", "active_adversary", "cohort_size", "cohort", "round_id", "context", "identity_keys", "max_corrupt_fraction", "identity_credentials")
     GRAPH_FIELD_NUMBER: _ClassVar[int]
     DEGREE_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
@@ -239,6 +284,7 @@ class SecAggParams(_message.Message):
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_KEYS_FIELD_NUMBER: _ClassVar[int]
     MAX_CORRUPT_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_CREDENTIALS_FIELD_NUMBER: _ClassVar[int]
     graph: str
     degree: int
     threshold: int
@@ -250,7 +296,8 @@ class SecAggParams(_message.Message):
     context: bytes
     identity_keys: _containers.RepeatedScalarFieldContainer[bytes]
     max_corrupt_fraction: float
-    def __init__(self, graph: _Optional[str] = ..., degree: _Optional[int] = ..., threshold: _Optional[int] = ..., graph_seed: _Optional[bytes] = ..., active_adversary: _Optional[bool] = ..., cohort_size: _Optional[int] = ..., cohort: _Optional[_Iterable[int]] = ..., round_id: _Optional[int] = ..., context: _Optional[bytes] = ..., identity_keys: _Optional[_Iterable[bytes]] = ..., max_corrupt_fraction: _Optional[float] = ...) -> None: ...
+    identity_credentials: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, graph: _Optional[str] = ..., degree: _Optional[int] = ..., threshold: _Optional[int] = ..., graph_seed: _Optional[bytes] = ..., active_adversary: _Optional[bool] = ..., cohort_size: _Optional[int] = ..., cohort: _Optional[_Iterable[int]] = ..., round_id: _Optional[int] = ..., context: _Optional[bytes] = ..., identity_keys: _Optional[_Iterable[bytes]] = ..., max_corrupt_fraction: _Optional[float] = ..., identity_credentials: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class DistributedDpParams(_message.Message):
     __slots__ = ("mechanism", "l2_clip", "scale", "noise_stddev", "beta", "bits", "rotation_seed", "padded_dimension", "config_json")
@@ -291,18 +338,20 @@ class LocalDpParams(_message.Message):
     def __init__(self, noise_multiplier: _Optional[float] = ..., max_grad_norm: _Optional[float] = ..., target_epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., planned_rounds: _Optional[int] = ..., max_physical_batch_size: _Optional[int] = ...) -> None: ...
 
 class DpParams(_message.Message):
-    __slots__ = ("mode", "update_clip_norm", "adaptive_clipping", "local", "distributed")
+    __slots__ = ("mode", "update_clip_norm", "adaptive_clipping", "local", "distributed", "noise_multiplier")
     MODE_FIELD_NUMBER: _ClassVar[int]
     UPDATE_CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
     ADAPTIVE_CLIPPING_FIELD_NUMBER: _ClassVar[int]
     LOCAL_FIELD_NUMBER: _ClassVar[int]
     DISTRIBUTED_FIELD_NUMBER: _ClassVar[int]
+    NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
     mode: str
     update_clip_norm: float
     adaptive_clipping: bool
     local: LocalDpParams
     distributed: DistributedDpParams
-    def __init__(self, mode: _Optional[str] = ..., update_clip_norm: _Optional[float] = ..., adaptive_clipping: _Optional[bool] = ..., local: _Optional[_Union[LocalDpParams, _Mapping]] = ..., distributed: _Optional[_Union[DistributedDpParams, _Mapping]] = ...) -> None: ...
+    noise_multiplier: float
+    def __init__(self, mode: _Optional[str] = ..., update_clip_norm: _Optional[float] = ..., adaptive_clipping: _Optional[bool] = ..., local: _Optional[_Union[LocalDpParams, _Mapping]] = ..., distributed: _Optional[_Union[DistributedDpParams, _Mapping]] = ..., noise_multiplier: _Optional[float] = ...) -> None: ...
 
 class TrainingParams(_message.Message):
     __slots__ = ("local_epochs", "learning_rate", "batch_size", "evaluate_global_model", "seed")
@@ -319,7 +368,7 @@ class TrainingParams(_message.Message):
     def __init__(self, local_epochs: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., evaluate_global_model: _Optional[bool] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class RoundStart(_message.Message):
-    __slots__ = ("run_id", "round", "round_nonce", "client_id", "model", "encoding", "secagg", "dp", "training", "deadline_unix_ms", "stage_timeout_ms")
+    __slots__ = ("run_id", "round", "round_nonce", "client_id", "model", "encoding", "secagg", "dp", "training", "deadline_unix_ms", "stage_timeout_ms", "attempt", "purpose")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ROUND_NONCE_FIELD_NUMBER: _ClassVar[int]
@@ -331,6 +380,8 @@ class RoundStart(_message.Message):
     TRAINING_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     STAGE_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    PURPOSE_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round: int
     round_nonce: bytes
@@ -342,7 +393,67 @@ class RoundStart(_message.Message):
     training: TrainingParams
     deadline_unix_ms: int
     stage_timeout_ms: int
-    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., round_nonce: _Optional[bytes] = ..., client_id: _Optional[int] = ..., model: _Optional[_Union[Model, _Mapping]] = ..., encoding: _Optional[_Union[EncodingParams, _Mapping]] = ..., secagg: _Optional[_Union[SecAggParams, _Mapping]] = ..., dp: _Optional[_Union[DpParams, _Mapping]] = ..., training: _Optional[_Union[TrainingParams, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., stage_timeout_ms: _Optional[int] = ...) -> None: ...
+    attempt: int
+    purpose: RoundPurpose
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., round_nonce: _Optional[bytes] = ..., client_id: _Optional[int] = ..., model: _Optional[_Union[Model, _Mapping]] = ..., encoding: _Optional[_Union[EncodingParams, _Mapping]] = ..., secagg: _Optional[_Union[SecAggParams, _Mapping]] = ..., dp: _Optional[_Union[DpParams, _Mapping]] = ..., training: _Optional[_Union[TrainingParams, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., stage_timeout_ms: _Optional[int] = ..., attempt: _Optional[int] = ..., purpose: _Optional[_Union[RoundPurpose, str]] = ...) -> None: ...
+
+class RoundResponse(_message.Message):
+    __slots__ = ("header", "accept", "commitment", "decline_reason", "weight")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    ACCEPT_FIELD_NUMBER: _ClassVar[int]
+    COMMITMENT_FIELD_NUMBER: _ClassVar[int]
+    DECLINE_REASON_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    header: RequestHeader
+    accept: bool
+    commitment: bytes
+    decline_reason: str
+    weight: float
+    def __init__(self, header: _Optional[_Union[RequestHeader, _Mapping]] = ..., accept: _Optional[bool] = ..., commitment: _Optional[bytes] = ..., decline_reason: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
+
+class SeedCommitment(_message.Message):
+    __slots__ = ("client_id", "commitment")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    COMMITMENT_FIELD_NUMBER: _ClassVar[int]
+    client_id: int
+    commitment: bytes
+    def __init__(self, client_id: _Optional[int] = ..., commitment: _Optional[bytes] = ...) -> None: ...
+
+class Commitments(_message.Message):
+    __slots__ = ("round", "commitments", "deadline_unix_ms")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    COMMITMENTS_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    commitments: _containers.RepeatedCompositeFieldContainer[SeedCommitment]
+    deadline_unix_ms: int
+    def __init__(self, round: _Optional[int] = ..., commitments: _Optional[_Iterable[_Union[SeedCommitment, _Mapping]]] = ..., deadline_unix_ms: _Optional[int] = ...) -> None: ...
+
+class RevealRequest(_message.Message):
+    __slots__ = ("header", "contribution")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    header: RequestHeader
+    contribution: bytes
+    def __init__(self, header: _Optional[_Union[RequestHeader, _Mapping]] = ..., contribution: _Optional[bytes] = ...) -> None: ...
+
+class SeedReveal(_message.Message):
+    __slots__ = ("client_id", "contribution")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    client_id: int
+    contribution: bytes
+    def __init__(self, client_id: _Optional[int] = ..., contribution: _Optional[bytes] = ...) -> None: ...
+
+class Contributions(_message.Message):
+    __slots__ = ("round", "reveals", "deadline_unix_ms")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    REVEALS_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    reveals: _containers.RepeatedCompositeFieldContainer[SeedReveal]
+    deadline_unix_ms: int
+    def __init__(self, round: _Optional[int] = ..., reveals: _Optional[_Iterable[_Union[SeedReveal, _Mapping]]] = ..., deadline_unix_ms: _Optional[int] = ...) -> None: ...
 
 class AdvertiseKeysRequest(_message.Message):
     __slots__ = ("header", "encryption_public_key", "masking_public_key", "signature")

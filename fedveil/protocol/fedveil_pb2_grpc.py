@@ -35,52 +35,62 @@ class FederationStub:
             channel: A grpc.Channel.
         """
         self.Join = channel.unary_unary(
-                '/fedveil.v1.Federation/Join',
+                '/fedveil.v2.Federation/Join',
                 request_serializer=fedveil__pb2.JoinRequest.SerializeToString,
                 response_deserializer=fedveil__pb2.JoinResponse.FromString,
                 _registered_method=True)
         self.Poll = channel.unary_unary(
-                '/fedveil.v1.Federation/Poll',
+                '/fedveil.v2.Federation/Poll',
                 request_serializer=fedveil__pb2.PollRequest.SerializeToString,
                 response_deserializer=fedveil__pb2.PollResponse.FromString,
                 _registered_method=True)
+        self.RespondToRound = channel.unary_unary(
+                '/fedveil.v2.Federation/RespondToRound',
+                request_serializer=fedveil__pb2.RoundResponse.SerializeToString,
+                response_deserializer=fedveil__pb2.Ack.FromString,
+                _registered_method=True)
+        self.RevealContribution = channel.unary_unary(
+                '/fedveil.v2.Federation/RevealContribution',
+                request_serializer=fedveil__pb2.RevealRequest.SerializeToString,
+                response_deserializer=fedveil__pb2.Ack.FromString,
+                _registered_method=True)
         self.AdvertiseKeys = channel.unary_unary(
-                '/fedveil.v1.Federation/AdvertiseKeys',
+                '/fedveil.v2.Federation/AdvertiseKeys',
                 request_serializer=fedveil__pb2.AdvertiseKeysRequest.SerializeToString,
                 response_deserializer=fedveil__pb2.Ack.FromString,
                 _registered_method=True)
         self.ShareKeys = channel.unary_unary(
-                '/fedveil.v1.Federation/ShareKeys',
+                '/fedveil.v2.Federation/ShareKeys',
                 request_serializer=fedveil__pb2.ShareKeysRequest.SerializeToString,
                 response_deserializer=fedveil__pb2.Ack.FromString,
                 _registered_method=True)
         self.SubmitMaskedInput = channel.unary_unary(
-                '/fedveil.v1.Federation/SubmitMaskedInput',
+                '/fedveil.v2.Federation/SubmitMaskedInput',
                 request_serializer=fedveil__pb2.MaskedInputRequest.SerializeToString,
                 response_deserializer=fedveil__pb2.Ack.FromString,
                 _registered_method=True)
         self.ConfirmSurvivors = channel.unary_unary(
-                '/fedveil.v1.Federation/ConfirmSurvivors',
+                '/fedveil.v2.Federation/ConfirmSurvivors',
                 request_serializer=fedveil__pb2.ConfirmSurvivorsRequest.SerializeToString,
                 response_deserializer=fedveil__pb2.Ack.FromString,
                 _registered_method=True)
         self.Unmask = channel.unary_unary(
-                '/fedveil.v1.Federation/Unmask',
+                '/fedveil.v2.Federation/Unmask',
                 request_serializer=fedveil__pb2.UnmaskRequest.SerializeToString,
                 response_deserializer=fedveil__pb2.Ack.FromString,
                 _registered_method=True)
         self.ReportMetrics = channel.unary_unary(
-                '/fedveil.v1.Federation/ReportMetrics',
+                '/fedveil.v2.Federation/ReportMetrics',
                 request_serializer=fedveil__pb2.MetricsReport.SerializeToString,
                 response_deserializer=fedveil__pb2.Ack.FromString,
                 _registered_method=True)
         self.UploadMaskedInput = channel.stream_unary(
-                '/fedveil.v1.Federation/UploadMaskedInput',
+                '/fedveil.v2.Federation/UploadMaskedInput',
                 request_serializer=fedveil__pb2.MaskedInputChunk.SerializeToString,
                 response_deserializer=fedveil__pb2.Ack.FromString,
                 _registered_method=True)
         self.FetchModel = channel.unary_stream(
-                '/fedveil.v1.Federation/FetchModel',
+                '/fedveil.v2.Federation/FetchModel',
                 request_serializer=fedveil__pb2.FetchModelRequest.SerializeToString,
                 response_deserializer=fedveil__pb2.ModelChunk.FromString,
                 _registered_method=True)
@@ -102,6 +112,21 @@ class FederationServicer:
         """Long poll: "what should I do next?". Returns at once when an instruction is pending for
         this client, otherwise waits up to `max_wait_ms` (capped by the server) and returns Wait.
         Idempotent: polling again without acting returns the same instruction.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RespondToRound(self, request, context):
+        """A site's answer to a RoundStart: accept (with its commitment to the graph seed) or decline,
+        after checking the round against its own policy. A decline makes it a dropout at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevealContribution(self, request, context):
+        """The site's graph-seed contribution, once it has seen every commitment (fedveil.secagg.beacon).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -174,6 +199,16 @@ def add_FederationServicer_to_server(servicer, server):
                     request_deserializer=fedveil__pb2.PollRequest.FromString,
                     response_serializer=fedveil__pb2.PollResponse.SerializeToString,
             ),
+            'RespondToRound': grpc.unary_unary_rpc_method_handler(
+                    servicer.RespondToRound,
+                    request_deserializer=fedveil__pb2.RoundResponse.FromString,
+                    response_serializer=fedveil__pb2.Ack.SerializeToString,
+            ),
+            'RevealContribution': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevealContribution,
+                    request_deserializer=fedveil__pb2.RevealRequest.FromString,
+                    response_serializer=fedveil__pb2.Ack.SerializeToString,
+            ),
             'AdvertiseKeys': grpc.unary_unary_rpc_method_handler(
                     servicer.AdvertiseKeys,
                     request_deserializer=fedveil__pb2.AdvertiseKeysRequest.FromString,
@@ -216,9 +251,9 @@ def add_FederationServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'fedveil.v1.Federation', rpc_method_handlers)
+            'fedveil.v2.Federation', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('fedveil.v1.Federation', rpc_method_handlers)
+    server.add_registered_method_handlers('fedveil.v2.Federation', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
@@ -239,7 +274,7 @@ class Federation:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fedveil.v1.Federation/Join',
+            '/fedveil.v2.Federation/Join',
             fedveil__pb2.JoinRequest.SerializeToString,
             fedveil__pb2.JoinResponse.FromString,
             options,
@@ -266,9 +301,63 @@ class Federation:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fedveil.v1.Federation/Poll',
+            '/fedveil.v2.Federation/Poll',
             fedveil__pb2.PollRequest.SerializeToString,
             fedveil__pb2.PollResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RespondToRound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedveil.v2.Federation/RespondToRound',
+            fedveil__pb2.RoundResponse.SerializeToString,
+            fedveil__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevealContribution(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedveil.v2.Federation/RevealContribution',
+            fedveil__pb2.RevealRequest.SerializeToString,
+            fedveil__pb2.Ack.FromString,
             options,
             channel_credentials,
             insecure,
@@ -293,7 +382,7 @@ class Federation:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fedveil.v1.Federation/AdvertiseKeys',
+            '/fedveil.v2.Federation/AdvertiseKeys',
             fedveil__pb2.AdvertiseKeysRequest.SerializeToString,
             fedveil__pb2.Ack.FromString,
             options,
@@ -320,7 +409,7 @@ class Federation:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fedveil.v1.Federation/ShareKeys',
+            '/fedveil.v2.Federation/ShareKeys',
             fedveil__pb2.ShareKeysRequest.SerializeToString,
             fedveil__pb2.Ack.FromString,
             options,
@@ -347,7 +436,7 @@ class Federation:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fedveil.v1.Federation/SubmitMaskedInput',
+            '/fedveil.v2.Federation/SubmitMaskedInput',
             fedveil__pb2.MaskedInputRequest.SerializeToString,
             fedveil__pb2.Ack.FromString,
             options,
@@ -374,7 +463,7 @@ class Federation:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fedveil.v1.Federation/ConfirmSurvivors',
+            '/fedveil.v2.Federation/ConfirmSurvivors',
             fedveil__pb2.ConfirmSurvivorsRequest.SerializeToString,
             fedveil__pb2.Ack.FromString,
             options,
@@ -401,7 +490,7 @@ class Federation:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fedveil.v1.Federation/Unmask',
+            '/fedveil.v2.Federation/Unmask',
             fedveil__pb2.UnmaskRequest.SerializeToString,
             fedveil__pb2.Ack.FromString,
             options,
@@ -428,7 +517,7 @@ class Federation:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fedveil.v1.Federation/ReportMetrics',
+            '/fedveil.v2.Federation/ReportMetrics',
             fedveil__pb2.MetricsReport.SerializeToString,
             fedveil__pb2.Ack.FromString,
             options,
@@ -455,7 +544,7 @@ class Federation:
         return grpc.experimental.stream_unary(
             request_iterator,
             target,
-            '/fedveil.v1.Federation/UploadMaskedInput',
+            '/fedveil.v2.Federation/UploadMaskedInput',
             fedveil__pb2.MaskedInputChunk.SerializeToString,
             fedveil__pb2.Ack.FromString,
             options,
@@ -482,7 +571,7 @@ class Federation:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/fedveil.v1.Federation/FetchModel',
+            '/fedveil.v2.Federation/FetchModel',
             fedveil__pb2.FetchModelRequest.SerializeToString,
             fedveil__pb2.ModelChunk.FromString,
             options,

@@ -93,6 +93,8 @@ class ServerLimits:
 RPCS: dict[str, tuple[type[Message], str]] = {
     "Join": (pb.JoinRequest, "join"),
     "Poll": (pb.PollRequest, "poll"),
+    "RespondToRound": (pb.RoundResponse, "respond_to_round"),
+    "RevealContribution": (pb.RevealRequest, "reveal_contribution"),
     "AdvertiseKeys": (pb.AdvertiseKeysRequest, "advertise_keys"),
     "ShareKeys": (pb.ShareKeysRequest, "share_keys"),
     "SubmitMaskedInput": (pb.MaskedInputRequest, "submit_masked_input"),
@@ -138,7 +140,7 @@ MAX_CHUNK_BYTES = 4 * MIB
 
 
 class FederationServicer:
-    """Builds the generic handler for ``fedveil.v1.Federation``."""
+    """Builds the generic handler for ``fedveil.v2.Federation``."""
 
     def __init__(
         self,

@@ -142,15 +142,21 @@ class ClientR1ShareKeys(ClientState):
         ctx = self.ctx
         cfg = ctx.config
         me = ctx.client_id
-        # Active mode: every advertisement's identity signature is verified, not only the
-        # neighbours': the graph is derived from the session id, so an unsigned key of any client
-        # would let the server grind the permutation and choose a victim's neighbours.
+        # Active mode: the identity signatures of this client's holders are verified (the keys it
+        # exchanges masks and shares with). Others' keys only enter the session id: a substituted one
+        # gives honest clients different session ids, an abort, not a leak. Without the cohort's
+        # commit-then-reveal graph seed the layout hangs on every advertised key, so all are verified.
+        sparse_seeded = bool(cfg.graph_seed)
         for adv in msg.advertisements:
-            check_advertisement(cfg, adv)
+            check_advertisement(cfg, adv, signature=not sparse_seeded)
         try:
             session = Session.from_advertisements(cfg, msg.advertisements)
         except ConfigError as err:
             raise RoundAbortedError(str(err)) from err
+        if sparse_seeded and cfg.active:
+            for holder in session.graph.holders(me):
+                if holder != me:
+                    check_advertisement(cfg, session.advertisements[holder])
         mine = session.advertisements.get(me)
         assert ctx.advertisement is not None
         if mine is None or (mine.share_public, mine.mask_public) != (ctx.advertisement.share_public,
@@ -358,7 +364,9 @@ def _check_consistency(ctx: _ClientContext, survivors: frozenset[int], signature
         raise ConsistencyCheckError(f"client {me}: only {len(signatures)} survivor-set signatures, "
                                     f"fewer than threshold {cfg.threshold}")
     payload = survivor_set_payload(ctx.session.session_id, survivors)
-    for signer, sig in signatures.items():
+    # t valid signatures prove what the check needs; more would only cost time (a bad one among the
+    # first t aborts, as it would anyway)
+    for signer, sig in sorted(signatures.items())[: cfg.threshold]:
         try:
             verify(cfg.identity_keys[signer], sig, payload, what=f"the survivor set signed by client {signer}")
         except SecAggError as err:

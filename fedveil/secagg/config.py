@@ -6,6 +6,7 @@ import dataclasses
 import struct
 from dataclasses import dataclass
 
+from fedveil.secagg.beacon import GRAPH_SEED_BYTES
 from fedveil.secagg.encoding import Ring
 from fedveil.secagg.errors import ConfigError
 from fedveil.secagg.graph import GraphSpec
@@ -37,6 +38,10 @@ class SecAggConfig:
         context: free bytes (federation / task id) bound into the session id.
         max_corrupt_fraction: f; the server may control up to ⌊f·n⌋ of the n clients (in [0, 1/2);
             default 1/3). Every party must agree on it: it enters the session id and signatures.
+        graph_seed: 32 bytes fixing the Harary relabelling, agreed by commit-then-reveal
+            (:mod:`fedveil.secagg.beacon`) so that the server cannot choose a client's neighbours;
+            required in active mode with a Harary graph. Empty: derived from the session id, which
+            the clients a server controls can grind (trusted-server setups and tests only).
     """
 
     num_clients: int
@@ -49,6 +54,7 @@ class SecAggConfig:
     identity_keys: tuple[bytes, ...] | None = None
     context: bytes = b""
     max_corrupt_fraction: float = DEFAULT_MAX_CORRUPT_FRACTION
+    graph_seed: bytes = b""
 
     def __post_init__(self) -> None:
         n = self.num_clients
@@ -77,6 +83,11 @@ class SecAggConfig:
                     raise ConfigError(f"identity_keys[{i}]: expected {PUBLIC_KEY_BYTES} bytes")
         if not isinstance(self.context, bytes) or len(self.context) > 1024:
             raise ConfigError("context: expected at most 1024 bytes")
+        if not isinstance(self.graph_seed, bytes) or len(self.graph_seed) not in (0, GRAPH_SEED_BYTES):
+            raise ConfigError(f"graph_seed: expected {GRAPH_SEED_BYTES} bytes or none")
+        if self.active and self.graph.kind == "harary" and not self.graph_seed:
+            raise ConfigError("graph_seed: active mode with a Harary graph needs the cohort's commit-then-reveal "
+                              "seed (fedveil.secagg.beacon); a seed from the advertised keys can be ground")
 
     def threshold_problem(self, advertisers: int) -> str | None:
         """Why t is unsafe on the graph built over ``advertisers`` of the n clients, or None.
@@ -99,7 +110,8 @@ class SecAggConfig:
         head = struct.pack("<IIIB?H", self.num_clients, self.threshold, self.vector_length, self.ring_bits,
                            self.active, len(graph))
         return (head + graph + struct.pack("<H", len(self.context)) + self.context
-                + struct.pack("<d", self.max_corrupt_fraction))
+                + struct.pack("<d", self.max_corrupt_fraction)
+                + struct.pack("<B", len(self.graph_seed)) + self.graph_seed)
 
     def for_round(self, round_id: int) -> SecAggConfig:
         """The same parameters for another round."""

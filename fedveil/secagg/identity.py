@@ -327,12 +327,15 @@ def verify_credential(
 
 def verify_roster(
     authority_public: AuthorityKey, credentials: Sequence[SiteCredential], *,
-    consortium: str, now: int, revocations: RevocationList | None,
+    consortium: str, now: int, revocations: RevocationList | None, verified: set[bytes] | None = None,
 ) -> None:
     """Verify every credential of a cohort, and that no name and no key appears twice.
 
     A server must not give one site two cohort slots (its shares would count twice towards the
     threshold) nor put one key under two names. Errors name the index: ``credentials[3].serial``.
+    ``verified`` is the caller's cache of credential encodings whose authority signature already
+    verified (a site checks each peer's signature once per job; validity, consortium and revocation
+    are checked every time).
     """
     authority = AuthorityPublicKey.of(authority_public)
     if revocations is not None:
@@ -341,7 +344,8 @@ def verify_roster(
     keys: dict[bytes, int] = {}
     for i, credential in enumerate(credentials):
         try:
-            _verify_one(authority, credential, consortium=consortium, now=now, revocations=revocations)
+            _verify_one(authority, credential, consortium=consortium, now=now, revocations=revocations,
+                        verified=verified)
         except CredentialError as err:
             raise type(err)(f"credentials[{i}].{err.field}", err.detail, index=i) from None
         if credential.site_name in names:
@@ -362,14 +366,17 @@ def verify_roster(
 
 def _verify_one(
     authority: AuthorityPublicKey, credential: SiteCredential, *, consortium: str, now: int,
-    revocations: RevocationList | None,
+    revocations: RevocationList | None, verified: set[bytes] | None = None,
 ) -> None:
     """The checks of one credential; ``revocations`` must already be verified."""
     if not isinstance(credential, SiteCredential):
         raise MalformedCredentialError("credential", f"expected a SiteCredential (got {type(credential).__name__})")
     if isinstance(now, bool) or not isinstance(now, int):
         raise ConfigError(f"now: expected int unix seconds (got {type(now).__name__})")
-    if not authority.verifies(credential.signature, credential.signed_payload()):
+    cached = credential.encode() + authority.raw
+    if verified is not None and cached in verified:
+        pass  # this authority's signature on exactly these bytes verified before
+    elif not authority.verifies(credential.signature, credential.signed_payload()):
         raise InvalidCredentialSignature(
             "signature",
             f"does not verify under the pinned authority key {authority.fingerprint} (credential claims site "
@@ -387,6 +394,8 @@ def _verify_one(
         raise CredentialRevoked(
             "serial", f"{credential.serial_hex} is revoked (revocation list version {revocations.version})"
         )
+    if verified is not None:
+        verified.add(cached)
 
 
 class _Reader:

@@ -13,6 +13,7 @@ case everything is derived from it with HKDF (deterministic tests, reproducible 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import struct
@@ -124,8 +125,12 @@ _D25519 = (-121665 * pow(121666, _P25519 - 2, _P25519)) % _P25519
 _SQRT_M1 = pow(2, (_P25519 - 1) // 4, _P25519)
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def ed25519_public_key_problem(public: bytes) -> str | None:
-    """Why ``public`` (32 raw bytes) is unfit as an Ed25519 verification key, or None if it is fit."""
+    """Why ``public`` (32 raw bytes) is unfit as an Ed25519 verification key, or None if it is fit.
+
+    Pure and costly (point arithmetic in Python, about a millisecond): results are memoized, since a
+    site sees the same peer keys round after round."""
     point = _ed25519_decode(public)
     if point is None:
         return "does not encode a point of Ed25519"

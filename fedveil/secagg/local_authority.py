@@ -51,6 +51,7 @@ class LocalAuthority:
         self._key = key if key is not None else Ed25519PrivateKey.from_private_bytes(self._random(b"authority", 32))
         self._revoked: frozenset[bytes] = frozenset()
         self._version = 0
+        self._identities: dict[str, tuple[Ed25519PrivateKey, SiteCredential]] = {}
 
     @property
     def public_key(self) -> AuthorityPublicKey:
@@ -78,6 +79,13 @@ class LocalAuthority:
             out[name] = (identity, self.issue(name, identity.public_key().public_bytes_raw(), not_before=now,
                                               not_after=now + lifetime_seconds))
         return out
+
+    def identity(self, site_name: str, *, now: int,
+                 lifetime_seconds: int = DEFAULT_LIFETIME_SECONDS) -> tuple[Ed25519PrivateKey, SiteCredential]:
+        """Site ``site_name``'s identity key and credential: made on first use, the same afterwards."""
+        if site_name not in self._identities:
+            self._identities.update(self.enrol([site_name], now=now, lifetime_seconds=lifetime_seconds))
+        return self._identities[site_name]
 
     def revocations(self, *, issued_at: int) -> RevocationList:
         """The current list, signed (version 0 and empty until :meth:`revoke` is called)."""

@@ -21,8 +21,8 @@ from fedveil.secagg.keys import (
 from fedveil.secagg.messages import AdvertiseKeys
 
 
-def check_advertisement(config: SecAggConfig, adv: AdvertiseKeys) -> None:
-    """Shape checks on one advertisement, and its identity signature in active mode."""
+def check_advertisement(config: SecAggConfig, adv: AdvertiseKeys, *, signature: bool = True) -> None:
+    """Shape checks on one advertisement, and (``signature``) its identity signature in active mode."""
     if not 0 <= adv.client_id < config.num_clients:
         raise ProtocolError(f"client_id {adv.client_id} is outside 0..{config.num_clients - 1}")
     if len(adv.share_public) != PUBLIC_KEY_BYTES or len(adv.mask_public) != PUBLIC_KEY_BYTES:
@@ -31,7 +31,7 @@ def check_advertisement(config: SecAggConfig, adv: AdvertiseKeys) -> None:
         raise ProtocolError(f"client {adv.client_id}: share and mask public keys must differ")
     if is_small_order(adv.share_public) or is_small_order(adv.mask_public):
         raise ProtocolError(f"client {adv.client_id}: a public key is an X25519 point of small order")
-    if config.active:
+    if config.active and signature:
         assert config.identity_keys is not None
         if len(adv.signature) != SIGNATURE_BYTES:
             raise InvalidSignatureError(f"client {adv.client_id}: active mode needs a signed advertisement")
@@ -83,7 +83,10 @@ class Session:
 
     @cached_property
     def graph(self) -> MaskingGraph:
-        seed = hkdf(self.session_id, salt=b"", info=b"graph-permutation")
+        # The cohort's commit-then-reveal seed when there is one: the session id hashes keys that
+        # the clients a server controls choose after seeing the honest ones.
+        source = self.config.graph_seed or self.session_id
+        seed = hkdf(source, salt=b"", info=b"graph-permutation")
         return build_graph(self.config.graph, list(self.advertisements), seed)
 
     @property

@@ -20,6 +20,7 @@ GRAPHS = ("complete", "harary")
 DP_MODES = ("none", "local", "central", "distributed")
 OPTIMIZERS = ("fedavg", "fedadam", "fedyogi", "fedadagrad")
 ACCOUNTANTS = ("rdp", "prv", "pld")
+EVALUATION_MODES = ("secure", "clear", "off")
 DISTRIBUTED_MECHANISMS = ("skellam", "ddg")
 #: fedveil.dp.distributed.MAX_BITS (kept here so the config needs no numeric imports; a test pins them equal).
 DISTRIBUTED_MAX_BITS = 48
@@ -121,7 +122,11 @@ class ServerConfig:
     evaluate: bool = True
     final_evaluation: bool = True
     seed: int | None = None
-    active_adversary: bool = False
+    active_adversary: bool = True
+    evaluation: str = "secure"
+    consortium: str = ""
+    authority_public_key: str = ""
+    insecure_deterministic: bool = False
     max_round_attempts: int = 5
     linger: float = 5.0
     poll_wait: float = 10.0
@@ -180,6 +185,12 @@ class ServerConfig:
         need(0 <= self.batch_size <= 2**31 - 1, "batch_size", "must be between 0 (the task's default) and 2^31 - 1")
         need(self.seed is None or 0 <= self.seed < 2**63, "seed", "must be in [0, 2^63)")
         need(self.max_round_attempts >= 1, "max_round_attempts", "must be at least 1")
+        need(self.evaluation in EVALUATION_MODES, "evaluation", f"must be one of {', '.join(EVALUATION_MODES)}")
+        need(len(self.consortium) <= 128 and self.consortium.isprintable(), "consortium",
+             "must be a printable name of at most 128 characters")
+        need(self.authority_public_key == "" or (len(self.authority_public_key) == 64 and all(
+            c in "0123456789abcdef" for c in self.authority_public_key)), "authority_public_key",
+             "must be the authority's Ed25519 public key as 64 lower-case hex digits")
         from fedveil.secagg.errors import ConfigError
 
         try:  # an explicit threshold, or a degree whose colluders could surround a client
@@ -217,6 +228,10 @@ class ServerConfig:
             return plan
         t = min(self.threshold, plan.holders) if cap else self.threshold
         return plan.with_threshold(t, active=self.active_adversary)
+
+    @property
+    def authority_key_bytes(self) -> bytes | None:
+        return bytes.fromhex(self.authority_public_key) if self.authority_public_key else None
 
     @property
     def user_level_dp(self) -> bool:

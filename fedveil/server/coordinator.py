@@ -26,10 +26,12 @@ and redone with a new cohort and nonce.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import hmac
 import logging
+import math
 import os
 import secrets
 import struct
@@ -42,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from fedveil.dp.ledger import BudgetExceededError, PrivacyLedger
+from fedveil.metrics import DEFAULT_METRICS, weighted_metrics
 from fedveil.protocol import PROTOCOL_VERSION, ROUND_NONCE_BYTES, SESSION_ID_BYTES
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.protocol.codec import decode_ring_vector, model_message
@@ -57,8 +60,10 @@ from fedveil.protocol.errors import (
 from fedveil.protocol.uploads import UploadReservation
 from fedveil.secagg import errors as sa_errors
 from fedveil.secagg import messages as sa
+from fedveil.secagg.beacon import BeaconCollector, BeaconError
 from fedveil.secagg.config import SecAggConfig
 from fedveil.secagg.errors import ConfigError
+from fedveil.secagg.identity import RevocationList, SiteCredential, verify_credential
 from fedveil.secagg.server import SecAggServer
 from fedveil.secagg.threshold import ThresholdPlan
 from fedveil.server.config import ServerConfig
@@ -70,6 +75,7 @@ from fedveil.server.reports import (
     spend_record,
     verify_spend,
 )
+from fedveil.server.sanity import AggregateRejected
 from fedveil.server.store import RunStore
 from fedveil.server.training import GlobalModel, RoundPlan, round_seed
 from fedveil.server.uploads import UploadBook
@@ -82,20 +88,31 @@ SIGNATURE_BYTES = 64
 MAX_SHARE_BOX_BYTES = 4096
 MAX_METRICS = 64
 MAX_METRIC_NAME = 64
+MAX_CREDENTIAL_BYTES = 1024
 WAIT_RETRY_MS = 200
+SECURE_SUM_ROW = "(secure sum)"
+"""The evaluations row of a cohort's securely summed metrics (no site's own figures are ever stored)."""
 
 
 class Stage(enum.IntEnum):
-    TRAINING = pb.STAGE_TRAINING
-    SHARE_KEYS = pb.STAGE_SHARE_KEYS
-    MASKED_INPUT = pb.STAGE_MASKED_INPUT
-    CONSISTENCY = pb.STAGE_CONSISTENCY
-    UNMASKING = pb.STAGE_UNMASKING
-    EVALUATION = pb.STAGE_EVALUATION
+    """A round's stages in the order they run (values order them; :attr:`wire` is the protobuf enum)."""
+
+    COMMIT = 1
+    REVEAL = 2
+    TRAINING = 3
+    SHARE_KEYS = 4
+    MASKED_INPUT = 5
+    CONSISTENCY = 6
+    UNMASKING = 7
+    EVALUATION = 8
 
     @property
     def label(self) -> str:
         return self.name.lower().replace("_", "-")
+
+    @property
+    def wire(self) -> str:
+        return f"STAGE_{self.name}"
 
 
 class JobError(RuntimeError):
@@ -115,6 +132,8 @@ class _Client:
     pending_result: pb.RoundResult | None = None
     job_done_sent: bool = False
     disconnected: bool = False
+    credential: bytes = b""
+    trust_server: bool = False
 
 
 @dataclass
@@ -123,21 +142,38 @@ class _Round:
     attempt: int
     nonce: bytes
     plan: RoundPlan
-    secagg: SecAggServer
+    config: SecAggConfig
+    """The round's secagg parameters before the graph seed is known (fixed once REVEAL closes)."""
+    beacon: BeaconCollector
     cohort: dict[str, int]
     names: dict[int, str]
     started_wall: float
-    stage: Stage = Stage.TRAINING
+    purpose: int = pb.ROUND_PURPOSE_TRAIN
+    secagg: SecAggServer | None = None
+    stage: Stage = Stage.COMMIT
     deadline: float = 0.0
     deadline_wall: float = 0.0
     closing: bool = False
     outgoing: dict[int, sa.Message] = field(default_factory=dict)
     submitted: dict[str, set[Stage]] = field(default_factory=dict)
     dropped: dict[str, tuple[str, str]] = field(default_factory=dict)
+    recorded: set[str] = field(default_factory=set)
+    """Dropouts already recorded: one left at commit is still pending in the secagg stages after it."""
     evaluated: set[str] = field(default_factory=set)
+    commitments: dict[int, bytes] = field(default_factory=dict)
+    weights: dict[int, float] = field(default_factory=dict)
+    """Weighted rounds: each member's weight as declared in the clear when it accepted."""
+
+    @property
+    def expected(self) -> tuple[int, ...]:
+        return self.beacon.expected if self.secagg is None else self.secagg.expected
+
+    @property
+    def pending(self) -> tuple[int, ...]:
+        return self.beacon.pending if self.secagg is None else self.secagg.pending
 
     def live_pending(self) -> list[int]:
-        return [sid for sid in self.secagg.pending if self.names[sid] not in self.dropped]
+        return [sid for sid in self.pending if self.names[sid] not in self.dropped]
 
 
 @dataclass
@@ -164,6 +200,8 @@ class JobSummary:
     epsilon: float | None
     delta: float | None
     message: str
+    rejected_rounds: int = 0
+    """Rounds whose unmasked sum no honest cohort could produce (skipped, model unchanged)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -178,23 +216,19 @@ class JobSummary:
             "epsilon": self.epsilon,
             "delta": self.delta,
             "message": self.message,
+            "rejected_rounds": self.rejected_rounds,
         }
+
+
+def _credential_serial(raw: bytes) -> str:
+    try:
+        return SiteCredential.decode(raw).serial.hex()[:16]
+    except sa_errors.SecAggError:
+        return "?"
 
 
 def _metrics_dict(items: Any) -> dict[str, float]:
     return {m.name: float(m.value) for m in items}
-
-
-def _weighted_metrics(rows: list[tuple[str, int, dict[str, float]]]) -> dict[str, float]:
-    totals: dict[str, float] = {}
-    weights: dict[str, float] = {}
-    for _name, n, metrics in rows:
-        w = float(max(n, 1))
-        for key, value in metrics.items():
-            if np.isfinite(value):
-                totals[key] = totals.get(key, 0.0) + w * value
-                weights[key] = weights.get(key, 0.0) + w
-    return {k: totals[k] / weights[k] for k in sorted(totals)}
 
 
 class Coordinator:
@@ -235,6 +269,12 @@ class Coordinator:
         share one buffer instead of one serialized copy per client."""
         self._open_run(new_run)
         self._model_cache: tuple[int, pb.Model, pb.Model, bytes] | None = None
+        self._barred: dict[int, set[str]] = {}
+        """round → sites that withheld a graph-seed reveal in it (left out of its later attempts)."""
+        self._last_secure_metrics: dict[str, float] = {}
+        self._rejected_rounds = 0
+        self.revocations: RevocationList | None = None
+        """The authority's revocation list the operator gave (``--revocations``), for Join checks."""
 
     # ------------------------------------------------------------------------------------------
     # Run creation and resume
@@ -295,6 +335,19 @@ class Coordinator:
         self._max_message_bytes = self._compute_max_message_bytes()
 
     @property
+    def _evaluation_mode(self) -> str:
+        """Federated evaluation as the job runs it: off under user-level DP (its sums would be released
+        without the round's noise), else the configured mode."""
+        if not self.config.evaluate and not self.config.final_evaluation:
+            return "off"
+        return "off" if self.config.user_level_dp else self.config.evaluation
+
+    def _secure_metrics(self) -> tuple[str, ...]:
+        if self._evaluation_mode != "secure":
+            return ()
+        return tuple(self.task.metrics or DEFAULT_METRICS)
+
+    @property
     def completed_rounds(self) -> int:
         return self.model.version
 
@@ -304,7 +357,8 @@ class Coordinator:
         return pb.JobInfo(
             task_name=self.task.name, total_rounds=cfg.rounds, completed_rounds=self.model.version,
             clients_per_round=cfg.clients_per_round, min_clients=cfg.min_clients, secagg_graph=cfg.secagg,
-            dp_mode=cfg.dp, active_adversary=cfg.active_adversary,
+            dp_mode=cfg.dp, active_adversary=cfg.active_adversary, consortium=cfg.consortium,
+            evaluation=self._evaluation_mode, max_corrupt_fraction=cfg.max_corrupt_fraction,
         )
 
     def max_message_bytes(self) -> int:
@@ -368,11 +422,12 @@ class Coordinator:
             raise OutOfOrder(f"{rpc}: stage {stage.label} is not open; round {rnd.number} is at {rnd.stage.label}")
         if rnd.closing:
             raise StageClosed(f"{rpc}: stage {stage.label} of round {rnd.number} closed at its deadline")
-        if sid not in rnd.secagg.expected:
+        if sid not in rnd.expected:
             raise StageClosed(f"{rpc}: you are not part of stage {stage.label} of round {rnd.number}")
         return rnd, sid
 
     def _feed(self, rnd: _Round, sid: int, message: sa.Message, stage: Stage, name: str) -> pb.Ack:
+        assert rnd.secagg is not None
         try:
             rnd.secagg.receive(sid, message)
         except (sa_errors.MalformedMessageError, sa_errors.InvalidSignatureError) as err:
@@ -386,7 +441,7 @@ class Coordinator:
         rnd.submitted.setdefault(name, set()).add(stage)
         if not rnd.live_pending():
             self._cond.notify_all()
-        return pb.Ack(round=rnd.number, stage=pb.Stage.Name(stage.value), detail="accepted")
+        return pb.Ack(round=rnd.number, stage=stage.wire, detail="accepted")  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------------------------------
     # RPCs (FederationService)
@@ -410,19 +465,21 @@ class Coordinator:
                 "identity_public_key: this job runs in active-adversary mode; the client needs an Ed25519 "
                 "identity key (enrolled with fedveil enroll --identity-public-key, or sent at Join)"
             )
+        credential = self._check_credential(caller, request, enrolled_key)
         with self._cond:
             if self._stopping:
                 raise Unavailable("the server is shutting down")
             old = self._clients.get(caller)
             client = _Client(name=caller, session_id=os.urandom(SESSION_ID_BYTES), last_seen=self._clock(),
                              num_examples=int(request.num_examples),
-                             identity_key=bytes(request.identity_public_key))
+                             identity_key=bytes(request.identity_public_key) or (enrolled_key or b""),
+                             credential=credential, trust_server=bool(request.trust_server))
             if old is not None:
                 client.pending_result = old.pending_result
                 old.poll_token = None
             rnd = self._round
             if rnd is not None and caller in rnd.cohort and caller not in rnd.dropped:
-                if rnd.submitted.get(caller) or rnd.stage != Stage.TRAINING:
+                if rnd.submitted.get(caller) or rnd.stage > Stage.COMMIT:
                     rnd.dropped[caller] = (rnd.stage.label, "rejoined mid-round (its round state is lost)")
                     client.pending_result = pb.RoundResult(
                         round=rnd.number, outcome=pb.ROUND_OUTCOME_DROPPED, reason="rejoined mid-round"
@@ -430,11 +487,43 @@ class Coordinator:
                     self._cond.notify_all()
             self._clients[caller] = client
             self._cond.notify_all()
-            log.info("client %s joined (session %s…)", caller, client.session_id.hex()[:8])
+            log.info("client %s joined (session %s…; %s)", caller, client.session_id.hex()[:8],
+                     "trusting the server (passive)" if request.trust_server else
+                     ("malicious-server checks, credential " + _credential_serial(credential)
+                      if credential else "malicious-server checks"))
             return pb.JoinResponse(
                 session_id=client.session_id, run_id=self.run_id, client_name=caller, job=self.job_info,
                 poll_interval_ms=WAIT_RETRY_MS, max_message_bytes=self.max_message_bytes(),
             )
+
+    def _check_credential(self, caller: str, request: pb.JoinRequest, enrolled_key: bytes | None) -> bytes:
+        """The site's authority credential: it must name the caller and its identity key. The sites check
+        it against the authority they pinned; the server checks it too when it was given the authority
+        (``--authority``), so a bad credential is refused at Join rather than in every round."""
+        raw = bytes(request.identity_credential)
+        if not raw:
+            if self.config.active_adversary:
+                raise Incompatible("identity_credential: this job runs with malicious-server protections; the site "
+                                   "needs its credential from the consortium authority (fedveil authority issue)")
+            return b""
+        if len(raw) > MAX_CREDENTIAL_BYTES:
+            raise MalformedMessage(f"identity_credential: at most {MAX_CREDENTIAL_BYTES} bytes")
+        try:
+            credential = SiteCredential.decode(raw)
+        except sa_errors.SecAggError as err:
+            raise MalformedMessage(f"identity_credential: {err}") from None
+        key = bytes(request.identity_public_key) or (enrolled_key or b"")
+        if credential.site_name != caller or credential.identity_public_key != key:
+            raise PermissionDenied("identity_credential: it vouches for another site name or identity key "
+                                   f"(it names {credential.site_name!r})")
+        authority = self.config.authority_key_bytes
+        if authority is not None:
+            try:
+                verify_credential(authority, credential, consortium=self.config.consortium, now=int(time.time()),
+                                  revocations=self.revocations)
+            except sa_errors.SecAggError as err:
+                raise PermissionDenied(f"identity_credential: {err}") from None
+        return raw
 
     def poll(self, caller: str, request: pb.PollRequest) -> pb.PollResponse:
         wait_s = min(request.max_wait_ms / 1000.0, self.config.poll_wait)
@@ -485,6 +574,66 @@ class Coordinator:
             self._cond.notify_all()
         log.info("client %s disconnected", caller)
 
+    def respond_to_round(self, caller: str, request: pb.RoundResponse) -> pb.Ack:
+        """A cohort member accepts the round with its graph-seed commitment, or declines it.
+
+        A decline is honoured until the member's keys are in (COMMIT, REVEAL or TRAINING stage): it
+        becomes a dropout at once, so nobody waits for its deadline. Its reason is logged, cut to one
+        printable line.
+        """
+        if request.accept and len(request.commitment) != 32:
+            raise MalformedMessage(f"commitment: expected 32 bytes, got {len(request.commitment)}")
+        if request.accept and not math.isfinite(request.weight):
+            raise MalformedMessage(f"weight: {request.weight!r} is not a finite number")
+        with self._cond:
+            client = self._session(caller, request.header, "RespondToRound")
+            if request.accept:
+                rnd, sid = self._round_for(client, request.header, Stage.COMMIT, "RespondToRound")
+                if rnd.plan.encoding.weighted:
+                    top = float(rnd.plan.encoding.max_weight)
+                    if not 1.0 <= request.weight <= top:
+                        raise MalformedMessage(f"weight: must be in [1, {top:g}] (got {request.weight:g})")
+                    rnd.weights[sid] = float(request.weight)
+                try:
+                    rnd.beacon.receive_commitment(sid, bytes(request.commitment))
+                except BeaconError as err:
+                    raise MalformedMessage(f"commitment: {err}") from None
+                rnd.submitted.setdefault(caller, set()).add(Stage.COMMIT)
+                self._cond.notify_all()
+                return pb.Ack(round=rnd.number, stage="STAGE_COMMIT", detail="accepted")
+            current = self._round
+            if current is None or request.header.round != current.number or not hmac.compare_digest(
+                    request.header.round_nonce, current.nonce) or caller not in current.cohort:
+                raise StageClosed("RespondToRound: no running round of yours to decline")
+            rnd = current
+            if caller in rnd.dropped:
+                raise Replayed(f"RespondToRound: already out of round {rnd.number}")
+            if rnd.stage > Stage.TRAINING or Stage.TRAINING in rnd.submitted.get(caller, set()):
+                raise StageClosed(f"RespondToRound: too late to decline round {rnd.number} (its keys are in)")
+            why = "".join(ch if ch.isprintable() else " " for ch in request.decline_reason[:256]).strip() or "-"
+            sid = rnd.cohort[caller]
+            if rnd.stage == Stage.COMMIT and Stage.COMMIT not in rnd.submitted.get(caller, set()):
+                rnd.beacon.decline(sid)
+            rnd.dropped[caller] = (rnd.stage.label, f"declined: {why}")
+            log.info("round %d (attempt %d): %s declined at %s: %s", rnd.number, rnd.attempt, caller,
+                     rnd.stage.label, why)
+            self._cond.notify_all()
+            return pb.Ack(round=rnd.number, stage=rnd.stage.wire, detail="declined")  # type: ignore[arg-type]
+
+    def reveal_contribution(self, caller: str, request: pb.RevealRequest) -> pb.Ack:
+        if len(request.contribution) != 32:
+            raise MalformedMessage(f"contribution: expected 32 bytes, got {len(request.contribution)}")
+        with self._cond:
+            client = self._session(caller, request.header, "RevealContribution")
+            rnd, sid = self._round_for(client, request.header, Stage.REVEAL, "RevealContribution")
+            try:
+                rnd.beacon.receive_reveal(sid, bytes(request.contribution))
+            except BeaconError as err:
+                raise MalformedMessage(f"contribution: {err}") from None
+            rnd.submitted.setdefault(caller, set()).add(Stage.REVEAL)
+            self._cond.notify_all()
+            return pb.Ack(round=rnd.number, stage="STAGE_REVEAL", detail="accepted")
+
     def advertise_keys(self, caller: str, request: pb.AdvertiseKeysRequest) -> pb.Ack:
         for name in ("encryption_public_key", "masking_public_key"):
             if len(getattr(request, name)) != PUBLIC_KEY_BYTES:
@@ -494,7 +643,7 @@ class Coordinator:
         with self._cond:
             client = self._session(caller, request.header, "AdvertiseKeys")
             rnd, sid = self._round_for(client, request.header, Stage.TRAINING, "AdvertiseKeys")
-            msg = sa.AdvertiseKeys(rnd.secagg.config.round_id, sid, bytes(request.encryption_public_key),
+            msg = sa.AdvertiseKeys(rnd.config.round_id, sid, bytes(request.encryption_public_key),
                                    bytes(request.masking_public_key), bytes(request.signature))
             return self._feed(rnd, sid, msg, Stage.TRAINING, caller)
 
@@ -511,7 +660,7 @@ class Coordinator:
             rnd, sid = self._round_for(client, request.header, Stage.SHARE_KEYS, "ShareKeys")
             if len(boxes) > rnd.plan.cohort_size:
                 raise MalformedMessage(f"shares: {len(boxes)} boxes for a cohort of {rnd.plan.cohort_size}")
-            msg = sa.ShareKeysResponse(rnd.secagg.config.round_id, sid, boxes)
+            msg = sa.ShareKeysResponse(rnd.config.round_id, sid, boxes)
             return self._feed(rnd, sid, msg, Stage.SHARE_KEYS, caller)
 
     def submit_masked_input(self, caller: str, request: pb.MaskedInputRequest) -> pb.Ack:
@@ -534,7 +683,7 @@ class Coordinator:
             if reservation is None and self._upload_book().active(caller, rnd.nonce, Stage.MASKED_INPUT):
                 raise Replayed("SubmitMaskedInput: an upload from this site for this stage is in progress")
             vector = decode_ring_vector(data, rnd.plan.dimension, rnd.plan.ring_bits)
-            msg = sa.MaskedInputResponse(rnd.secagg.config.round_id, sid, vector)
+            msg = sa.MaskedInputResponse(rnd.config.round_id, sid, vector)
             ack = self._feed(rnd, sid, msg, Stage.MASKED_INPUT, caller)
             if reservation is not None:
                 self._upload_book().complete(reservation)
@@ -596,7 +745,7 @@ class Coordinator:
         with self._cond:
             client = self._session(caller, request.header, "ConfirmSurvivors")
             rnd, sid = self._round_for(client, request.header, Stage.CONSISTENCY, "ConfirmSurvivors")
-            msg = sa.ConsistencyCheckResponse(rnd.secagg.config.round_id, sid, bytes(request.signature))
+            msg = sa.ConsistencyCheckResponse(rnd.config.round_id, sid, bytes(request.signature))
             return self._feed(rnd, sid, msg, Stage.CONSISTENCY, caller)
 
     def unmask(self, caller: str, request: pb.UnmaskRequest) -> pb.Ack:
@@ -620,7 +769,7 @@ class Coordinator:
             sm_owners, sm_rows = groups[pb.SHARE_KIND_SELF_MASK_SEED]
             mk_owners, mk_rows = groups[pb.SHARE_KIND_MASKING_KEY]
             msg = sa.UnmaskingResponse(
-                rnd.secagg.config.round_id, sid,
+                rnd.config.round_id, sid,
                 np.asarray(sm_owners, dtype=np.uint32),
                 np.stack(sm_rows) if sm_rows else np.zeros((0, sa.SELF_MASK_LIMBS), np.uint32),
                 np.asarray(mk_owners, dtype=np.uint32),
@@ -630,6 +779,10 @@ class Coordinator:
 
     def report_metrics(self, caller: str, request: pb.MetricsReport) -> pb.Ack:
         report = check_report(request)  # every number range-checked before anything is recorded
+        if report.metrics and self._evaluation_mode != "clear":
+            # per-site metrics are an oracle on a site's data: only when the job asks for them in the clear
+            raise MalformedMessage(f"metrics: per-site metrics are not accepted by this job (evaluation "
+                                   f"{self._evaluation_mode!r}; they travel only as secure sums)")
         with self._cond:
             client = self._session(caller, request.header, "ReportMetrics")
             header = request.header
@@ -660,7 +813,7 @@ class Coordinator:
             if ledger is not None:
                 self.model.ledger = ledger
             rnd.evaluated.add(caller)
-            return pb.Ack(round=rnd.number, stage=pb.Stage.Name(rnd.stage.value), detail="accepted")
+            return pb.Ack(round=rnd.number, stage=rnd.stage.wire, detail="accepted")  # type: ignore[arg-type]
 
     def _reported_spend(
         self, round_number: int, caller: str, report: CheckedReport
@@ -746,11 +899,19 @@ class Coordinator:
             return None
         sid = rnd.cohort[client.name]
         done = rnd.submitted.get(client.name, set())
-        if rnd.stage in done or sid not in rnd.secagg.expected:
+        if rnd.stage in done or sid not in rnd.expected:
             return None
         deadline_ms = int(rnd.deadline_wall * 1000)
-        if rnd.stage == Stage.TRAINING:
+        if rnd.stage == Stage.COMMIT:
             return pb.PollResponse(round_start=self._round_start(rnd, sid))
+        if rnd.stage == Stage.REVEAL:
+            return pb.PollResponse(commitments=pb.Commitments(
+                round=rnd.number, deadline_unix_ms=deadline_ms,
+                commitments=[pb.SeedCommitment(client_id=c, commitment=v) for c, v in sorted(rnd.commitments.items())]))
+        if rnd.stage == Stage.TRAINING:
+            return pb.PollResponse(contributions=pb.Contributions(
+                round=rnd.number, deadline_unix_ms=deadline_ms,
+                reveals=[pb.SeedReveal(client_id=c, contribution=v) for c, v in sorted(rnd.beacon.reveals.items())]))
         out = rnd.outgoing.get(sid)
         if isinstance(out, sa.ShareKeysRequest):
             keys = [
@@ -784,7 +945,7 @@ class Coordinator:
     def _round_start(self, rnd: _Round, sid: int) -> pb.RoundStart:
         cfg = self.config
         plan = rnd.plan
-        sc = rnd.secagg.config
+        sc = rnd.config
         return pb.RoundStart(
             run_id=self.run_id, round=rnd.number, round_nonce=rnd.nonce, client_id=sid, model=self._model_pb(),
             encoding=plan.encoding,
@@ -792,6 +953,8 @@ class Coordinator:
                 graph=sc.graph.kind, degree=sc.graph.degree, threshold=sc.threshold, active_adversary=sc.active,
                 cohort_size=sc.num_clients, cohort=list(range(sc.num_clients)), round_id=sc.round_id,
                 context=sc.context, identity_keys=list(sc.identity_keys or ()),
+                identity_credentials=[self._credential(rnd.names[i]) for i in range(sc.num_clients)]
+                if sc.active else [],
                 max_corrupt_fraction=sc.max_corrupt_fraction,
             ),
             dp=plan.dp,
@@ -799,12 +962,18 @@ class Coordinator:
                 local_epochs=cfg.local_epochs or self.task.local_epochs,
                 learning_rate=cfg.learning_rate or self.task.learning_rate,
                 batch_size=cfg.batch_size or self.task.batch_size,
-                evaluate_global_model=cfg.evaluate,
+                evaluate_global_model=cfg.evaluate and self._evaluation_mode == "clear",
                 seed=round_seed(self.seed, rnd.number),
             ),
             deadline_unix_ms=int(rnd.deadline_wall * 1000),
             stage_timeout_ms=int(cfg.stage_timeout * 1000),
+            attempt=rnd.attempt,
+            purpose=rnd.purpose,  # type: ignore[arg-type]
         )
+
+    def _credential(self, name: str) -> bytes:
+        client = self._clients.get(name)
+        return client.credential if client is not None else b""
 
     # ------------------------------------------------------------------------------------------
     # The driver
@@ -846,11 +1015,12 @@ class Coordinator:
         except ConfigError as err:  # an explicit --threshold that a smaller cohort cannot use safely
             raise JobError(f"--threshold: {str(err).removeprefix('threshold: ')} (cohort of {n})") from None
 
-    def _wait_for_cohort(self) -> list[str] | None:
+    def _wait_for_cohort(self, number: int) -> list[str] | None:
         cfg = self.config
         ready_since: float | None = None
         while not self._stop_event.is_set():
-            avail = self._available()
+            barred = self._barred.get(number, set())
+            avail = [n for n in self._available() if n not in barred]
             if len(avail) >= cfg.clients_per_round:
                 return avail
             if len(avail) >= cfg.min_clients:
@@ -863,25 +1033,33 @@ class Coordinator:
             self._cond.wait(0.25)
         return None
 
-    def _start_round(self, number: int, available: list[str]) -> _Round:
+    def _start_round(self, number: int, available: list[str], purpose: int = pb.ROUND_PURPOSE_TRAIN) -> _Round:
         cfg = self.config
         attempt = self._attempts.get(number, 0) + 1
         self._attempts[number] = attempt
         self._tries[number] = self._tries.get(number, 0) + 1
-        rng = np.random.default_rng([self.seed, number, attempt])
         k = min(cfg.clients_per_round, len(available))
         if k == len(available):
             chosen = sorted(available)
-        else:
+        elif cfg.insecure_deterministic:  # reproducible cohorts: anyone with the job seed can predict them
+            rng = np.random.default_rng([self.seed, number, attempt])
             chosen = sorted(str(c) for c in rng.choice(available, k, replace=False))
+        else:  # secret randomness: what amplification by sampling relies on
+            chosen = sorted(secrets.SystemRandom().sample(sorted(available), k))
         cohort = {name: i for i, name in enumerate(chosen)}
         secagg_plan = self._threshold(len(chosen))
         spec, t = secagg_plan.spec, secagg_plan.threshold
-        nonce = os.urandom(ROUND_NONCE_BYTES)
+        if cfg.insecure_deterministic:  # tests and bit-for-bit simulations only: predictable by anyone with the seed
+            nonce = hashlib.sha256(f"fedveil/nonce/{self.seed}/{number}/{attempt}/{purpose}".encode()).digest()[
+                :ROUND_NONCE_BYTES]
+        else:
+            nonce = os.urandom(ROUND_NONCE_BYTES)
         round_id = int.from_bytes(hashlib.sha256(self.run_id.encode() + struct.pack("<II", number, attempt) + nonce)
                                   .digest()[:8], "little")
         context = f"fedveil/{self.run_id}/{self.task.name}".encode()
-        plan = self.model.plan(number, len(chosen), t, context)
+        evaluation_only = purpose == pb.ROUND_PURPOSE_EVALUATE
+        plan = self.model.plan(number, len(chosen), t, context, evaluation_only=evaluation_only,
+                               metrics=self._secure_metrics() if (cfg.evaluate or evaluation_only) else ())
         identity_keys = None
         if cfg.active_adversary:
             keys = [self._identity_key(n) for n in chosen]
@@ -893,14 +1071,18 @@ class Coordinator:
             num_clients=len(chosen), threshold=t, vector_length=plan.dimension, round_id=round_id,
             ring_bits=plan.ring_bits, graph=spec, active=cfg.active_adversary, identity_keys=identity_keys,
             context=context, max_corrupt_fraction=cfg.max_corrupt_fraction,
+            # a placeholder until the cohort's commit-then-reveal seed is known (REVEAL closes)
+            graph_seed=bytes(32),
         )
         now, wall = self._clock(), time.time()
-        rnd = _Round(number=number, attempt=attempt, nonce=nonce, plan=plan, secagg=SecAggServer(sconfig),
-                     cohort=cohort, names={i: n for n, i in cohort.items()}, started_wall=wall,
-                     deadline=now + cfg.round_timeout, deadline_wall=wall + cfg.round_timeout)
+        rnd = _Round(number=number, attempt=attempt, nonce=nonce, plan=plan, config=sconfig,
+                     beacon=BeaconCollector(round_id, tuple(range(len(chosen))), t),
+                     cohort=cohort, names={i: n for n, i in cohort.items()}, started_wall=wall, purpose=purpose,
+                     deadline=now + cfg.stage_timeout, deadline_wall=wall + cfg.stage_timeout)
         self.store.start_round(self.run_id, number, attempt, cohort, t)
-        log.info("round %d (attempt %d): cohort of %d, dimension %d, secure aggregation %s",
-                 number, attempt, len(chosen), plan.dimension, secagg_plan.describe())
+        log.info("round %d (attempt %d%s): cohort of %d, dimension %d, secure aggregation %s",
+                 number, attempt, ", evaluation only" if purpose == pb.ROUND_PURPOSE_EVALUATE else "", len(chosen),
+                 plan.dimension, secagg_plan.describe())
         return rnd
 
     def _finish_round_for_clients(self, rnd: _Round, outcome: int, reason: str, survivors: tuple[int, ...]) -> None:
@@ -920,20 +1102,28 @@ class Coordinator:
         self._round = None
         self._cond.notify_all()
 
-    def _run_round(self, number: int, available: list[str]) -> str:
-        """One round attempt: 'completed', 'aborted', 'budget' or 'stopped'."""
+    def _run_round(self, number: int, available: list[str], purpose: int = pb.ROUND_PURPOSE_TRAIN) -> str:
+        """One round attempt: 'completed', 'aborted', 'withheld' (a member withheld its graph-seed
+        reveal: retried without it), 'budget' or 'stopped'."""
         with self._cond:
-            rnd = self._start_round(number, available)
+            rnd = self._start_round(number, available, purpose)
             try:
-                self.model.reserve_budget(rnd.plan, max(len(self.store.enrolled_clients()), len(available)))
+                if purpose == pb.ROUND_PURPOSE_TRAIN:
+                    # q over the sites the cohort was really drawn from (issue 10: never the enrolled count)
+                    self.model.reserve_budget(rnd.plan, len(available),
+                                              amplification=self.config.dp_sampling_amplification)
             except BudgetExceededError as err:
                 self.store.abort_round(self.run_id, number, rnd.attempt, f"privacy budget: {err}", None)
                 self._finish_round_for_clients(rnd, pb.ROUND_OUTCOME_ABORTED, f"privacy budget exhausted: {err}", ())
                 self._budget_message = str(err)
                 return "budget"
+            # the first stage's deadline runs from when the cohort can see the round (reserving the
+            # budget above may take a while: an accountant's first computation)
+            now, wall = self._clock(), time.time()
+            rnd.deadline, rnd.deadline_wall = now + self.config.stage_timeout, wall + self.config.stage_timeout
             self._round = rnd
             self._cond.notify_all()
-        stages = [Stage.TRAINING, Stage.SHARE_KEYS, Stage.MASKED_INPUT]
+        stages = [Stage.COMMIT, Stage.REVEAL, Stage.TRAINING, Stage.SHARE_KEYS, Stage.MASKED_INPUT]
         if self.config.active_adversary:
             stages.append(Stage.CONSISTENCY)
         stages.append(Stage.UNMASKING)
@@ -942,38 +1132,64 @@ class Coordinator:
                 if not self._wait_until(lambda: not rnd.live_pending(), rnd.deadline):
                     self._abandon(rnd, "server stopping")
                     return "stopped"
-                missing = [rnd.names[s] for s in rnd.secagg.pending]
+                missing = [rnd.names[s] for s in rnd.pending]
                 rnd.closing = True
                 for name in missing:
                     rnd.dropped.setdefault(name, (stage.label, "missed the stage deadline"))
-            outgoing = rnd.secagg.close_stage()  # outside the lock: unmasking is the heavy part
+            if stage == Stage.COMMIT:
+                listed = rnd.beacon.close_commit()
+                outgoing: dict[int, sa.Message] = {}
+                aborted = listed is None
+            elif stage == Stage.REVEAL:
+                seed = rnd.beacon.close_reveal()
+                aborted = seed is None
+                if seed is not None:
+                    rnd.config = dataclasses.replace(rnd.config, graph_seed=seed)
+                    rnd.secagg = SecAggServer(rnd.config)
+            else:
+                assert rnd.secagg is not None
+                outgoing = rnd.secagg.close_stage()  # outside the lock: unmasking is the heavy part
+                aborted = rnd.secagg.aborted
             with self._cond:
                 answered = [n for n in rnd.cohort if stage in rnd.submitted.get(n, set())]
                 self.store.record_stage(self.run_id, number, rnd.attempt, answered, stage.label)
-                new_drops = {n: rnd.dropped[n] for n in missing}
+                new_drops = {n: rnd.dropped[n] for n in missing if n not in rnd.recorded}
+                rnd.recorded.update(new_drops)
                 if new_drops:
                     self.store.record_dropouts(self.run_id, number, rnd.attempt, new_drops)
                     self._dropouts += len(new_drops)
                     log.info("round %d: %d dropout(s) at %s: %s", number, len(new_drops), stage.label,
                              ", ".join(sorted(new_drops)))
-                if rnd.secagg.aborted:
-                    reason = rnd.secagg.abort_reason or "aborted"
-                    self.model.cancel_budget(number)
-                    self.store.abort_round(self.run_id, number, rnd.attempt, reason, len(answered))
-                    self._aborted_attempts += 1
-                    log.warning("round %d attempt %d aborted: %s", number, rnd.attempt, reason)
-                    self._finish_round_for_clients(rnd, pb.ROUND_OUTCOME_ABORTED, reason, ())
-                    return "aborted"
-                if rnd.secagg.completed:
+                if aborted:
+                    return self._abort_attempt(rnd, stage, len(answered))
+                if rnd.secagg is not None and rnd.secagg.completed:
                     break
+                if stage == Stage.COMMIT:
+                    assert listed is not None
+                    rnd.commitments = listed
+                    for sid in range(len(rnd.names)):  # not in U0: out of the round for good
+                        if sid not in listed:
+                            rnd.dropped.setdefault(rnd.names[sid], (stage.label, "did not accept the round"))
                 rnd.stage = stages[index + 1]
                 rnd.outgoing = outgoing
+                timeout = self.config.round_timeout if rnd.stage == Stage.TRAINING else self.config.stage_timeout
                 now, wall = self._clock(), time.time()
-                rnd.deadline, rnd.deadline_wall = now + self.config.stage_timeout, wall + self.config.stage_timeout
+                rnd.deadline, rnd.deadline_wall = now + timeout, wall + timeout
                 rnd.closing = False
                 self._cond.notify_all()
+        assert rnd.secagg is not None
         result = rnd.secagg.result
-        applied = self.model.apply(rnd.plan, result.ring_sum, len(result.survivors))
+        declared = sum(rnd.weights.get(s, 0.0) for s in result.survivors) if rnd.plan.encoding.weighted else None
+        try:
+            applied = self.model.apply(rnd.plan, result.ring_sum, len(result.survivors), declared)
+        except AggregateRejected as err:
+            return self._reject_round(rnd, str(err), len(result.survivors))
+        if purpose == pb.ROUND_PURPOSE_EVALUATE:
+            with self._cond:
+                self._record_secure_evaluation(rnd, applied.evaluation, len(result.survivors))
+                self.store.finish_evaluation_round(self.run_id, number, rnd.attempt, len(result.survivors))
+                self._finish_round_for_clients(rnd, pb.ROUND_OUTCOME_COMPLETED, "evaluation", result.survivors)
+            return "completed"
         state_after = self.model.state_dict(applied)
         ledger_json = self.model.ledger.to_json() if self.model.ledger is not None else None
         stats = {**applied.stats, "dropped": [rnd.names[d] for d in result.dropped], "threshold": rnd.plan.threshold,
@@ -984,16 +1200,95 @@ class Coordinator:
             ledger_json=ledger_json, stats=stats,
         )
         with self._cond:
+            if applied.evaluation is not None:
+                self._record_secure_evaluation(rnd, applied.evaluation, len(result.survivors))
             self.model.commit(applied)
             log.info("round %d completed: %d survivors, update norm %.4g, %.2fs", number, len(result.survivors),
                      applied.stats["update_norm"], stats["duration_s"])
             self._finish_round_for_clients(rnd, pb.ROUND_OUTCOME_COMPLETED, "", result.survivors)
         return "completed"
 
+    def _reject_round(self, rnd: _Round, reason: str, survivors: int) -> str:
+        """The unmasked sum is not one honest sites can produce: skip the round (model unchanged, the
+        round counted, its release kept in the ledger) and go on — a retry would let a malicious site
+        stall the job."""
+        number = rnd.number
+        state_after = self.model.state_dict(skipping=True)
+        ledger_json = self.model.ledger.to_json() if self.model.ledger is not None else None
+        self.store.complete_round(
+            self.run_id, number, rnd.attempt, survivors=survivors, aggregate=np.zeros(0, np.float32),
+            aggregate_digest="", model=self.model.params, state=state_after, ledger_json=ledger_json,
+            stats={"rejected": reason, "threshold": rnd.plan.threshold}, status="rejected", reason=reason)
+        with self._cond:
+            self.model.skip()
+            self._rejected_rounds += 1
+            log.warning("round %d rejected (model unchanged, the job goes on): %s", number, reason)
+            self._finish_round_for_clients(rnd, pb.ROUND_OUTCOME_ABORTED, f"rejected: {reason}", ())
+        return "rejected"
+
+    def _abort_attempt(self, rnd: _Round, stage: Stage, answered: int) -> str:
+        """Record an aborted attempt (lock held). Once masked inputs were in and unmasking shares
+        were asked for, the sum could have been released: under DP the attempt stays in the ledger
+        as a release (Bonawitz et al.'s retries are new releases, not refunds)."""
+        number = rnd.number
+        if rnd.secagg is not None:
+            reason = rnd.secagg.abort_reason or "aborted"
+        else:
+            reason = rnd.beacon.abort_reason or "aborted"
+        released = stage >= Stage.CONSISTENCY
+        if released:
+            reason += " (after masked inputs: counted as a release in the privacy ledger)"
+            if self.model.ledger is not None:
+                self.store.save_ledger(self.run_id, self.model.ledger.to_json())
+        elif rnd.purpose == pb.ROUND_PURPOSE_TRAIN:
+            self.model.cancel_budget(number)
+        self.store.abort_round(self.run_id, number, rnd.attempt, reason, answered)
+        self._aborted_attempts += 1
+        log.warning("round %d attempt %d aborted: %s", number, rnd.attempt, reason)
+        self._finish_round_for_clients(rnd, pb.ROUND_OUTCOME_ABORTED, reason, ())
+        if stage == Stage.REVEAL and rnd.beacon.withheld:
+            # each withholder costs one attempt and is barred from the rest of the round, so a site
+            # cannot make a round fail by withholding; this attempt does not count against the limit
+            barred = self._barred.setdefault(number, set())
+            barred.update(rnd.names[s] for s in rnd.beacon.withheld)
+            self._tries[number] -= 1
+            return "withheld"
+        return "aborted"
+
+    def _record_secure_evaluation(self, rnd: _Round, evaluation: tuple[dict[str, float], float] | None,
+                                  survivors: int) -> None:
+        if evaluation is None:
+            return
+        metrics, examples = evaluation
+        if not metrics:
+            return
+        self.store.record_evaluation(self.run_id, self.model.version, SECURE_SUM_ROW, round(examples), metrics)
+        self._last_secure_metrics = dict(metrics)
+        log.info("round %d: secure evaluation of model %d over %d sites: %s", rnd.number, self.model.version,
+                 survivors, {k: round(v, 4) for k, v in metrics.items()})
+
     def _abandon(self, rnd: _Round, reason: str) -> None:
-        self.model.cancel_budget(rnd.number)
+        if rnd.purpose == pb.ROUND_PURPOSE_TRAIN:
+            self.model.cancel_budget(rnd.number)
         self.store.abort_round(self.run_id, rnd.number, rnd.attempt, reason, None)
         self._finish_round_for_clients(rnd, pb.ROUND_OUTCOME_ABORTED, reason, ())
+
+    def _secure_final_evaluation(self) -> None:
+        """The final model's metrics as one secure sum over the cohort (an evaluation-only round)."""
+        cfg = self.config
+        phase = cfg.rounds + 1
+        for _ in range(cfg.max_round_attempts):
+            with self._cond:
+                available = [n for n in self._available() if n not in self._barred.get(phase, set())]
+            if len(available) < cfg.min_clients:
+                log.info("final evaluation skipped: %d sites connected, fewer than %d", len(available),
+                         cfg.min_clients)
+                return
+            outcome = self._run_round(phase, available, purpose=pb.ROUND_PURPOSE_EVALUATE)
+            if outcome in ("completed", "stopped"):
+                break
+        self._final_metrics = dict(self._last_secure_metrics)
+        log.info("final evaluation of model %d (secure sum): %s", self.model.version, self._final_metrics)
 
     def _final_evaluation(self) -> None:
         cfg = self.config
@@ -1011,7 +1306,7 @@ class Coordinator:
             self._evaluation = None
             self._past_nonces.add(ev.nonce)
         rows = self.store.evaluations(self.run_id, ev.version)
-        self._final_metrics = _weighted_metrics(rows)
+        self._final_metrics = weighted_metrics(rows)
         log.info("final evaluation of model %d by %d client(s): %s", ev.version, len(rows), self._final_metrics)
 
     def run(self) -> JobSummary:
@@ -1024,7 +1319,7 @@ class Coordinator:
             return self._report_finished()
         while self.model.version < cfg.rounds:
             with self._cond:
-                available = self._wait_for_cohort()
+                available = self._wait_for_cohort(self.model.version + 1)
             if available is None:
                 status, message = "stopped", "stopped before the job completed; restart with the same command"
                 break
@@ -1048,6 +1343,8 @@ class Coordinator:
             if outcome == "stopped":
                 status, message = "stopped", "stopped before the job completed; restart with the same command"
                 break
+            if outcome in ("withheld", "rejected"):
+                continue
             if outcome == "budget":
                 status, message = "budget_exhausted", f"stopped early: {self._budget_message}"
                 break
@@ -1056,7 +1353,10 @@ class Coordinator:
                 message = f"round {number} aborted {cfg.max_round_attempts} times (see the store for reasons)"
                 break
         if status in ("completed", "budget_exhausted") and cfg.final_evaluation and not self._stop_event.is_set():
-            self._final_evaluation()
+            if self._evaluation_mode == "secure":
+                self._secure_final_evaluation()
+            elif self._evaluation_mode == "clear":
+                self._final_evaluation()
         if status == "completed" and not message:
             message = f"completed {self.model.version} rounds" + (
                 f" (resumed after round {self.resumed_from})" if self.resumed_from else "")
@@ -1066,7 +1366,7 @@ class Coordinator:
             run_id=self.run_id, status=status, completed_rounds=self.model.version, total_rounds=cfg.rounds,
             resumed_from=self.resumed_from, aborted_attempts=self._aborted_attempts, dropouts=self._dropouts,
             final_metrics=self._final_metrics, epsilon=epsilon, delta=cfg.dp_delta if epsilon is not None else None,
-            message=message,
+            message=message, rejected_rounds=self._rejected_rounds,
         )
         if status != "stopped":
             self.store.finish_run(self.run_id, status, summary.to_dict())

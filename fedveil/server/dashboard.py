@@ -70,6 +70,7 @@ import numpy as np
 import torch
 
 from fedveil.dp.ledger import FEDERATION
+from fedveil.metrics import weighted_metrics
 from fedveil.server.dashboard_auth import (
     UNAUTHORIZED_MESSAGE,
     UNAUTHORIZED_PAGE,
@@ -322,15 +323,18 @@ class StoreRunSource:
         dropouts = store.dropouts(run_id)
         settings = self._settings(config)
         budget = settings["epsilon_budget"]
+        # amplification by sampling rests on who took part staying secret: no participant lists then
+        hidden = bool(config.get("dp_sampling_amplification"))
         out: list[dict[str, Any]] = []
         for rec in store.rounds(run_id):
             if rec.status != "completed":
                 continue
             r = rec.round
             rows = store.evaluations(run_id, r)
-            metrics = _weighted(rows)
-            dropped = sorted({n for (rr, a, n, _, _) in dropouts if rr == r and a == rec.attempt})
-            participants = sorted(n for a, n, _, _ in store.participants(run_id, r) if a == rec.attempt)
+            metrics = weighted_metrics(rows)
+            dropped = [] if hidden else sorted({n for (rr, a, n, _, _) in dropouts if rr == r and a == rec.attempt})
+            participants = [] if hidden else sorted(
+                n for a, n, _, _ in store.participants(run_id, r) if a == rec.attempt)
             at = {c: _latest_at(f, r) for c, f in client_figs.items()}
             eps_sample = {c: f.epsilon if f is not None and f.verified else None for c, f in at.items()}
             unverified = {c: f.reason for c, f in at.items() if f is not None and not f.verified}
@@ -399,16 +403,6 @@ class StoreRunSource:
         return model.state_dict()
 
 
-def _weighted(rows: Sequence[tuple[str, int, Mapping[str, float]]]) -> dict[str, float]:
-    totals: dict[str, float] = {}
-    weights: dict[str, float] = {}
-    for _, n, metrics in rows:
-        w = float(max(n, 1))
-        for k, v in metrics.items():
-            if isinstance(v, int | float) and math.isfinite(v):
-                totals[k] = totals.get(k, 0.0) + w * float(v)
-                weights[k] = weights.get(k, 0.0) + w
-    return {k: totals[k] / weights[k] for k in totals}
 
 
 def _latest_at(history: Mapping[int, T], round_number: int) -> T | None:

@@ -29,6 +29,7 @@ import grpc
 
 from fedveil.protocol.auth import Authenticator
 from fedveil.protocol.service import ServerLimits, build_server
+from fedveil.secagg.identity import RevocationList
 from fedveil.server.config import ServerConfig
 from fedveil.server.coordinator import Coordinator, JobSummary
 from fedveil.server.store import RunStore, StoreError
@@ -64,6 +65,7 @@ def serve(
     port_file: Path | None = None,
     on_listening: threading.Event | None = None,
     install_signal_handlers: bool = True,
+    revocations: RevocationList | None = None,
 ) -> JobSummary:
     """Run ``config``'s job on ``listen`` until it completes (or a signal stops it)."""
     _limit_malloc_arenas()
@@ -72,6 +74,7 @@ def serve(
     server: grpc.Server | None = None
     try:
         coordinator = Coordinator(config, task, store, new_run=new_run)
+        coordinator.revocations = revocations
         limit = max_message_bytes or coordinator.max_message_bytes()
         workers = max(32, 2 * config.clients_per_round + 16)
         limits = ServerLimits(max_message_bytes=limit, workers=workers, max_concurrent_rpcs=max(256, 4 * workers),

@@ -74,6 +74,10 @@ def server_args(config: ServerConfig, listen: str, store_path: Path, port_file: 
         "--dp-bits", str(config.dp_bits), "--dp-local-noise-multiplier", str(config.dp_local_noise_multiplier),
         "--dp-local-max-grad-norm", str(config.dp_local_max_grad_norm),
     ]
+    argv.append("--active-adversary" if config.active_adversary else "--passive")
+    argv += ["--evaluation", config.evaluation]
+    if config.insecure_deterministic:
+        argv.append("--insecure-deterministic")
     if config.dp_local_target_epsilon:
         argv += ["--dp-local-target-epsilon", str(config.dp_local_target_epsilon)]
     if config.dp_adaptive_clipping:

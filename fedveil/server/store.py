@@ -421,6 +421,15 @@ class RunStore:
                 (time.time(), reason, survivors, run_id, round_number, attempt),
             )
 
+    def finish_evaluation_round(self, run_id: str, round_number: int, attempt: int, survivors: int) -> None:
+        """An evaluation-only round (secure final evaluation) finished: no model, no aggregate kept."""
+        with self._tx() as c:
+            c.execute(
+                "UPDATE rounds SET status='evaluated', finished_at=?, survivors=? "
+                "WHERE run_id=? AND round=? AND attempt=? AND status='running'",
+                (time.time(), survivors, run_id, round_number, attempt),
+            )
+
     def interrupt_unfinished_rounds(self, run_id: str) -> int:
         """Mark rounds left 'running' by a killed server as 'interrupted'. Returns how many."""
         with self._tx() as c:
@@ -444,16 +453,21 @@ class RunStore:
         state: Mapping[str, Any],
         ledger_json: str | None,
         stats: Mapping[str, Any],
+        status: str = "completed",
+        reason: str | None = None,
     ) -> None:
-        """Record a completed round and its checkpoint atomically (model version = round_number)."""
+        """Record a completed (or ``status="rejected"``: counted, not applied) round and its checkpoint
+        atomically (model version = round_number)."""
+        if status not in ("completed", "rejected"):
+            raise StoreError(f"status: must be 'completed' or 'rejected' (got {status!r})")
         now = time.time()
         model_blob = _float_blob(model)
         with self._tx() as c:
             cur = c.execute(
-                "UPDATE rounds SET status='completed', finished_at=?, survivors=?, aggregate=?, aggregate_sha256=?, "
-                "stats_json=? WHERE run_id=? AND round=? AND attempt=? AND status='running'",
-                (now, survivors, _float_blob(aggregate), aggregate_digest, json.dumps(dict(stats), sort_keys=True),
-                 run_id, round_number, attempt),
+                "UPDATE rounds SET status=?, finished_at=?, survivors=?, aggregate=?, aggregate_sha256=?, "
+                "stats_json=?, reason=? WHERE run_id=? AND round=? AND attempt=? AND status='running'",
+                (status, now, survivors, _float_blob(aggregate) if aggregate.size else None, aggregate_digest or None,
+                 json.dumps(dict(stats), sort_keys=True), reason, run_id, round_number, attempt),
             )
             if cur.rowcount != 1:
                 raise StoreError(f"round {round_number} attempt {attempt} of run {run_id} is not running")

@@ -26,6 +26,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,8 +39,10 @@ from fedveil.dp.clipping import AdaptiveClippingConfig
 from fedveil.dp.distributed import DistributedDPConfig, decode_sum, derive_parameters, derive_rotation_seed
 from fedveil.dp.ledger import LedgerConfig, PrivacyLedger, RoundSpend
 from fedveil.dp.sampling import user_level_event
+from fedveil.metrics import DEFAULT_METRICS, EvaluationLayout
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.secagg.encoding import FixedPointEncoder
+from fedveil.server import sanity
 from fedveil.server.config import ServerConfig
 from fedveil.server.optimizers import ServerOptimizer, make_optimizer
 
@@ -70,6 +73,9 @@ class RoundPlan:
     rotation_seed: int = 0
     clip_norm: float = 0.0
     details: dict[str, Any] = field(default_factory=dict)
+    evaluation: EvaluationLayout | None = None
+    """Secure evaluation sums after the update (``dimension`` counts them)."""
+    evaluation_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -79,13 +85,15 @@ class AppliedRound:
     aggregate: np.ndarray
     """The released mean update (after noise, before the server optimizer)."""
     aggregate_digest: str
-    """SHA-256 of the unmasked ring sum (identical for identical inputs)."""
+    """SHA-256 of the released mean update (float32 bytes, after any noise)."""
     params: np.ndarray
     stats: dict[str, Any]
     optimizer: ServerOptimizer
     """The optimizer after this round's step (installed by :meth:`GlobalModel.commit`)."""
     dpfedavg: DPFedAvg | None
     """The DP-FedAvg state after this round (adaptive clipping moves the clip norm)."""
+    evaluation: tuple[dict[str, float], float] | None = None
+    """The cohort's securely summed evaluation: weighted means and total examples."""
 
 
 class GlobalModel:
@@ -126,7 +134,29 @@ class GlobalModel:
                 self.dpfedavg = DPFedAvg.fixed(config.dp_clip, config.dp_noise_multiplier, k)
 
     # -- planning --------------------------------------------------------------------------------
-    def plan(self, round_number: int, cohort_size: int, threshold: int, context: bytes) -> RoundPlan:
+    def plan(self, round_number: int, cohort_size: int, threshold: int, context: bytes, *,
+             evaluation_only: bool = False, metrics: tuple[str, ...] = ()) -> RoundPlan:
+        """The round's encoding and DP parameters; ``metrics`` adds a secure evaluation section
+        (never under user-level DP), and ``evaluation_only`` asks for nothing else."""
+        cfg = self.config
+        if metrics and cfg.user_level_dp:
+            raise ValueError("metrics: secure evaluation sums would be released without user-level noise")
+        if evaluation_only:
+            layout = EvaluationLayout.plan(metrics or DEFAULT_METRICS, cohort_size, cfg.ring_bits)
+            encoding = pb.EncodingParams(ring_bits=cfg.ring_bits, dimension=layout.dimension,
+                                         evaluation=evaluation_encoding(layout))
+            return RoundPlan(round_number, cohort_size, threshold, layout.dimension, cfg.ring_bits, encoding,
+                             pb.DpParams(mode=cfg.dp), evaluation=layout, evaluation_only=True)
+        plan = self._update_plan(round_number, cohort_size, threshold, context)
+        if metrics:
+            layout = EvaluationLayout.plan(metrics, cohort_size, plan.ring_bits)
+            plan.encoding.evaluation.CopyFrom(evaluation_encoding(layout))
+            plan.encoding.dimension = plan.dimension + layout.dimension
+            plan.dimension += layout.dimension
+            plan.evaluation = layout
+        return plan
+
+    def _update_plan(self, round_number: int, cohort_size: int, threshold: int, context: bytes) -> RoundPlan:
         cfg = self.config
         dp = pb.DpParams(mode=cfg.dp)
         if cfg.dp == "distributed":
@@ -163,6 +193,7 @@ class GlobalModel:
                 dp.adaptive_clipping = True
                 extras.append("unclipped")
                 clip_range = max(clip_norm, 1.0)  # the indicator must encode exactly
+            dp.noise_multiplier = cfg.dp_noise_multiplier
         elif cfg.dp == "local":
             dp.local.CopyFrom(
                 pb.LocalDpParams(
@@ -233,16 +264,33 @@ class GlobalModel:
             self.ledger.cancel_round(round_number)
 
     # -- applying ---------------------------------------------------------------------------------
-    def apply(self, plan: RoundPlan, ring_sum: np.ndarray, survivors: int) -> AppliedRound:
+    def apply(self, plan: RoundPlan, ring_sum: np.ndarray, survivors: int,
+              declared_weight: float | None = None) -> AppliedRound:
         """Decode the sum and step a *copy* of the optimizer (and DP state): nothing changes until
-        :meth:`commit`, so a round whose store transaction fails leaves the model as it was."""
+        :meth:`commit`, so a round whose store transaction fails leaves the model as it was.
+
+        The decoded sum is checked against what honest sites can produce (:mod:`fedveil.server.sanity`);
+        outside it, :class:`~fedveil.server.sanity.AggregateRejected` is raised and nothing is applied.
+        ``declared_weight`` is the survivors' total weight as they declared it in the clear.
+        """
         cfg = self.config
+        evaluation = None
+        if plan.evaluation is not None:
+            section = plan.evaluation.dimension
+            evaluation = plan.evaluation.decode(ring_sum[len(ring_sum) - section:], survivors)
+            ring_sum = ring_sum[: len(ring_sum) - section]
+        if plan.evaluation_only:
+            return AppliedRound(np.zeros(0, np.float32), "", self.params, {"survivors": survivors},
+                                self.optimizer, self.dpfedavg, evaluation)
         optimizer = copy.deepcopy(self.optimizer)
         dpfedavg = copy.deepcopy(self.dpfedavg)
-        digest = hashlib.sha256(np.ascontiguousarray(ring_sum).tobytes()).hexdigest()
         stats: dict[str, Any] = {"survivors": survivors}
         if plan.distributed is not None:
-            total = decode_sum(plan.distributed, ring_sum, rotation_seed=plan.rotation_seed)
+            dist = plan.distributed
+            total = decode_sum(dist, ring_sum, rotation_seed=plan.rotation_seed)
+            sanity.check_norm(total, sanity.distributed_bound(survivors, dist.clip_norm, dist.norm_inflation,
+                                                              dist.central_stddev(survivors), dist.padded_dim),
+                              "noised update sum")
             mean = total / float(cfg.clients_per_round)
             stats["noise_stddev_sum"] = plan.distributed.central_stddev(survivors)
         else:
@@ -251,6 +299,11 @@ class GlobalModel:
             if cfg.dp == "central":
                 assert dpfedavg is not None
                 total = enc.decode_sum(ring_sum)
+                slack = survivors / enc.scale
+                sanity.check_norm(total[: self.dim], survivors * dpfedavg.clip_norm * (1 + 1e-9) + math.sqrt(
+                    self.dim) * slack, "update sum")
+                if dpfedavg.adaptive is not None:
+                    sanity.check_count(float(total[self.dim]), survivors, slack=slack)
                 # The OS CSPRNG, never the job seed: the seed is stored with the run, and anyone who
                 # could regenerate the noise could subtract it from the released aggregate.
                 rng = SecureNormalSampler()
@@ -259,19 +312,36 @@ class GlobalModel:
                 mean = np.asarray(result.noised_mean, dtype=np.float64)
                 stats.update(clip_norm=result.clip_norm, next_clip_norm=result.next_clip_norm,
                              noise_stddev_sum=result.noise_stddev)
-                if unclipped is not None:
-                    stats["unclipped_count"] = unclipped
+                if result.noised_unclipped_fraction is not None:
+                    # only the noised fraction: the exact count of unclipped sites is not a released value
+                    stats["unclipped_fraction_noised"] = result.noised_unclipped_fraction
             elif enc.weighted:
-                mean, weight = enc.decode_weighted_mean(ring_sum)
+                slack = survivors / enc.scale
+                total = enc.decode_sum(ring_sum)
+                weight = float(total[-1])
+                sanity.check_weight(weight, declared_weight if declared_weight is not None else weight,
+                                    slack=slack + 1e-9 * weight)
+                if weight <= 0:
+                    raise sanity.AggregateRejected(f"the survivors' total weight is {weight:g}")
+                mean = total[:-1] / weight
+                sanity.check_coordinates(mean[: self.dim], enc.clip, slack=slack / weight + 1e-9)
                 stats["total_weight"] = weight
             else:
                 mean = enc.decode_mean(ring_sum, survivors)
+                sanity.check_coordinates(mean[: self.dim], enc.clip, slack=1.0 / enc.scale + 1e-9)
         mean = np.asarray(mean[: self.dim], dtype=np.float64)
         new_params = np.asarray(optimizer.step(self.params.astype(np.float64), mean), dtype=np.float32)
         if not np.all(np.isfinite(new_params)):
             raise FloatingPointError(f"round {plan.round_number}: the new global model has NaN or infinite values")
         stats["update_norm"] = float(np.linalg.norm(mean))
-        return AppliedRound(mean.astype(np.float32), digest, new_params, stats, optimizer, dpfedavg)
+        released = mean.astype(np.float32)
+        # the digest of what was released (after any noise), never of the un-noised ring sum
+        digest = hashlib.sha256(np.ascontiguousarray(released).tobytes()).hexdigest()
+        return AppliedRound(released, digest, new_params, stats, optimizer, dpfedavg, evaluation)
+
+    def skip(self) -> None:
+        """A rejected round: counted (the version moves on), nothing applied."""
+        self.version += 1
 
     def commit(self, applied: AppliedRound) -> None:
         self.params = applied.params
@@ -280,15 +350,16 @@ class GlobalModel:
         self.version += 1
 
     # -- checkpoints -------------------------------------------------------------------------------
-    def state_dict(self, applied: AppliedRound | None = None) -> dict[str, Any]:
-        """Checkpoint state now, or (with ``applied``) as it will be once that round is committed."""
+    def state_dict(self, applied: AppliedRound | None = None, *, skipping: bool = False) -> dict[str, Any]:
+        """Checkpoint state now, or as it will be once ``applied`` is committed (or the round skipped)."""
         opt = applied.optimizer if applied is not None else self.optimizer
         dp = applied.dpfedavg if applied is not None else self.dpfedavg
         # Long number lists (an adaptive optimizer's moments) become arrays: the store keeps them
         # as raw bytes rather than JSON text.
         optimizer = {k: np.asarray(v, dtype=np.float64) if isinstance(v, list) and len(v) > 64 else v
                      for k, v in opt.state_dict().items()}
-        state: dict[str, Any] = {"version": self.version + (1 if applied is not None else 0), "optimizer": optimizer}
+        state: dict[str, Any] = {"version": self.version + (1 if applied is not None or skipping else 0),
+                                 "optimizer": optimizer}
         if dp is not None and dp.adaptive is not None:
             state["adaptive_clipping"] = dp.adaptive.state_dict()
         return state
@@ -341,3 +412,10 @@ class GlobalModel:
         except (ValueError, ArithmeticError):
             return None
         return ledger
+
+
+def evaluation_encoding(layout: EvaluationLayout) -> pb.EvaluationEncoding:
+    """The wire form of a secure evaluation section's layout."""
+    return pb.EvaluationEncoding(metrics=list(layout.metrics), clip=layout.value_clip,
+                                 fractional_bits=layout.frac_bits, dimension=layout.dimension,
+                                 limb_bits=layout.limb_bits, limbs=layout.limbs, max_examples=layout.max_examples)

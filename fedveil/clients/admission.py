@@ -1,0 +1,205 @@
+"""Whether this site takes part in a round: every server-chosen parameter checked against its policy.
+
+:func:`admit_round` runs on a ``RoundStart`` before the site sends anything for the round. It
+raises :class:`~fedveil.clients.policy.PolicyViolation` naming the field at fault when the round
+contradicts the job the site joined, breaks its policy, or would let a deviating server learn
+more than the sum over enough honest sites:
+
+- the cohort's identities must be vouched for by the consortium authority the site pinned (an
+  invented cohort member has no credential), one slot per site, this site in its own slot;
+- n must reach the site's minimum cohort and t must satisfy 2t > h + c for the colluders c the
+  site assumes among a client's h share holders (:mod:`fedveil.secagg.threshold`);
+- DP mode and noise must meet the site's floor; with distributed DP the site computes the noise
+  share it adds itself (:func:`own_noise_stddev`), whatever the server asks;
+- retries of a round whose unmasking shares the site released, and attempts beyond its cap, are
+  refused (:class:`fedveil.clients.site_state.SiteState`).
+
+What it returns (:class:`Admission`) is what the site needs to take part: the user-level DP event
+it can rely on for each release, its own noise share, and whether it evaluates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+
+from fedveil.clients.policy import PolicyViolation, SitePolicy
+from fedveil.clients.site_state import SiteState
+from fedveil.dp.accounting import DpEvent, RdpCurveEvent, SubsampledGaussianEvent
+from fedveil.dp.distributed import DistributedDPConfig, skellam_rdp
+from fedveil.protocol import fedveil_pb2 as pb
+from fedveil.secagg.errors import SecAggError
+from fedveil.secagg.graph import is_sparse
+from fedveil.secagg.identity import SiteCredential, verify_roster
+from fedveil.secagg.threshold import collusion_bound, threshold_problem
+
+USER_LEVEL_MODES = ("central", "distributed")
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The checked round, as this site will take part in it."""
+
+    holders: int
+    corrupt: int
+    """c: colluders the site assumes among a client's holders."""
+    honest_contributors: int
+    """Fewest honest inputs (this site's included) any released sum can hold: t − c."""
+    guaranteed_event: DpEvent | None
+    """The user-level noise the site can rely on per release (None: none it can check)."""
+    distributed: DistributedDPConfig | None = None
+    """Distributed DP: the round's configuration with this site's own noise share."""
+    evaluate: bool = False
+    """Fill the round's evaluation section with this site's sums (else it contributes zeros)."""
+
+
+def _graph(start: pb.RoundStart) -> tuple[int, int]:
+    """(n, k): cohort size and the Harary degree (0 for the complete graph)."""
+    n = int(start.secagg.cohort_size)
+    k = int(start.secagg.degree) if start.secagg.graph == "harary" else 0
+    return n, k if is_sparse(k, n) else 0
+
+
+def check_job_consistency(start: pb.RoundStart, job: pb.JobInfo, run_id: str) -> None:
+    """The round must belong to the job this site joined and keep its announced settings."""
+    if start.run_id != run_id:
+        raise PolicyViolation("run_id", f"the round is for run {start.run_id!r}; this site joined {run_id!r}")
+    if (start.dp.mode or "none") != (job.dp_mode or "none"):
+        raise PolicyViolation("dp.mode", f"the round asks for DP mode {start.dp.mode!r}; the job was announced "
+                              f"with {job.dp_mode!r}")
+    if bool(start.secagg.active_adversary) != bool(job.active_adversary):
+        raise PolicyViolation("secagg.active_adversary", "the round's adversary mode differs from the job's "
+                              f"(job: {'active' if job.active_adversary else 'passive'})")
+    if (start.secagg.graph or "complete") != (job.secagg_graph or "complete"):
+        raise PolicyViolation("secagg.graph", f"the round uses graph {start.secagg.graph!r}; the job was announced "
+                              f"with {job.secagg_graph!r}")
+
+
+def check_identities(policy: SitePolicy, start: pb.RoundStart, *, own_name: str, own_key: bytes, now: int,
+                     verified: set[bytes] | None = None) -> None:
+    """Active mode: one authority-vouched credential per cohort slot, matching its identity key."""
+    params = start.secagg
+    n = int(params.cohort_size)
+    keys = [bytes(k) for k in params.identity_keys]
+    raw = [bytes(c) for c in params.identity_credentials]
+    if len(keys) != n or len(raw) != n:
+        raise PolicyViolation("secagg.identity_credentials", f"expected one identity key and one credential per "
+                              f"cohort member (n={n}; got {len(keys)} keys, {len(raw)} credentials)")
+    assert policy.authority_public_key is not None
+    try:
+        credentials = [SiteCredential.decode(c) for c in raw]
+        consortium = policy.consortium or (credentials[0].consortium if credentials else "")
+        verify_roster(policy.authority_public_key, credentials, consortium=consortium, now=now,
+                      revocations=policy.revocations, verified=verified)
+    except SecAggError as err:
+        raise PolicyViolation("secagg.identity_credentials", f"the cohort is not vouched for by this site's "
+                              f"authority: {err}") from None
+    for i, (cred, key) in enumerate(zip(credentials, keys, strict=True)):
+        if cred.identity_public_key != key:
+            raise PolicyViolation(f"secagg.identity_keys[{i}]", f"the key of cohort member {i} is not the one its "
+                                  f"credential ({cred.site_name!r}) vouches for")
+    me = credentials[int(start.client_id)]
+    if me.site_name != own_name or me.identity_public_key != own_key:
+        raise PolicyViolation("client_id", f"slot {start.client_id} is not this site's credential "
+                              f"(it names {me.site_name!r})")
+
+
+def check_threshold(policy: SitePolicy, start: pb.RoundStart) -> tuple[int, int]:
+    """t must satisfy 2t > h + c (t > c with a trusted server) for this site's own f; returns (h, c)."""
+    n, k = _graph(start)
+    server_f = float(start.secagg.max_corrupt_fraction)
+    if not policy.trust_server and server_f + 1e-12 < policy.max_corrupt_fraction:
+        raise PolicyViolation("secagg.max_corrupt_fraction", f"the round assumes a colluding fraction of {server_f:g}; "
+                              f"this site assumes {policy.max_corrupt_fraction:g}")
+    c, _failure = collusion_bound(n, k, policy.max_corrupt_fraction, security_bits=policy.security_bits)
+    h = n if k == 0 else k + 1
+    problem = threshold_problem(int(start.secagg.threshold), h, c, active=not policy.trust_server)
+    if problem is not None:
+        raise PolicyViolation("secagg.threshold", f"{problem} (this site assumes f={policy.max_corrupt_fraction:.3g})")
+    return h, c
+
+
+def own_noise_stddev(config: DistributedDPConfig, floor: float, honest: int) -> float:
+    """This site's noise share (integer units): the server's, topped up so that the noise it can rely on
+    — its own share plus the announced share of the other ``honest − 1`` honest contributors — has
+    standard deviation at least ``floor`` × the scaled clip norm."""
+    announced = float(config.local_stddev)
+    target = float(floor) * float(config.scale) * float(config.clip_norm)
+    own_var = max(announced**2, target**2 - (honest - 1) * announced**2)
+    return math.sqrt(own_var)
+
+
+def guaranteed_distributed_event(config: DistributedDPConfig, own_stddev: float, honest: int) -> DpEvent:
+    """One release's user-level RDP event from the noise this site can rely on (no sampling credit)."""
+    if config.mechanism == "skellam":
+        total = own_stddev**2 + (honest - 1) * float(config.local_stddev) ** 2
+        l1, l2 = config.l1_sensitivity, config.l2_sensitivity
+        return RdpCurveEvent.from_function(
+            "distributed_skellam", lambda a: skellam_rdp(a, l1, l2, total),
+            params={"honest_contributors": honest, "own_stddev": own_stddev,
+                    "announced_stddev": float(config.local_stddev)})
+    # discrete Gaussian: counted at the announced share for every honest contributor (own extra ignored)
+    return config.rdp_event(n_contributors=honest)
+
+
+def admit_round(policy: SitePolicy, job: pb.JobInfo, start: pb.RoundStart, *, run_id: str, own_name: str,
+                own_key: bytes, now: int, state: SiteState, verified: set[bytes] | None = None) -> Admission:
+    """Check ``start`` before taking part (see the module docstring); raises :class:`PolicyViolation`."""
+    check_job_consistency(start, job, run_id)
+    refusal = state.admission_refusal(run_id, int(start.round), policy.max_attempts_per_round)
+    if refusal is not None:
+        raise PolicyViolation("round", refusal)
+    mode = start.dp.mode or "none"
+    if mode not in policy.allowed_dp_modes:
+        raise PolicyViolation("dp.mode", f"DP mode {mode!r} is not allowed by this site's policy "
+                              f"(allowed: {', '.join(sorted(policy.allowed_dp_modes))})")
+    n = int(start.secagg.cohort_size)
+    if n < policy.min_cohort:
+        raise PolicyViolation("secagg.cohort_size", f"a cohort of {n} is below this site's minimum of "
+                              f"{policy.min_cohort}")
+    if not 0 <= int(start.client_id) < n:
+        raise PolicyViolation("client_id", f"{start.client_id} is outside the cohort 0..{n - 1}")
+    if not policy.trust_server:
+        if not start.secagg.active_adversary:
+            raise PolicyViolation("secagg.active_adversary", "passive secure aggregation; this site does not "
+                                  "trust the server")
+        check_identities(policy, start, own_name=own_name, own_key=own_key, now=now, verified=verified)
+    h, c = check_threshold(policy, start)
+    honest = max(1, int(start.secagg.threshold) - c)
+    evaluation = start.encoding.evaluation
+    if mode in USER_LEVEL_MODES and (evaluation.dimension or start.purpose == pb.ROUND_PURPOSE_EVALUATE):
+        raise PolicyViolation("encoding.evaluation", "evaluation sums would be released without the round's "
+                              "user-level noise")
+    evaluate = bool(evaluation.dimension) and policy.evaluation == "secure"
+    event: DpEvent | None = None
+    distributed: DistributedDPConfig | None = None
+    floor = policy.min_noise_multiplier
+    if mode == "central":
+        z = float(start.dp.noise_multiplier)
+        if floor > 0 and z < floor:
+            raise PolicyViolation("dp.noise_multiplier", f"z={z:g} is below this site's floor {floor:g}")
+        if policy.trust_server and z > 0:
+            event = SubsampledGaussianEvent(1.0, z)
+    elif mode == "distributed":
+        try:
+            announced = DistributedDPConfig(**json.loads(start.dp.distributed.config_json))
+        except (ValueError, TypeError) as err:
+            raise PolicyViolation("dp.distributed.config_json", str(err)) from None
+        own = own_noise_stddev(announced, floor, honest)
+        if own > announced.local_stddev * 1.0000001:
+            # the ring was sized for k standard deviations of signal + noise + rounding (fedveil.dp.distributed)
+            n_all = announced.n_clients
+            signal = (announced.scale * announced.clip_norm) ** 2 * n_all**2 / announced.padded_dim
+            spread = math.sqrt(signal + own**2 + (n_all - 1) * announced.local_stddev**2 + n_all / 4.0)
+            if 2.0 * announced.k_stddevs * spread > announced.modulus:
+                raise PolicyViolation("dp.distributed", f"this site's noise floor z>={floor:g} needs a noise share "
+                                      f"that the round's {announced.bits}-bit ring cannot hold")
+        try:
+            distributed = dataclasses.replace(announced, local_stddev=own)
+        except ValueError as err:
+            raise PolicyViolation("dp.distributed", str(err)) from None
+        event = guaranteed_distributed_event(announced, own, honest)
+    return Admission(holders=h, corrupt=c, honest_contributors=honest, guaranteed_event=event,
+                     distributed=distributed, evaluate=evaluate)

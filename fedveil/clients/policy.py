@@ -1,0 +1,206 @@
+"""A site's own security policy: what it requires of every round before it sends anything.
+
+The aggregation server is not trusted by default (DESIGN.md, "Security model"): it may deviate
+from the protocol and control a fraction of the sites. Everything a ``RoundStart`` carries — the
+cohort, the identity keys, n, t, the graph, the DP parameters — is therefore checked against what
+the site itself holds: this policy, the consortium authority's public key it pinned, and the
+``JobInfo`` of the job it joined. A round that breaks the policy is declined before anything
+about the site's data leaves it (the one-line reason is logged and sent as the decline).
+
+Secure by default: a site that configures nothing requires active-adversary mode with identities
+vouched for by an authority that is not the server. Trusting the server (Bonawitz et al.'s
+honest-but-curious setting) is an explicit opt-in, ``trust_server=True``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedveil.protocol import fedveil_pb2 as pb
+from fedveil.secagg.identity import RevocationList
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+DP_MODES = ("none", "local", "central", "distributed")
+EVALUATION_RULES = ("secure", "clear", "off")
+DEFAULT_MAX_CORRUPT_FRACTION = 1.0 / 3.0
+DEFAULT_MIN_COHORT = 3
+
+
+class PolicyError(ValueError):
+    """A policy setting is invalid (``field`` names it: a TOML key, flag or argument)."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+        self.detail = message
+
+
+class PolicyViolation(Exception):
+    """A round breaks this site's policy; ``field`` names the RoundStart field at fault."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+        self.detail = message
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    """What this site requires of a round (see the module docstring).
+
+    Attributes:
+        trust_server: opt in to the honest-but-curious server model (passive secure aggregation,
+            identities not checked). Off by default.
+        authority_public_key: the consortium authority's Ed25519 public key (32 bytes), pinned by
+            the site; every cohort member's identity must carry its credential. Required unless
+            ``trust_server``.
+        consortium: the authority's consortium name; credentials of another consortium are refused.
+        revocations: the authority's latest signed revocation list the site holds (optional; a
+            newer one may come from the server, never an older one).
+        min_cohort: fewest cohort members (n) of a round this site takes part in.
+        max_corrupt_fraction: the fraction f of the cohort this site assumes may collude with the
+            server; thresholds must satisfy 2t > h + c for the c it implies
+            (:mod:`fedveil.secagg.threshold`).
+        allowed_dp_modes: the DP modes the site accepts.
+        min_noise_multiplier: the user-level noise the site requires of a released sum, as a
+            multiple of the clip norm, counting only noise it can rely on. With distributed DP the
+            site tops up its own noise share to meet it; central DP needs ``trust_server`` (the site
+            cannot check noise the server adds).
+        max_attempts_per_round: attempts of one round this site joins (each aborted attempt gives
+            the server another look at a fresh layout; retries after unmasking are always declined).
+        evaluation: ``"secure"`` (metrics only as secure sums), ``"clear"`` (per-site metrics,
+            only if the server asks for them too) or ``"off"``.
+        max_evaluations_per_round: evaluations of received models per round number.
+        security_bits: σ for the Harary collusion bound (failure probability 2^-σ).
+    """
+
+    trust_server: bool = False
+    authority_public_key: bytes | None = None
+    consortium: str | None = None
+    revocations: RevocationList | None = None
+    min_cohort: int = DEFAULT_MIN_COHORT
+    max_corrupt_fraction: float = DEFAULT_MAX_CORRUPT_FRACTION
+    allowed_dp_modes: frozenset[str] = field(default_factory=lambda: frozenset(DP_MODES))
+    min_noise_multiplier: float = 0.0
+    max_attempts_per_round: int = 3
+    evaluation: str = "secure"
+    max_evaluations_per_round: int = 1
+    security_bits: float = 40.0
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, message: str) -> None:
+            if not ok:
+                raise PolicyError(name, f"{message} (got {getattr(self, name)!r})")
+
+        need(isinstance(self.trust_server, bool), "trust_server", "must be true or false")
+        key = self.authority_public_key
+        need(key is None or (isinstance(key, bytes) and len(key) == 32), "authority_public_key",
+             "must be the authority's 32-byte Ed25519 public key")
+        need(isinstance(self.min_cohort, int) and not isinstance(self.min_cohort, bool) and self.min_cohort >= 2,
+             "min_cohort", "must be an integer >= 2")
+        need(_is_number(self.max_corrupt_fraction) and 0 <= self.max_corrupt_fraction < 0.5,
+             "max_corrupt_fraction", "must be in [0, 0.5)")
+        modes = self.allowed_dp_modes
+        need(isinstance(modes, frozenset) and bool(modes) and modes <= set(DP_MODES), "allowed_dp_modes",
+             f"must be a non-empty subset of {', '.join(DP_MODES)}")
+        need(_is_number(self.min_noise_multiplier) and 0 <= self.min_noise_multiplier < 1e6, "min_noise_multiplier",
+             "must be a finite number >= 0")
+        need(isinstance(self.max_attempts_per_round, int) and not isinstance(self.max_attempts_per_round, bool)
+             and 1 <= self.max_attempts_per_round <= 100, "max_attempts_per_round", "must be an integer in 1..100")
+        need(self.evaluation in EVALUATION_RULES, "evaluation", f"must be one of {', '.join(EVALUATION_RULES)}")
+        need(isinstance(self.max_evaluations_per_round, int) and not isinstance(self.max_evaluations_per_round, bool)
+             and 0 <= self.max_evaluations_per_round <= 100, "max_evaluations_per_round",
+             "must be an integer in 0..100")
+        need(_is_number(self.security_bits) and 10 <= self.security_bits <= 128, "security_bits",
+             "must be between 10 and 128")
+        if not self.trust_server and self.authority_public_key is None:
+            raise PolicyError("authority_public_key", "a site that does not trust the server must pin the consortium "
+                              "authority's public key (fedveil authority init; --authority), or opt in to "
+                              "trusting the server (--trust-server)")
+        if self.min_noise_multiplier > 0 and not self.trust_server and "central" in modes:
+            # central noise is added by the server: a floor the site cannot check is no floor
+            object.__setattr__(self, "allowed_dp_modes", frozenset(modes - {"central"}))
+        if self.revocations is not None and self.consortium is not None \
+                and self.revocations.consortium != self.consortium:
+            raise PolicyError("revocations", f"the revocation list is for consortium {self.revocations.consortium!r}, "
+                              f"not {self.consortium!r}")
+
+    # -- building ----------------------------------------------------------------------------
+    @classmethod
+    def from_toml(cls, path: Path) -> dict[str, Any]:
+        """The ``[policy]`` table of a TOML file (or its top level), to merge with flags and build."""
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as err:
+            raise PolicyError("policy", f"cannot read {path.name!r}: {err.strerror}") from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise PolicyError("policy", f"{path.name!r} is not valid TOML ({err})") from None
+        table = data.get("policy", data)
+        if not isinstance(table, dict):
+            raise PolicyError("policy", f"{path.name!r}: [policy] must be a table")
+        return dict(table)
+
+    def with_authority(self, **changes: Any) -> SitePolicy:
+        return dataclasses.replace(self, **changes)
+
+    def describe(self) -> str:
+        """One line for logs: the settings that matter for a round."""
+        if self.trust_server:
+            trust = "trusting the server (passive)"
+        else:
+            trust = f"malicious-server defaults (authority pinned, f={self.max_corrupt_fraction:.3g})"
+        return (f"{trust}; min cohort {self.min_cohort}; DP modes {','.join(sorted(self.allowed_dp_modes))}; "
+                f"noise floor z>={self.min_noise_multiplier:g}; <= {self.max_attempts_per_round} attempts/round; "
+                f"evaluation {self.evaluation}")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_job(policy: SitePolicy, job: pb.JobInfo) -> None:
+    """At Join: refuse a job this site could never take part in (raises :class:`PolicyViolation`)."""
+    if not policy.trust_server and not job.active_adversary:
+        raise PolicyViolation("job.active_adversary", "the job runs passive secure aggregation; this site does not "
+                              "trust the server (opt in with --trust-server / trust_server=True)")
+    if job.dp_mode and job.dp_mode not in policy.allowed_dp_modes:
+        raise PolicyViolation("job.dp_mode", f"the job uses DP mode {job.dp_mode!r}; this site allows "
+                              f"{', '.join(sorted(policy.allowed_dp_modes))}")
+    if not policy.trust_server and policy.consortium and job.consortium and job.consortium != policy.consortium:
+        raise PolicyViolation("job.consortium", f"the job runs in consortium {job.consortium!r}; this site's "
+                              f"authority is for {policy.consortium!r}")
+
+
+def build_policy(settings: Mapping[str, Any] | None = None, *, authority: tuple[str, bytes] | None = None,
+                 revocations: RevocationList | None = None, **overrides: Any) -> SitePolicy:
+    """A policy from a settings table (e.g. :meth:`SitePolicy.from_toml`), flags that override it
+    (``None`` values are ignored), and the authority the site pinned (consortium, public key)."""
+    merged: dict[str, Any] = dict(settings or {})
+    merged.update({k: v for k, v in overrides.items() if v is not None})
+    extra: dict[str, Any] = {}
+    if authority is not None:
+        extra.update(consortium=authority[0], authority_public_key=authority[1])
+    if revocations is not None:
+        extra["revocations"] = revocations
+    known = {f.name for f in dataclasses.fields(SitePolicy)}
+    unknown = sorted(set(merged) - known)
+    if unknown:
+        raise PolicyError(unknown[0], f"unknown policy setting (known: {', '.join(sorted(known))})")
+    if "allowed_dp_modes" in merged:
+        modes = merged["allowed_dp_modes"]
+        if isinstance(modes, str) or not isinstance(modes, Iterable):
+            raise PolicyError("allowed_dp_modes", f"must be a list of DP modes (got {modes!r})")
+        merged["allowed_dp_modes"] = frozenset(str(m) for m in modes)
+    return SitePolicy(**{**merged, **extra})

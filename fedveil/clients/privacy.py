@@ -1,0 +1,78 @@
+"""A site's privacy as the site itself can vouch for it (``federation.privacy``).
+
+Two levels, as in :mod:`fedveil.dp.ledger`: **sample level** — what the site's own DP-SGD
+(Opacus) spent on any one of its records, from its own accountant; **user level** — what the
+released sums it took part in reveal about its whole update, from the noise it can rely on
+(:mod:`fedveil.clients.site_state`). Nothing here is the server's claim. Before the first round
+both are 0; a release with no noise the site can rely on makes the user-level ε infinite, and the
+report says which releases those were and why.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from fedveil.clients.site_state import SITE_PARTY, SiteState
+from fedveil.protocol import fedveil_pb2 as pb
+
+
+@dataclass(frozen=True)
+class SitePrivacy:
+    """A snapshot of this site's privacy; ``epsilon`` is the headline figure (see :attr:`epsilon`)."""
+
+    sample_epsilon: float
+    """ε of the site's DP-SGD on one record (0 without local DP)."""
+    sample_delta: float
+    user_epsilon: float
+    """ε of the released sums on the site's whole update, as the site can guarantee it (∞ if unprotected)."""
+    user_delta: float
+    releases: int
+    unprotected: tuple[str, ...]
+    """One line per release without user-level noise the site can rely on."""
+    local_dp: bool
+    trust_server: bool
+
+    @classmethod
+    def of(cls, state: SiteState, local: pb.LocalPrivacySpend | None, trust_server: bool) -> SitePrivacy:
+        """From the site's state; ``local`` is its live DP-SGD accountant's spend when it has one (the
+        state's own ledger of its DP-SGD steps otherwise, e.g. when read from the state file)."""
+        unprotected = tuple(f"round {r.round} attempt {r.attempt} ({r.dp_mode}): {r.note}"
+                            for r in state.unprotected_releases)
+        local_dp = local is not None or SITE_PARTY in state.ledger.clients
+        return cls(
+            sample_epsilon=float(local.epsilon) if local is not None else state.sample_epsilon(),
+            sample_delta=float(local.delta) if local is not None else state.delta,
+            user_epsilon=state.user_epsilon(),
+            user_delta=state.delta,
+            releases=len(state.releases),
+            unprotected=unprotected,
+            local_dp=local_dp,
+            trust_server=trust_server,
+        )
+
+    @property
+    def epsilon(self) -> float:
+        """The ε an Opacus user expects to print: sample level under local DP, else user level."""
+        return self.sample_epsilon if self.local_dp else self.user_epsilon
+
+    @property
+    def delta(self) -> float:
+        return self.sample_delta if self.local_dp else self.user_delta
+
+    def report(self) -> str:
+        """A few lines for a privacy officer."""
+        def fmt(eps: float) -> str:
+            return "∞" if math.isinf(eps) else f"{eps:.4g}"
+
+        lines = [f"site privacy (own accounting; the server's claims are not used; "
+                 f"{'trusting' if self.trust_server else 'not trusting'} the server)",
+                 f"  sample level (DP-SGD on one record): ε = {fmt(self.sample_epsilon)} at δ = {self.sample_delta:g}"
+                 + ("" if self.local_dp else " (no local DP)"),
+                 f"  user level (the site's whole update), {self.releases} release(s): ε = {fmt(self.user_epsilon)} "
+                 f"at δ = {self.user_delta:g}"]
+        for line in self.unprotected[:10]:
+            lines.append(f"    unprotected: {line}")
+        if len(self.unprotected) > 10:
+            lines.append(f"    … and {len(self.unprotected) - 10} more unprotected release(s)")
+        return "\n".join(lines)

@@ -1,0 +1,197 @@
+"""What a site remembers of a job, in its own hands: attempts joined, releases, its own privacy ledger.
+
+The server's claims never enter here. Three things a deviating server could exploit are
+bounded by this record:
+
+- **retry differencing** — once the site has sent its unmasking shares for one attempt of
+  round r, the server could have the sum; a site that sent a second masked input for round r
+  would let ``sum(attempt 1) − sum(attempt 2)`` isolate inputs, so every later attempt of round
+  r (or of an earlier round) is declined;
+- **layout grinding** — each attempt shows the server another random graph layout, so the
+  attempts a site joins per round are capped by its policy;
+- **unaccounted releases** — every attempt in which the site sent a masked input counts as a
+  release in the site's own ledger, whatever the server says happened next.
+
+The site's ledger (a :class:`fedveil.dp.ledger.PrivacyLedger`, party ``"federation"`` for the
+user level as the site can guarantee it) records, per release, the noise the site can rely on:
+its own noise share and what the other honest contributors must add at least (distributed DP),
+the server's announced noise only if the site trusts the server (central DP), and nothing at all
+otherwise — such releases are listed as unprotected and make the user-level ε infinite. No
+sampling amplification is claimed: the site cannot check how cohorts are drawn.
+
+Persistence: an optional JSON file (no secrets in it), written atomically after each change, so a
+restarted client keeps refusing retries of rounds it already released.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedveil.dp.accounting import DpEvent
+from fedveil.dp.ledger import FEDERATION, LedgerConfig, LedgerFormatError, PrivacyLedger
+
+STATE_FORMAT = "fedveil.site_state"
+SITE_PARTY = "this-site"
+"""The ledger party of the site's own DP-SGD (sample level); ``"federation"`` holds its user level."""
+STATE_VERSION = 1
+
+
+class SiteStateError(ValueError):
+    """The site state file cannot be read or written; the message names the path."""
+
+
+@dataclass
+class RoundRecord:
+    """One round number of one run, as this site took part in it."""
+
+    attempts: int = 0
+    evaluations: int = 0
+    released: bool = False
+    """The site sent its unmasking shares for an attempt of this round."""
+
+
+@dataclass(frozen=True)
+class Release:
+    """One attempt in which the site's masked input left it."""
+
+    run_id: str
+    round: int
+    attempt: int
+    dp_mode: str
+    protected: bool
+    """False when the site can rely on no user-level noise for this release."""
+    note: str = ""
+
+
+@dataclass
+class SiteState:
+    """Attempts, releases and the site's own user-level ledger for the runs it joined."""
+
+    path: Path | None = None
+    delta: float = 1e-5
+    rounds: dict[str, dict[int, RoundRecord]] = field(default_factory=dict)
+    releases: list[Release] = field(default_factory=list)
+    ledger: PrivacyLedger = field(default_factory=lambda: PrivacyLedger(LedgerConfig(accountant="rdp")))
+
+    # -- loading and saving -------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: Path | None, *, delta: float = 1e-5) -> SiteState:
+        """The state at ``path`` (created on first save), or an in-memory state for ``None``."""
+        state = cls(path=path, delta=delta)
+        state.ledger = PrivacyLedger(LedgerConfig(accountant="rdp", federation_delta=delta, client_delta=delta))
+        if path is None or not path.exists():
+            return state
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise SiteStateError(f"site state {str(path)!r} cannot be read ({err})") from None
+        try:
+            state._load(data)
+        except (KeyError, TypeError, ValueError, LedgerFormatError) as err:
+            raise SiteStateError(f"site state {str(path)!r} is malformed ({err})") from None
+        return state
+
+    def _load(self, data: Any) -> None:
+        if not isinstance(data, dict) or data.get("format") != STATE_FORMAT or data.get("version") != STATE_VERSION:
+            raise ValueError(f"not a {STATE_FORMAT} v{STATE_VERSION} document")
+        for run_id, rounds in data["rounds"].items():
+            self.rounds[str(run_id)] = {int(r): RoundRecord(int(v["attempts"]), int(v["evaluations"]),
+                                                            bool(v["released"])) for r, v in rounds.items()}
+        self.releases = [Release(str(r["run_id"]), int(r["round"]), int(r["attempt"]), str(r["dp_mode"]),
+                                 bool(r["protected"]), str(r.get("note", ""))) for r in data["releases"]]
+        self.ledger = PrivacyLedger.from_json(json.dumps(data["ledger"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": STATE_FORMAT, "version": STATE_VERSION,
+            "rounds": {run: {str(r): {"attempts": v.attempts, "evaluations": v.evaluations, "released": v.released}
+                             for r, v in rounds.items()} for run, rounds in self.rounds.items()},
+            "releases": [r.__dict__ for r in self.releases],
+            "ledger": self.ledger.to_dict(),
+        }
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        text = json.dumps(self.to_dict(), indent=1, sort_keys=True)
+        directory = self.path.parent
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".site-state-", dir=directory)
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                out.write(text)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, self.path)
+        except OSError as err:
+            raise SiteStateError(f"site state {str(self.path)!r} cannot be written ({err.strerror})") from None
+
+    # -- the rules ------------------------------------------------------------------------------
+    def record(self, run_id: str, round_number: int) -> RoundRecord:
+        return self.rounds.setdefault(run_id, {}).setdefault(round_number, RoundRecord())
+
+    def last_released_round(self, run_id: str) -> int:
+        released = [r for r, rec in self.rounds.get(run_id, {}).items() if rec.released]
+        return max(released, default=0)
+
+    def admission_refusal(self, run_id: str, round_number: int, max_attempts: int) -> str | None:
+        """Why this site must decline an attempt of ``round_number``, or ``None``."""
+        last = self.last_released_round(run_id)
+        if round_number <= last:
+            return (f"round {round_number}: this site already released its unmasking shares for round {last}; "
+                    "another masked input for it could be differenced against the first")
+        rec = self.rounds.get(run_id, {}).get(round_number)
+        if rec is not None and rec.attempts >= max_attempts:
+            return (f"round {round_number}: this site already joined {rec.attempts} attempt(s) of it, its policy's "
+                    f"maximum (max_attempts_per_round={max_attempts})")
+        return None
+
+    def joined(self, run_id: str, round_number: int) -> None:
+        self.record(run_id, round_number).attempts += 1
+        self.save()
+
+    def evaluated(self, run_id: str, round_number: int, limit: int) -> bool:
+        """Count an evaluation of a received model; False (and nothing counted) over ``limit``."""
+        rec = self.record(run_id, round_number)
+        if rec.evaluations >= limit:
+            return False
+        rec.evaluations += 1
+        self.save()
+        return True
+
+    def released(self, run_id: str, round_number: int) -> None:
+        """The site sent its unmasking shares for an attempt of ``round_number``."""
+        self.record(run_id, round_number).released = True
+        self.save()
+
+    def sent_masked_input(self, release: Release, event: DpEvent | None, details: dict[str, Any]) -> None:
+        """Record a release; ``event`` is the user-level noise the site can rely on (None: unprotected)."""
+        self.releases.append(release)
+        if event is not None:
+            self.ledger.record(release.round, federation=event, mechanism=f"{release.dp_mode} (site view)",
+                               details={"run_id": release.run_id, "attempt": release.attempt, **details})
+        self.save()
+
+    def trained_with_local_dp(self, run_id: str, round_number: int, event: DpEvent) -> None:
+        """The site's DP-SGD steps of one round (sample level), from its own accountant's event."""
+        self.ledger.record(round_number, clients={SITE_PARTY: event}, client_mechanism="dp-sgd")
+        self.save()
+
+    # -- reading --------------------------------------------------------------------------------
+    @property
+    def unprotected_releases(self) -> list[Release]:
+        return [r for r in self.releases if not r.protected]
+
+    def sample_epsilon(self) -> float:
+        return self.ledger.epsilon(SITE_PARTY)
+
+    def user_epsilon(self) -> float:
+        """User-level ε as this site can guarantee it: ∞ once any release had no noise it can rely on."""
+        if self.unprotected_releases:
+            return math.inf
+        return self.ledger.epsilon(FEDERATION)

@@ -1,0 +1,159 @@
+"""A site's own policy, its state and its privacy ledger (fedveil.clients.policy / site_state / admission)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedveil.cli import main
+from fedveil.clients.admission import guaranteed_distributed_event, own_noise_stddev
+from fedveil.clients.policy import PolicyError, SitePolicy, build_policy
+from fedveil.clients.privacy import SitePrivacy
+from fedveil.clients.site_state import Release, SiteState, SiteStateError
+from fedveil.dp.accounting import RDPAccountant, SubsampledGaussianEvent
+from fedveil.dp.distributed import derive_parameters
+
+KEY = bytes(range(32))
+
+
+def test_a_site_that_configures_nothing_must_pin_an_authority_or_opt_in_to_trusting_the_server() -> None:
+    with pytest.raises(PolicyError, match="authority_public_key"):
+        SitePolicy()
+    assert SitePolicy(trust_server=True).trust_server
+    assert not SitePolicy(authority_public_key=KEY).trust_server
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("min_cohort", 1), ("min_cohort", True), ("max_corrupt_fraction", 0.5), ("max_corrupt_fraction", math.nan),
+    ("allowed_dp_modes", frozenset({"laplace"})), ("allowed_dp_modes", frozenset()),
+    ("min_noise_multiplier", -1.0), ("min_noise_multiplier", math.inf), ("max_attempts_per_round", 0),
+    ("evaluation", "public"), ("max_evaluations_per_round", -1), ("security_bits", 2),
+    ("authority_public_key", b"short"),
+])
+def test_bad_settings_are_refused_naming_the_setting(field: str, value: object) -> None:
+    with pytest.raises(PolicyError) as err:
+        SitePolicy(**{"authority_public_key": KEY, field: value})  # type: ignore[arg-type]
+    assert err.value.field == field
+
+
+def test_a_noise_floor_without_trust_in_the_server_rules_out_central_dp() -> None:
+    policy = SitePolicy(authority_public_key=KEY, min_noise_multiplier=1.0)
+    assert "central" not in policy.allowed_dp_modes
+    assert "central" in SitePolicy(trust_server=True, min_noise_multiplier=1.0).allowed_dp_modes
+
+
+def test_toml_and_flags_build_one_policy_flags_winning(tmp_path: Path) -> None:
+    path = tmp_path / "site.toml"
+    path.write_text('[policy]\nmin_cohort = 7\nallowed_dp_modes = ["local", "distributed"]\nevaluation = "off"\n')
+    policy = build_policy(SitePolicy.from_toml(path), authority=("c", KEY), min_cohort=9, evaluation=None)
+    assert policy.min_cohort == 9 and policy.evaluation == "off"
+    assert policy.allowed_dp_modes == frozenset({"local", "distributed"}) and policy.consortium == "c"
+    path.write_text('[policy]\nmin_cohrt = 7\n')
+    with pytest.raises(PolicyError, match="min_cohrt"):
+        build_policy(SitePolicy.from_toml(path), authority=("c", KEY))
+    path.write_text("[policy\n")
+    with pytest.raises(PolicyError, match="not valid TOML"):
+        SitePolicy.from_toml(path)
+
+
+def test_the_client_command_names_the_flag_or_toml_key_at_fault(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                                 ) -> None:
+    data = tmp_path / "d.csv"
+    data.write_text("x\n")
+    base = ["client", "--server", "127.0.0.1:1", "--task", "fedveil.tasks.synthetic", "--data", str(data),
+            "--insecure", "--trust-server"]
+    assert main([*base, "--min-cohort", "1"]) == 2
+    assert "error: --min-cohort:" in capsys.readouterr().err
+    bad = tmp_path / "p.toml"
+    bad.write_text("[policy]\nmax_attempts_per_round = 0\n")
+    assert main([*base, "--policy", str(bad)]) == 2
+    assert "error: --policy (max_attempts_per_round):" in capsys.readouterr().err
+    assert main(["client", "--server", "127.0.0.1:1", "--task", "fedveil.tasks.synthetic", "--data", str(data),
+                 "--insecure"]) == 2
+    assert "error: --authority:" in capsys.readouterr().err
+
+
+@given(st.floats(0.0, 5.0), st.integers(1, 30), st.sampled_from([0.5, 1.0, 2.0]))
+@settings(max_examples=60, deadline=None)
+def test_a_sites_noise_share_meets_its_floor_with_only_the_honest_shares_it_can_rely_on(
+    floor: float, honest: int, announced_z: float
+) -> None:
+    config = derive_parameters(10, 64, 1.0, bits=24, noise_multiplier=announced_z)
+    own = own_noise_stddev(config, floor, honest)
+    assert own >= config.local_stddev * (1 - 1e-12)  # never below what the round announced
+    guaranteed = own**2 + (honest - 1) * config.local_stddev**2
+    target = (floor * config.scale * config.clip_norm) ** 2
+    assert guaranteed >= target * (1 - 1e-9)
+
+
+def test_the_site_ledger_counts_only_the_noise_the_site_can_rely_on() -> None:
+    announced = derive_parameters(10, 64, 1.0, bits=24, noise_multiplier=1.0)
+    # the server claims 10 contributors; the site can rely on its own share and 2 other honest ones
+    claim = announced.epsilon(1e-5)
+    relied = guaranteed_distributed_event(announced, announced.local_stddev, 3)
+    acc = RDPAccountant()
+    acc.compose(relied)
+    assert acc.get_epsilon(1e-5) > claim  # fewer honest shares, more ε than the server's figure
+    topped = guaranteed_distributed_event(announced, own_noise_stddev(announced, 1.0, 3), 3)
+    acc2 = RDPAccountant()
+    acc2.compose(topped)
+    assert acc2.get_epsilon(1e-5) < acc.get_epsilon(1e-5)  # the floor's top-up restores the noise
+
+
+def test_site_state_refuses_retries_after_release_and_caps_attempts_across_restarts(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    state = SiteState.open(path)
+    assert state.admission_refusal("run", 1, 2) is None
+    state.joined("run", 1)
+    state.joined("run", 1)
+    assert "maximum" in (state.admission_refusal("run", 1, 2) or "")
+    state.released("run", 1)
+    reopened = SiteState.open(path)  # a restarted client remembers
+    assert "already released" in (reopened.admission_refusal("run", 1, 5) or "")
+    assert "already released" in (reopened.admission_refusal("run", 0, 5) or "")  # an earlier round too
+    assert reopened.admission_refusal("run", 2, 5) is None
+    assert reopened.admission_refusal("other-run", 1, 5) is None
+
+
+def test_releases_without_noise_the_site_can_rely_on_make_its_user_level_epsilon_infinite(tmp_path: Path) -> None:
+    state = SiteState.open(tmp_path / "s.json")
+    assert state.user_epsilon() == 0.0 and SitePrivacy.of(state, None, False).epsilon == 0.0
+    state.sent_masked_input(Release("run", 1, 1, "central", True), SubsampledGaussianEvent(1.0, 1.0), {})
+    eps = state.user_epsilon()
+    assert 0 < eps < math.inf
+    state.sent_masked_input(Release("run", 2, 1, "none", False, "no DP"), None, {})
+    assert state.user_epsilon() == math.inf
+    report = SitePrivacy.of(SiteState.open(tmp_path / "s.json"), None, False).report()
+    assert "∞" in report and "round 2 attempt 1 (none): no DP" in report
+
+
+def test_budget_report_reads_a_site_state_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "site.json"
+    state = SiteState.open(path)
+    state.sent_masked_input(Release("run", 1, 1, "central", True), SubsampledGaussianEvent(1.0, 2.0), {})
+    assert main(["budget", "report", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "as recorded by the site" in out and "user level" in out
+    path.write_text(json.dumps({"format": "fedveil.site_state", "version": 99}))
+    assert main(["budget", "report", str(path)]) == 2
+    assert "error: LEDGER:" in capsys.readouterr().err
+
+
+def test_a_corrupt_state_file_is_an_error_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "s.json"
+    path.write_text("{not json")
+    with pytest.raises(SiteStateError, match=r"s\.json"):
+        SiteState.open(path)
+
+
+def test_a_site_evaluates_received_models_a_bounded_number_of_times_per_round(tmp_path: Path) -> None:
+    state = SiteState.open(tmp_path / "s.json")
+    assert state.evaluated("run", 3, 1) is True
+    assert state.evaluated("run", 3, 1) is False  # a second attempt of round 3: no second evaluation
+    assert state.evaluated("run", 4, 1) is True
+    assert SiteState.open(tmp_path / "s.json").evaluated("run", 3, 1) is False  # remembered across restarts
