@@ -32,7 +32,7 @@ from fedveil.dp.distributed import DistributedDPConfig, skellam_rdp
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.secagg.errors import SecAggError
 from fedveil.secagg.graph import is_sparse
-from fedveil.secagg.identity import SiteCredential, verify_roster
+from fedveil.secagg.identity import decode_credential, verify_roster
 from fedveil.secagg.threshold import collusion_bound, threshold_problem
 
 USER_LEVEL_MODES = ("central", "distributed")
@@ -89,7 +89,7 @@ def check_identities(policy: SitePolicy, start: pb.RoundStart, *, own_name: str,
                               f"cohort member (n={n}; got {len(keys)} keys, {len(raw)} credentials)")
     assert policy.authority_public_key is not None
     try:
-        credentials = [SiteCredential.decode(c) for c in raw]
+        credentials = [decode_credential(c) for c in raw]
         consortium = policy.consortium or (credentials[0].consortium if credentials else "")
         verify_roster(policy.authority_public_key, credentials, consortium=consortium, now=now,
                       revocations=policy.revocations, verified=verified)

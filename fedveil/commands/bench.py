@@ -126,7 +126,7 @@ def _identities_and_admission(clients: int, plan: Any,
     credential's signature checked) and warm (a later round: signatures already checked, validity
     and revocation checked again)."""
     from fedveil.secagg import beacon
-    from fedveil.secagg.identity import SiteCredential, verify_roster
+    from fedveil.secagg.identity import decode_credential, verify_roster
     from fedveil.secagg.local_authority import LocalAuthority
     from fedveil.secagg.threshold import collusion_bound, threshold_problem
 
@@ -141,7 +141,7 @@ def _identities_and_admission(clients: int, plan: Any,
 
     def admit(c: int) -> float:
         start = time.perf_counter()
-        credentials = [SiteCredential.decode(raw) for raw in roster]
+        credentials = [decode_credential(raw) for raw in roster]
         verify_roster(authority.public_key, credentials, consortium=authority.consortium, now=now,
                       revocations=None, verified=caches[c])
         corrupt, _ = collusion_bound(clients, plan.degree, fraction)

@@ -26,6 +26,7 @@ never valid for another, nor for another format version::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import os
@@ -194,6 +195,13 @@ class SiteCredential(_Signed):
         signature = r.take("signature", SIGNATURE_BYTES)
         r.done()
         return cls(consortium, site_name, key, serial, not_before, not_after, signature)
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def decode_credential(data: bytes) -> SiteCredential:
+    """:meth:`SiteCredential.decode`, memoised: a site decodes the same roster every round, and a
+    credential is immutable, so a repeated roster costs a lookup instead of a parse."""
+    return SiteCredential.decode(data)
 
 
 @dataclass(frozen=True)

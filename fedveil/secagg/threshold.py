@@ -49,6 +49,7 @@ Pure functions of their arguments (no I/O, no global state); ``math`` only.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 from typing import Any
@@ -128,6 +129,7 @@ def corrupt_clients(num_clients: int, max_corrupt_fraction: float) -> int:
     return math.floor(max_corrupt_fraction * num_clients + 1e-9)
 
 
+@functools.lru_cache(maxsize=1 << 10)
 def collusion_bound(num_clients: int, degree: int, max_corrupt_fraction: float, *,
                     security_bits: float = DEFAULT_SECURITY_BITS, cohort: int = 0) -> tuple[int, float]:
     """``(c, log2_failure)``: a bound c on the colluders among one honest client's holders.
