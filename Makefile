@@ -33,6 +33,7 @@ browser:
 
 lint: $(STAMP)
 	$(BIN)/ruff check fedveil tests $(wildcard benchmarks)
+	$(BIN)/lint-imports
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedveil.errors import FedveilError
+
 DEFAULT_METRICS = ("loss", "accuracy")
 DEFAULT_MAX_EXAMPLES = 1 << 24
 """A site's examples count as at most this many in the cohort's mean."""
@@ -30,7 +32,7 @@ TOTAL_BITS = 80
 MAX_METRICS = 32
 
 
-class EvaluationLayoutError(ValueError):
+class EvaluationLayoutError(FedveilError, ValueError):
     """The evaluation section's layout is unusable; the message names the field."""
 
 

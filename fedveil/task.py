@@ -24,14 +24,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedveil.errors import FedveilError
+
 ColumnType = Literal["float", "int", "binary"]
 
 
-class SchemaError(ValueError):
+class SchemaError(FedveilError, ValueError):
     """A data file does not match the task's schema. The message names the column or row at fault."""
 
 
-class TaskLoadError(ValueError):
+class TaskLoadError(FedveilError, ValueError):
     """A ``--task`` reference cannot be resolved to a :class:`Task`."""
 
 

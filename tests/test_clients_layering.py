@@ -15,7 +15,7 @@ import fedveil.clients
 
 CLIENTS_DIR = Path(fedveil.clients.__file__).parent
 ALLOWED = ("fedveil.clients", "fedveil.secagg", "fedveil.dp", "fedveil.protocol", "fedveil.task", "fedveil.tasks",
-           "fedveil.metrics")
+           "fedveil.metrics", "fedveil.errors")
 
 
 def module_name(path: Path) -> str:

@@ -15,10 +15,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from fedveil.errors import FedveilError
+
 R = TypeVar("R")
 
 
-class GaveUp(ConnectionError):
+class GaveUp(FedveilError, ConnectionError):
     """The server stayed unreachable for longer than the backoff policy allows."""
 
     def __init__(self, attempts: int, elapsed_s: float, last_error: BaseException | None) -> None:

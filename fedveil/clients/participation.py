@@ -22,6 +22,7 @@ from fedveil.clients.policy import PolicyViolation
 from fedveil.clients.secagg_driver import SecAggClientDriver, UnsupportedRoundError
 from fedveil.clients.site_state import Release
 from fedveil.clients.update import AttemptRandomness, PreparedUpdate, attempt_randomness, prepare_update
+from fedveil.errors import FedveilError
 from fedveil.metrics import EvaluationLayout
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.secagg import beacon
@@ -39,7 +40,7 @@ OUTCOME_NAMES = {
 }
 
 
-class RoundLost(Exception):
+class RoundLost(FedveilError):
     """This client is no longer part of the current round (a stage closed, or it re-joined)."""
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedveil.errors import FedveilError
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.secagg.identity import RevocationList
 
@@ -36,8 +37,10 @@ DEFAULT_MAX_CORRUPT_FRACTION = 1.0 / 3.0
 DEFAULT_MIN_COHORT = 3
 
 
-class PolicyError(ValueError):
+class PolicyError(FedveilError, ValueError):
     """A policy setting is invalid (``field`` names it: a TOML key, flag or argument)."""
+
+    field: str
 
     def __init__(self, field_name: str, message: str) -> None:
         super().__init__(f"{field_name}: {message}")
@@ -45,8 +48,10 @@ class PolicyError(ValueError):
         self.detail = message
 
 
-class PolicyViolation(Exception):
+class PolicyViolation(FedveilError):
     """A round breaks this site's policy; ``field`` names the RoundStart field at fault."""
+
+    field: str
 
     def __init__(self, field_name: str, message: str) -> None:
         super().__init__(f"{field_name}: {message}")

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from fedveil.errors import FedveilError
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.protocol.codec import encode_ring_vector
 from fedveil.secagg.client import SecAggClient
@@ -31,7 +32,7 @@ from fedveil.secagg.messages import (
 )
 
 
-class UnsupportedRoundError(ValueError):
+class UnsupportedRoundError(FedveilError, ValueError):
     """The round asks for something this client does not support; the message names it."""
 
 

@@ -55,6 +55,7 @@ from fedveil.clients.update import (
     model_delta,
     seed_int,
 )
+from fedveil.errors import FedveilError
 from fedveil.protocol import PROTOCOL_VERSION
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.protocol.codec import model_vector
@@ -77,7 +78,7 @@ log = logging.getLogger("fedveil.client")
 EvaluateFn = Callable[[nn.Module], dict[str, float]]
 
 
-class ClientError(RuntimeError):
+class ClientError(FedveilError, RuntimeError):
     """The client cannot continue (refused credentials, incompatible job, bad local set-up)."""
 
 

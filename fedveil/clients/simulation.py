@@ -45,6 +45,7 @@ from fedveil.clients.backoff import BackoffPolicy
 from fedveil.clients.policy import DEFAULT_MAX_CORRUPT_FRACTION, DEFAULT_MIN_COHORT, SitePolicy
 from fedveil.clients.processes import ManagedProcess, ProcessGroup, fedveil_argv, wait_for_port
 from fedveil.clients.session import ClientOptions, Federation, RoundOutcome
+from fedveil.errors import FedveilError
 from fedveil.protocol.transport import FederationService, InProcessTransport
 from fedveil.secagg.local_authority import LocalAuthority
 from fedveil.task import Task, load_task
@@ -115,7 +116,7 @@ class SimulationHost(Protocol):
     def read_rounds(self, store_path: Path, run_id: str) -> Sequence[RoundRecord]: ...
 
 
-class SimulationError(RuntimeError):
+class SimulationError(FedveilError, RuntimeError):
     """The simulation could not run to completion; the message says which party failed and why."""
 
 

@@ -35,6 +35,7 @@ from typing import Any
 
 from fedveil.dp.accounting import DpEvent
 from fedveil.dp.ledger import FEDERATION, LedgerConfig, LedgerFormatError, PrivacyLedger
+from fedveil.errors import FedveilError
 
 STATE_FORMAT = "fedveil.site_state"
 SITE_PARTY = "this-site"
@@ -42,7 +43,7 @@ SITE_PARTY = "this-site"
 STATE_VERSION = 1
 
 
-class SiteStateError(ValueError):
+class SiteStateError(FedveilError, ValueError):
     """The site state file cannot be read or written; the message names the path."""
 
 

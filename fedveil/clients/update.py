@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedveil.dp.clipping import clip_update
+from fedveil.errors import FedveilError
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.secagg.encoding import FixedPointEncoder
 
@@ -35,7 +36,7 @@ KNOWN_EXTRA_COORDINATES = ("weight", "unclipped")
 """``weight`` is appended by the secagg encoder itself (``EncodingParams.weighted``); the client appends the others."""
 
 
-class RoundConfigError(ValueError):
+class RoundConfigError(FedveilError, ValueError):
     """The server's round parameters cannot be honoured by this client; the message names the field."""
 
 

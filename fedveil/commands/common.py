@@ -15,13 +15,15 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
+from fedveil.errors import FedveilError
+
 if TYPE_CHECKING:
     from fedveil.server.dashboard_auth import LoginToken
 
 USAGE_EXIT_CODE = 2
 
 
-class CliUsageError(click.UsageError):
+class CliUsageError(FedveilError, click.UsageError):
     """A bad argument: printed as one line naming the parameter, exit status 2."""
 
     def __init__(self, param: str, message: str) -> None:

@@ -51,6 +51,7 @@ from fedveil.demo.federation import (
 )
 from fedveil.demo.recipe import Recipe
 from fedveil.demo.report import unwritable_outputs, write_report
+from fedveil.errors import FedveilError
 
 if TYPE_CHECKING:
     from fedveil.server.dashboard_auth import LoginToken
@@ -58,7 +59,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("fedveil.demo")
 
 
-class OutputDirectoryError(ValueError):
+class OutputDirectoryError(FedveilError, ValueError):
     """``--out`` cannot take the demo's files (checked before any work, so nothing is lost)."""
 
 

@@ -47,6 +47,8 @@ from typing import Any, ClassVar, Final, Literal, Union
 
 import numpy as np
 
+from fedveil.errors import FedveilError
+
 #: RDP orders used by default: Opacus's default grid extended with larger orders, which matter for
 #: few compositions at small noise (large ε).
 DEFAULT_ORDERS: Final[tuple[float, ...]] = tuple(
@@ -65,7 +67,7 @@ RELATION_TEXT: Final[dict[str, str]] = {
 }
 
 
-class UnsupportedEventError(ValueError):
+class UnsupportedEventError(FedveilError, ValueError):
     """The accountant cannot compose this event (e.g. an RDP-only mechanism given to PLD or PRV)."""
 
 

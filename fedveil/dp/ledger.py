@@ -41,6 +41,7 @@ from fedveil.dp.accounting import (
     make_accountant,
 )
 from fedveil.dp.bounded import WorkBound, bounded_epsilon
+from fedveil.errors import FedveilError
 
 FEDERATION: Final[str] = "federation"
 LEDGER_FORMAT: Final[str] = "fedveil.privacy_ledger"
@@ -50,11 +51,11 @@ LEDGER_VERSION: Final[int] = 1
 BUDGET_REL_TOLERANCE: Final[float] = 1e-9
 
 
-class LedgerFormatError(ValueError):
+class LedgerFormatError(FedveilError, ValueError):
     """A ledger document (JSON) is malformed; the message names the field at fault."""
 
 
-class BudgetExceededError(RuntimeError):
+class BudgetExceededError(FedveilError, RuntimeError):
     """Starting this round would take ``party`` over its ε budget.
 
     Attributes give the figures: ``epsilon_before`` (spent so far), ``epsilon_after`` (spent if the round

@@ -57,9 +57,10 @@ from fedveil.dp.accounting import (
     solve_noise_multiplier,
 )
 from fedveil.dp.ledger import BudgetExceededError
+from fedveil.errors import FedveilError
 
 
-class UnsupportedLayerError(ValueError):
+class UnsupportedLayerError(FedveilError, ValueError):
     """The model contains layers DP-SGD cannot train (e.g. BatchNorm mixes examples in a batch)."""
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import grpc
 
+from fedveil.errors import FedveilError
 
-class ProtocolError(Exception):
+
+class ProtocolError(FedveilError):
     """Base class. ``code`` is the gRPC status the error travels as."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN

@@ -38,6 +38,7 @@ from typing import TypeVar
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from fedveil.errors import FedveilError
 from fedveil.secagg.errors import CredentialError
 from fedveil.secagg.identity import (
     CONSORTIUM_PATTERN,
@@ -61,7 +62,7 @@ HEX_KEY = re.compile(r"[0-9a-fA-F]{64}")
 T = TypeVar("T")
 
 
-class IdentityFileError(ValueError):
+class IdentityFileError(FedveilError, ValueError):
     """A key, credential or revocation file is missing or invalid; names the path and the problem."""
 
     def __init__(self, path: Path | str, problem: str) -> None:

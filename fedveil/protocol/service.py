@@ -27,6 +27,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError, Message
 
+from fedveil.errors import FedveilError
 from fedveil.protocol import SERVICE_NAME, UPLOAD_GRANT_METADATA
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.protocol.auth import Authenticator, bearer_token
@@ -341,7 +342,7 @@ class FederationServicer:
         return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
 
-class _Cancelled(Exception):
+class _Cancelled(FedveilError):
     """The upload watchdog cancelled the stream (gRPC then ends its request iterator quietly)."""
 
 

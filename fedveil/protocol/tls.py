@@ -21,8 +21,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedveil.errors import FedveilError
 
-class TlsConfigError(ValueError):
+
+class TlsConfigError(FedveilError, ValueError):
     """A certificate or key file is missing or not PEM; the message names the file."""
 
 

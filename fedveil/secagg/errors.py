@@ -7,8 +7,10 @@ bad configuration from a round that simply lost too many clients.
 
 from __future__ import annotations
 
+from fedveil.errors import FedveilError
 
-class SecAggError(Exception):
+
+class SecAggError(FedveilError):
     """Base class of every error raised by :mod:`fedveil.secagg`."""
 
 

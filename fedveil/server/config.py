@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from fedveil.errors import FedveilError
+
 if TYPE_CHECKING:
     from fedveil.secagg.threshold import ThresholdPlan
 
@@ -33,7 +35,7 @@ OPERATIONAL_FIELDS = frozenset(
 )
 
 
-class ServerConfigError(ValueError):
+class ServerConfigError(FedveilError, ValueError):
     """A job parameter is invalid. ``flag`` is the command-line flag at fault."""
 
     def __init__(self, flag: str, message: str) -> None:

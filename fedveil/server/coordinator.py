@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from fedveil.dp.ledger import BudgetExceededError, PrivacyLedger
+from fedveil.errors import FedveilError
 from fedveil.metrics import DEFAULT_METRICS, weighted_metrics
 from fedveil.protocol import PROTOCOL_VERSION, ROUND_NONCE_BYTES, SESSION_ID_BYTES
 from fedveil.protocol import fedveil_pb2 as pb
@@ -115,7 +116,7 @@ class Stage(enum.IntEnum):
         return f"STAGE_{self.name}"
 
 
-class JobError(RuntimeError):
+class JobError(FedveilError, RuntimeError):
     """The job cannot go on (e.g. every attempt at a round aborted); the message says why."""
 
 

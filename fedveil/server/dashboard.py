@@ -70,6 +70,7 @@ import numpy as np
 import torch
 
 from fedveil.dp.ledger import FEDERATION
+from fedveil.errors import FedveilError
 from fedveil.metrics import weighted_metrics
 from fedveil.server.dashboard_auth import (
     UNAUTHORIZED_MESSAGE,
@@ -116,7 +117,7 @@ NO_UPLOADS = (
 _HOSPITAL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-class DashboardError(ValueError):
+class DashboardError(FedveilError, ValueError):
     """A request the dashboard refuses; ``status`` is the HTTP status to answer with."""
 
     def __init__(self, message: str, status: HTTPStatus = HTTPStatus.BAD_REQUEST) -> None:

@@ -30,6 +30,8 @@ from email.message import Message
 from http.cookies import CookieError, SimpleCookie
 from pathlib import Path
 
+from fedveil.errors import FedveilError
+
 TOKEN_BYTES = 32
 """Random bytes in a generated token (256 bits; URL-safe base64, 43 characters)."""
 MIN_TOKEN_CHARS = 32
@@ -51,7 +53,7 @@ UNAUTHORIZED_PAGE = b"""<!doctype html>
 """
 
 
-class DashboardTokenError(ValueError):
+class DashboardTokenError(FedveilError, ValueError):
     """A token file that cannot be used; the message never contains the token."""
 
 

@@ -29,10 +29,12 @@ from typing import Any, overload
 import numpy as np
 import torch
 
+from fedveil.errors import FedveilError
+
 StateDict = Mapping[str, torch.Tensor]
 
 
-class OptimizerConfigError(ValueError):
+class OptimizerConfigError(FedveilError, ValueError):
     """A server optimizer hyper-parameter is out of range; the message names it."""
 
 

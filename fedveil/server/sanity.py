@@ -21,12 +21,14 @@ import math
 
 import numpy as np
 
+from fedveil.errors import FedveilError
+
 #: Gaussian-norm tail parameter for distributed DP: ||N(0, σ² I_d)|| ≤ σ(√d + t) except with
 #: probability e^{-t²/2}; t = 8 gives ~1e-14.
 NOISE_TAIL = 8.0
 
 
-class AggregateRejected(ValueError):
+class AggregateRejected(FedveilError, ValueError):
     """The decoded sum is outside what honest sites can produce; the message says how."""
 
 

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from fedveil.errors import FedveilError
 from fedveil.protocol.auth import Credential, IssuedToken, issue_token
 
 SCHEMA_VERSION = 1
@@ -143,11 +144,11 @@ _UPSERT_LEDGER = (
 )
 
 
-class StoreError(RuntimeError):
+class StoreError(FedveilError, RuntimeError):
     """The store cannot be opened or used; the message names the file and what is wrong."""
 
 
-class EnrollmentError(ValueError):
+class EnrollmentError(FedveilError, ValueError):
     """Bad client name, or the name is already enrolled."""
 
 
