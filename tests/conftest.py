@@ -1,3 +1,3 @@
 """Fixtures shared by several test modules."""
 
-from dashboard_helpers import board  # noqa: F401 (a dashboard with known hospitals and login token)
+from tests.dashboard_helpers import board  # noqa: F401 (a dashboard with known hospitals and login token)

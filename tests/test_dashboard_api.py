@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from dashboard_helpers import HOSPITALS, TOKEN, call, files_in, raw_exchange, site_csv, upload
+from tests.dashboard_helpers import HOSPITALS, TOKEN, call, files_in, raw_exchange, site_csv, upload
 
 from fedveil.demo import healthcare
 from fedveil.demo.data import FEATURE_NAMES, make_split

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dashboard_helpers import TOKEN, Board, call, files_in, site_csv, upload
+from tests.dashboard_helpers import TOKEN, Board, call, files_in, site_csv, upload
 
 from fedveil.demo import healthcare
 from fedveil.server.dashboard import Dashboard, DashboardServer, StoreRunSource

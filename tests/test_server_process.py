@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from server_helpers import read_store
+from tests.server_helpers import read_store
 
 from fedveil.clients.simulation import SimulatedSites
 from fedveil.protocol.tls import generate_ca, generate_certificate

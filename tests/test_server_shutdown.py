@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from server_helpers import read_store
+from tests.server_helpers import read_store
 
 from fedveil.clients.simulation import SimulatedSites
 from fedveil.commands.common import EXIT_DEADLINE_S
