@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from fedveil.cli import main
-from fedveil.clients.processes import ProcessGroup, fedveil_argv, free_port, wait_for_port
-from fedveil.clients.simulation import SimulatedSites, client_name, client_seed
 from fedveil.server.config import ServerConfig
-from fedveil.server.simulation import server_argv
 from fedveil.server.store import RunStore
+from fedveil.simulation.backends import SimulatedSites, client_name, client_seed
+from fedveil.simulation.host import server_argv
+from fedveil.simulation.processes import ProcessGroup, fedveil_argv, free_port, wait_for_port
 from fedveil.tasks.synthetic import write_site_csv
 from tests.identity_helpers import write_authority
 

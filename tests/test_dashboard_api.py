@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from tests.dashboard_helpers import HOSPITALS, TOKEN, call, files_in, raw_exchange, site_csv, upload
 
 from fedveil.demo import healthcare
 from fedveil.demo.data import FEATURE_NAMES, make_split
 from fedveil.server.dashboard import RunSettings
+from tests.dashboard_helpers import HOSPITALS, TOKEN, call, files_in, raw_exchange, site_csv, upload
 
 torch.set_num_threads(1)
 AUTH = f"Authorization: Bearer {TOKEN.value}\r\n"

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.dashboard_helpers import TOKEN, Board, call, files_in, site_csv, upload
 
 from fedveil.demo import healthcare
 from fedveil.server.dashboard import Dashboard, DashboardServer, StoreRunSource
 from fedveil.server.dashboard_auth import MIN_TOKEN_CHARS, DashboardTokenError, LoginToken, cookie_name
 from fedveil.server.store import RunStore
+from tests.dashboard_helpers import TOKEN, Board, call, files_in, site_csv, upload
 
 ROUTES = [
     ("GET", "api/status"), ("GET", "api/runs"), ("GET", "api/runs/some-run"), ("POST", "api/runs"),

@@ -71,7 +71,7 @@ def wait_for(predicate: Any, timeout: float, what: str) -> Any:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
-    from fedveil.clients.processes import free_port
+    from fedveil.simulation.processes import free_port
 
     out = tmp_path_factory.mktemp("demo")
     port = free_port()

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedveil.clients.processes import ProcessGroup, fedveil_argv, free_port
-from fedveil.clients.simulation import SimulatedSites, client_name, client_seed, simulate_in_process
 from fedveil.server.config import ServerConfig
-from fedveil.server.simulation import CoordinatorHost, read_rounds, server_argv
 from fedveil.server.store import RunStore
+from fedveil.simulation.backends import SimulatedSites, client_name, client_seed, simulate_in_process
+from fedveil.simulation.host import read_rounds, server_argv
+from fedveil.simulation.processes import ProcessGroup, fedveil_argv, free_port
 from fedveil.tasks.synthetic import write_site_csv
 
 torch.set_num_threads(1)
@@ -96,7 +96,7 @@ def test_sigkilled_client_job_completes_and_rounds_before_the_kill_match_in_proc
         assert [o for o in outcomes if o != "aborted"] == ["completed"] * 4, outcomes
         assert outcomes.count("aborted") <= 1 and outcomes[:rounds_at_kill] == ["completed"] * rounds_at_kill
 
-    local = simulate_in_process(cfg, N, host=CoordinatorHost(), store_path=tmp_path / "inproc.sqlite")
+    local = simulate_in_process(cfg, N, store_path=tmp_path / "inproc.sqlite")
     assert local.summary["status"] == "completed" and not local.client_errors
     for before_kill in range(rounds_at_kill):
         a, b = network[before_kill].aggregate, local.rounds[before_kill].aggregate

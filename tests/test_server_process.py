@@ -17,13 +17,13 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.server_helpers import read_store
 
-from fedveil.clients.simulation import SimulatedSites
 from fedveil.protocol.tls import generate_ca, generate_certificate
 from fedveil.server.config import ServerConfig
 from fedveil.server.store import RunStore
+from fedveil.simulation.backends import SimulatedSites
 from fedveil.tasks.synthetic import write_site_csv
+from tests.server_helpers import read_store
 
 pytestmark = pytest.mark.timeout(300)
 TASK = "fedveil.tasks.synthetic:task"

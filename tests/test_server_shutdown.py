@@ -21,15 +21,15 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.server_helpers import read_store
 
-from fedveil.clients.simulation import SimulatedSites
 from fedveil.commands.common import EXIT_DEADLINE_S
 from fedveil.server.config import ServerConfig
 from fedveil.server.runner import STOP_GRACE_S, STOP_WAIT_S
 from fedveil.server.store import RunStore
+from fedveil.simulation.backends import SimulatedSites
 from fedveil.task import load_task
 from fedveil.tasks.synthetic import write_site_csv
+from tests.server_helpers import read_store
 
 pytestmark = pytest.mark.timeout(300)
 TASK = "fedveil.tasks.synthetic:task"
@@ -152,7 +152,7 @@ def test_server_exits_after_a_job_with_a_killed_site_a_forged_token_and_a_frozen
     try:
         port_file = tmp_path / "port"
         # the killed site: started before the server exists, SIGKILLed while it is still retrying
-        from fedveil.clients.processes import free_port
+        from fedveil.simulation.processes import free_port
 
         port = free_port()
         victim = spawn(killed, client(killed, tokens[killed], port))

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from fedveil.cli import main
-from fedveil.clients.simulation import SimulatedSites, client_seed, simulate_in_process
 from fedveil.server.config import ServerConfig
-from fedveil.server.simulation import CoordinatorHost
+from fedveil.simulation.backends import SimulatedSites, client_seed, simulate_in_process
 from tests.identity_helpers import site_policy
 
 torch.set_num_threads(1)
@@ -25,9 +24,9 @@ def config(**kw: object) -> ServerConfig:
 
 def test_same_seed_same_aggregates_other_seed_other_aggregates() -> None:
     # bit-for-bit reproducible only with insecure_deterministic: by default the rounding comes from the OS
-    a = simulate_in_process(config(insecure_deterministic=True), 4, host=CoordinatorHost())
-    b = simulate_in_process(config(insecure_deterministic=True), 4, host=CoordinatorHost())
-    c = simulate_in_process(config(seed=6, insecure_deterministic=True), 4, host=CoordinatorHost())
+    a = simulate_in_process(config(insecure_deterministic=True), 4)
+    b = simulate_in_process(config(insecure_deterministic=True), 4)
+    c = simulate_in_process(config(seed=6, insecure_deterministic=True), 4)
     assert a.summary["status"] == "completed" and not a.client_errors
     # three training rounds, then the final evaluation (an evaluation-only round 4, secure sums)
     assert a.client_histories == {f"client-{i:03d}": ["completed"] * 4 for i in range(4)}
@@ -44,8 +43,8 @@ def test_same_seed_same_aggregates_other_seed_other_aggregates() -> None:
 def test_the_seed_alone_fixes_the_data_order_not_the_rounding() -> None:
     """The secure default: a server that knows the job seed cannot predict a site's stochastic rounding
     (or keys, masks, noise), so two runs with the same seed release different low-order bits."""
-    a = simulate_in_process(config(rounds=1), 4, host=CoordinatorHost())
-    b = simulate_in_process(config(rounds=1), 4, host=CoordinatorHost())
+    a = simulate_in_process(config(rounds=1), 4)
+    b = simulate_in_process(config(rounds=1), 4)
     assert a.summary["status"] == b.summary["status"] == "completed"
     ra, rb = a.rounds[0].aggregate, b.rounds[0].aggregate
     assert ra is not None and rb is not None and not np.array_equal(ra, rb)
@@ -54,8 +53,7 @@ def test_the_seed_alone_fixes_the_data_order_not_the_rounding() -> None:
 
 @pytest.mark.parametrize("dp", ["central", "distributed"])
 def test_user_level_dp_modes_run_with_real_clients(dp: str) -> None:
-    result = simulate_in_process(config(rounds=2, dp=dp, dp_noise_multiplier=0.5, dp_clip=0.5), 4,
-                                 host=CoordinatorHost())
+    result = simulate_in_process(config(rounds=2, dp=dp, dp_noise_multiplier=0.5, dp_clip=0.5), 4)
     assert result.summary["status"] == "completed" and not result.client_errors
     assert result.summary["epsilon"] is not None and result.summary["epsilon"] > 0
     for rnd in result.rounds:
@@ -63,7 +61,7 @@ def test_user_level_dp_modes_run_with_real_clients(dp: str) -> None:
 
 
 def test_fedadam_server_optimizer_in_a_simulation() -> None:
-    result = simulate_in_process(config(rounds=2, optimizer="fedadam", server_lr=0.05), 3, host=CoordinatorHost())
+    result = simulate_in_process(config(rounds=2, optimizer="fedadam", server_lr=0.05), 3)
     assert result.summary["status"] == "completed"
     assert result.rounds[0].aggregate is not None
 
@@ -72,7 +70,7 @@ def test_simulated_sites_accept_their_own_jobs_cohort_and_colluding_fraction(tmp
     """A simulation of 2 clients (the CLI allows it) once had every site decline the cohort of 2 (its
     default minimum is 3), and ``--processes --max-corrupt-fraction 0.1`` had the site processes decline
     a round the threads accepted: threads and processes now get the same policy, from the job."""
-    two = simulate_in_process(config(rounds=1, clients_per_round=2, min_clients=2), 2, host=CoordinatorHost())
+    two = simulate_in_process(config(rounds=1, clients_per_round=2, min_clients=2), 2)
     assert two.summary["status"] == "completed"
     assert two.client_histories == {f"client-{i:03d}": ["completed"] * 2 for i in range(2)}
     names = ["client-000", "client-001"]
@@ -127,10 +125,8 @@ def test_cli_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str], args:
 
 def test_active_adversary_mode_signs_and_checks_and_releases_the_same_sum() -> None:
     # active is the default now: compare with an explicitly passive job; the same bits need insecure_deterministic
-    plain = simulate_in_process(config(rounds=2, active_adversary=False, insecure_deterministic=True), 4,
-                                host=CoordinatorHost())
-    active = simulate_in_process(config(rounds=2, active_adversary=True, insecure_deterministic=True), 4,
-                                 host=CoordinatorHost())
+    plain = simulate_in_process(config(rounds=2, active_adversary=False, insecure_deterministic=True), 4)
+    active = simulate_in_process(config(rounds=2, active_adversary=True, insecure_deterministic=True), 4)
     assert plain.summary["status"] == "completed" and not plain.client_errors
     assert active.summary["status"] == "completed" and not active.client_errors
     for a, b in zip(plain.rounds, active.rounds, strict=True):
@@ -179,9 +175,8 @@ def test_harary_graph_rounds_complete_and_match_the_complete_graph_sum() -> None
     # degree 4 on 8 clients is a real sparse SecAgg+ graph (not the complete-graph fallback)
     # (the same bits need insecure_deterministic: by default the rounding comes from the OS)
     sparse = simulate_in_process(config(rounds=1, clients_per_round=8, min_clients=8, secagg="harary",
-                                        secagg_degree=4, insecure_deterministic=True), 8, host=CoordinatorHost())
-    dense = simulate_in_process(config(rounds=1, clients_per_round=8, min_clients=8, insecure_deterministic=True), 8,
-                                host=CoordinatorHost())
+                                        secagg_degree=4, insecure_deterministic=True), 8)
+    dense = simulate_in_process(config(rounds=1, clients_per_round=8, min_clients=8, insecure_deterministic=True), 8)
     assert sparse.summary["status"] == "completed" and not sparse.client_errors
     assert sparse.rounds[0].survivors == 8
     np.testing.assert_array_equal(sparse.rounds[0].aggregate, dense.rounds[0].aggregate)
@@ -192,7 +187,7 @@ def test_client_failures_that_leave_too_few_clients_stop_the_job_instead_of_hang
 ) -> None:
     import threading
 
-    from fedveil.clients import simulation
+    from fedveil.simulation import backends as simulation
 
     def fake_run_client(fed: object, task: object, data: object) -> list[object]:
         if fed == "broken":

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fedveil.cli import main
-from fedveil.server.simulation import read_rounds
+from fedveil.simulation.host import read_rounds
 
 torch.set_num_threads(1)
 
@@ -63,8 +63,8 @@ def test_a_server_outliving_every_client_is_stopped_with_their_exit_statuses(tmp
     import sys
     import time
 
-    from fedveil.clients.processes import ProcessGroup
-    from fedveil.clients.simulation import ProcessFederation, SimulationError, wait_for_server
+    from fedveil.simulation.backends import ProcessFederation, SimulationError, wait_for_server
+    from fedveil.simulation.processes import ProcessGroup
 
     group = ProcessGroup(tmp_path / "logs")
     try:

@@ -43,9 +43,8 @@ def network_command(clients: int, dim: int, rounds: int, memory_clients: int, ti
     """Time a round with --clients `fedveil client` processes over loopback gRPC against the same
     round in-process (target: at most 1.5x), and the server's peak memory for two cohort sizes
     (target: growth O(m), not O(n*m))."""
-    from fedveil.clients.netbench import run_network_bench
-    from fedveil.clients.simulation import SimulationError
-    from fedveil.server.simulation import CoordinatorHost
+    from fedveil.simulation.backends import SimulationError
+    from fedveil.simulation.netbench import run_network_bench
 
     if clients < 2:
         fail("--clients", f"must be at least 2 (got {clients})")
@@ -58,7 +57,7 @@ def network_command(clients: int, dim: int, rounds: int, memory_clients: int, ti
     if not (math.isfinite(timeout_s) and timeout_s > 0):
         fail("--timeout", f"must be a finite positive number of seconds (got {timeout_s})")
     try:
-        report = run_network_bench(clients, dim, host=CoordinatorHost(), make_config=bench_config, rounds=rounds,
+        report = run_network_bench(clients, dim, make_config=bench_config, rounds=rounds,
                                    memory_clients=memory_clients or None, timeout_s=timeout_s)
     except SimulationError as err:
         eprint(f"error: {err}")

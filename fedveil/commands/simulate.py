@@ -69,9 +69,8 @@ def simulate_command(
     """
     import torch
 
-    from fedveil.clients.simulation import SimulationError, simulate_in_process, simulate_processes
     from fedveil.server.config import ServerConfig, ServerConfigError
-    from fedveil.server.simulation import CoordinatorHost
+    from fedveil.simulation.backends import SimulationError, simulate_in_process, simulate_processes
     from fedveil.task import TaskLoadError, load_task
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
@@ -114,10 +113,10 @@ def simulate_command(
         if processes:
             # the sites' CSV files and the processes' logs go next to a kept store
             workdir = store_path.parent / (store_path.stem + "-sim") if store_path is not None else None
-            result = simulate_processes(config, n_clients, host=CoordinatorHost(), workdir=workdir,
+            result = simulate_processes(config, n_clients, workdir=workdir,
                                         store_path=store_path)
         else:
-            result = simulate_in_process(config, n_clients, host=CoordinatorHost(), store_path=store_path)
+            result = simulate_in_process(config, n_clients, store_path=store_path)
     except SimulationError as err:
         eprint(f"error: {err}")
         return 1

@@ -262,10 +262,10 @@ def run_federation(
     from fedveil.clients import ClientOptions, Federation
     from fedveil.clients.api import evaluator
     from fedveil.clients.backoff import BackoffPolicy
-    from fedveil.clients.simulation import STILL_RUNNING, SimulatedSites, ThreadedClient, run_with_client_threads
     from fedveil.dp.ledger import FEDERATION, PrivacyLedger
     from fedveil.protocol.transport import InProcessTransport
     from fedveil.server.coordinator import Coordinator
+    from fedveil.simulation.backends import STILL_RUNNING, SimulatedSites, ThreadedClient, run_with_client_threads
     from fedveil.task import vector_to_model
 
     task = healthcare.task

@@ -19,17 +19,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedveil.clients.simulation import (
-    JobConfig,
+from fedveil.server.config import ServerConfig
+from fedveil.simulation.backends import (
+    COORDINATOR_HOST,
     SimulationError,
-    SimulationHost,
     orphan_grace_s,
     simulate_in_process,
     start_process_federation,
     wait_for_server,
 )
+from fedveil.simulation.host import CoordinatorHost
 
-MakeConfig = Callable[[str, int, int], JobConfig]
+MakeConfig = Callable[[str, int, int], ServerConfig]
 """``make_config(task_ref, clients, rounds)``: the job to measure (the command builds a ServerConfig)."""
 
 N_FEATURES = 10
@@ -115,7 +116,8 @@ class NetworkRun:
 
 
 def run_in_process(
-    task_ref: str, clients: int, rounds: int, workdir: Path, *, host: SimulationHost, make_config: MakeConfig
+    task_ref: str, clients: int, rounds: int, workdir: Path, *, make_config: MakeConfig,
+    host: CoordinatorHost = COORDINATOR_HOST,
 ) -> NetworkRun:
     result = simulate_in_process(make_config(task_ref, clients, rounds), clients, host=host,
                                  store_path=workdir / f"inproc-{clients}.sqlite")
@@ -125,8 +127,8 @@ def run_in_process(
 
 
 def run_processes(
-    task_ref: str, clients: int, rounds: int, workdir: Path, timeout_s: float, *, host: SimulationHost,
-    make_config: MakeConfig,
+    task_ref: str, clients: int, rounds: int, workdir: Path, timeout_s: float, *, make_config: MakeConfig,
+    host: CoordinatorHost = COORDINATOR_HOST,
 ) -> NetworkRun:
     config = make_config(task_ref, clients, rounds)
     fed = start_process_federation(config, clients, workdir / f"net-{clients}", host=host, start_clients=False,
@@ -155,7 +157,7 @@ def run_processes(
 
 
 def run_network_bench(
-    clients: int, dim: int, *, host: SimulationHost, make_config: MakeConfig, rounds: int = 2,
+    clients: int, dim: int, *, host: CoordinatorHost = COORDINATOR_HOST, make_config: MakeConfig, rounds: int = 2,
     memory_clients: int | None = None, timeout_s: float = 900.0,
 ) -> dict[str, Any]:
     """Run the benchmark; returns the report (the JSON object of ``--json``).

@@ -1,12 +1,6 @@
-"""The server side of a simulation, handed to :mod:`fedveil.clients.simulation` by the commands.
-
-A simulation runs the real coordinator and the real clients on one machine. The clients package
-owns the simulation (it starts the client threads or processes) but may not import
-``fedveil.server`` (DESIGN.md: clients import only secagg, dp and protocol). So the parts that
-need the coordinator and the run store live here, behind :class:`CoordinatorHost`, and the
-command modules (``fedveil simulate``, ``fedveil bench network``), which may import everything,
-pass a host to the simulation (dependency injection). This module imports nothing from
-``fedveil.clients`` either: the server does not depend on the clients.
+"""The server side of a simulation: a job on the real coordinator and run store in this process,
+client enrolment, the ``fedveil server`` command line of a job, and the rounds a run released.
+:mod:`fedveil.simulation.backends` drives it next to the real clients.
 """
 
 from __future__ import annotations
@@ -125,7 +119,7 @@ class CoordinatorJob:
 
 
 class CoordinatorHost:
-    """What :mod:`fedveil.clients.simulation` needs of the server side: start a job in process,
+    """What :mod:`fedveil.simulation.backends` needs of the server side: start a job in process,
     enrol clients, the ``fedveil server`` command line, and the released rounds of a run."""
 
     def start_job(self, config: ServerConfig, task: Task, store_path: Path) -> CoordinatorJob:

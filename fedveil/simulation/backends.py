@@ -13,11 +13,8 @@ Both are deterministic given ``seed``: the server's seed fixes the initial model
 the round seeds; client ``i`` gets private seed :func:`client_seed` and the data
 ``task.synthetic_data(i, n, seed)``, so the two modes release identical aggregates.
 
-Layering: ``fedveil.clients`` may not import ``fedveil.server`` (DESIGN.md). The simulation runs
-the real coordinator all the same, through a :class:`SimulationHost` the caller hands in (the
-commands pass :class:`fedveil.server.simulation.CoordinatorHost`): it starts the in-process job,
-enrols clients in the run store, gives the ``fedveil server`` command line and reads the released
-rounds back.
+The server side (start the in-process job, enrol clients in the run store, the ``fedveil server``
+command line, the released rounds) is :class:`fedveil.simulation.host.CoordinatorHost`.
 """
 
 from __future__ import annotations
@@ -34,20 +31,21 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
-import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from torch.utils.data import TensorDataset
 
 from fedveil.clients.api import evaluator, run_client
 from fedveil.clients.backoff import BackoffPolicy
 from fedveil.clients.policy import DEFAULT_MAX_CORRUPT_FRACTION, DEFAULT_MIN_COHORT, SitePolicy
-from fedveil.clients.processes import ManagedProcess, ProcessGroup, fedveil_argv, wait_for_port
 from fedveil.clients.session import ClientOptions, Federation, RoundOutcome
 from fedveil.errors import FedveilError
-from fedveil.protocol.transport import FederationService, InProcessTransport
+from fedveil.protocol.transport import InProcessTransport
 from fedveil.secagg.local_authority import LocalAuthority
+from fedveil.server.config import ServerConfig
+from fedveil.simulation.host import CoordinatorHost, StoredRound, job_seed
+from fedveil.simulation.processes import ManagedProcess, ProcessGroup, fedveil_argv, wait_for_port
 from fedveil.task import Task, load_task
 
 log = logging.getLogger("fedveil.simulate")
@@ -55,65 +53,8 @@ log = logging.getLogger("fedveil.simulate")
 JobResult = TypeVar("JobResult")
 #: The error recorded for a client thread still running ``join_timeout_s`` after its job ended.
 STILL_RUNNING = "still running after the job ended"
-
-
-class JobConfig(Protocol):
-    """What the simulation reads of the job's configuration (a ``fedveil.server.config.ServerConfig``)."""
-
-    @property
-    def task(self) -> str: ...
-    @property
-    def min_clients(self) -> int: ...
-    @property
-    def seed(self) -> int | None: ...
-    @property
-    def poll_wait(self) -> float: ...
-    @property
-    def linger(self) -> float: ...
-    @property
-    def active_adversary(self) -> bool: ...
-    @property
-    def insecure_deterministic(self) -> bool: ...
-
-
-class JobReport(Protocol):
-    """The coordinator's summary of a finished job."""
-
-    @property
-    def run_id(self) -> str: ...
-    def to_dict(self) -> dict[str, Any]: ...
-
-
-class RunningJob(Protocol):
-    """A job the coordinator runs in this process; ``service`` answers the clients' RPCs."""
-
-    @property
-    def service(self) -> FederationService: ...
-    def run(self) -> JobReport: ...
-    def stop(self) -> None: ...
-    def close(self) -> None: ...
-
-
-class RoundRecord(Protocol):
-    """A completed round as the run store holds it, with its released aggregate."""
-
-    @property
-    def round(self) -> int: ...
-    @property
-    def survivors(self) -> int: ...
-    @property
-    def aggregate(self) -> np.ndarray | None: ...
-    @property
-    def stats(self) -> dict[str, Any]: ...
-
-
-class SimulationHost(Protocol):
-    """The server side of a simulation (see the module docstring)."""
-
-    def start_job(self, config: Any, task: Task, store_path: Path) -> RunningJob: ...
-    def enroll(self, store_path: Path, names: list[str]) -> list[str]: ...
-    def server_argv(self, config: Any, listen: str, store_path: Path, port_file: Path | None) -> list[str]: ...
-    def read_rounds(self, store_path: Path, run_id: str) -> Sequence[RoundRecord]: ...
+#: The real coordinator and run store (stateless, so one instance serves every simulation).
+COORDINATOR_HOST = CoordinatorHost()
 
 
 class SimulationError(FedveilError, RuntimeError):
@@ -128,11 +69,6 @@ def client_seed(seed: int, index: int) -> int:
     """Client ``index``'s private seed in a simulation with federation seed ``seed``."""
     digest = hashlib.sha256(f"fedveil/simulate/client/{seed}/{index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def job_seed(config: JobConfig) -> int:
-    """The federation seed of a simulation (0 when the configuration leaves it unset)."""
-    return int(config.seed) if config.seed is not None else 0
 
 
 SIMULATED_CONSORTIUM = "fedveil-simulation"
@@ -221,7 +157,7 @@ def client_dataset(task: Task, index: int, n_clients: int, seed: int) -> TensorD
 class SimulationResult:
     mode: str
     summary: dict[str, Any]
-    rounds: list[RoundRecord]
+    rounds: list[StoredRound]
     client_histories: dict[str, list[str]]
     store_path: Path
     wall_s: float
@@ -303,10 +239,10 @@ def run_with_client_threads(
 
 
 def simulate_in_process(
-    config: JobConfig,
+    config: ServerConfig,
     n_clients: int,
     *,
-    host: SimulationHost,
+    host: CoordinatorHost = COORDINATOR_HOST,
     store_path: Path | None = None,
     client_timeout_s: float = 600.0,
 ) -> SimulationResult:
@@ -374,7 +310,7 @@ class ProcessFederation:
     identity_flags: dict[str, list[str]] = field(default_factory=dict)
     """Per client name (and "server"): the identity flags of the secure default (or --trust-server)."""
 
-    def start_client(self, index: int, config: JobConfig, *, extra: tuple[str, ...] = ()) -> ManagedProcess:
+    def start_client(self, index: int, config: ServerConfig, *, extra: tuple[str, ...] = ()) -> ManagedProcess:
         deterministic = ("--insecure-deterministic",) if config.insecure_deterministic else ()
         argv = fedveil_argv(
             "client", "--server", self.address, "--task", config.task, "--data", str(self.data_paths[index]),
@@ -386,11 +322,11 @@ class ProcessFederation:
 
 
 def start_process_federation(
-    config: JobConfig,
+    config: ServerConfig,
     n_clients: int,
     workdir: Path,
     *,
-    host: SimulationHost,
+    host: CoordinatorHost = COORDINATOR_HOST,
     start_clients: bool = True,
     listen_timeout_s: float = 60.0,
     env: dict[str, str] | None = None,
@@ -443,7 +379,7 @@ def read_port_file(path: Path, timeout_s: float, server: ManagedProcess) -> int:
     raise SimulationError(f"the server did not report its port within {timeout_s:.0f} s")
 
 
-def orphan_grace_s(config: JobConfig) -> float:
+def orphan_grace_s(config: ServerConfig) -> float:
     """How long a server may outlive all its clients before :func:`wait_for_server` stops it: its
     linger (it may still be saying goodbye) plus room for a slow final stage."""
     return max(config.linger, 1.0) + 15.0
@@ -476,10 +412,10 @@ def wait_for_server(fed: ProcessFederation, timeout_s: float, *, grace_s: float)
 
 
 def simulate_processes(
-    config: JobConfig,
+    config: ServerConfig,
     n_clients: int,
     *,
-    host: SimulationHost,
+    host: CoordinatorHost = COORDINATOR_HOST,
     workdir: Path | None = None,
     store_path: Path | None = None,
     timeout_s: float = 900.0,

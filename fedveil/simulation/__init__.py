@@ -1,0 +1,11 @@
+"""Simulation backends: a whole federation on one machine, with the real server and client code.
+
+- :mod:`fedveil.simulation.backends` — in-process (client threads around one coordinator) and
+  processes (a ``fedveil server`` process and one ``fedveil client`` process per site); the
+  simulated sites' identities come from an in-memory authority (:class:`SimulatedSites`).
+- :mod:`fedveil.simulation.host` — the coordinator side: a job on a real coordinator and store.
+- :mod:`fedveil.simulation.processes` — starting, watching and stopping the processes.
+- :mod:`fedveil.simulation.netbench` — the network benchmark behind ``fedveil bench network``.
+
+This package may import both :mod:`fedveil.server` and :mod:`fedveil.clients`; neither imports it.
+"""
