@@ -94,6 +94,17 @@ def test_a_round_announced_passive_inside_an_active_job_is_declined(tmp_path: Pa
     assert sent_data(server) == []
 
 
+def test_a_sparse_graph_in_a_job_announced_on_the_complete_graph_is_declined(tmp_path: Path) -> None:
+    # the reverse (a Harary job falling back to the complete graph) is allowed: it is never weaker
+    def sparsify(start: pb.RoundStart) -> None:
+        start.secagg.graph = "harary"
+        start.secagg.degree = 2
+
+    _s, server, _r, _e = attack(tmp_path, only_first_round_start(sparsify))
+    assert declines(server) and "graph" in declines(server)[0]
+    assert sent_data(server) == []
+
+
 def test_an_invented_cohort_signed_by_the_servers_own_authority_is_declined(tmp_path: Path) -> None:
     rogue = Ed25519PrivateKey.generate()  # the server made its own "authority"
     now = int(time.time())

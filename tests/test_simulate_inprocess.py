@@ -182,6 +182,15 @@ def test_harary_graph_rounds_complete_and_match_the_complete_graph_sum() -> None
     np.testing.assert_array_equal(sparse.rounds[0].aggregate, dense.rounds[0].aggregate)
 
 
+def test_a_harary_job_too_small_for_a_sparse_graph_runs_on_the_complete_graph() -> None:
+    # no degree given: the library derives one, and for 6 sites none is sparse, so rounds use the
+    # complete graph; the sites must accept that (it is never weaker) instead of declining every round
+    run = simulate_in_process(config(rounds=1, clients_per_round=6, min_clients=6, secagg="harary",
+                                     insecure_deterministic=True), 6)
+    assert run.summary["status"] == "completed" and not run.client_errors
+    assert run.rounds[0].survivors == 6
+
+
 def test_client_failures_that_leave_too_few_clients_stop_the_job_instead_of_hanging(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -72,7 +72,10 @@ def check_job_consistency(start: pb.RoundStart, job: pb.JobInfo, run_id: str) ->
     if bool(start.secagg.active_adversary) != bool(job.active_adversary):
         raise PolicyViolation("secagg.active_adversary", "the round's adversary mode differs from the job's "
                               f"(job: {'active' if job.active_adversary else 'passive'})")
-    if (start.secagg.graph or "complete") != (job.secagg_graph or "complete"):
+    round_graph, job_graph = start.secagg.graph or "complete", job.secagg_graph or "complete"
+    # A Harary job falls back to the complete graph for cohorts too small for a sparse one: every pair
+    # then masks and the threshold is checked over the whole cohort, so that is never weaker.
+    if round_graph != job_graph and not (job_graph == "harary" and round_graph == "complete"):
         raise PolicyViolation("secagg.graph", f"the round uses graph {start.secagg.graph!r}; the job was announced "
                               f"with {job.secagg_graph!r}")
 
