@@ -63,6 +63,7 @@ def test_max_corrupt_fraction_sets_the_threshold(capsys):
     (["--clients", "1"], "--clients"),
     (["--graph", "ring"], "--graph"),
     (["--dropout-stage", "later"], "--dropout-stage"),
+    (["--repeat", "0"], "--repeat"),
 ])
 def test_invalid_arguments_one_line_exit_2(capsys, args, flag):
     code = main(["bench", "secagg", "--clients", "10", "--dim", "10", *args])
@@ -76,4 +77,33 @@ def test_active_mode_round(capsys):
                  "--active", "--json"])
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0 and report["active"] is True and report["exact"] is True
-    assert report["survivors"] == 8
+    assert report["survivors"] == 8 and report["repeat"] == 3
+    # sites in parallel: more than the server alone, less than every site one after another
+    assert report["server_s"] < report["parallel_s"]
+    assert report["parallel_s"] < report["total_s"] and report["passive_parallel_s"] < report["passive_total_s"]
+    assert report["active_over_passive_parallel"] == pytest.approx(report["parallel_s"] / report["passive_parallel_s"])
+    assert "_stage_s" not in report
+
+
+def test_the_critical_path_is_the_server_plus_the_slowest_site_of_each_stage():
+    from fedveil.secagg.simulation import SimulationResult
+
+    result = SimulationResult(config=None, result=None, abort_reason=None, server_s=1.0,  # type: ignore[arg-type]
+                              client_s={0: 5.0, 1: 4.0}, upload_bytes={}, download_bytes={},
+                              client_stage_s={"keys": {0: 2.0, 1: 1.0}, "masked": {0: 3.0, 1: 3.5}})
+    assert result.total_s == 10.0
+    assert result.critical_path_s() == 1.0 + 2.0 + 3.5
+    assert result.critical_path_s({0: 0.5, 1: 0.25}) == 1.0 + 0.5 + 2.0 + 3.5
+
+
+def test_repeated_runs_take_each_sites_median_before_the_slowest_site():
+    from fedveil.commands.bench import parallel_round_s
+
+    def run(server: float, a: float, b: float) -> dict:
+        return {"server_s": server, "_stage_s": {"masked": {0: a, 1: b}, "admission": {0: 9.0, 1: 9.0},
+                                                 "admission_warm": {0: 0.0, 1: 0.0}}}
+
+    # site 1 was preempted once (5.0): its median is 1.0, so the slowest site's median is site 0's 2.0
+    runs = [run(1.0, 2.0, 1.0), run(1.0, 2.0, 5.0), run(3.0, 2.0, 1.0)]
+    assert parallel_round_s(runs, warm=True) == 1.0 + 2.0
+    assert parallel_round_s(runs, warm=False) == 1.0 + 2.0 + 9.0

@@ -37,6 +37,8 @@ class SimulationResult:
     upload_bytes: dict[int, int]
     download_bytes: dict[int, int]
     client_errors: dict[int, str] = field(default_factory=dict)
+    client_stage_s: dict[str, dict[int, float]] = field(default_factory=dict)
+    """Each client's time per stage (``setup``, ``keys``, then the server state it answered)."""
 
     @property
     def completed(self) -> bool:
@@ -46,6 +48,17 @@ class SimulationResult:
     def total_s(self) -> float:
         """Server time plus every client's time (the round's CPU cost in one process)."""
         return self.server_s + sum(self.client_s.values())
+
+    def critical_path_s(self, extra_setup_s: Mapping[int, float] | None = None) -> float:
+        """The round's time when every client runs on its own machine over a free network: the
+        server's time plus, for each stage, the slowest client's time in it (clients work in
+        parallel within a stage; a stage cannot start before the previous one closes).
+        ``extra_setup_s`` adds per-client work done before the round (encoding, admission)."""
+        stages = {name: dict(per_client) for name, per_client in self.client_stage_s.items()}
+        setup = stages.setdefault("setup", {})
+        for cid, seconds in (extra_setup_s or {}).items():
+            setup[cid] = setup.get(cid, 0.0) + seconds
+        return self.server_s + sum(max(per_client.values(), default=0.0) for per_client in stages.values())
 
 
 def _normalize_dropouts(dropouts: Mapping[str, Iterable[int]] | None, n: int) -> dict[str, frozenset[int]]:
@@ -87,6 +100,12 @@ def run_round(config: SecAggConfig, inputs: Mapping[int, np.ndarray], *,
     download = dict.fromkeys(range(n), 0)
     errors: dict[int, str] = {}
     server_s = 0.0
+    stage_s: dict[str, dict[int, float]] = {}
+
+    def charge(cid: int, stage: str, seconds: float) -> None:
+        client_s[cid] += seconds
+        per_client = stage_s.setdefault(stage, {})
+        per_client[cid] = per_client.get(cid, 0.0) + seconds
 
     def transfer(msg: Message, sizes: dict[int, int], who: int) -> Message:
         sizes[who] += msg.wire_size()
@@ -98,7 +117,7 @@ def run_round(config: SecAggConfig, inputs: Mapping[int, np.ndarray], *,
         key = identity_keys[cid] if identity_keys is not None else None
         clients[cid] = SecAggClient(cid, config, identity_key=key, seed=None if seeds is None else seeds[cid])
         clients[cid].set_input(inputs[cid])
-        client_s[cid] += clock() - start
+        charge(cid, "setup", clock() - start)
     start = clock()
     server = SecAggServer(config)
     server_s += clock() - start
@@ -109,7 +128,7 @@ def run_round(config: SecAggConfig, inputs: Mapping[int, np.ndarray], *,
             continue
         start = clock()
         msg: Message | None = clients[cid].advertise_keys()
-        client_s[cid] += clock() - start
+        charge(cid, "keys", clock() - start)
         assert msg is not None
         msg = transfer(msg, upload, cid)
         start = clock()
@@ -130,7 +149,8 @@ def run_round(config: SecAggConfig, inputs: Mapping[int, np.ndarray], *,
                 if cid not in gone:
                     clients[cid].handle(transfer(out, download, cid))
             break
-        gone |= plan.get(stage_of_server_state[server.stage], frozenset())
+        stage = stage_of_server_state[server.stage]
+        gone |= plan.get(stage, frozenset())
         for cid, out in outgoing.items():
             if cid in gone:
                 continue
@@ -141,9 +161,9 @@ def run_round(config: SecAggConfig, inputs: Mapping[int, np.ndarray], *,
             except SecAggError as err:
                 errors[cid] = f"{type(err).__name__}: {err}"
                 gone.add(cid)
-                client_s[cid] += clock() - start
+                charge(cid, stage, clock() - start)
                 continue
-            client_s[cid] += clock() - start
+            charge(cid, stage, clock() - start)
             if reply is None:
                 continue
             reply = transfer(reply, upload, cid)
@@ -151,4 +171,5 @@ def run_round(config: SecAggConfig, inputs: Mapping[int, np.ndarray], *,
             server.receive(cid, reply)
             server_s += clock() - start
     result = server.result if server.completed else None
-    return SimulationResult(config, result, server.abort_reason, server_s, client_s, upload, download, errors)
+    return SimulationResult(config, result, server.abort_reason, server_s, client_s, upload, download, errors,
+                            stage_s)
