@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedveil-installed
 DEMO_OUT ?= demo-out
 
-.PHONY: demo test lint typecheck unit venv install browser proto bench clean
+.PHONY: demo test test-fast lint typecheck unit venv install browser proto bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ unit: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
 test: lint typecheck unit
+
+# The edit-run loop: lint and every test not marked slow (under a minute); `make test` is the gate.
+test-fast: $(STAMP)
+	$(BIN)/ruff check fedveil tests $(wildcard benchmarks)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 demo: $(STAMP)
 	$(BIN)/fedveil demo healthcare --out $(DEMO_OUT)

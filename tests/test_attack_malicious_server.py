@@ -73,6 +73,7 @@ def only_first_round_start(change: Any) -> Any:
 
 # -- 1. every security parameter from the server ---------------------------------------------------
 
+@pytest.mark.slow
 def test_a_job_announced_passive_is_refused_at_join_by_a_site_that_does_not_trust_the_server(tmp_path: Path) -> None:
     def downgrade(resp: pb.JoinResponse) -> pb.JoinResponse:
         resp.job.active_adversary = False
@@ -84,6 +85,7 @@ def test_a_job_announced_passive_is_refused_at_join_by_a_site_that_does_not_trus
     assert sent_data(server) == [] and server.sent.named("respond_to_round") == []
 
 
+@pytest.mark.slow
 def test_a_round_announced_passive_inside_an_active_job_is_declined(tmp_path: Path) -> None:
     def passive(start: pb.RoundStart) -> None:
         start.secagg.active_adversary = False
@@ -187,6 +189,7 @@ def test_a_withheld_reveal_stops_the_victim_before_it_sends_keys(tmp_path: Path)
     assert sent_data(server) == []  # but never used a seed the server could have chosen
 
 
+@pytest.mark.slow
 def test_keys_from_a_client_that_never_committed_are_refused(tmp_path: Path) -> None:
     """The server shows the victim a commitment list without one member (its view of U0), then
     forwards that member's keys anyway: the layout would then not be the one the seed fixed."""

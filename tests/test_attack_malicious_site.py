@@ -67,6 +67,7 @@ def job(tmp_path: Path, evil: dict[str, Any], honest_weight: float = 1.0, **conf
     return summary, store, (coordinator, lies, vecs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weight", [-5.0, 0.0, 0.5, 1e9, float("inf"), float("nan")])
 def test_a_declared_weight_outside_the_range_is_refused_and_the_round_goes_on_without_it(
     tmp_path: Path, weight: float

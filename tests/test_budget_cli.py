@@ -31,6 +31,7 @@ def last_json(out: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accountant", ["rdp", "prv", "pld"])
 def test_compute_prints_epsilon(capsys: pytest.CaptureFixture[str], accountant: str) -> None:
     code, out, err = run(capsys, [*COMPUTE, "--accountant", accountant, "--json"])
@@ -48,6 +49,7 @@ def test_compute_defaults_to_rdp_and_plain_text(capsys: pytest.CaptureFixture[st
     assert len(out.strip().splitlines()) == 1 and "epsilon =" in out and "(rdp;" in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("accountant", "target"), [("rdp", 2.0), ("pld", 1.0), ("prv", 4.0)])
 def test_noise_meets_the_target_within_one_percent(
     capsys: pytest.CaptureFixture[str], accountant: str, target: float
@@ -154,6 +156,7 @@ def ledger_file(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_report_text_json_markdown(capsys: pytest.CaptureFixture[str], ledger_file: Path) -> None:
     ledger = PrivacyLedger.from_json(ledger_file.read_text())
     code, out, err = run(capsys, ["budget", "report", str(ledger_file)])
@@ -224,6 +227,7 @@ def test_report_bad_arguments(capsys: pytest.CaptureFixture[str], ledger_file: P
         assert len(lines) == 1 and lines[0].startswith(f"error: {flag}:") and fragment in lines[0], (args, lines)
 
 
+@pytest.mark.slow
 def test_report_reads_a_run_store(capsys: pytest.CaptureFixture[str], ledger_file: Path, tmp_path: Path) -> None:
     from fedveil.server.store import RunStore
 
@@ -246,6 +250,7 @@ def test_report_reads_a_run_store(capsys: pytest.CaptureFixture[str], ledger_fil
     assert code == 2 and err.startswith("error: --run:") and "has no run 'nope'" in err
 
 
+@pytest.mark.slow
 def test_entry_point_exit_status(ledger_file: Path) -> None:
     exe = Path(sys.executable).with_name("fedveil")
     bad = subprocess.run([str(exe), *_with(COMPUTE, ["--delta", "2"])], capture_output=True, text=True, timeout=120)

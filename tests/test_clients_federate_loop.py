@@ -138,6 +138,7 @@ def start_job_with_two_turnkey_sites(
     return coordinator, store, driver, helpers
 
 
+@pytest.mark.slow
 def test_rnd_privatize_wraps_the_users_objects_for_local_dp_and_the_client_accounts_its_epsilon(
     tmp_path: Path,
 ) -> None:
@@ -199,6 +200,7 @@ def test_a_client_whose_model_does_not_fit_the_job_gets_a_clear_error(tmp_path: 
     store.close()
 
 
+@pytest.mark.slow
 def test_tls_clients_verify_the_server_against_their_ca_and_refuse_another(tmp_path: Path) -> None:
     ca = generate_ca("hub CA")
     leaf = generate_certificate("hub", ca, hostnames=["127.0.0.1", "localhost"])

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import fedveil.clients
 
 CLIENTS_DIR = Path(fedveil.clients.__file__).parent
@@ -99,6 +101,7 @@ def test_no_client_module_imports_the_server_or_any_package_outside_its_layer() 
     assert offenders == {}
 
 
+@pytest.mark.slow
 def test_importing_every_client_module_loads_no_server_module() -> None:
     modules = [module_name(p) for p in client_sources()]
     code = (

@@ -51,6 +51,7 @@ def completed_rounds(store_path: Path) -> int:
         return 0 if run is None else store.completed_rounds(run.run_id)
 
 
+@pytest.mark.slow
 def test_clients_wait_for_a_late_server_and_survive_a_server_killed_mid_job(tmp_path: Path) -> None:
     store_path, tokens, data, flags = prepare(tmp_path)
     port = free_port()
@@ -83,6 +84,7 @@ def test_clients_wait_for_a_late_server_and_survive_a_server_killed_mid_job(tmp_
     assert all(s["rounds_completed"] >= 2 for s in summaries)
 
 
+@pytest.mark.slow
 def test_a_refused_token_ends_the_client_with_status_3(tmp_path: Path) -> None:
     store_path, _tokens, data, flags = prepare(tmp_path)
     port = free_port()

@@ -90,6 +90,7 @@ def run_job(tmp_path: Path, cfg: ServerConfig, task: Task,
     return summary, results, errors
 
 
+@pytest.mark.slow
 def test_train_round_puts_a_model_left_in_eval_mode_back_in_train_mode_before_dp_sgd(tmp_path: Path) -> None:
     seen: list[bool] = []
 
@@ -191,6 +192,7 @@ class MaskedInputLostOnce(InProcessTransport):
         return super().submit_masked_input(request)
 
 
+@pytest.mark.slow
 def test_a_client_whose_local_budget_cannot_afford_a_retried_round_declines_it_and_finishes_cleanly(
     tmp_path: Path,
 ) -> None:

@@ -131,6 +131,7 @@ def shot(page: Any, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"dashboard-{name}.png"), full_page=True)
 
 
+@pytest.mark.slow
 def test_the_login_url_sets_an_httponly_cookie_and_pages_refuse_without_it(demo: Demo, browser: Any) -> None:
     page = new_page(browser)
     response = page.goto(demo.url + "clinician.html")
@@ -149,6 +150,7 @@ def test_the_login_url_sets_an_httponly_cookie_and_pages_refuse_without_it(demo:
     assert page.errors == []
 
 
+@pytest.mark.slow
 def test_runs_page_shows_the_demo_run_and_its_rounds(demo: Demo, browser: Any) -> None:
     url = demo.url
     wait_for(lambda: any(r["status"] == "completed" for r in get_json(url + "api/runs")["runs"]), 120, "the demo run")
@@ -168,6 +170,7 @@ def test_runs_page_shows_the_demo_run_and_its_rounds(demo: Demo, browser: Any) -
     assert page.errors == []
 
 
+@pytest.mark.slow
 def test_hospital_page_accepts_a_good_csv_and_rejects_a_bad_one(demo: Demo, browser: Any, tmp_path: Path) -> None:
     from fedveil.demo import healthcare
     from fedveil.demo.data import make_split
@@ -203,6 +206,7 @@ def test_hospital_page_accepts_a_good_csv_and_rejects_a_bad_one(demo: Demo, brow
     assert page.errors == []
 
 
+@pytest.mark.slow
 def test_a_run_started_from_the_browser_shows_its_rounds(demo: Demo, browser: Any) -> None:
     url = demo.url
     before = {r["id"] for r in get_json(url + "api/runs")["runs"]}
@@ -233,6 +237,7 @@ def test_a_run_started_from_the_browser_shows_its_rounds(demo: Demo, browser: An
     assert page.errors == []
 
 
+@pytest.mark.slow
 def test_clinician_gets_a_prediction_with_reasons(demo: Demo, browser: Any) -> None:
     page = new_page(browser, demo)
     page.goto(demo.url + "clinician.html")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 from torch.utils.data import TensorDataset
 
@@ -26,6 +27,7 @@ from fedveil.server.dashboard import StoreRunSource
 torch.set_num_threads(1)
 
 
+@pytest.mark.slow
 def test_store_source_shows_rounds_privacy_dropouts_and_the_model(tmp_path: Path) -> None:
     # four hospitals: under 2t > h + c a cohort of 4 has t = 3, so round 2 completes without hospital-3
     # (with three, t = 3 too and the dropout would abort every attempt)
@@ -86,6 +88,7 @@ def _login_url(line: str) -> tuple[str, str]:
     return base, query
 
 
+@pytest.mark.slow
 def test_fedveil_server_serves_the_dashboard(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "fedveil.cli", "server", "--listen", "127.0.0.1:0", "--store", str(tmp_path / "s.db"),
@@ -137,6 +140,7 @@ def test_fedveil_server_serves_the_dashboard(tmp_path: Path) -> None:
     assert "".join(output).count(token) == 1
 
 
+@pytest.mark.slow
 def test_fedveil_dashboard_serves_a_finished_run_with_the_tasks_own_explanations(tmp_path: Path) -> None:
     from fedveil.cli import main
 

@@ -28,6 +28,7 @@ def test_dropout_plan_never_leaves_fewer_than_the_threshold() -> None:
     assert not DropoutPlan.draw(names, 50, 0.0, 2, seed=1).silent
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("transport", ["in-process", "grpc"])
 def test_reduced_demo_local_dp_with_dropouts(tmp_path: Path, transport: str) -> None:
     # four hospitals: the threshold is 3 (c = 1 colluder of 4, 2t > 4 + 1), so one may drop per round
@@ -60,6 +61,7 @@ def test_reduced_demo_local_dp_with_dropouts(tmp_path: Path, transport: str) -> 
     assert saved["baselines"]["centralized"]["accuracy"] > 0.9
 
 
+@pytest.mark.slow
 def test_reduced_demo_central_and_none(tmp_path: Path) -> None:
     central = run_demo(DemoOptions(hospitals=3, rounds=2, dropout=0.0, dp="central", in_process=True,
                                    out=tmp_path / "c"), quiet(), serve_forever=False)
@@ -76,6 +78,7 @@ def test_reduced_demo_central_and_none(tmp_path: Path) -> None:
     assert none["epsilon_user"] is None and none["epsilon_sample_max"] is None
 
 
+@pytest.mark.slow
 def test_only_one_run_at_a_time(tmp_path: Path) -> None:
     """While the demo's own run is going, the dashboard cannot start another on the same hospitals."""
     from fedveil.demo.data import make_split
@@ -130,6 +133,7 @@ def test_user_level_noise_ratio_matches_the_mechanism() -> None:
     assert user_level_noise_ratio(distributed, recipe, 5) == pytest.approx(zd * math.sqrt(5 / 4) * math.sqrt(31) / 5)
 
 
+@pytest.mark.slow
 def test_a_hospital_with_one_class_only_takes_part_without_crashing(tmp_path: Path) -> None:
     """Its local ROC AUC is undefined (NaN): the client leaves it out of its report instead of failing."""
     import torch

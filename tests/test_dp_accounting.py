@@ -86,6 +86,7 @@ def test_rdp_curve_at_integer_orders_equals_dp_accounting(q: float, z: float) ->
     np.testing.assert_allclose(ours.rdp, theirs, rtol=1e-9)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("q", "z", "steps"), [(0.1, 0.8, 100), (0.3, 2.0, 100), (0.05, 1.0, 10_000)])
 def test_rdp_fractional_orders_are_never_looser_than_dp_accounting_and_never_below_pld(
     q: float, z: float, steps: int
@@ -97,6 +98,7 @@ def test_rdp_fractional_orders_are_never_looser_than_dp_accounting_and_never_bel
     assert ours >= google_pld_epsilon([(q, z, steps)], DELTA)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("q", "z", "steps"), [(0.01, 1.1, 1_000), (0.004, 0.8, 2_500), (1.0, 3.0, 20)])
 def test_prv_and_pld_agree_within_stated_errors(q: float, z: float, steps: int) -> None:
     prv = PRVAccountant()
@@ -122,6 +124,7 @@ def test_prv_refuses_compositions_whose_grid_is_too_large() -> None:
         acc.get_epsilon(DELTA)
 
 
+@pytest.mark.slow
 def test_pld_matches_dp_accounting_for_heterogeneous_history() -> None:
     events = [(0.01, 1.1, 300), (0.02, 0.9, 100), (0.01, 1.1, 50)]
     acc = PLDAccountant()
@@ -139,6 +142,7 @@ def test_rdp_heterogeneous_matches_dp_accounting() -> None:
     assert abs(acc.get_epsilon(DELTA) - theirs) <= 1e-3 * theirs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["rdp", "prv", "pld"])
 def test_round_by_round_equals_one_shot(name: str) -> None:
     rounds, q, z = 40, 0.02, 1.0
@@ -158,6 +162,7 @@ def test_round_by_round_equals_one_shot(name: str) -> None:
     z=st.floats(min_value=0.6, max_value=10.0),
     parts=st.lists(st.integers(min_value=1, max_value=500), min_size=1, max_size=8),
 )
+@pytest.mark.slow
 def test_rdp_composition_is_additive_property(q: float, z: float, parts: list[int]) -> None:
     acc = RDPAccountant()
     for p in parts:
@@ -204,6 +209,7 @@ def test_zero_noise_means_infinite_epsilon(name: str) -> None:
     assert math.isinf(compute_epsilon(sample_rate=0.1, noise_multiplier=0.0, steps=3, delta=DELTA, accountant=name))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["rdp", "prv", "pld"])
 def test_state_dict_json_round_trip(name: str) -> None:
     acc = make_accountant(name)
@@ -233,6 +239,7 @@ def test_epsilon_after_is_a_what_if() -> None:
     ("name", "q", "steps", "target"),
     [("rdp", 0.01, 1_000, 1.0), ("rdp", 0.004, 10_000, 8.0), ("pld", 0.01, 1_000, 2.0), ("prv", 0.02, 500, 3.0)],
 )
+@pytest.mark.slow
 def test_noise_solver_is_within_one_percent_and_never_above_target(
     name: str, q: float, steps: int, target: float
 ) -> None:
@@ -247,6 +254,7 @@ def test_noise_solver_is_within_one_percent_and_never_above_target(
     ) > 0.99 * target
 
 
+@pytest.mark.slow
 def test_noise_solver_reports_unreachable_targets() -> None:
     with pytest.raises(ValueError, match="unreachable"):
         solve_noise_multiplier(

@@ -122,6 +122,7 @@ def test_fixed_cohort_with_amplification_matches_dp_accounting_without_replaceme
     assert expected == pytest.approx(24.71, abs=0.01)
 
 
+@pytest.mark.slow
 def test_replace_one_sensitivity_is_twice_the_clip_norm() -> None:
     """The attacker's test of the halving: with K = N the event is the plain Gaussian under replace-one.
     dp-accounting's PLD accountant doubles the sensitivity itself under REPLACE_ONE and is near exact;
@@ -239,6 +240,7 @@ def test_distributed_dp_claims_no_amplification() -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ledger_round_trip_keeps_events_relation_and_epsilon() -> None:
     plain, d1 = user_level_event(Z, 4, 4)
     sampled, d2 = user_level_event(Z, 4, 10)

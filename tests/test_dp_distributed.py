@@ -58,6 +58,7 @@ finite = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, allow_infinit
     x=hnp.arrays(np.float64, st.tuples(st.integers(1, 4), st.integers(1, 300)), elements=finite),
     seed=st.integers(0, 2**63 - 1),
 )
+@pytest.mark.slow
 def test_rotation_is_orthonormal_and_invertible(x: np.ndarray, seed: int) -> None:
     y = rotate(x, seed)
     assert y.shape == (x.shape[0], padded_dim(x.shape[1]))
@@ -399,6 +400,7 @@ def test_subsampling_bound_dominates_exact_subsampled_gaussian(z: float, q: floa
     assert eps_exact * (1 - 1e-9) <= eps_bound <= 1.35 * eps_exact
 
 
+@pytest.mark.slow
 def test_cohort_sampling_is_credited_in_events_and_derivation() -> None:
     config = derive_parameters(100, 2000, 1.0, mechanism="skellam", bits=18, noise_multiplier=1.0)
     full = config.epsilon(1e-5, rounds=200)

@@ -221,6 +221,7 @@ def test_secure_mode_needs_torchcsprng() -> None:
         assert session.accountant.total_steps == N // BATCH
 
 
+@pytest.mark.slow
 def test_pld_session_accounts_with_pld() -> None:
     session = LocalDPSession(LocalDPConfig(noise_multiplier=1.1, accountant="pld", seed=0))
     train_rounds(session, 2)

@@ -155,6 +155,7 @@ def test_clip_update_keeps_shape_and_accepts_torch() -> None:
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantile", [0.3, 0.5, 0.8])
 def test_adaptive_clipping_converges_to_target_quantile(quantile: float) -> None:
     """Synthetic log-normal update norms: S approaches the γ-quantile of the norm distribution."""
@@ -185,6 +186,7 @@ def test_adaptive_clipping_converges_to_target_quantile(quantile: float) -> None
     assert history[0] == pytest.approx(0.05)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("z", "sigma_b"), [(1.0, 5.0), (0.5, 0.26), (2.3, 10.0), (0.8, 0.41)])
 def test_noise_split_formula_is_exact(z: float, sigma_b: float) -> None:
     z_delta = update_noise_multiplier(z, sigma_b)

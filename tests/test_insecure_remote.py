@@ -54,6 +54,7 @@ def test_server_refuses_insecure_on_a_non_loopback_address(tmp_path: Path, capsy
     assert not (tmp_path / "run.db").exists()  # refused before the store (or a port) was opened
 
 
+@pytest.mark.slow
 def test_allow_insecure_remote_is_warned_about_at_each_start(tmp_path: Path, capsys: Any) -> None:
     """Accepted with --allow-insecure-remote, with a WARNING; the listen address is TEST-NET, so
     the server then fails to bind (that is how this test avoids listening beyond loopback)."""

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from fedveil.server.config import ServerConfig
@@ -44,6 +45,7 @@ def completed_rounds(store_path: Path) -> int:
         return 0 if run is None else store.completed_rounds(run.run_id)
 
 
+@pytest.mark.slow
 def test_sigkilled_client_job_completes_and_rounds_before_the_kill_match_in_process(tmp_path: Path) -> None:
     cfg = config()
     work = tmp_path / "net"

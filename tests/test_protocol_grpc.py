@@ -278,6 +278,7 @@ def test_chunked_transfers_carry_the_exact_updates(passive_fed: Federation_) -> 
     np.testing.assert_allclose(fed.coordinator.store.aggregate(fed.coordinator.run_id, 1), expected, atol=1e-4)  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 def test_a_stalled_upload_is_cancelled_and_the_round_goes_on(tmp_path: Path) -> None:
     limits = ServerLimits(max_message_bytes=4 << 20, workers=16, max_concurrent_rpcs=64, max_concurrent_uploads=1,
                           upload_timeout_s=1.0)
@@ -509,6 +510,7 @@ class _RecordingUpload:
         return self._upload(self._recorded(requests), **kwargs)
 
 
+@pytest.mark.slow
 def test_a_queued_upload_sends_no_data_until_the_server_grants_it_a_slot(tmp_path: Path) -> None:
     limits = ServerLimits(max_message_bytes=4 << 20, workers=16, max_concurrent_rpcs=64, max_concurrent_uploads=1)
     # threshold 2 of 3 (passive mode: t > c = 1; the scripted clients cannot sign): one client's shares

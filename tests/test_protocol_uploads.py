@@ -162,6 +162,7 @@ def _check_abuse_was_refused(abuser: _Abuser, caplog: pytest.LogCaptureFixture) 
     assert abuser.payload.hex()[:16] not in text and repr(abuser.payload[:8])[2:-1] not in text
 
 
+@pytest.mark.slow
 def test_honest_sites_finish_while_one_site_floods_stalls_and_replays_uploads(
     serve: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -185,6 +186,7 @@ def test_honest_sites_finish_while_one_site_floods_stalls_and_replays_uploads(
     _check_abuse_was_refused(abuser, caplog)
 
 
+@pytest.mark.slow
 def test_streamed_honest_vectors_get_the_only_slot_in_turn(serve: Any, caplog: pytest.LogCaptureFixture) -> None:
     """Honest masked inputs over 64 KiB (streamed at the client's defaults) and ONE upload slot: the
     abusive site holds it at most an idle timeout per attempt, and queued honest uploads go first."""
@@ -233,6 +235,7 @@ class _BrokenOnce(Scripted):
         self.retried.append(ack.detail)
 
 
+@pytest.mark.slow
 def test_a_site_whose_upload_stream_broke_may_retry(serve: Any) -> None:
     names = ["a", "b", "c"]
     job = serve(names, ServerLimits(max_message_bytes=4 << 20, workers=16, max_concurrent_rpcs=64))

@@ -84,6 +84,7 @@ times = st.integers(0, 2**63 - 2)
 @settings(max_examples=60, deadline=None)
 @given(consortium=names, name=names, seed=st.binary(min_size=32, max_size=32),
        serial=st.binary(min_size=16, max_size=16), start=times, length=st.integers(1, 10**9))
+@pytest.mark.slow
 def test_credential_round_trips(consortium: str, name: str, seed: bytes, serial: bytes, start: int,
                                 length: int) -> None:
     key = raw(Ed25519PrivateKey.from_private_bytes(seed))

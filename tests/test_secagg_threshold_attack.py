@@ -171,6 +171,7 @@ def _config(n: int, t: int, graph: GraphSpec, fraction: float) -> SecAggConfig:
 CASES = [("complete", 5, 0), ("complete", 10, 0), ("complete", 11, 0), ("harary", 50, 34), ("harary", 50, 0)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("graph,n,degree", CASES)
 def test_the_rule_stops_the_split_attack_with_the_cohorts_colluders(graph, n, degree):
     plan = plan_threshold(n, graph, degree=degree)

@@ -27,6 +27,7 @@ from tests.server_helpers import TASK, Scripted, make_job, run_job, vectors
 pytestmark = pytest.mark.timeout(180)
 
 
+@pytest.mark.slow
 def test_dropout_at_masked_input_leaves_the_exact_mean_of_the_survivors(tmp_path: Path) -> None:
     names = ["a", "b", "c", "d"]
     vecs = vectors(4)
@@ -55,6 +56,7 @@ def test_dropout_at_masked_input_leaves_the_exact_mean_of_the_survivors(tmp_path
     store.close()
 
 
+@pytest.mark.slow
 def test_too_few_survivors_abort_the_round_which_is_retried(tmp_path: Path) -> None:
     names = ["a", "b", "c"]  # threshold 3: c = 1 colluder of 3, 2t > 3 + 1
     vecs = vectors(3)
@@ -149,6 +151,7 @@ def _run_partial(coordinator: Coordinator, clients: list[Scripted]) -> JobSummar
     return coordinator.run()
 
 
+@pytest.mark.slow
 def test_a_round_that_keeps_aborting_fails_the_job_and_a_restart_tries_again(tmp_path: Path) -> None:
     names = ["a", "b", "c"]
     vecs = vectors(3)
@@ -199,6 +202,7 @@ def test_fedadam_moments_survive_a_restart(tmp_path: Path) -> None:
     np.testing.assert_allclose(got.model, expected.model, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_a_site_silent_from_the_round_start_is_one_dropout_at_commit(tmp_path: Path) -> None:
     """Counted once: it is out of the round at commit, not again when later stages close."""
     names = ["a", "b", "c", "d"]

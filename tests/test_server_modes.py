@@ -33,6 +33,7 @@ from tests.server_helpers import TASK, Scripted, make_job, run_job, vectors
 pytestmark = pytest.mark.timeout(180)
 
 
+@pytest.mark.slow
 def test_harary_graph_round_with_a_dropout_gives_the_exact_mean(tmp_path: Path,
                                                                caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="fedveil.server")
@@ -205,6 +206,7 @@ def test_server_argument_errors(tmp_path: Path, extra: list[str], expected: str 
     assert not (tmp_path / "run.db").exists()
 
 
+@pytest.mark.slow
 def test_long_polls_are_capped_so_they_cannot_take_every_worker(tmp_path: Path) -> None:
     from fedveil.protocol import PROTOCOL_VERSION
     from fedveil.protocol.transport import ClientSession
@@ -234,6 +236,7 @@ def test_long_polls_are_capped_so_they_cannot_take_every_worker(tmp_path: Path) 
     store.close()
 
 
+@pytest.mark.slow
 def test_active_adversary_mode_with_signed_keys_and_consistency_check(tmp_path: Path) -> None:
     from tests.server_helpers import ActiveScripted
 

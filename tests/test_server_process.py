@@ -55,6 +55,7 @@ def _env() -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_server_killed_after_round_1_resumes_and_finishes(tmp_path: Path) -> None:
     ca = generate_ca()
     generate_certificate("localhost", ca, hostnames=["127.0.0.1"]).write(tmp_path / "srv.pem", tmp_path / "srv.key")
@@ -142,6 +143,7 @@ def test_server_killed_after_round_1_resumes_and_finishes(tmp_path: Path) -> Non
     assert "refused Join from <unauthenticated>" in (logs / "server1.err").read_text()
 
 
+@pytest.mark.slow
 def test_sigterm_stops_cleanly_a_second_server_is_refused_and_a_restart_resumes(tmp_path: Path) -> None:
     db = tmp_path / "run.db"
     with RunStore(db) as store:

@@ -181,6 +181,7 @@ def test_an_implausible_noise_multiplier_is_unverified_not_shown_as_a_fact(tmp_p
     store.close()
 
 
+@pytest.mark.slow
 def test_claimed_steps_of_1e8_under_pld_render_in_bounded_work(tmp_path: Path) -> None:
     coordinator, store = _local_job(tmp_path, dp_accountant="pld")
     flood = _spend(sample_rate=0.5, steps=10**8, epsilon=1.0, accountant="pld")
@@ -211,6 +212,7 @@ def test_claimed_steps_of_1e8_under_pld_render_in_bounded_work(tmp_path: Path) -
     store.close()
 
 
+@pytest.mark.slow
 def test_the_server_checks_claims_against_what_it_knows() -> None:
     def spend(**kw: Any) -> CheckedSpend:
         base = dict(epsilon=HONEST.epsilon, delta=DELTA, noise_multiplier=Z, sample_rate=Q, steps=STEPS,
@@ -254,6 +256,7 @@ def _or_any(valid: st.SearchStrategy[Any], anything: st.SearchStrategy[Any] = _N
     return st.one_of(valid, anything)
 
 
+@pytest.mark.slow
 def test_no_report_a_client_can_send_raises_anything_but_a_protocol_error(tmp_path: Path) -> None:
     """Fuzz every numeric field of ``ReportMetrics`` (bounded budget) in a real round: only
     ``ProtocolError`` subclasses (status codes) may come out, never INTERNAL."""

@@ -90,6 +90,7 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ending", ["sys.exit", "exit_within"])
 def test_a_handler_that_never_returns_holds_a_plain_exit_but_not_exit_within(ending: str) -> None:
     proc = subprocess.Popen([sys.executable, "-c", STUCK_POOL, ending], stdout=subprocess.PIPE,
@@ -116,6 +117,7 @@ def _run_status(db: Path) -> str:
     return str(rows[0][0]) if rows else ""
 
 
+@pytest.mark.slow
 def test_server_exits_after_a_job_with_a_killed_site_a_forged_token_and_a_frozen_long_poll(tmp_path: Path) -> None:
     db = tmp_path / "run.db"
     honest, killed = ["north", "south", "east"], "west"

@@ -7,6 +7,7 @@ import pytest
 from fedveil.cli import main
 
 
+@pytest.mark.slow
 def test_bench_network_small(capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["bench", "network", "--clients", "3", "--dim", "2000", "--rounds", "2", "--memory-clients", "2",
                  "--json"])

@@ -60,6 +60,7 @@ def test_user_level_dp_modes_run_with_real_clients(dp: str) -> None:
         assert rnd.stats["update_norm"] > 0
 
 
+@pytest.mark.slow
 def test_fedadam_server_optimizer_in_a_simulation() -> None:
     result = simulate_in_process(config(rounds=2, optimizer="fedadam", server_lr=0.05), 3)
     assert result.summary["status"] == "completed"

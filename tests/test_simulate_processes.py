@@ -25,6 +25,7 @@ def run(capsys: pytest.CaptureFixture[str], store: Path, *extra: str) -> dict:
     return json.loads(out[-1])
 
 
+@pytest.mark.slow
 def test_processes_and_in_process_release_the_same_aggregates(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
@@ -42,6 +43,7 @@ def test_processes_and_in_process_release_the_same_aggregates(
         np.testing.assert_array_equal(a.aggregate, b.aggregate)
 
 
+@pytest.mark.slow
 def test_processes_run_the_secure_default_with_vouched_identities(capsys: pytest.CaptureFixture[str],
                                                                   tmp_path: Path) -> None:
     """Active mode, once refused with --processes, is the default: an in-memory authority vouches for each
@@ -59,6 +61,7 @@ def test_processes_run_the_secure_default_with_vouched_identities(capsys: pytest
     assert len(joins) == 3 and all("malicious-server checks, credential" in line for line in joins)
 
 
+@pytest.mark.slow
 def test_a_server_outliving_every_client_is_stopped_with_their_exit_statuses(tmp_path: Path) -> None:
     import sys
     import time
