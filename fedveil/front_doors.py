@@ -54,6 +54,8 @@ def serve(
     client_ca: str | Path | None = None,
     insecure: bool = False,
     allow_insecure_remote: bool = False,
+    authority: str | Path | None = None,
+    revocations: str | Path | None = None,
     new_run: bool = False,
 ) -> JobSummary:
     """Run ``config``'s job behind gRPC until it completes, as ``fedveil server`` does.
@@ -62,6 +64,8 @@ def serve(
     (PEM files; ``client_ca`` adds mutual TLS), or ``insecure=True`` for plaintext, which is refused
     on an address other than loopback unless ``allow_insecure_remote``. A rerun with the same
     ``config`` and ``store`` resumes the unfinished run (``new_run=True`` starts a new one).
+    ``authority`` (the consortium authority's public file) makes the server check each site's
+    credential at Join and announce the consortium, as ``fedveil server --authority`` does.
 
     Args:
         config: the job (:class:`~fedveil.server.config.ServerConfig`).
@@ -72,15 +76,21 @@ def serve(
         client_ca: a CA (PEM file) whose client certificates the server then requires.
         insecure: run without TLS (loopback only, unless ``allow_insecure_remote``).
         allow_insecure_remote: accept plaintext on a non-loopback address; tokens travel in the clear.
+        authority: the consortium authority's public file (``fedveil authority init``).
+        revocations: the authority's latest signed revocation list (needs ``authority``).
         new_run: start a new run in ``store`` even if an unfinished one has the same settings.
 
     Returns:
         The job's summary (status, rounds, dropouts, final metrics, ε).
 
     Raises:
-        FrontDoorError: TLS arguments missing or contradictory; ``field`` names the argument.
+        FrontDoorError: TLS or authority arguments missing or contradictory; ``field`` names the argument.
     """
+    import dataclasses
+
+    from fedveil.protocol.identity_files import load_authority_public, load_revocations
     from fedveil.protocol.tls import plaintext_refusal, read_pem
+    from fedveil.secagg.identity import verify_revocations
     from fedveil.server.runner import TlsSettings
     from fedveil.server.runner import serve as run_server
     from fedveil.task import load_task
@@ -101,7 +111,19 @@ def serve(
                                  field="tls_cert")
         tls = TlsSettings(read_pem(tls_cert, "tls_cert"), read_pem(tls_key, "tls_key"),
                           read_pem(client_ca, "client_ca") if client_ca is not None else None)
-    return run_server(config, load_task(config.task), store, listen, tls=tls, new_run=new_run)
+    revocation_list = None
+    if revocations is not None and authority is None:
+        raise FrontDoorError("revocations: needs authority (the list is checked against the authority's key)",
+                             field="revocations")
+    if authority is not None:
+        pinned = load_authority_public(Path(authority))
+        config = dataclasses.replace(config, consortium=pinned.consortium,
+                                     authority_public_key=pinned.public_key.raw.hex())
+        if revocations is not None:
+            revocation_list = load_revocations(Path(revocations))
+            verify_revocations(pinned.public_key, revocation_list, consortium=pinned.consortium)
+    return run_server(config, load_task(config.task), store, listen, tls=tls, new_run=new_run,
+                      revocations=revocation_list)
 
 
 def simulate(
