@@ -1,7 +1,6 @@
 """The front door for an existing PyTorch training loop: :func:`federate`.
 
-A data scientist keeps their loop; four lines change (see README, "Federating an existing
-PyTorch loop")::
+A data scientist keeps their loop; four lines change (see docs/federate-your-loop.md)::
 
     for rnd in fedveil.federate(server="hospital-hub:7000", task="fedveil.tasks.synthetic",
                                 token=TOKEN, ca_cert="hub.pem", model=model):
