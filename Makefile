@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedveil-installed
 DEMO_OUT ?= demo-out
 
-.PHONY: demo test test-fast lint typecheck unit venv install browser proto bench clean
+.PHONY: demo test test-fast lint typecheck docs unit venv install browser proto bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,7 +41,12 @@ typecheck: $(STAMP)
 unit: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
-test: lint typecheck unit
+# The documentation site (mkdocs.yml, docs/): --strict turns a broken link, a missing page or an
+# unresolvable API reference into a failure.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+test: lint typecheck docs unit
 
 # The edit-run loop: lint and every test not marked slow (under a minute); `make test` is the gate.
 test-fast: $(STAMP)
@@ -60,4 +65,4 @@ proto: $(STAMP)
 	sed -i 's/^import fedveil_pb2/from fedveil.protocol import fedveil_pb2/' fedveil/protocol/fedveil_pb2_grpc.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache site

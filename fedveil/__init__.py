@@ -3,15 +3,65 @@
 Secure aggregation (Bonawitz et al., CCS 2017; SecAgg+, Bell et al., CCS 2020) hides each
 client's update from the server; differential privacy (DP-SGD, DP-FedAvg, distributed DP)
 bounds what the released aggregate and the final model reveal.
+
+One front door per user, each a single call with sensible defaults:
+
+- a data scientist's site: [`federate`][fedveil.clients.api.federate] turns an existing PyTorch
+  loop into one site of a federation;
+- the job's operator: [`serve`][fedveil.front_doors.serve] runs a job behind gRPC until it completes;
+- trying it out: [`simulate`][fedveil.front_doors.simulate] runs a whole federation on this machine;
+- a privacy officer: [`compute_epsilon`][fedveil.dp.accounting.compute_epsilon],
+  [`solve_noise_multiplier`][fedveil.dp.accounting.solve_noise_multiplier], and
+  [`build_report`][fedveil.dp.report.build_report] over
+  [`load_ledger`][fedveil.front_doors.load_ledger] (a ledger file or a server's run store).
+
+They are imported on first use, so ``import fedveil`` loads neither torch nor gRPC.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
+if TYPE_CHECKING:  # what IDEs and type checkers see; at run time __getattr__ imports on first use
+    from fedveil.clients.api import federate
+    from fedveil.dp.accounting import compute_epsilon, solve_noise_multiplier
+    from fedveil.dp.report import build_report
+    from fedveil.front_doors import load_ledger, serve, simulate
+
+__all__ = [
+    "build_report",
+    "compute_epsilon",
+    "federate",
+    "load_ledger",
+    "serve",
+    "simulate",
+    "solve_noise_multiplier",
+]
+
+_FRONT_DOORS: dict[str, str] = {
+    "federate": "fedveil.clients.api",
+    "serve": "fedveil.front_doors",
+    "simulate": "fedveil.front_doors",
+    "load_ledger": "fedveil.front_doors",
+    "compute_epsilon": "fedveil.dp.accounting",
+    "solve_noise_multiplier": "fedveil.dp.accounting",
+    "build_report": "fedveil.dp.report",
+}
+
 
 def __getattr__(name: str) -> object:
-    """``fedveil.federate`` (the client API for existing PyTorch loops), imported on first use."""
-    if name == "federate":
-        from fedveil.clients.api import federate
+    """Import a front door on first use (PEP 562) and keep it as a module attribute."""
+    module = _FRONT_DOORS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fedveil' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
-        return federate
-    raise AttributeError(f"module 'fedveil' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    """The module's attributes plus the front doors not imported yet."""
+    return sorted(set(globals()) | set(__all__))

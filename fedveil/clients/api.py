@@ -1,7 +1,6 @@
 """The front door for an existing PyTorch training loop: :func:`federate`.
 
-A data scientist keeps their loop; four lines change (see README, "Federating an existing
-PyTorch loop")::
+A data scientist keeps their loop; four lines change (see docs/federate-your-loop.md)::
 
     for rnd in fedveil.federate(server="hospital-hub:7000", task="fedveil.tasks.synthetic",
                                 token=TOKEN, ca_cert="hub.pem", model=model):
@@ -72,11 +71,14 @@ def federate(
             match the server's, and its ``build_model`` makes the model when ``model`` is None.
         token: the client's enrolment token (``fedveil enroll``).
         model: your own ``nn.Module``; each round loads the global weights into it.
-        ca_cert / insecure: verify the server's TLS certificate against ``ca_cert`` (else the
-            system roots), or use plaintext: only to a loopback ``server`` (127.0.0.0/8, ::1,
+        ca_cert: verify the server's TLS certificate against this CA (PEM file; default: the
+            system roots).
+        insecure: use plaintext instead of TLS: only to a loopback ``server`` (127.0.0.0/8, ::1,
             localhost) unless ``allow_insecure_remote``, since the token would travel in the clear.
-        client_cert / client_key: PEM certificate and key for a server that requires mutual TLS
-            (``fedveil server --client-ca``); the certificate's common name is this client.
+        allow_insecure_remote: accept ``insecure`` to a server that is not on loopback.
+        client_cert: PEM certificate for a server that requires mutual TLS (``fedveil server
+            --client-ca``); the certificate's common name is this client.
+        client_key: the private key (PEM) of ``client_cert``.
         seed: the client's private seed, for reproducible runs (default: random).
         num_examples: size of the local data set, reported to the server.
         evaluate: ``fn(model) -> {"loss": ..., "accuracy": ...}`` for federated evaluation.

@@ -204,7 +204,7 @@ N_FOLDS = 5
 #: gives; the recipe's finalists are re-selected by cross-validation on seed 1's non-test
 #: patients (the original search used seed 0's, which overlap seed 1's test set); and
 #: ``benchmarks/demo_utility.py`` reports the recipe on the test sets of seeds 0-9, so that
-#: no single split, lucky or not, stands for the recipe. Seed 0's figures stay in the README.
+#: no single split, lucky or not, stands for the recipe. Seed 0's figures stay in docs/demo.md.
 DEMO_SPLIT_SEED = 1
 
 
