@@ -24,9 +24,9 @@ dropout case secure aggregation exists for). The dropped hospital still counts t
 spent on its local training, since it did train.
 
 Monitoring: the coordinator commits each round (model checkpoint, ledger, dropouts) to the
-store in one transaction; :class:`_ObservedStore` adds a read-only hook after that commit, which
-the demo uses to evaluate the new global model on the held-out test set and to read each
-hospital's own privacy accountant.
+store in one transaction and then tells its listeners (:mod:`fedveil.server.events`); the demo's
+listener, :class:`_RoundObserver`, takes each ``RoundCompleted`` to evaluate the new global model
+on the held-out test set and to read each hospital's own privacy accountant.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from torch.utils.data import TensorDataset
 
 from fedveil.demo import healthcare
 from fedveil.demo.recipe import Recipe
+from fedveil.server.events import JobEvent, RoundCompleted
 from fedveil.server.store import RunStore
 
 log = logging.getLogger("fedveil.demo")
@@ -151,19 +152,15 @@ class FederationResult:
     wall_seconds: float = 0.0
 
 
-class _ObservedStore(RunStore):
-    """The coordinator's store, with a hook called after each round is committed."""
+class _RoundObserver:
+    """A job listener: each released round (already committed to the store) goes to ``observer``."""
 
-    def __init__(self, path: Path, observer: Callable[[str, int, int, Mapping[str, Any]], None]) -> None:
-        super().__init__(path)
+    def __init__(self, observer: Callable[[RoundCompleted], None]) -> None:
         self._observer = observer
 
-    def complete_round(self, run_id: str, round_number: int, attempt: int, **kwargs: Any) -> None:  # type: ignore[override]
-        super().complete_round(run_id, round_number, attempt, **kwargs)
-        try:
-            self._observer(run_id, round_number, attempt, kwargs)
-        except Exception:  # monitoring must never break the job
-            log.exception("round observer failed")
+    def on_event(self, event: JobEvent) -> None:
+        if isinstance(event, RoundCompleted):
+            self._observer(event)
 
 
 def server_config(settings: FederationSettings, recipe: Recipe, n_hospitals: int) -> Any:
@@ -288,16 +285,17 @@ def run_federation(
             out[name] = float(spend.epsilon) if spend is not None else (0.0 if settings.dp == "local" else None)
         return out
 
-    def observe(run_id: str, number: int, attempt: int, kw: Mapping[str, Any]) -> None:
+    def observe(event: RoundCompleted) -> None:
+        run_id, number, attempt = event.run_id, event.round, event.attempt
         model = task.build_model()
-        vector_to_model(np.asarray(kw["model"], dtype=np.float32), model)
+        vector_to_model(np.asarray(event.model, dtype=np.float32), model)
         metrics = healthcare.evaluate(model, test)
         participants = sorted(n for a, n, _, _ in store.participants(run_id, number) if a == attempt)
         drops = sorted({name for (r, a, name, _, _) in store.dropouts(run_id) if r == number and a == attempt})
         participants = [p for p in participants if p not in drops]
         eps_user = None
-        if settings.dp in ("central", "distributed") and kw.get("ledger_json"):
-            eps_user = float(PrivacyLedger.from_json(kw["ledger_json"]).epsilon(FEDERATION))
+        if settings.dp in ("central", "distributed") and event.ledger_json:
+            eps_user = float(PrivacyLedger.from_json(event.ledger_json).epsilon(FEDERATION))
         eps: dict[str, float | None] = hospital_epsilons() if settings.dp == "local" else dict.fromkeys(names)
         finite = [e for e in eps.values() if e is not None]
         eps_max = max(finite) if finite else (eps_user if settings.dp in ("central", "distributed") else None)
@@ -319,7 +317,7 @@ def run_federation(
         if on_round is not None:
             on_round(report, model)
 
-    store = _ObservedStore(store_path, observe)
+    store = RunStore(store_path)
     grpc_server: Any = None
     try:
         tokens = {name: store.enroll(name, rotate=store.client_enrolled(name)).token for name in names}
@@ -328,7 +326,7 @@ def run_federation(
         config = sites.config
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            coordinator = Coordinator(config, task, store, new_run=True)
+            coordinator = Coordinator(config, task, store, new_run=True, listeners=[_RoundObserver(observe)])
         if on_start is not None:
             on_start(coordinator.run_id)
         make_transport: Callable[[str], Any]

@@ -37,7 +37,7 @@ import secrets
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +68,16 @@ from fedveil.secagg.identity import RevocationList, SiteCredential, verify_crede
 from fedveil.secagg.server import SecAggServer
 from fedveil.secagg.threshold import ThresholdPlan
 from fedveil.server.config import ServerConfig
+from fedveil.server.events import (
+    EvaluationRecorded,
+    JobFinished,
+    JobListener,
+    Listeners,
+    RoundAborted,
+    RoundCompleted,
+    RoundRejected,
+    RoundStarted,
+)
 from fedveil.server.reports import (
     CheckedReport,
     SpendContext,
@@ -243,8 +253,11 @@ class Coordinator:
         *,
         new_run: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        listeners: Iterable[JobListener] = (),
     ) -> None:
         self.config = config
+        self.listeners = Listeners(listeners)
+        """Told of every round and of the job's end (:mod:`fedveil.server.events`); add with ``.add``."""
         self.task = task
         self.store = store
         self._clock = clock
@@ -1124,6 +1137,8 @@ class Coordinator:
             rnd.deadline, rnd.deadline_wall = now + self.config.stage_timeout, wall + self.config.stage_timeout
             self._round = rnd
             self._cond.notify_all()
+        self.listeners.emit(RoundStarted(self.run_id, number, rnd.attempt, tuple(rnd.cohort),
+                                         "evaluate" if purpose == pb.ROUND_PURPOSE_EVALUATE else "train"))
         stages = [Stage.COMMIT, Stage.REVEAL, Stage.TRAINING, Stage.SHARE_KEYS, Stage.MASKED_INPUT]
         if self.config.active_adversary:
             stages.append(Stage.CONSISTENCY)
@@ -1207,6 +1222,8 @@ class Coordinator:
             log.info("round %d completed: %d survivors, update norm %.4g, %.2fs", number, len(result.survivors),
                      applied.stats["update_norm"], stats["duration_s"])
             self._finish_round_for_clients(rnd, pb.ROUND_OUTCOME_COMPLETED, "", result.survivors)
+        self.listeners.emit(RoundCompleted(self.run_id, number, rnd.attempt, len(result.survivors), applied.params,
+                                           ledger_json, dict(stats)))
         return "completed"
 
     def _reject_round(self, rnd: _Round, reason: str, survivors: int) -> str:
@@ -1225,6 +1242,7 @@ class Coordinator:
             self._rejected_rounds += 1
             log.warning("round %d rejected (model unchanged, the job goes on): %s", number, reason)
             self._finish_round_for_clients(rnd, pb.ROUND_OUTCOME_ABORTED, f"rejected: {reason}", ())
+        self.listeners.emit(RoundRejected(self.run_id, number, rnd.attempt, reason))
         return "rejected"
 
     def _abort_attempt(self, rnd: _Round, stage: Stage, answered: int) -> str:
@@ -1246,6 +1264,7 @@ class Coordinator:
         self.store.abort_round(self.run_id, number, rnd.attempt, reason, answered)
         self._aborted_attempts += 1
         log.warning("round %d attempt %d aborted: %s", number, rnd.attempt, reason)
+        self.listeners.defer(RoundAborted(self.run_id, number, rnd.attempt, stage.label, reason))
         self._finish_round_for_clients(rnd, pb.ROUND_OUTCOME_ABORTED, reason, ())
         if stage == Stage.REVEAL and rnd.beacon.withheld:
             # each withholder costs one attempt and is barred from the rest of the round, so a site
@@ -1265,6 +1284,7 @@ class Coordinator:
             return
         self.store.record_evaluation(self.run_id, self.model.version, SECURE_SUM_ROW, round(examples), metrics)
         self._last_secure_metrics = dict(metrics)
+        self.listeners.defer(EvaluationRecorded(self.run_id, rnd.number, self.model.version, dict(metrics), examples))
         log.info("round %d: secure evaluation of model %d over %d sites: %s", rnd.number, self.model.version,
                  survivors, {k: round(v, 4) for k, v in metrics.items()})
 
@@ -1286,6 +1306,7 @@ class Coordinator:
                          cfg.min_clients)
                 return
             outcome = self._run_round(phase, available, purpose=pb.ROUND_PURPOSE_EVALUATE)
+            self.listeners.flush()
             if outcome in ("completed", "stopped"):
                 break
         self._final_metrics = dict(self._last_secure_metrics)
@@ -1341,6 +1362,7 @@ class Coordinator:
                             self._finish_round_for_clients(rnd, pb.ROUND_OUTCOME_ABORTED, "internal error", ())
                     self._aborted_attempts += 1
                 outcome = "aborted"
+            self.listeners.flush()
             if outcome == "stopped":
                 status, message = "stopped", "stopped before the job completed; restart with the same command"
                 break
@@ -1371,6 +1393,8 @@ class Coordinator:
         )
         if status != "stopped":
             self.store.finish_run(self.run_id, status, summary.to_dict())
+        self.listeners.emit(JobFinished(self.run_id, summary.to_dict()))
+        if status != "stopped":
             self._announce_done(message)
         return summary
 
