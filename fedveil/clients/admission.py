@@ -31,9 +31,8 @@ from fedveil.dp.accounting import DpEvent, RdpCurveEvent, SubsampledGaussianEven
 from fedveil.dp.distributed import DistributedDPConfig, skellam_rdp
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.secagg.errors import SecAggError
-from fedveil.secagg.graph import is_sparse
 from fedveil.secagg.identity import decode_credential, verify_roster
-from fedveil.secagg.threshold import collusion_bound, threshold_problem
+from fedveil.secagg.threshold import cohort_bound, threshold_problem
 
 USER_LEVEL_MODES = ("central", "distributed")
 
@@ -53,13 +52,6 @@ class Admission:
     """Distributed DP: the round's configuration with this site's own noise share."""
     evaluate: bool = False
     """Fill the round's evaluation section with this site's sums (else it contributes zeros)."""
-
-
-def _graph(start: pb.RoundStart) -> tuple[int, int]:
-    """(n, k): cohort size and the Harary degree (0 for the complete graph)."""
-    n = int(start.secagg.cohort_size)
-    k = int(start.secagg.degree) if start.secagg.graph == "harary" else 0
-    return n, k if is_sparse(k, n) else 0
 
 
 def check_job_consistency(start: pb.RoundStart, job: pb.JobInfo, run_id: str) -> None:
@@ -108,13 +100,13 @@ def check_identities(policy: SitePolicy, start: pb.RoundStart, *, own_name: str,
 
 def check_threshold(policy: SitePolicy, start: pb.RoundStart) -> tuple[int, int]:
     """t must satisfy 2t > h + c (t > c with a trusted server) for this site's own f; returns (h, c)."""
-    n, k = _graph(start)
+    n = int(start.secagg.cohort_size)
+    k = int(start.secagg.degree) if start.secagg.graph == "harary" else 0
     server_f = float(start.secagg.max_corrupt_fraction)
     if not policy.trust_server and server_f + 1e-12 < policy.max_corrupt_fraction:
         raise PolicyViolation("secagg.max_corrupt_fraction", f"the round assumes a colluding fraction of {server_f:g}; "
                               f"this site assumes {policy.max_corrupt_fraction:g}")
-    c, _failure = collusion_bound(n, k, policy.max_corrupt_fraction, security_bits=policy.security_bits)
-    h = n if k == 0 else k + 1
+    h, c = cohort_bound(n, k, policy.max_corrupt_fraction, security_bits=policy.security_bits)
     problem = threshold_problem(int(start.secagg.threshold), h, c, active=not policy.trust_server)
     if problem is not None:
         raise PolicyViolation("secagg.threshold", f"{problem} (this site assumes f={policy.max_corrupt_fraction:.3g})")

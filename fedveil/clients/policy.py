@@ -25,6 +25,7 @@ from typing import Any
 from fedveil.errors import FedveilError
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.secagg.identity import RevocationList
+from fedveil.secagg.threshold import DEFAULT_MAX_CORRUPT_FRACTION, DEFAULT_SECURITY_BITS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -33,7 +34,6 @@ else:  # pragma: no cover - Python 3.10
 
 DP_MODES = ("none", "local", "central", "distributed")
 EVALUATION_RULES = ("secure", "clear", "off")
-DEFAULT_MAX_CORRUPT_FRACTION = 1.0 / 3.0
 DEFAULT_MIN_COHORT = 3
 
 
@@ -100,7 +100,7 @@ class SitePolicy:
     max_attempts_per_round: int = 3
     evaluation: str = "secure"
     max_evaluations_per_round: int = 1
-    security_bits: float = 40.0
+    security_bits: float = DEFAULT_SECURITY_BITS
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, message: str) -> None:
