@@ -140,7 +140,9 @@ def admit_round(policy: SitePolicy, job: pb.JobInfo, start: pb.RoundStart, *, ru
                 own_key: bytes, now: int, state: SiteState, verified: set[bytes] | None = None) -> Admission:
     """Check ``start`` before taking part (see the module docstring); raises :class:`PolicyViolation`."""
     check_job_consistency(start, job, run_id)
-    refusal = state.admission_refusal(run_id, int(start.round), policy.max_attempts_per_round)
+    refusal = state.admission_refusal(run_id, int(start.round), policy.max_attempts_per_round,
+                                      evaluation_only=start.purpose == pb.ROUND_PURPOSE_EVALUATE,
+                                      max_evaluations_per_job=policy.max_evaluations_per_job)
     if refusal is not None:
         raise PolicyViolation("round", refusal)
     mode = start.dp.mode or "none"
