@@ -30,6 +30,7 @@ from fedveil.clients.site_state import SiteState
 from fedveil.dp.accounting import DpEvent, RdpCurveEvent, SubsampledGaussianEvent
 from fedveil.dp.distributed import DistributedDPConfig, skellam_rdp
 from fedveil.protocol import fedveil_pb2 as pb
+from fedveil.protocol.binding import binding_problem
 from fedveil.secagg.errors import SecAggError
 from fedveil.secagg.identity import decode_credential, verify_roster
 from fedveil.secagg.threshold import cohort_bound, threshold_problem
@@ -64,6 +65,9 @@ def check_job_consistency(start: pb.RoundStart, job: pb.JobInfo, run_id: str) ->
     if bool(start.secagg.active_adversary) != bool(job.active_adversary):
         raise PolicyViolation("secagg.active_adversary", "the round's adversary mode differs from the job's "
                               f"(job: {'active' if job.active_adversary else 'passive'})")
+    problem = binding_problem(start)
+    if problem is not None:
+        raise PolicyViolation("secagg.context", problem)
     if (start.secagg.graph or "complete") != (job.secagg_graph or "complete"):
         raise PolicyViolation("secagg.graph", f"the round uses graph {start.secagg.graph!r}; the job was announced "
                               f"with {job.secagg_graph!r}")

@@ -48,6 +48,7 @@ from fedveil.errors import FedveilError
 from fedveil.metrics import DEFAULT_METRICS, weighted_metrics
 from fedveil.protocol import PROTOCOL_VERSION, ROUND_NONCE_BYTES, SESSION_ID_BYTES
 from fedveil.protocol import fedveil_pb2 as pb
+from fedveil.protocol.binding import bound_context
 from fedveil.protocol.codec import decode_ring_vector, model_message
 from fedveil.protocol.errors import (
     Incompatible,
@@ -1071,7 +1072,8 @@ class Coordinator:
         sconfig = SecAggConfig(
             num_clients=len(chosen), threshold=t, vector_length=plan.dimension, round_id=round_id,
             ring_bits=plan.ring_bits, graph=spec, active=cfg.active_adversary, identity_keys=identity_keys,
-            context=context, max_corrupt_fraction=cfg.max_corrupt_fraction,
+            context=bound_context(context, plan.dp, plan.encoding),  # sites shown other DP parameters: no session
+            max_corrupt_fraction=cfg.max_corrupt_fraction,
             # a placeholder until the cohort's commit-then-reveal seed is known (REVEAL closes)
             graph_seed=bytes(32),
         )
