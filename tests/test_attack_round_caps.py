@@ -144,3 +144,13 @@ def test_site_state_pins_rounds_and_counts_evaluations_across_restarts(tmp_path:
     assert "max_evaluations_per_job" in (reopened.admission_refusal("run", 2, 2, evaluation_only=True,
                                                                     max_evaluations_per_job=1) or "")
     assert reopened.job_evaluations("run") == 1
+
+
+def test_the_servers_evaluation_cap_is_validated_and_names_its_flag() -> None:
+    from fedveil.server.config import ServerConfig, ServerConfigError
+
+    assert job_config().max_evaluations_per_job == 1
+    with pytest.raises(ServerConfigError) as err:
+        ServerConfig(task="fedveil.tasks.synthetic", rounds=1, clients_per_round=4, min_clients=4,
+                     max_evaluations_per_job=-1)
+    assert err.value.flag == "--max-evaluations-per-job"

@@ -1280,7 +1280,7 @@ class Coordinator:
         """The final model's metrics as one secure sum over the cohort (an evaluation-only round)."""
         cfg = self.config
         phase = cfg.rounds + 1
-        for _ in range(cfg.max_round_attempts):
+        for _ in range(min(cfg.max_round_attempts, cfg.max_evaluations_per_job)):  # each attempt asks again
             with self._cond:
                 available = [n for n in self._available() if n not in self._barred.get(phase, set())]
             if len(available) < cfg.min_clients:
@@ -1355,7 +1355,8 @@ class Coordinator:
                 status = "failed"
                 message = f"round {number} aborted {cfg.max_round_attempts} times (see the store for reasons)"
                 break
-        if status in ("completed", "budget_exhausted") and cfg.final_evaluation and not self._stop_event.is_set():
+        if status in ("completed", "budget_exhausted") and cfg.final_evaluation and cfg.max_evaluations_per_job \
+                and not self._stop_event.is_set():
             if self._evaluation_mode == "secure":
                 self._secure_final_evaluation()
             elif self._evaluation_mode == "clear":
