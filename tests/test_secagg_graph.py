@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedveil.secagg import CompleteGraph, ConfigError, GraphSpec, HararyGraph
-from fedveil.secagg.graph import build_graph, is_sparse
+from fedveil.secagg.graph import LiveGraph, build_graph, cohort_layout, is_sparse
 
 
 @settings(max_examples=50, deadline=None)
@@ -39,16 +39,30 @@ def test_harary_relabelling_depends_on_seed_and_is_deterministic():
 def test_complete_graph_and_degeneration():
     g = CompleteGraph([3, 1, 2])
     assert g.neighbors(1) == (2, 3) and g.holders(2) == (1, 2, 3) and g.degree == 2
-    assert isinstance(build_graph(GraphSpec("harary", 8), list(range(9)), os.urandom(16)), CompleteGraph)
-    assert isinstance(build_graph(GraphSpec("harary", 4), list(range(9)), os.urandom(16)), HararyGraph)
+    assert isinstance(cohort_layout(GraphSpec("harary", 8), 9, os.urandom(16)), CompleteGraph)
+    assert isinstance(cohort_layout(GraphSpec("harary", 4), 9, os.urandom(16)), HararyGraph)
     assert GraphSpec("harary", 4).holders_count(9) == 5
     assert GraphSpec("harary", 8).holders_count(9) == 9
     # One predicate decides sparse vs complete for building, holders and the collusion bound.
     for n in range(3, 20):
         for k in range(2, n + 2, 2):
-            sparse = isinstance(build_graph(GraphSpec("harary", k), list(range(n)), os.urandom(16)), HararyGraph)
+            sparse = isinstance(cohort_layout(GraphSpec("harary", k), n, os.urandom(16)), HararyGraph)
             assert sparse == is_sparse(k, n) == GraphSpec("harary", k).sparse(n)
             assert GraphSpec("harary", k).holders_count(n) == (k + 1 if sparse else n)
+
+
+def test_live_graph_is_the_layout_restricted_to_the_live_nodes():
+    seed = os.urandom(16)
+    layout = cohort_layout(GraphSpec("harary", 6), 30, seed)
+    live = [v for v in range(30) if v % 4]
+    g = build_graph(GraphSpec("harary", 6), 30, live, seed)
+    assert isinstance(g, LiveGraph) and g.nodes == tuple(live) and g.degree == 6
+    for v in live:
+        assert g.neighbors(v) == tuple(u for u in layout.neighbors(v) if u % 4)
+    with pytest.raises(ConfigError, match="not live"):
+        g.neighbors(4)
+    with pytest.raises(ConfigError, match="layout"):
+        LiveGraph(layout, [1, 2, 31])
 
 
 def test_graph_spec_validation():

@@ -19,6 +19,7 @@ from fedveil.secagg import ConfigError, GraphSpec, SecAggConfig, plan_threshold
 from fedveil.secagg.graph import is_sparse
 from fedveil.secagg.threshold import (
     DEFAULT_MAX_CORRUPT_FRACTION,
+    cohort_bound,
     collusion_bound,
     log2_binomial_tail,
     log2_hypergeometric_tail,
@@ -125,12 +126,8 @@ def test_harary_bound_meets_the_security_bits_exactly(n, data, f, bits):
         assert failure == pytest.approx(ref, abs=1e-6)
 
 
-def test_bound_for_a_smaller_graph_keeps_the_cohorts_colluders():
-    # 65 advertisers of a cohort of 69: the cohort's 23 colluders may all have advertised.
-    assert collusion_bound(65, 0, 1 / 3, cohort=69) == (23, -math.inf)
-    assert collusion_bound(65, 26, 1 / 3, cohort=69)[0] > collusion_bound(69, 26, 1 / 3)[0]
-    with pytest.raises(ConfigError, match="cohort"):
-        collusion_bound(65, 26, 1 / 3, cohort=60)
+def test_bound_uses_the_cohorts_colluders():
+    assert collusion_bound(69, 0, 1 / 3) == (23, -math.inf)
     assert collusion_bound(9, 0, 1 / 3)[0] == 3  # float 1/3 * 9 is exactly 3 here; the floor must be too
 
 
@@ -180,9 +177,9 @@ def test_derived_degree_is_the_smallest_that_meets_both_bounds(n):
     plan = plan_threshold(n, "harary")
     assert plan.degree > 0 and plan.spec == GraphSpec("harary", plan.degree)
     assert plan.collusion_failure_log2 <= -40 and plan.dropout_failure_log2 <= -20
-    # c was sized for the fewest advertisers 10% dropout leaves (with probability 1 - 2^-20)
-    assert plan.min_advertisers < n
-    assert plan.corrupt == collusion_bound(plan.min_advertisers, plan.degree, 1 / 3, cohort=n)[0]
+    # c is sized for the layout over the whole cohort (advertisers are only its live view)
+    assert (plan.holders, plan.corrupt) == cohort_bound(n, plan.degree, 1 / 3)
+    assert plan.corrupt == collusion_bound(n, plan.degree, 1 / 3)[0]
     ref = math.log2(n) + stats.binom.logsf(plan.holders - plan.threshold, plan.holders, 0.1) / math.log(2)
     assert plan.dropout_failure_log2 == pytest.approx(ref, abs=1e-6)
     smaller = plan_threshold(n, "harary", degree=plan.degree - 2)

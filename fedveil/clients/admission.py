@@ -30,10 +30,10 @@ from fedveil.clients.site_state import SiteState
 from fedveil.dp.accounting import DpEvent, RdpCurveEvent, SubsampledGaussianEvent
 from fedveil.dp.distributed import DistributedDPConfig, skellam_rdp
 from fedveil.protocol import fedveil_pb2 as pb
+from fedveil.protocol.binding import binding_problem
 from fedveil.secagg.errors import SecAggError
-from fedveil.secagg.graph import is_sparse
 from fedveil.secagg.identity import decode_credential, verify_roster
-from fedveil.secagg.threshold import collusion_bound, threshold_problem
+from fedveil.secagg.threshold import cohort_bound, threshold_problem
 
 USER_LEVEL_MODES = ("central", "distributed")
 
@@ -55,13 +55,6 @@ class Admission:
     """Fill the round's evaluation section with this site's sums (else it contributes zeros)."""
 
 
-def _graph(start: pb.RoundStart) -> tuple[int, int]:
-    """(n, k): cohort size and the Harary degree (0 for the complete graph)."""
-    n = int(start.secagg.cohort_size)
-    k = int(start.secagg.degree) if start.secagg.graph == "harary" else 0
-    return n, k if is_sparse(k, n) else 0
-
-
 def check_job_consistency(start: pb.RoundStart, job: pb.JobInfo, run_id: str) -> None:
     """The round must belong to the job this site joined and keep its announced settings."""
     if start.run_id != run_id:
@@ -72,6 +65,9 @@ def check_job_consistency(start: pb.RoundStart, job: pb.JobInfo, run_id: str) ->
     if bool(start.secagg.active_adversary) != bool(job.active_adversary):
         raise PolicyViolation("secagg.active_adversary", "the round's adversary mode differs from the job's "
                               f"(job: {'active' if job.active_adversary else 'passive'})")
+    problem = binding_problem(start)
+    if problem is not None:
+        raise PolicyViolation("secagg.context", problem)
     round_graph, job_graph = start.secagg.graph or "complete", job.secagg_graph or "complete"
     # A Harary job falls back to the complete graph for cohorts too small for a sparse one: every pair
     # then masks and the threshold is checked over the whole cohort, so that is never weaker.
@@ -111,13 +107,13 @@ def check_identities(policy: SitePolicy, start: pb.RoundStart, *, own_name: str,
 
 def check_threshold(policy: SitePolicy, start: pb.RoundStart) -> tuple[int, int]:
     """t must satisfy 2t > h + c (t > c with a trusted server) for this site's own f; returns (h, c)."""
-    n, k = _graph(start)
+    n = int(start.secagg.cohort_size)
+    k = int(start.secagg.degree) if start.secagg.graph == "harary" else 0
     server_f = float(start.secagg.max_corrupt_fraction)
     if not policy.trust_server and server_f + 1e-12 < policy.max_corrupt_fraction:
         raise PolicyViolation("secagg.max_corrupt_fraction", f"the round assumes a colluding fraction of {server_f:g}; "
                               f"this site assumes {policy.max_corrupt_fraction:g}")
-    c, _failure = collusion_bound(n, k, policy.max_corrupt_fraction, security_bits=policy.security_bits)
-    h = n if k == 0 else k + 1
+    h, c = cohort_bound(n, k, policy.max_corrupt_fraction, security_bits=policy.security_bits)
     problem = threshold_problem(int(start.secagg.threshold), h, c, active=not policy.trust_server)
     if problem is not None:
         raise PolicyViolation("secagg.threshold", f"{problem} (this site assumes f={policy.max_corrupt_fraction:.3g})")
@@ -151,7 +147,9 @@ def admit_round(policy: SitePolicy, job: pb.JobInfo, start: pb.RoundStart, *, ru
                 own_key: bytes, now: int, state: SiteState, verified: set[bytes] | None = None) -> Admission:
     """Check ``start`` before taking part (see the module docstring); raises :class:`PolicyViolation`."""
     check_job_consistency(start, job, run_id)
-    refusal = state.admission_refusal(run_id, int(start.round), policy.max_attempts_per_round)
+    refusal = state.admission_refusal(run_id, int(start.round), policy.max_attempts_per_round,
+                                      evaluation_only=start.purpose == pb.ROUND_PURPOSE_EVALUATE,
+                                      max_evaluations_per_job=policy.max_evaluations_per_job)
     if refusal is not None:
         raise PolicyViolation("round", refusal)
     mode = start.dp.mode or "none"

@@ -25,6 +25,7 @@ from typing import Any
 from fedveil.errors import FedveilError
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.secagg.identity import RevocationList
+from fedveil.secagg.threshold import DEFAULT_MAX_CORRUPT_FRACTION, DEFAULT_SECURITY_BITS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -33,7 +34,6 @@ else:  # pragma: no cover - Python 3.10
 
 DP_MODES = ("none", "local", "central", "distributed")
 EVALUATION_RULES = ("secure", "clear", "off")
-DEFAULT_MAX_CORRUPT_FRACTION = 1.0 / 3.0
 DEFAULT_MIN_COHORT = 3
 
 
@@ -86,6 +86,8 @@ class SitePolicy:
         evaluation: ``"secure"`` (metrics only as secure sums), ``"clear"`` (per-site metrics,
             only if the server asks for them too) or ``"off"``.
         max_evaluations_per_round: evaluations of received models per round number.
+        max_evaluations_per_job: evaluation requests of one job this site answers (evaluation-only
+            rounds, per-site final evaluations); each is a query on its data the server chose.
         security_bits: σ for the Harary collusion bound (failure probability 2^-σ).
     """
 
@@ -100,7 +102,8 @@ class SitePolicy:
     max_attempts_per_round: int = 3
     evaluation: str = "secure"
     max_evaluations_per_round: int = 1
-    security_bits: float = 40.0
+    max_evaluations_per_job: int = 1
+    security_bits: float = DEFAULT_SECURITY_BITS
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, message: str) -> None:
@@ -126,6 +129,9 @@ class SitePolicy:
         need(isinstance(self.max_evaluations_per_round, int) and not isinstance(self.max_evaluations_per_round, bool)
              and 0 <= self.max_evaluations_per_round <= 100, "max_evaluations_per_round",
              "must be an integer in 0..100")
+        need(isinstance(self.max_evaluations_per_job, int) and not isinstance(self.max_evaluations_per_job, bool)
+             and 0 <= self.max_evaluations_per_job <= 1000, "max_evaluations_per_job",
+             "must be an integer in 0..1000")
         need(_is_number(self.security_bits) and 10 <= self.security_bits <= 128, "security_bits",
              "must be between 10 and 128")
         if not self.trust_server and self.authority_public_key is None:

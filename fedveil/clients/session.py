@@ -414,6 +414,10 @@ class Federation:
         self.client_name = response.client_name
         self.job = response.job
         self.total_rounds = int(response.job.total_rounds)
+        refusal = self.state.pin_job(self._session.run_id, self.total_rounds)
+        if refusal is not None:
+            self._session = None
+            raise ClientError(f"this site refuses the job: {refusal}")
         log.info("joined run %s as %r (task %s, %d rounds); policy: %s", self._session.run_id, self.client_name,
                  response.job.task_name, self.total_rounds, self.policy.describe())
 
@@ -525,8 +529,11 @@ class Federation:
                  "evaluating" if start.purpose == pb.ROUND_PURPOSE_EVALUATE else "training", start.client_id)
         wants_clear = start.training.evaluate_global_model and not start.encoding.evaluation.dimension \
             and self.policy.evaluation == "clear"
+        evaluation_only = start.purpose == pb.ROUND_PURPOSE_EVALUATE
         if (admission.evaluate or wants_clear) and self.options.evaluate is not None \
-                and self.state.evaluated(self.run_id, rnd.number, self.policy.max_evaluations_per_round):
+                and self.state.evaluated(self.run_id, rnd.number, self.policy.max_evaluations_per_round) \
+                and (not evaluation_only
+                     or self.state.evaluated_for_job(self.run_id, self.policy.max_evaluations_per_job)):
             rnd._metrics = self._run_evaluate()  # of the global model, before local training
             rnd._eval_examples = float(rnd._metrics.get("examples", self.options.num_examples))
         return rnd
@@ -560,7 +567,13 @@ class Federation:
         """Per-site final evaluation in the clear: only when this site's policy opts in too. Otherwise
         answer with no metrics, so the server need not wait for this client until the deadline."""
         metrics: dict[str, float] = {}
-        if self.options.evaluate is not None and self.policy.evaluation == "clear":
+        capped = self.run_id is not None and self.options.evaluate is not None \
+            and self.policy.evaluation == "clear" \
+            and not self.state.evaluated_for_job(self.run_id, self.policy.max_evaluations_per_job)
+        if capped:
+            log.info("final evaluation refused: this site answered max_evaluations_per_job=%d evaluation "
+                     "request(s) of this job", self.policy.max_evaluations_per_job)
+        elif self.options.evaluate is not None and self.policy.evaluation == "clear":
             try:
                 vector_to_model(model_vector(evaluate.model), self.model)
                 metrics = self._run_evaluate()

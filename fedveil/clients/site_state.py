@@ -10,7 +10,13 @@ bounded by this record:
 - **layout grinding** — each attempt shows the server another random graph layout, so the
   attempts a site joins per round are capped by its policy;
 - **unaccounted releases** — every attempt in which the site sent a masked input counts as a
-  release in the site's own ledger, whatever the server says happened next.
+  release in the site's own ledger, whatever the server says happened next;
+- **more rounds than accounted** — the job's round count R is pinned at the site's first join of
+  a run: rounds outside 1..R (R + 1 only for the final evaluation-only round) are declined, and a
+  server that later announces a bigger R is refused, so the server cannot difference more
+  cohorts than the site planned its budget for;
+- **evaluation oracles** — evaluation-only rounds and per-site final evaluations of one job are
+  capped (``max_evaluations_per_job``).
 
 The site's ledger (a :class:`fedveil.dp.ledger.PrivacyLedger`, party ``"federation"`` for the
 user level as the site can guarantee it) records, per release, the noise the site can rely on:
@@ -57,6 +63,14 @@ class RoundRecord:
     """The site sent its unmasking shares for an attempt of this round."""
 
 
+@dataclass
+class JobRecord:
+    """One run as this site joined it: the round count pinned at its first join, evaluations answered."""
+
+    total_rounds: int
+    evaluations: int = 0
+
+
 @dataclass(frozen=True)
 class Release:
     """One attempt in which the site's masked input left it."""
@@ -77,6 +91,7 @@ class SiteState:
     path: Path | None = None
     delta: float = 1e-5
     rounds: dict[str, dict[int, RoundRecord]] = field(default_factory=dict)
+    jobs: dict[str, JobRecord] = field(default_factory=dict)
     releases: list[Release] = field(default_factory=list)
     ledger: PrivacyLedger = field(default_factory=lambda: PrivacyLedger(LedgerConfig(accountant="rdp")))
 
@@ -104,6 +119,8 @@ class SiteState:
         for run_id, rounds in data["rounds"].items():
             self.rounds[str(run_id)] = {int(r): RoundRecord(int(v["attempts"]), int(v["evaluations"]),
                                                             bool(v["released"])) for r, v in rounds.items()}
+        for run_id, job in data.get("jobs", {}).items():
+            self.jobs[str(run_id)] = JobRecord(int(job["total_rounds"]), int(job["evaluations"]))
         self.releases = [Release(str(r["run_id"]), int(r["round"]), int(r["attempt"]), str(r["dp_mode"]),
                                  bool(r["protected"]), str(r.get("note", ""))) for r in data["releases"]]
         self.ledger = PrivacyLedger.from_json(json.dumps(data["ledger"]))
@@ -113,6 +130,8 @@ class SiteState:
             "format": STATE_FORMAT, "version": STATE_VERSION,
             "rounds": {run: {str(r): {"attempts": v.attempts, "evaluations": v.evaluations, "released": v.released}
                              for r, v in rounds.items()} for run, rounds in self.rounds.items()},
+            "jobs": {run: {"total_rounds": j.total_rounds, "evaluations": j.evaluations}
+                     for run, j in self.jobs.items()},
             "releases": [r.__dict__ for r in self.releases],
             "ledger": self.ledger.to_dict(),
         }
@@ -140,8 +159,38 @@ class SiteState:
         released = [r for r, rec in self.rounds.get(run_id, {}).items() if rec.released]
         return max(released, default=0)
 
-    def admission_refusal(self, run_id: str, round_number: int, max_attempts: int) -> str | None:
-        """Why this site must decline an attempt of ``round_number``, or ``None``."""
+    def pin_job(self, run_id: str, total_rounds: int) -> str | None:
+        """Pin the job's round count at the first join of ``run_id``; on later joins, why the job as
+        announced now must be refused (more rounds than pinned), or ``None``."""
+        job = self.jobs.get(run_id)
+        if job is None:
+            if total_rounds < 1:
+                return f"the job announces {total_rounds} rounds; a site pins a positive round count"
+            self.jobs[run_id] = JobRecord(total_rounds)
+            self.save()
+            return None
+        if total_rounds > job.total_rounds:
+            return (f"the job now announces {total_rounds} rounds; this site joined it for {job.total_rounds} and "
+                    "its privacy accounting covers no more")
+        return None
+
+    def admission_refusal(self, run_id: str, round_number: int, max_attempts: int, *, evaluation_only: bool = False,
+                          max_evaluations_per_job: int | None = None) -> str | None:
+        """Why this site must decline an attempt of ``round_number``, or ``None``.
+
+        With a pinned job (:meth:`pin_job`) the round must lie in 1..R, or be R + 1 for an
+        evaluation-only round; evaluation-only rounds also need ``max_evaluations_per_job`` left.
+        """
+        job = self.jobs.get(run_id)
+        if job is not None and job.total_rounds > 0:
+            last_allowed = job.total_rounds + (1 if evaluation_only else 0)
+            if not 1 <= round_number <= last_allowed:
+                return (f"round {round_number} is outside the job's rounds 1..{job.total_rounds}"
+                        f"{' (+1 for the final evaluation)' if evaluation_only else ''} pinned when this site joined")
+        if evaluation_only and max_evaluations_per_job is not None \
+                and self.job_evaluations(run_id) >= max_evaluations_per_job:
+            return (f"round {round_number}: this site already answered {self.job_evaluations(run_id)} evaluation "
+                    f"request(s) of this job, its policy's maximum (max_evaluations_per_job={max_evaluations_per_job})")
         last = self.last_released_round(run_id)
         if round_number <= last:
             return (f"round {round_number}: this site already released its unmasking shares for round {last}; "
@@ -162,6 +211,20 @@ class SiteState:
         if rec.evaluations >= limit:
             return False
         rec.evaluations += 1
+        self.save()
+        return True
+
+    def job_evaluations(self, run_id: str) -> int:
+        job = self.jobs.get(run_id)
+        return job.evaluations if job is not None else 0
+
+    def evaluated_for_job(self, run_id: str, limit: int) -> bool:
+        """Count an answered evaluation request (evaluation-only round, final evaluation) of the job;
+        False (and nothing counted) over ``limit``."""
+        job = self.jobs.setdefault(run_id, JobRecord(0))
+        if job.evaluations >= limit:
+            return False
+        job.evaluations += 1
         self.save()
         return True
 

@@ -157,7 +157,7 @@ def _identities_and_admission(clients: int, plan: Any,
     from fedveil.secagg import beacon
     from fedveil.secagg.identity import decode_credential, verify_roster
     from fedveil.secagg.local_authority import LocalAuthority
-    from fedveil.secagg.threshold import collusion_bound, threshold_problem
+    from fedveil.secagg.threshold import cohort_bound, threshold_problem
 
     authority = LocalAuthority("fedveil-bench")
     now = int(time.time())
@@ -173,8 +173,8 @@ def _identities_and_admission(clients: int, plan: Any,
         credentials = [decode_credential(raw) for raw in roster]
         verify_roster(authority.public_key, credentials, consortium=authority.consortium, now=now,
                       revocations=None, verified=caches[c])
-        corrupt, _ = collusion_bound(clients, plan.degree, fraction)
-        if threshold_problem(plan.threshold, plan.holders, corrupt) is not None:
+        holders, corrupt = cohort_bound(clients, plan.degree, fraction)
+        if threshold_problem(plan.threshold, holders, corrupt) is not None:
             raise RuntimeError("the bench's threshold fails the policy check")
         beacon.check_commitments(commitments, own_id=c, own_commitment=commitments[c], num_clients=clients)
         seeds.add(beacon.combine(1, commitments, values))

@@ -62,6 +62,8 @@ def register(group: click.Group) -> None:
 @click.option("--min-noise-multiplier", type=float, default=None,
               help="User-level noise floor (multiple of the clip norm) this site requires of released sums.")
 @click.option("--max-attempts-per-round", type=int, default=None, help="Attempts of one round this site joins [3].")
+@click.option("--max-evaluations-per-job", type=int, default=None,
+              help="Evaluation requests of one job this site answers (evaluation-only rounds, final evaluation) [1].")
 @click.option("--evaluation", type=click.Choice(["secure", "clear", "off"]), default=None,
               help="Evaluation rule: secure sums only [default], per-site metrics in the clear, or off.")
 @click.option("--state", "state_path", type=click.Path(path_type=Path), default=None,
@@ -84,7 +86,8 @@ def client_command(
     authority: Path | None,
     revocations: Path | None, trust_server: bool | None, policy_path: Path | None, min_cohort: int | None,
     max_corrupt_fraction: float | None, allow_dp: tuple[str, ...], min_noise_multiplier: float | None,
-    max_attempts_per_round: int | None, evaluation: str | None, state_path: Path | None, seed: int | None,
+    max_attempts_per_round: int | None, max_evaluations_per_job: int | None, evaluation: str | None,
+    state_path: Path | None, seed: int | None,
     insecure_deterministic: bool, give_up_after: float,
     max_backoff: float, threads: int, log_level: str,
 ) -> int:
@@ -159,7 +162,7 @@ def client_command(
     policy = _site_policy(policy_path, authority, revocations, trust_server=trust_server, min_cohort=min_cohort,
                           max_corrupt_fraction=max_corrupt_fraction, allowed_dp_modes=allow_dp or None,
                           min_noise_multiplier=min_noise_multiplier, max_attempts_per_round=max_attempts_per_round,
-                          evaluation=evaluation)
+                          max_evaluations_per_job=max_evaluations_per_job, evaluation=evaluation)
     site_credential = b""
     if credential is not None:
         try:
@@ -235,7 +238,8 @@ def _finite_or_none(value: float) -> float | None:
 _FLAG_OF = {"trust_server": "--trust-server", "min_cohort": "--min-cohort",
             "max_corrupt_fraction": "--max-corrupt-fraction", "allowed_dp_modes": "--allow-dp",
             "min_noise_multiplier": "--min-noise-multiplier", "max_attempts_per_round": "--max-attempts-per-round",
-            "evaluation": "--evaluation", "authority_public_key": "--authority", "revocations": "--revocations"}
+            "evaluation": "--evaluation", "max_evaluations_per_job": "--max-evaluations-per-job",
+            "authority_public_key": "--authority", "revocations": "--revocations"}
 
 
 def _site_policy(policy_path: Path | None, authority: Path | None, revocations: Path | None,

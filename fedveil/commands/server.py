@@ -180,6 +180,9 @@ def _with_options(options: list[Any]) -> Any:
 @click.option("--batch-size", type=int, default=0, help="Client batch size (0: the task's default).")
 @click.option("--no-evaluate", is_flag=True, help="Skip the cohort's evaluation of each global model.")
 @click.option("--no-final-evaluation", is_flag=True, help="Skip the evaluation of the final model.")
+@click.option("--max-evaluations-per-job", type=int, default=1, show_default=True,
+              help="Evaluation requests (evaluation-only rounds and their attempts, the final evaluation) the job "
+                   "sends; sites answer at most their own policy's cap (0: no final evaluation).")
 @click.option("--seed", type=int, default=None,
               help="Job seed (initial model, cohort sampling, round seeds). DP noise never uses it.")
 @click.option("--active-adversary/--passive", "active_adversary", default=True, show_default=True,
@@ -286,6 +289,7 @@ def server_command(**opts: Any) -> NoReturn:
             linger=opts["linger"], poll_wait=opts["poll_wait"], evaluation=opts["evaluation"],
             consortium=authority[0] if authority else "", authority_public_key=authority[1].hex() if authority else "",
             insecure_deterministic=opts["insecure_deterministic"],
+            max_evaluations_per_job=opts["max_evaluations_per_job"],
         )
     except ServerConfigError as err:
         fail(err.flag, err.detail)

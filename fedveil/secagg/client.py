@@ -65,7 +65,7 @@ from fedveil.secagg.messages import (
     decode_message,
 )
 from fedveil.secagg.prg import SEED_BYTES, MaskExpander
-from fedveil.secagg.session import Session, check_advertisement, check_threshold
+from fedveil.secagg.session import Session, check_advertisement
 from fedveil.secagg.shamir import PRIME, bytes_to_limbs, open_share, seal_share, share
 
 _NON_FATAL = (UnexpectedMessageError, WrongRoundError, MalformedMessageError)
@@ -162,10 +162,12 @@ class ClientR1ShareKeys(ClientState):
         if mine is None or (mine.share_public, mine.mask_public) != (ctx.advertisement.share_public,
                                                                      ctx.advertisement.mask_public):
             raise ProtocolError(f"client {me}: the server did not forward this client's own keys unchanged")
+        # The graph is this client's live view of the layout it derives itself from the cohort's
+        # seed; the advertisers the server chose only decide who is live (fedveil.secagg.graph).
         holders = session.graph.holders(me)
-        if len(holders) < cfg.threshold:
-            raise RoundAbortedError(f"client {me} has {len(holders)} holders, fewer than threshold {cfg.threshold}")
-        check_threshold(cfg, session.graph)
+        problem = cfg.live_problem(len(holders))
+        if problem is not None:
+            raise RoundAbortedError(f"client {me}: {problem}")
         ctx.session = session
         sid = session.session_id
         secrets = np.concatenate([bytes_to_limbs(ctx.keys.self_mask_seed),
@@ -220,10 +222,9 @@ class ClientR2MaskedInput(ClientState):
         if table.size and table.max() >= PRIME:
             raise ShareDecryptionError("a decrypted share is not a field element")
         received = dict(zip(senders, table, strict=True))
-        alive_holders = len(received) + 1
-        if alive_holders < cfg.threshold:
-            raise RoundAbortedError(f"client {me}: only {alive_holders} of its holders remain, "
-                                    f"fewer than threshold {cfg.threshold}")
+        problem = cfg.live_problem(len(received) + 1)  # the holders whose shares reached it
+        if problem is not None:
+            raise RoundAbortedError(f"client {me}, masked-input stage: {problem}")
         ctx.received = received
         ctx.share_secrets = {}
         ring = cfg.ring

@@ -11,7 +11,7 @@ from fedveil.secagg.encoding import Ring
 from fedveil.secagg.errors import ConfigError
 from fedveil.secagg.graph import GraphSpec
 from fedveil.secagg.keys import PUBLIC_KEY_BYTES
-from fedveil.secagg.threshold import DEFAULT_MAX_CORRUPT_FRACTION, collusion_bound, threshold_problem
+from fedveil.secagg.threshold import DEFAULT_MAX_CORRUPT_FRACTION, cohort_bound, live_problem, threshold_problem
 
 MAX_CLIENTS = 1 << 20
 
@@ -25,9 +25,9 @@ class SecAggConfig:
         threshold: t; Shamir threshold over each client's h holders (neighbours + itself) and the
             minimum number of survivors. Below t remaining clients the round aborts. With c a bound
             on the colluders among the holders (:func:`~fedveil.secagg.threshold.collusion_bound`),
-            active mode needs 2t > h + c and passive mode t > c; :meth:`threshold_problem` checks
-            it here for the whole cohort and again, at run time, for the graph actually built
-            (:func:`~fedveil.secagg.session.check_threshold`). Pick t with
+            active mode needs 2t > h + c and passive mode t > c, on the layout over the whole
+            cohort (:meth:`threshold_problem`); at run time each client also needs enough live
+            holders (:meth:`live_problem`). Pick t with
             :func:`~fedveil.secagg.threshold.plan_threshold`.
         vector_length: m, ring elements per input (including a weight coordinate if any).
         round_id: distinct per round; bound into every message, signature and the session id.
@@ -69,7 +69,7 @@ class SecAggConfig:
             raise ConfigError(f"graph: expected a GraphSpec (got {type(self.graph).__name__})")
         if not isinstance(self.threshold, int):
             raise ConfigError(f"threshold: must be an integer (got {self.threshold!r})")
-        problem = self.threshold_problem(n)  # also validates max_corrupt_fraction
+        problem = self.threshold_problem()  # also validates max_corrupt_fraction
         if problem is not None:
             raise ConfigError(f"threshold: {problem} (num_clients={n}, graph={self.graph.kind}:{self.graph.degree}, "
                               f"max_corrupt_fraction={self.max_corrupt_fraction:.4g}, "
@@ -89,16 +89,20 @@ class SecAggConfig:
             raise ConfigError("graph_seed: active mode with a Harary graph needs the cohort's commit-then-reveal "
                               "seed (fedveil.secagg.beacon); a seed from the advertised keys can be ground")
 
-    def threshold_problem(self, advertisers: int) -> str | None:
-        """Why t is unsafe on the graph built over ``advertisers`` of the n clients, or None.
+    @property
+    def holders_and_corrupt(self) -> tuple[int, int]:
+        """(h, c) of the layout over the whole cohort (:func:`~fedveil.secagg.threshold.cohort_bound`)."""
+        return cohort_bound(self.num_clients, self.graph.degree, self.max_corrupt_fraction)
 
-        h and c are those of that graph, with at most ⌊f·n⌋ colluders of the whole cohort among
-        the advertisers (a server can discard honest advertisements). The rule itself is
-        :func:`~fedveil.secagg.threshold.threshold_problem`.
-        """
-        degree = self.graph.degree if self.graph.sparse(advertisers) else 0
-        corrupt, _ = collusion_bound(advertisers, degree, self.max_corrupt_fraction, cohort=self.num_clients)
-        return threshold_problem(self.threshold, self.graph.holders_count(advertisers), corrupt, active=self.active)
+    def threshold_problem(self) -> str | None:
+        """Why t is unsafe on the cohort's layout, or None (the rule:
+        :func:`~fedveil.secagg.threshold.threshold_problem`)."""
+        holders, corrupt = self.holders_and_corrupt
+        return threshold_problem(self.threshold, holders, corrupt, active=self.active)
+
+    def live_problem(self, live_holders: int) -> str | None:
+        """Why a client with ``live_holders`` live holders (itself included) must refuse, or None."""
+        return live_problem(live_holders, self.threshold, self.holders_and_corrupt[1])
 
     @property
     def ring(self) -> Ring:

@@ -6,9 +6,17 @@ Bonawitz, Gascón, Lepoint, Raykova, "Secure Single-Server Aggregation with (Pol
 Overhead", CCS 2020) replaces the complete graph by a sparse one of degree k = O(log n): masks
 and shares only travel along its edges. They use the Harary graph H(k, n) — node i adjacent to
 i ± 1, …, i ± k/2 (mod n) — whose nodes are randomly relabelled so that the server cannot place
-corrupt clients around a victim. Here the relabelling is derived from the session id, which
-hashes every advertised key, so it is fixed only once all keys are in and all parties compute
-the same graph without another message.
+corrupt clients around a victim.
+
+**The layout is fixed over the whole cohort, before any key is advertised.** The server decides
+whose advertised keys enter the round; a layout computed over that set would let it try subsets
+(dropping honest advertisers) until a victim's neighbours are mostly clients it controls. So the
+Harary graph is laid out over all n cohort slots from the cohort's commit-then-reveal seed
+(:mod:`fedveil.secagg.beacon`), and the clients that advertised are only its **live view**
+(:class:`LiveGraph`): a slot whose keys are missing is a dropped node, never a reason to lay the
+graph out again. Dropping honest advertisers can then only shrink a victim's live neighbourhood,
+and a client refuses a round whose live neighbourhood is too small
+(:func:`fedveil.secagg.threshold.live_problem`).
 
 A client's **holders** are its neighbours plus itself: they receive its Shamir shares, and the
 threshold t applies to that set (size h = k + 1; n for the complete graph). Against a server
@@ -109,8 +117,8 @@ class HararyGraph(MaskingGraph):
 class GraphSpec:
     """Which masking graph to build: ``kind`` is ``"complete"`` or ``"harary"`` with ``degree``.
 
-    A Harary degree of at least n − 1 (or n − 2 for even k rounding) degenerates to the complete
-    graph, which :func:`build_graph` then uses.
+    A Harary degree of at least n − 2 on the n cohort slots degenerates to the complete graph,
+    which :func:`cohort_layout` then uses.
     """
 
     kind: str = "complete"
@@ -126,7 +134,7 @@ class GraphSpec:
         return f"{self.kind}:{self.degree}".encode()
 
     def holders_count(self, num_nodes: int) -> int:
-        """Size of every client's holder set (neighbours + itself) on ``num_nodes`` nodes."""
+        """Size of every client's holder set (neighbours + itself) in the layout over ``num_nodes``."""
         return self.degree + 1 if self.sparse(num_nodes) else num_nodes
 
     def sparse(self, num_nodes: int) -> bool:
@@ -134,8 +142,44 @@ class GraphSpec:
         return self.kind == "harary" and is_sparse(self.degree, num_nodes)
 
 
-def build_graph(spec: GraphSpec, nodes: Sequence[int], permutation_seed: bytes) -> MaskingGraph:
-    """The graph for ``nodes`` (the clients that advertised keys) under ``spec``."""
-    if not spec.sparse(len(nodes)):
+class LiveGraph(MaskingGraph):
+    """The live view of a layout fixed over the whole cohort: its edges among the ``live`` nodes.
+
+    A node's neighbours here are its layout neighbours that are live (advertised keys); the
+    others count as dropped. ``degree`` is the layout's: a live node may have fewer neighbours.
+    """
+
+    def __init__(self, layout: MaskingGraph, live: Sequence[int]) -> None:
+        super().__init__(live)
+        outside = set(self.nodes).difference(layout.nodes)
+        if outside:
+            raise ConfigError(f"live: nodes {sorted(outside)[:5]} are not in the cohort's layout")
+        self.layout = layout
+        self._live = frozenset(self.nodes)
+        self._cache: dict[int, tuple[int, ...]] = {}
+
+    def neighbors(self, node: int) -> tuple[int, ...]:
+        cached = self._cache.get(node)
+        if cached is None:
+            if node not in self._live:
+                raise ConfigError(f"node: {node} is not live in this round")
+            cached = tuple(v for v in self.layout.neighbors(node) if v in self._live)
+            self._cache[node] = cached
+        return cached
+
+    @property
+    def degree(self) -> int:
+        return self.layout.degree
+
+
+def cohort_layout(spec: GraphSpec, num_clients: int, permutation_seed: bytes) -> MaskingGraph:
+    """The graph over all ``num_clients`` cohort slots (ids 0..n-1) under ``spec``."""
+    nodes = list(range(num_clients))
+    if not spec.sparse(num_clients):
         return CompleteGraph(nodes)
     return HararyGraph(nodes, spec.degree, permutation_seed)
+
+
+def build_graph(spec: GraphSpec, num_clients: int, live: Sequence[int], permutation_seed: bytes) -> LiveGraph:
+    """The live view (``live``: the clients that advertised keys) of the cohort's fixed layout."""
+    return LiveGraph(cohort_layout(spec, num_clients, permutation_seed), live)

@@ -49,7 +49,7 @@ from fedveil.secagg.messages import (
     decode_message,
 )
 from fedveil.secagg.prg import MaskExpander
-from fedveil.secagg.session import Session, check_advertisement, check_threshold
+from fedveil.secagg.session import Session, check_advertisement, prune_live
 from fedveil.secagg.shamir import BOX_OVERHEAD, PRIME, lagrange_at_zero, limbs_to_bytes
 from fedveil.secagg.shamir import reconstruct as shamir_reconstruct
 
@@ -141,10 +141,13 @@ class ServerR0AdvertiseKeys(ServerState):
         if isinstance(alive, str):
             return self._abort(alive, tuple(sorted(self.received)))
         session = Session.from_advertisements(self.ctx.config, (self.adverts[c] for c in alive))
-        try:
-            check_threshold(self.ctx.config, session.graph)
-        except RoundAbortedError as err:
-            return self._abort(str(err), alive)
+        usable = prune_live(self.ctx.config, session.graph)  # too few live holders: a client would refuse
+        if len(usable) < len(alive):
+            if len(usable) < self.ctx.config.threshold:
+                return self._abort(f"only {len(usable)} of the {len(alive)} advertisers have enough live holders "
+                                   f"(threshold {self.ctx.config.threshold})", alive)
+            alive = usable
+            session = Session.from_advertisements(self.ctx.config, (self.adverts[c] for c in alive))
         self.ctx.session = session
         rid = self.ctx.config.round_id
         advs = tuple(session.advertisements.values())

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 
 from fedveil.secagg.config import SecAggConfig
-from fedveil.secagg.errors import ConfigError, InvalidSignatureError, ProtocolError, RoundAbortedError
+from fedveil.secagg.errors import ConfigError, InvalidSignatureError, ProtocolError
 from fedveil.secagg.graph import MaskingGraph, build_graph
 from fedveil.secagg.keys import (
     PUBLIC_KEY_BYTES,
@@ -41,19 +43,19 @@ def check_advertisement(config: SecAggConfig, adv: AdvertiseKeys, *, signature: 
                what=f"the key advertisement of client {adv.client_id}")
 
 
-def check_threshold(config: SecAggConfig, graph: MaskingGraph) -> None:
-    """Raise :class:`RoundAbortedError` unless t is safe on the graph actually built.
+def prune_live(config: SecAggConfig, graph: MaskingGraph) -> tuple[int, ...]:
+    """The advertisers that can take part: repeatedly drop those with too few live holders.
 
-    The rule (2t > h + c in active mode, t > c in passive mode; see
-    :mod:`fedveil.secagg.threshold`) is checked for the configured cohort when the config is
-    built. The graph is built over the clients that advertised keys, and fewer advertisers
-    change h (a Harary graph may become complete) and c (the cohort's ⌊f·n⌋ colluders may all
-    be among them, denser in a smaller graph), so every party checks again here.
+    A client refuses a round whose live holders are too few (:meth:`SecAggConfig.live_problem`);
+    an honest server leaves it out (a dropped node to its neighbours), which may leave a
+    neighbour short in turn. Pure and deterministic; the clients check their own view anyway.
     """
-    problem = config.threshold_problem(len(graph.nodes))
-    if problem is not None:
-        raise RoundAbortedError(f"threshold unsafe on the graph of the {len(graph.nodes)} clients that advertised "
-                                f"keys: {problem}")
+    live = set(graph.nodes)
+    while True:
+        short = {c for c in live if config.live_problem(len(live.intersection(graph.holders(c)))) is not None}
+        if not short:
+            return tuple(sorted(live))
+        live -= short
 
 
 @dataclass(frozen=True)
@@ -83,11 +85,17 @@ class Session:
 
     @cached_property
     def graph(self) -> MaskingGraph:
-        # The cohort's commit-then-reveal seed when there is one: the session id hashes keys that
-        # the clients a server controls choose after seeing the honest ones.
-        source = self.config.graph_seed or self.session_id
+        """The live view (the advertisers) of the layout fixed over the whole cohort.
+
+        The layout hangs on the cohort's commit-then-reveal seed, or without one (passive
+        mode, a trusted server) on the round's parameters: either way on nothing the server or
+        a colluding client chooses once keys are advertised, and never on who advertised.
+        """
+        source = self.config.graph_seed or hashlib.sha256(
+            b"fedveil/secagg/v1/layout" + struct.pack("<Q", self.config.round_id) + self.config.parameters_bytes()
+        ).digest()
         seed = hkdf(source, salt=b"", info=b"graph-permutation")
-        return build_graph(self.config.graph, list(self.advertisements), seed)
+        return build_graph(self.config.graph, self.config.num_clients, list(self.advertisements), seed)
 
     @property
     def members(self) -> tuple[int, ...]:

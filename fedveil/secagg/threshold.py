@@ -18,13 +18,12 @@ only t > c: the colluders alone must not reconstruct a secret.
 the colluders among one honest client's holders:
 
 - complete graph (SecAgg; h = n): c = C, always;
-- Harary graph H(k, n) (SecAgg+; h = k + 1): the node labels are permuted by a permutation drawn
-  from the session id, so an honest victim's k neighbours are a uniformly random k-subset of the
-  other n − 1 clients, and the colluders among them follow the hypergeometric law
-  H(N = n − 1, K = C, k). c is the smallest value with n · P[H > c] ≤ 2^−σ (σ =
-  ``security_bits``; union bound over the n possible victims, as in Bell et al., CCS 2020, §4),
-  computed with exact tails. The session id hashes the advertised keys, which colluders choose,
-  so a server that re-draws their keys 2^g times gains g bits: σ must cover that work.
+- Harary graph H(k, n) (SecAgg+; h = k + 1): the n cohort slots are permuted by a permutation
+  drawn from the cohort's commit-then-reveal seed, fixed before any key is advertised, so an
+  honest victim's k neighbours are a uniformly random k-subset of the other n − 1 slots, and the
+  colluders among them follow the hypergeometric law H(N = n − 1, K = C, k). c is the smallest
+  value with n · P[H > c] ≤ 2^−σ (σ = ``security_bits``; union bound over the n possible
+  victims, as in Bell et al., CCS 2020, §4), computed with exact tails.
 
 **Honest neighbours.** Colluders that may be all of a client's neighbours (c ≥ h − 1) know its
 pairwise masks: no threshold helps, so c < h − 1 is required too (:func:`surround_problem`; a
@@ -32,12 +31,19 @@ sparse graph needs enough degree). Then the smallest t of the rule is at least c
 honest survivor keeps an honest surviving neighbour whichever clients the server declares
 dropped.
 
-**Advertisers.** The graph is built over the clients that advertised keys, and a server can
-discard honest advertisements to raise the colluders' share of the graph; C stays ⌊f·n⌋ of the
-cohort. Every party therefore re-checks the rule for the graph actually built
-(:meth:`fedveil.secagg.config.SecAggConfig.threshold_problem`), and :func:`plan_threshold` sizes
-c for Harary graphs at the fewest advertisers the expected dropout leaves (with probability
-1 − 2^−η), so that ordinary dropouts before key advertisement do not abort the round.
+**Advertisers: a live view, never a new layout.** The server decides whose advertised keys enter
+the round. The layout is therefore fixed over all n cohort slots from the cohort's
+commit-then-reveal seed before any key is advertised (:mod:`fedveil.secagg.graph`), so c is sized
+for the whole cohort; clients that do not advertise are dropped nodes. Dropping honest
+advertisers cannot add colluders to a victim's holders, it only shrinks its live holders, and
+every client refuses a round in which its live holders are too few (:func:`live_problem`): fewer
+than t, or so few that its c colluders could be all of its live neighbours. (With 2t > h + c on
+the full layout, 2t > h_live + c holds for any live subset.) An earlier design laid the graph out
+over the advertisers; a server that knew the seed could then choose which honest advertisers to
+drop until a victim's neighbours held more than c colluders (tests/test_attack_graph_grinding.py).
+What grinding power remains: one fresh layout per attempt a site joins (its policy caps
+attempts per round, :mod:`fedveil.clients.site_state`), so over R rounds and A attempts the
+collusion bound fails with probability at most R · A · 2^−σ.
 
 **Correctness.** With independent dropout δ, a round fails when fewer than t of some client's h
 holders survive: P[Bin(h, δ) ≥ h − t + 1], with a union bound over the n clients for Harary
@@ -131,13 +137,12 @@ def corrupt_clients(num_clients: int, max_corrupt_fraction: float) -> int:
 
 @functools.lru_cache(maxsize=1 << 10)
 def collusion_bound(num_clients: int, degree: int, max_corrupt_fraction: float, *,
-                    security_bits: float = DEFAULT_SECURITY_BITS, cohort: int = 0) -> tuple[int, float]:
+                    security_bits: float = DEFAULT_SECURITY_BITS) -> tuple[int, float]:
     """``(c, log2_failure)``: a bound c on the colluders among one honest client's holders.
 
-    ``num_clients`` are the graph's nodes and ``degree`` its Harary degree (0, or ≥ n − 2: the
-    complete graph). At most ⌊f · ``cohort``⌋ clients collude (``cohort`` defaults to the graph's
-    nodes; a graph built over fewer advertisers than the cohort keeps the cohort's count).
-    Complete graph: c = that count, ``log2_failure`` = −inf. Harary graph: the smallest c with
+    ``num_clients`` is the cohort (the layout's nodes) and ``degree`` its Harary degree (0, or
+    ≥ n − 2: the complete graph). At most ⌊f·n⌋ clients collude. Complete graph: c = that
+    count, ``log2_failure`` = −inf. Harary graph: the smallest c with
     n · P[H > c] ≤ 2^−``security_bits``, H ~ Hypergeometric(n − 1, colluders, k), and
     ``log2_failure`` = log2 of that union bound (see the module docstring).
     """
@@ -148,10 +153,7 @@ def collusion_bound(num_clients: int, degree: int, max_corrupt_fraction: float, 
         raise ConfigError(f"degree: must be an integer >= 0 (got {degree!r})")
     if not (math.isfinite(security_bits) and security_bits > 0):
         raise ConfigError(f"security_bits: must be a positive number (got {security_bits!r})")
-    cohort = cohort or n
-    if cohort < n:
-        raise ConfigError(f"cohort: the cohort ({cohort}) cannot be smaller than the graph's {n} clients")
-    colluders = min(corrupt_clients(cohort, max_corrupt_fraction), n - 1)  # an honest victim is not one
+    colluders = min(corrupt_clients(n, max_corrupt_fraction), n - 1)  # an honest victim is not one
     if not is_sparse(degree, n):
         return colluders, -math.inf
     union = math.log2(n)
@@ -165,6 +167,19 @@ def collusion_bound(num_clients: int, degree: int, max_corrupt_fraction: float, 
             break
         c, failure = c - 1, smaller
     return c, failure
+
+
+def cohort_bound(num_clients: int, degree: int, max_corrupt_fraction: float, *,
+                 security_bits: float = DEFAULT_SECURITY_BITS) -> tuple[int, int]:
+    """``(h, c)`` for the layout over a cohort of ``num_clients``: the holders of each client's
+    shares (k + 1 for a sparse Harary degree k, else n) and the bound on colluders among them.
+
+    The one place every party derives them from the round's (n, k, f): the config checks, the
+    client's state machine and its site policy, the planner and the bench.
+    """
+    k = degree if is_sparse(degree, num_clients) else 0
+    c, _failure = collusion_bound(num_clients, k, max_corrupt_fraction, security_bits=security_bits)
+    return (k + 1 if k else num_clients), c
 
 
 def min_threshold(holders: int, corrupt: int) -> int:
@@ -214,6 +229,24 @@ def threshold_problem(threshold: int, holders: int, corrupt: int, *, active: boo
     return None
 
 
+def live_problem(live_holders: int, threshold: int, corrupt: int) -> str | None:
+    """Why a client must refuse a round in which ``live_holders`` of its holders (itself included)
+    are live, or None.
+
+    Fewer than t live holders cannot reconstruct its secrets (the round would fail anyway); and
+    if its live neighbours number at most c, the colluders could be all of them: they would know
+    every pairwise mask it adds, and the self-mask seed honest holders rightly reveal for a
+    survivor would expose its input (:func:`surround_problem` on the live view).
+    """
+    if live_holders < threshold:
+        return (f"only {live_holders} of its holders are live (advertised keys and kept them), fewer than "
+                f"threshold t={threshold}")
+    if live_holders - 1 <= corrupt:
+        return (f"its {live_holders - 1} live neighbours could all be among the c={corrupt} colluders it must "
+                "assume; the server could then learn its input from the masks they know")
+    return None
+
+
 def satisfies(threshold: int, holders: int, corrupt: int, *, active: bool = True) -> bool:
     """Whether t is safe (see :func:`threshold_problem`)."""
     return threshold_problem(threshold, holders, corrupt, active=active) is None
@@ -226,22 +259,6 @@ def _log2_dropout_failure(n: int, degree: int, threshold: int, dropout: float) -
     h = n if degree == 0 else degree + 1
     tail = log2_binomial_tail(h, dropout, h - threshold + 1)  # ≥ h − t + 1 of h holders drop
     return tail if degree == 0 else min(0.0, math.log2(n) + tail)
-
-
-def _min_advertisers(n: int, dropout: float, correctness_bits: float) -> int:
-    """The fewest advertisers independent dropout δ leaves with probability ≥ 1 − 2^−η.
-
-    That is n − d for the smallest d with P[Bin(n, δ) ≥ d + 1] ≤ 2^−η (binary search: the tail
-    falls as d grows).
-    """
-    lo, hi = 0, n  # d = n always qualifies (the tail at n + 1 is 0)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if log2_binomial_tail(n, dropout, mid + 1) <= -correctness_bits:
-            hi = mid
-        else:
-            lo = mid + 1
-    return n - lo
 
 
 @dataclass(frozen=True)
@@ -264,8 +281,6 @@ class ThresholdPlan:
     dropout_failure_log2: float
     """log2 of the (union-bound) probability that fewer than t of some client's holders survive."""
     expected_dropout: float
-    min_advertisers: int
-    """Advertisers for which c was sized (Harary: the fewest the expected dropout leaves)."""
     security_bits: float = DEFAULT_SECURITY_BITS
     correctness_bits: float = DEFAULT_CORRECTNESS_BITS
 
@@ -294,7 +309,6 @@ class ThresholdPlan:
             "num_clients": self.num_clients, "degree": self.degree, "holders": self.holders,
             "corrupt_bound": self.corrupt, "threshold": self.threshold,
             "max_corrupt_fraction": self.max_corrupt_fraction, "expected_dropout": self.expected_dropout,
-            "min_advertisers": self.min_advertisers,
         }
         for key in ("collusion_failure_log2", "dropout_failure_log2"):
             value = getattr(self, key)
@@ -345,18 +359,16 @@ def plan_threshold(num_clients: int, graph: str = "complete", *, degree: int = 0
     for name, bits in (("security_bits", security_bits), ("correctness_bits", correctness_bits)):
         if not (math.isfinite(bits) and bits > 0):
             raise ConfigError(f"{name}: must be a positive number (got {bits!r})")
-    advertisers = _min_advertisers(n, expected_dropout, correctness_bits)
 
     def make(k: int) -> ThresholdPlan:
         k = k if is_sparse(k, n) else 0
-        # Harary: c for the fewest advertisers planned for (c only grows as they shrink), while
-        # the graph stays sparse; below that the run-time check decides.
-        nodes = max(advertisers, k + 3) if k else n
-        c, leak = collusion_bound(nodes, k, max_corrupt_fraction, security_bits=security_bits, cohort=n)
+        # c for the layout over the whole cohort (advertisers are a live view of it); dropouts at
+        # any stage, before advertising included, count against the dropout failure.
+        c, leak = collusion_bound(n, k, max_corrupt_fraction, security_bits=security_bits)
         h = k + 1 if k else n
         t = min_threshold(h, c)
         fail = _log2_dropout_failure(n, k, t, expected_dropout)
-        return ThresholdPlan(n, k, h, c, t, max_corrupt_fraction, leak, fail, expected_dropout, nodes,
+        return ThresholdPlan(n, k, h, c, t, max_corrupt_fraction, leak, fail, expected_dropout,
                              security_bits, correctness_bits)
 
     if graph == "complete" or degree:

@@ -130,6 +130,7 @@ class ServerConfig:
     authority_public_key: str = ""
     insecure_deterministic: bool = False
     max_round_attempts: int = 5
+    max_evaluations_per_job: int = 1
     linger: float = 5.0
     poll_wait: float = 10.0
 
@@ -140,6 +141,8 @@ class ServerConfig:
 
         need(bool(self.task), "task", "must name a task (module:attr)")
         need(self.rounds >= 1, "rounds", "must be at least 1")
+        need(isinstance(self.max_evaluations_per_job, int) and 0 <= self.max_evaluations_per_job <= 1000,
+             "max_evaluations_per_job", "must be an integer in 0..1000 (sites answer at most their own cap)")
         need(self.clients_per_round >= 2, "clients_per_round", "must be at least 2 (secure aggregation needs 2)")
         need(2 <= self.min_clients <= self.clients_per_round, "min_clients",
              f"must be between 2 and --clients-per-round ({self.clients_per_round})")

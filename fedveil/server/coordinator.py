@@ -48,6 +48,7 @@ from fedveil.errors import FedveilError
 from fedveil.metrics import DEFAULT_METRICS, weighted_metrics
 from fedveil.protocol import PROTOCOL_VERSION, ROUND_NONCE_BYTES, SESSION_ID_BYTES
 from fedveil.protocol import fedveil_pb2 as pb
+from fedveil.protocol.binding import bound_context
 from fedveil.protocol.codec import decode_ring_vector, model_message
 from fedveil.protocol.errors import (
     Incompatible,
@@ -1084,7 +1085,8 @@ class Coordinator:
         sconfig = SecAggConfig(
             num_clients=len(chosen), threshold=t, vector_length=plan.dimension, round_id=round_id,
             ring_bits=plan.ring_bits, graph=spec, active=cfg.active_adversary, identity_keys=identity_keys,
-            context=context, max_corrupt_fraction=cfg.max_corrupt_fraction,
+            context=bound_context(context, plan.dp, plan.encoding),  # sites shown other DP parameters: no session
+            max_corrupt_fraction=cfg.max_corrupt_fraction,
             # a placeholder until the cohort's commit-then-reveal seed is known (REVEAL closes)
             graph_seed=bytes(32),
         )
@@ -1298,7 +1300,7 @@ class Coordinator:
         """The final model's metrics as one secure sum over the cohort (an evaluation-only round)."""
         cfg = self.config
         phase = cfg.rounds + 1
-        for _ in range(cfg.max_round_attempts):
+        for _ in range(min(cfg.max_round_attempts, cfg.max_evaluations_per_job)):  # each attempt asks again
             with self._cond:
                 available = [n for n in self._available() if n not in self._barred.get(phase, set())]
             if len(available) < cfg.min_clients:
@@ -1375,7 +1377,8 @@ class Coordinator:
                 status = "failed"
                 message = f"round {number} aborted {cfg.max_round_attempts} times (see the store for reasons)"
                 break
-        if status in ("completed", "budget_exhausted") and cfg.final_evaluation and not self._stop_event.is_set():
+        if status in ("completed", "budget_exhausted") and cfg.final_evaluation and cfg.max_evaluations_per_job \
+                and not self._stop_event.is_set():
             if self._evaluation_mode == "secure":
                 self._secure_final_evaluation()
             elif self._evaluation_mode == "clear":

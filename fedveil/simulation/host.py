@@ -82,6 +82,8 @@ def server_args(config: ServerConfig, listen: str, store_path: Path, port_file: 
         argv.append("--no-evaluate")
     if not config.final_evaluation:
         argv.append("--no-final-evaluation")
+    if config.max_evaluations_per_job != 1:
+        argv += ["--max-evaluations-per-job", str(config.max_evaluations_per_job)]
     if port_file is not None:
         argv += ["--port-file", str(port_file)]
     return argv
