@@ -613,6 +613,39 @@ def test_active_mode_needs_enough_signatures():
         r.clients[0].handle(request)
 
 
+def test_a_survivor_forwarding_a_bad_signature_cannot_make_honest_clients_abort():
+    """The server forwards survivor-set signatures unverified; each client counts only the valid
+    ones, so one garbage signature costs nothing while t valid ones remain, and the round is exact.
+    With fewer than t valid the check fails as before."""
+    config, keys = _active_config(n=6)  # t from the threshold rule 2t > h + c
+    t = config.threshold
+    r = ManualRound(config, identity_key=dict(enumerate(keys)))
+    r.advertise()
+    checks = r.step(r.step(r.close()))
+    replies = r.deliver(checks)
+    bad_signers = list(range(config.num_clients - t))  # leaves exactly t valid
+    for c in bad_signers:
+        replies[c] = dataclasses.replace(replies[c], signature=bytes(64))
+    r.send(replies)
+    unmask = r.close()
+    assert set(unmask[0].signatures) == set(range(config.num_clients))  # forwarded as they came
+    r.send(r.deliver(unmask))
+    r.close()
+    assert r.server.completed
+    assert np.array_equal(r.server.result.ring_sum, ring_sum(config, r.inputs, range(config.num_clients)))
+    # one more bad signature leaves t - 1 valid: every client refuses to unmask
+    r = ManualRound(config, identity_key=dict(enumerate(keys)))
+    r.advertise()
+    checks = r.step(r.step(r.close()))
+    replies = r.deliver(checks)
+    for c in range(config.num_clients - t + 1):
+        replies[c] = dataclasses.replace(replies[c], signature=bytes(64))
+    r.send(replies)
+    unmask = r.close()
+    with pytest.raises(ConsistencyCheckError, match=f"only {t - 1} of {config.num_clients}"):
+        r.clients[config.num_clients - 1].handle(unmask[config.num_clients - 1])
+
+
 # --- property test of the state machines under arbitrary message sequences -----------------------
 
 _CLIENT_TO_SERVER = (AdvertiseKeys, ShareKeysResponse, MaskedInputResponse, UnmaskingResponse)
