@@ -16,6 +16,7 @@ raises and changes nothing: one misbehaving client cannot abort the round.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -35,6 +36,7 @@ from fedveil.secagg.keys import SIGNATURE_BYTES, pairwise_mask_seed, self_mask_p
 from fedveil.secagg.messages import (
     MASK_KEY_LIMBS,
     SELF_MASK_LIMBS,
+    SHARE_LIMBS,
     AdvertiseKeys,
     ConsistencyCheckRequest,
     ConsistencyCheckResponse,
@@ -50,8 +52,15 @@ from fedveil.secagg.messages import (
 )
 from fedveil.secagg.prg import MaskExpander
 from fedveil.secagg.session import Session, check_advertisement, prune_live
-from fedveil.secagg.shamir import BOX_OVERHEAD, PRIME, lagrange_at_zero, limbs_to_bytes
+from fedveil.secagg.shamir import BOX_OVERHEAD, PRIME, lagrange_at_zero, limbs_to_bytes, random_field_elements
 from fedveil.secagg.shamir import reconstruct as shamir_reconstruct
+from fedveil.secagg.share_decoding import (
+    UndecodableSharesError,
+    decode_shares,
+    fold_limbs,
+    on_one_polynomial,
+    parity_weights,
+)
 
 _BOX_BYTES = 4 * (SELF_MASK_LIMBS + MASK_KEY_LIMBS) + BOX_OVERHEAD
 
@@ -65,6 +74,8 @@ class AggregationResult:
     """Clients whose inputs are in the sum (their masked inputs arrived)."""
     dropped: tuple[int, ...]
     """Clients that shared keys but whose masked inputs did not arrive (masks removed)."""
+    faulty_holders: tuple[int, ...] = ()
+    """Clients whose unmasking shares were wrong and were corrected around (none in an honest round)."""
 
 
 class _ServerContext:
@@ -323,7 +334,12 @@ class ServerR3Unmasking(ServerState):
         survivors_set = set(ctx.u3)
         coeff_cache: dict[tuple[int, ...], np.ndarray] = {}
 
-        def recover(table: dict[int, tuple[list[int], list[np.ndarray]]], owner: int, what: str) -> bytes:
+        faulty: set[int] = set()
+        parity_cache: dict[tuple[int, ...], np.ndarray] = {}
+        fold = random_field_elements(SHARE_LIMBS)  # drawn after every share arrived
+
+        def recover(table: dict[int, tuple[list[int], list[np.ndarray]]], owner: int, what: str,
+                    matches: Callable[[bytes], bool] = lambda _: True) -> bytes:
             xs, rows = table.get(owner, ([], []))
             if len(xs) < t:
                 raise RoundAbortedError(f"only {len(xs)} shares of the {what} of client {owner} arrived; "
@@ -334,11 +350,32 @@ class ServerR3Unmasking(ServerState):
             if lam is None:
                 lam = coeff_cache[key] = lagrange_at_zero(np.asarray(key, dtype=np.int64))
             secret = shamir_reconstruct(np.asarray(key), np.stack([rows[i] for i in order]), lam)
+            points = tuple(sorted(xs))
+            weights = parity_cache.get(points)
+            if weights is None:
+                weights = parity_cache[points] = parity_weights(np.asarray(points, dtype=np.int64))
+            by_point = dict(zip(xs, rows, strict=True))
+            column = fold_limbs(np.stack([by_point[x] for x in points]), fold)
+            if on_one_polynomial(np.asarray(points, dtype=np.int64), column, t, weights):
+                try:
+                    raw = limbs_to_bytes(secret)
+                    if matches(raw):
+                        return raw
+                except MalformedMessageError:
+                    pass
+            # A holder sent a wrong share: locate it among all shares and interpolate without it
+            # (fedveil.secagg.share_decoding); abort only when more are wrong than can be corrected.
             try:
-                return limbs_to_bytes(secret)
-            except MalformedMessageError as err:  # a holder sent a wrong share: abort, do not raise
+                decoded = decode_shares(np.asarray(xs, dtype=np.int64), np.stack(rows), t)
+                raw = limbs_to_bytes(decoded.limbs)
+            except (UndecodableSharesError, MalformedMessageError) as err:
                 raise RoundAbortedError(f"the shares of the {what} of client {owner} are inconsistent "
-                                        "(they interpolate to no valid value)") from err
+                                        f"beyond correction ({err})") from err
+            if not matches(raw):
+                raise RoundAbortedError(f"the shares of the {what} of client {owner} are inconsistent "
+                                        "beyond correction (the decoded value is not the advertised one)")
+            faulty.update(x - 1 for x in decoded.faulty_points)
+            return raw
 
         # Recover every secret before touching the sum, so an abort reveals nothing.
         self_seeds = {u: recover(self.self_mask_shares, u, "self-mask seed") for u in ctx.u3}
@@ -346,11 +383,13 @@ class ServerR3Unmasking(ServerState):
         for d in ctx.dropped:
             if not survivors_set.intersection(graph.neighbors(d)):
                 continue  # no survivor masked with d
-            raw = recover(self.mask_key_shares, d, "masking key")
-            key = X25519PrivateKey.from_private_bytes(raw)
-            if key.public_key().public_bytes_raw() != session.advertisements[d].mask_public:
-                raise RoundAbortedError(f"reconstructed masking key of client {d} does not match its advertised key")
-            mask_keys[d] = key
+            advertised = session.advertisements[d].mask_public
+
+            def is_advertised(raw: bytes, advertised: bytes = advertised) -> bool:
+                return X25519PrivateKey.from_private_bytes(raw).public_key().public_bytes_raw() == advertised
+
+            mask_keys[d] = X25519PrivateKey.from_private_bytes(recover(self.mask_key_shares, d, "masking key",
+                                                                       is_advertised))
         total = ctx.running_sum
         plus: list[bytes] = []
         minus = [self_mask_prg_seed(seed, u, sid) for u, seed in self_seeds.items()]
@@ -364,7 +403,7 @@ class ServerR3Unmasking(ServerState):
         MaskExpander(cfg.vector_length, cfg.ring.dtype).apply(total, add=plus, subtract=minus)
         cfg.ring.reduce(total)
         ctx.running_sum = None
-        return AggregationResult(total, ctx.u3, ctx.dropped)
+        return AggregationResult(total, ctx.u3, ctx.dropped, tuple(sorted(faulty)))
 
 
 class ServerCompleted(ServerState):
