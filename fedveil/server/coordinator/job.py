@@ -1,0 +1,160 @@
+"""The job: rounds one after another, retries, final evaluation and the summary."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from fedveil.metrics import weighted_metrics
+from fedveil.protocol import ROUND_NONCE_BYTES
+from fedveil.protocol import fedveil_pb2 as pb
+from fedveil.server.coordinator.rounds import RoundDriverMixin
+from fedveil.server.coordinator.secagg_bridge import SecAggBridgeMixin
+from fedveil.server.coordinator.sessions import SessionsMixin
+from fedveil.server.coordinator.site_reports import SiteReportsMixin
+from fedveil.server.coordinator.state import (
+    JobError,
+    JobSummary,
+    _Evaluation,
+    log,
+)
+from fedveil.server.events import (
+    JobFinished,
+)
+
+
+class Coordinator(SessionsMixin, SecAggBridgeMixin, SiteReportsMixin, RoundDriverMixin):
+    """Runs one federated job against a :class:`RunStore`; see :mod:`fedveil.server.coordinator`."""
+
+    def run(self) -> JobSummary:
+        """Run the job to completion (or until :meth:`stop`); returns the summary."""
+        cfg = self.config
+        status = "completed"
+        message = ""
+        self._budget_message = ""
+        if self.finished is not None:
+            return self._report_finished()
+        while self.model.version < cfg.rounds:
+            with self._cond:
+                available = self._wait_for_cohort(self.model.version + 1)
+            if available is None:
+                status, message = "stopped", "stopped before the job completed; restart with the same command"
+                break
+            number = self.model.version + 1
+            try:
+                outcome = self._run_round(number, available)
+            except JobError:
+                raise
+            except Exception:  # a bug or a store failure: abort this attempt, keep the server up
+                log.exception("round %d: unexpected error; the attempt is aborted", number)
+                with self._cond:
+                    rnd = self._round
+                    if rnd is not None:
+                        try:
+                            self._abandon(rnd, "internal server error (logged)")
+                        except Exception:
+                            log.exception("round %d: could not record the abort", number)
+                            self._finish_round_for_clients(rnd, pb.ROUND_OUTCOME_ABORTED, "internal error", ())
+                    self._aborted_attempts += 1
+                outcome = "aborted"
+            self.listeners.flush()
+            if outcome == "stopped":
+                status, message = "stopped", "stopped before the job completed; restart with the same command"
+                break
+            if outcome in ("withheld", "rejected"):
+                continue
+            if outcome == "budget":
+                status, message = "budget_exhausted", f"stopped early: {self._budget_message}"
+                break
+            if outcome == "aborted" and self._tries.get(number, 0) >= cfg.max_round_attempts:
+                status = "failed"
+                message = f"round {number} aborted {cfg.max_round_attempts} times (see the store for reasons)"
+                break
+        if status in ("completed", "budget_exhausted") and cfg.final_evaluation and cfg.max_evaluations_per_job \
+                and not self._stop_event.is_set():
+            if self._evaluation_mode == "secure":
+                self._secure_final_evaluation()
+            elif self._evaluation_mode == "clear":
+                self._final_evaluation()
+        if status == "completed" and not message:
+            message = f"completed {self.model.version} rounds" + (
+                f" (resumed after round {self.resumed_from})" if self.resumed_from else "")
+        ledger = self.model.ledger
+        epsilon = ledger.epsilon() if ledger is not None and cfg.user_level_dp else None
+        summary = JobSummary(
+            run_id=self.run_id, status=status, completed_rounds=self.model.version, total_rounds=cfg.rounds,
+            resumed_from=self.resumed_from, aborted_attempts=self._aborted_attempts, dropouts=self._dropouts,
+            final_metrics=self._final_metrics, epsilon=epsilon, delta=cfg.dp_delta if epsilon is not None else None,
+            message=message, rejected_rounds=self._rejected_rounds,
+        )
+        if status != "stopped":
+            self.store.finish_run(self.run_id, status, summary.to_dict())
+        self.listeners.emit(JobFinished(self.run_id, summary.to_dict()))
+        if status != "stopped":
+            self._announce_done(message)
+        return summary
+
+    def _announce_done(self, message: str) -> None:
+        """Tell every client the job is over; wait up to ``linger`` seconds for them to hear it."""
+        with self._cond:
+            self._done = pb.JobDone(
+                run_id=self.run_id, completed_rounds=self.model.version,
+                final_metrics=[pb.Metric(name=k, value=v) for k, v in self._final_metrics.items()],
+                summary=message,
+            )
+            self._cond.notify_all()
+            linger_until = self._clock() + self.config.linger
+            self._wait_until(
+                lambda: all(c.job_done_sent for c in self._clients.values() if c.name in self._available()),
+                linger_until,
+            )
+
+    def _report_finished(self) -> JobSummary:
+        data = self.finished or {}
+        self._final_metrics = {str(k): float(v) for k, v in (data.get("final_metrics") or {}).items()}
+        message = f"run {self.run_id} had already finished: {data.get('message', '')}".strip()
+        summary = JobSummary(
+            run_id=self.run_id, status=str(data.get("status", "completed")), completed_rounds=self.model.version,
+            total_rounds=self.config.rounds, resumed_from=self.model.version,
+            aborted_attempts=self._aborted_attempts, dropouts=self._dropouts, final_metrics=self._final_metrics,
+            epsilon=data.get("epsilon"), delta=data.get("delta"), message=message,
+        )
+        self._announce_done(message)
+        return summary
+
+    def _secure_final_evaluation(self) -> None:
+        """The final model's metrics as one secure sum over the cohort (an evaluation-only round)."""
+        cfg = self.config
+        phase = cfg.rounds + 1
+        for _ in range(min(cfg.max_round_attempts, cfg.max_evaluations_per_job)):  # each attempt asks again
+            with self._cond:
+                available = [n for n in self._available() if n not in self._barred.get(phase, set())]
+            if len(available) < cfg.min_clients:
+                log.info("final evaluation skipped: %d sites connected, fewer than %d", len(available),
+                         cfg.min_clients)
+                return
+            outcome = self._run_round(phase, available, purpose=pb.ROUND_PURPOSE_EVALUATE)
+            self.listeners.flush()
+            if outcome in ("completed", "stopped"):
+                break
+        self._final_metrics = dict(self._last_secure_metrics)
+        log.info("final evaluation of model %d (secure sum): %s", self.model.version, self._final_metrics)
+
+    def _final_evaluation(self) -> None:
+        cfg = self.config
+        with self._cond:
+            participants = set(self._available())
+            if not participants:
+                return
+            now, wall = self._clock(), time.time()
+            ev = _Evaluation(version=self.model.version, nonce=os.urandom(ROUND_NONCE_BYTES), phase=cfg.rounds + 1,
+                             deadline=now + cfg.stage_timeout, deadline_wall=wall + cfg.stage_timeout,
+                             participants=participants)
+            self._evaluation = ev
+            self._cond.notify_all()
+            self._wait_until(lambda: ev.reported >= ev.participants, ev.deadline)
+            self._evaluation = None
+            self._past_nonces.add(ev.nonce)
+        rows = self.store.evaluations(self.run_id, ev.version)
+        self._final_metrics = weighted_metrics(rows)
+        log.info("final evaluation of model %d by %d client(s): %s", ev.version, len(rows), self._final_metrics)

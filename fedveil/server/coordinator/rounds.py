@@ -1,0 +1,425 @@
+"""The round driver: cohort, RoundStart, stages with deadlines, release, rejection and aborts."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import secrets
+import struct
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from fedveil.dp.ledger import BudgetExceededError
+from fedveil.protocol import ROUND_NONCE_BYTES
+from fedveil.protocol import fedveil_pb2 as pb
+from fedveil.protocol.binding import bound_context
+from fedveil.secagg import messages as sa
+from fedveil.secagg.beacon import BeaconCollector
+from fedveil.secagg.config import SecAggConfig
+from fedveil.secagg.errors import ConfigError
+from fedveil.secagg.server import SecAggServer
+from fedveil.secagg.threshold import ThresholdPlan
+from fedveil.server.coordinator.state import (
+    PUBLIC_KEY_BYTES,
+    SECURE_SUM_ROW,
+    CoordinatorBase,
+    JobError,
+    Stage,
+    _Client,
+    _Round,
+    log,
+)
+from fedveil.server.events import (
+    EvaluationRecorded,
+    RoundAborted,
+    RoundCompleted,
+    RoundRejected,
+    RoundStarted,
+)
+from fedveil.server.sanity import AggregateRejected
+from fedveil.server.training import round_seed
+
+
+class RoundDriverMixin(CoordinatorBase):
+    """The round driver: cohort, RoundStart, stages with deadlines, release, rejection and aborts."""
+
+    def _instruction_for(self, client: _Client) -> pb.PollResponse | None:
+        if client.pending_result is not None:
+            result, client.pending_result = client.pending_result, None
+            return pb.PollResponse(round_result=result)
+        if self._done is not None:
+            client.job_done_sent = True
+            self._cond.notify_all()
+            return pb.PollResponse(job_done=self._done)
+        ev = self._evaluation
+        if ev is not None:
+            if client.name in ev.participants and client.name not in ev.reported:
+                return pb.PollResponse(evaluate=pb.Evaluate(
+                    round=ev.version, model=self._model_pb(), deadline_unix_ms=int(ev.deadline_wall * 1000),
+                    round_nonce=ev.nonce, phase=ev.phase,
+                ))
+            return None
+        rnd = self._round
+        if rnd is None or client.name not in rnd.cohort or client.name in rnd.dropped or rnd.closing:
+            return None
+        sid = rnd.cohort[client.name]
+        done = rnd.submitted.get(client.name, set())
+        if rnd.stage in done or sid not in rnd.expected:
+            return None
+        deadline_ms = int(rnd.deadline_wall * 1000)
+        if rnd.stage == Stage.COMMIT:
+            return pb.PollResponse(round_start=self._round_start(rnd, sid))
+        if rnd.stage == Stage.REVEAL:
+            return pb.PollResponse(commitments=pb.Commitments(
+                round=rnd.number, deadline_unix_ms=deadline_ms,
+                commitments=[pb.SeedCommitment(client_id=c, commitment=v) for c, v in sorted(rnd.commitments.items())]))
+        if rnd.stage == Stage.TRAINING:
+            return pb.PollResponse(contributions=pb.Contributions(
+                round=rnd.number, deadline_unix_ms=deadline_ms,
+                reveals=[pb.SeedReveal(client_id=c, contribution=v) for c, v in sorted(rnd.beacon.reveals.items())]))
+        out = rnd.outgoing.get(sid)
+        if isinstance(out, sa.ShareKeysRequest):
+            keys = [
+                pb.AdvertisedKeys(client_id=a.client_id, encryption_public_key=a.share_public,
+                                  masking_public_key=a.mask_public, signature=a.signature,
+                                  identity_public_key=self._identity_key(rnd.names[a.client_id]))
+                for a in out.advertisements
+            ]
+            return pb.PollResponse(peer_keys=pb.PeerKeys(round=rnd.number, keys=keys, deadline_unix_ms=deadline_ms))
+        if isinstance(out, sa.MaskedInputRequest):
+            shares = [pb.EncryptedShare(peer_id=s, ciphertext=box) for s, box in sorted(out.boxes.items())]
+            return pb.PollResponse(incoming_shares=pb.IncomingShares(round=rnd.number, shares=shares,
+                                                                     deadline_unix_ms=deadline_ms))
+        if isinstance(out, sa.ConsistencyCheckRequest):
+            return pb.PollResponse(survivor_check=pb.SurvivorCheck(
+                round=rnd.number, survivors=[int(v) for v in out.survivors], deadline_unix_ms=deadline_ms))
+        if isinstance(out, sa.UnmaskingRequest):
+            return pb.PollResponse(unmasking=pb.UnmaskingRequest(
+                round=rnd.number, survivors=[int(v) for v in out.survivors], dropped=[int(v) for v in out.dropped],
+                signatures=[pb.SurvivorSignature(client_id=c, signature=s) for c, s in sorted(out.signatures.items())],
+                deadline_unix_ms=deadline_ms,
+            ))
+        return None
+
+    def _round_start(self, rnd: _Round, sid: int) -> pb.RoundStart:
+        cfg = self.config
+        plan = rnd.plan
+        sc = rnd.config
+        return pb.RoundStart(
+            run_id=self.run_id, round=rnd.number, round_nonce=rnd.nonce, client_id=sid, model=self._model_pb(),
+            encoding=plan.encoding,
+            secagg=pb.SecAggParams(
+                graph=sc.graph.kind, degree=sc.graph.degree, threshold=sc.threshold, active_adversary=sc.active,
+                cohort_size=sc.num_clients, cohort=list(range(sc.num_clients)), round_id=sc.round_id,
+                context=sc.context, identity_keys=list(sc.identity_keys or ()),
+                identity_credentials=[self._credential(rnd.names[i]) for i in range(sc.num_clients)]
+                if sc.active else [],
+                max_corrupt_fraction=sc.max_corrupt_fraction,
+            ),
+            dp=plan.dp,
+            training=pb.TrainingParams(
+                local_epochs=cfg.local_epochs or self.task.local_epochs,
+                learning_rate=cfg.learning_rate or self.task.learning_rate,
+                batch_size=cfg.batch_size or self.task.batch_size,
+                evaluate_global_model=cfg.evaluate and self._evaluation_mode == "clear",
+                seed=round_seed(self.seed, rnd.number),
+            ),
+            deadline_unix_ms=int(rnd.deadline_wall * 1000),
+            stage_timeout_ms=int(cfg.stage_timeout * 1000),
+            attempt=rnd.attempt,
+            purpose=rnd.purpose,  # type: ignore[arg-type]
+        )
+
+    def _wait_until(self, predicate: Callable[[], bool], deadline: float | None) -> bool:
+        """Wait (lock held) until ``predicate`` or the deadline; False if stopping."""
+        while not predicate():
+            if self._stop_event.is_set():
+                return False
+            if deadline is not None:
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    return True
+                self._cond.wait(min(remaining, 0.5))
+            else:
+                self._cond.wait(0.5)
+        return True
+
+    def _threshold(self, n: int) -> ThresholdPlan:
+        """Masking graph and threshold for a cohort of ``n`` (the collusion rule, via the config)."""
+        try:
+            return self.config.secagg_plan(n)
+        except ConfigError as err:  # an explicit --threshold that a smaller cohort cannot use safely
+            raise JobError(f"--threshold: {str(err).removeprefix('threshold: ')} (cohort of {n})") from None
+
+    def _wait_for_cohort(self, number: int) -> list[str] | None:
+        cfg = self.config
+        ready_since: float | None = None
+        while not self._stop_event.is_set():
+            barred = self._barred.get(number, set())
+            avail = [n for n in self._available() if n not in barred]
+            if len(avail) >= cfg.clients_per_round:
+                return avail
+            if len(avail) >= cfg.min_clients:
+                now = self._clock()
+                ready_since = ready_since if ready_since is not None else now
+                if now - ready_since >= cfg.cohort_wait:
+                    return avail
+            else:
+                ready_since = None
+            self._cond.wait(0.25)
+        return None
+
+    def _start_round(self, number: int, available: list[str], purpose: int = pb.ROUND_PURPOSE_TRAIN) -> _Round:
+        cfg = self.config
+        attempt = self._attempts.get(number, 0) + 1
+        self._attempts[number] = attempt
+        self._tries[number] = self._tries.get(number, 0) + 1
+        k = min(cfg.clients_per_round, len(available))
+        if k == len(available):
+            chosen = sorted(available)
+        elif cfg.insecure_deterministic:  # reproducible cohorts: anyone with the job seed can predict them
+            rng = np.random.default_rng([self.seed, number, attempt])
+            chosen = sorted(str(c) for c in rng.choice(available, k, replace=False))
+        else:  # secret randomness: what amplification by sampling relies on
+            chosen = sorted(secrets.SystemRandom().sample(sorted(available), k))
+        cohort = {name: i for i, name in enumerate(chosen)}
+        secagg_plan = self._threshold(len(chosen))
+        spec, t = secagg_plan.spec, secagg_plan.threshold
+        if cfg.insecure_deterministic:  # tests and bit-for-bit simulations only: predictable by anyone with the seed
+            nonce = hashlib.sha256(f"fedveil/nonce/{self.seed}/{number}/{attempt}/{purpose}".encode()).digest()[
+                :ROUND_NONCE_BYTES]
+        else:
+            nonce = os.urandom(ROUND_NONCE_BYTES)
+        round_id = int.from_bytes(hashlib.sha256(self.run_id.encode() + struct.pack("<II", number, attempt) + nonce)
+                                  .digest()[:8], "little")
+        context = f"fedveil/{self.run_id}/{self.task.name}".encode()
+        evaluation_only = purpose == pb.ROUND_PURPOSE_EVALUATE
+        plan = self.model.plan(number, len(chosen), t, context, evaluation_only=evaluation_only,
+                               metrics=self._secure_metrics() if (cfg.evaluate or evaluation_only) else ())
+        identity_keys = None
+        if cfg.active_adversary:
+            keys = [self._identity_key(n) for n in chosen]
+            missing = [n for n, key in zip(chosen, keys, strict=True) if len(key) != PUBLIC_KEY_BYTES]
+            if missing:
+                raise JobError(f"--active-adversary: clients without an enrolled identity key: {', '.join(missing)}")
+            identity_keys = tuple(keys)
+        sconfig = SecAggConfig(
+            num_clients=len(chosen), threshold=t, vector_length=plan.dimension, round_id=round_id,
+            ring_bits=plan.ring_bits, graph=spec, active=cfg.active_adversary, identity_keys=identity_keys,
+            context=bound_context(context, plan.dp, plan.encoding),  # sites shown other DP parameters: no session
+            max_corrupt_fraction=cfg.max_corrupt_fraction,
+            # a placeholder until the cohort's commit-then-reveal seed is known (REVEAL closes)
+            graph_seed=bytes(32),
+        )
+        now, wall = self._clock(), time.time()
+        rnd = _Round(number=number, attempt=attempt, nonce=nonce, plan=plan, config=sconfig,
+                     beacon=BeaconCollector(round_id, tuple(range(len(chosen))), t),
+                     cohort=cohort, names={i: n for n, i in cohort.items()}, started_wall=wall, purpose=purpose,
+                     deadline=now + cfg.stage_timeout, deadline_wall=wall + cfg.stage_timeout)
+        self.store.start_round(self.run_id, number, attempt, cohort, t)
+        log.info("round %d (attempt %d%s): cohort of %d, dimension %d, secure aggregation %s",
+                 number, attempt, ", evaluation only" if purpose == pb.ROUND_PURPOSE_EVALUATE else "", len(chosen),
+                 plan.dimension, secagg_plan.describe())
+        return rnd
+
+    def _finish_round_for_clients(self, rnd: _Round, outcome: int, reason: str, survivors: tuple[int, ...]) -> None:
+        survivor_names = {rnd.names[s] for s in survivors}
+        for name in rnd.cohort:
+            client = self._clients.get(name)
+            if client is None:
+                continue
+            if outcome == pb.ROUND_OUTCOME_COMPLETED and name not in survivor_names:
+                client.pending_result = pb.RoundResult(round=rnd.number, outcome=pb.ROUND_OUTCOME_DROPPED,
+                                                       reason="your input is not in the sum (missed a deadline)",
+                                                       survivors=len(survivors), new_model_version=self.model.version)
+            else:
+                client.pending_result = pb.RoundResult(round=rnd.number, outcome=outcome, reason=reason,  # type: ignore[arg-type]
+                                                       survivors=len(survivors), new_model_version=self.model.version)
+        self._past_nonces.add(rnd.nonce)
+        self._round = None
+        self._cond.notify_all()
+
+    def _run_round(self, number: int, available: list[str], purpose: int = pb.ROUND_PURPOSE_TRAIN) -> str:
+        """One round attempt: 'completed', 'aborted', 'withheld' (a member withheld its graph-seed
+        reveal: retried without it), 'budget' or 'stopped'."""
+        with self._cond:
+            rnd = self._start_round(number, available, purpose)
+            try:
+                if purpose == pb.ROUND_PURPOSE_TRAIN:
+                    # q over the sites the cohort was really drawn from (issue 10: never the enrolled count)
+                    self.model.reserve_budget(rnd.plan, len(available),
+                                              amplification=self.config.dp_sampling_amplification)
+            except BudgetExceededError as err:
+                self.store.abort_round(self.run_id, number, rnd.attempt, f"privacy budget: {err}", None)
+                self._finish_round_for_clients(rnd, pb.ROUND_OUTCOME_ABORTED, f"privacy budget exhausted: {err}", ())
+                self._budget_message = str(err)
+                return "budget"
+            # the first stage's deadline runs from when the cohort can see the round (reserving the
+            # budget above may take a while: an accountant's first computation)
+            now, wall = self._clock(), time.time()
+            rnd.deadline, rnd.deadline_wall = now + self.config.stage_timeout, wall + self.config.stage_timeout
+            self._round = rnd
+            self._cond.notify_all()
+        self.listeners.emit(RoundStarted(self.run_id, number, rnd.attempt, tuple(rnd.cohort),
+                                         "evaluate" if purpose == pb.ROUND_PURPOSE_EVALUATE else "train"))
+        stages = [Stage.COMMIT, Stage.REVEAL, Stage.TRAINING, Stage.SHARE_KEYS, Stage.MASKED_INPUT]
+        if self.config.active_adversary:
+            stages.append(Stage.CONSISTENCY)
+        stages.append(Stage.UNMASKING)
+        for index, stage in enumerate(stages):
+            with self._cond:
+                if not self._wait_until(lambda: not rnd.live_pending(), rnd.deadline):
+                    self._abandon(rnd, "server stopping")
+                    return "stopped"
+                missing = [rnd.names[s] for s in rnd.pending]
+                rnd.closing = True
+                for name in missing:
+                    rnd.dropped.setdefault(name, (stage.label, "missed the stage deadline"))
+            if stage == Stage.COMMIT:
+                listed = rnd.beacon.close_commit()
+                outgoing: dict[int, sa.Message] = {}
+                aborted = listed is None
+            elif stage == Stage.REVEAL:
+                seed = rnd.beacon.close_reveal()
+                aborted = seed is None
+                if seed is not None:
+                    rnd.config = dataclasses.replace(rnd.config, graph_seed=seed)
+                    rnd.secagg = SecAggServer(rnd.config)
+            else:
+                assert rnd.secagg is not None
+                outgoing = rnd.secagg.close_stage()  # outside the lock: unmasking is the heavy part
+                aborted = rnd.secagg.aborted
+            with self._cond:
+                answered = [n for n in rnd.cohort if stage in rnd.submitted.get(n, set())]
+                self.store.record_stage(self.run_id, number, rnd.attempt, answered, stage.label)
+                new_drops = {n: rnd.dropped[n] for n in missing if n not in rnd.recorded}
+                rnd.recorded.update(new_drops)
+                if new_drops:
+                    self.store.record_dropouts(self.run_id, number, rnd.attempt, new_drops)
+                    self._dropouts += len(new_drops)
+                    log.info("round %d: %d dropout(s) at %s: %s", number, len(new_drops), stage.label,
+                             ", ".join(sorted(new_drops)))
+                if aborted:
+                    return self._abort_attempt(rnd, stage, len(answered))
+                if rnd.secagg is not None and rnd.secagg.completed:
+                    break
+                if stage == Stage.COMMIT:
+                    assert listed is not None
+                    rnd.commitments = listed
+                    for sid in range(len(rnd.names)):  # not in U0: out of the round for good
+                        if sid not in listed:
+                            rnd.dropped.setdefault(rnd.names[sid], (stage.label, "did not accept the round"))
+                rnd.stage = stages[index + 1]
+                rnd.outgoing = outgoing
+                timeout = self.config.round_timeout if rnd.stage == Stage.TRAINING else self.config.stage_timeout
+                now, wall = self._clock(), time.time()
+                rnd.deadline, rnd.deadline_wall = now + timeout, wall + timeout
+                rnd.closing = False
+                self._cond.notify_all()
+        assert rnd.secagg is not None
+        result = rnd.secagg.result
+        if result.faulty_holders:
+            log.warning("round %d: wrong unmasking shares from %s were located and left out (the round is exact; "
+                        "a holder may also have been handed a wrong share by its owner)", number,
+                        ", ".join(rnd.names[c] for c in result.faulty_holders))
+        declared = sum(rnd.weights.get(s, 0.0) for s in result.survivors) if rnd.plan.encoding.weighted else None
+        try:
+            applied = self.model.apply(rnd.plan, result.ring_sum, len(result.survivors), declared)
+        except AggregateRejected as err:
+            return self._reject_round(rnd, str(err), len(result.survivors))
+        if purpose == pb.ROUND_PURPOSE_EVALUATE:
+            with self._cond:
+                self._record_secure_evaluation(rnd, applied.evaluation, len(result.survivors))
+                self.store.finish_evaluation_round(self.run_id, number, rnd.attempt, len(result.survivors))
+                self._finish_round_for_clients(rnd, pb.ROUND_OUTCOME_COMPLETED, "evaluation", result.survivors)
+            return "completed"
+        state_after = self.model.state_dict(applied)
+        ledger_json = self.model.ledger.to_json() if self.model.ledger is not None else None
+        stats = {**applied.stats, "dropped": [rnd.names[d] for d in result.dropped], "threshold": rnd.plan.threshold,
+                 "duration_s": round(time.time() - rnd.started_wall, 3)}
+        self.store.complete_round(
+            self.run_id, number, rnd.attempt, survivors=len(result.survivors), aggregate=applied.aggregate,
+            aggregate_digest=applied.aggregate_digest, model=applied.params, state=state_after,
+            ledger_json=ledger_json, stats=stats,
+        )
+        with self._cond:
+            if applied.evaluation is not None:
+                self._record_secure_evaluation(rnd, applied.evaluation, len(result.survivors))
+            self.model.commit(applied)
+            log.info("round %d completed: %d survivors, update norm %.4g, %.2fs", number, len(result.survivors),
+                     applied.stats["update_norm"], stats["duration_s"])
+            self._finish_round_for_clients(rnd, pb.ROUND_OUTCOME_COMPLETED, "", result.survivors)
+        self.listeners.emit(RoundCompleted(self.run_id, number, rnd.attempt, len(result.survivors), applied.params,
+                                           ledger_json, dict(stats)))
+        return "completed"
+
+    def _reject_round(self, rnd: _Round, reason: str, survivors: int) -> str:
+        """The unmasked sum is not one honest sites can produce: skip the round (model unchanged, the
+        round counted, its release kept in the ledger) and go on — a retry would let a malicious site
+        stall the job."""
+        number = rnd.number
+        state_after = self.model.state_dict(skipping=True)
+        ledger_json = self.model.ledger.to_json() if self.model.ledger is not None else None
+        self.store.complete_round(
+            self.run_id, number, rnd.attempt, survivors=survivors, aggregate=np.zeros(0, np.float32),
+            aggregate_digest="", model=self.model.params, state=state_after, ledger_json=ledger_json,
+            stats={"rejected": reason, "threshold": rnd.plan.threshold}, status="rejected", reason=reason)
+        with self._cond:
+            self.model.skip()
+            self._rejected_rounds += 1
+            log.warning("round %d rejected (model unchanged, the job goes on): %s", number, reason)
+            self._finish_round_for_clients(rnd, pb.ROUND_OUTCOME_ABORTED, f"rejected: {reason}", ())
+        self.listeners.emit(RoundRejected(self.run_id, number, rnd.attempt, reason))
+        return "rejected"
+
+    def _abort_attempt(self, rnd: _Round, stage: Stage, answered: int) -> str:
+        """Record an aborted attempt (lock held). Once masked inputs were in and unmasking shares
+        were asked for, the sum could have been released: under DP the attempt stays in the ledger
+        as a release (Bonawitz et al.'s retries are new releases, not refunds)."""
+        number = rnd.number
+        if rnd.secagg is not None:
+            reason = rnd.secagg.abort_reason or "aborted"
+        else:
+            reason = rnd.beacon.abort_reason or "aborted"
+        released = stage >= Stage.CONSISTENCY
+        if released:
+            reason += " (after masked inputs: counted as a release in the privacy ledger)"
+            if self.model.ledger is not None:
+                self.store.save_ledger(self.run_id, self.model.ledger.to_json())
+        elif rnd.purpose == pb.ROUND_PURPOSE_TRAIN:
+            self.model.cancel_budget(number)
+        self.store.abort_round(self.run_id, number, rnd.attempt, reason, answered)
+        self._aborted_attempts += 1
+        log.warning("round %d attempt %d aborted: %s", number, rnd.attempt, reason)
+        self.listeners.defer(RoundAborted(self.run_id, number, rnd.attempt, stage.label, reason))
+        self._finish_round_for_clients(rnd, pb.ROUND_OUTCOME_ABORTED, reason, ())
+        if stage == Stage.REVEAL and rnd.beacon.withheld:
+            # each withholder costs one attempt and is barred from the rest of the round, so a site
+            # cannot make a round fail by withholding; this attempt does not count against the limit
+            barred = self._barred.setdefault(number, set())
+            barred.update(rnd.names[s] for s in rnd.beacon.withheld)
+            self._tries[number] -= 1
+            return "withheld"
+        return "aborted"
+
+    def _record_secure_evaluation(self, rnd: _Round, evaluation: tuple[dict[str, float], float] | None,
+                                  survivors: int) -> None:
+        if evaluation is None:
+            return
+        metrics, examples = evaluation
+        if not metrics:
+            return
+        self.store.record_evaluation(self.run_id, self.model.version, SECURE_SUM_ROW, round(examples), metrics)
+        self._last_secure_metrics = dict(metrics)
+        self.listeners.defer(EvaluationRecorded(self.run_id, rnd.number, self.model.version, dict(metrics), examples))
+        log.info("round %d: secure evaluation of model %d over %d sites: %s", rnd.number, self.model.version,
+                 survivors, {k: round(v, 4) for k, v in metrics.items()})
+
+    def _abandon(self, rnd: _Round, reason: str) -> None:
+        if rnd.purpose == pb.ROUND_PURPOSE_TRAIN:
+            self.model.cancel_budget(rnd.number)
+        self.store.abort_round(self.run_id, rnd.number, rnd.attempt, reason, None)
+        self._finish_round_for_clients(rnd, pb.ROUND_OUTCOME_ABORTED, reason, ())

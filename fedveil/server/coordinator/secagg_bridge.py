@@ -1,0 +1,299 @@
+"""The server half of the secure-aggregation driver: protobuf to secagg messages and back,
+stage by stage (the twin of :mod:`fedveil.clients.secagg_driver`), uploads and model fetches.
+"""
+
+from __future__ import annotations
+
+import hmac
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+from fedveil.protocol import ROUND_NONCE_BYTES
+from fedveil.protocol import fedveil_pb2 as pb
+from fedveil.protocol.codec import decode_ring_vector, model_message
+from fedveil.protocol.errors import (
+    MalformedMessage,
+    OutOfOrder,
+    PermissionDenied,
+    Replayed,
+    StageClosed,
+)
+from fedveil.protocol.uploads import UploadReservation
+from fedveil.secagg import errors as sa_errors
+from fedveil.secagg import messages as sa
+from fedveil.secagg.beacon import BeaconError
+from fedveil.server.coordinator.state import (
+    MAX_SHARE_BOX_BYTES,
+    PUBLIC_KEY_BYTES,
+    SIGNATURE_BYTES,
+    CoordinatorBase,
+    Stage,
+    _Client,
+    _Round,
+    log,
+)
+from fedveil.server.uploads import UploadBook
+
+
+class SecAggBridgeMixin(CoordinatorBase):
+    """Protobuf to secagg messages and back, stage by stage; uploads and model fetches."""
+
+    def _round_for(self, client: _Client, header: pb.RequestHeader, stage: Stage, rpc: str) -> tuple[_Round, int]:
+        rnd = self._round
+        if len(header.round_nonce) != ROUND_NONCE_BYTES:
+            raise MalformedMessage(
+                f"header.round_nonce: expected {ROUND_NONCE_BYTES} bytes, got {len(header.round_nonce)}"
+            )
+        if rnd is None or header.round != rnd.number or not hmac.compare_digest(header.round_nonce, rnd.nonce):
+            if header.round_nonce in self._past_nonces or (rnd is not None and header.round < rnd.number):
+                raise StageClosed(f"{rpc}: round {header.round} is over")
+            raise OutOfOrder(f"{rpc}: round {header.round} with this nonce is not running; Join again")
+        sid = rnd.cohort.get(client.name)
+        if sid is None:
+            raise PermissionDenied(f"{rpc}: {client.name!r} is not in the cohort of round {rnd.number}")
+        if client.name in rnd.dropped:
+            where, _why = rnd.dropped[client.name]
+            raise StageClosed(f"{rpc}: you are a dropout of round {rnd.number} (at stage {where})")
+        done = rnd.submitted.setdefault(client.name, set())
+        if stage in done:
+            raise Replayed(f"{rpc}: already received for round {rnd.number}")
+        if stage != rnd.stage:
+            if stage < rnd.stage:
+                raise StageClosed(f"{rpc}: stage {stage.label} of round {rnd.number} is closed")
+            raise OutOfOrder(f"{rpc}: stage {stage.label} is not open; round {rnd.number} is at {rnd.stage.label}")
+        if rnd.closing:
+            raise StageClosed(f"{rpc}: stage {stage.label} of round {rnd.number} closed at its deadline")
+        if sid not in rnd.expected:
+            raise StageClosed(f"{rpc}: you are not part of stage {stage.label} of round {rnd.number}")
+        return rnd, sid
+
+    def _feed(self, rnd: _Round, sid: int, message: sa.Message, stage: Stage, name: str) -> pb.Ack:
+        assert rnd.secagg is not None
+        try:
+            rnd.secagg.receive(sid, message)
+        except (sa_errors.MalformedMessageError, sa_errors.InvalidSignatureError) as err:
+            raise MalformedMessage(f"{stage.label}: {err}") from None
+        except sa_errors.WrongRoundError as err:
+            raise OutOfOrder(f"{stage.label}: {err}") from None
+        except sa_errors.UnexpectedMessageError as err:
+            raise OutOfOrder(f"{stage.label}: {err}") from None
+        except (sa_errors.SecAggError, ValueError) as err:
+            raise MalformedMessage(f"{stage.label}: {err}") from None
+        rnd.submitted.setdefault(name, set()).add(stage)
+        if not rnd.live_pending():
+            self._cond.notify_all()
+        return pb.Ack(round=rnd.number, stage=stage.wire, detail="accepted")  # type: ignore[arg-type]
+
+    def respond_to_round(self, caller: str, request: pb.RoundResponse) -> pb.Ack:
+        """A cohort member accepts the round with its graph-seed commitment, or declines it.
+
+        A decline is honoured until the member's keys are in (COMMIT, REVEAL or TRAINING stage): it
+        becomes a dropout at once, so nobody waits for its deadline. Its reason is logged, cut to one
+        printable line.
+        """
+        if request.accept and len(request.commitment) != 32:
+            raise MalformedMessage(f"commitment: expected 32 bytes, got {len(request.commitment)}")
+        if request.accept and not math.isfinite(request.weight):
+            raise MalformedMessage(f"weight: {request.weight!r} is not a finite number")
+        with self._cond:
+            client = self._session(caller, request.header, "RespondToRound")
+            if request.accept:
+                rnd, sid = self._round_for(client, request.header, Stage.COMMIT, "RespondToRound")
+                if rnd.plan.encoding.weighted:
+                    top = float(rnd.plan.encoding.max_weight)
+                    if not 1.0 <= request.weight <= top:
+                        raise MalformedMessage(f"weight: must be in [1, {top:g}] (got {request.weight:g})")
+                    rnd.weights[sid] = float(request.weight)
+                try:
+                    rnd.beacon.receive_commitment(sid, bytes(request.commitment))
+                except BeaconError as err:
+                    raise MalformedMessage(f"commitment: {err}") from None
+                rnd.submitted.setdefault(caller, set()).add(Stage.COMMIT)
+                self._cond.notify_all()
+                return pb.Ack(round=rnd.number, stage="STAGE_COMMIT", detail="accepted")
+            current = self._round
+            if current is None or request.header.round != current.number or not hmac.compare_digest(
+                    request.header.round_nonce, current.nonce) or caller not in current.cohort:
+                raise StageClosed("RespondToRound: no running round of yours to decline")
+            rnd = current
+            if caller in rnd.dropped:
+                raise Replayed(f"RespondToRound: already out of round {rnd.number}")
+            if rnd.stage > Stage.TRAINING or Stage.TRAINING in rnd.submitted.get(caller, set()):
+                raise StageClosed(f"RespondToRound: too late to decline round {rnd.number} (its keys are in)")
+            why = "".join(ch if ch.isprintable() else " " for ch in request.decline_reason[:256]).strip() or "-"
+            sid = rnd.cohort[caller]
+            if rnd.stage == Stage.COMMIT and Stage.COMMIT not in rnd.submitted.get(caller, set()):
+                rnd.beacon.decline(sid)
+            rnd.dropped[caller] = (rnd.stage.label, f"declined: {why}")
+            log.info("round %d (attempt %d): %s declined at %s: %s", rnd.number, rnd.attempt, caller,
+                     rnd.stage.label, why)
+            self._cond.notify_all()
+            return pb.Ack(round=rnd.number, stage=rnd.stage.wire, detail="declined")  # type: ignore[arg-type]
+
+    def reveal_contribution(self, caller: str, request: pb.RevealRequest) -> pb.Ack:
+        if len(request.contribution) != 32:
+            raise MalformedMessage(f"contribution: expected 32 bytes, got {len(request.contribution)}")
+        with self._cond:
+            client = self._session(caller, request.header, "RevealContribution")
+            rnd, sid = self._round_for(client, request.header, Stage.REVEAL, "RevealContribution")
+            try:
+                rnd.beacon.receive_reveal(sid, bytes(request.contribution))
+            except BeaconError as err:
+                raise MalformedMessage(f"contribution: {err}") from None
+            rnd.submitted.setdefault(caller, set()).add(Stage.REVEAL)
+            self._cond.notify_all()
+            return pb.Ack(round=rnd.number, stage="STAGE_REVEAL", detail="accepted")
+
+    def advertise_keys(self, caller: str, request: pb.AdvertiseKeysRequest) -> pb.Ack:
+        for name in ("encryption_public_key", "masking_public_key"):
+            if len(getattr(request, name)) != PUBLIC_KEY_BYTES:
+                raise MalformedMessage(f"{name}: expected {PUBLIC_KEY_BYTES} bytes, got {len(getattr(request, name))}")
+        if len(request.signature) not in (0, SIGNATURE_BYTES):
+            raise MalformedMessage(f"signature: expected 0 or {SIGNATURE_BYTES} bytes, got {len(request.signature)}")
+        with self._cond:
+            client = self._session(caller, request.header, "AdvertiseKeys")
+            rnd, sid = self._round_for(client, request.header, Stage.TRAINING, "AdvertiseKeys")
+            msg = sa.AdvertiseKeys(rnd.config.round_id, sid, bytes(request.encryption_public_key),
+                                   bytes(request.masking_public_key), bytes(request.signature))
+            return self._feed(rnd, sid, msg, Stage.TRAINING, caller)
+
+    def share_keys(self, caller: str, request: pb.ShareKeysRequest) -> pb.Ack:
+        boxes: dict[int, bytes] = {}
+        for i, share in enumerate(request.shares):
+            if share.peer_id in boxes:
+                raise MalformedMessage(f"shares[{i}].peer_id: {share.peer_id} appears twice")
+            if not 0 < len(share.ciphertext) <= MAX_SHARE_BOX_BYTES:
+                raise MalformedMessage(f"shares[{i}].ciphertext: {len(share.ciphertext)} bytes is not a share box")
+            boxes[int(share.peer_id)] = bytes(share.ciphertext)
+        with self._cond:
+            client = self._session(caller, request.header, "ShareKeys")
+            rnd, sid = self._round_for(client, request.header, Stage.SHARE_KEYS, "ShareKeys")
+            if len(boxes) > rnd.plan.cohort_size:
+                raise MalformedMessage(f"shares: {len(boxes)} boxes for a cohort of {rnd.plan.cohort_size}")
+            msg = sa.ShareKeysResponse(rnd.config.round_id, sid, boxes)
+            return self._feed(rnd, sid, msg, Stage.SHARE_KEYS, caller)
+
+    def submit_masked_input(self, caller: str, request: pb.MaskedInputRequest) -> pb.Ack:
+        return self.submit_masked_vector(caller, request.header, request.masked_vector)
+
+    def submit_masked_vector(
+        self, caller: str, header: pb.RequestHeader, data: bytes | bytearray | memoryview,
+        reservation: UploadReservation | None = None,
+    ) -> pb.Ack:
+        """The masked input (``SubmitMaskedInput``, or reassembled from ``UploadMaskedInput`` under the
+        ``reservation`` that :meth:`masked_input_size` made, whose header's sequence number is spent)."""
+        with self._cond:
+            if reservation is None:
+                client = self._session(caller, header, "SubmitMaskedInput")
+            else:
+                client = self._session(caller, header, "UploadMaskedInput", consume=False)
+                if not self._upload_book().holds(reservation) or reservation.site != caller:
+                    raise StageClosed("UploadMaskedInput: this upload no longer holds its reservation")
+            rnd, sid = self._round_for(client, header, Stage.MASKED_INPUT, "SubmitMaskedInput")
+            if reservation is None and self._upload_book().active(caller, rnd.nonce, Stage.MASKED_INPUT):
+                raise Replayed("SubmitMaskedInput: an upload from this site for this stage is in progress")
+            vector = decode_ring_vector(data, rnd.plan.dimension, rnd.plan.ring_bits)
+            msg = sa.MaskedInputResponse(rnd.config.round_id, sid, vector)
+            ack = self._feed(rnd, sid, msg, Stage.MASKED_INPUT, caller)
+            if reservation is not None:
+                self._upload_book().complete(reservation)
+            return ack
+
+    def masked_input_size(
+        self, caller: str, header: pb.RequestHeader, alive: Callable[[], bool] = lambda: True
+    ) -> UploadReservation:
+        """Reserve, before an upload's data is received, this site's one upload for the stage.
+
+        Checks that the upload is wanted and spends the header's sequence number, so the same header
+        cannot open a second stream; a second stream for the same site and stage is refused while this
+        one is open (``Replayed``: ALREADY_EXISTS). Returns the reservation (``size``: the exact byte
+        size of the masked input); the transport releases it if the upload fails
+        (:mod:`fedveil.protocol.uploads`)."""
+        with self._cond:
+            client = self._session(caller, header, "UploadMaskedInput")
+            rnd, _sid = self._round_for(client, header, Stage.MASKED_INPUT, "UploadMaskedInput")
+            size = rnd.plan.dimension * (4 if rnd.plan.ring_bits <= 32 else 8)
+            res = self._upload_book().reserve(caller, rnd.number, rnd.nonce, Stage.MASKED_INPUT,
+                                              int(header.sequence), size, alive)
+            res.on_release = self._release_upload
+            res.still_wanted = self._upload_wanted
+            return res
+
+    def _upload_book(self) -> UploadBook:
+        if self._uploads is None:
+            self._uploads = UploadBook()
+        return self._uploads
+
+    def _release_upload(self, res: UploadReservation, counted: bool) -> None:
+        with self._cond:
+            self._upload_book().release(res, counted)
+
+    def _upload_wanted(self, res: UploadReservation) -> bool:
+        """Whether the stage ``res`` was reserved for still takes it (its waiting is over if not)."""
+        with self._cond:
+            rnd = self._round
+            client = self._clients.get(res.site)
+            return (self._upload_book().holds(res) and rnd is not None and rnd.nonce == res.nonce
+                    and rnd.stage == res.stage and not rnd.closing and res.site not in rnd.dropped
+                    and client is not None and not self._stopping)
+
+    def fetch_model(self, caller: str, request: pb.FetchModelRequest) -> bytes:
+        """The current model's bytes (``Model.data``) for a client holding a valid session."""
+        with self._cond:
+            self._session(caller, request.header, "FetchModel", consume=False)
+            if request.version != self.model.version:
+                raise StageClosed(f"FetchModel: version {request.version} is not the current model "
+                                  f"(version {self.model.version}); poll again")
+            return self._model_entry()[3]
+
+    def confirm_survivors(self, caller: str, request: pb.ConfirmSurvivorsRequest) -> pb.Ack:
+        if len(request.signature) != SIGNATURE_BYTES:
+            raise MalformedMessage(f"signature: expected {SIGNATURE_BYTES} bytes, got {len(request.signature)}")
+        with self._cond:
+            client = self._session(caller, request.header, "ConfirmSurvivors")
+            rnd, sid = self._round_for(client, request.header, Stage.CONSISTENCY, "ConfirmSurvivors")
+            msg = sa.ConsistencyCheckResponse(rnd.config.round_id, sid, bytes(request.signature))
+            return self._feed(rnd, sid, msg, Stage.CONSISTENCY, caller)
+
+    def unmask(self, caller: str, request: pb.UnmaskRequest) -> pb.Ack:
+        groups: dict[int, tuple[list[int], list[np.ndarray]]] = {
+            pb.SHARE_KIND_SELF_MASK_SEED: ([], []),
+            pb.SHARE_KIND_MASKING_KEY: ([], []),
+        }
+        limbs = {pb.SHARE_KIND_SELF_MASK_SEED: sa.SELF_MASK_LIMBS, pb.SHARE_KIND_MASKING_KEY: sa.MASK_KEY_LIMBS}
+        for i, share in enumerate(request.shares):
+            if share.kind not in groups:
+                raise MalformedMessage(f"shares[{i}].kind: {share.kind} is not a share kind")
+            want = 4 * limbs[share.kind]
+            if len(share.share) != want:
+                raise MalformedMessage(f"shares[{i}].share: expected {want} bytes, got {len(share.share)}")
+            owners, rows = groups[share.kind]
+            owners.append(int(share.owner_id))
+            rows.append(np.frombuffer(share.share, dtype="<u4").astype(np.uint32))
+        with self._cond:
+            client = self._session(caller, request.header, "Unmask")
+            rnd, sid = self._round_for(client, request.header, Stage.UNMASKING, "Unmask")
+            sm_owners, sm_rows = groups[pb.SHARE_KIND_SELF_MASK_SEED]
+            mk_owners, mk_rows = groups[pb.SHARE_KIND_MASKING_KEY]
+            msg = sa.UnmaskingResponse(
+                rnd.config.round_id, sid,
+                np.asarray(sm_owners, dtype=np.uint32),
+                np.stack(sm_rows) if sm_rows else np.zeros((0, sa.SELF_MASK_LIMBS), np.uint32),
+                np.asarray(mk_owners, dtype=np.uint32),
+                np.stack(mk_rows) if mk_rows else np.zeros((0, sa.MASK_KEY_LIMBS), np.uint32),
+            )
+            return self._feed(rnd, sid, msg, Stage.UNMASKING, caller)
+
+    def _model_entry(self) -> tuple[int, pb.Model, pb.Model, bytes]:
+        if self._model_cache is None or self._model_cache[0] != self.model.version:
+            full = model_message(self.model.params, self.model.version)
+            stripped = pb.Model(version=full.version, tensors=full.tensors, sha256=full.sha256,
+                                size_bytes=full.size_bytes)
+            self._model_cache = (self.model.version, full, stripped, full.data)
+        return self._model_cache
+
+    def _model_pb(self) -> pb.Model:
+        entry = self._model_entry()
+        return entry[1] if self.inline_model else entry[2]

@@ -1,0 +1,231 @@
+"""Sites: join, credentials, sessions and replay checks, long polls, availability."""
+
+from __future__ import annotations
+
+import hmac
+import os
+import time
+
+from fedveil.protocol import PROTOCOL_VERSION, SESSION_ID_BYTES
+from fedveil.protocol import fedveil_pb2 as pb
+from fedveil.protocol.errors import (
+    Incompatible,
+    MalformedMessage,
+    OutOfOrder,
+    PermissionDenied,
+    Replayed,
+    Unavailable,
+)
+from fedveil.secagg import errors as sa_errors
+from fedveil.secagg.identity import SiteCredential, verify_credential
+from fedveil.server.coordinator.state import (
+    MAX_CREDENTIAL_BYTES,
+    PUBLIC_KEY_BYTES,
+    WAIT_RETRY_MS,
+    CoordinatorBase,
+    Stage,
+    _Client,
+    _credential_serial,
+    log,
+)
+
+
+class SessionsMixin(CoordinatorBase):
+    """Sites: join, credentials, sessions and replay checks, long polls, availability."""
+
+    # ------------------------------------------------------------------------------------------
+    # Validation helpers (called with the lock held)
+    # ------------------------------------------------------------------------------------------
+    def _session(self, caller: str, header: pb.RequestHeader, rpc: str, *, consume: bool = True) -> _Client:
+        if header.protocol_version != PROTOCOL_VERSION:
+            raise OutOfOrder(f"header.protocol_version: expected {PROTOCOL_VERSION}, got {header.protocol_version}")
+        if len(header.session_id) != SESSION_ID_BYTES:
+            raise MalformedMessage(
+                f"header.session_id: expected {SESSION_ID_BYTES} bytes, got {len(header.session_id)}"
+            )
+        client = self._clients.get(caller)
+        if client is None or not hmac.compare_digest(client.session_id, header.session_id):
+            raise OutOfOrder(f"{rpc}: unknown or replaced session (the server restarted or you joined again); Join")
+        if header.run_id != self.run_id:
+            raise OutOfOrder(f"header.run_id: {header.run_id!r} is not the current run {self.run_id!r}; Join again")
+        client.disconnected = False
+        if not consume:
+            return client
+        if header.sequence <= client.last_sequence:
+            raise Replayed(
+                f"{rpc}: replayed message (sequence {header.sequence}, last seen {client.last_sequence})"
+            )
+        client.last_sequence = header.sequence
+        client.last_seen = self._clock()
+        return client
+
+    # ------------------------------------------------------------------------------------------
+    # RPCs (FederationService)
+    # ------------------------------------------------------------------------------------------
+    def join(self, caller: str, request: pb.JoinRequest) -> pb.JoinResponse:
+        if request.protocol_version != PROTOCOL_VERSION:
+            raise Incompatible(
+                f"protocol_version: the server speaks version {PROTOCOL_VERSION}, the client {request.protocol_version}"
+            )
+        if request.task_name != self.task.name:
+            raise Incompatible(
+                f"task_name: the server runs task {self.task.name!r}, the client has {request.task_name!r}"
+            )
+        if request.identity_public_key and len(request.identity_public_key) != PUBLIC_KEY_BYTES:
+            raise MalformedMessage(f"identity_public_key: expected {PUBLIC_KEY_BYTES} bytes")
+        enrolled_key = self.store.identity_key(caller)
+        if enrolled_key and request.identity_public_key and request.identity_public_key != enrolled_key:
+            raise PermissionDenied("identity_public_key: differs from the key enrolled for this client")
+        if self.config.active_adversary and not (request.identity_public_key or enrolled_key):
+            raise Incompatible(
+                "identity_public_key: this job runs in active-adversary mode; the client needs an Ed25519 "
+                "identity key (enrolled with fedveil enroll --identity-public-key, or sent at Join)"
+            )
+        credential = self._check_credential(caller, request, enrolled_key)
+        with self._cond:
+            if self._stopping:
+                raise Unavailable("the server is shutting down")
+            old = self._clients.get(caller)
+            client = _Client(name=caller, session_id=os.urandom(SESSION_ID_BYTES), last_seen=self._clock(),
+                             num_examples=int(request.num_examples),
+                             identity_key=bytes(request.identity_public_key) or (enrolled_key or b""),
+                             credential=credential, trust_server=bool(request.trust_server))
+            if old is not None:
+                client.pending_result = old.pending_result
+                old.poll_token = None
+            rnd = self._round
+            if rnd is not None and caller in rnd.cohort and caller not in rnd.dropped:
+                if rnd.submitted.get(caller) or rnd.stage > Stage.COMMIT:
+                    rnd.dropped[caller] = (rnd.stage.label, "rejoined mid-round (its round state is lost)")
+                    client.pending_result = pb.RoundResult(
+                        round=rnd.number, outcome=pb.ROUND_OUTCOME_DROPPED, reason="rejoined mid-round"
+                    )
+                    self._cond.notify_all()
+            self._clients[caller] = client
+            self._cond.notify_all()
+            log.info("client %s joined (session %s…; %s)", caller, client.session_id.hex()[:8],
+                     "trusting the server (passive)" if request.trust_server else
+                     ("malicious-server checks, credential " + _credential_serial(credential)
+                      if credential else "malicious-server checks"))
+            return pb.JoinResponse(
+                session_id=client.session_id, run_id=self.run_id, client_name=caller, job=self.job_info,
+                poll_interval_ms=WAIT_RETRY_MS, max_message_bytes=self.max_message_bytes(),
+            )
+
+    def _check_credential(self, caller: str, request: pb.JoinRequest, enrolled_key: bytes | None) -> bytes:
+        """The site's authority credential: it must name the caller and its identity key. The sites check
+        it against the authority they pinned; the server checks it too when it was given the authority
+        (``--authority``), so a bad credential is refused at Join rather than in every round."""
+        raw = bytes(request.identity_credential)
+        if not raw:
+            if self.config.active_adversary:
+                raise Incompatible("identity_credential: this job runs with malicious-server protections; the site "
+                                   "needs its credential from the consortium authority (fedveil authority issue)")
+            return b""
+        if len(raw) > MAX_CREDENTIAL_BYTES:
+            raise MalformedMessage(f"identity_credential: at most {MAX_CREDENTIAL_BYTES} bytes")
+        try:
+            credential = SiteCredential.decode(raw)
+        except sa_errors.SecAggError as err:
+            raise MalformedMessage(f"identity_credential: {err}") from None
+        key = bytes(request.identity_public_key) or (enrolled_key or b"")
+        if credential.site_name != caller or credential.identity_public_key != key:
+            raise PermissionDenied("identity_credential: it vouches for another site name or identity key "
+                                   f"(it names {credential.site_name!r})")
+        authority = self.config.authority_key_bytes
+        if authority is not None:
+            try:
+                verify_credential(authority, credential, consortium=self.config.consortium, now=int(time.time()),
+                                  revocations=self.revocations)
+            except sa_errors.SecAggError as err:
+                raise PermissionDenied(f"identity_credential: {err}") from None
+        return raw
+
+    def poll(self, caller: str, request: pb.PollRequest) -> pb.PollResponse:
+        wait_s = min(request.max_wait_ms / 1000.0, self.config.poll_wait)
+        with self._cond:
+            if self._stopping:
+                raise Unavailable("the server is shutting down; retry later")
+            client = self._session(caller, request.header, "Poll")
+            token = object()
+            client.poll_token = token
+            client.polling += 1
+            try:
+                deadline = self._clock() + wait_s
+                while True:
+                    client.last_seen = self._clock()
+                    instruction = self._instruction_for(client)
+                    if instruction is not None:
+                        return instruction
+                    if client.poll_token is not token or self._clients.get(caller) is not client:
+                        return pb.PollResponse(wait=pb.Wait(retry_after_ms=0, reason="superseded by a newer poll"))
+                    remaining = deadline - self._clock()
+                    if remaining <= 0 or self._stopping:
+                        reason = self._wait_reason(client)
+                        return pb.PollResponse(wait=pb.Wait(retry_after_ms=WAIT_RETRY_MS, reason=reason))
+                    if self.max_waiting_polls is not None and self._waiting_polls >= self.max_waiting_polls:
+                        return pb.PollResponse(wait=pb.Wait(retry_after_ms=2 * WAIT_RETRY_MS,
+                                                            reason="server busy: poll again shortly"))
+                    self._waiting_polls += 1
+                    try:
+                        self._cond.wait(min(remaining, 1.0))
+                    finally:
+                        self._waiting_polls -= 1
+            finally:
+                client.polling -= 1
+                if not client.disconnected:
+                    client.last_seen = self._clock()
+
+    def client_disconnected(self, caller: str, session_id: bytes) -> None:
+        """The transport saw ``caller``'s held poll cancelled (its process or connection is gone):
+        it no longer counts as connected for cohorts, and its held poll is released at once.
+        A round it is in still waits for its deadline (it may reconnect in time)."""
+        with self._cond:
+            client = self._clients.get(caller)
+            if client is None or not hmac.compare_digest(client.session_id, session_id):
+                return
+            client.disconnected = True
+            client.last_seen = float("-inf")
+            client.poll_token = None
+            self._cond.notify_all()
+        log.info("client %s disconnected", caller)
+
+    def _identity_key(self, name: str) -> bytes:
+        client = self._clients.get(name)
+        if client is not None and client.identity_key:
+            return client.identity_key
+        return self.store.identity_key(name) or b""
+
+    def _credential(self, name: str) -> bytes:
+        client = self._clients.get(name)
+        return client.credential if client is not None else b""
+
+    # ------------------------------------------------------------------------------------------
+    # The driver
+    # ------------------------------------------------------------------------------------------
+    def _available(self) -> list[str]:
+        now = self._clock()
+        window = self.config.poll_wait + 5.0
+        return sorted(c.name for c in self._clients.values()
+                      if not c.disconnected and (c.polling > 0 or now - c.last_seen <= window))
+
+    def _available_count(self) -> int:
+        return len(self._available())
+
+    # ------------------------------------------------------------------------------------------
+    # Instructions
+    # ------------------------------------------------------------------------------------------
+    def _wait_reason(self, client: _Client) -> str:
+        rnd = self._round
+        if rnd is not None:
+            if client.name in rnd.cohort:
+                return f"round {rnd.number}: waiting for other clients at stage {rnd.stage.label}"
+            return f"round {rnd.number} is running without you"
+        return f"waiting for a cohort ({self._available_count()} of {self.config.clients_per_round} connected)"
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to stop at the next opportunity (the store stays consistent)."""
+        self._stop_event.set()
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()

@@ -1,0 +1,113 @@
+"""Sites' metric and privacy reports: range-checked, labelled, stored."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from fedveil.dp.ledger import PrivacyLedger
+from fedveil.protocol import ROUND_NONCE_BYTES
+from fedveil.protocol import fedveil_pb2 as pb
+from fedveil.protocol.errors import (
+    MalformedMessage,
+    OutOfOrder,
+    PermissionDenied,
+    Replayed,
+    StageClosed,
+)
+from fedveil.server.coordinator.state import (
+    CoordinatorBase,
+    _Client,
+    _Round,
+    log,
+)
+from fedveil.server.reports import (
+    CheckedReport,
+    SpendContext,
+    check_report,
+    ledger_details,
+    spend_record,
+    verify_spend,
+)
+
+
+class SiteReportsMixin(CoordinatorBase):
+    """Sites' metric and privacy reports: range-checked, labelled, stored."""
+
+    def report_metrics(self, caller: str, request: pb.MetricsReport) -> pb.Ack:
+        report = check_report(request)  # every number range-checked before anything is recorded
+        if report.metrics and self._evaluation_mode != "clear":
+            # per-site metrics are an oracle on a site's data: only when the job asks for them in the clear
+            raise MalformedMessage(f"metrics: per-site metrics are not accepted by this job (evaluation "
+                                   f"{self._evaluation_mode!r}; they travel only as secure sums)")
+        with self._cond:
+            client = self._session(caller, request.header, "ReportMetrics")
+            header = request.header
+            ev = self._evaluation
+            if ev is not None and header.round == ev.phase and hmac.compare_digest(header.round_nonce, ev.nonce):
+                if caller not in ev.participants:
+                    raise PermissionDenied("ReportMetrics: you were not asked to evaluate the final model")
+                if caller in ev.reported:
+                    raise Replayed("ReportMetrics: already received for the final evaluation")
+                if request.model_version != ev.version:
+                    raise MalformedMessage(f"model_version: expected {ev.version}, got {request.model_version}")
+                self.store.record_evaluation(self.run_id, ev.version, caller, report.num_examples, report.metrics)
+                ev.reported.add(caller)
+                self._cond.notify_all()
+                return pb.Ack(round=ev.phase, stage=pb.STAGE_EVALUATION, detail="accepted")
+            rnd, _sid = self._round_for_metrics(client, header)
+            if caller in rnd.evaluated:
+                raise Replayed(f"ReportMetrics: already received for round {rnd.number}")
+            if request.model_version != self.model.version:
+                raise MalformedMessage(f"model_version: expected {self.model.version}, got {request.model_version}")
+            privacy, ledger = self._reported_spend(rnd.number, caller, report)
+            # stored in one transaction, and only then marked received: a failed store leaves the retry possible
+            self.store.record_client_report(
+                self.run_id, model_version=self.model.version, round_number=rnd.number, client_name=caller,
+                num_examples=report.num_examples, metrics=report.metrics, privacy=privacy,
+                ledger_json=ledger.to_json() if ledger is not None else None,
+            )
+            if ledger is not None:
+                self.model.ledger = ledger
+            rnd.evaluated.add(caller)
+            return pb.Ack(round=rnd.number, stage=rnd.stage.wire, detail="accepted")  # type: ignore[arg-type]
+
+    def _reported_spend(
+        self, round_number: int, caller: str, report: CheckedReport
+    ) -> tuple[dict[str, Any] | None, PrivacyLedger | None]:
+        """A site's reported DP-SGD spend, checked against what the server knows (``fedveil.server.reports``):
+        the row to store (labelled as reported, with the verdict) and a copy of the ledger with the spend."""
+        spend = report.privacy
+        if spend is None:
+            return None, None
+        cfg = self.config
+        context = SpendContext(
+            delta=cfg.dp_delta,
+            noise_multiplier=cfg.dp_local_noise_multiplier if cfg.dp == "local" and not cfg.dp_local_target_epsilon
+            else None,
+            local_epochs=max(cfg.local_epochs or self.task.local_epochs, 1),
+        )
+        verdict = verify_spend(spend, report.num_examples, self.model.client_events(caller), context,
+                               self.model.verifier())
+        if not verdict.verified:
+            log.warning("round %d: the privacy spend %s reported is unverified: %s", round_number, caller,
+                        "; ".join(verdict.reasons))
+        event = spend.event()
+        ledger = None if event is None else self.model.ledger_with_client_spend(
+            round_number, caller, event, ledger_details(verdict))
+        return spend_record(spend, report.num_examples, verdict, ledger is not None), ledger
+
+    def _round_for_metrics(self, client: _Client, header: pb.RequestHeader) -> tuple[_Round, int]:
+        rnd = self._round
+        if len(header.round_nonce) != ROUND_NONCE_BYTES:
+            raise MalformedMessage(
+                f"header.round_nonce: expected {ROUND_NONCE_BYTES} bytes, got {len(header.round_nonce)}"
+            )
+        if rnd is None or header.round != rnd.number or not hmac.compare_digest(header.round_nonce, rnd.nonce):
+            if header.round_nonce in self._past_nonces:
+                raise StageClosed(f"ReportMetrics: round {header.round} is over")
+            raise OutOfOrder(f"ReportMetrics: round {header.round} with this nonce is not running")
+        sid = rnd.cohort.get(client.name)
+        if sid is None:
+            raise PermissionDenied(f"ReportMetrics: {client.name!r} is not in the cohort of round {rnd.number}")
+        return rnd, sid

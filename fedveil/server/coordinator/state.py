@@ -1,0 +1,354 @@
+"""The coordinator's state and the types its parts share; see :mod:`fedveil.server.coordinator` for the design."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from fedveil.errors import FedveilError
+from fedveil.metrics import DEFAULT_METRICS
+from fedveil.protocol import fedveil_pb2 as pb
+from fedveil.secagg import errors as sa_errors
+from fedveil.secagg import messages as sa
+from fedveil.secagg.beacon import BeaconCollector
+from fedveil.secagg.config import SecAggConfig
+from fedveil.secagg.identity import RevocationList, SiteCredential
+from fedveil.secagg.server import SecAggServer
+from fedveil.server.config import ServerConfig
+from fedveil.server.events import (
+    JobListener,
+    Listeners,
+)
+from fedveil.server.store import RunStore
+from fedveil.server.training import GlobalModel, RoundPlan
+from fedveil.server.uploads import UploadBook
+from fedveil.task import Task, model_to_vector
+
+log = logging.getLogger("fedveil.server")
+
+
+PUBLIC_KEY_BYTES = 32
+
+
+SIGNATURE_BYTES = 64
+
+
+MAX_SHARE_BOX_BYTES = 4096
+
+
+MAX_METRICS = 64
+
+
+MAX_METRIC_NAME = 64
+
+
+MAX_CREDENTIAL_BYTES = 1024
+
+
+WAIT_RETRY_MS = 200
+
+
+SECURE_SUM_ROW = "(secure sum)"
+
+
+class Stage(enum.IntEnum):
+    """A round's stages in the order they run (values order them; :attr:`wire` is the protobuf enum)."""
+
+    COMMIT = 1
+    REVEAL = 2
+    TRAINING = 3
+    SHARE_KEYS = 4
+    MASKED_INPUT = 5
+    CONSISTENCY = 6
+    UNMASKING = 7
+    EVALUATION = 8
+
+    @property
+    def label(self) -> str:
+        return self.name.lower().replace("_", "-")
+
+    @property
+    def wire(self) -> str:
+        return f"STAGE_{self.name}"
+
+
+class JobError(FedveilError, RuntimeError):
+    """The job cannot go on (e.g. every attempt at a round aborted); the message says why."""
+
+
+@dataclass
+class _Client:
+    name: str
+    session_id: bytes
+    last_sequence: int = 0
+    last_seen: float = 0.0
+    num_examples: int = 0
+    identity_key: bytes = b""
+    polling: int = 0
+    poll_token: object | None = None
+    pending_result: pb.RoundResult | None = None
+    job_done_sent: bool = False
+    disconnected: bool = False
+    credential: bytes = b""
+    trust_server: bool = False
+
+
+@dataclass
+class _Round:
+    number: int
+    attempt: int
+    nonce: bytes
+    plan: RoundPlan
+    config: SecAggConfig
+    """The round's secagg parameters before the graph seed is known (fixed once REVEAL closes)."""
+    beacon: BeaconCollector
+    cohort: dict[str, int]
+    names: dict[int, str]
+    started_wall: float
+    purpose: int = pb.ROUND_PURPOSE_TRAIN
+    secagg: SecAggServer | None = None
+    stage: Stage = Stage.COMMIT
+    deadline: float = 0.0
+    deadline_wall: float = 0.0
+    closing: bool = False
+    outgoing: dict[int, sa.Message] = field(default_factory=dict)
+    submitted: dict[str, set[Stage]] = field(default_factory=dict)
+    dropped: dict[str, tuple[str, str]] = field(default_factory=dict)
+    recorded: set[str] = field(default_factory=set)
+    """Dropouts already recorded: one left at commit is still pending in the secagg stages after it."""
+    evaluated: set[str] = field(default_factory=set)
+    commitments: dict[int, bytes] = field(default_factory=dict)
+    weights: dict[int, float] = field(default_factory=dict)
+    """Weighted rounds: each member's weight as declared in the clear when it accepted."""
+
+    @property
+    def expected(self) -> tuple[int, ...]:
+        return self.beacon.expected if self.secagg is None else self.secagg.expected
+
+    @property
+    def pending(self) -> tuple[int, ...]:
+        return self.beacon.pending if self.secagg is None else self.secagg.pending
+
+    def live_pending(self) -> list[int]:
+        return [sid for sid in self.pending if self.names[sid] not in self.dropped]
+
+
+@dataclass
+class _Evaluation:
+    version: int
+    nonce: bytes
+    phase: int
+    deadline: float
+    deadline_wall: float
+    participants: set[str]
+    reported: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    run_id: str
+    status: str
+    completed_rounds: int
+    total_rounds: int
+    resumed_from: int
+    aborted_attempts: int
+    dropouts: int
+    final_metrics: dict[str, float]
+    epsilon: float | None
+    delta: float | None
+    message: str
+    rejected_rounds: int = 0
+    """Rounds whose unmasked sum no honest cohort could produce (skipped, model unchanged)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "status": self.status,
+            "completed_rounds": self.completed_rounds,
+            "total_rounds": self.total_rounds,
+            "resumed_from": self.resumed_from,
+            "aborted_attempts": self.aborted_attempts,
+            "dropouts": self.dropouts,
+            "final_metrics": self.final_metrics,
+            "epsilon": self.epsilon,
+            "delta": self.delta,
+            "message": self.message,
+            "rejected_rounds": self.rejected_rounds,
+        }
+
+
+def _credential_serial(raw: bytes) -> str:
+    try:
+        return SiteCredential.decode(raw).serial.hex()[:16]
+    except sa_errors.SecAggError:
+        return "?"
+
+
+def _metrics_dict(items: Any) -> dict[str, float]:
+    return {m.name: float(m.value) for m in items}
+
+
+class CoordinatorBase:
+    """The state every part of the coordinator shares (one lock, one condition)."""
+
+    _uploads: UploadBook | None = None
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        task: Task,
+        store: RunStore,
+        *,
+        new_run: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+        listeners: Iterable[JobListener] = (),
+    ) -> None:
+        self.config = config
+        self.listeners = Listeners(listeners)
+        """Told of every round and of the job's end (:mod:`fedveil.server.events`); add with ``.add``."""
+        self.task = task
+        self.store = store
+        self._clock = clock
+        self._cond = threading.Condition(threading.RLock())
+        self._clients: dict[str, _Client] = {}
+        self._round: _Round | None = None
+        self._evaluation: _Evaluation | None = None
+        self._past_nonces: set[bytes] = set()
+        self._done: pb.JobDone | None = None
+        self._stopping = False
+        self._stop_event = threading.Event()
+        self._aborted_attempts = 0
+        self._dropouts = 0
+        self._final_metrics: dict[str, float] = {}
+        self._waiting_polls = 0
+        self.max_waiting_polls: int | None = None
+        """Cap on polls held at once (the gRPC runner sets it below its worker count, so long polls
+        can never occupy every worker and stall the submissions of a round)."""
+        self.resumed_from = 0
+        self.inline_model = True
+        """Send the model inside RoundStart/Evaluate (in-process). The gRPC runner turns it off:
+        over the network clients fetch it in chunks (``FetchModel``), so concurrent downloads
+        share one buffer instead of one serialized copy per client."""
+        self._open_run(new_run)
+        self._model_cache: tuple[int, pb.Model, pb.Model, bytes] | None = None
+        self._barred: dict[int, set[str]] = {}
+        """round → sites that withheld a graph-seed reveal in it (left out of its later attempts)."""
+        self._last_secure_metrics: dict[str, float] = {}
+        self._rejected_rounds = 0
+        self.revocations: RevocationList | None = None
+        """The authority's revocation list the operator gave (``--revocations``), for Join checks."""
+
+    # ------------------------------------------------------------------------------------------
+    # Run creation and resume
+    # ------------------------------------------------------------------------------------------
+    def _open_run(self, new_run: bool) -> None:
+        import torch
+
+        latest = self.store.latest_run()
+        mode = "new"
+        if latest is not None and not new_run:
+            wanted = self.config
+            if wanted.seed is None and latest.config.get("seed") is not None:
+                wanted = ServerConfig.from_dict({**wanted.to_dict(), "seed": latest.config["seed"]})
+            diffs = wanted.differences(latest.config)
+            if latest.status in ("running", "failed", "stopped"):
+                if diffs:
+                    raise JobError(
+                        f"store {str(self.store.path)!r} holds unfinished run {latest.run_id} with other settings; "
+                        "repeat the original command to resume it, or pass --new-run:\n  " + "\n  ".join(diffs)
+                    )
+                mode, self.config = "resume", wanted
+            elif not diffs:
+                mode, self.config = "finished", wanted
+        if self.config.seed is None:
+            self.config = ServerConfig.from_dict({**self.config.to_dict(), "seed": secrets.randbits(62)})
+        assert self.config.seed is not None
+        self.seed = int(self.config.seed)
+        torch.manual_seed(self.seed)
+        initial = model_to_vector(self.task.build_model())
+        self.model = GlobalModel(self.config, initial, self.seed)
+        self.finished: dict[str, Any] | None = None
+        if mode in ("resume", "finished") and latest is not None:
+            self.run_id = latest.run_id
+            interrupted = self.store.interrupt_unfinished_rounds(self.run_id)
+            ckpt = self.store.latest_checkpoint(self.run_id)
+            if ckpt is not None:
+                self.model.load(ckpt.model, ckpt.state, self.store.ledger_json(self.run_id))
+            self.resumed_from = self.model.version
+            if mode == "finished":
+                self.finished = dict(latest.summary or {})
+                log.info("run %s already finished (%s)", self.run_id, latest.status)
+            else:
+                log.info("resuming run %s after round %d (%d interrupted round(s) will be redone)",
+                         self.run_id, self.model.version, interrupted)
+        else:
+            self.run_id = f"run-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(4)}"
+            self.store.create_run(self.run_id, self.config.resume_key())
+            self.store.save_initial_checkpoint(self.run_id, self.model.params, self.model.state_dict())
+            log.info("started run %s: %d rounds of %d clients", self.run_id, self.config.rounds,
+                     self.config.clients_per_round)
+        self._attempts: dict[int, int] = {}  # round → last attempt number in the store (unique ids)
+        self._tries: dict[int, int] = {}  # round → attempts since this start (--max-round-attempts)
+        for rec in self.store.rounds(self.run_id):
+            self._attempts[rec.round] = max(self._attempts.get(rec.round, 0), rec.attempt)
+            if rec.status == "aborted":
+                self._aborted_attempts += 1
+        self._dropouts = len(self.store.dropouts(self.run_id))
+        self._max_message_bytes = self._compute_max_message_bytes()
+
+    @property
+    def _evaluation_mode(self) -> str:
+        """Federated evaluation as the job runs it: off under user-level DP (its sums would be released
+        without the round's noise), else the configured mode."""
+        if not self.config.evaluate and not self.config.final_evaluation:
+            return "off"
+        return "off" if self.config.user_level_dp else self.config.evaluation
+
+    def _secure_metrics(self) -> tuple[str, ...]:
+        if self._evaluation_mode != "secure":
+            return ()
+        return tuple(self.task.metrics or DEFAULT_METRICS)
+
+    @property
+    def completed_rounds(self) -> int:
+        return self.model.version
+
+    @property
+    def job_info(self) -> pb.JobInfo:
+        cfg = self.config
+        return pb.JobInfo(
+            task_name=self.task.name, total_rounds=cfg.rounds, completed_rounds=self.model.version,
+            clients_per_round=cfg.clients_per_round, min_clients=cfg.min_clients, secagg_graph=cfg.secagg,
+            dp_mode=cfg.dp, active_adversary=cfg.active_adversary, consortium=cfg.consortium,
+            evaluation=self._evaluation_mode, max_corrupt_fraction=cfg.max_corrupt_fraction,
+        )
+
+    def max_message_bytes(self) -> int:
+        """The inbound size limit: the largest legitimate message (a masked input) plus headroom."""
+        return self._max_message_bytes
+
+    def _compute_max_message_bytes(self) -> int:
+        plan = self.model.plan(1, self.config.clients_per_round, 2, b"size")
+        itemsize = 4 if plan.ring_bits <= 32 else 8
+        model_bytes = 4 * self.model.dim
+        return max(4 << 20, plan.dimension * itemsize + (1 << 20), model_bytes + (1 << 20))
+
+    if TYPE_CHECKING:  # implemented by the mixins; declared for the type checker
+        def _abandon(self, rnd: _Round, reason: str) -> None: ...
+        def _available(self) -> list[str]: ...
+        def _credential(self, name: str) -> bytes: ...
+        def _finish_round_for_clients(self, rnd: _Round, outcome: int, reason: str,
+                                      survivors: tuple[int, ...]) -> None: ...
+        def _identity_key(self, name: str) -> bytes: ...
+        def _instruction_for(self, client: _Client) -> pb.PollResponse | None: ...
+        def _model_pb(self) -> pb.Model: ...
+        def _run_round(self, number: int, available: list[str], purpose: int = pb.ROUND_PURPOSE_TRAIN) -> str: ...
+        def _session(self, caller: str, header: pb.RequestHeader, rpc: str, *, consume: bool = True) -> _Client: ...
+        def _wait_for_cohort(self, number: int) -> list[str] | None: ...
+        def _wait_until(self, predicate: Callable[[], bool], deadline: float | None) -> bool: ...
