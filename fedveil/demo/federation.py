@@ -1,7 +1,8 @@
 """One run of the healthcare federation through fedveil's real coordinator and clients.
 
 Nothing here is simulated: the server side is :class:`fedveil.server.coordinator.Coordinator`
-with its SQLite :class:`~fedveil.server.store.RunStore`, and each hospital is a
+with its SQLite :class:`~fedveil.server.store.RunStore`, run as every job is run
+(:class:`fedveil.server.job_runner.JobRunner`, with the gRPC safeguards of ``fedveil server``), and each hospital is a
 :class:`fedveil.clients.Federation` client that trains with the task's training function and
 the turnkey :func:`fedveil.clients.train_round` (local DP-SGD through
 :class:`fedveil.dp.local.LocalDPSession` when ``dp="local"``), then takes part in secure
@@ -260,8 +261,8 @@ def run_federation(
     from fedveil.clients.api import evaluator
     from fedveil.clients.backoff import BackoffPolicy
     from fedveil.dp.ledger import FEDERATION, PrivacyLedger
-    from fedveil.protocol.transport import InProcessTransport
-    from fedveil.server.coordinator import Coordinator
+    from fedveil.protocol.tls import generate_ca, generate_certificate
+    from fedveil.server.job_runner import GrpcEndpoint, JobRunner, TlsSettings
     from fedveil.simulation.backends import STILL_RUNNING, SimulatedSites, ThreadedClient, run_with_client_threads
     from fedveil.task import vector_to_model
 
@@ -318,23 +319,31 @@ def run_federation(
             on_round(report, model)
 
     store = RunStore(store_path)
-    grpc_server: Any = None
+    runner: JobRunner | None = None
     try:
         tokens = {name: store.enroll(name, rotate=store.client_enrolled(name)).token for name in names}
         # the secure default: an in-memory consortium authority vouches for each simulated hospital
         sites = SimulatedSites.create(server_config(settings, recipe, len(names)), names)
         config = sites.config
+        # the job runs as every job does (fedveil.server.job_runner): over TLS on loopback with the
+        # safeguards of `fedveil server`, or in process
+        ca = leaf = None
+        endpoint = None
+        if settings.transport == "grpc":
+            ca = generate_ca("fedveil demo CA", days=1)
+            leaf = generate_certificate("localhost", ca, hostnames=["localhost", "127.0.0.1"], days=1)
+            endpoint = GrpcEndpoint("127.0.0.1:0", TlsSettings(leaf.cert_pem, leaf.key_pem))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            coordinator = Coordinator(config, task, store, new_run=True, listeners=[_RoundObserver(observe)])
+            runner = JobRunner(config, task, store, new_run=True, listeners=[_RoundObserver(observe)],
+                               endpoint=endpoint)
         if on_start is not None:
-            on_start(coordinator.run_id)
+            on_start(runner.run_id)
         make_transport: Callable[[str], Any]
-        if settings.transport == "grpc":
-            grpc_server, make_transport = _grpc(coordinator, store, tokens)
+        if ca is not None:
+            make_transport = _grpc_transports(ca.cert_pem, int(runner.port or 0), tokens)
         else:
-            def make_transport(name: str) -> Any:
-                return InProcessTransport(coordinator, name)
+            make_transport = runner.transport
 
         clients = []
         for index, name in enumerate(names):
@@ -352,7 +361,7 @@ def run_federation(
         # a round retried after an abort that a hospital's budget cannot afford is declined inside
         # run_client (the hospital sits it out and stays in the job)
         summary, _, client_errors = run_with_client_threads(
-            coordinator.run, coordinator.stop, task, clients, join_timeout_s=30.0,
+            runner.run, runner.stop, task, clients, join_timeout_s=30.0,
             min_live_clients=settings.hospitals_per_round,
         )
         message = summary.message
@@ -377,8 +386,8 @@ def run_federation(
             wall_seconds=time.monotonic() - started,
         )
     finally:
-        if grpc_server is not None:
-            grpc_server.stop(grace=1.0)
+        if runner is not None:
+            runner.close()
         store.close()
 
 
@@ -416,23 +425,13 @@ def _noise_of(fed: Any) -> float | None:
     return float(spend.noise_multiplier) if spend is not None else None
 
 
-def _grpc(coordinator: Any, store: RunStore, tokens: Mapping[str, str]) -> tuple[Any, Callable[[str], Any]]:
-    """Serve the coordinator over TLS on 127.0.0.1 (ephemeral port); per-hospital token transports."""
-    from fedveil.protocol.auth import Authenticator
+def _grpc_transports(ca_cert_pem: bytes, port: int, tokens: Mapping[str, str]) -> Callable[[str], Any]:
+    """Per-hospital token transports to the job's TLS endpoint on 127.0.0.1."""
     from fedveil.protocol.client import ChannelConfig, GrpcTransport, open_channel
-    from fedveil.protocol.service import ServerLimits, build_server
-    from fedveil.protocol.tls import generate_ca, generate_certificate, server_credentials
-
-    ca = generate_ca("fedveil demo CA", days=1)
-    leaf = generate_certificate("localhost", ca, hostnames=["localhost", "127.0.0.1"], days=1)
-    auth = Authenticator(store.credential, client_exists=store.client_enrolled)
-    limits = ServerLimits(max_message_bytes=max(coordinator.max_message_bytes(), 1 << 20))
-    server, port = build_server(coordinator, auth, "127.0.0.1:0",
-                                credentials=server_credentials(leaf.cert_pem, leaf.key_pem), limits=limits)
 
     def make(name: str) -> Any:
-        channel = open_channel(ChannelConfig(target=f"127.0.0.1:{port}", ca_cert_pem=ca.cert_pem,
+        channel = open_channel(ChannelConfig(target=f"127.0.0.1:{port}", ca_cert_pem=ca_cert_pem,
                                              server_name_override="localhost"))
         return GrpcTransport(channel, tokens[name], rpc_timeout_s=60.0)
 
-    return server, make
+    return make

@@ -14,6 +14,7 @@ import numpy as np
 
 from fedveil.server.config import ServerConfig
 from fedveil.server.coordinator import Coordinator, JobSummary
+from fedveil.server.job_runner import JobRunner
 from fedveil.server.store import RunStore
 from fedveil.task import Task
 
@@ -95,28 +96,34 @@ def server_argv(config: ServerConfig, listen: str, store_path: Path, port_file: 
 
 
 class CoordinatorJob:
-    """A job run by the real coordinator in this process, on its own run store."""
+    """A job run in this process by :class:`~fedveil.server.job_runner.JobRunner` (the real
+    coordinator), on its own run store."""
 
     def __init__(self, config: ServerConfig, task: Task, store_path: Path) -> None:
         self.store = RunStore(store_path)
         try:
-            self.coordinator = Coordinator(config, task, self.store, new_run=True)
+            self.runner = JobRunner(config, task, self.store, new_run=True)
         except BaseException:
             self.store.close()
             raise
 
     @property
+    def coordinator(self) -> Coordinator:
+        return self.runner.coordinator
+
+    @property
     def service(self) -> Coordinator:
         """The RPC handler the clients' ``InProcessTransport`` calls."""
-        return self.coordinator
+        return self.runner.coordinator
 
     def run(self) -> JobSummary:
-        return self.coordinator.run()
+        return self.runner.run()
 
     def stop(self) -> None:
-        self.coordinator.stop()
+        self.runner.stop()
 
     def close(self) -> None:
+        self.runner.close()
         self.store.close()
 
 

@@ -1,0 +1,136 @@
+"""One way to run a job: the coordinator on a run store, served in process or over gRPC, with its
+events going to listeners.
+
+``fedveil server`` (:func:`fedveil.server.runner.serve`), the in-process simulation backend
+(:mod:`fedveil.simulation.host`) and the healthcare demo all run their jobs through
+:class:`JobRunner`, so the gRPC server every one of them starts carries the same safeguards
+(worker pool sized to the cohort, long polls that can never take the last workers, model
+fetched in chunks, size limits derived from the model) and stops the same bounded way. The
+process-level concerns of a real server — the store lock, signals, the port file — stay in
+:func:`~fedveil.server.runner.serve`; the process simulation backend runs that command.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from types import TracebackType
+
+import grpc
+
+from fedveil.protocol.auth import Authenticator
+from fedveil.protocol.service import ServerLimits, build_server
+from fedveil.protocol.transport import InProcessTransport
+from fedveil.secagg.identity import RevocationList
+from fedveil.server.config import ServerConfig
+from fedveil.server.coordinator import Coordinator, JobSummary
+from fedveil.server.events import JobListener
+from fedveil.server.store import RunStore
+from fedveil.task import Task
+
+log = logging.getLogger("fedveil.server")
+
+STOP_GRACE_S = 1.0
+"""Calls in flight when the job ends get this long to finish before they are cancelled (clients
+have heard JobDone during the linger already)."""
+STOP_WAIT_S = 5.0
+"""How long, after the grace, the runner waits for the gRPC server to report it has stopped."""
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """Server TLS: certificate and key (PEM); ``client_ca_pem`` turns on mutual TLS."""
+
+    cert_pem: bytes
+    key_pem: bytes
+    client_ca_pem: bytes | None = None
+
+
+@dataclass(frozen=True)
+class GrpcEndpoint:
+    """Where and how a job is served over gRPC. ``tls=None`` serves plaintext (loopback trials);
+    ``max_message_bytes`` overrides the limit derived from the model."""
+
+    listen: str
+    tls: TlsSettings | None
+    max_message_bytes: int | None = None
+
+
+class JobRunner:
+    """A job on the real coordinator: in process (sites call :meth:`transport`) or behind gRPC
+    (``endpoint``; sites connect to :attr:`port`). Listeners hear every round and the job's end
+    (:mod:`fedveil.server.events`). The store stays the caller's: the runner never closes it."""
+
+    def __init__(self, config: ServerConfig, task: Task, store: RunStore, *, listeners: Iterable[JobListener] = (),
+                 new_run: bool = False, endpoint: GrpcEndpoint | None = None,
+                 revocations: RevocationList | None = None) -> None:
+        self.coordinator = Coordinator(config, task, store, new_run=new_run, listeners=listeners)
+        self.coordinator.revocations = revocations
+        self.endpoint = endpoint
+        self.port: int | None = None
+        """The bound gRPC port (``endpoint`` may ask for port 0); None in process."""
+        self.max_message_bytes = self.coordinator.max_message_bytes()
+        self._server: grpc.Server | None = None
+        if endpoint is not None:
+            self._server, self.port = self._serve(config, store, endpoint)
+
+    @property
+    def run_id(self) -> str:
+        return self.coordinator.run_id
+
+    def _serve(self, config: ServerConfig, store: RunStore, endpoint: GrpcEndpoint) -> tuple[grpc.Server, int]:
+        coordinator = self.coordinator
+        if endpoint.max_message_bytes:
+            self.max_message_bytes = endpoint.max_message_bytes
+        workers = max(32, 2 * config.clients_per_round + 16)
+        limits = ServerLimits(max_message_bytes=self.max_message_bytes, workers=workers,
+                              max_concurrent_rpcs=max(256, 4 * workers), upload_timeout_s=config.stage_timeout)
+        coordinator.max_waiting_polls = workers - 8  # long polls never take the last workers
+        coordinator.inline_model = False  # sites fetch the model in chunks (FetchModel)
+        credentials = None
+        tls = endpoint.tls
+        if tls is not None:
+            from fedveil.protocol.tls import server_credentials
+
+            credentials = server_credentials(tls.cert_pem, tls.key_pem, tls.client_ca_pem)
+        authenticator = Authenticator(store.credential, client_exists=store.client_enrolled)
+        return build_server(coordinator, authenticator, endpoint.listen, credentials=credentials, limits=limits,
+                            mutual_tls=tls is not None and tls.client_ca_pem is not None)
+
+    def transport(self, site: str) -> InProcessTransport:
+        """An in-process transport for ``site`` (the coordinator runs the same validation as behind gRPC)."""
+        return InProcessTransport(self.coordinator, site)
+
+    def run(self) -> JobSummary:
+        """Run the job to completion (or until :meth:`stop`), in the calling thread."""
+        return self.coordinator.run()
+
+    def stop(self) -> None:
+        """Ask the job to stop after its current step (a signal handler may call it)."""
+        self.coordinator.stop()
+
+    def close(self) -> bool:
+        """Stop serving (bounded, see :func:`stop_server`); False if gRPC had not finished in time."""
+        server, self._server = self._server, None
+        return stop_server(server, self.coordinator) if server is not None else True
+
+    def __enter__(self) -> JobRunner:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.close()
+
+
+def stop_server(server: grpc.Server, coordinator: Coordinator) -> bool:
+    """Stop serving within ``STOP_GRACE_S + STOP_WAIT_S``; False (and a warning) if gRPC had not
+    finished by then. New calls are refused at once, held long polls are released, and calls still
+    in flight after the grace are cancelled (a client holding a stream open cannot keep it)."""
+    stopped = server.stop(grace=STOP_GRACE_S)
+    coordinator.stop()  # a poll held until poll_wait returns now
+    if stopped.wait(STOP_GRACE_S + STOP_WAIT_S):
+        return True
+    log.warning("the gRPC server had not stopped %.0f s after the job ended (calls still in flight); "
+                "going on without it", STOP_GRACE_S + STOP_WAIT_S)
+    return False
