@@ -283,25 +283,24 @@ def load_task(reference: str) -> Task:
     """Resolve ``module:attr`` or ``module`` (with a ``task`` attribute) to a :class:`Task`."""
     module_name, _, attr = reference.partition(":")
     if not module_name:
-        raise TaskLoadError(f"--task {reference!r}: expected 'package.module:attr' or 'package.module'")
+        raise TaskLoadError(f"{reference!r}: expected 'package.module:attr' or 'package.module'", field="task")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise TaskLoadError(f"--task {reference!r}: cannot import module {module_name!r}: {err}") from err
+        raise TaskLoadError(f"cannot import module {module_name!r}: {err}", field="task") from err
     attr = attr or "task"
     try:
         obj = getattr(module, attr)
     except AttributeError:
-        raise TaskLoadError(f"--task {reference!r}: module {module_name!r} has no attribute {attr!r}") from None
+        raise TaskLoadError(f"module {module_name!r} has no attribute {attr!r}", field="task") from None
     if inspect.isfunction(obj):  # a factory: ``module:make_task``
         try:
             obj = obj()
         except TypeError as err:
-            raise TaskLoadError(
-                f"--task {reference!r}: {attr!r} is a function that cannot build a task ({err})"
-            ) from None
+            raise TaskLoadError(f"{attr!r} is a function that cannot build a task ({err})",
+                                field="task") from None
     if not isinstance(obj, Task):
-        raise TaskLoadError(f"--task {reference!r}: {attr!r} is a {type(obj).__name__}, not a fedveil Task")
+        raise TaskLoadError(f"{attr!r} is a {type(obj).__name__}, not a fedveil Task", field="task")
     return obj
 
 

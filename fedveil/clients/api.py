@@ -30,6 +30,7 @@ from fedveil.clients.backoff import BackoffPolicy
 from fedveil.clients.policy import SitePolicy
 from fedveil.clients.session import ClientOptions, EvaluateFn, Federation, Round, RoundOutcome
 from fedveil.dp.ledger import BudgetExceededError
+from fedveil.errors import FedveilError
 from fedveil.protocol.auth import parse_token
 from fedveil.protocol.client import ChannelConfig, GrpcTransport
 from fedveil.protocol.errors import Unauthenticated
@@ -117,9 +118,9 @@ def federate(
         transport = GrpcTransport.connect(
             ChannelConfig(
                 target=target,
-                ca_cert_pem=read_pem(Path(ca_cert), "--ca-cert") if ca_cert is not None else None,
-                client_cert_pem=read_pem(Path(client_cert), "--client-cert") if client_cert is not None else None,
-                client_key_pem=read_pem(Path(client_key), "--client-key") if client_key is not None else None,
+                ca_cert_pem=read_pem(Path(ca_cert), "ca_cert") if ca_cert is not None else None,
+                client_cert_pem=read_pem(Path(client_cert), "client_cert") if client_cert is not None else None,
+                client_key_pem=read_pem(Path(client_key), "client_key") if client_key is not None else None,
                 insecure=insecure,
                 server_name_override=server_name_override,
             ),
@@ -172,18 +173,24 @@ def load_credential_arg(credential: bytes | str | Path | None) -> bytes:
     return load_credential(Path(credential)).encode()
 
 
+class IdentityKeyError(FedveilError, ValueError):
+    """A site's identity key file is missing or not an unencrypted Ed25519 PEM key; ``field`` is
+    ``identity_key``."""
+
+
 def load_identity_key(path: Path) -> Ed25519PrivateKey:
     """An Ed25519 private key from a PEM (PKCS#8) file, e.g. ``openssl genpkey -algorithm ed25519``."""
     try:
         data = path.read_bytes()
     except OSError as err:
-        raise ValueError(f"identity key: cannot read {str(path)!r}: {err.strerror}") from None
+        raise IdentityKeyError(f"cannot read {str(path)!r}: {err.strerror}", field="identity_key") from None
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as err:
-        raise ValueError(f"identity key: {str(path)!r} is not an unencrypted PEM private key ({err})") from None
+        raise IdentityKeyError(f"{str(path)!r} is not an unencrypted PEM private key ({err})",
+                               field="identity_key") from None
     if not isinstance(key, Ed25519PrivateKey):
-        raise ValueError(f"identity key: {str(path)!r} holds a {type(key).__name__}, not an Ed25519 key")
+        raise IdentityKeyError(f"{str(path)!r} holds a {type(key).__name__}, not an Ed25519 key", field="identity_key")
     return key
 
 

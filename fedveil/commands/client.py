@@ -12,7 +12,7 @@ from typing import Any
 import click
 import torch
 
-from fedveil.commands.common import MAX_THREADS, eprint, fail, load_pinned_authority, print_json_last_line
+from fedveil.commands.common import MAX_THREADS, eprint, fail, fail_from, load_pinned_authority, print_json_last_line
 
 EXIT_REFUSED = 3
 EXIT_FAILED = 1
@@ -97,7 +97,14 @@ def client_command(
     exponential backoff when the server is unreachable, and exits 0 when the job completes,
     3 when the server refuses its credentials, 1 on other failures.
     """
-    from fedveil.clients.api import check_server_address, evaluator, federate, load_identity_key, run_client
+    from fedveil.clients.api import (
+        IdentityKeyError,
+        check_server_address,
+        evaluator,
+        federate,
+        load_identity_key,
+        run_client,
+    )
     from fedveil.clients.backoff import BackoffPolicy
     from fedveil.clients.session import AuthenticationError, ClientError
     from fedveil.clients.update import RoundConfigError
@@ -157,8 +164,8 @@ def client_command(
     if identity_key is not None:
         try:
             identity = load_identity_key(identity_key)
-        except ValueError as err:
-            fail("--identity-key", str(err).removeprefix("identity key: "))
+        except IdentityKeyError as err:
+            fail_from(err, "--identity-key")
     policy = _site_policy(policy_path, authority, revocations, trust_server=trust_server, min_cohort=min_cohort,
                           max_corrupt_fraction=max_corrupt_fraction, allowed_dp_modes=allow_dp or None,
                           min_noise_multiplier=min_noise_multiplier, max_attempts_per_round=max_attempts_per_round,
@@ -172,7 +179,7 @@ def client_command(
     try:
         task = load_task(task_ref)
     except TaskLoadError as err:
-        fail("--task", str(err).removeprefix(f"--task {task_ref!r}: "))
+        fail_from(err, "--task")
     if not data_path.is_file():
         fail("--data", f"no such file {str(data_path)!r}")
     try:
@@ -201,8 +208,7 @@ def client_command(
             insecure_deterministic=insecure_deterministic,
         )
     except TlsConfigError as err:
-        flag = next((f for f in ("--client-cert", "--client-key") if str(err).startswith(f)), "--ca-cert")
-        fail(flag, str(err).removeprefix(f"{flag}: "))
+        fail_from(err, "--ca-cert")
     try:
         history = run_client(federation, task, dataset)
     except AuthenticationError as err:

@@ -40,6 +40,17 @@ def fail(param: str, message: str) -> NoReturn:
     raise CliUsageError(param, message)
 
 
+def flag_of(field: str | None, default: str) -> str:
+    """The flag of a library error's ``field`` (``tls_cert`` → ``--tls-cert``): every command's
+    flags are named after the fields they set, so the mapping is this rule, never a message parse."""
+    return "--" + field.replace("_", "-") if field else default
+
+
+def fail_from(err: FedveilError, default: str) -> NoReturn:
+    """Abort the command on a library refusal, naming the flag of its ``field`` (else ``default``)."""
+    fail(flag_of(err.field, default), str(err))
+
+
 def print_json_last_line(payload: dict[str, Any]) -> None:
     """Print exactly one JSON object on a single line (the command's last line)."""
     click.echo(json.dumps(payload, sort_keys=True, default=_json_default))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from fedveil.commands.common import dashboard_token_option, fail, read_dashboard_token
+from fedveil.commands.common import dashboard_token_option, fail, fail_from, read_dashboard_token
 
 
 def register(group: click.Group) -> None:
@@ -41,7 +41,7 @@ def dashboard_command(store_path: Path, task_ref: str, port: int, dashboard_toke
     try:
         task = load_task(task_ref)
     except TaskLoadError as err:
-        fail("--task", str(err).removeprefix(f"--task {task_ref!r}: "))
+        fail_from(err, "--task")
     token = read_dashboard_token(dashboard_token_file)
     try:
         server = start_store_dashboard(store_path, task, port, token=token)

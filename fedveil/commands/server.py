@@ -23,6 +23,8 @@ from fedveil.commands.common import (
     eprint,
     exit_within,
     fail,
+    fail_from,
+    flag_of,
     load_pinned_authority,
     print_json_last_line,
     read_dashboard_token,
@@ -252,16 +254,15 @@ def server_command(**opts: Any) -> NoReturn:
             fail("--tls-cert", "give --tls-cert and --tls-key, or --insecure to run without TLS")
         try:
             tls = TlsSettings(
-                read_pem(opts["tls_cert"], "--tls-cert"), read_pem(opts["tls_key"], "--tls-key"),
-                read_pem(opts["client_ca"], "--client-ca") if opts["client_ca"] else None,
+                read_pem(opts["tls_cert"], "tls_cert"), read_pem(opts["tls_key"], "tls_key"),
+                read_pem(opts["client_ca"], "client_ca") if opts["client_ca"] else None,
             )
         except TlsConfigError as err:
-            flag, _, detail = str(err).partition(": ")
-            fail(flag, detail)
+            fail_from(err, "--tls-cert")
     try:
         task = load_task(opts["task"])
     except TaskLoadError as err:
-        fail("--task", str(err).removeprefix(f"--task {opts['task']!r}: "))
+        fail_from(err, "--task")
     authority, revocations = _load_authority(opts["authority_path"], opts["revocations_path"])
     k = opts["clients_per_round"]
     try:
@@ -321,7 +322,8 @@ def server_command(**opts: Any) -> NoReturn:
         )
     except (JobError, StoreError, OSError, ValueError) as err:
         # ValueError: parameters the job cannot run with, e.g. an overflowing encoding
-        flag = "--store: " if isinstance(err, StoreError) else "--listen: " if isinstance(err, OSError) else ""
+        flag = ("--store: " if isinstance(err, StoreError) else "--listen: " if isinstance(err, OSError)
+                else f"{flag_of(err.field, '')}: " if isinstance(err, JobError) and err.field else "")
         eprint(f"error: {flag}{err}")
         code = USAGE_EXIT_CODE
     else:

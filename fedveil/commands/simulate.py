@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from fedveil.commands.common import MAX_THREADS, eprint, fail, print_json_last_line
+from fedveil.commands.common import MAX_THREADS, eprint, fail, fail_from, print_json_last_line
 from fedveil.server.config import DEFAULT_MAX_CORRUPT_FRACTION
 
 
@@ -90,7 +90,7 @@ def simulate_command(
     try:
         task = load_task(task_ref)
     except TaskLoadError as err:
-        fail("--task", str(err).removeprefix(f"--task {task_ref!r}: "))
+        fail_from(err, "--task")
     if task.synthetic_data is None:
         fail("--task", f"task {task.name!r} has no synthetic_data(client_index, n_clients, seed) to simulate with")
     if store_path is not None and store_path.exists():

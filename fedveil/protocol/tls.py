@@ -40,15 +40,15 @@ class PemPair:
         key_path.write_bytes(self.key_pem)
 
 
-def read_pem(path: str | Path, what: str) -> bytes:
-    """Read a PEM file, failing with a message that names ``what`` and the path."""
+def read_pem(path: str | Path, field: str) -> bytes:
+    """Read a PEM file; a failure names the path, with ``field`` (the argument that gave it) as its ``.field``."""
     p = Path(path)
     try:
         data = p.read_bytes()
     except OSError as err:
-        raise TlsConfigError(f"{what}: cannot read {str(p)!r}: {err.strerror or err}") from None
+        raise TlsConfigError(f"cannot read {str(p)!r}: {err.strerror or err}", field=field) from None
     if b"-----BEGIN " not in data:
-        raise TlsConfigError(f"{what}: {str(p)!r} is not a PEM file")
+        raise TlsConfigError(f"{str(p)!r} is not a PEM file", field=field)
     return data
 
 

@@ -152,7 +152,7 @@ class RoundDriverMixin(CoordinatorBase):
         try:
             return self.config.secagg_plan(n)
         except ConfigError as err:  # an explicit --threshold that a smaller cohort cannot use safely
-            raise JobError(f"--threshold: {str(err).removeprefix('threshold: ')} (cohort of {n})") from None
+            raise JobError(f"{err} (cohort of {n})", field="threshold") from None
 
     def _wait_for_cohort(self, number: int) -> list[str] | None:
         cfg = self.config
@@ -204,7 +204,8 @@ class RoundDriverMixin(CoordinatorBase):
             keys = [self._identity_key(n) for n in chosen]
             missing = [n for n, key in zip(chosen, keys, strict=True) if len(key) != PUBLIC_KEY_BYTES]
             if missing:
-                raise JobError(f"--active-adversary: clients without an enrolled identity key: {', '.join(missing)}")
+                raise JobError(f"clients without an enrolled identity key: {', '.join(missing)}",
+                               field="active_adversary")
             identity_keys = tuple(keys)
         sconfig = SecAggConfig(
             num_clients=len(chosen), threshold=t, vector_length=plan.dimension, round_id=round_id,
