@@ -100,9 +100,10 @@ def test_exact_sum_for_random_sizes_dropouts_and_stages(data):
         assert sim.abort_reason
         survivors = set(range(n)) - dropped
         if not harary:
-            assert len(survivors) < t
-        else:  # at most h - t dropouts can never starve a neighbourhood of h holders
-            assert len(dropped) > holders - t
+            # fewer than t, or so few live neighbours that colluders could be all of them (live_problem)
+            assert len(survivors) < t or len(survivors) - 1 <= corrupt
+        else:  # at most h - t (and fewer than h - c - 1) dropouts can never starve a neighbourhood
+            assert len(dropped) > holders - t or len(dropped) >= holders - corrupt - 1
         assert not sim.client_errors or all("Abort" in e or "TooFew" in e for e in sim.client_errors.values())
 
 

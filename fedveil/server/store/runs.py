@@ -1,0 +1,178 @@
+"""Runs and their round attempts: cohorts, stages, dropouts, outcomes and evaluations."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fedveil.server.store.schema import (
+    _UPSERT_EVALUATION,
+    RoundRecord,
+    RunRecord,
+    StoreBase,
+)
+
+
+class RunsMixin(StoreBase):
+    """Runs and their round attempts: cohorts, stages, dropouts, outcomes and evaluations."""
+
+    # -- runs ----------------------------------------------------------------------------------
+    def create_run(self, run_id: str, config: Mapping[str, Any]) -> RunRecord:
+        now = time.time()
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO runs (run_id, created_at, config_json, status) VALUES (?, ?, ?, 'running')",
+                (run_id, now, json.dumps(dict(config), sort_keys=True)),
+            )
+        return RunRecord(run_id, now, dict(config), "running", None, None)
+
+    def _run_from_row(self, row: tuple[Any, ...]) -> RunRecord:
+        run_id, created, config_json, status, finished, summary_json = row
+        return RunRecord(
+            run_id, created, json.loads(config_json), status, finished,
+            json.loads(summary_json) if summary_json else None,
+        )
+
+    def runs(self) -> list[RunRecord]:
+        rows = self._query(
+            "SELECT run_id, created_at, config_json, status, finished_at, summary_json FROM runs ORDER BY created_at"
+        )
+        return [self._run_from_row(r) for r in rows]
+
+    def run(self, run_id: str) -> RunRecord | None:
+        rows = self._query(
+            "SELECT run_id, created_at, config_json, status, finished_at, summary_json FROM runs WHERE run_id=?",
+            (run_id,),
+        )
+        return self._run_from_row(rows[0]) if rows else None
+
+    def latest_run(self) -> RunRecord | None:
+        runs = self.runs()
+        return runs[-1] if runs else None
+
+    def finish_run(self, run_id: str, status: str, summary: Mapping[str, Any]) -> None:
+        with self._tx() as c:
+            c.execute(
+                "UPDATE runs SET status=?, finished_at=?, summary_json=? WHERE run_id=?",
+                (status, time.time(), json.dumps(dict(summary), sort_keys=True), run_id),
+            )
+
+    # -- rounds --------------------------------------------------------------------------------
+    def start_round(
+        self, run_id: str, round_number: int, attempt: int, cohort: Mapping[str, int], threshold: int
+    ) -> None:
+        now = time.time()
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO rounds (run_id, round, attempt, status, started_at, cohort_size, threshold) "
+                "VALUES (?, ?, ?, 'running', ?, ?, ?)",
+                (run_id, round_number, attempt, now, len(cohort), threshold),
+            )
+            c.executemany(
+                "INSERT INTO participants (run_id, round, attempt, client_name, secagg_id, last_stage) "
+                "VALUES (?, ?, ?, ?, ?, NULL)",
+                [(run_id, round_number, attempt, name, sid) for name, sid in cohort.items()],
+            )
+
+    def record_stage(self, run_id: str, round_number: int, attempt: int, names: Sequence[str], stage: str) -> None:
+        with self._tx() as c:
+            c.executemany(
+                "UPDATE participants SET last_stage=? WHERE run_id=? AND round=? AND attempt=? AND client_name=?",
+                [(stage, run_id, round_number, attempt, n) for n in names],
+            )
+
+    def record_dropouts(
+        self, run_id: str, round_number: int, attempt: int, dropped: Mapping[str, tuple[str, str]]
+    ) -> None:
+        """``dropped`` maps client name → (stage, reason)."""
+        now = time.time()
+        with self._tx() as c:
+            c.executemany(
+                "INSERT OR IGNORE INTO dropouts (run_id, round, attempt, client_name, stage, reason, at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(run_id, round_number, attempt, n, s, r, now) for n, (s, r) in dropped.items()],
+            )
+
+    def abort_round(self, run_id: str, round_number: int, attempt: int, reason: str, survivors: int | None) -> None:
+        with self._tx() as c:
+            c.execute(
+                "UPDATE rounds SET status='aborted', finished_at=?, reason=?, survivors=? "
+                "WHERE run_id=? AND round=? AND attempt=?",
+                (time.time(), reason, survivors, run_id, round_number, attempt),
+            )
+
+    def finish_evaluation_round(self, run_id: str, round_number: int, attempt: int, survivors: int) -> None:
+        """An evaluation-only round (secure final evaluation) finished: no model, no aggregate kept."""
+        with self._tx() as c:
+            c.execute(
+                "UPDATE rounds SET status='evaluated', finished_at=?, survivors=? "
+                "WHERE run_id=? AND round=? AND attempt=? AND status='running'",
+                (time.time(), survivors, run_id, round_number, attempt),
+            )
+
+    def interrupt_unfinished_rounds(self, run_id: str) -> int:
+        """Mark rounds left 'running' by a killed server as 'interrupted'. Returns how many."""
+        with self._tx() as c:
+            cur = c.execute(
+                "UPDATE rounds SET status='interrupted', finished_at=?, reason='server stopped during the round' "
+                "WHERE run_id=? AND status='running'",
+                (time.time(), run_id),
+            )
+            return int(cur.rowcount)
+
+    def rounds(self, run_id: str) -> list[RoundRecord]:
+        rows = self._query(
+            "SELECT run_id, round, attempt, status, started_at, finished_at, cohort_size, threshold, survivors, "
+            "reason, aggregate_sha256, stats_json FROM rounds WHERE run_id=? ORDER BY round, attempt",
+            (run_id,),
+        )
+        return [
+            RoundRecord(*r[:11], stats=json.loads(r[11]) if r[11] else {})  # type: ignore[misc]
+            for r in rows
+        ]
+
+    def completed_rounds(self, run_id: str) -> int:
+        rows = self._query("SELECT MAX(version) FROM checkpoints WHERE run_id=?", (run_id,))
+        return int(rows[0][0]) if rows and rows[0][0] is not None else 0
+
+    def participants(self, run_id: str, round_number: int) -> list[tuple[int, str, int, str | None]]:
+        """(attempt, client name, secagg id, last stage completed) for every participant of a round."""
+        return [
+            (int(a), str(n), int(s), st)
+            for a, n, s, st in self._query(
+                "SELECT attempt, client_name, secagg_id, last_stage FROM participants WHERE run_id=? AND round=? "
+                "ORDER BY attempt, secagg_id",
+                (run_id, round_number),
+            )
+        ]
+
+    def dropouts(self, run_id: str) -> list[tuple[int, int, str, str, str]]:
+        """(round, attempt, client name, stage, reason) for every dropout of a run."""
+        return [
+            (int(r), int(a), str(n), str(s), str(why))
+            for r, a, n, s, why in self._query(
+                "SELECT round, attempt, client_name, stage, reason FROM dropouts WHERE run_id=? "
+                "ORDER BY round, attempt, client_name",
+                (run_id,),
+            )
+        ]
+
+    # -- evaluation and client privacy ----------------------------------------------------------
+    def record_evaluation(
+        self, run_id: str, model_version: int, client_name: str, num_examples: int, metrics: Mapping[str, float]
+    ) -> None:
+        with self._tx() as c:
+            c.execute(_UPSERT_EVALUATION, (run_id, model_version, client_name, num_examples,
+                                           json.dumps(dict(metrics), sort_keys=True), time.time()))
+
+    def evaluations(self, run_id: str, model_version: int) -> list[tuple[str, int, dict[str, float]]]:
+        return [
+            (str(n), int(k), json.loads(m))
+            for n, k, m in self._query(
+                "SELECT client_name, num_examples, metrics_json FROM evaluations WHERE run_id=? AND model_version=? "
+                "ORDER BY client_name",
+                (run_id, model_version),
+            )
+        ]
