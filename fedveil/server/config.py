@@ -203,21 +203,11 @@ class ServerConfig:
         except ConfigError as err:
             field, _, detail = str(err).partition(": ")
             raise ServerConfigError({"degree": "--secagg-degree"}.get(field, _flag(field)), detail) from None
-        if self.dp == "distributed" and self.dp_adaptive_clipping:
-            raise ServerConfigError("--dp-adaptive-clipping", "only with --dp central (got --dp distributed)")
-        if self.dp_adaptive_clipping and self.dp != "central":
-            raise ServerConfigError("--dp-adaptive-clipping", f"only with --dp central (got --dp {self.dp})")
-        if self.dp_sampling_amplification and self.dp != "central":
-            raise ServerConfigError("--dp-sampling-amplification",
-                                    f"only with --dp central (got --dp {self.dp}); distributed DP claims no "
-                                    "sampling amplification")
-        if self.dp_sampling_amplification and self.dp_accountant != "rdp":
-            # A fixed-size cohort is sampling without replacement; of fedveil's accountants only RDP
-            # (dp-accounting's bound) can account it. PRV and PLD would refuse the first sampled round.
-            raise ServerConfigError("--dp-accountant",
-                                    "must be rdp with --dp-sampling-amplification: only the RDP accountant can "
-                                    f"account a fixed-size cohort (sampling without replacement) "
-                                    f"(got {self.dp_accountant!r})")
+        from fedveil.server.mechanisms import mechanism_class
+
+        refusal = mechanism_class(self.dp).refusal(self)
+        if refusal is not None:
+            raise ServerConfigError(*refusal)
 
     def secagg_plan(self, cohort: int, *, cap: bool = True) -> ThresholdPlan:
         """Masking graph and threshold for a cohort of ``cohort`` clients (see the class docstring).
@@ -240,7 +230,9 @@ class ServerConfig:
 
     @property
     def user_level_dp(self) -> bool:
-        return self.dp in ("central", "distributed")
+        from fedveil.server.mechanisms import mechanism_class
+
+        return mechanism_class(self.dp).user_level
 
     @property
     def uses_weights(self) -> bool:

@@ -4,8 +4,9 @@
 the server optimizer (``fedveil.server.optimizers``), the user-level DP mechanism and the
 privacy ledger (``fedveil.dp``). For each round it produces a :class:`RoundPlan` (encoding and
 DP parameters sent to the cohort in ``RoundStart``) and, given the unmasked ring sum, applies
-the round: decode → (central noise | distributed-DP decode) → mean update → optimizer step.
-It never sees an individual client's update, only the secure sum.
+the round: the job's privacy mechanism decodes the sum (:mod:`fedveil.server.mechanisms`: plain
+mean, central noise or distributed-DP decode) → mean update → optimizer step. It never sees an
+individual client's update, only the secure sum.
 
 User-level DP (``--dp central``, DP-FedAvg, McMahan et al. 2018): clients clip their update to
 ``S``; the server adds N(0, (zS)^2) to the sum and divides by the expected cohort size K; each
@@ -23,28 +24,21 @@ clients run DP-SGD and report their sample-level spend, which the ledger records
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
-import json
-import math
-import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from fedveil.dp.accounting import DpEvent, RDPAccountant, SubsampledGaussianEvent
-from fedveil.dp.central import DPFedAvg, SecureNormalSampler
-from fedveil.dp.clipping import AdaptiveClippingConfig
-from fedveil.dp.distributed import DistributedDPConfig, decode_sum, derive_parameters, derive_rotation_seed
+from fedveil.dp.central import DPFedAvg
 from fedveil.dp.ledger import LedgerConfig, PrivacyLedger, RoundSpend
-from fedveil.dp.sampling import user_level_event
 from fedveil.metrics import DEFAULT_METRICS, EvaluationLayout
 from fedveil.protocol import fedveil_pb2 as pb
-from fedveil.secagg.encoding import FixedPointEncoder
-from fedveil.server import sanity
 from fedveil.server.config import ServerConfig
+from fedveil.server.mechanisms import PrivacyMechanism, mechanism_class
 from fedveil.server.optimizers import ServerOptimizer, make_optimizer
+from fedveil.server.round_plan import RoundPlan
 
 
 def _derived_seed(seed: int, purpose: str, *parts: int) -> int:
@@ -55,27 +49,6 @@ def _derived_seed(seed: int, purpose: str, *parts: int) -> int:
 def round_seed(seed: int, round_number: int) -> int:
     """The public per-round seed sent to clients (``TrainingParams.seed``)."""
     return _derived_seed(seed, "round", round_number)
-
-
-@dataclass
-class RoundPlan:
-    """What one round asks of its cohort, and how the server decodes the sum."""
-
-    round_number: int
-    cohort_size: int
-    threshold: int
-    dimension: int
-    ring_bits: int
-    encoding: pb.EncodingParams
-    dp: pb.DpParams
-    encoder: FixedPointEncoder | None = None
-    distributed: DistributedDPConfig | None = None
-    rotation_seed: int = 0
-    clip_norm: float = 0.0
-    details: dict[str, Any] = field(default_factory=dict)
-    evaluation: EvaluationLayout | None = None
-    """Secure evaluation sums after the update (``dimension`` counts them)."""
-    evaluation_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -106,8 +79,10 @@ class GlobalModel:
         self.dim = int(self.params.shape[0])
         self.version = 0
         self.optimizer: ServerOptimizer = make_optimizer(config.optimizer, lr=config.server_lr)
+        self.mechanism: PrivacyMechanism = mechanism_class(config.dp)(config, self.dim)
+        """The job's privacy mechanism: its plan, decode and ledger event (:mod:`fedveil.server.mechanisms`)."""
         self.ledger: PrivacyLedger | None = None
-        if config.dp != "none":
+        if self.mechanism.keeps_ledger:
             self.ledger = PrivacyLedger(
                 LedgerConfig(
                     accountant=config.dp_accountant,
@@ -117,21 +92,7 @@ class GlobalModel:
                     client_epsilon_budget=config.dp_client_epsilon_budget,
                 )
             )
-        self.dpfedavg: DPFedAvg | None = None
-        if config.dp == "central":
-            k = float(config.clients_per_round)
-            if config.dp_adaptive_clipping:
-                self.dpfedavg = DPFedAvg.with_adaptive_clipping(
-                    AdaptiveClippingConfig(
-                        initial_clip_norm=config.dp_clip,
-                        noise_multiplier=config.dp_noise_multiplier,
-                        expected_clients_per_round=k,
-                        target_quantile=config.dp_target_quantile,
-                        learning_rate=config.dp_clip_learning_rate,
-                    )
-                )
-            else:
-                self.dpfedavg = DPFedAvg.fixed(config.dp_clip, config.dp_noise_multiplier, k)
+        self.dpfedavg: DPFedAvg | None = self.mechanism.new_state()
 
     # -- planning --------------------------------------------------------------------------------
     def plan(self, round_number: int, cohort_size: int, threshold: int, context: bytes, *,
@@ -157,63 +118,7 @@ class GlobalModel:
         return plan
 
     def _update_plan(self, round_number: int, cohort_size: int, threshold: int, context: bytes) -> RoundPlan:
-        cfg = self.config
-        dp = pb.DpParams(mode=cfg.dp)
-        if cfg.dp == "distributed":
-            dist = derive_parameters(
-                cohort_size, self.dim, cfg.dp_clip, mechanism=cfg.dp_mechanism, bits=cfg.dp_bits,
-                noise_multiplier=cfg.dp_noise_multiplier,
-            )
-            rotation = derive_rotation_seed(context + struct.pack("<I", round_number))
-            dp.update_clip_norm = cfg.dp_clip
-            dp.distributed.CopyFrom(
-                pb.DistributedDpParams(
-                    mechanism=dist.mechanism, l2_clip=dist.clip_norm, scale=dist.scale,
-                    noise_stddev=dist.local_stddev, beta=dist.beta, bits=dist.bits,
-                    rotation_seed=struct.pack("<Q", rotation), padded_dimension=dist.padded_dim,
-                    config_json=json.dumps(dataclasses.asdict(dist), sort_keys=True),
-                )
-            )
-            ring_bits = dist.bits
-            encoding = pb.EncodingParams(ring_bits=ring_bits, dimension=dist.padded_dim)
-            return RoundPlan(round_number, cohort_size, threshold, dist.padded_dim, ring_bits, encoding, dp,
-                             distributed=dist, rotation_seed=rotation, clip_norm=cfg.dp_clip,
-                             details={"mechanism": dist.mechanism, "bits": dist.bits, "scale": dist.scale,
-                                      "local_stddev": dist.local_stddev})
-        extras: list[str] = []
-        clip_norm = 0.0
-        clip_range = cfg.clip_range
-        weighted = cfg.uses_weights
-        if cfg.dp == "central":
-            assert self.dpfedavg is not None
-            clip_norm = self.dpfedavg.clip_norm
-            dp.update_clip_norm = clip_norm
-            clip_range = clip_norm  # |coordinate| <= ||Δ|| <= S: no extra clipping
-            if self.dpfedavg.adaptive is not None:
-                dp.adaptive_clipping = True
-                extras.append("unclipped")
-                clip_range = max(clip_norm, 1.0)  # the indicator must encode exactly
-            dp.noise_multiplier = cfg.dp_noise_multiplier
-        elif cfg.dp == "local":
-            dp.local.CopyFrom(
-                pb.LocalDpParams(
-                    noise_multiplier=0.0 if cfg.dp_local_target_epsilon else cfg.dp_local_noise_multiplier,
-                    max_grad_norm=cfg.dp_local_max_grad_norm, target_epsilon=cfg.dp_local_target_epsilon,
-                    delta=cfg.dp_delta, planned_rounds=cfg.rounds,
-                )
-            )
-        encoder = FixedPointEncoder.for_clients(
-            cohort_size, clip_range, cfg.ring_bits, weighted=weighted, max_weight=cfg.max_weight if weighted else 1.0
-        )
-        dimension = encoder.encoded_length(self.dim + len(extras))
-        encoding = pb.EncodingParams(
-            ring_bits=cfg.ring_bits, clip_range=clip_range, fractional_bits=encoder.frac_bits, dimension=dimension,
-            extra_coordinates=extras + (["weight"] if weighted else []), weighted=weighted,
-            max_weight=encoder.max_weight,
-        )
-        return RoundPlan(round_number, cohort_size, threshold, dimension, cfg.ring_bits, encoding, dp,
-                         encoder=encoder, clip_norm=clip_norm,
-                         details={"frac_bits": encoder.frac_bits, "clip_range": clip_range})
+        return self.mechanism.plan(round_number, cohort_size, threshold, context, self.dpfedavg)
 
     def reserve_budget(
         self, plan: RoundPlan, available_at_draw: int, *, amplification: bool | None = None
@@ -227,7 +132,7 @@ class GlobalModel:
         the configuration.
         """
         cfg = self.config
-        if self.ledger is None or cfg.dp not in ("central", "distributed"):
+        if self.ledger is None or not self.mechanism.user_level:
             return None
         if amplification is None:
             amplification = cfg.dp_sampling_amplification
@@ -236,27 +141,11 @@ class GlobalModel:
                 "--dp-sampling-amplification: this job does not claim sampling amplification, "
                 "so a round cannot claim it (got amplification=True)"
             )
-        details: dict[str, Any] = {"cohort": plan.cohort_size}
-        if cfg.dp == "central":
-            assert self.dpfedavg is not None
-            event: Any
-            event, sampling = user_level_event(
-                cfg.dp_noise_multiplier, plan.cohort_size, available_at_draw, "fixed", amplification
-            )
-            details.update(clip_norm=plan.clip_norm, noise_multiplier=cfg.dp_noise_multiplier, **sampling)
-            mechanism = "dp-fedavg" + ("-adaptive" if self.dpfedavg.adaptive is not None else "")
-        else:
-            assert plan.distributed is not None
-            event = plan.distributed.rdp_event(n_contributors=plan.threshold)
-            details.update(clip_norm=plan.clip_norm, min_contributors=plan.threshold, **plan.details)
-            details.update(
-                available=available_at_draw, sampling="none", sample_rate=1.0, relation=event.relation,
-                amplification=False,
-                amplification_reason="distributed DP claims no sampling amplification: the round is accounted "
-                "for its threshold of contributors whoever was drawn",
-            )
-            mechanism = f"distributed-{plan.distributed.mechanism}"
-        return self.ledger.reserve(plan.round_number, federation=event, mechanism=mechanism, details=details)
+        entry = self.mechanism.privacy_event(plan, available_at_draw, amplification, self.dpfedavg)
+        if entry is None:
+            return None
+        return self.ledger.reserve(plan.round_number, federation=entry.event, mechanism=entry.mechanism,
+                                   details=entry.details)
 
     def cancel_budget(self, round_number: int) -> None:
         """Take back a reservation of a round that aborted before releasing anything."""
@@ -273,7 +162,6 @@ class GlobalModel:
         outside it, :class:`~fedveil.server.sanity.AggregateRejected` is raised and nothing is applied.
         ``declared_weight`` is the survivors' total weight as they declared it in the clear.
         """
-        cfg = self.config
         evaluation = None
         if plan.evaluation is not None:
             section = plan.evaluation.dimension
@@ -284,51 +172,9 @@ class GlobalModel:
                                 self.optimizer, self.dpfedavg, evaluation)
         optimizer = copy.deepcopy(self.optimizer)
         dpfedavg = copy.deepcopy(self.dpfedavg)
-        stats: dict[str, Any] = {"survivors": survivors}
-        if plan.distributed is not None:
-            dist = plan.distributed
-            total = decode_sum(dist, ring_sum, rotation_seed=plan.rotation_seed)
-            sanity.check_norm(total, sanity.distributed_bound(survivors, dist.clip_norm, dist.norm_inflation,
-                                                              dist.central_stddev(survivors), dist.padded_dim),
-                              "noised update sum")
-            mean = total / float(cfg.clients_per_round)
-            stats["noise_stddev_sum"] = plan.distributed.central_stddev(survivors)
-        else:
-            assert plan.encoder is not None
-            enc = plan.encoder
-            if cfg.dp == "central":
-                assert dpfedavg is not None
-                total = enc.decode_sum(ring_sum)
-                slack = survivors / enc.scale
-                sanity.check_norm(total[: self.dim], survivors * dpfedavg.clip_norm * (1 + 1e-9) + math.sqrt(
-                    self.dim) * slack, "update sum")
-                if dpfedavg.adaptive is not None:
-                    sanity.check_count(float(total[self.dim]), survivors, slack=slack)
-                # The OS CSPRNG, never the job seed: the seed is stored with the run, and anyone who
-                # could regenerate the noise could subtract it from the released aggregate.
-                rng = SecureNormalSampler()
-                unclipped = float(total[self.dim]) if dpfedavg.adaptive is not None else None
-                result = dpfedavg.finish_round(total[: self.dim], rng, unclipped)
-                mean = np.asarray(result.noised_mean, dtype=np.float64)
-                stats.update(clip_norm=result.clip_norm, next_clip_norm=result.next_clip_norm,
-                             noise_stddev_sum=result.noise_stddev)
-                if result.noised_unclipped_fraction is not None:
-                    # only the noised fraction: the exact count of unclipped sites is not a released value
-                    stats["unclipped_fraction_noised"] = result.noised_unclipped_fraction
-            elif enc.weighted:
-                slack = survivors / enc.scale
-                total = enc.decode_sum(ring_sum)
-                weight = float(total[-1])
-                sanity.check_weight(weight, declared_weight if declared_weight is not None else weight,
-                                    slack=slack + 1e-9 * weight)
-                if weight <= 0:
-                    raise sanity.AggregateRejected(f"the survivors' total weight is {weight:g}")
-                mean = total[:-1] / weight
-                sanity.check_coordinates(mean[: self.dim], enc.clip, slack=slack / weight + 1e-9)
-                stats["total_weight"] = weight
-            else:
-                mean = enc.decode_mean(ring_sum, survivors)
-                sanity.check_coordinates(mean[: self.dim], enc.clip, slack=1.0 / enc.scale + 1e-9)
+        decoded = self.mechanism.decode(plan, ring_sum, survivors, declared_weight, dpfedavg)
+        stats: dict[str, Any] = {"survivors": survivors, **decoded.stats}
+        mean = decoded.mean
         mean = np.asarray(mean[: self.dim], dtype=np.float64)
         new_params = np.asarray(optimizer.step(self.params.astype(np.float64), mean), dtype=np.float32)
         if not np.all(np.isfinite(new_params)):

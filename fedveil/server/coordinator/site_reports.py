@@ -83,8 +83,7 @@ class SiteReportsMixin(CoordinatorBase):
         cfg = self.config
         context = SpendContext(
             delta=cfg.dp_delta,
-            noise_multiplier=cfg.dp_local_noise_multiplier if cfg.dp == "local" and not cfg.dp_local_target_epsilon
-            else None,
+            noise_multiplier=self.model.mechanism.required_site_noise_multiplier,
             local_epochs=max(cfg.local_epochs or self.task.local_epochs, 1),
         )
         verdict = verify_spend(spend, report.num_examples, self.model.client_events(caller), context,

@@ -25,8 +25,9 @@ from fedveil.server.events import (
     JobListener,
     Listeners,
 )
+from fedveil.server.round_plan import RoundPlan
 from fedveil.server.store import RunStore
-from fedveil.server.training import GlobalModel, RoundPlan
+from fedveil.server.training import GlobalModel
 from fedveil.server.uploads import UploadBook
 from fedveil.task import Task, model_to_vector
 

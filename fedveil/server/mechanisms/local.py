@@ -1,0 +1,43 @@
+"""``--dp local``: sample-level DP at each site (Opacus DP-SGD); the server aggregates as without DP
+and records each site's reported spend in the ledger (:mod:`fedveil.server.coordinator.site_reports`)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+
+from fedveil.dp.central import DPFedAvg
+from fedveil.protocol import fedveil_pb2 as pb
+from fedveil.server.mechanisms.base import DecodedRound, PrivacyMechanism, decode_fixed_point_mean, fixed_point_plan
+from fedveil.server.round_plan import RoundPlan
+
+
+class LocalDP(PrivacyMechanism):
+    """DP-SGD at each site with the job's noise multiplier and clip (or a target ε); no user-level noise."""
+
+    mode: ClassVar[str] = "local"
+
+    def plan(self, round_number: int, cohort_size: int, threshold: int, context: bytes,
+             state: DPFedAvg | None) -> RoundPlan:
+        cfg = self.config
+        dp = pb.DpParams(mode=self.mode)
+        dp.local.CopyFrom(pb.LocalDpParams(
+            noise_multiplier=self.site_noise_multiplier, max_grad_norm=cfg.dp_local_max_grad_norm,
+            target_epsilon=cfg.dp_local_target_epsilon, delta=cfg.dp_delta, planned_rounds=cfg.rounds,
+        ))
+        return fixed_point_plan(cfg, self.dim, round_number, cohort_size, threshold, dp, clip_norm=0.0,
+                                clip_range=cfg.clip_range, extras=[])
+
+    @property
+    def site_noise_multiplier(self) -> float:
+        """The DP-SGD noise multiplier sites must use (0: each site solves it for the target ε)."""
+        return 0.0 if self.config.dp_local_target_epsilon else self.config.dp_local_noise_multiplier
+
+    @property
+    def required_site_noise_multiplier(self) -> float | None:
+        return None if self.config.dp_local_target_epsilon else self.config.dp_local_noise_multiplier
+
+    def decode(self, plan: RoundPlan, ring_sum: np.ndarray, survivors: int, declared_weight: float | None,
+               state: DPFedAvg | None) -> DecodedRound:
+        return decode_fixed_point_mean(plan, ring_sum, survivors, declared_weight, self.dim)
