@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import click
+from click.core import ParameterSource
 
 from fedveil.commands.common import (
     USAGE_EXIT_CODE,
@@ -145,12 +146,38 @@ def _with_options(options: list[Any]) -> Any:
     return wrap
 
 
+def _job_fields(opts: dict[str, Any]) -> dict[str, Any]:
+    """The job's config fields: the flags (fedveil.server.job_settings's table), over the job file."""
+    from fedveil.server.job_settings import SETTINGS, JobFileError, fields_from_options, load_job_file
+
+    fields = fields_from_options(opts)
+    if opts["config_path"] is not None:
+        try:
+            from_file = load_job_file(opts["config_path"])
+        except JobFileError as err:
+            fail_from(err, "--config")
+        context = click.get_current_context()
+        for setting in SETTINGS:
+            given = context.get_parameter_source(setting.parameter) not in (ParameterSource.DEFAULT, None)
+            if setting.field in from_file and not given:
+                fields[setting.field] = from_file[setting.field]
+    for name in ("task", "rounds", "clients_per_round"):
+        if fields[name] is None:
+            fail("--" + name.replace("_", "-"), f"required: give the flag, or {name} in the [job] section of --config")
+    if fields["min_clients"] is None:
+        fields["min_clients"] = fields["clients_per_round"]
+    return fields
+
+
 @click.command("server")
 @click.option("--listen", required=True, help="HOST:PORT to listen on (port 0: any free port).")
 @click.option("--store", required=True, help="Run store (SQLite file, created if missing).")
-@click.option("--task", required=True, help="The task, module:attr (e.g. fedveil.tasks.synthetic:task).")
-@click.option("--rounds", type=int, required=True, help="Number of rounds.")
-@click.option("--clients-per-round", type=int, required=True, help="Cohort size K.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="A job file (TOML, sections job/schedule/secagg/privacy/training/evaluation, keys named as "
+                   "the flags with '_'); flags given on the command line override it.")
+@click.option("--task", default=None, help="The task, module:attr (e.g. fedveil.tasks.synthetic:task).  [required]")
+@click.option("--rounds", type=int, default=None, help="Number of rounds.  [required]")
+@click.option("--clients-per-round", type=int, default=None, help="Cohort size K.  [required]")
 @click.option("--min-clients", type=int, default=None, help="Smallest cohort M to start a round [default: K].")
 @click.option("--round-timeout", type=float, default=300.0, show_default=True,
               help="Seconds for training and key advertisement.")
@@ -259,38 +286,16 @@ def server_command(**opts: Any) -> NoReturn:
             )
         except TlsConfigError as err:
             fail_from(err, "--tls-cert")
+    fields = _job_fields(opts)
     try:
-        task = load_task(opts["task"])
+        task = load_task(fields["task"])
     except TaskLoadError as err:
         fail_from(err, "--task")
     authority, revocations = _load_authority(opts["authority_path"], opts["revocations_path"])
-    k = opts["clients_per_round"]
     try:
         config = ServerConfig(
-            task=opts["task"], rounds=opts["rounds"], clients_per_round=k,
-            min_clients=opts["min_clients"] if opts["min_clients"] is not None else k,
-            round_timeout=opts["round_timeout"], stage_timeout=opts["stage_timeout"], cohort_wait=opts["cohort_wait"],
-            secagg=opts["secagg"], secagg_degree=opts["secagg_degree"], threshold=opts["threshold"],
-            expected_dropout=opts["expected_dropout"], max_corrupt_fraction=opts["max_corrupt_fraction"],
-            ring_bits=opts["ring_bits"], clip_range=opts["clip_range"],
-            weighted=opts["weighting"] == "examples", max_weight=opts["max_weight"],
-            dp=opts["dp"], dp_clip=opts["dp_clip"], dp_noise_multiplier=opts["dp_noise_multiplier"],
-            dp_adaptive_clipping=opts["dp_adaptive_clipping"], dp_target_quantile=opts["dp_target_quantile"],
-            dp_delta=opts["dp_delta"], dp_epsilon_budget=opts["dp_epsilon_budget"],
-            dp_accountant=opts["dp_accountant"], dp_sampling_amplification=opts["dp_sampling_amplification"],
-            dp_bits=opts["dp_bits"], dp_mechanism=opts["dp_mechanism"],
-            dp_local_noise_multiplier=opts["dp_local_noise_multiplier"],
-            dp_local_max_grad_norm=opts["dp_local_max_grad_norm"],
-            dp_local_target_epsilon=opts["dp_local_target_epsilon"],
-            dp_client_epsilon_budget=opts["dp_client_epsilon_budget"],
-            optimizer=opts["optimizer"], server_lr=opts["server_lr"], local_epochs=opts["local_epochs"],
-            learning_rate=opts["learning_rate"], batch_size=opts["batch_size"],
-            evaluate=not opts["no_evaluate"], final_evaluation=not opts["no_final_evaluation"], seed=opts["seed"],
-            active_adversary=opts["active_adversary"], max_round_attempts=opts["max_round_attempts"],
-            linger=opts["linger"], poll_wait=opts["poll_wait"], evaluation=opts["evaluation"],
+            **fields,
             consortium=authority[0] if authority else "", authority_public_key=authority[1].hex() if authority else "",
-            insecure_deterministic=opts["insecure_deterministic"],
-            max_evaluations_per_job=opts["max_evaluations_per_job"],
         )
     except ServerConfigError as err:
         fail(err.flag, err.detail)

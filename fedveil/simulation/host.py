@@ -5,6 +5,7 @@ client enrolment, the ``fedveil server`` command line of a job, and the rounds a
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ import numpy as np
 from fedveil.server.config import ServerConfig
 from fedveil.server.coordinator import Coordinator, JobSummary
 from fedveil.server.job_runner import JobRunner
+from fedveil.server.job_settings import command_line
 from fedveil.server.store import RunStore
 from fedveil.task import Task
 
@@ -47,44 +49,12 @@ def job_seed(config: ServerConfig) -> int:
 
 
 def server_args(config: ServerConfig, listen: str, store_path: Path, port_file: Path | None = None) -> list[str]:
-    """``fedveil server`` arguments (after ``fedveil``) for ``config``: plaintext on loopback, JSON summary."""
-    argv = [
-        "server", "--listen", listen, "--store", str(store_path), "--task", config.task,
-        "--rounds", str(config.rounds), "--clients-per-round", str(config.clients_per_round),
-        "--min-clients", str(config.min_clients), "--round-timeout", str(config.round_timeout),
-        "--stage-timeout", str(config.stage_timeout), "--cohort-wait", str(config.cohort_wait),
-        "--secagg", config.secagg, "--dp", config.dp, "--optimizer", config.optimizer,
-        "--server-lr", str(config.server_lr), "--seed", str(job_seed(config)), "--linger", str(config.linger),
-        "--poll-wait", str(config.poll_wait), "--dp-clip", str(config.dp_clip),
-        "--dp-noise-multiplier", str(config.dp_noise_multiplier),
-        "--weighting", "examples" if config.weighted else "uniform", "--insecure", "--json",
-        "--local-epochs", str(config.local_epochs), "--learning-rate", str(config.learning_rate),
-        "--batch-size", str(config.batch_size), "--max-round-attempts", str(config.max_round_attempts),
-        "--secagg-degree", str(config.secagg_degree), "--threshold", str(config.threshold),
-        "--expected-dropout", repr(config.expected_dropout),
-        "--max-corrupt-fraction", repr(config.max_corrupt_fraction),
-        "--ring-bits", str(config.ring_bits), "--clip-range", str(config.clip_range),
-        "--max-weight", str(config.max_weight), "--dp-delta", str(config.dp_delta),
-        "--dp-accountant", config.dp_accountant, "--dp-mechanism", config.dp_mechanism,
-        "--dp-bits", str(config.dp_bits), "--dp-local-noise-multiplier", str(config.dp_local_noise_multiplier),
-        "--dp-local-max-grad-norm", str(config.dp_local_max_grad_norm),
-    ]
-    argv.append("--active-adversary" if config.active_adversary else "--passive")
-    argv += ["--evaluation", config.evaluation]
-    if config.insecure_deterministic:
-        argv.append("--insecure-deterministic")
-    if config.dp_local_target_epsilon:
-        argv += ["--dp-local-target-epsilon", str(config.dp_local_target_epsilon)]
-    if config.dp_adaptive_clipping:
-        argv.append("--dp-adaptive-clipping")
-    if config.dp_sampling_amplification:
-        argv.append("--dp-sampling-amplification")
-    if not config.evaluate:
-        argv.append("--no-evaluate")
-    if not config.final_evaluation:
-        argv.append("--no-final-evaluation")
-    if config.max_evaluations_per_job != 1:
-        argv += ["--max-evaluations-per-job", str(config.max_evaluations_per_job)]
+    """``fedveil server`` arguments (after ``fedveil``) for ``config``: plaintext on loopback, JSON summary.
+
+    The settings come from :func:`fedveil.server.job_settings.command_line`, the same table that
+    turns the command's flags back into a config, so the two cannot drift apart."""
+    settings = command_line(dataclasses.replace(config, seed=job_seed(config)))
+    argv = ["server", "--listen", listen, "--store", str(store_path), *settings, "--insecure", "--json"]
     if port_file is not None:
         argv += ["--port-file", str(port_file)]
     return argv
