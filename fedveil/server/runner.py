@@ -32,6 +32,7 @@ from fedveil.protocol.service import ServerLimits, build_server
 from fedveil.secagg.identity import RevocationList
 from fedveil.server.config import ServerConfig
 from fedveil.server.coordinator import Coordinator, JobSummary
+from fedveil.server.observability import ObservabilityConfig, ServerObservability
 from fedveil.server.store import RunStore, StoreError
 from fedveil.task import Task
 
@@ -66,14 +67,21 @@ def serve(
     on_listening: threading.Event | None = None,
     install_signal_handlers: bool = True,
     revocations: RevocationList | None = None,
+    observability: ObservabilityConfig | None = None,
 ) -> JobSummary:
-    """Run ``config``'s job on ``listen`` until it completes (or a signal stops it)."""
+    """Run ``config``'s job on ``listen`` until it completes (or a signal stops it).
+
+    The server also serves the standard gRPC health service, and Prometheus metrics when
+    ``observability`` gives a metrics port (:mod:`fedveil.server.observability`)."""
     _limit_malloc_arenas()
     lock = _lock_store(Path(store_path))
     store = RunStore(store_path)
     server: grpc.Server | None = None
+    ops: ServerObservability | None = None
     try:
         coordinator = Coordinator(config, task, store, new_run=new_run)
+        ops = ServerObservability(observability)
+        ops.attach(coordinator)
         coordinator.revocations = revocations
         limit = max_message_bytes or coordinator.max_message_bytes()
         workers = max(32, 2 * config.clients_per_round + 16)
@@ -89,8 +97,9 @@ def serve(
         authenticator = Authenticator(store.credential, client_exists=store.client_enrolled)
         server, port = build_server(
             coordinator, authenticator, listen, credentials=credentials, limits=limits,
-            mutual_tls=tls is not None and tls.client_ca_pem is not None,
+            mutual_tls=tls is not None and tls.client_ca_pem is not None, health=ops.health, traffic=ops.traffic,
         )
+        ops.job_running(coordinator.finished is None)
         host = listen.rpartition(":")[0]
         log.info("listening on %s:%d (%s), run %s, message limit %d bytes", host, port,
                  "TLS" + (" + client certificates" if tls and tls.client_ca_pem else "") if tls else "INSECURE",
@@ -117,6 +126,8 @@ def serve(
             for sig, old in previous.items():
                 signal.signal(sig, old)  # type: ignore[arg-type]
     finally:
+        if ops is not None:
+            ops.close()
         if server is not None:
             stop_server(server, coordinator)
         store.close()
