@@ -19,6 +19,7 @@ from fedveil.protocol.health import ServingHealth
 from fedveil.protocol.traffic import TrafficCounter
 from fedveil.server.coordinator import Coordinator
 from fedveil.server.events import JobEvent, JobFinished
+from fedveil.server.prometheus_metrics import JobMetrics, MetricsEndpoint
 
 DEFAULT_METRICS_HOST = "127.0.0.1"
 
@@ -70,15 +71,31 @@ class ServerObservability:
         self.config = config or ObservabilityConfig()
         self.health = ServingHealth()
         self.traffic = TrafficCounter()
+        self.metrics: JobMetrics | None = None
+        self.endpoint: MetricsEndpoint | None = None
 
     def attach(self, coordinator: Coordinator) -> None:
-        """Follow ``coordinator``'s job: its events drive the health status."""
+        """Follow ``coordinator``'s job: its events drive the health status and the metrics, whose
+        endpoint starts listening here (raises :class:`MetricsEndpointError` if it cannot)."""
         coordinator.listeners.add(_HealthOnJobEnd(self.health))
+        if self.config.metrics_port:
+            metrics = JobMetrics(traffic=self.traffic, connected=coordinator.connected_sites)
+            ledger = coordinator.model.ledger
+            metrics.resume_from(coordinator.completed_rounds,
+                                ledger.to_json() if ledger is not None and coordinator.config.user_level_dp else None)
+            self.endpoint = MetricsEndpoint(metrics.registry, self.config.metrics_host, self.config.metrics_port)
+            self.metrics = metrics
+            coordinator.listeners.add(metrics)
 
     def job_running(self, running: bool) -> None:
         """The job is about to run (``SERVING``), or will not run (a finished run: ``NOT_SERVING``)."""
         self.health.set_serving(running)
+        if self.metrics is not None:
+            self.metrics.job_running.set(1 if running else 0)
 
     def close(self) -> None:
-        """The server is stopping: ``NOT_SERVING`` for good."""
+        """The server is stopping: ``NOT_SERVING`` for good, and the metrics endpoint closes."""
         self.health.shut_down()
+        if self.endpoint is not None:
+            self.endpoint.stop()
+            self.endpoint = None

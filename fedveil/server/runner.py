@@ -82,6 +82,8 @@ def serve(
         coordinator = Coordinator(config, task, store, new_run=new_run)
         ops = ServerObservability(observability)
         ops.attach(coordinator)
+        if ops.endpoint is not None:
+            log.info("metrics on %s", ops.endpoint.url)
         coordinator.revocations = revocations
         limit = max_message_bytes or coordinator.max_message_bytes()
         workers = max(32, 2 * config.clients_per_round + 16)
