@@ -14,6 +14,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "fedveil.commands.budget",
     "fedveil.commands.bench",
     "fedveil.commands.server",
+    "fedveil.commands.export",
     "fedveil.commands.client",
     "fedveil.commands.simulate",
     "fedveil.commands.bench_network",

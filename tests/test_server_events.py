@@ -15,6 +15,7 @@ from fedveil.server.events import (
     RoundAborted,
     RoundCompleted,
     RoundStarted,
+    StageClosed,
 )
 from tests.server_helpers import Scripted, make_job, run_job, vectors
 
@@ -48,8 +49,15 @@ def test_listeners_see_each_round_start_and_release_after_the_store_and_then_the
     coordinator.listeners.add(StoreCheck())
     summary = run_job(coordinator, [Scripted(coordinator, n, v) for n, v in zip(names, vectors(3), strict=True)])
     assert summary.status == "completed"
-    kinds = [type(e).__name__ for e in recorder.events]
+    kinds = [type(e).__name__ for e in recorder.events if not isinstance(e, StageClosed)]
     assert kinds == ["RoundStarted", "RoundCompleted", "RoundStarted", "RoundCompleted", "JobFinished"]
+    # between a round's start and its release, each stage's close (passive mode: no consistency check)
+    stages = ["commit", "reveal", "training", "share-keys", "masked-input", "unmasking"]
+    first_round = recorder.events[1 : 1 + len(stages)]
+    assert [(type(e).__name__, getattr(e, "stage", "")) for e in first_round] == [("StageClosed", s) for s in stages]
+    closed = [e for e in recorder.events if isinstance(e, StageClosed)]
+    assert [(e.round, e.stage) for e in closed] == [(r, s) for r in (1, 2) for s in stages]
+    assert all(e.answered == 3 and not e.dropped and e.duration_s >= 0 for e in closed)
     started = [e for e in recorder.events if isinstance(e, RoundStarted)]
     assert [(e.round, e.attempt, e.purpose, sorted(e.cohort)) for e in started] == [
         (1, 1, "train", names), (2, 1, "train", names)]
@@ -78,7 +86,9 @@ def test_an_aborted_attempt_reaches_listeners_with_its_stage_and_reason(tmp_path
     aborted = [e for e in recorder.events if isinstance(e, RoundAborted)]
     assert len(aborted) == 1 and aborted[0].round == 1 and aborted[0].attempt == 1
     assert "threshold is 3" in aborted[0].reason and aborted[0].stage
-    kinds = [type(e).__name__ for e in recorder.events]
+    closed = [e for e in recorder.events if isinstance(e, StageClosed) and e.attempt == 1]
+    assert closed[-1].stage == aborted[0].stage and closed[-1].dropped == {"a": "share-keys", "b": "share-keys"}
+    kinds = [type(e).__name__ for e in recorder.events if not isinstance(e, StageClosed)]
     assert kinds == ["RoundStarted", "RoundAborted", "RoundStarted", "RoundCompleted", "JobFinished"]
     store.close()
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ import click
 import torch
 
 from fedveil.commands.common import MAX_THREADS, eprint, fail, fail_from, load_pinned_authority, print_json_last_line
+from fedveil.commands.log_format import configure_logging, log_format_option
 
 EXIT_REFUSED = 3
 EXIT_FAILED = 1
@@ -79,6 +79,7 @@ def register(group: click.Group) -> None:
 @click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
+@log_format_option
 def client_command(
     server: str, task_ref: str, data_path: Path, token: str | None, token_file: Path | None,
     ca_cert: Path | None, client_cert: Path | None, client_key: Path | None, insecure: bool,
@@ -89,7 +90,7 @@ def client_command(
     max_attempts_per_round: int | None, max_evaluations_per_job: int | None, evaluation: str | None,
     state_path: Path | None, seed: int | None,
     insecure_deterministic: bool, give_up_after: float,
-    max_backoff: float, threads: int, log_level: str,
+    max_backoff: float, threads: int, log_level: str, log_format: str,
 ) -> int:
     """Join the job at --server with the local data in --data and train until the job is done.
 
@@ -114,8 +115,7 @@ def client_command(
     from fedveil.protocol.tls import TlsConfigError, plaintext_refusal
     from fedveil.task import SchemaError, TaskLoadError, load_task
 
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(log_level, log_format, text_format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if not 1 <= threads <= MAX_THREADS:
         fail("--threads", f"must be between 1 and {MAX_THREADS} (got {threads})")
     torch.set_num_threads(threads)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -30,6 +29,7 @@ from fedveil.commands.common import (
     print_json_last_line,
     read_dashboard_token,
 )
+from fedveil.commands.log_format import configure_logging, log_format_option
 from fedveil.server.config import DEFAULT_MAX_CORRUPT_FRACTION
 
 EXIT_FAILED = 1
@@ -51,13 +51,6 @@ def _store_path(store: str) -> Path:
     if not path.parent.exists():
         fail("--store", f"directory {str(path.parent)!r} does not exist")
     return path
-
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()), stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
 
 
 @click.command("enroll")
@@ -247,8 +240,14 @@ def _job_fields(opts: dict[str, Any]) -> dict[str, Any]:
               help="Serve the web dashboard (runs, rounds, privacy, predictions) on 127.0.0.1:PORT; "
                    "its login URL is printed once.")
 @dashboard_token_option
+@click.option("--metrics-port", type=int, default=0, show_default=True, metavar="PORT",
+              help="Serve Prometheus metrics on http://HOST:PORT/metrics (0: off).")
+@click.option("--metrics-host", default=None, metavar="ADDRESS",
+              help="Address the metrics endpoint binds [default: 127.0.0.1]; the metrics show the job's progress "
+                   "and ε to whoever can reach it.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
+@log_format_option
 def server_command(**opts: Any) -> NoReturn:
     """Run a federated training job: enrolment checks, cohorts, secure aggregation, DP, store.
 
@@ -257,12 +256,21 @@ def server_command(**opts: Any) -> NoReturn:
     from fedveil.protocol.tls import TlsConfigError, plaintext_refusal, read_pem
     from fedveil.server.config import ServerConfig, ServerConfigError
     from fedveil.server.coordinator import JobError
+    from fedveil.server.observability import ObservabilityConfig, ObservabilityConfigError
+    from fedveil.server.prometheus_metrics import MetricsEndpointError
     from fedveil.server.runner import TlsSettings, serve
     from fedveil.server.store import StoreError
     from fedveil.task import TaskLoadError, load_task
 
-    _configure_logging(opts["log_level"])
+    configure_logging(opts["log_level"], opts["log_format"])
     listen = _check_listen(opts["listen"])
+    if opts["metrics_host"] is not None and not opts["metrics_port"]:
+        fail("--metrics-host", "only applies together with --metrics-port PORT")
+    try:
+        observability = ObservabilityConfig(metrics_port=opts["metrics_port"],
+                                            metrics_host=opts["metrics_host"] or "127.0.0.1")
+    except ObservabilityConfigError as err:
+        fail(f"--{(err.field or 'metrics_port').replace('_', '-')}", str(err))
     store = _store_path(opts["store"])
     tls: TlsSettings | None = None
     if opts["allow_insecure_remote"] and not opts["insecure"]:
@@ -324,7 +332,11 @@ def server_command(**opts: Any) -> NoReturn:
         summary = serve(
             config, task, store, listen, tls=tls, new_run=opts["new_run"], max_message_bytes=max_bytes,
             port_file=Path(opts["port_file"]) if opts["port_file"] else None, revocations=revocations,
+            observability=observability,
         )
+    except MetricsEndpointError as err:
+        eprint(f"error: --metrics-port: {err}")
+        code = USAGE_EXIT_CODE
     except (JobError, StoreError, OSError, ValueError) as err:
         # ValueError: parameters the job cannot run with, e.g. an overflowing encoding
         flag = ("--store: " if isinstance(err, StoreError) else "--listen: " if isinstance(err, OSError)

@@ -32,6 +32,8 @@ from fedveil.protocol import SERVICE_NAME, UPLOAD_GRANT_METADATA
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.protocol.auth import Authenticator, bearer_token
 from fedveil.protocol.errors import MalformedMessage, ProtocolError, StageClosed, Unavailable
+from fedveil.protocol.health import ServingHealth
+from fedveil.protocol.traffic import TrafficCounter
 from fedveil.protocol.transport import FederationService
 from fedveil.protocol.uploads import SlotGate, StreamCounter, UploadReservation, UploadWatch, UploadWatchdog
 
@@ -150,8 +152,10 @@ class FederationServicer:
         *,
         mutual_tls: bool = False,
         limits: ServerLimits | None = None,
+        traffic: TrafficCounter | None = None,
     ) -> None:
         self._service = service
+        self._traffic = traffic
         self._auth = authenticator
         self._mutual_tls = mutual_tls
         self._limits = limits = limits or ServerLimits()
@@ -310,7 +314,15 @@ class FederationServicer:
         except Exception as err:
             self._refuse(rpc, caller, context, err)
             raise AssertionError("unreachable: context.abort raises") from err
-        return iter(self._serialized_chunks(data))
+        chunks = self._serialized_chunks(data)
+        return iter(chunks) if self._traffic is None else self._counted(rpc, chunks)
+
+    def _counted(self, rpc: str, chunks: list[bytes]) -> Iterator[bytes]:
+        """The chunks, each counted as sent when gRPC takes it (a fetch cut short counts what went)."""
+        assert self._traffic is not None
+        for chunk in chunks:
+            self._traffic.count_sent(rpc, len(chunk))
+            yield chunk
 
     def _serialized_chunks(self, data: bytes) -> list[bytes]:
         """The model's chunks as serialized ``ModelChunk`` messages, built once per model.
@@ -324,19 +336,27 @@ class FederationServicer:
             return self._model_chunks[1]
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
+        def parser(rpc: str, cls: type[Message]) -> Callable[[bytes], Any]:
+            parse = _deserializer(cls)
+            return parse if self._traffic is None else self._traffic.counting_parser(rpc, parse)
+
+        def serializer(rpc: str) -> Callable[[Any], bytes]:
+            return _serialize if self._traffic is None else self._traffic.counting_serializer(rpc, _serialize)
+
         handlers = {
             rpc: grpc.unary_unary_rpc_method_handler(
                 self._handler(rpc, method),
-                request_deserializer=_deserializer(cls),
-                response_serializer=_serialize,
+                request_deserializer=parser(rpc, cls),
+                response_serializer=serializer(rpc),
             )
             for rpc, (cls, method) in RPCS.items()
         }
         handlers["UploadMaskedInput"] = grpc.stream_unary_rpc_method_handler(
-            self._upload, request_deserializer=_deserializer(pb.MaskedInputChunk), response_serializer=_serialize
+            self._upload, request_deserializer=parser("UploadMaskedInput", pb.MaskedInputChunk),
+            response_serializer=serializer("UploadMaskedInput"),
         )
         handlers["FetchModel"] = grpc.unary_stream_rpc_method_handler(
-            self._fetch_model, request_deserializer=_deserializer(pb.FetchModelRequest),
+            self._fetch_model, request_deserializer=parser("FetchModel", pb.FetchModelRequest),
             response_serializer=None,  # the chunks are serialized already (shared, see _serialized_chunks)
         )
         return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
@@ -366,10 +386,14 @@ def build_server(
     credentials: grpc.ServerCredentials | None,
     limits: ServerLimits | None = None,
     mutual_tls: bool = False,
+    health: ServingHealth | None = None,
+    traffic: TrafficCounter | None = None,
 ) -> tuple[grpc.Server, int]:
     """Create and start a gRPC server. Returns (server, bound port); ``listen`` may use port 0.
 
     ``credentials=None`` serves plaintext (``--insecure``, for trials on loopback only).
+    ``health`` adds the standard ``grpc.health.v1.Health`` service (:mod:`fedveil.protocol.health`);
+    ``traffic`` counts the message bytes of every federation RPC (:mod:`fedveil.protocol.traffic`).
     """
     limits = limits or ServerLimits()
     options = [
@@ -387,8 +411,10 @@ def build_server(
         options=options,
         maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
     )
-    servicer = FederationServicer(service, authenticator, mutual_tls=mutual_tls, limits=limits)
+    servicer = FederationServicer(service, authenticator, mutual_tls=mutual_tls, limits=limits, traffic=traffic)
     server.add_generic_rpc_handlers((servicer.generic_handler(),))
+    if health is not None:
+        health.add_to(server)
     try:
         port = server.add_insecure_port(listen) if credentials is None else server.add_secure_port(listen, credentials)
     except RuntimeError as err:

@@ -1,5 +1,5 @@
-"""What happens in a job, as events for listeners: rounds started, completed, rejected or aborted,
-evaluations, the job's end.
+"""What happens in a job, as events for listeners: rounds started, their stages closed, rounds
+completed, rejected or aborted, evaluations, the job's end.
 
 The coordinator persists every round in its store first; then it tells its listeners. A listener
 sees only what the store keeps (released, noised values; never an un-noised sum or a site's
@@ -50,6 +50,21 @@ class RoundCompleted:
 
 
 @dataclass(frozen=True)
+class StageClosed:
+    """A stage of a round attempt closed (all answered, or its deadline passed)."""
+
+    run_id: str
+    round: int
+    attempt: int
+    stage: str
+    duration_s: float
+    """From the stage's opening to its close (the server's monotonic clock)."""
+    answered: int
+    dropped: dict[str, str] = field(default_factory=dict)
+    """Sites recorded as dropped when the stage closed → the stage they dropped out at."""
+
+
+@dataclass(frozen=True)
 class RoundRejected:
     """The unmasked sum was not one honest sites can produce: the round was skipped."""
 
@@ -89,7 +104,8 @@ class JobFinished:
     summary: dict[str, Any]
 
 
-JobEvent = Union[RoundStarted, RoundCompleted, RoundRejected, RoundAborted, EvaluationRecorded, JobFinished]
+JobEvent = Union[RoundStarted, StageClosed, RoundCompleted, RoundRejected, RoundAborted, EvaluationRecorded,
+                 JobFinished]
 
 
 class JobListener(Protocol):

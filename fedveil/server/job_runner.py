@@ -26,6 +26,7 @@ from fedveil.secagg.identity import RevocationList
 from fedveil.server.config import ServerConfig
 from fedveil.server.coordinator import Coordinator, JobSummary
 from fedveil.server.events import JobListener
+from fedveil.server.observability import ServerObservability
 from fedveil.server.store import RunStore
 from fedveil.task import Task
 
@@ -64,10 +65,15 @@ class JobRunner:
 
     def __init__(self, config: ServerConfig, task: Task, store: RunStore, *, listeners: Iterable[JobListener] = (),
                  new_run: bool = False, endpoint: GrpcEndpoint | None = None,
-                 revocations: RevocationList | None = None) -> None:
+                 revocations: RevocationList | None = None,
+                 observability: ServerObservability | None = None) -> None:
         self.coordinator = Coordinator(config, task, store, new_run=new_run, listeners=listeners)
         self.coordinator.revocations = revocations
         self.endpoint = endpoint
+        self.observability = observability
+        """Health service and metrics (:mod:`fedveil.server.observability`), served with the gRPC endpoint."""
+        if observability is not None:
+            observability.attach(self.coordinator)
         self.port: int | None = None
         """The bound gRPC port (``endpoint`` may ask for port 0); None in process."""
         self.max_message_bytes = self.coordinator.max_message_bytes()
@@ -95,8 +101,14 @@ class JobRunner:
 
             credentials = server_credentials(tls.cert_pem, tls.key_pem, tls.client_ca_pem)
         authenticator = Authenticator(store.credential, client_exists=store.client_enrolled)
-        return build_server(coordinator, authenticator, endpoint.listen, credentials=credentials, limits=limits,
-                            mutual_tls=tls is not None and tls.client_ca_pem is not None)
+        ops = self.observability
+        served = build_server(coordinator, authenticator, endpoint.listen, credentials=credentials, limits=limits,
+                              mutual_tls=tls is not None and tls.client_ca_pem is not None,
+                              health=ops.health if ops is not None else None,
+                              traffic=ops.traffic if ops is not None else None)
+        if ops is not None:
+            ops.job_running(coordinator.finished is None)
+        return served
 
     def transport(self, site: str) -> InProcessTransport:
         """An in-process transport for ``site`` (the coordinator runs the same validation as behind gRPC)."""
@@ -112,6 +124,8 @@ class JobRunner:
 
     def close(self) -> bool:
         """Stop serving (bounded, see :func:`stop_server`); False if gRPC had not finished in time."""
+        if self.observability is not None:
+            self.observability.close()
         server, self._server = self._server, None
         return stop_server(server, self.coordinator) if server is not None else True
 

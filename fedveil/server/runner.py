@@ -31,6 +31,7 @@ from fedveil.server.config import ServerConfig
 from fedveil.server.coordinator import JobSummary
 from fedveil.server.events import JobListener
 from fedveil.server.job_runner import STOP_GRACE_S, STOP_WAIT_S, GrpcEndpoint, JobRunner, TlsSettings, stop_server
+from fedveil.server.observability import ObservabilityConfig, ServerObservability
 from fedveil.server.store import RunStore, StoreError
 from fedveil.task import Task
 
@@ -53,15 +54,22 @@ def serve(
     install_signal_handlers: bool = True,
     revocations: RevocationList | None = None,
     listeners: Iterable[JobListener] = (),
+    observability: ObservabilityConfig | None = None,
 ) -> JobSummary:
-    """Run ``config``'s job on ``listen`` until it completes (or a signal stops it)."""
+    """Run ``config``'s job on ``listen`` until it completes (or a signal stops it).
+
+    The server also serves the standard gRPC health service, and Prometheus metrics when
+    ``observability`` gives a metrics port (:mod:`fedveil.server.observability`)."""
     _limit_malloc_arenas()
     lock = _lock_store(Path(store_path))
     store = RunStore(store_path)
     runner: JobRunner | None = None
     try:
+        ops = ServerObservability(observability)
         runner = JobRunner(config, task, store, new_run=new_run, listeners=listeners, revocations=revocations,
-                           endpoint=GrpcEndpoint(listen, tls, max_message_bytes))
+                           endpoint=GrpcEndpoint(listen, tls, max_message_bytes), observability=ops)
+        if ops.endpoint is not None:
+            log.info("metrics on %s", ops.endpoint.url)
         host = listen.rpartition(":")[0]
         log.info("listening on %s:%d (%s), run %s, message limit %d bytes", host, runner.port,
                  "TLS" + (" + client certificates" if tls and tls.client_ca_pem else "") if tls else "INSECURE",

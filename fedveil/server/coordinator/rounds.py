@@ -38,6 +38,7 @@ from fedveil.server.events import (
     RoundCompleted,
     RoundRejected,
     RoundStarted,
+    StageClosed,
 )
 from fedveil.server.sanity import AggregateRejected
 from fedveil.server.training import round_seed
@@ -270,6 +271,7 @@ class RoundDriverMixin(CoordinatorBase):
         if self.config.active_adversary:
             stages.append(Stage.CONSISTENCY)
         stages.append(Stage.UNMASKING)
+        stage_opened = self._clock()
         for index, stage in enumerate(stages):
             with self._cond:
                 if not self._wait_until(lambda: not rnd.live_pending(), rnd.deadline):
@@ -303,6 +305,9 @@ class RoundDriverMixin(CoordinatorBase):
                     self._dropouts += len(new_drops)
                     log.info("round %d: %d dropout(s) at %s: %s", number, len(new_drops), stage.label,
                              ", ".join(sorted(new_drops)))
+                self.listeners.defer(StageClosed(self.run_id, number, rnd.attempt, stage.label,
+                                                 self._clock() - stage_opened, len(answered),
+                                                 {n: drop[0] for n, drop in new_drops.items()}))
                 if aborted:
                     return self._abort_attempt(rnd, stage, len(answered))
                 if rnd.secagg is not None and rnd.secagg.completed:
@@ -318,6 +323,7 @@ class RoundDriverMixin(CoordinatorBase):
                 timeout = self.config.round_timeout if rnd.stage == Stage.TRAINING else self.config.stage_timeout
                 now, wall = self._clock(), time.time()
                 rnd.deadline, rnd.deadline_wall = now + timeout, wall + timeout
+                stage_opened = now
                 rnd.closing = False
                 self._cond.notify_all()
         assert rnd.secagg is not None

@@ -212,6 +212,11 @@ class SessionsMixin(CoordinatorBase):
     def _available_count(self) -> int:
         return len(self._available())
 
+    def connected_sites(self) -> int:
+        """Sites connected now (polling, or seen within the poll window): for the metrics."""
+        with self._cond:
+            return len(self._available())
+
     # ------------------------------------------------------------------------------------------
     # Instructions
     # ------------------------------------------------------------------------------------------

@@ -141,11 +141,13 @@ class CheckpointsMixin(StoreBase):
         return np.frombuffer(rows[0][0], dtype="<f4").copy() if rows and rows[0][0] is not None else None
 
     def latest_checkpoint(self, run_id: str) -> Checkpoint | None:
-        rows = self._query(
-            "SELECT version, model, model_sha256, state_json, state_arrays FROM checkpoints WHERE run_id=? "
-            "ORDER BY version DESC LIMIT 1",
-            (run_id,),
-        )
+        return self.checkpoint(run_id)
+
+    def checkpoint(self, run_id: str, version: int | None = None) -> Checkpoint | None:
+        """The global model after round ``version`` (0: the initial model), or the latest one."""
+        columns = "SELECT version, model, model_sha256, state_json, state_arrays FROM checkpoints WHERE run_id=?"
+        rows = (self._query(f"{columns} ORDER BY version DESC LIMIT 1", (run_id,)) if version is None
+                else self._query(f"{columns} AND version=?", (run_id, version)))
         if not rows:
             return None
         version, blob, digest, state_json, arrays = rows[0]

@@ -1,0 +1,179 @@
+"""The global model of a run, at a round, as a standard file (``fedveil export``).
+
+Three formats, each loadable without fedveil:
+
+- ``safetensors``: the model's ``state_dict`` (``safetensors.torch.load_file``), with metadata
+  strings: the run, the round, the user-level ε spent up to that round (``none`` without
+  user-level DP) and its δ, the task's name and reference, the DP mode and the input shape.
+- ``torch``: ``torch.save`` of ``{"state_dict": ..., "metadata": ...}`` (plain tensors and
+  strings: ``torch.load(..., weights_only=True)`` reads it).
+- ``onnx``: the model traced by ``torch.onnx`` on the task's input shape (a batch of rows of its
+  schema's features; the batch axis is dynamic), with the same metadata as ONNX metadata
+  properties. It needs the optional ``export`` extra (``onnx``; ``onnxruntime`` to run it).
+
+The model is the store's checkpoint of that round (what the sites received next), loaded into
+the task's own module, so the file predicts exactly as the global model does. Only released
+values leave the store: the checkpoint and the ledger's ε, never an update or a secret.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedveil.errors import FedveilError
+from fedveil.server.store import RunStore, StoreError, is_run_store
+from fedveil.task import Task, TaskLoadError, load_task, vector_to_model
+
+FORMATS = ("safetensors", "onnx", "torch")
+ONNX_OPSET = 17
+
+
+class ExportError(FedveilError, ValueError):
+    """The export cannot be made; ``field`` names the input at fault (store, run, round, format, out)."""
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """What to export: ``run_id`` None is the latest run, ``round`` None its latest checkpoint."""
+
+    store: Path
+    out: Path
+    format: str = "safetensors"
+    run_id: str | None = None
+    round: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ExportError(f"must be one of {', '.join(FORMATS)} (got {self.format!r})", field="format")
+        if self.round is not None and self.round < 0:
+            raise ExportError(f"must be 0 (the initial model) or more (got {self.round})", field="round")
+
+
+@dataclass(frozen=True)
+class ExportedModel:
+    """The global model of one round, with the metadata every format carries."""
+
+    model: torch.nn.Module
+    task: Task
+    metadata: dict[str, str]
+
+    @property
+    def input_shape(self) -> tuple[int, int]:
+        """One row of the task's features (the batch axis is dynamic in ONNX)."""
+        return (1, len(self.task.schema.features))
+
+
+def load_exported_model(request: ExportRequest) -> ExportedModel:
+    """The run's global model at the requested round, in the task's module, with its metadata."""
+    if not request.store.is_file() or not is_run_store(request.store):
+        raise ExportError(f"{str(request.store)!r} is not a fedveil run store", field="store")
+    try:
+        with RunStore(request.store) as store:
+            run = store.run(request.run_id) if request.run_id is not None else store.latest_run()
+            if run is None:
+                if request.run_id is None:
+                    raise ExportError(f"{str(request.store)!r} holds no runs", field="store")
+                known = ", ".join(r.run_id for r in store.runs()) or "none"
+                raise ExportError(f"no run {request.run_id!r} in {str(request.store)!r} (runs: {known})",
+                                  field="run")
+            checkpoint = store.checkpoint(run.run_id, request.round)
+            if checkpoint is None:
+                last = store.completed_rounds(run.run_id)
+                raise ExportError(f"run {run.run_id} has no round {request.round} (its checkpoints are rounds "
+                                  f"0 to {last}; 0 is the initial model)", field="round")
+            ledger_json = store.ledger_json(run.run_id)
+    except (StoreError, sqlite3.DatabaseError) as err:
+        raise ExportError(str(err), field="store") from None
+    reference = str(run.config.get("task", ""))
+    try:
+        task = load_task(reference)
+    except TaskLoadError as err:
+        raise ExportError(f"the run's task cannot be loaded here: {err}", field="store") from None
+    model = vector_to_model(checkpoint.model, task.build_model()).eval()
+    epsilon, delta = _user_epsilon(ledger_json, checkpoint.version)
+    metadata = {
+        "run_id": run.run_id,
+        "round": str(checkpoint.version),
+        "epsilon": "none" if epsilon is None else repr(epsilon),
+        "delta": "none" if delta is None else repr(delta),
+        "epsilon_level": "user",
+        "task": task.name,
+        "task_reference": reference,
+        "dp": str(run.config.get("dp", "none")),
+        "input_shape": json.dumps([None, len(task.schema.features)]),
+        "input_features": json.dumps([c.name for c in task.schema.features]),
+        "exporter": "fedveil",
+    }
+    return ExportedModel(model, task, metadata)
+
+
+def _user_epsilon(ledger_json: str | None, round_number: int) -> tuple[float | None, float | None]:
+    """The federation's user-level (ε, δ) after ``round_number``, or Nones without user-level DP."""
+    if ledger_json is None:
+        return None, None
+    from fedveil.dp.ledger import FEDERATION, PrivacyLedger
+
+    ledger = PrivacyLedger.from_json(ledger_json)
+    if not any(e.party == FEDERATION for e in ledger.entries):
+        return None, None
+    history = [h for h in ledger.party_history(FEDERATION) if h.round_index <= round_number]
+    delta = ledger.config.delta_for(FEDERATION)
+    return (history[-1].epsilon_cumulative if history else 0.0), delta
+
+
+def export_model(request: ExportRequest) -> ExportedModel:
+    """Write the requested model to ``request.out`` in ``request.format``; returns what was written."""
+    exported = load_exported_model(request)
+    if not request.out.parent.is_dir():
+        raise ExportError(f"directory {str(request.out.parent)!r} does not exist", field="out")
+    writer = {"safetensors": _write_safetensors, "torch": _write_torch, "onnx": _write_onnx}[request.format]
+    try:
+        writer(exported, request.out)
+    except OSError as err:
+        raise ExportError(f"cannot write {str(request.out)!r}: {err.strerror or err}", field="out") from None
+    return exported
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def _write_safetensors(exported: ExportedModel, out: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(_state(exported.model), str(out), metadata={"format": "pt", **exported.metadata})
+
+
+def _write_torch(exported: ExportedModel, out: Path) -> None:
+    torch.save({"state_dict": _state(exported.model), "metadata": dict(exported.metadata)}, out)
+
+
+def _write_onnx(exported: ExportedModel, out: Path) -> None:
+    try:
+        import onnx
+    except ImportError:
+        raise ExportError("onnx is not installed: it comes with the optional 'export' extra "
+                          "(pip install 'fedveil[export]')", field="format") from None
+    example = torch.zeros(exported.input_shape, dtype=torch.float32)
+    tmp = out.with_name(out.name + ".tmp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(
+            exported.model, (example,), str(tmp), dynamo=False, opset_version=ONNX_OPSET,
+            input_names=["features"], output_names=["output"],
+            dynamic_axes={"features": {0: "batch"}, "output": {0: "batch"}},
+        )
+    proto: Any = onnx.load(str(tmp))
+    for key, value in exported.metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(out))
+    tmp.unlink()
