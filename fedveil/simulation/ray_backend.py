@@ -103,7 +103,7 @@ def pool_size(resources: dict[str, float], n_sites: int, options: RayOptions) ->
         fits = min(fits, math.floor(resources.get("GPU", 0.0) / options.client_gpus + 1e-9))
     if fits < 1:
         what = (f"{resources.get('CPU', 0.0):g} CPU(s) and {resources.get('GPU', 0.0):g} GPU(s)")
-        raise SimulationError(f"client_cpus: the Ray cluster has {what}, not enough for one site worker with "
+        raise SimulationError(f"the Ray cluster has {what}, not enough for one site worker with "
                               f"{options.client_cpus:g} CPU(s) and {options.client_gpus:g} GPU(s)",
                               field="client_gpus" if options.client_gpus > 0 else "client_cpus")
     return min(n_sites, fits)
@@ -156,7 +156,12 @@ class RaySimulation:
             kwargs.update(num_cpus=self.options.num_cpus, object_store_memory=LOCAL_OBJECT_STORE_BYTES)
         else:
             kwargs["address"] = self.options.address
-        ray.init(**kwargs)
+        try:
+            ray.init(**kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            where = f"join the Ray cluster at {self.options.address!r}" if self.options.address else "start Ray"
+            raise SimulationError(f"cannot {where}: {err}",
+                                  field="ray_address" if self.options.address else "backend") from None
         self._started_ray = True
 
     def _start_pool(self) -> None:
