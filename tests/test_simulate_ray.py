@@ -4,9 +4,12 @@ a killed worker is a dropout and the round still releases the exact sum of the o
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -185,7 +188,8 @@ STAGE_RPC = {"commit": "respond_to_round", "reveal": "reveal_contribution", "tra
 
 
 class KillAtRound:
-    """Kills ``site``'s Ray worker as soon as round ``number`` is announced (its first attempt)."""
+    """Kills ``site``'s Ray worker as soon as round ``number`` is announced (its first attempt): the
+    site has not answered the round yet."""
 
     def __init__(self, number: int, site: str) -> None:
         self.number, self.site = number, site
@@ -197,6 +201,36 @@ class KillAtRound:
             assert self.simulation is not None
             ray.kill(self.simulation.host_of(self.site), no_restart=True)
             self.killed.set()
+
+    def start(self, store_path: Path) -> None:
+        return None
+
+
+class KillAfterShares(KillAtRound):
+    """Kills ``site``'s Ray worker once the run store records that it shared its keys in round
+    ``number`` (the share-keys stage closed): the site is then masking its input, so its peers'
+    pairwise masks with it can only be removed with the Shamir shares of its masking key."""
+
+    def on_event(self, event: JobEvent) -> None:
+        return None
+
+    def start(self, store_path: Path) -> None:
+        threading.Thread(target=self._watch, args=(store_path,), daemon=True).start()
+
+    def _watch(self, store_path: Path) -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not self.killed.is_set():
+            try:
+                with contextlib.closing(sqlite3.connect(f"file:{store_path}?mode=ro", uri=True, timeout=0.1)) as db:
+                    row = db.execute("SELECT last_stage FROM participants WHERE round=? AND attempt=1 AND "
+                                     "client_name=?", (self.number, self.site)).fetchone()
+            except sqlite3.Error:  # not created yet, or busy: look again
+                row = None
+            if row is not None and row[0] == "share-keys":
+                assert self.simulation is not None
+                ray.kill(self.simulation.host_of(self.site), no_restart=True)
+                self.killed.set()
+            time.sleep(0.005)
 
 
 class CrashAt(InProcessTransport):
@@ -247,16 +281,23 @@ def reference_with_crash(cfg: ServerConfig, n: int, victim: str, number: int, at
 
 
 @pytest.mark.slow
-def test_a_worker_killed_mid_round_is_a_dropout_and_the_round_releases_the_exact_sum(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("killer_type", "stages"), [
+    (KillAtRound, {"commit", "reveal", "training"}),
+    (KillAfterShares, {"masked-input", "consistency", "unmasking"}),
+], ids=["as-the-round-starts", "after-sharing-its-keys"])
+def test_a_worker_killed_mid_round_is_a_dropout_and_the_round_releases_the_exact_sum(
+    tmp_path: Path, killer_type: type[KillAtRound], stages: set[str]
+) -> None:
     n, victim = 4, client_name(3)
     # 40 local epochs keep a round busy long enough for the kill to land inside it; the stage timeout
     # bounds how long the round waits for the dead site
     cfg = config(n, rounds=3, min_clients=3, local_epochs=40, stage_timeout=8.0, round_timeout=15.0,
                  cohort_wait=3.0)
-    killer = KillAtRound(2, victim)
+    killer = killer_type(2, victim)
     simulation = RaySimulation(cfg, n, options=RayOptions(client_cpus=0.5, num_cpus=2),  # one worker per site
                                store_path=tmp_path / "ray.db", listeners=[killer])
     killer.simulation = simulation
+    killer.start(tmp_path / "ray.db")
     result = simulation.run()
     assert killer.killed.is_set()
     assert result.summary["status"] == "completed" and result.summary["completed_rounds"] == 3
@@ -266,6 +307,7 @@ def test_a_worker_killed_mid_round_is_a_dropout_and_the_round_releases_the_exact
         drops = [d for d in store.dropouts(run_id) if d[2] == victim]
     assert drops and drops[0][0] == 2, drops  # the victim dropped out of round 2, the round of the kill
     _, attempt, _, stage, _ = drops[0]
+    assert stage in stages, drops
     assert [r.survivors for r in result.rounds][:1] == [n]
     assert result.rounds[1].survivors in (n - 1, n)  # n if it died after its masked input was in
     # the exact sum: the same job in process, with the victim crashing at the same stage of the same
