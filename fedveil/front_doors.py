@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedveil.errors import FedveilError
+from fedveil.simulation import BACKENDS as SIMULATION_BACKENDS
 
 if TYPE_CHECKING:
     from fedveil.dp.ledger import PrivacyLedger
@@ -135,13 +136,19 @@ def simulate(
     dp: str = "none",
     processes: bool = False,
     store: str | Path | None = None,
+    backend: str | None = None,
+    ray_address: str | None = None,
+    client_cpus: float = 1.0,
+    client_gpus: float = 0.0,
     **job: Any,
 ) -> SimulationResult:
     """Run a federation of ``clients`` simulated sites for ``rounds`` rounds, as ``fedveil simulate`` does.
 
     The real coordinator and the real client code run on this machine: in one process (each site
     in a thread, exchanging the protocol's messages directly) or, with ``processes=True``, as a
-    ``fedveil server`` process and one ``fedveil client`` process per site over loopback gRPC.
+    ``fedveil server`` process and one ``fedveil client`` process per site over loopback gRPC, or,
+    with ``backend="ray"``, the coordinator behind gRPC in this process and the sites in a pool of
+    Ray actors (a local Ray, or the cluster at ``ray_address``; ``pip install 'fedveil[ray]'``).
     Each site's data comes from the task's ``synthetic_data``. Sites assume a malicious server
     (an in-memory authority vouches for them) unless ``active_adversary=False`` is passed.
 
@@ -151,8 +158,12 @@ def simulate(
         task: a task with ``synthetic_data(client_index, n_clients, seed)``, ``package.module[:attr]``.
         seed: the federation seed (initial model, data, cohorts, the sites' data order).
         dp: ``"none"``, ``"local"``, ``"central"`` or ``"distributed"``.
-        processes: run the server and each site as its own OS process.
+        processes: run the server and each site as its own OS process (``backend="processes"``).
         store: keep the run store at this path (default: a temporary file, removed afterwards).
+        backend: ``"in-process"`` (default), ``"processes"`` or ``"ray"``.
+        ray_address: with ``backend="ray"``, the Ray cluster to join (default: start a local Ray).
+        client_cpus: with ``backend="ray"``, the CPUs each pool worker reserves (fractions allowed).
+        client_gpus: with ``backend="ray"``, the GPUs each pool worker reserves.
         **job: any other :class:`~fedveil.server.config.ServerConfig` field, e.g.
             ``clients_per_round``, ``secagg="harary"``, ``dp_noise_multiplier``, ``optimizer``.
 
@@ -161,7 +172,10 @@ def simulate(
         site's outcomes.
 
     Raises:
-        FrontDoorError: ``clients``, ``rounds`` or ``store`` is invalid.
+        FrontDoorError: ``clients``, ``rounds``, ``store`` or ``backend`` is invalid, or a Ray
+            setting was given for another backend.
+        fedveil.simulation.backends.SimulationError: the simulation could not run (e.g. Ray is not
+            installed: ``field`` is ``"backend"``).
         fedveil.server.config.ServerConfigError: a job setting is invalid.
     """
     from fedveil.server.config import ServerConfig
@@ -175,11 +189,24 @@ def simulate(
     store_path = Path(store) if store is not None else None
     if store_path is not None and store_path.exists():
         raise FrontDoorError(f"store: {str(store_path)!r} already exists (choose a new path)", field="store")
+    if backend is not None and backend not in SIMULATION_BACKENDS:
+        raise FrontDoorError(f"backend: one of {', '.join(SIMULATION_BACKENDS)} (got {backend!r})", field="backend")
+    if processes and backend not in (None, "processes"):
+        raise FrontDoorError(f"processes: contradicts backend={backend!r}", field="processes")
+    chosen = "processes" if processes else (backend or "in-process")
+    if chosen != "ray" and (ray_address is not None or client_cpus != 1.0 or client_gpus != 0.0):
+        raise FrontDoorError("ray_address: ray_address, client_cpus and client_gpus only apply with backend='ray'",
+                             field="ray_address")
     settings = {**SIMULATION_DEFAULTS, **job}
     settings.setdefault("clients_per_round", clients)
     settings.setdefault("min_clients", settings["clients_per_round"])
     config = ServerConfig(task=task, rounds=rounds, seed=seed, dp=dp, **settings)
-    if processes:
+    if chosen == "ray":
+        from fedveil.simulation.ray_backend import RayOptions, simulate_ray
+
+        options = RayOptions(address=ray_address, client_cpus=client_cpus, client_gpus=client_gpus)
+        return simulate_ray(config, clients, options=options, store_path=store_path)
+    if chosen == "processes":
         workdir = store_path.parent / (store_path.stem + "-sim") if store_path is not None else None
         return simulate_processes(config, clients, workdir=workdir, store_path=store_path)
     return simulate_in_process(config, clients, store_path=store_path)

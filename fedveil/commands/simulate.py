@@ -1,8 +1,10 @@
-"""``fedveil simulate``: a whole federation on this machine, in-process or as real processes."""
+"""``fedveil simulate``: a whole federation on this machine (in-process or as real processes) or on a
+Ray cluster."""
 
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -10,6 +12,10 @@ import click
 
 from fedveil.commands.common import MAX_THREADS, eprint, fail, fail_from, print_json_last_line
 from fedveil.server.config import DEFAULT_MAX_CORRUPT_FRACTION
+from fedveil.simulation import BACKENDS
+
+#: The ``field`` of a Ray backend refusal that one of this command's flags caused (named after it).
+RAY_FIELDS = ("backend", "client_cpus", "client_gpus", "ray_address")
 
 
 def register(group: click.Group) -> None:
@@ -21,8 +27,18 @@ def register(group: click.Group) -> None:
 @click.option("--rounds", type=int, required=True, help="Training rounds.")
 @click.option("--task", "task_ref", default="fedveil.tasks.synthetic", show_default=True,
               help="Task with synthetic_data(client_index, n_clients, seed), package.module[:attr].")
-@click.option("--processes", is_flag=True,
-              help="Run `fedveil server` and each client as its own OS process over loopback gRPC.")
+@click.option("--backend", type=click.Choice(BACKENDS), default=None,
+              help="in-process (default): client threads around the coordinator; processes: `fedveil server` "
+                   "and one `fedveil client` process per site over loopback gRPC; ray: the coordinator behind "
+                   "gRPC here and the sites in a pool of Ray actors (pip install 'fedveil[ray]').")
+@click.option("--processes", is_flag=True, help="Same as --backend processes.")
+@click.option("--ray-address", default=None,
+              help="With --backend ray: join this Ray cluster (`ray start --head` prints it; 'auto' finds a "
+                   "local one) instead of starting a local Ray.")
+@click.option("--client-cpus", type=float, default=None,
+              help="With --backend ray: CPUs each pool worker reserves (fractions allowed) [default: 1].")
+@click.option("--client-gpus", type=float, default=None,
+              help="With --backend ray: GPUs each pool worker reserves (fractions allowed) [default: 0].")
 @click.option("--clients-per-round", type=int, default=None, help="Cohort size K (default: all clients).")
 @click.option("--min-clients", type=int, default=None, help="Smallest cohort M (default: K).")
 @click.option("--seed", type=int, default=0, show_default=True,
@@ -54,7 +70,8 @@ def register(group: click.Group) -> None:
 @click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads per process.")
 @click.option("--verbose", is_flag=True, help="Log every client and server step.")
 def simulate_command(
-    n_clients: int, rounds: int, task_ref: str, processes: bool, clients_per_round: int | None,
+    n_clients: int, rounds: int, task_ref: str, backend: str | None, processes: bool, ray_address: str | None,
+    client_cpus: float | None, client_gpus: float | None, clients_per_round: int | None,
     min_clients: int | None, seed: int, secagg: str, max_corrupt_fraction: float, dp: str, noise_multiplier: float,
     clip: float, active_adversary: bool, insecure_deterministic: bool, optimizer: str,
     server_lr: float, round_timeout: float, stage_timeout: float, store_path: Path | None, threads: int,
@@ -64,13 +81,15 @@ def simulate_command(
 
     In-process by default: the real coordinator and every client (each in a thread) exchange the
     protocol's messages directly. With --processes: a `fedveil server` process and one
-    `fedveil client` process per site, over loopback gRPC. Prints one line per round and the
-    summary as JSON on the last line.
+    `fedveil client` process per site, over loopback gRPC. With --backend ray: the coordinator
+    behind gRPC in this process and the sites in a pool of Ray actors, on a local Ray or the
+    cluster at --ray-address. Prints one line per round and the summary as JSON on the last line.
     """
     import torch
 
     from fedveil.server.config import ServerConfig, ServerConfigError
     from fedveil.simulation.backends import SimulationError, simulate_in_process, simulate_processes
+    from fedveil.simulation.ray_backend import RayOptions, simulate_ray
     from fedveil.task import TaskLoadError, load_task
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
@@ -81,6 +100,18 @@ def simulate_command(
         fail("--rounds", f"must be at least 1 (got {rounds})")
     if not 1 <= threads <= MAX_THREADS:
         fail("--threads", f"must be between 1 and {MAX_THREADS} (got {threads})")
+    if processes and backend not in (None, "processes"):
+        fail("--processes", f"contradicts --backend {backend}")
+    backend = "processes" if processes else (backend or "in-process")
+    if backend != "ray":
+        for flag, value in (("--ray-address", ray_address), ("--client-cpus", client_cpus),
+                            ("--client-gpus", client_gpus)):
+            if value is not None:
+                fail(flag, "only applies with --backend ray")
+    if client_cpus is not None and not (math.isfinite(client_cpus) and client_cpus > 0):
+        fail("--client-cpus", f"must be a positive number (got {client_cpus})")
+    if client_gpus is not None and not (math.isfinite(client_gpus) and client_gpus >= 0):
+        fail("--client-gpus", f"must be a non-negative number (got {client_gpus})")
     k = clients_per_round if clients_per_round is not None else n_clients
     if not 2 <= k <= n_clients:
         fail("--clients-per-round", f"must be between 2 and --clients ({n_clients}) (got {k})")
@@ -110,7 +141,11 @@ def simulate_command(
         fail(err.flag, err.detail)
     torch.set_num_threads(threads)
     try:
-        if processes:
+        if backend == "ray":
+            options = RayOptions(address=ray_address, client_cpus=1.0 if client_cpus is None else client_cpus,
+                                 client_gpus=0.0 if client_gpus is None else client_gpus, torch_threads=threads)
+            result = simulate_ray(config, n_clients, options=options, store_path=store_path)
+        elif backend == "processes":
             # the sites' CSV files and the processes' logs go next to a kept store
             workdir = store_path.parent / (store_path.stem + "-sim") if store_path is not None else None
             result = simulate_processes(config, n_clients, workdir=workdir,
@@ -118,6 +153,8 @@ def simulate_command(
         else:
             result = simulate_in_process(config, n_clients, store_path=store_path)
     except SimulationError as err:
+        if err.field in RAY_FIELDS:
+            fail_from(err, "--backend")
         eprint(f"error: {err}")
         return 1
     click.echo(f"{result.mode} simulation: {n_clients} clients, {rounds} rounds, task {task.name}, seed {seed}")

@@ -42,7 +42,7 @@ from fedveil.clients.policy import DEFAULT_MAX_CORRUPT_FRACTION, DEFAULT_MIN_COH
 from fedveil.clients.session import ClientOptions, Federation, RoundOutcome
 from fedveil.errors import FedveilError
 from fedveil.protocol.transport import InProcessTransport
-from fedveil.secagg.local_authority import LocalAuthority
+from fedveil.secagg.local_authority import DEFAULT_LIFETIME_SECONDS, LocalAuthority
 from fedveil.server.config import ServerConfig
 from fedveil.simulation.host import CoordinatorHost, StoredRound, job_seed
 from fedveil.simulation.processes import ManagedProcess, ProcessGroup, fedveil_argv, wait_for_port
@@ -120,6 +120,15 @@ class SimulatedSites:
         key, credential = self.authority.identity(name, now=int(time.time()))
         return key, credential.encode()
 
+    def vouch(self, name: str, identity_public_key: bytes) -> bytes:
+        """The authority's credential for a key the site made itself (its private key never leaves
+        the site: the Ray backend's workers make theirs); empty in a passive job."""
+        if self.authority is None:
+            return b""
+        now = int(time.time())
+        return self.authority.issue(name, identity_public_key, not_before=now,
+                                    not_after=now + DEFAULT_LIFETIME_SECONDS).encode()
+
     def write_files(self, workdir: Path) -> dict[str, list[str]]:
         """Key, credential and authority files for ``fedveil client``/``server`` processes: their extra flags."""
         from cryptography.hazmat.primitives import serialization
@@ -153,6 +162,20 @@ def client_dataset(task: Task, index: int, n_clients: int, seed: int) -> TensorD
     return task.synthetic_data(index, n_clients, seed)
 
 
+def site_options(config: ServerConfig, task: Task, index: int, data: TensorDataset, *,
+                 identity: Ed25519PrivateKey | None, credential: bytes, policy: SitePolicy) -> ClientOptions:
+    """The client options of simulated site ``index``, the same for every backend that runs the
+    client code in Python (in-process threads, Ray actors): its private seed, its data's size and
+    evaluator, its identity and policy, and backoff suited to a peer that answers at once."""
+    return ClientOptions(
+        seed=client_seed(job_seed(config), index), num_examples=len(data), evaluate=evaluator(task, data),
+        identity_key=identity, credential=credential, policy=policy,
+        insecure_deterministic=config.insecure_deterministic,
+        poll_wait_ms=int(max(config.poll_wait, 0.5) * 1000),
+        backoff=BackoffPolicy(initial_delay_s=0.05, max_delay_s=1.0, give_up_after_s=30.0),
+    )
+
+
 @dataclass
 class SimulationResult:
     mode: str
@@ -162,9 +185,13 @@ class SimulationResult:
     store_path: Path
     wall_s: float
     client_errors: dict[str, str] = field(default_factory=dict)
+    placement: dict[str, str] = field(default_factory=dict)
+    """Where each site ran, for backends that spread sites over machines (Ray: the node id)."""
 
     def to_dict(self) -> dict[str, Any]:
+        placement = {"placement": self.placement} if self.placement else {}
         return {
+            **placement,
             "mode": self.mode,
             "summary": self.summary,
             "rounds": [
@@ -265,13 +292,8 @@ def simulate_in_process(
             name = client_name(i)
             data = client_dataset(task, i, n_clients, job_seed(config))
             identity, credential = sites.identity(name)
-            options = ClientOptions(
-                seed=client_seed(job_seed(config), i), num_examples=len(data), evaluate=evaluator(task, data),
-                identity_key=identity, credential=credential, policy=sites.policy(),
-                insecure_deterministic=config.insecure_deterministic,
-                poll_wait_ms=int(max(config.poll_wait, 0.5) * 1000),
-                backoff=BackoffPolicy(initial_delay_s=0.05, max_delay_s=1.0, give_up_after_s=30.0),
-            )
+            options = site_options(config, task, i, data, identity=identity, credential=credential,
+                                   policy=sites.policy())
             fed = Federation(InProcessTransport(job.service, name), task.name, task.build_model(), options)
             clients.append(ThreadedClient(name, fed, data))
         summary, histories, errors = run_with_client_threads(

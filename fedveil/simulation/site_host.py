@@ -1,0 +1,140 @@
+"""The worker side of the Ray backend: one :class:`SiteHost` runs inside each Ray actor of the pool
+and hosts the simulated sites assigned to it.
+
+Each site is the real client code (:class:`fedveil.clients.session.Federation` driven by
+:func:`fedveil.clients.api.run_client`) talking to the driver's coordinator over gRPC, exactly as
+``fedveil client`` does. What belongs to a site stays in its host for the whole job and never
+passes through the driver:
+
+- its data partition, generated here from the task's ``synthetic_data(index, n, seed)``;
+- its Ed25519 identity key, made here (only the public key goes to the driver, whose in-memory
+  authority vouches for it);
+- its session state: the per-round secure-aggregation keys and shares, its local DP accountant
+  and its own privacy ledger (in the :class:`Federation` object, across rounds).
+
+This module does not import Ray: :mod:`fedveil.simulation.ray_backend` wraps :class:`SiteHost` in
+``ray.remote`` so that the class itself stays testable and typed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from torch.utils.data import TensorDataset
+
+from fedveil.clients.api import run_client
+from fedveil.clients.policy import SitePolicy
+from fedveil.clients.session import Federation
+from fedveil.protocol.client import ChannelConfig, GrpcTransport
+from fedveil.server.config import ServerConfig
+from fedveil.simulation.backends import client_dataset, site_options
+from fedveil.simulation.host import job_seed
+from fedveil.task import Task, load_task
+
+log = logging.getLogger("fedveil.simulate")
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """What a host needs to create site ``index`` of ``n_clients``: no data, no keys."""
+
+    name: str
+    index: int
+    n_clients: int
+
+
+@dataclass(frozen=True)
+class Connection:
+    """How the sites reach the driver's coordinator: ``target`` HOST:PORT, plaintext on loopback or
+    TLS verified against ``ca_cert_pem`` (the job's own CA, made by the driver)."""
+
+    target: str
+    ca_cert_pem: bytes | None = None
+
+    @property
+    def insecure(self) -> bool:
+        return self.ca_cert_pem is None
+
+
+@dataclass(frozen=True)
+class SiteReport:
+    """How the job went for one site, reported back to the driver when the site's session ends."""
+
+    name: str
+    node_id: str
+    outcomes: list[str] = field(default_factory=list)
+    error: str = ""
+
+
+@dataclass
+class _Site:
+    spec: SiteSpec
+    data: TensorDataset
+    identity: Ed25519PrivateKey | None
+
+
+def current_node_id() -> str:
+    """The Ray node this process runs on ("" outside Ray)."""
+    try:
+        import ray
+    except ImportError:
+        return ""
+    if not ray.is_initialized():
+        return ""
+    return str(ray.get_runtime_context().get_node_id())
+
+
+class SiteHost:
+    """A pool worker: holds its sites' data and identity keys, and runs each site's session in one of
+    the actor's threads (``max_concurrency`` covers every site it hosts)."""
+
+    def __init__(self, config: ServerConfig, policy: SitePolicy, torch_threads: int = 1) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, torch_threads))
+        self.config = config
+        self.policy = policy
+        self.task: Task = load_task(config.task)
+        self.sites: dict[str, _Site] = {}
+        self.node_id = current_node_id()
+        self.pid = os.getpid()
+
+    def where(self) -> tuple[str, int]:
+        """(Ray node id, process id) of this host."""
+        return self.node_id, self.pid
+
+    def prepare(self, specs: list[SiteSpec]) -> dict[str, bytes]:
+        """Create the sites: generate each one's data partition here and, in an active job, its
+        identity key. Returns each site's identity public key (empty in a passive job)."""
+        public: dict[str, bytes] = {}
+        for spec in specs:
+            data = client_dataset(self.task, spec.index, spec.n_clients, job_seed(self.config))
+            identity = Ed25519PrivateKey.generate() if self.config.active_adversary else None
+            self.sites[spec.name] = _Site(spec, data, identity)
+            public[spec.name] = identity.public_key().public_bytes_raw() if identity is not None else b""
+        return public
+
+    def run_site(self, name: str, credential: bytes, token: str, connection: Connection) -> SiteReport:
+        """Run site ``name``'s whole job (join, every round it is sampled for, the final evaluation).
+
+        A failure of the site's own code is reported, not raised: the coordinator has already
+        treated the site as a dropout. The death of the whole worker is what Ray reports to the
+        driver as an actor error."""
+        site = self.sites[name]
+        options = site_options(self.config, self.task, site.spec.index, site.data, identity=site.identity,
+                               credential=credential, policy=self.policy)
+        transport = GrpcTransport.connect(
+            ChannelConfig(target=connection.target, ca_cert_pem=connection.ca_cert_pem, insecure=connection.insecure),
+            token,
+        )
+        federation = Federation(transport, self.task.name, self.task.build_model(), options)
+        try:
+            history = run_client(federation, self.task, site.data)
+        except Exception as err:  # the coordinator sees a dropout; the driver gets the reason
+            log.error("site %s failed: %s: %s", name, type(err).__name__, err)
+            return SiteReport(name, self.node_id, [h.outcome for h in federation.history],
+                              f"{type(err).__name__}: {err}")
+        return SiteReport(name, self.node_id, [h.outcome for h in history])
