@@ -373,7 +373,7 @@ def run_demo(
     recipe = options.recipe
     split = make_split(options.hospitals, seed=DEMO_SPLIT_SEED)
     write_hospital_shares(split, out)
-    runs = MemoryRunSource()
+    runs = MemoryRunSource(out / STORE_FILE)
     demo_runs = DemoRuns(options, split, runs, console)
     server: DashboardServer | None = None
     if options.dashboard_port is not None:

@@ -32,6 +32,7 @@ field at fault but never a server path; 401 adds ``"field": "token"``; an unexpe
 
 =======  ======================================  ==========================================
 GET      /api/status                             task, hospitals, whether runs can start
+GET      /api/runs/<id>/model[?round=N]          the global model (safetensors, metadata of fedveil export)
 GET      /api/runs                               run summaries, newest first
 GET      /api/runs/<id>                          one run: settings, status, rounds
 POST     /api/runs                               start a run: RunSettings as JSON
@@ -196,6 +197,33 @@ class RunSource(Protocol):
     def latest_model(self) -> Mapping[str, torch.Tensor] | None: ...
 
 
+def store_model_file(store_path: Path | None, run_id: str, round_number: int | None) -> tuple[str, bytes]:
+    """A run's global model as a safetensors download (name, bytes), with the metadata of
+    ``fedveil export`` (run, round, user-level ε at that round, task)."""
+    from fedveil.server.model_export import (
+        ExportError,
+        ExportRequest,
+        download_name,
+        load_exported_model,
+        safetensors_bytes,
+    )
+
+    if store_path is None:
+        raise DashboardError("this dashboard has no run store to export a model from", HTTPStatus.CONFLICT)
+    try:
+        exported = load_exported_model(ExportRequest(store_path, Path(store_path.name), run_id=run_id,
+                                                     round=round_number))
+    except ExportError as err:  # never a filesystem path in a response
+        if err.field == "run":
+            raise DashboardError(f"run: no run {run_id!r}", HTTPStatus.NOT_FOUND) from None
+        if err.field == "round":
+            raise DashboardError(f"round: {err}", HTTPStatus.NOT_FOUND) from None
+        log.warning("dashboard: model export of run %s failed: %s", run_id, err)
+        raise DashboardError("the run's model cannot be exported here (see the server log)",
+                             HTTPStatus.CONFLICT) from None
+    return download_name(exported), safetensors_bytes(exported)
+
+
 @runtime_checkable
 class RunStarter(Protocol):
     """Starts a run from the browser's settings; returns its id."""
@@ -214,7 +242,9 @@ class MemoryRunSource:
     ({hospital: ε}), "epsilon_sample_max", "epsilon_user" (or None), "budget_remaining"}``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, store_path: Path | None = None) -> None:
+        self.store_path = store_path
+        """The run store the runs are written to (the model download reads it), if any."""
         self._lock = threading.Lock()
         self._runs: dict[str, dict[str, Any]] = {}
         self._order: list[str] = []
@@ -297,6 +327,7 @@ class StoreRunSource:
         from fedveil.server.store import RunStore
 
         self.task = task
+        self.store_path: Path | None = store_path
         self._store = RunStore(store_path)
         self.ledger_views = LedgerViews()
         """ε figures per run, computed once per ledger version within a work bound."""
@@ -812,7 +843,9 @@ def make_handler(app: Dashboard, token: LoginToken) -> type[BaseHTTPRequestHandl
                 if not path.startswith("/api/"):
                     raise DashboardError(f"not found: {path}", HTTPStatus.NOT_FOUND)
                 api_method = "GET" if method == "HEAD" else method
-                self._json(HTTPStatus.OK, self._api(api_method, path, query))
+                answer = self._api(api_method, path, query)
+                if answer is not _SENT:
+                    self._json(HTTPStatus.OK, answer)
             except DashboardError as err:
                 self._error(err.status, str(err))
             except Exception:  # never crash the server on one request, nor show its internals
@@ -832,6 +865,9 @@ def make_handler(app: Dashboard, token: LoginToken) -> type[BaseHTTPRequestHandl
                     return app.start_run(self._read_json())
             if method == "GET" and len(seg) == 2 and seg[0] == "runs":
                 return app.get_run(seg[1])
+            if method == "GET" and len(seg) == 3 and seg[0] == "runs" and seg[2] == "model":
+                self._model_download(seg[1], query)
+                return _SENT
             if method == "GET" and seg == ["schema"]:
                 return app.schema()
             if method == "GET" and seg == ["hospitals"]:
@@ -853,6 +889,16 @@ def make_handler(app: Dashboard, token: LoginToken) -> type[BaseHTTPRequestHandl
             if method == "POST" and seg == ["predict"]:
                 return app.predict(self._read_json())
             raise DashboardError(f"no such endpoint: {method} {path}", HTTPStatus.NOT_FOUND)
+
+        def _model_download(self, run_id: str, query: dict[str, list[str]]) -> None:
+            """GET /api/runs/<id>/model[?round=N]: the global model as safetensors, with its metadata."""
+            raw = (query.get("round") or [""])[0]
+            if raw and not raw.isdigit():
+                raise DashboardError(f"round: must be a round number >= 0 (got {raw[:20]!r})")
+            number = int(raw) if raw else None
+            name, data = store_model_file(getattr(app.runs, "store_path", None), run_id, number)
+            self._send(HTTPStatus.OK, data, "application/octet-stream",
+                       [("Content-Disposition", f'attachment; filename="{name}"')])
 
         def _static(self, name: str) -> None:
             data = resources.files("fedveil.server").joinpath("static").joinpath(name).read_bytes()
@@ -880,6 +926,10 @@ def make_handler(app: Dashboard, token: LoginToken) -> type[BaseHTTPRequestHandl
             self._dispatch("OPTIONS")
 
     return Handler
+
+
+_SENT = object()
+"""An API handler that wrote its own (non-JSON) response returns this."""
 
 
 class _QuietHTTPServer(ThreadingHTTPServer):

@@ -141,6 +141,18 @@ def export_model(request: ExportRequest) -> ExportedModel:
     return exported
 
 
+def safetensors_bytes(exported: ExportedModel) -> bytes:
+    """The safetensors file of :func:`export_model` as bytes (the dashboard's model download)."""
+    from safetensors.torch import save
+
+    return bytes(save(_state(exported.model), metadata={"format": "pt", **exported.metadata}))
+
+
+def download_name(exported: ExportedModel) -> str:
+    """``<run>-round<N>.safetensors``: run ids are ``[A-Za-z0-9_.-]``, safe in a header."""
+    return f"{exported.metadata['run_id']}-round{exported.metadata['round']}.safetensors"
+
+
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
 
