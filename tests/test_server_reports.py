@@ -302,3 +302,41 @@ def test_no_report_a_client_can_send_raises_anything_but_a_protocol_error(tmp_pa
     finally:
         source.close()
     store.close()
+
+
+def test_the_rdp_check_of_a_report_runs_without_the_coordinators_lock(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """An attacker's parameters can make the RDP recomputation take seconds: it must not stall the
+    job. While x's check runs, another thread takes the coordinator's lock at once."""
+    import threading
+
+    from fedveil.server.coordinator import site_reports
+
+    coordinator, store = _local_job(tmp_path)
+    genuine = site_reports.verify_spend
+    waits: list[float] = []
+    held: list[bool] = []
+
+    def slow_verify(*args: Any, **kwargs: Any) -> Any:
+        held.append(coordinator._cond._is_owned())  # type: ignore[attr-defined]
+        other = threading.Thread(target=lambda: _timed_lock(coordinator, waits))
+        other.start()
+        other.join(10)
+        return genuine(*args, **kwargs)
+
+    monkeypatch.setattr(site_reports, "verify_spend", slow_verify)
+    summary = run_job(coordinator, [_site(coordinator, "x", 0, HONEST), _site(coordinator, "y", 1, HONEST)])
+    assert summary.status == "completed"
+    assert held and not any(held)
+    assert waits and max(waits) < 1.0
+    rows = {n: row for _, n, row in store.client_privacy(coordinator.run_id)}
+    assert rows["x"]["verified"] is True  # the check still ran, and its verdict was stored
+    store.close()
+
+
+def _timed_lock(coordinator: Any, waits: list[float]) -> None:
+    import time
+
+    start = time.monotonic()
+    with coordinator._cond:
+        waits.append(time.monotonic() - start)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 from typing import Any
 
+from fedveil.dp.accounting import DpEvent
 from fedveil.dp.ledger import PrivacyLedger
 from fedveil.protocol import ROUND_NONCE_BYTES
 from fedveil.protocol import fedveil_pb2 as pb
@@ -24,6 +25,7 @@ from fedveil.server.coordinator.state import (
 from fedveil.server.reports import (
     CheckedReport,
     SpendContext,
+    SpendVerdict,
     check_report,
     ledger_details,
     spend_record,
@@ -60,37 +62,55 @@ class SiteReportsMixin(CoordinatorBase):
                 raise Replayed(f"ReportMetrics: already received for round {rnd.number}")
             if request.model_version != self.model.version:
                 raise MalformedMessage(f"model_version: expected {self.model.version}, got {request.model_version}")
-            privacy, ledger = self._reported_spend(rnd.number, caller, report)
-            # stored in one transaction, and only then marked received: a failed store leaves the retry possible
-            self.store.record_client_report(
-                self.run_id, model_version=self.model.version, round_number=rnd.number, client_name=caller,
-                num_examples=report.num_examples, metrics=report.metrics, privacy=privacy,
-                ledger_json=ledger.to_json() if ledger is not None else None,
-            )
-            if ledger is not None:
-                self.model.ledger = ledger
-            rnd.evaluated.add(caller)
-            return pb.Ack(round=rnd.number, stage=rnd.stage.wire, detail="accepted")  # type: ignore[arg-type]
+            rnd.evaluated.add(caller)  # taken now: a second report cannot race this one
+            earlier = self.model.client_events(caller)
+        try:
+            # The RDP recomputation of the site's claim can take seconds for parameters the server has
+            # not seen: done outside the lock, so one site's report never stalls the job (at most one
+            # per site and round reaches here, and it holds only this handler's worker).
+            verdict = self._verify_reported_spend(caller, report, earlier)
+            with self._cond:
+                if self._round is not rnd:
+                    raise StageClosed(f"ReportMetrics: round {rnd.number} ended while the report was checked")
+                privacy, ledger = self._reported_spend(rnd.number, caller, report, verdict)
+                # stored in one transaction, and only then kept: a failed store leaves the retry possible
+                self.store.record_client_report(
+                    self.run_id, model_version=self.model.version, round_number=rnd.number, client_name=caller,
+                    num_examples=report.num_examples, metrics=report.metrics, privacy=privacy,
+                    ledger_json=ledger.to_json() if ledger is not None else None,
+                )
+                if ledger is not None:
+                    self.model.ledger = ledger
+                return pb.Ack(round=rnd.number, stage=rnd.stage.wire, detail="accepted")  # type: ignore[arg-type]
+        except BaseException:
+            with self._cond:
+                rnd.evaluated.discard(caller)
+            raise
 
-    def _reported_spend(
-        self, round_number: int, caller: str, report: CheckedReport
-    ) -> tuple[dict[str, Any] | None, PrivacyLedger | None]:
-        """A site's reported DP-SGD spend, checked against what the server knows (``fedveil.server.reports``):
-        the row to store (labelled as reported, with the verdict) and a copy of the ledger with the spend."""
+    def _verify_reported_spend(self, caller: str, report: CheckedReport,
+                               earlier: list[DpEvent]) -> SpendVerdict | None:
         spend = report.privacy
         if spend is None:
-            return None, None
+            return None
         cfg = self.config
         context = SpendContext(
             delta=cfg.dp_delta,
             noise_multiplier=self.model.mechanism.required_site_noise_multiplier,
             local_epochs=max(cfg.local_epochs or self.task.local_epochs, 1),
         )
-        verdict = verify_spend(spend, report.num_examples, self.model.client_events(caller), context,
-                               self.model.verifier())
+        verdict = verify_spend(spend, report.num_examples, earlier, context, self.model.verifier())
         if not verdict.verified:
-            log.warning("round %d: the privacy spend %s reported is unverified: %s", round_number, caller,
-                        "; ".join(verdict.reasons))
+            log.warning("the privacy spend %s reported is unverified: %s", caller, "; ".join(verdict.reasons))
+        return verdict
+
+    def _reported_spend(
+        self, round_number: int, caller: str, report: CheckedReport, verdict: SpendVerdict | None
+    ) -> tuple[dict[str, Any] | None, PrivacyLedger | None]:
+        """A site's reported DP-SGD spend, checked against what the server knows (``fedveil.server.reports``):
+        the row to store (labelled as reported, with the verdict) and a copy of the ledger with the spend."""
+        spend = report.privacy
+        if spend is None or verdict is None:
+            return None, None
         event = spend.event()
         ledger = None if event is None else self.model.ledger_with_client_spend(
             round_number, caller, event, ledger_details(verdict))
