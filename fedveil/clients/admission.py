@@ -12,7 +12,8 @@ more than the sum over enough honest sites:
 - DP mode and noise must meet the site's floor; with distributed DP the site computes the noise
   share it adds itself (:func:`own_noise_stddev`), whatever the server asks;
 - retries of a round whose unmasking shares the site released, and attempts beyond its cap, are
-  refused (:class:`fedveil.clients.site_state.SiteState`).
+  refused (:class:`fedveil.clients.site_state.SiteState`), and so is a model the site already
+  released a sum over, unless noise it relies on protects the release.
 
 What it returns (:class:`Admission`) is what the site needs to take part: the user-level DP event
 it can rely on for each release, its own noise share, and whether it evaluates.
@@ -202,5 +203,12 @@ def admit_round(policy: SitePolicy, job: pb.JobInfo, start: pb.RoundStart, *, ru
         except ValueError as err:
             raise PolicyViolation("dp.distributed", str(err)) from None
         event = guaranteed_distributed_event(announced, own, honest)
+    if event is None and mode != "local" and state.released_over(run_id, bytes(start.model.sha256)):
+        # No noise this site relies on: the same model again gives the same update and metrics, and
+        # two sums over cohorts with and without this site would difference to them exactly. (With
+        # local DP every training draws fresh DP-SGD noise, and user-level noise is accounted per release.)
+        raise PolicyViolation("model", f"the global model (sha256 {bytes(start.model.sha256).hex()[:16]}…) is one "
+                              "this site already released a sum over, with no noise it relies on; a server that "
+                              "replays a model could difference the two sums")
     return Admission(holders=h, corrupt=c, honest_contributors=honest, guaranteed_event=event,
                      distributed=distributed, evaluate=evaluate)

@@ -211,7 +211,8 @@ def _secagg_step(federation: Federation, driver: SecAggClientDriver, instruction
     elif kind == "unmasking":
         revealed = driver.unmask(instruction.unmasking)
         assert federation.run_id is not None
-        federation.state.released(federation.run_id, number)  # before the shares leave: never another input
+        # before the shares leave: never another input for this round, nor for this model
+        federation.state.released(federation.run_id, number, bytes(start.model.sha256))
         federation._send("Unmask", lambda h: transport.unmask(pb.UnmaskRequest(header=h, shares=revealed)))
     elif kind == "round_result":
         result = instruction.round_result

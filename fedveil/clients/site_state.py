@@ -16,7 +16,12 @@ bounded by this record:
   server that later announces a bigger R is refused, so the server cannot difference more
   cohorts than the site planned its budget for;
 - **evaluation oracles** — evaluation-only rounds and per-site final evaluations of one job are
-  capped (``max_evaluations_per_job``).
+  capped (``max_evaluations_per_job``);
+- **model replay** — the digest of every global model the site released a sum over is kept: a
+  server that shows the same model again in another round (a "rejected" round it did not apply,
+  then a cohort without the victim) would get the same update and metrics twice and difference
+  the sums, so a release without noise the site relies on is refused over a model seen before
+  (:func:`fedveil.clients.admission.admit_round`).
 
 The site's ledger (a :class:`fedveil.dp.ledger.PrivacyLedger`, party ``"federation"`` for the
 user level as the site can guarantee it) records, per release, the noise the site can rely on:
@@ -93,6 +98,8 @@ class SiteState:
     rounds: dict[str, dict[int, RoundRecord]] = field(default_factory=dict)
     jobs: dict[str, JobRecord] = field(default_factory=dict)
     releases: list[Release] = field(default_factory=list)
+    released_models: dict[str, set[str]] = field(default_factory=dict)
+    """run → SHA-256 (hex) of every global model this site released a sum over (trained or evaluated)."""
     ledger: PrivacyLedger = field(default_factory=lambda: PrivacyLedger(LedgerConfig(accountant="rdp")))
 
     # -- loading and saving -------------------------------------------------------------------
@@ -121,6 +128,8 @@ class SiteState:
                                                             bool(v["released"])) for r, v in rounds.items()}
         for run_id, job in data.get("jobs", {}).items():
             self.jobs[str(run_id)] = JobRecord(int(job["total_rounds"]), int(job["evaluations"]))
+        self.released_models = {str(run): {str(d) for d in digests}
+                                for run, digests in data.get("released_models", {}).items()}
         self.releases = [Release(str(r["run_id"]), int(r["round"]), int(r["attempt"]), str(r["dp_mode"]),
                                  bool(r["protected"]), str(r.get("note", ""))) for r in data["releases"]]
         self.ledger = PrivacyLedger.from_json(json.dumps(data["ledger"]))
@@ -133,6 +142,7 @@ class SiteState:
             "jobs": {run: {"total_rounds": j.total_rounds, "evaluations": j.evaluations}
                      for run, j in self.jobs.items()},
             "releases": [r.__dict__ for r in self.releases],
+            "released_models": {run: sorted(d) for run, d in self.released_models.items()},
             "ledger": self.ledger.to_dict(),
         }
 
@@ -201,6 +211,10 @@ class SiteState:
                     f"maximum (max_attempts_per_round={max_attempts})")
         return None
 
+    def released_over(self, run_id: str, model_digest: bytes) -> bool:
+        """Whether this site already released a sum over the global model ``model_digest``."""
+        return bool(model_digest) and model_digest.hex() in self.released_models.get(run_id, set())
+
     def joined(self, run_id: str, round_number: int) -> None:
         self.record(run_id, round_number).attempts += 1
         self.save()
@@ -228,9 +242,12 @@ class SiteState:
         self.save()
         return True
 
-    def released(self, run_id: str, round_number: int) -> None:
-        """The site sent its unmasking shares for an attempt of ``round_number``."""
+    def released(self, run_id: str, round_number: int, model_digest: bytes = b"") -> None:
+        """The site sent its unmasking shares for an attempt of ``round_number``, whose sum was over the
+        global model ``model_digest`` (its update and evaluation): that model is never used again."""
         self.record(run_id, round_number).released = True
+        if model_digest:
+            self.released_models.setdefault(run_id, set()).add(model_digest.hex())
         self.save()
 
     def sent_masked_input(self, release: Release, event: DpEvent | None, details: dict[str, Any]) -> None:
