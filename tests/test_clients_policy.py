@@ -157,3 +157,28 @@ def test_a_site_evaluates_received_models_a_bounded_number_of_times_per_round(tm
     assert state.evaluated("run", 3, 1) is False  # a second attempt of round 3: no second evaluation
     assert state.evaluated("run", 4, 1) is True
     assert SiteState.open(tmp_path / "s.json").evaluated("run", 3, 1) is False  # remembered across restarts
+
+
+@pytest.mark.parametrize(("graph", "degree", "f", "refused"), [
+    ("harary", 30, 0.0, True), ("harary", 30, 0.1, True), ("harary", 30, 1 / 3, False),
+    ("complete", 0, 0.0, False), ("harary", 49, 0.1, False),  # k = n − 1 is the complete graph
+])
+def test_a_site_assuming_few_colluders_stays_out_of_secagg_plus_rounds(graph: str, degree: int, f: float,
+                                                                      refused: bool) -> None:
+    """The independent attacker split the views of a victim's neighbours on Harary graphs at f = 0
+    and f = 0.1 (threat model); a site assuming f < 1/3 joins only complete-graph rounds."""
+    from fedveil.clients.admission import check_threshold
+    from fedveil.clients.policy import PolicyViolation
+    from fedveil.protocol import fedveil_pb2 as pb
+    from fedveil.secagg.threshold import cohort_bound, min_threshold
+
+    policy = SitePolicy(authority_public_key=KEY, max_corrupt_fraction=f)
+    h, c = cohort_bound(50, degree if graph == "harary" else 0, f)
+    start = pb.RoundStart(secagg=pb.SecAggParams(cohort_size=50, graph=graph, degree=degree,
+                                                 threshold=min_threshold(h, c), max_corrupt_fraction=f))
+    if refused:
+        with pytest.raises(PolicyViolation, match=r"below 0\.3333: on a SecAgg\+ \(Harary\) graph") as err:
+            check_threshold(policy, start)
+        assert err.value.field == "max_corrupt_fraction"
+    else:
+        assert check_threshold(policy, start) == (h, c)

@@ -37,6 +37,8 @@ from fedveil.secagg.identity import decode_credential, verify_roster
 from fedveil.secagg.threshold import cohort_bound, threshold_problem
 
 USER_LEVEL_MODES = ("central", "distributed")
+SPARSE_MIN_CORRUPT_FRACTION = 1 / 3
+"""The smallest colluding fraction a site assumes in a SecAgg+ (sparse Harary) round it joins."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,14 @@ def check_threshold(policy: SitePolicy, start: pb.RoundStart) -> tuple[int, int]
     if not policy.trust_server and server_f + 1e-12 < policy.max_corrupt_fraction:
         raise PolicyViolation("secagg.max_corrupt_fraction", f"the round assumes a colluding fraction of {server_f:g}; "
                               f"this site assumes {policy.max_corrupt_fraction:g}")
+    if not policy.trust_server and 0 < k < n - 1 and policy.max_corrupt_fraction < SPARSE_MIN_CORRUPT_FRACTION:
+        # an independent attacker split the views of a victim's neighbours on SecAgg+ graphs with f = 0
+        # and f = 0.1 (threat model: "Split views on SecAgg+ graphs"); it failed at f = 1/3
+        raise PolicyViolation("max_corrupt_fraction",
+                              f"this site assumes f={policy.max_corrupt_fraction:g}, below "
+                              f"{SPARSE_MIN_CORRUPT_FRACTION:.4g}: on a SecAgg+ (Harary) graph a malicious server "
+                              "can split the views of its neighbours at such thresholds; assume f >= 1/3 or take "
+                              "part only in complete-graph rounds")
     h, c = cohort_bound(n, k, policy.max_corrupt_fraction, security_bits=policy.security_bits)
     problem = threshold_problem(int(start.secagg.threshold), h, c, active=not policy.trust_server)
     if problem is not None:
