@@ -46,6 +46,7 @@ import numpy as np
 from fedveil.dp.ledger import BudgetExceededError, PrivacyLedger
 from fedveil.errors import FedveilError
 from fedveil.metrics import DEFAULT_METRICS, weighted_metrics
+from fedveil.model_spec import ModelSpec
 from fedveil.protocol import PROTOCOL_VERSION, ROUND_NONCE_BYTES, SESSION_ID_BYTES
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.protocol.binding import bound_context
@@ -91,7 +92,7 @@ from fedveil.server.sanity import AggregateRejected
 from fedveil.server.store import RunStore
 from fedveil.server.training import GlobalModel, RoundPlan, round_seed
 from fedveil.server.uploads import UploadBook
-from fedveil.task import Task, model_to_vector
+from fedveil.task import Task
 
 log = logging.getLogger("fedveil.server")
 
@@ -318,7 +319,10 @@ class Coordinator:
         assert self.config.seed is not None
         self.seed = int(self.config.seed)
         torch.manual_seed(self.seed)
-        initial = model_to_vector(self.task.build_model())
+        built = self.task.build_model()
+        self.model_spec = ModelSpec.of(built)
+        """The job's model by name: sent at Join, the layout of every model and update vector."""
+        initial = self.model_spec.vector(built)
         self.model = GlobalModel(self.config, initial, self.seed)
         self.finished: dict[str, Any] | None = None
         if mode in ("resume", "finished") and latest is not None:
@@ -374,6 +378,7 @@ class Coordinator:
             clients_per_round=cfg.clients_per_round, min_clients=cfg.min_clients, secagg_graph=cfg.secagg,
             dp_mode=cfg.dp, active_adversary=cfg.active_adversary, consortium=cfg.consortium,
             evaluation=self._evaluation_mode, max_corrupt_fraction=cfg.max_corrupt_fraction,
+            model=self.model_spec.to_proto(),  # type: ignore[arg-type]
         )
 
     def max_message_bytes(self) -> int:
@@ -466,7 +471,7 @@ class Coordinator:
             raise Incompatible(
                 f"protocol_version: the server speaks version {PROTOCOL_VERSION}, the client {request.protocol_version}"
             )
-        if request.task_name != self.task.name:
+        if request.task_name and request.task_name != self.task.name:
             raise Incompatible(
                 f"task_name: the server runs task {self.task.name!r}, the client has {request.task_name!r}"
             )
@@ -883,7 +888,8 @@ class Coordinator:
 
     def _model_entry(self) -> tuple[int, pb.Model, pb.Model, bytes]:
         if self._model_cache is None or self._model_cache[0] != self.model.version:
-            full = model_message(self.model.params, self.model.version)
+            full = model_message(self.model.params, self.model.version,
+                                 [(t.name, t.shape) for t in self.model_spec.tensors])
             stripped = pb.Model(version=full.version, tensors=full.tensors, sha256=full.sha256,
                                 size_bytes=full.size_bytes)
             self._model_cache = (self.model.version, full, stripped, full.data)
