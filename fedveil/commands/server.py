@@ -146,7 +146,10 @@ def _with_options(options: list[Any]) -> Any:
 @click.command("server")
 @click.option("--listen", required=True, help="HOST:PORT to listen on (port 0: any free port).")
 @click.option("--store", required=True, help="Run store (SQLite file, created if missing).")
-@click.option("--task", required=True, help="The task, module:attr (e.g. fedveil.tasks.synthetic:task).")
+@click.option("--task", default="", help="The task, module:attr (e.g. fedveil.tasks.synthetic:task), for "
+              "turnkey CSV clients; loop jobs give --model instead.")
+@click.option("--model", "model_file", default="", help="The job's model file (names, shapes, dtypes, initial "
+              "values; fedveil.save_initial_model or fedveil init-model): the server imports no user code.")
 @click.option("--rounds", type=int, required=True, help="Number of rounds.")
 @click.option("--clients-per-round", type=int, required=True, help="Cohort size K.")
 @click.option("--min-clients", type=int, default=None, help="Smallest cohort M to start a round [default: K].")
@@ -225,6 +228,7 @@ def server_command(**opts: Any) -> NoReturn:
 
     Once the job has run the command ends its process (see ``exit_within``): 0 when the job
     completed or spent its privacy budget, 130 when a signal stopped it, 1 when it failed."""
+    from fedveil.model_file import ModelFileError, model_file_task
     from fedveil.protocol.tls import TlsConfigError, plaintext_refusal, read_pem
     from fedveil.server.config import ServerConfig, ServerConfigError
     from fedveil.server.coordinator import JobError
@@ -258,15 +262,23 @@ def server_command(**opts: Any) -> NoReturn:
         except TlsConfigError as err:
             flag, _, detail = str(err).partition(": ")
             fail(flag, detail)
-    try:
-        task = load_task(opts["task"])
-    except TaskLoadError as err:
-        fail("--task", str(err).removeprefix(f"--task {opts['task']!r}: "))
+    if bool(opts["task"]) == bool(opts["model_file"]):
+        fail("--model", "give the job's model file (--model) or a task (--task), one of the two")
+    if opts["model_file"]:
+        try:
+            task = model_file_task(opts["model_file"])
+        except ModelFileError as err:
+            fail("--model", str(err))
+    else:
+        try:
+            task = load_task(opts["task"])
+        except TaskLoadError as err:
+            fail("--task", str(err).removeprefix(f"--task {opts['task']!r}: "))
     authority, revocations = _load_authority(opts["authority_path"], opts["revocations_path"])
     k = opts["clients_per_round"]
     try:
         config = ServerConfig(
-            task=opts["task"], rounds=opts["rounds"], clients_per_round=k,
+            task=opts["task"], model=opts["model_file"], rounds=opts["rounds"], clients_per_round=k,
             min_clients=opts["min_clients"] if opts["min_clients"] is not None else k,
             round_timeout=opts["round_timeout"], stage_timeout=opts["stage_timeout"], cohort_wait=opts["cohort_wait"],
             secagg=opts["secagg"], secagg_degree=opts["secagg_degree"], threshold=opts["threshold"],
