@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "fedveil.commands.dashboard",
     "fedveil.commands.authority",
     "fedveil.commands.identity",
+    "fedveil.commands.model",
 )
 
 

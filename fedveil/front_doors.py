@@ -61,7 +61,8 @@ def serve(
 ) -> JobSummary:
     """Run ``config``'s job behind gRPC until it completes, as ``fedveil server`` does.
 
-    The task is loaded from ``config.task``. TLS is required: give ``tls_cert`` and ``tls_key``
+    The job's model comes from ``config.model`` (a model file, no user code imported) or the task
+    ``config.task``. TLS is required: give ``tls_cert`` and ``tls_key``
     (PEM files; ``client_ca`` adds mutual TLS), or ``insecure=True`` for plaintext, which is refused
     on an address other than loopback unless ``allow_insecure_remote``. A rerun with the same
     ``config`` and ``store`` resumes the unfinished run (``new_run=True`` starts a new one).
@@ -89,12 +90,12 @@ def serve(
     """
     import dataclasses
 
+    from fedveil.model_file import job_task
     from fedveil.protocol.identity_files import load_authority_public, load_revocations
     from fedveil.protocol.tls import plaintext_refusal, read_pem
     from fedveil.secagg.identity import verify_revocations
     from fedveil.server.runner import TlsSettings
     from fedveil.server.runner import serve as run_server
-    from fedveil.task import load_task
 
     tls: TlsSettings | None = None
     if insecure:
@@ -123,7 +124,7 @@ def serve(
         if revocations is not None:
             revocation_list = load_revocations(Path(revocations))
             verify_revocations(pinned.public_key, revocation_list, consortium=pinned.consortium)
-    return run_server(config, load_task(config.task), store, listen, tls=tls, new_run=new_run,
+    return run_server(config, job_task(config.task, config.model), store, listen, tls=tls, new_run=new_run,
                       revocations=revocation_list)
 
 

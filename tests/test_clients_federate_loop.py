@@ -22,6 +22,7 @@ import fedveil
 from fedveil.clients import federate, run_client
 from fedveil.clients.api import evaluator
 from fedveil.clients.backoff import BackoffPolicy, GaveUp
+from fedveil.model_spec import ModelMismatchError
 from fedveil.protocol.tls import generate_ca, generate_certificate
 from fedveil.protocol.transport import InProcessTransport
 from fedveil.server.config import ServerConfig
@@ -191,10 +192,12 @@ def test_a_client_whose_model_does_not_fit_the_job_gets_a_clear_error(tmp_path: 
     config = job(rounds=1)
     coordinator, store, driver, _ = start_job_with_two_turnkey_sites(tmp_path, config)
     wrong = nn.Sequential(nn.Linear(12, 1))
-    with pytest.raises(fedveil.clients.ClientError, match="does not fit"):
+    with pytest.raises(ModelMismatchError, match=r"does not fit the job's model: 0\.weight: the job's model has "
+                       r"shape \(1, 10\), this site's model has shape \(1, 12\)") as refused:
         for _rnd in federate(task=TASK, transport=InProcessTransport(coordinator, "site-0"), model=wrong,
                              **secure_federate("site-0")):
             pass
+    assert refused.value.field == "model"
     coordinator.stop()
     driver.join(timeout=30)
     store.close()

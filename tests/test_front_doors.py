@@ -19,7 +19,7 @@ from fedveil.front_doors import FrontDoorError
 from fedveil.server.config import ServerConfig
 
 FRONT_DOORS = {"federate", "serve", "simulate", "compute_epsilon", "solve_noise_multiplier", "build_report",
-               "load_ledger"}
+               "load_ledger", "save_initial_model", "make_dp_compatible"}
 
 
 def test_all_lists_every_front_door_and_each_resolves_to_a_callable() -> None:

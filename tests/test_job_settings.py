@@ -102,7 +102,7 @@ def test_a_bad_job_file_is_refused_naming_the_key(tmp_path: Path, text: str, mes
 
 
 def test_the_required_settings_come_from_a_flag_or_the_file() -> None:
-    with pytest.raises(CliUsageError, match="--task: required"):
+    with pytest.raises(CliUsageError, match=r"--task: give the job.s model file \(--model\) or a task"):
         parse(["--rounds", "2", "--clients-per-round", "3"])
     with pytest.raises(CliUsageError, match="--config: cannot read"):
         parse(["--config", "/nonexistent/job.toml"])

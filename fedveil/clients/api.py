@@ -2,8 +2,7 @@
 
 A data scientist keeps their loop; four lines change (see docs/federate-your-loop.md)::
 
-    for rnd in fedveil.federate(server="hospital-hub:7000", task="fedveil.tasks.synthetic",
-                                token=TOKEN, ca_cert="hub.pem", model=model):
+    for rnd in fedveil.federate(server="hospital-hub:7000", model=model, token=TOKEN, ca_cert="hub.pem"):
         model, optimizer, loader = rnd.privatize(model, optimizer, loader)  # local DP only
         for x, y in loader:               # the user's own loop, unchanged
             ...
@@ -42,7 +41,7 @@ from fedveil.task import Task, load_task
 def federate(
     server: str | None = None,
     *,
-    task: str | Task,
+    task: str | Task | None = None,
     token: str | None = None,
     model: nn.Module | None = None,
     ca_cert: str | Path | None = None,
@@ -64,14 +63,18 @@ def federate(
     policy: SitePolicy | None = None,
     state: str | Path | None = None,
     insecure_deterministic: bool = False,
+    privacy_engine: Any = None,
 ) -> Federation:
     """Join the job at ``server`` (``HOST:PORT``) and iterate over the rounds this client is in.
 
     Args:
-        task: the job's task (``"module:attr"`` or a :class:`~fedveil.task.Task`); its name must
-            match the server's, and its ``build_model`` makes the model when ``model`` is None.
+        task: only for turnkey jobs (``"module:attr"`` or a :class:`~fedveil.task.Task`): its name must
+            match the server's ``--task``, and its ``build_model`` makes the model when ``model`` is
+            None. A loop site leaves it out: the job's model spec comes from the server at Join.
         token: the client's enrolment token (``fedveil enroll``).
-        model: your own ``nn.Module``; each round loads the global weights into it.
+        model: your own ``nn.Module`` (or the one your ``PrivacyEngine`` wrapped); at Join it is checked
+            against the job's model by name (names, shapes, dtypes) and each round loads the global
+            weights into it by name.
         ca_cert: verify the server's TLS certificate against this CA (PEM file; default: the
             system roots).
         insecure: use plaintext instead of TLS: only to a loopback ``server`` (127.0.0.0/8, ::1,
@@ -99,8 +102,20 @@ def federate(
         state: a file where the site keeps its attempts, releases and own privacy ledger across
             restarts (``fedveil budget report`` reads it).
         insecure_deterministic: derive keys, masks, rounding and noise from ``seed`` (tests only).
+        privacy_engine: your own ``opacus.PrivacyEngine``, after your ``make_private[_with_epsilon]``
+            call: fedveil loads each round's global weights into the wrapped module, computes the update
+            from it, and reads the site's ε from the engine's accountant (reported, and held to the
+            job's local target ε); ``rnd.privatize`` then returns its arguments unchanged.
+
+    Raises:
+        fedveil.model_spec.ModelMismatchError: at Join, ``model`` does not fit the job's model (the
+            first differing parameter and both shapes named).
+        fedveil.dp.compat.UnsupportedLayerError: at Join of a ``--dp local`` job, ``model`` has a layer
+            DP-SGD cannot train (its path and the remedy named).
     """
     resolved = load_task(task) if isinstance(task, str) else task
+    if model is None and resolved is None:
+        raise ValueError("model: give your nn.Module (model=...), or a turnkey task (task=...)")
     if transport is None:
         if server is None:
             raise ValueError("server: required (HOST:PORT) unless a transport is given")
@@ -132,10 +147,17 @@ def federate(
                             policy=site_policy(policy, authority=authority, revocations=revocations,
                                                trust_server=trust_server),
                             credential=load_credential_arg(credential), state_path=Path(state) if state else None,
-                            insecure_deterministic=insecure_deterministic)
+                            insecure_deterministic=insecure_deterministic, privacy_engine=privacy_engine)
     if backoff is not None:
         options.backoff = backoff
-    return Federation(transport, resolved.name, model if model is not None else resolved.build_model(), options)
+    if privacy_engine is not None:
+        from fedveil.clients.local_dp import EngineDpClient
+
+        EngineDpClient(privacy_engine)  # refuse a wrong object now, not at the first round
+    if model is None:
+        assert resolved is not None
+        model = resolved.build_model()
+    return Federation(transport, resolved.name if resolved is not None else "", model, options)
 
 
 def site_policy(policy: SitePolicy | None, *, authority: str | Path | None = None,

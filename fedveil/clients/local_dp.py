@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedveil.dp.events import SubsampledGaussianEvent
+from fedveil.dp.ledger import BudgetExceededError
 from fedveil.dp.local import LocalDPConfig, LocalDPSession
 from fedveil.protocol import fedveil_pb2 as pb
 
@@ -54,8 +56,9 @@ class LocalDpClient:
     def active(self) -> bool:
         return self._wrapped is not None
 
-    def finish_round(self) -> dict[str, torch.Tensor]:
-        """Account the round and return the trained model's plain state dict."""
+    def finish_round(self, trained: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """Account the round and return the trained model's plain state dict (of the model this
+        client wrapped; ``trained`` is the loop's handle on it and is not needed here)."""
         if self.session is None or self._wrapped is None:
             raise RuntimeError("finish_round() without privatize()")
         state = self.session.finish_round(self._wrapped)
@@ -81,3 +84,85 @@ class LocalDpClient:
             steps=self._last_steps,
             accountant=cfg.accountant,
         )
+
+
+class EngineDpClient:
+    """A site that keeps its own Opacus code: ``federate(..., privacy_engine=engine)``.
+
+    The site called ``PrivacyEngine.make_private[_with_epsilon]`` itself; the engine's accountant
+    (one for the site's lifetime, as Opacus keeps it) is the site's sample-level ledger. Each round's
+    steps are read from the accountant's history (the difference since the round began), so the
+    site's own state records the round's DP-SGD event as it does for ``rnd.privatize``. ``delta`` is
+    the job's local-DP δ (Opacus's engine does not keep the δ it was made private for).
+    """
+
+    def __init__(self, engine: Any) -> None:
+        accountant = getattr(engine, "accountant", None)
+        if accountant is None or not callable(getattr(accountant, "get_epsilon", None)):
+            raise TypeError(
+                f"privacy_engine: expected an opacus.PrivacyEngine (got {type(engine).__name__})")
+        self.engine = engine
+        self.delta = 1e-5
+        self.target_epsilon = 0.0
+        self.rounds_completed = 0
+        self._steps_at_start = 0
+        self._last_event: SubsampledGaussianEvent | None = None
+        self._last_steps = 0
+
+    def begin_round(self, params: pb.LocalDpParams) -> None:
+        """Note the job's δ and target ε and where the accountant stands before the round's training;
+        raise :class:`BudgetExceededError` when the site's ε already reached the job's target."""
+        if params.delta > 0:
+            self.delta = float(params.delta)
+        self.target_epsilon = float(params.target_epsilon)
+        self._steps_at_start = self._total_steps()
+        spent = self.epsilon()
+        if self.target_epsilon > 0 and spent >= self.target_epsilon:
+            raise BudgetExceededError(party="site", round_index=self.rounds_completed, epsilon_before=spent,
+                                      epsilon_after=spent, budget=self.target_epsilon, delta=self.delta)
+
+    def privatize(self, params: pb.LocalDpParams, model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any,
+                  local_epochs: int = 1) -> tuple[Any, Any, Any]:
+        """The site's objects are private already (its own ``make_private`` call): returned unchanged."""
+        return model, optimizer, loader
+
+    def epsilon(self) -> float:
+        return float(self.engine.accountant.get_epsilon(delta=self.delta))
+
+    def over_budget(self) -> str:
+        """Why the round just trained may not be released ("" when it may): ε past the job's target."""
+        spent = self.epsilon()
+        if self.target_epsilon > 0 and spent > self.target_epsilon * (1.0 + 1e-9):
+            return (f"the site's Opacus accountant is at ε = {spent:.3f} (δ = {self.delta:g}), past the job's "
+                    f"local target ε = {self.target_epsilon:g}")
+        return ""
+
+    def finish_round(self, trained: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """The round's steps (from the accountant) as its event; the trained model's state dict."""
+        if trained is None:
+            raise ValueError("model: the trained model is needed to compute the update")
+        history = list(getattr(self.engine.accountant, "history", []))
+        steps = self._total_steps() - self._steps_at_start
+        self._last_event = None
+        if steps > 0 and history:
+            noise, rate, _ = history[-1]
+            self._last_event = SubsampledGaussianEvent(float(rate), float(noise), int(steps))
+        self._last_steps = max(steps, 0)
+        self.rounds_completed += 1
+        return {k: v.detach().clone() for k, v in trained.state_dict().items()}
+
+    @property
+    def last_event(self) -> SubsampledGaussianEvent | None:
+        return self._last_event
+
+    def spend(self) -> pb.LocalPrivacySpend | None:
+        if self.rounds_completed == 0:
+            return None
+        history = list(getattr(self.engine.accountant, "history", []))
+        noise, rate = (float(history[-1][0]), float(history[-1][1])) if history else (0.0, 0.0)
+        return pb.LocalPrivacySpend(epsilon=self.epsilon(), delta=self.delta, noise_multiplier=noise,
+                                    sample_rate=rate, steps=self._last_steps,
+                                    accountant=str(self.engine.accountant.mechanism()))
+
+    def _total_steps(self) -> int:
+        return sum(int(entry[2]) for entry in getattr(self.engine.accountant, "history", []))

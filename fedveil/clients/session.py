@@ -43,6 +43,7 @@ import fedveil
 from fedveil.clients import participation
 from fedveil.clients.admission import Admission
 from fedveil.clients.backoff import Backoff, BackoffPolicy
+from fedveil.clients.model_check import check_site_model, check_trainable
 from fedveil.clients.participation import RoundLost
 from fedveil.clients.policy import PolicyViolation, SitePolicy, check_job
 from fedveil.clients.privacy import SitePrivacy
@@ -55,7 +56,9 @@ from fedveil.clients.update import (
     model_delta,
     seed_int,
 )
+from fedveil.dp.ledger import BudgetExceededError
 from fedveil.errors import FedveilError
+from fedveil.model_spec import ModelMismatchError, ModelSpec
 from fedveil.protocol import PROTOCOL_VERSION
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.protocol.codec import model_vector
@@ -71,7 +74,6 @@ from fedveil.protocol.errors import (
     Unavailable,
 )
 from fedveil.protocol.transport import ClientSession, Transport
-from fedveil.task import model_to_vector, vector_to_model
 
 log = logging.getLogger("fedveil.client")
 
@@ -128,6 +130,9 @@ class ClientOptions:
     credential: bytes = b""
     state_path: Path | None = None
     insecure_deterministic: bool = False
+    privacy_engine: Any = None
+    """The site's own ``opacus.PrivacyEngine`` after its ``make_private[_with_epsilon]`` call: the site
+    keeps its Opacus code, fedveil reads its ε from the engine's accountant."""
 
     def private_seed(self) -> bytes:
         if self.seed is None:
@@ -162,7 +167,7 @@ class Round:
         self.number = int(start.round)
         self.total_rounds = federation.total_rounds
         self.model = model
-        self.global_vector = model_to_vector(model).copy()
+        self.global_vector = federation.spec.vector(model).copy()
         self.learning_rate = float(start.training.learning_rate)
         self.batch_size = int(start.training.batch_size)
         self.local_epochs = int(start.training.local_epochs)
@@ -178,13 +183,22 @@ class Round:
     def privatize(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any) -> tuple[Any, Any, Any]:
         """Wrap ``(model, optimizer, loader)`` for local DP-SGD when the job uses local DP.
 
-        Returns them unchanged in every other DP mode, so a loop can always call it. The
+        Returns them unchanged in every other DP mode (and when the site passed its own
+        ``privacy_engine``), so a loop can always call it. The model goes into train mode first (a
+        ``test()`` run may have left it in eval mode). Everything that would make the round
+        unsubmittable is checked before the first step, so no budget is spent on it: a layer DP-SGD
+        cannot train raises :class:`fedveil.dp.compat.UnsupportedLayerError` naming the layer and
+        the remedy, and a model that does not fit the job's model raises
+        :class:`fedveil.model_spec.ModelMismatchError` naming the first differing parameter. The
         client's own accountant (one across all rounds) records the steps taken. With a target
         ε, a round the remaining budget cannot afford raises
         :class:`fedveil.dp.ledger.BudgetExceededError` here, before any training; the loop can
         then :meth:`decline` the round (as :func:`fedveil.clients.run_client` does).
         """
-        if self.dp_mode != "local":
+        model.train()
+        if self.dp_mode != "local" or self._federation.options.privacy_engine is not None:
+            self._federation.spec.check(model)
+            self._privatized = (model, optimizer, loader) if self.dp_mode == "local" else None
             return model, optimizer, loader
         # A loop that rebinds its names (``model, optimizer, loader = rnd.privatize(...)``) hands
         # last round's wrapped objects back: privatize the originals again instead.
@@ -192,6 +206,8 @@ class Round:
         model = originals.get(id(model), model)
         optimizer = originals.get(id(optimizer), optimizer)
         loader = originals.get(id(loader), loader)
+        model.train()
+        check_trainable(model, self._federation.spec)
         wrapped = self._federation._local_dp().privatize(
             self._start.dp.local, model, optimizer, loader, local_epochs=self.local_epochs or 1
         )
@@ -219,7 +235,15 @@ class Round:
                 "rnd.privatize(model, optimizer, loader) before training, then submit"
             )
         trained = model if model is not None else self.model
-        self.outcome = self._federation._finish_round(self, trained, num_examples)
+        fed = self._federation
+        if fed.options.privacy_engine is not None and self._privatized is not None:
+            over = fed._local_dp().over_budget()
+            if over:  # the steps were taken (and are accounted), but the update is not released
+                fed._account_local_dp(self, trained)
+                fed._sit_out(self, over, "declined")
+                assert self.outcome is not None
+                return self.outcome
+        self.outcome = fed._finish_round(self, trained, num_examples)
         return self.outcome
 
     def decline(self, reason: str) -> RoundOutcome:
@@ -275,6 +299,8 @@ class Federation:
         self._local_dp_session: Any = None
         self._dp_originals: dict[int, Any] = {}
         self._dp_wrapped: Any = None
+        self.spec = ModelSpec.of(model)
+        """The job's model by name (from ``JobInfo.model`` at Join; the site's own model's until then)."""
         self._sitting_out: tuple[int, bytes] = (0, b"")
         """(round, nonce) of the round attempt this client dropped out of without submitting."""
         self._closed = False
@@ -299,6 +325,12 @@ class Federation:
                 if start.purpose == pb.ROUND_PURPOSE_EVALUATE:
                     rnd.outcome = self._finish_round(rnd, None, None)
                     continue
+                if self.options.privacy_engine is not None:
+                    try:  # the site's own Opacus accountant against the job's local target, before training
+                        self._local_dp().begin_round(start.dp.local)
+                    except BudgetExceededError as err:
+                        self._sit_out(rnd, f"local privacy budget exhausted: {err}", "declined")
+                        continue
                 yield rnd
                 if rnd.outcome is None:
                     self._sit_out(rnd, "the loop did not call submit()")
@@ -410,6 +442,8 @@ class Federation:
             check_job(self.policy, response.job)
         except PolicyViolation as err:
             raise ClientError(f"this site's policy refuses the job: {err}") from None
+        self.spec = check_site_model(response.job, self.model,
+                                     own_privacy_engine=self.options.privacy_engine is not None)
         self._session = ClientSession.from_join(response)
         self.client_name = response.client_name
         self.job = response.job
@@ -501,12 +535,11 @@ class Federation:
             self.history.append(RoundOutcome(int(start.round), "declined", f"policy: {err}"))
             return None
         try:
-            vector_to_model(vector, self.model)
-        except ValueError as err:
-            raise ClientError(
-                f"round {start.round}: the server's model does not fit this client's model ({err}); "
-                f"is the client running the job's task ({self.task_name})?"
-            ) from None
+            self.spec.load(vector, self.model)
+        except ModelMismatchError as err:
+            raise ClientError(f"round {start.round}: the server's model does not fit the job's model it "
+                              f"announced at Join ({err})") from None
+        self.model.train()  # the user's own test() may have left it in eval mode
         assert self.run_id is not None
         self.state.joined(self.run_id, int(start.round))
         attempt = self.state.record(self.run_id, int(start.round)).attempts
@@ -575,9 +608,9 @@ class Federation:
                      "request(s) of this job", self.policy.max_evaluations_per_job)
         elif self.options.evaluate is not None and self.policy.evaluation == "clear":
             try:
-                vector_to_model(model_vector(evaluate.model), self.model)
+                self.spec.load(model_vector(evaluate.model), self.model)
                 metrics = self._run_evaluate()
-            except (MalformedMessage, ValueError) as err:
+            except (MalformedMessage, ModelMismatchError) as err:
                 log.error("final evaluation skipped: unusable model from the server (%s)", err)
         elif self.options.evaluate is not None:
             log.info("per-site evaluation in the clear refused by this site's policy (evaluation=%s)",
@@ -599,6 +632,10 @@ class Federation:
             self.model.train(training)
 
     def _local_dp(self) -> Any:
+        if self._local_dp_session is None and self.options.privacy_engine is not None:
+            from fedveil.clients.local_dp import EngineDpClient
+
+            self._local_dp_session = EngineDpClient(self.options.privacy_engine)
         if self._local_dp_session is None:
             from fedveil.clients.local_dp import LocalDpClient
 
@@ -606,6 +643,15 @@ class Federation:
                 if self.options.insecure_deterministic else None
             self._local_dp_session = LocalDpClient(seed=seed)
         return self._local_dp_session
+
+    def _account_local_dp(self, rnd: Round, trained: nn.Module) -> np.ndarray:
+        """Close the round's DP-SGD: its event goes into the site's own ledger; the trained model's vector
+        (by name, Opacus detached) comes back."""
+        local = self.spec.vector(self._local_dp().finish_round(trained))
+        event = self._local_dp().last_event
+        if event is not None and self.run_id is not None:
+            self.state.trained_with_local_dp(self.run_id, rnd.number, event)
+        return local
 
     def _finish_round(self, rnd: Round, trained: nn.Module | None, num_examples: int | None) -> RoundOutcome:
         """Encode the trained model's update (``trained`` None: an evaluation-only round) and run the
@@ -619,13 +665,10 @@ class Federation:
         if trained is not None:
             spend = None
             if rnd._privatized is not None:
-                local = model_to_vector(self._local_dp().finish_round())  # plain state dict, Opacus detached
+                local = self._account_local_dp(rnd, trained)
                 spend = self.local_privacy
-                event = self._local_dp().last_event
-                if event is not None and self.run_id is not None:
-                    self.state.trained_with_local_dp(self.run_id, rnd.number, event)
             else:
-                local = model_to_vector(trained)
+                local = self.spec.vector(trained)
             clear = rnd._metrics if (rnd._metrics is not None and not start.encoding.evaluation.dimension) else None
             if clear is not None or spend is not None:
                 # this site's own DP-SGD spend (a claim the server labels as reported by the site), and

@@ -154,7 +154,12 @@ def _job_fields(opts: dict[str, Any]) -> dict[str, Any]:
             given = context.get_parameter_source(setting.parameter) not in (ParameterSource.DEFAULT, None)
             if setting.field in from_file and not given:
                 fields[setting.field] = from_file[setting.field]
-    for name in ("task", "rounds", "clients_per_round"):
+    fields["task"], fields["model"] = fields["task"] or "", fields["model"] or ""
+    if bool(fields["task"]) == bool(fields["model"]):
+        fail("--model" if fields["model"] else "--task",
+             "give the job's model file (--model) or a task (--task), one of the two (or model or task in the "
+             "[job] section of --config)")
+    for name in ("rounds", "clients_per_round"):
         if fields[name] is None:
             fail("--" + name.replace("_", "-"), f"required: give the flag, or {name} in the [job] section of --config")
     if fields["min_clients"] is None:
@@ -168,7 +173,10 @@ def _job_fields(opts: dict[str, Any]) -> dict[str, Any]:
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="A job file (TOML, sections job/schedule/secagg/privacy/training/evaluation, keys named as "
                    "the flags with '_'); flags given on the command line override it.")
-@click.option("--task", default=None, help="The task, module:attr (e.g. fedveil.tasks.synthetic:task).  [required]")
+@click.option("--task", default=None, help="The task, module:attr (e.g. fedveil.tasks.synthetic:task), for "
+              "turnkey CSV clients; loop jobs give --model instead.")
+@click.option("--model", "model_file", default=None, help="The job's model file (names, shapes, dtypes, initial "
+              "values; fedveil.save_initial_model or fedveil init-model): the server imports no user code.")
 @click.option("--rounds", type=int, default=None, help="Number of rounds.  [required]")
 @click.option("--clients-per-round", type=int, default=None, help="Cohort size K.  [required]")
 @click.option("--min-clients", type=int, default=None, help="Smallest cohort M to start a round [default: K].")
@@ -253,6 +261,7 @@ def server_command(**opts: Any) -> NoReturn:
 
     Once the job has run the command ends its process (see ``exit_within``): 0 when the job
     completed or spent its privacy budget, 130 when a signal stopped it, 1 when it failed."""
+    from fedveil.model_file import ModelFileError, model_file_task
     from fedveil.protocol.tls import TlsConfigError, plaintext_refusal, read_pem
     from fedveil.server.config import ServerConfig, ServerConfigError
     from fedveil.server.coordinator import JobError
@@ -295,10 +304,16 @@ def server_command(**opts: Any) -> NoReturn:
         except TlsConfigError as err:
             fail_from(err, "--tls-cert")
     fields = _job_fields(opts)
-    try:
-        task = load_task(fields["task"])
-    except TaskLoadError as err:
-        fail_from(err, "--task")
+    if fields["model"]:
+        try:
+            task = model_file_task(fields["model"])
+        except ModelFileError as err:
+            fail("--model", str(err))
+    else:
+        try:
+            task = load_task(fields["task"])
+        except TaskLoadError as err:
+            fail_from(err, "--task")
     authority, revocations = _load_authority(opts["authority_path"], opts["revocations_path"])
     try:
         config = ServerConfig(

@@ -56,12 +56,8 @@ from fedveil.dp.accounting import (
     make_accountant,
     solve_noise_multiplier,
 )
+from fedveil.dp.compat import UnsupportedLayerError, make_dp_compatible
 from fedveil.dp.ledger import BudgetExceededError
-from fedveil.errors import FedveilError
-
-
-class UnsupportedLayerError(FedveilError, ValueError):
-    """The model contains layers DP-SGD cannot train (e.g. BatchNorm mixes examples in a batch)."""
 
 
 @dataclass(frozen=True)
@@ -337,19 +333,6 @@ class LocalDPSession:
         group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
         rebuilt = type(optimizer)(fixed.parameters(), **group)
         return fixed, rebuilt
-
-
-def make_dp_compatible(model: nn.Module) -> nn.Module:
-    """Return a copy of ``model`` with layers DP-SGD cannot train replaced by Opacus's
-    ``ModuleValidator.fix`` (BatchNorm → GroupNorm, LSTM → DPLSTM, ...). Raises
-    :class:`UnsupportedLayerError` listing what cannot be fixed."""
-    fixed = ModuleValidator.fix(model)
-    remaining = ModuleValidator.validate(fixed, strict=False)
-    if remaining:
-        raise UnsupportedLayerError(
-            "the model has layers DP-SGD cannot train and Opacus cannot fix automatically: " + _summarize(remaining)
-        )
-    return fixed
 
 
 def strip_module_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -82,12 +82,14 @@ class Ack(_message.Message):
     def __init__(self, round: _Optional[int] = ..., stage: _Optional[_Union[Stage, str]] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
-    __slots__ = ("name", "shape")
+    __slots__ = ("name", "shape", "dtype")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
     name: str
     shape: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+    dtype: str
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class Model(_message.Message):
     __slots__ = ("version", "tensors", "data", "sha256", "size_bytes")
@@ -166,7 +168,7 @@ class JoinResponse(_message.Message):
     def __init__(self, session_id: _Optional[bytes] = ..., run_id: _Optional[str] = ..., client_name: _Optional[str] = ..., job: _Optional[_Union[JobInfo, _Mapping]] = ..., poll_interval_ms: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
 
 class JobInfo(_message.Message):
-    __slots__ = ("task_name", "total_rounds", "completed_rounds", "clients_per_round", "min_clients", "secagg_graph", "dp_mode", "active_adversary", "consortium", "evaluation", "max_corrupt_fraction")
+    __slots__ = ("task_name", "total_rounds", "completed_rounds", "clients_per_round", "min_clients", "secagg_graph", "dp_mode", "active_adversary", "consortium", "evaluation", "max_corrupt_fraction", "model")
     TASK_NAME_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     COMPLETED_ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -178,6 +180,7 @@ class JobInfo(_message.Message):
     CONSORTIUM_FIELD_NUMBER: _ClassVar[int]
     EVALUATION_FIELD_NUMBER: _ClassVar[int]
     MAX_CORRUPT_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     task_name: str
     total_rounds: int
     completed_rounds: int
@@ -189,7 +192,8 @@ class JobInfo(_message.Message):
     consortium: str
     evaluation: str
     max_corrupt_fraction: float
-    def __init__(self, task_name: _Optional[str] = ..., total_rounds: _Optional[int] = ..., completed_rounds: _Optional[int] = ..., clients_per_round: _Optional[int] = ..., min_clients: _Optional[int] = ..., secagg_graph: _Optional[str] = ..., dp_mode: _Optional[str] = ..., active_adversary: _Optional[bool] = ..., consortium: _Optional[str] = ..., evaluation: _Optional[str] = ..., max_corrupt_fraction: _Optional[float] = ...) -> None: ...
+    model: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    def __init__(self, task_name: _Optional[str] = ..., total_rounds: _Optional[int] = ..., completed_rounds: _Optional[int] = ..., clients_per_round: _Optional[int] = ..., min_clients: _Optional[int] = ..., secagg_graph: _Optional[str] = ..., dp_mode: _Optional[str] = ..., active_adversary: _Optional[bool] = ..., consortium: _Optional[str] = ..., evaluation: _Optional[str] = ..., max_corrupt_fraction: _Optional[float] = ..., model: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
 
 class PollRequest(_message.Message):
     __slots__ = ("header", "max_wait_ms")

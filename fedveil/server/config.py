@@ -133,13 +133,17 @@ class ServerConfig:
     max_evaluations_per_job: int = 1
     linger: float = 5.0
     poll_wait: float = 10.0
+    model: str = ""
+    """The job's model file (``--model``, from ``fedveil.save_initial_model``) instead of ``task``: the
+    server then imports no user code (loop jobs); ``task`` is "" then."""
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, message: str) -> None:
             if not ok:
                 raise ServerConfigError(_flag(name), f"{message} (got {getattr(self, name)!r})")
 
-        need(bool(self.task), "task", "must name a task (module:attr)")
+        need(bool(self.task) or bool(self.model), "task", "must name a task (module:attr), or give --model")
+        need(not (self.task and self.model), "model", f"give --model or --task, not both (--task {self.task!r})")
         need(self.rounds >= 1, "rounds", "must be at least 1")
         need(isinstance(self.max_evaluations_per_job, int) and 0 <= self.max_evaluations_per_job <= 1000,
              "max_evaluations_per_job", "must be an integer in 0..1000 (sites answer at most their own cap)")

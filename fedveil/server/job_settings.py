@@ -68,7 +68,8 @@ def _s(field: str, section: str, **kw: Any) -> Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    _s("task", "job"), _s("rounds", "job"), _s("clients_per_round", "job"), _s("min_clients", "job"),
+    _s("task", "job"), Setting("model", "job", "--model", param="model_file"),
+    _s("rounds", "job"), _s("clients_per_round", "job"), _s("min_clients", "job"),
     _s("seed", "job"), _s("insecure_deterministic", "job"),
     _s("round_timeout", "schedule"), _s("stage_timeout", "schedule"), _s("cohort_wait", "schedule"),
     _s("linger", "schedule"), _s("poll_wait", "schedule"), _s("max_round_attempts", "schedule"),
@@ -123,7 +124,7 @@ def command_line(config: ServerConfig) -> list[str]:
                 argv.append(s.flag)
             elif s.off_flag is not None:
                 argv.append(s.off_flag)
-        elif value is not None:
+        elif value is not None and value != "":
             argv += [s.flag, repr(value) if isinstance(value, float) else str(value)]
     return argv
 

@@ -288,7 +288,8 @@ class SecAggBridgeMixin(CoordinatorBase):
 
     def _model_entry(self) -> tuple[int, pb.Model, pb.Model, bytes]:
         if self._model_cache is None or self._model_cache[0] != self.model.version:
-            full = model_message(self.model.params, self.model.version)
+            full = model_message(self.model.params, self.model.version,
+                                 [(t.name, t.shape) for t in self.model_spec.tensors])
             stripped = pb.Model(version=full.version, tensors=full.tensors, sha256=full.sha256,
                                 size_bytes=full.size_bytes)
             self._model_cache = (self.model.version, full, stripped, full.data)

@@ -67,7 +67,7 @@ class SessionsMixin(CoordinatorBase):
             raise Incompatible(
                 f"protocol_version: the server speaks version {PROTOCOL_VERSION}, the client {request.protocol_version}"
             )
-        if request.task_name != self.task.name:
+        if request.task_name and request.task_name != self.task.name:
             raise Incompatible(
                 f"task_name: the server runs task {self.task.name!r}, the client has {request.task_name!r}"
             )

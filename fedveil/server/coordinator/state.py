@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedveil.errors import FedveilError
 from fedveil.metrics import DEFAULT_METRICS
+from fedveil.model_spec import ModelSpec
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.secagg import errors as sa_errors
 from fedveil.secagg import messages as sa
@@ -29,7 +30,7 @@ from fedveil.server.round_plan import RoundPlan
 from fedveil.server.store import RunStore
 from fedveil.server.training import GlobalModel
 from fedveil.server.uploads import UploadBook
-from fedveil.task import Task, model_to_vector
+from fedveil.task import Task
 
 log = logging.getLogger("fedveil.server")
 
@@ -272,7 +273,10 @@ class CoordinatorBase:
         assert self.config.seed is not None
         self.seed = int(self.config.seed)
         torch.manual_seed(self.seed)
-        initial = model_to_vector(self.task.build_model())
+        built = self.task.build_model()
+        self.model_spec = ModelSpec.of(built)
+        """The job's model by name: sent at Join, the layout of every model and update vector."""
+        initial = self.model_spec.vector(built)
         self.model = GlobalModel(self.config, initial, self.seed)
         self.finished: dict[str, Any] | None = None
         if mode in ("resume", "finished") and latest is not None:
@@ -328,6 +332,7 @@ class CoordinatorBase:
             clients_per_round=cfg.clients_per_round, min_clients=cfg.min_clients, secagg_graph=cfg.secagg,
             dp_mode=cfg.dp, active_adversary=cfg.active_adversary, consortium=cfg.consortium,
             evaluation=self._evaluation_mode, max_corrupt_fraction=cfg.max_corrupt_fraction,
+            model=self.model_spec.to_proto(),  # type: ignore[arg-type]
         )
 
     def max_message_bytes(self) -> int:
