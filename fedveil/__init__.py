@@ -12,8 +12,8 @@ One front door per user, each a single call with sensible defaults:
   [`make_dp_compatible`][fedveil.dp.compat.make_dp_compatible] makes a model DP-SGD-trainable;
 - the job's operator: [`serve`][fedveil.front_doors.serve] runs a job behind gRPC until it completes;
 - trying it out: [`simulate`][fedveil.front_doors.simulate] runs a whole federation on this machine;
-- a privacy officer: [`compute_epsilon`][fedveil.dp.accounting.compute_epsilon],
-  [`solve_noise_multiplier`][fedveil.dp.accounting.solve_noise_multiplier], and
+- a privacy officer: [`compute_epsilon`][fedveil.dp.calibration.compute_epsilon],
+  [`solve_noise_multiplier`][fedveil.dp.calibration.solve_noise_multiplier], and
   [`build_report`][fedveil.dp.report.build_report] over
   [`load_ledger`][fedveil.front_doors.load_ledger] (a ledger file or a server's run store).
 
@@ -29,7 +29,7 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # what IDEs and type checkers see; at run time __getattr__ imports on first use
     from fedveil.clients.api import federate
-    from fedveil.dp.accounting import compute_epsilon, solve_noise_multiplier
+    from fedveil.dp.calibration import compute_epsilon, solve_noise_multiplier
     from fedveil.dp.compat import make_dp_compatible
     from fedveil.dp.report import build_report
     from fedveil.front_doors import load_ledger, serve, simulate
@@ -52,8 +52,8 @@ _FRONT_DOORS: dict[str, str] = {
     "serve": "fedveil.front_doors",
     "simulate": "fedveil.front_doors",
     "load_ledger": "fedveil.front_doors",
-    "compute_epsilon": "fedveil.dp.accounting",
-    "solve_noise_multiplier": "fedveil.dp.accounting",
+    "compute_epsilon": "fedveil.dp.calibration",
+    "solve_noise_multiplier": "fedveil.dp.calibration",
     "build_report": "fedveil.dp.report",
     "save_initial_model": "fedveil.model_file",
     "make_dp_compatible": "fedveil.dp.compat",

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from fedveil.cli import main
-from fedveil.dp.accounting import RdpCurveEvent, SubsampledGaussianEvent, compute_epsilon
+from fedveil.dp.accounting import RdpCurveEvent, SubsampledGaussianEvent
+from fedveil.dp.calibration import compute_epsilon
 from fedveil.dp.ledger import LedgerConfig, PrivacyLedger
 
 COMPUTE = [

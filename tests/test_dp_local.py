@@ -11,7 +11,8 @@ from opacus.accountants import RDPAccountant as OpacusRDP
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedveil.dp.accounting import DEFAULT_ORDERS, RDPAccountant, SubsampledGaussianEvent, compute_epsilon
+from fedveil.dp.accounting import DEFAULT_ORDERS, RDPAccountant, SubsampledGaussianEvent
+from fedveil.dp.calibration import compute_epsilon
 from fedveil.dp.ledger import BudgetExceededError
 from fedveil.dp.local import LocalDPConfig, LocalDPSession, UnsupportedLayerError, make_dp_compatible
 

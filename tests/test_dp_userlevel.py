@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from scipy import stats
 
-from fedveil.dp.accounting import RDPAccountant, compute_epsilon
+from fedveil.dp.accounting import RDPAccountant
+from fedveil.dp.calibration import compute_epsilon
 from fedveil.dp.central import (
     CentralGaussianMechanism,
     DPFedAvg,

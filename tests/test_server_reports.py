@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedveil.demo import healthcare
-from fedveil.dp.accounting import compute_epsilon
 from fedveil.dp.bounded import WorkBound
+from fedveil.dp.calibration import compute_epsilon
 from fedveil.dp.report import build_report, render_text, report_to_dict
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.protocol.errors import MalformedMessage, ProtocolError

@@ -115,7 +115,7 @@ def noise_cmd(
     if not math.isfinite(target_epsilon) or target_epsilon <= 0.0:
         fail("--target-epsilon", f"must be a finite number > 0 (got {target_epsilon:g})")
     _check_common(sample_rate, steps, delta, accountant)
-    from fedveil.dp.accounting import solve_noise_multiplier
+    from fedveil.dp.calibration import solve_noise_multiplier
 
     try:
         with warnings.catch_warnings():

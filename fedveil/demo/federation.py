@@ -166,7 +166,7 @@ class _RoundObserver:
 
 def server_config(settings: FederationSettings, recipe: Recipe, n_hospitals: int) -> Any:
     """The coordinator's job configuration for this run."""
-    from fedveil.dp.accounting import solve_noise_multiplier
+    from fedveil.dp.calibration import solve_noise_multiplier
     from fedveil.server.config import ServerConfig
 
     k = settings.hospitals_per_round

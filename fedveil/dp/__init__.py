@@ -69,7 +69,6 @@ from fedveil.dp.accounting import (
     DEFAULT_ORDERS,
     REPLACE_ONE,
     DpEvent,
-    NoiseSolution,
     PLDAccountant,
     PrivacyAccountant,
     PRVAccountant,
@@ -79,11 +78,10 @@ from fedveil.dp.accounting import (
     SubsampledGaussianEvent,
     UnsupportedEventError,
     accountant_from_state_dict,
-    compute_epsilon,
     event_from_dict,
     make_accountant,
-    solve_noise_multiplier,
 )
+from fedveil.dp.calibration import NoiseSolution, compute_epsilon, solve_noise_multiplier
 from fedveil.dp.ledger import (
     FEDERATION,
     BudgetExceededError,

@@ -54,8 +54,8 @@ from fedveil.dp.accounting import (
     SubsampledGaussianEvent,
     check_delta,
     make_accountant,
-    solve_noise_multiplier,
 )
+from fedveil.dp.calibration import solve_noise_multiplier
 from fedveil.dp.compat import UnsupportedLayerError, make_dp_compatible
 from fedveil.dp.ledger import BudgetExceededError
 
