@@ -13,12 +13,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from fedveil.dp.accounting import (
-    RDPAccountant,
-    SubsampledGaussianEvent,
-    compute_epsilon,
-    solve_noise_multiplier,
-)
+from fedveil.dp.accounting import RDPAccountant, SubsampledGaussianEvent
+from fedveil.dp.calibration import compute_epsilon, solve_noise_multiplier
 from fedveil.dp.ledger import LedgerConfig, PrivacyLedger
 from fedveil.dp.report import build_report
 

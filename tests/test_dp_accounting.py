@@ -21,12 +21,11 @@ from fedveil.dp.accounting import (
     SubsampledGaussianEvent,
     UnsupportedEventError,
     accountant_from_state_dict,
-    compute_epsilon,
     event_from_dict,
     make_accountant,
     rdp_to_epsilon,
-    solve_noise_multiplier,
 )
+from fedveil.dp.calibration import compute_epsilon, solve_noise_multiplier
 
 DELTA = 1e-5
 
