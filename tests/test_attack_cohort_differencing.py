@@ -39,6 +39,7 @@ def _run(tmp_path: Path, tamper: Any, config: Any) -> tuple[Any, TamperingServer
     return summary, holder["s"], results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("renumber_to", [1, 0])
 def test_a_released_round_number_is_never_joined_again(tmp_path: Path, renumber_to: int) -> None:
     """Round 1 completes; the victim's RoundStart of round 2 is renumbered to 1 (or 0)."""

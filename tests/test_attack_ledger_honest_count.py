@@ -65,6 +65,7 @@ def _run(tmp_path: Path, tamper: Any, config: Any) -> tuple[Any, TamperingServer
     return summary, holder["s"], results, holder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rebind", [False, True])
 def test_a_larger_noise_share_shown_to_the_victim_alone_never_enters_its_ledger(tmp_path: Path, rebind: bool) -> None:
     """The server triples the per-site noise share in the victim's RoundStart only (and, with

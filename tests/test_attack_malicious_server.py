@@ -164,6 +164,7 @@ def test_a_cohort_below_the_sites_minimum_is_declined(tmp_path: Path) -> None:
 
 # -- grinding the Harary layout: the commit-then-reveal seed --------------------------------------
 
+@pytest.mark.slow
 def test_a_commitment_list_without_the_victims_own_commitment_gets_no_reveal(tmp_path: Path) -> None:
     def alter(resp: pb.PollResponse) -> pb.PollResponse:
         if resp.WhichOneof("instruction") == "commitments":

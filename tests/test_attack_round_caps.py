@@ -72,6 +72,7 @@ def _attack(tmp_path: Path, tamper: Any = None, *, config: Any = None, before: A
     return summary, holder["s"], results, errors
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("number", [0, 2, 7])
 def test_a_training_round_outside_the_jobs_rounds_is_declined(tmp_path: Path, number: int) -> None:
     """The job has one round; the server numbers the victim's round 0, 2 (R + 1) or 7."""
@@ -85,6 +86,7 @@ def test_a_training_round_outside_the_jobs_rounds_is_declined(tmp_path: Path, nu
     assert _sent_data(server) == []
 
 
+@pytest.mark.slow
 def test_a_server_that_later_announces_more_rounds_is_refused(tmp_path: Path) -> None:
     """The site joined this run for one round (its state file says so); the restarted server now
     announces three."""

@@ -178,6 +178,7 @@ def test_report_text_json_markdown(capsys: pytest.CaptureFixture[str], ledger_fi
     assert code == 0 and out.startswith("# Privacy report") and "| round |" in out
 
 
+@pytest.mark.slow
 def test_report_plot_writes_a_png(capsys: pytest.CaptureFixture[str], ledger_file: Path, tmp_path: Path) -> None:
     png = tmp_path / "eps.png"
     code, _, err = run(capsys, ["budget", "report", str(ledger_file), "--plot", str(png)])

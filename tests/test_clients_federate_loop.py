@@ -78,6 +78,7 @@ def start_turnkey(address: str, token: str, index: int) -> threading.Thread:
     return thread
 
 
+@pytest.mark.slow
 def test_an_existing_pytorch_loop_joins_over_grpc_and_the_global_model_learns(tmp_path: Path) -> None:
     address, tokens, server, out = start_server(job(rounds=4), tmp_path)
     helpers = [start_turnkey(address, tokens[i], i) for i in (1, 2)]

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedveil.cli import main
-from fedveil.clients.admission import guaranteed_distributed_event, own_noise_stddev
+from fedveil.clients.mechanisms import guaranteed_distributed_event, own_noise_stddev
 from fedveil.clients.policy import PolicyError, SitePolicy, build_policy
 from fedveil.clients.privacy import SitePrivacy
 from fedveil.clients.site_state import Release, SiteState, SiteStateError

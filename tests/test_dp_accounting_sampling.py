@@ -109,6 +109,7 @@ def test_the_server_accounts_the_sites_available_at_the_draw_not_the_enrolled() 
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_fixed_cohort_with_amplification_matches_dp_accounting_without_replacement() -> None:
     event, details = user_level_event(Z, 4, 10, sampling="fixed", amplification=True)
     assert event == SampledWithoutReplacementGaussianEvent(population=10, sample_size=4, noise_multiplier=Z)
@@ -138,6 +139,7 @@ def test_replace_one_sensitivity_is_twice_the_clip_norm() -> None:
     assert acc.get_epsilon(DELTA) == pytest.approx(dpa_rdp(times(G(Z / 2)), Rel.REPLACE_ONE), rel=1e-9)
 
 
+@pytest.mark.slow
 def test_poisson_sampling_with_amplification_matches_dp_accounting() -> None:
     event, details = user_level_event(Z, 4, 10, sampling="poisson", amplification=True)
     assert event == SubsampledGaussianEvent(0.4, Z) and details["relation"] == ADD_REMOVE
@@ -148,6 +150,7 @@ def test_poisson_sampling_with_amplification_matches_dp_accounting() -> None:
                                              rel=1e-3)
 
 
+@pytest.mark.slow
 def test_plain_rounds_then_sampled_rounds_compose_under_replace_one() -> None:
     """Rounds where every available site was taken, then rounds of 4 of 10: the whole history is
     re-expressed under replace-one (the plain rounds at z / 2), as dp-accounting composes it."""
@@ -170,6 +173,7 @@ def test_plain_rounds_then_sampled_rounds_compose_under_replace_one() -> None:
     assert acc.epsilon_after([sampled.with_steps(3)], DELTA) == pytest.approx(expected, rel=1e-9)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [5, 10, 40])
 def test_amplification_never_hurts_within_replace_one(n: int) -> None:
     """dp-accounting's without-replacement bound alone is looser than taking everyone for 4 of 5
@@ -200,6 +204,7 @@ def test_without_amplification_every_round_is_the_plain_gaussian(sampling: str) 
     assert ledger_epsilon([event] * ROUNDS).epsilon() == pytest.approx(dpa_rdp(times(G(Z))), rel=1e-9)
 
 
+@pytest.mark.slow
 def test_the_server_default_claims_no_amplification_and_refuses_a_claim_against_it() -> None:
     config = ServerConfig(task="t:t", rounds=3, clients_per_round=4, min_clients=2, dp="central",
                           dp_noise_multiplier=Z, dp_delta=DELTA)
@@ -269,6 +274,7 @@ def test_ledger_round_trip_keeps_events_relation_and_epsilon() -> None:
         ("population", None, "population must be an integer"),
     ],
 )
+@pytest.mark.slow
 def test_a_corrupt_without_replacement_event_is_refused_naming_the_field(field: str, value: object,
                                                                          message: str) -> None:
     ledger = ledger_epsilon([SampledWithoutReplacementGaussianEvent(10, 4, Z)])
@@ -281,6 +287,7 @@ def test_a_corrupt_without_replacement_event_is_refused_naming_the_field(field: 
         PrivacyLedger.from_dict(doc)
 
 
+@pytest.mark.slow
 def test_report_shows_the_sampling_of_every_round_in_every_format() -> None:
     plain, d1 = user_level_event(Z, 4, 4)
     sampled, d2 = user_level_event(Z, 4, 10)
@@ -331,6 +338,7 @@ def test_a_ledger_with_pld_refuses_the_round_and_records_nothing() -> None:
     "earlier",
     [SubsampledGaussianEvent(0.4, Z), RdpCurveEvent.from_function("distributed_skellam", lambda a: a / 2.0)],
 )
+@pytest.mark.slow
 def test_add_remove_only_events_do_not_mix_with_replace_one(earlier: object) -> None:
     acc = RDPAccountant()
     acc.compose(earlier)  # type: ignore[arg-type]

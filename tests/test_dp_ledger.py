@@ -38,6 +38,7 @@ def three_round_ledger(**config: object) -> PrivacyLedger:
     return ledger
 
 
+@pytest.mark.slow
 def test_cumulative_and_per_round_epsilon_match_direct_accounting() -> None:
     ledger = three_round_ledger()
     assert ledger.epsilon(FEDERATION) == pytest.approx(eps_direct(FED, 3), rel=1e-12)
@@ -51,6 +52,7 @@ def test_cumulative_and_per_round_epsilon_match_direct_accounting() -> None:
     assert ledger.rounds == [0, 1, 2]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [1, 4, 9])
 def test_budget_stop_fires_exactly_when_the_next_round_would_overspend(k: int) -> None:
     budget = eps_direct(FED, k)  # exactly what k rounds cost, computed independently
@@ -71,6 +73,7 @@ def test_budget_stop_fires_exactly_when_the_next_round_would_overspend(k: int) -
         ledger.check_budget(k, federation=FED)
 
 
+@pytest.mark.slow
 def test_budget_between_rounds_reports_what_is_left() -> None:
     budget = 0.5 * (eps_direct(FED, 3) + eps_direct(FED, 4))
     ledger = PrivacyLedger(LedgerConfig(federation_epsilon_budget=budget))
@@ -97,6 +100,7 @@ def test_client_budget_refuses_the_whole_round_all_or_nothing() -> None:
     assert ledger.epsilon("b") == pytest.approx(eps_direct(SGD_B, 3))
 
 
+@pytest.mark.slow
 def test_json_round_trip_preserves_everything() -> None:
     ledger = three_round_ledger(federation_epsilon_budget=50.0, client_epsilon_budget=40.0, client_delta=1e-4)
     ledger.record(3, federation=RdpCurveEvent.from_function("skellam", lambda a: a * 0.002, params={"mu": 40.0}))
@@ -141,6 +145,7 @@ def _valid_doc() -> dict:
         (lambda d: d["entries"].append(dict(d["entries"][0])), "comes before"),
     ],
 )
+@pytest.mark.slow
 def test_corrupt_ledgers_raise_a_named_error(mutate, fragment: str) -> None:
     doc = _valid_doc()
     mutate(doc)
@@ -189,6 +194,7 @@ def test_round_order_and_ids_are_validated() -> None:
     assert ledger.rounds == [0, 1, 2]
 
 
+@pytest.mark.slow
 def test_cancel_round_takes_back_the_federation_reservation_of_the_latest_round() -> None:
     ledger = three_round_ledger()
     assert ledger.cancel_round(2) == 1
@@ -203,6 +209,7 @@ def test_cancel_round_takes_back_the_federation_reservation_of_the_latest_round(
     assert ledger.epsilon() == pytest.approx(eps_direct(FED, 3))
 
 
+@pytest.mark.slow
 def test_report_figures_and_renderings() -> None:
     ledger = three_round_ledger(federation_epsilon_budget=10.0, client_epsilon_budget=8.0)
     report = build_report(ledger)

@@ -55,6 +55,7 @@ def train_rounds(session: LocalDPSession, rounds: int, model: nn.Module | None =
     return states
 
 
+@pytest.mark.slow
 def test_three_rounds_report_the_same_epsilon_as_direct_accounting() -> None:
     z = 1.3
     session = LocalDPSession(LocalDPConfig(max_grad_norm=1.0, noise_multiplier=z, seed=7))
@@ -93,6 +94,7 @@ def test_state_dicts_are_plain_and_training_changes_the_model() -> None:
     assert all(getattr(p, "grad_sample", None) is None for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_seeded_sessions_are_deterministic() -> None:
     a = train_rounds(LocalDPSession(LocalDPConfig(noise_multiplier=1.0, seed=5)), 2)
     b = train_rounds(LocalDPSession(LocalDPConfig(noise_multiplier=1.0, seed=5)), 2)
@@ -124,6 +126,7 @@ def test_seeded_session_on_cuda() -> None:  # pragma: no cover - CPU-only CI
     assert session.accountant.total_steps == N // BATCH
 
 
+@pytest.mark.slow
 def test_physical_batch_cap_keeps_logical_steps_and_epsilon() -> None:
     capped = LocalDPSession(LocalDPConfig(noise_multiplier=1.0, seed=3, max_physical_batch_size=4))
     model = make_model()
@@ -144,6 +147,7 @@ def test_physical_batch_cap_keeps_logical_steps_and_epsilon() -> None:
     assert capped.epsilon() == uncapped.epsilon()
 
 
+@pytest.mark.slow
 def test_target_epsilon_plans_noise_once_and_stops_at_the_budget() -> None:
     target = 3.0
     session = LocalDPSession(LocalDPConfig(target_epsilon=target, planned_rounds=3, seed=4))

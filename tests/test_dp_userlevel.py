@@ -113,6 +113,7 @@ finite = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, allow_infinit
     vector=hnp.arrays(np.float64, st.integers(1, 300), elements=finite),
     clip=st.floats(min_value=1e-6, max_value=1e6, allow_nan=False, allow_infinity=False),
 )
+@pytest.mark.slow
 def test_clipping_bounds_hold(vector: np.ndarray, clip: float) -> None:
     result = clip_update(vector, clip)
     norm = float(np.linalg.norm(vector))

@@ -44,6 +44,7 @@ def test_dir_lists_the_front_doors_and_import_stays_light_in_a_fresh_interpreter
     assert seen["heavy"] == [], f"import fedveil loaded {seen['heavy']}"
 
 
+@pytest.mark.slow
 def test_budget_front_doors_need_only_the_privacy_parameters() -> None:
     eps = fedveil.compute_epsilon(sample_rate=0.01, noise_multiplier=1.1, steps=10_000, delta=1e-5)
     assert eps == pytest.approx(5.632, abs=0.01)  # the RDP figure the docs quote
@@ -122,6 +123,7 @@ def test_serve_requires_tls_or_an_explicit_loopback_opt_out(tmp_path: Path) -> N
     assert not store.exists()  # refused before anything was created
 
 
+@pytest.mark.slow
 def test_serve_runs_a_job_over_tls_with_the_pinned_authority(tmp_path: Path) -> None:
     """The operator's front door end to end: TLS files, the authority file and the task named in the config
     are all it needs; three sites that pin the authority complete the job over real gRPC."""

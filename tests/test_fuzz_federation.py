@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -27,6 +28,7 @@ def rpc_and_edits() -> st.SearchStrategy[tuple[str, list]]:
     return st.sampled_from(FUZZED_RPCS).flatmap(for_rpc)
 
 
+@pytest.mark.slow
 def test_fuzzed_requests_from_an_enrolled_site_are_refused_cleanly_and_honest_sites_finish(tmp_path: Path) -> None:
     target = FederationUnderFuzz(tmp_path, honest=5, rounds=2).start()  # |2·v| stays inside the clip range
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import grpc
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -34,6 +35,7 @@ def payloads(target: FederationUnderFuzz) -> st.SearchStrategy[tuple[str, bytes,
     return st.sampled_from(FUZZED_RPCS).flatmap(for_rpc)
 
 
+@pytest.mark.slow
 def test_fuzzed_grpc_calls_never_end_in_internal_or_unknown(tmp_path: Path) -> None:
     target = FederationUnderFuzz(tmp_path, honest=5, rounds=2)
     store = target.store

@@ -195,6 +195,7 @@ def test_tls_and_token_authentication(fed: Federation_) -> None:
     t.close()
 
 
+@pytest.mark.slow
 def test_malformed_and_oversized_input_is_rejected_while_others_train(fed: Federation_) -> None:
     attacker = fed.transport("mallory")
     with pytest.raises(MalformedMessage, match="not a valid JoinRequest") as info:

@@ -78,6 +78,7 @@ def _fields(msg):
     return type(msg).__name__, out
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 @given(messages())
 def test_roundtrip_and_exact_size(msg):

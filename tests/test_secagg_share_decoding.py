@@ -33,6 +33,7 @@ def shared_secrets(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     return secret, xs, share(secret, xs, t), t
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None)
 @given(shared_secrets(), st.data())
 def test_up_to_half_the_spare_shares_wrong_are_located_and_the_secret_is_exact(case, data) -> None:

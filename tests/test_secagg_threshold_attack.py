@@ -200,6 +200,7 @@ def test_the_rule_stops_the_split_attack_with_the_cohorts_colluders(graph, n, de
         assert len(best.self_mask) == t and len(best.mask_key) <= h - t + c < t
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("graph,n,degree", CASES[:4])
 def test_the_old_majority_threshold_falls_to_the_same_attack(graph, n, degree):
     """t = ⌊h/2⌋ + 1 is the rule with c = 0 (max_corrupt_fraction = 0 makes SecAggConfig accept it

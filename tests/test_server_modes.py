@@ -106,6 +106,7 @@ def test_per_site_metrics_are_refused_unless_the_job_evaluates_in_the_clear(tmp_
     store.close()
 
 
+@pytest.mark.slow
 def test_local_dp_spend_reports_reach_the_ledger_and_the_budget_report(tmp_path: Path) -> None:
     names = ["x", "y"]
     coordinator, store = make_job(tmp_path, names, rounds=2, dp="local")

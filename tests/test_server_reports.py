@@ -89,6 +89,7 @@ def _local_job(tmp_path: Path, **overrides: Any) -> tuple[Any, RunStore]:
     ({"noise_multiplier": math.inf}, "privacy.noise_multiplier", "[1e-06, 1e+06] or 0"),
     ({"noise_multiplier": 1e-300}, "privacy.noise_multiplier", "[1e-06, 1e+06] or 0"),
 ])
+@pytest.mark.slow
 def test_a_noise_multiplier_out_of_range_is_invalid_and_the_retry_counts(
     tmp_path: Path, changes: dict[str, float], field: str, allowed: str
 ) -> None:
@@ -134,6 +135,7 @@ def test_num_examples_too_large_is_invalid_and_a_failed_store_leaves_the_retry_p
     store.close()
 
 
+@pytest.mark.slow
 def test_an_honest_report_is_verified_and_shown_as_the_servers_figure(tmp_path: Path) -> None:
     coordinator, store = _local_job(tmp_path)
     summary = run_job(coordinator, [_site(coordinator, "x", 0, HONEST), _site(coordinator, "y", 1, HONEST)])
@@ -154,6 +156,7 @@ def test_an_honest_report_is_verified_and_shown_as_the_servers_figure(tmp_path: 
         store.close()
 
 
+@pytest.mark.slow
 def test_an_implausible_noise_multiplier_is_unverified_not_shown_as_a_fact(tmp_path: Path) -> None:
     coordinator, store = _local_job(tmp_path)
     fake = _spend(noise_multiplier=1e6, epsilon=0.0)  # "my records are perfectly private"

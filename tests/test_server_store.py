@@ -65,6 +65,7 @@ def test_wrong_revoked_and_rotated_tokens_are_refused(tmp_path: Path) -> None:
             auth.authenticate(None, certificate_name="site1")
 
 
+@pytest.mark.slow
 def test_run_history_round_trips_through_a_reopen(tmp_path: Path) -> None:
     path = tmp_path / "run.db"
     model0 = np.arange(5, dtype=np.float32)

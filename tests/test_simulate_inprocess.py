@@ -22,6 +22,7 @@ def config(**kw: object) -> ServerConfig:
     return ServerConfig(**base)
 
 
+@pytest.mark.slow
 def test_same_seed_same_aggregates_other_seed_other_aggregates() -> None:
     # bit-for-bit reproducible only with insecure_deterministic: by default the rounding comes from the OS
     a = simulate_in_process(config(insecure_deterministic=True), 4)
@@ -172,6 +173,7 @@ def test_identity_key_files(tmp_path: Path) -> None:
         load_identity_key(tmp_path / "missing.pem")
 
 
+@pytest.mark.slow
 def test_harary_graph_rounds_complete_and_match_the_complete_graph_sum() -> None:
     # degree 4 on 8 clients is a real sparse SecAgg+ graph (not the complete-graph fallback)
     # (the same bits need insecure_deterministic: by default the rounding comes from the OS)

@@ -26,6 +26,7 @@ FLOATS = DataSchema(features=(ColumnSpec("a"), ColumnSpec("b")), label=ColumnSpe
 @given(
     hnp.arrays(np.float32, (3, 2), elements=st.floats(width=32, allow_nan=False, allow_infinity=False)),
 )
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 def test_float32_values_round_trip_exactly_through_csv(x: np.ndarray) -> None:
     y = np.array([0, 1, 0], dtype=np.float32)

@@ -10,7 +10,7 @@ more than the sum over enough honest sites:
 - n must reach the site's minimum cohort and t must satisfy 2t > h + c for the colluders c the
   site assumes among a client's h share holders (:mod:`fedveil.secagg.threshold`);
 - DP mode and noise must meet the site's floor; with distributed DP the site computes the noise
-  share it adds itself (:func:`own_noise_stddev`), whatever the server asks;
+  share it adds itself (:func:`fedveil.clients.mechanisms.own_noise_stddev`), whatever the server asks;
 - retries of a round whose unmasking shares the site released, and attempts beyond its cap, are
   refused (:class:`fedveil.clients.site_state.SiteState`), and so is a model the site already
   released a sum over, unless noise it relies on protects the release.
@@ -21,22 +21,21 @@ it can rely on for each release, its own noise share, and whether it evaluates.
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
 from dataclasses import dataclass
 
+import numpy as np
+
+from fedveil.clients.mechanisms import ClientMechanism, MechanismTerms, client_mechanism
 from fedveil.clients.policy import PolicyViolation, SitePolicy
 from fedveil.clients.site_state import SiteState
-from fedveil.dp.accounting import DpEvent, RdpCurveEvent, SubsampledGaussianEvent
-from fedveil.dp.distributed import DistributedDPConfig, skellam_rdp
+from fedveil.clients.update import AttemptRandomness, PreparedUpdate
+from fedveil.dp.accounting import DpEvent
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.protocol.binding import binding_problem
 from fedveil.secagg.errors import SecAggError
 from fedveil.secagg.identity import decode_credential, verify_roster
 from fedveil.secagg.threshold import cohort_bound, threshold_problem
 
-USER_LEVEL_MODES = ("central", "distributed")
 SPARSE_MIN_CORRUPT_FRACTION = 1 / 3
 """The smallest colluding fraction a site assumes in a SecAgg+ (sparse Harary) round it joins."""
 
@@ -50,12 +49,22 @@ class Admission:
     """c: colluders the site assumes among a client's holders."""
     honest_contributors: int
     """Fewest honest inputs (this site's included) any released sum can hold: t − c."""
-    guaranteed_event: DpEvent | None
-    """The user-level noise the site can rely on per release (None: none it can check)."""
-    distributed: DistributedDPConfig | None = None
-    """Distributed DP: the round's configuration with this site's own noise share."""
+    mechanism: ClientMechanism
+    """The round's privacy mechanism, as this site takes part in it."""
+    terms: MechanismTerms
+    """What the site relies on under it: its guaranteed noise, its own noise share."""
     evaluate: bool = False
     """Fill the round's evaluation section with this site's sums (else it contributes zeros)."""
+
+    @property
+    def guaranteed_event(self) -> DpEvent | None:
+        """The user-level noise the site can rely on per release (None: none it can check)."""
+        return self.terms.guaranteed_event
+
+    def encode(self, delta: np.ndarray, start: pb.RoundStart, randomness: AttemptRandomness,
+               weight: float) -> PreparedUpdate:
+        """``delta`` clipped and encoded into the round's ring under its mechanism."""
+        return self.mechanism.encode(delta, start, self.terms, randomness, weight)
 
 
 def check_job_consistency(start: pb.RoundStart, job: pb.JobInfo, run_id: str) -> None:
@@ -131,29 +140,6 @@ def check_threshold(policy: SitePolicy, start: pb.RoundStart) -> tuple[int, int]
     return h, c
 
 
-def own_noise_stddev(config: DistributedDPConfig, floor: float, honest: int) -> float:
-    """This site's noise share (integer units): the server's, topped up so that the noise it can rely on
-    — its own share plus the announced share of the other ``honest − 1`` honest contributors — has
-    standard deviation at least ``floor`` × the scaled clip norm."""
-    announced = float(config.local_stddev)
-    target = float(floor) * float(config.scale) * float(config.clip_norm)
-    own_var = max(announced**2, target**2 - (honest - 1) * announced**2)
-    return math.sqrt(own_var)
-
-
-def guaranteed_distributed_event(config: DistributedDPConfig, own_stddev: float, honest: int) -> DpEvent:
-    """One release's user-level RDP event from the noise this site can rely on (no sampling credit)."""
-    if config.mechanism == "skellam":
-        total = own_stddev**2 + (honest - 1) * float(config.local_stddev) ** 2
-        l1, l2 = config.l1_sensitivity, config.l2_sensitivity
-        return RdpCurveEvent.from_function(
-            "distributed_skellam", lambda a: skellam_rdp(a, l1, l2, total),
-            params={"honest_contributors": honest, "own_stddev": own_stddev,
-                    "announced_stddev": float(config.local_stddev)})
-    # discrete Gaussian: counted at the announced share for every honest contributor (own extra ignored)
-    return config.rdp_event(n_contributors=honest)
-
-
 def admit_round(policy: SitePolicy, job: pb.JobInfo, start: pb.RoundStart, *, run_id: str, own_name: str,
                 own_key: bytes, now: int, state: SiteState, verified: set[bytes] | None = None) -> Admission:
     """Check ``start`` before taking part (see the module docstring); raises :class:`PolicyViolation`."""
@@ -180,45 +166,19 @@ def admit_round(policy: SitePolicy, job: pb.JobInfo, start: pb.RoundStart, *, ru
         check_identities(policy, start, own_name=own_name, own_key=own_key, now=now, verified=verified)
     h, c = check_threshold(policy, start)
     honest = max(1, int(start.secagg.threshold) - c)
+    mechanism = client_mechanism(mode)
     evaluation = start.encoding.evaluation
-    if mode in USER_LEVEL_MODES and (evaluation.dimension or start.purpose == pb.ROUND_PURPOSE_EVALUATE):
+    if mechanism.user_level and (evaluation.dimension or start.purpose == pb.ROUND_PURPOSE_EVALUATE):
         raise PolicyViolation("encoding.evaluation", "evaluation sums would be released without the round's "
                               "user-level noise")
     evaluate = bool(evaluation.dimension) and policy.evaluation == "secure"
-    event: DpEvent | None = None
-    distributed: DistributedDPConfig | None = None
-    floor = policy.min_noise_multiplier
-    if mode == "central":
-        z = float(start.dp.noise_multiplier)
-        if floor > 0 and z < floor:
-            raise PolicyViolation("dp.noise_multiplier", f"z={z:g} is below this site's floor {floor:g}")
-        if policy.trust_server and z > 0:
-            event = SubsampledGaussianEvent(1.0, z)
-    elif mode == "distributed":
-        try:
-            announced = DistributedDPConfig(**json.loads(start.dp.distributed.config_json))
-        except (ValueError, TypeError) as err:
-            raise PolicyViolation("dp.distributed.config_json", str(err)) from None
-        own = own_noise_stddev(announced, floor, honest)
-        if own > announced.local_stddev * 1.0000001:
-            # the ring was sized for k standard deviations of signal + noise + rounding (fedveil.dp.distributed)
-            n_all = announced.n_clients
-            signal = (announced.scale * announced.clip_norm) ** 2 * n_all**2 / announced.padded_dim
-            spread = math.sqrt(signal + own**2 + (n_all - 1) * announced.local_stddev**2 + n_all / 4.0)
-            if 2.0 * announced.k_stddevs * spread > announced.modulus:
-                raise PolicyViolation("dp.distributed", f"this site's noise floor z>={floor:g} needs a noise share "
-                                      f"that the round's {announced.bits}-bit ring cannot hold")
-        try:
-            distributed = dataclasses.replace(announced, local_stddev=own)
-        except ValueError as err:
-            raise PolicyViolation("dp.distributed", str(err)) from None
-        event = guaranteed_distributed_event(announced, own, honest)
-    if event is None and mode != "local" and state.released_over(run_id, bytes(start.model.sha256)):
+    terms = mechanism.terms(policy, start, honest)
+    if not mechanism.protects_replays(terms) and state.released_over(run_id, bytes(start.model.sha256)):
         # No noise this site relies on: the same model again gives the same update and metrics, and
         # two sums over cohorts with and without this site would difference to them exactly. (With
         # local DP every training draws fresh DP-SGD noise, and user-level noise is accounted per release.)
         raise PolicyViolation("model", f"the global model (sha256 {bytes(start.model.sha256).hex()[:16]}…) is one "
                               "this site already released a sum over, with no noise it relies on; a server that "
                               "replays a model could difference the two sums")
-    return Admission(holders=h, corrupt=c, honest_contributors=honest, guaranteed_event=event,
-                     distributed=distributed, evaluate=evaluate)
+    return Admission(holders=h, corrupt=c, honest_contributors=honest, mechanism=mechanism, terms=terms,
+                     evaluate=evaluate)

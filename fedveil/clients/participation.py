@@ -21,7 +21,7 @@ from fedveil.clients.admission import Admission, admit_round
 from fedveil.clients.policy import PolicyViolation
 from fedveil.clients.secagg_driver import SecAggClientDriver, UnsupportedRoundError
 from fedveil.clients.site_state import Release
-from fedveil.clients.update import AttemptRandomness, PreparedUpdate, attempt_randomness, prepare_update
+from fedveil.clients.update import AttemptRandomness, PreparedUpdate, attempt_randomness
 from fedveil.errors import FedveilError
 from fedveil.metrics import EvaluationLayout
 from fedveil.protocol import fedveil_pb2 as pb
@@ -150,12 +150,7 @@ def encode_update(delta: np.ndarray | None, start: pb.RoundStart, admission: Adm
     evaluation-only round, no update)."""
     if delta is None:
         return PreparedUpdate(np.zeros(0, dtype=np.uint64), 0.0, False, 0)
-    if admission.distributed is not None:
-        from fedveil.clients.distributed import prepare_distributed_update
-
-        return prepare_distributed_update(delta, start, rounding_seed=randomness.rounding,
-                                          noise_seed=randomness.noise, config=admission.distributed)
-    return prepare_update(delta, start, rounding_seed=randomness.rounding, weight=weight)
+    return admission.encode(delta, start, randomness, weight)
 
 
 def run_secagg(federation: Federation, start: pb.RoundStart, ring_vector: np.ndarray, admission: Admission,

@@ -1,0 +1,27 @@
+"""Central user-level DP (McMahan et al. 2018): the site clips its update; the server adds the noise.
+
+A site can rely on the server's noise only when it trusts the server (``--trust-server``); otherwise
+the sum leaves un-noised as far as it can tell, and its ledger records no guarantee. The site's policy
+floor on the noise multiplier is checked either way.
+"""
+
+from __future__ import annotations
+
+from fedveil.clients.mechanisms.base import ClientMechanism, MechanismTerms
+from fedveil.clients.policy import PolicyViolation, SitePolicy
+from fedveil.dp.accounting import SubsampledGaussianEvent
+from fedveil.protocol import fedveil_pb2 as pb
+
+
+class CentralDP(ClientMechanism):
+    name = "central"
+    user_level = True
+
+    def terms(self, policy: SitePolicy, start: pb.RoundStart, honest: int) -> MechanismTerms:
+        z = float(start.dp.noise_multiplier)
+        floor = policy.min_noise_multiplier
+        if floor > 0 and z < floor:
+            raise PolicyViolation("dp.noise_multiplier", f"z={z:g} is below this site's floor {floor:g}")
+        if policy.trust_server and z > 0:
+            return MechanismTerms(guaranteed_event=SubsampledGaussianEvent(1.0, z))
+        return MechanismTerms()
