@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from fedveil.cli import main
 from fedveil.clients.mechanisms import guaranteed_distributed_event, own_noise_stddev
 from fedveil.clients.policy import PolicyError, SitePolicy, build_policy
+from fedveil.clients.policy_settings import POLICY_TABLE, load_policy_file, policy_file_text
 from fedveil.clients.privacy import SitePrivacy
 from fedveil.clients.site_state import Release, SiteState, SiteStateError
 from fedveil.dp.accounting import RDPAccountant, SubsampledGaussianEvent
@@ -50,15 +52,54 @@ def test_a_noise_floor_without_trust_in_the_server_rules_out_central_dp() -> Non
 def test_toml_and_flags_build_one_policy_flags_winning(tmp_path: Path) -> None:
     path = tmp_path / "site.toml"
     path.write_text('[policy]\nmin_cohort = 7\nallowed_dp_modes = ["local", "distributed"]\nevaluation = "off"\n')
-    policy = build_policy(SitePolicy.from_toml(path), authority=("c", KEY), min_cohort=9, evaluation=None)
+    policy = build_policy(load_policy_file(path), authority=("c", KEY), min_cohort=9, evaluation=None)
     assert policy.min_cohort == 9 and policy.evaluation == "off"
     assert policy.allowed_dp_modes == frozenset({"local", "distributed"}) and policy.consortium == "c"
     path.write_text('[policy]\nmin_cohrt = 7\n')
     with pytest.raises(PolicyError, match="min_cohrt"):
-        build_policy(SitePolicy.from_toml(path), authority=("c", KEY))
+        build_policy(load_policy_file(path), authority=("c", KEY))
     path.write_text("[policy\n")
     with pytest.raises(PolicyError, match="not valid TOML"):
-        SitePolicy.from_toml(path)
+        load_policy_file(path)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[policy]\nmin_cohort = \"seven\"\n", "policy.min_cohort: expected int, got str"),
+    ("[policy]\nmax_corrupt_fraction = true\n", "policy.max_corrupt_fraction: expected float, got a boolean"),
+    ("[policy]\nallowed_dp_modes = \"local\"\n", "policy.allowed_dp_modes: expected a list of str"),
+    ("[policy]\nauthority_public_key = \"00\"\n", "policy.authority_public_key: unknown key"),
+    ("[job]\nrounds = 2\n", "job: unknown section"),
+])
+def test_a_bad_policy_file_is_refused_naming_the_key(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "site.toml"
+    path.write_text(text)
+    with pytest.raises(PolicyError, match=message) as refused:
+        load_policy_file(path)
+    assert refused.value.field == "policy"
+
+
+def test_a_policy_file_round_trips_and_may_omit_its_header(tmp_path: Path) -> None:
+    policy = SitePolicy(authority_public_key=KEY, min_cohort=11, max_corrupt_fraction=0.4, evaluation="off",
+                        allowed_dp_modes=frozenset({"local", "distributed"}), security_bits=64.0)
+    path = tmp_path / "site.toml"
+    path.write_text(policy_file_text(policy))
+    assert load_policy_file(path) == POLICY_TABLE.config_fields(policy)
+    assert build_policy(load_policy_file(path), authority=("c", KEY)) == dataclasses.replace(policy, consortium="c")
+    path.write_text("min_cohort = 5\n")  # the keys of [policy] at the top level
+    assert load_policy_file(path) == {"min_cohort": 5}
+
+
+def test_every_setting_in_the_tables_is_a_flag_of_its_command() -> None:
+    from fedveil.cli import build_cli
+    from fedveil.server.job_settings import SETTINGS
+
+    cli = build_cli()
+
+    for command, table in (("client", POLICY_TABLE.settings), ("server", SETTINGS)):
+        params = {p.name: p for p in cli.commands[command].params}
+        for s in table:
+            assert s.parameter in params, f"fedveil {command} has no parameter for {s.field}"
+            assert s.flag in params[s.parameter].opts, f"fedveil {command}: {s.field} is not {s.flag}"
 
 
 def test_the_client_command_names_the_flag_or_toml_key_at_fault(tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -16,21 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from fedveil.errors import FedveilError
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.secagg.identity import RevocationList
 from fedveil.secagg.threshold import DEFAULT_MAX_CORRUPT_FRACTION, DEFAULT_SECURITY_BITS
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 DP_MODES = ("none", "local", "central", "distributed")
 EVALUATION_RULES = ("secure", "clear", "off")
@@ -147,22 +140,6 @@ class SitePolicy:
                               f"not {self.consortium!r}")
 
     # -- building ----------------------------------------------------------------------------
-    @classmethod
-    def from_toml(cls, path: Path) -> dict[str, Any]:
-        """The ``[policy]`` table of a TOML file (or its top level), to merge with flags and build."""
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as err:
-            raise PolicyError("policy", f"cannot read {path.name!r}: {err.strerror}") from None
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as err:
-            raise PolicyError("policy", f"{path.name!r} is not valid TOML ({err})") from None
-        table = data.get("policy", data)
-        if not isinstance(table, dict):
-            raise PolicyError("policy", f"{path.name!r}: [policy] must be a table")
-        return dict(table)
-
     def with_authority(self, **changes: Any) -> SitePolicy:
         return dataclasses.replace(self, **changes)
 

@@ -62,6 +62,10 @@ def register(group: click.Group) -> None:
 @click.option("--min-noise-multiplier", type=float, default=None,
               help="User-level noise floor (multiple of the clip norm) this site requires of released sums.")
 @click.option("--max-attempts-per-round", type=int, default=None, help="Attempts of one round this site joins [3].")
+@click.option("--max-evaluations-per-round", type=int, default=None,
+              help="Evaluations of received models per round number this site answers [1].")
+@click.option("--security-bits", type=float, default=None,
+              help="σ of the SecAgg+ collusion bound this site requires (failure probability 2^-σ) [40].")
 @click.option("--max-evaluations-per-job", type=int, default=None,
               help="Evaluation requests of one job this site answers (evaluation-only rounds, final evaluation) [1].")
 @click.option("--evaluation", type=click.Choice(["secure", "clear", "off"]), default=None,
@@ -87,7 +91,8 @@ def client_command(
     authority: Path | None,
     revocations: Path | None, trust_server: bool | None, policy_path: Path | None, min_cohort: int | None,
     max_corrupt_fraction: float | None, allow_dp: tuple[str, ...], min_noise_multiplier: float | None,
-    max_attempts_per_round: int | None, max_evaluations_per_job: int | None, evaluation: str | None,
+    max_attempts_per_round: int | None, max_evaluations_per_round: int | None, security_bits: float | None,
+    max_evaluations_per_job: int | None, evaluation: str | None,
     state_path: Path | None, seed: int | None,
     insecure_deterministic: bool, give_up_after: float,
     max_backoff: float, threads: int, log_level: str, log_format: str,
@@ -166,10 +171,11 @@ def client_command(
             identity = load_identity_key(identity_key)
         except IdentityKeyError as err:
             fail_from(err, "--identity-key")
-    policy = _site_policy(policy_path, authority, revocations, trust_server=trust_server, min_cohort=min_cohort,
-                          max_corrupt_fraction=max_corrupt_fraction, allowed_dp_modes=allow_dp or None,
-                          min_noise_multiplier=min_noise_multiplier, max_attempts_per_round=max_attempts_per_round,
-                          max_evaluations_per_job=max_evaluations_per_job, evaluation=evaluation)
+    from fedveil.clients.policy_settings import POLICY_TABLE
+
+    policy_flags = POLICY_TABLE.fields_from_options(click.get_current_context().params)
+    policy_flags["allowed_dp_modes"] = policy_flags["allowed_dp_modes"] or None  # no --allow-dp: the file's
+    policy = _site_policy(policy_path, authority, revocations, **policy_flags)
     site_credential = b""
     if credential is not None:
         try:
@@ -241,22 +247,16 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-_FLAG_OF = {"trust_server": "--trust-server", "min_cohort": "--min-cohort",
-            "max_corrupt_fraction": "--max-corrupt-fraction", "allowed_dp_modes": "--allow-dp",
-            "min_noise_multiplier": "--min-noise-multiplier", "max_attempts_per_round": "--max-attempts-per-round",
-            "evaluation": "--evaluation", "max_evaluations_per_job": "--max-evaluations-per-job",
-            "authority_public_key": "--authority", "revocations": "--revocations"}
-
-
 def _site_policy(policy_path: Path | None, authority: Path | None, revocations: Path | None,
                  **flags: Any) -> Any:
     """The site's policy from --policy (TOML) and the flags; errors name the flag or TOML key at fault."""
-    from fedveil.clients.policy import PolicyError, SitePolicy, build_policy
+    from fedveil.clients.policy import PolicyError, build_policy
+    from fedveil.clients.policy_settings import load_policy_file, policy_flag
 
     settings: dict[str, Any] = {}
     if policy_path is not None:
         try:
-            settings = SitePolicy.from_toml(policy_path)
+            settings = load_policy_file(policy_path)
         except PolicyError as err:
             fail("--policy", err.detail)
     pinned, revoked = load_pinned_authority(authority, revocations)
@@ -264,5 +264,7 @@ def _site_policy(policy_path: Path | None, authority: Path | None, revocations: 
         return build_policy(settings, authority=(pinned.consortium, pinned.public_key.raw) if pinned else None,
                             revocations=revoked, **flags)
     except PolicyError as err:
-        where = _FLAG_OF.get(err.field) if err.field not in settings else f"--policy ({err.field})"
+        pinned_from = {"authority_public_key": "--authority", "revocations": "--revocations"}
+        where = (f"--policy ({err.field})" if err.field in settings
+                 else pinned_from.get(err.field) or policy_flag(err.field))
         fail(where or "--policy", err.detail)

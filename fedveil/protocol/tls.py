@@ -75,7 +75,7 @@ def _alt_names(hostnames: list[str]) -> list[x509.GeneralName]:
 def generate_ca(common_name: str = "fedveil test CA", *, days: int = 30) -> PemPair:
     """A self-signed CA certificate (P-256)."""
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name(common_name))
@@ -113,7 +113,7 @@ def generate_certificate(
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
         raise TlsConfigError("CA key: expected an EC private key")
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(common_name))

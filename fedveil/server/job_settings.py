@@ -19,52 +19,24 @@ A job file groups the settings in sections named for the part of the job they se
     secagg = "harary"
 
 Keys are the config's field names; an unknown section or key, or a value of the wrong type, is
-refused with an error naming ``section.key``.
+refused with an error naming ``section.key``. The machinery is :class:`fedveil.settings_table.SettingsTable`,
+shared with the site policy (``fedveil client --policy``).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import typing
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
 from fedveil.errors import FedveilError
 from fedveil.server.config import ServerConfig
+from fedveil.settings_table import Setting, SettingsTable
+from fedveil.settings_table import setting as _s
 
 
 class JobFileError(FedveilError, ValueError):
     """A job file cannot be read or holds an unknown key or a value of the wrong type; ``field``
     is ``config`` (the file) and the message names ``section.key``."""
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One config field: its job-file section, its ``fedveil server`` parameter and flags."""
-
-    field: str
-    section: str
-    flag: str
-    param: str = ""
-    """The click parameter name (default: the field)."""
-    off_flag: str | None = None
-    """A boolean's flag for False (``--passive``); None: False is the flag's absence."""
-    negated: bool = False
-    """The flag sets the field to False (``--no-evaluate``)."""
-    choices: tuple[str, str] | None = None
-    """A boolean given as a choice: (value for True, value for False)."""
-
-    @property
-    def parameter(self) -> str:
-        return self.param or self.field
-
-
-def _s(field: str, section: str, **kw: Any) -> Setting:
-    return Setting(field, section, "--" + field.replace("_", "-"), **kw)
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -92,101 +64,30 @@ SETTINGS: tuple[Setting, ...] = (
 )
 """Every setting a job file or a ``fedveil server`` flag can give, in the order of ``--help``."""
 
-SECTIONS = tuple(dict.fromkeys(s.section for s in SETTINGS))
-_BY_FIELD = {s.field: s for s in SETTINGS}
-_FIELD_TYPES = typing.get_type_hints(ServerConfig)
+JOB_SETTINGS = SettingsTable(ServerConfig, SETTINGS, lambda message: JobFileError(message, field="config"))
+SECTIONS = JOB_SETTINGS.sections
 
 
-def fields_from_options(options: Mapping[str, Any]) -> dict[str, Any]:
+def fields_from_options(options: dict[str, Any]) -> dict[str, Any]:
     """The config fields the parsed ``fedveil server`` options give (``options``: click's params)."""
-    out: dict[str, Any] = {}
-    for s in SETTINGS:
-        value = options[s.parameter]
-        if s.choices is not None:
-            value = value == s.choices[0]
-        elif s.negated:
-            value = not value
-        out[s.field] = value
-    return out
+    return JOB_SETTINGS.fields_from_options(options)
 
 
 def command_line(config: ServerConfig) -> list[str]:
     """The ``fedveil server`` flags that rebuild ``config``'s settings (floats in full precision)."""
-    argv: list[str] = []
-    for s in SETTINGS:
-        value = getattr(config, s.field)
-        if s.choices is not None:
-            argv += [s.flag, s.choices[0] if value else s.choices[1]]
-        elif isinstance(value, bool):
-            if s.negated:
-                argv += [] if value else [s.flag]
-            elif value:
-                argv.append(s.flag)
-            elif s.off_flag is not None:
-                argv.append(s.off_flag)
-        elif value is not None and value != "":
-            argv += [s.flag, repr(value) if isinstance(value, float) else str(value)]
-    return argv
-
-
-def _check_type(where: str, field: str, value: Any) -> Any:
-    kinds = tuple(k for k in (typing.get_args(_FIELD_TYPES[field]) or (_FIELD_TYPES[field],))
-                  if isinstance(k, type) and k is not type(None))
-    expected = " or ".join(k.__name__ for k in kinds)
-    if isinstance(value, bool) and bool not in kinds:
-        raise JobFileError(f"{where}: expected {expected}, got a boolean", field="config")
-    if isinstance(value, int) and not isinstance(value, bool) and float in kinds and int not in kinds:
-        return float(value)
-    if not isinstance(value, kinds):
-        raise JobFileError(f"{where}: expected {expected}, got {type(value).__name__} {value!r}", field="config")
-    return value
+    return JOB_SETTINGS.command_line(config)
 
 
 def load_job_file(path: str | Path) -> dict[str, Any]:
     """The config fields a job file sets (see the module docstring), checked key by key."""
-    p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise JobFileError(f"cannot read {str(p)!r}: {err.strerror or err}", field="config") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise JobFileError(f"{str(p)!r} is not valid TOML: {err}", field="config") from None
-    out: dict[str, Any] = {}
-    for section, table in data.items():
-        if section not in SECTIONS or not isinstance(table, dict):
-            raise JobFileError(f"{section}: unknown section (expected one of {', '.join(SECTIONS)})",
-                               field="config")
-        for key, value in table.items():
-            setting = _BY_FIELD.get(key)
-            if setting is None or setting.section != section:
-                known = ", ".join(s.field for s in SETTINGS if s.section == section)
-                raise JobFileError(f"{section}.{key}: unknown key (section {section} takes {known})", field="config")
-            out[key] = _check_type(f"{section}.{key}", key, value)
-    return out
+    return JOB_SETTINGS.load_file(path)
 
 
 def job_file_text(config: ServerConfig) -> str:
     """A job file holding ``config``'s settings (the inverse of :func:`load_job_file`)."""
-    lines: list[str] = []
-    for section in SECTIONS:
-        lines.append(f"[{section}]")
-        for s in (s for s in SETTINGS if s.section == section):
-            value = getattr(config, s.field)
-            if value is None:
-                continue
-            lines.append(f"{s.field} = {_toml_value(value)}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return repr(value)
+    return JOB_SETTINGS.file_text(config)
 
 
 def config_fields(config: ServerConfig) -> dict[str, Any]:
     """The fields of ``config`` the table covers (the rest come from other flags, e.g. ``--authority``)."""
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name in _BY_FIELD}
+    return JOB_SETTINGS.config_fields(config)
