@@ -27,7 +27,7 @@ ENROLLED, K, DIM = 10, 4, 11  # 11: the synthetic task's model (only distributed
 
 def fedveil_epsilon(*, dp: str, z: float, rounds: int, delta: float, available: int, amplification: bool) -> float:
     """ε in the server's ledger after ``rounds`` rounds of K drawn from ``available`` sites."""
-    config = ServerConfig(task="table:t", rounds=rounds, clients_per_round=K, min_clients=2, dp=dp,
+    config = ServerConfig.from_flat(task="table:t", rounds=rounds, clients_per_round=K, min_clients=2, dp=dp,
                           dp_noise_multiplier=z, dp_delta=delta, dp_sampling_amplification=amplification)
     model = GlobalModel(config, np.zeros(DIM, dtype=np.float32), seed=0)
     cohort = min(K, available)

@@ -151,7 +151,7 @@ def _in_process(args: argparse.Namespace) -> int:
         store = RunStore(work / "run.db")
         for i in range(args.clients):
             store.enroll(f"c{i}")
-        config = ServerConfig(task="wide_task:task", rounds=args.rounds, clients_per_round=args.clients,
+        config = ServerConfig.from_flat(task="wide_task:task", rounds=args.rounds, clients_per_round=args.clients,
                               min_clients=args.clients, round_timeout=600, stage_timeout=600, evaluate=False,
                               final_evaluation=False, linger=0.5, seed=1, weighted=False, cohort_wait=0.0)
         coordinator = Coordinator(config, task, store)

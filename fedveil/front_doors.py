@@ -88,7 +88,6 @@ def serve(
     Raises:
         FrontDoorError: TLS or authority arguments missing or contradictory; ``field`` names the argument.
     """
-    import dataclasses
 
     from fedveil.model_file import job_task
     from fedveil.protocol.identity_files import load_authority_public, load_revocations
@@ -119,8 +118,8 @@ def serve(
                              field="revocations")
     if authority is not None:
         pinned = load_authority_public(Path(authority))
-        config = dataclasses.replace(config, consortium=pinned.consortium,
-                                     authority_public_key=pinned.public_key.raw.hex())
+        config = config.replace(consortium=pinned.consortium,
+                                authority_public_key=pinned.public_key.raw.hex())
         if revocations is not None:
             revocation_list = load_revocations(Path(revocations))
             verify_revocations(pinned.public_key, revocation_list, consortium=pinned.consortium)
@@ -201,7 +200,7 @@ def simulate(
     settings = {**SIMULATION_DEFAULTS, **job}
     settings.setdefault("clients_per_round", clients)
     settings.setdefault("min_clients", settings["clients_per_round"])
-    config = ServerConfig(task=task, rounds=rounds, seed=seed, dp=dp, **settings)
+    config = ServerConfig.from_flat(task=task, rounds=rounds, seed=seed, dp=dp, **settings)
     if chosen == "ray":
         from fedveil.simulation.ray_backend import RayOptions, simulate_ray
 

@@ -57,18 +57,22 @@ class SettingsTable:
     """The settings of ``target`` (a dataclass) that a file or flags can give (see the module docstring).
 
     ``bare_section``: a file may also give that section's keys at its top level (a site policy file
-    with or without its ``[policy]`` header).
+    with or without its ``[policy]`` header). ``field_types`` and ``values_of``: the settings' types
+    and a config's values by setting name, for a config whose settings are not its own fields (a
+    composed one; default: ``target``'s dataclass fields).
     """
 
     def __init__(self, target: type, settings: tuple[Setting, ...], error: ErrorFactory, *,
-                 bare_section: str | None = None) -> None:
+                 bare_section: str | None = None, field_types: Mapping[str, Any] | None = None,
+                 values_of: Callable[[Any], Mapping[str, Any]] | None = None) -> None:
         self.target = target
         self.settings = settings
         self.sections = tuple(dict.fromkeys(s.section for s in settings))
         self._error = error
         self._bare_section = bare_section
         self._by_field = {s.field: s for s in settings}
-        self._types = typing.get_type_hints(target)
+        self._types = dict(field_types) if field_types is not None else typing.get_type_hints(target)
+        self._values_of = values_of or _dataclass_values
         unknown = [s.field for s in settings if s.field not in self._types]
         if unknown:
             raise TypeError(f"{target.__name__} has no field(s) {unknown}")
@@ -97,8 +101,9 @@ class SettingsTable:
     def command_line(self, config: Any) -> list[str]:
         """The flags that rebuild ``config``'s settings (floats in full precision)."""
         argv: list[str] = []
+        values = self._values_of(config)
         for s in self.settings:
-            value = getattr(config, s.field)
+            value = values[s.field]
             if s.choices is not None:
                 argv += [s.flag, s.choices[0] if value else s.choices[1]]
             elif isinstance(value, bool):
@@ -141,10 +146,11 @@ class SettingsTable:
     def file_text(self, config: Any) -> str:
         """A TOML file holding ``config``'s settings (the inverse of :meth:`load_file`)."""
         lines: list[str] = []
+        values = self._values_of(config)
         for section in self.sections:
             lines.append(f"[{section}]")
             for s in (s for s in self.settings if s.section == section):
-                value = getattr(config, s.field)
+                value = values[s.field]
                 if value is None:
                     continue
                 lines.append(f"{s.field} = {_toml_value(value)}")
@@ -153,7 +159,7 @@ class SettingsTable:
 
     def config_fields(self, config: Any) -> dict[str, Any]:
         """The fields of ``config`` the table covers (others come from elsewhere, e.g. a pinned key)."""
-        return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name in self._by_field}
+        return {name: value for name, value in self._values_of(config).items() if name in self._by_field}
 
     def _checked(self, where: str, field: str, value: Any) -> Any:
         hint = self._types[field]
@@ -171,6 +177,10 @@ class SettingsTable:
         if not isinstance(value, kinds):
             raise self._error(f"{where}: expected {expected}, got {type(value).__name__} {value!r}")
         return value
+
+
+def _dataclass_values(config: Any) -> dict[str, Any]:
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
 
 
 def _toml_value(value: Any) -> str:

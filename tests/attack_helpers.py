@@ -119,7 +119,7 @@ def job_config(**kw: Any) -> ServerConfig:
                                 stage_timeout=5.0, final_evaluation=False, max_round_attempts=2,
                                 consortium=CONSORTIUM)
     base.update(kw)
-    return ServerConfig(**base)
+    return ServerConfig.from_flat(**base)
 
 
 def site_federation(service: Any, task: Task, name: str, index: int, consortium: Consortium,

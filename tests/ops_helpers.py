@@ -56,7 +56,7 @@ def job_config(names: list[str], **overrides: Any) -> ServerConfig:
                                     round_timeout=60.0, stage_timeout=20.0, cohort_wait=0.0, linger=2.0, seed=3,
                                     poll_wait=0.5, evaluate=False, final_evaluation=False, active_adversary=False)
     settings.update(overrides)
-    return ServerConfig(**settings)
+    return ServerConfig.from_flat(**settings)
 
 
 def start_served_job(tmp_path: Path, names: list[str], *, observability: ObservabilityConfig | None = None,

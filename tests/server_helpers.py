@@ -178,7 +178,7 @@ def make_job(tmp_path: Path, names: list[str], **overrides: object) -> tuple[Coo
     if settings.get("active_adversary"):
         settings.setdefault("consortium", TEST_AUTHORITY.consortium)
         settings.setdefault("authority_public_key", TEST_AUTHORITY.public_key.raw.hex())
-    config = ServerConfig(**settings)  # type: ignore[arg-type]
+    config = ServerConfig.from_flat(**settings)  # type: ignore[arg-type]
     return Coordinator(config, load_task(TASK), store), store
 
 

@@ -35,7 +35,7 @@ def job(**kw: Any) -> ServerConfig:
                                     round_timeout=90.0, stage_timeout=30.0, cohort_wait=2.0, linger=2.0,
                                     poll_wait=2.0, final_evaluation=False, evaluate=False)
     settings.update(kw)
-    return ServerConfig(**settings)
+    return ServerConfig.from_flat(**settings)
 
 
 def client_args(fed: ProcessFederation, config: ServerConfig, index: int) -> list[str]:
@@ -115,7 +115,7 @@ def test_ten_honest_sites_finish_while_five_abusive_sites_flood_replay_and_send_
     assert replays, "no replayed upload reached the server"
     for p in flooders:  # of each burst (12 streams, 2 submissions of one header) at most one is taken per attempt
         taken = [n for n in notes(p) if n.get("accepted") and "MaskedInput" in n["rpc"]]
-        assert len(taken) <= config.rounds + summary["aborted_attempts"], taken
+        assert len(taken) <= config.schedule.rounds + summary["aborted_attempts"], taken
     reports = [n for p in reporters for n in notes(p) if n.get("rpc") == "ReportMetrics"]
     assert reports and all(n.get("refused") for n in reports), [n for n in reports if not n.get("refused")]
     assert "internal error" not in server_log.lower()
@@ -152,7 +152,7 @@ def test_a_poisoned_weight_is_refused_and_an_unclipped_update_is_bounded(tmp_pat
             # refused at the round response: the rounds go on without it, with honest weights only
             assert summary["status"] == "completed" and [r.round for r in released] == [1, 2], summary
             assert all(r.survivors == 4 for r in released), [(r.round, r.survivors) for r in released]
-            assert all(r.stats["total_weight"] <= 4 * config.max_weight for r in released)
+            assert all(r.stats["total_weight"] <= 4 * config.secagg.max_weight for r in released)
             assert re.search(r"refused RespondToRound from client-004 .*INVALID_ARGUMENT: weight", server_log)
             assert bad.popen.returncode != 0 and "weight: must be in" in bad.errors()
         else:

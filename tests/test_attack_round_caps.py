@@ -111,7 +111,7 @@ class EvaluationOracle(Coordinator):
     def _run_round(self, number: int, available: list[str], purpose: int = pb.ROUND_PURPOSE_TRAIN) -> str:
         if purpose == pb.ROUND_PURPOSE_TRAIN and not type(self).probes:
             type(self).probes = 1
-            for phase in range(1, self.config.rounds + 2):
+            for phase in range(1, self.config.schedule.rounds + 2):
                 type(self).probes += 1
                 super()._run_round(phase, available, purpose=pb.ROUND_PURPOSE_EVALUATE)
         return super()._run_round(number, available, purpose)
@@ -151,8 +151,8 @@ def test_site_state_pins_rounds_and_counts_evaluations_across_restarts(tmp_path:
 def test_the_servers_evaluation_cap_is_validated_and_names_its_flag() -> None:
     from fedveil.server.config import ServerConfig, ServerConfigError
 
-    assert job_config().max_evaluations_per_job == 1
+    assert job_config().evaluation.max_per_job == 1
     with pytest.raises(ServerConfigError) as err:
-        ServerConfig(task="fedveil.tasks.synthetic", rounds=1, clients_per_round=4, min_clients=4,
-                     max_evaluations_per_job=-1)
+        ServerConfig.from_flat(task="fedveil.tasks.synthetic", rounds=1, clients_per_round=4, min_clients=4,
+                               max_evaluations_per_job=-1)
     assert err.value.flag == "--max-evaluations-per-job"

@@ -23,7 +23,7 @@ N = 3
 
 
 def config() -> ServerConfig:
-    return ServerConfig(task="fedveil.tasks.synthetic", rounds=3, clients_per_round=N, min_clients=N, seed=2,
+    return ServerConfig.from_flat(task="fedveil.tasks.synthetic", rounds=3, clients_per_round=N, min_clients=N, seed=2,
                         round_timeout=60.0, stage_timeout=30.0, cohort_wait=1.0, linger=3.0, poll_wait=1.0,
                         local_epochs=40)
 

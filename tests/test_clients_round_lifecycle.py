@@ -41,7 +41,7 @@ def config(**kw: Any) -> ServerConfig:
                                 seed=SEED, cohort_wait=0.5, linger=0.5, poll_wait=0.5, round_timeout=20.0,
                                 stage_timeout=20.0, final_evaluation=False, max_round_attempts=1)
     base.update(kw)
-    return ServerConfig(**secure_job(**base))
+    return ServerConfig.from_flat(**secure_job(**base))
 
 
 def data_for(index: int, n: int = 3) -> TensorDataset:

@@ -122,13 +122,13 @@ def test_user_level_noise_ratio_matches_the_mechanism() -> None:
     assert user_level_noise_ratio(FederationSettings(rounds=30, hospitals_per_round=5, dp="local"), recipe, 5) is None
     assert user_level_noise_ratio(FederationSettings(rounds=30, hospitals_per_round=5, dp="none"), recipe, 5) is None
     central = FederationSettings(rounds=30, hospitals_per_round=5, dp="central")
-    z = server_config(central, recipe, 5).dp_noise_multiplier
+    z = server_config(central, recipe, 5).privacy.noise_multiplier
     assert user_level_noise_ratio(central, recipe, 5) == pytest.approx(z * math.sqrt(31) / 5)
     # fewer rounds spend less per round, so the same ε buys less noise
     short = FederationSettings(rounds=3, hospitals_per_round=5, dp="central")
     assert user_level_noise_ratio(short, recipe, 5) < user_level_noise_ratio(central, recipe, 5)  # type: ignore[operator]
     distributed = FederationSettings(rounds=30, hospitals_per_round=5, dp="distributed")
-    zd = server_config(distributed, recipe, 5).dp_noise_multiplier
+    zd = server_config(distributed, recipe, 5).privacy.noise_multiplier
     # distributed DP sizes each share for t = 4 contributors (c = 1 of 5 hospitals: 2t > 5 + 1)
     assert user_level_noise_ratio(distributed, recipe, 5) == pytest.approx(zd * math.sqrt(5 / 4) * math.sqrt(31) / 5)
 

@@ -91,7 +91,7 @@ def test_all_online_sites_taken_is_the_plain_gaussian(amplification: bool) -> No
 
 
 def test_the_server_accounts_the_sites_available_at_the_draw_not_the_enrolled() -> None:
-    config = ServerConfig(task="t:t", rounds=ROUNDS, clients_per_round=4, min_clients=2, dp="central",
+    config = ServerConfig.from_flat(task="t:t", rounds=ROUNDS, clients_per_round=4, min_clients=2, dp="central",
                           dp_noise_multiplier=Z, dp_delta=DELTA)
     model = GlobalModel(config, np.zeros(11, dtype=np.float32), seed=1)
     for r in range(1, ROUNDS + 1):
@@ -206,16 +206,16 @@ def test_without_amplification_every_round_is_the_plain_gaussian(sampling: str) 
 
 @pytest.mark.slow
 def test_the_server_default_claims_no_amplification_and_refuses_a_claim_against_it() -> None:
-    config = ServerConfig(task="t:t", rounds=3, clients_per_round=4, min_clients=2, dp="central",
+    config = ServerConfig.from_flat(task="t:t", rounds=3, clients_per_round=4, min_clients=2, dp="central",
                           dp_noise_multiplier=Z, dp_delta=DELTA)
-    assert config.dp_sampling_amplification is False
+    assert config.privacy.sampling_amplification is False
     model = GlobalModel(config, np.zeros(11, dtype=np.float32), seed=1)
     with pytest.raises(ValueError, match="--dp-sampling-amplification"):
         model.reserve_budget(model.plan(1, 4, 3, b"ctx"), 10, amplification=True)
     model.reserve_budget(model.plan(1, 4, 3, b"ctx"), 10)  # 4 of 10 online, but accounted at q = 1
     assert model.ledger is not None and model.ledger.entries[-1].event == SubsampledGaussianEvent(1.0, Z)
 
-    on = ServerConfig(task="t:t", rounds=3, clients_per_round=4, min_clients=2, dp="central",
+    on = ServerConfig.from_flat(task="t:t", rounds=3, clients_per_round=4, min_clients=2, dp="central",
                       dp_noise_multiplier=Z, dp_delta=DELTA, dp_sampling_amplification=True)
     model = GlobalModel(on, np.zeros(11, dtype=np.float32), seed=1)
     model.reserve_budget(model.plan(1, 4, 3, b"ctx"), 10)
@@ -227,7 +227,7 @@ def test_the_server_default_claims_no_amplification_and_refuses_a_claim_against_
 
 
 def test_distributed_dp_claims_no_amplification() -> None:
-    config = ServerConfig(task="t:t", rounds=2, clients_per_round=4, min_clients=2, dp="distributed",
+    config = ServerConfig.from_flat(task="t:t", rounds=2, clients_per_round=4, min_clients=2, dp="distributed",
                           dp_noise_multiplier=Z, dp_delta=DELTA)
     model = GlobalModel(config, np.zeros(11, dtype=np.float32), seed=1)
     plan = model.plan(1, 4, 3, b"ctx")
@@ -355,16 +355,17 @@ def test_add_remove_only_events_do_not_mix_with_replace_one(earlier: object) -> 
 @pytest.mark.parametrize("accountant", ["pld", "prv"])
 def test_server_config_refuses_amplification_without_the_rdp_accountant(accountant: str) -> None:
     with pytest.raises(ServerConfigError) as err:
-        ServerConfig(task="t:t", rounds=1, clients_per_round=4, min_clients=2, dp="central",
+        ServerConfig.from_flat(task="t:t", rounds=1, clients_per_round=4, min_clients=2, dp="central",
                      dp_accountant=accountant, dp_sampling_amplification=True)
     assert err.value.flag == "--dp-accountant" and "sampling without replacement" in err.value.detail
-    ServerConfig(task="t:t", rounds=1, clients_per_round=4, min_clients=2, dp="central", dp_accountant=accountant)
+    ServerConfig.from_flat(task="t:t", rounds=1, clients_per_round=4, min_clients=2, dp="central",
+                           dp_accountant=accountant)
 
 
 @pytest.mark.parametrize("mode", ["none", "local", "distributed"])
 def test_amplification_is_a_central_dp_flag(mode: str) -> None:
     with pytest.raises(ServerConfigError) as err:
-        ServerConfig(task="t:t", rounds=1, clients_per_round=4, min_clients=2, dp=mode,
+        ServerConfig.from_flat(task="t:t", rounds=1, clients_per_round=4, min_clients=2, dp=mode,
                      dp_sampling_amplification=True)
     assert err.value.flag == "--dp-sampling-amplification"
 
@@ -378,11 +379,11 @@ def test_server_cli_refuses_amplification_with_pld(tmp_path: Path, capsys: pytes
 
 
 def test_a_run_started_before_the_flag_existed_resumes_with_the_default() -> None:
-    config = ServerConfig(task="t:t", rounds=1, clients_per_round=4, min_clients=2, dp="central")
+    config = ServerConfig.from_flat(task="t:t", rounds=1, clients_per_round=4, min_clients=2, dp="central")
     stored = config.resume_key()
     del stored["dp_sampling_amplification"]
     assert config.differences(stored) == []
-    on = ServerConfig(task="t:t", rounds=1, clients_per_round=4, min_clients=2, dp="central",
+    on = ServerConfig.from_flat(task="t:t", rounds=1, clients_per_round=4, min_clients=2, dp="central",
                       dp_sampling_amplification=True)
     assert on.differences(stored) == [
         "--dp-sampling-amplification: the run was started with False, now True"
@@ -477,7 +478,7 @@ def test_the_demo_calibrates_its_noise_for_the_accounting_the_server_does() -> N
     recipe = Recipe()
     settings = FederationSettings(rounds=4, hospitals_per_round=2, dp="central", epsilon_budget=3.0)
     config = server_config(settings, recipe, 5)
-    assert config.dp_sampling_amplification is False
+    assert config.privacy.sampling_amplification is False
     model = GlobalModel(config, np.zeros(11, dtype=np.float32), seed=1)
     for r in range(1, settings.rounds + 1):
         model.reserve_budget(model.plan(r, 2, 2, b"ctx"), 5)  # raises BudgetExceededError if z is too small

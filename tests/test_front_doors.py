@@ -109,7 +109,7 @@ def test_simulate_names_the_bad_argument(kwargs: dict[str, int], field: str) -> 
 
 
 def test_serve_requires_tls_or_an_explicit_loopback_opt_out(tmp_path: Path) -> None:
-    config = ServerConfig(task="fedveil.tasks.synthetic", rounds=1, clients_per_round=2, min_clients=2)
+    config = ServerConfig.from_flat(task="fedveil.tasks.synthetic", rounds=1, clients_per_round=2, min_clients=2)
     store = tmp_path / "run.db"
     with pytest.raises(FrontDoorError) as err:
         fedveil.serve(config, store=store)
@@ -146,7 +146,8 @@ def test_serve_runs_a_job_over_tls_with_the_pinned_authority(tmp_path: Path) -> 
     with RunStore(store) as rs:
         tokens = [rs.enroll(f"site-{i}").token for i in range(3)]
     address = f"127.0.0.1:{free_port()}"
-    config = ServerConfig(task="fedveil.tasks.synthetic", rounds=2, clients_per_round=3, min_clients=3, seed=2,
+    config = ServerConfig.from_flat(task="fedveil.tasks.synthetic", rounds=2, clients_per_round=3, min_clients=3,
+                                    seed=2,
                           cohort_wait=1.0, linger=1.0, poll_wait=1.0)
     out: dict[str, object] = {}
 
@@ -184,7 +185,7 @@ def test_serve_runs_a_job_over_tls_with_the_pinned_authority(tmp_path: Path) -> 
 
 
 def test_serve_refuses_revocations_without_the_authority(tmp_path: Path) -> None:
-    config = ServerConfig(task="fedveil.tasks.synthetic", rounds=1, clients_per_round=2, min_clients=2)
+    config = ServerConfig.from_flat(task="fedveil.tasks.synthetic", rounds=1, clients_per_round=2, min_clients=2)
     with pytest.raises(FrontDoorError) as err:
         fedveil.serve(config, store=tmp_path / "run.db", insecure=True, revocations=tmp_path / "rev.bin")
     assert err.value.field == "revocations"

@@ -89,12 +89,12 @@ def test_bad_model_files_are_refused_naming_the_file(tmp_path: Path) -> None:
 
 
 def test_server_config_takes_a_model_file_or_a_task_not_both() -> None:
-    assert ServerConfig(task="", model="init.safetensors", rounds=1, clients_per_round=2, min_clients=2).model
+    assert ServerConfig.from_flat(task="", model="init.safetensors", rounds=1, clients_per_round=2, min_clients=2).model
     with pytest.raises(ServerConfigError, match="give --model or --task, not both"):
-        ServerConfig(task="fedveil.tasks.synthetic", model="init.safetensors", rounds=1, clients_per_round=2,
+        ServerConfig.from_flat(task="fedveil.tasks.synthetic", model="init.safetensors", rounds=1, clients_per_round=2,
                      min_clients=2)
     with pytest.raises(ServerConfigError, match="or give --model"):
-        ServerConfig(task="", rounds=1, clients_per_round=2, min_clients=2)
+        ServerConfig.from_flat(task="", rounds=1, clients_per_round=2, min_clients=2)
 
 
 def test_init_model_command_writes_the_file_and_the_server_command_checks_it(

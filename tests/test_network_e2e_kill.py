@@ -34,7 +34,7 @@ def config() -> ServerConfig:
     # 40 local epochs make a round last long enough (about a second) for the kill to land mid-job;
     # round 3 starts with the 4 survivors after cohort_wait. Bit-for-bit comparison needs the rounding
     # seeds and round nonces derived from the seeds (insecure_deterministic; by default they come from the OS)
-    return ServerConfig(task="fedveil.tasks.synthetic", rounds=3, clients_per_round=N, min_clients=3, seed=11,
+    return ServerConfig.from_flat(task="fedveil.tasks.synthetic", rounds=3, clients_per_round=N, min_clients=3, seed=11,
                         round_timeout=15.0, stage_timeout=10.0, cohort_wait=4.0, linger=2.0, poll_wait=2.0,
                         local_epochs=40, insecure_deterministic=True)
 

@@ -85,7 +85,7 @@ def _start(tmp_path: Path, *, rounds: int, client_ca: PemPair | None = None,
     store = RunStore(tmp_path / "run.db")
     tokens = {n: store.enroll(n).token for n in names}
     task = load_task(TASK)
-    config = ServerConfig(task=TASK, rounds=rounds, clients_per_round=clients_per_round,
+    config = ServerConfig.from_flat(task=TASK, rounds=rounds, clients_per_round=clients_per_round,
                           min_clients=clients_per_round, round_timeout=60,
                           stage_timeout=stage_timeout, cohort_wait=0.0, linger=1.0, seed=11, final_evaluation=False,
                           poll_wait=2.0, threshold=threshold,

@@ -77,7 +77,7 @@ def serve(tmp_path: Path) -> Iterator[Any]:
         torch.set_num_threads(1)
         store = RunStore(tmp_path / "run.db")
         tokens = {n: store.enroll(n).token for n in names}
-        config = ServerConfig(task=TASK, rounds=1, clients_per_round=len(names), min_clients=len(names),
+        config = ServerConfig.from_flat(task=TASK, rounds=1, clients_per_round=len(names), min_clients=len(names),
                               round_timeout=60.0, stage_timeout=stage_timeout, cohort_wait=0.0, linger=1.0, seed=5,
                               poll_wait=0.5, evaluate=False, final_evaluation=False,
                               # the scripted sites speak passive secure aggregation; no colluders assumed

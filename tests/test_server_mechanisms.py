@@ -21,7 +21,7 @@ def config(dp: str, **kw: object) -> ServerConfig:
     settings: dict[str, object] = dict(task="t:t", rounds=3, clients_per_round=4, min_clients=2, dp=dp, dp_clip=1.0,
                                        dp_noise_multiplier=0.5, weighted=False)
     settings.update(kw)
-    return ServerConfig(**settings)  # type: ignore[arg-type]
+    return ServerConfig.from_flat(**settings)  # type: ignore[arg-type]
 
 
 def ring_sum(plan, updates: np.ndarray) -> np.ndarray:

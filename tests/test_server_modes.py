@@ -61,21 +61,21 @@ def test_server_config_derives_safe_thresholds_in_both_modes() -> None:
     a smaller cohort."""
     base = dict(task=TASK, rounds=1, clients_per_round=10, min_clients=4)
     for active in (False, True):
-        plan = ServerConfig(**base, active_adversary=active).secagg_plan(10)  # type: ignore[arg-type]
+        plan = ServerConfig.from_flat(**base, active_adversary=active).secagg_plan(10)  # type: ignore[arg-type]
         assert (plan.holders, plan.corrupt, plan.threshold) == (10, 3, 7)
-        assert ServerConfig(**base, active_adversary=active).secagg_plan(4).threshold == 3  # c = 1
-    passive = ServerConfig(**base, threshold=4, active_adversary=False)  # type: ignore[arg-type]  # active by default
+        assert ServerConfig.from_flat(**base, active_adversary=active).secagg_plan(4).threshold == 3  # c = 1
+    passive = ServerConfig.from_flat(**base, threshold=4, active_adversary=False)  # type: ignore[arg-type]  # active by default
     assert passive.secagg_plan(10).threshold == 4 and passive.secagg_plan(4).threshold == 4  # capped at h = 4
-    assert ServerConfig(**base, threshold=6, max_corrupt_fraction=0.0,  # type: ignore[arg-type]
+    assert ServerConfig.from_flat(**base, threshold=6, max_corrupt_fraction=0.0,  # type: ignore[arg-type]
                         active_adversary=True).secagg_plan(10).threshold == 6
     with pytest.raises(ServerConfigError, match=r"--threshold: t=6 does not satisfy 2t > h \+ c = 10 \+ 3") as err:
-        ServerConfig(**base, threshold=6, active_adversary=True)  # type: ignore[arg-type]
+        ServerConfig.from_flat(**base, threshold=6, active_adversary=True)  # type: ignore[arg-type]
     assert err.value.flag == "--threshold"
     with pytest.raises(ServerConfigError, match="--max-corrupt-fraction"):
-        ServerConfig(**base, max_corrupt_fraction=0.5)  # type: ignore[arg-type]
+        ServerConfig.from_flat(**base, max_corrupt_fraction=0.5)  # type: ignore[arg-type]
     # Harary k = 16 with an explicit t = 12, valid for 20 clients (h = 17, c = 6); a cohort of 18
     # makes the graph complete (h = 18, c = 6, t >= 13): that round refuses to start.
-    harary = ServerConfig(task=TASK, rounds=1, clients_per_round=20, min_clients=18, secagg="harary",
+    harary = ServerConfig.from_flat(task=TASK, rounds=1, clients_per_round=20, min_clients=18, secagg="harary",
                           secagg_degree=16, threshold=12, active_adversary=True)
     assert (harary.secagg_plan(20).holders, harary.secagg_plan(20).corrupt) == (17, 6)
     with pytest.raises(ConfigError, match=r"2t > h \+ c = 18 \+ 6"):

@@ -67,7 +67,7 @@ def test_server_killed_after_round_1_resumes_and_finishes(tmp_path: Path) -> Non
     for i, n in enumerate(names):
         write_site_csv(tmp_path / f"{n}.csv", i, len(names), 5)
     # the secure default: an authority vouches for each site (identity files; --authority for everyone)
-    flags = SimulatedSites.create(ServerConfig(task=TASK, rounds=4, clients_per_round=3, min_clients=3),
+    flags = SimulatedSites.create(ServerConfig.from_flat(task=TASK, rounds=4, clients_per_round=3, min_clients=3),
                                   names).write_files(tmp_path)
     port = _free_port()
     server_cmd = [

@@ -126,7 +126,7 @@ def test_server_exits_after_a_job_with_a_killed_site_a_forged_token_and_a_frozen
     for i, name in enumerate([*honest, killed]):
         write_site_csv(tmp_path / f"{name}.csv", i, 4, 3)
     # the secure default: an authority vouches for every site (identity files; --authority for everyone)
-    flags = SimulatedSites.create(ServerConfig(task=TASK, rounds=2, clients_per_round=3, min_clients=3),
+    flags = SimulatedSites.create(ServerConfig.from_flat(task=TASK, rounds=2, clients_per_round=3, min_clients=3),
                                   [*honest, killed, "mallory"]).write_files(tmp_path)
     forged = tokens["north"][:-4] + ("AAAA" if not tokens["north"].endswith("AAAA") else "BBBB")
     linger = 2.0

@@ -19,7 +19,7 @@ def config(**kw: object) -> ServerConfig:
     base: dict = dict(task="fedveil.tasks.synthetic", rounds=3, clients_per_round=4, min_clients=3, seed=5,
                       cohort_wait=1.0, linger=0.5, poll_wait=1.0, round_timeout=60.0, stage_timeout=30.0)
     base.update(kw)
-    return ServerConfig(**base)
+    return ServerConfig.from_flat(**base)
 
 
 @pytest.mark.slow

@@ -53,7 +53,7 @@ def config(n: int, **kw: object) -> ServerConfig:
                                        round_timeout=60.0, stage_timeout=30.0, cohort_wait=2.0, linger=2.0,
                                        poll_wait=2.0, insecure_deterministic=True)
     settings.update(kw)
-    return ServerConfig(**settings)  # type: ignore[arg-type]
+    return ServerConfig.from_flat(**settings)  # type: ignore[arg-type]
 
 
 def assert_same_aggregates(a: list, b: list) -> None:
@@ -274,7 +274,7 @@ def reference_with_crash(cfg: ServerConfig, n: int, victim: str, number: int, at
                                    policy=sites.policy())
             clients.append(ThreadedClient(name, Federation(transport, task.name, task.build_model(), options), data))
         summary, _, errors = run_with_client_threads(runner.run, runner.stop, task, clients, join_timeout_s=60,
-                                                     min_live_clients=cfg.min_clients)
+                                                     min_live_clients=cfg.schedule.min_clients)
         runner.close()
     assert summary.status == "completed" and set(errors) == {victim}, errors
     return read_rounds(store_path, summary.run_id)

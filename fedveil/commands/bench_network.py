@@ -18,7 +18,7 @@ def bench_config(task_ref: str, clients: int, rounds: int) -> ServerConfig:
     """The measured job: every client in every round, no evaluation, generous deadlines."""
     from fedveil.server.config import ServerConfig
 
-    return ServerConfig(
+    return ServerConfig.from_flat(
         task=task_ref, rounds=rounds, clients_per_round=clients, min_clients=clients, seed=0,
         round_timeout=900.0, stage_timeout=600.0, cohort_wait=2.0, linger=1.0, poll_wait=2.0,
         evaluate=False, final_evaluation=False,

@@ -316,7 +316,7 @@ def server_command(**opts: Any) -> NoReturn:
             fail_from(err, "--task")
     authority, revocations = _load_authority(opts["authority_path"], opts["revocations_path"])
     try:
-        config = ServerConfig(
+        config = ServerConfig.from_flat(
             **fields,
             consortium=authority[0] if authority else "", authority_public_key=authority[1].hex() if authority else "",
         )

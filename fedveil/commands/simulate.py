@@ -129,7 +129,7 @@ def simulate_command(
     if store_path is not None and not store_path.parent.is_dir():
         fail("--store", f"directory {str(store_path.parent)!r} does not exist")
     try:
-        config = ServerConfig(
+        config = ServerConfig.from_flat(
             task=task_ref, rounds=rounds, clients_per_round=k, min_clients=m, round_timeout=round_timeout,
             stage_timeout=stage_timeout, cohort_wait=2.0, secagg=secagg, max_corrupt_fraction=max_corrupt_fraction,
             dp=dp, dp_clip=clip,

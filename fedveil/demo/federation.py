@@ -194,7 +194,7 @@ def server_config(settings: FederationSettings, recipe: Recipe, n_hospitals: int
                       dp_epsilon_budget=settings.epsilon_budget)
     else:
         common.update(dp="none")
-    return ServerConfig(**common)
+    return ServerConfig.from_flat(**common)
 
 
 def user_level_noise_ratio(settings: FederationSettings, recipe: Recipe, n_hospitals: int) -> float | None:
@@ -209,7 +209,7 @@ def user_level_noise_ratio(settings: FederationSettings, recipe: Recipe, n_hospi
     """
     if settings.dp not in ("central", "distributed"):
         return None
-    z = float(server_config(settings, recipe, n_hospitals).dp_noise_multiplier)
+    z = float(server_config(settings, recipe, n_hospitals).privacy.noise_multiplier)
     k = settings.hospitals_per_round
     dim = sum(p.numel() for p in healthcare.build_model().parameters())
     spread = math.sqrt(k / settings.threshold) if settings.dp == "distributed" else 1.0

@@ -89,9 +89,9 @@ class JobRunner:
         coordinator = self.coordinator
         if endpoint.max_message_bytes:
             self.max_message_bytes = endpoint.max_message_bytes
-        workers = max(32, 2 * config.clients_per_round + 16)
+        workers = max(32, 2 * config.schedule.clients_per_round + 16)
         limits = ServerLimits(max_message_bytes=self.max_message_bytes, workers=workers,
-                              max_concurrent_rpcs=max(256, 4 * workers), upload_timeout_s=config.stage_timeout)
+                              max_concurrent_rpcs=max(256, 4 * workers), upload_timeout_s=config.schedule.stage_timeout)
         coordinator.max_waiting_polls = workers - 8  # long polls never take the last workers
         coordinator.inline_model = False  # sites fetch the model in chunks (FetchModel)
         credentials = None

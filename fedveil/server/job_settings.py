@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from fedveil.errors import FedveilError
-from fedveil.server.config import ServerConfig
+from fedveil.server.config import ServerConfig, flat_types
 from fedveil.settings_table import Setting, SettingsTable
 from fedveil.settings_table import setting as _s
 
@@ -64,7 +64,8 @@ SETTINGS: tuple[Setting, ...] = (
 )
 """Every setting a job file or a ``fedveil server`` flag can give, in the order of ``--help``."""
 
-JOB_SETTINGS = SettingsTable(ServerConfig, SETTINGS, lambda message: JobFileError(message, field="config"))
+JOB_SETTINGS = SettingsTable(ServerConfig, SETTINGS, lambda message: JobFileError(message, field="config"),
+                             field_types=flat_types(), values_of=ServerConfig.to_dict)
 SECTIONS = JOB_SETTINGS.sections
 
 

@@ -78,18 +78,18 @@ class GlobalModel:
         self.params = np.asarray(initial_params, dtype=np.float32).copy()
         self.dim = int(self.params.shape[0])
         self.version = 0
-        self.optimizer: ServerOptimizer = make_optimizer(config.optimizer, lr=config.server_lr)
-        self.mechanism: PrivacyMechanism = mechanism_class(config.dp)(config, self.dim)
+        self.optimizer: ServerOptimizer = make_optimizer(config.training.optimizer, lr=config.training.server_lr)
+        self.mechanism: PrivacyMechanism = mechanism_class(config.privacy.mode)(config, self.dim)
         """The job's privacy mechanism: its plan, decode and ledger event (:mod:`fedveil.server.mechanisms`)."""
         self.ledger: PrivacyLedger | None = None
         if self.mechanism.keeps_ledger:
             self.ledger = PrivacyLedger(
                 LedgerConfig(
-                    accountant=config.dp_accountant,
-                    federation_delta=config.dp_delta,
-                    client_delta=config.dp_delta,
-                    federation_epsilon_budget=config.dp_epsilon_budget,
-                    client_epsilon_budget=config.dp_client_epsilon_budget,
+                    accountant=config.privacy.accountant,
+                    federation_delta=config.privacy.delta,
+                    client_delta=config.privacy.delta,
+                    federation_epsilon_budget=config.privacy.epsilon_budget,
+                    client_epsilon_budget=config.privacy.client_epsilon_budget,
                 )
             )
         self.dpfedavg: DPFedAvg | None = self.mechanism.new_state()
@@ -103,11 +103,11 @@ class GlobalModel:
         if metrics and cfg.user_level_dp:
             raise ValueError("metrics: secure evaluation sums would be released without user-level noise")
         if evaluation_only:
-            layout = EvaluationLayout.plan(metrics or DEFAULT_METRICS, cohort_size, cfg.ring_bits)
-            encoding = pb.EncodingParams(ring_bits=cfg.ring_bits, dimension=layout.dimension,
+            layout = EvaluationLayout.plan(metrics or DEFAULT_METRICS, cohort_size, cfg.secagg.ring_bits)
+            encoding = pb.EncodingParams(ring_bits=cfg.secagg.ring_bits, dimension=layout.dimension,
                                          evaluation=evaluation_encoding(layout))
-            return RoundPlan(round_number, cohort_size, threshold, layout.dimension, cfg.ring_bits, encoding,
-                             pb.DpParams(mode=cfg.dp), evaluation=layout, evaluation_only=True)
+            return RoundPlan(round_number, cohort_size, threshold, layout.dimension, cfg.secagg.ring_bits, encoding,
+                             pb.DpParams(mode=cfg.privacy.mode), evaluation=layout, evaluation_only=True)
         plan = self._update_plan(round_number, cohort_size, threshold, context)
         if metrics:
             layout = EvaluationLayout.plan(metrics, cohort_size, plan.ring_bits)
@@ -127,7 +127,7 @@ class GlobalModel:
 
         ``available_at_draw`` is the number of sites the cohort was drawn from (those connected at the
         draw), never the enrolled ones: an offline site could not have been picked. ``amplification``
-        defaults to ``config.dp_sampling_amplification``; a caller may pass ``False`` to withdraw the
+        defaults to ``config.privacy.sampling_amplification``; a caller may pass ``False`` to withdraw the
         claim for this round (e.g. when the participant list has been shown), never ``True`` against
         the configuration.
         """
@@ -135,8 +135,8 @@ class GlobalModel:
         if self.ledger is None or not self.mechanism.user_level:
             return None
         if amplification is None:
-            amplification = cfg.dp_sampling_amplification
-        elif amplification and not cfg.dp_sampling_amplification:
+            amplification = cfg.privacy.sampling_amplification
+        elif amplification and not cfg.privacy.sampling_amplification:
             raise ValueError(
                 "--dp-sampling-amplification: this job does not claim sampling amplification, "
                 "so a round cannot claim it (got amplification=True)"

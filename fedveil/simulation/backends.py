@@ -19,7 +19,6 @@ command line, the released rounds) is :class:`fedveil.simulation.host.Coordinato
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -78,22 +77,22 @@ SIMULATED_CONSORTIUM = "fedveil-simulation"
 class SimulatedSites:
     """The identities of a simulation's sites: an in-memory authority vouches for each (secure default)."""
 
-    config: Any
+    config: ServerConfig
     """The job's configuration, with the authority's consortium and key filled in (active mode)."""
     authority: LocalAuthority | None
     names: list[str]
 
     @classmethod
-    def create(cls, config: Any, names: Sequence[str]) -> SimulatedSites:
+    def create(cls, config: ServerConfig, names: Sequence[str]) -> SimulatedSites:
         names = list(names)
-        if not config.active_adversary:
+        if not config.secagg.active_adversary:
             return cls(config, None, names)
         authority = LocalAuthority(SIMULATED_CONSORTIUM)
         now = int(time.time())
         for name in names:
             authority.identity(name, now=now)
-        config = dataclasses.replace(config, consortium=SIMULATED_CONSORTIUM,
-                                     authority_public_key=authority.public_key.raw.hex())
+        config = config.replace(consortium=SIMULATED_CONSORTIUM,
+                                authority_public_key=authority.public_key.raw.hex())
         return cls(config, authority, names)
 
     def policy(self) -> SitePolicy:
@@ -106,8 +105,8 @@ class SimulatedSites:
         """What the simulated sites accept of their own job beyond a site's defaults: the job's colluding
         fraction if it assumes fewer colluders, and its smallest cohort if below the default minimum
         (the same for threads and processes)."""
-        return {"max_corrupt_fraction": min(self.config.max_corrupt_fraction, DEFAULT_MAX_CORRUPT_FRACTION),
-                "min_cohort": max(2, min(int(self.config.min_clients), DEFAULT_MIN_COHORT))}
+        return {"max_corrupt_fraction": min(self.config.secagg.max_corrupt_fraction, DEFAULT_MAX_CORRUPT_FRACTION),
+                "min_cohort": max(2, min(int(self.config.schedule.min_clients), DEFAULT_MIN_COHORT))}
 
     def _policy_flags(self) -> list[str]:
         accepted = self._accepted()
@@ -171,7 +170,7 @@ def site_options(config: ServerConfig, task: Task, index: int, data: TensorDatas
         seed=client_seed(job_seed(config), index), num_examples=len(data), evaluate=evaluator(task, data),
         identity_key=identity, credential=credential, policy=policy,
         insecure_deterministic=config.insecure_deterministic,
-        poll_wait_ms=int(max(config.poll_wait, 0.5) * 1000),
+        poll_wait_ms=int(max(config.schedule.poll_wait, 0.5) * 1000),
         backoff=BackoffPolicy(initial_delay_s=0.05, max_delay_s=1.0, give_up_after_s=30.0),
     )
 
@@ -276,8 +275,8 @@ def simulate_in_process(
     """Run the job with the real coordinator (started by ``host``) and ``n_clients`` client
     threads in this process."""
     task = load_task(config.task)
-    if n_clients < config.min_clients:
-        raise SimulationError(f"--clients {n_clients} is fewer than --min-clients {config.min_clients}")
+    if n_clients < config.schedule.min_clients:
+        raise SimulationError(f"--clients {n_clients} is fewer than --min-clients {config.schedule.min_clients}")
     tmp: tempfile.TemporaryDirectory[str] | None = None
     if store_path is None:
         tmp = tempfile.TemporaryDirectory(prefix="fedveil-sim-")
@@ -297,7 +296,8 @@ def simulate_in_process(
             fed = Federation(InProcessTransport(job.service, name), task.name, task.build_model(), options)
             clients.append(ThreadedClient(name, fed, data))
         summary, histories, errors = run_with_client_threads(
-            job.run, job.stop, task, clients, join_timeout_s=client_timeout_s, min_live_clients=config.min_clients
+            job.run, job.stop, task, clients, join_timeout_s=client_timeout_s,
+            min_live_clients=config.schedule.min_clients,
         )
     finally:
         job.close()
@@ -404,7 +404,7 @@ def read_port_file(path: Path, timeout_s: float, server: ManagedProcess) -> int:
 def orphan_grace_s(config: ServerConfig) -> float:
     """How long a server may outlive all its clients before :func:`wait_for_server` stops it: its
     linger (it may still be saying goodbye) plus room for a slow final stage."""
-    return max(config.linger, 1.0) + 15.0
+    return max(config.schedule.linger, 1.0) + 15.0
 
 
 def wait_for_server(fed: ProcessFederation, timeout_s: float, *, grace_s: float) -> int:
@@ -461,7 +461,7 @@ def simulate_processes(
             raise SimulationError(f"the server exited with status {status}: {fed.server.errors()[-2000:]}")
         for proc in fed.clients:
             try:
-                code = proc.wait(max(config.linger, 1.0) + 30.0)
+                code = proc.wait(max(config.schedule.linger, 1.0) + 30.0)
             except Exception:
                 errors[proc.name] = STILL_RUNNING
                 continue

@@ -116,8 +116,8 @@ class RaySimulation:
     def __init__(self, config: ServerConfig, n_clients: int, *, options: RayOptions | None = None,
                  store_path: Path | None = None, listeners: Iterable[JobListener] = (),
                  timeout_s: float = 900.0) -> None:
-        if n_clients < config.min_clients:
-            raise SimulationError(f"--clients {n_clients} is fewer than --min-clients {config.min_clients}",
+        if n_clients < config.schedule.min_clients:
+            raise SimulationError(f"--clients {n_clients} is fewer than --min-clients {config.schedule.min_clients}",
                                   field="clients")
         self.ray = import_ray()
         self.options = options or RayOptions()
@@ -256,7 +256,7 @@ class RaySimulation:
                     runner.stop()
                     done.set()
                     watcher.join()
-                self._collect(pending, max(self.config.linger, 1.0) + 30.0)
+                self._collect(pending, max(self.config.schedule.linger, 1.0) + 30.0)
             finally:
                 runner.close()
         if self._timed_out:
@@ -293,8 +293,8 @@ class RaySimulation:
             for ref in ready:
                 self._settle(ref, pending.pop(ref))
             live = self.n_clients - len(self.errors)
-            if ready and live < self.config.min_clients:
-                log.error("%d site(s) left, the job needs %d: stopping it", live, self.config.min_clients)
+            if ready and live < self.config.schedule.min_clients:
+                log.error("%d site(s) left, the job needs %d: stopping it", live, self.config.schedule.min_clients)
                 runner.stop()
                 return
 

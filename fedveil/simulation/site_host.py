@@ -112,7 +112,7 @@ class SiteHost:
         public: dict[str, bytes] = {}
         for spec in specs:
             data = client_dataset(self.task, spec.index, spec.n_clients, job_seed(self.config))
-            identity = Ed25519PrivateKey.generate() if self.config.active_adversary else None
+            identity = Ed25519PrivateKey.generate() if self.config.secagg.active_adversary else None
             self.sites[spec.name] = _Site(spec, data, identity)
             public[spec.name] = identity.public_key().public_bytes_raw() if identity is not None else b""
         return public

@@ -34,7 +34,7 @@ class Coordinator(SessionsMixin, SecAggBridgeMixin, SiteReportsMixin, RoundDrive
         self._budget_message = ""
         if self.finished is not None:
             return self._report_finished()
-        while self.model.version < cfg.rounds:
+        while self.model.version < cfg.schedule.rounds:
             with self._cond:
                 available = self._wait_for_cohort(self.model.version + 1)
             if available is None:
@@ -66,11 +66,11 @@ class Coordinator(SessionsMixin, SecAggBridgeMixin, SiteReportsMixin, RoundDrive
             if outcome == "budget":
                 status, message = "budget_exhausted", f"stopped early: {self._budget_message}"
                 break
-            if outcome == "aborted" and self._tries.get(number, 0) >= cfg.max_round_attempts:
+            if outcome == "aborted" and self._tries.get(number, 0) >= cfg.schedule.max_round_attempts:
                 status = "failed"
-                message = f"round {number} aborted {cfg.max_round_attempts} times (see the store for reasons)"
+                message = f"round {number} aborted {cfg.schedule.max_round_attempts} times (see the store for reasons)"
                 break
-        if status in ("completed", "budget_exhausted") and cfg.final_evaluation and cfg.max_evaluations_per_job \
+        if status in ("completed", "budget_exhausted") and cfg.evaluation.final and cfg.evaluation.max_per_job \
                 and not self._stop_event.is_set():
             if self._evaluation_mode == "secure":
                 self._secure_final_evaluation()
@@ -82,9 +82,10 @@ class Coordinator(SessionsMixin, SecAggBridgeMixin, SiteReportsMixin, RoundDrive
         ledger = self.model.ledger
         epsilon = ledger.epsilon() if ledger is not None and cfg.user_level_dp else None
         summary = JobSummary(
-            run_id=self.run_id, status=status, completed_rounds=self.model.version, total_rounds=cfg.rounds,
+            run_id=self.run_id, status=status, completed_rounds=self.model.version, total_rounds=cfg.schedule.rounds,
             resumed_from=self.resumed_from, aborted_attempts=self._aborted_attempts, dropouts=self._dropouts,
-            final_metrics=self._final_metrics, epsilon=epsilon, delta=cfg.dp_delta if epsilon is not None else None,
+            final_metrics=self._final_metrics, epsilon=epsilon,
+            delta=cfg.privacy.delta if epsilon is not None else None,
             message=message, rejected_rounds=self._rejected_rounds,
         )
         if status != "stopped":
@@ -103,7 +104,7 @@ class Coordinator(SessionsMixin, SecAggBridgeMixin, SiteReportsMixin, RoundDrive
                 summary=message,
             )
             self._cond.notify_all()
-            linger_until = self._clock() + self.config.linger
+            linger_until = self._clock() + self.config.schedule.linger
             self._wait_until(
                 lambda: all(c.job_done_sent for c in self._clients.values() if c.name in self._available()),
                 linger_until,
@@ -115,7 +116,7 @@ class Coordinator(SessionsMixin, SecAggBridgeMixin, SiteReportsMixin, RoundDrive
         message = f"run {self.run_id} had already finished: {data.get('message', '')}".strip()
         summary = JobSummary(
             run_id=self.run_id, status=str(data.get("status", "completed")), completed_rounds=self.model.version,
-            total_rounds=self.config.rounds, resumed_from=self.model.version,
+            total_rounds=self.config.schedule.rounds, resumed_from=self.model.version,
             aborted_attempts=self._aborted_attempts, dropouts=self._dropouts, final_metrics=self._final_metrics,
             epsilon=data.get("epsilon"), delta=data.get("delta"), message=message,
         )
@@ -125,13 +126,13 @@ class Coordinator(SessionsMixin, SecAggBridgeMixin, SiteReportsMixin, RoundDrive
     def _secure_final_evaluation(self) -> None:
         """The final model's metrics as one secure sum over the cohort (an evaluation-only round)."""
         cfg = self.config
-        phase = cfg.rounds + 1
-        for _ in range(min(cfg.max_round_attempts, cfg.max_evaluations_per_job)):  # each attempt asks again
+        phase = cfg.schedule.rounds + 1
+        for _ in range(min(cfg.schedule.max_round_attempts, cfg.evaluation.max_per_job)):  # each attempt asks again
             with self._cond:
                 available = [n for n in self._available() if n not in self._barred.get(phase, set())]
-            if len(available) < cfg.min_clients:
+            if len(available) < cfg.schedule.min_clients:
                 log.info("final evaluation skipped: %d sites connected, fewer than %d", len(available),
-                         cfg.min_clients)
+                         cfg.schedule.min_clients)
                 return
             outcome = self._run_round(phase, available, purpose=pb.ROUND_PURPOSE_EVALUATE)
             self.listeners.flush()
@@ -147,8 +148,9 @@ class Coordinator(SessionsMixin, SecAggBridgeMixin, SiteReportsMixin, RoundDrive
             if not participants:
                 return
             now, wall = self._clock(), time.time()
-            ev = _Evaluation(version=self.model.version, nonce=os.urandom(ROUND_NONCE_BYTES), phase=cfg.rounds + 1,
-                             deadline=now + cfg.stage_timeout, deadline_wall=wall + cfg.stage_timeout,
+            ev = _Evaluation(version=self.model.version, nonce=os.urandom(ROUND_NONCE_BYTES),
+                             phase=cfg.schedule.rounds + 1,
+                             deadline=now + cfg.schedule.stage_timeout, deadline_wall=wall + cfg.schedule.stage_timeout,
                              participants=participants)
             self._evaluation = ev
             self._cond.notify_all()

@@ -122,14 +122,14 @@ class RoundDriverMixin(CoordinatorBase):
             ),
             dp=plan.dp,
             training=pb.TrainingParams(
-                local_epochs=cfg.local_epochs or self.task.local_epochs,
-                learning_rate=cfg.learning_rate or self.task.learning_rate,
-                batch_size=cfg.batch_size or self.task.batch_size,
-                evaluate_global_model=cfg.evaluate and self._evaluation_mode == "clear",
+                local_epochs=cfg.training.local_epochs or self.task.local_epochs,
+                learning_rate=cfg.training.learning_rate or self.task.learning_rate,
+                batch_size=cfg.training.batch_size or self.task.batch_size,
+                evaluate_global_model=cfg.evaluation.each_round and self._evaluation_mode == "clear",
                 seed=round_seed(self.seed, rnd.number),
             ),
             deadline_unix_ms=int(rnd.deadline_wall * 1000),
-            stage_timeout_ms=int(cfg.stage_timeout * 1000),
+            stage_timeout_ms=int(cfg.schedule.stage_timeout * 1000),
             attempt=rnd.attempt,
             purpose=rnd.purpose,  # type: ignore[arg-type]
         )
@@ -161,12 +161,12 @@ class RoundDriverMixin(CoordinatorBase):
         while not self._stop_event.is_set():
             barred = self._barred.get(number, set())
             avail = [n for n in self._available() if n not in barred]
-            if len(avail) >= cfg.clients_per_round:
+            if len(avail) >= cfg.schedule.clients_per_round:
                 return avail
-            if len(avail) >= cfg.min_clients:
+            if len(avail) >= cfg.schedule.min_clients:
                 now = self._clock()
                 ready_since = ready_since if ready_since is not None else now
-                if now - ready_since >= cfg.cohort_wait:
+                if now - ready_since >= cfg.schedule.cohort_wait:
                     return avail
             else:
                 ready_since = None
@@ -178,7 +178,7 @@ class RoundDriverMixin(CoordinatorBase):
         attempt = self._attempts.get(number, 0) + 1
         self._attempts[number] = attempt
         self._tries[number] = self._tries.get(number, 0) + 1
-        k = min(cfg.clients_per_round, len(available))
+        k = min(cfg.schedule.clients_per_round, len(available))
         if k == len(available):
             chosen = sorted(available)
         elif cfg.insecure_deterministic:  # reproducible cohorts: anyone with the job seed can predict them
@@ -199,9 +199,9 @@ class RoundDriverMixin(CoordinatorBase):
         context = f"fedveil/{self.run_id}/{self.task.name}".encode()
         evaluation_only = purpose == pb.ROUND_PURPOSE_EVALUATE
         plan = self.model.plan(number, len(chosen), t, context, evaluation_only=evaluation_only,
-                               metrics=self._secure_metrics() if (cfg.evaluate or evaluation_only) else ())
+                               metrics=self._secure_metrics() if (cfg.evaluation.each_round or evaluation_only) else ())
         identity_keys = None
-        if cfg.active_adversary:
+        if cfg.secagg.active_adversary:
             keys = [self._identity_key(n) for n in chosen]
             missing = [n for n, key in zip(chosen, keys, strict=True) if len(key) != PUBLIC_KEY_BYTES]
             if missing:
@@ -210,9 +210,9 @@ class RoundDriverMixin(CoordinatorBase):
             identity_keys = tuple(keys)
         sconfig = SecAggConfig(
             num_clients=len(chosen), threshold=t, vector_length=plan.dimension, round_id=round_id,
-            ring_bits=plan.ring_bits, graph=spec, active=cfg.active_adversary, identity_keys=identity_keys,
+            ring_bits=plan.ring_bits, graph=spec, active=cfg.secagg.active_adversary, identity_keys=identity_keys,
             context=bound_context(context, plan.dp, plan.encoding),  # sites shown other DP parameters: no session
-            max_corrupt_fraction=cfg.max_corrupt_fraction,
+            max_corrupt_fraction=cfg.secagg.max_corrupt_fraction,
             # a placeholder until the cohort's commit-then-reveal seed is known (REVEAL closes)
             graph_seed=bytes(32),
         )
@@ -220,7 +220,7 @@ class RoundDriverMixin(CoordinatorBase):
         rnd = _Round(number=number, attempt=attempt, nonce=nonce, plan=plan, config=sconfig,
                      beacon=BeaconCollector(round_id, tuple(range(len(chosen))), t),
                      cohort=cohort, names={i: n for n, i in cohort.items()}, started_wall=wall, purpose=purpose,
-                     deadline=now + cfg.stage_timeout, deadline_wall=wall + cfg.stage_timeout)
+                     deadline=now + cfg.schedule.stage_timeout, deadline_wall=wall + cfg.schedule.stage_timeout)
         self.store.start_round(self.run_id, number, attempt, cohort, t)
         log.info("round %d (attempt %d%s): cohort of %d, dimension %d, secure aggregation %s",
                  number, attempt, ", evaluation only" if purpose == pb.ROUND_PURPOSE_EVALUATE else "", len(chosen),
@@ -253,7 +253,7 @@ class RoundDriverMixin(CoordinatorBase):
                 if purpose == pb.ROUND_PURPOSE_TRAIN:
                     # q over the sites the cohort was really drawn from (issue 10: never the enrolled count)
                     self.model.reserve_budget(rnd.plan, len(available),
-                                              amplification=self.config.dp_sampling_amplification)
+                                              amplification=self.config.privacy.sampling_amplification)
             except BudgetExceededError as err:
                 self.store.abort_round(self.run_id, number, rnd.attempt, f"privacy budget: {err}", None)
                 self._finish_round_for_clients(rnd, pb.ROUND_OUTCOME_ABORTED, f"privacy budget exhausted: {err}", ())
@@ -262,13 +262,14 @@ class RoundDriverMixin(CoordinatorBase):
             # the first stage's deadline runs from when the cohort can see the round (reserving the
             # budget above may take a while: an accountant's first computation)
             now, wall = self._clock(), time.time()
-            rnd.deadline, rnd.deadline_wall = now + self.config.stage_timeout, wall + self.config.stage_timeout
+            stage_timeout = self.config.schedule.stage_timeout
+            rnd.deadline, rnd.deadline_wall = now + stage_timeout, wall + stage_timeout
             self._round = rnd
             self._cond.notify_all()
         self.listeners.emit(RoundStarted(self.run_id, number, rnd.attempt, tuple(rnd.cohort),
                                          "evaluate" if purpose == pb.ROUND_PURPOSE_EVALUATE else "train"))
         stages = [Stage.COMMIT, Stage.REVEAL, Stage.TRAINING, Stage.SHARE_KEYS, Stage.MASKED_INPUT]
-        if self.config.active_adversary:
+        if self.config.secagg.active_adversary:
             stages.append(Stage.CONSISTENCY)
         stages.append(Stage.UNMASKING)
         stage_opened = self._clock()
@@ -320,7 +321,8 @@ class RoundDriverMixin(CoordinatorBase):
                             rnd.dropped.setdefault(rnd.names[sid], (stage.label, "did not accept the round"))
                 rnd.stage = stages[index + 1]
                 rnd.outgoing = outgoing
-                timeout = self.config.round_timeout if rnd.stage == Stage.TRAINING else self.config.stage_timeout
+                schedule = self.config.schedule
+                timeout = schedule.round_timeout if rnd.stage == Stage.TRAINING else schedule.stage_timeout
                 now, wall = self._clock(), time.time()
                 rnd.deadline, rnd.deadline_wall = now + timeout, wall + timeout
                 stage_opened = now

@@ -76,7 +76,7 @@ class SessionsMixin(CoordinatorBase):
         enrolled_key = self.store.identity_key(caller)
         if enrolled_key and request.identity_public_key and request.identity_public_key != enrolled_key:
             raise PermissionDenied("identity_public_key: differs from the key enrolled for this client")
-        if self.config.active_adversary and not (request.identity_public_key or enrolled_key):
+        if self.config.secagg.active_adversary and not (request.identity_public_key or enrolled_key):
             raise Incompatible(
                 "identity_public_key: this job runs in active-adversary mode; the client needs an Ed25519 "
                 "identity key (enrolled with fedveil enroll --identity-public-key, or sent at Join)"
@@ -118,7 +118,7 @@ class SessionsMixin(CoordinatorBase):
         (``--authority``), so a bad credential is refused at Join rather than in every round."""
         raw = bytes(request.identity_credential)
         if not raw:
-            if self.config.active_adversary:
+            if self.config.secagg.active_adversary:
                 raise Incompatible("identity_credential: this job runs with malicious-server protections; the site "
                                    "needs its credential from the consortium authority (fedveil authority issue)")
             return b""
@@ -132,17 +132,17 @@ class SessionsMixin(CoordinatorBase):
         if credential.site_name != caller or credential.identity_public_key != key:
             raise PermissionDenied("identity_credential: it vouches for another site name or identity key "
                                    f"(it names {credential.site_name!r})")
-        authority = self.config.authority_key_bytes
+        authority = self.config.secagg.authority_key_bytes
         if authority is not None:
             try:
-                verify_credential(authority, credential, consortium=self.config.consortium, now=int(time.time()),
+                verify_credential(authority, credential, consortium=self.config.secagg.consortium, now=int(time.time()),
                                   revocations=self.revocations)
             except sa_errors.SecAggError as err:
                 raise PermissionDenied(f"identity_credential: {err}") from None
         return raw
 
     def poll(self, caller: str, request: pb.PollRequest) -> pb.PollResponse:
-        wait_s = min(request.max_wait_ms / 1000.0, self.config.poll_wait)
+        wait_s = min(request.max_wait_ms / 1000.0, self.config.schedule.poll_wait)
         with self._cond:
             if self._stopping:
                 raise Unavailable("the server is shutting down; retry later")
@@ -205,7 +205,7 @@ class SessionsMixin(CoordinatorBase):
     # ------------------------------------------------------------------------------------------
     def _available(self) -> list[str]:
         now = self._clock()
-        window = self.config.poll_wait + 5.0
+        window = self.config.schedule.poll_wait + 5.0
         return sorted(c.name for c in self._clients.values()
                       if not c.disconnected and (c.polling > 0 or now - c.last_seen <= window))
 
@@ -226,7 +226,7 @@ class SessionsMixin(CoordinatorBase):
             if client.name in rnd.cohort:
                 return f"round {rnd.number}: waiting for other clients at stage {rnd.stage.label}"
             return f"round {rnd.number} is running without you"
-        return f"waiting for a cohort ({self._available_count()} of {self.config.clients_per_round} connected)"
+        return f"waiting for a cohort ({self._available_count()} of {self.config.schedule.clients_per_round} connected)"
 
     def stop(self) -> None:
         """Ask :meth:`run` to stop at the next opportunity (the store stays consistent)."""

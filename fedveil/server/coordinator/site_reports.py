@@ -94,9 +94,9 @@ class SiteReportsMixin(CoordinatorBase):
             return None
         cfg = self.config
         context = SpendContext(
-            delta=cfg.dp_delta,
+            delta=cfg.privacy.delta,
             noise_multiplier=self.model.mechanism.required_site_noise_multiplier,
-            local_epochs=max(cfg.local_epochs or self.task.local_epochs, 1),
+            local_epochs=max(cfg.training.local_epochs or self.task.local_epochs, 1),
         )
         verdict = verify_spend(spend, report.num_examples, earlier, context, self.model.verifier())
         if not verdict.verified:

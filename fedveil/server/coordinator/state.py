@@ -296,8 +296,8 @@ class CoordinatorBase:
             self.run_id = f"run-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(4)}"
             self.store.create_run(self.run_id, self.config.resume_key())
             self.store.save_initial_checkpoint(self.run_id, self.model.params, self.model.state_dict())
-            log.info("started run %s: %d rounds of %d clients", self.run_id, self.config.rounds,
-                     self.config.clients_per_round)
+            log.info("started run %s: %d rounds of %d clients", self.run_id, self.config.schedule.rounds,
+                     self.config.schedule.clients_per_round)
         self._attempts: dict[int, int] = {}  # round → last attempt number in the store (unique ids)
         self._tries: dict[int, int] = {}  # round → attempts since this start (--max-round-attempts)
         for rec in self.store.rounds(self.run_id):
@@ -311,9 +311,9 @@ class CoordinatorBase:
     def _evaluation_mode(self) -> str:
         """Federated evaluation as the job runs it: off under user-level DP (its sums would be released
         without the round's noise), else the configured mode."""
-        if not self.config.evaluate and not self.config.final_evaluation:
+        if not self.config.evaluation.each_round and not self.config.evaluation.final:
             return "off"
-        return "off" if self.config.user_level_dp else self.config.evaluation
+        return "off" if self.config.user_level_dp else self.config.evaluation.mode
 
     def _secure_metrics(self) -> tuple[str, ...]:
         if self._evaluation_mode != "secure":
@@ -328,10 +328,11 @@ class CoordinatorBase:
     def job_info(self) -> pb.JobInfo:
         cfg = self.config
         return pb.JobInfo(
-            task_name=self.task.name, total_rounds=cfg.rounds, completed_rounds=self.model.version,
-            clients_per_round=cfg.clients_per_round, min_clients=cfg.min_clients, secagg_graph=cfg.secagg,
-            dp_mode=cfg.dp, active_adversary=cfg.active_adversary, consortium=cfg.consortium,
-            evaluation=self._evaluation_mode, max_corrupt_fraction=cfg.max_corrupt_fraction,
+            task_name=self.task.name, total_rounds=cfg.schedule.rounds, completed_rounds=self.model.version,
+            clients_per_round=cfg.schedule.clients_per_round, min_clients=cfg.schedule.min_clients,
+            secagg_graph=cfg.secagg.graph,
+            dp_mode=cfg.privacy.mode, active_adversary=cfg.secagg.active_adversary, consortium=cfg.secagg.consortium,
+            evaluation=self._evaluation_mode, max_corrupt_fraction=cfg.secagg.max_corrupt_fraction,
             model=self.model_spec.to_proto(),  # type: ignore[arg-type]
         )
 
@@ -340,7 +341,7 @@ class CoordinatorBase:
         return self._max_message_bytes
 
     def _compute_max_message_bytes(self) -> int:
-        plan = self.model.plan(1, self.config.clients_per_round, 2, b"size")
+        plan = self.model.plan(1, self.config.schedule.clients_per_round, 2, b"size")
         itemsize = 4 if plan.ring_bits <= 32 else 8
         model_bytes = 4 * self.model.dim
         return max(4 << 20, plan.dimension * itemsize + (1 << 20), model_bytes + (1 << 20))

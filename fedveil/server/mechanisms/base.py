@@ -60,9 +60,9 @@ class PrivacyMechanism(ABC):
     @classmethod
     def refusal(cls, config: ServerConfig) -> tuple[str, str] | None:
         """Why ``config`` cannot run with this mechanism, as (flag, message), or None."""
-        if config.dp_adaptive_clipping:
+        if config.privacy.adaptive_clipping:
             return "--dp-adaptive-clipping", f"only with --dp central (got --dp {cls.mode})"
-        if config.dp_sampling_amplification:
+        if config.privacy.sampling_amplification:
             return ("--dp-sampling-amplification",
                     f"only with --dp central (got --dp {cls.mode}); distributed DP claims no sampling amplification")
         return None
@@ -98,16 +98,17 @@ def fixed_point_plan(config: ServerConfig, dim: int, round_number: int, cohort_s
     """A round encoded with the secagg fixed-point encoder (every mechanism but distributed DP)."""
     weighted = config.uses_weights
     encoder = FixedPointEncoder.for_clients(
-        cohort_size, clip_range, config.ring_bits, weighted=weighted,
-        max_weight=config.max_weight if weighted else 1.0,
+        cohort_size, clip_range, config.secagg.ring_bits, weighted=weighted,
+        max_weight=config.secagg.max_weight if weighted else 1.0,
     )
     dimension = encoder.encoded_length(dim + len(extras))
     encoding = pb.EncodingParams(
-        ring_bits=config.ring_bits, clip_range=clip_range, fractional_bits=encoder.frac_bits, dimension=dimension,
+        ring_bits=config.secagg.ring_bits, clip_range=clip_range, fractional_bits=encoder.frac_bits,
+        dimension=dimension,
         extra_coordinates=extras + (["weight"] if weighted else []), weighted=weighted,
         max_weight=encoder.max_weight,
     )
-    return RoundPlan(round_number, cohort_size, threshold, dimension, config.ring_bits, encoding, dp,
+    return RoundPlan(round_number, cohort_size, threshold, dimension, config.secagg.ring_bits, encoding, dp,
                      encoder=encoder, clip_norm=clip_norm, details={"frac_bits": encoder.frac_bits,
                                                                     "clip_range": clip_range})
 

@@ -31,24 +31,24 @@ class CentralDP(PrivacyMechanism):
 
     @classmethod
     def refusal(cls, config: ServerConfig) -> tuple[str, str] | None:
-        if config.dp_sampling_amplification and config.dp_accountant != "rdp":
+        if config.privacy.sampling_amplification and config.privacy.accountant != "rdp":
             # A fixed-size cohort is sampling without replacement; of fedveil's accountants only RDP
             # (dp-accounting's bound) can account it. PRV and PLD would refuse the first sampled round.
             return ("--dp-accountant",
                     "must be rdp with --dp-sampling-amplification: only the RDP accountant can account a "
-                    f"fixed-size cohort (sampling without replacement) (got {config.dp_accountant!r})")
+                    f"fixed-size cohort (sampling without replacement) (got {config.privacy.accountant!r})")
         return None
 
     def new_state(self) -> DPFedAvg:
         cfg = self.config
-        k = float(cfg.clients_per_round)
-        if cfg.dp_adaptive_clipping:
+        k = float(cfg.schedule.clients_per_round)
+        if cfg.privacy.adaptive_clipping:
             return DPFedAvg.with_adaptive_clipping(AdaptiveClippingConfig(
-                initial_clip_norm=cfg.dp_clip, noise_multiplier=cfg.dp_noise_multiplier,
-                expected_clients_per_round=k, target_quantile=cfg.dp_target_quantile,
-                learning_rate=cfg.dp_clip_learning_rate,
+                initial_clip_norm=cfg.privacy.clip, noise_multiplier=cfg.privacy.noise_multiplier,
+                expected_clients_per_round=k, target_quantile=cfg.privacy.target_quantile,
+                learning_rate=cfg.privacy.clip_learning_rate,
             ))
-        return DPFedAvg.fixed(cfg.dp_clip, cfg.dp_noise_multiplier, k)
+        return DPFedAvg.fixed(cfg.privacy.clip, cfg.privacy.noise_multiplier, k)
 
     def plan(self, round_number: int, cohort_size: int, threshold: int, context: bytes,
              state: DPFedAvg | None) -> RoundPlan:
@@ -62,7 +62,7 @@ class CentralDP(PrivacyMechanism):
             dp.adaptive_clipping = True
             extras.append("unclipped")
             clip_range = max(clip_norm, 1.0)  # the indicator must encode exactly
-        dp.noise_multiplier = self.config.dp_noise_multiplier
+        dp.noise_multiplier = self.config.privacy.noise_multiplier
         return fixed_point_plan(self.config, self.dim, round_number, cohort_size, threshold, dp,
                                 clip_norm=clip_norm, clip_range=clip_range, extras=extras)
 
@@ -90,7 +90,7 @@ class CentralDP(PrivacyMechanism):
     def privacy_event(self, plan: RoundPlan, available_at_draw: int, amplification: bool,
                       state: DPFedAvg | None) -> LedgerEntry:
         assert state is not None
-        z = self.config.dp_noise_multiplier
+        z = self.config.privacy.noise_multiplier
         event, sampling = user_level_event(z, plan.cohort_size, available_at_draw, "fixed", amplification)
         details = {"cohort": plan.cohort_size, "clip_norm": plan.clip_norm, "noise_multiplier": z, **sampling}
         return LedgerEntry(event, "dp-fedavg" + ("-adaptive" if state.adaptive is not None else ""), details)

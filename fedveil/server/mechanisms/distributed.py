@@ -30,10 +30,11 @@ class DistributedDP(PrivacyMechanism):
     def plan(self, round_number: int, cohort_size: int, threshold: int, context: bytes,
              state: DPFedAvg | None) -> RoundPlan:
         cfg = self.config
-        dist = derive_parameters(cohort_size, self.dim, cfg.dp_clip, mechanism=cfg.dp_mechanism, bits=cfg.dp_bits,
-                                 noise_multiplier=cfg.dp_noise_multiplier)
+        privacy = cfg.privacy
+        dist = derive_parameters(cohort_size, self.dim, privacy.clip, mechanism=privacy.mechanism, bits=privacy.bits,
+                                 noise_multiplier=privacy.noise_multiplier)
         rotation = derive_rotation_seed(context + struct.pack("<I", round_number))
-        dp = pb.DpParams(mode=self.mode, update_clip_norm=cfg.dp_clip)
+        dp = pb.DpParams(mode=self.mode, update_clip_norm=cfg.privacy.clip)
         dp.distributed.CopyFrom(pb.DistributedDpParams(
             mechanism=dist.mechanism, l2_clip=dist.clip_norm, scale=dist.scale, noise_stddev=dist.local_stddev,
             beta=dist.beta, bits=dist.bits, rotation_seed=struct.pack("<Q", rotation),
@@ -41,7 +42,7 @@ class DistributedDP(PrivacyMechanism):
         ))
         encoding = pb.EncodingParams(ring_bits=dist.bits, dimension=dist.padded_dim)
         return RoundPlan(round_number, cohort_size, threshold, dist.padded_dim, dist.bits, encoding, dp,
-                         distributed=dist, rotation_seed=rotation, clip_norm=cfg.dp_clip,
+                         distributed=dist, rotation_seed=rotation, clip_norm=cfg.privacy.clip,
                          details={"mechanism": dist.mechanism, "bits": dist.bits, "scale": dist.scale,
                                   "local_stddev": dist.local_stddev})
 
@@ -53,7 +54,7 @@ class DistributedDP(PrivacyMechanism):
         sanity.check_norm(total, sanity.distributed_bound(survivors, dist.clip_norm, dist.norm_inflation,
                                                           dist.central_stddev(survivors), dist.padded_dim),
                           "noised update sum")
-        mean = total / float(self.config.clients_per_round)
+        mean = total / float(self.config.schedule.clients_per_round)
         return DecodedRound(np.asarray(mean, dtype=np.float64),
                             {"noise_stddev_sum": dist.central_stddev(survivors)})
 

@@ -23,20 +23,21 @@ class LocalDP(PrivacyMechanism):
         cfg = self.config
         dp = pb.DpParams(mode=self.mode)
         dp.local.CopyFrom(pb.LocalDpParams(
-            noise_multiplier=self.site_noise_multiplier, max_grad_norm=cfg.dp_local_max_grad_norm,
-            target_epsilon=cfg.dp_local_target_epsilon, delta=cfg.dp_delta, planned_rounds=cfg.rounds,
+            noise_multiplier=self.site_noise_multiplier, max_grad_norm=cfg.privacy.local_max_grad_norm,
+            target_epsilon=cfg.privacy.local_target_epsilon, delta=cfg.privacy.delta,
+            planned_rounds=cfg.schedule.rounds,
         ))
         return fixed_point_plan(cfg, self.dim, round_number, cohort_size, threshold, dp, clip_norm=0.0,
-                                clip_range=cfg.clip_range, extras=[])
+                                clip_range=cfg.secagg.clip_range, extras=[])
 
     @property
     def site_noise_multiplier(self) -> float:
         """The DP-SGD noise multiplier sites must use (0: each site solves it for the target ε)."""
-        return 0.0 if self.config.dp_local_target_epsilon else self.config.dp_local_noise_multiplier
+        return 0.0 if self.config.privacy.local_target_epsilon else self.config.privacy.local_noise_multiplier
 
     @property
     def required_site_noise_multiplier(self) -> float | None:
-        return None if self.config.dp_local_target_epsilon else self.config.dp_local_noise_multiplier
+        return None if self.config.privacy.local_target_epsilon else self.config.privacy.local_noise_multiplier
 
     def decode(self, plan: RoundPlan, ring_sum: np.ndarray, survivors: int, declared_weight: float | None,
                state: DPFedAvg | None) -> DecodedRound:

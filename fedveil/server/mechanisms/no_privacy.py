@@ -21,7 +21,7 @@ class NoPrivacy(PrivacyMechanism):
     def plan(self, round_number: int, cohort_size: int, threshold: int, context: bytes,
              state: DPFedAvg | None) -> RoundPlan:
         return fixed_point_plan(self.config, self.dim, round_number, cohort_size, threshold,
-                                pb.DpParams(mode=self.mode), clip_norm=0.0, clip_range=self.config.clip_range,
+                                pb.DpParams(mode=self.mode), clip_norm=0.0, clip_range=self.config.secagg.clip_range,
                                 extras=[])
 
     def decode(self, plan: RoundPlan, ring_sum: np.ndarray, survivors: int, declared_weight: float | None,
