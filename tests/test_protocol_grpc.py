@@ -36,6 +36,7 @@ from fedveil.protocol.errors import (
     Unauthenticated,
     Unavailable,
 )
+from fedveil.protocol.model_delivery import ModelDelivery
 from fedveil.protocol.service import ServerLimits, build_server
 from fedveil.protocol.tls import PemPair, generate_ca, generate_certificate, server_credentials
 from fedveil.protocol.transport import ClientSession
@@ -91,7 +92,7 @@ def _start(tmp_path: Path, *, rounds: int, client_ca: PemPair | None = None,
                           poll_wait=2.0, threshold=threshold,
                           **(secure_job() if active else {"active_adversary": False}))  # type: ignore[arg-type]
     coordinator = Coordinator(config, task, store)
-    coordinator.inline_model = False  # as fedveil server does: models are fetched with FetchModel
+    coordinator.model_delivery = ModelDelivery.fetched_in_chunks()  # as fedveil server does
     ca = generate_ca()
     cert = generate_certificate("localhost", ca, hostnames=["127.0.0.1", "localhost"])
     limit = coordinator.max_message_bytes()

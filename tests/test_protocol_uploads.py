@@ -29,6 +29,7 @@ from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.protocol.auth import Authenticator
 from fedveil.protocol.client import ChannelConfig, GrpcTransport
 from fedveil.protocol.errors import Replayed, Unavailable
+from fedveil.protocol.model_delivery import ModelDelivery
 from fedveil.protocol.service import ServerLimits, build_server
 from fedveil.protocol.uploads import MAX_UPLOAD_ATTEMPTS, SlotGate, StreamCounter
 from fedveil.server.config import ServerConfig
@@ -84,7 +85,7 @@ def serve(tmp_path: Path) -> Iterator[Any]:
                               # (these tests are about uploads): a cohort of 3 completes without its abuser
                               active_adversary=False, max_corrupt_fraction=0.0)
         coordinator = Coordinator(config, task or load_task(TASK), store)
-        coordinator.inline_model = False
+        coordinator.model_delivery = ModelDelivery.fetched_in_chunks()  # as fedveil server does
         server, port = build_server(
             coordinator, Authenticator(store.credential, client_exists=store.client_enrolled), "127.0.0.1:0",
             credentials=None, limits=limits,

@@ -20,6 +20,7 @@ from types import TracebackType
 import grpc
 
 from fedveil.protocol.auth import Authenticator
+from fedveil.protocol.model_delivery import ModelDelivery
 from fedveil.protocol.service import ServerLimits, build_server
 from fedveil.protocol.transport import InProcessTransport
 from fedveil.secagg.identity import RevocationList
@@ -93,7 +94,7 @@ class JobRunner:
         limits = ServerLimits(max_message_bytes=self.max_message_bytes, workers=workers,
                               max_concurrent_rpcs=max(256, 4 * workers), upload_timeout_s=config.schedule.stage_timeout)
         coordinator.max_waiting_polls = workers - 8  # long polls never take the last workers
-        coordinator.inline_model = False  # sites fetch the model in chunks (FetchModel)
+        coordinator.model_delivery = ModelDelivery.fetched_in_chunks()  # FetchModel, one buffer per model
         credentials = None
         tls = endpoint.tls
         if tls is not None:

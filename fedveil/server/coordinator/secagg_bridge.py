@@ -12,7 +12,7 @@ import numpy as np
 
 from fedveil.protocol import ROUND_NONCE_BYTES
 from fedveil.protocol import fedveil_pb2 as pb
-from fedveil.protocol.codec import decode_ring_vector, model_message
+from fedveil.protocol.codec import decode_ring_vector
 from fedveil.protocol.errors import (
     MalformedMessage,
     OutOfOrder,
@@ -20,6 +20,7 @@ from fedveil.protocol.errors import (
     Replayed,
     StageClosed,
 )
+from fedveil.protocol.model_delivery import PublishedModel
 from fedveil.protocol.uploads import UploadReservation
 from fedveil.secagg import errors as sa_errors
 from fedveil.secagg import messages as sa
@@ -246,7 +247,7 @@ class SecAggBridgeMixin(CoordinatorBase):
             if request.version != self.model.version:
                 raise StageClosed(f"FetchModel: version {request.version} is not the current model "
                                   f"(version {self.model.version}); poll again")
-            return self._model_entry()[3]
+            return self._published_model().data
 
     def confirm_survivors(self, caller: str, request: pb.ConfirmSurvivorsRequest) -> pb.Ack:
         if len(request.signature) != SIGNATURE_BYTES:
@@ -286,15 +287,10 @@ class SecAggBridgeMixin(CoordinatorBase):
             )
             return self._feed(rnd, sid, msg, Stage.UNMASKING, caller)
 
-    def _model_entry(self) -> tuple[int, pb.Model, pb.Model, bytes]:
-        if self._model_cache is None or self._model_cache[0] != self.model.version:
-            full = model_message(self.model.params, self.model.version,
-                                 [(t.name, t.shape) for t in self.model_spec.tensors])
-            stripped = pb.Model(version=full.version, tensors=full.tensors, sha256=full.sha256,
-                                size_bytes=full.size_bytes)
-            self._model_cache = (self.model.version, full, stripped, full.data)
-        return self._model_cache
+    def _published_model(self) -> PublishedModel:
+        """The current model as the transport delivers it (serialized once per version)."""
+        return self.model_delivery.publish(self.model.version, self.model.params,
+                                           [(t.name, t.shape) for t in self.model_spec.tensors])
 
     def _model_pb(self) -> pb.Model:
-        entry = self._model_entry()
-        return entry[1] if self.inline_model else entry[2]
+        return self._published_model().announced

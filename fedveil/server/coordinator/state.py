@@ -15,6 +15,7 @@ from fedveil.errors import FedveilError
 from fedveil.metrics import DEFAULT_METRICS
 from fedveil.model_spec import ModelSpec
 from fedveil.protocol import fedveil_pb2 as pb
+from fedveil.protocol.model_delivery import ModelDelivery
 from fedveil.secagg import errors as sa_errors
 from fedveil.secagg import messages as sa
 from fedveil.secagg.beacon import BeaconCollector
@@ -233,12 +234,10 @@ class CoordinatorBase:
         """Cap on polls held at once (the gRPC runner sets it below its worker count, so long polls
         can never occupy every worker and stall the submissions of a round)."""
         self.resumed_from = 0
-        self.inline_model = True
-        """Send the model inside RoundStart/Evaluate (in-process). The gRPC runner turns it off:
-        over the network clients fetch it in chunks (``FetchModel``), so concurrent downloads
-        share one buffer instead of one serialized copy per client."""
+        self.model_delivery = ModelDelivery.in_messages()
+        """How the model reaches the sites (the transport's choice: the gRPC runner has them fetch it
+        in chunks, :class:`fedveil.protocol.model_delivery.ModelDelivery`)."""
         self._open_run(new_run)
-        self._model_cache: tuple[int, pb.Model, pb.Model, bytes] | None = None
         self._barred: dict[int, set[str]] = {}
         """round → sites that withheld a graph-seed reveal in it (left out of its later attempts)."""
         self._last_secure_metrics: dict[str, float] = {}

@@ -1,0 +1,58 @@
+"""How the global model reaches the sites: inside each message, or fetched in chunks.
+
+A round's ``RoundStart`` (and an ``Evaluate``) names the model the sites train or evaluate: its
+version, tensor layout, SHA-256 and size. In process the message carries the bytes too. Over gRPC it
+does not: every site fetches the bytes with ``FetchModel`` in chunks, so a round of n sites holds one
+serialized copy of the model, not n (the servicer slices its chunks once per model). Either way the
+serialization is done once per model version here, in the transport layer, and every site of a round
+receives the same objects. The coordinator only says which version is current.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedveil.protocol import fedveil_pb2 as pb
+from fedveil.protocol.codec import model_message
+
+
+@dataclass(frozen=True)
+class PublishedModel:
+    """One model version as the sites receive it."""
+
+    version: int
+    announced: pb.Model
+    """What ``RoundStart.model`` / ``Evaluate.model`` carry (with ``data`` only when delivered inline)."""
+    data: bytes
+    """The model's bytes (float32, little-endian), as ``FetchModel`` serves them."""
+
+
+class ModelDelivery:
+    """Publishes each model version once; ``inline`` puts the bytes into the messages themselves."""
+
+    def __init__(self, *, inline: bool) -> None:
+        self.inline = inline
+        self._lock = threading.Lock()
+        self._current: PublishedModel | None = None
+
+    @classmethod
+    def in_messages(cls) -> ModelDelivery:
+        return cls(inline=True)
+
+    @classmethod
+    def fetched_in_chunks(cls) -> ModelDelivery:
+        return cls(inline=False)
+
+    def publish(self, version: int, vector: np.ndarray, tensors: Sequence[tuple[str, Sequence[int]]]) -> PublishedModel:
+        """The publication of ``version`` (built on its first request; ``vector`` is its flat weights)."""
+        with self._lock:
+            if self._current is None or self._current.version != version:
+                full = model_message(vector, version, tensors)
+                announced = full if self.inline else pb.Model(
+                    version=full.version, tensors=full.tensors, sha256=full.sha256, size_bytes=full.size_bytes)
+                self._current = PublishedModel(version, announced, full.data)
+            return self._current
