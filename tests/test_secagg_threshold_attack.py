@@ -195,13 +195,14 @@ def test_the_rule_stops_the_split_attack_with_the_cohorts_colluders(graph, n, de
                         members = [m for m, g in out.groups.items() if g == name]
                         assert all(isinstance(out.refused.get(m), ConsistencyCheckError)
                                    and "fewer than threshold" in str(out.refused[m]) for m in members)
-    if n > 11:  # the best split: t self-mask shares, at most h − t + c < t masking-key shares
+    if n > 11:  # the best split: at most t self-mask shares, at most h − t + c < t masking-key shares (on a
+        # sparse graph the holders of the victim's neighbours also split, and per-owner quorums refuse more)
         best = split_attack(config, c, t - c)
-        assert len(best.self_mask) == t and len(best.mask_key) <= h - t + c < t
+        assert len(best.self_mask) <= t and len(best.mask_key) <= h - t + c < t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("graph,n,degree", CASES[:4])
+@pytest.mark.parametrize("graph,n,degree", CASES[:3])
 def test_the_old_majority_threshold_falls_to_the_same_attack(graph, n, degree):
     """t = ⌊h/2⌋ + 1 is the rule with c = 0 (max_corrupt_fraction = 0 makes SecAggConfig accept it
     in active mode). The attack needs 2t ≤ h + c colluders' worth of slack: one colluder for odd
@@ -217,3 +218,19 @@ def test_the_old_majority_threshold_falls_to_the_same_attack(graph, n, degree):
     if needed > 1:
         fewer = split_attack(config, needed - 1, t - needed + 1)
         assert not fewer.succeeded and fewer.recovered is None
+
+
+@pytest.mark.slow
+def test_on_a_sparse_graph_per_owner_quorums_also_refuse_the_old_thresholds_split():
+    """The same split at the old threshold on SecAgg+ (k = 34): it recovered the victim's input while
+    the consistency check counted signatures over the whole cohort. Honest holders now also require t
+    signatures on their set from the holders of every other owner whose share they reveal, and the
+    server had to spread the rest of the cohort over both sets; they refuse, naming the owner."""
+    h = plan_threshold(50, "harary", degree=34).holders
+    t = min_threshold(h, 0)
+    config = _config(50, t, GraphSpec("harary", 34), 0.0)
+    needed = max(1, 2 * t - h)
+    out = split_attack(config, needed, t - needed)
+    assert not out.succeeded and out.recovered is None
+    assert any(isinstance(err, ConsistencyCheckError) and "share holders signed" in str(err)
+               for err in out.refused.values())

@@ -325,7 +325,7 @@ class ClientR3Unmasking(ClientState):
                                           "masked input (its masking key would be reconstructed)")
         _check_survivors(ctx, survivors)
         if cfg.active:
-            _check_consistency(ctx, survivors, msg.signatures)
+            _check_consistency(ctx, survivors, dropped, msg.signatures)
         for peer in survivors:
             if ctx.revealed.get(peer, "self_mask") != "self_mask":
                 raise DoubleShareRequestError(f"client {me} already revealed the masking-key share of {peer}")
@@ -349,13 +349,25 @@ class ClientR3Unmasking(ClientState):
         return ClientCompleted(ctx), reply
 
 
-def _check_consistency(ctx: _ClientContext, survivors: frozenset[int], signatures: dict[int, bytes]) -> None:
-    """Active mode: the unmasking request's survivor set must be the one this client signed, and
-    at least t survivors must have signed that same set — otherwise the server showed different
-    sets to different clients (Bonawitz et al., CCS 2017, Round 3 ConsistencyCheck)."""
+def _check_consistency(ctx: _ClientContext, survivors: frozenset[int], dropped: frozenset[int],
+                       signatures: dict[int, bytes]) -> None:
+    """Active mode: the unmasking request's survivor set must be the one this client signed, and for
+    every peer whose share this client would reveal, at least t of that peer's own share holders must
+    have signed that same set — otherwise the server showed different sets to different clients
+    (Bonawitz et al., CCS 2017, Round 3 ConsistencyCheck).
+
+    Counting the signatures per owner's holders, not over the whole cohort, is what makes the check
+    hold on sparse SecAgg+ graphs (Bell et al. 2020): two survivor sets each signed by t of an owner's
+    h holders share at least 2t − h > c of them, so some honest holder would have signed both, which
+    it never does. A cohort-wide count lets a server show one set to half of a large cohort and another
+    set to the other half; each half holds t signatures while the owner's holders split between them,
+    some revealing its self-mask share and others its masking-key share. On the complete graph every
+    owner's holders are the whole live cohort and the two counts agree.
+    """
     cfg = ctx.config
     me = ctx.client_id
-    assert ctx.session is not None and cfg.identity_keys is not None
+    session = ctx.session
+    assert session is not None and cfg.identity_keys is not None
     if ctx.signed_survivors != survivors:
         raise ConsistencyCheckError(f"client {me}: the unmasking request names a survivor set different from "
                                     "the one this client signed")
@@ -364,22 +376,35 @@ def _check_consistency(ctx: _ClientContext, survivors: frozenset[int], signature
     if len(signatures) < cfg.threshold:
         raise ConsistencyCheckError(f"client {me}: only {len(signatures)} survivor-set signatures, "
                                     f"fewer than threshold {cfg.threshold}")
-    payload = survivor_set_payload(ctx.session.session_id, survivors)
-    # What the check needs is t valid signatures on this set; an invalid one is not counted (it is
-    # a peer that signed another set, or garbage), so the server need not verify them and a site
-    # forwarding a bad signature cannot make honest sites abort. Verification stops at t valid.
-    valid = 0
-    for signer, sig in sorted(signatures.items()):
-        try:
-            verify(cfg.identity_keys[signer], sig, payload, what=f"the survivor set signed by client {signer}")
-        except SecAggError:
-            continue
-        valid += 1
-        if valid == cfg.threshold:
-            return
-    raise ConsistencyCheckError(f"client {me}: only {valid} of {len(signatures)} survivor-set signatures are valid "
-                                f"for the set this client signed, fewer than threshold {cfg.threshold} (the server "
-                                "showed different sets to different clients, or signers are faulty)")
+    payload = survivor_set_payload(session.session_id, survivors)
+    # An invalid signature is not counted (a peer that signed another set, or garbage), so the server
+    # need not verify them and a site forwarding a bad one cannot make honest sites abort. Each
+    # signature is verified at most once, and only until every owner's holders reach t valid ones.
+    verdicts: dict[int, bool] = {}
+
+    def valid(signer: int) -> bool:
+        if signer not in verdicts:
+            try:
+                verify(cfg.identity_keys[signer], signatures[signer], payload,  # type: ignore[index]
+                       what=f"the survivor set signed by client {signer}")
+                verdicts[signer] = True
+            except SecAggError:
+                verdicts[signer] = False
+        return verdicts[signer]
+
+    owners = [p for p in session.graph.holders(me) if p in survivors or p in dropped]
+    for owner in owners:
+        count = 0
+        for signer in session.graph.holders(owner):
+            if signer in signatures and valid(signer):
+                count += 1
+                if count == cfg.threshold:
+                    break
+        else:
+            raise ConsistencyCheckError(
+                f"client {me}: only {count} of client {owner}'s share holders signed the survivor set this client "
+                f"signed, fewer than threshold {cfg.threshold} (the server showed different sets to different "
+                "clients, or signers are faulty); its share is not revealed")
 
 
 class ClientCompleted(ClientState):
