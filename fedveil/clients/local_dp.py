@@ -127,6 +127,10 @@ class EngineDpClient:
         return model, optimizer, loader
 
     def epsilon(self) -> float:
+        """ε of the engine's accountant so far (0 before its first step: Opacus's PRV accountant, the
+        default of ``make_private_with_epsilon``, fails on an empty history instead)."""
+        if not getattr(self.engine.accountant, "history", None):
+            return 0.0
         return float(self.engine.accountant.get_epsilon(delta=self.delta))
 
     def over_budget(self) -> str:

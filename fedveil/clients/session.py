@@ -178,6 +178,9 @@ class Round:
         self._privatized: Any = None
         self._metrics: dict[str, float] | None = None
         self._eval_examples = 0.0
+        self._loader_examples = 0
+        """Records in the loader given to :meth:`privatize` (reported with the DP-SGD spend, so the server
+        can check the sample rate against them)."""
         self._members: frozenset[int] = frozenset()
 
     def privatize(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any) -> tuple[Any, Any, Any]:
@@ -196,6 +199,7 @@ class Round:
         then :meth:`decline` the round (as :func:`fedveil.clients.run_client` does).
         """
         model.train()
+        self._loader_examples = _dataset_size(loader)
         if self.dp_mode != "local" or self._federation.options.privacy_engine is not None:
             self._federation.spec.check(model)
             self._privatized = (model, optimizer, loader) if self.dp_mode == "local" else None
@@ -572,7 +576,8 @@ class Federation:
         return rnd
 
     def _report_metrics(
-        self, model_version: int, metrics: dict[str, float], spend: pb.LocalPrivacySpend | None = None
+        self, model_version: int, metrics: dict[str, float], spend: pb.LocalPrivacySpend | None = None,
+        num_examples: int = 0,
     ) -> None:
         finite = {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
         if len(finite) < len(metrics):
@@ -581,7 +586,7 @@ class Federation:
             log.info("not reporting undefined metric(s): %s", ", ".join(sorted(set(metrics) - set(finite))))
         report = pb.MetricsReport(
             model_version=model_version,
-            num_examples=max(int(self.options.num_examples), 0),
+            num_examples=max(int(num_examples or self.options.num_examples), 0),
             metrics=[pb.Metric(name=k, value=v) for k, v in finite.items()],
         )
         if spend is not None:
@@ -673,7 +678,8 @@ class Federation:
             if clear is not None or spend is not None:
                 # this site's own DP-SGD spend (a claim the server labels as reported by the site), and
                 # the global model's metrics in the clear only when both sides opted in to that
-                self._report_metrics(int(start.model.version), clear or {}, spend)
+                self._report_metrics(int(start.model.version), clear or {}, spend,
+                                     num_examples=num_examples or rnd._loader_examples)
                 if self._round_header != (rnd.number, bytes(start.round_nonce)):
                     outcome = RoundOutcome(rnd.number, "dropped", "the client re-joined during the round")
                     self.history.append(outcome)
@@ -706,3 +712,11 @@ class Federation:
 
 def _ring_dtype(start: pb.RoundStart) -> np.dtype:
     return np.dtype(np.uint32 if int(start.encoding.ring_bits) <= 32 else np.uint64)
+
+
+def _dataset_size(loader: Any) -> int:
+    """Records in a data loader's dataset (0 when it cannot tell, e.g. an iterable dataset)."""
+    try:
+        return max(len(loader.dataset), 0)
+    except (AttributeError, TypeError):
+        return 0

@@ -385,6 +385,12 @@ def _print_summary(summary: dict[str, Any], *, as_json: bool) -> None:
         lines.append("  final evaluation: " + ", ".join(f"{k}={v:.4g}" for k, v in summary["final_metrics"].items()))
     if summary["epsilon"] is not None:
         lines.append(f"  user-level privacy: ε={summary['epsilon']:.4g} at δ={summary['delta']:g}")
+    sites: dict[str, float] = summary.get("site_epsilon") or {}
+    if sites:  # local DP: each site's DP-SGD spend, recomputed from the parameters it reported
+        unverified = set(summary.get("unverified_sites") or ())
+        lines.append(f"  sample-level privacy (sites' DP-SGD, from their reports): max ε={max(sites.values()):.4g}; "
+                     + ", ".join(f"{name} ε={eps:.4g}" + (" (unverified)" if name in unverified else "")
+                                 for name, eps in sorted(sites.items())))
     for line in lines:
         click.echo(line)
     if as_json:

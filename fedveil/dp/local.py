@@ -46,7 +46,7 @@ from opacus.optimizers import DPOptimizer
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from opacus.validators import ModuleValidator
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from fedveil.dp.accounting import (
     ACCOUNTANTS,
@@ -183,6 +183,7 @@ class LocalDPSession:
 
         sampling_generator, noise_generator = self._round_generators(model)
         dp_loader = DPDataLoader.from_data_loader(loader, generator=sampling_generator)
+        _template_empty_batches(dp_loader, loader)
         steps_per_epoch = len(dp_loader)
         if steps_per_epoch < 1:
             raise ValueError("the data loader is empty")
@@ -333,6 +334,21 @@ class LocalDPSession:
         group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
         rebuilt = type(optimizer)(fixed.parameters(), **group)
         return fixed, rebuilt
+
+
+def _template_empty_batches(dp_loader: DataLoader, loader: DataLoader) -> None:
+    """Give Opacus's empty-batch collate the structure of the user's batches before the first one.
+
+    Poisson sampling can draw an empty batch. Opacus then returns an empty batch shaped like the
+    first batch it collated; an empty *first* batch falls back to a plain list, which breaks a loop
+    whose batches are dicts or tuples. Seeding the template with one collated sample keeps the
+    user's structure (tuples, dicts, lists of tensors); only its shapes and dtypes are used (0 rows),
+    so no record leaves through it.
+    """
+    collate = dp_loader.collate_fn
+    if getattr(collate, "first_batch", False) is None and len(loader.dataset) > 0:  # type: ignore[arg-type]
+        user_collate = loader.collate_fn or default_collate
+        collate.first_batch = user_collate([loader.dataset[0]])  # type: ignore[union-attr]
 
 
 def strip_module_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

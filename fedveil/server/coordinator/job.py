@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import time
 
+from fedveil.dp.bounded import WorkBound
+from fedveil.dp.ledger import FEDERATION, PrivacyLedger
 from fedveil.metrics import weighted_metrics
 from fedveil.protocol import ROUND_NONCE_BYTES
 from fedveil.protocol import fedveil_pb2 as pb
@@ -21,6 +23,7 @@ from fedveil.server.coordinator.state import (
 from fedveil.server.events import (
     JobFinished,
 )
+from fedveil.server.privacy_view import party_figures
 
 
 class Coordinator(SessionsMixin, SecAggBridgeMixin, SiteReportsMixin, RoundDriverMixin):
@@ -81,12 +84,14 @@ class Coordinator(SessionsMixin, SecAggBridgeMixin, SiteReportsMixin, RoundDrive
                 f" (resumed after round {self.resumed_from})" if self.resumed_from else "")
         ledger = self.model.ledger
         epsilon = ledger.epsilon() if ledger is not None and cfg.user_level_dp else None
+        site_epsilon, unverified = _site_figures(ledger)
         summary = JobSummary(
             run_id=self.run_id, status=status, completed_rounds=self.model.version, total_rounds=cfg.schedule.rounds,
             resumed_from=self.resumed_from, aborted_attempts=self._aborted_attempts, dropouts=self._dropouts,
             final_metrics=self._final_metrics, epsilon=epsilon,
             delta=cfg.privacy.delta if epsilon is not None else None,
-            message=message, rejected_rounds=self._rejected_rounds,
+            message=message, rejected_rounds=self._rejected_rounds, site_epsilon=site_epsilon,
+            unverified_sites=unverified,
         )
         if status != "stopped":
             self.store.finish_run(self.run_id, status, summary.to_dict())
@@ -119,6 +124,8 @@ class Coordinator(SessionsMixin, SecAggBridgeMixin, SiteReportsMixin, RoundDrive
             total_rounds=self.config.schedule.rounds, resumed_from=self.model.version,
             aborted_attempts=self._aborted_attempts, dropouts=self._dropouts, final_metrics=self._final_metrics,
             epsilon=data.get("epsilon"), delta=data.get("delta"), message=message,
+            site_epsilon={str(k): float(v) for k, v in (data.get("site_epsilon") or {}).items()},
+            unverified_sites=tuple(str(s) for s in data.get("unverified_sites") or ()),
         )
         self._announce_done(message)
         return summary
@@ -160,3 +167,15 @@ class Coordinator(SessionsMixin, SecAggBridgeMixin, SiteReportsMixin, RoundDrive
         rows = self.store.evaluations(self.run_id, ev.version)
         self._final_metrics = weighted_metrics(rows)
         log.info("final evaluation of model %d by %d client(s): %s", ev.version, len(rows), self._final_metrics)
+
+
+def _site_figures(ledger: PrivacyLedger | None) -> tuple[dict[str, float], tuple[str, ...]]:
+    """Each site's latest sample-level ε in the ledger (sites that reported local DP), and the sites
+    whose reports could not be verified; bounded like the dashboard's view (a claimed 1e8 steps under
+    PLD falls back to RDP instead of computing for minutes)."""
+    if ledger is None or not ledger.clients:
+        return {}, ()
+    figures = party_figures(ledger, WorkBound())
+    latest = {site: rounds[max(rounds)] for site, rounds in figures.items() if site != FEDERATION and rounds}
+    return ({site: fig.epsilon for site, fig in sorted(latest.items())},
+            tuple(site for site, fig in sorted(latest.items()) if not fig.verified))

@@ -168,6 +168,16 @@ class JobSummary:
     message: str
     rejected_rounds: int = 0
     """Rounds whose unmasked sum no honest cohort could produce (skipped, model unchanged)."""
+    site_epsilon: dict[str, float] = field(default_factory=dict)
+    """Sample-level ε per site (local DP): the server's computation from the DP-SGD parameters each
+    site reported (:mod:`fedveil.server.privacy_view`), at the job's δ."""
+    unverified_sites: tuple[str, ...] = ()
+    """Sites whose reports the server could not check (their ε is the site's claim only)."""
+
+    @property
+    def max_site_epsilon(self) -> float | None:
+        """The largest site's sample-level ε (None when no site reported local DP)."""
+        return max(self.site_epsilon.values()) if self.site_epsilon else None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -183,6 +193,9 @@ class JobSummary:
             "delta": self.delta,
             "message": self.message,
             "rejected_rounds": self.rejected_rounds,
+            "site_epsilon": dict(self.site_epsilon),
+            "max_site_epsilon": self.max_site_epsilon,
+            "unverified_sites": list(self.unverified_sites),
         }
 
 
