@@ -32,7 +32,7 @@ browser:
 	  || echo "WARNING: could not install chromium; browser tests will be skipped"; }
 
 lint: $(STAMP)
-	$(BIN)/ruff check fedveil tests $(wildcard benchmarks)
+	$(BIN)/ruff check fedveil tests $(wildcard benchmarks) $(wildcard examples)
 	$(BIN)/lint-imports
 
 typecheck: $(STAMP)
@@ -51,7 +51,7 @@ test: lint typecheck docs unit
 # The edit-run loop: lint and every test not marked slow, on two workers (under a minute); `make test`
 # is the gate and runs everything, one test at a time.
 test-fast: $(STAMP)
-	$(BIN)/ruff check fedveil tests $(wildcard benchmarks)
+	$(BIN)/ruff check fedveil tests $(wildcard benchmarks) $(wildcard examples)
 	$(BIN)/python -m pytest -q -m "not slow" -n 2
 
 demo: $(STAMP)

@@ -126,6 +126,7 @@ def federate(
         if (client_cert is None) != (client_key is None):
             raise ValueError("client_cert: give client_cert and client_key together for mutual TLS")
         if token is not None:
+            token = token.strip()  # as read from the file fedveil enroll's output went to
             try:  # fail at once on a mistyped token, not after the server refuses it
                 parse_token(token)
             except Unauthenticated as err:

@@ -232,6 +232,11 @@ class Round:
                 f"round {self.number}: already over for this client ({self.outcome.outcome}: "
                 f"{self.outcome.reason or 'submit() was already called'})"
             )
+        fed = self._federation
+        if self.dp_mode == "local" and self._privatized is None and fed.options.privacy_engine is not None:
+            # the site's own make_private[_with_epsilon] call wrapped its objects already: its engine's
+            # accountant is the round's record of DP-SGD (privatize would return them unchanged)
+            self._privatized = (model if model is not None else self.model, None, None)
         if self.dp_mode == "local" and self._privatized is None:
             # the job promises sample-level DP for every site: an update trained without it must not leave
             raise ClientError(
@@ -239,7 +244,6 @@ class Round:
                 "rnd.privatize(model, optimizer, loader) before training, then submit"
             )
         trained = model if model is not None else self.model
-        fed = self._federation
         if fed.options.privacy_engine is not None and self._privatized is not None:
             over = fed._local_dp().over_budget()
             if over:  # the steps were taken (and are accounted), but the update is not released
