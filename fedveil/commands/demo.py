@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -38,9 +39,17 @@ def demo_group() -> None:
               help="Directory for report.json, report.md/html, plots, the run store and the hospitals' data.")
 @click.option("--export-csv", type=click.Path(path_type=Path), default=None, metavar="DIR",
               help="Only write each hospital's data as CSV (with SCHEMA.md) into DIR, then exit.")
+@click.option("--sweep", is_flag=True,
+              help="Instead of one run: the privacy-utility curve, the federation with local DP at each "
+                   "--sweep-eps target on --sweep-splits split seeds, plus the non-private baselines "
+                   "(sweep.png, sweep.json and report.html in --out; in process, so minutes per point).")
+@click.option("--sweep-eps", default=",".join(f"{e:g}" for e in (0.5, 1, 2, 3, 5, 8)), show_default=True,
+              help="Patient-level ε targets of the sweep, comma-separated.")
+@click.option("--sweep-splits", type=int, default=3, show_default=True, help="Split seeds per point of the sweep.")
 def healthcare_command(
     hospitals: int, rounds: int | None, dropout: float, dp_mode: str, in_process: bool,
     dashboard_port: int | None, out: Path, export_csv: Path | None, dashboard_token_file: Path | None,
+    sweep: bool, sweep_eps: str, sweep_splits: int,
 ) -> None:
     """Hospitals train a breast-cancer risk model with local DP-SGD and secure aggregation."""
     if not 2 <= hospitals <= MAX_HOSPITALS:
@@ -55,6 +64,9 @@ def healthcare_command(
         fail("--dashboard", f"must be a TCP port in 0..65535 (got {dashboard_port})")
     if dashboard_token_file is not None and dashboard_port is None:
         fail("--dashboard-token-file", "only applies together with --dashboard PORT")
+    if sweep:
+        _run_sweep(hospitals, rounds, out, sweep_eps, sweep_splits, dashboard_port, export_csv)
+        return
     dashboard_token = read_dashboard_token(dashboard_token_file)
     if export_csv is not None:
         ensure_directory("--export-csv", export_csv)
@@ -107,3 +119,32 @@ def ensure_directory(flag: str, path: Path) -> None:
         fail(flag, f"cannot create directory {str(path)!r}: {err.strerror or err}")
     if not os.access(path, os.W_OK | os.X_OK):
         fail(flag, f"directory {str(path)!r} is not writable")
+
+
+def _run_sweep(hospitals: int, rounds: int | None, out: Path, sweep_eps: str, sweep_splits: int,
+               dashboard_port: int | None, export_csv: Path | None) -> None:
+    """``--sweep``: the privacy-utility curve (:mod:`fedveil.demo.sweep`)."""
+    if dashboard_port is not None or export_csv is not None:
+        fail("--sweep", "runs on its own: leave out --dashboard and --export-csv")
+    from fedveil.demo.sweep import SweepOptions, parse_epsilons, run_sweep
+
+    try:
+        epsilons = parse_epsilons(sweep_eps)
+    except ValueError as err:
+        fail("--sweep-eps", str(err))
+    if not 1 <= sweep_splits <= 20:
+        fail("--sweep-splits", f"must be between 1 and 20 (got {sweep_splits})")
+    ensure_directory("--out", out)
+
+    def progress(point: Any) -> None:
+        label = "no DP" if point.epsilon is None else f"ε = {point.epsilon:g}"
+        click.echo(f"split {point.split_seed}, {label}: accuracy {point.accuracy:.3f}, AUC {point.auc:.3f} "
+                   f"({point.seconds:.0f} s)")
+
+    summary = run_sweep(SweepOptions(out=out, epsilons=epsilons, splits=sweep_splits, hospitals=hospitals,
+                                     rounds=rounds), on_point=progress)
+    click.echo(f"privacy-utility curve: {out / 'sweep.png'}; report: {out / 'report.html'}; "
+               f"wall time {summary['wall_seconds']:.0f} s")
+    print_json_last_line({"curve": summary["curve"], "federated_non_private": summary["federated_non_private"],
+                          "centralized": summary["centralized"], "wall_seconds": summary["wall_seconds"],
+                          "png": str(out / "sweep.png")})
