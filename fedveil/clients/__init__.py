@@ -8,14 +8,9 @@
 """
 
 from fedveil.clients.api import federate, run_client, train_round
-from fedveil.clients.session import (
-    AuthenticationError,
-    ClientError,
-    ClientOptions,
-    Federation,
-    Round,
-    RoundOutcome,
-)
+from fedveil.clients.options import AuthenticationError, ClientError, ClientOptions, RoundOutcome
+from fedveil.clients.round import Round
+from fedveil.clients.session import Federation
 
 __all__ = [
     "AuthenticationError",

@@ -26,8 +26,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from fedveil.clients.backoff import BackoffPolicy
+from fedveil.clients.options import ClientOptions, EvaluateFn, RoundOutcome
 from fedveil.clients.policy import SitePolicy
-from fedveil.clients.session import ClientOptions, EvaluateFn, Federation, Round, RoundOutcome
+from fedveil.clients.round import Round
+from fedveil.clients.session import Federation
 from fedveil.dp.ledger import BudgetExceededError
 from fedveil.errors import FedveilError
 from fedveil.protocol.auth import parse_token

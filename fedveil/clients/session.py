@@ -27,37 +27,31 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from torch import nn
 
 import fedveil
 from fedveil.clients import participation
-from fedveil.clients.admission import Admission
-from fedveil.clients.backoff import Backoff, BackoffPolicy
-from fedveil.clients.model_check import check_site_model, check_trainable
+from fedveil.clients.backoff import Backoff
+from fedveil.clients.model_check import check_site_model
+from fedveil.clients.options import AuthenticationError, ClientError, ClientOptions, RoundOutcome
 from fedveil.clients.participation import RoundLost
 from fedveil.clients.policy import PolicyViolation, SitePolicy, check_job
 from fedveil.clients.privacy import SitePrivacy
+from fedveil.clients.round import Round
 from fedveil.clients.secagg_driver import UnsupportedRoundError
 from fedveil.clients.site_state import SiteState
 from fedveil.clients.update import (
-    AttemptRandomness,
     attempt_randomness,
     derive_seed,
     model_delta,
     seed_int,
 )
 from fedveil.dp.ledger import BudgetExceededError
-from fedveil.errors import FedveilError
 from fedveil.model_spec import ModelMismatchError, ModelSpec
 from fedveil.protocol import PROTOCOL_VERSION
 from fedveil.protocol import fedveil_pb2 as pb
@@ -76,200 +70,6 @@ from fedveil.protocol.errors import (
 from fedveil.protocol.transport import ClientSession, Transport
 
 log = logging.getLogger("fedveil.client")
-
-EvaluateFn = Callable[[nn.Module], dict[str, float]]
-
-
-class ClientError(FedveilError, RuntimeError):
-    """The client cannot continue (refused credentials, incompatible job, bad local set-up)."""
-
-
-class AuthenticationError(ClientError):
-    """The server refused this client's credentials (``UNAUTHENTICATED``)."""
-
-
-@dataclass(frozen=True)
-class RoundOutcome:
-    """How a round ended for this client."""
-
-    round: int
-    outcome: str  # "completed", "aborted", "dropped" or "declined" (sat out by the client's choice)
-    reason: str = ""
-    survivors: int = 0
-    new_model_version: int = 0
-    update_norm: float = 0.0
-    clipped: bool = False
-
-
-@dataclass
-class ClientOptions:
-    """Client-side settings.
-
-    ``seed`` fixes the site's data order (shuffling, per round and attempt); left as None, a random
-    one is drawn. Keys, masks, rounding and DP noise always come from the OS CSPRNG, fresh every
-    attempt, unless ``insecure_deterministic`` (tests and bit-for-bit simulations only: the server
-    could then predict them from a seed it knows).
-
-    ``policy`` is the site's security policy (default: :class:`SitePolicy`'s malicious-server
-    defaults, which need the consortium authority's key); ``credential`` the site's credential from
-    that authority; ``state_path`` where the site keeps its attempts, releases and own privacy
-    ledger across restarts (default: in memory).
-    """
-
-    seed: int | bytes | None = None
-    num_examples: int = 0
-    poll_wait_ms: int = 5_000
-    backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
-    evaluate: EvaluateFn | None = None
-    identity_key: Ed25519PrivateKey | None = None
-    """Ed25519 identity key for active-adversary jobs (announced at Join, or enrolled)."""
-    weight: float | None = None
-    """This client's weight when the server aggregates a weighted mean; default: the number of
-    examples the loop passes to :meth:`Round.submit` (capped at the server's ``max_weight``)."""
-    policy: SitePolicy | None = None
-    credential: bytes = b""
-    state_path: Path | None = None
-    insecure_deterministic: bool = False
-    privacy_engine: Any = None
-    """The site's own ``opacus.PrivacyEngine`` after its ``make_private[_with_epsilon]`` call: the site
-    keeps its Opacus code, fedveil reads its ε from the engine's accountant."""
-
-    def private_seed(self) -> bytes:
-        if self.seed is None:
-            return os.urandom(32)
-        if isinstance(self.seed, bytes):
-            if len(self.seed) < 16:
-                raise ValueError(f"seed: at least 16 bytes (got {len(self.seed)})")
-            return self.seed
-        if self.seed < 0:
-            raise ValueError(f"seed: must be non-negative (got {self.seed})")
-        return self.seed.to_bytes(32, "little")
-
-
-class Round:
-    """One round for the user's training loop: the global model in, the trained model back.
-
-    Attributes:
-        number: the round (1-based); ``total_rounds`` how many the job has.
-        model: the user's model with the global weights loaded.
-        generator: a seeded ``torch.Generator`` for this client and round (pass it to a
-            ``DataLoader(..., shuffle=True, generator=rnd.generator)`` for reproducible runs).
-        learning_rate, batch_size, local_epochs: what the server suggests (0: the task's default).
-    """
-
-    def __init__(self, federation: Federation, start: pb.RoundStart, model: nn.Module, admission: Admission,
-                 randomness: AttemptRandomness, graph_seed: bytes) -> None:
-        self._federation = federation
-        self._start = start
-        self.admission = admission
-        self._randomness = randomness
-        self._graph_seed = graph_seed
-        self.number = int(start.round)
-        self.total_rounds = federation.total_rounds
-        self.model = model
-        self.global_vector = federation.spec.vector(model).copy()
-        self.learning_rate = float(start.training.learning_rate)
-        self.batch_size = int(start.training.batch_size)
-        self.local_epochs = int(start.training.local_epochs)
-        self.dp_mode = start.dp.mode or "none"
-        self.seed = randomness.shuffle
-        self.generator = torch.Generator().manual_seed(self.seed)
-        self.outcome: RoundOutcome | None = None
-        self._privatized: Any = None
-        self._metrics: dict[str, float] | None = None
-        self._eval_examples = 0.0
-        self._loader_examples = 0
-        """Records in the loader given to :meth:`privatize` (reported with the DP-SGD spend, so the server
-        can check the sample rate against them)."""
-        self._members: frozenset[int] = frozenset()
-
-    def privatize(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any) -> tuple[Any, Any, Any]:
-        """Wrap ``(model, optimizer, loader)`` for local DP-SGD when the job uses local DP.
-
-        Returns them unchanged in every other DP mode (and when the site passed its own
-        ``privacy_engine``), so a loop can always call it. The model goes into train mode first (a
-        ``test()`` run may have left it in eval mode). Everything that would make the round
-        unsubmittable is checked before the first step, so no budget is spent on it: a layer DP-SGD
-        cannot train raises :class:`fedveil.dp.compat.UnsupportedLayerError` naming the layer and
-        the remedy, and a model that does not fit the job's model raises
-        :class:`fedveil.model_spec.ModelMismatchError` naming the first differing parameter. The
-        client's own accountant (one across all rounds) records the steps taken. With a target
-        ε, a round the remaining budget cannot afford raises
-        :class:`fedveil.dp.ledger.BudgetExceededError` here, before any training; the loop can
-        then :meth:`decline` the round (as :func:`fedveil.clients.run_client` does).
-        """
-        model.train()
-        self._loader_examples = _dataset_size(loader)
-        if self.dp_mode != "local" or self._federation.options.privacy_engine is not None:
-            self._federation.spec.check(model)
-            self._privatized = (model, optimizer, loader) if self.dp_mode == "local" else None
-            return model, optimizer, loader
-        # A loop that rebinds its names (``model, optimizer, loader = rnd.privatize(...)``) hands
-        # last round's wrapped objects back: privatize the originals again instead.
-        originals = self._federation._dp_originals
-        model = originals.get(id(model), model)
-        optimizer = originals.get(id(optimizer), optimizer)
-        loader = originals.get(id(loader), loader)
-        model.train()
-        check_trainable(model, self._federation.spec)
-        wrapped = self._federation._local_dp().privatize(
-            self._start.dp.local, model, optimizer, loader, local_epochs=self.local_epochs or 1
-        )
-        originals.clear()
-        originals.update({id(w): o for w, o in zip(wrapped, (model, optimizer, loader), strict=True)})
-        self._federation._dp_wrapped = wrapped  # keep them alive so their ids stay unique
-        self._privatized = wrapped
-        return wrapped
-
-    def submit(self, model: nn.Module | None = None, *, num_examples: int | None = None) -> RoundOutcome:
-        """Send the trained model's update (masked) and finish the round's secure aggregation.
-
-        Blocks until the server announces how the round ended, and returns that outcome. Raw
-        data and unmasked updates never leave the process.
-        """
-        if self.outcome is not None:
-            raise ClientError(
-                f"round {self.number}: already over for this client ({self.outcome.outcome}: "
-                f"{self.outcome.reason or 'submit() was already called'})"
-            )
-        fed = self._federation
-        if self.dp_mode == "local" and self._privatized is None and fed.options.privacy_engine is not None:
-            # the site's own make_private[_with_epsilon] call wrapped its objects already: its engine's
-            # accountant is the round's record of DP-SGD (privatize would return them unchanged)
-            self._privatized = (model if model is not None else self.model, None, None)
-        if self.dp_mode == "local" and self._privatized is None:
-            # the job promises sample-level DP for every site: an update trained without it must not leave
-            raise ClientError(
-                f"round {self.number}: the job runs local DP (--dp local); call "
-                "rnd.privatize(model, optimizer, loader) before training, then submit"
-            )
-        trained = model if model is not None else self.model
-        if fed.options.privacy_engine is not None and self._privatized is not None:
-            over = fed._local_dp().over_budget()
-            if over:  # the steps were taken (and are accounted), but the update is not released
-                fed._account_local_dp(self, trained)
-                fed._sit_out(self, over, "declined")
-                assert self.outcome is not None
-                return self.outcome
-        self.outcome = fed._finish_round(self, trained, num_examples)
-        return self.outcome
-
-    def decline(self, reason: str) -> RoundOutcome:
-        """Sit this round out instead of submitting (e.g. the local privacy budget cannot afford it).
-
-        The server is told at once (``RespondToRound`` with ``accept=false``) and drops the client
-        from the round; the iterator moves on to the next instruction. The round is recorded in
-        :attr:`Federation.history` as ``"declined"`` with ``reason``.
-        """
-        if self.outcome is not None:
-            raise ClientError(f"round {self.number}: already over for this client ({self.outcome.outcome})")
-        self._federation._sit_out(self, reason, "declined")
-        assert self.outcome is not None
-        return self.outcome
-
-    @property
-    def start_message(self) -> pb.RoundStart:
-        return self._start
 
 
 class Federation:
@@ -716,11 +516,3 @@ class Federation:
 
 def _ring_dtype(start: pb.RoundStart) -> np.dtype:
     return np.dtype(np.uint32 if int(start.encoding.ring_bits) <= 32 else np.uint64)
-
-
-def _dataset_size(loader: Any) -> int:
-    """Records in a data loader's dataset (0 when it cannot tell, e.g. an iterable dataset)."""
-    try:
-        return max(len(loader.dataset), 0)
-    except (AttributeError, TypeError):
-        return 0

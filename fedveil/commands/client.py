@@ -112,7 +112,7 @@ def client_command(
         run_client,
     )
     from fedveil.clients.backoff import BackoffPolicy
-    from fedveil.clients.session import AuthenticationError, ClientError
+    from fedveil.clients.options import AuthenticationError, ClientError
     from fedveil.clients.update import RoundConfigError
     from fedveil.protocol.auth import parse_token
     from fedveil.protocol.errors import ProtocolError, Unauthenticated
