@@ -300,3 +300,17 @@ def test_rdp_to_epsilon_matches_dp_accounting_conversion() -> None:
     theirs, their_order = google_rdp.compute_epsilon(list(orders), list(rdp), 1e-6)
     assert ours == pytest.approx(theirs, rel=1e-12)
     assert order == their_order
+
+
+def test_an_implausibly_large_noise_multiplier_is_bounded_by_the_plain_gaussian() -> None:
+    """A site may report z = 1e6; Opacus's series would take tens of seconds for it. Above the cut-off
+    the subsampled RDP is the plain Gaussian's α / (2z²), an upper bound (q ≤ 1 never hurts)."""
+    from fedveil.dp.rdp import SUBSAMPLED_EXACT_MAX_NOISE, subsampled_gaussian_rdp
+
+    orders = np.asarray(DEFAULT_ORDERS, dtype=np.float64)
+    z = 1e6
+    assert z > SUBSAMPLED_EXACT_MAX_NOISE
+    assert np.array_equal(subsampled_gaussian_rdp(0.5, z, orders), orders / (2 * z * z))
+    acc = RDPAccountant()
+    acc.compose(SubsampledGaussianEvent(0.5, z, 10**6))
+    assert 0 < acc.get_epsilon(DELTA) < 0.1

@@ -23,9 +23,19 @@ from fedveil.dp.events import (
 # --------------------------------------------------------------------------------------------------
 
 
+SUBSAMPLED_EXACT_MAX_NOISE = 100.0
+"""Above this noise multiplier the subsampled RDP is bounded by the plain Gaussian's α / (2z²): Opacus's
+series for fractional orders grows with z (tens of seconds at z = 1e6, a number any site can report),
+and at such z both are negligible."""
+
+
 def subsampled_gaussian_rdp(sample_rate: float, noise_multiplier: float, orders: np.ndarray) -> np.ndarray:
     """RDP of ONE step of the Poisson-subsampled Gaussian mechanism at ``orders`` (Mironov, Talwar, Zhang
-    2019), computed by Opacus's ``accountants.analysis.rdp``."""
+    2019), computed by Opacus's ``accountants.analysis.rdp``; above :data:`SUBSAMPLED_EXACT_MAX_NOISE` the
+    plain Gaussian's α / (2z²), an upper bound (subsampling never increases RDP under add/remove)."""
+    if noise_multiplier > SUBSAMPLED_EXACT_MAX_NOISE:
+        grid = np.asarray(orders, dtype=np.float64)
+        return grid / (2.0 * float(noise_multiplier) ** 2)
     from opacus.accountants.analysis import rdp as opacus_rdp
 
     return np.asarray(
