@@ -9,7 +9,7 @@ request and answer shapes are declared (:mod:`.schemas`) and served at ``/openap
 
 Where the data comes from is behind two small interfaces (:mod:`.sources`), so the same pages
 serve the demo (an in-memory record of the runs it drives) and ``fedveil server`` (the SQLite
-run store): :class:`RunSource` and :class:`RunStarter`. Site uploads (:class:`HospitalDataDirs`)
+run store): :class:`RunSource` and :class:`RunStarter`. Site uploads (:class:`SiteDataDirs`)
 are streamed within the size limit and validated against the task's schema before anything is
 written, to that site's own directory and nowhere else.
 """
@@ -18,10 +18,19 @@ from fedveil.server.dashboard.app import Dashboard
 from fedveil.server.dashboard.explain import gradient_times_input
 from fedveil.server.dashboard.server import DashboardServer, start_store_dashboard
 from fedveil.server.dashboard.settings import DashboardError, RunSettings
-from fedveil.server.dashboard.site_data import HospitalDataDirs
+from fedveil.server.dashboard.site_data import SiteDataDirs
 from fedveil.server.dashboard.sources import MemoryRunSource, RunSource, RunStarter, StoreRunSource
 
 __all__ = [
-    "Dashboard", "DashboardError", "DashboardServer", "HospitalDataDirs", "MemoryRunSource", "RunSettings",
-    "RunSource", "RunStarter", "StoreRunSource", "gradient_times_input", "start_store_dashboard",
+    "Dashboard",
+    "DashboardError",
+    "DashboardServer",
+    "MemoryRunSource",
+    "RunSettings",
+    "RunSource",
+    "RunStarter",
+    "SiteDataDirs",
+    "StoreRunSource",
+    "gradient_times_input",
+    "start_store_dashboard",
 ]

@@ -15,23 +15,23 @@ import torch
 
 from fedveil.server.dashboard.explain import Assessor, gradient_times_input
 from fedveil.server.dashboard.settings import DP_MODES, DashboardError, RunSettings
-from fedveil.server.dashboard.site_data import DEFAULT_MAX_UPLOAD_BYTES, HospitalDataDirs
+from fedveil.server.dashboard.site_data import DEFAULT_MAX_UPLOAD_BYTES, SiteDataDirs
 from fedveil.server.dashboard.sources import RunSource, RunStarter, jsonable
 from fedveil.task import SchemaError, Task
 
 NO_UPLOADS = (
-    "this dashboard runs beside the coordinator, which never receives hospital data: each hospital keeps its "
+    "this dashboard runs beside the coordinator, which never receives site data: each site keeps its "
     "file on its own machine (fedveil client --data FILE), or try uploads in fedveil demo healthcare --dashboard"
 )
 
 
 @dataclass
 class Dashboard:
-    """Everything the HTTP handler needs: the task, the data sources and the hospitals' dirs."""
+    """Everything the HTTP handler needs: the task, the data sources and the sites' dirs."""
 
     task: Task
     runs: RunSource
-    hospitals: HospitalDataDirs | None = None
+    sites: SiteDataDirs | None = None
     starter: RunStarter | None = None
     examples: Sequence[Mapping[str, Any]] = ()
     assessor: Assessor | None = None
@@ -43,17 +43,17 @@ class Dashboard:
     def status(self) -> dict[str, Any]:
         runs = self.runs.list_runs()
         active = next((r["id"] for r in runs if r["status"] == "running"), None)
-        names = list(self.hospitals.hospitals) if self.hospitals is not None else []
+        names = list(self.sites.sites) if self.sites is not None else []
         return {
             "title": self.title,
             "task": self.task.name,
-            "hospitals": names,
-            "uploads": self.hospitals is not None,
+            "sites": names,
+            "uploads": self.sites is not None,
             "can_start_runs": self.starter is not None,
             "active_run": active,
             "has_model": self.runs.latest_model() is not None,
             "dp_modes": list(DP_MODES),
-            "defaults": asdict(RunSettings(hospitals_per_round=max(2, len(names)))),
+            "defaults": asdict(RunSettings(sites_per_round=max(2, len(names)))),
         }
 
     def example_inputs(self) -> list[Mapping[str, Any]]:
@@ -62,10 +62,10 @@ class Dashboard:
             self.examples = tuple(self.task.examples())
         return list(self.examples)
 
-    def site_dirs(self) -> HospitalDataDirs:
-        if self.hospitals is None:
+    def site_dirs(self) -> SiteDataDirs:
+        if self.sites is None:
             raise DashboardError(NO_UPLOADS, HTTPStatus.CONFLICT)
-        return self.hospitals
+        return self.sites
 
     def start_run(self, payload: Any) -> dict[str, Any]:
         if self.starter is None:
@@ -73,7 +73,7 @@ class Dashboard:
                                  HTTPStatus.CONFLICT)
         if not isinstance(payload, dict):
             raise DashboardError("the request body must be a JSON object of run settings")
-        settings = RunSettings.from_json(payload, max_hospitals=len(self.site_dirs().hospitals))
+        settings = RunSettings.from_json(payload, max_sites=len(self.site_dirs().sites))
         if self.starter.busy():
             raise DashboardError("a run is already in progress; wait for it to finish", HTTPStatus.CONFLICT)
         run_id = self.starter.start(settings)
@@ -92,7 +92,7 @@ class Dashboard:
                 {"name": c.name, "type": c.dtype, "description": c.description, "role": "feature"} for c in s.features
             ]
             + [{"name": s.label.name, "type": s.label.dtype, "description": s.label.description, "role": "label"}],
-            "max_bytes": self.hospitals.max_bytes if self.hospitals is not None else DEFAULT_MAX_UPLOAD_BYTES,
+            "max_bytes": self.sites.max_bytes if self.sites is not None else DEFAULT_MAX_UPLOAD_BYTES,
         }
 
     def _current_model(self) -> torch.nn.Module:

@@ -42,13 +42,13 @@ log = logging.getLogger("fedveil.dashboard")
 STATIC_FILES: dict[str, str] = {
     "/": "index.html",
     "/index.html": "index.html",
-    "/hospital.html": "hospital.html",
+    "/site.html": "site.html",
     "/clinician.html": "clinician.html",
     "/app.css": "app.css",
     "/charts.js": "charts.js",
     "/common.js": "common.js",
     "/runs.js": "runs.js",
-    "/hospital.js": "hospital.js",
+    "/site.js": "site.js",
     "/clinician.js": "clinician.js",
 }
 MAX_DISCARD_BYTES = 64 * 1024 * 1024
@@ -171,14 +171,14 @@ def _add_api(api: FastAPI, board: Dashboard) -> None:
         """The site CSV's columns and the upload size limit."""
         return board.schema()
 
-    @api.get("/api/hospitals", response_model=SiteList, responses=ERRORS)
+    @api.get("/api/sites", response_model=SiteList, responses=ERRORS)
     def sites() -> dict[str, Any]:
         """The sites and their local data files."""
-        if board.hospitals is None:
-            return {"hospitals": [], "uploads": False, "message": NO_UPLOADS}
-        return {"hospitals": board.hospitals.describe(), "uploads": True}
+        if board.sites is None:
+            return {"sites": [], "uploads": False, "message": NO_UPLOADS}
+        return {"sites": board.sites.describe(), "uploads": True}
 
-    @api.post("/api/hospitals/{name}/upload", response_model=UploadAccepted, responses=ERRORS, openapi_extra={
+    @api.post("/api/sites/{name}/upload", response_model=UploadAccepted, responses=ERRORS, openapi_extra={
         "requestBody": {"content": {"text/csv": {"schema": {"type": "string"}}}}})
     async def upload(name: str, request: Request, filename: str = Query("")) -> dict[str, Any]:
         """A site's CSV as the request body, streamed within the size limit; validated before it is written."""
@@ -187,7 +187,7 @@ def _add_api(api: FastAPI, board: Dashboard) -> None:
         body = await _streamed_body(request, dirs.max_bytes)
         return dirs.accept(name, filename, body)
 
-    @api.delete("/api/hospitals/{name}/upload", response_model=Removed, responses=ERRORS)
+    @api.delete("/api/sites/{name}/upload", response_model=Removed, responses=ERRORS)
     def remove(name: str) -> dict[str, Any]:
         """Remove the site's file."""
         return {"removed": board.site_dirs().remove(name)}

@@ -21,7 +21,7 @@ class RunSettingsBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     rounds: int | None = Field(None, ge=1, le=200)
-    hospitals_per_round: int | None = Field(None, ge=2, le=1000)
+    sites_per_round: int | None = Field(None, ge=2, le=1000)
     dp: Literal["local", "central", "distributed", "none"] | None = None
     epsilon_budget: float | None = Field(None, ge=0.05, le=100, allow_inf_nan=False)
 
@@ -42,13 +42,13 @@ class RunList(BaseModel):
 
 
 class SiteList(BaseModel):
-    hospitals: list[dict[str, Any]]
+    sites: list[dict[str, Any]]
     uploads: bool
     message: str | None = None
 
 
 class UploadAccepted(BaseModel):
-    hospital: str
+    site: str
     filename: str
     rows: int
     features: int

@@ -26,19 +26,19 @@ class RunSettings:
     """What the browser's "start a run" form sends."""
 
     rounds: int = 10
-    hospitals_per_round: int = 5
+    sites_per_round: int = 5
     dp: str = "local"
     epsilon_budget: float = 3.0
 
     @classmethod
-    def from_json(cls, payload: Mapping[str, Any], *, max_hospitals: int, max_rounds: int = 200) -> RunSettings:
-        unknown = sorted(set(payload) - {"rounds", "hospitals_per_round", "dp", "epsilon_budget"})
+    def from_json(cls, payload: Mapping[str, Any], *, max_sites: int, max_rounds: int = 200) -> RunSettings:
+        unknown = sorted(set(payload) - {"rounds", "sites_per_round", "dp", "epsilon_budget"})
         if unknown:
             raise DashboardError(f"unknown setting(s): {', '.join(unknown)}")
         defaults = cls()
         rounds = _int_field(payload, "rounds", defaults.rounds, 1, max_rounds)
-        per_round = _int_field(payload, "hospitals_per_round", min(defaults.hospitals_per_round, max_hospitals), 2,
-                               max_hospitals)
+        per_round = _int_field(payload, "sites_per_round", min(defaults.sites_per_round, max_sites), 2,
+                               max_sites)
         dp = payload.get("dp", defaults.dp)
         if dp not in DP_MODES:
             raise DashboardError(f"dp: must be one of {', '.join(DP_MODES)} (got {dp!r})")
@@ -51,7 +51,7 @@ class RunSettings:
             raise DashboardError(f"epsilon_budget: not a number (got {_shown(budget_raw)})") from None
         if not (math.isfinite(budget) and 0.05 <= budget <= 100):
             raise DashboardError(f"epsilon_budget: must be between 0.05 and 100 (got {_shown(budget_raw)})")
-        return cls(rounds=rounds, hospitals_per_round=per_round, dp=str(dp), epsilon_budget=budget)
+        return cls(rounds=rounds, sites_per_round=per_round, dp=str(dp), epsilon_budget=budget)
 
 
 def _int_field(payload: Mapping[str, Any], name: str, default: int, low: int, high: int) -> int:

@@ -16,40 +16,40 @@ from fedveil.task import SchemaError, Task
 
 DEFAULT_MAX_UPLOAD_BYTES = 2 * 1024 * 1024
 SITE_FILE = "site.csv"
-_HOSPITAL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 @dataclass
-class HospitalDataDirs:
-    """Each hospital's own data directory, ``root/<hospital>/site.csv``.
+class SiteDataDirs:
+    """Each site's own data directory, ``root/<site>/site.csv``.
 
-    Stands for storage on the hospital's side: nothing here is sent to the coordinator; the
-    hospital's client reads the file when it trains.
+    Stands for storage on the site's side: nothing here is sent to the coordinator; the
+    site's client reads the file when it trains.
     """
 
     root: Path
-    hospitals: tuple[str, ...]
+    sites: tuple[str, ...]
     task: Task
     max_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
-        for name in self.hospitals:
-            if not _HOSPITAL_NAME.match(name):
-                raise ValueError(f"hospital name {name!r} is not a safe directory name")
+        for name in self.sites:
+            if not _SITE_NAME.match(name):
+                raise ValueError(f"site name {name!r} is not a safe directory name")
 
-    def path(self, hospital: str) -> Path:
-        if hospital not in self.hospitals:
-            raise DashboardError(f"unknown hospital {hospital!r}", HTTPStatus.NOT_FOUND)
-        return self.root / hospital / SITE_FILE
+    def path(self, site: str) -> Path:
+        if site not in self.sites:
+            raise DashboardError(f"unknown site {site!r}", HTTPStatus.NOT_FOUND)
+        return self.root / site / SITE_FILE
 
-    def site_file(self, hospital: str) -> Path | None:
-        p = self.path(hospital)
+    def site_file(self, site: str) -> Path | None:
+        p = self.path(site)
         return p if p.is_file() else None
 
     def describe(self) -> list[dict[str, Any]]:
         out = []
-        for name in self.hospitals:
+        for name in self.sites:
             p = self.path(name)
             info: dict[str, Any] = {"name": name, "has_upload": p.is_file(), "rows": None}
             if p.is_file():
@@ -61,9 +61,9 @@ class HospitalDataDirs:
             out.append(info)
         return out
 
-    def accept(self, hospital: str, filename: str, body: bytes) -> dict[str, Any]:
+    def accept(self, site: str, filename: str, body: bytes) -> dict[str, Any]:
         """Validate ``body``; only if it is a good site file, write it atomically. Returns a summary."""
-        target = self.path(hospital)
+        target = self.path(site)
         if len(body) > self.max_bytes:
             raise DashboardError(
                 f"the file is too large ({len(body)} bytes; the limit is {self.max_bytes})",
@@ -87,15 +87,15 @@ class HospitalDataDirs:
                 raise
         positives = float(labels.mean()) if len(labels) else 0.0
         return {
-            "hospital": hospital,
+            "site": site,
             "filename": filename,
             "rows": len(labels),
             "features": int(features.shape[1]),
             "label_share": positives,
         }
 
-    def remove(self, hospital: str) -> bool:
-        p = self.path(hospital)
+    def remove(self, site: str) -> bool:
+        p = self.path(site)
         with self._lock:
             if p.is_file():
                 p.unlink()

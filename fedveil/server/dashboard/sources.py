@@ -78,9 +78,9 @@ class MemoryRunSource:
     """Runs recorded in memory by whoever drives them (the demo). Thread-safe.
 
     A run is ``{"id", "status" ("running"|"completed"|"failed"), "settings", "started_at",
-    "finished_at", "hospitals", "epsilon_budget", "delta", "error", "rounds": [...]}``; a round is
+    "finished_at", "sites", "epsilon_budget", "delta", "error", "rounds": [...]}``; a round is
     ``{"round", "accuracy", "auc", "loss", "participants", "dropped", "epsilon_sample"
-    ({hospital: ε}), "epsilon_sample_max", "epsilon_user" (or None), "budget_remaining"}``.
+    ({site: ε}), "epsilon_sample_max", "epsilon_user" (or None), "budget_remaining"}``.
     """
 
     def __init__(self, store_path: Path | None = None) -> None:
@@ -94,7 +94,7 @@ class MemoryRunSource:
     def begin_run(
         self,
         settings: Mapping[str, Any],
-        hospitals: Sequence[str],
+        sites: Sequence[str],
         *,
         epsilon_budget: float | None,
         delta: float,
@@ -110,7 +110,7 @@ class MemoryRunSource:
                 "settings": dict(settings),
                 "started_at": time.time(),
                 "finished_at": None,
-                "hospitals": list(hospitals),
+                "sites": list(sites),
                 "epsilon_budget": epsilon_budget,
                 "delta": delta,
                 "error": None,
@@ -182,7 +182,7 @@ class StoreRunSource:
             budget = config.get("dp_client_epsilon_budget") or config.get("dp_local_target_epsilon") or None
         else:
             budget = config.get("dp_epsilon_budget")
-        return {"rounds": config.get("rounds"), "hospitals_per_round": config.get("clients_per_round"), "dp": dp,
+        return {"rounds": config.get("rounds"), "sites_per_round": config.get("clients_per_round"), "dp": dp,
                 "epsilon_budget": budget}
 
     def _rounds(self, run_id: str, config: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -257,7 +257,7 @@ class StoreRunSource:
         settings = self._settings(rec.config)
         return jsonable({
             "id": rec.run_id, "status": status, "settings": settings, "started_at": rec.created_at,
-            "finished_at": rec.finished_at, "hospitals": names, "epsilon_budget": settings["epsilon_budget"],
+            "finished_at": rec.finished_at, "sites": names, "epsilon_budget": settings["epsilon_budget"],
             "delta": rec.config.get("dp_delta"), "rounds": rounds,
             "error": None if status != "failed" else (rec.summary or {}).get("message", rec.status),
         })
