@@ -317,3 +317,13 @@ def test_predict_refuses_values_the_model_cannot_take(board: Any, value: Any, wo
     body = json.dumps({"features": {**patient, "mean_area": value}}).encode()
     status, res = call(server.url + "api/predict", "POST", body)
     assert status == 400 and "mean_area" in res["error"] and words in res["error"], res
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    (b'{"rounds": 0}', "rounds"), (b'{"dp": "loud"}', "dp"), (b'{"bogus": 1}', "bogus"),
+    (b'{"epsilon_budget": "x"}', "epsilon_budget")])
+def test_a_bad_run_setting_over_http_is_a_400_naming_the_field(board: Any, body: bytes, field: str) -> None:
+    server, _, _ = board
+    status, res = call(server.url + "api/runs", "POST", body)
+    assert status == 400 and res["error"].startswith(f"{field}: "), res
+    assert set(res) == {"error"}
