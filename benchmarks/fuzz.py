@@ -111,14 +111,14 @@ def _grpc_batch(examples: int, total: Outcomes) -> None:
 
 def fuzz_dashboard(budget: int, total: Outcomes) -> None:
     from fedveil.demo import healthcare
-    from fedveil.server.dashboard import Dashboard, DashboardServer, HospitalDataDirs, MemoryRunSource
+    from fedveil.server.dashboard import Dashboard, DashboardServer, MemoryRunSource, SiteDataDirs
     from fedveil.server.dashboard_auth import LoginToken
 
     token = LoginToken.generate()
     with tempfile.TemporaryDirectory() as tmp:
-        dirs = HospitalDataDirs(Path(tmp) / "hospitals", ("hospital-1", "hospital-2"), healthcare.task,
+        dirs = SiteDataDirs(Path(tmp) / "hospitals", ("hospital-1", "hospital-2"), healthcare.task,
                                 max_bytes=20_000)
-        app = Dashboard(task=healthcare.task, runs=MemoryRunSource(), hospitals=dirs,
+        app = Dashboard(task=healthcare.task, runs=MemoryRunSource(), sites=dirs,
                         assessor=lambda m, x: healthcare.assess(m, x).to_dict())
         server = DashboardServer(app, port=0, token=token).start()
         try:

@@ -16,12 +16,12 @@ import pytest
 
 from fedveil.demo import healthcare
 from fedveil.demo.data import make_split
-from fedveil.server.dashboard import Dashboard, DashboardServer, HospitalDataDirs, MemoryRunSource
+from fedveil.server.dashboard import Dashboard, DashboardServer, MemoryRunSource, SiteDataDirs
 from fedveil.server.dashboard_auth import LoginToken
 
 HOSPITALS = ("hospital-1", "hospital-2")
 TOKEN = LoginToken.generate()
-Board = tuple[DashboardServer, MemoryRunSource, HospitalDataDirs]
+Board = tuple[DashboardServer, MemoryRunSource, SiteDataDirs]
 
 
 def call(url: str, method: str = "GET", body: bytes | None = None, ctype: str = "application/json", *,
@@ -42,9 +42,9 @@ def call(url: str, method: str = "GET", body: bytes | None = None, ctype: str = 
 @pytest.fixture
 def board(tmp_path: Path) -> Iterator[Board]:
     runs = MemoryRunSource()
-    dirs = HospitalDataDirs(tmp_path / "hospitals", HOSPITALS, healthcare.task, max_bytes=20_000)
+    dirs = SiteDataDirs(tmp_path / "hospitals", HOSPITALS, healthcare.task, max_bytes=20_000)
     app = Dashboard(
-        task=healthcare.task, runs=runs, hospitals=dirs, assessor=lambda m, x: healthcare.assess(m, x).to_dict()
+        task=healthcare.task, runs=runs, sites=dirs, assessor=lambda m, x: healthcare.assess(m, x).to_dict()
     )
     server = DashboardServer(app, port=0, token=TOKEN).start()
     try:
@@ -60,10 +60,10 @@ def site_csv(rows: int = 20) -> str:
 
 def upload(url: str, hospital: str, body: bytes, filename: str = "site.csv", *,
            token: str | None = TOKEN.value) -> tuple[int, Any]:
-    return call(f"{url}api/hospitals/{hospital}/upload?filename={filename}", "POST", body, "text/csv", token=token)
+    return call(f"{url}api/sites/{hospital}/upload?filename={filename}", "POST", body, "text/csv", token=token)
 
 
-def files_in(dirs: HospitalDataDirs, hospital: str) -> list[str]:
+def files_in(dirs: SiteDataDirs, hospital: str) -> list[str]:
     d = dirs.root / hospital
     return sorted(p.name for p in d.iterdir()) if d.exists() else []
 

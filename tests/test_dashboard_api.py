@@ -23,14 +23,14 @@ AUTH = f"Authorization: Bearer {TOKEN.value}\r\n"
 
 def test_pages_and_assets_are_served(board: Any) -> None:
     server, _, _ = board
-    for path, marker in [("", "Start a run"), ("hospital.html", "Upload a site"), ("clinician.html", "Assess risk"),
+    for path, marker in [("", "Start a run"), ("site.html", "Upload a site"), ("clinician.html", "Assess risk"),
                          ("charts.js", "drawLineChart"), ("app.css", "--accent")]:
         status, text = call(server.url + path)
         assert status == 200 and marker in text, path
     assert call(server.url + "nope.html")[0] == 404
     assert call(server.url + "../pyproject.toml")[0] == 404
     status, st = call(server.url + "api/status")
-    assert status == 200 and st["task"] == "healthcare-wdbc" and st["hospitals"] == list(HOSPITALS)
+    assert status == 200 and st["task"] == "healthcare-wdbc" and st["sites"] == list(HOSPITALS)
     assert st["can_start_runs"] is False
 
 
@@ -43,11 +43,11 @@ def test_good_upload_is_kept_only_in_the_hospitals_directory(board: Any) -> None
     assert (dirs.root / "hospital-2" / "site.csv").read_bytes() == body
     assert files_in(dirs, "hospital-2") == ["site.csv"]
     assert files_in(dirs, "hospital-1") == []
-    _, listing = call(server.url + "api/hospitals")
-    by_name = {h["name"]: h for h in listing["hospitals"]}
+    _, listing = call(server.url + "api/sites")
+    by_name = {h["name"]: h for h in listing["sites"]}
     assert by_name["hospital-2"]["has_upload"] and by_name["hospital-2"]["rows"] == 20
     assert not by_name["hospital-1"]["has_upload"]
-    assert call(server.url + "api/hospitals/hospital-2/upload", "DELETE")[1] == {"removed": True}
+    assert call(server.url + "api/sites/hospital-2/upload", "DELETE")[1] == {"removed": True}
     assert files_in(dirs, "hospital-2") == []
 
 
@@ -119,7 +119,7 @@ def test_bad_uploads_are_refused_with_a_message_and_leave_nothing(board: Any, ca
 def test_upload_to_unknown_hospital_is_404(board: Any) -> None:
     server, _, dirs = board
     status, res = upload(server.url, "hospital-9", site_csv().encode())
-    assert status == 404 and "unknown hospital" in res["error"]
+    assert status == 404 and "unknown site" in res["error"]
     status, _ = upload(server.url, "..", site_csv().encode())
     assert status == 404
     assert not (dirs.root / "hospital-9").exists()
@@ -181,8 +181,8 @@ def test_runs_are_listed_with_their_rounds(board: Any) -> None:
 
 @pytest.mark.parametrize(
     ("payload", "field"),
-    [({"rounds": 0}, "rounds"), ({"rounds": "ten"}, "rounds"), ({"hospitals_per_round": 9}, "hospitals_per_round"),
-     ({"hospitals_per_round": 1}, "hospitals_per_round"),
+    [({"rounds": 0}, "rounds"), ({"rounds": "ten"}, "rounds"), ({"sites_per_round": 9}, "sites_per_round"),
+     ({"sites_per_round": 1}, "sites_per_round"),
      ({"dp": "magic"}, "dp"), ({"epsilon_budget": -1}, "epsilon_budget"), ({"colour": 1}, "colour"),
      ({"rounds": 2.5}, "rounds")],
 )
@@ -190,17 +190,17 @@ def test_run_settings_are_validated(payload: dict[str, Any], field: str) -> None
     from fedveil.server.dashboard import DashboardError
 
     with pytest.raises(DashboardError, match=field):
-        RunSettings.from_json(payload, max_hospitals=5)
-    good = {"rounds": 3, "hospitals_per_round": 2, "dp": "none", "epsilon_budget": 1}
-    ok = RunSettings.from_json(good, max_hospitals=5)
-    assert (ok.rounds, ok.hospitals_per_round, ok.dp, ok.epsilon_budget) == (3, 2, "none", 1.0)
+        RunSettings.from_json(payload, max_sites=5)
+    good = {"rounds": 3, "sites_per_round": 2, "dp": "none", "epsilon_budget": 1}
+    ok = RunSettings.from_json(good, max_sites=5)
+    assert (ok.rounds, ok.sites_per_round, ok.dp, ok.epsilon_budget) == (3, 2, "none", 1.0)
     assert np.isfinite(ok.epsilon_budget)
 
 
 def test_cross_site_and_rebinding_requests_are_refused(board: Any) -> None:
     server, _, dirs = board
     body = site_csv().encode()
-    req = urllib.request.Request(f"{server.url}api/hospitals/hospital-1/upload?filename=a.csv", data=body,
+    req = urllib.request.Request(f"{server.url}api/sites/hospital-1/upload?filename=a.csv", data=body,
                                  method="POST", headers={"Content-Type": "text/csv",
                                                          "Authorization": f"Bearer {TOKEN.value}"})
     with pytest.raises(urllib.error.HTTPError) as err:
@@ -245,16 +245,16 @@ def test_a_refused_request_cannot_smuggle_another_in_its_body(board: Any, refusa
     good = site_csv().encode()
     assert upload(server.url, "hospital-1", good)[0] == 200
     port = server.port
-    smuggled = (f"DELETE /api/hospitals/hospital-1/upload HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{AUTH}"
+    smuggled = (f"DELETE /api/sites/hospital-1/upload HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{AUTH}"
                 "X-Fedveil-Request: 1\r\nContent-Length: 0\r\n\r\n").encode()
     host = "evil.example" if refusal == "foreign_host" else f"127.0.0.1:{port}"
     header = "" if refusal == "no_header" else "X-Fedveil-Request: 1\r\n"
     target = "hospital-9" if refusal == "unknown_hospital" else "hospital-1"
-    outer = (f"POST /api/hospitals/{target}/upload?filename=a.csv HTTP/1.1\r\nHost: {host}\r\n{AUTH}{header}"
+    outer = (f"POST /api/sites/{target}/upload?filename=a.csv HTTP/1.1\r\nHost: {host}\r\n{AUTH}{header}"
              f"Content-Type: text/csv\r\nContent-Length: {len(smuggled)}\r\n\r\n").encode() + smuggled
     reply = raw_exchange(server.url, outer)
     assert reply.count(b"HTTP/1.1 ") == 1, reply  # one answer (the refusal), then the connection closes
-    assert reply.startswith((b"HTTP/1.1 403", b"HTTP/1.1 404")) and b"Connection: close" in reply
+    assert reply.startswith((b"HTTP/1.1 403", b"HTTP/1.1 404")) and b"connection: close" in reply.lower()
     assert (dirs.root / "hospital-1" / "site.csv").read_bytes() == good  # the smuggled DELETE never ran
 
 
@@ -295,7 +295,7 @@ def test_absurd_numbers_in_run_settings_name_the_field(body: str, field: str) ->
     from fedveil.server.dashboard import DashboardError
 
     with pytest.raises(DashboardError, match=f"^{field}: ") as info:
-        RunSettings.from_json(json.loads(body), max_hospitals=5)
+        RunSettings.from_json(json.loads(body), max_sites=5)
     assert len(str(info.value)) < 120  # a 400-digit value is not echoed back
 
 
@@ -317,3 +317,13 @@ def test_predict_refuses_values_the_model_cannot_take(board: Any, value: Any, wo
     body = json.dumps({"features": {**patient, "mean_area": value}}).encode()
     status, res = call(server.url + "api/predict", "POST", body)
     assert status == 400 and "mean_area" in res["error"] and words in res["error"], res
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    (b'{"rounds": 0}', "rounds"), (b'{"dp": "loud"}', "dp"), (b'{"bogus": 1}', "bogus"),
+    (b'{"epsilon_budget": "x"}', "epsilon_budget")])
+def test_a_bad_run_setting_over_http_is_a_400_naming_the_field(board: Any, body: bytes, field: str) -> None:
+    server, _, _ = board
+    status, res = call(server.url + "api/runs", "POST", body)
+    assert status == 400 and res["error"].startswith(f"{field}: "), res
+    assert set(res) == {"error"}

@@ -171,7 +171,7 @@ def test_runs_page_shows_the_demo_run_and_its_rounds(demo: Demo, browser: Any) -
 
 
 @pytest.mark.slow
-def test_hospital_page_accepts_a_good_csv_and_rejects_a_bad_one(demo: Demo, browser: Any, tmp_path: Path) -> None:
+def test_site_page_accepts_a_good_csv_and_rejects_a_bad_one(demo: Demo, browser: Any, tmp_path: Path) -> None:
     from fedveil.demo import healthcare
     from fedveil.demo.data import make_split
 
@@ -183,15 +183,15 @@ def test_hospital_page_accepts_a_good_csv_and_rejects_a_bad_one(demo: Demo, brow
     bad = tmp_path / "bad.csv"
     bad.write_text("\n".join(",".join(line.split(",")[1:]) for line in lines))  # drops mean_radius
     page = new_page(browser, demo)
-    page.goto(url + "hospital.html")
-    page.wait_for_selector("#hospitals-table tbody tr")
-    page.select_option("#hospital", "hospital-2")
+    page.goto(url + "site.html")
+    page.wait_for_selector("#sites-table tbody tr")
+    page.select_option("#site", "hospital-2")
     page.set_input_files("#file", str(good))
     page.click("#upload-button")
     page.wait_for_selector("#upload-message.ok")
     assert "Accepted good.csv: 40 patients" in page.inner_text("#upload-message")
     expect = pytest.importorskip("playwright.sync_api").expect
-    expect(page.locator('tr[data-hospital="hospital-2"]')).to_contain_text("40")
+    expect(page.locator('tr[data-site="hospital-2"]')).to_contain_text("40")
     shot(page, "upload-accepted")
     site_dir = out / "hospitals" / "hospital-2"
     assert (site_dir / "site.csv").read_text() == good.read_text()
@@ -207,7 +207,8 @@ def test_hospital_page_accepts_a_good_csv_and_rejects_a_bad_one(demo: Demo, brow
 
 
 @pytest.mark.slow
-def test_a_run_started_from_the_browser_shows_its_rounds(demo: Demo, browser: Any) -> None:
+def test_a_run_started_from_the_browser_shows_its_rounds_and_gives_its_model(
+        demo: Demo, browser: Any, tmp_path: Path) -> None:
     url = demo.url
     before = {r["id"] for r in get_json(url + "api/runs")["runs"]}
     page = new_page(browser, demo)
@@ -233,6 +234,16 @@ def test_a_run_started_from_the_browser_shows_its_rounds(demo: Demo, browser: An
     assert "budget ε = 2.5" in page.inner_text("#run-settings") or "ε budget 2.5" in page.inner_text("#run-settings")
     assert not page.is_visible("#run-warning")  # local DP-SGD: no user-level noise warning
     shot(page, "browser-run")
+    with page.expect_download() as download_info:  # the global model, with the metadata of fedveil export
+        page.click("#model-link")
+    saved = tmp_path / "model.safetensors"
+    download_info.value.save_as(saved)
+    assert download_info.value.suggested_filename == f"{run_id}-round2.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(saved), "pt") as model_file:
+        meta = model_file.metadata()
+        assert meta["run_id"] == run_id and meta["round"] == "2" and len(list(model_file.keys())) > 0
     # a second start while one is running is refused with a message (here the run is over, so it starts)
     assert page.errors == []
 

@@ -23,7 +23,7 @@ def fetch(url: str, token: str | None) -> tuple[int, bytes, dict[str, str]]:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
         with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as resp:
-            return int(resp.status), resp.read(), dict(resp.headers)
+            return int(resp.status), resp.read(), {k.title(): v for k, v in resp.headers.items()}
     except urllib.error.HTTPError as err:
         return int(err.code), err.read(), dict(err.headers)
 

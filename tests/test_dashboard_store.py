@@ -116,9 +116,9 @@ def test_fedveil_server_serves_the_dashboard(tmp_path: Path) -> None:
         assert runs and runs[0]["status"] == "running" and runs[0]["rounds_done"] == 0
         status, st = _get(url + "api/status", token)
         assert status == 200 and st["can_start_runs"] is False and st["uploads"] is False
-        status, hospitals = _get(url + "api/hospitals", token)
-        assert hospitals["uploads"] is False and "never receives hospital data" in hospitals["message"]
-        req = urllib.request.Request(url + "api/hospitals/x/upload?filename=a.csv", data=b"a", method="POST",
+        status, sites = _get(url + "api/sites", token)
+        assert sites["uploads"] is False and "never receives site data" in sites["message"]
+        req = urllib.request.Request(url + "api/sites/x/upload?filename=a.csv", data=b"a", method="POST",
                                      headers={"X-Fedveil-Request": "1", "Authorization": f"Bearer {token}"})
         try:
             urllib.request.urlopen(req, timeout=5)

@@ -97,7 +97,7 @@ def test_only_one_run_at_a_time(tmp_path: Path) -> None:
     def during(_: object) -> None:
         seen.append(demo_runs.busy())
         with pytest.raises(DashboardError, match="already in progress"):
-            demo_runs.start(RunSettings(rounds=1, hospitals_per_round=3))
+            demo_runs.start(RunSettings(rounds=1, sites_per_round=3))
 
     assert not demo_runs.busy()
     result = demo_runs.run(FederationSettings(rounds=1, hospitals_per_round=3, transport="in-process"),

@@ -252,7 +252,7 @@ class DemoRuns:
         def started(run_id: str) -> None:
             rid_box.append(run_id)
             self.runs.begin_run(
-                {"rounds": settings.rounds, "hospitals_per_round": settings.hospitals_per_round, "dp": settings.dp,
+                {"rounds": settings.rounds, "sites_per_round": settings.hospitals_per_round, "dp": settings.dp,
                  "epsilon_budget": settings.epsilon_budget if settings.dp != "none" else None,
                  "dropout": settings.dropout, "transport": settings.transport, "warning": warning},
                 self.names, epsilon_budget=settings.epsilon_budget if settings.dp != "none" else None,
@@ -288,7 +288,7 @@ class DemoRuns:
 
                 raise DashboardError("a run is already in progress; wait for it to finish")
             settings = FederationSettings(
-                rounds=browser_settings.rounds, hospitals_per_round=max(2, browser_settings.hospitals_per_round),
+                rounds=browser_settings.rounds, hospitals_per_round=max(2, browser_settings.sites_per_round),
                 dp=browser_settings.dp, epsilon_budget=browser_settings.epsilon_budget, dropout=self.options.dropout,
                 transport="in-process" if self.options.in_process else "grpc",
                 seed=int(time.time()) % 100_000,
@@ -349,7 +349,7 @@ def run_demo(
     on_dashboard: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run the whole demo; returns the report (also written to ``options.out``)."""
-    from fedveil.server.dashboard import Dashboard, DashboardServer, HospitalDataDirs, MemoryRunSource
+    from fedveil.server.dashboard import Dashboard, DashboardServer, MemoryRunSource, SiteDataDirs
 
     console = console or Console()
     torch.set_num_threads(1)
@@ -377,8 +377,8 @@ def run_demo(
     demo_runs = DemoRuns(options, split, runs, console)
     server: DashboardServer | None = None
     if options.dashboard_port is not None:
-        dirs = HospitalDataDirs(out / "hospitals", tuple(demo_runs.names), healthcare.task)
-        app = Dashboard(task=healthcare.task, runs=runs, hospitals=dirs, starter=demo_runs,
+        dirs = SiteDataDirs(out / "hospitals", tuple(demo_runs.names), healthcare.task)
+        app = Dashboard(task=healthcare.task, runs=runs, sites=dirs, starter=demo_runs,
                         examples=healthcare.example_patients(split),
                         title="fedveil healthcare demo")
         server = DashboardServer(app, port=options.dashboard_port, token=options.dashboard_token).start()

@@ -26,7 +26,7 @@ import hashlib
 import hmac
 import re
 import secrets
-from email.message import Message
+from collections.abc import Sequence
 from http.cookies import CookieError, SimpleCookie
 from pathlib import Path
 
@@ -113,13 +113,13 @@ def login_cookie(token: LoginToken, port: int) -> str:
     return f"{cookie_name(port)}={token.value}; Path=/; HttpOnly; SameSite=Strict"
 
 
-def presented_tokens(headers: Message, port: int) -> list[str]:
+def presented_tokens(authorization: str, cookie_headers: Sequence[str], port: int) -> list[str]:
     """The tokens a request presents: its ``Authorization: Bearer`` value and its login cookie."""
     found: list[str] = []
-    scheme, _, value = str(headers.get("Authorization") or "").strip().partition(" ")
+    scheme, _, value = authorization.strip().partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         found.append(value.strip())
-    for raw in headers.get_all("Cookie") or []:
+    for raw in cookie_headers:
         jar: SimpleCookie = SimpleCookie()
         try:
             jar.load(str(raw))

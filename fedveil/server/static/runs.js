@@ -61,9 +61,12 @@ async function refreshDetail() {
   const badge = document.getElementById("run-status");
   badge.textContent = run.status + (run.error ? ": " + run.error : "");
   badge.className = "badge " + run.status;
+  const modelLink = document.getElementById("model-link");
+  modelLink.href = "/api/runs/" + encodeURIComponent(run.id) + "/model";
+  modelLink.hidden = run.rounds.length === 0;
   const s = run.settings;
   document.getElementById("run-settings").textContent =
-    `${s.rounds} rounds · ${s.hospitals_per_round} hospitals per round · DP ${s.dp}` +
+    `${s.rounds} rounds · ${s.sites_per_round} sites per round · DP ${s.dp}` +
     (s.epsilon_budget == null ? "" : ` · ε budget ${s.epsilon_budget} · δ ${run.delta}`);
   const warning = document.getElementById("run-warning");
   warning.textContent = s.warning || "";
@@ -78,8 +81,8 @@ async function refreshDetail() {
   const lossSeries = [{ name: "test loss", points: rounds.map((r) => [r.round, r.loss]) }];
   drawLineChart(document.getElementById("chart-loss"), lossSeries, { xLabel: "round", yMin: 0 });
   legend(document.getElementById("legend-loss"), lossSeries);
-  const hospitals = run.hospitals || [];
-  const epsSeries = hospitals.map((h) => ({
+  const sites = run.sites || [];
+  const epsSeries = sites.map((h) => ({
     name: h, points: rounds.map((r) => [r.round, r.epsilon_sample ? r.epsilon_sample[h] : null]),
   }));
   if (rounds.some((r) => r.epsilon_user !== null && r.epsilon_user !== undefined)) {
@@ -121,7 +124,7 @@ async function startRun(event) {
   const message = document.getElementById("start-message");
   const settings = {
     rounds: Number(document.getElementById("rounds").value),
-    hospitals_per_round: Number(document.getElementById("per-round").value),
+    sites_per_round: Number(document.getElementById("per-round").value),
     dp: document.getElementById("dp").value,
     epsilon_budget: Number(document.getElementById("budget").value),
   };
@@ -140,8 +143,8 @@ async function init() {
   const status = await loadTitle();
   if (status) {
     const perRound = document.getElementById("per-round");
-    perRound.max = String(status.hospitals.length);
-    perRound.value = String(status.defaults.hospitals_per_round);
+    perRound.max = String(status.sites.length);
+    perRound.value = String(status.defaults.sites_per_round);
     document.getElementById("rounds").value = String(status.defaults.rounds);
     document.getElementById("budget").value = String(status.defaults.epsilon_budget);
     if (!status.can_start_runs) {

@@ -1,24 +1,24 @@
-// Hospital page: upload a site CSV (validated by the server against the task schema) and list local files.
+// Site page: upload a site CSV (validated by the server against the task schema) and list local files.
 "use strict";
 
-async function refreshHospitals() {
-  const data = await api("GET", "/api/hospitals");
+async function refreshSites() {
+  const data = await api("GET", "/api/sites");
   if (!data.uploads) {
     document.getElementById("upload-button").disabled = true;
     showMessage(document.getElementById("upload-message"), data.message, "info");
   }
-  const select = document.getElementById("hospital");
+  const select = document.getElementById("site");
   const current = select.value;
-  select.replaceChildren(...data.hospitals.map((h) => el("option", { value: h.name }, [h.name])));
+  select.replaceChildren(...data.sites.map((h) => el("option", { value: h.name }, [h.name])));
   if (current) select.value = current;
-  document.querySelector("#hospitals-table tbody").replaceChildren(...data.hospitals.map((h) => {
+  document.querySelector("#sites-table tbody").replaceChildren(...data.sites.map((h) => {
     const remove = el("button", { type: "button", class: "small" }, ["remove"]);
     remove.disabled = !h.has_upload;
     remove.addEventListener("click", async () => {
-      await api("DELETE", "/api/hospitals/" + encodeURIComponent(h.name) + "/upload");
-      await refreshHospitals();
+      await api("DELETE", "/api/sites/" + encodeURIComponent(h.name) + "/upload");
+      await refreshSites();
     });
-    return el("tr", { "data-hospital": h.name }, [
+    return el("tr", { "data-site": h.name }, [
       el("td", {}, [h.name]),
       el("td", { class: "upload-state" }, [h.has_upload ? (h.error ? "invalid: " + h.error : "site.csv") : "none (demo share)"]),
       el("td", {}, [h.rows === null ? "–" : h.rows]),
@@ -42,7 +42,7 @@ async function refreshSchema() {
 async function upload(event) {
   event.preventDefault();
   const message = document.getElementById("upload-message");
-  const hospital = document.getElementById("hospital").value;
+  const site = document.getElementById("site").value;
   const file = document.getElementById("file").files[0];
   if (!file) { showMessage(message, "Choose a CSV file first.", "error"); return; }
   if (maxBytes && file.size > maxBytes) {
@@ -52,19 +52,19 @@ async function upload(event) {
   }
   showMessage(message, "Checking " + file.name + " …", "info");
   try {
-    const res = await api("POST", "/api/hospitals/" + encodeURIComponent(hospital) + "/upload?filename=" +
+    const res = await api("POST", "/api/sites/" + encodeURIComponent(site) + "/upload?filename=" +
                           encodeURIComponent(file.name), file, { "Content-Type": "text/csv" });
     showMessage(message, `Accepted ${res.filename}: ${res.rows} patients, ${res.features} features ` +
-                `(${(100 * res.label_share).toFixed(0)} % positive), kept at ${res.hospital}'s side.`, "ok");
+                `(${(100 * res.label_share).toFixed(0)} % positive), kept at ${res.site}'s side.`, "ok");
   } catch (err) {
     showMessage(message, "Rejected: " + err.message, "error");
   }
-  await refreshHospitals();
+  await refreshSites();
 }
 
 async function init() {
   await loadTitle();
-  await Promise.all([refreshHospitals(), refreshSchema()]);
+  await Promise.all([refreshSites(), refreshSchema()]);
   document.getElementById("upload-form").addEventListener("submit", upload);
 }
 
