@@ -224,3 +224,41 @@ def test_a_client_whose_local_budget_cannot_afford_a_retried_round_declines_it_a
         spend = fed.local_privacy
         assert spend is not None and 0 < spend.epsilon <= target * (1 + 1e-6)  # spent once, never refunded
         assert fed.job_done is not None  # the client stayed until the server ended the job
+
+
+def _skipping_site(how: str) -> Callable[[Coordinator], Any]:
+    """A loop that leaves round 1 without submitting (``continue`` to the next round, or ``break``)."""
+    def run(coordinator: Coordinator) -> Any:
+        fed = federation(coordinator, synthetic, 3, n=4)
+        data = data_for(3, 4)
+        with fed:
+            for rnd in fed:
+                if rnd.number == 1:
+                    if how == "break":
+                        break
+                    continue
+                optimizer = synthetic.make_optimizer(rnd.model.parameters())
+                synthetic.train_epoch(rnd.model, DataLoader(data, batch_size=32), optimizer)
+                rnd.submit(rnd.model, num_examples=len(data))
+        return [(o.round, o.outcome) for o in fed.history]
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["continue", "break"])
+def test_a_loop_that_leaves_a_round_unsubmitted_is_a_dropout_at_once_not_at_the_deadline(
+    tmp_path: Path, how: str,
+) -> None:
+    """Deadlines of an hour: the round can only finish because the site's decline reached the server
+    when the loop moved on (``continue``) or left (``break``, the iterator's cleanup sends it)."""
+    def turnkey(i: int) -> Callable[[Coordinator], Any]:
+        return lambda coordinator: [o.outcome for o in run_client(federation(coordinator, synthetic, i, n=4),
+                                                                  synthetic, data_for(i, 4))]
+
+    rounds = 2 if how == "continue" else 1  # a site that left is not there for round 2's cohort
+    cfg = config(rounds=rounds, clients_per_round=4, min_clients=3, round_timeout=3600.0, stage_timeout=3600.0)
+    summary, results, errors = run_job(tmp_path, cfg, synthetic,
+                                       [turnkey(0), turnkey(1), turnkey(2), _skipping_site(how)])
+    assert errors == [], errors
+    assert summary.status == "completed" and summary.completed_rounds == rounds
+    assert results[3] == ([(1, "dropped"), (2, "completed")] if how == "continue" else [(1, "dropped")])

@@ -52,6 +52,7 @@ from fedveil.clients.update import (
     seed_int,
 )
 from fedveil.dp.ledger import BudgetExceededError
+from fedveil.errors import FedveilError
 from fedveil.model_spec import ModelMismatchError, ModelSpec
 from fedveil.protocol import PROTOCOL_VERSION
 from fedveil.protocol import fedveil_pb2 as pb
@@ -139,9 +140,11 @@ class Federation:
                     except BudgetExceededError as err:
                         self._sit_out(rnd, f"local privacy budget exhausted: {err}", "declined")
                         continue
-                yield rnd
-                if rnd.outcome is None:
-                    self._sit_out(rnd, "the loop did not call submit()")
+                try:
+                    yield rnd
+                finally:  # also when the loop breaks out or raises: the server hears at once
+                    if rnd.outcome is None:
+                        self._leave_unsubmitted(rnd)
             elif kind == "evaluate":
                 self._evaluate_final(instruction.evaluate)
             elif kind == "job_done":
@@ -189,6 +192,12 @@ class Federation:
         self._round_header = (0, b"")
         rnd.outcome = RoundOutcome(rnd.number, outcome, f"sat out: {reason}")
         self.history.append(rnd.outcome)
+
+    def _leave_unsubmitted(self, rnd: Round) -> None:
+        try:
+            self._sit_out(rnd, "the loop did not call submit()")
+        except FedveilError as err:  # leaving anyway; the server's deadline still covers the round
+            log.warning("round %d: could not tell the server this site left it: %s", rnd.number, err)
 
     def _sit_out_interval(self) -> float:
         """Seconds between polls while the server still offers a round this client sat out."""
