@@ -1,7 +1,7 @@
 """Who may use the dashboard: one login token per dashboard, presented as Jupyter's is.
 
 The dashboard binds to loopback, but loopback is shared by every local user and process: without
-a secret any of them could read the runs, upload or delete a hospital's data, start runs and ask
+a secret any of them could read the runs, upload or delete a site's data, start runs and ask
 for predictions. So each dashboard has a login token: 256 bits from :mod:`secrets`, made at
 start-up (or read from a file the operator supplies for scripted use, never from the command
 line, where ``ps`` would show it). The command prints it once, inside the login URL
