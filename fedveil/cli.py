@@ -18,6 +18,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "fedveil.commands.client",
     "fedveil.commands.simulate",
     "fedveil.commands.bench_network",
+    "fedveil.commands.bench_simulate",
     "fedveil.commands.demo",
     "fedveil.commands.dashboard",
     "fedveil.commands.authority",

@@ -15,6 +15,7 @@ sends the masked update and returns when the round is over.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,8 @@ from fedveil.protocol.errors import Unauthenticated
 from fedveil.protocol.tls import plaintext_refusal, read_pem
 from fedveil.protocol.transport import Transport
 from fedveil.task import Task, load_task
+
+log = logging.getLogger("fedveil.client")
 
 
 def federate(
@@ -259,7 +262,8 @@ def evaluator(task: Task, dataset: TensorDataset) -> Callable[[nn.Module], dict[
     return evaluate
 
 
-def run_client(federation: Federation, task: Task, dataset: TensorDataset) -> list[RoundOutcome]:
+def run_client(federation: Federation, task: Task, dataset: TensorDataset, *,
+               leave_round_on: tuple[type[Exception], ...] = ()) -> list[RoundOutcome]:
     """Run the whole job with the task's training function; returns the per-round outcomes.
 
     A round the client's own privacy budget cannot afford (local DP with a target ε) is declined,
@@ -268,6 +272,10 @@ def run_client(federation: Federation, task: Task, dataset: TensorDataset) -> li
     job (final evaluation, job end). This happens when the server retries a round after an abort:
     the aborted attempt's local training really did use the data, so its ε stays spent (the
     accounting is never refunded) and the plan has no room for a second training of that round.
+
+    An exception of a type in ``leave_round_on`` ends only the round it is raised in: the round
+    iterator tells the server the site left it (a dropout at that stage), and the site serves the
+    rest of the job (simulations inject dropouts this way, :mod:`fedveil.simulation.faults`).
     """
     with federation:
         for rnd in federation:
@@ -275,4 +283,6 @@ def run_client(federation: Federation, task: Task, dataset: TensorDataset) -> li
                 train_round(rnd, task, dataset)
             except BudgetExceededError as err:
                 rnd.decline(f"local privacy budget exhausted: {err}")
+            except leave_round_on as err:
+                log.info("round %d: leaving it (%s)", rnd.number, err)
     return federation.history

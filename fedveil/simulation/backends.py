@@ -43,6 +43,7 @@ from fedveil.errors import FedveilError
 from fedveil.protocol.transport import InProcessTransport
 from fedveil.secagg.local_authority import DEFAULT_LIFETIME_SECONDS, LocalAuthority
 from fedveil.server.config import ServerConfig
+from fedveil.simulation.faults import DropoutPlan, LeaveAtMaskedInput, SimulatedDropout
 from fedveil.simulation.host import CoordinatorHost, StoredRound, job_seed
 from fedveil.simulation.processes import ManagedProcess, ProcessGroup, fedveil_argv, wait_for_port
 from fedveil.task import Task, load_task
@@ -222,6 +223,7 @@ def run_with_client_threads(
     *,
     join_timeout_s: float,
     min_live_clients: int = 1,
+    leave_round_on: tuple[type[Exception], ...] = (),
 ) -> tuple[JobResult, dict[str, list[RoundOutcome]], dict[str, str]]:
     """Run the job in this thread while each client runs :func:`run_client` in its own thread.
 
@@ -237,7 +239,7 @@ def run_with_client_threads(
 
     def client_main(client: ThreadedClient) -> None:
         try:
-            histories[client.name] = run_client(client.federation, task, client.data)
+            histories[client.name] = run_client(client.federation, task, client.data, leave_round_on=leave_round_on)
         except Exception as err:  # reported, and the coordinator treats the client as a dropout
             with failed_lock:
                 errors[client.name] = f"{type(err).__name__}: {err}"
@@ -271,9 +273,10 @@ def simulate_in_process(
     host: CoordinatorHost = COORDINATOR_HOST,
     store_path: Path | None = None,
     client_timeout_s: float = 600.0,
+    dropout: DropoutPlan | None = None,
 ) -> SimulationResult:
     """Run the job with the real coordinator (started by ``host``) and ``n_clients`` client
-    threads in this process."""
+    threads in this process; ``dropout`` makes sites leave rounds at the masked-input stage."""
     task = load_task(config.task)
     if n_clients < config.schedule.min_clients:
         raise SimulationError(f"--clients {n_clients} is fewer than --min-clients {config.schedule.min_clients}")
@@ -293,11 +296,14 @@ def simulate_in_process(
             identity, credential = sites.identity(name)
             options = site_options(config, task, i, data, identity=identity, credential=credential,
                                    policy=sites.policy())
-            fed = Federation(InProcessTransport(job.service, name), task.name, task.build_model(), options)
+            transport: Any = InProcessTransport(job.service, name)
+            if dropout is not None:
+                transport = LeaveAtMaskedInput(transport, name, dropout)
+            fed = Federation(transport, task.name, task.build_model(), options)
             clients.append(ThreadedClient(name, fed, data))
         summary, histories, errors = run_with_client_threads(
             job.run, job.stop, task, clients, join_timeout_s=client_timeout_s,
-            min_live_clients=config.schedule.min_clients,
+            min_live_clients=config.schedule.min_clients, leave_round_on=(SimulatedDropout,),
         )
     finally:
         job.close()

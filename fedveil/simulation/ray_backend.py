@@ -43,7 +43,9 @@ from fedveil.server.events import JobListener
 from fedveil.server.job_runner import GrpcEndpoint, JobRunner, TlsSettings
 from fedveil.server.store import RunStore
 from fedveil.simulation.backends import STILL_RUNNING, SimulatedSites, SimulationError, SimulationResult, client_name
+from fedveil.simulation.faults import DropoutPlan
 from fedveil.simulation.host import read_rounds
+from fedveil.simulation.plain_sums import PlainSums
 from fedveil.simulation.site_host import Connection, SiteHost, SiteReport, SiteSpec
 from fedveil.task import load_task
 
@@ -74,6 +76,8 @@ class RayOptions:
     None starts a local Ray with ``num_cpus`` CPUs (default: all of this machine's) and stops it
     afterwards. ``client_cpus``/``client_gpus`` are the resources each pool actor reserves
     (fractions allowed, as in Flower); ``torch_threads`` the torch CPU threads in each actor.
+    ``working_dir``: a local directory Ray ships to every worker and puts on its import path (a task
+    module that is not installed on the cluster's machines, e.g. a benchmark's generated one).
     """
 
     address: str | None = None
@@ -81,6 +85,7 @@ class RayOptions:
     client_gpus: float = 0.0
     num_cpus: int | None = None
     torch_threads: int = 1
+    working_dir: str | None = None
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.client_cpus) and self.client_cpus > 0):
@@ -115,7 +120,8 @@ class RaySimulation:
 
     def __init__(self, config: ServerConfig, n_clients: int, *, options: RayOptions | None = None,
                  store_path: Path | None = None, listeners: Iterable[JobListener] = (),
-                 timeout_s: float = 900.0) -> None:
+                 timeout_s: float = 900.0, dropout: DropoutPlan | None = None,
+                 record_plain_sums: bool = False) -> None:
         if n_clients < config.schedule.min_clients:
             raise SimulationError(f"--clients {n_clients} is fewer than --min-clients {config.schedule.min_clients}",
                                   field="clients")
@@ -132,6 +138,10 @@ class RaySimulation:
         self.store_path = store_path
         self.listeners = list(listeners)
         self.timeout_s = timeout_s
+        self.dropout = dropout
+        self.record_plain_sums = record_plain_sums
+        self.plain_sums = PlainSums()
+        """With ``record_plain_sums`` (benchmarks): the sites' plaintext update sums, gathered after the job."""
         self.hosts: list[Any] = []
         self.assignment: dict[str, int] = {}
         self.placement: dict[str, str] = {}
@@ -152,6 +162,8 @@ class RaySimulation:
         if ray.is_initialized():
             return  # the caller's Ray (e.g. a test's cluster): used as it is, and left running
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+        if self.options.working_dir is not None:
+            kwargs["runtime_env"] = {"working_dir": self.options.working_dir}
         if self.options.address is None:
             kwargs.update(num_cpus=self.options.num_cpus, object_store_memory=LOCAL_OBJECT_STORE_BYTES)
         else:
@@ -174,7 +186,8 @@ class RaySimulation:
             max_restarts=0, scheduling_strategy="SPREAD",
         )
         threads = self.options.torch_threads
-        self.hosts = [actor.remote(self.config, self.sites.policy(), threads) for _ in range(size)]
+        self.hosts = [actor.remote(self.config, self.sites.policy(), threads, self.dropout,
+                                   self.record_plain_sums) for _ in range(size)]
         self.assignment = {name: i % size for i, name in enumerate(self.names)}
         specs: list[list[SiteSpec]] = [[] for _ in range(size)]
         for i, name in enumerate(self.names):
@@ -257,11 +270,21 @@ class RaySimulation:
                     done.set()
                     watcher.join()
                 self._collect(pending, max(self.config.schedule.linger, 1.0) + 30.0)
+                if self.record_plain_sums:
+                    self._gather_plain_sums()
             finally:
                 runner.close()
         if self._timed_out:
             raise SimulationError(f"the job did not finish within {self.timeout_s:g} s", field="timeout_s")
         return summary
+
+    def _gather_plain_sums(self) -> None:
+        ray = self.ray
+        for host in self.hosts:
+            try:
+                self.plain_sums.merge(ray.get(host.plain_sums.remote(), timeout=120.0))
+            except ray.exceptions.RayError as err:  # a dead worker: its sites' sums are lost with it
+                log.error("could not gather a worker's plaintext sums: %s", str(err).splitlines()[0])
 
     def _time_out(self, runner: JobRunner) -> None:
         log.error("the job did not finish within %g s: stopping it", self.timeout_s)
@@ -323,8 +346,8 @@ class RaySimulation:
 
 def simulate_ray(config: ServerConfig, n_clients: int, *, options: RayOptions | None = None,
                  store_path: Path | None = None, listeners: Iterable[JobListener] = (),
-                 timeout_s: float = 900.0) -> SimulationResult:
+                 timeout_s: float = 900.0, dropout: DropoutPlan | None = None) -> SimulationResult:
     """Run the job with the real coordinator behind gRPC in this process and ``n_clients`` sites in a
     pool of Ray actors (local Ray by default, a cluster with ``options.address``)."""
     return RaySimulation(config, n_clients, options=options, store_path=store_path, listeners=listeners,
-                         timeout_s=timeout_s).run()
+                         timeout_s=timeout_s, dropout=dropout).run()

@@ -21,7 +21,9 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from torch.utils.data import TensorDataset
 
@@ -31,7 +33,9 @@ from fedveil.clients.session import Federation
 from fedveil.protocol.client import ChannelConfig, GrpcTransport
 from fedveil.server.config import ServerConfig
 from fedveil.simulation.backends import client_dataset, site_options
+from fedveil.simulation.faults import DropoutPlan, LeaveAtMaskedInput, SimulatedDropout
 from fedveil.simulation.host import job_seed
+from fedveil.simulation.plain_sums import PlainSums, run_recording_site
 from fedveil.task import Task, load_task
 
 log = logging.getLogger("fedveil.simulate")
@@ -91,12 +95,15 @@ class SiteHost:
     """A pool worker: holds its sites' data and identity keys, and runs each site's session in one of
     the actor's threads (``max_concurrency`` covers every site it hosts)."""
 
-    def __init__(self, config: ServerConfig, policy: SitePolicy, torch_threads: int = 1) -> None:
+    def __init__(self, config: ServerConfig, policy: SitePolicy, torch_threads: int = 1,
+                 dropout: DropoutPlan | None = None, record_plain_sums: bool = False) -> None:
         import torch
 
         torch.set_num_threads(max(1, torch_threads))
         self.config = config
         self.policy = policy
+        self.dropout = dropout
+        self.plain = PlainSums() if record_plain_sums else None
         self.task: Task = load_task(config.task)
         self.sites: dict[str, _Site] = {}
         self.node_id = current_node_id()
@@ -117,6 +124,10 @@ class SiteHost:
             public[spec.name] = identity.public_key().public_bytes_raw() if identity is not None else b""
         return public
 
+    def plain_sums(self) -> dict[int, tuple[np.ndarray, float]]:
+        """This worker's plaintext update sums per round (benchmarks only; empty unless recording)."""
+        return dict(self.plain.sums) if self.plain is not None else {}
+
     def run_site(self, name: str, credential: bytes, token: str, connection: Connection) -> SiteReport:
         """Run site ``name``'s whole job (join, every round it is sampled for, the final evaluation).
 
@@ -126,13 +137,18 @@ class SiteHost:
         site = self.sites[name]
         options = site_options(self.config, self.task, site.spec.index, site.data, identity=site.identity,
                                credential=credential, policy=self.policy)
-        transport = GrpcTransport.connect(
+        transport: Any = GrpcTransport.connect(
             ChannelConfig(target=connection.target, ca_cert_pem=connection.ca_cert_pem, insecure=connection.insecure),
             token,
         )
+        if self.dropout is not None:
+            transport = LeaveAtMaskedInput(transport, name, self.dropout)
         federation = Federation(transport, self.task.name, self.task.build_model(), options)
         try:
-            history = run_client(federation, self.task, site.data)
+            if self.plain is not None:
+                history = run_recording_site(federation, self.task, site.data, self.plain)
+            else:
+                history = run_client(federation, self.task, site.data, leave_round_on=(SimulatedDropout,))
         except Exception as err:  # the coordinator sees a dropout; the driver gets the reason
             log.error("site %s failed: %s: %s", name, type(err).__name__, err)
             return SiteReport(name, self.node_id, [h.outcome for h in federation.history],

@@ -90,9 +90,11 @@ class SecAggBridgeMixin(CoordinatorBase):
     def respond_to_round(self, caller: str, request: pb.RoundResponse) -> pb.Ack:
         """A cohort member accepts the round with its graph-seed commitment, or declines it.
 
-        A decline is honoured until the member's keys are in (COMMIT, REVEAL or TRAINING stage): it
-        becomes a dropout at once, so nobody waits for its deadline. Its reason is logged, cut to one
-        printable line.
+        A decline is honoured until the member's masked input is in (any stage up to MASKED_INPUT): it
+        becomes a dropout at once, so nobody waits for its deadline. After its keys are in this is the
+        ordinary dropout of Bonawitz et al. (its pairwise masks are removed from the sum at unmasking);
+        a site saying so tells the server nothing that its silence would not. Its reason is logged, cut
+        to one printable line.
         """
         if request.accept and len(request.commitment) != 32:
             raise MalformedMessage(f"commitment: expected 32 bytes, got {len(request.commitment)}")
@@ -121,8 +123,9 @@ class SecAggBridgeMixin(CoordinatorBase):
             rnd = current
             if caller in rnd.dropped:
                 raise Replayed(f"RespondToRound: already out of round {rnd.number}")
-            if rnd.stage > Stage.TRAINING or Stage.TRAINING in rnd.submitted.get(caller, set()):
-                raise StageClosed(f"RespondToRound: too late to decline round {rnd.number} (its keys are in)")
+            if rnd.stage > Stage.MASKED_INPUT or Stage.MASKED_INPUT in rnd.submitted.get(caller, set()) \
+                    or self._upload_book().active(caller, rnd.nonce, Stage.MASKED_INPUT):
+                raise StageClosed(f"RespondToRound: too late to leave round {rnd.number} (its masked input is in)")
             why = "".join(ch if ch.isprintable() else " " for ch in request.decline_reason[:256]).strip() or "-"
             sid = rnd.cohort[caller]
             if rnd.stage == Stage.COMMIT and Stage.COMMIT not in rnd.submitted.get(caller, set()):
