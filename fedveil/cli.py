@@ -19,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "fedveil.commands.simulate",
     "fedveil.commands.bench_network",
     "fedveil.commands.bench_simulate",
+    "fedveil.commands.bench_load",
     "fedveil.commands.demo",
     "fedveil.commands.dashboard",
     "fedveil.commands.authority",

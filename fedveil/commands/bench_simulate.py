@@ -61,6 +61,10 @@ def simulate_bench_command(backend: str, clients: int, enrolled: int | None, dim
                f"{report['cores']} ({report['masks_per_round']:.0f} masks of {report['mask_s'] * 1e3:.3f} ms)")
     click.echo(f"  round / floor    : {report['round_over_floor']:.2f}x  (over the {report['cores']}-core floor: "
                f"{report['round_over_parallel_floor']:.2f}x; target <= 3x)")
+    click.echo(f"  with public keys : {report['crypto_floor_s']:.2f} s on one core (masks + 2k X25519 of "
+               f"{report['x25519_s'] * 1e6:.0f} us" + (f" + (k + t) Ed25519 verifications of "
+               f"{report['ed25519_verify_s'] * 1e6:.0f} us" if active else "")
+               + f" per site); round / that: {report['round_over_crypto_floor']:.2f}x")
     click.echo(f"  exact            : {report['exact']} (max abs error {report['max_abs_error']})")
     click.echo(f"  peak RSS (driver + coordinator): {report['peak_rss_mb']:.0f} MiB "
                f"(n*m*4 bytes = {report['n_times_m_mb']:.0f} MiB)")

@@ -39,6 +39,10 @@ class ChannelConfig:
     insecure: bool = False
     max_message_bytes: int = 512 * MIB
     server_name_override: str | None = None
+    own_connection: bool = False
+    """Open this channel's own TCP connection even when the process has another channel to the same
+    target (gRPC shares one by default): many simulated sites in one process then load the server
+    as many machines would."""
 
 
 def open_channel(config: ChannelConfig) -> grpc.Channel:
@@ -48,6 +52,8 @@ def open_channel(config: ChannelConfig) -> grpc.Channel:
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.enable_retries", 0),
     ]
+    if config.own_connection:
+        options.append(("grpc.use_local_subchannel_pool", 1))
     if config.insecure:
         return grpc.insecure_channel(config.target, options=options)
     if config.server_name_override:

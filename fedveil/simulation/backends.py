@@ -337,6 +337,8 @@ class ProcessFederation:
     data_paths: list[Path]
     identity_flags: dict[str, list[str]] = field(default_factory=dict)
     """Per client name (and "server"): the identity flags of the secure default (or --trust-server)."""
+    sites: SimulatedSites | None = None
+    """The sites' identities (their authority), for clients started by other means than :meth:`start_client`."""
 
     def start_client(self, index: int, config: ServerConfig, *, extra: tuple[str, ...] = ()) -> ManagedProcess:
         deterministic = ("--insecure-deterministic",) if config.insecure_deterministic else ()
@@ -382,7 +384,7 @@ def start_process_federation(
         port = read_port_file(port_file, listen_timeout_s, server)
         address = f"127.0.0.1:{port}"
         wait_for_port("127.0.0.1", port, listen_timeout_s, server.popen)
-        fed = ProcessFederation(group, server, [], address, store_path, tokens, data_paths, identity_flags)
+        fed = ProcessFederation(group, server, [], address, store_path, tokens, data_paths, identity_flags, sites)
         if start_clients:
             fed.clients = [fed.start_client(i, config) for i in range(n_clients)]
         return fed
