@@ -46,3 +46,11 @@ def test_the_schema_declares_the_api(board: Board) -> None:  # noqa: F811
     assert {"/api/status", "/api/runs", "/api/runs/{run_id}", "/api/runs/{run_id}/model", "/api/predict",
             "/api/schema", "/api/clinician/examples"} <= paths
     assert not any(p.endswith(".html") or p.endswith(".js") for p in paths)  # pages are not API
+    operations = [op for ops in loaded.raw_schema["paths"].values() for op in ops.values()]
+    # a bad request is answered 400, never FastAPI's 422: the schema says so
+    assert all("422" not in op["responses"] and "400" in op["responses"] for op in operations)
+    # every JSON answer has a declared shape, not a bare object
+    for path in ("/api/status", "/api/runs/{run_id}", "/api/schema", "/api/predict"):
+        (operation,) = loaded.raw_schema["paths"][path].values()
+        declared = operation["responses"]["200"]["content"]["application/json"]["schema"]
+        assert "$ref" in declared, (path, declared)

@@ -152,6 +152,27 @@ def test_local_dp_on_ray_keeps_each_sites_accountant_across_rounds_and_matches_i
     assert_same_aggregates(on_ray.rounds, local.rounds)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("dp", ["central", "distributed"])
+def test_harary_secagg_plus_with_user_level_dp_and_dropouts_on_ray_matches_in_process(dp: str) -> None:
+    """SecAgg+ on a Harary graph, user-level DP (central or distributed), the malicious-server
+    defaults (active mode, consortium credentials) and sites leaving at the masked-input stage:
+    Ray releases the aggregates of in-process bit for bit, and both charge the same ε."""
+    from fedveil.simulation.faults import DropoutPlan
+
+    cfg = config(8, rounds=2, min_clients=6, secagg="harary", dp=dp, seed=7, dp_noise_multiplier=1.0)
+    assert cfg.secagg.active_adversary  # the secure default
+    plan = DropoutPlan(0.2, seed=11)
+    on_ray = simulate_ray(cfg, 8, options=RayOptions(client_cpus=0.5), dropout=plan)
+    local = simulate_in_process(cfg, 8, dropout=plan)
+    assert on_ray.summary["status"] == local.summary["status"] == "completed"
+    assert not on_ray.client_errors and not local.client_errors
+    assert [r.survivors for r in on_ray.rounds] == [r.survivors for r in local.rounds]
+    assert any(r.survivors < 8 for r in on_ray.rounds)  # the plan's leavers were removed
+    assert on_ray.summary["epsilon"] == local.summary["epsilon"] > 0
+    assert_same_aggregates(on_ray.rounds, local.rounds)
+
+
 # -- a cluster of two nodes -------------------------------------------------------------------
 
 

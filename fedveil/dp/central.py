@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from numpy.typing import ArrayLike, NDArray
 
 from fedveil.dp.accounting import SubsampledGaussianEvent
@@ -73,12 +74,25 @@ class SecureNormalSampler:
     output, unlike a seeded PCG64.  It implements ``standard_normal(size)`` like a numpy
     ``Generator``, so it can be passed wherever a :class:`~fedveil.dp.clipping.NormalSource`
     is expected.
+
+    ``insecure_seed`` (16 bytes) replaces the OS entropy with an AES-CTR keystream under that key:
+    only for ``--insecure-deterministic`` jobs (tests, bit-for-bit simulations), where anyone who
+    knows the seed can regenerate the noise and subtract it.
     """
+
+    def __init__(self, insecure_seed: bytes | None = None) -> None:
+        if insecure_seed is not None and len(insecure_seed) != 16:
+            raise ValueError(f"insecure_seed: expected 16 bytes (got {len(insecure_seed)})")
+        self._stream = None if insecure_seed is None else Cipher(
+            algorithms.AES(insecure_seed), modes.CTR(bytes(16))).encryptor()
+
+    def _random_bytes(self, n: int) -> bytes:
+        return os.urandom(n) if self._stream is None else self._stream.update(bytes(n))
 
     def standard_normal(self, size: Any = None) -> NDArray[np.float64]:
         shape: tuple[int, ...] = () if size is None else tuple(np.atleast_1d(np.asarray(size, dtype=np.int64)))
         count = int(np.prod(shape)) if shape else 1
-        raw = np.frombuffer(os.urandom(16 * count), dtype=np.uint64).reshape(2, count)
+        raw = np.frombuffer(self._random_bytes(16 * count), dtype=np.uint64).reshape(2, count)
         scale = 2.0**-53
         u1 = ((raw[0] >> np.uint64(11)).astype(np.float64) + 1.0) * scale  # in (0, 1]
         u2 = (raw[1] >> np.uint64(11)).astype(np.float64) * scale  # in [0, 1)

@@ -194,9 +194,12 @@ class RoundDriverMixin(CoordinatorBase):
                 :ROUND_NONCE_BYTES]
         else:
             nonce = os.urandom(ROUND_NONCE_BYTES)
-        round_id = int.from_bytes(hashlib.sha256(self.run_id.encode() + struct.pack("<II", number, attempt) + nonce)
+        # an --insecure-deterministic job derives from its seed what others bind to their random run id,
+        # so that two runs of it (in process, on Ray) release the same aggregates, DP noise included
+        run_label = f"seed-{self.seed}" if cfg.insecure_deterministic else self.run_id
+        round_id = int.from_bytes(hashlib.sha256(run_label.encode() + struct.pack("<II", number, attempt) + nonce)
                                   .digest()[:8], "little")
-        context = f"fedveil/{self.run_id}/{self.task.name}".encode()
+        context = f"fedveil/{run_label}/{self.task.name}".encode()
         evaluation_only = purpose == pb.ROUND_PURPOSE_EVALUATE
         plan = self.model.plan(number, len(chosen), t, context, evaluation_only=evaluation_only,
                                metrics=self._secure_metrics() if (cfg.evaluation.each_round or evaluation_only) else ())

@@ -26,11 +26,15 @@ from fedveil.server.dashboard.schemas import (
     ERRORS,
     Examples,
     PredictBody,
+    Prediction,
     Removed,
+    Run,
     RunList,
     RunSettingsBody,
     RunStarted,
     SiteList,
+    SiteSchema,
+    Status,
     UploadAccepted,
 )
 from fedveil.server.dashboard.settings import DashboardError
@@ -138,7 +142,7 @@ def _add_static(api: FastAPI) -> None:
 
 
 def _add_api(api: FastAPI, board: Dashboard) -> None:
-    @api.get("/api/status", responses=ERRORS)
+    @api.get("/api/status", response_model=Status, responses=ERRORS)
     def status() -> dict[str, Any]:
         """The task, the sites, whether runs can start."""
         return board.status()
@@ -153,7 +157,7 @@ def _add_api(api: FastAPI, board: Dashboard) -> None:
         """Start a run with these settings."""
         return board.start_run(body.model_dump(exclude_none=True))
 
-    @api.get("/api/runs/{run_id}", responses=ERRORS)
+    @api.get("/api/runs/{run_id}", response_model=Run, responses=ERRORS)
     def get_run(run_id: str) -> dict[str, Any]:
         """One run: settings, status, rounds."""
         return board.get_run(run_id)
@@ -166,7 +170,7 @@ def _add_api(api: FastAPI, board: Dashboard) -> None:
         return Response(data, media_type="application/octet-stream",
                         headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
-    @api.get("/api/schema", responses=ERRORS)
+    @api.get("/api/schema", response_model=SiteSchema, responses=ERRORS)
     def schema() -> dict[str, Any]:
         """The site CSV's columns and the upload size limit."""
         return board.schema()
@@ -197,10 +201,29 @@ def _add_api(api: FastAPI, board: Dashboard) -> None:
         """Example inputs."""
         return {"examples": board.example_inputs()}
 
-    @api.post("/api/predict", responses=ERRORS)
+    @api.post("/api/predict", response_model=Prediction, responses=ERRORS)
     def predict(body: PredictBody) -> dict[str, Any]:
         """One input's prediction and the features that weighed most."""
         return board.predict(body.model_dump())
+
+
+def _without_422(api: FastAPI) -> None:
+    """Serve a schema without FastAPI's automatic 422 answers: a request that fails validation gets
+    the 400 of :func:`_add_error_handlers` (declared in :data:`ERRORS`), never a 422."""
+    build = api.openapi
+
+    def openapi() -> dict[str, Any]:
+        if api.openapi_schema is None:
+            schema = build()
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+            for unused in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(unused, None)
+            api.openapi_schema = schema
+        return api.openapi_schema
+
+    api.openapi = openapi  # type: ignore[method-assign]
 
 
 def build_app(board: Dashboard, token: LoginToken) -> FastAPI:
@@ -209,6 +232,7 @@ def build_app(board: Dashboard, token: LoginToken) -> FastAPI:
     _add_error_handlers(api)
     _add_static(api)
     _add_api(api, board)
+    _without_422(api)
     pages = [p for p, name in STATIC_FILES.items() if name.endswith(".html")]
     # the last added runs first: headers on every answer, then method/Host/framing, token, CSRF header
     api.add_middleware(CsrfGuard)

@@ -37,6 +37,88 @@ class PredictBody(BaseModel):
     features: dict[str, Any]
 
 
+class Status(BaseModel):
+    """GET /api/status."""
+
+    title: str
+    task: str
+    sites: list[str]
+    uploads: bool
+    can_start_runs: bool
+    active_run: str | None
+    has_model: bool
+    dp_modes: list[str]
+    defaults: dict[str, Any]
+
+
+class RoundRow(BaseModel):
+    """One round of a run as the dashboard shows it (a task may add metrics of its own)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    round: int
+    participants: list[str] = Field(default_factory=list)
+    dropped: list[str] = Field(default_factory=list)
+    accuracy: float | None = None
+    auc: float | None = None
+    loss: float | None = None
+    epsilon_sample: dict[str, float] = Field(default_factory=dict)
+    epsilon_sample_max: float | None = None
+    epsilon_user: float | None = None
+    budget_remaining: float | None = None
+
+
+class Run(BaseModel):
+    """GET /api/runs/{run_id}: a run's settings, status and rounds."""
+
+    id: str
+    status: Literal["running", "completed", "failed"]
+    settings: dict[str, Any]
+    started_at: float | str | None
+    finished_at: float | str | None
+    sites: list[str]
+    epsilon_budget: float | None
+    delta: float | None
+    error: str | None
+    rounds: list[RoundRow]
+
+
+class Column(BaseModel):
+    name: str
+    type: str
+    description: str
+    role: Literal["feature", "label"]
+
+
+class SiteSchema(BaseModel):
+    """GET /api/schema: the site CSV's columns and the upload size limit."""
+
+    columns: list[Column]
+    max_bytes: int
+
+
+class Contribution(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    feature: str
+    value: float
+    contribution: float
+    direction: str
+
+
+class Prediction(BaseModel):
+    """POST /api/predict: the model's probability, its reading and the features that weighed most
+    (a task's own explainer may add fields of its own)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    probability: float
+    logit: float | None = None
+    risk_level: str | None = None
+    confidence: str | None = None
+    top_features: list[Contribution] = Field(default_factory=list)
+
+
 class RunList(BaseModel):
     runs: list[dict[str, Any]]
 

@@ -6,6 +6,7 @@ happened (:func:`fedveil.dp.sampling.user_level_event`)."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -77,9 +78,13 @@ class CentralDP(PrivacyMechanism):
         if state.adaptive is not None:
             sanity.check_count(float(total[dim]), survivors, slack=slack)
         # The OS CSPRNG, never the job seed: the seed is stored with the run, and anyone who could
-        # regenerate the noise could subtract it from the released aggregate.
+        # regenerate the noise could subtract it from the released aggregate. Only an
+        # --insecure-deterministic job (tests, bit-for-bit simulations) draws it from the seed.
         unclipped = float(total[dim]) if state.adaptive is not None else None
-        result = state.finish_round(total[:dim], SecureNormalSampler(), unclipped)
+        insecure_seed = hashlib.sha256(f"fedveil/central-noise/{self.config.seed}/{plan.round_number}/".encode()
+                                       + ring_sum.tobytes()).digest()[:16] \
+            if self.config.insecure_deterministic else None
+        result = state.finish_round(total[:dim], SecureNormalSampler(insecure_seed), unclipped)
         stats: dict[str, Any] = {"clip_norm": result.clip_norm, "next_clip_norm": result.next_clip_norm,
                                  "noise_stddev_sum": result.noise_stddev}
         if result.noised_unclipped_fraction is not None:
