@@ -29,6 +29,18 @@ from fedveil.dp.clipping import (
     update_noise_multiplier,
 )
 
+def test_the_seeded_sampler_repeats_only_for_its_seed_and_the_os_one_never() -> None:
+    """--insecure-deterministic jobs draw central noise from an AES-CTR stream of the job's seed (so two
+    runs agree bit for bit); every other job reads fresh OS entropy."""
+    a, b = SecureNormalSampler(b"k" * 16), SecureNormalSampler(b"k" * 16)
+    assert np.array_equal(a.standard_normal(1000), b.standard_normal(1000))
+    assert not np.array_equal(SecureNormalSampler(b"j" * 16).standard_normal(1000),
+                              SecureNormalSampler(b"k" * 16).standard_normal(1000))
+    assert not np.array_equal(SecureNormalSampler().standard_normal(1000), SecureNormalSampler().standard_normal(1000))
+    with pytest.raises(ValueError, match="insecure_seed"):
+        SecureNormalSampler(b"short")
+
+
 # --------------------------------------------------------------------------------------------
 # Central noise calibration
 # --------------------------------------------------------------------------------------------
@@ -43,12 +55,13 @@ def variance_interval(count: int, sigma: float) -> tuple[float, float]:
     return lo * sigma**2, hi * sigma**2
 
 
-@pytest.mark.parametrize("source", ["pcg64", "csprng"])
+@pytest.mark.parametrize("source", ["pcg64", "csprng", "seeded"])
 def test_central_noise_std_matches_calibration(source: str) -> None:
     clip, z, dim = 0.7, 1.3, 200_000
     mech = CentralGaussianMechanism(clip_norm=clip, noise_multiplier=z)
     assert mech.noise_stddev == pytest.approx(z * clip, rel=1e-15)
-    rng = make_generator(1234) if source == "pcg64" else SecureNormalSampler()
+    rng = make_generator(1234) if source == "pcg64" else SecureNormalSampler(
+        bytes(range(16)) if source == "seeded" else None)
     signal = np.linspace(-3.0, 3.0, dim)
     noised = mech.add_noise(signal, rng)
     noise = noised - signal

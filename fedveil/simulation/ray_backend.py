@@ -141,6 +141,8 @@ class RaySimulation:
         self.dropout = dropout
         self.record_plain_sums = record_plain_sums
         self.plain_sums = PlainSums()
+        self.worker_peak_rss_mb: list[float] = []
+        """Each pool worker's peak resident memory (MiB), gathered after the job."""
         """With ``record_plain_sums`` (benchmarks): the sites' plaintext update sums, gathered after the job."""
         self.hosts: list[Any] = []
         self.assignment: dict[str, int] = {}
@@ -272,11 +274,20 @@ class RaySimulation:
                 self._collect(pending, max(self.config.schedule.linger, 1.0) + 30.0)
                 if self.record_plain_sums:
                     self._gather_plain_sums()
+                self._gather_worker_memory()
             finally:
                 runner.close()
         if self._timed_out:
             raise SimulationError(f"the job did not finish within {self.timeout_s:g} s", field="timeout_s")
         return summary
+
+    def _gather_worker_memory(self) -> None:
+        ray = self.ray
+        for host in self.hosts:
+            try:
+                self.worker_peak_rss_mb.append(float(ray.get(host.peak_rss_mb.remote(), timeout=60.0)))
+            except ray.exceptions.RayError:
+                continue  # a dead worker has no figure
 
     def _gather_plain_sums(self) -> None:
         ray = self.ray

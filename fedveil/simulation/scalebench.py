@@ -167,13 +167,14 @@ def run_scale_bench(bench: ScaleBench) -> dict[str, Any]:
     degree = plan.degree if plan.degree else bench.clients - 1
     dropout = DropoutPlan(bench.dropout, seed=bench.seed) if bench.dropout > 0 else None
     times = StageTimes()
+    workers: list[float] = []
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="fedveil-scalebench-") as tmp:
         workdir = Path(tmp)
         task_ref = write_task_module(workdir, bench.dim)
         sys.path.insert(0, str(workdir))
         try:
-            result, plain = _run(bench, bench.config(task_ref), workdir, dropout, times)
+            result, plain = _run(bench, bench.config(task_ref), workdir, dropout, times, workers)
         finally:
             sys.path.remove(str(workdir))
     wall_s = time.monotonic() - started
@@ -198,6 +199,7 @@ def run_scale_bench(bench: ScaleBench) -> dict[str, Any]:
         "stage_s": {stage: statistics.median(r.get(stage, 0.0) for r in times.by_round.values())
                     for stage in sorted({s for r in times.by_round.values() for s in r})},
         "peak_rss_mb": round(peak_rss_mb(), 1),
+        "workers_peak_rss_mb": [round(w, 1) for w in workers],
         "n_times_m_mb": round(bench.clients * m * 4 / 2**20, 1),
         "wall_s": round(wall_s, 1),
     }
@@ -217,7 +219,7 @@ def run_scale_bench(bench: ScaleBench) -> dict[str, Any]:
 
 
 def _run(bench: ScaleBench, config: ServerConfig, workdir: Path, dropout: DropoutPlan | None,
-         times: StageTimes) -> tuple[SimulationResult, Any]:
+         times: StageTimes, workers: list[float]) -> tuple[SimulationResult, Any]:
     if bench.backend == "in-process":
         return simulate_in_process(config, bench.n_sites, dropout=dropout, client_timeout_s=bench.timeout_s), None
     from fedveil.simulation.ray_backend import RayOptions, RaySimulation
@@ -226,6 +228,7 @@ def _run(bench: ScaleBench, config: ServerConfig, workdir: Path, dropout: Dropou
     simulation = RaySimulation(config, bench.n_sites, options=options, listeners=[times], timeout_s=bench.timeout_s,
                                dropout=dropout, record_plain_sums=bench.dp == "none")
     result = simulation.run()
+    workers.extend(simulation.worker_peak_rss_mb)
     return result, simulation.plain_sums
 
 

@@ -124,6 +124,12 @@ class SiteHost:
             public[spec.name] = identity.public_key().public_bytes_raw() if identity is not None else b""
         return public
 
+    def peak_rss_mb(self) -> float:
+        """This worker process's peak resident memory (MiB)."""
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
     def plain_sums(self) -> dict[int, tuple[np.ndarray, float]]:
         """This worker's plaintext update sums per round (benchmarks only; empty unless recording)."""
         return dict(self.plain.sums) if self.plain is not None else {}
