@@ -9,7 +9,7 @@ counts signatures over the whole cohort passes everywhere: v's holders reveal v'
 and the holders of each j in D reveal j's masking-key share, which is every mask on v's input.
 
 Counting, for each owner whose share a client reveals, the signatures of that owner's own holders
-(``fedveil.secagg.client._check_consistency``) stops it: v's holders are split between the two sets,
+(``fedveil.secagg.survivor_checks.check_consistency``) stops it: v's holders are split between the two sets,
 and no set reaches t among them. The control test runs the same server against a cohort-wide count
 and recovers v's exact input, so the attack is real and the first test can fail.
 """
@@ -147,6 +147,6 @@ def test_per_owner_quorums_stop_a_split_view_without_colluders(n: int) -> None:
 
 @pytest.mark.slow
 def test_the_same_server_recovers_the_input_against_a_cohort_wide_count(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(secagg_client, "_check_consistency", cohort_wide_count)
+    monkeypatch.setattr(secagg_client, "check_consistency", cohort_wide_count)
     recovered, refusals = split_view_attack(50)
     assert recovered and refusals == 0

@@ -24,16 +24,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fedveil.secagg.config import SecAggConfig
 from fedveil.secagg.errors import (
     ConfigError,
-    ConsistencyCheckError,
     DoubleShareRequestError,
     MalformedMessageError,
     ProtocolError,
     RoundAbortedError,
     SecAggError,
     ShareDecryptionError,
-    TooFewSurvivorsError,
     UnexpectedMessageError,
-    UnmaskingRefusedError,
     WrongRoundError,
 )
 from fedveil.secagg.keys import (
@@ -46,7 +43,6 @@ from fedveil.secagg.keys import (
     share_secret,
     sign,
     survivor_set_payload,
-    verify,
 )
 from fedveil.secagg.messages import (
     SELF_MASK_LIMBS,
@@ -67,6 +63,7 @@ from fedveil.secagg.messages import (
 from fedveil.secagg.prg import SEED_BYTES, MaskExpander
 from fedveil.secagg.session import Session, check_advertisement
 from fedveil.secagg.shamir import PRIME, bytes_to_limbs, open_share, seal_share, share
+from fedveil.secagg.survivor_checks import check_consistency, check_survivors
 
 _NON_FATAL = (UnexpectedMessageError, WrongRoundError, MalformedMessageError)
 
@@ -260,44 +257,11 @@ class ClientConsistencyCheck(ClientState):
         ctx = self.ctx
         cfg = ctx.config
         survivors = _id_set(msg.survivors, "survivor set")
-        _check_survivors(ctx, survivors)
+        check_survivors(ctx, survivors)
         assert ctx.session is not None and ctx.identity_key is not None
         ctx.signed_survivors = survivors
         signature = sign(ctx.identity_key, survivor_set_payload(ctx.session.session_id, survivors))
         return ClientR3Unmasking(ctx), ConsistencyCheckResponse(cfg.round_id, ctx.client_id, signature)
-
-
-def _check_survivors(ctx: _ClientContext, survivors: frozenset[int]) -> None:
-    """Refuse a survivor set this client knows to be wrong or too small.
-
-    Bonawitz et al. (CCS 2017, Fig. 4) have the client check U3 ⊆ U2 and |U3| ≥ t. This client
-    knows U2 only within its neighbourhood (the neighbours whose shares reached it), so: every
-    announced survivor must be a member of the session, every announced survivor among its
-    holders must have sent it shares, and both the whole set and its holders among it must
-    number at least t. Otherwise a server could pad the set with clients that dropped before
-    sharing to reach t.
-    """
-    cfg = ctx.config
-    me = ctx.client_id
-    session = ctx.session
-    assert session is not None
-    if me not in survivors:
-        raise UnmaskingRefusedError(f"client {me} sent its masked input but is not in the announced survivor set")
-    outside = survivors.difference(session.advertisements)
-    if outside:
-        raise UnmaskingRefusedError(f"client {me}: the announced survivor set names clients {sorted(outside)[:5]} "
-                                    "that are not in this round's session")
-    if len(survivors) < cfg.threshold:
-        raise TooFewSurvivorsError(f"client {me}: announced survivor set has {len(survivors)} clients, "
-                                   f"fewer than threshold {cfg.threshold}")
-    local = survivors.intersection(session.graph.holders(me))
-    unknown = sorted(p for p in local if p != me and p not in ctx.received)
-    if unknown:
-        raise UnmaskingRefusedError(f"client {me}: announced survivors {unknown[:5]} never sent it their shares "
-                                    "(they dropped before the masked-input stage)")
-    if len(local) < cfg.threshold:
-        raise TooFewSurvivorsError(f"client {me}: only {len(local)} of its holders are announced as survivors, "
-                                   f"fewer than threshold {cfg.threshold}")
 
 
 class ClientR3Unmasking(ClientState):
@@ -323,9 +287,9 @@ class ClientR3Unmasking(ClientState):
         if me in dropped:
             raise DoubleShareRequestError(f"client {me} refuses: it is listed as dropped although it sent its "
                                           "masked input (its masking key would be reconstructed)")
-        _check_survivors(ctx, survivors)
+        check_survivors(ctx, survivors)
         if cfg.active:
-            _check_consistency(ctx, survivors, dropped, msg.signatures)
+            check_consistency(ctx, survivors, dropped, msg.signatures)
         for peer in survivors:
             if ctx.revealed.get(peer, "self_mask") != "self_mask":
                 raise DoubleShareRequestError(f"client {me} already revealed the masking-key share of {peer}")
@@ -347,64 +311,6 @@ class ClientR3Unmasking(ClientState):
         reply = UnmaskingResponse(cfg.round_id, me, np.array(sm_owners, dtype=np.uint32), sm,
                                   np.array(mk_owners, dtype=np.uint32), mk)
         return ClientCompleted(ctx), reply
-
-
-def _check_consistency(ctx: _ClientContext, survivors: frozenset[int], dropped: frozenset[int],
-                       signatures: dict[int, bytes]) -> None:
-    """Active mode: the unmasking request's survivor set must be the one this client signed, and for
-    every peer whose share this client would reveal, at least t of that peer's own share holders must
-    have signed that same set — otherwise the server showed different sets to different clients
-    (Bonawitz et al., CCS 2017, Round 3 ConsistencyCheck).
-
-    Counting the signatures per owner's holders, not over the whole cohort, is what makes the check
-    hold on sparse SecAgg+ graphs (Bell et al. 2020): two survivor sets each signed by t of an owner's
-    h holders share at least 2t − h > c of them, so some honest holder would have signed both, which
-    it never does. A cohort-wide count lets a server show one set to half of a large cohort and another
-    set to the other half; each half holds t signatures while the owner's holders split between them,
-    some revealing its self-mask share and others its masking-key share. On the complete graph every
-    owner's holders are the whole live cohort and the two counts agree.
-    """
-    cfg = ctx.config
-    me = ctx.client_id
-    session = ctx.session
-    assert session is not None and cfg.identity_keys is not None
-    if ctx.signed_survivors != survivors:
-        raise ConsistencyCheckError(f"client {me}: the unmasking request names a survivor set different from "
-                                    "the one this client signed")
-    if not set(signatures) <= survivors:
-        raise ConsistencyCheckError(f"client {me}: signatures from clients outside the survivor set")
-    if len(signatures) < cfg.threshold:
-        raise ConsistencyCheckError(f"client {me}: only {len(signatures)} survivor-set signatures, "
-                                    f"fewer than threshold {cfg.threshold}")
-    payload = survivor_set_payload(session.session_id, survivors)
-    # An invalid signature is not counted (a peer that signed another set, or garbage), so the server
-    # need not verify them and a site forwarding a bad one cannot make honest sites abort. Each
-    # signature is verified at most once, and only until every owner's holders reach t valid ones.
-    verdicts: dict[int, bool] = {}
-
-    def valid(signer: int) -> bool:
-        if signer not in verdicts:
-            try:
-                verify(cfg.identity_keys[signer], signatures[signer], payload,  # type: ignore[index]
-                       what=f"the survivor set signed by client {signer}")
-                verdicts[signer] = True
-            except SecAggError:
-                verdicts[signer] = False
-        return verdicts[signer]
-
-    owners = [p for p in session.graph.holders(me) if p in survivors or p in dropped]
-    for owner in owners:
-        count = 0
-        for signer in session.graph.holders(owner):
-            if signer in signatures and valid(signer):
-                count += 1
-                if count == cfg.threshold:
-                    break
-        else:
-            raise ConsistencyCheckError(
-                f"client {me}: only {count} of client {owner}'s share holders signed the survivor set this client "
-                f"signed, fewer than threshold {cfg.threshold} (the server showed different sets to different "
-                "clients, or signers are faulty); its share is not revealed")
 
 
 class ClientCompleted(ClientState):

@@ -257,7 +257,7 @@ class ServerConsistencyCheck(ServerState):
 
     def _accept(self, client_id: int, msg: Message) -> None:
         # Not verified here: every survivor verifies the signatures itself and counts only valid
-        # ones (fedveil.secagg.client._check_consistency), so the server's check would only
+        # ones (fedveil.secagg.survivor_checks.check_consistency), so the server's check would only
         # repeat that work on the round's critical path. Only the shape is checked.
         assert isinstance(msg, ConsistencyCheckResponse)
         if len(msg.signature) != SIGNATURE_BYTES:

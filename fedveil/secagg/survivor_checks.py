@@ -1,0 +1,110 @@
+"""The client's checks of a survivor set before it reveals anything (Bonawitz et al., CCS 2017, Fig. 4
+rounds 3–4; per-owner quorums for SecAgg+ graphs, Bell et al. 2020).
+
+:func:`check_survivors` runs before a client signs the set the server announces (active mode) or
+answers the unmasking request (passive mode); :func:`check_consistency` runs in active mode before a
+client reveals any share, against the signatures the server forwards. Both raise, and the client
+aborts, rather than reveal a share the server could combine with another view of the round.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fedveil.secagg.errors import ConsistencyCheckError, SecAggError, TooFewSurvivorsError, UnmaskingRefusedError
+from fedveil.secagg.keys import survivor_set_payload, verify
+
+if TYPE_CHECKING:
+    from fedveil.secagg.client import _ClientContext
+
+
+def check_survivors(ctx: _ClientContext, survivors: frozenset[int]) -> None:
+    """Refuse a survivor set this client knows to be wrong or too small.
+
+    Bonawitz et al. (CCS 2017, Fig. 4) have the client check U3 ⊆ U2 and |U3| ≥ t. This client
+    knows U2 only within its neighbourhood (the neighbours whose shares reached it), so: every
+    announced survivor must be a member of the session, every announced survivor among its
+    holders must have sent it shares, and both the whole set and its holders among it must
+    number at least t. Otherwise a server could pad the set with clients that dropped before
+    sharing to reach t.
+    """
+    cfg = ctx.config
+    me = ctx.client_id
+    session = ctx.session
+    assert session is not None
+    if me not in survivors:
+        raise UnmaskingRefusedError(f"client {me} sent its masked input but is not in the announced survivor set")
+    outside = survivors.difference(session.advertisements)
+    if outside:
+        raise UnmaskingRefusedError(f"client {me}: the announced survivor set names clients {sorted(outside)[:5]} "
+                                    "that are not in this round's session")
+    if len(survivors) < cfg.threshold:
+        raise TooFewSurvivorsError(f"client {me}: announced survivor set has {len(survivors)} clients, "
+                                   f"fewer than threshold {cfg.threshold}")
+    local = survivors.intersection(session.graph.holders(me))
+    unknown = sorted(p for p in local if p != me and p not in ctx.received)
+    if unknown:
+        raise UnmaskingRefusedError(f"client {me}: announced survivors {unknown[:5]} never sent it their shares "
+                                    "(they dropped before the masked-input stage)")
+    if len(local) < cfg.threshold:
+        raise TooFewSurvivorsError(f"client {me}: only {len(local)} of its holders are announced as survivors, "
+                                   f"fewer than threshold {cfg.threshold}")
+
+
+
+def check_consistency(ctx: _ClientContext, survivors: frozenset[int], dropped: frozenset[int],
+                       signatures: dict[int, bytes]) -> None:
+    """Active mode: the unmasking request's survivor set must be the one this client signed, and for
+    every peer whose share this client would reveal, at least t of that peer's own share holders must
+    have signed that same set — otherwise the server showed different sets to different clients
+    (Bonawitz et al., CCS 2017, Round 3 ConsistencyCheck).
+
+    Counting the signatures per owner's holders, not over the whole cohort, is what makes the check
+    hold on sparse SecAgg+ graphs (Bell et al. 2020): two survivor sets each signed by t of an owner's
+    h holders share at least 2t − h > c of them, so some honest holder would have signed both, which
+    it never does. A cohort-wide count lets a server show one set to half of a large cohort and another
+    set to the other half; each half holds t signatures while the owner's holders split between them,
+    some revealing its self-mask share and others its masking-key share. On the complete graph every
+    owner's holders are the whole live cohort and the two counts agree.
+    """
+    cfg = ctx.config
+    me = ctx.client_id
+    session = ctx.session
+    assert session is not None and cfg.identity_keys is not None
+    if ctx.signed_survivors != survivors:
+        raise ConsistencyCheckError(f"client {me}: the unmasking request names a survivor set different from "
+                                    "the one this client signed")
+    if not set(signatures) <= survivors:
+        raise ConsistencyCheckError(f"client {me}: signatures from clients outside the survivor set")
+    if len(signatures) < cfg.threshold:
+        raise ConsistencyCheckError(f"client {me}: only {len(signatures)} survivor-set signatures, "
+                                    f"fewer than threshold {cfg.threshold}")
+    payload = survivor_set_payload(session.session_id, survivors)
+    # An invalid signature is not counted (a peer that signed another set, or garbage), so the server
+    # need not verify them and a site forwarding a bad one cannot make honest sites abort. Each
+    # signature is verified at most once, and only until every owner's holders reach t valid ones.
+    verdicts: dict[int, bool] = {}
+
+    def valid(signer: int) -> bool:
+        if signer not in verdicts:
+            try:
+                verify(cfg.identity_keys[signer], signatures[signer], payload,  # type: ignore[index]
+                       what=f"the survivor set signed by client {signer}")
+                verdicts[signer] = True
+            except SecAggError:
+                verdicts[signer] = False
+        return verdicts[signer]
+
+    owners = [p for p in session.graph.holders(me) if p in survivors or p in dropped]
+    for owner in owners:
+        count = 0
+        for signer in session.graph.holders(owner):
+            if signer in signatures and valid(signer):
+                count += 1
+                if count == cfg.threshold:
+                    break
+        else:
+            raise ConsistencyCheckError(
+                f"client {me}: only {count} of client {owner}'s share holders signed the survivor set this client "
+                f"signed, fewer than threshold {cfg.threshold} (the server showed different sets to different "
+                "clients, or signers are faulty); its share is not revealed")
