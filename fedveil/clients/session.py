@@ -26,7 +26,6 @@ incompatible job (``FAILED_PRECONDITION`` at Join) ends the client with an error
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -35,7 +34,7 @@ import numpy as np
 from torch import nn
 
 import fedveil
-from fedveil.clients import participation
+from fedveil.clients import participation, site_reports
 from fedveil.clients.backoff import Backoff
 from fedveil.clients.model_check import check_site_model
 from fedveil.clients.options import AuthenticationError, ClientError, ClientOptions, RoundOutcome
@@ -388,57 +387,12 @@ class Federation:
             rnd._eval_examples = float(rnd._metrics.get("examples", self.options.num_examples))
         return rnd
 
-    def _report_metrics(
-        self, model_version: int, metrics: dict[str, float], spend: pb.LocalPrivacySpend | None = None,
-        num_examples: int = 0,
-    ) -> None:
-        finite = {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
-        if len(finite) < len(metrics):
-            # e.g. ROC AUC on local data with one class only: undefined, so not reported (the server
-            # refuses non-finite values, and the client must not fail over a metric)
-            log.info("not reporting undefined metric(s): %s", ", ".join(sorted(set(metrics) - set(finite))))
-        report = pb.MetricsReport(
-            model_version=model_version,
-            num_examples=max(int(num_examples or self.options.num_examples), 0),
-            metrics=[pb.Metric(name=k, value=v) for k, v in finite.items()],
-        )
-        if spend is not None:
-            report.privacy.CopyFrom(spend)
-
-        def call(header: pb.RequestHeader) -> pb.Ack:
-            report.header.CopyFrom(header)
-            return self.transport.report_metrics(report)
-
-        try:
-            self._send("ReportMetrics", call)
-        except RoundLost as err:
-            log.warning("metrics not accepted: %s", err)
+    def _report_metrics(self, model_version: int, metrics: dict[str, float],
+                        spend: pb.LocalPrivacySpend | None = None, num_examples: int = 0) -> None:
+        site_reports.report_metrics(self, model_version, metrics, spend, num_examples)
 
     def _evaluate_final(self, evaluate: pb.Evaluate) -> None:
-        """Per-site final evaluation in the clear: only when this site's policy opts in too. Otherwise
-        answer with no metrics, so the server need not wait for this client until the deadline."""
-        metrics: dict[str, float] = {}
-        capped = self.run_id is not None and self.options.evaluate is not None \
-            and self.policy.evaluation == "clear" \
-            and not self.state.evaluated_for_job(self.run_id, self.policy.max_evaluations_per_job)
-        if capped:
-            log.info("final evaluation refused: this site answered max_evaluations_per_job=%d evaluation "
-                     "request(s) of this job", self.policy.max_evaluations_per_job)
-        elif self.options.evaluate is not None and self.policy.evaluation == "clear":
-            try:
-                self.spec.load(model_vector(evaluate.model), self.model)
-                metrics = self._run_evaluate()
-            except (MalformedMessage, ModelMismatchError) as err:
-                log.error("final evaluation skipped: unusable model from the server (%s)", err)
-        elif self.options.evaluate is not None:
-            log.info("per-site evaluation in the clear refused by this site's policy (evaluation=%s)",
-                     self.policy.evaluation)
-        saved = self._round_header
-        self._round_header = (int(evaluate.phase), bytes(evaluate.round_nonce))
-        try:
-            self._report_metrics(int(evaluate.round), metrics)
-        finally:
-            self._round_header = saved
+        site_reports.evaluate_final(self, evaluate)
 
     def _run_evaluate(self) -> dict[str, float]:
         """The user's evaluation function on the current model, leaving its train/eval mode as it was."""
