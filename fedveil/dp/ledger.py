@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -37,13 +37,13 @@ from fedveil.dp.accounting import (
     RdpCurveEvent,
     UnsupportedEventError,
     check_delta,
-    event_from_dict,
     make_accountant,
 )
 from fedveil.dp.bounded import WorkBound, bounded_epsilon
+from fedveil.dp.ledger_entry import FEDERATION, LedgerEntry, entry_from_dict, parties, unverified_reason
 from fedveil.errors import FedveilError
 
-FEDERATION: Final[str] = "federation"
+__all__ = ["FEDERATION", "LedgerEntry", "parties", "unverified_reason"]  # re-exported: the ledger's vocabulary
 LEDGER_FORMAT: Final[str] = "fedveil.privacy_ledger"
 LEDGER_VERSION: Final[int] = 1
 #: Relative slack when comparing ε with the budget, so that floating-point noise in composing the same
@@ -123,31 +123,6 @@ class LedgerConfig:
             "client_delta": self.client_delta,
             "federation_epsilon_budget": self.federation_epsilon_budget,
             "client_epsilon_budget": self.client_epsilon_budget,
-        }
-
-
-@dataclass(frozen=True)
-class LedgerEntry:
-    """One mechanism application recorded for one party in one round."""
-
-    round_index: int
-    party: str
-    mechanism: str
-    event: DpEvent
-    details: tuple[tuple[str, Any], ...] = ()
-
-    @property
-    def level(self) -> str:
-        return "user" if self.party == FEDERATION else "sample"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "round": self.round_index,
-            "party": self.party,
-            "level": self.level,
-            "mechanism": self.mechanism,
-            "event": self.event.to_dict(),
-            "details": dict(self.details),
         }
 
 
@@ -448,7 +423,7 @@ class PrivacyLedger:
         ledger = cls(config)
         for i, item in enumerate(entries):
             try:
-                entry = _entry_from_dict(item)
+                entry = entry_from_dict(item)
                 last = ledger._last_round.get(entry.party)
                 if last is not None and entry.round_index < last:
                     raise ValueError(f"round {entry.round_index} comes before round {last} of party {entry.party!r}")
@@ -468,41 +443,3 @@ class PrivacyLedger:
 
 def _default_label(event: DpEvent) -> str:
     return event.mechanism if isinstance(event, RdpCurveEvent) else "gaussian"
-
-
-def _entry_from_dict(item: Any) -> LedgerEntry:
-    if not isinstance(item, Mapping):
-        raise ValueError(f"entry must be an object (got {type(item).__name__})")
-    for key in ("round", "party", "mechanism", "event"):
-        if key not in item:
-            raise ValueError(f"missing field {key!r}")
-    r = item["round"]
-    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
-        raise ValueError(f"round must be an integer >= 0 (got {r!r})")
-    party, mech = item["party"], item["mechanism"]
-    if not isinstance(party, str) or not party:
-        raise ValueError(f"party must be a non-empty string (got {party!r})")
-    if not isinstance(mech, str):
-        raise ValueError(f"mechanism must be a string (got {mech!r})")
-    details = item.get("details", {})
-    if not isinstance(details, Mapping):
-        raise ValueError("details must be an object")
-    try:
-        event = event_from_dict(item["event"])
-    except ValueError as err:
-        raise ValueError(f"event: {err}") from None
-    return LedgerEntry(r, party, mech, event, tuple(sorted(details.items())))
-
-
-def unverified_reason(details: Mapping[str, Any]) -> str:
-    """Why a client entry is unverified ("" when its details do not say so). A server that records a
-    site's *reported* spend labels the entry with its verdict (``fedveil.server.reports``)."""
-    if details.get("verified") is False:
-        return str(details.get("unverified") or "not verified by the server")
-    return ""
-
-
-def parties(entries: Iterable[LedgerEntry]) -> list[str]:
-    """Distinct parties in ``entries``: the federation first, then clients by id."""
-    seen = {e.party for e in entries}
-    return ([FEDERATION] if FEDERATION in seen else []) + sorted(seen - {FEDERATION})
