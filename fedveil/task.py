@@ -217,6 +217,22 @@ TrainFn = Callable[[nn.Module, DataLoader, torch.optim.Optimizer], float]
 EvalFn = Callable[[nn.Module, TensorDataset], dict[str, float]]
 
 
+@dataclass(frozen=True)
+class TaskTerms:
+    """The words a task's dashboard uses for what it predicts from (a *record*) and what it predicts:
+    the generic defaults, or a domain's own (the healthcare demo speaks of patients and a clinician).
+    The server's pages hold no domain wording; they show these."""
+
+    record: str = "record"
+    records: str = "records"
+    predictor: str = "Prediction"
+    """The name of the page that asks the global model for one prediction."""
+    predict_action: str = "Predict"
+    outcome: str = "probability of the positive class"
+    """What the model's probability means, after "NN.N %"."""
+    result_title: str = "Prediction from the current global model"
+
+
 @dataclass
 class Task:
     """A federated learning task.
@@ -243,6 +259,7 @@ class Task:
     explain: Callable[[nn.Module, np.ndarray], dict[str, Any]] | None = None
     examples: Callable[[], list[dict[str, Any]]] | None = None
     metrics: tuple[str, ...] = ("loss", "accuracy")
+    terms: TaskTerms = field(default_factory=TaskTerms)
 
     def make_optimizer(self, params: Sequence[nn.Parameter] | object) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=self.learning_rate)  # type: ignore[arg-type]

@@ -23,7 +23,7 @@ AUTH = f"Authorization: Bearer {TOKEN.value}\r\n"
 
 def test_pages_and_assets_are_served(board: Any) -> None:
     server, _, _ = board
-    for path, marker in [("", "Start a run"), ("site.html", "Upload a site"), ("clinician.html", "Assess risk"),
+    for path, marker in [("", "Start a run"), ("site.html", "Upload a site"), ("clinician.html", "{predict_action}"),
                          ("charts.js", "drawLineChart"), ("app.css", "--accent")]:
         status, text = call(server.url + path)
         assert status == 200 and marker in text, path
@@ -32,6 +32,23 @@ def test_pages_and_assets_are_served(board: Any) -> None:
     status, st = call(server.url + "api/status")
     assert status == 200 and st["task"] == "healthcare-wdbc" and st["sites"] == list(HOSPITALS)
     assert st["can_start_runs"] is False
+    # the pages carry generic words; the task's own come with the status
+    assert st["terms"]["record"] == "patient" and st["terms"]["outcome"] == "risk of malignancy"
+
+
+def test_the_servers_pages_hold_no_domain_wording() -> None:
+    """The demo's clinical words come from its task (TaskTerms), never from the server's own pages."""
+    from importlib import resources
+
+    from fedveil.task import TaskTerms
+    from fedveil.tasks.synthetic import task
+
+    static = resources.files("fedveil.server").joinpath("static")
+    for page in static.iterdir():
+        text = page.read_text(encoding="utf-8").replace("/clinician.html", "").replace("/api/clinician/", "")
+        for word in ("patient", "hospital", "malignan", "Clinician", "diagnos"):
+            assert word not in text, (page.name, word)
+    assert task.terms == TaskTerms() and task.terms.record == "record"
 
 
 def test_good_upload_is_kept_only_in_the_hospitals_directory(board: Any) -> None:

@@ -253,6 +253,10 @@ def test_clinician_gets_a_prediction_with_reasons(demo: Demo, browser: Any) -> N
     page = new_page(browser, demo)
     page.goto(demo.url + "clinician.html")
     page.wait_for_selector("#example option", state="attached")
+    # the page's generic words, replaced by the healthcare task's own (TaskTerms via /api/status)
+    assert page.inner_text("#predict-button") == "Assess risk"
+    assert page.inner_text("nav a.active") == "Clinician" and page.title() == "fedveil · clinician"
+    assert "Example patient" in page.inner_text("main")
     page.select_option("#example", "1")
     page.click("#load-example")
     assert page.input_value("#f-worst_area") != ""

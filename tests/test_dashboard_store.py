@@ -127,7 +127,7 @@ def test_fedveil_server_serves_the_dashboard(tmp_path: Path) -> None:
             assert err.code == 409
         req = urllib.request.Request(url + "clinician.html", headers={"Authorization": f"Bearer {token}"})
         with urllib.request.urlopen(req, timeout=5) as resp:
-            assert b"Assess risk" in resp.read()
+            assert b"data-term=\"{predict_action}\"" in resp.read()  # the task's words come with /api/status
     finally:
         proc.send_signal(signal.SIGINT)
         try:

@@ -29,6 +29,7 @@ from fedveil.dp.clipping import (
     update_noise_multiplier,
 )
 
+
 def test_the_seeded_sampler_repeats_only_for_its_seed_and_the_os_one_never() -> None:
     """--insecure-deterministic jobs draw central noise from an AES-CTR stream of the job's seed (so two
     runs agree bit for bit); every other job reads fresh OS entropy."""

@@ -34,7 +34,7 @@ def test_the_plan_is_a_deterministic_per_site_per_round_choice_near_its_fraction
     assert not any(DropoutPlan(0.0).drops(f"client-{i:03d}", 1) for i in range(100))
     with pytest.raises(ValueError, match="dropout"):
         DropoutPlan(1.0)
-    with pytest.raises(ValueError, match="stage.*'unmasking'"):
+    with pytest.raises(ValueError, match=r"stage.*'unmasking'"):
         DropoutPlan(0.1, stage="unmasking")
 
 

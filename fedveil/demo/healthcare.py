@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedveil.demo.data import FEATURE_DESCRIPTIONS, FEATURE_NAMES, LABEL_NAME, DemoSplit, make_split, public_ranges
-from fedveil.task import ColumnSpec, DataSchema, Task, describe_margin, float32_decimal, risk_level
+from fedveil.task import ColumnSpec, DataSchema, Task, TaskTerms, describe_margin, float32_decimal, risk_level
 
 SCHEMA = DataSchema(
     # every measurement is a size, a count or a ratio: never negative
@@ -169,6 +169,8 @@ task = Task(
     explain=lambda model, features: assess(model, features).to_dict(),
     examples=lambda: example_patients(),
     metrics=("loss", "accuracy", "auc"),
+    terms=TaskTerms(record="patient", records="patients", predictor="Clinician", predict_action="Assess risk",
+                    outcome="risk of malignancy", result_title="Risk from the current global model"),
     metadata={
         "dataset": "Wisconsin Diagnostic Breast Cancer (scikit-learn load_breast_cancer)",
         "label": "malignant (1) or benign (0)",

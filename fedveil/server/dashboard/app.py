@@ -47,6 +47,7 @@ class Dashboard:
         return {
             "title": self.title,
             "task": self.task.name,
+            "terms": asdict(self.task.terms),
             "sites": names,
             "uploads": self.sites is not None,
             "can_start_runs": self.starter is not None,

@@ -42,6 +42,8 @@ class Status(BaseModel):
 
     title: str
     task: str
+    terms: dict[str, str]
+    """The task's words for its records and predictions (:class:`fedveil.task.TaskTerms`)."""
     sites: list[str]
     uploads: bool
     can_start_runs: bool
@@ -62,10 +64,12 @@ class RoundRow(BaseModel):
     accuracy: float | None = None
     auc: float | None = None
     loss: float | None = None
-    epsilon_sample: dict[str, float] = Field(default_factory=dict)
+    epsilon_sample: dict[str, float | None] = Field(default_factory=dict)
+    """Each site's sample-level ε (None: undefined or not reported)."""
     epsilon_sample_max: float | None = None
     epsilon_user: float | None = None
-    budget_remaining: float | None = None
+    budget_remaining: dict[str, float | None] | float | None = None
+    """What is left of the budget: per site (local DP) or for the federation."""
 
 
 class Run(BaseModel):

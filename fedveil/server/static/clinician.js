@@ -1,4 +1,4 @@
-// Clinician page: enter a patient's measurements (or load an example), get the risk and its reasons.
+// Prediction page: enter one record's features (or load an example), get the model's probability and its reasons.
 "use strict";
 
 let examples = [];
@@ -32,7 +32,7 @@ async function predict(event) {
     const res = await api("POST", "/api/predict", { features: features });
     showMessage(message, "", "info");
     document.getElementById("result").hidden = false;
-    document.getElementById("risk-probability").textContent = (100 * res.probability).toFixed(1) + " % risk of malignancy";
+    document.getElementById("risk-probability").textContent = (100 * res.probability).toFixed(1) + " % " + terms.outcome;
     const level = document.getElementById("risk-level");
     level.textContent = res.risk_level;
     level.className = "badge level-" + res.risk_level.replace(" ", "-");
@@ -51,9 +51,10 @@ async function predict(event) {
 
 async function init() {
   await loadTitle();
+  document.title = "fedveil · " + terms.predictor.toLowerCase();
   await buildForm();
   document.getElementById("load-example").addEventListener("click", loadExample);
-  document.getElementById("patient-form").addEventListener("submit", predict);
+  document.getElementById("record-form").addEventListener("submit", predict);
 }
 
 init();

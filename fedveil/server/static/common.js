@@ -57,10 +57,21 @@ function showMessage(node, text, kind) {
   node.hidden = !text;
 }
 
+// The task's own words (GET /api/status "terms"): the pages carry generic ones until they arrive.
+let terms = { record: "record", records: "records", predictor: "Prediction", predict_action: "Predict",
+              outcome: "probability of the positive class", result_title: "Prediction from the current global model" };
+
+function term(template) {
+  const text = template.replace(/\{(\w+)\}/g, (_, key) => (key in terms ? terms[key] : "{" + key + "}"));
+  return template.startsWith("{") ? text.charAt(0).toUpperCase() + text.slice(1) : text;
+}
+
 async function loadTitle() {
   try {
     const status = await api("GET", "/api/status");
     document.querySelectorAll("[data-task]").forEach((n) => { n.textContent = status.task; });
+    if (status.terms) terms = Object.assign(terms, status.terms);
+    document.querySelectorAll("[data-term]").forEach((n) => { n.textContent = term(n.dataset.term); });
     return status;
   } catch (err) {
     return null;

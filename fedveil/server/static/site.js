@@ -54,7 +54,7 @@ async function upload(event) {
   try {
     const res = await api("POST", "/api/sites/" + encodeURIComponent(site) + "/upload?filename=" +
                           encodeURIComponent(file.name), file, { "Content-Type": "text/csv" });
-    showMessage(message, `Accepted ${res.filename}: ${res.rows} patients, ${res.features} features ` +
+    showMessage(message, `Accepted ${res.filename}: ${res.rows} ${terms.records}, ${res.features} features ` +
                 `(${(100 * res.label_share).toFixed(0)} % positive), kept at ${res.site}'s side.`, "ok");
   } catch (err) {
     showMessage(message, "Rejected: " + err.message, "error");
