@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import secrets
 import time
 
 from fedveil.protocol import PROTOCOL_VERSION, SESSION_ID_BYTES
@@ -163,9 +164,9 @@ class SessionsMixin(CoordinatorBase):
                     if remaining <= 0 or self._stopping:
                         reason = self._wait_reason(client)
                         return pb.PollResponse(wait=pb.Wait(retry_after_ms=WAIT_RETRY_MS, reason=reason))
-                    if self.max_waiting_polls is not None and self._waiting_polls >= self.max_waiting_polls:
-                        return pb.PollResponse(wait=pb.Wait(retry_after_ms=2 * WAIT_RETRY_MS,
-                                                            reason="server busy: poll again shortly"))
+                    busy = self._busy_wait(client)
+                    if busy is not None:
+                        return busy
                     self._waiting_polls += 1
                     try:
                         self._cond.wait(min(remaining, 1.0))
@@ -175,6 +176,29 @@ class SessionsMixin(CoordinatorBase):
                 client.polling -= 1
                 if not client.disconnected:
                     client.last_seen = self._clock()
+
+    def _busy_wait(self, client: _Client) -> pb.PollResponse | None:
+        """A Wait instead of a held poll when the held polls are at their limit (lock held).
+
+        Long polls hold server threads, so their number is bounded. Half the budget is kept for the
+        members of the running round or evaluation, who need their next instruction at once; the
+        others (the idle majority of a large federation) are told to come back after a random
+        quarter to half of the poll wait: they stay available for cohorts (seen within the poll
+        wait) without re-polling the server into the ground.
+        """
+        if self.max_waiting_polls is None:
+            return None
+        round_member = (self._round is not None and client.name in self._round.cohort) or (
+            self._evaluation is not None and client.name in self._evaluation.participants)
+        limit = self.max_waiting_polls if round_member else self.max_waiting_polls // 2
+        if self._waiting_polls < limit:
+            return None
+        if round_member:
+            return pb.PollResponse(wait=pb.Wait(retry_after_ms=WAIT_RETRY_MS, reason="server busy: poll again shortly"))
+        spread_ms = 1000.0 * self.config.schedule.poll_wait
+        delay_ms = int(spread_ms * (0.25 + 0.25 * secrets.randbelow(1024) / 1024))
+        return pb.PollResponse(wait=pb.Wait(retry_after_ms=max(2 * WAIT_RETRY_MS, delay_ms),
+                                            reason="server busy: poll again later"))
 
     def client_disconnected(self, caller: str, session_id: bytes) -> None:
         """The transport saw ``caller``'s held poll cancelled (its process or connection is gone):
