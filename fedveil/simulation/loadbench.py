@@ -67,7 +67,9 @@ class LoadBench:
         return ServerConfig.from_flat(
             task=TASK, rounds=self.rounds, clients_per_round=self.per_round, min_clients=self.per_round, seed=0,
             active_adversary=self.active, evaluate=False, final_evaluation=False, round_timeout=600.0,
-            stage_timeout=300.0, cohort_wait=1.0, linger=2.0, poll_wait=10.0,
+            # linger past the longest "come back later" an idle site is given (half the poll wait), so
+            # every site hears that the job is done before the server goes
+            stage_timeout=300.0, cohort_wait=1.0, linger=8.0, poll_wait=10.0,
         )
 
 

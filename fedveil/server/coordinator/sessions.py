@@ -183,8 +183,8 @@ class SessionsMixin(CoordinatorBase):
         Long polls hold server threads, so their number is bounded. Half the budget is kept for the
         members of the running round or evaluation, who need their next instruction at once; the
         others (the idle majority of a large federation) are told to come back after a random
-        quarter to half of the poll wait: they stay available for cohorts (seen within the poll
-        wait) without re-polling the server into the ground.
+        quarter to half of the poll wait (and within the server's linger): they stay available for
+        cohorts (seen within the poll wait) without re-polling the server into the ground.
         """
         if self.max_waiting_polls is None:
             return None
@@ -197,6 +197,8 @@ class SessionsMixin(CoordinatorBase):
             return pb.PollResponse(wait=pb.Wait(retry_after_ms=WAIT_RETRY_MS, reason="server busy: poll again shortly"))
         spread_ms = 1000.0 * self.config.schedule.poll_wait
         delay_ms = int(spread_ms * (0.25 + 0.25 * secrets.randbelow(1024) / 1024))
+        # back within the server's linger, so a site sent away as the job ends still hears it is done
+        delay_ms = min(delay_ms, int(800.0 * self.config.schedule.linger))
         return pb.PollResponse(wait=pb.Wait(retry_after_ms=max(2 * WAIT_RETRY_MS, delay_ms),
                                             reason="server busy: poll again later"))
 
