@@ -63,7 +63,7 @@ def draw() -> None:
     left.legend(fontsize=7)
     left.grid(alpha=0.3)
     right.set(xlabel="n·m·4 bytes (MiB): every site's vector kept", ylabel="driver + coordinator peak RSS (MiB)",
-              title="Memory: O(m + n·k), not O(n·m)")
+              title="Driver + coordinator memory as n grows (m fixed)")
     right.legend(fontsize=7)
     right.grid(alpha=0.3)
     fig.tight_layout()
