@@ -262,3 +262,44 @@ def test_a_loop_that_leaves_a_round_unsubmitted_is_a_dropout_at_once_not_at_the_
     assert errors == [], errors
     assert summary.status == "completed" and summary.completed_rounds == rounds
     assert results[3] == ([(1, "dropped"), (2, "completed")] if how == "continue" else [(1, "dropped")])
+
+
+class SlowBusyServer(InProcessTransport):
+    """Answers the first polls like an overloaded server: a Wait sending the site away for 1.5 s,
+    arriving only after 0.6 s (longer than a quick answer, shorter than the poll the site asked for)."""
+
+    def __init__(self, coordinator: Coordinator, name: str, busy_answers: int) -> None:
+        super().__init__(coordinator, name)
+        self.busy_answers = busy_answers
+        self.poll_times: list[float] = []
+
+    def poll(self, request: Any) -> Any:
+        import time
+
+        from fedveil.protocol import fedveil_pb2 as pb
+
+        self.poll_times.append(time.monotonic())
+        if len(self.poll_times) <= self.busy_answers:
+            time.sleep(0.6)
+            return pb.PollResponse(wait=pb.Wait(retry_after_ms=1500, reason="server busy: poll again later"))
+        return pb.PollResponse(round_result=pb.RoundResult())
+
+
+def test_a_busy_answer_that_arrives_slowly_is_honoured_not_taken_for_a_held_poll(tmp_path: Path) -> None:
+    """Under load a busy server's Wait can take a while to arrive; the site still waits the retry_after
+    it was given before polling again (re-polling at once is what made 1,000 sites poll a server into
+    the ground), and only a poll held for about the wait it asked for is re-issued at once."""
+    store = RunStore(tmp_path / "run.sqlite")
+    coordinator = Coordinator(config(), synthetic, store, new_run=True)
+    fed = federation(coordinator, synthetic, 0)
+    fed.options = dataclasses.replace(fed.options, poll_wait_ms=2000)  # a held poll would last 2 s
+    slow = SlowBusyServer(coordinator, "site-0", busy_answers=2)
+    fed.transport = slow
+    try:
+        fed._ensure_joined()
+        assert fed._next_instruction().WhichOneof("instruction") == "round_result"
+    finally:
+        coordinator.stop()
+        store.close()
+    gaps = [b - a for a, b in zip(slow.poll_times, slow.poll_times[1:], strict=False)]
+    assert len(gaps) == 2 and all(gap >= 0.6 + 1.4 for gap in gaps), gaps

@@ -310,8 +310,10 @@ class Federation:
                 raise ClientError(f"polling failed: {err}") from None
             if response.WhichOneof("instruction") == "wait":
                 # a long poll the server held until its limit: poll again at once (the next
-                # instruction may come any moment); a Wait returned at once: honour retry_after
-                held = time.monotonic() - polled_at >= 0.5
+                # instruction may come any moment); a Wait that came sooner (a busy server sending
+                # this site away, however slowly its answer arrived over a loaded network): honour
+                # retry_after. A server whose own poll wait is shorter costs a short pause, no more.
+                held = time.monotonic() - polled_at >= 0.9 * self.options.poll_wait_ms / 1000.0
                 if not held and response.wait.retry_after_ms > 0:
                     self._sleep(min(response.wait.retry_after_ms / 1000.0, 5.0))
                 continue
