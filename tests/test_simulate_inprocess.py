@@ -201,7 +201,8 @@ def test_client_failures_that_leave_too_few_clients_stop_the_job_instead_of_hang
 
     from fedveil.simulation import backends as simulation
 
-    def fake_run_client(fed: object, task: object, data: object) -> list[object]:
+    def fake_run_client(fed: object, task: object, data: object, *,
+                        leave_round_on: tuple[type[Exception], ...] = ()) -> list[object]:
         if fed == "broken":
             raise RuntimeError("local data unusable")
         stopped.wait(10)

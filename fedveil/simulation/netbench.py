@@ -45,14 +45,17 @@ def hidden_for(dim: int) -> int:
 
 
 def write_task_module(directory: Path, dim: int) -> str:
-    """Write ``fedveil_netbench_task.py`` defining ``task`` with about ``dim`` parameters; return its reference."""
+    """Write ``fedveil_netbench_task_<dim>.py`` defining ``task`` with about ``dim`` parameters; return its
+    reference. The name carries the size: a process that imported another size's module before (a
+    second benchmark in the same process) must not get that one from its module cache."""
     hidden = hidden_for(dim)
-    (directory / "fedveil_netbench_task.py").write_text(
+    module = f"fedveil_netbench_task_{dim}"
+    (directory / f"{module}.py").write_text(
         "from fedveil.tasks.synthetic import make_task\n\n"
         f"task = make_task(n_features={N_FEATURES}, hidden={hidden}, samples=64, batch_size=64, local_epochs=1,\n"
         f"                 name='synthetic-wide-{dim}')\n"
     )
-    return "fedveil_netbench_task:task"
+    return f"{module}:task"
 
 
 def _status_kib(pid: int, field: str) -> int | None:
