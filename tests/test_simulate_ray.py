@@ -314,12 +314,19 @@ def test_a_worker_killed_mid_round_is_a_dropout_and_the_round_releases_the_exact
     # bounds how long the round waits for the dead site
     cfg = config(n, rounds=3, min_clients=3, local_epochs=40, stage_timeout=8.0, round_timeout=15.0,
                  cohort_wait=3.0)
-    killer = killer_type(2, victim)
-    simulation = RaySimulation(cfg, n, options=RayOptions(client_cpus=0.5, num_cpus=2),  # one worker per site
-                               store_path=tmp_path / "ray.db", listeners=[killer])
-    killer.simulation = simulation
-    killer.start(tmp_path / "ray.db")
-    result = simulation.run()
+    # the kill after the shares must land in a window of milliseconds, watched from the run store; on a
+    # loaded machine the watcher can miss it, and then the job is run again (at most three times)
+    for attempt_dir in ("a", "b", "c"):
+        (tmp_path / attempt_dir).mkdir()
+        killer = killer_type(2, victim)
+        simulation = RaySimulation(cfg, n, options=RayOptions(client_cpus=0.5, num_cpus=2),  # one worker per site
+                                   store_path=tmp_path / attempt_dir / "ray.db", listeners=[killer])
+        killer.simulation = simulation
+        killer.start(tmp_path / attempt_dir / "ray.db")
+        result = simulation.run()
+        if killer.killed.is_set():
+            break
+    tmp_path = tmp_path / attempt_dir
     assert killer.killed.is_set()
     assert result.summary["status"] == "completed" and result.summary["completed_rounds"] == 3
     assert set(result.client_errors) == {victim} and "Ray worker died" in result.client_errors[victim]
