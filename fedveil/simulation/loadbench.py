@@ -37,6 +37,7 @@ from fedveil.simulation.backends import (
     start_process_federation,
     wait_for_server,
 )
+from fedveil.simulation.netbench import _status_kib
 
 TASK = "fedveil.tasks.synthetic:task"
 TIMED_RPCS = ("join", "poll", "respond_to_round", "reveal_contribution", "advertise_keys", "share_keys",
@@ -154,13 +155,15 @@ class ProcSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            hwm_kib = _status_kib(self.pid, "VmHWM")
             try:
-                for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                    if line.startswith("VmHWM:"):
-                        self.peak_rss_mb = max(self.peak_rss_mb, int(line.split()[1]) / 1024.0)
-                self.peak_fds = max(self.peak_fds, len(os.listdir(f"/proc/{self.pid}/fd")))
+                fds = len(os.listdir(f"/proc/{self.pid}/fd"))
             except OSError:
                 return
+            if hwm_kib is None:
+                return
+            self.peak_rss_mb = max(self.peak_rss_mb, hwm_kib / 1024.0)
+            self.peak_fds = max(self.peak_fds, fds)
             self._stop.wait(0.5)
 
     def __enter__(self) -> ProcSampler:
