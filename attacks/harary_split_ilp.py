@@ -18,7 +18,7 @@ Model (every check the unmodified SecAggClient makes, fedveil/secagg/client.py a
 The ILP uses m views (m = 1: the single-set attack; m = 2, 3: split views). Feasible => the attack
 works on that layout; infeasible for every v => it fails there.
 
-Usage: harary_split_ilp.py N [trials] [max_views]
+Usage: [CHECK=cohort|owner|twohop] harary_split_ilp.py N [trials] [max_views]
 """
 from __future__ import annotations
 
@@ -32,18 +32,30 @@ from scipy.sparse import lil_matrix
 from fedveil.secagg import threshold as T
 
 F = float(os.environ.get("F", 1 / 3))
+CHECK = os.environ.get("CHECK", "cohort")
 
 
 def nbrs(p: int, n: int, half: int) -> list[int]:
     return [(p + d) % n for d in range(-half, half + 1) if d]
 
 
-def feasible(n: int, k: int, t: int, Q: set[int], v: int, m: int) -> dict[tuple, int] | None:
+CHECKS = ("cohort", "owner", "twohop")
+
+
+def feasible(n: int, k: int, t: int, Q: set[int], v: int, m: int, check: str = "cohort") -> dict[tuple, int] | None:
     """General model: m views; in view i every node w is either a survivor or dropped (e[i,w]);
     honest u (v included) shown view i (y[i,u]) must be a survivor there, have at most k+1-t of its
     holders dropped, and (v only) have no survivor among its holders that did not send it a box.
     Wanted: b_v from t holders seeing v alive, and for each honest j in M_v either s_sk_j from t
-    holders seeing j dropped, or s_sk_v from t holders seeing v dropped (classic split)."""
+    holders seeing j dropped, or s_sk_v from t holders seeing v dropped (classic split).
+
+    ``check`` is the consistency check the honest nodes run before revealing (z[i,u]: u reveals in
+    view i; it signed view i, y[i,u], whatever its check then says):
+      cohort: t valid signatures over the whole cohort (the check before ddcd90d);
+      owner:  for every owner whose share u reveals, and every live holder of u (all are checked),
+              t of that owner's own holders signed view i (qok[i,j]);
+      twohop: owner, and for every live holder w of u, every live holder x of w has t signers too."""
+    assert check in CHECKS
     half = k // 2
     c_bound = T.collusion_bound(n, k, F)[0]
     Nv = nbrs(v, n, half)
@@ -79,6 +91,23 @@ def feasible(n: int, k: int, t: int, Q: set[int], v: int, m: int) -> dict[tuple,
             rows.append(({var("e", i, w): 1.0, var("y", i, v): -1.0, var("d", w): 1.0}, 0.0, inf))
     for u in Hon:
         rows.append(({var("y", i, u): 1.0 for i in range(m)}, -inf, 1.0))
+    if check != "cohort":
+        for i in range(m):
+            for j in range(n):  # q[i,j]: t of j's holders (colluders sign every view) signed view i
+                qj = sum(1 for w in hold[j] if w in Q)
+                row = {var("y", i, x): 1.0 for x in hold[j] if x not in Q}
+                row[var("q", i, j)] = -float(max(0, t - qj))
+                rows.append((row, 0.0, inf))
+            for u in Hon:
+                z = var("z", i, u)
+                rows.append(({z: 1.0, var("y", i, u): -1.0}, -inf, 0.0))
+                for w in hold[u]:  # every live holder of u is an owner u checks
+                    rows.append(({z: 1.0, var("q", i, w): -1.0, var("e", i, w): -1.0}, -inf, 0.0))
+                    if check == "twohop":
+                        for x in hold[w]:
+                            if x not in hold[u]:
+                                rows.append(({z: 1.0, var("q", i, x): -1.0, var("e", i, w): -1.0,
+                                              var("e", i, x): -1.0}, -inf, 0.0))
 
     def reveal_count(j: int, dropped: bool) -> dict[int, float]:
         row: dict[int, float] = {}
@@ -88,7 +117,9 @@ def feasible(n: int, k: int, t: int, Q: set[int], v: int, m: int) -> dict[tuple,
                     continue
                 r = var("r", i, u, j, dropped)
                 row[r] = 1.0
-                rows.append(({r: 1.0, var("y", i, u): -1.0}, -inf, 0.0))
+                rows.append(({r: 1.0, var("y" if check == "cohort" else "z", i, u): -1.0}, -inf, 0.0))
+                if check != "cohort":
+                    rows.append(({r: 1.0, var("q", i, j): -1.0}, -inf, 0.0))
                 e = var("e", i, j)
                 rows.append(({r: 1.0, e: -1.0} if dropped else {r: 1.0, e: 1.0}, -inf, 0.0 if dropped else 1.0))
         return row
@@ -142,11 +173,11 @@ def main() -> None:
             order = sorted((u for u in range(n) if u not in Q),
                            key=lambda u: -sum(1 for w in nbrs(u, n, k // 2) if w in Q))
             for v in order[:6]:
-                if any(feasible(n, k, t, Q, v, m) is not None for m in range(1, max_views + 1)):
+                if any(feasible(n, k, t, Q, v, m, CHECK) is not None for m in range(1, max_views + 1)):
                     hits += 1
                     print(f"  FEASIBLE n={n} k={k} t={t} c={c} C={C} v={v} Q={sorted(Q)}", flush=True)
                     break
-        print(f"n={n} k={k} h={h} t={t} c={c} C={C}: attack feasible on {hits}/{trials} layouts "
+        print(f"[{CHECK}] n={n} k={k} h={h} t={t} c={c} C={C}: attack feasible on {hits}/{trials} layouts "
               f"(top-6 victims each, up to {max_views} views)", flush=True)
 
 

@@ -66,6 +66,15 @@ def check_consistency(ctx: _ClientContext, survivors: frozenset[int], dropped: f
     set to the other half; each half holds t signatures while the owner's holders split between them,
     some revealing its self-mask share and others its masking-key share. On the complete graph every
     owner's holders are the whole live cohort and the two counts agree.
+
+    The same count is required for every live neighbour x of an owner u whose self-mask share this
+    client reveals (the second hop). Without it a server could take u's self mask from one set (u
+    alive) and the masking key of each of u's partners x from another set in which x is dropped,
+    signed by x's holders: nothing overlaps on u's holders, but every mask on u's input is gone.
+    With it, t of x's holders signed this set, so any set on which x's key is revealed shares more
+    than c of them, and an honest one signed both. What a server can then unmask is the sum of a
+    whole set's live, connected honest inputs, each with at least t − c honest live neighbours in
+    it, and no honest input in two such sums (docs/threat-model.md).
     """
     cfg = ctx.config
     me = ctx.client_id
@@ -95,16 +104,32 @@ def check_consistency(ctx: _ClientContext, survivors: frozenset[int], dropped: f
                 verdicts[signer] = False
         return verdicts[signer]
 
-    owners = [p for p in session.graph.holders(me) if p in survivors or p in dropped]
+    graph = session.graph
+    owners = [p for p in graph.holders(me) if p in survivors or p in dropped]
+    # Second hop: the live neighbours of every owner whose self-mask share this client reveals.
+    second_hop: dict[int, int] = {}
     for owner in owners:
-        count = 0
-        for signer in session.graph.holders(owner):
-            if signer in signatures and valid(signer):
-                count += 1
-                if count == cfg.threshold:
-                    break
-        else:
+        if owner in survivors:
+            for peer in graph.holders(owner):
+                if peer in survivors and peer not in second_hop:
+                    second_hop[peer] = owner
+    counted: dict[tuple[int, ...], int] = {}
+    for peer in [*owners, *sorted(set(second_hop).difference(owners))]:
+        holders = graph.holders(peer)
+        count = counted.get(holders)
+        if count is None:
+            count = 0
+            for signer in holders:
+                if signer in signatures and valid(signer):
+                    count += 1
+                    if count == cfg.threshold:
+                        break
+            counted[holders] = count
+        if count < cfg.threshold:
+            why = ("its share is not revealed" if peer in owners else
+                   f"it is a live neighbour of client {second_hop[peer]}, whose self-mask share this client would "
+                   "reveal; without that quorum the server could unmask the pair's mask from a second set")
             raise ConsistencyCheckError(
-                f"client {me}: only {count} of client {owner}'s share holders signed the survivor set this client "
+                f"client {me}: only {count} of client {peer}'s share holders signed the survivor set this client "
                 f"signed, fewer than threshold {cfg.threshold} (the server showed different sets to different "
-                "clients, or signers are faulty); its share is not revealed")
+                f"clients, or signers are faulty); {why}")
