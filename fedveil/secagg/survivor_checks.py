@@ -69,12 +69,12 @@ def check_consistency(ctx: _ClientContext, survivors: frozenset[int], dropped: f
 
     The same count is required for every live neighbour x of an owner u whose self-mask share this
     client reveals (the second hop). Without it a server could take u's self mask from one set (u
-    alive) and the masking key of each of u's partners x from another set in which x is dropped,
-    signed by x's holders: nothing overlaps on u's holders, but every mask on u's input is gone.
-    With it, t of x's holders signed this set, so any set on which x's key is revealed shares more
-    than c of them, and an honest one signed both. What a server can then unmask is the sum of a
-    whole set's live, connected honest inputs, each with at least t − c honest live neighbours in
-    it, and no honest input in two such sums (docs/threat-model.md).
+    alive) and the masking key of each of u's partners x from another set on which x is dropped: the
+    per-owner count over u's holders passes on both. With it, t of x's holders signed this set, so
+    any set that releases x's key shares more than c of them, and an honest one signed both. What a
+    server can then unmask (at most c colluders among any client's h holders) is a sum over honest
+    inputs in which each has at least 2t − h − c ≥ 1 honest masking partners also in the sum, with
+    no honest input in two such sums (the argument is in docs/threat-model.md).
     """
     cfg = ctx.config
     me = ctx.client_id
