@@ -13,8 +13,9 @@ nor gRPC.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from fedveil.lazy_exports import lazy_exports
 
 if TYPE_CHECKING:  # what IDEs and type checkers see; at run time __getattr__ imports on first use
     from fedveil.clients.api import federate, run_client, train_round
@@ -42,15 +43,4 @@ _HOMES: dict[str, str] = {
 }
 
 
-def __getattr__(name: str) -> object:
-    """Import a name on first use (PEP 562) and keep it as a module attribute."""
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'fedveil.clients' has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES, __all__)
