@@ -48,7 +48,9 @@ def _option(table: SettingsTable, s: Setting, *, flags_override: bool) -> Callab
     if kind is bool and s.choices is not None:
         kw.update(type=click.Choice(list(s.choices)), default=s.choices[0] if default else s.choices[1])
     elif kind is bool:
-        kw.update({"default": (not default) if s.negated else default} | ({} if s.off_flag else {"is_flag": True}))
+        kw["default"] = (not default) if s.negated else default
+        if s.off_flag is None:  # an --a/--b pair is a boolean flag to click already (is_flag would refuse it)
+            kw["is_flag"] = True
     else:
         kw.update(type=click.Choice(list(s.values)) if s.values else kind, multiple=multiple,
                   default=tuple(sorted(default)) if multiple and default is not None else default)
