@@ -22,8 +22,9 @@ They are imported on first use, so ``import fedveil`` loads neither torch nor gR
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from fedveil.lazy_exports import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -60,16 +61,4 @@ _FRONT_DOORS: dict[str, str] = {
 }
 
 
-def __getattr__(name: str) -> object:
-    """Import a front door on first use (PEP 562) and keep it as a module attribute."""
-    module = _FRONT_DOORS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'fedveil' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    """The module's attributes plus the front doors not imported yet."""
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _FRONT_DOORS, __all__)

@@ -1,10 +1,12 @@
 """One table of settings used in both directions, for every configuration a command line sets.
 
 A :class:`SettingsTable` lists a dataclass's settings once: the section of a TOML file each belongs
-to, and its command-line flag. From that one list it reads parsed flags into fields, writes the
-flags that rebuild a configuration, reads a TOML file key by key (an unknown section or key, or a
-value of the wrong type, is refused naming ``section.key``), writes such a file back, and names the
-flag of a field for an error message. The job (``fedveil server --config job.toml``,
+to, its command-line flag and that flag's help. From that one list it reads parsed flags into
+fields, writes the flags that rebuild a configuration, reads a TOML file key by key (an unknown
+section or key, or a value of the wrong type, is refused naming ``section.key``), writes such a file
+back, and names the flag of a field for an error message; the commands build their click options
+from it too (:mod:`fedveil.commands.setting_options`: type from the field's type, default from the
+dataclass's), so no flag is written twice. The job (``fedveil server --config job.toml``,
 :mod:`fedveil.server.job_settings`) and the site policy (``fedveil client --policy site.toml``,
 :mod:`fedveil.clients.policy_settings`) are two tables of this kind, so the flag names, the file
 keys and the messages cannot drift apart. Pure module: file reading is the caller's ``Path``.
@@ -25,7 +27,11 @@ from fedveil.errors import FedveilError
 
 @dataclass(frozen=True)
 class Setting:
-    """One field: its file section, its command-line parameter and flags."""
+    """One field: its file section, its command-line parameter and flags, and the flag's ``--help``.
+
+    The option's type and default are the field's (its type hint and its dataclass default); what a
+    type cannot say is here: the values a string takes, and how ``--help`` shows the default.
+    """
 
     field: str
     section: str
@@ -38,6 +44,13 @@ class Setting:
     """The flag sets the field to False (``--no-evaluate``)."""
     choices: tuple[str, str] | None = None
     """A boolean given as a choice: (value for True, value for False)."""
+    help: str = ""
+    values: tuple[str, ...] = ()
+    """The values a string setting (or each item of a set of strings) takes; empty: any."""
+    show_default: bool = False
+    """``--help`` shows the default."""
+    default_label: str = ""
+    """How ``--help`` shows a default that is not a plain value (``1/3``, ``K``); implies showing it."""
 
     @property
     def parameter(self) -> str:
@@ -49,6 +62,19 @@ def setting(field: str, section: str, **kw: Any) -> Setting:
     return Setting(field, section, "--" + field.replace("_", "-"), **kw)
 
 
+def field_defaults(target: type) -> dict[str, Any]:
+    """The default of each field of the dataclass ``target`` (None for a field without one)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(target):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+        else:
+            out[f.name] = None
+    return out
+
+
 ErrorFactory = Callable[[str], FedveilError]
 """Builds the table's error from a message that names ``section.key`` (or the file)."""
 
@@ -57,13 +83,15 @@ class SettingsTable:
     """The settings of ``target`` (a dataclass) that a file or flags can give (see the module docstring).
 
     ``bare_section``: a file may also give that section's keys at its top level (a site policy file
-    with or without its ``[policy]`` header). ``field_types`` and ``values_of``: the settings' types
-    and a config's values by setting name, for a config whose settings are not its own fields (a
-    composed one; default: ``target``'s dataclass fields).
+    with or without its ``[policy]`` header). ``field_types``, ``defaults`` and ``values_of``: the
+    settings' types, their defaults (None: the job must give it) and a config's values by setting
+    name, for a config whose settings are not its own fields (a composed one; default: ``target``'s
+    dataclass fields).
     """
 
     def __init__(self, target: type, settings: tuple[Setting, ...], error: ErrorFactory, *,
                  bare_section: str | None = None, field_types: Mapping[str, Any] | None = None,
+                 defaults: Mapping[str, Any] | None = None,
                  values_of: Callable[[Any], Mapping[str, Any]] | None = None) -> None:
         self.target = target
         self.settings = settings
@@ -72,10 +100,19 @@ class SettingsTable:
         self._bare_section = bare_section
         self._by_field = {s.field: s for s in settings}
         self._types = dict(field_types) if field_types is not None else typing.get_type_hints(target)
+        self._defaults = dict(defaults) if defaults is not None else field_defaults(target)
         self._values_of = values_of or _dataclass_values
-        unknown = [s.field for s in settings if s.field not in self._types]
+        unknown = [s.field for s in settings if s.field not in self._types or s.field not in self._defaults]
         if unknown:
             raise TypeError(f"{target.__name__} has no field(s) {unknown}")
+
+    def type_of(self, field: str) -> Any:
+        """The type hint of a setting (``int``, ``float | None``, ``frozenset[str]`` ...)."""
+        return self._types[field]
+
+    def default_of(self, field: str) -> Any:
+        """A setting's default (None where there is none: the command or the file must give it)."""
+        return self._defaults[field]
 
     def flag_of(self, field: str) -> str | None:
         """The flag that sets ``field`` (None: no flag does)."""
@@ -87,11 +124,14 @@ class SettingsTable:
         return found.section if found is not None else None
 
     def fields_from_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
-        """The fields the parsed options give (``options``: click's params by parameter name)."""
+        """The fields the parsed options give (``options``: click's params by parameter name; None stays
+        None: a flag not given where flags only override)."""
         out: dict[str, Any] = {}
         for s in self.settings:
             value = options[s.parameter]
-            if s.choices is not None:
+            if value is None:
+                pass
+            elif s.choices is not None:
                 value = value == s.choices[0]
             elif s.negated:
                 value = not value

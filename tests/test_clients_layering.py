@@ -18,7 +18,7 @@ import fedveil.clients
 CLIENTS_DIR = Path(fedveil.clients.__file__).parent
 ALLOWED = ("fedveil.clients", "fedveil.secagg", "fedveil.dp", "fedveil.protocol", "fedveil.task", "fedveil.tasks",
            "fedveil.model_spec", "fedveil.model_file",
-           "fedveil.metrics", "fedveil.errors", "fedveil.settings_table")
+           "fedveil.metrics", "fedveil.errors", "fedveil.settings_table", "fedveil.lazy_exports")
 
 
 def module_name(path: Path) -> str:

@@ -89,19 +89,6 @@ def test_a_policy_file_round_trips_and_may_omit_its_header(tmp_path: Path) -> No
     assert load_policy_file(path) == {"min_cohort": 5}
 
 
-def test_every_setting_in_the_tables_is_a_flag_of_its_command() -> None:
-    from fedveil.cli import build_cli
-    from fedveil.server.job_settings import SETTINGS
-
-    cli = build_cli()
-
-    for command, table in (("client", POLICY_TABLE.settings), ("server", SETTINGS)):
-        params = {p.name: p for p in cli.commands[command].params}
-        for s in table:
-            assert s.parameter in params, f"fedveil {command} has no parameter for {s.field}"
-            assert s.flag in params[s.parameter].opts, f"fedveil {command}: {s.field} is not {s.flag}"
-
-
 def test_the_client_command_names_the_flag_or_toml_key_at_fault(tmp_path: Path, capsys: pytest.CaptureFixture[str]
                                                                  ) -> None:
     data = tmp_path / "d.csv"

@@ -12,18 +12,32 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fedveil.clients.policy import PolicyError, SitePolicy
+from fedveil.clients.policy import DP_MODES, EVALUATION_RULES, PolicyError, SitePolicy
 from fedveil.settings_table import Setting, SettingsTable
 from fedveil.settings_table import setting as _s
 
 POLICY_SETTINGS: tuple[Setting, ...] = (
-    _s("trust_server", "policy"), _s("min_cohort", "policy"), _s("max_corrupt_fraction", "policy"),
-    Setting("allowed_dp_modes", "policy", "--allow-dp", param="allow_dp"),
-    _s("min_noise_multiplier", "policy"), _s("max_attempts_per_round", "policy"),
-    _s("max_evaluations_per_round", "policy"), _s("max_evaluations_per_job", "policy"),
-    _s("evaluation", "policy"), _s("security_bits", "policy"),
+    _s("trust_server", "policy",
+       help="Opt in to trusting the server (honest-but-curious, passive secure aggregation)."),
+    _s("min_cohort", "policy", show_default=True, help="Fewest cohort members of a round this site joins."),
+    _s("max_corrupt_fraction", "policy", default_label="1/3",
+       help="Fraction of a cohort this site assumes may collude with the server."),
+    Setting("allowed_dp_modes", "policy", "--allow-dp", param="allow_dp", values=DP_MODES,
+            help="A DP mode this site accepts (repeat; default: all)."),
+    _s("min_noise_multiplier", "policy",
+       help="User-level noise floor (multiple of the clip norm) this site requires of released sums."),
+    _s("max_attempts_per_round", "policy", show_default=True, help="Attempts of one round this site joins."),
+    _s("max_evaluations_per_round", "policy", show_default=True,
+       help="Evaluations of received models per round number this site answers."),
+    _s("max_evaluations_per_job", "policy", show_default=True,
+       help="Evaluation requests of one job this site answers (evaluation-only rounds, final evaluation)."),
+    _s("evaluation", "policy", values=EVALUATION_RULES, show_default=True,
+       help="Evaluation rule: secure sums only, per-site metrics in the clear, or off."),
+    _s("security_bits", "policy", show_default=True,
+       help="σ of the SecAgg+ collusion bound this site requires (failure probability 2^-σ)."),
 )
-"""Every policy setting a ``--policy`` file or a ``fedveil client`` flag can give."""
+"""Every policy setting a ``--policy`` file or a ``fedveil client`` flag can give (the flags are built from
+this table, their defaults shown from :class:`SitePolicy`'s)."""
 
 POLICY_TABLE = SettingsTable(SitePolicy, POLICY_SETTINGS, lambda message: PolicyError("policy", message),
                              bare_section="policy")

@@ -11,8 +11,10 @@ from typing import Any
 import click
 import torch
 
+from fedveil.clients.policy_settings import POLICY_TABLE
 from fedveil.commands.common import MAX_THREADS, eprint, fail, fail_from, load_pinned_authority, print_json_last_line
 from fedveil.commands.log_format import configure_logging, log_format_option
+from fedveil.commands.setting_options import table_options
 
 EXIT_REFUSED = 3
 EXIT_FAILED = 1
@@ -50,26 +52,9 @@ def register(group: click.Group) -> None:
                    "member must be vouched for by it. Required unless --trust-server.")
 @click.option("--revocations", type=click.Path(path_type=Path), default=None,
               help="The authority's latest revocation list.")
-@click.option("--trust-server", is_flag=True, default=None,
-              help="Opt in to trusting the server (honest-but-curious, passive secure aggregation).")
 @click.option("--policy", "policy_path", type=click.Path(path_type=Path), default=None,
               help="This site's security policy (TOML, [policy] table); the flags below override it.")
-@click.option("--min-cohort", type=int, default=None, help="Fewest cohort members of a round this site joins [3].")
-@click.option("--max-corrupt-fraction", type=float, default=None,
-              help="Fraction of a cohort this site assumes may collude with the server [1/3].")
-@click.option("--allow-dp", "allow_dp", multiple=True, type=click.Choice(["none", "local", "central", "distributed"]),
-              help="A DP mode this site accepts (repeat; default: all).")
-@click.option("--min-noise-multiplier", type=float, default=None,
-              help="User-level noise floor (multiple of the clip norm) this site requires of released sums.")
-@click.option("--max-attempts-per-round", type=int, default=None, help="Attempts of one round this site joins [3].")
-@click.option("--max-evaluations-per-round", type=int, default=None,
-              help="Evaluations of received models per round number this site answers [1].")
-@click.option("--security-bits", type=float, default=None,
-              help="σ of the SecAgg+ collusion bound this site requires (failure probability 2^-σ) [40].")
-@click.option("--max-evaluations-per-job", type=int, default=None,
-              help="Evaluation requests of one job this site answers (evaluation-only rounds, final evaluation) [1].")
-@click.option("--evaluation", type=click.Choice(["secure", "clear", "off"]), default=None,
-              help="Evaluation rule: secure sums only [default], per-site metrics in the clear, or off.")
+@table_options(POLICY_TABLE, flags_override=True)
 @click.option("--state", "state_path", type=click.Path(path_type=Path), default=None,
               help="File where this site keeps its attempts, releases and own privacy ledger across restarts.")
 @click.option("--seed", type=int, default=None,
@@ -171,8 +156,6 @@ def client_command(
             identity = load_identity_key(identity_key)
         except IdentityKeyError as err:
             fail_from(err, "--identity-key")
-    from fedveil.clients.policy_settings import POLICY_TABLE
-
     policy_flags = POLICY_TABLE.fields_from_options(click.get_current_context().params)
     policy_flags["allowed_dp_modes"] = policy_flags["allowed_dp_modes"] or None  # no --allow-dp: the file's
     policy = _site_policy(policy_path, authority, revocations, **policy_flags)

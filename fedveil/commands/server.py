@@ -30,7 +30,8 @@ from fedveil.commands.common import (
     read_dashboard_token,
 )
 from fedveil.commands.log_format import configure_logging, log_format_option
-from fedveil.server.config import DEFAULT_MAX_CORRUPT_FRACTION
+from fedveil.commands.setting_options import table_options
+from fedveil.server.job_settings import JOB_SETTINGS, JobFileError, fields_from_options, load_job_file
 
 EXIT_FAILED = 1
 log = logging.getLogger("fedveil.server")
@@ -100,49 +101,8 @@ def enroll_command(store: str, name: str, rotate: bool, revoke: bool, identity_p
     click.echo(issued.token)
 
 
-_DP_OPTIONS: list[Any] = [
-    click.option("--dp", "dp", type=click.Choice(["none", "local", "central", "distributed"]), default="none",
-                 show_default=True, help="Differential privacy mode."),
-    click.option("--dp-clip", type=float, default=1.0, show_default=True,
-                 help="User-level L2 clip norm S of each client's update (central, distributed)."),
-    click.option("--dp-noise-multiplier", type=float, default=1.0, show_default=True,
-                 help="Noise multiplier z of the user-level mechanism."),
-    click.option("--dp-adaptive-clipping", is_flag=True, help="Adaptive clipping (Andrew et al. 2021; central)."),
-    click.option("--dp-target-quantile", type=float, default=0.5, show_default=True),
-    click.option("--dp-delta", type=float, default=1e-5, show_default=True),
-    click.option("--dp-epsilon-budget", type=float, default=None, help="Stop before the federation ε exceeds this."),
-    click.option("--dp-client-epsilon-budget", type=float, default=None,
-                 help="Per-client sample-level ε budget (local DP)."),
-    click.option("--dp-accountant", type=click.Choice(["rdp", "prv", "pld"]), default="rdp", show_default=True),
-    click.option("--dp-sampling-amplification/--no-dp-sampling-amplification", default=False, show_default=True,
-                 help="Central DP: account each round as a cohort of K drawn without replacement from the N sites "
-                      "connected at the draw (replace-one relation, rdp accountant) instead of as the plain "
-                      "Gaussian (q = 1). Off by default: amplification needs random availability and participant "
-                      "lists nobody sees, and the operator, the dashboard and every cohort member see them."),
-    click.option("--dp-bits", type=int, default=20, show_default=True, help="Distributed DP: ring bit width b."),
-    click.option("--dp-mechanism", type=click.Choice(["skellam", "ddg"]), default="skellam", show_default=True,
-                 help="Distributed DP noise."),
-    click.option("--dp-local-noise-multiplier", type=float, default=1.0, show_default=True,
-                 help="Local DP-SGD noise multiplier."),
-    click.option("--dp-local-max-grad-norm", type=float, default=1.0, show_default=True),
-    click.option("--dp-local-target-epsilon", type=float, default=0.0,
-                 help="Local DP-SGD: solve the noise for this ε over the job instead."),
-]
-
-
-def _with_options(options: list[Any]) -> Any:
-    def wrap(fn: Any) -> Any:
-        for option in reversed(options):
-            fn = option(fn)
-        return fn
-
-    return wrap
-
-
 def _job_fields(opts: dict[str, Any]) -> dict[str, Any]:
     """The job's config fields: the flags (fedveil.server.job_settings's table), over the job file."""
-    from fedveil.server.job_settings import SETTINGS, JobFileError, fields_from_options, load_job_file
-
     fields = fields_from_options(opts)
     if opts["config_path"] is not None:
         try:
@@ -150,7 +110,7 @@ def _job_fields(opts: dict[str, Any]) -> dict[str, Any]:
         except JobFileError as err:
             fail_from(err, "--config")
         context = click.get_current_context()
-        for setting in SETTINGS:
+        for setting in JOB_SETTINGS.settings:
             given = context.get_parameter_source(setting.parameter) not in (ParameterSource.DEFAULT, None)
             if setting.field in from_file and not given:
                 fields[setting.field] = from_file[setting.field]
@@ -173,67 +133,12 @@ def _job_fields(opts: dict[str, Any]) -> dict[str, Any]:
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="A job file (TOML, sections job/schedule/secagg/privacy/training/evaluation, keys named as "
                    "the flags with '_'); flags given on the command line override it.")
-@click.option("--task", default=None, help="The task, module:attr (e.g. fedveil.tasks.synthetic:task), for "
-              "turnkey CSV clients; loop jobs give --model instead.")
-@click.option("--model", "model_file", default=None, help="The job's model file (names, shapes, dtypes, initial "
-              "values; fedveil.save_initial_model or fedveil init-model): the server imports no user code.")
-@click.option("--rounds", type=int, default=None, help="Number of rounds.  [required]")
-@click.option("--clients-per-round", type=int, default=None, help="Cohort size K.  [required]")
-@click.option("--min-clients", type=int, default=None, help="Smallest cohort M to start a round [default: K].")
-@click.option("--round-timeout", type=float, default=300.0, show_default=True,
-              help="Seconds for training and key advertisement.")
-@click.option("--stage-timeout", type=float, default=60.0, show_default=True,
-              help="Seconds for each later secure-aggregation stage.")
-@click.option("--cohort-wait", type=float, default=10.0, show_default=True,
-              help="Seconds to wait for K clients once M are connected.")
-@click.option("--secagg", type=click.Choice(["complete", "harary"]), default="complete", show_default=True)
-@click.option("--secagg-degree", type=int, default=0, help="Harary graph degree (0: derive).")
-@click.option("--threshold", type=int, default=0,
-              help="Secure-aggregation threshold t (0: the smallest t with 2t > h + c; an explicit t must satisfy "
-                   "it with --active-adversary, and t > c without).")
-@click.option("--expected-dropout", type=float, default=0.1, show_default=True)
-@click.option("--max-corrupt-fraction", type=float, default=DEFAULT_MAX_CORRUPT_FRACTION,
-              help="Fraction of a cohort the server may control (colluding clients), in [0, 0.5); sets c in "
-                   "2t > h + c [default: 1/3].")
-@click.option("--ring-bits", type=int, default=32, show_default=True)
-@click.option("--clip-range", type=float, default=1.0, show_default=True,
-              help="Per-coordinate clip of updates before fixed-point encoding (without user-level DP).")
-@click.option("--weighting", type=click.Choice(["examples", "uniform"]), default="examples", show_default=True,
-              help="Weight clients by their number of examples (off under user-level DP).")
-@click.option("--max-weight", type=float, default=1000.0, show_default=True)
-@_with_options(_DP_OPTIONS)
-@click.option("--optimizer", type=click.Choice(["fedavg", "fedadam", "fedyogi", "fedadagrad"]), default="fedavg",
-              show_default=True)
-@click.option("--server-lr", type=float, default=1.0, show_default=True)
-@click.option("--local-epochs", type=int, default=0, help="Local epochs per round (0: the task's default).")
-@click.option("--learning-rate", type=float, default=0.0, help="Client learning rate (0: the task's default).")
-@click.option("--batch-size", type=int, default=0, help="Client batch size (0: the task's default).")
-@click.option("--no-evaluate", is_flag=True, help="Skip the cohort's evaluation of each global model.")
-@click.option("--no-final-evaluation", is_flag=True, help="Skip the evaluation of the final model.")
-@click.option("--max-evaluations-per-job", type=int, default=1, show_default=True,
-              help="Evaluation requests (evaluation-only rounds and their attempts, the final evaluation) the job "
-                   "sends; sites answer at most their own policy's cap (0: no final evaluation).")
-@click.option("--seed", type=int, default=None,
-              help="Job seed (initial model, cohort sampling, round seeds). DP noise never uses it.")
-@click.option("--active-adversary/--passive", "active_adversary", default=True, show_default=True,
-              help="Malicious-server protections (signed keys, consistency check, authority-vouched identities), "
-                   "or passive (honest-but-curious) secure aggregation, which only sites that opt in to "
-                   "trusting the server (fedveil client --trust-server) join.")
+@table_options(JOB_SETTINGS)
 @click.option("--authority", "authority_path", default=None, type=click.Path(path_type=Path),
               help="The consortium authority's public file (fedveil authority init): site credentials are "
                    "checked at Join and the consortium is announced to sites.")
 @click.option("--revocations", "revocations_path", default=None, type=click.Path(path_type=Path),
               help="The authority's signed revocation list, for the Join checks.")
-@click.option("--evaluation", type=click.Choice(["secure", "clear", "off"]), default="secure", show_default=True,
-              help="Federated evaluation: as secure sums over the cohort, per site in the clear (only sites "
-                   "whose policy allows it answer), or off. Off under user-level DP.")
-@click.option("--insecure-deterministic", is_flag=True,
-              help="Derive round nonces from --seed (tests and bit-for-bit simulations only).")
-@click.option("--max-round-attempts", type=int, default=5, show_default=True)
-@click.option("--linger", type=float, default=5.0, show_default=True,
-              help="Seconds to keep serving after the job so clients learn it is done.")
-@click.option("--poll-wait", type=float, default=10.0, show_default=True,
-              help="Longest a client's long poll is held, in seconds.")
 @click.option("--tls-cert", default=None, help="Server certificate (PEM).")
 @click.option("--tls-key", default=None, help="Server private key (PEM).")
 @click.option("--client-ca", default=None, help="CA (PEM) of client certificates: turns on mutual TLS.")

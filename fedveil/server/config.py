@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from fedveil.errors import FedveilError
+from fedveil.settings_table import field_defaults
 
 if TYPE_CHECKING:
     from fedveil.secagg.threshold import ThresholdPlan
@@ -284,6 +285,14 @@ def flat_types() -> dict[str, Any]:
     hints = {key: typing.get_type_hints(part) for key, part in _PARTS.items()}
     top = {"task": str, "model": str, "seed": int | None, "insecure_deterministic": bool}
     return {flat: top[attr] if part is None else hints[part][attr] for flat, (part, attr) in FLAT_NAMES.items()}
+
+
+def flat_defaults() -> dict[str, Any]:
+    """The default of each flat setting, from the parts' dataclasses (None where the job must give it:
+    the task and the cohort sizes); the ``fedveil server`` flags take theirs from here."""
+    parts = {key: field_defaults(part) for key, part in _PARTS.items()}
+    top = field_defaults(ServerConfig)
+    return {flat: top[attr] if part is None else parts[part][attr] for flat, (part, attr) in FLAT_NAMES.items()}
 
 
 @dataclass(frozen=True)

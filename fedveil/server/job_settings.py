@@ -29,7 +29,17 @@ from pathlib import Path
 from typing import Any
 
 from fedveil.errors import FedveilError
-from fedveil.server.config import ServerConfig, flat_types
+from fedveil.server.config import (
+    ACCOUNTANTS,
+    DISTRIBUTED_MECHANISMS,
+    DP_MODES,
+    EVALUATION_MODES,
+    GRAPHS,
+    OPTIMIZERS,
+    ServerConfig,
+    flat_defaults,
+    flat_types,
+)
 from fedveil.settings_table import Setting, SettingsTable
 from fedveil.settings_table import setting as _s
 
@@ -40,32 +50,82 @@ class JobFileError(FedveilError, ValueError):
 
 
 SETTINGS: tuple[Setting, ...] = (
-    _s("task", "job"), Setting("model", "job", "--model", param="model_file"),
-    _s("rounds", "job"), _s("clients_per_round", "job"), _s("min_clients", "job"),
-    _s("seed", "job"), _s("insecure_deterministic", "job"),
-    _s("round_timeout", "schedule"), _s("stage_timeout", "schedule"), _s("cohort_wait", "schedule"),
-    _s("linger", "schedule"), _s("poll_wait", "schedule"), _s("max_round_attempts", "schedule"),
-    _s("secagg", "secagg"), _s("secagg_degree", "secagg"), _s("threshold", "secagg"),
-    _s("expected_dropout", "secagg"), _s("max_corrupt_fraction", "secagg"), _s("ring_bits", "secagg"),
-    _s("clip_range", "secagg"), _s("max_weight", "secagg"),
-    Setting("weighted", "secagg", "--weighting", param="weighting", choices=("examples", "uniform")),
-    Setting("active_adversary", "secagg", "--active-adversary", off_flag="--passive"),
-    _s("dp", "privacy"), _s("dp_clip", "privacy"), _s("dp_noise_multiplier", "privacy"),
-    _s("dp_adaptive_clipping", "privacy"), _s("dp_target_quantile", "privacy"), _s("dp_delta", "privacy"),
-    _s("dp_epsilon_budget", "privacy"), _s("dp_client_epsilon_budget", "privacy"), _s("dp_accountant", "privacy"),
-    _s("dp_sampling_amplification", "privacy", off_flag="--no-dp-sampling-amplification"),
-    _s("dp_bits", "privacy"), _s("dp_mechanism", "privacy"), _s("dp_local_noise_multiplier", "privacy"),
-    _s("dp_local_max_grad_norm", "privacy"), _s("dp_local_target_epsilon", "privacy"),
-    _s("optimizer", "training"), _s("server_lr", "training"), _s("local_epochs", "training"),
-    _s("learning_rate", "training"), _s("batch_size", "training"),
-    Setting("evaluate", "evaluation", "--no-evaluate", param="no_evaluate", negated=True),
-    Setting("final_evaluation", "evaluation", "--no-final-evaluation", param="no_final_evaluation", negated=True),
-    _s("evaluation", "evaluation"), _s("max_evaluations_per_job", "evaluation"),
+    _s("task", "job", help="The task, module:attr (e.g. fedveil.tasks.synthetic:task), for turnkey CSV clients; "
+                           "loop jobs give --model instead."),
+    Setting("model", "job", "--model", param="model_file",
+            help="The job's model file (names, shapes, dtypes, initial values; fedveil.save_initial_model or "
+                 "fedveil init-model): the server imports no user code."),
+    _s("rounds", "job", help="Number of rounds.  [required]"),
+    _s("clients_per_round", "job", help="Cohort size K.  [required]"),
+    _s("min_clients", "job", help="Smallest cohort M to start a round.", default_label="K"),
+    _s("seed", "job", help="Job seed (initial model, cohort sampling, round seeds). DP noise never uses it."),
+    _s("insecure_deterministic", "job",
+       help="Derive round nonces from --seed (tests and bit-for-bit simulations only)."),
+    _s("round_timeout", "schedule", help="Seconds for training and key advertisement.", show_default=True),
+    _s("stage_timeout", "schedule", help="Seconds for each later secure-aggregation stage.", show_default=True),
+    _s("cohort_wait", "schedule", help="Seconds to wait for K clients once M are connected.", show_default=True),
+    _s("linger", "schedule", help="Seconds to keep serving after the job so clients learn it is done.",
+       show_default=True),
+    _s("poll_wait", "schedule", help="Longest a client's long poll is held, in seconds.", show_default=True),
+    _s("max_round_attempts", "schedule", show_default=True),
+    _s("secagg", "secagg", values=GRAPHS, show_default=True),
+    _s("secagg_degree", "secagg", help="Harary graph degree (0: derive)."),
+    _s("threshold", "secagg", help="Secure-aggregation threshold t (0: the smallest t with 2t > h + c; an explicit t "
+                                   "must satisfy it with --active-adversary, and t > c without)."),
+    _s("expected_dropout", "secagg", show_default=True),
+    _s("max_corrupt_fraction", "secagg", default_label="1/3",
+       help="Fraction of a cohort the server may control (colluding clients), in [0, 0.5); sets c in 2t > h + c."),
+    _s("ring_bits", "secagg", show_default=True),
+    _s("clip_range", "secagg", show_default=True,
+       help="Per-coordinate clip of updates before fixed-point encoding (without user-level DP)."),
+    _s("max_weight", "secagg", show_default=True),
+    Setting("weighted", "secagg", "--weighting", param="weighting", choices=("examples", "uniform"),
+            show_default=True, help="Weight clients by their number of examples (off under user-level DP)."),
+    Setting("active_adversary", "secagg", "--active-adversary", off_flag="--passive", show_default=True,
+            help="Malicious-server protections (signed keys, consistency check, authority-vouched identities), or "
+                 "passive (honest-but-curious) secure aggregation, which only sites that opt in to trusting the "
+                 "server (fedveil client --trust-server) join."),
+    _s("dp", "privacy", values=DP_MODES, show_default=True, help="Differential privacy mode."),
+    _s("dp_clip", "privacy", show_default=True,
+       help="User-level L2 clip norm S of each client's update (central, distributed)."),
+    _s("dp_noise_multiplier", "privacy", show_default=True, help="Noise multiplier z of the user-level mechanism."),
+    _s("dp_adaptive_clipping", "privacy", help="Adaptive clipping (Andrew et al. 2021; central)."),
+    _s("dp_target_quantile", "privacy", show_default=True),
+    _s("dp_delta", "privacy", show_default=True),
+    _s("dp_epsilon_budget", "privacy", help="Stop before the federation ε exceeds this."),
+    _s("dp_client_epsilon_budget", "privacy", help="Per-client sample-level ε budget (local DP)."),
+    _s("dp_accountant", "privacy", values=ACCOUNTANTS, show_default=True),
+    _s("dp_sampling_amplification", "privacy", off_flag="--no-dp-sampling-amplification", show_default=True,
+       help="Central DP: account each round as a cohort of K drawn without replacement from the N sites connected "
+            "at the draw (replace-one relation, rdp accountant) instead of as the plain Gaussian (q = 1). Off by "
+            "default: amplification needs random availability and participant lists nobody sees, and the "
+            "operator, the dashboard and every cohort member see them."),
+    _s("dp_bits", "privacy", show_default=True, help="Distributed DP: ring bit width b."),
+    _s("dp_mechanism", "privacy", values=DISTRIBUTED_MECHANISMS, show_default=True, help="Distributed DP noise."),
+    _s("dp_local_noise_multiplier", "privacy", show_default=True, help="Local DP-SGD noise multiplier."),
+    _s("dp_local_max_grad_norm", "privacy", show_default=True),
+    _s("dp_local_target_epsilon", "privacy", help="Local DP-SGD: solve the noise for this ε over the job instead."),
+    _s("optimizer", "training", values=OPTIMIZERS, show_default=True),
+    _s("server_lr", "training", show_default=True),
+    _s("local_epochs", "training", help="Local epochs per round (0: the task's default)."),
+    _s("learning_rate", "training", help="Client learning rate (0: the task's default)."),
+    _s("batch_size", "training", help="Client batch size (0: the task's default)."),
+    Setting("evaluate", "evaluation", "--no-evaluate", param="no_evaluate", negated=True,
+            help="Skip the cohort's evaluation of each global model."),
+    Setting("final_evaluation", "evaluation", "--no-final-evaluation", param="no_final_evaluation", negated=True,
+            help="Skip the evaluation of the final model."),
+    _s("evaluation", "evaluation", values=EVALUATION_MODES, show_default=True,
+       help="Federated evaluation: as secure sums over the cohort, per site in the clear (only sites whose policy "
+            "allows it answer), or off. Off under user-level DP."),
+    _s("max_evaluations_per_job", "evaluation", show_default=True,
+       help="Evaluation requests (evaluation-only rounds and their attempts, the final evaluation) the job sends; "
+            "sites answer at most their own policy's cap (0: no final evaluation)."),
 )
-"""Every setting a job file or a ``fedveil server`` flag can give, in the order of ``--help``."""
+"""Every setting a job file or a ``fedveil server`` flag can give, in the order of ``--help`` (their click
+options are built from this table: :mod:`fedveil.commands.setting_options`)."""
 
 JOB_SETTINGS = SettingsTable(ServerConfig, SETTINGS, lambda message: JobFileError(message, field="config"),
-                             field_types=flat_types(), values_of=ServerConfig.to_dict)
+                             field_types=flat_types(), defaults=flat_defaults(), values_of=ServerConfig.to_dict)
 SECTIONS = JOB_SETTINGS.sections
 
 
