@@ -55,6 +55,9 @@ class Admission:
     """What the site relies on under it: its guaranteed noise, its own noise share."""
     evaluate: bool = False
     """Fill the round's evaluation section with this site's sums (else it contributes zeros)."""
+    evaluation_allowed: bool = True
+    """Whether this site evaluates on its data in this job at all (secure or clear): not under local DP
+    unless its policy opts in (:func:`evaluation_refusal`)."""
 
     @property
     def guaranteed_event(self) -> DpEvent | None:
@@ -171,7 +174,10 @@ def admit_round(policy: SitePolicy, job: pb.JobInfo, start: pb.RoundStart, *, ru
     if mechanism.user_level and (evaluation.dimension or start.purpose == pb.ROUND_PURPOSE_EVALUATE):
         raise PolicyViolation("encoding.evaluation", "evaluation sums would be released without the round's "
                               "user-level noise")
-    evaluate = bool(evaluation.dimension) and policy.evaluation == "secure"
+    refusal = evaluation_refusal(policy, mode)
+    if refusal is not None and start.purpose == pb.ROUND_PURPOSE_EVALUATE:
+        raise PolicyViolation("purpose", f"an evaluation-only round: {refusal}")
+    evaluate = bool(evaluation.dimension) and policy.evaluation == "secure" and refusal is None
     terms = mechanism.terms(policy, start, honest)
     if not mechanism.protects_replays(terms) and state.released_over(run_id, bytes(start.model.sha256)):
         # No noise this site relies on: the same model again gives the same update and metrics, and
@@ -181,4 +187,17 @@ def admit_round(policy: SitePolicy, job: pb.JobInfo, start: pb.RoundStart, *, ru
                               "this site already released a sum over, with no noise it relies on; a server that "
                               "replays a model could difference the two sums")
     return Admission(holders=h, corrupt=c, honest_contributors=honest, mechanism=mechanism, terms=terms,
-                     evaluate=evaluate)
+                     evaluate=evaluate, evaluation_allowed=refusal is None)
+
+
+def evaluation_refusal(policy: SitePolicy, dp_mode: str) -> str | None:
+    """Why this site does not evaluate on its data in a job with ``dp_mode`` (None: it may).
+
+    Local DP-SGD accounts for training only: each evaluation of a model the server chose is an
+    un-noised query on the site's records (with a crafted model and a replayed round, an exact
+    count), so the ε the site reports would not hold. Under local DP a site therefore evaluates
+    only when its policy opts in (``evaluate_under_local_dp``), knowing its ε does not cover it."""
+    if dp_mode == "local" and not policy.evaluate_under_local_dp:
+        return ("local DP-SGD's ε does not cover evaluation on this site's records, and this site's policy does not "
+                "opt in to evaluating anyway (evaluate_under_local_dp)")
+    return None

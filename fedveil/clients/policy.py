@@ -78,6 +78,9 @@ class SitePolicy:
             the server another look at a fresh layout; retries after unmasking are always declined).
         evaluation: ``"secure"`` (metrics only as secure sums), ``"clear"`` (per-site metrics,
             only if the server asks for them too) or ``"off"``.
+        evaluate_under_local_dp: evaluate on this site's data in jobs with local (sample-level) DP,
+            whose DP-SGD ε does not cover evaluation queries. Off by default: such a site
+            declines evaluation-only rounds and contributes no evaluation sums.
         max_evaluations_per_round: evaluations of received models per round number.
         max_evaluations_per_job: evaluation requests of one job this site answers (evaluation-only
             rounds, per-site final evaluations); each is a query on its data the server chose.
@@ -94,6 +97,7 @@ class SitePolicy:
     min_noise_multiplier: float = 0.0
     max_attempts_per_round: int = 3
     evaluation: str = "secure"
+    evaluate_under_local_dp: bool = False
     max_evaluations_per_round: int = 1
     max_evaluations_per_job: int = 1
     security_bits: float = DEFAULT_SECURITY_BITS
@@ -104,6 +108,7 @@ class SitePolicy:
                 raise PolicyError(name, f"{message} (got {getattr(self, name)!r})")
 
         need(isinstance(self.trust_server, bool), "trust_server", "must be true or false")
+        need(isinstance(self.evaluate_under_local_dp, bool), "evaluate_under_local_dp", "must be true or false")
         key = self.authority_public_key
         need(key is None or (isinstance(key, bytes) and len(key) == 32), "authority_public_key",
              "must be the authority's 32-byte Ed25519 public key")

@@ -33,6 +33,8 @@ POLICY_SETTINGS: tuple[Setting, ...] = (
        help="Evaluation requests of one job this site answers (evaluation-only rounds, final evaluation)."),
     _s("evaluation", "policy", values=EVALUATION_RULES, show_default=True,
        help="Evaluation rule: secure sums only, per-site metrics in the clear, or off."),
+    _s("evaluate_under_local_dp", "policy",
+       help="Evaluate on this site's data in jobs with local DP too, whose DP-SGD ε does not cover evaluation."),
     _s("security_bits", "policy", show_default=True,
        help="σ of the SecAgg+ collusion bound this site requires (failure probability 2^-σ)."),
 )

@@ -379,7 +379,7 @@ class Federation:
         log.info("round %d/%d (attempt %d): %s (secagg id %d)", rnd.number, self.total_rounds, start.attempt,
                  "evaluating" if start.purpose == pb.ROUND_PURPOSE_EVALUATE else "training", start.client_id)
         wants_clear = start.training.evaluate_global_model and not start.encoding.evaluation.dimension \
-            and self.policy.evaluation == "clear"
+            and self.policy.evaluation == "clear" and admission.evaluation_allowed
         evaluation_only = start.purpose == pb.ROUND_PURPOSE_EVALUATE
         if (admission.evaluate or wants_clear) and self.options.evaluate is not None \
                 and self.state.evaluated(self.run_id, rnd.number, self.policy.max_evaluations_per_round) \

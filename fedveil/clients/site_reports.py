@@ -8,6 +8,7 @@ import logging
 import math
 from typing import TYPE_CHECKING
 
+from fedveil.clients.admission import evaluation_refusal
 from fedveil.clients.participation import RoundLost
 from fedveil.model_spec import ModelMismatchError
 from fedveil.protocol import fedveil_pb2 as pb
@@ -50,10 +51,14 @@ def evaluate_final(federation: Federation, evaluate: pb.Evaluate) -> None:
     """Per-site final evaluation in the clear: only when this site's policy opts in too. Otherwise
     answer with no metrics, so the server need not wait for this client until the deadline."""
     metrics: dict[str, float] = {}
+    job_mode = federation.job.dp_mode if federation.job is not None else ""
+    refusal = evaluation_refusal(federation.policy, job_mode or "none")
     capped = federation.run_id is not None and federation.options.evaluate is not None \
         and federation.policy.evaluation == "clear" \
         and not federation.state.evaluated_for_job(federation.run_id, federation.policy.max_evaluations_per_job)
-    if capped:
+    if refusal is not None and federation.options.evaluate is not None:
+        log.info("final evaluation refused: %s", refusal)
+    elif capped:
         log.info("final evaluation refused: this site answered max_evaluations_per_job=%d evaluation "
                  "request(s) of this job", federation.policy.max_evaluations_per_job)
     elif federation.options.evaluate is not None and federation.policy.evaluation == "clear":

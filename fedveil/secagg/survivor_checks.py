@@ -71,10 +71,11 @@ def check_consistency(ctx: _ClientContext, survivors: frozenset[int], dropped: f
     client reveals (the second hop). Without it a server could take u's self mask from one set (u
     alive) and the masking key of each of u's partners x from another set on which x is dropped: the
     per-owner count over u's holders passes on both. With it, t of x's holders signed this set, so
-    any set that releases x's key shares more than c of them, and an honest one signed both. What a
-    server can then unmask (at most c colluders among any client's h holders) is a sum over honest
-    inputs in which each has at least 2t − h − c ≥ 1 honest masking partners also in the sum, with
-    no honest input in two such sums (the argument is in docs/threat-model.md).
+    any set that releases x's key shares more than c of them, and an honest one signed both. With
+    both counts, and at most c colluders among any client's h holders, every sum a server can unmask
+    that holds one honest input holds at least t − c honest inputs, and no honest input is in two
+    such sums (docs/threat-model.md, "What a malicious server can unmask"): the t − c that a site's
+    distributed-DP accounting counts on (``fedveil.clients.admission``).
     """
     cfg = ctx.config
     me = ctx.client_id

@@ -1,0 +1,79 @@
+"""Evaluation under local DP is a query the site's ε does not cover (issue 9, attack 4; the second
+independent rerun: a crafted model answered an exact counting query on a site's records through the
+secure evaluation sums, and local DP-SGD noises only training).
+
+A server that asks for the cohort's secure evaluation in every round of a local-DP job gets nothing
+from sites with the default policy: they contribute no evaluation sums, and decline evaluation-only
+rounds. The control runs the same server against sites that opt in (``evaluate_under_local_dp``): the
+sums then carry every site's examples, so the first test can fail.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedveil.clients.admission import evaluation_refusal
+from fedveil.clients.policy import SitePolicy
+from fedveil.server.coordinator import Coordinator
+from fedveil.tasks.synthetic import task as synthetic
+from tests.attack_helpers import Consortium, job_config, run_job, turnkey
+
+NAMES = [f"site-{i}" for i in range(4)]
+
+
+class EvaluationRecordingServer(Coordinator):
+    """The real coordinator, keeping every secure evaluation sum it decodes (examples, metrics)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.evaluations: list[tuple[float, dict[str, float]]] = []
+
+    def _record_secure_evaluation(self, rnd: Any, evaluation: Any, survivors: int) -> None:
+        if evaluation is not None:
+            metrics, examples = evaluation
+            self.evaluations.append((float(examples), dict(metrics)))
+        super()._record_secure_evaluation(rnd, evaluation, survivors)
+
+
+def local_dp_job(tmp_path: Path, **policy: Any) -> tuple[EvaluationRecordingServer, Any]:
+    consortium = Consortium.create(NAMES)
+    sites = [turnkey(synthetic, name, i, consortium, policy=consortium.policy(**policy))
+             for i, name in enumerate(NAMES)]
+    config = job_config(rounds=2, dp="local", dp_local_noise_multiplier=1.0, evaluation="secure")
+    servers: list[EvaluationRecordingServer] = []
+
+    class Recording(EvaluationRecordingServer):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            servers.append(self)
+
+    summary, _results, errors = run_job(tmp_path, config, synthetic, sites, coordinator_cls=Recording)
+    assert not errors, errors
+    return servers[0], summary
+
+
+@pytest.mark.slow
+def test_default_sites_give_no_evaluation_sums_under_local_dp(tmp_path: Path) -> None:
+    server, summary = local_dp_job(tmp_path)
+    assert summary.completed_rounds == 2, summary  # training goes on
+    assert len(server.evaluations) == 2  # the server asked in both rounds ...
+    assert all(examples == 0 for examples, _ in server.evaluations), server.evaluations  # ... and got nothing
+
+
+@pytest.mark.slow
+def test_sites_that_opt_in_evaluate_under_local_dp(tmp_path: Path) -> None:
+    server, summary = local_dp_job(tmp_path, evaluate_under_local_dp=True)
+    assert summary.completed_rounds == 2, summary
+    assert server.evaluations and all(examples > 0 for examples, _ in server.evaluations), server.evaluations
+
+
+def test_the_refusal_names_the_policy_setting_and_spares_other_modes() -> None:
+    policy = SitePolicy(trust_server=True)
+    refusal = evaluation_refusal(policy, "local")
+    assert refusal is not None and "evaluate_under_local_dp" in refusal
+    assert evaluation_refusal(SitePolicy(trust_server=True, evaluate_under_local_dp=True), "local") is None
+    for mode in ("none", "central", "distributed"):
+        assert evaluation_refusal(policy, mode) is None
