@@ -18,7 +18,7 @@ Model (every check the unmodified SecAggClient makes, fedveil/secagg/client.py a
 The ILP uses m views (m = 1: the single-set attack; m = 2, 3: split views). Feasible => the attack
 works on that layout; infeasible for every v => it fails there.
 
-Usage: [CHECK=cohort|owner|twohop] harary_split_ilp.py N [trials] [max_views]
+Usage: [CHECK=cohort|owner|twohop] [K=10,12] harary_split_ilp.py N [trials] [max_views]
 """
 from __future__ import annotations
 
@@ -161,7 +161,8 @@ def main() -> None:
     max_views = int(sys.argv[3]) if len(sys.argv) > 3 else 2
     C = T.corrupt_clients(n, F)
     rng = np.random.default_rng(n)
-    for k in range(4, n - 2, 2):
+    degrees = [int(x) for x in os.environ["K"].split(",")] if os.environ.get("K") else range(4, n - 2, 2)
+    for k in degrees:
         h, c = T.cohort_bound(n, k, F)
         t = T.min_threshold(h, c)
         if t > h or h - 1 <= c:
