@@ -355,3 +355,19 @@ def test_upload_book_keeps_one_upload_per_site_and_stage_and_bounds_attempts(ops
         active = book.active(site, nonce, 3)
         assert active is None or (active is live.get(key) and alive[id(active)][0])
         assert attempts.get(key, 0) <= MAX_UPLOAD_ATTEMPTS
+
+
+@given(st.integers(min_value=1, max_value=1 << 34))
+def test_upload_slots_keep_the_upload_buffers_within_their_budget(max_message_bytes: int) -> None:
+    from fedveil.server.job_runner import UPLOAD_BUFFER_BUDGET, upload_slots
+
+    slots = upload_slots(max_message_bytes)
+    assert 2 <= slots <= 16
+    assert slots == 2 or slots * max_message_bytes <= UPLOAD_BUFFER_BUDGET
+
+
+def test_a_small_model_gets_more_upload_slots_than_a_large_one() -> None:
+    from fedveil.server.job_runner import upload_slots
+
+    assert upload_slots(4 << 20) == 16  # m = 100,000: 400 kB uploads, messages capped at 4 MiB
+    assert upload_slots(41 << 20) == 2  # m = 10 million

@@ -59,6 +59,18 @@ class GrpcEndpoint:
     max_message_bytes: int | None = None
 
 
+UPLOAD_BUFFER_BUDGET = 64 << 20
+"""Bytes of masked-input uploads the server receives at once (the slots times the largest upload)."""
+
+
+def upload_slots(max_message_bytes: int) -> int:
+    """Uploads received at once: as many as :data:`UPLOAD_BUFFER_BUDGET` holds, between 2 and 16.
+
+    A slot held by a sender that is slow to send (a site in a busy process) holds up the sites
+    queued behind it; small models afford more slots for the same memory, large ones keep two."""
+    return max(2, min(16, UPLOAD_BUFFER_BUDGET // max(1, max_message_bytes)))
+
+
 class JobRunner:
     """A job on the real coordinator: in process (sites call :meth:`transport`) or behind gRPC
     (``endpoint``; sites connect to :attr:`port`). Listeners hear every round and the job's end
@@ -92,7 +104,8 @@ class JobRunner:
             self.max_message_bytes = endpoint.max_message_bytes
         workers = max(32, 2 * config.schedule.clients_per_round + 16)
         limits = ServerLimits(max_message_bytes=self.max_message_bytes, workers=workers,
-                              max_concurrent_rpcs=max(256, 4 * workers), upload_timeout_s=config.schedule.stage_timeout)
+                              max_concurrent_rpcs=max(256, 4 * workers), upload_timeout_s=config.schedule.stage_timeout,
+                              max_concurrent_uploads=upload_slots(self.max_message_bytes))
         coordinator.max_waiting_polls = workers - 8  # long polls never take the last workers
         coordinator.model_delivery = ModelDelivery.fetched_in_chunks()  # FetchModel, one buffer per model
         credentials = None
