@@ -92,18 +92,28 @@ def check_consistency(ctx: _ClientContext, survivors: frozenset[int], dropped: f
     payload = survivor_set_payload(session.session_id, survivors)
     # An invalid signature is not counted (a peer that signed another set, or garbage), so the server
     # need not verify them and a site forwarding a bad one cannot make honest sites abort. Each
-    # signature is verified at most once, and only until every owner's holders reach t valid ones.
-    verdicts: dict[int, bool] = {}
+    # signature is verified at most once, and only while some peer's holders lack t valid ones.
+    signed = frozenset(signatures)
+    good: set[int] = set()
+    bad: set[int] = set()
 
-    def valid(signer: int) -> bool:
-        if signer not in verdicts:
+    def quorum(holders: frozenset[int]) -> int:
+        """Valid signers among ``holders``, verifying new ones only until there are t."""
+        count = len(good.intersection(holders))
+        if count >= cfg.threshold:
+            return count
+        for signer in sorted(signed.intersection(holders).difference(good, bad)):
             try:
                 verify(cfg.identity_keys[signer], signatures[signer], payload,  # type: ignore[index]
                        what=f"the survivor set signed by client {signer}")
-                verdicts[signer] = True
             except SecAggError:
-                verdicts[signer] = False
-        return verdicts[signer]
+                bad.add(signer)
+                continue
+            good.add(signer)
+            count += 1
+            if count == cfg.threshold:
+                break
+        return count
 
     graph = session.graph
     owners = [p for p in graph.holders(me) if p in survivors or p in dropped]
@@ -119,13 +129,7 @@ def check_consistency(ctx: _ClientContext, survivors: frozenset[int], dropped: f
         holders = graph.holders(peer)
         count = counted.get(holders)
         if count is None:
-            count = 0
-            for signer in holders:
-                if signer in signatures and valid(signer):
-                    count += 1
-                    if count == cfg.threshold:
-                        break
-            counted[holders] = count
+            count = counted[holders] = quorum(frozenset(holders))
         if count < cfg.threshold:
             why = ("its share is not revealed" if peer in owners else
                    f"it is a live neighbour of client {second_hop[peer]}, whose self-mask share this client would "
