@@ -187,6 +187,8 @@ def task_with(transform: FeatureTransform) -> Task:
     The scaling layer holds no trained state, so the two variants train, mask and aggregate the
     same 31 parameters under the same task name; only the model's input scaling differs.
     """
+    if transform not in ("linear", "log"):
+        raise ValueError(f"feature_transform must be 'linear' or 'log' (got {transform!r})")
     if transform == FEATURE_TRANSFORM:
         return task
     return dataclasses.replace(task, build_model=functools.partial(RiskModel, transform))

@@ -15,13 +15,13 @@ the last ``k`` global models (post-processing of released models, so it costs no
 from __future__ import annotations
 
 import collections
+import dataclasses
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import TensorDataset
 
 from fedveil.demo import healthcare
 from fedveil.demo.data import DemoSplit, Site
@@ -74,9 +74,16 @@ def score_recipe(
     dp: DpMode = "local",
     dropout_plan: DropoutPlan | None = None,
     site_files: Mapping[str, Path] | None = None,
+    stage_timeout: float | None = None,
 ) -> RecipeScore:
-    """Run the federation on ``split`` with ``recipe`` and score the served model on ``evaluation``."""
+    """Run the federation on ``split`` with ``recipe`` and score the served model on ``evaluation``.
+
+    ``stage_timeout`` (seconds; the demo's default when None) is how long a round's stage waits for
+    a silent hospital of ``dropout_plan`` before it goes on without it.
+    """
     settings = split_settings(split, recipe, dp=dp, seed=seed)
+    if stage_timeout is not None:
+        settings = dataclasses.replace(settings, stage_timeout=stage_timeout)
     evaluation_set = site_dataset(evaluation)
     window: collections.deque[dict[str, torch.Tensor]] = collections.deque(maxlen=max(1, recipe.average_last))
 
@@ -88,20 +95,22 @@ def score_recipe(
         files = dict(site_files) if site_files is not None else write_hospital_shares(split, folder)
         result = run_federation(store_path=folder / "run.sqlite", site_files=files, test=evaluation_set,
                                 settings=settings, recipe=recipe, dropout_plan=dropout_plan, on_round=keep)
-    if not result.rounds:
-        raise RuntimeError(f"the federation completed no rounds: {result.message}")
-    metrics = _served_metrics(result, window, evaluation_set, recipe.average_last)
+    if result.status != "completed" or not result.rounds:  # a partial run would skew the comparison
+        raise RuntimeError(f"the federation did not complete ({result.status}): {result.message}"
+                           + "".join(f"; {name}: {err}" for name, err in sorted(result.client_errors.items())))
+    if recipe.average_last > 0:
+        served = tail_mean(list(window), healthcare.task_with(recipe.feature_transform).build_model())
+        metrics = healthcare.evaluate(served, evaluation_set)
+    else:  # the last round's model, already evaluated on `evaluation` by run_federation
+        last = result.rounds[-1]
+        metrics = {"accuracy": last.accuracy, "auc": last.auc, "loss": last.loss}
     spent = [float(h["epsilon"]) for h in result.hospitals.values() if h.get("epsilon") is not None]
     return RecipeScore(metrics["accuracy"], metrics["auc"], metrics["loss"], max(spent) if spent else None, result)
 
 
-def _served_metrics(
-    result: FederationResult, window: collections.deque[dict[str, torch.Tensor]], evaluation: TensorDataset,
-    average_last: int,
-) -> dict[str, float]:
-    if average_last <= 0:
-        last = result.rounds[-1]  # already evaluated on `evaluation` by run_federation
-        return {"accuracy": last.accuracy, "auc": last.auc, "loss": last.loss}
-    model = healthcare.task.build_model()
-    model.load_state_dict({n: torch.stack([w[n] for w in window]).mean(dim=0) for n in window[0]})
-    return healthcare.evaluate(model, evaluation)
+def tail_mean(states: Sequence[Mapping[str, torch.Tensor]], model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` loaded with the element-wise mean of ``states`` (global models' state dicts)."""
+    if not states:
+        raise ValueError("tail_mean: no global model to average")
+    model.load_state_dict({n: torch.stack([s[n] for s in states]).mean(dim=0) for n in states[0]})
+    return model
