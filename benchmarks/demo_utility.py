@@ -7,10 +7,10 @@ recipe, unchanged, on the test set of every split seed given (default 0-9, decla
 of them was evaluated) and prints each split and the summary, so the demo's single split can be
 read against the distribution.
 
-Each split: local DP-SGD at the recipe's ε with plain in-process FedAvg (``simulate``: the same
-trainers and server optimizer as the demo, the weighted mean in the clear instead of by secure
-aggregation, no dropouts), for each training seed; and the centralized non-private baseline.
-The recipe is never changed here, so the test sets inform no choice.
+Each split: the real federation with local DP-SGD at the recipe's ε
+(:func:`fedveil.demo.split_runs.score_recipe`: the job runner, secure aggregation and each
+hospital's client, in process, no dropouts), for each training seed; and the centralized
+non-private baseline. The recipe is never changed here, so the test sets inform no choice.
 
 Run: ``python benchmarks/demo_utility.py [--splits 0-9] [--seeds 3] [--jobs 2]``. The last line
 is a JSON object.
@@ -50,15 +50,15 @@ def run_split(split_seed: int, training_seeds: int) -> dict[str, Any]:
     torch.set_num_threads(1)
     from fedveil.demo.baselines import centralized
     from fedveil.demo.data import make_split
-    from fedveil.demo.recipe import Recipe, simulate
+    from fedveil.demo.recipe import Recipe
+    from fedveil.demo.split_runs import score_recipe
 
     recipe = Recipe()
     split = make_split(5, seed=split_seed)
     runs = []
     for seed in range(training_seeds):
-        _, history, trainers = simulate(split, recipe, seed=seed, eval_site=split.test)
-        last = history[-1]
-        runs.append({"accuracy": last["accuracy"], "auc": last["auc"], "epsilon": max(t.epsilon() for t in trainers)})
+        score = score_recipe(split, recipe, evaluation=split.test, seed=seed)
+        runs.append({"accuracy": score.accuracy, "auc": score.auc, "epsilon": score.epsilon_max})
     central, _ = centralized(split, recipe)
     return {
         "split_seed": split_seed,

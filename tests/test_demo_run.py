@@ -59,6 +59,10 @@ def test_reduced_demo_local_dp_with_dropouts(tmp_path: Path, transport: str) -> 
     md = (tmp_path / "out" / "report.md").read_text()
     assert "centralized, non-private" in md and "federated, non-private" in md
     assert saved["baselines"]["centralized"]["accuracy"] > 0.9
+    # the non-private baseline ran the real job with the private run's dropouts replayed
+    federated = saved["baselines"]["federated_non_private"]
+    assert f"secure aggregation, {saved['secure_aggregation']['dropouts']} dropouts" in federated["detail"]
+    assert 0.5 < federated["accuracy"] <= 1 and 0.5 < federated["auc"] <= 1
 
 
 @pytest.mark.slow

@@ -116,6 +116,13 @@ class DropoutPlan:
                 plan[r] = frozenset(drop)
         return cls(plan)
 
+    @classmethod
+    def replay(cls, rounds: Sequence[RoundReport], hospitals: Sequence[str]) -> DropoutPlan:
+        """Silence, in each of these rounds, every hospital that did not take part in it (a hospital
+        that dropped, declined or was not chosen), so that another run has the same cohorts."""
+        plan = {r.round: frozenset(h for h in hospitals if h not in r.participants) for r in rounds}
+        return cls({number: silent for number, silent in plan.items() if silent})
+
     def is_silent(self, hospital: str, round_number: int) -> bool:
         return hospital in self.silent.get(round_number, frozenset())
 
@@ -266,7 +273,7 @@ def run_federation(
     from fedveil.simulation.backends import STILL_RUNNING, SimulatedSites, ThreadedClient, run_with_client_threads
     from fedveil.task import vector_to_model
 
-    task = healthcare.task
+    task = healthcare.task_with(recipe.feature_transform)
     names = sorted(site_files)
     if len(names) < settings.hospitals_per_round:
         raise ValueError(f"{len(names)} hospitals cannot fill cohorts of {settings.hospitals_per_round}")

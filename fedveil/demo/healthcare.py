@@ -15,6 +15,8 @@ masked and aggregated.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -177,6 +179,19 @@ task = Task(
         "model": "logistic regression behind fixed public-range scaling",
     },
 )
+
+
+def task_with(transform: FeatureTransform) -> Task:
+    """:data:`task` with the model's features scaled by ``transform`` (the recipe search tries both).
+
+    The scaling layer holds no trained state, so the two variants train, mask and aggregate the
+    same 31 parameters under the same task name; only the model's input scaling differs.
+    """
+    if transform not in ("linear", "log"):
+        raise ValueError(f"feature_transform must be 'linear' or 'log' (got {transform!r})")
+    if transform == FEATURE_TRANSFORM:
+        return task
+    return dataclasses.replace(task, build_model=functools.partial(RiskModel, transform))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -50,6 +50,7 @@ from fedveil.demo.federation import (
 from fedveil.demo.live_table import LiveTable
 from fedveil.demo.recipe import Recipe
 from fedveil.demo.report import unwritable_outputs, write_report
+from fedveil.demo.split_runs import DEMO_SHARE, hospital_dir, write_hospital_shares
 from fedveil.errors import FedveilError
 
 if TYPE_CHECKING:
@@ -62,7 +63,6 @@ class OutputDirectoryError(FedveilError, ValueError):
     """``--out`` cannot take the demo's files (checked before any work, so nothing is lost)."""
 
 
-DEMO_SHARE = "demo-share.csv"
 STORE_FILE = "runs.sqlite"
 
 
@@ -85,22 +85,6 @@ class DemoOptions:
     def recipe(self) -> Recipe:
         base = Recipe()
         return dataclasses.replace(base, rounds=self.rounds) if self.rounds is not None else base
-
-
-def hospital_dir(out: Path, hospital: str) -> Path:
-    return out / "hospitals" / hospital
-
-
-def write_hospital_shares(split: DemoSplit, out: Path) -> dict[str, Path]:
-    """Each hospital's demo share in its own data directory; returns hospital → file."""
-    files: dict[str, Path] = {}
-    for site in split.hospitals:
-        d = hospital_dir(out, site.name)
-        d.mkdir(parents=True, exist_ok=True)
-        path = d / DEMO_SHARE
-        path.write_text(healthcare.SCHEMA.to_csv(site.features, site.labels))
-        files[site.name] = path
-    return files
 
 
 def export_csv(split: DemoSplit, directory: Path) -> dict[str, Any]:
@@ -350,11 +334,11 @@ def run_demo(
         if not result.rounds:
             raise RuntimeError(f"the federation completed no rounds: {result.message} {result.client_errors}")
 
-        participation = {r.round: [demo_runs.names.index(p) for p in r.participants] for r in result.rounds}
         central, _ = centralized(split, recipe)
+        # the private run's cohorts: whoever did not take part in a round stays silent in the baseline's
         federated, _ = federated_non_private(
-            split, recipe, seed=options.seed,
-            participation=lambda r: participation.get(r + 1, list(range(len(demo_runs.names)))))
+            split, recipe, seed=options.seed, dropout_plan=DropoutPlan.replay(result.rounds, demo_runs.names),
+            site_files=demo_runs.site_files(prefer_uploads=False))
         baselines = {"centralized": central.to_dict(), "federated_non_private": federated.to_dict()}
         report = build_report(options, recipe, split, result, warning, baselines)
         report["wall_seconds"] = round(time.monotonic() - started, 2)
@@ -409,8 +393,8 @@ def build_report(
     notes = [
         "Accuracy, ROC AUC and loss are measured on the held-out test set, which no choice of the recipe looked at; "
         "the recipe was tuned by cross-validation on the non-test patients (fedveil.demo.tuning).",
-        "Federated non-private baseline: the same hospitals, rounds, dropouts, local and server optimizers without "
-        "DP-SGD, aggregated in the clear (secure aggregation yields the same sum).",
+        "Federated non-private baseline: the same hospitals, rounds, dropouts, seed, local and server optimizers "
+        "without DP-SGD, run through the same job runner and secure aggregation (in process).",
     ]
     if user_level:
         notes.append("No local DP-SGD in this mode: epsilon_sample_max reports the user-level ε, which bounds every "

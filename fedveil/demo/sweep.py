@@ -30,7 +30,7 @@ from fedveil.demo.data import DEMO_SPLIT_SEED, make_split
 from fedveil.demo.federation import FederationSettings, run_federation
 from fedveil.demo.recipe import Recipe
 from fedveil.demo.report import render_html
-from fedveil.demo.runner import write_hospital_shares
+from fedveil.demo.split_runs import write_hospital_shares
 
 DEFAULT_EPSILONS = (0.5, 1.0, 2.0, 3.0, 5.0, 8.0)
 DEFAULT_SPLITS = 3
