@@ -20,10 +20,11 @@ class RunSettingsBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    rounds: int | None = Field(None, ge=1, le=200)
-    sites_per_round: int | None = Field(None, ge=2, le=1000)
+    # strict: a JSON true is not 1 round, nor "3" an ε budget (lax validation would take both)
+    rounds: int | None = Field(None, ge=1, le=200, strict=True)
+    sites_per_round: int | None = Field(None, ge=2, le=1000, strict=True)
     dp: Literal["local", "central", "distributed", "none"] | None = None
-    epsilon_budget: float | None = Field(None, ge=0.05, le=100, allow_inf_nan=False)
+    epsilon_budget: float | None = Field(None, ge=0.05, le=100, allow_inf_nan=False, strict=True)
 
 
 class RunStarted(BaseModel):
