@@ -78,6 +78,11 @@ def test_the_schema_declares_the_api(board: Board) -> None:  # noqa: F811
         (operation,) = loaded.raw_schema["paths"][path].values()
         declared = operation["responses"]["200"]["content"]["application/json"]["schema"]
         assert "$ref" in declared, (path, declared)
+    # and the lists hold declared shapes too: the run summaries and sites the pages read
+    components = loaded.raw_schema["components"]["schemas"]
+    assert components["RunList"]["properties"]["runs"]["items"] == {"$ref": "#/components/schemas/RunSummary"}
+    assert components["SiteList"]["properties"]["sites"]["items"] == {"$ref": "#/components/schemas/SiteInfo"}
+    assert {"id", "status", "rounds_done"} <= set(components["RunSummary"]["required"])
 
 
 SYNTHETIC = "fedveil.tasks.synthetic:task"

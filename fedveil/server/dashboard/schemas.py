@@ -124,12 +124,40 @@ class Prediction(BaseModel):
     top_features: list[Contribution] = Field(default_factory=list)
 
 
+class RunSummary(BaseModel):
+    """One run in GET /api/runs: its settings, status and the figures of its latest round."""
+
+    id: str
+    status: Literal["running", "completed", "failed"]
+    settings: dict[str, Any]
+    started_at: float | str | None
+    finished_at: float | str | None
+    rounds_done: int
+    accuracy: float | None = None
+    auc: float | None = None
+    epsilon_sample_max: float | None = None
+    epsilon_user: float | None = None
+    error: str | None = None
+
+
 class RunList(BaseModel):
-    runs: list[dict[str, Any]]
+    """GET /api/runs: run summaries, newest first."""
+
+    runs: list[RunSummary]
+
+
+class SiteInfo(BaseModel):
+    """One site in GET /api/sites: whether it has a data file here, and its rows."""
+
+    name: str
+    has_upload: bool
+    rows: int | None = None
+    error: str | None = None
+    """Why a file on disk no longer parses (edited by hand since it was accepted)."""
 
 
 class SiteList(BaseModel):
-    sites: list[dict[str, Any]]
+    sites: list[SiteInfo]
     uploads: bool
     message: str | None = None
 
