@@ -73,18 +73,24 @@ class RoundRow(BaseModel):
     """What is left of the budget: per site (local DP) or for the federation."""
 
 
-class Run(BaseModel):
-    """GET /api/runs/{run_id}: a run's settings, status and rounds."""
+class RunHeader(BaseModel):
+    """What a run's summary and its full record both carry."""
 
     id: str
     status: Literal["running", "completed", "failed"]
     settings: dict[str, Any]
     started_at: float | str | None
     finished_at: float | str | None
+    error: str | None = None
+    """Why a failed run failed."""
+
+
+class Run(RunHeader):
+    """GET /api/runs/{run_id}: a run's settings, status and rounds."""
+
     sites: list[str]
     epsilon_budget: float | None
     delta: float | None
-    error: str | None
     rounds: list[RoundRow]
 
 
@@ -124,20 +130,14 @@ class Prediction(BaseModel):
     top_features: list[Contribution] = Field(default_factory=list)
 
 
-class RunSummary(BaseModel):
+class RunSummary(RunHeader):
     """One run in GET /api/runs: its settings, status and the figures of its latest round."""
 
-    id: str
-    status: Literal["running", "completed", "failed"]
-    settings: dict[str, Any]
-    started_at: float | str | None
-    finished_at: float | str | None
     rounds_done: int
     accuracy: float | None = None
     auc: float | None = None
     epsilon_sample_max: float | None = None
     epsilon_user: float | None = None
-    error: str | None = None
 
 
 class RunList(BaseModel):
