@@ -338,7 +338,11 @@ def test_predict_refuses_values_the_model_cannot_take(board: Any, value: Any, wo
 
 @pytest.mark.parametrize(("body", "field"), [
     (b'{"rounds": 0}', "rounds"), (b'{"dp": "loud"}', "dp"), (b'{"bogus": 1}', "bogus"),
-    (b'{"epsilon_budget": "x"}', "epsilon_budget")])
+    (b'{"epsilon_budget": "x"}', "epsilon_budget"),
+    # a JSON boolean or string is not a number of rounds, sites or an ε budget (lax parsing took true as 1)
+    (b'{"rounds": true}', "rounds"), (b'{"sites_per_round": true}', "sites_per_round"),
+    (b'{"epsilon_budget": true}', "epsilon_budget"), (b'{"rounds": "3"}', "rounds"),
+    (b'{"epsilon_budget": "3"}', "epsilon_budget")])
 def test_a_bad_run_setting_over_http_is_a_400_naming_the_field(board: Any, body: bytes, field: str) -> None:
     server, _, _ = board
     status, res = call(server.url + "api/runs", "POST", body)

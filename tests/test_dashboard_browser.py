@@ -101,6 +101,17 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
 
 
 @pytest.fixture(scope="module")
+def trained(demo: Demo) -> Demo:
+    """The demo once its own run has completed, so a global model exists and no run is in progress.
+
+    Tests that need a model (or need to start a run) take this, so each passes alone as well as in file order.
+    """
+    wait_for(lambda: any(r["status"] == "completed" for r in get_json(demo.url + "api/runs")["runs"])
+             and get_json(demo.url + "api/status")["has_model"], 180, "the demo run's global model")
+    return demo
+
+
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as pw:
@@ -151,9 +162,8 @@ def test_the_login_url_sets_an_httponly_cookie_and_pages_refuse_without_it(demo:
 
 
 @pytest.mark.slow
-def test_runs_page_shows_the_demo_run_and_its_rounds(demo: Demo, browser: Any) -> None:
-    url = demo.url
-    wait_for(lambda: any(r["status"] == "completed" for r in get_json(url + "api/runs")["runs"]), 120, "the demo run")
+def test_runs_page_shows_the_demo_run_and_its_rounds(trained: Demo, browser: Any) -> None:
+    demo = trained
     page = new_page(browser, demo)
     page.wait_for_selector("#runs-table tbody tr")
     expect = pytest.importorskip("playwright.sync_api").expect
@@ -208,7 +218,8 @@ def test_site_page_accepts_a_good_csv_and_rejects_a_bad_one(demo: Demo, browser:
 
 @pytest.mark.slow
 def test_a_run_started_from_the_browser_shows_its_rounds_and_gives_its_model(
-        demo: Demo, browser: Any, tmp_path: Path) -> None:
+        trained: Demo, browser: Any, tmp_path: Path) -> None:
+    demo = trained
     url = demo.url
     before = {r["id"] for r in get_json(url + "api/runs")["runs"]}
     page = new_page(browser, demo)
@@ -249,7 +260,8 @@ def test_a_run_started_from_the_browser_shows_its_rounds_and_gives_its_model(
 
 
 @pytest.mark.slow
-def test_clinician_gets_a_prediction_with_reasons(demo: Demo, browser: Any) -> None:
+def test_clinician_gets_a_prediction_with_reasons(trained: Demo, browser: Any) -> None:
+    demo = trained
     page = new_page(browser, demo)
     page.goto(demo.url + "clinician.html")
     page.wait_for_selector("#example option", state="attached")

@@ -58,6 +58,7 @@ def test_reduced_demo_local_dp_with_dropouts(tmp_path: Path, transport: str) -> 
             "privacy_utility.png", "runs.sqlite", "hospitals"} <= files
     md = (tmp_path / "out" / "report.md").read_text()
     assert "centralized, non-private" in md and "federated, non-private" in md
+    assert "`fedveil demo healthcare --sweep`" in md  # one run is one point; the report says where the curve is
     assert saved["baselines"]["centralized"]["accuracy"] > 0.9
     # the non-private baseline ran the real job with the private run's dropouts replayed
     federated = saved["baselines"]["federated_non_private"]

@@ -186,7 +186,11 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     for row in _comparison_rows(report):
         lines.append(f"| {row['name']} | {row['privacy']} | {_fmt(row['accuracy'])} | {_fmt(row['auc'])} | "
                      f"{_fmt(row['loss'])} |")
-    lines += ["", f"![accuracy and AUC by round]({PLOTS['utility']})", "",
+    lines += ["", f"One run is one point: one privacy setting, one split, {report['split']['test']} test patients. "
+              "`fedveil demo healthcare --sweep` trains at several patient-level ε targets over several split "
+              "seeds and draws the privacy–utility curve (accuracy and ROC AUC with error bars, against both "
+              "non-private baselines).",
+              "", f"![accuracy and AUC by round]({PLOTS['utility']})", "",
               f"![epsilon by round]({PLOTS['epsilon']})", "", f"![privacy-utility comparison]({PLOTS['comparison']})",
               "", "## Hospitals", "",
               "| hospital | patients | malignant share | noise multiplier | rounds joined | patient-level ε |",

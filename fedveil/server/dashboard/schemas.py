@@ -20,10 +20,11 @@ class RunSettingsBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    rounds: int | None = Field(None, ge=1, le=200)
-    sites_per_round: int | None = Field(None, ge=2, le=1000)
+    # strict: a JSON true is not 1 round, nor "3" an ε budget (lax validation would take both)
+    rounds: int | None = Field(None, ge=1, le=200, strict=True)
+    sites_per_round: int | None = Field(None, ge=2, le=1000, strict=True)
     dp: Literal["local", "central", "distributed", "none"] | None = None
-    epsilon_budget: float | None = Field(None, ge=0.05, le=100, allow_inf_nan=False)
+    epsilon_budget: float | None = Field(None, ge=0.05, le=100, allow_inf_nan=False, strict=True)
 
 
 class RunStarted(BaseModel):
@@ -72,18 +73,24 @@ class RoundRow(BaseModel):
     """What is left of the budget: per site (local DP) or for the federation."""
 
 
-class Run(BaseModel):
-    """GET /api/runs/{run_id}: a run's settings, status and rounds."""
+class RunHeader(BaseModel):
+    """What a run's summary and its full record both carry."""
 
     id: str
     status: Literal["running", "completed", "failed"]
     settings: dict[str, Any]
     started_at: float | str | None
     finished_at: float | str | None
+    error: str | None = None
+    """Why a failed run failed."""
+
+
+class Run(RunHeader):
+    """GET /api/runs/{run_id}: a run's settings, status and rounds."""
+
     sites: list[str]
     epsilon_budget: float | None
     delta: float | None
-    error: str | None
     rounds: list[RoundRow]
 
 
@@ -123,12 +130,34 @@ class Prediction(BaseModel):
     top_features: list[Contribution] = Field(default_factory=list)
 
 
+class RunSummary(RunHeader):
+    """One run in GET /api/runs: its settings, status and the figures of its latest round."""
+
+    rounds_done: int
+    accuracy: float | None = None
+    auc: float | None = None
+    epsilon_sample_max: float | None = None
+    epsilon_user: float | None = None
+
+
 class RunList(BaseModel):
-    runs: list[dict[str, Any]]
+    """GET /api/runs: run summaries, newest first."""
+
+    runs: list[RunSummary]
+
+
+class SiteInfo(BaseModel):
+    """One site in GET /api/sites: whether it has a data file here, and its rows."""
+
+    name: str
+    has_upload: bool
+    rows: int | None = None
+    error: str | None = None
+    """Why a file on disk no longer parses (edited by hand since it was accepted)."""
 
 
 class SiteList(BaseModel):
-    sites: list[dict[str, Any]]
+    sites: list[SiteInfo]
     uploads: bool
     message: str | None = None
 
