@@ -129,3 +129,32 @@ def test_refusals_name_the_flag_at_fault(finished_run: tuple[Path, str], tmp_pat
     assert main([*base, "--json"]) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["round"] == "2" and last["run_id"] == run_id and out.exists()
+
+
+@pytest.mark.slow
+def test_under_local_dp_the_metadata_carries_the_largest_sites_sample_level_epsilon(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    from fedveil.tasks.synthetic import task as synthetic
+    from tests.attack_helpers import Consortium, job_config, turnkey
+    from tests.attack_helpers import run_job as run_sites
+
+    names = [f"site-{i}" for i in range(4)]
+    consortium = Consortium.create(names)
+    config = job_config(rounds=2, dp="local", dp_local_noise_multiplier=1.0)
+    summary, _results, errors = run_sites(tmp_path, config, synthetic,
+                                          [turnkey(synthetic, n, i, consortium) for i, n in enumerate(names)])
+    assert not errors and summary.completed_rounds == 2, (errors, summary)
+    db = tmp_path / "run.sqlite"
+    with RunStore(db) as store:
+        ledger = PrivacyLedger.from_json(store.ledger_json(summary.run_id) or "")
+    after = {r: max(h.epsilon_cumulative for site in names for h in ledger.party_history(site) if h.round_index == r)
+             for r in (1, 2)}
+    assert 0 < after[1] < after[2]
+    for round_number in (1, 2):
+        out = tmp_path / f"round{round_number}.safetensors"
+        export_model(ExportRequest(store=db, out=out, round=round_number))
+        with safe_open(str(out), framework="pt") as f:
+            meta = f.metadata()
+        assert meta["dp"] == "local" and meta["epsilon_level"].startswith("sample")
+        assert float(meta["epsilon"]) == pytest.approx(after[round_number], rel=1e-9)

@@ -104,6 +104,42 @@ def test_job_metrics_follow_events_and_the_user_level_epsilon_of_the_released_le
     assert {"training", "masked-input", "unmasking"} <= stages, stages
 
 
+@pytest.mark.slow
+def test_under_local_dp_the_largest_sites_sample_level_epsilon_is_a_gauge(tmp_path: Path) -> None:
+    from fedveil.dp.ledger import PrivacyLedger
+    from fedveil.server.coordinator import Coordinator
+    from fedveil.server.store import RunStore
+    from fedveil.tasks.synthetic import task as synthetic
+    from tests.attack_helpers import Consortium, job_config, turnkey
+    from tests.attack_helpers import run_job as run_sites
+
+    names = [f"site-{i}" for i in range(4)]
+    consortium = Consortium.create(names)
+    metrics = JobMetrics()
+
+    class Observed(Coordinator):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            self.listeners.add(metrics)
+
+    summary, _results, errors = run_sites(tmp_path, job_config(rounds=2, dp="local", dp_local_noise_multiplier=1.0),
+                                          synthetic, [turnkey(synthetic, n, i, consortium) for i, n in enumerate(names)],
+                                          coordinator_cls=Observed)
+    assert not errors and summary.completed_rounds == 2, (errors, summary)
+    endpoint = MetricsEndpoint(metrics.registry, "127.0.0.1", free_port())
+    try:
+        samples = scrape(endpoint.url)
+    finally:
+        endpoint.stop()
+    with RunStore(tmp_path / "run.sqlite") as store:
+        ledger = PrivacyLedger.from_json(store.ledger_json(summary.run_id) or "")
+    released = [h.epsilon_cumulative for n in names for h in ledger.party_history(n)]
+    assert value(samples, "fedveil_site_epsilon_max") > 0
+    assert value(samples, "fedveil_site_epsilon_max") <= max(released) + 1e-9
+    assert value(samples, "fedveil_site_delta_max") == pytest.approx(1e-5)
+    assert "fedveil_user_epsilon" not in {n for n, _ in samples}  # no user-level claim under local DP
+
+
 def test_each_server_has_its_own_registry_and_aborts_and_dropouts_count_by_stage() -> None:
     first, second = JobMetrics(), JobMetrics()  # a global registry would refuse the second
     first.on_event(RoundStarted("r", 1, 1, ("a", "b"), "train"))

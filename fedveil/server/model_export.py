@@ -97,13 +97,13 @@ def load_exported_model(request: ExportRequest) -> ExportedModel:
     except TaskLoadError as err:
         raise ExportError(f"the run's task cannot be loaded here: {err}", field="store") from None
     model = vector_to_model(checkpoint.model, task.build_model()).eval()
-    epsilon, delta = _user_epsilon(ledger_json, checkpoint.version)
+    epsilon, delta, level = _round_epsilon(ledger_json, checkpoint.version)
     metadata = {
         "run_id": run.run_id,
         "round": str(checkpoint.version),
         "epsilon": "none" if epsilon is None else repr(epsilon),
         "delta": "none" if delta is None else repr(delta),
-        "epsilon_level": "user",
+        "epsilon_level": level,
         "task": task.name,
         "task_reference": reference,
         "dp": str(run.config.get("dp", "none")),
@@ -114,18 +114,26 @@ def load_exported_model(request: ExportRequest) -> ExportedModel:
     return ExportedModel(model, task, metadata)
 
 
-def _user_epsilon(ledger_json: str | None, round_number: int) -> tuple[float | None, float | None]:
-    """The federation's user-level (ε, δ) after ``round_number``, or Nones without user-level DP."""
+def _round_epsilon(ledger_json: str | None, round_number: int) -> tuple[float | None, float | None, str]:
+    """(ε, δ, level) after ``round_number``: the federation's user-level figure, or under local DP the
+    largest site's sample-level one as the sites reported it (the server recomputes, but cannot see,
+    each site's DP-SGD); Nones without DP."""
     if ledger_json is None:
-        return None, None
+        return None, None, "user"
     from fedveil.dp.ledger import FEDERATION, PrivacyLedger
 
     ledger = PrivacyLedger.from_json(ledger_json)
-    if not any(e.party == FEDERATION for e in ledger.entries):
-        return None, None
-    history = [h for h in ledger.party_history(FEDERATION) if h.round_index <= round_number]
-    delta = ledger.config.delta_for(FEDERATION)
-    return (history[-1].epsilon_cumulative if history else 0.0), delta
+    parties = {e.party for e in ledger.entries}
+    if FEDERATION in parties:
+        history = [h for h in ledger.party_history(FEDERATION) if h.round_index <= round_number]
+        return (history[-1].epsilon_cumulative if history else 0.0), ledger.config.delta_for(FEDERATION), "user"
+    sites = sorted(parties)
+    if not sites:
+        return None, None, "user"
+    spent = [[h.epsilon_cumulative for h in ledger.party_history(site) if h.round_index <= round_number]
+             for site in sites]
+    return (max((s[-1] for s in spent if s), default=0.0), max(ledger.config.delta_for(site) for site in sites),
+            "sample (the largest site's, as reported)")
 
 
 def export_model(request: ExportRequest) -> ExportedModel:

@@ -63,13 +63,14 @@ class _TrafficCollector(Collector):
 
 
 class _EpsilonCollector(Collector):
-    """``fedveil_user_epsilon`` and ``fedveil_user_delta``: the federation's user-level (ε, δ) spent
-    so far, from the ledger of the latest released round (absent while user-level DP is off)."""
+    """The ε spent so far, from the ledger of the latest released round: ``fedveil_user_epsilon`` and
+    ``fedveil_user_delta`` under user-level DP; ``fedveil_site_epsilon_max`` and its δ under local DP
+    (the largest site's sample-level ε, as the sites reported their DP-SGD); absent without DP."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._ledger_json: str | None = None
-        self._computed: tuple[str, float, float] | None = None
+        self._computed: tuple[str, list[tuple[str, str, float]]] | None = None
 
     def update(self, ledger_json: str | None) -> None:
         if ledger_json is not None:
@@ -82,14 +83,27 @@ class _EpsilonCollector(Collector):
             if text is None:
                 return
             if computed is None or computed[0] is not text:
-                from fedveil.dp.ledger import FEDERATION, PrivacyLedger
-
-                ledger = PrivacyLedger.from_json(text)
-                computed = (text, ledger.epsilon(), ledger.config.delta_for(FEDERATION))
+                computed = (text, _epsilon_gauges(text))
                 self._computed = computed
-        yield GaugeMetricFamily("fedveil_user_epsilon", "User-level ε the federation has spent so far.",
-                                value=computed[1])
-        yield GaugeMetricFamily("fedveil_user_delta", "The δ of fedveil_user_epsilon.", value=computed[2])
+        for name, doc, value in computed[1]:
+            yield GaugeMetricFamily(name, doc, value=value)
+
+
+def _epsilon_gauges(ledger_json: str) -> list[tuple[str, str, float]]:
+    from fedveil.dp.ledger import FEDERATION, PrivacyLedger
+
+    ledger = PrivacyLedger.from_json(ledger_json)
+    parties = {e.party for e in ledger.entries}
+    if FEDERATION in parties:
+        return [("fedveil_user_epsilon", "User-level ε the federation has spent so far.", ledger.epsilon()),
+                ("fedveil_user_delta", "The δ of fedveil_user_epsilon.", ledger.config.delta_for(FEDERATION))]
+    if not parties:
+        return []
+    sites = sorted(parties)
+    return [("fedveil_site_epsilon_max", "The largest sample-level ε a site has spent so far (local DP, as the "
+             "sites reported it).", max(ledger.epsilon(site) for site in sites)),
+            ("fedveil_site_delta_max", "The largest δ of the sites' sample-level guarantees.",
+             max(ledger.config.delta_for(site) for site in sites))]
 
 
 class JobMetrics:
