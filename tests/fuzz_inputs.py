@@ -132,11 +132,11 @@ def apply_edits(message: Message, changes: Sequence[tuple[tuple[str, ...], Any]]
 # -- dashboard requests ------------------------------------------------------------------------
 
 DASHBOARD_PATHS = [
-    "/", "/index.html", "/runs.html", "/site.html", "/clinician.html", "/app.js", "/missing",
+    "/", "/index.html", "/runs.html", "/site.html", "/predict.html", "/app.js", "/missing",
     "/api/state", "/api/runs", "/api/runs/1", "/api/runs/run-x/rounds", "/api/runs/run-x/privacy",
     "/api/runs/run-x/model", "/api/sites", "/api/sites/hospital-1",
     "/api/sites/hospital-1/upload", "/api/sites/hospital-1/files/site.csv", "/api/sites/nope/upload",
-    "/api/start", "/api/runs/start", "/api/predict", "/api/clinician/examples", "/api/clinician/predict",
+    "/api/start", "/api/runs/start", "/api/predict", "/api/examples", "/api/clinician/predict",
     "/login", "/logout", "/api/", "//api/state", "/api/state/../runs", "/%2e%2e/%2e%2e/etc/passwd",
 ]
 METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]

@@ -23,7 +23,7 @@ AUTH = f"Authorization: Bearer {TOKEN.value}\r\n"
 
 def test_pages_and_assets_are_served(board: Any) -> None:
     server, _, _ = board
-    for path, marker in [("", "Start a run"), ("site.html", "Upload a site"), ("clinician.html", "{predict_action}"),
+    for path, marker in [("", "Start a run"), ("site.html", "Upload a site"), ("predict.html", "{predict_action}"),
                          ("charts.js", "drawLineChart"), ("app.css", "--accent")]:
         status, text = call(server.url + path)
         assert status == 200 and marker in text, path
@@ -45,8 +45,8 @@ def test_the_servers_pages_hold_no_domain_wording() -> None:
 
     static = resources.files("fedveil.server").joinpath("static")
     for page in static.iterdir():
-        text = page.read_text(encoding="utf-8").replace("/clinician.html", "").replace("/api/clinician/", "")
-        for word in ("patient", "hospital", "malignan", "Clinician", "diagnos"):
+        text = page.read_text(encoding="utf-8").lower()
+        for word in ("patient", "hospital", "malignan", "clinician", "diagnos"):
             assert word not in text, (page.name, word)
     assert task.terms == TaskTerms() and task.terms.record == "record"
 

@@ -27,11 +27,11 @@ from tests.dashboard_helpers import TOKEN, Board, call, files_in, site_csv, uplo
 ROUTES = [
     ("GET", "api/status"), ("GET", "api/runs"), ("GET", "api/runs/some-run"), ("POST", "api/runs"),
     ("GET", "api/schema"), ("GET", "api/sites"), ("POST", "api/sites/hospital-1/upload?filename=a.csv"),
-    ("DELETE", "api/sites/hospital-1/upload"), ("GET", "api/clinician/examples"), ("POST", "api/predict"),
+    ("DELETE", "api/sites/hospital-1/upload"), ("GET", "api/examples"), ("POST", "api/predict"),
     ("GET", "api/no-such-route"), ("HEAD", "api/status"),
 ]
-PAGES = ["", "index.html", "site.html", "clinician.html"]
-ASSETS = ["app.css", "charts.js", "common.js", "runs.js", "site.js", "clinician.js"]
+PAGES = ["", "index.html", "site.html", "predict.html"]
+ASSETS = ["app.css", "charts.js", "common.js", "runs.js", "site.js", "predict.js"]
 
 
 def one_char_off(token: str) -> str:

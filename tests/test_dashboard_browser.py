@@ -145,7 +145,7 @@ def shot(page: Any, name: str) -> None:
 @pytest.mark.slow
 def test_the_login_url_sets_an_httponly_cookie_and_pages_refuse_without_it(demo: Demo, browser: Any) -> None:
     page = new_page(browser)
-    response = page.goto(demo.url + "clinician.html")
+    response = page.goto(demo.url + "predict.html")
     assert response is not None and response.status == 401
     assert "Open the URL that was printed when the dashboard started" in page.inner_text("body")
     page.goto(demo.url + f"?token={demo.token[:-1]}x")  # one character off
@@ -156,7 +156,7 @@ def test_the_login_url_sets_an_httponly_cookie_and_pages_refuse_without_it(demo:
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["value"] == demo.token
     assert page.evaluate("document.cookie") == ""  # scripts on the page cannot read it
     page.wait_for_selector("#runs-table tbody tr")  # the pages' API calls ride on the cookie
-    page.goto(demo.url + "clinician.html")
+    page.goto(demo.url + "predict.html")
     page.wait_for_selector("#example option", state="attached")
     assert page.errors == []
 
@@ -263,7 +263,7 @@ def test_a_run_started_from_the_browser_shows_its_rounds_and_gives_its_model(
 def test_clinician_gets_a_prediction_with_reasons(trained: Demo, browser: Any) -> None:
     demo = trained
     page = new_page(browser, demo)
-    page.goto(demo.url + "clinician.html")
+    page.goto(demo.url + "predict.html")
     page.wait_for_selector("#example option", state="attached")
     # the page's generic words, replaced by the healthcare task's own (TaskTerms via /api/status)
     assert page.inner_text("#predict-button") == "Assess risk"

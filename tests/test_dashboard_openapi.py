@@ -68,7 +68,7 @@ def test_the_schema_declares_the_api(board: Board) -> None:  # noqa: F811
     loaded = schemathesis.openapi.from_url(f"{server.url}openapi.json", headers=AUTH)
     paths = set(loaded.raw_schema["paths"])
     assert {"/api/status", "/api/runs", "/api/runs/{run_id}", "/api/runs/{run_id}/model", "/api/predict",
-            "/api/schema", "/api/clinician/examples"} <= paths
+            "/api/schema", "/api/examples"} <= paths
     assert not any(p.endswith(".html") or p.endswith(".js") for p in paths)  # pages are not API
     operations = [op for ops in loaded.raw_schema["paths"].values() for op in ops.values()]
     # a bad request is answered 400, never FastAPI's 422: the schema says so

@@ -54,7 +54,7 @@ def test_store_source_shows_rounds_privacy_dropouts_and_the_model(tmp_path: Path
         assert [r["round"] for r in rounds] == [1, 2, 3]
         assert rounds[1]["dropped"] == ["hospital-3"] and "hospital-3" not in rounds[1]["participants"]
         assert rounds[0]["dropped"] == [] and len(rounds[0]["participants"]) == 4
-        for r in rounds:  # the cohort's federated evaluation of each round's model
+        for r in rounds:  # each round's model on the demo's held-out test set (hospitals never evaluate)
             assert r["accuracy"] is not None and 0 <= r["accuracy"] <= 1 and r["loss"] is not None
         # clients' reported sample-level ε, as the ledger recorded them, matching the hospitals' own accountants
         last = rounds[-1]["epsilon_sample"]
@@ -125,7 +125,7 @@ def test_fedveil_server_serves_the_dashboard(tmp_path: Path) -> None:
             raise AssertionError("upload accepted by the coordinator's dashboard")
         except urllib.error.HTTPError as err:
             assert err.code == 409
-        req = urllib.request.Request(url + "clinician.html", headers={"Authorization": f"Bearer {token}"})
+        req = urllib.request.Request(url + "predict.html", headers={"Authorization": f"Bearer {token}"})
         with urllib.request.urlopen(req, timeout=5) as resp:
             assert b"data-term=\"{predict_action}\"" in resp.read()  # the task's words come with /api/status
     finally:
@@ -170,7 +170,7 @@ def test_fedveil_dashboard_serves_a_finished_run_with_the_tasks_own_explanations
         url, token = _login_url(line)
         runs = _get(url + "api/runs", token)[1]["runs"]
         assert [r["id"] for r in runs] == [result.run_id] and runs[0]["status"] == "completed"
-        examples = _get(url + "api/clinician/examples", token)[1]["examples"]
+        examples = _get(url + "api/examples", token)[1]["examples"]
         assert len(examples) == 3  # the task's own example patients
         body = json.dumps({"features": examples[0]["features"]}).encode()
         req = urllib.request.Request(url + "api/predict", data=body, method="POST",

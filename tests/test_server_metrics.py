@@ -122,9 +122,9 @@ def test_under_local_dp_the_largest_sites_sample_level_epsilon_is_a_gauge(tmp_pa
             super().__init__(*args, **kwargs)  # type: ignore[arg-type]
             self.listeners.add(metrics)
 
-    summary, _results, errors = run_sites(tmp_path, job_config(rounds=2, dp="local", dp_local_noise_multiplier=1.0),
-                                          synthetic, [turnkey(synthetic, n, i, consortium) for i, n in enumerate(names)],
-                                          coordinator_cls=Observed)
+    sites = [turnkey(synthetic, n, i, consortium) for i, n in enumerate(names)]
+    config = job_config(rounds=2, dp="local", dp_local_noise_multiplier=1.0)
+    summary, _results, errors = run_sites(tmp_path, config, synthetic, sites, coordinator_cls=Observed)
     assert not errors and summary.completed_rounds == 2, (errors, summary)
     endpoint = MetricsEndpoint(metrics.registry, "127.0.0.1", free_port())
     try:

@@ -1,7 +1,7 @@
 """``fedveil dashboard``: the read-only web dashboard of a run store, after (or beside) its server.
 
 ``fedveil server --dashboard PORT`` serves the same view while the job runs and stops with it;
-this command keeps a finished run's rounds, privacy spend and clinician view available until
+this command keeps a finished run's rounds, privacy spend and prediction page available until
 Ctrl+C.
 """
 

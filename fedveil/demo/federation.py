@@ -171,6 +171,10 @@ class _RoundObserver:
             self._observer(event)
 
 
+TEST_SET_ROW = "(held-out test set)"
+"""The store's evaluation row of each round's model on the demo's own test set (no hospital's data)."""
+
+
 def server_config(settings: FederationSettings, recipe: Recipe, n_hospitals: int) -> Any:
     """The coordinator's job configuration for this run."""
     from fedveil.dp.calibration import solve_noise_multiplier
@@ -184,6 +188,9 @@ def server_config(settings: FederationSettings, recipe: Recipe, n_hospitals: int
         batch_size=recipe.batch_size, local_epochs=recipe.local_epochs, dp_delta=recipe.delta,
         dp_accountant=recipe.accountant, seed=settings.seed, clip_range=16.0, linger=2.0, poll_wait=2.0,
         max_round_attempts=3,
+        # The demo scores every global model on its own held-out test set (the round observer records it in
+        # the store for the dashboard); the hospitals are never asked to evaluate on their patients.
+        evaluation="off", final_evaluation=False,
     )
     if settings.dp == "local":
         common.update(dp="local", dp_local_target_epsilon=settings.epsilon_budget,
@@ -298,6 +305,7 @@ def run_federation(
         model = task.build_model()
         vector_to_model(np.asarray(event.model, dtype=np.float32), model)
         metrics = healthcare.evaluate(model, test)
+        store.record_evaluation(run_id, number, TEST_SET_ROW, len(test), metrics)
         participants = sorted(n for a, n, _, _ in store.participants(run_id, number) if a == attempt)
         drops = sorted({name for (r, a, name, _, _) in store.dropouts(run_id) if r == number and a == attempt})
         participants = [p for p in participants if p not in drops]

@@ -47,13 +47,13 @@ STATIC_FILES: dict[str, str] = {
     "/": "index.html",
     "/index.html": "index.html",
     "/site.html": "site.html",
-    "/clinician.html": "clinician.html",
+    "/predict.html": "predict.html",
     "/app.css": "app.css",
     "/charts.js": "charts.js",
     "/common.js": "common.js",
     "/runs.js": "runs.js",
     "/site.js": "site.js",
-    "/clinician.js": "clinician.js",
+    "/predict.js": "predict.js",
 }
 MAX_DISCARD_BYTES = 64 * 1024 * 1024
 """An oversized upload is read and dropped up to this size (so the sender sees the 413), then cut off."""
@@ -196,7 +196,7 @@ def _add_api(api: FastAPI, board: Dashboard) -> None:
         """Remove the site's file."""
         return {"removed": board.site_dirs().remove(name)}
 
-    @api.get("/api/clinician/examples", response_model=Examples, responses=ERRORS)
+    @api.get("/api/examples", response_model=Examples, responses=ERRORS)
     def examples() -> dict[str, Any]:
         """Example inputs."""
         return {"examples": board.example_inputs()}

@@ -9,7 +9,7 @@ async function buildForm() {
   fields.replaceChildren(...schema.columns.filter((c) => c.role === "feature").map((c) => el("label", { title: c.description }, [
     c.name, el("input", { type: "number", step: "any", min: "0", name: c.name, id: "f-" + c.name, required: "" }),
   ])));
-  const data = await api("GET", "/api/clinician/examples");
+  const data = await api("GET", "/api/examples");
   examples = data.examples;
   document.getElementById("example").replaceChildren(...examples.map((e, i) => el("option", { value: String(i) }, [e.label])));
 }
