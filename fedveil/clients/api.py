@@ -2,7 +2,7 @@
 
 A data scientist keeps their loop; four lines change (see docs/federate-your-loop.md)::
 
-    for rnd in fedveil.federate(server="hospital-hub:7000", model=model, token=TOKEN, ca_cert="hub.pem"):
+    for rnd in fedveil.federate(server="consortium-hub:7000", model=model, token=TOKEN, ca_cert="hub.pem"):
         model, optimizer, loader = rnd.privatize(model, optimizer, loader)  # local DP only
         for x, y in loader:               # the user's own loop, unchanged
             ...

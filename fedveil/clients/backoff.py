@@ -1,6 +1,6 @@
 """Exponential backoff with jitter for clients that lose the server.
 
-A hospital's client must ride out a server restart or a network blip without a human: it
+A site's client must ride out a server restart or a network blip without a human: it
 retries with exponentially growing, jittered waits ("full jitter", so a crowd of clients
 that lost the same server does not come back in lock-step), up to a cap per wait and a total
 give-up time. Errors that retrying cannot fix (a refused token, a bad certificate, invalid

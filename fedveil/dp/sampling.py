@@ -12,7 +12,7 @@ The rules of :func:`user_level_event`:
 
 - K ≥ N (the whole available set is taken): plain Gaussian, q = 1, add/remove relation.
 - ``amplification=False``: q = 1 as well. Use it whenever the premises fail: which sites are online is
-  rarely random (a hospital's uptime is not a coin flip), and whoever sees the participant lists (the
+  rarely random (a site's uptime is not a coin flip), and whoever sees the participant lists (the
   server's operator, a dashboard, any cohort member, who learns its peers in secure aggregation) knows
   exactly who could have been affected, which is what sampling amplification assumes nobody knows.
 - ``sampling="fixed"`` (what the coordinator does), amplification on, K < N: a
