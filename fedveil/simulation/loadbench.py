@@ -37,7 +37,7 @@ from fedveil.simulation.backends import (
     start_process_federation,
     wait_for_server,
 )
-from fedveil.simulation.netbench import _status_kib
+from fedveil.simulation.processes import status_kib
 
 TASK = "fedveil.tasks.synthetic:task"
 TIMED_RPCS = ("join", "poll", "respond_to_round", "reveal_contribution", "advertise_keys", "share_keys",
@@ -155,7 +155,7 @@ class ProcSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            hwm_kib = _status_kib(self.pid, "VmHWM")
+            hwm_kib = status_kib(self.pid, "VmHWM")
             try:
                 fds = len(os.listdir(f"/proc/{self.pid}/fd"))
             except OSError:

@@ -29,6 +29,7 @@ from fedveil.simulation.backends import (
     wait_for_server,
 )
 from fedveil.simulation.host import CoordinatorHost
+from fedveil.simulation.processes import status_kib
 
 MakeConfig = Callable[[str, int, int], ServerConfig]
 """``make_config(task_ref, clients, rounds)``: the job to measure (the command builds a ServerConfig)."""
@@ -58,16 +59,6 @@ def write_task_module(directory: Path, dim: int) -> str:
     return f"{module}:task"
 
 
-def _status_kib(pid: int, field: str) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
 class RssSampler:
     """Samples a process's resident set size every ``interval_s`` until stopped."""
 
@@ -81,11 +72,11 @@ class RssSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            rss = _status_kib(self.pid, "VmRSS")
+            rss = status_kib(self.pid, "VmRSS")
             if rss is None:
                 return
             self.peak_kib = max(self.peak_kib, rss)
-            hwm = _status_kib(self.pid, "VmHWM")
+            hwm = status_kib(self.pid, "VmHWM")
             if hwm is not None:
                 self.hwm_kib = max(self.hwm_kib, hwm)
             time.sleep(self.interval_s)
@@ -137,7 +128,7 @@ def run_processes(
     fed = start_process_federation(config, clients, workdir / f"net-{clients}", host=host, start_clients=False,
                                    env={"PYTHONPATH": str(workdir)})
     try:
-        baseline = _status_kib(fed.server.pid, "VmRSS")
+        baseline = status_kib(fed.server.pid, "VmRSS")
         sampler = RssSampler(fed.server.pid).start()
         fed.clients = [fed.start_client(i, config, extra=("--log-level", "warning")) for i in range(clients)]
         try:

@@ -19,6 +19,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+def status_kib(pid: int, field: str) -> int | None:
+    """A ``/proc/PID/status`` field in KiB (``VmRSS``, ``VmHWM``); None when it cannot be read."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """An ephemeral TCP port that is free right now (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
