@@ -29,7 +29,14 @@ def bench_group() -> None:
 
 
 def register(group: click.Group) -> None:
-    group.add_command(bench_group)
+    if "bench" not in group.commands:
+        group.add_command(bench_group)
+
+
+def register_bench(group: click.Group, command: click.Command) -> None:
+    """Add ``command`` under ``fedveil bench`` (each benchmark module's ``register``)."""
+    bench_group.add_command(command)
+    register(group)
 
 
 def secagg_round_plan(clients: int, dropout: float, graph: str, max_corrupt_fraction: float) -> Any:

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import click
 
-from fedveil.commands.bench import bench_group
+from fedveil.commands.bench import register_bench
 from fedveil.commands.common import eprint, fail_from, print_json_last_line
 
 
 def register(group: click.Group) -> None:
-    bench_group.add_command(load_bench_command)
-    if "bench" not in group.commands:
-        group.add_command(bench_group)
+    register_bench(group, load_bench_command)
 
 
 @click.command("load")

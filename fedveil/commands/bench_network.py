@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from fedveil.commands.bench import bench_group
+from fedveil.commands.bench import register_bench
 from fedveil.commands.common import eprint, fail, print_json_last_line
 
 if TYPE_CHECKING:
@@ -26,9 +26,7 @@ def bench_config(task_ref: str, clients: int, rounds: int) -> ServerConfig:
 
 
 def register(group: click.Group) -> None:
-    bench_group.add_command(network_command)
-    if "bench" not in group.commands:
-        group.add_command(bench_group)
+    register_bench(group, network_command)
 
 
 @click.command("network")
