@@ -263,7 +263,8 @@ def evaluator(task: Task, dataset: TensorDataset) -> Callable[[nn.Module], dict[
 
 
 def run_client(federation: Federation, task: Task, dataset: TensorDataset, *,
-               leave_round_on: tuple[type[Exception], ...] = ()) -> list[RoundOutcome]:
+               leave_round_on: tuple[type[Exception], ...] = (),
+               after_round: Callable[[Round, RoundOutcome], None] | None = None) -> list[RoundOutcome]:
     """Run the whole job with the task's training function; returns the per-round outcomes.
 
     A round the client's own privacy budget cannot afford (local DP with a target ε) is declined,
@@ -276,11 +277,15 @@ def run_client(federation: Federation, task: Task, dataset: TensorDataset, *,
     An exception of a type in ``leave_round_on`` ends only the round it is raised in: the round
     iterator tells the server the site left it (a dropout at that stage), and the site serves the
     rest of the job (simulations inject dropouts this way, :mod:`fedveil.simulation.faults`).
+    ``after_round(rnd, outcome)`` is called after each round the site trained and submitted (a
+    simulation adds the plaintext update to its reference sums there).
     """
     with federation:
         for rnd in federation:
             try:
-                train_round(rnd, task, dataset)
+                outcome = train_round(rnd, task, dataset)
+                if after_round is not None:
+                    after_round(rnd, outcome)
             except BudgetExceededError as err:
                 rnd.decline(f"local privacy budget exhausted: {err}")
             except leave_round_on as err:

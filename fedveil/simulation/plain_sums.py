@@ -15,10 +15,10 @@ import threading
 import numpy as np
 from torch.utils.data import TensorDataset
 
-from fedveil.clients.api import train_round
+from fedveil.clients.api import run_client
 from fedveil.clients.participation import declared_weight
+from fedveil.clients.round import Round
 from fedveil.clients.session import Federation, RoundOutcome
-from fedveil.dp.ledger import BudgetExceededError
 from fedveil.simulation.faults import SimulatedDropout
 from fedveil.task import Task
 
@@ -50,18 +50,12 @@ class PlainSums:
 
 def run_recording_site(federation: Federation, task: Task, dataset: TensorDataset,
                        sums: PlainSums) -> list[RoundOutcome]:
-    """:func:`fedveil.clients.api.run_client`'s loop (injected dropouts leave only their round) that
-    also adds each completed round's plaintext update to ``sums``."""
-    with federation:
-        for rnd in federation:
-            try:
-                weight = declared_weight(federation, rnd.start_message) or 1.0
-                outcome = train_round(rnd, task, dataset)
-            except BudgetExceededError as err:
-                rnd.decline(f"local privacy budget exhausted: {err}")
-                continue
-            except SimulatedDropout:
-                continue
-            if outcome.outcome == "completed":
-                sums.add(rnd.number, federation.spec.vector(rnd.model) - rnd.global_vector, weight)
-    return federation.history
+    """:func:`fedveil.clients.api.run_client` (injected dropouts leave only their round) that also
+    adds each completed round's plaintext update to ``sums``."""
+
+    def record(rnd: Round, outcome: RoundOutcome) -> None:
+        if outcome.outcome == "completed":
+            weight = declared_weight(federation, rnd.start_message) or 1.0
+            sums.add(rnd.number, federation.spec.vector(rnd.model) - rnd.global_vector, weight)
+
+    return run_client(federation, task, dataset, leave_round_on=(SimulatedDropout,), after_round=record)
