@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import struct
 from dataclasses import dataclass
 
@@ -109,13 +110,21 @@ class SecAggConfig:
         return Ring(self.ring_bits)
 
     def parameters_bytes(self) -> bytes:
-        """Canonical encoding of the parameters, hashed into the session id and signatures."""
+        """Canonical encoding of the parameters, hashed into the session id and signatures.
+
+        The identity roster (every slot's Ed25519 key, in slot order) is part of it: a survivor-set
+        signature names no slot, so a server that gave two sites differently ordered rosters could
+        otherwise have one site count a signature at a slot where another site placed its signer (an
+        independent attacker's finding). Different rosters now give different sessions, and such a
+        round cannot complete."""
         graph = self.graph.encode()
         head = struct.pack("<IIIB?H", self.num_clients, self.threshold, self.vector_length, self.ring_bits,
                            self.active, len(graph))
+        roster = b"" if self.identity_keys is None else hashlib.sha256(b"".join(self.identity_keys)).digest()
         return (head + graph + struct.pack("<H", len(self.context)) + self.context
                 + struct.pack("<d", self.max_corrupt_fraction)
-                + struct.pack("<B", len(self.graph_seed)) + self.graph_seed)
+                + struct.pack("<B", len(self.graph_seed)) + self.graph_seed
+                + struct.pack("<B", len(roster)) + roster)
 
     def for_round(self, round_id: int) -> SecAggConfig:
         """The same parameters for another round."""
