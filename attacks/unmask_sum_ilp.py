@@ -44,6 +44,7 @@ F = 1 / 3
 CHECK = os.environ.get("CHECK", "twohop")
 VIEWS = int(os.environ.get("VIEWS", "3"))
 LIMIT = float(os.environ.get("LIMIT", "240"))
+REL = bool(os.environ.get("REL"))  # per-client rosters: identities permuted per viewer
 
 
 def neighbours(p: int, n: int, k: int) -> list[int]:
@@ -93,6 +94,7 @@ def build(n: int, k: int, t: int, c: int, Q: set[int], m: int, max_h: int) -> Mo
     nb = {u: neighbours(u, n, k) for u in range(n)}
     Hon = [u for u in range(n) if u not in Q]
     need = max(t - 1, c + 1)
+    C = len(Q)
     col_in = {p: [x for x in hold[p] if x in Q] for p in range(n)}
     for u in Hon:  # R2 live_problem on the boxes that reached u
         row = {v("B", w, u): 1.0 for w in nb[u]}
@@ -118,21 +120,59 @@ def build(n: int, k: int, t: int, c: int, Q: set[int], m: int, max_h: int) -> Mo
         for u in Hon:
             z = v("z", i, u)
             M.add({z: 1.0, v("y", i, u): -1.0}, -inf, 0.0)
+            if REL:  # u's own roster: identities relabelled (see the module docstring)
+                pinned = set(hold[u])
+                free_col = C - len(col_in[u])
+                fc = [v("fc", i, u, s) for s in hold[u] if s != u and s not in Q]
+                for s in hold[u]:
+                    if s != u and s not in Q:
+                        M.add({v("fc", i, u, s): 1.0, v("e", i, s): -1.0}, -inf, 0.0)
+                M.add({f: 1.0 for f in fc}, -inf, float(free_col))
+                row = {f: 1.0 for f in fc}
+                for s in range(n):
+                    if s not in pinned:
+                        f = v("f", i, u, s)
+                        row[f] = 1.0
+                        M.add({f: 1.0, v("e", i, s): -1.0}, -inf, 0.0)
+                for x in Hon:
+                    if x not in pinned:
+                        row[v("y", i, x)] = -1.0
+                M.add(row, -inf, float(free_col))
+
+            def qv(p: int, u: int = u, i: int = i) -> int:
+                if not REL:
+                    return v("q", i, p)
+                key = ("qv", i, u, p)
+                if key not in M.idx:
+                    row = {}
+                    for x in hold[p]:
+                        if x in hold[u]:
+                            if x in Q:
+                                row[v("e", i, x)] = 1.0
+                            else:
+                                row[v("y", i, x)] = 1.0
+                                if x != u:
+                                    row[v("fc", i, u, x)] = 1.0
+                        else:
+                            row[v("f", i, u, x)] = 1.0
+                    row[v(*key)] = -float(t)
+                    M.add(row, 0.0, inf)
+                return M.idx[key]
+
             for p in hold[u]:
-                M.add({z: 1.0, v("e", i, p): 1.0, v("q", i, p): -1.0}, -inf, 1.0)
+                M.add({z: 1.0, v("e", i, p): 1.0, qv(p): -1.0}, -inf, 1.0)
                 if p != u:
                     dr = v("dr", i, u, p)
                     M.add({dr: 1.0, z: -1.0}, -inf, 0.0)
                     M.add({dr: 1.0, v("e", i, p): 1.0}, -inf, 1.0)
                     M.add({dr: 1.0, v("B", p, u): -1.0}, -inf, 0.0)
-                    M.add({dr: 1.0, v("q", i, p): -1.0}, -inf, 0.0)
+                    M.add({dr: 1.0, qv(p): -1.0}, -inf, 0.0)
             if CHECK == "twohop":
-                seen: set[int] = set(hold[u])
                 for o in hold[u]:
                     for x in hold[o]:
-                        if x in seen and x in hold[u]:
+                        if x in hold[u]:
                             continue
-                        M.add({z: 1.0, v("e", i, o): 1.0, v("e", i, x): 1.0, v("q", i, x): -1.0}, -inf, 2.0)
+                        M.add({z: 1.0, v("e", i, o): 1.0, v("e", i, x): 1.0, qv(x): -1.0}, -inf, 2.0)
     for u in Hon:
         M.add({v("y", i, u): 1.0 for i in range(m)}, -inf, 1.0)
     for j in Hon:
@@ -193,7 +233,7 @@ def main() -> None:
     kk = k if h != n else 0
     max_h = int(os.environ.get("MAX_H", t - c - 1))
     rng = np.random.default_rng(1000 + n + k)
-    print(f"[{CHECK}] n={n} k={kk or 'complete'} h={h} c={c} t={t} C={T.corrupt_clients(n, F)}: looking for an "
+    print(f"[{CHECK}{' REL' if REL else ''}] n={n} k={kk or 'complete'} h={h} c={c} t={t} C={T.corrupt_clients(n, F)}: looking for an "
           f"unmaskable sum with 1..{max_h} honest inputs (claim: >= t-c = {t - c}), views 1..{VIEWS}", flush=True)
     for name, Q in placements(n, kk, c, trials, rng):
         worst = max(sum(1 for x in neighbours(u, n, kk) if x in Q) for u in range(n) if u not in Q)
