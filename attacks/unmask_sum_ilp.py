@@ -83,14 +83,14 @@ class Model:
                    integrality=np.ones(nv), bounds=Bounds(0, 1), options={"time_limit": LIMIT})
         if res.status != 0:
             return res.status, None
-        return 0, {key: int(round(res.x[i])) for key, i in self.idx.items()}
+        return 0, {key: round(res.x[i]) for key, i in self.idx.items()}
 
 
 def build(n: int, k: int, t: int, c: int, Q: set[int], m: int, max_h: int) -> Model:
     M = Model()
     v = M.v
     inf = np.inf
-    hold = {u: neighbours(u, n, k) + [u] for u in range(n)}
+    hold = {u: [*neighbours(u, n, k), u] for u in range(n)}
     nb = {u: neighbours(u, n, k) for u in range(n)}
     Hon = [u for u in range(n) if u not in Q]
     need = max(t - 1, c + 1)
@@ -233,7 +233,8 @@ def main() -> None:
     kk = k if h != n else 0
     max_h = int(os.environ.get("MAX_H", t - c - 1))
     rng = np.random.default_rng(1000 + n + k)
-    print(f"[{CHECK}{' REL' if REL else ''}] n={n} k={kk or 'complete'} h={h} c={c} t={t} C={T.corrupt_clients(n, F)}: looking for an "
+    tag = f"{CHECK}{' REL' if REL else ''}"
+    print(f"[{tag}] n={n} k={kk or 'complete'} h={h} c={c} t={t} C={T.corrupt_clients(n, F)}: looking for an "
           f"unmaskable sum with 1..{max_h} honest inputs (claim: >= t-c = {t - c}), views 1..{VIEWS}", flush=True)
     for name, Q in placements(n, kk, c, trials, rng):
         worst = max(sum(1 for x in neighbours(u, n, kk) if x in Q) for u in range(n) if u not in Q)
