@@ -26,7 +26,7 @@ Objective: 1 <= |H| <= t - c - 1 (the claim broken); with MAX_H=1 the exact-inpu
 Colluder placements tried: random (floor(f n), f = 1/3) and a contiguous block on the Harary cycle
 clipped so that no honest node's holders hold more than c colluders (the claim's precondition).
 
-Usage: [CHECK=twohop|owner] [MAX_H=...] [VIEWS=3] unmask_sum_ilp.py N K [trials]   (K=0: complete graph)
+Usage: [CHECK=twohop|owner|cohort] [MAX_H=...] [VIEWS=3] unmask_sum_ilp.py N K [trials]   (K=0: complete graph)
 """
 from __future__ import annotations
 
@@ -140,6 +140,13 @@ def build(n: int, k: int, t: int, c: int, Q: set[int], m: int, max_h: int) -> Mo
                 M.add(row, -inf, float(free_col))
 
             def qv(p: int, u: int = u, i: int = i) -> int:
+                if CHECK == "cohort":  # the check before the per-owner count: t signatures in the whole cohort
+                    if ("qc", i) not in M.idx:
+                        row = {v("y", i, x): 1.0 for x in Hon}
+                        row.update({v("e", i, x): 1.0 for x in Q})
+                        row[v("qc", i)] = -float(t)
+                        M.add(row, 0.0, inf)
+                    return M.idx[("qc", i)]
                 if not REL:
                     return v("q", i, p)
                 key = ("qv", i, u, p)
