@@ -39,7 +39,7 @@ from fedveil.secagg import threshold as T
 from fedveil.secagg.client import SecAggClient
 from fedveil.secagg.config import SecAggConfig
 from fedveil.secagg.graph import GraphSpec
-from fedveil.secagg.messages import ConsistencyCheckRequest, MaskedInputRequest, ShareKeysRequest, UnmaskingRequest
+from fedveil.secagg.messages import AdvertiseKeys, ConsistencyCheckRequest, MaskedInputRequest, ShareKeysRequest, UnmaskingRequest
 from fedveil.secagg.session import Session
 
 F = 1 / 3
@@ -80,9 +80,13 @@ def play(relabel: bool, seed: int, token: bool = False) -> str:
     advs_w = advs
     if token:  # the colluder signs y's advertisement under its own identity key for w's roster
         from fedveil.secagg.keys import advertisement_payload, sign
-        advs_w = tuple(dataclasses.replace(adv, signature=sign(ids[q], advertisement_payload(
-            3, base.parameters_bytes(), adv.client_id, adv.share_public, adv.mask_public))) if adv.client_id == y else adv
-                       for adv in advs)
+
+        def forged(adv: AdvertiseKeys) -> AdvertiseKeys:
+            payload = advertisement_payload(3, base.parameters_bytes(), adv.client_id, adv.share_public,
+                                            adv.mask_public)
+            return dataclasses.replace(adv, signature=sign(ids[q], payload))
+
+        advs_w = tuple(forged(adv) if adv.client_id == y else adv for adv in advs)
     sids = {Session.from_advertisements(cfg, ad).session_id for cfg, ad in ((base, advs), (cfg_w, advs_w))}
     live = [u for u in range(N) if not (token and u == q)]
     boxes_to: dict[int, dict[int, bytes]] = {u: {} for u in range(N)}
