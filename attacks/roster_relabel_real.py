@@ -39,7 +39,13 @@ from fedveil.secagg import threshold as T
 from fedveil.secagg.client import SecAggClient
 from fedveil.secagg.config import SecAggConfig
 from fedveil.secagg.graph import GraphSpec
-from fedveil.secagg.messages import AdvertiseKeys, ConsistencyCheckRequest, MaskedInputRequest, ShareKeysRequest, UnmaskingRequest
+from fedveil.secagg.messages import (
+    AdvertiseKeys,
+    ConsistencyCheckRequest,
+    MaskedInputRequest,
+    ShareKeysRequest,
+    UnmaskingRequest,
+)
 from fedveil.secagg.session import Session
 
 F = 1 / 3
