@@ -209,6 +209,9 @@ def build(n: int, k: int, t: int, c: int, Q: set[int], m: int, max_h: int) -> Mo
             M.add({g: 1.0, v("B", u, w): -1.0}, -inf, 0.0)
             M.add({h: 1.0, v("B", w, u): 1.0, g: -1.0, v("KK", u): -1.0, v("KK", w): -1.0}, -inf, 1.0)
     M.add({v("h", u): 1.0 for u in Hon}, 1.0, float(max_h))
+    if os.environ.get("FIXV"):  # search only sums holding the honest node with the most colluding neighbours
+        victim = max(Hon, key=lambda u: sum(1 for x in nb[u] if x in Q))
+        M.add({v("h", victim): 1.0}, 1.0, 1.0)
     return M
 
 
