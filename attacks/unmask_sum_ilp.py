@@ -211,6 +211,7 @@ def build(n: int, k: int, t: int, c: int, Q: set[int], m: int, max_h: int) -> Mo
     M.add({v("h", u): 1.0 for u in Hon}, 1.0, float(max_h))
     if os.environ.get("FIXV"):  # search only sums holding the honest node with the most colluding neighbours
         victim = max(Hon, key=lambda u: sum(1 for x in nb[u] if x in Q))
+        victim = int(os.environ.get("VICTIM", victim))
         M.add({v("h", victim): 1.0}, 1.0, 1.0)
     return M
 
@@ -225,6 +226,8 @@ def placements(n: int, k: int, c: int, trials: int, rng: np.random.Generator) ->
             break
         if all(sum(1 for x in neighbours(u, n, k) if x in trial) <= c for u in range(n) if u not in trial):
             block = trial
+    if os.environ.get("QSET"):  # a given placement (positions), e.g. one where another model found an attack
+        return [("given", {int(x) for x in os.environ["QSET"].split(",")})]
     out.append(("block", block))
     for s in range(trials):
         while True:
