@@ -81,9 +81,13 @@ def main() -> None:
         dp = dict(dp=os.environ["DP"], dp_clip=float(os.environ.get("CLIP", "10")),
                   dp_noise_multiplier=float(os.environ.get("Z", "1.0")))
     cfg = job_config(rounds=2, min_clients=3, clients_per_round=4, batch_size=10_000, local_epochs=1,
-                     evaluate=not dp, round_timeout=20.0, **dp)
+                     evaluate=(not dp) or bool(os.environ.get("EVAL")), round_timeout=20.0,
+                     final_evaluation=bool(os.environ.get("FINAL")), evaluation=os.environ.get("EVALMODE", "secure"),
+                     **dp)
     summary, results, errors = run_job(tmp, cfg, synthetic, sites, coordinator_cls=Differencer)
     print("job:", summary.status, "rounds", summary.completed_rounds, "errors", errors)
+    if os.environ.get("FINAL"):
+        print("summary:", summary)
     for fed_hist in results:
         if fed_hist:
             fed, hist = fed_hist
@@ -118,7 +122,12 @@ def main() -> None:
     got = stolen / wv
     print("true   victim update          :", np.round(true_delta, 5).tolist())
     print("max |stolen - true| =", float(np.max(np.abs(got - true_delta))), " |true| max =", float(np.max(np.abs(true_delta))))
+    if not e1 or not e2:
+        print("no evaluation sums in one of the rounds: nothing to difference"); return
     (m1, x1), (m2, x2) = e1, e2
+    if x1 == x2:
+        print(f"victim's evaluation examples from differencing: {x1 - x2:g} (it contributed no evaluation sums)")
+        return
     acc_v = (m1["accuracy"] * x1 - m2["accuracy"] * x2) / (x1 - x2)
     loss_v = (m1["loss"] * x1 - m2["loss"] * x2) / (x1 - x2)
     print(f"victim eval from differencing: examples={x1 - x2:g} accuracy={acc_v:.6f} loss={loss_v:.6f}")
