@@ -92,13 +92,15 @@ def test_server_killed_after_round_1_resumes_and_finishes(tmp_path: Path) -> Non
     server = spawn(server_cmd, "server1")
     clients: dict[str, subprocess.Popen[bytes]] = {}
     try:
-        for n in names:
-            clients[n] = spawn(client_cmd(n, tokens[n]), n)
+        # the intruder first: while it waits to be refused no round can start (the cohort needs all
+        # three sites), so a quick job cannot finish all its rounds before the kill below
         wrong = tokens["north"][:-4] + ("AAAA" if not tokens["north"].endswith("AAAA") else "BBBB")
         intruder = spawn(client_cmd("north", wrong), "intruder")
         assert intruder.wait(120) != 0
         intruder_err = (logs / "intruder.err").read_text()
         assert "credentials" in intruder_err or "UNAUTHENTICATED" in intruder_err, intruder_err
+        for n in names:
+            clients[n] = spawn(client_cmd(n, tokens[n]), n)
 
         deadline = time.monotonic() + 180
         while 1 not in _completed_rounds(db):
