@@ -115,25 +115,16 @@ def load_exported_model(request: ExportRequest) -> ExportedModel:
 
 
 def _round_epsilon(ledger_json: str | None, round_number: int) -> tuple[float | None, float | None, str]:
-    """(ε, δ, level) after ``round_number``: the federation's user-level figure, or under local DP the
-    largest site's sample-level one as the sites reported it (the server recomputes, but cannot see,
-    each site's DP-SGD); Nones without DP."""
+    """(ε, δ, level) after ``round_number`` (:func:`fedveil.server.privacy_view.spent_epsilon`); Nones without DP."""
     if ledger_json is None:
         return None, None, "user"
-    from fedveil.dp.ledger import FEDERATION, PrivacyLedger
+    from fedveil.dp.ledger import PrivacyLedger
+    from fedveil.server.privacy_view import spent_epsilon
 
-    ledger = PrivacyLedger.from_json(ledger_json)
-    parties = {e.party for e in ledger.entries}
-    if FEDERATION in parties:
-        history = [h for h in ledger.party_history(FEDERATION) if h.round_index <= round_number]
-        return (history[-1].epsilon_cumulative if history else 0.0), ledger.config.delta_for(FEDERATION), "user"
-    sites = sorted(parties)
-    if not sites:
+    spent = spent_epsilon(PrivacyLedger.from_json(ledger_json), round_number)
+    if spent is None:
         return None, None, "user"
-    spent = [[h.epsilon_cumulative for h in ledger.party_history(site) if h.round_index <= round_number]
-             for site in sites]
-    return (max((s[-1] for s in spent if s), default=0.0), max(ledger.config.delta_for(site) for site in sites),
-            "sample (the largest site's, as reported)")
+    return spent.epsilon, spent.delta, "user" if spent.user_level else "sample (the largest site's, as reported)"
 
 
 def export_model(request: ExportRequest) -> ExportedModel:

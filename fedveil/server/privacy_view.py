@@ -37,6 +37,36 @@ class PartyFigure:
     """The accountant that computed ``epsilon`` (``"rdp"`` where the ledger's was over the work bound)."""
 
 
+@dataclass(frozen=True)
+class SpentEpsilon:
+    """The ε a run has spent: the federation's user-level figure, or under local DP the largest
+    site's sample-level one, as the sites reported their DP-SGD (the server cannot see it)."""
+
+    epsilon: float
+    delta: float
+    user_level: bool
+
+
+def spent_epsilon(ledger: PrivacyLedger, round_number: int | None = None) -> SpentEpsilon | None:
+    """The ε spent up to and including ``round_number`` (None: every recorded round); None when the
+    ledger holds no entry (no DP). Shared by the exported model's metadata and the metrics."""
+    parties = {e.party for e in ledger.entries}
+    if not parties:
+        return None
+
+    def spent(party: str) -> float:
+        if round_number is None:
+            return ledger.epsilon(party)
+        history = [h for h in ledger.party_history(party) if h.round_index <= round_number]
+        return history[-1].epsilon_cumulative if history else 0.0
+
+    if FEDERATION in parties:
+        return SpentEpsilon(spent(FEDERATION), ledger.config.delta_for(FEDERATION), user_level=True)
+    sites = sorted(parties)
+    return SpentEpsilon(max(spent(site) for site in sites), max(ledger.config.delta_for(site) for site in sites),
+                        user_level=False)
+
+
 def _unverified_reason(pr: PartyRound) -> str:
     details = dict(pr.details)
     if reason := unverified_reason(details):

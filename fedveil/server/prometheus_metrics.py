@@ -90,20 +90,18 @@ class _EpsilonCollector(Collector):
 
 
 def _epsilon_gauges(ledger_json: str) -> list[tuple[str, str, float]]:
-    from fedveil.dp.ledger import FEDERATION, PrivacyLedger
+    from fedveil.dp.ledger import PrivacyLedger
+    from fedveil.server.privacy_view import spent_epsilon
 
-    ledger = PrivacyLedger.from_json(ledger_json)
-    parties = {e.party for e in ledger.entries}
-    if FEDERATION in parties:
-        return [("fedveil_user_epsilon", "User-level ε the federation has spent so far.", ledger.epsilon()),
-                ("fedveil_user_delta", "The δ of fedveil_user_epsilon.", ledger.config.delta_for(FEDERATION))]
-    if not parties:
+    spent = spent_epsilon(PrivacyLedger.from_json(ledger_json))
+    if spent is None:
         return []
-    sites = sorted(parties)
+    if spent.user_level:
+        return [("fedveil_user_epsilon", "User-level ε the federation has spent so far.", spent.epsilon),
+                ("fedveil_user_delta", "The δ of fedveil_user_epsilon.", spent.delta)]
     return [("fedveil_site_epsilon_max", "The largest sample-level ε a site has spent so far (local DP, as the "
-             "sites reported it).", max(ledger.epsilon(site) for site in sites)),
-            ("fedveil_site_delta_max", "The largest δ of the sites' sample-level guarantees.",
-             max(ledger.config.delta_for(site) for site in sites))]
+             "sites reported it).", spent.epsilon),
+            ("fedveil_site_delta_max", "The largest δ of the sites' sample-level guarantees.", spent.delta)]
 
 
 class JobMetrics:
