@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 
 from fedveil.secagg import SecAggClient, SecAggConfig, SecAggServer
-from fedveil.secagg.messages import Message
+from fedveil.secagg.messages import (
+    AdvertiseKeys,
+    ConsistencyCheckRequest,
+    MaskedInputRequest,
+    Message,
+    ShareKeysRequest,
+)
 
 
 def random_inputs(config: SecAggConfig, seed: int = 0) -> dict[int, np.ndarray]:
@@ -13,6 +19,23 @@ def random_inputs(config: SecAggConfig, seed: int = 0) -> dict[int, np.ndarray]:
     ring = config.ring
     return {c: rng.integers(0, ring.modulus, config.vector_length, dtype=np.uint64).astype(ring.dtype)
             for c in range(config.num_clients)}
+
+
+def run_to_signatures(clients: dict[int, SecAggClient], advertisements: tuple[AdvertiseKeys, ...], round_id: int,
+                      signers: set[int] | None = None) -> dict[int, bytes]:
+    """Active clients driven honestly up to the consistency check: every share box delivered, every
+    masked input sent, the whole cohort announced as survivors; returns the survivor-set signatures
+    of ``signers`` (default: every client)."""
+    boxes: dict[int, dict[int, bytes]] = {u: {} for u in clients}
+    for u, client in clients.items():
+        reply = client.handle(ShareKeysRequest(round_id, u, advertisements))
+        for holder, box in reply.boxes.items():  # type: ignore[union-attr]
+            boxes[holder][u] = box
+    for u, client in clients.items():
+        client.handle(MaskedInputRequest(round_id, u, boxes[u]))
+    everyone = np.arange(len(clients), dtype=np.uint32)
+    return {u: client.handle(ConsistencyCheckRequest(round_id, u, everyone)).signature  # type: ignore[union-attr]
+            for u, client in clients.items() if signers is None or u in signers}
 
 
 def ring_sum(config: SecAggConfig, inputs: dict[int, np.ndarray], ids) -> np.ndarray:

@@ -25,8 +25,9 @@ from fedveil.secagg import threshold as T
 from fedveil.secagg.client import SecAggClient
 from fedveil.secagg.config import SecAggConfig
 from fedveil.secagg.graph import GraphSpec
-from fedveil.secagg.messages import ConsistencyCheckRequest, MaskedInputRequest, ShareKeysRequest, UnmaskingRequest
+from fedveil.secagg.messages import UnmaskingRequest
 from fedveil.secagg.session import Session
+from tests.secagg_helpers import run_to_signatures
 
 N, K, F, ROUND = 20, 10, 1 / 3, 3
 
@@ -63,16 +64,9 @@ def relabelled_round(seed: int) -> tuple[bool, bool]:
     ads = tuple(clients[u].advertise_keys() for u in range(N))
     same_session = Session.from_advertisements(viewer_cfg, ads).session_id == Session.from_advertisements(
         base, ads).session_id
-    boxes: dict[int, dict[int, bytes]] = {u: {} for u in range(N)}
     try:
-        for u in range(N):
-            for holder, box in clients[u].handle(ShareKeysRequest(ROUND, u, ads)).boxes.items():
-                boxes[holder][u] = box
-        for u in range(N):
-            clients[u].handle(MaskedInputRequest(ROUND, u, boxes[u]))
+        signatures = run_to_signatures(clients, ads, ROUND, signers=set(range(N)) - silent)
         everyone = np.arange(N, dtype=np.uint32)
-        signatures = {u: clients[u].handle(ConsistencyCheckRequest(ROUND, u, everyone)).signature
-                      for u in range(N) if u not in silent}
         assert sum(1 for u in holders[owner] if u in signatures) == t - 1  # one real signer short
         shown = {u: s for u, s in signatures.items() if u != b}
         shown[a] = signatures[b]  # in the viewer's roster b's identity sits at a's slot

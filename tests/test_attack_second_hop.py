@@ -30,13 +30,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 import fedveil.secagg.client as secagg_client
 from fedveil.secagg import ConsistencyCheckError, GraphSpec, SecAggClient, SecAggConfig, plan_threshold
 from fedveil.secagg.keys import survivor_set_payload, verify
-from fedveil.secagg.messages import (
-    ConsistencyCheckRequest,
-    MaskedInputRequest,
-    ShareKeysRequest,
-    UnmaskingRequest,
-)
+from fedveil.secagg.messages import UnmaskingRequest
 from fedveil.secagg.session import Session
+from tests.secagg_helpers import run_to_signatures
 
 N = 40
 ROUND = 11
@@ -57,15 +53,7 @@ def signed_round(seed: int) -> tuple[dict[int, SecAggClient], dict[int, bytes], 
         client.set_input(rng.integers(0, 2**20, 4, dtype=np.uint32))
     ads = tuple(clients[u].advertise_keys() for u in range(N))
     session = Session.from_advertisements(cfg, ads)
-    boxes_to: dict[int, dict[int, bytes]] = {u: {} for u in range(N)}
-    for u in range(N):
-        for holder, box in clients[u].handle(ShareKeysRequest(ROUND, u, ads)).boxes.items():
-            boxes_to[holder][u] = box
-    for u in range(N):
-        clients[u].handle(MaskedInputRequest(ROUND, u, boxes_to[u]))
-    everyone = np.arange(N, dtype=np.uint32)
-    signatures = {u: clients[u].handle(ConsistencyCheckRequest(ROUND, u, everyone)).signature for u in range(N)}
-    return clients, signatures, session, cfg.threshold
+    return clients, run_to_signatures(clients, ads, ROUND), session, cfg.threshold
 
 
 def second_hop_gap(session: Session, t: int) -> tuple[int, int, int, set[int]]:
