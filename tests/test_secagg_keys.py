@@ -7,15 +7,20 @@ import os
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedveil.secagg import ConfigError, FixedPointEncoder, GraphSpec, SecAggClient, SecAggConfig, run_round
 from fedveil.secagg.keys import (
+    PARALLEL_VERIFY_MIN,
     generate_round_keys,
     pairwise_mask_seed,
     session_id,
     share_box_key,
     share_secret,
+    valid_signatures,
 )
 from fedveil.secagg.messages import UnmaskingResponse
 from fedveil.secagg.shamir import PRIME
@@ -224,3 +229,40 @@ def test_parties_with_different_parameters_derive_different_sessions(change):
     for c in (0, 1):
         with pytest.raises(ShareDecryptionError, match="from client 0" if c else "failed authentication"):
             r.clients[c].handle(out[c])
+
+
+_SIGNERS = [Ed25519PrivateKey.generate() for _ in range(4)]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.binary(max_size=40),
+                          st.sampled_from(("good", "other payload", "other key", "garbage", "short key"))),
+                min_size=0, max_size=3 * PARALLEL_VERIFY_MIN))
+def test_valid_signatures_answers_each_item_in_order(specs):
+    """Batches at and above PARALLEL_VERIFY_MIN are split over a thread pool; the answer must be
+    item by item, in order, whatever the mix of good and bad signatures and wherever the split falls."""
+    items, expected = [], []
+    for who, payload, how in specs:
+        key = _SIGNERS[who]
+        signature = key.sign(payload)
+        public = key.public_key().public_bytes_raw()
+        if how == "other payload":
+            signature = key.sign(payload + b"!")
+        elif how == "other key":
+            public = _SIGNERS[(who + 1) % 4].public_key().public_bytes_raw()
+        elif how == "garbage":
+            signature = bytes(64)
+        elif how == "short key":
+            public = public[:31]
+        items.append((public, signature, payload))
+        expected.append(how == "good")
+    assert valid_signatures(items) == expected
+
+
+def test_a_large_batch_names_bad_signatures_in_every_chunk():
+    key = _SIGNERS[0]
+    public = key.public_key().public_bytes_raw()
+    n = 3 * PARALLEL_VERIFY_MIN + 1
+    bad = {0, PARALLEL_VERIFY_MIN + 1, n - 1}
+    items = [(public, bytes(64) if i in bad else key.sign(b"%d" % i), b"%d" % i) for i in range(n)]
+    assert [i for i, ok in enumerate(valid_signatures(items)) if not ok] == sorted(bad)

@@ -61,7 +61,7 @@ from fedveil.secagg.messages import (
     decode_message,
 )
 from fedveil.secagg.prg import SEED_BYTES, MaskExpander
-from fedveil.secagg.session import Session, check_advertisement
+from fedveil.secagg.session import Session, check_advertisements
 from fedveil.secagg.shamir import PRIME, bytes_to_limbs, open_share, seal_share, share
 from fedveil.secagg.survivor_checks import check_consistency, check_survivors
 
@@ -144,16 +144,14 @@ class ClientR1ShareKeys(ClientState):
         # gives honest clients different session ids, an abort, not a leak. Without the cohort's
         # commit-then-reveal graph seed the layout hangs on every advertised key, so all are verified.
         sparse_seeded = bool(cfg.graph_seed)
-        for adv in msg.advertisements:
-            check_advertisement(cfg, adv, signature=not sparse_seeded)
+        check_advertisements(cfg, msg.advertisements, signatures=not sparse_seeded)
         try:
             session = Session.from_advertisements(cfg, msg.advertisements)
         except ConfigError as err:
             raise RoundAbortedError(str(err)) from err
         if sparse_seeded and cfg.active:
-            for holder in session.graph.holders(me):
-                if holder != me:
-                    check_advertisement(cfg, session.advertisements[holder])
+            check_advertisements(cfg, [session.advertisements[holder] for holder in session.graph.holders(me)
+                                       if holder != me])
         mine = session.advertisements.get(me)
         assert ctx.advertisement is not None
         if mine is None or (mine.share_public, mine.mask_public) != (ctx.advertisement.share_public,

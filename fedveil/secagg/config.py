@@ -117,6 +117,13 @@ class SecAggConfig:
         otherwise have one site count a signature at a slot where another site placed its signer (an
         independent attacker's finding). Different rosters now give different sessions, and such a
         round cannot complete."""
+        cached = self.__dict__.get("_parameters_bytes")  # frozen: computed once, read by every check
+        if cached is None:
+            cached = self._encode_parameters()
+            object.__setattr__(self, "_parameters_bytes", cached)
+        return cached
+
+    def _encode_parameters(self) -> bytes:
         graph = self.graph.encode()
         head = struct.pack("<IIIB?H", self.num_clients, self.threshold, self.vector_length, self.ring_bits,
                            self.active, len(graph))

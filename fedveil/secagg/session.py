@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -18,29 +18,41 @@ from fedveil.secagg.keys import (
     hkdf,
     is_small_order,
     session_id,
-    verify,
+    valid_signatures,
 )
 from fedveil.secagg.messages import AdvertiseKeys
 
 
 def check_advertisement(config: SecAggConfig, adv: AdvertiseKeys, *, signature: bool = True) -> None:
     """Shape checks on one advertisement, and (``signature``) its identity signature in active mode."""
-    if not 0 <= adv.client_id < config.num_clients:
-        raise ProtocolError(f"client_id {adv.client_id} is outside 0..{config.num_clients - 1}")
-    if len(adv.share_public) != PUBLIC_KEY_BYTES or len(adv.mask_public) != PUBLIC_KEY_BYTES:
-        raise ProtocolError(f"client {adv.client_id}: public keys must be {PUBLIC_KEY_BYTES} bytes")
-    if adv.share_public == adv.mask_public:
-        raise ProtocolError(f"client {adv.client_id}: share and mask public keys must differ")
-    if is_small_order(adv.share_public) or is_small_order(adv.mask_public):
-        raise ProtocolError(f"client {adv.client_id}: a public key is an X25519 point of small order")
-    if config.active and signature:
-        assert config.identity_keys is not None
-        if len(adv.signature) != SIGNATURE_BYTES:
+    check_advertisements(config, (adv,), signatures=signature)
+
+
+def check_advertisements(config: SecAggConfig, advertisements: Sequence[AdvertiseKeys], *,
+                         signatures: bool = True) -> None:
+    """Shape checks on each advertisement, and (``signatures``) in active mode their identity
+    signatures, verified as one batch; the first bad one, in the given order, is named."""
+    for adv in advertisements:
+        if not 0 <= adv.client_id < config.num_clients:
+            raise ProtocolError(f"client_id {adv.client_id} is outside 0..{config.num_clients - 1}")
+        if len(adv.share_public) != PUBLIC_KEY_BYTES or len(adv.mask_public) != PUBLIC_KEY_BYTES:
+            raise ProtocolError(f"client {adv.client_id}: public keys must be {PUBLIC_KEY_BYTES} bytes")
+        if adv.share_public == adv.mask_public:
+            raise ProtocolError(f"client {adv.client_id}: share and mask public keys must differ")
+        if is_small_order(adv.share_public) or is_small_order(adv.mask_public):
+            raise ProtocolError(f"client {adv.client_id}: a public key is an X25519 point of small order")
+        if config.active and signatures and len(adv.signature) != SIGNATURE_BYTES:
             raise InvalidSignatureError(f"client {adv.client_id}: active mode needs a signed advertisement")
-        payload = advertisement_payload(config.round_id, config.parameters_bytes(), adv.client_id,
-                                        adv.share_public, adv.mask_public)
-        verify(config.identity_keys[adv.client_id], adv.signature, payload,
-               what=f"the key advertisement of client {adv.client_id}")
+    if not (config.active and signatures):
+        return
+    assert config.identity_keys is not None
+    parameters = config.parameters_bytes()
+    items = [(config.identity_keys[adv.client_id], adv.signature,
+              advertisement_payload(config.round_id, parameters, adv.client_id, adv.share_public, adv.mask_public))
+             for adv in advertisements]
+    for adv, ok in zip(advertisements, valid_signatures(items), strict=True):
+        if not ok:
+            raise InvalidSignatureError(f"invalid Ed25519 signature on the key advertisement of client {adv.client_id}")
 
 
 def prune_live(config: SecAggConfig, graph: MaskingGraph) -> tuple[int, ...]:
