@@ -144,3 +144,29 @@ def test_a_setting_without_a_command_line_form_is_refused_when_the_options_are_b
         value_type(dict[str, int])
     with pytest.raises(TypeError, match="for booleans, not int"):
         table_options(SettingsTable(Sample, (setting("count", "s", negated=True),), FedveilError))
+
+
+def test_the_site_policy_page_lists_every_policy_setting_with_its_flag_and_default() -> None:
+    """docs/site-policy.md's table is written by hand; this keeps it from drifting from the settings
+    table the flags and the policy file are built from (a setting added, renamed or re-defaulted)."""
+    import dataclasses
+    from pathlib import Path
+
+    from fedveil.clients.policy import SitePolicy
+    from fedveil.clients.policy_settings import POLICY_SETTINGS
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "site-policy.md").read_text(encoding="utf-8")
+    rows = {line.split("|")[1].strip().strip("`"): [cell.strip() for cell in line.split("|")[2:-1]]
+            for line in page.splitlines() if line.startswith("| `")}
+    defaults = {f.name: f.default for f in dataclasses.fields(SitePolicy)}
+    for entry in POLICY_SETTINGS:
+        assert entry.field in rows, f"docs/site-policy.md has no row for policy setting {entry.field!r}"
+        default_cell, flag_cell = rows[entry.field][0], rows[entry.field][1]
+        assert entry.flag in flag_cell, f"{entry.field}: the page names {flag_cell!r}, not {entry.flag}"
+        default = defaults[entry.field]
+        if isinstance(default, bool):
+            assert default_cell == str(default).lower(), f"{entry.field}: default {default_cell!r} on the page"
+        elif isinstance(default, int | float) and entry.field != "max_corrupt_fraction":
+            assert default_cell == f"{default:g}", f"{entry.field}: default {default_cell!r} on the page"
+        elif isinstance(default, str):
+            assert default_cell == default, f"{entry.field}: default {default_cell!r} on the page"
