@@ -33,6 +33,7 @@ from fedveil.secagg import threshold as T
 
 F = float(os.environ.get("F", 1 / 3))
 CHECK = os.environ.get("CHECK", "cohort")
+TIME_LIMIT = float(os.environ.get("TIME_LIMIT", 60))  # seconds per integer program
 
 
 def nbrs(p: int, n: int, half: int) -> list[int]:
@@ -146,7 +147,7 @@ def feasible(n: int, k: int, t: int, Q: set[int], v: int, m: int, check: str = "
             A[r, c_] += val
         lo[r], hi[r] = a, b
     res = milp(c=np.zeros(nv), constraints=LinearConstraint(A.tocsr(), lo, hi), integrality=np.ones(nv),
-               bounds=Bounds(0, 1), options={"time_limit": 60})
+               bounds=Bounds(0, 1), options={"time_limit": TIME_LIMIT})
     if res.status != 0:
         if res.status == 1:
             print(f"    (ILP time limit hit: n={n} k={k} v={v} views={m}; undecided, counted as no solution)",
