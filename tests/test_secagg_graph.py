@@ -72,3 +72,30 @@ def test_graph_spec_validation():
         GraphSpec("harary", 5)
     with pytest.raises(ConfigError, match="distinct"):
         CompleteGraph([1, 1])
+
+
+def test_harary_neighbours_are_the_k_nearest_on_the_relabelled_cycle():
+    nodes = list(range(0, 300, 3))
+    g = HararyGraph(nodes, 10, os.urandom(16))
+    order = [int(v) for v in g._order]  # the relabelled cycle: position p holds order[p]
+    assert sorted(order) == nodes
+    for p, v in enumerate(order):
+        ring = {order[(p + d) % len(order)] for d in range(-5, 6) if d}
+        assert g.neighbors(v) == tuple(sorted(ring))
+
+
+def test_build_graph_is_shared_for_equal_inputs_and_rebuilt_for_others():
+    spec, seed = GraphSpec("harary", 8), os.urandom(16)
+    live = [v for v in range(40) if v % 5]
+    a = build_graph(spec, 40, live, seed)
+    assert build_graph(spec, 40, list(live), seed) is a  # the sites of one process share it
+    fewer = build_graph(spec, 40, live[1:], seed)  # another advertiser set: its own live view
+    assert fewer is not a and fewer.nodes == tuple(live[1:])
+    for v in live[1:]:
+        assert fewer.neighbors(v) == tuple(u for u in a.neighbors(v) if u != live[0])
+    assert build_graph(spec, 40, live, os.urandom(16)) is not a
+    assert a.holder_set(live[0]) == frozenset(a.holders(live[0])) and live[0] in a.holder_set(live[0])
+    with pytest.raises(ConfigError, match="distinct"):
+        build_graph(spec, 40, [1, 1, 2], seed)  # still refused on every call, not remembered
+    with pytest.raises(ConfigError, match="distinct"):
+        build_graph(spec, 40, [1, 1, 2], seed)

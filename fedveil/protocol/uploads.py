@@ -119,21 +119,36 @@ class StreamCounter:
             return self._open[site]
 
 
+class _SlotWaiter:
+    """One upload waiting in a :class:`SlotGate`: woken alone when the slot is handed to it."""
+
+    __slots__ = ("event", "granted")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.granted = False
+
+
 class SlotGate:
     """``slots`` upload slots granted first come, first served, with at most ``max_waiting`` waiting.
 
     A waiting upload holds a worker thread (the synchronous gRPC server runs a stream in one), so the
     wait is bounded three ways: by ``max_waiting``, by the per-site rules (one reservation per site and
     stage, so the waiting uploads are at most the cohort) and by ``keep_waiting`` (the client left or
-    the stage closed)."""
+    the stage closed).
+
+    A freed slot is handed straight to the first waiter, which alone is woken: with hundreds of
+    uploads waiting (a large cohort's masked-input stage), waking them all at every grant cost the
+    server quadratic thread wake-ups, each taking the interpreter lock from the uploads being received.
+    Each waiter also wakes every ``poll_s`` to ask ``keep_waiting``."""
 
     def __init__(self, slots: int, max_waiting: int, *, poll_s: float = 0.25) -> None:
         if slots < 1 or max_waiting < 0:
             raise ValueError(f"need slots >= 1 and max_waiting >= 0 (got {slots}, {max_waiting})")
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self._free = slots
         self._max_waiting = max_waiting
-        self._queue: deque[object] = deque()
+        self._queue: deque[_SlotWaiter] = deque()
         self._poll_s = poll_s
         self.peak_waiting = 0
         """The most uploads that waited at once (for tests and diagnostics)."""
@@ -143,43 +158,40 @@ class SlotGate:
 
         Raises :class:`Unavailable` when ``max_waiting`` uploads wait already. ``keep_waiting`` is
         called without this gate's lock held (it may take the coordinator's)."""
-        token = object()
-        with self._cond:
+        with self._lock:
             if self._free > 0 and not self._queue:
                 self._free -= 1
                 return True
             if len(self._queue) >= self._max_waiting:
                 raise Unavailable(f"UploadMaskedInput: {len(self._queue)} uploads are waiting for a slot already; "
                                   "retry shortly")
-            self._queue.append(token)
+            waiter = _SlotWaiter()
+            self._queue.append(waiter)
             self.peak_waiting = max(self.peak_waiting, len(self._queue))
-        try:
-            while True:
-                with self._cond:
-                    if self._queue[0] is token and self._free > 0:
-                        self._queue.popleft()
-                        self._free -= 1
-                        self._cond.notify_all()
-                        return True
-                    self._cond.wait(self._poll_s)
-                    if self._queue[0] is token and self._free > 0:
-                        continue
-                if not keep_waiting():
-                    return False
-        finally:
-            with self._cond:
-                if token in self._queue:
-                    self._queue.remove(token)
-                    self._cond.notify_all()
+        while True:
+            if waiter.event.wait(self._poll_s):
+                return True  # the slot was handed over (granted is set before the event)
+            if not keep_waiting():
+                with self._lock:
+                    if not waiter.granted:
+                        self._queue.remove(waiter)
+                        return False
+                self.release()  # handed over while it gave up: pass the slot on
+                return False
 
     def release(self) -> None:
-        with self._cond:
-            self._free += 1
-            self._cond.notify_all()
+        """Free a slot: hand it to the first waiter, if any."""
+        with self._lock:
+            if self._queue:
+                waiter = self._queue.popleft()
+                waiter.granted = True
+                waiter.event.set()
+            else:
+                self._free += 1
 
     @property
     def waiting(self) -> int:
-        with self._cond:
+        with self._lock:
             return len(self._queue)
 
 

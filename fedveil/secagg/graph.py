@@ -26,6 +26,7 @@ bound on c and the choice of k and t live in :mod:`fedveil.secagg.threshold`.
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,14 +54,27 @@ class MaskingGraph(ABC):
         if len(ids) != len(nodes):
             raise ConfigError("nodes: client ids must be distinct")
         self.nodes: tuple[int, ...] = tuple(ids)
+        self._holders: dict[int, tuple[int, ...]] = {}
+        self._holder_sets: dict[int, frozenset[int]] = {}
 
     @abstractmethod
     def neighbors(self, node: int) -> tuple[int, ...]:
         """Sorted neighbours of ``node`` (never ``node`` itself)."""
 
     def holders(self, node: int) -> tuple[int, ...]:
-        """Clients that hold ``node``'s Shamir shares: its neighbours and itself, sorted."""
-        return tuple(sorted((*self.neighbors(node), node)))
+        """Clients that hold ``node``'s Shamir shares: its neighbours and itself, sorted (computed
+        once per node: an active client's consistency check asks for nearly every node's, twice)."""
+        cached = self._holders.get(node)
+        if cached is None:
+            cached = self._holders[node] = tuple(sorted((*self.neighbors(node), node)))
+        return cached
+
+    def holder_set(self, node: int) -> frozenset[int]:
+        """:meth:`holders` as a set, computed once per node."""
+        cached = self._holder_sets.get(node)
+        if cached is None:
+            cached = self._holder_sets[node] = frozenset(self.holders(node))
+        return cached
 
     @property
     @abstractmethod
@@ -94,8 +108,10 @@ class HararyGraph(MaskingGraph):
         # AES-CTR words is a uniform permutation up to a negligible collision probability.
         keys = expand(permutation_seed, n, np.uint64)
         order = np.argsort(keys, kind="stable")
-        self._order = [self.nodes[int(i)] for i in order]
-        self._position = {node: p for p, node in enumerate(self._order)}
+        self._order = np.asarray(self.nodes, dtype=np.int64)[order]
+        self._position = {int(node): p for p, node in enumerate(self._order.tolist())}
+        half = degree // 2
+        self._offsets = np.array([d for d in range(-half, half + 1) if d], dtype=np.int64)
         self._cache: dict[int, tuple[int, ...]] = {}  # neighbours, computed on demand (O(k) per node)
 
     @property
@@ -105,11 +121,8 @@ class HararyGraph(MaskingGraph):
     def neighbors(self, node: int) -> tuple[int, ...]:
         cached = self._cache.get(node)
         if cached is None:
-            p = self._position[node]
-            n = len(self._order)
-            half = self._degree // 2
-            cached = tuple(sorted(self._order[(p + d) % n] for d in range(-half, half + 1) if d))
-            self._cache[node] = cached
+            ring = (self._position[node] + self._offsets) % len(self._order)
+            cached = self._cache[node] = tuple(np.sort(self._order[ring]).tolist())
         return cached
 
 
@@ -163,8 +176,7 @@ class LiveGraph(MaskingGraph):
         if cached is None:
             if node not in self._live:
                 raise ConfigError(f"node: {node} is not live in this round")
-            cached = tuple(v for v in self.layout.neighbors(node) if v in self._live)
-            self._cache[node] = cached
+            cached = self._cache[node] = tuple(filter(self._live.__contains__, self.layout.neighbors(node)))
         return cached
 
     @property
@@ -181,5 +193,15 @@ def cohort_layout(spec: GraphSpec, num_clients: int, permutation_seed: bytes) ->
 
 
 def build_graph(spec: GraphSpec, num_clients: int, live: Sequence[int], permutation_seed: bytes) -> LiveGraph:
-    """The live view (``live``: the clients that advertised keys) of the cohort's fixed layout."""
+    """The live view (``live``: the clients that advertised keys) of the cohort's fixed layout.
+
+    Memoized on its inputs: the graph is a pure function of them, public, and read-only to its
+    users (only its own caches fill in), so the sites of one process that see the same round
+    (a simulation's pool worker hosts hundreds) share one graph and its neighbour lists instead of
+    each laying out the cohort and walking nearly every node's holders again."""
+    return _live_graph(spec, int(num_clients), tuple(int(v) for v in live), bytes(permutation_seed))
+
+
+@functools.lru_cache(maxsize=16)
+def _live_graph(spec: GraphSpec, num_clients: int, live: tuple[int, ...], permutation_seed: bytes) -> LiveGraph:
     return LiveGraph(cohort_layout(spec, num_clients, permutation_seed), live)

@@ -142,7 +142,7 @@ def check_consistency(ctx: _ClientContext, survivors: frozenset[int], dropped: f
         holders = graph.holders(peer)
         count = counted.get(holders)
         if count is None:
-            count = counted[holders] = quorum(frozenset(holders))
+            count = counted[holders] = quorum(graph.holder_set(peer))
         if count < cfg.threshold:
             why = ("its share is not revealed" if peer in owners else
                    f"it is a live neighbour of client {second_hop[peer]}, whose self-mask share this client would "

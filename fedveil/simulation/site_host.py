@@ -105,6 +105,10 @@ class SiteHost:
         self.dropout = dropout
         self.plain = PlainSums() if record_plain_sums else None
         self.task: Task = load_task(config.task)
+        # a process's first torch optimizer imports torch._dynamo (about 1.3 s of CPU, under the import
+        # lock): pay it while the pool starts, not inside the first round, where every site thread
+        # of this worker would wait for it
+        self.task.make_optimizer(self.task.build_model().parameters())
         self.sites: dict[str, _Site] = {}
         self.node_id = current_node_id()
         self.pid = os.getpid()

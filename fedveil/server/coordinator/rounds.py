@@ -73,20 +73,29 @@ class RoundDriverMixin(CoordinatorBase):
         deadline_ms = int(rnd.deadline_wall * 1000)
         if rnd.stage == Stage.COMMIT:
             return pb.PollResponse(round_start=self._round_start(rnd, sid))
+        # the commitments and the reveals are fixed once their stage has closed, and the deadline
+        # once the next has opened: the same list for every member, built at its first poll
         if rnd.stage == Stage.REVEAL:
-            return pb.PollResponse(commitments=pb.Commitments(
-                round=rnd.number, deadline_unix_ms=deadline_ms,
-                commitments=[pb.SeedCommitment(client_id=c, commitment=v) for c, v in sorted(rnd.commitments.items())]))
+            listed = rnd.broadcasts.get(Stage.REVEAL)
+            if listed is None:
+                listed = rnd.broadcasts[Stage.REVEAL] = pb.Commitments(
+                    round=rnd.number, deadline_unix_ms=deadline_ms,
+                    commitments=[pb.SeedCommitment(client_id=c, commitment=v)
+                                 for c, v in sorted(rnd.commitments.items())])
+            return pb.PollResponse(commitments=listed)
         if rnd.stage == Stage.TRAINING:
-            return pb.PollResponse(contributions=pb.Contributions(
-                round=rnd.number, deadline_unix_ms=deadline_ms,
-                reveals=[pb.SeedReveal(client_id=c, contribution=v) for c, v in sorted(rnd.beacon.reveals.items())]))
+            revealed = rnd.broadcasts.get(Stage.TRAINING)
+            if revealed is None:
+                revealed = rnd.broadcasts[Stage.TRAINING] = pb.Contributions(
+                    round=rnd.number, deadline_unix_ms=deadline_ms,
+                    reveals=[pb.SeedReveal(client_id=c, contribution=v) for c, v in sorted(rnd.beacon.reveals.items())])
+            return pb.PollResponse(contributions=revealed)
         out = rnd.outgoing.get(sid)
         if isinstance(out, sa.ShareKeysRequest):
             keys = [
                 pb.AdvertisedKeys(client_id=a.client_id, encryption_public_key=a.share_public,
                                   masking_public_key=a.mask_public, signature=a.signature,
-                                  identity_public_key=self._identity_key(rnd.names[a.client_id]))
+                                  identity_public_key=self._member_identity_key(rnd, a.client_id))
                 for a in out.advertisements
             ]
             return pb.PollResponse(peer_keys=pb.PeerKeys(round=rnd.number, keys=keys, deadline_unix_ms=deadline_ms))
@@ -104,6 +113,14 @@ class RoundDriverMixin(CoordinatorBase):
                 deadline_unix_ms=deadline_ms,
             ))
         return None
+
+    def _member_identity_key(self, rnd: _Round, sid: int) -> bytes:
+        """Member ``sid``'s identity key for the round's key lists: looked up once per round (a
+        member that joins again mid-round leaves the round), not once per neighbour's list."""
+        key = rnd.identity_keys.get(sid)
+        if key is None:
+            key = rnd.identity_keys[sid] = self._identity_key(rnd.names[sid])
+        return key
 
     def _round_start(self, rnd: _Round, sid: int) -> pb.RoundStart:
         cfg = self.config

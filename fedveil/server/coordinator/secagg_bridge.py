@@ -83,9 +83,17 @@ class SecAggBridgeMixin(CoordinatorBase):
         except (sa_errors.SecAggError, ValueError) as err:
             raise MalformedMessage(f"{stage.label}: {err}") from None
         rnd.submitted.setdefault(name, set()).add(stage)
+        self._notify_if_stage_complete(rnd)
+        return pb.Ack(round=rnd.number, stage=stage.wire, detail="accepted")  # type: ignore[arg-type]
+
+    def _notify_if_stage_complete(self, rnd: _Round) -> None:
+        """Wake the waiters (lock held) once the stage has every answer it waits for.
+
+        One more answer changes nothing for anyone else: the round driver waits for the last one and
+        every held poll for the next stage. Waking all of them at every answer cost the server n
+        wake-ups per message, n² per stage, each taking the interpreter lock."""
         if not rnd.live_pending():
             self._cond.notify_all()
-        return pb.Ack(round=rnd.number, stage=stage.wire, detail="accepted")  # type: ignore[arg-type]
 
     def respond_to_round(self, caller: str, request: pb.RoundResponse) -> pb.Ack:
         """A cohort member accepts the round with its graph-seed commitment, or declines it.
@@ -114,7 +122,7 @@ class SecAggBridgeMixin(CoordinatorBase):
                 except BeaconError as err:
                     raise MalformedMessage(f"commitment: {err}") from None
                 rnd.submitted.setdefault(caller, set()).add(Stage.COMMIT)
-                self._cond.notify_all()
+                self._notify_if_stage_complete(rnd)
                 return pb.Ack(round=rnd.number, stage="STAGE_COMMIT", detail="accepted")
             current = self._round
             if current is None or request.header.round != current.number or not hmac.compare_digest(
@@ -147,7 +155,7 @@ class SecAggBridgeMixin(CoordinatorBase):
             except BeaconError as err:
                 raise MalformedMessage(f"contribution: {err}") from None
             rnd.submitted.setdefault(caller, set()).add(Stage.REVEAL)
-            self._cond.notify_all()
+            self._notify_if_stage_complete(rnd)
             return pb.Ack(round=rnd.number, stage="STAGE_REVEAL", detail="accepted")
 
     def advertise_keys(self, caller: str, request: pb.AdvertiseKeysRequest) -> pb.Ack:
