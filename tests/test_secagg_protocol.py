@@ -457,6 +457,35 @@ def test_active_mode_rejects_forged_advertisement():
     assert r.clients[0].aborted
 
 
+def test_advertisements_verified_ahead_are_not_verified_again_and_forged_ones_still_fail(monkeypatch):
+    """The server may check advertisement signatures ahead of receive() (a driver does it outside its
+    lock, or over the cores). Only the very objects it found valid skip the check at receive(): a
+    forged one is reported and still rejected, and an equal-looking copy is verified again."""
+    import fedveil.secagg.session as session_module
+
+    config, keys = _active_config()
+    r = ManualRound(config, identity_key=dict(enumerate(keys)))
+    advs = {c: cl.advertise_keys() for c, cl in r.clients.items()}
+    forged = dataclasses.replace(advs[1], mask_public=advs[2].mask_public)
+    errors = r.server.verify_advertisements([forged, *(advs[c] for c in advs if c != 1)])
+    assert list(errors) == [1] and isinstance(errors[1], InvalidSignatureError)
+    checked: list[int] = []
+    real = session_module.valid_signatures
+    monkeypatch.setattr(session_module, "valid_signatures", lambda items: checked.append(len(items)) or real(items))
+    with pytest.raises(InvalidSignatureError):
+        r.server.receive(1, forged)
+    assert checked == [1]
+    for c in (0, 2, 3):
+        r.server.receive(c, advs[c])
+    assert checked == [1]  # found valid ahead: not verified again
+    r.server.receive(4, dataclasses.replace(advs[4]))  # an equal copy is another object: verified
+    assert checked == [1, 1]
+    r.server.receive(1, advs[1])
+    r.server.receive(5, advs[5])
+    out = r.close()
+    assert set(out) == set(range(6))
+
+
 def test_active_mode_catches_server_showing_different_survivor_sets():
     config, keys = _active_config(n=9)
     assert config.threshold == 7  # c = 3: 2t > 9 + 3

@@ -16,7 +16,7 @@ raises and changes nothing: one misbehaving client cannot abort the round.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -29,10 +29,11 @@ from fedveil.secagg.errors import (
     MalformedMessageError,
     ProtocolError,
     RoundAbortedError,
+    SecAggError,
     UnexpectedMessageError,
     WrongRoundError,
 )
-from fedveil.secagg.keys import SIGNATURE_BYTES, pairwise_mask_seed, self_mask_prg_seed
+from fedveil.secagg.keys import SIGNATURE_BYTES, pairwise_mask_seed, self_mask_prg_seed, valid_signatures
 from fedveil.secagg.messages import (
     MASK_KEY_LIMBS,
     SELF_MASK_LIMBS,
@@ -51,7 +52,13 @@ from fedveil.secagg.messages import (
     decode_message,
 )
 from fedveil.secagg.prg import MaskExpander
-from fedveil.secagg.session import Session, check_advertisement, prune_live
+from fedveil.secagg.session import (
+    Session,
+    advertisement_signature,
+    bad_advertisement_signature,
+    check_advertisement,
+    prune_live,
+)
 from fedveil.secagg.shamir import BOX_OVERHEAD, PRIME, lagrange_at_zero, limbs_to_bytes, random_field_elements
 from fedveil.secagg.shamir import reconstruct as shamir_reconstruct
 from fedveil.secagg.share_decoding import (
@@ -88,6 +95,8 @@ class _ServerContext:
         self.u3: tuple[int, ...] = ()
         self.dropped: tuple[int, ...] = ()
         self.signatures: dict[int, bytes] = {}
+        # Advertisements whose identity signature this server verified ahead of receive().
+        self.verified_adverts: set[AdvertiseKeys] = set()
 
 
 class ServerState:
@@ -144,7 +153,7 @@ class ServerR0AdvertiseKeys(ServerState):
 
     def _accept(self, client_id: int, msg: Message) -> None:
         assert isinstance(msg, AdvertiseKeys)
-        check_advertisement(self.ctx.config, msg)
+        check_advertisement(self.ctx.config, msg, signature=msg not in self.ctx.verified_adverts)
         self.adverts[client_id] = msg
 
     def close(self) -> tuple[ServerState, dict[int, Message]]:
@@ -489,6 +498,34 @@ class SecAggServer:
         if msg.client_id != client_id:
             raise ProtocolError(f"message from client {client_id} claims to come from client {msg.client_id}")
         self._state.receive(client_id, msg)
+
+    def verify_advertisements(self, messages: Sequence[AdvertiseKeys]) -> dict[int, SecAggError]:
+        """Check key advertisements' identity signatures ahead of :meth:`receive`, as one batch.
+
+        Signature checks are active mode's largest server cost; this lets a driver run them outside
+        its own lock (one call per request thread) or spread a stage's batch over the cores
+        (:func:`fedveil.secagg.keys.valid_signatures`). It changes no state but a record of the
+        advertisements found valid, which :meth:`receive` then does not verify again; anything not
+        recorded is verified there as before. Returns the error each bad one would raise, by sender.
+        """
+        errors: dict[int, SecAggError] = {}
+        good: list[AdvertiseKeys] = []
+        for adv in messages:
+            try:
+                check_advertisement(self._ctx.config, adv, signature=False)
+            except SecAggError as err:
+                errors[adv.client_id] = err
+                continue
+            good.append(adv)
+        if not self._ctx.config.active:
+            return errors
+        checks = valid_signatures([advertisement_signature(self._ctx.config, adv) for adv in good])
+        for adv, ok in zip(good, checks, strict=True):
+            if ok:
+                self._ctx.verified_adverts.add(adv)
+            else:
+                errors[adv.client_id] = bad_advertisement_signature(adv)
+        return errors
 
     def close_stage(self) -> dict[int, Message]:
         """End the current stage (all expected clients answered, or the deadline passed).

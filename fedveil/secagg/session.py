@@ -14,6 +14,7 @@ from fedveil.secagg.graph import MaskingGraph, build_graph
 from fedveil.secagg.keys import (
     PUBLIC_KEY_BYTES,
     SIGNATURE_BYTES,
+    SignedItem,
     advertisement_payload,
     hkdf,
     is_small_order,
@@ -45,14 +46,22 @@ def check_advertisements(config: SecAggConfig, advertisements: Sequence[Advertis
             raise InvalidSignatureError(f"client {adv.client_id}: active mode needs a signed advertisement")
     if not (config.active and signatures):
         return
-    assert config.identity_keys is not None
-    parameters = config.parameters_bytes()
-    items = [(config.identity_keys[adv.client_id], adv.signature,
-              advertisement_payload(config.round_id, parameters, adv.client_id, adv.share_public, adv.mask_public))
-             for adv in advertisements]
+    items = [advertisement_signature(config, adv) for adv in advertisements]
     for adv, ok in zip(advertisements, valid_signatures(items), strict=True):
         if not ok:
-            raise InvalidSignatureError(f"invalid Ed25519 signature on the key advertisement of client {adv.client_id}")
+            raise bad_advertisement_signature(adv)
+
+
+def advertisement_signature(config: SecAggConfig, adv: AdvertiseKeys) -> SignedItem:
+    """What an active-mode advertisement's identity signature must verify: key, signature, payload."""
+    assert config.identity_keys is not None
+    payload = advertisement_payload(config.round_id, config.parameters_bytes(), adv.client_id, adv.share_public,
+                                    adv.mask_public)
+    return config.identity_keys[adv.client_id], adv.signature, payload
+
+
+def bad_advertisement_signature(adv: AdvertiseKeys) -> InvalidSignatureError:
+    return InvalidSignatureError(f"invalid Ed25519 signature on the key advertisement of client {adv.client_id}")
 
 
 def prune_live(config: SecAggConfig, graph: MaskingGraph) -> tuple[int, ...]:

@@ -169,7 +169,19 @@ class SecAggBridgeMixin(CoordinatorBase):
             rnd, sid = self._round_for(client, request.header, Stage.TRAINING, "AdvertiseKeys")
             msg = sa.AdvertiseKeys(rnd.config.round_id, sid, bytes(request.encryption_public_key),
                                    bytes(request.masking_public_key), bytes(request.signature))
-            return self._feed(rnd, sid, msg, Stage.TRAINING, caller)
+            secagg = rnd.secagg
+        # The identity signature, active mode's largest server cost, is checked on this request's
+        # thread outside the lock, so the cohort's advertisements are verified in parallel; the
+        # round records what it found valid and verifies anything else when fed (under the lock).
+        if secagg is not None:
+            secagg.verify_advertisements([msg])
+        with self._cond:
+            if self._clients.get(caller) is not client:
+                raise OutOfOrder("AdvertiseKeys: the session was replaced while the request was checked; Join again")
+            now, now_sid = self._round_for(client, request.header, Stage.TRAINING, "AdvertiseKeys")
+            if now is not rnd or now_sid != sid:
+                msg = sa.AdvertiseKeys(now.config.round_id, now_sid, msg.share_public, msg.mask_public, msg.signature)
+            return self._feed(now, now_sid, msg, Stage.TRAINING, caller)
 
     def share_keys(self, caller: str, request: pb.ShareKeysRequest) -> pb.Ack:
         boxes: dict[int, bytes] = {}
