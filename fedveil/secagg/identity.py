@@ -53,7 +53,7 @@ from fedveil.secagg.errors import (
     RevocationListConflict,
     WrongConsortium,
 )
-from fedveil.secagg.keys import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, ed25519_public_key_problem
+from fedveil.secagg.keys import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, ed25519_public_key_problem, valid_signatures
 
 MAGIC = b"FVID"
 FORMAT_VERSION = 1
@@ -348,12 +348,14 @@ def verify_roster(
     authority = AuthorityPublicKey.of(authority_public)
     if revocations is not None:
         verify_revocations(authority, revocations, consortium=consortium)
+    checked = verified if verified is not None else set()
+    _check_signatures_ahead(authority, credentials, checked)
     names: dict[str, int] = {}
     keys: dict[bytes, int] = {}
     for i, credential in enumerate(credentials):
         try:
             _verify_one(authority, credential, consortium=consortium, now=now, revocations=revocations,
-                        verified=verified)
+                        verified=checked)
         except CredentialError as err:
             raise type(err)(f"credentials[{i}].{err.field}", err.detail, index=i) from None
         if credential.site_name in names:
@@ -370,6 +372,16 @@ def verify_roster(
             )
         names[credential.site_name] = i
         keys[credential.identity_public_key] = i
+
+
+def _check_signatures_ahead(authority: AuthorityPublicKey, credentials: Sequence[SiteCredential],
+                            verified: set[bytes]) -> None:
+    """The authority's signatures on a roster's credentials not in ``verified``, as one batch over
+    the cores (:func:`fedveil.secagg.keys.valid_signatures`: a site's first round checks the whole
+    cohort's). The valid ones join ``verified``; :func:`_verify_one` reports any other, in order."""
+    pending = [c for c in credentials if isinstance(c, SiteCredential) and c.encode() + authority.raw not in verified]
+    checks = valid_signatures([(authority.raw, c.signature, c.signed_payload()) for c in pending])
+    verified.update(c.encode() + authority.raw for c, ok in zip(pending, checks, strict=True) if ok)
 
 
 def _verify_one(
