@@ -379,9 +379,10 @@ def _check_signatures_ahead(authority: AuthorityPublicKey, credentials: Sequence
     """The authority's signatures on a roster's credentials not in ``verified``, as one batch over
     the cores (:func:`fedveil.secagg.keys.valid_signatures`: a site's first round checks the whole
     cohort's). The valid ones join ``verified``; :func:`_verify_one` reports any other, in order."""
-    pending = [c for c in credentials if isinstance(c, SiteCredential) and c.encode() + authority.raw not in verified]
-    checks = valid_signatures([(authority.raw, c.signature, c.signed_payload()) for c in pending])
-    verified.update(c.encode() + authority.raw for c, ok in zip(pending, checks, strict=True) if ok)
+    keyed = [(c, c.encode() + authority.raw) for c in credentials if isinstance(c, SiteCredential)]
+    pending = [(c, key) for c, key in keyed if key not in verified]
+    checks = valid_signatures([(authority.raw, c.signature, c.signed_payload()) for c, _ in pending])
+    verified.update(key for (_, key), ok in zip(pending, checks, strict=True) if ok)
 
 
 def _verify_one(

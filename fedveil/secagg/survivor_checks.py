@@ -129,7 +129,7 @@ def check_consistency(ctx: _ClientContext, survivors: frozenset[int], dropped: f
     # (spread over the cores); a bad one among them only makes ``quorum`` look further.
     planned: set[int] = set()
     for peer in checked:
-        peer_holders = frozenset(graph.holders(peer))
+        peer_holders = graph.holder_set(peer)
         missing = cfg.threshold - len(planned.intersection(peer_holders))
         if missing > 0:
             planned.update(sorted(signed.intersection(peer_holders).difference(planned))[:missing])
