@@ -266,3 +266,76 @@ def test_a_large_batch_names_bad_signatures_in_every_chunk():
     bad = {0, PARALLEL_VERIFY_MIN + 1, n - 1}
     items = [(public, bytes(64) if i in bad else key.sign(b"%d" % i), b"%d" % i) for i in range(n)]
     assert [i for i, ok in enumerate(valid_signatures(items)) if not ok] == sorted(bad)
+
+
+# A reference for Ed25519's small-order rule, independent of the library's y-coordinate test:
+# [8]P by three doublings with the complete addition law (a = -1), inverses by Fermat.
+_P = (1 << 255) - 19
+_D = (-121665 * pow(121666, _P - 2, _P)) % _P
+_IDENTITY = (0, 1)
+
+
+def _reference_add(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
+    (x1, y1), (x2, y2) = a, b
+    t = _D * x1 * x2 * y1 * y2 % _P
+    return ((x1 * y2 + y1 * x2) * pow(1 + t, _P - 2, _P) % _P, (y1 * y2 + x1 * x2) * pow(1 - t, _P - 2, _P) % _P)
+
+
+def _times_eight(point: tuple[int, int]) -> tuple[int, int]:
+    for _ in range(3):
+        point = _reference_add(point, point)
+    return point
+
+
+def _encode_point(point: tuple[int, int]) -> bytes:
+    x, y = point
+    return (y | (x & 1) << 255).to_bytes(32, "little")
+
+
+def _torsion_subgroup() -> list[tuple[int, int]]:
+    """The eight points of order dividing 8, as the multiples of one point of order 8."""
+    from fedveil.secagg.keys import _ed25519_decode
+
+    order_eight = _ed25519_decode(bytes.fromhex("c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a"))
+    assert order_eight is not None and _times_eight(order_eight) == _IDENTITY
+    points, point = [], _IDENTITY
+    for _ in range(8):
+        points.append(point)
+        point = _reference_add(point, order_eight)
+    assert len(set(points)) == 8  # the point has order exactly 8
+    return points
+
+
+TORSION = _torsion_subgroup()
+
+
+def test_every_point_of_small_order_is_refused_and_mixed_order_points_are_not() -> None:
+    from fedveil.secagg.keys import _ed25519_decode, ed25519_public_key_problem
+
+    for torsion in TORSION:
+        assert "small order" in (ed25519_public_key_problem(_encode_point(torsion)) or "")
+    public = Ed25519PrivateKey.from_private_bytes(bytes(range(32))).public_key().public_bytes_raw()
+    point = _ed25519_decode(public)
+    assert point is not None
+    for torsion in TORSION:  # P + T has a large-order part: nobody can sign under it without P's secret
+        mixed = _reference_add(point, torsion)
+        assert _times_eight(mixed) != _IDENTITY
+        assert ed25519_public_key_problem(_encode_point(mixed)) is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(raw=st.binary(min_size=32, max_size=32), torsion_index=st.integers(0, 7))
+def test_the_small_order_check_agrees_with_eight_times_p(raw: bytes, torsion_index: int) -> None:
+    from fedveil.secagg.keys import _ed25519_decode, ed25519_public_key_problem
+
+    public = Ed25519PrivateKey.from_private_bytes(raw).public_key().public_bytes_raw()
+    for candidate in (raw, public, _encode_point(_reference_add(_ed25519_decode(public) or _IDENTITY,
+                                                               TORSION[torsion_index]))):
+        decoded = _ed25519_decode(candidate)
+        problem = ed25519_public_key_problem(candidate)
+        if decoded is None:
+            assert problem == "does not encode a point of Ed25519"
+        elif _times_eight(decoded) == _IDENTITY:
+            assert problem is not None and "small order" in problem
+        else:
+            assert problem is None
