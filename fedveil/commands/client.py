@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-import torch
 
 from fedveil.clients.policy_settings import POLICY_TABLE
 from fedveil.commands.common import MAX_THREADS, eprint, fail, fail_from, load_pinned_authority, print_json_last_line
@@ -108,6 +107,8 @@ def client_command(
     configure_logging(log_level, log_format, text_format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if not 1 <= threads <= MAX_THREADS:
         fail("--threads", f"must be between 1 and {MAX_THREADS} (got {threads})")
+    import torch
+
     torch.set_num_threads(threads)
     try:
         check_server_address(server)

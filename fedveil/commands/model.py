@@ -12,7 +12,6 @@ import importlib
 from pathlib import Path
 
 import click
-from torch import nn
 
 from fedveil.commands.common import fail
 
@@ -31,6 +30,7 @@ def register(group: click.Group) -> None:
 def init_model_command(factory: str, out_path: Path, dp: str, seed: int) -> None:
     """Write the job's model file (names, shapes, dtypes, initial values) from your model's code."""
     import torch
+    from torch import nn
 
     from fedveil.dp.compat import UnsupportedLayerError
     from fedveil.model_file import ModelFileError, save_initial_model
