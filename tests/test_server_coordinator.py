@@ -215,3 +215,35 @@ def test_a_site_silent_from_the_round_start_is_one_dropout_at_commit(tmp_path: P
     assert store.dropouts(coordinator.run_id) == [(1, 1, "d", "commit", "missed the stage deadline")]
     np.testing.assert_allclose(store.aggregate(coordinator.run_id, 1), sum(vecs[:3]) / 3, atol=1e-4)  # type: ignore[arg-type]
     store.close()
+
+
+def test_a_site_that_polls_after_the_linger_hears_the_job_is_done_and_a_stopped_job_says_retry(tmp_path: Path) -> None:
+    """At scale many sites miss the linger (1,000 site threads on two cores): while the server still
+    serves after the job, a poll gets JobDone, not "shutting down, retry" (which made 820 of 1,000
+    simulated sites give up after 30 s of retries). A job stopped before it finished still says retry."""
+    from fedveil.protocol import PROTOCOL_VERSION
+    from fedveil.protocol.errors import OutOfOrder, Unavailable
+    from fedveil.protocol.transport import ClientSession, InProcessTransport
+
+    coordinator, _ = make_job(tmp_path, ["a", "b", "late"], clients_per_round=2, min_clients=2)
+    run_job(coordinator, [Scripted(coordinator, name, v) for name, v in zip(["a", "b"], vectors(2), strict=True)])
+    late = InProcessTransport(coordinator, "late")
+    session = ClientSession.from_join(late.join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION,
+                                                                task_name="synthetic-logreg")))
+    coordinator.stop()
+    answer = late.poll(pb.PollRequest(header=session.header(), max_wait_ms=500))
+    assert answer.WhichOneof("instruction") == "job_done"
+    assert answer.job_done.completed_rounds == 1
+    forged = pb.RequestHeader(protocol_version=PROTOCOL_VERSION, session_id=bytes(len(session.session_id)),
+                              run_id=session.run_id, sequence=99)
+    with pytest.raises(OutOfOrder, match="unknown or replaced session"):  # a forged session learns nothing, even now
+        late.poll(pb.PollRequest(header=forged, max_wait_ms=0))
+
+    (tmp_path / "stopped").mkdir()
+    stopped, _ = make_job(tmp_path / "stopped", ["c", "d"])
+    early = InProcessTransport(stopped, "c")
+    early_session = ClientSession.from_join(early.join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION,
+                                                                      task_name="synthetic-logreg")))
+    stopped.stop()
+    with pytest.raises(Unavailable, match="shutting down"):
+        early.poll(pb.PollRequest(header=early_session.header(), max_wait_ms=0))

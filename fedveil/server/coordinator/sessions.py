@@ -145,9 +145,13 @@ class SessionsMixin(CoordinatorBase):
     def poll(self, caller: str, request: pb.PollRequest) -> pb.PollResponse:
         wait_s = min(request.max_wait_ms / 1000.0, self.config.schedule.poll_wait)
         with self._cond:
-            if self._stopping:
+            if self._stopping and self._done is None:
                 raise Unavailable("the server is shutting down; retry later")
             client = self._session(caller, request.header, "Poll")
+            if self._stopping:  # the job is over: a site that missed the linger hears it while serving lasts
+                done = self._instruction_for(client)
+                assert done is not None  # a pending round result, then JobDone
+                return done
             token = object()
             client.poll_token = token
             client.polling += 1
