@@ -313,9 +313,12 @@ def test_a_worker_killed_mid_round_is_a_dropout_and_the_round_releases_the_exact
     tmp_path: Path, killer_type: type[KillAtRound], stages: set[str]
 ) -> None:
     n, victim = 4, client_name(3)
-    # 40 local epochs keep a round busy long enough for the kill to land inside it; the stage timeout
-    # bounds how long the round waits for the dead site
-    cfg = config(n, rounds=3, min_clients=3, local_epochs=40, stage_timeout=8.0, round_timeout=15.0,
+    # killed as round 2 starts: 40 local epochs keep the site training long enough for the kill to land
+    # before it advertises its keys. Killed after its shares: training is over by then (it precedes the
+    # keys), so the kill's window does not depend on it and 2 epochs do. The stage timeout bounds how long
+    # the round waits for the dead site
+    epochs = 40 if killer_type is KillAtRound else 2
+    cfg = config(n, rounds=3, min_clients=3, local_epochs=epochs, stage_timeout=8.0, round_timeout=15.0,
                  cohort_wait=3.0)
     # the kill after the shares must land in a window of milliseconds, watched from the run store; on a
     # loaded machine the watcher can miss it, and then the job is run again (at most three times)
