@@ -7,8 +7,6 @@ Ctrl+C.
 
 from __future__ import annotations
 
-import signal
-import threading
 from pathlib import Path
 
 import click
@@ -49,13 +47,7 @@ def dashboard_command(store_path: Path, task_ref: str, port: int, dashboard_toke
         fail("--store", str(err))
     except OSError as err:
         fail("--port", f"cannot listen on port {port}: {err.strerror or err}")
-    # Explicit handlers: a process started in the background inherits SIGINT as ignored.
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    click.echo(f"dashboard: {server.login_url} (read only; Ctrl+C to stop)")
     try:
-        while not stop.wait(0.5):
-            pass
+        server.serve_until_signalled(lambda: click.echo(f"dashboard: {server.login_url} (read only; Ctrl+C to stop)"))
     finally:
         server.stop()

@@ -346,13 +346,10 @@ def run_demo(
         report["files"] = {k: str(v) for k, v in paths.items()}
         print_comparison(console, report)
         if server is not None and serve_forever:
-            console.print(f"dashboard still serving at {server.url} (log in with the URL printed above); "
-                          "press Ctrl+C to stop", highlight=False)
-            try:
-                while True:
-                    time.sleep(0.5)
-            except KeyboardInterrupt:
-                pass
+            url = server.url
+            server.serve_until_signalled(lambda: console.print(
+                f"dashboard still serving at {url} (log in with the URL printed above); press Ctrl+C to stop",
+                highlight=False))
         return report
     finally:
         if server is not None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import uvicorn
@@ -61,6 +63,33 @@ class DashboardServer:
                 raise RuntimeError("the dashboard's web server did not start (see the log)")
             time.sleep(0.01)
         return self
+
+    def serve_until_signalled(self, on_ready: Callable[[], None] | None = None) -> None:
+        """Block until SIGINT or SIGTERM arrives; the caller then calls :meth:`stop`.
+
+        Explicit handlers, restored on return: a process started in the background inherits SIGINT
+        as ignored (Ctrl+C would never reach it, and ``kill -INT`` neither), and supervisors stop
+        with SIGTERM. ``on_ready`` runs once the handlers are in place (say "press Ctrl+C" there: a
+        signal sent after it is never lost). Off the main thread, where no handler can be
+        installed, Ctrl+C ends the wait as a KeyboardInterrupt."""
+        if threading.current_thread() is not threading.main_thread():
+            if on_ready is not None:
+                on_ready()
+            try:
+                while True:
+                    time.sleep(0.5)
+            except KeyboardInterrupt:
+                return
+        signalled = threading.Event()
+        previous = {sig: signal.signal(sig, lambda *_: signalled.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            if on_ready is not None:
+                on_ready()
+            while not signalled.wait(0.5):
+                pass
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def stop(self) -> None:
         self._server.should_exit = True
