@@ -44,7 +44,6 @@ def test_dir_lists_the_front_doors_and_import_stays_light_in_a_fresh_interpreter
     assert seen["heavy"] == [], f"import fedveil loaded {seen['heavy']}"
 
 
-
 def test_the_cli_builds_its_commands_without_torch_or_grpc() -> None:
     """``fedveil --help`` (and every command's parsing) must not pay torch's 1.5 s import: command
     modules import torch, grpc and opacus inside the commands that use them."""
@@ -52,6 +51,7 @@ def test_the_cli_builds_its_commands_without_torch_or_grpc() -> None:
             "print(json.dumps(sorted(m for m in ('torch', 'grpc', 'opacus') if m in sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert json.loads(out.stdout) == [], f"building the CLI loaded {out.stdout.strip()}"
+
 
 @pytest.mark.slow
 def test_budget_front_doors_need_only_the_privacy_parameters() -> None:

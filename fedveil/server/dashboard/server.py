@@ -70,17 +70,14 @@ class DashboardServer:
         Explicit handlers, restored on return: a process started in the background inherits SIGINT
         as ignored (Ctrl+C would never reach it, and ``kill -INT`` neither), and supervisors stop
         with SIGTERM. ``on_ready`` runs once the handlers are in place (say "press Ctrl+C" there: a
-        signal sent after it is never lost). Off the main thread, where no handler can be
-        installed, Ctrl+C ends the wait as a KeyboardInterrupt."""
+        signal sent after it is never lost). Off the main thread no handler can be installed and no
+        signal (nor KeyboardInterrupt) arrives, so it serves until the process ends."""
+        signalled = threading.Event()
         if threading.current_thread() is not threading.main_thread():
             if on_ready is not None:
                 on_ready()
-            try:
-                while True:
-                    time.sleep(0.5)
-            except KeyboardInterrupt:
-                return
-        signalled = threading.Event()
+            signalled.wait()
+            return
         previous = {sig: signal.signal(sig, lambda *_: signalled.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             if on_ready is not None:
