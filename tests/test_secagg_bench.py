@@ -82,6 +82,9 @@ def test_active_mode_round(capsys):
     assert report["server_s"] < report["parallel_s"]
     assert report["parallel_s"] < report["total_s"] and report["passive_parallel_s"] < report["passive_total_s"]
     assert report["active_over_passive_parallel"] == pytest.approx(report["parallel_s"] / report["passive_parallel_s"])
+    # a site holding the authority's signed roster checks it once at start, not each credential in its first round
+    assert report["roster_check_s_mean"] > 0 and report["admission_s_mean_roster"] < report["admission_s_mean"]
+    assert report["parallel_s_roster"] <= report["parallel_s"]
     assert "_stage_s" not in report
 
 
@@ -101,9 +104,11 @@ def test_repeated_runs_take_each_sites_median_before_the_slowest_site():
 
     def run(server: float, a: float, b: float) -> dict:
         return {"server_s": server, "_stage_s": {"masked": {0: a, 1: b}, "admission": {0: 9.0, 1: 9.0},
+                                                 "admission_roster": {0: 0.25, 1: 0.5},
                                                  "admission_warm": {0: 0.0, 1: 0.0}}}
 
     # site 1 was preempted once (5.0): its median is 1.0, so the slowest site's median is site 0's 2.0
     runs = [run(1.0, 2.0, 1.0), run(1.0, 2.0, 5.0), run(3.0, 2.0, 1.0)]
-    assert parallel_round_s(runs, warm=True) == 1.0 + 2.0
-    assert parallel_round_s(runs, warm=False) == 1.0 + 2.0 + 9.0
+    assert parallel_round_s(runs, admission="admission_warm") == 1.0 + 2.0
+    assert parallel_round_s(runs, admission="admission_roster") == 1.0 + 2.0 + 0.5
+    assert parallel_round_s(runs) == 1.0 + 2.0 + 9.0

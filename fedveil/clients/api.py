@@ -64,6 +64,7 @@ def federate(
     credential: bytes | str | Path | None = None,
     authority: str | Path | None = None,
     revocations: str | Path | None = None,
+    roster: str | Path | None = None,
     trust_server: bool = False,
     policy: SitePolicy | None = None,
     state: str | Path | None = None,
@@ -99,11 +100,13 @@ def federate(
         authority: the consortium authority's public file (``fedveil authority init``): pinned, every
             cohort member's credential must verify against it. Required unless ``trust_server``.
         revocations: the authority's latest revocation list this site holds.
+        roster: a roster the authority signed (``fedveil authority roster``): checked once here,
+            so the credentials it lists cost no signature check in a round.
         trust_server: opt in to the honest-but-curious server model (passive secure aggregation, no
             identity checks). Off by default: the site assumes a malicious server.
         policy: the full :class:`~fedveil.clients.policy.SitePolicy` (minimum cohort, colluding
             fraction, DP modes and noise floor, attempts, evaluation); ``authority``,
-            ``revocations`` and ``trust_server`` fill in its identity fields.
+            ``revocations``, ``roster`` and ``trust_server`` fill in its identity fields.
         state: a file where the site keeps its attempts, releases and own privacy ledger across
             restarts (``fedveil budget report`` reads it).
         insecure_deterministic: derive keys, masks, rounding and noise from ``seed`` (tests only).
@@ -151,7 +154,7 @@ def federate(
         identity_key = load_identity_key(Path(identity_key))
     options = ClientOptions(seed=seed, num_examples=num_examples, evaluate=evaluate, identity_key=identity_key,
                             policy=site_policy(policy, authority=authority, revocations=revocations,
-                                               trust_server=trust_server),
+                                               roster=roster, trust_server=trust_server),
                             credential=load_credential_arg(credential), state_path=Path(state) if state else None,
                             insecure_deterministic=insecure_deterministic, privacy_engine=privacy_engine)
     if backoff is not None:
@@ -167,9 +170,10 @@ def federate(
 
 
 def site_policy(policy: SitePolicy | None, *, authority: str | Path | None = None,
-                revocations: str | Path | None = None, trust_server: bool = False) -> SitePolicy:
+                revocations: str | Path | None = None, roster: str | Path | None = None,
+                trust_server: bool = False) -> SitePolicy:
     """``policy`` (default: the malicious-server defaults) with the pinned authority and trust choice."""
-    from fedveil.protocol.identity_files import load_authority_public, load_revocations
+    from fedveil.protocol.identity_files import load_authority_public, load_revocations, load_signed_roster
     from fedveil.secagg.identity import verify_revocations
 
     changes: dict[str, Any] = {}
@@ -183,6 +187,10 @@ def site_policy(policy: SitePolicy | None, *, authority: str | Path | None = Non
         revocation_list = load_revocations(Path(revocations))
         verify_revocations(pinned.public_key, revocation_list, consortium=pinned.consortium)
         changes["revocations"] = revocation_list
+    if roster is not None:
+        if pinned is None and (policy is None or policy.authority_public_key is None):
+            raise ValueError("roster: give the authority too (the roster is checked against its key)")
+        changes["roster"] = load_signed_roster(Path(roster))
     if trust_server:
         changes["trust_server"] = True
     if policy is None:

@@ -22,7 +22,9 @@ from typing import Any
 
 from fedveil.errors import FedveilError
 from fedveil.protocol import fedveil_pb2 as pb
+from fedveil.secagg.errors import SecAggError
 from fedveil.secagg.identity import RevocationList
+from fedveil.secagg.signed_roster import SignedRoster, verify_signed_roster
 from fedveil.secagg.threshold import DEFAULT_MAX_CORRUPT_FRACTION, DEFAULT_SECURITY_BITS
 
 DP_MODES = ("none", "local", "central", "distributed")
@@ -65,6 +67,9 @@ class SitePolicy:
         consortium: the authority's consortium name; credentials of another consortium are refused.
         revocations: the authority's latest signed revocation list the site holds (optional; a
             newer one may come from the server, never an older one).
+        roster: a roster the authority signed offline (``fedveil authority roster``; optional). It
+            is checked once, here, and the credentials it lists then cost a lookup in a round
+            instead of a signature and a key check (:mod:`fedveil.secagg.signed_roster`).
         min_cohort: fewest cohort members (n) of a round this site takes part in.
         max_corrupt_fraction: the fraction f of the cohort this site assumes may collude with the
             server; thresholds must satisfy 2t > h + c for the c it implies
@@ -91,6 +96,7 @@ class SitePolicy:
     authority_public_key: bytes | None = None
     consortium: str | None = None
     revocations: RevocationList | None = None
+    roster: SignedRoster | None = None
     min_cohort: int = DEFAULT_MIN_COHORT
     max_corrupt_fraction: float = DEFAULT_MAX_CORRUPT_FRACTION
     allowed_dp_modes: frozenset[str] = field(default_factory=lambda: frozenset(DP_MODES))
@@ -101,6 +107,8 @@ class SitePolicy:
     max_evaluations_per_round: int = 1
     max_evaluations_per_job: int = 1
     security_bits: float = DEFAULT_SECURITY_BITS
+    roster_marks: frozenset[bytes] = field(default=frozenset(), init=False, repr=False, compare=False)
+    """The roster's credentials, as marks for the site's cache of vouched credentials."""
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, message: str) -> None:
@@ -143,6 +151,16 @@ class SitePolicy:
                 and self.revocations.consortium != self.consortium:
             raise PolicyError("revocations", f"the revocation list is for consortium {self.revocations.consortium!r}, "
                               f"not {self.consortium!r}")
+        if self.roster is not None:
+            if self.authority_public_key is None:
+                raise PolicyError("roster", "a signed roster needs the authority's public key it is checked against "
+                                  "(--authority)")
+            try:
+                marks = verify_signed_roster(self.authority_public_key, self.roster,
+                                             consortium=self.consortium or self.roster.consortium)
+            except SecAggError as err:
+                raise PolicyError("roster", f"not vouched for by this site's authority: {err}") from None
+            object.__setattr__(self, "roster_marks", marks)
 
     # -- building ----------------------------------------------------------------------------
     def with_authority(self, **changes: Any) -> SitePolicy:
@@ -177,7 +195,8 @@ def check_job(policy: SitePolicy, job: pb.JobInfo) -> None:
 
 
 def build_policy(settings: Mapping[str, Any] | None = None, *, authority: tuple[str, bytes] | None = None,
-                 revocations: RevocationList | None = None, **overrides: Any) -> SitePolicy:
+                 revocations: RevocationList | None = None, roster: SignedRoster | None = None,
+                 **overrides: Any) -> SitePolicy:
     """A policy from a settings table (e.g. :meth:`SitePolicy.from_toml`), flags that override it
     (``None`` values are ignored), and the authority the site pinned (consortium, public key)."""
     merged: dict[str, Any] = dict(settings or {})
@@ -187,7 +206,9 @@ def build_policy(settings: Mapping[str, Any] | None = None, *, authority: tuple[
         extra.update(consortium=authority[0], authority_public_key=authority[1])
     if revocations is not None:
         extra["revocations"] = revocations
-    known = {f.name for f in dataclasses.fields(SitePolicy)}
+    if roster is not None:
+        extra["roster"] = roster
+    known = {f.name for f in dataclasses.fields(SitePolicy) if f.init}
     unknown = sorted(set(merged) - known)
     if unknown:
         raise PolicyError(unknown[0], f"unknown policy setting (known: {', '.join(sorted(known))})")

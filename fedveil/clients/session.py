@@ -90,8 +90,9 @@ class Federation:
         self.options = options or ClientOptions()
         self.policy = self.options.policy if self.options.policy is not None else SitePolicy()
         self.state = SiteState.open(self.options.state_path)
-        self.verified_credentials: set[bytes] = set()
-        """Peer credentials whose authority signature this site already checked (once per job)."""
+        self.verified_credentials: set[bytes] = set(self.policy.roster_marks)
+        """Peer credentials the authority vouched for that this site already checked: its signed
+        roster's, and each other one once per job."""
         self.private_seed = self.options.private_seed()
         self._sleep = sleep
         self._backoff_count = 0

@@ -6,6 +6,7 @@ offline machine (see docs/trust.md)::
     fedveil authority init --consortium NAME --out DIR       # authority.key, authority.pub, revocations.bin
     fedveil authority issue --authority DIR --site NAME --identity-public-key FILE --out site.cred
     fedveil authority revoke --authority DIR (--serial HEX | --credential FILE)
+    fedveil authority roster --authority DIR --credential FILE [--credential FILE ...] --out roster.bin
     fedveil authority show FILE                               # a credential, revocation list or authority.pub
     fedveil authority verify --authority PUB --credential FILE [--revocations FILE] [--site NAME]
 
@@ -189,12 +190,50 @@ def revoke_command(authority_dir: Path, serial: str | None, credential_path: Pat
                f"({len(updated.revoked)} revoked). Give the new list to every site and the server.")
 
 
+@authority_group.command("roster")
+@click.option("--authority", "authority_dir", required=True, type=click.Path(path_type=Path),
+              help="The authority directory made by 'fedveil authority init'.")
+@click.option("--credential", "credential_paths", required=True, multiple=True, type=click.Path(path_type=Path),
+              help="A credential this authority issued (repeat, one per site).")
+@click.option("--version", "roster_version", type=int, default=1, show_default=True,
+              help="The roster's version (raise it for each new roster).")
+@click.option("--out", "out_path", required=True, type=click.Path(path_type=Path), help="The roster file to write.")
+@_PASSPHRASE_FILE
+def roster_command(authority_dir: Path, credential_paths: tuple[Path, ...], roster_version: int, out_path: Path,
+                   passphrase_file: Path | None) -> None:
+    """Sign a roster of issued credentials: sites check it once, instead of each credential in a round."""
+    from fedveil.protocol import identity_files as files
+    from fedveil.secagg.identity import MAX_TIME
+    from fedveil.secagg.signed_roster import issue_signed_roster
+
+    if not 0 <= roster_version <= MAX_TIME:
+        fail("--version", f"expected 0..2**63-1 (got {roster_version})")
+    if out_path.exists():
+        fail("--out", f"{str(out_path)!r} already exists; refusing to overwrite")
+    pinned, key = _open_authority(authority_dir, passphrase_file)
+    credentials = []
+    for path in credential_paths:
+        credential = _load(files.load_credential, path, "--credential")
+        _check_issued_here(pinned, credential, what=str(path))
+        credentials.append(credential)
+    roster = issue_signed_roster(key, pinned.consortium, credentials, version=roster_version,
+                                 issued_at=int(time.time()))
+    try:
+        files.write_new_file(out_path, files.armor(roster.encode(), files.SIGNED_ROSTER_LABEL).encode())
+    except OSError as err:
+        fail("--out", f"cannot write {str(out_path)!r}: {err.strerror}")
+    click.echo(f"signed a roster of {len(roster.credentials)} credentials (version {roster_version}) of consortium "
+               f"{pinned.consortium!r} to {str(out_path)!r}; give it to every site (fedveil client --roster)")
+    print_json_last_line({"credentials": len(roster.credentials), "version": roster_version, "out": str(out_path)})
+
+
 @authority_group.command("show")
 @click.argument("file", type=click.Path(path_type=Path))
 def show_command(file: Path) -> None:
-    """Print a credential, a revocation list or an authority.pub in human form (never a secret)."""
+    """Print a credential, a revocation list, a signed roster or an authority.pub (never a secret)."""
     from fedveil.protocol import identity_files as files
-    from fedveil.secagg.identity import KIND_REVOCATIONS, MAGIC, fingerprint
+    from fedveil.secagg.errors import CredentialError
+    from fedveil.secagg.identity import KIND_REVOCATIONS, KIND_SIGNED_ROSTER, MAGIC, decode_credential, fingerprint
 
     try:
         head = file.read_bytes()[:4096]
@@ -215,6 +254,21 @@ def show_command(file: Path) -> None:
         click.echo(f"  revoked serials ({len(rl.revoked)}):")
         for serial in sorted(rl.revoked):
             click.echo(f"    {serial.hex()}")
+        return
+    if files.SIGNED_ROSTER_LABEL.encode() in head or (head.startswith(MAGIC)
+                                                       and head[5:6] == bytes([KIND_SIGNED_ROSTER])):
+        roster = _load(files.load_signed_roster, file, "FILE")
+        click.echo(f"signed roster of consortium {roster.consortium!r}, version {roster.version}, "
+                   f"issued {_when(roster.issued_at)}")
+        click.echo(f"  credentials ({len(roster.credentials)}):")
+        for i, entry in enumerate(roster.credentials):
+            try:
+                listed = decode_credential(entry)
+            except CredentialError as err:
+                click.echo(f"    credentials[{i}] does not decode: {err}")
+                continue
+            key = fingerprint(listed.identity_public_key)
+            click.echo(f"    {listed.site_name}  serial {listed.serial_hex}  key {key}")
         return
     credential = _load(files.load_credential, file, "FILE")
     click.echo(f"site credential for {credential.site_name!r} in consortium {credential.consortium!r}")
@@ -332,12 +386,12 @@ def _identity_public_key(value: str) -> bytes:
     return key
 
 
-def _check_issued_here(pinned: PinnedAuthority, credential: SiteCredential) -> None:
+def _check_issued_here(pinned: PinnedAuthority, credential: SiteCredential, what: str = "") -> None:
     if credential.consortium != pinned.consortium or not pinned.public_key.verifies(
         credential.signature, credential.signed_payload()
     ):
-        fail("--credential", f"not issued by this authority (consortium {pinned.consortium!r}, "
-             f"key {pinned.public_key.fingerprint})")
+        fail("--credential", f"{what + ' is ' if what else ''}not issued by this authority "
+             f"(consortium {pinned.consortium!r}, key {pinned.public_key.fingerprint})")
 
 
 def _load(loader: Callable[[Path], T], path: Path, param: str) -> T:

@@ -68,11 +68,15 @@ def run_secagg_bench(clients: int, dim: int, dropout: float, dropout_stage: str,
     dropped = sorted(int(i) for i in rng.choice(clients, size=n_drop, replace=False))
     encoder = FixedPointEncoder.for_clients(clients, clip=CLIP, ring_bits=32)
     identity: dict[int, Ed25519PrivateKey] | None = None
-    admission_s: dict[int, float] = dict.fromkeys(range(clients), 0.0)
-    warm_s: dict[int, float] = dict(admission_s)
+    # a site's admission checks per pass: its first round without and with the authority's signed
+    # roster, and a later round (all zero when passive); and the roster's one check at start
+    admission: dict[str, dict[int, float]] = {name: dict.fromkeys(range(clients), 0.0) for name in ADMISSION_PASSES}
+    roster_check_s: dict[int, float] = dict.fromkeys(range(clients), 0.0)
     graph_seed = b""
     if active:
-        identity, admission_s, warm_s, graph_seed = _identities_and_admission(clients, plan, max_corrupt_fraction)
+        identity, admission, roster_check_s, graph_seed = _identities_and_admission(clients, plan,
+                                                                                   max_corrupt_fraction)
+    admission_s = admission["admission"]
     config = SecAggConfig(clients, threshold, encoder.encoded_length(dim), round_id=1, graph=plan.spec, active=active,
                           identity_keys=tuple(identity[c].public_key().public_bytes_raw() for c in range(clients))
                           if identity else None, max_corrupt_fraction=max_corrupt_fraction, graph_seed=graph_seed)
@@ -98,14 +102,17 @@ def run_secagg_bench(clients: int, dim: int, dropout: float, dropout_stage: str,
         "dropped_clients": dropped,
         "completed": sim.completed,
         "total_s": total_s, "server_s": sim.server_s, "admission_s_mean": float(np.mean(list(admission_s.values()))),
-        "total_s_warm": total_s - sum(admission_s.values()) + sum(warm_s.values()),
-        "admission_s_mean_warm": float(np.mean(list(warm_s.values()))),
+        **{f"total_s{suffix}": total_s - sum(admission_s.values()) + sum(admission[name].values())
+           for name, suffix in ADMISSION_PASSES.items() if suffix},
+        **{f"admission_s_mean{suffix}": float(np.mean(list(admission[name].values())))
+           for name, suffix in ADMISSION_PASSES.items() if suffix},
+        "roster_check_s_mean": float(np.mean(list(roster_check_s.values()))),
         "client_s_mean": float(np.mean(client_s)), "client_s_max": float(np.max(client_s)),
         "upload_bytes_per_client": max(sim.upload_bytes.values()),
         # every site on its own machine: the server plus the slowest site of each stage
-        "parallel_s": sim.critical_path_s({c: encode_s[c] + admission_s[c] for c in range(clients)}),
-        "parallel_s_warm": sim.critical_path_s({c: encode_s[c] + warm_s[c] for c in range(clients)}),
-        "_stage_s": _stage_times(sim.client_stage_s, encode_s, admission_s, warm_s),
+        **{f"parallel_s{suffix}": sim.critical_path_s({c: encode_s[c] + admission[name][c] for c in range(clients)})
+           for name, suffix in ADMISSION_PASSES.items()},
+        "_stage_s": _stage_times(sim.client_stage_s, encode_s, admission),
     }
     if sim.result is None:
         report.update(survivors=0, plaintext_sum_s=None, exact=False, max_abs_error=None,
@@ -129,24 +136,23 @@ def run_secagg_bench(clients: int, dim: int, dropout: float, dropout_stage: str,
     return report
 
 
-def _stage_times(stages: dict[str, dict[int, float]], encode_s: dict[int, float], admission_s: dict[int, float],
-                 warm_s: dict[int, float]) -> dict[str, dict[int, float]]:
-    """Per-stage, per-site seconds, with encoding and admission (cold and warm) as their own stages."""
+def _stage_times(stages: dict[str, dict[int, float]], encode_s: dict[int, float],
+                 admission: dict[str, dict[int, float]]) -> dict[str, dict[int, float]]:
+    """Per-stage, per-site seconds, with encoding and each admission pass as their own stages."""
     out = {name: dict(per_client) for name, per_client in stages.items()}
     out["encode"] = dict(encode_s)
-    out["admission"] = dict(admission_s)
-    out["admission_warm"] = dict(warm_s)
+    out.update((name, dict(per_client)) for name, per_client in admission.items())
     return out
 
 
-def parallel_round_s(runs: list[dict[str, Any]], *, warm: bool) -> float:
+def parallel_round_s(runs: list[dict[str, Any]], *, admission: str = "admission") -> float:
     """The round's time with every site on its own machine, robust to a busy benchmark machine:
     each site's time in each stage is its median over the repeated runs, then each stage costs its
-    slowest site, plus the server's median time (one preempted site in one run decides nothing)."""
-    skip = "admission" if warm else "admission_warm"
+    slowest site, plus the server's median time (one preempted site in one run decides nothing).
+    ``admission`` names the pass of :data:`ADMISSION_PASSES` the round pays for."""
     total = float(np.median([run["server_s"] for run in runs]))
     for stage in runs[0]["_stage_s"]:
-        if stage == skip:
+        if stage in ADMISSION_PASSES and stage != admission:
             continue
         sites = set().union(*(run["_stage_s"].get(stage, {}).keys() for run in runs))
         medians = [float(np.median([run["_stage_s"].get(stage, {}).get(c, 0.0) for run in runs])) for c in sites]
@@ -154,37 +160,45 @@ def parallel_round_s(runs: list[dict[str, Any]], *, warm: bool) -> float:
     return total
 
 
-def _identities_and_admission(clients: int, plan: Any,
-                              fraction: float) -> tuple[Any, dict[int, float], dict[int, float], bytes]:
+ADMISSION_PASSES = {"admission": "", "admission_roster": "_roster", "admission_warm": "_warm"}
+"""A site's admission checks as timed: its first round of a job holding no roster (every peer's
+credential signature and key checked in the round), its first round holding the authority's signed
+roster (checked once at start), and a later round. Values: the suffix of their report keys."""
+
+
+def _identities_and_admission(clients: int, plan: Any, fraction: float
+                              ) -> tuple[Any, dict[str, dict[int, float]], dict[int, float], bytes]:
     """Active mode as a real site runs it, timed per client: an authority vouches for every identity;
     each client checks the whole roster and the threshold rule (its policy checks) and takes part in
-    the commit-then-reveal of the graph seed. Timed twice: cold (the site's first round, every peer
-    credential's signature checked) and warm (a later round: signatures already checked, validity
-    and revocation checked again). The cold pass clears the process-wide memos of decoded credentials
-    and checked keys before each site, so each site pays for its own decoding and key checks."""
+    the commit-then-reveal of the graph seed. Timed in three passes (:data:`ADMISSION_PASSES`). Each
+    first-round pass clears the process-wide memos of decoded credentials, checked keys and checked
+    rosters before each site, so each site pays for its own decoding and checks; with a roster, the
+    site's one check of it at start is timed apart (``roster_check_s``)."""
     from fedveil.secagg import beacon
     from fedveil.secagg.identity import decode_credential, verify_roster
     from fedveil.secagg.keys import ed25519_public_key_problem
     from fedveil.secagg.local_authority import LocalAuthority
+    from fedveil.secagg.signed_roster import _verified_entries, verify_signed_roster
     from fedveil.secagg.threshold import cohort_bound, threshold_problem
 
     authority = LocalAuthority("fedveil-bench")
     now = int(time.time())
     enrolled = [authority.identity(f"site-{c}", now=now) for c in range(clients)]
+    signed_roster = authority.signed_roster(issued_at=now)
     roster = [credential.encode() for _, credential in enrolled]
     values = {c: beacon.new_contribution() for c in range(clients)}
     commitments = {c: beacon.commitment(1, c, v) for c, v in values.items()}
-    caches: dict[int, set[bytes]] = {c: set() for c in range(clients)}
     seeds = set()
 
-    def admit(c: int, *, cold: bool) -> float:
-        if cold:  # a site's own process has checked none of its peers' keys: no memo of another site's
-            decode_credential.cache_clear()
-            ed25519_public_key_problem.cache_clear()
+    def forget() -> None:  # a site's own process has checked none of its peers' keys
+        for memo in (decode_credential, ed25519_public_key_problem, _verified_entries):
+            memo.cache_clear()
+
+    def admit(c: int, verified: set[bytes]) -> float:
         start = time.perf_counter()
         credentials = [decode_credential(raw) for raw in roster]
         verify_roster(authority.public_key, credentials, consortium=authority.consortium, now=now,
-                      revocations=None, verified=caches[c])
+                      revocations=None, verified=verified)
         holders, corrupt = cohort_bound(clients, plan.degree, fraction)
         if threshold_problem(plan.threshold, holders, corrupt) is not None:
             raise RuntimeError("the bench's threshold fails the policy check")
@@ -192,10 +206,24 @@ def _identities_and_admission(clients: int, plan: Any,
         seeds.add(beacon.combine(1, commitments, values))
         return time.perf_counter() - start
 
-    cold = {c: admit(c, cold=True) for c in range(clients)}
-    warm = {c: admit(c, cold=False) for c in range(clients)}
+    def with_roster(c: int) -> tuple[float, float]:
+        forget()
+        start = time.perf_counter()
+        marks = verify_signed_roster(authority.public_key, signed_roster, consortium=authority.consortium)
+        check_s = time.perf_counter() - start
+        return check_s, admit(c, set(marks))
+
+    times: dict[str, dict[int, float]] = {name: {} for name in ADMISSION_PASSES}
+    caches: dict[int, set[bytes]] = {c: set() for c in range(clients)}
+    roster_check_s: dict[int, float] = {}
+    for c in range(clients):
+        forget()
+        times["admission"][c] = admit(c, caches[c])
+        roster_check_s[c], times["admission_roster"][c] = with_roster(c)
+    for c in range(clients):
+        times["admission_warm"][c] = admit(c, caches[c])
     assert len(seeds) == 1
-    return {c: key for c, (key, _) in enumerate(enrolled)}, cold, warm, seeds.pop()
+    return {c: key for c, (key, _) in enumerate(enrolled)}, times, roster_check_s, seeds.pop()
 
 
 def _print_table(report: dict[str, Any]) -> None:
@@ -245,13 +273,20 @@ def _print_table(report: dict[str, Any]) -> None:
         rows.insert(0, ("dropped clients", ", ".join(map(str, shown)) + more))
     if "passive_total_s" in report:
         rows.append(("passive round total_s (same run)", report["passive_total_s"]))
-        rows.append(("active / passive (first round: every credential checked)", report["active_over_passive"]))
+        rows.append(("active / passive (first round, no roster: every credential checked)",
+                     report["active_over_passive"]))
+        rows.append(("active / passive (first round, signed roster checked at start)",
+                     report["active_over_passive_roster"]))
         rows.append(("active / passive (later rounds: credentials checked before)",
                      report["active_over_passive_warm"]))
         rows.append(("passive round parallel_s (same run)", report["passive_parallel_s"]))
-        rows.append(("active / passive, sites in parallel (first round)", report["active_over_passive_parallel"]))
+        rows.append(("active / passive, sites in parallel (first round, no roster)",
+                     report["active_over_passive_parallel"]))
+        rows.append(("active / passive, sites in parallel (first round, signed roster)",
+                     report["active_over_passive_parallel_roster"]))
         rows.append(("active / passive, sites in parallel (later rounds)",
                      report["active_over_passive_parallel_warm"]))
+        rows.append(("signed roster's check at start, per site (once per job)", report["roster_check_s_mean"]))
     if report.get("abort_reason"):
         rows.append(("abort reason", report["abort_reason"]))
     for name, value in rows:
@@ -288,7 +323,7 @@ def secagg_command(clients: int, dim: int, dropout: float, dropout_stage: str, g
         fail("--max-corrupt-fraction", f"must be in [0, 0.5) (got {max_corrupt_fraction})")
     if repeat < 1:
         fail("--repeat", f"must be at least 1 (got {repeat})")
-    timed = ("total_s", "total_s_warm", "server_s")
+    timed = ("total_s", "total_s_roster", "total_s_warm", "server_s")
     runs: list[tuple[dict[str, Any], dict[str, Any] | None]] = []
     for _ in range(repeat):
         # the same round without identities, interleaved in the same run: what the protections cost
@@ -301,18 +336,21 @@ def secagg_command(clients: int, dim: int, dropout: float, dropout_stage: str, g
     actives = [run for run, _ in runs]
     for key in timed:  # medians over the repeats: one slow pass on a busy machine does not decide
         report[key] = float(np.median([run[key] for run in actives]))
-    report["parallel_s"] = parallel_round_s(actives, warm=False)
-    report["parallel_s_warm"] = parallel_round_s(actives, warm=True)
+    for name, suffix in ADMISSION_PASSES.items():
+        report[f"parallel_s{suffix}"] = parallel_round_s(actives, admission=name)
+    report["roster_check_s_mean"] = float(np.median([run["roster_check_s_mean"] for run in actives]))
     if active:
         passives = [p for _, p in runs if p is not None]
         passive_median = {key: float(np.median([p[key] for p in passives])) for key in timed}
-        passive_median["parallel_s"] = parallel_round_s(passives, warm=False)
+        passive_median["parallel_s"] = parallel_round_s(passives)
         report["passive_total_s"] = passive_median["total_s"]
         report["passive_client_s_max"] = runs[-1][1]["client_s_max"] if runs[-1][1] else None
         report["active_over_passive"] = report["total_s"] / passive_median["total_s"]
+        report["active_over_passive_roster"] = report["total_s_roster"] / passive_median["total_s"]
         report["active_over_passive_warm"] = report["total_s_warm"] / passive_median["total_s"]
         report["passive_parallel_s"] = passive_median["parallel_s"]
         report["active_over_passive_parallel"] = report["parallel_s"] / passive_median["parallel_s"]
+        report["active_over_passive_parallel_roster"] = report["parallel_s_roster"] / passive_median["parallel_s"]
         report["active_over_passive_parallel_warm"] = report["parallel_s_warm"] / passive_median["parallel_s"]
     for run, passive in runs:
         run.pop("_stage_s", None)

@@ -51,6 +51,9 @@ def register(group: click.Group) -> None:
                    "member must be vouched for by it. Required unless --trust-server.")
 @click.option("--revocations", type=click.Path(path_type=Path), default=None,
               help="The authority's latest revocation list.")
+@click.option("--roster", "roster_path", type=click.Path(path_type=Path), default=None,
+              help="A roster the authority signed (fedveil authority roster): checked once at start, so the "
+                   "credentials it lists cost no signature check in a round.")
 @click.option("--policy", "policy_path", type=click.Path(path_type=Path), default=None,
               help="This site's security policy (TOML, [policy] table); the flags below override it.")
 @table_options(POLICY_TABLE, flags_override=True)
@@ -72,8 +75,8 @@ def client_command(
     server: str, task_ref: str, data_path: Path, token: str | None, token_file: Path | None,
     ca_cert: Path | None, client_cert: Path | None, client_key: Path | None, insecure: bool,
     allow_insecure_remote: bool, server_name: str | None, identity_key: Path | None, credential: Path | None,
-    authority: Path | None,
-    revocations: Path | None, trust_server: bool | None, policy_path: Path | None, min_cohort: int | None,
+    authority: Path | None, revocations: Path | None, roster_path: Path | None,
+    trust_server: bool | None, policy_path: Path | None, min_cohort: int | None,
     max_corrupt_fraction: float | None, allow_dp: tuple[str, ...], min_noise_multiplier: float | None,
     max_attempts_per_round: int | None, max_evaluations_per_round: int | None, security_bits: float | None,
     max_evaluations_per_job: int | None, evaluation: str | None, evaluate_under_local_dp: bool | None,
@@ -159,7 +162,7 @@ def client_command(
             fail_from(err, "--identity-key")
     policy_flags = POLICY_TABLE.fields_from_options(click.get_current_context().params)
     policy_flags["allowed_dp_modes"] = policy_flags["allowed_dp_modes"] or None  # no --allow-dp: the file's
-    policy = _site_policy(policy_path, authority, revocations, **policy_flags)
+    policy = _site_policy(policy_path, authority, revocations, roster_path, **policy_flags)
     site_credential = b""
     if credential is not None:
         try:
@@ -232,7 +235,7 @@ def _finite_or_none(value: float) -> float | None:
 
 
 def _site_policy(policy_path: Path | None, authority: Path | None, revocations: Path | None,
-                 **flags: Any) -> Any:
+                 roster_path: Path | None, **flags: Any) -> Any:
     """The site's policy from --policy (TOML) and the flags; errors name the flag or TOML key at fault."""
     from fedveil.clients.policy import PolicyError, build_policy
     from fedveil.clients.policy_settings import load_policy_file, policy_flag
@@ -244,11 +247,21 @@ def _site_policy(policy_path: Path | None, authority: Path | None, revocations: 
         except PolicyError as err:
             fail("--policy", err.detail)
     pinned, revoked = load_pinned_authority(authority, revocations)
+    roster = None
+    if roster_path is not None:
+        from fedveil.protocol.identity_files import IdentityFileError, load_signed_roster
+
+        if pinned is None:
+            fail("--roster", "needs --authority (the roster is checked against the authority's key)")
+        try:
+            roster = load_signed_roster(roster_path)
+        except IdentityFileError as err:
+            fail("--roster", str(err))
     try:
         return build_policy(settings, authority=(pinned.consortium, pinned.public_key.raw) if pinned else None,
-                            revocations=revoked, **flags)
+                            revocations=revoked, roster=roster, **flags)
     except PolicyError as err:
-        pinned_from = {"authority_public_key": "--authority", "revocations": "--revocations"}
+        pinned_from = {"authority_public_key": "--authority", "revocations": "--revocations", "roster": "--roster"}
         where = (f"--policy ({err.field})" if err.field in settings
                  else pinned_from.get(err.field) or policy_flag(err.field))
         fail(where or "--policy", err.detail)

@@ -48,6 +48,7 @@ from fedveil.secagg.identity import (
     SiteCredential,
 )
 from fedveil.secagg.keys import ed25519_public_key_problem
+from fedveil.secagg.signed_roster import SignedRoster
 
 AUTHORITY_KEY_FILE = "authority.key"
 AUTHORITY_PUBLIC_FILE = "authority.pub"
@@ -55,6 +56,7 @@ REVOCATIONS_FILE = "revocations.bin"
 AUTHORITY_PUBLIC_FORMAT = "fedveil-authority-public-key/v1"
 CREDENTIAL_LABEL = "FEDVEIL SITE CREDENTIAL"
 REVOCATIONS_LABEL = "FEDVEIL REVOCATION LIST"
+SIGNED_ROSTER_LABEL = "FEDVEIL SIGNED ROSTER"
 PASSPHRASE_ENV = "FEDVEIL_AUTHORITY_PASSPHRASE"  # noqa: S105 (the variable name, not a secret)
 _MAX_SMALL_FILE = 64 * 1024
 _MAX_REVOCATIONS_FILE = 64 * 1024 * 1024
@@ -155,6 +157,11 @@ def load_credential(path: Path | str) -> SiteCredential:
 def load_revocations(path: Path | str) -> RevocationList:
     """A revocation list from a ``revocations.bin`` file (binary, or armoured)."""
     return _load_signed(Path(path), RevocationList.decode, REVOCATIONS_LABEL, _MAX_REVOCATIONS_FILE, "revocation list")
+
+
+def load_signed_roster(path: Path | str) -> SignedRoster:
+    """A roster the authority signed (``fedveil authority roster``), armoured or binary."""
+    return _load_signed(Path(path), SignedRoster.decode, SIGNED_ROSTER_LABEL, _MAX_REVOCATIONS_FILE, "signed roster")
 
 
 def _load_signed(path: Path, decode: Callable[[bytes], T], label: str, limit: int, what: str) -> T:

@@ -123,3 +123,8 @@ class RevocationListConflict(InvalidRevocationList):
 
 class DuplicateRosterEntry(CredentialError):
     """A roster gives one site name two slots, or one identity key two names."""
+
+
+class InvalidSignedRoster(CredentialError):
+    """A signed roster whose signature does not verify under the pinned authority key, or that
+    lists a credential its authority did not issue (:mod:`~.signed_roster`)."""

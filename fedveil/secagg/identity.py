@@ -59,6 +59,7 @@ MAGIC = b"FVID"
 FORMAT_VERSION = 1
 KIND_CREDENTIAL = 1
 KIND_REVOCATIONS = 2
+KIND_SIGNED_ROSTER = 3
 CREDENTIAL_TAG = b"fedveil/identity/v1/credential"
 REVOCATIONS_TAG = b"fedveil/identity/v1/revocations"
 SERIAL_BYTES = 16
@@ -374,12 +375,18 @@ def verify_roster(
         keys[credential.identity_public_key] = i
 
 
+def verified_mark(authority: AuthorityPublicKey, credential_encoding: bytes) -> bytes:
+    """The entry of a ``verified`` cache (:func:`verify_roster`) saying this authority vouched for
+    exactly these credential bytes (by its signature on them, or on a signed roster that lists them)."""
+    return credential_encoding + authority.raw
+
+
 def _check_signatures_ahead(authority: AuthorityPublicKey, credentials: Sequence[SiteCredential],
                             verified: set[bytes]) -> None:
     """The authority's signatures on a roster's credentials not in ``verified``, as one batch over
     the cores (:func:`fedveil.secagg.keys.valid_signatures`: a site's first round checks the whole
     cohort's). The valid ones join ``verified``; :func:`_verify_one` reports any other, in order."""
-    keyed = [(c, c.encode() + authority.raw) for c in credentials if isinstance(c, SiteCredential)]
+    keyed = [(c, verified_mark(authority, c.encode())) for c in credentials if isinstance(c, SiteCredential)]
     pending = [(c, key) for c, key in keyed if key not in verified]
     checks = valid_signatures([(authority.raw, c.signature, c.signed_payload()) for c, _ in pending])
     verified.update(key for (_, key), ok in zip(pending, checks, strict=True) if ok)
@@ -394,7 +401,7 @@ def _verify_one(
         raise MalformedCredentialError("credential", f"expected a SiteCredential (got {type(credential).__name__})")
     if isinstance(now, bool) or not isinstance(now, int):
         raise ConfigError(f"now: expected int unix seconds (got {type(now).__name__})")
-    cached = credential.encode() + authority.raw
+    cached = verified_mark(authority, credential.encode())
     if verified is not None and cached in verified:
         pass  # this authority's signature on exactly these bytes verified before
     elif not authority.verifies(credential.signature, credential.signed_payload()):
@@ -435,7 +442,8 @@ class _Reader:
                 "version", f"format version {version} is not supported (this is {FORMAT_VERSION})"
             )
         if found != kind:
-            names = {KIND_CREDENTIAL: "a credential", KIND_REVOCATIONS: "a revocation list"}
+            names = {KIND_CREDENTIAL: "a credential", KIND_REVOCATIONS: "a revocation list",
+                     KIND_SIGNED_ROSTER: "a signed roster"}
             raise MalformedCredentialError("kind", f"expected {names[kind]} (got kind {found})")
 
     @property

@@ -25,6 +25,7 @@ from fedveil.secagg.identity import (
     issue_revocations,
 )
 from fedveil.secagg.keys import hkdf
+from fedveil.secagg.signed_roster import SignedRoster, issue_signed_roster
 
 #: Default credential lifetime in simulations: a week.
 DEFAULT_LIFETIME_SECONDS = 7 * 86400
@@ -86,6 +87,11 @@ class LocalAuthority:
         if site_name not in self._identities:
             self._identities.update(self.enrol([site_name], now=now, lifetime_seconds=lifetime_seconds))
         return self._identities[site_name]
+
+    def signed_roster(self, *, issued_at: int, version: int = 1) -> SignedRoster:
+        """A roster, signed, of the credentials of every site :meth:`identity` made so far."""
+        return issue_signed_roster(self._key, self.consortium, (cred for _, cred in self._identities.values()),
+                                   version=version, issued_at=issued_at)
 
     def revocations(self, *, issued_at: int) -> RevocationList:
         """The current list, signed (version 0 and empty until :meth:`revoke` is called)."""

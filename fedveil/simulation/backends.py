@@ -42,6 +42,7 @@ from fedveil.clients.session import ClientOptions, Federation, RoundOutcome
 from fedveil.errors import FedveilError
 from fedveil.protocol.transport import InProcessTransport
 from fedveil.secagg.local_authority import DEFAULT_LIFETIME_SECONDS, LocalAuthority
+from fedveil.secagg.signed_roster import SignedRoster
 from fedveil.server.config import ServerConfig
 from fedveil.simulation.faults import DropoutPlan, LeaveAtMaskedInput, SimulatedDropout
 from fedveil.simulation.host import CoordinatorHost, StoredRound, job_seed
@@ -82,6 +83,8 @@ class SimulatedSites:
     """The job's configuration, with the authority's consortium and key filled in (active mode)."""
     authority: LocalAuthority | None
     names: list[str]
+    roster: SignedRoster | None = None
+    """The authority's signed roster of the sites' credentials: each site checks it once, not per round."""
 
     @classmethod
     def create(cls, config: ServerConfig, names: Sequence[str]) -> SimulatedSites:
@@ -94,13 +97,13 @@ class SimulatedSites:
             authority.identity(name, now=now)
         config = config.replace(consortium=SIMULATED_CONSORTIUM,
                                 authority_public_key=authority.public_key.raw.hex())
-        return cls(config, authority, names)
+        return cls(config, authority, names, authority.signed_roster(issued_at=now))
 
     def policy(self) -> SitePolicy:
         if self.authority is None:  # a passive job: the sites opt in to trusting the server
             return SitePolicy(trust_server=True, **self._accepted())
         return SitePolicy(authority_public_key=self.authority.public_key.raw, consortium=self.authority.consortium,
-                          **self._accepted())
+                          roster=self.roster, **self._accepted())
 
     def _accepted(self) -> dict[str, Any]:
         """What the simulated sites accept of their own job beyond a site's defaults: the job's colluding
@@ -133,7 +136,13 @@ class SimulatedSites:
         """Key, credential and authority files for ``fedveil client``/``server`` processes: their extra flags."""
         from cryptography.hazmat.primitives import serialization
 
-        from fedveil.protocol.identity_files import CREDENTIAL_LABEL, PinnedAuthority, armor, authority_public_text
+        from fedveil.protocol.identity_files import (
+            CREDENTIAL_LABEL,
+            SIGNED_ROSTER_LABEL,
+            PinnedAuthority,
+            armor,
+            authority_public_text,
+        )
 
         if self.authority is None:
             return {"server": ["--passive"], **{n: ["--trust-server", *self._policy_flags()] for n in self.names}}
@@ -142,6 +151,11 @@ class SimulatedSites:
         pub = folder / "authority.pub"
         pub.write_text(authority_public_text(PinnedAuthority(self.authority.consortium, self.authority.public_key)))
         flags: dict[str, list[str]] = {"server": ["--authority", str(pub)]}
+        roster_flags: list[str] = []
+        if self.roster is not None:
+            roster_path = folder / "roster.bin"
+            roster_path.write_text(armor(self.roster.encode(), SIGNED_ROSTER_LABEL))
+            roster_flags = ["--roster", str(roster_path)]
         for name in self.names:
             key, credential = self.authority.identity(name, now=int(time.time()))
             key_path, cred_path = folder / f"{name}.key", folder / f"{name}.cred"
@@ -150,7 +164,7 @@ class SimulatedSites:
             key_path.chmod(0o600)
             cred_path.write_text(armor(credential.encode(), CREDENTIAL_LABEL))
             flags[name] = ["--identity-key", str(key_path), "--credential", str(cred_path), "--authority", str(pub),
-                           *self._policy_flags()]
+                           *roster_flags, *self._policy_flags()]
         return flags
 
 
