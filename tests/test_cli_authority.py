@@ -362,3 +362,62 @@ def test_identity_create_and_show(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "refusing to overwrite" in line and key_path.read_bytes() == before
     usage_error(capsys, "--out", "identity", "create", "--out", tmp_path / "no" / "dir.key")
     usage_error(capsys, "FILE", "identity", "show", tmp_path / "missing.key")
+
+
+def test_roster_signs_issued_credentials_shows_them_and_a_client_pins_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], authority: Path) -> None:
+    from fedveil.clients.policy import SitePolicy
+    from fedveil.commands.client import _site_policy
+    from fedveil.protocol.identity_files import load_signed_roster
+    from fedveil.secagg.signed_roster import verify_signed_roster
+
+    creds = []
+    for name in ("hospital-a", "hospital-b"):
+        _, public = make_site(tmp_path, capsys, name)
+        issue(capsys, authority, name, public, tmp_path / f"{name}.cred")
+        creds.append(tmp_path / f"{name}.cred")
+    out = tmp_path / "roster.bin"
+    code, stdout, err = run(capsys, "authority", "roster", "--authority", authority, "--credential", creds[0],
+                            "--credential", creds[1], "--version", "3", "--out", out)
+    assert code == 0, err
+    assert json.loads(stdout.strip().splitlines()[-1]) == {"credentials": 2, "version": 3, "out": str(out)}
+    roster = load_signed_roster(out)
+    pinned = load_authority_public(authority / "authority.pub")
+    marks = verify_signed_roster(pinned.public_key, roster, consortium="eu-cardio")
+    assert len(marks) == 2
+    code, stdout, _ = run(capsys, "authority", "show", out)
+    assert code == 0 and "signed roster of consortium 'eu-cardio', version 3" in stdout
+    assert "hospital-a" in stdout and "hospital-b" in stdout
+    # a client pins it with the authority; the policy holds its checked entries
+    policy = _site_policy(None, authority / "authority.pub", None, out)
+    assert isinstance(policy, SitePolicy) and policy.roster_marks == marks
+    # never over an existing file; only credentials this authority issued
+    usage_error(capsys, "--out", "authority", "roster", "--authority", authority, "--credential", creds[0],
+                "--out", out)
+    other = tmp_path / "other"
+    assert run(capsys, "authority", "init", "--consortium", "eu-cardio", "--out", other)[0] == 0
+    line = usage_error(capsys, "--credential", "authority", "roster", "--authority", other, "--credential", creds[0],
+                       "--out", tmp_path / "r2.bin")
+    assert "not issued by this authority" in line and not (tmp_path / "r2.bin").exists()
+
+
+def test_the_client_names_the_roster_flag_when_it_is_unusable(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                             authority: Path) -> None:
+    data = tmp_path / "d.csv"
+    data.write_text("x\n")
+    base = ["client", "--server", "127.0.0.1:1", "--task", "fedveil.tasks.synthetic", "--data", str(data),
+            "--insecure"]
+    not_a_roster = tmp_path / "junk.bin"
+    not_a_roster.write_bytes(b"FVID\x01\x03junk")
+    usage_error(capsys, "--roster", *base, "--trust-server", "--roster", not_a_roster)  # no --authority
+    usage_error(capsys, "--roster", *base, "--authority", authority / "authority.pub", "--roster", not_a_roster)
+    # a roster another authority signed: refused before the client connects anywhere
+    other = tmp_path / "other"
+    assert run(capsys, "authority", "init", "--consortium", "eu-cardio", "--out", other)[0] == 0
+    _, public = make_site(tmp_path, capsys, "hospital-c")
+    issue(capsys, other, "hospital-c", public, tmp_path / "c.cred")
+    assert run(capsys, "authority", "roster", "--authority", other, "--credential", tmp_path / "c.cred",
+               "--out", tmp_path / "theirs.bin")[0] == 0
+    line = usage_error(capsys, "--roster", *base, "--authority", authority / "authority.pub",
+                       "--roster", tmp_path / "theirs.bin")
+    assert "not vouched for by this site's authority" in line

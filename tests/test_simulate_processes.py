@@ -47,14 +47,15 @@ def test_processes_and_in_process_release_the_same_aggregates(
 def test_processes_run_the_secure_default_with_vouched_identities(capsys: pytest.CaptureFixture[str],
                                                                   tmp_path: Path) -> None:
     """Active mode, once refused with --processes, is the default: an in-memory authority vouches for each
-    site, whose processes get their key and credential files (the authority's private key stays in memory)."""
+    site, whose processes get their key and credential files and the authority's signed roster (the
+    authority's private key stays in memory)."""
     code = main(["simulate", "--clients", "3", "--rounds", "1", "--processes", "--store", str(tmp_path / "run.db")])
     out = capsys.readouterr().out.strip().splitlines()
     assert code == 0 and json.loads(out[-1])["summary"]["status"] == "completed"
     folder = tmp_path / "run-sim" / "identities"
     names = [f"client-{i:03d}" for i in range(3)]
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        ["authority.pub", *(f"{n}.key" for n in names), *(f"{n}.cred" for n in names)])
+        ["authority.pub", "roster.bin", *(f"{n}.key" for n in names), *(f"{n}.cred" for n in names)])
     assert all((folder / f"{n}.key").stat().st_mode & 0o077 == 0 for n in names)
     joins = [line for line in (tmp_path / "run-sim" / "logs" / "server.log").read_text().splitlines()
              if " joined " in line]

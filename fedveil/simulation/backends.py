@@ -99,11 +99,13 @@ class SimulatedSites:
                                 authority_public_key=authority.public_key.raw.hex())
         return cls(config, authority, names, authority.signed_roster(issued_at=now))
 
-    def policy(self) -> SitePolicy:
+    def policy(self, *, with_roster: bool = True) -> SitePolicy:
+        """The sites' policy; ``with_roster=False`` for sites that make their own keys (the roster
+        lists the credentials :meth:`create` made, which such sites do not use)."""
         if self.authority is None:  # a passive job: the sites opt in to trusting the server
             return SitePolicy(trust_server=True, **self._accepted())
         return SitePolicy(authority_public_key=self.authority.public_key.raw, consortium=self.authority.consortium,
-                          roster=self.roster, **self._accepted())
+                          roster=self.roster if with_roster else None, **self._accepted())
 
     def _accepted(self) -> dict[str, Any]:
         """What the simulated sites accept of their own job beyond a site's defaults: the job's colluding

@@ -188,7 +188,7 @@ class RaySimulation:
             max_restarts=0, scheduling_strategy="SPREAD",
         )
         threads = self.options.torch_threads
-        self.hosts = [actor.remote(self.config, self.sites.policy(), threads, self.dropout,
+        self.hosts = [actor.remote(self.config, self.sites.policy(with_roster=False), threads, self.dropout,
                                    self.record_plain_sums) for _ in range(size)]
         self.assignment = {name: i % size for i, name in enumerate(self.names)}
         specs: list[list[SiteSpec]] = [[] for _ in range(size)]
