@@ -39,7 +39,7 @@ SEED = 3
 
 def job(rounds: int, **kw: object) -> ServerConfig:
     return ServerConfig.from_flat(task=TASK, rounds=rounds, clients_per_round=3, min_clients=3, seed=SEED,
-                                  cohort_wait=1.0, linger=1.0, poll_wait=1.0, round_timeout=120.0, stage_timeout=60.0,
+                                  cohort_wait=1.0, linger=10.0, poll_wait=1.0, round_timeout=120.0, stage_timeout=60.0,
                         **secure_job(**kw))  # type: ignore[arg-type]
 
 

@@ -87,7 +87,7 @@ def job_config(model_file: Path, dp: str, rounds: int = 2, **kw: Any) -> ServerC
         if dp == "local" else {}
     settings.update(kw)
     return ServerConfig.from_flat(task="", model=str(model_file), rounds=rounds, clients_per_round=3, min_clients=3,
-                                  seed=5, cohort_wait=1.0, linger=1.0, poll_wait=1.0, round_timeout=120.0,
+                                  seed=5, cohort_wait=1.0, linger=10.0, poll_wait=1.0, round_timeout=120.0,
                                   stage_timeout=60.0, evaluate=False, final_evaluation=False, dp=dp,
                                   **secure_job(**settings))
 
