@@ -50,7 +50,8 @@ from fedveil.task import load_task
 torch.set_num_threads(1)
 ray = pytest.importorskip("ray")  # the `ray` extra: `make test` installs it (dev)
 
-pytestmark = pytest.mark.timeout(400)
+# one local Ray at a time on this machine: the Ray tests share one xdist worker (`make unit`, --dist loadgroup)
+pytestmark = [pytest.mark.timeout(400), pytest.mark.xdist_group("ray")]
 TASK = "fedveil.tasks.synthetic:task"
 
 
