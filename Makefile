@@ -38,8 +38,13 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# Every test once: those not marked `serial` on two xdist workers (--dist loadgroup keeps an
+# xdist_group, e.g. the Ray tests, on one worker), then the `serial` ones alone. Both runs always
+# happen, and `unit` fails if either does.
 unit: $(STAMP) browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not serial"; parallel=$$?; \
+	$(BIN)/python -m pytest -q -m serial; serial=$$?; \
+	test $$parallel -eq 0 && test $$serial -eq 0
 
 # The documentation site (mkdocs.yml, docs/): --strict turns a broken link, a missing page or an
 # unresolvable API reference into a failure.
@@ -49,7 +54,7 @@ docs: $(STAMP)
 test: lint typecheck docs unit
 
 # The edit-run loop: lint and every test not marked slow, on two workers (under a minute); `make test`
-# is the gate and runs everything, one test at a time.
+# is the gate and runs everything (see `unit`).
 test-fast: $(STAMP)
 	$(BIN)/ruff check fedveil tests $(wildcard benchmarks) $(wildcard examples)
 	$(BIN)/python -m pytest -q -m "not slow" -n 2

@@ -25,6 +25,7 @@ def test_masks_per_round_counts_survivors_and_the_leavers_pairwise_masks() -> No
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
+@pytest.mark.xdist_group("ray")  # on the worker that runs tests/test_simulate_ray.py: one local Ray at a time
 def test_bench_simulate_on_ray_reports_round_floor_and_exactness(capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["bench", "simulate", "--clients", "12", "--dim", "3000", "--rounds", "2", "--dropout", "0.15",
                  "--client-cpus", "0.5", "--json"])

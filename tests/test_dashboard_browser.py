@@ -32,6 +32,7 @@ CHROMIUM_ARGS = [
 
 pytestmark = [
     pytest.mark.browser,
+    pytest.mark.serial,  # a demo process, its run and chromium: on a shared core the run outlasted its wait
     pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (make browser)"),
 ]
 

@@ -10,7 +10,7 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +38,20 @@ from fedveil.simulation.backends import (
     site_options,
 )
 from fedveil.simulation.host import read_rounds
-from fedveil.simulation.ray_backend import RayOptions, RaySimulation, pool_size, simulate_ray
+from fedveil.simulation.ray_backend import (
+    LOCAL_OBJECT_STORE_BYTES,
+    RayOptions,
+    RaySimulation,
+    pool_size,
+    simulate_ray,
+)
 from fedveil.task import load_task
 
 torch.set_num_threads(1)
 ray = pytest.importorskip("ray")  # the `ray` extra: `make test` installs it (dev)
 
-pytestmark = pytest.mark.timeout(400)
+# one local Ray at a time on this machine: the Ray tests share one xdist worker (`make unit`, --dist loadgroup)
+pytestmark = [pytest.mark.timeout(400), pytest.mark.xdist_group("ray")]
 TASK = "fedveil.tasks.synthetic:task"
 
 
@@ -62,6 +69,30 @@ def assert_same_aggregates(a: list, b: list) -> None:
         assert x.round == y.round and x.survivors == y.survivors
         assert x.aggregate is not None and y.aggregate is not None
         np.testing.assert_array_equal(x.aggregate, y.aggregate)
+
+
+@pytest.fixture(scope="module")
+def _stop_ray_after_the_module() -> Iterator[None]:
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture
+def local_ray(_stop_ray_after_the_module: None) -> None:
+    """A local Ray of two CPUs, shared by this module's tests that run on one: started on first use (or
+    again after a test that needed none running), stopped after the module. A simulation uses a Ray that
+    is already running as it is and leaves it running, so each test saves a Ray start and stop."""
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 object_store_memory=LOCAL_OBJECT_STORE_BYTES)
+
+
+@pytest.fixture
+def no_ray() -> None:
+    """For a test that starts (or joins) its own Ray: the shared one is stopped first."""
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 # -- without starting Ray ---------------------------------------------------------------------
@@ -124,8 +155,8 @@ def test_front_door_refuses_an_unknown_backend_and_ray_settings_for_another() ->
 
 
 @pytest.mark.slow
-def test_ray_and_in_process_release_the_same_aggregates(capsys: pytest.CaptureFixture[str],
-                                                        tmp_path: Path) -> None:
+def test_ray_and_in_process_release_the_same_aggregates(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                        no_ray: None) -> None:
     args = ["simulate", "--clients", "3", "--rounds", "2", "--seed", "4", "--insecure-deterministic"]
     assert main([*args, "--backend", "ray", "--client-cpus", "0.5", "--store", str(tmp_path / "ray.db")]) == 0
     on_ray = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -140,13 +171,14 @@ def test_ray_and_in_process_release_the_same_aggregates(capsys: pytest.CaptureFi
 
 
 @pytest.mark.slow
-def test_local_dp_on_ray_keeps_each_sites_accountant_across_rounds_and_matches_in_process() -> None:
+def test_local_dp_on_ray_keeps_each_sites_accountant_across_rounds_and_matches_in_process(local_ray: None) -> None:
     """Local DP-SGD (Opacus in each actor, the site's session and accountant kept across rounds)
     releases the aggregates of in-process, bit for bit; every training round completes for every site,
     and the final evaluation-only round is declined (under local DP a site with the default policy does
     not evaluate on its records: DP-SGD's ε does not cover it)."""
     on_ray = fedveil.simulate(3, 2, seed=3, dp="local", backend="ray", client_cpus=0.5, insecure_deterministic=True,
                               dp_local_noise_multiplier=1.0)
+    assert ray.is_initialized()  # it ran on the running Ray and left it running
     local = fedveil.simulate(3, 2, seed=3, dp="local", insecure_deterministic=True, dp_local_noise_multiplier=1.0)
     assert on_ray.summary["status"] == local.summary["status"] == "completed"
     assert not on_ray.client_errors
@@ -157,7 +189,8 @@ def test_local_dp_on_ray_keeps_each_sites_accountant_across_rounds_and_matches_i
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dp", ["central", "distributed"])
-def test_harary_secagg_plus_with_user_level_dp_and_dropouts_on_ray_matches_in_process(dp: str) -> None:
+def test_harary_secagg_plus_with_user_level_dp_and_dropouts_on_ray_matches_in_process(dp: str,
+                                                                                      local_ray: None) -> None:
     """SecAgg+ on a Harary graph, user-level DP (central or distributed), the malicious-server
     defaults (active mode, consortium credentials) and sites leaving at the masked-input stage:
     Ray releases the aggregates of in-process bit for bit, and both charge the same ε."""
@@ -180,7 +213,7 @@ def test_harary_secagg_plus_with_user_level_dp_and_dropouts_on_ray_matches_in_pr
 
 
 @pytest.mark.slow
-def test_a_two_node_cluster_runs_sites_on_both_nodes(tmp_path: Path) -> None:
+def test_a_two_node_cluster_runs_sites_on_both_nodes(tmp_path: Path, no_ray: None) -> None:
     from ray.cluster_utils import Cluster
 
     small = {"num_cpus": 1, "object_store_memory": 100 * 1024 * 1024}
@@ -310,7 +343,7 @@ def reference_with_crash(cfg: ServerConfig, n: int, victim: str, number: int, at
     (KillAfterShares, {"masked-input", "consistency", "unmasking"}),
 ], ids=["as-the-round-starts", "after-sharing-its-keys"])
 def test_a_worker_killed_mid_round_is_a_dropout_and_the_round_releases_the_exact_sum(
-    tmp_path: Path, killer_type: type[KillAtRound], stages: set[str]
+    tmp_path: Path, killer_type: type[KillAtRound], stages: set[str], local_ray: None
 ) -> None:
     n, victim = 4, client_name(3)
     # killed as round 2 starts: 40 local epochs keep the site training long enough for the kill to land
@@ -325,7 +358,8 @@ def test_a_worker_killed_mid_round_is_a_dropout_and_the_round_releases_the_exact
     for attempt_dir in ("a", "b", "c"):
         (tmp_path / attempt_dir).mkdir()
         killer = killer_type(2, victim)
-        simulation = RaySimulation(cfg, n, options=RayOptions(client_cpus=0.5, num_cpus=2),  # one worker per site
+        # the shared Ray's two CPUs at half a CPU each: one worker per site
+        simulation = RaySimulation(cfg, n, options=RayOptions(client_cpus=0.5),
                                    store_path=tmp_path / attempt_dir / "ray.db", listeners=[killer])
         killer.simulation = simulation
         killer.start(tmp_path / attempt_dir / "ray.db")
