@@ -74,7 +74,7 @@ def test_store_source_shows_rounds_privacy_dropouts_and_the_model(tmp_path: Path
 def _get(url: str, token: str) -> tuple[int, Any]:
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
     try:
-        with urllib.request.urlopen(req, timeout=5) as resp:
+        with urllib.request.urlopen(req, timeout=30) as resp:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read())
@@ -176,7 +176,7 @@ def test_fedveil_dashboard_serves_a_finished_run_with_the_tasks_own_explanations
         req = urllib.request.Request(url + "api/predict", data=body, method="POST",
                                      headers={"X-Fedveil-Request": "1", "Content-Type": "application/json",
                                               "Authorization": f"Bearer {token}"})
-        with urllib.request.urlopen(req, timeout=10) as resp:
+        with urllib.request.urlopen(req, timeout=30) as resp:
             answer = json.loads(resp.read())
         exact = healthcare.assess(result.model, healthcare.SCHEMA.parse_values(examples[0]["features"]))
         assert abs(answer["logit"] - exact.logit) < 1e-4  # the task's exact explanation, not gradient x input
