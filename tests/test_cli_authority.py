@@ -421,3 +421,6 @@ def test_the_client_names_the_roster_flag_when_it_is_unusable(tmp_path: Path, ca
     line = usage_error(capsys, "--roster", *base, "--authority", authority / "authority.pub",
                        "--roster", tmp_path / "theirs.bin")
     assert "not vouched for by this site's authority" in line
+    # a readable roster with no authority to check it against
+    line = usage_error(capsys, "--roster", *base, "--trust-server", "--roster", tmp_path / "theirs.bin")
+    assert "needs the authority's public key" in line

@@ -187,9 +187,7 @@ def site_policy(policy: SitePolicy | None, *, authority: str | Path | None = Non
         revocation_list = load_revocations(Path(revocations))
         verify_revocations(pinned.public_key, revocation_list, consortium=pinned.consortium)
         changes["revocations"] = revocation_list
-    if roster is not None:
-        if pinned is None and (policy is None or policy.authority_public_key is None):
-            raise ValueError("roster: give the authority too (the roster is checked against its key)")
+    if roster is not None:  # the policy checks it against the pinned authority (PolicyError "roster" without one)
         changes["roster"] = load_signed_roster(Path(roster))
     if trust_server:
         changes["trust_server"] = True

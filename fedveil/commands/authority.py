@@ -203,6 +203,7 @@ def roster_command(authority_dir: Path, credential_paths: tuple[Path, ...], rost
                    passphrase_file: Path | None) -> None:
     """Sign a roster of issued credentials: sites check it once, instead of each credential in a round."""
     from fedveil.protocol import identity_files as files
+    from fedveil.secagg.errors import CredentialError
     from fedveil.secagg.identity import MAX_TIME
     from fedveil.secagg.signed_roster import issue_signed_roster
 
@@ -211,13 +212,13 @@ def roster_command(authority_dir: Path, credential_paths: tuple[Path, ...], rost
     if out_path.exists():
         fail("--out", f"{str(out_path)!r} already exists; refusing to overwrite")
     pinned, key = _open_authority(authority_dir, passphrase_file)
-    credentials = []
-    for path in credential_paths:
-        credential = _load(files.load_credential, path, "--credential")
-        _check_issued_here(pinned, credential, what=str(path))
-        credentials.append(credential)
-    roster = issue_signed_roster(key, pinned.consortium, credentials, version=roster_version,
-                                 issued_at=int(time.time()))
+    credentials = [_load(files.load_credential, path, "--credential") for path in credential_paths]
+    try:  # lists only credentials this authority issued, in its consortium
+        roster = issue_signed_roster(key, pinned.consortium, credentials, version=roster_version,
+                                     issued_at=int(time.time()))
+    except CredentialError as err:
+        where = str(credential_paths[err.index]) if err.index is not None else "a credential"
+        fail("--credential", f"{where}: {err.detail}")
     try:
         files.write_new_file(out_path, files.armor(roster.encode(), files.SIGNED_ROSTER_LABEL).encode())
     except OSError as err:
@@ -386,12 +387,12 @@ def _identity_public_key(value: str) -> bytes:
     return key
 
 
-def _check_issued_here(pinned: PinnedAuthority, credential: SiteCredential, what: str = "") -> None:
+def _check_issued_here(pinned: PinnedAuthority, credential: SiteCredential) -> None:
     if credential.consortium != pinned.consortium or not pinned.public_key.verifies(
         credential.signature, credential.signed_payload()
     ):
-        fail("--credential", f"{what + ' is ' if what else ''}not issued by this authority "
-             f"(consortium {pinned.consortium!r}, key {pinned.public_key.fingerprint})")
+        fail("--credential", f"not issued by this authority (consortium {pinned.consortium!r}, "
+             f"key {pinned.public_key.fingerprint})")
 
 
 def _load(loader: Callable[[Path], T], path: Path, param: str) -> T:

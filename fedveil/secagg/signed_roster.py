@@ -121,10 +121,10 @@ def issue_signed_roster(authority_key: Ed25519PrivateKey, consortium: str, crede
                                            f"(got {type(credential).__name__})")
         if credential.consortium != consortium:
             raise WrongConsortium(f"credentials[{i}].consortium", f"credential of consortium "
-                                  f"{credential.consortium!r}, expected {consortium!r}")
+                                  f"{credential.consortium!r}, expected {consortium!r}", index=i)
         if not authority.verifies(credential.signature, credential.signed_payload()):
             raise InvalidSignedRoster(f"credentials[{i}].signature", f"credential for {credential.site_name!r} was "
-                                      f"not issued by this authority ({authority.fingerprint})")
+                                      f"not issued by this authority ({authority.fingerprint})", index=i)
         encoding = credential.encode()
         if encoding not in seen:
             seen.add(encoding)
