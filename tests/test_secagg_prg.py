@@ -63,3 +63,57 @@ def test_bad_seed_and_accumulator_rejected():
         exp.add_mask(np.zeros(9, np.uint32), os.urandom(16))
     with pytest.raises(ConfigError, match="accumulator"):
         exp.add_mask(np.zeros(8, np.uint64), os.urandom(16))
+
+
+def test_applies_run_one_at_a_time_and_give_each_thread_its_own_exact_sum(monkeypatch):
+    """Concurrent applies in one process are serialized (side by side they are slower under
+    CPython), and each accumulator still gets exactly its own masks."""
+    import threading
+
+    from fedveil.secagg import prg
+
+    inside = 0
+    most_inside = 0
+    count_lock = threading.Lock()
+    real_encryptor = prg._encryptor
+
+    class Counting:
+        def __init__(self, seed: bytes) -> None:
+            self._enc = real_encryptor(seed)
+
+        def update_into(self, data, out):
+            nonlocal inside, most_inside
+            assert prg._EXPANSION_LOCK.locked()
+            with count_lock:
+                inside += 1
+                most_inside = max(most_inside, inside)
+            try:
+                return self._enc.update_into(data, out)
+            finally:
+                with count_lock:
+                    inside -= 1
+
+    length = 2 * CHUNK_BYTES // 4 + 5
+    seeds = [[os.urandom(16) for _ in range(4)] for _ in range(8)]
+    expected = []
+    for own in seeds:
+        added = sum((expand(seed, length, np.uint32) for seed in own[1:3]), expand(own[0], length, np.uint32))
+        expected.append(added - expand(own[3], length, np.uint32))
+    monkeypatch.setattr(prg, "_encryptor", Counting)
+    results: dict[int, np.ndarray] = {}
+    start = threading.Barrier(len(seeds))
+
+    def site(i: int) -> None:
+        acc = np.zeros(length, np.uint32)
+        start.wait()
+        MaskExpander(length, np.uint32).apply(acc, add=seeds[i][:3], subtract=seeds[i][3:])
+        results[i] = acc
+
+    threads = [threading.Thread(target=site, args=(i,)) for i in range(len(seeds))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most_inside == 1
+    for i in range(len(seeds)):
+        assert np.array_equal(results[i], expected[i])
