@@ -177,3 +177,33 @@ def test_the_collusion_fraction_travels_into_the_config_and_an_unsafe_threshold_
     start.secagg.threshold = 2  # ... t = 2 does not
     with pytest.raises(ConfigError, match="threshold: t=2 does not exceed the c=2 colluders"):
         SecAggClientDriver(start)
+
+
+def test_advertisements_are_parsed_from_the_exact_bytes_each_site_received() -> None:
+    """The memo shared by the sites of one process: the same bytes give the same (immutable) tuple;
+    a server that sends one site a substituted key gets that site a tuple holding that key."""
+    import os
+
+    from fedveil.clients.secagg_driver import advertisements_of
+
+    def keys(swap: bytes | None = None) -> pb.PeerKeys:
+        rng = np.random.default_rng(7)
+        out = pb.PeerKeys(round=2, deadline_unix_ms=1)
+        for cid in range(1, 6):
+            share = bytes(rng.integers(0, 256, 32, dtype=np.uint8))
+            out.keys.append(pb.AdvertisedKeys(client_id=cid, encryption_public_key=swap if swap and cid == 3 else share,
+                                              masking_public_key=bytes(32 - cid) + bytes([cid] * cid),
+                                              signature=bytes([cid]) * 64))
+        return out
+
+    honest = keys().SerializeToString()
+    first = advertisements_of(honest, 9)
+    assert advertisements_of(keys().SerializeToString(), 9) is first
+    assert [a.client_id for a in first] == [1, 2, 3, 4, 5]
+    assert all(a.round_id == 9 for a in first)
+    assert first[4].signature == bytes([5]) * 64
+    substituted = os.urandom(32)
+    other = advertisements_of(keys(swap=substituted).SerializeToString(), 9)
+    assert other is not first
+    assert other[2].share_public == substituted and first[2].share_public != substituted
+    assert advertisements_of(honest, 10)[0].round_id == 10  # another round: its own entry
