@@ -117,3 +117,34 @@ def test_applies_run_one_at_a_time_and_give_each_thread_its_own_exact_sum(monkey
     assert most_inside == 1
     for i in range(len(seeds)):
         assert np.array_equal(results[i], expected[i])
+
+
+def test_a_child_forked_while_another_thread_expands_can_expand():
+    """The lock is copied by fork in whatever state it is in; the child gets a fresh one."""
+    import multiprocessing
+
+    from fedveil.secagg import prg
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    prg._EXPANSION_LOCK.acquire()  # as if another thread were mid-apply at the fork
+    try:
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_expand_in_child, args=(queue,))
+        child.start()
+        child.join(timeout=60)
+        stuck = child.is_alive()
+        if stuck:
+            child.kill()
+    finally:
+        prg._EXPANSION_LOCK.release()
+    assert not stuck, "the forked child waited forever for a lock held by a thread it does not have"
+    assert queue.get(timeout=10) == expand(bytes(16), 8, np.uint32).tolist()
+    assert not prg._EXPANSION_LOCK.locked()
+
+
+def _expand_in_child(queue) -> None:
+    acc = np.zeros(8, np.uint32)
+    MaskExpander(8, np.uint32).apply(acc, add=[bytes(16)])
+    queue.put(acc.tolist())

@@ -16,6 +16,7 @@ for one purpose only; :mod:`fedveil.secagg.keys` derives separate seeds per purp
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Sequence
 
@@ -39,6 +40,15 @@ CHUNK_BYTES = 1 << 16
 # from the cache: measured per mask, 2 threads gain nothing and 500 take 3.4x the wall time and 6x
 # the CPU of one after another (docs/simulation.md). Uncontended, it costs one acquire per apply.
 _EXPANSION_LOCK = threading.Lock()
+
+
+def _new_lock_in_child() -> None:
+    # a fork copies the lock as it is: held, if another thread was expanding, and never released
+    global _EXPANSION_LOCK
+    _EXPANSION_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
 
 
 def _check_seed(seed: bytes) -> None:
