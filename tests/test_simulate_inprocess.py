@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -230,3 +231,33 @@ def test_client_failures_that_leave_too_few_clients_stop_the_job_instead_of_hang
     )
     done.join()
     assert set(errors) == {"b"} and stop_calls == [True]  # only the usual stop after the job ended on its own
+
+
+def test_every_member_gets_the_same_advertised_keys_and_the_server_builds_them_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The share-keys list (n entries, the same for every member) is built once per round, not once per
+    member's poll: n identity-key lookups per round, not n²; each member still gets the full list."""
+    from fedveil.clients.secagg_driver import SecAggClientDriver
+    from fedveil.server.coordinator.rounds import RoundDriverMixin
+
+    lookups: list[int] = []
+    received: dict[int, set[bytes]] = {}
+    real_lookup = RoundDriverMixin._member_identity_key
+    real_share_keys = SecAggClientDriver.share_keys
+
+    def counting_lookup(self: Any, rnd: Any, sid: int) -> bytes:
+        lookups.append(rnd.number)
+        return real_lookup(self, rnd, sid)
+
+    def recording_share_keys(self: Any, peer_keys: Any) -> Any:
+        received.setdefault(self.round_id, set()).add(peer_keys.SerializeToString())
+        return real_share_keys(self, peer_keys)
+
+    monkeypatch.setattr(RoundDriverMixin, "_member_identity_key", counting_lookup)
+    monkeypatch.setattr(SecAggClientDriver, "share_keys", recording_share_keys)
+    result = simulate_in_process(config(rounds=2, clients_per_round=5, active_adversary=True), 5)
+    assert result.summary["status"] == "completed" and not result.client_errors
+    assert [r.survivors for r in result.rounds] == [5, 5]
+    per_round = {number: lookups.count(number) for number in set(lookups)}
+    assert per_round and all(count == 5 for count in per_round.values()), per_round
+    assert all(len(lists) == 1 for lists in received.values()), {r: len(v) for r, v in received.items()}

@@ -92,13 +92,18 @@ class RoundDriverMixin(CoordinatorBase):
             return pb.PollResponse(contributions=revealed)
         out = rnd.outgoing.get(sid)
         if isinstance(out, sa.ShareKeysRequest):
-            keys = [
-                pb.AdvertisedKeys(client_id=a.client_id, encryption_public_key=a.share_public,
-                                  masking_public_key=a.mask_public, signature=a.signature,
-                                  identity_public_key=self._member_identity_key(rnd, a.client_id))
-                for a in out.advertisements
-            ]
-            return pb.PollResponse(peer_keys=pb.PeerKeys(round=rnd.number, keys=keys, deadline_unix_ms=deadline_ms))
+            # the secagg server gives every member the same advertisements (one tuple): built once
+            cached = rnd.broadcasts.get(Stage.SHARE_KEYS)
+            if cached is None or cached[0] is not out.advertisements or cached[1] != deadline_ms:
+                keys = [
+                    pb.AdvertisedKeys(client_id=a.client_id, encryption_public_key=a.share_public,
+                                      masking_public_key=a.mask_public, signature=a.signature,
+                                      identity_public_key=self._member_identity_key(rnd, a.client_id))
+                    for a in out.advertisements
+                ]
+                listed = pb.PeerKeys(round=rnd.number, keys=keys, deadline_unix_ms=deadline_ms)
+                cached = rnd.broadcasts[Stage.SHARE_KEYS] = (out.advertisements, deadline_ms, listed)
+            return pb.PollResponse(peer_keys=cached[2])
         if isinstance(out, sa.MaskedInputRequest):
             shares = [pb.EncryptedShare(peer_id=s, ciphertext=box) for s, box in sorted(out.boxes.items())]
             return pb.PollResponse(incoming_shares=pb.IncomingShares(round=rnd.number, shares=shares,

@@ -130,8 +130,8 @@ class _Round:
     weights: dict[int, float] = field(default_factory=dict)
     """Weighted rounds: each member's weight as declared in the clear when it accepted."""
     broadcasts: dict[Stage, Any] = field(default_factory=dict)
-    """The stage's list that every member is sent alike (the commitments, the reveals), built once
-    per stage rather than once per member's poll (n members, n entries each)."""
+    """The stage's list that every member is sent alike (the commitments, the reveals, the advertised
+    keys), built once per stage rather than once per member's poll (n members, n entries each)."""
     identity_keys: dict[int, bytes] = field(default_factory=dict)
     """Each member's identity key as first looked up for the round's key lists (k per member)."""
 
