@@ -29,10 +29,24 @@ pytestmark = pytest.mark.timeout(300)
 TASK = "fedveil.tasks.synthetic:task"
 # `fedveil client` (registered by the clients package; registered here too if it is not yet).
 CLIENT = (
-    "import sys\n"
+    "import os, sys, time\n"
     "from fedveil.cli import cli, main\n"
     "from fedveil.commands import client\n"
+    "from fedveil.clients.session import Federation\n"
     "client.register(cli)\n"
+    # PAUSE_AFTER_ROUND_1: the site waits that many seconds after round 1 before it polls again, so round
+    # 2 cannot get past its commit stage (the cohort needs all three sites) before the test's kill. A
+    # site that had released round 2's unmasking shares to the first server would rightly refuse a
+    # second masked input for round 2, and the restarted job could not finish.
+    "pause = float(os.environ.get('PAUSE_AFTER_ROUND_1', '0'))\n"
+    "finish = Federation._finish_round\n"
+    "def finish_round(self, rnd, trained, num_examples):\n"
+    "    outcome = finish(self, rnd, trained, num_examples)\n"
+    "    if rnd.number == 1 and pause:\n"
+    "        print('test: pausing after round 1', file=sys.stderr, flush=True)\n"
+    "        time.sleep(pause)\n"
+    "    return outcome\n"
+    "Federation._finish_round = finish_round\n"
     "sys.exit(main(sys.argv[1:]))\n"
 )
 
@@ -80,7 +94,8 @@ def test_server_killed_after_round_1_resumes_and_finishes(tmp_path: Path) -> Non
     logs.mkdir()
 
     def spawn(cmd: list[str], name: str) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=(logs / f"{name}.out").open("wb"),
+        env = _env() | ({"PAUSE_AFTER_ROUND_1": "15"} if name == "east" else {})
+        return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=(logs / f"{name}.out").open("wb"),
                                 stderr=(logs / f"{name}.err").open("wb"))
 
     def client_cmd(name: str, token: str) -> list[str]:
@@ -116,6 +131,7 @@ def test_server_killed_after_round_1_resumes_and_finishes(tmp_path: Path) -> Non
         assert server.wait(240) == 0, (logs / "server2.err").read_text()[-3000:]
         for n, proc in clients.items():
             assert proc.wait(120) == 0, f"client {n}: " + (logs / f"{n}.err").read_text()[-3000:]
+        assert "test: pausing after round 1" in (logs / "east.err").read_text()  # the hook above took effect
     finally:
         for proc in [server, *clients.values()]:
             if proc.poll() is None:
