@@ -70,7 +70,8 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 CONSORTIUM_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _HEAD = struct.Struct("<4sBB")
 _TIMES = struct.Struct("<QQ")
-_REVOCATION_COUNTS = struct.Struct("<QQI")
+_LIST_HEAD = struct.Struct("<QQI")
+"""version ‖ issued_at ‖ entry count: the head of the authority's versioned lists (revocations, rosters)."""
 _LEN = struct.Struct("<H")
 
 Bytes = bytes | bytearray | memoryview
@@ -219,9 +220,7 @@ class RevocationList(_Signed):
     signature: bytes
 
     def __post_init__(self) -> None:
-        _check_name("consortium", self.consortium, CONSORTIUM_PATTERN)
-        _check_time("version", self.version)
-        _check_time("issued_at", self.issued_at)
+        _check_list_head(self.consortium, self.version, self.issued_at)
         if not isinstance(self.revoked, frozenset):
             raise MalformedCredentialError(
                 "revoked", f"expected a frozenset of serials (got {type(self.revoked).__name__})"
@@ -231,13 +230,13 @@ class RevocationList(_Signed):
         _check_bytes("signature", self.signature, SIGNATURE_BYTES)
 
     def _fields(self) -> bytes:
-        return _REVOCATION_COUNTS.pack(self.version, self.issued_at, len(self.revoked)) + b"".join(sorted(self.revoked))
+        return _LIST_HEAD.pack(self.version, self.issued_at, len(self.revoked)) + b"".join(sorted(self.revoked))
 
     @classmethod
     def decode(cls, data: Bytes) -> RevocationList:
         r = _Reader(data, KIND_REVOCATIONS)
         consortium = r.text("consortium")
-        version, issued_at, count = r.unpack("version", _REVOCATION_COUNTS)
+        version, issued_at, count = r.unpack("version", _LIST_HEAD)
         if count * SERIAL_BYTES + SIGNATURE_BYTES != r.remaining:
             raise MalformedCredentialError("revoked", f"count {count} does not match the {r.remaining} bytes left")
         serials = [r.take("revoked", SERIAL_BYTES) for _ in range(count)]
@@ -505,6 +504,13 @@ def _check_point(field: str, value: object) -> None:
 def _check_time(field: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TIME:
         raise MalformedCredentialError(field, f"expected an integer in 0..2**63-1 (got {value!r})")
+
+
+def _check_list_head(consortium: str, version: int, issued_at: int) -> None:
+    """The fields every versioned list of the authority starts with (revocations, signed rosters)."""
+    _check_name("consortium", consortium, CONSORTIUM_PATTERN)
+    _check_time("version", version)
+    _check_time("issued_at", issued_at)
 
 
 def _check_private(key: object) -> None:

@@ -33,16 +33,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedveil.secagg.errors import InvalidSignedRoster, MalformedCredentialError, WrongConsortium
 from fedveil.secagg.identity import (
-    CONSORTIUM_PATTERN,
+    _LIST_HEAD,
     KIND_SIGNED_ROSTER,
     AuthorityKey,
     AuthorityPublicKey,
     Bytes,
     SiteCredential,
     _check_bytes,
-    _check_name,
+    _check_list_head,
     _check_private,
-    _check_time,
     _Reader,
     _Signed,
     decode_credential,
@@ -53,7 +52,6 @@ from fedveil.secagg.keys import SIGNATURE_BYTES
 SIGNED_ROSTER_TAG = b"fedveil/identity/v1/signed-roster"
 MAX_ROSTER_ENTRIES = 1 << 20
 """Most credentials one roster lists (a million sites; about 150 MB)."""
-_COUNTS = struct.Struct("<QQI")
 _ENTRY_LEN = struct.Struct("<H")
 
 
@@ -71,9 +69,7 @@ class SignedRoster(_Signed):
     signature: bytes
 
     def __post_init__(self) -> None:
-        _check_name("consortium", self.consortium, CONSORTIUM_PATTERN)
-        _check_time("version", self.version)
-        _check_time("issued_at", self.issued_at)
+        _check_list_head(self.consortium, self.version, self.issued_at)
         if not isinstance(self.credentials, tuple):
             raise MalformedCredentialError("credentials", f"expected a tuple of credential encodings "
                                            f"(got {type(self.credentials).__name__})")
@@ -86,7 +82,7 @@ class SignedRoster(_Signed):
         _check_bytes("signature", self.signature, SIGNATURE_BYTES)
 
     def _fields(self) -> bytes:
-        return _COUNTS.pack(self.version, self.issued_at, len(self.credentials)) + b"".join(
+        return _LIST_HEAD.pack(self.version, self.issued_at, len(self.credentials)) + b"".join(
             _ENTRY_LEN.pack(len(entry)) + entry for entry in self.credentials)
 
     @classmethod
@@ -94,7 +90,7 @@ class SignedRoster(_Signed):
         """Parse :meth:`encode`'s output; anything else raises :class:`MalformedCredentialError`."""
         r = _Reader(data, KIND_SIGNED_ROSTER)
         consortium = r.text("consortium")
-        version, issued_at, count = r.unpack("version", _COUNTS)
+        version, issued_at, count = r.unpack("version", _LIST_HEAD)
         # each entry takes at least its length prefix: a count the bytes cannot hold is refused before any loop
         if count > MAX_ROSTER_ENTRIES or count * _ENTRY_LEN.size + SIGNATURE_BYTES > r.remaining:
             raise MalformedCredentialError("count", f"{count} entries do not fit the {r.remaining} bytes left")
