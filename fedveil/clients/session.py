@@ -71,6 +71,10 @@ from fedveil.protocol.transport import ClientSession, Transport
 
 log = logging.getLogger("fedveil.client")
 
+MAX_RETRY_AFTER_S = 300.0
+"""The longest this site waits when a server asks it to come back later (pace steering sends the
+sites outside a running round away until it should end); a larger retry_after is cut to this."""
+
 
 class Federation:
     """An iterator of :class:`Round` objects over one job; see :func:`fedveil.clients.federate`."""
@@ -316,7 +320,7 @@ class Federation:
                 # retry_after. A server whose own poll wait is shorter costs a short pause, no more.
                 held = time.monotonic() - polled_at >= 0.9 * self.options.poll_wait_ms / 1000.0
                 if not held and response.wait.retry_after_ms > 0:
-                    self._sleep(min(response.wait.retry_after_ms / 1000.0, 5.0))
+                    self._sleep(min(response.wait.retry_after_ms / 1000.0, MAX_RETRY_AFTER_S))
                 continue
             return response
 

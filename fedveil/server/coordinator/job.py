@@ -15,6 +15,7 @@ from fedveil.server.coordinator.secagg_bridge import SecAggBridgeMixin
 from fedveil.server.coordinator.sessions import SessionsMixin
 from fedveil.server.coordinator.site_reports import SiteReportsMixin
 from fedveil.server.coordinator.state import (
+    MAX_STEER_S,
     JobError,
     JobSummary,
     _Evaluation,
@@ -101,7 +102,9 @@ class Coordinator(SessionsMixin, SecAggBridgeMixin, SiteReportsMixin, RoundDrive
         return summary
 
     def _announce_done(self, message: str) -> None:
-        """Tell every client the job is over; wait up to ``linger`` seconds for them to hear it."""
+        """Tell every client the job is over; wait up to ``linger`` seconds for them to hear it, and
+        for the sites that pace steering sent away until they are due back (the server said when to
+        return: it keeps that promise rather than leave them to find it gone)."""
         with self._cond:
             self._done = pb.JobDone(
                 run_id=self.run_id, completed_rounds=self.model.version,
@@ -109,11 +112,18 @@ class Coordinator(SessionsMixin, SecAggBridgeMixin, SiteReportsMixin, RoundDrive
                 summary=message,
             )
             self._cond.notify_all()
-            linger_until = self._clock() + self.config.schedule.linger
-            self._wait_until(
-                lambda: all(c.job_done_sent for c in self._clients.values() if c.name in self._available()),
-                linger_until,
-            )
+            now = self._clock()
+            away = self._due_back()
+            linger_until = now + self.config.schedule.linger
+            if away:
+                latest = max(c.back_by for c in away) + 2.0  # its poll's way here
+                linger_until = max(linger_until, min(latest, now + MAX_STEER_S + self.config.schedule.linger))
+
+            def all_told() -> bool:
+                expected = set(self._available()) | {c.name for c in self._due_back()}
+                return all(c.job_done_sent for c in self._clients.values() if c.name in expected)
+
+            self._wait_until(all_told, linger_until)
 
     def _report_finished(self) -> JobSummary:
         data = self.finished or {}

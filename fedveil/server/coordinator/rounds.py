@@ -245,6 +245,7 @@ class RoundDriverMixin(CoordinatorBase):
         rnd = _Round(number=number, attempt=attempt, nonce=nonce, plan=plan, config=sconfig,
                      beacon=BeaconCollector(round_id, tuple(range(len(chosen))), t),
                      cohort=cohort, names={i: n for n, i in cohort.items()}, started_wall=wall, purpose=purpose,
+                     started=now,
                      deadline=now + cfg.schedule.stage_timeout, deadline_wall=wall + cfg.schedule.stage_timeout)
         self.store.start_round(self.run_id, number, attempt, cohort, t)
         log.info("round %d (attempt %d%s): cohort of %d, dimension %d, secure aggregation %s",
@@ -267,6 +268,8 @@ class RoundDriverMixin(CoordinatorBase):
                                                        survivors=len(survivors), new_model_version=self.model.version)
         self._past_nonces.add(rnd.nonce)
         self._round = None
+        if outcome == pb.ROUND_OUTCOME_COMPLETED and rnd.purpose == pb.ROUND_PURPOSE_TRAIN:
+            self._last_round_s = self._clock() - rnd.started
         self._cond.notify_all()
 
     def _run_round(self, number: int, available: list[str], purpose: int = pb.ROUND_PURPOSE_TRAIN) -> str:

@@ -21,6 +21,7 @@ from fedveil.secagg import errors as sa_errors
 from fedveil.secagg.identity import SiteCredential, verify_credential
 from fedveil.server.coordinator.state import (
     MAX_CREDENTIAL_BYTES,
+    MAX_STEER_S,
     PUBLIC_KEY_BYTES,
     WAIT_RETRY_MS,
     CoordinatorBase,
@@ -29,6 +30,11 @@ from fedveil.server.coordinator.state import (
     _credential_serial,
     log,
 )
+
+
+def _uniform() -> float:
+    """A uniform draw in [0, 1) from the OS (spreads the sites' returns; nothing secret)."""
+    return secrets.randbelow(1 << 20) / float(1 << 20)
 
 
 class SessionsMixin(CoordinatorBase):
@@ -154,6 +160,7 @@ class SessionsMixin(CoordinatorBase):
                 return done
             token = object()
             client.poll_token = token
+            client.back_by = float("-inf")  # back (early or late): it is polling now
             client.polling += 1
             try:
                 deadline = self._clock() + wait_s
@@ -185,10 +192,14 @@ class SessionsMixin(CoordinatorBase):
         """A Wait instead of a held poll when the held polls are at their limit (lock held).
 
         Long polls hold server threads, so their number is bounded. Half the budget is kept for the
-        members of the running round or evaluation, who need their next instruction at once; the
-        others (the idle majority of a large federation) are told to come back after a random
-        quarter to half of the poll wait (and within the server's linger): they stay available for
-        cohorts (seen within the poll wait) without re-polling the server into the ground.
+        members of the running round or evaluation, who need their next instruction at once. The
+        others (the idle majority of a large federation) are sent away with a time to come back:
+        pace steering, as in Bonawitz et al., "Towards Federated Learning at Scale: System Design"
+        (SysML 2019), section 2.3. Between rounds that is a random quarter to half of the poll wait
+        (and within the linger), so they stay available for the next cohort. While a round runs,
+        nothing new can start before it ends, so they come back as it is expected to end
+        (:meth:`_round_remaining_s`), spread over a quarter of the stage timeout: re-polling a busy
+        server every few seconds is what stalled a round with 1,000 sites idle next to it.
         """
         if self.max_waiting_polls is None:
             return None
@@ -199,12 +210,29 @@ class SessionsMixin(CoordinatorBase):
             return None
         if round_member:
             return pb.PollResponse(wait=pb.Wait(retry_after_ms=WAIT_RETRY_MS, reason="server busy: poll again shortly"))
-        spread_ms = 1000.0 * self.config.schedule.poll_wait
-        delay_ms = int(spread_ms * (0.25 + 0.25 * secrets.randbelow(1024) / 1024))
-        # back within the server's linger, so a site sent away as the job ends still hears it is done
-        delay_ms = min(delay_ms, int(800.0 * self.config.schedule.linger))
-        return pb.PollResponse(wait=pb.Wait(retry_after_ms=max(2 * WAIT_RETRY_MS, delay_ms),
-                                            reason="server busy: poll again later"))
+        schedule = self.config.schedule
+        delay_s = schedule.poll_wait * (0.25 + 0.25 * _uniform())
+        remaining_s = self._round_remaining_s()
+        if remaining_s > 0:
+            delay_s = min(delay_s + remaining_s + 0.25 * schedule.stage_timeout * _uniform(), MAX_STEER_S)
+            reason = f"round {self._round.number if self._round else 0} is running without you: come back as it ends"
+        else:
+            # back within the server's linger, so a site sent away as the job ends still hears it is done
+            delay_s = min(delay_s, 0.8 * schedule.linger)
+            reason = "server busy: poll again later"
+        delay_s = max(delay_s, 2 * WAIT_RETRY_MS / 1000.0)
+        client.back_by = self._clock() + delay_s
+        return pb.PollResponse(wait=pb.Wait(retry_after_ms=int(1000 * delay_s), reason=reason))
+
+    def _round_remaining_s(self) -> float:
+        """How long the running training round should still take (lock held): the last completed
+        round's length less this one's age; before any round completed, as long again as it has run."""
+        rnd = self._round
+        if rnd is None or rnd.purpose != pb.ROUND_PURPOSE_TRAIN:
+            return 0.0
+        age = self._clock() - rnd.started
+        expected = self._last_round_s if self._last_round_s is not None else 2 * age
+        return max(expected - age, 0.0)
 
     def client_disconnected(self, caller: str, session_id: bytes) -> None:
         """The transport saw ``caller``'s held poll cancelled (its process or connection is gone):
@@ -234,10 +262,28 @@ class SessionsMixin(CoordinatorBase):
     # The driver
     # ------------------------------------------------------------------------------------------
     def _available(self) -> list[str]:
+        """Sites a cohort may be drawn from: polling now, seen within the poll window, or sent away
+        by pace steering and due back soon enough to answer a round's first stage (half its timeout)."""
         now = self._clock()
-        window = self.config.schedule.poll_wait + 5.0
-        return sorted(c.name for c in self._clients.values()
-                      if not c.disconnected and (c.polling > 0 or now - c.last_seen <= window))
+        schedule = self.config.schedule
+        window = schedule.poll_wait + 5.0
+        due_within = schedule.stage_timeout / 2
+
+        def available(c: _Client) -> bool:
+            if c.disconnected:
+                return False
+            if c.polling > 0:
+                return True
+            if c.back_by > now:  # sent away and not due yet
+                return c.back_by - now <= due_within
+            return now - max(c.last_seen, c.back_by) <= window
+
+        return sorted(c.name for c in self._clients.values() if available(c))
+
+    def _due_back(self) -> list[_Client]:
+        """Sites sent away by pace steering that have not come back yet (lock held)."""
+        now = self._clock()
+        return [c for c in self._clients.values() if not c.disconnected and c.polling == 0 and c.back_by > now]
 
     def _available_count(self) -> int:
         return len(self._available())

@@ -57,6 +57,12 @@ MAX_CREDENTIAL_BYTES = 1024
 WAIT_RETRY_MS = 200
 
 
+MAX_STEER_S = 120.0
+"""Pace steering (:meth:`SessionsMixin._busy_wait`): the longest a site outside the running round is
+sent away for. Kept below the clients' own cap on a server's retry_after
+(:data:`fedveil.clients.session.MAX_RETRY_AFTER_S`)."""
+
+
 SECURE_SUM_ROW = "(secure sum)"
 
 
@@ -100,6 +106,8 @@ class _Client:
     disconnected: bool = False
     credential: bytes = b""
     trust_server: bool = False
+    back_by: float = float("-inf")
+    """When the server asked this site to poll again, having sent it away from a full poll budget."""
 
 
 @dataclass
@@ -115,6 +123,8 @@ class _Round:
     names: dict[int, str]
     started_wall: float
     purpose: int = pb.ROUND_PURPOSE_TRAIN
+    started: float = 0.0
+    """The coordinator's clock when the round was announced."""
     secagg: SecAggServer | None = None
     stage: Stage = Stage.COMMIT
     deadline: float = 0.0
@@ -248,6 +258,8 @@ class CoordinatorBase:
         self._dropouts = 0
         self._final_metrics: dict[str, float] = {}
         self._waiting_polls = 0
+        self._last_round_s: float | None = None
+        """How long the last completed round took, announcement to release (pace steering's estimate)."""
         self.max_waiting_polls: int | None = None
         """Cap on polls held at once (the gRPC runner sets it below its worker count, so long polls
         can never occupy every worker and stall the submissions of a round)."""
@@ -366,6 +378,7 @@ class CoordinatorBase:
     if TYPE_CHECKING:  # implemented by the mixins; declared for the type checker
         def _abandon(self, rnd: _Round, reason: str) -> None: ...
         def _available(self) -> list[str]: ...
+        def _due_back(self) -> list[_Client]: ...
         def _credential(self, name: str) -> bytes: ...
         def _finish_round_for_clients(self, rnd: _Round, outcome: int, reason: str,
                                       survivors: tuple[int, ...]) -> None: ...

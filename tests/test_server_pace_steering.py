@@ -1,0 +1,191 @@
+"""Pace steering: when the held polls are at their limit, a site outside the running round is sent
+away until that round should end, still counts for the next cohort once it is due back soon enough,
+and the server lingers at the job's end for the sites it sent away (Bonawitz et al., SysML 2019).
+
+The real coordinator on a SQLite store, with a clock the tests move, and the real client session.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedveil.clients.session import MAX_RETRY_AFTER_S
+from fedveil.protocol import PROTOCOL_VERSION
+from fedveil.protocol import fedveil_pb2 as pb
+from fedveil.protocol.transport import ClientSession, InProcessTransport
+from fedveil.server.config import ServerConfig
+from fedveil.server.coordinator import Coordinator
+from fedveil.server.coordinator.state import MAX_STEER_S
+from fedveil.server.store import RunStore
+from fedveil.task import load_task
+from tests.server_helpers import TASK
+
+pytestmark = pytest.mark.timeout(60)
+POLL_WAIT = 4.0
+STAGE_TIMEOUT = 40.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def job(tmp_path: Path, names: list[str], clock: Any = time.monotonic, **overrides: Any) -> tuple[Coordinator, RunStore]:
+    store = RunStore(tmp_path / "run.db")
+    for name in names:
+        store.enroll(name)
+    settings: dict[str, Any] = dict(task=TASK, rounds=2, clients_per_round=2, min_clients=2, round_timeout=300.0,
+                                    stage_timeout=STAGE_TIMEOUT, cohort_wait=0.0, linger=0.2, seed=3,
+                                    poll_wait=POLL_WAIT, evaluate=False, final_evaluation=False,
+                                    active_adversary=False)
+    settings.update(overrides)
+    coordinator = Coordinator(ServerConfig.from_flat(**settings), load_task(TASK), store, new_run=True, clock=clock)
+    return coordinator, store
+
+
+def join(coordinator: Coordinator, name: str) -> tuple[InProcessTransport, ClientSession]:
+    transport = InProcessTransport(coordinator, name)
+    request = pb.JoinRequest(protocol_version=PROTOCOL_VERSION, task_name="synthetic-logreg")
+    return transport, ClientSession.from_join(transport.join(request))
+
+
+def poll(site: tuple[InProcessTransport, ClientSession], wait_ms: int = 4000) -> pb.PollResponse:
+    transport, session = site
+    return transport.poll(pb.PollRequest(header=session.header(), max_wait_ms=wait_ms))
+
+
+def start_round(coordinator: Coordinator, available: list[str]) -> str:
+    """Announce round 1 to a cohort drawn from ``available``; returns a site left out of it."""
+    with coordinator._cond:
+        rnd = coordinator._start_round(1, available)
+        coordinator._round = rnd
+    (outsider,) = set(available) - set(rnd.cohort)
+    return outsider
+
+
+def test_a_site_outside_a_running_round_is_sent_away_until_it_should_end(tmp_path: Path) -> None:
+    clock = Clock()
+    names = ["a", "b", "c"]
+    coordinator, store = job(tmp_path, names, clock)
+    coordinator.max_waiting_polls = 0  # every poll budget is full
+    sites = {name: join(coordinator, name) for name in names}
+    outsider = start_round(coordinator, names)
+    coordinator._last_round_s = 100.0
+    clock.now += 30.0  # the round has run 30 s of an expected 100
+    answer = poll(sites[outsider])
+    assert answer.WhichOneof("instruction") == "wait" and "running without you" in answer.wait.reason
+    delay = answer.wait.retry_after_ms / 1000.0
+    # the 70 s left, plus a quarter to half of the poll wait, spread over a quarter of the stage timeout
+    assert 70.0 + 0.25 * POLL_WAIT <= delay <= 70.0 + 0.5 * POLL_WAIT + STAGE_TIMEOUT / 4 + 0.01
+    with coordinator._cond:
+        # away for longer than a round's first stage could wait for it: not drawn for a cohort now
+        assert outsider not in coordinator._available()
+        clock.now += delay - STAGE_TIMEOUT / 2 + 0.5  # due back within half a stage timeout: drawn again
+        assert outsider in coordinator._available()
+        clock.now += STAGE_TIMEOUT / 2 + POLL_WAIT + 5.0 + 1.0  # long overdue and never came back: gone
+        assert outsider not in coordinator._available()
+    # a member of the running round is never sent away for long
+    member = next(n for n in names if n != outsider)
+    answer = poll(sites[member])
+    assert answer.WhichOneof("instruction") != "wait" or answer.wait.retry_after_ms <= 200
+    store.close()
+
+
+def test_before_any_round_completed_the_estimate_is_the_round_age_and_it_is_capped(tmp_path: Path) -> None:
+    clock = Clock()
+    names = ["a", "b", "c"]
+    coordinator, store = job(tmp_path, names, clock)
+    coordinator.max_waiting_polls = 0
+    sites = {name: join(coordinator, name) for name in names}
+    outsider = start_round(coordinator, names)
+    clock.now += 20.0  # no round has completed: expect it to run as long again
+    delay = poll(sites[outsider]).wait.retry_after_ms / 1000.0
+    assert 20.0 + 0.25 * POLL_WAIT <= delay <= 20.0 + 0.5 * POLL_WAIT + STAGE_TIMEOUT / 4 + 0.01
+    coordinator._last_round_s = 10_000.0  # a round that takes hours: sent away for MAX_STEER_S at most
+    assert poll(sites[outsider]).wait.retry_after_ms / 1000.0 == pytest.approx(MAX_STEER_S, abs=0.01)
+    store.close()
+
+
+def test_between_rounds_a_busy_server_still_sends_sites_away_only_briefly(tmp_path: Path) -> None:
+    clock = Clock()
+    coordinator, store = job(tmp_path, ["a", "b"], clock, linger=10.0)
+    coordinator.max_waiting_polls = 0
+    site = join(coordinator, "a")
+    coordinator._last_round_s = 100.0  # no round runs: nothing to steer past
+    answer = poll(site)
+    assert "busy" in answer.wait.reason
+    assert 0.25 * POLL_WAIT * 1000 <= answer.wait.retry_after_ms <= 0.5 * POLL_WAIT * 1000
+    with coordinator._cond:
+        assert "a" in coordinator._available()
+    store.close()
+
+
+def test_the_server_lingers_for_a_site_it_sent_away_until_it_hears_the_job_is_done(tmp_path: Path) -> None:
+    coordinator, store = job(tmp_path, ["a", "b"], linger=0.2)
+    site = join(coordinator, "a")
+    join(coordinator, "b")
+    with coordinator._cond:
+        coordinator._clients["a"].back_by = time.monotonic() + 1.5  # as pace steering leaves it
+        coordinator._clients["b"].last_seen = float("-inf")  # b is gone: nobody waits for it
+    heard: list[tuple[str, float]] = []
+    started = time.monotonic()
+
+    def comes_back() -> None:
+        time.sleep(1.0)
+        heard.append((poll(site, wait_ms=500).WhichOneof("instruction") or "", time.monotonic() - started))
+
+    returning = threading.Thread(target=comes_back)
+    returning.start()
+    coordinator._announce_done("job over")
+    lingered = time.monotonic() - started
+    returning.join(5)
+    assert heard and heard[0][0] == "job_done"
+    # it waited for the site (not just its 0.2 s linger), and stopped as soon as the site had heard
+    assert heard[0][1] <= lingered < 3.0
+    store.close()
+
+
+class StubbornlyBusy(InProcessTransport):
+    """Sends the site away once for ``retry_after_ms``, then has a round result for it."""
+
+    def __init__(self, coordinator: Coordinator, name: str, retry_after_ms: int) -> None:
+        super().__init__(coordinator, name)
+        self.retry_after_ms = retry_after_ms
+        self.polls = 0
+
+    def poll(self, request: Any) -> Any:
+        self.polls += 1
+        if self.polls == 1:
+            return pb.PollResponse(wait=pb.Wait(retry_after_ms=self.retry_after_ms, reason="come back as it ends"))
+        return pb.PollResponse(round_result=pb.RoundResult())
+
+
+@pytest.mark.parametrize(("retry_after_ms", "slept"), [(20_000, 20.0), (10**9, MAX_RETRY_AFTER_S)])
+def test_a_site_waits_as_long_as_it_is_steered_to_up_to_its_cap(tmp_path: Path, retry_after_ms: int,
+                                                                  slept: float) -> None:
+    from tests.test_clients_round_lifecycle import config, federation
+    from fedveil.tasks.synthetic import task as synthetic
+
+    store = RunStore(tmp_path / "run.sqlite")
+    coordinator = Coordinator(config(), synthetic, store, new_run=True)
+    fed = federation(coordinator, synthetic, 0)
+    sleeps: list[float] = []
+    fed.transport = StubbornlyBusy(coordinator, "site-0", retry_after_ms)
+    fed._sleep = sleeps.append
+    fed.options = dataclasses.replace(fed.options, poll_wait_ms=2000)
+    try:
+        fed._ensure_joined()
+        assert fed._next_instruction().WhichOneof("instruction") == "round_result"
+    finally:
+        coordinator.stop()
+        store.close()
+    assert sleeps == [slept]
