@@ -265,6 +265,7 @@ class RaySimulation:
                 timer.daemon = True
                 timer.start()
                 try:
+                    self._await_sites(runner)
                     summary = runner.run()
                 finally:
                     timer.cancel()
@@ -296,6 +297,18 @@ class RaySimulation:
                 self.plain_sums.merge(ray.get(host.plain_sums.remote(), timeout=120.0))
             except ray.exceptions.RayError as err:  # a dead worker: its sites' sums are lost with it
                 log.error("could not gather a worker's plaintext sums: %s", str(err).splitlines()[0])
+
+    def _await_sites(self, runner: JobRunner) -> None:
+        """Hold the first round until every live site has joined (or :data:`STARTUP_TIMEOUT_S`), so
+        its cohort is drawn from all the simulated sites rather than the first to connect: with
+        10,000 sites and 1,000 per round, those all sit in whichever worker started first."""
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline and not self._timed_out:
+            live = self.n_clients - len(self.errors)
+            if live < self.config.schedule.min_clients or runner.coordinator.connected_sites() >= live:
+                return  # (too few left: the watcher stops the job)
+            time.sleep(0.2)
+        log.warning("starting the job with %d of %d sites joined", runner.coordinator.connected_sites(), self.n_clients)
 
     def _time_out(self, runner: JobRunner) -> None:
         log.error("the job did not finish within %g s: stopping it", self.timeout_s)

@@ -195,11 +195,12 @@ class SessionsMixin(CoordinatorBase):
         members of the running round or evaluation, who need their next instruction at once. The
         others (the idle majority of a large federation) are sent away with a time to come back:
         pace steering, as in Bonawitz et al., "Towards Federated Learning at Scale: System Design"
-        (SysML 2019), section 2.3. Between rounds that is a random quarter to half of the poll wait
-        (and within the linger), so they stay available for the next cohort. While a round runs,
-        nothing new can start before it ends, so they come back as it is expected to end
-        (:meth:`_round_remaining_s`), spread over a quarter of the stage timeout: re-polling a busy
-        server every few seconds is what stalled a round with 1,000 sites idle next to it.
+        (SysML 2019), section 2.3. Between rounds that is a random quarter to 1.25 poll waits, so
+        they stay available for the next cohort (:meth:`_available`). While a round runs, nothing
+        new can start before it ends, so they come back as it is expected to end
+        (:meth:`_round_remaining_s`), spread the same way: re-polling a busy server every few
+        seconds is what stalled a round with 1,000 sites idle next to it. The job's end waits for
+        the sites still away (:meth:`_announce_done`).
         """
         if self.max_waiting_polls is None:
             return None
@@ -211,14 +212,12 @@ class SessionsMixin(CoordinatorBase):
         if round_member:
             return pb.PollResponse(wait=pb.Wait(retry_after_ms=WAIT_RETRY_MS, reason="server busy: poll again shortly"))
         schedule = self.config.schedule
-        delay_s = schedule.poll_wait * (0.25 + 0.25 * _uniform())
+        delay_s = schedule.poll_wait * (0.25 + _uniform())  # a quarter to 1.25 poll waits, at random
         remaining_s = self._round_remaining_s()
         if remaining_s > 0:
-            delay_s = min(delay_s + remaining_s + 0.25 * schedule.stage_timeout * _uniform(), MAX_STEER_S)
+            delay_s = min(delay_s + remaining_s, MAX_STEER_S)
             reason = f"round {self._round.number if self._round else 0} is running without you: come back as it ends"
         else:
-            # back within the server's linger, so a site sent away as the job ends still hears it is done
-            delay_s = min(delay_s, 0.8 * schedule.linger)
             reason = "server busy: poll again later"
         delay_s = max(delay_s, 2 * WAIT_RETRY_MS / 1000.0)
         client.back_by = self._clock() + delay_s
@@ -263,11 +262,11 @@ class SessionsMixin(CoordinatorBase):
     # ------------------------------------------------------------------------------------------
     def _available(self) -> list[str]:
         """Sites a cohort may be drawn from: polling now, seen within the poll window, or sent away
-        by pace steering and due back soon enough to answer a round's first stage (half its timeout)."""
+        by pace steering and due back within a poll wait (as soon as a held poll would answer)."""
         now = self._clock()
         schedule = self.config.schedule
         window = schedule.poll_wait + 5.0
-        due_within = schedule.stage_timeout / 2
+        due_within = schedule.poll_wait
 
         def available(c: _Client) -> bool:
             if c.disconnected:
