@@ -87,9 +87,9 @@ def test_a_site_outside_a_running_round_is_sent_away_until_it_should_end(tmp_pat
     # the 70 s left, plus a quarter to 1.25 poll waits at random (their returns spread)
     assert 70.0 + 0.25 * POLL_WAIT <= delay <= 70.0 + 1.25 * POLL_WAIT + 0.01
     with coordinator._cond:
-        # away for longer than a held poll would take to answer: not drawn for a cohort now
+        # away for longer than a site sent away between rounds ever is: not drawn for a cohort now
         assert outsider not in coordinator._available()
-        clock.now += delay - POLL_WAIT + 0.5  # due back within a poll wait: drawn again
+        clock.now += delay - 1.25 * POLL_WAIT + 0.5  # due back within 1.25 poll waits: drawn again
         assert outsider in coordinator._available()
         clock.now += POLL_WAIT + POLL_WAIT + 5.0 + 1.0  # long overdue and never came back: gone
         assert outsider not in coordinator._available()

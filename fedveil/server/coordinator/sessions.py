@@ -262,11 +262,12 @@ class SessionsMixin(CoordinatorBase):
     # ------------------------------------------------------------------------------------------
     def _available(self) -> list[str]:
         """Sites a cohort may be drawn from: polling now, seen within the poll window, or sent away
-        by pace steering and due back within a poll wait (as soon as a held poll would answer)."""
+        by pace steering and due back within 1.25 poll waits (the longest it is sent away between
+        rounds, so a site sent away then still counts as connected)."""
         now = self._clock()
         schedule = self.config.schedule
         window = schedule.poll_wait + 5.0
-        due_within = schedule.poll_wait
+        due_within = 1.25 * schedule.poll_wait
 
         def available(c: _Client) -> bool:
             if c.disconnected:
