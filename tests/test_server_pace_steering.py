@@ -1,6 +1,7 @@
 """Pace steering: when the held polls are at their limit, a site outside the running round is sent
 away until that round should end, still counts for the next cohort once it is due back soon enough,
-and the server lingers at the job's end for the sites it sent away (Bonawitz et al., SysML 2019).
+and the server lingers at the job's end for the sites it sent away (Bonawitz et al., SysML 2019);
+and a call cut on the way (CANCELLED) is retried by the site like UNAVAILABLE.
 
 The real coordinator on a SQLite store, with a clock the tests move, and the real client session.
 """
@@ -189,3 +190,42 @@ def test_a_site_waits_as_long_as_it_is_steered_to_up_to_its_cap(tmp_path: Path, 
         coordinator.stop()
         store.close()
     assert sleeps == [slept]
+
+
+class CutOnce(InProcessTransport):
+    """The first poll is cut on the way, as a connection dropped by an overloaded server cuts it."""
+
+    def __init__(self, coordinator: Coordinator, name: str) -> None:
+        super().__init__(coordinator, name)
+        self.polls = 0
+
+    def poll(self, request: Any) -> Any:
+        import grpc
+
+        from fedveil.protocol.errors import error_from_status
+
+        self.polls += 1
+        if self.polls == 1:
+            raise error_from_status(grpc.StatusCode.CANCELLED, "Cancelled", rpc="Poll")
+        return pb.PollResponse(round_result=pb.RoundResult())
+
+
+def test_a_poll_cut_on_the_way_is_retried_not_fatal(tmp_path: Path) -> None:
+    """With 10,000 sites on 16 processes, 7,021 gave up on CANCELLED, each worker's shared connection
+    dropped under load: the site now retries it with its backoff, as it does UNAVAILABLE."""
+    from fedveil.tasks.synthetic import task as synthetic
+    from tests.test_clients_round_lifecycle import config, federation
+
+    store = RunStore(tmp_path / "run.sqlite")
+    coordinator = Coordinator(config(), synthetic, store, new_run=True)
+    fed = federation(coordinator, synthetic, 0)
+    cut = CutOnce(coordinator, "site-0")
+    fed.transport = cut
+    fed._sleep = lambda _s: None
+    try:
+        fed._ensure_joined()
+        assert fed._next_instruction().WhichOneof("instruction") == "round_result"
+    finally:
+        coordinator.stop()
+        store.close()
+    assert cut.polls == 2
