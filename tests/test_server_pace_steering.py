@@ -229,3 +229,26 @@ def test_a_poll_cut_on_the_way_is_retried_not_fatal(tmp_path: Path) -> None:
         coordinator.stop()
         store.close()
     assert cut.polls == 2
+
+
+def test_with_many_sites_their_returns_are_spread_to_a_bounded_rate(tmp_path: Path) -> None:
+    from fedveil.server.coordinator.state import STEERED_RETURNS_PER_S, _Client
+
+    clock = Clock()
+    coordinator, store = job(tmp_path, ["a", "b"], clock)
+    coordinator.max_waiting_polls = 0
+    site = join(coordinator, "a")
+    with coordinator._cond:  # 3,000 other joined sites (the server's own records of them)
+        for i in range(3000):
+            coordinator._clients[f"s{i}"] = _Client(name=f"s{i}", session_id=b"x" * 16, last_seen=clock.now)
+    spread = 3001 / STEERED_RETURNS_PER_S  # 30 s, where a poll wait is 4 s
+    delays = [poll(site).wait.retry_after_ms / 1000.0 for _ in range(40)]
+    assert all(0.25 * POLL_WAIT <= d <= 0.25 * POLL_WAIT + spread + 0.01 for d in delays)
+    assert max(delays) > 1.25 * POLL_WAIT + 5  # 40 draws over 30 s: some beyond the small-federation spread
+    with coordinator._cond:
+        coordinator._clients["a"].back_by = clock.now + 25.0
+    # away for 25 s: not drawn for a cohort yet, but still a connected site
+    with coordinator._cond:
+        assert "a" not in coordinator._available()
+    assert coordinator.connected_sites() == 3001
+    store.close()

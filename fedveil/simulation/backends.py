@@ -188,7 +188,7 @@ def site_options(config: ServerConfig, task: Task, index: int, data: TensorDatas
         identity_key=identity, credential=credential, policy=policy,
         insecure_deterministic=config.insecure_deterministic,
         poll_wait_ms=int(max(config.schedule.poll_wait, 0.5) * 1000),
-        backoff=BackoffPolicy(initial_delay_s=0.05, max_delay_s=1.0, give_up_after_s=30.0),
+        backoff=BackoffPolicy(initial_delay_s=0.05, max_delay_s=1.0, give_up_after_s=120.0),
     )
 
 

@@ -23,6 +23,7 @@ from fedveil.server.coordinator.state import (
     MAX_CREDENTIAL_BYTES,
     MAX_STEER_S,
     PUBLIC_KEY_BYTES,
+    STEERED_RETURNS_PER_S,
     WAIT_RETRY_MS,
     CoordinatorBase,
     Stage,
@@ -212,7 +213,7 @@ class SessionsMixin(CoordinatorBase):
         if round_member:
             return pb.PollResponse(wait=pb.Wait(retry_after_ms=WAIT_RETRY_MS, reason="server busy: poll again shortly"))
         schedule = self.config.schedule
-        delay_s = schedule.poll_wait * (0.25 + _uniform())  # a quarter to 1.25 poll waits, at random
+        delay_s = schedule.poll_wait * 0.25 + self._steer_spread_s() * _uniform()
         remaining_s = self._round_remaining_s()
         if remaining_s > 0:
             delay_s = min(delay_s + remaining_s, MAX_STEER_S)
@@ -222,6 +223,12 @@ class SessionsMixin(CoordinatorBase):
         delay_s = max(delay_s, 2 * WAIT_RETRY_MS / 1000.0)
         client.back_by = self._clock() + delay_s
         return pb.PollResponse(wait=pb.Wait(retry_after_ms=int(1000 * delay_s), reason=reason))
+
+    def _steer_spread_s(self) -> float:
+        """Over how long the sites sent away come back: a poll wait, or longer with so many sites
+        that they would return faster than :data:`STEERED_RETURNS_PER_S` (10,000 sites re-polling
+        within seconds kept calls queued in gRPC past its 30 s limit, which then cancelled them)."""
+        return max(self.config.schedule.poll_wait, len(self._clients) / STEERED_RETURNS_PER_S)
 
     def _round_remaining_s(self) -> float:
         """How long the running training round should still take (lock held): the last completed
@@ -263,7 +270,7 @@ class SessionsMixin(CoordinatorBase):
     def _available(self) -> list[str]:
         """Sites a cohort may be drawn from: polling now, seen within the poll window, or sent away
         by pace steering and due back within 1.25 poll waits (the longest it is sent away between
-        rounds, so a site sent away then still counts as connected)."""
+        rounds in a federation of up to ``poll_wait`` x :data:`STEERED_RETURNS_PER_S` sites)."""
         now = self._clock()
         schedule = self.config.schedule
         window = schedule.poll_wait + 5.0
@@ -289,9 +296,14 @@ class SessionsMixin(CoordinatorBase):
         return len(self._available())
 
     def connected_sites(self) -> int:
-        """Sites connected now (polling, or seen within the poll window): for the metrics."""
+        """Sites connected now (polling, seen within the poll window, or sent away by pace steering
+        and not overdue): for the metrics."""
         with self._cond:
-            return len(self._available())
+            now = self._clock()
+            window = self.config.schedule.poll_wait + 5.0
+            return sum(1 for c in self._clients.values()
+                       if not c.disconnected and (c.polling > 0 or now - max(c.last_seen, c.back_by) <= window
+                                                  or c.back_by > now))
 
     # ------------------------------------------------------------------------------------------
     # Instructions

@@ -57,6 +57,10 @@ MAX_CREDENTIAL_BYTES = 1024
 WAIT_RETRY_MS = 200
 
 
+STEERED_RETURNS_PER_S = 100.0
+"""Pace steering spreads the returns of the sites it sends away so that they come back at about
+this rate at most: over ``max(1.25 poll waits, joined sites / rate)``."""
+
 MAX_STEER_S = 120.0
 """Pace steering (:meth:`SessionsMixin._busy_wait`): the longest a site outside the running round is
 sent away for. Kept below the clients' own cap on a server's retry_after
