@@ -252,3 +252,19 @@ def test_with_many_sites_their_returns_are_spread_to_a_bounded_rate(tmp_path: Pa
         assert "a" not in coordinator._available()
     assert coordinator.connected_sites() == 3001
     store.close()
+
+
+@pytest.mark.parametrize(("code", "details", "retried"), [
+    ("CANCELLED", "", True),
+    ("RESOURCE_EXHAUSTED", "Concurrent RPC limit exceeded!", True),  # gRPC refusing a call for load
+    ("RESOURCE_EXHAUSTED", "Received message larger than max (600 vs. 500)", False),  # a message too large
+    ("UNAVAILABLE", "", True),
+    ("PERMISSION_DENIED", "", False),
+])
+def test_which_statuses_a_site_retries(code: str, details: str, retried: bool) -> None:
+    import grpc
+
+    from fedveil.protocol.errors import Unavailable, error_from_status
+
+    err = error_from_status(getattr(grpc.StatusCode, code), details, rpc="Poll")
+    assert isinstance(err, Unavailable) is retried

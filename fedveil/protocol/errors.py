@@ -90,6 +90,9 @@ class InternalError(ProtocolError):
     code = grpc.StatusCode.INTERNAL
 
 
+GRPC_OVERLOADED = "Concurrent RPC limit exceeded"
+"""gRPC's own details when a server is at its ``maximum_concurrent_rpcs`` (RESOURCE_EXHAUSTED)."""
+
 _BY_CODE: dict[grpc.StatusCode, type[ProtocolError]] = {
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
@@ -117,6 +120,8 @@ def error_from_status(code: grpc.StatusCode, details: str | None, *, rpc: str = 
     cls = _BY_CODE.get(code, ProtocolError)
     if code == grpc.StatusCode.FAILED_PRECONDITION and rpc == "Join":
         cls = Incompatible
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and (details or "").startswith(GRPC_OVERLOADED):
+        cls = Unavailable  # the server's gRPC refused the call for load, not for its size: retry
     text = details or code.name
     err = cls(text)
     if cls is ProtocolError:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,10 @@ from fedveil.simulation.plain_sums import PlainSums, run_recording_site
 from fedveil.task import Task, load_task
 
 log = logging.getLogger("fedveil.simulate")
+
+JOINS_PER_S = 200.0
+"""Site i of a job starts its session i / JOINS_PER_S seconds into it: 10,000 sites joining at once
+kept more calls in flight than the server's gRPC admits (it refused or cancelled them)."""
 
 
 @dataclass(frozen=True)
@@ -145,6 +150,7 @@ class SiteHost:
         treated the site as a dropout. The death of the whole worker is what Ray reports to the
         driver as an actor error."""
         site = self.sites[name]
+        time.sleep(site.spec.index / JOINS_PER_S)  # the sites join at a bounded rate, as a real federation's do
         options = site_options(self.config, self.task, site.spec.index, site.data, identity=site.identity,
                                credential=credential, policy=self.policy)
         transport: Any = GrpcTransport.connect(
