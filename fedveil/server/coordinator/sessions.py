@@ -196,12 +196,12 @@ class SessionsMixin(CoordinatorBase):
         members of the running round or evaluation, who need their next instruction at once. The
         others (the idle majority of a large federation) are sent away with a time to come back:
         pace steering, as in Bonawitz et al., "Towards Federated Learning at Scale: System Design"
-        (SysML 2019), section 2.3. Between rounds that is a random quarter to 1.25 poll waits, so
-        they stay available for the next cohort (:meth:`_available`). While a round runs, nothing
-        new can start before it ends, so they come back as it is expected to end
-        (:meth:`_round_remaining_s`), spread the same way: re-polling a busy server every few
-        seconds is what stalled a round with 1,000 sites idle next to it. The job's end waits for
-        the sites still away (:meth:`_announce_done`).
+        (SysML 2019), section 2.3. Between rounds that is a quarter of a poll wait plus a random
+        spread (:meth:`_steer_spread_s`); a site due back within 1.25 poll waits counts for the next
+        cohort (:meth:`_available`). While a round runs, nothing new can start before it ends, so
+        they come back as it is expected to end (:meth:`_round_remaining_s`), spread the same way:
+        re-polling a busy server every few seconds is what stalled a round with 1,000 sites idle
+        next to it. The job's end waits for the sites still away (:meth:`_announce_done`).
         """
         if self.max_waiting_polls is None:
             return None
