@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -170,25 +171,34 @@ class StubbornlyBusy(InProcessTransport):
         return pb.PollResponse(round_result=pb.RoundResult())
 
 
-@pytest.mark.parametrize(("retry_after_ms", "slept"), [(20_000, 20.0), (10**9, MAX_RETRY_AFTER_S)])
-def test_a_site_waits_as_long_as_it_is_steered_to_up_to_its_cap(tmp_path: Path, retry_after_ms: int,
-                                                                  slept: float) -> None:
+def first_instruction(tmp_path: Path, transport: Callable[[Coordinator], InProcessTransport],
+                      sleep: Callable[[float], None], **options: Any) -> str:
+    """The real client session of site-0 over ``transport``: join, then its first instruction that
+    is not a Wait (the kind of it), with ``sleep`` in place of its pauses."""
     from fedveil.tasks.synthetic import task as synthetic
     from tests.test_clients_round_lifecycle import config, federation
 
     store = RunStore(tmp_path / "run.sqlite")
     coordinator = Coordinator(config(), synthetic, store, new_run=True)
     fed = federation(coordinator, synthetic, 0)
-    sleeps: list[float] = []
-    fed.transport = StubbornlyBusy(coordinator, "site-0", retry_after_ms)
-    fed._sleep = sleeps.append
-    fed.options = dataclasses.replace(fed.options, poll_wait_ms=2000)
+    fed.transport = transport(coordinator)
+    fed._sleep = sleep
+    fed.options = dataclasses.replace(fed.options, **options)
     try:
         fed._ensure_joined()
-        assert fed._next_instruction().WhichOneof("instruction") == "round_result"
+        return fed._next_instruction().WhichOneof("instruction") or ""
     finally:
         coordinator.stop()
         store.close()
+
+
+@pytest.mark.parametrize(("retry_after_ms", "slept"), [(20_000, 20.0), (10**9, MAX_RETRY_AFTER_S)])
+def test_a_site_waits_as_long_as_it_is_steered_to_up_to_its_cap(tmp_path: Path, retry_after_ms: int,
+                                                                  slept: float) -> None:
+    sleeps: list[float] = []
+    kind = first_instruction(tmp_path, lambda c: StubbornlyBusy(c, "site-0", retry_after_ms), sleeps.append,
+                             poll_wait_ms=2000)
+    assert kind == "round_result"
     assert sleeps == [slept]
 
 
@@ -213,22 +223,14 @@ class CutOnce(InProcessTransport):
 def test_a_poll_cut_on_the_way_is_retried_not_fatal(tmp_path: Path) -> None:
     """With 10,000 sites on 16 processes, 7,021 gave up on CANCELLED, each worker's shared connection
     dropped under load: the site now retries it with its backoff, as it does UNAVAILABLE."""
-    from fedveil.tasks.synthetic import task as synthetic
-    from tests.test_clients_round_lifecycle import config, federation
+    cuts: list[CutOnce] = []
 
-    store = RunStore(tmp_path / "run.sqlite")
-    coordinator = Coordinator(config(), synthetic, store, new_run=True)
-    fed = federation(coordinator, synthetic, 0)
-    cut = CutOnce(coordinator, "site-0")
-    fed.transport = cut
-    fed._sleep = lambda _s: None
-    try:
-        fed._ensure_joined()
-        assert fed._next_instruction().WhichOneof("instruction") == "round_result"
-    finally:
-        coordinator.stop()
-        store.close()
-    assert cut.polls == 2
+    def transport(coordinator: Coordinator) -> CutOnce:
+        cuts.append(CutOnce(coordinator, "site-0"))
+        return cuts[0]
+
+    assert first_instruction(tmp_path, transport, lambda _s: None) == "round_result"
+    assert cuts[0].polls == 2
 
 
 def test_with_many_sites_their_returns_are_spread_to_a_bounded_rate(tmp_path: Path) -> None:

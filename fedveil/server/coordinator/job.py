@@ -119,11 +119,7 @@ class Coordinator(SessionsMixin, SecAggBridgeMixin, SiteReportsMixin, RoundDrive
                 latest = max(c.back_by for c in away) + 2.0  # its poll's way here
                 linger_until = max(linger_until, min(latest, now + MAX_STEER_S + self.config.schedule.linger))
 
-            def all_told() -> bool:
-                expected = set(self._available()) | {c.name for c in self._due_back()}
-                return all(c.job_done_sent for c in self._clients.values() if c.name in expected)
-
-            self._wait_until(all_told, linger_until)
+            self._wait_until(lambda: all(c.job_done_sent for c in self._connected()), linger_until)
 
     def _report_finished(self) -> JobSummary:
         data = self.finished or {}

@@ -267,25 +267,29 @@ class SessionsMixin(CoordinatorBase):
     # ------------------------------------------------------------------------------------------
     # The driver
     # ------------------------------------------------------------------------------------------
+    def _present(self, c: _Client, now: float, due_within: float) -> bool:
+        """Whether ``c`` is with the server (lock held): not disconnected, and polling, seen within
+        the poll window, or sent away by pace steering and due back within ``due_within``."""
+        if c.disconnected:
+            return False
+        if c.polling > 0:
+            return True
+        if c.back_by > now:  # sent away and not due yet
+            return c.back_by - now <= due_within
+        return now - max(c.last_seen, c.back_by) <= self.config.schedule.poll_wait + 5.0
+
     def _available(self) -> list[str]:
-        """Sites a cohort may be drawn from: polling now, seen within the poll window, or sent away
-        by pace steering and due back within 1.25 poll waits (the longest it is sent away between
-        rounds in a federation of up to ``poll_wait`` x :data:`STEERED_RETURNS_PER_S` sites)."""
+        """Sites a cohort may be drawn from: present, and if sent away by pace steering, due back
+        within 1.25 poll waits (the longest it is sent away between rounds in a federation of up
+        to ``poll_wait`` x :data:`STEERED_RETURNS_PER_S` sites)."""
         now = self._clock()
-        schedule = self.config.schedule
-        window = schedule.poll_wait + 5.0
-        due_within = 1.25 * schedule.poll_wait
+        due_within = 1.25 * self.config.schedule.poll_wait
+        return sorted(c.name for c in self._clients.values() if self._present(c, now, due_within))
 
-        def available(c: _Client) -> bool:
-            if c.disconnected:
-                return False
-            if c.polling > 0:
-                return True
-            if c.back_by > now:  # sent away and not due yet
-                return c.back_by - now <= due_within
-            return now - max(c.last_seen, c.back_by) <= window
-
-        return sorted(c.name for c in self._clients.values() if available(c))
+    def _connected(self) -> list[_Client]:
+        """Sites present, however long pace steering sent them away for (lock held)."""
+        now = self._clock()
+        return [c for c in self._clients.values() if self._present(c, now, float("inf"))]
 
     def _due_back(self) -> list[_Client]:
         """Sites sent away by pace steering that have not come back yet (lock held)."""
@@ -299,11 +303,7 @@ class SessionsMixin(CoordinatorBase):
         """Sites connected now (polling, seen within the poll window, or sent away by pace steering
         and not overdue): for the metrics."""
         with self._cond:
-            now = self._clock()
-            window = self.config.schedule.poll_wait + 5.0
-            return sum(1 for c in self._clients.values()
-                       if not c.disconnected and (c.polling > 0 or now - max(c.last_seen, c.back_by) <= window
-                                                  or c.back_by > now))
+            return len(self._connected())
 
     # ------------------------------------------------------------------------------------------
     # Instructions
