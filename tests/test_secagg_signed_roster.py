@@ -177,3 +177,30 @@ def test_an_entry_that_is_no_credential_is_refused_by_index() -> None:
     with pytest.raises(MalformedCredentialError, match=r"roster\.credentials\[1\]\."):
         verify_signed_roster(authority.public_key, roster, consortium="eu-cardio")
     assert decode_credential(credentials[0].encode()) == credentials[0]
+
+
+def test_forget_checks_makes_the_next_roster_check_verify_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A benchmark times each site's own checks: after forget_checks nothing is served from the memos."""
+    from fedveil.secagg.identity import AuthorityPublicKey
+    from fedveil.secagg.keys import ed25519_public_key_problem
+    from fedveil.secagg.signed_roster import forget_checks
+
+    authority, _ = consortium()
+    roster = authority.signed_roster(issued_at=NOW, version=3)
+    calls: list[bytes] = []
+    real = AuthorityPublicKey.verifies
+
+    def counted(self: AuthorityPublicKey, signature: bytes, payload: bytes) -> bool:
+        calls.append(signature)
+        return real(self, signature, payload)
+
+    monkeypatch.setattr(AuthorityPublicKey, "verifies", counted)
+    forget_checks()
+    first = verify_signed_roster(authority.public_key, roster, consortium="eu-cardio")
+    assert verify_signed_roster(authority.public_key, roster, consortium="eu-cardio") == first
+    assert len(calls) == 1  # the second check came from the memo
+    assert decode_credential.cache_info().currsize > 0 and ed25519_public_key_problem.cache_info().currsize > 0
+    forget_checks()
+    assert decode_credential.cache_info().currsize == 0 and ed25519_public_key_problem.cache_info().currsize == 0
+    assert verify_signed_roster(authority.public_key, roster, consortium="eu-cardio") == first
+    assert len(calls) == 2

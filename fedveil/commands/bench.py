@@ -176,9 +176,8 @@ def _identities_and_admission(clients: int, plan: Any, fraction: float
     site's one check of it at start is timed apart (``roster_check_s``)."""
     from fedveil.secagg import beacon
     from fedveil.secagg.identity import decode_credential, verify_roster
-    from fedveil.secagg.keys import ed25519_public_key_problem
     from fedveil.secagg.local_authority import LocalAuthority
-    from fedveil.secagg.signed_roster import _verified_entries, verify_signed_roster
+    from fedveil.secagg.signed_roster import forget_checks, verify_signed_roster
     from fedveil.secagg.threshold import cohort_bound, threshold_problem
 
     authority = LocalAuthority("fedveil-bench")
@@ -189,10 +188,6 @@ def _identities_and_admission(clients: int, plan: Any, fraction: float
     values = {c: beacon.new_contribution() for c in range(clients)}
     commitments = {c: beacon.commitment(1, c, v) for c, v in values.items()}
     seeds = set()
-
-    def forget() -> None:  # a site's own process has checked none of its peers' keys
-        for memo in (decode_credential, ed25519_public_key_problem, _verified_entries):
-            memo.cache_clear()
 
     def admit(c: int, verified: set[bytes]) -> float:
         start = time.perf_counter()
@@ -207,7 +202,7 @@ def _identities_and_admission(clients: int, plan: Any, fraction: float
         return time.perf_counter() - start
 
     def with_roster(c: int) -> tuple[float, float]:
-        forget()
+        forget_checks()
         start = time.perf_counter()
         marks = verify_signed_roster(authority.public_key, signed_roster, consortium=authority.consortium)
         check_s = time.perf_counter() - start
@@ -217,7 +212,7 @@ def _identities_and_admission(clients: int, plan: Any, fraction: float
     caches: dict[int, set[bytes]] = {c: set() for c in range(clients)}
     roster_check_s: dict[int, float] = {}
     for c in range(clients):
-        forget()
+        forget_checks()
         times["admission"][c] = admit(c, caches[c])
         roster_check_s[c], times["admission_roster"][c] = with_roster(c)
     for c in range(clients):
