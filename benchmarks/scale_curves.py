@@ -3,8 +3,9 @@
 Each point is one run of ``fedveil bench simulate --backend ray --json`` (its last line, saved as
 ``benchmarks/results/scale/n<N>-m<M>-<dp>-<mode>.json``); ``--run`` runs the points whose file is
 missing, then the figure is drawn from every saved file: the median round time against the cohort
-size n, with the same run's mask-expansion floor and public-key floor, and the driver's peak memory
-against n·m (what keeping every site's vector would cost).
+size n, with the same run's mask-expansion floor and public-key floor (runs at m ≥ 10,000), and the
+driver's peak memory against n·k (the encrypted shares it routes) for each m, beside what keeping every
+site's vector (n·m·4 bytes) would add.
 
     python benchmarks/scale_curves.py --run --clients 50 100 200 400 --dim 100000
     python benchmarks/scale_curves.py            # redraw docs/img/scale-rounds.png from the saved runs
@@ -21,6 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "scale"
 FIGURE = ROOT / "docs" / "img" / "scale-rounds.png"
+MASK_BOUND_DIM = 10_000
+"""Runs at a smaller m go on the memory panel only."""
 
 
 def result_path(clients: int, dim: int, dp: str, active: bool) -> Path:
@@ -49,21 +52,28 @@ def draw() -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     series: dict[tuple[int, str, bool], list[dict]] = {}
     for r in runs:
-        series.setdefault((r["dim"] // 1000 * 1000, r["dp"], r["active"]), []).append(r)
+        series.setdefault((round(r["dim"], -3), r["dp"], r["active"]), []).append(r)
     for (dim, dp, active), points in sorted(series.items()):
         points.sort(key=lambda r: r["clients"])
         n = [r["clients"] for r in points]
         label = f"m≈{dim:,}, dp {dp}, {'active' if active else 'passive'}"
+        n_k = [r["clients"] * r["degree"] for r in points]
+        right.plot(n_k, [r["peak_rss_mb"] for r in points], "o-", label=label)
+        if dim < MASK_BOUND_DIM:  # at small m the rounds are about sessions, not masks: memory only
+            continue
         left.plot(n, [r["round_s"] for r in points], "o-", label=f"round ({label})")
         left.plot(n, [r["crypto_floor_s"] for r in points], "s--", label=f"masks + public keys ({label})")
         left.plot(n, [r["floor_s"] for r in points], "^:", label=f"mask floor ({label})")
-        right.plot([r["n_times_m_mb"] for r in points], [r["peak_rss_mb"] for r in points], "o-", label=label)
+        if dp == "none" and active and len(points) > 1:  # what O(n·m) would be: the first point plus n·m·4 bytes
+            first = points[0]
+            right.plot(n_k, [first["peak_rss_mb"] + r["n_times_m_mb"] - first["n_times_m_mb"] for r in points], ":",
+                       color="grey", label=f"first point + n·m·4 bytes (m≈{dim:,})")
     left.set(xlabel="sites per round n (Harary SecAgg+, 10% leave at masked input)",
              ylabel="seconds (floors: one core)", title="Round time vs its floors", xscale="log", yscale="log")
-    left.legend(fontsize=7)
+    left.legend(fontsize=6, loc="upper left", framealpha=0.7)
     left.grid(alpha=0.3)
-    right.set(xlabel="n·m·4 bytes (MiB): every site's vector kept", ylabel="driver + coordinator peak RSS (MiB)",
-              title="Driver + coordinator memory as n grows (m fixed)")
+    right.set(xlabel="n·k (sites per round × Harary degree)", ylabel="driver + coordinator peak RSS (MiB)",
+              title="Driver + coordinator memory: O(m + n·k)")
     right.legend(fontsize=7)
     right.grid(alpha=0.3)
     fig.tight_layout()
