@@ -108,9 +108,12 @@ class SessionsMixin(CoordinatorBase):
                     client.pending_result = pb.RoundResult(
                         round=rnd.number, outcome=pb.ROUND_OUTCOME_DROPPED, reason="rejoined mid-round"
                     )
-                    self._cond.notify_all()
             self._clients[caller] = client
-            self._cond.notify_all()
+            if old is not None:
+                # its old session's held poll ends now. A first Join wakes no one: every held poll
+                # re-checking its instruction at each of 10,000 Joins was a thundering herd that kept
+                # the server from serving the Joins; the job's own waits re-check within 0.5 s anyway
+                self._cond.notify_all()
             log.info("client %s joined (session %s…; %s)", caller, client.session_id.hex()[:8],
                      "trusting the server (passive)" if request.trust_server else
                      ("malicious-server checks, credential " + _credential_serial(credential)
