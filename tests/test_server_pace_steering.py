@@ -208,6 +208,7 @@ class CutOnce(InProcessTransport):
     def __init__(self, coordinator: Coordinator, name: str) -> None:
         super().__init__(coordinator, name)
         self.polls = 0
+        self.sequences: list[int] = []
 
     def poll(self, request: Any) -> Any:
         import grpc
@@ -215,6 +216,7 @@ class CutOnce(InProcessTransport):
         from fedveil.protocol.errors import error_from_status
 
         self.polls += 1
+        self.sequences.append(request.header.sequence)
         if self.polls == 1:
             raise error_from_status(grpc.StatusCode.CANCELLED, "Cancelled", rpc="Poll")
         return pb.PollResponse(round_result=pb.RoundResult())
@@ -231,6 +233,10 @@ def test_a_poll_cut_on_the_way_is_retried_not_fatal(tmp_path: Path) -> None:
 
     assert first_instruction(tmp_path, transport, lambda _s: None) == "round_result"
     assert cuts[0].polls == 2
+    # the retry has a header of its own: the cut poll may have reached the server, which would
+    # refuse its sequence number again as a replay
+    first, retry = cuts[0].sequences
+    assert retry > first
 
 
 def test_with_many_sites_their_returns_are_spread_to_a_bounded_rate(tmp_path: Path) -> None:

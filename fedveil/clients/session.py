@@ -290,8 +290,10 @@ class Federation:
 
     def _poll_once(self) -> pb.PollResponse:
         wait_ms = self.options.poll_wait_ms
-        request = pb.PollRequest(header=self._header(), max_wait_ms=wait_ms)
-        return self._with_backoff("Poll", lambda: self.transport.poll(request))
+        # a header per attempt: a poll cut on its way back had reached the server, which would refuse
+        # the same header again as a replay
+        return self._with_backoff(
+            "Poll", lambda: self.transport.poll(pb.PollRequest(header=self._header(), max_wait_ms=wait_ms)))
 
     def _next_instruction(self) -> pb.PollResponse:
         """Poll until the server has something other than Wait for this client."""
