@@ -42,6 +42,7 @@ from fedveil.simulation.ray_backend import (
     LOCAL_OBJECT_STORE_BYTES,
     RayOptions,
     RaySimulation,
+    init_local_ray,
     pool_size,
     simulate_ray,
 )
@@ -84,8 +85,8 @@ def local_ray(_stop_ray_after_the_module: None) -> None:
     again after a test that needed none running), stopped after the module. A simulation uses a Ray that
     is already running as it is and leaves it running, so each test saves a Ray start and stop."""
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 object_store_memory=LOCAL_OBJECT_STORE_BYTES)
+        init_local_ray(ray, num_cpus=2, include_dashboard=False, log_to_driver=False,
+                       object_store_memory=LOCAL_OBJECT_STORE_BYTES)
 
 
 @pytest.fixture

@@ -56,6 +56,8 @@ LOCAL_OBJECT_STORE_BYTES = 128 * 1024 * 1024
 """A local Ray's object store: nothing large goes through it (each site makes its own data)."""
 STARTUP_TIMEOUT_S = 300.0
 """How long the pool may take to start and create its sites (a cluster may have to add nodes)."""
+RAY_START_ATTEMPTS = 2
+"""Starts of a local Ray node whose raylet missed Ray's registration window (see :func:`init_local_ray`)."""
 
 
 def import_ray() -> ModuleType:
@@ -66,6 +68,26 @@ def import_ray() -> ModuleType:
         raise SimulationError(f"the Ray backend needs Ray, which is not installed: {RAY_EXTRA}",
                               field="backend") from None
     return ray
+
+
+def init_local_ray(ray: ModuleType, **kwargs: Any) -> None:
+    """``ray.init`` for a local Ray, tried again once when its node did not register in time.
+
+    Ray waits a fixed 30 s for its raylet to register with the GCS and then raises a bare
+    ``Exception`` ("timed out during startup"); on a loaded machine (a test run beside other jobs)
+    the first start can miss that window while a second one, after a clean shutdown, does not."""
+    for attempt in range(1, RAY_START_ATTEMPTS + 1):
+        try:
+            ray.init(**kwargs)
+            return
+        except Exception as err:  # Ray raises a bare Exception for this one case
+            if "timed out during startup" not in str(err):
+                raise
+            ray.shutdown()
+            if attempt == RAY_START_ATTEMPTS:
+                raise SimulationError(f"cannot start Ray: its node did not register in time, {RAY_START_ATTEMPTS} "
+                                      f"attempts ({err})", field="backend") from None
+            log.warning("the local Ray node did not register in time; starting it again")
 
 
 @dataclass(frozen=True)
@@ -171,7 +193,10 @@ class RaySimulation:
         else:
             kwargs["address"] = self.options.address
         try:
-            ray.init(**kwargs)
+            if self.options.address is None:
+                init_local_ray(ray, **kwargs)
+            else:
+                ray.init(**kwargs)
         except (ConnectionError, RuntimeError, ValueError) as err:
             where = f"join the Ray cluster at {self.options.address!r}" if self.options.address else "start Ray"
             raise SimulationError(f"cannot {where}: {err}",
