@@ -26,12 +26,13 @@ live sites than the job's smallest cohort remain, it stops the job instead of wa
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -188,15 +189,15 @@ class RaySimulation:
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
         if self.options.working_dir is not None:
             kwargs["runtime_env"] = {"working_dir": self.options.working_dir}
-        if self.options.address is None:
+        start: Callable[..., None]
+        if self.options.address is None:  # a local node, started again if it misses Ray's window
             kwargs.update(num_cpus=self.options.num_cpus, object_store_memory=LOCAL_OBJECT_STORE_BYTES)
+            start = functools.partial(init_local_ray, ray)
         else:
             kwargs["address"] = self.options.address
+            start = ray.init
         try:
-            if self.options.address is None:
-                init_local_ray(ray, **kwargs)
-            else:
-                ray.init(**kwargs)
+            start(**kwargs)
         except (ConnectionError, RuntimeError, ValueError) as err:
             where = f"join the Ray cluster at {self.options.address!r}" if self.options.address else "start Ray"
             raise SimulationError(f"cannot {where}: {err}",
