@@ -71,6 +71,13 @@ class ClientOptions:
     privacy_engine: Any = None
     """The site's own ``opacus.PrivacyEngine`` after its ``make_private[_with_epsilon]`` call: the site
     keeps its Opacus code, fedveil reads its ε from the engine's accountant."""
+    verified_credentials: set[bytes] | None = None
+    """Where the site records the peer credentials whose authority signature it has checked
+    (default: a set of its own). A simulation passes one set to all the sites a process hosts, so
+    each credential is checked and kept once per process, not once per site: with thousands of
+    enrolled sites, per-site sets held one mark per enrolled peer in every site. A mark names the
+    credential's exact bytes and the authority's key, so a shared set never vouches for a
+    credential under another authority."""
 
     def private_seed(self) -> bytes:
         if self.seed is None:

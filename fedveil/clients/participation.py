@@ -19,7 +19,7 @@ import numpy as np
 
 from fedveil.clients.admission import Admission, admit_round
 from fedveil.clients.policy import PolicyViolation
-from fedveil.clients.secagg_driver import SecAggClientDriver, UnsupportedRoundError
+from fedveil.clients.secagg_driver import SecAggClientDriver, UnsupportedRoundError, shared_value
 from fedveil.clients.site_state import Release
 from fedveil.clients.update import AttemptRandomness, PreparedUpdate, attempt_randomness
 from fedveil.errors import FedveilError
@@ -63,6 +63,22 @@ def admit(federation: Federation, start: pb.RoundStart) -> Admission:
                        state=federation.state, verified=federation.verified_credentials)
 
 
+def kept_start(start: pb.RoundStart) -> pb.RoundStart:
+    """``start`` as an admitted site keeps it for the round: without the cohort's n credentials.
+
+    Only admission reads them, and the received message (with the poll response around it) would
+    otherwise hold them for the whole round in every site: a few hundred bytes per cohort member,
+    per site, which at thousands of sites per round was a large share of a simulation worker's
+    memory. The received message is left as it was (an in-process transport may share it with the
+    server); the kept one is parsed afresh, so it holds no memory of the received one.
+    """
+    if not len(start.secagg.identity_credentials):
+        return start
+    copy = pb.RoundStart.FromString(start.SerializeToString())
+    copy.secagg.ClearField("identity_credentials")
+    return pb.RoundStart.FromString(copy.SerializeToString())
+
+
 def agree_graph_seed(federation: Federation, start: pb.RoundStart,
                      randomness: AttemptRandomness) -> tuple[bytes, frozenset[int]]:
     """Accept the round with a commitment, reveal once every commitment is fixed, derive the seed.
@@ -90,7 +106,7 @@ def agree_graph_seed(federation: Federation, start: pb.RoundStart,
     revealed = _wait_for(federation, "contributions", int(start.round)).contributions
     reveals = {int(r.client_id): bytes(r.contribution) for r in revealed.reveals}
     try:
-        return beacon.combine(round_id, commitments, reveals), frozenset(commitments)
+        return beacon.combine(round_id, commitments, reveals), shared_value(frozenset(commitments))
     except SecAggError as err:
         raise RoundLost(f"graph seed: {err}") from None
 

@@ -8,8 +8,9 @@ replies back, so the same client code runs over gRPC and in-process.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -37,6 +38,9 @@ class UnsupportedRoundError(FedveilError, ValueError):
     """The round asks for something this client does not support; the message names it."""
 
 
+T = TypeVar("T", bound=Hashable)
+
+
 def secagg_config(start: pb.RoundStart, graph_seed: bytes = b"") -> SecAggConfig:
     """The round's :class:`SecAggConfig`, built from ``RoundStart`` exactly as the server builds it.
 
@@ -56,11 +60,27 @@ def secagg_config(start: pb.RoundStart, graph_seed: bytes = b"") -> SecAggConfig
         ring_bits=int(start.encoding.ring_bits),
         graph=GraphSpec(kind, int(params.degree) if kind == "harary" else 0),
         active=active,
-        identity_keys=tuple(bytes(k) for k in params.identity_keys) if active else None,
+        identity_keys=shared_value(tuple(bytes(k) for k in params.identity_keys)) if active else None,
         context=bytes(params.context),
         max_corrupt_fraction=float(params.max_corrupt_fraction),
         graph_seed=graph_seed,
     )
+
+
+def shared_value(value: T) -> T:
+    """The process's one copy of an immutable round-wide ``value``: equal values come back as one object.
+
+    Each site of a round gets the cohort's n identity keys and n committed members; the hundreds
+    of sites a simulation worker hosts would each keep their own n-sized copy for the whole round
+    (at n = 5,000 that alone is over a megabyte per site). Equal values are interchangeable, so a
+    site keeps the first equal copy the process made and lets its own go.
+    """
+    return cast(T, _shared(value))
+
+
+@lru_cache(maxsize=8)
+def _shared(value: Hashable) -> Hashable:
+    return value
 
 
 @lru_cache(maxsize=4)

@@ -94,7 +94,9 @@ class Federation:
         self.options = options or ClientOptions()
         self.policy = self.options.policy if self.options.policy is not None else SitePolicy()
         self.state = SiteState.open(self.options.state_path)
-        self.verified_credentials: set[bytes] = set(self.policy.roster_marks)
+        shared = self.options.verified_credentials
+        self.verified_credentials: set[bytes] = shared if shared is not None else set()
+        self.verified_credentials.update(self.policy.roster_marks)
         """Peer credentials the authority vouched for that this site already checked: its signed
         roster's, and each other one once per job."""
         self.private_seed = self.options.private_seed()
@@ -133,8 +135,10 @@ class Federation:
                     self._sleep(self._sit_out_interval())
                     continue
                 rnd = self._begin_round(start)
+                del instruction  # the round keeps its own copy of the start (participation.kept_start)
                 if rnd is None:
                     continue
+                start = rnd.start_message
                 if start.purpose == pb.ROUND_PURPOSE_EVALUATE:
                     rnd.outcome = self._finish_round(rnd, None, None)
                     continue
@@ -359,6 +363,7 @@ class Federation:
             self._decline_attempt(start, f"policy: {err}")
             self.history.append(RoundOutcome(int(start.round), "declined", f"policy: {err}"))
             return None
+        start = participation.kept_start(start)
         try:
             self.spec.load(vector, self.model)
         except ModelMismatchError as err:

@@ -146,7 +146,7 @@ class ClientR1ShareKeys(ClientState):
         sparse_seeded = bool(cfg.graph_seed)
         check_advertisements(cfg, msg.advertisements, signatures=not sparse_seeded)
         try:
-            session = Session.from_advertisements(cfg, msg.advertisements)
+            session = Session.shared(cfg, msg.advertisements)
         except ConfigError as err:
             raise RoundAbortedError(str(err)) from err
         if sparse_seeded and cfg.active:

@@ -6,7 +6,7 @@ import hashlib
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 from fedveil.secagg.config import SecAggConfig
 from fedveil.secagg.errors import ConfigError, InvalidSignatureError, ProtocolError
@@ -99,6 +99,18 @@ class Session:
             raise ConfigError(f"only {len(table)} clients advertised keys; threshold is {config.threshold}")
         return cls(config, dict(sorted(table.items())))
 
+    @classmethod
+    def shared(cls, config: SecAggConfig, advertisements: Sequence[AdvertiseKeys]) -> Session:
+        """:meth:`from_advertisements`, memoized on the config and the very advertisement objects.
+
+        A session is a pure, read-only function of both (its id and graph only fill their own
+        caches), and :class:`AdvertiseKeys` compare by identity, so the sites of one process that
+        received the same parsed advertisements (a simulation worker hosts hundreds of a round's
+        sites) share one table of the n advertisements, one session id and one graph instead of
+        each building its own. Different objects, even equal ones, get their own session.
+        """
+        return _shared_session(config, tuple(advertisements))
+
     @cached_property
     def session_id(self) -> bytes:
         return session_id(self.config.round_id, self.config.parameters_bytes(),
@@ -121,3 +133,8 @@ class Session:
     @property
     def members(self) -> tuple[int, ...]:
         return tuple(self.advertisements)
+
+
+@lru_cache(maxsize=8)
+def _shared_session(config: SecAggConfig, advertisements: tuple[AdvertiseKeys, ...]) -> Session:
+    return Session.from_advertisements(config, advertisements)

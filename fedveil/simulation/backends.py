@@ -179,13 +179,15 @@ def client_dataset(task: Task, index: int, n_clients: int, seed: int) -> TensorD
 
 
 def site_options(config: ServerConfig, task: Task, index: int, data: TensorDataset, *,
-                 identity: Ed25519PrivateKey | None, credential: bytes, policy: SitePolicy) -> ClientOptions:
+                 identity: Ed25519PrivateKey | None, credential: bytes, policy: SitePolicy,
+                 verified_credentials: set[bytes] | None = None) -> ClientOptions:
     """The client options of simulated site ``index``, the same for every backend that runs the
     client code in Python (in-process threads, Ray actors): its private seed, its data's size and
-    evaluator, its identity and policy, and backoff suited to a peer that answers at once."""
+    evaluator, its identity and policy, backoff suited to a peer that answers at once, and the
+    credential checks its process shares among its sites."""
     return ClientOptions(
         seed=client_seed(job_seed(config), index), num_examples=len(data), evaluate=evaluator(task, data),
-        identity_key=identity, credential=credential, policy=policy,
+        identity_key=identity, credential=credential, policy=policy, verified_credentials=verified_credentials,
         insecure_deterministic=config.insecure_deterministic,
         poll_wait_ms=int(max(config.schedule.poll_wait, 0.5) * 1000),
         backoff=BackoffPolicy(initial_delay_s=0.05, max_delay_s=1.0, give_up_after_s=120.0),
@@ -306,12 +308,13 @@ def simulate_in_process(
     job = host.start_job(config, task, store_path)
     try:
         clients = []
+        verified: set[bytes] = set()  # the credential checks the sites of this process share
         for i in range(n_clients):
             name = client_name(i)
             data = client_dataset(task, i, n_clients, job_seed(config))
             identity, credential = sites.identity(name)
             options = site_options(config, task, i, data, identity=identity, credential=credential,
-                                   policy=sites.policy())
+                                   policy=sites.policy(), verified_credentials=verified)
             transport: Any = InProcessTransport(job.service, name)
             if dropout is not None:
                 transport = LeaveAtMaskedInput(transport, name, dropout)

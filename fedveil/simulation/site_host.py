@@ -115,6 +115,8 @@ class SiteHost:
         # of this worker would wait for it
         self.task.make_optimizer(self.task.build_model().parameters())
         self.sites: dict[str, _Site] = {}
+        self.verified_credentials: set[bytes] = set()
+        """The credential checks this host's sites share (each credential is checked once per worker)."""
         self.node_id = current_node_id()
         self.pid = os.getpid()
 
@@ -152,7 +154,8 @@ class SiteHost:
         site = self.sites[name]
         time.sleep(site.spec.index / JOINS_PER_S)  # the sites join at a bounded rate, as a real federation's do
         options = site_options(self.config, self.task, site.spec.index, site.data, identity=site.identity,
-                               credential=credential, policy=self.policy)
+                               credential=credential, policy=self.policy,
+                               verified_credentials=self.verified_credentials)
         transport: Any = GrpcTransport.connect(
             ChannelConfig(target=connection.target, ca_cert_pem=connection.ca_cert_pem, insecure=connection.insecure),
             token,
