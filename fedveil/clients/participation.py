@@ -94,8 +94,10 @@ def agree_graph_seed(federation: Federation, start: pb.RoundStart,
         pb.RoundResponse(header=h, accept=True, commitment=mine, weight=weight)))
     listed = _wait_for(federation, "commitments", int(start.round)).commitments
     commitments = {int(c.client_id): bytes(c.commitment) for c in listed.commitments}
+    listed_twice = len(commitments) != len(listed.commitments)
+    del listed  # not held while waiting for the reveals
     try:
-        if len(commitments) != len(listed.commitments):
+        if listed_twice:
             raise beacon.BeaconError("commitment list: a client is listed twice")
         beacon.check_commitments(commitments, own_id=me, own_commitment=mine,
                                  num_clients=int(start.secagg.cohort_size))
@@ -193,6 +195,8 @@ def run_secagg(federation: Federation, start: pb.RoundStart, ring_vector: np.nda
             # a tampered share, too few survivors, or a refused (dangerous) unmasking request
             log.warning("round %d: secure aggregation stopped for this client: %s", number, err)
             raise RoundLost(f"secure aggregation: {err}") from None
+        # not held through the next wait: the cohort's n keys, signatures or survivors
+        del instruction
         if done is not None:
             return done
 

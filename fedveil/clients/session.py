@@ -35,6 +35,7 @@ from torch import nn
 
 import fedveil
 from fedveil.clients import participation, site_reports
+from fedveil.clients.admission import Admission
 from fedveil.clients.backoff import Backoff
 from fedveil.clients.model_check import check_site_model
 from fedveil.clients.options import AuthenticationError, ClientError, ClientOptions, RoundOutcome
@@ -134,8 +135,11 @@ class Federation:
                     # (or the round's deadline): poll at a relaxed pace instead of at once
                     self._sleep(self._sit_out_interval())
                     continue
-                rnd = self._begin_round(start)
-                del instruction  # the round keeps its own copy of the start (participation.kept_start)
+                admitted = self._admit_start(start)
+                # the round keeps its own copy of the start: the received one (with the cohort's n
+                # credentials) is not held while the site waits through the round's stages
+                del instruction, start
+                rnd = self._begin_round(*admitted) if admitted is not None else None
                 if rnd is None:
                     continue
                 start = rnd.start_message
@@ -348,8 +352,9 @@ class Federation:
 
     # -- rounds -----------------------------------------------------------------------------
 
-    def _begin_round(self, start: pb.RoundStart) -> Round | None:
-        """Check the round against the policy, agree on the graph seed, load and evaluate the model."""
+    def _admit_start(self, start: pb.RoundStart) -> tuple[pb.RoundStart, Admission, np.ndarray] | None:
+        """Check the round's model and the round against the policy; returns the start as the site
+        keeps it (:func:`participation.kept_start`), the admission and the global model's vector."""
         try:
             vector = model_vector(start.model)  # checks the digest, the layout and finiteness
         except MalformedMessage as err:
@@ -363,7 +368,10 @@ class Federation:
             self._decline_attempt(start, f"policy: {err}")
             self.history.append(RoundOutcome(int(start.round), "declined", f"policy: {err}"))
             return None
-        start = participation.kept_start(start)
+        return participation.kept_start(start), admission, vector
+
+    def _begin_round(self, start: pb.RoundStart, admission: Admission, vector: np.ndarray) -> Round | None:
+        """Agree on the graph seed, load and evaluate the model of an admitted round."""
         try:
             self.spec.load(vector, self.model)
         except ModelMismatchError as err:

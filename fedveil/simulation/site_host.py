@@ -37,6 +37,7 @@ from fedveil.simulation.backends import client_dataset, site_options
 from fedveil.simulation.faults import DropoutPlan, LeaveAtMaskedInput, SimulatedDropout
 from fedveil.simulation.host import job_seed
 from fedveil.simulation.plain_sums import PlainSums, run_recording_site
+from fedveil.simulation.worker_memory import return_large_blocks_to_os
 from fedveil.task import Task, load_task
 
 log = logging.getLogger("fedveil.simulate")
@@ -105,6 +106,7 @@ class SiteHost:
         import torch
 
         torch.set_num_threads(max(1, torch_threads))
+        return_large_blocks_to_os()  # the sites' bursts of large messages must not stay resident
         self.config = config
         self.policy = policy
         self.dropout = dropout
