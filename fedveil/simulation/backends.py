@@ -178,6 +178,21 @@ def client_dataset(task: Task, index: int, n_clients: int, seed: int) -> TensorD
     return task.synthetic_data(index, n_clients, seed)
 
 
+SITE_PATIENCE_S = 120.0
+"""How long a simulated site waits for one call, and retries one operation, before it gives up."""
+
+SITE_PATIENCE_PER_MEMBER_S = 0.06
+"""... and how much longer per cohort member: each site of a round gets the cohort's n keys and
+credentials in its RoundStart and n advertisements in its PeerKeys, so a stage sends n² of them (at
+n = 5,000 about 5 GB of RoundStarts on two cores), and the last sites' calls of a 5,000-site
+round passed 120 s."""
+
+
+def site_patience_s(n_clients: int) -> float:
+    """A simulated site's call deadline and retry budget in a job of ``n_clients`` sites per round."""
+    return max(SITE_PATIENCE_S, SITE_PATIENCE_PER_MEMBER_S * n_clients)
+
+
 def site_options(config: ServerConfig, task: Task, index: int, data: TensorDataset, *,
                  identity: Ed25519PrivateKey | None, credential: bytes, policy: SitePolicy,
                  verified_credentials: set[bytes] | None = None) -> ClientOptions:
@@ -190,7 +205,8 @@ def site_options(config: ServerConfig, task: Task, index: int, data: TensorDatas
         identity_key=identity, credential=credential, policy=policy, verified_credentials=verified_credentials,
         insecure_deterministic=config.insecure_deterministic,
         poll_wait_ms=int(max(config.schedule.poll_wait, 0.5) * 1000),
-        backoff=BackoffPolicy(initial_delay_s=0.05, max_delay_s=1.0, give_up_after_s=120.0),
+        backoff=BackoffPolicy(initial_delay_s=0.05, max_delay_s=1.0,
+                              give_up_after_s=site_patience_s(config.schedule.clients_per_round)),
     )
 
 

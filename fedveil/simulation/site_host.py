@@ -33,7 +33,7 @@ from fedveil.clients.policy import SitePolicy
 from fedveil.clients.session import Federation
 from fedveil.protocol.client import ChannelConfig, GrpcTransport
 from fedveil.server.config import ServerConfig
-from fedveil.simulation.backends import client_dataset, site_options
+from fedveil.simulation.backends import client_dataset, site_options, site_patience_s
 from fedveil.simulation.faults import DropoutPlan, LeaveAtMaskedInput, SimulatedDropout
 from fedveil.simulation.host import job_seed
 from fedveil.simulation.plain_sums import PlainSums, run_recording_site
@@ -160,7 +160,7 @@ class SiteHost:
                                verified_credentials=self.verified_credentials)
         transport: Any = GrpcTransport.connect(
             ChannelConfig(target=connection.target, ca_cert_pem=connection.ca_cert_pem, insecure=connection.insecure),
-            token,
+            token, rpc_timeout_s=site_patience_s(self.config.schedule.clients_per_round),
         )
         if self.dropout is not None:
             transport = LeaveAtMaskedInput(transport, name, self.dropout)
