@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from torch.utils.data import TensorDataset
@@ -31,7 +33,7 @@ from torch.utils.data import TensorDataset
 from fedveil.clients.api import run_client
 from fedveil.clients.policy import SitePolicy
 from fedveil.clients.session import Federation
-from fedveil.protocol.client import ChannelConfig, GrpcTransport
+from fedveil.protocol.client import ChannelConfig, GrpcTransport, open_channel
 from fedveil.server.config import ServerConfig
 from fedveil.simulation.backends import client_dataset, site_options, site_patience_s
 from fedveil.simulation.faults import DropoutPlan, LeaveAtMaskedInput, SimulatedDropout
@@ -121,6 +123,19 @@ class SiteHost:
         """The credential checks this host's sites share (each credential is checked once per worker)."""
         self.node_id = current_node_id()
         self.pid = os.getpid()
+        self._channels: dict[Connection, grpc.Channel] = {}
+        self._channels_lock = threading.Lock()
+
+    def channel(self, connection: Connection) -> grpc.Channel:
+        """The one channel this host's sites share to ``connection``: each site still authenticates
+        every call with its own token, and the channel's one polling thread delivers every site's
+        completions, where a channel per site woke a thread per site every 200 ms
+        (``benchmarks/held_calls.py``)."""
+        with self._channels_lock:
+            if connection not in self._channels:
+                self._channels[connection] = open_channel(ChannelConfig(
+                    target=connection.target, ca_cert_pem=connection.ca_cert_pem, insecure=connection.insecure))
+            return self._channels[connection]
 
     def where(self) -> tuple[str, int]:
         """(Ray node id, process id) of this host."""
@@ -158,10 +173,8 @@ class SiteHost:
         options = site_options(self.config, self.task, site.spec.index, site.data, identity=site.identity,
                                credential=credential, policy=self.policy,
                                verified_credentials=self.verified_credentials)
-        transport: Any = GrpcTransport.connect(
-            ChannelConfig(target=connection.target, ca_cert_pem=connection.ca_cert_pem, insecure=connection.insecure),
-            token, rpc_timeout_s=site_patience_s(self.config.schedule.clients_per_round),
-        )
+        transport: Any = GrpcTransport(self.channel(connection), token, owns_channel=False,
+                                       rpc_timeout_s=site_patience_s(self.config.schedule.clients_per_round))
         if self.dropout is not None:
             transport = LeaveAtMaskedInput(transport, name, self.dropout)
         federation = Federation(transport, self.task.name, self.task.build_model(), options)
