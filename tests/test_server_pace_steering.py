@@ -259,6 +259,14 @@ def test_with_many_sites_their_returns_are_spread_to_a_bounded_rate(tmp_path: Pa
     with coordinator._cond:
         assert "a" not in coordinator._available()
     assert coordinator.connected_sites() == 3001
+    # late back (overdue by more than a poll wait): no longer connected, but still a joined session,
+    # which is what the Ray backend waits for before its first round; a closed session is neither
+    with coordinator._cond:
+        coordinator._clients["a"].back_by = clock.now - POLL_WAIT - 10.0
+        coordinator._clients["a"].last_seen = clock.now - 60.0
+        coordinator._clients["s0"].disconnected = True
+    assert coordinator.connected_sites() == 2999
+    assert coordinator.joined_sites() == 3000
     store.close()
 
 

@@ -308,6 +308,12 @@ class SessionsMixin(CoordinatorBase):
         with self._cond:
             return len(self._connected())
 
+    def joined_sites(self) -> int:
+        """Sites with a session that has not been closed, whether or not they are with the server now
+        (a site sent away by pace steering that is late back still counts)."""
+        with self._cond:
+            return sum(not c.disconnected for c in self._clients.values())
+
     # ------------------------------------------------------------------------------------------
     # Instructions
     # ------------------------------------------------------------------------------------------
