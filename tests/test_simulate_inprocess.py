@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fedveil.cli import main
+from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.server.config import ServerConfig
 from fedveil.simulation.backends import SimulatedSites, client_seed, simulate_in_process
 from tests.identity_helpers import site_policy
@@ -261,3 +262,41 @@ def test_every_member_gets_the_same_advertised_keys_and_the_server_builds_them_o
     per_round = {number: lookups.count(number) for number in set(lookups)}
     assert per_round and all(count == 5 for count in per_round.values()), per_round
     assert all(len(lists) == 1 for lists in received.values()), {r: len(v) for r, v in received.items()}
+
+
+def test_every_member_gets_the_same_roster_with_its_own_slot_and_the_server_builds_it_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The RoundStart (n identity keys and credentials, the same for every member) is built once per
+    round and sent with each member's own slot: n² roster entries per round were built under the
+    coordinator's lock when each member's poll built its own."""
+    from fedveil.server.coordinator.rounds import RoundDriverMixin
+
+    built: list[int] = []
+    sent: dict[int, list[pb.RoundStart]] = {}
+    real_build = RoundDriverMixin._round_start
+    real_member = RoundDriverMixin._member_round_start
+
+    def counting_build(self: Any, rnd: Any, sid: int) -> pb.RoundStart:
+        built.append(rnd.number)
+        return real_build(self, rnd, sid)
+
+    def recording_member(self: Any, rnd: Any, sid: int) -> pb.RoundStart:
+        start = real_member(self, rnd, sid)
+        sent.setdefault(rnd.number, []).append(start)
+        return start
+
+    monkeypatch.setattr(RoundDriverMixin, "_round_start", counting_build)
+    monkeypatch.setattr(RoundDriverMixin, "_member_round_start", recording_member)
+    result = simulate_in_process(config(rounds=2, clients_per_round=5, active_adversary=True), 5)
+    assert result.summary["status"] == "completed" and not result.client_errors
+    assert {1, 2} <= set(sent) and sorted(built) == sorted(sent)  # once per round (and the final evaluation)
+    for starts in sent.values():
+        assert sorted({s.client_id for s in starts}) == [0, 1, 2, 3, 4]
+        rosters = set()
+        for start in starts:
+            assert len(start.secagg.identity_keys) == 5 and len(start.secagg.identity_credentials) == 5
+            without_slot = pb.RoundStart()
+            without_slot.CopyFrom(start)
+            without_slot.client_id = 0
+            rosters.add(without_slot.SerializeToString(deterministic=True))
+        assert len(rosters) == 1

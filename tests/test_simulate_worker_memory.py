@@ -44,10 +44,17 @@ def test_a_freed_burst_of_large_blocks_goes_back_to_the_os() -> None:
     assert resident_after_burst("fixed") < 10
 
 
-def test_a_sites_patience_grows_with_the_cohort() -> None:
-    """A stage sends each of n sites n keys: the last calls of a 5,000-site round passed 120 s."""
+def test_a_sites_patience_grows_with_the_cohort_and_the_enrolled_sites() -> None:
+    """A stage sends each of n sites n keys: the last calls of a 5,000-site round passed 120 s; and
+    10,000 sites that have just joined poll at once: 9 of them ran out of 120 s of retries."""
+    from fedveil.server.config import ServerConfig
     from fedveil.simulation.backends import site_patience_s
 
-    assert site_patience_s(10) == site_patience_s(1000) == 120.0
-    assert site_patience_s(5000) == pytest.approx(300.0)
-    assert site_patience_s(20000) > site_patience_s(5000)
+    def per_round(n: int) -> ServerConfig:
+        return ServerConfig.from_flat(task="fedveil.tasks.synthetic:task", clients_per_round=n, min_clients=n, rounds=1)
+
+    assert site_patience_s(per_round(10)) == site_patience_s(per_round(1000)) == 120.0
+    assert site_patience_s(per_round(5000)) == pytest.approx(300.0)
+    assert site_patience_s(per_round(20000)) > site_patience_s(per_round(5000))
+    assert site_patience_s(per_round(1000), 10_000) == pytest.approx(600.0)  # enrolled beyond the cohort
+    assert site_patience_s(per_round(1000), 500) == 120.0

@@ -185,17 +185,20 @@ SITE_PATIENCE_PER_MEMBER_S = 0.06
 """... and how much longer per cohort member: each site of a round gets the cohort's n keys and
 credentials in its RoundStart and n advertisements in its PeerKeys, so a stage sends n² of them (at
 n = 5,000 about 5 GB of RoundStarts on two cores), and the last sites' calls of a 5,000-site
-round passed 120 s."""
+round passed 120 s. It counts the enrolled sites too when there are more of them: 10,000 sites
+that have all just joined poll at once, the server admits 8,064 calls, gRPC cancels a call queued
+past 30 s, and 9 of the 10,000 ran out of 120 s of retries (one of them then drawn for a cohort)."""
 
 
-def site_patience_s(n_clients: int) -> float:
-    """A simulated site's call deadline and retry budget in a job of ``n_clients`` sites per round."""
-    return max(SITE_PATIENCE_S, SITE_PATIENCE_PER_MEMBER_S * n_clients)
+def site_patience_s(config: ServerConfig, n_sites: int = 0) -> float:
+    """A simulated site's call deadline and retry budget in a job of ``n_sites`` enrolled sites and
+    the config's sites per round."""
+    return max(SITE_PATIENCE_S, SITE_PATIENCE_PER_MEMBER_S * max(config.schedule.clients_per_round, n_sites))
 
 
 def site_options(config: ServerConfig, task: Task, index: int, data: TensorDataset, *,
                  identity: Ed25519PrivateKey | None, credential: bytes, policy: SitePolicy,
-                 verified_credentials: set[bytes] | None = None) -> ClientOptions:
+                 verified_credentials: set[bytes] | None = None, n_sites: int = 0) -> ClientOptions:
     """The client options of simulated site ``index``, the same for every backend that runs the
     client code in Python (in-process threads, Ray actors): its private seed, its data's size and
     evaluator, its identity and policy, backoff suited to a peer that answers at once, and the
@@ -206,7 +209,7 @@ def site_options(config: ServerConfig, task: Task, index: int, data: TensorDatas
         insecure_deterministic=config.insecure_deterministic,
         poll_wait_ms=int(max(config.schedule.poll_wait, 0.5) * 1000),
         backoff=BackoffPolicy(initial_delay_s=0.05, max_delay_s=1.0,
-                              give_up_after_s=site_patience_s(config.schedule.clients_per_round)),
+                              give_up_after_s=site_patience_s(config, n_sites)),
     )
 
 
@@ -330,7 +333,7 @@ def simulate_in_process(
             data = client_dataset(task, i, n_clients, job_seed(config))
             identity, credential = sites.identity(name)
             options = site_options(config, task, i, data, identity=identity, credential=credential,
-                                   policy=sites.policy(), verified_credentials=verified)
+                                   policy=sites.policy(), verified_credentials=verified, n_sites=n_clients)
             transport: Any = InProcessTransport(job.service, name)
             if dropout is not None:
                 transport = LeaveAtMaskedInput(transport, name, dropout)

@@ -345,21 +345,24 @@ class RaySimulation:
         self._timed_out = True
         runner.stop()
 
-    def _settle(self, ref: Any, name: str) -> None:
-        """Record a finished site session: its report, or the death of its worker."""
+    def _settle(self, ref: Any, name: str, runner: JobRunner | None = None) -> None:
+        """Record a finished site session: its report, or the death of its worker. A session that
+        ended in an error is gone for good: the coordinator hears it (``runner``, while the job runs),
+        so the site is not drawn again and a round it is in does not wait for it."""
         ray = self.ray
         try:
             report: SiteReport = ray.get(ref)
         except ray.exceptions.RayActorError as err:
             self.errors[name] = f"its Ray worker died: {str(err).splitlines()[0]}"
             log.error("site %s: its Ray worker died", name)
-            return
         except ray.exceptions.RayError as err:
             self.errors[name] = f"{type(err).__name__}: {str(err).splitlines()[0]}"
-            return
-        self.reports[name] = report
-        if report.error:
-            self.errors[name] = report.error
+        else:
+            self.reports[name] = report
+            if report.error:
+                self.errors[name] = report.error
+        if runner is not None and name in self.errors:
+            runner.coordinator.site_gone(name, self.errors[name])
 
     def _watch(self, pending: dict[Any, str], runner: JobRunner, done: threading.Event) -> None:
         """While the job runs: settle each site whose session ends, and stop the job once too few
@@ -368,7 +371,7 @@ class RaySimulation:
         while not done.is_set() and pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
             for ref in ready:
-                self._settle(ref, pending.pop(ref))
+                self._settle(ref, pending.pop(ref), runner)
             live = self.n_clients - len(self.errors)
             if ready and live < self.config.schedule.min_clients:
                 log.error("%d site(s) left, the job needs %d: stopping it", live, self.config.schedule.min_clients)

@@ -172,9 +172,9 @@ class SiteHost:
         time.sleep(site.spec.index / JOINS_PER_S)  # the sites join at a bounded rate, as a real federation's do
         options = site_options(self.config, self.task, site.spec.index, site.data, identity=site.identity,
                                credential=credential, policy=self.policy,
-                               verified_credentials=self.verified_credentials)
+                               verified_credentials=self.verified_credentials, n_sites=site.spec.n_clients)
         transport: Any = GrpcTransport(self.channel(connection), token, owns_channel=False,
-                                       rpc_timeout_s=site_patience_s(self.config.schedule.clients_per_round))
+                                       rpc_timeout_s=site_patience_s(self.config, site.spec.n_clients))
         if self.dropout is not None:
             transport = LeaveAtMaskedInput(transport, name, self.dropout)
         federation = Federation(transport, self.task.name, self.task.build_model(), options)

@@ -29,6 +29,7 @@ from fedveil.server.coordinator.state import (
     Stage,
     _Client,
     _credential_serial,
+    _Round,
     log,
 )
 
@@ -256,6 +257,36 @@ class SessionsMixin(CoordinatorBase):
             client.poll_token = None
             self._cond.notify_all()
         log.info("client %s disconnected", caller)
+
+    def site_gone(self, name: str, reason: str) -> None:
+        """The host that ran site ``name`` saw its session end for good (its client code gave up or
+        failed, or its process died): it is not drawn again, and if it is a member of the running
+        round that still owes the current stage, it is out of the round now rather than at the
+        stage's deadline. A simulation's driver knows this; a deployment learns it at the deadline.
+        (A site that gave up during the rush of 10,000 first polls was drawn for the first cohort,
+        and the round waited out an hour's stage deadline for it.)"""
+        with self._cond:
+            client = self._clients.get(name)
+            if client is not None:
+                client.disconnected = True
+                client.poll_token = None
+            rnd = self._round
+            if rnd is not None and name in rnd.cohort:
+                rnd.gone[name] = reason[:200]
+                self._drop_gone(rnd)
+            self._cond.notify_all()
+
+    def _drop_gone(self, rnd: _Round) -> None:
+        """Members whose session ended leave the round at the first stage they still owe (lock
+        held): as a member missing that stage's deadline does, without the wait."""
+        for name, reason in sorted(rnd.gone.items()):
+            if name in rnd.dropped or rnd.stage in rnd.submitted.get(name, set()):
+                continue
+            if rnd.stage == Stage.COMMIT:
+                rnd.beacon.decline(rnd.cohort[name])
+            rnd.dropped[name] = (rnd.stage.label, f"its session ended: {reason}")
+            log.warning("round %d (attempt %d): %s is out at %s: its session ended (%s)", rnd.number, rnd.attempt,
+                        name, rnd.stage.label, reason)
 
     def _identity_key(self, name: str) -> bytes:
         client = self._clients.get(name)
