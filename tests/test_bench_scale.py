@@ -10,7 +10,7 @@ import json
 import pytest
 
 from fedveil.cli import main
-from fedveil.simulation.scalebench import masks_per_round
+from fedveil.simulation.scalebench import ScaleBench, masks_per_round
 
 pytest.importorskip("ray")  # the `ray` extra: `make test` installs it (dev)
 
@@ -21,6 +21,13 @@ def test_masks_per_round_counts_survivors_and_the_leavers_pairwise_masks() -> No
     # two leavers of ten, degree 4: eight sites mask, eight self masks removed, and each leaver's
     # pairwise masks with its surviving neighbours (4 * 8/10 on average) rebuilt
     assert masks_per_round(10, 4, 2) == pytest.approx(8 * 5 + 8 + 2 * 4 * 8 / 10)
+
+
+def test_the_held_polls_of_a_large_round_come_back_at_a_bounded_rate() -> None:
+    """At 5,000 sites per round a 5 s poll wait meant 1,000 polls a second, the driver's whole core."""
+    config = ScaleBench(clients=5000, dim=1000, rounds=1).config("fedveil.tasks.synthetic:task")
+    assert config.schedule.poll_wait == pytest.approx(25.0)
+    assert ScaleBench(clients=1000, dim=1000, rounds=1).poll_wait_s == 5.0  # the measured sizes keep 5 s
 
 
 @pytest.mark.slow

@@ -47,6 +47,8 @@ from fedveil.simulation.netbench import write_task_module
 
 BACKENDS = ("ray", "in-process")
 DP_MODES = ("none", "central", "distributed")
+HELD_POLLS_PER_S = 200.0
+"""The rate at which a round's held polls may come back to the server (see ``ScaleBench.poll_wait_s``)."""
 
 
 @dataclass(frozen=True)
@@ -97,8 +99,16 @@ class ScaleBench:
             min_clients=max(3, math.floor(0.9 * self.clients)),
             seed=self.seed, secagg=self.graph, expected_dropout=max(self.dropout, 0.01), dp=self.dp,
             active_adversary=self.active, evaluate=False, final_evaluation=False,
-            round_timeout=self.timeout_s, stage_timeout=self.timeout_s, cohort_wait=2.0, linger=1.0, poll_wait=5.0,
+            round_timeout=self.timeout_s, stage_timeout=self.timeout_s, cohort_wait=2.0, linger=1.0,
+            poll_wait=self.poll_wait_s,
         )
+
+    @property
+    def poll_wait_s(self) -> float:
+        """How long the server holds a poll: 5 s, or longer so that a round's held polls come back
+        at no more than :data:`HELD_POLLS_PER_S` a second. At 5,000 sites per round, 5 s meant 1,000
+        polls a second, which took the driver's whole core before the first round could start."""
+        return max(5.0, self.clients / HELD_POLLS_PER_S)
 
 
 class StageTimes:

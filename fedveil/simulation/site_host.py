@@ -39,6 +39,7 @@ from fedveil.simulation.backends import client_dataset, site_options, site_patie
 from fedveil.simulation.faults import DropoutPlan, LeaveAtMaskedInput, SimulatedDropout
 from fedveil.simulation.host import job_seed
 from fedveil.simulation.plain_sums import PlainSums, run_recording_site
+from fedveil.simulation.work_slots import WorkSlots
 from fedveil.simulation.worker_memory import return_large_blocks_to_os
 from fedveil.task import Task, load_task
 
@@ -123,6 +124,8 @@ class SiteHost:
         """The credential checks this host's sites share (each credential is checked once per worker)."""
         self.node_id = current_node_id()
         self.pid = os.getpid()
+        self.slots = WorkSlots()
+        """How many of this host's sites run Python at once (the others wait for the server or a slot)."""
         self._channels: dict[Connection, grpc.Channel] = {}
         self._channels_lock = threading.Lock()
 
@@ -177,12 +180,14 @@ class SiteHost:
                                        rpc_timeout_s=site_patience_s(self.config, site.spec.n_clients))
         if self.dropout is not None:
             transport = LeaveAtMaskedInput(transport, name, self.dropout)
-        federation = Federation(transport, self.task.name, self.task.build_model(), options)
+        federation = Federation(self.slots.transport(transport), self.task.name, self.task.build_model(), options,
+                                sleep=self.slots.sleep)
         try:
-            if self.plain is not None:
-                history = run_recording_site(federation, self.task, site.data, self.plain)
-            else:
-                history = run_client(federation, self.task, site.data, leave_round_on=(SimulatedDropout,))
+            with self.slots.site():
+                if self.plain is not None:
+                    history = run_recording_site(federation, self.task, site.data, self.plain)
+                else:
+                    history = run_client(federation, self.task, site.data, leave_round_on=(SimulatedDropout,))
         except Exception as err:  # the coordinator sees a dropout; the driver gets the reason
             log.error("site %s failed: %s: %s", name, type(err).__name__, err)
             return SiteReport(name, self.node_id, [h.outcome for h in federation.history],
