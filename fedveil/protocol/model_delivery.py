@@ -32,10 +32,12 @@ class PublishedModel:
 
 
 class ModelDelivery:
-    """Publishes each model version once; ``inline`` puts the bytes into the messages themselves."""
+    """Publishes each model version once; ``inline`` puts the bytes into the messages themselves, and
+    so does ``inline_up_to_bytes`` for a model no larger than that."""
 
-    def __init__(self, *, inline: bool) -> None:
+    def __init__(self, *, inline: bool, inline_up_to_bytes: int = 0) -> None:
         self.inline = inline
+        self.inline_up_to_bytes = inline_up_to_bytes
         self._lock = threading.Lock()
         self._current: PublishedModel | None = None
 
@@ -44,15 +46,19 @@ class ModelDelivery:
         return cls(inline=True)
 
     @classmethod
-    def fetched_in_chunks(cls) -> ModelDelivery:
-        return cls(inline=False)
+    def fetched_in_chunks(cls, *, inline_up_to_bytes: int = 0) -> ModelDelivery:
+        """Over gRPC. ``inline_up_to_bytes``: a model this small rides in the messages instead. A
+        simulation worker's thousands of sites each waiting on a ``FetchModel`` stream woke 10 times
+        a second apiece (gRPC's stream reads poll for signals), for a 4 KB model."""
+        return cls(inline=False, inline_up_to_bytes=inline_up_to_bytes)
 
     def publish(self, version: int, vector: np.ndarray, tensors: Sequence[tuple[str, Sequence[int]]]) -> PublishedModel:
         """The publication of ``version`` (built on its first request; ``vector`` is its flat weights)."""
         with self._lock:
             if self._current is None or self._current.version != version:
                 full = model_message(vector, version, tensors)
-                announced = full if self.inline else pb.Model(
+                inline = self.inline or full.size_bytes <= self.inline_up_to_bytes
+                announced = full if inline else pb.Model(
                     version=full.version, tensors=full.tensors, sha256=full.sha256, size_bytes=full.size_bytes)
                 self._current = PublishedModel(version, announced, full.data)
             return self._current

@@ -57,6 +57,8 @@ class GrpcEndpoint:
     listen: str
     tls: TlsSettings | None
     max_message_bytes: int | None = None
+    inline_model_up_to_bytes: int = 0
+    """A model no larger than this goes inside each RoundStart instead of over ``FetchModel``."""
 
 
 UPLOAD_BUFFER_BUDGET = 64 << 20
@@ -107,7 +109,8 @@ class JobRunner:
                               max_concurrent_rpcs=max(256, 4 * workers), upload_timeout_s=config.schedule.stage_timeout,
                               max_concurrent_uploads=upload_slots(self.max_message_bytes))
         coordinator.max_waiting_polls = workers - 8  # long polls never take the last workers
-        coordinator.model_delivery = ModelDelivery.fetched_in_chunks()  # FetchModel, one buffer per model
+        coordinator.model_delivery = ModelDelivery.fetched_in_chunks(  # FetchModel, one buffer per model
+            inline_up_to_bytes=endpoint.inline_model_up_to_bytes)
         credentials = None
         tls = endpoint.tls
         if tls is not None:
