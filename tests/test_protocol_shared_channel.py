@@ -127,7 +127,7 @@ def test_a_completion_that_never_arrives_is_cancelled_past_deadline_and_grace(
     transport = GrpcTransport(grpc.insecure_channel("127.0.0.1:1"), rpc_timeout_s=0.1)
     stuck = _NeverDone()
     transport._calls["Join"] = type("Stuck", (), {"future": lambda *_a, **_k: stuck})()  # type: ignore[assignment]
-    with pytest.raises(Unavailable, match="no answer 0.2 s after the call"):
+    with pytest.raises(Unavailable, match=r"no answer 0\.2 s after the call"):
         transport.join(pb.JoinRequest())
     assert stuck.cancelled
     transport.close()
