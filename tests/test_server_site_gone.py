@@ -47,7 +47,8 @@ def when(condition: object, coordinator: Coordinator, then: object) -> threading
 
 def test_a_member_gone_before_it_answered_is_out_at_once_and_the_round_is_exact(tmp_path: Path) -> None:
     names, vecs = ["a", "b", "c", "d"], vectors(4)
-    coordinator, store = make_job(tmp_path, names, stage_timeout=LONG, round_timeout=LONG, min_clients=3)
+    # the cohort is all four (a slow start must not draw it from three); three survive
+    coordinator, store = make_job(tmp_path, names, stage_timeout=LONG, round_timeout=LONG)
     clients = [Scripted(coordinator, n, v) for n, v in zip(names, vecs, strict=True)]
     clients[2].silent_at[(1, 1)] = "training"  # never answers its RoundStart, as a site that gave up
     when(lambda rnd: "c" in rnd.cohort, coordinator,
@@ -66,8 +67,7 @@ def test_a_member_gone_before_it_answered_is_out_at_once_and_the_round_is_exact(
 
 def test_a_member_gone_after_its_masked_input_stays_in_the_sum_and_is_not_waited_for(tmp_path: Path) -> None:
     names, vecs = ["a", "b", "c", "d", "e"], vectors(5)
-    coordinator, store = make_job(tmp_path, names, stage_timeout=LONG, round_timeout=LONG, min_clients=4,
-                                  threshold=3)
+    coordinator, store = make_job(tmp_path, names, stage_timeout=LONG, round_timeout=LONG, threshold=3)
     clients = [Scripted(coordinator, n, v) for n, v in zip(names, vecs, strict=True)]
     clients[2].silent_at[(1, 1)] = "unmasking"  # its masked input is in; then its process dies
     when(lambda rnd: Stage.MASKED_INPUT in rnd.submitted.get("c", set()), coordinator,
