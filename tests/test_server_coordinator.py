@@ -10,7 +10,6 @@ import contextlib
 import io
 import json
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from fedveil.dp.accounting import SubsampledGaussianEvent
 from fedveil.dp.ledger import LedgerConfig, PrivacyLedger
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.server.coordinator import Coordinator, JobError, JobSummary
+from fedveil.server.events import RoundCompleted
 from fedveil.task import load_task, model_to_vector
 from tests.server_helpers import TASK, Scripted, make_job, run_job, vectors
 
@@ -110,13 +110,15 @@ def test_restart_resumes_refuses_other_settings_and_reports_a_finished_job(tmp_p
     vecs = vectors(2)
     coordinator, store = make_job(tmp_path, names, rounds=3, weighted=False)
     clients = [Scripted(coordinator, n, v) for n, v in zip(names, vecs, strict=True)]
-    # Stop the job as soon as round 1 is in the store (the in-process stand-in for a crash).
-    def stopper() -> None:
-        while store.completed_rounds(coordinator.run_id) < 1:
-            time.sleep(0.01)
-        coordinator.stop()
+    # Stop the job as soon as round 1 is in the store (the in-process stand-in for a crash): told
+    # in the job's own thread, so a loaded machine cannot let rounds 2 and 3 finish first, as a
+    # thread polling the store did once in a gate
+    class StopAfterRoundOne:
+        def on_event(self, event: object) -> None:
+            if isinstance(event, RoundCompleted) and event.round == 1:
+                coordinator.stop()
 
-    threading.Thread(target=stopper, daemon=True).start()
+    coordinator.listeners.add(StopAfterRoundOne())
     first = _run_partial(coordinator, clients)
     assert first.status == "stopped" and 1 <= first.completed_rounds < 3
     run_id = coordinator.run_id
