@@ -276,9 +276,9 @@ def test_every_member_gets_the_same_roster_with_its_own_slot_and_the_server_buil
     real_build = RoundDriverMixin._round_start
     real_member = RoundDriverMixin._member_round_start
 
-    def counting_build(self: Any, rnd: Any, sid: int) -> pb.RoundStart:
+    def counting_build(self: Any, rnd: Any) -> pb.RoundStart:
         built.append(rnd.number)
-        return real_build(self, rnd, sid)
+        return real_build(self, rnd)
 
     def recording_member(self: Any, rnd: Any, sid: int) -> pb.RoundStart:
         start = real_member(self, rnd, sid)

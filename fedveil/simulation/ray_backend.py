@@ -56,11 +56,11 @@ RAY_EXTRA = "pip install 'fedveil[ray]'"
 LOCAL_OBJECT_STORE_BYTES = 128 * 1024 * 1024
 """A local Ray's object store: nothing large goes through it (each site makes its own data)."""
 STARTUP_TIMEOUT_S = 300.0
+"""How long the pool may take to start and create its sites (a cluster may have to add nodes)."""
 INLINE_MODEL_BYTES = 64 * 1024
 """Models up to this size ride inside the RoundStart: at 5,000 sites per round, 1,651 of a worker's
 sites at once each waited on a ``FetchModel`` stream for a 4 KB model, waking 10 times a second
 apiece (a load average near 500). Larger models are still fetched in chunks."""
-"""How long the pool may take to start and create its sites (a cluster may have to add nodes)."""
 RAY_START_ATTEMPTS = 2
 """Starts of a local Ray node whose raylet missed Ray's registration window (see :func:`init_local_ray`)."""
 

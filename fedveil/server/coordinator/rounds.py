@@ -137,17 +137,18 @@ class RoundDriverMixin(CoordinatorBase):
         (4.2 ms a poll at n = 5,000, against 0.15 ms to parse the bytes built once)."""
         announced = rnd.broadcasts.get(Stage.COMMIT)
         if announced is None:
-            announced = rnd.broadcasts[Stage.COMMIT] = self._round_start(rnd, 0).SerializeToString()
+            announced = rnd.broadcasts[Stage.COMMIT] = self._round_start(rnd).SerializeToString()
         start = pb.RoundStart.FromString(announced)
         start.client_id = sid
         return start
 
-    def _round_start(self, rnd: _Round, sid: int) -> pb.RoundStart:
+    def _round_start(self, rnd: _Round) -> pb.RoundStart:
+        """The round's announcement, without a member's slot (:meth:`_member_round_start` sets it)."""
         cfg = self.config
         plan = rnd.plan
         sc = rnd.config
         return pb.RoundStart(
-            run_id=self.run_id, round=rnd.number, round_nonce=rnd.nonce, client_id=sid, model=self._model_pb(),
+            run_id=self.run_id, round=rnd.number, round_nonce=rnd.nonce, model=self._model_pb(),
             encoding=plan.encoding,
             secagg=pb.SecAggParams(
                 graph=sc.graph.kind, degree=sc.graph.degree, threshold=sc.threshold, active_adversary=sc.active,
