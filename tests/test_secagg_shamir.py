@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedveil.secagg import ConfigError, ShareDecryptionError
+from fedveil.secagg import ConfigError, ShareDecryptionError, shamir
 from fedveil.secagg.shamir import (
     PRIME,
     bytes_to_limbs,
@@ -41,6 +41,53 @@ def test_any_t_shares_reconstruct(secret, holders, data):
     pick = data.draw(st.lists(st.integers(0, holders - 1), min_size=t, max_size=t, unique=True))
     out = reconstruct(xs[pick], shares[pick])
     assert limbs_to_bytes(out) == secret
+
+
+def _reference_shares(secrets: list[int], xs: list[int], threshold: int, seed: bytes) -> list[list[int]]:
+    """f(x) = s + a_1 x + ... + a_{t-1} x^{t-1} mod p with Python integers, from the same seeded coefficients."""
+    coeffs = random_field_elements((threshold - 1) * len(secrets), seed).reshape(threshold - 1, len(secrets))
+    return [[(s + sum(int(coeffs[d, j]) * pow(x, d + 1, PRIME) for d in range(threshold - 1))) % PRIME
+             for j, s in enumerate(secrets)] for x in xs]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    secrets=st.lists(st.integers(0, PRIME - 1), min_size=1, max_size=6),
+    xs=st.lists(st.integers(1, PRIME - 1), min_size=1, max_size=40, unique=True),
+    data=st.data(),
+    chunk=st.sampled_from([None, 1, 3]),
+)
+def test_shares_are_the_polynomial_evaluated_exactly(secrets, xs, data, chunk):
+    """The float64 matrix product gives the exact field values, for points and secrets up to p − 1
+    (the extremes where a rounding would show), also when the sum is split into chunks."""
+    threshold = data.draw(st.integers(1, len(xs)))
+    seed = data.draw(st.binary(min_size=16, max_size=16))
+    default = shamir._MAX_TERMS
+    shamir._MAX_TERMS = chunk or default
+    try:
+        got = share(np.array(secrets, dtype=np.int64), np.array(xs, dtype=np.int64), threshold, seed=seed)
+    finally:
+        shamir._MAX_TERMS = default
+    assert got.tolist() == _reference_shares(secrets, xs, threshold, seed)
+
+
+def test_shares_at_the_largest_points_and_coefficients_are_exact():
+    """Every coefficient p − 1 and points near p: each 16-bit half is at its maximum."""
+    xs = [PRIME - 1, PRIME - 2, PRIME - 3, 65535, 65536]
+    secrets = np.full(3, PRIME - 1, dtype=np.int64)
+    threshold = 5
+
+    def all_max(count: int, seed: bytes | None = None) -> np.ndarray:
+        return np.full(count, PRIME - 1, dtype=np.int64)
+
+    original = shamir.random_field_elements
+    shamir.random_field_elements = all_max
+    try:
+        got = share(secrets, np.array(xs, dtype=np.int64), threshold)
+    finally:
+        shamir.random_field_elements = original
+    want = [[(PRIME - 1) * sum(pow(x, d, PRIME) for d in range(threshold)) % PRIME] * 3 for x in xs]
+    assert got.tolist() == want
 
 
 def test_fewer_than_t_shares_reveal_nothing_about_the_secret():

@@ -7,10 +7,14 @@ masking private key ``s_sk`` this way so the server can finish a round despite d
 
 Speed (Flower's pure-Python Shamir takes minutes at n = 100): a byte-string secret is split into
 16-bit limbs, each limb is an element of the prime field p = 2^31 − 1, and all limbs of all
-secrets are shared at once — coefficients form a ``(t−1, S)`` array and Horner's rule evaluates
-them at every holder's point with one ``(H, S)`` numpy operation per degree. Every intermediate
-product is < 2^62, so int64 never overflows. Interpolation computes the Lagrange coefficients
-with O(t) vector operations and combines all limbs in one product.
+secrets are shared at once. The coefficients form a ``(t−1, S)`` array C and the shares are
+V·C + s mod p, with V the ``(H, t−1)`` matrix of the holders' points raised to the powers
+1..t−1 (built in O(√t) vector operations). The product is one exact float64 matrix product:
+V and C are split into 16-bit halves, so each partial product is < 2^32 and each sum of fewer
+than 2^20 of them is an integer below 2^53, which float64 holds exactly whatever order BLAS adds
+in; the halves recombine mod p with 2^32 ≡ 2. At t = 195, H = 253 this is about 8× faster than
+Horner's rule, which took one ``(H, S)`` operation per degree. Interpolation computes the
+Lagrange coefficients with O(t) vector operations and combines all limbs in one product.
 
 Polynomial coefficients come from ``os.urandom`` or from an AES-CTR stream keyed by a caller
 seed (reproducible), with rejection sampling so they are exactly uniform in the field.
@@ -23,6 +27,7 @@ another round raises :class:`~fedveil.secagg.errors.ShareDecryptionError`.
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 
@@ -103,16 +108,58 @@ def share(secrets: np.ndarray, xs: np.ndarray, threshold: int, seed: bytes | Non
     if s.size and (s.min() < 0 or s.max() >= PRIME):
         raise ConfigError("secrets: must be field elements in [0, p)")
     coeffs = random_field_elements((threshold - 1) * s.size, seed).reshape(threshold - 1, s.size)
-    xcol = x[:, None]
-    acc = np.zeros((x.size, s.size), dtype=np.int64)
-    for d in range(threshold - 2, -1, -1):  # Horner: ((a_{t-1} x + a_{t-2}) x + ... + a_1) x + s
-        acc += coeffs[d]
+    # f(x) = s + a_1 x + ... + a_{t-1} x^{t-1}: row h is s + V[h] · C
+    acc = np.broadcast_to(s, (x.size, s.size)).copy()
+    for start in range(0, threshold - 1, _MAX_TERMS):
+        stop = min(start + _MAX_TERMS, threshold - 1)
+        acc += _matmul_mod(_powers(x, start + 1, stop - start), coeffs[start:stop])
         acc %= PRIME
-        acc *= xcol
-        acc %= PRIME
-    acc += s
-    acc %= PRIME
     return acc
+
+
+_MAX_TERMS = 1 << 20
+"""Terms per exact float64 product: 2^20 partial products below 2^32 sum to less than 2^53."""
+
+
+def _powers(x: np.ndarray, first: int, count: int) -> np.ndarray:
+    """The ``(len(x), count)`` matrix of x^first .. x^(first + count − 1) mod p, in O(√count) vector
+    operations: a block of consecutive powers times a column of block-sized steps."""
+    block = max(1, math.isqrt(count - 1) + 1) if count > 1 else 1
+    blocks = -(-count // block)
+    low = np.empty((x.size, block), dtype=np.int64)  # x^first .. x^(first + block − 1)
+    low[:, 0] = _pow_mod(x, first)
+    for i in range(1, block):
+        low[:, i] = low[:, i - 1] * x % PRIME
+    step = _pow_mod(x, block)
+    high = np.empty((x.size, blocks), dtype=np.int64)  # x^0, x^block, x^(2·block), ...
+    high[:, 0] = 1
+    for j in range(1, blocks):
+        high[:, j] = high[:, j - 1] * step % PRIME
+    return (high[:, :, None] * low[:, None, :] % PRIME).reshape(x.size, blocks * block)[:, :count]
+
+
+def _pow_mod(x: np.ndarray, exponent: int) -> np.ndarray:
+    """x^exponent mod p elementwise, by square and multiply."""
+    out = np.ones_like(x)
+    base = x % PRIME
+    while exponent:
+        if exponent & 1:
+            out = out * base % PRIME
+        base = base * base % PRIME
+        exponent >>= 1
+    return out
+
+
+def _matmul_mod(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b mod p for field elements, exactly, as one float64 product of 16-bit halves."""
+    rows, cols = a.shape[0], b.shape[1]
+    left = np.concatenate([a & 0xFFFF, a >> 16]).astype(np.float64)
+    right = np.concatenate([b & 0xFFFF, b >> 16], axis=1).astype(np.float64)
+    product = (left @ right).astype(np.int64) % PRIME
+    low_low, low_high = product[:rows, :cols], product[:rows, cols:]
+    high_low, high_high = product[rows:, :cols], product[rows:, cols:]
+    # a·b = hh·2^32 + (lh + hl)·2^16 + ll, and 2^32 ≡ 2 (mod 2^31 − 1)
+    return (2 * high_high + ((low_high + high_low) % PRIME << 16) + low_low) % PRIME
 
 
 def lagrange_at_zero(xs: np.ndarray) -> np.ndarray:
