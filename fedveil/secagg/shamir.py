@@ -127,10 +127,10 @@ def _powers(x: np.ndarray, first: int, count: int) -> np.ndarray:
     block = max(1, math.isqrt(count - 1) + 1) if count > 1 else 1
     blocks = -(-count // block)
     low = np.empty((x.size, block), dtype=np.int64)  # x^first .. x^(first + block − 1)
-    low[:, 0] = _pow_mod(x, first)
+    low[:, 0] = pow_mod(x, first)
     for i in range(1, block):
         low[:, i] = low[:, i - 1] * x % PRIME
-    step = _pow_mod(x, block)
+    step = pow_mod(x, block)
     high = np.empty((x.size, blocks), dtype=np.int64)  # x^0, x^block, x^(2·block), ...
     high[:, 0] = 1
     for j in range(1, blocks):
@@ -138,8 +138,8 @@ def _powers(x: np.ndarray, first: int, count: int) -> np.ndarray:
     return (high[:, :, None] * low[:, None, :] % PRIME).reshape(x.size, blocks * block)[:, :count]
 
 
-def _pow_mod(x: np.ndarray, exponent: int) -> np.ndarray:
-    """x^exponent mod p elementwise, by square and multiply."""
+def pow_mod(x: np.ndarray, exponent: int) -> np.ndarray:
+    """x^exponent mod p elementwise, by square and multiply (x^(p−2) is the inverse of x ≠ 0)."""
     out = np.ones_like(x)
     base = x % PRIME
     while exponent:
@@ -172,13 +172,20 @@ def lagrange_at_zero(xs: np.ndarray) -> np.ndarray:
     np.fill_diagonal(diff, 1)
     num_mat = np.broadcast_to(x[None, :], (t, t)).copy()
     np.fill_diagonal(num_mat, 1)
-    num = np.ones(t, dtype=np.int64)
-    den = np.ones(t, dtype=np.int64)
-    for j in range(t):
-        num = num * num_mat[:, j] % PRIME
-        den = den * diff[:, j] % PRIME
-    inv = np.array([pow(int(d), PRIME - 2, PRIME) for d in den], dtype=np.int64)
-    return num * inv % PRIME
+    return row_products(num_mat) * pow_mod(row_products(diff), PRIME - 2) % PRIME
+
+
+def row_products(matrix: np.ndarray) -> np.ndarray:
+    """Π_j matrix[i, j] mod p for each row, by pairwise products: log2(columns) vector steps, each
+    product of two field elements < 2^62."""
+    out = np.asarray(matrix, dtype=np.int64)
+    if out.shape[1] == 0:
+        return np.ones(out.shape[0], dtype=np.int64)
+    while out.shape[1] > 1:
+        if out.shape[1] % 2:
+            out = np.concatenate([out, np.ones((out.shape[0], 1), dtype=np.int64)], axis=1)
+        out = out[:, 0::2] * out[:, 1::2] % PRIME
+    return out[:, 0]
 
 
 def reconstruct(xs: np.ndarray, shares: np.ndarray, coefficients: np.ndarray | None = None) -> np.ndarray:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedveil.secagg.errors import SecAggError
-from fedveil.secagg.shamir import PRIME, lagrange_at_zero, random_field_elements, reconstruct
+from fedveil.secagg.shamir import PRIME, lagrange_at_zero, pow_mod, random_field_elements, reconstruct, row_products
 
 
 class UndecodableSharesError(SecAggError):
@@ -134,29 +134,12 @@ def locate_faulty(xs: np.ndarray, column: np.ndarray, threshold: int) -> tuple[i
     return tuple(int(i) for i in wrong)
 
 
-def _inverse_mod_p(values: np.ndarray) -> np.ndarray:
-    """Element-wise a^(p−2) mod p (Fermat), vectorized: 31 squarings for any number of values."""
-    result = np.ones_like(values)
-    base = values % PRIME
-    exponent = PRIME - 2
-    while exponent:
-        if exponent & 1:
-            result = result * base % PRIME
-        base = base * base % PRIME
-        exponent >>= 1
-    return result
-
-
 def parity_weights(xs: np.ndarray) -> np.ndarray:
     """v_i = 1 / Π_{j≠i} (x_i − x_j) mod p: the column multipliers of the code's dual."""
     x = np.asarray(xs, dtype=np.int64) % PRIME
     diff = (x[:, None] - x[None, :]) % PRIME
     np.fill_diagonal(diff, 1)
-    while diff.shape[1] > 1:  # pairwise products: log2(N) vector steps, each product < 2^62
-        if diff.shape[1] % 2:
-            diff = np.concatenate([diff, np.ones((diff.shape[0], 1), dtype=np.int64)], axis=1)
-        diff = diff[:, 0::2] * diff[:, 1::2] % PRIME
-    return _inverse_mod_p(diff[:, 0])
+    return pow_mod(row_products(diff), PRIME - 2)
 
 
 def on_one_polynomial(xs: np.ndarray, column: np.ndarray, threshold: int, weights: np.ndarray | None = None) -> bool:
