@@ -9,6 +9,7 @@ aborts, rather than reveal a share the server could combine with another view of
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fedveil.secagg.errors import ConsistencyCheckError, SecAggError, TooFewSurvivorsError, UnmaskingRefusedError
@@ -16,6 +17,7 @@ from fedveil.secagg.keys import survivor_set_payload, valid_signatures, verify
 
 if TYPE_CHECKING:
     from fedveil.secagg.client import _ClientContext
+    from fedveil.secagg.graph import MaskingGraph
 
 
 def check_survivors(ctx: _ClientContext, survivors: frozenset[int]) -> None:
@@ -116,24 +118,11 @@ def check_consistency(ctx: _ClientContext, survivors: frozenset[int], dropped: f
         return count
 
     graph = session.graph
-    owners = [p for p in graph.holders(me) if p in survivors or p in dropped]
-    # Second hop: the live neighbours of every owner whose self-mask share this client reveals.
-    second_hop: dict[int, int] = {}
-    for owner in owners:
-        if owner in survivors:
-            for peer in graph.holders(owner):
-                if peer in survivors and peer not in second_hop:
-                    second_hop[peer] = owner
-    checked = [*owners, *sorted(set(second_hop).difference(owners))]
+    plan = quorum_plan(graph, me, survivors, dropped, signed, cfg.threshold)
+    owners, second_hop, checked = plan.owners, plan.second_hop, plan.checked
     # The signers the lazy count would verify if every signature were valid, verified as one batch
     # (spread over the cores); a bad one among them only makes ``quorum`` look further.
-    planned: set[int] = set()
-    for peer in checked:
-        peer_holders = graph.holder_set(peer)
-        missing = cfg.threshold - len(planned.intersection(peer_holders))
-        if missing > 0:
-            planned.update(sorted(signed.intersection(peer_holders).difference(planned))[:missing])
-    batch = sorted(planned)
+    batch = plan.signers
     for signer, ok in zip(batch, valid_signatures([(cfg.identity_keys[s], signatures[s], payload) for s in batch]),
                           strict=True):
         (good if ok else bad).add(signer)
@@ -151,3 +140,40 @@ def check_consistency(ctx: _ClientContext, survivors: frozenset[int], dropped: f
                 f"client {me}: only {count} of client {peer}'s share holders signed the survivor set this client "
                 f"signed, fewer than threshold {cfg.threshold} (the server showed different sets to different "
                 f"clients, or signers are faulty); {why}")
+
+
+@dataclass(frozen=True)
+class QuorumPlan:
+    """Which peers' holder quorums a client checks before it reveals, and whose signatures it
+    verifies for them when all are valid (:func:`check_consistency`)."""
+
+    owners: list[int]
+    """The client's holders that are survivors or dropped: the owners of the shares it reveals."""
+    second_hop: dict[int, int]
+    """Each live neighbour of a surviving owner, with that owner."""
+    checked: list[int]
+    """The owners, then the second-hop peers that are not owners."""
+    signers: list[int]
+    """The signers verified as one batch: for each checked peer in turn, the smallest-numbered
+    signers among its holders until t are planned."""
+
+
+def quorum_plan(graph: MaskingGraph, me: int, survivors: frozenset[int], dropped: frozenset[int],
+                signed: frozenset[int], threshold: int) -> QuorumPlan:
+    """The peers :func:`check_consistency` counts quorums for and the signatures it verifies when
+    all are valid. Pure: ``fedveil bench simulate`` uses it to count a site's Ed25519 verifications."""
+    owners = [p for p in graph.holders(me) if p in survivors or p in dropped]
+    second_hop: dict[int, int] = {}
+    for owner in owners:
+        if owner in survivors:
+            for peer in graph.holders(owner):
+                if peer in survivors and peer not in second_hop:
+                    second_hop[peer] = owner
+    checked = [*owners, *sorted(set(second_hop).difference(owners))]
+    planned: set[int] = set()
+    for peer in checked:
+        peer_holders = graph.holder_set(peer)
+        missing = threshold - len(planned.intersection(peer_holders))
+        if missing > 0:
+            planned.update(sorted(signed.intersection(peer_holders).difference(planned))[:missing])
+    return QuorumPlan(owners, second_hop, checked, sorted(planned))
