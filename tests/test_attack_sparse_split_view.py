@@ -30,12 +30,13 @@ from fedveil.secagg.messages import ConsistencyCheckRequest, MaskedInputRequest,
 from fedveil.secagg.prg import MaskExpander
 from fedveil.secagg.session import Session
 from fedveil.secagg.shamir import lagrange_at_zero, limbs_to_bytes, reconstruct
+from fedveil.secagg.signature_memo import SignatureMemo
 
 VICTIM = 0
 DIM = 8
 
 
-def split_view_attack(n: int) -> tuple[bool, int]:
+def split_view_attack(n: int, memo: SignatureMemo | None = None) -> tuple[bool, int]:
     """Run the attack; returns (victim's input recovered exactly, number of unmasking refusals)."""
     plan = plan_threshold(n, "harary", max_corrupt_fraction=0.0)
     k, t = plan.degree, plan.threshold
@@ -45,7 +46,7 @@ def split_view_attack(n: int) -> tuple[bool, int]:
                        identity_keys=tuple(i.public_key().public_bytes_raw() for i in ids),
                        context=b"split-view", max_corrupt_fraction=0.0, graph_seed=os.urandom(32))
     inputs = {u: np.random.default_rng(u).integers(0, 2**20, DIM, dtype=np.uint32) for u in range(n)}
-    clients = {u: SecAggClient(u, cfg, identity_key=ids[u]) for u in range(n)}
+    clients = {u: SecAggClient(u, cfg, identity_key=ids[u], signature_memo=memo) for u in range(n)}
     for u, client in clients.items():
         client.set_input(inputs[u].copy())
     advertisements = tuple(clients[u].advertise_keys() for u in range(n))
@@ -143,6 +144,16 @@ def test_per_owner_quorums_stop_a_split_view_without_colluders(n: int) -> None:
     recovered, refusals = split_view_attack(n)
     assert not recovered
     assert refusals > 0  # the victim's holders saw too few of their fellow holders sign their set
+
+
+@pytest.mark.slow
+def test_sites_sharing_one_signature_memo_stop_the_split_view_too() -> None:
+    """A simulation's sites share their Ed25519 verdicts (fedveil.secagg.signature_memo); a signature
+    on one survivor set says nothing about the other set, so the split view still fails."""
+    memo = SignatureMemo()
+    recovered, refusals = split_view_attack(50, memo)
+    assert not recovered and refusals > 0
+    assert memo.reused > 0  # the sites did share verdicts
 
 
 @pytest.mark.slow

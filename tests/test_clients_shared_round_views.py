@@ -143,15 +143,16 @@ def test_sites_given_one_cache_share_it_and_others_keep_their_own() -> None:
 def test_a_ray_worker_passes_one_cache_to_all_its_sites() -> None:
     from fedveil.simulation import site_host
 
-    captured: list[set[bytes] | None] = []
+    captured: list[tuple[object, object]] = []
     original = site_host.site_options
 
     def spy(*args: object, **kwargs: object) -> object:
-        captured.append(kwargs.get("verified_credentials"))  # type: ignore[arg-type]
+        captured.append((kwargs.get("verified_credentials"), kwargs.get("signature_memo")))
         raise RuntimeError("stop here")
 
     host = site_host.SiteHost.__new__(site_host.SiteHost)
     host.verified_credentials = set()
+    host.signature_memo = site_host.SignatureMemo()
     host.sites = {}
     host.config = host.task = host.policy = None  # type: ignore[assignment]
     host.node_id = ""
@@ -163,7 +164,8 @@ def test_a_ray_worker_passes_one_cache_to_all_its_sites() -> None:
                 host.run_site(name, b"", "token", site_host.Connection("127.0.0.1:1"))
     finally:
         site_host.site_options = original  # type: ignore[assignment]
-    assert captured[0] is host.verified_credentials and captured[1] is host.verified_credentials
+    assert captured == [(host.verified_credentials, host.signature_memo)] * 2
+    assert all(shared is host.verified_credentials and memo is host.signature_memo for shared, memo in captured)
 
 
 # --- the cohort-credential verdict a process reuses -------------------------------------------------------

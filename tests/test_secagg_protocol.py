@@ -461,7 +461,7 @@ def test_advertisements_verified_ahead_are_not_verified_again_and_forged_ones_st
     """The server may check advertisement signatures ahead of receive() (a driver does it outside its
     lock, or over the cores). Only the very objects it found valid skip the check at receive(): a
     forged one is reported and still rejected, and an equal-looking copy is verified again."""
-    import fedveil.secagg.session as session_module
+    import fedveil.secagg.signature_memo as verdicts_module  # session's check verifies through it
 
     config, keys = _active_config()
     r = ManualRound(config, identity_key=dict(enumerate(keys)))
@@ -470,8 +470,8 @@ def test_advertisements_verified_ahead_are_not_verified_again_and_forged_ones_st
     errors = r.server.verify_advertisements([forged, *(advs[c] for c in advs if c != 1)])
     assert list(errors) == [1] and isinstance(errors[1], InvalidSignatureError)
     checked: list[int] = []
-    real = session_module.valid_signatures
-    monkeypatch.setattr(session_module, "valid_signatures", lambda items: checked.append(len(items)) or real(items))
+    real = verdicts_module.valid_signatures
+    monkeypatch.setattr(verdicts_module, "valid_signatures", lambda items: checked.append(len(items)) or real(items))
     with pytest.raises(InvalidSignatureError):
         r.server.receive(1, forged)
     assert checked == [1]

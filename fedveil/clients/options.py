@@ -14,6 +14,7 @@ from torch import nn
 from fedveil.clients.backoff import BackoffPolicy
 from fedveil.clients.policy import SitePolicy
 from fedveil.errors import FedveilError
+from fedveil.secagg.signature_memo import SignatureMemo
 
 EvaluateFn = Callable[[nn.Module], dict[str, float]]
 
@@ -78,6 +79,10 @@ class ClientOptions:
     enrolled sites, per-site sets held one mark per enrolled peer in every site. A mark names the
     credential's exact bytes and the authority's key, so a shared set never vouches for a
     credential under another authority."""
+    signature_memo: SignatureMemo | None = None
+    """Ed25519 verdicts shared with the other sites of this process (:mod:`fedveil.secagg.signature_memo`):
+    a simulation passes one memo to all the sites a process hosts, so each public signature of a round
+    is verified once per process, not once per site. Default: none, every signature verified here."""
 
     def private_seed(self) -> bytes:
         if self.seed is None:

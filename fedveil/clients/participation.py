@@ -178,7 +178,7 @@ def run_secagg(federation: Federation, start: pb.RoundStart, ring_vector: np.nda
     number = int(start.round)
     try:
         driver = SecAggClientDriver(start, identity_key=federation.options.identity_key, graph_seed=graph_seed,
-                                    seed=randomness.secagg)
+                                    seed=randomness.secagg, signature_memo=federation.options.signature_memo)
         driver.set_input(ring_vector)
         keys = driver.advertise()
     except (SecAggError, UnsupportedRoundError) as err:

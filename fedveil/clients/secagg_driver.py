@@ -32,6 +32,7 @@ from fedveil.secagg.messages import (
     UnmaskingRequest,
     UnmaskingResponse,
 )
+from fedveil.secagg.signature_memo import SignatureMemo
 
 
 class UnsupportedRoundError(FedveilError, ValueError):
@@ -105,7 +106,7 @@ class SecAggClientDriver:
 
     def __init__(
         self, start: pb.RoundStart, *, seed: bytes | None = None, identity_key: Ed25519PrivateKey | None = None,
-        graph_seed: bytes = b"",
+        graph_seed: bytes = b"", signature_memo: SignatureMemo | None = None,
     ) -> None:
         if start.secagg.active_adversary and identity_key is None:
             raise UnsupportedRoundError(
@@ -115,7 +116,8 @@ class SecAggClientDriver:
         self.config = secagg_config(start, graph_seed)
         self.client_id = int(start.client_id)
         self.client = SecAggClient(
-            self.client_id, self.config, seed=seed, identity_key=identity_key if self.config.active else None
+            self.client_id, self.config, seed=seed, identity_key=identity_key if self.config.active else None,
+            signature_memo=signature_memo,
         )
 
     @property

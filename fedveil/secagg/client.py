@@ -63,6 +63,7 @@ from fedveil.secagg.messages import (
 from fedveil.secagg.prg import SEED_BYTES, MaskExpander
 from fedveil.secagg.session import Session, check_advertisements
 from fedveil.secagg.shamir import PRIME, bytes_to_limbs, open_share, seal_share, share
+from fedveil.secagg.signature_memo import SignatureMemo
 from fedveil.secagg.survivor_checks import check_consistency, check_survivors
 
 _NON_FATAL = (UnexpectedMessageError, WrongRoundError, MalformedMessageError)
@@ -72,10 +73,11 @@ class _ClientContext:
     """State shared by one client's stage objects (secrets included: never log it)."""
 
     def __init__(self, client_id: int, config: SecAggConfig, identity_key: Ed25519PrivateKey | None,
-                 seed: bytes | None) -> None:
+                 seed: bytes | None, signature_memo: SignatureMemo | None = None) -> None:
         self.client_id = client_id
         self.config = config
         self.identity_key = identity_key
+        self.signature_memo = signature_memo
         binding = struct.pack("<QI", config.round_id, client_id) + config.parameters_bytes()
         self.keys: RoundKeys = generate_round_keys(seed, binding)
         self.input: np.ndarray | None = None
@@ -144,14 +146,14 @@ class ClientR1ShareKeys(ClientState):
         # gives honest clients different session ids, an abort, not a leak. Without the cohort's
         # commit-then-reveal graph seed the layout hangs on every advertised key, so all are verified.
         sparse_seeded = bool(cfg.graph_seed)
-        check_advertisements(cfg, msg.advertisements, signatures=not sparse_seeded)
+        check_advertisements(cfg, msg.advertisements, signatures=not sparse_seeded, memo=ctx.signature_memo)
         try:
             session = Session.shared(cfg, msg.advertisements)
         except ConfigError as err:
             raise RoundAbortedError(str(err)) from err
         if sparse_seeded and cfg.active:
             check_advertisements(cfg, [session.advertisements[holder] for holder in session.graph.holders(me)
-                                       if holder != me])
+                                       if holder != me], memo=ctx.signature_memo)
         mine = session.advertisements.get(me)
         assert ctx.advertisement is not None
         if mine is None or (mine.share_public, mine.mask_public) != (ctx.advertisement.share_public,
@@ -346,7 +348,7 @@ class SecAggClient:
     """
 
     def __init__(self, client_id: int, config: SecAggConfig, *, identity_key: Ed25519PrivateKey | None = None,
-                 seed: bytes | None = None) -> None:
+                 seed: bytes | None = None, signature_memo: SignatureMemo | None = None) -> None:
         if not isinstance(client_id, int) or not 0 <= client_id < config.num_clients:
             raise ConfigError(f"client_id: must be in 0..{config.num_clients - 1} (got {client_id!r})")
         if config.active:
@@ -356,7 +358,7 @@ class SecAggClient:
             pub = identity_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
             if pub != config.identity_keys[client_id]:
                 raise ConfigError(f"identity_key: does not match identity_keys[{client_id}] in the config")
-        self._ctx = _ClientContext(client_id, config, identity_key, seed)
+        self._ctx = _ClientContext(client_id, config, identity_key, seed, signature_memo)
         self._state: ClientState = ClientR0AdvertiseKeys(self._ctx)
 
     @property

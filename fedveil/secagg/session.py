@@ -19,9 +19,9 @@ from fedveil.secagg.keys import (
     hkdf,
     is_small_order,
     session_id,
-    valid_signatures,
 )
 from fedveil.secagg.messages import AdvertiseKeys
+from fedveil.secagg.signature_memo import SignatureMemo, verdicts
 
 
 def check_advertisement(config: SecAggConfig, adv: AdvertiseKeys, *, signature: bool = True) -> None:
@@ -30,9 +30,10 @@ def check_advertisement(config: SecAggConfig, adv: AdvertiseKeys, *, signature: 
 
 
 def check_advertisements(config: SecAggConfig, advertisements: Sequence[AdvertiseKeys], *,
-                         signatures: bool = True) -> None:
+                         signatures: bool = True, memo: SignatureMemo | None = None) -> None:
     """Shape checks on each advertisement, and (``signatures``) in active mode their identity
-    signatures, verified as one batch; the first bad one, in the given order, is named."""
+    signatures, verified as one batch (through ``memo`` when the process's sites share one); the
+    first bad one, in the given order, is named."""
     for adv in advertisements:
         if not 0 <= adv.client_id < config.num_clients:
             raise ProtocolError(f"client_id {adv.client_id} is outside 0..{config.num_clients - 1}")
@@ -47,7 +48,7 @@ def check_advertisements(config: SecAggConfig, advertisements: Sequence[Advertis
     if not (config.active and signatures):
         return
     items = [advertisement_signature(config, adv) for adv in advertisements]
-    for adv, ok in zip(advertisements, valid_signatures(items), strict=True):
+    for adv, ok in zip(advertisements, verdicts(items, memo), strict=True):
         if not ok:
             raise bad_advertisement_signature(adv)
 

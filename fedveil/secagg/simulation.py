@@ -19,6 +19,7 @@ from fedveil.secagg.config import SecAggConfig
 from fedveil.secagg.errors import ConfigError, SecAggError
 from fedveil.secagg.messages import AdvertiseKeys, Message, decode_message
 from fedveil.secagg.server import AggregationResult, SecAggServer
+from fedveil.secagg.signature_memo import SignatureMemo
 
 DROPOUT_STAGES = ("keys", "shares", "masked", "consistency", "unmask")
 """Where a client can drop: before advertising keys, before sending shares, before sending its
@@ -82,11 +83,13 @@ def run_round(config: SecAggConfig, inputs: Mapping[int, np.ndarray], *,
               seeds: Mapping[int, bytes] | None = None,
               identity_keys: Mapping[int, Ed25519PrivateKey] | None = None,
               wire: bool = False,
-              clock: Callable[[], float] = time.perf_counter) -> SimulationResult:
+              clock: Callable[[], float] = time.perf_counter,
+              signature_memo: SignatureMemo | None = None) -> SimulationResult:
     """Run one round with ``inputs`` (client id → ring vector) for clients ``0..n-1``.
 
     ``dropouts`` maps a stage of :data:`DROPOUT_STAGES` to the clients that stop responding
     there. ``wire=True`` sends every message through ``to_bytes``/``decode_message``.
+    ``signature_memo``: Ed25519 verdicts all the clients share, as a simulation's sites do.
     """
     n = config.num_clients
     if set(inputs) != set(range(n)):
@@ -115,7 +118,8 @@ def run_round(config: SecAggConfig, inputs: Mapping[int, np.ndarray], *,
     for cid in range(n):
         start = clock()
         key = identity_keys[cid] if identity_keys is not None else None
-        clients[cid] = SecAggClient(cid, config, identity_key=key, seed=None if seeds is None else seeds[cid])
+        clients[cid] = SecAggClient(cid, config, identity_key=key, seed=None if seeds is None else seeds[cid],
+                                    signature_memo=signature_memo)
         clients[cid].set_input(inputs[cid])
         charge(cid, "setup", clock() - start)
     start = clock()

@@ -12,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fedveil.secagg.errors import ConsistencyCheckError, SecAggError, TooFewSurvivorsError, UnmaskingRefusedError
-from fedveil.secagg.keys import survivor_set_payload, valid_signatures, verify
+from fedveil.secagg.errors import ConsistencyCheckError, TooFewSurvivorsError, UnmaskingRefusedError
+from fedveil.secagg.keys import survivor_set_payload
+from fedveil.secagg.signature_memo import verdicts
 
 if TYPE_CHECKING:
     from fedveil.secagg.client import _ClientContext
@@ -105,10 +106,8 @@ def check_consistency(ctx: _ClientContext, survivors: frozenset[int], dropped: f
         if count >= cfg.threshold:
             return count
         for signer in sorted(signed.intersection(holders).difference(good, bad)):
-            try:
-                verify(cfg.identity_keys[signer], signatures[signer], payload,  # type: ignore[index]
-                       what=f"the survivor set signed by client {signer}")
-            except SecAggError:
+            assert cfg.identity_keys is not None
+            if not verdicts([(cfg.identity_keys[signer], signatures[signer], payload)], ctx.signature_memo)[0]:
                 bad.add(signer)
                 continue
             good.add(signer)
@@ -123,8 +122,8 @@ def check_consistency(ctx: _ClientContext, survivors: frozenset[int], dropped: f
     # The signers the lazy count would verify if every signature were valid, verified as one batch
     # (spread over the cores); a bad one among them only makes ``quorum`` look further.
     batch = plan.signers
-    for signer, ok in zip(batch, valid_signatures([(cfg.identity_keys[s], signatures[s], payload) for s in batch]),
-                          strict=True):
+    for signer, ok in zip(batch, verdicts([(cfg.identity_keys[s], signatures[s], payload) for s in batch],
+                                          ctx.signature_memo), strict=True):
         (good if ok else bad).add(signer)
     counted: dict[tuple[int, ...], int] = {}
     for peer in checked:

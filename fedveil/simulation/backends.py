@@ -42,6 +42,7 @@ from fedveil.clients.session import ClientOptions, Federation, RoundOutcome
 from fedveil.errors import FedveilError
 from fedveil.protocol.transport import InProcessTransport
 from fedveil.secagg.local_authority import DEFAULT_LIFETIME_SECONDS, LocalAuthority
+from fedveil.secagg.signature_memo import SignatureMemo
 from fedveil.secagg.signed_roster import SignedRoster
 from fedveil.server.config import ServerConfig
 from fedveil.simulation.faults import DropoutPlan, LeaveAtMaskedInput, SimulatedDropout
@@ -198,14 +199,16 @@ def site_patience_s(config: ServerConfig, n_sites: int = 0) -> float:
 
 def site_options(config: ServerConfig, task: Task, index: int, data: TensorDataset, *,
                  identity: Ed25519PrivateKey | None, credential: bytes, policy: SitePolicy,
-                 verified_credentials: set[bytes] | None = None, n_sites: int = 0) -> ClientOptions:
+                 verified_credentials: set[bytes] | None = None, signature_memo: SignatureMemo | None = None,
+                 n_sites: int = 0) -> ClientOptions:
     """The client options of simulated site ``index``, the same for every backend that runs the
     client code in Python (in-process threads, Ray actors): its private seed, its data's size and
     evaluator, its identity and policy, backoff suited to a peer that answers at once, and the
-    credential checks its process shares among its sites."""
+    credential checks and signature verdicts its process shares among its sites."""
     return ClientOptions(
         seed=client_seed(job_seed(config), index), num_examples=len(data), evaluate=evaluator(task, data),
         identity_key=identity, credential=credential, policy=policy, verified_credentials=verified_credentials,
+        signature_memo=signature_memo,
         insecure_deterministic=config.insecure_deterministic,
         poll_wait_ms=int(max(config.schedule.poll_wait, 0.5) * 1000),
         backoff=BackoffPolicy(initial_delay_s=0.05, max_delay_s=1.0,
@@ -328,12 +331,14 @@ def simulate_in_process(
     try:
         clients = []
         verified: set[bytes] = set()  # the credential checks the sites of this process share
+        memo = SignatureMemo()  # and their Ed25519 verdicts
         for i in range(n_clients):
             name = client_name(i)
             data = client_dataset(task, i, n_clients, job_seed(config))
             identity, credential = sites.identity(name)
             options = site_options(config, task, i, data, identity=identity, credential=credential,
-                                   policy=sites.policy(), verified_credentials=verified, n_sites=n_clients)
+                                   policy=sites.policy(), verified_credentials=verified, signature_memo=memo,
+                                   n_sites=n_clients)
             transport: Any = InProcessTransport(job.service, name)
             if dropout is not None:
                 transport = LeaveAtMaskedInput(transport, name, dropout)

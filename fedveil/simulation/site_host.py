@@ -34,6 +34,7 @@ from fedveil.clients.api import run_client
 from fedveil.clients.policy import SitePolicy
 from fedveil.clients.session import Federation
 from fedveil.protocol.client import ChannelConfig, GrpcTransport, open_channel
+from fedveil.secagg.signature_memo import SignatureMemo
 from fedveil.server.config import ServerConfig
 from fedveil.simulation.backends import client_dataset, site_options, site_patience_s
 from fedveil.simulation.faults import DropoutPlan, LeaveAtMaskedInput, SimulatedDropout
@@ -122,6 +123,8 @@ class SiteHost:
         self.sites: dict[str, _Site] = {}
         self.verified_credentials: set[bytes] = set()
         """The credential checks this host's sites share (each credential is checked once per worker)."""
+        self.signature_memo = SignatureMemo()
+        """The Ed25519 verdicts this host's sites share (each public signature is verified once per worker)."""
         self.node_id = current_node_id()
         self.pid = os.getpid()
         self.slots = WorkSlots()
@@ -175,7 +178,8 @@ class SiteHost:
         time.sleep(site.spec.index / JOINS_PER_S)  # the sites join at a bounded rate, as a real federation's do
         options = site_options(self.config, self.task, site.spec.index, site.data, identity=site.identity,
                                credential=credential, policy=self.policy,
-                               verified_credentials=self.verified_credentials, n_sites=site.spec.n_clients)
+                               verified_credentials=self.verified_credentials, signature_memo=self.signature_memo,
+                               n_sites=site.spec.n_clients)
         transport: Any = GrpcTransport(self.channel(connection), token, owns_channel=False,
                                        rpc_timeout_s=site_patience_s(self.config, site.spec.n_clients))
         if self.dropout is not None:
