@@ -217,10 +217,11 @@ def test_harary_secagg_plus_with_user_level_dp_and_dropouts_on_ray_matches_in_pr
 def test_a_two_node_cluster_runs_sites_on_both_nodes(tmp_path: Path, no_ray: None) -> None:
     from ray.cluster_utils import Cluster
 
-    small = {"num_cpus": 1, "object_store_memory": 100 * 1024 * 1024}
-    cluster = Cluster(initialize_head=True, head_node_args={**small, "include_dashboard": False})
+    store_bytes = 100 * 1024 * 1024
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": store_bytes,
+                                                            "include_dashboard": False})
     try:
-        cluster.add_node(**small)
+        cluster.add_node(num_cpus=1, object_store_memory=store_bytes)
         cluster.wait_for_nodes()
         node_ids = {node.node_id for node in cluster.list_all_nodes()}
         assert len(node_ids) == 2
