@@ -83,7 +83,8 @@ def check_consistency(ctx: _ClientContext, survivors: frozenset[int], dropped: f
     cfg = ctx.config
     me = ctx.client_id
     session = ctx.session
-    assert session is not None and cfg.identity_keys is not None
+    identity_keys = cfg.identity_keys
+    assert session is not None and identity_keys is not None
     if ctx.signed_survivors != survivors:
         raise ConsistencyCheckError(f"client {me}: the unmasking request names a survivor set different from "
                                     "the one this client signed")
@@ -106,8 +107,7 @@ def check_consistency(ctx: _ClientContext, survivors: frozenset[int], dropped: f
         if count >= cfg.threshold:
             return count
         for signer in sorted(signed.intersection(holders).difference(good, bad)):
-            assert cfg.identity_keys is not None
-            if not verdicts([(cfg.identity_keys[signer], signatures[signer], payload)], ctx.signature_memo)[0]:
+            if not verdicts([(identity_keys[signer], signatures[signer], payload)], ctx.signature_memo)[0]:
                 bad.add(signer)
                 continue
             good.add(signer)
@@ -122,7 +122,7 @@ def check_consistency(ctx: _ClientContext, survivors: frozenset[int], dropped: f
     # The signers the lazy count would verify if every signature were valid, verified as one batch
     # (spread over the cores); a bad one among them only makes ``quorum`` look further.
     batch = plan.signers
-    for signer, ok in zip(batch, verdicts([(cfg.identity_keys[s], signatures[s], payload) for s in batch],
+    for signer, ok in zip(batch, verdicts([(identity_keys[s], signatures[s], payload) for s in batch],
                                           ctx.signature_memo), strict=True):
         (good if ok else bad).add(signer)
     counted: dict[tuple[int, ...], int] = {}
