@@ -48,10 +48,11 @@ def ring_sum(config: SecAggConfig, inputs: dict[int, np.ndarray], ids) -> np.nda
 class ManualRound:
     """Drives clients and server stage by stage so a test can intercept and alter messages."""
 
-    def __init__(self, config: SecAggConfig, inputs: dict[int, np.ndarray] | None = None, **client_kwargs) -> None:
+    def __init__(self, config: SecAggConfig, inputs: dict[int, np.ndarray] | None = None, *,
+                 server_threads: int | None = None, **client_kwargs) -> None:
         self.config = config
         self.inputs = inputs if inputs is not None else random_inputs(config)
-        self.server = SecAggServer(config)
+        self.server = SecAggServer(config, threads=server_threads)
         self.clients = {}
         for c in range(config.num_clients):
             kwargs = {k: v[c] for k, v in client_kwargs.items()}

@@ -148,3 +148,25 @@ def _expand_in_child(queue) -> None:
     acc = np.zeros(8, np.uint32)
     MaskExpander(8, np.uint32).apply(acc, add=[bytes(16)])
     queue.put(acc.tolist())
+
+
+@settings(max_examples=30, deadline=None)
+@given(length=st.integers(0, 70_000), wide=st.booleans(), adds=st.integers(0, 9), subtracts=st.integers(0, 9),
+       threads=st.integers(2, 5))
+def test_threaded_apply_gives_the_single_threaded_sum(length, wide, adds, subtracts, threads):
+    """Splitting the seeds among threads (each with its own accumulator and bigger chunks) changes
+    nothing in the result: every mask is added or subtracted exactly once, mod 2^bits."""
+    dtype = np.uint64 if wide else np.uint32
+    seeds = [os.urandom(16) for _ in range(adds + subtracts)]
+    start = np.arange(length, dtype=dtype) * dtype(2654435761)
+    one, many = start.copy(), start.copy()
+    MaskExpander(length, dtype).apply(one, add=seeds[:adds], subtract=seeds[adds:])
+    MaskExpander(length, dtype).apply(many, add=seeds[:adds], subtract=seeds[adds:], threads=threads)
+    assert np.array_equal(one, many)
+    if seeds and length:
+        assert not np.array_equal(many, start) or adds == subtracts == 0
+
+
+def test_threads_below_one_are_rejected():
+    with pytest.raises(ConfigError, match="threads: must be >= 1"):
+        MaskExpander(8, np.uint32).apply(np.zeros(8, np.uint32), add=[os.urandom(16)], threads=0)

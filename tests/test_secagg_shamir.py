@@ -161,3 +161,30 @@ def test_share_box_roundtrip_and_tamper_detection():
         open_share(key, box, 3, 7, os.urandom(32))  # another session
     with pytest.raises(ShareDecryptionError):
         open_share(os.urandom(16), box, 3, 7, session)
+
+
+def _lagrange_reference(xs: list[int]) -> list[int]:
+    out = []
+    for i, xi in enumerate(xs):
+        num = den = 1
+        for j, xj in enumerate(xs):
+            if j != i:
+                num, den = num * xj % PRIME, den * (xj - xi) % PRIME
+        out.append(num * pow(den, PRIME - 2, PRIME) % PRIME)
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, PRIME - 1), min_size=1, max_size=80, unique=True))
+def test_lagrange_coefficients_equal_the_integer_reference(xs):
+    """λ_i = P / (x_i · D_i) gives the textbook Π x_j / (x_j − x_i), for points anywhere in the field."""
+    assert lagrange_at_zero(np.asarray(xs, dtype=np.int64)).tolist() == _lagrange_reference(xs)
+
+
+def test_lagrange_rejects_repeated_zero_and_misshapen_points():
+    with pytest.raises(ConfigError, match="distinct and non-zero"):
+        lagrange_at_zero(np.array([3, 5, 3]))
+    with pytest.raises(ConfigError, match="distinct and non-zero"):
+        lagrange_at_zero(np.array([PRIME, 4]))  # PRIME ≡ 0
+    with pytest.raises(ConfigError, match="one row of points"):
+        lagrange_at_zero(np.array([[1, 2], [3, 4]]))

@@ -19,6 +19,7 @@ from fedveil.secagg.share_decoding import (
     fold_limbs,
     locate_faulty,
     on_one_polynomial,
+    parity_weights,
 )
 from tests.secagg_helpers import ManualRound, ring_sum
 
@@ -77,11 +78,13 @@ def test_too_few_shares_and_bad_shapes_are_refused_with_the_reason() -> None:
         decode_shares(xs, np.zeros((2, 4), dtype=np.int64), 2)
 
 
-def test_a_holder_returning_wrong_shares_cannot_sink_the_round() -> None:
+@pytest.mark.parametrize("server_threads", [1, 3])
+def test_a_holder_returning_wrong_shares_cannot_sink_the_round(server_threads: int) -> None:
     """A survivor corrupts every share it returns at unmasking (self-mask seeds of survivors, the
-    masking key of the dropped client): the server locates it, leaves it out, and the sum is exact."""
+    masking key of the dropped client): the server locates it, leaves it out, and the sum is exact,
+    whether it recovers the secrets in one thread or several."""
     config = SecAggConfig(10, 5, 16, round_id=8)  # 9 survivors hold shares: e = (9 − 5) // 2 = 2
-    r = ManualRound(config)
+    r = ManualRound(config, server_threads=server_threads)
     r.advertise()
     out = r.step(r.step(r.close()), skip={9})
     replies = r.deliver(out)
@@ -147,3 +150,16 @@ def test_the_parity_check_catches_colluding_liars_that_know_their_true_shares(ca
             bump = bump * ((int(xs[row]) - int(xs[a])) % PRIME) % PRIME
         column[row] = (column[row] + bump) % PRIME
     assert on_one_polynomial(xs, column, t)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, PRIME - 1), min_size=1, max_size=80, unique=True))
+def test_parity_weights_equal_the_integer_reference(xs: list[int]) -> None:
+    expected = []
+    for i, xi in enumerate(xs):
+        den = 1
+        for j, xj in enumerate(xs):
+            if j != i:
+                den = den * (xi - xj) % PRIME
+        expected.append(pow(den, PRIME - 2, PRIME))
+    assert parity_weights(np.asarray(xs, dtype=np.int64)).tolist() == expected

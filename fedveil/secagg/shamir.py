@@ -163,16 +163,25 @@ def _matmul_mod(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def lagrange_at_zero(xs: np.ndarray) -> np.ndarray:
-    """Lagrange coefficients λ_i = Π_{j≠i} x_j / (x_j − x_i) mod p, for interpolation at 0."""
+    """Lagrange coefficients λ_i = Π_{j≠i} x_j / (x_j − x_i) mod p, for interpolation at 0.
+
+    Computed as λ_i = P / (x_i · D_i), with P = Π_j x_j and D_i = Π_{j≠i} (x_j − x_i): one t × t
+    product and one inversion per point.
+    """
     x = np.asarray(xs, dtype=np.int64) % PRIME
-    t = x.size
-    if np.unique(x).size != t or (t and x.min() == 0):
+    if x.ndim != 1:
+        raise ConfigError(f"xs: expected one row of points (got shape {x.shape})")
+    if np.unique(x).size != x.size or (x.size and x.min() == 0):
         raise ConfigError("xs: interpolation points must be distinct and non-zero")
-    diff = (x[None, :] - x[:, None]) % PRIME  # diff[i, j] = x_j − x_i
+    return row_products(x[None, :])[0] * pow_mod(x * differences_products(x, -1) % PRIME, PRIME - 2) % PRIME
+
+
+def differences_products(xs: np.ndarray, sign: int) -> np.ndarray:
+    """Π_{j≠i} sign·(x_i − x_j) mod p for each point x_i (``sign`` is +1 or −1)."""
+    x = np.asarray(xs, dtype=np.int64) % PRIME
+    diff = (sign * (x[:, None] - x[None, :])) % PRIME  # diff[i, j]
     np.fill_diagonal(diff, 1)
-    num_mat = np.broadcast_to(x[None, :], (t, t)).copy()
-    np.fill_diagonal(num_mat, 1)
-    return row_products(num_mat) * pow_mod(row_products(diff), PRIME - 2) % PRIME
+    return row_products(diff)
 
 
 def row_products(matrix: np.ndarray) -> np.ndarray:

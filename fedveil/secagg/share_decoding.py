@@ -30,7 +30,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedveil.secagg.errors import SecAggError
-from fedveil.secagg.shamir import PRIME, lagrange_at_zero, pow_mod, random_field_elements, reconstruct, row_products
+from fedveil.secagg.shamir import (
+    PRIME,
+    differences_products,
+    lagrange_at_zero,
+    pow_mod,
+    random_field_elements,
+    reconstruct,
+)
 
 
 class UndecodableSharesError(SecAggError):
@@ -136,10 +143,7 @@ def locate_faulty(xs: np.ndarray, column: np.ndarray, threshold: int) -> tuple[i
 
 def parity_weights(xs: np.ndarray) -> np.ndarray:
     """v_i = 1 / Π_{j≠i} (x_i − x_j) mod p: the column multipliers of the code's dual."""
-    x = np.asarray(xs, dtype=np.int64) % PRIME
-    diff = (x[:, None] - x[None, :]) % PRIME
-    np.fill_diagonal(diff, 1)
-    return pow_mod(row_products(diff), PRIME - 2)
+    return pow_mod(differences_products(xs, 1), PRIME - 2)
 
 
 def on_one_polynomial(xs: np.ndarray, column: np.ndarray, threshold: int, weights: np.ndarray | None = None) -> bool:

@@ -282,31 +282,29 @@ class SecAggBridgeMixin(CoordinatorBase):
             return self._feed(rnd, sid, msg, Stage.CONSISTENCY, caller)
 
     def unmask(self, caller: str, request: pb.UnmaskRequest) -> pb.Ack:
-        groups: dict[int, tuple[list[int], list[np.ndarray]]] = {
-            pb.SHARE_KIND_SELF_MASK_SEED: ([], []),
-            pb.SHARE_KIND_MASKING_KEY: ([], []),
-        }
-        limbs = {pb.SHARE_KIND_SELF_MASK_SEED: sa.SELF_MASK_LIMBS, pb.SHARE_KIND_MASKING_KEY: sa.MASK_KEY_LIMBS}
+        limbs: dict[int, int] = {pb.SHARE_KIND_SELF_MASK_SEED: sa.SELF_MASK_LIMBS,
+                                 pb.SHARE_KIND_MASKING_KEY: sa.MASK_KEY_LIMBS}
+        groups: dict[int, tuple[list[int], list[bytes]]] = {kind: ([], []) for kind in limbs}
         for i, share in enumerate(request.shares):
-            if share.kind not in groups:
+            group = groups.get(share.kind)
+            if group is None:
                 raise MalformedMessage(f"shares[{i}].kind: {share.kind} is not a share kind")
-            want = 4 * limbs[share.kind]
-            if len(share.share) != want:
-                raise MalformedMessage(f"shares[{i}].share: expected {want} bytes, got {len(share.share)}")
-            owners, rows = groups[share.kind]
-            owners.append(int(share.owner_id))
-            rows.append(np.frombuffer(share.share, dtype="<u4").astype(np.uint32))
+            data = share.share
+            if len(data) != 4 * limbs[share.kind]:
+                raise MalformedMessage(f"shares[{i}].share: expected {4 * limbs[share.kind]} bytes, got {len(data)}")
+            group[0].append(share.owner_id)
+            group[1].append(data)
+        # each kind's shares as one (owners, limbs) matrix, parsed in one step
+        owners = {kind: np.asarray(group[0], dtype=np.uint32) for kind, group in groups.items()}
+        rows = {kind: np.frombuffer(b"".join(group[1]), dtype="<u4").astype(np.uint32).reshape(-1, limbs[kind])
+                for kind, group in groups.items()}
         with self._cond:
             client = self._session(caller, request.header, "Unmask")
             rnd, sid = self._round_for(client, request.header, Stage.UNMASKING, "Unmask")
-            sm_owners, sm_rows = groups[pb.SHARE_KIND_SELF_MASK_SEED]
-            mk_owners, mk_rows = groups[pb.SHARE_KIND_MASKING_KEY]
             msg = sa.UnmaskingResponse(
                 rnd.config.round_id, sid,
-                np.asarray(sm_owners, dtype=np.uint32),
-                np.stack(sm_rows) if sm_rows else np.zeros((0, sa.SELF_MASK_LIMBS), np.uint32),
-                np.asarray(mk_owners, dtype=np.uint32),
-                np.stack(mk_rows) if mk_rows else np.zeros((0, sa.MASK_KEY_LIMBS), np.uint32),
+                owners[pb.SHARE_KIND_SELF_MASK_SEED], rows[pb.SHARE_KIND_SELF_MASK_SEED],
+                owners[pb.SHARE_KIND_MASKING_KEY], rows[pb.SHARE_KIND_MASKING_KEY],
             )
             return self._feed(rnd, sid, msg, Stage.UNMASKING, caller)
 
