@@ -145,21 +145,32 @@ class GrpcTransport:
         return result
 
     def fetch_model(self, request: pb.FetchModelRequest, size_bytes: int) -> bytes:
-        buffer = bytearray(size_bytes)
+        """The model's ``size_bytes`` bytes, reassembled from the stream's chunks in order. A model
+        that comes in one chunk is returned as that chunk's bytes, without a copy."""
+        buffer: bytearray | None = None
+        whole: bytes | None = None
         received = 0
         try:
             for chunk in self._fetch(request, metadata=self._metadata, timeout=self._timeout):
-                end = chunk.offset + len(chunk.data)
+                data = chunk.data
+                end = chunk.offset + len(data)
                 if chunk.total_bytes != size_bytes or end > size_bytes or chunk.offset != received:
                     raise MalformedMessage(f"FetchModel: chunk at offset {chunk.offset} does not fit the "
                                            f"{size_bytes}-byte model")
-                buffer[chunk.offset : end] = chunk.data
+                if received == 0 and end == size_bytes:
+                    whole = data
+                elif data:
+                    if buffer is None:
+                        buffer = bytearray(size_bytes)
+                    buffer[chunk.offset : end] = data
                 received = end
         except grpc.RpcError as err:
             raise error_from_status(err.code(), err.details(), rpc="FetchModel") from None  # type: ignore[attr-defined]
         if received != size_bytes:
             raise MalformedMessage(f"FetchModel: received {received} of {size_bytes} bytes")
-        return bytes(buffer)
+        if whole is not None:
+            return whole
+        return bytes(buffer) if buffer is not None else b""
 
     def respond_to_round(self, request: pb.RoundResponse) -> pb.Ack:
         result: pb.Ack = self._call("RespondToRound", request)
