@@ -159,15 +159,8 @@ class SecAggClientDriver:
         )
         reply = self.client.handle(message)
         assert isinstance(reply, UnmaskingResponse)
-        out = [
-            pb.RevealedShare(owner_id=int(owner), kind=pb.SHARE_KIND_SELF_MASK_SEED, share=row.astype("<u4").tobytes())
-            for owner, row in zip(reply.self_mask_owners.tolist(), reply.self_mask_shares, strict=True)
-        ]
-        out += [
-            pb.RevealedShare(owner_id=int(owner), kind=pb.SHARE_KIND_MASKING_KEY, share=row.astype("<u4").tobytes())
-            for owner, row in zip(reply.mask_key_owners.tolist(), reply.mask_key_shares, strict=True)
-        ]
-        return out
+        return (_revealed(pb.SHARE_KIND_SELF_MASK_SEED, reply.self_mask_owners, reply.self_mask_shares)
+                + _revealed(pb.SHARE_KIND_MASKING_KEY, reply.mask_key_owners, reply.mask_key_shares))
 
     def confirm_survivors(self, check: pb.SurvivorCheck) -> bytes:
         """Active mode: sign the announced survivor set (the state machine checks it first)."""
@@ -177,3 +170,11 @@ class SecAggClientDriver:
         reply = self.client.handle(request)
         assert isinstance(reply, ConsistencyCheckResponse)
         return reply.signature
+
+
+def _revealed(kind: pb.ShareKind, owners: np.ndarray, shares: np.ndarray) -> list[pb.RevealedShare]:
+    """One RevealedShare per owner; the share matrix is encoded once and sliced per row."""
+    raw = np.ascontiguousarray(shares, dtype="<u4").tobytes()
+    width = 4 * shares.shape[1] if shares.ndim == 2 else 0
+    return [pb.RevealedShare(owner_id=owner, kind=kind, share=raw[i * width : (i + 1) * width])
+            for i, owner in enumerate(owners.tolist())]
