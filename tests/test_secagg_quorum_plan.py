@@ -10,8 +10,8 @@ import os
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedveil.secagg.graph import GraphSpec, build_graph
-from fedveil.secagg.survivor_checks import quorum_plan
+from fedveil.secagg.graph import GraphSpec, MaskingGraph, build_graph
+from fedveil.secagg.survivor_checks import QuorumPlan, quorum_plan
 from fedveil.simulation.scalebench import survivor_set_verifications
 
 
@@ -46,3 +46,43 @@ def test_the_bench_counts_t_on_the_complete_graph_and_the_second_hop_on_a_sparse
     # more than the k + t = 447 the bench's floor counted before
     count = survivor_set_verifications(1000, GraphSpec("harary", 252), 195, dropped=100)
     assert 447 < count <= 900
+
+
+def _set_by_set_plan(graph: MaskingGraph, me: int, survivors: frozenset[int], dropped: frozenset[int],
+                     signed: frozenset[int], threshold: int) -> QuorumPlan:
+    """The plan as the definition reads, one Python set per peer (the code before vectorizing)."""
+    owners = [p for p in graph.holders(me) if p in survivors or p in dropped]
+    second_hop: dict[int, int] = {}
+    for owner in owners:
+        if owner in survivors:
+            for peer in graph.holders(owner):
+                if peer in survivors and peer not in second_hop:
+                    second_hop[peer] = owner
+    checked = [*owners, *sorted(set(second_hop).difference(owners))]
+    planned: set[int] = set()
+    for peer in checked:
+        peer_holders = graph.holder_set(peer)
+        missing = threshold - len(planned.intersection(peer_holders))
+        if missing > 0:
+            planned.update(sorted(signed.intersection(peer_holders).difference(planned))[:missing])
+    return QuorumPlan(owners, second_hop, checked, sorted(planned))
+
+
+@settings(max_examples=80, deadline=None)
+@given(n=st.integers(3, 60), data=st.data())
+def test_the_vectorized_plan_is_the_set_by_set_plan(n: int, data: st.DataObject) -> None:
+    """Same owners, second hop (with the first owner reaching each peer), checked peers and planned
+    signers as the plain set-by-set walk, on sparse and complete live graphs with leavers."""
+    degree = data.draw(st.sampled_from([d for d in range(2, n - 2, 2)] or [2]))
+    spec = GraphSpec("harary", degree) if degree < n - 2 else GraphSpec("complete")
+    advertised = sorted(data.draw(st.sets(st.integers(0, n - 1), min_size=2, max_size=n)))
+    graph = build_graph(spec, n, advertised, os.urandom(16))
+    dropped = frozenset(data.draw(st.lists(st.sampled_from(advertised), max_size=len(advertised) // 2, unique=True)))
+    survivors = frozenset(advertised) - dropped
+    if not survivors:
+        return
+    me = data.draw(st.sampled_from(sorted(survivors)))
+    signed = frozenset(data.draw(st.lists(st.sampled_from(sorted(survivors)), unique=True))) | {me}
+    threshold = data.draw(st.integers(1, spec.holders_count(n)))
+    assert quorum_plan(graph, me, survivors, dropped, signed, threshold) == \
+        _set_by_set_plan(graph, me, survivors, dropped, signed, threshold)

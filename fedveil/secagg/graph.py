@@ -56,6 +56,7 @@ class MaskingGraph(ABC):
         self.nodes: tuple[int, ...] = tuple(ids)
         self._holders: dict[int, tuple[int, ...]] = {}
         self._holder_sets: dict[int, frozenset[int]] = {}
+        self._holder_arrays: dict[int, np.ndarray] = {}
 
     @abstractmethod
     def neighbors(self, node: int) -> tuple[int, ...]:
@@ -75,6 +76,22 @@ class MaskingGraph(ABC):
         if cached is None:
             cached = self._holder_sets[node] = frozenset(self.holders(node))
         return cached
+
+    def holder_array(self, node: int) -> np.ndarray:
+        """:meth:`holders` as a read-only int64 array, computed once per node (vector code counts
+        quorums over hundreds of holder sets: :mod:`fedveil.secagg.survivor_checks`)."""
+        cached = self._holder_arrays.get(node)
+        if cached is None:
+            cached = np.asarray(self.holders(node), dtype=np.int64)
+            cached.flags.writeable = False
+            self._holder_arrays[node] = cached
+        return cached
+
+    def holders_of_all(self, nodes: Sequence[int]) -> np.ndarray:
+        """The holders of each of ``nodes``, concatenated (a node held by several appears once per holder set)."""
+        if not nodes:
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate([self.holder_array(node) for node in nodes])
 
     @property
     @abstractmethod

@@ -10,11 +10,12 @@ public signatures on the same public payloads, which made the active round twice
 A verdict is a pure function of (public key, signature, payload), all public, so sites that share a
 :class:`SignatureMemo` reach exactly the decisions they would alone: a signature is verified with
 ``cryptography`` the first time any of them meets it and its verdict (valid or not) is reused after
-that. The key is a SHA-256 digest of all three (the key and the signature length-prefixed, so the
-concatenation with the payload is unambiguous): a different signature, key or payload is a
-different entry, and a forged signature never inherits a valid one's verdict. The memo keeps the
-most recent ``max_entries`` verdicts. It holds no secret. Only simulation hosts create one
-(``ClientOptions.signature_memo``); a deployed site verifies every signature itself.
+that. The key is a SHA-256 digest of all three (the key and the signature length-prefixed, then the
+payload's own SHA-256, computed once per call since a check's items share one payload): a
+different signature, key or payload is a different entry, and a forged signature never inherits
+a valid one's verdict. The memo keeps the most recent ``max_entries`` verdicts. It holds no
+secret. Only simulation hosts create one (``ClientOptions.signature_memo``); a deployed site
+verifies every signature itself.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ class SignatureMemo:
         """Whether each ``(identity key, signature, payload)`` verifies, in order, as
         :func:`fedveil.secagg.keys.valid_signatures` answers; only items no site of this memo
         verified before are verified (as one batch)."""
-        keys = [_entry_key(item) for item in items]
+        payload_digests: dict[int, bytes] = {}  # a check's items share one payload: hashed once per call
+        keys = [_entry_key(item, payload_digests) for item in items]
         with self._lock:
             known = [self._verdicts.get(key) for key in keys]
         first: dict[bytes, int] = {}  # each unknown entry once, at its first position
@@ -79,10 +81,15 @@ class SignatureMemo:
             self._verdicts.popitem(last=False)
 
 
-def _entry_key(item: SignedItem) -> bytes:
+def _entry_key(item: SignedItem, payload_digests: dict[int, bytes]) -> bytes:
+    """SHA-256 of the length-prefixed key and signature and the payload's own SHA-256; the payload
+    digest is looked up by the payload object's identity (``items`` holds it for the whole call)."""
     public, signature, payload = item
+    digest = payload_digests.get(id(payload))
+    if digest is None:
+        digest = payload_digests[id(payload)] = hashlib.sha256(payload).digest()
     return hashlib.sha256(len(public).to_bytes(2, "little") + public + len(signature).to_bytes(2, "little")
-                          + signature + payload).digest()
+                          + signature + digest).digest()
 
 
 def verdicts(items: Sequence[SignedItem], memo: SignatureMemo | None) -> list[bool]:

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from fedveil.secagg.errors import ConsistencyCheckError, TooFewSurvivorsError, UnmaskingRefusedError
 from fedveil.secagg.keys import survivor_set_payload
 from fedveil.secagg.signature_memo import verdicts
@@ -125,8 +127,13 @@ def check_consistency(ctx: _ClientContext, survivors: frozenset[int], dropped: f
     for signer, ok in zip(batch, verdicts([(identity_keys[s], signatures[s], payload) for s in batch],
                                           ctx.signature_memo), strict=True):
         (good if ok else bad).add(signer)
+    # Valid signers among every node's holders, counted at once; only peers short of t go through the
+    # lazy count (which verifies further signers and recounts).
+    size = 1 + max((*graph.nodes, *survivors, *dropped, me), default=0)
+    valid_counts = np.bincount(graph.holders_of_all(sorted(good)), minlength=size)
+    short = [checked[i] for i in np.flatnonzero(valid_counts[np.asarray(checked, dtype=np.int64)] < cfg.threshold)]
     counted: dict[tuple[int, ...], int] = {}
-    for peer in checked:
+    for peer in short:
         holders = graph.holders(peer)
         count = counted.get(holders)
         if count is None:
@@ -160,19 +167,45 @@ class QuorumPlan:
 def quorum_plan(graph: MaskingGraph, me: int, survivors: frozenset[int], dropped: frozenset[int],
                 signed: frozenset[int], threshold: int) -> QuorumPlan:
     """The peers :func:`check_consistency` counts quorums for and the signatures it verifies when
-    all are valid. Pure: ``fedveil bench simulate`` uses it to count a site's Ed25519 verifications."""
+    all are valid. Pure: ``fedveil bench simulate`` uses it to count a site's Ed25519 verifications.
+
+    Vectorized over node ids: a site checks about 750 peers at n = 1,000 (k = 252), and counting
+    their holder sets one Python set at a time took about 15 ms per site. The planned signers' count
+    among every node's holders is kept in one array: s holds x's shares exactly when x holds s's
+    (the graph is undirected), so planning signer s adds one to each of its own holders.
+    """
     owners = [p for p in graph.holders(me) if p in survivors or p in dropped]
-    second_hop: dict[int, int] = {}
-    for owner in owners:
-        if owner in survivors:
-            for peer in graph.holders(owner):
-                if peer in survivors and peer not in second_hop:
-                    second_hop[peer] = owner
+    size = 1 + max((*graph.nodes, *survivors, *dropped, *signed, me), default=0)
+    surviving_owners = [owner for owner in owners if owner in survivors]
+    reached = np.zeros(size, dtype=bool)
+    first_owner = np.zeros(size, dtype=np.int64)
+    for owner in reversed(surviving_owners):  # the owner that comes first in order writes last
+        holders = graph.holder_array(owner)
+        reached[holders] = True
+        first_owner[holders] = owner
+    peers = np.flatnonzero(reached & _mask(survivors, size))
+    second_hop = dict(zip(peers.tolist(), first_owner[peers].tolist(), strict=True))
     checked = [*owners, *sorted(set(second_hop).difference(owners))]
-    planned: set[int] = set()
-    for peer in checked:
-        peer_holders = graph.holder_set(peer)
-        missing = threshold - len(planned.intersection(peer_holders))
-        if missing > 0:
-            planned.update(sorted(signed.intersection(peer_holders).difference(planned))[:missing])
-    return QuorumPlan(owners, second_hop, checked, sorted(planned))
+    signed_mask, planned = _mask(signed, size), np.zeros(size, dtype=bool)
+    counts = np.zeros(size, dtype=np.int64)  # planned signers among each node's holders
+    order = np.asarray(checked, dtype=np.int64)
+    i = 0
+    while i < order.size:
+        short = np.flatnonzero(counts[order[i:]] < threshold)
+        if not short.size:
+            break
+        i += int(short[0])
+        holders = graph.holder_array(int(order[i]))
+        missing = threshold - int(counts[order[i]])
+        pick = holders[signed_mask[holders] & ~planned[holders]][:missing]  # the smallest ids first
+        if pick.size:
+            planned[pick] = True
+            counts += np.bincount(graph.holders_of_all(pick.tolist()), minlength=size)
+        i += 1
+    return QuorumPlan(owners, second_hop, checked, np.flatnonzero(planned).tolist())
+
+
+def _mask(ids: frozenset[int], size: int) -> np.ndarray:
+    out = np.zeros(size, dtype=bool)
+    out[np.fromiter(ids, dtype=np.int64, count=len(ids))] = True
+    return out
