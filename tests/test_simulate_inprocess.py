@@ -264,6 +264,45 @@ def test_every_member_gets_the_same_advertised_keys_and_the_server_builds_them_o
     assert all(len(lists) == 1 for lists in received.values()), {r: len(v) for r, v in received.items()}
 
 
+@pytest.mark.parametrize("active", [True, False])
+def test_every_member_gets_the_same_unmasking_request_and_the_server_builds_it_once(
+        monkeypatch: pytest.MonkeyPatch, active: bool) -> None:
+    """The unmasking request (survivors, dropped and, in active mode, every survivor's signature:
+    n entries, the same for every member) and the survivor check are built once per round: each
+    member after the first is answered from the cache, and all get the same bytes."""
+    from fedveil.clients.secagg_driver import SecAggClientDriver
+    from fedveil.server.coordinator import rounds
+
+    verdicts: list[bool] = []
+    received: dict[str, dict[int, set[bytes]]] = {"unmask": {}, "check": {}}
+    real_same = rounds._same_unmasking
+    real_unmask, real_confirm = SecAggClientDriver.unmask, SecAggClientDriver.confirm_survivors
+
+    def counting_same(a: Any, b: Any) -> bool:
+        verdicts.append(real_same(a, b))
+        return verdicts[-1]
+
+    def recording_unmask(self: Any, request: Any) -> Any:
+        received["unmask"].setdefault(self.round_id, set()).add(request.SerializeToString())
+        return real_unmask(self, request)
+
+    def recording_confirm(self: Any, check: Any) -> Any:
+        received["check"].setdefault(self.round_id, set()).add(check.SerializeToString())
+        return real_confirm(self, check)
+
+    monkeypatch.setattr(rounds, "_same_unmasking", counting_same)
+    monkeypatch.setattr(SecAggClientDriver, "unmask", recording_unmask)
+    monkeypatch.setattr(SecAggClientDriver, "confirm_survivors", recording_confirm)
+    result = simulate_in_process(config(rounds=2, clients_per_round=5, active_adversary=active), 5)
+    assert result.summary["status"] == "completed" and not result.client_errors
+    aggregations = len(received["unmask"])  # the 2 rounds and the final evaluation's secure sum
+    assert aggregations >= 2 and all(len(kinds) == 1 for kinds in received["unmask"].values())
+    assert len(received["check"]) == (aggregations if active else 0)
+    assert all(len(kinds) == 1 for kinds in received["check"].values())
+    # every member after the first is served from the cache: no rebuild in any aggregation
+    assert verdicts and all(verdicts) and len(verdicts) == aggregations * (5 - 1)
+
+
 def test_every_member_gets_the_same_roster_with_its_own_slot_and_the_server_builds_it_once(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The RoundStart (n identity keys and credentials, the same for every member) is built once per

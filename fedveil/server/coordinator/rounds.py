@@ -108,15 +108,26 @@ class RoundDriverMixin(CoordinatorBase):
             shares = [pb.EncryptedShare(peer_id=s, ciphertext=box) for s, box in sorted(out.boxes.items())]
             return pb.PollResponse(incoming_shares=pb.IncomingShares(round=rnd.number, shares=shares,
                                                                      deadline_unix_ms=deadline_ms))
+        # The survivor check and the unmasking request are the same for every member (one survivor
+        # array and one signature table, shared by the secagg server's messages): built once per stage.
         if isinstance(out, sa.ConsistencyCheckRequest):
-            return pb.PollResponse(survivor_check=pb.SurvivorCheck(
-                round=rnd.number, survivors=[int(v) for v in out.survivors], deadline_unix_ms=deadline_ms))
+            cached = rnd.broadcasts.get(Stage.CONSISTENCY)
+            if cached is None or cached[0] is not out.survivors or cached[1] != deadline_ms:
+                check = pb.SurvivorCheck(round=rnd.number, survivors=out.survivors.tolist(),
+                                         deadline_unix_ms=deadline_ms)
+                cached = rnd.broadcasts[Stage.CONSISTENCY] = (out.survivors, deadline_ms, check)
+            return pb.PollResponse(survivor_check=cached[2])
         if isinstance(out, sa.UnmaskingRequest):
-            return pb.PollResponse(unmasking=pb.UnmaskingRequest(
-                round=rnd.number, survivors=[int(v) for v in out.survivors], dropped=[int(v) for v in out.dropped],
-                signatures=[pb.SurvivorSignature(client_id=c, signature=s) for c, s in sorted(out.signatures.items())],
-                deadline_unix_ms=deadline_ms,
-            ))
+            cached = rnd.broadcasts.get(Stage.UNMASKING)
+            if cached is None or not _same_unmasking(cached[0], out) or cached[1] != deadline_ms:
+                request = pb.UnmaskingRequest(
+                    round=rnd.number, survivors=out.survivors.tolist(), dropped=out.dropped.tolist(),
+                    signatures=[pb.SurvivorSignature(client_id=c, signature=sig)
+                                for c, sig in sorted(out.signatures.items())],
+                    deadline_unix_ms=deadline_ms,
+                )
+                cached = rnd.broadcasts[Stage.UNMASKING] = (out, deadline_ms, request)
+            return pb.PollResponse(unmasking=cached[2])
         return None
 
     def _member_identity_key(self, rnd: _Round, sid: int) -> bytes:
@@ -477,3 +488,10 @@ class RoundDriverMixin(CoordinatorBase):
             self.model.cancel_budget(rnd.number)
         self.store.abort_round(self.run_id, rnd.number, rnd.attempt, reason, None)
         self._finish_round_for_clients(rnd, pb.ROUND_OUTCOME_ABORTED, reason, ())
+
+
+def _same_unmasking(a: sa.UnmaskingRequest, b: sa.UnmaskingRequest) -> bool:
+    """Whether two members' unmasking requests carry the same survivor, dropped and signature
+    objects (the secagg server gives all members one of each)."""
+    return a.survivors is b.survivors and a.dropped is b.dropped and (
+        a.signatures is b.signatures or (not a.signatures and not b.signatures))
