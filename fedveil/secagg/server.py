@@ -330,7 +330,7 @@ class _ShareTable:
     def add(self, point: int, owners: np.ndarray, rows: np.ndarray) -> None:
         self._owners.append(np.asarray(owners, dtype=np.int64))
         self._points.append(np.full(len(owners), point, dtype=np.int64))
-        self._rows.append(np.asarray(rows, dtype=np.int64))
+        self._rows.append(np.asarray(rows, dtype=np.int64).reshape(len(owners), self._limbs))
 
     def grouped(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         """owner → (holder points, ascending; their share rows)."""
