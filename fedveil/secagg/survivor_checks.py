@@ -169,8 +169,9 @@ def quorum_plan(graph: MaskingGraph, me: int, survivors: frozenset[int], dropped
     """The peers :func:`check_consistency` counts quorums for and the signatures it verifies when
     all are valid. Pure: ``fedveil bench simulate`` uses it to count a site's Ed25519 verifications.
 
-    Vectorized over node ids: a site checks about 750 peers at n = 1,000 (k = 252), and counting
-    their holder sets one Python set at a time took about 15 ms per site. The planned signers' count
+    Vectorized over node ids: a site checks about 480 peers at n = 1,000 (k = 252), and walking
+    their holder sets one Python set at a time took about 6 ms per site here (0.85 ms now), with
+    the check's own count after it about as much again. The planned signers' count
     among every node's holders is kept in one array: s holds x's shares exactly when x holds s's
     (the graph is undirected), so planning signer s adds one to each of its own holders.
     """
