@@ -170,8 +170,8 @@ def quorum_plan(graph: MaskingGraph, me: int, survivors: frozenset[int], dropped
     all are valid. Pure: ``fedveil bench simulate`` uses it to count a site's Ed25519 verifications.
 
     Vectorized over node ids: a site checks about 480 peers at n = 1,000 (k = 252), and walking
-    their holder sets one Python set at a time took about 6 ms per site here (0.85 ms now), with
-    the check's own count after it about as much again. The planned signers' count
+    their holder sets one Python set at a time took about 6 ms per site here (0.85 ms now), and the
+    check's own count after it walked the same sets again. The planned signers' count
     among every node's holders is kept in one array: s holds x's shares exactly when x holds s's
     (the graph is undirected), so planning signer s adds one to each of its own holders.
     """
