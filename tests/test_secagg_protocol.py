@@ -415,7 +415,7 @@ def test_server_memory_is_independent_of_n_times_m(threads):
 
 @pytest.mark.parametrize("threads", [1, 4])
 def test_unmasking_in_threads_is_exact_with_dropouts(threads):
-    """The server recovers secrets and expands masks in ``threads`` threads: the sum is exact with
+    """The server expands its unmasking masks in ``threads`` threads: the sum is exact with
     leavers at the masked-input stage, over a vector longer than one threaded chunk."""
     n, m = 12, 70_001
     config = SecAggConfig(n, 4, m, round_id=5, graph=GraphSpec("harary", 6), max_corrupt_fraction=NO_COLLUSION)

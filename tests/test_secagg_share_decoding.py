@@ -82,7 +82,7 @@ def test_too_few_shares_and_bad_shapes_are_refused_with_the_reason() -> None:
 def test_a_holder_returning_wrong_shares_cannot_sink_the_round(server_threads: int) -> None:
     """A survivor corrupts every share it returns at unmasking (self-mask seeds of survivors, the
     masking key of the dropped client): the server locates it, leaves it out, and the sum is exact,
-    whether it recovers the secrets in one thread or several."""
+    whether it expands its masks in one thread or several."""
     config = SecAggConfig(10, 5, 16, round_id=8)  # 9 survivors hold shares: e = (9 − 5) // 2 = 2
     r = ManualRound(config, server_threads=server_threads)
     r.advertise()
