@@ -129,8 +129,7 @@ def check_consistency(ctx: _ClientContext, survivors: frozenset[int], dropped: f
         (good if ok else bad).add(signer)
     # Valid signers among every node's holders, counted at once; only peers short of t go through the
     # lazy count (which verifies further signers and recounts).
-    size = 1 + max((*graph.nodes, *survivors, *dropped, me), default=0)
-    valid_counts = np.bincount(graph.holders_of_all(sorted(good)), minlength=size)
+    valid_counts = np.bincount(graph.holders_of_all(sorted(good)), minlength=cfg.num_clients)
     short = [checked[i] for i in np.flatnonzero(valid_counts[np.asarray(checked, dtype=np.int64)] < cfg.threshold)]
     counted: dict[tuple[int, ...], int] = {}
     for peer in short:
