@@ -44,6 +44,8 @@ def test_bench_simulate_on_ray_reports_round_floor_and_exactness(capsys: pytest.
     assert report["dropped_per_round"] == [2, 2]  # seed 0 at 15%: two leavers in each round
     assert report["round_s"] > 0 and 0 < report["floor_s"] < report["crypto_floor_s"]
     assert report["round_over_floor"] == pytest.approx(report["round_s"] / report["floor_s"])
+    # the floor's mask cost is the lower of the quiet measurement before the job and the one after it
+    assert 0 < report["mask_s"] == min(report["mask_s_before_job"], report["mask_s_after_job"])
     assert {"masked-input", "unmasking", "consistency"} <= set(report["stage_s"])
     assert report["peak_rss_mb"] > 0
 
