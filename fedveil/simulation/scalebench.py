@@ -16,7 +16,7 @@ seeds as a site does, and multiplied out: ``floor_s`` is that work done on one c
 ``floor_parallel_s`` the same spread over the cores the job can use. The cost of one mask is the
 fastest of several runs, taken before the job starts (the machine is quiet) and again after it;
 the lower one counts. Measured only after the job, while Ray's processes were still exiting, it
-read up to 50% high on a noisy machine, which flattered the ratio.
+read up to 56% high on a noisy machine (28.0 s against 18.0 s), which flattered the ratio.
 
 Everything else a round does (key agreement, signatures, Shamir sharing, encoding, gRPC, Python)
 is the overhead the ratio measures. Memory: ``peak_rss_mb`` is the peak resident set of this
