@@ -175,6 +175,6 @@ class SecAggClientDriver:
 def _revealed(kind: pb.ShareKind, owners: np.ndarray, shares: np.ndarray) -> list[pb.RevealedShare]:
     """One RevealedShare per owner; the share matrix is encoded once and sliced per row."""
     raw = np.ascontiguousarray(shares, dtype="<u4").tobytes()
-    width = 4 * shares.shape[1] if shares.ndim == 2 else 0
+    width = 4 * shares.shape[1]  # an (owners, limbs) matrix, as the state machine builds it
     return [pb.RevealedShare(owner_id=owner, kind=kind, share=raw[i * width : (i + 1) * width])
             for i, owner in enumerate(owners.tolist())]
