@@ -65,7 +65,8 @@ RAY_START_ATTEMPTS = 2
 """Starts of a local Ray node that missed one of Ray's start-up windows (see :func:`init_local_ray`)."""
 START_WINDOW_MISSES = ("timed out during startup", "Timed out waiting for file")
 """How Ray reports a missed start-up window: the raylet's registration with the GCS (a bare
-``Exception``), or the GCS server's port file (a ``RuntimeError`` naming ``gcs_server_port``)."""
+``Exception``), or a port file of a process it starts (a ``RuntimeError``; the GCS server's, in the
+failed run that added it)."""
 
 
 def import_ray() -> ModuleType:
