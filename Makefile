@@ -39,7 +39,8 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 # Every test once: those not marked `serial` on two xdist workers (--dist loadgroup keeps an
-# xdist_group, e.g. the Ray tests, on one worker), then the `serial` ones alone. Both runs always
+# xdist_group on one worker), then the `serial` ones (timing-sensitive under load, such as the Ray
+# tests' fixed start-up windows) alone. Both runs always
 # happen, and `unit` fails if either does.
 unit: $(STAMP) browser
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not serial"; parallel=$$?; \
