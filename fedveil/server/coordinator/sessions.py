@@ -185,7 +185,7 @@ class SessionsMixin(CoordinatorBase):
                         return busy
                     self._waiting_polls += 1
                     try:
-                        self._cond.wait(min(remaining, 1.0))
+                        self._cond.wait(remaining)
                     finally:
                         self._waiting_polls -= 1
             finally:
