@@ -17,11 +17,25 @@ from pathlib import Path
 import pytest
 
 from fedveil.protocol import fedveil_pb2 as pb
+from fedveil.server.coordinator import Coordinator
 from tests.test_server_pace_steering import job, join, poll
 
 pytestmark = pytest.mark.timeout(60)
 HELD = 10
 JOINING = 100
+
+
+def count_instruction_checks(coordinator: Coordinator) -> list[str]:
+    """The names of the sites whose instruction the coordinator checks, from now on, in order."""
+    checks: list[str] = []
+    real = coordinator._instruction_for
+
+    def counted(client):  # type: ignore[no-untyped-def]
+        checks.append(client.name)
+        return real(client)
+
+    coordinator._instruction_for = counted  # type: ignore[method-assign]
+    return checks
 
 
 def test_sites_joining_do_not_wake_the_held_polls(tmp_path: Path) -> None:
@@ -30,14 +44,7 @@ def test_sites_joining_do_not_wake_the_held_polls(tmp_path: Path) -> None:
     coordinator, store = job(tmp_path, held + joining, clients_per_round=500, min_clients=500)
     try:
         sites = [join(coordinator, name) for name in held]
-        checks = []
-        real = coordinator._instruction_for
-
-        def counted(client):  # type: ignore[no-untyped-def]
-            checks.append(client.name)
-            return real(client)
-
-        coordinator._instruction_for = counted  # type: ignore[method-assign]
+        checks = count_instruction_checks(coordinator)
         answers: list[pb.PollResponse] = []
         threads = [threading.Thread(target=lambda s=s: answers.append(poll(s, 4000))) for s in sites]
         for t in threads:
@@ -92,14 +99,7 @@ def test_a_held_poll_with_nothing_to_wait_for_checks_only_at_its_start_and_deadl
     coordinator, store = job(tmp_path, ["a", "b"], clients_per_round=5, min_clients=5)
     try:
         site = join(coordinator, "a")
-        checks = []
-        real = coordinator._instruction_for
-
-        def counted(client):  # type: ignore[no-untyped-def]
-            checks.append(client.name)
-            return real(client)
-
-        coordinator._instruction_for = counted  # type: ignore[method-assign]
+        checks = count_instruction_checks(coordinator)
         answer = poll(site, 3500)
         assert answer.WhichOneof("instruction") == "wait"
         assert checks == ["a", "a"], f"{len(checks)} instruction checks in one 3.5 s poll"
