@@ -40,8 +40,7 @@ typecheck: $(STAMP)
 
 # Every test once: those not marked `serial` on two xdist workers (--dist loadgroup keeps an
 # xdist_group on one worker), then the `serial` ones (timing-sensitive under load, such as the Ray
-# tests' fixed start-up windows) alone. Both runs always
-# happen, and `unit` fails if either does.
+# tests' fixed start-up windows) alone. Both runs always happen, and `unit` fails if either does.
 unit: $(STAMP) browser
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not serial"; parallel=$$?; \
 	$(BIN)/python -m pytest -q -m serial; serial=$$?; \
