@@ -9,9 +9,11 @@ expansion), :mod:`~.keys` (X25519, HKDF, session id, Ed25519), :mod:`~.shamir` (
 Shamir, AES-GCM share boxes), :mod:`~.graph` (complete / Harary graphs), :mod:`~.threshold`
 (the collusion rule 2t > h + c and the choice of graph degree and t),
 :mod:`~.messages` (wire messages), :mod:`~.client` and :mod:`~.server` (state machines, one
-class per stage), :mod:`~.simulation` (in-process round runner), :mod:`~.identity` (site
-credentials: an authority that is not the server vouches for each identity key) and
-:mod:`~.local_authority` (that authority in memory, for simulations).
+class per stage; the server's shared states in :mod:`~.server_states`, its unmasking stage in
+:mod:`~.unmasking`), :mod:`~.simulation` (in-process round runner), :mod:`~.identity` (site
+credentials: an authority that is not the server vouches for each identity key; their binary
+format in :mod:`~.identity_encoding`) and :mod:`~.local_authority` (that authority in memory,
+for simulations).
 
 How a driver runs one round
 ---------------------------

@@ -31,21 +31,17 @@ from typing import ClassVar
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedveil.secagg.errors import InvalidSignedRoster, MalformedCredentialError, WrongConsortium
-from fedveil.secagg.identity import (
+from fedveil.secagg.identity import AuthorityKey, AuthorityPublicKey, SiteCredential, decode_credential, verified_mark
+from fedveil.secagg.identity_encoding import (
     _LEN,
     _LIST_HEAD,
     KIND_SIGNED_ROSTER,
-    AuthorityKey,
-    AuthorityPublicKey,
     Bytes,
-    SiteCredential,
     _check_bytes,
     _check_list_head,
     _check_private,
     _Reader,
     _Signed,
-    decode_credential,
-    verified_mark,
 )
 from fedveil.secagg.keys import SIGNATURE_BYTES, ed25519_public_key_problem
 

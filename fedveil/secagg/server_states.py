@@ -1,0 +1,108 @@
+"""What every stage of the SecAgg server shares: the round's context, the stage base class, the two
+end states and the result.
+
+A module of its own so that the stages (:mod:`fedveil.secagg.server`) and the unmasking stage
+(:mod:`fedveil.secagg.unmasking`) can both build on it without importing each other in a cycle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from fedveil.secagg.config import SecAggConfig
+from fedveil.secagg.errors import UnexpectedMessageError
+from fedveil.secagg.messages import AdvertiseKeys, Message, RoundAborted
+from fedveil.secagg.session import Session
+
+
+@dataclass(frozen=True)
+class AggregationResult:
+    """The outcome of a completed round: the ring sum of the survivors' inputs, and who they are."""
+
+    ring_sum: np.ndarray
+    survivors: tuple[int, ...]
+    """Clients whose inputs are in the sum (their masked inputs arrived)."""
+    dropped: tuple[int, ...]
+    """Clients that shared keys but whose masked inputs did not arrive (masks removed)."""
+    faulty_holders: tuple[int, ...] = ()
+    """Clients whose unmasking shares were wrong and were corrected around (none in an honest round)."""
+
+
+class ServerContext:
+    def __init__(self, config: SecAggConfig, threads: int) -> None:
+        self.config = config
+        self.threads = threads
+        self.session: Session | None = None
+        self.u2: tuple[int, ...] = ()
+        self.boxes: dict[int, dict[int, bytes]] = {}
+        self.running_sum: np.ndarray | None = None
+        self.u3: tuple[int, ...] = ()
+        self.dropped: tuple[int, ...] = ()
+        self.signatures: dict[int, bytes] = {}
+        # Advertisements whose identity signature this server verified ahead of receive().
+        self.verified_adverts: set[AdvertiseKeys] = set()
+
+
+class ServerState:
+    """One stage of the server: ``receive`` collects, ``close`` returns ``(next_state, outgoing)``."""
+
+    name: ClassVar[str] = "?"
+    message_type: ClassVar[type[Message] | None] = None
+
+    def __init__(self, ctx: ServerContext, expected: tuple[int, ...]) -> None:
+        self.ctx = ctx
+        self.expected = expected
+        self._expected_set = frozenset(expected)
+        self.received: dict[int, None] = {}  # insertion-ordered set of senders
+
+    def receive(self, client_id: int, msg: Message) -> None:
+        if self.message_type is None or not isinstance(msg, self.message_type):
+            raise UnexpectedMessageError(f"server in state {self.name} cannot accept {type(msg).__name__} "
+                                         f"from client {client_id}")
+        if client_id not in self._expected_set:
+            raise UnexpectedMessageError(f"server in state {self.name} expects no message from client {client_id}")
+        if client_id in self.received:
+            raise UnexpectedMessageError(f"client {client_id} already sent its {type(msg).__name__}")
+        self._accept(client_id, msg)
+        self.received[client_id] = None
+
+    def _accept(self, client_id: int, msg: Message) -> None:
+        raise NotImplementedError
+
+    def close(self) -> tuple[ServerState, dict[int, Message]]:
+        raise UnexpectedMessageError(f"server in state {self.name} has no stage to close")
+
+    def _abort(self, reason: str, notify: tuple[int, ...]) -> tuple[ServerState, dict[int, Message]]:
+        rid = self.ctx.config.round_id
+        return ServerAborted(self.ctx, reason), {c: RoundAborted(rid, c, reason) for c in notify}
+
+    def _survivors(self, stage: str) -> tuple[int, ...] | str:
+        """Senders of this stage in id order, or an abort reason when fewer than t."""
+        alive = tuple(sorted(self.received))
+        t = self.ctx.config.threshold
+        if len(alive) < t:
+            return f"only {len(alive)} clients completed the {stage} stage; threshold is {t}"
+        return alive
+
+
+class ServerCompleted(ServerState):
+    """The round finished; :attr:`result` holds the sum."""
+
+    name = "Completed"
+
+    def __init__(self, ctx: ServerContext, result: AggregationResult) -> None:
+        super().__init__(ctx, ())
+        self.result = result
+
+
+class ServerAborted(ServerState):
+    """The round was aborted; nothing about any input was revealed."""
+
+    name = "Aborted"
+
+    def __init__(self, ctx: ServerContext, reason: str) -> None:
+        super().__init__(ctx, ())
+        self.reason = reason
