@@ -179,7 +179,8 @@ def simulate(
         fedveil.server.config.ServerConfigError: a job setting is invalid.
     """
     from fedveil.server.config import ServerConfig
-    from fedveil.simulation.backends import simulate_in_process, simulate_processes
+    from fedveil.simulation.backends import simulate_in_process
+    from fedveil.simulation.process_backend import simulate_processes
 
     if not isinstance(clients, int) or clients < 2:
         raise FrontDoorError(f"clients: must be at least 2 (secure aggregation needs 2) (got {clients!r})",

@@ -22,8 +22,9 @@ import pytest
 
 from fedveil.server.config import ServerConfig
 from fedveil.server.store import RunStore
-from fedveil.simulation.backends import ProcessFederation, client_name, client_seed, start_process_federation
+from fedveil.simulation.backends import client_name, client_seed
 from fedveil.simulation.host import job_seed
+from fedveil.simulation.process_backend import ProcessFederation, start_process_federation
 from fedveil.simulation.processes import ManagedProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]

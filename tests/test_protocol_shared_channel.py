@@ -11,7 +11,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -23,19 +22,9 @@ from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.protocol.client import ChannelConfig, GrpcTransport, open_channel, settled
 from fedveil.protocol.errors import OutOfOrder, PermissionDenied, Unauthenticated, Unavailable
 from fedveil.protocol.transport import ClientSession
-from tests.test_protocol_grpc import Federation_, _start, join_request
+from tests.grpc_helpers import Federation_, join_request
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def fed(tmp_path: Path) -> Iterator[Federation_]:
-    f, server = _start(tmp_path, rounds=1)
-    yield f
-    f.coordinator.stop()
-    f.thread.join(30)
-    server.stop(0).wait(5)
-    f.coordinator.store.close()
 
 
 def test_sites_on_one_shared_channel_each_speak_only_for_themselves(fed: Federation_) -> None:

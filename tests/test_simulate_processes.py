@@ -67,7 +67,8 @@ def test_a_server_outliving_every_client_is_stopped_with_their_exit_statuses(tmp
     import sys
     import time
 
-    from fedveil.simulation.backends import ProcessFederation, SimulationError, wait_for_server
+    from fedveil.simulation.backends import SimulationError
+    from fedveil.simulation.process_backend import ProcessFederation, wait_for_server
     from fedveil.simulation.processes import ProcessGroup
 
     group = ProcessGroup(tmp_path / "logs")

@@ -88,7 +88,8 @@ def simulate_command(
     import torch
 
     from fedveil.server.config import ServerConfig, ServerConfigError
-    from fedveil.simulation.backends import SimulationError, simulate_in_process, simulate_processes
+    from fedveil.simulation.backends import SimulationError, simulate_in_process
+    from fedveil.simulation.process_backend import simulate_processes
     from fedveil.simulation.ray_backend import RayOptions, simulate_ray
     from fedveil.task import TaskLoadError, load_task
 

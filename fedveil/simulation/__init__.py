@@ -1,8 +1,10 @@
 """Simulation backends: a whole federation on one machine, with the real server and client code.
 
-- :mod:`fedveil.simulation.backends` — in-process (client threads around one coordinator) and
-  processes (a ``fedveil server`` process and one ``fedveil client`` process per site); the
-  simulated sites' identities come from an in-memory authority (:class:`SimulatedSites`).
+- :mod:`fedveil.simulation.backends` — in-process (client threads around one coordinator), and
+  what every backend shares: the simulated sites' identities come from an in-memory authority
+  (:class:`SimulatedSites`).
+- :mod:`fedveil.simulation.process_backend` — processes (a ``fedveil server`` process and one
+  ``fedveil client`` process per site).
 - :mod:`fedveil.simulation.ray_backend` — Ray: the coordinator behind gRPC in the driver and the sites
   in a pool of Ray actors (:mod:`fedveil.simulation.site_host`), locally or across a Ray cluster.
 - :mod:`fedveil.simulation.host` — the coordinator side: a job on a real coordinator and store.

@@ -1,6 +1,7 @@
 """The server side of a simulation: a job on the real coordinator and run store in this process,
 client enrolment, the ``fedveil server`` command line of a job, and the rounds a run released.
-:mod:`fedveil.simulation.backends` drives it next to the real clients.
+:mod:`fedveil.simulation.backends` and :mod:`fedveil.simulation.process_backend` drive it next to
+the real clients.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ class CoordinatorJob:
 
 
 class CoordinatorHost:
-    """What :mod:`fedveil.simulation.backends` needs of the server side: start a job in process,
+    """What the simulation backends need of the server side: start a job in process,
     enrol clients, the ``fedveil server`` command line, and the released rounds of a run."""
 
     def start_job(self, config: ServerConfig, task: Task, store_path: Path) -> CoordinatorJob:

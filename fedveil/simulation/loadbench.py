@@ -30,13 +30,8 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 
 from fedveil.server.config import ServerConfig
-from fedveil.simulation.backends import (
-    SimulationError,
-    client_name,
-    orphan_grace_s,
-    start_process_federation,
-    wait_for_server,
-)
+from fedveil.simulation.backends import SimulationError, client_name
+from fedveil.simulation.process_backend import orphan_grace_s, start_process_federation, wait_for_server
 from fedveil.simulation.processes import status_kib
 
 TASK = "fedveil.tasks.synthetic:task"

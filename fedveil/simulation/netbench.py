@@ -20,15 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from fedveil.server.config import ServerConfig
-from fedveil.simulation.backends import (
-    COORDINATOR_HOST,
-    SimulationError,
-    orphan_grace_s,
-    simulate_in_process,
-    start_process_federation,
-    wait_for_server,
-)
+from fedveil.simulation.backends import COORDINATOR_HOST, SimulationError, simulate_in_process
 from fedveil.simulation.host import CoordinatorHost
+from fedveil.simulation.process_backend import orphan_grace_s, start_process_federation, wait_for_server
 from fedveil.simulation.processes import status_kib
 
 MakeConfig = Callable[[str, int, int], ServerConfig]

@@ -1,8 +1,8 @@
-"""The gRPC service on 127.0.0.1 with TLS: authentication, validation, limits, ordering and replay.
+"""The gRPC service on 127.0.0.1 with TLS: what an authenticated client may send — validation,
+limits, ordering and replay, chunked uploads and their slots, and held polls.
 
-A real coordinator runs behind a real gRPC server with a certificate generated at test time;
-clients are real gRPC channels. Refused input must get the documented status code and leave
-the server serving everyone else.
+A real coordinator runs behind a real gRPC server (:mod:`tests.grpc_helpers`); clients are real gRPC
+channels. Refused input must get the documented status code and leave the server serving everyone else.
 """
 
 from __future__ import annotations
@@ -18,183 +18,20 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-import torch
 
 from fedveil.clients.api import run_client
 from fedveil.clients.session import Federation
 from fedveil.protocol import PROTOCOL_VERSION
 from fedveil.protocol import fedveil_pb2 as pb
-from fedveil.protocol.auth import Authenticator
-from fedveil.protocol.client import ChannelConfig, GrpcTransport
-from fedveil.protocol.errors import (
-    Incompatible,
-    MalformedMessage,
-    MessageTooLarge,
-    OutOfOrder,
-    PermissionDenied,
-    Replayed,
-    Unauthenticated,
-    Unavailable,
-)
-from fedveil.protocol.model_delivery import ModelDelivery
-from fedveil.protocol.service import ServerLimits, build_server
-from fedveil.protocol.tls import PemPair, generate_ca, generate_certificate, server_credentials
-from fedveil.protocol.transport import ClientSession
+from fedveil.protocol.errors import MalformedMessage, MessageTooLarge, OutOfOrder, PermissionDenied, Replayed
+from fedveil.protocol.service import ServerLimits
 from fedveil.secagg import beacon
 from fedveil.secagg.messages import MASK_KEY_LIMBS, SELF_MASK_LIMBS
-from fedveil.server.config import ServerConfig
-from fedveil.server.coordinator import Coordinator, JobSummary
-from fedveil.server.store import RunStore
-from fedveil.task import Task, load_task
-from tests.identity_helpers import TEST_AUTHORITY, secure_federate, secure_job, secure_options, site_policy
+from tests.grpc_helpers import Federation_, join_session, poll_until, start_tls_job
+from tests.identity_helpers import secure_options, site_policy
 from tests.server_helpers import Scripted, vectors
 
 pytestmark = pytest.mark.timeout(180)
-TASK = "fedveil.tasks.synthetic:task"
-
-
-@dataclass
-class Federation_:
-    port: int
-    ca: PemPair
-    tokens: dict[str, str]
-    coordinator: Coordinator
-    task: Task
-    limit: int
-    summary: list[JobSummary]
-    thread: threading.Thread
-
-    def transport(self, name: str | None, *, ca: PemPair | None = None, token: str | None = None,
-                  insecure: bool = False, client: PemPair | None = None) -> GrpcTransport:
-        config = ChannelConfig(
-            target=f"127.0.0.1:{self.port}", ca_cert_pem=None if insecure else (ca or self.ca).cert_pem,
-            insecure=insecure, client_cert_pem=client.cert_pem if client else None,
-            client_key_pem=client.key_pem if client else None,
-        )
-        # 16-byte chunks: the 48-byte masked inputs of this task travel over the chunked upload.
-        return GrpcTransport.connect(config, token if token is not None else (self.tokens[name] if name else None),
-                                     rpc_timeout_s=20.0, chunk_bytes=16)
-
-
-def _start(tmp_path: Path, *, rounds: int, client_ca: PemPair | None = None,
-           names: tuple[str, ...] = ("alice", "bob", "mallory"), clients_per_round: int = 2,
-           limits: ServerLimits | None = None, stage_timeout: float = 20.0,
-           threshold: int = 0, active: bool = True) -> tuple[Federation_, grpc.Server]:
-    """The job behind TLS; ``active`` (the secure default) needs every site to present its identity
-    (``join_request``); passive jobs serve the scripted clients of :mod:`tests.server_helpers`,
-    which cannot sign."""
-    torch.set_num_threads(1)
-    store = RunStore(tmp_path / "run.db")
-    tokens = {n: store.enroll(n).token for n in names}
-    task = load_task(TASK)
-    config = ServerConfig.from_flat(task=TASK, rounds=rounds, clients_per_round=clients_per_round,
-                          min_clients=clients_per_round, round_timeout=60,
-                          stage_timeout=stage_timeout, cohort_wait=0.0, linger=1.0, seed=11, final_evaluation=False,
-                          poll_wait=2.0, threshold=threshold,
-                          **(secure_job() if active else {"active_adversary": False}))  # type: ignore[arg-type]
-    coordinator = Coordinator(config, task, store)
-    coordinator.model_delivery = ModelDelivery.fetched_in_chunks()  # as fedveil server does
-    ca = generate_ca()
-    cert = generate_certificate("localhost", ca, hostnames=["127.0.0.1", "localhost"])
-    limit = coordinator.max_message_bytes()
-    server, port = build_server(
-        coordinator, Authenticator(store.credential, client_exists=store.client_enrolled), "127.0.0.1:0",
-        credentials=server_credentials(cert.cert_pem, cert.key_pem, client_ca.cert_pem if client_ca else None),
-        limits=limits or ServerLimits(max_message_bytes=limit, workers=16, max_concurrent_rpcs=64),
-        mutual_tls=client_ca is not None,
-    )
-    summary: list[JobSummary] = []
-    thread = threading.Thread(target=lambda: summary.append(coordinator.run()), daemon=True)
-    thread.start()
-    return Federation_(port, ca, tokens, coordinator, task, limit, summary, thread), server
-
-
-def _serve(tmp_path: Path, active: bool) -> Iterator[Federation_]:
-    f, server = _start(tmp_path, rounds=1, active=active)
-    yield f
-    f.coordinator.stop()
-    f.thread.join(30)
-    server.stop(0).wait(5)
-    f.coordinator.store.close()
-
-
-@pytest.fixture
-def fed(tmp_path: Path) -> Iterator[Federation_]:
-    """A one-round job on the secure default (active mode, the test authority's consortium)."""
-    yield from _serve(tmp_path, active=True)
-
-
-@pytest.fixture
-def passive_fed(tmp_path: Path) -> Iterator[Federation_]:
-    """A one-round passive job, for scripted clients and raw protocol messages that carry no signatures."""
-    yield from _serve(tmp_path, active=False)
-
-
-def join_request(name: str | None, task_name: str = "synthetic-logreg", **kw: Any) -> pb.JoinRequest:
-    """A Join as a site ``name`` on the secure default sends it: its identity key and authority credential
-    (None: a Join without them, for passive jobs)."""
-    request = pb.JoinRequest(protocol_version=PROTOCOL_VERSION, task_name=task_name, **kw)
-    if name is not None:
-        key, credential = TEST_AUTHORITY.identity(name, now=int(time.time()))
-        request.identity_public_key = key.public_key().public_bytes_raw()
-        request.identity_credential = credential.encode()
-    return request
-
-
-def _join(t: GrpcTransport, name: str | None = None) -> ClientSession:
-    return ClientSession.from_join(t.join(join_request(name)))
-
-
-def _poll_until(t: GrpcTransport, s: ClientSession, kind: str, timeout: float = 30.0) -> pb.PollResponse:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        resp = t.poll(pb.PollRequest(header=s.header(), max_wait_ms=1000))
-        if resp.WhichOneof("instruction") == kind:
-            return resp
-    raise AssertionError(f"no {kind} instruction within {timeout}s")
-
-
-def test_tls_and_token_authentication(fed: Federation_) -> None:
-    t = fed.transport("alice")
-    resp = t.join(join_request("alice", fed.task.name))
-    assert resp.client_name == "alice" and len(resp.session_id) == 16 and resp.max_message_bytes == fed.limit
-    t.close()
-    # wrong token, malformed token, no token: UNAUTHENTICATED
-    wrong = fed.tokens["alice"][:-4] + ("AAAA" if not fed.tokens["alice"].endswith("AAAA") else "BBBB")
-    for token in (wrong, "fvt1.0123456789abcdef.AAAA"):
-        bad = fed.transport(None, token=token)
-        with pytest.raises(Unauthenticated) as info:
-            bad.join(join_request("alice", fed.task.name))
-        assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
-        assert token not in str(info.value)
-        bad.close()
-    anonymous = fed.transport(None, token="")
-    with pytest.raises(Unauthenticated, match="no credentials"):
-        anonymous.join(join_request("alice", fed.task.name))
-    anonymous.close()
-    # a server certificate from another CA, or no TLS at all, never reaches the service
-    for kwargs in ({"ca": generate_ca("someone else")}, {"insecure": True}):
-        other = fed.transport("alice", **kwargs)  # type: ignore[arg-type]
-        other._timeout = 5.0
-        with pytest.raises(Unavailable):
-            other.join(join_request("alice", fed.task.name))
-        other.close()
-    # incompatible protocol version or task: FAILED_PRECONDITION at Join
-    t = fed.transport("alice")
-    request = join_request("alice", fed.task.name)
-    request.protocol_version = 99
-    with pytest.raises(Incompatible, match="protocol_version"):
-        t.join(request)
-    with pytest.raises(Incompatible, match="task_name"):
-        t.join(join_request("alice", "another-task"))
-    # the secure default: a site without an identity key, or without the authority's credential, is refused
-    with pytest.raises(Incompatible, match="identity_public_key: this job runs in active-adversary mode"):
-        t.join(join_request(None, fed.task.name))
-    request = join_request("alice", fed.task.name)
-    request.ClearField("identity_credential")
-    with pytest.raises(Incompatible, match="identity_credential"):
-        t.join(request)
-    t.close()
 
 
 @pytest.mark.slow
@@ -293,8 +130,8 @@ def test_a_stalled_upload_is_cancelled_and_the_round_goes_on(tmp_path: Path) -> 
                           upload_timeout_s=1.0)
     # threshold 2 of 3 (passive mode: t > c = 1; the scripted clients cannot sign) so that the round
     # survives the cancelled upload
-    fed, server = _start(tmp_path, rounds=1, names=("a", "b", "c"), clients_per_round=3, limits=limits,
-                         stage_timeout=4.0, threshold=2, active=False)
+    fed, server = start_tls_job(tmp_path, rounds=1, names=("a", "b", "c"), clients_per_round=3, limits=limits,
+                                stage_timeout=4.0, threshold=2, active=False)
     try:
         vecs = vectors(3)
         clients = [Scripted(fed.coordinator, n, v, transport=fed.transport(n))
@@ -322,9 +159,9 @@ def test_a_stalled_upload_is_cancelled_and_the_round_goes_on(tmp_path: Path) -> 
 def test_out_of_order_replayed_and_foreign_messages(passive_fed: Federation_) -> None:
     fed = passive_fed  # raw key advertisements without signatures: a passive job
     alice, bob = fed.transport("alice"), fed.transport("bob")
-    sa, sb = _join(alice), _join(bob)
-    start = _poll_until(alice, sa, "round_start").round_start
-    start_b = _poll_until(bob, sb, "round_start").round_start
+    sa, sb = join_session(alice), join_session(bob)
+    start = poll_until(alice, sa, "round_start").round_start
+    start_b = poll_until(bob, sb, "round_start").round_start
     rnd, nonce = start.round, start.round_nonce
     keys = {"encryption_public_key": os.urandom(32), "masking_public_key": os.urandom(32)}
 
@@ -345,10 +182,10 @@ def test_out_of_order_replayed_and_foreign_messages(passive_fed: Federation_) ->
         t.respond_to_round(pb.RoundResponse(header=s.header(rnd, nonce), accept=True, commitment=beacon.commitment(
             st.secagg.round_id, st.client_id, mine[t]), weight=1.0))
     for t, s in ((alice, sa), (bob, sb)):
-        _poll_until(t, s, "commitments")
+        poll_until(t, s, "commitments")
         t.reveal_contribution(pb.RevealRequest(header=s.header(rnd, nonce), contribution=mine[t]))
     for t, s in ((alice, sa), (bob, sb)):
-        _poll_until(t, s, "contributions")
+        poll_until(t, s, "contributions")
     # the RoundStart arrived without model bytes, and the transport fetched them
     assert len(start.model.data) == start.model.size_bytes == 44 and start.model.sha256
     # a wrong nonce or round: FAILED_PRECONDITION
@@ -369,14 +206,14 @@ def test_out_of_order_replayed_and_foreign_messages(passive_fed: Federation_) ->
         alice.advertise_keys(pb.AdvertiseKeysRequest(header=sa.header(rnd, nonce), **keys))
     # an enrolled client outside the cohort may not speak for the round: PERMISSION_DENIED
     mallory = fed.transport("mallory")
-    sm = _join(mallory)
+    sm = join_session(mallory)
     with pytest.raises(PermissionDenied, match="not in the cohort"):
         mallory.advertise_keys(pb.AdvertiseKeysRequest(header=sm.header(rnd, nonce), **keys))
     # a session replaced by a new Join is refused; the client became a dropout of the round
-    sa2 = _join(alice)
+    sa2 = join_session(alice)
     with pytest.raises(OutOfOrder, match="unknown or replaced session"):
         alice.poll(pb.PollRequest(header=sa.header(), max_wait_ms=10))
-    result = _poll_until(alice, sa2, "round_result").round_result
+    result = poll_until(alice, sa2, "round_result").round_result
     assert result.round == rnd and result.outcome == pb.ROUND_OUTCOME_DROPPED
     # a header from another run
     bad_run = pb.RequestHeader(protocol_version=PROTOCOL_VERSION, session_id=sb.session_id, run_id="run-other",
@@ -387,72 +224,10 @@ def test_out_of_order_replayed_and_foreign_messages(passive_fed: Federation_) ->
         t.close()
 
 
-def test_mutual_tls_identifies_the_client_by_certificate(tmp_path: Path) -> None:
-    client_ca = generate_ca("clinics CA")
-    fed, server = _start(tmp_path, rounds=1, client_ca=client_ca)
-    try:
-        cert = generate_certificate("bob", client_ca, client=True)
-        t = fed.transport(None, token="", client=cert)
-        assert t.join(join_request("bob", fed.task.name)).client_name == "bob"
-        t.close()
-        stranger = generate_certificate("eve", client_ca, client=True)
-        t = fed.transport(None, token="", client=stranger)
-        with pytest.raises(Unauthenticated, match="not enrolled"):
-            t.join(join_request("eve", fed.task.name))
-        t.close()
-        # a token naming a different client than the certificate is refused
-        t = fed.transport("alice", client=cert)
-        with pytest.raises(Unauthenticated, match="different clients"):
-            t.join(join_request("bob", fed.task.name))
-        t.close()
-        # no client certificate at all: the TLS handshake fails
-        t = fed.transport("alice")
-        t._timeout = 5.0
-        with pytest.raises(Unavailable):
-            t.join(join_request("alice", fed.task.name))
-        t.close()
-    finally:
-        fed.coordinator.stop()
-        fed.thread.join(30)
-        server.stop(0).wait(5)
-        fed.coordinator.store.close()
-
-
-def test_federate_and_fedveil_client_take_a_client_certificate_for_mutual_tls(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    from fedveil.cli import main
-    from fedveil.clients import federate
-
-    client_ca = generate_ca("clinics CA")
-    fed, server = _start(tmp_path, rounds=1, client_ca=client_ca)
-    try:
-        cert = generate_certificate("bob", client_ca, client=True)
-        for name, data in (("ca.pem", fed.ca.cert_pem), ("bob.pem", cert.cert_pem), ("bob.key", cert.key_pem)):
-            (tmp_path / name).write_bytes(data)
-        session = federate(f"127.0.0.1:{fed.port}", task=TASK, ca_cert=tmp_path / "ca.pem",
-                           client_cert=tmp_path / "bob.pem", client_key=tmp_path / "bob.key", **secure_federate("bob"))
-        assert session.transport.join(
-            join_request("bob", fed.task.name)
-        ).client_name == "bob"  # identified by its certificate alone (no token)
-        session.close()
-        with pytest.raises(ValueError, match="client_cert and client_key together"):
-            federate(f"127.0.0.1:{fed.port}", task=TASK, ca_cert=tmp_path / "ca.pem", client_cert=tmp_path / "bob.pem")
-    finally:
-        fed.coordinator.stop()
-        fed.thread.join(30)
-        server.stop(0).wait(5)
-        fed.coordinator.store.close()
-    base = ["client", "--server", "127.0.0.1:1", "--task", TASK, "--data", str(tmp_path / "none.csv")]
-    for extra, flag in ((["--client-cert", str(tmp_path / "bob.pem")], "--client-key"),
-                        (["--insecure", "--client-cert", "a", "--client-key", "b"], "--insecure")):
-        assert main([*base, *extra]) == 2
-        assert capsys.readouterr().err.startswith(f"error: {flag}:")
-
 
 def test_a_client_whose_poll_is_cancelled_no_longer_counts_as_connected(fed: Federation_) -> None:
     t = fed.transport("mallory")
-    session = _join(t, "mallory")
+    session = join_session(t, "mallory")
     assert "mallory" in fed.coordinator._available()
     raw_poll = t._channel.unary_unary("/fedveil.v2.Federation/Poll", request_serializer=lambda m: m.SerializeToString(),
                                       response_deserializer=pb.PollResponse.FromString)
@@ -524,8 +299,8 @@ def test_a_queued_upload_sends_no_data_until_the_server_grants_it_a_slot(tmp_pat
     limits = ServerLimits(max_message_bytes=4 << 20, workers=16, max_concurrent_rpcs=64, max_concurrent_uploads=1)
     # threshold 2 of 3 (passive mode: t > c = 1; the scripted clients cannot sign): one client's shares
     # are not needed
-    fed, server = _start(tmp_path, rounds=1, names=("a", "b", "c"), clients_per_round=3, limits=limits,
-                         stage_timeout=5.0, threshold=2, active=False)
+    fed, server = start_tls_job(tmp_path, rounds=1, names=("a", "b", "c"), clients_per_round=3, limits=limits,
+                                stage_timeout=5.0, threshold=2, active=False)
     try:
         vecs = vectors(3)
         # b takes a slot (the only one) and holds it; it does not unmask, so c's shares stand in
