@@ -45,6 +45,7 @@ from fedveil.secagg.signed_roster import SignedRoster
 from fedveil.server.config import ServerConfig
 from fedveil.simulation.faults import DropoutPlan, LeaveAtMaskedInput, SimulatedDropout
 from fedveil.simulation.host import CoordinatorHost, StoredRound, job_seed
+from fedveil.simulation.site_threads import one_thread_per_call
 from fedveil.task import Task, load_task
 
 log = logging.getLogger("fedveil.simulate")
@@ -288,15 +289,16 @@ def run_with_client_threads(
                 stop_job()
 
     threads = [threading.Thread(target=client_main, args=(c,), name=c.name, daemon=True) for c in clients]
-    for thread in threads:
-        thread.start()
-    try:
-        result = run_job()
-    finally:
-        stop_job()
-    deadline = time.monotonic() + join_timeout_s
-    for thread in threads:
-        thread.join(timeout=max(deadline - time.monotonic(), 0.1))
+    with one_thread_per_call():  # the sites run side by side: numpy's pools must not fight them for the cores
+        for thread in threads:
+            thread.start()
+        try:
+            result = run_job()
+        finally:
+            stop_job()
+        deadline = time.monotonic() + join_timeout_s
+        for thread in threads:
+            thread.join(timeout=max(deadline - time.monotonic(), 0.1))
     for thread in threads:
         if thread.is_alive():
             errors.setdefault(thread.name, STILL_RUNNING)
