@@ -234,33 +234,36 @@ def test_client_failures_that_leave_too_few_clients_stop_the_job_instead_of_hang
     assert set(errors) == {"b"} and stop_calls == [True]  # only the usual stop after the job ended on its own
 
 
-def test_sites_sharing_a_process_run_numpys_pools_at_one_thread_and_the_sizes_come_back(
+def test_sites_sharing_a_process_run_numpys_blas_at_one_thread_and_its_size_comes_back(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # many site threads each calling a multi-threaded OpenBLAS made every call spin for the cores
-    # (fedveil.simulation.site_threads); the pools are process-wide, so they are restored after
+    # (fedveil.simulation.site_threads); the pools are process-wide, so the size is restored after,
+    # and torch's OpenMP threads (--threads) are not touched
     from threadpoolctl import threadpool_info, threadpool_limits
 
     from fedveil.simulation import backends as simulation
 
-    def sizes() -> set[int]:
-        return {int(pool["num_threads"]) for pool in threadpool_info() if pool["user_api"] == "blas"}
+    def sizes(api: str) -> set[int]:
+        return {int(pool["num_threads"]) for pool in threadpool_info() if pool["user_api"] == api}
 
     seen: dict[str, set[int]] = {}
 
     def fake_run_client(fed: str, task: object, data: object, *,
                         leave_round_on: tuple[type[Exception], ...] = ()) -> list[object]:
-        seen[fed] = sizes()
+        seen[fed] = sizes("blas")
         return []
 
     monkeypatch.setattr(simulation, "run_client", fake_run_client)
     clients = [simulation.ThreadedClient(n, n, None) for n in ("a", "b")]  # type: ignore[arg-type]
-    with threadpool_limits(limits=2, user_api="blas"):  # as on a 2-core machine, whatever this one has
-        assert sizes() == {2}
-        result, _, errors = simulation.run_with_client_threads(
-            lambda: sizes(), lambda: None, None, clients, join_timeout_s=5)  # type: ignore[arg-type]
-        assert sizes() == {2}
-    assert result == {1} and seen == {"a": {1}, "b": {1}} and errors == {}
+    with threadpool_limits(limits=2):  # as on a 2-core machine, whatever this one has
+        openmp = sizes("openmp")
+        assert sizes("blas") == {2}
+        result, _, errors = simulation.run_with_client_threads(  # the job runs in this thread
+            lambda: (sizes("blas"), sizes("openmp")), lambda: None, None, clients,  # type: ignore[arg-type]
+            join_timeout_s=5)
+        assert sizes("blas") == {2}
+    assert result == ({1}, openmp) and seen == {"a": {1}, "b": {1}} and errors == {}
 
 
 def test_every_member_gets_the_same_advertised_keys_and_the_server_builds_them_once(

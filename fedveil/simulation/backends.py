@@ -45,7 +45,7 @@ from fedveil.secagg.signed_roster import SignedRoster
 from fedveil.server.config import ServerConfig
 from fedveil.simulation.faults import DropoutPlan, LeaveAtMaskedInput, SimulatedDropout
 from fedveil.simulation.host import CoordinatorHost, StoredRound, job_seed
-from fedveil.simulation.site_threads import one_thread_per_call
+from fedveil.simulation.site_threads import one_blas_thread
 from fedveil.task import Task, load_task
 
 log = logging.getLogger("fedveil.simulate")
@@ -289,7 +289,7 @@ def run_with_client_threads(
                 stop_job()
 
     threads = [threading.Thread(target=client_main, args=(c,), name=c.name, daemon=True) for c in clients]
-    with one_thread_per_call():  # the sites run side by side: numpy's pools must not fight them for the cores
+    with one_blas_thread():  # the sites run side by side: numpy's BLAS must not fight them for the cores
         for thread in threads:
             thread.start()
         try:
