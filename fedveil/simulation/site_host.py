@@ -40,7 +40,7 @@ from fedveil.simulation.backends import client_dataset, site_options, site_patie
 from fedveil.simulation.faults import DropoutPlan, LeaveAtMaskedInput, SimulatedDropout
 from fedveil.simulation.host import job_seed
 from fedveil.simulation.plain_sums import PlainSums, run_recording_site
-from fedveil.simulation.site_threads import blas_at_one_thread
+from fedveil.simulation.site_threads import one_blas_thread
 from fedveil.simulation.work_slots import WorkSlots
 from fedveil.simulation.worker_memory import return_large_blocks_to_os
 from fedveil.task import Task, load_task
@@ -113,7 +113,7 @@ class SiteHost:
         torch.set_num_threads(max(1, torch_threads))
         # Ray sets OMP_NUM_THREADS (which numpy's BLAS reads) to the worker's whole CPUs: 1 by default, more
         # with --client-cpus 2 or above, where every site's BLAS call would take that many threads
-        blas_at_one_thread()
+        one_blas_thread()
         return_large_blocks_to_os()  # the sites' bursts of large messages must not stay resident
         self.config = config
         self.policy = policy

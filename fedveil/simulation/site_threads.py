@@ -13,19 +13,13 @@ set them. The pools are process-wide, as the sizes are.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from typing import Any
 
 from threadpoolctl import threadpool_limits
 
 
-@contextmanager
-def one_blas_thread() -> Iterator[None]:
-    """numpy's BLAS at one thread while the block runs, and at its former size after."""
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
-
-
-def blas_at_one_thread() -> None:
-    """numpy's BLAS at one thread for the rest of this process, which only hosts sites (a Ray worker)."""
-    threadpool_limits(limits=1, user_api="blas")
+def one_blas_thread() -> Any:
+    """numpy's BLAS at one thread: until the block ends when used as a context manager (the sizes
+    before come back), for the rest of the process when called alone (a Ray worker, which only
+    hosts sites)."""
+    return threadpool_limits(limits=1, user_api="blas")
