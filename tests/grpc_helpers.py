@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from fedveil.server.coordinator import Coordinator, JobSummary
 from fedveil.server.store import RunStore
 from fedveil.task import Task, load_task
 from tests.identity_helpers import TEST_AUTHORITY, secure_job
+from tests.server_helpers import Scripted
 
 TASK = "fedveil.tasks.synthetic:task"
 
@@ -57,6 +58,15 @@ class Federation_:
         # 16-byte chunks: the 48-byte masked inputs of this task travel over the chunked upload.
         return GrpcTransport.connect(config, token if token is not None else (self.tokens[name] if name else None),
                                      rpc_timeout_s=20.0, chunk_bytes=16)
+
+    def run_scripted(self, clients: Sequence[Scripted], job_timeout_s: float) -> None:
+        """Run ``clients`` through the job (already running in :attr:`thread`) and wait for it, then for them."""
+        threads = [threading.Thread(target=c.run, daemon=True) for c in clients]
+        for th in threads:
+            th.start()
+        self.thread.join(job_timeout_s)
+        for th in threads:
+            th.join(30)
 
 
 def start_tls_job(tmp_path: Path, *, rounds: int, client_ca: PemPair | None = None,

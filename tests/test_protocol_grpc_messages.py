@@ -112,12 +112,7 @@ def test_chunked_transfers_carry_the_exact_updates(passive_fed: Federation_) -> 
     vecs = vectors(2)
     clients = [Scripted(fed.coordinator, n, v, w, transport=fed.transport(n))
                for n, v, w in zip(("alice", "bob"), vecs, (1.0, 3.0), strict=True)]
-    threads = [threading.Thread(target=c.run, daemon=True) for c in clients]
-    for th in threads:
-        th.start()
-    fed.thread.join(60)
-    for th in threads:
-        th.join(30)
+    fed.run_scripted(clients, job_timeout_s=60)
     assert [c.error for c in clients] == [None, None] and all(c.done for c in clients)
     assert fed.summary and fed.summary[0].status == "completed"
     expected = (1.0 * vecs[0] + 3.0 * vecs[1]) / 4.0
@@ -137,12 +132,7 @@ def test_a_stalled_upload_is_cancelled_and_the_round_goes_on(tmp_path: Path) -> 
         clients = [Scripted(fed.coordinator, n, v, transport=fed.transport(n))
                    for n, v in zip("abc", vecs, strict=True)]
         clients[2].stall_upload_s = 5.0
-        threads = [threading.Thread(target=c.run, daemon=True) for c in clients]
-        for th in threads:
-            th.start()
-        fed.thread.join(90)
-        for th in threads:
-            th.join(30)
+        fed.run_scripted(clients, job_timeout_s=90)
         assert [c.error for c in clients] == [None, None, None]
         assert clients[2].upload_error == grpc.StatusCode.CANCELLED
         assert fed.summary and fed.summary[0].status == "completed"
