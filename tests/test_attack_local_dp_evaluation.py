@@ -5,7 +5,8 @@ secure evaluation sums, and local DP-SGD noises only training).
 A server that asks for the cohort's secure evaluation in every round of a local-DP job gets nothing
 from sites with the default policy: they contribute no evaluation sums, and decline evaluation-only
 rounds. The control runs the same server against sites that opt in (``evaluate_under_local_dp``): the
-sums then carry every site's examples, so the first test can fail.
+sums then carry every site's examples, so the first test can fail. (A server asks under local DP only
+with ``--evaluate-under-local-dp``; by default it runs no evaluation there, checked last.)
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import pytest
 from fedveil.clients.admission import evaluation_refusal
 from fedveil.clients.policy import SitePolicy
 from fedveil.server.coordinator import Coordinator
+from fedveil.server.mechanisms.local import LocalDP
+from fedveil.server.mechanisms.no_privacy import NoPrivacy
 from fedveil.tasks.synthetic import task as synthetic
 from tests.attack_helpers import Consortium, job_config, run_job, turnkey
 
@@ -38,11 +41,17 @@ class EvaluationRecordingServer(Coordinator):
         super()._record_secure_evaluation(rnd, evaluation, survivors)
 
 
-def local_dp_job(tmp_path: Path, **policy: Any) -> tuple[EvaluationRecordingServer, Any]:
+def local_dp_job(tmp_path: Path, job: dict[str, Any] | None = None,
+                 **policy: Any) -> tuple[EvaluationRecordingServer, Any, list[Any]]:
+    """A 2-round local-DP job of 4 sites with ``policy``; by default the server asks for the cohort's
+    secure evaluation in every round (``job`` overrides the settings). Returns the server, the
+    summary and each site's round history."""
+    tmp_path.mkdir(exist_ok=True)
     consortium = Consortium.create(NAMES)
     sites = [turnkey(synthetic, name, i, consortium, policy=consortium.policy(**policy))
              for i, name in enumerate(NAMES)]
-    config = job_config(rounds=2, dp="local", dp_local_noise_multiplier=1.0, evaluation="secure")
+    config = job_config(**{"rounds": 2, "dp": "local", "dp_local_noise_multiplier": 1.0, "evaluation": "secure",
+                           "evaluate_under_local_dp": True, **(job or {})})
     servers: list[EvaluationRecordingServer] = []
 
     class Recording(EvaluationRecordingServer):
@@ -50,14 +59,14 @@ def local_dp_job(tmp_path: Path, **policy: Any) -> tuple[EvaluationRecordingServ
             super().__init__(*args, **kwargs)
             servers.append(self)
 
-    summary, _results, errors = run_job(tmp_path, config, synthetic, sites, coordinator_cls=Recording)
+    summary, results, errors = run_job(tmp_path, config, synthetic, sites, coordinator_cls=Recording)
     assert not errors, errors
-    return servers[0], summary
+    return servers[0], summary, [[outcome.outcome for outcome in history] for _fed, history in results]
 
 
 @pytest.mark.slow
 def test_default_sites_give_no_evaluation_sums_under_local_dp(tmp_path: Path) -> None:
-    server, summary = local_dp_job(tmp_path)
+    server, summary, _ = local_dp_job(tmp_path)
     assert summary.completed_rounds == 2, summary  # training goes on
     assert len(server.evaluations) == 2  # the server asked in both rounds ...
     assert all(examples == 0 for examples, _ in server.evaluations), server.evaluations  # ... and got nothing
@@ -65,7 +74,7 @@ def test_default_sites_give_no_evaluation_sums_under_local_dp(tmp_path: Path) ->
 
 @pytest.mark.slow
 def test_sites_that_opt_in_evaluate_under_local_dp(tmp_path: Path) -> None:
-    server, summary = local_dp_job(tmp_path, evaluate_under_local_dp=True)
+    server, summary, _ = local_dp_job(tmp_path, evaluate_under_local_dp=True)
     assert summary.completed_rounds == 2, summary
     assert server.evaluations and all(examples > 0 for examples, _ in server.evaluations), server.evaluations
 
@@ -77,3 +86,28 @@ def test_the_refusal_names_the_policy_setting_and_spares_other_modes() -> None:
     assert evaluation_refusal(SitePolicy(trust_server=True, evaluate_under_local_dp=True), "local") is None
     for mode in ("none", "central", "distributed"):
         assert evaluation_refusal(policy, mode) is None
+
+
+@pytest.mark.slow
+def test_a_local_dp_job_asks_for_no_evaluation_unless_told_to(tmp_path: Path) -> None:
+    """Without ``--evaluate-under-local-dp`` the server asks for nothing, not even from sites that
+    would answer: no evaluation sums in the rounds, and no final evaluation-only round for the
+    default sites to decline (before, that round was asked, declined by all and counted aborted)."""
+    server, summary, outcomes = local_dp_job(tmp_path / "off", {"evaluate_under_local_dp": False,
+                                                                "final_evaluation": True},
+                                             evaluate_under_local_dp=True)
+    assert summary.completed_rounds == 2 and summary.aborted_attempts == 0, summary
+    assert server.evaluations == [] and summary.final_metrics == {}
+    assert outcomes == [["completed", "completed"]] * len(NAMES)
+    # the control: told to, the server asks, and default sites decline the final evaluation-only round
+    server, summary, outcomes = local_dp_job(tmp_path / "on", {"final_evaluation": True})
+    assert len(server.evaluations) == 2 and summary.aborted_attempts == 1, summary
+    assert outcomes == [["completed", "completed", "declined"]] * len(NAMES)
+
+
+def test_the_server_names_the_flag_when_local_dp_turns_evaluation_off() -> None:
+    config = job_config(dp="local", dp_local_noise_multiplier=1.0)
+    refusal = LocalDP(config, 10).evaluation_refusal()
+    assert refusal is not None and "--evaluate-under-local-dp" in refusal
+    assert LocalDP(config.replace(evaluate_under_local_dp=True), 10).evaluation_refusal() is None
+    assert NoPrivacy(job_config(), 10).evaluation_refusal() is None

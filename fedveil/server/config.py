@@ -251,15 +251,21 @@ class TrainingConfig(_Part):
 class EvaluationConfig(_Part):
     """Federated evaluation: after each round (``each_round``) and at the end (``final``), as secure
     sums (``mode`` "secure"), per site in the clear ("clear", only where sites opt in too) or not at
-    all; sites answer at most ``max_per_job`` evaluation requests of a job."""
+    all; sites answer at most ``max_per_job`` evaluation requests of a job.
+
+    Under local DP evaluation is off unless ``under_local_dp``: DP-SGD's ε covers training only, so a
+    site with the default policy declines to evaluate (``SitePolicy.evaluate_under_local_dp``), and
+    asking would cost an evaluation-only round that every such site declines."""
 
     FLAT: ClassVar[dict[str, str]] = {"each_round": "evaluate", "final": "final_evaluation", "mode": "evaluation",
-                                      "max_per_job": "max_evaluations_per_job"}
+                                      "max_per_job": "max_evaluations_per_job",
+                                      "under_local_dp": "evaluate_under_local_dp"}
 
     each_round: bool = True
     final: bool = True
     mode: str = "secure"
     max_per_job: int = 1
+    under_local_dp: bool = False
 
     def __post_init__(self) -> None:
         self.check("mode", self.mode in EVALUATION_MODES, f"must be one of {', '.join(EVALUATION_MODES)}")

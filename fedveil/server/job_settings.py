@@ -117,6 +117,9 @@ SETTINGS: tuple[Setting, ...] = (
     _s("evaluation", "evaluation", values=EVALUATION_MODES, show_default=True,
        help="Federated evaluation: as secure sums over the cohort, per site in the clear (only sites whose policy "
             "allows it answer), or off. Off under user-level DP."),
+    _s("evaluate_under_local_dp", "evaluation",
+       help="Under local DP, ask the sites to evaluate anyway. Off by default: DP-SGD's ε covers training only, "
+            "so a site evaluates under local DP only when its own policy opts in too (evaluate_under_local_dp)."),
     _s("max_evaluations_per_job", "evaluation", show_default=True,
        help="Evaluation requests (evaluation-only rounds and their attempts, the final evaluation) the job sends; "
             "sites answer at most their own policy's cap (0: no final evaluation)."),

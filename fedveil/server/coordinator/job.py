@@ -38,6 +38,9 @@ class Coordinator(SessionsMixin, SecAggBridgeMixin, SiteReportsMixin, RoundDrive
         self._budget_message = ""
         if self.finished is not None:
             return self._report_finished()
+        refusal = self.model.mechanism.evaluation_refusal()
+        if refusal is not None and cfg.evaluation.mode != "off" and (cfg.evaluation.each_round or cfg.evaluation.final):
+            log.info("federated evaluation off: %s", refusal)
         while self.model.version < cfg.schedule.rounds:
             with self._cond:
                 available = self._wait_for_cohort(self.model.version + 1)

@@ -344,11 +344,12 @@ class CoordinatorBase:
 
     @property
     def _evaluation_mode(self) -> str:
-        """Federated evaluation as the job runs it: off under user-level DP (its sums would be released
-        without the round's noise), else the configured mode."""
-        if not self.config.evaluation.each_round and not self.config.evaluation.final:
+        """Federated evaluation as the job runs it: off where the privacy mechanism rules it out
+        (:meth:`PrivacyMechanism.evaluation_refusal`), else the configured mode."""
+        evaluation = self.config.evaluation
+        if not evaluation.each_round and not evaluation.final:
             return "off"
-        return "off" if self.config.user_level_dp else self.config.evaluation.mode
+        return "off" if self.model.mechanism.evaluation_refusal() is not None else evaluation.mode
 
     def _secure_metrics(self) -> tuple[str, ...]:
         if self._evaluation_mode != "secure":

@@ -72,6 +72,12 @@ class PrivacyMechanism(ABC):
         """The DP-SGD noise multiplier the job fixes for every site (to check their reports), or None."""
         return None
 
+    def evaluation_refusal(self) -> str | None:
+        """Why the job runs no federated evaluation under this mechanism (None: it runs as configured)."""
+        if self.user_level:
+            return "user-level DP: evaluation sums would be released without the round's noise"
+        return None
+
     def new_state(self) -> DPFedAvg | None:
         """The mechanism's server state that evolves over rounds (checkpointed), if any."""
         return None

@@ -39,6 +39,16 @@ class LocalDP(PrivacyMechanism):
     def required_site_noise_multiplier(self) -> float | None:
         return None if self.config.privacy.local_target_epsilon else self.config.privacy.local_noise_multiplier
 
+    def evaluation_refusal(self) -> str | None:
+        """Off unless the job asks anyway (``--evaluate-under-local-dp``): DP-SGD's ε covers training
+        only, so a site with the default policy declines to evaluate on its records
+        (:func:`fedveil.clients.admission.evaluation_refusal`), and asking would cost an
+        evaluation-only round that every such site declines."""
+        if self.config.evaluation.under_local_dp:
+            return None
+        return ("local DP: the sites' DP-SGD ε covers training only, and by default they decline to evaluate "
+                "(--evaluate-under-local-dp asks anyway; a site answers only if its policy opts in too)")
+
     def decode(self, plan: RoundPlan, ring_sum: np.ndarray, survivors: int, declared_weight: float | None,
                state: DPFedAvg | None) -> DecodedRound:
         return decode_fixed_point_mean(plan, ring_sum, survivors, declared_weight, self.dim)
