@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -92,15 +93,22 @@ def test_an_explicit_threshold_unsafe_for_the_cohort_stops_the_job(tmp_path: Pat
     store.close()
 
 
-def test_per_site_metrics_are_refused_unless_the_job_evaluates_in_the_clear(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("settings", "why"), [
+    ({"evaluate": True}, "evaluation 'secure'; they travel only as secure sums"),
+    ({}, "evaluation 'off'; it asks for none"),
+    # under local DP a job evaluates only with evaluate_under_local_dp, even in the clear
+    ({"evaluate": True, "dp": "local", "evaluation": "clear"}, "evaluation 'off'; it asks for none"),
+])
+def test_per_site_metrics_are_refused_unless_the_job_evaluates_in_the_clear(tmp_path: Path, settings: dict[str, Any],
+                                                                            why: str) -> None:
     from fedveil.protocol import PROTOCOL_VERSION
     from fedveil.protocol.errors import MalformedMessage
     from fedveil.protocol.transport import ClientSession
 
-    coordinator, store = make_job(tmp_path, ["x", "y"], rounds=1)
+    coordinator, store = make_job(tmp_path, ["x", "y"], rounds=1, **settings)
     session = ClientSession.from_join(coordinator.join("x", pb.JoinRequest(
         protocol_version=PROTOCOL_VERSION, task_name="synthetic-logreg")))
-    with pytest.raises(MalformedMessage, match="per-site metrics are not accepted"):
+    with pytest.raises(MalformedMessage, match=f"per-site metrics are not accepted by this job \\({why}\\)"):
         coordinator.report_metrics("x", pb.MetricsReport(header=session.header(1, b"n" * 16), model_version=0,
                                                          num_examples=10, metrics=[pb.Metric(name="loss", value=1)]))
     store.close()

@@ -78,9 +78,10 @@ def _variant(t: Renumbered, real: pb.MetricsReport, **fields: Any) -> pb.Metrics
 
 def _local_job(tmp_path: Path, **overrides: Any) -> tuple[Any, RunStore]:
     # evaluation "clear": these tests send per-site metrics beside the spend, which a job accepts only when it
-    # evaluates in the clear (the secure default refuses them: tests/test_server_modes.py)
+    # evaluates in the clear (the secure default refuses them: tests/test_server_modes.py), and under local DP
+    # only when it asks for evaluation at all (evaluate_under_local_dp)
     settings = dict(rounds=1, dp="local", dp_local_noise_multiplier=Z, dp_delta=DELTA, round_timeout=120.0,
-                    local_epochs=1, evaluation="clear", evaluate=True)
+                    local_epochs=1, evaluation="clear", evaluate=True, evaluate_under_local_dp=True)
     settings.update(overrides)
     return make_job(tmp_path, ["x", "y"], **settings)
 

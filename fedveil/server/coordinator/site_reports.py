@@ -40,8 +40,9 @@ class SiteReportsMixin(CoordinatorBase):
         report = check_report(request)  # every number range-checked before anything is recorded
         if report.metrics and self._evaluation_mode != "clear":
             # per-site metrics are an oracle on a site's data: only when the job asks for them in the clear
-            raise MalformedMessage(f"metrics: per-site metrics are not accepted by this job (evaluation "
-                                   f"{self._evaluation_mode!r}; they travel only as secure sums)")
+            mode = self._evaluation_mode
+            raise MalformedMessage(f"metrics: per-site metrics are not accepted by this job (evaluation {mode!r}; "
+                                   + ("they travel only as secure sums)" if mode == "secure" else "it asks for none)"))
         with self._cond:
             client = self._session(caller, request.header, "ReportMetrics")
             header = request.header
