@@ -30,6 +30,7 @@ from fedveil.clients.site_state import SiteState
 from fedveil.dp.distributed import DistributedDPConfig
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.protocol.binding import BINDING_BYTES, bound_context
+from fedveil.protocol.codec import model_digest, model_vector
 from fedveil.secagg.threshold import cohort_bound
 from fedveil.server.coordinator import Coordinator
 from fedveil.tasks.synthetic import task as synthetic
@@ -110,7 +111,8 @@ def test_the_sites_honest_count_is_t_minus_c_whatever_the_server_claims(tmp_path
 
     def admitted(message: pb.RoundStart) -> Any:
         return admit_round(policy, job, message, run_id=start.run_id, own_name=VICTIM,
-                           own_key=bytes(join.identity_public_key), now=int(time.time()), state=SiteState.open(None))
+                           own_key=bytes(join.identity_public_key), now=int(time.time()), state=SiteState.open(None),
+                           model_digest=model_digest(model_vector(message.model)))
 
     honest = admitted(start)
     lie = pb.RoundStart.FromString(start.SerializeToString())

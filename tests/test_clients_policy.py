@@ -140,7 +140,7 @@ def test_site_state_refuses_retries_after_release_and_caps_attempts_across_resta
     state.joined("run", 1)
     state.joined("run", 1)
     assert "maximum" in (state.admission_refusal("run", 1, 2) or "")
-    state.released("run", 1)
+    state.released("run", 1, bytes(32))
     reopened = SiteState.open(path)  # a restarted client remembers
     assert "already released" in (reopened.admission_refusal("run", 1, 5) or "")
     assert "already released" in (reopened.admission_refusal("run", 0, 5) or "")  # an earlier round too

@@ -60,6 +60,9 @@ class Admission:
     evaluation_allowed: bool = True
     """Whether this site evaluates on its data in this job at all (secure or clear): not under local DP
     unless its policy opts in (:func:`evaluation_refusal`)."""
+    model_digest: bytes = b""
+    """The global model as the site names it (:func:`fedveil.protocol.codec.model_digest`): recorded
+    when the site releases a sum over it, and never released over again without noise it relies on."""
 
     @property
     def guaranteed_event(self) -> DpEvent | None:
@@ -203,8 +206,11 @@ def check_threshold(policy: SitePolicy, start: pb.RoundStart) -> tuple[int, int]
 
 
 def admit_round(policy: SitePolicy, job: pb.JobInfo, start: pb.RoundStart, *, run_id: str, own_name: str,
-                own_key: bytes, now: int, state: SiteState, verified: set[bytes] | None = None) -> Admission:
-    """Check ``start`` before taking part (see the module docstring); raises :class:`PolicyViolation`."""
+                own_key: bytes, now: int, state: SiteState, model_digest: bytes,
+                verified: set[bytes] | None = None) -> Admission:
+    """Check ``start`` before taking part (see the module docstring); raises :class:`PolicyViolation`.
+
+    ``model_digest`` is the site's own digest of the round's model (never the server's field)."""
     check_job_consistency(start, job, run_id)
     refusal = state.admission_refusal(run_id, int(start.round), policy.max_attempts_per_round,
                                       evaluation_only=start.purpose == pb.ROUND_PURPOSE_EVALUATE,
@@ -238,15 +244,17 @@ def admit_round(policy: SitePolicy, job: pb.JobInfo, start: pb.RoundStart, *, ru
         raise PolicyViolation("purpose", f"an evaluation-only round: {refusal}")
     evaluate = bool(evaluation.dimension) and policy.evaluation == "secure" and refusal is None
     terms = mechanism.terms(policy, start, honest)
-    if not mechanism.protects_replays(terms) and state.released_over(run_id, bytes(start.model.sha256)):
+    if not mechanism.protects_replays(terms) and state.released_over(model_digest):
         # No noise this site relies on: the same model again gives the same update and metrics, and
-        # two sums over cohorts with and without this site would difference to them exactly. (With
-        # local DP every training draws fresh DP-SGD noise, and user-level noise is accounted per release.)
-        raise PolicyViolation("model", f"the global model (sha256 {bytes(start.model.sha256).hex()[:16]}…) is one "
-                              "this site already released a sum over, with no noise it relies on; a server that "
-                              "replays a model could difference the two sums")
+        # two sums over cohorts with and without this site would difference to them exactly, in
+        # this run or another. (With local DP every training draws fresh DP-SGD noise, and
+        # user-level noise is accounted per release.)
+        raise PolicyViolation("model", f"the global model (sha256 {model_digest.hex()[:16]}…) is one this site "
+                              "already released a sum over, in this run or an earlier one, with no noise it relies "
+                              "on; a server that replays a model could difference the two sums (a new run needs "
+                              "a new initial model)")
     return Admission(holders=h, corrupt=c, honest_contributors=honest, mechanism=mechanism, terms=terms,
-                     evaluate=evaluate, evaluation_allowed=refusal is None)
+                     evaluate=evaluate, evaluation_allowed=refusal is None, model_digest=model_digest)
 
 
 def evaluation_refusal(policy: SitePolicy, dp_mode: str) -> str | None:

@@ -53,14 +53,16 @@ class RoundEnded(RoundLost):
         self.reason = reason
 
 
-def admit(federation: Federation, start: pb.RoundStart) -> Admission:
-    """The policy check of ``start`` (raises :class:`PolicyViolation`)."""
+def admit(federation: Federation, start: pb.RoundStart, model_digest: bytes) -> Admission:
+    """The policy check of ``start``, whose model the site names ``model_digest`` (raises
+    :class:`PolicyViolation`)."""
     assert federation.job is not None and federation.run_id is not None
     key = federation.options.identity_key
     own_key = key.public_key().public_bytes_raw() if key is not None else b""
     return admit_round(federation.policy, federation.job, start, run_id=federation.run_id,
                        own_name=federation.client_name, own_key=own_key, now=int(time.time()),
-                       state=federation.state, verified=federation.verified_credentials)
+                       state=federation.state, model_digest=model_digest,
+                       verified=federation.verified_credentials)
 
 
 def kept_start(start: pb.RoundStart) -> pb.RoundStart:
@@ -227,7 +229,7 @@ def _secagg_step(federation: Federation, driver: SecAggClientDriver, instruction
         revealed = driver.unmask(instruction.unmasking)
         assert federation.run_id is not None
         # before the shares leave: never another input for this round, nor for this model
-        federation.state.released(federation.run_id, number, bytes(start.model.sha256))
+        federation.state.released(federation.run_id, number, admission.model_digest)
         federation._send("Unmask", lambda h: transport.unmask(pb.UnmaskRequest(header=h, shares=revealed)))
     elif kind == "round_result":
         result = instruction.round_result

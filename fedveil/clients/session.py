@@ -56,7 +56,7 @@ from fedveil.errors import FedveilError
 from fedveil.model_spec import ModelMismatchError, ModelSpec
 from fedveil.protocol import PROTOCOL_VERSION
 from fedveil.protocol import fedveil_pb2 as pb
-from fedveil.protocol.codec import model_vector
+from fedveil.protocol.codec import model_digest, model_vector
 from fedveil.protocol.errors import (
     Incompatible,
     MalformedMessage,
@@ -362,7 +362,7 @@ class Federation:
             self._decline_attempt(start, f"unusable global model ({err})")
             return None
         try:
-            admission = participation.admit(self, start)
+            admission = participation.admit(self, start, model_digest(vector))
         except PolicyViolation as err:
             log.warning("round %d (attempt %d): declined by this site's policy: %s", start.round, start.attempt, err)
             self._decline_attempt(start, f"policy: {err}")

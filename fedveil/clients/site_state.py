@@ -211,9 +211,13 @@ class SiteState:
                     f"maximum (max_attempts_per_round={max_attempts})")
         return None
 
-    def released_over(self, run_id: str, model_digest: bytes) -> bool:
-        """Whether this site already released a sum over the global model ``model_digest``."""
-        return bool(model_digest) and model_digest.hex() in self.released_models.get(run_id, set())
+    def released_over(self, model_digest: bytes) -> bool:
+        """Whether this site already released a sum over the global model ``model_digest``, in any run:
+        a server that starts a new run from the same model could difference it against the old one."""
+        if not model_digest:
+            raise ValueError("model_digest: empty (the site computes it from the model it received)")
+        digest = model_digest.hex()
+        return any(digest in digests for digests in self.released_models.values())
 
     def joined(self, run_id: str, round_number: int) -> None:
         self.record(run_id, round_number).attempts += 1
@@ -242,12 +246,13 @@ class SiteState:
         self.save()
         return True
 
-    def released(self, run_id: str, round_number: int, model_digest: bytes = b"") -> None:
+    def released(self, run_id: str, round_number: int, model_digest: bytes) -> None:
         """The site sent its unmasking shares for an attempt of ``round_number``, whose sum was over the
         global model ``model_digest`` (its update and evaluation): that model is never used again."""
+        if not model_digest:
+            raise ValueError("model_digest: empty (the site computes it from the model it received)")
         self.record(run_id, round_number).released = True
-        if model_digest:
-            self.released_models.setdefault(run_id, set()).add(model_digest.hex())
+        self.released_models.setdefault(run_id, set()).add(model_digest.hex())
         self.save()
 
     def sent_masked_input(self, release: Release, event: DpEvent | None, details: dict[str, Any]) -> None:

@@ -62,6 +62,17 @@ def model_message(vector: np.ndarray, version: int, tensors: Sequence[tuple[str,
     )
 
 
+def model_digest(vector: np.ndarray) -> bytes:
+    """A site's own name for a global model: SHA-256 of its float32 values, with -0.0 read as 0.0.
+
+    Computed from the values the site will load, never taken from the server's ``sha256`` field: a
+    server that replays a model must not get it past the site's replay check (its list of models
+    it released a sum over) by sending that field empty, or by re-encoding the same model (a zero
+    as -0.0). ``vector`` is finite (:func:`model_vector` refuses NaN and infinities)."""
+    canonical = np.add(np.asarray(vector, dtype="<f4"), np.float32(0.0), dtype="<f4")  # -0.0 + 0.0 = 0.0
+    return hashlib.sha256(canonical.tobytes()).digest()
+
+
 def model_vector(model: pb.Model, expected_size: int | None = None) -> np.ndarray:
     """The flat float32 vector of a :class:`pb.Model`, checked against its digest and layout."""
     data = model.data
