@@ -14,6 +14,7 @@ import inspect
 import io
 import math
 import re
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,9 @@ class DataSchema:
     features: tuple[ColumnSpec, ...]
     label: ColumnSpec
     max_rows: int = 1_000_000
+    #: Most columns a file's header may have (never fewer than the schema's own): far above any
+    #: real site file, and a bound on the work an arbitrary header costs before it is refused.
+    max_columns: int = 10_000
 
     @property
     def column_names(self) -> list[str]:
@@ -82,7 +86,7 @@ class DataSchema:
         """Parse and validate CSV content into float32 features and float32 labels.
 
         Raises :class:`SchemaError` naming the problem (missing or extra columns, a value of the
-        wrong type, an empty file, a non-CSV file, too many rows).
+        wrong type, an empty file, a non-CSV file, too many rows or columns).
         """
         if isinstance(data, Path):
             raw = data.read_bytes()
@@ -103,7 +107,10 @@ class DataSchema:
             header = [h.strip() for h in next(reader)]
         except (StopIteration, csv.Error) as err:
             raise SchemaError(f"the file is not valid CSV: {err}") from err
-        duplicates = sorted({h for h in header if header.count(h) > 1})
+        max_columns = max(self.max_columns, len(self.column_names))
+        if len(header) > max_columns:
+            raise SchemaError(f"too many columns in the header ({len(header)}; the limit is {max_columns})")
+        duplicates = sorted(h for h, n in Counter(header).items() if n > 1)
         if duplicates:
             raise SchemaError("duplicate columns in the header: " + ", ".join(repr(h) for h in duplicates))
         expected = self.column_names

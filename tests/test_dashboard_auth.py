@@ -55,7 +55,7 @@ def exchange(board: Board, method: str, path: str, headers: dict[str, str] | Non
 
 
 @pytest.mark.parametrize("presented", ["none", "wrong", "one_char_off", "empty_bearer", "basic", "other_port_cookie",
-                                       "wrong_cookie", "query_string"])
+                                       "wrong_cookie", "token_as_cookie", "query_string"])
 def test_every_route_refuses_a_request_without_the_right_token(board: Board, presented: str) -> None:
     server, _, dirs = board
     assert upload(server.url, "hospital-2", site_csv().encode())[0] == 200
@@ -68,6 +68,7 @@ def test_every_route_refuses_a_request_without_the_right_token(board: Board, pre
         "basic": {"Authorization": f"Basic {right}"},
         "other_port_cookie": {"Cookie": f"{cookie_name(server.port + 1)}={right}"},
         "wrong_cookie": {"Cookie": f"{cookie_name(server.port)}={one_char_off(right)}"},
+        "token_as_cookie": {"Cookie": f"{cookie_name(server.port)}={right}"},  # cookies carry sessions only
         "query_string": {},
     }[presented]
     assert len(one_char_off(right)) == len(right) and one_char_off(right) != right
@@ -101,7 +102,9 @@ def test_the_login_url_alone_sets_an_httponly_samesite_cookie_and_drops_the_toke
     assert status == 303 and head["location"] == "/"  # the token leaves the address bar and the history
     (cookie,) = cookies
     parts = [p.strip() for p in cookie.split(";")]
-    assert parts[0] == f"{cookie_name(server.port)}={TOKEN.value}"
+    name, _, session = parts[0].partition("=")
+    assert name == cookie_name(server.port) and session
+    assert TOKEN.value not in cookie  # a session value, never the token
     assert {"HttpOnly", "SameSite=Strict", "Path=/"} <= set(parts)
     assert head["referrer-policy"] == "no-referrer"
     status, head, _, _ = exchange(board, "GET", f"site.html?token={TOKEN.value}")

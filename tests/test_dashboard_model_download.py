@@ -79,6 +79,9 @@ def test_the_metadata_names_run_round_task_and_epsilon(finished_run: tuple[Path,
     ("model?round=99", 404, "round"),
     ("model?round=-1", 400, "round"),
     ("model?round=x", 400, "round"),
+    ("model?round=9223372036854775807", 404, "round"),  # the largest round a store can hold
+    ("model?round=9223372036854775808", 400, "round"),  # beyond SQLite's integers: was a 500
+    (f"model?round={10**40}", 400, "round"),
 ])
 def test_a_round_or_run_that_does_not_exist_is_refused_naming_it(finished_run: tuple[Path, str], suffix: str,
                                                                  status: int, says: str) -> None:
@@ -93,3 +96,13 @@ def test_a_round_or_run_that_does_not_exist_is_refused_naming_it(finished_run: t
         assert code == 401
     finally:
         server.stop()
+
+
+def test_an_export_request_beyond_the_stores_integers_names_the_round() -> None:
+    """``fedveil export --round`` too: a round no SQLite INTEGER can hold is refused, not a crash."""
+    from fedveil.server.model_export import MAX_ROUND, ExportError, ExportRequest
+
+    with pytest.raises(ExportError, match=f"rounds are at most {MAX_ROUND}") as err:
+        ExportRequest(Path("runs.db"), Path("out"), round=MAX_ROUND + 1)
+    assert err.value.field == "round"
+    assert ExportRequest(Path("runs.db"), Path("out"), round=MAX_ROUND).round == MAX_ROUND

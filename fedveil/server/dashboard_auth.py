@@ -9,15 +9,21 @@ line, where ``ps`` would show it). The command prints it once, inside the login 
 
 - Opening a page with ``?token=`` (the login URL) sets an ``HttpOnly``, ``SameSite=Strict`` cookie
   and redirects to the same page without the token, so the token does not stay in the address
-  bar or the history. The cookie is named after the port: cookies are shared by every port of a
-  host, so two dashboards must not overwrite each other's.
-- Every other request (pages, assets, API) must carry the cookie or ``Authorization: Bearer
+  bar or the history. The cookie holds a fresh random session value (:class:`LoginSessions`),
+  never the token: cookies are scoped by host, not port, so a browser also sends them to any
+  other server on 127.0.0.1; the session value lets whoever catches it in only until this
+  dashboard process ends, while the token itself never leaves the login URL. The cookie is named
+  after the port, so two dashboards do not overwrite each other's.
+- Every other request (pages, assets, API) must carry a session cookie or ``Authorization: Bearer
   <token>``; a token in an API call's query string is not accepted (it would end up in logs and
   histories). Otherwise: 401, with ``{"error": ..., "field": "token"}`` for the API and a short
   page pointing at the start-up URL for pages.
+- The ``Cookie`` header is split on ``;`` and ``=`` here, not by :mod:`http.cookies`, so another
+  local application's cookies (with spaces, quotes, JSON or non-ASCII text) cannot hide this one.
 
-Tokens are compared as SHA-256 digests with :func:`hmac.compare_digest`, so the comparison takes
-the same time wherever a guess differs, and for guesses of any length.
+Tokens and session values are compared as SHA-256 digests with :func:`hmac.compare_digest`, so the
+comparison takes the same time wherever a guess differs, and for guesses of any length; only the
+sessions' digests are kept.
 """
 
 from __future__ import annotations
@@ -26,8 +32,9 @@ import hashlib
 import hmac
 import re
 import secrets
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
-from http.cookies import CookieError, SimpleCookie
 from pathlib import Path
 
 from fedveil.errors import FedveilError
@@ -107,25 +114,72 @@ def cookie_name(port: int) -> str:
     return f"{COOKIE_PREFIX}{port}"
 
 
-def login_cookie(token: LoginToken, port: int) -> str:
-    """The ``Set-Cookie`` value of a successful login: a session cookie scripts cannot read and
-    that other sites' requests never carry."""
-    return f"{cookie_name(port)}={token.value}; Path=/; HttpOnly; SameSite=Strict"
+MAX_SESSIONS = 64
+"""Logins remembered at once; the oldest is forgotten (that browser logs in again with the URL)."""
 
 
-def presented_tokens(authorization: str, cookie_headers: Sequence[str], port: int) -> list[str]:
-    """The tokens a request presents: its ``Authorization: Bearer`` value and its login cookie."""
-    found: list[str] = []
+class LoginSessions:
+    """The session values handed out by successful logins, kept only as SHA-256 digests in this
+    process's memory: they end with it (or when :data:`MAX_SESSIONS` newer logins push them out)."""
+
+    def __init__(self) -> None:
+        self._digests: OrderedDict[bytes, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def issue(self) -> str:
+        """A new random session value (256 bits) for a login cookie."""
+        value = secrets.token_urlsafe(TOKEN_BYTES)
+        with self._lock:
+            self._digests[hashlib.sha256(value.encode("ascii")).digest()] = None
+            while len(self._digests) > MAX_SESSIONS:
+                self._digests.popitem(last=False)
+        return value
+
+    def matches(self, candidate: str | None) -> bool:
+        """Whether ``candidate`` is a live session value; every digest is compared in constant time."""
+        if not candidate:
+            return False
+        digest = hashlib.sha256(candidate.encode("utf-8", "surrogateescape")).digest()
+        with self._lock:
+            known = list(self._digests)
+        found = False
+        for d in known:
+            found |= hmac.compare_digest(digest, d)
+        return found
+
+    def __repr__(self) -> str:
+        return f"LoginSessions(<{len(self._digests)} redacted>)"
+
+
+def login_cookie(session: str, port: int) -> str:
+    """The ``Set-Cookie`` value of a successful login: a session value (never the token) in a cookie
+    scripts cannot read and that other sites' requests never carry."""
+    return f"{cookie_name(port)}={session}; Path=/; HttpOnly; SameSite=Strict"
+
+
+def bearer_token(authorization: str) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, if that is what it is."""
     scheme, _, value = authorization.strip().partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        found.append(value.strip())
-    for raw in cookie_headers:
-        jar: SimpleCookie = SimpleCookie()
-        try:
-            jar.load(str(raw))
-        except CookieError:
-            continue
-        morsel = jar.get(cookie_name(port))
-        if morsel is not None and morsel.value:
-            found.append(morsel.value)
+    if scheme.lower() != "bearer":
+        return None
+    return value.strip() or None
+
+
+def cookie_values(cookie_headers: Sequence[str], name: str) -> list[str]:
+    """Every value of the cookie ``name`` in these ``Cookie`` headers.
+
+    Split on ``;`` and the first ``=`` of each pair, leniently: a pair that is not
+    ``name=value``, or whose value holds spaces, quotes, JSON or non-ASCII text (another
+    application's cookie on this host), is skipped and never hides the others.
+    """
+    found = []
+    for header in cookie_headers:
+        for pair in header.split(";"):
+            key, eq, value = pair.partition("=")
+            if eq and key.strip() == name:
+                value = value.strip()
+                if len(value) >= 2 and value[0] == value[-1] == '"':
+                    value = value[1:-1]
+                if value:
+                    found.append(value)
     return found

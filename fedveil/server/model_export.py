@@ -32,6 +32,8 @@ from fedveil.server.store import RunStore, StoreError, is_run_store
 from fedveil.task import Task, TaskLoadError, load_task, vector_to_model
 
 FORMATS = ("safetensors", "onnx", "torch")
+MAX_ROUND = 2**63 - 1
+"""The largest round a store can hold (SQLite's INTEGER); a larger one is refused naming ``round``."""
 ONNX_OPSET = 17
 
 
@@ -54,6 +56,8 @@ class ExportRequest:
             raise ExportError(f"must be one of {', '.join(FORMATS)} (got {self.format!r})", field="format")
         if self.round is not None and self.round < 0:
             raise ExportError(f"must be 0 (the initial model) or more (got {self.round})", field="round")
+        if self.round is not None and self.round > MAX_ROUND:
+            raise ExportError(f"no round {self.round} (rounds are at most {MAX_ROUND})", field="round")
 
 
 @dataclass(frozen=True)

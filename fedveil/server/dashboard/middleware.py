@@ -2,12 +2,13 @@
 
 In order: only GET, HEAD, POST and DELETE; the ``Host`` must name the bound address (against DNS
 rebinding); no chunked bodies and no JSON body over :data:`MAX_JSON_BYTES` (uploads have their own
-limit, enforced while streaming); the login URL (a page with ``?token=``) sets the cookie; every
-other request must present the login token (:mod:`fedveil.server.dashboard_auth`); POST and DELETE
-need the ``X-Fedveil-Request: 1`` header, which a page on another origin cannot send without a CORS
-preflight this server never grants (against cross-site request forgery). Every answer carries the
-security headers, and an error answer closes the connection, so an unread body is never taken for
-the next request.
+limit, enforced while streaming); the login URL (a page with ``?token=``) sets a session cookie;
+every other request must present that cookie or the login token
+(:mod:`fedveil.server.dashboard_auth`); POST and DELETE need the ``X-Fedveil-Request: 1`` header,
+which a page on another origin cannot send without a CORS preflight this server never grants
+(against cross-site request forgery). Every answer carries the security headers (no page may
+frame the dashboard, against clickjacking), and an error answer closes the connection, so an
+unread body is never taken for the next request.
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from fedveil.server.dashboard_auth import (
     UNAUTHORIZED_MESSAGE,
     UNAUTHORIZED_PAGE,
+    LoginSessions,
     LoginToken,
+    bearer_token,
+    cookie_name,
+    cookie_values,
     login_cookie,
-    presented_tokens,
 )
 
 REQUEST_HEADER = "X-Fedveil-Request"
@@ -35,7 +39,9 @@ HTML = "text/html; charset=utf-8"
 SECURITY_HEADERS = (
     (b"cache-control", b"no-store"),
     (b"x-content-type-options", b"nosniff"),
-    (b"content-security-policy", b"default-src 'self'; img-src 'self' data:"),
+    # no page may frame the dashboard (clickjacking; default-src does not cover frame-ancestors)
+    (b"content-security-policy", b"default-src 'self'; img-src 'self' data:; frame-ancestors 'none'"),
+    (b"x-frame-options", b"DENY"),
     (b"referrer-policy", b"no-referrer"),  # a login URL must never travel in a Referer
 )
 
@@ -127,10 +133,12 @@ def _without_body(send: Send) -> Send:
 class LoginGuard:
     """The login token on every request (see :mod:`fedveil.server.dashboard_auth`); the login URL sets its cookie."""
 
-    def __init__(self, app: ASGIApp, token: LoginToken, pages: Iterable[str]) -> None:
+    def __init__(self, app: ASGIApp, token: LoginToken, pages: Iterable[str],
+                 sessions: LoginSessions | None = None) -> None:
         self.app = app
         self.token = token
         self.pages = frozenset(pages)
+        self.sessions = sessions if sessions is not None else LoginSessions()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -144,12 +152,12 @@ class LoginGuard:
             if len(candidates) == 1 and self.token.matches(candidates[0]):
                 await _answer(send, HTTPStatus.SEE_OTHER, b"", "text/plain; charset=utf-8",
                               [(b"location", scope["path"].encode()),
-                               (b"set-cookie", login_cookie(self.token, port).encode())])
+                               (b"set-cookie", login_cookie(self.sessions.issue(), port).encode())])
                 return
         else:
-            authorization = (_headers(scope, b"authorization") or [""])[0]
-            presented = presented_tokens(authorization, _headers(scope, b"cookie"), port)
-            if any(self.token.matches(t) for t in presented):
+            bearer = bearer_token((_headers(scope, b"authorization") or [""])[0])
+            sessions = cookie_values(_headers(scope, b"cookie"), cookie_name(port))
+            if self.token.matches(bearer) or any(self.sessions.matches(v) for v in sessions):
                 await self.app(scope, receive, send)
                 return
         challenge = [(b"www-authenticate", b'Bearer realm="fedveil dashboard"')]

@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from fedveil.server.dashboard.app import NO_UPLOADS, Dashboard
@@ -39,7 +40,8 @@ from fedveil.server.dashboard.schemas import (
 )
 from fedveil.server.dashboard.settings import DashboardError
 from fedveil.server.dashboard.sources import store_model_file
-from fedveil.server.dashboard_auth import LoginToken
+from fedveil.server.dashboard_auth import LoginSessions, LoginToken
+from fedveil.server.model_export import MAX_ROUND
 
 log = logging.getLogger("fedveil.dashboard")
 
@@ -164,7 +166,7 @@ def _add_api(api: FastAPI, board: Dashboard) -> None:
 
     @api.get("/api/runs/{run_id}/model", response_class=Response, responses={
         200: {"content": {"application/octet-stream": {}}}, **ERRORS})
-    def model(run_id: str, round: int | None = Query(None, ge=0)) -> Response:
+    def model(run_id: str, round: int | None = Query(None, ge=0, le=MAX_ROUND)) -> Response:
         """The run's global model (safetensors, with the metadata of ``fedveil export``)."""
         name, data = store_model_file(getattr(board.runs, "store_path", None), run_id, round)
         return Response(data, media_type="application/octet-stream",
@@ -189,7 +191,8 @@ def _add_api(api: FastAPI, board: Dashboard) -> None:
         dirs = board.site_dirs()
         dirs.path(name)  # 404 for an unknown site, before reading a body
         body = await _streamed_body(request, dirs.max_bytes)
-        return dirs.accept(name, filename, body)
+        # parsed and written on a worker thread: a large file never holds up other requests
+        return await run_in_threadpool(dirs.accept, name, filename, body)
 
     @api.delete("/api/sites/{name}/upload", response_model=Removed, responses=ERRORS)
     def remove(name: str) -> dict[str, Any]:
@@ -236,7 +239,7 @@ def build_app(board: Dashboard, token: LoginToken) -> FastAPI:
     pages = [p for p, name in STATIC_FILES.items() if name.endswith(".html")]
     # the last added runs first: headers on every answer, then method/Host/framing, token, CSRF header
     api.add_middleware(CsrfGuard)
-    api.add_middleware(LoginGuard, token=token, pages=pages)
+    api.add_middleware(LoginGuard, token=token, pages=pages, sessions=LoginSessions())
     api.add_middleware(RequestGuard)
     api.add_middleware(SecurityHeaders)
     return api

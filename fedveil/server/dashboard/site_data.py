@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -32,6 +33,9 @@ class SiteDataDirs:
     task: Task
     max_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    #: What :meth:`describe` found in each file, keyed by the file's (inode, mtime, size): a file is
+    #: parsed again only when it changed, not on every ``GET /api/sites``.
+    _described: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         for name in self.sites:
@@ -50,16 +54,32 @@ class SiteDataDirs:
     def describe(self) -> list[dict[str, Any]]:
         out = []
         for name in self.sites:
-            p = self.path(name)
-            info: dict[str, Any] = {"name": name, "has_upload": p.is_file(), "rows": None}
-            if p.is_file():
-                try:
-                    _, labels = self.task.schema.parse_csv(p)
-                    info["rows"] = len(labels)
-                except SchemaError as err:  # a file edited by hand since it was accepted
-                    info["error"] = str(err)
+            info: dict[str, Any] = {"name": name, "has_upload": False, "rows": None}
+            try:
+                st = self.path(name).stat()
+            except OSError:
+                st = None
+            if st is not None and stat.S_ISREG(st.st_mode):
+                info["has_upload"] = True
+                info.update(self._file_summary(name, (st.st_ino, st.st_mtime_ns, st.st_size)))
             out.append(info)
         return out
+
+    def _file_summary(self, site: str, key: tuple[int, int, int]) -> dict[str, Any]:
+        """``{"rows": n}`` or ``{"error": ...}`` for the site's file, parsed only if it changed since last asked."""
+        cached = self._described.get(site)
+        if cached is not None and cached[0] == key:
+            return dict(cached[1])
+        summary: dict[str, Any]
+        try:
+            _, labels = self.task.schema.parse_csv(self.path(site))
+            summary = {"rows": len(labels)}
+        except SchemaError as err:  # a file edited by hand since it was accepted
+            summary = {"error": str(err)}
+        except OSError:  # removed (or replaced) while being read: answer as if absent, cache nothing
+            return {"has_upload": False}
+        self._described[site] = (key, summary)
+        return dict(summary)
 
     def accept(self, site: str, filename: str, body: bytes) -> dict[str, Any]:
         """Validate ``body``; only if it is a good site file, write it atomically. Returns a summary."""
