@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedveil.clients.mechanisms import ClientMechanism, MechanismTerms, client_mechanism
-from fedveil.clients.policy import PolicyViolation, SitePolicy
+from fedveil.clients.policy import PolicyViolation, SitePolicy, check_training
 from fedveil.clients.site_state import SiteState
 from fedveil.clients.update import AttemptRandomness, PreparedUpdate
 from fedveil.dp.accounting import DpEvent
@@ -221,6 +221,7 @@ def admit_round(policy: SitePolicy, job: pb.JobInfo, start: pb.RoundStart, *, ru
     if mode not in policy.allowed_dp_modes:
         raise PolicyViolation("dp.mode", f"DP mode {mode!r} is not allowed by this site's policy "
                               f"(allowed: {', '.join(sorted(policy.allowed_dp_modes))})")
+    check_training(policy, start)  # epochs and local-DP parameters, before the site accepts (again at training)
     n = int(start.secagg.cohort_size)
     if n < policy.min_cohort:
         raise PolicyViolation("secagg.cohort_size", f"a cohort of {n} is below this site's minimum of "

@@ -3,6 +3,17 @@
 One :class:`LocalDpClient` per client process holds one :class:`fedveil.dp.local.LocalDPSession`,
 hence one accountant for the client's whole participation: the client, not the server, knows
 how much privacy its own records have spent, and reports it (``LocalPrivacySpend``).
+
+The guarantee is the site's, not the server's. With the site's :class:`~fedveil.clients.policy.SitePolicy`
+the round's δ, target ε and noise must be within its limits (:func:`~fedveil.clients.policy.check_training`),
+the noise a target solves to must meet its floor, and the budget is the tighter of the job's target
+and the site's ``max_local_epsilon``. That budget is checked twice with the steps a round really
+takes, never with the first round's plan: before training, with the round's own ``local_epochs``
+and the batches of the loader the loop hands over (a server that raises the epochs or changes the
+batch size between rounds is refused before any step), and again before the update is released,
+with the steps actually taken (:meth:`LocalDpClient.over_budget`: a loop may train more than it
+was asked). Pinning the first round's epochs instead would refuse an honest change that costs
+less, and would still miss a batch-size change and a loop that trains past the number it was given.
 """
 
 from __future__ import annotations
@@ -12,24 +23,34 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedveil.clients.policy import SitePolicy, TrainingRefused
 from fedveil.dp.events import SubsampledGaussianEvent
 from fedveil.dp.ledger import BudgetExceededError
 from fedveil.dp.local import LocalDPConfig, LocalDPSession
 from fedveil.protocol import fedveil_pb2 as pb
 
+_SLACK = 1.0 + 1e-9
+"""Relative slack of the budget comparisons (the accountant's floating point), as in :mod:`fedveil.dp.local`."""
 
-def local_dp_config(params: pb.LocalDpParams, *, seed: int | None = None, local_epochs: int = 1) -> LocalDPConfig:
-    """The DP-SGD configuration a round's ``LocalDpParams`` describe (target ε when it is set)."""
+
+def local_dp_config(params: pb.LocalDpParams, *, seed: int | None = None, local_epochs: int = 1,
+                    policy: SitePolicy | None = None) -> LocalDPConfig:
+    """The DP-SGD configuration a round's ``LocalDpParams`` describe (target ε when it is set).
+
+    With the site's ``policy``: its ``max_local_epsilon`` caps the ε the session spends in either
+    mode, and a job that gives no δ is accounted at the site's ``max_local_delta`` (else 1e-5)."""
     target = float(params.target_epsilon)
+    default_delta = policy.max_local_delta if policy is not None else 1e-5
     return LocalDPConfig(
         max_grad_norm=float(params.max_grad_norm),
         noise_multiplier=None if target > 0 else float(params.noise_multiplier),
         target_epsilon=target if target > 0 else None,
         planned_rounds=int(params.planned_rounds) if target > 0 else None,
         local_epochs=max(int(local_epochs), 1),
-        delta=float(params.delta) if params.delta > 0 else 1e-5,
+        delta=float(params.delta) if params.delta > 0 else default_delta,
         max_physical_batch_size=int(params.max_physical_batch_size) or None,
         seed=seed,
+        epsilon_budget=policy.max_local_epsilon if policy is not None else None,
     )
 
 
@@ -44,13 +65,46 @@ class LocalDpClient:
 
     def privatize(
         self, params: pb.LocalDpParams, model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any,
-        local_epochs: int = 1,
+        local_epochs: int = 1, policy: SitePolicy | None = None,
     ) -> tuple[Any, Any, Any]:
+        """Wrap the loop's objects for this round's DP-SGD, for ``local_epochs`` passes over ``loader``.
+
+        Raises :class:`BudgetExceededError` before any step when those steps would take the site's ε
+        past its budget (see the module docstring), and :class:`TrainingRefused` when the noise a
+        target solves to is below the ``policy``'s floor."""
         if self.session is None:
-            self.session = LocalDPSession(local_dp_config(params, seed=self._seed, local_epochs=local_epochs))
-        wrapped = self.session.privatize(model, optimizer, loader)
+            self.session = LocalDPSession(local_dp_config(params, seed=self._seed, local_epochs=local_epochs,
+                                                          policy=policy))
+        epochs = max(int(local_epochs), 1)
+        if policy is not None and policy.min_local_noise_multiplier > 0:
+            plan = self.session.plan_round(loader, local_epochs=epochs)
+            if not plan.noise_multiplier >= policy.min_local_noise_multiplier:
+                raise TrainingRefused(
+                    "dp.local.target_epsilon" if self.session.config.target_epsilon is not None
+                    else "dp.local.noise_multiplier",
+                    f"DP-SGD would train with noise multiplier {plan.noise_multiplier:.4g}, below this site's "
+                    f"min_local_noise_multiplier = {policy.min_local_noise_multiplier:g}",
+                    round_index=self.session.rounds_completed, epsilon=plan.epsilon_before,
+                    budget=plan.budget if plan.budget is not None else float("inf"), delta=plan.delta)
+        wrapped = self.session.privatize(model, optimizer, loader, local_epochs=epochs)
         self._wrapped = wrapped[0]
         return wrapped
+
+    def over_budget(self, policy: SitePolicy | None = None) -> str:
+        """Why the round being trained may not be released ("" when it may): the steps it actually took
+        would take the site's ε past its budget (the job's target or the session's cap, the tighter).
+        Checked before release; the steps stay accounted either way (:meth:`finish_round`)."""
+        if self.session is None or self._wrapped is None:
+            return ""
+        budget = self.session.config.budget
+        if budget is None:
+            return ""
+        delta = self.session.config.delta
+        after = self.session.pending_epsilon()
+        if after > budget * _SLACK:
+            return (f"the site's DP-SGD accountant would be at ε = {after:.3f} (δ = {delta:g}) after the steps "
+                    f"this round took, past its budget ε = {budget:g}")
+        return ""
 
     @property
     def active(self) -> bool:
@@ -133,12 +187,15 @@ class EngineDpClient:
             return 0.0
         return float(self.engine.accountant.get_epsilon(delta=self.delta))
 
-    def over_budget(self) -> str:
-        """Why the round just trained may not be released ("" when it may): ε past the job's target."""
+    def over_budget(self, policy: SitePolicy | None = None) -> str:
+        """Why the round just trained may not be released ("" when it may): ε past the job's target, or
+        past the site's own ``max_local_epsilon`` when a ``policy`` is given (in every job)."""
         spent = self.epsilon()
-        if self.target_epsilon > 0 and spent > self.target_epsilon * (1.0 + 1e-9):
-            return (f"the site's Opacus accountant is at ε = {spent:.3f} (δ = {self.delta:g}), past the job's "
-                    f"local target ε = {self.target_epsilon:g}")
+        caps = [c for c in (self.target_epsilon if self.target_epsilon > 0 else None,
+                            policy.max_local_epsilon if policy is not None else None) if c is not None]
+        if caps and spent > min(caps) * _SLACK:
+            return (f"the site's Opacus accountant is at ε = {spent:.3f} (δ = {self.delta:g}), past its "
+                    f"budget ε = {min(caps):g} (the job's local target and this site's max_local_epsilon)")
         return ""
 
     def finish_round(self, trained: nn.Module | None = None) -> dict[str, torch.Tensor]:

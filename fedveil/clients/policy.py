@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedveil.dp.ledger import BudgetExceededError
 from fedveil.errors import FedveilError
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.secagg.errors import SecAggError
@@ -30,6 +31,9 @@ from fedveil.secagg.threshold import DEFAULT_MAX_CORRUPT_FRACTION, DEFAULT_SECUR
 DP_MODES = ("none", "local", "central", "distributed")
 EVALUATION_RULES = ("secure", "clear", "off")
 DEFAULT_MIN_COHORT = 3
+DEFAULT_MAX_LOCAL_EPOCHS = 100
+DEFAULT_MAX_LOCAL_DELTA = 1e-5
+DEFAULT_MAX_LOCAL_EPSILON = 10.0
 
 
 class PolicyError(FedveilError, ValueError):
@@ -52,6 +56,30 @@ class PolicyViolation(FedveilError):
         super().__init__(f"{field_name}: {message}")
         self.field = field_name
         self.detail = message
+
+
+class TrainingRefused(PolicyViolation, BudgetExceededError):
+    """A round's training or local-DP parameters break this site's policy, found when the loop
+    privatizes its objects (:meth:`fedveil.clients.round.Round.privatize`), before any step.
+
+    ``field`` names the ``RoundStart`` field at fault. It is a :class:`BudgetExceededError` too, so
+    every loop that declines a round its privacy budget cannot afford (``run_client``, the loop of
+    docs/federate-your-loop.md) declines this one the same way, before training: the site cannot
+    vouch for the ε such a round would spend. Its figures: ``epsilon_before`` is what the site has
+    spent, ``epsilon_after`` is ∞ (unknown), ``budget`` the site's own.
+    """
+
+    def __init__(self, field_name: str, message: str, *, round_index: int = 0, epsilon: float = 0.0,
+                 budget: float = math.inf, delta: float = DEFAULT_MAX_LOCAL_DELTA) -> None:
+        FedveilError.__init__(self, f"{field_name}: {message}")
+        self.field = field_name
+        self.detail = message
+        self.party = "site"
+        self.round_index = round_index
+        self.epsilon_before = epsilon
+        self.epsilon_after = math.inf
+        self.budget = budget
+        self.delta = delta
 
 
 @dataclass(frozen=True)
@@ -90,6 +118,17 @@ class SitePolicy:
         max_evaluations_per_job: evaluation requests of one job this site answers (evaluation-only
             rounds, per-site final evaluations); each is a query on its data the server chose.
         security_bits: σ for the Harary collusion bound (failure probability 2^-σ).
+        max_local_epochs: most local epochs (``training.local_epochs``) of one round this site
+            trains, in every DP mode: a server cannot make it burn unbounded CPU.
+        max_local_delta: the largest δ this site accepts for its sample-level (DP-SGD) guarantee;
+            a round whose ``dp.local.delta`` is above it, or at least 1/(the site's records), is
+            refused. Its ε is accounted and reported at the job's δ, so never at a looser one.
+        max_local_epsilon: this site's own sample-level ε budget (at that δ): a job target
+            (``dp.local.target_epsilon``) above it is refused, and in every local-DP job a round
+            that would take the site's accounted ε past min(target, this) is declined.
+        min_local_noise_multiplier: the least DP-SGD noise multiplier this site trains with: a
+            fixed ``dp.local.noise_multiplier`` below it, or a target that solves to less, is
+            refused (0: no floor; ``max_local_epsilon`` still bounds the spend).
     """
 
     trust_server: bool = False
@@ -107,6 +146,10 @@ class SitePolicy:
     max_evaluations_per_round: int = 1
     max_evaluations_per_job: int = 1
     security_bits: float = DEFAULT_SECURITY_BITS
+    max_local_epochs: int = DEFAULT_MAX_LOCAL_EPOCHS
+    max_local_delta: float = DEFAULT_MAX_LOCAL_DELTA
+    max_local_epsilon: float = DEFAULT_MAX_LOCAL_EPSILON
+    min_local_noise_multiplier: float = 0.0
     roster_marks: frozenset[bytes] = field(default=frozenset(), init=False, repr=False, compare=False)
     """The roster's credentials, as marks for the site's cache of vouched credentials."""
 
@@ -140,6 +183,14 @@ class SitePolicy:
              "must be an integer in 0..1000")
         need(_is_number(self.security_bits) and 10 <= self.security_bits <= 128, "security_bits",
              "must be between 10 and 128")
+        need(isinstance(self.max_local_epochs, int) and not isinstance(self.max_local_epochs, bool)
+             and 1 <= self.max_local_epochs <= 10_000, "max_local_epochs", "must be an integer in 1..10000")
+        need(_is_number(self.max_local_delta) and 0 < self.max_local_delta < 1, "max_local_delta",
+             "must be a number in (0, 1)")
+        need(_is_number(self.max_local_epsilon) and self.max_local_epsilon > 0, "max_local_epsilon",
+             "must be a finite number > 0")
+        need(_is_number(self.min_local_noise_multiplier) and 0 <= self.min_local_noise_multiplier < 1e6,
+             "min_local_noise_multiplier", "must be a finite number >= 0")
         if not self.trust_server and self.authority_public_key is None:
             raise PolicyError("authority_public_key", "a site that does not trust the server must pin the consortium "
                               "authority's public key (fedveil authority init; --authority), or opt in to "
@@ -174,11 +225,50 @@ class SitePolicy:
             trust = f"malicious-server defaults (authority pinned, f={self.max_corrupt_fraction:.3g})"
         return (f"{trust}; min cohort {self.min_cohort}; DP modes {','.join(sorted(self.allowed_dp_modes))}; "
                 f"noise floor z>={self.min_noise_multiplier:g}; <= {self.max_attempts_per_round} attempts/round; "
-                f"evaluation {self.evaluation}")
+                f"evaluation {self.evaluation}; <= {self.max_local_epochs} local epochs; local DP "
+                f"ε<={self.max_local_epsilon:g} at δ<={self.max_local_delta:g}")
 
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_training(policy: SitePolicy, start: pb.RoundStart, *, num_examples: int = 0) -> None:
+    """The round's training and local-DP parameters against this site's limits (raises
+    :class:`PolicyViolation` naming the ``RoundStart`` field at fault).
+
+    In every DP mode: ``training.local_epochs`` at most ``max_local_epochs`` (0 means the task's
+    own default). Under local DP: ``dp.local.delta`` at most ``max_local_delta`` and below
+    1/``num_examples`` (the site's records, when known: a δ of 1/n allows releasing a record in the
+    clear); a ``dp.local.target_epsilon`` at most ``max_local_epsilon``; a fixed
+    ``dp.local.noise_multiplier`` at least ``min_local_noise_multiplier``. Pure: the caller turns a
+    violation into a decline before anything about the site's data is used or leaves.
+    """
+    epochs = int(start.training.local_epochs)
+    if epochs > policy.max_local_epochs:
+        raise PolicyViolation("training.local_epochs", f"the round asks for {epochs} local epochs; this site "
+                              f"trains at most {policy.max_local_epochs} (max_local_epochs)")
+    if (start.dp.mode or "none") != "local":
+        return
+    local = start.dp.local
+    delta = float(local.delta)
+    if not (math.isfinite(delta) and 0 <= delta < 1):
+        raise PolicyViolation("dp.local.delta", f"δ = {delta!r} is not a probability in [0, 1)")
+    if delta > policy.max_local_delta:
+        raise PolicyViolation("dp.local.delta", f"the job's δ = {delta:g} is above this site's "
+                              f"max_local_delta = {policy.max_local_delta:g}: an ε at that δ is not the "
+                              "site's guarantee")
+    if num_examples > 0 and delta * num_examples >= 1:
+        raise PolicyViolation("dp.local.delta", f"the job's δ = {delta:g} is at least 1/{num_examples} (this "
+                              "site's records): such a δ allows releasing a record in the clear")
+    target = float(local.target_epsilon)
+    if not math.isfinite(target) or target > policy.max_local_epsilon:
+        raise PolicyViolation("dp.local.target_epsilon", f"the job's target ε = {target:g} is above this site's "
+                              f"max_local_epsilon = {policy.max_local_epsilon:g}")
+    noise = float(local.noise_multiplier)
+    if target <= 0 and not noise >= policy.min_local_noise_multiplier:
+        raise PolicyViolation("dp.local.noise_multiplier", f"the job's DP-SGD noise multiplier {noise:g} is below "
+                              f"this site's min_local_noise_multiplier = {policy.min_local_noise_multiplier:g}")
 
 
 def check_job(policy: SitePolicy, job: pb.JobInfo) -> None:

@@ -37,6 +37,14 @@ POLICY_SETTINGS: tuple[Setting, ...] = (
        help="Evaluate on this site's data in jobs with local DP too, whose DP-SGD ε does not cover evaluation."),
     _s("security_bits", "policy", show_default=True,
        help="σ of the SecAgg+ collusion bound this site requires (failure probability 2^-σ)."),
+    _s("max_local_epochs", "policy", show_default=True,
+       help="Most local epochs of one round this site trains (a round asking for more is declined)."),
+    _s("max_local_delta", "policy", show_default=True,
+       help="Largest local-DP (DP-SGD) δ this site accepts; δ >= 1/(its records) is refused too."),
+    _s("max_local_epsilon", "policy", show_default=True,
+       help="This site's own DP-SGD ε budget: a larger job target is refused, and no round takes its ε past it."),
+    _s("min_local_noise_multiplier", "policy",
+       help="Least DP-SGD noise multiplier this site trains with (fixed, or what a target solves to)."),
 )
 """Every policy setting a ``--policy`` file or a ``fedveil client`` flag can give (the flags are built from
 this table, their defaults shown from :class:`SitePolicy`'s)."""

@@ -36,13 +36,18 @@ class SitePrivacy:
     @classmethod
     def of(cls, state: SiteState, local: pb.LocalPrivacySpend | None, trust_server: bool) -> SitePrivacy:
         """From the site's state; ``local`` is its live DP-SGD accountant's spend when it has one (the
-        state's own ledger of its DP-SGD steps otherwise, e.g. when read from the state file)."""
+        state's own ledger of its DP-SGD steps otherwise, e.g. when read from the state file).
+
+        The sample-level ε is never reported at a δ looser than the site's own (``state.delta``): a
+        live spend at a larger δ (the job's, which the site's policy normally refuses) is replaced by
+        the state's ledger of the same DP-SGD steps, accounted at the site's δ."""
         unprotected = tuple(f"round {r.round} attempt {r.attempt} ({r.dp_mode}): {r.note}"
                             for r in state.unprotected_releases)
         local_dp = local is not None or SITE_PARTY in state.ledger.clients
+        live = local is not None and float(local.delta) <= state.delta
         return cls(
-            sample_epsilon=float(local.epsilon) if local is not None else state.sample_epsilon(),
-            sample_delta=float(local.delta) if local is not None else state.delta,
+            sample_epsilon=float(local.epsilon) if live and local is not None else state.sample_epsilon(),
+            sample_delta=float(local.delta) if live and local is not None else state.delta,
             user_epsilon=state.user_epsilon(),
             user_delta=state.delta,
             releases=len(state.releases),

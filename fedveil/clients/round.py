@@ -16,6 +16,7 @@ from torch import nn
 from fedveil.clients.admission import Admission
 from fedveil.clients.model_check import check_trainable
 from fedveil.clients.options import ClientError, RoundOutcome
+from fedveil.clients.policy import PolicyViolation, TrainingRefused, check_training
 from fedveil.clients.update import AttemptRandomness
 from fedveil.protocol import fedveil_pb2 as pb
 
@@ -73,10 +74,20 @@ class Round:
         client's own accountant (one across all rounds) records the steps taken. With a target
         ε, a round the remaining budget cannot afford raises
         :class:`fedveil.dp.ledger.BudgetExceededError` here, before any training; the loop can
-        then :meth:`decline` the round (as :func:`fedveil.clients.run_client` does).
+        then :meth:`decline` the round (as :func:`fedveil.clients.run_client` does). The check uses the
+        steps this round really takes (its own ``local_epochs``, the loader's batches), not the first
+        round's plan, and the budget is the tighter of the job's target and the site's own
+        ``max_local_epsilon``; the steps actually taken are checked again before release (:meth:`submit`).
+
+        The round's training parameters are checked against the site's policy first
+        (:func:`fedveil.clients.policy.check_training`: ``max_local_epochs`` in every mode; under
+        local DP ``max_local_delta``, ``max_local_epsilon``, ``min_local_noise_multiplier``). A
+        round that breaks it raises :class:`fedveil.clients.policy.TrainingRefused`, a
+        ``BudgetExceededError`` too, so the same loops decline it before any step.
         """
         model.train()
         self._loader_examples = _dataset_size(loader)
+        self._check_training()
         if self.dp_mode != "local" or self._federation.options.privacy_engine is not None:
             self._federation.spec.check(model)
             self._privatized = (model, optimizer, loader) if self.dp_mode == "local" else None
@@ -90,7 +101,8 @@ class Round:
         model.train()
         check_trainable(model, self._federation.spec)
         wrapped = self._federation._local_dp().privatize(
-            self._start.dp.local, model, optimizer, loader, local_epochs=self.local_epochs or 1
+            self._start.dp.local, model, optimizer, loader, local_epochs=self.local_epochs or 1,
+            policy=self._federation.policy,
         )
         originals.clear()
         originals.update({id(w): o for w, o in zip(wrapped, (model, optimizer, loader), strict=True)})
@@ -121,8 +133,10 @@ class Round:
                 "rnd.privatize(model, optimizer, loader) before training, then submit"
             )
         trained = model if model is not None else self.model
-        if fed.options.privacy_engine is not None and self._privatized is not None:
-            over = fed._local_dp().over_budget()
+        if self.dp_mode == "local" and self._privatized is not None:
+            # before release: the round's parameters (a loop with its own engine may not have called
+            # privatize) and the steps actually taken against the site's budget
+            over = self._training_refusal() or fed._local_dp().over_budget(fed.policy)
             if over:  # the steps were taken (and are accounted), but the update is not released
                 fed._account_local_dp(self, trained)
                 fed._sit_out(self, over, "declined")
@@ -147,6 +161,26 @@ class Round:
     @property
     def start_message(self) -> pb.RoundStart:
         return self._start
+
+    def _training_refusal(self) -> str:
+        """Why this round's training parameters break the site's policy ("" when they do not)."""
+        try:
+            check_training(self._federation.policy, self._start, num_examples=self._loader_examples)
+        except PolicyViolation as err:
+            return f"policy: {err}"
+        return ""
+
+    def _check_training(self) -> None:
+        """Raise :class:`TrainingRefused` (before any step) when the round breaks the site's policy."""
+        try:
+            check_training(self._federation.policy, self._start, num_examples=self._loader_examples)
+        except PolicyViolation as err:
+            spend = self._federation.local_privacy if self.dp_mode == "local" else None
+            raise TrainingRefused(err.field, err.detail, round_index=self.number,
+                                  epsilon=float(spend.epsilon) if spend is not None else 0.0,
+                                  budget=self._federation.policy.max_local_epsilon,
+                                  delta=float(self._start.dp.local.delta)
+                                  or self._federation.policy.max_local_delta) from None
 
 
 def _dataset_size(loader: Any) -> int:

@@ -80,6 +80,8 @@ def client_command(
     max_corrupt_fraction: float | None, allow_dp: tuple[str, ...], min_noise_multiplier: float | None,
     max_attempts_per_round: int | None, max_evaluations_per_round: int | None, security_bits: float | None,
     max_evaluations_per_job: int | None, evaluation: str | None, evaluate_under_local_dp: bool | None,
+    max_local_epochs: int | None, max_local_delta: float | None, max_local_epsilon: float | None,
+    min_local_noise_multiplier: float | None,
     state_path: Path | None, seed: int | None,
     insecure_deterministic: bool, give_up_after: float,
     max_backoff: float, threads: int, log_level: str, log_format: str,

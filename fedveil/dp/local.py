@@ -21,12 +21,18 @@ Usage (the client library and the demo call it this way)::
 
 Noise: a fixed ``noise_multiplier``, or a ``target_epsilon`` over ``planned_rounds`` × ``local_epochs``
 epochs, solved ONCE at the first round for the whole plan (re-solving per round would let ε drift).
+Budget: the target, and ``epsilon_budget`` (a cap in either mode, e.g. the site's own policy), whichever
+is tighter. Each round is checked against it with the steps that round really takes: its own
+``local_epochs`` (``privatize(..., local_epochs=...)``) times the batches of the loader it is given
+(so a new batch size or data size counts too), never the plan's first-round figures; the steps
+actually taken so far are in :meth:`LocalDPSession.pending_epsilon`, for a check before release.
 Randomness: ``seed`` makes sampling and noise reproducible (torch generators, for tests and
 simulation); ``secure_mode=True`` draws both from Opacus's CSPRNG (needs ``torchcsprng``), which is
 what a production deployment should use.
-In target mode, :meth:`privatize` refuses (``BudgetExceededError``) a round that would take ε past the
-target. Pass the ORIGINAL data loader each round; Poisson sampling (sample rate 1 / len(loader)) and,
-optionally, a physical batch cap via Opacus's ``BatchMemoryManager`` are applied here.
+With a budget, :meth:`privatize` refuses (``BudgetExceededError``) a round that would take ε past it;
+:meth:`plan_round` says what a round would cost without wrapping anything. Pass the ORIGINAL data
+loader each round; Poisson sampling (sample rate 1 / len(loader)) and, optionally, a physical batch cap
+via Opacus's ``BatchMemoryManager`` are applied here.
 """
 
 from __future__ import annotations
@@ -66,7 +72,9 @@ class LocalDPConfig:
 
     Exactly one of ``noise_multiplier`` and ``target_epsilon`` is set; ``target_epsilon`` needs
     ``planned_rounds``. ``local_epochs`` is the planned number of passes over the data per round (used
-    only to plan the noise and the budget; the accountant counts the steps actually taken).
+    to plan the noise, and for a round that gives none of its own; the accountant counts the steps
+    actually taken). ``epsilon_budget`` caps the ε the session spends (at ``delta``) in either mode;
+    with a target, the tighter of the two holds.
     """
 
     max_grad_norm: float = 1.0
@@ -81,6 +89,7 @@ class LocalDPConfig:
     seed: int | None = None
     secure_mode: bool = False
     client_id: str = "client"
+    epsilon_budget: float | None = None
 
     def __post_init__(self) -> None:
         if not _is_pos_number(self.max_grad_norm):
@@ -111,6 +120,29 @@ class LocalDPConfig:
             raise ValueError(
                 f"max_physical_batch_size must be an integer >= 1 or None (got {self.max_physical_batch_size!r})"
             )
+        if self.epsilon_budget is not None and not _is_pos_number(self.epsilon_budget):
+            raise ValueError(f"epsilon_budget must be a finite number > 0 or None (got {self.epsilon_budget!r})")
+
+    @property
+    def budget(self) -> float | None:
+        """The ε this session may spend at ``delta``: the target and ``epsilon_budget``, the tighter (None: no cap)."""
+        caps = [c for c in (self.target_epsilon, self.epsilon_budget) if c is not None]
+        return min(caps) if caps else None
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What one round of DP-SGD would cost, from the steps it really takes (:meth:`LocalDPSession.plan_round`)."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    """``local_epochs`` × the loader's Poisson batches per epoch."""
+    epsilon_before: float
+    epsilon_after: float
+    """ε (at ``delta``) once the round's steps are composed with every earlier round's."""
+    delta: float
+    budget: float | None
 
 
 class PhysicalBatchLoader:
@@ -164,11 +196,13 @@ class LocalDPSession:
 
     # -- the round ----------------------------------------------------------------------------------
     def privatize(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader | PhysicalBatchLoader
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader | PhysicalBatchLoader,
+        *, local_epochs: int | None = None,
     ) -> tuple[GradSampleModule, DPOptimizer, DataLoader | PhysicalBatchLoader]:
         """Wrap the user's objects for one round of DP-SGD. Returns ``(model, optimizer, loader)`` to train
-        with exactly as before. Raises ``BudgetExceededError`` in target-ε mode if the planned round would
-        exceed the target, and :class:`UnsupportedLayerError` for layers that cannot be fixed."""
+        with exactly as before. ``local_epochs``: the passes this round takes (default: the config's).
+        Raises ``BudgetExceededError`` if this round's steps (its epochs × the loader's batches) would
+        take ε past the budget, and :class:`UnsupportedLayerError` for layers that cannot be fixed."""
         if self._active is not None:
             raise RuntimeError("finish_round() must be called before privatize() starts the next round")
         if isinstance(loader, PhysicalBatchLoader):
@@ -179,17 +213,16 @@ class LocalDPSession:
             optimizer = optimizer.original_optimizer
         if not isinstance(loader, DataLoader):
             raise TypeError(f"loader must be a torch DataLoader (got {type(loader).__name__})")
+        epochs = self._round_epochs(local_epochs)
+        steps_per_epoch = _steps_per_epoch(loader)
+        self._check_plan(self._plan(steps_per_epoch, epochs))  # this round's own steps, before anything is wrapped
         model, optimizer = self._make_compatible(model, optimizer)
 
         sampling_generator, noise_generator = self._round_generators(model)
         dp_loader = DPDataLoader.from_data_loader(loader, generator=sampling_generator)
         _template_empty_batches(dp_loader, loader)
-        steps_per_epoch = len(dp_loader)
-        if steps_per_epoch < 1:
-            raise ValueError("the data loader is empty")
-        if self.noise_multiplier is None:
-            self.noise_multiplier = self._plan_noise(1.0 / steps_per_epoch, steps_per_epoch)
-        self._check_plan(1.0 / steps_per_epoch, steps_per_epoch)
+        if len(dp_loader) != steps_per_epoch:  # the same construction: never expected
+            raise RuntimeError("the Poisson loader's length changed between planning and wrapping")
 
         private_model, private_opt, private_loader = self._engine.make_private(
             module=model,
@@ -240,6 +273,25 @@ class LocalDPSession:
         """Sample-level ε spent by this client so far (all rounds)."""
         return self.accountant.get_epsilon(self.config.delta if delta is None else delta)
 
+    def plan_round(self, loader: DataLoader | PhysicalBatchLoader, *, local_epochs: int | None = None) -> RoundPlan:
+        """What a round over ``loader`` for ``local_epochs`` passes (default: the config's) would cost,
+        without wrapping anything or checking the budget (in target mode the noise is solved here, once)."""
+        if isinstance(loader, PhysicalBatchLoader):
+            loader = loader.loader
+        if not isinstance(loader, DataLoader):
+            raise TypeError(f"loader must be a torch DataLoader (got {type(loader).__name__})")
+        return self._plan(_steps_per_epoch(loader), self._round_epochs(local_epochs))
+
+    def pending_epsilon(self, delta: float | None = None) -> float:
+        """ε (at ``delta``, default the config's) once the steps the current round took so far are composed:
+        what :meth:`finish_round` will account, known before the round's update is released."""
+        d = self.config.delta if delta is None else delta
+        if self._active is None or self._round_steps == 0:
+            return self.accountant.get_epsilon(d)
+        assert self._round_sample_rate is not None and self._round_noise is not None
+        event = SubsampledGaussianEvent(self._round_sample_rate, self._round_noise, self._round_steps)
+        return self.accountant.epsilon_after([event], d)
+
     # -- internals ----------------------------------------------------------------------------------
     def _round_generators(self, model: nn.Module) -> tuple[Any, torch.Generator | None]:
         """Generators for this round's Poisson sampling (CPU) and noise (on the parameters' device, as
@@ -287,22 +339,44 @@ class LocalDPSession:
         )
         return solution.noise_multiplier
 
-    def _check_plan(self, sample_rate: float, steps_per_epoch: int) -> None:
+    def _round_epochs(self, local_epochs: int | None) -> int:
+        if local_epochs is None:
+            return self.config.local_epochs
+        if not _is_pos_int(local_epochs):
+            raise ValueError(f"local_epochs must be an integer >= 1 (got {local_epochs!r})")
+        return local_epochs
+
+    def _plan(self, steps_per_epoch: int, local_epochs: int) -> RoundPlan:
+        """The round's cost with its own epochs and the loader's batches (the noise solved once, at the first
+        round, for the config's plan)."""
+        if steps_per_epoch < 1:
+            raise ValueError("the data loader is empty")
+        sample_rate = 1.0 / steps_per_epoch
+        if self.noise_multiplier is None:
+            self.noise_multiplier = self._plan_noise(sample_rate, steps_per_epoch)
         cfg = self.config
-        if cfg.target_epsilon is None:
+        planned = SubsampledGaussianEvent(sample_rate, self.noise_multiplier, local_epochs * steps_per_epoch)
+        return RoundPlan(
+            noise_multiplier=self.noise_multiplier,
+            sample_rate=sample_rate,
+            steps=planned.steps,
+            epsilon_before=self.accountant.get_epsilon(cfg.delta),
+            epsilon_after=self.accountant.epsilon_after([planned], cfg.delta),
+            delta=cfg.delta,
+            budget=cfg.budget,
+        )
+
+    def _check_plan(self, plan: RoundPlan) -> None:
+        if plan.budget is None:
             return
-        assert self.noise_multiplier is not None
-        planned = SubsampledGaussianEvent(sample_rate, self.noise_multiplier, cfg.local_epochs * steps_per_epoch)
-        before = self.accountant.get_epsilon(cfg.delta)
-        after = self.accountant.epsilon_after([planned], cfg.delta)
-        if after > cfg.target_epsilon * (1.0 + 1e-9):
+        if not plan.epsilon_after <= plan.budget * (1.0 + 1e-9):
             raise BudgetExceededError(
-                party=cfg.client_id,
+                party=self.config.client_id,
                 round_index=self.rounds_completed,
-                epsilon_before=before,
-                epsilon_after=after,
-                budget=cfg.target_epsilon,
-                delta=cfg.delta,
+                epsilon_before=plan.epsilon_before,
+                epsilon_after=plan.epsilon_after,
+                budget=plan.budget,
+                delta=plan.delta,
             )
 
     def _make_compatible(
@@ -349,6 +423,13 @@ def _template_empty_batches(dp_loader: DataLoader, loader: DataLoader) -> None:
     if getattr(collate, "first_batch", False) is None and len(loader.dataset) > 0:  # type: ignore[arg-type]
         user_collate = loader.collate_fn or default_collate
         collate.first_batch = user_collate([loader.dataset[0]])  # type: ignore[union-attr]
+
+
+def _steps_per_epoch(loader: DataLoader) -> int:
+    """The Poisson batches (noised steps) per pass over ``loader``, as Opacus's ``DPDataLoader`` draws them."""
+    if len(loader) < 1:  # type: ignore[arg-type]
+        raise ValueError("the data loader is empty")
+    return len(DPDataLoader.from_data_loader(loader))
 
 
 def strip_module_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
