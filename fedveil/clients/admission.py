@@ -36,7 +36,7 @@ from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.protocol.binding import binding_problem
 from fedveil.secagg.errors import SecAggError
 from fedveil.secagg.identity import decode_credential, verify_roster
-from fedveil.secagg.threshold import cohort_bound, threshold_problem
+from fedveil.secagg.threshold import cohort_bound, cohort_problem, threshold_problem
 
 SPARSE_MIN_CORRUPT_FRACTION = 1 / 3
 """The smallest colluding fraction a site assumes in a SecAgg+ (sparse Harary) round it joins."""
@@ -186,6 +186,10 @@ def check_threshold(policy: SitePolicy, start: pb.RoundStart) -> tuple[int, int]
     """t must satisfy 2t > h + c (t > c with a trusted server) for this site's own f; returns (h, c)."""
     n = int(start.secagg.cohort_size)
     k = int(start.secagg.degree) if start.secagg.graph == "harary" else 0
+    cohort = cohort_problem(n, k, start.secagg.graph or "complete")
+    if cohort is not None:  # before cohort_bound, whose work grows with n and k
+        parameter, reason = cohort
+        raise PolicyViolation("secagg.cohort_size" if parameter == "num_clients" else "secagg.degree", reason)
     server_f = float(start.secagg.max_corrupt_fraction)
     if not policy.trust_server and server_f + 1e-12 < policy.max_corrupt_fraction:
         raise PolicyViolation("secagg.max_corrupt_fraction", f"the round assumes a colluding fraction of {server_f:g}; "

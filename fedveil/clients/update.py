@@ -21,6 +21,7 @@ vector, while the server, which does not know the private seed, cannot predict t
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -29,15 +30,24 @@ import numpy as np
 
 from fedveil.dp.clipping import clip_update
 from fedveil.errors import FedveilError
+from fedveil.metrics import EvaluationLayout, EvaluationLayoutError
 from fedveil.protocol import fedveil_pb2 as pb
-from fedveil.secagg.encoding import FixedPointEncoder
+from fedveil.secagg.encoding import MAX_ENCODED_MAGNITUDE, MAX_RING_BITS, FixedPointEncoder
 
 KNOWN_EXTRA_COORDINATES = ("weight", "unclipped")
 """``weight`` is appended by the secagg encoder itself (``EncodingParams.weighted``); the client appends the others."""
 
 
 class RoundConfigError(FedveilError, ValueError):
-    """The server's round parameters cannot be honoured by this client; the message names the field."""
+    """The server's round parameters cannot be honoured by this client; the message names the field
+    (and ``field`` does, where it was raised with one)."""
+
+    @property
+    def detail(self) -> str:
+        """The message without its leading ``field:``."""
+        text = str(self)
+        prefix = f"{self.field}: " if self.field else ""
+        return text[len(prefix):] if prefix and text.startswith(prefix) else text
 
 
 def derive_seed(private_seed: bytes, purpose: str, round_number: int, round_seed: int, length: int = 16) -> bytes:
@@ -112,20 +122,103 @@ def model_delta(local: np.ndarray, global_: np.ndarray) -> np.ndarray:
 
 
 def encoder_for(encoding: pb.EncodingParams, cohort_size: int) -> FixedPointEncoder:
-    """The fixed-point encoder the server configured for this round."""
+    """The fixed-point encoder the server configured for this round.
+
+    Raises :class:`RoundConfigError` naming the field; a number the encoder could not even
+    multiply out (a ``max_weight`` of 1e308 makes ``clip · max_weight · 2^f`` infinite) is refused
+    as such before the encoder sees it."""
     weighted = bool(encoding.weighted)
     max_weight = float(encoding.max_weight) if weighted else 1.0
+    clip = float(encoding.clip_range)
+    for field, value in (("encoding.clip_range", clip), ("encoding.max_weight", max_weight)):
+        if not (math.isfinite(value) and 0 < value <= MAX_ENCODED_MAGNITUDE):
+            raise RoundConfigError(f"{field}: must be a finite number in (0, 2^40] (got {value!r})", field=field)
     try:
         return FixedPointEncoder(
-            clip=float(encoding.clip_range),
+            clip=clip,
             frac_bits=int(encoding.fractional_bits),
             ring_bits=int(encoding.ring_bits),
             max_clients=max(int(cohort_size), 1),
             weighted=weighted,
             max_weight=max_weight,
         )
-    except ValueError as err:
-        raise RoundConfigError(f"encoding: {err}") from err
+    except (ValueError, ArithmeticError) as err:
+        raise RoundConfigError(f"encoding: {err}", field="encoding") from err
+
+
+def update_length(encoding: pb.EncodingParams, model_size: int, cohort_size: int) -> int:
+    """Ring elements :func:`prepare_update` makes of a model of ``model_size`` values: the values, the
+    ``unclipped`` bit if asked for, and the weight of a weighted round."""
+    extras = list(encoding.extra_coordinates)
+    unknown = [e for e in extras if e not in KNOWN_EXTRA_COORDINATES]
+    if unknown:
+        raise RoundConfigError(f"encoding.extra_coordinates: unknown coordinate(s) {unknown[:5]}",
+                               field="encoding.extra_coordinates")
+    return encoder_for(encoding, cohort_size).encoded_length(model_size + int("unclipped" in extras))
+
+
+def evaluation_layout(encoding: pb.EncodingParams) -> EvaluationLayout | None:
+    """The round's secure evaluation section (None: it has none); raises :class:`RoundConfigError`
+    naming the field when the layout is unusable or its dimension is not the layout's."""
+    ev = encoding.evaluation
+    if not ev.dimension:
+        return None
+    try:
+        layout = EvaluationLayout(tuple(ev.metrics), float(ev.clip), int(ev.fractional_bits), int(ev.limb_bits),
+                                  int(ev.limbs), int(ev.max_examples), int(encoding.ring_bits))
+    except (EvaluationLayoutError, ArithmeticError) as err:
+        raise RoundConfigError(f"encoding.evaluation: {err}", field="encoding.evaluation") from None
+    if layout.dimension != ev.dimension:
+        raise RoundConfigError(f"encoding.evaluation.dimension: {ev.dimension} does not match its layout "
+                               f"({layout.dimension})", field="encoding.evaluation.dimension")
+    return layout
+
+
+def check_ring_bits(encoding: pb.EncodingParams) -> None:
+    """``encoding.ring_bits`` must be a ring's (1..64); raises :class:`RoundConfigError` naming it."""
+    ring_bits = int(encoding.ring_bits)
+    if not 1 <= ring_bits <= MAX_RING_BITS:
+        raise RoundConfigError(f"encoding.ring_bits: must be in 1..{MAX_RING_BITS} (got {ring_bits})",
+                               field="encoding.ring_bits")
+
+
+def check_encoding(start: pb.RoundStart, update_dimension: int | None) -> None:
+    """Every number of the round's encoding that this site reads once it has trained, checked before
+    it trains: the ring, the evaluation section's layout, and ``encoding.dimension`` against the
+    ``update_dimension`` ring elements this site's update will take (None: the mechanism encodes no
+    update here; an evaluation-only round has none). Raises :class:`RoundConfigError` naming the field.
+
+    Without this a server could let a site train and then make it fail on a number it only reads
+    when it encodes its update (an infinite ``max_weight``, a dimension one off, an evaluation
+    clip of 0): the site left the round by raising out of the user's loop instead of declining it.
+    """
+    enc = start.encoding
+    check_ring_bits(enc)
+    layout = evaluation_layout(enc)
+    if start.purpose == pb.ROUND_PURPOSE_EVALUATE:
+        update_dimension = 0
+    if update_dimension is None:
+        return
+    expected = update_dimension + (layout.dimension if layout is not None else 0)
+    if int(enc.dimension) != expected:
+        raise RoundConfigError(
+            f"encoding.dimension: the server expects {enc.dimension} ring elements, this site's model gives "
+            f"{update_dimension} for the update" + (f" and the evaluation section {layout.dimension}" if layout else "")
+            + " (is it the same task and model?)", field="encoding.dimension")
+
+
+def check_fixed_point_round(start: pb.RoundStart, model_size: int) -> None:
+    """:func:`check_encoding` for a round encoded with the fixed-point encoder (every mechanism but
+    distributed DP), and the clip norm it applies to the update; raises :class:`RoundConfigError`."""
+    if start.purpose == pb.ROUND_PURPOSE_EVALUATE:
+        check_encoding(start, 0)  # no update: the dimension is the evaluation section's alone
+        return
+    clip_norm = float(start.dp.update_clip_norm)
+    if not (math.isfinite(clip_norm) and clip_norm >= 0):
+        raise RoundConfigError(f"dp.update_clip_norm: must be a finite number >= 0 (got {clip_norm!r})",
+                               field="dp.update_clip_norm")
+    check_ring_bits(start.encoding)
+    check_encoding(start, update_length(start.encoding, model_size, int(start.secagg.cohort_size)))
 
 
 def prepare_update(

@@ -7,8 +7,9 @@ plus a margin), and turns gRPC statuses into :mod:`fedveil.protocol.errors` exce
 
 from __future__ import annotations
 
+import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -89,6 +90,10 @@ class GrpcTransport:
         )
         self._metadata = bearer_metadata(token) if token else ()
         self._timeout = rpc_timeout_s
+        self.expected_model_bytes: int | None = None
+        """The size of every model this site accepts, in bytes (float32): from the job's model spec at
+        Join (:meth:`join`), or set by the site from its own model. A model of any other size is
+        refused before a byte of it is fetched or allocated (None: not known yet)."""
         self._calls: dict[str, grpc.UnaryUnaryMultiCallable] = {}
         for rpc, response_cls in (
             ("Join", pb.JoinResponse),
@@ -129,7 +134,11 @@ class GrpcTransport:
                                     f"no answer {deadline_s + SETTLE_GRACE_S:g} s after the call", rpc=rpc) from None
 
     def join(self, request: pb.JoinRequest) -> pb.JoinResponse:
+        """Join; the job's model spec, when the server announces one, fixes the size of every model this
+        site will fetch (the site refuses the job unless its own model fits that spec)."""
         result: pb.JoinResponse = self._call("Join", request)
+        if len(result.job.model):
+            self.expected_model_bytes = model_spec_bytes(result.job.model)
         return result
 
     def poll(self, request: pb.PollRequest) -> pb.PollResponse:
@@ -140,13 +149,27 @@ class GrpcTransport:
         model = result.round_start.model if kind == "round_start" else result.evaluate.model if kind == "evaluate" \
             else None
         if model is not None and not model.data and model.size_bytes:
+            self.check_model_size(int(model.size_bytes))
             model.data = self.fetch_model(pb.FetchModelRequest(header=request.header, version=model.version),
                                           model.size_bytes)
         return result
 
+    def check_model_size(self, size_bytes: int) -> None:
+        """Refuse a model whose announced size is not the job's (:attr:`expected_model_bytes`), before
+        anything is fetched: the server's number would otherwise size the site's receive buffer."""
+        expected = self.expected_model_bytes
+        if expected is not None and size_bytes != expected:
+            raise MalformedMessage(f"model.size_bytes: {size_bytes} bytes, but the job's model is {expected} bytes "
+                                   f"({expected // 4} float32 values, announced at Join)")
+
     def fetch_model(self, request: pb.FetchModelRequest, size_bytes: int) -> bytes:
         """The model's ``size_bytes`` bytes, reassembled from the stream's chunks in order. A model
-        that comes in one chunk is returned as that chunk's bytes, without a copy."""
+        that comes in one chunk is returned as that chunk's bytes, without a copy.
+
+        ``size_bytes`` is the server's number: it is checked against the job's model
+        (:meth:`check_model_size`), and the buffer grows only by the bytes that arrive, so a server
+        announcing more than it sends costs the site no more memory than it sent."""
+        self.check_model_size(size_bytes)
         buffer: bytearray | None = None
         whole: bytes | None = None
         received = 0
@@ -161,8 +184,8 @@ class GrpcTransport:
                     whole = data
                 elif data:
                     if buffer is None:
-                        buffer = bytearray(size_bytes)
-                    buffer[chunk.offset : end] = data
+                        buffer = bytearray()
+                    buffer += data  # in order: chunk.offset == received == len(buffer)
                 received = end
         except grpc.RpcError as err:
             raise error_from_status(err.code(), err.details(), rpc="FetchModel") from None  # type: ignore[attr-defined]
@@ -247,6 +270,11 @@ class GrpcTransport:
     def close(self) -> None:
         if self._owns_channel:
             self._channel.close()
+
+
+def model_spec_bytes(tensors: Iterable[pb.TensorSpec]) -> int:
+    """Bytes of the float32 ``Model.data`` of a model with these tensors (``JobInfo.model``)."""
+    return 4 * sum(math.prod(int(d) for d in t.shape) for t in tensors)
 
 
 def settled(future: grpc.Future, deadline_s: float) -> Any:

@@ -64,7 +64,7 @@ from fedveil.secagg.prg import SEED_BYTES, MaskExpander
 from fedveil.secagg.session import Session, check_advertisements
 from fedveil.secagg.shamir import PRIME, bytes_to_limbs, open_share, seal_share, share
 from fedveil.secagg.signature_memo import SignatureMemo
-from fedveil.secagg.survivor_checks import check_consistency, check_survivors
+from fedveil.secagg.survivor_checks import check_consistency, check_dropped, check_survivors
 
 _NON_FATAL = (UnexpectedMessageError, WrongRoundError, MalformedMessageError)
 
@@ -278,6 +278,7 @@ class ClientR3Unmasking(ClientState):
         me = ctx.client_id
         session = ctx.session
         assert session is not None
+        check_dropped(ctx, msg.dropped)
         survivors = _id_set(msg.survivors, "survivor set")
         dropped = _id_set(msg.dropped, "dropped set")
         both = survivors & dropped

@@ -56,6 +56,35 @@ def check_survivors(ctx: _ClientContext, survivors: frozenset[int]) -> None:
                                    f"fewer than threshold {cfg.threshold}")
 
 
+def check_dropped(ctx: _ClientContext, dropped: np.ndarray) -> None:
+    """Refuse an unmasking request whose dropped ids are not all members of this round's session.
+
+    An honest server lists as dropped the clients that sent their shares but no masked input
+    (U2 \\ U3, Bonawitz et al., CCS 2017, Fig. 4), all of which advertised keys in this session.
+    Any other id names no client this client could hold a share of; refused before anything is
+    sized by it (:func:`quorum_plan` sizes its arrays by the largest id it is given: one id of
+    2^32 − 1 asked for tens of GiB). The range check is one vectorised pass over the ids.
+    """
+    me = ctx.client_id
+    session = ctx.session
+    assert session is not None
+    ids = np.asarray(dropped)
+    if not ids.size:
+        return
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise UnmaskingRefusedError(f"client {me}: the dropped set is not a list of client ids")
+    n = ctx.config.num_clients
+    outside = ids[(ids < 0) | (ids >= n)]
+    if outside.size:
+        raise UnmaskingRefusedError(f"client {me}: the unmasking request names dropped client "
+                                    f"{int(outside[0])}, outside the cohort 0..{n - 1}")
+    members = np.zeros(n, dtype=bool)
+    members[np.fromiter(session.advertisements, dtype=np.int64, count=len(session.advertisements))] = True
+    strangers = ids[~members[ids]]
+    if strangers.size:
+        raise UnmaskingRefusedError(f"client {me}: the unmasking request names dropped client "
+                                    f"{int(strangers[0])}, which did not advertise keys in this round's session")
+
 
 def check_consistency(ctx: _ClientContext, survivors: frozenset[int], dropped: frozenset[int],
                        signatures: dict[int, bytes]) -> None:
@@ -175,7 +204,9 @@ def quorum_plan(graph: MaskingGraph, me: int, survivors: frozenset[int], dropped
     (the graph is undirected), so planning signer s adds one to each of its own holders.
     """
     owners = [p for p in graph.holders(me) if p in survivors or p in dropped]
-    size = 1 + max((*graph.nodes, *survivors, *dropped, *signed, me), default=0)
+    # Arrays are indexed by node id: sized by the graph's nodes, never by an id the server chose (an
+    # id beyond every node is no node's holder, so it changes nothing below; see _mask).
+    size = 1 + max((*graph.nodes, me), default=0)
     surviving_owners = [owner for owner in owners if owner in survivors]
     reached = np.zeros(size, dtype=bool)
     first_owner = np.zeros(size, dtype=np.int64)
@@ -206,6 +237,8 @@ def quorum_plan(graph: MaskingGraph, me: int, survivors: frozenset[int], dropped
 
 
 def _mask(ids: frozenset[int], size: int) -> np.ndarray:
+    """A boolean array of ``size`` set at ``ids`` (ids outside ``0..size-1`` are left out)."""
     out = np.zeros(size, dtype=bool)
-    out[np.fromiter(ids, dtype=np.int64, count=len(ids))] = True
+    arr = np.fromiter(ids, dtype=np.int64, count=len(ids))
+    out[arr[(arr >= 0) & (arr < size)]] = True
     return out

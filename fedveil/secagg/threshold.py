@@ -68,6 +68,15 @@ DEFAULT_SECURITY_BITS = 40.0
 """σ for the collusion bound; also what configurations and run-time checks enforce."""
 DEFAULT_CORRECTNESS_BITS = 20.0
 DEFAULT_EXPECTED_DROPOUT = 0.1
+MAX_COHORT = 1 << 20
+"""The largest cohort n any party plans or accepts (``SecAggConfig`` refuses more clients too).
+
+:func:`collusion_bound` walks the hypergeometric tail one term at a time, so its work grows
+linearly with the n and k it is given: about 0.4 s at n = 10^6 and k = n/2 here. A site computes it
+from the server's ``cohort_size`` and ``degree`` at admission, before it has checked anything that
+costs O(n) (with a trusted server no credential list bounds n), so n is bounded first: at this
+bound one distinct (n, k) costs a site under half a second, where a uint32 n cost it about 25
+minutes. :func:`cohort_problem` says why a server's (n, k) is refused."""
 _LN2 = math.log(2.0)
 
 
@@ -123,6 +132,26 @@ def log2_hypergeometric_tail(population: int, successes: int, draws: int, c: int
 
 # --- the rule --------------------------------------------------------------------------------------
 
+def cohort_problem(num_clients: int, degree: int, graph: str = "harary") -> tuple[str, str] | None:
+    """Why a cohort of ``num_clients`` laid out as ``graph`` with ``degree`` is refused, as
+    ``(parameter, reason)`` with parameter ``"num_clients"`` or ``"degree"``, or None.
+
+    O(1), and what a party checks of the server's numbers before :func:`cohort_bound` runs (its
+    work grows with n and k): n must be an integer in 2..:data:`MAX_COHORT`, and a Harary degree
+    an integer below n (n − 2 and n − 1 are the complete graph, :func:`is_sparse`; whether it is
+    even is :class:`~fedveil.secagg.graph.GraphSpec`'s check). The degree of any other graph is
+    not read.
+    """
+    n, k = num_clients, degree
+    if isinstance(n, bool) or not isinstance(n, int) or not 2 <= n <= MAX_COHORT:
+        return "num_clients", f"must be an integer in 2..{MAX_COHORT} (got {n!r})"
+    if graph != "harary":
+        return None
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < n:
+        return "degree", f"a Harary degree must be an integer in 0..n-1 = {n - 1} (got {k!r})"
+    return None
+
+
 def _check_fraction(f: float) -> None:
     if not (isinstance(f, (int, float)) and 0.0 <= f < 0.5):
         raise ConfigError(f"max_corrupt_fraction: must be in [0, 1/2) (got {f!r}); with half of the clients "
@@ -149,6 +178,8 @@ def collusion_bound(num_clients: int, degree: int, max_corrupt_fraction: float, 
     n = num_clients
     if not isinstance(n, int) or n < 2:
         raise ConfigError(f"num_clients: need at least 2 clients (got {n!r})")
+    if n > MAX_COHORT:  # the tail walk below is linear in n (see MAX_COHORT)
+        raise ConfigError(f"num_clients: at most {MAX_COHORT} clients (got {n})")
     if not isinstance(degree, int) or degree < 0:
         raise ConfigError(f"degree: must be an integer >= 0 (got {degree!r})")
     if not (math.isfinite(security_bits) and security_bits > 0):

@@ -14,8 +14,14 @@ from typing import ClassVar
 
 import numpy as np
 
-from fedveil.clients.policy import SitePolicy
-from fedveil.clients.update import AttemptRandomness, PreparedUpdate, prepare_update
+from fedveil.clients.policy import PolicyViolation, SitePolicy
+from fedveil.clients.update import (
+    AttemptRandomness,
+    PreparedUpdate,
+    RoundConfigError,
+    check_fixed_point_round,
+    prepare_update,
+)
 from fedveil.dp.accounting import DpEvent
 from fedveil.dp.distributed import DistributedDPConfig
 from fedveil.protocol import fedveil_pb2 as pb
@@ -42,11 +48,28 @@ class ClientMechanism(abc.ABC):
     """Every release carries fresh noise of the site's own (DP-SGD): a replayed model gives a new answer."""
 
     def terms(self, policy: SitePolicy, start: pb.RoundStart, honest: int) -> MechanismTerms:
-        """Check the round's DP parameters against ``policy``; raises ``PolicyViolation`` naming the field.
+        """Check the round's DP parameters against ``policy``, and every number the site reads when it
+        encodes its update (:meth:`check_encoding`), before it trains; raises ``PolicyViolation``
+        naming the field. ``start.model`` holds the round's global model (already decoded and checked).
 
         ``honest`` is the fewest honest inputs (this site's included) any released sum can hold.
         """
+        model_size = len(start.model.data) // 4
+        try:
+            terms = self.dp_terms(policy, start, honest)
+            self.check_encoding(start, terms, model_size)
+        except RoundConfigError as err:
+            raise PolicyViolation(err.field or "encoding", err.detail) from None
+        return terms
+
+    def dp_terms(self, policy: SitePolicy, start: pb.RoundStart, honest: int) -> MechanismTerms:
+        """The mechanism's own checks of the round's DP parameters (:meth:`terms` runs them first)."""
         return MechanismTerms()
+
+    def check_encoding(self, start: pb.RoundStart, terms: MechanismTerms, model_size: int) -> None:
+        """Raise :class:`RoundConfigError` naming the field unless :meth:`encode` can encode an update
+        of ``model_size`` values as the round asks (the fixed-point encoder, here)."""
+        check_fixed_point_round(start, model_size)
 
     def encode(self, delta: np.ndarray, start: pb.RoundStart, terms: MechanismTerms,
                randomness: AttemptRandomness, weight: float) -> PreparedUpdate:

@@ -7,6 +7,8 @@ floor on the noise multiplier is checked either way.
 
 from __future__ import annotations
 
+import math
+
 from fedveil.clients.mechanisms.base import ClientMechanism, MechanismTerms
 from fedveil.clients.policy import PolicyViolation, SitePolicy
 from fedveil.dp.accounting import SubsampledGaussianEvent
@@ -17,8 +19,10 @@ class CentralDP(ClientMechanism):
     name = "central"
     user_level = True
 
-    def terms(self, policy: SitePolicy, start: pb.RoundStart, honest: int) -> MechanismTerms:
+    def dp_terms(self, policy: SitePolicy, start: pb.RoundStart, honest: int) -> MechanismTerms:
         z = float(start.dp.noise_multiplier)
+        if not (math.isfinite(z) and z >= 0):  # a NaN would pass the floor's comparison
+            raise PolicyViolation("dp.noise_multiplier", f"must be a finite number >= 0 (got {z!r})")
         floor = policy.min_noise_multiplier
         if floor > 0 and z < floor:
             raise PolicyViolation("dp.noise_multiplier", f"z={z:g} is below this site's floor {floor:g}")

@@ -18,10 +18,12 @@ import numpy as np
 from fedveil.clients.distributed import prepare_distributed_update
 from fedveil.clients.mechanisms.base import ClientMechanism, MechanismTerms
 from fedveil.clients.policy import PolicyViolation, SitePolicy
-from fedveil.clients.update import AttemptRandomness, PreparedUpdate
+from fedveil.clients.update import AttemptRandomness, PreparedUpdate, RoundConfigError, check_encoding
 from fedveil.dp.accounting import DpEvent, RdpCurveEvent
 from fedveil.dp.distributed import DistributedDPConfig, skellam_rdp
 from fedveil.protocol import fedveil_pb2 as pb
+from fedveil.secagg.encoding import MAX_RING_BITS
+from fedveil.secagg.threshold import MAX_COHORT
 
 
 def own_noise_stddev(config: DistributedDPConfig, floor: float, honest: int) -> float:
@@ -47,31 +49,90 @@ def guaranteed_distributed_event(config: DistributedDPConfig, own_stddev: float,
     return config.rdp_event(n_contributors=honest)
 
 
+MAX_CONFIG_JSON_CHARS = 4096
+"""The longest ``dp.distributed.config_json`` a site parses (the server's is about 250 characters)."""
+
+
+def announced_config(start: pb.RoundStart) -> DistributedDPConfig:
+    """The round's :class:`DistributedDPConfig` as the server announced it, for this site's model (the
+    round's ``start.model``). Raises :class:`PolicyViolation` naming the field, never a parser's or
+    float's own error: the JSON is bounded in length (so in nesting), a number too large for a float
+    is refused as the configuration's, and the contributors and dimension it sizes the ring with
+    are bounded by a cohort and this site's model before anything is computed from them."""
+    text = start.dp.distributed.config_json
+    if len(text) > MAX_CONFIG_JSON_CHARS:
+        raise PolicyViolation("dp.distributed.config_json", f"{len(text)} characters, more than the "
+                              f"{MAX_CONFIG_JSON_CHARS} this site parses")
+    try:
+        fields = json.loads(text)
+    except (ValueError, RecursionError) as err:  # RecursionError: nested deeper than the parser's stack
+        raise PolicyViolation("dp.distributed.config_json", f"not a JSON object ({type(err).__name__})") from None
+    if not isinstance(fields, dict):
+        raise PolicyViolation("dp.distributed.config_json", "not a JSON object")
+    model_size = len(start.model.data) // 4
+    for name, value in fields.items():
+        if name not in _CONFIG_FIELDS or isinstance(value, bool) or not isinstance(value, int):
+            continue  # an unknown field or a wrong type: the configuration's own check names it
+        if name == "n_clients" and not 1 <= value <= MAX_COHORT:
+            raise PolicyViolation("dp.distributed.config_json.n_clients", f"must be in 1..{MAX_COHORT}, the "
+                                  f"largest cohort (got {_short(value)})")
+        if name == "dim" and value != model_size:
+            raise PolicyViolation("dp.distributed.config_json.dim", f"the configuration is for updates of "
+                                  f"dimension {_short(value)}, this site's model has {model_size} values")
+        if abs(value) >= 1 << 63:  # float() of it fails or loses the number
+            raise PolicyViolation(f"dp.distributed.config_json.{name}", f"{_short(value)} is out of range")
+    try:
+        return DistributedDPConfig(**fields)
+    except (ValueError, TypeError, ArithmeticError) as err:
+        raise PolicyViolation("dp.distributed.config_json", str(err)[:200]) from None
+
+
+_CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(DistributedDPConfig))
+
+
+def _short(number: int) -> str:
+    """An integer for a message: a server's 400-digit number is not printed in full."""
+    return str(number) if number.bit_length() < 64 else f"a {number.bit_length()}-bit number"
+
+
 class DistributedDP(ClientMechanism):
     name = "distributed"
     user_level = True
 
-    def terms(self, policy: SitePolicy, start: pb.RoundStart, honest: int) -> MechanismTerms:
-        try:
-            announced = DistributedDPConfig(**json.loads(start.dp.distributed.config_json))
-        except (ValueError, TypeError) as err:
-            raise PolicyViolation("dp.distributed.config_json", str(err)) from None
+    def dp_terms(self, policy: SitePolicy, start: pb.RoundStart, honest: int) -> MechanismTerms:
+        announced = announced_config(start)
         floor = policy.min_noise_multiplier
-        own = own_noise_stddev(announced, floor, honest)
-        if own > announced.local_stddev * 1.0000001:
-            # the ring was sized for k standard deviations of signal + noise + rounding (fedveil.dp.distributed)
-            n_all = announced.n_clients
-            signal = (announced.scale * announced.clip_norm) ** 2 * n_all**2 / announced.padded_dim
-            spread = math.sqrt(signal + own**2 + (n_all - 1) * announced.local_stddev**2 + n_all / 4.0)
-            if 2.0 * announced.k_stddevs * spread > announced.modulus:
-                raise PolicyViolation("dp.distributed", f"this site's noise floor z>={floor:g} needs a noise share "
-                                      f"that the round's {announced.bits}-bit ring cannot hold")
         try:
+            own = own_noise_stddev(announced, floor, honest)
+            if own > announced.local_stddev * 1.0000001:
+                # the ring was sized for k standard deviations of signal + noise + rounding (fedveil.dp.distributed)
+                n_all = announced.n_clients
+                signal = (announced.scale * announced.clip_norm) ** 2 * n_all**2 / announced.padded_dim
+                spread = math.sqrt(signal + own**2 + (n_all - 1) * announced.local_stddev**2 + n_all / 4.0)
+                if 2.0 * announced.k_stddevs * spread > announced.modulus:
+                    raise PolicyViolation("dp.distributed", f"this site's noise floor z>={floor:g} needs a noise "
+                                          f"share that the round's {announced.bits}-bit ring cannot hold")
             distributed = dataclasses.replace(announced, local_stddev=own)
-        except ValueError as err:
-            raise PolicyViolation("dp.distributed", str(err)) from None
-        return MechanismTerms(guaranteed_event=guaranteed_distributed_event(announced, own, honest),
-                              distributed=distributed)
+            event = guaranteed_distributed_event(announced, own, honest)
+        except (ValueError, ArithmeticError) as err:
+            raise PolicyViolation("dp.distributed", str(err)[:200]) from None
+        return MechanismTerms(guaranteed_event=event, distributed=distributed)
+
+    def check_encoding(self, start: pb.RoundStart, terms: MechanismTerms, model_size: int) -> None:
+        """The round's ring must hold the configuration's ``bits``, its rotation seed must be one, and
+        the encoding's dimension must be the rotated vector's (:func:`prepare_distributed_update`)."""
+        config = terms.distributed
+        assert config is not None and config.dim == model_size  # announced_config
+        ring_bits = int(start.encoding.ring_bits)
+        if not config.bits <= ring_bits <= MAX_RING_BITS:
+            raise RoundConfigError(f"encoding.ring_bits: must be in {config.bits}..{MAX_RING_BITS} for a "
+                                   f"{config.bits}-bit distributed-DP sum (got {ring_bits})",
+                                   field="encoding.ring_bits")
+        seed = bytes(start.dp.distributed.rotation_seed)
+        if len(seed) < 8:
+            raise RoundConfigError(f"dp.distributed.rotation_seed: expected at least 8 bytes (got {len(seed)})",
+                                   field="dp.distributed.rotation_seed")
+        check_encoding(start, config.padded_dim)
 
     def encode(self, delta: np.ndarray, start: pb.RoundStart, terms: MechanismTerms,
                randomness: AttemptRandomness, weight: float) -> PreparedUpdate:
