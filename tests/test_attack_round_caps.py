@@ -21,6 +21,7 @@ from fedveil.clients import ClientError, run_client
 from fedveil.clients.site_state import SiteState
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.server.coordinator import Coordinator
+from fedveil.server.store import RunStore
 from fedveil.tasks.synthetic import task as synthetic
 from tests.attack_helpers import Consortium, TamperingServer, job_config, run_job, site_federation, turnkey
 
@@ -162,3 +163,30 @@ def test_the_servers_evaluation_cap_is_validated_and_names_its_flag() -> None:
         ServerConfig.from_flat(task="fedveil.tasks.synthetic", rounds=1, clients_per_round=4, min_clients=4,
                                max_evaluations_per_job=-1)
     assert err.value.flag == "--max-evaluations-per-job"
+
+
+def test_a_server_that_moves_a_site_to_another_run_on_re_join_is_refused(tmp_path: Path) -> None:
+    """Per-run caps (evaluations per job, attempts, the pinned round count) start fresh in a new run,
+    so a server that answers a re-join with another run would reset them without the operator (the
+    second attacker review). A client session takes part in one run; a re-join into the same run is
+    fine."""
+    store = RunStore(tmp_path / "run.sqlite")
+    coordinator = Coordinator(job_config(rounds=1), synthetic, store, new_run=True)
+    other_run = {"id": ""}
+
+    def move(response: pb.JoinResponse) -> pb.JoinResponse:
+        if other_run["id"]:
+            response.run_id = other_run["id"]
+        return response
+
+    server = TamperingServer(coordinator, VICTIM, tamper_join=move)
+    fed = site_federation(server, synthetic, VICTIM, 0, Consortium.create(NAMES))
+    fed._ensure_joined()
+    first = fed.run_id
+    fed._rejoin("the test forces a re-join into the same run")
+    assert fed.run_id == first
+    other_run["id"] = "run-elsewhere"
+    with pytest.raises(ClientError, match=f"moved this site from run {first} to run run-elsewhere"):
+        fed._rejoin("the test forces a re-join the server answers with another run")
+    assert fed.run_id is None  # no session in the other run
+    store.close()

@@ -104,6 +104,7 @@ class Federation:
         self._sleep = sleep
         self._backoff_count = 0
         self._session: ClientSession | None = None  # header state (session id, run id, sequence) after Join
+        self._joined_run: str | None = None  # the one run this session takes part in (a re-join must keep it)
         self.client_name = ""
         self.total_rounds = 0
         self.job: pb.JobInfo | None = None
@@ -277,10 +278,17 @@ class Federation:
         self.client_name = response.client_name
         self.job = response.job
         self.total_rounds = int(response.job.total_rounds)
-        refusal = self.state.pin_job(self._session.run_id, self.total_rounds)
+        if self._joined_run not in (None, self._session.run_id):
+            # a new run would start fresh per-run caps (evaluations, attempts): the operator starts that
+            refusal: str | None = (f"the server moved this site from run {self._joined_run} to run "
+                                   f"{self._session.run_id} on re-join; a client session takes part in one run "
+                                   "(start the client again for a new one)")
+        else:
+            refusal = self.state.pin_job(self._session.run_id, self.total_rounds)
         if refusal is not None:
             self._session = None
             raise ClientError(f"this site refuses the job: {refusal}")
+        self._joined_run = self._session.run_id
         log.info("joined run %s as %r (task %s, %d rounds); policy: %s", self._session.run_id, self.client_name,
                  response.job.task_name, self.total_rounds, self.policy.describe())
 
