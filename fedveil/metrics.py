@@ -15,6 +15,7 @@ shares the ring of the update it rides with. Pure: numpy only.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedveil.errors import FedveilError
+
+log = logging.getLogger("fedveil.server")
 
 DEFAULT_METRICS = ("loss", "accuracy")
 DEFAULT_MAX_EXAMPLES = 1 << 24
@@ -121,7 +124,13 @@ class EvaluationLayout:
 
     def decode(self, section: np.ndarray, contributors: int) -> tuple[dict[str, float], float]:
         """The cohort's example-weighted means and its total (capped) examples, from the summed
-        section of ``contributors`` clients."""
+        section of ``contributors`` clients.
+
+        A metric whose sums no ``contributors`` honest sites can produce (examples outside
+        [0, contributors · max_examples], or a weighted sum beyond the clip for them) is left out
+        and logged: a malicious site may add anything to its section, and one moved a stored cohort
+        accuracy to 4.3e7 before this check (third attacker review). The update's sum has its own
+        checks (:mod:`fedveil.server.sanity`); a bad evaluation only loses its metric."""
         raw = [int(v) for v in np.asarray(section, dtype=np.uint64).tolist()]
         if len(raw) != self.dimension:
             raise EvaluationLayoutError(f"section: expected {self.dimension} elements (got {len(raw)})")
@@ -130,9 +139,16 @@ class EvaluationLayout:
         scale = 2**self.frac_bits
         means: dict[str, float] = {}
         total = 0.0
+        n = max(int(contributors), 1)
         for m, name in enumerate(self.metrics):
             e_sum = words[2 * m]
             ev_sum = words[2 * m + 1] - contributors * self._offset()
+            # each site rounds e·scale and e·v·scale once (±1/2): the bounds allow that per site
+            if e_sum > n * (self.max_examples * scale + 1) or abs(ev_sum) > self.value_clip * (e_sum + n) + n:
+                log.warning("secure evaluation: the sums for %r are outside what %d honest sites can produce "
+                            "(examples %.6g, weighted sum %.6g); the metric is left out", name, contributors,
+                            e_sum / scale, ev_sum / scale)
+                continue
             total = max(total, e_sum / scale)
             if e_sum > 0:
                 means[name] = ev_sum / e_sum

@@ -33,11 +33,17 @@ class Lies(InProcessTransport):
     """
 
     def __init__(self, coordinator: Coordinator, name: str, *, declare: float | None = None,
-                 shift: int = 0) -> None:
+                 shift: int = 0, withhold: bool = False) -> None:
         super().__init__(coordinator, name)
         self.declare = declare
         self.shift = shift
+        self.withhold = withhold
         self.refused: list[str] = []
+
+    def reveal_contribution(self, request: pb.RevealRequest) -> pb.Ack:
+        if self.withhold:  # says it revealed, sends nothing
+            return pb.Ack(round=request.header.round, stage="STAGE_REVEAL", detail="accepted")
+        return super().reveal_contribution(request)
 
     def respond_to_round(self, request: pb.RoundResponse) -> pb.Ack:
         if self.declare is not None:
@@ -60,7 +66,8 @@ def job(tmp_path: Path, evil: dict[str, Any], honest_weight: float = 1.0, **conf
     coordinator, store = make_job(tmp_path, NAMES, **config)
     vecs = vectors(4)
     sites = [Scripted(coordinator, n, v, weight=honest_weight) for n, v in zip(NAMES[:3], vecs[:3], strict=True)]
-    lies = Lies(coordinator, "evil", declare=evil.pop("declare", None), shift=evil.pop("shift", 0))
+    lies = Lies(coordinator, "evil", declare=evil.pop("declare", None), shift=evil.pop("shift", 0),
+                withhold=evil.pop("withhold", False))
     sites.append(Scripted(coordinator, "evil", evil.pop("vector", vecs[3]), transport=lies, **evil))
     coordinator.initial_params = coordinator.model.params.copy()  # type: ignore[attr-defined]
     summary = run_job(coordinator, sites)
@@ -124,4 +131,23 @@ def test_honest_sites_alone_are_never_rejected(tmp_path: Path) -> None:
                                                                          strict=True)]
     summary = run_job(coordinator, sites)
     assert summary.status == "completed" and summary.rejected_rounds == 0
+    store.close()
+
+
+@pytest.mark.parametrize("min_clients", [4, 3])
+def test_a_withheld_reveal_when_every_site_is_needed_fails_the_job_naming_the_site(tmp_path: Path,
+                                                                                   min_clients: int) -> None:
+    """The third attacker review: with --min-clients equal to every site, a site that withholds its
+    graph-seed reveal is barred from the round and the server waited for a cohort without it for
+    good. Now the job fails after a stage timeout, naming the site; with room for one site less
+    (the control) the round goes on without it."""
+    summary, store, (coordinator, _lies, _vecs) = job(tmp_path, {"withhold": True}, min_clients=min_clients)
+    if min_clients == 4:
+        assert summary.status == "failed", summary
+        assert "evil withheld a graph-seed reveal" in summary.message and "--min-clients 4" in summary.message
+    else:
+        assert summary.status == "completed" and summary.completed_rounds == 1, summary
+        # evil was in attempt 1 (aborted) unless the first cohort of 3 was drawn before it connected
+        *earlier, done = store.rounds(coordinator.run_id)
+        assert [r.status for r in earlier] in ([], ["aborted"]) and done.survivors == 3
     store.close()

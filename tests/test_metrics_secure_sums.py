@@ -71,7 +71,7 @@ def test_one_sites_section_is_all_the_server_could_decode_and_it_never_decodes_a
     layout = EvaluationLayout.plan(("accuracy",), 3, 32)
     one = layout.encode({"accuracy": 0.75}, 100, np.dtype(np.uint32))
     means, _ = layout.decode(one, 3)
-    assert means["accuracy"] != pytest.approx(0.75)
+    assert means.get("accuracy") != pytest.approx(0.75)  # garbage, or left out as impossible
 
 
 def test_values_are_clipped_and_examples_capped() -> None:
@@ -104,3 +104,40 @@ def test_an_unusable_layout_is_refused_naming_the_field(bad: dict[str, object]) 
 def test_weighted_metrics_skip_nan_and_weigh_by_examples() -> None:
     rows = [("a", 10, {"loss": 1.0, "auc": math.nan}), ("b", 30, {"loss": 3.0, "auc": 0.5})]
     assert weighted_metrics(rows) == {"auc": 0.5, "loss": 2.5}
+
+
+@given(st.lists(site, min_size=1, max_size=12), st.sampled_from([32, 64]), st.integers(0, 2),
+       st.sampled_from(["examples", "weighted"]), st.integers(1, 40))
+@settings(max_examples=80, deadline=None)
+def test_a_metric_no_honest_cohort_could_sum_to_is_left_out(sites: list[tuple[int, dict[str, float]]],
+                                                            ring_bits: int, metric: int, word: str,
+                                                            shift: int) -> None:
+    """The third attacker review: one site added 2^20 to the top of its evaluation section and the
+    stored cohort accuracy became 42,949,673. A site may add anything to its own section: a sum
+    outside what the honest sites could produce loses that metric, and the others are kept."""
+    layout = EvaluationLayout.plan(("loss", "accuracy", "auc"), len(sites) + 1, ring_bits)
+    dtype = np.dtype(np.uint32 if ring_bits <= 32 else np.uint64)
+    honest = [layout.encode(m, e, dtype) for e, m in sites]
+    evil = layout.encode({"loss": 1.0, "accuracy": 1.0, "auc": 1.0}, 100, dtype).astype(np.uint64)
+    # the top limb of the chosen word: a carry into bits no honest sum reaches
+    index = (2 * metric + (0 if word == "examples" else 1)) * layout.limbs + layout.limbs - 1
+    evil[index] = (int(evil[index]) + (1 << min(shift, layout.limb_bits - 1))) % (1 << layout.ring_bits)
+    n = len(sites) + 1
+    means, total = layout.decode(ring_sum(layout, [*honest, evil.astype(dtype)]), n)
+    honest_means, _ = layout.decode(ring_sum(layout, [*honest, layout.encode({}, 0, dtype)]), n)
+    # whatever is kept is something honest sites could report: a mean within the clip, examples within the cap
+    assert all(abs(v) <= layout.value_clip * (1 + 1e-6) for v in means.values()), means
+    assert 0 <= total <= n * layout.max_examples + n
+    for other in layout.metrics:
+        if other != layout.metrics[metric] and other in honest_means:
+            assert other in means  # the others are kept
+
+
+def test_the_reviewers_shifted_accuracy_is_left_out_and_the_loss_kept() -> None:
+    layout = EvaluationLayout.plan(("loss", "accuracy"), 4, 32)
+    dtype = np.dtype(np.uint32)
+    sections = [layout.encode({"loss": 0.5, "accuracy": 0.8}, 100, dtype) for _ in range(4)]
+    top = (2 * 1 + 1) * layout.limbs + layout.limbs - 1  # accuracy's weighted sum, top limb
+    sections[0][top] = (int(sections[0][top]) + (1 << 20)) % (1 << 32)
+    means, total = layout.decode(ring_sum(layout, sections), 4)
+    assert "accuracy" not in means and means["loss"] == pytest.approx(0.5) and total == 400

@@ -44,6 +44,10 @@ class Coordinator(SessionsMixin, SecAggBridgeMixin, SiteReportsMixin, RoundDrive
         while self.model.version < cfg.schedule.rounds:
             with self._cond:
                 available = self._wait_for_cohort(self.model.version + 1)
+            if available is None and self._no_cohort is not None:
+                status, message = "failed", self._no_cohort
+                log.error("%s", message)
+                break
             if available is None:
                 status, message = "stopped", "stopped before the job completed; restart with the same command"
                 break

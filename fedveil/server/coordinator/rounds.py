@@ -205,20 +205,36 @@ class RoundDriverMixin(CoordinatorBase):
             raise JobError(f"{err} (cohort of {n})", field="threshold") from None
 
     def _wait_for_cohort(self, number: int) -> list[str] | None:
+        """The sites to draw round ``number``'s cohort from, once enough are connected; None when the
+        server stops, or when only the sites barred from the round (they withheld a graph-seed
+        reveal) keep it below ``--min-clients`` for a stage timeout: then :attr:`_no_cohort` says why
+        (the third attacker review: one withholder with ``min_clients`` = every site stalled the job
+        for good)."""
         cfg = self.config
         ready_since: float | None = None
+        short_since: float | None = None
         while not self._stop_event.is_set():
             barred = self._barred.get(number, set())
-            avail = [n for n in self._available() if n not in barred]
+            connected = self._available()
+            avail = [n for n in connected if n not in barred]
             if len(avail) >= cfg.schedule.clients_per_round:
                 return avail
+            now = self._clock()
             if len(avail) >= cfg.schedule.min_clients:
-                now = self._clock()
                 ready_since = ready_since if ready_since is not None else now
                 if now - ready_since >= cfg.schedule.cohort_wait:
                     return avail
             else:
                 ready_since = None
+            if len(avail) < cfg.schedule.min_clients <= len(connected):
+                short_since = short_since if short_since is not None else now
+                if now - short_since >= cfg.schedule.stage_timeout:
+                    self._no_cohort = (f"round {number}: {', '.join(sorted(barred))} withheld a graph-seed reveal "
+                                       f"and may not take part again; the {len(avail)} other connected site(s) "
+                                       f"are fewer than --min-clients {cfg.schedule.min_clients}")
+                    return None
+            else:
+                short_since = None
             self._cond.wait(0.25)
         return None
 

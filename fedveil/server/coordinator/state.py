@@ -276,6 +276,8 @@ class CoordinatorBase:
         self._open_run(new_run)
         self._barred: dict[int, set[str]] = {}
         """round → sites that withheld a graph-seed reveal in it (left out of its later attempts)."""
+        self._no_cohort: str | None = None
+        """Why no cohort can be drawn for the next round (only barred sites would make it up)."""
         self._last_secure_metrics: dict[str, float] = {}
         self._rejected_rounds = 0
         self.revocations: RevocationList | None = None
