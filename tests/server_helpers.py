@@ -153,7 +153,7 @@ class Scripted:
 def ring_input(start: pb.RoundStart, update: np.ndarray, weight: float) -> np.ndarray:
     """What a site masks: its encoded update and, when the round asks, evaluation sums (here the loss
     ``weight`` over 10 examples), or only those in an evaluation-only round."""
-    from fedveil.clients.participation import evaluation_layout
+    from fedveil.clients.update import evaluation_layout
 
     layout = evaluation_layout(start.encoding)
     dtype = np.dtype(np.uint32 if start.encoding.ring_bits <= 32 else np.uint64)

@@ -25,12 +25,12 @@ from torch import nn
 
 from fedveil.clients.policy import SitePolicy, TrainingRefused
 from fedveil.dp.events import SubsampledGaussianEvent
-from fedveil.dp.ledger import BudgetExceededError
+from fedveil.dp.ledger import BUDGET_REL_TOLERANCE, BudgetExceededError
 from fedveil.dp.local import LocalDPConfig, LocalDPSession
 from fedveil.protocol import fedveil_pb2 as pb
 
-_SLACK = 1.0 + 1e-9
-"""Relative slack of the budget comparisons (the accountant's floating point), as in :mod:`fedveil.dp.local`."""
+_SLACK = 1.0 + BUDGET_REL_TOLERANCE
+"""Relative slack of the budget comparisons (the accountant's floating point), as the ledger's."""
 
 
 def local_dp_config(params: pb.LocalDpParams, *, seed: int | None = None, local_epochs: int = 1,

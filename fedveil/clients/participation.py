@@ -21,9 +21,8 @@ from fedveil.clients.admission import Admission, admit_round
 from fedveil.clients.policy import PolicyViolation
 from fedveil.clients.secagg_driver import SecAggClientDriver, UnsupportedRoundError, shared_value
 from fedveil.clients.site_state import Release
-from fedveil.clients.update import AttemptRandomness, PreparedUpdate, attempt_randomness
+from fedveil.clients.update import AttemptRandomness, PreparedUpdate, attempt_randomness, evaluation_layout
 from fedveil.errors import FedveilError
-from fedveil.metrics import EvaluationLayout
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.secagg import beacon
 from fedveil.secagg.errors import SecAggError
@@ -150,18 +149,6 @@ def evaluation_section(start: pb.RoundStart, metrics: dict[str, float] | None, e
     if layout is None:
         return np.zeros(0, dtype=dtype)
     return layout.encode(metrics or {}, examples if metrics else 0.0, dtype)
-
-
-def evaluation_layout(encoding: pb.EncodingParams) -> EvaluationLayout | None:
-    ev = encoding.evaluation
-    if not ev.dimension:
-        return None
-    layout = EvaluationLayout(tuple(ev.metrics), float(ev.clip), int(ev.fractional_bits), int(ev.limb_bits),
-                              int(ev.limbs), int(ev.max_examples), int(encoding.ring_bits))
-    if layout.dimension != ev.dimension:
-        raise UnsupportedRoundError(f"encoding.evaluation.dimension: {ev.dimension} does not match its layout "
-                                    f"({layout.dimension})")
-    return layout
 
 
 def encode_update(delta: np.ndarray | None, start: pb.RoundStart, admission: Admission,

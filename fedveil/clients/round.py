@@ -162,25 +162,28 @@ class Round:
     def start_message(self) -> pb.RoundStart:
         return self._start
 
-    def _training_refusal(self) -> str:
-        """Why this round's training parameters break the site's policy ("" when they do not)."""
+    def _policy_violation(self) -> PolicyViolation | None:
+        """How this round's training parameters break the site's policy (None: they do not)."""
         try:
             check_training(self._federation.policy, self._start, num_examples=self._loader_examples)
         except PolicyViolation as err:
-            return f"policy: {err}"
-        return ""
+            return err
+        return None
+
+    def _training_refusal(self) -> str:
+        """Why this round's training parameters break the site's policy ("" when they do not)."""
+        err = self._policy_violation()
+        return f"policy: {err}" if err is not None else ""
 
     def _check_training(self) -> None:
         """Raise :class:`TrainingRefused` (before any step) when the round breaks the site's policy."""
-        try:
-            check_training(self._federation.policy, self._start, num_examples=self._loader_examples)
-        except PolicyViolation as err:
+        err = self._policy_violation()
+        if err is not None:
             spend = self._federation.local_privacy if self.dp_mode == "local" else None
             raise TrainingRefused(err.field, err.detail, round_index=self.number,
                                   epsilon=float(spend.epsilon) if spend is not None else 0.0,
                                   budget=self._federation.policy.max_local_epsilon,
-                                  delta=float(self._start.dp.local.delta)
-                                  or self._federation.policy.max_local_delta) from None
+                                  delta=float(self._start.dp.local.delta) or self._federation.policy.max_local_delta)
 
 
 def _dataset_size(loader: Any) -> int:

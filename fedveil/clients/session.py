@@ -46,6 +46,7 @@ from fedveil.clients.round import Round
 from fedveil.clients.secagg_driver import UnsupportedRoundError
 from fedveil.clients.site_state import SiteState
 from fedveil.clients.update import (
+    RoundConfigError,
     attempt_randomness,
     derive_seed,
     model_delta,
@@ -498,7 +499,7 @@ class Federation:
         except RoundLost as err:
             log.warning("round %d: dropped out (%s)", rnd.number, err)
             outcome = RoundOutcome(rnd.number, "dropped", str(err), update_norm=prepared.norm, clipped=prepared.clipped)
-        except UnsupportedRoundError as err:
+        except (UnsupportedRoundError, RoundConfigError) as err:  # checked at admission; kept as a backstop
             log.warning("round %d: cannot take part (%s)", rnd.number, err)
             outcome = RoundOutcome(rnd.number, "dropped", str(err))
         self._round_header = (0, b"")

@@ -146,14 +146,21 @@ def encoder_for(encoding: pb.EncodingParams, cohort_size: int) -> FixedPointEnco
         raise RoundConfigError(f"encoding: {err}", field="encoding") from err
 
 
-def update_length(encoding: pb.EncodingParams, model_size: int, cohort_size: int) -> int:
-    """Ring elements :func:`prepare_update` makes of a model of ``model_size`` values: the values, the
-    ``unclipped`` bit if asked for, and the weight of a weighted round."""
+def extra_coordinates(encoding: pb.EncodingParams) -> list[str]:
+    """The round's extra coordinates, each one this site knows; raises :class:`RoundConfigError` naming
+    the field otherwise."""
     extras = list(encoding.extra_coordinates)
     unknown = [e for e in extras if e not in KNOWN_EXTRA_COORDINATES]
     if unknown:
         raise RoundConfigError(f"encoding.extra_coordinates: unknown coordinate(s) {unknown[:5]}",
                                field="encoding.extra_coordinates")
+    return extras
+
+
+def update_length(encoding: pb.EncodingParams, model_size: int, cohort_size: int) -> int:
+    """Ring elements :func:`prepare_update` makes of a model of ``model_size`` values: the values, the
+    ``unclipped`` bit if asked for, and the weight of a weighted round."""
+    extras = extra_coordinates(encoding)
     return encoder_for(encoding, cohort_size).encoded_length(model_size + int("unclipped" in extras))
 
 
@@ -233,10 +240,7 @@ def prepare_update(
     Distributed-DP rounds go through :func:`prepare_distributed_update` instead.
     """
     enc = start.encoding
-    extras = list(enc.extra_coordinates)
-    unknown = [e for e in extras if e not in KNOWN_EXTRA_COORDINATES]
-    if unknown:
-        raise RoundConfigError(f"encoding.extra_coordinates: unknown coordinate(s) {unknown}")
+    extras = extra_coordinates(enc)
     clip_norm = float(start.dp.update_clip_norm)
     norm = float(np.linalg.norm(delta))
     unclipped = 1.0

@@ -63,7 +63,7 @@ from fedveil.dp.accounting import (
 )
 from fedveil.dp.calibration import solve_noise_multiplier
 from fedveil.dp.compat import UnsupportedLayerError, make_dp_compatible
-from fedveil.dp.ledger import BudgetExceededError
+from fedveil.dp.ledger import BUDGET_REL_TOLERANCE, BudgetExceededError
 
 
 @dataclass(frozen=True)
@@ -369,7 +369,7 @@ class LocalDPSession:
     def _check_plan(self, plan: RoundPlan) -> None:
         if plan.budget is None:
             return
-        if not plan.epsilon_after <= plan.budget * (1.0 + 1e-9):
+        if not plan.epsilon_after <= plan.budget * (1.0 + BUDGET_REL_TOLERANCE):
             raise BudgetExceededError(
                 party=self.config.client_id,
                 round_index=self.rounds_completed,

@@ -101,8 +101,7 @@ class LoginToken:
         """Whether ``candidate`` is this token, in time independent of where (or whether) it differs."""
         if candidate is None:
             return False
-        digest = hashlib.sha256(candidate.encode("utf-8", "surrogateescape")).digest()
-        return hmac.compare_digest(digest, self._digest)
+        return hmac.compare_digest(_digest(candidate), self._digest)
 
     def __repr__(self) -> str:
         return "LoginToken(<redacted>)"
@@ -130,7 +129,7 @@ class LoginSessions:
         """A new random session value (256 bits) for a login cookie."""
         value = secrets.token_urlsafe(TOKEN_BYTES)
         with self._lock:
-            self._digests[hashlib.sha256(value.encode("ascii")).digest()] = None
+            self._digests[_digest(value)] = None
             while len(self._digests) > MAX_SESSIONS:
                 self._digests.popitem(last=False)
         return value
@@ -139,7 +138,7 @@ class LoginSessions:
         """Whether ``candidate`` is a live session value; every digest is compared in constant time."""
         if not candidate:
             return False
-        digest = hashlib.sha256(candidate.encode("utf-8", "surrogateescape")).digest()
+        digest = _digest(candidate)
         with self._lock:
             known = list(self._digests)
         found = False
@@ -149,6 +148,12 @@ class LoginSessions:
 
     def __repr__(self) -> str:
         return f"LoginSessions(<{len(self._digests)} redacted>)"
+
+
+def _digest(candidate: str) -> bytes:
+    """What tokens and session values are compared (and sessions kept) as: SHA-256 of the text
+    (any text a request carries, undecodable bytes included)."""
+    return hashlib.sha256(candidate.encode("utf-8", "surrogateescape")).digest()
 
 
 def login_cookie(session: str, port: int) -> str:
