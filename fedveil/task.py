@@ -51,6 +51,8 @@ class ColumnSpec:
     description: str = ""
     #: Smallest allowed value (e.g. 0 for a measurement that is never negative); None = no bound.
     minimum: float | None = None
+    #: Largest allowed value (e.g. far above any real measurement: a wrong unit); None = no bound.
+    maximum: float | None = None
 
     def check(self, value: float, where: str, shown: str) -> float:
         """``value`` if it fits this column, else a :class:`SchemaError` naming ``where`` and the column."""
@@ -64,6 +66,8 @@ class ColumnSpec:
             raise SchemaError(f"{where}{self.name!r}: {shown} must be 0 or 1")
         if self.minimum is not None and value < self.minimum:
             raise SchemaError(f"{where}{self.name!r}: {shown} is below the minimum {self.minimum:g}")
+        if self.maximum is not None and value > self.maximum:
+            raise SchemaError(f"{where}{self.name!r}: {shown} is above the maximum {self.maximum:g}")
         return value
 
 

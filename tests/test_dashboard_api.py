@@ -82,6 +82,7 @@ def test_good_upload_is_kept_only_in_the_hospitals_directory(board: Any) -> None
         ("bad_label", "must be 0 or 1"),
         ("float32_overflow", "row 4, column 'mean_area': '1e39' is out of range"),
         ("negative", "row 4, column 'mean_area': '-3' is below the minimum 0"),
+        ("implausible", "row 4, column 'mean_area': '3e38' is above the maximum 27400"),
         ("duplicate", "duplicate columns in the header: 'mean_area'"),
         ("trailing_comma", "unexpected columns: (a column with an empty name)"),
     ],
@@ -113,9 +114,9 @@ def test_bad_uploads_are_refused_with_a_message_and_leave_nothing(board: Any, ca
     elif case == "too_large":
         body = (lines[0] + "\n" + "\n".join(lines[1:] * 300)).encode()
         assert len(body) > dirs.max_bytes
-    elif case in ("float32_overflow", "negative"):
+    elif case in ("float32_overflow", "negative", "implausible"):
         cells = lines[3].split(",")
-        cells[header.index("mean_area")] = "1e39" if case == "float32_overflow" else "-3"
+        cells[header.index("mean_area")] = {"float32_overflow": "1e39", "negative": "-3", "implausible": "3e38"}[case]
         body = "\n".join([*lines[:3], ",".join(cells), *lines[4:]]).encode()
     elif case == "duplicate":
         body = "\n".join([lines[0] + ",mean_area"] + [line + ",1" for line in lines[1:]]).encode()
@@ -325,6 +326,7 @@ def test_a_json_integer_beyond_pythons_digit_limit_is_a_400(board: Any) -> None:
 @pytest.mark.parametrize(
     ("value", "words"),
     [(1e39, "out of range"), ("1e39", "out of range"), (-1.0, "below the minimum 0"), (True, "not a number"),
+     (3e38, "above the maximum"),
      ("1_000", "not a number"), (10**400, "out of range")],
 )
 def test_predict_refuses_values_the_model_cannot_take(board: Any, value: Any, words: str) -> None:

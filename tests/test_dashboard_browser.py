@@ -215,6 +215,15 @@ def test_site_page_accepts_a_good_csv_and_rejects_a_bad_one(demo: Demo, browser:
     shot(page, "upload-rejected")
     assert (site_dir / "site.csv").read_text() == good.read_text()  # the rejected file left nothing
     assert sorted(p.name for p in site_dir.iterdir()) == ["demo-share.csv", "site.csv"]
+    remove = page.locator('tr[data-site="hospital-2"] button')
+    page.once("dialog", lambda dialog: dialog.dismiss())  # "remove", then "cancel": the file stays
+    remove.click()
+    page.wait_for_timeout(300)
+    assert (site_dir / "site.csv").exists()
+    page.once("dialog", lambda dialog: dialog.accept())
+    remove.click()
+    expect(page.locator('tr[data-site="hospital-2"] .upload-state')).to_have_text("none (demo share)")
+    assert not (site_dir / "site.csv").exists()
     assert page.errors == []
 
 

@@ -114,16 +114,19 @@ def test_assessment_levels_and_exact_contributions() -> None:
     far = split.test.features[5].copy()
     far[0] = 500.0
     assert "mean_radius" in healthcare.assess(model, far).confidence  # out-of-range caveat names the feature
+    patient = dict(zip(FEATURE_NAMES, split.test.features[5].tolist(), strict=True))
     with pytest.raises(ValueError, match="worst_area"):
-        healthcare.SCHEMA.parse_values({n: 1.0 for n in FEATURE_NAMES if n != "worst_area"})
+        healthcare.SCHEMA.parse_values({n: v for n, v in patient.items() if n != "worst_area"})
     with pytest.raises(ValueError, match=r"'mean_radius': -1\.0 is below the minimum 0"):
         healthcare.SCHEMA.parse_values({n: -1.0 for n in FEATURE_NAMES})
+    with pytest.raises(ValueError, match=r"'mean_area': 100000\.0 is above the maximum 27400"):  # 10x the range
+        healthcare.SCHEMA.parse_values({**patient, "mean_area": 1e5})
     with pytest.raises(ValueError, match=r"'mean_area': 1e\+39 is out of range"):  # finite in float64, inf in float32
-        healthcare.SCHEMA.parse_values({**{n: 1.0 for n in FEATURE_NAMES}, "mean_area": 1e39})
+        healthcare.SCHEMA.parse_values({**patient, "mean_area": 1e39})
     for bad in (True, "1_000", [1.0], "0x10", 10**400):
         with pytest.raises(ValueError, match="'mean_area'"):
-            healthcare.SCHEMA.parse_values({**{n: 1.0 for n in FEATURE_NAMES}, "mean_area": bad})
-    ok = healthcare.SCHEMA.parse_values({**{n: 1.0 for n in FEATURE_NAMES}, "mean_area": " 2.5e2 "})
+            healthcare.SCHEMA.parse_values({**patient, "mean_area": bad})
+    ok = healthcare.SCHEMA.parse_values({**patient, "mean_area": " 2.5e2 "})
     assert ok.dtype == np.float32 and ok[FEATURE_NAMES.index("mean_area")] == 250.0
     huge = split.test.features[5].copy()
     huge[3] = np.float32(3e38)  # finite input, but the model's output overflows

@@ -15,6 +15,8 @@ async function refreshSites() {
     const remove = el("button", { type: "button", class: "small" }, ["remove"]);
     remove.disabled = !h.has_upload;
     remove.addEventListener("click", async () => {
+      // one click must not lose a site's data (a framed or mistaken click)
+      if (!window.confirm("Remove " + h.name + "'s uploaded file? The site goes back to its demo share.")) return;
       await api("DELETE", "/api/sites/" + encodeURIComponent(h.name) + "/upload");
       await refreshSites();
     });
