@@ -123,14 +123,15 @@ def job_config(**kw: Any) -> ServerConfig:
 
 
 def site_federation(service: Any, task: Task, name: str, index: int, consortium: Consortium,
-                    n: int = 4, **options: Any) -> Federation:
+                    n: int = 4, transport: type[InProcessTransport] = InProcessTransport,
+                    **options: Any) -> Federation:
     assert task.synthetic_data is not None
     data = task.synthetic_data(index, n, 3)
     opts = consortium.options(name, seed=100 + index, num_examples=len(data), evaluate=evaluator(task, data),
                               poll_wait_ms=300,
                               backoff=BackoffPolicy(initial_delay_s=0.05, max_delay_s=0.3, give_up_after_s=20.0),
                               **options)
-    return Federation(InProcessTransport(service, name), task.name, task.build_model(), opts)
+    return Federation(transport(service, name), task.name, task.build_model(), opts)
 
 
 def run_job(tmp_path: Path, config: ServerConfig, task: Task, sites: Sequence[Callable[[Any], Any]],
@@ -163,9 +164,9 @@ def run_job(tmp_path: Path, config: ServerConfig, task: Task, sites: Sequence[Ca
 
 
 def turnkey(task: Task, name: str, index: int, consortium: Consortium, n: int = 4,
-            **options: Any) -> Callable[[Any], Any]:
+            transport: type[InProcessTransport] = InProcessTransport, **options: Any) -> Callable[[Any], Any]:
     def go(service: Any) -> Any:
-        fed = site_federation(service, task, name, index, consortium, n, **options)
+        fed = site_federation(service, task, name, index, consortium, n, transport, **options)
         assert task.synthetic_data is not None
         history = run_client(fed, task, task.synthetic_data(index, n, 3))
         return fed, history

@@ -25,7 +25,7 @@ from fedveil.clients.update import AttemptRandomness, PreparedUpdate, attempt_ra
 from fedveil.errors import FedveilError
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.secagg import beacon
-from fedveil.secagg.errors import SecAggError
+from fedveil.secagg.errors import SecAggError, ShareComplaintsError
 
 if TYPE_CHECKING:
     from fedveil.clients.session import Federation
@@ -204,7 +204,13 @@ def _secagg_step(federation: Federation, driver: SecAggClientDriver, instruction
         shares = driver.share_keys(instruction.peer_keys)
         federation._send("ShareKeys", lambda h: transport.share_keys(pb.ShareKeysRequest(header=h, shares=shares)))
     elif kind == "incoming_shares":
-        masked = driver.masked_input(instruction.incoming_shares)
+        try:
+            masked = driver.masked_input(instruction.incoming_shares)
+        except ShareComplaintsError as err:  # boxes that do not open: say whose, with the evidence
+            complaints = driver.complaints(err)
+            federation._send("ComplainAboutShares", lambda h: transport.complain_about_shares(
+                pb.ShareComplaintsRequest(header=h, complaints=complaints)))
+            raise
         _record_release(federation, start, admission)
         federation._send("SubmitMaskedInput", lambda h: transport.submit_masked_input(
             pb.MaskedInputRequest(header=h, masked_vector=masked)))

@@ -18,8 +18,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fedveil.errors import FedveilError
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.protocol.codec import encode_ring_vector
+from fedveil.protocol.complaint_kinds import WIRE_COMPLAINT_KINDS
 from fedveil.secagg.client import SecAggClient
 from fedveil.secagg.config import SecAggConfig
+from fedveil.secagg.errors import ShareComplaintsError
 from fedveil.secagg.graph import GraphSpec
 from fedveil.secagg.messages import (
     AdvertiseKeys,
@@ -148,6 +150,13 @@ class SecAggClientDriver:
         reply = self.client.handle(MaskedInputRequest(self.round_id, self.client_id, boxes))
         assert isinstance(reply, MaskedInputResponse)
         return encode_ring_vector(reply.vector, self.config.ring_bits)
+
+    @staticmethod
+    def complaints(error: ShareComplaintsError) -> list[pb.ShareComplaint]:
+        """The wire form of the complaints a failed masked-input stage raised (sent instead of the
+        masked input, so the server can tell who is at fault: :mod:`fedveil.secagg.share_complaints`)."""
+        return [pb.ShareComplaint(sender_id=c.sender, kind=WIRE_COMPLAINT_KINDS[c.kind],  # type: ignore[arg-type]
+                                  shared_point=c.shared_point, proof=c.proof) for c in error.complaints]
 
     def unmask(self, request: pb.UnmaskingRequest) -> list[pb.RevealedShare]:
         message = UnmaskingRequest(

@@ -56,7 +56,12 @@ RPC flow (one client)
      uploader costs the server a stream and a thread, not a vector in its HTTP/2 receive window,
      and its memory stays O(m) + O(n) however many clients upload at once. A server that does
      not grant slots (older than this rule) is not supported by these clients: their upload
-     would wait until its deadline. One upload per site and stage (``fedveil.protocol.uploads``):
+     would wait until its deadline. A client that cannot open a neighbour's box calls
+     ``ComplainAboutShares`` instead, with the evidence of each failure (the pair's X25519 point
+     and a DLEQ proof that it is the pair's, or, in active mode, a box whose sender's signature
+     fails); the server judges each complaint and leaves whoever it proves at fault out of the
+     rest of the job (``fedveil.server.coordinator.misconduct``). One upload per site and
+     stage (``fedveil.protocol.uploads``):
      the header chunk reserves the stage's upload and spends its sequence number, so a second
      stream with the same or another header for that stage gets ALREADY_EXISTS at once (so does a
      site with two upload streams open already); a stream that broke releases the reservation

@@ -105,6 +105,7 @@ class GrpcTransport:
             ("SubmitMaskedInput", pb.Ack),
             ("ConfirmSurvivors", pb.Ack),
             ("Unmask", pb.Ack),
+            ("ComplainAboutShares", pb.Ack),
             ("ReportMetrics", pb.Ack),
         ):
             self._calls[rpc] = channel.unary_unary(
@@ -252,6 +253,10 @@ class GrpcTransport:
 
     def unmask(self, request: pb.UnmaskRequest) -> pb.Ack:
         result: pb.Ack = self._call("Unmask", request)
+        return result
+
+    def complain_about_shares(self, request: pb.ShareComplaintsRequest) -> pb.Ack:
+        result: pb.Ack = self._call("ComplainAboutShares", request)
         return result
 
     def report_metrics(self, request: pb.MetricsReport) -> pb.Ack:

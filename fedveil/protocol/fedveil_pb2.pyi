@@ -24,6 +24,13 @@ class RoundPurpose(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ROUND_PURPOSE_TRAIN: _ClassVar[RoundPurpose]
     ROUND_PURPOSE_EVALUATE: _ClassVar[RoundPurpose]
 
+class ShareComplaintKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SHARE_COMPLAINT_KIND_UNSPECIFIED: _ClassVar[ShareComplaintKind]
+    SHARE_COMPLAINT_KIND_UNDECRYPTABLE: _ClassVar[ShareComplaintKind]
+    SHARE_COMPLAINT_KIND_BAD_SIGNATURE: _ClassVar[ShareComplaintKind]
+    SHARE_COMPLAINT_KIND_BAD_KEY: _ClassVar[ShareComplaintKind]
+
 class ShareKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SHARE_KIND_UNSPECIFIED: _ClassVar[ShareKind]
@@ -47,6 +54,10 @@ STAGE_COMMIT: Stage
 STAGE_REVEAL: Stage
 ROUND_PURPOSE_TRAIN: RoundPurpose
 ROUND_PURPOSE_EVALUATE: RoundPurpose
+SHARE_COMPLAINT_KIND_UNSPECIFIED: ShareComplaintKind
+SHARE_COMPLAINT_KIND_UNDECRYPTABLE: ShareComplaintKind
+SHARE_COMPLAINT_KIND_BAD_SIGNATURE: ShareComplaintKind
+SHARE_COMPLAINT_KIND_BAD_KEY: ShareComplaintKind
 SHARE_KIND_UNSPECIFIED: ShareKind
 SHARE_KIND_SELF_MASK_SEED: ShareKind
 SHARE_KIND_MASKING_KEY: ShareKind
@@ -528,6 +539,26 @@ class MaskedInputRequest(_message.Message):
     header: RequestHeader
     masked_vector: bytes
     def __init__(self, header: _Optional[_Union[RequestHeader, _Mapping]] = ..., masked_vector: _Optional[bytes] = ...) -> None: ...
+
+class ShareComplaint(_message.Message):
+    __slots__ = ("sender_id", "kind", "shared_point", "proof")
+    SENDER_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SHARED_POINT_FIELD_NUMBER: _ClassVar[int]
+    PROOF_FIELD_NUMBER: _ClassVar[int]
+    sender_id: int
+    kind: ShareComplaintKind
+    shared_point: bytes
+    proof: bytes
+    def __init__(self, sender_id: _Optional[int] = ..., kind: _Optional[_Union[ShareComplaintKind, str]] = ..., shared_point: _Optional[bytes] = ..., proof: _Optional[bytes] = ...) -> None: ...
+
+class ShareComplaintsRequest(_message.Message):
+    __slots__ = ("header", "complaints")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    COMPLAINTS_FIELD_NUMBER: _ClassVar[int]
+    header: RequestHeader
+    complaints: _containers.RepeatedCompositeFieldContainer[ShareComplaint]
+    def __init__(self, header: _Optional[_Union[RequestHeader, _Mapping]] = ..., complaints: _Optional[_Iterable[_Union[ShareComplaint, _Mapping]]] = ...) -> None: ...
 
 class SurvivorCheck(_message.Message):
     __slots__ = ("round", "survivors", "deadline_unix_ms")

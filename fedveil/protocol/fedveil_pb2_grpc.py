@@ -79,6 +79,11 @@ class FederationStub:
                 request_serializer=fedveil__pb2.UnmaskRequest.SerializeToString,
                 response_deserializer=fedveil__pb2.Ack.FromString,
                 _registered_method=True)
+        self.ComplainAboutShares = channel.unary_unary(
+                '/fedveil.v2.Federation/ComplainAboutShares',
+                request_serializer=fedveil__pb2.ShareComplaintsRequest.SerializeToString,
+                response_deserializer=fedveil__pb2.Ack.FromString,
+                _registered_method=True)
         self.ReportMetrics = channel.unary_unary(
                 '/fedveil.v2.Federation/ReportMetrics',
                 request_serializer=fedveil__pb2.MetricsReport.SerializeToString,
@@ -164,6 +169,14 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ComplainAboutShares(self, request, context):
+        """Stage MASKED_INPUT, instead of a masked input: the share boxes this site could not open, with
+        the evidence the server needs to tell who is at fault (fedveil.secagg.share_complaints)
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReportMetrics(self, request, context):
         """Federated evaluation results and the client's own (sample-level) privacy spend.
         """
@@ -232,6 +245,11 @@ def add_FederationServicer_to_server(servicer, server):
             'Unmask': grpc.unary_unary_rpc_method_handler(
                     servicer.Unmask,
                     request_deserializer=fedveil__pb2.UnmaskRequest.FromString,
+                    response_serializer=fedveil__pb2.Ack.SerializeToString,
+            ),
+            'ComplainAboutShares': grpc.unary_unary_rpc_method_handler(
+                    servicer.ComplainAboutShares,
+                    request_deserializer=fedveil__pb2.ShareComplaintsRequest.FromString,
                     response_serializer=fedveil__pb2.Ack.SerializeToString,
             ),
             'ReportMetrics': grpc.unary_unary_rpc_method_handler(
@@ -492,6 +510,33 @@ class Federation:
             target,
             '/fedveil.v2.Federation/Unmask',
             fedveil__pb2.UnmaskRequest.SerializeToString,
+            fedveil__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ComplainAboutShares(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedveil.v2.Federation/ComplainAboutShares',
+            fedveil__pb2.ShareComplaintsRequest.SerializeToString,
             fedveil__pb2.Ack.FromString,
             options,
             channel_credentials,

@@ -103,6 +103,7 @@ RPCS: dict[str, tuple[type[Message], str]] = {
     "SubmitMaskedInput": (pb.MaskedInputRequest, "submit_masked_input"),
     "ConfirmSurvivors": (pb.ConfirmSurvivorsRequest, "confirm_survivors"),
     "Unmask": (pb.UnmaskRequest, "unmask"),
+    "ComplainAboutShares": (pb.ShareComplaintsRequest, "complain_about_shares"),
     "ReportMetrics": (pb.MetricsReport, "report_metrics"),
 }
 

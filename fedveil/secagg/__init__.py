@@ -8,7 +8,8 @@ Modules: :mod:`~.encoding` (float → fixed point → Z_2^k and back), :mod:`~.p
 expansion), :mod:`~.keys` (X25519, HKDF, session id, Ed25519), :mod:`~.shamir` (vectorized
 Shamir, AES-GCM share boxes), :mod:`~.graph` (complete / Harary graphs), :mod:`~.threshold`
 (the collusion rule 2t > h + c and the choice of graph degree and t),
-:mod:`~.messages` (wire messages), :mod:`~.client` and :mod:`~.server` (state machines, one
+:mod:`~.messages` (wire messages), :mod:`~.share_complaints` (verifiable complaints about share
+boxes that do not open, so the server can blame their sender), :mod:`~.client` and :mod:`~.server` (state machines, one
 class per stage; the server's shared states in :mod:`~.server_states`, its unmasking stage in
 :mod:`~.unmasking`), :mod:`~.simulation` (in-process round runner), :mod:`~.identity` (site
 credentials: an authority that is not the server vouches for each identity key; their binary
@@ -50,7 +51,10 @@ awaited in the current stage. Errors a peer can provoke (:class:`UnexpectedMessa
 :class:`WrongRoundError`, :class:`MalformedMessageError`, …) are raised by ``receive`` /
 ``handle`` and leave the state unchanged; a client that detects an attack or must refuse a
 request raises and moves to its Aborted state. A server abort sends :class:`RoundAborted` to
-every client still in the round.
+every client still in the round. A client that cannot open a share box raises
+:class:`ShareComplaintsError`; the driver hands ``err.complaints`` to the server's
+:meth:`SecAggServer.judge_complaints` (masked-input stage), whose verdicts name the sender or the
+holder proven at fault (``server.blamed``), so a driver can leave it out of the next attempt.
 """
 
 from fedveil.secagg.client import SecAggClient
@@ -66,6 +70,7 @@ from fedveil.secagg.errors import (
     ProtocolError,
     RoundAbortedError,
     SecAggError,
+    ShareComplaintsError,
     ShareDecryptionError,
     TooFewSurvivorsError,
     UnexpectedMessageError,
@@ -88,12 +93,14 @@ from fedveil.secagg.messages import (
     decode_message,
 )
 from fedveil.secagg.server import AggregationResult, SecAggServer
+from fedveil.secagg.share_complaints import ComplaintVerdict, ShareComplaint
 from fedveil.secagg.simulation import SimulationResult, run_round
 from fedveil.secagg.threshold import ThresholdPlan, collusion_bound, min_threshold, plan_threshold, satisfies
 
 __all__ = [
     "AdvertiseKeys",
     "AggregationResult",
+    "ComplaintVerdict",
     "CompleteGraph",
     "ConfigError",
     "ConsistencyCheckError",
@@ -117,6 +124,8 @@ __all__ = [
     "SecAggConfig",
     "SecAggError",
     "SecAggServer",
+    "ShareComplaint",
+    "ShareComplaintsError",
     "ShareDecryptionError",
     "ShareKeysRequest",
     "ShareKeysResponse",

@@ -9,7 +9,10 @@ Errors: a message that does not belong to the current state raises
 :class:`UnexpectedMessageError`, one from another round :class:`WrongRoundError`, undecodable
 bytes :class:`MalformedMessageError`; these leave the state unchanged (the message is
 ignored). Any other :class:`SecAggError` — a tampered share, a bad signature, a refused
-unmasking request — moves the client to :class:`ClientAborted` before it propagates.
+unmasking request — moves the client to :class:`ClientAborted` before it propagates. A share box
+that does not open raises :class:`ShareComplaintsError` once every box was examined, carrying one
+verifiable complaint per failing sender for the server to judge (:mod:`fedveil.secagg.share_complaints`);
+in active mode each box carries its sender's signature, checked only when the box fails.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from fedveil.secagg.errors import (
     ProtocolError,
     RoundAbortedError,
     SecAggError,
-    ShareDecryptionError,
+    ShareComplaintsError,
     UnexpectedMessageError,
     WrongRoundError,
 )
@@ -40,6 +43,7 @@ from fedveil.secagg.keys import (
     pairwise_mask_seed,
     self_mask_prg_seed,
     share_box_key,
+    share_box_payload,
     share_secret,
     sign,
     survivor_set_payload,
@@ -62,7 +66,8 @@ from fedveil.secagg.messages import (
 )
 from fedveil.secagg.prg import SEED_BYTES, MaskExpander
 from fedveil.secagg.session import Session, check_advertisements
-from fedveil.secagg.shamir import PRIME, bytes_to_limbs, open_share, seal_share, share
+from fedveil.secagg.shamir import bytes_to_limbs, seal_share, share
+from fedveil.secagg.share_complaints import CIPHERTEXT_BYTES, box_bytes, build_complaint, open_share_box
 from fedveil.secagg.signature_memo import SignatureMemo
 from fedveil.secagg.survivor_checks import check_consistency, check_dropped, check_survivors
 
@@ -181,7 +186,11 @@ class ClientR1ShareKeys(ClientState):
             shared = share_secret(ctx.keys.share_private, session.advertisements[holder].share_public)
             ctx.share_secrets[holder] = shared
             key = share_box_key(shared, me, holder, sid)
-            boxes[holder] = seal_share(key, plaintext, me, holder, sid)
+            box = seal_share(key, plaintext, me, holder, sid)
+            if cfg.active:  # signed, so that a holder can prove the box came from this client
+                assert ctx.identity_key is not None
+                box += sign(ctx.identity_key, share_box_payload(sid, me, holder, box))
+            boxes[holder] = box
         return ClientR2MaskedInput(ctx), ShareKeysResponse(cfg.round_id, me, boxes)
 
 
@@ -203,22 +212,25 @@ class ClientR2MaskedInput(ClientState):
         sid = session.session_id
         neighbours = set(session.graph.neighbors(me))
         senders = sorted(msg.boxes)
-        plaintexts = []
+        strays = [sender for sender in senders if sender not in neighbours]
+        if strays:
+            raise ProtocolError(f"client {me} received a share box from non-neighbour {strays[0]}")
+        received: dict[int, np.ndarray] = {}
+        failures: dict[int, str] = {}
         for sender in senders:
-            if sender not in neighbours:
-                raise ProtocolError(f"client {me} received a share box from non-neighbour {sender}")
-            shared = ctx.share_secrets.get(sender)
-            if shared is None:
-                shared = share_secret(ctx.keys.share_private, session.advertisements[sender].share_public)
-            key = share_box_key(shared, sender, me, sid)
-            plain = open_share(key, msg.boxes[sender], sender, me, sid)
-            if len(plain) != 4 * SHARE_LIMBS:
-                raise ShareDecryptionError(f"share from client {sender} has the wrong length")
-            plaintexts.append(plain)
-        table = np.frombuffer(b"".join(plaintexts), dtype="<u4").astype(np.int64).reshape(len(senders), SHARE_LIMBS)
-        if table.size and table.max() >= PRIME:
-            raise ShareDecryptionError("a decrypted share is not a field element")
-        received = dict(zip(senders, table, strict=True))
+            box = msg.boxes[sender]
+            opened: np.ndarray | str = "has the wrong length"
+            if len(box) == box_bytes(cfg.active):  # in active mode the signature is checked only if it fails
+                shared = ctx.share_secrets.get(sender)
+                if shared is None:
+                    shared = share_secret(ctx.keys.share_private, session.advertisements[sender].share_public)
+                opened = open_share_box(shared, box[:CIPHERTEXT_BYTES], sender, me, sid)
+            if isinstance(opened, str):
+                failures[sender] = opened
+            else:
+                received[sender] = opened
+        if failures:
+            raise _complaints(ctx, msg.boxes, failures)
         problem = cfg.live_problem(len(received) + 1)  # the holders whose shares reached it
         if problem is not None:
             raise RoundAbortedError(f"client {me}, masked-input stage: {problem}")
@@ -236,6 +248,20 @@ class ClientR2MaskedInput(ClientState):
         ctx.input = None  # the plaintext is not needed any more
         nxt: ClientState = ClientConsistencyCheck(ctx) if cfg.active else ClientR3Unmasking(ctx)
         return nxt, MaskedInputResponse(cfg.round_id, me, vec)
+
+
+def _complaints(ctx: _ClientContext, boxes: dict[int, bytes], failures: dict[int, str]) -> ShareComplaintsError:
+    """One complaint per box that failed, with the evidence the server needs to blame its sender."""
+    cfg, me, session = ctx.config, ctx.client_id, ctx.session
+    assert session is not None
+    complaints = tuple(
+        build_complaint(private=ctx.keys.share_private, sender_public=session.advertisements[sender].share_public,
+                        sender_identity=cfg.identity_keys[sender] if cfg.active and cfg.identity_keys else None,
+                        box=boxes[sender], sender=sender, holder=me, session_id=session.session_id)
+        for sender in sorted(failures))
+    detail = "; ".join(f"share box from client {c.sender} {failures[c.sender]} (complaint: {c.kind})"
+                       for c in complaints)
+    return ShareComplaintsError(f"client {me} could not open {len(complaints)} share box(es): {detail}", complaints)
 
 
 def _id_set(values: np.ndarray, what: str) -> frozenset[int]:

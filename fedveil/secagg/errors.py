@@ -7,7 +7,13 @@ bad configuration from a round that simply lost too many clients.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
 from fedveil.errors import FedveilError
+
+if TYPE_CHECKING:
+    from fedveil.secagg.share_complaints import ShareComplaint
 
 
 class SecAggError(FedveilError):
@@ -40,6 +46,20 @@ class MalformedMessageError(ProtocolError):
 
 class ShareDecryptionError(ProtocolError):
     """An encrypted Shamir share failed AES-GCM authentication (tampered, misrouted or replayed)."""
+
+
+class ShareComplaintsError(ShareDecryptionError):
+    """Share boxes addressed to this client did not open; ``complaints`` holds one
+    :class:`~fedveil.secagg.share_complaints.ShareComplaint` per failing sender, the evidence a driver
+    hands the server (:meth:`~fedveil.secagg.server.SecAggServer.judge_complaints`) so it can tell
+    who is at fault. The client has aborted the attempt (it sends no masked input)."""
+
+    def __init__(self, message: str, complaints: Iterable[ShareComplaint] = ()) -> None:
+        super().__init__(message)
+        self.complaints: tuple[ShareComplaint, ...] = tuple(complaints)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (str(self), self.complaints)
 
 
 class InvalidSignatureError(ProtocolError):

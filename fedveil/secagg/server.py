@@ -14,6 +14,11 @@ server needs O(m) for vectors plus O(n·k) for keys and shares, independent of n
 
 A message the server rejects (wrong stage, wrong round, bad sender, bad signature, malformed)
 raises and changes nothing: one misbehaving client cannot abort the round.
+
+Share boxes are kept from the share-keys stage until the masked-input stage closes: a holder that
+cannot open one complains instead of sending its masked input (:meth:`SecAggServer.judge_complaints`,
+:mod:`fedveil.secagg.share_complaints`), and the box its sender uploaded is the evidence. The holder
+leaves the stage; the verdicts name the sender or the holder proven at fault (:attr:`SecAggServer.blamed`).
 """
 
 from __future__ import annotations
@@ -34,8 +39,6 @@ from fedveil.secagg.errors import (
 )
 from fedveil.secagg.keys import SIGNATURE_BYTES, valid_signatures
 from fedveil.secagg.messages import (
-    MASK_KEY_LIMBS,
-    SELF_MASK_LIMBS,
     AdvertiseKeys,
     ConsistencyCheckRequest,
     ConsistencyCheckResponse,
@@ -61,10 +64,8 @@ from fedveil.secagg.session import (
     check_advertisement,
     prune_live,
 )
-from fedveil.secagg.shamir import BOX_OVERHEAD
+from fedveil.secagg.share_complaints import BAD_SIGNATURE, ComplaintVerdict, ShareComplaint, box_bytes, judge
 from fedveil.secagg.unmasking import ServerR3Unmasking, default_unmasking_threads
-
-_BOX_BYTES = 4 * (SELF_MASK_LIMBS + MASK_KEY_LIMBS) + BOX_OVERHEAD
 
 
 class ServerR0AdvertiseKeys(ServerState):
@@ -113,14 +114,16 @@ class ServerR1ShareKeys(ServerState):
         if set(msg.boxes) != want:
             raise ProtocolError(f"client {client_id} must send one share box to each of its {len(want)} "
                                 f"neighbours (got {len(msg.boxes)} boxes)")
-        if any(len(box) != _BOX_BYTES for box in msg.boxes.values()):
-            raise MalformedMessageError(f"client {client_id}: share boxes must be {_BOX_BYTES} bytes")
+        size = box_bytes(self.ctx.config.active)
+        if any(len(box) != size for box in msg.boxes.values()):
+            raise MalformedMessageError(f"client {client_id}: share boxes must be {size} bytes")
         self.ctx.boxes[client_id] = msg.boxes
 
     def close(self) -> tuple[ServerState, dict[int, Message]]:
         ctx = self.ctx
         alive = self._survivors("share-keys")
         if isinstance(alive, str):
+            ctx.boxes = {}
             return self._abort(alive, self.expected)
         assert ctx.session is not None
         graph = ctx.session.graph
@@ -128,6 +131,7 @@ class ServerR1ShareKeys(ServerState):
         alive_set = set(alive)
         for c in alive:
             if len(alive_set.intersection(graph.holders(c))) < t:
+                ctx.boxes = {}
                 return self._abort(f"client {c} has fewer than threshold {t} holders left after share-keys",
                                    self.expected)
         ctx.u2 = alive
@@ -137,7 +141,7 @@ class ServerR1ShareKeys(ServerState):
         for c in alive:
             inbox = {s: ctx.boxes[s][c] for s in graph.neighbors(c) if s in alive_set}
             out[c] = MaskedInputRequest(rid, c, inbox)
-        ctx.boxes = {}  # routed: the server keeps no ciphertexts
+        # Routed, and kept until the masked-input stage closes: the evidence a complaint is judged on.
         ctx.running_sum = ctx.config.ring.zeros(ctx.config.vector_length)
         return ServerR2MaskedInputCollection(ctx, alive), out
 
@@ -157,8 +161,48 @@ class ServerR2MaskedInputCollection(ServerState):
             raise MalformedMessageError(str(err)) from err
         cfg.ring.add(self.ctx.running_sum, vec)
 
+    def judge(self, holder: int, complaints: Sequence[ShareComplaint]) -> list[ComplaintVerdict]:
+        """Judge a holder's complaints about its share boxes; it leaves the stage (a dropout)."""
+        ctx = self.ctx
+        cfg = ctx.config
+        if holder not in self._expected_set or holder in self.received or holder in self.withdrawn:
+            raise UnexpectedMessageError(f"server in state {self.name} takes no complaint from client {holder} "
+                                         "(not in the stage, or it already sent its masked input or complaints)")
+        assert ctx.session is not None
+        routed = {s for s in ctx.session.graph.neighbors(holder) if s in ctx.boxes and holder in ctx.boxes[s]}
+        items = list(complaints)
+        if not items:
+            raise MalformedMessageError(f"client {holder}: a complaint names at least one share box")
+        if len(items) > len(routed):
+            raise ProtocolError(f"client {holder}: {len(items)} complaints about the {len(routed)} share boxes "
+                                "it was sent")
+        seen: set[int] = set()
+        for i, complaint in enumerate(items):
+            name = f"complaints[{i}]"
+            if not isinstance(complaint, ShareComplaint):
+                raise MalformedMessageError(f"{name}: expected a ShareComplaint, got {type(complaint).__name__}")
+            complaint.check(name)
+            if complaint.sender in seen:
+                raise MalformedMessageError(f"{name}.sender: client {complaint.sender} is named twice")
+            seen.add(complaint.sender)
+            if complaint.sender not in routed:
+                raise ProtocolError(f"{name}.sender: client {holder} was sent no share box by client "
+                                    f"{complaint.sender}")
+            if complaint.kind == BAD_SIGNATURE and not cfg.active:
+                raise MalformedMessageError(f"{name}.kind: share boxes are signed in active mode only")
+        session = ctx.session
+        verdicts = [judge(c, holder=holder, holder_public=session.advertisements[holder].share_public,
+                          sender_public=session.advertisements[c.sender].share_public,
+                          sender_identity=cfg.identity_keys[c.sender] if cfg.active and cfg.identity_keys else None,
+                          stored_box=ctx.boxes[c.sender][holder], session_id=session.session_id)
+                    for c in items]
+        self.withdrawn.add(holder)
+        ctx.verdicts[holder] = tuple(verdicts)
+        return verdicts
+
     def close(self) -> tuple[ServerState, dict[int, Message]]:
         ctx = self.ctx
+        ctx.boxes = {}  # the stage's complaints are judged: the server keeps no ciphertexts
         alive = self._survivors("masked-input")
         if isinstance(alive, str):
             ctx.running_sum = None
@@ -244,7 +288,8 @@ class SecAggServer:
     @property
     def pending(self) -> tuple[int, ...]:
         """Expected clients that have not sent their message yet (close early when empty)."""
-        return tuple(c for c in self._state.expected if c not in self._state.received)
+        state = self._state
+        return tuple(c for c in state.expected if c not in state.received and c not in state.withdrawn)
 
     @property
     def completed(self) -> bool:
@@ -270,6 +315,34 @@ class SecAggServer:
         if isinstance(self._state, ServerAborted):
             raise RoundAbortedError(self._state.reason)
         raise UnexpectedMessageError(f"the round is still in stage {self.stage}")
+
+    @property
+    def verdicts(self) -> dict[int, tuple[ComplaintVerdict, ...]]:
+        """The judged complaints of this attempt, by complaining holder (:meth:`judge_complaints`)."""
+        return dict(self._ctx.verdicts)
+
+    @property
+    def blamed(self) -> frozenset[int]:
+        """Clients proven at fault in this attempt: senders of share boxes that do not open (or with
+        bad signatures or keys) and holders whose complaints were false."""
+        return frozenset(v.guilty for vs in self._ctx.verdicts.values() for v in vs if v.guilty is not None)
+
+    def judge_complaints(self, holder: int, complaints: Sequence[ShareComplaint]) -> list[ComplaintVerdict]:
+        """Judge the complaints of ``holder`` (as authenticated by the transport) about the share boxes it
+        was sent, from a :class:`~fedveil.secagg.errors.ShareComplaintsError` (its ``complaints``).
+
+        Valid only while the masked-input stage collects (else :class:`UnexpectedMessageError`), once
+        per holder and only before it sent a masked input. A malformed list (a kind unknown or unfit
+        for the mode, wrong lengths, a sender named twice) raises :class:`MalformedMessageError`, a
+        sender that sent the holder no box or more complaints than boxes :class:`ProtocolError`; either
+        changes nothing. Otherwise the holder leaves the stage (it can send no masked input and is a
+        dropout at close), and each verdict names the client proven at fault (:attr:`blamed`), if any.
+        Deterministic given the inputs (:mod:`fedveil.secagg.share_complaints`)."""
+        state = self._state
+        if not isinstance(state, ServerR2MaskedInputCollection):
+            raise UnexpectedMessageError(f"complaints about share boxes are judged in the masked-input stage "
+                                         f"(the server is in {self.stage})")
+        return state.judge(holder, complaints)
 
     def receive(self, client_id: int, message: Message | bytes) -> None:
         """Accept one client message (``client_id`` is the sender as authenticated by the transport)."""

@@ -16,6 +16,7 @@ from fedveil.secagg.config import SecAggConfig
 from fedveil.secagg.errors import UnexpectedMessageError
 from fedveil.secagg.messages import AdvertiseKeys, Message, RoundAborted
 from fedveil.secagg.session import Session
+from fedveil.secagg.share_complaints import ComplaintVerdict
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ class ServerContext:
         self.u3: tuple[int, ...] = ()
         self.dropped: tuple[int, ...] = ()
         self.signatures: dict[int, bytes] = {}
+        # Judged complaints about share boxes, by complaining holder (SecAggServer.judge_complaints).
+        self.verdicts: dict[int, tuple[ComplaintVerdict, ...]] = {}
         # Advertisements whose identity signature this server verified ahead of receive().
         self.verified_adverts: set[AdvertiseKeys] = set()
 
@@ -57,6 +60,9 @@ class ServerState:
         self.expected = expected
         self._expected_set = frozenset(expected)
         self.received: dict[int, None] = {}  # insertion-ordered set of senders
+        # Expected clients that left the stage without its message (a holder that complained about its
+        # share boxes): nothing more is accepted from them, and at close they are dropouts like the silent.
+        self.withdrawn: set[int] = set()
 
     def receive(self, client_id: int, msg: Message) -> None:
         if self.message_type is None or not isinstance(msg, self.message_type):
@@ -66,6 +72,9 @@ class ServerState:
             raise UnexpectedMessageError(f"server in state {self.name} expects no message from client {client_id}")
         if client_id in self.received:
             raise UnexpectedMessageError(f"client {client_id} already sent its {type(msg).__name__}")
+        if client_id in self.withdrawn:
+            raise UnexpectedMessageError(f"client {client_id} left the {self.name} stage (it complained about its "
+                                         "share boxes)")
         self._accept(client_id, msg)
         self.received[client_id] = None
 

@@ -16,9 +16,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedveil.secagg.client import SecAggClient
 from fedveil.secagg.config import SecAggConfig
-from fedveil.secagg.errors import ConfigError, SecAggError
+from fedveil.secagg.errors import ConfigError, SecAggError, ShareComplaintsError
 from fedveil.secagg.messages import AdvertiseKeys, Message, decode_message
 from fedveil.secagg.server import AggregationResult, SecAggServer
+from fedveil.secagg.share_complaints import ComplaintVerdict, ShareComplaint
 from fedveil.secagg.signature_memo import SignatureMemo
 
 DROPOUT_STAGES = ("keys", "shares", "masked", "consistency", "unmask")
@@ -40,6 +41,10 @@ class SimulationResult:
     client_errors: dict[int, str] = field(default_factory=dict)
     client_stage_s: dict[str, dict[int, float]] = field(default_factory=dict)
     """Each client's time per stage (``setup``, ``keys``, then the server state it answered)."""
+    verdicts: dict[int, tuple[ComplaintVerdict, ...]] = field(default_factory=dict)
+    """The server's verdicts on share-box complaints, by complaining holder (none in an honest round)."""
+    blamed: frozenset[int] = frozenset()
+    """Clients the server proved at fault (:attr:`SecAggServer.blamed`)."""
 
     @property
     def completed(self) -> bool:
@@ -162,6 +167,7 @@ def run_round(config: SecAggConfig, inputs: Mapping[int, np.ndarray], *,
         stage = stage_of_server_state[server.stage]
         gone |= plan.get(stage, frozenset())
         replies: list[tuple[int, Message]] = []
+        complaints: list[tuple[int, tuple[ShareComplaint, ...]]] = []
         for cid, out in outgoing.items():
             if cid in gone:
                 continue
@@ -172,6 +178,8 @@ def run_round(config: SecAggConfig, inputs: Mapping[int, np.ndarray], *,
             except SecAggError as err:
                 errors[cid] = f"{type(err).__name__}: {err}"
                 gone.add(cid)
+                if isinstance(err, ShareComplaintsError):  # the evidence goes to the server, as a site's would
+                    complaints.append((cid, err.complaints))
                 charge(cid, stage, clock() - start)
                 continue
             charge(cid, stage, clock() - start)
@@ -182,7 +190,9 @@ def run_round(config: SecAggConfig, inputs: Mapping[int, np.ndarray], *,
         start = clock()
         for cid, reply in replies:
             server.receive(cid, reply)
+        for cid, evidence in complaints:
+            server.judge_complaints(cid, evidence)
         server_s += clock() - start
     result = server.result if server.completed else None
     return SimulationResult(config, result, server.abort_reason, server_s, client_s, upload, download, errors,
-                            stage_s)
+                            stage_s, server.verdicts, server.blamed)

@@ -10,6 +10,8 @@ from fedveil.dp.ledger import FEDERATION, PrivacyLedger
 from fedveil.metrics import weighted_metrics
 from fedveil.protocol import ROUND_NONCE_BYTES
 from fedveil.protocol import fedveil_pb2 as pb
+from fedveil.server.coordinator.attempt_endings import AttemptEndingsMixin
+from fedveil.server.coordinator.misconduct import MisconductMixin
 from fedveil.server.coordinator.rounds import RoundDriverMixin
 from fedveil.server.coordinator.secagg_bridge import SecAggBridgeMixin
 from fedveil.server.coordinator.sessions import SessionsMixin
@@ -27,7 +29,8 @@ from fedveil.server.events import (
 from fedveil.server.privacy_view import party_figures
 
 
-class Coordinator(SessionsMixin, SecAggBridgeMixin, SiteReportsMixin, RoundDriverMixin):
+class Coordinator(SessionsMixin, SecAggBridgeMixin, MisconductMixin, SiteReportsMixin, RoundDriverMixin,
+                  AttemptEndingsMixin):
     """Runs one federated job against a :class:`RunStore`; see :mod:`fedveil.server.coordinator`."""
 
     def run(self) -> JobSummary:
@@ -72,7 +75,7 @@ class Coordinator(SessionsMixin, SecAggBridgeMixin, SiteReportsMixin, RoundDrive
             if outcome == "stopped":
                 status, message = "stopped", "stopped before the job completed; restart with the same command"
                 break
-            if outcome in ("withheld", "rejected"):
+            if outcome in ("withheld", "convicted", "rejected"):
                 continue
             if outcome == "budget":
                 status, message = "budget_exhausted", f"stopped early: {self._budget_message}"
@@ -149,7 +152,8 @@ class Coordinator(SessionsMixin, SecAggBridgeMixin, SiteReportsMixin, RoundDrive
         phase = cfg.schedule.rounds + 1
         for _ in range(min(cfg.schedule.max_round_attempts, cfg.evaluation.max_per_job)):  # each attempt asks again
             with self._cond:
-                available = [n for n in self._available() if n not in self._barred.get(phase, set())]
+                excluded = self._excluded(phase)
+                available = [n for n in self._available() if n not in excluded]
             if len(available) < cfg.schedule.min_clients:
                 log.info("final evaluation skipped: %d sites connected, fewer than %d", len(available),
                          cfg.schedule.min_clients)

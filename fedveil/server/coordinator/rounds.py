@@ -24,7 +24,6 @@ from fedveil.secagg.server import SecAggServer
 from fedveil.secagg.threshold import ThresholdPlan
 from fedveil.server.coordinator.state import (
     PUBLIC_KEY_BYTES,
-    SECURE_SUM_ROW,
     CoordinatorBase,
     JobError,
     Stage,
@@ -33,10 +32,7 @@ from fedveil.server.coordinator.state import (
     log,
 )
 from fedveil.server.events import (
-    EvaluationRecorded,
-    RoundAborted,
     RoundCompleted,
-    RoundRejected,
     RoundStarted,
     StageClosed,
 )
@@ -207,14 +203,14 @@ class RoundDriverMixin(CoordinatorBase):
     def _wait_for_cohort(self, number: int) -> list[str] | None:
         """The sites to draw round ``number``'s cohort from, once enough are connected; None when the
         server stops, or when only the sites barred from the round (they withheld a graph-seed
-        reveal) keep it below ``--min-clients`` for a stage timeout: then :attr:`_no_cohort` says why
-        (the third attacker review: one withholder with ``min_clients`` = every site stalled the job
-        for good)."""
+        reveal) or convicted (:mod:`.misconduct`) keep it below ``--min-clients`` for a stage
+        timeout: then :attr:`_no_cohort` says why (the third attacker review: one withholder with
+        ``min_clients`` = every site stalled the job for good)."""
         cfg = self.config
         ready_since: float | None = None
         short_since: float | None = None
         while not self._stop_event.is_set():
-            barred = self._barred.get(number, set())
+            barred = self._excluded(number)
             connected = self._available()
             avail = [n for n in connected if n not in barred]
             if len(avail) >= cfg.schedule.clients_per_round:
@@ -229,8 +225,8 @@ class RoundDriverMixin(CoordinatorBase):
             if len(avail) < cfg.schedule.min_clients <= len(connected):
                 short_since = short_since if short_since is not None else now
                 if now - short_since >= cfg.schedule.stage_timeout:
-                    self._no_cohort = (f"round {number}: {', '.join(sorted(barred))} withheld a graph-seed reveal "
-                                       f"and may not take part again; the {len(avail)} other connected site(s) "
+                    self._no_cohort = (f"round {number}: {self._exclusion_reasons(number)} and may not take part "
+                                       f"again; the {len(avail)} other connected site(s) "
                                        f"are fewer than --min-clients {cfg.schedule.min_clients}")
                     return None
             else:
@@ -344,6 +340,7 @@ class RoundDriverMixin(CoordinatorBase):
             stages.append(Stage.CONSISTENCY)
         stages.append(Stage.UNMASKING)
         stage_opened = self._clock()
+        unmasking_failed: str | None = None
         for index, stage in enumerate(stages):
             with self._cond:
                 if not self._wait_until(lambda: not rnd.live_pending(), rnd.deadline):
@@ -380,6 +377,14 @@ class RoundDriverMixin(CoordinatorBase):
                 self.listeners.defer(StageClosed(self.run_id, number, rnd.attempt, stage.label,
                                                  self._clock() - stage_opened, len(answered),
                                                  {n: drop[0] for n, drop in new_drops.items()}))
+                if aborted and stage == Stage.UNMASKING and purpose == pb.ROUND_PURPOSE_TRAIN:
+                    # after the release honest sites refuse a retry of this round: skip it instead
+                    # of failing the job (the third attacker review: one site's shares that do not
+                    # reconstruct, or one wrong unmasking share in a small cohort, ended the job)
+                    assert rnd.secagg is not None
+                    unmasking_failed = rnd.secagg.abort_reason or "the masks could not be removed"
+                    survivors = len(answered)
+                    break
                 if aborted:
                     return self._abort_attempt(rnd, stage, len(answered))
                 if rnd.secagg is not None and rnd.secagg.completed:
@@ -400,6 +405,9 @@ class RoundDriverMixin(CoordinatorBase):
                 rnd.closing = False
                 self._drop_gone(rnd)
                 self._cond.notify_all()
+        if unmasking_failed is not None:
+            return self._reject_round(rnd, f"unmasking failed after the sites released their shares: "
+                                           f"{unmasking_failed}", survivors)
         assert rnd.secagg is not None
         result = rnd.secagg.result
         if result.faulty_holders:
@@ -436,74 +444,6 @@ class RoundDriverMixin(CoordinatorBase):
         self.listeners.emit(RoundCompleted(self.run_id, number, rnd.attempt, len(result.survivors), applied.params,
                                            ledger_json, dict(stats)))
         return "completed"
-
-    def _reject_round(self, rnd: _Round, reason: str, survivors: int) -> str:
-        """The unmasked sum is not one honest sites can produce: skip the round (model unchanged, the
-        round counted, its release kept in the ledger) and go on — a retry would let a malicious site
-        stall the job."""
-        number = rnd.number
-        state_after = self.model.state_dict(skipping=True)
-        ledger_json = self.model.ledger.to_json() if self.model.ledger is not None else None
-        self.store.complete_round(
-            self.run_id, number, rnd.attempt, survivors=survivors, aggregate=np.zeros(0, np.float32),
-            aggregate_digest="", model=self.model.params, state=state_after, ledger_json=ledger_json,
-            stats={"rejected": reason, "threshold": rnd.plan.threshold}, status="rejected", reason=reason)
-        with self._cond:
-            self.model.skip()
-            self._rejected_rounds += 1
-            log.warning("round %d rejected (model unchanged, the job goes on): %s", number, reason)
-            self._finish_round_for_clients(rnd, pb.ROUND_OUTCOME_ABORTED, f"rejected: {reason}", ())
-        self.listeners.emit(RoundRejected(self.run_id, number, rnd.attempt, reason))
-        return "rejected"
-
-    def _abort_attempt(self, rnd: _Round, stage: Stage, answered: int) -> str:
-        """Record an aborted attempt (lock held). Once masked inputs were in and unmasking shares
-        were asked for, the sum could have been released: under DP the attempt stays in the ledger
-        as a release (Bonawitz et al.'s retries are new releases, not refunds)."""
-        number = rnd.number
-        if rnd.secagg is not None:
-            reason = rnd.secagg.abort_reason or "aborted"
-        else:
-            reason = rnd.beacon.abort_reason or "aborted"
-        released = stage >= Stage.CONSISTENCY
-        if released:
-            reason += " (after masked inputs: counted as a release in the privacy ledger)"
-            if self.model.ledger is not None:
-                self.store.save_ledger(self.run_id, self.model.ledger.to_json())
-        elif rnd.purpose == pb.ROUND_PURPOSE_TRAIN:
-            self.model.cancel_budget(number)
-        self.store.abort_round(self.run_id, number, rnd.attempt, reason, answered)
-        self._aborted_attempts += 1
-        log.warning("round %d attempt %d aborted: %s", number, rnd.attempt, reason)
-        self.listeners.defer(RoundAborted(self.run_id, number, rnd.attempt, stage.label, reason))
-        self._finish_round_for_clients(rnd, pb.ROUND_OUTCOME_ABORTED, reason, ())
-        if stage == Stage.REVEAL and rnd.beacon.withheld:
-            # each withholder costs one attempt and is barred from the rest of the round, so a site
-            # cannot make a round fail by withholding; this attempt does not count against the limit
-            barred = self._barred.setdefault(number, set())
-            barred.update(rnd.names[s] for s in rnd.beacon.withheld)
-            self._tries[number] -= 1
-            return "withheld"
-        return "aborted"
-
-    def _record_secure_evaluation(self, rnd: _Round, evaluation: tuple[dict[str, float], float] | None,
-                                  survivors: int) -> None:
-        if evaluation is None:
-            return
-        metrics, examples = evaluation
-        if not metrics:
-            return
-        self.store.record_evaluation(self.run_id, self.model.version, SECURE_SUM_ROW, round(examples), metrics)
-        self._last_secure_metrics = dict(metrics)
-        self.listeners.defer(EvaluationRecorded(self.run_id, rnd.number, self.model.version, dict(metrics), examples))
-        log.info("round %d: secure evaluation of model %d over %d sites: %s", rnd.number, self.model.version,
-                 survivors, {k: round(v, 4) for k, v in metrics.items()})
-
-    def _abandon(self, rnd: _Round, reason: str) -> None:
-        if rnd.purpose == pb.ROUND_PURPOSE_TRAIN:
-            self.model.cancel_budget(rnd.number)
-        self.store.abort_round(self.run_id, rnd.number, rnd.attempt, reason, None)
-        self._finish_round_for_clients(rnd, pb.ROUND_OUTCOME_ABORTED, reason, ())
 
 
 def _same_unmasking(a: sa.UnmaskingRequest, b: sa.UnmaskingRequest) -> bool:

@@ -1,0 +1,88 @@
+"""How an attempt ends when it does not complete: rejected, aborted or abandoned.
+
+A **rejected** round is skipped (model unchanged, the round counted, its release kept in the
+ledger) and the job goes on; an **aborted** attempt is retried with a new cohort and nonce, and
+counts against ``--max-round-attempts`` unless its cause is left out of the retries (a withheld
+graph-seed reveal, or a site convicted by a share-box complaint); an **abandoned** one ends because
+the server stops or fails.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedveil.protocol import fedveil_pb2 as pb
+from fedveil.server.coordinator.state import SECURE_SUM_ROW, CoordinatorBase, Stage, _Round, log
+from fedveil.server.events import EvaluationRecorded, RoundAborted, RoundRejected
+
+
+class AttemptEndingsMixin(CoordinatorBase):
+    """Rejected rounds, aborted attempts, abandoned rounds, and the secure evaluation's record."""
+
+    def _reject_round(self, rnd: _Round, reason: str, survivors: int) -> str:
+        """The unmasked sum is not one honest sites can produce: skip the round (model unchanged, the
+        round counted, its release kept in the ledger) and go on — a retry would let a malicious site
+        stall the job."""
+        number = rnd.number
+        state_after = self.model.state_dict(skipping=True)
+        ledger_json = self.model.ledger.to_json() if self.model.ledger is not None else None
+        self.store.complete_round(
+            self.run_id, number, rnd.attempt, survivors=survivors, aggregate=np.zeros(0, np.float32),
+            aggregate_digest="", model=self.model.params, state=state_after, ledger_json=ledger_json,
+            stats={"rejected": reason, "threshold": rnd.plan.threshold}, status="rejected", reason=reason)
+        with self._cond:
+            self.model.skip()
+            self._rejected_rounds += 1
+            log.warning("round %d rejected (model unchanged, the job goes on): %s", number, reason)
+            self._finish_round_for_clients(rnd, pb.ROUND_OUTCOME_ABORTED, f"rejected: {reason}", ())
+        self.listeners.emit(RoundRejected(self.run_id, number, rnd.attempt, reason))
+        return "rejected"
+
+    def _abort_attempt(self, rnd: _Round, stage: Stage, answered: int) -> str:
+        """Record an aborted attempt (lock held). Once masked inputs were in and unmasking shares
+        were asked for, the sum could have been released: under DP the attempt stays in the ledger
+        as a release (Bonawitz et al.'s retries are new releases, not refunds)."""
+        number = rnd.number
+        if rnd.secagg is not None:
+            reason = rnd.secagg.abort_reason or "aborted"
+        else:
+            reason = rnd.beacon.abort_reason or "aborted"
+        released = stage >= Stage.CONSISTENCY
+        if released:
+            reason += " (after masked inputs: counted as a release in the privacy ledger)"
+            if self.model.ledger is not None:
+                self.store.save_ledger(self.run_id, self.model.ledger.to_json())
+        elif rnd.purpose == pb.ROUND_PURPOSE_TRAIN:
+            self.model.cancel_budget(number)
+        self.store.abort_round(self.run_id, number, rnd.attempt, reason, answered)
+        self._aborted_attempts += 1
+        log.warning("round %d attempt %d aborted: %s", number, rnd.attempt, reason)
+        self.listeners.defer(RoundAborted(self.run_id, number, rnd.attempt, stage.label, reason))
+        self._finish_round_for_clients(rnd, pb.ROUND_OUTCOME_ABORTED, reason, ())
+        if stage == Stage.REVEAL and rnd.beacon.withheld:
+            # each withholder costs one attempt and is barred from the rest of the round, so a site
+            # cannot make a round fail by withholding; this attempt does not count against the limit
+            barred = self._barred.setdefault(number, set())
+            barred.update(rnd.names[s] for s in rnd.beacon.withheld)
+            self._tries[number] -= 1
+            return "withheld"
+        return self._misconduct_outcome(rnd) or "aborted"
+
+    def _record_secure_evaluation(self, rnd: _Round, evaluation: tuple[dict[str, float], float] | None,
+                                  survivors: int) -> None:
+        if evaluation is None:
+            return
+        metrics, examples = evaluation
+        if not metrics:
+            return
+        self.store.record_evaluation(self.run_id, self.model.version, SECURE_SUM_ROW, round(examples), metrics)
+        self._last_secure_metrics = dict(metrics)
+        self.listeners.defer(EvaluationRecorded(self.run_id, rnd.number, self.model.version, dict(metrics), examples))
+        log.info("round %d: secure evaluation of model %d over %d sites: %s", rnd.number, self.model.version,
+                 survivors, {k: round(v, 4) for k, v in metrics.items()})
+
+    def _abandon(self, rnd: _Round, reason: str) -> None:
+        if rnd.purpose == pb.ROUND_PURPOSE_TRAIN:
+            self.model.cancel_budget(rnd.number)
+        self.store.abort_round(self.run_id, rnd.number, rnd.attempt, reason, None)
+        self._finish_round_for_clients(rnd, pb.ROUND_OUTCOME_ABORTED, reason, ())

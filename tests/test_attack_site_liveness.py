@@ -1,0 +1,131 @@
+"""One malicious site against the job's liveness, with the real coordinator and real honest sites.
+
+The third attacker review: a site that sent share boxes of the right size filled with random
+bytes made every honest holder leave the masked-input stage, so each attempt aborted, the site
+was never blamed and was drawn again, and the job failed after ``--max-round-attempts``. Now each
+holder sends a verifiable complaint (:mod:`fedveil.secagg.share_complaints`), the server convicts
+the sender, and the job completes without it. The same judgement convicts a site that complains
+falsely about an honest neighbour.
+
+A wrong unmasking share in a cohort too small to correct it (⌊(N − t)/2⌋ = 0) made the attempt
+abort *after* the honest sites released their shares; they refuse a retry of such a round, so the
+job failed. Now the round is rejected (skipped, counted) and the job goes on.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fedveil.clients.policy import SitePolicy
+from fedveil.protocol import fedveil_pb2 as pb
+from fedveil.protocol.errors import MalformedMessage
+from fedveil.protocol.transport import InProcessTransport
+from fedveil.server.coordinator import Coordinator
+from fedveil.tasks.synthetic import task as synthetic
+from tests.attack_helpers import Consortium, job_config, run_job, turnkey
+
+pytestmark = pytest.mark.timeout(180)
+NAMES = ["site-0", "site-1", "site-2", "evil"]
+
+
+class GarbageBoxes(InProcessTransport):
+    """Seals random bytes of the right size in every share box (the signature bytes too, in active mode)."""
+
+    def share_keys(self, request: pb.ShareKeysRequest) -> pb.Ack:
+        for share in request.shares:
+            share.ciphertext = os.urandom(len(share.ciphertext))
+        return super().share_keys(request)
+
+
+class FalseComplaint(InProcessTransport):
+    """Opens its boxes fine, then, instead of its masked input, accuses an honest neighbour with a
+    made-up pair point and proof."""
+
+    accused: str = "site-0"
+
+    def submit_masked_input(self, request: pb.MaskedInputRequest) -> pb.Ack:
+        coordinator = self._service
+        assert isinstance(coordinator, Coordinator) and coordinator._round is not None
+        victim = coordinator._round.cohort[self.accused]
+        complaint = pb.ShareComplaint(sender_id=victim, kind=pb.SHARE_COMPLAINT_KIND_UNDECRYPTABLE,
+                                      shared_point=os.urandom(32), proof=os.urandom(96))
+        return self.complain_about_shares(pb.ShareComplaintsRequest(header=request.header, complaints=[complaint]))
+
+
+class WrongUnmaskingShare(InProcessTransport):
+    """Adds one to the first limb of the last share it reveals (an honest neighbour's)."""
+
+    def unmask(self, request: pb.UnmaskRequest) -> pb.Ack:
+        if request.shares:
+            share = request.shares[-1]
+            limbs = np.frombuffer(share.share, dtype="<u4").copy()
+            limbs[0] = (int(limbs[0]) + 1) % ((1 << 31) - 1)
+            share.share = limbs.tobytes()
+        return super().unmask(request)
+
+
+def _run(tmp_path: Path, evil_transport: type[InProcessTransport], *, active: bool,
+         **config: Any) -> tuple[Any, list[BaseException], Coordinator]:
+    consortium = Consortium.create(NAMES)
+    options: dict[str, Any] = {} if active else {"policy": SitePolicy(trust_server=True)}
+    cfg: dict[str, Any] = dict(rounds=2, clients_per_round=4, min_clients=3, max_round_attempts=2,
+                               active_adversary=active)
+    cfg.update(config)
+    seen: list[Coordinator] = []
+
+    def front(coordinator: Coordinator) -> Coordinator:
+        seen.append(coordinator)
+        return coordinator
+
+    sites = [turnkey(synthetic, name, i, consortium, transport=evil_transport if name == "evil" else InProcessTransport,
+                     **options) for i, name in enumerate(NAMES)]
+    summary, _results, errors = run_job(tmp_path, job_config(**cfg), synthetic, sites, service=front)
+    return summary, errors, seen[0]
+
+
+@pytest.mark.parametrize("active", [True, False], ids=["active", "passive"])
+def test_garbage_share_boxes_convict_the_sender_and_the_job_completes_without_it(tmp_path: Path,
+                                                                                 active: bool) -> None:
+    """Before: 'failed | completed 0/2 | round 1 aborted 3 times'. Passive mode proves the failure
+    with the pair's point and a DLEQ proof; active mode by the sender's own (bad) box signature."""
+    summary, _errors, coordinator = _run(tmp_path, GarbageBoxes, active=active)
+    assert summary.status == "completed" and summary.completed_rounds == 2, summary.message
+    assert set(coordinator._convicted) == {"evil"}
+    assert "share box" in coordinator._convicted["evil"]
+    assert summary.aborted_attempts == 1  # the attempt that exposed it; it did not count against the limit
+
+
+def test_a_false_complaint_convicts_the_complainer_not_the_accused(tmp_path: Path) -> None:
+    summary, _errors, coordinator = _run(tmp_path, FalseComplaint, active=False)
+    assert set(coordinator._convicted) == {"evil"}
+    assert summary.status == "completed" and summary.completed_rounds == 2, summary.message
+
+
+def test_a_wrong_unmasking_share_after_release_skips_the_round_instead_of_failing_the_job(tmp_path: Path) -> None:
+    """Before: 'failed' after one attempt (the honest sites declined every retry of the round).
+
+    Under distributed DP, where the sites rely on the noise in the sum. Without user-level DP they
+    also refuse the *next* round over the unchanged model (the replay defence: they released shares
+    of a sum over it), so there one such site still ends the job; see the threat model."""
+    summary, _errors, coordinator = _run(tmp_path, WrongUnmaskingShare, active=True, min_clients=4,
+                                         dp="distributed", dp_clip=1.0, dp_noise_multiplier=0.5, dp_bits=24)
+    assert summary.status == "completed" and summary.completed_rounds == 2, summary.message
+    assert summary.rejected_rounds == 2  # evil does it in every round it is drawn for
+    assert not coordinator._convicted  # a wrong share is no proof of who lied
+
+
+@pytest.mark.parametrize(("complaints", "field"), [
+    ([], "complaints"),
+    ([pb.ShareComplaint(sender_id=0, kind=pb.SHARE_COMPLAINT_KIND_UNSPECIFIED)], "complaints[0].kind"),
+    ([pb.ShareComplaint(sender_id=0, kind=pb.SHARE_COMPLAINT_KIND_UNDECRYPTABLE)] * 9, "complaints"),
+])
+def test_a_malformed_complaint_is_refused_naming_the_field(complaints: list[pb.ShareComplaint], field: str) -> None:
+    from fedveil.server.coordinator.misconduct import complaints_from_pb
+
+    with pytest.raises(MalformedMessage, match=field.replace("[", r"\[").replace("]", r"\]")):
+        complaints_from_pb(pb.ShareComplaintsRequest(complaints=complaints), cohort_size=4)
