@@ -67,7 +67,8 @@ def serve(
     on an address other than loopback unless ``allow_insecure_remote``. A rerun with the same
     ``config`` and ``store`` resumes the unfinished run (``new_run=True`` starts a new one).
     ``authority`` (the consortium authority's public file) makes the server check each site's
-    credential at Join and announce the consortium, as ``fedveil server --authority`` does.
+    credential at Join and at each cohort draw and announce the consortium, as ``fedveil server
+    --authority`` does; an active-adversary job (the default) needs it.
 
     Args:
         config: the job (:class:`~fedveil.server.config.ServerConfig`).
@@ -79,7 +80,8 @@ def serve(
         insecure: run without TLS (loopback only, unless ``allow_insecure_remote``).
         allow_insecure_remote: accept plaintext on a non-loopback address; tokens travel in the clear.
         authority: the consortium authority's public file (``fedveil authority init``).
-        revocations: the authority's latest signed revocation list (needs ``authority``).
+        revocations: the authority's latest signed revocation list (needs ``authority``); read again
+            whenever the file changes, so a site can be revoked mid-job.
         new_run: start a new run in ``store`` even if an unfinished one has the same settings.
 
     Returns:
@@ -93,6 +95,7 @@ def serve(
     from fedveil.protocol.identity_files import load_authority_public, load_revocations
     from fedveil.protocol.tls import plaintext_refusal, read_pem
     from fedveil.secagg.identity import verify_revocations
+    from fedveil.server.config import ServerConfigError
     from fedveil.server.runner import TlsSettings
     from fedveil.server.runner import serve as run_server
 
@@ -123,8 +126,12 @@ def serve(
         if revocations is not None:
             revocation_list = load_revocations(Path(revocations))
             verify_revocations(pinned.public_key, revocation_list, consortium=pinned.consortium)
+    try:
+        config.check_serving()
+    except ServerConfigError as err:
+        raise FrontDoorError(f"authority: {err.detail}", field="authority") from None
     return run_server(config, job_task(config.task, config.model), store, listen, tls=tls, new_run=new_run,
-                      revocations=revocation_list)
+                      revocations=revocation_list, revocations_path=Path(revocations) if revocations else None)
 
 
 def simulate(

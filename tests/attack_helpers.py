@@ -32,6 +32,9 @@ from fedveil.task import Task
 
 CONSORTIUM = "attack-tests"
 DAY = 24 * 3600
+AUTHORITY = Ed25519PrivateKey.generate()
+"""The consortium authority of the attack tests' sites (:meth:`Consortium.create`); :func:`job_config`
+gives the server its public key, as an active-adversary job requires."""
 
 
 @dataclass
@@ -48,7 +51,7 @@ class Consortium:
 
     @classmethod
     def create(cls, names: Sequence[str], name: str = CONSORTIUM) -> Consortium:
-        authority = Ed25519PrivateKey.generate()
+        authority = AUTHORITY
         keys = {n: Ed25519PrivateKey.generate() for n in names}
         now = int(time.time())
         creds = {n: issue_credential(authority, name, n, k.public_key().public_bytes_raw(),
@@ -117,7 +120,8 @@ def job_config(**kw: Any) -> ServerConfig:
     base: dict[str, Any] = dict(task="fedveil.tasks.synthetic", rounds=1, clients_per_round=4, min_clients=4,
                                 seed=3, cohort_wait=0.5, linger=0.5, poll_wait=0.5, round_timeout=8.0,
                                 stage_timeout=5.0, final_evaluation=False, max_round_attempts=2,
-                                consortium=CONSORTIUM)
+                                consortium=CONSORTIUM,
+                                authority_public_key=AUTHORITY.public_key().public_bytes_raw().hex())
     base.update(kw)
     return ServerConfig.from_flat(**base)
 

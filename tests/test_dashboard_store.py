@@ -23,6 +23,7 @@ from fedveil.demo.data import make_split
 from fedveil.demo.federation import DropoutPlan, FederationSettings, run_federation
 from fedveil.demo.recipe import Recipe
 from fedveil.server.dashboard import StoreRunSource
+from tests.identity_helpers import write_authority
 
 torch.set_num_threads(1)
 
@@ -93,7 +94,7 @@ def test_fedveil_server_serves_the_dashboard(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "fedveil.cli", "server", "--listen", "127.0.0.1:0", "--store", str(tmp_path / "s.db"),
          "--task", "fedveil.demo.healthcare:task", "--rounds", "1", "--clients-per-round", "2", "--insecure",
-         "--dashboard", "0", "--log-level", "error"],
+         "--dashboard", "0", "--log-level", "error", "--authority", str(write_authority(tmp_path / "authority.pub"))],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     output: list[str] = []

@@ -18,7 +18,7 @@ from fedveil.cli import main
 from fedveil.clients.api import federate
 from fedveil.protocol.tls import is_loopback_host, plaintext_refusal
 from fedveil.tasks.synthetic import write_site_csv
-from tests.identity_helpers import secure_federate
+from tests.identity_helpers import secure_federate, write_authority
 
 REMOTE = "192.0.2.7:7000"
 SERVER_ARGS = ["--store", "{store}", "--task", "fedveil.tasks.synthetic:task", "--rounds", "1",
@@ -58,8 +58,10 @@ def test_server_refuses_insecure_on_a_non_loopback_address(tmp_path: Path, capsy
 def test_allow_insecure_remote_is_warned_about_at_each_start(tmp_path: Path, capsys: Any) -> None:
     """Accepted with --allow-insecure-remote, with a WARNING; the listen address is TEST-NET, so
     the server then fails to bind (that is how this test avoids listening beyond loopback)."""
+    authority = str(write_authority(tmp_path / "authority.pub"))  # the secure default needs it
     proc = subprocess.run([sys.executable, "-m", "fedveil.cli", *_server(tmp_path, "192.0.2.7:0",
-                                                                          "--allow-insecure-remote")],
+                                                                          "--allow-insecure-remote",
+                                                                          "--authority", authority)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "WARNING" in proc.stderr and "--allow-insecure-remote" in proc.stderr and "unencrypted" in proc.stderr

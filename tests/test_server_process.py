@@ -23,6 +23,7 @@ from fedveil.server.config import ServerConfig
 from fedveil.server.store import RunStore
 from fedveil.simulation.backends import SimulatedSites
 from fedveil.tasks.synthetic import write_site_csv
+from tests.identity_helpers import write_authority
 from tests.server_helpers import read_store
 
 pytestmark = pytest.mark.timeout(300)
@@ -168,7 +169,7 @@ def test_sigterm_stops_cleanly_a_second_server_is_refused_and_a_restart_resumes(
         store.enroll("solo")
     cmd = [sys.executable, "-m", "fedveil.cli", "server", "--listen", "127.0.0.1:0", "--store", str(db),
            "--task", TASK, "--rounds", "2", "--clients-per-round", "2", "--insecure", "--json",
-           "--port-file", str(tmp_path / "port")]
+           "--port-file", str(tmp_path / "port"), "--authority", str(write_authority(tmp_path / "authority.pub"))]
 
     def start() -> subprocess.Popen[str]:
         (tmp_path / "port").unlink(missing_ok=True)

@@ -12,7 +12,7 @@ from fedveil.cli import main
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.server.config import ServerConfig
 from fedveil.simulation.backends import SimulatedSites, client_seed, simulate_in_process
-from tests.identity_helpers import site_policy
+from tests.identity_helpers import secure_job, site_policy
 
 torch.set_num_threads(1)
 
@@ -145,7 +145,7 @@ def test_active_adversary_job_refuses_a_client_without_identity_key(tmp_path: Pa
     from fedveil.tasks.synthetic import task
 
     with RunStore(tmp_path / "run.sqlite") as store:
-        coordinator = Coordinator(config(active_adversary=True), task, store, new_run=True)
+        coordinator = Coordinator(config(**secure_job(active_adversary=True)), task, store, new_run=True)
         # the site pins the authority (the secure default) but has no identity key: the server refuses its Join
         fed = federate(task=task, transport=InProcessTransport(coordinator, "site-0"), policy=site_policy())
         with pytest.raises(ClientError, match="active-adversary mode"):

@@ -6,7 +6,8 @@ contradicts the job the site joined, breaks its policy, or would let a deviating
 more than the sum over enough honest sites:
 
 - the cohort's identities must be vouched for by the consortium authority the site pinned (an
-  invented cohort member has no credential), one slot per site, this site in its own slot;
+  invented cohort member has no credential), one slot per site, this site in its own slot; a
+  refusal names the members at fault (:class:`CohortRefused`), and so does the site's decline;
 - n must reach the site's minimum cohort and t must satisfy 2t > h + c for the colluders c the
   site assumes among a client's h share holders (:mod:`fedveil.secagg.threshold`);
 - DP mode and noise must meet the site's floor; with distributed DP the site computes the noise
@@ -35,7 +36,7 @@ from fedveil.dp.accounting import DpEvent
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.protocol.binding import binding_problem
 from fedveil.secagg.errors import SecAggError
-from fedveil.secagg.identity import decode_credential, verify_roster
+from fedveil.secagg.identity import SiteCredential, decode_credential, verify_revocations, verify_roster
 from fedveil.secagg.threshold import cohort_bound, cohort_problem, threshold_problem
 
 SPARSE_MIN_CORRUPT_FRACTION = 1 / 3
@@ -96,6 +97,17 @@ def check_job_consistency(start: pb.RoundStart, job: pb.JobInfo, run_id: str) ->
                               f"with {job.secagg_graph!r}")
 
 
+class CohortRefused(PolicyViolation):
+    """The cohort's credentials or identity keys fail this site's checks. ``members`` are the slots
+    at fault other than this site's own (empty when the site cannot tell, e.g. its own revocation
+    list does not verify): its decline names them (``RoundResponse.refused_members``), so that the
+    server can leave out a member that enough sites refuse (:mod:`fedveil.server.coordinator.refusal_tally`)."""
+
+    def __init__(self, field_name: str, message: str, members: tuple[int, ...]) -> None:
+        super().__init__(field_name, message)
+        self.members = members
+
+
 @dataclass(frozen=True)
 class CheckedCohort:
     """A cohort roster that passed :func:`verify_roster` and the key-per-slot check under one
@@ -148,7 +160,11 @@ def check_identities(policy: SitePolicy, start: pb.RoundStart, *, own_name: str,
            policy.consortium, policy.revocations)
     checked = _COHORT_CHECKS.get(key, now)
     if checked is None:
-        checked = _check_cohort(policy, start, now=now, verified=verified)
+        try:
+            checked = _check_cohort(policy, start, now=now, verified=verified)
+        except PolicyViolation as err:
+            raise CohortRefused(err.field, err.detail,
+                                _refused_members(policy, start, now=now, verified=verified)) from None
         _COHORT_CHECKS.put(key, checked)
     name, identity = checked.slots[int(start.client_id)]
     if name != own_name or identity != own_key:
@@ -180,6 +196,53 @@ def _check_cohort(policy: SitePolicy, start: pb.RoundStart, *, now: int, verifie
     return CheckedCohort(tuple((c.site_name, c.identity_public_key) for c in credentials),
                          max((c.not_before for c in credentials), default=now),
                          min((c.not_after for c in credentials), default=now + 1))
+
+
+def _refused_members(policy: SitePolicy, start: pb.RoundStart, *, now: int,
+                     verified: set[bytes] | None) -> tuple[int, ...]:
+    """The slots of a refused cohort whose credential or identity key fails on its own, as
+    :func:`_check_cohort` checks them, other than this site's: what its decline names."""
+    params = start.secagg
+    n = int(params.cohort_size)
+    keys = [bytes(k) for k in params.identity_keys]
+    raw = [bytes(c) for c in params.identity_credentials]
+    if len(keys) != n or len(raw) != n:
+        return ()  # the roster's shape is the server's doing, not a member's
+    assert policy.authority_public_key is not None
+    revocations = policy.revocations
+    credentials: list[SiteCredential | None] = []
+    for data in raw:
+        try:
+            credentials.append(decode_credential(data))
+        except SecAggError:
+            credentials.append(None)
+    consortium = policy.consortium or (credentials[0].consortium if credentials and credentials[0] else "")
+    try:
+        if revocations is not None:  # this site's own list: if it does not verify, blame no member
+            verify_revocations(policy.authority_public_key, revocations, consortium=consortium)
+    except SecAggError:
+        return ()
+    bad: set[int] = set()
+    names: dict[str, list[int]] = {}
+    holders: dict[bytes, list[int]] = {}
+    for i, (cred, key) in enumerate(zip(credentials, keys, strict=True)):
+        if cred is None:
+            bad.add(i)
+            continue
+        try:
+            verify_roster(policy.authority_public_key, [cred], consortium=consortium, now=now, revocations=None,
+                          verified=verified)
+        except SecAggError:
+            bad.add(i)
+        if (revocations is not None and cred.serial in revocations.revoked) or cred.identity_public_key != key:
+            bad.add(i)
+        names.setdefault(cred.site_name, []).append(i)
+        holders.setdefault(cred.identity_public_key, []).append(i)
+    for slots in (*names.values(), *holders.values()):  # one site or key in two slots: both are suspect
+        if len(slots) > 1:
+            bad.update(slots)
+    bad.discard(int(start.client_id))
+    return tuple(sorted(bad))
 
 
 def check_threshold(policy: SitePolicy, start: pb.RoundStart) -> tuple[int, int]:

@@ -35,7 +35,7 @@ from torch import nn
 
 import fedveil
 from fedveil.clients import participation, site_reports
-from fedveil.clients.admission import Admission
+from fedveil.clients.admission import Admission, CohortRefused
 from fedveil.clients.backoff import Backoff
 from fedveil.clients.model_check import check_site_model
 from fedveil.clients.options import AuthenticationError, ClientError, ClientOptions, RoundOutcome
@@ -185,13 +185,15 @@ class Federation:
         """The site's own privacy report (what ``fedveil budget report --site-state`` prints)."""
         return self.privacy.report()
 
-    def _decline_attempt(self, start: pb.RoundStart, reason: str) -> None:
-        """Tell the server at once that this site sits the attempt out (it becomes a dropout)."""
+    def _decline_attempt(self, start: pb.RoundStart, reason: str, refused_members: tuple[int, ...] = ()) -> None:
+        """Tell the server at once that this site sits the attempt out (it becomes a dropout), and
+        which other members' credentials or identity keys it refused, if that is why."""
         saved = self._round_header
         self._round_header = (int(start.round), bytes(start.round_nonce))
         try:
             self._send("RespondToRound", lambda h: self.transport.respond_to_round(
-                pb.RoundResponse(header=h, accept=False, decline_reason=reason[:256])))
+                pb.RoundResponse(header=h, accept=False, decline_reason=reason[:256],
+                                 refused_members=refused_members)))
         except RoundLost as err:
             log.info("round %d: the decline was not needed (%s)", start.round, err)
         finally:
@@ -374,7 +376,7 @@ class Federation:
             admission = participation.admit(self, start, model_digest(vector))
         except PolicyViolation as err:
             log.warning("round %d (attempt %d): declined by this site's policy: %s", start.round, start.attempt, err)
-            self._decline_attempt(start, f"policy: {err}")
+            self._decline_attempt(start, f"policy: {err}", err.members if isinstance(err, CohortRefused) else ())
             self.history.append(RoundOutcome(int(start.round), "declined", f"policy: {err}"))
             return None
         return participation.kept_start(start), admission, vector

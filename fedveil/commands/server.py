@@ -136,9 +136,11 @@ def _job_fields(opts: dict[str, Any]) -> dict[str, Any]:
 @table_options(JOB_SETTINGS)
 @click.option("--authority", "authority_path", default=None, type=click.Path(path_type=Path),
               help="The consortium authority's public file (fedveil authority init): site credentials are "
-                   "checked at Join and the consortium is announced to sites.")
+                   "checked at Join and at each cohort draw, and the consortium is announced to sites. "
+                   "Required in active-adversary mode (the default).")
 @click.option("--revocations", "revocations_path", default=None, type=click.Path(path_type=Path),
-              help="The authority's signed revocation list, for the Join checks.")
+              help="The authority's signed revocation list, for the credential checks; read again whenever "
+                   "the file changes (replace it with a newer list to revoke a site mid-job).")
 @click.option("--tls-cert", default=None, help="Server certificate (PEM).")
 @click.option("--tls-key", default=None, help="Server private key (PEM).")
 @click.option("--client-ca", default=None, help="CA (PEM) of client certificates: turns on mutual TLS.")
@@ -235,6 +237,10 @@ def server_command(**opts: Any) -> NoReturn:
     dashboard = None
     if opts["dashboard_token_file"] is not None and opts["dashboard_port"] is None:
         fail("--dashboard-token-file", "only applies together with --dashboard PORT")
+    try:
+        config.check_serving()  # active-adversary mode needs --authority
+    except ServerConfigError as err:
+        fail(err.flag, err.detail)
     if opts["dashboard_port"] is not None:
         from fedveil.server.dashboard import start_store_dashboard
 
@@ -252,7 +258,7 @@ def server_command(**opts: Any) -> NoReturn:
         summary = serve(
             config, task, store, listen, tls=tls, new_run=opts["new_run"], max_message_bytes=max_bytes,
             port_file=Path(opts["port_file"]) if opts["port_file"] else None, revocations=revocations,
-            observability=observability,
+            observability=observability, revocations_path=opts["revocations_path"],
         )
     except MetricsEndpointError as err:
         eprint(f"error: --metrics-port: {err}")

@@ -157,6 +157,17 @@ class SecAggConfig(_Part):
     def authority_key_bytes(self) -> bytes | None:
         return bytes.fromhex(self.authority_public_key) if self.authority_public_key else None
 
+    def check_serving(self) -> None:
+        """What a server running this job needs beyond a valid config: in active-adversary mode, the
+        consortium authority's key. Without it the server could not tell a credential the sites
+        will refuse, and would draw such a site into every cohort (each attempt aborted, the job
+        failed). A config may be built before its authority is known (a simulation fills in the
+        in-memory authority it makes), so this is checked when a server takes the job, not here."""
+        if self.active_adversary and not self.authority_public_key:
+            raise ServerConfigError("--authority", "active-adversary mode (the secure default) needs the consortium "
+                                    "authority's public key (authority_public_key): give --authority FILE "
+                                    "(fedveil authority init), or --passive for a job whose sites trust the server")
+
 
 @dataclass(frozen=True)
 class PrivacyConfig(_Part):
@@ -399,6 +410,10 @@ class ServerConfig:
             if mine.get(key) != theirs:
                 out.append(f"{_flag(key)}: the run was started with {theirs!r}, now {mine.get(key)!r}")
         return out
+
+    def check_serving(self) -> None:
+        """The checks a server makes before it runs this job (:meth:`SecAggConfig.check_serving`)."""
+        self.secagg.check_serving()
 
     # -- derived --------------------------------------------------------------------------------
     def secagg_plan(self, cohort: int, *, cap: bool = True) -> ThresholdPlan:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 
 import grpc
@@ -81,9 +82,12 @@ class JobRunner:
     def __init__(self, config: ServerConfig, task: Task, store: RunStore, *, listeners: Iterable[JobListener] = (),
                  new_run: bool = False, endpoint: GrpcEndpoint | None = None,
                  revocations: RevocationList | None = None,
-                 observability: ServerObservability | None = None) -> None:
+                 observability: ServerObservability | None = None,
+                 revocations_path: Path | None = None) -> None:
         self.coordinator = Coordinator(config, task, store, new_run=new_run, listeners=listeners)
         self.coordinator.revocations = revocations
+        if revocations_path is not None:  # read again whenever it changes: a site can be revoked mid-job
+            self.coordinator.watch_revocations(revocations_path)
         self.endpoint = endpoint
         self.observability = observability
         """Health service and metrics (:mod:`fedveil.server.observability`), served with the gRPC endpoint."""

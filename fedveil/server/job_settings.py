@@ -82,7 +82,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("weighted", "secagg", "--weighting", param="weighting", choices=("examples", "uniform"),
             show_default=True, help="Weight clients by their number of examples (off under user-level DP)."),
     Setting("active_adversary", "secagg", "--active-adversary", off_flag="--passive", show_default=True,
-            help="Malicious-server protections (signed keys, consistency check, authority-vouched identities), or "
+            help="Malicious-server protections (signed keys, consistency check, authority-vouched identities; "
+                 "needs --authority), or "
                  "passive (honest-but-curious) secure aggregation, which only sites that opt in to trusting the "
                  "server (fedveil client --trust-server) join."),
     _s("dp", "privacy", values=DP_MODES, show_default=True, help="Differential privacy mode."),

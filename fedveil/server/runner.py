@@ -55,8 +55,12 @@ def serve(
     revocations: RevocationList | None = None,
     listeners: Iterable[JobListener] = (),
     observability: ObservabilityConfig | None = None,
+    revocations_path: Path | None = None,
 ) -> JobSummary:
     """Run ``config``'s job on ``listen`` until it completes (or a signal stops it).
+
+    ``revocations_path`` (``--revocations``) is read again whenever the file changes, so a site can
+    be revoked mid-job (:class:`fedveil.server.revocation_file.RevocationFile`).
 
     The server also serves the standard gRPC health service, and Prometheus metrics when
     ``observability`` gives a metrics port (:mod:`fedveil.server.observability`)."""
@@ -67,7 +71,8 @@ def serve(
     try:
         ops = ServerObservability(observability)
         runner = JobRunner(config, task, store, new_run=new_run, listeners=listeners, revocations=revocations,
-                           endpoint=GrpcEndpoint(listen, tls, max_message_bytes), observability=ops)
+                           endpoint=GrpcEndpoint(listen, tls, max_message_bytes), observability=ops,
+                           revocations_path=revocations_path)
         if ops.endpoint is not None:
             log.info("metrics on %s", ops.endpoint.url)
         host = listen.rpartition(":")[0]

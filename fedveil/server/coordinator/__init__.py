@@ -26,8 +26,9 @@ and redone with a new cohort and nonce.
 The package's parts, each named for its job: ``state`` (the shared state and types),
 ``sessions`` (join, credentials, polls), ``secagg_bridge`` (protobuf to secagg messages, the
 twin of the client's driver), ``misconduct`` (share-box complaints and the sites they convict),
-``site_reports``, ``rounds`` (the round driver with its stages and deadlines),
-``attempt_endings`` (rejected rounds, aborted attempts) and ``job`` (the job: retries, final evaluation, summary).
+``refusal_tally`` (declines that name a member: who is barred from the round), ``site_reports``,
+``rounds`` (the round driver with its stages and deadlines), ``attempt_endings`` (rejected
+rounds, aborted attempts) and ``job`` (the job: retries, final evaluation, summary).
 """
 
 from __future__ import annotations

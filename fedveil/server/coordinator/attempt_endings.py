@@ -59,11 +59,16 @@ class AttemptEndingsMixin(CoordinatorBase):
         log.warning("round %d attempt %d aborted: %s", number, rnd.attempt, reason)
         self.listeners.defer(RoundAborted(self.run_id, number, rnd.attempt, stage.label, reason))
         self._finish_round_for_clients(rnd, pb.ROUND_OUTCOME_ABORTED, reason, ())
+        # members enough decliners refused for their credential (refusal_tally.py) are barred from
+        # the rest of the round; this attempt does not count against the limit
+        if stage == Stage.COMMIT and self._bar_refused_members(rnd):
+            self._tries[number] -= 1
+            return "withheld"
         if stage == Stage.REVEAL and rnd.beacon.withheld:
             # each withholder costs one attempt and is barred from the rest of the round, so a site
             # cannot make a round fail by withholding; this attempt does not count against the limit
-            barred = self._barred.setdefault(number, set())
-            barred.update(rnd.names[s] for s in rnd.beacon.withheld)
+            barred = self._barred.setdefault(number, {})
+            barred.update({rnd.names[s]: "withheld a graph-seed reveal" for s in rnd.beacon.withheld})
             self._tries[number] -= 1
             return "withheld"
         return self._misconduct_outcome(rnd) or "aborted"

@@ -12,6 +12,7 @@ from fedveil.protocol import ROUND_NONCE_BYTES
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.server.coordinator.attempt_endings import AttemptEndingsMixin
 from fedveil.server.coordinator.misconduct import MisconductMixin
+from fedveil.server.coordinator.refusal_tally import RefusalTallyMixin
 from fedveil.server.coordinator.rounds import RoundDriverMixin
 from fedveil.server.coordinator.secagg_bridge import SecAggBridgeMixin
 from fedveil.server.coordinator.sessions import SessionsMixin
@@ -29,8 +30,8 @@ from fedveil.server.events import (
 from fedveil.server.privacy_view import party_figures
 
 
-class Coordinator(SessionsMixin, SecAggBridgeMixin, MisconductMixin, SiteReportsMixin, RoundDriverMixin,
-                  AttemptEndingsMixin):
+class Coordinator(SessionsMixin, SecAggBridgeMixin, MisconductMixin, RefusalTallyMixin, SiteReportsMixin,
+                  RoundDriverMixin, AttemptEndingsMixin):
     """Runs one federated job against a :class:`RunStore`; see :mod:`fedveil.server.coordinator`."""
 
     def run(self) -> JobSummary:

@@ -80,12 +80,15 @@ class MisconductMixin(CoordinatorBase):
 
     def _excluded(self, number: int) -> set[str]:
         """Sites that may not be drawn for round ``number``: barred from it, or convicted."""
-        return self._barred.get(number, set()) | set(self._convicted)
+        return set(self._barred.get(number, {})) | set(self._convicted)
 
     def _exclusion_reasons(self, number: int) -> str:
         """Who is left out of round ``number``, and why, in one line."""
-        withheld = sorted(self._barred.get(number, set()) - set(self._convicted))
-        parts = [f"{', '.join(withheld)} withheld a graph-seed reveal"] if withheld else []
+        by_reason: dict[str, list[str]] = {}
+        for name, why in sorted(self._barred.get(number, {}).items()):
+            if name not in self._convicted:
+                by_reason.setdefault(why, []).append(name)
+        parts = [f"{', '.join(names)} {why}" for why, names in by_reason.items()]
         parts += [f"{name} was convicted ({why})" for name, why in sorted(self._convicted.items())]
         return "; ".join(parts)
 

@@ -25,6 +25,7 @@ from fedveil.protocol.uploads import UploadReservation
 from fedveil.secagg import errors as sa_errors
 from fedveil.secagg import messages as sa
 from fedveil.secagg.beacon import BeaconError
+from fedveil.server.coordinator.refusal_tally import refused_slots
 from fedveil.server.coordinator.state import (
     MAX_SHARE_BOX_BYTES,
     PUBLIC_KEY_BYTES,
@@ -136,6 +137,8 @@ class SecAggBridgeMixin(CoordinatorBase):
                 raise StageClosed(f"RespondToRound: too late to leave round {rnd.number} (its masked input is in)")
             why = "".join(ch if ch.isprintable() else " " for ch in request.decline_reason[:256]).strip() or "-"
             sid = rnd.cohort[caller]
+            if rnd.stage == Stage.COMMIT and request.refused_members:  # members it refused (refusal_tally.py)
+                rnd.refusals[sid] = refused_slots(request.refused_members, len(rnd.names), sid)
             if rnd.stage == Stage.COMMIT and Stage.COMMIT not in rnd.submitted.get(caller, set()):
                 rnd.beacon.decline(sid)
             rnd.dropped[caller] = (rnd.stage.label, f"declined: {why}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hmac
 import os
 import secrets
-import time
+from pathlib import Path
 
 from fedveil.protocol import PROTOCOL_VERSION, SESSION_ID_BYTES
 from fedveil.protocol import fedveil_pb2 as pb
@@ -19,6 +19,7 @@ from fedveil.protocol.errors import (
 )
 from fedveil.secagg import errors as sa_errors
 from fedveil.secagg.identity import SiteCredential, verify_credential
+from fedveil.server.config import ServerConfigError
 from fedveil.server.coordinator.state import (
     MAX_CREDENTIAL_BYTES,
     MAX_STEER_S,
@@ -32,6 +33,7 @@ from fedveil.server.coordinator.state import (
     _Round,
     log,
 )
+from fedveil.server.revocation_file import RevocationFile
 
 
 def _uniform() -> float:
@@ -57,7 +59,11 @@ class SessionsMixin(CoordinatorBase):
             raise OutOfOrder(f"{rpc}: unknown or replaced session (the server restarted or you joined again); Join")
         if header.run_id != self.run_id:
             raise OutOfOrder(f"header.run_id: {header.run_id!r} is not the current run {self.run_id!r}; Join again")
-        client.disconnected = False
+        if client.refused:  # closed at a cohort draw: it hears why once it has its last round's result
+            if client.pending_result is None:
+                raise OutOfOrder(f"{rpc}: the server closed this session: {client.refused}")
+        else:
+            client.disconnected = False
         if not consume:
             return client
         if header.sequence <= client.last_sequence:
@@ -90,7 +96,7 @@ class SessionsMixin(CoordinatorBase):
                 "identity_public_key: this job runs in active-adversary mode; the client needs an Ed25519 "
                 "identity key (enrolled with fedveil enroll --identity-public-key, or sent at Join)"
             )
-        credential = self._check_credential(caller, request, enrolled_key)
+        credential, vouched = self._check_credential(caller, request, enrolled_key)
         with self._cond:
             if self._stopping:
                 raise Unavailable("the server is shutting down")
@@ -98,7 +104,7 @@ class SessionsMixin(CoordinatorBase):
             client = _Client(name=caller, session_id=os.urandom(SESSION_ID_BYTES), last_seen=self._clock(),
                              num_examples=int(request.num_examples),
                              identity_key=bytes(request.identity_public_key) or (enrolled_key or b""),
-                             credential=credential, trust_server=bool(request.trust_server))
+                             credential=credential, trust_server=bool(request.trust_server), vouched=vouched)
             if old is not None:
                 client.pending_result = old.pending_result
                 old.poll_token = None
@@ -124,16 +130,19 @@ class SessionsMixin(CoordinatorBase):
                 poll_interval_ms=WAIT_RETRY_MS, max_message_bytes=self.max_message_bytes(),
             )
 
-    def _check_credential(self, caller: str, request: pb.JoinRequest, enrolled_key: bytes | None) -> bytes:
-        """The site's authority credential: it must name the caller and its identity key. The sites check
-        it against the authority they pinned; the server checks it too when it was given the authority
-        (``--authority``), so a bad credential is refused at Join rather than in every round."""
+    def _check_credential(self, caller: str, request: pb.JoinRequest,
+                          enrolled_key: bytes | None) -> tuple[bytes, SiteCredential | None]:
+        """The site's authority credential (its bytes, and the credential as verified; None without an
+        authority): it must name the caller and its identity key. The sites check it against the
+        authority they pinned; the server checks it too against the authority it was given
+        (``--authority``, required in active mode), so a bad credential is refused at Join rather than
+        in every round, and again at every cohort draw (:meth:`_recheck_credentials`)."""
         raw = bytes(request.identity_credential)
         if not raw:
             if self.config.secagg.active_adversary:
                 raise Incompatible("identity_credential: this job runs with malicious-server protections; the site "
                                    "needs its credential from the consortium authority (fedveil authority issue)")
-            return b""
+            return b"", None
         if len(raw) > MAX_CREDENTIAL_BYTES:
             raise MalformedMessage(f"identity_credential: at most {MAX_CREDENTIAL_BYTES} bytes")
         try:
@@ -145,13 +154,14 @@ class SessionsMixin(CoordinatorBase):
             raise PermissionDenied("identity_credential: it vouches for another site name or identity key "
                                    f"(it names {credential.site_name!r})")
         authority = self.config.secagg.authority_key_bytes
-        if authority is not None:
-            try:
-                verify_credential(authority, credential, consortium=self.config.secagg.consortium, now=int(time.time()),
-                                  revocations=self.revocations)
-            except sa_errors.SecAggError as err:
-                raise PermissionDenied(f"identity_credential: {err}") from None
-        return raw
+        if authority is None:
+            return raw, None
+        try:  # against the list the last cohort draw read from --revocations
+            verify_credential(authority, credential, consortium=self.config.secagg.consortium,
+                              now=int(self._wall_clock()), revocations=self.revocations)
+        except sa_errors.SecAggError as err:
+            raise PermissionDenied(f"identity_credential: {err}") from None
+        return raw, credential
 
     def poll(self, caller: str, request: pb.PollRequest) -> pb.PollResponse:
         wait_s = min(request.max_wait_ms / 1000.0, self.config.schedule.poll_wait)
@@ -304,7 +314,7 @@ class SessionsMixin(CoordinatorBase):
     def _present(self, c: _Client, now: float, due_within: float) -> bool:
         """Whether ``c`` is with the server (lock held): not disconnected, and polling, seen within
         the poll window, or sent away by pace steering and due back within ``due_within``."""
-        if c.disconnected:
+        if c.disconnected or c.refused:
             return False
         if c.polling > 0:
             return True
@@ -316,9 +326,59 @@ class SessionsMixin(CoordinatorBase):
         """Sites a cohort may be drawn from: present, and if sent away by pace steering, due back
         within 1.25 poll waits (the longest it is sent away between rounds in a federation of up
         to ``poll_wait`` x :data:`STEERED_RETURNS_PER_S` sites)."""
+        self._recheck_credentials()
         now = self._clock()
         due_within = 1.25 * self.config.schedule.poll_wait
         return sorted(c.name for c in self._clients.values() if self._present(c, now, due_within))
+
+    # ------------------------------------------------------------------------------------------
+    # Credentials after Join
+    # ------------------------------------------------------------------------------------------
+    def watch_revocations(self, path: Path | str) -> None:
+        """Take the revocation list from ``path`` (``--revocations``) and read it again whenever the
+        file changes, so an operator can revoke a site mid-job (:class:`RevocationFile`). Raises if
+        the job has no authority or the file does not verify under it."""
+        authority = self.config.secagg.authority_key_bytes
+        if authority is None:
+            raise ServerConfigError("--revocations", "needs --authority (the list is checked against the "
+                                    "authority's key)")
+        watched = RevocationFile(path, authority, self.config.secagg.consortium)
+        with self._cond:
+            self.revocation_file = watched
+            self.revocations = watched.current
+
+    def _recheck_credentials(self) -> None:
+        """Every joined site's credential again (lock held; before each cohort is drawn): against the
+        time now and the revocation list held now (``--revocations`` read again if it changed).
+
+        The signature was verified at Join; what can change since is the clock and the list. A site
+        whose credential has expired or been revoked is not drawn again and its session is closed:
+        its next call is refused with the reason (after its last round's result), and a Join with the
+        same credential is refused at Join. Members of the running round are left to it (its roster
+        was checked by every member when it started) and checked at the next draw. Without this, a
+        site revoked mid-job was drawn into every cohort, each roster refused by every honest site,
+        until the round's attempts ran out (the attacker review of the sites)."""
+        if self.revocation_file is not None:
+            self.revocations = self.revocation_file.refresh()
+        revocations = self.revocations
+        now = int(self._wall_clock())
+        rnd = self._round
+        for client in self._clients.values():
+            credential = client.vouched
+            if credential is None or client.refused or (rnd is not None and client.name in rnd.cohort):
+                continue
+            if now >= credential.not_after:
+                why = f"identity_credential: expired at {credential.not_after} (unix time), now is {now}"
+            elif revocations is not None and credential.serial in revocations.revoked:
+                why = (f"identity_credential: serial {credential.serial_hex} is revoked (revocation list version "
+                       f"{revocations.version})")
+            else:
+                continue
+            client.refused = why
+            client.disconnected = True
+            client.poll_token = None  # its held poll ends now
+            self._cond.notify_all()
+            log.warning("client %s is not drawn again and its session is closed: %s", client.name, why)
 
     def _connected(self) -> list[_Client]:
         """Sites present, however long pace steering sent them away for (lock held)."""

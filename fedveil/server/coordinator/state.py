@@ -27,6 +27,7 @@ from fedveil.server.events import (
     JobListener,
     Listeners,
 )
+from fedveil.server.revocation_file import RevocationFile
 from fedveil.server.round_plan import RoundPlan
 from fedveil.server.store import RunStore
 from fedveil.server.training import GlobalModel
@@ -112,6 +113,12 @@ class _Client:
     trust_server: bool = False
     back_by: float = float("-inf")
     """When the server asked this site to poll again, having sent it away from a full poll budget."""
+    vouched: SiteCredential | None = None
+    """The credential as the server verified it at Join (None where it had no authority to verify it
+    with): checked again, for expiry and revocation, at every cohort draw."""
+    refused: str = ""
+    """Why the server closed this session (its credential expired or was revoked since Join): it is
+    not drawn again, and its next call is told why."""
 
 
 @dataclass
@@ -150,6 +157,9 @@ class _Round:
     """Members whose host saw their session end for good, and why (:meth:`SessionsMixin.site_gone`)."""
     identity_keys: dict[int, bytes] = field(default_factory=dict)
     """Each member's identity key as first looked up for the round's key lists (k per member)."""
+    refusals: dict[int, frozenset[int]] = field(default_factory=dict)
+    """Decliner's slot → the slots whose credential or identity key it refused, from declines at
+    COMMIT (``RoundResponse.refused_members``; :mod:`.refusal_tally`)."""
 
     @property
     def expected(self) -> tuple[int, ...]:
@@ -245,13 +255,17 @@ class CoordinatorBase:
         new_run: bool = False,
         clock: Callable[[], float] = time.monotonic,
         listeners: Iterable[JobListener] = (),
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
+        config.check_serving()
         self.config = config
         self.listeners = Listeners(listeners)
         """Told of every round and of the job's end (:mod:`fedveil.server.events`); add with ``.add``."""
         self.task = task
         self.store = store
         self._clock = clock
+        self._wall_clock = wall_clock
+        """Unix time, for the validity windows of the sites' credentials (a test may move it)."""
         self._cond = threading.Condition(threading.RLock())
         self._clients: dict[str, _Client] = {}
         self._round: _Round | None = None
@@ -274,8 +288,9 @@ class CoordinatorBase:
         """How the model reaches the sites (the transport's choice: the gRPC runner has them fetch it
         in chunks, :class:`fedveil.protocol.model_delivery.ModelDelivery`)."""
         self._open_run(new_run)
-        self._barred: dict[int, set[str]] = {}
-        """round → sites that withheld a graph-seed reveal in it (left out of its later attempts)."""
+        self._barred: dict[int, dict[str, str]] = {}
+        """round → sites left out of its later attempts → why: they withheld a graph-seed reveal, or
+        enough members declined them for their credential (:mod:`.refusal_tally`)."""
         self._convicted: dict[str, str] = {}
         """Sites a share-box complaint proved at fault → why (left out of the rest of the job)."""
         self._no_cohort: str | None = None
@@ -283,7 +298,10 @@ class CoordinatorBase:
         self._last_secure_metrics: dict[str, float] = {}
         self._rejected_rounds = 0
         self.revocations: RevocationList | None = None
-        """The authority's revocation list the operator gave (``--revocations``), for Join checks."""
+        """The authority's revocation list the operator gave (``--revocations``): checked at Join and
+        at every cohort draw (:meth:`SessionsMixin._recheck_credentials`)."""
+        self.revocation_file: RevocationFile | None = None
+        """The ``--revocations`` file, read again when it changes (:meth:`SessionsMixin.watch_revocations`)."""
 
     # ------------------------------------------------------------------------------------------
     # Run creation and resume
@@ -393,6 +411,7 @@ class CoordinatorBase:
         def _record_secure_evaluation(self, rnd: _Round, evaluation: tuple[dict[str, float], float] | None,
                                       survivors: int) -> None: ...
         def _available(self) -> list[str]: ...
+        def _bar_refused_members(self, rnd: _Round) -> bool: ...
         def _connected(self) -> list[_Client]: ...
         def _due_back(self) -> list[_Client]: ...
         def _credential(self, name: str) -> bytes: ...

@@ -1,0 +1,71 @@
+"""Declines that name cohort members: a member enough sites refuse is barred from the round.
+
+A site declines a round whose roster carries a member's credential or identity key it refuses
+(revoked in the list the site holds, signed by another authority, expired by its clock), and
+names that member's slot (``RoundResponse.refused_members``, :func:`fedveil.clients.admission.check_identities`).
+The server may not be able to tell (it was not given the revocation list the sites hold), and
+every roster with that member would be refused by every honest site until the round's attempts
+ran out (the attacker review of the sites).
+
+No decliner is trusted on its own: a member is barred only when more decliners name it than the
+round's tolerated colluders (c = ⌊f·n⌋, at least one), so colluding sites up to that bound cannot
+bar an honest member by naming it. The tally runs when an attempt aborts at COMMIT (too few sites
+accepted); a barred member is left out of the round's later attempts like a site that withheld its
+graph-seed reveal, and that attempt does not count against ``--max-round-attempts``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+from fedveil.protocol.errors import MalformedMessage
+from fedveil.secagg.threshold import corrupt_clients
+from fedveil.server.coordinator.state import CoordinatorBase, _Round, log
+
+
+def refused_slots(values: Sequence[int], cohort_size: int, own: int) -> frozenset[int]:
+    """``refused_members`` of the decline of slot ``own`` as a set; each must be another member's
+    slot, named once (a :class:`MalformedMessage` naming the entry otherwise)."""
+    seen: set[int] = set()
+    for i, slot in enumerate(values):
+        if not 0 <= slot < cohort_size:
+            raise MalformedMessage(f"refused_members[{i}]: slot {slot} is outside the cohort 0..{cohort_size - 1}")
+        if slot == own:
+            raise MalformedMessage(f"refused_members[{i}]: slot {slot} is the decliner's own")
+        if slot in seen:
+            raise MalformedMessage(f"refused_members[{i}]: slot {slot} appears twice")
+        seen.add(slot)
+    return frozenset(seen)
+
+
+def tolerated_refusers(cohort_size: int, max_corrupt_fraction: float) -> int:
+    """How many decliners naming one member the round puts down to collusion: ⌊f·n⌋, at least one."""
+    return max(1, corrupt_clients(cohort_size, max_corrupt_fraction))
+
+
+class RefusalTallyMixin(CoordinatorBase):
+    """Bars the members that enough decliners refused (see the module docstring)."""
+
+    def _bar_refused_members(self, rnd: _Round) -> bool:
+        """At an attempt that aborted at COMMIT (lock held): bar each member named by more decliners
+        than the round tolerates, for the rest of round ``rnd.number``; whether any was barred."""
+        if not rnd.refusals:
+            return False
+        tolerated = tolerated_refusers(len(rnd.names), self.config.secagg.max_corrupt_fraction)
+        counts = Counter(slot for slots in rnd.refusals.values() for slot in slots)
+        named = {rnd.names[slot]: count for slot, count in counts.items() if count > tolerated}
+        below = {rnd.names[slot]: count for slot, count in counts.items() if count <= tolerated}
+        if below:
+            log.info("round %d (attempt %d): declines name %s; not barred (at most %d decliners may collude)",
+                     rnd.number, rnd.attempt, ", ".join(f"{n} ({c})" for n, c in sorted(below.items())), tolerated)
+        if not named:
+            return False
+        barred = self._barred.setdefault(rnd.number, {})
+        for name, count in sorted(named.items()):
+            barred[name] = f"was declined for its credential or identity key by {count} of {len(rnd.names)} members"
+            log.warning("round %d (attempt %d): %s is barred from the rest of the round: %d of the cohort's %d "
+                        "members declined it for its credential or identity key (more than the %d colluding "
+                        "sites the round tolerates)", rnd.number, rnd.attempt, name, count, len(rnd.names),
+                        tolerated)
+        return True
