@@ -29,10 +29,29 @@ from pathlib import Path
 
 import torch
 
+from fedveil.clients.session import ClientOptions
+
 TASK_MODULE = '''
 from fedveil.tasks.synthetic import make_task
 task = make_task(n_features={features}, samples=8, name="wide-{features}")
 '''
+
+
+def _consortium(clients: int) -> tuple[object, list[ClientOptions]]:
+    """An in-memory authority and each client's options (identity key, credential, pinned authority):
+    the server runs in active-adversary mode, the secure default, which needs them."""
+    from fedveil.clients.policy import SitePolicy
+    from fedveil.secagg.local_authority import LocalAuthority
+
+    authority = LocalAuthority("fedveil-bench")
+    policy = SitePolicy(authority_public_key=authority.public_key.raw, consortium=authority.consortium)
+    now = int(time.time())
+    options = []
+    for i in range(clients):
+        key, credential = authority.identity(f"c{i}", now=now)
+        options.append(ClientOptions(seed=i, poll_wait_ms=2000, identity_key=key, credential=credential.encode(),
+                                     policy=policy))
+    return authority, options
 
 
 def _status(pid: int, key: str) -> int:
@@ -54,8 +73,9 @@ def main() -> int:
     torch.set_num_threads(1)
     if args.in_process:
         return _in_process(args)
-    from fedveil.clients.session import ClientOptions, Federation
+    from fedveil.clients.session import Federation
     from fedveil.protocol.client import ChannelConfig, GrpcTransport
+    from fedveil.protocol.identity_files import PinnedAuthority, authority_public_text
     from fedveil.server.store import RunStore
     from fedveil.task import load_task
 
@@ -67,6 +87,9 @@ def main() -> int:
         task = load_task("wide_task:task")
         with RunStore(work / "run.db") as store:
             tokens = [store.enroll(f"c{i}").token for i in range(args.clients)]
+        authority, client_options = _consortium(args.clients)
+        (work / "authority.pub").write_text(authority_public_text(
+            PinnedAuthority(authority.consortium, authority.public_key)))  # type: ignore[attr-defined]
         env = dict(os.environ, PYTHONPATH=f"{work}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                    OMP_NUM_THREADS="1")
         server = subprocess.Popen(
@@ -74,7 +97,7 @@ def main() -> int:
              str(work / "port"), "--store", str(work / "run.db"), "--task", "wide_task:task", "--rounds",
              str(args.rounds), "--clients-per-round", str(args.clients), "--insecure", "--round-timeout", "600",
              "--stage-timeout", "600", "--no-evaluate", "--no-final-evaluation", "--linger", "2", "--seed", "1",
-             "--weighting", "uniform", "--log-level", "warning"],
+             "--weighting", "uniform", "--log-level", "warning", "--authority", str(work / "authority.pub")],
             env=env, stdout=subprocess.DEVNULL, stderr=(work / "server.err").open("wb"),
         )
         try:
@@ -92,7 +115,7 @@ def main() -> int:
             def client(i: int) -> None:
                 try:
                     transport = GrpcTransport.connect(ChannelConfig(f"127.0.0.1:{port}", insecure=True), tokens[i])
-                    fed = Federation(transport, task.name, task.build_model(), ClientOptions(seed=i, poll_wait_ms=2000))
+                    fed = Federation(transport, task.name, task.build_model(), client_options[i])
                     with fed:
                         for rnd in fed:
                             with torch.no_grad():
@@ -112,7 +135,10 @@ def main() -> int:
             while any(th.is_alive() for th in threads) and server.poll() is None:
                 peak_rss = max(peak_rss, _status(server.pid, "VmRSS"))
                 time.sleep(0.02)
-            peak = _status(server.pid, "VmHWM") if server.poll() is None else peak_rss
+            try:  # the kernel's high-water mark, unless the server has exited already (then the samples)
+                peak = max(peak_rss, _status(server.pid, "VmHWM"))
+            except (KeyError, OSError):
+                peak = peak_rss
             server.wait(60)
             if errors:
                 raise SystemExit(f"client error: {errors[0]!r}")
@@ -135,7 +161,7 @@ def main() -> int:
 
 
 def _in_process(args: argparse.Namespace) -> int:
-    from fedveil.clients.session import ClientOptions, Federation
+    from fedveil.clients.session import Federation
     from fedveil.protocol.transport import InProcessTransport
     from fedveil.server.config import ServerConfig
     from fedveil.server.coordinator import Coordinator
@@ -151,15 +177,17 @@ def _in_process(args: argparse.Namespace) -> int:
         store = RunStore(work / "run.db")
         for i in range(args.clients):
             store.enroll(f"c{i}")
+        authority, client_options = _consortium(args.clients)
         config = ServerConfig.from_flat(task="wide_task:task", rounds=args.rounds, clients_per_round=args.clients,
                               min_clients=args.clients, round_timeout=600, stage_timeout=600, evaluate=False,
-                              final_evaluation=False, linger=0.5, seed=1, weighted=False, cohort_wait=0.0)
+                              final_evaluation=False, linger=0.5, seed=1, weighted=False, cohort_wait=0.0,
+                              consortium=authority.consortium,  # type: ignore[attr-defined]
+                              authority_public_key=authority.public_key.raw.hex())  # type: ignore[attr-defined]
         coordinator = Coordinator(config, task, store)
         times: list[float] = []
 
         def client(i: int) -> None:
-            fed = Federation(InProcessTransport(coordinator, f"c{i}"), task.name, task.build_model(),
-                             ClientOptions(seed=i, poll_wait_ms=2000))
+            fed = Federation(InProcessTransport(coordinator, f"c{i}"), task.name, task.build_model(), client_options[i])
             for rnd in fed:
                 with torch.no_grad():
                     for p in rnd.model.parameters():

@@ -1,16 +1,13 @@
 """Verifiable complaints about share boxes (fedveil.secagg.share_complaints): a sender that seals garbage
 is blamed, a holder that frames an honest sender is blamed, and nothing is revealed about a box its
 sender did not sign."""
-
 from __future__ import annotations
 
 import dataclasses
 import os
-import pickle
 
 import numpy as np
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -18,24 +15,17 @@ from nacl import bindings as nb
 
 import fedveil.secagg.client as client_module
 from fedveil.secagg import (
-    GraphSpec,
-    MalformedMessageError,
     ProtocolError,
-    SecAggConfig,
     ShareComplaintsError,
-    ShareDecryptionError,
     UnexpectedMessageError,
     run_round,
 )
 from fedveil.secagg.keys import (
-    _ED25519_SMALL_ORDER_Y,
     advertisement_payload,
     generate_round_keys,
     is_small_order,
-    share_box_payload,
 )
 from fedveil.secagg.messages import (
-    MaskedInputRequest,
     MaskedInputResponse,
     ShareKeysResponse,
 )
@@ -45,105 +35,27 @@ from fedveil.secagg.share_complaints import (
     SHARED_POINT_BYTES,
     ComplaintVerdict,
     ShareComplaint,
-    box_bytes,
     montgomery_u,
     prime_order_point,
     prove_shared_point,
     verify_shared_point,
 )
 from tests.secagg_helpers import ManualRound, random_inputs, ring_sum
-
-N = 5
-T = 3
-SEED32 = bytes(range(32))
-SID = bytes(range(100, 132))
-_P = (1 << 255) - 19
-
-
-# --- helpers ---------------------------------------------------------------------------------------
-
-def _config(active: bool, n: int = N, t: int = T, graph: GraphSpec | None = None):
-    """n clients, complete graph unless given, no colluders assumed (so t = 3 of 5 is allowed)."""
-    keys = [Ed25519PrivateKey.generate() for _ in range(n)] if active else None
-    config = SecAggConfig(n, t, 8, round_id=9, active=active, graph=graph or GraphSpec(), max_corrupt_fraction=0.0,
-                          identity_keys=tuple(k.public_key().public_bytes_raw() for k in keys) if keys else None,
-                          graph_seed=SEED32 if active else b"")
-    return config, keys
-
-
-def _round(active: bool, **kwargs):
-    config, keys = _config(active, **kwargs)
-    r = ManualRound(config, **({"identity_key": dict(enumerate(keys))} if keys else {}))
-    r.keys = keys
-    return r
-
-
-def _share_keys(r: ManualRound, skip=()) -> dict:
-    """Advertise, and collect (not send) the share-keys replies."""
-    r.advertise()
-    return r.deliver(r.close(), skip=skip)
-
-
-def _garbage_box(r: ManualRound, sender: int, holder: int, *, signed: bool = True) -> bytes:
-    """Random bytes of a ciphertext's size; in active mode signed by the sender (valid) or not."""
-    box = os.urandom(CIPHERTEXT_BYTES)
-    if r.config.active:
-        sid = r.server.session_id
-        box += (r.keys[sender].sign(share_box_payload(sid, sender, holder, box)) if signed else os.urandom(64))
-    return box
-
-
-def _garble(r: ManualRound, replies: dict, sender: int, holders=None, *, signed: bool = True) -> None:
-    reply = replies[sender]
-    boxes = dict(reply.boxes)
-    for holder in boxes if holders is None else holders:
-        boxes[holder] = _garbage_box(r, sender, holder, signed=signed)
-    replies[sender] = dataclasses.replace(reply, boxes=boxes)
-
-
-def _masked_stage(r: ManualRound, replies: dict) -> dict:
-    r.send(replies)
-    out = r.close()
-    assert all(isinstance(m, MaskedInputRequest) for m in out.values())
-    return out
-
-
-def _complaints_of(r: ManualRound, out: dict) -> tuple[dict, dict]:
-    """Each client handles its masked-input request: (complaints by holder, replies of the others)."""
-    complaints, replies = {}, {}
-    for c, msg in out.items():
-        try:
-            replies[c] = r.clients[c].handle(msg)
-        except ShareComplaintsError as err:
-            assert r.clients[c].aborted
-            complaints[c] = err.complaints
-    return complaints, replies
-
-
-def _finish(r: ManualRound, outgoing: dict, skip=()) -> None:
-    while outgoing and not (r.server.completed or r.server.aborted):
-        outgoing = r.step(outgoing, skip=skip)
-
-
-def _sid_keys(r: ManualRound, c: int):
-    ctx = r.clients[c]._ctx
-    return ctx.keys.share_private, ctx.keys.share_public
-
-
-def _small_order_point() -> bytes:
-    """An Edwards point of order 8."""
-    for y in sorted(_ED25519_SMALL_ORDER_Y):
-        if y not in (0, 1, _P - 1):
-            return y.to_bytes(32, "little")
-    raise AssertionError
-
-
-def _torsion_key(public: bytes) -> bytes:
-    """An X25519 key on the curve but off the prime-order subgroup: ``public`` plus an order-8 point."""
-    point = prime_order_point(public)
-    assert point is not None
-    return montgomery_u(nb.crypto_core_ed25519_add(point, _small_order_point()))
-
+from tests.share_complaint_helpers import (
+    _P,
+    SID,
+    N,
+    _complaints_of,
+    _config,
+    _finish,
+    _garbage_box,
+    _garble,
+    _masked_stage,
+    _round,
+    _share_keys,
+    _sid_keys,
+    _torsion_key,
+)
 
 # --- the DLEQ proof -------------------------------------------------------------------------------
 
@@ -440,116 +352,3 @@ def test_simulation_feeds_complaints_to_the_server(monkeypatch):
     assert sim.blamed == frozenset({sender})
     assert set(sim.verdicts) == set(range(N)) - {sender}
     assert all("ShareComplaintsError" in sim.client_errors[h] for h in sim.verdicts)
-
-
-# --- malformed complaints --------------------------------------------------------------------------
-
-def _at_masked_stage(active: bool = False, **kwargs) -> tuple[ManualRound, dict]:
-    r = _round(active, **kwargs)
-    return r, _masked_stage(r, _share_keys(r))
-
-
-def _valid(r: ManualRound, holder: int, sender: int) -> ShareComplaint:
-    private, _ = _sid_keys(r, holder)
-    sender_public = r.server._ctx.session.advertisements[sender].share_public
-    return ShareComplaint(sender, "undecryptable", *prove_shared_point(private, sender_public, sender, holder,
-                                                                       r.server.session_id))
-
-
-@pytest.mark.parametrize(("complaint", "error", "field"), [
-    (ShareComplaint(1, "garbled"), MalformedMessageError, r"complaints\[0\]\.kind"),
-    (ShareComplaint(1, "undecryptable", bytes(31), bytes(96)), MalformedMessageError, r"complaints\[0\]\.shared_point"),
-    (ShareComplaint(1, "undecryptable", bytes(32), bytes(97)), MalformedMessageError, r"complaints\[0\]\.proof"),
-    (ShareComplaint(1, "bad_key", bytes(32)), MalformedMessageError, r"complaints\[0\]\.shared_point"),
-    (ShareComplaint(1, "bad_key", b"", bytes(96)), MalformedMessageError, r"complaints\[0\]\.proof"),
-    (ShareComplaint(1, "bad_signature"), MalformedMessageError, r"complaints\[0\]\.kind"),  # passive mode
-    (ShareComplaint(-1, "bad_key"), MalformedMessageError, r"complaints\[0\]\.sender"),
-    (ShareComplaint(True, "bad_key"), MalformedMessageError, r"complaints\[0\]\.sender"),
-    (ShareComplaint(0, "bad_key"), ProtocolError, r"complaints\[0\]\.sender"),  # the holder itself
-    (ShareComplaint(9, "bad_key"), ProtocolError, r"complaints\[0\]\.sender"),  # not in the round
-])
-def test_malformed_complaints_are_refused_naming_the_field(complaint, error, field):
-    r, out = _at_masked_stage()
-    with pytest.raises(error, match=field):
-        r.server.judge_complaints(0, [complaint])
-    assert r.server.verdicts == {} and r.server.blamed == frozenset() and 0 in r.server.pending
-    r.server.receive(0, r.clients[0].handle(out[0]))  # nothing changed: the holder may still send its input
-
-
-def test_duplicate_and_surplus_and_empty_complaints_are_refused():
-    r, out = _at_masked_stage()
-    good = _valid(r, 0, 1)
-    with pytest.raises(MalformedMessageError, match=r"complaints\[1\]\.sender.*twice"):
-        r.server.judge_complaints(0, [good, good])
-    with pytest.raises(ProtocolError, match="5 complaints about the 4 share boxes"):
-        r.server.judge_complaints(0, [good] + [ShareComplaint(s, "bad_key") for s in range(1, 5)])
-    with pytest.raises(MalformedMessageError, match="at least one"):
-        r.server.judge_complaints(0, [])
-    with pytest.raises(MalformedMessageError, match=r"complaints\[0\]"):
-        r.server.judge_complaints(0, [(1, "bad_key", b"", b"")])
-    assert r.server.verdicts == {} and 0 in r.server.pending
-    r.server.receive(0, r.clients[0].handle(out[0]))
-    with pytest.raises(UnexpectedMessageError, match="already sent"):  # its input is in the sum: too late
-        r.server.judge_complaints(0, [good])
-
-
-def test_complaint_about_a_non_neighbour_or_a_dropped_sender_is_refused():
-    # SecAgg+: client 0's neighbours on a Harary graph of degree 4 over 7 nodes leave two non-neighbours.
-    r = _round(False, n=7, graph=GraphSpec("harary", 4))
-    replies = _share_keys(r, skip={6})  # client 6 drops before sending shares
-    out = _masked_stage(r, {c: m for c, m in replies.items() if c != 6})
-    holder = next(c for c in out if 6 in r.server._ctx.session.graph.neighbors(c))
-    graph = r.server._ctx.session.graph
-    strangers = [c for c in range(7) if c != holder and c not in graph.neighbors(holder)]
-    assert strangers
-    for sender in [*strangers, 6]:
-        with pytest.raises(ProtocolError, match=rf"complaints\[0\]\.sender: client {holder} was sent no share box"):
-            r.server.judge_complaints(holder, [ShareComplaint(sender, "bad_key")])
-    assert r.server.verdicts == {}
-
-
-def test_complaints_are_judged_only_in_the_masked_input_stage():
-    r = _round(False)
-    with pytest.raises(UnexpectedMessageError, match="masked-input stage"):
-        r.server.judge_complaints(0, [ShareComplaint(1, "bad_key")])
-    out = _masked_stage(r, _share_keys(r))
-    good = _valid(r, 0, 1)
-    r.send({c: r.clients[c].handle(m) for c, m in out.items() if c != 0})
-    r.close()
-    with pytest.raises(UnexpectedMessageError, match="masked-input stage"):
-        r.server.judge_complaints(0, [good])
-
-
-def test_server_box_size_depends_on_the_mode():
-    assert box_bytes(False) == CIPHERTEXT_BYTES == 112 and box_bytes(True) == 176
-    for active in (False, True):
-        r = _round(active)
-        replies = _share_keys(r)
-        wrong = box_bytes(not active)
-        reply = replies[0]
-        bad = dataclasses.replace(reply, boxes={h: os.urandom(wrong) for h in reply.boxes})
-        with pytest.raises(MalformedMessageError, match=f"must be {box_bytes(active)} bytes"):
-            r.server.receive(0, bad)
-        r.server.receive(0, reply)
-
-
-def test_complaint_error_is_a_share_decryption_error_and_pickles():
-    complaint = ShareComplaint(3, "bad_key")
-    err = ShareComplaintsError("share box from client 3 failed", (complaint,))
-    assert isinstance(err, ShareDecryptionError)
-    again = pickle.loads(pickle.dumps(err))
-    assert again.complaints == (complaint,) and str(again) == str(err)
-    secret = ShareComplaint(1, "undecryptable", b"\x01" * 32, b"\x02" * 96)
-    assert "\\x01" not in repr(secret) and "shared_point" not in repr(secret)
-    assert ShareComplaint(1, "bad_key").check() == ShareComplaint(1, "bad_key")
-
-
-def test_the_advertisement_of_a_sender_is_what_the_judge_uses():
-    """A holder cannot dodge the proof with its own view of a key: the server judges against the keys
-    it routed (the session's), so a proof made over another sender key fails."""
-    r, _ = _at_masked_stage(True)
-    private, _ = _sid_keys(r, 0)
-    other = X25519PrivateKey.generate().public_key().public_bytes_raw()
-    z, proof = prove_shared_point(private, other, 1, 0, r.server.session_id)
-    (verdict,) = r.server.judge_complaints(0, [ShareComplaint(1, "undecryptable", z, proof)])
-    assert (verdict.upheld, verdict.guilty) == (False, 0) and "proof" in verdict.reason
