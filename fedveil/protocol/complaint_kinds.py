@@ -8,11 +8,12 @@ masked-input stage raised, the coordinator when it hands them to the judge
 from __future__ import annotations
 
 from fedveil.protocol import fedveil_pb2 as pb
+from fedveil.secagg.share_complaints import BAD_KEY, BAD_SIGNATURE, UNDECRYPTABLE
 
 SHARE_COMPLAINT_KINDS: dict[int, str] = {
-    pb.SHARE_COMPLAINT_KIND_UNDECRYPTABLE: "undecryptable",
-    pb.SHARE_COMPLAINT_KIND_BAD_SIGNATURE: "bad_signature",
-    pb.SHARE_COMPLAINT_KIND_BAD_KEY: "bad_key",
+    pb.SHARE_COMPLAINT_KIND_UNDECRYPTABLE: UNDECRYPTABLE,
+    pb.SHARE_COMPLAINT_KIND_BAD_SIGNATURE: BAD_SIGNATURE,
+    pb.SHARE_COMPLAINT_KIND_BAD_KEY: BAD_KEY,
 }
 """Wire kind → secagg complaint kind."""
 

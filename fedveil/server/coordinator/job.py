@@ -154,7 +154,7 @@ class Coordinator(SessionsMixin, SecAggBridgeMixin, MisconductMixin, RefusalTall
         for _ in range(min(cfg.schedule.max_round_attempts, cfg.evaluation.max_per_job)):  # each attempt asks again
             with self._cond:
                 excluded = self._excluded(phase)
-                available = [n for n in self._available() if n not in excluded]
+                available = [n for n in self._drawable() if n not in excluded]
             if len(available) < cfg.schedule.min_clients:
                 log.info("final evaluation skipped: %d sites connected, fewer than %d", len(available),
                          cfg.schedule.min_clients)
@@ -169,7 +169,7 @@ class Coordinator(SessionsMixin, SecAggBridgeMixin, MisconductMixin, RefusalTall
     def _final_evaluation(self) -> None:
         cfg = self.config
         with self._cond:
-            participants = set(self._available())
+            participants = set(self._drawable())
             if not participants:
                 return
             now, wall = self._clock(), time.time()

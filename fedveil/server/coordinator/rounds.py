@@ -211,7 +211,7 @@ class RoundDriverMixin(CoordinatorBase):
         short_since: float | None = None
         while not self._stop_event.is_set():
             barred = self._excluded(number)
-            connected = self._available()
+            connected = self._drawable()
             avail = [n for n in connected if n not in barred]
             if len(avail) >= cfg.schedule.clients_per_round:
                 return avail

@@ -326,7 +326,6 @@ class SessionsMixin(CoordinatorBase):
         """Sites a cohort may be drawn from: present, and if sent away by pace steering, due back
         within 1.25 poll waits (the longest it is sent away between rounds in a federation of up
         to ``poll_wait`` x :data:`STEERED_RETURNS_PER_S` sites)."""
-        self._recheck_credentials()
         now = self._clock()
         due_within = 1.25 * self.config.schedule.poll_wait
         return sorted(c.name for c in self._clients.values() if self._present(c, now, due_within))
@@ -379,6 +378,13 @@ class SessionsMixin(CoordinatorBase):
             client.poll_token = None  # its held poll ends now
             self._cond.notify_all()
             log.warning("client %s is not drawn again and its session is closed: %s", client.name, why)
+
+    def _drawable(self) -> list[str]:
+        """The sites a cohort is drawn from (lock held): :meth:`_available`, once every joined site's
+        credential has been checked again (:meth:`_recheck_credentials`). Only the draws check: a
+        poll's wait reason only counts the available sites."""
+        self._recheck_credentials()
+        return self._available()
 
     def _connected(self) -> list[_Client]:
         """Sites present, however long pace steering sent them away for (lock held)."""
