@@ -116,6 +116,11 @@ class TamperingServer:
         return tampered if tampered is not None else out
 
 
+# ``cohort_wait`` for a job with min_clients < clients_per_round whose sites all join: the cohort is
+# then drawn once all K are in, not from the first M when one site's start-up lags on a loaded machine.
+ALL_JOIN_WAIT = 5.0
+
+
 def job_config(**kw: Any) -> ServerConfig:
     base: dict[str, Any] = dict(task="fedveil.tasks.synthetic", rounds=1, clients_per_round=4, min_clients=4,
                                 seed=3, cohort_wait=0.5, linger=0.5, poll_wait=0.5, round_timeout=8.0,

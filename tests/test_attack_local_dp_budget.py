@@ -45,7 +45,15 @@ from fedveil.dp.ledger import BudgetExceededError
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.server.coordinator import Coordinator
 from fedveil.tasks.synthetic import task as synthetic
-from tests.attack_helpers import Consortium, TamperingServer, job_config, run_job, site_federation, turnkey
+from tests.attack_helpers import (
+    ALL_JOIN_WAIT,
+    Consortium,
+    TamperingServer,
+    job_config,
+    run_job,
+    site_federation,
+    turnkey,
+)
 
 torch.set_num_threads(1)
 pytestmark = [pytest.mark.timeout(300),
@@ -88,7 +96,7 @@ def _masked_rounds(server: TamperingServer) -> list[int]:
 
 def _target_job(rounds: int = 2) -> Any:
     return job_config(rounds=rounds, dp="local", dp_local_target_epsilon=TARGET, min_clients=3, stage_timeout=20.0,
-                      round_timeout=60.0)
+                      round_timeout=60.0, cohort_wait=ALL_JOIN_WAIT)
 
 
 # -- finding 3: local_epochs raised after round 1 ----------------------------------------------------
@@ -166,7 +174,8 @@ def test_a_server_that_asks_for_billions_of_epochs_is_declined_at_once(tmp_path:
         return resp
 
     extra = {"dp_local_noise_multiplier": 1.0} if dp == "local" else {}
-    config = job_config(rounds=1, dp=dp, min_clients=3, stage_timeout=20.0, round_timeout=60.0, **extra)
+    config = job_config(rounds=1, dp=dp, min_clients=3, stage_timeout=20.0, round_timeout=60.0,
+                        cohort_wait=ALL_JOIN_WAIT, **extra)
     summary, server, results = _job(tmp_path, config, forever)
     _, history = results[VICTIM]
     assert summary.completed_rounds == 1
@@ -187,6 +196,7 @@ def test_a_job_delta_above_the_sites_limit_is_declined_and_epsilon_is_reported_a
     part, and its ε at its own δ = 1e-5 is 1.63, past the job's "ε = 1": what the limit prevents.
     ``federation.privacy`` reports that figure at the site's δ, not ε ≈ 1 at the job's δ."""
     config = job_config(rounds=1, dp="local", dp_local_target_epsilon=1.0, dp_delta=1e-3, min_clients=3,
+                        cohort_wait=ALL_JOIN_WAIT,
                         stage_timeout=20.0, round_timeout=60.0)
     opted_in = {"max_local_delta": 1e-2}
     summary, server, results = _job(tmp_path, config, victim_policy=None if limit else opted_in,

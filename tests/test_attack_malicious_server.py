@@ -21,7 +21,16 @@ from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.secagg.identity import issue_credential
 from fedveil.server.coordinator import SECURE_SUM_ROW, Coordinator
 from fedveil.tasks.synthetic import task as synthetic
-from tests.attack_helpers import CONSORTIUM, DAY, Consortium, TamperingServer, job_config, run_job, turnkey
+from tests.attack_helpers import (
+    ALL_JOIN_WAIT,
+    CONSORTIUM,
+    DAY,
+    Consortium,
+    TamperingServer,
+    job_config,
+    run_job,
+    turnkey,
+)
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.timeout(240)
@@ -176,7 +185,7 @@ def test_a_commitment_list_without_the_victims_own_commitment_gets_no_reveal(tmp
         return resp
 
     # min_clients 3: once the victim has withheld (it is left out of the round's later attempts) the job goes on
-    summary, server, _r, _e = attack(tmp_path, alter, config=job_config(min_clients=3))
+    summary, server, _r, _e = attack(tmp_path, alter, config=job_config(min_clients=3, cohort_wait=ALL_JOIN_WAIT))
     assert summary.status == "completed"
     assert server.sent.named("reveal_contribution") == []
     assert sent_data(server) == []

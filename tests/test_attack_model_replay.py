@@ -19,7 +19,7 @@ from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.protocol.codec import model_digest
 from fedveil.server.coordinator import Coordinator
 from fedveil.tasks.synthetic import task as synthetic
-from tests.attack_helpers import Consortium, job_config, run_job, turnkey
+from tests.attack_helpers import ALL_JOIN_WAIT, Consortium, job_config, run_job, turnkey
 
 NAMES = [f"site-{i}" for i in range(4)]
 VICTIM = "site-0"
@@ -90,7 +90,7 @@ def test_a_replayed_model_gets_no_second_sum_from_the_sites_that_released_one(tm
     consortium = Consortium.create(NAMES)
     sites = [turnkey(synthetic, name, i, consortium) for i, name in enumerate(NAMES)]
     config = job_config(rounds=2, min_clients=3, clients_per_round=4, batch_size=10_000, local_epochs=1,
-                        max_round_attempts=1)
+                        max_round_attempts=1, cohort_wait=ALL_JOIN_WAIT)
 
     class Server(DisguisingServer):
         pass
@@ -115,7 +115,7 @@ def test_a_new_run_from_a_model_a_site_released_over_gets_no_second_sum(tmp_path
     their state files, so they know the model, and decline."""
     consortium = Consortium.create(NAMES)
     config = job_config(rounds=1, min_clients=3, clients_per_round=4, batch_size=10_000, local_epochs=1,
-                        max_round_attempts=1)
+                        max_round_attempts=1, cohort_wait=ALL_JOIN_WAIT)
 
     def sites(names: list[str]) -> list[Any]:
         return [turnkey(synthetic, name, NAMES.index(name), consortium, state_path=tmp_path / f"{name}.json")

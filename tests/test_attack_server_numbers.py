@@ -59,7 +59,7 @@ from fedveil.server.coordinator import Coordinator
 from fedveil.server.store import RunStore
 from fedveil.server.training import GlobalModel
 from fedveil.tasks.synthetic import task as synthetic
-from tests.attack_helpers import Consortium, TamperingServer, job_config, run_job, turnkey
+from tests.attack_helpers import ALL_JOIN_WAIT, Consortium, TamperingServer, job_config, run_job, turnkey
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.timeout(240)
@@ -323,7 +323,8 @@ def test_a_servers_number_the_site_cannot_use_is_a_decline_not_a_crash(tmp_path:
     policy = {"policy": consortium.policy(min_noise_multiplier=1.0)} if attack == "n_clients" else {}
     sites = [turnkey(synthetic, name, i, consortium, **(policy if name == VICTIM else {}))
              for i, name in enumerate(NAMES)]
-    config = job_config(rounds=1, dp=mode, min_clients=3, stage_timeout=3.0, **DP_OPTIONS[mode])
+    config = job_config(rounds=1, dp=mode, min_clients=3, stage_timeout=3.0, cohort_wait=ALL_JOIN_WAIT,
+                        **DP_OPTIONS[mode])
     summary, results, errors = run_job(tmp_path, config, synthetic, sites, service=front)
     assert errors == []
     server = holder["s"]

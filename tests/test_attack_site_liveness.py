@@ -27,7 +27,7 @@ from fedveil.protocol.errors import MalformedMessage
 from fedveil.protocol.transport import InProcessTransport
 from fedveil.server.coordinator import Coordinator
 from fedveil.tasks.synthetic import task as synthetic
-from tests.attack_helpers import Consortium, job_config, run_job, turnkey
+from tests.attack_helpers import ALL_JOIN_WAIT, Consortium, job_config, run_job, turnkey
 
 pytestmark = pytest.mark.timeout(180)
 NAMES = ["site-0", "site-1", "site-2", "evil"]
@@ -74,7 +74,7 @@ def _run(tmp_path: Path, evil_transport: type[InProcessTransport], *, active: bo
     consortium = Consortium.create(NAMES)
     options: dict[str, Any] = {} if active else {"policy": SitePolicy(trust_server=True)}
     cfg: dict[str, Any] = dict(rounds=2, clients_per_round=4, min_clients=3, max_round_attempts=2,
-                               active_adversary=active)
+                               active_adversary=active, cohort_wait=ALL_JOIN_WAIT)
     cfg.update(config)
     seen: list[Coordinator] = []
 

@@ -28,7 +28,7 @@ from fedveil.secagg.graph import GraphSpec, build_graph
 from fedveil.secagg.messages import UnmaskingRequest, UnmaskingResponse
 from fedveil.secagg.survivor_checks import quorum_plan
 from fedveil.tasks.synthetic import task as synthetic
-from tests.attack_helpers import Consortium, TamperingServer, job_config, run_job, turnkey
+from tests.attack_helpers import ALL_JOIN_WAIT, Consortium, TamperingServer, job_config, run_job, turnkey
 from tests.secagg_helpers import ManualRound, random_inputs, run_to_signatures
 
 torch.set_num_threads(1)
@@ -148,7 +148,8 @@ def test_a_real_site_refuses_an_unmasking_request_with_a_dropped_id_outside_the_
         holder["s"] = TamperingServer(coordinator, names[0], tamper)  # type: ignore[arg-type]
         return holder["s"]
 
-    summary, results, errors = run_job(tmp_path, job_config(rounds=1, min_clients=3, stage_timeout=3.0), synthetic,
+    summary, results, errors = run_job(tmp_path, job_config(rounds=1, min_clients=3, stage_timeout=3.0,
+                                                               cohort_wait=ALL_JOIN_WAIT), synthetic,
                                        [turnkey(synthetic, n, i, consortium) for i, n in enumerate(names)],
                                        service=front)
     assert errors == []
