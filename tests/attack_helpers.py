@@ -145,10 +145,12 @@ def site_federation(service: Any, task: Task, name: str, index: int, consortium:
 
 def run_job(tmp_path: Path, config: ServerConfig, task: Task, sites: Sequence[Callable[[Any], Any]],
             service: Callable[[Coordinator], Any] | None = None,
-            coordinator_cls: type[Coordinator] = Coordinator) -> tuple[JobSummary, list[Any], list[BaseException]]:
-    """Run a job with one thread per site function (given the service it talks to)."""
+            coordinator_cls: type[Coordinator] = Coordinator,
+            new_run: bool = True) -> tuple[JobSummary, list[Any], list[BaseException]]:
+    """Run a job with one thread per site function (given the service it talks to); ``new_run=False``
+    resumes the store's unfinished run, as a restarted server does."""
     store = RunStore(tmp_path / "run.sqlite")
-    coordinator = coordinator_cls(config, task, store, new_run=True)
+    coordinator = coordinator_cls(config, task, store, new_run=new_run)
     front = service(coordinator) if service is not None else coordinator
     results: list[Any] = [None] * len(sites)
     errors: list[BaseException] = []

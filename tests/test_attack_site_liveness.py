@@ -15,6 +15,7 @@ job failed. Now the round is rejected (skipped, counted) and the job goes on.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,13 @@ import numpy as np
 import pytest
 
 from fedveil.clients.policy import SitePolicy
+from fedveil.commands.server import _print_summary
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.protocol.errors import MalformedMessage
 from fedveil.protocol.transport import InProcessTransport
 from fedveil.server.coordinator import Coordinator
+from fedveil.server.events import RoundCompleted
+from fedveil.server.store import RunStore
 from fedveil.tasks.synthetic import task as synthetic
 from tests.attack_helpers import ALL_JOIN_WAIT, Consortium, job_config, run_job, turnkey
 
@@ -69,8 +73,18 @@ class WrongUnmaskingShare(InProcessTransport):
         return super().unmask(request)
 
 
-def _run(tmp_path: Path, evil_transport: type[InProcessTransport], *, active: bool,
-         **config: Any) -> tuple[Any, list[BaseException], Coordinator]:
+@dataclass
+class StopAfterRound:
+    coordinator: Coordinator
+    round: int
+
+    def on_event(self, event: object) -> None:
+        if isinstance(event, RoundCompleted) and event.round == self.round:
+            self.coordinator.stop()
+
+
+def _run(tmp_path: Path, evil_transport: type[InProcessTransport], *, active: bool, stop_after_round: int = 0,
+         new_run: bool = True, **config: Any) -> tuple[Any, list[BaseException], Coordinator]:
     consortium = Consortium.create(NAMES)
     options: dict[str, Any] = {} if active else {"policy": SitePolicy(trust_server=True)}
     cfg: dict[str, Any] = dict(rounds=2, clients_per_round=4, min_clients=3, max_round_attempts=2,
@@ -80,11 +94,13 @@ def _run(tmp_path: Path, evil_transport: type[InProcessTransport], *, active: bo
 
     def front(coordinator: Coordinator) -> Coordinator:
         seen.append(coordinator)
+        if stop_after_round:  # the in-process stand-in for a server killed after that round
+            coordinator.listeners.add(StopAfterRound(coordinator, stop_after_round))
         return coordinator
 
     sites = [turnkey(synthetic, name, i, consortium, transport=evil_transport if name == "evil" else InProcessTransport,
                      **options) for i, name in enumerate(NAMES)]
-    summary, _results, errors = run_job(tmp_path, job_config(**cfg), synthetic, sites, service=front)
+    summary, _results, errors = run_job(tmp_path, job_config(**cfg), synthetic, sites, service=front, new_run=new_run)
     return summary, errors, seen[0]
 
 
@@ -117,6 +133,26 @@ def test_a_wrong_unmasking_share_after_release_skips_the_round_instead_of_failin
     assert summary.status == "completed" and summary.completed_rounds == 2, summary.message
     assert summary.rejected_rounds == 2  # evil does it in every round it is drawn for
     assert not coordinator._convicted  # a wrong share is no proof of who lied
+
+
+def test_a_conviction_outlives_a_server_restart(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: convictions lived in the coordinator's memory only, so a server killed after the
+    round that convicted a site resumed the run and drew that site again. Now they are in the run
+    store: the resumed run leaves the site out, though it now behaves."""
+    first, _errors, coordinator = _run(tmp_path, GarbageBoxes, active=False, stop_after_round=1)
+    assert first.status == "stopped" and first.completed_rounds == 1, first.message
+    assert set(first.convicted) == {"evil"} and "share box" in first.convicted["evil"]
+
+    second, errors, resumed = _run(tmp_path, InProcessTransport, active=False, new_run=False)
+    assert not errors, errors
+    assert resumed.run_id == coordinator.run_id and second.resumed_from == 1
+    assert second.status == "completed" and second.completed_rounds == 2, second.message
+    with RunStore(tmp_path / "run.sqlite") as store:
+        round_two = {name for _attempt, name, _sid, _stage in store.participants(resumed.run_id, 2)}
+        assert round_two == {"site-0", "site-1", "site-2"}  # all four were connected; evil was not drawn
+        assert store.convictions(resumed.run_id) == first.convicted == second.convicted
+    _print_summary(second.to_dict(), as_json=False)  # what `fedveil server` prints at the end
+    assert f"convicted, left out of the rest of the run: evil ({first.convicted['evil']})" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(("complaints", "field"), [

@@ -184,6 +184,32 @@ def test_checkpoint_state_keeps_arrays_as_raw_bytes(tmp_path: Path) -> None:
         np.testing.assert_array_equal(ckpt.state["optimizer"]["m"], m)
 
 
+def test_convictions_survive_a_reopen_per_run_and_keep_the_first_reason(tmp_path: Path) -> None:
+    path = tmp_path / "run.db"
+    with RunStore(path) as store:
+        store.create_run("run-1", {})
+        store.create_run("run-2", {})
+        store.record_conviction("run-1", "evil", "round 1: its share box did not open")
+        store.record_conviction("run-1", "evil", "round 2: again")
+        store.record_conviction("run-1", "liar", "round 2: a false complaint")
+    with RunStore(path) as store:
+        assert store.convictions("run-1") == {"evil": "round 1: its share box did not open",
+                                              "liar": "round 2: a false complaint"}
+        assert store.convictions("run-2") == {}
+
+
+def test_a_store_written_before_convictions_opens_and_gains_the_table(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with RunStore(path) as store:
+        store.create_run("run-1", {})
+    conn = sqlite3.connect(str(path))
+    conn.execute("DROP TABLE convictions")  # as the build before them wrote it
+    conn.commit()
+    conn.close()
+    with RunStore(path) as store:
+        assert store.convictions("run-1") == {} and store.runs()[0].run_id == "run-1"
+
+
 def test_a_store_missing_a_column_is_refused_up_front_naming_table_and_column(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     with RunStore(path):

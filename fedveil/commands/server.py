@@ -292,6 +292,8 @@ def _print_summary(summary: dict[str, Any], *, as_json: bool) -> None:
         + (f", resumed after round {summary['resumed_from']}" if summary["resumed_from"] else ""),
         f"  aborted round attempts: {summary['aborted_attempts']}, dropouts: {summary['dropouts']}",
     ]
+    for name, why in sorted((summary.get("convicted") or {}).items()):
+        lines.append(f"  convicted, left out of the rest of the run: {name} ({why})")
     if summary["final_metrics"]:
         lines.append("  final evaluation: " + ", ".join(f"{k}={v:.4g}" for k, v in summary["final_metrics"].items()))
     if summary["epsilon"] is not None:

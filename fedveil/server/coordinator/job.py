@@ -103,7 +103,7 @@ class Coordinator(SessionsMixin, SecAggBridgeMixin, MisconductMixin, RefusalTall
             final_metrics=self._final_metrics, epsilon=epsilon,
             delta=cfg.privacy.delta if epsilon is not None else None,
             message=message, rejected_rounds=self._rejected_rounds, site_epsilon=site_epsilon,
-            unverified_sites=unverified,
+            unverified_sites=unverified, convicted=dict(self._convicted),
         )
         if status != "stopped":
             self.store.finish_run(self.run_id, status, summary.to_dict())

@@ -73,9 +73,10 @@ class MisconductMixin(CoordinatorBase):
                               f"(client {verdict.guilty} is {guilty}; the complaint came from {complainer})")
 
     def _convict(self, name: str, reason: str) -> None:
-        """Leave ``name`` out of every later cohort of this job (lock held)."""
+        """Leave ``name`` out of every later cohort of this job, a resumed one too (lock held)."""
         if name not in self._convicted:
             self._convicted[name] = reason
+            self.store.record_conviction(self.run_id, name, reason)
             log.error("%s is left out of the rest of the job: %s", name, reason)
 
     def _excluded(self, number: int) -> set[str]:

@@ -204,6 +204,8 @@ class JobSummary:
     site reported (:mod:`fedveil.server.privacy_view`), at the job's δ."""
     unverified_sites: tuple[str, ...] = ()
     """Sites whose reports the server could not check (their ε is the site's claim only)."""
+    convicted: dict[str, str] = field(default_factory=dict)
+    """Sites a share-box complaint proved at fault → why; they were left out of the rest of the run."""
 
     @property
     def max_site_epsilon(self) -> float | None:
@@ -227,6 +229,7 @@ class JobSummary:
             "site_epsilon": dict(self.site_epsilon),
             "max_site_epsilon": self.max_site_epsilon,
             "unverified_sites": list(self.unverified_sites),
+            "convicted": dict(self.convicted),
         }
 
 
@@ -291,8 +294,12 @@ class CoordinatorBase:
         self._barred: dict[int, dict[str, str]] = {}
         """round → sites left out of its later attempts → why: they withheld a graph-seed reveal, or
         enough members declined them for their credential (:mod:`.refusal_tally`)."""
-        self._convicted: dict[str, str] = {}
-        """Sites a share-box complaint proved at fault → why (left out of the rest of the job)."""
+        self._convicted: dict[str, str] = self.store.convictions(self.run_id)
+        """Sites a share-box complaint proved at fault → why (left out of the rest of the job; kept in
+        the store, so a resumed run leaves them out too)."""
+        if self._convicted:
+            log.warning("run %s: %s stay left out (convicted before the restart)", self.run_id,
+                        ", ".join(sorted(self._convicted)))
         self._no_cohort: str | None = None
         """Why no cohort can be drawn for the next round (only barred sites would make it up)."""
         self._last_secure_metrics: dict[str, float] = {}

@@ -159,6 +159,19 @@ class RunsMixin(StoreBase):
             )
         ]
 
+    # -- convictions ---------------------------------------------------------------------------
+    def record_conviction(self, run_id: str, client_name: str, reason: str) -> None:
+        """A site a share-box complaint proved at fault: kept so a restarted server still leaves it
+        out of the run's cohorts. The first conviction's reason stands."""
+        with self._tx() as c:
+            c.execute("INSERT OR IGNORE INTO convictions (run_id, client_name, reason, at) VALUES (?, ?, ?, ?)",
+                      (run_id, client_name, reason, time.time()))
+
+    def convictions(self, run_id: str) -> dict[str, str]:
+        """Client name → why, for every site convicted in the run."""
+        return {str(n): str(why) for n, why in self._query(
+            "SELECT client_name, reason FROM convictions WHERE run_id=? ORDER BY at, client_name", (run_id,))}
+
     # -- evaluation and client privacy ----------------------------------------------------------
     def record_evaluation(
         self, run_id: str, model_version: int, client_name: str, num_examples: int, metrics: Mapping[str, float]

@@ -80,6 +80,13 @@ CREATE TABLE IF NOT EXISTS dropouts (
     at REAL NOT NULL,
     PRIMARY KEY (run_id, round, attempt, client_name)
 );
+CREATE TABLE IF NOT EXISTS convictions (
+    run_id TEXT NOT NULL,
+    client_name TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (run_id, client_name)
+);
 CREATE TABLE IF NOT EXISTS evaluations (
     run_id TEXT NOT NULL,
     model_version INTEGER NOT NULL,
