@@ -38,7 +38,8 @@ from fedveil.protocol.transport import InProcessTransport
 from fedveil.secagg.identity import RevocationList, issue_credential, issue_revocations
 from fedveil.server.config import ServerConfigError
 from fedveil.server.coordinator import Coordinator
-from fedveil.server.coordinator.refusal_tally import refused_slots, tolerated_refusers
+from fedveil.server.coordinator.refusal_tally import refused_slots, roster_entry_digest, tolerated_refusers
+from fedveil.server.coordinator.state import _Client
 from fedveil.server.events import JobEvent, RoundCompleted, RoundStarted
 from fedveil.server.revocation_file import RevocationFile
 from fedveil.server.store import RunStore
@@ -185,11 +186,13 @@ def test_a_member_every_honest_site_refuses_is_barred_after_one_aborted_attempt(
                                            [*sites, site("evil", consortium)], service=listening)
     assert errors == []
     assert summary.status == "completed" and summary.completed_rounds == 2, summary
-    assert summary.aborted_attempts == 2  # one per round
-    assert cohorts.with_evil(1) == [1] and cohorts.with_evil(2) == [1], cohorts.started
-    assert caplog.text.count("evil is barred from the rest of the round: 3 of the cohort's 4 members") == 2
+    # barred for the rest of the job (it was drawn into round 2's first attempt too, before)
+    assert summary.aborted_attempts == 1
+    assert cohorts.with_evil(1) == [1] and cohorts.with_evil(2) == [], cohorts.started
+    assert caplog.text.count("evil is barred from the rest of the job until it joins with another credential: "
+                             "3 of the cohort's 4 members") == 1
     declined = [o for _name, _fed, history in results[:3] for o in history if o.outcome == "declined"]
-    assert len(declined) == 6 and all("revoked" in o.reason for o in declined)
+    assert len(declined) == 3 and all("revoked" in o.reason for o in declined)
 
 
 # -- (e) a decliner's claim alone bars nobody ---------------------------------------------------------
@@ -251,7 +254,7 @@ def test_one_site_naming_every_honest_member_bars_nobody(tmp_path: Path, caplog:
     # attempt 1: a and b accept, c sits out, evil names a, b and c: too few accept, the attempt aborts
     assert summary.aborted_attempts == 1
     assert "not barred (at most 1 decliners may collude)" in caplog.text
-    assert not held[0]._barred.get(1)
+    assert not held[0]._barred.get(1) and not held[0]._refused_entries
     # attempt 2: a, b and c (each named once, by evil alone) are drawn again and release the round
     assert summary.status == "completed" and summary.completed_rounds == 1, summary
 
@@ -267,6 +270,24 @@ def test_declines_name_only_other_members_once_each() -> None:
             refused_slots(values, 4, 0)
     assert [tolerated_refusers(n, 1 / 3) for n in (3, 4, 9, 10)] == [1, 1, 3, 3]
     assert tolerated_refusers(4, 0.0) == 1
+
+
+def test_a_bar_holds_while_the_site_presents_the_refused_entry_and_lifts_with_a_new_credential(
+        tmp_path: Path) -> None:
+    """The bar is on the roster entry the decliners refused, not the name: a site that joins again
+    with a credential the authority issued anew (and the sites do not refuse) is drawn again."""
+    with RunStore(tmp_path / "run.sqlite") as store:
+        coordinator = Coordinator(config(), synthetic, store, new_run=True)
+        with coordinator._cond:
+            coordinator._clients["evil"] = _Client("evil", b"s", credential=b"revoked credential", identity_key=b"k")
+            why = "was declined for its credential or identity key by 3 of 4 members in round 1"
+            coordinator._refused_entries["evil"] = (roster_entry_digest(b"revoked credential", b"k"), why)
+            assert coordinator._excluded(2) == {"evil"} and coordinator._exclusion_reasons(2) == f"evil {why}"
+            coordinator._clients["evil"].identity_key = b"another key"  # the same credential, another key
+            assert coordinator._excluded(2) == set()
+            coordinator._clients["evil"] = _Client("evil", b"t", credential=b"reissued credential", identity_key=b"k")
+            assert coordinator._excluded(2) == set() and coordinator._exclusion_reasons(2) == ""
+    assert roster_entry_digest(b"ab", b"c") != roster_entry_digest(b"a", b"bc")  # the split is bound
 
 
 def _roster(consortium: Consortium, client_id: int = 0) -> pb.RoundStart:

@@ -80,13 +80,14 @@ class MisconductMixin(CoordinatorBase):
             log.error("%s is left out of the rest of the job: %s", name, reason)
 
     def _excluded(self, number: int) -> set[str]:
-        """Sites that may not be drawn for round ``number``: barred from it, or convicted."""
-        return set(self._barred.get(number, {})) | set(self._convicted)
+        """Sites that may not be drawn for round ``number``: barred from it or for their roster
+        entry, or convicted."""
+        return set(self._barred.get(number, {})) | set(self._refused_now()) | set(self._convicted)
 
     def _exclusion_reasons(self, number: int) -> str:
         """Who is left out of round ``number``, and why, in one line."""
         by_reason: dict[str, list[str]] = {}
-        for name, why in sorted(self._barred.get(number, {}).items()):
+        for name, why in sorted({**self._barred.get(number, {}), **self._refused_now()}.items()):
             if name not in self._convicted:
                 by_reason.setdefault(why, []).append(name)
         parts = [f"{', '.join(names)} {why}" for why, names in by_reason.items()]

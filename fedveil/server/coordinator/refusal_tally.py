@@ -10,12 +10,18 @@ ran out (the attacker review of the sites).
 No decliner is trusted on its own: a member is barred only when more decliners name it than the
 round's tolerated colluders (c = ⌊f·n⌋, at least one), so colluding sites up to that bound cannot
 bar an honest member by naming it. The tally runs when an attempt aborts at COMMIT (too few sites
-accepted); a barred member is left out of the round's later attempts like a site that withheld its
-graph-seed reveal, and that attempt does not count against ``--max-round-attempts``.
+accepted), and that attempt does not count against ``--max-round-attempts``.
+
+A barred member is left out of every later cohort of the job for as long as it presents the same
+roster entry (credential and identity key): at least one honest site refused that entry, for a
+reason that does not pass (a revocation, another authority, an expiry), so each later roster with
+it would cost another aborted attempt. A site that joins again with a new credential is drawn again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections import Counter
 from collections.abc import Sequence
 
@@ -44,12 +50,18 @@ def tolerated_refusers(cohort_size: int, max_corrupt_fraction: float) -> int:
     return max(1, corrupt_clients(cohort_size, max_corrupt_fraction))
 
 
+def roster_entry_digest(credential: bytes, identity_key: bytes) -> bytes:
+    """What a member is barred by: SHA-256 over its credential and identity key, length-prefixed."""
+    return hashlib.sha256(struct.pack("<I", len(credential)) + credential + identity_key).digest()
+
+
 class RefusalTallyMixin(CoordinatorBase):
     """Bars the members that enough decliners refused (see the module docstring)."""
 
     def _bar_refused_members(self, rnd: _Round) -> bool:
         """At an attempt that aborted at COMMIT (lock held): bar each member named by more decliners
-        than the round tolerates, for the rest of round ``rnd.number``; whether any was barred."""
+        than the round tolerates, for the rest of the job while it presents the same roster entry;
+        whether any was barred."""
         if not rnd.refusals:
             return False
         tolerated = tolerated_refusers(len(rnd.names), self.config.secagg.max_corrupt_fraction)
@@ -61,11 +73,17 @@ class RefusalTallyMixin(CoordinatorBase):
                      rnd.number, rnd.attempt, ", ".join(f"{n} ({c})" for n, c in sorted(below.items())), tolerated)
         if not named:
             return False
-        barred = self._barred.setdefault(rnd.number, {})
         for name, count in sorted(named.items()):
-            barred[name] = f"was declined for its credential or identity key by {count} of {len(rnd.names)} members"
-            log.warning("round %d (attempt %d): %s is barred from the rest of the round: %d of the cohort's %d "
-                        "members declined it for its credential or identity key (more than the %d colluding "
-                        "sites the round tolerates)", rnd.number, rnd.attempt, name, count, len(rnd.names),
-                        tolerated)
+            why = (f"was declined for its credential or identity key by {count} of {len(rnd.names)} members "
+                   f"in round {rnd.number}")
+            self._refused_entries[name] = (roster_entry_digest(self._credential(name), self._identity_key(name)), why)
+            log.warning("round %d (attempt %d): %s is barred from the rest of the job until it joins with another "
+                        "credential: %d of the cohort's %d members declined it for its credential or identity key "
+                        "(more than the %d colluding sites the round tolerates)", rnd.number, rnd.attempt, name,
+                        count, len(rnd.names), tolerated)
         return True
+
+    def _refused_now(self) -> dict[str, str]:
+        """Barred sites that still present the roster entry they were barred for (lock held): name → why."""
+        return {name: why for name, (digest, why) in self._refused_entries.items()
+                if roster_entry_digest(self._credential(name), self._identity_key(name)) == digest}
