@@ -29,6 +29,7 @@ from fedveil.server.coordinator import Coordinator, JobSummary
 from fedveil.server.store import RunStore
 from fedveil.task import Task
 from fedveil.tasks.synthetic import task as synthetic
+from tests.attack_helpers import ALL_JOIN_WAIT
 from tests.identity_helpers import secure_job, secure_options, site_policy
 
 torch.set_num_threads(1)
@@ -166,7 +167,7 @@ def test_a_loop_that_skips_submit_sits_the_round_out_without_spinning_and_gets_t
 
     # four sites, threshold 3 of 4 (active mode: 2t > h + c = 4 + 1; a threshold of 2 of 3, as the passive
     # rule t > c allowed, is unsafe against a malicious server): round 1 completes without the skipping site
-    cfg = config(rounds=2, clients_per_round=4, min_clients=3, round_timeout=round_timeout)
+    cfg = config(rounds=2, clients_per_round=4, min_clients=3, round_timeout=round_timeout, cohort_wait=ALL_JOIN_WAIT)
     summary, results, errors = run_job(tmp_path, cfg, synthetic, [turnkey(0), turnkey(1), turnkey(2), skipper])
     assert errors == [], errors
     assert summary.status == "completed" and summary.completed_rounds == 2
@@ -256,7 +257,8 @@ def test_a_loop_that_leaves_a_round_unsubmitted_is_a_dropout_at_once_not_at_the_
                                                                   synthetic, data_for(i, 4))]
 
     rounds = 2 if how == "continue" else 1  # a site that left is not there for round 2's cohort
-    cfg = config(rounds=rounds, clients_per_round=4, min_clients=3, round_timeout=3600.0, stage_timeout=3600.0)
+    cfg = config(rounds=rounds, clients_per_round=4, min_clients=3, round_timeout=3600.0, stage_timeout=3600.0,
+                 cohort_wait=ALL_JOIN_WAIT)
     summary, results, errors = run_job(tmp_path, cfg, synthetic,
                                        [turnkey(0), turnkey(1), turnkey(2), _skipping_site(how)])
     assert errors == [], errors

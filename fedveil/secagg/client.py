@@ -256,7 +256,7 @@ def _complaints(ctx: _ClientContext, boxes: dict[int, bytes], failures: dict[int
     assert session is not None
     complaints = tuple(
         build_complaint(private=ctx.keys.share_private, sender_public=session.advertisements[sender].share_public,
-                        sender_identity=cfg.identity_keys[sender] if cfg.active and cfg.identity_keys else None,
+                        sender_identity=cfg.box_signer(sender),
                         box=boxes[sender], sender=sender, holder=me, session_id=session.session_id)
         for sender in sorted(failures))
     detail = "; ".join(f"share box from client {c.sender} {failures[c.sender]} (complaint: {c.kind})"

@@ -105,6 +105,11 @@ class SecAggConfig:
         """Why a client with ``live_holders`` live holders (itself included) must refuse, or None."""
         return live_problem(live_holders, self.threshold, self.holders_and_corrupt[1])
 
+    def box_signer(self, client_id: int) -> bytes | None:
+        """The Ed25519 key that signs ``client_id``'s share boxes: its identity key in active mode,
+        None in passive mode (boxes are not signed there)."""
+        return self.identity_keys[client_id] if self.active and self.identity_keys else None
+
     @property
     def ring(self) -> Ring:
         return Ring(self.ring_bits)

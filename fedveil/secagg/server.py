@@ -193,7 +193,7 @@ class ServerR2MaskedInputCollection(ServerState):
         session = ctx.session
         verdicts = [judge(c, holder=holder, holder_public=session.advertisements[holder].share_public,
                           sender_public=session.advertisements[c.sender].share_public,
-                          sender_identity=cfg.identity_keys[c.sender] if cfg.active and cfg.identity_keys else None,
+                          sender_identity=cfg.box_signer(c.sender),
                           stored_box=ctx.boxes[c.sender][holder], session_id=session.session_id)
                     for c in items]
         self.withdrawn.add(holder)
