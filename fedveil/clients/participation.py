@@ -18,16 +18,27 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedveil.clients.admission import Admission, admit_round
+from fedveil.clients.options import RoundOutcome
 from fedveil.clients.policy import PolicyViolation
 from fedveil.clients.secagg_driver import SecAggClientDriver, UnsupportedRoundError, shared_value
 from fedveil.clients.site_state import Release
-from fedveil.clients.update import AttemptRandomness, PreparedUpdate, attempt_randomness, evaluation_layout
+from fedveil.clients.update import (
+    AttemptRandomness,
+    PreparedUpdate,
+    RoundConfigError,
+    attempt_randomness,
+    evaluation_layout,
+    model_delta,
+)
 from fedveil.errors import FedveilError
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.secagg import beacon
 from fedveil.secagg.errors import SecAggError, ShareComplaintsError
 
 if TYPE_CHECKING:
+    from torch import nn
+
+    from fedveil.clients.round import Round
     from fedveil.clients.session import Federation
 
 log = logging.getLogger("fedveil.client")
@@ -256,3 +267,66 @@ __all__ = [
     "PolicyViolation", "RoundEnded", "RoundLost", "admit", "agree_graph_seed", "attempt_randomness",
     "encode_update", "evaluation_section", "run_secagg",
 ]
+
+
+def _rejoined(fed: Federation, rnd: Round) -> RoundOutcome | None:
+    """A 'dropped' outcome, recorded, when the site re-joined since ``rnd`` started (its session, and
+    with it its place in the round, is gone); None otherwise."""
+    if fed._round_header == (rnd.number, bytes(rnd.start_message.round_nonce)):
+        return None
+    outcome = RoundOutcome(rnd.number, "dropped", "the client re-joined during the round")
+    fed.history.append(outcome)
+    log.warning("round %d: dropped (the server lost this client's session)", rnd.number)
+    return outcome
+
+
+def finish_round(fed: Federation, rnd: Round, trained: nn.Module | None, num_examples: int | None) -> RoundOutcome:
+    """Encode the trained model's update (``trained`` None: an evaluation-only round) and run the
+    round's secure aggregation: what :meth:`Round.submit` ends in."""
+    start = rnd.start_message
+    lost = _rejoined(fed, rnd)
+    if lost is not None:
+        return lost
+    delta = None
+    if trained is not None:
+        spend = None
+        if rnd._privatized is not None:
+            local = fed._account_local_dp(rnd, trained)
+            spend = fed.local_privacy
+        else:
+            local = fed.spec.vector(trained)
+        clear = rnd._metrics if (rnd._metrics is not None and not start.encoding.evaluation.dimension) else None
+        if clear is not None or spend is not None:
+            # this site's own DP-SGD spend (a claim the server labels as reported by the site), and
+            # the global model's metrics in the clear only when both sides opted in to that
+            fed._report_metrics(int(start.model.version), clear or {}, spend,
+                                num_examples=num_examples or rnd._loader_examples)
+            lost = _rejoined(fed, rnd)
+            if lost is not None:
+                return lost
+        delta = model_delta(local, rnd.global_vector)
+    # the weight this site declared when it accepted the round (the server checks the masked one against it)
+    weight = declared_weight(fed, start)
+    prepared = encode_update(delta, start, rnd.admission, rnd._randomness, weight)
+    try:
+        section = evaluation_section(start, rnd._metrics, rnd._eval_examples,
+                                     prepared.ring_vector.dtype if delta is not None else ring_dtype(start))
+        ring = np.concatenate([prepared.ring_vector.astype(section.dtype, copy=False), section]) \
+            if section.size else prepared.ring_vector
+        done = run_secagg(fed, start, ring, rnd.admission, rnd._randomness, rnd._graph_seed, rnd._members)
+        outcome = RoundOutcome(rnd.number, done[0], done[1], done[2], done[3], prepared.norm, prepared.clipped)
+    except RoundLost as err:
+        log.warning("round %d: dropped out (%s)", rnd.number, err)
+        outcome = RoundOutcome(rnd.number, "dropped", str(err), update_norm=prepared.norm, clipped=prepared.clipped)
+    except (UnsupportedRoundError, RoundConfigError) as err:  # checked at admission; kept as a backstop
+        log.warning("round %d: cannot take part (%s)", rnd.number, err)
+        outcome = RoundOutcome(rnd.number, "dropped", str(err))
+    fed._round_header = (0, b"")
+    fed.history.append(outcome)
+    log.info("round %d: %s%s", rnd.number, outcome.outcome, f" ({outcome.reason})" if outcome.reason else "")
+    return outcome
+
+
+def ring_dtype(start: pb.RoundStart) -> np.dtype:
+    """The unsigned integer type of the round's ring (32 or 64 bits)."""
+    return np.dtype(np.uint32 if int(start.encoding.ring_bits) <= 32 else np.uint64)

@@ -43,13 +43,10 @@ from fedveil.clients.participation import RoundLost
 from fedveil.clients.policy import PolicyViolation, SitePolicy, check_job
 from fedveil.clients.privacy import SitePrivacy
 from fedveil.clients.round import Round
-from fedveil.clients.secagg_driver import UnsupportedRoundError
 from fedveil.clients.site_state import SiteState
 from fedveil.clients.update import (
-    RoundConfigError,
     attempt_randomness,
     derive_seed,
-    model_delta,
     seed_int,
 )
 from fedveil.dp.ledger import BudgetExceededError
@@ -460,55 +457,5 @@ class Federation:
 
     def _finish_round(self, rnd: Round, trained: nn.Module | None, num_examples: int | None) -> RoundOutcome:
         """Encode the trained model's update (``trained`` None: an evaluation-only round) and run the
-        round's secure aggregation."""
-        start = rnd.start_message
-        if self._round_header != (rnd.number, bytes(start.round_nonce)):
-            outcome = RoundOutcome(rnd.number, "dropped", "the client re-joined during the round")
-            self.history.append(outcome)
-            return outcome
-        delta = None
-        if trained is not None:
-            spend = None
-            if rnd._privatized is not None:
-                local = self._account_local_dp(rnd, trained)
-                spend = self.local_privacy
-            else:
-                local = self.spec.vector(trained)
-            clear = rnd._metrics if (rnd._metrics is not None and not start.encoding.evaluation.dimension) else None
-            if clear is not None or spend is not None:
-                # this site's own DP-SGD spend (a claim the server labels as reported by the site), and
-                # the global model's metrics in the clear only when both sides opted in to that
-                self._report_metrics(int(start.model.version), clear or {}, spend,
-                                     num_examples=num_examples or rnd._loader_examples)
-                if self._round_header != (rnd.number, bytes(start.round_nonce)):
-                    outcome = RoundOutcome(rnd.number, "dropped", "the client re-joined during the round")
-                    self.history.append(outcome)
-                    log.warning("round %d: dropped (the server lost this client's session)", rnd.number)
-                    return outcome
-            delta = model_delta(local, rnd.global_vector)
-        # the weight this site declared when it accepted the round (the server checks the masked one against it)
-        weight = participation.declared_weight(self, start)
-        prepared = participation.encode_update(delta, start, rnd.admission, rnd._randomness, weight)
-        try:
-            section = participation.evaluation_section(start, rnd._metrics, rnd._eval_examples,
-                                                       prepared.ring_vector.dtype if delta is not None
-                                                       else _ring_dtype(start))
-            ring = np.concatenate([prepared.ring_vector.astype(section.dtype, copy=False), section]) \
-                if section.size else prepared.ring_vector
-            done = participation.run_secagg(self, start, ring, rnd.admission, rnd._randomness, rnd._graph_seed,
-                                            rnd._members)
-            outcome = RoundOutcome(rnd.number, done[0], done[1], done[2], done[3], prepared.norm, prepared.clipped)
-        except RoundLost as err:
-            log.warning("round %d: dropped out (%s)", rnd.number, err)
-            outcome = RoundOutcome(rnd.number, "dropped", str(err), update_norm=prepared.norm, clipped=prepared.clipped)
-        except (UnsupportedRoundError, RoundConfigError) as err:  # checked at admission; kept as a backstop
-            log.warning("round %d: cannot take part (%s)", rnd.number, err)
-            outcome = RoundOutcome(rnd.number, "dropped", str(err))
-        self._round_header = (0, b"")
-        self.history.append(outcome)
-        log.info("round %d: %s%s", rnd.number, outcome.outcome, f" ({outcome.reason})" if outcome.reason else "")
-        return outcome
-
-
-def _ring_dtype(start: pb.RoundStart) -> np.dtype:
-    return np.dtype(np.uint32 if int(start.encoding.ring_bits) <= 32 else np.uint64)
+        round's secure aggregation (:func:`fedveil.clients.participation.finish_round`)."""
+        return participation.finish_round(self, rnd, trained, num_examples)
