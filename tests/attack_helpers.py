@@ -119,6 +119,9 @@ class TamperingServer:
 # ``cohort_wait`` for a job with min_clients < clients_per_round whose sites all join: the cohort is
 # then drawn once all K are in, not from the first M when one site's start-up lags on a loaded machine.
 ALL_JOIN_WAIT = 5.0
+# Deadlines for a job where every site answers and the test counts the attempts: DP-SGD on a
+# machine running many tests at once can take longer than the default 5 s stage deadline.
+RESPONSIVE_DEADLINES: dict[str, Any] = {"stage_timeout": 30.0, "round_timeout": 120.0}
 
 
 def job_config(**kw: Any) -> ServerConfig:

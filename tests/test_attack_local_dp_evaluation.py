@@ -22,7 +22,7 @@ from fedveil.server.coordinator import Coordinator
 from fedveil.server.mechanisms.local import LocalDP
 from fedveil.server.mechanisms.no_privacy import NoPrivacy
 from fedveil.tasks.synthetic import task as synthetic
-from tests.attack_helpers import Consortium, job_config, run_job, turnkey
+from tests.attack_helpers import RESPONSIVE_DEADLINES, Consortium, job_config, run_job, turnkey
 
 NAMES = [f"site-{i}" for i in range(4)]
 
@@ -51,7 +51,7 @@ def local_dp_job(tmp_path: Path, job: dict[str, Any] | None = None,
     sites = [turnkey(synthetic, name, i, consortium, policy=consortium.policy(**policy))
              for i, name in enumerate(NAMES)]
     config = job_config(**{"rounds": 2, "dp": "local", "dp_local_noise_multiplier": 1.0, "evaluation": "secure",
-                           "evaluate_under_local_dp": True, **(job or {})})
+                           "evaluate_under_local_dp": True, **RESPONSIVE_DEADLINES, **(job or {})})
     servers: list[EvaluationRecordingServer] = []
 
     class Recording(EvaluationRecordingServer):

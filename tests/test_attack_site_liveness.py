@@ -31,7 +31,7 @@ from fedveil.server.coordinator import Coordinator
 from fedveil.server.events import RoundCompleted
 from fedveil.server.store import RunStore
 from fedveil.tasks.synthetic import task as synthetic
-from tests.attack_helpers import ALL_JOIN_WAIT, Consortium, job_config, run_job, turnkey
+from tests.attack_helpers import ALL_JOIN_WAIT, RESPONSIVE_DEADLINES, Consortium, job_config, run_job, turnkey
 
 pytestmark = pytest.mark.timeout(180)
 NAMES = ["site-0", "site-1", "site-2", "evil"]
@@ -88,7 +88,7 @@ def _run(tmp_path: Path, evil_transport: type[InProcessTransport], *, active: bo
     consortium = Consortium.create(NAMES)
     options: dict[str, Any] = {} if active else {"policy": SitePolicy(trust_server=True)}
     cfg: dict[str, Any] = dict(rounds=2, clients_per_round=4, min_clients=3, max_round_attempts=2,
-                               active_adversary=active, cohort_wait=ALL_JOIN_WAIT)
+                               active_adversary=active, cohort_wait=ALL_JOIN_WAIT, **RESPONSIVE_DEADLINES)
     cfg.update(config)
     seen: list[Coordinator] = []
 

@@ -136,12 +136,12 @@ def test_under_local_dp_the_metadata_carries_the_largest_sites_sample_level_epsi
     from safetensors import safe_open
 
     from fedveil.tasks.synthetic import task as synthetic
-    from tests.attack_helpers import Consortium, job_config, turnkey
+    from tests.attack_helpers import RESPONSIVE_DEADLINES, Consortium, job_config, turnkey
     from tests.attack_helpers import run_job as run_sites
 
     names = [f"site-{i}" for i in range(4)]
     consortium = Consortium.create(names)
-    config = job_config(rounds=2, dp="local", dp_local_noise_multiplier=1.0)
+    config = job_config(rounds=2, dp="local", dp_local_noise_multiplier=1.0, **RESPONSIVE_DEADLINES)
     summary, _results, errors = run_sites(tmp_path, config, synthetic,
                                           [turnkey(synthetic, n, i, consortium) for i, n in enumerate(names)])
     assert not errors and summary.completed_rounds == 2, (errors, summary)

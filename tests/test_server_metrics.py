@@ -110,7 +110,7 @@ def test_under_local_dp_the_largest_sites_sample_level_epsilon_is_a_gauge(tmp_pa
     from fedveil.server.coordinator import Coordinator
     from fedveil.server.store import RunStore
     from fedveil.tasks.synthetic import task as synthetic
-    from tests.attack_helpers import Consortium, job_config, turnkey
+    from tests.attack_helpers import RESPONSIVE_DEADLINES, Consortium, job_config, turnkey
     from tests.attack_helpers import run_job as run_sites
 
     names = [f"site-{i}" for i in range(4)]
@@ -123,7 +123,7 @@ def test_under_local_dp_the_largest_sites_sample_level_epsilon_is_a_gauge(tmp_pa
             self.listeners.add(metrics)
 
     sites = [turnkey(synthetic, n, i, consortium) for i, n in enumerate(names)]
-    config = job_config(rounds=2, dp="local", dp_local_noise_multiplier=1.0)
+    config = job_config(rounds=2, dp="local", dp_local_noise_multiplier=1.0, **RESPONSIVE_DEADLINES)
     summary, _results, errors = run_sites(tmp_path, config, synthetic, sites, coordinator_cls=Observed)
     assert not errors and summary.completed_rounds == 2, (errors, summary)
     endpoint = MetricsEndpoint(metrics.registry, "127.0.0.1", free_port())
