@@ -263,12 +263,6 @@ def _record_release(federation: Federation, start: pb.RoundStart, admission: Adm
     federation.state.sent_masked_input(release, event, details)
 
 
-__all__ = [
-    "PolicyViolation", "RoundEnded", "RoundLost", "admit", "agree_graph_seed", "attempt_randomness",
-    "encode_update", "evaluation_section", "run_secagg",
-]
-
-
 def _rejoined(fed: Federation, rnd: Round) -> RoundOutcome | None:
     """A 'dropped' outcome, recorded, when the site re-joined since ``rnd`` started (its session, and
     with it its place in the round, is gone); None otherwise."""
@@ -330,3 +324,9 @@ def finish_round(fed: Federation, rnd: Round, trained: nn.Module | None, num_exa
 def ring_dtype(start: pb.RoundStart) -> np.dtype:
     """The unsigned integer type of the round's ring (32 or 64 bits)."""
     return np.dtype(np.uint32 if int(start.encoding.ring_bits) <= 32 else np.uint64)
+
+
+__all__ = [
+    "PolicyViolation", "RoundEnded", "RoundLost", "admit", "agree_graph_seed", "attempt_randomness",
+    "encode_update", "evaluation_section", "finish_round", "ring_dtype", "run_secagg",
+]
