@@ -21,6 +21,7 @@ import functools
 import logging
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -30,6 +31,7 @@ from fedveil.clients import Federation, run_client
 from fedveil.clients.admission import CohortRefused, check_identities
 from fedveil.clients.api import evaluator
 from fedveil.clients.backoff import BackoffPolicy
+from fedveil.commands.server import _print_summary
 from fedveil.front_doors import FrontDoorError
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.protocol.errors import MalformedMessage
@@ -195,6 +197,47 @@ def test_a_member_every_honest_site_refuses_is_barred_after_one_aborted_attempt(
     assert len(declined) == 3 and all("revoked" in o.reason for o in declined)
 
 
+@pytest.mark.slow
+def test_a_bar_outlives_a_server_restart(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The server stops after round 1 and is started again on its store: round 2 of the resumed run is
+    drawn without evil at once (before the bar was kept, it cost one more aborted attempt)."""
+    consortium = Consortium.create(NAMES)
+    revoked = _revocations(consortium, 1, "evil")
+    held: list[Coordinator] = []
+
+    def job(after_round_1: Any = None) -> tuple[Any, Cohorts]:
+        cohorts = Cohorts(after_round_1)
+
+        def listening(coordinator: Coordinator) -> Coordinator:
+            held.append(coordinator)
+            coordinator.listeners.add(cohorts)
+            return coordinator
+
+        sites = [site(n, consortium, policy=consortium.policy(revocations=revoked)) for n in NAMES[:3]]
+        summary, _results, errors = run_job(tmp_path, config(max_round_attempts=1), synthetic,
+                                            [*sites, site("evil", consortium)], service=listening,
+                                            new_run=after_round_1 is not None)
+        # the sites of the stopped server give up on it; those of the resumed run finish
+        assert after_round_1 is not None or errors == [], errors
+        return summary, cohorts
+
+    first, cohorts = job(after_round_1=lambda: held[0].stop())  # the in-process stand-in for a killed server
+    assert first.status == "stopped" and first.completed_rounds == 1, first.message
+    assert cohorts.with_evil(1) == [1] and first.aborted_attempts == 1, cohorts.started
+    assert list(first.barred) == ["evil"] and "declined for its credential" in first.barred["evil"]
+
+    second, cohorts = job()
+    assert held[1].run_id == held[0].run_id and second.resumed_from == 1
+    assert second.status == "completed" and second.completed_rounds == 2, second.message
+    # one attempt, without evil; the run's aborted attempts are still round 1's one
+    assert [(r, attempt) for r, attempt, _cohort in cohorts.started] == [(2, 1)], cohorts.started
+    assert cohorts.with_evil(2) == [] and second.aborted_attempts == 1, cohorts.started
+    assert list(second.barred) == ["evil"]
+    _print_summary(second.to_dict(), as_json=False)  # what `fedveil server` prints at the end
+    assert (f"barred while it presents the credential the sites refused: evil ({second.barred['evil']})"
+            in capsys.readouterr().out)
+
+
 # -- (e) a decliner's claim alone bars nobody ---------------------------------------------------------
 
 class Accuser(InProcessTransport):
@@ -288,6 +331,30 @@ def test_a_bar_holds_while_the_site_presents_the_refused_entry_and_lifts_with_a_
             coordinator._clients["evil"] = _Client("evil", b"t", credential=b"reissued credential", identity_key=b"k")
             assert coordinator._excluded(2) == set() and coordinator._exclusion_reasons(2) == ""
     assert roster_entry_digest(b"ab", b"c") != roster_entry_digest(b"a", b"bc")  # the split is bound
+
+
+def test_the_bar_is_on_the_entry_the_roster_showed_not_the_session_at_the_abort(tmp_path: Path) -> None:
+    """evil joined again with a new credential after the roster went out: the decliners refused the
+    old one, so the old one is barred and the new one is drawn."""
+    with RunStore(tmp_path / "run.sqlite") as store:
+        coordinator = Coordinator(config(), synthetic, store, new_run=True)
+        names = dict(enumerate(NAMES))
+        keys = tuple(n.encode() * 8 for n in NAMES)
+        rnd: Any = SimpleNamespace(
+            number=1, attempt=1, names=names, cohort={n: i for i, n in names.items()},
+            refusals={0: frozenset({EVIL}), 1: frozenset({EVIL}), 2: frozenset({EVIL}), EVIL: frozenset()},
+            roster_credentials=tuple(f"credential of {n}".encode() for n in NAMES),
+            config=SimpleNamespace(active=True, identity_keys=keys, max_corrupt_fraction=1 / 3))
+        with coordinator._cond:
+            coordinator._clients["evil"] = _Client("evil", b"t", credential=b"reissued", identity_key=keys[EVIL])
+            assert coordinator._bar_refused_members(rnd)
+            barred = roster_entry_digest(b"credential of evil", keys[EVIL])
+            assert coordinator._refused_entries["evil"][0] == barred
+            assert coordinator._excluded(2) == set()  # its session now presents the reissued credential
+            assert store.credential_bars(coordinator.run_id)["evil"][0] == barred
+            rnd.config.active = False  # a passive roster shows no credentials: a decline cannot name one
+            coordinator._refused_entries.clear()
+            assert not coordinator._bar_refused_members(rnd) and not coordinator._refused_entries
 
 
 def _roster(consortium: Consortium, client_id: int = 0) -> pb.RoundStart:

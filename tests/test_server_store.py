@@ -198,16 +198,33 @@ def test_convictions_survive_a_reopen_per_run_and_keep_the_first_reason(tmp_path
         assert store.convictions("run-2") == {}
 
 
-def test_a_store_written_before_convictions_opens_and_gains_the_table(tmp_path: Path) -> None:
+def test_credential_bars_survive_a_reopen_per_run_and_a_later_bar_replaces_the_entry(tmp_path: Path) -> None:
+    path = tmp_path / "run.db"
+    with RunStore(path) as store:
+        store.create_run("run-1", {})
+        store.create_run("run-2", {})
+        store.record_credential_bar("run-1", "evil", b"\x01" * 32, "declined by 3 of 4 in round 1")
+        store.record_credential_bar("run-1", "other", b"\x02" * 32, "declined by 3 of 4 in round 1")
+        # evil joined again with a new credential, and that one was refused too
+        store.record_credential_bar("run-1", "evil", b"\x03" * 32, "declined by 3 of 4 in round 4")
+    with RunStore(path) as store:
+        assert store.credential_bars("run-1") == {"evil": (b"\x03" * 32, "declined by 3 of 4 in round 4"),
+                                                  "other": (b"\x02" * 32, "declined by 3 of 4 in round 1")}
+        assert store.credential_bars("run-2") == {}
+
+
+@pytest.mark.parametrize("table", ["convictions", "credential_bars"])
+def test_a_store_written_before_a_table_opens_and_gains_it(tmp_path: Path, table: str) -> None:
     path = tmp_path / "old.db"
     with RunStore(path) as store:
         store.create_run("run-1", {})
     conn = sqlite3.connect(str(path))
-    conn.execute("DROP TABLE convictions")  # as the build before them wrote it
+    conn.execute(f"DROP TABLE {table}")  # as the build before it wrote the store
     conn.commit()
     conn.close()
     with RunStore(path) as store:
-        assert store.convictions("run-1") == {} and store.runs()[0].run_id == "run-1"
+        assert store.convictions("run-1") == {} and store.credential_bars("run-1") == {}
+        assert store.runs()[0].run_id == "run-1"
 
 
 def test_a_store_missing_a_column_is_refused_up_front_naming_table_and_column(tmp_path: Path) -> None:

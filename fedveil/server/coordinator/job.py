@@ -104,6 +104,7 @@ class Coordinator(SessionsMixin, SecAggBridgeMixin, MisconductMixin, RefusalTall
             delta=cfg.privacy.delta if epsilon is not None else None,
             message=message, rejected_rounds=self._rejected_rounds, site_epsilon=site_epsilon,
             unverified_sites=unverified, convicted=dict(self._convicted),
+            barred={name: why for name, (_digest, why) in self._refused_entries.items()},
         )
         if status != "stopped":
             self.store.finish_run(self.run_id, status, summary.to_dict())

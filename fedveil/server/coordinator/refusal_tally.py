@@ -16,6 +16,8 @@ A barred member is left out of every later cohort of the job for as long as it p
 roster entry (credential and identity key): at least one honest site refused that entry, for a
 reason that does not pass (a revocation, another authority, an expiry), so each later roster with
 it would cost another aborted attempt. A site that joins again with a new credential is drawn again.
+The bar is on the entry the roster showed (fixed when the round opened), and it is kept in the run
+store, so a server restarted on it keeps the bar.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ class RefusalTallyMixin(CoordinatorBase):
         """At an attempt that aborted at COMMIT (lock held): bar each member named by more decliners
         than the round tolerates, for the rest of the job while it presents the same roster entry;
         whether any was barred."""
-        if not rnd.refusals:
+        if not rnd.refusals or not rnd.config.active:  # only an active round shows the sites credentials
             return False
         tolerated = tolerated_refusers(len(rnd.names), self.config.secagg.max_corrupt_fraction)
         counts = Counter(slot for slots in rnd.refusals.values() for slot in slots)
@@ -73,10 +75,15 @@ class RefusalTallyMixin(CoordinatorBase):
                      rnd.number, rnd.attempt, ", ".join(f"{n} ({c})" for n, c in sorted(below.items())), tolerated)
         if not named:
             return False
+        keys = rnd.config.identity_keys or ()
         for name, count in sorted(named.items()):
+            slot = rnd.cohort[name]
             why = (f"was declined for its credential or identity key by {count} of {len(rnd.names)} members "
                    f"in round {rnd.number}")
-            self._refused_entries[name] = (roster_entry_digest(self._credential(name), self._identity_key(name)), why)
+            # the entry the decliners were shown, not the site's session now (it may have joined again since)
+            digest = roster_entry_digest(rnd.roster_credentials[slot], keys[slot])
+            self._refused_entries[name] = (digest, why)
+            self.store.record_credential_bar(self.run_id, name, digest, why)
             log.warning("round %d (attempt %d): %s is barred from the rest of the job until it joins with another "
                         "credential: %d of the cohort's %d members declined it for its credential or identity key "
                         "(more than the %d colluding sites the round tolerates)", rnd.number, rnd.attempt, name,
@@ -84,6 +91,11 @@ class RefusalTallyMixin(CoordinatorBase):
         return True
 
     def _refused_now(self) -> dict[str, str]:
-        """Barred sites that still present the roster entry they were barred for (lock held): name → why."""
+        """Barred sites that still present the roster entry they were barred for (lock held): name → why.
+        A site with no session cannot be drawn, so it is not looked up."""
         return {name: why for name, (digest, why) in self._refused_entries.items()
-                if roster_entry_digest(self._credential(name), self._identity_key(name)) == digest}
+                if name in self._clients and self._presented_entry(name) == digest}
+
+    def _presented_entry(self, name: str) -> bytes:
+        """The digest of the roster entry ``name``'s session would be drawn with (lock held)."""
+        return roster_entry_digest(self._credential(name), self._identity_key(name))

@@ -161,8 +161,7 @@ class RoundDriverMixin(CoordinatorBase):
                 graph=sc.graph.kind, degree=sc.graph.degree, threshold=sc.threshold, active_adversary=sc.active,
                 cohort_size=sc.num_clients, cohort=list(range(sc.num_clients)), round_id=sc.round_id,
                 context=sc.context, identity_keys=list(sc.identity_keys or ()),
-                identity_credentials=[self._credential(rnd.names[i]) for i in range(sc.num_clients)]
-                if sc.active else [],
+                identity_credentials=list(rnd.roster_credentials),
                 max_corrupt_fraction=sc.max_corrupt_fraction,
             ),
             dp=plan.dp,
@@ -265,7 +264,9 @@ class RoundDriverMixin(CoordinatorBase):
         plan = self.model.plan(number, len(chosen), t, context, evaluation_only=evaluation_only,
                                metrics=self._secure_metrics() if (cfg.evaluation.each_round or evaluation_only) else ())
         identity_keys = None
+        roster_credentials: tuple[bytes, ...] = ()
         if cfg.secagg.active_adversary:
+            roster_credentials = tuple(self._credential(n) for n in chosen)
             keys = [self._identity_key(n) for n in chosen]
             missing = [n for n, key in zip(chosen, keys, strict=True) if len(key) != PUBLIC_KEY_BYTES]
             if missing:
@@ -284,6 +285,7 @@ class RoundDriverMixin(CoordinatorBase):
         rnd = _Round(number=number, attempt=attempt, nonce=nonce, plan=plan, config=sconfig,
                      beacon=BeaconCollector(round_id, tuple(range(len(chosen))), t),
                      cohort=cohort, names={i: n for n, i in cohort.items()}, started_wall=wall, purpose=purpose,
+                     roster_credentials=roster_credentials,
                      started=now,
                      deadline=now + cfg.schedule.stage_timeout, deadline_wall=wall + cfg.schedule.stage_timeout)
         self.store.start_round(self.run_id, number, attempt, cohort, t)

@@ -155,6 +155,9 @@ class _Round:
     keys), built once per stage rather than once per member's poll (n members, n entries each)."""
     gone: dict[str, str] = field(default_factory=dict)
     """Members whose host saw their session end for good, and why (:meth:`SessionsMixin.site_gone`)."""
+    roster_credentials: tuple[bytes, ...] = ()
+    """Active mode: each member's credential as the roster shows it, fixed when the round opens (the
+    entry a decline names, :mod:`.refusal_tally`)."""
     identity_keys: dict[int, bytes] = field(default_factory=dict)
     """Each member's identity key as first looked up for the round's key lists (k per member)."""
     refusals: dict[int, frozenset[int]] = field(default_factory=dict)
@@ -206,6 +209,9 @@ class JobSummary:
     """Sites whose reports the server could not check (their ε is the site's claim only)."""
     convicted: dict[str, str] = field(default_factory=dict)
     """Sites a share-box complaint proved at fault → why; they were left out of the rest of the run."""
+    barred: dict[str, str] = field(default_factory=dict)
+    """Sites enough members declined for their credential or identity key → why; they were not drawn
+    again while they presented that entry."""
 
     @property
     def max_site_epsilon(self) -> float | None:
@@ -230,6 +236,7 @@ class JobSummary:
             "max_site_epsilon": self.max_site_epsilon,
             "unverified_sites": list(self.unverified_sites),
             "convicted": dict(self.convicted),
+            "barred": dict(self.barred),
         }
 
 
@@ -293,10 +300,13 @@ class CoordinatorBase:
         self._open_run(new_run)
         self._barred: dict[int, dict[str, str]] = {}
         """round → sites left out of its later attempts → why: they withheld a graph-seed reveal."""
-        self._refused_entries: dict[str, tuple[bytes, str]] = {}
+        self._refused_entries: dict[str, tuple[bytes, str]] = self.store.credential_bars(self.run_id)
         """Sites enough members declined for their credential or identity key → (the digest of that
         roster entry, why): not drawn again in this job while they present the same entry
-        (:mod:`.refusal_tally`)."""
+        (:mod:`.refusal_tally`; kept in the store, so a resumed run keeps the bar)."""
+        if self._refused_entries:
+            log.warning("run %s: %s stay barred while they present the credential the sites refused", self.run_id,
+                        ", ".join(sorted(self._refused_entries)))
         self._convicted: dict[str, str] = self.store.convictions(self.run_id)
         """Sites a share-box complaint proved at fault → why (left out of the rest of the job; kept in
         the store, so a resumed run leaves them out too)."""

@@ -5,7 +5,8 @@ digests), ``runs`` (one per job: its configuration and status), ``rounds`` (one 
 attempt: cohort size, survivors, outcome, the released aggregate), ``participants`` (who was in
 which round, with their secagg id and the last stage they completed), ``dropouts`` (who dropped
 at which stage), ``convictions`` (sites a share-box complaint proved at fault, left out of the
-rest of their run), ``evaluations`` (federated evaluation metrics per client and model version),
+rest of their run), ``credential_bars`` (sites enough members declined for their credential, with
+the digest of that roster entry), ``evaluations`` (federated evaluation metrics per client and model version),
 ``client_privacy`` (clients' reported sample-level spend), ``ledger`` (the privacy ledger JSON of
 each run) and ``checkpoints`` (the global model after every completed round, with the server
 optimizer and DP state needed to resume).

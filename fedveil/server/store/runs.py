@@ -172,6 +172,20 @@ class RunsMixin(StoreBase):
         return {str(n): str(why) for n, why in self._query(
             "SELECT client_name, reason FROM convictions WHERE run_id=? ORDER BY at, client_name", (run_id,))}
 
+    # -- bars on a refused roster entry -----------------------------------------------------------
+    def record_credential_bar(self, run_id: str, client_name: str, entry_digest: bytes, reason: str) -> None:
+        """A site enough members declined for its credential or identity key: kept so a restarted
+        server does not draw it with that entry again. A later bar (on a newer entry) replaces it."""
+        with self._tx() as c:
+            c.execute("INSERT OR REPLACE INTO credential_bars (run_id, client_name, entry_digest, reason, at) "
+                      "VALUES (?, ?, ?, ?, ?)", (run_id, client_name, entry_digest, reason, time.time()))
+
+    def credential_bars(self, run_id: str) -> dict[str, tuple[bytes, str]]:
+        """Client name → (the digest of the roster entry it is barred with, why), for the run."""
+        return {str(n): (bytes(digest), str(why)) for n, digest, why in self._query(
+            "SELECT client_name, entry_digest, reason FROM credential_bars WHERE run_id=? ORDER BY at, client_name",
+            (run_id,))}
+
     # -- evaluation and client privacy ----------------------------------------------------------
     def record_evaluation(
         self, run_id: str, model_version: int, client_name: str, num_examples: int, metrics: Mapping[str, float]

@@ -87,6 +87,14 @@ CREATE TABLE IF NOT EXISTS convictions (
     at REAL NOT NULL,
     PRIMARY KEY (run_id, client_name)
 );
+CREATE TABLE IF NOT EXISTS credential_bars (
+    run_id TEXT NOT NULL,
+    client_name TEXT NOT NULL,
+    entry_digest BLOB NOT NULL,
+    reason TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (run_id, client_name)
+);
 CREATE TABLE IF NOT EXISTS evaluations (
     run_id TEXT NOT NULL,
     model_version INTEGER NOT NULL,
