@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 
 from fedveil.clients.session import ClientOptions
+from fedveil.server.config import ServerConfig
+from fedveil.simulation.backends import SimulatedSites
 
 TASK_MODULE = '''
 from fedveil.tasks.synthetic import make_task
@@ -37,21 +39,20 @@ task = make_task(n_features={features}, samples=8, name="wide-{features}")
 '''
 
 
-def _consortium(clients: int) -> tuple[object, list[ClientOptions]]:
-    """An in-memory authority and each client's options (identity key, credential, pinned authority):
-    the server runs in active-adversary mode, the secure default, which needs them."""
-    from fedveil.clients.policy import SitePolicy
-    from fedveil.secagg.local_authority import LocalAuthority
-
-    authority = LocalAuthority("fedveil-bench")
-    policy = SitePolicy(authority_public_key=authority.public_key.raw, consortium=authority.consortium)
-    now = int(time.time())
+def _consortium(args: argparse.Namespace) -> tuple[SimulatedSites, list[ClientOptions]]:
+    """The job's sites as a simulation makes them (an in-memory authority vouching for each, the
+    secure default of active-adversary mode) and each client's options."""
+    config = ServerConfig.from_flat(task="wide_task:task", rounds=args.rounds, clients_per_round=args.clients,
+                                    min_clients=args.clients, round_timeout=600, stage_timeout=600, evaluate=False,
+                                    final_evaluation=False, linger=0.5, seed=1, weighted=False, cohort_wait=0.0)
+    sites = SimulatedSites.create(config, [f"c{i}" for i in range(args.clients)])
+    policy = sites.policy()
     options = []
-    for i in range(clients):
-        key, credential = authority.identity(f"c{i}", now=now)
-        options.append(ClientOptions(seed=i, poll_wait_ms=2000, identity_key=key, credential=credential.encode(),
+    for i, name in enumerate(sites.names):
+        key, credential = sites.identity(name)
+        options.append(ClientOptions(seed=i, poll_wait_ms=2000, identity_key=key, credential=credential,
                                      policy=policy))
-    return authority, options
+    return sites, options
 
 
 def _status(pid: int, key: str) -> int:
@@ -75,7 +76,6 @@ def main() -> int:
         return _in_process(args)
     from fedveil.clients.session import Federation
     from fedveil.protocol.client import ChannelConfig, GrpcTransport
-    from fedveil.protocol.identity_files import PinnedAuthority, authority_public_text
     from fedveil.server.store import RunStore
     from fedveil.task import load_task
 
@@ -87,9 +87,7 @@ def main() -> int:
         task = load_task("wide_task:task")
         with RunStore(work / "run.db") as store:
             tokens = [store.enroll(f"c{i}").token for i in range(args.clients)]
-        authority, client_options = _consortium(args.clients)
-        (work / "authority.pub").write_text(authority_public_text(
-            PinnedAuthority(authority.consortium, authority.public_key)))  # type: ignore[attr-defined]
+        sites, client_options = _consortium(args)
         env = dict(os.environ, PYTHONPATH=f"{work}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                    OMP_NUM_THREADS="1")
         server = subprocess.Popen(
@@ -97,7 +95,7 @@ def main() -> int:
              str(work / "port"), "--store", str(work / "run.db"), "--task", "wide_task:task", "--rounds",
              str(args.rounds), "--clients-per-round", str(args.clients), "--insecure", "--round-timeout", "600",
              "--stage-timeout", "600", "--no-evaluate", "--no-final-evaluation", "--linger", "2", "--seed", "1",
-             "--weighting", "uniform", "--log-level", "warning", "--authority", str(work / "authority.pub")],
+             "--weighting", "uniform", "--log-level", "warning", *sites.write_files(work)["server"]],
             env=env, stdout=subprocess.DEVNULL, stderr=(work / "server.err").open("wb"),
         )
         try:
@@ -163,7 +161,6 @@ def main() -> int:
 def _in_process(args: argparse.Namespace) -> int:
     from fedveil.clients.session import Federation
     from fedveil.protocol.transport import InProcessTransport
-    from fedveil.server.config import ServerConfig
     from fedveil.server.coordinator import Coordinator
     from fedveil.server.store import RunStore
     from fedveil.task import load_task
@@ -177,13 +174,8 @@ def _in_process(args: argparse.Namespace) -> int:
         store = RunStore(work / "run.db")
         for i in range(args.clients):
             store.enroll(f"c{i}")
-        authority, client_options = _consortium(args.clients)
-        config = ServerConfig.from_flat(task="wide_task:task", rounds=args.rounds, clients_per_round=args.clients,
-                              min_clients=args.clients, round_timeout=600, stage_timeout=600, evaluate=False,
-                              final_evaluation=False, linger=0.5, seed=1, weighted=False, cohort_wait=0.0,
-                              consortium=authority.consortium,  # type: ignore[attr-defined]
-                              authority_public_key=authority.public_key.raw.hex())  # type: ignore[attr-defined]
-        coordinator = Coordinator(config, task, store)
+        sites, client_options = _consortium(args)
+        coordinator = Coordinator(sites.config, task, store)
         times: list[float] = []
 
         def client(i: int) -> None:
