@@ -46,7 +46,7 @@ from fedveil.server.events import JobEvent, RoundCompleted, RoundStarted
 from fedveil.server.revocation_file import RevocationFile
 from fedveil.server.store import RunStore
 from fedveil.tasks.synthetic import task as synthetic
-from tests.attack_helpers import CONSORTIUM, DAY, Consortium, job_config, run_job
+from tests.attack_helpers import ALL_JOIN_WAIT, CONSORTIUM, DAY, Consortium, job_config, run_job
 
 pytestmark = pytest.mark.timeout(180)
 NAMES = ["a", "b", "c", "evil"]
@@ -95,7 +95,7 @@ def site(name: str, consortium: Consortium, transport: type[InProcessTransport] 
 
 def config(**kw: Any) -> Any:
     """Four sites drawn together, three enough (a barred or refused site leaves three)."""
-    return job_config(**{"rounds": 2, "clients_per_round": 4, "min_clients": 3, "cohort_wait": 3.0, **kw})
+    return job_config(**{"rounds": 2, "clients_per_round": 4, "min_clients": 3, "cohort_wait": ALL_JOIN_WAIT, **kw})
 
 
 # -- (a) active mode needs the authority ----------------------------------------------------------
