@@ -11,7 +11,7 @@ Contention: T threads of one process each apply 253 seeds (a site's k + 1 at n =
 own m = 100,000 accumulator at the same moment, as a simulation worker's site threads do at the
 masked-input stage; reported as wall and CPU microseconds per mask. The library runs one apply at a
 time per process; before it did, 500 threads took 175 µs (wall) and 305 µs (CPU) per mask against
-51 µs one after another (docs/simulation.md).
+51 µs one after another (docs/scale-measurements.md).
 
     python benchmarks/secagg_prg.py [--json]
 """

@@ -95,7 +95,7 @@ def test_a_site_joining_again_ends_its_old_sessions_held_poll(tmp_path: Path) ->
 
 def test_a_held_poll_with_nothing_to_wait_for_checks_only_at_its_start_and_deadline(tmp_path: Path) -> None:
     """With 1,000 polls held, a wake-up of each once a second cost the server about 15 s of kernel
-    CPU per round at n = 1,000 (threads handing the lock around; docs/simulation.md)."""
+    CPU per round at n = 1,000 (threads handing the lock around; docs/scale-measurements.md)."""
     coordinator, store = job(tmp_path, ["a", "b"], clients_per_round=5, min_clients=5)
     try:
         site = join(coordinator, "a")

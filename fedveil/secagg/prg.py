@@ -43,7 +43,7 @@ PARALLEL_CHUNK_BYTES = 1 << 18
 # and numpy gives that lock up at every add, so concurrent expansions in one process (a simulation
 # worker's hundreds of site threads) only hand the lock back and forth and evict each other's chunk
 # from the cache: measured per mask, 2 threads gain nothing and 500 take 3.4x the wall time and 6x
-# the CPU of one after another (docs/simulation.md). Uncontended, it costs one acquire per apply.
+# the CPU of one after another (docs/scale-measurements.md). Uncontended, it costs one acquire per apply.
 _EXPANSION_LOCK = threading.Lock()
 
 
