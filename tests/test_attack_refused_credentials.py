@@ -46,7 +46,7 @@ from fedveil.server.events import JobEvent, RoundCompleted, RoundStarted
 from fedveil.server.revocation_file import RevocationFile
 from fedveil.server.store import RunStore
 from fedveil.tasks.synthetic import task as synthetic
-from tests.attack_helpers import ALL_JOIN_WAIT, CONSORTIUM, DAY, Consortium, job_config, run_job
+from tests.attack_helpers import ALL_JOIN_WAIT, CONSORTIUM, DAY, RESPONSIVE_DEADLINES, Consortium, job_config, run_job
 
 pytestmark = pytest.mark.timeout(180)
 NAMES = ["a", "b", "c", "evil"]
@@ -76,7 +76,7 @@ class Cohorts:
 
 
 def site(name: str, consortium: Consortium, transport: type[InProcessTransport] = InProcessTransport,
-         **options: Any) -> Any:
+         give_up_after_s: float = 20.0, **options: Any) -> Any:
     """A site running the unmodified client loop (``run_client``); an error names the site."""
     index = NAMES.index(name)
 
@@ -84,7 +84,7 @@ def site(name: str, consortium: Consortium, transport: type[InProcessTransport] 
         data = synthetic.synthetic_data(index, len(NAMES), 3)
         opts = consortium.options(name, seed=100 + index, num_examples=len(data), evaluate=evaluator(synthetic, data),
                                   poll_wait_ms=300, backoff=BackoffPolicy(initial_delay_s=0.05, max_delay_s=0.3,
-                                                                          give_up_after_s=20.0), **options)
+                                                                          give_up_after_s=give_up_after_s), **options)
         fed = Federation(transport(service, name), synthetic.name, synthetic.build_model(), opts)
         try:
             return name, fed, run_client(fed, synthetic, data)
@@ -94,8 +94,10 @@ def site(name: str, consortium: Consortium, transport: type[InProcessTransport] 
 
 
 def config(**kw: Any) -> Any:
-    """Four sites drawn together, three enough (a barred or refused site leaves three)."""
-    return job_config(**{"rounds": 2, "clients_per_round": 4, "min_clients": 3, "cohort_wait": ALL_JOIN_WAIT, **kw})
+    """Four sites drawn together, three enough (a barred or refused site leaves three); the tests count
+    attempts, and nothing in them is meant to time out (long deadlines, so a loaded machine cannot add one)."""
+    return job_config(**{"rounds": 2, "clients_per_round": 4, "min_clients": 3, "cohort_wait": ALL_JOIN_WAIT,
+                         **RESPONSIVE_DEADLINES, **kw})
 
 
 # -- (a) active mode needs the authority ----------------------------------------------------------
@@ -213,10 +215,13 @@ def test_a_bar_outlives_a_server_restart(tmp_path: Path, capsys: pytest.CaptureF
             coordinator.listeners.add(cohorts)
             return coordinator
 
-        sites = [site(n, consortium, policy=consortium.policy(revocations=revoked)) for n in NAMES[:3]]
+        # the stopped server's sites give up on it after 3 s of refused calls (the resumed run's after 20 s)
+        patience = 3.0 if after_round_1 is not None else 20.0
+        sites = [site(n, consortium, give_up_after_s=patience, policy=consortium.policy(revocations=revoked))
+                 for n in NAMES[:3]]
         summary, _results, errors = run_job(tmp_path, config(max_round_attempts=1), synthetic,
-                                            [*sites, site("evil", consortium)], service=listening,
-                                            new_run=after_round_1 is not None)
+                                            [*sites, site("evil", consortium, give_up_after_s=patience)],
+                                            service=listening, new_run=after_round_1 is not None)
         # the sites of the stopped server give up on it; those of the resumed run finish
         assert after_round_1 is not None or errors == [], errors
         return summary, cohorts
