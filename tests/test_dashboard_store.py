@@ -23,6 +23,8 @@ from fedveil.demo.data import make_split
 from fedveil.demo.federation import DropoutPlan, FederationSettings, run_federation
 from fedveil.demo.recipe import Recipe
 from fedveil.server.dashboard import StoreRunSource
+from fedveil.server.store import RunStore
+from fedveil.task import vector_to_model
 from tests.identity_helpers import write_authority
 
 torch.set_num_threads(1)
@@ -63,10 +65,32 @@ def test_store_source_shows_rounds_privacy_dropouts_and_the_model(tmp_path: Path
             assert last[name] is not None and abs(last[name] - info["epsilon"]) < 1e-6
         assert rounds[-1]["budget_remaining"]["hospital-1"] == 3.0 - last["hospital-1"]
         assert rounds[-1]["epsilon_user"] is None
+        # the store's dashboard serves the last released global model; the demo's run serves the mean of the
+        # last rounds' models (Recipe().average_last = 5, so here all three), both read back from the checkpoints
         state = source.latest_model()
         assert state is not None
-        for k, v in result.model.state_dict().items():
+        store = RunStore(tmp_path / "runs.sqlite")
+        try:
+            vectors = []
+            for version in (1, 2, 3):
+                checkpoint = store.checkpoint(result.run_id, version)
+                assert checkpoint is not None
+                vectors.append(checkpoint.model)
+        finally:
+            store.close()
+        last = healthcare.build_model()
+        vector_to_model(vectors[-1], last)
+        for k, v in last.state_dict().items():
             assert np.allclose(state[k].numpy(), v.numpy(), atol=1e-6)
+        mean = healthcare.build_model()
+        vector_to_model(np.mean(vectors, axis=0, dtype=np.float64).astype(np.float32), mean)
+        for k, v in mean.state_dict().items():
+            assert np.allclose(result.model.state_dict()[k].numpy(), v.numpy(), atol=1e-6)
+        assert not np.allclose(vectors[-1], vectors[0])  # the mean is not any one round's model
+        assert result.served is not None and result.served.rounds == [1, 2, 3]
+        assert result.served.description == "mean of the global models of rounds 1–3"
+        figures = healthcare.evaluate(mean, test)
+        assert result.served.accuracy == figures["accuracy"] and result.served.auc == pytest.approx(figures["auc"])
         assert source.get_run("nope") is None
     finally:
         source.close()

@@ -54,11 +54,17 @@ def test_reduced_demo_local_dp_with_dropouts(tmp_path: Path, transport: str) -> 
     eps = [h["epsilon"] for h in saved["hospitals"]]
     assert all(0 < e <= 3.0 + 1e-9 for e in eps) and saved["epsilon_sample_max"] == pytest.approx(max(eps))
     assert 0.5 < saved["final_accuracy"] <= 1 and 0.5 < saved["final_auc"] <= 1
+    # the served model is the mean of the released global models (the recipe's window of 5 covers both
+    # rounds); the last round's own figures are reported beside it
+    assert saved["served_model"] == {"description": "mean of the global models of rounds 1–2", "rounds": [1, 2]}
+    assert saved["last_round"]["round"] == 2 and saved["last_round"]["accuracy"] == saved["rounds"][-1]["accuracy"]
+    assert saved["recipe"]["average_last"] == 5
     files = {p.name for p in (tmp_path / "out").iterdir()}
     assert {"report.json", "report.md", "report.html", "accuracy_auc_by_round.png", "epsilon_by_round.png",
             "privacy_utility.png", "runs.sqlite", "hospitals"} <= files
     md = (tmp_path / "out" / "report.md").read_text()
     assert "centralized, non-private" in md and "federated, non-private" in md
+    assert "| served model | mean of the global models of rounds 1–2 |" in md
     assert "`fedveil demo healthcare --sweep`" in md  # one run is one point; the report says where the curve is
     assert saved["baselines"]["centralized"]["accuracy"] > 0.9
     # the non-private baseline ran the real job with the private run's dropouts replayed

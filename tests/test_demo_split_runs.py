@@ -10,7 +10,8 @@ from fedveil.demo import healthcare
 from fedveil.demo.data import make_split
 from fedveil.demo.federation import DropoutPlan, RoundReport
 from fedveil.demo.recipe import Recipe
-from fedveil.demo.split_runs import score_recipe, tail_mean
+from fedveil.demo.served_model import ServedModel, tail_mean
+from fedveil.demo.split_runs import score_recipe
 
 torch.set_num_threads(1)
 NAMES = [f"hospital-{i}" for i in range(1, 6)]
@@ -59,6 +60,47 @@ def test_tail_mean_averages_the_last_global_models() -> None:
         tail_mean([], healthcare.build_model())
 
 
+def filled(value: float) -> torch.nn.Module:
+    model = healthcare.build_model()
+    with torch.no_grad():
+        model.linear.weight.fill_(value)
+        model.linear.bias.fill_(-value)
+    return model
+
+
+def test_the_served_model_is_the_mean_of_the_last_k_released_models() -> None:
+    served = ServedModel(3, healthcare.build_model)
+    assert served.describe() == "no global model released"
+    with pytest.raises(ValueError, match="no global model"):
+        served.model()
+    source = filled(1.0)
+    served.add(1, source)
+    with torch.no_grad():
+        source.linear.weight.fill_(100.0)  # the served model keeps a copy, not the caller's model
+    assert served.rounds == [1] and served.describe() == "the global model of round 1"
+    assert torch.equal(served.model().linear.weight, torch.full((1, 30), 1.0))
+    for number, value in ((2, 2.0), (3, 3.0), (4, 7.0)):
+        served.add(number, filled(value))
+    # rounds 2-4 only: (2 + 3 + 7) / 3
+    assert served.rounds == [2, 3, 4] and served.describe() == "mean of the global models of rounds 2–4"
+    model = served.model()
+    assert torch.allclose(model.linear.weight, torch.full((1, 30), 4.0))
+    assert torch.allclose(model.linear.bias, torch.tensor([-4.0]))
+    assert model is not served.model()  # a fresh model each time: a caller cannot change what is served
+
+
+def test_average_last_zero_serves_the_last_model_and_a_negative_window_is_refused() -> None:
+    served = ServedModel(0, healthcare.build_model)
+    served.add(1, filled(1.0))
+    served.add(2, filled(5.0))
+    assert served.rounds == [2] and torch.equal(served.model().linear.weight, torch.full((1, 30), 5.0))
+    with pytest.raises(ValueError, match="average_last must be 0 or more"):
+        ServedModel(-1, healthcare.build_model)
+    with pytest.raises(ValueError, match="recipe average_last is out of range"):
+        Recipe(average_last=-1)
+    assert Recipe(rounds=2).average_last == 5  # fewer rounds than the window: the mean of those there are
+
+
 @pytest.mark.slow
 def test_a_recipe_is_scored_by_the_real_federation() -> None:
     split = make_split(3, seed=1)
@@ -66,8 +108,9 @@ def test_a_recipe_is_scored_by_the_real_federation() -> None:
     result = score.result
     assert result.status == "completed" and len(result.rounds) == 2
     assert [r.participants for r in result.rounds] == [[h.name for h in split.hospitals]] * 2
-    last = result.rounds[-1]
-    assert (score.accuracy, score.auc, score.loss) == (last.accuracy, last.auc, last.loss)
+    # the score is the served model's: with the recipe's window of 5, the mean of both rounds' models
+    assert result.served is not None and result.served.rounds == [1, 2]
+    assert (score.accuracy, score.auc, score.loss) == (result.served.accuracy, result.served.auc, result.served.loss)
     # each hospital's own DP-SGD spent its budget, within the recipe's target
     assert score.epsilon_max is not None and 0 < score.epsilon_max <= 3.0 + 1e-9
     assert 0.5 < score.auc <= 1.0

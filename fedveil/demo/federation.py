@@ -24,6 +24,10 @@ its pairwise masks, and the round completes with the others (Bonawitz et al. 201
 dropout case secure aggregation exists for). The dropped hospital still counts the privacy
 spent on its local training, since it did train.
 
+Serving: the model the run serves (its result's ``model`` and ``served`` figures, and the model
+``on_round`` hands over) is the mean of the last ``recipe.average_last`` released global models
+(:class:`fedveil.demo.served_model.ServedModel`); each round's own figures are the released model's.
+
 Monitoring: the coordinator commits each round (model checkpoint, ledger, dropouts) to the
 store in one transaction and then tells its listeners (:mod:`fedveil.server.events`); the demo's
 listener, :class:`_RoundObserver`, takes each ``RoundCompleted`` to evaluate the new global model
@@ -47,6 +51,7 @@ from torch.utils.data import TensorDataset
 
 from fedveil.demo import healthcare
 from fedveil.demo.recipe import Recipe
+from fedveil.demo.served_model import ServedModel
 from fedveil.server.events import JobEvent, RoundCompleted
 from fedveil.server.store import RunStore
 
@@ -147,17 +152,36 @@ class RoundReport:
         return dict(self.__dict__)
 
 
+@dataclass(frozen=True)
+class ServedScore:
+    """The served model (the mean of the last released global models) on the run's test set."""
+
+    accuracy: float
+    auc: float
+    loss: float
+    #: the rounds whose global models it averages
+    rounds: list[int]
+    #: how it was made, e.g. "mean of the global models of rounds 26–30"
+    description: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
 @dataclass
 class FederationResult:
     run_id: str
     status: str
     message: str
     rounds: list[RoundReport]
+    #: the served model: the mean of the last ``recipe.average_last`` global models
     model: torch.nn.Module
     hospitals: dict[str, dict[str, Any]]
     epsilon_user: float | None
     client_errors: dict[str, str] = field(default_factory=dict)
     wall_seconds: float = 0.0
+    #: the served model's figures on the test set (None when no round was released)
+    served: ServedScore | None = None
 
 
 class _RoundObserver:
@@ -270,7 +294,11 @@ def run_federation(
     on_round: Callable[[RoundReport, torch.nn.Module], None] | None = None,
     on_start: Callable[[str], None] | None = None,
 ) -> FederationResult:
-    """Run one federation to completion; ``on_round`` is called after each committed round."""
+    """Run one federation to completion.
+
+    ``on_round`` is called after each committed round with the round's report and the model served
+    from then on (the mean of the last ``recipe.average_last`` global models so far).
+    """
     from fedveil.clients import ClientOptions, Federation
     from fedveil.clients.api import evaluator
     from fedveil.clients.backoff import BackoffPolicy
@@ -290,7 +318,7 @@ def run_federation(
     federations: dict[str, Any] = {}
     reports: list[RoundReport] = []
     last_round_end = [started]
-    model_box: list[torch.nn.Module] = [task.build_model()]
+    served = ServedModel(recipe.average_last, task.build_model)
 
     def hospital_epsilons() -> dict[str, float | None]:
         out: dict[str, float | None] = {}
@@ -329,9 +357,9 @@ def run_federation(
         )
         last_round_end[0] = now
         reports.append(report)
-        model_box[0] = model
+        served.add(number, model)
         if on_round is not None:
-            on_round(report, model)
+            on_round(report, served.model())
 
     store = RunStore(store_path)
     runner: JobRunner | None = None
@@ -395,10 +423,15 @@ def run_federation(
             }
             for name in names
         }
+        model = served.model() if reports else task.build_model()
+        score = None
+        if reports:
+            m = healthcare.evaluate(model, test)
+            score = ServedScore(m["accuracy"], m["auc"], m["loss"], served.rounds, served.describe())
         return FederationResult(
             run_id=summary.run_id, status=summary.status, message=message, rounds=reports,
-            model=model_box[0], hospitals=hospitals, epsilon_user=summary.epsilon, client_errors=client_errors,
-            wall_seconds=time.monotonic() - started,
+            model=model, hospitals=hospitals, epsilon_user=summary.epsilon, client_errors=client_errors,
+            wall_seconds=time.monotonic() - started, served=score,
         )
     finally:
         if runner is not None:

@@ -1,6 +1,7 @@
 """The demo's outputs: ``report.json``, ``report.md``, ``report.html`` and the plots.
 
-``report.json`` always holds at least ``final_accuracy``, ``final_auc``, ``epsilon_sample_max``
+``report.json`` always holds at least ``final_accuracy``, ``final_auc`` (the served model's: the
+mean of the last rounds' global models, described in ``served_model``), ``epsilon_sample_max``
 (the worst hospital's patient-level ε), ``epsilon_user`` (null without a user-level mechanism),
 ``delta`` and ``rounds`` (one entry per round); the Markdown and HTML reports show the same
 figures with three plots: accuracy/ROC AUC against rounds, ε against rounds, and the
@@ -62,6 +63,12 @@ def render_plots(report: Mapping[str, Any], out: Path) -> dict[str, Path]:
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     ax.plot(xs, [r["accuracy"] for r in rounds], marker="o", ms=3, label="accuracy (private federation)")
     ax.plot(xs, [r["auc"] for r in rounds], marker="s", ms=3, label="ROC AUC (private federation)")
+    served_rounds = report.get("served_model", {}).get("rounds") or []
+    if served_rounds and xs:  # the served model (mean of the last rounds' models), drawn at the last round
+        ax.plot([xs[-1]], [report["final_accuracy"]], marker="*", ms=11, color="tab:blue", ls="none",
+                label=f"accuracy, served model (mean of rounds {served_rounds[0]}–{served_rounds[-1]})")
+        ax.plot([xs[-1]], [report["final_auc"]], marker="*", ms=11, color="tab:orange", ls="none",
+                label="ROC AUC, served model")
     styles = {"centralized": ":", "federated_non_private": "--"}
     for key, style in styles.items():
         b = baselines.get(key)
@@ -71,7 +78,7 @@ def render_plots(report: Mapping[str, Any], out: Path) -> dict[str, Path]:
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("held-out test metric")
-    low = min([r["accuracy"] for r in rounds if r["accuracy"] is not None] + [0.8])
+    low = min([r["accuracy"] for r in rounds if r["accuracy"] is not None] + [0.8, report["final_accuracy"]])
     ax.set_ylim(max(0.0, low - 0.05), 1.005)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
@@ -160,6 +167,8 @@ def _fmt(v: Any, digits: int = 3) -> str:
 
 def render_markdown(report: Mapping[str, Any]) -> str:
     s = report["settings"]
+    served = report.get("served_model", {}).get("description", "the last round's global model")
+    last = report.get("last_round", {})
     lines = [
         "# fedveil healthcare demo report",
         "",
@@ -171,8 +180,10 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "",
         "| | value |",
         "|---|---|",
-        f"| final test accuracy | {_fmt(report['final_accuracy'])} |",
-        f"| final test ROC AUC | {_fmt(report['final_auc'])} |",
+        f"| served model | {served} |",
+        f"| test accuracy | {_fmt(report['final_accuracy'])} |",
+        f"| test ROC AUC | {_fmt(report['final_auc'])} |",
+        f"| last round's model alone: accuracy, ROC AUC | {_fmt(last.get('accuracy'))}, {_fmt(last.get('auc'))} |",
         f"| worst hospital's patient-level ε | {_fmt(report['epsilon_sample_max'], 3)} |",
         f"| user-level ε | {_fmt(report['epsilon_user'], 3)} |",
         f"| δ | {report['delta']:g} |",

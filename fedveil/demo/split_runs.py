@@ -8,20 +8,17 @@ cross-validation in :mod:`fedveil.demo.tuning`, ``benchmarks/demo_utility.py``) 
 folder (unless the caller already has the files), runs the job in process and scores the served
 model on the evaluation patients it is given.
 
-The served model is the last round's global model, or with ``recipe.average_last = k`` the mean of
-the last ``k`` global models (post-processing of released models, so it costs no privacy).
+The score is the served model's: the mean of the last ``recipe.average_last`` global models
+(:mod:`fedveil.demo.served_model`; post-processing of released models, so it costs no privacy).
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from fedveil.demo import healthcare
 from fedveil.demo.data import DemoSplit, Site
@@ -85,32 +82,14 @@ def score_recipe(
     if stage_timeout is not None:
         settings = dataclasses.replace(settings, stage_timeout=stage_timeout)
     evaluation_set = site_dataset(evaluation)
-    window: collections.deque[dict[str, torch.Tensor]] = collections.deque(maxlen=max(1, recipe.average_last))
-
-    def keep(_report: object, model: torch.nn.Module) -> None:
-        window.append({n: v.detach().clone() for n, v in model.state_dict().items()})
-
     with tempfile.TemporaryDirectory(prefix="fedveil-split-run-") as tmp:
         folder = Path(tmp)
         files = dict(site_files) if site_files is not None else write_hospital_shares(split, folder)
         result = run_federation(store_path=folder / "run.sqlite", site_files=files, test=evaluation_set,
-                                settings=settings, recipe=recipe, dropout_plan=dropout_plan, on_round=keep)
-    if result.status != "completed" or not result.rounds:  # a partial run would skew the comparison
+                                settings=settings, recipe=recipe, dropout_plan=dropout_plan)
+    if result.status != "completed" or result.served is None:  # a partial run would skew the comparison
         raise RuntimeError(f"the federation did not complete ({result.status}): {result.message}"
                            + "".join(f"; {name}: {err}" for name, err in sorted(result.client_errors.items())))
-    if recipe.average_last > 0:
-        served = tail_mean(list(window), healthcare.task_with(recipe.feature_transform).build_model())
-        metrics = healthcare.evaluate(served, evaluation_set)
-    else:  # the last round's model, already evaluated on `evaluation` by run_federation
-        last = result.rounds[-1]
-        metrics = {"accuracy": last.accuracy, "auc": last.auc, "loss": last.loss}
+    served = result.served
     spent = [float(h["epsilon"]) for h in result.hospitals.values() if h.get("epsilon") is not None]
-    return RecipeScore(metrics["accuracy"], metrics["auc"], metrics["loss"], max(spent) if spent else None, result)
-
-
-def tail_mean(states: Sequence[Mapping[str, torch.Tensor]], model: torch.nn.Module) -> torch.nn.Module:
-    """``model`` loaded with the element-wise mean of ``states`` (global models' state dicts)."""
-    if not states:
-        raise ValueError("tail_mean: no global model to average")
-    model.load_state_dict({n: torch.stack([s[n] for s in states]).mean(dim=0) for n in states[0]})
-    return model
+    return RecipeScore(served.accuracy, served.auc, served.loss, max(spent) if spent else None, result)

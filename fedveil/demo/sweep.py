@@ -104,11 +104,11 @@ def run_sweep(options: SweepOptions, on_point: Callable[[SweepPoint], None] | No
             label = "none" if epsilon is None else f"{epsilon:g}"
             result = run_federation(store_path=folder / f"run-eps-{label}.db", site_files=files, test=test,
                                     settings=settings, recipe=run_recipe)
-            if not result.rounds:
+            if not result.rounds or result.served is None:
                 raise RuntimeError(f"split {split_seed}, ε {label}: the federation completed no rounds "
                                    f"({result.message})")
-            last = result.rounds[-1]
-            point = SweepPoint(epsilon, split_seed, last.accuracy, last.auc, last.epsilon_sample_max,
+            served = result.served
+            point = SweepPoint(epsilon, split_seed, served.accuracy, served.auc, result.rounds[-1].epsilon_sample_max,
                                time.monotonic() - t0)
             points.append(point)
             if on_point is not None:

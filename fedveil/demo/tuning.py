@@ -7,13 +7,14 @@ and ROC AUC are reported too but saturate on 91 patients). The test set is never
 Each run is the real federation (:func:`fedveil.demo.split_runs.score_recipe`: the job runner,
 secure aggregation and each hospital's client, in process, no dropouts), so a stage takes
 longer than the plain in-memory FedAvg loop the search first ran with; the results of stages
-1-7 in ``docs/demo.md`` were measured with that loop (the same DP-SGD and server optimizer, the
-weighted mean in the clear).
+1-6 in ``docs/demo.md`` were measured with that loop (the same DP-SGD and server optimizer, the
+weighted mean in the clear); stage 7 ran through the real federation.
 
 Run ``python -m fedveil.demo.tuning --stage N [--base JSON] [--seeds S]``; each stage prints a
 table and writes ``tuning-stage-N.json``. Candidates are overrides of :class:`Recipe`'s current
 defaults (which are the result), so to reproduce the search as it ran pass the defaults of the
-time with ``--base``:
+time with ``--base`` (stages 1-6 ran before the recipe served the mean of the last 5 global
+models, so add ``"average_last": 0`` to their bases):
 
 1. ``--base '{"rounds": 20, "feature_transform": "linear"}'``: learning rate × batch × clip norm;
 2. ``--base '{"rounds": 20, "feature_transform": "linear", "local_lr": 2.0, "batch_size": 32,
@@ -32,6 +33,7 @@ patients, because seed 0's tuning pool overlaps seed 1's test set:
 7. no base (the chosen recipe), ``--seeds 3``: serve the mean of the last k global models
    (k = 0, 3, 5, 10). Once DP noise came from OS entropy on every run (issue 9), the demo's
    result varies from run to run; tail averaging is free post-processing that may steady it.
+   k = 5 won (``docs/demo.md``) and is now the recipe's ``average_last``.
 """
 
 from __future__ import annotations
