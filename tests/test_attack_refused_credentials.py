@@ -41,7 +41,7 @@ from fedveil.secagg.identity import RevocationList, issue_credential, issue_revo
 from fedveil.server.config import ServerConfigError
 from fedveil.server.coordinator import Coordinator
 from fedveil.server.coordinator.refusal_tally import refused_slots, roster_entry_digest, tolerated_refusers
-from fedveil.server.coordinator.state import _Client
+from fedveil.server.coordinator.state import JobSummary, _Client
 from fedveil.server.events import JobEvent, RoundCompleted, RoundStarted
 from fedveil.server.revocation_file import RevocationFile
 from fedveil.server.store import RunStore
@@ -237,10 +237,26 @@ def test_a_bar_outlives_a_server_restart(tmp_path: Path, capsys: pytest.CaptureF
     # one attempt, without evil; the run's aborted attempts are still round 1's one
     assert [(r, attempt) for r, attempt, _cohort in cohorts.started] == [(2, 1)], cohorts.started
     assert cohorts.with_evil(2) == [] and second.aborted_attempts == 1, cohorts.started
-    assert list(second.barred) == ["evil"]
+    assert list(second.barred) == ["evil"] and second.bars_lifted == ()  # evil kept its refused credential
     _print_summary(second.to_dict(), as_json=False)  # what `fedveil server` prints at the end
     assert (f"barred while it presents the credential the sites refused: evil ({second.barred['evil']})"
             in capsys.readouterr().out)
+    # a server started once more on the finished run reports it, bars included
+    with RunStore(tmp_path / "run.sqlite") as store:
+        again = Coordinator(config(max_round_attempts=1, linger=0.0), synthetic, store, new_run=False).run()
+    assert "already finished" in again.message and again.barred == second.barred and again.bars_lifted == ()
+
+
+def test_the_summary_says_which_bars_had_lifted(capsys: pytest.CaptureFixture[str]) -> None:
+    summary = JobSummary(run_id="r", status="completed", completed_rounds=2, total_rounds=2, resumed_from=0,
+                         aborted_attempts=1, dropouts=0, final_metrics={}, epsilon=None, delta=None, message="done",
+                         barred={"evil": "declined in round 1", "odd": "declined in round 2"}, bars_lifted=("odd",))
+    assert summary.to_dict()["bars_lifted"] == ["odd"]
+    _print_summary(summary.to_dict(), as_json=False)
+    out = capsys.readouterr().out
+    assert "barred while it presents the credential the sites refused: evil (declined in round 1)" in out
+    assert "barred, lifted when it joined again with another credential: odd (declined in round 2)" in out
+    assert "refused: odd" not in out
 
 
 # -- (e) a decliner's claim alone bars nobody ---------------------------------------------------------
@@ -331,10 +347,14 @@ def test_a_bar_holds_while_the_site_presents_the_refused_entry_and_lifts_with_a_
             why = "was declined for its credential or identity key by 3 of 4 members in round 1"
             coordinator._refused_entries["evil"] = (roster_entry_digest(b"revoked credential", b"k"), why)
             assert coordinator._excluded(2) == {"evil"} and coordinator._exclusion_reasons(2) == f"evil {why}"
+            assert coordinator._lifted_bars() == set()
             coordinator._clients["evil"].identity_key = b"another key"  # the same credential, another key
-            assert coordinator._excluded(2) == set()
+            assert coordinator._excluded(2) == set() and coordinator._lifted_bars() == {"evil"}
             coordinator._clients["evil"] = _Client("evil", b"t", credential=b"reissued credential", identity_key=b"k")
             assert coordinator._excluded(2) == set() and coordinator._exclusion_reasons(2) == ""
+            assert coordinator._lifted_bars() == {"evil"}
+            del coordinator._clients["evil"]  # no session: nothing shows another entry, so the bar stands
+            assert coordinator._lifted_bars() == set()
     assert roster_entry_digest(b"ab", b"c") != roster_entry_digest(b"a", b"bc")  # the split is bound
 
 

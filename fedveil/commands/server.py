@@ -294,8 +294,12 @@ def _print_summary(summary: dict[str, Any], *, as_json: bool) -> None:
     ]
     for name, why in sorted((summary.get("convicted") or {}).items()):
         lines.append(f"  convicted, left out of the rest of the run: {name} ({why})")
+    lifted = set(summary.get("bars_lifted") or ())
     for name, why in sorted((summary.get("barred") or {}).items()):
-        lines.append(f"  barred while it presents the credential the sites refused: {name} ({why})")
+        if name in lifted:
+            lines.append(f"  barred, lifted when it joined again with another credential: {name} ({why})")
+        else:
+            lines.append(f"  barred while it presents the credential the sites refused: {name} ({why})")
     if summary["final_metrics"]:
         lines.append("  final evaluation: " + ", ".join(f"{k}={v:.4g}" for k, v in summary["final_metrics"].items()))
     if summary["epsilon"] is not None:

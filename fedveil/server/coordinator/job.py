@@ -97,6 +97,8 @@ class Coordinator(SessionsMixin, SecAggBridgeMixin, MisconductMixin, RefusalTall
         ledger = self.model.ledger
         epsilon = ledger.epsilon() if ledger is not None and cfg.user_level_dp else None
         site_epsilon, unverified = _site_figures(ledger)
+        with self._cond:
+            lifted = tuple(sorted(self._lifted_bars()))
         summary = JobSummary(
             run_id=self.run_id, status=status, completed_rounds=self.model.version, total_rounds=cfg.schedule.rounds,
             resumed_from=self.resumed_from, aborted_attempts=self._aborted_attempts, dropouts=self._dropouts,
@@ -104,7 +106,7 @@ class Coordinator(SessionsMixin, SecAggBridgeMixin, MisconductMixin, RefusalTall
             delta=cfg.privacy.delta if epsilon is not None else None,
             message=message, rejected_rounds=self._rejected_rounds, site_epsilon=site_epsilon,
             unverified_sites=unverified, convicted=dict(self._convicted),
-            barred={name: why for name, (_digest, why) in self._refused_entries.items()},
+            barred={name: why for name, (_digest, why) in self._refused_entries.items()}, bars_lifted=lifted,
         )
         if status != "stopped":
             self.store.finish_run(self.run_id, status, summary.to_dict())
@@ -144,6 +146,9 @@ class Coordinator(SessionsMixin, SecAggBridgeMixin, MisconductMixin, RefusalTall
             epsilon=data.get("epsilon"), delta=data.get("delta"), message=message,
             site_epsilon={str(k): float(v) for k, v in (data.get("site_epsilon") or {}).items()},
             unverified_sites=tuple(str(s) for s in data.get("unverified_sites") or ()),
+            convicted={str(k): str(v) for k, v in (data.get("convicted") or {}).items()},
+            barred={str(k): str(v) for k, v in (data.get("barred") or {}).items()},
+            bars_lifted=tuple(str(s) for s in data.get("bars_lifted") or ()),
         )
         self._announce_done(message)
         return summary

@@ -96,6 +96,12 @@ class RefusalTallyMixin(CoordinatorBase):
         return {name: why for name, (digest, why) in self._refused_entries.items()
                 if name in self._clients and self._presented_entry(name) == digest}
 
+    def _lifted_bars(self) -> set[str]:
+        """Barred sites whose session now presents another roster entry (lock held): the bar no longer
+        applies to them. A barred site with no session keeps its bar."""
+        return {name for name, (digest, _why) in self._refused_entries.items()
+                if name in self._clients and self._presented_entry(name) != digest}
+
     def _presented_entry(self, name: str) -> bytes:
         """The digest of the roster entry ``name``'s session would be drawn with (lock held)."""
         return roster_entry_digest(self._credential(name), self._identity_key(name))

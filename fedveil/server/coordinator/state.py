@@ -212,6 +212,8 @@ class JobSummary:
     barred: dict[str, str] = field(default_factory=dict)
     """Sites enough members declined for their credential or identity key → why; they were not drawn
     again while they presented that entry."""
+    bars_lifted: tuple[str, ...] = ()
+    """Barred sites that, at the job's end, presented another credential or key: their bar had lifted."""
 
     @property
     def max_site_epsilon(self) -> float | None:
@@ -237,6 +239,7 @@ class JobSummary:
             "unverified_sites": list(self.unverified_sites),
             "convicted": dict(self.convicted),
             "barred": dict(self.barred),
+            "bars_lifted": list(self.bars_lifted),
         }
 
 
