@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+from collections.abc import Callable
+
 import numpy as np
 
 from fedveil.secagg import SecAggClient, SecAggConfig, SecAggServer
+from fedveil.secagg.keys import share_box_key, share_box_payload, share_secret
 from fedveil.secagg.messages import (
     AdvertiseKeys,
     ConsistencyCheckRequest,
     MaskedInputRequest,
     Message,
     ShareKeysRequest,
+    ShareKeysResponse,
 )
+from fedveil.secagg.shamir import PRIME, bytes_to_limbs, seal_share, share
+from fedveil.secagg.share_commitments import commitment_salts, commitments, plaintext
 
 
 def random_inputs(config: SecAggConfig, seed: int = 0) -> dict[int, np.ndarray]:
@@ -85,3 +93,41 @@ class ManualRound:
     def step(self, outgoing: dict[int, Message], skip=()) -> dict[int, Message]:
         self.send(self.deliver(outgoing, skip))
         return self.close()
+
+
+def redeal(r: ManualRound, replies: dict[int, Message], owner: int, *,
+           tamper: Callable[[list[int], np.ndarray], np.ndarray] | None = None,
+           secrets: np.ndarray | None = None) -> None:
+    """A malicious owner deals its shares again before they are sent: a sharing of ``secrets`` (its real
+    self-mask seed and masking key by default), with ``tamper(holders, shares)`` applied to the
+    ``(holders, SHARE_LIMBS)`` share matrix. Each box is then sealed, committed to and (in active mode)
+    signed exactly as an honest owner does, so every holder's box opens and matches its commitments;
+    its own share is replaced too. ``replies`` are the share-keys replies, not yet sent."""
+    ctx = r.clients[owner]._ctx
+    session = ctx.session
+    assert session is not None
+    sid = session.session_id
+    holders = list(session.graph.holders(owner))
+    if secrets is None:
+        secrets = np.concatenate([bytes_to_limbs(ctx.keys.self_mask_seed),
+                                  bytes_to_limbs(ctx.keys.mask_private.private_bytes_raw())])
+    shares = share(secrets, np.asarray(holders, dtype=np.int64) + 1, r.config.threshold)
+    if tamper is not None:
+        shares = np.asarray(tamper(holders, shares.copy()), dtype=np.int64) % PRIME
+    salts = commitment_salts(os.urandom(32), sid, len(holders))
+    boxes: dict[int, bytes] = {}
+    for row, holder in enumerate(holders):
+        if holder == owner:
+            ctx.own_share = shares[row].copy()
+            continue
+        shared = share_secret(ctx.keys.share_private, session.advertisements[holder].share_public)
+        box = (seal_share(share_box_key(shared, owner, holder, sid), plaintext(shares[row], salts[row]), owner,
+                          holder, sid)
+               + commitments(sid, owner, holder, shares[row], salts[row]))
+        if r.config.active:
+            assert ctx.identity_key is not None
+            box += ctx.identity_key.sign(share_box_payload(sid, owner, holder, box))
+        boxes[holder] = box
+    reply = replies[owner]
+    assert isinstance(reply, ShareKeysResponse)
+    replies[owner] = dataclasses.replace(reply, boxes=boxes)

@@ -292,11 +292,13 @@ class ActiveScripted:
                     {x.client_id: x.signature for x in u.signatures}))
                 assert isinstance(reply, sa.UnmaskingResponse)
                 shares = [pb.RevealedShare(owner_id=int(o), kind=pb.SHARE_KIND_SELF_MASK_SEED,
-                                           share=row.astype("<u4").tobytes())
-                          for o, row in zip(reply.self_mask_owners.tolist(), reply.self_mask_shares, strict=True)]
+                                           share=row.astype("<u4").tobytes(), salt=salt.tobytes())
+                          for o, row, salt in zip(reply.self_mask_owners.tolist(), reply.self_mask_shares,
+                                                  reply.self_mask_salts, strict=True)]
                 shares += [pb.RevealedShare(owner_id=int(o), kind=pb.SHARE_KIND_MASKING_KEY,
-                                            share=row.astype("<u4").tobytes())
-                           for o, row in zip(reply.mask_key_owners.tolist(), reply.mask_key_shares, strict=True)]
+                                            share=row.astype("<u4").tobytes(), salt=salt.tobytes())
+                           for o, row, salt in zip(reply.mask_key_owners.tolist(), reply.mask_key_shares,
+                                                   reply.mask_key_salts, strict=True)]
                 t.unmask(pb.UnmaskRequest(header=s.header(rnd, nonce), shares=shares))
             elif kind == "round_result":
                 self.results.append((resp.round_result.round, resp.round_result.outcome))

@@ -21,7 +21,7 @@ from fedveil.secagg.messages import (
     MaskedInputRequest,
 )
 from fedveil.secagg.share_complaints import (
-    CIPHERTEXT_BYTES,
+    SIGNED_BYTES,
     montgomery_u,
     prime_order_point,
 )
@@ -59,8 +59,9 @@ def _share_keys(r: ManualRound, skip=()) -> dict:
 
 
 def _garbage_box(r: ManualRound, sender: int, holder: int, *, signed: bool = True) -> bytes:
-    """Random bytes of a ciphertext's size; in active mode signed by the sender (valid) or not."""
-    box = os.urandom(CIPHERTEXT_BYTES)
+    """Random bytes of a ciphertext's and its commitments' size; in active mode signed by the sender
+    (valid) or not."""
+    box = os.urandom(SIGNED_BYTES)
     if r.config.active:
         sid = r.server.session_id
         box += (r.keys[sender].sign(share_box_payload(sid, sender, holder, box)) if signed else os.urandom(64))

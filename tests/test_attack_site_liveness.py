@@ -9,12 +9,16 @@ falsely about an honest neighbour.
 
 A wrong unmasking share in a cohort too small to correct it (⌊(N − t)/2⌋ = 0) made the attempt
 abort *after* the honest sites released their shares; they refuse a retry of such a round, so the
-job failed. Now the round is rejected (skipped, counted) and the job goes on.
+job failed. Then the round was rejected (skipped, counted) and the job went on, but nobody could
+say whether the holder or the share's owner had lied. Now every share opens its owner's commitment
+(:mod:`fedveil.secagg.share_commitments`): a holder that returns another is convicted, and so is an
+owner whose committed shares do not reconstruct.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +31,8 @@ from fedveil.commands.server import _print_summary
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.protocol.errors import MalformedMessage
 from fedveil.protocol.transport import InProcessTransport
+from fedveil.secagg import client as secagg_client
+from fedveil.secagg.shamir import PRIME
 from fedveil.server.coordinator import Coordinator
 from fedveil.server.events import RoundCompleted
 from fedveil.server.store import RunStore
@@ -71,6 +77,14 @@ class WrongUnmaskingShare(InProcessTransport):
             limbs[0] = (int(limbs[0]) + 1) % ((1 << 31) - 1)
             share.share = limbs.tobytes()
         return super().unmask(request)
+
+
+class EvilDealer(InProcessTransport):
+    """A site whose client deals inconsistent shares (``DEALER.evil`` is set in its own thread)."""
+
+    def join(self, request: pb.JoinRequest) -> pb.JoinResponse:
+        DEALER.evil = True
+        return super().join(request)
 
 
 @dataclass
@@ -122,17 +136,56 @@ def test_a_false_complaint_convicts_the_complainer_not_the_accused(tmp_path: Pat
     assert summary.status == "completed" and summary.completed_rounds == 2, summary.message
 
 
-def test_a_wrong_unmasking_share_after_release_skips_the_round_instead_of_failing_the_job(tmp_path: Path) -> None:
-    """Before: 'failed' after one attempt (the honest sites declined every retry of the round).
+DISTRIBUTED_DP = dict(dp="distributed", dp_clip=1.0, dp_noise_multiplier=0.5, dp_bits=24)
 
-    Under distributed DP, where the sites rely on the noise in the sum. Without user-level DP they
-    also refuse the *next* round over the unchanged model (the replay defence: they released shares
-    of a sum over it), so there one such site still ends the job; see the threat model."""
-    summary, _errors, coordinator = _run(tmp_path, WrongUnmaskingShare, active=True, min_clients=4,
-                                         dp="distributed", dp_clip=1.0, dp_noise_multiplier=0.5, dp_bits=24)
+
+def test_a_wrong_unmasking_share_convicts_the_holder_and_the_round_completes(tmp_path: Path) -> None:
+    """Before: 'failed' after one attempt (the honest sites declined every retry of the round); then
+    the round was rejected in every round evil was drawn for, and nobody was convicted (a wrong share
+    proved nothing about who lied). Now the share does not open its owner's commitment: evil's answer
+    is refused, evil is convicted, and each round completes exactly from the three honest answers."""
+    summary, _errors, coordinator = _run(tmp_path, WrongUnmaskingShare, active=True, min_clients=3,
+                                         **DISTRIBUTED_DP)
     assert summary.status == "completed" and summary.completed_rounds == 2, summary.message
-    assert summary.rejected_rounds == 2  # evil does it in every round it is drawn for
-    assert not coordinator._convicted  # a wrong share is no proof of who lied
+    assert summary.rejected_rounds == 0
+    assert set(coordinator._convicted) == {"evil"}
+    assert "did not commit to" in coordinator._convicted["evil"]
+
+
+class _Dealer(threading.local):
+    evil = False
+
+
+DEALER = _Dealer()
+
+
+@pytest.mark.parametrize("active", [True, False], ids=["active", "passive"])
+def test_an_owner_whose_shares_do_not_reconstruct_is_convicted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               active: bool) -> None:
+    """evil deals one holder a share of its self-mask seed off the polynomial of the others, committed
+    to and sealed like an honest share, so every holder accepts it, masks and returns it.
+    Before: the server could not tell the dealer from the holders, so evil spoiled every round it was
+    drawn for (the round was rejected each time). Now every returned share opens evil's commitment, so
+    the inconsistency is evil's own: it is convicted, its round is rejected (the masks could not be
+    removed after the release), and the next round completes without it. Under distributed DP: without
+    user-level DP the honest sites refuse a second release over the unchanged model (see the threat model)."""
+    real_share = secagg_client.share
+
+    def dealing(secrets: np.ndarray, xs: np.ndarray, threshold: int, seed: bytes | None = None) -> np.ndarray:
+        shares = real_share(secrets, xs, threshold, seed=seed)
+        if DEALER.evil:  # one holder's share of the self-mask seed moved off the polynomial
+            shares[-1, 0] = (shares[-1, 0] + 1) % PRIME
+        return shares
+
+    monkeypatch.setattr(secagg_client, "share", dealing)
+    summary, _errors, coordinator = _run(tmp_path, EvilDealer, active=active, min_clients=3, **DISTRIBUTED_DP)
+    assert summary.status == "completed" and summary.completed_rounds == 2, summary.message
+    assert summary.rejected_rounds == 1  # the one round evil was drawn for
+    assert set(coordinator._convicted) == {"evil"}
+    assert "dealt shares of its self-mask seed" in coordinator._convicted["evil"]
+    with RunStore(tmp_path / "run.sqlite") as store:
+        round_two = {name for _attempt, name, _sid, _stage in store.participants(coordinator.run_id, 2)}
+    assert "evil" not in round_two
 
 
 def test_a_conviction_outlives_a_server_restart(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

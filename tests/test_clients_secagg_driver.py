@@ -107,6 +107,8 @@ def run_round(n: int, deltas: list[np.ndarray], drop_at_masked: set[int], **kw) 
                 ),
                 np.array([r.owner_id for r in mk], dtype=np.uint32),
                 np.array([np.frombuffer(r.share, "<u4") for r in mk], dtype=np.uint32).reshape(len(mk), MASK_KEY_LIMBS),
+                np.array([np.frombuffer(r.salt, np.uint8) for r in sm], dtype=np.uint8).reshape(len(sm), 16),
+                np.array([np.frombuffer(r.salt, np.uint8) for r in mk], dtype=np.uint8).reshape(len(mk), 16),
             ),
         )
     server.close_stage()

@@ -57,12 +57,16 @@ def test_malformed_and_oversized_input_is_rejected_while_others_train(fed: Feder
     assert rpc_err.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
     with pytest.raises(MalformedMessage, match="encryption_public_key: expected 32 bytes, got 5"):
         attacker.advertise_keys(pb.AdvertiseKeysRequest(encryption_public_key=b"12345", masking_public_key=b"x" * 32))
-    good = pb.RevealedShare(owner_id=1, kind=pb.SHARE_KIND_SELF_MASK_SEED, share=bytes(4 * SELF_MASK_LIMBS))
+    good = pb.RevealedShare(owner_id=1, kind=pb.SHARE_KIND_SELF_MASK_SEED, share=bytes(4 * SELF_MASK_LIMBS),
+                            salt=bytes(16))
     with pytest.raises(MalformedMessage, match=r"shares\[1\]\.kind: 9 is not a share kind"):
         attacker.unmask(pb.UnmaskRequest(shares=[good, pb.RevealedShare(owner_id=2, kind=9, share=good.share)]))
     with pytest.raises(MalformedMessage, match=rf"shares\[1\]\.share: expected {4 * MASK_KEY_LIMBS} bytes, got 3"):
         attacker.unmask(pb.UnmaskRequest(shares=[good, pb.RevealedShare(
             owner_id=2, kind=pb.SHARE_KIND_MASKING_KEY, share=b"abc")]))
+    with pytest.raises(MalformedMessage, match=r"shares\[1\]\.salt: expected 16 bytes, got 15"):
+        attacker.unmask(pb.UnmaskRequest(shares=[good, pb.RevealedShare(
+            owner_id=2, kind=pb.SHARE_KIND_MASKING_KEY, share=bytes(4 * MASK_KEY_LIMBS), salt=bytes(15))]))
     with pytest.raises(MalformedMessage, match=r"header\.session_id"):
         attacker.poll(pb.PollRequest(header=pb.RequestHeader(protocol_version=PROTOCOL_VERSION, session_id=b"x")))
     with pytest.raises(OutOfOrder, match="unknown or replaced session"):

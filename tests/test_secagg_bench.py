@@ -32,7 +32,7 @@ def test_json_report(capsys, graph, stage):
     assert report["max_corrupt_fraction"] == pytest.approx(1 / 3) and report["collusion_failure_log2"] is None
     assert report["dropout_failure_log2"] < 0
     # The masked input alone is 500 ring elements of 4 bytes; the rest is keys, shares, headers.
-    assert 4 * 500 < report["upload_bytes_per_client"] < 4 * 500 + 12 * 200 + 500
+    assert 4 * 500 < report["upload_bytes_per_client"] < 4 * 500 + 12 * 300 + 500
     assert report["client_s_max"] >= report["client_s_mean"] > 0
     assert report["total_s"] >= report["server_s"] > 0
 

@@ -22,9 +22,9 @@ from fedveil.secagg.keys import (
     share_secret,
     valid_signatures,
 )
-from fedveil.secagg.messages import UnmaskingResponse
-from fedveil.secagg.shamir import PRIME
-from tests.secagg_helpers import ManualRound, random_inputs
+from fedveil.secagg.messages import SELF_MASK_LIMBS
+from fedveil.secagg.shamir import bytes_to_limbs
+from tests.secagg_helpers import ManualRound, random_inputs, redeal
 
 
 def test_pairwise_seed_is_symmetric_and_session_bound():
@@ -115,27 +115,29 @@ def test_weighted_round():
     assert np.allclose(mean, expected, atol=1e-6)
 
 
-def test_server_aborts_when_reconstructed_key_does_not_match():
+def test_an_owner_that_shares_another_masking_key_aborts_the_round_and_is_proven_at_fault():
+    """Client 5 deals a consistent sharing of a masking key that is not the one it advertised, then
+    drops out: the shares interpolate to a well-formed key, the server sees it is not the advertised
+    one, aborts (nothing unmasked) and names client 5, not the holders that returned the shares."""
     cfg = SecAggConfig(6, 3, 16, round_id=5)
     r = ManualRound(cfg, random_inputs(cfg))
     r.advertise()
-    out = r.step(r.close())
-    out = r.step(out, skip={5})
-    replies = r.deliver(out)
+    replies = r.deliver(r.close())
     # Shift the second 16-bit limb of client 5's key by one (the first holds bits X25519 clamps
     # away), staying inside 0..0xFFFF so the shares interpolate to a well-formed key that is
     # simply not the advertised one.
-    limb = r.clients[5]._ctx.keys.mask_private.private_bytes_raw()[2:4]
-    delta = 1 if int.from_bytes(limb, "little") < 0xFFFF else -1
-    for c, reply in replies.items():
-        assert isinstance(reply, UnmaskingResponse)
-        wrong = reply.mask_key_shares.astype(np.int64)
-        wrong[:, 1] = (wrong[:, 1] + delta) % PRIME
-        wrong = wrong.astype(np.uint32)
-        r.server.receive(c, dataclasses.replace(reply, mask_key_shares=wrong))
-    r.close()
+    ctx = r.clients[5]._ctx
+    secrets = np.concatenate([bytes_to_limbs(ctx.keys.self_mask_seed),
+                              bytes_to_limbs(ctx.keys.mask_private.private_bytes_raw())])
+    limb = SELF_MASK_LIMBS + 1
+    secrets[limb] += 1 if secrets[limb] < 0xFFFF else -1
+    redeal(r, replies, 5, secrets=secrets)
+    r.send(replies)
+    out = r.step(r.close(), skip={5})
+    r.step(out)
     assert r.server.aborted
-    assert "not the advertised one" in r.server.abort_reason
+    assert "not the advertised one" in (r.server.abort_reason or "")
+    assert set(r.server.misconduct) == {5} and "masking key" in r.server.misconduct[5]
 
 
 # X25519 public keys of small order (canonical u-coordinates and their non-canonical encodings):

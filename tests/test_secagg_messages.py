@@ -51,9 +51,12 @@ def messages(draw):
         return ConsistencyCheckResponse(rid, cid, draw(st.binary(min_size=64, max_size=64)))
     if kind == 4:
         a, b = draw(ids), draw(ids)
+        salts = [np.frombuffer(draw(st.binary(min_size=16 * n, max_size=16 * n)), np.uint8).reshape(n, 16)
+                 for n in (len(a), len(b))]
         return UnmaskingResponse(rid, cid,
                                  np.array(a, np.uint32), np.arange(8 * len(a), dtype=np.uint32).reshape(-1, 8),
-                                 np.array(b, np.uint32), np.arange(16 * len(b), dtype=np.uint32).reshape(-1, 16))
+                                 np.array(b, np.uint32), np.arange(16 * len(b), dtype=np.uint32).reshape(-1, 16),
+                                 *salts)
     if kind == 5:
         return ShareKeysRequest(rid, cid, tuple(draw(st.lists(_adv(rid), max_size=5))))
     if kind == 6:
@@ -124,12 +127,17 @@ def test_reprs_never_show_shares_or_secrets():
     from fedveil.secagg import SecAggClient, SecAggConfig
 
     marker_sm, marker_mk = 1234567891, 1987654321
+    salt = bytes(range(200, 216))  # a share's salt opens its commitment: as secret as the share
     msg = UnmaskingResponse(1, 2, np.array([3], np.uint32), np.full((1, 8), marker_sm, np.uint32),
-                            np.array([4], np.uint32), np.full((1, 16), marker_mk, np.uint32))
+                            np.array([4], np.uint32), np.full((1, 16), marker_mk, np.uint32),
+                            np.frombuffer(salt, np.uint8).reshape(1, 16), np.zeros((1, 16), np.uint8))
     text = repr(msg) + str(msg)
     assert str(marker_sm) not in text and str(marker_mk) not in text
+    assert "200, 201" not in text and "salt" not in text
     assert "UnmaskingResponse" in text and "client_id=2" in text
-    assert decode_message(msg.to_bytes()).self_mask_shares[0, 0] == marker_sm  # still on the wire
+    decoded = decode_message(msg.to_bytes())
+    assert decoded.self_mask_shares[0, 0] == marker_sm  # still on the wire
+    assert decoded.self_mask_salts.tobytes() == salt and len(msg.to_bytes()) == msg.wire_size()
     client = SecAggClient(0, SecAggConfig(3, 2, 4, round_id=1), seed=bytes(range(32)))
     keys = client._ctx.keys
     secrets = [keys.self_mask_seed.hex(), keys.sharing_seed.hex(), keys.mask_private.private_bytes_raw().hex()]

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from fedveil.secagg import (
     DoubleShareRequestError,
     MalformedMessageError,
+    ProtocolError,
     RoundAborted,
     RoundAbortedError,
     SecAggClient,
@@ -27,6 +28,7 @@ from fedveil.secagg import (
 )
 from fedveil.secagg.client import ClientR1ShareKeys, ClientR2MaskedInput, ClientR3Unmasking
 from fedveil.secagg.messages import (
+    SELF_MASK_LIMBS,
     AdvertiseKeys,
     MaskedInputRequest,
     MaskedInputResponse,
@@ -36,8 +38,9 @@ from fedveil.secagg.messages import (
     UnmaskingResponse,
 )
 from fedveil.secagg.server import ServerR1ShareKeys, ServerR2MaskedInputCollection
+from fedveil.secagg.shamir import PRIME
 from fedveil.secagg.unmasking import ServerR3Unmasking
-from tests.secagg_helpers import ManualRound, random_inputs, ring_sum
+from tests.secagg_helpers import ManualRound, random_inputs, redeal, ring_sum
 
 
 def _round_until_unmasking(config, skip_masked=()):
@@ -232,22 +235,56 @@ def test_client_refuses_survivors_it_knows_dropped_before_sharing():
 
 def test_inconsistent_unmasking_shares_abort_cleanly():
     """Shares that interpolate to no valid seed end the round as an abort (RoundAborted to
-    every client, sum discarded), not as an exception out of close_stage."""
+    every client, sum discarded), not as an exception out of close_stage; their dealer is named."""
     config = SecAggConfig(5, 3, 16, round_id=8)
-    r, out = _round_until_unmasking(config, skip_masked={4})
+    r = ManualRound(config)
+    r.advertise()
+    replies = r.deliver(r.close())
+
+    def junk(_holders, shares):
+        # every share of client 2's self-mask seed set to 2^20: they interpolate to limbs 2^20 >= 2^16
+        shares[:, :SELF_MASK_LIMBS] = 1 << 20
+        return shares
+
+    redeal(r, replies, 2, tamper=junk)
+    r.send(replies)
+    out = r.step(r.close(), skip={4})
     replies = r.deliver(out)
-    for c, reply in replies.items():
-        assert isinstance(reply, UnmaskingResponse)
-        # Every share of every self-mask seed set to 2^20: they interpolate to limbs 2^20 >= 2^16.
-        junk = np.full_like(reply.self_mask_shares, 1 << 20)
-        r.server.receive(c, dataclasses.replace(reply, self_mask_shares=junk))
+    r.send(replies)
     out = r.close()
     assert r.server.aborted
     assert "inconsistent" in (r.server.abort_reason or "")
+    assert set(r.server.misconduct) == {2} and "self-mask seed" in r.server.misconduct[2]
     assert r.server.state.ctx.running_sum is None
     assert set(out) == {0, 1, 2, 3} and all(isinstance(m, RoundAborted) for m in out.values())
     with pytest.raises(RoundAbortedError):
         _ = r.server.result
+
+
+def test_a_holder_returning_a_share_its_owner_did_not_deal_is_refused_and_named():
+    """A holder adds one to a share before it returns it: the share no longer opens its owner's
+    commitment, so the server refuses that answer, names the holder, and completes without it."""
+    config = SecAggConfig(5, 3, 16, round_id=8)
+    r, out = _round_until_unmasking(config)
+    replies = r.deliver(out)
+    liar = 1
+    reply = replies[liar]
+    assert isinstance(reply, UnmaskingResponse)
+    wrong = reply.self_mask_shares.astype(np.int64)
+    wrong[0, 0] = (wrong[0, 0] + 1) % PRIME  # the share of client 0's seed (not its own)
+    with pytest.raises(ProtocolError, match="client 1 returned a share of the self-mask seed of client 0 that "
+                                            "client 0 did not commit to"):
+        r.server.receive(liar, dataclasses.replace(reply, self_mask_shares=wrong.astype(np.uint32)))
+    # a salt that is not the one in the box fails the same way
+    salts = reply.self_mask_salts.copy()
+    salts[0, 0] ^= 1
+    with pytest.raises(ProtocolError, match="did not commit to"):
+        r.server.receive(liar, dataclasses.replace(reply, self_mask_salts=salts))
+    r.send({c: m for c, m in replies.items() if c != liar})
+    r.close()
+    assert r.server.completed and r.server.result.faulty_holders == (liar,)
+    assert set(r.server.misconduct) == {liar}
+    assert np.array_equal(r.server.result.ring_sum, ring_sum(config, r.inputs, range(5)))
 
 
 # --- property test of the state machines under arbitrary message sequences -----------------------

@@ -33,6 +33,7 @@ from fedveil.secagg.share_complaints import (
     CIPHERTEXT_BYTES,
     PROOF_BYTES,
     SHARED_POINT_BYTES,
+    SIGNED_BYTES,
     ComplaintVerdict,
     ShareComplaint,
     montgomery_u,
@@ -270,7 +271,7 @@ def test_a_box_that_opens_is_accepted_without_checking_its_signature():
     holder, sender = 2, 1
     out = _masked_stage(r, _share_keys(r))
     msg = out[holder]
-    box = msg.boxes[sender][:CIPHERTEXT_BYTES] + bytes(64)
+    box = msg.boxes[sender][:SIGNED_BYTES] + bytes(64)
     assert r.clients[holder].handle(dataclasses.replace(msg, boxes={**msg.boxes, sender: box})) is not None
 
 

@@ -19,6 +19,7 @@ from fedveil.secagg import (
 )
 from fedveil.secagg.share_complaints import (
     CIPHERTEXT_BYTES,
+    SIGNED_BYTES,
     ShareComplaint,
     box_bytes,
     prove_shared_point,
@@ -110,7 +111,8 @@ def test_complaints_are_judged_only_in_the_masked_input_stage():
 
 
 def test_server_box_size_depends_on_the_mode():
-    assert box_bytes(False) == CIPHERTEXT_BYTES == 112 and box_bytes(True) == 176
+    # AES-GCM over 24 limbs and 2 salts (96 + 32 + 16-byte tag), two 32-byte commitments, a 64-byte signature
+    assert CIPHERTEXT_BYTES == 144 and box_bytes(False) == SIGNED_BYTES == 208 and box_bytes(True) == 272
     for active in (False, True):
         r = _round(active)
         replies = _share_keys(r)

@@ -1,5 +1,6 @@
 """Error-correcting share reconstruction (Berlekamp–Welch): wrong shares from up to ⌊(N − t)/2⌋
-holders are located and left out, more are refused, and a faulty holder cannot sink a round."""
+shares are located and left out, more are refused; a holder returning a share its owner did not
+commit to is refused and named, and an owner dealing wrong shares is named."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedveil.secagg import SecAggConfig
+from fedveil.secagg import ProtocolError, SecAggConfig
 from fedveil.secagg.messages import UnmaskingResponse
 from fedveil.secagg.shamir import PRIME, random_field_elements, share
 from fedveil.secagg.share_decoding import (
@@ -21,7 +22,7 @@ from fedveil.secagg.share_decoding import (
     on_one_polynomial,
     parity_weights,
 )
-from tests.secagg_helpers import ManualRound, ring_sum
+from tests.secagg_helpers import ManualRound, redeal, ring_sum
 
 
 @st.composite
@@ -79,45 +80,78 @@ def test_too_few_shares_and_bad_shapes_are_refused_with_the_reason() -> None:
 
 
 @pytest.mark.parametrize("server_threads", [1, 3])
-def test_a_holder_returning_wrong_shares_cannot_sink_the_round(server_threads: int) -> None:
-    """A survivor corrupts every share it returns at unmasking (self-mask seeds of survivors, the
-    masking key of the dropped client): the server locates it, leaves it out, and the sum is exact,
-    whether it expands its masks in one thread or several."""
-    config = SecAggConfig(10, 5, 16, round_id=8)  # 9 survivors hold shares: e = (9 − 5) // 2 = 2
+def test_holders_returning_wrong_shares_cannot_sink_the_round(server_threads: int) -> None:
+    """Two survivors corrupt every share they return at unmasking (self-mask seeds of survivors, the
+    masking key of the dropped client): no share opens its owner's commitment, so both answers are
+    refused, both liars are named, and the round completes exactly from the other seven, whether the
+    server expands its masks in one thread or several."""
+    config = SecAggConfig(10, 5, 16, round_id=8)
     r = ManualRound(config, server_threads=server_threads)
     r.advertise()
     out = r.step(r.step(r.close()), skip={9})
     replies = r.deliver(out)
     for liar in (2, 6):
-        reply = replies[liar]
+        reply = replies.pop(liar)
         assert isinstance(reply, UnmaskingResponse) and reply.mask_key_shares.size
-        replies[liar] = dataclasses.replace(reply, self_mask_shares=(reply.self_mask_shares + 1) % PRIME,
-                                            mask_key_shares=(reply.mask_key_shares + 3) % PRIME)
+        lie = dataclasses.replace(reply, self_mask_shares=(reply.self_mask_shares + 1) % PRIME,
+                                  mask_key_shares=(reply.mask_key_shares + 3) % PRIME)
+        with pytest.raises(ProtocolError, match="did not commit to"):
+            r.server.receive(liar, lie)
     r.send(replies)
     r.close()
     assert r.server.completed, r.server.abort_reason
     result = r.server.result
-    assert result.faulty_holders == (2, 6)
+    assert result.faulty_holders == (2, 6) and set(r.server.misconduct) == {2, 6}
     assert np.array_equal(result.ring_sum, ring_sum(config, r.inputs, range(9)))
 
 
-def test_an_honest_round_reports_no_faulty_holder_and_too_many_liars_abort() -> None:
+def test_an_honest_round_names_nobody() -> None:
     config = SecAggConfig(10, 5, 16, round_id=9)
     r = ManualRound(config)
     r.advertise()
-    out = r.step(r.step(r.step(r.close())))
-    assert r.server.completed and r.server.result.faulty_holders == ()
+    r.step(r.step(r.step(r.close())))
+    assert r.server.completed and r.server.result.faulty_holders == () and r.server.misconduct == {}
+
+
+def _dealt_wrong(bad_holders: set[int], owner: int, config: SecAggConfig) -> ManualRound:
+    """A round in which ``owner`` deals wrong shares (committed to, so its holders return them) to
+    ``bad_holders``, and client 9 drops out before its masked input."""
     r = ManualRound(config)
     r.advertise()
-    out = r.step(r.step(r.close()), skip={9})
-    replies = r.deliver(out)
-    for liar in (1, 2, 3):  # three of nine: more than (9 − 5) // 2 = 2
-        reply = replies[liar]
-        assert isinstance(reply, UnmaskingResponse)
-        replies[liar] = dataclasses.replace(reply, self_mask_shares=(reply.self_mask_shares + 1) % PRIME)
+    replies = r.deliver(r.close())
+
+    def tamper(holders: list[int], shares: np.ndarray) -> np.ndarray:
+        for row, holder in enumerate(holders):
+            if holder in bad_holders:
+                shares[row] = (shares[row] + 1 + holder) % PRIME
+        return shares
+
+    redeal(r, replies, owner, tamper=tamper)
     r.send(replies)
-    r.close()
+    r.step(r.step(r.close(), skip={9}))
+    return r
+
+
+def test_an_owner_dealing_a_few_wrong_shares_is_named_and_the_round_still_completes() -> None:
+    """Owner 3 deals wrong shares to holders 2 and 6, which return them faithfully: every share opens
+    its commitment, so the inconsistency is the owner's. Berlekamp–Welch recovers its seed around the
+    two (9 shares, t = 5: e = 2), the sum is exact, and only the owner is named, not the holders."""
+    config = SecAggConfig(10, 5, 16, round_id=10)
+    r = _dealt_wrong({2, 6}, 3, config)
+    assert r.server.completed, r.server.abort_reason
+    assert r.server.result.faulty_holders == ()
+    assert set(r.server.misconduct) == {3} and "self-mask seed" in r.server.misconduct[3]
+    assert np.array_equal(r.server.result.ring_sum, ring_sum(config, r.inputs, range(9)))
+
+
+def test_an_owner_dealing_too_many_wrong_shares_aborts_the_round_and_is_named() -> None:
+    config = SecAggConfig(10, 5, 16, round_id=11)
+    r = _dealt_wrong({1, 2, 5}, 3, config)  # three of nine: more than (9 − 5) // 2 = 2
     assert r.server.aborted and "beyond correction" in (r.server.abort_reason or "")
+    assert set(r.server.misconduct) == {3}
+    r = _dealt_wrong({1, 2, 5}, 9, config)  # the same dealing by the client that drops: its masking key
+    assert r.server.aborted and "masking key of client 9" in (r.server.abort_reason or "")
+    assert set(r.server.misconduct) == {9} and "masking key" in r.server.misconduct[9]
 
 
 @settings(max_examples=80, deadline=None)

@@ -142,7 +142,7 @@ def split_attack(config: SecAggConfig, colluders: int, group_a: int) -> Outcome:
                 if owner == VICTIM:
                     table[c + 1] = np.asarray(row, np.int64)
     for c in colluding:  # the colluders' own shares of the victim, both kinds
-        row = clients[c]._ctx.received[VICTIM]
+        row = clients[c]._ctx.received[VICTIM].limbs
         out.self_mask[c + 1], out.mask_key[c + 1] = row[:SELF_MASK_LIMBS], row[SELF_MASK_LIMBS:]
 
     if out.succeeded:  # the attack math: y_v − PRG(b_v) − Σ_{v<u} PRG(s_vu) + Σ_{v>u} PRG(s_vu) = x_v

@@ -168,8 +168,10 @@ class SecAggClientDriver:
         )
         reply = self.client.handle(message)
         assert isinstance(reply, UnmaskingResponse)
-        return (_revealed(pb.SHARE_KIND_SELF_MASK_SEED, reply.self_mask_owners, reply.self_mask_shares)
-                + _revealed(pb.SHARE_KIND_MASKING_KEY, reply.mask_key_owners, reply.mask_key_shares))
+        return (_revealed(pb.SHARE_KIND_SELF_MASK_SEED, reply.self_mask_owners, reply.self_mask_shares,
+                          reply.self_mask_salts)
+                + _revealed(pb.SHARE_KIND_MASKING_KEY, reply.mask_key_owners, reply.mask_key_shares,
+                            reply.mask_key_salts))
 
     def confirm_survivors(self, check: pb.SurvivorCheck) -> bytes:
         """Active mode: sign the announced survivor set (the state machine checks it first)."""
@@ -181,9 +183,13 @@ class SecAggClientDriver:
         return reply.signature
 
 
-def _revealed(kind: pb.ShareKind, owners: np.ndarray, shares: np.ndarray) -> list[pb.RevealedShare]:
-    """One RevealedShare per owner; the share matrix is encoded once and sliced per row."""
+def _revealed(kind: pb.ShareKind, owners: np.ndarray, shares: np.ndarray, salts: np.ndarray) -> list[pb.RevealedShare]:
+    """One RevealedShare per owner, with the salt of its commitment; each matrix is encoded once and
+    sliced per row."""
     raw = np.ascontiguousarray(shares, dtype="<u4").tobytes()
     width = 4 * shares.shape[1]  # an (owners, limbs) matrix, as the state machine builds it
-    return [pb.RevealedShare(owner_id=owner, kind=kind, share=raw[i * width : (i + 1) * width])
+    raw_salts = np.ascontiguousarray(salts, dtype=np.uint8).tobytes()
+    step = salts.shape[1]
+    return [pb.RevealedShare(owner_id=owner, kind=kind, share=raw[i * width : (i + 1) * width],
+                             salt=raw_salts[i * step : (i + 1) * step])
             for i, owner in enumerate(owners.tolist())]

@@ -603,14 +603,16 @@ class UnmaskingRequest(_message.Message):
     def __init__(self, round: _Optional[int] = ..., survivors: _Optional[_Iterable[int]] = ..., dropped: _Optional[_Iterable[int]] = ..., signatures: _Optional[_Iterable[_Union[SurvivorSignature, _Mapping]]] = ..., deadline_unix_ms: _Optional[int] = ...) -> None: ...
 
 class RevealedShare(_message.Message):
-    __slots__ = ("owner_id", "kind", "share")
+    __slots__ = ("owner_id", "kind", "share", "salt")
     OWNER_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     SHARE_FIELD_NUMBER: _ClassVar[int]
+    SALT_FIELD_NUMBER: _ClassVar[int]
     owner_id: int
     kind: ShareKind
     share: bytes
-    def __init__(self, owner_id: _Optional[int] = ..., kind: _Optional[_Union[ShareKind, str]] = ..., share: _Optional[bytes] = ...) -> None: ...
+    salt: bytes
+    def __init__(self, owner_id: _Optional[int] = ..., kind: _Optional[_Union[ShareKind, str]] = ..., share: _Optional[bytes] = ..., salt: _Optional[bytes] = ...) -> None: ...
 
 class UnmaskRequest(_message.Message):
     __slots__ = ("header", "shares")

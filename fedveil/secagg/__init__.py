@@ -9,7 +9,9 @@ expansion), :mod:`~.keys` (X25519, HKDF, session id, Ed25519), :mod:`~.shamir` (
 Shamir, AES-GCM share boxes), :mod:`~.graph` (complete / Harary graphs), :mod:`~.threshold`
 (the collusion rule 2t > h + c and the choice of graph degree and t),
 :mod:`~.messages` (wire messages), :mod:`~.share_complaints` (verifiable complaints about share
-boxes that do not open, so the server can blame their sender), :mod:`~.client` and :mod:`~.server` (state machines, one
+boxes that do not open, so the server can blame their sender), :mod:`~.share_commitments` (each
+box's commitments to its shares, so that a holder returning another share or an owner dealing
+shares that do not reconstruct is proven at fault), :mod:`~.client` and :mod:`~.server` (state machines, one
 class per stage; the server's shared states in :mod:`~.server_states`, its unmasking stage in
 :mod:`~.unmasking`), :mod:`~.simulation` (in-process round runner), :mod:`~.identity` (site
 credentials: an authority that is not the server vouches for each identity key; their binary

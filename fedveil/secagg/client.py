@@ -49,6 +49,7 @@ from fedveil.secagg.keys import (
     survivor_set_payload,
 )
 from fedveil.secagg.messages import (
+    SALT_BYTES,
     SELF_MASK_LIMBS,
     SHARE_LIMBS,
     AdvertiseKeys,
@@ -67,7 +68,9 @@ from fedveil.secagg.messages import (
 from fedveil.secagg.prg import SEED_BYTES, MaskExpander
 from fedveil.secagg.session import Session, check_advertisements
 from fedveil.secagg.shamir import bytes_to_limbs, seal_share, share
-from fedveil.secagg.share_complaints import CIPHERTEXT_BYTES, box_bytes, build_complaint, open_share_box
+from fedveil.secagg.share_commitments import MASK_KEY, SELF_MASK, commitment_salts, commitments
+from fedveil.secagg.share_commitments import plaintext as share_plaintext
+from fedveil.secagg.share_complaints import SIGNED_BYTES, OpenedShare, box_bytes, build_complaint, open_share_box
 from fedveil.secagg.signature_memo import SignatureMemo
 from fedveil.secagg.survivor_checks import check_consistency, check_dropped, check_survivors
 
@@ -89,7 +92,7 @@ class _ClientContext:
         self.advertisement: AdvertiseKeys | None = None
         self.session: Session | None = None
         self.own_share: np.ndarray | None = None
-        self.received: dict[int, np.ndarray] = {}  # peer id → this client's share of the peer's secrets
+        self.received: dict[int, OpenedShare] = {}  # peer id → this client's share of the peer's secrets
         self.share_secrets: dict[int, bytes] = {}  # peer id → X25519 secret of the share keys (R1 → R2)
         self.signed_survivors: frozenset[int] | None = None
         self.revealed: dict[int, str] = {}  # peer id → "self_mask" | "mask_key"
@@ -176,18 +179,20 @@ class ClientR1ShareKeys(ClientState):
                                   bytes_to_limbs(ctx.keys.mask_private.private_bytes_raw())])
         xs = np.asarray(holders, dtype=np.int64) + 1
         shares = share(secrets, xs, cfg.threshold, seed=ctx.keys.sharing_seed[:SEED_BYTES])
-        rows = shares.astype("<u4")
+        # each box commits to its shares, so that shares that do not reconstruct convict their dealer
+        # (fedveil.secagg.share_commitments)
+        salts = commitment_salts(ctx.keys.sharing_seed, sid, len(holders))
         boxes: dict[int, bytes] = {}
         for row, holder in enumerate(holders):
             if holder == me:
                 ctx.own_share = shares[row].copy()
                 continue
-            plaintext = rows[row].tobytes()
             shared = share_secret(ctx.keys.share_private, session.advertisements[holder].share_public)
             ctx.share_secrets[holder] = shared
             key = share_box_key(shared, me, holder, sid)
-            box = seal_share(key, plaintext, me, holder, sid)
-            if cfg.active:  # signed, so that a holder can prove the box came from this client
+            box = (seal_share(key, share_plaintext(shares[row], salts[row]), me, holder, sid)
+                   + commitments(sid, me, holder, shares[row], salts[row]))
+            if cfg.active:  # signed, so that a holder can prove the box and its commitments came from this client
                 assert ctx.identity_key is not None
                 box += sign(ctx.identity_key, share_box_payload(sid, me, holder, box))
             boxes[holder] = box
@@ -215,16 +220,16 @@ class ClientR2MaskedInput(ClientState):
         strays = [sender for sender in senders if sender not in neighbours]
         if strays:
             raise ProtocolError(f"client {me} received a share box from non-neighbour {strays[0]}")
-        received: dict[int, np.ndarray] = {}
+        received: dict[int, OpenedShare] = {}
         failures: dict[int, str] = {}
         for sender in senders:
             box = msg.boxes[sender]
-            opened: np.ndarray | str = "has the wrong length"
+            opened: OpenedShare | str = "has the wrong length"
             if len(box) == box_bytes(cfg.active):  # in active mode the signature is checked only if it fails
                 shared = ctx.share_secrets.get(sender)
                 if shared is None:
                     shared = share_secret(ctx.keys.share_private, session.advertisements[sender].share_public)
-                opened = open_share_box(shared, box[:CIPHERTEXT_BYTES], sender, me, sid)
+                opened = open_share_box(shared, box[:SIGNED_BYTES], sender, me, sid)
             if isinstance(opened, str):
                 failures[sender] = opened
             else:
@@ -325,18 +330,22 @@ class ClientR3Unmasking(ClientState):
                 raise DoubleShareRequestError(f"client {me} already revealed the self-mask share of {peer}")
         assert ctx.own_share is not None
         held = dict(ctx.received)
-        held[me] = ctx.own_share
+        # its own share needs no salt: the server takes it from the owner itself
+        held[me] = OpenedShare(ctx.own_share, np.zeros((2, SALT_BYTES), np.uint8))
         sm_owners = sorted(p for p in survivors if p in held)
         mk_owners = sorted(p for p in dropped if p in ctx.received)
         for p in sm_owners:
             ctx.revealed[p] = "self_mask"
         for p in mk_owners:
             ctx.revealed[p] = "mask_key"
-        sm = np.array([held[p][:SELF_MASK_LIMBS] for p in sm_owners], dtype=np.uint32).reshape(-1, SELF_MASK_LIMBS)
-        mk = np.array([held[p][SELF_MASK_LIMBS:] for p in mk_owners], dtype=np.uint32).reshape(
+        sm = np.array([held[p].limbs[:SELF_MASK_LIMBS] for p in sm_owners], dtype=np.uint32).reshape(
+            -1, SELF_MASK_LIMBS)
+        mk = np.array([held[p].limbs[SELF_MASK_LIMBS:] for p in mk_owners], dtype=np.uint32).reshape(
             -1, SHARE_LIMBS - SELF_MASK_LIMBS)
+        sm_salts = np.array([held[p].salts[SELF_MASK] for p in sm_owners], dtype=np.uint8).reshape(-1, SALT_BYTES)
+        mk_salts = np.array([held[p].salts[MASK_KEY] for p in mk_owners], dtype=np.uint8).reshape(-1, SALT_BYTES)
         reply = UnmaskingResponse(cfg.round_id, me, np.array(sm_owners, dtype=np.uint32), sm,
-                                  np.array(mk_owners, dtype=np.uint32), mk)
+                                  np.array(mk_owners, dtype=np.uint32), mk, sm_salts, mk_salts)
         return ClientCompleted(ctx), reply
 
 

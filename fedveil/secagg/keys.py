@@ -254,13 +254,13 @@ def survivor_set_payload(session: bytes, survivors: Iterable[int]) -> bytes:
     return _DOMAIN + b"survivors" + session + struct.pack(f"<I{len(ids)}I", len(ids), *ids)
 
 
-def share_box_payload(session: bytes, sender: int, holder: int, ciphertext: bytes) -> bytes:
-    """What the sender of a share box signs in active mode: the box's ciphertext, bound to the session
-    id and to both ends, so a signed box is valid for one holder in one session only. A holder reveals
-    the pair's secret in a complaint only about a box its sender signed
-    (:mod:`fedveil.secagg.share_complaints`)."""
+def share_box_payload(session: bytes, sender: int, holder: int, body: bytes) -> bytes:
+    """What the sender of a share box signs in active mode: the box's ciphertext and share commitments
+    (``body``), bound to the session id and to both ends, so a signed box is valid for one holder in
+    one session only. A holder reveals the pair's secret in a complaint only about a box its sender
+    signed (:mod:`fedveil.secagg.share_complaints`)."""
     return (_DOMAIN + b"share-box-signature" + struct.pack("<I", len(session)) + session
-            + struct.pack("<II", sender, holder) + ciphertext)
+            + struct.pack("<II", sender, holder) + body)
 
 
 def sign(identity: Ed25519PrivateKey, payload: bytes) -> bytes:

@@ -43,6 +43,7 @@ HEADER_BYTES = _HEADER.size
 SELF_MASK_LIMBS = 8  # 16-byte self-mask seed as 16-bit limbs
 MASK_KEY_LIMBS = 16  # 32-byte X25519 private key as 16-bit limbs
 SHARE_LIMBS = SELF_MASK_LIMBS + MASK_KEY_LIMBS
+SALT_BYTES = 16  # the salt of a share's commitment (fedveil.secagg.share_commitments)
 
 
 class _Reader:
@@ -221,8 +222,11 @@ class UnmaskingResponse(Message):
 
     ``self_mask_shares[i]`` is this client's share of the self-mask seed of survivor
     ``self_mask_owners[i]``; ``mask_key_shares[i]`` its share of the masking key of dropped
-    client ``mask_key_owners[i]``. Never both for one owner. The shares are secrets (t of them
-    give a seed or key), so they are left out of ``repr``: a logged message shows owners only.
+    client ``mask_key_owners[i]``. Never both for one owner. Each share comes with the salt that
+    opens its owner's commitment to it (``(count, SALT_BYTES)`` uint8;
+    :mod:`fedveil.secagg.share_commitments`); a client's share of its own seed has none (zeros). The
+    shares are secrets (t of them give a seed or key), so they and their salts are left out of
+    ``repr``: a logged message shows owners only.
     """
 
     TYPE: ClassVar[int] = 5
@@ -232,21 +236,30 @@ class UnmaskingResponse(Message):
     mask_key_owners: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint32))
     mask_key_shares: np.ndarray = field(default_factory=lambda: np.zeros((0, MASK_KEY_LIMBS), np.uint32),
                                         repr=False)
+    self_mask_salts: np.ndarray = field(default_factory=lambda: np.zeros((0, SALT_BYTES), np.uint8), repr=False)
+    mask_key_salts: np.ndarray = field(default_factory=lambda: np.zeros((0, SALT_BYTES), np.uint8), repr=False)
+
+    def _groups(self) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray, int, str], ...]:
+        return ((self.self_mask_owners, self.self_mask_shares, self.self_mask_salts, SELF_MASK_LIMBS, "self_mask"),
+                (self.mask_key_owners, self.mask_key_shares, self.mask_key_salts, MASK_KEY_LIMBS, "mask_key"))
 
     def _body(self) -> bytes:
         parts = []
-        for owners, shares, limbs in ((self.self_mask_owners, self.self_mask_shares, SELF_MASK_LIMBS),
-                                      (self.mask_key_owners, self.mask_key_shares, MASK_KEY_LIMBS)):
+        for owners, shares, salts, limbs, what in self._groups():
             ids = _ids(owners)
             sh = np.asarray(shares)
             if sh.shape != (ids.size, limbs):
-                raise MalformedMessageError(f"shares must have shape ({ids.size}, {limbs}) (got {sh.shape})")
-            parts += [struct.pack("<I", ids.size), ids.astype("<u4").tobytes(), sh.astype("<u4").tobytes()]
+                raise MalformedMessageError(f"{what}_shares must have shape ({ids.size}, {limbs}) (got {sh.shape})")
+            sa = np.asarray(salts)
+            if sa.shape != (ids.size, SALT_BYTES):
+                raise MalformedMessageError(f"{what}_salts must have shape ({ids.size}, {SALT_BYTES}) (got {sa.shape})")
+            parts += [struct.pack("<I", ids.size), ids.astype("<u4").tobytes(), sh.astype("<u4").tobytes(),
+                      sa.astype(np.uint8).tobytes()]
         return b"".join(parts)
 
     def wire_size(self) -> int:
-        return HEADER_BYTES + 8 + 4 * (self.self_mask_owners.size * (1 + SELF_MASK_LIMBS)
-                                       + self.mask_key_owners.size * (1 + MASK_KEY_LIMBS))
+        return HEADER_BYTES + 8 + sum(owners.size * (4 * (1 + limbs) + SALT_BYTES)
+                                      for owners, _, _, limbs, _ in self._groups())
 
     @classmethod
     def _parse(cls, round_id: int, client_id: int, r: _Reader) -> UnmaskingResponse:
@@ -254,8 +267,9 @@ class UnmaskingResponse(Message):
         for limbs in (SELF_MASK_LIMBS, MASK_KEY_LIMBS):
             count = r.u32()
             ids = r.array(count, "<u4")
-            out += [ids, r.array(count * limbs, "<u4").reshape(count, limbs)]
-        return cls(round_id, client_id, out[0], out[1], out[2], out[3])
+            out += [ids, r.array(count * limbs, "<u4").reshape(count, limbs),
+                    r.array(count * SALT_BYTES, "u1").reshape(count, SALT_BYTES)]
+        return cls(round_id, client_id, out[0], out[1], out[3], out[4], out[2], out[5])
 
 
 # --- server → client ------------------------------------------------------------------------------

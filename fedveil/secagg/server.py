@@ -52,6 +52,7 @@ from fedveil.secagg.messages import (
 )
 from fedveil.secagg.server_states import (
     AggregationResult,
+    BoxCommitments,
     ServerAborted,
     ServerCompleted,
     ServerContext,
@@ -64,7 +65,13 @@ from fedveil.secagg.session import (
     check_advertisement,
     prune_live,
 )
-from fedveil.secagg.share_complaints import BAD_SIGNATURE, ComplaintVerdict, ShareComplaint, box_bytes, judge
+from fedveil.secagg.share_complaints import (
+    BAD_SIGNATURE,
+    ComplaintVerdict,
+    ShareComplaint,
+    box_bytes,
+    judge,
+)
 from fedveil.secagg.unmasking import ServerR3Unmasking, default_unmasking_threads
 
 
@@ -202,7 +209,10 @@ class ServerR2MaskedInputCollection(ServerState):
 
     def close(self) -> tuple[ServerState, dict[int, Message]]:
         ctx = self.ctx
-        ctx.boxes = {}  # the stage's complaints are judged: the server keeps no ciphertexts
+        # the stage's complaints are judged: the server keeps no ciphertexts, only each box's commitments,
+        # which the shares returned at unmasking must open
+        ctx.commitments = {owner: BoxCommitments.of(boxes) for owner, boxes in ctx.boxes.items()}
+        ctx.boxes = {}
         alive = self._survivors("masked-input")
         if isinstance(alive, str):
             ctx.running_sum = None
@@ -320,6 +330,13 @@ class SecAggServer:
     def verdicts(self) -> dict[int, tuple[ComplaintVerdict, ...]]:
         """The judged complaints of this attempt, by complaining holder (:meth:`judge_complaints`)."""
         return dict(self._ctx.verdicts)
+
+    @property
+    def misconduct(self) -> dict[int, str]:
+        """Clients proven at unmasking to deviate, and how: holders that returned shares their owners had
+        not committed to, and owners whose committed shares do not give the secret they stand for
+        (:mod:`fedveil.secagg.share_commitments`). Filled whether the round completes or aborts."""
+        return dict(self._ctx.misconduct)
 
     @property
     def blamed(self) -> frozenset[int]:

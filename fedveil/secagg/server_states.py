@@ -16,7 +16,8 @@ from fedveil.secagg.config import SecAggConfig
 from fedveil.secagg.errors import UnexpectedMessageError
 from fedveil.secagg.messages import AdvertiseKeys, Message, RoundAborted
 from fedveil.secagg.session import Session
-from fedveil.secagg.share_complaints import ComplaintVerdict
+from fedveil.secagg.share_commitments import COMMITMENTS_BYTES
+from fedveil.secagg.share_complaints import SIGNED_BYTES, ComplaintVerdict
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,34 @@ class AggregationResult:
     dropped: tuple[int, ...]
     """Clients that shared keys but whose masked inputs did not arrive (masks removed)."""
     faulty_holders: tuple[int, ...] = ()
-    """Clients whose unmasking shares were wrong and were corrected around (none in an honest round)."""
+    """Clients whose unmasking answers were refused: they returned shares their owners had not committed
+    to (none in an honest round; :attr:`ServerContext.misconduct` says why)."""
+
+
+@dataclass(frozen=True)
+class BoxCommitments:
+    """One owner's commitments to its holders' shares, kept from the masked-input stage to unmasking:
+    one ``(holders, COMMITMENTS_BYTES)`` array (16 KiB for 250 holders, no object per box)."""
+
+    holders: np.ndarray
+    """The holders, ascending."""
+    commitments: np.ndarray
+
+    @classmethod
+    def of(cls, boxes: dict[int, bytes]) -> BoxCommitments:
+        """From an owner's share boxes, by holder: the commitments follow each box's ciphertext."""
+        holders = sorted(boxes)
+        start = SIGNED_BYTES - COMMITMENTS_BYTES
+        block = b"".join(boxes[h][start:SIGNED_BYTES] for h in holders)
+        return cls(np.asarray(holders, dtype=np.int64),
+                   np.frombuffer(block, dtype=np.uint8).reshape(len(holders), COMMITMENTS_BYTES))
+
+    def get(self, holder: int) -> bytes | None:
+        """The two commitments of the box sent to ``holder``, or None if it was sent none."""
+        i = int(np.searchsorted(self.holders, holder))
+        if i == len(self.holders) or int(self.holders[i]) != holder:
+            return None
+        return self.commitments[i].tobytes()
 
 
 class ServerContext:
@@ -39,6 +67,10 @@ class ServerContext:
         self.session: Session | None = None
         self.u2: tuple[int, ...] = ()
         self.boxes: dict[int, dict[int, bytes]] = {}
+        # owner → its two commitments to each holder's shares (masked-input stage to unmasking)
+        self.commitments: dict[int, BoxCommitments] = {}
+        # Clients proven to deviate at unmasking (fedveil.secagg.share_commitments) → why.
+        self.misconduct: dict[int, str] = {}
         self.running_sum: np.ndarray | None = None
         self.u3: tuple[int, ...] = ()
         self.dropped: tuple[int, ...] = ()

@@ -9,9 +9,11 @@ be drawn again and again. Instead H *complains*, and the complaint proves its po
     this pair's two boxes and nothing else), with a Chaum–Pedersen proof (Fiat–Shamir, SHA-512)
     that log_B(PK_H) = log_{P_S}(Z), where PK_H and P_S are the Edwards forms of the two advertised
     share keys. The server derives the box key from u(Z) and opens the box S uploaded: if it opens
-    to a well-formed share H lied (guilty H); otherwise S is at fault. A bad proof convicts H.
+    to a well-formed share that matches the box's two commitments
+    (:mod:`fedveil.secagg.share_commitments`) H lied (guilty H); otherwise S is at fault. A bad proof
+    convicts H.
 ``"bad_signature"`` (active mode)
-    Every box carries S's identity signature over (session id, S, H, ciphertext). H verifies it only
+    Every box carries S's identity signature over (session id, S, H, ciphertext, commitments). H verifies it only
     when the box fails, and reveals nothing for a box S did not sign: otherwise a malicious server
     could tamper with the boxes of one victim until t holders had revealed its pair keys. The server
     checks the signature of the box it stored: a bad one convicts S; a good one convicts nobody (the
@@ -48,17 +50,18 @@ from fedveil.secagg.keys import (
     share_box_payload,
     valid_signatures,
 )
-from fedveil.secagg.messages import SHARE_LIMBS
 from fedveil.secagg.shamir import BOX_OVERHEAD, PRIME, open_share
+from fedveil.secagg.share_commitments import COMMITMENTS_BYTES, PLAINTEXT_BYTES, commitments, split_plaintext
 
 UNDECRYPTABLE = "undecryptable"
 BAD_SIGNATURE = "bad_signature"
 BAD_KEY = "bad_key"
 KINDS = (UNDECRYPTABLE, BAD_SIGNATURE, BAD_KEY)
 
-SHARE_BYTES = 4 * SHARE_LIMBS
-"""Plaintext of a share box: the holder's share of the sender's two secrets, uint32 limbs."""
-CIPHERTEXT_BYTES = SHARE_BYTES + BOX_OVERHEAD
+CIPHERTEXT_BYTES = PLAINTEXT_BYTES + BOX_OVERHEAD
+"""AES-GCM over the holder's share of the sender's two secrets (uint32 limbs) and their two salts."""
+SIGNED_BYTES = CIPHERTEXT_BYTES + COMMITMENTS_BYTES
+"""The part of a box its sender signs in active mode: the ciphertext, then the two commitments."""
 SHARED_POINT_BYTES = 32
 """Z, the pair's X25519 point in Edwards form."""
 PROOF_BYTES = 96
@@ -71,8 +74,9 @@ _DLEQ_DOMAIN = b"fedveil/secagg/v1/share-complaint/dleq"
 
 
 def box_bytes(active: bool) -> int:
-    """Length of a share box: AES-GCM ciphertext, then in active mode the sender's signature."""
-    return CIPHERTEXT_BYTES + (SIGNATURE_BYTES if active else 0)
+    """Length of a share box: AES-GCM ciphertext, the two commitments, then in active mode the sender's
+    signature over both."""
+    return SIGNED_BYTES + (SIGNATURE_BYTES if active else 0)
 
 
 @dataclass(frozen=True)
@@ -216,28 +220,43 @@ def verify_shared_point(holder_public: bytes, sender_public: bytes, sender: int,
 
 # --- boxes ---------------------------------------------------------------------------------------------
 
-def open_share_box(shared: bytes, ciphertext: bytes, sender: int, holder: int, session_id: bytes) -> np.ndarray | str:
-    """The share in a box (``SHARE_LIMBS`` field elements, int64), or why the box is no share: the
-    one test the holder and the server apply alike."""
+@dataclass(frozen=True)
+class OpenedShare:
+    """What a share box holds: the holder's share of both secrets and the salts of their commitments."""
+
+    limbs: np.ndarray = field(repr=False)
+    """``SHARE_LIMBS`` field elements (int64): the self-mask seed's share, then the masking key's."""
+    salts: np.ndarray = field(repr=False)
+    """``(2, SALT_BYTES)`` uint8: the salt of each commitment."""
+
+
+def open_share_box(shared: bytes, body: bytes, sender: int, holder: int, session_id: bytes) -> OpenedShare | str:
+    """The share in a box, or why the box is no share: the one test the holder and the server apply
+    alike. ``body`` is the box without its signature: the ciphertext, then the two commitments."""
+    if len(body) != SIGNED_BYTES:
+        return "has the wrong length"
+    ciphertext, committed = body[:CIPHERTEXT_BYTES], body[CIPHERTEXT_BYTES:]
     key = share_box_key(shared, sender, holder, session_id)
     try:
         plain = open_share(key, ciphertext, sender, holder, session_id)
     except (ShareDecryptionError, ValueError):
         return "failed authentication (tampered, misrouted or from another session)"
-    if len(plain) != SHARE_BYTES:
+    if len(plain) != PLAINTEXT_BYTES:
         return "has the wrong length"
-    limbs = np.frombuffer(plain, dtype="<u4").astype(np.int64)
+    limbs, salts = split_plaintext(plain)
     if limbs.max() >= PRIME:
         return "holds a limb that is not a field element"
-    return limbs
+    if not hmac.compare_digest(committed, commitments(session_id, sender, holder, limbs, salts)):
+        return "holds a share that does not match its commitments"
+    return OpenedShare(limbs, salts)
 
 
 def box_signature_valid(identity_public: bytes, box: bytes, sender: int, holder: int, session_id: bytes) -> bool:
     """Active mode: whether ``box`` (ciphertext ‖ signature) carries the sender's identity signature."""
     if len(box) != box_bytes(True):
         return False
-    ciphertext, signature = box[:CIPHERTEXT_BYTES], box[CIPHERTEXT_BYTES:]
-    payload = share_box_payload(session_id, sender, holder, ciphertext)
+    body, signature = box[:SIGNED_BYTES], box[SIGNED_BYTES:]
+    payload = share_box_payload(session_id, sender, holder, body)
     return valid_signatures([(identity_public, signature, payload)])[0]
 
 
@@ -279,8 +298,8 @@ def judge(complaint: ShareComplaint, *, holder: int, holder_public: bytes, sende
                                  complaint.proof)
     if shared is None:
         return verdict(False, holder, f"client {holder}'s proof of the shared point is invalid")
-    opened = open_share_box(shared, stored_box[:CIPHERTEXT_BYTES], sender, holder, session_id)
+    opened = open_share_box(shared, stored_box[:SIGNED_BYTES], sender, holder, session_id)
     if isinstance(opened, str):
         return verdict(True, sender, f"the share box client {sender} uploaded {opened}")
-    return verdict(False, holder, f"the share box client {sender} uploaded opens to a well-formed share: "
-                                  "a false complaint")
+    return verdict(False, holder, f"the share box client {sender} uploaded opens to a well-formed share that "
+                                  "matches its commitments: a false complaint")

@@ -5,6 +5,12 @@ A module of its own because, unlike the stages of :mod:`fedveil.secagg.server`, 
 route, this one computes: Shamir recovery, correction around wrong shares
 (:mod:`fedveil.secagg.share_decoding`) and mask expansion in threads. Every secret is recovered
 before the sum is touched, so an abort reveals nothing.
+
+Each returned share must open its owner's commitment (:mod:`fedveil.secagg.share_commitments`):
+an answer with one that does not is refused and its holder recorded as proven to lie. The shares
+kept are then all the owner's own dealing, so when they do not give one secret (or not the masking
+key it advertised) the owner is recorded as proven at fault, and the round still completes if
+Berlekamp–Welch recovers the secret around the bad shares.
 """
 
 from __future__ import annotations
@@ -17,11 +23,19 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedveil.secagg.errors import MalformedMessageError, ProtocolError, RoundAbortedError
 from fedveil.secagg.keys import pairwise_mask_seed, self_mask_prg_seed
-from fedveil.secagg.messages import MASK_KEY_LIMBS, SELF_MASK_LIMBS, SHARE_LIMBS, Message, UnmaskingResponse
+from fedveil.secagg.messages import (
+    MASK_KEY_LIMBS,
+    SALT_BYTES,
+    SELF_MASK_LIMBS,
+    SHARE_LIMBS,
+    Message,
+    UnmaskingResponse,
+)
 from fedveil.secagg.prg import MaskExpander
 from fedveil.secagg.server_states import AggregationResult, ServerCompleted, ServerContext, ServerState
 from fedveil.secagg.shamir import PRIME, lagrange_at_zero, limbs_to_bytes, random_field_elements
 from fedveil.secagg.shamir import reconstruct as shamir_reconstruct
+from fedveil.secagg.share_commitments import MASK_KEY, SELF_MASK, matches, part_of
 from fedveil.secagg.share_decoding import (
     UndecodableSharesError,
     decode_shares,
@@ -89,6 +103,7 @@ class ServerR3Unmasking(ServerState):
         super().__init__(ctx, expected)
         self.self_mask_shares = _ShareTable(SELF_MASK_LIMBS)
         self.mask_key_shares = _ShareTable(MASK_KEY_LIMBS)
+        self.refused: set[int] = set()  # holders whose answers held shares their owners never committed to
 
     def _accept(self, client_id: int, msg: Message) -> None:
         assert isinstance(msg, UnmaskingResponse) and self.ctx.session is not None
@@ -102,13 +117,38 @@ class ServerR3Unmasking(ServerState):
             raise MalformedMessageError(f"client {client_id} listed a share owner twice")
         if not set(sm_owners) <= survivors & holds or not set(mk_owners) <= dropped & holds:
             raise ProtocolError(f"client {client_id} sent shares that were not requested")
-        for owners, shares, limbs in ((sm_owners, msg.self_mask_shares, SELF_MASK_LIMBS),
-                                      (mk_owners, msg.mask_key_shares, MASK_KEY_LIMBS)):
+        for owners, shares, salts, limbs in ((sm_owners, msg.self_mask_shares, msg.self_mask_salts, SELF_MASK_LIMBS),
+                                             (mk_owners, msg.mask_key_shares, msg.mask_key_salts, MASK_KEY_LIMBS)):
             arr = np.asarray(shares)
             if arr.shape != (len(owners), limbs) or (arr.size and int(arr.max()) >= PRIME):
                 raise MalformedMessageError(f"client {client_id}: share matrix of shape {arr.shape} is invalid")
+            if np.asarray(salts).shape != (len(owners), SALT_BYTES):
+                raise MalformedMessageError(f"client {client_id}: salt matrix of shape {np.asarray(salts).shape} "
+                                            f"is invalid (expected ({len(owners)}, {SALT_BYTES}))")
+        self._check_commitments(client_id, sm_owners, msg.self_mask_shares, msg.self_mask_salts, SELF_MASK)
+        self._check_commitments(client_id, mk_owners, msg.mask_key_shares, msg.mask_key_salts, MASK_KEY)
         self.self_mask_shares.add(client_id + 1, msg.self_mask_owners, msg.self_mask_shares)
         self.mask_key_shares.add(client_id + 1, msg.mask_key_owners, msg.mask_key_shares)
+
+    def _check_commitments(self, holder: int, owners: list[int], shares: np.ndarray, salts: np.ndarray,
+                           part: int) -> None:
+        """Every share but the holder's own must open the commitment its owner put in the box; a
+        share that does not was not dealt by its owner, so the holder is proven to lie."""
+        assert self.ctx.session is not None
+        sid = self.ctx.session.session_id
+        what = "self-mask seed" if part == SELF_MASK else "masking key"
+        for owner, row, salt in zip(owners, np.asarray(shares), np.asarray(salts, dtype=np.uint8), strict=True):
+            if owner == holder:
+                continue  # its own share: the owner's word, as its dealing is
+            box = self.ctx.commitments.get(owner)
+            committed = box.get(holder) if box is not None else None
+            if committed is None or not matches(part_of(committed, part), sid, owner, holder, part, row,
+                                                salt.tobytes()):
+                reason = (f"returned a share of the {what} of client {owner} that client {owner} did not commit to "
+                          "(its answer was refused)")
+                self.ctx.misconduct.setdefault(holder, reason)
+                self.refused.add(holder)
+                raise ProtocolError(f"client {holder} {reason}")
 
     def close(self) -> tuple[ServerState, dict[int, Message]]:
         try:
@@ -129,12 +169,11 @@ class ServerR3Unmasking(ServerState):
         survivors_set = set(ctx.u3)
         coeff_cache: dict[tuple[int, ...], np.ndarray] = {}
 
-        faulty: set[int] = set()
         parity_cache: dict[tuple[int, ...], np.ndarray] = {}
         fold = random_field_elements(SHARE_LIMBS)  # drawn after every share arrived
 
         def recover(table: dict[int, tuple[np.ndarray, np.ndarray]], owner: int, what: str,
-                    matches: Callable[[bytes], bool] = lambda _: True) -> bytes:
+                    matches_public: Callable[[bytes], bool] = lambda _: True) -> bytes:
             xs, rows = table.get(owner, (np.zeros(0, np.int64), np.zeros((0, SHARE_LIMBS), np.int64)))
             if len(xs) < t:
                 raise RoundAbortedError(f"only {len(xs)} shares of the {what} of client {owner} arrived; "
@@ -151,22 +190,24 @@ class ServerR3Unmasking(ServerState):
             if on_one_polynomial(xs, fold_limbs(rows, fold), t, weights):
                 try:
                     raw = limbs_to_bytes(secret)
-                    if matches(raw):
+                    if matches_public(raw):
                         return raw
                 except MalformedMessageError:
                     pass
-            # A holder sent a wrong share: locate it among all shares and interpolate without it
-            # (fedveil.secagg.share_decoding); abort only when more are wrong than can be corrected.
+            # Every share here is one the owner committed to (or its own): it dealt shares that give no
+            # single secret, or not the key it advertised. Try to recover it around the odd shares out
+            # (fedveil.secagg.share_decoding); abort only when that fails too.
+            ctx.misconduct.setdefault(owner, f"dealt shares of its {what} that do not give one secret "
+                                             "(or not the one it advertised)")
             try:
                 decoded = decode_shares(xs, rows, t)
                 raw = limbs_to_bytes(decoded.limbs)
             except (UndecodableSharesError, MalformedMessageError) as err:
                 raise RoundAbortedError(f"the shares of the {what} of client {owner} are inconsistent "
                                         f"beyond correction ({err})") from err
-            if not matches(raw):
+            if not matches_public(raw):
                 raise RoundAbortedError(f"the shares of the {what} of client {owner} are inconsistent "
                                         "beyond correction (the decoded value is not the advertised one)")
-            faulty.update(x - 1 for x in decoded.faulty_points)
             return raw
 
         def recover_mask_key(d: int) -> X25519PrivateKey:
@@ -195,4 +236,4 @@ class ServerR3Unmasking(ServerState):
         MaskExpander(cfg.vector_length, cfg.ring.dtype).apply(total, add=plus, subtract=minus, threads=ctx.threads)
         cfg.ring.reduce(total)
         ctx.running_sum = None
-        return AggregationResult(total, ctx.u3, ctx.dropped, tuple(sorted(faulty)))
+        return AggregationResult(total, ctx.u3, ctx.dropped, tuple(sorted(self.refused)))

@@ -1,4 +1,5 @@
-"""Sites proven to deviate from the protocol: share-box complaints, and who may not be drawn.
+"""Sites proven to deviate from the protocol: share-box complaints, shares that do not open their
+owner's commitment or do not reconstruct, and who may not be drawn.
 
 A site that seals share boxes its holders cannot open made every attempt of a round abort, and
 nothing said who was at fault, so it was drawn again (the third attacker review). A holder now
@@ -72,6 +73,16 @@ class MisconductMixin(CoordinatorBase):
         self._convict(guilty, f"round {rnd.number}, attempt {rnd.attempt}: {verdict.reason} "
                               f"(client {verdict.guilty} is {guilty}; the complaint came from {complainer})")
 
+    def _convict_unmasking_misconduct(self, rnd: _Round) -> None:
+        """Convict whoever the unmasking stage proved at fault (lock held): holders that returned shares
+        their owners never committed to, and owners whose committed shares give no secret or not the
+        one they advertised (:mod:`fedveil.secagg.share_commitments`)."""
+        assert rnd.secagg is not None
+        for sid, why in sorted(rnd.secagg.misconduct.items()):
+            name = rnd.names.get(sid)
+            if name is not None:
+                self._convict(name, f"round {rnd.number}, attempt {rnd.attempt}: client {sid} ({name}) {why}")
+
     def _convict(self, name: str, reason: str) -> None:
         """Leave ``name`` out of every later cohort of this job, a resumed one too (lock held)."""
         if name not in self._convicted:
@@ -97,7 +108,11 @@ class MisconductMixin(CoordinatorBase):
     def _misconduct_outcome(self, rnd: _Round) -> str | None:
         """'convicted' when someone was convicted in this aborted attempt (lock held): the attempt
         does not count against the limit, since the culprit is not drawn again."""
-        if rnd.secagg is None or not rnd.secagg.blamed:
+        if rnd.secagg is None:
+            return None
+        if rnd.secagg.misconduct:  # an attempt that aborted at unmasking (an evaluation round's)
+            self._convict_unmasking_misconduct(rnd)
+        if not (rnd.secagg.blamed or rnd.secagg.misconduct):
             return None
         self._tries[rnd.number] -= 1
         return "convicted"

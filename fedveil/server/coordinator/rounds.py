@@ -407,15 +407,14 @@ class RoundDriverMixin(CoordinatorBase):
                 rnd.closing = False
                 self._drop_gone(rnd)
                 self._cond.notify_all()
+        if rnd.secagg is not None and rnd.secagg.misconduct:
+            with self._cond:
+                self._convict_unmasking_misconduct(rnd)
         if unmasking_failed is not None:
             return self._reject_round(rnd, f"unmasking failed after the sites released their shares: "
                                            f"{unmasking_failed}", survivors)
         assert rnd.secagg is not None
         result = rnd.secagg.result
-        if result.faulty_holders:
-            log.warning("round %d: wrong unmasking shares from %s were located and left out (the round is exact; "
-                        "a holder may also have been handed a wrong share by its owner)", number,
-                        ", ".join(rnd.names[c] for c in result.faulty_holders))
         declared = sum(rnd.weights.get(s, 0.0) for s in result.survivors) if rnd.plan.encoding.weighted else None
         try:
             applied = self.model.apply(rnd.plan, result.ring_sum, len(result.survivors), declared)

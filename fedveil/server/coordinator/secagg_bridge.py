@@ -287,7 +287,7 @@ class SecAggBridgeMixin(CoordinatorBase):
     def unmask(self, caller: str, request: pb.UnmaskRequest) -> pb.Ack:
         limbs: dict[int, int] = {pb.SHARE_KIND_SELF_MASK_SEED: sa.SELF_MASK_LIMBS,
                                  pb.SHARE_KIND_MASKING_KEY: sa.MASK_KEY_LIMBS}
-        groups: dict[int, tuple[list[int], list[bytes]]] = {kind: ([], []) for kind in limbs}
+        groups: dict[int, tuple[list[int], list[bytes], list[bytes]]] = {kind: ([], [], []) for kind in limbs}
         for i, share in enumerate(request.shares):
             group = groups.get(share.kind)
             if group is None:
@@ -295,12 +295,17 @@ class SecAggBridgeMixin(CoordinatorBase):
             data = share.share
             if len(data) != 4 * limbs[share.kind]:
                 raise MalformedMessage(f"shares[{i}].share: expected {4 * limbs[share.kind]} bytes, got {len(data)}")
+            if len(share.salt) != sa.SALT_BYTES:
+                raise MalformedMessage(f"shares[{i}].salt: expected {sa.SALT_BYTES} bytes, got {len(share.salt)}")
             group[0].append(share.owner_id)
             group[1].append(data)
-        # each kind's shares as one (owners, limbs) matrix, parsed in one step
+            group[2].append(share.salt)
+        # each kind's shares as one (owners, limbs) matrix and its salts as one (owners, 16), parsed in one step
         owners = {kind: np.asarray(group[0], dtype=np.uint32) for kind, group in groups.items()}
         rows = {kind: np.frombuffer(b"".join(group[1]), dtype="<u4").astype(np.uint32).reshape(-1, limbs[kind])
                 for kind, group in groups.items()}
+        salts = {kind: np.frombuffer(b"".join(group[2]), dtype=np.uint8).reshape(-1, sa.SALT_BYTES)
+                 for kind, group in groups.items()}
         with self._cond:
             client = self._session(caller, request.header, "Unmask")
             rnd, sid = self._round_for(client, request.header, Stage.UNMASKING, "Unmask")
@@ -308,6 +313,7 @@ class SecAggBridgeMixin(CoordinatorBase):
                 rnd.config.round_id, sid,
                 owners[pb.SHARE_KIND_SELF_MASK_SEED], rows[pb.SHARE_KIND_SELF_MASK_SEED],
                 owners[pb.SHARE_KIND_MASKING_KEY], rows[pb.SHARE_KIND_MASKING_KEY],
+                salts[pb.SHARE_KIND_SELF_MASK_SEED], salts[pb.SHARE_KIND_MASKING_KEY],
             )
             return self._feed(rnd, sid, msg, Stage.UNMASKING, caller)
 
