@@ -110,3 +110,22 @@ def test_a_box_whose_commitments_do_not_match_its_shares_convicts_its_sender(act
     (verdict,) = r.server.judge_complaints(holder, complaints[holder])
     assert (verdict.upheld, verdict.guilty) == (True, sender)
     assert "does not match its commitments" in verdict.reason
+
+
+def test_a_server_that_alters_a_commitment_learns_no_pair_key() -> None:
+    """Active mode: a malicious server flips a bit of a commitment in a box it routes, hoping the holder
+    reveals the pair's point to prove the mismatch (which would open the pair's two boxes). The box's
+    signature covers the commitments, so the holder only says the signature fails, revealing nothing,
+    and the verdict convicts nobody (the server's own copy of the box is intact)."""
+    r = _round(True)
+    sender, holder = 3, 1
+    out = _masked_stage(r, _share_keys(r))
+    msg = out[holder]
+    box = bytearray(msg.boxes[sender])
+    box[SIGNED_BYTES - COMMITMENTS_BYTES] ^= 0x80  # the first commitment, as the server forwards it
+    out[holder] = dataclasses.replace(msg, boxes={**msg.boxes, sender: bytes(box)})
+    complaints, _ = _complaints_of(r, out)
+    (complaint,) = complaints[holder]
+    assert complaint.kind == "bad_signature" and complaint.shared_point == b"" and complaint.proof == b""
+    (verdict,) = r.server.judge_complaints(holder, complaints[holder])
+    assert verdict.guilty is None and not verdict.upheld
