@@ -365,3 +365,38 @@ def test_foreign_and_out_of_state_messages_change_nothing(scripts):
     _throw(r, scripts[3])
     assert r.server.completed
     assert np.array_equal(r.server.result.ring_sum, ring_sum(_FUZZ_CONFIG, _FUZZ_INPUTS, range(4)))
+
+
+def test_unmasking_answers_checked_ahead_are_not_checked_again_and_a_lie_is_still_refused(monkeypatch):
+    """A driver checks an answer's commitments outside its lock (SecAggServer.verify_unmasking): a sound
+    answer is then fed without a second check, and a lying one is not recorded, so receive refuses it."""
+    config = SecAggConfig(5, 3, 16, round_id=8)
+    r, out = _round_until_unmasking(config)
+    replies = r.deliver(out)
+    calls: list[int] = []
+    real = ServerR3Unmasking.commitment_fault
+
+    def counting(self, holder, msg):
+        calls.append(holder)
+        return real(self, holder, msg)
+
+    monkeypatch.setattr(ServerR3Unmasking, "commitment_fault", counting)
+    for c in (0, 2, 3):
+        r.server.verify_unmasking(c, replies[c])
+        r.server.receive(c, replies[c])
+    assert calls == [0, 2, 3]  # once each, ahead of receive
+    liar, lie = 1, replies[1]
+    assert isinstance(lie, UnmaskingResponse)
+    wrong = lie.self_mask_shares.astype(np.int64)
+    wrong[0, 0] = (wrong[0, 0] + 1) % PRIME
+    lie = dataclasses.replace(lie, self_mask_shares=wrong.astype(np.uint32))
+    r.server.verify_unmasking(liar, lie)
+    r.server.verify_unmasking(4, lie)  # an answer checked for another sender is not recorded either
+    assert r.server.misconduct == {}  # the check ahead changes nothing
+    with pytest.raises(ProtocolError, match="did not commit to"):
+        r.server.receive(liar, lie)
+    assert set(r.server.misconduct) == {liar}
+    r.server.receive(4, replies[4])
+    r.close()
+    assert r.server.completed and r.server.result.faulty_holders == (liar,)
+    assert np.array_equal(r.server.result.ring_sum, ring_sum(config, r.inputs, range(5)))

@@ -14,7 +14,7 @@ import numpy as np
 
 from fedveil.secagg.config import SecAggConfig
 from fedveil.secagg.errors import UnexpectedMessageError
-from fedveil.secagg.messages import AdvertiseKeys, Message, RoundAborted
+from fedveil.secagg.messages import AdvertiseKeys, Message, RoundAborted, UnmaskingResponse
 from fedveil.secagg.session import Session
 from fedveil.secagg.share_commitments import COMMITMENTS_BYTES
 from fedveil.secagg.share_complaints import SIGNED_BYTES, ComplaintVerdict
@@ -71,6 +71,8 @@ class ServerContext:
         self.commitments: dict[int, BoxCommitments] = {}
         # Clients proven to deviate at unmasking (fedveil.secagg.share_commitments) → why.
         self.misconduct: dict[int, str] = {}
+        # Unmasking answers whose commitments a driver checked ahead of receive() and found sound.
+        self.verified_unmasking: dict[int, UnmaskingResponse] = {}
         self.running_sum: np.ndarray | None = None
         self.u3: tuple[int, ...] = ()
         self.dropped: tuple[int, ...] = ()

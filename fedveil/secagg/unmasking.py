@@ -125,30 +125,37 @@ class ServerR3Unmasking(ServerState):
             if np.asarray(salts).shape != (len(owners), SALT_BYTES):
                 raise MalformedMessageError(f"client {client_id}: salt matrix of shape {np.asarray(salts).shape} "
                                             f"is invalid (expected ({len(owners)}, {SALT_BYTES}))")
-        self._check_commitments(client_id, sm_owners, msg.self_mask_shares, msg.self_mask_salts, SELF_MASK)
-        self._check_commitments(client_id, mk_owners, msg.mask_key_shares, msg.mask_key_salts, MASK_KEY)
+        if self.ctx.verified_unmasking.get(client_id) is not msg:
+            fault = self.commitment_fault(client_id, msg)
+            if fault is not None:
+                self.ctx.misconduct.setdefault(client_id, fault)
+                self.refused.add(client_id)
+                raise ProtocolError(f"client {client_id} {fault}")
         self.self_mask_shares.add(client_id + 1, msg.self_mask_owners, msg.self_mask_shares)
         self.mask_key_shares.add(client_id + 1, msg.mask_key_owners, msg.mask_key_shares)
 
-    def _check_commitments(self, holder: int, owners: list[int], shares: np.ndarray, salts: np.ndarray,
-                           part: int) -> None:
-        """Every share but the holder's own must open the commitment its owner put in the box; a
-        share that does not was not dealt by its owner, so the holder is proven to lie."""
+    def commitment_fault(self, holder: int, msg: UnmaskingResponse) -> str | None:
+        """Why ``holder``'s answer is refused, or None: every share but its own must open the
+        commitment its owner put in the box; one that does not was not dealt by its owner, so the
+        holder lies. Pure (it reads the commitments, fixed since the masked-input stage), so a driver
+        may call it outside its lock (:meth:`~fedveil.secagg.server.SecAggServer.verify_unmasking`)."""
         assert self.ctx.session is not None
         sid = self.ctx.session.session_id
-        what = "self-mask seed" if part == SELF_MASK else "masking key"
-        for owner, row, salt in zip(owners, np.asarray(shares), np.asarray(salts, dtype=np.uint8), strict=True):
-            if owner == holder:
-                continue  # its own share: the owner's word, as its dealing is
-            box = self.ctx.commitments.get(owner)
-            committed = box.get(holder) if box is not None else None
-            if committed is None or not matches(part_of(committed, part), sid, owner, holder, part, row,
-                                                salt.tobytes()):
-                reason = (f"returned a share of the {what} of client {owner} that client {owner} did not commit to "
-                          "(its answer was refused)")
-                self.ctx.misconduct.setdefault(holder, reason)
-                self.refused.add(holder)
-                raise ProtocolError(f"client {holder} {reason}")
+        for part, owners, shares, salts in ((SELF_MASK, msg.self_mask_owners, msg.self_mask_shares,
+                                             msg.self_mask_salts),
+                                            (MASK_KEY, msg.mask_key_owners, msg.mask_key_shares, msg.mask_key_salts)):
+            what = "self-mask seed" if part == SELF_MASK else "masking key"
+            for owner, row, salt in zip(np.asarray(owners).tolist(), np.asarray(shares),
+                                        np.asarray(salts, dtype=np.uint8), strict=True):
+                if owner == holder:
+                    continue  # its own share: the owner's word, as its dealing is
+                box = self.ctx.commitments.get(owner)
+                committed = box.get(holder) if box is not None else None
+                if committed is None or not matches(part_of(committed, part), sid, owner, holder, part, row,
+                                                    salt.tobytes()):
+                    return (f"returned a share of the {what} of client {owner} that client {owner} did not "
+                            "commit to (its answer was refused)")
+        return None
 
     def close(self) -> tuple[ServerState, dict[int, Message]]:
         try:

@@ -306,16 +306,31 @@ class SecAggBridgeMixin(CoordinatorBase):
                 for kind, group in groups.items()}
         salts = {kind: np.frombuffer(b"".join(group[2]), dtype=np.uint8).reshape(-1, sa.SALT_BYTES)
                  for kind, group in groups.items()}
-        with self._cond:
-            client = self._session(caller, request.header, "Unmask")
-            rnd, sid = self._round_for(client, request.header, Stage.UNMASKING, "Unmask")
-            msg = sa.UnmaskingResponse(
-                rnd.config.round_id, sid,
+        def message(round_id: int, sid: int) -> sa.UnmaskingResponse:
+            return sa.UnmaskingResponse(
+                round_id, sid,
                 owners[pb.SHARE_KIND_SELF_MASK_SEED], rows[pb.SHARE_KIND_SELF_MASK_SEED],
                 owners[pb.SHARE_KIND_MASKING_KEY], rows[pb.SHARE_KIND_MASKING_KEY],
                 salts[pb.SHARE_KIND_SELF_MASK_SEED], salts[pb.SHARE_KIND_MASKING_KEY],
             )
-            return self._feed(rnd, sid, msg, Stage.UNMASKING, caller)
+
+        with self._cond:
+            client = self._session(caller, request.header, "Unmask")
+            rnd, sid = self._round_for(client, request.header, Stage.UNMASKING, "Unmask")
+            msg = message(rnd.config.round_id, sid)
+            secagg = rnd.secagg
+        # Each share's commitment (a hash per share, about 250 per site at n = 1,000) is checked on this
+        # request's thread outside the lock; the round records an answer found sound and checks
+        # anything else when fed (under the lock).
+        if secagg is not None:
+            secagg.verify_unmasking(sid, msg)
+        with self._cond:
+            if self._clients.get(caller) is not client:
+                raise OutOfOrder("Unmask: the session was replaced while the request was checked; Join again")
+            now, now_sid = self._round_for(client, request.header, Stage.UNMASKING, "Unmask")
+            if now is not rnd or now_sid != sid:
+                msg = message(now.config.round_id, now_sid)
+            return self._feed(now, now_sid, msg, Stage.UNMASKING, caller)
 
     def _published_model(self) -> PublishedModel:
         """The current model as the transport delivers it (serialized once per version)."""
