@@ -129,3 +129,32 @@ def test_a_server_that_alters_a_commitment_learns_no_pair_key() -> None:
     assert complaint.kind == "bad_signature" and complaint.shared_point == b"" and complaint.proof == b""
     (verdict,) = r.server.judge_complaints(holder, complaints[holder])
     assert verdict.guilty is None and not verdict.upheld
+
+
+def test_a_simulated_round_reports_a_holder_that_returns_another_share(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fedveil.secagg.run_round with one client whose unmasking answer carries a share its owner never
+    committed to: the round completes exactly without that answer and names the client."""
+    from fedveil.secagg import SecAggConfig, run_round
+    from fedveil.secagg.client import ClientR3Unmasking
+    from fedveil.secagg.messages import UnmaskingResponse
+    from tests.secagg_helpers import random_inputs, ring_sum
+
+    liar = 2
+    real = ClientR3Unmasking.handle
+
+    def handle(self, msg):  # type: ignore[no-untyped-def]
+        state, reply = real(self, msg)
+        if self.ctx.client_id == liar and isinstance(reply, UnmaskingResponse):
+            shares = reply.self_mask_shares.astype(np.int64)
+            shares[-1, 0] = (shares[-1, 0] + 1) % PRIME  # the share of client 4's seed
+            reply = dataclasses.replace(reply, self_mask_shares=shares.astype(np.uint32))
+        return state, reply
+
+    monkeypatch.setattr(ClientR3Unmasking, "handle", handle)
+    config = SecAggConfig(5, 3, 16, round_id=12)
+    inputs = random_inputs(config)
+    sim = run_round(config, inputs)
+    assert sim.completed and sim.result is not None
+    assert sim.result.faulty_holders == (liar,) and set(sim.misconduct) == {liar}
+    assert "refused by the server" in sim.client_errors[liar]
+    assert np.array_equal(sim.result.ring_sum, ring_sum(config, inputs, range(5)))

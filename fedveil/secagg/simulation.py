@@ -45,6 +45,8 @@ class SimulationResult:
     """The server's verdicts on share-box complaints, by complaining holder (none in an honest round)."""
     blamed: frozenset[int] = frozenset()
     """Clients the server proved at fault (:attr:`SecAggServer.blamed`)."""
+    misconduct: dict[int, str] = field(default_factory=dict)
+    """Clients proven at unmasking to deviate, and how (:attr:`SecAggServer.misconduct`)."""
 
     @property
     def completed(self) -> bool:
@@ -189,10 +191,14 @@ def run_round(config: SecAggConfig, inputs: Mapping[int, np.ndarray], *,
         # the clients' work on one core, its timings would pay for their cache misses.
         start = clock()
         for cid, reply in replies:
-            server.receive(cid, reply)
+            try:
+                server.receive(cid, reply)
+            except SecAggError as err:  # a refused answer (a deviating client): it is left out, as a site's would be
+                errors[cid] = f"refused by the server: {type(err).__name__}: {err}"
+                gone.add(cid)
         for cid, evidence in complaints:
             server.judge_complaints(cid, evidence)
         server_s += clock() - start
     result = server.result if server.completed else None
     return SimulationResult(config, result, server.abort_reason, server_s, client_s, upload, download, errors,
-                            stage_s, server.verdicts, server.blamed)
+                            stage_s, server.verdicts, server.blamed, server.misconduct)
