@@ -45,13 +45,13 @@ def test_malformed_and_oversized_input_is_rejected_while_others_train(fed: Feder
     with pytest.raises(MessageTooLarge) as big:
         attacker.call_raw("SubmitMaskedInput", os.urandom(fed.limit + 1024))
     assert big.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    raw_upload = attacker._channel.stream_unary("/fedveil.v2.Federation/UploadMaskedInput")
+    raw_upload = attacker._channel.stream_unary("/fedveil.v3.Federation/UploadMaskedInput")
     for stream, pattern in (([b"\xff\xfe garbage"], "chunk 0 is not a valid"), ([], "no chunks")):
         with pytest.raises(grpc.RpcError) as rpc_err:
             raw_upload(iter(stream), metadata=attacker._metadata, timeout=10)
         assert rpc_err.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
         assert pattern in rpc_err.value.details()  # type: ignore[attr-defined]
-    raw_fetch = attacker._channel.unary_stream("/fedveil.v2.Federation/FetchModel")
+    raw_fetch = attacker._channel.unary_stream("/fedveil.v3.Federation/FetchModel")
     with pytest.raises(grpc.RpcError) as rpc_err:
         list(raw_fetch(b"\x0a\xff", metadata=attacker._metadata, timeout=10))
     assert rpc_err.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
@@ -223,7 +223,7 @@ def test_a_client_whose_poll_is_cancelled_no_longer_counts_as_connected(fed: Fed
     t = fed.transport("mallory")
     session = join_session(t, "mallory")
     assert "mallory" in fed.coordinator._available()
-    raw_poll = t._channel.unary_unary("/fedveil.v2.Federation/Poll", request_serializer=lambda m: m.SerializeToString(),
+    raw_poll = t._channel.unary_unary("/fedveil.v3.Federation/Poll", request_serializer=lambda m: m.SerializeToString(),
                                       response_deserializer=pb.PollResponse.FromString)
     with pytest.raises(grpc.RpcError) as info:  # the client gives up on a held poll: its process died
         raw_poll(pb.PollRequest(header=session.header(), max_wait_ms=1500), metadata=t._metadata, timeout=0.3)

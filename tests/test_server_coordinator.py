@@ -249,3 +249,18 @@ def test_a_site_that_polls_after_the_linger_hears_the_job_is_done_and_a_stopped_
     stopped.stop()
     with pytest.raises(Unavailable, match="shutting down"):
         early.poll(pb.PollRequest(header=early_session.header(), max_wait_ms=0))
+
+
+def test_a_client_of_the_previous_protocol_version_is_refused_at_join_naming_both_versions(tmp_path: Path) -> None:
+    """Version 3 changed the share boxes (commitments) and the unmasking shares (salts): a version 2
+    client would fail mid-round on a box size, so it is refused at Join with the reason."""
+    from fedveil.protocol import PROTOCOL_VERSION
+    from fedveil.protocol.errors import Incompatible
+
+    coordinator, store = make_job(tmp_path, ["a", "b"])
+    try:
+        assert PROTOCOL_VERSION == 3
+        with pytest.raises(Incompatible, match="protocol_version: the server speaks version 3, the client 2"):
+            coordinator.join("a", pb.JoinRequest(protocol_version=2, task_name="synthetic-logreg"))
+    finally:
+        store.close()

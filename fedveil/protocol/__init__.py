@@ -1,6 +1,6 @@
 """The fedveil wire protocol: versioned protobuf messages over gRPC, with TLS, auth and limits.
 
-``fedveil.proto`` (package ``fedveil.v1``, ``PROTOCOL_VERSION = 2``) defines one service,
+``fedveil.proto`` (package ``fedveil.v3``, ``PROTOCOL_VERSION = 3``) defines one service,
 ``Federation``. The generated modules ``fedveil_pb2`` / ``fedveil_pb2_grpc`` are committed
 (regenerate with ``make proto``). The protobuf message objects are also the *decoded* messages
 the transport-independent coordinator (``fedveil.server.coordinator``) takes and returns, so
@@ -120,10 +120,10 @@ keys, shares or vectors.
 
 from __future__ import annotations
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 """Bumped only for incompatible changes; see the compatibility rule in ``fedveil.proto``."""
 
-SERVICE_NAME = "fedveil.v2.Federation"
+SERVICE_NAME = "fedveil.v3.Federation"
 AUTH_METADATA_KEY = "authorization"
 UPLOAD_GRANT_METADATA = "fedveil-upload-slot"
 """Initial-metadata key the server sends on ``UploadMaskedInput`` once the upload holds a slot."""

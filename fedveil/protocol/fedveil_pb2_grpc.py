@@ -35,67 +35,67 @@ class FederationStub:
             channel: A grpc.Channel.
         """
         self.Join = channel.unary_unary(
-                '/fedveil.v2.Federation/Join',
+                '/fedveil.v3.Federation/Join',
                 request_serializer=fedveil__pb2.JoinRequest.SerializeToString,
                 response_deserializer=fedveil__pb2.JoinResponse.FromString,
                 _registered_method=True)
         self.Poll = channel.unary_unary(
-                '/fedveil.v2.Federation/Poll',
+                '/fedveil.v3.Federation/Poll',
                 request_serializer=fedveil__pb2.PollRequest.SerializeToString,
                 response_deserializer=fedveil__pb2.PollResponse.FromString,
                 _registered_method=True)
         self.RespondToRound = channel.unary_unary(
-                '/fedveil.v2.Federation/RespondToRound',
+                '/fedveil.v3.Federation/RespondToRound',
                 request_serializer=fedveil__pb2.RoundResponse.SerializeToString,
                 response_deserializer=fedveil__pb2.Ack.FromString,
                 _registered_method=True)
         self.RevealContribution = channel.unary_unary(
-                '/fedveil.v2.Federation/RevealContribution',
+                '/fedveil.v3.Federation/RevealContribution',
                 request_serializer=fedveil__pb2.RevealRequest.SerializeToString,
                 response_deserializer=fedveil__pb2.Ack.FromString,
                 _registered_method=True)
         self.AdvertiseKeys = channel.unary_unary(
-                '/fedveil.v2.Federation/AdvertiseKeys',
+                '/fedveil.v3.Federation/AdvertiseKeys',
                 request_serializer=fedveil__pb2.AdvertiseKeysRequest.SerializeToString,
                 response_deserializer=fedveil__pb2.Ack.FromString,
                 _registered_method=True)
         self.ShareKeys = channel.unary_unary(
-                '/fedveil.v2.Federation/ShareKeys',
+                '/fedveil.v3.Federation/ShareKeys',
                 request_serializer=fedveil__pb2.ShareKeysRequest.SerializeToString,
                 response_deserializer=fedveil__pb2.Ack.FromString,
                 _registered_method=True)
         self.SubmitMaskedInput = channel.unary_unary(
-                '/fedveil.v2.Federation/SubmitMaskedInput',
+                '/fedveil.v3.Federation/SubmitMaskedInput',
                 request_serializer=fedveil__pb2.MaskedInputRequest.SerializeToString,
                 response_deserializer=fedveil__pb2.Ack.FromString,
                 _registered_method=True)
         self.ConfirmSurvivors = channel.unary_unary(
-                '/fedveil.v2.Federation/ConfirmSurvivors',
+                '/fedveil.v3.Federation/ConfirmSurvivors',
                 request_serializer=fedveil__pb2.ConfirmSurvivorsRequest.SerializeToString,
                 response_deserializer=fedveil__pb2.Ack.FromString,
                 _registered_method=True)
         self.Unmask = channel.unary_unary(
-                '/fedveil.v2.Federation/Unmask',
+                '/fedveil.v3.Federation/Unmask',
                 request_serializer=fedveil__pb2.UnmaskRequest.SerializeToString,
                 response_deserializer=fedveil__pb2.Ack.FromString,
                 _registered_method=True)
         self.ComplainAboutShares = channel.unary_unary(
-                '/fedveil.v2.Federation/ComplainAboutShares',
+                '/fedveil.v3.Federation/ComplainAboutShares',
                 request_serializer=fedveil__pb2.ShareComplaintsRequest.SerializeToString,
                 response_deserializer=fedveil__pb2.Ack.FromString,
                 _registered_method=True)
         self.ReportMetrics = channel.unary_unary(
-                '/fedveil.v2.Federation/ReportMetrics',
+                '/fedveil.v3.Federation/ReportMetrics',
                 request_serializer=fedveil__pb2.MetricsReport.SerializeToString,
                 response_deserializer=fedveil__pb2.Ack.FromString,
                 _registered_method=True)
         self.UploadMaskedInput = channel.stream_unary(
-                '/fedveil.v2.Federation/UploadMaskedInput',
+                '/fedveil.v3.Federation/UploadMaskedInput',
                 request_serializer=fedveil__pb2.MaskedInputChunk.SerializeToString,
                 response_deserializer=fedveil__pb2.Ack.FromString,
                 _registered_method=True)
         self.FetchModel = channel.unary_stream(
-                '/fedveil.v2.Federation/FetchModel',
+                '/fedveil.v3.Federation/FetchModel',
                 request_serializer=fedveil__pb2.FetchModelRequest.SerializeToString,
                 response_deserializer=fedveil__pb2.ModelChunk.FromString,
                 _registered_method=True)
@@ -269,9 +269,9 @@ def add_FederationServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'fedveil.v2.Federation', rpc_method_handlers)
+            'fedveil.v3.Federation', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('fedveil.v2.Federation', rpc_method_handlers)
+    server.add_registered_method_handlers('fedveil.v3.Federation', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
@@ -292,7 +292,7 @@ class Federation:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fedveil.v2.Federation/Join',
+            '/fedveil.v3.Federation/Join',
             fedveil__pb2.JoinRequest.SerializeToString,
             fedveil__pb2.JoinResponse.FromString,
             options,
@@ -319,7 +319,7 @@ class Federation:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fedveil.v2.Federation/Poll',
+            '/fedveil.v3.Federation/Poll',
             fedveil__pb2.PollRequest.SerializeToString,
             fedveil__pb2.PollResponse.FromString,
             options,
@@ -346,7 +346,7 @@ class Federation:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fedveil.v2.Federation/RespondToRound',
+            '/fedveil.v3.Federation/RespondToRound',
             fedveil__pb2.RoundResponse.SerializeToString,
             fedveil__pb2.Ack.FromString,
             options,
@@ -373,7 +373,7 @@ class Federation:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fedveil.v2.Federation/RevealContribution',
+            '/fedveil.v3.Federation/RevealContribution',
             fedveil__pb2.RevealRequest.SerializeToString,
             fedveil__pb2.Ack.FromString,
             options,
@@ -400,7 +400,7 @@ class Federation:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fedveil.v2.Federation/AdvertiseKeys',
+            '/fedveil.v3.Federation/AdvertiseKeys',
             fedveil__pb2.AdvertiseKeysRequest.SerializeToString,
             fedveil__pb2.Ack.FromString,
             options,
@@ -427,7 +427,7 @@ class Federation:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fedveil.v2.Federation/ShareKeys',
+            '/fedveil.v3.Federation/ShareKeys',
             fedveil__pb2.ShareKeysRequest.SerializeToString,
             fedveil__pb2.Ack.FromString,
             options,
@@ -454,7 +454,7 @@ class Federation:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fedveil.v2.Federation/SubmitMaskedInput',
+            '/fedveil.v3.Federation/SubmitMaskedInput',
             fedveil__pb2.MaskedInputRequest.SerializeToString,
             fedveil__pb2.Ack.FromString,
             options,
@@ -481,7 +481,7 @@ class Federation:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fedveil.v2.Federation/ConfirmSurvivors',
+            '/fedveil.v3.Federation/ConfirmSurvivors',
             fedveil__pb2.ConfirmSurvivorsRequest.SerializeToString,
             fedveil__pb2.Ack.FromString,
             options,
@@ -508,7 +508,7 @@ class Federation:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fedveil.v2.Federation/Unmask',
+            '/fedveil.v3.Federation/Unmask',
             fedveil__pb2.UnmaskRequest.SerializeToString,
             fedveil__pb2.Ack.FromString,
             options,
@@ -535,7 +535,7 @@ class Federation:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fedveil.v2.Federation/ComplainAboutShares',
+            '/fedveil.v3.Federation/ComplainAboutShares',
             fedveil__pb2.ShareComplaintsRequest.SerializeToString,
             fedveil__pb2.Ack.FromString,
             options,
@@ -562,7 +562,7 @@ class Federation:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fedveil.v2.Federation/ReportMetrics',
+            '/fedveil.v3.Federation/ReportMetrics',
             fedveil__pb2.MetricsReport.SerializeToString,
             fedveil__pb2.Ack.FromString,
             options,
@@ -589,7 +589,7 @@ class Federation:
         return grpc.experimental.stream_unary(
             request_iterator,
             target,
-            '/fedveil.v2.Federation/UploadMaskedInput',
+            '/fedveil.v3.Federation/UploadMaskedInput',
             fedveil__pb2.MaskedInputChunk.SerializeToString,
             fedveil__pb2.Ack.FromString,
             options,
@@ -616,7 +616,7 @@ class Federation:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/fedveil.v2.Federation/FetchModel',
+            '/fedveil.v3.Federation/FetchModel',
             fedveil__pb2.FetchModelRequest.SerializeToString,
             fedveil__pb2.ModelChunk.FromString,
             options,

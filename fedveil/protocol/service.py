@@ -144,7 +144,7 @@ MAX_CHUNK_BYTES = 4 * MIB
 
 
 class FederationServicer:
-    """Builds the generic handler for ``fedveil.v2.Federation``."""
+    """Builds the generic handler for ``fedveil.v3.Federation``."""
 
     def __init__(
         self,
