@@ -59,6 +59,8 @@ def test_reduced_demo_local_dp_with_dropouts(tmp_path: Path, transport: str) -> 
     assert saved["served_model"] == {"description": "mean of the global models of rounds 1–2", "rounds": [1, 2]}
     assert saved["last_round"]["round"] == 2 and saved["last_round"]["accuracy"] == saved["rounds"][-1]["accuracy"]
     assert saved["recipe"]["average_last"] == 5
+    served_note = "The served model is the mean of the global models of rounds 1–2 ("
+    assert any(n.startswith(served_note) for n in saved["notes"])
     files = {p.name for p in (tmp_path / "out").iterdir()}
     assert {"report.json", "report.md", "report.html", "accuracy_auc_by_round.png", "epsilon_by_round.png",
             "privacy_utility.png", "runs.sqlite", "hospitals"} <= files

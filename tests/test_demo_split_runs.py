@@ -77,7 +77,7 @@ def test_the_served_model_is_the_mean_of_the_last_k_released_models() -> None:
     served.add(1, source)
     with torch.no_grad():
         source.linear.weight.fill_(100.0)  # the served model keeps a copy, not the caller's model
-    assert served.rounds == [1] and served.describe() == "the global model of round 1"
+    assert served.rounds == [1] and served.describe() == "global model of round 1"
     assert torch.equal(served.model().linear.weight, torch.full((1, 30), 1.0))
     for number, value in ((2, 2.0), (3, 3.0), (4, 7.0)):
         served.add(number, filled(value))

@@ -54,10 +54,11 @@ class ServedModel:
         return tail_mean([state for _, state in self._window], self._build_model())
 
     def describe(self) -> str:
-        """How the served model was made, for reports: e.g. "mean of the global models of rounds 26–30"."""
+        """How the served model was made, for reports ("the served model is the …"): "mean of the global
+        models of rounds 26–30", or "global model of round 1" while one round is released."""
         rounds = self.rounds
         if not rounds:
             return "no global model released"
         if len(rounds) == 1:
-            return f"the global model of round {rounds[0]}"
+            return f"global model of round {rounds[0]}"
         return f"mean of the global models of rounds {rounds[0]}–{rounds[-1]}"
