@@ -9,7 +9,8 @@ from collections.abc import Callable
 import numpy as np
 
 from fedveil.secagg import SecAggClient, SecAggConfig, SecAggServer
-from fedveil.secagg.keys import share_box_key, share_box_payload, share_secret
+from fedveil.secagg.client import seal_share_box
+from fedveil.secagg.keys import share_secret
 from fedveil.secagg.messages import (
     AdvertiseKeys,
     ConsistencyCheckRequest,
@@ -18,8 +19,8 @@ from fedveil.secagg.messages import (
     ShareKeysRequest,
     ShareKeysResponse,
 )
-from fedveil.secagg.shamir import PRIME, bytes_to_limbs, seal_share, share
-from fedveil.secagg.share_commitments import commitment_salts, commitments, plaintext
+from fedveil.secagg.shamir import PRIME, bytes_to_limbs, share
+from fedveil.secagg.share_commitments import commitment_salts
 
 
 def random_inputs(config: SecAggConfig, seed: int = 0) -> dict[int, np.ndarray]:
@@ -121,13 +122,8 @@ def redeal(r: ManualRound, replies: dict[int, Message], owner: int, *,
             ctx.own_share = shares[row].copy()
             continue
         shared = share_secret(ctx.keys.share_private, session.advertisements[holder].share_public)
-        box = (seal_share(share_box_key(shared, owner, holder, sid), plaintext(shares[row], salts[row]), owner,
-                          holder, sid)
-               + commitments(sid, owner, holder, shares[row], salts[row]))
-        if r.config.active:
-            assert ctx.identity_key is not None
-            box += ctx.identity_key.sign(share_box_payload(sid, owner, holder, box))
-        boxes[holder] = box
+        boxes[holder] = seal_share_box(shared, owner, holder, sid, shares[row], salts[row],
+                                       ctx.identity_key if r.config.active else None)
     reply = replies[owner]
     assert isinstance(reply, ShareKeysResponse)
     replies[owner] = dataclasses.replace(reply, boxes=boxes)

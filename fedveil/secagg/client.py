@@ -182,6 +182,8 @@ class ClientR1ShareKeys(ClientState):
         # each box commits to its shares, so that shares that do not reconstruct convict their dealer
         # (fedveil.secagg.share_commitments)
         salts = commitment_salts(ctx.keys.sharing_seed, sid, len(holders))
+        signer = ctx.identity_key if cfg.active else None
+        assert signer is not None or not cfg.active
         boxes: dict[int, bytes] = {}
         for row, holder in enumerate(holders):
             if holder == me:
@@ -189,14 +191,21 @@ class ClientR1ShareKeys(ClientState):
                 continue
             shared = share_secret(ctx.keys.share_private, session.advertisements[holder].share_public)
             ctx.share_secrets[holder] = shared
-            key = share_box_key(shared, me, holder, sid)
-            box = (seal_share(key, share_plaintext(shares[row], salts[row]), me, holder, sid)
-                   + commitments(sid, me, holder, shares[row], salts[row]))
-            if cfg.active:  # signed, so that a holder can prove the box and its commitments came from this client
-                assert ctx.identity_key is not None
-                box += sign(ctx.identity_key, share_box_payload(sid, me, holder, box))
-            boxes[holder] = box
+            boxes[holder] = seal_share_box(shared, me, holder, sid, shares[row], salts[row], signer)
         return ClientR2MaskedInput(ctx), ShareKeysResponse(cfg.round_id, me, boxes)
+
+
+def seal_share_box(shared: bytes, owner: int, holder: int, session_id: bytes, limbs: np.ndarray, salts: np.ndarray,
+                   signer: Ed25519PrivateKey | None) -> bytes:
+    """One share box: AES-GCM over the holder's share and its two salts, the owner's two commitments to
+    the share, and in active mode (``signer``, the owner's identity key) its signature over both, so
+    that a holder can prove the box and its commitments came from the owner."""
+    box = (seal_share(share_box_key(shared, owner, holder, session_id), share_plaintext(limbs, salts), owner, holder,
+                      session_id)
+           + commitments(session_id, owner, holder, limbs, salts))
+    if signer is not None:
+        box += sign(signer, share_box_payload(session_id, owner, holder, box))
+    return box
 
 
 class ClientR2MaskedInput(ClientState):

@@ -66,13 +66,7 @@ from fedveil.secagg.session import (
     check_advertisement,
     prune_live,
 )
-from fedveil.secagg.share_complaints import (
-    BAD_SIGNATURE,
-    ComplaintVerdict,
-    ShareComplaint,
-    box_bytes,
-    judge,
-)
+from fedveil.secagg.share_complaints import BAD_SIGNATURE, ComplaintVerdict, ShareComplaint, box_bytes, judge
 from fedveil.secagg.unmasking import ServerR3Unmasking, default_unmasking_threads
 
 

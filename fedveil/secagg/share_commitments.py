@@ -38,7 +38,7 @@ import struct
 import numpy as np
 
 from fedveil.secagg.keys import hkdf
-from fedveil.secagg.messages import MASK_KEY_LIMBS, SALT_BYTES, SELF_MASK_LIMBS, SHARE_LIMBS
+from fedveil.secagg.messages import SALT_BYTES, SELF_MASK_LIMBS, SHARE_LIMBS
 from fedveil.secagg.prg import expand
 
 COMMITMENT_BYTES = 32
@@ -46,7 +46,6 @@ COMMITMENTS_BYTES = 2 * COMMITMENT_BYTES
 """Both commitments of a box: the self-mask seed's share, then the masking key's."""
 SELF_MASK = 0
 MASK_KEY = 1
-PART_LIMBS = {SELF_MASK: SELF_MASK_LIMBS, MASK_KEY: MASK_KEY_LIMBS}
 PLAINTEXT_BYTES = 4 * SHARE_LIMBS + 2 * SALT_BYTES
 """A share box's plaintext: the holder's share of both secrets (uint32 limbs), then the two salts."""
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hmac
 import math
 from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 
@@ -25,6 +26,7 @@ from fedveil.protocol.uploads import UploadReservation
 from fedveil.secagg import errors as sa_errors
 from fedveil.secagg import messages as sa
 from fedveil.secagg.beacon import BeaconError
+from fedveil.secagg.server import SecAggServer
 from fedveil.server.coordinator.refusal_tally import refused_slots
 from fedveil.server.coordinator.state import (
     MAX_SHARE_BOX_BYTES,
@@ -37,6 +39,8 @@ from fedveil.server.coordinator.state import (
     log,
 )
 from fedveil.server.uploads import UploadBook
+
+MessageT = TypeVar("MessageT", bound=sa.Message)
 
 
 class SecAggBridgeMixin(CoordinatorBase):
@@ -167,24 +171,13 @@ class SecAggBridgeMixin(CoordinatorBase):
                 raise MalformedMessage(f"{name}: expected {PUBLIC_KEY_BYTES} bytes, got {len(getattr(request, name))}")
         if len(request.signature) not in (0, SIGNATURE_BYTES):
             raise MalformedMessage(f"signature: expected 0 or {SIGNATURE_BYTES} bytes, got {len(request.signature)}")
-        with self._cond:
-            client = self._session(caller, request.header, "AdvertiseKeys")
-            rnd, sid = self._round_for(client, request.header, Stage.TRAINING, "AdvertiseKeys")
-            msg = sa.AdvertiseKeys(rnd.config.round_id, sid, bytes(request.encryption_public_key),
-                                   bytes(request.masking_public_key), bytes(request.signature))
-            secagg = rnd.secagg
+        keys = (bytes(request.encryption_public_key), bytes(request.masking_public_key), bytes(request.signature))
         # The identity signature, active mode's largest server cost, is checked on this request's
-        # thread outside the lock, so the cohort's advertisements are verified in parallel; the
-        # round records what it found valid and verifies anything else when fed (under the lock).
-        if secagg is not None:
-            secagg.verify_advertisements([msg])
-        with self._cond:
-            if self._clients.get(caller) is not client:
-                raise OutOfOrder("AdvertiseKeys: the session was replaced while the request was checked; Join again")
-            now, now_sid = self._round_for(client, request.header, Stage.TRAINING, "AdvertiseKeys")
-            if now is not rnd or now_sid != sid:
-                msg = sa.AdvertiseKeys(now.config.round_id, now_sid, msg.share_public, msg.mask_public, msg.signature)
-            return self._feed(now, now_sid, msg, Stage.TRAINING, caller)
+        # thread outside the lock, so the cohort's advertisements are verified in parallel.
+        return self._feed_checked_outside_lock(
+            caller, request.header, Stage.TRAINING, "AdvertiseKeys",
+            lambda round_id, sid: sa.AdvertiseKeys(round_id, sid, *keys),
+            lambda secagg, _sid, msg: secagg.verify_advertisements([msg]))
 
     def share_keys(self, caller: str, request: pb.ShareKeysRequest) -> pb.Ack:
         boxes: dict[int, bytes] = {}
@@ -314,23 +307,35 @@ class SecAggBridgeMixin(CoordinatorBase):
                 salts[pb.SHARE_KIND_SELF_MASK_SEED], salts[pb.SHARE_KIND_MASKING_KEY],
             )
 
-        with self._cond:
-            client = self._session(caller, request.header, "Unmask")
-            rnd, sid = self._round_for(client, request.header, Stage.UNMASKING, "Unmask")
-            msg = message(rnd.config.round_id, sid)
-            secagg = rnd.secagg
         # Each share's commitment (a hash per share, about 250 per site at n = 1,000) is checked on this
-        # request's thread outside the lock; the round records an answer found sound and checks
-        # anything else when fed (under the lock).
+        # request's thread outside the lock.
+        return self._feed_checked_outside_lock(
+            caller, request.header, Stage.UNMASKING, "Unmask", message,
+            lambda secagg, sid, msg: secagg.verify_unmasking(sid, msg))
+
+    def _feed_checked_outside_lock(
+        self, caller: str, header: pb.RequestHeader, stage: Stage, rpc: str,
+        build: Callable[[int, int], MessageT], check: Callable[[SecAggServer, int, MessageT], object],
+    ) -> pb.Ack:
+        """Feed the message ``build(round id, secagg id)`` to the caller's round after ``check`` ran on
+        it on this request's thread, outside the lock. The check only records what it found sound, which
+        the round then does not check again when fed (under the lock); anything else is checked there.
+        The session and the round are looked up again afterwards: a message for an attempt that moved
+        on is built anew (and checked when fed)."""
+        with self._cond:
+            client = self._session(caller, header, rpc)
+            rnd, sid = self._round_for(client, header, stage, rpc)
+            msg = build(rnd.config.round_id, sid)
+            secagg = rnd.secagg
         if secagg is not None:
-            secagg.verify_unmasking(sid, msg)
+            check(secagg, sid, msg)
         with self._cond:
             if self._clients.get(caller) is not client:
-                raise OutOfOrder("Unmask: the session was replaced while the request was checked; Join again")
-            now, now_sid = self._round_for(client, request.header, Stage.UNMASKING, "Unmask")
+                raise OutOfOrder(f"{rpc}: the session was replaced while the request was checked; Join again")
+            now, now_sid = self._round_for(client, header, stage, rpc)
             if now is not rnd or now_sid != sid:
-                msg = message(now.config.round_id, now_sid)
-            return self._feed(now, now_sid, msg, Stage.UNMASKING, caller)
+                msg = build(now.config.round_id, now_sid)
+            return self._feed(now, now_sid, msg, stage, caller)
 
     def _published_model(self) -> PublishedModel:
         """The current model as the transport delivers it (serialized once per version)."""
