@@ -202,6 +202,32 @@ def test_a_withheld_reveal_stops_the_victim_before_it_sends_keys(tmp_path: Path)
     assert sent_data(server) == []  # but never used a seed the server could have chosen
 
 
+def test_a_commitment_list_naming_a_member_twice_gets_no_reveal(tmp_path: Path) -> None:
+    """Two commitments for one member would let the server open whichever suits it."""
+    def twice(resp: pb.PollResponse) -> pb.PollResponse:
+        if resp.WhichOneof("instruction") == "commitments":
+            extra = resp.commitments.commitments.add()
+            extra.client_id = resp.commitments.commitments[1].client_id
+            extra.commitment = bytes(32)
+        return resp
+
+    _s, server, _r, _e = attack(tmp_path, twice)
+    assert server.sent.named("reveal_contribution") == []
+    assert sent_data(server) == []
+
+
+def test_a_reveal_that_does_not_open_its_commitment_stops_the_victim_before_it_sends_keys(tmp_path: Path) -> None:
+    """The server swaps one member's revealed value after seeing the others (a seed of its choice)."""
+    def swap(resp: pb.PollResponse) -> pb.PollResponse:
+        if resp.WhichOneof("instruction") == "contributions":
+            resp.contributions.reveals[-1].contribution = bytes(32)
+        return resp
+
+    _s, server, _r, _e = attack(tmp_path, swap)
+    assert server.sent.named("reveal_contribution")
+    assert sent_data(server) == []
+
+
 @pytest.mark.slow
 def test_keys_from_a_client_that_never_committed_are_refused(tmp_path: Path) -> None:
     """The server shows the victim a commitment list without one member (its view of U0), then

@@ -8,6 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedveil.clients.participation import commitment_table, graph_seed_of
+from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.secagg import beacon
 from fedveil.secagg.beacon import BeaconCollector, BeaconError
 from fedveil.secagg.config import SecAggConfig
@@ -137,3 +139,34 @@ def test_the_harary_layout_follows_the_beacon_seed_not_the_advertised_keys() -> 
     first = tuple(Session.from_advertisements(config, advs).graph.neighbors(c) for c in range(12))
     second = tuple(Session.from_advertisements(other, advs).graph.neighbors(c) for c in range(12))
     assert first != second  # a different seed gives a different layout (with overwhelming probability)
+
+
+def _listed(commitments: dict[int, bytes]) -> bytes:
+    return pb.Commitments(round=1, commitments=[pb.SeedCommitment(client_id=c, commitment=v)
+                                                for c, v in commitments.items()]).SerializeToString()
+
+
+def _revealed(values: dict[int, bytes]) -> bytes:
+    return pb.Contributions(round=1, reveals=[pb.SeedReveal(client_id=c, contribution=v)
+                                              for c, v in values.items()]).SerializeToString()
+
+
+def test_the_sites_memoized_lists_give_each_site_the_seed_of_the_lists_it_was_shown() -> None:
+    """The sites of one process share parsed lists (fedveil.clients.participation); two sites shown
+    different lists must still each get the seed of their own, and a false reveal must keep failing."""
+    values, commitments, seed = run_beacon(6)
+    other_values, other_commitments, other_seed = run_beacon(6)
+    assert graph_seed_of(7, _listed(commitments), _revealed(values)) == seed
+    assert graph_seed_of(7, _listed(other_commitments), _revealed(other_values)) == other_seed != seed
+    assert graph_seed_of(7, _listed(commitments), _revealed(values)) == seed  # from the memo
+    table = commitment_table(_listed(commitments))
+    assert dict(table.commitments) == commitments and table.members == frozenset(range(6))
+    assert not table.listed_twice
+    with pytest.raises(TypeError):
+        table.commitments[0] = bytes(32)  # type: ignore[index]  # shared between sites: read-only
+    false = {**values, 3: bytes(32)}
+    for _ in range(2):  # not remembered as a success
+        with pytest.raises(BeaconError, match="client 3"):
+            graph_seed_of(7, _listed(commitments), _revealed(false))
+    twice = _listed(commitments) + _listed({2: bytes(32)})  # a second entry for client 2, appended
+    assert commitment_table(twice).listed_twice
