@@ -48,6 +48,10 @@ def test_bench_simulate_on_ray_reports_round_floor_and_exactness(capsys: pytest.
     # the floor's mask cost is the lower of the quiet measurement before the job and the one after it
     assert 0 < report["mask_s"] == min(report["mask_s_before_job"], report["mask_s_after_job"])
     assert {"masked-input", "unmasking", "consistency"} <= set(report["stage_s"])
+    each = report["stage_s_each"]  # one entry per round, whose median is stage_s
+    assert len(each) == 2 and set(each[0]) == set(report["stage_s"])
+    assert report["stage_s"]["unmasking"] == pytest.approx((each[0]["unmasking"] + each[1]["unmasking"]) / 2, abs=2e-3)
+    assert len(report["load_average"]) == 2 and min(report["load_average"]) >= 0
     assert report["peak_rss_mb"] > 0
 
 

@@ -206,6 +206,7 @@ def run_scale_bench(bench: ScaleBench) -> dict[str, Any]:
     dropout = DropoutPlan(bench.dropout, seed=bench.seed) if bench.dropout > 0 else None
     times = StageTimes()
     workers: list[float] = []
+    load_before = os.getloadavg()[0]
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="fedveil-scalebench-") as tmp:
         workdir = Path(tmp)
@@ -240,6 +241,11 @@ def run_scale_bench(bench: ScaleBench) -> dict[str, Any]:
         "cores": cores,
         "stage_s": {stage: statistics.median(r.get(stage, 0.0) for r in times.by_round.values())
                     for stage in sorted({s for r in times.by_round.values() for s in r})},
+        "stage_s_each": [{stage: round(s, 3) for stage, s in sorted(times.by_round[number].items())}
+                         for number in sorted(times.by_round)],
+        # this machine's 1-minute load average before the job and after it: a round's time is only
+        # comparable to another's measured at a similar load (other jobs share the cores)
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "workers_peak_rss_mb": [round(w, 1) for w in workers],
         "n_times_m_mb": round(bench.clients * m * 4 / 2**20, 1),
