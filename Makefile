@@ -51,7 +51,11 @@ unit: $(STAMP) browser
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
-test: lint typecheck docs unit
+# The static checks, the docs build and the browser install run beside each other (each is mostly one
+# core, and none writes what another reads), then the tests.
+test: $(STAMP)
+	$(MAKE) --no-print-directory -j4 lint typecheck docs browser
+	$(MAKE) --no-print-directory unit
 
 # The edit-run loop: lint and every test not marked slow, on two workers (under a minute); `make test`
 # is the gate and runs everything (see `unit`).
