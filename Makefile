@@ -52,10 +52,10 @@ docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 # The static checks, the docs build and the browser install run beside each other (each is mostly one
-# core, and none writes what another reads), then the tests.
+# core, and none writes what another reads), then the tests (-o browser: already tried, not twice).
 test: $(STAMP)
 	$(MAKE) --no-print-directory -j4 lint typecheck docs browser
-	$(MAKE) --no-print-directory unit
+	$(MAKE) --no-print-directory -o browser unit
 
 # The edit-run loop: lint and every test not marked slow, on two workers (under a minute); `make test`
 # is the gate and runs everything (see `unit`).
