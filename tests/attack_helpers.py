@@ -136,12 +136,12 @@ def job_config(**kw: Any) -> ServerConfig:
 
 def site_federation(service: Any, task: Task, name: str, index: int, consortium: Consortium,
                     n: int = 4, transport: type[InProcessTransport] = InProcessTransport,
-                    **options: Any) -> Federation:
+                    give_up_after_s: float = 20.0, **options: Any) -> Federation:
     assert task.synthetic_data is not None
     data = task.synthetic_data(index, n, 3)
     opts = consortium.options(name, seed=100 + index, num_examples=len(data), evaluate=evaluator(task, data),
-                              poll_wait_ms=300,
-                              backoff=BackoffPolicy(initial_delay_s=0.05, max_delay_s=0.3, give_up_after_s=20.0),
+                              poll_wait_ms=300, backoff=BackoffPolicy(initial_delay_s=0.05, max_delay_s=0.3,
+                                                                      give_up_after_s=give_up_after_s),
                               **options)
     return Federation(transport(service, name), task.name, task.build_model(), opts)
 
@@ -179,6 +179,8 @@ def run_job(tmp_path: Path, config: ServerConfig, task: Task, sites: Sequence[Ca
 
 def turnkey(task: Task, name: str, index: int, consortium: Consortium, n: int = 4,
             transport: type[InProcessTransport] = InProcessTransport, **options: Any) -> Callable[[Any], Any]:
+    """A site thread's whole job: join through ``transport`` and train until the job ends (``options`` go to
+    :func:`site_federation`: ``give_up_after_s``, or the site's :class:`FederationOptions`)."""
     def go(service: Any) -> Any:
         fed = site_federation(service, task, name, index, consortium, n, transport, **options)
         assert task.synthetic_data is not None

@@ -101,6 +101,8 @@ def _run(tmp_path: Path, evil_transport: type[InProcessTransport], *, active: bo
          new_run: bool = True, **config: Any) -> tuple[Any, list[BaseException], Coordinator]:
     consortium = Consortium.create(NAMES)
     options: dict[str, Any] = {} if active else {"policy": SitePolicy(trust_server=True)}
+    if stop_after_round:  # the stopped server's sites give up on it after 3 s of refused calls, not 20 s
+        options["give_up_after_s"] = 3.0
     cfg: dict[str, Any] = dict(rounds=2, clients_per_round=4, min_clients=3, max_round_attempts=2,
                                active_adversary=active, cohort_wait=ALL_JOIN_WAIT, **RESPONSIVE_DEADLINES)
     cfg.update(config)
@@ -150,6 +152,13 @@ def test_a_wrong_unmasking_share_convicts_the_holder_and_the_round_completes(tmp
     assert summary.rejected_rounds == 0
     assert set(coordinator._convicted) == {"evil"}
     assert "did not commit to" in coordinator._convicted["evil"]
+    # evil is out of the stage the moment its answer is refused: the round does not wait out the stage
+    # deadline (30 s here) for an answer from a site it has caught lying (before: "missed the stage deadline")
+    with RunStore(tmp_path / "run.sqlite") as store:
+        drops = [(r, stage, why) for r, _attempt, name, stage, why in store.dropouts(coordinator.run_id)
+                 if name == "evil"]
+    assert [(r, stage) for r, stage, _why in drops] == [(1, "unmasking")], drops
+    assert "did not commit to" in drops[0][2], drops
 
 
 class _Dealer(threading.local):

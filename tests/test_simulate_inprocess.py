@@ -234,6 +234,45 @@ def test_client_failures_that_leave_too_few_clients_stop_the_job_instead_of_hang
     assert set(errors) == {"b"} and stop_calls == [True]  # only the usual stop after the job ended on its own
 
 
+def test_a_site_whose_client_fails_mid_round_is_out_of_it_at_once(monkeypatch: pytest.MonkeyPatch,
+                                                                    tmp_path: Path) -> None:
+    """The simulation's driver sees a site's client thread fail, as the Ray driver sees a worker die: it
+    tells the coordinator, and the round goes on without the site instead of waiting out the stage's
+    deadline (two minutes here) for a message that cannot come."""
+    from fedveil.protocol.transport import InProcessTransport
+    from fedveil.server.store import RunStore
+    from fedveil.simulation import backends as simulation
+
+    class CrashesAtShareKeys(InProcessTransport):
+        """client-003's process dies as it sends its share boxes: no call of it reaches the server again."""
+
+        def __init__(self, service: Any, name: str) -> None:
+            super().__init__(service, name)
+            if name == "client-003":
+                for rpc in [n for n, v in vars(InProcessTransport).items() if callable(v) and not n.startswith("_")]:
+                    setattr(self, rpc, self._dead_after_share_keys(rpc, getattr(self, rpc)))
+            self.dead = False
+
+        def _dead_after_share_keys(self, rpc: str, call: Any) -> Any:
+            def crash_or_send(*args: Any) -> Any:
+                self.dead = self.dead or rpc == "share_keys"
+                if self.dead:
+                    raise RuntimeError("site process crashed")
+                return call(*args)
+            return crash_or_send
+
+    monkeypatch.setattr(simulation, "InProcessTransport", CrashesAtShareKeys)
+    result = simulate_in_process(config(rounds=1, stage_timeout=120.0, final_evaluation=False), 4,
+                                 store_path=tmp_path / "run.sqlite")
+    assert result.summary["status"] == "completed", result.summary
+    assert result.client_errors == {"client-003": "RuntimeError: site process crashed"}
+    assert [r.survivors for r in result.rounds] == [3]
+    with RunStore(tmp_path / "run.sqlite") as store:
+        drops = store.dropouts(result.summary["run_id"])
+    assert drops == [(1, 1, "client-003", "share-keys",
+                      "its session ended: its client failed: RuntimeError: site process crashed")], drops
+
+
 def test_sites_sharing_a_process_run_numpys_blas_at_one_thread_and_its_size_comes_back(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -335,7 +335,8 @@ def reference_with_crash(cfg: ServerConfig, n: int, victim: str, number: int, at
                                    policy=sites.policy())
             clients.append(ThreadedClient(name, Federation(transport, task.name, task.build_model(), options), data))
         summary, _, errors = run_with_client_threads(runner.run, runner.stop, task, clients, join_timeout_s=60,
-                                                     min_live_clients=cfg.schedule.min_clients)
+                                                     min_live_clients=cfg.schedule.min_clients,
+                                                     site_gone=runner.coordinator.site_gone)
         runner.close()
     assert summary.status == "completed" and set(errors) == {victim}, errors
     return read_rounds(store_path, summary.run_id)

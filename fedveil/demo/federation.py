@@ -405,7 +405,7 @@ def run_federation(
         # run_client (the hospital sits it out and stays in the job)
         summary, _, client_errors = run_with_client_threads(
             runner.run, runner.stop, task, clients, join_timeout_s=30.0,
-            min_live_clients=settings.hospitals_per_round,
+            min_live_clients=settings.hospitals_per_round, site_gone=runner.coordinator.site_gone,
         )
         message = summary.message
         failures = {n: e for n, e in client_errors.items() if e != STILL_RUNNING}

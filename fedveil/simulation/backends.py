@@ -262,6 +262,7 @@ def run_with_client_threads(
     join_timeout_s: float,
     min_live_clients: int = 1,
     leave_round_on: tuple[type[Exception], ...] = (),
+    site_gone: Callable[[str, str], None] | None = None,
 ) -> tuple[JobResult, dict[str, list[RoundOutcome]], dict[str, str]]:
     """Run the job in this thread while each client runs :func:`run_client` in its own thread.
 
@@ -269,6 +270,9 @@ def run_with_client_threads(
     (the coordinator treats it as a dropout) or was still running ``join_timeout_s`` after the
     job ended. When failures leave fewer than ``min_live_clients`` clients (the job's cohort), no
     round could ever fill again, so the job is stopped instead of waiting for them forever.
+    ``site_gone`` (the coordinator's :meth:`~fedveil.server.coordinator.Coordinator.site_gone`) hears of
+    each failed client at once, as the Ray backend's driver tells it of a dead worker: the round it is in
+    goes on without it instead of waiting out the stage's deadline for it.
     Used by :func:`simulate_in_process` and the healthcare demo.
     """
     histories: dict[str, list[RoundOutcome]] = {}
@@ -284,6 +288,8 @@ def run_with_client_threads(
                 live = len(clients) - len(errors)
             log.error("client %s failed: %s: %s", client.name, type(err).__name__, err)
             log.debug("client %s failure", client.name, exc_info=True)
+            if site_gone is not None:
+                site_gone(client.name, f"its client failed: {type(err).__name__}: {err}")
             if live < min_live_clients:
                 log.error("%d client(s) left, the job needs %d: stopping it", live, min_live_clients)
                 stop_job()
@@ -346,6 +352,7 @@ def simulate_in_process(
         summary, histories, errors = run_with_client_threads(
             job.run, job.stop, task, clients, join_timeout_s=client_timeout_s,
             min_live_clients=config.schedule.min_clients, leave_round_on=(SimulatedDropout,),
+            site_gone=job.coordinator.site_gone,
         )
     finally:
         job.close()

@@ -86,10 +86,22 @@ class SecAggBridgeMixin(CoordinatorBase):
         except sa_errors.UnexpectedMessageError as err:
             raise OutOfOrder(f"{stage.label}: {err}") from None
         except (sa_errors.SecAggError, ValueError) as err:
+            self._drop_proven_liar(rnd, sid, stage, name)
             raise MalformedMessage(f"{stage.label}: {err}") from None
         rnd.submitted.setdefault(name, set()).add(stage)
         self._notify_if_stage_complete(rnd)
         return pb.Ack(round=rnd.number, stage=stage.wire, detail="accepted")  # type: ignore[arg-type]
+
+    def _drop_proven_liar(self, rnd: _Round, sid: int, stage: Stage, name: str) -> None:
+        """A holder whose unmasking answer was refused as proven false (a share its owner never committed
+        to) is a dropout of the stage at once (lock held). Before, the stage waited out its deadline for
+        an answer from it, so one lying site cost every round it was drawn for a whole stage timeout; it
+        is convicted when the round ends, as before (:meth:`_convict_unmasking_misconduct`)."""
+        assert rnd.secagg is not None
+        why = rnd.secagg.misconduct.get(sid) if stage == Stage.UNMASKING else None
+        if why is not None:
+            rnd.dropped.setdefault(name, (stage.label, f"it {why}"))
+            self._notify_if_stage_complete(rnd)
 
     def _notify_if_stage_complete(self, rnd: _Round) -> None:
         """Wake the waiters (lock held) once the stage has every answer it waits for.
