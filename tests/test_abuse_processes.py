@@ -111,6 +111,10 @@ def test_honest_sites_finish_while_abusive_sites_flood_replay_and_send_out_of_ra
         assert [r.round for r in rounds] == [1, 2]
         assert all(r.cohort_size == 7 and r.threshold == 5 for r in rounds), rounds
         assert all(r.survivors >= 5 for r in rounds)  # at least the threshold of 7 (c = 2 colluders)
+        # the reporter joined but never asked for work: it is never drawn (before, it was, most runs,
+        # and round 1 waited out its 30 s commit deadline for it)
+        drawn = {name for r in (1, 2) for _attempt, name, _sid, _stage in store.participants(summary["run_id"], r)}
+        assert client_name(7) not in drawn, drawn
     # the abuse was refused with status codes, never INTERNAL, and the server logged it
     refused = [n for p in [*flooders, *reporters] for n in notes(p) if n.get("refused")]
     codes = {n["code"] for n in refused}

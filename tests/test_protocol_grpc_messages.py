@@ -154,6 +154,7 @@ def test_out_of_order_replayed_and_foreign_messages(passive_fed: Federation_) ->
     fed = passive_fed  # raw key advertisements without signatures: a passive job
     alice, bob = fed.transport("alice"), fed.transport("bob")
     sa, sb = join_session(alice), join_session(bob)
+    bob.poll(pb.PollRequest(header=sb.header(), max_wait_ms=10))  # asks for work: it may be drawn from now on
     start = poll_until(alice, sa, "round_start").round_start
     start_b = poll_until(bob, sb, "round_start").round_start
     rnd, nonce = start.round, start.round_nonce
@@ -222,6 +223,8 @@ def test_out_of_order_replayed_and_foreign_messages(passive_fed: Federation_) ->
 def test_a_client_whose_poll_is_cancelled_no_longer_counts_as_connected(fed: Federation_) -> None:
     t = fed.transport("mallory")
     session = join_session(t, "mallory")
+    assert "mallory" not in fed.coordinator._available()  # joined, but it has not asked for work yet
+    t.poll(pb.PollRequest(header=session.header(), max_wait_ms=10))
     assert "mallory" in fed.coordinator._available()
     raw_poll = t._channel.unary_unary("/fedveil.v3.Federation/Poll", request_serializer=lambda m: m.SerializeToString(),
                                       response_deserializer=pb.PollResponse.FromString)

@@ -20,6 +20,7 @@ import pytest
 from fedveil.clients.session import MAX_RETRY_AFTER_S
 from fedveil.protocol import PROTOCOL_VERSION
 from fedveil.protocol import fedveil_pb2 as pb
+from fedveil.protocol.errors import OutOfOrder
 from fedveil.protocol.transport import ClientSession, InProcessTransport
 from fedveil.server.config import ServerConfig
 from fedveil.server.coordinator import Coordinator
@@ -72,6 +73,38 @@ def start_round(coordinator: Coordinator, available: list[str]) -> str:
         coordinator._round = rnd
     (outsider,) = set(available) - set(rnd.cohort)
     return outsider
+
+
+def test_only_a_site_that_asks_for_work_is_drawn_for_a_cohort(tmp_path: Path) -> None:
+    """A site that joined and only makes other calls (here reports) is not drawn: it would not hear of
+    the round, which then waited out its commit deadline for it (the abusive reporter of
+    tests/test_abuse_processes.py was drawn for round 1 and cost it 30 s). Its polls are what count."""
+    skipped = [0.0]  # the clock runs, so that the short polls end, and the test moves it on
+    coordinator, store = job(tmp_path, ["a", "b"], lambda: time.monotonic() + skipped[0])
+    a, b = join(coordinator, "a"), join(coordinator, "b")
+
+    def report() -> None:  # a report for a round that is not running: refused after its session is checked
+        transport, session = b
+        with pytest.raises(OutOfOrder, match="not running"):
+            transport.report_metrics(pb.MetricsReport(header=session.header(1, b"\x00" * 16), model_version=0,
+                                                      num_examples=1))
+
+    poll(a, wait_ms=10)
+    report()
+    with coordinator._cond:
+        assert coordinator._available() == ["a"]
+    assert coordinator.connected_sites() == 1
+    poll(b, wait_ms=10)
+    with coordinator._cond:
+        assert coordinator._available() == ["a", "b"]
+    skipped[0] += POLL_WAIT + 6.0  # longer than a poll's round trip since either polled; b only reports
+    report()
+    with coordinator._cond:
+        assert coordinator._available() == []
+    poll(a, wait_ms=10)
+    with coordinator._cond:
+        assert coordinator._available() == ["a"]
+    store.close()
 
 
 def test_a_site_outside_a_running_round_is_sent_away_until_it_should_end(tmp_path: Path) -> None:
@@ -137,7 +170,7 @@ def test_the_server_lingers_for_a_site_it_sent_away_until_it_hears_the_job_is_do
     join(coordinator, "b")
     with coordinator._cond:
         coordinator._clients["a"].back_by = time.monotonic() + 1.5  # as pace steering leaves it
-        coordinator._clients["b"].last_seen = float("-inf")  # b is gone: nobody waits for it
+        coordinator._clients["b"].last_polled = float("-inf")  # b is gone: nobody waits for it
     heard: list[tuple[str, float]] = []
     started = time.monotonic()
 
@@ -248,7 +281,7 @@ def test_with_many_sites_their_returns_are_spread_to_a_bounded_rate(tmp_path: Pa
     site = join(coordinator, "a")
     with coordinator._cond:  # 3,000 other joined sites (the server's own records of them)
         for i in range(3000):
-            coordinator._clients[f"s{i}"] = _Client(name=f"s{i}", session_id=b"x" * 16, last_seen=clock.now)
+            coordinator._clients[f"s{i}"] = _Client(name=f"s{i}", session_id=b"x" * 16, last_polled=clock.now)
     spread = 3001 / STEERED_RETURNS_PER_S  # 30 s, where a poll wait is 4 s
     delays = [poll(site).wait.retry_after_ms / 1000.0 for _ in range(40)]
     assert all(0.25 * POLL_WAIT <= d <= 0.25 * POLL_WAIT + spread + 0.01 for d in delays)
@@ -263,7 +296,7 @@ def test_with_many_sites_their_returns_are_spread_to_a_bounded_rate(tmp_path: Pa
     # which is what the Ray backend waits for before its first round; a closed session is neither
     with coordinator._cond:
         coordinator._clients["a"].back_by = clock.now - POLL_WAIT - 10.0
-        coordinator._clients["a"].last_seen = clock.now - 60.0
+        coordinator._clients["a"].last_polled = clock.now - 60.0
         coordinator._clients["s0"].disconnected = True
     assert coordinator.connected_sites() == 2999
     assert coordinator.joined_sites() == 3000

@@ -17,7 +17,7 @@ import pytest
 
 from fedveil.protocol import PROTOCOL_VERSION
 from fedveil.protocol import fedveil_pb2 as pb
-from fedveil.protocol.transport import InProcessTransport
+from fedveil.protocol.transport import ClientSession, InProcessTransport
 from fedveil.server.coordinator import Coordinator
 from fedveil.server.coordinator.state import Stage
 from tests.server_helpers import Scripted, make_job, run_job, vectors
@@ -89,8 +89,9 @@ def test_a_member_gone_after_its_masked_input_stays_in_the_sum_and_is_not_waited
 def test_a_gone_site_is_not_drawn_again_nor_counted_as_joined(tmp_path: Path) -> None:
     coordinator, store = make_job(tmp_path, ["a", "b"], stage_timeout=LONG)
     for name in ("a", "b"):
-        InProcessTransport(coordinator, name).join(
-            pb.JoinRequest(protocol_version=PROTOCOL_VERSION, task_name="synthetic-logreg"))
+        transport = InProcessTransport(coordinator, name)
+        joined = transport.join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION, task_name="synthetic-logreg"))
+        transport.poll(pb.PollRequest(header=ClientSession.from_join(joined).header(), max_wait_ms=10))
     assert coordinator.joined_sites() == 2
     with coordinator._cond:
         assert coordinator._available() == ["a", "b"]

@@ -71,7 +71,6 @@ class SessionsMixin(CoordinatorBase):
                 f"{rpc}: replayed message (sequence {header.sequence}, last seen {client.last_sequence})"
             )
         client.last_sequence = header.sequence
-        client.last_seen = self._clock()
         return client
 
     # ------------------------------------------------------------------------------------------
@@ -101,7 +100,7 @@ class SessionsMixin(CoordinatorBase):
             if self._stopping:
                 raise Unavailable("the server is shutting down")
             old = self._clients.get(caller)
-            client = _Client(name=caller, session_id=os.urandom(SESSION_ID_BYTES), last_seen=self._clock(),
+            client = _Client(name=caller, session_id=os.urandom(SESSION_ID_BYTES),
                              num_examples=int(request.num_examples),
                              identity_key=bytes(request.identity_public_key) or (enrolled_key or b""),
                              credential=credential, trust_server=bool(request.trust_server), vouched=vouched)
@@ -180,7 +179,7 @@ class SessionsMixin(CoordinatorBase):
             try:
                 deadline = self._clock() + wait_s
                 while True:
-                    client.last_seen = self._clock()
+                    client.last_polled = self._clock()
                     instruction = self._instruction_for(client)
                     if instruction is not None:
                         return instruction
@@ -201,7 +200,7 @@ class SessionsMixin(CoordinatorBase):
             finally:
                 client.polling -= 1
                 if not client.disconnected:
-                    client.last_seen = self._clock()
+                    client.last_polled = self._clock()
 
     def _busy_wait(self, client: _Client) -> pb.PollResponse | None:
         """A Wait instead of a held poll when the held polls are at their limit (lock held).
@@ -263,7 +262,7 @@ class SessionsMixin(CoordinatorBase):
             if client is None or not hmac.compare_digest(client.session_id, session_id):
                 return
             client.disconnected = True
-            client.last_seen = float("-inf")
+            client.last_polled = float("-inf")
             client.poll_token = None
             self._cond.notify_all()
         log.info("client %s disconnected", caller)
@@ -312,15 +311,18 @@ class SessionsMixin(CoordinatorBase):
     # The driver
     # ------------------------------------------------------------------------------------------
     def _present(self, c: _Client, now: float, due_within: float) -> bool:
-        """Whether ``c`` is with the server (lock held): not disconnected, and polling, seen within
-        the poll window, or sent away by pace steering and due back within ``due_within``."""
+        """Whether ``c`` is with the server (lock held): not disconnected, and polling, back from its
+        last poll within the poll window, or sent away by pace steering and due back within
+        ``due_within``. Its other calls do not count: a site that joined and only sends reports (or a
+        loop that joined and has not asked for a round yet) was drawn, and its round waited out the
+        commit stage's deadline for it."""
         if c.disconnected or c.refused:
             return False
         if c.polling > 0:
             return True
         if c.back_by > now:  # sent away and not due yet
             return c.back_by - now <= due_within
-        return now - max(c.last_seen, c.back_by) <= self.config.schedule.poll_wait + 5.0
+        return now - max(c.last_polled, c.back_by) <= self.config.schedule.poll_wait + 5.0
 
     def _available(self) -> list[str]:
         """Sites a cohort may be drawn from: present, and if sent away by pace steering, due back

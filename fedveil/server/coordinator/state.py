@@ -101,7 +101,9 @@ class _Client:
     name: str
     session_id: bytes
     last_sequence: int = 0
-    last_seen: float = 0.0
+    last_polled: float = float("-inf")
+    """When its latest Poll was held or answered. Only a site that asks for work is drawn: one that only
+    joined, or only makes other calls (reports, uploads), would miss the round it was drawn for."""
     num_examples: int = 0
     identity_key: bytes = b""
     polling: int = 0
