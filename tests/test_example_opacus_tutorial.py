@@ -104,8 +104,10 @@ def test_the_after_script_is_one_site_of_a_tls_job_with_local_dp(tmp_path: Path)
         (folder / "site.cred").write_bytes(credential.encode())
         write_authority(folder / "authority.pub")
         log = (folder / "site.log").open("w")
+        # one torch thread per site, as the process backend gives its sites: three sites of two threads
+        # each on a two-core machine spent a quarter of their CPU spinning against each other
         sites.append(subprocess.Popen([sys.executable, "after.py"], cwd=folder, stdout=log, stderr=subprocess.STDOUT,
-                                      env={**os.environ, "PYTHONPATH": str(ROOT)}))
+                                      env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}))
     deadline = time.monotonic() + 240
     for site in sites:
         try:
