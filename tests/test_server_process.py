@@ -95,7 +95,9 @@ def test_server_killed_after_round_1_resumes_and_finishes(tmp_path: Path) -> Non
     logs.mkdir()
 
     def spawn(cmd: list[str], name: str) -> subprocess.Popen[bytes]:
-        env = _env() | ({"PAUSE_AFTER_ROUND_1": "15"} if name == "east" else {})
+        # the kill lands within a poll of the store (50 ms) after round 1: 6 s is ample, and each of those
+        # seconds is one the resumed job waits for east
+        env = _env() | ({"PAUSE_AFTER_ROUND_1": "6"} if name == "east" else {})
         return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=(logs / f"{name}.out").open("wb"),
                                 stderr=(logs / f"{name}.err").open("wb"))
 
