@@ -94,7 +94,7 @@ def test_honest_sites_finish_while_abusive_sites_flood_replay_and_send_out_of_ra
                     for i in range(5, 7)]
         reporters = [start_abusive(fed, client_name(i), "reports", "--server", fed.address, "--token",
                                    fed.tokens[i], "--identity-key", flag(fed, i, "--identity-key"), "--credential",
-                                   flag(fed, i, "--credential"), "--seconds", "25") for i in range(7, 8)]
+                                   flag(fed, i, "--credential"), "--seconds", "12") for i in range(7, 8)]
         assert wait_exit(fed.server, 300) == 0, fed.server.errors()[-3000:]
         summary = summary_of(fed.server)
         for process in [*honest, *flooders, *reporters]:
