@@ -186,7 +186,7 @@ def test_advertisements_are_parsed_from_the_exact_bytes_each_site_received() -> 
     a server that sends one site a substituted key gets that site a tuple holding that key."""
     import os
 
-    from fedveil.clients.secagg_driver import advertisements_of
+    from fedveil.clients.shared_round_views import advertisements_of
 
     def keys(swap: bytes | None = None) -> pb.PeerKeys:
         rng = np.random.default_rng(7)

@@ -16,7 +16,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fedveil.clients import admission
 from fedveil.clients.participation import kept_start
 from fedveil.clients.policy import PolicyViolation, SitePolicy
-from fedveil.clients.secagg_driver import secagg_config, shared_value
+from fedveil.clients.secagg_driver import secagg_config
+from fedveil.clients.shared_round_views import shared_value
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.secagg.config import SecAggConfig
 from fedveil.secagg.errors import InvalidCredentialSignature

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedveil.clients.participation import commitment_table, graph_seed_of
+from fedveil.clients.shared_round_views import commitment_table, graph_seed_of
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.secagg import beacon
 from fedveil.secagg.beacon import BeaconCollector, BeaconError

@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
-from functools import lru_cache
-from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,6 +21,7 @@ from fedveil.clients.admission import Admission, admit_round
 from fedveil.clients.options import RoundOutcome
 from fedveil.clients.policy import PolicyViolation
 from fedveil.clients.secagg_driver import SecAggClientDriver, UnsupportedRoundError
+from fedveil.clients.shared_round_views import commitment_table, graph_seed_of
 from fedveil.clients.site_state import Release
 from fedveil.clients.update import (
     AttemptRandomness,
@@ -123,44 +121,6 @@ def agree_graph_seed(federation: Federation, start: pb.RoundStart,
         return graph_seed_of(round_id, table.listed, revealed), table.members
     except SecAggError as err:
         raise RoundLost(f"graph seed: {err}") from None
-
-
-class CommitmentTable(NamedTuple):
-    """A serialized ``Commitments`` list as a site reads it."""
-
-    listed: bytes
-    commitments: Mapping[int, bytes]
-    """By client id; read-only, as the sites of one process share it."""
-    members: frozenset[int]
-    """``U0``: the members that committed (only they may advertise keys)."""
-    listed_twice: bool
-
-
-@lru_cache(maxsize=4)
-def commitment_table(listed: bytes) -> CommitmentTable:
-    """The commitment list in ``listed`` (a serialized ``Commitments``).
-
-    Memoized on the exact bytes, like :func:`~fedveil.clients.secagg_driver.advertisements_of`:
-    every site of a round is shown the same n commitments, and the hundreds of sites a simulation
-    worker hosts would each convert all n. A site gets the table parsed from the very bytes it
-    received, never another site's view.
-    """
-    entries = pb.Commitments.FromString(listed).commitments
-    table = {int(c.client_id): bytes(c.commitment) for c in entries}
-    return CommitmentTable(listed, MappingProxyType(table), frozenset(table), len(table) != len(entries))
-
-
-@lru_cache(maxsize=4)
-def graph_seed_of(round_id: int, listed: bytes, revealed: bytes) -> bytes:
-    """:func:`fedveil.secagg.beacon.combine` over a serialized commitment list and reveal list.
-
-    A pure function of its arguments, memoized like :func:`commitment_table`: at n = 1,000 the
-    combination (n SHA-256 openings) cost each site about 4 ms. A list that does not combine
-    raises each time it is asked, as nothing is cached for it.
-    """
-    commitments = commitment_table(listed).commitments
-    reveals = {int(r.client_id): bytes(r.contribution) for r in pb.Contributions.FromString(revealed).reveals}
-    return beacon.combine(round_id, commitments, reveals)
 
 
 def declared_weight(federation: Federation, start: pb.RoundStart) -> float:

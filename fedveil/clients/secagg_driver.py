@@ -8,13 +8,12 @@ replies back, so the same client code runs over gRPC and in-process.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
-from functools import lru_cache
-from typing import Any, TypeVar, cast
+from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from fedveil.clients.shared_round_views import advertisements_of, shared_value
 from fedveil.errors import FedveilError
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.protocol.codec import encode_ring_vector
@@ -24,7 +23,6 @@ from fedveil.secagg.config import SecAggConfig
 from fedveil.secagg.errors import ShareComplaintsError
 from fedveil.secagg.graph import GraphSpec
 from fedveil.secagg.messages import (
-    AdvertiseKeys,
     ConsistencyCheckRequest,
     ConsistencyCheckResponse,
     MaskedInputRequest,
@@ -41,7 +39,6 @@ class UnsupportedRoundError(FedveilError, ValueError):
     """The round asks for something this client does not support; the message names it."""
 
 
-T = TypeVar("T", bound=Hashable)
 
 
 def secagg_config(start: pb.RoundStart, graph_seed: bytes = b"") -> SecAggConfig:
@@ -67,39 +64,6 @@ def secagg_config(start: pb.RoundStart, graph_seed: bytes = b"") -> SecAggConfig
         context=bytes(params.context),
         max_corrupt_fraction=float(params.max_corrupt_fraction),
         graph_seed=graph_seed,
-    )
-
-
-def shared_value(value: T) -> T:
-    """The process's one copy of an immutable round-wide ``value``: equal values come back as one object.
-
-    Each site of a round gets the cohort's n identity keys and n committed members; the hundreds
-    of sites a simulation worker hosts would each keep their own n-sized copy for the whole round
-    (at n = 5,000 that alone is over a megabyte per site). Equal values are interchangeable, so a
-    site keeps the first equal copy the process made and lets its own go.
-    """
-    return cast(T, _shared(value))
-
-
-@lru_cache(maxsize=8)
-def _shared(value: Hashable) -> Hashable:
-    return value
-
-
-@lru_cache(maxsize=4)
-def advertisements_of(peer_keys: bytes, round_id: int) -> tuple[AdvertiseKeys, ...]:
-    """The cohort's advertisements in a serialized ``PeerKeys``, as immutable secagg messages.
-
-    Memoized on the exact bytes: every site of a round gets the same n advertisements, and the
-    sites a simulation worker hosts (hundreds per process) would each convert all n of them, which
-    at n = 1,000 was a third of the share-keys stage's interpreter time. A site gets the tuple
-    parsed from the very bytes it received, so a server that sends two sites different keys gets
-    two entries, never one site's view in another's round.
-    """
-    return tuple(
-        AdvertiseKeys(round_id, int(k.client_id), bytes(k.encryption_public_key), bytes(k.masking_public_key),
-                      bytes(k.signature))
-        for k in pb.PeerKeys.FromString(peer_keys).keys
     )
 
 
