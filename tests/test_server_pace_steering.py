@@ -107,6 +107,29 @@ def test_only_a_site_that_asks_for_work_is_drawn_for_a_cohort(tmp_path: Path) ->
     store.close()
 
 
+def test_a_small_federation_served_over_grpc_holds_every_sites_poll(tmp_path: Path) -> None:
+    """The served job's held-poll budget counts its enrolled sites (up to about 120): before, 16 sites
+    with a cohort of 6 had 12 held polls for the sites outside the round, so 4 were sent away for up
+    to 12.5 s and a round that drew one waited for it (`fedveil bench load --sites 16`: rounds of 10 s)."""
+    from fedveil.server.job_runner import GrpcEndpoint, JobRunner, server_workers
+
+    store = RunStore(tmp_path / "run.db")
+    for i in range(16):
+        store.enroll(f"s{i}")
+    config = ServerConfig.from_flat(task=TASK, rounds=1, clients_per_round=6, min_clients=6, seed=3,
+                                    active_adversary=False)
+    runner = JobRunner(config, load_task(TASK), store, new_run=True, endpoint=GrpcEndpoint("127.0.0.1:0", None))
+    try:
+        budget = runner.coordinator.max_waiting_polls
+        assert budget is not None and budget // 2 >= 16  # the sites outside a round: all 16 held
+    finally:
+        runner.close()
+        store.close()
+    # a large federation: the cohort's needs, as before (2 x 150 + 16); a small one: at least 32
+    assert server_workers(150, 1000) == 316 and server_workers(3, 0) == 32
+    assert server_workers(6, 16) == 48 and server_workers(10, 5000) == 256
+
+
 def test_a_site_outside_a_running_round_is_sent_away_until_it_should_end(tmp_path: Path) -> None:
     clock = Clock()
     names = ["a", "b", "c"]

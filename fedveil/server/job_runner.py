@@ -74,6 +74,22 @@ def upload_slots(max_message_bytes: int) -> int:
     return max(2, min(16, UPLOAD_BUFFER_BUDGET // max(1, max_message_bytes)))
 
 
+#: The most threads the server takes to hold every enrolled site's poll (see :func:`server_workers`).
+MAX_WORKERS_FOR_ENROLLED = 256
+
+
+def server_workers(clients_per_round: int, enrolled: int) -> int:
+    """The gRPC server's worker threads: 8 are kept from long polls, and of the rest half are kept
+    for the running round's members (:meth:`~fedveil.server.coordinator.Coordinator._busy_wait`).
+
+    Twice the cohort plus 16 holds a round's members; a federation of up to about 120 enrolled sites
+    also gets enough for every site's poll, so pace steering never sends one away. Before, 16 sites
+    with a cohort of 6 had 12 held polls for the sites outside the round: 4 were sent away for up to
+    12.5 s, and a round that drew one of them waited for it (rounds of 10 s for a 0.1 s job).
+    """
+    return max(32, 2 * clients_per_round + 16, min(2 * enrolled + 16, MAX_WORKERS_FOR_ENROLLED))
+
+
 class JobRunner:
     """A job on the real coordinator: in process (sites call :meth:`transport`) or behind gRPC
     (``endpoint``; sites connect to :attr:`port`). Listeners hear every round and the job's end
@@ -108,7 +124,7 @@ class JobRunner:
         coordinator = self.coordinator
         if endpoint.max_message_bytes:
             self.max_message_bytes = endpoint.max_message_bytes
-        workers = max(32, 2 * config.schedule.clients_per_round + 16)
+        workers = server_workers(config.schedule.clients_per_round, len(store.enrolled_clients()))
         limits = ServerLimits(max_message_bytes=self.max_message_bytes, workers=workers,
                               max_concurrent_rpcs=max(256, 4 * workers), upload_timeout_s=config.schedule.stage_timeout,
                               max_concurrent_uploads=upload_slots(self.max_message_bytes))
