@@ -39,8 +39,6 @@ class UnsupportedRoundError(FedveilError, ValueError):
     """The round asks for something this client does not support; the message names it."""
 
 
-
-
 def secagg_config(start: pb.RoundStart, graph_seed: bytes = b"") -> SecAggConfig:
     """The round's :class:`SecAggConfig`, built from ``RoundStart`` exactly as the server builds it.
 
