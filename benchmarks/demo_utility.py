@@ -12,6 +12,11 @@ Each split: the real federation with local DP-SGD at the recipe's ε
 hospital's client, in process, no dropouts), for each training seed; and the centralized
 non-private baseline. The recipe is never changed here, so the test sets inform no choice.
 
+The demo serves one run, so besides each split's mean the benchmark counts the single runs that
+meet issue 5's target (accuracy >= 0.93 and ROC AUC >= 0.98) on their own: that count says how
+often ``make demo`` meets it. ``--splits 1 --seeds 20`` estimates it on the demo's own split.
+Every run is its own job, so one split also uses every core.
+
 Run: ``python benchmarks/demo_utility.py [--splits 0-9] [--seeds 3] [--jobs 2]``. The last line
 is a JSON object.
 """
@@ -44,31 +49,49 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def run_split(split_seed: int, training_seeds: int) -> dict[str, Any]:
+def run_once(split_seed: int, training_seed: int) -> dict[str, Any]:
+    """One private run of the recipe on ``split_seed``, scored on its test set."""
+    import torch
+
+    torch.set_num_threads(1)
+    from fedveil.demo.data import make_split
+    from fedveil.demo.recipe import Recipe
+    from fedveil.demo.split_runs import score_recipe
+
+    split = make_split(5, seed=split_seed)
+    score = score_recipe(split, Recipe(), evaluation=split.test, seed=training_seed)
+    return {"accuracy": score.accuracy, "auc": score.auc, "epsilon": score.epsilon_max}
+
+
+def run_centralized(split_seed: int) -> tuple[float, float]:
+    """The centralized non-private baseline's test accuracy and ROC AUC on ``split_seed``."""
     import torch
 
     torch.set_num_threads(1)
     from fedveil.demo.baselines import centralized
     from fedveil.demo.data import make_split
     from fedveil.demo.recipe import Recipe
-    from fedveil.demo.split_runs import score_recipe
 
-    recipe = Recipe()
-    split = make_split(5, seed=split_seed)
-    runs = []
-    for seed in range(training_seeds):
-        score = score_recipe(split, recipe, evaluation=split.test, seed=seed)
-        runs.append({"accuracy": score.accuracy, "auc": score.auc, "epsilon": score.epsilon_max})
-    central, _ = centralized(split, recipe)
+    central, _ = centralized(make_split(5, seed=split_seed), Recipe())
+    return central.accuracy, central.auc
+
+
+def meets_target(accuracy: float, auc: float) -> bool:
+    return accuracy >= ACCURACY_TARGET and auc >= AUC_TARGET
+
+
+def split_row(split_seed: int, runs: list[dict[str, Any]], central: tuple[float, float]) -> dict[str, Any]:
+    """One split's summary: the mean of its runs, each run, and how many runs meet the target alone."""
     return {
         "split_seed": split_seed,
         "accuracy": float(np.mean([r["accuracy"] for r in runs])),
         "auc": float(np.mean([r["auc"] for r in runs])),
         "accuracy_runs": [r["accuracy"] for r in runs],
         "auc_runs": [r["auc"] for r in runs],
+        "runs_meeting_target": sum(meets_target(r["accuracy"], r["auc"]) for r in runs),
         "epsilon_max": max(r["epsilon"] for r in runs),
-        "central_accuracy": central.accuracy,
-        "central_auc": central.auc,
+        "central_accuracy": central[0],
+        "central_auc": central[1],
     }
 
 
@@ -84,12 +107,18 @@ def main() -> None:
         raise SystemExit(f"error: --jobs: must be at least 1 (got {args.jobs})")
     split_seeds = parse_seeds(args.splits)
     start = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        rows = list(pool.map(run_split, split_seeds, [args.seeds] * len(split_seeds)))
-    print(f"{'split':>5}  {'DP acc':>7}  {'DP AUC':>7}  {'central acc':>11}  {'central AUC':>11}  {'max ε':>6}")
+    pairs = [(split, seed) for split in split_seeds for seed in range(args.seeds)]
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:  # every run its own job: one split uses every core
+        runs = list(pool.map(run_once, [p[0] for p in pairs], [p[1] for p in pairs]))
+        centrals = list(pool.map(run_centralized, split_seeds))
+    rows = [split_row(split, [run for (s, _), run in zip(pairs, runs, strict=True) if s == split], central)
+            for split, central in zip(split_seeds, centrals, strict=True)]
+    print(f"{'split':>5}  {'DP acc':>7}  {'DP AUC':>7}  {'runs on target':>14}  {'central acc':>11}  "
+          f"{'central AUC':>11}  {'max ε':>6}")
     for r in rows:
         print(
             f"{r['split_seed']:>5}  {r['accuracy']:7.3f}  {r['auc']:7.3f}  "
+            f"{str(r['runs_meeting_target']) + '/' + str(args.seeds):>14}  "
             f"{r['central_accuracy']:11.3f}  {r['central_auc']:11.3f}  {r['epsilon_max']:6.3f}"
         )
     acc = np.array([r["accuracy"] for r in rows])
@@ -103,6 +132,8 @@ def main() -> None:
         "mean_auc": float(auc.mean()),
         "min_auc": float(auc.min()),
         "splits_meeting_target": meets,
+        "runs_meeting_target": sum(int(r["runs_meeting_target"]) for r in rows),
+        "runs": len(pairs),
         "epsilon_max": max(r["epsilon_max"] for r in rows),
         "mean_central_accuracy": float(np.mean([r["central_accuracy"] for r in rows])),
         "mean_central_auc": float(np.mean([r["central_auc"] for r in rows])),
@@ -112,7 +143,8 @@ def main() -> None:
     print(
         f"mean over {len(rows)} splits: accuracy {summary['mean_accuracy']:.3f} (min {summary['min_accuracy']:.3f}), "
         f"ROC AUC {summary['mean_auc']:.3f} (min {summary['min_auc']:.3f}); "
-        f"{meets}/{len(rows)} splits reach accuracy >= {ACCURACY_TARGET} and AUC >= {AUC_TARGET}; "
+        f"{meets}/{len(rows)} splits reach accuracy >= {ACCURACY_TARGET} and AUC >= {AUC_TARGET} on their mean, "
+        f"{summary['runs_meeting_target']}/{len(pairs)} single runs; "
         f"worst hospital ε {summary['epsilon_max']:.3f}"
     )
     print(json.dumps(summary))
