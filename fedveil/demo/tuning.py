@@ -39,7 +39,8 @@ patients, because seed 0's tuning pool overlaps seed 1's test set:
    features and tail averaging (40 rounds, clip norm 0.5, FedAdam, batch 64). Decided before it
    ran: a candidate replaces the recipe only if its mean validation loss is at least 0.01 below the
    control's and its worst run's accuracy and ROC AUC are no lower. Clip norm 0.5 and FedAdam (η 0.1)
-   passed; FedAdam, with the lower loss and the better worst runs, is now the recipe (``docs/demo.md``).
+   passed; FedAdam, with the lower loss and the better worst runs, is now the recipe (``docs/demo.md``),
+   so to rerun the stage as it ran pass ``--base '{"server_optimizer": "fedavg", "server_lr": 1.0}'``.
 """
 
 from __future__ import annotations
