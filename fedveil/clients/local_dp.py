@@ -18,13 +18,14 @@ less, and would still miss a batch-size change and a loop that trains past the n
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import nn
 
-from fedveil.clients.policy import SitePolicy, TrainingRefused
-from fedveil.dp.events import SubsampledGaussianEvent
+from fedveil.clients.policy import SitePolicy, TrainingRefused, local_accountant
+from fedveil.dp.events import AccountingLimitError, SubsampledGaussianEvent
 from fedveil.dp.ledger import BUDGET_REL_TOLERANCE, BudgetExceededError
 from fedveil.dp.local import LocalDPConfig, LocalDPSession
 from fedveil.protocol import fedveil_pb2 as pb
@@ -38,7 +39,9 @@ def local_dp_config(params: pb.LocalDpParams, *, seed: int | None = None, local_
     """The DP-SGD configuration a round's ``LocalDpParams`` describe (target ε when it is set).
 
     With the site's ``policy``: its ``max_local_epsilon`` caps the ε the session spends in either
-    mode, and a job that gives no δ is accounted at the site's ``max_local_delta`` (else 1e-5)."""
+    mode, and a job that gives no δ is accounted at the site's ``max_local_delta`` (else 1e-5). The
+    accountant is the job's (:func:`~fedveil.clients.policy.check_training` has held it to the
+    policy's ``local_accountants``), RDP when the job names none."""
     target = float(params.target_epsilon)
     default_delta = policy.max_local_delta if policy is not None else 1e-5
     return LocalDPConfig(
@@ -48,6 +51,7 @@ def local_dp_config(params: pb.LocalDpParams, *, seed: int | None = None, local_
         planned_rounds=int(params.planned_rounds) if target > 0 else None,
         local_epochs=max(int(local_epochs), 1),
         delta=float(params.delta) if params.delta > 0 else default_delta,
+        accountant=local_accountant(params),
         max_physical_batch_size=int(params.max_physical_batch_size) or None,
         seed=seed,
         epsilon_budget=policy.max_local_epsilon if policy is not None else None,
@@ -71,11 +75,22 @@ class LocalDpClient:
 
         Raises :class:`BudgetExceededError` before any step when those steps would take the site's ε
         past its budget (see the module docstring), and :class:`TrainingRefused` when the noise a
-        target solves to is below the ``policy``'s floor."""
+        target solves to is below the ``policy``'s floor, or when the accountant cannot give ε for the
+        round's parameters (a target no noise reaches, a PLD or PRV grid too large for a tiny noise
+        multiplier): the server chose them, so the site declines the round instead of failing."""
+        try:
+            return self._privatize(params, model, optimizer, loader, max(int(local_epochs), 1), policy)
+        except AccountingLimitError as err:
+            target = float(params.target_epsilon) > 0
+            raise TrainingRefused("dp.local.target_epsilon" if target else "dp.local.noise_multiplier",
+                                  f"the {local_accountant(params)} accountant cannot account this round: {err}",
+                                  round_index=self.session.rounds_completed if self.session is not None else 0,
+                                  budget=policy.max_local_epsilon if policy is not None else math.inf) from None
+
+    def _privatize(self, params: pb.LocalDpParams, model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any,
+                   epochs: int, policy: SitePolicy | None) -> tuple[Any, Any, Any]:
         if self.session is None:
-            self.session = LocalDPSession(local_dp_config(params, seed=self._seed, local_epochs=local_epochs,
-                                                          policy=policy))
-        epochs = max(int(local_epochs), 1)
+            self.session = LocalDPSession(local_dp_config(params, seed=self._seed, local_epochs=epochs, policy=policy))
         if policy is not None and policy.min_local_noise_multiplier > 0:
             plan = self.session.plan_round(loader, local_epochs=epochs)
             if not plan.noise_multiplier >= policy.min_local_noise_multiplier:

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedveil.dp.events import ACCOUNTANTS
 from fedveil.dp.ledger import BudgetExceededError
 from fedveil.errors import FedveilError
 from fedveil.protocol import fedveil_pb2 as pb
@@ -129,6 +130,9 @@ class SitePolicy:
         min_local_noise_multiplier: the least DP-SGD noise multiplier this site trains with: a
             fixed ``dp.local.noise_multiplier`` below it, or a target that solves to less, is
             refused (0: no floor; ``max_local_epsilon`` still bounds the spend).
+        local_accountants: the accountants this site lets a job's ``dp.local.accountant`` pick for its
+            DP-SGD (default: all three, each an upper bound on ε; a site whose rules name one, e.g.
+            RDP for an audit that re-derives its figures, lists only that one).
     """
 
     trust_server: bool = False
@@ -150,6 +154,7 @@ class SitePolicy:
     max_local_delta: float = DEFAULT_MAX_LOCAL_DELTA
     max_local_epsilon: float = DEFAULT_MAX_LOCAL_EPSILON
     min_local_noise_multiplier: float = 0.0
+    local_accountants: frozenset[str] = field(default_factory=lambda: frozenset(ACCOUNTANTS))
     roster_marks: frozenset[bytes] = field(default=frozenset(), init=False, repr=False, compare=False)
     """The roster's credentials, as marks for the site's cache of vouched credentials."""
 
@@ -191,6 +196,9 @@ class SitePolicy:
              "must be a finite number > 0")
         need(_is_number(self.min_local_noise_multiplier) and 0 <= self.min_local_noise_multiplier < 1e6,
              "min_local_noise_multiplier", "must be a finite number >= 0")
+        accountants = self.local_accountants
+        need(isinstance(accountants, frozenset) and bool(accountants) and accountants <= set(ACCOUNTANTS),
+             "local_accountants", f"must be a non-empty subset of {', '.join(ACCOUNTANTS)}")
         if not self.trust_server and self.authority_public_key is None:
             raise PolicyError("authority_public_key", "a site that does not trust the server must pin the consortium "
                               "authority's public key (fedveil authority init; --authority), or opt in to "
@@ -241,7 +249,8 @@ def check_training(policy: SitePolicy, start: pb.RoundStart, *, num_examples: in
     own default). Under local DP: ``dp.local.delta`` at most ``max_local_delta`` and below
     1/``num_examples`` (the site's records, when known: a δ of 1/n allows releasing a record in the
     clear); a ``dp.local.target_epsilon`` at most ``max_local_epsilon``; a fixed
-    ``dp.local.noise_multiplier`` at least ``min_local_noise_multiplier``. Pure: the caller turns a
+    ``dp.local.noise_multiplier`` at least ``min_local_noise_multiplier``; a ``dp.local.accountant``
+    among ``local_accountants`` ("" is an older server's: RDP). Pure: the caller turns a
     violation into a decline before anything about the site's data is used or leaves.
     """
     epochs = int(start.training.local_epochs)
@@ -269,6 +278,16 @@ def check_training(policy: SitePolicy, start: pb.RoundStart, *, num_examples: in
     if target <= 0 and not noise >= policy.min_local_noise_multiplier:
         raise PolicyViolation("dp.local.noise_multiplier", f"the job's DP-SGD noise multiplier {noise:g} is below "
                               f"this site's min_local_noise_multiplier = {policy.min_local_noise_multiplier:g}")
+    accountant = local_accountant(local)
+    if accountant not in policy.local_accountants:
+        known = "" if accountant in ACCOUNTANTS else f" (fedveil knows {', '.join(ACCOUNTANTS)})"
+        raise PolicyViolation("dp.local.accountant", f"the job accounts DP-SGD with {accountant[:32]!r}{known}; this "
+                              f"site allows {', '.join(sorted(policy.local_accountants))} (local_accountants)")
+
+
+def local_accountant(local: pb.LocalDpParams) -> str:
+    """The accountant a round's DP-SGD is accounted with: the job's, or RDP from a server that names none."""
+    return local.accountant or "rdp"
 
 
 def check_job(policy: SitePolicy, job: pb.JobInfo) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fedveil.clients.policy import DP_MODES, EVALUATION_RULES, PolicyError, SitePolicy
+from fedveil.dp.events import ACCOUNTANTS
 from fedveil.settings_table import Setting, SettingsTable
 from fedveil.settings_table import setting as _s
 
@@ -45,6 +46,8 @@ POLICY_SETTINGS: tuple[Setting, ...] = (
        help="This site's own DP-SGD ε budget: a larger job target is refused, and no round takes its ε past it."),
     _s("min_local_noise_multiplier", "policy",
        help="Least DP-SGD noise multiplier this site trains with (fixed, or what a target solves to)."),
+    Setting("local_accountants", "policy", "--allow-local-accountant", param="allow_local_accountant",
+            values=ACCOUNTANTS, help="An accountant a job may pick for this site's DP-SGD (repeat; default: all)."),
 )
 """Every policy setting a ``--policy`` file or a ``fedveil client`` flag can give (the flags are built from
 this table, their defaults shown from :class:`SitePolicy`'s)."""

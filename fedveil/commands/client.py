@@ -81,7 +81,7 @@ def client_command(
     max_attempts_per_round: int | None, max_evaluations_per_round: int | None, security_bits: float | None,
     max_evaluations_per_job: int | None, evaluation: str | None, evaluate_under_local_dp: bool | None,
     max_local_epochs: int | None, max_local_delta: float | None, max_local_epsilon: float | None,
-    min_local_noise_multiplier: float | None,
+    min_local_noise_multiplier: float | None, allow_local_accountant: tuple[str, ...],
     state_path: Path | None, seed: int | None,
     insecure_deterministic: bool, give_up_after: float,
     max_backoff: float, threads: int, log_level: str, log_format: str,
@@ -164,6 +164,7 @@ def client_command(
             fail_from(err, "--identity-key")
     policy_flags = POLICY_TABLE.fields_from_options(click.get_current_context().params)
     policy_flags["allowed_dp_modes"] = policy_flags["allowed_dp_modes"] or None  # no --allow-dp: the file's
+    policy_flags["local_accountants"] = policy_flags["local_accountants"] or None  # no --allow-local-accountant
     policy = _site_policy(policy_path, authority, revocations, roster_path, **policy_flags)
     site_credential = b""
     if credential is not None:

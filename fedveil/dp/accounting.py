@@ -54,6 +54,7 @@ from fedveil.dp.events import (  # noqa: F401 (re-exported: fedveil.dp.accountin
     RELATION_TEXT,
     REPLACE_ONE,
     AccountantName,
+    AccountingLimitError,
     DpEvent,
     RdpCurveEvent,
     SampledWithoutReplacementGaussianEvent,
@@ -363,7 +364,7 @@ class PRVAccountant(_GaussianOnlyAccountant):
         acc.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in events]
         points = self.domain_points(delta)
         if points > self.max_domain_points:
-            raise ValueError(
+            raise AccountingLimitError(
                 f"the PRV accountant would need a grid of {points:.3g} points for {self.total_steps} steps "
                 f"(limit {self.max_domain_points:.3g}); use the 'pld' or 'rdp' accountant or a larger eps_error"
             )
@@ -429,7 +430,7 @@ class PLDAccountant(_GaussianOnlyAccountant):
         points = max(self.base_grid_points(e.noise_multiplier) for e in events)
         if points > self.max_grid_points:
             z = min(e.noise_multiplier for e in events)
-            raise ValueError(
+            raise AccountingLimitError(
                 f"the PLD accountant would need a grid of {points:.3g} points for noise multiplier {z:g} "
                 f"(limit {self.max_grid_points:.3g}); ε at so little noise is very large anyway: use 'rdp'"
             )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from fedveil.dp.accounting import make_accountant
+from fedveil.dp.accounting import AccountingLimitError, make_accountant
 from fedveil.dp.events import ACCOUNTANTS, SubsampledGaussianEvent, _check_sample_rate, _check_steps, check_delta
 
 
@@ -49,8 +49,8 @@ def solve_noise_multiplier(
     """Smallest-found noise multiplier z with target·(1 − rel_tolerance) ≤ ε(z) ≤ target.
 
     ε is decreasing in z, so a doubling bracket followed by bisection finds it; the returned z always
-    meets the target (conservative side). Raises ``ValueError`` if the target is unreachable (e.g. the
-    PRV accountant's ε has an ``eps_error`` floor).
+    meets the target (conservative side). Raises :class:`AccountingLimitError` if the target is
+    unreachable (e.g. the PRV accountant's ε has an ``eps_error`` floor).
     """
     if not isinstance(target_epsilon, (int, float)) or not math.isfinite(target_epsilon) or target_epsilon <= 0:
         raise ValueError(f"target_epsilon must be a finite number > 0 (got {target_epsilon!r})")
@@ -78,7 +78,7 @@ def solve_noise_multiplier(
         lo = hi
         hi *= 2.0
         if hi > max_noise_multiplier:
-            raise ValueError(
+            raise AccountingLimitError(
                 f"target_epsilon {target_epsilon} is unreachable with the {accountant} accountant: even "
                 f"noise_multiplier={lo:g} gives epsilon={eps_hi:.6g}"
             )

@@ -35,6 +35,12 @@ class UnsupportedEventError(FedveilError, ValueError):
     """The accountant cannot compose this event (e.g. an RDP-only mechanism given to PLD or PRV)."""
 
 
+class AccountingLimitError(FedveilError, ValueError):
+    """The accountant cannot give ε for these parameters within its limits: a PRV or PLD grid too large
+    for so little noise, or a target ε no noise multiplier reaches. A site that meets it in a round's
+    parameters declines the round (the parameters came from the server)."""
+
+
 # --------------------------------------------------------------------------------------------------
 # Events
 # --------------------------------------------------------------------------------------------------

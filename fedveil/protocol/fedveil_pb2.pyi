@@ -337,20 +337,22 @@ class DistributedDpParams(_message.Message):
     def __init__(self, mechanism: _Optional[str] = ..., l2_clip: _Optional[float] = ..., scale: _Optional[float] = ..., noise_stddev: _Optional[float] = ..., beta: _Optional[float] = ..., bits: _Optional[int] = ..., rotation_seed: _Optional[bytes] = ..., padded_dimension: _Optional[int] = ..., config_json: _Optional[str] = ...) -> None: ...
 
 class LocalDpParams(_message.Message):
-    __slots__ = ("noise_multiplier", "max_grad_norm", "target_epsilon", "delta", "planned_rounds", "max_physical_batch_size")
+    __slots__ = ("noise_multiplier", "max_grad_norm", "target_epsilon", "delta", "planned_rounds", "max_physical_batch_size", "accountant")
     NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
     MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
     TARGET_EPSILON_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
     PLANNED_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     MAX_PHYSICAL_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ACCOUNTANT_FIELD_NUMBER: _ClassVar[int]
     noise_multiplier: float
     max_grad_norm: float
     target_epsilon: float
     delta: float
     planned_rounds: int
     max_physical_batch_size: int
-    def __init__(self, noise_multiplier: _Optional[float] = ..., max_grad_norm: _Optional[float] = ..., target_epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., planned_rounds: _Optional[int] = ..., max_physical_batch_size: _Optional[int] = ...) -> None: ...
+    accountant: str
+    def __init__(self, noise_multiplier: _Optional[float] = ..., max_grad_norm: _Optional[float] = ..., target_epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., planned_rounds: _Optional[int] = ..., max_physical_batch_size: _Optional[int] = ..., accountant: _Optional[str] = ...) -> None: ...
 
 class DpParams(_message.Message):
     __slots__ = ("mode", "update_clip_norm", "adaptive_clipping", "local", "distributed", "noise_multiplier")

@@ -14,7 +14,11 @@ from fedveil.server.round_plan import RoundPlan
 
 
 class LocalDP(PrivacyMechanism):
-    """DP-SGD at each site with the job's noise multiplier and clip (or a target ε); no user-level noise."""
+    """DP-SGD at each site with the job's noise multiplier and clip (or a target ε); no user-level noise.
+
+    The sites account their DP-SGD with the job's accountant (``--dp-accountant``), the one the
+    ledger composes their steps with: a site that solves for a target ε under PLD trains with
+    about 7% less noise than under RDP for the same guarantee (docs/privacy.md)."""
 
     mode: ClassVar[str] = "local"
 
@@ -25,7 +29,7 @@ class LocalDP(PrivacyMechanism):
         dp.local.CopyFrom(pb.LocalDpParams(
             noise_multiplier=self.site_noise_multiplier, max_grad_norm=cfg.privacy.local_max_grad_norm,
             target_epsilon=cfg.privacy.local_target_epsilon, delta=cfg.privacy.delta,
-            planned_rounds=cfg.schedule.rounds,
+            planned_rounds=cfg.schedule.rounds, accountant=cfg.privacy.accountant,
         ))
         return fixed_point_plan(cfg, self.dim, round_number, cohort_size, threshold, dp, clip_norm=0.0,
                                 clip_range=cfg.secagg.clip_range, extras=[])
