@@ -28,6 +28,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from fedveil.clients.api import run_client, train_round
 from fedveil.clients.local_dp import EngineDpClient, LocalDpClient
 from fedveil.clients.policy import (
     PolicyError,
@@ -44,6 +45,7 @@ from fedveil.dp.accounting import SubsampledGaussianEvent
 from fedveil.dp.ledger import BudgetExceededError
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.server.coordinator import Coordinator
+from fedveil.server.store import RunStore
 from fedveil.tasks.synthetic import task as synthetic
 from tests.attack_helpers import (
     ALL_JOIN_WAIT,
@@ -182,6 +184,62 @@ def test_a_server_that_asks_for_billions_of_epochs_is_declined_at_once(tmp_path:
     assert [h.outcome for h in history] == ["declined"]
     assert "training.local_epochs" in history[0].reason and "max_local_epochs" in history[0].reason
     assert _masked_rounds(server) == []
+
+
+# -- a site restarted in the middle of a job --------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("restart", "budget"), [(True, 3.2), (False, 3.2), (True, 4.0)],
+                         ids=["restarted", "one-process", "restarted-within-budget"])
+def test_a_site_restarted_mid_job_keeps_its_earlier_steps_in_its_budget(
+        tmp_path: Path, restart: bool, budget: float) -> None:
+    """Fixed noise z = 1.2: one round of DP-SGD costs ε ≈ 2.84, two ≈ 3.56; the victim's own budget is
+    ε = 3.2. In one process round 2 is declined before any step. A victim restarted after round 1
+    (a new process with the same ``--state`` file) began with an empty accountant before, saw round 2
+    alone (2.84) and trained it: ε 3.56 in all, past its budget. Now it resumes the job's earlier
+    steps from its saved state. With a budget of 4 both rounds fit, and the restarted site's report
+    is the whole job's ε, which the server's recomputation confirms (before: 2.84, "unverified")."""
+    state_path = tmp_path / "victim-state.json"
+
+    def victim(service: Any, consortium: Consortium) -> Any:
+        assert synthetic.synthetic_data is not None
+        data = synthetic.synthetic_data(0, 4, 3)
+        options = dict(state_path=state_path, policy=consortium.policy(max_local_epsilon=budget))
+        fed = site_federation(service, synthetic, VICTIM, 0, consortium, **options)
+        if not restart:
+            return fed, run_client(fed, synthetic, data)
+        with fed:  # the first process trains round 1 and stops
+            for rnd in fed:
+                train_round(rnd, synthetic, data)
+                break
+        first = list(fed.history)
+        again = site_federation(service, synthetic, VICTIM, 0, consortium, **options)
+        return again, first + run_client(again, synthetic, data)
+
+    config = job_config(rounds=2, dp="local", dp_local_noise_multiplier=1.2, min_clients=3, stage_timeout=20.0,
+                        round_timeout=60.0, cohort_wait=ALL_JOIN_WAIT)
+    summary, server, results = _job(tmp_path, config, victim=victim)
+    fed, history = results[VICTIM]
+    assert summary.completed_rounds == 2
+    session = fed._local_dp_session.session
+    assert session.resumed_events == (1 if restart else 0)
+    assert fed.privacy.sample_epsilon == pytest.approx(fed.state.sample_epsilon(), rel=1e-9)
+    if budget > 3.6:
+        assert [(h.round, h.outcome) for h in history] == [(1, "completed"), (2, "completed")]
+        store = RunStore(tmp_path / "run.sqlite")
+        try:
+            reports = {(r, name): record for r, name, record in store.client_privacy(summary.run_id)}
+        finally:
+            store.close()
+        second = reports[(2, VICTIM)]
+        assert second["verified"], second["unverified"]
+        assert second["epsilon_reported"] == pytest.approx(3.56, abs=0.01) == fed.state.sample_epsilon()
+        return
+    assert [(h.round, h.outcome) for h in history] == [(1, "completed"), (2, "declined")]
+    assert "over the budget ε=3.2" in history[1].reason
+    assert _masked_rounds(server) == [1]
+    assert fed.state.sample_epsilon() < 3.2  # the saved ledger: round 1's steps only
+    assert session.rounds_completed == (0 if restart else 1)
 
 
 # -- finding 4: δ and the target are the site's limits, not the server's -----------------------------

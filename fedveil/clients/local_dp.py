@@ -19,13 +19,14 @@ less, and would still miss a batch-size change and a loop that trains past the n
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from fedveil.clients.policy import SitePolicy, TrainingRefused, local_accountant
-from fedveil.dp.events import AccountingLimitError, SubsampledGaussianEvent
+from fedveil.dp.events import AccountingLimitError, DpEvent, SubsampledGaussianEvent
 from fedveil.dp.ledger import BUDGET_REL_TOLERANCE, BudgetExceededError
 from fedveil.dp.local import LocalDPConfig, LocalDPSession
 from fedveil.protocol import fedveil_pb2 as pb
@@ -61,8 +62,11 @@ def local_dp_config(params: pb.LocalDpParams, *, seed: int | None = None, local_
 class LocalDpClient:
     """Privatize the user's objects each round and keep the client's own accountant."""
 
-    def __init__(self, seed: int | None = None) -> None:
+    def __init__(self, seed: int | None = None, earlier: Callable[[], Sequence[DpEvent]] | None = None) -> None:
+        """``earlier``: the DP-SGD steps the site already took in this job (an earlier process's, from its
+        saved state), read when the first round creates the session and composed into its accountant."""
         self._seed = seed
+        self._earlier = earlier
         self.session: LocalDPSession | None = None
         self._wrapped: nn.Module | None = None
         self._last_steps = 0
@@ -90,7 +94,9 @@ class LocalDpClient:
     def _privatize(self, params: pb.LocalDpParams, model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any,
                    epochs: int, policy: SitePolicy | None) -> tuple[Any, Any, Any]:
         if self.session is None:
-            self.session = LocalDPSession(local_dp_config(params, seed=self._seed, local_epochs=epochs, policy=policy))
+            session = LocalDPSession(local_dp_config(params, seed=self._seed, local_epochs=epochs, policy=policy))
+            session.resume(self._earlier() if self._earlier is not None else ())
+            self.session = session
         if policy is not None and policy.min_local_noise_multiplier > 0:
             plan = self.session.plan_round(loader, local_epochs=epochs)
             if not plan.noise_multiplier >= policy.min_local_noise_multiplier:

@@ -443,7 +443,9 @@ class Federation:
 
             seed = seed_int(derive_seed(self.private_seed, "dp-sgd", 0, 0)) \
                 if self.options.insecure_deterministic else None
-            self._local_dp_session = LocalDpClient(seed=seed)
+            # a client restarted mid-job resumes its accountant with the steps its saved state holds for the run
+            self._local_dp_session = LocalDpClient(
+                seed=seed, earlier=lambda: self.state.local_dp_events(self.run_id) if self.run_id is not None else [])
         return self._local_dp_session
 
     def _account_local_dp(self, rnd: Round, trained: nn.Module) -> np.ndarray:

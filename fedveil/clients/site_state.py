@@ -17,6 +17,9 @@ bounded by this record:
   cohorts than the site planned its budget for;
 - **evaluation oracles** — evaluation-only rounds and per-site final evaluations of one job are
   capped (``max_evaluations_per_job``);
+- **a budget that forgets** — every round's DP-SGD steps are saved with the run they belong to,
+  and a client restarted in the middle of that run composes them into its new accountant
+  (:meth:`SiteState.local_dp_events`), so its own ε budget still bounds the whole job;
 - **model replay** — the digest of every global model the site released a sum over is kept: a
   server that shows the same model again in another round (a "rejected" round it did not apply,
   then a cohort without the victim) would get the same update and metrics twice and difference
@@ -265,8 +268,17 @@ class SiteState:
 
     def trained_with_local_dp(self, run_id: str, round_number: int, event: DpEvent) -> None:
         """The site's DP-SGD steps of one round (sample level), from its own accountant's event."""
-        self.ledger.record(round_number, clients={SITE_PARTY: event}, client_mechanism="dp-sgd")
+        self.ledger.record(round_number, clients={SITE_PARTY: event}, client_mechanism="dp-sgd",
+                           client_details={"run_id": run_id})
         self.save()
+
+    def local_dp_events(self, run_id: str) -> list[DpEvent]:
+        """The DP-SGD steps this site took in ``run_id`` so far, in every process: a client restarted
+        in the middle of a job composes them into its new accountant, so its budget checks and its
+        reported ε cover the whole job. (Entries saved before the run was recorded with them cannot
+        be attributed to a run; they still count in :meth:`sample_epsilon`.)"""
+        return [e.event for e in self.ledger.entries
+                if e.party == SITE_PARTY and dict(e.details).get("run_id") == run_id]
 
     # -- reading --------------------------------------------------------------------------------
     @property

@@ -41,7 +41,7 @@ import hashlib
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +56,7 @@ from torch.utils.data import DataLoader, default_collate
 
 from fedveil.dp.accounting import (
     ACCOUNTANTS,
+    DpEvent,
     PrivacyAccountant,
     SubsampledGaussianEvent,
     check_delta,
@@ -181,6 +182,8 @@ class LocalDPSession:
         self.sample_rate: float | None = None
         self.rounds_completed = 0
         self.round_events: list[SubsampledGaussianEvent] = []
+        self.resumed_events = 0
+        """Events of an earlier process composed in by :meth:`resume`."""
         try:
             # The engine's own accountant is unused: ours is attached to each optimizer's step hook.
             self._engine = PrivacyEngine(accountant="rdp", secure_mode=config.secure_mode)
@@ -263,6 +266,18 @@ class LocalDPSession:
         self._active = None
         self.rounds_completed += 1
         return state
+
+    def resume(self, earlier: Sequence[DpEvent]) -> None:
+        """Compose DP-SGD steps this client took before the session began (an earlier process of the same
+        job, from the site's saved ledger) into its accountant, before its first round: the budget
+        checks and :meth:`epsilon` then cover them too. They are not rounds of this session."""
+        if self.rounds_completed or self._active is not None:
+            raise RuntimeError("resume() must come before the session's first round")
+        for event in earlier:
+            if not isinstance(event, SubsampledGaussianEvent):
+                raise TypeError(f"earlier DP-SGD steps must be SubsampledGaussianEvents (got {type(event).__name__})")
+            self.accountant.compose(event)
+        self.resumed_events = len(earlier)
 
     @property
     def last_round_event(self) -> SubsampledGaussianEvent | None:
