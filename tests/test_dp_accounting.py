@@ -315,3 +315,22 @@ def test_an_implausibly_large_noise_multiplier_is_bounded_by_the_plain_gaussian(
     acc = RDPAccountant()
     acc.compose(SubsampledGaussianEvent(0.5, z, 10**6))
     assert 0 < acc.get_epsilon(DELTA) < 0.1
+
+
+def test_the_pld_memo_answers_each_history_delta_and_interval_with_its_own_epsilon() -> None:
+    """The PLD accountant memoizes ε per (history, δ, interval) and each step's distribution per (q, z):
+    a second ask is the same number, and nothing leaks between keys or accountants."""
+    def eps(events: list[tuple[float, float, int]], delta: float, interval: float = 1e-4) -> float:
+        acc = PLDAccountant(value_discretization_interval=interval)
+        for q, z, t in events:
+            acc.compose(SubsampledGaussianEvent(q, z, t))
+        return acc.get_epsilon(delta)
+
+    history = [(0.25, 4.0, 40), (0.5, 5.5, 10)]
+    first = eps(history, DELTA)
+    assert eps(history, DELTA) == first == google_pld_epsilon(history, DELTA)
+    assert eps(history, 10 * DELTA) < first  # another δ, another answer
+    assert eps(history[:1], DELTA) < first  # a prefix of the history is not the history
+    assert eps(list(reversed(history)), DELTA) == pytest.approx(first, rel=1e-6)  # composition commutes
+    coarse = eps(history, DELTA, interval=1e-2)
+    assert coarse != first and coarse >= first  # a coarser pessimistic grid: its own, looser number
