@@ -97,6 +97,10 @@ def test_the_client_command_names_the_flag_or_toml_key_at_fault(tmp_path: Path, 
             "--insecure", "--trust-server"]
     assert main([*base, "--min-cohort", "1"]) == 2
     assert "error: --min-cohort:" in capsys.readouterr().err
+    assert main([*base, "--max-lifetime-local-epsilon", "-1"]) == 2
+    assert "error: --max-lifetime-local-epsilon:" in capsys.readouterr().err
+    assert main([*base, "--allow-local-accountant", "gdp"]) == 2  # click's choice check names the flag
+    assert "--allow-local-accountant" in capsys.readouterr().err
     bad = tmp_path / "p.toml"
     bad.write_text("[policy]\nmax_attempts_per_round = 0\n")
     assert main([*base, "--policy", str(bad)]) == 2

@@ -31,6 +31,8 @@ from fedveil.dp.ledger import BUDGET_REL_TOLERANCE, BudgetExceededError
 from fedveil.dp.local import LocalDPConfig, LocalDPSession
 from fedveil.protocol import fedveil_pb2 as pb
 
+LIFETIME_PARTY = "max_lifetime_local_epsilon (this site, all its jobs)"
+"""How a refusal by ``max_lifetime_local_epsilon`` names whose budget it is."""
 _SLACK = 1.0 + BUDGET_REL_TOLERANCE
 """Relative slack of the budget comparisons (the accountant's floating point), as the ledger's."""
 
@@ -62,11 +64,17 @@ def local_dp_config(params: pb.LocalDpParams, *, seed: int | None = None, local_
 class LocalDpClient:
     """Privatize the user's objects each round and keep the client's own accountant."""
 
-    def __init__(self, seed: int | None = None, earlier: Callable[[], Sequence[DpEvent]] | None = None) -> None:
+    def __init__(self, seed: int | None = None, earlier: Callable[[], Sequence[DpEvent]] | None = None,
+                 lifetime: Callable[[DpEvent | None], float] | None = None, lifetime_delta: float = 1e-5) -> None:
         """``earlier``: the DP-SGD steps the site already took in this job (an earlier process's, from its
-        saved state), read when the first round creates the session and composed into its accountant."""
+        saved state), read when the first round creates the session and composed into its accountant.
+        ``lifetime(event)``: the site's ε over all its jobs with ``event`` composed in, for the policy's
+        ``max_lifetime_local_epsilon`` (checked before training and again before release), measured at
+        ``lifetime_delta`` (the δ of the site's saved ledger)."""
         self._seed = seed
         self._earlier = earlier
+        self._lifetime = lifetime
+        self._lifetime_delta = lifetime_delta
         self.session: LocalDPSession | None = None
         self._wrapped: nn.Module | None = None
         self._last_steps = 0
@@ -97,8 +105,14 @@ class LocalDpClient:
             session = LocalDPSession(local_dp_config(params, seed=self._seed, local_epochs=epochs, policy=policy))
             session.resume(self._earlier() if self._earlier is not None else ())
             self.session = session
-        if policy is not None and policy.min_local_noise_multiplier > 0:
+        if policy is not None and (policy.min_local_noise_multiplier > 0 or self._lifetime_cap(policy)):
             plan = self.session.plan_round(loader, local_epochs=epochs)
+            planned = SubsampledGaussianEvent(plan.sample_rate, plan.noise_multiplier, plan.steps)
+            refusal = self._over_lifetime(policy, planned)
+            if refusal is not None:
+                before, after, cap, delta = refusal
+                raise BudgetExceededError(party=LIFETIME_PARTY, round_index=self.session.rounds_completed,
+                                          epsilon_before=before, epsilon_after=after, budget=cap, delta=delta)
             if not plan.noise_multiplier >= policy.min_local_noise_multiplier:
                 raise TrainingRefused(
                     "dp.local.target_epsilon" if self.session.config.target_epsilon is not None
@@ -117,6 +131,11 @@ class LocalDpClient:
         Checked before release; the steps stay accounted either way (:meth:`finish_round`)."""
         if self.session is None or self._wrapped is None:
             return ""
+        lifetime = self._over_lifetime(policy, self.session.pending_event()) if policy is not None else None
+        if lifetime is not None:
+            _, after, cap, delta = lifetime
+            return (f"the site's DP-SGD steps over all its jobs would be at ε = {after:.3f} (δ = {delta:g}) with "
+                    f"this round's, past its max_lifetime_local_epsilon = {cap:g}")
         budget = self.session.config.budget
         if budget is None:
             return ""
@@ -126,6 +145,21 @@ class LocalDpClient:
             return (f"the site's DP-SGD accountant would be at ε = {after:.3f} (δ = {delta:g}) after the steps "
                     f"this round took, past its budget ε = {budget:g}")
         return ""
+
+    def _lifetime_cap(self, policy: SitePolicy) -> float | None:
+        cap = policy.max_lifetime_local_epsilon
+        return cap if cap > 0 and self._lifetime is not None else None
+
+    def _over_lifetime(self, policy: SitePolicy, event: DpEvent | None) -> tuple[float, float, float, float] | None:
+        """(ε before, ε after, cap, δ) over all the site's jobs when ``event`` would pass its lifetime cap."""
+        cap = self._lifetime_cap(policy)
+        if cap is None or event is None:
+            return None
+        assert self._lifetime is not None
+        after = self._lifetime(event)
+        if after <= cap * _SLACK:
+            return None
+        return self._lifetime(None), after, cap, self._lifetime_delta
 
     @property
     def active(self) -> bool:

@@ -130,6 +130,10 @@ class SitePolicy:
         min_local_noise_multiplier: the least DP-SGD noise multiplier this site trains with: a
             fixed ``dp.local.noise_multiplier`` below it, or a target that solves to less, is
             refused (0: no floor; ``max_local_epsilon`` still bounds the spend).
+        max_lifetime_local_epsilon: a cap on the site's sample-level ε over every job it takes part
+            in (its saved DP-SGD steps, RDP at its ledger's δ): ``max_local_epsilon`` bounds one job,
+            and a server could start job after job. 0: no cap. Needs the site's ``--state`` file to
+            count earlier jobs (without one, only the running process's).
         local_accountants: the accountants this site lets a job's ``dp.local.accountant`` pick for its
             DP-SGD (default: all three, each an upper bound on ε; a site whose rules name one, e.g.
             RDP for an audit that re-derives its figures, lists only that one).
@@ -154,6 +158,7 @@ class SitePolicy:
     max_local_delta: float = DEFAULT_MAX_LOCAL_DELTA
     max_local_epsilon: float = DEFAULT_MAX_LOCAL_EPSILON
     min_local_noise_multiplier: float = 0.0
+    max_lifetime_local_epsilon: float = 0.0
     local_accountants: frozenset[str] = field(default_factory=lambda: frozenset(ACCOUNTANTS))
     roster_marks: frozenset[bytes] = field(default=frozenset(), init=False, repr=False, compare=False)
     """The roster's credentials, as marks for the site's cache of vouched credentials."""
@@ -196,6 +201,8 @@ class SitePolicy:
              "must be a finite number > 0")
         need(_is_number(self.min_local_noise_multiplier) and 0 <= self.min_local_noise_multiplier < 1e6,
              "min_local_noise_multiplier", "must be a finite number >= 0")
+        need(_is_number(self.max_lifetime_local_epsilon) and self.max_lifetime_local_epsilon >= 0,
+             "max_lifetime_local_epsilon", "must be a finite number >= 0 (0: no cap)")
         accountants = self.local_accountants
         need(isinstance(accountants, frozenset) and bool(accountants) and accountants <= set(ACCOUNTANTS),
              "local_accountants", f"must be a non-empty subset of {', '.join(ACCOUNTANTS)}")

@@ -445,7 +445,8 @@ class Federation:
                 if self.options.insecure_deterministic else None
             # a client restarted mid-job resumes its accountant with the steps its saved state holds for the run
             self._local_dp_session = LocalDpClient(
-                seed=seed, earlier=lambda: self.state.local_dp_events(self.run_id) if self.run_id is not None else [])
+                seed=seed, earlier=lambda: self.state.local_dp_events(self.run_id) if self.run_id is not None else [],
+                lifetime=self.state.lifetime_local_epsilon, lifetime_delta=self.state.delta)
         return self._local_dp_session
 
     def _account_local_dp(self, rnd: Round, trained: nn.Module) -> np.ndarray:

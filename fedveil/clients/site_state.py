@@ -20,6 +20,9 @@ bounded by this record:
 - **a budget that forgets** — every round's DP-SGD steps are saved with the run they belong to,
   and a client restarted in the middle of that run composes them into its new accountant
   (:meth:`SiteState.local_dp_events`), so its own ε budget still bounds the whole job;
+- **job after job** — a per-job budget starts again in every run; with the policy's
+  ``max_lifetime_local_epsilon`` the site composes the DP-SGD steps of every job saved here with
+  the round it is asked for (:meth:`SiteState.lifetime_local_epsilon`) and declines past the cap;
 - **model replay** — the digest of every global model the site released a sum over is kept: a
   server that shows the same model again in another round (a "rejected" round it did not apply,
   then a cohort without the victim) would get the same update and metrics twice and difference
@@ -47,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedveil.dp.accounting import DpEvent
+from fedveil.dp.accounting import DpEvent, RDPAccountant
 from fedveil.dp.ledger import FEDERATION, LedgerConfig, LedgerFormatError, PrivacyLedger
 from fedveil.errors import FedveilError
 
@@ -287,6 +290,17 @@ class SiteState:
 
     def sample_epsilon(self) -> float:
         return self.ledger.epsilon(SITE_PARTY)
+
+    def lifetime_local_epsilon(self, extra: DpEvent | None = None) -> float:
+        """The site's sample-level ε over every job in this state (its saved DP-SGD steps, RDP at its
+        δ), with ``extra`` (a round about to train or to be released) composed in."""
+        acc = RDPAccountant()
+        for entry in self.ledger.entries:
+            if entry.party == SITE_PARTY:
+                acc.compose(entry.event)
+        if extra is not None:
+            acc.compose(extra)
+        return acc.get_epsilon(self.delta) if acc.history else 0.0
 
     def user_epsilon(self) -> float:
         """User-level ε as this site can guarantee it: ∞ once any release had no noise it can rely on."""

@@ -297,15 +297,19 @@ class LocalDPSession:
             raise TypeError(f"loader must be a torch DataLoader (got {type(loader).__name__})")
         return self._plan(_steps_per_epoch(loader), self._round_epochs(local_epochs))
 
+    def pending_event(self) -> SubsampledGaussianEvent | None:
+        """The steps the current round took so far, as :meth:`finish_round` will account them (None: none)."""
+        if self._active is None or self._round_steps == 0:
+            return None
+        assert self._round_sample_rate is not None and self._round_noise is not None
+        return SubsampledGaussianEvent(self._round_sample_rate, self._round_noise, self._round_steps)
+
     def pending_epsilon(self, delta: float | None = None) -> float:
         """ε (at ``delta``, default the config's) once the steps the current round took so far are composed:
         what :meth:`finish_round` will account, known before the round's update is released."""
         d = self.config.delta if delta is None else delta
-        if self._active is None or self._round_steps == 0:
-            return self.accountant.get_epsilon(d)
-        assert self._round_sample_rate is not None and self._round_noise is not None
-        event = SubsampledGaussianEvent(self._round_sample_rate, self._round_noise, self._round_steps)
-        return self.accountant.epsilon_after([event], d)
+        event = self.pending_event()
+        return self.accountant.get_epsilon(d) if event is None else self.accountant.epsilon_after([event], d)
 
     # -- internals ----------------------------------------------------------------------------------
     def _round_generators(self, model: nn.Module) -> tuple[Any, torch.Generator | None]:
