@@ -117,3 +117,34 @@ def test_a_bad_lifetime_cap_is_refused_naming_the_setting(value: object) -> None
         SitePolicy(authority_public_key=bytes(32), max_lifetime_local_epsilon=value)  # type: ignore[arg-type]
     assert err.value.field == "max_lifetime_local_epsilon"
 
+
+
+def test_an_engine_sites_round_is_not_released_past_its_lifetime_cap() -> None:
+    """A site with its own Opacus engine plans its own steps, so its lifetime cap is checked before
+    release: the round's steps (the engine's history since the round began) with every saved job's."""
+    from fedveil.clients.local_dp import EngineDpClient
+
+    class Accountant:
+        def __init__(self) -> None:
+            self.history: list[tuple[float, float, int]] = []
+
+        def get_epsilon(self, delta: float) -> float:
+            return 2.84
+
+        def mechanism(self) -> str:
+            return "rdp"
+
+    class Engine:
+        def __init__(self) -> None:
+            self.accountant = Accountant()
+
+    state = SiteState.open(None)
+    engine = Engine()
+    state.trained_with_local_dp("earlier-run", 1, SubsampledGaussianEvent(1 / 7, 1.2, 7))
+    client = EngineDpClient(engine, lifetime=state.lifetime_local_epsilon, lifetime_delta=state.delta)
+    client.begin_round(pb.LocalDpParams(noise_multiplier=1.2, max_grad_norm=1.0, delta=1e-5))
+    engine.accountant.history.append((1.2, 1 / 7, 7))  # the site's loop took one epoch of steps
+    capped = SitePolicy(authority_public_key=bytes(32), max_lifetime_local_epsilon=3.2)
+    assert "max_lifetime_local_epsilon = 3.2" in client.over_budget(capped)  # 3.56 over both jobs
+    assert client.over_budget(SitePolicy(authority_public_key=bytes(32), max_lifetime_local_epsilon=3.6)) == ""
+    assert client.over_budget(SitePolicy(authority_public_key=bytes(32))) == ""  # control: no cap

@@ -61,11 +61,32 @@ def local_dp_config(params: pb.LocalDpParams, *, seed: int | None = None, local_
     )
 
 
+LifetimeEpsilon = Callable[[DpEvent | None], float]
+"""The site's ε over all its jobs with an event composed in (``SiteState.lifetime_local_epsilon``)."""
+
+
+def over_lifetime(lifetime: LifetimeEpsilon | None, policy: SitePolicy | None, delta: float,
+                  event: DpEvent | None) -> tuple[float, float, float, float] | None:
+    """(ε before, ε after, cap, δ) when ``event`` would take the site past its policy's
+    ``max_lifetime_local_epsilon`` over all its jobs; None when it would not, or there is no cap."""
+    cap = policy.max_lifetime_local_epsilon if policy is not None else 0.0
+    if cap <= 0 or lifetime is None or event is None:
+        return None
+    after = lifetime(event)
+    return None if after <= cap * _SLACK else (lifetime(None), after, cap, delta)
+
+
+def lifetime_reason(over: tuple[float, float, float, float]) -> str:
+    _, after, cap, delta = over
+    return (f"the site's DP-SGD steps over all its jobs would be at ε = {after:.3f} (δ = {delta:g}) with "
+            f"this round's, past its max_lifetime_local_epsilon = {cap:g}")
+
+
 class LocalDpClient:
     """Privatize the user's objects each round and keep the client's own accountant."""
 
     def __init__(self, seed: int | None = None, earlier: Callable[[], Sequence[DpEvent]] | None = None,
-                 lifetime: Callable[[DpEvent | None], float] | None = None, lifetime_delta: float = 1e-5) -> None:
+                 lifetime: LifetimeEpsilon | None = None, lifetime_delta: float = 1e-5) -> None:
         """``earlier``: the DP-SGD steps the site already took in this job (an earlier process's, from its
         saved state), read when the first round creates the session and composed into its accountant.
         ``lifetime(event)``: the site's ε over all its jobs with ``event`` composed in, for the policy's
@@ -105,10 +126,10 @@ class LocalDpClient:
             session = LocalDPSession(local_dp_config(params, seed=self._seed, local_epochs=epochs, policy=policy))
             session.resume(self._earlier() if self._earlier is not None else ())
             self.session = session
-        if policy is not None and (policy.min_local_noise_multiplier > 0 or self._lifetime_cap(policy)):
+        if policy is not None and (policy.min_local_noise_multiplier > 0 or policy.max_lifetime_local_epsilon > 0):
             plan = self.session.plan_round(loader, local_epochs=epochs)
             planned = SubsampledGaussianEvent(plan.sample_rate, plan.noise_multiplier, plan.steps)
-            refusal = self._over_lifetime(policy, planned)
+            refusal = over_lifetime(self._lifetime, policy, self._lifetime_delta, planned)
             if refusal is not None:
                 before, after, cap, delta = refusal
                 raise BudgetExceededError(party=LIFETIME_PARTY, round_index=self.session.rounds_completed,
@@ -131,11 +152,9 @@ class LocalDpClient:
         Checked before release; the steps stay accounted either way (:meth:`finish_round`)."""
         if self.session is None or self._wrapped is None:
             return ""
-        lifetime = self._over_lifetime(policy, self.session.pending_event()) if policy is not None else None
+        lifetime = over_lifetime(self._lifetime, policy, self._lifetime_delta, self.session.pending_event())
         if lifetime is not None:
-            _, after, cap, delta = lifetime
-            return (f"the site's DP-SGD steps over all its jobs would be at ε = {after:.3f} (δ = {delta:g}) with "
-                    f"this round's, past its max_lifetime_local_epsilon = {cap:g}")
+            return lifetime_reason(lifetime)
         budget = self.session.config.budget
         if budget is None:
             return ""
@@ -145,21 +164,6 @@ class LocalDpClient:
             return (f"the site's DP-SGD accountant would be at ε = {after:.3f} (δ = {delta:g}) after the steps "
                     f"this round took, past its budget ε = {budget:g}")
         return ""
-
-    def _lifetime_cap(self, policy: SitePolicy) -> float | None:
-        cap = policy.max_lifetime_local_epsilon
-        return cap if cap > 0 and self._lifetime is not None else None
-
-    def _over_lifetime(self, policy: SitePolicy, event: DpEvent | None) -> tuple[float, float, float, float] | None:
-        """(ε before, ε after, cap, δ) over all the site's jobs when ``event`` would pass its lifetime cap."""
-        cap = self._lifetime_cap(policy)
-        if cap is None or event is None:
-            return None
-        assert self._lifetime is not None
-        after = self._lifetime(event)
-        if after <= cap * _SLACK:
-            return None
-        return self._lifetime(None), after, cap, self._lifetime_delta
 
     @property
     def active(self) -> bool:
@@ -205,7 +209,9 @@ class EngineDpClient:
     the job's local-DP δ (Opacus's engine does not keep the δ it was made private for).
     """
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Any, lifetime: LifetimeEpsilon | None = None, lifetime_delta: float = 1e-5) -> None:
+        """``lifetime``, ``lifetime_delta``: as :class:`LocalDpClient`'s; an engine site's round is checked
+        against ``max_lifetime_local_epsilon`` before release only (its loop plans its own steps)."""
         accountant = getattr(engine, "accountant", None)
         if accountant is None or not callable(getattr(accountant, "get_epsilon", None)):
             raise TypeError(
@@ -217,6 +223,8 @@ class EngineDpClient:
         self._steps_at_start = 0
         self._last_event: SubsampledGaussianEvent | None = None
         self._last_steps = 0
+        self._lifetime = lifetime
+        self._lifetime_delta = lifetime_delta
 
     def begin_round(self, params: pb.LocalDpParams) -> None:
         """Note the job's δ and target ε and where the accountant stands before the round's training;
@@ -245,6 +253,9 @@ class EngineDpClient:
     def over_budget(self, policy: SitePolicy | None = None) -> str:
         """Why the round just trained may not be released ("" when it may): ε past the job's target, or
         past the site's own ``max_local_epsilon`` when a ``policy`` is given (in every job)."""
+        lifetime = over_lifetime(self._lifetime, policy, self._lifetime_delta, self._round_event())
+        if lifetime is not None:
+            return lifetime_reason(lifetime)
         spent = self.epsilon()
         caps = [c for c in (self.target_epsilon if self.target_epsilon > 0 else None,
                             policy.max_local_epsilon if policy is not None else None) if c is not None]
@@ -257,13 +268,8 @@ class EngineDpClient:
         """The round's steps (from the accountant) as its event; the trained model's state dict."""
         if trained is None:
             raise ValueError("model: the trained model is needed to compute the update")
-        history = list(getattr(self.engine.accountant, "history", []))
-        steps = self._total_steps() - self._steps_at_start
-        self._last_event = None
-        if steps > 0 and history:
-            noise, rate, _ = history[-1]
-            self._last_event = SubsampledGaussianEvent(float(rate), float(noise), int(steps))
-        self._last_steps = max(steps, 0)
+        self._last_event = self._round_event()
+        self._last_steps = max(self._total_steps() - self._steps_at_start, 0)
         self.rounds_completed += 1
         return {k: v.detach().clone() for k, v in trained.state_dict().items()}
 
@@ -279,6 +285,15 @@ class EngineDpClient:
         return pb.LocalPrivacySpend(epsilon=self.epsilon(), delta=self.delta, noise_multiplier=noise,
                                     sample_rate=rate, steps=self._last_steps,
                                     accountant=str(self.engine.accountant.mechanism()))
+
+    def _round_event(self) -> SubsampledGaussianEvent | None:
+        """The steps the engine took since the round began, at its last (noise, rate) (None: none)."""
+        history = list(getattr(self.engine.accountant, "history", []))
+        steps = self._total_steps() - self._steps_at_start
+        if steps <= 0 or not history:
+            return None
+        noise, rate, _ = history[-1]
+        return SubsampledGaussianEvent(float(rate), float(noise), int(steps))
 
     def _total_steps(self) -> int:
         return sum(int(entry[2]) for entry in getattr(self.engine.accountant, "history", []))

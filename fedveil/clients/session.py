@@ -437,7 +437,9 @@ class Federation:
         if self._local_dp_session is None and self.options.privacy_engine is not None:
             from fedveil.clients.local_dp import EngineDpClient
 
-            self._local_dp_session = EngineDpClient(self.options.privacy_engine)
+            state = self.state
+            self._local_dp_session = EngineDpClient(
+                self.options.privacy_engine, lifetime=state.lifetime_local_epsilon, lifetime_delta=state.delta)
         if self._local_dp_session is None:
             from fedveil.clients.local_dp import LocalDpClient
 
