@@ -35,6 +35,8 @@ DEFAULT_MIN_COHORT = 3
 DEFAULT_MAX_LOCAL_EPOCHS = 100
 DEFAULT_MAX_LOCAL_DELTA = 1e-5
 DEFAULT_MAX_LOCAL_EPSILON = 10.0
+DEFAULT_MAX_LIFETIME_LOCAL_EPSILON = 3 * DEFAULT_MAX_LOCAL_EPSILON
+"""Three jobs at the per-job default: bounds a server that starts job after job, rarely an honest site."""
 
 
 class PolicyError(FedveilError, ValueError):
@@ -132,8 +134,9 @@ class SitePolicy:
             refused (0: no floor; ``max_local_epsilon`` still bounds the spend).
         max_lifetime_local_epsilon: a cap on the site's sample-level ε over every job it takes part
             in (its saved DP-SGD steps, RDP at its ledger's δ): ``max_local_epsilon`` bounds one job,
-            and a server could start job after job. 0: no cap. Needs the site's ``--state`` file to
-            count earlier jobs (without one, only the running process's).
+            and a server could start job after job. Default 30 (three jobs at the per-job default);
+            0: no cap. Needs the site's ``--state`` file to count earlier jobs (without one, only the
+            running process's).
         local_accountants: the accountants this site lets a job's ``dp.local.accountant`` pick for its
             DP-SGD (default: all three, each an upper bound on ε; a site whose rules name one, e.g.
             RDP for an audit that re-derives its figures, lists only that one).
@@ -158,7 +161,7 @@ class SitePolicy:
     max_local_delta: float = DEFAULT_MAX_LOCAL_DELTA
     max_local_epsilon: float = DEFAULT_MAX_LOCAL_EPSILON
     min_local_noise_multiplier: float = 0.0
-    max_lifetime_local_epsilon: float = 0.0
+    max_lifetime_local_epsilon: float = DEFAULT_MAX_LIFETIME_LOCAL_EPSILON
     local_accountants: frozenset[str] = field(default_factory=lambda: frozenset(ACCOUNTANTS))
     roster_marks: frozenset[bytes] = field(default=frozenset(), init=False, repr=False, compare=False)
     """The roster's credentials, as marks for the site's cache of vouched credentials."""

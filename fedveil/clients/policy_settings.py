@@ -46,7 +46,7 @@ POLICY_SETTINGS: tuple[Setting, ...] = (
        help="This site's own DP-SGD ε budget: a larger job target is refused, and no round takes its ε past it."),
     _s("min_local_noise_multiplier", "policy",
        help="Least DP-SGD noise multiplier this site trains with (fixed, or what a target solves to)."),
-    _s("max_lifetime_local_epsilon", "policy",
+    _s("max_lifetime_local_epsilon", "policy", show_default=True,
        help="Cap on this site's DP-SGD ε over every job it joins (from its --state file; 0: no cap)."),
     Setting("local_accountants", "policy", "--allow-local-accountant", param="allow_local_accountant",
             values=ACCOUNTANTS, help="An accountant a job may pick for this site's DP-SGD (repeat; default: all)."),
