@@ -107,6 +107,8 @@ class SiteState:
     released_models: dict[str, set[str]] = field(default_factory=dict)
     """run → SHA-256 (hex) of every global model this site released a sum over (trained or evaluated)."""
     ledger: PrivacyLedger = field(default_factory=lambda: PrivacyLedger(LedgerConfig(accountant="rdp")))
+    _rdp_curves: RDPAccountant = field(default_factory=RDPAccountant, repr=False, compare=False)
+    """Where :meth:`lifetime_local_epsilon`'s accountants keep their RDP curves (not saved)."""
 
     # -- loading and saving -------------------------------------------------------------------
     @classmethod
@@ -294,7 +296,7 @@ class SiteState:
     def lifetime_local_epsilon(self, extra: DpEvent | None = None) -> float:
         """The site's sample-level ε over every job in this state (its saved DP-SGD steps, RDP at its
         δ), with ``extra`` (a round about to train or to be released) composed in."""
-        acc = RDPAccountant()
+        acc = self._rdp_curves.fresh()  # shares the RDP curves: a fresh accountant spent 0.18 s recomputing one
         for entry in self.ledger.entries:
             if entry.party == SITE_PARTY:
                 acc.compose(entry.event)
