@@ -19,6 +19,7 @@ from fedveil.clients.privacy import SitePrivacy
 from fedveil.clients.site_state import Release, SiteState, SiteStateError
 from fedveil.dp.accounting import RDPAccountant, SubsampledGaussianEvent
 from fedveil.dp.distributed import derive_parameters
+from fedveil.protocol import fedveil_pb2 as pb
 
 KEY = bytes(range(32))
 
@@ -171,6 +172,17 @@ def test_budget_report_reads_a_site_state_file(tmp_path: Path, capsys: pytest.Ca
     assert main(["budget", "report", str(path)]) == 0
     out = capsys.readouterr().out
     assert "as recorded by the site" in out and "user level" in out
+    for run in ("run-a", "run-b"):  # two jobs' DP-SGD steps: the file's figure composes both
+        state.trained_with_local_dp(run, 1, SubsampledGaussianEvent(1 / 7, 1.2, 7))
+    assert main(["budget", "report", str(path)]) == 0
+    out = capsys.readouterr().out
+    lifetime = SiteState.open(path).lifetime_local_epsilon()
+    assert f"sample level (DP-SGD on one record), every job recorded: ε = {lifetime:.4g}" in out and lifetime > 3.5
+    assert SiteState.open(path).local_dp_events("run-a") == [SubsampledGaussianEvent(1 / 7, 1.2, 7)]
+    # a live job's report: its own accountant's ε, and the lifetime figure beside it
+    one_job = pb.LocalPrivacySpend(epsilon=2.84, delta=1e-5, noise_multiplier=1.2, sample_rate=1 / 7, steps=7)
+    live = SitePrivacy.of(SiteState.open(path), one_job, trust_server=False).report()
+    assert "this job: ε = 2.84" in live and f"every job recorded: ε = {lifetime:.4g}" in live
     path.write_text(json.dumps({"format": "fedveil.site_state", "version": 99}))
     assert main(["budget", "report", str(path)]) == 2
     assert "error: LEDGER:" in capsys.readouterr().err

@@ -32,6 +32,11 @@ class SitePrivacy:
     """One line per release without user-level noise the site can rely on."""
     local_dp: bool
     trust_server: bool
+    lifetime_sample_epsilon: float = 0.0
+    """ε of the DP-SGD steps of every job the site's state records (at the site's δ): the figure the
+    policy's ``max_lifetime_local_epsilon`` caps."""
+    live: bool = False
+    """``sample_epsilon`` is the running job's live accountant (else the state's ledger: every job)."""
 
     @classmethod
     def of(cls, state: SiteState, local: pb.LocalPrivacySpend | None, trust_server: bool) -> SitePrivacy:
@@ -54,6 +59,8 @@ class SitePrivacy:
             unprotected=unprotected,
             local_dp=local_dp,
             trust_server=trust_server,
+            lifetime_sample_epsilon=state.lifetime_local_epsilon(),
+            live=live,
         )
 
     @property
@@ -72,10 +79,14 @@ class SitePrivacy:
 
         lines = [f"site privacy (own accounting; the server's claims are not used; "
                  f"{'trusting' if self.trust_server else 'not trusting'} the server)",
-                 f"  sample level (DP-SGD on one record): ε = {fmt(self.sample_epsilon)} at δ = {self.sample_delta:g}"
+                 f"  sample level (DP-SGD on one record), {'this job' if self.live else 'every job recorded'}: "
+                 f"ε = {fmt(self.sample_epsilon)} at δ = {self.sample_delta:g}"
                  + ("" if self.local_dp else " (no local DP)"),
                  f"  user level (the site's whole update), {self.releases} release(s): ε = {fmt(self.user_epsilon)} "
                  f"at δ = {self.user_delta:g}"]
+        if self.live:
+            lines.insert(2, f"  sample level, every job recorded: ε = {fmt(self.lifetime_sample_epsilon)} at "
+                            f"δ = {self.user_delta:g} (what max_lifetime_local_epsilon caps)")
         for line in self.unprotected[:10]:
             lines.append(f"    unprotected: {line}")
         if len(self.unprotected) > 10:
