@@ -226,3 +226,26 @@ def test_a_site_assuming_few_colluders_stays_out_of_secagg_plus_rounds(graph: st
         assert err.value.field == "max_corrupt_fraction"
     else:
         assert check_threshold(policy, start) == (h, c)
+
+
+def test_a_state_file_takes_a_second_job_whose_rounds_start_again_at_one(tmp_path: Path) -> None:
+    """A site's ledger spans every job it joins, and the ledger takes each party's rounds in order: a
+    second job's round 1 after a first job's round 2 raised ValueError inside the round, for its
+    DP-SGD steps and for its releases alike. Each run is now shifted past the ledger's last round."""
+    state = SiteState.open(tmp_path / "s.json")
+    step = SubsampledGaussianEvent(1 / 7, 1.2, 7)
+    for run, rounds in (("job-1", (1, 2)), ("job-2", (1, 2))):
+        for r in rounds:
+            state.trained_with_local_dp(run, r, step)
+            state.sent_masked_input(Release(run, r, 1, "distributed", True), SubsampledGaussianEvent(1.0, 2.0), {})
+    reopened = SiteState.open(tmp_path / "s.json")
+    assert [len(reopened.local_dp_events(run)) for run in ("job-1", "job-2")] == [2, 2]
+    indexes = [(e.party, e.round_index, dict(e.details)["run_id"], dict(e.details)["round"])
+               for e in reopened.ledger.entries]
+    assert [i for i in indexes if i[0] == "this-site"] == [
+        ("this-site", 1, "job-1", 1), ("this-site", 2, "job-1", 2), ("this-site", 3, "job-2", 1),
+        ("this-site", 4, "job-2", 2)]
+    four = RDPAccountant()
+    four.compose(step.with_steps(28))
+    assert reopened.lifetime_local_epsilon() == pytest.approx(four.get_epsilon(1e-5), rel=1e-9)
+    assert reopened.lifetime_local_epsilon(step) > reopened.lifetime_local_epsilon()

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedveil.dp.accounting import DpEvent, RDPAccountant
+from fedveil.dp.accounting import DpEvent
 from fedveil.dp.ledger import FEDERATION, LedgerConfig, LedgerFormatError, PrivacyLedger
 from fedveil.errors import FedveilError
 
@@ -107,8 +107,6 @@ class SiteState:
     released_models: dict[str, set[str]] = field(default_factory=dict)
     """run → SHA-256 (hex) of every global model this site released a sum over (trained or evaluated)."""
     ledger: PrivacyLedger = field(default_factory=lambda: PrivacyLedger(LedgerConfig(accountant="rdp")))
-    _rdp_curves: RDPAccountant = field(default_factory=RDPAccountant, repr=False, compare=False)
-    """Where :meth:`lifetime_local_epsilon`'s accountants keep their RDP curves (not saved)."""
 
     # -- loading and saving -------------------------------------------------------------------
     @classmethod
@@ -267,15 +265,29 @@ class SiteState:
         """Record a release; ``event`` is the user-level noise the site can rely on (None: unprotected)."""
         self.releases.append(release)
         if event is not None:
-            self.ledger.record(release.round, federation=event, mechanism=f"{release.dp_mode} (site view)",
-                               details={"run_id": release.run_id, "attempt": release.attempt, **details})
+            self.ledger.record(self._ledger_round(release.run_id, release.round), federation=event,
+                               mechanism=f"{release.dp_mode} (site view)",
+                               details={"run_id": release.run_id, "round": release.round, "attempt": release.attempt,
+                                        **details})
         self.save()
 
     def trained_with_local_dp(self, run_id: str, round_number: int, event: DpEvent) -> None:
         """The site's DP-SGD steps of one round (sample level), from its own accountant's event."""
-        self.ledger.record(round_number, clients={SITE_PARTY: event}, client_mechanism="dp-sgd",
-                           client_details={"run_id": run_id})
+        self.ledger.record(self._ledger_round(run_id, round_number), clients={SITE_PARTY: event},
+                           client_mechanism="dp-sgd", client_details={"run_id": run_id, "round": round_number})
         self.save()
+
+    def _ledger_round(self, run_id: str, round_number: int) -> int:
+        """The ledger's round index for ``round_number`` of ``run_id``. The ledger takes each party's rounds
+        in order, but this one spans every job the site joins, and each job counts from round 1 again:
+        a run whose rounds would come before the ledger's last is shifted past it, by one offset for
+        the whole run (its own round number stays in each entry's details)."""
+        for entry in reversed(self.ledger.entries):
+            details = dict(entry.details)
+            if details.get("run_id") == run_id and "round" in details:
+                return entry.round_index - int(details["round"]) + round_number
+        last = max(self.ledger.rounds, default=0)
+        return round_number if round_number >= last else last + round_number
 
     def local_dp_events(self, run_id: str) -> list[DpEvent]:
         """The DP-SGD steps this site took in ``run_id`` so far, in every process: a client restarted
@@ -296,13 +308,11 @@ class SiteState:
     def lifetime_local_epsilon(self, extra: DpEvent | None = None) -> float:
         """The site's sample-level ε over every job in this state (its saved DP-SGD steps, RDP at its
         δ), with ``extra`` (a round about to train or to be released) composed in."""
-        acc = self._rdp_curves.fresh()  # shares the RDP curves: a fresh accountant spent 0.18 s recomputing one
-        for entry in self.ledger.entries:
-            if entry.party == SITE_PARTY:
-                acc.compose(entry.event)
-        if extra is not None:
-            acc.compose(extra)
-        return acc.get_epsilon(self.delta) if acc.history else 0.0
+        if extra is None:
+            return self.sample_epsilon()
+        # the ledger's running accountant for the party, with the event composed in (no budget is set here)
+        spend = self.ledger.check_budget(max(self.ledger.rounds, default=0), clients={SITE_PARTY: extra})
+        return spend.client_epsilons[SITE_PARTY]
 
     def user_epsilon(self) -> float:
         """User-level ε as this site can guarantee it: ∞ once any release had no noise it can rely on."""
