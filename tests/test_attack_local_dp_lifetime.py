@@ -17,7 +17,6 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from fedveil.clients.api import run_client
 from fedveil.clients.local_dp import LocalDpClient
 from fedveil.clients.policy import PolicyError, SitePolicy
 from fedveil.clients.site_state import SiteState
@@ -25,7 +24,7 @@ from fedveil.dp.accounting import SubsampledGaussianEvent
 from fedveil.dp.ledger import BudgetExceededError
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.tasks.synthetic import task as synthetic
-from tests.attack_helpers import ALL_JOIN_WAIT, Consortium, job_config, run_job, site_federation, turnkey
+from tests.attack_helpers import ALL_JOIN_WAIT, Consortium, job_config, run_job, turnkey
 
 torch.set_num_threads(1)
 pytestmark = [pytest.mark.timeout(300),
@@ -42,12 +41,8 @@ def _two_jobs(tmp_path: Path, cap: float) -> tuple[list[Any], SiteState]:
     state_path = tmp_path / "victim-state.json"
     histories = []
     for job in range(2):
-        def victim(service: Any) -> Any:
-            fed = site_federation(service, synthetic, VICTIM, 0, consortium, state_path=state_path,
-                                  policy=consortium.policy(max_lifetime_local_epsilon=cap))
-            assert synthetic.synthetic_data is not None
-            return fed, run_client(fed, synthetic, synthetic.synthetic_data(0, 4, 3))
-
+        victim = turnkey(synthetic, VICTIM, 0, consortium, state_path=state_path,
+                         policy=consortium.policy(max_lifetime_local_epsilon=cap))
         sites = [victim, *(turnkey(synthetic, n, i, consortium) for i, n in enumerate(NAMES) if n != VICTIM)]
         config = job_config(rounds=1, dp="local", dp_local_noise_multiplier=1.2, min_clients=3, seed=3 + job,
                             stage_timeout=20.0, round_timeout=60.0, cohort_wait=ALL_JOIN_WAIT)

@@ -100,12 +100,17 @@ def test_the_client_command_names_the_flag_or_toml_key_at_fault(tmp_path: Path, 
     assert "error: --min-cohort:" in capsys.readouterr().err
     assert main([*base, "--max-lifetime-local-epsilon", "-1"]) == 2
     assert "error: --max-lifetime-local-epsilon:" in capsys.readouterr().err
+    assert main([*base, "--max-user-epsilon", "nan"]) == 2
+    assert "error: --max-user-epsilon:" in capsys.readouterr().err
     assert main([*base, "--allow-local-accountant", "gdp"]) == 2  # click's choice check names the flag
     assert "--allow-local-accountant" in capsys.readouterr().err
     bad = tmp_path / "p.toml"
     bad.write_text("[policy]\nmax_attempts_per_round = 0\n")
     assert main([*base, "--policy", str(bad)]) == 2
     assert "error: --policy (max_attempts_per_round):" in capsys.readouterr().err
+    bad.write_text("[policy]\nmax_user_epsilon = -2\n")
+    assert main([*base, "--policy", str(bad)]) == 2
+    assert "error: --policy (max_user_epsilon):" in capsys.readouterr().err
     assert main(["client", "--server", "127.0.0.1:1", "--task", "fedveil.tasks.synthetic", "--data", str(data),
                  "--insecure"]) == 2
     assert "error: --authority:" in capsys.readouterr().err

@@ -23,6 +23,7 @@ it can rely on for each release, its own noise share, and whether it evaluates.
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ from fedveil.clients.policy import PolicyViolation, SitePolicy, check_training
 from fedveil.clients.site_state import SiteState
 from fedveil.clients.update import AttemptRandomness, PreparedUpdate
 from fedveil.dp.accounting import DpEvent
+from fedveil.dp.ledger import BUDGET_REL_TOLERANCE
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.protocol.binding import binding_problem
 from fedveil.secagg.errors import SecAggError
@@ -312,6 +314,9 @@ def admit_round(policy: SitePolicy, job: pb.JobInfo, start: pb.RoundStart, *, ru
         raise PolicyViolation("purpose", f"an evaluation-only round: {refusal}")
     evaluate = bool(evaluation.dimension) and policy.evaluation == "secure" and refusal is None
     terms = mechanism.terms(policy, start, honest)
+    over_budget = user_budget_refusal(policy, state, mode, terms.guaranteed_event)
+    if over_budget is not None:
+        raise PolicyViolation(*over_budget)
     if not mechanism.protects_replays(terms) and state.released_over(model_digest):
         # No noise this site relies on: the same model again gives the same update and metrics, and
         # two sums over cohorts with and without this site would difference to them exactly, in
@@ -323,6 +328,31 @@ def admit_round(policy: SitePolicy, job: pb.JobInfo, start: pb.RoundStart, *, ru
                               "a new initial model)")
     return Admission(holders=h, corrupt=c, honest_contributors=honest, mechanism=mechanism, terms=terms,
                      evaluate=evaluate, evaluation_allowed=refusal is None, model_digest=model_digest)
+
+
+def user_budget_refusal(policy: SitePolicy, state: SiteState, mode: str,
+                        event: DpEvent | None) -> tuple[str, str] | None:
+    """(field, reason) when this release would take the site's user-level ε past its policy's
+    ``max_user_epsilon`` (None: within it, or no cap).
+
+    ``min_noise_multiplier`` bounds the noise of one release; the number of releases is the server's
+    to announce (a job's round count, then job after job). The site composes the release it is asked
+    for with every one its ledger records, from the noise it can rely on only, before it trains, so a
+    declined round costs it nothing. A release without noise the site can rely on has no bound."""
+    cap = policy.max_user_epsilon
+    if not cap:
+        return None
+    after = state.user_epsilon_after(event)
+    if math.isinf(after):
+        what = ("an earlier release had none" if event is not None
+                else f"dp.mode {mode!r} gives none this site can rely on")
+        return ("dp.mode", f"this release would have no user-level noise bound ({what}), so its user-level ε "
+                           f"would be unbounded, past this site's max_user_epsilon={cap:g}")
+    if after > cap * (1.0 + BUDGET_REL_TOLERANCE):
+        return ("round", f"this release would take this site's user-level ε to {after:.4g} (δ = "
+                         f"{state.ledger.config.federation_delta:g}, over {len(state.releases)} earlier release(s)), "
+                         f"past its max_user_epsilon={cap:g}")
+    return None
 
 
 def evaluation_refusal(policy: SitePolicy, dp_mode: str) -> str | None:

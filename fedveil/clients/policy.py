@@ -140,6 +140,13 @@ class SitePolicy:
         local_accountants: the accountants this site lets a job's ``dp.local.accountant`` pick for its
             DP-SGD (default: all three, each an upper bound on ε; a site whose rules name one, e.g.
             RDP for an audit that re-derives its figures, lists only that one).
+        max_user_epsilon: a cap on the site's user-level ε (its whole update; at its ledger's δ) over
+            every release its ledger records, from the noise it can rely on: a round whose release
+            would take that ε past the cap is declined before training, and so is any release with
+            no user-level noise the site can rely on (DP modes ``none`` and ``local``, central DP
+            without ``trust_server``), whose ε is unbounded. ``min_noise_multiplier`` bounds one
+            release; a server can ask for as many as the rounds it announces, and job after job.
+            0: no cap (default). Counts earlier jobs from the site's ``--state`` file.
     """
 
     trust_server: bool = False
@@ -163,6 +170,7 @@ class SitePolicy:
     min_local_noise_multiplier: float = 0.0
     max_lifetime_local_epsilon: float = DEFAULT_MAX_LIFETIME_LOCAL_EPSILON
     local_accountants: frozenset[str] = field(default_factory=lambda: frozenset(ACCOUNTANTS))
+    max_user_epsilon: float = 0.0
     roster_marks: frozenset[bytes] = field(default=frozenset(), init=False, repr=False, compare=False)
     """The roster's credentials, as marks for the site's cache of vouched credentials."""
 
@@ -206,6 +214,8 @@ class SitePolicy:
              "min_local_noise_multiplier", "must be a finite number >= 0")
         need(_is_number(self.max_lifetime_local_epsilon) and self.max_lifetime_local_epsilon >= 0,
              "max_lifetime_local_epsilon", "must be a finite number >= 0 (0: no cap)")
+        need(_is_number(self.max_user_epsilon) and self.max_user_epsilon >= 0,
+             "max_user_epsilon", "must be a finite number >= 0 (0: no cap)")
         accountants = self.local_accountants
         need(isinstance(accountants, frozenset) and bool(accountants) and accountants <= set(ACCOUNTANTS),
              "local_accountants", f"must be a non-empty subset of {', '.join(ACCOUNTANTS)}")
@@ -244,7 +254,8 @@ class SitePolicy:
         return (f"{trust}; min cohort {self.min_cohort}; DP modes {','.join(sorted(self.allowed_dp_modes))}; "
                 f"noise floor z>={self.min_noise_multiplier:g}; <= {self.max_attempts_per_round} attempts/round; "
                 f"evaluation {self.evaluation}; <= {self.max_local_epochs} local epochs; local DP "
-                f"ε<={self.max_local_epsilon:g} at δ<={self.max_local_delta:g}")
+                f"ε<={self.max_local_epsilon:g} at δ<={self.max_local_delta:g}"
+                + (f"; user-level ε<={self.max_user_epsilon:g}" if self.max_user_epsilon else ""))
 
 
 def _is_number(value: object) -> bool:

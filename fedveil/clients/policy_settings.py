@@ -50,6 +50,9 @@ POLICY_SETTINGS: tuple[Setting, ...] = (
        help="Cap on this site's DP-SGD ε over every job it joins (from its --state file; 0: no cap)."),
     Setting("local_accountants", "policy", "--allow-local-accountant", param="allow_local_accountant",
             values=ACCOUNTANTS, help="An accountant a job may pick for this site's DP-SGD (repeat; default: all)."),
+    _s("max_user_epsilon", "policy",
+       help="Cap on this site's user-level ε over every release it records (0: no cap; releases without "
+            "user-level noise it can rely on are then declined)."),
 )
 """Every policy setting a ``--policy`` file or a ``fedveil client`` flag can give (the flags are built from
 this table, their defaults shown from :class:`SitePolicy`'s)."""

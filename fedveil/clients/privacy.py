@@ -82,8 +82,8 @@ class SitePrivacy:
                  f"  sample level (DP-SGD on one record), {'this job' if self.live else 'every job recorded'}: "
                  f"ε = {fmt(self.sample_epsilon)} at δ = {self.sample_delta:g}"
                  + ("" if self.local_dp else " (no local DP)"),
-                 f"  user level (the site's whole update), {self.releases} release(s): ε = {fmt(self.user_epsilon)} "
-                 f"at δ = {self.user_delta:g}"]
+                 f"  user level (the site's whole update), {self.releases} release(s) recorded: "
+                 f"ε = {fmt(self.user_epsilon)} at δ = {self.user_delta:g} (what max_user_epsilon caps)"]
         if self.live:
             lines.insert(2, f"  sample level, every job recorded: ε = {fmt(self.lifetime_sample_epsilon)} at "
                             f"δ = {self.user_delta:g} (what max_lifetime_local_epsilon caps)")

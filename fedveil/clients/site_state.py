@@ -23,6 +23,8 @@ bounded by this record:
 - **job after job** — a per-job budget starts again in every run; with the policy's
   ``max_lifetime_local_epsilon`` the site composes the DP-SGD steps of every job saved here with
   the round it is asked for (:meth:`SiteState.lifetime_local_epsilon`) and declines past the cap;
+  with ``max_user_epsilon`` it does the same for its user-level releases
+  (:meth:`SiteState.user_epsilon_after`), whatever number of rounds the server announces;
 - **model replay** — the digest of every global model the site released a sum over is kept: a
   server that shows the same model again in another round (a "rejected" round it did not apply,
   then a cohort without the victim) would get the same update and metrics twice and difference
@@ -319,3 +321,12 @@ class SiteState:
         if self.unprotected_releases:
             return math.inf
         return self.ledger.epsilon(FEDERATION)
+
+    def user_epsilon_after(self, event: DpEvent | None) -> float:
+        """:meth:`user_epsilon` if one more release with user-level noise ``event`` (None: none the site
+        can rely on) were recorded: what ``max_user_epsilon`` caps, over every release in this state."""
+        if event is None or self.unprotected_releases:
+            return math.inf
+        spend = self.ledger.check_budget(max(self.ledger.rounds, default=0), federation=event)
+        assert spend.federation_epsilon is not None
+        return spend.federation_epsilon

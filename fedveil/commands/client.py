@@ -82,7 +82,7 @@ def client_command(
     max_evaluations_per_job: int | None, evaluation: str | None, evaluate_under_local_dp: bool | None,
     max_local_epochs: int | None, max_local_delta: float | None, max_local_epsilon: float | None,
     min_local_noise_multiplier: float | None, max_lifetime_local_epsilon: float | None,
-    allow_local_accountant: tuple[str, ...],
+    allow_local_accountant: tuple[str, ...], max_user_epsilon: float | None,
     state_path: Path | None, seed: int | None,
     insecure_deterministic: bool, give_up_after: float,
     max_backoff: float, threads: int, log_level: str, log_format: str,

@@ -1,0 +1,129 @@
+"""A server that asks for more releases than a site's user-level budget affords.
+
+``min_noise_multiplier`` bounds the noise of one release. How many releases there are is the
+server's to say: the rounds a job announces (the site pins that count at its first join, but the
+server picks it), then job after job. A site with ``max_user_epsilon`` composes the release it is
+asked for with every release its ledger records, from the noise it can rely on only, and declines
+the round before training when the sum would pass the cap. Without a cap the same jobs take it past.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from fedveil.clients.admission import user_budget_refusal
+from fedveil.clients.policy import PolicyError, SitePolicy
+from fedveil.clients.site_state import Release, SiteState
+from fedveil.dp.accounting import SubsampledGaussianEvent
+from fedveil.dp.ledger import FEDERATION, LedgerConfig, PrivacyLedger
+from fedveil.tasks.synthetic import task as synthetic
+from tests.attack_helpers import ALL_JOIN_WAIT, Consortium, job_config, run_job, turnkey
+
+torch.set_num_threads(1)
+pytestmark = [pytest.mark.timeout(300)]
+NAMES = [f"site-{i}" for i in range(4)]
+VICTIM = "site-0"
+
+
+def _jobs(tmp_path: Path, rounds: list[int], cap: float) -> tuple[list[list[Any]], SiteState]:
+    """Distributed-DP jobs, one after another, against the same victim state file: ``rounds`` per job."""
+    consortium = Consortium.create(NAMES)
+    state_path = tmp_path / "victim-state.json"
+    histories = []
+    for job, count in enumerate(rounds):
+        victim = turnkey(synthetic, VICTIM, 0, consortium, state_path=state_path,
+                         policy=consortium.policy(max_user_epsilon=cap))
+        sites = [victim, *(turnkey(synthetic, n, i, consortium) for i, n in enumerate(NAMES) if n != VICTIM)]
+        config = job_config(rounds=count, dp="distributed", dp_clip=1.0, dp_noise_multiplier=0.5, dp_bits=24,
+                            evaluate=False, min_clients=3, seed=3 + job, stage_timeout=20.0, round_timeout=60.0,
+                            cohort_wait=ALL_JOIN_WAIT)
+        (tmp_path / f"job-{job}").mkdir()
+        summary, results, errors = run_job(tmp_path / f"job-{job}", config, synthetic, sites)
+        assert errors == [], errors
+        assert summary.completed_rounds == count  # the other three go on either way
+        histories.append(results[0][1])
+    return histories, SiteState.open(state_path)
+
+
+def _epsilon_of(state: SiteState, releases: int) -> float:
+    """The user-level ε of the state's first ``releases`` releases, composed afresh."""
+    entries = [e for e in state.ledger.entries if e.party == FEDERATION]
+    assert len(entries) >= releases
+    ledger = PrivacyLedger(LedgerConfig(accountant="rdp", federation_delta=state.delta))
+    for i, entry in enumerate(entries[:releases]):
+        ledger.record(i + 1, federation=entry.event)
+    return ledger.epsilon(FEDERATION)
+
+
+@pytest.mark.slow
+def test_releases_past_the_user_level_cap_are_declined_within_a_job_and_across_jobs(tmp_path: Path) -> None:
+    """Control: no cap, a 3-round job; the victim releases three times. The cap sits between the ε
+    of one release and of two, so a capped victim releases once in a 2-round job and declines the
+    second round; in a second job against the same state file it declines every round."""
+    (tmp_path / "control").mkdir()
+    (uncapped,), control = _jobs(tmp_path / "control", [3], cap=0.0)
+    assert [h.outcome for h in uncapped] == ["completed"] * 3
+    one, two = _epsilon_of(control, 1), _epsilon_of(control, 2)
+    assert 0 < one < two < control.user_epsilon() < math.inf  # what the cap prevents
+    cap = (one + two) / 2
+
+    (tmp_path / "capped").mkdir()
+    (first, second), state = _jobs(tmp_path / "capped", [2, 2], cap=cap)
+    assert [h.outcome for h in first] == ["completed", "declined"]
+    assert [h.outcome for h in second] == ["declined", "declined"]
+    for outcome in (first[1], *second):
+        assert "max_user_epsilon" in outcome.reason and "user-level ε to" in outcome.reason, outcome.reason
+    assert len(state.releases) == 1 and state.user_epsilon() == pytest.approx(one) and state.user_epsilon() <= cap
+
+
+def _state_with(tmp_path: Path, *events: SubsampledGaussianEvent | None) -> SiteState:
+    state = SiteState.open(tmp_path / "s.json")
+    for i, event in enumerate(events, start=1):
+        mode = "distributed" if event is not None else "none"
+        state.sent_masked_input(Release("run", i, 1, mode, event is not None), event, {})
+    return state
+
+
+def test_the_cap_composes_every_recorded_release_with_the_one_asked_for(tmp_path: Path) -> None:
+    event = SubsampledGaussianEvent(1.0, 2.0)
+    state = _state_with(tmp_path, event, event)
+    after_three = state.user_epsilon_after(event)
+    assert after_three > state.user_epsilon() > 0
+    assert user_budget_refusal(SitePolicy(trust_server=True), state, "distributed", event) is None  # no cap
+    within = SitePolicy(trust_server=True, max_user_epsilon=after_three * 1.01)
+    assert user_budget_refusal(within, state, "distributed", event) is None
+    over = SitePolicy(trust_server=True, max_user_epsilon=after_three * 0.99)
+    refusal = user_budget_refusal(over, state, "distributed", event)
+    assert refusal is not None and refusal[0] == "round"
+    assert f"{after_three:.4g}" in refusal[1] and "2 earlier release(s)" in refusal[1]
+    # read back from the file: the same figure (the cap counts earlier jobs through --state)
+    assert SiteState.open(tmp_path / "s.json").user_epsilon_after(event) == pytest.approx(after_three)
+
+
+@pytest.mark.parametrize("mode", ["none", "local", "central"])
+def test_with_a_cap_a_release_without_user_level_noise_the_site_relies_on_is_declined(tmp_path: Path,
+                                                                                      mode: str) -> None:
+    """No DP, DP-SGD (sample level only) and central noise the site does not trust: no user-level bound."""
+    policy = SitePolicy(trust_server=True, max_user_epsilon=100.0)
+    refusal = user_budget_refusal(policy, _state_with(tmp_path), mode, None)
+    assert refusal is not None and refusal[0] == "dp.mode"
+    assert f"dp.mode {mode!r}" in refusal[1] and "max_user_epsilon=100" in refusal[1]
+    assert user_budget_refusal(SitePolicy(trust_server=True), _state_with(tmp_path), mode, None) is None
+
+
+def test_after_an_unprotected_release_no_release_fits_a_cap(tmp_path: Path) -> None:
+    state = _state_with(tmp_path, None)
+    refusal = user_budget_refusal(SitePolicy(trust_server=True, max_user_epsilon=100.0), state, "distributed",
+                                  SubsampledGaussianEvent(1.0, 50.0))
+    assert refusal is not None and "an earlier release had none" in refusal[1]
+
+
+@pytest.mark.parametrize("bad", [-1.0, math.nan, math.inf, True, "5"])
+def test_a_bad_cap_is_an_error_naming_the_field(bad: Any) -> None:
+    with pytest.raises(PolicyError, match="max_user_epsilon"):
+        SitePolicy(trust_server=True, max_user_epsilon=bad)
