@@ -17,12 +17,13 @@ import pytest
 import torch
 
 from fedveil.clients.admission import user_budget_refusal
-from fedveil.clients.policy import PolicyError, SitePolicy
+from fedveil.clients.policy import PolicyError, PolicyViolation, SitePolicy, check_job
 from fedveil.clients.site_state import Release, SiteState
 from fedveil.dp.accounting import SubsampledGaussianEvent
 from fedveil.dp.ledger import FEDERATION, LedgerConfig, PrivacyLedger
+from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.tasks.synthetic import task as synthetic
-from tests.attack_helpers import ALL_JOIN_WAIT, Consortium, job_config, run_job, turnkey
+from tests.attack_helpers import ALL_JOIN_WAIT, CONSORTIUM, Consortium, job_config, run_job, turnkey
 
 torch.set_num_threads(1)
 pytestmark = [pytest.mark.timeout(300)]
@@ -127,3 +128,19 @@ def test_after_an_unprotected_release_no_release_fits_a_cap(tmp_path: Path) -> N
 def test_a_bad_cap_is_an_error_naming_the_field(bad: Any) -> None:
     with pytest.raises(PolicyError, match="max_user_epsilon"):
         SitePolicy(trust_server=True, max_user_epsilon=bad)
+
+
+@pytest.mark.parametrize(("mode", "trust", "refused"), [("none", True, True), ("local", True, True),
+                                                        ("central", False, True), ("central", True, False),
+                                                        ("distributed", False, False)])
+def test_a_site_with_a_cap_refuses_at_join_a_job_whose_releases_it_could_never_bound(mode: str, trust: bool,
+                                                                                      refused: bool) -> None:
+    consortium = Consortium.create(NAMES)
+    policy = consortium.policy(trust_server=trust, max_user_epsilon=5.0)
+    job = pb.JobInfo(dp_mode=mode, active_adversary=True, consortium=CONSORTIUM)
+    if refused:
+        with pytest.raises(PolicyViolation, match=r"job\.dp_mode: .*max_user_epsilon=5"):
+            check_job(policy, job)
+    else:
+        check_job(policy, job)
+    check_job(consortium.policy(trust_server=trust), job)  # no cap: the job's mode is the site's to allow

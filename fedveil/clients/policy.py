@@ -319,6 +319,12 @@ def check_job(policy: SitePolicy, job: pb.JobInfo) -> None:
     if job.dp_mode and job.dp_mode not in policy.allowed_dp_modes:
         raise PolicyViolation("job.dp_mode", f"the job uses DP mode {job.dp_mode!r}; this site allows "
                               f"{', '.join(sorted(policy.allowed_dp_modes))}")
+    if policy.max_user_epsilon and (job.dp_mode in ("none", "local")
+                                    or (job.dp_mode == "central" and not policy.trust_server)):
+        # every release of such a job has no user-level noise the site can rely on (admission declines each)
+        raise PolicyViolation("job.dp_mode", f"the job uses DP mode {job.dp_mode!r}, whose releases carry no "
+                              "user-level noise this site can rely on; its policy caps user-level ε "
+                              f"(max_user_epsilon={policy.max_user_epsilon:g})")
     if not policy.trust_server and policy.consortium and job.consortium and job.consortium != policy.consortium:
         raise PolicyViolation("job.consortium", f"the job runs in consortium {job.consortium!r}; this site's "
                               f"authority is for {policy.consortium!r}")
