@@ -22,6 +22,10 @@ def register(group: click.Group) -> None:
     group.add_command(simulate_command)
 
 
+SERVER_TO_SIMULATE_FLAGS = {"--dp-noise-multiplier": "--noise-multiplier", "--dp-clip": "--clip"}
+"""``fedveil server`` flags that ``fedveil simulate`` names otherwise: a config error names the flag the user typed."""
+
+
 @click.command("simulate")
 @click.option("--clients", "n_clients", type=int, required=True, help="Number of simulated clients (sites).")
 @click.option("--rounds", type=int, required=True, help="Training rounds.")
@@ -139,7 +143,7 @@ def simulate_command(
             insecure_deterministic=insecure_deterministic,
         )
     except ServerConfigError as err:
-        fail(err.flag, err.detail)
+        fail(SERVER_TO_SIMULATE_FLAGS.get(err.flag, err.flag), err.detail)
     torch.set_num_threads(threads)
     try:
         if backend == "ray":
