@@ -26,9 +26,11 @@ is tighter. Each round is checked against it with the steps that round really ta
 ``local_epochs`` (``privatize(..., local_epochs=...)``) times the batches of the loader it is given
 (so a new batch size or data size counts too), never the plan's first-round figures; the steps
 actually taken so far are in :meth:`LocalDPSession.pending_epsilon`, for a check before release.
-Randomness: ``seed`` makes sampling and noise reproducible (torch generators, for tests and
-simulation); ``secure_mode=True`` draws both from Opacus's CSPRNG (needs ``torchcsprng``), which is
-what a production deployment should use.
+Randomness: without a ``seed``, Poisson sampling takes a fresh OS-seeded generator each round and the
+noise a fresh OS seed each step; ``seed`` makes both reproducible (torch generators derived from (seed,
+round), for tests and simulation). The noise is always drawn robust to floating-point attacks (Opacus's
+secure-mode sampler: four Gaussians summed and halved). ``secure_mode=True`` also draws every value
+from Opacus's CSPRNG (needs ``torchcsprng``).
 With a budget, :meth:`privatize` refuses (``BudgetExceededError``) a round that would take ε past it;
 :meth:`plan_round` says what a round would cost without wrapping anything. Pass the ORIGINAL data
 loader each round; Poisson sampling (sample rate 1 / len(loader)) and, optionally, a physical batch cap
@@ -237,6 +239,10 @@ class LocalDPSession:
             noise_generator=noise_generator,
         )
         private_model.forbid_grad_accumulation()
+        # Noise robust to floating-point attacks (Jin et al. 2021; Haney et al. 2022): each draw is the sum of
+        # four Gaussians halved (Holohan & Braghin 2021, §5.1), Opacus's secure-mode sampler, with the same
+        # N(0, σ²) so the accounting is unchanged. Opacus turns it on only with torchcsprng; it needs none.
+        private_opt.secure_mode = True
         private_opt.attach_step_hook(self._step_hook(1.0 / len(private_loader)))
         self._active = private_model
         self._round_steps = 0
@@ -324,8 +330,8 @@ class LocalDPSession:
         if self.config.seed is None:
             # Fresh OS entropy each round, never torch's global generator: a process that shares it
             # (an in-process simulation, user code calling torch.manual_seed) could predict the noise.
-            sampling = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
-            noise = torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+            sampling = torch.Generator().manual_seed(_fresh_seed())
+            noise = torch.Generator(device=device).manual_seed(_fresh_seed())
             return sampling, noise
         sampling = torch.Generator().manual_seed(_derive_seed(self.config.seed, "sampling", r))
         noise = torch.Generator(device=device).manual_seed(_derive_seed(self.config.seed, "noise", r))
@@ -342,6 +348,9 @@ class LocalDPSession:
                 raise RuntimeError("sample rate or noise multiplier changed within a round")
             self._round_sample_rate, self._round_noise = q, z
             self._round_steps += 1
+            if self.config.seed is None and not self.config.secure_mode and optimizer.generator is not None:
+                # the next step's noise from fresh OS entropy: no two steps share a generator state
+                optimizer.generator.manual_seed(_fresh_seed())
 
         return hook
 
@@ -461,6 +470,11 @@ def _derive_seed(seed: int, purpose: str, round_index: int) -> int:
     """A 63-bit seed for one purpose and round, derived from the session seed by SHA-256."""
     digest = hashlib.sha256(f"fedveil.dp.local|{seed}|{purpose}|{round_index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _fresh_seed() -> int:
+    """A 63-bit generator seed from the OS CSPRNG."""
+    return int.from_bytes(os.urandom(8), "little") >> 1
 
 
 def _summarize(errors: list[Any]) -> str:
