@@ -278,3 +278,14 @@ def test_the_optimizer_uses_the_floating_point_safe_sampler() -> None:
     m, opt, _ = session.privatize(model, torch.optim.SGD(model.parameters(), lr=0.1), make_data())
     assert opt.secure_mode is True and opt.generator is not None
     session.finish_round(m)
+
+
+def test_no_advice_to_retrain_with_opacus_secure_mode() -> None:
+    """Opacus warns that its secure RNG is off and to retrain with it; the session draws its own noise
+    (floating-point-safe, OS-seeded every step), so a site's log does not carry that advice."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        LocalDPSession(LocalDPConfig(noise_multiplier=1.0))
+    assert not [w for w in caught if "Secure RNG" in str(w.message)]

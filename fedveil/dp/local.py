@@ -188,7 +188,11 @@ class LocalDPSession:
         """Events of an earlier process composed in by :meth:`resume`."""
         try:
             # The engine's own accountant is unused: ours is attached to each optimizer's step hook.
-            self._engine = PrivacyEngine(accountant="rdp", secure_mode=config.secure_mode)
+            with warnings.catch_warnings():
+                # Opacus's advice to retrain with its secure mode: this session draws its own noise
+                # (floating-point-safe, OS-seeded every step; see _round_generators and privatize)
+                warnings.filterwarnings("ignore", message="Secure RNG turned off")
+                self._engine = PrivacyEngine(accountant="rdp", secure_mode=config.secure_mode)
         except ImportError as err:
             raise ImportError(
                 "LocalDPConfig.secure_mode=True needs Opacus's secure RNG, which needs the torchcsprng package: "
