@@ -193,6 +193,42 @@ def test_budget_report_reads_a_site_state_file(tmp_path: Path, capsys: pytest.Ca
     assert "error: LEDGER:" in capsys.readouterr().err
 
 
+def test_budget_report_shows_what_a_policys_caps_over_every_job_still_allow(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "site.json"
+    state = SiteState.open(path)
+    for r in (1, 2):  # two user-level releases and one job's DP-SGD steps
+        state.sent_masked_input(Release("run", r, 1, "distributed", True), SubsampledGaussianEvent(1.0, 2.0), {})
+    state.trained_with_local_dp("run-a", 1, SubsampledGaussianEvent(1 / 7, 1.2, 7))
+    user, sample = state.user_epsilon(), state.lifetime_local_epsilon()
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[policy]\nmax_user_epsilon = 8\nmax_lifetime_local_epsilon = 5\n")
+    assert main(["budget", "report", str(path), "--policy", str(policy)]) == 0
+    out = capsys.readouterr().out
+    assert f"max_user_epsilon = 8: user-level ε = {user:.4g} at δ = 1e-05, {8 - user:.4g} left" in out
+    assert f"max_lifetime_local_epsilon = 5: sample-level (DP-SGD, every job) ε = {sample:.4g}" in out
+    assert f"{5 - sample:.4g} left" in out
+    assert main(["budget", "report", str(path), "--policy", str(policy), "--format", "json"]) == 0
+    caps = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["site_policy_caps"]
+    assert caps["max_user_epsilon"]["left"] == pytest.approx(8 - user)
+    assert caps["max_lifetime_local_epsilon"]["cap"] == 5
+    policy.write_text("max_user_epsilon = 0\nmax_lifetime_local_epsilon = 0\n")  # no caps: said so
+    assert main(["budget", "report", str(path), "--policy", str(policy)]) == 0
+    assert "sets no cap over every job" in capsys.readouterr().out
+    # bad input names the option and the setting; a run store or ledger has no site policy
+    policy.write_text("max_user_epsilon = -1\n")
+    assert main(["budget", "report", str(path), "--policy", str(policy)]) == 2
+    assert "error: --policy: max_user_epsilon:" in capsys.readouterr().err
+    assert main(["budget", "report", str(path), "--policy", str(tmp_path / "none.toml")]) == 2
+    err = capsys.readouterr().err
+    assert "error: --policy:" in err and "cannot read" in err
+    ledger = tmp_path / "ledger.json"
+    ledger.write_text(state.ledger.to_json())
+    assert main(["budget", "report", str(ledger), "--policy", str(policy)]) == 2
+    assert "error: --policy: only applies to a site's state file" in capsys.readouterr().err
+
+
 def test_a_corrupt_state_file_is_an_error_naming_the_file(tmp_path: Path) -> None:
     path = tmp_path / "s.json"
     path.write_text("{not json")

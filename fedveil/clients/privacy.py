@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from fedveil.clients.policy import SitePolicy
 from fedveil.clients.site_state import SITE_PARTY, SiteState
 from fedveil.protocol import fedveil_pb2 as pb
 
@@ -92,3 +93,34 @@ class SitePrivacy:
         if len(self.unprotected) > 10:
             lines.append(f"    … and {len(self.unprotected) - 10} more unprotected release(s)")
         return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class CapHeadroom:
+    """One of a site policy's ε caps over every job its state records, against what the state holds."""
+
+    setting: str
+    """The policy setting (``max_user_epsilon``, ``max_lifetime_local_epsilon``)."""
+    level: str
+    cap: float
+    epsilon: float
+    delta: float
+
+    @property
+    def left(self) -> float:
+        """ε the cap still allows (0 once reached or passed, as for an unbounded user-level ε)."""
+        return max(0.0, self.cap - self.epsilon)
+
+    def line(self) -> str:
+        spent = "∞" if math.isinf(self.epsilon) else f"{self.epsilon:.4g}"
+        return (f"  {self.setting} = {self.cap:g}: {self.level} ε = {spent} at δ = {self.delta:g}, "
+                f"{self.left:.4g} left")
+
+
+def policy_headroom(state: SiteState, policy: SitePolicy) -> list[CapHeadroom]:
+    """What ``policy``'s caps over every job (0: no cap, left out) still allow, from ``state``: what a
+    privacy officer reads before the site joins another job (``fedveil budget report STATE --policy``)."""
+    caps = [("max_user_epsilon", "user-level", policy.max_user_epsilon, state.user_epsilon()),
+            ("max_lifetime_local_epsilon", "sample-level (DP-SGD, every job)", policy.max_lifetime_local_epsilon,
+             state.lifetime_local_epsilon())]
+    return [CapHeadroom(setting, level, cap, spent, state.delta) for setting, level, cap, spent in caps if cap]

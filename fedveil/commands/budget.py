@@ -20,6 +20,7 @@ from fedveil.commands.common import eprint, fail, print_json_last_line
 from fedveil.dp.ledger import LedgerFormatError, PrivacyLedger
 
 if TYPE_CHECKING:
+    from fedveil.clients.privacy import CapHeadroom
     from fedveil.clients.site_state import SiteState
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -152,7 +153,13 @@ def noise_cmd(
 @click.option(
     "--run", "run_id", type=str, default=None, metavar="RUN_ID", help="Run id in a run store (default: the latest run)."
 )
-def report_cmd(ledger_path: str, fmt: str, plot_path: str | None, run_id: str | None) -> None:
+@click.option(
+    "--policy", "policy_path", type=str, default=None, metavar="POLICY.toml",
+    help="With a site's state file: the site's policy file (fedveil client --policy); shows what its caps over "
+         "every job still allow.",
+)
+def report_cmd(ledger_path: str, fmt: str, plot_path: str | None, run_id: str | None,
+               policy_path: str | None) -> None:
     """Per-round and cumulative ε of a privacy ledger (JSON file), of a run in a run store (SQLite) —
     the federation (user level) and each client (sample level) — or of a site's own state file
     (``fedveil client --state``): what the site itself can vouch for, the server's claims left out."""
@@ -167,11 +174,19 @@ def report_cmd(ledger_path: str, fmt: str, plot_path: str | None, run_id: str | 
         if Path(plot_path).suffix.lower() != ".png":
             fail("--plot", f"must be a .png file (got {plot_path})")
     site = _load_site_state(ledger_path)
+    if policy_path is not None and site is None:
+        fail("--policy", "only applies to a site's state file (fedveil client --state)")
+    headroom = _policy_headroom(site, policy_path) if site is not None and policy_path is not None else []
     if site is not None and fmt == "text" and plot_path is None:
         from fedveil.clients.privacy import SitePrivacy
 
         click.echo(SitePrivacy.of(site, None, trust_server=False).report().replace(
             "not trusting the server", "as recorded by the site"))
+        if policy_path is not None:
+            click.echo(f"caps of {policy_path} over every job recorded:" if headroom
+                       else f"{policy_path} sets no cap over every job (max_user_epsilon, max_lifetime_local_epsilon)")
+            for cap in headroom:
+                click.echo(cap.line())
     ledger = site.ledger if site is not None else _load_ledger(ledger_path, run_id)
     from fedveil.dp.report import build_report, render_markdown, render_plot, render_text, report_to_dict
 
@@ -187,11 +202,33 @@ def report_cmd(ledger_path: str, fmt: str, plot_path: str | None, run_id: str | 
             fail("--plot", f"cannot write {plot_path}: {err.strerror or err}")
         eprint(f"plot written to {plot_path}")
     if fmt == "json":
-        print_json_last_line(report_to_dict(report))
+        payload = report_to_dict(report)
+        if policy_path is not None:
+            payload["site_policy_caps"] = {cap.setting: {"cap": cap.cap, "epsilon": _finite_or_none(cap.epsilon),
+                                                         "left": cap.left, "delta": cap.delta} for cap in headroom}
+        print_json_last_line(payload)
     elif fmt == "markdown":
         click.echo(render_markdown(report), nl=False)
     else:
         click.echo(render_text(report), nl=False)
+
+
+def _policy_headroom(site: SiteState, policy_path: str) -> list[CapHeadroom]:
+    """The caps of the site policy file at ``policy_path``, against ``site``'s record."""
+    from fedveil.clients.policy import PolicyError, SitePolicy
+    from fedveil.clients.policy_settings import load_policy_file
+    from fedveil.clients.privacy import policy_headroom
+
+    try:
+        # the file's settings, checked as a site would; the authority is not needed to read caps
+        policy = SitePolicy(**{**load_policy_file(policy_path), "trust_server": True})
+    except PolicyError as err:
+        fail("--policy", str(err))
+    return policy_headroom(site, policy)
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def _load_site_state(path: str) -> SiteState | None:
