@@ -184,6 +184,7 @@ def test_a_server_that_asks_for_billions_of_epochs_is_declined_at_once(tmp_path:
     assert [h.outcome for h in history] == ["declined"]
     assert "training.local_epochs" in history[0].reason and "max_local_epochs" in history[0].reason
     assert _masked_rounds(server) == []
+    assert summary.out_of_budget == {}  # refused parameters are not a spent budget: the site may be drawn again
 
 
 # -- a site restarted in the middle of a job --------------------------------------------------------
@@ -237,6 +238,7 @@ def test_a_site_restarted_mid_job_keeps_its_earlier_steps_in_its_budget(
         return
     assert [(h.round, h.outcome) for h in history] == [(1, "completed"), (2, "declined")]
     assert "over the budget ε=3.2" in history[1].reason
+    assert list(summary.out_of_budget) == [VICTIM]  # its budget is spent: the server draws it no more
     assert _masked_rounds(server) == [1]
     assert fed.state.sample_epsilon() < 3.2  # the saved ledger: round 1's steps only
     assert session.rounds_completed == (0 if restart else 1)

@@ -19,6 +19,7 @@ import torch
 from fedveil.clients.admission import user_budget_refusal
 from fedveil.clients.policy import PolicyError, PolicyViolation, SitePolicy, check_job
 from fedveil.clients.site_state import Release, SiteState
+from fedveil.commands.server import _print_summary
 from fedveil.dp.accounting import SubsampledGaussianEvent
 from fedveil.dp.ledger import FEDERATION, LedgerConfig, PrivacyLedger
 from fedveil.protocol import fedveil_pb2 as pb
@@ -31,11 +32,12 @@ NAMES = [f"site-{i}" for i in range(4)]
 VICTIM = "site-0"
 
 
-def _jobs(tmp_path: Path, rounds: list[int], cap: float) -> tuple[list[list[Any]], SiteState]:
-    """Distributed-DP jobs, one after another, against the same victim state file: ``rounds`` per job."""
+def _jobs(tmp_path: Path, rounds: list[int], cap: float) -> tuple[list[list[Any]], SiteState, list[Any]]:
+    """Distributed-DP jobs, one after another, against the same victim state file: ``rounds`` per job.
+    Returns the victim's history per job, its state, and each job's summary."""
     consortium = Consortium.create(NAMES)
     state_path = tmp_path / "victim-state.json"
-    histories = []
+    histories, summaries = [], []
     for job, count in enumerate(rounds):
         victim = turnkey(synthetic, VICTIM, 0, consortium, state_path=state_path,
                          policy=consortium.policy(max_user_epsilon=cap))
@@ -48,7 +50,8 @@ def _jobs(tmp_path: Path, rounds: list[int], cap: float) -> tuple[list[list[Any]
         assert errors == [], errors
         assert summary.completed_rounds == count  # the other three go on either way
         histories.append(results[0][1])
-    return histories, SiteState.open(state_path)
+        summaries.append(summary)
+    return histories, SiteState.open(state_path), summaries
 
 
 def _epsilon_of(state: SiteState, releases: int) -> float:
@@ -64,21 +67,26 @@ def _epsilon_of(state: SiteState, releases: int) -> float:
 @pytest.mark.slow
 def test_releases_past_the_user_level_cap_are_declined_within_a_job_and_across_jobs(tmp_path: Path) -> None:
     """Control: no cap, a 3-round job; the victim releases three times. The cap sits between the ε
-    of one release and of two, so a capped victim releases once in a 2-round job and declines the
-    second round; in a second job against the same state file it declines every round."""
+    of one release and of two, so a capped victim releases once in a 3-round job and declines the
+    second round, saying its budget is spent, and is not drawn for the third; in a second job
+    against the same state file it declines the first round and is drawn no more."""
     (tmp_path / "control").mkdir()
-    (uncapped,), control = _jobs(tmp_path / "control", [3], cap=0.0)
+    (uncapped,), control, (control_summary,) = _jobs(tmp_path / "control", [3], cap=0.0)
     assert [h.outcome for h in uncapped] == ["completed"] * 3
     one, two = _epsilon_of(control, 1), _epsilon_of(control, 2)
     assert 0 < one < two < control.user_epsilon() < math.inf  # what the cap prevents
     cap = (one + two) / 2
 
     (tmp_path / "capped").mkdir()
-    (first, second), state = _jobs(tmp_path / "capped", [2, 2], cap=cap)
+    (first, second), state, summaries = _jobs(tmp_path / "capped", [3, 2], cap=cap)
+    # the site says its budget is spent, so the server draws it no more in that job: one decline per job
     assert [h.outcome for h in first] == ["completed", "declined"]
-    assert [h.outcome for h in second] == ["declined", "declined"]
+    assert [h.outcome for h in second] == ["declined"]
     for outcome in (first[1], *second):
         assert "max_user_epsilon" in outcome.reason and "user-level ε to" in outcome.reason, outcome.reason
+    assert control_summary.out_of_budget == {}
+    for summary in summaries:
+        assert list(summary.out_of_budget) == [VICTIM] and "max_user_epsilon" in summary.out_of_budget[VICTIM]
     assert len(state.releases) == 1 and state.user_epsilon() == pytest.approx(one) and state.user_epsilon() <= cap
 
 
@@ -144,3 +152,25 @@ def test_a_site_with_a_cap_refuses_at_join_a_job_whose_releases_it_could_never_b
     else:
         check_job(policy, job)
     check_job(consortium.policy(trust_server=trust), job)  # no cap: the job's mode is the site's to allow
+
+
+@pytest.mark.slow
+def test_a_site_whose_local_dp_budget_is_spent_is_not_drawn_again(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Fixed noise z = 1.2: one round of DP-SGD costs the victim ε ≈ 2.84, two ≈ 3.56, and its own
+    budget is 3.2. It declines round 2 saying its budget is spent, and the server leaves it out of
+    round 3, which the other three complete. (Before, it was drawn and declined every round, each
+    time a slot the round could have given another site.)"""
+    consortium = Consortium.create(NAMES)
+    sites = [turnkey(synthetic, VICTIM, 0, consortium, policy=consortium.policy(max_local_epsilon=3.2)),
+             *(turnkey(synthetic, n, i, consortium) for i, n in enumerate(NAMES) if n != VICTIM)]
+    config = job_config(rounds=3, dp="local", dp_local_noise_multiplier=1.2, min_clients=3, stage_timeout=20.0,
+                        round_timeout=60.0, cohort_wait=ALL_JOIN_WAIT)
+    summary, results, errors = run_job(tmp_path, config, synthetic, sites)
+    assert errors == [], errors
+    assert summary.completed_rounds == 3
+    assert [(h.round, h.outcome) for h in results[0][1]] == [(1, "completed"), (2, "declined")]
+    assert list(summary.out_of_budget) == [VICTIM] and "budget" in summary.out_of_budget[VICTIM]
+    assert summary.to_dict()["out_of_budget"] == summary.out_of_budget
+    _print_summary(summary.to_dict(), as_json=False)  # what `fedveil server` prints at the end
+    assert f"out of its own privacy budget, not drawn again: {VICTIM}" in capsys.readouterr().out

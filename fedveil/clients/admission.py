@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedveil.clients.mechanisms import ClientMechanism, MechanismTerms, client_mechanism
-from fedveil.clients.policy import PolicyViolation, SitePolicy, check_training
+from fedveil.clients.policy import PolicyViolation, SitePolicy, UserBudgetExceeded, check_training
 from fedveil.clients.site_state import SiteState
 from fedveil.clients.update import AttemptRandomness, PreparedUpdate
 from fedveil.dp.accounting import DpEvent
@@ -316,7 +316,7 @@ def admit_round(policy: SitePolicy, job: pb.JobInfo, start: pb.RoundStart, *, ru
     terms = mechanism.terms(policy, start, honest)
     over_budget = user_budget_refusal(policy, state, mode, terms.guaranteed_event)
     if over_budget is not None:
-        raise PolicyViolation(*over_budget)
+        raise UserBudgetExceeded(*over_budget)
     if not mechanism.protects_replays(terms) and state.released_over(model_digest):
         # No noise this site relies on: the same model again gives the same update and metrics, and
         # two sums over cohorts with and without this site would difference to them exactly, in

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from fedveil.clients.backoff import BackoffPolicy
 from fedveil.clients.options import ClientOptions, EvaluateFn, RoundOutcome
-from fedveil.clients.policy import SitePolicy
+from fedveil.clients.policy import SitePolicy, TrainingRefused
 from fedveil.clients.round import Round
 from fedveil.clients.session import Federation
 from fedveil.dp.ledger import BudgetExceededError
@@ -293,7 +293,9 @@ def run_client(federation: Federation, task: Task, dataset: TensorDataset, *,
                 if after_round is not None:
                     after_round(rnd, outcome)
             except BudgetExceededError as err:
-                rnd.decline(f"local privacy budget exhausted: {err}")
+                # a round whose parameters the policy refuses is not a spent budget (TrainingRefused)
+                rnd.decline(f"local privacy budget exhausted: {err}",
+                            out_of_budget=not isinstance(err, TrainingRefused))
             except leave_round_on as err:
                 log.info("round %d: leaving it (%s)", rnd.number, err)
     return federation.history

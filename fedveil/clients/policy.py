@@ -85,6 +85,11 @@ class TrainingRefused(PolicyViolation, BudgetExceededError):
         self.delta = delta
 
 
+class UserBudgetExceeded(PolicyViolation):
+    """A release this site declines because its ``max_user_epsilon`` cannot afford it: a spent
+    budget, so every later release of the job is declined too."""
+
+
 @dataclass(frozen=True)
 class SitePolicy:
     """What this site requires of a round (see the module docstring).

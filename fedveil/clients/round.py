@@ -136,25 +136,27 @@ class Round:
         if self.dp_mode == "local" and self._privatized is not None:
             # before release: the round's parameters (a loop with its own engine may not have called
             # privatize) and the steps actually taken against the site's budget
-            over = self._training_refusal() or fed._local_dp().over_budget(fed.policy)
+            refusal = self._training_refusal()
+            over = refusal or fed._local_dp().over_budget(fed.policy)
             if over:  # the steps were taken (and are accounted), but the update is not released
                 fed._account_local_dp(self, trained)
-                fed._sit_out(self, over, "declined")
+                fed._sit_out(self, over, "declined", out_of_budget=refusal is None)
                 assert self.outcome is not None
                 return self.outcome
         self.outcome = fed._finish_round(self, trained, num_examples)
         return self.outcome
 
-    def decline(self, reason: str) -> RoundOutcome:
+    def decline(self, reason: str, *, out_of_budget: bool = False) -> RoundOutcome:
         """Sit this round out instead of submitting (e.g. the local privacy budget cannot afford it).
 
         The server is told at once (``RespondToRound`` with ``accept=false``) and drops the client
         from the round; the iterator moves on to the next instruction. The round is recorded in
-        :attr:`Federation.history` as ``"declined"`` with ``reason``.
+        :attr:`Federation.history` as ``"declined"`` with ``reason``. ``out_of_budget``: the site's
+        budget cannot afford any later round of the job either, so the server need not draw it again.
         """
         if self.outcome is not None:
             raise ClientError(f"round {self.number}: already over for this client ({self.outcome.outcome})")
-        self._federation._sit_out(self, reason, "declined")
+        self._federation._sit_out(self, reason, "declined", out_of_budget=out_of_budget)
         assert self.outcome is not None
         return self.outcome
 

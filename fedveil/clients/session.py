@@ -40,7 +40,7 @@ from fedveil.clients.backoff import Backoff
 from fedveil.clients.model_check import check_site_model
 from fedveil.clients.options import AuthenticationError, ClientError, ClientOptions, RoundOutcome
 from fedveil.clients.participation import RoundLost
-from fedveil.clients.policy import PolicyViolation, SitePolicy, check_job
+from fedveil.clients.policy import PolicyViolation, SitePolicy, UserBudgetExceeded, check_job
 from fedveil.clients.privacy import SitePrivacy
 from fedveil.clients.round import Round
 from fedveil.clients.site_state import SiteState
@@ -149,7 +149,7 @@ class Federation:
                     try:  # the site's own Opacus accountant against the job's local target, before training
                         self._local_dp().begin_round(start.dp.local)
                     except BudgetExceededError as err:
-                        self._sit_out(rnd, f"local privacy budget exhausted: {err}", "declined")
+                        self._sit_out(rnd, f"local privacy budget exhausted: {err}", "declined", out_of_budget=True)
                         continue
                 try:
                     yield rnd
@@ -182,26 +182,28 @@ class Federation:
         """The site's own privacy report (what ``fedveil budget report --site-state`` prints)."""
         return self.privacy.report()
 
-    def _decline_attempt(self, start: pb.RoundStart, reason: str, refused_members: tuple[int, ...] = ()) -> None:
+    def _decline_attempt(self, start: pb.RoundStart, reason: str, refused_members: tuple[int, ...] = (),
+                         out_of_budget: bool = False) -> None:
         """Tell the server at once that this site sits the attempt out (it becomes a dropout), and
-        which other members' credentials or identity keys it refused, if that is why."""
+        which other members' credentials or identity keys it refused, if that is why; ``out_of_budget``:
+        its own privacy budget cannot afford the job's rounds (the server need not draw it again)."""
         saved = self._round_header
         self._round_header = (int(start.round), bytes(start.round_nonce))
         try:
             self._send("RespondToRound", lambda h: self.transport.respond_to_round(
                 pb.RoundResponse(header=h, accept=False, decline_reason=reason[:256],
-                                 refused_members=refused_members)))
+                                 refused_members=refused_members, out_of_budget=out_of_budget)))
         except RoundLost as err:
             log.info("round %d: the decline was not needed (%s)", start.round, err)
         finally:
             self._round_header = saved
         self._sitting_out = (int(start.round), bytes(start.round_nonce))
 
-    def _sit_out(self, rnd: Round, reason: str, outcome: str = "dropped") -> None:
+    def _sit_out(self, rnd: Round, reason: str, outcome: str = "dropped", *, out_of_budget: bool = False) -> None:
         """This client drops out of ``rnd`` (declined, or the loop did not submit it): the server is
         told at once, so the others need not wait for the round's deadline."""
         log.warning("round %d: sitting this round out (%s)", rnd.number, reason)
-        self._decline_attempt(rnd.start_message, reason)
+        self._decline_attempt(rnd.start_message, reason, out_of_budget=out_of_budget)
         self._round_header = (0, b"")
         rnd.outcome = RoundOutcome(rnd.number, outcome, f"sat out: {reason}")
         self.history.append(rnd.outcome)
@@ -373,7 +375,8 @@ class Federation:
             admission = participation.admit(self, start, model_digest(vector))
         except PolicyViolation as err:
             log.warning("round %d (attempt %d): declined by this site's policy: %s", start.round, start.attempt, err)
-            self._decline_attempt(start, f"policy: {err}", err.members if isinstance(err, CohortRefused) else ())
+            self._decline_attempt(start, f"policy: {err}", err.members if isinstance(err, CohortRefused) else (),
+                                  out_of_budget=isinstance(err, UserBudgetExceeded))
             self.history.append(RoundOutcome(int(start.round), "declined", f"policy: {err}"))
             return None
         return participation.kept_start(start), admission, vector

@@ -300,6 +300,8 @@ def _print_summary(summary: dict[str, Any], *, as_json: bool) -> None:
             lines.append(f"  barred, lifted when it joined again with another credential: {name} ({why})")
         else:
             lines.append(f"  barred while it presents the credential the sites refused: {name} ({why})")
+    for name, why in sorted((summary.get("out_of_budget") or {}).items()):
+        lines.append(f"  out of its own privacy budget, not drawn again: {name} ({why})")
     if summary["final_metrics"]:
         lines.append("  final evaluation: " + ", ".join(f"{k}={v:.4g}" for k, v in summary["final_metrics"].items()))
     if summary["epsilon"] is not None:

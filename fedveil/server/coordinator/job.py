@@ -107,6 +107,7 @@ class Coordinator(SessionsMixin, SecAggBridgeMixin, MisconductMixin, RefusalTall
             message=message, rejected_rounds=self._rejected_rounds, site_epsilon=site_epsilon,
             unverified_sites=unverified, convicted=dict(self._convicted),
             barred={name: why for name, (_digest, why) in self._refused_entries.items()}, bars_lifted=lifted,
+            out_of_budget=dict(self._out_of_budget),
         )
         if status != "stopped":
             self.store.finish_run(self.run_id, status, summary.to_dict())
@@ -149,6 +150,7 @@ class Coordinator(SessionsMixin, SecAggBridgeMixin, MisconductMixin, RefusalTall
             convicted={str(k): str(v) for k, v in (data.get("convicted") or {}).items()},
             barred={str(k): str(v) for k, v in (data.get("barred") or {}).items()},
             bars_lifted=tuple(str(s) for s in data.get("bars_lifted") or ()),
+            out_of_budget={str(k): str(v) for k, v in (data.get("out_of_budget") or {}).items()},
         )
         self._announce_done(message)
         return summary

@@ -92,8 +92,9 @@ class MisconductMixin(CoordinatorBase):
 
     def _excluded(self, number: int) -> set[str]:
         """Sites that may not be drawn for round ``number``: barred from it or for their roster
-        entry, or convicted."""
-        return set(self._barred.get(number, {})) | set(self._refused_now()) | set(self._convicted)
+        entry, convicted, or out of their own privacy budget."""
+        return (set(self._barred.get(number, {})) | set(self._refused_now()) | set(self._convicted)
+                | set(self._out_of_budget))
 
     def _exclusion_reasons(self, number: int) -> str:
         """Who is left out of round ``number``, and why, in one line."""
@@ -103,6 +104,9 @@ class MisconductMixin(CoordinatorBase):
                 by_reason.setdefault(why, []).append(name)
         parts = [f"{', '.join(names)} {why}" for why, names in by_reason.items()]
         parts += [f"{name} was convicted ({why})" for name, why in sorted(self._convicted.items())]
+        spent = sorted(set(self._out_of_budget) - set(self._convicted))
+        if spent:
+            parts.append(f"{', '.join(spent)} declined for their own privacy budget")
         return "; ".join(parts)
 
     def _misconduct_outcome(self, rnd: _Round) -> str | None:

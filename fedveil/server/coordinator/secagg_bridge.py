@@ -158,6 +158,10 @@ class SecAggBridgeMixin(CoordinatorBase):
             if rnd.stage == Stage.COMMIT and Stage.COMMIT not in rnd.submitted.get(caller, set()):
                 rnd.beacon.decline(sid)
             rnd.dropped[caller] = (rnd.stage.label, f"declined: {why}")
+            if request.out_of_budget and caller not in self._out_of_budget:
+                # the site's word that its budget is spent: drawing it again would only cost a slot
+                self._out_of_budget[caller] = why
+                log.info("%s is out of its own privacy budget: not drawn again in this run", caller)
             log.info("round %d (attempt %d): %s declined at %s: %s", rnd.number, rnd.attempt, caller,
                      rnd.stage.label, why)
             self._cond.notify_all()

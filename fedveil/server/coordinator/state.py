@@ -216,6 +216,9 @@ class JobSummary:
     again while they presented that entry."""
     bars_lifted: tuple[str, ...] = ()
     """Barred sites that, at the job's end, presented another credential or key: their bar had lifted."""
+    out_of_budget: dict[str, str] = field(default_factory=dict)
+    """Sites that declined a round because their own privacy budget could not afford it → why; they
+    were not drawn again in this run."""
 
     @property
     def max_site_epsilon(self) -> float | None:
@@ -242,6 +245,7 @@ class JobSummary:
             "convicted": dict(self.convicted),
             "barred": dict(self.barred),
             "bars_lifted": list(self.bars_lifted),
+            "out_of_budget": dict(self.out_of_budget),
         }
 
 
@@ -305,6 +309,9 @@ class CoordinatorBase:
         self._open_run(new_run)
         self._barred: dict[int, dict[str, str]] = {}
         """round → sites left out of its later attempts → why: they withheld a graph-seed reveal."""
+        self._out_of_budget: dict[str, str] = {}
+        """Sites that declined for their own privacy budget → why: not drawn again in this process's
+        run (a restarted server draws them once more, and they decline again)."""
         self._refused_entries: dict[str, tuple[bytes, str]] = self.store.credential_bars(self.run_id)
         """Sites enough members declined for their credential or identity key → (the digest of that
         roster entry, why): not drawn again in this job while they present the same entry
