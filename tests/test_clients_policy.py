@@ -213,6 +213,13 @@ def test_budget_report_shows_what_a_policys_caps_over_every_job_still_allow(
     caps = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["site_policy_caps"]
     assert caps["max_user_epsilon"]["left"] == pytest.approx(8 - user)
     assert caps["max_lifetime_local_epsilon"]["cap"] == 5
+    # the site's own figures, as the text report's first lines
+    state.sent_masked_input(Release("run", 3, 1, "none", False, "no DP"), None, {})
+    assert main(["budget", "report", str(path), "--format", "json"]) == 0
+    site = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["site"]
+    assert site["user_epsilon"] is None and site["user_epsilon_infinite"] is True and site["releases"] == 3
+    assert site["unprotected_releases"] == ["round 3 attempt 1 (none): no DP"]
+    assert site["sample_epsilon"] == pytest.approx(sample) and site["sample_epsilon_covers"] == "every job recorded"
     policy.write_text("max_user_epsilon = 0\nmax_lifetime_local_epsilon = 0\n")  # no caps: said so
     assert main(["budget", "report", str(path), "--policy", str(policy)]) == 0
     assert "sets no cap over every job" in capsys.readouterr().out

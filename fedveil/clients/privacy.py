@@ -64,6 +64,23 @@ class SitePrivacy:
             live=live,
         )
 
+    def to_dict(self) -> dict[str, object]:
+        """The snapshot as JSON values (an infinite ε is null, with ``*_infinite`` true)."""
+        return {
+            "sample_epsilon": None if math.isinf(self.sample_epsilon) else self.sample_epsilon,
+            "sample_epsilon_infinite": math.isinf(self.sample_epsilon),
+            "sample_delta": self.sample_delta,
+            "sample_epsilon_covers": "this job" if self.live else "every job recorded",
+            "lifetime_sample_epsilon": None if math.isinf(self.lifetime_sample_epsilon)
+            else self.lifetime_sample_epsilon,
+            "user_epsilon": None if math.isinf(self.user_epsilon) else self.user_epsilon,
+            "user_epsilon_infinite": math.isinf(self.user_epsilon),
+            "user_delta": self.user_delta,
+            "releases": self.releases,
+            "unprotected_releases": list(self.unprotected),
+            "local_dp": self.local_dp,
+        }
+
     @property
     def epsilon(self) -> float:
         """The ε an Opacus user expects to print: sample level under local DP, else user level."""

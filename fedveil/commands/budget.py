@@ -203,6 +203,10 @@ def report_cmd(ledger_path: str, fmt: str, plot_path: str | None, run_id: str | 
         eprint(f"plot written to {plot_path}")
     if fmt == "json":
         payload = report_to_dict(report)
+        if site is not None:  # what the site itself can vouch for, as the text report's first lines
+            from fedveil.clients.privacy import SitePrivacy
+
+            payload["site"] = SitePrivacy.of(site, None, trust_server=False).to_dict()
         if policy_path is not None:
             payload["site_policy_caps"] = {cap.setting: {"cap": cap.cap, "epsilon": _finite_or_none(cap.epsilon),
                                                          "left": cap.left, "delta": cap.delta} for cap in headroom}
