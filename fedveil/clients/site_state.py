@@ -312,9 +312,7 @@ class SiteState:
         δ), with ``extra`` (a round about to train or to be released) composed in."""
         if extra is None:
             return self.sample_epsilon()
-        # the ledger's running accountant for the party, with the event composed in (no budget is set here)
-        spend = self.ledger.check_budget(max(self.ledger.rounds, default=0), clients={SITE_PARTY: extra})
-        return spend.client_epsilons[SITE_PARTY]
+        return self._epsilon_with(SITE_PARTY, extra)
 
     def user_epsilon(self) -> float:
         """User-level ε as this site can guarantee it: ∞ once any release had no noise it can rely on."""
@@ -327,6 +325,14 @@ class SiteState:
         can rely on) were recorded: what ``max_user_epsilon`` caps, over every release in this state."""
         if event is None or self.unprotected_releases:
             return math.inf
-        spend = self.ledger.check_budget(max(self.ledger.rounds, default=0), federation=event)
-        assert spend.federation_epsilon is not None
-        return spend.federation_epsilon
+        return self._epsilon_with(FEDERATION, event)
+
+    def _epsilon_with(self, party: str, event: DpEvent) -> float:
+        """``party``'s ε in the ledger with ``event`` composed in: the ledger's running accountant for
+        the party, asked what if (no budget is set in a site's ledger, so nothing is refused)."""
+        round_index = max(self.ledger.rounds, default=0)
+        if party == FEDERATION:
+            spend = self.ledger.check_budget(round_index, federation=event)
+            assert spend.federation_epsilon is not None
+            return spend.federation_epsilon
+        return self.ledger.check_budget(round_index, clients={party: event}).client_epsilons[party]

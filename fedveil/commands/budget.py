@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from fedveil.commands.common import eprint, fail, print_json_last_line
+from fedveil.commands.common import eprint, fail, finite_or_none, print_json_last_line
 from fedveil.dp.ledger import LedgerFormatError, PrivacyLedger
 
 if TYPE_CHECKING:
@@ -208,7 +208,7 @@ def report_cmd(ledger_path: str, fmt: str, plot_path: str | None, run_id: str | 
 
             payload["site"] = SitePrivacy.of(site, None, trust_server=False).to_dict()
         if policy_path is not None:
-            payload["site_policy_caps"] = {cap.setting: {"cap": cap.cap, "epsilon": _finite_or_none(cap.epsilon),
+            payload["site_policy_caps"] = {cap.setting: {"cap": cap.cap, "epsilon": finite_or_none(cap.epsilon),
                                                          "left": cap.left, "delta": cap.delta} for cap in headroom}
         print_json_last_line(payload)
     elif fmt == "markdown":
@@ -229,10 +229,6 @@ def _policy_headroom(site: SiteState, policy_path: str) -> list[CapHeadroom]:
     except PolicyError as err:
         fail("--policy", str(err))
     return policy_headroom(site, policy)
-
-
-def _finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None
 
 
 def _load_site_state(path: str) -> SiteState | None:

@@ -11,7 +11,15 @@ from typing import Any
 import click
 
 from fedveil.clients.policy_settings import POLICY_TABLE
-from fedveil.commands.common import MAX_THREADS, eprint, fail, fail_from, load_pinned_authority, print_json_last_line
+from fedveil.commands.common import (
+    MAX_THREADS,
+    eprint,
+    fail,
+    fail_from,
+    finite_or_none,
+    load_pinned_authority,
+    print_json_last_line,
+)
 from fedveil.commands.log_format import configure_logging, log_format_option
 from fedveil.commands.setting_options import table_options
 
@@ -228,14 +236,10 @@ def client_command(
             "outcomes": [h.outcome for h in history],
             "reconnects": federation.reconnects,
             "local_epsilon": spend.epsilon if spend is not None else None,
-            "site_user_epsilon": _finite_or_none(federation.privacy.user_epsilon),
+            "site_user_epsilon": finite_or_none(federation.privacy.user_epsilon),
         }
     )
     return 0
-
-
-def _finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None
 
 
 def _site_policy(policy_path: Path | None, authority: Path | None, revocations: Path | None,

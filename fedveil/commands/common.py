@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import threading
@@ -54,6 +55,11 @@ def fail_from(err: FedveilError, default: str) -> NoReturn:
 def print_json_last_line(payload: dict[str, Any]) -> None:
     """Print exactly one JSON object on a single line (the command's last line)."""
     click.echo(json.dumps(payload, sort_keys=True, default=_json_default))
+
+
+def finite_or_none(value: float) -> float | None:
+    """``value``, or None where JSON has no number for it (an infinite or NaN ε)."""
+    return value if math.isfinite(value) else None
 
 
 def _json_default(value: Any) -> Any:
