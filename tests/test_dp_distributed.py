@@ -33,10 +33,17 @@ from fedveil.dp.distributed import (
     sum_encoded,
 )
 from fedveil.dp.hadamard import fwht, inverse_rotate, padded_dim, random_signs, rotate
+from fedveil.dp.secure_random import RandomSource, SecureRandom
 from fedveil.secagg.encoding import Ring
 
 FAIL_PROB = 1e-7
 Z_FAIL = float(stats.norm.ppf(1 - FAIL_PROB / 2))  # ≈ 5.3
+#: The samplers' two sources: a site's AES-CTR stream, and numpy's PCG64 (tests, benchmarks).
+SOURCES = ("aes-ctr", "pcg64")
+
+
+def noise_source(kind: str, seed: int) -> RandomSource:
+    return SecureRandom(seed.to_bytes(32, "little")) if kind == "aes-ctr" else make_generator(seed)
 
 # --------------------------------------------------------------------------------------------
 # Randomized Hadamard rotation
@@ -104,8 +111,9 @@ def chi_square_pvalue(samples: np.ndarray, support: np.ndarray, pmf: np.ndarray)
     return float(stats.chisquare(counts, expected).pvalue)
 
 
-def test_skellam_sampler_matches_the_skellam_distribution() -> None:
-    rng = make_generator(10)
+@pytest.mark.parametrize("source", SOURCES)
+def test_skellam_sampler_matches_the_skellam_distribution(source: str) -> None:
+    rng = noise_source(source, 10)
     variance = 6.0  # Sk(3, 3)
     samples = sample_skellam(rng, variance, 200_000)
     support = np.arange(-8, 9)
@@ -115,9 +123,10 @@ def test_skellam_sampler_matches_the_skellam_distribution() -> None:
     assert chi_square_pvalue(samples, support, pmf) > FAIL_PROB
 
 
+@pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize("sigma", [0.6, 1.5, 4.0])
-def test_discrete_gaussian_sampler_matches_its_pmf(sigma: float) -> None:
-    rng = make_generator(11)
+def test_discrete_gaussian_sampler_matches_its_pmf(sigma: float, source: str) -> None:
+    rng = noise_source(source, 11)
     samples = sample_discrete_gaussian(rng, sigma, (400, 500))
     assert samples.shape == (400, 500) and samples.dtype == np.int64
     flat = samples.ravel()
@@ -133,12 +142,13 @@ def test_discrete_gaussian_sampler_matches_its_pmf(sigma: float) -> None:
     assert discrete_gaussian_variance(sigma) == pytest.approx(float(np.sum(weights * full**2)), rel=1e-12)
 
 
+@pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize("mechanism", ["skellam", "ddg"])
-def test_noise_shares_sum_to_the_intended_variance(mechanism: str) -> None:
+def test_noise_shares_sum_to_the_intended_variance(mechanism: str, source: str) -> None:
     """n clients' shares add up to total variance n · v_local (exactly Skellam / ≈ discrete Gaussian)."""
     n, coords = 30, 40_000
     local_std = 7.3
-    rng = make_generator(12)
+    rng = noise_source(source, 12)
     if mechanism == "skellam":
         shares = sample_skellam(rng, local_std**2, (n, coords))
         local_var = local_std**2
@@ -159,8 +169,9 @@ def test_noise_shares_sum_to_the_intended_variance(mechanism: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def test_randomized_rounding_is_unbiased_without_conditioning() -> None:
-    rng = make_generator(13)
+@pytest.mark.parametrize("source", SOURCES)
+def test_randomized_rounding_is_unbiased_without_conditioning(source: str) -> None:
+    rng = noise_source(source, 13)
     x = np.array([0.25, -1.75, 3.5, 10.0, -0.01])
     draws = conditional_randomized_round(np.tile(x, (100_000, 1)), bound=1e9, rng=rng)
     assert set(np.unique(draws[:, 0])) <= {0, 1} and np.all(draws[:, 3] == 10)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import dp_accounting
+import numpy as np
 import pytest
 import torch
 from opacus.accountants import RDPAccountant as OpacusRDP
@@ -15,6 +17,8 @@ from fedveil.dp.accounting import DEFAULT_ORDERS, RDPAccountant, SubsampledGauss
 from fedveil.dp.calibration import compute_epsilon
 from fedveil.dp.ledger import BudgetExceededError
 from fedveil.dp.local import LocalDPConfig, LocalDPSession, UnsupportedLayerError, make_dp_compatible
+from fedveil.dp.secure_random import SecureRandom
+from fedveil.dp.sgd_noise import SecureSgdNoise
 
 torch.set_num_threads(1)
 N, BATCH = 120, 12  # 10 Poisson batches per epoch: q = 0.1
@@ -238,51 +242,52 @@ def test_pld_session_accounts_with_pld() -> None:
     assert math.isfinite(session.epsilon())
 
 
-def _noise_only_steps(session: LocalDPSession, steps: int) -> tuple[list[torch.Tensor], list[int], float]:
-    """Steps whose clipped gradients are all zero, so each step's gradient is its noise alone (times
-    the batch scaling); also the noise generator's seed before each step, and the expected batch size."""
+def _noise_only_steps(session: LocalDPSession, steps: int) -> list[torch.Tensor]:
+    """Steps whose clipped gradients are all zero, so each step's gradient is its noise alone (undoing
+    the batch scaling)."""
     model = nn.Sequential(nn.Linear(6, 500))
     m, opt, dl = session.privatize(model, torch.optim.SGD(model.parameters(), lr=0.0), make_data())
-    noises, seeds = [], []
+    noises = []
     for (xb, _yb), _ in zip(dl, range(steps), strict=False):
         opt.zero_grad()
         (m(xb) * 0.0).sum().backward()
-        seeds.append(opt.generator.initial_seed())
         opt.step()
         noises.append(torch.cat([p.grad.flatten() for p in m.parameters()]) * opt.expected_batch_size)
     session.finish_round(m)
-    return noises, seeds, float(opt.expected_batch_size)
+    return noises
 
 
 @pytest.mark.parametrize("seed", [None, 4])
-def test_the_noise_is_drawn_robust_to_floating_point_attacks_at_the_accounted_scale(seed: int | None) -> None:
-    """Opacus's secure-mode sampler (four Gaussians summed and halved) is on without torchcsprng, and
-    its draws are N(0, (z·C)²): the scale the accountant counts. Without a seed every step's noise comes
-    from a fresh OS seed; with one the steps are reproducible."""
+def test_the_noise_is_drawn_at_the_accounted_scale_fresh_every_step(seed: int | None) -> None:
+    """The draws are N(0, (z·C)²), the scale the accountant counts; no two steps repeat; a seeded session
+    reproduces its noise, an unseeded one never does."""
     z, clip = 2.0, 0.5
-    session = LocalDPSession(LocalDPConfig(max_grad_norm=clip, noise_multiplier=z, seed=seed))
-    noises, seeds, _ = _noise_only_steps(session, 4)
+    config = LocalDPConfig(max_grad_norm=clip, noise_multiplier=z, seed=seed)
+    noises = _noise_only_steps(LocalDPSession(config), 4)
     for noise in noises:
         assert noise.numel() == 3500 and float(noise.std()) == pytest.approx(z * clip, rel=0.06)
         assert abs(float(noise.mean())) < 0.1 * z * clip
-    assert len(set(seeds)) == (4 if seed is None else 1)
-    if seed is not None:  # reproducible: the same session seed gives the same noise
-        again, _, _ = _noise_only_steps(LocalDPSession(LocalDPConfig(max_grad_norm=clip, noise_multiplier=z,
-                                                                     seed=seed)), 4)
-        assert all(torch.equal(a, b) for a, b in zip(noises, again, strict=True))
+    assert len({tuple(n[:8].tolist()) for n in noises}) == 4
+    again = _noise_only_steps(LocalDPSession(config), 4)
+    assert all(torch.equal(a, b) for a, b in zip(noises, again, strict=True)) == (seed is not None)
 
 
-def test_the_optimizer_uses_the_floating_point_safe_sampler() -> None:
-    session = LocalDPSession(LocalDPConfig(noise_multiplier=1.0))
-    model = make_model()
-    m, opt, _ = session.privatize(model, torch.optim.SGD(model.parameters(), lr=0.1), make_data())
-    assert opt.secure_mode is True and opt.generator is not None
-    session.finish_round(m)
+def test_the_noise_is_the_aes_ctr_stream_floating_point_safe() -> None:
+    """Every noise value is four AES-CTR Gaussians summed and halved (Holohan & Braghin 2021, §5.1), drawn
+    in parameter order from the round's key, not from torch's generator."""
+    z, clip, seed = 2.0, 0.5, 9
+    first = _noise_only_steps(LocalDPSession(LocalDPConfig(max_grad_norm=clip, noise_multiplier=z, seed=seed)), 1)[0]
+    stream = SecureSgdNoise(hashlib.sha256(f"fedveil.dp.local|{seed}|noise|0".encode()).digest())
+    weight, bias = stream.draw(z * clip, torch.zeros(500, 6)), stream.draw(z * clip, torch.zeros(500))
+    torch.testing.assert_close(first, torch.cat([weight.flatten(), bias]), rtol=1e-5, atol=1e-6)
+    four = SecureRandom(bytes(32)).standard_normal((4, 3))
+    np.testing.assert_allclose(SecureSgdNoise(bytes(32)).draw(2.0, torch.zeros(3, dtype=torch.float64)).numpy(),
+                               four.sum(axis=0))
 
 
 def test_no_advice_to_retrain_with_opacus_secure_mode() -> None:
     """Opacus warns that its secure RNG is off and to retrain with it; the session draws its own noise
-    (floating-point-safe, OS-seeded every step), so a site's log does not carry that advice."""
+    (AES-CTR, floating-point safe), so a site's log does not carry that advice."""
     import warnings
 
     with warnings.catch_warnings(record=True) as caught:

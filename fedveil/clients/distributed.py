@@ -5,17 +5,20 @@ In distributed-DP rounds the server sends the full :class:`fedveil.dp.distribute
 rotates, scales, rounds and adds its own Skellam or discrete-Gaussian noise share in the
 integer domain (:func:`fedveil.dp.distributed.encode_update`), and the result goes straight
 into secure aggregation. The noise seed is private to the client, so the server can neither
-predict nor subtract a client's noise: it only ever sees the noised sum.
+predict nor subtract a client's noise: it only ever sees the noised sum. The rounding and the
+noise come from an AES-CTR stream under that seed (:class:`fedveil.dp.secure_random.SecureRandom`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
 
 from fedveil.clients.update import PreparedUpdate, RoundConfigError
 from fedveil.dp.distributed import DistributedDPConfig, encode_update
+from fedveil.dp.secure_random import SecureRandom
 from fedveil.protocol import fedveil_pb2 as pb
 
 
@@ -36,6 +39,16 @@ def rotation_seed_of(params: pb.DistributedDpParams) -> int:
     return int.from_bytes(seed[:8], "little")
 
 
+def distributed_noise_source(noise_seed: bytes, rounding_seed: bytes) -> SecureRandom:
+    """The AES-CTR stream behind this attempt's rounding and noise share.
+
+    Its key hashes the attempt's seeds: fresh OS bits every attempt (never sent), so the server can
+    neither predict nor replay the noise; only ``--insecure-deterministic`` jobs derive them from
+    the site's seed.
+    """
+    return SecureRandom(hashlib.sha256(b"fedveil/dp/distributed/v1\x00" + noise_seed + rounding_seed).digest())
+
+
 def prepare_distributed_update(
     delta: np.ndarray, start: pb.RoundStart, *, rounding_seed: bytes, noise_seed: bytes,
     config: DistributedDPConfig | None = None,
@@ -51,10 +64,7 @@ def prepare_distributed_update(
             f"dp.distributed: the configuration is for updates of dimension {config.dim}, "
             f"this model has {delta.shape[0]}"
         )
-    # numpy's PCG64 drives rounding and noise here, as in fedveil.dp.distributed; it is seeded
-    # with 384 fresh bits from the OS for every attempt (never sent), so the server cannot
-    # reproduce or predict the noise.
-    rng = np.random.default_rng(np.frombuffer(noise_seed + rounding_seed, dtype=np.uint32))
+    rng = distributed_noise_source(noise_seed, rounding_seed)
     ring = encode_update(config, delta, rotation_seed=rotation_seed_of(start.dp.distributed), rng=rng,
                          ring_bits=int(start.encoding.ring_bits))
     if start.encoding.dimension and ring.shape[0] != start.encoding.dimension:

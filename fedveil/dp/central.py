@@ -15,12 +15,10 @@ that really happened (``fedveil.dp.sampling.user_level_event``); the accountant
 With adaptive clipping (:mod:`fedveil.dp.clipping`) the update sum is noised with ``z_Δ S``
 and the round is still accounted as one Gaussian event with multiplier ``z``.
 
-Randomness.  The noise source is explicit, never global: pass a ``numpy.random.Generator``
-(``make_generator(seed)`` gives a seeded PCG64 for reproducible tests and simulations;
-``make_generator()`` seeds PCG64 from ``os.urandom``).  DP noise is not key material, so an
-unpredictable PCG64 stream is acceptable, but an adversary who could reconstruct the
-generator state could subtract the noise; a cryptographically secure source is preferable
-in production and is offered by :class:`SecureNormalSampler` (the OS CSPRNG, Box–Muller).
+Randomness.  The noise source is explicit, never global.  The server draws its noise from
+:class:`SecureNormalSampler` (AES-CTR under a fresh OS key, Box–Muller): an adversary who could
+reconstruct a statistical generator's state could subtract the noise.  ``make_generator(seed)``
+gives a seeded PCG64 for statistical tests and benchmarks only.
 Floating-point Gaussian samples have the usual caveats of floating-point DP (Mironov 2012,
 "On Significance of the Least Significant Bits for Differential Privacy"); the distributed
 mechanisms in :mod:`fedveil.dp.distributed` work in the integer domain and avoid them.
@@ -34,7 +32,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from numpy.typing import ArrayLike, NDArray
 
 from fedveil.dp.accounting import SubsampledGaussianEvent
@@ -45,6 +42,7 @@ from fedveil.dp.clipping import (
     NormalSource,
     clip_update,
 )
+from fedveil.dp.secure_random import SecureRandom
 
 __all__ = [
     "CentralGaussianMechanism",
@@ -66,38 +64,23 @@ def make_generator(seed: int | None = None) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(int(seed)))
 
 
-class SecureNormalSampler:
-    """Standard normal samples from the operating system's CSPRNG (``os.urandom``).
+class SecureNormalSampler(SecureRandom):
+    """Standard normal samples from an AES-CTR keystream under a fresh OS key (a CSPRNG).
 
-    Box–Muller on 53-bit uniforms: ``sqrt(−2 ln u1) · cos(2π u2)`` with ``u1 ∈ (0, 1]``.  Every
-    call reads fresh OS entropy, so the stream cannot be reproduced or predicted from earlier
-    output, unlike a seeded PCG64.  It implements ``standard_normal(size)`` like a numpy
-    ``Generator``, so it can be passed wherever a :class:`~fedveil.dp.clipping.NormalSource`
-    is expected.
+    Box–Muller on 53-bit uniforms (:class:`~fedveil.dp.secure_random.SecureRandom`): the stream
+    cannot be predicted from earlier output or reproduced without the key, unlike a seeded PCG64.
+    It implements ``standard_normal(size)`` like a numpy ``Generator``, so it can be passed
+    wherever a :class:`~fedveil.dp.clipping.NormalSource` is expected.
 
-    ``insecure_seed`` (16 bytes) replaces the OS entropy with an AES-CTR keystream under that key:
-    only for ``--insecure-deterministic`` jobs (tests, bit-for-bit simulations), where anyone who
-    knows the seed can regenerate the noise and subtract it.
+    ``insecure_seed`` (16 bytes) replaces the OS key: only for ``--insecure-deterministic`` jobs
+    (tests, bit-for-bit simulations), where anyone who knows the seed can regenerate the noise and
+    subtract it.
     """
 
     def __init__(self, insecure_seed: bytes | None = None) -> None:
         if insecure_seed is not None and len(insecure_seed) != 16:
             raise ValueError(f"insecure_seed: expected 16 bytes (got {len(insecure_seed)})")
-        self._stream = None if insecure_seed is None else Cipher(
-            algorithms.AES(insecure_seed), modes.CTR(bytes(16))).encryptor()
-
-    def _random_bytes(self, n: int) -> bytes:
-        return os.urandom(n) if self._stream is None else self._stream.update(bytes(n))
-
-    def standard_normal(self, size: Any = None) -> NDArray[np.float64]:
-        shape: tuple[int, ...] = () if size is None else tuple(np.atleast_1d(np.asarray(size, dtype=np.int64)))
-        count = int(np.prod(shape)) if shape else 1
-        raw = np.frombuffer(self._random_bytes(16 * count), dtype=np.uint64).reshape(2, count)
-        scale = 2.0**-53
-        u1 = ((raw[0] >> np.uint64(11)).astype(np.float64) + 1.0) * scale  # in (0, 1]
-        u2 = (raw[1] >> np.uint64(11)).astype(np.float64) * scale  # in [0, 1)
-        samples = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * math.pi * u2)
-        return samples.reshape(shape) if shape else samples[:1].reshape(())
+        super().__init__(os.urandom(32) if insecure_seed is None else insecure_seed)
 
 
 def gaussian_rdp(noise_multiplier: float, orders: ArrayLike) -> NDArray[np.float64]:

@@ -13,6 +13,7 @@ from numpy.typing import ArrayLike, NDArray
 from scipy import special
 
 from fedveil.dp._checks import non_negative, positive
+from fedveil.dp.secure_random import RandomSource
 
 Mechanism = Literal["skellam", "ddg"]
 MECHANISMS: Final[tuple[str, ...]] = ("skellam", "ddg")
@@ -91,7 +92,7 @@ def rounded_l1_norm_bound(l2_bound: float, dim: int) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
-def sample_skellam(rng: np.random.Generator, variance: float, shape: int | tuple[int, ...]) -> NDArray[np.int64]:
+def sample_skellam(rng: RandomSource, variance: float, shape: int | tuple[int, ...]) -> NDArray[np.int64]:
     """Symmetric Skellam noise with the given variance: ``Poisson(v/2) − Poisson(v/2)``.
 
     Sums of independent Skellam variables are Skellam (variances add), which is what makes
@@ -108,7 +109,7 @@ def sample_skellam(rng: np.random.Generator, variance: float, shape: int | tuple
 
 
 def sample_discrete_gaussian(
-    rng: np.random.Generator, sigma: float, shape: int | tuple[int, ...]
+    rng: RandomSource, sigma: float, shape: int | tuple[int, ...]
 ) -> NDArray[np.int64]:
     """Discrete Gaussian ``N_Z(0, σ^2)``: ``P(y) ∝ exp(−y^2 / (2σ^2))`` on the integers.
 

@@ -85,8 +85,9 @@ makes the rounding error ``sqrt(D)/2`` comparable to the scaled clip norm ``sc``
 each other (more noise needs more range, a coarser grid inflates the sensitivity, which needs
 more noise); a fixed-point iteration solves both.
 
-Randomness for rounding and noise is an explicit ``numpy.random.Generator`` (seeded for tests,
-``fedveil.dp.central.make_generator()`` from OS entropy in production).  Integer noise avoids
+Randomness for rounding and noise is explicit: a :class:`fedveil.dp.secure_random.SecureRandom`
+(AES-CTR under a key the site draws from the OS every attempt) in production, or a seeded numpy
+``Generator`` in statistical tests.  Integer noise avoids
 the floating-point attacks on continuous noise; the discrete Gaussian sampler's acceptance test
 uses floating point, a documented simplification of the exact-arithmetic sampler of Canonne et
 al.  Everything is vectorized: batches of client vectors ``(n, d)`` are encoded in one call.

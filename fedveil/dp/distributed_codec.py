@@ -13,6 +13,7 @@ from numpy.typing import ArrayLike, NDArray
 from fedveil.dp.clipping import clip_updates
 from fedveil.dp.discrete_noise import _MAX_ROUNDING_TRIES, _check_bits, sample_discrete_gaussian, sample_skellam
 from fedveil.dp.hadamard import inverse_rotate, rotate
+from fedveil.dp.secure_random import RandomSource
 
 if TYPE_CHECKING:  # the config module re-exports this one
     from fedveil.dp.distributed import DistributedDPConfig
@@ -34,7 +35,7 @@ def derive_rotation_seed(context: bytes) -> int:
 
 
 def conditional_randomized_round(
-    x: ArrayLike, bound: float, rng: np.random.Generator, *, max_tries: int = _MAX_ROUNDING_TRIES
+    x: ArrayLike, bound: float, rng: RandomSource, *, max_tries: int = _MAX_ROUNDING_TRIES
 ) -> NDArray[np.int64]:
     """Round each row of ``x`` to integers, unbiasedly, resampling rows whose norm exceeds ``bound``.
 
@@ -68,7 +69,7 @@ def encode_update(
     update: ArrayLike,
     *,
     rotation_seed: int,
-    rng: np.random.Generator,
+    rng: RandomSource,
     ring_bits: int | None = None,
 ) -> NDArray[np.unsignedinteger[Any]]:
     """Client side: clip → rotate → scale → conditional rounding → + noise share → mod ``2^b``.

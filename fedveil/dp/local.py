@@ -27,10 +27,10 @@ is tighter. Each round is checked against it with the steps that round really ta
 (so a new batch size or data size counts too), never the plan's first-round figures; the steps
 actually taken so far are in :meth:`LocalDPSession.pending_epsilon`, for a check before release.
 Randomness: without a ``seed``, Poisson sampling takes a fresh OS-seeded generator each round and the
-noise a fresh OS seed each step; ``seed`` makes both reproducible (torch generators derived from (seed,
-round), for tests and simulation). The noise is always drawn robust to floating-point attacks (Opacus's
-secure-mode sampler: four Gaussians summed and halved). ``secure_mode=True`` also draws every value
-from Opacus's CSPRNG (needs ``torchcsprng``).
+noise an AES-CTR stream under a fresh OS key each round (:mod:`fedveil.dp.sgd_noise`, robust to
+floating-point attacks: four Gaussians summed and halved); ``seed`` makes both reproducible (derived
+from (seed, round), for tests and simulation). ``secure_mode=True`` leaves both to Opacus's CSPRNG
+(needs ``torchcsprng``).
 With a budget, :meth:`privatize` refuses (``BudgetExceededError``) a round that would take ε past it;
 :meth:`plan_round` says what a round would cost without wrapping anything. Pass the ORIGINAL data
 loader each round; Poisson sampling (sample rate 1 / len(loader)) and, optionally, a physical batch cap
@@ -67,6 +67,7 @@ from fedveil.dp.accounting import (
 from fedveil.dp.calibration import solve_noise_multiplier
 from fedveil.dp.compat import UnsupportedLayerError, make_dp_compatible
 from fedveil.dp.ledger import BUDGET_REL_TOLERANCE, BudgetExceededError
+from fedveil.dp.sgd_noise import SecureSgdNoise, add_noise_from
 
 
 @dataclass(frozen=True)
@@ -190,7 +191,7 @@ class LocalDPSession:
             # The engine's own accountant is unused: ours is attached to each optimizer's step hook.
             with warnings.catch_warnings():
                 # Opacus's advice to retrain with its secure mode: this session draws its own noise
-                # (floating-point-safe, OS-seeded every step; see _round_generators and privatize)
+                # (AES-CTR, floating-point safe; see privatize and fedveil.dp.sgd_noise)
                 warnings.filterwarnings("ignore", message="Secure RNG turned off")
                 self._engine = PrivacyEngine(accountant="rdp", secure_mode=config.secure_mode)
         except ImportError as err:
@@ -227,8 +228,7 @@ class LocalDPSession:
         self._check_plan(self._plan(steps_per_epoch, epochs))  # this round's own steps, before anything is wrapped
         model, optimizer = self._make_compatible(model, optimizer)
 
-        sampling_generator, noise_generator = self._round_generators(model)
-        dp_loader = DPDataLoader.from_data_loader(loader, generator=sampling_generator)
+        dp_loader = DPDataLoader.from_data_loader(loader, generator=self._sampling_generator())
         _template_empty_batches(dp_loader, loader)
         if len(dp_loader) != steps_per_epoch:  # the same construction: never expected
             raise RuntimeError("the Poisson loader's length changed between planning and wrapping")
@@ -240,13 +240,11 @@ class LocalDPSession:
             noise_multiplier=self.noise_multiplier,
             max_grad_norm=self.config.max_grad_norm,
             poisson_sampling=False,  # dp_loader already samples Poisson with our generator
-            noise_generator=noise_generator,
+            noise_generator=None,  # the noise: add_noise_from below, or Opacus's CSPRNG in secure mode
         )
         private_model.forbid_grad_accumulation()
-        # Noise robust to floating-point attacks (Jin et al. 2021; Haney et al. 2022): each draw is the sum of
-        # four Gaussians halved (Holohan & Braghin 2021, §5.1), Opacus's secure-mode sampler, with the same
-        # N(0, σ²) so the accounting is unchanged. Opacus turns it on only with torchcsprng; it needs none.
-        private_opt.secure_mode = True
+        if not self.config.secure_mode:  # every noise value from AES-CTR, floating-point safe
+            add_noise_from(private_opt, SecureSgdNoise(self._round_noise_key()))
         private_opt.attach_step_hook(self._step_hook(1.0 / len(private_loader)))
         self._active = private_model
         self._round_steps = 0
@@ -322,24 +320,22 @@ class LocalDPSession:
         return self.accountant.get_epsilon(d) if event is None else self.accountant.epsilon_after([event], d)
 
     # -- internals ----------------------------------------------------------------------------------
-    def _round_generators(self, model: nn.Module) -> tuple[Any, torch.Generator | None]:
-        """Generators for this round's Poisson sampling (CPU) and noise (on the parameters' device, as
-        Opacus draws the noise there). With a seed, each round gets fresh streams derived from (seed,
-        round), so rounds never reuse noise; in secure mode both come from Opacus's CSPRNG."""
+    def _sampling_generator(self) -> Any:
+        """The generator of this round's Poisson sampling: fresh OS entropy each round, never torch's
+        global generator (a process that shares it, such as an in-process simulation or user code calling
+        torch.manual_seed, could predict the batches); with a seed, derived from (seed, round); in secure
+        mode Opacus's CSPRNG, which then draws the noise too."""
         if self.config.secure_mode:
-            return self._engine.secure_rng, None
-        first = next(model.parameters(), None)
-        device = first.device if first is not None else torch.device("cpu")
-        r = self.rounds_completed
+            return self._engine.secure_rng
+        seed = self.config.seed
+        sampling = _fresh_seed() if seed is None else _derive_seed(seed, "sampling", self.rounds_completed)
+        return torch.Generator().manual_seed(sampling)
+
+    def _round_noise_key(self) -> bytes:
+        """The AES key of this round's DP-SGD noise: fresh from the OS, or derived from (seed, round)."""
         if self.config.seed is None:
-            # Fresh OS entropy each round, never torch's global generator: a process that shares it
-            # (an in-process simulation, user code calling torch.manual_seed) could predict the noise.
-            sampling = torch.Generator().manual_seed(_fresh_seed())
-            noise = torch.Generator(device=device).manual_seed(_fresh_seed())
-            return sampling, noise
-        sampling = torch.Generator().manual_seed(_derive_seed(self.config.seed, "sampling", r))
-        noise = torch.Generator(device=device).manual_seed(_derive_seed(self.config.seed, "noise", r))
-        return sampling, noise
+            return os.urandom(32)
+        return hashlib.sha256(f"fedveil.dp.local|{self.config.seed}|noise|{self.rounds_completed}".encode()).digest()
 
     def _step_hook(self, sample_rate: float) -> Callable[[DPOptimizer], None]:
         """Hook run by the DPOptimizer after each noised (real) step — the same place and the same q
@@ -352,9 +348,6 @@ class LocalDPSession:
                 raise RuntimeError("sample rate or noise multiplier changed within a round")
             self._round_sample_rate, self._round_noise = q, z
             self._round_steps += 1
-            if self.config.seed is None and not self.config.secure_mode and optimizer.generator is not None:
-                # the next step's noise from fresh OS entropy: no two steps share a generator state
-                optimizer.generator.manual_seed(_fresh_seed())
 
         return hook
 
