@@ -23,6 +23,9 @@ from fedveil.clients.api import evaluator
 from fedveil.clients.backoff import BackoffPolicy
 from fedveil.clients.policy import SitePolicy
 from fedveil.protocol import fedveil_pb2 as pb
+from fedveil.protocol.binding import BINDING_BYTES, bound_context
+from fedveil.protocol.codec import model_digest, model_vector
+from fedveil.protocol.errors import MalformedMessage
 from fedveil.protocol.transport import InProcessTransport
 from fedveil.secagg.identity import SiteCredential, issue_credential
 from fedveil.server.config import ServerConfig
@@ -81,11 +84,14 @@ class TamperingServer:
 
     def __init__(self, coordinator: Coordinator, victim: str,
                  tamper: Callable[[pb.PollResponse], pb.PollResponse | None] | None = None,
-                 tamper_join: Callable[[pb.JoinResponse], pb.JoinResponse] | None = None) -> None:
+                 tamper_join: Callable[[pb.JoinResponse], pb.JoinResponse] | None = None, *,
+                 rebind: bool = False) -> None:
         self.coordinator = coordinator
         self.victim = victim
         self.tamper = tamper
         self.tamper_join = tamper_join
+        self.rebind = rebind
+        """After tampering, bind the RoundStart's context to what the victim is shown (as a careful liar would)."""
         self.sent = Recorded()
 
     def __getattr__(self, rpc: str) -> Callable[..., Any]:
@@ -113,7 +119,37 @@ class TamperingServer:
         out = pb.PollResponse()
         out.CopyFrom(response)
         tampered = self.tamper(out)
-        return tampered if tampered is not None else out
+        result = tampered if tampered is not None else out
+        if self.rebind and result.WhichOneof("instruction") == "round_start":
+            rebind(result.round_start, self.coordinator)
+        return result
+
+
+class RecordingCoordinator(Coordinator):
+    """The real coordinator, recording every round result it applies (``applied``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.applied: list[Any] = []
+        real_apply = self.model.apply
+
+        def apply(plan: Any, ring_sum: Any, survivors: Any, declared: Any = None) -> Any:
+            applied = real_apply(plan, ring_sum, survivors, declared)
+            self.applied.append(applied)
+            return applied
+
+        self.model.apply = apply  # type: ignore[method-assign]
+
+
+def rebind(start: pb.RoundStart, coordinator: Coordinator) -> None:
+    """What a malicious server does after changing a round's terms: bind the context to them again, with
+    the digest of the model it shows (inline in process; else the one the coordinator serves)."""
+    base = bytes(start.secagg.context)[:-BINDING_BYTES]
+    try:
+        digest = model_digest(model_vector(start.model)) if start.model.data else coordinator._published_model().digest
+    except MalformedMessage:  # a model the site refuses before any binding is checked
+        return
+    start.secagg.context = bound_context(base, start, digest)
 
 
 # ``cohort_wait`` for a job with min_clients < clients_per_round whose sites all join: the cohort is

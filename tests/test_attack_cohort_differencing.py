@@ -31,7 +31,7 @@ def _run(tmp_path: Path, tamper: Any, config: Any) -> tuple[Any, TamperingServer
     holder: dict[str, TamperingServer] = {}
 
     def front(coordinator: Coordinator) -> TamperingServer:
-        holder["s"] = TamperingServer(coordinator, VICTIM, tamper)
+        holder["s"] = TamperingServer(coordinator, VICTIM, tamper, rebind=True)  # a careful liar binds what it shows
         return holder["s"]
 
     sites = [turnkey(synthetic, n, i, consortium) for i, n in enumerate(NAMES)]

@@ -77,7 +77,7 @@ def test_a_larger_noise_share_shown_to_the_victim_alone_never_enters_its_ledger(
             _scale_noise(start, 3.0)
             if rebind:
                 base = bytes(start.secagg.context)[:-BINDING_BYTES]
-                start.secagg.context = bound_context(base, start.dp, start.encoding)
+                start.secagg.context = bound_context(base, start, model_digest(model_vector(start.model)))
         return resp
 
     _summary, server, results, _h = _run(tmp_path, inflate, _distributed_job(max_round_attempts=1))
@@ -119,7 +119,8 @@ def test_the_sites_honest_count_is_t_minus_c_whatever_the_server_claims(tmp_path
     claimed = DistributedDPConfig(**json.loads(lie.dp.distributed.config_json))
     lie.dp.distributed.config_json = json.dumps(dataclasses.asdict(dataclasses.replace(claimed, n_clients=1000)),
                                                 sort_keys=True)
-    lie.secagg.context = bound_context(bytes(lie.secagg.context)[:-BINDING_BYTES], lie.dp, lie.encoding)
+    lie.secagg.context = bound_context(bytes(lie.secagg.context)[:-BINDING_BYTES], lie,
+                                       model_digest(model_vector(lie.model)))
     lied = admitted(lie)
     n, k = int(start.secagg.cohort_size), int(start.secagg.degree)
     _h, c = cohort_bound(n, k, policy.max_corrupt_fraction)

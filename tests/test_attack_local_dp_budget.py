@@ -77,7 +77,7 @@ def _job(tmp_path: Path, config: Any, tamper: Tamper | None = None, *,
     holder: dict[str, TamperingServer] = {}
 
     def front(coordinator: Coordinator) -> TamperingServer:
-        holder["s"] = TamperingServer(coordinator, VICTIM, tamper)
+        holder["s"] = TamperingServer(coordinator, VICTIM, tamper, rebind=True)  # a careful liar binds what it shows
         return holder["s"]
 
     def run_victim(service: Any) -> Any:

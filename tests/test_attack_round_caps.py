@@ -49,7 +49,7 @@ def _attack(tmp_path: Path, tamper: Any = None, *, config: Any = None, before: A
     def front(coordinator: Coordinator) -> TamperingServer:
         if before is not None:
             before(coordinator)
-        holder["s"] = TamperingServer(coordinator, VICTIM, tamper)
+        holder["s"] = TamperingServer(coordinator, VICTIM, tamper, rebind=True)  # a careful liar binds what it shows
         return holder["s"]
 
     def victim(service: Any) -> Any:

@@ -40,7 +40,6 @@ from fedveil.clients.participation import evaluation_section
 from fedveil.clients.policy import PolicyViolation, SitePolicy
 from fedveil.clients.update import attempt_randomness
 from fedveil.protocol import fedveil_pb2 as pb
-from fedveil.protocol.binding import BINDING_BYTES, bound_context
 from fedveil.protocol.codec import model_message
 from fedveil.secagg.config import MAX_CLIENTS
 from fedveil.secagg.errors import ConfigError
@@ -253,11 +252,6 @@ def test_any_fixed_point_encoding_is_declined_naming_a_field_or_encodes(
 
 # -- 5. a real job behind a tampering server: a decline, no crash, no data --------------------------
 
-def _rebind(start: pb.RoundStart) -> None:
-    """What a malicious server does after changing dp or encoding: bind the context to them again."""
-    start.secagg.context = bound_context(bytes(start.secagg.context)[:-BINDING_BYTES], start.dp, start.encoding)
-
-
 def _tampered_config(change: Callable[[dict[str, Any]], None] | str) -> Callable[[pb.RoundStart], None]:
     def tamper(start: pb.RoundStart) -> None:
         if isinstance(change, str):
@@ -302,11 +296,10 @@ def test_a_servers_number_the_site_cannot_use_is_a_decline_not_a_crash(tmp_path:
     def tamper(resp: pb.PollResponse) -> pb.PollResponse:
         if resp.WhichOneof("instruction") == "round_start":
             change(resp.round_start)
-            _rebind(resp.round_start)
         return resp
 
     def front(coordinator: Coordinator) -> TamperingServer:
-        holder["s"] = TamperingServer(coordinator, VICTIM, tamper)
+        holder["s"] = TamperingServer(coordinator, VICTIM, tamper, rebind=True)
         return holder["s"]
 
     policy = {"policy": consortium.policy(min_noise_multiplier=1.0)} if attack == "n_clients" else {}

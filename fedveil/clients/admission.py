@@ -78,8 +78,9 @@ class Admission:
         return self.mechanism.encode(delta, start, self.terms, randomness, weight)
 
 
-def check_job_consistency(start: pb.RoundStart, job: pb.JobInfo, run_id: str) -> None:
-    """The round must belong to the job this site joined and keep its announced settings."""
+def check_job_consistency(start: pb.RoundStart, job: pb.JobInfo, run_id: str, model_digest: bytes) -> None:
+    """The round must belong to the job this site joined, keep its announced settings, and bind its terms
+    (``model_digest``: the site's own name for the model it loaded) into its secure-aggregation session."""
     if start.run_id != run_id:
         raise PolicyViolation("run_id", f"the round is for run {start.run_id!r}; this site joined {run_id!r}")
     if (start.dp.mode or "none") != (job.dp_mode or "none"):
@@ -88,7 +89,7 @@ def check_job_consistency(start: pb.RoundStart, job: pb.JobInfo, run_id: str) ->
     if bool(start.secagg.active_adversary) != bool(job.active_adversary):
         raise PolicyViolation("secagg.active_adversary", "the round's adversary mode differs from the job's "
                               f"(job: {'active' if job.active_adversary else 'passive'})")
-    problem = binding_problem(start)
+    problem = binding_problem(start, model_digest)
     if problem is not None:
         raise PolicyViolation("secagg.context", problem)
     round_graph, job_graph = start.secagg.graph or "complete", job.secagg_graph or "complete"
@@ -280,7 +281,7 @@ def admit_round(policy: SitePolicy, job: pb.JobInfo, start: pb.RoundStart, *, ru
     """Check ``start`` before taking part (see the module docstring); raises :class:`PolicyViolation`.
 
     ``model_digest`` is the site's own digest of the round's model (never the server's field)."""
-    check_job_consistency(start, job, run_id)
+    check_job_consistency(start, job, run_id, model_digest)
     refusal = state.admission_refusal(run_id, int(start.round), policy.max_attempts_per_round,
                                       evaluation_only=start.purpose == pb.ROUND_PURPOSE_EVALUATE,
                                       max_evaluations_per_job=policy.max_evaluations_per_job)

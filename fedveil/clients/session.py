@@ -119,6 +119,8 @@ class Federation:
         self._sitting_out: tuple[int, bytes] = (0, b"")
         """(round, nonce) of the round attempt this client dropped out of without submitting."""
         self._closed = False
+        self._round_evaluations: dict[tuple[str, int], tuple[bytes, dict[str, float]]] = {}
+        """Per (run, round): the model this site evaluated (its digest) and the metrics, in memory only."""
 
     # -- public -------------------------------------------------------------------------------
 
@@ -373,6 +375,7 @@ class Federation:
             return None
         try:
             admission = participation.admit(self, start, model_digest(vector))
+            self._check_evaluation_left(start, admission)
         except PolicyViolation as err:
             log.warning("round %d (attempt %d): declined by this site's policy: %s", start.round, start.attempt, err)
             self._decline_attempt(start, f"policy: {err}", err.members if isinstance(err, CohortRefused) else (),
@@ -412,13 +415,37 @@ class Federation:
         wants_clear = start.training.evaluate_global_model and not start.encoding.evaluation.dimension \
             and self.policy.evaluation == "clear" and admission.evaluation_allowed
         evaluation_only = start.purpose == pb.ROUND_PURPOSE_EVALUATE
-        if (admission.evaluate or wants_clear) and self.options.evaluate is not None \
-                and self.state.evaluated(self.run_id, rnd.number, self.policy.max_evaluations_per_round) \
-                and (not evaluation_only
-                     or self.state.evaluated_for_job(self.run_id, self.policy.max_evaluations_per_job)):
-            rnd._metrics = self._run_evaluate()  # of the global model, before local training
-            rnd._eval_examples = float(rnd._metrics.get("examples", self.options.num_examples))
+        if (admission.evaluate or wants_clear) and self.options.evaluate is not None:
+            key = (start.run_id, rnd.number)
+            earlier = self._round_evaluations.get(key)
+            if earlier is not None and earlier[0] == admission.model_digest:
+                rnd._metrics = dict(earlier[1])  # the same model's answer again: nothing new, and never zeros
+            elif self.state.evaluated(self.run_id, rnd.number, self.policy.max_evaluations_per_round) \
+                    and (not evaluation_only
+                         or self.state.evaluated_for_job(self.run_id, self.policy.max_evaluations_per_job)):
+                rnd._metrics = self._run_evaluate()  # of the global model, before local training
+                self._round_evaluations[key] = (admission.model_digest, dict(rnd._metrics))
+            if rnd._metrics is not None:
+                rnd._eval_examples = float(rnd._metrics.get("examples", self.options.num_examples))
         return rnd
+
+    def _check_evaluation_left(self, start: pb.RoundStart, admission: Admission) -> None:
+        """A round that asks this site for secure evaluation sums gets real ones or a decline, never zeros.
+
+        Zeros were what a site whose ``max_evaluations_per_round`` was spent added in a later attempt of
+        the round: a server that spent the others' evaluations in an attempt without the victim (then
+        aborted it) had the victim's metrics alone in the next attempt's "secure" sum (review of
+        2026-12-07). A later attempt over the model already evaluated gets that answer again."""
+        if not admission.evaluate or self.options.evaluate is None:
+            return
+        number, limit, run_id = int(start.round), self.policy.max_evaluations_per_round, start.run_id
+        earlier = self._round_evaluations.get((run_id, number))
+        if earlier is not None and earlier[0] == admission.model_digest:
+            return
+        if not self.state.evaluations_left(run_id, number, limit):
+            raise PolicyViolation("max_evaluations_per_round", f"round {number}: this site already evaluated "
+                                  f"{limit} model(s) in this round and cannot answer for another one; adding "
+                                  "zeros instead would leave the other sites' sums alone in the secure total")
 
     def _report_metrics(self, model_version: int, metrics: dict[str, float],
                         spend: pb.LocalPrivacySpend | None = None, num_examples: int = 0) -> None:

@@ -231,6 +231,11 @@ class SiteState:
         self.record(run_id, round_number).attempts += 1
         self.save()
 
+    def evaluations_left(self, run_id: str, round_number: int, limit: int) -> bool:
+        """Whether this site may evaluate another model in ``round_number`` (nothing counted)."""
+        rec = self.rounds.get(run_id, {}).get(round_number)
+        return (rec.evaluations if rec is not None else 0) < limit
+
     def evaluated(self, run_id: str, round_number: int, limit: int) -> bool:
         """Count an evaluation of a received model; False (and nothing counted) over ``limit``."""
         rec = self.record(run_id, round_number)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedveil.protocol import fedveil_pb2 as pb
-from fedveil.protocol.codec import model_message
+from fedveil.protocol.codec import model_digest, model_message
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,9 @@ class PublishedModel:
     """What ``RoundStart.model`` / ``Evaluate.model`` carry (with ``data`` only when delivered inline)."""
     data: bytes
     """The model's bytes (float32, little-endian), as ``FetchModel`` serves them."""
+    digest: bytes
+    """:func:`fedveil.protocol.codec.model_digest` of those values: the name each site computes for
+    the model it loads, which the round's secure-aggregation context binds."""
 
 
 class ModelDelivery:
@@ -60,5 +63,6 @@ class ModelDelivery:
                 inline = self.inline or full.size_bytes <= self.inline_up_to_bytes
                 announced = full if inline else pb.Model(
                     version=full.version, tensors=full.tensors, sha256=full.sha256, size_bytes=full.size_bytes)
-                self._current = PublishedModel(version, announced, full.data)
+                self._current = PublishedModel(version, announced, full.data,
+                                               model_digest(np.frombuffer(full.data, dtype="<f4")))
             return self._current

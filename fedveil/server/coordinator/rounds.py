@@ -15,7 +15,7 @@ import numpy as np
 from fedveil.dp.ledger import BudgetExceededError
 from fedveil.protocol import ROUND_NONCE_BYTES
 from fedveil.protocol import fedveil_pb2 as pb
-from fedveil.protocol.binding import bound_context
+from fedveil.protocol.binding import bound_context, round_terms
 from fedveil.secagg import messages as sa
 from fedveil.secagg.beacon import BeaconCollector
 from fedveil.secagg.config import SecAggConfig
@@ -165,17 +165,21 @@ class RoundDriverMixin(CoordinatorBase):
                 max_corrupt_fraction=sc.max_corrupt_fraction,
             ),
             dp=plan.dp,
-            training=pb.TrainingParams(
-                local_epochs=cfg.training.local_epochs or self.task.local_epochs,
-                learning_rate=cfg.training.learning_rate or self.task.learning_rate,
-                batch_size=cfg.training.batch_size or self.task.batch_size,
-                evaluate_global_model=cfg.evaluation.each_round and self._evaluation_mode == "clear",
-                seed=round_seed(self.seed, rnd.number),
-            ),
+            training=self._training_params(rnd.number),
             deadline_unix_ms=int(rnd.deadline_wall * 1000),
             stage_timeout_ms=int(cfg.schedule.stage_timeout * 1000),
             attempt=rnd.attempt,
             purpose=rnd.purpose,  # type: ignore[arg-type]
+        )
+
+    def _training_params(self, number: int) -> pb.TrainingParams:
+        cfg = self.config
+        return pb.TrainingParams(
+            local_epochs=cfg.training.local_epochs or self.task.local_epochs,
+            learning_rate=cfg.training.learning_rate or self.task.learning_rate,
+            batch_size=cfg.training.batch_size or self.task.batch_size,
+            evaluate_global_model=cfg.evaluation.each_round and self._evaluation_mode == "clear",
+            seed=round_seed(self.seed, number),
         )
 
     def _wait_until(self, predicate: Callable[[], bool], deadline: float | None) -> bool:
@@ -276,7 +280,10 @@ class RoundDriverMixin(CoordinatorBase):
         sconfig = SecAggConfig(
             num_clients=len(chosen), threshold=t, vector_length=plan.dimension, round_id=round_id,
             ring_bits=plan.ring_bits, graph=spec, active=cfg.secagg.active_adversary, identity_keys=identity_keys,
-            context=bound_context(context, plan.dp, plan.encoding),  # sites shown other DP parameters: no session
+            # sites shown another model, other training settings or DP parameters derive another session
+            context=bound_context(context, round_terms(number, purpose, plan.dp, plan.encoding,
+                                                       self._training_params(number)),
+                                  self._published_model().digest),
             max_corrupt_fraction=cfg.secagg.max_corrupt_fraction,
             # a placeholder until the cohort's commit-then-reveal seed is known (REVEAL closes)
             graph_seed=bytes(32),

@@ -1,0 +1,96 @@
+"""A server that spends the other sites' per-round evaluations in an attempt without the victim, so
+that the next attempt's "secure" evaluation sum holds the victim's metrics alone.
+
+Found by the adversarial review of 2026-12-07. Attempt 1 draws the cohort without the victim: the
+others agree the graph seed, evaluate (spending ``max_evaluations_per_round``, default 1) and
+train, and the server drops their key advertisements, so nothing is released and no retry rule
+fires. Attempt 2 draws everyone. The others used to add zeros to the evaluation section (their cap
+was spent) beside their real updates, so the released sum was exactly the victim's loss, accuracy
+and example count: with a crafted model, a counting query on its records. Now a site asked for
+evaluation sums either answers again for the model it already evaluated in the round (the same
+answer, nothing new) or declines the attempt; it never adds zeros.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from fedveil.protocol import fedveil_pb2 as pb
+from fedveil.server.coordinator import Coordinator
+from fedveil.task import vector_to_model
+from fedveil.tasks.synthetic import task as synthetic
+from tests.attack_helpers import Consortium, RecordingCoordinator, job_config, run_job, turnkey
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+NAMES = [f"site-{i}" for i in range(4)]
+VICTIM = "site-0"
+
+
+class Isolating(RecordingCoordinator):
+    """The real coordinator, but attempt 1 of round 1 is drawn without the victim; records releases."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.initial = self.model.params.copy()
+        self.attempts = 0
+
+    def _run_round(self, number: int, available: list[str], purpose: int = pb.ROUND_PURPOSE_TRAIN) -> str:
+        self.attempts += 1
+        if number == 1 and self.attempts == 1:
+            available = [name for name in available if name != VICTIM]
+        return super()._run_round(number, available, purpose)
+
+
+class DropsFirstAttemptKeys:
+    """Forwards every RPC, but swallows the key advertisements of attempt 1: it ends with nothing released."""
+
+    def __init__(self, coordinator: Isolating, swallow: bool) -> None:
+        self.coordinator, self.swallow = coordinator, swallow
+
+    def __getattr__(self, rpc: str) -> Any:
+        return getattr(self.coordinator, rpc)
+
+    def advertise_keys(self, caller: str, request: pb.AdvertiseKeysRequest) -> pb.Ack:
+        if self.swallow and self.coordinator.attempts == 1:
+            return pb.Ack(round=request.header.round)
+        return self.coordinator.advertise_keys(caller, request)
+
+
+@pytest.mark.parametrize("attack", [False, True])
+def test_a_later_attempt_never_leaves_one_sites_evaluation_alone(tmp_path: Path, attack: bool) -> None:
+    consortium = Consortium.create(NAMES)
+    holder: dict[str, Isolating] = {}
+
+    def front(coordinator: Coordinator) -> DropsFirstAttemptKeys:
+        assert isinstance(coordinator, Isolating)
+        holder["c"] = coordinator
+        return DropsFirstAttemptKeys(coordinator, swallow=attack)
+
+    sites = [turnkey(synthetic, n, i, consortium) for i, n in enumerate(NAMES)]
+    config = job_config(rounds=1, min_clients=3, evaluate=True, stage_timeout=3.0, round_timeout=20.0,
+                        max_round_attempts=3, cohort_wait=1.0)
+    summary, results, errors = run_job(tmp_path, config, synthetic, sites, service=front,
+                                       coordinator_cls=Isolating)
+    assert not errors
+    coordinator = holder["c"]
+    model = synthetic.build_model()
+    vector_to_model(coordinator.initial.astype("float32"), model)
+    victim_data = synthetic.synthetic_data(0, 4, 3)
+    with torch.no_grad():
+        victim = synthetic.evaluate(model, victim_data)
+    if not attack:  # the control: attempt 1 (without the victim) releases the other three's sums
+        assert summary.completed_rounds == 1 and len(coordinator.applied) == 1
+        return
+    released = [a.evaluation for a in coordinator.applied if a.evaluation]
+    for metrics, examples in released:  # whatever was released covers more than the victim's records
+        assert examples > victim["examples"] + 1e-6
+        assert abs(metrics["accuracy"] - victim["accuracy"]) > 1e-6 or abs(metrics["loss"] - victim["loss"]) > 1e-6
+    if released:  # the others answered attempt 2 again for the model they evaluated in attempt 1
+        assert released[-1][1] == pytest.approx(sum(len(synthetic.synthetic_data(i, 4, 3)) for i in range(4)))
+    histories = {fed.client_name: history for fed, history in (r for r in results if r is not None)}
+    assert all(outcome.outcome != "declined" or "max_evaluations_per_round" in outcome.reason
+               for name, history in histories.items() for outcome in history if name != VICTIM)
