@@ -79,7 +79,7 @@ def test_poisson_matches_its_pmf(mean: float) -> None:
     assert chi_square_pvalue(samples, stats.poisson(mean), last) > FAIL_PROB
 
 
-@pytest.mark.parametrize("mean", [1e12, 1e15, 1e18])
+@pytest.mark.parametrize("mean", [1e9, 1e12, 2.0**40])
 def test_poisson_keeps_its_mean_and_variance_for_huge_means(mean: float) -> None:
     """Where ``k log λ − log k!`` cancels in float64, the Stirling form keeps the acceptance exact."""
     samples = SecureRandom(KEY).poisson(mean, 200_000).astype(np.float64)
@@ -106,7 +106,7 @@ def test_geometric_matches_its_pmf(p: float) -> None:
 @pytest.mark.parametrize(("call", "match"), [
     (lambda r: r.poisson(-1.0, 3), "lam"),
     (lambda r: r.poisson(math.nan, 3), "lam"),
-    (lambda r: r.poisson(2e18, 3), "lam"),
+    (lambda r: r.poisson(2.0**40 * 1.01, 3), "lam"),
     (lambda r: r.geometric(0.0, 3), "p must"),
     (lambda r: r.geometric(1.5, 3), "p must"),
     (lambda r: r.random((2, -1)), "size"),
@@ -162,3 +162,27 @@ def test_a_sites_noise_share_comes_from_its_aes_ctr_stream(mechanism: str) -> No
     # another attempt's seed, another noise share
     other = prepare_distributed_update(delta, start, rounding_seed=rounding_seed, noise_seed=bytes(32))
     assert not np.array_equal(prepared.ring_vector, other.ring_vector)
+
+
+@pytest.mark.parametrize("mechanism", ["skellam", "ddg"])
+def test_noise_at_the_cap_reaches_every_residue(mechanism: str) -> None:
+    """The review's lattice: at a Poisson mean of 5.6e17 every Skellam draw was a multiple of 32, so the sum's
+    low bits carried the update untouched. At the largest noise a config allows, the draws' differences have
+    no common factor and the low five bits are uniform."""
+    from fedveil.dp.discrete_noise import MAX_LOCAL_STDDEV, sample_discrete_gaussian, sample_skellam
+
+    rng = SecureRandom(KEY)
+    draws = (sample_skellam(rng, MAX_LOCAL_STDDEV**2, 40_000) if mechanism == "skellam"
+             else sample_discrete_gaussian(rng, MAX_LOCAL_STDDEV, 40_000))
+    assert int(np.gcd.reduce(np.abs(draws - draws[0]))) == 1
+    residues = np.bincount(draws % 32, minlength=32)
+    assert stats.chisquare(residues).pvalue > FAIL_PROB
+    with pytest.raises(ValueError, match="too large"):
+        sample_skellam(rng, (MAX_LOCAL_STDDEV * 1.01) ** 2, 3)
+    with pytest.raises(ValueError, match="too large"):
+        sample_discrete_gaussian(rng, MAX_LOCAL_STDDEV * 1.01, 3)
+
+
+def test_a_config_whose_noise_cannot_be_sampled_exactly_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"local_stddev .* above 2\^20"):
+        derive_parameters(8, 1000, 1.0, mechanism="skellam", bits=34, noise_multiplier=6.0)

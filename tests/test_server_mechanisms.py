@@ -96,3 +96,13 @@ def test_central_takes_adaptive_clipping_and_amplification_with_rdp() -> None:
                         np.zeros(DIM, dtype=np.float32), seed=1)
     plan = model.plan(1, 4, 3, b"ctx")
     assert plan.dp.adaptive_clipping and list(plan.encoding.extra_coordinates) == ["unclipped"]
+
+
+def test_distributed_bits_whose_noise_cannot_be_sampled_exactly_are_refused_naming_the_flag() -> None:
+    """At 40 bits a site's noise share would be 6.8e10: float64 samplers lose its low bits (review of 2026-12-07)."""
+    from fedveil.server.coordinator.state import JobError
+
+    model = GlobalModel(config("distributed", dp_bits=40, dp_noise_multiplier=6.0), np.zeros(DIM), seed=1)
+    with pytest.raises(JobError, match=r"above 2\^20") as err:
+        model.plan(1, 4, 3, b"ctx")
+    assert err.value.field == "dp_bits"

@@ -23,8 +23,15 @@ DEFAULT_BETA: Final[float] = math.exp(-0.5)
 MIN_BITS: Final[int] = 2
 #: float64 keeps at least 8 fractional bits below 2^45, so randomized rounding stays unbiased.
 MAX_BITS: Final[int] = 48
-#: numpy's Poisson sampler is exact up to about this mean; Skellam shares need 2 Poisson draws.
-_MAX_POISSON_MEAN: Final[float] = 1e18
+#: The largest noise share's standard deviation (integer units), for both mechanisms. The samplers
+#: work in float64, which holds every integer only below 2^53: a Poisson mean of 5.6e17 (bits=34)
+#: made every Skellam draw a multiple of 32, so the noise left the sum's low bits untouched and a
+#: server read the victim's update from them (review of 2026-12-07). At 2^20 a Skellam share's
+#: Poisson mean is at most 2^39 and a discrete-Gaussian proposal below about 2^26, so the float64
+#: proposals keep at least 13 fractional bits: each draw's distribution is exact but for a mass of
+#: at most 2^-13 moved between neighbouring integers. Fewer bits keep the noise below the cap.
+MAX_LOCAL_STDDEV: Final[float] = 2.0**20
+_MAX_POISSON_MEAN: Final[float] = MAX_LOCAL_STDDEV**2 / 2.0
 _MAX_ROUNDING_TRIES: Final[int] = 1000
 
 
@@ -104,7 +111,8 @@ def sample_skellam(rng: RandomSource, variance: float, shape: int | tuple[int, .
         return np.zeros(shape, dtype=np.int64)
     mean = var / 2.0
     if mean > _MAX_POISSON_MEAN:
-        raise ValueError(f"variance {variance!r} is too large for exact Poisson sampling (mean must be ≤ 1e18)")
+        raise ValueError(f"variance {variance!r} is too large for exact Skellam sampling (at most "
+                         f"{2.0 * _MAX_POISSON_MEAN:.6g}, a standard deviation of 2^20)")
     return rng.poisson(mean, size=shape).astype(np.int64) - rng.poisson(mean, size=shape).astype(np.int64)
 
 
@@ -119,6 +127,8 @@ def sample_discrete_gaussian(
     ``exp(−(|Y| − σ^2/t)^2 / (2σ^2))``.  Rejection runs in vectorized rounds.
     """
     s = non_negative("sigma", sigma)
+    if s > MAX_LOCAL_STDDEV:
+        raise ValueError(f"sigma {sigma!r} is too large for exact discrete-Gaussian sampling (at most 2^20)")
     out_shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
     total = int(np.prod(out_shape)) if out_shape else 1
     out = np.zeros(total, dtype=np.int64)

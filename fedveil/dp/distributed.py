@@ -105,10 +105,10 @@ from numpy.typing import ArrayLike, NDArray
 from fedveil.dp._checks import non_negative, positive
 from fedveil.dp.accounting import DEFAULT_ORDERS, RdpCurveEvent, check_delta, rdp_to_epsilon
 from fedveil.dp.discrete_noise import (  # noqa: F401 (re-exported: this module is the distributed-DP API)
-    _MAX_POISSON_MEAN,
     _MAX_ROUNDING_TRIES,
     DEFAULT_BETA,
     MAX_BITS,
+    MAX_LOCAL_STDDEV,
     MECHANISMS,
     MIN_BITS,
     Mechanism,
@@ -192,9 +192,10 @@ class DistributedDPConfig:
         non_negative("local_stddev", self.local_stddev)
         _check_beta(self.beta)
         positive("k_stddevs", self.k_stddevs)
-        if self.mechanism == "skellam" and self.local_stddev**2 / 2.0 > _MAX_POISSON_MEAN:
+        if self.local_stddev > MAX_LOCAL_STDDEV:  # float64 samplers stay exact below it (discrete_noise)
             raise ValueError(
-                f"local_stddev {self.local_stddev:g} is too large for exact Skellam sampling; use fewer bits"
+                f"local_stddev {self.local_stddev:g} is above 2^20, beyond which the noise cannot be sampled "
+                "exactly; use fewer bits"
             )
         if self.scale * self.clip_norm + math.sqrt(self.padded_dim) >= 2.0**MAX_BITS:
             raise ValueError(f"scale {self.scale:g} puts clipped coordinates beyond 2^{MAX_BITS}")

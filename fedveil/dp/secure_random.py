@@ -16,7 +16,9 @@ Samplers, vectorized (loops run over rejection rounds, never over elements):
 - ``poisson``: inversion of the cumulative table below a mean of 10; above it the transformed
   rejection PTRS (Hörmann 1993, "The transformed rejection method for generating Poisson random
   variables"), the algorithm numpy uses, with the acceptance test in a Stirling form that keeps
-  its precision for means up to 10¹⁸ (``k log λ − log k!`` cancels in float64 beyond about 10¹²).
+  its precision for large means (``k log λ − log k!`` cancels in float64 beyond about 10¹²). Means
+  are capped at 2⁴⁰: float64 holds every integer only below 2⁵³, and above the cap the proposal
+  loses its fraction (at 2⁵⁵ every draw would be a multiple of 4).
 
 Uniforms of 53 bits cut off tails of probability below 2⁻⁵³, far below any δ a job uses.
 Pure module: no I/O; the caller supplies the key.
@@ -44,6 +46,8 @@ _TABLE_LENGTH: Final[int] = 80
 #: Above this k the acceptance test uses Stirling's series for log k! (error below 10⁻¹²).
 _STIRLING_MIN_K: Final[float] = 15.0
 _HALF_LOG_2PI: Final[float] = 0.5 * math.log(2.0 * math.pi)
+#: The largest Poisson mean: its float64 proposals keep 12 fractional bits.
+_MAX_MEAN: Final[float] = 2.0**40
 
 
 def _count(shape: Shape) -> tuple[tuple[int, ...], int]:
@@ -101,10 +105,10 @@ class SecureRandom:
         return np.maximum(draws, 1.0).astype(np.int64).reshape(dims)
 
     def poisson(self, lam: float, size: Shape) -> NDArray[np.int64]:
-        """Poisson with mean ``lam`` (finite, 0 ≤ lam ≤ 10¹⁸)."""
+        """Poisson with mean ``lam`` (finite, 0 ≤ lam ≤ 2⁴⁰)."""
         mean = float(lam)
-        if not math.isfinite(mean) or not 0.0 <= mean <= 1e18:
-            raise ValueError(f"lam must be a finite number in [0, 1e18] (got {lam!r})")
+        if not math.isfinite(mean) or not 0.0 <= mean <= _MAX_MEAN:
+            raise ValueError(f"lam must be a finite number in [0, 2^40] (got {lam!r})")
         dims, count = _count(size)
         if mean == 0.0 or count == 0:
             return np.zeros(dims, dtype=np.int64)

@@ -31,8 +31,13 @@ class DistributedDP(PrivacyMechanism):
              state: DPFedAvg | None) -> RoundPlan:
         cfg = self.config
         privacy = cfg.privacy
-        dist = derive_parameters(cohort_size, self.dim, privacy.clip, mechanism=privacy.mechanism, bits=privacy.bits,
-                                 noise_multiplier=privacy.noise_multiplier)
+        try:
+            dist = derive_parameters(cohort_size, self.dim, privacy.clip, mechanism=privacy.mechanism,
+                                     bits=privacy.bits, noise_multiplier=privacy.noise_multiplier)
+        except ValueError as err:  # e.g. a noise share too large to sample exactly at these bits
+            from fedveil.server.coordinator.state import JobError  # the coordinator imports this module
+
+            raise JobError(f"{err} (a cohort of {cohort_size}, {self.dim} weights)", field="dp_bits") from None
         rotation = derive_rotation_seed(context + struct.pack("<I", round_number))
         dp = pb.DpParams(mode=self.mode, update_clip_norm=cfg.privacy.clip)
         dp.distributed.CopyFrom(pb.DistributedDpParams(
