@@ -167,6 +167,17 @@ class ModelSpec:
             return np.zeros(0, dtype=np.float32)
         return np.concatenate(parts).astype(np.float32, copy=False)
 
+    def trainable_mask(self, model: nn.Module) -> np.ndarray:
+        """Which entries of the flat vector are ``model``'s trainable parameters (True), as opposed to
+        float buffers (BatchNorm's running statistics) and frozen parameters."""
+        trainable = {p.data_ptr() for p in model.parameters() if p.requires_grad}
+        state = model.state_dict()
+        canonical = canonical_names(state)
+        names = {canonical[plain_name(k)] for k, v in state.items()
+                 if v.is_floating_point() and v.numel() and v.data_ptr() in trainable}
+        return np.concatenate([np.full(t.numel, t.name in names) for t in self.tensors]) if self.tensors \
+            else np.zeros(0, dtype=bool)
+
     def load(self, vector: np.ndarray, model: nn.Module) -> nn.Module:
         """Load a flat vector in this spec's order into ``model`` by name, in place; returns ``model``."""
         flat = np.asarray(vector)

@@ -151,6 +151,22 @@ def _wait_for(federation: Federation, kind: str, round_number: int) -> pb.PollRe
         log.debug("ignoring a stale %s instruction while waiting for %s", got, kind)
 
 
+def only_dp_trained(local: np.ndarray, global_vector: np.ndarray, trainable: np.ndarray) -> np.ndarray:
+    """Under local DP only the parameters DP-SGD trained may leave changed: every other federated entry
+    (a float buffer such as running statistics, a frozen parameter) goes back to the global model's
+    value, since no per-example clipping or noise covered it (review of 2026-12-07: a BatchNorm without
+    weights sent its exact batch means)."""
+    if trainable.all():
+        return local
+    untrained = ~trainable
+    if not np.array_equal(local[untrained], global_vector[untrained]):
+        log.warning("local DP: %d model value(s) outside the trained parameters changed in training (running "
+                    "statistics?); they are sent unchanged, as no DP-SGD noise covers them", int(untrained.sum()))
+    out = local.copy()
+    out[untrained] = global_vector[untrained]
+    return out
+
+
 def evaluation_section(start: pb.RoundStart, metrics: dict[str, float] | None, examples: float,
                        dtype: np.dtype) -> np.ndarray:
     """This site's evaluation sums for the round's layout (zeros when it does not evaluate)."""
@@ -283,7 +299,8 @@ def finish_round(fed: Federation, rnd: Round, trained: nn.Module | None, num_exa
     if trained is not None:
         spend = None
         if rnd._privatized is not None:
-            local = fed._account_local_dp(rnd, trained)
+            local = only_dp_trained(fed._account_local_dp(rnd, trained), rnd.global_vector,
+                                    fed.spec.trainable_mask(trained))
             spend = fed.local_privacy
         else:
             local = fed.spec.vector(trained)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from opacus.validators import ModuleValidator
 from opacus.validators.errors import UnsupportedModuleError
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from fedveil.errors import FedveilError
 
@@ -47,7 +48,12 @@ def dp_layer_problems(model: nn.Module) -> list[LayerProblem]:
     problems = []
     for path, module in model.named_modules():
         validator = ModuleValidator.VALIDATORS.get(type(module))
-        if validator is None or not any(p.requires_grad for p in module.parameters(recurse=False)):
+        if validator is None:
+            continue
+        # A frozen layer that treats each example alone is fine; a batch norm never is, trainable or not:
+        # its output mixes the batch's examples (per-example clipping no longer bounds one example's
+        # influence) and its running statistics are un-noised averages of the data (review of 2026-12-07).
+        if not isinstance(module, _BatchNorm) and not any(p.requires_grad for p in module.parameters(recurse=False)):
             continue
         for error in validator(module):
             problems.append(LayerProblem(_plain_path(path), type(module).__name__, _first_sentence(error)))
