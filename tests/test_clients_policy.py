@@ -243,6 +243,33 @@ def test_a_corrupt_state_file_is_an_error_naming_the_file(tmp_path: Path) -> Non
         SiteState.open(path)
 
 
+def test_one_client_process_per_state_file(tmp_path: Path) -> None:
+    """Two processes on one state file each kept their own copy: two jobs at ε 2.84 passed a lifetime cap
+    of 3.2 and the file kept one of them (review of 2026-12-07). A writer holds the file for its process;
+    a second process is refused naming the file, while readers (budget report) and this process may open it."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "site.json"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from fedveil.clients.site_state import SiteState; "
+         f"SiteState.open(Path({str(path)!r}), exclusive=True); print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(SiteStateError, match="in use by another client process") as err:
+            SiteState.open(path, exclusive=True)
+        assert err.value.field == "state" and "site.json" in str(err.value)
+        SiteState.open(path)  # a reader
+    finally:
+        holder.kill()
+        holder.wait()
+    first = SiteState.open(path, exclusive=True)  # free again once the other process is gone
+    first.pin_job("run", 3)
+    assert SiteState.open(path, exclusive=True).jobs["run"].total_rounds == 3  # the same process: no second lock
+
+
 def test_a_site_evaluates_received_models_a_bounded_number_of_times_per_round(tmp_path: Path) -> None:
     state = SiteState.open(tmp_path / "s.json")
     assert state.evaluated("run", 3, 1) is True

@@ -92,7 +92,7 @@ class Federation:
         self.model = model
         self.options = options or ClientOptions()
         self.policy = self.options.policy if self.options.policy is not None else SitePolicy()
-        self.state = SiteState.open(self.options.state_path)
+        self.state = SiteState.open(self.options.state_path, exclusive=True)
         shared = self.options.verified_credentials
         self.verified_credentials: set[bytes] = shared if shared is not None else set()
         self.verified_credentials.update(self.policy.roster_marks)

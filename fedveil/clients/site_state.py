@@ -48,6 +48,7 @@ import json
 import math
 import os
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,44 @@ class Release:
     note: str = ""
 
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no lock between processes
+    fcntl = None  # type: ignore[assignment]
+
+_HELD: dict[Path, int] = {}
+"""State files this process holds (resolved path → the open, locked lock file), for its lifetime."""
+_HELD_GUARD = threading.Lock()
+
+
+def hold_exclusively(path: Path) -> None:
+    """One process per state file. Each client keeps the file in memory and rewrites it whole, so a
+    second process on the same file would overwrite the first's records and check the lifetime and
+    user-level caps against its own copy: two jobs at ε 2.84 each passed a cap of 3.2, and the file
+    then held one of them (review of 2026-12-07). The lock (``.<name>.lock`` beside the file) lasts as
+    long as the process; opening the file again in the same process needs no second lock."""
+    if fcntl is None:  # pragma: no cover
+        return
+    key = path.resolve()
+    with _HELD_GUARD:
+        if key in _HELD:
+            return
+        lock = key.with_name(f".{key.name}.lock")
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as err:
+            raise SiteStateError(f"site state {str(path)!r}: its lock file {str(lock)!r} cannot be opened "
+                                 f"({err.strerror})", field="state") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise SiteStateError(f"site state {str(path)!r} is in use by another client process: run one client "
+                                 "per state file at a time (a second one would overwrite the first's ledger and "
+                                 "check the privacy caps against a stale copy)", field="state") from None
+        _HELD[key] = fd
+
+
 @dataclass
 class SiteState:
     """Attempts, releases and the site's own user-level ledger for the runs it joined."""
@@ -112,8 +151,12 @@ class SiteState:
 
     # -- loading and saving -------------------------------------------------------------------
     @classmethod
-    def open(cls, path: Path | None, *, delta: float = 1e-5) -> SiteState:
-        """The state at ``path`` (created on first save), or an in-memory state for ``None``."""
+    def open(cls, path: Path | None, *, delta: float = 1e-5, exclusive: bool = False) -> SiteState:
+        """The state at ``path`` (created on first save), or an in-memory state for ``None``.
+        ``exclusive``: a client that will write it holds it for this process (:func:`hold_exclusively`);
+        readers such as ``fedveil budget report`` do not."""
+        if exclusive and path is not None:
+            hold_exclusively(path)
         state = cls(path=path, delta=delta)
         state.ledger = PrivacyLedger(LedgerConfig(accountant="rdp", federation_delta=delta, client_delta=delta))
         if path is None or not path.exists():

@@ -111,6 +111,7 @@ def client_command(
     )
     from fedveil.clients.backoff import BackoffPolicy
     from fedveil.clients.options import AuthenticationError, ClientError
+    from fedveil.clients.site_state import SiteStateError
     from fedveil.clients.update import RoundConfigError
     from fedveil.protocol.auth import parse_token
     from fedveil.protocol.errors import ProtocolError, Unauthenticated
@@ -214,6 +215,8 @@ def client_command(
         )
     except TlsConfigError as err:
         fail_from(err, "--ca-cert")
+    except SiteStateError as err:
+        fail("--state", str(err))
     try:
         history = run_client(federation, task, dataset)
     except AuthenticationError as err:
