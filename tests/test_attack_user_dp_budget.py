@@ -174,3 +174,38 @@ def test_a_site_whose_local_dp_budget_is_spent_is_not_drawn_again(tmp_path: Path
     assert summary.to_dict()["out_of_budget"] == summary.out_of_budget
     _print_summary(summary.to_dict(), as_json=False)  # what `fedveil server` prints at the end
     assert f"out of its own privacy budget, not drawn again: {VICTIM}" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dp", ["distributed", "central"])
+def test_clear_metrics_never_leave_under_user_level_dp(tmp_path: Path, dp: str) -> None:
+    """Review of 2026-12-07: a server that turned per-site clear evaluation back on under user-level DP got
+    the victim's exact loss, accuracy and example count each round (a counting query with a crafted
+    model), while its ledger showed a finite user-level ε. Now a site never evaluates under user-level DP,
+    whatever the server asks and whatever its own evaluation policy says."""
+    from fedveil.server.coordinator import Coordinator
+    from tests.attack_helpers import TamperingServer
+
+    class AsksForClearMetrics(Coordinator):
+        @property
+        def _evaluation_mode(self) -> str:
+            return "clear"  # the honest server turns evaluation off under user-level DP
+
+    consortium = Consortium.create(NAMES)
+    spy: dict[str, TamperingServer] = {}
+
+    def front(coordinator: Coordinator) -> TamperingServer:
+        spy["s"] = TamperingServer(coordinator, VICTIM)  # records what the victim sends
+        return spy["s"]
+
+    trust = {"trust_server": True} if dp == "central" else {}
+    victim = turnkey(synthetic, VICTIM, 0, consortium, policy=consortium.policy(evaluation="clear", **trust))
+    sites = [victim, *(turnkey(synthetic, n, i, consortium) for i, n in enumerate(NAMES) if n != VICTIM)]
+    config = job_config(rounds=1, dp=dp, dp_clip=1.0, dp_noise_multiplier=3.0, evaluate=True, min_clients=3,
+                        stage_timeout=20.0, round_timeout=60.0, cohort_wait=ALL_JOIN_WAIT)
+    summary, results, errors = run_job(tmp_path, config, synthetic, sites, service=front,
+                                       coordinator_cls=AsksForClearMetrics)
+    assert not errors and summary.completed_rounds == 1
+    assert [h.outcome for h in results[0][1]] == ["completed"]
+    reports = spy["s"].sent.named("report_metrics")
+    assert all(not r.metrics for r in reports), [(m.name, m.value) for r in reports for m in r.metrics]

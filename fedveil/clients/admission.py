@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedveil.clients.mechanisms import ClientMechanism, MechanismTerms, client_mechanism
+from fedveil.clients.mechanisms import CLIENT_MECHANISMS, ClientMechanism, MechanismTerms, client_mechanism
 from fedveil.clients.policy import PolicyViolation, SitePolicy, UserBudgetExceeded, check_training
 from fedveil.clients.site_state import SiteState
 from fedveil.clients.update import AttemptRandomness, PreparedUpdate
@@ -362,8 +362,14 @@ def evaluation_refusal(policy: SitePolicy, dp_mode: str) -> str | None:
     Local DP-SGD accounts for training only: each evaluation of a model the server chose is an
     un-noised query on the site's records (with a crafted model and a replayed round, an exact
     count), so the ε the site reports would not hold. Under local DP a site therefore evaluates
-    only when its policy opts in (``evaluate_under_local_dp``), knowing its ε does not cover it."""
+    only when its policy opts in (``evaluate_under_local_dp``), knowing its ε does not cover it.
+    Under user-level DP (central, distributed) it never does: an honest server turns evaluation off."""
     if dp_mode == "local" and not policy.evaluate_under_local_dp:
         return ("local DP-SGD's ε does not cover evaluation on this site's records, and this site's policy does not "
                 "opt in to evaluating anyway (evaluate_under_local_dp)")
+    mechanism = CLIENT_MECHANISMS.get(dp_mode or "none")
+    if mechanism is not None and mechanism.user_level:
+        # Sums over the round's user-level noise are refused at admission; clear per-site metrics would
+        # leave with no noise and no entry in the ledger (review of 2026-12-07)
+        return f"user-level DP ({dp_mode}) does not cover metrics of this site's records, which would leave un-noised"
     return None
