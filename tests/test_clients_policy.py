@@ -19,6 +19,7 @@ from fedveil.clients.privacy import SitePrivacy
 from fedveil.clients.site_state import Release, SiteState, SiteStateError
 from fedveil.dp.accounting import RDPAccountant, SubsampledGaussianEvent
 from fedveil.dp.distributed import derive_parameters
+from fedveil.dp.ledger import FEDERATION
 from fedveil.protocol import fedveil_pb2 as pb
 
 KEY = bytes(range(32))
@@ -191,6 +192,27 @@ def test_budget_report_reads_a_site_state_file(tmp_path: Path, capsys: pytest.Ca
     path.write_text(json.dumps({"format": "fedveil.site_state", "version": 99}))
     assert main(["budget", "report", str(path)]) == 2
     assert "error: LEDGER:" in capsys.readouterr().err
+
+
+def test_no_format_of_a_site_report_shows_a_finite_epsilon_after_an_unprotected_release(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Review of 2026-12-07: with one protected and one unprotected release, Markdown printed only the
+    ledger's finite ε and JSON's federation_epsilon was that figure; the site's true user-level ε is ∞."""
+    path = tmp_path / "site.json"
+    state = SiteState.open(path)
+    state.sent_masked_input(Release("run", 1, 1, "distributed", True), SubsampledGaussianEvent(1.0, 2.0), {})
+    state.sent_masked_input(Release("run", 2, 1, "central", False, "the server adds the noise"), None, {})
+    protected = state.ledger.epsilon(FEDERATION)
+    assert main(["budget", "report", str(path), "--format", "json"]) == 0
+    payload = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert payload["federation_epsilon"] is None and payload["federation_epsilon_infinite"] is True
+    assert payload["federation_epsilon_protected_releases"] == pytest.approx(protected)
+    for extra in (["--format", "markdown"], ["--plot", str(tmp_path / "eps.png")]):
+        assert main(["budget", "report", str(path), *extra]) == 0
+        out = capsys.readouterr().out
+        assert "user level (the site's whole update), 2 release(s) recorded: ε = ∞" in out
+        assert "unprotected: round 2 attempt 1 (central): the server adds the noise" in out
 
 
 def test_budget_report_shows_what_a_policys_caps_over_every_job_still_allow(

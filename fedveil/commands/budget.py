@@ -177,11 +177,14 @@ def report_cmd(ledger_path: str, fmt: str, plot_path: str | None, run_id: str | 
     if policy_path is not None and site is None:
         fail("--policy", "only applies to a site's state file (fedveil client --state)")
     headroom = _policy_headroom(site, policy_path) if site is not None and policy_path is not None else []
-    if site is not None and fmt == "text" and plot_path is None:
-        from fedveil.clients.privacy import SitePrivacy
+    from fedveil.clients.privacy import SitePrivacy
 
-        click.echo(SitePrivacy.of(site, None, trust_server=False).report().replace(
-            "not trusting the server", "as recorded by the site"))
+    # A site's ledger holds its protected releases only; what the site can vouch for (∞ after an
+    # unprotected release) leads every format, so no form shows the ledger's finite ε alone.
+    own = SitePrivacy.of(site, None, trust_server=False) if site is not None else None
+    own_lines = own.report().replace("not trusting the server", "as recorded by the site") if own else ""
+    if own is not None and fmt == "text":
+        click.echo(own_lines)
         if policy_path is not None:
             click.echo(f"caps of {policy_path} over every job recorded:" if headroom
                        else f"{policy_path} sets no cap over every job (max_user_epsilon, max_lifetime_local_epsilon)")
@@ -203,15 +206,19 @@ def report_cmd(ledger_path: str, fmt: str, plot_path: str | None, run_id: str | 
         eprint(f"plot written to {plot_path}")
     if fmt == "json":
         payload = report_to_dict(report)
-        if site is not None:  # what the site itself can vouch for, as the text report's first lines
-            from fedveil.clients.privacy import SitePrivacy
-
-            payload["site"] = SitePrivacy.of(site, None, trust_server=False).to_dict()
+        if own is not None:  # what the site itself can vouch for, as the text report's first lines
+            payload["site"] = own.to_dict()
+            payload["federation_epsilon_protected_releases"] = payload["federation_epsilon"]
+            payload["federation_epsilon"] = payload["site"]["user_epsilon"]  # null when infinite:
+            payload["federation_epsilon_infinite"] = payload["site"]["user_epsilon_infinite"]
         if policy_path is not None:
             payload["site_policy_caps"] = {cap.setting: {"cap": cap.cap, "epsilon": finite_or_none(cap.epsilon),
                                                          "left": cap.left, "delta": cap.delta} for cap in headroom}
         print_json_last_line(payload)
     elif fmt == "markdown":
+        if own is not None:
+            head, *rest = own_lines.splitlines()
+            click.echo(f"**{head}**\n\n" + "\n".join(f"- {line.strip()}" for line in rest) + "\n")
         click.echo(render_markdown(report), nl=False)
     else:
         click.echo(render_text(report), nl=False)
