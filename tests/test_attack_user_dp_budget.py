@@ -209,3 +209,17 @@ def test_clear_metrics_never_leave_under_user_level_dp(tmp_path: Path, dp: str) 
     assert [h.outcome for h in results[0][1]] == ["completed"]
     reports = spy["s"].sent.named("report_metrics")
     assert all(not r.metrics for r in reports), [(m.name, m.value) for r in reports for m in r.metrics]
+
+
+@pytest.mark.parametrize("clip", [0.0, -1.0, math.nan])
+def test_a_trusting_site_refuses_central_dp_without_a_clip(clip: float) -> None:
+    """Review of 2026-12-07 (side note): with clip 0 a trusting site sent its update unclipped while its ledger
+    recorded a Gaussian event at z, which assumes the clip's sensitivity."""
+    from fedveil.clients.mechanisms.central import CentralDP
+
+    start = pb.RoundStart(dp=pb.DpParams(mode="central", noise_multiplier=1.0, update_clip_norm=clip))
+    with pytest.raises(PolicyViolation, match="update_clip_norm") as err:
+        CentralDP().dp_terms(SitePolicy(trust_server=True), start, honest=3)
+    assert err.value.field == "dp.update_clip_norm"
+    start.dp.update_clip_norm = 1.0
+    assert CentralDP().dp_terms(SitePolicy(trust_server=True), start, honest=3).guaranteed_event is not None

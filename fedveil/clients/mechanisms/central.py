@@ -27,5 +27,9 @@ class CentralDP(ClientMechanism):
         if floor > 0 and z < floor:
             raise PolicyViolation("dp.noise_multiplier", f"z={z:g} is below this site's floor {floor:g}")
         if policy.trust_server and z > 0:
+            clip = float(start.dp.update_clip_norm)
+            if not (math.isfinite(clip) and clip > 0):  # no clip: no sensitivity, the Gaussian event would not hold
+                raise PolicyViolation("dp.update_clip_norm", f"central DP needs the site to clip its update to a "
+                                      f"positive norm (got {clip!r})")
             return MechanismTerms(guaranteed_event=SubsampledGaussianEvent(1.0, z))
         return MechanismTerms()
