@@ -28,8 +28,9 @@ VARIANTS: list[dict[str, Any]] = [
          dp_sampling_amplification=True, weighted=False, active_adversary=False, evaluate=False, seed=12),
     dict(dp="distributed", dp_mechanism="ddg", dp_bits=18, secagg="harary", expected_dropout=0.15,
          max_corrupt_fraction=0.2, final_evaluation=False, insecure_deterministic=True, evaluation="clear",
-         max_evaluations_per_job=3, dp_client_epsilon_budget=2.5, dp_delta=1e-6),
-    dict(dp="local", dp_local_noise_multiplier=0.9, dp_local_target_epsilon=3.0, optimizer="fedadam",
+         max_evaluations_per_job=3, dp_delta=1e-6),
+    dict(dp="local", dp_local_noise_multiplier=0.9, dp_local_target_epsilon=3.0, dp_client_epsilon_budget=2.5,
+         optimizer="fedadam",
          server_lr=0.01, local_epochs=2, learning_rate=0.05, batch_size=16, round_timeout=33.3, linger=0.5),
 ]
 

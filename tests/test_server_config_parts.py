@@ -54,6 +54,9 @@ def test_replace_changes_flat_settings_and_validates_again() -> None:
     ({"threshold": 9}, "--threshold"),                  # spans secagg and schedule
     ({"evaluation": "sometimes"}, "--evaluation"),
     ({"dp_bits": 99}, "--dp-bits"),
+    ({"dp": "none", "dp_epsilon_budget": 5.0}, "--dp-epsilon-budget"),       # nothing to cap: refused,
+    ({"dp": "local", "dp_epsilon_budget": 5.0}, "--dp-epsilon-budget"),      # never a silent no-op
+    ({"dp": "central", "dp_client_epsilon_budget": 5.0}, "--dp-client-epsilon-budget"),
 ])
 def test_a_bad_setting_is_refused_naming_its_flag(flat: dict[str, object], flag: str) -> None:
     with pytest.raises(ServerConfigError) as refused:

@@ -94,6 +94,10 @@ def test_central_dp_stops_before_the_budget_is_exceeded(tmp_path: Path) -> None:
     assert "would raise user-level ε" in summary.message
     rounds = store.rounds(coordinator.run_id)
     assert [(r.round, r.status) for r in rounds] == [(1, "completed"), (2, "completed"), (3, "aborted")]
+    # round 3 never started for the sites: each learns round 2's own result, never a round-3 abort in its
+    # place (review of 2026-12-07: every site recorded the last released round as dropped)
+    for client in clients:
+        assert client.results == [(1, pb.ROUND_OUTCOME_COMPLETED), (2, pb.ROUND_OUTCOME_COMPLETED)]
     stats = rounds[0].stats
     assert stats["clip_norm"] == 2.0 and stats["noise_stddev_sum"] == pytest.approx(4.0)
     store.close()

@@ -106,6 +106,19 @@ def test_cli_simulate_prints_rounds_and_json(capsys: pytest.CaptureFixture[str],
     assert store.exists()
 
 
+def test_an_infinite_epsilon_is_null_in_the_json_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """Review of 2026-12-07: z = 0 printed "epsilon": Infinity, which is not JSON (jq read it as 1.8e308)."""
+    code = main(["simulate", "--clients", "3", "--rounds", "1", "--seed", "1", "--dp", "central",
+                 "--noise-multiplier", "0"])
+    assert code == 0
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"not JSON: {constant}")
+
+    payload = json.loads(capsys.readouterr().out.strip().splitlines()[-1], parse_constant=refuse)
+    assert payload["summary"]["epsilon"] is None
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -53,8 +53,23 @@ def fail_from(err: FedveilError, default: str) -> NoReturn:
 
 
 def print_json_last_line(payload: dict[str, Any]) -> None:
-    """Print exactly one JSON object on a single line (the command's last line)."""
-    click.echo(json.dumps(payload, sort_keys=True, default=_json_default))
+    """Print exactly one JSON object on a single line (the command's last line). An infinite or NaN
+    number (an ε without noise) is null: ``Infinity`` is not JSON, and jq read it as a finite 1.8e308."""
+    click.echo(json.dumps(_finite_json(payload), sort_keys=True, default=_json_default, allow_nan=False))
+
+
+def _finite_json(value: Any) -> Any:
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(item) for item in value]
+    return value
 
 
 def finite_or_none(value: float) -> float | None:

@@ -224,6 +224,11 @@ class PrivacyConfig(_Part):
         for name in ("epsilon_budget", "client_epsilon_budget"):
             value = getattr(self, name)
             self.check(name, value is None or (_finite(value) and value > 0), "must be a positive number")
+        # a budget with nothing to cap would let an operator believe ε is capped (review of 2026-12-07)
+        self.check("epsilon_budget", self.epsilon_budget is None or self.mode in ("central", "distributed"),
+                   "caps the user-level ε, which only --dp central or distributed has")
+        self.check("client_epsilon_budget", self.client_epsilon_budget is None or self.mode == "local",
+                   "caps the sites' DP-SGD ε, which only --dp local has")
         self.check("accountant", self.accountant in ACCOUNTANTS, f"must be one of {', '.join(ACCOUNTANTS)}")
         self.check("bits", 2 <= self.bits <= DISTRIBUTED_MAX_BITS, f"must be between 2 and {DISTRIBUTED_MAX_BITS}")
         self.check("mechanism", self.mechanism in DISTRIBUTED_MECHANISMS,

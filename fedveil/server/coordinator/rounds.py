@@ -332,7 +332,10 @@ class RoundDriverMixin(CoordinatorBase):
                                               amplification=self.config.privacy.sampling_amplification)
             except BudgetExceededError as err:
                 self.store.abort_round(self.run_id, number, rnd.attempt, f"privacy budget: {err}", None)
-                self._finish_round_for_clients(rnd, pb.ROUND_OUTCOME_ABORTED, f"privacy budget exhausted: {err}", ())
+                # The cohort never saw this attempt: no result for it, which would replace the last round's
+                # own result before the sites read it (every site recorded that round as dropped)
+                self._past_nonces.add(rnd.nonce)
+                self._cond.notify_all()
                 self._budget_message = str(err)
                 return "budget"
             # the first stage's deadline runs from when the cohort can see the round (reserving the
