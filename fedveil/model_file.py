@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from fedveil.errors import FedveilError
@@ -70,10 +71,15 @@ def save_initial_model(model: nn.Module, path: str | Path, *, dp: str | bool = "
             raise ModelFileError(f"model: {name} holds NaN or infinite values", field="model")
     tensors = {name: value.detach().cpu().contiguous().clone() for name, value in state.items()}
     metadata = {"format": FORMAT, "fedveil.order": json.dumps(list(tensors)), "fedveil.dp": mode}
+    if Path(path).is_dir():
+        raise ModelFileError(f"{str(path)!r} is a directory; give the file to write", field="path")
     try:
         save_file(tensors, str(path), metadata=metadata)
     except OSError as err:
         raise ModelFileError(f"{str(path)!r}: cannot write it ({err.strerror})", field="path") from None
+    except SafetensorError as err:  # safetensors wraps the OS's refusal
+        raise ModelFileError(f"{str(path)!r}: cannot write it ({str(err).splitlines()[0][:200]})",
+                             field="path") from None
     return model
 
 

@@ -346,3 +346,24 @@ def test_a_state_file_takes_a_second_job_whose_rounds_start_again_at_one(tmp_pat
     four.compose(step.with_steps(28))
     assert reopened.lifetime_local_epsilon() == pytest.approx(four.get_epsilon(1e-5), rel=1e-9)
     assert reopened.lifetime_local_epsilon(step) > reopened.lifetime_local_epsilon()
+
+
+def test_a_bad_state_file_is_a_one_line_error_naming_state(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Review of 2026-12-07: a garbage, empty or directory --state was a SiteStateError traceback."""
+    import base64
+
+    from fedveil.protocol.auth import TOKEN_ID_BYTES, TOKEN_PREFIX, TOKEN_SECRET_BYTES
+    from fedveil.tasks.synthetic import task
+
+    x, y = task.synthetic_data(0, 3, 1).tensors
+    data = tmp_path / "d.csv"
+    data.write_text(task.schema.to_csv(x.numpy(), y.numpy()))
+    token = f"{TOKEN_PREFIX}.{'ab' * TOKEN_ID_BYTES}." + base64.urlsafe_b64encode(bytes(TOKEN_SECRET_BYTES)).decode()
+    garbage, empty, folder = tmp_path / "g.json", tmp_path / "e.json", tmp_path / "dir"
+    garbage.write_text("garbage")
+    empty.write_text("")
+    folder.mkdir()
+    for state in (garbage, empty, folder):
+        assert main(["client", "--server", "127.0.0.1:1", "--task", "fedveil.tasks.synthetic", "--data", str(data),
+                     "--insecure", "--trust-server", "--token", token, "--state", str(state)]) == 2
+        assert capsys.readouterr().err.startswith("error: --state: site state")

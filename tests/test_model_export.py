@@ -122,6 +122,13 @@ def test_refusals_name_the_flag_at_fault(finished_run: tuple[Path, str], tmp_pat
     assert main([*base[:-1], str(tmp_path / "no" / "dir.safetensors")]) == 2
     assert capsys.readouterr().err.startswith("error: --out: ")
     assert not out.exists()
+    # a directory, or a place the OS refuses, is a one-line error in every format (they were tracebacks)
+    for fmt in ("safetensors", "torch", "onnx"):
+        assert main(["export", "--store", str(db), "--format", fmt, "--out", str(tmp_path)]) == 2
+        assert "is a directory" in capsys.readouterr().err
+        assert main(["export", "--store", str(db), "--format", fmt, "--out", "/proc/fedveil-model.bin"]) == 2
+        assert capsys.readouterr().err.startswith("error: --out: cannot write")
+    assert not list(tmp_path.glob("*.tmp"))
     monkeypatch.setitem(sys.modules, "onnx", None)  # as on a machine without the 'export' extra
     with pytest.raises(ExportError) as missing:
         export_model(ExportRequest(store=db, out=tmp_path / "m.onnx", format="onnx"))

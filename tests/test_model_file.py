@@ -123,3 +123,20 @@ def test_init_model_command_writes_the_file_and_the_server_command_checks_it(
     assert main([*common, "--model", str(out), "--task", "fedveil.tasks.synthetic"]) == 2
     assert "one of the two" in capsys.readouterr().err
     assert main(common) == 2
+
+
+def test_init_model_finds_a_module_in_the_current_directory_and_refuses_a_directory_as_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Review of 2026-12-07: the documented `fedveil init-model --from after:Net` failed unless PYTHONPATH=.,
+    and `--out DIR` was a safetensors traceback."""
+    (tmp_path / "besideme.py").write_text("from torch import nn\ndef make():\n    return nn.Linear(3, 1)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    try:
+        assert main(["init-model", "--from", "besideme:make", "--out", "init.safetensors"]) == 0
+        assert (tmp_path / "init.safetensors").exists()
+        assert main(["init-model", "--from", "besideme:make", "--out", str(tmp_path)]) == 2
+        assert "error: --out:" in capsys.readouterr().err
+    finally:
+        sys.modules.pop("besideme", None)

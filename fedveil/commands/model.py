@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from pathlib import Path
 
 import click
@@ -38,6 +40,8 @@ def init_model_command(factory: str, out_path: Path, dp: str, seed: int) -> None
     module_name, _, attr = factory.partition(":")
     if not module_name or not attr:
         fail("--from", f"expected module:attr (got {factory!r})")
+    if "" not in sys.path and os.getcwd() not in sys.path:  # a module beside you, as `python -m` finds it
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from fedveil.errors import FedveilError
 from fedveil.server.store import RunStore, StoreError, is_run_store
@@ -136,11 +137,15 @@ def export_model(request: ExportRequest) -> ExportedModel:
     exported = load_exported_model(request)
     if not request.out.parent.is_dir():
         raise ExportError(f"directory {str(request.out.parent)!r} does not exist", field="out")
+    if request.out.is_dir():
+        raise ExportError(f"{str(request.out)!r} is a directory; give the file to write", field="out")
     writer = {"safetensors": _write_safetensors, "torch": _write_torch, "onnx": _write_onnx}[request.format]
     try:
         writer(exported, request.out)
     except OSError as err:
         raise ExportError(f"cannot write {str(request.out)!r}: {err.strerror or err}", field="out") from None
+    except (RuntimeError, SafetensorError) as err:  # torch.save and safetensors wrap the OS's refusal
+        raise ExportError(f"cannot write {str(request.out)!r}: {str(err).splitlines()[0][:200]}", field="out") from None
     return exported
 
 
@@ -178,17 +183,19 @@ def _write_onnx(exported: ExportedModel, out: Path) -> None:
                           "(pip install 'fedveil[export]')", field="format") from None
     example = torch.zeros(exported.input_shape, dtype=torch.float32)
     tmp = out.with_name(out.name + ".tmp")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(
-            exported.model, (example,), str(tmp), dynamo=False, opset_version=ONNX_OPSET,
-            input_names=["features"], output_names=["output"],
-            dynamic_axes={"features": {0: "batch"}, "output": {0: "batch"}},
-        )
-    proto: Any = onnx.load(str(tmp))
-    for key, value in exported.metadata.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.checker.check_model(proto)
-    onnx.save(proto, str(out))
-    tmp.unlink()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+            torch.onnx.export(
+                exported.model, (example,), str(tmp), dynamo=False, opset_version=ONNX_OPSET,
+                input_names=["features"], output_names=["output"],
+                dynamic_axes={"features": {0: "batch"}, "output": {0: "batch"}},
+            )
+        proto: Any = onnx.load(str(tmp))
+        for key, value in exported.metadata.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(out))
+    finally:
+        tmp.unlink(missing_ok=True)  # the exporter's scratch file, also when writing failed
