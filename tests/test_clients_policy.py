@@ -367,3 +367,8 @@ def test_a_bad_state_file_is_a_one_line_error_naming_state(tmp_path: Path, capsy
         assert main(["client", "--server", "127.0.0.1:1", "--task", "fedveil.tasks.synthetic", "--data", str(data),
                      "--insecure", "--trust-server", "--token", token, "--state", str(state)]) == 2
         assert capsys.readouterr().err.startswith("error: --state: site state")
+    empty_token = tmp_path / "empty.tok"
+    empty_token.write_text("\n")
+    assert main(["client", "--server", "127.0.0.1:1", "--task", "fedveil.tasks.synthetic", "--data", str(data),
+                 "--insecure", "--trust-server", "--token-file", str(empty_token)]) == 2
+    assert capsys.readouterr().err.startswith("error: --token-file:")  # never a silent FEDVEIL_TOKEN or none

@@ -159,6 +159,14 @@ def test_enroll_command_prints_the_token_last(tmp_path: Path, capsys: pytest.Cap
         Authenticator(s.credential).authenticate(token)
     assert main(["enroll", "--store", str(store), "--name", "nobody", "--revoke"]) == USAGE_EXIT_CODE
     assert capsys.readouterr().err.strip() == "error: --name: client 'nobody' is not enrolled"
+    # review of 2026-12-07: keys every loader refuses were enrolled, and an empty file became a store
+    for key in ("01" + "00" * 31, "00" * 32):  # small order: anyone could sign under them
+        assert main(["enroll", "--store", str(store), "--name", "k", "--identity-public-key", key]) == USAGE_EXIT_CODE
+        assert capsys.readouterr().err.startswith("error: --identity-public-key: identity public key is a point")
+    empty = tmp_path / "empty.json"
+    empty.write_text("")
+    assert main(["enroll", "--store", str(empty), "--name", "q"]) == USAGE_EXIT_CODE
+    assert "is an empty file, not a fedveil run store" in capsys.readouterr().err and empty.read_text() == ""
 
 
 def test_checkpoint_state_keeps_arrays_as_raw_bytes(tmp_path: Path) -> None:

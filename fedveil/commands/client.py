@@ -151,6 +151,8 @@ def client_command(
             token = token_file.read_text().strip()
         except OSError as err:
             fail("--token-file", f"cannot read {str(token_file)!r}: {err.strerror}")
+        if not token:  # never a silent fall-back to FEDVEIL_TOKEN, or to no token at all
+            fail("--token-file", f"{str(token_file)!r} is empty")
     token_source = "--token-file" if token_file is not None else "--token"
     if not token and os.environ.get("FEDVEIL_TOKEN"):
         token, token_source = os.environ["FEDVEIL_TOKEN"], "FEDVEIL_TOKEN"

@@ -92,7 +92,7 @@ def enroll_command(store: str, name: str, rotate: bool, revoke: bool, identity_p
         with RunStore(path) as run_store:
             issued = run_store.enroll(name, rotate=rotate, identity_public_key=key)
     except EnrollmentError as err:
-        fail("--name", str(err))
+        fail("--identity-public-key" if err.field == "identity_public_key" else "--name", str(err))
     except StoreError as err:
         fail("--store", str(err))
     action = "issued a new token for" if rotate else "enrolled"

@@ -214,6 +214,9 @@ class StoreBase:
             raise StoreError(f"store {str(self.path)!r} is a directory, not a file")
         if not self.path.parent.exists():
             raise StoreError(f"store {str(self.path)!r}: directory {str(self.path.parent)!r} does not exist")
+        if self.path.is_file() and self.path.stat().st_size == 0:  # SQLite would quietly make it a store
+            raise StoreError(f"store {str(self.path)!r} is an empty file, not a fedveil run store (give a new path, "
+                             "or remove the file)")
         try:
             self._conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30.0)
             self._conn.execute("PRAGMA journal_mode=WAL")

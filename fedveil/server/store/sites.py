@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fedveil.protocol.auth import Credential, IssuedToken, issue_token
+from fedveil.secagg.keys import ed25519_public_key_problem
 from fedveil.server.store.schema import (
     _UPSERT_CLIENT_PRIVACY,
     _UPSERT_EVALUATION,
@@ -32,6 +33,9 @@ class SitesMixin(StoreBase):
             )
         if identity_public_key is not None and len(identity_public_key) != 32:
             raise EnrollmentError(f"identity public key must be 32 bytes (got {len(identity_public_key)})")
+        problem = ed25519_public_key_problem(identity_public_key) if identity_public_key is not None else None
+        if problem is not None:  # as the authority and every loader refuse it
+            raise EnrollmentError(f"identity public key {problem}", field="identity_public_key")
         issued = issue_token()
         now = time.time()
         with self._tx() as c:
