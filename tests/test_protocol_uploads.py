@@ -31,7 +31,7 @@ from fedveil.protocol.client import ChannelConfig, GrpcTransport
 from fedveil.protocol.errors import Replayed, Unavailable
 from fedveil.protocol.model_delivery import ModelDelivery
 from fedveil.protocol.service import ServerLimits, build_server
-from fedveil.protocol.uploads import MAX_UPLOAD_ATTEMPTS, SlotGate, StreamCounter
+from fedveil.protocol.uploads import MAX_UPLOAD_ATTEMPTS, SlotGate, StreamCounter, UploadWatch
 from fedveil.server.config import ServerConfig
 from fedveil.server.coordinator import Coordinator, JobSummary
 from fedveil.server.store import RunStore
@@ -291,7 +291,7 @@ def test_slots_are_granted_in_arrival_order_and_the_queue_is_bounded() -> None:
 def test_a_site_may_have_two_upload_streams_open_not_three() -> None:
     counter = StreamCounter()
     with counter.stream("x"), counter.stream("x"):
-        with pytest.raises(Replayed, match="already has 2 upload stream"):
+        with pytest.raises(Replayed, match="UploadMaskedInput: .x. already has 2 stream"):
             with counter.stream("x"):
                 pass
         with counter.stream("y"):
@@ -371,3 +371,74 @@ def test_a_small_model_gets_more_upload_slots_than_a_large_one() -> None:
 
     assert upload_slots(4 << 20) == 16  # m = 100,000: 400 kB uploads, messages capped at 4 MiB
     assert upload_slots(41 << 20) == 2  # m = 10 million
+
+
+def test_a_slot_holder_must_keep_to_the_minimum_rate() -> None:
+    """Review of 2026-12-07: a byte every 5 s kept a slot for the whole stage (only idle time and a bound
+    fixed at the grant were checked), and two such sites kept every honest upload out."""
+    now = [0.0]
+    cancelled: list[bool] = []
+    watch = UploadWatch(lambda: cancelled.append(True), idle_s=2.0, clock=lambda: now[0], min_rate=100.0)
+    watch.resume(1000.0)  # the slot is granted; the overall bound alone is far away
+    for step in range(1, 40):  # one byte every half second: never idle, far below 100 bytes/s
+        now[0] = step * 0.5
+        watch.touch(1)
+        if watch.check(now[0]):
+            break
+    assert cancelled == [True] and "below the minimum rate" in watch.reason and now[0] <= 3.0
+    honest = UploadWatch(lambda: cancelled.append(False), idle_s=2.0, clock=lambda: now[0], min_rate=100.0)
+    now[0] = 0.0
+    honest.resume(1000.0)
+    for step in range(1, 40):  # 60 bytes every half second: 120 bytes/s
+        now[0] = step * 0.5
+        honest.touch(60)
+        assert not honest.check(now[0])
+
+
+@pytest.mark.slow
+def test_unread_model_downloads_cannot_freeze_the_server(serve: Any) -> None:
+    """Review of 2026-12-07: one site opened 40 FetchModel streams and read none; each held a server thread in
+    gRPC's flow control, and with every worker blocked no honest Join or Poll got an answer. Now a site has
+    at most two downloads open, and a download that stops moving is cancelled like a stalled upload."""
+    from fedveil.protocol import PROTOCOL_VERSION, SERVICE_NAME
+    from fedveil.protocol.auth import bearer_metadata
+    from fedveil.protocol.transport import ClientSession
+
+    names = ["evil", "honest"]
+    wide = make_task(n_features=400_000, name="synthetic-logreg")  # a 1.6 MB model
+    limits = ServerLimits(max_message_bytes=8 << 20, workers=4, max_concurrent_rpcs=64, upload_idle_timeout_s=1.0)
+    job = serve(names, limits, task=wide)
+    evil = job.transport("evil")
+    session = ClientSession.from_join(evil.join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION,
+                                                               task_name=wide.name, trust_server=True)))
+    small_windows = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 65536)]
+    channels = [grpc.insecure_channel(f"127.0.0.1:{job.port}", options=small_windows) for _ in range(3)]
+    calls = []
+    for i in range(12):  # three times the server's worker threads, never read
+        fetch = channels[i % 3].unary_stream(f"/{SERVICE_NAME}/FetchModel",
+                                             request_serializer=lambda m: m.SerializeToString(),
+                                             response_deserializer=lambda b: b)
+        calls.append(fetch(pb.FetchModelRequest(header=session.header(), version=0),
+                           metadata=bearer_metadata(job.tokens["evil"])))
+    try:
+        time.sleep(3.0)  # past the idle bound: the stalled downloads are cancelled
+        start = time.monotonic()
+        honest = job.transport("honest")
+        ClientSession.from_join(honest.join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION, task_name=wide.name,
+                                                           trust_server=True)))
+        assert time.monotonic() - start < 10.0
+        codes = []
+        for call in calls:
+            try:
+                for _ in call:
+                    pass
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as err:
+                codes.append(err.code())
+        assert codes.count(grpc.StatusCode.ALREADY_EXISTS) == 10, codes  # at most two downloads per site
+        assert codes.count(grpc.StatusCode.CANCELLED) == 2, codes  # and those two stopped moving: cancelled
+    finally:
+        for call in calls:
+            call.cancel()
+        for channel in channels:
+            channel.close()

@@ -31,7 +31,7 @@ from fedveil.errors import FedveilError
 from fedveil.protocol import SERVICE_NAME, UPLOAD_GRANT_METADATA
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.protocol.auth import Authenticator, bearer_token
-from fedveil.protocol.errors import MalformedMessage, ProtocolError, StageClosed, Unavailable
+from fedveil.protocol.errors import MalformedMessage, ProtocolError, Replayed, StageClosed, Unavailable
 from fedveil.protocol.health import ServingHealth
 from fedveil.protocol.traffic import TrafficCounter
 from fedveil.protocol.transport import FederationService
@@ -162,6 +162,7 @@ class FederationServicer:
         self._limits = limits = limits or ServerLimits()
         self.upload_slots = SlotGate(limits.max_concurrent_uploads, limits.waiting_uploads)
         self._upload_streams = StreamCounter()
+        self._fetch_streams = StreamCounter(rpc="FetchModel", advice="finish or cancel a download first")
         self._watchdog = UploadWatchdog()
         self._refusals_lock = threading.Lock()
         self.upload_refusals: Counter[str] = Counter()
@@ -225,7 +226,8 @@ class FederationServicer:
         try:
             caller = self._authenticate(context)
             with self._upload_streams.stream(caller), \
-                    self._watchdog.watch(context.cancel, self._limits.upload_idle_timeout_s) as watch:
+                    self._watchdog.watch(context.cancel, self._limits.upload_idle_timeout_s,
+                                         self._limits.upload_min_rate_bytes_s) as watch:
                 try:
                     first = next(requests, None)
                     _raise_if_cancelled(watch)
@@ -279,10 +281,10 @@ class FederationServicer:
             view = memoryview(buffer)
             pos = 0
             for index, chunk in enumerate(itertools.chain([first], requests)):
-                watch.touch()
                 if isinstance(chunk, _Malformed):
                     raise MalformedMessage(f"{rpc}: chunk {index} is not a valid {chunk.type_name}")
                 n = len(chunk.data)
+                watch.touch(n)
                 if n > MAX_CHUNK_BYTES or pos + n > expected:
                     raise MalformedMessage(f"chunk {index}.data: {n} bytes at offset {pos} overrun the "
                                            f"{expected}-byte masked input (or exceed {MAX_CHUNK_BYTES})")
@@ -316,14 +318,27 @@ class FederationServicer:
             self._refuse(rpc, caller, context, err)
             raise AssertionError("unreachable: context.abort raises") from err
         chunks = self._serialized_chunks(data)
-        return iter(chunks) if self._traffic is None else self._counted(rpc, chunks)
+        try:  # at most two downloads per site, whatever ends them (counted before the first chunk)
+            self._fetch_streams.open(caller)
+        except Replayed as err:
+            self._refuse(rpc, caller, context, err)
+        context.add_callback(lambda: self._fetch_streams.close(caller))
+        return self._watched_download(rpc, chunks, context)
 
-    def _counted(self, rpc: str, chunks: list[bytes]) -> Iterator[bytes]:
-        """The chunks, each counted as sent when gRPC takes it (a fetch cut short counts what went)."""
-        assert self._traffic is not None
-        for chunk in chunks:
-            self._traffic.count_sent(rpc, len(chunk))
-            yield chunk
+    def _watched_download(self, rpc: str, chunks: list[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        """The chunks, under the upload watchdog's idle, rate and overall bounds: gRPC asks for the next
+        chunk only once the last one was sent, so a site that never reads stalls here and is cancelled,
+        instead of holding a server thread (review of 2026-12-07: 40 unread streams froze the server)."""
+        limits = self._limits
+        total = sum(len(c) for c in chunks)
+        idle, rate = limits.upload_idle_timeout_s, limits.upload_min_rate_bytes_s
+        with self._watchdog.watch(context.cancel, idle, rate) as watch:
+            watch.resume(min(limits.upload_timeout_s, idle + total / rate))
+            for chunk in chunks:
+                if self._traffic is not None:
+                    self._traffic.count_sent(rpc, len(chunk))
+                yield chunk
+                watch.touch(len(chunk))
 
     def _serialized_chunks(self, data: bytes) -> list[bytes]:
         """The model's chunks as serialized ``ModelChunk`` messages, built once per model.

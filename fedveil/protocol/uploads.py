@@ -18,10 +18,14 @@ missed the masked-input stage. The rules, in the order an upload meets them:
    grant). At most ``max_waiting`` uploads wait at once (more get UNAVAILABLE and retry later), and
    since each site has one reservation, a waiting site is never overtaken more than once by any
    other: honest sites are not starved. The wait ends when the stage closes (ABORTED).
-4. **Idle and overall time** (:class:`UploadWatchdog`): a stream that sends no chunk for
+4. **Idle, rate and overall time** (:class:`UploadWatchdog`): a stream that sends no chunk for
    ``idle_s`` seconds (the header chunk included; not while it waits for its slot) is cancelled, and
-   so is one that holds its slot longer than its overall bound. One watchdog thread serves every
-   upload.
+   so is one that holds its slot longer than its overall bound, or that, ``idle_s`` after its slot
+   was granted, has sent less than the minimum rate asks (a site dripping a byte every few seconds
+   kept its slot for the whole stage, and two such sites kept every honest upload out: review of
+   2026-12-07). A cancelled site's retry queues behind the uploads already waiting. One watchdog
+   thread serves every upload, and every model download (``FetchModel``: a site that never read its
+   streams froze every worker thread of the server).
 
 Why ALREADY_EXISTS for every per-site refusal: it already means "a second submission for a stage;
 do not resend, Poll", which is what the site should do, and the shipped client treats it so. It is
@@ -90,29 +94,38 @@ class UploadReservation:
 
 
 class StreamCounter:
-    """Open upload streams per site; at most ``limit`` at once (rule 1 of the module docstring)."""
+    """Open streams of one RPC per site; at most ``limit`` at once (rule 1 of the module docstring)."""
 
-    def __init__(self, limit: int = MAX_STREAMS_PER_SITE) -> None:
+    def __init__(self, limit: int = MAX_STREAMS_PER_SITE, *, rpc: str = "UploadMaskedInput",
+                 advice: str = "one upload per stage: Poll") -> None:
         if limit < 1:
             raise ValueError(f"limit must be at least 1 (got {limit})")
         self._limit = limit
+        self._rpc, self._advice = rpc, advice
         self._lock = threading.Lock()
         self._open: Counter[str] = Counter()
 
-    @contextmanager
-    def stream(self, site: str) -> Iterator[None]:
+    def open(self, site: str) -> None:
+        """Count one more stream of ``site``, or raise :class:`Replayed` at the limit."""
         with self._lock:
             if self._open[site] >= self._limit:
-                raise Replayed(f"UploadMaskedInput: {site!r} already has {self._open[site]} upload stream(s) open "
-                               f"(at most {self._limit}); one upload per stage: Poll")
+                raise Replayed(f"{self._rpc}: {site!r} already has {self._open[site]} stream(s) open "
+                               f"(at most {self._limit}); {self._advice}")
             self._open[site] += 1
+
+    def close(self, site: str) -> None:
+        with self._lock:
+            self._open[site] -= 1
+            if self._open[site] <= 0:
+                del self._open[site]
+
+    @contextmanager
+    def stream(self, site: str) -> Iterator[None]:
+        self.open(site)
         try:
             yield
         finally:
-            with self._lock:
-                self._open[site] -= 1
-                if self._open[site] <= 0:
-                    del self._open[site]
+            self.close(site)
 
     def open_streams(self, site: str) -> int:
         with self._lock:
@@ -198,27 +211,35 @@ class SlotGate:
 class UploadWatch:
     """One upload's timers (see :class:`UploadWatchdog`): :meth:`touch` on every chunk."""
 
-    def __init__(self, cancel: Callable[[], None], idle_s: float, clock: Callable[[], float]) -> None:
+    def __init__(self, cancel: Callable[[], None], idle_s: float, clock: Callable[[], float],
+                 min_rate: float = 0.0) -> None:
         self._cancel = cancel
         self._idle_s = idle_s
         self._clock = clock
+        self._min_rate = min_rate
         self._last = clock()
         self._deadline: float | None = None
+        self._since: float | None = None
+        self._bytes = 0
         self._paused = False
         self.reason = ""
         """Why the watchdog cancelled the stream ("" while it has not)."""
 
-    def touch(self) -> None:
+    def touch(self, nbytes: int = 0) -> None:
+        """A chunk moved (``nbytes`` of data, counted against the minimum rate)."""
         self._last = self._clock()
+        self._bytes += nbytes
 
     def pause(self) -> None:
         """Stop the idle timer (while the upload waits for its slot it is meant to send nothing)."""
         self._paused = True
 
     def resume(self, hold_s: float) -> None:
-        """Restart the idle timer and bound the rest of the upload to ``hold_s`` seconds."""
+        """Restart the idle timer and bound the rest of the stream to ``hold_s`` seconds; from now on it
+        must move data at the minimum rate (after a grace of ``idle_s``)."""
         self._last = self._clock()
         self._deadline = self._last + hold_s
+        self._since, self._bytes = self._last, 0
         self._paused = False
 
     def check(self, now: float) -> bool:
@@ -229,6 +250,10 @@ class UploadWatch:
             self.reason = f"sent no chunk for {self._idle_s:g} s"
         elif not self._paused and self._deadline is not None and now > self._deadline:
             self.reason = "held its upload slot past its overall time bound"
+        elif not self._paused and self._since is not None and self._min_rate > 0 \
+                and self._bytes < self._min_rate * (now - self._since - self._idle_s):
+            self.reason = (f"moved {self._bytes} bytes in {now - self._since:.0f} s, below the minimum rate of "
+                           f"{self._min_rate:g} bytes/s")
         else:
             return False
         self._cancel()
@@ -249,8 +274,8 @@ class UploadWatchdog:
         self._thread: threading.Thread | None = None
 
     @contextmanager
-    def watch(self, cancel: Callable[[], None], idle_s: float) -> Iterator[UploadWatch]:
-        w = UploadWatch(cancel, idle_s, self._clock)
+    def watch(self, cancel: Callable[[], None], idle_s: float, min_rate: float = 0.0) -> Iterator[UploadWatch]:
+        w = UploadWatch(cancel, idle_s, self._clock, min_rate)
         with self._lock:
             self._watches.add(w)
             if self._thread is None:
