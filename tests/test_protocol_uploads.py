@@ -291,7 +291,7 @@ def test_slots_are_granted_in_arrival_order_and_the_queue_is_bounded() -> None:
 def test_a_site_may_have_two_upload_streams_open_not_three() -> None:
     counter = StreamCounter()
     with counter.stream("x"), counter.stream("x"):
-        with pytest.raises(Replayed, match="UploadMaskedInput: .x. already has 2 stream"):
+        with pytest.raises(Replayed, match=r"UploadMaskedInput: .x. already has 2 stream"):
             with counter.stream("x"):
                 pass
         with counter.stream("y"):
