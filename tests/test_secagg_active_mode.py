@@ -240,34 +240,58 @@ def test_active_mode_needs_enough_signatures():
         r.clients[0].handle(request)
 
 
-def test_a_survivor_forwarding_a_bad_signature_cannot_make_honest_clients_abort():
-    """The server forwards survivor-set signatures unverified; each client counts only the valid
-    ones, so one garbage signature costs nothing while t valid ones remain, and the round is exact.
-    With fewer than t valid the check fails as before."""
+def test_a_bad_signature_forwarded_by_the_server_cannot_make_honest_clients_abort():
+    """The server refuses a survivor-set signature that does not verify (next test); a deviating server may
+    still forward bad ones. Each client counts only the valid ones, so garbage costs nothing while t valid
+    ones remain, and the round is exact. With fewer than t valid the check fails as before."""
     config, keys = _active_config(n=6)  # t from the threshold rule 2t > h + c
     t = config.threshold
-    r = ManualRound(config, identity_key=dict(enumerate(keys)))
-    r.advertise()
-    checks = r.step(r.step(r.close()))
-    replies = r.deliver(checks)
-    bad_signers = list(range(config.num_clients - t))  # leaves exactly t valid
-    for c in bad_signers:
-        replies[c] = dataclasses.replace(replies[c], signature=bytes(64))
-    r.send(replies)
-    unmask = r.close()
-    assert set(unmask[0].signatures) == set(range(config.num_clients))  # forwarded as they came
+
+    def forwarded_with_garbage(bad: int) -> tuple[ManualRound, dict]:
+        r = ManualRound(config, identity_key=dict(enumerate(keys)))
+        r.advertise()
+        r.send(r.deliver(r.step(r.step(r.close()))))
+        unmask = r.close()
+        for c, msg in unmask.items():
+            unmask[c] = dataclasses.replace(msg, signatures={s: (bytes(64) if s < bad else sig)
+                                                             for s, sig in msg.signatures.items()})
+        return r, unmask
+
+    r, unmask = forwarded_with_garbage(config.num_clients - t)  # leaves exactly t valid
+    assert set(unmask[0].signatures) == set(range(config.num_clients))
     r.send(r.deliver(unmask))
     r.close()
     assert r.server.completed
     assert np.array_equal(r.server.result.ring_sum, ring_sum(config, r.inputs, range(config.num_clients)))
-    # one more bad signature leaves t - 1 valid: every client refuses to unmask
-    r = ManualRound(config, identity_key=dict(enumerate(keys)))
-    r.advertise()
-    checks = r.step(r.step(r.close()))
-    replies = r.deliver(checks)
-    for c in range(config.num_clients - t + 1):
-        replies[c] = dataclasses.replace(replies[c], signature=bytes(64))
-    r.send(replies)
-    unmask = r.close()
+    r, unmask = forwarded_with_garbage(config.num_clients - t + 1)  # t - 1 valid: every client refuses
     with pytest.raises(ConsistencyCheckError, match=rf"only {t - 1} of client \d+'s share holders signed"):
         r.clients[config.num_clients - 1].handle(unmask[config.num_clients - 1])
+
+
+def test_a_garbage_survivor_set_signature_never_counts_towards_the_servers_threshold(monkeypatch):
+    """Review of 2026-12-07: the server counted any 64-byte survivor-set signature, so with one honest signer
+    short of t a deviating site's garbage carried the attempt into an unmasking every honest site refused (a
+    rejected round, charged as released) instead of an abort before release, which is retried."""
+    from fedveil.secagg.messages import ConsistencyCheckResponse
+
+    config, keys = _active_config(n=7)
+    assert config.threshold == 5
+    real_handle = SecAggClient.handle
+
+    def handle(self, msg):
+        reply = real_handle(self, msg)
+        if self.client_id == 6 and isinstance(reply, ConsistencyCheckResponse):
+            return dataclasses.replace(reply, signature=bytes(64))
+        return reply
+
+    monkeypatch.setattr(SecAggClient, "handle", handle)
+    inputs = random_inputs(config)
+    # two honest sites leave at the consistency check: four valid signers, and the garbage would be the fifth
+    sim = run_round(config, inputs, dropouts={"consistency": {0, 1}}, identity_keys=dict(enumerate(keys)))
+    assert not sim.completed
+    assert "refused by the server: InvalidSignatureError" in sim.client_errors[6]
+    assert "consistency" in (sim.abort_reason or "")
+    assert not any("ConsistencyCheckError" in e for e in sim.client_errors.values())
+    # with every honest signer there, the refused garbage costs only its sender's input
+    sim = run_round(config, inputs, identity_keys=dict(enumerate(keys)))
+    assert sim.completed and np.array_equal(sim.result.ring_sum, ring_sum(config, inputs, range(7)))

@@ -30,6 +30,7 @@ import numpy as np
 from fedveil.secagg.config import SecAggConfig
 from fedveil.secagg.errors import (
     ConfigError,
+    InvalidSignatureError,
     MalformedMessageError,
     ProtocolError,
     RoundAbortedError,
@@ -37,7 +38,7 @@ from fedveil.secagg.errors import (
     UnexpectedMessageError,
     WrongRoundError,
 )
-from fedveil.secagg.keys import SIGNATURE_BYTES, valid_signatures
+from fedveil.secagg.keys import SIGNATURE_BYTES, survivor_set_payload, valid_signatures
 from fedveil.secagg.messages import (
     AdvertiseKeys,
     ConsistencyCheckRequest,
@@ -239,15 +240,26 @@ class ServerConsistencyCheck(ServerState):
     name = "ConsistencyCheck"
     message_type = ConsistencyCheckResponse
 
+    _payload: bytes | None = None
+
     def _accept(self, client_id: int, msg: Message) -> None:
-        # Not verified here: every survivor verifies the signatures itself and counts only valid
-        # ones (fedveil.secagg.survivor_checks.check_consistency), so the server's check would only
-        # repeat that work on the round's critical path. Only the shape is checked.
+        # Every survivor verifies the signatures itself and counts only valid ones
+        # (fedveil.secagg.survivor_checks.check_consistency). The server verifies too (one Ed25519
+        # check per survivor), so that an invalid one never counts towards its threshold: with fewer
+        # than t valid signers the attempt aborts before any share is asked for, and is retried, where
+        # a garbage signature used to carry it into an unmasking the honest sites refused, a rejected
+        # round after release (review of 2026-12-07).
         assert isinstance(msg, ConsistencyCheckResponse)
+        ctx = self.ctx
         if len(msg.signature) != SIGNATURE_BYTES:
             raise MalformedMessageError(f"client {client_id}: a survivor-set signature is {SIGNATURE_BYTES} bytes, "
                                         f"got {len(msg.signature)}")
-        self.ctx.signatures[client_id] = msg.signature
+        if ctx.config.identity_keys is not None and ctx.session is not None:
+            if self._payload is None:
+                self._payload = survivor_set_payload(ctx.session.session_id, ctx.u3)
+            if not valid_signatures([(ctx.config.identity_keys[client_id], msg.signature, self._payload)])[0]:
+                raise InvalidSignatureError(f"client {client_id}: its survivor-set signature does not verify")
+        ctx.signatures[client_id] = msg.signature
 
     def close(self) -> tuple[ServerState, dict[int, Message]]:
         ctx = self.ctx
