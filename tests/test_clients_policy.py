@@ -231,6 +231,9 @@ def test_budget_report_shows_what_a_policys_caps_over_every_job_still_allow(
     assert f"max_user_epsilon = 8: user-level ε = {user:.4g} at δ = 1e-05, {8 - user:.4g} left" in out
     assert f"max_lifetime_local_epsilon = 5: sample-level (DP-SGD, every job) ε = {sample:.4g}" in out
     assert f"{5 - sample:.4g} left" in out
+    assert main(["budget", "report", str(path), "--policy", str(policy), "--format", "markdown"]) == 0
+    out = capsys.readouterr().out  # the caps in Markdown too (review of 2026-12-07: --policy was ignored there)
+    assert f"- max_user_epsilon = 8: user-level ε = {user:.4g}" in out and f"**caps of {policy}" in out
     assert main(["budget", "report", str(path), "--policy", str(policy), "--format", "json"]) == 0
     caps = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["site_policy_caps"]
     assert caps["max_user_epsilon"]["left"] == pytest.approx(8 - user)

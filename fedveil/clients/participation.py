@@ -271,7 +271,7 @@ def _record_release(federation: Federation, start: pb.RoundStart, admission: Adm
     note = "" if event is not None else {
         "none": "no DP: the released sum carries this site's exact update",
         "local": "user level unprotected (sample-level DP-SGD only)",
-        "central": "central noise is added by the server; this site does not trust it to",
+        "central": "central noise is added by the server, which this site does not trust to add it",
     }.get(mode, "no user-level noise this site can rely on")
     release = Release(federation.run_id, int(start.round), int(start.attempt), mode, event is not None, note)
     federation.state.sent_masked_input(release, event, details)

@@ -183,13 +183,11 @@ def report_cmd(ledger_path: str, fmt: str, plot_path: str | None, run_id: str | 
     # unprotected release) leads every format, so no form shows the ledger's finite ε alone.
     own = SitePrivacy.of(site, None, trust_server=False) if site is not None else None
     own_lines = own.report().replace("not trusting the server", "as recorded by the site") if own else ""
+    caps_lines = ([f"caps of {policy_path} over every job recorded:" if headroom
+                   else f"{policy_path} sets no cap over every job (max_user_epsilon, max_lifetime_local_epsilon)"]
+                  + [cap.line() for cap in headroom]) if policy_path is not None else []
     if own is not None and fmt == "text":
-        click.echo(own_lines)
-        if policy_path is not None:
-            click.echo(f"caps of {policy_path} over every job recorded:" if headroom
-                       else f"{policy_path} sets no cap over every job (max_user_epsilon, max_lifetime_local_epsilon)")
-            for cap in headroom:
-                click.echo(cap.line())
+        click.echo("\n".join([own_lines, *caps_lines]))
     ledger = site.ledger if site is not None else _load_ledger(ledger_path, run_id)
     from fedveil.dp.report import build_report, render_markdown, render_plot, render_text, report_to_dict
 
@@ -219,6 +217,8 @@ def report_cmd(ledger_path: str, fmt: str, plot_path: str | None, run_id: str | 
         if own is not None:
             head, *rest = own_lines.splitlines()
             click.echo(f"**{head}**\n\n" + "\n".join(f"- {line.strip()}" for line in rest) + "\n")
+            if caps_lines:
+                click.echo(f"**{caps_lines[0]}**\n\n" + "".join(f"- {line.strip()}\n" for line in caps_lines[1:]))
         click.echo(render_markdown(report), nl=False)
     else:
         click.echo(render_text(report), nl=False)

@@ -189,7 +189,8 @@ def client_command(
     except TaskLoadError as err:
         fail_from(err, "--task")
     if not data_path.is_file():
-        fail("--data", f"no such file {str(data_path)!r}")
+        fail("--data", f"{str(data_path)!r} is a directory, not a data file" if data_path.is_dir()
+             else f"no such file {str(data_path)!r}")
     try:
         dataset = task.load_dataset(data_path)
     except SchemaError as err:
