@@ -112,7 +112,10 @@ def test_noise_bad_arguments(capsys: pytest.CaptureFixture[str], override: list[
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [(["--noise-multiplier", "1e160"], "cannot evaluate"),  # overflows inside the RDP computation
-     (["--noise-multiplier", "0.01", "--sample-rate", "1", "--steps", "1", "--accountant", "pld"], "grid of")],
+     (["--noise-multiplier", "0.01", "--sample-rate", "1", "--steps", "1", "--accountant", "pld"], "grid of"),
+     # review of 2026-12-07: a million steps grew the composed grid until the process ran out of 24 GB
+     (["--noise-multiplier", "1", "--sample-rate", "1", "--steps", "1000000", "--accountant", "pld"],
+      "to compose 1000000 steps")],
 )
 def test_compute_refuses_compositions_it_cannot_evaluate_quickly_or_at_all(
     capsys: pytest.CaptureFixture[str], args: list[str], fragment: str
