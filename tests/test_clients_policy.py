@@ -375,3 +375,19 @@ def test_a_bad_state_file_is_a_one_line_error_naming_state(tmp_path: Path, capsy
     assert main(["client", "--server", "127.0.0.1:1", "--task", "fedveil.tasks.synthetic", "--data", str(data),
                  "--insecure", "--trust-server", "--token-file", str(empty_token)]) == 2
     assert capsys.readouterr().err.startswith("error: --token-file:")  # never a silent FEDVEIL_TOKEN or none
+
+
+def test_tls_files_of_the_wrong_kind_are_refused_at_once(tmp_path: Path) -> None:
+    """Review of 2026-12-07: a private key given as --ca-cert made the client retry a failing handshake for
+    its whole give-up time; now the files are checked for what they must hold before any connection."""
+    from fedveil.protocol.tls import TlsConfigError, generate_ca, read_pem
+
+    ca = generate_ca()
+    cert, key = tmp_path / "ca.pem", tmp_path / "ca.key"
+    ca.write(cert, key)
+    assert read_pem(cert, "ca_cert") == ca.cert_pem and read_pem(key, "client_key") == ca.key_pem
+    with pytest.raises(TlsConfigError, match="holds no certificate") as err:
+        read_pem(key, "ca_cert")
+    assert err.value.field == "ca_cert" and "ca.key" in str(err.value)
+    with pytest.raises(TlsConfigError, match="holds no private key"):
+        read_pem(cert, "tls_key")

@@ -49,6 +49,16 @@ def read_pem(path: str | Path, field: str) -> bytes:
         raise TlsConfigError(f"cannot read {str(p)!r}: {err.strerror or err}", field=field) from None
     if b"-----BEGIN " not in data:
         raise TlsConfigError(f"{str(p)!r} is not a PEM file", field=field)
+    # the kind the argument needs: a key given as a CA made the client retry a failing handshake for
+    # minutes instead of saying so (review of 2026-12-07)
+    if field.endswith("_key"):
+        if b"PRIVATE KEY-----" not in data:
+            raise TlsConfigError(f"{str(p)!r} holds no private key", field=field)
+    else:
+        try:
+            x509.load_pem_x509_certificates(data)
+        except ValueError:
+            raise TlsConfigError(f"{str(p)!r} holds no certificate", field=field) from None
     return data
 
 
