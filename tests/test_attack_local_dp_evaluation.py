@@ -82,13 +82,15 @@ def test_sites_that_opt_in_evaluate_under_local_dp(tmp_path: Path) -> None:
         (server.evaluations, summary)
 
 
-def test_the_refusal_names_the_policy_setting_and_spares_other_modes() -> None:
+def test_the_refusal_names_the_policy_setting_and_covers_user_level_modes() -> None:
     policy = SitePolicy(trust_server=True)
     refusal = evaluation_refusal(policy, "local")
     assert refusal is not None and "evaluate_under_local_dp" in refusal
     assert evaluation_refusal(SitePolicy(trust_server=True, evaluate_under_local_dp=True), "local") is None
-    for mode in ("none", "central", "distributed"):
-        assert evaluation_refusal(policy, mode) is None
+    assert evaluation_refusal(policy, "none") is None
+    for mode in ("central", "distributed"):  # never: user-level ε does not cover metrics (review of 2026-12-07)
+        assert "user-level DP" in (evaluation_refusal(policy, mode) or "")
+        assert evaluation_refusal(SitePolicy(trust_server=True, evaluate_under_local_dp=True), mode) is not None
 
 
 @pytest.mark.slow
