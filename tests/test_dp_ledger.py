@@ -269,3 +269,20 @@ def test_the_plot_shows_an_infinite_epsilon_instead_of_dropping_it() -> None:
     ys = list(line_b.get_ydata())
     assert len(ys) == 2 and all(math.isfinite(y) for y in ys) and ys[1] > 3.0  # drawn, above the budget
     assert "ε = ∞" in line_b.get_label() and any(t.get_text() == "ε = ∞" for t in ax.texts)
+
+
+def test_a_kept_release_survives_a_retrys_cancel_and_a_restart() -> None:
+    """Review of 2026-12-07: an attempt that aborted after the masked inputs counts as a release, but the next
+    attempt's early abort (cancel_round) and a server restart (which cancels every round above the model's
+    version) took its entry back, and the server's ε undercounted."""
+    ledger = PrivacyLedger(LedgerConfig(federation_delta=1e-5))
+    ledger.reserve(1, federation=FED)  # attempt 1: aborted at the consistency check, after masked inputs
+    ledger.keep_round(1)
+    one = ledger.epsilon()
+    ledger.reserve(1, federation=FED)  # attempt 2: aborted before any masked input
+    assert ledger.cancel_round(1) == 1 and ledger.epsilon() == pytest.approx(one)
+    assert ledger.cancel_round(1) == 0  # nothing left to take back: the kept release stays
+    restarted = PrivacyLedger.from_json(ledger.to_json())
+    assert restarted.cancel_round(1) == 0 and restarted.epsilon() == pytest.approx(one)
+    restarted.reserve(1, federation=FED)  # attempt 3 completes: two releases in all
+    assert restarted.epsilon() == pytest.approx(eps_direct(FED, 2))

@@ -22,6 +22,7 @@ Serializable to and from JSON (``to_json`` / ``from_json``); a malformed documen
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Mapping
@@ -330,16 +331,28 @@ class PrivacyLedger:
                 extra = tuple(sorted((client_details or {}).items()))
             self._append(LedgerEntry(round_index, party, label, event, extra))
 
+    def keep_round(self, round_index: int) -> None:
+        """Mark the federation's latest entry for ``round_index`` as a release: an attempt that ended after
+        the sites' masked inputs were in (and, at a stop, after their unmasking shares left) counts, and
+        no later :meth:`cancel_round` of the same round (a retry that aborted early, a restart) takes it
+        back. Without it both did, and the server's ε undercounted (review of 2026-12-07)."""
+        for index in range(len(self._entries) - 1, -1, -1):
+            entry = self._entries[index]
+            if entry.round_index == round_index and entry.party == FEDERATION:
+                if not _released(entry):
+                    self._entries[index] = dataclasses.replace(entry, details=(*entry.details, (RELEASED, True)))
+                return
+
     def cancel_round(self, round_index: int, *, include_clients: bool = False) -> int:
-        """Take back the federation's reservation for ``round_index`` (a round that aborted before the
-        server released anything). Sample-level client entries stay unless ``include_clients``: their
-        local training already happened. Only a party's latest round can be cancelled. Returns the
-        number of entries removed."""
-        hit = [
-            e
-            for e in self._entries
-            if e.round_index == round_index and (include_clients or e.party == FEDERATION)
-        ]
+        """Take back the reservation for ``round_index`` of the attempt that aborted before the server
+        released anything: each party's latest entry for that round, never one :meth:`keep_round` marked.
+        Sample-level client entries stay unless ``include_clients``: their local training already happened.
+        Only a party's latest round can be cancelled. Returns the number of entries removed."""
+        latest: dict[str, LedgerEntry] = {}
+        for e in self._entries:
+            if e.round_index == round_index and (include_clients or e.party == FEDERATION):
+                latest[e.party] = e
+        hit = [e for e in latest.values() if not _released(e)]
         for e in hit:
             if self._last_round.get(e.party, -1) != round_index:
                 raise ValueError(f"round {round_index} is not the latest round of party {e.party!r}")
@@ -443,3 +456,11 @@ class PrivacyLedger:
 
 def _default_label(event: DpEvent) -> str:
     return event.mechanism if isinstance(event, RdpCurveEvent) else "gaussian"
+
+
+RELEASED = "released"
+"""The detail :meth:`PrivacyLedger.keep_round` adds to an attempt's entry that counts as a release."""
+
+
+def _released(entry: LedgerEntry) -> bool:
+    return any(key == RELEASED and value for key, value in entry.details)

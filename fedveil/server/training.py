@@ -147,6 +147,11 @@ class GlobalModel:
         return self.ledger.reserve(plan.round_number, federation=entry.event, mechanism=entry.mechanism,
                                    details=entry.details)
 
+    def keep_budget(self, round_number: int) -> None:
+        """The round's latest attempt counts as a release: no later cancel takes its ledger entry back."""
+        if self.ledger is not None and round_number in self.ledger.rounds:
+            self.ledger.keep_round(round_number)
+
     def cancel_budget(self, round_number: int) -> None:
         """Take back a reservation of a round that aborted before releasing anything."""
         if self.ledger is not None and round_number in self.ledger.rounds:

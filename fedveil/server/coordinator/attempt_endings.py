@@ -51,6 +51,7 @@ class AttemptEndingsMixin(CoordinatorBase):
         if released:
             reason += " (after masked inputs: counted as a release in the privacy ledger)"
             if self.model.ledger is not None:
+                self.model.keep_budget(number)  # a retry that aborts early, or a restart, must not take it back
                 self.store.save_ledger(self.run_id, self.model.ledger.to_json())
         elif rnd.purpose == pb.ROUND_PURPOSE_TRAIN:
             self.model.cancel_budget(number)
@@ -87,6 +88,13 @@ class AttemptEndingsMixin(CoordinatorBase):
                  survivors, {k: round(v, 4) for k, v in metrics.items()})
 
     def _abandon(self, rnd: _Round, reason: str) -> None:
+        if rnd.purpose == pb.ROUND_PURPOSE_TRAIN and rnd.stage == Stage.UNMASKING:
+            # The sites may have sent their unmasking shares: each declines this round from now on, so a
+            # resumed server could never redo it (the job failed), and its ledger entry is a release.
+            # Skip the round as a rejected one: model unchanged, release kept (review of 2026-12-07).
+            self.model.keep_budget(rnd.number)
+            self._reject_round(rnd, f"{reason} during unmasking, after the sites' shares could have left", 0)
+            return
         if rnd.purpose == pb.ROUND_PURPOSE_TRAIN:
             self.model.cancel_budget(rnd.number)
         self.store.abort_round(self.run_id, rnd.number, rnd.attempt, reason, None)
