@@ -307,8 +307,11 @@ def describe_margin(log_odds_margin: float) -> str:
     return "uncertain: close to the decision boundary"
 
 
-def load_task(reference: str) -> Task:
-    """Resolve ``module:attr`` or ``module`` (with a ``task`` attribute) to a :class:`Task`."""
+def load_task(reference: str, *, call_factories: bool = True) -> Task:
+    """Resolve ``module:attr`` or ``module`` (with a ``task`` attribute) to a :class:`Task`.
+
+    ``call_factories=False`` for a reference read from a file (a run store): a function named there is
+    refused rather than called, so a crafted store cannot make a command call ``tempfile:mkdtemp``."""
     module_name, _, attr = reference.partition(":")
     if not module_name:
         raise TaskLoadError(f"{reference!r}: expected 'package.module:attr' or 'package.module'", field="task")
@@ -321,6 +324,9 @@ def load_task(reference: str) -> Task:
         obj = getattr(module, attr)
     except AttributeError:
         raise TaskLoadError(f"module {module_name!r} has no attribute {attr!r}", field="task") from None
+    if inspect.isfunction(obj) and not call_factories:
+        raise TaskLoadError(f"{attr!r} is a function; a task read from a file must name a Task object",
+                            field="task")
     if inspect.isfunction(obj):  # a factory: ``module:make_task``
         try:
             obj = obj()

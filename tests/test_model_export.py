@@ -165,3 +165,39 @@ def test_under_local_dp_the_metadata_carries_the_largest_sites_sample_level_epsi
             meta = f.metadata()
         assert meta["dp"] == "local" and meta["epsilon_level"].startswith("sample")
         assert float(meta["epsilon"]) == pytest.approx(after[round_number], rel=1e-9)
+
+
+@pytest.mark.slow
+def test_a_crafted_store_is_refused_in_one_line_and_never_has_its_task_called(
+        finished_run: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Review of 2026-12-07: export called whatever function the store named as its task (``tempfile:mkdtemp``
+    made a directory), and a checkpoint of the wrong length or a malformed ledger was a traceback."""
+    import hashlib
+    import shutil
+    import sqlite3
+
+    db, _run_id = finished_run
+    short = np.zeros(5, np.float32).tobytes()  # a checkpoint of the wrong length, its digest made to match
+
+    def crafted(name: str, sql: str, *params: object) -> Path:
+        copy = tmp_path / f"{name}.db"
+        shutil.copy(db, copy)
+        with sqlite3.connect(copy) as conn:
+            conn.execute(sql, params)
+        return copy
+
+    config = json.loads(sqlite3.connect(db).execute("SELECT config_json FROM runs").fetchone()[0])
+    cases = {
+        crafted("task", "UPDATE runs SET config_json=?", json.dumps({**config, "task": "tempfile:mkdtemp"})):
+            "a task read from a file must name a Task object",
+        crafted("short", "UPDATE checkpoints SET model=?, model_sha256=?", short, hashlib.sha256(short).hexdigest()):
+            "cannot be read",
+        crafted("ledger", "UPDATE ledger SET ledger_json=?", json.dumps({"format": 1})): "cannot be read",
+    }
+    before = set(Path("/tmp").iterdir()) if Path("/tmp").is_dir() else set()
+    for store, message in cases.items():
+        assert main(["export", "--store", str(store), "--format", "safetensors",
+                     "--out", str(tmp_path / "m.safetensors")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --store: ") and message in err and len(err.strip().splitlines()) == 1
+    assert not {p for p in Path("/tmp").iterdir() if p.name.startswith("tmp")} - before

@@ -94,15 +94,24 @@ def load_exported_model(request: ExportRequest) -> ExportedModel:
                 raise ExportError(f"run {run.run_id} has no round {request.round} (its checkpoints are rounds "
                                   f"0 to {last}; 0 is the initial model)", field="round")
             ledger_json = store.ledger_json(run.run_id)
+    except ExportError:
+        raise
     except (StoreError, sqlite3.DatabaseError) as err:
         raise ExportError(str(err), field="store") from None
+    except (ValueError, RecursionError) as err:  # a checkpoint's state that does not parse (a crafted store)
+        raise ExportError(f"{str(request.store)!r}: a checkpoint cannot be read ({str(err).splitlines()[0][:200]})",
+                          field="store") from None
     reference = str(run.config.get("task", ""))
     try:
-        task = load_task(reference)
+        task = load_task(reference, call_factories=False)  # the store is a file: never call what it names
     except TaskLoadError as err:
         raise ExportError(f"the run's task cannot be loaded here: {err}", field="store") from None
-    model = vector_to_model(checkpoint.model, task.build_model()).eval()
-    epsilon, delta, level = _round_epsilon(ledger_json, checkpoint.version)
+    try:
+        model = vector_to_model(checkpoint.model, task.build_model()).eval()
+        epsilon, delta, level = _round_epsilon(ledger_json, checkpoint.version)
+    except (ValueError, RecursionError) as err:  # a checkpoint or ledger that does not fit (a crafted store)
+        raise ExportError(f"round {checkpoint.version} of run {run.run_id} cannot be read: "
+                          f"{str(err).splitlines()[0][:200]}", field="store") from None
     metadata = {
         "run_id": run.run_id,
         "round": str(checkpoint.version),
