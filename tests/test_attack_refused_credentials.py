@@ -31,11 +31,13 @@ from fedveil.clients import Federation, run_client
 from fedveil.clients.admission import CohortRefused, check_identities
 from fedveil.clients.api import evaluator
 from fedveil.clients.backoff import BackoffPolicy
+from fedveil.clients.options import ClientOptions
 from fedveil.commands.server import _print_summary
 from fedveil.front_doors import FrontDoorError
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.protocol.errors import MalformedMessage
 from fedveil.protocol.identity_files import replace_file
+from fedveil.protocol.revocation_file import RevocationFile
 from fedveil.protocol.transport import InProcessTransport
 from fedveil.secagg.identity import RevocationList, issue_credential, issue_revocations
 from fedveil.server.config import ServerConfigError
@@ -43,7 +45,6 @@ from fedveil.server.coordinator import Coordinator
 from fedveil.server.coordinator.refusal_tally import refused_slots, roster_entry_digest, tolerated_refusers
 from fedveil.server.coordinator.state import JobSummary, _Client
 from fedveil.server.events import JobEvent, RoundCompleted, RoundStarted
-from fedveil.server.revocation_file import RevocationFile
 from fedveil.server.store import RunStore
 from fedveil.tasks.synthetic import task as synthetic
 from tests.attack_helpers import ALL_JOIN_WAIT, CONSORTIUM, DAY, RESPONSIVE_DEADLINES, Consortium, job_config, run_job
@@ -435,3 +436,47 @@ def test_the_revocation_file_is_read_again_and_a_bad_one_keeps_the_last_good_lis
                               new_run=True)
         with pytest.raises(ServerConfigError, match="needs --authority"):
             passive.watch_revocations(path)
+
+
+def test_a_running_site_reads_its_revocation_file_again(tmp_path: Path) -> None:
+    """Review of 2026-12-07: a site kept the list it started with until it restarted, so a key the authority
+    had revoked stayed acceptable to it while a malicious server kept drawing its holder."""
+    consortium = Consortium.create(NAMES)
+    path = tmp_path / "revocations.bin"
+    replace_file(path, _revocations(consortium, 1).encode())
+    options = ClientOptions(policy=consortium.policy(revocations=_revocations(consortium, 1)),
+                                    revocations_path=path)
+    site = Federation(InProcessTransport(None, "a"), synthetic.name, synthetic.build_model(), options)
+    site._refresh_revocations()
+    assert site.policy.revocations is not None and site.policy.revocations.version == 1
+    replace_file(path, _revocations(consortium, 2, "evil").encode())
+    site._refresh_revocations()
+    assert site.policy.revocations.version == 2
+    assert consortium.credentials["evil"].serial in site.policy.revocations.revoked
+    replace_file(path, _revocations(consortium, 1).encode())  # a roll-back is not taken
+    site._refresh_revocations()
+    assert site.policy.revocations.version == 2
+
+
+@pytest.mark.slow
+def test_a_revocation_file_replaced_mid_job_counts_from_the_next_round(tmp_path: Path) -> None:
+    """The same, end to end: round 1 with evil in the cohort; then the sites' file is replaced with a list
+    that revokes evil's key (the server, which holds no list, keeps drawing it): in round 2 every honest
+    site declines a cohort with evil, naming the revocation, without a restart."""
+    consortium = Consortium.create(NAMES)
+    path = tmp_path / "revocations.bin"
+    replace_file(path, _revocations(consortium, 1).encode())
+    cohorts = Cohorts(after_round_1=lambda: replace_file(path, _revocations(consortium, 2, "evil").encode()))
+
+    def listening(coordinator: Coordinator) -> Coordinator:
+        coordinator.listeners.add(cohorts)
+        return coordinator
+
+    sites = [site(n, consortium, policy=consortium.policy(revocations=_revocations(consortium, 1)),
+                  revocations_path=path) for n in NAMES[:3]]
+    summary, results, errors = run_job(tmp_path, config(max_round_attempts=1), synthetic,
+                                       [*sites, site("evil", consortium)], service=listening)
+    assert errors == [] and summary.status == "completed" and summary.completed_rounds == 2, summary
+    assert cohorts.with_evil(1) == [1]
+    declined = [o for _name, _fed, history in results[:3] for o in history if o.outcome == "declined"]
+    assert declined and all(o.round == 2 and "revoked" in o.reason for o in declined)

@@ -156,6 +156,7 @@ def federate(
                             policy=site_policy(policy, authority=authority, revocations=revocations,
                                                roster=roster, trust_server=trust_server),
                             credential=load_credential_arg(credential), state_path=Path(state) if state else None,
+                            revocations_path=Path(revocations) if revocations is not None else None,
                             insecure_deterministic=insecure_deterministic, privacy_engine=privacy_engine)
     if backoff is not None:
         options.backoff = backoff

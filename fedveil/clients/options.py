@@ -68,6 +68,9 @@ class ClientOptions:
     policy: SitePolicy | None = None
     credential: bytes = b""
     state_path: Path | None = None
+    revocations_path: Path | None = None
+    """The authority's revocation list file the policy's list came from: read again whenever it
+    changes, before each round's cohort check (a replaced file takes effect without a restart)."""
     insecure_deterministic: bool = False
     privacy_engine: Any = None
     """The site's own ``opacus.PrivacyEngine`` after its ``make_private[_with_epsilon]`` call: the site

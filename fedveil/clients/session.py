@@ -25,6 +25,7 @@ incompatible job (``FAILED_PRECONDITION`` at Join) ends the client with an error
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -66,7 +67,10 @@ from fedveil.protocol.errors import (
     Unauthenticated,
     Unavailable,
 )
+from fedveil.protocol.identity_files import IdentityFileError
+from fedveil.protocol.revocation_file import RevocationFile
 from fedveil.protocol.transport import ClientSession, Transport
+from fedveil.secagg.errors import IdentityError
 
 log = logging.getLogger("fedveil.client")
 
@@ -119,6 +123,7 @@ class Federation:
         self._sitting_out: tuple[int, bytes] = (0, b"")
         """(round, nonce) of the round attempt this client dropped out of without submitting."""
         self._closed = False
+        self._revocation_file: RevocationFile | None = None
         self._round_evaluations: dict[tuple[str, int], tuple[bytes, dict[str, float]]] = {}
         """Per (run, round): the model this site evaluated (its digest) and the metrics, in memory only."""
 
@@ -367,6 +372,7 @@ class Federation:
     def _admit_start(self, start: pb.RoundStart) -> tuple[pb.RoundStart, Admission, np.ndarray] | None:
         """Check the round's model and the round against the policy; returns the start as the site
         keeps it (:func:`participation.kept_start`), the admission and the global model's vector."""
+        self._refresh_revocations()
         try:
             vector = model_vector(start.model)  # checks the digest, the layout and finiteness
         except MalformedMessage as err:
@@ -428,6 +434,23 @@ class Federation:
             if rnd._metrics is not None:
                 rnd._eval_examples = float(rnd._metrics.get("examples", self.options.num_examples))
         return rnd
+
+    def _refresh_revocations(self) -> None:
+        """The revocation list in ``--revocations`` now (one ``stat`` while unchanged): a list the operator
+        replaced mid-job counts from the next round, as on the server (review of 2026-12-07)."""
+        path, policy = self.options.revocations_path, self.policy
+        if path is None or policy.authority_public_key is None or policy.consortium is None:
+            return
+        if self._revocation_file is None:
+            try:
+                self._revocation_file = RevocationFile(path, policy.authority_public_key, policy.consortium, log=log)
+            except (IdentityFileError, IdentityError) as err:
+                log.error("--revocations %s: cannot be read again (%s); keeping the list this site started with",
+                          path, err)
+                return
+        current = self._revocation_file.refresh()
+        if policy.revocations is None or current.version > policy.revocations.version:
+            self.policy = dataclasses.replace(policy, revocations=current)
 
     def _check_evaluation_left(self, start: pb.RoundStart, admission: Admission) -> None:
         """A round that asks this site for secure evaluation sums gets real ones or a decline, never zeros.

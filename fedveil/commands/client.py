@@ -220,6 +220,7 @@ def client_command(
         fail_from(err, "--ca-cert")
     except SiteStateError as err:
         fail("--state", str(err))
+    federation.options.revocations_path = revocations  # read again when replaced mid-job (the policy holds its list)
     try:
         history = run_client(federation, task, dataset)
     except AuthenticationError as err:

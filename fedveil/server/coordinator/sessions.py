@@ -17,6 +17,7 @@ from fedveil.protocol.errors import (
     Replayed,
     Unavailable,
 )
+from fedveil.protocol.revocation_file import RevocationFile
 from fedveil.secagg import errors as sa_errors
 from fedveil.secagg.identity import SiteCredential, verify_credential
 from fedveil.server.config import ServerConfigError
@@ -33,7 +34,6 @@ from fedveil.server.coordinator.state import (
     _Round,
     log,
 )
-from fedveil.server.revocation_file import RevocationFile
 
 
 def _uniform() -> float:

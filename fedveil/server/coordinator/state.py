@@ -16,6 +16,7 @@ from fedveil.metrics import DEFAULT_METRICS
 from fedveil.model_spec import ModelSpec
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.protocol.model_delivery import ModelDelivery, PublishedModel
+from fedveil.protocol.revocation_file import RevocationFile
 from fedveil.secagg import errors as sa_errors
 from fedveil.secagg import messages as sa
 from fedveil.secagg.beacon import BeaconCollector
@@ -27,7 +28,6 @@ from fedveil.server.events import (
     JobListener,
     Listeners,
 )
-from fedveil.server.revocation_file import RevocationFile
 from fedveil.server.round_plan import RoundPlan
 from fedveil.server.store import RunStore
 from fedveil.server.training import GlobalModel

@@ -1,11 +1,12 @@
-"""The operator's ``--revocations`` file, read again whenever it changes on disk.
+"""A ``--revocations`` file, read again whenever it changes on disk: the server's and each site's.
 
 An operator revokes a site mid-job by replacing the file with the authority's newer list
 (``fedveil authority revoke``): the coordinator asks :meth:`RevocationFile.refresh` at every cohort
-draw, which costs one ``stat`` while the file is unchanged. A changed file is verified as at
-start-up (the pinned authority's signature, the consortium). A file that no longer verifies, a
-list older than the one held (a roll-back) or a second list with the same version is logged and
-the last good list is kept: revocations are never silently dropped.
+draw, and a running site before it checks a round's cohort, which costs one ``stat`` while the file
+is unchanged (a site used to keep the list it started with until it restarted: review of 2026-12-07).
+A changed file is verified as at start-up (the pinned authority's signature, the consortium). A
+file that no longer verifies, a list older than the one held (a roll-back) or a second list with
+the same version is logged and the last good list is kept: revocations are never silently dropped.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from fedveil.protocol.identity_files import IdentityFileError, load_revocations
 from fedveil.secagg.errors import IdentityError
 from fedveil.secagg.identity import RevocationList, verify_revocations
 
-log = logging.getLogger("fedveil.server")
-
 _Stamp = tuple[int, int, int] | None
 
 
@@ -29,8 +28,10 @@ class RevocationFile:
     The constructor reads the file and raises :class:`IdentityFileError` or
     :class:`~fedveil.secagg.errors.IdentityError` if it does not verify (the start-up check)."""
 
-    def __init__(self, path: Path | str, authority: bytes, consortium: str) -> None:
+    def __init__(self, path: Path | str, authority: bytes, consortium: str, *,
+                 log: logging.Logger | None = None) -> None:
         self.path = Path(path)
+        self._log = log or logging.getLogger("fedveil.server")
         self._authority = authority
         self._consortium = consortium
         self._seen = self._stamp()  # before reading: a change while it is read is read again
@@ -47,18 +48,18 @@ class RevocationFile:
         try:
             loaded = self._load()
         except (IdentityFileError, IdentityError) as err:
-            log.error("--revocations %s: the file changed and does not verify (%s); keeping revocation list "
+            self._log.error("--revocations %s: the file changed and does not verify (%s); keeping revocation list "
                       "version %d", self.path, err, self.current.version)
             return self.current
         held = self.current
         if loaded.version < held.version:
-            log.error("--revocations %s: the file now holds version %d, older than version %d already in force; "
+            self._log.error("--revocations %s: the file now holds version %d, older than version %d already in force; "
                       "keeping version %d", self.path, loaded.version, held.version, held.version)
         elif loaded.version == held.version and loaded.encode() != held.encode():
-            log.error("--revocations %s: a different list with the same version %d (the authority key may be "
+            self._log.error("--revocations %s: a different list with the same version %d (the authority key may be "
                       "misused); keeping the first", self.path, loaded.version)
         elif loaded.version > held.version:
-            log.warning("--revocations %s: revocation list version %d in force (%d serials revoked, %d newly)",
+            self._log.warning("--revocations %s: revocation list version %d in force (%d serials revoked, %d newly)",
                         self.path, loaded.version, len(loaded.revoked), len(loaded.revoked - held.revoked))
             self.current = loaded
         return self.current
