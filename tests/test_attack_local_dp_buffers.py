@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -128,3 +129,65 @@ def test_a_local_dp_job_never_releases_a_buffers_exact_statistics(tmp_path: Path
     aggregate = np.asarray(holder["c"].applied[0].aggregate)
     assert np.all(aggregate[:features] == 0.0)  # "0.seen": the sites' exact feature means never left
     assert np.any(aggregate[features:] != 0.0)
+
+
+def test_an_embedding_with_max_norm_is_refused_and_a_sites_own_engine_is_checked_too() -> None:
+    """Review of 2026-12-07: Embedding(max_norm=...) rewrites the rows a batch looks up in place, outside
+    autograd: rows the server set at norm 100 came back near 1 exactly where a record used them. And with a
+    site's own PrivacyEngine the layer check was skipped, so a batch norm without weights got through."""
+    from fedveil.clients.model_check import check_site_model
+
+    with pytest.raises(UnsupportedLayerError, match=r"Embedding at 0.*max_norm"):
+        check_dp_trainable(nn.Sequential(nn.Embedding(10, 4, max_norm=1.0), nn.Linear(4, 1)))
+    check_dp_trainable(nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 1)))
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, affine=False), nn.Linear(4, 1))
+    job = pb.JobInfo(dp_mode="local", model=ModelSpec.of(model).to_proto())
+    with pytest.raises(UnsupportedLayerError, match="BatchNorm1d at 1"):
+        check_site_model(job, model, own_privacy_engine=True)
+
+
+def _loop(mistake: str) -> str:
+    """One local-DP round as a site's loop runs it, with ``mistake``; returns why it may not be released."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 1))
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(3))
+    loader = DataLoader(TensorDataset(x, torch.zeros(16)), batch_size=16, shuffle=True)  # one step an epoch
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    client = LocalDpClient(seed=1)
+    params = pb.LocalDpParams(target_epsilon=3.0, planned_rounds=5, max_grad_norm=1.0, delta=1e-5)
+    policy = SitePolicy(authority_public_key=bytes(32))
+    private, dp_optimizer, dp_loader = client.privatize(params, model, optimizer, loader, local_epochs=1,
+                                                        policy=policy)
+
+    def train(m: nn.Module, opt: torch.optim.Optimizer, batches: Any) -> None:
+        for xb, yb in batches:
+            if len(yb):
+                opt.zero_grad()
+                if mistake == "second_optimizer":
+                    m.zero_grad()  # as a loop with its own optimizer does, clearing Opacus's per-sample grads
+                nn.functional.mse_loss(m(xb).squeeze(-1), yb).backward()
+                opt.step()
+
+    if mistake in ("none", "fine_tune_after"):
+        train(private, dp_optimizer, dp_loader)
+    if mistake == "fine_tune_after":
+        dp_optimizer.zero_grad()  # the DP epoch is done; then one plain epoch on the same data
+    if mistake in ("ignored_returns", "fine_tune_after"):
+        train(model, optimizer, loader)  # the loop's own optimizer: no clipping, no noise
+    if mistake == "second_optimizer":
+        train(private, torch.optim.SGD(private.parameters(), lr=0.1), dp_loader)
+    if mistake == "edited_weights":
+        train(private, dp_optimizer, dp_loader)
+        with torch.no_grad():
+            model[0].bias.add_(1.0)
+    return client.over_budget(policy)
+
+
+@pytest.mark.parametrize("mistake", ["ignored_returns", "fine_tune_after", "second_optimizer", "edited_weights"])
+def test_training_outside_dp_sgd_is_never_released(mistake: str) -> None:
+    """Review of 2026-12-07: a loop that trained with its own optimizer after rnd.privatize (or fine-tuned after
+    the DP epoch, or stepped a second optimizer) released un-noised steps while the ledger recorded DP-SGD's ε
+    alone, or no event at all. The site now declines such a round before anything leaves."""
+    assert _loop("none") == ""
+    reason = _loop(mistake)
+    assert "outside DP-SGD" in reason or "after DP-SGD's last noised step" in reason

@@ -9,7 +9,6 @@ unchanged, the release kept), and the resumed job goes on with the next round.
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +41,10 @@ def test_a_stop_during_unmasking_skips_the_round_and_the_resumed_job_finishes(
     stopped: list[str] = []
 
     def unmask(self: Coordinator, caller: str, request: Any) -> Any:
-        ack = real_unmask(self, caller, request)
-        if not stopped:  # the operator's Ctrl+C lands as the first shares come in
+        if not stopped:  # the operator's Ctrl+C lands as the first shares come in, before the stage can close
             stopped.append(caller)
-            threading.Thread(target=self.stop, daemon=True).start()
-        return ack
+            self.stop()
+        return real_unmask(self, caller, request)
 
     monkeypatch.setattr(Coordinator, "unmask", unmask)
     first, _, _ = run_job(tmp_path, config, task, sites())

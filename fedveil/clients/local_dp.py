@@ -152,6 +152,10 @@ class LocalDpClient:
         Checked before release; the steps stay accounted either way (:meth:`finish_round`)."""
         if self.session is None or self._wrapped is None:
             return ""
+        guard = self.session.step_guard
+        untracked = guard.problem() if guard is not None else ""
+        if untracked:
+            return untracked
         lifetime = over_lifetime(self._lifetime, policy, self._lifetime_delta, self.session.pending_event())
         if lifetime is not None:
             return lifetime_reason(lifetime)

@@ -29,11 +29,11 @@ def check_trainable(model: nn.Module, spec: ModelSpec) -> None:
 
 
 def check_site_model(job: pb.JobInfo, model: nn.Module, *, own_privacy_engine: bool) -> ModelSpec:
-    """The job's spec, after checking the site's model against it (and, under local DP without the
-    site's own ``PrivacyEngine``, that DP-SGD can train it). Raises
+    """The job's spec, after checking the site's model against it (and, under local DP, that DP-SGD can
+    train it, with the site's own ``PrivacyEngine`` as well). Raises
     :class:`~fedveil.model_spec.ModelMismatchError` or :class:`~fedveil.dp.compat.UnsupportedLayerError`."""
     spec = job_spec(job, model)
-    if job.dp_mode == "local" and not own_privacy_engine:
+    if job.dp_mode == "local":  # a site's own engine too: Opacus checks trainable layers only (review of 2026-12-07)
         check_trainable(model, spec)
     else:
         spec.check(model)

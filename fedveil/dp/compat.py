@@ -47,6 +47,13 @@ def dp_layer_problems(model: nn.Module) -> list[LayerProblem]:
     """
     problems = []
     for path, module in model.named_modules():
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.max_norm is not None:
+            # max_norm renormalises the looked-up rows in place during forward, outside autograd: a row
+            # the server set large comes back small exactly when a record used it (review of 2026-12-07)
+            problems.append(LayerProblem(_plain_path(path), type(module).__name__,
+                                         "max_norm rewrites the rows a batch looks up, outside DP-SGD's clipping "
+                                         "and noise; build it without max_norm"))
+            continue
         validator = ModuleValidator.VALIDATORS.get(type(module))
         if validator is None:
             continue

@@ -68,6 +68,7 @@ from fedveil.dp.calibration import solve_noise_multiplier
 from fedveil.dp.compat import UnsupportedLayerError, make_dp_compatible
 from fedveil.dp.ledger import BUDGET_REL_TOLERANCE, BudgetExceededError
 from fedveil.dp.sgd_noise import SecureSgdNoise, add_noise_from
+from fedveil.dp.step_guard import StepGuard
 
 
 @dataclass(frozen=True)
@@ -203,6 +204,8 @@ class LocalDPSession:
         self._round_steps = 0
         self._round_sample_rate: float | None = None
         self._round_noise: float | None = None
+        self.step_guard: StepGuard | None = None
+        """This round's check that only DP-SGD's steps trained the model (:mod:`fedveil.dp.step_guard`)."""
 
     # -- the round ----------------------------------------------------------------------------------
     def privatize(
@@ -245,6 +248,7 @@ class LocalDPSession:
         private_model.forbid_grad_accumulation()
         if not self.config.secure_mode:  # every noise value from AES-CTR, floating-point safe
             add_noise_from(private_opt, SecureSgdNoise(self._round_noise_key()))
+        self.step_guard = StepGuard(private_opt, private_model.parameters())
         private_opt.attach_step_hook(self._step_hook(1.0 / len(private_loader)))
         self._active = private_model
         self._round_steps = 0
@@ -348,6 +352,8 @@ class LocalDPSession:
                 raise RuntimeError("sample rate or noise multiplier changed within a round")
             self._round_sample_rate, self._round_noise = q, z
             self._round_steps += 1
+            if self.step_guard is not None:
+                self.step_guard.arm()
 
         return hook
 

@@ -87,8 +87,8 @@ class AttemptEndingsMixin(CoordinatorBase):
         log.info("round %d: secure evaluation of model %d over %d sites: %s", rnd.number, self.model.version,
                  survivors, {k: round(v, 4) for k, v in metrics.items()})
 
-    def _abandon(self, rnd: _Round, reason: str) -> None:
-        if rnd.purpose == pb.ROUND_PURPOSE_TRAIN and rnd.stage == Stage.UNMASKING:
+    def _abandon(self, rnd: _Round, reason: str, *, stopping: bool = False) -> None:
+        if stopping and rnd.purpose == pb.ROUND_PURPOSE_TRAIN and rnd.stage == Stage.UNMASKING:
             # The sites may have sent their unmasking shares: each declines this round from now on, so a
             # resumed server could never redo it (the job failed), and its ledger entry is a release.
             # Skip the round as a rejected one: model unchanged, release kept (review of 2026-12-07).

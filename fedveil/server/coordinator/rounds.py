@@ -356,7 +356,7 @@ class RoundDriverMixin(CoordinatorBase):
         for index, stage in enumerate(stages):
             with self._cond:
                 if not self._wait_until(lambda: not rnd.live_pending(), rnd.deadline):
-                    self._abandon(rnd, "server stopping")
+                    self._abandon(rnd, "server stopping", stopping=True)
                     return "stopped"
                 missing = [rnd.names[s] for s in rnd.pending]
                 rnd.closing = True
