@@ -18,7 +18,6 @@ from fedveil.clients.model_check import check_trainable
 from fedveil.clients.options import ClientError, RoundOutcome
 from fedveil.clients.policy import PolicyViolation, TrainingRefused, check_training
 from fedveil.clients.update import AttemptRandomness
-from fedveil.dp.compat import check_dp_trainable
 from fedveil.protocol import fedveil_pb2 as pb
 
 if TYPE_CHECKING:
@@ -92,6 +91,8 @@ class Round:
         if self.dp_mode != "local" or self._federation.options.privacy_engine is not None:
             self._federation.spec.check(model)
             if self.dp_mode == "local":  # the site's own engine: batch norms and the like are refused here too
+                from fedveil.dp.compat import check_dp_trainable  # opacus at import configures the root logger
+
                 check_dp_trainable(model)
             self._privatized = (model, optimizer, loader) if self.dp_mode == "local" else None
             return model, optimizer, loader
