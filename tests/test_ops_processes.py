@@ -134,3 +134,12 @@ def test_bad_operations_flags_are_refused_naming_the_flag(
 def test_the_client_refuses_an_unknown_log_format_naming_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["client", "--server", "127.0.0.1:1", "--task", TASK, "--data", "x.csv", "--log-format", "xml"]) == 2
     assert "--log-format" in capsys.readouterr().err
+
+
+def test_the_client_path_does_not_import_opacus_before_logging_is_set_up() -> None:
+    """Importing Opacus configures the root logger (basicConfig); on the client's import path it made
+    `--log-format json` print plain text (found by the gate of 2026-12-07). It is imported when DP-SGD runs."""
+    code = ("import sys, fedveil.clients, fedveil.clients.round, fedveil.clients.session, fedveil.commands.client; "
+            "print('opacus' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]
