@@ -422,15 +422,14 @@ class Federation:
             and self.policy.evaluation == "clear" and admission.evaluation_allowed
         evaluation_only = start.purpose == pb.ROUND_PURPOSE_EVALUATE
         if (admission.evaluate or wants_clear) and self.options.evaluate is not None:
-            key = (start.run_id, rnd.number)
-            earlier = self._round_evaluations.get(key)
-            if earlier is not None and earlier[0] == admission.model_digest:
-                rnd._metrics = dict(earlier[1])  # the same model's answer again: nothing new, and never zeros
+            earlier = self._evaluated_before(start, admission)
+            if earlier is not None:
+                rnd._metrics = dict(earlier)  # the same model's answer again: nothing new, and never zeros
             elif self.state.evaluated(self.run_id, rnd.number, self.policy.max_evaluations_per_round) \
                     and (not evaluation_only
                          or self.state.evaluated_for_job(self.run_id, self.policy.max_evaluations_per_job)):
                 rnd._metrics = self._run_evaluate()  # of the global model, before local training
-                self._round_evaluations[key] = (admission.model_digest, dict(rnd._metrics))
+                self._round_evaluations[(start.run_id, rnd.number)] = (admission.model_digest, dict(rnd._metrics))
             if rnd._metrics is not None:
                 rnd._eval_examples = float(rnd._metrics.get("examples", self.options.num_examples))
         return rnd
@@ -452,6 +451,11 @@ class Federation:
         if policy.revocations is None or current.version > policy.revocations.version:
             self.policy = dataclasses.replace(policy, revocations=current)
 
+    def _evaluated_before(self, start: pb.RoundStart, admission: Admission) -> dict[str, float] | None:
+        """The metrics this site computed earlier in this round for the same model, or None."""
+        earlier = self._round_evaluations.get((start.run_id, int(start.round)))
+        return earlier[1] if earlier is not None and earlier[0] == admission.model_digest else None
+
     def _check_evaluation_left(self, start: pb.RoundStart, admission: Admission) -> None:
         """A round that asks this site for secure evaluation sums gets real ones or a decline, never zeros.
 
@@ -461,11 +465,10 @@ class Federation:
         2026-12-07). A later attempt over the model already evaluated gets that answer again."""
         if not admission.evaluate or self.options.evaluate is None:
             return
-        number, limit, run_id = int(start.round), self.policy.max_evaluations_per_round, start.run_id
-        earlier = self._round_evaluations.get((run_id, number))
-        if earlier is not None and earlier[0] == admission.model_digest:
+        number, limit = int(start.round), self.policy.max_evaluations_per_round
+        if self._evaluated_before(start, admission) is not None:
             return
-        if not self.state.evaluations_left(run_id, number, limit):
+        if not self.state.evaluations_left(start.run_id, number, limit):
             raise PolicyViolation("max_evaluations_per_round", f"round {number}: this site already evaluated "
                                   f"{limit} model(s) in this round and cannot answer for another one; adding "
                                   "zeros instead would leave the other sites' sums alone in the secure total")

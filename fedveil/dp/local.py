@@ -339,7 +339,7 @@ class LocalDPSession:
         """The AES key of this round's DP-SGD noise: fresh from the OS, or derived from (seed, round)."""
         if self.config.seed is None:
             return os.urandom(32)
-        return hashlib.sha256(f"fedveil.dp.local|{self.config.seed}|noise|{self.rounds_completed}".encode()).digest()
+        return _derive_digest(self.config.seed, "noise", self.rounds_completed)
 
     def _step_hook(self, sample_rate: float) -> Callable[[DPOptimizer], None]:
         """Hook run by the DPOptimizer after each noised (real) step — the same place and the same q
@@ -469,10 +469,14 @@ def strip_module_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state.items()}
 
 
+def _derive_digest(seed: int, purpose: str, round_index: int) -> bytes:
+    """32 bytes for one purpose and round, derived from the session seed by SHA-256."""
+    return hashlib.sha256(f"fedveil.dp.local|{seed}|{purpose}|{round_index}".encode()).digest()
+
+
 def _derive_seed(seed: int, purpose: str, round_index: int) -> int:
-    """A 63-bit seed for one purpose and round, derived from the session seed by SHA-256."""
-    digest = hashlib.sha256(f"fedveil.dp.local|{seed}|{purpose}|{round_index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    """A 63-bit seed for one purpose and round (:func:`_derive_digest`)."""
+    return int.from_bytes(_derive_digest(seed, purpose, round_index)[:8], "little") >> 1
 
 
 def _fresh_seed() -> int:

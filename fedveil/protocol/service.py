@@ -72,6 +72,10 @@ class ServerLimits:
     """Uploads that may wait for a slot at once (each holds a worker thread); more are answered
     UNAVAILABLE and retry. ``None``: half the workers."""
 
+    def hold_s(self, nbytes: int) -> float:
+        """How long a stream moving ``nbytes`` (an upload holding its slot, a model download) may take."""
+        return min(self.upload_timeout_s, self.upload_idle_timeout_s + nbytes / self.upload_min_rate_bytes_s)
+
     def __post_init__(self) -> None:
         if self.max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes must be at least 1024 (got {self.max_message_bytes})")
@@ -274,8 +278,7 @@ class FederationServicer:
         try:
             limits = self._limits
             expected = reservation.size
-            watch.resume(min(limits.upload_timeout_s,
-                             limits.upload_idle_timeout_s + expected / limits.upload_min_rate_bytes_s))
+            watch.resume(limits.hold_s(expected))
             context.send_initial_metadata(((UPLOAD_GRANT_METADATA, "granted"),))
             buffer = bytearray(expected)
             view = memoryview(buffer)
@@ -322,7 +325,8 @@ class FederationServicer:
             self._fetch_streams.open(caller)
         except Replayed as err:
             self._refuse(rpc, caller, context, err)
-        context.add_callback(lambda: self._fetch_streams.close(caller))
+        if not context.add_callback(lambda: self._fetch_streams.close(caller)):
+            self._fetch_streams.close(caller)  # the call already ended: gRPC will not run the callback
         return self._watched_download(rpc, chunks, context)
 
     def _watched_download(self, rpc: str, chunks: list[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
@@ -330,10 +334,9 @@ class FederationServicer:
         chunk only once the last one was sent, so a site that never reads stalls here and is cancelled,
         instead of holding a server thread (review of 2026-12-07: 40 unread streams froze the server)."""
         limits = self._limits
-        total = sum(len(c) for c in chunks)
-        idle, rate = limits.upload_idle_timeout_s, limits.upload_min_rate_bytes_s
-        with self._watchdog.watch(context.cancel, idle, rate) as watch:
-            watch.resume(min(limits.upload_timeout_s, idle + total / rate))
+        with self._watchdog.watch(context.cancel, limits.upload_idle_timeout_s,
+                                  limits.upload_min_rate_bytes_s) as watch:
+            watch.resume(limits.hold_s(sum(len(c) for c in chunks)))
             for chunk in chunks:
                 if self._traffic is not None:
                     self._traffic.count_sent(rpc, len(chunk))

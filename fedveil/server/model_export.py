@@ -99,7 +99,7 @@ def load_exported_model(request: ExportRequest) -> ExportedModel:
     except (StoreError, sqlite3.DatabaseError) as err:
         raise ExportError(str(err), field="store") from None
     except (ValueError, RecursionError) as err:  # a checkpoint's state that does not parse (a crafted store)
-        raise ExportError(f"{str(request.store)!r}: a checkpoint cannot be read ({str(err).splitlines()[0][:200]})",
+        raise ExportError(f"{str(request.store)!r}: a checkpoint cannot be read ({_first_line(err)})",
                           field="store") from None
     reference = str(run.config.get("task", ""))
     try:
@@ -111,7 +111,7 @@ def load_exported_model(request: ExportRequest) -> ExportedModel:
         epsilon, delta, level = _round_epsilon(ledger_json, checkpoint.version)
     except (ValueError, RecursionError) as err:  # a checkpoint or ledger that does not fit (a crafted store)
         raise ExportError(f"round {checkpoint.version} of run {run.run_id} cannot be read: "
-                          f"{str(err).splitlines()[0][:200]}", field="store") from None
+                          f"{_first_line(err)}", field="store") from None
     metadata = {
         "run_id": run.run_id,
         "round": str(checkpoint.version),
@@ -154,8 +154,13 @@ def export_model(request: ExportRequest) -> ExportedModel:
     except OSError as err:
         raise ExportError(f"cannot write {str(request.out)!r}: {err.strerror or err}", field="out") from None
     except (RuntimeError, SafetensorError) as err:  # torch.save and safetensors wrap the OS's refusal
-        raise ExportError(f"cannot write {str(request.out)!r}: {str(err).splitlines()[0][:200]}", field="out") from None
+        raise ExportError(f"cannot write {str(request.out)!r}: {_first_line(err)}", field="out") from None
     return exported
+
+
+def _first_line(err: BaseException) -> str:
+    """A library's message for a one-line error: its first line, at most 200 characters."""
+    return (str(err).splitlines() or [""])[0][:200]
 
 
 def safetensors_bytes(exported: ExportedModel) -> bytes:
