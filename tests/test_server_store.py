@@ -123,6 +123,25 @@ def test_completing_a_round_twice_changes_nothing(tmp_path: Path) -> None:
         assert store.completed_rounds("r") == 1
 
 
+def test_a_release_mark_survives_a_reopen_with_its_ledger_and_only_on_a_running_attempt(tmp_path: Path) -> None:
+    ledger = PrivacyLedger(LedgerConfig(federation_delta=1e-5))
+    ledger.reserve(1, federation=SubsampledGaussianEvent(0.5, 1.1), mechanism="dp-fedavg")
+    with RunStore(tmp_path / "run.db") as store:
+        store.create_run("r", {})
+        store.start_round("r", 1, 1, {"a": 0, "b": 1}, threshold=2)
+        store.abort_round("r", 1, 1, "too few", 1)
+        with pytest.raises(StoreError, match="round 1 attempt 1 of run r is not running"):
+            store.mark_release("r", 1, 1, "masked-input", None)
+        store.start_round("r", 1, 2, {"a": 0, "b": 1}, threshold=2)
+        assert store.released_unfinished_rounds("r") == []  # running, not yet released
+        store.mark_release("r", 1, 2, "masked-input", ledger.to_json())
+    with RunStore(tmp_path / "run.db") as store:  # what a killed server leaves
+        assert store.released_unfinished_rounds("r") == [(1, 2)]
+        assert load_ledger(tmp_path / "run.db").rounds == [1]
+        store.interrupt_unfinished_rounds("r")
+        assert store.released_unfinished_rounds("r") == []
+
+
 def test_bad_store_paths_are_refused(tmp_path: Path) -> None:
     not_db = tmp_path / "notes.txt"
     not_db.write_text("hello, this is not a database at all" * 10)

@@ -24,19 +24,48 @@ class AttemptEndingsMixin(CoordinatorBase):
         round counted, its release kept in the ledger) and go on — a retry would let a malicious site
         stall the job."""
         number = rnd.number
-        state_after = self.model.state_dict(skipping=True)
-        ledger_json = self.model.ledger.to_json() if self.model.ledger is not None else None
-        self.store.complete_round(
-            self.run_id, number, rnd.attempt, survivors=survivors, aggregate=np.zeros(0, np.float32),
-            aggregate_digest="", model=self.model.params, state=state_after, ledger_json=ledger_json,
-            stats={"rejected": reason, "threshold": rnd.plan.threshold}, status="rejected", reason=reason)
         with self._cond:
-            self.model.skip()
-            self._rejected_rounds += 1
-            log.warning("round %d rejected (model unchanged, the job goes on): %s", number, reason)
+            self._record_rejected(number, rnd.attempt, reason, survivors, rnd.plan.threshold)
             self._finish_round_for_clients(rnd, pb.ROUND_OUTCOME_ABORTED, f"rejected: {reason}", ())
         self.listeners.emit(RoundRejected(self.run_id, number, rnd.attempt, reason))
         return "rejected"
+
+    def _record_rejected(self, number: int, attempt: int, reason: str, survivors: int, threshold: int) -> None:
+        """Store the round as rejected with the checkpoint that skips it, then skip it (model unchanged)."""
+        ledger_json = self.model.ledger.to_json() if self.model.ledger is not None else None
+        self.store.complete_round(
+            self.run_id, number, attempt, survivors=survivors, aggregate=np.zeros(0, np.float32),
+            aggregate_digest="", model=self.model.params, state=self.model.state_dict(skipping=True),
+            ledger_json=ledger_json, stats={"rejected": reason, "threshold": threshold}, status="rejected",
+            reason=reason)
+        self.model.skip()
+        self._rejected_rounds += 1
+        log.warning("round %d rejected (model unchanged, the job goes on): %s", number, reason)
+
+    def _mark_release(self, rnd: _Round) -> None:
+        """The training round's masked inputs are in (lock held): from here its sum can be released.
+
+        The ledger keeps the round's entry and the store marks the attempt before any unmasking share
+        is asked for. A server killed (``kill -9``) after this point resumes by skipping the round, with
+        the release counted (:meth:`_skip_released_rounds`). Before, the resumed server took the
+        reservation back and redid the round: under no DP every site that had sent its shares declined
+        the replay and the job failed; under user-level DP the sites took it, and the server's ledger
+        counted one release of the two."""
+        self.model.keep_budget(rnd.number)
+        ledger_json = self.model.ledger.to_json() if self.model.ledger is not None else None
+        self.store.mark_release(self.run_id, rnd.number, rnd.attempt, Stage.MASKED_INPUT.label, ledger_json)
+
+    def _skip_released_rounds(self) -> None:
+        """At resume, before the unfinished attempts are marked interrupted: a training round whose
+        attempt was killed after :meth:`_mark_release` is skipped like a rejected one (model unchanged,
+        the release kept in the ledger), as a stop in that stage is (:meth:`_abandon`)."""
+        thresholds = {(r.round, r.attempt): r.threshold for r in self.store.rounds(self.run_id)}
+        for number, attempt in self.store.released_unfinished_rounds(self.run_id):
+            if number != self.model.version + 1:
+                continue  # not the round after the checkpoint: a round starts only once the one before ended
+            self._record_rejected(number, attempt, "the server stopped after the masked inputs were in, when the "
+                                  "sites' unmasking shares could have left (skipped at resume)", 0,
+                                  thresholds[(number, attempt)])
 
     def _abort_attempt(self, rnd: _Round, stage: Stage, answered: int) -> str:
         """Record an aborted attempt (lock held). Once masked inputs were in and unmasking shares

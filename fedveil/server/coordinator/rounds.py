@@ -401,6 +401,8 @@ class RoundDriverMixin(CoordinatorBase):
                     return self._abort_attempt(rnd, stage, len(answered))
                 if rnd.secagg is not None and rnd.secagg.completed:
                     break
+                if stage == Stage.MASKED_INPUT and purpose == pb.ROUND_PURPOSE_TRAIN:
+                    self._mark_release(rnd)
                 if stage == Stage.COMMIT:
                     assert listed is not None
                     rnd.commitments = listed

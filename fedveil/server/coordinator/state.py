@@ -303,6 +303,7 @@ class CoordinatorBase:
         """Cap on polls held at once (the gRPC runner sets it below its worker count, so long polls
         can never occupy every worker and stall the submissions of a round)."""
         self.resumed_from = 0
+        self._rejected_rounds = 0
         self.model_delivery = ModelDelivery.in_messages()
         """How the model reaches the sites (the transport's choice: the gRPC runner has them fetch it
         in chunks, :class:`fedveil.protocol.model_delivery.ModelDelivery`)."""
@@ -328,7 +329,6 @@ class CoordinatorBase:
         self._no_cohort: str | None = None
         """Why no cohort can be drawn for the next round (only barred sites would make it up)."""
         self._last_secure_metrics: dict[str, float] = {}
-        self._rejected_rounds = 0
         self.revocations: RevocationList | None = None
         """The authority's revocation list the operator gave (``--revocations``): checked at Join and
         at every cohort draw (:meth:`SessionsMixin._recheck_credentials`)."""
@@ -370,10 +370,11 @@ class CoordinatorBase:
         self.finished: dict[str, Any] | None = None
         if mode in ("resume", "finished") and latest is not None:
             self.run_id = latest.run_id
-            interrupted = self.store.interrupt_unfinished_rounds(self.run_id)
             ckpt = self.store.latest_checkpoint(self.run_id)
             if ckpt is not None:
                 self.model.load(ckpt.model, ckpt.state, self.store.ledger_json(self.run_id))
+            self._skip_released_rounds()
+            interrupted = self.store.interrupt_unfinished_rounds(self.run_id)
             self.resumed_from = self.model.version
             if mode == "finished":
                 self.finished = dict(latest.summary or {})
@@ -440,6 +441,8 @@ class CoordinatorBase:
         def _abandon(self, rnd: _Round, reason: str, *, stopping: bool = False) -> None: ...
         def _abort_attempt(self, rnd: _Round, stage: Stage, answered: int) -> str: ...
         def _reject_round(self, rnd: _Round, reason: str, survivors: int) -> str: ...
+        def _skip_released_rounds(self) -> None: ...
+        def _mark_release(self, rnd: _Round) -> None: ...
         def _record_secure_evaluation(self, rnd: _Round, evaluation: tuple[dict[str, float], float] | None,
                                       survivors: int) -> None: ...
         def _available(self) -> list[str]: ...

@@ -9,10 +9,15 @@ from typing import Any
 
 from fedveil.server.store.schema import (
     _UPSERT_EVALUATION,
+    _UPSERT_LEDGER,
     RoundRecord,
     RunRecord,
     StoreBase,
+    StoreError,
 )
+
+RELEASED_FROM = "released_from"
+"""The key a running attempt's stats hold once its sum can be released (:meth:`RunsMixin.mark_release`)."""
 
 
 class RunsMixin(StoreBase):
@@ -111,6 +116,27 @@ class RunsMixin(StoreBase):
                 "WHERE run_id=? AND round=? AND attempt=? AND status='running'",
                 (time.time(), survivors, run_id, round_number, attempt),
             )
+
+    def mark_release(self, run_id: str, round_number: int, attempt: int, stage: str, ledger_json: str | None) -> None:
+        """The running attempt's masked inputs are in (``stage`` closed): from here its sum can be released.
+        Written with the ledger that keeps the round's entry, in one transaction, before any unmasking share
+        is asked for, so a server killed after this point resumes knowing (:meth:`released_unfinished_rounds`)."""
+        with self._tx() as c:
+            cur = c.execute(
+                "UPDATE rounds SET stats_json=? WHERE run_id=? AND round=? AND attempt=? AND status='running'",
+                (json.dumps({RELEASED_FROM: stage}), run_id, round_number, attempt),
+            )
+            if cur.rowcount != 1:
+                raise StoreError(f"round {round_number} attempt {attempt} of run {run_id} is not running")
+            if ledger_json is not None:
+                c.execute(_UPSERT_LEDGER, (run_id, ledger_json, time.time()))
+
+    def released_unfinished_rounds(self, run_id: str) -> list[tuple[int, int]]:
+        """(round, attempt) of each attempt still 'running' (the server was killed) that :meth:`mark_release`
+        marked: its sites may have sent their unmasking shares."""
+        rows = self._query("SELECT round, attempt, stats_json FROM rounds WHERE run_id=? AND status='running' "
+                           "ORDER BY round, attempt", (run_id,))
+        return [(int(r), int(a)) for r, a, stats in rows if stats and RELEASED_FROM in json.loads(stats)]
 
     def interrupt_unfinished_rounds(self, run_id: str) -> int:
         """Mark rounds left 'running' by a killed server as 'interrupted'. Returns how many."""
