@@ -175,7 +175,8 @@ def site_federation(service: Any, task: Task, name: str, index: int, consortium:
                     give_up_after_s: float = 20.0, **options: Any) -> Federation:
     assert task.synthetic_data is not None
     data = task.synthetic_data(index, n, 3)
-    opts = consortium.options(name, seed=100 + index, num_examples=len(data), evaluate=evaluator(task, data),
+    options = {"evaluate": evaluator(task, data), **options}  # evaluate=None: a site without an evaluator
+    opts = consortium.options(name, seed=100 + index, num_examples=len(data),
                               poll_wait_ms=300, backoff=BackoffPolicy(initial_delay_s=0.05, max_delay_s=0.3,
                                                                       give_up_after_s=give_up_after_s),
                               **options)

@@ -67,7 +67,8 @@ class Scripted:
 
     def _run(self) -> None:
         t = self.transport or InProcessTransport(self.coordinator, self.name)
-        joined = t.join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION, task_name="synthetic-logreg"))
+        joined = t.join(pb.JoinRequest(protocol_version=PROTOCOL_VERSION, task_name="synthetic-logreg",
+                                       evaluates=True))  # it fills evaluation sums (ring_input)
         s = ClientSession.from_join(joined)
         # per-site metrics only where the job evaluates in the clear (the secure default refuses them)
         metrics = [pb.Metric(name="loss", value=0.5)] if joined.job.evaluation == "clear" else []
@@ -238,7 +239,7 @@ class ActiveScripted:
         public = self.identity.public_key().public_bytes_raw()
         s = ClientSession.from_join(t.join(pb.JoinRequest(
             protocol_version=PROTOCOL_VERSION, task_name="synthetic-logreg", identity_public_key=public,
-            identity_credential=self.credential.encode())))
+            identity_credential=self.credential.encode(), evaluates=True)))
         client: SecAggClient | None = None
         rnd, nonce, rid, me = 0, b"", 0, 0
         start = pb.RoundStart()

@@ -94,3 +94,41 @@ def test_a_later_attempt_never_leaves_one_sites_evaluation_alone(tmp_path: Path,
     histories = {fed.client_name: history for fed, history in (r for r in results if r is not None)}
     assert all(outcome.outcome != "declined" or "max_evaluations_per_round" in outcome.reason
                for name, history in histories.items() for outcome in history if name != VICTIM)
+
+
+class Honest(RecordingCoordinator):
+    """The real coordinator, recording its releases; the last one built is ``Honest.last``."""
+
+    last: RecordingCoordinator | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        Honest.last = self
+
+
+class ClaimsEveryoneEvaluates(Honest):
+    """Asks every cohort for secure evaluation sums, whatever the sites said at Join."""
+
+    def _evaluates(self, name: str) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("attack", [False, True])
+def test_sites_without_an_evaluator_decline_rather_than_add_zeros(tmp_path: Path, attack: bool) -> None:
+    consortium = Consortium.create(NAMES)
+    sites = [turnkey(synthetic, n, i, consortium, **({} if n == VICTIM else {"evaluate": None}))
+             for i, n in enumerate(NAMES)]
+    config = job_config(rounds=1, evaluate=True, stage_timeout=3.0, round_timeout=20.0, max_round_attempts=2)
+    coordinator_cls = ClaimsEveryoneEvaluates if attack else Honest
+    summary, results, errors = run_job(tmp_path, config, synthetic, sites, coordinator_cls=coordinator_cls)
+    assert not errors and Honest.last is not None
+    histories = {fed.client_name: [o.outcome for o in history] for fed, history in results}
+    released = Honest.last.applied
+    assert all(not a.evaluation for a in released)  # never the victim's metrics alone, nor any sums
+    if not attack:  # the honest server left evaluation out of this cohort, and the round trained
+        assert summary.completed_rounds == 1 and len(released) == 1, summary
+        assert all(h == ["completed"] for h in histories.values()), histories
+        return
+    assert summary.completed_rounds == 0 and not released, summary
+    declined = [fed.history[-1].reason for fed, _ in results if fed.client_name != VICTIM]
+    assert len(declined) == 3 and all("encoding.evaluation" in r and "no evaluation function" in r for r in declined)

@@ -2,11 +2,12 @@
 independent rerun: a crafted model answered an exact counting query on a site's records through the
 secure evaluation sums, and local DP-SGD noises only training).
 
-A server that asks for the cohort's secure evaluation in every round of a local-DP job gets nothing
-from sites with the default policy: they contribute no evaluation sums, and decline evaluation-only
-rounds. The control runs the same server against sites that opt in (``evaluate_under_local_dp``): the
-sums then carry every site's examples, so the first test can fail. (A server asks under local DP only
-with ``--evaluate-under-local-dp``; by default it runs no evaluation there, checked last.)
+Sites with the default policy say at Join that they do not evaluate under local DP, and an honest
+server asks them for no evaluation sums. A server that asks anyway gets nothing: each such site
+declines the round (adding zeros instead would leave the other sites' sums alone in the secure total).
+The control runs against sites that opt in (``evaluate_under_local_dp``): the sums then carry every
+site's examples. (A server asks under local DP only with ``--evaluate-under-local-dp``; by default it
+runs no evaluation there, checked last.)
 """
 
 from __future__ import annotations
@@ -41,11 +42,18 @@ class EvaluationRecordingServer(Coordinator):
         super()._record_secure_evaluation(rnd, evaluation, survivors)
 
 
-def local_dp_job(tmp_path: Path, job: dict[str, Any] | None = None,
-                 **policy: Any) -> tuple[EvaluationRecordingServer, Any, list[Any]]:
+class AsksAnyway(EvaluationRecordingServer):
+    """Asks every cohort for secure evaluation sums, whatever the sites said at Join."""
+
+    def _evaluates(self, name: str) -> bool:
+        return True
+
+
+def local_dp_job(tmp_path: Path, job: dict[str, Any] | None = None, server: type[EvaluationRecordingServer] =
+                 EvaluationRecordingServer, **policy: Any) -> tuple[EvaluationRecordingServer, Any, list[Any]]:
     """A 2-round local-DP job of 4 sites with ``policy``; by default the server asks for the cohort's
-    secure evaluation in every round (``job`` overrides the settings). Returns the server, the
-    summary and each site's round history."""
+    secure evaluation in every round where the sites evaluate (``job`` overrides the settings). Returns
+    the server, the summary and each site's round history."""
     tmp_path.mkdir(exist_ok=True)
     consortium = Consortium.create(NAMES)
     sites = [turnkey(synthetic, name, i, consortium, policy=consortium.policy(**policy))
@@ -54,7 +62,7 @@ def local_dp_job(tmp_path: Path, job: dict[str, Any] | None = None,
                            "evaluate_under_local_dp": True, **RESPONSIVE_DEADLINES, **(job or {})})
     servers: list[EvaluationRecordingServer] = []
 
-    class Recording(EvaluationRecordingServer):
+    class Recording(server):  # type: ignore[valid-type,misc]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             servers.append(self)
@@ -66,10 +74,13 @@ def local_dp_job(tmp_path: Path, job: dict[str, Any] | None = None,
 
 @pytest.mark.slow
 def test_default_sites_give_no_evaluation_sums_under_local_dp(tmp_path: Path) -> None:
-    server, summary, _ = local_dp_job(tmp_path)
-    assert summary.completed_rounds == 2, summary  # training goes on
-    assert len(server.evaluations) == 2  # the server asked in both rounds ...
-    assert all(examples == 0 for examples, _ in server.evaluations), server.evaluations  # ... and got nothing
+    server, summary, outcomes = local_dp_job(tmp_path / "honest")
+    assert summary.completed_rounds == 2, summary  # training goes on, with no sums asked for
+    assert server.evaluations == [] and outcomes == [["completed", "completed"]] * len(NAMES)
+    # a server that asks anyway: every site declines, and no evaluation sum (zeros included) is released
+    server, summary, outcomes = local_dp_job(tmp_path / "asks", server=AsksAnyway)
+    assert summary.completed_rounds == 0 and server.evaluations == [], (summary, server.evaluations)
+    assert all(set(history) == {"declined"} for history in outcomes), outcomes
 
 
 @pytest.mark.slow
@@ -104,10 +115,15 @@ def test_a_local_dp_job_asks_for_no_evaluation_unless_told_to(tmp_path: Path) ->
     assert summary.completed_rounds == 2 and summary.aborted_attempts == 0, summary
     assert server.evaluations == [] and summary.final_metrics == {}
     assert outcomes == [["completed", "completed"]] * len(NAMES)
-    # the control: told to, the server asks, and default sites decline the final evaluation-only round
-    server, summary, outcomes = local_dp_job(tmp_path / "on", {"final_evaluation": True})
-    assert len(server.evaluations) == 2 and summary.aborted_attempts == 1, summary
-    assert outcomes == [["completed", "completed", "declined"]] * len(NAMES)
+    # the control: told to, the server asks the sites that opt in, in every round and at the end
+    server, summary, outcomes = local_dp_job(tmp_path / "on", {"final_evaluation": True},
+                                             evaluate_under_local_dp=True, max_evaluations_per_round=2)
+    assert len(server.evaluations) == 3 and summary.aborted_attempts == 0, summary
+    assert outcomes == [["completed", "completed", "completed"]] * len(NAMES)
+    # told to, with default sites: they said they do not evaluate, so nothing is asked (no final round either)
+    server, summary, outcomes = local_dp_job(tmp_path / "default", {"final_evaluation": True})
+    assert server.evaluations == [] and summary.aborted_attempts == 0, summary
+    assert outcomes == [["completed", "completed"]] * len(NAMES)
 
 
 def test_the_server_names_the_flag_when_local_dp_turns_evaluation_off() -> None:

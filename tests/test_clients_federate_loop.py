@@ -225,7 +225,7 @@ def test_tls_clients_verify_the_server_against_their_ca_and_refuse_another(tmp_p
         assert task.synthetic_data is not None
         data = task.synthetic_data(i, 3, SEED)
         fed = federate(address, task=task, token=tokens[i], ca_cert=tmp_path / "ca.pem", seed=i, num_examples=200,
-                       **secure_federate(f"site-{i}"))
+                       evaluate=evaluator(task, data), **secure_federate(f"site-{i}"))
         threads.append(threading.Thread(target=lambda f=fed, d=data: results.append(run_client(f, task, d))))
         threads[-1].start()
     server.join(timeout=120)

@@ -59,7 +59,8 @@ class Admission:
     terms: MechanismTerms
     """What the site relies on under it: its guaranteed noise, its own noise share."""
     evaluate: bool = False
-    """Fill the round's evaluation section with this site's sums (else it contributes zeros)."""
+    """Fill the round's evaluation section with this site's sums (a round with a section it would not
+    fill is declined: zeros would leave the others' sums alone)."""
     evaluation_allowed: bool = True
     """Whether this site evaluates on its data in this job at all (secure or clear): not under local DP
     unless its policy opts in (:func:`evaluation_refusal`)."""
@@ -277,10 +278,11 @@ def check_threshold(policy: SitePolicy, start: pb.RoundStart) -> tuple[int, int]
 
 def admit_round(policy: SitePolicy, job: pb.JobInfo, start: pb.RoundStart, *, run_id: str, own_name: str,
                 own_key: bytes, now: int, state: SiteState, model_digest: bytes,
-                verified: set[bytes] | None = None) -> Admission:
+                verified: set[bytes] | None = None, has_evaluator: bool = True) -> Admission:
     """Check ``start`` before taking part (see the module docstring); raises :class:`PolicyViolation`.
 
-    ``model_digest`` is the site's own digest of the round's model (never the server's field)."""
+    ``model_digest`` is the site's own digest of the round's model (never the server's field);
+    ``has_evaluator``: the site has an evaluation function to fill secure evaluation sums with."""
     check_job_consistency(start, job, run_id, model_digest)
     refusal = state.admission_refusal(run_id, int(start.round), policy.max_attempts_per_round,
                                       evaluation_only=start.purpose == pb.ROUND_PURPOSE_EVALUATE,
@@ -314,6 +316,15 @@ def admit_round(policy: SitePolicy, job: pb.JobInfo, start: pb.RoundStart, *, ru
     if refusal is not None and start.purpose == pb.ROUND_PURPOSE_EVALUATE:
         raise PolicyViolation("purpose", f"an evaluation-only round: {refusal}")
     evaluate = bool(evaluation.dimension) and policy.evaluation == "secure" and refusal is None
+    if evaluation.dimension and not (evaluate and has_evaluator):
+        # Zeros would leave the other sites' sums alone in the "secure" total: a server that draws a
+        # cohort in which only the victim evaluates gets its metrics alone (review of 2026-12-07). An
+        # honest server asks only cohorts of sites that evaluate (JoinRequest.evaluates).
+        why = ("it has no evaluation function" if not has_evaluator
+               else refusal or f"its policy's evaluation is {policy.evaluation!r}")
+        raise PolicyViolation("encoding.evaluation", f"the round asks for secure evaluation sums and this site does "
+                              f"not evaluate ({why}); adding zeros instead would leave the other sites' sums alone "
+                              "in the secure total")
     terms = mechanism.terms(policy, start, honest)
     over_budget = user_budget_refusal(policy, state, mode, terms.guaranteed_event)
     if over_budget is not None:

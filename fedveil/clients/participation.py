@@ -73,7 +73,8 @@ def admit(federation: Federation, start: pb.RoundStart, model_digest: bytes) -> 
     return admit_round(federation.policy, federation.job, start, run_id=federation.run_id,
                        own_name=federation.client_name, own_key=own_key, now=int(time.time()),
                        state=federation.state, model_digest=model_digest,
-                       verified=federation.verified_credentials)
+                       verified=federation.verified_credentials,
+                       has_evaluator=federation.options.evaluate is not None)
 
 
 def kept_start(start: pb.RoundStart) -> pb.RoundStart:

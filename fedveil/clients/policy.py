@@ -121,7 +121,7 @@ class SitePolicy:
             only if the server asks for them too) or ``"off"``.
         evaluate_under_local_dp: evaluate on this site's data in jobs with local (sample-level) DP,
             whose DP-SGD ε does not cover evaluation queries. Off by default: such a site
-            declines evaluation-only rounds and contributes no evaluation sums.
+            declines any round that asks it for evaluation sums (never adding zeros).
         max_evaluations_per_round: evaluations of received models per round number.
         max_evaluations_per_job: evaluation requests of one job this site answers (evaluation-only
             rounds, per-site final evaluations); each is a query on its data the server chose.

@@ -266,6 +266,9 @@ class Federation:
             num_examples=max(int(self.options.num_examples), 0),
             identity_credential=self.options.credential,
             trust_server=self.policy.trust_server,
+            # a hint for an honest server; a round asking for sums this site would not fill is declined
+            evaluates=self.options.evaluate is not None and self.policy.evaluation == "secure",
+            evaluates_under_local_dp=self.policy.evaluate_under_local_dp,
         )
         if self.options.identity_key is not None:
             request.identity_public_key = self.options.identity_key.public_key().public_bytes_raw()

@@ -145,7 +145,7 @@ class MaskedInputChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[RequestHeader, _Mapping]] = ..., total_bytes: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("protocol_version", "task_name", "client_version", "num_examples", "identity_public_key", "identity_credential", "trust_server")
+    __slots__ = ("protocol_version", "task_name", "client_version", "num_examples", "identity_public_key", "identity_credential", "trust_server", "evaluates", "evaluates_under_local_dp")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TASK_NAME_FIELD_NUMBER: _ClassVar[int]
     CLIENT_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +153,8 @@ class JoinRequest(_message.Message):
     IDENTITY_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
     TRUST_SERVER_FIELD_NUMBER: _ClassVar[int]
+    EVALUATES_FIELD_NUMBER: _ClassVar[int]
+    EVALUATES_UNDER_LOCAL_DP_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     task_name: str
     client_version: str
@@ -160,7 +162,9 @@ class JoinRequest(_message.Message):
     identity_public_key: bytes
     identity_credential: bytes
     trust_server: bool
-    def __init__(self, protocol_version: _Optional[int] = ..., task_name: _Optional[str] = ..., client_version: _Optional[str] = ..., num_examples: _Optional[int] = ..., identity_public_key: _Optional[bytes] = ..., identity_credential: _Optional[bytes] = ..., trust_server: _Optional[bool] = ...) -> None: ...
+    evaluates: bool
+    evaluates_under_local_dp: bool
+    def __init__(self, protocol_version: _Optional[int] = ..., task_name: _Optional[str] = ..., client_version: _Optional[str] = ..., num_examples: _Optional[int] = ..., identity_public_key: _Optional[bytes] = ..., identity_credential: _Optional[bytes] = ..., trust_server: _Optional[bool] = ..., evaluates: _Optional[bool] = ..., evaluates_under_local_dp: _Optional[bool] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
     __slots__ = ("session_id", "run_id", "client_name", "job", "poll_interval_ms", "max_message_bytes")

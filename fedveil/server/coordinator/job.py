@@ -162,9 +162,9 @@ class Coordinator(SessionsMixin, SecAggBridgeMixin, MisconductMixin, RefusalTall
         for _ in range(min(cfg.schedule.max_round_attempts, cfg.evaluation.max_per_job)):  # each attempt asks again
             with self._cond:
                 excluded = self._excluded(phase)
-                available = [n for n in self._drawable() if n not in excluded]
+                available = [n for n in self._drawable() if n not in excluded and self._evaluates(n)]
             if len(available) < cfg.schedule.min_clients:
-                log.info("final evaluation skipped: %d sites connected, fewer than %d", len(available),
+                log.info("final evaluation skipped: %d connected sites evaluate, fewer than %d", len(available),
                          cfg.schedule.min_clients)
                 return
             outcome = self._run_round(phase, available, purpose=pb.ROUND_PURPOSE_EVALUATE)

@@ -265,8 +265,14 @@ class RoundDriverMixin(CoordinatorBase):
                                   .digest()[:8], "little")
         context = f"fedveil/{run_label}/{self.task.name}".encode()
         evaluation_only = purpose == pb.ROUND_PURPOSE_EVALUATE
-        plan = self.model.plan(number, len(chosen), t, context, evaluation_only=evaluation_only,
-                               metrics=self._secure_metrics() if (cfg.evaluation.each_round or evaluation_only) else ())
+        metrics = self._secure_metrics() if (cfg.evaluation.each_round or evaluation_only) else ()
+        not_evaluating = [n for n in chosen if not self._evaluates(n)] if metrics else []
+        if not_evaluating and not evaluation_only:
+            # each would decline the round rather than add zeros (the evaluation-only round draws evaluators only)
+            log.info("round %d: no secure evaluation in this attempt: %s do not evaluate (no evaluator, or their "
+                     "policy)", number, ", ".join(not_evaluating[:5]) + (" …" if len(not_evaluating) > 5 else ""))
+            metrics = ()
+        plan = self.model.plan(number, len(chosen), t, context, evaluation_only=evaluation_only, metrics=metrics)
         identity_keys = None
         roster_credentials: tuple[bytes, ...] = ()
         if cfg.secagg.active_adversary:

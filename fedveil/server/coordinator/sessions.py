@@ -103,7 +103,9 @@ class SessionsMixin(CoordinatorBase):
             client = _Client(name=caller, session_id=os.urandom(SESSION_ID_BYTES),
                              num_examples=int(request.num_examples),
                              identity_key=bytes(request.identity_public_key) or (enrolled_key or b""),
-                             credential=credential, trust_server=bool(request.trust_server), vouched=vouched)
+                             credential=credential, trust_server=bool(request.trust_server), vouched=vouched,
+                             evaluates=bool(request.evaluates),
+                             evaluates_under_local_dp=bool(request.evaluates_under_local_dp))
             if old is not None:
                 client.pending_result = old.pending_result
                 old.poll_token = None

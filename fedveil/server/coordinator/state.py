@@ -113,6 +113,10 @@ class _Client:
     disconnected: bool = False
     credential: bytes = b""
     trust_server: bool = False
+    evaluates: bool = False
+    """It said at Join that it fills secure evaluation sums (``JoinRequest.evaluates``); a site that does not
+    declines a round that asks for them, so the server asks only cohorts of sites that do."""
+    evaluates_under_local_dp: bool = False
     back_by: float = float("-inf")
     """When the server asked this site to poll again, having sent it away from a full poll budget."""
     vouched: SiteCredential | None = None
@@ -410,6 +414,13 @@ class CoordinatorBase:
         if self._evaluation_mode != "secure":
             return ()
         return tuple(self.task.metrics or DEFAULT_METRICS)
+
+    def _evaluates(self, name: str) -> bool:
+        """Whether site ``name`` said it fills secure evaluation sums in this job (lock held)."""
+        client = self._clients.get(name)
+        if client is None or not client.evaluates:
+            return False
+        return self.config.privacy.mode != "local" or client.evaluates_under_local_dp
 
     @property
     def completed_rounds(self) -> int:
