@@ -427,6 +427,33 @@ def test_an_engine_sites_budget_is_its_own_too() -> None:
     assert client.over_budget(SitePolicy(authority_public_key=KEY, max_local_epsilon=20.0)) == ""
 
 
+def test_an_engine_sites_round_is_accounted_at_its_worst_steps_not_its_last() -> None:
+    """A loop that lowers its noise within a round (or raises its sample rate): every step of the round
+    is accounted at the worst (noise, rate) it used. Before, all were taken at the last pair, so a round
+    of 60 steps at z = 0.3 that ended with 40 at z = 2.0 counted as 100 steps at z = 2.0."""
+    from opacus.accountants import RDPAccountant
+
+    class Engine:
+        accountant = RDPAccountant()
+
+    engine = Engine()
+    for _ in range(100):  # earlier rounds
+        engine.accountant.step(noise_multiplier=2.0, sample_rate=0.05)
+    client = EngineDpClient(engine)
+    client.begin_round(pb.LocalDpParams(noise_multiplier=2.0, max_grad_norm=1.0, delta=1e-5))
+    for z, q, steps in ((2.0, 0.05, 30), (0.3, 0.05, 60), (2.0, 0.1, 10)):
+        for _ in range(steps):
+            engine.accountant.step(noise_multiplier=z, sample_rate=q)
+    client.finish_round(torch.nn.Linear(1, 1))
+    assert client.last_event == SubsampledGaussianEvent(0.1, 0.3, 100)
+    # a round at unchanged settings is exactly that: the steps added to the last entry of the history
+    client.begin_round(pb.LocalDpParams(noise_multiplier=2.0, max_grad_norm=1.0, delta=1e-5))
+    for _ in range(7):
+        engine.accountant.step(noise_multiplier=2.0, sample_rate=0.1)
+    client.finish_round(torch.nn.Linear(1, 1))
+    assert client.last_event == SubsampledGaussianEvent(0.1, 2.0, 7)
+
+
 def test_the_site_never_reports_its_epsilon_at_a_looser_delta_than_its_own(tmp_path: Path) -> None:
     state = SiteState.open(tmp_path / "state.json")
     event = SubsampledGaussianEvent(1 / 7, 0.51, 7)

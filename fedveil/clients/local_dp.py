@@ -225,6 +225,8 @@ class EngineDpClient:
         self.target_epsilon = 0.0
         self.rounds_completed = 0
         self._steps_at_start = 0
+        self._history_at_start = (0, 0)
+        """(entries, steps of the last entry) of the accountant's history when the round began."""
         self._last_event: SubsampledGaussianEvent | None = None
         self._last_steps = 0
         self._lifetime = lifetime
@@ -237,6 +239,8 @@ class EngineDpClient:
             self.delta = float(params.delta)
         self.target_epsilon = float(params.target_epsilon)
         self._steps_at_start = self._total_steps()
+        history = self._history()
+        self._history_at_start = (len(history), int(history[-1][2]) if history else 0)
         spent = self.epsilon()
         if self.target_epsilon > 0 and spent >= self.target_epsilon:
             raise BudgetExceededError(party="site", round_index=self.rounds_completed, epsilon_before=spent,
@@ -291,13 +295,36 @@ class EngineDpClient:
                                     accountant=str(self.engine.accountant.mechanism()))
 
     def _round_event(self) -> SubsampledGaussianEvent | None:
-        """The steps the engine took since the round began, at its last (noise, rate) (None: none)."""
-        history = list(getattr(self.engine.accountant, "history", []))
-        steps = self._total_steps() - self._steps_at_start
-        if steps <= 0 or not history:
+        """The steps the engine took since the round began (None: none), at the highest sample rate and
+        the lowest noise multiplier among them.
+
+        Opacus's history has one (noise, rate, steps) entry per change of either, and adds a step at
+        unchanged settings to the last entry. A loop that changed them within a round was accounted at
+        its last pair for every step (the third reviewer of 2026-12-07: a round's early steps at less
+        noise were under-counted). ε grows with the rate and falls with the noise, so the worst pair
+        over all the round's steps bounds each of them."""
+        segments = self._round_segments()
+        if not segments:
             return None
-        noise, rate, _ = history[-1]
-        return SubsampledGaussianEvent(float(rate), float(noise), int(steps))
+        return SubsampledGaussianEvent(max(rate for _, rate, _ in segments), min(noise for noise, _, _ in segments),
+                                       sum(steps for _, _, steps in segments))
+
+    def _round_segments(self) -> list[tuple[float, float, int]]:
+        """(noise, rate, steps) of each history entry's steps taken since the round began."""
+        history = self._history()
+        entries, last_steps = self._history_at_start
+        if len(history) < entries:  # the site reset its accountant: count all it holds now
+            entries, last_steps = 0, 0
+        segments = []
+        for index in range(max(entries - 1, 0), len(history)):
+            noise, rate, steps = history[index]
+            taken = int(steps) - (last_steps if index == entries - 1 else 0)
+            if taken > 0:
+                segments.append((float(noise), float(rate), taken))
+        return segments
+
+    def _history(self) -> list[Any]:
+        return list(getattr(self.engine.accountant, "history", []))
 
     def _total_steps(self) -> int:
-        return sum(int(entry[2]) for entry in getattr(self.engine.accountant, "history", []))
+        return sum(int(entry[2]) for entry in self._history())
