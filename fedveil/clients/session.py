@@ -35,7 +35,7 @@ import numpy as np
 from torch import nn
 
 import fedveil
-from fedveil.clients import participation, site_reports
+from fedveil.clients import participation, site_evaluation, site_reports
 from fedveil.clients.admission import Admission, CohortRefused
 from fedveil.clients.backoff import Backoff
 from fedveil.clients.model_check import check_site_model
@@ -384,7 +384,7 @@ class Federation:
             return None
         try:
             admission = participation.admit(self, start, model_digest(vector))
-            self._check_evaluation_left(start, admission)
+            site_evaluation.check_evaluation_left(self, start, admission)
         except PolicyViolation as err:
             log.warning("round %d (attempt %d): declined by this site's policy: %s", start.round, start.attempt, err)
             self._decline_attempt(start, f"policy: {err}", err.members if isinstance(err, CohortRefused) else (),
@@ -421,20 +421,7 @@ class Federation:
         rnd._members = members
         log.info("round %d/%d (attempt %d): %s (secagg id %d)", rnd.number, self.total_rounds, start.attempt,
                  "evaluating" if start.purpose == pb.ROUND_PURPOSE_EVALUATE else "training", start.client_id)
-        wants_clear = start.training.evaluate_global_model and not start.encoding.evaluation.dimension \
-            and self.policy.evaluation == "clear" and admission.evaluation_allowed
-        evaluation_only = start.purpose == pb.ROUND_PURPOSE_EVALUATE
-        if (admission.evaluate or wants_clear) and self.options.evaluate is not None:
-            earlier = self._evaluated_before(start, admission)
-            if earlier is not None:
-                rnd._metrics = dict(earlier)  # the same model's answer again: nothing new, and never zeros
-            elif self.state.evaluated(self.run_id, rnd.number, self.policy.max_evaluations_per_round) \
-                    and (not evaluation_only
-                         or self.state.evaluated_for_job(self.run_id, self.policy.max_evaluations_per_job)):
-                rnd._metrics = self._run_evaluate()  # of the global model, before local training
-                self._round_evaluations[(start.run_id, rnd.number)] = (admission.model_digest, dict(rnd._metrics))
-            if rnd._metrics is not None:
-                rnd._eval_examples = float(rnd._metrics.get("examples", self.options.num_examples))
+        site_evaluation.evaluate_for_round(self, rnd, start, admission)
         return rnd
 
     def _refresh_revocations(self) -> None:
@@ -454,43 +441,12 @@ class Federation:
         if policy.revocations is None or current.version > policy.revocations.version:
             self.policy = dataclasses.replace(policy, revocations=current)
 
-    def _evaluated_before(self, start: pb.RoundStart, admission: Admission) -> dict[str, float] | None:
-        """The metrics this site computed earlier in this round for the same model, or None."""
-        earlier = self._round_evaluations.get((start.run_id, int(start.round)))
-        return earlier[1] if earlier is not None and earlier[0] == admission.model_digest else None
-
-    def _check_evaluation_left(self, start: pb.RoundStart, admission: Admission) -> None:
-        """A round that asks this site for secure evaluation sums gets real ones or a decline, never zeros.
-
-        Zeros were what a site whose ``max_evaluations_per_round`` was spent added in a later attempt of
-        the round: a server that spent the others' evaluations in an attempt without the victim (then
-        aborted it) had the victim's metrics alone in the next attempt's "secure" sum (review of
-        2026-12-07). A later attempt over the model already evaluated gets that answer again."""
-        if not admission.evaluate or self.options.evaluate is None:
-            return
-        number, limit = int(start.round), self.policy.max_evaluations_per_round
-        if self._evaluated_before(start, admission) is not None:
-            return
-        if not self.state.evaluations_left(start.run_id, number, limit):
-            raise PolicyViolation("max_evaluations_per_round", f"round {number}: this site already evaluated "
-                                  f"{limit} model(s) in this round and cannot answer for another one; adding "
-                                  "zeros instead would leave the other sites' sums alone in the secure total")
-
     def _report_metrics(self, model_version: int, metrics: dict[str, float],
                         spend: pb.LocalPrivacySpend | None = None, num_examples: int = 0) -> None:
         site_reports.report_metrics(self, model_version, metrics, spend, num_examples)
 
     def _evaluate_final(self, evaluate: pb.Evaluate) -> None:
         site_reports.evaluate_final(self, evaluate)
-
-    def _run_evaluate(self) -> dict[str, float]:
-        """The user's evaluation function on the current model, leaving its train/eval mode as it was."""
-        assert self.options.evaluate is not None
-        training = self.model.training
-        try:
-            return self.options.evaluate(self.model)
-        finally:
-            self.model.train(training)
 
     def _local_dp(self) -> Any:
         if self._local_dp_session is None and self.options.privacy_engine is not None:

@@ -8,6 +8,7 @@ import logging
 import math
 from typing import TYPE_CHECKING
 
+from fedveil.clients import site_evaluation
 from fedveil.clients.admission import evaluation_refusal
 from fedveil.clients.participation import RoundLost
 from fedveil.model_spec import ModelMismatchError
@@ -64,7 +65,7 @@ def evaluate_final(federation: Federation, evaluate: pb.Evaluate) -> None:
     elif federation.options.evaluate is not None and federation.policy.evaluation == "clear":
         try:
             federation.spec.load(model_vector(evaluate.model), federation.model)
-            metrics = federation._run_evaluate()
+            metrics = site_evaluation.run_evaluate(federation)
         except (MalformedMessage, ModelMismatchError) as err:
             log.error("final evaluation skipped: unusable model from the server (%s)", err)
     elif federation.options.evaluate is not None:
