@@ -168,7 +168,7 @@ def test_releases_without_noise_the_site_can_rely_on_make_its_user_level_epsilon
     state.sent_masked_input(Release("run", 2, 1, "none", False, "no DP"), None, {})
     assert state.user_epsilon() == math.inf
     report = SitePrivacy.of(SiteState.open(tmp_path / "s.json"), None, False).report()
-    assert "∞" in report and "round 2 attempt 1 (none): no DP" in report
+    assert "∞" in report and "run run round 2 attempt 1 (none): no DP" in report
 
 
 def test_budget_report_reads_a_site_state_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -212,7 +212,7 @@ def test_no_format_of_a_site_report_shows_a_finite_epsilon_after_an_unprotected_
         assert main(["budget", "report", str(path), *extra]) == 0
         out = capsys.readouterr().out
         assert "user level (the site's whole update), 2 release(s) recorded: ε = ∞" in out
-        assert "unprotected: round 2 attempt 1 (central): the server adds the noise" in out
+        assert "unprotected: run run round 2 attempt 1 (central): the server adds the noise" in out
 
 
 def test_budget_report_shows_what_a_policys_caps_over_every_job_still_allow(
@@ -243,7 +243,7 @@ def test_budget_report_shows_what_a_policys_caps_over_every_job_still_allow(
     assert main(["budget", "report", str(path), "--format", "json"]) == 0
     site = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["site"]
     assert site["user_epsilon"] is None and site["user_epsilon_infinite"] is True and site["releases"] == 3
-    assert site["unprotected_releases"] == ["round 3 attempt 1 (none): no DP"]
+    assert site["unprotected_releases"] == ["run run round 3 attempt 1 (none): no DP"]
     assert site["sample_epsilon"] == pytest.approx(sample) and site["sample_epsilon_covers"] == "every job recorded"
     policy.write_text("max_user_epsilon = 0\nmax_lifetime_local_epsilon = 0\n")  # no caps: said so
     assert main(["budget", "report", str(path), "--policy", str(policy)]) == 0

@@ -271,6 +271,20 @@ def test_the_plot_shows_an_infinite_epsilon_instead_of_dropping_it() -> None:
     assert "ε = ∞" in line_b.get_label() and any(t.get_text() == "ε = ∞" for t in ax.texts)
 
 
+def test_the_plot_of_a_site_with_an_unprotected_release_says_its_user_level_epsilon_is_infinite() -> None:
+    """A site's ledger holds its protected releases only: its federation line is finite, so the plot
+    must say the site's user-level ε is ∞ and label the line as the protected releases only."""
+    ledger = PrivacyLedger(LedgerConfig(federation_delta=1e-5))
+    ledger.record(1, federation=FED)
+    report = build_report(ledger)
+    assert not any("∞" in t.get_text() for t in render_plot(report).texts)
+    fig = render_plot(report, "1 release(s) without noise this site can rely on")
+    assert any(t.get_text().startswith("user-level ε = ∞: 1 release(s)") for t in fig.texts)
+    ax = fig.axes[0]
+    line = next(line for line in ax.get_lines() if line.get_label().startswith("federation"))
+    assert line.get_label().endswith("protected releases only")
+
+
 def test_a_kept_release_survives_a_retrys_cancel_and_a_restart() -> None:
     """Review of 2026-12-07: an attempt that aborted after the masked inputs counts as a release, but the next
     attempt's early abort (cancel_round) and a server restart (which cancels every round above the model's

@@ -47,7 +47,7 @@ class SitePrivacy:
         The sample-level ε is never reported at a δ looser than the site's own (``state.delta``): a
         live spend at a larger δ (the job's, which the site's policy normally refuses) is replaced by
         the state's ledger of the same DP-SGD steps, accounted at the site's δ."""
-        unprotected = tuple(f"round {r.round} attempt {r.attempt} ({r.dp_mode}): {r.note}"
+        unprotected = tuple(f"run {r.run_id} round {r.round} attempt {r.attempt} ({r.dp_mode}): {r.note}"
                             for r in state.unprotected_releases)
         local_dp = local is not None or SITE_PARTY in state.ledger.clients
         live = local is not None and float(local.delta) <= state.delta

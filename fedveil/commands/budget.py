@@ -196,7 +196,9 @@ def report_cmd(ledger_path: str, fmt: str, plot_path: str | None, run_id: str | 
     except (ValueError, OverflowError, MemoryError) as err:
         fail("LEDGER", f"cannot account this ledger: {err}")
     if plot_path is not None:
-        fig = render_plot(report)
+        unbounded = (f"{len(own.unprotected)} release(s) without noise this site can rely on "
+                     f"(first: {own.unprotected[0]})" if own is not None and own.unprotected else None)
+        fig = render_plot(report, unbounded)
         try:
             fig.savefig(plot_path, format="png")
         except OSError as err:

@@ -313,9 +313,12 @@ def render_markdown(report: PrivacyReport) -> str:
 _MAX_LEGEND_CLIENTS = 12
 
 
-def render_plot(report: PrivacyReport) -> Figure:
+def render_plot(report: PrivacyReport, unbounded_note: str | None = None) -> Figure:
     """Cumulative ε against rounds: one line for the federation (user level) and one per client (sample
-    level), with dashed budget lines. Returns the figure; the caller saves it (``fig.savefig(path)``)."""
+    level), with dashed budget lines. Returns the figure; the caller saves it (``fig.savefig(path)``).
+
+    ``unbounded_note``: why the user-level ε is ∞ although the ledger's line is finite (a site's ledger
+    holds its protected releases only); shown over the plot, and the line is labelled as those only."""
     fig = Figure(figsize=(8, 4.5), dpi=100)
     ax = fig.subplots()
     fed_x = [r.round_index for r in report.rounds if r.federation is not None]
@@ -344,7 +347,8 @@ def render_plot(report: PrivacyReport) -> Figure:
             marker="o",
             linewidth=2.5,
             color="black",
-            label=f"federation (user, δ={report.federation_delta:g})",
+            label=f"federation (user, δ={report.federation_delta:g})"
+            + (", protected releases only" if unbounded_note else ""),
         )
         mark_infinite(fed_x, fed_y, "black")
     many = len(report.client_epsilons) > _MAX_LEGEND_CLIENTS
@@ -370,8 +374,15 @@ def render_plot(report: PrivacyReport) -> Figure:
     ax.set_xlabel("round")
     ax.set_ylabel("cumulative ε")
     ax.set_title(f"Privacy spent ({report.accountant.upper()} accountant)")
+
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="lower right", fontsize="small")
     fig.tight_layout()
+    if unbounded_note:  # below the axes, where it covers no line
+        import textwrap
+
+        note = textwrap.fill(f"user-level ε = ∞: {unbounded_note}", width=110)
+        fig.subplots_adjust(bottom=0.2 + 0.045 * note.count("\n"))
+        fig.text(0.01, 0.015, note, color="darkred", fontsize="small", va="bottom")
     return fig
