@@ -296,3 +296,19 @@ def test_active_adversary_mode_needs_identity_keys(tmp_path: Path) -> None:
                                                   identity_credential=mine.encode()))
     assert joined.client_name == "a"
     store.close()
+
+
+def test_a_refused_value_from_the_job_file_is_named_as_the_file_names_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A value out of range in ``--config`` is named ``section.key`` in that file, as the file's own
+    type errors are; the same value given as a flag (which overrides the file) is named by its flag."""
+    job = tmp_path / "job.toml"
+    job.write_text(f'[job]\ntask = "{TASK}"\nrounds = 1\nclients_per_round = 3\n\n'
+                   '[privacy]\ndp = "central"\ndp_clip = -1.0\ndp_noise_multiplier = 1.1\n', encoding="utf-8")
+    args = ["server", "--listen", "127.0.0.1:0", "--store", str(tmp_path / "run.db"), "--insecure",
+            "--config", str(job)]
+    assert main(args) == USAGE_EXIT_CODE
+    assert capsys.readouterr().err.strip() == \
+        f"error: privacy.dp_clip in --config {job}: must be a positive number (got -1.0)"
+    assert main([*args, "--dp-clip", "-2"]) == USAGE_EXIT_CODE
+    assert capsys.readouterr().err.strip() == "error: --dp-clip: must be a positive number (got -2.0)"

@@ -102,7 +102,9 @@ def enroll_command(store: str, name: str, rotate: bool, revoke: bool, identity_p
 
 
 def _job_fields(opts: dict[str, Any]) -> dict[str, Any]:
-    """The job's config fields: the flags (fedveil.server.job_settings's table), over the job file."""
+    """The job's config fields: the flags (fedveil.server.job_settings's table), over the job file.
+    ``opts["_from_file"]`` maps each field the file set to how the file names it (``section.key``)."""
+    opts["_from_file"] = {}
     fields = fields_from_options(opts)
     if opts["config_path"] is not None:
         try:
@@ -114,6 +116,8 @@ def _job_fields(opts: dict[str, Any]) -> dict[str, Any]:
             given = context.get_parameter_source(setting.parameter) not in (ParameterSource.DEFAULT, None)
             if setting.field in from_file and not given:
                 fields[setting.field] = from_file[setting.field]
+                named = f"{setting.section}.{setting.field} in --config {opts['config_path']}"
+                opts["_from_file"][setting.field] = named
     fields["task"], fields["model"] = fields["task"] or "", fields["model"] or ""
     if bool(fields["task"]) == bool(fields["model"]):
         fail("--model" if fields["model"] else "--task",
@@ -125,6 +129,11 @@ def _job_fields(opts: dict[str, Any]) -> dict[str, Any]:
     if fields["min_clients"] is None:
         fields["min_clients"] = fields["clients_per_round"]
     return fields
+
+
+def _named(err: Any, opts: dict[str, Any]) -> str:
+    """Where a refused setting came from: ``section.key in --config FILE`` for a job file's value, else its flag."""
+    return str(opts.get("_from_file", {}).get(err.flag[2:].replace("-", "_"), err.flag))
 
 
 @click.command("server")
@@ -228,7 +237,7 @@ def server_command(**opts: Any) -> NoReturn:
             consortium=authority[0] if authority else "", authority_public_key=authority[1].hex() if authority else "",
         )
     except ServerConfigError as err:
-        fail(err.flag, err.detail)
+        fail(_named(err, opts), err.detail)
     max_bytes = None
     if opts["max_message_mb"] is not None:
         if not 1 <= opts["max_message_mb"] < 2048:  # gRPC takes the byte limit as a C int (< 2 GiB)
@@ -240,7 +249,7 @@ def server_command(**opts: Any) -> NoReturn:
     try:
         config.check_serving()  # active-adversary mode needs --authority
     except ServerConfigError as err:
-        fail(err.flag, err.detail)
+        fail(_named(err, opts), err.detail)
     if opts["dashboard_port"] is not None:
         from fedveil.server.dashboard import start_store_dashboard
 
@@ -266,7 +275,8 @@ def server_command(**opts: Any) -> NoReturn:
     except (JobError, StoreError, OSError, ValueError) as err:
         # ValueError: parameters the job cannot run with, e.g. an overflowing encoding
         flag = ("--store: " if isinstance(err, StoreError) else "--listen: " if isinstance(err, OSError)
-                else f"{flag_of(err.field, '')}: " if isinstance(err, JobError) and err.field else "")
+                else f"{opts['_from_file'].get(err.field, flag_of(err.field, ''))}: "
+                if isinstance(err, JobError) and err.field else "")
         eprint(f"error: {flag}{err}")
         code = USAGE_EXIT_CODE
     else:

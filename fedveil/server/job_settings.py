@@ -19,7 +19,8 @@ A job file groups the settings in sections named for the part of the job they se
     secagg = "harary"
 
 Keys are the config's field names; an unknown section or key, or a value of the wrong type, is
-refused with an error naming ``section.key``. The machinery is :class:`fedveil.settings_table.SettingsTable`,
+refused with an error naming ``section.key`` (``fedveil server`` names a value out of range the
+same way). The machinery is :class:`fedveil.settings_table.SettingsTable`,
 shared with the site policy (``fedveil client --policy``).
 """
 
