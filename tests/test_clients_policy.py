@@ -108,10 +108,10 @@ def test_the_client_command_names_the_flag_or_toml_key_at_fault(tmp_path: Path, 
     bad = tmp_path / "p.toml"
     bad.write_text("[policy]\nmax_attempts_per_round = 0\n")
     assert main([*base, "--policy", str(bad)]) == 2
-    assert "error: --policy (max_attempts_per_round):" in capsys.readouterr().err
+    assert f"error: policy.max_attempts_per_round in --policy {bad}:" in capsys.readouterr().err
     bad.write_text("[policy]\nmax_user_epsilon = -2\n")
     assert main([*base, "--policy", str(bad)]) == 2
-    assert "error: --policy (max_user_epsilon):" in capsys.readouterr().err
+    assert f"error: policy.max_user_epsilon in --policy {bad}:" in capsys.readouterr().err
     assert main(["client", "--server", "127.0.0.1:1", "--task", "fedveil.tasks.synthetic", "--data", str(data),
                  "--insecure"]) == 2
     assert "error: --authority:" in capsys.readouterr().err
@@ -251,7 +251,8 @@ def test_budget_report_shows_what_a_policys_caps_over_every_job_still_allow(
     # bad input names the option and the setting; a run store or ledger has no site policy
     policy.write_text("max_user_epsilon = -1\n")
     assert main(["budget", "report", str(path), "--policy", str(policy)]) == 2
-    assert "error: --policy: max_user_epsilon:" in capsys.readouterr().err
+    # named as the client names it (the two commands used to differ)
+    assert f"error: policy.max_user_epsilon in --policy {policy}:" in capsys.readouterr().err
     assert main(["budget", "report", str(path), "--policy", str(tmp_path / "none.toml")]) == 2
     err = capsys.readouterr().err
     assert "error: --policy:" in err and "cannot read" in err

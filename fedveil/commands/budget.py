@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from fedveil.commands.common import eprint, fail, finite_or_none, print_json_last_line
+from fedveil.commands.common import eprint, fail, file_key, finite_or_none, print_json_last_line
 from fedveil.dp.ledger import LedgerFormatError, PrivacyLedger
 
 if TYPE_CHECKING:
@@ -233,10 +233,15 @@ def _policy_headroom(site: SiteState, policy_path: str) -> list[CapHeadroom]:
     from fedveil.clients.privacy import policy_headroom
 
     try:
-        # the file's settings, checked as a site would; the authority is not needed to read caps
-        policy = SitePolicy(**{**load_policy_file(policy_path), "trust_server": True})
+        settings = load_policy_file(policy_path)
     except PolicyError as err:
-        fail("--policy", str(err))
+        fail("--policy", err.detail)
+    try:
+        # the file's settings, checked as a site would; the authority is not needed to read caps
+        policy = SitePolicy(**{**settings, "trust_server": True})
+    except PolicyError as err:
+        fail(file_key("policy", err.field, "--policy", policy_path) if err.field in settings else "--policy",
+             err.detail)
     return policy_headroom(site, policy)
 
 

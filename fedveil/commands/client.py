@@ -16,6 +16,7 @@ from fedveil.commands.common import (
     eprint,
     fail,
     fail_from,
+    file_key,
     finite_or_none,
     load_pinned_authority,
     print_json_last_line,
@@ -275,6 +276,6 @@ def _site_policy(policy_path: Path | None, authority: Path | None, revocations: 
                             revocations=revoked, roster=roster, **flags)
     except PolicyError as err:
         pinned_from = {"authority_public_key": "--authority", "revocations": "--revocations", "roster": "--roster"}
-        where = (f"--policy ({err.field})" if err.field in settings
+        where = (file_key("policy", err.field, "--policy", policy_path) if err.field in settings
                  else pinned_from.get(err.field) or policy_flag(err.field))
         fail(where or "--policy", err.detail)

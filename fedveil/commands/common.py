@@ -47,6 +47,12 @@ def flag_of(field: str | None, default: str) -> str:
     return "--" + field.replace("_", "-") if field else default
 
 
+def file_key(section: str, field: str, flag: str, path: object) -> str:
+    """How an error names a value a settings file gave: ``section.key in --flag FILE`` (the job file, the
+    site policy), as the file's own type errors name it."""
+    return f"{section}.{field} in {flag} {path}"
+
+
 def fail_from(err: FedveilError, default: str) -> NoReturn:
     """Abort the command on a library refusal, naming the flag of its ``field`` (else ``default``)."""
     fail(flag_of(err.field, default), str(err))

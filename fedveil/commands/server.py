@@ -24,6 +24,7 @@ from fedveil.commands.common import (
     exit_within,
     fail,
     fail_from,
+    file_key,
     flag_of,
     load_pinned_authority,
     print_json_last_line,
@@ -116,8 +117,8 @@ def _job_fields(opts: dict[str, Any]) -> dict[str, Any]:
             given = context.get_parameter_source(setting.parameter) not in (ParameterSource.DEFAULT, None)
             if setting.field in from_file and not given:
                 fields[setting.field] = from_file[setting.field]
-                named = f"{setting.section}.{setting.field} in --config {opts['config_path']}"
-                opts["_from_file"][setting.field] = named
+                opts["_from_file"][setting.field] = file_key(setting.section, setting.field, "--config",
+                                                             opts["config_path"])
     fields["task"], fields["model"] = fields["task"] or "", fields["model"] or ""
     if bool(fields["task"]) == bool(fields["model"]):
         fail("--model" if fields["model"] else "--task",
