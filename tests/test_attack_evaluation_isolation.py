@@ -13,15 +13,18 @@ answer, nothing new) or declines the attempt; it never adds zeros.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.server.coordinator import Coordinator
-from fedveil.task import vector_to_model
+from fedveil.task import model_to_vector, vector_to_model
+from fedveil.tasks.synthetic import mlp
 from fedveil.tasks.synthetic import task as synthetic
 from tests.attack_helpers import Consortium, RecordingCoordinator, job_config, run_job, turnkey
 
@@ -132,3 +135,58 @@ def test_sites_without_an_evaluator_decline_rather_than_add_zeros(tmp_path: Path
     assert summary.completed_rounds == 0 and not released, summary
     declined = [fed.history[-1].reason for fed, _ in results if fed.client_name != VICTIM]
     assert len(declined) == 3 and all("encoding.evaluation" in r and "no evaluation function" in r for r in declined)
+
+
+def _crafted_mlp(threshold: float = 2.2) -> np.ndarray:
+    """A model whose loss is infinite on any record with x0 > ``threshold`` (every site but the victim
+    has one) and finite elsewhere, its logit there a query the server chose."""
+    model = mlp.build_model()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        first, second = model[0], model[2]
+        first.weight[0, 0], first.bias[0] = 1e38, -1e38 * threshold  # h0 = relu(1e38 (x0 - threshold))
+        query = torch.linspace(-0.5, 0.5, 10)
+        first.weight[1], first.bias[1] = query, 0.3  # h1 - h2 = query . x + 0.3
+        first.weight[2], first.bias[2] = -query, -0.3
+        second.weight[0, 0], second.weight[0, 1], second.weight[0, 2] = 1e38, 1.0, -1.0
+    return model_to_vector(model).astype(np.float32)
+
+
+class Crafting(Honest):
+    """Starts the job from :func:`_crafted_mlp` (or, as the control, from an ordinary model)."""
+
+    crafted = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if Crafting.crafted:
+            self.model.params = _crafted_mlp()
+
+
+@pytest.mark.parametrize("attack", [False, True])
+def test_a_crafted_model_cannot_zero_the_other_sites_metrics(tmp_path: Path, attack: bool) -> None:
+    """The second review of 2026-12-07: the evaluation encoding gave a non-finite metric weight 0, so
+    with this model the other sites added zeros for the loss and the "secure" loss was the victim's
+    alone, on a query the server chose. Now a site whose requested metric is missing, not finite or at
+    the round's clip sits the round out."""
+    model = mlp.build_model()
+    vector_to_model(_crafted_mlp(), model)
+    with torch.no_grad():
+        losses = [mlp.evaluate(model, mlp.synthetic_data(i, 4, 3))["loss"] for i in range(4)]
+    assert math.isfinite(losses[0]) and not any(math.isfinite(loss) for loss in losses[1:])  # the setting
+    Crafting.crafted = attack
+    consortium = Consortium.create(NAMES)
+    sites = [turnkey(mlp, n, i, consortium) for i, n in enumerate(NAMES)]
+    config = job_config(task="fedveil.tasks.synthetic:mlp", rounds=1, evaluate=True, stage_timeout=3.0,
+                        round_timeout=20.0, max_round_attempts=2)
+    summary, results, errors = run_job(tmp_path, config, mlp, sites, coordinator_cls=Crafting)
+    assert not errors and Honest.last is not None
+    released = [a.evaluation for a in Honest.last.applied if a.evaluation]
+    if not attack:  # the control: an ordinary model's metrics are summed over all four sites
+        assert summary.completed_rounds == 1 and released and released[0][1] == pytest.approx(800.0)
+        return
+    for metrics, _ in released:  # never the victim's loss alone
+        assert not math.isclose(metrics.get("loss", math.nan), losses[0], rel_tol=1e-6), metrics
+    reasons = [o.reason for fed, history in results if fed.client_name != VICTIM for o in history]
+    assert reasons and all("missing, not finite or at the round's clip" in r for r in reasons), reasons

@@ -454,6 +454,30 @@ def test_an_engine_sites_round_is_accounted_at_its_worst_steps_not_its_last() ->
     assert client.last_event == SubsampledGaussianEvent(0.1, 2.0, 7)
 
 
+@pytest.mark.parametrize("how", ["cleared", "replaced"])
+def test_an_engine_site_that_resets_its_accountant_mid_round_has_every_step_it_holds_counted(how: str) -> None:
+    """The second review of 2026-12-07: a reset (or replaced) accountant that then stepped as often as
+    before held as many history entries, and the round's steps were subtracted away (no event)."""
+    from opacus.accountants import RDPAccountant
+
+    class Engine:
+        accountant = RDPAccountant()
+
+    engine = Engine()
+    for _ in range(100):
+        engine.accountant.step(noise_multiplier=2.0, sample_rate=0.05)
+    client = EngineDpClient(engine)
+    client.begin_round(pb.LocalDpParams(noise_multiplier=2.0, max_grad_norm=1.0, delta=1e-5))
+    if how == "cleared":
+        engine.accountant.history.clear()
+    else:
+        engine.accountant = RDPAccountant()
+    for _ in range(50):
+        engine.accountant.step(noise_multiplier=0.3, sample_rate=0.5)
+    client.finish_round(torch.nn.Linear(1, 1))
+    assert client.last_event == SubsampledGaussianEvent(0.5, 0.3, 50)
+
+
 def test_the_site_never_reports_its_epsilon_at_a_looser_delta_than_its_own(tmp_path: Path) -> None:
     state = SiteState.open(tmp_path / "state.json")
     event = SubsampledGaussianEvent(1 / 7, 0.51, 7)

@@ -19,6 +19,7 @@ import pytest
 
 from fedveil.clients.admission import evaluation_refusal
 from fedveil.clients.policy import SitePolicy
+from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.server.coordinator import Coordinator
 from fedveil.server.mechanisms.local import LocalDP
 from fedveil.server.mechanisms.no_privacy import NoPrivacy
@@ -132,3 +133,35 @@ def test_the_server_names_the_flag_when_local_dp_turns_evaluation_off() -> None:
     assert refusal is not None and "--evaluate-under-local-dp" in refusal
     assert LocalDP(config.replace(evaluate_under_local_dp=True), 10).evaluation_refusal() is None
     assert NoPrivacy(job_config(), 10).evaluation_refusal() is None
+
+
+class ReplaysTheModel(EvaluationRecordingServer):
+    """Draws round 1 without the victim, applies nothing, and shows the same model to everyone in round 2:
+    the difference of the two secure evaluation sums would be the victim's metrics."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        model = self.model
+
+        def commit(applied: Any) -> None:  # the global model stays as it was
+            model.version += 1
+
+        model.commit = commit  # type: ignore[method-assign]
+
+    def _run_round(self, number: int, available: list[str], purpose: int = pb.ROUND_PURPOSE_TRAIN) -> str:
+        if number == 1:
+            available = [n for n in available if n != NAMES[0]]
+        return super()._run_round(number, available, purpose)
+
+
+@pytest.mark.slow
+def test_a_replayed_model_is_not_evaluated_again_under_local_dp(tmp_path: Path) -> None:
+    """The second review of 2026-12-07: local DP's fresh DP-SGD noise protects a replayed model's update,
+    so the replay check was skipped, but the evaluation sums carry no noise: a site that opted in to
+    evaluating under local DP evaluated the replayed model again, and the two sums differenced to the
+    victim's exact loss, accuracy and examples. Now a site that would evaluate declines a model it
+    already released a sum over."""
+    server, summary, outcomes = local_dp_job(tmp_path, {"min_clients": 3, "max_round_attempts": 2},
+                                             server=ReplaysTheModel, evaluate_under_local_dp=True)
+    assert [examples for examples, _ in server.evaluations] == [600.0]  # round 1's three sites, never again
+    assert all(history[-1] == "declined" for history in outcomes[1:]), outcomes

@@ -329,7 +329,9 @@ def admit_round(policy: SitePolicy, job: pb.JobInfo, start: pb.RoundStart, *, ru
     over_budget = user_budget_refusal(policy, state, mode, terms.guaranteed_event)
     if over_budget is not None:
         raise UserBudgetExceeded(*over_budget)
-    if not mechanism.protects_replays(terms) and state.released_over(model_digest):
+    # Evaluation sums carry no noise under any mechanism: a replayed model gives the same metrics
+    # (local DP's fresh DP-SGD noise covers the update only; the second review of 2026-12-07)
+    if (not mechanism.protects_replays(terms) or evaluate) and state.released_over(model_digest):
         # No noise this site relies on: the same model again gives the same update and metrics, and
         # two sums over cohorts with and without this site would difference to them exactly, in
         # this run or another. (With local DP every training draws fresh DP-SGD noise, and

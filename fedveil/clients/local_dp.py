@@ -227,6 +227,8 @@ class EngineDpClient:
         self._steps_at_start = 0
         self._history_at_start = (0, 0)
         """(entries, steps of the last entry) of the accountant's history when the round began."""
+        self._accountant_at_start: tuple[int, list[tuple[Any, ...]]] = (0, [])
+        """The accountant (its id) and a copy of its history when the round began."""
         self._last_event: SubsampledGaussianEvent | None = None
         self._last_steps = 0
         self._lifetime = lifetime
@@ -241,6 +243,7 @@ class EngineDpClient:
         self._steps_at_start = self._total_steps()
         history = self._history()
         self._history_at_start = (len(history), int(history[-1][2]) if history else 0)
+        self._accountant_at_start = (id(self.engine.accountant), [tuple(entry) for entry in history])
         spent = self.epsilon()
         if self.target_epsilon > 0 and spent >= self.target_epsilon:
             raise BudgetExceededError(party="site", round_index=self.rounds_completed, epsilon_before=spent,
@@ -313,7 +316,14 @@ class EngineDpClient:
         """(noise, rate, steps) of each history entry's steps taken since the round began."""
         history = self._history()
         entries, last_steps = self._history_at_start
-        if len(history) < entries:  # the site reset its accountant: count all it holds now
+        accountant, earlier = self._accountant_at_start
+        kept = [tuple(entry) for entry in history[:max(entries - 1, 0)]]
+        last_grew = entries == 0 or (len(history) >= entries and tuple(history[entries - 1][:2]) == earlier[-1][:2]
+                                     and int(history[entries - 1][2]) >= last_steps)
+        if id(self.engine.accountant) != accountant or kept != earlier[:max(entries - 1, 0)] or not last_grew:
+            # the site replaced or reset its accountant within the round: every step it holds now counts
+            # (a reset that then stepped at least as often hid the round's steps: the second review of
+            # 2026-12-07)
             entries, last_steps = 0, 0
         segments = []
         for index in range(max(entries - 1, 0), len(history)):

@@ -421,7 +421,10 @@ class Federation:
         rnd._members = members
         log.info("round %d/%d (attempt %d): %s (secagg id %d)", rnd.number, self.total_rounds, start.attempt,
                  "evaluating" if start.purpose == pb.ROUND_PURPOSE_EVALUATE else "training", start.client_id)
-        site_evaluation.evaluate_for_round(self, rnd, start, admission)
+        problem = site_evaluation.evaluate_for_round(self, rnd, start, admission)
+        if problem is not None:
+            self._sit_out(rnd, problem, "declined")
+            return None
         return rnd
 
     def _refresh_revocations(self) -> None:

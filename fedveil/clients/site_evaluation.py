@@ -10,10 +10,13 @@ site already evaluated in that round gets the same answer again: nothing new.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from fedveil.clients.admission import Admission
 from fedveil.clients.policy import PolicyViolation
+from fedveil.clients.update import evaluation_layout
 from fedveil.protocol import fedveil_pb2 as pb
 
 if TYPE_CHECKING:
@@ -44,13 +47,16 @@ def check_evaluation_left(federation: Federation, start: pb.RoundStart, admissio
                               "zeros instead would leave the other sites' sums alone in the secure total")
 
 
-def evaluate_for_round(federation: Federation, rnd: Round, start: pb.RoundStart, admission: Admission) -> None:
+def evaluate_for_round(federation: Federation, rnd: Round, start: pb.RoundStart,
+                       admission: Admission) -> str | None:
     """Set the round's metrics (``rnd._metrics``) from an evaluation of the global model before local
-    training, where the round asks for them and the site's caps allow."""
+    training, where the round asks for them and the site's caps allow. Returns why the site must sit
+    the round out instead (None: it may go on): metrics it cannot put into the secure sums as they are
+    (:func:`unusable_metrics`)."""
     wants_clear = start.training.evaluate_global_model and not start.encoding.evaluation.dimension \
         and federation.policy.evaluation == "clear" and admission.evaluation_allowed
     if not (admission.evaluate or wants_clear) or federation.options.evaluate is None:
-        return
+        return None
     assert federation.run_id is not None
     evaluation_only = start.purpose == pb.ROUND_PURPOSE_EVALUATE
     state, policy = federation.state, federation.policy
@@ -63,6 +69,38 @@ def evaluate_for_round(federation: Federation, rnd: Round, start: pb.RoundStart,
         federation._round_evaluations[(start.run_id, rnd.number)] = (admission.model_digest, dict(rnd._metrics))
     if rnd._metrics is not None:
         rnd._eval_examples = float(rnd._metrics.get("examples", federation.options.num_examples))
+        if admission.evaluate:
+            return unusable_metrics(start, rnd._metrics, rnd._eval_examples)
+    return None
+
+
+def unusable_metrics(start: pb.RoundStart, metrics: Mapping[str, object], examples: float) -> str | None:
+    """Why this site's evaluation cannot go into the round's secure sums as it is (None: it can).
+
+    The sums weight each site's metric by its examples; a metric that is missing or not finite used to
+    get weight 0 (zeros), and one at the round's clip is the clip, a constant the server knows. A server
+    whose crafted model made every other site's loss infinite (or past the clip) on their records, and
+    the victim's finite, read the victim's loss alone from the "secure" sum (the review of 2026-12-07,
+    second pass). The site then sits the round out instead."""
+    layout = evaluation_layout(start.encoding)
+    if layout is None:
+        return None
+    if not (math.isfinite(examples) and examples > 0):
+        return f"its evaluation counted {examples!r} examples; zeros would leave the other sites' sums alone"
+    bad = [name for name in layout.metrics if not _within(metrics.get(name), layout.value_clip)]
+    if not bad:
+        return None
+    return (f"metric(s) {', '.join(bad)} missing, not finite or at the round's clip ±{layout.value_clip:g} on this "
+            "site's data: they would add zeros or a constant beside the other sites' sums (a crafted model's way to "
+            "isolate one site)")
+
+
+def _within(value: object, clip: float) -> bool:
+    try:
+        v = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(v) and abs(v) < clip
 
 
 def run_evaluate(federation: Federation) -> dict[str, float]:
