@@ -161,7 +161,7 @@ def test_a_replayed_model_is_not_evaluated_again_under_local_dp(tmp_path: Path) 
     evaluating under local DP evaluated the replayed model again, and the two sums differenced to the
     victim's exact loss, accuracy and examples. Now a site that would evaluate declines a model it
     already released a sum over."""
-    server, summary, outcomes = local_dp_job(tmp_path, {"min_clients": 3, "max_round_attempts": 2},
-                                             server=ReplaysTheModel, evaluate_under_local_dp=True)
+    server, _, outcomes = local_dp_job(tmp_path, {"min_clients": 3, "max_round_attempts": 2},
+                                       server=ReplaysTheModel, evaluate_under_local_dp=True)
     assert [examples for examples, _ in server.evaluations] == [600.0]  # round 1's three sites, never again
     assert all(history[-1] == "declined" for history in outcomes[1:]), outcomes

@@ -194,7 +194,7 @@ def test_adaptive_clipping_converges_to_target_quantile(quantile: float) -> None
         bits = np.array([clipper.clip(u).unclipped for u in updates])
         fractions.append(bits.mean())
         history.append(clipper.clip_norm)
-        clipper.update(bits.sum(), rng)
+        clipper.update(bits.sum(), rng, contributors=m)
     late = np.array(history[-150:])
     assert abs(float(np.median(late)) / true_quantile - 1.0) < 0.1
     assert abs(float(np.mean(fractions[-150:])) - quantile) < 0.04
@@ -234,7 +234,7 @@ def test_adaptive_round_noise_and_update_rule() -> None:
     dp = DPFedAvg.with_adaptive_clipping(config)
     dim = 100_000
     total = np.zeros(dim)
-    out = dp.finish_round(total, make_generator(99), unclipped_count=30)
+    out = dp.finish_round(total, make_generator(99), unclipped_count=30, contributors=40)
     z_delta = update_noise_multiplier(1.1, 2.0)
     assert out.noise_multiplier == 1.1 and out.clip_norm == 2.0
     assert out.noise_stddev == pytest.approx(z_delta * 2.0, rel=1e-15)
@@ -253,9 +253,33 @@ def test_noised_fraction_has_count_noise_stddev() -> None:
     config = AdaptiveClippingConfig(initial_clip_norm=1.0, noise_multiplier=1.0, expected_clients_per_round=100)
     clipper = AdaptiveClipper(config)
     rng = make_generator(4)
-    draws = np.array([clipper.noised_unclipped_fraction(50, rng) for _ in range(20_000)])
+    draws = np.array([clipper.noised_unclipped_fraction(50, rng, 100) for _ in range(20_000)])
     lo, hi = variance_interval(draws.size, 5.0 / 100)
     assert lo <= float(np.var(draws, ddof=1)) <= hi
+
+
+class _NoNoise:
+    def standard_normal(self, size: int) -> np.ndarray:
+        return np.zeros(size)
+
+
+@pytest.mark.parametrize("m", [4, 40])
+def test_the_released_fraction_moves_by_half_over_m_when_one_client_is_added(m: int) -> None:
+    """The privacy review of 2026-12-07: the fraction was (Σ b_i + N) / m, which an added client with
+    b = 1 moved by 1/m, twice the sensitivity Theorem 1's split of z assumes. From the centred sum,
+    adding a client moves it by exactly ±1/(2m), whatever its bit, and the whitened sensitivity of the
+    round's two releases is 1/z."""
+    z, clip = 0.35, 1.0
+    config = AdaptiveClippingConfig(initial_clip_norm=clip, noise_multiplier=z, expected_clients_per_round=m)
+    clipper = AdaptiveClipper(config)
+    base = clipper.noised_unclipped_fraction(5, _NoNoise(), 10)
+    moves = [clipper.noised_unclipped_fraction(5 + bit, _NoNoise(), 11) - base for bit in (0, 1)]
+    assert moves == pytest.approx([-1 / (2 * m), 1 / (2 * m)], abs=1e-15)
+    # whitened: the update sum moves by ≤ S against noise z_Δ S, the fraction by 1/(2m) against σ_b / m
+    count_move = max(abs(v) for v in moves) / (config.resolved_count_noise_stddev / m)
+    assert math.hypot(1 / config.update_noise_multiplier, count_move) == pytest.approx(1 / z, rel=1e-12)
+    with pytest.raises(ValueError, match="contributors must be at least the unclipped count"):
+        clipper.noised_unclipped_fraction(5, _NoNoise(), 4)
 
 
 def test_fixed_dpfedavg_round() -> None:
@@ -282,7 +306,7 @@ def test_dpfedavg_accounting_event_matches_the_accountant() -> None:
 def test_adaptive_state_round_trip() -> None:
     config = AdaptiveClippingConfig(initial_clip_norm=1.0, noise_multiplier=1.0, expected_clients_per_round=100)
     clipper = AdaptiveClipper(config)
-    clipper.update(10, make_generator(0))
+    clipper.update(10, make_generator(0), contributors=20)
     other = AdaptiveClipper(config)
     other.load_state_dict(clipper.state_dict())
     assert other.clip_norm == clipper.clip_norm != 1.0

@@ -233,18 +233,21 @@ class DPFedAvg:
         """Client side: clip one update with the current clip norm."""
         return clip_update(update, self.clip_norm)
 
-    def finish_round(self, update_sum: Any, rng: NormalSource, unclipped_count: float | None = None) -> DPFedAvgRound:
+    def finish_round(self, update_sum: Any, rng: NormalSource, unclipped_count: float | None = None,
+                     contributors: int | None = None) -> DPFedAvgRound:
         """Server side: noise the sum, divide by ``m`` and (adaptive) move the clip norm.
 
-        ``unclipped_count`` is ``Σ b_i`` and is required with adaptive clipping.
+        ``unclipped_count`` is ``Σ b_i`` over ``contributors`` clients; both are required with adaptive
+        clipping.
         """
         mechanism = self.mechanism
         clip_now = self.clip_norm
         mean = mechanism.noised_mean(update_sum, self.expected_clients_per_round, rng)
         if self.adaptive is not None:
-            if unclipped_count is None:
-                raise ValueError("unclipped_count is required with adaptive clipping (the sum of the clients' bits)")
-            self.adaptive.update(unclipped_count, rng)
+            if unclipped_count is None or contributors is None:
+                raise ValueError("unclipped_count and contributors are required with adaptive clipping (the sum of "
+                                 "the clients' bits, and how many clients it sums)")
+            self.adaptive.update(unclipped_count, rng, contributors)
         return DPFedAvgRound(
             noised_mean=mean,
             clip_norm=clip_now,

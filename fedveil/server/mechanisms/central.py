@@ -84,7 +84,7 @@ class CentralDP(PrivacyMechanism):
         insecure_seed = hashlib.sha256(f"fedveil/central-noise/{self.config.seed}/{plan.round_number}/".encode()
                                        + ring_sum.tobytes()).digest()[:16] \
             if self.config.insecure_deterministic else None
-        result = state.finish_round(total[:dim], SecureNormalSampler(insecure_seed), unclipped)
+        result = state.finish_round(total[:dim], SecureNormalSampler(insecure_seed), unclipped, survivors)
         stats: dict[str, Any] = {"clip_norm": result.clip_norm, "next_clip_norm": result.next_clip_norm,
                                  "noise_stddev_sum": result.noise_stddev}
         if result.noised_unclipped_fraction is not None:
