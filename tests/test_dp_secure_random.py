@@ -123,10 +123,19 @@ def test_edge_parameters() -> None:
     assert rng.poisson(5.0, 0).shape == (0,)
 
 
-def test_the_server_sampler_is_this_generator() -> None:
+def test_the_server_sampler_halves_four_of_this_generators_normals() -> None:
+    """The privacy review of 2026-12-07: one Box–Muller draw is bounded at 8.57 (u1 ≥ 2⁻⁵³), an infinite
+    privacy loss near the edge with probability past δ at z ≤ 0.2; the central noise is now the halved
+    sum of four, exactly N(0, 1) and bounded at 17.1."""
     seed = bytes(range(16))
-    np.testing.assert_array_equal(SecureNormalSampler(seed).standard_normal(20),
-                                  SecureRandom(seed).standard_normal(20))
+    four = SecureRandom(seed).standard_normal((4, 20))
+    np.testing.assert_array_equal(SecureNormalSampler(seed).standard_normal(20), four.sum(axis=0) * 0.5)
+    assert SecureNormalSampler(seed).standard_normal((2, 3)).shape == (2, 3)
+    assert SecureNormalSampler(seed).standard_normal().shape == ()
+    bound = math.sqrt(-2.0 * math.log(2.0**-53))
+    assert bound == pytest.approx(8.5717, abs=1e-4) and 2 * bound == pytest.approx(17.143, abs=1e-3)
+    z = SecureNormalSampler(seed).standard_normal(400_000)
+    assert stats.kstest(z, "norm").pvalue > FAIL_PROB and abs(float(np.var(z)) - 1.0) < 0.01
     assert not np.array_equal(SecureNormalSampler().standard_normal(20), SecureNormalSampler().standard_normal(20))
     with pytest.raises(ValueError, match="insecure_seed"):
         SecureNormalSampler(bytes(8))
