@@ -82,6 +82,8 @@ def test_central_rejects_a_sum_no_clipped_sites_can_produce() -> None:
     ("local", "--dp-sampling-amplification", {"dp_sampling_amplification": True}),
     ("distributed", "--dp-sampling-amplification", {"dp_sampling_amplification": True}),
     ("central", "--dp-accountant", {"dp_sampling_amplification": True, "dp_accountant": "pld"}),
+    ("distributed", "--dp-accountant", {"dp_accountant": "pld"}),
+    ("distributed", "--dp-accountant", {"dp_accountant": "prv"}),
 ])
 def test_each_mechanism_refuses_settings_it_cannot_honour_naming_the_flag(dp: str, flag: str,
                                                                           settings: dict[str, object]) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import struct
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
@@ -20,12 +20,23 @@ from fedveil.server import sanity
 from fedveil.server.mechanisms.base import DecodedRound, LedgerEntry, PrivacyMechanism
 from fedveil.server.round_plan import RoundPlan
 
+if TYPE_CHECKING:
+    from fedveil.server.config import ServerConfig
+
 
 class DistributedDP(PrivacyMechanism):
     """User-level DP whose noise the sites add inside the secure sum."""
 
     mode: ClassVar[str] = "distributed"
     user_level: ClassVar[bool] = True
+
+    @classmethod
+    def refusal(cls, config: ServerConfig) -> tuple[str, str] | None:
+        if config.privacy.accountant != "rdp":
+            # the job used to start and fail at its first release (the privacy review of 2026-12-07)
+            return ("--dp-accountant", "must be rdp with --dp distributed: its noise (Skellam or discrete Gaussian) "
+                    f"is accounted by its RDP curve (got {config.privacy.accountant!r})")
+        return super().refusal(config)
 
     def plan(self, round_number: int, cohort_size: int, threshold: int, context: bytes,
              state: DPFedAvg | None) -> RoundPlan:
