@@ -188,5 +188,28 @@ def test_a_crafted_model_cannot_zero_the_other_sites_metrics(tmp_path: Path, att
         return
     for metrics, _ in released:  # never the victim's loss alone
         assert not math.isclose(metrics.get("loss", math.nan), losses[0], rel_tol=1e-6), metrics
-    reasons = [o.reason for fed, history in results if fed.client_name != VICTIM for o in history]
-    assert reasons and all("missing, not finite or at the round's clip" in r for r in reasons), reasons
+    # each of the others sat its first attempt out; told why, the server asked them for no sums after that
+    reasons = [history[0].reason for fed, history in results if fed.client_name != VICTIM]
+    assert len(reasons) == 3 and all("missing, not finite or at the round's clip" in r for r in reasons), reasons
+
+
+def test_a_site_whose_metric_is_undefined_on_its_data_trains_on_without_evaluation(tmp_path: Path) -> None:
+    """An honest site whose metric is undefined on its records (ROC AUC on one class; here a NaN loss)
+    sits out the first round that asks it for sums and says why (``cannot_evaluate``); the honest server
+    then leaves evaluation out of its cohorts, so it trains in the next round instead of sitting out all."""
+    consortium = Consortium.create(NAMES)
+
+    def undefined(model: Any) -> dict[str, float]:
+        return {"loss": math.nan, "accuracy": 0.5, "examples": 10.0}
+
+    sites = [turnkey(synthetic, n, i, consortium, **({"evaluate": undefined} if n == "site-1" else {}))
+             for i, n in enumerate(NAMES)]
+    config = job_config(rounds=2, min_clients=3, evaluate=True, stage_timeout=3.0, round_timeout=20.0,
+                        max_round_attempts=2)
+    summary, results, errors = run_job(tmp_path, config, synthetic, sites, coordinator_cls=Honest)
+    assert not errors and summary.completed_rounds == 2, summary
+    histories = {fed.client_name: [o.outcome for o in history] for fed, history in results}
+    assert histories["site-1"] == ["declined", "completed"], histories
+    assert Honest.last is not None
+    evaluated = [a.evaluation for a in Honest.last.applied]
+    assert evaluated[0] and not evaluated[1]  # round 1 summed the other three's metrics; round 2 asked none

@@ -190,7 +190,7 @@ class Federation:
         return self.privacy.report()
 
     def _decline_attempt(self, start: pb.RoundStart, reason: str, refused_members: tuple[int, ...] = (),
-                         out_of_budget: bool = False) -> None:
+                         out_of_budget: bool = False, cannot_evaluate: bool = False) -> None:
         """Tell the server at once that this site sits the attempt out (it becomes a dropout), and
         which other members' credentials or identity keys it refused, if that is why; ``out_of_budget``:
         its own privacy budget cannot afford the job's rounds (the server need not draw it again)."""
@@ -198,19 +198,20 @@ class Federation:
         self._round_header = (int(start.round), bytes(start.round_nonce))
         try:
             self._send("RespondToRound", lambda h: self.transport.respond_to_round(
-                pb.RoundResponse(header=h, accept=False, decline_reason=reason[:256],
-                                 refused_members=refused_members, out_of_budget=out_of_budget)))
+                pb.RoundResponse(header=h, accept=False, decline_reason=reason[:256], refused_members=refused_members,
+                                 out_of_budget=out_of_budget, cannot_evaluate=cannot_evaluate)))
         except RoundLost as err:
             log.info("round %d: the decline was not needed (%s)", start.round, err)
         finally:
             self._round_header = saved
         self._sitting_out = (int(start.round), bytes(start.round_nonce))
 
-    def _sit_out(self, rnd: Round, reason: str, outcome: str = "dropped", *, out_of_budget: bool = False) -> None:
+    def _sit_out(self, rnd: Round, reason: str, outcome: str = "dropped", *, out_of_budget: bool = False,
+                 cannot_evaluate: bool = False) -> None:
         """This client drops out of ``rnd`` (declined, or the loop did not submit it): the server is
         told at once, so the others need not wait for the round's deadline."""
         log.warning("round %d: sitting this round out (%s)", rnd.number, reason)
-        self._decline_attempt(rnd.start_message, reason, out_of_budget=out_of_budget)
+        self._decline_attempt(rnd.start_message, reason, out_of_budget=out_of_budget, cannot_evaluate=cannot_evaluate)
         self._round_header = (0, b"")
         rnd.outcome = RoundOutcome(rnd.number, outcome, f"sat out: {reason}")
         self.history.append(rnd.outcome)
@@ -423,7 +424,7 @@ class Federation:
                  "evaluating" if start.purpose == pb.ROUND_PURPOSE_EVALUATE else "training", start.client_id)
         problem = site_evaluation.evaluate_for_round(self, rnd, start, admission)
         if problem is not None:
-            self._sit_out(rnd, problem, "declined")
+            self._sit_out(rnd, problem, "declined", cannot_evaluate=True)
             return None
         return rnd
 

@@ -158,6 +158,11 @@ class SecAggBridgeMixin(CoordinatorBase):
             if rnd.stage == Stage.COMMIT and Stage.COMMIT not in rnd.submitted.get(caller, set()):
                 rnd.beacon.decline(sid)
             rnd.dropped[caller] = (rnd.stage.label, f"declined: {why}")
+            if request.cannot_evaluate and client.evaluates:
+                # e.g. ROC AUC on its one-class records: cohorts with it get no evaluation sums from now on
+                client.evaluates = False
+                log.info("%s cannot evaluate the job's metrics on its data: no evaluation sums asked of its cohorts",
+                         caller)
             if request.out_of_budget and caller not in self._out_of_budget:
                 # the site's word that its budget is spent: drawing it again would only cost a slot
                 self._out_of_budget[caller] = why
