@@ -23,6 +23,7 @@ from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.server.coordinator import Coordinator
 from fedveil.server.mechanisms.local import LocalDP
 from fedveil.server.mechanisms.no_privacy import NoPrivacy
+from fedveil.server.sanity import AggregateRejected
 from fedveil.tasks.synthetic import task as synthetic
 from tests.attack_helpers import RESPONSIVE_DEADLINES, Consortium, job_config, run_job, turnkey
 
@@ -165,3 +166,32 @@ def test_a_replayed_model_is_not_evaluated_again_under_local_dp(tmp_path: Path) 
                                        server=ReplaysTheModel, evaluate_under_local_dp=True)
     assert [examples for examples, _ in server.evaluations] == [600.0]  # round 1's three sites, never again
     assert all(history[-1] == "declined" for history in outcomes[1:]), outcomes
+
+
+class RejectsRoundOne(EvaluationRecordingServer):
+    """An honest server whose first round's sum fails its sanity checks (a malicious site's doing)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        real, calls = self.model.apply, []
+
+        def apply(plan: Any, ring_sum: Any, survivors: Any, declared: Any = None) -> Any:
+            calls.append(1)
+            if len(calls) == 1:
+                raise AggregateRejected("the sum failed the sanity checks")
+            return real(plan, ring_sum, survivors, declared)
+
+        self.model.apply = apply  # type: ignore[method-assign]
+
+
+@pytest.mark.slow
+def test_after_a_rejected_round_the_server_asks_no_evaluation_of_the_unchanged_model(tmp_path: Path) -> None:
+    """The sites decline to evaluate a model they released a sum over; after a rejected round the model is
+    that one, so the honest server asks for no evaluation until it changes (before, under local DP with
+    the evaluation opt-in, every attempt of the next round was declined and the job failed)."""
+    server, summary, outcomes = local_dp_job(tmp_path, {"rounds": 3, "max_round_attempts": 2},
+                                             server=RejectsRoundOne, evaluate_under_local_dp=True,
+                                             max_evaluations_per_round=2)
+    assert summary.status == "completed" and summary.completed_rounds == 3 and summary.rejected_rounds == 1, summary
+    assert len(server.evaluations) == 1  # round 3's: round 1's sum was rejected, round 2 asked for none
+    assert outcomes == [["aborted", "completed", "completed"]] * len(NAMES), outcomes

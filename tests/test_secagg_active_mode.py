@@ -9,6 +9,7 @@ import dataclasses
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedveil.secagg import (
     ConfigError,
@@ -21,8 +22,10 @@ from fedveil.secagg import (
     plan_threshold,
     run_round,
 )
+from fedveil.secagg.errors import ProtocolError
+from fedveil.secagg.keys import advertisement_payload, sign
 from fedveil.secagg.messages import ConsistencyCheckRequest, ShareKeysRequest, UnmaskingRequest
-from fedveil.secagg.session import Session
+from fedveil.secagg.session import Session, check_advertisements
 from tests.secagg_helpers import ManualRound, random_inputs, ring_sum
 
 SEED32 = bytes(range(32))
@@ -53,7 +56,8 @@ def test_active_mode_rejects_forged_advertisement():
     config, keys = _active_config()
     r = ManualRound(config, identity_key=dict(enumerate(keys)))
     advs = {c: cl.advertise_keys() for c, cl in r.clients.items()}
-    forged = dataclasses.replace(advs[1], mask_public=advs[2].mask_public)
+    fresh = X25519PrivateKey.generate().public_key().public_bytes_raw()
+    forged = dataclasses.replace(advs[1], mask_public=fresh)
     with pytest.raises(InvalidSignatureError):
         r.server.receive(1, forged)
     for c, adv in advs.items():
@@ -61,11 +65,35 @@ def test_active_mode_rejects_forged_advertisement():
     out = r.close()
     # A server that substitutes a key in the broadcast is caught by every client.
     msg = out[0]
-    bad = tuple(dataclasses.replace(a, share_public=advs[4].mask_public) if a.client_id == 3 else a
+    bad = tuple(dataclasses.replace(a, share_public=fresh) if a.client_id == 3 else a
                 for a in msg.advertisements)
     with pytest.raises(InvalidSignatureError):
         r.clients[0].handle(dataclasses.replace(msg, advertisements=bad))
     assert r.clients[0].aborted
+
+
+def test_no_two_advertisers_may_share_a_key_even_when_each_signs_its_own():
+    """The cryptography review of 2026-12-07: a colluder advertised the victim's share key as its own
+    (signed by its own identity) and sent garbage boxes; each honest holder's complaint then revealed
+    its pair secret with the victim, which opened the victim's boxes. Such a list is refused by the
+    server and by every site, whichever key is copied and however it is encoded."""
+    config, keys = _active_config()
+    r = ManualRound(config, identity_key=dict(enumerate(keys)))
+    advs = {c: cl.advertise_keys() for c, cl in r.clients.items()}
+    victim, colluder = 0, 4
+    for copied in (advs[victim].share_public, advs[victim].mask_public,
+                   (int.from_bytes(advs[victim].share_public, "little") | 1 << 255).to_bytes(32, "little")):
+        own = advs[colluder].mask_public if copied != advs[colluder].mask_public else advs[colluder].share_public
+        payload = advertisement_payload(config.round_id, config.parameters_bytes(), colluder, copied, own)
+        forged = dataclasses.replace(advs[colluder], share_public=copied, mask_public=own,
+                                     signature=sign(keys[colluder], payload))
+        with pytest.raises(ProtocolError, match=f"client {colluder} advertised a public key of client {victim}"):
+            check_advertisements(config, [advs[victim], forged])
+        server = ManualRound(config, identity_key=dict(enumerate(keys))).server
+        server.receive(victim, advs[victim])
+        with pytest.raises(ProtocolError, match="advertised a public key of client"):
+            server.receive(colluder, forged)
+    check_advertisements(config, list(advs.values()))  # the control: honest keys are all distinct
 
 
 def test_advertisements_verified_ahead_are_not_verified_again_and_forged_ones_still_fail(monkeypatch):

@@ -108,3 +108,18 @@ def test_distributed_bits_whose_noise_cannot_be_sampled_exactly_are_refused_nami
     with pytest.raises(JobError, match=r"above 2\^20") as err:
         model.plan(1, 4, 3, b"ctx")
     assert err.value.field == "dp_bits"
+
+
+def test_an_unclipped_count_within_the_checks_slack_is_clamped_not_an_internal_error() -> None:
+    """The review of 2026-12-07: one site adding a unit to its unclipped slot gave a count the sanity
+    check accepts (its rounding slack) but just above the survivors, and the release then raised
+    ValueError: an internal error after the masked inputs were in."""
+    model = GlobalModel(config("central", dp_adaptive_clipping=True, clients_per_round=4, dp_noise_multiplier=0.3),
+                        np.zeros(DIM, dtype=np.float32), seed=1)
+    plan = model.plan(1, 4, 3, b"ctx")
+    rows = np.zeros((4, DIM + 1))
+    rows[:, DIM] = 1.0  # four unclipped sites
+    total = ring_sum(plan, rows)
+    total[DIM] += 1  # one ring unit more: within the check's slack, above 4
+    applied = model.apply(plan, total, survivors=4)
+    assert 0.0 < applied.stats["next_clip_norm"] and "unclipped_fraction_noised" in applied.stats

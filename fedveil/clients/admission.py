@@ -336,10 +336,12 @@ def admit_round(policy: SitePolicy, job: pb.JobInfo, start: pb.RoundStart, *, ru
         # two sums over cohorts with and without this site would difference to them exactly, in
         # this run or another. (With local DP every training draws fresh DP-SGD noise, and
         # user-level noise is accounted per release.)
+        unprotected = ("its evaluation sums, which carry no noise" if mechanism.protects_replays(terms)
+                       else "no noise it relies on")
         raise PolicyViolation("model", f"the global model (sha256 {model_digest.hex()[:16]}…) is one this site "
-                              "already released a sum over, in this run or an earlier one, with no noise it relies "
-                              "on; a server that replays a model could difference the two sums (a new run needs "
-                              "a new initial model)")
+                              f"already released a sum over, in this run or an earlier one, with {unprotected}; a "
+                              "server that replays a model could difference the two sums (a new run needs a new "
+                              "initial model)")
     return Admission(holders=h, corrupt=c, honest_contributors=honest, mechanism=mechanism, terms=terms,
                      evaluate=evaluate, evaluation_allowed=refusal is None, model_digest=model_digest)
 

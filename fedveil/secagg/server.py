@@ -66,6 +66,7 @@ from fedveil.secagg.session import (
     bad_advertisement_signature,
     check_advertisement,
     prune_live,
+    x25519_point,
 )
 from fedveil.secagg.share_complaints import BAD_SIGNATURE, ComplaintVerdict, ShareComplaint, box_bytes, judge
 from fedveil.secagg.unmasking import ServerR3Unmasking, default_unmasking_threads
@@ -84,6 +85,11 @@ class ServerR0AdvertiseKeys(ServerState):
     def _accept(self, client_id: int, msg: Message) -> None:
         assert isinstance(msg, AdvertiseKeys)
         check_advertisement(self.ctx.config, msg, signature=msg not in self.ctx.verified_adverts)
+        taken = {x25519_point(k): c for c, a in self.adverts.items() for k in (a.share_public, a.mask_public)}
+        for key in (msg.share_public, msg.mask_public):
+            owner = taken.get(x25519_point(key))
+            if owner is not None and owner != client_id:  # each site refuses such a list too (session.py)
+                raise ProtocolError(f"client {client_id} advertised a public key of client {owner}")
         self.adverts[client_id] = msg
 
     def close(self) -> tuple[ServerState, dict[int, Message]]:

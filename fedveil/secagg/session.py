@@ -33,8 +33,19 @@ def check_advertisements(config: SecAggConfig, advertisements: Sequence[Advertis
                          signatures: bool = True, memo: SignatureMemo | None = None) -> None:
     """Shape checks on each advertisement, and (``signatures``) in active mode their identity
     signatures, verified as one batch (through ``memo`` when the process's sites share one); the
-    first bad one, in the given order, is named."""
+    first bad one, in the given order, is named.
+
+    No two advertisers may share an X25519 key (compared as points: the u-coordinate with bit 255
+    cleared, mod p). A colluder that advertised the victim's share key as its own, signed by its own
+    identity, and sent garbage boxes made each honest holder's complaint reveal the holder's pair
+    secret with the *victim*: the server opened the victim's boxes and rebuilt both of its secrets
+    (the cryptography review of 2026-12-07)."""
+    owners: dict[int, int] = {}
     for adv in advertisements:
+        for key in (adv.share_public, adv.mask_public):
+            owner = owners.setdefault(x25519_point(key), adv.client_id) if len(key) == PUBLIC_KEY_BYTES else None
+            if owner is not None and owner != adv.client_id:
+                raise ProtocolError(f"client {adv.client_id} advertised a public key of client {owner}")
         if not 0 <= adv.client_id < config.num_clients:
             raise ProtocolError(f"client_id {adv.client_id} is outside 0..{config.num_clients - 1}")
         if len(adv.share_public) != PUBLIC_KEY_BYTES or len(adv.mask_public) != PUBLIC_KEY_BYTES:
@@ -51,6 +62,12 @@ def check_advertisements(config: SecAggConfig, advertisements: Sequence[Advertis
     for adv, ok in zip(advertisements, verdicts(items, memo), strict=True):
         if not ok:
             raise bad_advertisement_signature(adv)
+
+
+def x25519_point(public: bytes) -> int:
+    """The point an X25519 public key names: its u-coordinate, bit 255 cleared, reduced mod 2^255 − 19
+    (two encodings of one point are one key)."""
+    return (int.from_bytes(public, "little") & ((1 << 255) - 1)) % ((1 << 255) - 19)
 
 
 def advertisement_signature(config: SecAggConfig, adv: AdvertiseKeys) -> SignedItem:

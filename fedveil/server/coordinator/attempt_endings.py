@@ -39,6 +39,7 @@ class AttemptEndingsMixin(CoordinatorBase):
             ledger_json=ledger_json, stats={"rejected": reason, "threshold": threshold}, status="rejected",
             reason=reason)
         self.model.skip()
+        self._model_released_unchanged = True  # the next model is one the sites released a sum over
         self._rejected_rounds += 1
         log.warning("round %d rejected (model unchanged, the job goes on): %s", number, reason)
 

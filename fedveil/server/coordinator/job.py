@@ -159,6 +159,10 @@ class Coordinator(SessionsMixin, SecAggBridgeMixin, MisconductMixin, RefusalTall
         """The final model's metrics as one secure sum over the cohort (an evaluation-only round)."""
         cfg = self.config
         phase = cfg.schedule.rounds + 1
+        if self._model_released_unchanged:
+            log.info("final evaluation skipped: the last round was rejected or skipped, and the sites that evaluate "
+                     "decline a model they released a sum over")
+            return
         for _ in range(min(cfg.schedule.max_round_attempts, cfg.evaluation.max_per_job)):  # each attempt asks again
             with self._cond:
                 excluded = self._excluded(phase)

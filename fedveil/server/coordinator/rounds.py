@@ -266,6 +266,12 @@ class RoundDriverMixin(CoordinatorBase):
         context = f"fedveil/{run_label}/{self.task.name}".encode()
         evaluation_only = purpose == pb.ROUND_PURPOSE_EVALUATE
         metrics = self._secure_metrics() if (cfg.evaluation.each_round or evaluation_only) else ()
+        if metrics and self._model_released_unchanged and not evaluation_only:
+            # a rejected or skipped round left the model as it was: sites that evaluate decline a model
+            # they released a sum over (its metrics would be the same again), so ask for none
+            log.info("round %d: no secure evaluation in this attempt: the model is unchanged since a released "
+                     "round", number)
+            metrics = ()
         not_evaluating = [n for n in chosen if not self._evaluates(n)] if metrics else []
         if not_evaluating and not evaluation_only:
             # each would decline the round rather than add zeros (the evaluation-only round draws evaluators only)
@@ -457,6 +463,7 @@ class RoundDriverMixin(CoordinatorBase):
             if applied.evaluation is not None:
                 self._record_secure_evaluation(rnd, applied.evaluation, len(result.survivors))
             self.model.commit(applied)
+            self._model_released_unchanged = False
             log.info("round %d completed: %d survivors, update norm %.4g, %.2fs", number, len(result.survivors),
                      applied.stats["update_norm"], stats["duration_s"])
             self._finish_round_for_clients(rnd, pb.ROUND_OUTCOME_COMPLETED, "", result.survivors)

@@ -158,9 +158,9 @@ class SecAggBridgeMixin(CoordinatorBase):
             if rnd.stage == Stage.COMMIT and Stage.COMMIT not in rnd.submitted.get(caller, set()):
                 rnd.beacon.decline(sid)
             rnd.dropped[caller] = (rnd.stage.label, f"declined: {why}")
-            if request.cannot_evaluate and client.evaluates:
+            if request.cannot_evaluate and caller not in self._cannot_evaluate:
                 # e.g. ROC AUC on its one-class records: cohorts with it get no evaluation sums from now on
-                client.evaluates = False
+                self._cannot_evaluate.add(caller)
                 log.info("%s cannot evaluate the job's metrics on its data: no evaluation sums asked of its cohorts",
                          caller)
             if request.out_of_budget and caller not in self._out_of_budget:

@@ -308,6 +308,12 @@ class CoordinatorBase:
         can never occupy every worker and stall the submissions of a round)."""
         self.resumed_from = 0
         self._rejected_rounds = 0
+        self._model_released_unchanged = False
+        """A round was rejected or skipped after its release: the global model is one the sites released a
+        sum over, so no evaluation is asked until it changes (sites that evaluate would decline)."""
+        self._cannot_evaluate: set[str] = set()
+        """Sites that said their evaluation gave a metric they cannot sum (``RoundResponse.cannot_evaluate``):
+        kept by name, so a reconnect does not make them sit out another round."""
         self.model_delivery = ModelDelivery.in_messages()
         """How the model reaches the sites (the transport's choice: the gRPC runner has them fetch it
         in chunks, :class:`fedveil.protocol.model_delivery.ModelDelivery`)."""
@@ -418,7 +424,7 @@ class CoordinatorBase:
     def _evaluates(self, name: str) -> bool:
         """Whether site ``name`` said it fills secure evaluation sums in this job (lock held)."""
         client = self._clients.get(name)
-        if client is None or not client.evaluates:
+        if client is None or not client.evaluates or name in self._cannot_evaluate:
             return False
         return self.config.privacy.mode != "local" or client.evaluates_under_local_dp
 

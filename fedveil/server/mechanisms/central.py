@@ -80,7 +80,8 @@ class CentralDP(PrivacyMechanism):
         # The OS CSPRNG, never the job seed: the seed is stored with the run, and anyone who could
         # regenerate the noise could subtract it from the released aggregate. Only an
         # --insecure-deterministic job (tests, bit-for-bit simulations) draws it from the seed.
-        unclipped = float(total[dim]) if state.adaptive is not None else None
+        # within the check's rounding slack a sum may land just outside [0, survivors]: clamp it there
+        unclipped = min(max(float(total[dim]), 0.0), float(survivors)) if state.adaptive is not None else None
         insecure_seed = hashlib.sha256(f"fedveil/central-noise/{self.config.seed}/{plan.round_number}/".encode()
                                        + ring_sum.tobytes()).digest()[:16] \
             if self.config.insecure_deterministic else None
