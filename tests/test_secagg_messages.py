@@ -32,7 +32,8 @@ boxes = st.dictionaries(st.integers(0, 2**20), st.binary(max_size=200), max_size
 
 
 def _adv(rid):
-    return st.builds(AdvertiseKeys, st.just(rid), u32, key, key, sig)
+    proof = st.one_of(st.just(b""), st.binary(min_size=96, max_size=96))
+    return st.builds(AdvertiseKeys, st.just(rid), u32, key, key, sig, proof)
 
 
 @st.composite

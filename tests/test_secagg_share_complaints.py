@@ -36,8 +36,12 @@ from fedveil.secagg.share_complaints import (
     SIGNED_BYTES,
     ComplaintVerdict,
     ShareComplaint,
+    build_complaint,
+    judge,
+    key_possession_valid,
     montgomery_u,
     prime_order_point,
+    prove_key_possession,
     prove_shared_point,
     verify_shared_point,
 )
@@ -353,3 +357,53 @@ def test_simulation_feeds_complaints_to_the_server(monkeypatch):
     assert sim.blamed == frozenset({sender})
     assert set(sim.verdicts) == set(range(N)) - {sender}
     assert all("ShareComplaintsError" in sim.client_errors[h] for h in sim.verdicts)
+
+
+# --- the proof that a sender knows its share key's secret --------------------------------------------
+
+def test_a_possession_proof_is_bound_to_its_key_client_and_round_attempt():
+    key = X25519PrivateKey.generate()
+    public = key.public_key().public_bytes_raw()
+    proof = prove_key_possession(key, 7, 3)
+    assert len(proof) == PROOF_BYTES and key_possession_valid(public, proof, 7, 3)
+    other = X25519PrivateKey.generate().public_key().public_bytes_raw()
+    assert not key_possession_valid(other, proof, 7, 3)  # another key
+    assert not key_possession_valid(public, proof, 7, 4)  # copied by another client
+    assert not key_possession_valid(public, proof, 8, 3)  # replayed in another attempt
+    for i in (0, 40, 70, 95):  # any altered byte
+        assert not key_possession_valid(public, proof[:i] + bytes([proof[i] ^ 1]) + proof[i + 1:], 7, 3)
+    assert not key_possession_valid(public, b"", 7, 3) and not key_possession_valid(public, os.urandom(96), 7, 3)
+
+
+def test_a_holder_reveals_no_pair_secret_for_a_sender_that_copied_another_clients_key():
+    """The cryptography review of 2026-12-07: a colluder Z advertised victim U's share key, shown to a
+    holder W whose list left U out (so no duplicate shows), and sent W garbage. W's complaint revealed
+    DH(c_W, c_U), which opens U's box to W: t such holders gave the server both of U's secrets. Now W
+    reveals a pair secret only for a sender key with a valid proof that the sender knows its secret; the
+    copied key has none (U's proof names U), and the server convicts Z on W's ``bad_key`` complaint."""
+    rid, sid, victim, colluder, holder = 11, os.urandom(32), 0, 9, 4
+    victim_key, holder_key = X25519PrivateKey.generate(), X25519PrivateKey.generate()
+    copied = victim_key.public_key().public_bytes_raw()
+    garbage = os.urandom(SIGNED_BYTES)
+    for proof in (prove_key_possession(victim_key, rid, victim), b""):  # U's own proof, or none
+        complaint = build_complaint(private=holder_key, sender_public=copied, sender_possession=proof,
+                                    sender_identity=None, box=garbage, sender=colluder, holder=holder,
+                                    session_id=sid, round_id=rid)
+        assert (complaint.kind, complaint.shared_point, complaint.proof) == ("bad_key", b"", b"")
+        verdict = judge(complaint, holder=holder, holder_public=holder_key.public_key().public_bytes_raw(),
+                        sender_public=copied, sender_possession=proof, sender_identity=None, stored_box=garbage,
+                        session_id=sid, round_id=rid)
+        assert (verdict.upheld, verdict.guilty) == (True, colluder)
+    # the control: a garbage sender with its own key and proof is complained about with the pair's point
+    sender_key = X25519PrivateKey.generate()
+    own = sender_key.public_key().public_bytes_raw()
+    complaint = build_complaint(private=holder_key, sender_public=own, sender_possession=prove_key_possession(
+        sender_key, rid, colluder), sender_identity=None, box=garbage, sender=colluder, holder=holder,
+        session_id=sid, round_id=rid)
+    assert complaint.kind == "undecryptable" and complaint.shared_point
+    # a false bad_key complaint about a sender whose key and proof are valid convicts the holder
+    false = judge(ShareComplaint(colluder, "bad_key"), holder=holder,
+                  holder_public=holder_key.public_key().public_bytes_raw(), sender_public=own,
+                  sender_possession=prove_key_possession(sender_key, rid, colluder), sender_identity=None,
+                  stored_box=garbage, session_id=sid, round_id=rid)
+    assert (false.upheld, false.guilty) == (False, holder)

@@ -97,6 +97,7 @@ class SecAggClientDriver:
             "encryption_public_key": adv.share_public,
             "masking_public_key": adv.mask_public,
             "signature": adv.signature,
+            "share_key_proof": adv.share_proof,
         }
 
     def share_keys(self, peer_keys: pb.PeerKeys) -> list[pb.EncryptedShare]:

@@ -49,7 +49,7 @@ def advertisements_of(peer_keys: bytes, round_id: int) -> tuple[AdvertiseKeys, .
     """
     return tuple(
         AdvertiseKeys(round_id, int(k.client_id), bytes(k.encryption_public_key), bytes(k.masking_public_key),
-                      bytes(k.signature))
+                      bytes(k.signature), bytes(k.share_key_proof))
         for k in pb.PeerKeys.FromString(peer_keys).keys
     )
 

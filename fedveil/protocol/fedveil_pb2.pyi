@@ -483,30 +483,34 @@ class Contributions(_message.Message):
     def __init__(self, round: _Optional[int] = ..., reveals: _Optional[_Iterable[_Union[SeedReveal, _Mapping]]] = ..., deadline_unix_ms: _Optional[int] = ...) -> None: ...
 
 class AdvertiseKeysRequest(_message.Message):
-    __slots__ = ("header", "encryption_public_key", "masking_public_key", "signature")
+    __slots__ = ("header", "encryption_public_key", "masking_public_key", "signature", "share_key_proof")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     ENCRYPTION_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     MASKING_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    SHARE_KEY_PROOF_FIELD_NUMBER: _ClassVar[int]
     header: RequestHeader
     encryption_public_key: bytes
     masking_public_key: bytes
     signature: bytes
-    def __init__(self, header: _Optional[_Union[RequestHeader, _Mapping]] = ..., encryption_public_key: _Optional[bytes] = ..., masking_public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    share_key_proof: bytes
+    def __init__(self, header: _Optional[_Union[RequestHeader, _Mapping]] = ..., encryption_public_key: _Optional[bytes] = ..., masking_public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., share_key_proof: _Optional[bytes] = ...) -> None: ...
 
 class AdvertisedKeys(_message.Message):
-    __slots__ = ("client_id", "encryption_public_key", "masking_public_key", "signature", "identity_public_key")
+    __slots__ = ("client_id", "encryption_public_key", "masking_public_key", "signature", "identity_public_key", "share_key_proof")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     ENCRYPTION_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     MASKING_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    SHARE_KEY_PROOF_FIELD_NUMBER: _ClassVar[int]
     client_id: int
     encryption_public_key: bytes
     masking_public_key: bytes
     signature: bytes
     identity_public_key: bytes
-    def __init__(self, client_id: _Optional[int] = ..., encryption_public_key: _Optional[bytes] = ..., masking_public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., identity_public_key: _Optional[bytes] = ...) -> None: ...
+    share_key_proof: bytes
+    def __init__(self, client_id: _Optional[int] = ..., encryption_public_key: _Optional[bytes] = ..., masking_public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., identity_public_key: _Optional[bytes] = ..., share_key_proof: _Optional[bytes] = ...) -> None: ...
 
 class PeerKeys(_message.Message):
     __slots__ = ("round", "keys", "deadline_unix_ms")

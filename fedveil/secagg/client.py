@@ -70,7 +70,14 @@ from fedveil.secagg.session import Session, check_advertisements
 from fedveil.secagg.shamir import bytes_to_limbs, seal_share, share
 from fedveil.secagg.share_commitments import MASK_KEY, SELF_MASK, commitment_salts, commitments
 from fedveil.secagg.share_commitments import plaintext as share_plaintext
-from fedveil.secagg.share_complaints import SIGNED_BYTES, OpenedShare, box_bytes, build_complaint, open_share_box
+from fedveil.secagg.share_complaints import (
+    SIGNED_BYTES,
+    OpenedShare,
+    box_bytes,
+    build_complaint,
+    open_share_box,
+    prove_key_possession,
+)
 from fedveil.secagg.signature_memo import SignatureMemo
 from fedveil.secagg.survivor_checks import check_consistency, check_dropped, check_survivors
 
@@ -133,7 +140,8 @@ class ClientR0AdvertiseKeys(ClientState):
             assert ctx.identity_key is not None
             signature = sign(ctx.identity_key,
                              advertisement_payload(cfg.round_id, cfg.parameters_bytes(), ctx.client_id, c_pk, s_pk))
-        adv = AdvertiseKeys(cfg.round_id, ctx.client_id, c_pk, s_pk, signature)
+        adv = AdvertiseKeys(cfg.round_id, ctx.client_id, c_pk, s_pk, signature,
+                            prove_key_possession(ctx.keys.share_private, cfg.round_id, ctx.client_id))
         ctx.advertisement = adv
         return ClientR1ShareKeys(ctx), adv
 
@@ -270,8 +278,9 @@ def _complaints(ctx: _ClientContext, boxes: dict[int, bytes], failures: dict[int
     assert session is not None
     complaints = tuple(
         build_complaint(private=ctx.keys.share_private, sender_public=session.advertisements[sender].share_public,
-                        sender_identity=cfg.box_signer(sender),
-                        box=boxes[sender], sender=sender, holder=me, session_id=session.session_id)
+                        sender_possession=session.advertisements[sender].share_proof,
+                        sender_identity=cfg.box_signer(sender), box=boxes[sender], sender=sender, holder=me,
+                        session_id=session.session_id, round_id=cfg.round_id)
         for sender in sorted(failures))
     detail = "; ".join(f"share box from client {c.sender} {failures[c.sender]} (complaint: {c.kind})"
                        for c in complaints)

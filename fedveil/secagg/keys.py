@@ -32,6 +32,8 @@ from fedveil.secagg.prg import SEED_BYTES
 
 PUBLIC_KEY_BYTES = 32
 SIGNATURE_BYTES = 64
+POSSESSION_PROOF_BYTES = 96
+"""A proof that a client knows its share key's secret (Edwards key, challenge, response)."""
 SESSION_ID_BYTES = 32
 CLIENT_SEED_BYTES = 32
 _DOMAIN = b"fedveil/secagg/v1/"

@@ -34,7 +34,7 @@ from typing import ClassVar
 import numpy as np
 
 from fedveil.secagg.errors import MalformedMessageError
-from fedveil.secagg.keys import PUBLIC_KEY_BYTES, SIGNATURE_BYTES
+from fedveil.secagg.keys import POSSESSION_PROOF_BYTES, PUBLIC_KEY_BYTES, SIGNATURE_BYTES
 
 MAGIC = b"FVSA"
 VERSION = 1
@@ -140,15 +140,20 @@ class Message:
 
 @dataclass(frozen=True, eq=False)
 class AdvertiseKeys(Message):
-    """R0: the client's two X25519 public keys; signed with its identity key in active mode."""
+    """R0: the client's two X25519 public keys; signed with its identity key in active mode.
+    ``share_proof``: its proof that it knows the share key's secret
+    (:func:`fedveil.secagg.share_complaints.prove_key_possession`), which holders check before they
+    reveal a pair secret in a complaint."""
 
     TYPE: ClassVar[int] = 1
     share_public: bytes = b""
     mask_public: bytes = b""
     signature: bytes = b""
+    share_proof: bytes = b""
 
     def _body(self) -> bytes:
-        return self.share_public + self.mask_public + struct.pack("<B", len(self.signature)) + self.signature
+        return (self.share_public + self.mask_public + struct.pack("<B", len(self.signature)) + self.signature
+                + struct.pack("<B", len(self.share_proof)) + self.share_proof)
 
     @classmethod
     def _parse(cls, round_id: int, client_id: int, r: _Reader) -> AdvertiseKeys:
@@ -157,7 +162,11 @@ class AdvertiseKeys(Message):
         (n,) = r.unpack("<B")
         if n not in (0, SIGNATURE_BYTES):
             raise MalformedMessageError(f"signature length must be 0 or {SIGNATURE_BYTES} (got {n})")
-        return cls(round_id, client_id, c_pk, s_pk, bytes(r.take(n)))
+        signature = bytes(r.take(n))
+        (m,) = r.unpack("<B")
+        if m not in (0, POSSESSION_PROOF_BYTES):
+            raise MalformedMessageError(f"share_proof length must be 0 or {POSSESSION_PROOF_BYTES} (got {m})")
+        return cls(round_id, client_id, c_pk, s_pk, signature, bytes(r.take(m)))
 
 
 @dataclass(frozen=True, eq=False)
@@ -282,7 +291,8 @@ class ShareKeysRequest(Message):
     advertisements: tuple[AdvertiseKeys, ...] = ()
 
     def wire_size(self) -> int:
-        return HEADER_BYTES + 4 + sum(4 + 2 * PUBLIC_KEY_BYTES + 1 + len(a.signature) for a in self.advertisements)
+        return HEADER_BYTES + 4 + sum(4 + 2 * PUBLIC_KEY_BYTES + 2 + len(a.signature) + len(a.share_proof)
+                                      for a in self.advertisements)
 
     def _body(self) -> bytes:
         parts = [struct.pack("<I", len(self.advertisements))]

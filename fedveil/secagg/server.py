@@ -202,8 +202,9 @@ class ServerR2MaskedInputCollection(ServerState):
         session = ctx.session
         verdicts = [judge(c, holder=holder, holder_public=session.advertisements[holder].share_public,
                           sender_public=session.advertisements[c.sender].share_public,
-                          sender_identity=cfg.box_signer(c.sender),
-                          stored_box=ctx.boxes[c.sender][holder], session_id=session.session_id)
+                          sender_possession=session.advertisements[c.sender].share_proof,
+                          sender_identity=cfg.box_signer(c.sender), stored_box=ctx.boxes[c.sender][holder],
+                          session_id=session.session_id, round_id=cfg.round_id)
                     for c in items]
         self.withdrawn.add(holder)
         ctx.verdicts[holder] = tuple(verdicts)

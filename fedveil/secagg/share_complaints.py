@@ -20,7 +20,8 @@ be drawn again and again. Instead H *complains*, and the complaint proves its po
     channel or H; H merely leaves the stage).
 ``"bad_key"``
     S's advertised share key is not a point of the prime-order subgroup (an honest X25519 key always
-    is), so no proof can be built over it; the server checks the key itself.
+    is), or it came without a valid proof that S knows its secret (:func:`prove_key_possession`), so
+    H reveals nothing; the server checks the key and the proof itself.
 
 X25519 keys are Montgomery u-coordinates; their Edwards form is y = (u − 1)/(u + 1) mod p with the
 sign of x 0, and back u = (1 + y)/(1 − y). With a = clamp(sk) mod L, a·B has u equal to the X25519
@@ -44,6 +45,7 @@ from nacl.exceptions import CryptoError
 
 from fedveil.secagg.errors import MalformedMessageError, ProtocolError, ShareDecryptionError
 from fedveil.secagg.keys import (
+    POSSESSION_PROOF_BYTES,
     PUBLIC_KEY_BYTES,
     SIGNATURE_BYTES,
     share_box_key,
@@ -64,7 +66,7 @@ SIGNED_BYTES = CIPHERTEXT_BYTES + COMMITMENTS_BYTES
 """The part of a box its sender signs in active mode: the ciphertext, then the two commitments."""
 SHARED_POINT_BYTES = 32
 """Z, the pair's X25519 point in Edwards form."""
-PROOF_BYTES = 96
+PROOF_BYTES = POSSESSION_PROOF_BYTES  # the same shape: Edwards key, challenge, response
 """PK ‖ c ‖ s: the holder's share key in Edwards form, the challenge and the response."""
 
 _P = (1 << 255) - 19
@@ -162,6 +164,61 @@ def _challenge(session_id: bytes, sender: int, holder: int, pk: bytes, p_s: byte
     return _nacl.crypto_core_ed25519_scalar_reduce(digest)
 
 
+def _proof_parts(proof: bytes, public: bytes) -> tuple[bytes, bytes, bytes] | None:
+    """``(PK, c, s)`` of a proof over the X25519 key ``public``: canonical non-zero scalars and a valid
+    Edwards point whose u is ``public``; None otherwise."""
+    if len(proof) != PROOF_BYTES:
+        return None
+    pk, c, s = proof[:32], proof[32:64], proof[64:]
+    if not (_canonical_scalar(c) and _canonical_scalar(s)) or not _nacl.crypto_core_ed25519_is_valid_point(pk):
+        return None
+    return (pk, c, s) if hmac.compare_digest(montgomery_u(pk), public) else None
+
+
+_POSSESSION_DOMAIN = b"fedveil/secagg/v1/share-key-possession"
+
+
+def _possession_challenge(round_id: int, client_id: int, pk: bytes, r: bytes) -> bytes:
+    digest = hashlib.sha512(_POSSESSION_DOMAIN + struct.pack("<QI", round_id, client_id) + pk + r).digest()
+    return _nacl.crypto_core_ed25519_scalar_reduce(digest)
+
+
+def prove_key_possession(private: X25519PrivateKey, round_id: int, client_id: int) -> bytes:
+    """``PK ‖ c ‖ s``: a Schnorr proof (Fiat–Shamir, SHA-512) that client ``client_id`` knows the secret of
+    its share key, bound to the round attempt and to that client. A holder reveals its pair secret
+    with a sender (an ``"undecryptable"`` complaint) only for a sender key that carries one: revealing
+    ``DH(c_H, X)`` then tells the sender nothing it could not compute itself. Without it, a colluder
+    that advertised another client's key ``X`` (shown to a holder that was not shown the owner) had the
+    holder reveal its secret with the owner (the cryptography review of 2026-12-07)."""
+    a = _secret_scalar(private)
+    pk = _nacl.crypto_scalarmult_ed25519_base_noclamp(a)
+    while True:  # a retry has probability about 2^-251
+        k = _nacl.crypto_core_ed25519_scalar_reduce(os.urandom(64))
+        try:
+            r = _nacl.crypto_scalarmult_ed25519_base_noclamp(k)
+        except CryptoError:
+            continue
+        c = _possession_challenge(round_id, client_id, pk, r)
+        s = _nacl.crypto_core_ed25519_scalar_add(k, _nacl.crypto_core_ed25519_scalar_mul(c, a))
+        if c != _ZERO and s != _ZERO:
+            return pk + c + s
+
+
+def key_possession_valid(public: bytes, proof: bytes, round_id: int, client_id: int) -> bool:
+    """Whether ``proof`` shows that client ``client_id`` knows the secret of the X25519 key ``public`` in
+    this round attempt (:func:`prove_key_possession`). Never raises on hostile bytes."""
+    parts = _proof_parts(proof, public) if prime_order_point(public) is not None else None
+    if parts is None:
+        return False
+    pk, c, s = parts
+    try:
+        r = _nacl.crypto_core_ed25519_sub(_nacl.crypto_scalarmult_ed25519_base_noclamp(s),
+                                          _nacl.crypto_scalarmult_ed25519_noclamp(c, pk))
+    except CryptoError:
+        return False
+    return hmac.compare_digest(c, _possession_challenge(round_id, client_id, pk, r))
+
+
 def prove_shared_point(private: X25519PrivateKey, sender_public: bytes, sender: int, holder: int,
                        session_id: bytes) -> tuple[bytes, bytes]:
     """The holder's evidence for an ``"undecryptable"`` complaint: ``(Z, PK ‖ c ‖ s)``.
@@ -197,15 +254,11 @@ def verify_shared_point(holder_public: bytes, sender_public: bytes, sender: int,
     on hostile bytes."""
     if len(shared_point) != SHARED_POINT_BYTES or len(proof) != PROOF_BYTES:
         return None
-    pk, c, s = proof[:32], proof[32:64], proof[64:]
-    if not (_canonical_scalar(c) and _canonical_scalar(s)):
-        return None
+    parts = _proof_parts(proof, holder_public)
     p_s = prime_order_point(sender_public)
-    if p_s is None or not (_nacl.crypto_core_ed25519_is_valid_point(pk)
-                           and _nacl.crypto_core_ed25519_is_valid_point(shared_point)):
+    if parts is None or p_s is None or not _nacl.crypto_core_ed25519_is_valid_point(shared_point):
         return None
-    if not hmac.compare_digest(montgomery_u(pk), holder_public):
-        return None
+    pk, c, s = parts
     try:
         r1 = _nacl.crypto_core_ed25519_sub(_nacl.crypto_scalarmult_ed25519_base_noclamp(s),
                                            _nacl.crypto_scalarmult_ed25519_noclamp(c, pk))
@@ -260,21 +313,24 @@ def box_signature_valid(identity_public: bytes, box: bytes, sender: int, holder:
     return valid_signatures([(identity_public, signature, payload)])[0]
 
 
-def build_complaint(*, private: X25519PrivateKey, sender_public: bytes, sender_identity: bytes | None, box: bytes,
-                    sender: int, holder: int, session_id: bytes) -> ShareComplaint:
+def build_complaint(*, private: X25519PrivateKey, sender_public: bytes, sender_possession: bytes,
+                    sender_identity: bytes | None, box: bytes, sender: int, holder: int, session_id: bytes,
+                    round_id: int) -> ShareComplaint:
     """The holder's complaint about a box that did not open. ``sender_identity``: the sender's
-    Ed25519 key in active mode (None in passive mode); no secret is revealed for a box it did not sign,
-    nor for a sender key off the prime-order subgroup."""
+    Ed25519 key in active mode (None in passive mode); ``sender_possession``: the proof that came with
+    its share key. No secret is revealed for a box it did not sign, nor for a sender key off the
+    prime-order subgroup or without a valid proof that the sender knows its secret."""
     if sender_identity is not None and not box_signature_valid(sender_identity, box, sender, holder, session_id):
         return ShareComplaint(sender, BAD_SIGNATURE)
-    if prime_order_point(sender_public) is None:
+    if not key_possession_valid(sender_public, sender_possession, round_id, sender):
         return ShareComplaint(sender, BAD_KEY)
     z, proof = prove_shared_point(private, sender_public, sender, holder, session_id)
     return ShareComplaint(sender, UNDECRYPTABLE, z, proof)
 
 
 def judge(complaint: ShareComplaint, *, holder: int, holder_public: bytes, sender_public: bytes,
-          sender_identity: bytes | None, stored_box: bytes, session_id: bytes) -> ComplaintVerdict:
+          sender_possession: bytes, sender_identity: bytes | None, stored_box: bytes, session_id: bytes,
+          round_id: int) -> ComplaintVerdict:
     """The verdict on one well-formed complaint (:meth:`ShareComplaint.check`) about ``stored_box``,
     the box the sender uploaded. ``sender_identity``: its Ed25519 key in active mode, else None.
     Deterministic; never raises on hostile bytes."""
@@ -286,6 +342,9 @@ def judge(complaint: ShareComplaint, *, holder: int, holder_public: bytes, sende
     if complaint.kind == BAD_KEY:
         if prime_order_point(sender_public) is None:
             return verdict(True, sender, f"client {sender}'s share key is not a point of the prime-order subgroup")
+        if not key_possession_valid(sender_public, sender_possession, round_id, sender):
+            return verdict(True, sender, f"client {sender}'s share key came without a valid proof that it knows "
+                                         "its secret")
         return verdict(False, holder, f"client {sender}'s share key is valid: a false complaint")
     if complaint.kind == BAD_SIGNATURE:
         if sender_identity is None:  # the caller rejects it as malformed in passive mode

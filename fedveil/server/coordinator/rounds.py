@@ -94,7 +94,8 @@ class RoundDriverMixin(CoordinatorBase):
                 keys = [
                     pb.AdvertisedKeys(client_id=a.client_id, encryption_public_key=a.share_public,
                                       masking_public_key=a.mask_public, signature=a.signature,
-                                      identity_public_key=self._member_identity_key(rnd, a.client_id))
+                                      identity_public_key=self._member_identity_key(rnd, a.client_id),
+                                      share_key_proof=a.share_proof)
                     for a in out.advertisements
                 ]
                 listed = pb.PeerKeys(round=rnd.number, keys=keys, deadline_unix_ms=deadline_ms)

@@ -26,6 +26,7 @@ from fedveil.protocol.uploads import UploadReservation
 from fedveil.secagg import errors as sa_errors
 from fedveil.secagg import messages as sa
 from fedveil.secagg.beacon import BeaconError
+from fedveil.secagg.keys import POSSESSION_PROOF_BYTES
 from fedveil.secagg.server import SecAggServer
 from fedveil.server.coordinator.refusal_tally import refused_slots
 from fedveil.server.coordinator.state import (
@@ -192,7 +193,11 @@ class SecAggBridgeMixin(CoordinatorBase):
                 raise MalformedMessage(f"{name}: expected {PUBLIC_KEY_BYTES} bytes, got {len(getattr(request, name))}")
         if len(request.signature) not in (0, SIGNATURE_BYTES):
             raise MalformedMessage(f"signature: expected 0 or {SIGNATURE_BYTES} bytes, got {len(request.signature)}")
-        keys = (bytes(request.encryption_public_key), bytes(request.masking_public_key), bytes(request.signature))
+        if len(request.share_key_proof) not in (0, POSSESSION_PROOF_BYTES):
+            raise MalformedMessage(f"share_key_proof: expected 0 or {POSSESSION_PROOF_BYTES} bytes, got "
+                                   f"{len(request.share_key_proof)}")
+        keys = (bytes(request.encryption_public_key), bytes(request.masking_public_key), bytes(request.signature),
+                bytes(request.share_key_proof))
         # The identity signature, active mode's largest server cost, is checked on this request's
         # thread outside the lock, so the cohort's advertisements are verified in parallel.
         return self._feed_checked_outside_lock(
