@@ -454,10 +454,14 @@ def test_an_engine_sites_round_is_accounted_at_its_worst_steps_not_its_last() ->
     assert client.last_event == SubsampledGaussianEvent(0.1, 2.0, 7)
 
 
-@pytest.mark.parametrize("how", ["cleared", "replaced"])
-def test_an_engine_site_that_resets_its_accountant_mid_round_has_every_step_it_holds_counted(how: str) -> None:
+@pytest.mark.parametrize(("how", "z", "q", "steps"), [("cleared", 0.3, 0.5, 50), ("replaced", 0.3, 0.5, 50),
+                                                      ("cleared", 2.0, 0.05, 100), ("cleared", 2.0, 0.05, 150)])
+def test_an_engine_site_that_resets_its_accountant_mid_round_has_every_step_counted(
+        how: str, z: float, q: float, steps: int) -> None:
     """The second review of 2026-12-07: a reset (or replaced) accountant that then stepped as often as
-    before held as many history entries, and the round's steps were subtracted away (no event)."""
+    before held as many history entries, and the round's steps were subtracted away (no event); the
+    review of that fix: cleared and stepped at the same settings, 100 steps counted as none, 150 as 50.
+    The round's steps are now counted as the accountant takes them."""
     from opacus.accountants import RDPAccountant
 
     class Engine:
@@ -472,10 +476,11 @@ def test_an_engine_site_that_resets_its_accountant_mid_round_has_every_step_it_h
         engine.accountant.history.clear()
     else:
         engine.accountant = RDPAccountant()
-    for _ in range(50):
-        engine.accountant.step(noise_multiplier=0.3, sample_rate=0.5)
+    for _ in range(steps):
+        engine.accountant.step(noise_multiplier=z, sample_rate=q)
     client.finish_round(torch.nn.Linear(1, 1))
-    assert client.last_event == SubsampledGaussianEvent(0.5, 0.3, 50)
+    assert client.last_event == SubsampledGaussianEvent(q, z, steps)
+    assert "step" not in vars(engine.accountant)  # the counting wrapper is gone after the round
 
 
 def test_the_site_never_reports_its_epsilon_at_a_looser_delta_than_its_own(tmp_path: Path) -> None:

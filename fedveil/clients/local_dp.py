@@ -229,6 +229,8 @@ class EngineDpClient:
         """(entries, steps of the last entry) of the accountant's history when the round began."""
         self._accountant_at_start: tuple[int, list[tuple[Any, ...]]] = (0, [])
         """The accountant (its id) and a copy of its history when the round began."""
+        self._counting: tuple[Any, dict[tuple[float, float], int]] | None = None
+        """The accountant whose ``step`` this round counts, and its counts per (noise, rate)."""
         self._last_event: SubsampledGaussianEvent | None = None
         self._last_steps = 0
         self._lifetime = lifetime
@@ -244,6 +246,7 @@ class EngineDpClient:
         history = self._history()
         self._history_at_start = (len(history), int(history[-1][2]) if history else 0)
         self._accountant_at_start = (id(self.engine.accountant), [tuple(entry) for entry in history])
+        self._count_steps()
         spent = self.epsilon()
         if self.target_epsilon > 0 and spent >= self.target_epsilon:
             raise BudgetExceededError(party="site", round_index=self.rounds_completed, epsilon_before=spent,
@@ -280,7 +283,8 @@ class EngineDpClient:
         if trained is None:
             raise ValueError("model: the trained model is needed to compute the update")
         self._last_event = self._round_event()
-        self._last_steps = max(self._total_steps() - self._steps_at_start, 0)
+        self._last_steps = self._last_event.steps if self._last_event is not None else 0
+        self._stop_counting()
         self.rounds_completed += 1
         return {k: v.detach().clone() for k, v in trained.state_dict().items()}
 
@@ -297,6 +301,37 @@ class EngineDpClient:
                                     sample_rate=rate, steps=self._last_steps,
                                     accountant=str(self.engine.accountant.mechanism()))
 
+    def _count_steps(self) -> None:
+        """Count the round's accountant steps as they happen (Opacus's optimizer hook calls
+        ``accountant.step``), besides reading its history: an accountant whose history the loop cleared,
+        then stepped at the same settings as often as before, showed no new steps (the review of this
+        session's changes, 2026-12-07)."""
+        self._stop_counting()
+        accountant = self.engine.accountant
+        counts: dict[tuple[float, float], int] = {}
+        step = getattr(type(accountant), "step", None)
+        if step is None:  # not an Opacus accountant: its history alone counts
+            return
+
+        def counting_step(*, noise_multiplier: float, sample_rate: float) -> Any:
+            key = (float(noise_multiplier), float(sample_rate))
+            counts[key] = counts.get(key, 0) + 1
+            return step(accountant, noise_multiplier=noise_multiplier, sample_rate=sample_rate)
+
+        try:
+            accountant.step = counting_step
+        except AttributeError:  # an accountant that takes no attributes: its history alone counts
+            return
+        self._counting = (accountant, counts)
+
+    def _stop_counting(self) -> None:
+        if self._counting is not None:
+            try:
+                del self._counting[0].step
+            except AttributeError:
+                pass
+        self._counting = None
+
     def _round_event(self) -> SubsampledGaussianEvent | None:
         """The steps the engine took since the round began (None: none), at the highest sample rate and
         the lowest noise multiplier among them.
@@ -307,10 +342,12 @@ class EngineDpClient:
         noise were under-counted). ε grows with the rate and falls with the noise, so the worst pair
         over all the round's steps bounds each of them."""
         segments = self._round_segments()
-        if not segments:
+        counted = [(noise, rate, n) for (noise, rate), n in self._counting[1].items()] if self._counting else []
+        if not segments and not counted:
             return None
-        return SubsampledGaussianEvent(max(rate for _, rate, _ in segments), min(noise for noise, _, _ in segments),
-                                       sum(steps for _, _, steps in segments))
+        both = segments + counted
+        return SubsampledGaussianEvent(max(rate for _, rate, _ in both), min(noise for noise, _, _ in both),
+                                       max(sum(n for _, _, n in segments), sum(n for _, _, n in counted)))
 
     def _round_segments(self) -> list[tuple[float, float, int]]:
         """(noise, rate, steps) of each history entry's steps taken since the round began."""
