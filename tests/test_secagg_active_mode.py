@@ -93,6 +93,11 @@ def test_no_two_advertisers_may_share_a_key_even_when_each_signs_its_own():
         server.receive(victim, advs[victim])
         with pytest.raises(ProtocolError, match="advertised a public key of client"):
             server.receive(colluder, forged)
+    # one advertiser's two keys as two encodings of one point (bit 255 set on the copy) are refused too
+    key = advs[colluder].share_public
+    alias = (int.from_bytes(key, "little") | 1 << 255).to_bytes(32, "little")
+    with pytest.raises(ProtocolError, match="share and mask public keys must differ"):
+        check_advertisements(config, [dataclasses.replace(advs[colluder], mask_public=alias)], signatures=False)
     check_advertisements(config, list(advs.values()))  # the control: honest keys are all distinct
 
 

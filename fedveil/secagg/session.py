@@ -50,7 +50,7 @@ def check_advertisements(config: SecAggConfig, advertisements: Sequence[Advertis
             raise ProtocolError(f"client_id {adv.client_id} is outside 0..{config.num_clients - 1}")
         if len(adv.share_public) != PUBLIC_KEY_BYTES or len(adv.mask_public) != PUBLIC_KEY_BYTES:
             raise ProtocolError(f"client {adv.client_id}: public keys must be {PUBLIC_KEY_BYTES} bytes")
-        if adv.share_public == adv.mask_public:
+        if x25519_point(adv.share_public) == x25519_point(adv.mask_public):
             raise ProtocolError(f"client {adv.client_id}: share and mask public keys must differ")
         if is_small_order(adv.share_public) or is_small_order(adv.mask_public):
             raise ProtocolError(f"client {adv.client_id}: a public key is an X25519 point of small order")
