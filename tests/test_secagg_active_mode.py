@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedveil.secagg import (
     ConfigError,
@@ -25,7 +27,7 @@ from fedveil.secagg import (
 from fedveil.secagg.errors import ProtocolError
 from fedveil.secagg.keys import advertisement_payload, sign
 from fedveil.secagg.messages import ConsistencyCheckRequest, ShareKeysRequest, UnmaskingRequest
-from fedveil.secagg.session import Session, check_advertisements
+from fedveil.secagg.session import Session, check_advertisements, point_bytes
 from tests.secagg_helpers import ManualRound, random_inputs, ring_sum
 
 SEED32 = bytes(range(32))
@@ -328,3 +330,13 @@ def test_a_garbage_survivor_set_signature_never_counts_towards_the_servers_thres
     # with every honest signer there, the refused garbage costs only its sender's input
     sim = run_round(config, inputs, identity_keys=dict(enumerate(keys)))
     assert sim.completed and np.array_equal(sim.result.ring_sum, ring_sum(config, inputs, range(7)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=32, max_size=32) | st.integers((1 << 255) - 19, (1 << 256) - 1).map(
+    lambda v: v.to_bytes(32, "little")))
+def test_point_bytes_is_the_u_coordinate_reduced_mod_p(raw: bytes) -> None:
+    """The duplicate check compares canonical bytes; its fast path (bit 255 cleared) must agree with
+    the full reduction on every encoding, those past p included."""
+    p = (1 << 255) - 19
+    assert point_bytes(raw) == ((int.from_bytes(raw, "little") & ((1 << 255) - 1)) % p).to_bytes(32, "little")

@@ -65,8 +65,8 @@ from fedveil.secagg.session import (
     advertisement_signature,
     bad_advertisement_signature,
     check_advertisement,
+    point_bytes,
     prune_live,
-    x25519_point,
 )
 from fedveil.secagg.share_complaints import BAD_SIGNATURE, ComplaintVerdict, ShareComplaint, box_bytes, judge
 from fedveil.secagg.unmasking import ServerR3Unmasking, default_unmasking_threads
@@ -81,15 +81,18 @@ class ServerR0AdvertiseKeys(ServerState):
     def __init__(self, ctx: ServerContext) -> None:
         super().__init__(ctx, tuple(range(ctx.config.num_clients)))
         self.adverts: dict[int, AdvertiseKeys] = {}
+        self._key_owners: dict[bytes, int] = {}
+        """Each advertised key (as :func:`point_bytes`) → its advertiser: no two may share one."""
 
     def _accept(self, client_id: int, msg: Message) -> None:
         assert isinstance(msg, AdvertiseKeys)
         check_advertisement(self.ctx.config, msg, signature=msg not in self.ctx.verified_adverts)
-        taken = {x25519_point(k): c for c, a in self.adverts.items() for k in (a.share_public, a.mask_public)}
-        for key in (msg.share_public, msg.mask_public):
-            owner = taken.get(x25519_point(key))
+        points = [point_bytes(msg.share_public), point_bytes(msg.mask_public)]
+        for point in points:
+            owner = self._key_owners.get(point)
             if owner is not None and owner != client_id:  # each site refuses such a list too (session.py)
                 raise ProtocolError(f"client {client_id} advertised a public key of client {owner}")
+        self._key_owners.update(dict.fromkeys(points, client_id))
         self.adverts[client_id] = msg
 
     def close(self) -> tuple[ServerState, dict[int, Message]]:

@@ -40,18 +40,22 @@ def check_advertisements(config: SecAggConfig, advertisements: Sequence[Advertis
     identity, and sent garbage boxes made each honest holder's complaint reveal the holder's pair
     secret with the *victim*: the server opened the victim's boxes and rebuilt both of its secrets
     (the cryptography review of 2026-12-07)."""
-    owners: dict[int, int] = {}
+    points = [point_bytes(key) for adv in advertisements for key in (adv.share_public, adv.mask_public)]
+    if len(set(points)) != len(points):  # one set over the list; the slow walk only names the culprit
+        owners: dict[bytes, int] = {}
+        for adv in advertisements:
+            for key in (adv.share_public, adv.mask_public):
+                owner = owners.setdefault(point_bytes(key), adv.client_id)
+                if owner == adv.client_id and key is adv.mask_public \
+                        and point_bytes(adv.share_public) == point_bytes(key):
+                    raise ProtocolError(f"client {adv.client_id}: share and mask public keys must differ")
+                if owner != adv.client_id:
+                    raise ProtocolError(f"client {adv.client_id} advertised a public key of client {owner}")
     for adv in advertisements:
-        for key in (adv.share_public, adv.mask_public):
-            owner = owners.setdefault(x25519_point(key), adv.client_id) if len(key) == PUBLIC_KEY_BYTES else None
-            if owner is not None and owner != adv.client_id:
-                raise ProtocolError(f"client {adv.client_id} advertised a public key of client {owner}")
         if not 0 <= adv.client_id < config.num_clients:
             raise ProtocolError(f"client_id {adv.client_id} is outside 0..{config.num_clients - 1}")
         if len(adv.share_public) != PUBLIC_KEY_BYTES or len(adv.mask_public) != PUBLIC_KEY_BYTES:
             raise ProtocolError(f"client {adv.client_id}: public keys must be {PUBLIC_KEY_BYTES} bytes")
-        if x25519_point(adv.share_public) == x25519_point(adv.mask_public):
-            raise ProtocolError(f"client {adv.client_id}: share and mask public keys must differ")
         if is_small_order(adv.share_public) or is_small_order(adv.mask_public):
             raise ProtocolError(f"client {adv.client_id}: a public key is an X25519 point of small order")
         if config.active and signatures and len(adv.signature) != SIGNATURE_BYTES:
@@ -64,10 +68,16 @@ def check_advertisements(config: SecAggConfig, advertisements: Sequence[Advertis
             raise bad_advertisement_signature(adv)
 
 
-def x25519_point(public: bytes) -> int:
-    """The point an X25519 public key names: its u-coordinate, bit 255 cleared, reduced mod 2^255 − 19
-    (two encodings of one point are one key)."""
-    return (int.from_bytes(public, "little") & ((1 << 255) - 1)) % ((1 << 255) - 19)
+def point_bytes(public: bytes) -> bytes:
+    """The point an X25519 public key names, as canonical bytes: its u-coordinate with bit 255 cleared,
+    reduced mod 2^255 − 19 (two encodings of one point are one key). Only a top byte of 0x7f can
+    encode a value past p; every other key is its bytes, bit 255 cleared (cheap: each site checks
+    every advertisement of the cohort)."""
+    top = public[31] & 0x7F if len(public) == PUBLIC_KEY_BYTES else -1
+    if top == 0x7F or top < 0:
+        u = (int.from_bytes(public, "little") & ((1 << 255) - 1)) % ((1 << 255) - 19)
+        return u.to_bytes(32, "little") if top >= 0 else bytes(public)
+    return public if public[31] == top else public[:31] + bytes([top])
 
 
 def advertisement_signature(config: SecAggConfig, adv: AdvertiseKeys) -> SignedItem:
