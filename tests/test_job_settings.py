@@ -44,7 +44,7 @@ def config(**kw: Any) -> ServerConfig:
 def parse(args: list[str]) -> dict[str, Any]:
     context = server_command.make_context("server", [*BASE, *args])
     with context:
-        return _job_fields(context.params)
+        return _job_fields(context.params)[0]
 
 
 def test_every_config_field_is_in_the_table_but_those_other_flags_set() -> None:

@@ -136,7 +136,7 @@ def test_a_release_mark_survives_a_reopen_with_its_ledger_and_only_on_a_running_
         assert store.released_unfinished_rounds("r") == []  # running, not yet released
         store.mark_release("r", 1, 2, "masked-input", ledger.to_json())
     with RunStore(tmp_path / "run.db") as store:  # what a killed server leaves
-        assert store.released_unfinished_rounds("r") == [(1, 2)]
+        assert store.released_unfinished_rounds("r") == [(1, 2, 2)]
         assert load_ledger(tmp_path / "run.db").rounds == [1]
         store.interrupt_unfinished_rounds("r")
         assert store.released_unfinished_rounds("r") == []

@@ -224,9 +224,6 @@ class EngineDpClient:
         self.delta = 1e-5
         self.target_epsilon = 0.0
         self.rounds_completed = 0
-        self._steps_at_start = 0
-        self._history_at_start = (0, 0)
-        """(entries, steps of the last entry) of the accountant's history when the round began."""
         self._accountant_at_start: tuple[int, list[tuple[Any, ...]]] = (0, [])
         """The accountant (its id) and a copy of its history when the round began."""
         self._counting: tuple[Any, dict[tuple[float, float], int]] | None = None
@@ -242,10 +239,7 @@ class EngineDpClient:
         if params.delta > 0:
             self.delta = float(params.delta)
         self.target_epsilon = float(params.target_epsilon)
-        self._steps_at_start = self._total_steps()
-        history = self._history()
-        self._history_at_start = (len(history), int(history[-1][2]) if history else 0)
-        self._accountant_at_start = (id(self.engine.accountant), [tuple(entry) for entry in history])
+        self._accountant_at_start = (id(self.engine.accountant), [tuple(entry) for entry in self._history()])
         self._count_steps()
         spent = self.epsilon()
         if self.target_epsilon > 0 and spent >= self.target_epsilon:
@@ -352,8 +346,8 @@ class EngineDpClient:
     def _round_segments(self) -> list[tuple[float, float, int]]:
         """(noise, rate, steps) of each history entry's steps taken since the round began."""
         history = self._history()
-        entries, last_steps = self._history_at_start
         accountant, earlier = self._accountant_at_start
+        entries, last_steps = len(earlier), int(earlier[-1][2]) if earlier else 0
         kept = [tuple(entry) for entry in history[:max(entries - 1, 0)]]
         last_grew = entries == 0 or (len(history) >= entries and tuple(history[entries - 1][:2]) == earlier[-1][:2]
                                      and int(history[entries - 1][2]) >= last_steps)
@@ -373,5 +367,3 @@ class EngineDpClient:
     def _history(self) -> list[Any]:
         return list(getattr(self.engine.accountant, "history", []))
 
-    def _total_steps(self) -> int:
-        return sum(int(entry[2]) for entry in self._history())

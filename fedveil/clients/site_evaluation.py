@@ -36,7 +36,7 @@ def check_evaluation_left(federation: Federation, start: pb.RoundStart, admissio
     Zeros were what a site whose ``max_evaluations_per_round`` was spent added in a later attempt of
     the round: a server that spent the others' evaluations in an attempt without the victim (then
     aborted it) had the victim's metrics alone in the next attempt's "secure" sum."""
-    if not admission.evaluate or federation.options.evaluate is None:
+    if not admission.evaluate:  # admission declines a round asking for sums from a site with no evaluator
         return
     number, limit = int(start.round), federation.policy.max_evaluations_per_round
     if evaluated_before(federation, start, admission) is not None:

@@ -102,10 +102,10 @@ def enroll_command(store: str, name: str, rotate: bool, revoke: bool, identity_p
     click.echo(issued.token)
 
 
-def _job_fields(opts: dict[str, Any]) -> dict[str, Any]:
-    """The job's config fields: the flags (fedveil.server.job_settings's table), over the job file.
-    ``opts["_from_file"]`` maps each field the file set to how the file names it (``section.key``)."""
-    opts["_from_file"] = {}
+def _job_fields(opts: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The job's config fields: the flags (fedveil.server.job_settings's table), over the job file; and
+    how errors name each field the file set (``section.key in --config FILE``)."""
+    named: dict[str, str] = {}
     fields = fields_from_options(opts)
     if opts["config_path"] is not None:
         try:
@@ -117,8 +117,7 @@ def _job_fields(opts: dict[str, Any]) -> dict[str, Any]:
             given = context.get_parameter_source(setting.parameter) not in (ParameterSource.DEFAULT, None)
             if setting.field in from_file and not given:
                 fields[setting.field] = from_file[setting.field]
-                opts["_from_file"][setting.field] = file_key(setting.section, setting.field, "--config",
-                                                             opts["config_path"])
+                named[setting.field] = file_key(setting.section, setting.field, "--config", opts["config_path"])
     fields["task"], fields["model"] = fields["task"] or "", fields["model"] or ""
     if bool(fields["task"]) == bool(fields["model"]):
         fail("--model" if fields["model"] else "--task",
@@ -129,12 +128,7 @@ def _job_fields(opts: dict[str, Any]) -> dict[str, Any]:
             fail("--" + name.replace("_", "-"), f"required: give the flag, or {name} in the [job] section of --config")
     if fields["min_clients"] is None:
         fields["min_clients"] = fields["clients_per_round"]
-    return fields
-
-
-def _named(err: Any, opts: dict[str, Any]) -> str:
-    """Where a refused setting came from: ``section.key in --config FILE`` for a job file's value, else its flag."""
-    return str(opts.get("_from_file", {}).get(err.flag[2:].replace("-", "_"), err.flag))
+    return fields, named
 
 
 @click.command("server")
@@ -220,7 +214,11 @@ def server_command(**opts: Any) -> NoReturn:
             )
         except TlsConfigError as err:
             fail_from(err, "--tls-cert")
-    fields = _job_fields(opts)
+    fields, named = _job_fields(opts)
+
+    def where(flag: str) -> str:  # a refused value from the job file is named as the file names it
+        return named.get(flag[2:].replace("-", "_"), flag)
+
     if fields["model"]:
         try:
             task = model_file_task(fields["model"])
@@ -238,7 +236,7 @@ def server_command(**opts: Any) -> NoReturn:
             consortium=authority[0] if authority else "", authority_public_key=authority[1].hex() if authority else "",
         )
     except ServerConfigError as err:
-        fail(_named(err, opts), err.detail)
+        fail(where(err.flag), err.detail)
     max_bytes = None
     if opts["max_message_mb"] is not None:
         if not 1 <= opts["max_message_mb"] < 2048:  # gRPC takes the byte limit as a C int (< 2 GiB)
@@ -250,7 +248,7 @@ def server_command(**opts: Any) -> NoReturn:
     try:
         config.check_serving()  # active-adversary mode needs --authority
     except ServerConfigError as err:
-        fail(_named(err, opts), err.detail)
+        fail(where(err.flag), err.detail)
     if opts["dashboard_port"] is not None:
         from fedveil.server.dashboard import start_store_dashboard
 
@@ -276,7 +274,7 @@ def server_command(**opts: Any) -> NoReturn:
     except (JobError, StoreError, OSError, ValueError) as err:
         # ValueError: parameters the job cannot run with, e.g. an overflowing encoding
         flag = ("--store: " if isinstance(err, StoreError) else "--listen: " if isinstance(err, OSError)
-                else f"{opts['_from_file'].get(err.field, flag_of(err.field, ''))}: "
+                else f"{named.get(err.field, flag_of(err.field, ''))}: "
                 if isinstance(err, JobError) and err.field else "")
         eprint(f"error: {flag}{err}")
         code = USAGE_EXIT_CODE

@@ -318,7 +318,7 @@ def render_plot(report: PrivacyReport, unbounded_note: str | None = None) -> Fig
     level), with dashed budget lines. Returns the figure; the caller saves it (``fig.savefig(path)``).
 
     ``unbounded_note``: why the user-level ε is ∞ although the ledger's line is finite (a site's ledger
-    holds its protected releases only); shown over the plot, and the line is labelled as those only."""
+    holds its protected releases only); written below the axes, and the line is labelled as those only."""
     fig = Figure(figsize=(8, 4.5), dpi=100)
     ax = fig.subplots()
     fed_x = [r.round_index for r in report.rounds if r.federation is not None]

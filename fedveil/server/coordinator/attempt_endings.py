@@ -60,13 +60,11 @@ class AttemptEndingsMixin(CoordinatorBase):
         """At resume, before the unfinished attempts are marked interrupted: a training round whose
         attempt was killed after :meth:`_mark_release` is skipped like a rejected one (model unchanged,
         the release kept in the ledger), as a stop in that stage is (:meth:`_abandon`)."""
-        thresholds = {(r.round, r.attempt): r.threshold for r in self.store.rounds(self.run_id)}
-        for number, attempt in self.store.released_unfinished_rounds(self.run_id):
+        for number, attempt, threshold in self.store.released_unfinished_rounds(self.run_id):
             if number != self.model.version + 1:
                 continue  # not the round after the checkpoint: a round starts only once the one before ended
             self._record_rejected(number, attempt, "the server stopped after the masked inputs were in, when the "
-                                  "sites' unmasking shares could have left (skipped at resume)", 0,
-                                  thresholds[(number, attempt)])
+                                  "sites' unmasking shares could have left (skipped at resume)", 0, threshold)
 
     def _abort_attempt(self, rnd: _Round, stage: Stage, answered: int) -> str:
         """Record an aborted attempt (lock held). Once masked inputs were in and unmasking shares
@@ -77,12 +75,8 @@ class AttemptEndingsMixin(CoordinatorBase):
             reason = rnd.secagg.abort_reason or "aborted"
         else:
             reason = rnd.beacon.abort_reason or "aborted"
-        released = stage >= Stage.CONSISTENCY
-        if released:
+        if stage >= Stage.CONSISTENCY:  # the ledger kept and stored it when the masked inputs were in (_mark_release)
             reason += " (after masked inputs: counted as a release in the privacy ledger)"
-            if self.model.ledger is not None:
-                self.model.keep_budget(number)  # a retry that aborts early, or a restart, must not take it back
-                self.store.save_ledger(self.run_id, self.model.ledger.to_json())
         elif rnd.purpose == pb.ROUND_PURPOSE_TRAIN:
             self.model.cancel_budget(number)
         self.store.abort_round(self.run_id, number, rnd.attempt, reason, answered)
@@ -121,8 +115,8 @@ class AttemptEndingsMixin(CoordinatorBase):
         if stopping and rnd.purpose == pb.ROUND_PURPOSE_TRAIN and rnd.stage == Stage.UNMASKING:
             # The sites may have sent their unmasking shares: each declines this round from now on, so a
             # resumed server could never redo it (the job failed), and its ledger entry is a release.
-            # Skip the round as a rejected one: model unchanged, release kept (review of 2026-12-07).
-            self.model.keep_budget(rnd.number)
+            # Skip the round as a rejected one: model unchanged, release kept (_mark_release; review of
+            # 2026-12-07).
             self._reject_round(rnd, f"{reason} during unmasking, after the sites' shares could have left", 0)
             return
         if rnd.purpose == pb.ROUND_PURPOSE_TRAIN:

@@ -267,18 +267,19 @@ class RoundDriverMixin(CoordinatorBase):
         context = f"fedveil/{run_label}/{self.task.name}".encode()
         evaluation_only = purpose == pb.ROUND_PURPOSE_EVALUATE
         metrics = self._secure_metrics() if (cfg.evaluation.each_round or evaluation_only) else ()
-        if metrics and self._model_released_unchanged and not evaluation_only:
-            # a rejected or skipped round left the model as it was: sites that evaluate decline a model
-            # they released a sum over (its metrics would be the same again), so ask for none
-            log.info("round %d: no secure evaluation in this attempt: the model is unchanged since a released "
-                     "round", number)
-            metrics = ()
-        not_evaluating = [n for n in chosen if not self._evaluates(n)] if metrics else []
-        if not_evaluating and not evaluation_only:
-            # each would decline the round rather than add zeros (the evaluation-only round draws evaluators only)
-            log.info("round %d: no secure evaluation in this attempt: %s do not evaluate (no evaluator, or their "
-                     "policy)", number, ", ".join(not_evaluating[:5]) + (" …" if len(not_evaluating) > 5 else ""))
-            metrics = ()
+        if metrics and not evaluation_only:  # the evaluation-only round draws sites that evaluate only
+            # sites that evaluate decline a model they released a sum over (a rejected or skipped round left
+            # it as it was), and a site that does not evaluate declines rather than add zeros: ask for none
+            not_evaluating = [n for n in chosen if not self._evaluates(n)]
+            why = ""
+            if self._model_released_unchanged:
+                why = "the model is unchanged since a released round"
+            elif not_evaluating:
+                why = (", ".join(not_evaluating[:5]) + (" …" if len(not_evaluating) > 5 else "")
+                       + " do not evaluate (no evaluator, or their policy)")
+            if why:
+                log.info("round %d: no secure evaluation in this attempt: %s", number, why)
+                metrics = ()
         plan = self.model.plan(number, len(chosen), t, context, evaluation_only=evaluation_only, metrics=metrics)
         identity_keys = None
         roster_credentials: tuple[bytes, ...] = ()

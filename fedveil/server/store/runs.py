@@ -131,12 +131,12 @@ class RunsMixin(StoreBase):
             if ledger_json is not None:
                 c.execute(_UPSERT_LEDGER, (run_id, ledger_json, time.time()))
 
-    def released_unfinished_rounds(self, run_id: str) -> list[tuple[int, int]]:
-        """(round, attempt) of each attempt still 'running' (the server was killed) that :meth:`mark_release`
-        marked: its sites may have sent their unmasking shares."""
-        rows = self._query("SELECT round, attempt, stats_json FROM rounds WHERE run_id=? AND status='running' "
-                           "ORDER BY round, attempt", (run_id,))
-        return [(int(r), int(a)) for r, a, stats in rows if stats and RELEASED_FROM in json.loads(stats)]
+    def released_unfinished_rounds(self, run_id: str) -> list[tuple[int, int, int]]:
+        """(round, attempt, threshold) of each attempt still 'running' (the server was killed) that
+        :meth:`mark_release` marked: its sites may have sent their unmasking shares."""
+        rows = self._query("SELECT round, attempt, threshold, stats_json FROM rounds WHERE run_id=? AND "
+                           "status='running' ORDER BY round, attempt", (run_id,))
+        return [(int(r), int(a), int(t)) for r, a, t, stats in rows if stats and RELEASED_FROM in json.loads(stats)]
 
     def interrupt_unfinished_rounds(self, run_id: str) -> int:
         """Mark rounds left 'running' by a killed server as 'interrupted'. Returns how many."""
