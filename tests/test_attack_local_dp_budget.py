@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from fedveil.clients.api import run_client, train_round
-from fedveil.clients.local_dp import EngineDpClient, LocalDpClient
+from fedveil.clients.local_dp import EngineDpClient, LocalDpClient, engine_sampling_problem
 from fedveil.clients.policy import (
     PolicyError,
     PolicyViolation,
@@ -524,3 +524,27 @@ def test_the_limits_come_from_the_policy_file_and_the_client_flags(tmp_path: Pat
     path.write_text("[policy]\nmax_local_delta = \"big\"\n")
     with pytest.raises(PolicyError, match="max_local_delta"):
         load_policy_file(path)
+
+
+def test_only_poisson_batches_pass_the_engine_sampling_check() -> None:
+    """What Opacus's accountant assumes (a Poisson batch per step) holds for the loader ``make_private``
+    returns, also when BatchMemoryManager splits it into physical batches; a shuffled loader fails."""
+    from opacus import PrivacyEngine
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
+    from torch import nn
+
+    data = synthetic.synthetic_data(0, 3, 1) if synthetic.synthetic_data is not None else None
+    assert data is not None
+    shuffled = DataLoader(data, batch_size=32, shuffle=True)
+    model = nn.Sequential(nn.Linear(10, 1))
+    private, optimizer, loader = PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=shuffled,
+        noise_multiplier=1.0, max_grad_norm=1.0)
+    assert engine_sampling_problem(private, loader) == ""
+    with BatchMemoryManager(data_loader=loader, max_physical_batch_size=8, optimizer=optimizer) as physical:
+        assert engine_sampling_problem(private, physical) == ""
+    assert engine_sampling_problem(private, shuffled).startswith(
+        "loader: its batches are not Poisson-sampled (batch sampler BatchSampler)")
+    assert engine_sampling_problem(model) == ""  # a plain module (no Opacus wrapper): nothing to read
+    private.allow_grad_accumulation()
+    assert "allows gradient accumulation" in engine_sampling_problem(private, loader)

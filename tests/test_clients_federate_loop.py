@@ -189,6 +189,62 @@ def test_local_dp_job_refuses_an_update_trained_without_privatize(tmp_path: Path
     store.close()
 
 
+def test_an_engine_site_whose_batches_are_not_poisson_sampled_never_releases_an_update(tmp_path: Path) -> None:
+    """A site's own Opacus engine counts every step as a Poisson-sampled batch at rate 1/len(loader),
+    whatever the loader does: with ``poisson_sampling=False`` (shuffled, fixed-size batches), or with
+    gradients accumulated over several batches per step, the ε it reports would be too low. Such an
+    engine is refused at ``federate``; a plain loader handed to ``rnd.privatize`` is refused before any
+    step; a wrapper that allows accumulation by the time of release has its round declined."""
+    from opacus import PrivacyEngine
+
+    assert task.synthetic_data is not None
+    dataset = task.synthetic_data(0, 3, SEED)
+    plain = DataLoader(dataset, batch_size=32)
+
+    def private(poisson: bool) -> tuple[PrivacyEngine, Any, Any, Any]:
+        engine = PrivacyEngine()
+        model = nn.Sequential(nn.Linear(10, 1))
+        wrapped = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                      data_loader=plain, noise_multiplier=1.0, max_grad_norm=1.0,
+                                      poisson_sampling=poisson)
+        return (engine, *wrapped)
+
+    config = job(rounds=1, dp="local", dp_local_noise_multiplier=1.0, dp_local_max_grad_norm=1.0)
+    coordinator, store, driver, _ = start_job_with_two_turnkey_sites(tmp_path, config)
+    engine, model, _, _ = private(poisson=False)
+    with pytest.raises(ValueError, match=r"^privacy_engine: .*allows gradient accumulation.*under-reported.*"
+                       r"poisson_sampling=True"):
+        federate(task=TASK, transport=InProcessTransport(coordinator, "site-0"), model=model, privacy_engine=engine,
+                 **secure_federate("site-0"))
+
+    engine, model, optimizer, loader = private(poisson=True)
+    federation = federate(task=TASK, transport=InProcessTransport(coordinator, "site-0"), model=model,
+                          privacy_engine=engine, **secure_federate("site-0"))
+    outcomes = []
+    for rnd in federation:
+        with pytest.raises(fedveil.clients.ClientError, match=r"loader: its batches are not Poisson-sampled "
+                           r"\(batch sampler BatchSampler\)"):
+            rnd.privatize(model, optimizer, plain)
+        steps_before = len(engine.accountant.history)
+        assert steps_before == 0  # refused before any step
+        model, optimizer, loader = rnd.privatize(model, optimizer, loader)  # the loader make_private returned
+        model.allow_grad_accumulation()  # then several batches per step: not what the accountant counts
+        for x, y in loader:
+            if len(y):
+                optimizer.zero_grad()
+                nn.BCEWithLogitsLoss()(model(x).squeeze(-1), y).backward()
+                optimizer.step()
+        outcome = rnd.submit(model)
+        outcomes.append((outcome.outcome, outcome.reason))
+        break  # the attempt aborts without this site; its retries are not this test's
+    federation.close()
+    coordinator.stop()
+    driver.join(timeout=30)
+    store.close()
+    assert len(outcomes) == 1 and outcomes[0][0] == "declined", outcomes
+    assert "allows gradient accumulation" in outcomes[0][1]
+
+
 def test_a_client_whose_model_does_not_fit_the_job_gets_a_clear_error(tmp_path: Path) -> None:
     config = job(rounds=1)
     coordinator, store, driver, _ = start_job_with_two_turnkey_sites(tmp_path, config)

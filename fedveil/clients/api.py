@@ -161,9 +161,12 @@ def federate(
     if backoff is not None:
         options.backoff = backoff
     if privacy_engine is not None:
-        from fedveil.clients.local_dp import EngineDpClient
+        from fedveil.clients.local_dp import EngineDpClient, engine_sampling_problem
 
         EngineDpClient(privacy_engine)  # refuse a wrong object now, not at the first round
+        problem = engine_sampling_problem(model)
+        if problem:
+            raise ValueError(problem)
     if model is None:
         assert resolved is not None
         model = resolved.build_model()

@@ -203,6 +203,42 @@ class LocalDpClient:
         )
 
 
+def engine_sampling_problem(model: Any, loader: Any = None) -> str:
+    """Why an engine site's Opacus accountant would under-report its ε ("" when it would not).
+
+    Opacus accounts every step as Poisson-sampled at rate 1 / len(loader) (Abadi et al. 2016; Mironov
+    et al. 2019), whatever the loader does. ``make_private(poisson_sampling=False)`` keeps the loop's
+    shuffled, fixed-size batches, and a loop that accumulates gradients over several batches per step
+    samples more than that rate: both are accounted as if they were Poisson batches, which they are
+    not (shuffling gives a much larger ε at the same settings: Chua et al., "How Private are DP-SGD
+    Implementations?", ICML 2024). ``make_private`` marks the hooks wrapper it returns with
+    ``forbid_grad_accumulation()`` only under Poisson sampling, so a wrapper that allows accumulation
+    is the sign; a ``loader`` the loop hands over must draw Poisson batches itself."""
+    if getattr(model, "grad_accumulation_allowed", False) is True:
+        return ("privacy_engine: the model's Opacus wrapper allows gradient accumulation, which make_private sets "
+                "with poisson_sampling=False (or a loop's allow_grad_accumulation()): its accountant would still "
+                "count each step as one Poisson-sampled batch at rate 1/len(loader), so this site's ε would be "
+                "under-reported. Call make_private[_with_epsilon](..., poisson_sampling=True), Opacus's default "
+                "(a loader that already samples Poisson batches: call model.forbid_grad_accumulation())")
+    if loader is None:
+        return ""
+    from opacus.utils.batch_memory_manager import BatchSplittingSampler
+    from opacus.utils.uniform_sampler import (
+        DistributedUniformWithReplacementSampler,
+        UniformWithReplacementSampler,
+    )
+
+    sampler = getattr(loader, "batch_sampler", None)
+    if isinstance(sampler, BatchSplittingSampler):  # BatchMemoryManager's physical batches of a Poisson batch
+        sampler = sampler.sampler
+    if not isinstance(sampler, (UniformWithReplacementSampler, DistributedUniformWithReplacementSampler)):
+        return (f"loader: its batches are not Poisson-sampled (batch sampler {type(sampler).__name__}), but the "
+                "site's Opacus accountant counts each step as a Poisson-sampled batch at rate 1/len(loader), so "
+                "this site's ε would be under-reported. Train on the data loader make_private returned "
+                "(poisson_sampling=True, Opacus's default)")
+    return ""
+
+
 class EngineDpClient:
     """A site that keeps its own Opacus code: ``federate(..., privacy_engine=engine)``.
 
@@ -213,9 +249,12 @@ class EngineDpClient:
     the job's local-DP δ (Opacus's engine does not keep the δ it was made private for).
     """
 
-    def __init__(self, engine: Any, lifetime: LifetimeEpsilon | None = None, lifetime_delta: float = 1e-5) -> None:
+    def __init__(self, engine: Any, lifetime: LifetimeEpsilon | None = None, lifetime_delta: float = 1e-5,
+                 model: nn.Module | None = None) -> None:
         """``lifetime``, ``lifetime_delta``: as :class:`LocalDpClient`'s; an engine site's round is checked
-        against ``max_lifetime_local_epsilon`` before release only (its loop plans its own steps)."""
+        against ``max_lifetime_local_epsilon`` before release only (its loop plans its own steps).
+        ``model``: the module the engine wrapped, whose sampling is checked before each release
+        (:func:`engine_sampling_problem`)."""
         accountant = getattr(engine, "accountant", None)
         if accountant is None or not callable(getattr(accountant, "get_epsilon", None)):
             raise TypeError(
@@ -232,6 +271,7 @@ class EngineDpClient:
         self._last_steps = 0
         self._lifetime = lifetime
         self._lifetime_delta = lifetime_delta
+        self._model = model
 
     def begin_round(self, params: pb.LocalDpParams) -> None:
         """Note the job's δ and target ε and where the accountant stands before the round's training;
@@ -260,7 +300,11 @@ class EngineDpClient:
 
     def over_budget(self, policy: SitePolicy | None = None) -> str:
         """Why the round just trained may not be released ("" when it may): ε past the job's target, or
-        past the site's own ``max_local_epsilon`` when a ``policy`` is given (in every job)."""
+        past the site's own ``max_local_epsilon`` when a ``policy`` is given (in every job), or steps its
+        accountant counted as Poisson-sampled that were not (:func:`engine_sampling_problem`)."""
+        sampling = engine_sampling_problem(self._model)
+        if sampling:
+            return sampling
         lifetime = over_lifetime(self._lifetime, policy, self._lifetime_delta, self._round_event())
         if lifetime is not None:
             return lifetime_reason(lifetime)

@@ -91,9 +91,13 @@ class Round:
         if self.dp_mode != "local" or self._federation.options.privacy_engine is not None:
             self._federation.spec.check(model)
             if self.dp_mode == "local":  # the site's own engine: batch norms and the like are refused here too
+                from fedveil.clients.local_dp import engine_sampling_problem
                 from fedveil.dp.compat import check_dp_trainable  # opacus at import configures the root logger
 
                 check_dp_trainable(model)
+                problem = engine_sampling_problem(model, loader)
+                if problem:  # before any step: the accountant would count these batches as Poisson ones
+                    raise ClientError(f"round {self.number}: {problem}")
             self._privatized = (model, optimizer, loader) if self.dp_mode == "local" else None
             return model, optimizer, loader
         # A loop that rebinds its names (``model, optimizer, loader = rnd.privatize(...)``) hands

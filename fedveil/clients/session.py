@@ -458,7 +458,8 @@ class Federation:
 
             state = self.state
             self._local_dp_session = EngineDpClient(
-                self.options.privacy_engine, lifetime=state.lifetime_local_epsilon, lifetime_delta=state.delta)
+                self.options.privacy_engine, lifetime=state.lifetime_local_epsilon, lifetime_delta=state.delta,
+                model=self.model)
         if self._local_dp_session is None:
             from fedveil.clients.local_dp import LocalDpClient
 
