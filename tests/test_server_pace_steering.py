@@ -332,6 +332,21 @@ def test_with_many_sites_their_returns_are_spread_to_a_bounded_rate(tmp_path: Pa
     ("RESOURCE_EXHAUSTED", "Received message larger than max (600 vs. 500)", False),  # a message too large
     ("UNAVAILABLE", "", True),
     ("PERMISSION_DENIED", "", False),
+    # gRPC core's own details for TLS handshakes that no retry mends (captured from grpcio 1.7x): fail at once
+    ("UNAVAILABLE", "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:46209: Tls handshake "
+                    "failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:1000007d:SSL routines:OPENSSL_internal:"
+                    "CERTIFICATE_VERIFY_FAILED: unable to get local issuer certificate: OK", False),
+    ("UNAVAILABLE", "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:40085: Custom "
+                    "verification check failed with error: UNAUTHENTICATED: Hostname Verification Check "
+                    "failed.", False),
+    ("UNAVAILABLE", "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:33581: Tls handshake "
+                    "failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:100000f7:SSL routines:OPENSSL_internal:"
+                    "WRONG_VERSION_NUMBER: Invalid certificate verification context: OK", False),
+    # a refused client certificate, a plaintext client at a TLS server, a server not up yet: retried
+    ("UNAVAILABLE", "failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:45439: Socket "
+                    "closed", True),
+    ("UNAVAILABLE", "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: Failed to connect "
+                    "to remote host: Connection refused", True),
 ])
 def test_which_statuses_a_site_retries(code: str, details: str, retried: bool) -> None:
     import grpc

@@ -90,6 +90,28 @@ class InternalError(ProtocolError):
     code = grpc.StatusCode.INTERNAL
 
 
+class TlsRefused(ProtocolError):
+    """The TLS handshake failed for a reason no retry mends: the server's certificate does not chain to
+    the client's CA, is not for the address dialled, or the server does not speak TLS. gRPC reports
+    these as UNAVAILABLE, like a server that is restarting; retried, a mistyped ``ca_cert`` cost a
+    site its whole give-up time (5 min by default) before it said anything. Not retried."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+_TLS_FAILURES: tuple[tuple[str, str], ...] = (
+    ("CERTIFICATE_VERIFY_FAILED", "the server's TLS certificate does not verify against this client's CA (ca_cert, "
+                                  "--ca-cert on the command line, or the system roots without one)"),
+    ("Hostname Verification Check failed", "the server's TLS certificate is not for the address dialled (check the "
+                                           "server address, or server_name_override / --server-name)"),
+    ("WRONG_VERSION_NUMBER", "the server does not speak TLS (a server started with --insecure takes a plaintext "
+                             "client: insecure=True, on loopback)"),
+)
+"""(what gRPC core's details contain, what it means) for the handshake failures :class:`TlsRefused` covers.
+A server that requires a client certificate and refuses this one only closes the socket, which looks
+like any dropped connection, so that case is still retried."""
+
+
 GRPC_OVERLOADED = "Concurrent RPC limit exceeded"
 """gRPC's own details when a server is at its ``maximum_concurrent_rpcs`` (RESOURCE_EXHAUSTED)."""
 
@@ -123,6 +145,10 @@ def error_from_status(code: grpc.StatusCode, details: str | None, *, rpc: str = 
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and (details or "").startswith(GRPC_OVERLOADED):
         cls = Unavailable  # the server's gRPC refused the call for load, not for its size: retry
     text = details or code.name
+    if code == grpc.StatusCode.UNAVAILABLE:
+        for marker, meaning in _TLS_FAILURES:
+            if marker in text:
+                return TlsRefused(f"{meaning}: {text}")
     err = cls(text)
     if cls is ProtocolError:
         err.code = code
