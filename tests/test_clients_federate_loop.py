@@ -8,6 +8,7 @@ turnkey clients; the user's loop runs in the test's thread, over real gRPC.
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 import time
 from pathlib import Path
@@ -189,6 +190,16 @@ def test_local_dp_job_refuses_an_update_trained_without_privatize(tmp_path: Path
     store.close()
 
 
+def declined_alone(federation: fedveil.clients.Federation, coordinator: Coordinator, driver: threading.Thread,
+                   store: RunStore, outcomes: list[Any]) -> list[str]:
+    """Stop the job the test's site left after its round; that round's outcomes."""
+    federation.close()
+    coordinator.stop()
+    driver.join(timeout=30)
+    store.close()
+    return [o.outcome for o in outcomes]
+
+
 def test_an_engine_site_whose_batches_are_not_poisson_sampled_never_releases_an_update(tmp_path: Path) -> None:
     """A site's own Opacus engine counts every step as a Poisson-sampled batch at rate 1/len(loader),
     whatever the loader does: with ``poisson_sampling=False`` (shuffled, fixed-size batches), or with
@@ -234,15 +245,60 @@ def test_an_engine_site_whose_batches_are_not_poisson_sampled_never_releases_an_
                 optimizer.zero_grad()
                 nn.BCEWithLogitsLoss()(model(x).squeeze(-1), y).backward()
                 optimizer.step()
-        outcome = rnd.submit(model)
-        outcomes.append((outcome.outcome, outcome.reason))
+        outcomes.append(rnd.submit(model))
         break  # the attempt aborts without this site; its retries are not this test's
-    federation.close()
-    coordinator.stop()
-    driver.join(timeout=30)
-    store.close()
-    assert len(outcomes) == 1 and outcomes[0][0] == "declined", outcomes
-    assert "allows gradient accumulation" in outcomes[0][1]
+    assert declined_alone(federation, coordinator, driver, store, outcomes) == ["declined"]
+    assert "allows gradient accumulation" in outcomes[0].reason
+
+
+@pytest.mark.parametrize(("outside", "reason"), [
+    ("inner step", r"stepped its optimizer 1 time\(s\) outside DP-SGD .*step only the optimizer your make_private"),
+    ("weights moved", r"1 weight tensor\(s\) changed after DP-SGD's last noised step"),
+    ("no private step", r"2 weight tensor\(s\) changed after DP-SGD's last noised step \(or with none\)"),
+])
+def test_an_engine_site_that_trains_outside_its_engine_never_releases_the_update(
+    tmp_path: Path, outside: str, reason: str,
+) -> None:
+    """A site with its own Opacus engine that hands its objects to ``rnd.privatize`` is held to what its
+    accountant counted, as ``rnd.privatize``'s own DP-SGD is: a step of the optimizer under the DP one,
+    a weight changed after the last noised step, or training with no noised step at all keeps the round
+    home (declined), since the reported ε would not cover it."""
+    from opacus import PrivacyEngine
+
+    assert task.synthetic_data is not None
+    dataset = task.synthetic_data(0, 3, SEED)
+    engine = PrivacyEngine()
+    plain_model = nn.Sequential(nn.Linear(10, 1))
+    model, optimizer, loader = engine.make_private(
+        module=plain_model, optimizer=torch.optim.SGD(plain_model.parameters(), lr=0.1),
+        data_loader=DataLoader(dataset, batch_size=32), noise_multiplier=1.0, max_grad_norm=1.0)
+    config = job(rounds=1, dp="local", dp_local_noise_multiplier=1.0, dp_local_max_grad_norm=1.0)
+    coordinator, store, driver, _ = start_job_with_two_turnkey_sites(tmp_path, config)
+    federation = federate(task=TASK, transport=InProcessTransport(coordinator, "site-0"), model=model,
+                          privacy_engine=engine, **secure_federate("site-0"))
+    outcomes = []
+    for rnd in federation:
+        model, optimizer, loader = rnd.privatize(model, optimizer, loader)
+        for x, y in loader:
+            if len(y) and outside != "no private step":
+                optimizer.zero_grad()
+                nn.BCEWithLogitsLoss()(model(x).squeeze(-1), y).backward()
+                optimizer.step()
+        if outside == "inner step":  # one more step of the plain SGD under the DP optimizer: no clip, no noise
+            optimizer.zero_grad()
+            nn.BCEWithLogitsLoss()(model(x).squeeze(-1), y).backward()
+            optimizer.original_optimizer.step()
+        elif outside == "weights moved":
+            with torch.no_grad():
+                plain_model[0].bias.add_(0.5)
+        else:  # trained by hand, with no DP step at all
+            with torch.no_grad():
+                for p in plain_model.parameters():
+                    p.add_(0.1)
+        outcomes.append(rnd.submit(model))
+        break  # the attempt aborts without this site; its retries are not this test's
+    assert declined_alone(federation, coordinator, driver, store, outcomes) == ["declined"]
+    assert re.search(reason, outcomes[0].reason), outcomes[0].reason
 
 
 def test_a_client_whose_model_does_not_fit_the_job_gets_a_clear_error(tmp_path: Path) -> None:

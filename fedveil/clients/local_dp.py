@@ -29,6 +29,7 @@ from fedveil.clients.policy import SitePolicy, TrainingRefused, local_accountant
 from fedveil.dp.events import AccountingLimitError, DpEvent, SubsampledGaussianEvent
 from fedveil.dp.ledger import BUDGET_REL_TOLERANCE, BudgetExceededError
 from fedveil.dp.local import LocalDPConfig, LocalDPSession
+from fedveil.dp.step_guard import StepGuard
 from fedveil.protocol import fedveil_pb2 as pb
 
 LIFETIME_PARTY = "max_lifetime_local_epsilon (this site, all its jobs)"
@@ -272,6 +273,10 @@ class EngineDpClient:
         self._lifetime = lifetime
         self._lifetime_delta = lifetime_delta
         self._model = model
+        self._guard: StepGuard | None = None
+        """The check that only the engine's noised steps trained the model, kept across rounds (the engine's
+        optimizer is one for the site's lifetime); checked in the rounds the loop handed it over."""
+        self._guarding = False
 
     def begin_round(self, params: pb.LocalDpParams) -> None:
         """Note the job's δ and target ε and where the accountant stands before the round's training;
@@ -289,7 +294,23 @@ class EngineDpClient:
     def privatize(self, params: pb.LocalDpParams, model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any,
                   local_epochs: int = 1) -> tuple[Any, Any, Any]:
         """The site's objects are private already (its own ``make_private`` call): returned unchanged."""
+        self.guard(model, optimizer)
         return model, optimizer, loader
+
+    def guard(self, model: nn.Module, optimizer: Any) -> None:
+        """Watch this round's training as :class:`~fedveil.dp.step_guard.StepGuard` does for ``rnd.privatize``:
+        a step of the optimizer the engine wrapped that its accountant did not count (no clipping, no noise),
+        or weights that moved after the last counted step, keep the round's update home. Only for the DP
+        optimizer the engine returned, and only while this round's steps are counted (:meth:`_count_steps`
+        arms the guard at each one)."""
+        if self._counting is None or not hasattr(optimizer, "original_optimizer"):
+            return
+        if self._guard is not None and self._guard.optimizer is optimizer:
+            self._guard.restart()
+        else:
+            self._guard = StepGuard(optimizer, model.parameters(),
+                                    remedy="step only the optimizer your make_private call returned")
+        self._guarding = True
 
     def epsilon(self) -> float:
         """ε of the engine's accountant so far (0 before its first step: Opacus's PRV accountant, the
@@ -305,6 +326,9 @@ class EngineDpClient:
         sampling = engine_sampling_problem(self._model)
         if sampling:
             return sampling
+        untracked = self._guard.problem() if self._guard is not None and self._guarding else ""
+        if untracked:
+            return untracked
         lifetime = over_lifetime(self._lifetime, policy, self._lifetime_delta, self._round_event())
         if lifetime is not None:
             return lifetime_reason(lifetime)
@@ -323,6 +347,7 @@ class EngineDpClient:
         self._last_event = self._round_event()
         self._last_steps = self._last_event.steps if self._last_event is not None else 0
         self._stop_counting()
+        self._guarding = False
         self.rounds_completed += 1
         return {k: v.detach().clone() for k, v in trained.state_dict().items()}
 
@@ -354,6 +379,8 @@ class EngineDpClient:
         def counting_step(*, noise_multiplier: float, sample_rate: float) -> Any:
             key = (float(noise_multiplier), float(sample_rate))
             counts[key] = counts.get(key, 0) + 1
+            if self._guard is not None and self._guarding:  # a real, noised step of the engine's optimizer
+                self._guard.arm()
             return step(accountant, noise_multiplier=noise_multiplier, sample_rate=sample_rate)
 
         try:

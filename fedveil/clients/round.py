@@ -98,6 +98,7 @@ class Round:
                 problem = engine_sampling_problem(model, loader)
                 if problem:  # before any step: the accountant would count these batches as Poisson ones
                     raise ClientError(f"round {self.number}: {problem}")
+                self._federation._local_dp().guard(model, optimizer)
             self._privatized = (model, optimizer, loader) if self.dp_mode == "local" else None
             return model, optimizer, loader
         # A loop that rebinds its names (``model, optimizer, loader = rnd.privatize(...)``) hands

@@ -25,11 +25,15 @@ class StepGuard:
     it without clipping or noise: each step is counted as untracked unless the session's step hook
     (:meth:`arm`, run by Opacus only for a real, noised step) announced it."""
 
-    def __init__(self, optimizer: Any, params: Iterable[torch.Tensor]) -> None:
+    def __init__(self, optimizer: Any, params: Iterable[torch.Tensor],
+                 remedy: str = "train with the objects rnd.privatize returns") -> None:
+        """``remedy``: what the loop should do instead, said when the guard refuses (:meth:`problem`)."""
         self._params = [p for p in params if p.requires_grad]
         self._snapshot = self._copy()
         self._armed = False
         self.untracked_steps = 0
+        self._remedy = remedy
+        self.optimizer = optimizer
         inner = optimizer.original_optimizer
         real_step = inner.step
 
@@ -44,6 +48,13 @@ class StepGuard:
 
         inner.step = step
 
+    def restart(self) -> None:
+        """A new round on the same optimizer (a site's own engine keeps one): the weights as they are now
+        (the round's global model), and no untracked step yet."""
+        self._snapshot = self._copy()
+        self._armed = False
+        self.untracked_steps = 0
+
     def arm(self) -> None:
         """The next step of the wrapped optimizer is a real DP-SGD step (called from the step hook)."""
         self._armed = True
@@ -55,7 +66,7 @@ class StepGuard:
         """Why the weights may not be released as DP-SGD's ("" when they may)."""
         if self.untracked_steps:
             return (f"the loop stepped its optimizer {self.untracked_steps} time(s) outside DP-SGD (without "
-                    "clipping or noise): train with the objects rnd.privatize returns")
+                    f"clipping or noise): {self._remedy}")
         moved = sum(1 for p, kept in zip(self._params, self._snapshot, strict=True)
                     if not torch.equal(p.detach(), kept))
         if moved:
