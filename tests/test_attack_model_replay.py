@@ -125,13 +125,17 @@ def test_a_new_run_from_a_model_a_site_released_over_gets_no_second_sum(tmp_path
     summary_a, _results, errors = run_job(tmp_path / "a", config, synthetic, sites(NAMES))
     assert not errors and summary_a.completed_rounds == 1, (errors, summary_a)
     (tmp_path / "b").mkdir()
+    servers: list[Coordinator] = []
     summary_b, results, errors = run_job(tmp_path / "b", config.replace(clients_per_round=3), synthetic,
-                                         sites(NAMES[1:]))
+                                         sites(NAMES[1:]), service=lambda c: servers.append(c) or c)
     assert not errors, errors
     assert summary_b.run_id != summary_a.run_id and summary_b.completed_rounds == 0, summary_b
     for fed, history in results:
         assert [h.outcome for h in history] == ["declined"], (fed.client_name, history)
         assert "in this run or an earlier one" in history[0].reason
+    # each decline said why (RoundResponse.released_over_model): an honest server draws none of them again
+    # until its model changes
+    assert set(servers[0]._released_unchanged) == set(NAMES[1:])
 
 
 def test_a_site_names_a_model_by_its_values() -> None:

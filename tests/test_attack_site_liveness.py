@@ -98,8 +98,8 @@ class StopAfterRound:
 
 
 def _run(tmp_path: Path, evil_transport: type[InProcessTransport], *, active: bool, stop_after_round: int = 0,
-         new_run: bool = True, **config: Any) -> tuple[Any, list[BaseException], Coordinator]:
-    consortium = Consortium.create(NAMES)
+         new_run: bool = True, names: list[str] = NAMES, **config: Any) -> tuple[Any, list[BaseException], Coordinator]:
+    consortium = Consortium.create(names)
     options: dict[str, Any] = {} if active else {"policy": SitePolicy(trust_server=True)}
     if stop_after_round:  # the stopped server's sites give up on it after 3 s of refused calls, not 20 s
         options["give_up_after_s"] = 3.0
@@ -114,8 +114,9 @@ def _run(tmp_path: Path, evil_transport: type[InProcessTransport], *, active: bo
             coordinator.listeners.add(StopAfterRound(coordinator, stop_after_round))
         return coordinator
 
-    sites = [turnkey(synthetic, name, i, consortium, transport=evil_transport if name == "evil" else InProcessTransport,
-                     **options) for i, name in enumerate(NAMES)]
+    sites = [turnkey(synthetic, name, i, consortium, len(names),
+                     transport=evil_transport if name == "evil" else InProcessTransport, **options)
+             for i, name in enumerate(names)]
     summary, _results, errors = run_job(tmp_path, job_config(**cfg), synthetic, sites, service=front, new_run=new_run)
     return summary, errors, seen[0]
 
@@ -176,8 +177,9 @@ def test_an_owner_whose_shares_do_not_reconstruct_is_convicted(tmp_path: Path, m
     Before: the server could not tell the dealer from the holders, so evil spoiled every round it was
     drawn for (the round was rejected each time). Now every returned share opens evil's commitment, so
     the inconsistency is evil's own: it is convicted, its round is rejected (the masks could not be
-    removed after the release), and the next round completes without it. Under distributed DP: without
-    user-level DP the honest sites refuse a second release over the unchanged model (see the threat model)."""
+    removed after the release), and the next round completes without it. Under distributed DP, so that the
+    four sites of round 1 may be drawn again: without user-level DP they decline a second release over the
+    unchanged model (the test after this one)."""
     real_share = secagg_client.share
 
     def dealing(secrets: np.ndarray, xs: np.ndarray, threshold: int, seed: bytes | None = None) -> np.ndarray:
@@ -195,6 +197,37 @@ def test_an_owner_whose_shares_do_not_reconstruct_is_convicted(tmp_path: Path, m
     with RunStore(tmp_path / "run.sqlite") as store:
         round_two = {name for _attempt, name, _sid, _stage in store.participants(coordinator.run_id, 2)}
     assert "evil" not in round_two
+
+
+def test_without_user_level_dp_a_spoiled_round_does_not_end_the_job(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """No DP: the honest sites of a rejected round released a sum over the model the next round keeps,
+    and each declines every round over it (the replay defence). Before: the server drew them again, every
+    attempt of round 2 was declined, and evil's one bad dealing ended the job ('failed', round 2 aborted
+    --max-round-attempts times). Now the server draws round 2 from the sites that did not release over
+    the model (8 sites, cohorts of 4; the job's seed puts evil in round 1's cohort)."""
+    real_share = secagg_client.share
+
+    def dealing(secrets: np.ndarray, xs: np.ndarray, threshold: int, seed: bytes | None = None) -> np.ndarray:
+        shares = real_share(secrets, xs, threshold, seed=seed)
+        if DEALER.evil:
+            shares[-1, 0] = (shares[-1, 0] + 1) % PRIME
+        return shares
+
+    monkeypatch.setattr(secagg_client, "share", dealing)
+    names = ["evil"] + [f"site-{i}" for i in range(7)]
+    summary, _errors, coordinator = _run(tmp_path, EvilDealer, active=False, names=names, min_clients=3,
+                                         clients_per_round=4, seed=7, insecure_deterministic=True)
+    with RunStore(tmp_path / "run.sqlite") as store:
+        rounds = {number: {(attempt, name) for attempt, name, _sid, _stage in store.participants(coordinator.run_id,
+                                                                                               number)}
+                  for number in (1, 2)}
+    assert {name for _attempt, name in rounds[1]} >= {"evil"}  # the seed drew evil into round 1
+    assert summary.status == "completed" and summary.completed_rounds == 2, summary.message
+    assert summary.rejected_rounds == 1 and set(coordinator._convicted) == {"evil"}
+    released = {name for _attempt, name in rounds[1]}
+    assert not released & {name for _attempt, name in rounds[2]}  # round 2: none that released over the model
+    assert coordinator._released_unchanged == {}  # the model changed: every site may be drawn again
 
 
 def test_a_conviction_outlives_a_server_restart(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,9 +12,9 @@ in memory only. Now the store marks the attempt, with the ledger keeping its ent
 inputs are in and before any unmasking share is asked for, and the resumed server skips the round.
 The kill is taken as a consistent copy of the store at the moment the first share arrives (SQLite's
 backup API: the committed transactions a killed process leaves behind); the first server then stops,
-and its later writes are thrown away with the file. (Without DP a skipped round still ends the job:
-the next round's model is the one the sites already released a sum over, and they decline the
-replay.)
+and its later writes are thrown away with the file. (Without DP the next round's model is the one
+the cohort's sites already released a sum over: they decline the replay and say so, and the resumed
+server draws the next cohorts from the other sites; with the cohort all the sites, the job stops.)
 """
 
 from __future__ import annotations

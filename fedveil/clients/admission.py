@@ -112,6 +112,12 @@ class CohortRefused(PolicyViolation):
         self.members = members
 
 
+class ModelReplayRefused(PolicyViolation):
+    """The round's global model is one this site already released a sum over, with no noise it relies on
+    covering a second release: its decline says so (``RoundResponse.released_over_model``), so an honest
+    server leaves it out of cohorts until the model changes instead of drawing it again."""
+
+
 @dataclass(frozen=True)
 class CheckedCohort:
     """A cohort roster that passed :func:`verify_roster` and the key-per-slot check under one
@@ -338,7 +344,7 @@ def admit_round(policy: SitePolicy, job: pb.JobInfo, start: pb.RoundStart, *, ru
         # user-level noise is accounted per release.)
         unprotected = ("its evaluation sums, which carry no noise" if mechanism.protects_replays(terms)
                        else "no noise it relies on")
-        raise PolicyViolation("model", f"the global model (sha256 {model_digest.hex()[:16]}…) is one this site "
+        raise ModelReplayRefused("model", f"the global model (sha256 {model_digest.hex()[:16]}…) is one this site "
                               f"already released a sum over, in this run or an earlier one, with {unprotected}; a "
                               "server that replays a model could difference the two sums (a new run needs a new "
                               "initial model)")

@@ -36,7 +36,7 @@ from torch import nn
 
 import fedveil
 from fedveil.clients import participation, site_evaluation, site_reports
-from fedveil.clients.admission import Admission, CohortRefused
+from fedveil.clients.admission import Admission, CohortRefused, ModelReplayRefused
 from fedveil.clients.backoff import Backoff
 from fedveil.clients.model_check import check_site_model
 from fedveil.clients.options import AuthenticationError, ClientError, ClientOptions, RoundOutcome
@@ -190,16 +190,19 @@ class Federation:
         return self.privacy.report()
 
     def _decline_attempt(self, start: pb.RoundStart, reason: str, refused_members: tuple[int, ...] = (),
-                         out_of_budget: bool = False, cannot_evaluate: bool = False) -> None:
+                         out_of_budget: bool = False, cannot_evaluate: bool = False,
+                         released_over_model: bool = False) -> None:
         """Tell the server at once that this site sits the attempt out (it becomes a dropout), and
         which other members' credentials or identity keys it refused, if that is why; ``out_of_budget``:
-        its own privacy budget cannot afford the job's rounds (the server need not draw it again)."""
+        its own privacy budget cannot afford the job's rounds (the server need not draw it again);
+        ``released_over_model``: it declines every round over this model (a replay)."""
         saved = self._round_header
         self._round_header = (int(start.round), bytes(start.round_nonce))
         try:
             self._send("RespondToRound", lambda h: self.transport.respond_to_round(
                 pb.RoundResponse(header=h, accept=False, decline_reason=reason[:256], refused_members=refused_members,
-                                 out_of_budget=out_of_budget, cannot_evaluate=cannot_evaluate)))
+                                 out_of_budget=out_of_budget, cannot_evaluate=cannot_evaluate,
+                                 released_over_model=released_over_model)))
         except RoundLost as err:
             log.info("round %d: the decline was not needed (%s)", start.round, err)
         finally:
@@ -389,7 +392,8 @@ class Federation:
         except PolicyViolation as err:
             log.warning("round %d (attempt %d): declined by this site's policy: %s", start.round, start.attempt, err)
             self._decline_attempt(start, f"policy: {err}", err.members if isinstance(err, CohortRefused) else (),
-                                  out_of_budget=isinstance(err, UserBudgetExceeded))
+                                  out_of_budget=isinstance(err, UserBudgetExceeded),
+                                  released_over_model=isinstance(err, ModelReplayRefused))
             self.history.append(RoundOutcome(int(start.round), "declined", f"policy: {err}"))
             return None
         return participation.kept_start(start), admission, vector

@@ -419,7 +419,7 @@ class RoundStart(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., round_nonce: _Optional[bytes] = ..., client_id: _Optional[int] = ..., model: _Optional[_Union[Model, _Mapping]] = ..., encoding: _Optional[_Union[EncodingParams, _Mapping]] = ..., secagg: _Optional[_Union[SecAggParams, _Mapping]] = ..., dp: _Optional[_Union[DpParams, _Mapping]] = ..., training: _Optional[_Union[TrainingParams, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., stage_timeout_ms: _Optional[int] = ..., attempt: _Optional[int] = ..., purpose: _Optional[_Union[RoundPurpose, str]] = ...) -> None: ...
 
 class RoundResponse(_message.Message):
-    __slots__ = ("header", "accept", "commitment", "decline_reason", "weight", "refused_members", "out_of_budget", "cannot_evaluate")
+    __slots__ = ("header", "accept", "commitment", "decline_reason", "weight", "refused_members", "out_of_budget", "cannot_evaluate", "released_over_model")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     ACCEPT_FIELD_NUMBER: _ClassVar[int]
     COMMITMENT_FIELD_NUMBER: _ClassVar[int]
@@ -428,6 +428,7 @@ class RoundResponse(_message.Message):
     REFUSED_MEMBERS_FIELD_NUMBER: _ClassVar[int]
     OUT_OF_BUDGET_FIELD_NUMBER: _ClassVar[int]
     CANNOT_EVALUATE_FIELD_NUMBER: _ClassVar[int]
+    RELEASED_OVER_MODEL_FIELD_NUMBER: _ClassVar[int]
     header: RequestHeader
     accept: bool
     commitment: bytes
@@ -436,7 +437,8 @@ class RoundResponse(_message.Message):
     refused_members: _containers.RepeatedScalarFieldContainer[int]
     out_of_budget: bool
     cannot_evaluate: bool
-    def __init__(self, header: _Optional[_Union[RequestHeader, _Mapping]] = ..., accept: _Optional[bool] = ..., commitment: _Optional[bytes] = ..., decline_reason: _Optional[str] = ..., weight: _Optional[float] = ..., refused_members: _Optional[_Iterable[int]] = ..., out_of_budget: _Optional[bool] = ..., cannot_evaluate: _Optional[bool] = ...) -> None: ...
+    released_over_model: bool
+    def __init__(self, header: _Optional[_Union[RequestHeader, _Mapping]] = ..., accept: _Optional[bool] = ..., commitment: _Optional[bytes] = ..., decline_reason: _Optional[str] = ..., weight: _Optional[float] = ..., refused_members: _Optional[_Iterable[int]] = ..., out_of_budget: _Optional[bool] = ..., cannot_evaluate: _Optional[bool] = ..., released_over_model: _Optional[bool] = ...) -> None: ...
 
 class SeedCommitment(_message.Message):
     __slots__ = ("client_id", "commitment")

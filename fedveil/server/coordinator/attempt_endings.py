@@ -26,6 +26,7 @@ class AttemptEndingsMixin(CoordinatorBase):
         number = rnd.number
         with self._cond:
             self._record_rejected(number, rnd.attempt, reason, survivors, rnd.plan.threshold)
+            self._leave_out_releasers(rnd)
             self._finish_round_for_clients(rnd, pb.ROUND_OUTCOME_ABORTED, f"rejected: {reason}", ())
         self.listeners.emit(RoundRejected(self.run_id, number, rnd.attempt, reason))
         return "rejected"
@@ -42,6 +43,27 @@ class AttemptEndingsMixin(CoordinatorBase):
         self._model_released_unchanged = True  # the next model is one the sites released a sum over
         self._rejected_rounds += 1
         log.warning("round %d rejected (model unchanged, the job goes on): %s", number, reason)
+
+    def _leave_out_releasers(self, rnd: _Round) -> None:
+        """After a rejected or skipped round (lock held): its members that sent a masked input, and so were
+        asked for unmasking shares, released a sum over the model the next round keeps. Those with no noise
+        they rely on over a second release decline every round over it (their replay defence), so draw the
+        next cohorts from the others until the model changes. Before, a job without user-level DP drew them
+        again, every attempt was declined, and one site that spoiled a round (a bad dealing, a sum out of
+        bounds) ended the job. A site that declines for this reason says so too (``released_over_model``),
+        which covers a resumed server that does not know the cohort."""
+        for name in rnd.cohort:
+            if Stage.MASKED_INPUT in rnd.submitted.get(name, set()) and self._declines_replay(name):
+                self._released_unchanged.setdefault(name, "released a sum over the unchanged model "
+                                                          "(it declines a replay)")
+
+    def _declines_replay(self, name: str) -> bool:
+        """Whether ``name`` declines a second release over one model: without DP, and under central DP
+        unless it trusts the server to add the noise (the sites' rule, ``ClientMechanism.protects_replays``);
+        local and distributed DP draw fresh noise on the site for every release."""
+        mode = self.config.privacy.mode
+        client = self._clients.get(name)
+        return mode == "none" or (mode == "central" and not (client is not None and client.trust_server))
 
     def _mark_release(self, rnd: _Round) -> None:
         """The training round's masked inputs are in (lock held): from here its sum can be released.

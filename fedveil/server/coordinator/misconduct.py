@@ -92,14 +92,15 @@ class MisconductMixin(CoordinatorBase):
 
     def _excluded(self, number: int) -> set[str]:
         """Sites that may not be drawn for round ``number``: barred from it or for their roster
-        entry, convicted, or out of their own privacy budget."""
+        entry, convicted, out of their own privacy budget, or declining a replay of the unchanged model."""
         return (set(self._barred.get(number, {})) | set(self._refused_now()) | set(self._convicted)
-                | set(self._out_of_budget))
+                | set(self._out_of_budget) | set(self._released_unchanged))
 
     def _exclusion_reasons(self, number: int) -> str:
         """Who is left out of round ``number``, and why, in one line."""
         by_reason: dict[str, list[str]] = {}
-        for name, why in sorted({**self._barred.get(number, {}), **self._refused_now()}.items()):
+        for name, why in sorted({**self._released_unchanged, **self._barred.get(number, {}),
+                                 **self._refused_now()}.items()):
             if name not in self._convicted:
                 by_reason.setdefault(why, []).append(name)
         parts = [f"{', '.join(names)} {why}" for why, names in by_reason.items()]

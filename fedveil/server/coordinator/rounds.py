@@ -466,6 +466,7 @@ class RoundDriverMixin(CoordinatorBase):
                 self._record_secure_evaluation(rnd, applied.evaluation, len(result.survivors))
             self.model.commit(applied)
             self._model_released_unchanged = False
+            self._released_unchanged.clear()  # a new model: no site has released a sum over it yet
             log.info("round %d completed: %d survivors, update norm %.4g, %.2fs", number, len(result.survivors),
                      applied.stats["update_norm"], stats["duration_s"])
             self._finish_round_for_clients(rnd, pb.ROUND_OUTCOME_COMPLETED, "", result.survivors)

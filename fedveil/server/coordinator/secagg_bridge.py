@@ -164,6 +164,9 @@ class SecAggBridgeMixin(CoordinatorBase):
                 self._cannot_evaluate.add(caller)
                 log.info("%s cannot evaluate the job's metrics on its data: no evaluation sums asked of its cohorts",
                          caller)
+            if request.released_over_model and caller not in self._released_unchanged:
+                # it released a sum over this model and declines every round over it: not drawn until it changes
+                self._released_unchanged[caller] = "released a sum over the unchanged model (it declines a replay)"
             if request.out_of_budget and caller not in self._out_of_budget:
                 # the site's word that its budget is spent: drawing it again would only cost a slot
                 self._out_of_budget[caller] = why

@@ -311,6 +311,9 @@ class CoordinatorBase:
         self._model_released_unchanged = False
         """A round was rejected or skipped after its release: the global model is one the sites released a
         sum over, so no evaluation is asked until it changes (sites that evaluate would decline)."""
+        self._released_unchanged: dict[str, str] = {}
+        """Sites that released a sum over the unchanged model and decline a replay of it (no noise they rely
+        on covers a second release) → why: left out of cohorts until the model changes."""
         self._cannot_evaluate: set[str] = set()
         """Sites that said their evaluation gave a metric they cannot sum (``RoundResponse.cannot_evaluate``):
         kept by name, so a reconnect does not make them sit out another round."""
