@@ -445,9 +445,12 @@ def _four_of_ten_online(tmp_path: Path, **overrides: object) -> PrivacyLedger:
     coordinator, store = make_job(tmp_path, online, rounds=ROUNDS, dp="central", dp_clip=2.0,
                                   dp_noise_multiplier=Z, dp_delta=DELTA, **overrides)
     assert len(store.enrolled_clients()) == 10
-    summary = run_job(coordinator, [Scripted(coordinator, n, v) for n, v in zip(online, vectors(4), strict=True)])
+    # updates of norm under 0.3 x round, so that four of them stay within the bound n·S for all 5 rounds (a
+    # rejected round would leave the model unchanged, which sites without --trust-server decline to see again)
+    sites = [Scripted(coordinator, n, 0.3 * v) for n, v in zip(online, vectors(4), strict=True)]
+    summary = run_job(coordinator, sites)
     store.close()
-    assert summary.status == "completed" and summary.completed_rounds == ROUNDS
+    assert summary.status == "completed" and summary.completed_rounds == ROUNDS and summary.rejected_rounds == 0
     ledger = load_ledger(tmp_path / "run.db")
     assert isinstance(ledger, PrivacyLedger) and summary.epsilon == pytest.approx(ledger.epsilon())
     return ledger
