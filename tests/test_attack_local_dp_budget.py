@@ -545,6 +545,12 @@ def test_only_poisson_batches_pass_the_engine_sampling_check() -> None:
         assert engine_sampling_problem(private, physical) == ""
     assert engine_sampling_problem(private, shuffled).startswith(
         "loader: its batches are not Poisson-sampled (batch sampler BatchSampler)")
-    assert engine_sampling_problem(model) == ""  # a plain module (no Opacus wrapper): nothing to read
+    # the inner module, or a wrapper without the mark (grad_sample_mode "ew", "no_op"): nothing to read it from
+    assert engine_sampling_problem(model).startswith("privacy_engine: give federate the module your make_private")
+    inner = nn.Sequential(nn.Linear(10, 1))
+    ew = PrivacyEngine().make_private(module=inner, optimizer=torch.optim.SGD(inner.parameters(), lr=0.1),
+                                      data_loader=shuffled, noise_multiplier=1.0, max_grad_norm=1.0,
+                                      grad_sample_mode="ew")[0]
+    assert "(got GradSampleModuleExpandedWeights)" in engine_sampling_problem(ew, loader)
     private.allow_grad_accumulation()
     assert "allows gradient accumulation" in engine_sampling_problem(private, loader)

@@ -176,18 +176,21 @@ def _loop(mistake: str) -> str:
         train(model, optimizer, loader)  # the loop's own optimizer: no clipping, no noise
     if mistake == "second_optimizer":
         train(private, torch.optim.SGD(private.parameters(), lr=0.1), dp_loader)
-    if mistake == "edited_weights":
+    if mistake in ("edited_weights", "edited_between_steps"):
         train(private, dp_optimizer, dp_loader)
         with torch.no_grad():
             model[0].bias.add_(1.0)
-    return client.over_budget(policy)
+    if mistake == "edited_between_steps":  # then another noised step: the edit is no longer the last change
+        train(private, dp_optimizer, dp_loader)
+    return client.training_problem() or client.over_budget(policy)
 
 
-@pytest.mark.parametrize("mistake", ["ignored_returns", "fine_tune_after", "second_optimizer", "edited_weights"])
+@pytest.mark.parametrize("mistake", ["ignored_returns", "fine_tune_after", "second_optimizer", "edited_weights",
+                                     "edited_between_steps"])
 def test_training_outside_dp_sgd_is_never_released(mistake: str) -> None:
     """Review of 2026-12-07: a loop that trained with its own optimizer after rnd.privatize (or fine-tuned after
     the DP epoch, or stepped a second optimizer) released un-noised steps while the ledger recorded DP-SGD's ε
     alone, or no event at all. The site now declines such a round before anything leaves."""
     assert _loop("none") == ""
     reason = _loop(mistake)
-    assert "outside DP-SGD" in reason or "after DP-SGD's last noised step" in reason
+    assert "outside DP-SGD" in reason or "after DP-SGD's last noised step" in reason, reason

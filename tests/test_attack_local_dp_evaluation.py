@@ -166,6 +166,9 @@ def test_a_replayed_model_is_not_evaluated_again_under_local_dp(tmp_path: Path) 
                                        server=ReplaysTheModel, evaluate_under_local_dp=True)
     assert [examples for examples, _ in server.evaluations] == [600.0]  # round 1's three sites, never again
     assert all(history[-1] == "declined" for history in outcomes[1:]), outcomes
+    # they decline the evaluation, not a training round over the model (fresh DP-SGD noise covers an update):
+    # their declines do not ask an honest server to leave them out of training (the review of 2026-12-07)
+    assert server._released_unchanged == {}
 
 
 class RejectsRoundOne(EvaluationRecordingServer):

@@ -192,11 +192,13 @@ def test_local_dp_job_refuses_an_update_trained_without_privatize(tmp_path: Path
 
 def declined_alone(federation: fedveil.clients.Federation, coordinator: Coordinator, driver: threading.Thread,
                    store: RunStore, outcomes: list[Any]) -> list[str]:
-    """Stop the job the test's site left after its round; that round's outcomes."""
+    """Stop the job the test's site left after its round; that round's outcomes. A loop's mistake is not
+    the site's budget: the server may draw it again (it was benched for the run before)."""
     federation.close()
     coordinator.stop()
     driver.join(timeout=30)
     store.close()
+    assert "site-0" not in coordinator._out_of_budget, coordinator._out_of_budget
     return [o.outcome for o in outcomes]
 
 
@@ -255,6 +257,9 @@ def test_an_engine_site_whose_batches_are_not_poisson_sampled_never_releases_an_
     ("inner step", r"stepped its optimizer 1 time\(s\) outside DP-SGD .*step only the optimizer your make_private"),
     ("weights moved", r"1 weight tensor\(s\) changed after DP-SGD's last noised step"),
     ("no private step", r"2 weight tensor\(s\) changed after DP-SGD's last noised step \(or with none\)"),
+    ("moved between steps", r"the weights changed outside DP-SGD before 1 of its noised step"),
+    ("before privatize", r"the model's weights changed after the round's global model was loaded and before "
+                         r"rnd\.privatize"),
 ])
 def test_an_engine_site_that_trains_outside_its_engine_never_releases_the_update(
     tmp_path: Path, outside: str, reason: str,
@@ -278,12 +283,21 @@ def test_an_engine_site_that_trains_outside_its_engine_never_releases_the_update
                           privacy_engine=engine, **secure_federate("site-0"))
     outcomes = []
     for rnd in federation:
+        if outside == "before privatize":  # a plain step first: privatize refuses the model, before any DP step
+            with torch.no_grad():
+                plain_model[0].bias.add_(0.5)
+            with pytest.raises(fedveil.clients.ClientError, match=reason):
+                rnd.privatize(model, optimizer, loader)
+            break
         model, optimizer, loader = rnd.privatize(model, optimizer, loader)
-        for x, y in loader:
+        for step, (x, y) in enumerate(loader):
             if len(y) and outside != "no private step":
                 optimizer.zero_grad()
                 nn.BCEWithLogitsLoss()(model(x).squeeze(-1), y).backward()
                 optimizer.step()
+            if outside == "moved between steps" and step == 0:  # by hand between the first two noised steps
+                with torch.no_grad():
+                    plain_model[0].bias.add_(0.5)
         if outside == "inner step":  # one more step of the plain SGD under the DP optimizer: no clip, no noise
             optimizer.zero_grad()
             nn.BCEWithLogitsLoss()(model(x).squeeze(-1), y).backward()
@@ -291,12 +305,15 @@ def test_an_engine_site_that_trains_outside_its_engine_never_releases_the_update
         elif outside == "weights moved":
             with torch.no_grad():
                 plain_model[0].bias.add_(0.5)
-        else:  # trained by hand, with no DP step at all
+        elif outside == "no private step":  # trained by hand, with no DP step at all
             with torch.no_grad():
                 for p in plain_model.parameters():
                     p.add_(0.1)
         outcomes.append(rnd.submit(model))
         break  # the attempt aborts without this site; its retries are not this test's
+    if outside == "before privatize":
+        assert declined_alone(federation, coordinator, driver, store, outcomes) == []
+        return
     assert declined_alone(federation, coordinator, driver, store, outcomes) == ["declined"]
     assert re.search(reason, outcomes[0].reason), outcomes[0].reason
 

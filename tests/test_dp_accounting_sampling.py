@@ -486,3 +486,28 @@ def test_the_demo_calibrates_its_noise_for_the_accounting_the_server_does() -> N
     for r in range(1, settings.rounds + 1):
         model.reserve_budget(model.plan(r, 2, 2, b"ctx"), 5)  # raises BudgetExceededError if z is too small
     assert model.ledger is not None and 0.99 * 3.0 <= model.ledger.epsilon() <= 3.0
+
+
+def test_no_amplification_is_claimed_while_the_sites_of_a_rejected_round_are_left_out(tmp_path: Path) -> None:
+    """After a rejected round the server draws the next cohorts from the sites that did not release over
+    the unchanged model: that draw depends on the rejected round's secret one, so the rounds drawn so are
+    accounted without sampling amplification (the review of 2026-12-07), and the claim returns with the
+    next model."""
+    from fedveil.dp.ledger import BudgetExceededError
+    from tests.server_helpers import make_job
+
+    coordinator, store = make_job(tmp_path, ["a", "b", "c", "d"], dp="central", dp_clip=1.0, dp_noise_multiplier=1.0,
+                                  dp_sampling_amplification=True, clients_per_round=2, min_clients=2)
+    claimed: list[bool | None] = []
+
+    def reserve(plan: object, available: int, *, amplification: bool | None = None) -> None:
+        claimed.append(amplification)  # then refuse, so the attempt ends before any site is asked anything
+        raise BudgetExceededError(party="federation", round_index=1, epsilon_before=0.0, epsilon_after=1.0,
+                                  budget=0.5, delta=1e-5)
+
+    coordinator.model.reserve_budget = reserve  # type: ignore[method-assign]
+    coordinator._run_round(1, ["a", "b", "c", "d"])
+    coordinator._released_unchanged = {"a": "released a sum over the unchanged model"}
+    coordinator._run_round(1, ["b", "c", "d"])
+    store.close()
+    assert claimed == [True, False]

@@ -48,7 +48,7 @@ def test_tls_and_token_authentication(fed: Federation_) -> None:
         other._timeout = 5.0
         with pytest.raises(error, match=message) as refused:
             other.join(join_request("alice", fed.task.name))
-        assert isinstance(refused.value, Unavailable) is (error is Unavailable)  # only the second is retried
+        assert isinstance(refused.value, TlsRefused) is (error is TlsRefused)  # the first Join fails at once on it
         other.close()
     # incompatible protocol version or task: FAILED_PRECONDITION at Join
     t = fed.transport("alice")

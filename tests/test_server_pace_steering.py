@@ -342,6 +342,13 @@ def test_with_many_sites_their_returns_are_spread_to_a_bounded_rate(tmp_path: Pa
     ("UNAVAILABLE", "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:33581: Tls handshake "
                     "failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:100000f7:SSL routines:OPENSSL_internal:"
                     "WRONG_VERSION_NUMBER: Invalid certificate verification context: OK", False),
+    ("UNAVAILABLE", "failed to connect to all addresses; last error: UNKNOWN: ipv4:10.0.0.5:443: Cannot check "
+                    "peer: missing selected ALPN property.", False),  # a TLS proxy that speaks no HTTP/2
+    # the same words in details a server or a proxy sent (not gRPC core's own): a server-side failure, retried
+    ("UNAVAILABLE", "upstream connect error or disconnect/reset before headers. reset reason: connection failure, "
+                    "transport failure reason: TLS_error:|268435581:SSL routines:OPENSSL_internal:"
+                    "CERTIFICATE_VERIFY_FAILED", True),
+    ("UNAVAILABLE", "Received http2 header with status: 503 WRONG_VERSION_NUMBER", True),
     # a refused client certificate, a plaintext client at a TLS server, a server not up yet: retried
     ("UNAVAILABLE", "failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:45439: Socket "
                     "closed", True),
@@ -351,7 +358,8 @@ def test_with_many_sites_their_returns_are_spread_to_a_bounded_rate(tmp_path: Pa
 def test_which_statuses_a_site_retries(code: str, details: str, retried: bool) -> None:
     import grpc
 
-    from fedveil.protocol.errors import Unavailable, error_from_status
+    from fedveil.protocol.errors import TlsRefused, Unavailable, error_from_status
 
     err = error_from_status(getattr(grpc.StatusCode, code), details, rpc="Poll")
-    assert isinstance(err, Unavailable) is retried
+    # a TlsRefused fails a site's first Join at once, and is retried like any UNAVAILABLE later
+    assert (isinstance(err, Unavailable) and not isinstance(err, TlsRefused)) is retried

@@ -127,3 +127,18 @@ def test_a_server_killed_during_unmasking_resumes_by_skipping_the_released_round
     ledger = PrivacyLedger.from_json(ledger_json or "")
     assert _round_one_releases(ledger) == [True]  # one sum of round 1 left, and it is counted
     assert [e.round_index for e in ledger.entries] == [1, 2]
+
+
+def test_a_server_resumed_after_a_rejected_round_asks_no_evaluation_of_the_unchanged_model(tmp_path: Path) -> None:
+    """The model a server resumes with after a rejected round is one the sites released a sum over: the
+    resumed server, like the one before it, asks for no evaluation of it (the review of 2026-12-07: it did,
+    and the sites that evaluate declined every attempt)."""
+    from tests.server_helpers import make_job
+
+    coordinator, store = make_job(tmp_path, ["a", "b", "c"], rounds=2)
+    store.start_round(coordinator.run_id, 1, 1, {"a": 0, "b": 1, "c": 2}, 2)
+    coordinator._record_rejected(1, 1, "the sum failed the sanity checks", 3, 2)
+    assert coordinator._model_released_unchanged
+    resumed = Coordinator(coordinator.config, load_task("fedveil.tasks.synthetic"), store, new_run=False)
+    assert resumed.model.version == 1 and resumed._model_released_unchanged
+    store.close()

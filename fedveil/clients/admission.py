@@ -344,7 +344,9 @@ def admit_round(policy: SitePolicy, job: pb.JobInfo, start: pb.RoundStart, *, ru
         # user-level noise is accounted per release.)
         unprotected = ("its evaluation sums, which carry no noise" if mechanism.protects_replays(terms)
                        else "no noise it relies on")
-        raise ModelReplayRefused("model", f"the global model (sha256 {model_digest.hex()[:16]}…) is one this site "
+        # only a site that would decline any round over it says so (evaluation sums alone: a training round is fine)
+        refused = ModelReplayRefused if not mechanism.protects_replays(terms) else PolicyViolation
+        raise refused("model", f"the global model (sha256 {model_digest.hex()[:16]}…) is one this site "
                               f"already released a sum over, in this run or an earlier one, with {unprotected}; a "
                               "server that replays a model could difference the two sums (a new run needs a new "
                               "initial model)")

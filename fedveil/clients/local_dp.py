@@ -153,10 +153,6 @@ class LocalDpClient:
         Checked before release; the steps stay accounted either way (:meth:`finish_round`)."""
         if self.session is None or self._wrapped is None:
             return ""
-        guard = self.session.step_guard
-        untracked = guard.problem() if guard is not None else ""
-        if untracked:
-            return untracked
         lifetime = over_lifetime(self._lifetime, policy, self._lifetime_delta, self.session.pending_event())
         if lifetime is not None:
             return lifetime_reason(lifetime)
@@ -169,6 +165,15 @@ class LocalDpClient:
             return (f"the site's DP-SGD accountant would be at ε = {after:.3f} (δ = {delta:g}) after the steps "
                     f"this round took, past its budget ε = {budget:g}")
         return ""
+
+    def training_problem(self) -> str:
+        """Why the weights may not be released as this round's DP-SGD ("" when they may): the loop trained
+        them outside it (:class:`~fedveil.dp.step_guard.StepGuard`). A loop's mistake, not the budget:
+        the round is declined, and the site stays drawable."""
+        if self.session is None or self._wrapped is None:
+            return ""
+        guard = self.session.step_guard
+        return guard.problem() if guard is not None else ""
 
     @property
     def active(self) -> bool:
@@ -213,14 +218,21 @@ def engine_sampling_problem(model: Any, loader: Any = None) -> str:
     samples more than that rate: both are accounted as if they were Poisson batches, which they are
     not (shuffling gives a much larger ε at the same settings: Chua et al., "How Private are DP-SGD
     Implementations?", ICML 2024). ``make_private`` marks the hooks wrapper it returns with
-    ``forbid_grad_accumulation()`` only under Poisson sampling, so a wrapper that allows accumulation
-    is the sign; a ``loader`` the loop hands over must draw Poisson batches itself."""
-    if getattr(model, "grad_accumulation_allowed", False) is True:
+    ``forbid_grad_accumulation()`` only under Poisson sampling, so the model must be that wrapper
+    (``grad_sample_mode`` hooks, functorch or ghost: the ones that keep the mark) and keep the mark; a
+    ``loader`` the loop hands over must draw Poisson batches itself. The review of this change found
+    the inner module, or an ``ew`` wrapper, let a shuffled loader through."""
+    allowed = getattr(model, "grad_accumulation_allowed", None)
+    if allowed is None:
+        return ("privacy_engine: give federate the module your make_private[_with_epsilon] call returned, with "
+                "grad_sample_mode 'hooks' (Opacus's default), 'functorch' or 'ghost' (got "
+                f"{type(model).__name__}): fedveil reads from that wrapper whether your engine samples the Poisson "
+                "batches its accountant counts")
+    if allowed is not False:
         return ("privacy_engine: the model's Opacus wrapper allows gradient accumulation, which make_private sets "
                 "with poisson_sampling=False (or a loop's allow_grad_accumulation()): its accountant would still "
                 "count each step as one Poisson-sampled batch at rate 1/len(loader), so this site's ε would be "
-                "under-reported. Call make_private[_with_epsilon](..., poisson_sampling=True), Opacus's default "
-                "(a loader that already samples Poisson batches: call model.forbid_grad_accumulation())")
+                "under-reported. Call make_private[_with_epsilon](..., poisson_sampling=True), Opacus's default")
     if loader is None:
         return ""
     from opacus.utils.batch_memory_manager import BatchSplittingSampler
@@ -321,14 +333,7 @@ class EngineDpClient:
 
     def over_budget(self, policy: SitePolicy | None = None) -> str:
         """Why the round just trained may not be released ("" when it may): ε past the job's target, or
-        past the site's own ``max_local_epsilon`` when a ``policy`` is given (in every job), or steps its
-        accountant counted as Poisson-sampled that were not (:func:`engine_sampling_problem`)."""
-        sampling = engine_sampling_problem(self._model)
-        if sampling:
-            return sampling
-        untracked = self._guard.problem() if self._guard is not None and self._guarding else ""
-        if untracked:
-            return untracked
+        past the site's own ``max_local_epsilon`` when a ``policy`` is given (in every job)."""
         lifetime = over_lifetime(self._lifetime, policy, self._lifetime_delta, self._round_event())
         if lifetime is not None:
             return lifetime_reason(lifetime)
@@ -339,6 +344,15 @@ class EngineDpClient:
             return (f"the site's Opacus accountant is at ε = {spent:.3f} (δ = {self.delta:g}), past its "
                     f"budget ε = {min(caps):g} (the job's local target and this site's max_local_epsilon)")
         return ""
+
+    def training_problem(self) -> str:
+        """Why the round's weights may not be released ("" when they may): steps its accountant counted as
+        Poisson-sampled that were not (:func:`engine_sampling_problem`), or training outside the engine's
+        noised steps in a round the loop handed over (:meth:`guard`). A loop's mistake, not the budget."""
+        sampling = engine_sampling_problem(self._model) if self._model is not None else ""
+        if sampling:
+            return sampling
+        return self._guard.problem() if self._guard is not None and self._guarding else ""
 
     def finish_round(self, trained: nn.Module | None = None) -> dict[str, torch.Tensor]:
         """The round's steps (from the accountant) as its event; the trained model's state dict."""

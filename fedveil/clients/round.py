@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -88,6 +89,8 @@ class Round:
         model.train()
         self._loader_examples = _dataset_size(loader)
         self._check_training()
+        if self.dp_mode == "local":
+            self._check_untrained(self._federation._dp_originals.get(id(model), model))
         if self.dp_mode != "local" or self._federation.options.privacy_engine is not None:
             self._federation.spec.check(model)
             if self.dp_mode == "local":  # the site's own engine: batch norms and the like are refused here too
@@ -119,6 +122,19 @@ class Round:
         self._privatized = wrapped
         return wrapped
 
+    def _check_untrained(self, model: nn.Module) -> None:
+        """Under local DP the model must still hold the round's global weights when it is privatized: only
+        the DP-SGD steps after are accounted (the review of 2026-12-07 released a step taken before)."""
+        try:
+            unchanged = np.array_equal(self._federation.spec.vector(model), self.global_vector)
+        except (KeyError, ValueError, RuntimeError):  # another model than the job's: the spec check names it
+            return
+        if not unchanged:
+            raise ClientError(
+                f"round {self.number}: the model's weights changed after the round's global model was loaded and "
+                "before rnd.privatize (training outside DP-SGD, or another model than the one given to federate): "
+                "only DP-SGD's steps are accounted, so train only with the objects rnd.privatize returns")
+
     def submit(self, model: nn.Module | None = None, *, num_examples: int | None = None) -> RoundOutcome:
         """Send the trained model's update (masked) and finish the round's secure aggregation.
 
@@ -145,11 +161,12 @@ class Round:
         if self.dp_mode == "local" and self._privatized is not None:
             # before release: the round's parameters (a loop with its own engine may not have called
             # privatize) and the steps actually taken against the site's budget
-            refusal = self._training_refusal()
+            refusal = self._training_refusal() or fed._local_dp().training_problem()
             over = refusal or fed._local_dp().over_budget(fed.policy)
             if over:  # the steps were taken (and are accounted), but the update is not released
                 fed._account_local_dp(self, trained)
-                fed._sit_out(self, over, "declined", out_of_budget=refusal is None)
+                # only the budget benches the site for the run; a loop's mistake or a refused parameter does not
+                fed._sit_out(self, over, "declined", out_of_budget=not refusal)
                 assert self.outcome is not None
                 return self.outcome
         self.outcome = fed._finish_round(self, trained, num_examples)

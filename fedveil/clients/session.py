@@ -64,6 +64,7 @@ from fedveil.protocol.errors import (
     ProtocolError,
     Replayed,
     StageClosed,
+    TlsRefused,
     Unauthenticated,
     Unavailable,
 )
@@ -249,7 +250,7 @@ class Federation:
 
     # -- connection -------------------------------------------------------------------------
 
-    def _with_backoff(self, what: str, call: Callable[[], Any]) -> Any:
+    def _with_backoff(self, what: str, call: Callable[[], Any], *, first_join: bool = False) -> Any:
         def on_retry(attempt: int, delay: float, err: BaseException) -> None:
             self._backoff_count += 1
             log.warning("%s: %s; retry %d in %.2f s", what, err, attempt, delay)
@@ -258,7 +259,9 @@ class Federation:
             self.options.backoff, seed=seed_int(derive_seed(self.private_seed, "backoff", 0, 0)) + self._backoff_count,
             sleep=self._sleep, on_retry=on_retry,
         )
-        return backoff.run(call, lambda e: isinstance(e, Unavailable))
+        # a TLS set-up no retry is likely to mend fails the first Join at once (TlsRefused); later, retried
+        return backoff.run(call, lambda e: isinstance(e, Unavailable)
+                           and not (first_join and isinstance(e, TlsRefused)))
 
     def _ensure_joined(self) -> None:
         if self._session is not None:
@@ -277,7 +280,8 @@ class Federation:
         if self.options.identity_key is not None:
             request.identity_public_key = self.options.identity_key.public_key().public_bytes_raw()
         try:
-            response: pb.JoinResponse = self._with_backoff("Join", lambda: self.transport.join(request))
+            response: pb.JoinResponse = self._with_backoff("Join", lambda: self.transport.join(request),
+                                                           first_join=self._joined_run is None)
         except Unauthenticated as err:
             raise AuthenticationError(f"the server refused this client's credentials: {err}") from None
         except Incompatible as err:

@@ -33,11 +33,15 @@ class StepGuard:
         self._armed = False
         self.untracked_steps = 0
         self._remedy = remedy
+        self.moved_between_steps = 0
+        """Noised steps that found the weights moved since the last one (or since the round started)."""
         self.optimizer = optimizer
         inner = optimizer.original_optimizer
         real_step = inner.step
 
         def step(*args: Any, **kwargs: Any) -> Any:
+            if self._armed and self._moved():  # un-noised training between two noised steps (review of 2026-12-07)
+                self.moved_between_steps += 1
             result = real_step(*args, **kwargs)
             if self._armed:
                 self._snapshot = self._copy()
@@ -54,6 +58,7 @@ class StepGuard:
         self._snapshot = self._copy()
         self._armed = False
         self.untracked_steps = 0
+        self.moved_between_steps = 0
 
     def arm(self) -> None:
         """The next step of the wrapped optimizer is a real DP-SGD step (called from the step hook)."""
@@ -62,13 +67,19 @@ class StepGuard:
     def _copy(self) -> list[torch.Tensor]:
         return [p.detach().clone() for p in self._params]
 
+    def _moved(self) -> int:
+        return sum(1 for p, kept in zip(self._params, self._snapshot, strict=True) if not torch.equal(p.detach(), kept))
+
     def problem(self) -> str:
         """Why the weights may not be released as DP-SGD's ("" when they may)."""
         if self.untracked_steps:
             return (f"the loop stepped its optimizer {self.untracked_steps} time(s) outside DP-SGD (without "
                     f"clipping or noise): {self._remedy}")
-        moved = sum(1 for p, kept in zip(self._params, self._snapshot, strict=True)
-                    if not torch.equal(p.detach(), kept))
+        if self.moved_between_steps:
+            return (f"the weights changed outside DP-SGD before {self.moved_between_steps} of its noised step(s) "
+                    "(another optimizer, or a change by hand): only DP-SGD's steps are accounted, so nothing else "
+                    "may train the model in a local-DP round")
+        moved = self._moved()
         if moved:
             return (f"{moved} weight tensor(s) changed after DP-SGD's last noised step (or with none): only "
                     "DP-SGD's steps are accounted, so nothing else may train the model in a local-DP round")

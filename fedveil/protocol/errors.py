@@ -90,13 +90,14 @@ class InternalError(ProtocolError):
     code = grpc.StatusCode.INTERNAL
 
 
-class TlsRefused(ProtocolError):
-    """The TLS handshake failed for a reason no retry mends: the server's certificate does not chain to
-    the client's CA, is not for the address dialled, or the server does not speak TLS. gRPC reports
-    these as UNAVAILABLE, like a server that is restarting; retried, a mistyped ``ca_cert`` cost a
-    site its whole give-up time (5 min by default) before it said anything. Not retried."""
-
-    code = grpc.StatusCode.UNAVAILABLE
+class TlsRefused(Unavailable):
+    """The TLS handshake failed for a reason a retry is unlikely to mend: the server's certificate does not
+    chain to the client's CA, is not for the address dialled, the server does not speak TLS, or speaks
+    no HTTP/2 over it. gRPC reports these as UNAVAILABLE, like a server that is restarting; retried, a
+    mistyped ``ca_cert`` cost a site its whole give-up time (5 min by default) before it said anything.
+    A site's first Join fails at once on it; later calls (a server renewing its certificate, a proxy in
+    maintenance) retry it like any UNAVAILABLE. Only gRPC core's own text for a connection this client
+    could not make is read, never details a server or proxy sent (review of 2026-12-07)."""
 
 
 _TLS_FAILURES: tuple[tuple[str, str], ...] = (
@@ -106,10 +107,14 @@ _TLS_FAILURES: tuple[tuple[str, str], ...] = (
                                            "server address, or server_name_override / --server-name)"),
     ("WRONG_VERSION_NUMBER", "the server does not speak TLS (a server started with --insecure takes a plaintext "
                              "client: insecure=True, on loopback)"),
+    ("missing selected ALPN property", "the server, or a proxy in front of it, does not speak HTTP/2 over TLS "
+                                       "(gRPC needs it end to end)"),
 )
 """(what gRPC core's details contain, what it means) for the handshake failures :class:`TlsRefused` covers.
 A server that requires a client certificate and refuses this one only closes the socket, which looks
 like any dropped connection, so that case is still retried."""
+_LOCAL_CONNECT_FAILURE = "failed to connect to all addresses"
+"""How gRPC core's details start when this client could not connect (its own text, never a server's)."""
 
 
 GRPC_OVERLOADED = "Concurrent RPC limit exceeded"
@@ -145,7 +150,7 @@ def error_from_status(code: grpc.StatusCode, details: str | None, *, rpc: str = 
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and (details or "").startswith(GRPC_OVERLOADED):
         cls = Unavailable  # the server's gRPC refused the call for load, not for its size: retry
     text = details or code.name
-    if code == grpc.StatusCode.UNAVAILABLE:
+    if code == grpc.StatusCode.UNAVAILABLE and text.startswith(_LOCAL_CONNECT_FAILURE):
         for marker, meaning in _TLS_FAILURES:
             if marker in text:
                 return TlsRefused(f"{meaning}: {text}")

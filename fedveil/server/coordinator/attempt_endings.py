@@ -45,15 +45,15 @@ class AttemptEndingsMixin(CoordinatorBase):
         log.warning("round %d rejected (model unchanged, the job goes on): %s", number, reason)
 
     def _leave_out_releasers(self, rnd: _Round) -> None:
-        """After a rejected or skipped round (lock held): its members that sent a masked input, and so were
-        asked for unmasking shares, released a sum over the model the next round keeps. Those with no noise
-        they rely on over a second release decline every round over it (their replay defence), so draw the
-        next cohorts from the others until the model changes. Before, a job without user-level DP drew them
-        again, every attempt was declined, and one site that spoiled a round (a bad dealing, a sum out of
-        bounds) ended the job. A site that declines for this reason says so too (``released_over_model``),
-        which covers a resumed server that does not know the cohort."""
-        for name in rnd.cohort:
-            if Stage.MASKED_INPUT in rnd.submitted.get(name, set()) and self._declines_replay(name):
+        """After a rejected or skipped round (lock held): its members that sent unmasking shares released a
+        sum over the model the next round keeps (a share that did not arrive: the site's decline says so).
+        Those with no noise they rely on over a second release decline every round over it (their replay
+        defence), so draw the next cohorts from the others until the model changes. Before, a job without
+        user-level DP drew them again, every attempt was declined, and one site that spoiled a round (a bad
+        dealing, a sum out of bounds) ended the job. A site that declines for this reason says so too
+        (``released_over_model``), which covers a resumed server that does not know the cohort."""
+        for name in rnd.cohort:  # a site records the release as it sends its unmasking shares
+            if Stage.UNMASKING in rnd.submitted.get(name, set()) and self._declines_replay(name):
                 self._released_unchanged.setdefault(name, "released a sum over the unchanged model "
                                                           "(it declines a replay)")
 

@@ -341,9 +341,12 @@ class RoundDriverMixin(CoordinatorBase):
             rnd = self._start_round(number, available, purpose)
             try:
                 if purpose == pb.ROUND_PURPOSE_TRAIN:
-                    # q over the sites the cohort was really drawn from (issue 10: never the enrolled count)
+                    # q over the sites the cohort was really drawn from (issue 10: never the enrolled count). While
+                    # the sites of a rejected round are left out, this draw depends on that round's secret one:
+                    # no amplification is claimed for it (the review of 2026-12-07)
                     self.model.reserve_budget(rnd.plan, len(available),
-                                              amplification=self.config.privacy.sampling_amplification)
+                                              amplification=self.config.privacy.sampling_amplification
+                                              and not self._released_unchanged)
             except BudgetExceededError as err:
                 self.store.abort_round(self.run_id, number, rnd.attempt, f"privacy budget: {err}", None)
                 # The cohort never saw this attempt: no result for it, which would replace the last round's

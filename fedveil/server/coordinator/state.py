@@ -407,6 +407,10 @@ class CoordinatorBase:
             self._attempts[rec.round] = max(self._attempts.get(rec.round, 0), rec.attempt)
             if rec.status == "aborted":
                 self._aborted_attempts += 1
+            if rec.status == "rejected" and rec.round == self.model.version:
+                # the model held is one the sites released a sum over: no evaluation of it (a resumed server
+                # asked for one, and evaluating sites declined: the review of 2026-12-07)
+                self._model_released_unchanged = True
         self._dropouts = len(self.store.dropouts(self.run_id))
         self._max_message_bytes = self._compute_max_message_bytes()
 
