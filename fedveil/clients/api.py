@@ -78,8 +78,9 @@ def federate(
             match the server's ``--task``, and its ``build_model`` makes the model when ``model`` is
             None. A loop site leaves it out: the job's model spec comes from the server at Join.
         token: the client's enrolment token (``fedveil enroll``).
-        model: your own ``nn.Module`` (or the one your ``PrivacyEngine`` wrapped); at Join it is checked
-            against the job's model by name (names, shapes, dtypes) and each round loads the global
+        model: your own ``nn.Module`` (with ``privacy_engine``: the module your ``make_private`` call
+            returned, whose Opacus wrapper says whether the engine samples Poisson batches); at Join it is
+            checked against the job's model by name (names, shapes, dtypes) and each round loads the global
             weights into it by name.
         ca_cert: verify the server's TLS certificate against this CA (PEM file; default: the
             system roots).
