@@ -79,13 +79,9 @@ def serve(
         log.info("listening on %s:%d (%s), run %s, message limit %d bytes", host, runner.port,
                  "TLS" + (" + client certificates" if tls and tls.client_ca_pem else "") if tls else "INSECURE",
                  runner.run_id, runner.max_message_bytes)
-        print(f"fedveil server listening on {host}:{runner.port} (run {runner.run_id})", flush=True)
-        if port_file is not None:
-            tmp = port_file.with_name(port_file.name + ".tmp")
-            tmp.write_text(f"{runner.port}\n")
-            tmp.replace(port_file)
-        if on_listening is not None:
-            on_listening.set()
+        # the handlers go in before the server says it is listening: a signal sent as soon as the port file
+        # appears was taken by Python's default handler, and the process sometimes never exited (a test that
+        # sends SIGINT at once hung once in a loaded run)
         previous: dict[signal.Signals, object] = {}
         if install_signal_handlers and threading.current_thread() is threading.main_thread():
             stop = runner.stop
@@ -97,6 +93,13 @@ def serve(
             for sig in (signal.SIGINT, signal.SIGTERM):
                 previous[sig] = signal.signal(sig, handle)
         try:
+            print(f"fedveil server listening on {host}:{runner.port} (run {runner.run_id})", flush=True)
+            if port_file is not None:
+                tmp = port_file.with_name(port_file.name + ".tmp")
+                tmp.write_text(f"{runner.port}\n")
+                tmp.replace(port_file)
+            if on_listening is not None:
+                on_listening.set()
             return runner.run()
         finally:
             for sig, old in previous.items():
