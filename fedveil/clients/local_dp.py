@@ -305,8 +305,8 @@ class EngineDpClient:
 
     def privatize(self, params: pb.LocalDpParams, model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any,
                   local_epochs: int = 1) -> tuple[Any, Any, Any]:
-        """The site's objects are private already (its own ``make_private`` call): returned unchanged."""
-        self.guard(model, optimizer)
+        """The site's objects are private already (its own ``make_private`` call): returned unchanged
+        (``Round.privatize`` checks them and calls :meth:`guard` itself)."""
         return model, optimizer, loader
 
     def guard(self, model: nn.Module, optimizer: Any) -> None:

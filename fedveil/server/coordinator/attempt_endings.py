@@ -15,6 +15,9 @@ from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.server.coordinator.state import SECURE_SUM_ROW, CoordinatorBase, Stage, _Round, log
 from fedveil.server.events import EvaluationRecorded, RoundAborted, RoundRejected
 
+RELEASED_UNCHANGED = "released a sum over the unchanged model (it declines a replay)"
+"""Why a site is left out of cohorts until the model changes (:meth:`AttemptEndingsMixin._leave_out_releasers`)."""
+
 
 class AttemptEndingsMixin(CoordinatorBase):
     """Rejected rounds, aborted attempts, abandoned rounds, and the secure evaluation's record."""
@@ -54,8 +57,7 @@ class AttemptEndingsMixin(CoordinatorBase):
         (``released_over_model``), which covers a resumed server that does not know the cohort."""
         for name in rnd.cohort:  # a site records the release as it sends its unmasking shares
             if Stage.UNMASKING in rnd.submitted.get(name, set()) and self._declines_replay(name):
-                self._released_unchanged.setdefault(name, "released a sum over the unchanged model "
-                                                          "(it declines a replay)")
+                self._released_unchanged.setdefault(name, RELEASED_UNCHANGED)
 
     def _declines_replay(self, name: str) -> bool:
         """Whether ``name`` declines a second release over one model: without DP, and under central DP

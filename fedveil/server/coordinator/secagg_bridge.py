@@ -28,6 +28,7 @@ from fedveil.secagg import messages as sa
 from fedveil.secagg.beacon import BeaconError
 from fedveil.secagg.keys import POSSESSION_PROOF_BYTES
 from fedveil.secagg.server import SecAggServer
+from fedveil.server.coordinator.attempt_endings import RELEASED_UNCHANGED
 from fedveil.server.coordinator.refusal_tally import refused_slots
 from fedveil.server.coordinator.state import (
     MAX_SHARE_BOX_BYTES,
@@ -166,7 +167,7 @@ class SecAggBridgeMixin(CoordinatorBase):
                          caller)
             if request.released_over_model and caller not in self._released_unchanged:
                 # it released a sum over this model and declines every round over it: not drawn until it changes
-                self._released_unchanged[caller] = "released a sum over the unchanged model (it declines a replay)"
+                self._released_unchanged[caller] = RELEASED_UNCHANGED
             if request.out_of_budget and caller not in self._out_of_budget:
                 # the site's word that its budget is spent: drawing it again would only cost a slot
                 self._out_of_budget[caller] = why
