@@ -186,10 +186,15 @@ def site_federation(service: Any, task: Task, name: str, index: int, consortium:
 def run_job(tmp_path: Path, config: ServerConfig, task: Task, sites: Sequence[Callable[[Any], Any]],
             service: Callable[[Coordinator], Any] | None = None,
             coordinator_cls: type[Coordinator] = Coordinator,
-            new_run: bool = True) -> tuple[JobSummary, list[Any], list[BaseException]]:
+            new_run: bool = True, enrolled: Sequence[str] = ()) -> tuple[JobSummary, list[Any], list[BaseException]]:
     """Run a job with one thread per site function (given the service it talks to); ``new_run=False``
-    resumes the store's unfinished run, as a restarted server does."""
+    resumes the store's unfinished run, as a restarted server does. ``enrolled``: sites to enroll in
+    the store first (then a cohort is drawn without waiting ``cohort_wait`` once every enrolled site
+    that may be drawn is connected)."""
     store = RunStore(tmp_path / "run.sqlite")
+    for name in enrolled:
+        if not store.client_enrolled(name):
+            store.enroll(name)
     coordinator = coordinator_cls(config, task, store, new_run=new_run)
     front = service(coordinator) if service is not None else coordinator
     results: list[Any] = [None] * len(sites)

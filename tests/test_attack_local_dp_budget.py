@@ -87,7 +87,7 @@ def _job(tmp_path: Path, config: Any, tamper: Tamper | None = None, *,
 
     sites = [run_victim, *(turnkey(synthetic, n, i, consortium, policy=consortium.policy(**(others_policy or {})))
                            for i, n in enumerate(NAMES) if n != VICTIM)]
-    summary, results, errors = run_job(tmp_path, config, synthetic, sites, service=front)
+    summary, results, errors = run_job(tmp_path, config, synthetic, sites, service=front, enrolled=NAMES)
     assert errors == [], errors
     return summary, holder["s"], dict(zip(NAMES, results, strict=True))
 

@@ -47,7 +47,7 @@ def _two_jobs(tmp_path: Path, cap: float) -> tuple[list[Any], SiteState]:
         config = job_config(rounds=1, dp="local", dp_local_noise_multiplier=1.2, min_clients=3, seed=3 + job,
                             stage_timeout=20.0, round_timeout=60.0, cohort_wait=ALL_JOIN_WAIT)
         (tmp_path / f"job-{job}").mkdir()
-        summary, results, errors = run_job(tmp_path / f"job-{job}", config, synthetic, sites)
+        summary, results, errors = run_job(tmp_path / f"job-{job}", config, synthetic, sites, enrolled=NAMES)
         assert errors == [], errors
         assert summary.completed_rounds == 1  # the others go on either way
         histories.append(results[0][1])

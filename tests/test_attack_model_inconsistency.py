@@ -91,7 +91,7 @@ def test_sites_shown_other_terms_never_let_the_victims_update_out_alone(
         return Inconsistent(coordinator, change, rebind)
 
     sites = [_site(n, i, consortium, updates) for i, n in enumerate(NAMES)]
-    config = job_config(rounds=1, round_timeout=20.0, stage_timeout=10.0)
+    config = job_config(rounds=1, round_timeout=20.0, stage_timeout=5.0)  # a stopped site costs a stage deadline
     summary, _results, errors = run_job(tmp_path, config, synthetic, sites, service=front,
                                         coordinator_cls=RecordingCoordinator)
     applied = holder["c"].applied

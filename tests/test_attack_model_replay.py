@@ -97,7 +97,7 @@ def test_a_replayed_model_gets_no_second_sum_from_the_sites_that_released_one(tm
 
     Server.disguise = disguise
     summary, results, errors = run_job(tmp_path, config, synthetic, sites,
-                                       coordinator_cls=Server if disguise else ReplayingServer)
+                                       coordinator_cls=Server if disguise else ReplayingServer, enrolled=NAMES)
     assert not errors, errors
     histories = {fed.client_name: history for fed, history in (r for r in results if r is not None)}
     # round 1 was released with the victim in it ...

@@ -138,7 +138,7 @@ def test_a_site_revoked_mid_job_is_not_drawn_again_and_the_job_completes(tmp_pat
     # the honest sites never hear of the revocation: only the server's own check keeps evil out
     with caplog.at_level(logging.WARNING, logger="fedveil.server"):
         summary, results, errors = run_job(tmp_path, config(), synthetic, [site(n, consortium) for n in NAMES],
-                                           service=watching)
+                                           service=watching, enrolled=NAMES)
     assert summary.status == "completed" and summary.completed_rounds == 2, summary
     assert cohorts.with_evil(1) and not cohorts.with_evil(2), cohorts.started
     assert [str(e) for e in errors] == [str(errors[0])] and str(errors[0]).startswith("evil:"), errors
@@ -164,7 +164,7 @@ def test_a_credential_that_expires_mid_job_is_not_drawn_again(tmp_path: Path) ->
         return coordinator
 
     summary, _results, errors = run_job(tmp_path, config(), synthetic, [site(n, consortium) for n in NAMES],
-                                        service=listening, coordinator_cls=coordinator_cls)  # type: ignore[arg-type]
+                                        service=listening, coordinator_cls=coordinator_cls, enrolled=NAMES)  # type: ignore[arg-type]
     assert summary.status == "completed" and summary.completed_rounds == 2, summary
     assert cohorts.with_evil(1) and not cohorts.with_evil(2), cohorts.started
     assert len(errors) == 1 and str(errors[0]).startswith("evil:") and "expired" in str(errors[0]), errors
@@ -188,7 +188,7 @@ def test_a_member_every_honest_site_refuses_is_barred_after_one_aborted_attempt(
     # one attempt per round: the attempts evil cost do not count against it
     with caplog.at_level(logging.WARNING, logger="fedveil.server"):
         summary, results, errors = run_job(tmp_path, config(max_round_attempts=1), synthetic,
-                                           [*sites, site("evil", consortium)], service=listening)
+                                           [*sites, site("evil", consortium)], service=listening, enrolled=NAMES)
     assert errors == []
     assert summary.status == "completed" and summary.completed_rounds == 2, summary
     # barred for the rest of the job (it was drawn into round 2's first attempt too, before)
@@ -222,7 +222,7 @@ def test_a_bar_outlives_a_server_restart(tmp_path: Path, capsys: pytest.CaptureF
                  for n in NAMES[:3]]
         summary, _results, errors = run_job(tmp_path, config(max_round_attempts=1), synthetic,
                                             [*sites, site("evil", consortium, give_up_after_s=patience)],
-                                            service=listening, new_run=after_round_1 is not None)
+                                            service=listening, new_run=after_round_1 is not None, enrolled=NAMES)
         # the sites of the stopped server give up on it; those of the resumed run finish
         assert after_round_1 is not None or errors == [], errors
         return summary, cohorts
@@ -475,7 +475,7 @@ def test_a_revocation_file_replaced_mid_job_counts_from_the_next_round(tmp_path:
     sites = [site(n, consortium, policy=consortium.policy(revocations=_revocations(consortium, 1)),
                   revocations_path=path) for n in NAMES[:3]]
     summary, results, errors = run_job(tmp_path, config(max_round_attempts=1), synthetic,
-                                       [*sites, site("evil", consortium)], service=listening)
+                                       [*sites, site("evil", consortium)], service=listening, enrolled=NAMES)
     assert errors == [] and summary.status == "completed" and summary.completed_rounds == 2, summary
     assert cohorts.with_evil(1) == [1]
     declined = [o for _name, _fed, history in results[:3] for o in history if o.outcome == "declined"]

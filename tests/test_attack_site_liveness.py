@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,8 @@ class StopAfterRound:
 
 
 def _run(tmp_path: Path, evil_transport: type[InProcessTransport], *, active: bool, stop_after_round: int = 0,
-         new_run: bool = True, names: list[str] = NAMES, **config: Any) -> tuple[Any, list[BaseException], Coordinator]:
+         new_run: bool = True, names: list[str] = NAMES, on_coordinator: Callable[[Coordinator], None] | None = None,
+         **config: Any) -> tuple[Any, list[BaseException], Coordinator]:
     consortium = Consortium.create(names)
     options: dict[str, Any] = {} if active else {"policy": SitePolicy(trust_server=True)}
     if stop_after_round:  # the stopped server's sites give up on it after 3 s of refused calls, not 20 s
@@ -110,6 +112,8 @@ def _run(tmp_path: Path, evil_transport: type[InProcessTransport], *, active: bo
 
     def front(coordinator: Coordinator) -> Coordinator:
         seen.append(coordinator)
+        if on_coordinator is not None:
+            on_coordinator(coordinator)
         if stop_after_round:  # the in-process stand-in for a server killed after that round
             coordinator.listeners.add(StopAfterRound(coordinator, stop_after_round))
         return coordinator
@@ -117,7 +121,8 @@ def _run(tmp_path: Path, evil_transport: type[InProcessTransport], *, active: bo
     sites = [turnkey(synthetic, name, i, consortium, len(names),
                      transport=evil_transport if name == "evil" else InProcessTransport, **options)
              for i, name in enumerate(names)]
-    summary, _results, errors = run_job(tmp_path, job_config(**cfg), synthetic, sites, service=front, new_run=new_run)
+    summary, _results, errors = run_job(tmp_path, job_config(**cfg), synthetic, sites, service=front, new_run=new_run,
+                                        enrolled=names)
     return summary, errors, seen[0]
 
 
@@ -248,6 +253,29 @@ def test_a_conviction_outlives_a_server_restart(tmp_path: Path, capsys: pytest.C
         assert store.convictions(resumed.run_id) == first.convicted == second.convicted
     _print_summary(second.to_dict(), as_json=False)  # what `fedveil server` prints at the end
     assert f"convicted, left out of the rest of the run: evil ({first.convicted['evil']})" in capsys.readouterr().out
+
+
+def test_the_round_after_a_conviction_draws_the_others_without_waiting_for_the_convicted(tmp_path: Path) -> None:
+    """Before: with K = every enrolled site, each round after a conviction waited out ``--cohort-wait``
+    for the convicted site, which may never be drawn again. Now the server draws as soon as every
+    enrolled site that may be drawn is connected (an hour's wait here: the job would hang)."""
+    timers: list[threading.Timer] = []
+
+    def watchdog(coordinator: Coordinator) -> None:
+        timers.append(threading.Timer(120.0, coordinator.stop))
+        timers[0].start()
+
+    try:
+        summary, _errors, coordinator = _run(tmp_path, GarbageBoxes, active=False, cohort_wait=3600.0,
+                                             on_coordinator=watchdog)
+    finally:
+        for timer in timers:
+            timer.cancel()
+    assert summary.status == "completed" and summary.completed_rounds == 2, summary.message
+    assert set(summary.convicted) == {"evil"}
+    with RunStore(tmp_path / "run.sqlite") as store:
+        round_two = {name for _attempt, name, _sid, _stage in store.participants(coordinator.run_id, 2)}
+    assert round_two == {"site-0", "site-1", "site-2"}
 
 
 @pytest.mark.parametrize(("complaints", "field"), [

@@ -46,7 +46,7 @@ def _jobs(tmp_path: Path, rounds: list[int], cap: float) -> tuple[list[list[Any]
                             evaluate=False, min_clients=3, seed=3 + job, stage_timeout=20.0, round_timeout=60.0,
                             cohort_wait=ALL_JOIN_WAIT)
         (tmp_path / f"job-{job}").mkdir()
-        summary, results, errors = run_job(tmp_path / f"job-{job}", config, synthetic, sites)
+        summary, results, errors = run_job(tmp_path / f"job-{job}", config, synthetic, sites, enrolled=NAMES)
         assert errors == [], errors
         assert summary.completed_rounds == count  # the other three go on either way
         histories.append(results[0][1])
@@ -204,7 +204,7 @@ def test_clear_metrics_never_leave_under_user_level_dp(tmp_path: Path, dp: str) 
     config = job_config(rounds=1, dp=dp, dp_clip=1.0, dp_noise_multiplier=3.0, evaluate=True, min_clients=3,
                         stage_timeout=20.0, round_timeout=60.0, cohort_wait=ALL_JOIN_WAIT)
     summary, results, errors = run_job(tmp_path, config, synthetic, sites, service=front,
-                                       coordinator_cls=AsksForClearMetrics)
+                                       coordinator_cls=AsksForClearMetrics, enrolled=NAMES)
     assert not errors and summary.completed_rounds == 1
     assert [h.outcome for h in results[0][1]] == ["completed"]
     reports = spy["s"].sent.named("report_metrics")

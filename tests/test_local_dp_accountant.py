@@ -159,7 +159,7 @@ def _job(tmp_path: Path, accountant: str, *, victim_policy: dict[str, Any] | Non
              for i, name in enumerate(NAMES)]
     config = job_config(rounds=2, dp="local", dp_local_target_epsilon=TARGET, dp_accountant=accountant, min_clients=3,
                         stage_timeout=20.0, round_timeout=60.0, cohort_wait=ALL_JOIN_WAIT)
-    summary, results, errors = run_job(tmp_path, config, synthetic, sites, service=front)
+    summary, results, errors = run_job(tmp_path, config, synthetic, sites, service=front, enrolled=NAMES)
     assert errors == [], errors
     store = RunStore(tmp_path / "run.sqlite")
     try:

@@ -222,7 +222,7 @@ class RoundDriverMixin(CoordinatorBase):
             now = self._clock()
             if len(avail) >= cfg.schedule.min_clients:
                 ready_since = ready_since if ready_since is not None else now
-                if now - ready_since >= cfg.schedule.cohort_wait:
+                if now - ready_since >= cfg.schedule.cohort_wait or self._nobody_else_drawable(avail, barred):
                     return avail
             else:
                 ready_since = None
@@ -237,6 +237,14 @@ class RoundDriverMixin(CoordinatorBase):
                 short_since = None
             self._cond.wait(0.25)
         return None
+
+    def _nobody_else_drawable(self, avail: list[str], barred: set[str]) -> bool:
+        """True when waiting longer cannot bring another site into the draw (lock held): every
+        connected site is enrolled, and every enrolled site not left out of the round is available.
+        Then ``--cohort-wait`` is not waited out for a site that is convicted, barred, out of its
+        budget or revoked. Sites that joined without enrolling (in-process jobs) keep the wait."""
+        enrolled = set(self.store.enrolled_clients())
+        return bool(enrolled) and set(avail) == enrolled - barred
 
     def _start_round(self, number: int, available: list[str], purpose: int = pb.ROUND_PURPOSE_TRAIN) -> _Round:
         cfg = self.config

@@ -1,0 +1,50 @@
+"""When the server draws a round's cohort: K connected sites at once; M connected sites after
+``--cohort-wait``; and M at once when no other enrolled site could be drawn by waiting longer.
+
+The waits here are an hour, so a draw that should not wait shows as a job that never starts (the
+watchdog stops it) rather than as a timing."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from fedveil.server.coordinator import JobSummary
+from tests.server_helpers import Scripted, make_job, vectors
+
+AN_HOUR = 3600.0
+
+
+def _run_for(tmp_path: Path, enrolled: list[str], present: list[str], seconds: float,
+             clients_per_round: int) -> JobSummary:
+    """One round with ``enrolled`` in the store and ``present`` connected, stopped after ``seconds``."""
+    coordinator, store = make_job(tmp_path, enrolled, clients_per_round=clients_per_round, min_clients=3,
+                                  cohort_wait=AN_HOUR, stage_timeout=30.0)
+    sites = [Scripted(coordinator, name, vector) for name, vector in zip(present, vectors(len(present)))]
+    for site in sites:
+        threading.Thread(target=site.run, daemon=True).start()
+    watchdog = threading.Timer(seconds, coordinator.stop)
+    watchdog.start()
+    try:
+        return coordinator.run()
+    finally:
+        watchdog.cancel()
+        coordinator.stop()
+        store.close()
+
+
+def test_every_enrolled_site_connected_starts_the_round_without_the_cohort_wait(tmp_path: Path) -> None:
+    # K = 4 asks for more sites than the three enrolled: none can come, so there is nothing to wait for
+    summary = _run_for(tmp_path, ["a", "b", "c"], ["a", "b", "c"], 120.0, clients_per_round=4)
+    assert summary.status == "completed" and summary.completed_rounds == 1, summary.message
+
+
+def test_an_enrolled_site_not_connected_yet_is_waited_for(tmp_path: Path) -> None:
+    summary = _run_for(tmp_path, ["a", "b", "c", "d"], ["a", "b", "c"], 4.0, clients_per_round=4)
+    assert summary.status == "stopped" and summary.completed_rounds == 0, summary.message
+
+
+def test_a_site_connected_without_enrolling_keeps_the_wait(tmp_path: Path) -> None:
+    # an in-process job's sites need no enrollment: the store does not list who else may join
+    summary = _run_for(tmp_path, ["a", "b", "c"], ["a", "b", "c", "u"], 4.0, clients_per_round=5)
+    assert summary.status == "stopped" and summary.completed_rounds == 0, summary.message
