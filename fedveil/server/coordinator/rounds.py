@@ -240,11 +240,16 @@ class RoundDriverMixin(CoordinatorBase):
 
     def _nobody_else_drawable(self, avail: list[str], barred: set[str]) -> bool:
         """True when waiting longer cannot bring another site into the draw (lock held): every
-        connected site is enrolled, and every enrolled site not left out of the round is available.
+        available site is enrolled, and every enrolled site not left out of the round is available.
         Then ``--cohort-wait`` is not waited out for a site that is convicted, barred, out of its
-        budget or revoked. Sites that joined without enrolling (in-process jobs) keep the wait."""
-        enrolled = set(self.store.enrolled_clients())
-        return bool(enrolled) and set(avail) == enrolled - barred
+        budget, revoked, or whose session was closed for its credential (expired or on the
+        revocation list). An unenrolled site already available (in-process jobs need no enrollment)
+        keeps the wait; one that has not joined yet cannot, so in-process jobs whose sites may join
+        late should enroll them. The count comes first: the names are read only when it can match."""
+        left_out = barred | {c.name for c in self._clients.values() if c.refused}
+        if self.store.enrolled_count() > len(avail) + len(left_out):
+            return False
+        return set(avail) == set(self.store.enrolled_clients()) - left_out
 
     def _start_round(self, number: int, available: list[str], purpose: int = pb.ROUND_PURPOSE_TRAIN) -> _Round:
         cfg = self.config

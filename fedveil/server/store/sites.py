@@ -82,6 +82,9 @@ class SitesMixin(StoreBase):
         rows = self._query("SELECT revoked FROM clients WHERE name=?", (name,))
         return bool(rows) and not rows[0][0]
 
+    def enrolled_count(self) -> int:
+        return int(self._query("SELECT COUNT(*) FROM clients WHERE revoked=0")[0][0])
+
     def enrolled_clients(self) -> list[str]:
         return [r[0] for r in self._query("SELECT name FROM clients WHERE revoked=0 ORDER BY name")]
 
