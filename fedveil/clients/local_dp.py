@@ -303,12 +303,6 @@ class EngineDpClient:
             raise BudgetExceededError(party="site", round_index=self.rounds_completed, epsilon_before=spent,
                                       epsilon_after=spent, budget=self.target_epsilon, delta=self.delta)
 
-    def privatize(self, params: pb.LocalDpParams, model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any,
-                  local_epochs: int = 1) -> tuple[Any, Any, Any]:
-        """The site's objects are private already (its own ``make_private`` call): returned unchanged
-        (``Round.privatize`` checks them and calls :meth:`guard` itself)."""
-        return model, optimizer, loader
-
     def guard(self, model: nn.Module, optimizer: Any) -> None:
         """Watch this round's training as :class:`~fedveil.dp.step_guard.StepGuard` does for ``rnd.privatize``:
         a step of the optimizer the engine wrapped that its accountant did not count (no clipping, no noise),
