@@ -82,10 +82,11 @@ class _Part:
 class ScheduleConfig(_Part):
     """Rounds, cohorts and deadlines. A round samples ``clients_per_round`` (K) of the connected
     sites; it starts once K are connected, or ``min_clients`` (M) have been for ``cohort_wait``
-    seconds, or at once when M are and every other enrolled site is left out of the round (convicted,
-    barred, out of its budget). Training plus key advertisement must finish within ``round_timeout`` of the round start,
-    every later secure-aggregation stage within ``stage_timeout``; a round with fewer than t survivors
-    aborts and is retried with a fresh cohort, at most ``max_round_attempts`` times."""
+    seconds, or at once when M are and every other enrolled site is left out of the round
+    (convicted, barred, out of its budget, its credential expired or revoked). Training plus key
+    advertisement must finish within ``round_timeout`` of the round start, every later
+    secure-aggregation stage within ``stage_timeout``; a round with fewer than t survivors aborts
+    and is retried with a fresh cohort, at most ``max_round_attempts`` times."""
 
     rounds: int
     clients_per_round: int
