@@ -10,6 +10,8 @@ unchanged, reason recorded — and the job goes on.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +64,11 @@ class Lies(InProcessTransport):
         return super().submit_masked_input(request)
 
 
-def job(tmp_path: Path, evil: dict[str, Any], honest_weight: float = 1.0, **config: Any) -> tuple[Any, Any, Any]:
+def job(tmp_path: Path, evil: dict[str, Any], honest_weight: float = 1.0,
+        on_coordinator: Callable[[Coordinator], None] | None = None, **config: Any) -> tuple[Any, Any, Any]:
     coordinator, store = make_job(tmp_path, NAMES, **config)
+    if on_coordinator is not None:
+        on_coordinator(coordinator)
     vecs = vectors(4)
     sites = [Scripted(coordinator, n, v, weight=honest_weight) for n, v in zip(NAMES[:3], vecs[:3], strict=True)]
     lies = Lies(coordinator, "evil", declare=evil.pop("declare", None), shift=evil.pop("shift", 0),
@@ -152,4 +157,29 @@ def test_a_withheld_reveal_when_every_site_is_needed_fails_the_job_naming_the_si
         # evil was in attempt 1 (aborted) unless the first cohort of 3 was drawn before it connected
         *earlier, done = store.rounds(coordinator.run_id)
         assert [r.status for r in earlier] in ([], ["aborted"]) and done.survivors == 3
+    store.close()
+
+
+def test_the_retry_after_a_withheld_reveal_draws_the_others_without_waiting_for_the_withholder(
+        tmp_path: Path) -> None:
+    """The bar for a withheld reveal leaves out the withholder, so with every other enrolled site
+    connected the retried attempt is drawn at once (before, it waited out ``--cohort-wait`` for a site
+    that could not be drawn: an hour here, so the job would not finish before the watchdog)."""
+    watchdog: list[threading.Timer] = []
+
+    def stop_later(coordinator: Coordinator) -> None:
+        watchdog.append(threading.Timer(60.0, coordinator.stop))
+        watchdog[0].start()
+
+    try:
+        summary, store, (coordinator, _lies, vecs) = job(tmp_path, {"withhold": True}, min_clients=3,
+                                                         cohort_wait=3600.0, on_coordinator=stop_later)
+    finally:
+        for timer in watchdog:
+            timer.cancel()
+    assert summary.status == "completed" and summary.completed_rounds == 1, summary.message
+    *earlier, done = store.rounds(coordinator.run_id)
+    # with K = 4 and an hour's wait, the first attempt waited for all four: evil was in it, and barred
+    assert [r.status for r in earlier] == ["aborted"] and done.survivors == 3
+    np.testing.assert_allclose(store.aggregate(coordinator.run_id, 1), sum(vecs[:3]) / 3, atol=1e-4)
     store.close()
