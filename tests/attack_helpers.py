@@ -32,6 +32,7 @@ from fedveil.server.config import ServerConfig
 from fedveil.server.coordinator import Coordinator, JobSummary
 from fedveil.server.store import RunStore
 from fedveil.task import Task
+from tests.server_helpers import enroll_all
 
 CONSORTIUM = "attack-tests"
 DAY = 24 * 3600
@@ -192,9 +193,7 @@ def run_job(tmp_path: Path, config: ServerConfig, task: Task, sites: Sequence[Ca
     the store first (then a cohort is drawn without waiting ``cohort_wait`` once every enrolled site
     that may be drawn is connected)."""
     store = RunStore(tmp_path / "run.sqlite")
-    for name in enrolled:
-        if not store.client_enrolled(name):
-            store.enroll(name)
+    enroll_all(store, enrolled)
     coordinator = coordinator_cls(config, task, store, new_run=new_run)
     front = service(coordinator) if service is not None else coordinator
     results: list[Any] = [None] * len(sites)

@@ -12,6 +12,8 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,12 +168,34 @@ def ring_input(start: pb.RoundStart, update: np.ndarray, weight: float) -> np.nd
     return np.concatenate([ring.astype(dtype), section])
 
 
+@contextmanager
+def coordinator_watchdog(seconds: float) -> Iterator[Callable[[Coordinator], None]]:
+    """A callback that stops the coordinator it is given after ``seconds``; the timers it armed are
+    cancelled on exit. For jobs that must not wait: one that hangs fails instead of the test run."""
+    timers: list[threading.Timer] = []
+
+    def arm(coordinator: Coordinator) -> None:
+        timers.append(threading.Timer(seconds, coordinator.stop))
+        timers[-1].start()
+
+    try:
+        yield arm
+    finally:
+        for timer in timers:
+            timer.cancel()
+
+
+def enroll_all(store: RunStore, names: Sequence[str]) -> None:
+    """Enroll each of ``names`` not enrolled yet (a resumed run's store keeps its enrollments)."""
+    for name in names:
+        if not store.client_enrolled(name):
+            store.enroll(name)
+
+
 def make_job(tmp_path: Path, names: list[str], **overrides: object) -> tuple[Coordinator, RunStore]:
     torch.set_num_threads(1)
     store = RunStore(tmp_path / "run.db")
-    for n in names:
-        if not store.client_enrolled(n):
-            store.enroll(n)
+    enroll_all(store, names)
     settings: dict[str, object] = dict(task=TASK, rounds=1, clients_per_round=len(names), min_clients=len(names),
                                        round_timeout=30.0, stage_timeout=1.5, cohort_wait=0.0, linger=1.0, seed=3,
                                        poll_wait=0.5, evaluate=False, final_evaluation=False, active_adversary=False)

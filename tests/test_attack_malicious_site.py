@@ -10,7 +10,6 @@ unchanged, reason recorded — and the job goes on.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import pytest
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.protocol.transport import InProcessTransport
 from fedveil.server.coordinator import Coordinator
-from tests.server_helpers import DIM, Scripted, make_job, run_job, vectors
+from tests.server_helpers import DIM, Scripted, coordinator_watchdog, make_job, run_job, vectors
 
 pytestmark = pytest.mark.timeout(120)
 NAMES = ["a", "b", "c", "evil"]
@@ -165,18 +164,9 @@ def test_the_retry_after_a_withheld_reveal_draws_the_others_without_waiting_for_
     """The bar for a withheld reveal leaves out the withholder, so with every other enrolled site
     connected the retried attempt is drawn at once (before, it waited out ``--cohort-wait`` for a site
     that could not be drawn: an hour here, so the job would not finish before the watchdog)."""
-    watchdog: list[threading.Timer] = []
-
-    def stop_later(coordinator: Coordinator) -> None:
-        watchdog.append(threading.Timer(60.0, coordinator.stop))
-        watchdog[0].start()
-
-    try:
+    with coordinator_watchdog(60.0) as stop_later:
         summary, store, (coordinator, _lies, vecs) = job(tmp_path, {"withhold": True}, min_clients=3,
                                                          cohort_wait=3600.0, on_coordinator=stop_later)
-    finally:
-        for timer in watchdog:
-            timer.cancel()
     assert summary.status == "completed" and summary.completed_rounds == 1, summary.message
     *earlier, done = store.rounds(coordinator.run_id)
     # with K = 4 and an hour's wait, the first attempt waited for all four: evil was in it, and barred

@@ -39,6 +39,7 @@ from fedveil.server.events import RoundCompleted
 from fedveil.server.store import RunStore
 from fedveil.tasks.synthetic import task as synthetic
 from tests.attack_helpers import ALL_JOIN_WAIT, RESPONSIVE_DEADLINES, Consortium, job_config, run_job, turnkey
+from tests.server_helpers import coordinator_watchdog
 
 pytestmark = pytest.mark.timeout(180)
 NAMES = ["site-0", "site-1", "site-2", "evil"]
@@ -259,18 +260,9 @@ def test_the_round_after_a_conviction_draws_the_others_without_waiting_for_the_c
     """Before: with K = every enrolled site, each round after a conviction waited out ``--cohort-wait``
     for the convicted site, which may never be drawn again. Now the server draws as soon as every
     enrolled site that may be drawn is connected (an hour's wait here: the job would hang)."""
-    timers: list[threading.Timer] = []
-
-    def watchdog(coordinator: Coordinator) -> None:
-        timers.append(threading.Timer(120.0, coordinator.stop))
-        timers[0].start()
-
-    try:
+    with coordinator_watchdog(120.0) as watchdog:
         summary, _errors, coordinator = _run(tmp_path, GarbageBoxes, active=False, cohort_wait=3600.0,
                                              on_coordinator=watchdog)
-    finally:
-        for timer in timers:
-            timer.cancel()
     assert summary.status == "completed" and summary.completed_rounds == 2, summary.message
     assert set(summary.convicted) == {"evil"}
     with RunStore(tmp_path / "run.sqlite") as store:

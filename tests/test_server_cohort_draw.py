@@ -73,8 +73,7 @@ def _four_polling(tmp_path: Path) -> tuple[Coordinator, RunStore]:
 
 def _draws_now(coordinator: Coordinator) -> tuple[list[str], bool]:
     with coordinator._cond:
-        barred = coordinator._excluded(1)
-        available = [n for n in coordinator._drawable() if n not in barred]
+        _connected, barred, available = coordinator._draw_pool(1)
         return available, coordinator._nobody_else_drawable(available, barred)
 
 

@@ -165,8 +165,7 @@ class Coordinator(SessionsMixin, SecAggBridgeMixin, MisconductMixin, RefusalTall
             return
         for _ in range(min(cfg.schedule.max_round_attempts, cfg.evaluation.max_per_job)):  # each attempt asks again
             with self._cond:
-                excluded = self._excluded(phase)
-                available = [n for n in self._drawable() if n not in excluded and self._evaluates(n)]
+                available = [n for n in self._draw_pool(phase)[2] if self._evaluates(n)]
             if len(available) < cfg.schedule.min_clients:
                 log.info("final evaluation skipped: %d connected sites evaluate, fewer than %d", len(available),
                          cfg.schedule.min_clients)

@@ -214,9 +214,7 @@ class RoundDriverMixin(CoordinatorBase):
         ready_since: float | None = None
         short_since: float | None = None
         while not self._stop_event.is_set():
-            barred = self._excluded(number)
-            connected = self._drawable()
-            avail = [n for n in connected if n not in barred]
+            connected, barred, avail = self._draw_pool(number)
             if len(avail) >= cfg.schedule.clients_per_round:
                 return avail
             now = self._clock()
@@ -237,6 +235,13 @@ class RoundDriverMixin(CoordinatorBase):
                 short_since = None
             self._cond.wait(0.25)
         return None
+
+    def _draw_pool(self, number: int) -> tuple[list[str], set[str], list[str]]:
+        """The connected sites, those left out of round ``number``, and the rest: the sites the
+        round may be drawn from now (lock held)."""
+        barred = self._excluded(number)
+        connected = self._drawable()
+        return connected, barred, [n for n in connected if n not in barred]
 
     def _nobody_else_drawable(self, avail: list[str], barred: set[str]) -> bool:
         """True when waiting longer cannot bring another site into the draw (lock held): every
