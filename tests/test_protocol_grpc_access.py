@@ -12,6 +12,8 @@ from pathlib import Path
 import grpc
 import pytest
 
+from fedveil.clients import ClientError
+from fedveil.clients.backoff import BackoffPolicy
 from fedveil.protocol.errors import Incompatible, TlsRefused, Unauthenticated, Unavailable
 from fedveil.protocol.tls import generate_ca, generate_certificate
 from tests.grpc_helpers import TASK, Federation_, join_request, start_tls_job
@@ -86,12 +88,20 @@ def test_mutual_tls_identifies_the_client_by_certificate(tmp_path: Path) -> None
         with pytest.raises(Unauthenticated, match="different clients"):
             t.join(join_request("bob", fed.task.name))
         t.close()
-        # no client certificate at all: the TLS handshake fails
-        t = fed.transport("alice")
-        t._timeout = 5.0
-        with pytest.raises(Unavailable):
-            t.join(join_request("alice", fed.task.name))
-        t.close()
+        # no client certificate, or one from another CA: the server closes the connection after the TLS
+        # handshake, which gRPC reports as a dropped connection. The first Join is retried like one; a
+        # second in a row asks the server whether it wants a certificate, and says what is wrong
+        for client, meaning in ((None, r"this client gave none \(client_cert and client_key"),
+                                (generate_certificate("bob", generate_ca("another CA"), client=True),
+                                 r"closed the connection on this one \(client_cert")):
+            t = fed.transport("alice", client=client)
+            t._timeout = 5.0
+            with pytest.raises(Unavailable, match=r"Socket closed$") as first:
+                t.join(join_request("alice", fed.task.name))
+            assert not isinstance(first.value, TlsRefused)
+            with pytest.raises(TlsRefused, match=rf"^the server requires a TLS client certificate and {meaning}"):
+                t.join(join_request("alice", fed.task.name))
+            t.close()
     finally:
         fed.coordinator.stop()
         fed.thread.join(30)
@@ -117,6 +127,19 @@ def test_federate_and_fedveil_client_take_a_client_certificate_for_mutual_tls(
             join_request("bob", fed.task.name)
         ).client_name == "bob"  # identified by its certificate alone (no token)
         session.close()
+        # a site whose certificate the server refuses says so in a second, instead of retrying for its
+        # give-up time (60 s here; GaveUp would name it)
+        stranger = generate_certificate("bob", generate_ca("another CA"), client=True)
+        (tmp_path / "stranger.pem").write_bytes(stranger.cert_pem)
+        (tmp_path / "stranger.key").write_bytes(stranger.key_pem)
+        refused = federate(f"127.0.0.1:{fed.port}", task=TASK, ca_cert=tmp_path / "ca.pem",
+                           client_cert=tmp_path / "stranger.pem", client_key=tmp_path / "stranger.key",
+                           backoff=BackoffPolicy(initial_delay_s=0.1, max_delay_s=0.5, give_up_after_s=60.0),
+                           **secure_federate("bob"))
+        with pytest.raises(ClientError, match=r"^cannot join the job: the server requires a TLS client certificate "
+                           r"and closed the connection on this one \(client_cert, --client-cert"):
+            next(iter(refused))
+        refused.close()
         with pytest.raises(ValueError, match="client_cert and client_key together"):
             federate(f"127.0.0.1:{fed.port}", task=TASK, ca_cert=tmp_path / "ca.pem", client_cert=tmp_path / "bob.pem")
     finally:

@@ -19,8 +19,9 @@ from google.protobuf.message import Message
 from fedveil.protocol import SERVICE_NAME, UPLOAD_GRANT_METADATA
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.protocol.auth import bearer_metadata
-from fedveil.protocol.errors import MalformedMessage, error_from_status
+from fedveil.protocol.errors import MalformedMessage, TlsRefused, Unavailable, error_from_status
 from fedveil.protocol.tls import channel_credentials
+from fedveil.protocol.tls_probe import server_requires_client_certificate
 
 MIB = 1024 * 1024
 R = TypeVar("R", bound=Message)
@@ -30,6 +31,11 @@ SETTLE_GRACE_S = 30.0
 STREAM_ABOVE_BYTES = 64 * 1024
 """A masked input larger than this goes over ``UploadMaskedInput`` and waits for an upload slot,
 so what a client can have in flight to the server without a slot is a constant, not O(m)."""
+CONNECTION_CLOSED = "Socket closed"
+"""How gRPC core's details end when the server closed the connection (after a TLS handshake, too)."""
+JOINS_CLOSED_BEFORE_PROBE = 2
+"""Consecutive Joins failed on a closed connection before the transport asks why: one may be a
+connection dropped on the way; a site whose certificate the server refuses fails every time."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,10 @@ class GrpcTransport:
         )
         self._metadata = bearer_metadata(token) if token else ()
         self._timeout = rpc_timeout_s
+        self.channel_config: ChannelConfig | None = None
+        """How :meth:`connect` opened the channel (None for a channel given): lets a Join that keeps
+        failing on a closed connection ask whether the server wants a client certificate."""
+        self._joins_closed = 0
         self.expected_model_bytes: int | None = None
         """The size of every model this site accepts, in bytes (float32): from the job's model spec at
         Join (:meth:`join`), or set by the site from its own model. A model of any other size is
@@ -119,7 +129,9 @@ class GrpcTransport:
         cls, config: ChannelConfig, token: str | None = None, *, rpc_timeout_s: float = 120.0,
         chunk_bytes: int = 1024 * 1024,
     ) -> GrpcTransport:
-        return cls(open_channel(config), token, rpc_timeout_s=rpc_timeout_s, chunk_bytes=chunk_bytes)
+        transport = cls(open_channel(config), token, rpc_timeout_s=rpc_timeout_s, chunk_bytes=chunk_bytes)
+        transport.channel_config = config
+        return transport
 
     def _call(self, rpc: str, request: Message, timeout: float | None = None) -> Any:
         deadline_s = timeout or self._timeout
@@ -137,10 +149,33 @@ class GrpcTransport:
     def join(self, request: pb.JoinRequest) -> pb.JoinResponse:
         """Join; the job's model spec, when the server announces one, fixes the size of every model this
         site will fetch (the site refuses the job unless its own model fits that spec)."""
-        result: pb.JoinResponse = self._call("Join", request)
+        try:
+            result: pb.JoinResponse = self._call("Join", request)
+        except Unavailable as err:
+            self._joins_closed = self._joins_closed + 1 if str(err).endswith(CONNECTION_CLOSED) else 0
+            refused = self._client_certificate_refusal() if self._joins_closed >= JOINS_CLOSED_BEFORE_PROBE else None
+            if refused is not None:
+                raise TlsRefused(f"{refused}: {err}") from None
+            raise
+        self._joins_closed = 0
         if len(result.job.model):
             self.expected_model_bytes = model_spec_bytes(result.job.model)
         return result
+
+    def _client_certificate_refusal(self) -> str | None:
+        """What is wrong when the server closes every connection right after the TLS handshake and
+        requires a client certificate (:mod:`fedveil.protocol.tls_probe`); None when that is not it."""
+        config = self.channel_config
+        if config is None or config.insecure:
+            return None
+        if not server_requires_client_certificate(config.target, config.ca_cert_pem, config.server_name_override):
+            return None
+        if config.client_cert_pem is None:
+            return ("the server requires a TLS client certificate and this client gave none (client_cert and "
+                    "client_key, --client-cert and --client-key on the command line)")
+        return ("the server requires a TLS client certificate and closed the connection on this one (client_cert, "
+                "--client-cert on the command line): it is not signed by the CA the server trusts (its --client-ca), "
+                "is not a client certificate, or has expired")
 
     def poll(self, request: pb.PollRequest) -> pb.PollResponse:
         """Poll; a model sent without its data (the server's default over gRPC) is fetched in

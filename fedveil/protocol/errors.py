@@ -112,7 +112,8 @@ _TLS_FAILURES: tuple[tuple[str, str], ...] = (
 )
 """(what gRPC core's details contain, what it means) for the handshake failures :class:`TlsRefused` covers.
 A server that requires a client certificate and refuses this one only closes the socket, which looks
-like any dropped connection, so that case is still retried."""
+like any dropped connection: :meth:`fedveil.protocol.client.GrpcTransport.join` asks the server
+(:mod:`fedveil.protocol.tls_probe`) when a site's Joins keep failing that way."""
 _LOCAL_CONNECT_FAILURE = "failed to connect to all addresses"
 """How gRPC core's details start when this client could not connect (its own text, never a server's)."""
 
