@@ -83,11 +83,18 @@ def job(tmp_path: Path, evil: dict[str, Any], honest_weight: float = 1.0,
 def test_a_declared_weight_outside_the_range_is_refused_and_the_round_goes_on_without_it(
     tmp_path: Path, weight: float
 ) -> None:
-    summary, store, (coordinator, lies, vecs) = job(tmp_path, {"declare": weight}, max_weight=100.0)
+    # an hour's stage deadline: the refused site is out of the round at once, as if it had declined
+    # (before, the commit stage waited out its deadline for it; here the watchdog would stop the job)
+    with coordinator_watchdog(60.0) as stop_later:
+        summary, store, (coordinator, lies, vecs) = job(tmp_path, {"declare": weight}, max_weight=100.0,
+                                                        stage_timeout=3600.0, on_coordinator=stop_later)
     assert lies.refused and "weight" in lies.refused[0]
-    assert summary.status == "completed" and summary.rejected_rounds == 0
+    assert summary.status == "completed" and summary.rejected_rounds == 0, summary.message
     (rec,) = store.rounds(coordinator.run_id)
     assert rec.survivors == 3
+    ((_round, _attempt, name, stage, reason),) = store.dropouts(coordinator.run_id)
+    assert (name, stage) == ("evil", "commit") and reason.startswith("its acceptance was refused: weight: ")
+    assert lies.refused[0] in reason
     np.testing.assert_allclose(store.aggregate(coordinator.run_id, 1), sum(vecs[:3]) / 3, atol=1e-4)
     store.close()
 

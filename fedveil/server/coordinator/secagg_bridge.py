@@ -125,21 +125,23 @@ class SecAggBridgeMixin(CoordinatorBase):
         """
         if request.accept and len(request.commitment) != 32:
             raise MalformedMessage(f"commitment: expected 32 bytes, got {len(request.commitment)}")
-        if request.accept and not math.isfinite(request.weight):
-            raise MalformedMessage(f"weight: {request.weight!r} is not a finite number")
         with self._cond:
             client = self._session(caller, request.header, "RespondToRound")
             if request.accept:
                 rnd, sid = self._round_for(client, request.header, Stage.COMMIT, "RespondToRound")
+                if not math.isfinite(request.weight):
+                    raise self._refuse_acceptance(rnd, caller, sid, f"weight: {request.weight!r} is not a finite "
+                                                                    "number")
                 if rnd.plan.encoding.weighted:
                     top = float(rnd.plan.encoding.max_weight)
                     if not 1.0 <= request.weight <= top:
-                        raise MalformedMessage(f"weight: must be in [1, {top:g}] (got {request.weight:g})")
+                        raise self._refuse_acceptance(rnd, caller, sid, f"weight: must be in [1, {top:g}] "
+                                                                        f"(got {request.weight:g})")
                     rnd.weights[sid] = float(request.weight)
                 try:
                     rnd.beacon.receive_commitment(sid, bytes(request.commitment))
                 except BeaconError as err:
-                    raise MalformedMessage(f"commitment: {err}") from None
+                    raise self._refuse_acceptance(rnd, caller, sid, f"commitment: {err}") from None
                 rnd.submitted.setdefault(caller, set()).add(Stage.COMMIT)
                 self._notify_if_stage_complete(rnd)
                 return pb.Ack(round=rnd.number, stage="STAGE_COMMIT", detail="accepted")
@@ -176,6 +178,20 @@ class SecAggBridgeMixin(CoordinatorBase):
                      rnd.stage.label, why)
             self._cond.notify_all()
             return pb.Ack(round=rnd.number, stage=rnd.stage.wire, detail="declined")  # type: ignore[arg-type]
+
+    def _refuse_acceptance(self, rnd: _Round, caller: str, sid: int, problem: str) -> MalformedMessage:
+        """A cohort member's acceptance refused (lock held): it is out of the round at once, as if it
+        had declined. Before, the round waited out the commit stage's deadline for it, though a site
+        whose acceptance is refused never sends another (its client stops on INVALID_ARGUMENT); one
+        site declaring an out-of-range weight cost every round it was drawn for a stage timeout."""
+        if sid not in rnd.beacon.commitments:
+            rnd.beacon.decline(sid)
+        rnd.weights.pop(sid, None)
+        rnd.dropped[caller] = (rnd.stage.label, f"its acceptance was refused: {problem}")
+        log.info("round %d (attempt %d): %s is out of the round: its acceptance was refused (%s)", rnd.number,
+                 rnd.attempt, caller, problem)
+        self._cond.notify_all()
+        return MalformedMessage(problem)
 
     def reveal_contribution(self, caller: str, request: pb.RevealRequest) -> pb.Ack:
         if len(request.contribution) != 32:
