@@ -19,9 +19,9 @@ from google.protobuf.message import Message
 from fedveil.protocol import SERVICE_NAME, UPLOAD_GRANT_METADATA
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.protocol.auth import bearer_metadata
-from fedveil.protocol.errors import MalformedMessage, TlsRefused, Unavailable, error_from_status
+from fedveil.protocol.errors import LOCAL_CONNECT_FAILURE, MalformedMessage, TlsRefused, Unavailable, error_from_status
 from fedveil.protocol.tls import channel_credentials
-from fedveil.protocol.tls_probe import server_requires_client_certificate
+from fedveil.protocol.tls_probe import client_certificate_refused
 
 MIB = 1024 * 1024
 R = TypeVar("R", bound=Message)
@@ -36,6 +36,10 @@ CONNECTION_CLOSED = "Socket closed"
 JOINS_CLOSED_BEFORE_PROBE = 2
 """Consecutive Joins failed on a closed connection before the transport asks why: one may be a
 connection dropped on the way; a site whose certificate the server refuses fails every time."""
+PROBES_BEFORE_REFUSAL = 2
+"""Probes, each after its own failed Join, that must find the certificate refused before the Join
+says so: a path that cut the probe's connections too (only a connection presenting no certificate
+is probed when the site has none) must do it twice in a row."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,7 @@ class GrpcTransport:
         """How :meth:`connect` opened the channel (None for a channel given): lets a Join that keeps
         failing on a closed connection ask whether the server wants a client certificate."""
         self._joins_closed = 0
+        self._refusals_seen = 0
         self.expected_model_bytes: int | None = None
         """The size of every model this site accepts, in bytes (float32): from the job's model spec at
         Join (:meth:`join`), or set by the site from its own model. A model of any other size is
@@ -152,23 +157,28 @@ class GrpcTransport:
         try:
             result: pb.JoinResponse = self._call("Join", request)
         except Unavailable as err:
-            self._joins_closed = self._joins_closed + 1 if str(err).endswith(CONNECTION_CLOSED) else 0
+            text = str(err)  # gRPC core's own text for a connection it could not make, never a server's
+            closed = text.startswith(LOCAL_CONNECT_FAILURE) and text.endswith(CONNECTION_CLOSED)
+            self._joins_closed = self._joins_closed + 1 if closed else 0
             refused = self._client_certificate_refusal() if self._joins_closed >= JOINS_CLOSED_BEFORE_PROBE else None
-            if refused is not None:
+            self._refusals_seen = self._refusals_seen + 1 if refused is not None else 0
+            if refused is not None and self._refusals_seen >= PROBES_BEFORE_REFUSAL:
                 raise TlsRefused(f"{refused}: {err}") from None
             raise
-        self._joins_closed = 0
+        self._joins_closed = self._refusals_seen = 0
         if len(result.job.model):
             self.expected_model_bytes = model_spec_bytes(result.job.model)
         return result
 
     def _client_certificate_refusal(self) -> str | None:
-        """What is wrong when the server closes every connection right after the TLS handshake and
-        requires a client certificate (:mod:`fedveil.protocol.tls_probe`); None when that is not it."""
+        """What is wrong when the server closes every connection right after the TLS handshake because
+        it refuses this client's certificate, or wants one (:mod:`fedveil.protocol.tls_probe`); None
+        when that is not it."""
         config = self.channel_config
         if config is None or config.insecure:
             return None
-        if not server_requires_client_certificate(config.target, config.ca_cert_pem, config.server_name_override):
+        if not client_certificate_refused(config.target, config.ca_cert_pem, config.server_name_override,
+                                          config.client_cert_pem, config.client_key_pem):
             return None
         if config.client_cert_pem is None:
             return ("the server requires a TLS client certificate and this client gave none (client_cert and "

@@ -114,7 +114,7 @@ _TLS_FAILURES: tuple[tuple[str, str], ...] = (
 A server that requires a client certificate and refuses this one only closes the socket, which looks
 like any dropped connection: :meth:`fedveil.protocol.client.GrpcTransport.join` asks the server
 (:mod:`fedveil.protocol.tls_probe`) when a site's Joins keep failing that way."""
-_LOCAL_CONNECT_FAILURE = "failed to connect to all addresses"
+LOCAL_CONNECT_FAILURE = "failed to connect to all addresses"
 """How gRPC core's details start when this client could not connect (its own text, never a server's)."""
 
 
@@ -151,7 +151,7 @@ def error_from_status(code: grpc.StatusCode, details: str | None, *, rpc: str = 
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and (details or "").startswith(GRPC_OVERLOADED):
         cls = Unavailable  # the server's gRPC refused the call for load, not for its size: retry
     text = details or code.name
-    if code == grpc.StatusCode.UNAVAILABLE and text.startswith(_LOCAL_CONNECT_FAILURE):
+    if code == grpc.StatusCode.UNAVAILABLE and text.startswith(LOCAL_CONNECT_FAILURE):
         for marker, meaning in _TLS_FAILURES:
             if marker in text:
                 return TlsRefused(f"{meaning}: {text}")
