@@ -7,13 +7,13 @@ must get the documented status code.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import grpc
 import pytest
 
-from fedveil.clients import ClientError
-from fedveil.clients.backoff import BackoffPolicy
+from fedveil.clients.backoff import BackoffPolicy, GaveUp
 from fedveil.protocol.errors import Incompatible, TlsRefused, Unauthenticated, Unavailable
 from fedveil.protocol.tls import generate_ca, generate_certificate
 from tests.grpc_helpers import TASK, Federation_, join_request, start_tls_job
@@ -89,20 +89,20 @@ def test_mutual_tls_identifies_the_client_by_certificate(tmp_path: Path) -> None
             t.join(join_request("bob", fed.task.name))
         t.close()
         # no client certificate, or one from another CA: the server closes the connection after the TLS
-        # handshake, which gRPC reports as a dropped connection. The first Join is retried like one; from
-        # the second in a row the transport asks the server (tls_probe), and once two such probes in a
-        # row found the certificate refused, the Join says what is wrong
+        # handshake, which gRPC reports as a dropped connection. From the second such Join in a row the
+        # transport asks the server (tls_probe) and puts the likely cause in the error, still retried
+        # (a TLS proxy whose backend restarts closes connections the same way)
         for client, meaning in ((None, r"this client gave none \(client_cert and client_key"),
                                 (generate_certificate("bob", generate_ca("another CA"), client=True),
-                                 r"closed the connection on this one \(client_cert")):
+                                 r"it refuses this one \(client_cert, --client-cert")):
             t = fed.transport("alice", client=client)
             t._timeout = 5.0
-            for _ in range(2):
-                with pytest.raises(Unavailable, match=r"Socket closed$") as retried:
-                    t.join(join_request("alice", fed.task.name))
-                assert not isinstance(retried.value, TlsRefused)
-            with pytest.raises(TlsRefused, match=rf"^the server requires a TLS client certificate and {meaning}"):
+            with pytest.raises(Unavailable, match=r"^failed to connect to all addresses.*Socket closed$"):
                 t.join(join_request("alice", fed.task.name))
+            with pytest.raises(Unavailable, match=r"^the server closes every connection right after the TLS "
+                               rf"handshake.*{meaning}.*: failed to connect to all addresses") as second:
+                t.join(join_request("alice", fed.task.name))
+            assert not isinstance(second.value, TlsRefused)  # retried, not fatal
             t.close()
     finally:
         fed.coordinator.stop()
@@ -112,7 +112,7 @@ def test_mutual_tls_identifies_the_client_by_certificate(tmp_path: Path) -> None
 
 
 def test_federate_and_fedveil_client_take_a_client_certificate_for_mutual_tls(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     from fedveil.cli import main
     from fedveil.clients import federate
@@ -129,19 +129,21 @@ def test_federate_and_fedveil_client_take_a_client_certificate_for_mutual_tls(
             join_request("bob", fed.task.name)
         ).client_name == "bob"  # identified by its certificate alone (no token)
         session.close()
-        # a site whose certificate the server refuses says so in a second, instead of retrying for its
-        # give-up time (60 s here; GaveUp would name it)
+        # a site whose certificate the server refuses says why in its retry log at once, and in the
+        # error it gives up with
         stranger = generate_certificate("bob", generate_ca("another CA"), client=True)
         (tmp_path / "stranger.pem").write_bytes(stranger.cert_pem)
         (tmp_path / "stranger.key").write_bytes(stranger.key_pem)
         refused = federate(f"127.0.0.1:{fed.port}", task=TASK, ca_cert=tmp_path / "ca.pem",
                            client_cert=tmp_path / "stranger.pem", client_key=tmp_path / "stranger.key",
-                           backoff=BackoffPolicy(initial_delay_s=0.1, max_delay_s=0.5, give_up_after_s=60.0),
+                           backoff=BackoffPolicy(initial_delay_s=0.1, max_delay_s=0.5, give_up_after_s=3.0),
                            **secure_federate("bob"))
-        with pytest.raises(ClientError, match=r"^cannot join the job: the server requires a TLS client certificate "
-                           r"and closed the connection on this one \(client_cert, --client-cert"):
+        with caplog.at_level(logging.WARNING, logger="fedveil"), \
+                pytest.raises(GaveUp, match=r"^gave up after .*it refuses this one \(client_cert, --client-cert"):
             next(iter(refused))
         refused.close()
+        retries = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
+        assert len(retries) >= 2 and "it refuses this one (client_cert" in retries[1], retries
         with pytest.raises(ValueError, match="client_cert and client_key together"):
             federate(f"127.0.0.1:{fed.port}", task=TASK, ca_cert=tmp_path / "ca.pem", client_cert=tmp_path / "bob.pem")
     finally:

@@ -19,7 +19,7 @@ from google.protobuf.message import Message
 from fedveil.protocol import SERVICE_NAME, UPLOAD_GRANT_METADATA
 from fedveil.protocol import fedveil_pb2 as pb
 from fedveil.protocol.auth import bearer_metadata
-from fedveil.protocol.errors import LOCAL_CONNECT_FAILURE, MalformedMessage, TlsRefused, Unavailable, error_from_status
+from fedveil.protocol.errors import LOCAL_CONNECT_FAILURE, MalformedMessage, Unavailable, error_from_status
 from fedveil.protocol.tls import channel_credentials
 from fedveil.protocol.tls_probe import client_certificate_refused
 
@@ -36,10 +36,6 @@ CONNECTION_CLOSED = "Socket closed"
 JOINS_CLOSED_BEFORE_PROBE = 2
 """Consecutive Joins failed on a closed connection before the transport asks why: one may be a
 connection dropped on the way; a site whose certificate the server refuses fails every time."""
-PROBES_BEFORE_REFUSAL = 2
-"""Probes, each after its own failed Join, that must find the certificate refused before the Join
-says so: a path that cut the probe's connections too (only a connection presenting no certificate
-is probed when the site has none) must do it twice in a row."""
 
 
 @dataclass(frozen=True)
@@ -104,7 +100,6 @@ class GrpcTransport:
         """How :meth:`connect` opened the channel (None for a channel given): lets a Join that keeps
         failing on a closed connection ask whether the server wants a client certificate."""
         self._joins_closed = 0
-        self._refusals_seen = 0
         self.expected_model_bytes: int | None = None
         """The size of every model this site accepts, in bytes (float32): from the job's model spec at
         Join (:meth:`join`), or set by the site from its own model. A model of any other size is
@@ -160,20 +155,24 @@ class GrpcTransport:
             text = str(err)  # gRPC core's own text for a connection it could not make, never a server's
             closed = text.startswith(LOCAL_CONNECT_FAILURE) and text.endswith(CONNECTION_CLOSED)
             self._joins_closed = self._joins_closed + 1 if closed else 0
-            refused = self._client_certificate_refusal() if self._joins_closed >= JOINS_CLOSED_BEFORE_PROBE else None
-            self._refusals_seen = self._refusals_seen + 1 if refused is not None else 0
-            if refused is not None and self._refusals_seen >= PROBES_BEFORE_REFUSAL:
-                raise TlsRefused(f"{refused}: {err}") from None
+            diagnosis = self._client_certificate_refusal() if self._joins_closed >= JOINS_CLOSED_BEFORE_PROBE else None
+            if diagnosis is not None:  # still retried: a TLS proxy whose backend restarts looks the same
+                raise Unavailable(f"{diagnosis}: {err}") from None
             raise
-        self._joins_closed = self._refusals_seen = 0
+        self._joins_closed = 0
         if len(result.job.model):
             self.expected_model_bytes = model_spec_bytes(result.job.model)
         return result
 
     def _client_certificate_refusal(self) -> str | None:
-        """What is wrong when the server closes every connection right after the TLS handshake because
-        it refuses this client's certificate, or wants one (:mod:`fedveil.protocol.tls_probe`); None
-        when that is not it."""
+        """The likely cause, for the retry log and the give-up error, when the server closes every
+        connection right after the TLS handshake, with this client's certificate and without one
+        (:mod:`fedveil.protocol.tls_probe`); None when it answers either.
+
+        Only a likely cause: a server that refuses a certificate sends no alert, so a TLS proxy whose
+        backend is restarting looks the same on the wire (review of 2026-12-08). The Join is
+        therefore retried as before, and the operator reads the cause in the first seconds of the
+        log instead of after the give-up time."""
         config = self.channel_config
         if config is None or config.insecure:
             return None
@@ -181,11 +180,13 @@ class GrpcTransport:
                                           config.client_cert_pem, config.client_key_pem):
             return None
         if config.client_cert_pem is None:
-            return ("the server requires a TLS client certificate and this client gave none (client_cert and "
-                    "client_key, --client-cert and --client-key on the command line)")
-        return ("the server requires a TLS client certificate and closed the connection on this one (client_cert, "
-                "--client-cert on the command line): it is not signed by the CA the server trusts (its --client-ca), "
-                "is not a client certificate, or has expired")
+            return ("the server closes every connection right after the TLS handshake: if it requires client "
+                    "certificates (fedveil server --client-ca), this client gave none (client_cert and client_key, "
+                    "--client-cert and --client-key on the command line)")
+        return ("the server closes every connection right after the TLS handshake, with this client's certificate "
+                "too: if it requires client certificates (fedveil server --client-ca), it refuses this one "
+                "(client_cert, --client-cert on the command line): not signed by the CA it trusts, not a client "
+                "certificate, or expired")
 
     def poll(self, request: pb.PollRequest) -> pb.PollResponse:
         """Poll; a model sent without its data (the server's default over gRPC) is fetched in

@@ -9,7 +9,10 @@ TLS connections of its own, each verified as the channel verifies the server and
 HTTP/2 connection preface: one presenting no certificate, and one presenting the site's own. The
 server refuses the site's certificate when it closes both before its first byte; it answers one it
 accepts, so a connection that was merely dropped is not taken for a refusal (review of 2026-12-08:
-a probe presenting no certificate alone blamed a valid one for a single dropped connection).
+a probe presenting no certificate alone blamed a valid one for a single dropped connection). Even
+so the answer is only a likely cause: the server sends no alert, so a TLS proxy whose backend is
+restarting closes connections the same way. The transport puts it in its retry log and its
+give-up error, and keeps retrying.
 
 The site's key reaches OpenSSL through an anonymous in-memory file (``memfd_create``), never the
 disk; where there is none (not Linux) a site with a certificate is not probed and keeps retrying.
@@ -60,11 +63,13 @@ def _load_client_certificate(context: ssl.SSLContext, cert_pem: bytes, key_pem: 
     memfd_create = getattr(os, "memfd_create", None)
     if memfd_create is None:
         return False
-    descriptors = [memfd_create("fedveil-tls-probe", getattr(os, "MFD_CLOEXEC", 0)) for _ in range(2)]
+    descriptors: list[int] = []
     try:
-        for fd, data in zip(descriptors, (cert_pem, key_pem), strict=True):
-            os.write(fd, data)
-        context.load_cert_chain(f"/proc/self/fd/{descriptors[0]}", f"/proc/self/fd/{descriptors[1]}")
+        for data in (cert_pem, key_pem):
+            descriptors.append(memfd_create("fedveil-tls-probe", getattr(os, "MFD_CLOEXEC", 0)))
+            os.write(descriptors[-1], data)
+        # an empty password: an encrypted key fails here instead of OpenSSL asking on the terminal
+        context.load_cert_chain(f"/proc/self/fd/{descriptors[0]}", f"/proc/self/fd/{descriptors[1]}", password=b"")
         return True
     finally:
         for fd in descriptors:
