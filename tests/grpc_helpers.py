@@ -102,13 +102,18 @@ def start_tls_job(tmp_path: Path, *, rounds: int, client_ca: PemPair | None = No
     return Federation_(port, ca, tokens, coordinator, task, limit, summary, thread), server
 
 
+def stop_tls_job(fed: Federation_, server: grpc.Server) -> None:
+    """Undo :func:`start_tls_job`: stop the job, then its gRPC server, then close the store."""
+    fed.coordinator.stop()
+    fed.thread.join(30)
+    server.stop(0).wait(5)
+    fed.coordinator.store.close()
+
+
 def serve_job(tmp_path: Path, active: bool) -> Iterator[Federation_]:
     f, server = start_tls_job(tmp_path, rounds=1, active=active)
     yield f
-    f.coordinator.stop()
-    f.thread.join(30)
-    server.stop(0).wait(5)
-    f.coordinator.store.close()
+    stop_tls_job(f, server)
 
 
 @pytest.fixture

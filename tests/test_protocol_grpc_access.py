@@ -16,7 +16,7 @@ import pytest
 from fedveil.clients.backoff import BackoffPolicy, GaveUp
 from fedveil.protocol.errors import Incompatible, TlsRefused, Unauthenticated, Unavailable
 from fedveil.protocol.tls import generate_ca, generate_certificate
-from tests.grpc_helpers import TASK, Federation_, join_request, start_tls_job
+from tests.grpc_helpers import TASK, Federation_, join_request, start_tls_job, stop_tls_job
 from tests.identity_helpers import secure_federate
 
 pytestmark = pytest.mark.timeout(180)
@@ -105,10 +105,7 @@ def test_mutual_tls_identifies_the_client_by_certificate(tmp_path: Path) -> None
             assert not isinstance(second.value, TlsRefused)  # retried, not fatal
             t.close()
     finally:
-        fed.coordinator.stop()
-        fed.thread.join(30)
-        server.stop(0).wait(5)
-        fed.coordinator.store.close()
+        stop_tls_job(fed, server)
 
 
 def test_federate_and_fedveil_client_take_a_client_certificate_for_mutual_tls(
@@ -147,10 +144,7 @@ def test_federate_and_fedveil_client_take_a_client_certificate_for_mutual_tls(
         with pytest.raises(ValueError, match="client_cert and client_key together"):
             federate(f"127.0.0.1:{fed.port}", task=TASK, ca_cert=tmp_path / "ca.pem", client_cert=tmp_path / "bob.pem")
     finally:
-        fed.coordinator.stop()
-        fed.thread.join(30)
-        server.stop(0).wait(5)
-        fed.coordinator.store.close()
+        stop_tls_job(fed, server)
     base = ["client", "--server", "127.0.0.1:1", "--task", TASK, "--data", str(tmp_path / "none.csv")]
     for extra, flag in ((["--client-cert", str(tmp_path / "bob.pem")], "--client-key"),
                         (["--insecure", "--client-cert", "a", "--client-key", "b"], "--insecure")):

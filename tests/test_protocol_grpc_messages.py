@@ -27,7 +27,7 @@ from fedveil.protocol.errors import MalformedMessage, MessageTooLarge, OutOfOrde
 from fedveil.protocol.service import ServerLimits
 from fedveil.secagg import beacon
 from fedveil.secagg.messages import MASK_KEY_LIMBS, SELF_MASK_LIMBS
-from tests.grpc_helpers import Federation_, join_session, poll_until, start_tls_job
+from tests.grpc_helpers import Federation_, join_session, poll_until, start_tls_job, stop_tls_job
 from tests.identity_helpers import secure_options, site_policy
 from tests.server_helpers import Scripted, vectors
 
@@ -144,10 +144,7 @@ def test_a_stalled_upload_is_cancelled_and_the_round_goes_on(tmp_path: Path) -> 
         assert store.dropouts(fed.coordinator.run_id) == [(1, 1, "c", "masked-input", "missed the stage deadline")]
         np.testing.assert_allclose(store.aggregate(fed.coordinator.run_id, 1), (vecs[0] + vecs[1]) / 2, atol=1e-4)  # type: ignore[arg-type]
     finally:
-        fed.coordinator.stop()
-        fed.thread.join(30)
-        server.stop(0).wait(5)
-        fed.coordinator.store.close()
+        stop_tls_job(fed, server)
 
 
 def test_out_of_order_replayed_and_foreign_messages(passive_fed: Federation_) -> None:
@@ -327,7 +324,4 @@ def test_a_queued_upload_sends_no_data_until_the_server_grants_it_a_slot(tmp_pat
         np.testing.assert_allclose(fed.coordinator.store.aggregate(fed.coordinator.run_id, 1),  # type: ignore[arg-type]
                                    (vecs[0] + vecs[1] + vecs[2]) / 3, atol=1e-4)
     finally:
-        fed.coordinator.stop()
-        fed.thread.join(30)
-        server.stop(0).wait(5)
-        fed.coordinator.store.close()
+        stop_tls_job(fed, server)

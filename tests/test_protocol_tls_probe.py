@@ -18,7 +18,7 @@ from fedveil.protocol.client import ChannelConfig, GrpcTransport
 from fedveil.protocol.errors import Unavailable
 from fedveil.protocol.tls import PemPair, generate_ca, generate_certificate
 from fedveil.protocol.tls_probe import client_certificate_refused, host_and_port
-from tests.grpc_helpers import Federation_, join_request, start_tls_job
+from tests.grpc_helpers import Federation_, join_request, start_tls_job, stop_tls_job
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -46,10 +46,7 @@ def _job(tmp_path: Path, client_ca: PemPair | None) -> Iterator[Federation_]:
     try:
         yield fed
     finally:
-        fed.coordinator.stop()
-        fed.thread.join(30)
-        server.stop(0).wait(5)
-        fed.coordinator.store.close()
+        stop_tls_job(fed, server)
 
 
 def test_the_probe_blames_a_certificate_only_when_the_server_refuses_it(tmp_path: Path) -> None:

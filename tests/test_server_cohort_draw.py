@@ -14,7 +14,7 @@ from pathlib import Path
 from fedveil.server.coordinator import Coordinator, JobSummary
 from fedveil.server.coordinator.state import _Client
 from fedveil.server.store import RunStore
-from tests.server_helpers import Scripted, make_job, vectors
+from tests.server_helpers import Scripted, coordinator_watchdog, make_job, vectors
 
 AN_HOUR = 3600.0
 
@@ -36,12 +36,11 @@ def _run_for(tmp_path: Path, enrolled: list[str], present: list[str], seconds: f
                     break
             assert time.monotonic() < deadline and site.error is None, f"{site.name} never polled: {site.error!r}"
             time.sleep(0.01)
-    watchdog = threading.Timer(seconds, coordinator.stop)
-    watchdog.start()
     try:
-        return coordinator.run()
+        with coordinator_watchdog(seconds) as stop_later:
+            stop_later(coordinator)
+            return coordinator.run()
     finally:
-        watchdog.cancel()
         coordinator.stop()
         store.close()
 

@@ -41,6 +41,14 @@ def host_and_port(target: str) -> tuple[str, int] | None:
     return host.strip("[]"), int(port)
 
 
+def _h2_context(ca_cert_pem: bytes | None) -> ssl.SSLContext:
+    """A client context that verifies the server against ``ca_cert_pem`` (the system roots without
+    one), as the channel does, and offers HTTP/2."""
+    context = ssl.create_default_context(cadata=ca_cert_pem.decode("ascii") if ca_cert_pem else None)
+    context.set_alpn_protocols(["h2"])
+    return context
+
+
 def _closed_before_answering(context: ssl.SSLContext, host: str, port: int, server_name: str,
                              timeout_s: float) -> bool | None:
     """True: the server closed the verified connection before its first byte; False: it answered;
@@ -90,18 +98,12 @@ def client_certificate_refused(target: str, ca_cert_pem: bytes | None, server_na
     host, port = address
     name = server_name or host
     try:
-        bare = ssl.create_default_context(cadata=ca_cert_pem.decode("ascii") if ca_cert_pem else None)
-    except (ssl.SSLError, ValueError):
-        return None
-    bare.set_alpn_protocols(["h2"])
-    closed = _closed_before_answering(bare, host, port, name, timeout_s)
-    if not closed or client_cert_pem is None or client_key_pem is None:
-        return closed
-    own = ssl.create_default_context(cadata=ca_cert_pem.decode("ascii") if ca_cert_pem else None)
-    own.set_alpn_protocols(["h2"])
-    try:
+        closed = _closed_before_answering(_h2_context(ca_cert_pem), host, port, name, timeout_s)
+        if not closed or client_cert_pem is None or client_key_pem is None:
+            return closed
+        own = _h2_context(ca_cert_pem)
         if not _load_client_certificate(own, client_cert_pem, client_key_pem):
             return None
-    except (OSError, ValueError):  # ssl.SSLError is an OSError: a key that does not fit the certificate
+    except (OSError, ValueError):  # ssl.SSLError is an OSError: a CA that does not parse, a key that does not fit
         return None
     return _closed_before_answering(own, host, port, name, timeout_s)
