@@ -244,6 +244,9 @@ class ActiveScripted:
     vector: np.ndarray
     silent_at: str = ""
     results: list[tuple[int, int]] = field(default_factory=list)
+    transport: Any = None
+    """Talk through this transport instead of calling the coordinator; then a refused message ends the
+    round for this client, as for :class:`Scripted` (without one it is raised)."""
     done: bool = False
     error: BaseException | None = None
 
@@ -259,7 +262,7 @@ class ActiveScripted:
     def _run(self) -> None:
         from fedveil.secagg import messages as sa
         from fedveil.secagg.client import SecAggClient
-        t = InProcessTransport(self.coordinator, self.name)
+        t = self.transport or InProcessTransport(self.coordinator, self.name)
         public = self.identity.public_key().public_bytes_raw()
         s = ClientSession.from_join(t.join(pb.JoinRequest(
             protocol_version=PROTOCOL_VERSION, task_name="synthetic-logreg", identity_public_key=public,
@@ -271,66 +274,72 @@ class ActiveScripted:
         while True:
             resp = t.poll(pb.PollRequest(header=s.header(), max_wait_ms=500))
             kind = resp.WhichOneof("instruction")
-            if kind == "round_start":
-                start = resp.round_start
-                rnd, nonce, rid, me = start.round, start.round_nonce, start.secagg.round_id, start.client_id
-                mine = os.urandom(32)
-                t.respond_to_round(pb.RoundResponse(header=s.header(rnd, nonce), accept=True,
-                                                    commitment=beacon.commitment(rid, me, mine)))
-            elif kind == "commitments":
-                commitments = {c.client_id: c.commitment for c in resp.commitments.commitments}
-                t.reveal_contribution(pb.RevealRequest(header=s.header(rnd, nonce), contribution=mine))
-            elif kind == "contributions":
-                reveals = {r.client_id: r.contribution for r in resp.contributions.reveals}
-                # as a real site builds it (active mode from the server), with the seed it derived itself
-                config = secagg_config(start, beacon.combine(rid, commitments, reveals))
-                assert config.active
-                client = SecAggClient(me, config, identity_key=self.identity)
-                client.set_input(ring_input(start, self.vector, 1.0))
-                adv = client.advertise_keys()
-                t.advertise_keys(pb.AdvertiseKeysRequest(
-                    header=s.header(rnd, nonce), encryption_public_key=adv.share_public,
-                    masking_public_key=adv.mask_public, signature=adv.signature))
-            elif kind == "peer_keys" and client is not None:
-                advs = tuple(sa.AdvertiseKeys(rid, k.client_id, k.encryption_public_key, k.masking_public_key,
-                                              k.signature) for k in resp.peer_keys.keys)
-                reply = client.handle(sa.ShareKeysRequest(rid, me, advs))
-                assert isinstance(reply, sa.ShareKeysResponse)
-                t.share_keys(pb.ShareKeysRequest(header=s.header(rnd, nonce), shares=[
-                    pb.EncryptedShare(peer_id=h, ciphertext=b) for h, b in sorted(reply.boxes.items())]))
-            elif kind == "incoming_shares" and client is not None and self.silent_at != "masked-input":
-                boxes = {x.peer_id: x.ciphertext for x in resp.incoming_shares.shares}
-                reply = client.handle(sa.MaskedInputRequest(rid, me, boxes))
-                assert isinstance(reply, sa.MaskedInputResponse)
-                t.submit_masked_input(pb.MaskedInputRequest(header=s.header(rnd, nonce),
-                                                            masked_vector=reply.vector.astype("<u4").tobytes()))
-            elif kind == "survivor_check" and client is not None:
-                reply = client.handle(sa.ConsistencyCheckRequest(
-                    rid, me, np.asarray(list(resp.survivor_check.survivors), dtype=np.uint32)))
-                assert isinstance(reply, sa.ConsistencyCheckResponse)
-                t.confirm_survivors(pb.ConfirmSurvivorsRequest(header=s.header(rnd, nonce), signature=reply.signature))
-            elif kind == "unmasking" and client is not None:
-                u = resp.unmasking
-                reply = client.handle(sa.UnmaskingRequest(
-                    rid, me, np.asarray(list(u.survivors), dtype=np.uint32),
-                    np.asarray(list(u.dropped), dtype=np.uint32),
-                    {x.client_id: x.signature for x in u.signatures}))
-                assert isinstance(reply, sa.UnmaskingResponse)
-                shares = [pb.RevealedShare(owner_id=int(o), kind=pb.SHARE_KIND_SELF_MASK_SEED,
-                                           share=row.astype("<u4").tobytes(), salt=salt.tobytes())
-                          for o, row, salt in zip(reply.self_mask_owners.tolist(), reply.self_mask_shares,
-                                                  reply.self_mask_salts, strict=True)]
-                shares += [pb.RevealedShare(owner_id=int(o), kind=pb.SHARE_KIND_MASKING_KEY,
-                                            share=row.astype("<u4").tobytes(), salt=salt.tobytes())
-                           for o, row, salt in zip(reply.mask_key_owners.tolist(), reply.mask_key_shares,
-                                                   reply.mask_key_salts, strict=True)]
-                t.unmask(pb.UnmaskRequest(header=s.header(rnd, nonce), shares=shares))
-            elif kind == "round_result":
-                self.results.append((resp.round_result.round, resp.round_result.outcome))
-                client = None
-            elif kind == "job_done":
-                self.done = True
-                return
+            try:
+                if kind == "round_start":
+                    start = resp.round_start
+                    rnd, nonce, rid, me = start.round, start.round_nonce, start.secagg.round_id, start.client_id
+                    mine = os.urandom(32)
+                    t.respond_to_round(pb.RoundResponse(header=s.header(rnd, nonce), accept=True,
+                                                        commitment=beacon.commitment(rid, me, mine)))
+                elif kind == "commitments":
+                    commitments = {c.client_id: c.commitment for c in resp.commitments.commitments}
+                    t.reveal_contribution(pb.RevealRequest(header=s.header(rnd, nonce), contribution=mine))
+                elif kind == "contributions":
+                    reveals = {r.client_id: r.contribution for r in resp.contributions.reveals}
+                    # as a real site builds it (active mode from the server), with the seed it derived itself
+                    config = secagg_config(start, beacon.combine(rid, commitments, reveals))
+                    assert config.active
+                    client = SecAggClient(me, config, identity_key=self.identity)
+                    client.set_input(ring_input(start, self.vector, 1.0))
+                    adv = client.advertise_keys()
+                    t.advertise_keys(pb.AdvertiseKeysRequest(
+                        header=s.header(rnd, nonce), encryption_public_key=adv.share_public,
+                        masking_public_key=adv.mask_public, signature=adv.signature))
+                elif kind == "peer_keys" and client is not None:
+                    advs = tuple(sa.AdvertiseKeys(rid, k.client_id, k.encryption_public_key, k.masking_public_key,
+                                                  k.signature) for k in resp.peer_keys.keys)
+                    reply = client.handle(sa.ShareKeysRequest(rid, me, advs))
+                    assert isinstance(reply, sa.ShareKeysResponse)
+                    t.share_keys(pb.ShareKeysRequest(header=s.header(rnd, nonce), shares=[
+                        pb.EncryptedShare(peer_id=h, ciphertext=b) for h, b in sorted(reply.boxes.items())]))
+                elif kind == "incoming_shares" and client is not None and self.silent_at != "masked-input":
+                    boxes = {x.peer_id: x.ciphertext for x in resp.incoming_shares.shares}
+                    reply = client.handle(sa.MaskedInputRequest(rid, me, boxes))
+                    assert isinstance(reply, sa.MaskedInputResponse)
+                    t.submit_masked_input(pb.MaskedInputRequest(header=s.header(rnd, nonce),
+                                                                masked_vector=reply.vector.astype("<u4").tobytes()))
+                elif kind == "survivor_check" and client is not None:
+                    reply = client.handle(sa.ConsistencyCheckRequest(
+                        rid, me, np.asarray(list(resp.survivor_check.survivors), dtype=np.uint32)))
+                    assert isinstance(reply, sa.ConsistencyCheckResponse)
+                    t.confirm_survivors(pb.ConfirmSurvivorsRequest(header=s.header(rnd, nonce),
+                                                                   signature=reply.signature))
+                elif kind == "unmasking" and client is not None:
+                    u = resp.unmasking
+                    reply = client.handle(sa.UnmaskingRequest(
+                        rid, me, np.asarray(list(u.survivors), dtype=np.uint32),
+                        np.asarray(list(u.dropped), dtype=np.uint32),
+                        {x.client_id: x.signature for x in u.signatures}))
+                    assert isinstance(reply, sa.UnmaskingResponse)
+                    shares = [pb.RevealedShare(owner_id=int(o), kind=pb.SHARE_KIND_SELF_MASK_SEED,
+                                               share=row.astype("<u4").tobytes(), salt=salt.tobytes())
+                              for o, row, salt in zip(reply.self_mask_owners.tolist(), reply.self_mask_shares,
+                                                      reply.self_mask_salts, strict=True)]
+                    shares += [pb.RevealedShare(owner_id=int(o), kind=pb.SHARE_KIND_MASKING_KEY,
+                                                share=row.astype("<u4").tobytes(), salt=salt.tobytes())
+                               for o, row, salt in zip(reply.mask_key_owners.tolist(), reply.mask_key_shares,
+                                                       reply.mask_key_salts, strict=True)]
+                    t.unmask(pb.UnmaskRequest(header=s.header(rnd, nonce), shares=shares))
+                elif kind == "round_result":
+                    self.results.append((resp.round_result.round, resp.round_result.outcome))
+                    client = None
+                elif kind == "job_done":
+                    self.done = True
+                    return
+            except ProtocolError:
+                if self.transport is None:  # the honest default: surfaced by the test
+                    raise
+                client = None  # refused: wait for the round result
 
 
 def read_store(db: Path, sql: str) -> list[tuple[Any, ...]]:

@@ -48,12 +48,16 @@ class MisconductMixin(CoordinatorBase):
             rnd, sid = self._round_for(client, request.header, Stage.MASKED_INPUT, "ComplainAboutShares")
             if self._upload_book().active(caller, rnd.nonce, Stage.MASKED_INPUT):
                 raise Replayed("ComplainAboutShares: this site's masked input is being uploaded")
-            complaints = complaints_from_pb(request, rnd.plan.cohort_size)
             assert rnd.secagg is not None
             try:
+                complaints = complaints_from_pb(request, rnd.plan.cohort_size)
                 verdicts = rnd.secagg.judge_complaints(sid, complaints)
-            except sa_errors.SecAggError as err:
+            except sa_errors.UnexpectedMessageError as err:  # not in the stage: nothing to refuse
                 raise MalformedMessage(f"complaints: {err}") from None
+            except MalformedMessage as err:
+                raise self._refuse_message(rnd, caller, Stage.MASKED_INPUT, str(err)) from None
+            except sa_errors.SecAggError as err:
+                raise self._refuse_message(rnd, caller, Stage.MASKED_INPUT, f"complaints: {err}") from None
             senders = ", ".join(rnd.names.get(c.sender, str(c.sender)) for c in complaints)
             rnd.dropped[caller] = (Stage.MASKED_INPUT.label, f"could not open the share boxes of {senders}")
             for verdict in verdicts:

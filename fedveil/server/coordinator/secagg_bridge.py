@@ -18,6 +18,7 @@ from fedveil.protocol.errors import (
     MalformedMessage,
     OutOfOrder,
     PermissionDenied,
+    ProtocolError,
     Replayed,
     StageClosed,
 )
@@ -77,33 +78,51 @@ class SecAggBridgeMixin(CoordinatorBase):
             raise StageClosed(f"{rpc}: you are not part of stage {stage.label} of round {rnd.number}")
         return rnd, sid
 
+    def _sender(self, caller: str, header: pb.RequestHeader, stage: Stage, rpc: str,
+                problem: str | None) -> tuple[_Client, _Round, int]:
+        """The caller's session, round and secagg id for a message of ``stage`` (lock held), as
+        :meth:`_session` and :meth:`_round_for` find them. A message already found malformed while it
+        was parsed (``problem``) from a caller that is not a member of the stage gets that field's
+        error rather than its header's; a member's is refused by the caller (:meth:`_refuse_message`)."""
+        try:
+            client = self._session(caller, header, rpc)
+            rnd, sid = self._round_for(client, header, stage, rpc)
+        except ProtocolError:
+            if problem is not None:
+                raise MalformedMessage(problem) from None
+            raise
+        return client, rnd, sid
+
     def _feed(self, rnd: _Round, sid: int, message: sa.Message, stage: Stage, name: str) -> pb.Ack:
         assert rnd.secagg is not None
         try:
             rnd.secagg.receive(sid, message)
-        except (sa_errors.MalformedMessageError, sa_errors.InvalidSignatureError) as err:
-            raise MalformedMessage(f"{stage.label}: {err}") from None
-        except sa_errors.WrongRoundError as err:
+        except (sa_errors.WrongRoundError, sa_errors.UnexpectedMessageError) as err:
             raise OutOfOrder(f"{stage.label}: {err}") from None
-        except sa_errors.UnexpectedMessageError as err:
-            raise OutOfOrder(f"{stage.label}: {err}") from None
-        except (sa_errors.SecAggError, ValueError) as err:
-            self._drop_proven_liar(rnd, sid, stage, name)
-            raise MalformedMessage(f"{stage.label}: {err}") from None
+        except (sa_errors.SecAggError, ValueError) as err:  # malformed, a bad signature, a proven lie
+            why = rnd.secagg.misconduct.get(sid) if stage == Stage.UNMASKING else None
+            raise self._refuse_message(rnd, name, stage, f"{stage.label}: {err}",
+                                       reason=None if why is None else f"it {why}") from None
         rnd.submitted.setdefault(name, set()).add(stage)
         self._notify_if_stage_complete(rnd)
         return pb.Ack(round=rnd.number, stage=stage.wire, detail="accepted")  # type: ignore[arg-type]
 
-    def _drop_proven_liar(self, rnd: _Round, sid: int, stage: Stage, name: str) -> None:
-        """A holder whose unmasking answer was refused as proven false (a share its owner never committed
-        to) is a dropout of the stage at once (lock held). Before, the stage waited out its deadline for
-        an answer from it, so one lying site cost every round it was drawn for a whole stage timeout; it
-        is convicted when the round ends, as before (:meth:`_convict_unmasking_misconduct`)."""
-        assert rnd.secagg is not None
-        why = rnd.secagg.misconduct.get(sid) if stage == Stage.UNMASKING else None
-        if why is not None:
-            rnd.dropped.setdefault(name, (stage.label, f"it {why}"))
-            self._notify_if_stage_complete(rnd)
+    def _refuse_message(self, rnd: _Round, name: str, stage: Stage, problem: str,
+                        reason: str | None = None) -> MalformedMessage:
+        """A cohort member's message for the open stage refused (lock held; its session and round were
+        checked, so only the member itself can cause this): it is a dropout of the stage at once, as a
+        member that declines or falls silent is. To the protocol it is the same, since the message
+        never entered the round. Before, the stage waited out its deadline for it, though an honest
+        client stops on INVALID_ARGUMENT: one site sending share boxes to the wrong holders, a masked
+        input of the wrong size or an unmasking answer that does not parse cost every round it was
+        drawn for a stage timeout. A holder whose answer was proven false (a share its owner never
+        committed to) is also convicted when the round ends (:meth:`_convict_unmasking_misconduct`).
+        Returns the error the member gets (``problem``); ``reason`` is the dropout's record."""
+        rnd.dropped.setdefault(name, (stage.label, reason or f"its message was refused: {problem}"))
+        log.info("round %d (attempt %d): %s is out of the round at %s: its message was refused (%s)", rnd.number,
+                 rnd.attempt, name, stage.label, problem)
+        self._cond.notify_all()
+        return MalformedMessage(problem)
 
     def _notify_if_stage_complete(self, rnd: _Round) -> None:
         """Wake the waiters (lock held) once the stage has every answer it waits for.
@@ -123,12 +142,12 @@ class SecAggBridgeMixin(CoordinatorBase):
         a site saying so tells the server nothing that its silence would not. Its reason is logged, cut
         to one printable line.
         """
-        if request.accept and len(request.commitment) != 32:
-            raise MalformedMessage(f"commitment: expected 32 bytes, got {len(request.commitment)}")
+        bad = None if len(request.commitment) == 32 else f"commitment: expected 32 bytes, got {len(request.commitment)}"
         with self._cond:
-            client = self._session(caller, request.header, "RespondToRound")
             if request.accept:
-                rnd, sid = self._round_for(client, request.header, Stage.COMMIT, "RespondToRound")
+                _client, rnd, sid = self._sender(caller, request.header, Stage.COMMIT, "RespondToRound", bad)
+                if bad is not None:
+                    raise self._refuse_acceptance(rnd, caller, sid, bad)
                 if not math.isfinite(request.weight):
                     raise self._refuse_acceptance(rnd, caller, sid, f"weight: {request.weight!r} is not a finite "
                                                                     "number")
@@ -145,6 +164,7 @@ class SecAggBridgeMixin(CoordinatorBase):
                 rnd.submitted.setdefault(caller, set()).add(Stage.COMMIT)
                 self._notify_if_stage_complete(rnd)
                 return pb.Ack(round=rnd.number, stage="STAGE_COMMIT", detail="accepted")
+            self._session(caller, request.header, "RespondToRound")
             current = self._round
             if current is None or request.header.round != current.number or not hmac.compare_digest(
                     request.header.round_nonce, current.nonce) or caller not in current.cohort:
@@ -181,41 +201,40 @@ class SecAggBridgeMixin(CoordinatorBase):
 
     def _refuse_acceptance(self, rnd: _Round, caller: str, sid: int, problem: str) -> MalformedMessage:
         """A cohort member's acceptance refused (lock held): it is out of the round at once, as if it
-        had declined. Before, the round waited out the commit stage's deadline for it, though a site
-        whose acceptance is refused never sends another (its client stops on INVALID_ARGUMENT); one
-        site declaring an out-of-range weight cost every round it was drawn for a stage timeout."""
+        had declined (:meth:`_refuse_message`); one site declaring an out-of-range weight cost every
+        round it was drawn for a stage timeout."""
         if sid not in rnd.beacon.commitments:
             rnd.beacon.decline(sid)
         rnd.weights.pop(sid, None)
-        rnd.dropped[caller] = (rnd.stage.label, f"its acceptance was refused: {problem}")
-        log.info("round %d (attempt %d): %s is out of the round: its acceptance was refused (%s)", rnd.number,
-                 rnd.attempt, caller, problem)
-        self._cond.notify_all()
-        return MalformedMessage(problem)
+        return self._refuse_message(rnd, caller, Stage.COMMIT, problem, f"its acceptance was refused: {problem}")
 
     def reveal_contribution(self, caller: str, request: pb.RevealRequest) -> pb.Ack:
-        if len(request.contribution) != 32:
-            raise MalformedMessage(f"contribution: expected 32 bytes, got {len(request.contribution)}")
+        """A member's graph-seed reveal. One refused is a withheld reveal, at once: the attempt ends
+        when the stage closes, and the member is barred from the rest of the round."""
+        bad = None if len(request.contribution) == 32 else \
+            f"contribution: expected 32 bytes, got {len(request.contribution)}"
         with self._cond:
-            client = self._session(caller, request.header, "RevealContribution")
-            rnd, sid = self._round_for(client, request.header, Stage.REVEAL, "RevealContribution")
+            _client, rnd, sid = self._sender(caller, request.header, Stage.REVEAL, "RevealContribution", bad)
+            if bad is not None:
+                raise self._refuse_message(rnd, caller, Stage.REVEAL, bad)
             try:
                 rnd.beacon.receive_reveal(sid, bytes(request.contribution))
             except BeaconError as err:
-                raise MalformedMessage(f"contribution: {err}") from None
+                raise self._refuse_message(rnd, caller, Stage.REVEAL, f"contribution: {err}") from None
             rnd.submitted.setdefault(caller, set()).add(Stage.REVEAL)
             self._notify_if_stage_complete(rnd)
             return pb.Ack(round=rnd.number, stage="STAGE_REVEAL", detail="accepted")
 
     def advertise_keys(self, caller: str, request: pb.AdvertiseKeysRequest) -> pb.Ack:
+        problem = None
         for name in ("encryption_public_key", "masking_public_key"):
             if len(getattr(request, name)) != PUBLIC_KEY_BYTES:
-                raise MalformedMessage(f"{name}: expected {PUBLIC_KEY_BYTES} bytes, got {len(getattr(request, name))}")
+                problem = f"{name}: expected {PUBLIC_KEY_BYTES} bytes, got {len(getattr(request, name))}"
         if len(request.signature) not in (0, SIGNATURE_BYTES):
-            raise MalformedMessage(f"signature: expected 0 or {SIGNATURE_BYTES} bytes, got {len(request.signature)}")
+            problem = f"signature: expected 0 or {SIGNATURE_BYTES} bytes, got {len(request.signature)}"
         if len(request.share_key_proof) not in (0, POSSESSION_PROOF_BYTES):
-            raise MalformedMessage(f"share_key_proof: expected 0 or {POSSESSION_PROOF_BYTES} bytes, got "
-                                   f"{len(request.share_key_proof)}")
+            problem = f"share_key_proof: expected 0 or {POSSESSION_PROOF_BYTES} bytes, got " \
+                      f"{len(request.share_key_proof)}"
         keys = (bytes(request.encryption_public_key), bytes(request.masking_public_key), bytes(request.signature),
                 bytes(request.share_key_proof))
         # The identity signature, active mode's largest server cost, is checked on this request's
@@ -223,21 +242,25 @@ class SecAggBridgeMixin(CoordinatorBase):
         return self._feed_checked_outside_lock(
             caller, request.header, Stage.TRAINING, "AdvertiseKeys",
             lambda round_id, sid: sa.AdvertiseKeys(round_id, sid, *keys),
-            lambda secagg, _sid, msg: secagg.verify_advertisements([msg]))
+            lambda secagg, _sid, msg: secagg.verify_advertisements([msg]), problem)
 
     def share_keys(self, caller: str, request: pb.ShareKeysRequest) -> pb.Ack:
         boxes: dict[int, bytes] = {}
+        problem = None
         for i, share in enumerate(request.shares):
             if share.peer_id in boxes:
-                raise MalformedMessage(f"shares[{i}].peer_id: {share.peer_id} appears twice")
+                problem = f"shares[{i}].peer_id: {share.peer_id} appears twice"
+                break
             if not 0 < len(share.ciphertext) <= MAX_SHARE_BOX_BYTES:
-                raise MalformedMessage(f"shares[{i}].ciphertext: {len(share.ciphertext)} bytes is not a share box")
+                problem = f"shares[{i}].ciphertext: {len(share.ciphertext)} bytes is not a share box"
+                break
             boxes[int(share.peer_id)] = bytes(share.ciphertext)
         with self._cond:
-            client = self._session(caller, request.header, "ShareKeys")
-            rnd, sid = self._round_for(client, request.header, Stage.SHARE_KEYS, "ShareKeys")
-            if len(boxes) > rnd.plan.cohort_size:
-                raise MalformedMessage(f"shares: {len(boxes)} boxes for a cohort of {rnd.plan.cohort_size}")
+            _client, rnd, sid = self._sender(caller, request.header, Stage.SHARE_KEYS, "ShareKeys", problem)
+            if problem is None and len(boxes) > rnd.plan.cohort_size:
+                problem = f"shares: {len(boxes)} boxes for a cohort of {rnd.plan.cohort_size}"
+            if problem is not None:
+                raise self._refuse_message(rnd, caller, Stage.SHARE_KEYS, problem)
             msg = sa.ShareKeysResponse(rnd.config.round_id, sid, boxes)
             return self._feed(rnd, sid, msg, Stage.SHARE_KEYS, caller)
 
@@ -260,7 +283,10 @@ class SecAggBridgeMixin(CoordinatorBase):
             rnd, sid = self._round_for(client, header, Stage.MASKED_INPUT, "SubmitMaskedInput")
             if reservation is None and self._upload_book().active(caller, rnd.nonce, Stage.MASKED_INPUT):
                 raise Replayed("SubmitMaskedInput: an upload from this site for this stage is in progress")
-            vector = decode_ring_vector(data, rnd.plan.dimension, rnd.plan.ring_bits)
+            try:
+                vector = decode_ring_vector(data, rnd.plan.dimension, rnd.plan.ring_bits)
+            except MalformedMessage as err:
+                raise self._refuse_message(rnd, caller, Stage.MASKED_INPUT, str(err)) from None
             msg = sa.MaskedInputResponse(rnd.config.round_id, sid, vector)
             ack = self._feed(rnd, sid, msg, Stage.MASKED_INPUT, caller)
             if reservation is not None:
@@ -315,11 +341,12 @@ class SecAggBridgeMixin(CoordinatorBase):
             return self._published_model().data
 
     def confirm_survivors(self, caller: str, request: pb.ConfirmSurvivorsRequest) -> pb.Ack:
-        if len(request.signature) != SIGNATURE_BYTES:
-            raise MalformedMessage(f"signature: expected {SIGNATURE_BYTES} bytes, got {len(request.signature)}")
+        bad = None if len(request.signature) == SIGNATURE_BYTES else \
+            f"signature: expected {SIGNATURE_BYTES} bytes, got {len(request.signature)}"
         with self._cond:
-            client = self._session(caller, request.header, "ConfirmSurvivors")
-            rnd, sid = self._round_for(client, request.header, Stage.CONSISTENCY, "ConfirmSurvivors")
+            _client, rnd, sid = self._sender(caller, request.header, Stage.CONSISTENCY, "ConfirmSurvivors", bad)
+            if bad is not None:
+                raise self._refuse_message(rnd, caller, Stage.CONSISTENCY, bad)
             msg = sa.ConsistencyCheckResponse(rnd.config.round_id, sid, bytes(request.signature))
             return self._feed(rnd, sid, msg, Stage.CONSISTENCY, caller)
 
@@ -327,15 +354,18 @@ class SecAggBridgeMixin(CoordinatorBase):
         limbs: dict[int, int] = {pb.SHARE_KIND_SELF_MASK_SEED: sa.SELF_MASK_LIMBS,
                                  pb.SHARE_KIND_MASKING_KEY: sa.MASK_KEY_LIMBS}
         groups: dict[int, tuple[list[int], list[bytes], list[bytes]]] = {kind: ([], [], []) for kind in limbs}
+        problem = None
         for i, share in enumerate(request.shares):
             group = groups.get(share.kind)
-            if group is None:
-                raise MalformedMessage(f"shares[{i}].kind: {share.kind} is not a share kind")
             data = share.share
-            if len(data) != 4 * limbs[share.kind]:
-                raise MalformedMessage(f"shares[{i}].share: expected {4 * limbs[share.kind]} bytes, got {len(data)}")
-            if len(share.salt) != sa.SALT_BYTES:
-                raise MalformedMessage(f"shares[{i}].salt: expected {sa.SALT_BYTES} bytes, got {len(share.salt)}")
+            if group is None:
+                problem = f"shares[{i}].kind: {share.kind} is not a share kind"
+            elif len(data) != 4 * limbs[share.kind]:
+                problem = f"shares[{i}].share: expected {4 * limbs[share.kind]} bytes, got {len(data)}"
+            elif len(share.salt) != sa.SALT_BYTES:
+                problem = f"shares[{i}].salt: expected {sa.SALT_BYTES} bytes, got {len(share.salt)}"
+            if group is None or problem is not None:
+                break  # refused once the session is known, before the message is built
             group[0].append(share.owner_id)
             group[1].append(data)
             group[2].append(share.salt)
@@ -357,20 +387,23 @@ class SecAggBridgeMixin(CoordinatorBase):
         # request's thread outside the lock.
         return self._feed_checked_outside_lock(
             caller, request.header, Stage.UNMASKING, "Unmask", message,
-            lambda secagg, sid, msg: secagg.verify_unmasking(sid, msg))
+            lambda secagg, sid, msg: secagg.verify_unmasking(sid, msg), problem)
 
     def _feed_checked_outside_lock(
         self, caller: str, header: pb.RequestHeader, stage: Stage, rpc: str,
         build: Callable[[int, int], MessageT], check: Callable[[SecAggServer, int, MessageT], object],
+        problem: str | None = None,
     ) -> pb.Ack:
         """Feed the message ``build(round id, secagg id)`` to the caller's round after ``check`` ran on
         it on this request's thread, outside the lock. The check only records what it found sound, which
         the round then does not check again when fed (under the lock); anything else is checked there.
         The session and the round are looked up again afterwards: a message for an attempt that moved
-        on is built anew (and checked when fed)."""
+        on is built anew (and checked when fed). A request found malformed while it was parsed
+        (``problem``) is refused once its session and round are known (:meth:`_refuse_message`)."""
         with self._cond:
-            client = self._session(caller, header, rpc)
-            rnd, sid = self._round_for(client, header, stage, rpc)
+            client, rnd, sid = self._sender(caller, header, stage, rpc, problem)
+            if problem is not None:
+                raise self._refuse_message(rnd, caller, stage, problem)
             msg = build(rnd.config.round_id, sid)
             secagg = rnd.secagg
         if secagg is not None:
