@@ -16,13 +16,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 
 from fedveil.protocol import fedveil_pb2 as pb
-from fedveil.protocol.errors import MalformedMessage, ProtocolError
+from fedveil.protocol.client import GrpcTransport
+from fedveil.protocol.errors import MalformedMessage, ProtocolError, error_from_status
 from fedveil.protocol.transport import InProcessTransport
 from fedveil.server.coordinator import Coordinator
+from tests.grpc_helpers import start_tls_job, stop_tls_job
 from tests.server_helpers import ActiveScripted, Scripted, coordinator_watchdog, make_job, run_job, vectors
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
@@ -69,6 +72,12 @@ class Spoiler(InProcessTransport):
 
     def unmask(self, request: pb.UnmaskRequest) -> pb.Ack:
         return self._send("unmask", request)
+
+    def respond_to_round(self, request: pb.RoundResponse) -> pb.Ack:
+        return self._send("respond_to_round", request)
+
+    def report_metrics(self, request: pb.MetricsReport) -> pb.Ack:
+        return self._send("report_metrics", request)
 
 
 def _short_key(r: pb.AdvertiseKeysRequest) -> None:
@@ -205,3 +214,96 @@ def test_a_malformed_message_from_outside_the_stage_names_its_field_and_drops_no
     with pytest.raises(ProtocolError):  # a well-formed one gets its header's error
         outsider.reveal_contribution(pb.RevealRequest(contribution=bytes(32)))
     store.close()
+
+
+@pytest.mark.parametrize("refused", [[99], [0, 0]], ids=["outside", "twice"])
+def test_a_decline_naming_members_it_cannot_drops_the_site_at_once(tmp_path: Path, refused: list[int]) -> None:
+    """A decline's ``refused_members`` must name other members, once each; a list that does not is
+    refused, and the decliner is out of the round at once all the same."""
+    def spoil(r: pb.RoundResponse) -> None:
+        r.accept, r.commitment = False, b""
+        r.refused_members.extend(refused)
+
+    summary, store, coordinator, spoiler, vecs = _run(tmp_path, "respond_to_round", spoil)
+    assert spoiler.refused and "refused_members[" in str(spoiler.refused[0])
+    assert summary.status == "completed" and summary.completed_rounds == 1, summary.message
+    ((_round, _attempt, name, where, reason),) = store.dropouts(coordinator.run_id)
+    assert (name, where) == ("evil", "commit") and reason == f"its decline was refused: {spoiler.refused[0]}"
+    np.testing.assert_allclose(store.aggregate(coordinator.run_id, 1), sum(vecs[:3]) / 3, atol=1e-4)
+    store.close()
+
+
+@pytest.mark.parametrize("spoil", ["nan", "version"])
+def test_a_refused_final_evaluation_report_is_not_waited_for(tmp_path: Path, spoil: str) -> None:
+    """The clear final evaluation waits for each participant's report; a refused one (a metric that is
+    not finite, another model version) ends that site's part at once instead of at the deadline."""
+    def spoiled(r: pb.MetricsReport) -> None:
+        if spoil == "nan":
+            r.metrics[0].value = float("nan")
+        else:
+            r.model_version += 7
+
+    summary, store, coordinator, spoiler, _vecs = _run(tmp_path, "report_metrics", spoiled, evaluation="clear",
+                                                       final_evaluation=True)
+    assert spoiler.refused and ("metrics" in str(spoiler.refused[0]) or "model_version" in str(spoiler.refused[0]))
+    assert summary.status == "completed", summary.message
+    reporters = sorted(row[0] for row in store.evaluations(coordinator.run_id, 1))
+    assert reporters == ["a", "b", "c"] and summary.final_metrics["loss"] == pytest.approx(1.0)
+    store.close()
+
+
+def _raw_upload(t: GrpcTransport, request: pb.MaskedInputRequest, total: int, data: bytes) -> pb.Ack:
+    """A masked input sent over the chunked upload with ``total`` declared and ``data`` sent."""
+    def chunks() -> Any:
+        yield pb.MaskedInputChunk(header=request.header, total_bytes=total)
+        for offset in range(0, len(data), 16):
+            yield pb.MaskedInputChunk(data=data[offset:offset + 16])
+
+    try:
+        ack: pb.Ack = t._upload(chunks(), metadata=t._metadata, timeout=30)
+    except grpc.RpcError as err:
+        raise error_from_status(err.code(), err.details(), rpc="UploadMaskedInput") from None  # type: ignore[attr-defined]
+    return ack
+
+
+UPLOAD_SPOILS: dict[str, tuple[Callable[[bytes], tuple[int, bytes]], str]] = {
+    "short-total": (lambda masked: (len(masked) - 4, masked[:-4]), "total_bytes: expected"),
+    "overrun": (lambda masked: (len(masked), masked + bytes(4)), "overrun the"),
+    "short-stream": (lambda masked: (len(masked), masked[:-4]), "the upload ended after"),
+}
+
+
+@pytest.mark.parametrize("spoil", sorted(UPLOAD_SPOILS))
+def test_a_refused_chunked_upload_drops_the_site_at_once(tmp_path: Path, spoil: str) -> None:
+    """Over gRPC a masked input above 64 KiB (every real model's) travels in chunks, whose sizes the
+    transport checks itself before the coordinator sees the vector: a refused stream must drop its
+    sender from the stage as a refused SubmitMaskedInput does (the review of 2026-12-08 found it still
+    held the stage). An hour's stage deadline; the job must end within a minute."""
+    names = ("alice", "bob", "carol", "mallory")
+    fed, server = start_tls_job(tmp_path, rounds=1, names=names, clients_per_round=4, stage_timeout=AN_HOUR,
+                                active=False)
+    try:
+        vecs = vectors(4)
+        evil = fed.transport("mallory")
+        shape, says = UPLOAD_SPOILS[spoil]
+        refused: list[ProtocolError] = []
+
+        def upload(request: pb.MaskedInputRequest) -> pb.Ack:
+            try:
+                return _raw_upload(evil, request, *shape(request.masked_vector))
+            except ProtocolError as err:
+                refused.append(err)
+                raise
+
+        evil.submit_masked_input = upload  # type: ignore[method-assign]
+        clients = [Scripted(fed.coordinator, n, v, transport=evil if n == "mallory" else fed.transport(n))
+                   for n, v in zip(names, vecs, strict=True)]
+        fed.run_scripted(clients, job_timeout_s=60)
+        assert refused and isinstance(refused[0], MalformedMessage) and says in str(refused[0])
+        assert fed.summary and fed.summary[0].status == "completed", "the stage waited for the refused upload"
+        store = fed.coordinator.store
+        ((_round, _attempt, name, where, reason),) = store.dropouts(fed.coordinator.run_id)
+        assert (name, where) == ("mallory", "masked-input") and reason == f"its message was refused: {refused[0]}"
+        np.testing.assert_allclose(store.aggregate(fed.coordinator.run_id, 1), sum(vecs[:3]) / 3, atol=1e-4)  # type: ignore[arg-type]
+    finally:
+        stop_tls_job(fed, server)

@@ -242,10 +242,14 @@ class FederationServicer:
                     reservation = self._service.masked_input_size(caller, first.header, context.is_active)
                     expected = reservation.size
                     if first.total_bytes != expected:
-                        raise MalformedMessage(
+                        raise _RefusedStream(
                             f"total_bytes: expected {expected} bytes of masked input, got {first.total_bytes}"
                         )
                     return self._receive_upload(rpc, caller, first, requests, reservation, context, watch)
+                except _RefusedStream as err:
+                    if reservation is not None and context.is_active():  # its client waits: its own doing
+                        reservation.refuse(err.message)
+                    raise MalformedMessage(err.message) from None
                 except (grpc.RpcError, _Cancelled):  # the stream broke: the client left, or the watchdog cancelled it
                     if watch.reason:
                         self._count_refusal(caller, context, f"cancelled: it {watch.reason}")
@@ -285,17 +289,17 @@ class FederationServicer:
             pos = 0
             for index, chunk in enumerate(itertools.chain([first], requests)):
                 if isinstance(chunk, _Malformed):
-                    raise MalformedMessage(f"{rpc}: chunk {index} is not a valid {chunk.type_name}")
+                    raise _RefusedStream(f"{rpc}: chunk {index} is not a valid {chunk.type_name}")
                 n = len(chunk.data)
                 watch.touch(n)
                 if n > MAX_CHUNK_BYTES or pos + n > expected:
-                    raise MalformedMessage(f"chunk {index}.data: {n} bytes at offset {pos} overrun the "
-                                           f"{expected}-byte masked input (or exceed {MAX_CHUNK_BYTES})")
+                    raise _RefusedStream(f"chunk {index}.data: {n} bytes at offset {pos} overrun the "
+                                         f"{expected}-byte masked input (or exceed {MAX_CHUNK_BYTES})")
                 view[pos : pos + n] = chunk.data
                 pos += n
             _raise_if_cancelled(watch)  # a stream the server cancelled ends like one the client closed
             if pos != expected:
-                raise MalformedMessage(f"{rpc}: the upload ended after {pos} of {expected} bytes")
+                raise _RefusedStream(f"{rpc}: the upload ended after {pos} of {expected} bytes")
             watch.pause()  # the data is in: decoding and adding it is the server's time, not the client's
             result: Message = self._service.submit_masked_vector(caller, first.header, buffer, reservation)
             return result
@@ -379,6 +383,10 @@ class FederationServicer:
             response_serializer=None,  # the chunks are serialized already (shared, see _serialized_chunks)
         )
         return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+
+class _RefusedStream(MalformedMessage):
+    """An upload stream refused after its reservation was made, for what its sender sent."""
 
 
 class _Cancelled(FedveilError):

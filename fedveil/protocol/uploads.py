@@ -73,6 +73,9 @@ class UploadReservation:
     """``reserved`` → ``completed`` (the input was accepted) or ``released`` (the upload failed)."""
     on_release: Callable[[UploadReservation, bool], None] | None = field(default=None, repr=False)
     still_wanted: Callable[[UploadReservation], bool] | None = field(default=None, repr=False)
+    on_refused: Callable[[UploadReservation, str], None] | None = field(default=None, repr=False)
+    """Told when the stream is refused after the reservation was made (the service then drops the site
+    from the stage, as for any refused stage message)."""
 
     @property
     def held(self) -> bool:
@@ -81,6 +84,13 @@ class UploadReservation:
     def wanted(self) -> bool:
         """Whether the stage this upload is for still takes it (False once the stage closed)."""
         return self.held and (self.still_wanted is None or self.still_wanted(self))
+
+    def refuse(self, problem: str) -> None:
+        """The stream that holds this reservation was refused for ``problem``, its sender's fault: a
+        total size other than the masked input's, a chunk that overruns it or does not parse, a stream
+        that ends short while its client still waits for the answer."""
+        if self.state == "reserved" and self.on_refused is not None:
+            self.on_refused(self, problem)
 
     def release(self, *, counted: bool = True) -> None:
         """Give the reservation back (idempotent; a completed one stays completed).

@@ -147,20 +147,20 @@ class SecAggBridgeMixin(CoordinatorBase):
             if request.accept:
                 _client, rnd, sid = self._sender(caller, request.header, Stage.COMMIT, "RespondToRound", bad)
                 if bad is not None:
-                    raise self._refuse_acceptance(rnd, caller, sid, bad)
+                    raise self._refuse_at_commit(rnd, caller, sid, bad)
                 if not math.isfinite(request.weight):
-                    raise self._refuse_acceptance(rnd, caller, sid, f"weight: {request.weight!r} is not a finite "
+                    raise self._refuse_at_commit(rnd, caller, sid, f"weight: {request.weight!r} is not a finite "
                                                                     "number")
                 if rnd.plan.encoding.weighted:
                     top = float(rnd.plan.encoding.max_weight)
                     if not 1.0 <= request.weight <= top:
-                        raise self._refuse_acceptance(rnd, caller, sid, f"weight: must be in [1, {top:g}] "
+                        raise self._refuse_at_commit(rnd, caller, sid, f"weight: must be in [1, {top:g}] "
                                                                         f"(got {request.weight:g})")
                     rnd.weights[sid] = float(request.weight)
                 try:
                     rnd.beacon.receive_commitment(sid, bytes(request.commitment))
                 except BeaconError as err:
-                    raise self._refuse_acceptance(rnd, caller, sid, f"commitment: {err}") from None
+                    raise self._refuse_at_commit(rnd, caller, sid, f"commitment: {err}") from None
                 rnd.submitted.setdefault(caller, set()).add(Stage.COMMIT)
                 self._notify_if_stage_complete(rnd)
                 return pb.Ack(round=rnd.number, stage="STAGE_COMMIT", detail="accepted")
@@ -178,9 +178,12 @@ class SecAggBridgeMixin(CoordinatorBase):
             why = "".join(ch if ch.isprintable() else " " for ch in request.decline_reason[:256]).strip() or "-"
             sid = rnd.cohort[caller]
             if rnd.stage == Stage.COMMIT and request.refused_members:  # members it refused (refusal_tally.py)
-                rnd.refusals[sid] = refused_slots(request.refused_members, len(rnd.names), sid)
-            if rnd.stage == Stage.COMMIT and Stage.COMMIT not in rnd.submitted.get(caller, set()):
-                rnd.beacon.decline(sid)
+                try:
+                    rnd.refusals[sid] = refused_slots(request.refused_members, len(rnd.names), sid)
+                except MalformedMessage as err:
+                    raise self._refuse_at_commit(rnd, caller, sid, str(err), "decline") from None
+            if rnd.stage == Stage.COMMIT and Stage.COMMIT not in rnd.submitted.get(caller, set()) and not rnd.closing:
+                rnd.beacon.decline(sid)  # (the driver closes the beacon outside the lock once the stage is closing)
             rnd.dropped[caller] = (rnd.stage.label, f"declined: {why}")
             if request.cannot_evaluate and caller not in self._cannot_evaluate:
                 # e.g. ROC AUC on its one-class records: cohorts with it get no evaluation sums from now on
@@ -199,14 +202,15 @@ class SecAggBridgeMixin(CoordinatorBase):
             self._cond.notify_all()
             return pb.Ack(round=rnd.number, stage=rnd.stage.wire, detail="declined")  # type: ignore[arg-type]
 
-    def _refuse_acceptance(self, rnd: _Round, caller: str, sid: int, problem: str) -> MalformedMessage:
-        """A cohort member's acceptance refused (lock held): it is out of the round at once, as if it
-        had declined (:meth:`_refuse_message`); one site declaring an out-of-range weight cost every
-        round it was drawn for a stage timeout."""
-        if sid not in rnd.beacon.commitments:
+    def _refuse_at_commit(self, rnd: _Round, caller: str, sid: int, problem: str,
+                          what: str = "acceptance") -> MalformedMessage:
+        """A cohort member's acceptance (or decline) refused (lock held): it is out of the round at
+        once, as if it had declined (:meth:`_refuse_message`); one site declaring an out-of-range
+        weight cost every round it was drawn for a stage timeout."""
+        if sid not in rnd.beacon.commitments and not rnd.closing:  # a closing beacon is the driver's
             rnd.beacon.decline(sid)
         rnd.weights.pop(sid, None)
-        return self._refuse_message(rnd, caller, Stage.COMMIT, problem, f"its acceptance was refused: {problem}")
+        return self._refuse_message(rnd, caller, Stage.COMMIT, problem, f"its {what} was refused: {problem}")
 
     def reveal_contribution(self, caller: str, request: pb.RevealRequest) -> pb.Ack:
         """A member's graph-seed reveal. One refused is a withheld reveal, at once: the attempt ends
@@ -311,6 +315,7 @@ class SecAggBridgeMixin(CoordinatorBase):
                                               int(header.sequence), size, alive)
             res.on_release = self._release_upload
             res.still_wanted = self._upload_wanted
+            res.on_refused = self._refuse_upload
             return res
 
     def _upload_book(self) -> UploadBook:
@@ -321,6 +326,16 @@ class SecAggBridgeMixin(CoordinatorBase):
     def _release_upload(self, res: UploadReservation, counted: bool) -> None:
         with self._cond:
             self._upload_book().release(res, counted)
+
+    def _refuse_upload(self, res: UploadReservation, problem: str) -> None:
+        """An upload refused after its reservation (a total size other than the masked input's, a chunk
+        that overruns it or does not parse, a stream that ends short): the site is out of the stage at
+        once, as for a refused ``SubmitMaskedInput``. Over gRPC every masked input above 64 KiB takes
+        this path (review of 2026-12-08: the stage still waited out its deadline for it)."""
+        with self._cond:
+            rnd = self._round
+            if rnd is not None and self._upload_wanted(res) and res.site in rnd.cohort:
+                self._refuse_message(rnd, res.site, Stage.MASKED_INPUT, problem)
 
     def _upload_wanted(self, res: UploadReservation) -> bool:
         """Whether the stage ``res`` was reserved for still takes it (its waiting is over if not)."""

@@ -293,7 +293,7 @@ class SessionsMixin(CoordinatorBase):
         for name, reason in sorted(rnd.gone.items()):
             if name in rnd.dropped or rnd.stage in rnd.submitted.get(name, set()):
                 continue
-            if rnd.stage == Stage.COMMIT:
+            if rnd.stage == Stage.COMMIT and not rnd.closing:  # a closing beacon is the round driver's
                 rnd.beacon.decline(rnd.cohort[name])
             rnd.dropped[name] = (rnd.stage.label, f"its session ended: {reason}")
             log.warning("round %d (attempt %d): %s is out at %s: its session ended (%s)", rnd.number, rnd.attempt,

@@ -13,6 +13,7 @@ from fedveil.protocol.errors import (
     MalformedMessage,
     OutOfOrder,
     PermissionDenied,
+    ProtocolError,
     Replayed,
     StageClosed,
 )
@@ -37,14 +38,23 @@ class SiteReportsMixin(CoordinatorBase):
     """Sites' metric and privacy reports: range-checked, labelled, stored."""
 
     def report_metrics(self, caller: str, request: pb.MetricsReport) -> pb.Ack:
-        report = check_report(request)  # every number range-checked before anything is recorded
-        if report.metrics and self._evaluation_mode != "clear":
+        refused: MalformedMessage | None = None
+        try:
+            report = check_report(request)  # every number range-checked before anything is recorded
+        except MalformedMessage as err:
+            refused = err
+        if refused is None and report.metrics and self._evaluation_mode != "clear":
             # per-site metrics are an oracle on a site's data: only when the job asks for them in the clear
             mode = self._evaluation_mode
             raise MalformedMessage(f"metrics: per-site metrics are not accepted by this job (evaluation {mode!r}; "
                                    + ("they travel only as secure sums)" if mode == "secure" else "it asks for none)"))
         with self._cond:
-            client = self._session(caller, request.header, "ReportMetrics")
+            try:
+                client = self._session(caller, request.header, "ReportMetrics")
+            except ProtocolError:
+                if refused is not None:  # the report's own fault first, as before the session was known
+                    raise refused from None
+                raise
             header = request.header
             ev = self._evaluation
             if ev is not None and header.round == ev.phase and hmac.compare_digest(header.round_nonce, ev.nonce):
@@ -52,12 +62,20 @@ class SiteReportsMixin(CoordinatorBase):
                     raise PermissionDenied("ReportMetrics: you were not asked to evaluate the final model")
                 if caller in ev.reported:
                     raise Replayed("ReportMetrics: already received for the final evaluation")
-                if request.model_version != ev.version:
-                    raise MalformedMessage(f"model_version: expected {ev.version}, got {request.model_version}")
+                if refused is None and request.model_version != ev.version:
+                    refused = MalformedMessage(f"model_version: expected {ev.version}, got {request.model_version}")
+                if refused is not None:
+                    # the site sends no other: the evaluation does not wait out its deadline for it
+                    ev.participants.discard(caller)
+                    log.info("final evaluation: %s's report was refused (%s)", caller, refused)
+                    self._cond.notify_all()
+                    raise refused
                 self.store.record_evaluation(self.run_id, ev.version, caller, report.num_examples, report.metrics)
                 ev.reported.add(caller)
                 self._cond.notify_all()
                 return pb.Ack(round=ev.phase, stage=pb.STAGE_EVALUATION, detail="accepted")
+            if refused is not None:
+                raise refused
             rnd, _sid = self._round_for_metrics(client, header)
             if caller in rnd.evaluated:
                 raise Replayed(f"ReportMetrics: already received for round {rnd.number}")
