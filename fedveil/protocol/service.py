@@ -298,8 +298,9 @@ class FederationServicer:
                 view[pos : pos + n] = chunk.data
                 pos += n
             _raise_if_cancelled(watch)  # a stream the server cancelled ends like one the client closed
-            if pos != expected:
-                raise _RefusedStream(f"{rpc}: the upload ended after {pos} of {expected} bytes")
+            if pos != expected:  # not a refusal that drops the site: a broken connection may end the stream
+                # this way before gRPC marks the call cancelled (a second review of 1d0cfcf), so it may retry
+                raise MalformedMessage(f"{rpc}: the upload ended after {pos} of {expected} bytes")
             watch.pause()  # the data is in: decoding and adding it is the server's time, not the client's
             result: Message = self._service.submit_masked_vector(caller, first.header, buffer, reservation)
             return result

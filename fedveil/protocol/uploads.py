@@ -87,8 +87,9 @@ class UploadReservation:
 
     def refuse(self, problem: str) -> None:
         """The stream that holds this reservation was refused for ``problem``, its sender's fault: a
-        total size other than the masked input's, a chunk that overruns it or does not parse, a stream
-        that ends short while its client still waits for the answer."""
+        total size other than the masked input's, a chunk that overruns it or does not parse (gRPC
+        delivers whole messages, so a broken connection produces none of these; a stream that ends
+        short may be one, and is not refused this way)."""
         if self.state == "reserved" and self.on_refused is not None:
             self.on_refused(self, problem)
 

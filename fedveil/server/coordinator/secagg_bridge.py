@@ -329,7 +329,8 @@ class SecAggBridgeMixin(CoordinatorBase):
 
     def _refuse_upload(self, res: UploadReservation, problem: str) -> None:
         """An upload refused after its reservation (a total size other than the masked input's, a chunk
-        that overruns it or does not parse, a stream that ends short): the site is out of the stage at
+        that overruns it or does not parse; not a stream that ends short, which a broken connection can
+        look like): the site is out of the stage at
         once, as for a refused ``SubmitMaskedInput``. Over gRPC every masked input above 64 KiB takes
         this path (review of 2026-12-08: the stage still waited out its deadline for it)."""
         with self._cond:
