@@ -12,7 +12,8 @@ which speaks the protocol correctly except for the one message it spoils.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from fedveil.protocol.client import GrpcTransport
 from fedveil.protocol.errors import MalformedMessage, ProtocolError, error_from_status
 from fedveil.protocol.transport import InProcessTransport
 from fedveil.server.coordinator import Coordinator
-from tests.grpc_helpers import start_tls_job, stop_tls_job
+from tests.grpc_helpers import Federation_, start_tls_job, stop_tls_job
 from tests.server_helpers import ActiveScripted, Scripted, coordinator_watchdog, make_job, run_job, vectors
 from tests.site_helpers import Renumbered
 
@@ -273,47 +274,13 @@ UPLOAD_SPOILS: dict[str, tuple[Callable[[bytes], tuple[int, bytes]], str]] = {
 }
 
 
-@pytest.mark.parametrize("spoil", sorted(UPLOAD_SPOILS))
-def test_a_refused_chunked_upload_drops_the_site_at_once(tmp_path: Path, spoil: str) -> None:
-    """Over gRPC a masked input above 64 KiB (every real model's) travels in chunks, whose sizes the
-    transport checks itself before the coordinator sees the vector: a refused stream must drop its
-    sender from the stage as a refused SubmitMaskedInput does (the review of 2026-12-08 found it still
-    held the stage). An hour's stage deadline; the job must end within a minute."""
-    names = ("alice", "bob", "carol", "mallory")
-    fed, server = start_tls_job(tmp_path, rounds=1, names=names, clients_per_round=4, stage_timeout=AN_HOUR,
-                                active=False)
-    try:
-        vecs = vectors(4)
-        evil = fed.transport("mallory")
-        shape, says = UPLOAD_SPOILS[spoil]
-        refused: list[ProtocolError] = []
-
-        def upload(request: pb.MaskedInputRequest) -> pb.Ack:
-            try:
-                return _raw_upload(evil, request, *shape(request.masked_vector))
-            except ProtocolError as err:
-                refused.append(err)
-                raise
-
-        evil.submit_masked_input = upload  # type: ignore[method-assign]
-        clients = [Scripted(fed.coordinator, n, v, transport=evil if n == "mallory" else fed.transport(n))
-                   for n, v in zip(names, vecs, strict=True)]
-        fed.run_scripted(clients, job_timeout_s=60)
-        assert refused and isinstance(refused[0], MalformedMessage) and says in str(refused[0])
-        assert fed.summary and fed.summary[0].status == "completed", "the stage waited for the refused upload"
-        store = fed.coordinator.store
-        ((_round, _attempt, name, where, reason),) = store.dropouts(fed.coordinator.run_id)
-        assert (name, where) == ("mallory", "masked-input") and reason == f"its message was refused: {refused[0]}"
-        np.testing.assert_allclose(store.aggregate(fed.coordinator.run_id, 1), sum(vecs[:3]) / 3, atol=1e-4)  # type: ignore[arg-type]
-    finally:
-        stop_tls_job(fed, server)
+Upload = Callable[[GrpcTransport, Renumbered, pb.MaskedInputRequest], pb.Ack]
 
 
-def test_an_upload_that_ends_short_is_refused_without_dropping_the_site(tmp_path: Path) -> None:
-    """A stream that ends before its declared size is refused, but the site stays in the stage and may
-    upload again: a broken connection can end the stream this way before gRPC marks the call cancelled
-    (the second review of 1d0cfcf dropped an honest site whose deadline expired mid-upload), so it is
-    not taken as the site's own doing. Here the site's retry is accepted and its input counts."""
+@contextmanager
+def _upload_job(tmp_path: Path, upload: Upload) -> Iterator[tuple[Federation_, list[np.ndarray]]]:
+    """Four sites over TLS gRPC with an hour's stage deadline, mallory's masked input sent by ``upload``
+    (its transport, which renumbers every request, and the request); the job has had a minute to end."""
     names = ("alice", "bob", "carol", "mallory")
     fed, server = start_tls_job(tmp_path, rounds=1, names=names, clients_per_round=4, stage_timeout=AN_HOUR,
                                 active=False)
@@ -321,25 +288,59 @@ def test_an_upload_that_ends_short_is_refused_without_dropping_the_site(tmp_path
         vecs = vectors(4)
         evil = fed.transport("mallory")
         renumbered = Renumbered(evil)
-        refused: list[ProtocolError] = []
-
-        def upload(request: pb.MaskedInputRequest) -> pb.Ack:
-            masked = request.masked_vector
-            try:
-                _raw_upload(evil, request, len(masked), masked[:-4])
-            except ProtocolError as err:
-                refused.append(err)
-            request.header.sequence = renumbered.next_sequence()
-            return GrpcTransport.submit_masked_input(evil, request)
-
-        evil.submit_masked_input = upload  # type: ignore[method-assign]
+        evil.submit_masked_input = lambda request: upload(evil, renumbered, request)  # type: ignore[method-assign]
         clients = [Scripted(fed.coordinator, n, v, transport=renumbered if n == "mallory" else fed.transport(n))
                    for n, v in zip(names, vecs, strict=True)]
         fed.run_scripted(clients, job_timeout_s=60)
+        yield fed, vecs
+    finally:
+        stop_tls_job(fed, server)
+
+
+@pytest.mark.parametrize("spoil", sorted(UPLOAD_SPOILS))
+def test_a_refused_chunked_upload_drops_the_site_at_once(tmp_path: Path, spoil: str) -> None:
+    """Over gRPC a masked input above 64 KiB (every real model's) travels in chunks, whose sizes the
+    transport checks itself before the coordinator sees the vector: a refused stream must drop its
+    sender from the stage as a refused SubmitMaskedInput does (the review of 2026-12-08 found it still
+    held the stage). An hour's stage deadline; the job must end within a minute."""
+    shape, says = UPLOAD_SPOILS[spoil]
+    refused: list[ProtocolError] = []
+
+    def upload(evil: GrpcTransport, _renumbered: Renumbered, request: pb.MaskedInputRequest) -> pb.Ack:
+        try:
+            return _raw_upload(evil, request, *shape(request.masked_vector))
+        except ProtocolError as err:
+            refused.append(err)
+            raise
+
+    with _upload_job(tmp_path, upload) as (fed, vecs):
+        assert refused and isinstance(refused[0], MalformedMessage) and says in str(refused[0])
+        assert fed.summary and fed.summary[0].status == "completed", "the stage waited for the refused upload"
+        store = fed.coordinator.store
+        ((_round, _attempt, name, where, reason),) = store.dropouts(fed.coordinator.run_id)
+        assert (name, where) == ("mallory", "masked-input") and reason == f"its message was refused: {refused[0]}"
+        np.testing.assert_allclose(store.aggregate(fed.coordinator.run_id, 1), sum(vecs[:3]) / 3, atol=1e-4)  # type: ignore[arg-type]
+
+
+def test_an_upload_that_ends_short_is_refused_without_dropping_the_site(tmp_path: Path) -> None:
+    """A stream that ends before its declared size is refused, but the site stays in the stage and may
+    upload again: a broken connection can end the stream this way before gRPC marks the call cancelled
+    (the second review of 1d0cfcf dropped an honest site whose deadline expired mid-upload), so it is
+    not taken as the site's own doing. Here the site's retry is accepted and its input counts."""
+    refused: list[ProtocolError] = []
+
+    def upload(evil: GrpcTransport, renumbered: Renumbered, request: pb.MaskedInputRequest) -> pb.Ack:
+        masked = request.masked_vector
+        try:
+            _raw_upload(evil, request, len(masked), masked[:-4])
+        except ProtocolError as err:
+            refused.append(err)
+        request.header.sequence = renumbered.next_sequence()
+        return GrpcTransport.submit_masked_input(evil, request)
+
+    with _upload_job(tmp_path, upload) as (fed, vecs):
         assert refused and isinstance(refused[0], MalformedMessage) and "the upload ended after" in str(refused[0])
         assert fed.summary and fed.summary[0].status == "completed"
         store = fed.coordinator.store
         assert store.dropouts(fed.coordinator.run_id) == []
         np.testing.assert_allclose(store.aggregate(fed.coordinator.run_id, 1), sum(vecs) / 4, atol=1e-4)  # type: ignore[arg-type]
-    finally:
-        stop_tls_job(fed, server)
