@@ -38,48 +38,34 @@ Spoil = Callable[[Any], Any]
 
 class Spoiler(InProcessTransport):
     """The malicious site's transport: its message of one RPC goes through ``spoil`` first, which
-    changes the request in place or returns another RPC's (name, request) to send instead."""
+    changes the request in place or returns another RPC's (name, request) to send instead. Every
+    call reaches the coordinator through :meth:`_relay`, which records the refusals."""
 
     def __init__(self, coordinator: Coordinator, name: str, rpc: str, spoil: Spoil) -> None:
-        super().__init__(coordinator, name)
-        self.rpc, self.spoil = rpc, spoil
+        super().__init__(_Relay(self), name)
+        self.coordinator, self.rpc, self.spoil = coordinator, rpc, spoil
         self.refused: list[MalformedMessage] = []
 
-    def _send(self, rpc: str, request: Any) -> pb.Ack:
+    def _relay(self, rpc: str, caller: str, request: Any) -> Any:
         if rpc == self.rpc:
             instead = self.spoil(request)
             if instead is not None:
                 rpc, request = instead
         try:
-            ack: pb.Ack = getattr(super(), rpc)(request)
+            return getattr(self.coordinator, rpc)(caller, request)
         except MalformedMessage as err:
             self.refused.append(err)
             raise
-        return ack
 
-    def reveal_contribution(self, request: pb.RevealRequest) -> pb.Ack:
-        return self._send("reveal_contribution", request)
 
-    def advertise_keys(self, request: pb.AdvertiseKeysRequest) -> pb.Ack:
-        return self._send("advertise_keys", request)
+class _Relay:
+    """The service a :class:`Spoiler` calls: each RPC method is its spoiler's relay."""
 
-    def share_keys(self, request: pb.ShareKeysRequest) -> pb.Ack:
-        return self._send("share_keys", request)
+    def __init__(self, spoiler: Spoiler) -> None:
+        self._spoiler = spoiler
 
-    def submit_masked_input(self, request: pb.MaskedInputRequest) -> pb.Ack:
-        return self._send("submit_masked_input", request)
-
-    def confirm_survivors(self, request: pb.ConfirmSurvivorsRequest) -> pb.Ack:
-        return self._send("confirm_survivors", request)
-
-    def unmask(self, request: pb.UnmaskRequest) -> pb.Ack:
-        return self._send("unmask", request)
-
-    def respond_to_round(self, request: pb.RoundResponse) -> pb.Ack:
-        return self._send("respond_to_round", request)
-
-    def report_metrics(self, request: pb.MetricsReport) -> pb.Ack:
-        return self._send("report_metrics", request)
+    def __getattr__(self, rpc: str) -> Callable[[str, Any], Any]:
+        return lambda caller, request: self._spoiler._relay(rpc, caller, request)
 
 
 def _short_key(r: pb.AdvertiseKeysRequest) -> None:

@@ -230,15 +230,10 @@ class SecAggBridgeMixin(CoordinatorBase):
             return pb.Ack(round=rnd.number, stage="STAGE_REVEAL", detail="accepted")
 
     def advertise_keys(self, caller: str, request: pb.AdvertiseKeysRequest) -> pb.Ack:
-        problem = None
-        for name in ("encryption_public_key", "masking_public_key"):
-            if len(getattr(request, name)) != PUBLIC_KEY_BYTES:
-                problem = f"{name}: expected {PUBLIC_KEY_BYTES} bytes, got {len(getattr(request, name))}"
-        if len(request.signature) not in (0, SIGNATURE_BYTES):
-            problem = f"signature: expected 0 or {SIGNATURE_BYTES} bytes, got {len(request.signature)}"
-        if len(request.share_key_proof) not in (0, POSSESSION_PROOF_BYTES):
-            problem = f"share_key_proof: expected 0 or {POSSESSION_PROOF_BYTES} bytes, got " \
-                      f"{len(request.share_key_proof)}"
+        sizes = (("encryption_public_key", (PUBLIC_KEY_BYTES,)), ("masking_public_key", (PUBLIC_KEY_BYTES,)),
+                 ("signature", (0, SIGNATURE_BYTES)), ("share_key_proof", (0, POSSESSION_PROOF_BYTES)))
+        problem = next((f"{name}: expected {' or '.join(map(str, allowed))} bytes, got {len(getattr(request, name))}"
+                        for name, allowed in sizes if len(getattr(request, name)) not in allowed), None)
         keys = (bytes(request.encryption_public_key), bytes(request.masking_public_key), bytes(request.signature),
                 bytes(request.share_key_proof))
         # The identity signature, active mode's largest server cost, is checked on this request's
@@ -330,12 +325,12 @@ class SecAggBridgeMixin(CoordinatorBase):
     def _refuse_upload(self, res: UploadReservation, problem: str) -> None:
         """An upload refused after its reservation (a total size other than the masked input's, a chunk
         that overruns it or does not parse; not a stream that ends short, which a broken connection can
-        look like): the site is out of the stage at
-        once, as for a refused ``SubmitMaskedInput``. Over gRPC every masked input above 64 KiB takes
-        this path (review of 2026-12-08: the stage still waited out its deadline for it)."""
+        look like): the site is out of the stage at once, as for a refused ``SubmitMaskedInput``. Over
+        gRPC every masked input above 64 KiB takes this path (review of 2026-12-08: the stage still
+        waited out its deadline for it)."""
         with self._cond:
             rnd = self._round
-            if rnd is not None and self._upload_wanted(res) and res.site in rnd.cohort:
+            if rnd is not None and self._upload_wanted(res):  # the reservation's round and stage, still open
                 self._refuse_message(rnd, res.site, Stage.MASKED_INPUT, problem)
 
     def _upload_wanted(self, res: UploadReservation) -> bool:
